@@ -1,0 +1,22 @@
+//! Tessera's block store engine: thin, checksummed, copy-on-write volumes on one node.
+//!
+//! It owns the on-disk format of a node's replicas (layer files, checksum tables, the
+//! write-ahead log and the catalog) and the single-node read/write path. It does not
+//! speak any network protocol (that is `tessera-nbd`) and does not know about the cluster:
+//! the generation it stamps on every write is handed to it.
+//!
+//! See `docs/storage.md` for the format and the reasoning behind it.
+
+pub mod catalog;
+pub mod error;
+pub mod format;
+pub mod layer;
+pub mod store;
+pub mod wal;
+
+pub use error::{Result, StoreError};
+pub use format::{BLOCK, BLOCK_SIZE};
+pub use store::{
+    Allocation, BadBlock, Export, Extent, ScrubReport, SnapshotInfo, Store, StoreOptions,
+    VolumeInfo,
+};
