@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
 use parking_lot::{Condvar, Mutex, RwLock};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::catalog::{self, Catalog, LayerId, SnapshotMeta, VolumeMeta};
 use crate::error::{Result, StoreError};
@@ -139,7 +139,7 @@ impl Drop for Background {
 }
 
 /// What a volume looks like from outside.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeInfo {
     /// Volume name (also its export name).
     pub name: String,
@@ -158,7 +158,7 @@ pub struct VolumeInfo {
 }
 
 /// What a snapshot looks like from outside.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SnapshotInfo {
     /// Snapshot name.
     pub name: String,
@@ -171,7 +171,7 @@ pub struct SnapshotInfo {
 }
 
 /// A block whose data does not match its checksum.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BadBlock {
     /// The layer holding it.
     pub layer: LayerId,
@@ -182,7 +182,7 @@ pub struct BadBlock {
 }
 
 /// The result of a scrub.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ScrubReport {
     /// Layers scanned.
     pub layers: u64,

@@ -1,1 +1,14 @@
-pub fn x() {}
+//! The NBD protocol for Tessera: wire codec, async server and a small blocking client.
+//!
+//! This crate speaks NBD and nothing else: it serves whatever implements [`Exports`] and
+//! knows nothing about volumes, replication or the cluster. Why we wrote the protocol
+//! ourselves instead of using the `nbd` crate is in `docs/nbd.md`.
+
+pub mod client;
+pub mod device;
+pub mod proto;
+pub mod server;
+
+pub use client::{Client, ClientError};
+pub use device::{Device, DeviceError, ExportEntry, Exports, Extent};
+pub use server::{bind_unix, serve_connection, serve_tcp, serve_unix, ServerConfig};

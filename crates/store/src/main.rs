@@ -1,1 +1,336 @@
-fn main() {}
+//! `tessera-store`: run the block-storage service, or administer a running one.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tessera_store::admin::{AdminOp, AdminReply};
+use tessera_store::admin_client::AdminClient;
+use tessera_store::daemon::{self, DaemonConfig};
+use tessera_store::size::{format_size, parse_size};
+
+const DEFAULT_DATA_DIR: &str = "/var/lib/tessera/store";
+
+#[derive(Parser)]
+#[command(
+    name = "tessera-store",
+    version,
+    about = "Tessera's block-storage service"
+)]
+struct Cli {
+    /// Admin socket of the running service (default: <data-dir>/admin.sock).
+    #[arg(long, global = true)]
+    admin_socket: Option<PathBuf>,
+    /// Output format of admin commands.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the service in the foreground.
+    Serve(ServeArgs),
+    /// Run the service with a demo volume and print how to reach it.
+    Demo {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// Size of the demo volume.
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        size: u64,
+    },
+    /// Manage volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Manage snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// Make a new volume from a snapshot (copy-on-write).
+    Clone {
+        /// Source volume.
+        volume: String,
+        /// Source snapshot.
+        snapshot: String,
+        /// Name of the new volume.
+        name: String,
+    },
+    /// Verify the checksum of every stored block and list the bad ones.
+    Scrub,
+}
+
+#[derive(clap::Args, Clone)]
+struct ServeArgs {
+    /// Where volumes live.
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// NBD over TCP (no TLS yet: keep it on loopback or a trusted network).
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    nbd_tcp: SocketAddr,
+    /// Do not listen on TCP at all.
+    #[arg(long)]
+    no_tcp: bool,
+    /// NBD over a Unix socket (default: <data-dir>/nbd.sock).
+    #[arg(long)]
+    nbd_unix: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create a thin volume.
+    Create {
+        /// Name.
+        name: String,
+        /// Size (e.g. 10G).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// List volumes.
+    Ls,
+    /// Show one volume.
+    Info {
+        /// Name.
+        name: String,
+    },
+    /// Grow a volume.
+    Resize {
+        /// Name.
+        name: String,
+        /// New size (e.g. 20G).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a volume and its snapshots.
+    Rm {
+        /// Name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Take a snapshot.
+    Create {
+        /// Volume.
+        volume: String,
+        /// Snapshot name.
+        snapshot: String,
+    },
+    /// Delete a snapshot.
+    Rm {
+        /// Volume.
+        volume: String,
+        /// Snapshot name.
+        snapshot: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn daemon_config(args: &ServeArgs, admin: Option<PathBuf>) -> DaemonConfig {
+    DaemonConfig {
+        nbd_tcp: (!args.no_tcp).then_some(args.nbd_tcp),
+        nbd_unix: args
+            .nbd_unix
+            .clone()
+            .unwrap_or_else(|| args.data_dir.join("nbd.sock")),
+        admin_socket: admin.unwrap_or_else(|| args.data_dir.join("admin.sock")),
+        data_dir: args.data_dir.clone(),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let admin_path = cli
+        .admin_socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR).join("admin.sock"));
+    let op = match cli.cmd {
+        Cmd::Serve(args) => {
+            init_logging();
+            let cfg = daemon_config(&args, cli.admin_socket);
+            return serve(cfg, None);
+        }
+        Cmd::Demo { serve: args, size } => {
+            init_logging();
+            let cfg = daemon_config(&args, cli.admin_socket);
+            return serve(cfg, Some(size));
+        }
+        Cmd::Volume(VolumeCmd::Create { name, size }) => AdminOp::CreateVolume { name, size },
+        Cmd::Volume(VolumeCmd::Ls) => AdminOp::ListVolumes,
+        Cmd::Volume(VolumeCmd::Info { name }) => AdminOp::VolumeInfo { name },
+        Cmd::Volume(VolumeCmd::Resize { name, size }) => AdminOp::ResizeVolume { name, size },
+        Cmd::Volume(VolumeCmd::Rm { name }) => AdminOp::DeleteVolume { name },
+        Cmd::Snapshot(SnapshotCmd::Create { volume, snapshot }) => {
+            AdminOp::CreateSnapshot { volume, snapshot }
+        }
+        Cmd::Snapshot(SnapshotCmd::Rm { volume, snapshot }) => {
+            AdminOp::DeleteSnapshot { volume, snapshot }
+        }
+        Cmd::Clone {
+            volume,
+            snapshot,
+            name,
+        } => AdminOp::CloneSnapshot {
+            volume,
+            snapshot,
+            name,
+        },
+        Cmd::Scrub => AdminOp::Scrub,
+    };
+    let mut client = AdminClient::connect(&admin_path)?;
+    let reply = client.call(op)?;
+    print_reply(&reply, cli.output)?;
+    if let AdminReply::Scrub(r) = &reply {
+        if !r.bad.is_empty() {
+            anyhow::bail!("scrub found {} corrupt block(s)", r.bad.len());
+        }
+    }
+    Ok(())
+}
+
+fn serve(cfg: DaemonConfig, demo_size: Option<u64>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let running = daemon::start(&cfg).await?;
+        if let Some(size) = demo_size {
+            let store = running.store.clone();
+            let existing = store.volume_info("demo").ok();
+            if existing.is_none() {
+                tokio::task::spawn_blocking(move || store.create_volume("demo", size))
+                    .await?
+                    .context("creating the demo volume")?;
+            }
+            print_demo(&cfg, running.nbd_tcp);
+        }
+        wait_for_signal().await?;
+        tracing::info!("stopping");
+        running.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+fn print_demo(cfg: &DaemonConfig, tcp: Option<SocketAddr>) {
+    let admin = cfg.admin_socket.display();
+    println!();
+    println!(
+        "Tessera block store is running (data in {}).",
+        cfg.data_dir.display()
+    );
+    if let Some(addr) = tcp {
+        println!("  NBD (TCP):  nbd://{addr}/demo");
+    }
+    println!(
+        "  NBD (Unix): nbd+unix:///demo?socket={}",
+        cfg.nbd_unix.display()
+    );
+    println!("  Admin:      tessera-store --admin-socket {admin} volume ls");
+    println!();
+    println!("Try, in another terminal:");
+    if let Some(addr) = tcp {
+        println!("  qemu-img info nbd://{addr}/demo");
+        println!("  nbdinfo --map nbd://{addr}/demo");
+    }
+    println!("  cargo run --release -p tessera-store -- --admin-socket {admin} snapshot create demo first");
+    println!();
+    println!("Ctrl-C stops it; running it again keeps the same volumes.");
+}
+
+fn print_reply(reply: &AdminReply, output: Output) -> anyhow::Result<()> {
+    if let Output::Json = output {
+        let v = match reply {
+            AdminReply::Volume(v) => serde_json::to_string_pretty(v),
+            AdminReply::Volumes(v) => serde_json::to_string_pretty(v),
+            AdminReply::Snapshot(s) => serde_json::to_string_pretty(s),
+            AdminReply::Scrub(r) => serde_json::to_string_pretty(r),
+            AdminReply::Done => Ok("{}".to_string()),
+        }?;
+        println!("{v}");
+        return Ok(());
+    }
+    match reply {
+        AdminReply::Volumes(vs) => {
+            println!(
+                "{:<24} {:>12} {:>12} {:>9}  ORIGIN",
+                "NAME", "SIZE", "USED", "SNAPSHOTS"
+            );
+            for v in vs {
+                println!(
+                    "{:<24} {:>12} {:>12} {:>9}  {}",
+                    v.name,
+                    format_size(v.size),
+                    format_size(v.allocated),
+                    v.snapshots.len(),
+                    v.origin.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        AdminReply::Volume(v) => {
+            println!("name:       {}", v.name);
+            println!("size:       {} ({} bytes)", format_size(v.size), v.size);
+            println!("used:       {}", format_size(v.allocated));
+            println!("generation: {}", v.generation);
+            println!("origin:     {}", v.origin.as_deref().unwrap_or("-"));
+            for s in &v.snapshots {
+                println!("snapshot:   {} ({})", s.name, s.export);
+            }
+        }
+        AdminReply::Snapshot(s) => println!("snapshot {} created; export {}", s.name, s.export),
+        AdminReply::Scrub(r) => {
+            println!(
+                "layers: {}  blocks checked: {}  bad: {}",
+                r.layers,
+                r.blocks_checked,
+                r.bad.len()
+            );
+            for b in &r.bad {
+                println!(
+                    "BAD layer {} offset {} affects {}",
+                    b.layer,
+                    b.offset,
+                    b.affects.join(", ")
+                );
+            }
+        }
+        AdminReply::Done => println!("done"),
+    }
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! What the server serves: a set of named exports, each a block device. The store (or a
+//! test) implements these; the server never knows what is behind them.
+
+use std::sync::Arc;
+
+use crate::proto::Errno;
+
+/// An error from a device, carried to the client as an errno and a message.
+#[derive(Debug, Clone)]
+pub struct DeviceError {
+    /// The errno sent to the client.
+    pub errno: Errno,
+    /// A human-readable reason (sent in structured error replies, and logged).
+    pub message: String,
+}
+
+impl DeviceError {
+    /// Builds an error.
+    pub fn new(errno: Errno, message: impl Into<String>) -> DeviceError {
+        DeviceError {
+            errno,
+            message: message.into(),
+        }
+    }
+}
+
+/// One run of a `base:allocation` reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes.
+    pub length: u64,
+    /// `STATE_HOLE` / `STATE_ZERO` bits.
+    pub flags: u32,
+}
+
+/// A block device behind an export. Calls may block briefly (page-cache I/O); the server
+/// moves the ones that sync to disk (`flush`, anything with `fua`) off its async workers.
+pub trait Device: Send + Sync + 'static {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool;
+    /// Fills `buf` from `offset`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError>;
+    /// Writes `data` at `offset`.
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError>;
+    /// Makes all completed writes durable.
+    fn flush(&self) -> Result<(), DeviceError>;
+    /// Discards a range.
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), DeviceError>;
+    /// Zeroes a range; `no_hole` asks for allocated zeroes.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+    ) -> Result<(), DeviceError>;
+    /// Allocation of a range, as runs from `offset`; may cover less than asked, not nothing.
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError>;
+}
+
+/// A listed export.
+#[derive(Clone, Debug)]
+pub struct ExportEntry {
+    /// Name clients ask for.
+    pub name: String,
+    /// Free text shown by `nbdinfo --list`.
+    pub description: String,
+}
+
+/// The set of exports a server offers.
+pub trait Exports: Send + Sync + 'static {
+    /// The device type.
+    type Device: Device;
+    /// Every export, for `NBD_OPT_LIST`.
+    fn list(&self) -> Vec<ExportEntry>;
+    /// Opens an export by name; `None` when there is no such export.
+    fn open(&self, name: &str) -> Result<Option<Arc<Self::Device>>, DeviceError>;
+    /// The description of an export, for `NBD_INFO_DESCRIPTION`.
+    fn describe(&self, name: &str) -> Option<String> {
+        self.list()
+            .into_iter()
+            .find(|e| e.name == name)
+            .map(|e| e.description)
+    }
+}

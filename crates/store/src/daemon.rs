@@ -1,0 +1,213 @@
+//! The running service: opens the store, serves NBD and the admin socket, stops cleanly.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tessera_blockstore::{Store, StoreOptions};
+use tessera_nbd::ServerConfig;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::admin::{
+    self, AdminError, AdminOp, AdminReply, AdminResponse, ErrorKind, Outcome, ADMIN_VERSION,
+};
+use crate::exports::StoreExports;
+
+/// Everything the daemon needs to run, validated before anything starts.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// The store's data directory.
+    pub data_dir: PathBuf,
+    /// NBD over TCP, if any.
+    pub nbd_tcp: Option<SocketAddr>,
+    /// NBD over a Unix socket.
+    pub nbd_unix: PathBuf,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
+}
+
+/// A started daemon; dropping it does not stop it, call [`Running::shutdown`].
+pub struct Running {
+    /// The store (for in-process callers such as tests or the demo).
+    pub store: Store,
+    /// Where NBD over TCP listens, if enabled (the real port when 0 was asked).
+    pub nbd_tcp: Option<SocketAddr>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops listening and waits for the store's final checkpoint.
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let store = self.store;
+        // The final checkpoint syncs files: keep it off the async workers.
+        let _ = tokio::task::spawn_blocking(move || drop(store)).await;
+    }
+}
+
+/// Opens the store and starts every listener.
+pub async fn start(cfg: &DaemonConfig) -> anyhow::Result<Running> {
+    let dir = cfg.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir, StoreOptions::default()))
+        .await?
+        .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
+    let exports = Arc::new(StoreExports::new(store.clone()));
+    let mut tasks = Vec::new();
+    let mut nbd_tcp = None;
+    if let Some(addr) = cfg.nbd_tcp {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding NBD TCP listener on {addr}"))?;
+        nbd_tcp = Some(l.local_addr()?);
+        let ex = exports.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = tessera_nbd::serve_tcp(l, ex, ServerConfig::default()).await {
+                tracing::error!(error = %e, "NBD TCP listener failed");
+            }
+        }));
+    }
+    let l = tessera_nbd::bind_unix(&cfg.nbd_unix)
+        .with_context(|| format!("binding NBD socket {}", cfg.nbd_unix.display()))?;
+    let ex = exports.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = tessera_nbd::serve_unix(l, ex, ServerConfig::default()).await {
+            tracing::error!(error = %e, "NBD Unix listener failed");
+        }
+    }));
+    let admin = tessera_nbd::bind_unix(&cfg.admin_socket)
+        .with_context(|| format!("binding admin socket {}", cfg.admin_socket.display()))?;
+    // Only root (the owner) may administer volumes.
+    std::fs::set_permissions(&cfg.admin_socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", cfg.admin_socket.display()))?;
+    let st = store.clone();
+    tasks.push(tokio::spawn(serve_admin(admin, st)));
+    tracing::info!(
+        data_dir = %cfg.data_dir.display(),
+        nbd_tcp = ?nbd_tcp,
+        nbd_unix = %cfg.nbd_unix.display(),
+        admin = %cfg.admin_socket.display(),
+        "tessera-store is serving"
+    );
+    Ok(Running {
+        store,
+        nbd_tcp,
+        tasks,
+    })
+}
+
+async fn serve_admin(listener: UnixListener, store: Store) {
+    loop {
+        let sock = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "admin socket accept failed");
+                return;
+            }
+        };
+        let store = store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = admin_connection(sock, store).await {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn admin_connection(sock: tokio::net::UnixStream, store: Store) -> std::io::Result<()> {
+    let (r, mut w) = sock.into_split();
+    let mut r = BufReader::new(r);
+    loop {
+        let mut line = Vec::new();
+        let n = (&mut r)
+            .take(admin::MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let too_long = line.len() > admin::MAX_LINE;
+        let outcome = if too_long {
+            Outcome::Error(AdminError {
+                kind: ErrorKind::BadRequest,
+                message: format!("request line longer than {} bytes", admin::MAX_LINE),
+            })
+        } else {
+            match std::str::from_utf8(&line).map_err(|e| AdminError {
+                kind: ErrorKind::BadRequest,
+                message: e.to_string(),
+            }) {
+                Err(e) => Outcome::Error(e),
+                Ok(text) => match admin::parse_request(text.trim_end()) {
+                    Err(e) => Outcome::Error(e),
+                    Ok(op) => {
+                        let st = store.clone();
+                        tokio::task::spawn_blocking(move || execute(&st, op))
+                            .await
+                            .unwrap_or_else(|e| {
+                                Outcome::Error(AdminError {
+                                    kind: ErrorKind::Io,
+                                    message: format!("operation failed: {e}"),
+                                })
+                            })
+                    }
+                },
+            }
+        };
+        let mut out = serde_json::to_vec(&AdminResponse {
+            v: ADMIN_VERSION,
+            outcome,
+        })
+        .map_err(std::io::Error::other)?;
+        out.push(b'\n');
+        w.write_all(&out).await?;
+        if too_long {
+            // The rest of that line is garbage to us; the connection cannot resync.
+            return Ok(());
+        }
+    }
+}
+
+/// Runs one admin operation against the store.
+pub fn execute(store: &Store, op: AdminOp) -> Outcome {
+    tracing::info!(?op, "admin operation");
+    let res = match op {
+        AdminOp::CreateVolume { name, size } => {
+            store.create_volume(&name, size).map(AdminReply::Volume)
+        }
+        AdminOp::ListVolumes => Ok(AdminReply::Volumes(store.list_volumes())),
+        AdminOp::VolumeInfo { name } => store.volume_info(&name).map(AdminReply::Volume),
+        AdminOp::ResizeVolume { name, size } => {
+            store.resize_volume(&name, size).map(AdminReply::Volume)
+        }
+        AdminOp::DeleteVolume { name } => store.delete_volume(&name).map(|()| AdminReply::Done),
+        AdminOp::CreateSnapshot { volume, snapshot } => store
+            .create_snapshot(&volume, &snapshot)
+            .map(AdminReply::Snapshot),
+        AdminOp::DeleteSnapshot { volume, snapshot } => store
+            .delete_snapshot(&volume, &snapshot)
+            .map(|()| AdminReply::Done),
+        AdminOp::CloneSnapshot {
+            volume,
+            snapshot,
+            name,
+        } => store
+            .clone_snapshot(&volume, &snapshot, &name)
+            .map(AdminReply::Volume),
+        AdminOp::Scrub => store.scrub().map(AdminReply::Scrub),
+    };
+    match res {
+        Ok(r) => Outcome::Ok(r),
+        Err(e) => {
+            tracing::info!(error = %e, "admin operation refused");
+            Outcome::Error(AdminError::from(&e))
+        }
+    }
+}

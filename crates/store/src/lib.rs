@@ -1,0 +1,12 @@
+//! tessera-store: the node's block-storage service.
+//!
+//! It owns one block store (`tessera-blockstore`), serves its volumes and snapshots over
+//! NBD (`tessera-nbd`) on TCP and a Unix socket, and takes volume administration on a
+//! local admin socket. It does not decide anything about the cluster: `tesserad` tells it
+//! what to create, and later which generation and replicas a volume has.
+
+pub mod admin;
+pub mod admin_client;
+pub mod daemon;
+pub mod exports;
+pub mod size;
