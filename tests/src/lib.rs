@@ -1,1 +1,267 @@
+//! Harness for end-to-end tests: starts real `tessera-store` processes, finds the external
+//! clients (qemu-img, nbdinfo, nbdcopy, fio, qemu-io) and runs them.
+//!
+//! The binaries come from the same cargo target directory as the test executable; the
+//! suite's entry point (`tests/run`) builds them first.
 
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of one of our binaries, built next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (tests/run does: cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
+/// Fails the test with a clear message when an external tool is missing.
+pub fn require(tool: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is not installed: run tests/setup (it installs every client the tests use)"
+    );
+}
+
+/// Runs a command, asserting success; returns stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = output(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}:\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command and returns its output whatever the status.
+pub fn output(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"))
+}
+
+/// A free TCP port on loopback (bound then released; the daemon binds it right after).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A running `tessera-store serve`.
+pub struct StoreProcess {
+    /// The process.
+    pub child: Child,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// NBD TCP port on 127.0.0.1.
+    pub port: u16,
+    /// NBD Unix socket.
+    pub nbd_sock: PathBuf,
+    /// Admin socket.
+    pub admin_sock: PathBuf,
+    log: PathBuf,
+}
+
+impl StoreProcess {
+    /// Starts a store on `data_dir` and waits until its sockets accept connections.
+    pub fn start(data_dir: &Path) -> StoreProcess {
+        Self::start_with_port(data_dir, free_port())
+    }
+
+    /// Starts a store on a given TCP port.
+    pub fn start_with_port(data_dir: &Path, port: u16) -> StoreProcess {
+        std::fs::create_dir_all(data_dir).expect("create data dir");
+        let log = data_dir.with_extension("log");
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open log");
+        let child = Command::new(bin("tessera-store"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--nbd-tcp")
+            .arg(format!("127.0.0.1:{port}"))
+            .env("TESSERA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn tessera-store");
+        let mut p = StoreProcess {
+            child,
+            data_dir: data_dir.to_path_buf(),
+            port,
+            nbd_sock: data_dir.join("nbd.sock"),
+            admin_sock: data_dir.join("admin.sock"),
+            log,
+        };
+        p.wait_ready();
+        p
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "tessera-store exited early with {status}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            let tcp_ok = std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+            if tcp_ok
+                && UnixStream::connect(&self.admin_sock).is_ok()
+                && UnixStream::connect(&self.nbd_sock).is_ok()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tessera-store not ready after 30 s; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `nbd://127.0.0.1:port/export`.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{export}", self.port)
+    }
+
+    /// `nbd+unix:///export?socket=...`.
+    pub fn unix_uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.nbd_sock.display())
+    }
+
+    /// `host:port` for raw TCP clients.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Runs the admin CLI against this store and returns its output.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        output(
+            Command::new(bin("tessera-store"))
+                .arg("--admin-socket")
+                .arg(&self.admin_sock)
+                .args(args),
+        )
+    }
+
+    /// Runs the admin CLI, asserting success; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "tessera-store {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Creates a volume through the CLI.
+    pub fn create_volume(&self, name: &str, size: &str) {
+        self.cli_ok(&["volume", "create", name, "--size", size]);
+    }
+
+    /// Kills the process with SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops the process with SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    assert!(
+                        status.success(),
+                        "tessera-store exited with {status}; log:\n{}",
+                        self.log_text()
+                    );
+                    return;
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => panic!("tessera-store did not stop within 60 s"),
+            }
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Peak resident memory of the process in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Checks the server still serves a fresh client: `nbdinfo` must list exports.
+    pub fn assert_healthy(&mut self) {
+        assert!(
+            self.alive(),
+            "tessera-store died; log:\n{}",
+            self.log_text()
+        );
+        let out = run(Command::new("nbdinfo")
+            .arg("--list")
+            .arg(format!("nbd://127.0.0.1:{}", self.port)));
+        assert!(
+            out.contains("export="),
+            "nbdinfo --list printed no export:\n{out}"
+        );
+    }
+}
+
+impl Drop for StoreProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// blake3 of a file's content.
+pub fn file_hash(path: &Path) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    let mut f = std::fs::File::open(path).expect("open file to hash");
+    std::io::copy(&mut f, &mut h).expect("hash file");
+    h.finalize()
+}
