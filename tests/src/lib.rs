@@ -87,6 +87,11 @@ impl StoreProcess {
 
     /// Starts a store on a given TCP port.
     pub fn start_with_port(data_dir: &Path, port: u16) -> StoreProcess {
+        Self::start_with(data_dir, port, &[])
+    }
+
+    /// Starts a store on a given TCP port with extra `serve` arguments.
+    pub fn start_with(data_dir: &Path, port: u16, extra: &[&str]) -> StoreProcess {
         std::fs::create_dir_all(data_dir).expect("create data dir");
         let log = data_dir.with_extension("log");
         let logf = std::fs::OpenOptions::new()
@@ -100,6 +105,7 @@ impl StoreProcess {
             .arg(data_dir)
             .arg("--nbd-tcp")
             .arg(format!("127.0.0.1:{port}"))
+            .args(extra)
             .env("TESSERA_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

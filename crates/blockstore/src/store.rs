@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -106,7 +106,18 @@ struct Inner {
     rmw: Vec<Mutex<()>>,
     wake: (Mutex<bool>, Condvar),
     stop: AtomicBool,
+    space: Mutex<SpaceGuard>,
 }
+
+/// Free space on the store's filesystem, re-read every few megabytes or milliseconds.
+struct SpaceGuard {
+    checked: Option<Instant>,
+    free: u64,
+    since: u64,
+}
+
+/// Space kept free beyond what the WAL needs, for the catalog and checksum tables.
+const SPACE_RESERVE: u64 = 4 << 20;
 
 /// A block store in one data directory. Cheap to clone; all clones share the state.
 #[derive(Clone)]
@@ -276,6 +287,11 @@ impl Store {
             rmw: (0..256).map(|_| Mutex::new(())).collect(),
             wake: (Mutex::new(false), Condvar::new()),
             stop: AtomicBool::new(false),
+            space: Mutex::new(SpaceGuard {
+                checked: None,
+                free: 0,
+                since: 0,
+            }),
         });
         let weak = Arc::downgrade(&inner);
         let bg_weak = weak.clone();
@@ -946,6 +962,49 @@ impl Inner {
         Ok(())
     }
 
+    /// Refuses a WAL append of `len` bytes when the filesystem could not also hold the
+    /// checkpoint's copy of everything in the WAL: a full disk must fail new writes, never
+    /// leave acknowledged ones that cannot be replayed.
+    fn admit(&self, len: u64) -> Result<()> {
+        let mut g = self.space.lock();
+        let stale = g
+            .checked
+            .is_none_or(|t| t.elapsed() > Duration::from_millis(200) || g.since > (8 << 20));
+        if stale {
+            let st = nix::sys::statvfs::statvfs(&self.dir)
+                .map_err(|e| StoreError::io("checking free space", e.into()))?;
+            g.free = st.blocks_available() as u64 * st.fragment_size() as u64;
+            g.since = 0;
+            g.checked = Some(Instant::now());
+        }
+        let unapplied = self.wal.unapplied();
+        let need = 2 * len + unapplied + SPACE_RESERVE;
+        let free = g.free.saturating_sub(g.since);
+        if free < need {
+            drop(g);
+            self.wake_checkpoint();
+            return Err(StoreError::NoSpace {
+                context: format!(
+                    "{free} bytes free, {need} needed to log this write and keep the log replayable"
+                ),
+            });
+        }
+        g.since += len;
+        if unapplied > free / 4 {
+            drop(g);
+            self.wake_checkpoint();
+        }
+        Ok(())
+    }
+
+    fn wake_checkpoint(&self) {
+        let mut w = self.wake.0.lock();
+        if !*w {
+            *w = true;
+            self.wake.1.notify_one();
+        }
+    }
+
     fn maybe_wake_checkpoint(&self, wal_len: u64) {
         if wal_len >= self.opts.wal_segment_bytes {
             let mut w = self.wake.0.lock();
@@ -1315,6 +1374,7 @@ impl Store {
             for block in chunk.chunks_exact(BLOCK_SIZE) {
                 hashes.extend_from_slice(&block_hash(block));
             }
+            self.inner.admit((chunk.len() + hashes.len()) as u64)?;
             let buf: Arc<[u8]> = Arc::from(chunk);
             let header = RecordHeader {
                 kind: RecordKind::Data,
@@ -1364,6 +1424,8 @@ impl Store {
                 first_block: at,
                 generation: rt.generation,
             };
+            self.inner
+                .admit(n.div_ceil(BLOCK_SIZE as u64 / SUM_LEN as u64) * BLOCK)?;
             let (seg, wal_len) = self.inner.wal.append(&header, &[], &[], |seg| {
                 let mut pending = self.inner.pending.write();
                 if (n as usize) < pending.len() {

@@ -36,6 +36,8 @@ pub struct Wal {
     dir: PathBuf,
     active: Mutex<Active>,
     synced: Mutex<Synced>,
+    /// Sealed segments not yet removed, with their lengths.
+    sealed: Mutex<Vec<(u64, u64)>>,
 }
 
 /// A record read back from a segment.
@@ -83,6 +85,7 @@ impl Wal {
                 pos: 0,
             }),
             synced: Mutex::new(Synced { seg, pos: 0 }),
+            sealed: Mutex::new(Vec::new()),
         })
     }
 
@@ -140,6 +143,12 @@ impl Wal {
         self.active.lock().pos
     }
 
+    /// Bytes in all segments not yet checkpointed and removed.
+    pub fn unapplied(&self) -> u64 {
+        let active = self.active.lock().pos;
+        active + self.sealed.lock().iter().map(|(_, len)| len).sum::<u64>()
+    }
+
     /// Makes every record appended so far durable. Concurrent callers share one sync.
     pub fn sync(&self) -> Result<()> {
         let (seg, pos, file) = {
@@ -169,6 +178,7 @@ impl Wal {
         let next = a.seg + 1;
         let file = Self::new_segment(&self.dir, next)?;
         let sealed = a.seg;
+        self.sealed.lock().push((sealed, a.pos));
         *a = Active {
             seg: next,
             file: Arc::new(file),
@@ -187,6 +197,7 @@ impl Wal {
                     .map_err(|e| StoreError::io(format!("removing {}", p.display()), e))?;
             }
         }
+        self.sealed.lock().retain(|(seg, _)| *seg > upto);
         sync_dir(&self.dir)
     }
 }

@@ -27,6 +27,8 @@ pub struct DaemonConfig {
     pub nbd_unix: PathBuf,
     /// The admin socket.
     pub admin_socket: PathBuf,
+    /// Tunables of the block store.
+    pub store: StoreOptions,
 }
 
 /// A started daemon; dropping it does not stop it, call [`Running::shutdown`].
@@ -56,7 +58,8 @@ impl Running {
 /// Opens the store and starts every listener.
 pub async fn start(cfg: &DaemonConfig) -> anyhow::Result<Running> {
     let dir = cfg.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir, StoreOptions::default()))
+    let opts = cfg.store.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
         .await?
         .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
     let exports = Arc::new(StoreExports::new(store.clone()));

@@ -3,9 +3,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use tessera_blockstore::StoreOptions;
 use tessera_store::admin::{AdminOp, AdminReply};
 use tessera_store::admin_client::AdminClient;
 use tessera_store::daemon::{self, DaemonConfig};
@@ -81,6 +83,12 @@ struct ServeArgs {
     /// NBD over a Unix socket (default: <data-dir>/nbd.sock).
     #[arg(long)]
     nbd_unix: Option<PathBuf>,
+    /// Checkpoint the write-ahead log once a segment reaches this size.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    wal_segment_size: u64,
+    /// Checkpoint a non-empty write-ahead log at least this often (milliseconds).
+    #[arg(long, default_value_t = 10_000)]
+    checkpoint_interval_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -162,6 +170,10 @@ fn daemon_config(args: &ServeArgs, admin: Option<PathBuf>) -> DaemonConfig {
             .unwrap_or_else(|| args.data_dir.join("nbd.sock")),
         admin_socket: admin.unwrap_or_else(|| args.data_dir.join("admin.sock")),
         data_dir: args.data_dir.clone(),
+        store: StoreOptions {
+            wal_segment_bytes: args.wal_segment_size,
+            checkpoint_interval: Duration::from_millis(args.checkpoint_interval_ms.max(1)),
+        },
     }
 }
 
