@@ -122,8 +122,9 @@ const SPACE_RESERVE: u64 = 4 << 20;
 /// A block store in one data directory. Cheap to clone; all clones share the state.
 #[derive(Clone)]
 pub struct Store {
-    inner: Arc<Inner>,
+    // Declared first so it drops first: the final checkpoint needs `inner` alive.
     _bg: Arc<Background>,
+    inner: Arc<Inner>,
 }
 
 struct Background {
