@@ -60,6 +60,7 @@ struct Pending {
     seg: u64,
     buf: Arc<[u8]>,
     index: u32,
+    hash: [u8; SUM_LEN],
 }
 
 impl Pending {
@@ -923,7 +924,7 @@ impl Inner {
                 let mut sums = Vec::with_capacity((j - i) * SUM_LEN);
                 for (_, p) in &todo[i..j] {
                     data.extend_from_slice(p.block());
-                    sums.extend_from_slice(&block_hash(p.block()));
+                    sums.extend_from_slice(&p.hash);
                 }
                 files.write_blocks(first, &data)?;
                 files.write_entries(first, &sums)?;
@@ -1387,13 +1388,16 @@ impl Store {
             };
             let ((), wal_len) = self.inner.wal.append(&header, &hashes, chunk, |seg| {
                 let mut pending = self.inner.pending.write();
-                for i in 0..n {
+                for (i, hash) in hashes.chunks_exact(SUM_LEN).enumerate() {
+                    let mut h = [0u8; SUM_LEN];
+                    h.copy_from_slice(hash);
                     pending.insert(
                         (layer, start + i as u64),
                         Pending {
                             seg,
                             buf: buf.clone(),
                             index: i as u32,
+                            hash: h,
                         },
                     );
                 }

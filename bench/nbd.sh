@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Tessera's NBD server vs nbdkit (file plugin) and qemu-nbd, same machine, same run, same
+# backing (tmpfs and a file on the real disk), driven by fio's nbd engine over TCP and a
+# Unix socket. Prints a Markdown table with IOPS, bandwidth, p50/p99 latency and ratios.
+#
+# Usage (as root, from the repository root): bench/nbd.sh [seconds-per-run]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNTIME=${1:-8}
+SIZE=1G
+tests/setup
+command -v python3 >/dev/null
+cargo build --release -q -p tessera-store
+BIN=$PWD/target/release/tessera-store
+OUT=bench/results
+mkdir -p "$OUT"
+WORK=$(mktemp -d /var/tmp/tessera-bench.XXXXXX)
+TMPFS=$WORK/tmpfs
+mkdir -p "$TMPFS" "$WORK/disk"
+mount -t tmpfs -o size=6g tessera-bench "$TMPFS"
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    umount -l "$TMPFS" 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+RESULTS=$WORK/results.jsonl
+: > "$RESULTS"
+
+wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; return 1; }
+wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "no port $1" >&2; return 1; }
+
+# server backing transport -> sets URI, starts the server in the background
+start_server() {
+    local server=$1 dir=$2 port=$3 sock=$dir/$server.sock
+    case $server in
+    tessera)
+        "$BIN" serve --data-dir "$dir/tessera" --nbd-tcp 127.0.0.1:$port --nbd-unix "$sock" \
+            --admin-socket "$dir/tessera-admin.sock" 2>"$dir/tessera.log" &
+        PIDS+=($!)
+        wait_sock "$dir/tessera-admin.sock"
+        "$BIN" --admin-socket "$dir/tessera-admin.sock" volume create bench --size $SIZE >/dev/null
+        ;;
+    nbdkit)
+        truncate -s $SIZE "$dir/nbdkit.img"
+        nbdkit -f -p $port -i 127.0.0.1 file "$dir/nbdkit.img" &
+        PIDS+=($!)
+        nbdkit -f -U "$sock" file "$dir/nbdkit.img" &
+        PIDS+=($!)
+        ;;
+    qemu-nbd)
+        truncate -s $SIZE "$dir/qemu.img"
+        qemu-nbd -f raw -t -e 8 -x bench -b 127.0.0.1 -p $port --cache=writeback --aio=threads "$dir/qemu.img" &
+        PIDS+=($!)
+        qemu-nbd -f raw -t -e 8 -x bench -k "$sock" --cache=writeback --aio=threads "$dir/qemu.img" &
+        PIDS+=($!)
+        ;;
+    esac
+    wait_port $port
+    wait_sock "$sock"
+}
+
+uri() {
+    local server=$1 dir=$2 port=$3 transport=$4 name=bench
+    [ "$server" = nbdkit ] && name=""
+    if [ "$transport" = tcp ]; then echo "nbd://127.0.0.1:$port/$name"; else echo "nbd+unix:///$name?socket=$dir/$server.sock"; fi
+}
+
+run_fio() { # label uri rw bs qd
+    local label=$1 uri=$2 rw=$3 bs=$4 qd=$5
+    fio --name="$label" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
+        --size=$SIZE --runtime="$RUNTIME" --ramp_time=1 --time_based --output-format=json \
+        --percentile_list=50:99 2>/dev/null |
+        python3 -c '
+import json, sys
+label = sys.argv[1]
+j = json.load(sys.stdin)["jobs"][0]
+side = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
+pct = side["clat_ns"].get("percentile", {})
+print(json.dumps({"label": label, "iops": side["iops"], "bw_mib": side["bw"] / 1024,
+      "p50_us": pct.get("50.000000", 0) / 1000, "p99_us": pct.get("99.000000", 0) / 1000}))
+' "$label" >> "$RESULTS"
+}
+
+port=20000
+for backing in tmpfs disk; do
+    for server in tessera nbdkit qemu-nbd; do
+        dir=$WORK/$backing/$server
+        [ "$backing" = tmpfs ] && dir=$TMPFS/$server
+        mkdir -p "$dir"
+        port=$((port + 1))
+        start_server "$server" "$dir" "$port"
+        # Fill the target once so reads hit stored data, not holes.
+        fio --name=fill --ioengine=nbd --uri="$(uri $server "$dir" $port tcp)" --rw=write --bs=1M \
+            --iodepth=8 --size=$SIZE --output-format=terse >/dev/null 2>&1
+        for transport in tcp unix; do
+            u=$(uri $server "$dir" $port $transport)
+            run_fio "$backing|$transport|4k-randread-qd1|$server" "$u" randread 4k 1
+            run_fio "$backing|$transport|4k-randread-qd16|$server" "$u" randread 4k 16
+            run_fio "$backing|$transport|4k-randwrite-qd1|$server" "$u" randwrite 4k 1
+            run_fio "$backing|$transport|4k-randwrite-qd16|$server" "$u" randwrite 4k 16
+            run_fio "$backing|$transport|1m-seqread-qd8|$server" "$u" read 1M 8
+            run_fio "$backing|$transport|1m-seqwrite-qd8|$server" "$u" write 1M 8
+        done
+        for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+        wait 2>/dev/null || true
+        PIDS=()
+        rm -rf "$dir"
+    done
+done
+
+python3 bench/sockbw.py 3 > "$WORK/sock.json"
+stamp=$(date -u +%Y-%m-%dT%H:%MZ)
+python3 - "$RESULTS" "$WORK/sock.json" "$stamp" <<'PY' | tee "$OUT/nbd-$stamp.md"
+import json, sys, platform, os
+rows = [json.loads(l) for l in open(sys.argv[1])]
+sock = json.load(open(sys.argv[2]))
+by = {}
+for r in rows:
+    backing, transport, workload, server = r["label"].split("|")
+    by.setdefault((backing, transport, workload), {})[server] = r
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+print(f"### NBD server benchmark, {sys.argv[3]}")
+print()
+print(f"Machine: {os.cpu_count()} cores ({cpu}), {platform.release()}; fio nbd engine, 1 job, 1 GiB target.")
+print(f"Loopback socket alone (1 MiB writes): TCP {sock['tcp']:.0f} MiB/s, Unix {sock['unix']:.0f} MiB/s.")
+print()
+print("| backing | transport | workload | Tessera IOPS | MiB/s | p50 µs | p99 µs | nbdkit IOPS | qemu-nbd IOPS | vs nbdkit | vs qemu-nbd | vs socket |")
+print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for (backing, transport, workload), s in by.items():
+    t, k, q = s.get("tessera"), s.get("nbdkit"), s.get("qemu-nbd")
+    if not t:
+        continue
+    rk = f"{t['iops'] / k['iops']:.2f}×" if k and k["iops"] else "-"
+    rq = f"{t['iops'] / q['iops']:.2f}×" if q and q["iops"] else "-"
+    vs = f"{t['bw_mib'] / sock[transport]:.0%}" if workload.startswith("1m") else ""
+    print(f"| {backing} | {transport} | {workload} | {t['iops']:.0f} | {t['bw_mib']:.0f} | {t['p50_us']:.0f} | {t['p99_us']:.0f} | "
+          f"{k['iops'] if k else 0:.0f} | {q['iops'] if q else 0:.0f} | {rk} | {rq} | {vs} |")
+PY
