@@ -71,18 +71,24 @@ uri() {
 
 run_fio() { # label uri rw bs qd
     local label=$1 uri=$2 rw=$3 bs=$4 qd=$5
-    fio --name="$label" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
+    echo "bench: $label" >&2
+    if ! fio --name="${label//|/-}" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
         --size=$SIZE --runtime="$RUNTIME" --ramp_time=1 --time_based --output-format=json \
-        --percentile_list=50:99 2>/dev/null |
-        python3 -c '
+        --percentile_list=50:99 >"$WORK/fio.json" 2>"$WORK/fio.err"; then
+        echo "fio failed for $label ($uri):" >&2
+        cat "$WORK/fio.err" >&2
+        exit 1
+    fi
+    python3 -c '
 import json, sys
 label = sys.argv[1]
-j = json.load(sys.stdin)["jobs"][0]
+text = open(sys.argv[2]).read()
+j = json.loads(text[text.index("{"):])["jobs"][0]
 side = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
 pct = side["clat_ns"].get("percentile", {})
 print(json.dumps({"label": label, "iops": side["iops"], "bw_mib": side["bw"] / 1024,
       "p50_us": pct.get("50.000000", 0) / 1000, "p99_us": pct.get("99.000000", 0) / 1000}))
-' "$label" >> "$RESULTS"
+' "$label" "$WORK/fio.json" >> "$RESULTS"
 }
 
 port=20000

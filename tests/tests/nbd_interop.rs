@@ -252,3 +252,65 @@ fn qemu_io_discard_and_write_zeroes_read_back_zeroes() {
         "{map}"
     );
 }
+
+#[test]
+fn many_clients_on_many_exports_at_once() {
+    require("nbdcopy");
+    require("fio");
+    let (d, s) = store();
+    for v in ["a", "b"] {
+        s.create_volume(v, "64M");
+    }
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x61 0 64M"])
+        .arg(s.uri("a")));
+    s.cli_ok(&["snapshot", "create", "a", "s"]);
+    // Writers on b (TCP and Unix) while readers copy a and a@s out, all at once.
+    let mut jobs = Vec::new();
+    for (i, uri) in [s.uri("b"), s.unix_uri("b")].into_iter().enumerate() {
+        jobs.push(
+            Command::new("fio")
+                .arg(format!("--name=w{i}"))
+                .args([
+                    "--ioengine=nbd",
+                    "--rw=randwrite",
+                    "--bs=4k",
+                    "--iodepth=8",
+                    "--size=32M",
+                ])
+                .arg(format!("--offset={}", i * (32 << 20)))
+                .args(["--verify=crc32c", "--do_verify=1", "--verify_fatal=1"])
+                .arg(format!("--uri={uri}"))
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let outs: Vec<_> = (0..4)
+        .map(|i| {
+            let export = if i % 2 == 0 { "a" } else { "a@s" };
+            let path = d.path().join(format!("out{i}.raw"));
+            let child = Command::new("nbdcopy")
+                .arg(s.uri(export))
+                .arg(&path)
+                .spawn()
+                .unwrap();
+            (child, path)
+        })
+        .collect();
+    for mut j in jobs {
+        assert!(
+            j.wait().unwrap().success(),
+            "a concurrent fio verify failed"
+        );
+    }
+    let expect = vec![0x61u8; 64 << 20];
+    for (mut c, path) in outs {
+        assert!(c.wait().unwrap().success());
+        assert!(
+            std::fs::read(&path).unwrap() == expect,
+            "{} differs",
+            path.display()
+        );
+    }
+}

@@ -119,6 +119,15 @@ impl LayerFiles {
             .map_err(|e| self.err("writing", e))
     }
 
+    /// Writes whole blocks starting at `first` from separate buffers, in one system call
+    /// when they fit.
+    pub fn write_blocks_vectored(&self, first: u64, blocks: &[&[u8]]) -> Result<()> {
+        let slices: Vec<std::io::IoSlice<'_>> =
+            blocks.iter().map(|b| std::io::IoSlice::new(b)).collect();
+        crate::wal::write_all_vectored_at(&self.data, &slices, first * BLOCK)
+            .map_err(|e| self.err("writing", e))
+    }
+
     /// Frees the space of blocks `first..first+n` in the data file. Only space is affected:
     /// callers make sure the checksum table no longer points at these blocks.
     pub fn punch_blocks(&self, first: u64, n: u64) -> Result<()> {

@@ -58,7 +58,7 @@ impl Default for StoreOptions {
 #[derive(Clone)]
 struct Pending {
     seg: u64,
-    buf: Arc<[u8]>,
+    buf: Arc<Vec<u8>>,
     index: u32,
     hash: [u8; SUM_LEN],
 }
@@ -916,17 +916,16 @@ impl Inner {
             // Coalesce consecutive blocks of one layer into one write each for data and sums.
             let (layer, first) = todo[i].0;
             let mut j = i + 1;
-            while j < todo.len() && todo[j].0 == (layer, first + (j - i) as u64) && j - i < 2048 {
+            while j < todo.len() && todo[j].0 == (layer, first + (j - i) as u64) && j - i < 1024 {
                 j += 1;
             }
             if let Some(files) = layers.get(&layer) {
-                let mut data = Vec::with_capacity((j - i) * BLOCK_SIZE);
+                let data: Vec<&[u8]> = todo[i..j].iter().map(|(_, p)| p.block()).collect();
                 let mut sums = Vec::with_capacity((j - i) * SUM_LEN);
                 for (_, p) in &todo[i..j] {
-                    data.extend_from_slice(p.block());
                     sums.extend_from_slice(&p.hash);
                 }
-                files.write_blocks(first, &data)?;
+                files.write_blocks_vectored(first, &data)?;
                 files.write_entries(first, &sums)?;
                 touched.insert(layer, files.clone());
             }
@@ -1115,6 +1114,30 @@ impl Export {
             }
             Self::check_range(offset, data.len() as u64, rt.size)?;
             self.store.write_chain(&rt, offset, data)?;
+        }
+        if fua {
+            self.store.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Like [`Export::write_at`], taking the buffer: block-aligned writes are logged and
+    /// published from it without another copy.
+    pub fn write_owned(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<()> {
+        let Target::Volume(v) = &self.target else {
+            return Err(StoreError::ReadOnly);
+        };
+        {
+            let rt = v.rt.read();
+            if rt.deleted {
+                return Err(StoreError::Gone(v.name.clone()));
+            }
+            Self::check_range(offset, data.len() as u64, rt.size)?;
+            if offset % BLOCK == 0 && data.len() % BLOCK_SIZE == 0 && !data.is_empty() {
+                self.store.append_blocks(&rt, offset / BLOCK, data)?;
+            } else {
+                self.store.write_chain(&rt, offset, &data)?;
+            }
         }
         if fua {
             self.store.flush()?;
@@ -1328,7 +1351,7 @@ impl Store {
         let (b0, b1) = block_range(offset, data.len() as u64);
         let aligned = offset % BLOCK == 0 && data.len() % BLOCK_SIZE == 0;
         if aligned {
-            return self.append_blocks(rt, b0, data);
+            return self.append_blocks(rt, b0, data.to_vec());
         }
         // Two unaligned writes to different bytes of one block must both survive, so the
         // edge blocks are read, merged and written under a per-block lock.
@@ -1349,7 +1372,7 @@ impl Store {
             self.read_chain(&rt.chain, (b1 - 1) * BLOCK, &mut blocks[last..])?;
         }
         blocks[skip..tail].copy_from_slice(data);
-        self.append_blocks(rt, b0, &blocks)
+        self.append_blocks(rt, b0, blocks)
     }
 
     fn write_zero_data(&self, rt: &VolumeRuntime, start: u64, end: u64) -> Result<()> {
@@ -1364,46 +1387,53 @@ impl Store {
     }
 
     /// Appends whole blocks to the WAL and publishes them.
-    fn append_blocks(&self, rt: &VolumeRuntime, first: u64, data: &[u8]) -> Result<()> {
-        let layer = rt.chain[0].id;
-        for (c, chunk) in data
-            .chunks(WAL_MAX_BLOCKS as usize * BLOCK_SIZE)
-            .enumerate()
-        {
-            let start = first + (c * WAL_MAX_BLOCKS as usize) as u64;
-            let n = chunk.len() / BLOCK_SIZE;
-            let mut hashes = Vec::with_capacity(n * SUM_LEN);
-            for block in chunk.chunks_exact(BLOCK_SIZE) {
-                hashes.extend_from_slice(&block_hash(block));
-            }
-            self.inner.admit((chunk.len() + hashes.len()) as u64)?;
-            let buf: Arc<[u8]> = Arc::from(chunk);
-            let header = RecordHeader {
-                kind: RecordKind::Data,
-                nblocks: n as u32,
-                segment: 0,
-                layer,
-                first_block: start,
-                generation: rt.generation,
-            };
-            let ((), wal_len) = self.inner.wal.append(&header, &hashes, chunk, |seg| {
-                let mut pending = self.inner.pending.write();
-                for (i, hash) in hashes.chunks_exact(SUM_LEN).enumerate() {
-                    let mut h = [0u8; SUM_LEN];
-                    h.copy_from_slice(hash);
-                    pending.insert(
-                        (layer, start + i as u64),
-                        Pending {
-                            seg,
-                            buf: buf.clone(),
-                            index: i as u32,
-                            hash: h,
-                        },
-                    );
-                }
-            })?;
-            self.inner.maybe_wake_checkpoint(wal_len);
+    fn append_blocks(&self, rt: &VolumeRuntime, first: u64, data: Vec<u8>) -> Result<()> {
+        let max = WAL_MAX_BLOCKS as usize * BLOCK_SIZE;
+        if data.len() <= max {
+            return self.append_record(rt, first, data);
         }
+        for (c, chunk) in data.chunks(max).enumerate() {
+            let start = first + (c * WAL_MAX_BLOCKS as usize) as u64;
+            self.append_record(rt, start, chunk.to_vec())?;
+        }
+        Ok(())
+    }
+
+    /// Logs one record of whole blocks (at most [`WAL_MAX_BLOCKS`]) and publishes them.
+    fn append_record(&self, rt: &VolumeRuntime, start: u64, data: Vec<u8>) -> Result<()> {
+        let layer = rt.chain[0].id;
+        let n = data.len() / BLOCK_SIZE;
+        let mut hashes = Vec::with_capacity(n * SUM_LEN);
+        for block in data.chunks_exact(BLOCK_SIZE) {
+            hashes.extend_from_slice(&block_hash(block));
+        }
+        self.inner.admit((data.len() + hashes.len()) as u64)?;
+        let buf = Arc::new(data);
+        let header = RecordHeader {
+            kind: RecordKind::Data,
+            nblocks: n as u32,
+            segment: 0,
+            layer,
+            first_block: start,
+            generation: rt.generation,
+        };
+        let ((), wal_len) = self.inner.wal.append(&header, &hashes, &buf, |seg| {
+            let mut pending = self.inner.pending.write();
+            for (i, hash) in hashes.chunks_exact(SUM_LEN).enumerate() {
+                let mut h = [0u8; SUM_LEN];
+                h.copy_from_slice(hash);
+                pending.insert(
+                    (layer, start + i as u64),
+                    Pending {
+                        seg,
+                        buf: buf.clone(),
+                        index: i as u32,
+                        hash: h,
+                    },
+                );
+            }
+        })?;
+        self.inner.maybe_wake_checkpoint(wal_len);
         Ok(())
     }
 

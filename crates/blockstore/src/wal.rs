@@ -285,7 +285,12 @@ pub fn remove_segments(dir: &Path, segs: &[u64]) -> Result<()> {
     sync_dir(dir)
 }
 
-fn write_all_vectored_at(f: &File, parts: &[IoSlice<'_>], mut off: u64) -> std::io::Result<()> {
+/// Writes all of `parts` at `off`, continuing after short writes.
+pub(crate) fn write_all_vectored_at(
+    f: &File,
+    parts: &[IoSlice<'_>],
+    mut off: u64,
+) -> std::io::Result<()> {
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut done = 0usize;
     while done < total {

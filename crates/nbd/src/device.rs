@@ -44,6 +44,10 @@ pub trait Device: Send + Sync + 'static {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError>;
     /// Writes `data` at `offset`.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError>;
+    /// Writes `data` at `offset`, taking the buffer (devices that keep it avoid a copy).
+    fn write_owned(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
+        self.write(offset, &data, fua)
+    }
     /// Makes all completed writes durable.
     fn flush(&self) -> Result<(), DeviceError>;
     /// Discards a range.

@@ -375,6 +375,10 @@ pub fn check(req: &Request, s: &Session) -> Result<Command, Errno> {
             if !in_range {
                 return Err(Errno::NoSpc);
             }
+            // Zeroes stored as data are no faster than a write: FAST_ZERO asks us to say so.
+            if flags & CMD_FLAG_FAST_ZERO != 0 && flags & CMD_FLAG_NO_HOLE != 0 {
+                return Err(Errno::NotSup);
+            }
             Ok(Command::WriteZeroes {
                 offset: req.offset,
                 len: req.length,

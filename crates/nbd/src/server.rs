@@ -39,6 +39,8 @@ impl Default for ServerConfig {
 /// partial blocks); 4 KiB is preferred because that is the store's block.
 const MIN_BLOCK: u32 = 1;
 const PREFERRED_BLOCK: u32 = 4096;
+/// Requests at least this large run on their own task when others are queued behind them.
+const PARALLEL_MIN: u32 = 64 * 1024;
 /// Option payloads up to this are drained when refused as too big; larger, we hang up.
 const MAX_DRAIN: u32 = 16 << 20;
 
@@ -429,8 +431,14 @@ where
         let mut data = Vec::new();
         if payload > 0 {
             if cmd.is_ok() {
-                data = vec![0u8; payload as usize];
-                r.read_exact(&mut data).await?;
+                data.reserve_exact(payload as usize);
+                let got = (&mut r)
+                    .take(u64::from(payload))
+                    .read_to_end(&mut data)
+                    .await?;
+                if got < payload as usize {
+                    break Ok(()); // the client left mid-payload: nothing to apply
+                }
             } else {
                 // Refused: consume the payload without holding it in memory.
                 drain(&mut r, u64::from(payload)).await?;
@@ -441,38 +449,35 @@ where
             Err(errno) => {
                 let msg = format!("request refused: {errno:?}");
                 send_error(&w, &session, req.cookie, errno, &msg).await?;
-                maybe_flush(&w, &r).await?;
+                if r.buffer().is_empty() {
+                    w.lock().await.flush().await?;
+                }
                 continue;
             }
         };
         match cmd {
             Command::Disconnect => break Ok(()),
-            Command::Read { offset, len } => {
-                let mut buf = vec![0u8; len as usize];
-                match device.read(offset, &mut buf) {
-                    Ok(()) => send_read(&w, &session, req.cookie, offset, &buf).await?,
-                    Err(e) => send_device_error(&w, &session, req.cookie, e).await?,
+            Command::Read { .. }
+            | Command::Write { fua: false, .. }
+            | Command::BlockStatus { .. } => {
+                let big = matches!(cmd, Command::Read { len, .. } | Command::Write { len, .. } if len >= PARALLEL_MIN);
+                if !big || r.buffer().is_empty() {
+                    // Small requests are answered right here; replies are flushed once no
+                    // further request is already buffered, so a burst shares one send.
+                    fast(&*device, &w, &session, req.cookie, cmd, data).await?;
+                    if r.buffer().is_empty() {
+                        w.lock().await.flush().await?;
+                    }
+                } else {
+                    // Large pipelined requests (checksumming a MiB takes a while): let them
+                    // run on all cores.
+                    let (device, w) = (device.clone(), w.clone());
+                    let cookie = req.cookie;
+                    background.spawn(async move {
+                        fast(&*device, &w, &session, cookie, cmd, data).await?;
+                        w.lock().await.flush().await
+                    });
                 }
-                maybe_flush(&w, &r).await?;
-            }
-            Command::Write {
-                offset, fua: false, ..
-            } => {
-                let res = device.write(offset, &data, false);
-                send_done(&w, &session, req.cookie, res).await?;
-                maybe_flush(&w, &r).await?;
-            }
-            Command::BlockStatus {
-                offset,
-                len,
-                req_one,
-            } => {
-                let res = device.extents(offset, u64::from(len));
-                match res {
-                    Ok(ext) => send_extents(&w, req.cookie, &ext, req_one).await?,
-                    Err(e) => send_device_error(&w, &session, req.cookie, e).await?,
-                }
-                maybe_flush(&w, &r).await?;
             }
             slow => {
                 // Anything that syncs or may cover a huge range goes to the blocking pool.
@@ -480,7 +485,7 @@ where
                 let cookie = req.cookie;
                 background.spawn(async move {
                     let dev = device.clone();
-                    let res = tokio::task::spawn_blocking(move || run_slow(&*dev, slow, &data))
+                    let res = tokio::task::spawn_blocking(move || run_slow(&*dev, slow, data))
                         .await
                         .unwrap_or_else(|e| {
                             Err(DeviceError::new(Errno::Io, format!("I/O task failed: {e}")))
@@ -506,9 +511,42 @@ where
     result
 }
 
-fn run_slow<D: Device>(d: &D, cmd: Command, data: &[u8]) -> Result<(), DeviceError> {
+/// Reads, plain writes and block status: quick page-cache work, run on the async worker.
+async fn fast<D: Device, S: AsyncWrite>(
+    device: &D,
+    w: &Writer<S>,
+    session: &Session,
+    cookie: u64,
+    cmd: Command,
+    data: Vec<u8>,
+) -> io::Result<()> {
     match cmd {
-        Command::Write { offset, fua, .. } => d.write(offset, data, fua),
+        Command::Read { offset, len } => {
+            let mut buf = vec![0u8; len as usize];
+            match device.read(offset, &mut buf) {
+                Ok(()) => send_read(w, session, cookie, offset, &buf).await,
+                Err(e) => send_device_error(w, session, cookie, e).await,
+            }
+        }
+        Command::BlockStatus {
+            offset,
+            len,
+            req_one,
+        } => match device.extents(offset, u64::from(len)) {
+            Ok(ext) => send_extents(w, cookie, &ext, req_one).await,
+            Err(e) => send_device_error(w, session, cookie, e).await,
+        },
+        Command::Write { offset, fua, .. } => {
+            let res = device.write_owned(offset, data, fua);
+            send_done(w, session, cookie, res).await
+        }
+        _ => send_error(w, session, cookie, Errno::Inval, "not a fast command").await,
+    }
+}
+
+fn run_slow<D: Device>(d: &D, cmd: Command, data: Vec<u8>) -> Result<(), DeviceError> {
+    match cmd {
+        Command::Write { offset, fua, .. } => d.write_owned(offset, data, fua),
         Command::Flush => d.flush(),
         Command::Trim { offset, len, fua } => d.trim(offset, u64::from(len), fua),
         Command::WriteZeroes {
@@ -521,16 +559,6 @@ fn run_slow<D: Device>(d: &D, cmd: Command, data: &[u8]) -> Result<(), DeviceErr
             Err(DeviceError::new(Errno::Inval, "not a slow command"))
         }
     }
-}
-
-async fn maybe_flush<R: AsyncRead, S>(w: &Writer<S>, r: &BufReader<R>) -> io::Result<()>
-where
-    S: AsyncWrite,
-{
-    if r.buffer().is_empty() {
-        w.lock().await.flush().await?;
-    }
-    Ok(())
 }
 
 async fn send_read<S: AsyncWrite>(

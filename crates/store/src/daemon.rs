@@ -137,6 +137,19 @@ async fn admin_connection(sock: tokio::net::UnixStream, store: Store) -> std::io
             return Ok(());
         }
         let too_long = line.len() > admin::MAX_LINE;
+        if too_long && line.last() != Some(&b'\n') {
+            // Skip the rest of the overlong line in bounded pieces, then answer it.
+            loop {
+                let mut rest = Vec::new();
+                let n = (&mut r)
+                    .take(admin::MAX_LINE as u64)
+                    .read_until(b'\n', &mut rest)
+                    .await?;
+                if n == 0 || rest.last() == Some(&b'\n') {
+                    break;
+                }
+            }
+        }
         let outcome = if too_long {
             Outcome::Error(AdminError {
                 kind: ErrorKind::BadRequest,
@@ -171,10 +184,6 @@ async fn admin_connection(sock: tokio::net::UnixStream, store: Store) -> std::io
         .map_err(std::io::Error::other)?;
         out.push(b'\n');
         w.write_all(&out).await?;
-        if too_long {
-            // The rest of that line is garbage to us; the connection cannot resync.
-            return Ok(());
-        }
     }
 }
 

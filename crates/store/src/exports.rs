@@ -48,6 +48,9 @@ impl Device for StoreDevice {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
         self.0.write_at(offset, data, fua).map_err(dev_err)
     }
+    fn write_owned(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
+        self.0.write_owned(offset, data, fua).map_err(dev_err)
+    }
     fn flush(&self) -> Result<(), DeviceError> {
         self.0.flush().map_err(dev_err)
     }
