@@ -1104,21 +1104,7 @@ impl Export {
 
     /// Writes `data` at `offset`; with `fua` it is durable before this returns.
     pub fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-        let Target::Volume(v) = &self.target else {
-            return Err(StoreError::ReadOnly);
-        };
-        {
-            let rt = v.rt.read();
-            if rt.deleted {
-                return Err(StoreError::Gone(v.name.clone()));
-            }
-            Self::check_range(offset, data.len() as u64, rt.size)?;
-            self.store.write_chain(&rt, offset, data)?;
-        }
-        if fua {
-            self.store.flush()?;
-        }
-        Ok(())
+        self.write_owned(offset, data.to_vec(), fua)
     }
 
     /// Like [`Export::write_at`], taking the buffer: block-aligned writes are logged and

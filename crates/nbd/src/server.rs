@@ -50,24 +50,12 @@ pub async fn serve_tcp<E: Exports>(
     exports: Arc<E>,
     cfg: ServerConfig,
 ) -> io::Result<()> {
-    let limit = Arc::new(Semaphore::new(cfg.max_connections));
-    loop {
-        let permit = limit
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(io::Error::other)?;
+    accept_loop(exports, cfg, || async {
         let (sock, peer) = listener.accept().await?;
         sock.set_nodelay(true)?;
-        let (exports, cfg) = (exports.clone(), cfg.clone());
-        tokio::spawn(async move {
-            let peer = peer.to_string();
-            if let Err(e) = serve_connection(sock, exports, cfg, &peer).await {
-                tracing::debug!(%peer, error = %e, "NBD connection ended with an error");
-            }
-            drop(permit);
-        });
-    }
+        Ok((sock, peer.to_string()))
+    })
+    .await
 }
 
 /// Serves `exports` on a Unix socket listener until the task is dropped.
@@ -76,6 +64,25 @@ pub async fn serve_unix<E: Exports>(
     exports: Arc<E>,
     cfg: ServerConfig,
 ) -> io::Result<()> {
+    accept_loop(exports, cfg, || async {
+        let (sock, _) = listener.accept().await?;
+        Ok((sock, "unix".to_string()))
+    })
+    .await
+}
+
+/// Accepts connections and serves each on its own task, at most `max_connections` at once.
+async fn accept_loop<E, S, F, Fut>(
+    exports: Arc<E>,
+    cfg: ServerConfig,
+    mut accept: F,
+) -> io::Result<()>
+where
+    E: Exports,
+    S: AsyncRead + AsyncWrite + Send + 'static,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = io::Result<(S, String)>>,
+{
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     loop {
         let permit = limit
@@ -83,11 +90,11 @@ pub async fn serve_unix<E: Exports>(
             .acquire_owned()
             .await
             .map_err(io::Error::other)?;
-        let (sock, _) = listener.accept().await?;
+        let (sock, peer) = accept().await?;
         let (exports, cfg) = (exports.clone(), cfg.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_connection(sock, exports, cfg, "unix").await {
-                tracing::debug!(error = %e, "NBD connection ended with an error");
+            if let Err(e) = serve_connection(sock, exports, cfg, &peer).await {
+                tracing::debug!(%peer, error = %e, "NBD connection ended with an error");
             }
             drop(permit);
         });
