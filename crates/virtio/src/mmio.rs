@@ -1,0 +1,284 @@
+//! The virtio-mmio (version 2) transport: the register window a driver programs.
+//!
+//! Register layout from the virtio 1.x specification, section 4.2.2. Reads and writes of
+//! the wrong width, unknown offsets, writes in the wrong device state and queue
+//! configurations that do not fit guest memory are ignored (and logged) or fail feature
+//! negotiation; they never reach the device.
+
+use std::sync::Arc;
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::*;
+use virtio_queue::{Queue, QueueT};
+
+use crate::{GuestMem, Interrupt, VirtioDevice};
+
+/// "virt" in little endian.
+const MAGIC: u32 = 0x7472_6976;
+/// Our vendor id ("TESS").
+const VENDOR: u32 = 0x5353_4554;
+/// Size of the register window.
+pub const MMIO_WINDOW: u64 = 0x1000;
+
+/// One device behind a virtio-mmio register window.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMem,
+    interrupt: Arc<dyn Interrupt>,
+    queues: Vec<Queue>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    interrupt_status: u32,
+}
+
+impl MmioTransport {
+    /// Wraps `device`, whose queues live in `mem` and whose interrupt is `interrupt`.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMem,
+        interrupt: Arc<dyn Interrupt>,
+    ) -> MmioTransport {
+        let max = device.queue_max_size();
+        let queues = (0..device.num_queues())
+            .filter_map(|_| Queue::new(max).ok())
+            .collect();
+        MmioTransport {
+            device,
+            mem,
+            interrupt,
+            queues,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+            interrupt_status: 0,
+        }
+    }
+
+    /// The driver status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    fn has(&self, bit: u32) -> bool {
+        self.status & bit != 0
+    }
+
+    fn queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// Handles a guest read of `data.len()` bytes at `offset` in the window.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
+            self.device
+                .read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
+            return;
+        }
+        if data.len() != 4 {
+            tracing::debug!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: register read of the wrong width"
+            );
+            data.fill(0);
+            return;
+        }
+        let v = match offset as u32 {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+            VIRTIO_MMIO_VERSION => 2,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            VIRTIO_MMIO_QUEUE_NUM_MAX => self.queue().map_or(0, |q| u32::from(q.max_size())),
+            VIRTIO_MMIO_QUEUE_READY => self.queue().map_or(0, |q| u32::from(q.ready())),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status,
+            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_CONFIG_GENERATION => 0,
+            _ => {
+                tracing::debug!(offset, "virtio-mmio: read of an unknown register");
+                0
+            }
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// Handles a guest write at `offset`. Returns the queue index when the write was a
+    /// queue notification (the caller processes it, possibly on another thread).
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Option<u32> {
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
+            // virtio-blk has no writable configuration fields we honour.
+            return None;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            tracing::debug!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: register write of the wrong width"
+            );
+            return None;
+        };
+        let v = u32::from_le_bytes(bytes);
+        let configuring = self.has(VIRTIO_CONFIG_S_DRIVER) && !self.has(VIRTIO_CONFIG_S_DRIVER_OK);
+        let features_open =
+            self.has(VIRTIO_CONFIG_S_DRIVER) && !self.has(VIRTIO_CONFIG_S_FEATURES_OK);
+        match offset as u32 {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES if features_open => match self.driver_features_sel {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                }
+                _ => {}
+            },
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            VIRTIO_MMIO_QUEUE_NUM if configuring => {
+                if let Some(q) = self.queue() {
+                    q.set_size(v as u16);
+                }
+            }
+            VIRTIO_MMIO_QUEUE_READY if configuring => {
+                let mem = self.mem.clone();
+                if let Some(q) = self.queue() {
+                    // A queue whose rings do not fit guest memory is never made ready.
+                    let ok = v == 1 && q.is_valid(&mem);
+                    if v == 1 && !ok {
+                        tracing::info!("virtio-mmio: driver enabled an invalid queue; refused");
+                    }
+                    q.set_ready(ok);
+                }
+            }
+            VIRTIO_MMIO_QUEUE_DESC_LOW if configuring => {
+                self.set_addr(|q, v| q.set_desc_table_address(Some(v), None), v)
+            }
+            VIRTIO_MMIO_QUEUE_DESC_HIGH if configuring => {
+                self.set_addr(|q, v| q.set_desc_table_address(None, Some(v)), v)
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW if configuring => {
+                self.set_addr(|q, v| q.set_avail_ring_address(Some(v), None), v)
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH if configuring => {
+                self.set_addr(|q, v| q.set_avail_ring_address(None, Some(v)), v)
+            }
+            VIRTIO_MMIO_QUEUE_USED_LOW if configuring => {
+                self.set_addr(|q, v| q.set_used_ring_address(Some(v), None), v)
+            }
+            VIRTIO_MMIO_QUEUE_USED_HIGH if configuring => {
+                self.set_addr(|q, v| q.set_used_ring_address(None, Some(v)), v)
+            }
+            VIRTIO_MMIO_QUEUE_NOTIFY => return Some(v),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !v,
+            VIRTIO_MMIO_STATUS => self.set_status(v),
+            other => tracing::debug!(
+                offset = other,
+                value = v,
+                "virtio-mmio: write ignored in this state"
+            ),
+        }
+        None
+    }
+
+    fn set_addr(&mut self, f: impl FnOnce(&mut Queue, u32), v: u32) {
+        if let Some(q) = self.queue() {
+            f(q, v);
+        }
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        // Bits only accumulate (spec 2.1.2); anything else is a driver bug.
+        if v & self.status != self.status {
+            tracing::info!(
+                old = self.status,
+                new = v,
+                "virtio-mmio: driver cleared status bits; ignored"
+            );
+            return;
+        }
+        let mut v = v;
+        if v & VIRTIO_CONFIG_S_FEATURES_OK != 0 && !self.has(VIRTIO_CONFIG_S_FEATURES_OK) {
+            let offered = self.device.features();
+            let legal = self.driver_features & !offered == 0
+                && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
+            if legal {
+                self.device.set_acked_features(self.driver_features);
+            } else {
+                tracing::info!(
+                    driver = self.driver_features,
+                    offered,
+                    "virtio-mmio: feature negotiation failed"
+                );
+                v &= !VIRTIO_CONFIG_S_FEATURES_OK;
+            }
+        }
+        if v & VIRTIO_CONFIG_S_DRIVER_OK != 0 && v & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+            v = (v & !VIRTIO_CONFIG_S_DRIVER_OK) | VIRTIO_CONFIG_S_FAILED;
+        }
+        let _ = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+        self.status = v;
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.status = 0;
+        self.interrupt_status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+    }
+
+    /// Processes a notification of queue `index`.
+    pub fn notify(&mut self, index: u32) {
+        if !self.has(VIRTIO_CONFIG_S_DRIVER_OK) || self.has(VIRTIO_CONFIG_S_NEEDS_RESET) {
+            return;
+        }
+        let i = index as usize;
+        let mem = self.mem.clone();
+        let Some(q) = self.queues.get_mut(i) else {
+            tracing::debug!(
+                index,
+                "virtio-mmio: notification for a queue that does not exist"
+            );
+            return;
+        };
+        if !q.ready() {
+            return;
+        }
+        match self.device.process_queue(i, q, &mem) {
+            Ok(true) => {
+                self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
+                if let Err(e) = self.interrupt.trigger() {
+                    tracing::error!(error = %e, "could not signal the guest");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "virtio device marked broken");
+                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
+                let _ = self.interrupt.trigger();
+            }
+        }
+    }
+}
