@@ -155,11 +155,11 @@ impl MmioTransport {
                 let mem = self.mem.clone();
                 if let Some(q) = self.queue() {
                     // A queue whose rings do not fit guest memory is never made ready.
-                    let ok = v == 1 && q.is_valid(&mem);
-                    if v == 1 && !ok {
+                    q.set_ready(v == 1);
+                    if v == 1 && !q.is_valid(&mem) {
                         tracing::info!("virtio-mmio: driver enabled an invalid queue; refused");
+                        q.set_ready(false);
                     }
-                    q.set_ready(ok);
                 }
             }
             VIRTIO_MMIO_QUEUE_DESC_LOW if configuring => {

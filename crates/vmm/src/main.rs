@@ -1,1 +1,89 @@
-fn main() {}
+//! `tessera-vmm`: run one VM in the foreground.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tessera_vmm::config::VmConfig;
+
+#[derive(Parser)]
+#[command(name = "tessera-vmm", version, about = "Run one KVM virtual machine")]
+struct Cli {
+    /// A JSON VM spec (fields: kernel, cmdline, memory_mib, vcpus, disk); flags override it.
+    #[arg(long)]
+    spec: Option<std::path::PathBuf>,
+    /// Kernel (ELF or bzImage).
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest RAM in MiB.
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Disk: a raw image path or an NBD URI (nbd+unix:///VOL?socket=PATH, nbd://HOST:PORT/VOL).
+    #[arg(long)]
+    disk: Option<String>,
+    /// Write the serial console here instead of standard output.
+    #[arg(long)]
+    serial_out: Option<std::path::PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut cfg = match &cli.spec {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_json::from_str::<VmConfig>(&text)
+                .with_context(|| format!("parsing VM spec {}", p.display()))?
+        }
+        None => VmConfig {
+            kernel: cli
+                .kernel
+                .clone()
+                .context("--kernel or --spec is required")?,
+            cmdline: "console=ttyS0 reboot=k panic=1".into(),
+            memory_mib: 128,
+            vcpus: 1,
+            disk: None,
+        },
+    };
+    if let Some(k) = cli.kernel {
+        cfg.kernel = k;
+    }
+    if let Some(c) = cli.cmdline {
+        cfg.cmdline = c;
+    }
+    if let Some(m) = cli.memory_mib {
+        cfg.memory_mib = m;
+    }
+    if cli.disk.is_some() {
+        cfg.disk = cli.disk;
+    }
+    let out: Box<dyn Write + Send> = match &cli.serial_out {
+        Some(p) => {
+            Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => Box::new(std::io::stdout()),
+    };
+    let outcome = tessera_vmm::vm::run(&cfg, out)?;
+    tracing::info!(reason = ?outcome.reason, first_instruction_us = outcome.first_instruction.map(|d| d.as_micros() as u64), "VM stopped");
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! Loading the kernel and preparing the zero page, command line and page tables.
+
+use std::fs::File;
+
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::{load_cmdline, BzImage, Cmdline, Elf, KernelLoader};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::layout::*;
+
+/// Errors while preparing the guest to boot.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The kernel file could not be opened.
+    #[error("opening kernel {0}: {1}")]
+    Open(String, std::io::Error),
+    /// Neither an ELF nor a bzImage, or it does not fit.
+    #[error("loading kernel: ELF: {elf}; bzImage: {bz}")]
+    Load {
+        /// Why it is not an ELF.
+        elf: String,
+        /// Why it is not a bzImage.
+        bz: String,
+    },
+    /// The command line is too long or has bad characters.
+    #[error("kernel command line: {0}")]
+    Cmdline(String),
+    /// Writing boot structures into guest memory failed.
+    #[error("writing boot structures: {0}")]
+    Memory(String),
+}
+
+/// Where to start the vCPU.
+pub struct Entry {
+    /// 64-bit entry point.
+    pub rip: u64,
+}
+
+/// Loads `kernel` (an ELF like vmlinux, or a bzImage) and writes the zero page.
+pub fn load(
+    mem: &GuestMemoryMmap,
+    kernel: &str,
+    cmdline: &str,
+    mem_size: u64,
+) -> Result<Entry, BootError> {
+    let mut f = File::open(kernel).map_err(|e| BootError::Open(kernel.into(), e))?;
+    let mut params = boot_params::default();
+    let rip = match Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))) {
+        Ok(r) => r.kernel_load.raw_value(),
+        Err(elf) => match BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))) {
+            Ok(r) => {
+                if let Some(h) = r.setup_header {
+                    params.hdr = h;
+                }
+                // The 64-bit entry point is 0x200 past the protected-mode code.
+                r.kernel_load.raw_value() + 0x200
+            }
+            Err(bz) => {
+                return Err(BootError::Load {
+                    elf: elf.to_string(),
+                    bz: bz.to_string(),
+                })
+            }
+        },
+    };
+    let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    cl.insert_str(cmdline)
+        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    load_cmdline(mem, GuestAddress(CMDLINE), &cl).map_err(|e| BootError::Cmdline(e.to_string()))?;
+
+    params.hdr.type_of_loader = 0xff;
+    params.hdr.boot_flag = 0xaa55;
+    params.hdr.header = 0x5372_6448; // "HdrS"
+    params.hdr.cmd_line_ptr = CMDLINE as u32;
+    params.hdr.cmdline_size = cmdline.len() as u32 + 1;
+    params.hdr.kernel_alignment = 0x0100_0000;
+    let mut n = 0;
+    let mut add = |addr: u64, size: u64| {
+        if n < params.e820_table.len() {
+            params.e820_table[n] = boot_e820_entry {
+                addr,
+                size,
+                r#type: 1,
+            };
+            n += 1;
+        }
+    };
+    add(0, LOW_RAM_END);
+    add(HIMEM_START, mem_size.min(MMIO_HOLE) - HIMEM_START);
+    if mem_size > MMIO_HOLE {
+        add(1 << 32, mem_size - MMIO_HOLE);
+    }
+    params.e820_entries = n as u8;
+    LinuxBootConfigurator::write_bootparams(
+        &BootParams::new(&params, GuestAddress(ZERO_PAGE)),
+        mem,
+    )
+    .map_err(|e| BootError::Memory(e.to_string()))?;
+    write_page_tables(mem)?;
+    Ok(Entry { rip })
+}
+
+/// Identity-maps the first 4 GiB with 2 MiB pages (the MMIO hole uncached), and writes
+/// the GDT and an empty IDT. Linux builds its own tables; these carry it (or a small
+/// guest) until it does.
+fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+    let w = |v: u64, at: u64| {
+        mem.write_obj(v, GuestAddress(at))
+            .map_err(|e| BootError::Memory(e.to_string()))
+    };
+    w(PDPT | 0x3, PML4)?;
+    for gib in 0..4u64 {
+        let pd = PD + gib * 0x1000;
+        w(pd | 0x3, PDPT + gib * 8)?;
+        for i in 0..512u64 {
+            let addr = (gib << 30) | (i << 21);
+            // Present, writable, 2 MiB; cache-disabled and write-through in the MMIO hole.
+            let flags = if addr >= MMIO_HOLE { 0x83 | 0x18 } else { 0x83 };
+            w(addr | flags, pd + i * 8)?;
+        }
+    }
+    for (i, entry) in GDT_ENTRIES.iter().enumerate() {
+        w(*entry, GDT + i as u64 * 8)?;
+    }
+    w(0, IDT)
+}
+
+/// Null, 64-bit code, data, TSS.
+pub const GDT_ENTRIES: [u64; 4] = [
+    0,
+    0x00af_9b00_0000_ffff,
+    0x00cf_9300_0000_ffff,
+    0x008f_8b00_0000_ffff,
+];

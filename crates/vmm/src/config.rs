@@ -1,0 +1,33 @@
+//! What to run: the VM specification, from a JSON file or command-line flags.
+
+use serde::{Deserialize, Serialize};
+
+/// A VM to run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Kernel: an ELF (vmlinux or our test guest) or a bzImage.
+    pub kernel: String,
+    /// Kernel command line.
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// The disk: a raw file path or an NBD URI (`nbd+unix:///vol?socket=...`).
+    #[serde(default)]
+    pub disk: Option<String>,
+}
+
+fn default_cmdline() -> String {
+    "console=ttyS0 reboot=k panic=1".into()
+}
+fn default_memory() -> u64 {
+    128
+}
+fn default_vcpus() -> u8 {
+    1
+}

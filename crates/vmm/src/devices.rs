@@ -1,0 +1,87 @@
+//! Legacy devices on the port-I/O bus: the COM1 16550 serial port, the i8042's reset line
+//! and the boot-timer port.
+
+use std::io::Write;
+use std::time::Instant;
+
+use vm_superio::{serial::NoEvents, Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::layout::BOOT_TIMER_PORT;
+
+/// Raises the serial interrupt through an irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+const COM1: u16 = 0x3f8;
+const I8042_DATA: u16 = 0x60;
+const I8042_CMD: u16 = 0x64;
+const I8042_RESET: u8 = 0xfe;
+
+/// What a port write asks the VMM to do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PioAction {
+    /// Nothing special.
+    None,
+    /// The guest pulsed the reset line: stop the VM.
+    Reset,
+}
+
+/// The port-I/O devices.
+pub struct PioBus {
+    serial: Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>,
+    start: Instant,
+    /// When the guest first wrote the boot-timer port.
+    pub first_instruction: Option<std::time::Duration>,
+}
+
+impl PioBus {
+    /// A bus whose serial output goes to `out`, raising `irq` on output.
+    pub fn new(out: Box<dyn Write + Send>, irq: EventFd, start: Instant) -> PioBus {
+        PioBus {
+            serial: Serial::new(IrqTrigger(irq), out),
+            start,
+            first_instruction: None,
+        }
+    }
+
+    /// A guest `in`.
+    pub fn read(&mut self, port: u16, data: &mut [u8]) {
+        match port {
+            p if (COM1..COM1 + 8).contains(&p) && data.len() == 1 => {
+                data[0] = self.serial.read((p - COM1) as u8)
+            }
+            // i8042 status: nothing to read, input buffer empty.
+            I8042_CMD | I8042_DATA => data.fill(0),
+            _ => data.fill(0xff),
+        }
+    }
+
+    /// A guest `out`.
+    pub fn write(&mut self, port: u16, data: &[u8]) -> PioAction {
+        match port {
+            p if (COM1..COM1 + 8).contains(&p) && data.len() == 1 => {
+                if let Err(e) = self.serial.write((p - COM1) as u8, data[0]) {
+                    tracing::debug!(error = ?e, "serial write failed");
+                }
+            }
+            I8042_CMD if data.first() == Some(&I8042_RESET) => return PioAction::Reset,
+            BOOT_TIMER_PORT if self.first_instruction.is_none() => {
+                let t = self.start.elapsed();
+                self.first_instruction = Some(t);
+                tracing::info!(
+                    micros = t.as_micros() as u64,
+                    "boot timer: guest reached its first instruction"
+                );
+            }
+            _ => {}
+        }
+        PioAction::None
+    }
+}

@@ -1,0 +1,13 @@
+//! tessera-vmm: one KVM virtual machine per process.
+//!
+//! It boots a kernel with a serial console and a virtio-blk disk (a file or an NBD
+//! volume) and reports why the guest stopped. The VMM never talks to the cluster: it is
+//! told what to run. Not yet here (see the open issue): SMP and ACPI tables, the control
+//! API socket, snapshot/restore and live migration.
+
+pub mod boot;
+pub mod config;
+pub mod devices;
+pub mod layout;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,269 @@
+//! One virtual machine: KVM VM and vCPU, guest memory, devices, and the run loop.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit, VmFd};
+use tessera_virtio::blk::Block;
+use tessera_virtio::mmio::{MmioTransport, MMIO_WINDOW};
+use tessera_virtio::Interrupt;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::VmConfig;
+use crate::devices::{PioAction, PioBus};
+use crate::layout::*;
+use crate::{boot, vcpu};
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest asked for a reset (i8042) — our power-off.
+    Reset,
+    /// The guest shut down (ACPI/system event).
+    Shutdown,
+    /// Triple fault.
+    TripleFault,
+}
+
+/// Errors running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A KVM call failed.
+    #[error("KVM {what}: {source}")]
+    Kvm {
+        /// Which call.
+        what: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be set up.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// Booting failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// The disk could not be opened.
+    #[error("disk: {0}")]
+    Disk(#[from] tessera_disk::DiskError),
+    /// Something else the VMM needs failed.
+    #[error("{0}")]
+    Setup(String),
+    /// The guest did something KVM could not handle.
+    #[error("guest failed: {0}")]
+    Guest(String),
+    /// Not implemented yet.
+    #[error("{0} is not supported yet")]
+    Unsupported(&'static str),
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+struct IrqFd(EventFd);
+
+impl Interrupt for IrqFd {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// What a finished run reports.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// Why the guest stopped.
+    pub reason: StopReason,
+    /// Time from VMM start to the guest's first boot-timer write.
+    pub first_instruction: Option<Duration>,
+}
+
+/// Builds the VM described by `cfg` and runs it until the guest stops.
+pub fn run(cfg: &VmConfig, serial_out: Box<dyn Write + Send>) -> Result<RunOutcome, VmError> {
+    let start = Instant::now();
+    if cfg.vcpus != 1 {
+        return Err(VmError::Unsupported(
+            "more than one vCPU (needs the ACPI MADT)",
+        ));
+    }
+    let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
+    let vm = kvm_fd.create_vm().map_err(kvm("create VM"))?;
+    vm.set_tss_address(KVM_TSS as usize)
+        .map_err(kvm("set TSS address"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP)
+        .map_err(kvm("set identity map"))?;
+    vm.create_irq_chip().map_err(kvm("create irqchip"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm("create PIT"))?;
+
+    let mem = guest_memory(cfg.memory_mib)?;
+    register_memory(&vm, &mem)?;
+
+    let mut cmdline = cfg.cmdline.clone();
+    let mut virtio: Option<Arc<Mutex<MmioTransport>>> = None;
+    if let Some(disk) = &cfg.disk {
+        let disk = tessera_disk::open(disk)?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Setup(e.to_string()))?;
+        vm.register_irqfd(&irq, VIRTIO_IRQ)
+            .map_err(kvm("register virtio irqfd"))?;
+        let t = Arc::new(Mutex::new(MmioTransport::new(
+            Box::new(Block::new(disk)),
+            mem.clone(),
+            Arc::new(IrqFd(irq)),
+        )));
+        // Queue notifications land in an eventfd (no exit to us); an I/O thread serves them.
+        let notify = EventFd::new(0).map_err(|e| VmError::Setup(e.to_string()))?;
+        vm.register_ioevent(
+            &notify,
+            &IoEventAddress::Mmio(VIRTIO_MMIO_BASE + 0x50),
+            NoDatamatch,
+        )
+        .map_err(kvm("register ioeventfd"))?;
+        let worker = t.clone();
+        std::thread::Builder::new()
+            .name("virtio-blk".into())
+            .spawn(move || loop {
+                if notify.read().is_err() {
+                    return;
+                }
+                match worker.lock() {
+                    Ok(mut t) => t.notify(0),
+                    Err(_) => return,
+                }
+            })
+            .map_err(|e| VmError::Setup(e.to_string()))?;
+        cmdline.push_str(&format!(
+            " virtio_mmio.device=4K@{VIRTIO_MMIO_BASE:#x}:{VIRTIO_IRQ}"
+        ));
+        virtio = Some(t);
+    }
+
+    let entry = boot::load(&mem, &cfg.kernel, cmdline.trim(), cfg.memory_mib << 20)?;
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Setup(e.to_string()))?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+        .map_err(kvm("register serial irqfd"))?;
+    let mut pio = PioBus::new(serial_out, serial_irq, start);
+
+    let mut vcpu = vm.create_vcpu(0).map_err(kvm("create vCPU"))?;
+    vcpu::setup(&kvm_fd, &vcpu, 0, entry.rip).map_err(kvm("set up vCPU"))?;
+    tracing::info!(
+        entry = entry.rip,
+        memory_mib = cfg.memory_mib,
+        "starting guest"
+    );
+
+    let reason = loop {
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if pio.write(port, data) == PioAction::Reset {
+                    break StopReason::Reset;
+                }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => pio.read(port, data),
+            Ok(VcpuExit::MmioRead(addr, data)) => match mmio_offset(addr, data.len()) {
+                Some(off) if virtio.is_some() => {
+                    if let Some(t) = &virtio {
+                        lock(t)?.read(off, data);
+                    }
+                }
+                _ => data.fill(0xff),
+            },
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if let (Some(off), Some(t)) = (mmio_offset(addr, data.len()), &virtio) {
+                    let mut t = lock(t)?;
+                    if let Some(q) = t.write(off, data) {
+                        t.notify(q);
+                    }
+                }
+            }
+            Ok(VcpuExit::Hlt) => {
+                // With an in-kernel irqchip HLT stays in KVM; an exit means nothing can wake it.
+                return Err(VmError::Guest("halted with no way to wake up".into()));
+            }
+            Ok(VcpuExit::Shutdown) => {
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                tracing::warn!(rip = format_args!("{rip:#x}"), "guest triple-faulted");
+                break StopReason::TripleFault;
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                tracing::info!(kind, "guest system event");
+                break StopReason::Shutdown;
+            }
+            Ok(VcpuExit::InternalError) => {
+                return Err(VmError::Guest(
+                    "KVM internal error (emulation failure)".into(),
+                ))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return Err(VmError::Guest(format!(
+                    "VM entry failed: reason {reason:#x} on cpu {cpu}"
+                )))
+            }
+            Ok(other) => tracing::debug!(exit = ?other, "unhandled vCPU exit"),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => {
+                return Err(VmError::Kvm {
+                    what: "run vCPU",
+                    source: e,
+                })
+            }
+        }
+    };
+    tracing::info!(?reason, "guest stopped");
+    Ok(RunOutcome {
+        reason,
+        first_instruction: pio.first_instruction,
+    })
+}
+
+fn lock(
+    t: &Arc<Mutex<MmioTransport>>,
+) -> Result<std::sync::MutexGuard<'_, MmioTransport>, VmError> {
+    t.lock()
+        .map_err(|_| VmError::Setup("virtio device lock poisoned".into()))
+}
+
+fn mmio_offset(addr: u64, len: usize) -> Option<u64> {
+    let end = addr.checked_add(len as u64)?;
+    (addr >= VIRTIO_MMIO_BASE && end <= VIRTIO_MMIO_BASE + MMIO_WINDOW)
+        .then(|| addr - VIRTIO_MMIO_BASE)
+}
+
+/// RAM below the MMIO hole, and the rest above 4 GiB.
+fn guest_memory(mib: u64) -> Result<GuestMemoryMmap, VmError> {
+    let size = mib
+        .checked_mul(1 << 20)
+        .ok_or_else(|| VmError::Memory("size overflows".into()))?;
+    if size < (16 << 20) {
+        return Err(VmError::Memory(format!(
+            "{mib} MiB is too little (16 MiB at least)"
+        )));
+    }
+    let mut ranges = vec![(GuestAddress(0), size.min(MMIO_HOLE) as usize)];
+    if size > MMIO_HOLE {
+        ranges.push((GuestAddress(1 << 32), (size - MMIO_HOLE) as usize));
+    }
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(e.to_string()))
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which outlives the VM: the VM
+        // fd is dropped at the end of `run`, before `mem`'s last clone (held by `run`'s
+        // caller-independent locals and the virtio transport, also dropped there).
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm("register guest memory"))?;
+    }
+    Ok(())
+}

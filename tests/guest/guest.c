@@ -1,0 +1,216 @@
+/* Tessera's freestanding test guest.
+ *
+ * It does what a guest driver does and reports on the serial port: finds the virtio-mmio
+ * block device from the kernel command line (virtio_mmio.device=SIZE@ADDR:IRQ, as Linux
+ * parses it), negotiates features, writes, flushes, reads back and checksums sectors,
+ * discards, then powers off through the i8042 reset line. With "tessera.mode=evil" it
+ * sends requests that lie (buffers outside memory, unknown types, sectors past the end)
+ * and checks the device fails them and keeps working. With "tessera.mode=count" it
+ * counts forever, printing progress (used by the snapshot tests).
+ *
+ * Guest instructions run emulated on our test machines (~1 M/s), so the work is small. */
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+void *memset(void *d, int c, unsigned long n) { u8 *p = d; while (n--) *p++ = (u8)c; return d; }
+void *memcpy(void *d, const void *s, unsigned long n) { u8 *p = d; const u8 *q = s; while (n--) *p++ = *q++; return d; }
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u32 rd(u64 a) { return *(volatile u32 *)a; }
+static inline void wr(u64 a, u32 v) { *(volatile u32 *)a = v; }
+#define barrier() __asm__ volatile("mfence" ::: "memory")
+
+static void putc(char c) {
+    for (int i = 0; i < 100000 && !(inb(0x3f8 + 5) & 0x20); i++) {}
+    outb(0x3f8, (u8)c);
+}
+static void puts(const char *s) { while (*s) putc(*s++); }
+static void puthex(u64 v) {
+    puts("0x");
+    for (int i = 60; i >= 0; i -= 4) putc("0123456789abcdef"[(v >> i) & 0xf]);
+}
+static void putdec(u64 v) {
+    char b[21]; int n = 0;
+    do { b[n++] = (char)('0' + v % 10); v /= 10; } while (v);
+    while (n) putc(b[--n]);
+}
+static void power_off(void) { outb(0x64, 0xfe); for (;;) __asm__ volatile("hlt"); }
+static void fail(const char *why) { puts("TESSERA-GUEST: FAIL "); puts(why); puts("\n"); power_off(); }
+
+/* ---- command line ---- */
+static const char *find(const char *s, const char *key) {
+    for (; *s; s++) {
+        const char *a = s, *b = key;
+        while (*b && *a == *b) { a++; b++; }
+        if (!*b) return a;
+    }
+    return 0;
+}
+static u64 parse_num(const char **p) {
+    const char *s = *p; u64 v = 0; int base = 10;
+    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) { base = 16; s += 2; }
+    for (;;) {
+        char c = *s; int d;
+        if (c >= '0' && c <= '9') d = c - '0';
+        else if (base == 16 && c >= 'a' && c <= 'f') d = c - 'a' + 10;
+        else if (base == 16 && c >= 'A' && c <= 'F') d = c - 'A' + 10;
+        else break;
+        v = v * (u64)base + (u64)d; s++;
+    }
+    if (*s == 'K' || *s == 'k') { v <<= 10; s++; } else if (*s == 'M' || *s == 'm') { v <<= 20; s++; }
+    *p = s;
+    return v;
+}
+
+/* ---- virtio-mmio ---- */
+#define QSIZE 8
+struct desc { u64 addr; u32 len; u16 flags; u16 next; };
+struct avail { u16 flags; u16 idx; u16 ring[QSIZE]; u16 used_event; };
+struct used_elem { u32 id; u32 len; };
+struct used { u16 flags; u16 idx; struct used_elem ring[QSIZE]; u16 avail_event; };
+
+static struct desc descs[QSIZE] __attribute__((aligned(16)));
+static struct avail avail __attribute__((aligned(2)));
+static struct used used __attribute__((aligned(4)));
+static struct { u32 type; u32 reserved; u64 sector; } hdr;
+static volatile u8 status;
+static u8 buf[4096] __attribute__((aligned(4096)));
+static u64 base;
+static u64 features;
+static u16 last_used;
+
+enum { T_IN = 0, T_OUT = 1, T_FLUSH = 4, T_GET_ID = 8, T_DISCARD = 11, T_WRITE_ZEROES = 13 };
+
+static void virtio_init(void) {
+    if (rd(base + 0x00) != 0x74726976) fail("no virtio magic at the address from the command line");
+    if (rd(base + 0x04) != 2) fail("not virtio-mmio version 2");
+    if (rd(base + 0x08) != 2) fail("not a block device");
+    wr(base + 0x70, 0);
+    wr(base + 0x70, 1);
+    wr(base + 0x70, 1 | 2);
+    wr(base + 0x14, 0); u64 lo = rd(base + 0x10);
+    wr(base + 0x14, 1); u64 hi = rd(base + 0x10);
+    u64 offered = lo | (hi << 32);
+    if (!(offered & (1ull << 32))) fail("VERSION_1 not offered");
+    features = offered & ((1ull << 32) | (1ull << 9) | (1ull << 13) | (1ull << 14));
+    wr(base + 0x24, 0); wr(base + 0x20, (u32)features);
+    wr(base + 0x24, 1); wr(base + 0x20, (u32)(features >> 32));
+    wr(base + 0x70, 1 | 2 | 8);
+    if (!(rd(base + 0x70) & 8)) fail("FEATURES_OK refused");
+    wr(base + 0x30, 0);
+    if (rd(base + 0x34) < QSIZE) fail("queue too small");
+    wr(base + 0x38, QSIZE);
+    wr(base + 0x80, (u32)(u64)descs); wr(base + 0x84, (u32)((u64)descs >> 32));
+    wr(base + 0x90, (u32)(u64)&avail); wr(base + 0x94, (u32)((u64)&avail >> 32));
+    wr(base + 0xa0, (u32)(u64)&used); wr(base + 0xa4, (u32)((u64)&used >> 32));
+    wr(base + 0x44, 1);
+    wr(base + 0x70, 1 | 2 | 4 | 8);
+    puts("virtio-blk ready, features "); puthex(features);
+    puts(", capacity "); putdec(rd(base + 0x100) | ((u64)rd(base + 0x104) << 32)); puts(" sectors\n");
+}
+
+/* Sends one request: header, optional data (device-writable when `in`), status.
+ * Returns the status byte, or 0xee when the device never wrote it. */
+static int request(u32 type, u64 sector, u64 data, u32 len, int in) {
+    hdr.type = type; hdr.reserved = 0; hdr.sector = sector;
+    status = 0xee;
+    int n = 0;
+    descs[n].addr = (u64)&hdr; descs[n].len = 16; descs[n].flags = 1; descs[n].next = 1; n++;
+    if (len) {
+        descs[n].addr = data; descs[n].len = len; descs[n].flags = 1 | (in ? 2 : 0); descs[n].next = 2; n++;
+    }
+    descs[n].addr = (u64)&status; descs[n].len = 1; descs[n].flags = 2; descs[n].next = 0;
+    avail.ring[avail.idx % QSIZE] = 0;
+    barrier();
+    avail.idx++;
+    barrier();
+    wr(base + 0x50, 0);
+    for (u64 spin = 0; ; spin++) {
+        barrier();
+        if (*(volatile u16 *)&used.idx != last_used) break;
+        if (spin > 5000000ull) fail("request never completed");
+    }
+    last_used++;
+    return status;
+}
+
+static u8 pattern(u64 sector, u32 i) { return (u8)(sector * 131 + i * 7 + (i >> 9)); }
+
+static void mode_disk(void) {
+    static const u64 sectors[] = { 0, 8, 64, 2048 };
+    u64 checksum = 0;
+    if (request(T_GET_ID, 0, (u64)buf, 20, 1) != 0) fail("GET_ID");
+    buf[20] = 0; puts("disk id: "); puts((const char *)buf); puts("\n");
+    for (int k = 0; k < 4; k++) {
+        for (u32 i = 0; i < 4096; i++) buf[i] = pattern(sectors[k], i);
+        if (request(T_OUT, sectors[k], (u64)buf, 4096, 0) != 0) fail("write");
+    }
+    if (features & (1ull << 9)) {
+        if (request(T_FLUSH, 0, 0, 0, 0) != 0) fail("flush");
+    }
+    for (int k = 0; k < 4; k++) {
+        memset(buf, 0, sizeof buf);
+        if (request(T_IN, sectors[k], (u64)buf, 4096, 1) != 0) fail("read");
+        for (u32 i = 0; i < 4096; i++) {
+            if (buf[i] != pattern(sectors[k], i)) fail("read back different data");
+            checksum = checksum * 31 + buf[i];
+        }
+    }
+    int discards = 0;
+    if (features & (1ull << 13)) {
+        struct { u64 sector; u32 num; u32 flags; } seg = { 64, 8, 0 };
+        memcpy(buf, &seg, sizeof seg);
+        if (request(T_DISCARD, 0, (u64)buf, 16, 0) != 0) fail("discard");
+        if (request(T_IN, 64, (u64)buf, 4096, 1) != 0) fail("read after discard");
+        for (u32 i = 0; i < 4096; i++) if (buf[i]) fail("discarded sectors are not zero");
+        discards = 1;
+    }
+    puts("TESSERA-GUEST: PASS writes=4 reads=4 discards="); putdec((u64)discards);
+    puts(" checksum="); puthex(checksum); puts("\n");
+}
+
+static void mode_evil(void) {
+    int st;
+    /* A data buffer far outside guest memory. */
+    st = request(T_OUT, 0, 0x7fff00000000ull, 4096, 0);
+    if (st == 0) fail("write from outside guest memory succeeded");
+    /* An unknown request type. */
+    st = request(99, 0, 0, 0, 0);
+    if (st != 2) fail("unknown request type not UNSUPP");
+    /* A sector past the end of the disk. */
+    u64 cap = rd(base + 0x100) | ((u64)rd(base + 0x104) << 32);
+    st = request(T_IN, cap, (u64)buf, 512, 1);
+    if (st != 1) fail("read past the end not IOERR");
+    /* A length that is not whole sectors. */
+    st = request(T_OUT, 0, (u64)buf, 100, 0);
+    if (st != 1) fail("partial-sector write not IOERR");
+    /* The device still works after all that. */
+    for (u32 i = 0; i < 512; i++) buf[i] = 0x42;
+    if (request(T_OUT, 1, (u64)buf, 512, 0) != 0) fail("good write after bad ones");
+    puts("TESSERA-GUEST: PASS evil requests refused, device alive\n");
+}
+
+static void mode_count(void) {
+    for (u64 n = 0; ; n++) {
+        if (n % 20000 == 0) { puts("count "); putdec(n / 20000); puts("\n"); }
+    }
+}
+
+void guest_main(u8 *boot_params) {
+    puts("tessera test guest\n");
+    const char *cmdline = (const char *)(u64)*(u32 *)(boot_params + 0x228);
+    if (find(cmdline, "tessera.mode=count")) mode_count();
+    const char *dev = find(cmdline, "virtio_mmio.device=");
+    if (!dev) fail("no virtio_mmio.device= on the command line");
+    u64 size = parse_num(&dev);
+    if (*dev++ != '@') fail("bad virtio_mmio.device syntax");
+    base = parse_num(&dev);
+    if (size < 0x200 || !base) fail("bad virtio_mmio.device values");
+    virtio_init();
+    if (find(cmdline, "tessera.mode=evil")) mode_evil();
+    else mode_disk();
+    power_off();
+}
