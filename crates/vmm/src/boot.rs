@@ -42,15 +42,21 @@ pub struct Entry {
 pub fn load(
     mem: &GuestMemoryMmap,
     kernel: &str,
+    initrd: Option<&str>,
     cmdline: &str,
     mem_size: u64,
 ) -> Result<Entry, BootError> {
     let mut f = File::open(kernel).map_err(|e| BootError::Open(kernel.into(), e))?;
     let mut params = boot_params::default();
+    let kernel_end;
     let rip = match Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))) {
-        Ok(r) => r.kernel_load.raw_value(),
+        Ok(r) => {
+            kernel_end = r.kernel_end;
+            r.kernel_load.raw_value()
+        }
         Err(elf) => match BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))) {
             Ok(r) => {
+                kernel_end = r.kernel_end;
                 if let Some(h) = r.setup_header {
                     params.hdr = h;
                 }
@@ -93,6 +99,11 @@ pub fn load(
         add(1 << 32, mem_size - MMIO_HOLE);
     }
     params.e820_entries = n as u8;
+    if let Some(path) = initrd {
+        let (addr, size) = load_initrd(mem, path, kernel_end, mem_size.min(MMIO_HOLE))?;
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
     LinuxBootConfigurator::write_bootparams(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE)),
         mem,
@@ -100,6 +111,29 @@ pub fn load(
     .map_err(|e| BootError::Memory(e.to_string()))?;
     write_page_tables(mem)?;
     Ok(Entry { rip })
+}
+
+/// Places the initramfs at the top of low RAM, page-aligned, above the kernel.
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &str,
+    kernel_end: u64,
+    ram_top: u64,
+) -> Result<(u64, u64), BootError> {
+    let data = std::fs::read(path).map_err(|e| BootError::Open(path.into(), e))?;
+    let size = data.len() as u64;
+    let addr = ram_top
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|a| *a > kernel_end && *a + size <= u64::from(u32::MAX))
+        .ok_or_else(|| {
+            BootError::Memory(format!(
+                "initramfs of {size} bytes does not fit in guest RAM"
+            ))
+        })?;
+    mem.write_slice(&data, GuestAddress(addr))
+        .map_err(|e| BootError::Memory(e.to_string()))?;
+    Ok((addr, size))
 }
 
 /// Identity-maps the first 4 GiB with 2 MiB pages (the MMIO hole uncached), and writes

@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 pub struct VmConfig {
     /// Kernel: an ELF (vmlinux or our test guest) or a bzImage.
     pub kernel: String,
+    /// Initramfs loaded with the kernel.
+    #[serde(default)]
+    pub initrd: Option<String>,
     /// Kernel command line.
     #[serde(default = "default_cmdline")]
     pub cmdline: String,

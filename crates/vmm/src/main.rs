@@ -16,6 +16,9 @@ struct Cli {
     /// Kernel (ELF or bzImage).
     #[arg(long)]
     kernel: Option<String>,
+    /// Initramfs.
+    #[arg(long)]
+    initrd: Option<String>,
     /// Kernel command line.
     #[arg(long)]
     cmdline: Option<String>,
@@ -55,6 +58,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("parsing VM spec {}", p.display()))?
         }
         None => VmConfig {
+            initrd: None,
             kernel: cli
                 .kernel
                 .clone()
@@ -67,6 +71,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     if let Some(k) = cli.kernel {
         cfg.kernel = k;
+    }
+    if cli.initrd.is_some() {
+        cfg.initrd = cli.initrd;
     }
     if let Some(c) = cli.cmdline {
         cfg.cmdline = c;

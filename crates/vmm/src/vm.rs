@@ -143,7 +143,13 @@ pub fn run(cfg: &VmConfig, serial_out: Box<dyn Write + Send>) -> Result<RunOutco
         virtio = Some(t);
     }
 
-    let entry = boot::load(&mem, &cfg.kernel, cmdline.trim(), cfg.memory_mib << 20)?;
+    let entry = boot::load(
+        &mem,
+        &cfg.kernel,
+        cfg.initrd.as_deref(),
+        cmdline.trim(),
+        cfg.memory_mib << 20,
+    )?;
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Setup(e.to_string()))?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)
         .map_err(kvm("register serial irqfd"))?;
