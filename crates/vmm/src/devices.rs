@@ -51,6 +51,13 @@ impl PioBus {
         }
     }
 
+    /// Feeds console input to the UART (it raises its interrupt when enabled).
+    pub fn serial_input(&mut self, data: &[u8]) {
+        if let Err(e) = self.serial.enqueue_raw_bytes(data) {
+            tracing::debug!(error = ?e, "serial input dropped");
+        }
+    }
+
     /// A guest `in`.
     pub fn read(&mut self, port: u16, data: &mut [u8]) {
         match port {

@@ -5,8 +5,10 @@
 //! told what to run. Not yet here (see the open issue): SMP and ACPI tables, the control
 //! API socket, snapshot/restore and live migration.
 
+pub mod api;
 pub mod boot;
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod layout;
 pub mod vcpu;

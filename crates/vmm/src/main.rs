@@ -28,6 +28,9 @@ struct Cli {
     /// Disk: a raw image path or an NBD URI (nbd+unix:///VOL?socket=PATH, nbd://HOST:PORT/VOL).
     #[arg(long)]
     disk: Option<String>,
+    /// Serve the control API (JSON lines) on this Unix socket.
+    #[arg(long)]
+    api_socket: Option<std::path::PathBuf>,
     /// Write the serial console here instead of standard output.
     #[arg(long)]
     serial_out: Option<std::path::PathBuf>,
@@ -90,7 +93,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         None => Box::new(std::io::stdout()),
     };
-    let outcome = tessera_vmm::vm::run(&cfg, out)?;
+    let outcome = tessera_vmm::vm::run(&cfg, out, cli.api_socket.as_deref())?;
     tracing::info!(reason = ?outcome.reason, first_instruction_us = outcome.first_instruction.map(|d| d.as_micros() as u64), "VM stopped");
     Ok(())
 }

@@ -12,7 +12,14 @@ use tessera_virtio::Interrupt;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use std::os::unix::thread::JoinHandleExt;
+use std::path::Path;
+
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::api;
 use crate::config::VmConfig;
+use crate::control::{Control, RunState, SerialTee};
 use crate::devices::{PioAction, PioBus};
 use crate::layout::*;
 use crate::{boot, vcpu};
@@ -26,6 +33,8 @@ pub enum StopReason {
     Shutdown,
     /// Triple fault.
     TripleFault,
+    /// Powered off through the control API.
+    PowerOff,
 }
 
 /// Errors running a VM.
@@ -80,9 +89,19 @@ pub struct RunOutcome {
     pub first_instruction: Option<Duration>,
 }
 
-/// Builds the VM described by `cfg` and runs it until the guest stops.
-pub fn run(cfg: &VmConfig, serial_out: Box<dyn Write + Send>) -> Result<RunOutcome, VmError> {
+/// Builds the VM described by `cfg` and runs it until the guest stops or is powered off
+/// through the control API on `api_socket`.
+pub fn run(
+    cfg: &VmConfig,
+    serial_out: Box<dyn Write + Send>,
+    api_socket: Option<&Path>,
+) -> Result<RunOutcome, VmError> {
     let start = Instant::now();
+    let control = Control::new(start);
+    let serial_out: Box<dyn Write + Send> = Box::new(SerialTee {
+        out: serial_out,
+        control: control.clone(),
+    });
     if cfg.vcpus != 1 {
         return Err(VmError::Unsupported(
             "more than one vCPU (needs the ACPI MADT)",
@@ -157,30 +176,99 @@ pub fn run(cfg: &VmConfig, serial_out: Box<dyn Write + Send>) -> Result<RunOutco
 
     let mut vcpu = vm.create_vcpu(0).map_err(kvm("create vCPU"))?;
     vcpu::setup(&kvm_fd, &vcpu, 0, entry.rip).map_err(kvm("set up vCPU"))?;
+    // A no-op handler: the signal's only job is to make KVM_RUN return EINTR.
+    extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    register_signal_handler(SIGRTMIN(), kick_handler)
+        .map_err(|e| VmError::Setup(format!("signal handler: {e}")))?;
+
+    // The API comes up before the vCPU so a failure to bind it stops nothing half-started.
+    let vcpu_pthread: Arc<std::sync::OnceLock<libc::pthread_t>> =
+        Arc::new(std::sync::OnceLock::new());
+    let kick_ctl = control.clone();
+    let kick_target = vcpu_pthread.clone();
+    let kick: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        if let (Some(t), false) = (
+            kick_target.get(),
+            matches!(kick_ctl.state(), RunState::Stopped(_)),
+        ) {
+            // SAFETY: `t` names the vCPU thread, which is never joined or detached, so the
+            // id stays valid for the life of the process; the signal has a registered
+            // no-op handler, so delivery only interrupts KVM_RUN.
+            unsafe {
+                libc::pthread_kill(*t, SIGRTMIN());
+            }
+        }
+    });
+    if let Some(path) = api_socket {
+        api::serve(path, control.clone(), cfg.clone(), kick)
+            .map_err(|e| VmError::Setup(format!("control API socket {}: {e}", path.display())))?;
+    }
+
     tracing::info!(
         entry = entry.rip,
         memory_mib = cfg.memory_mib,
         "starting guest"
     );
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let ctl = control.clone();
+    let vcpu_thread = std::thread::Builder::new()
+        .name("vcpu0".into())
+        .spawn(move || {
+            ctl.event("started", None);
+            let res = vcpu_loop(&mut vcpu, &mut pio, virtio.as_ref(), &ctl);
+            let reason = match &res {
+                Ok(r) => format!("{r:?}"),
+                Err(e) => format!("error: {e}"),
+            };
+            ctl.stopped(&reason);
+            let _ = done_tx.send((res, pio.first_instruction));
+        })
+        .map_err(|e| VmError::Setup(e.to_string()))?;
+    let _ = vcpu_pthread.set(vcpu_thread.as_pthread_t());
+    // Never join or detach the vCPU thread: its pthread id must stay valid for kicks that
+    // race with its exit. The handle is deliberately leaked (one per VMM process).
+    std::mem::forget(vcpu_thread);
+    let (res, first_instruction) = done_rx
+        .recv()
+        .map_err(|_| VmError::Setup("the vCPU thread died".into()))?;
+    let reason = res?;
+    tracing::info!(?reason, "guest stopped");
+    // Guest memory (`mem`) is dropped after the VM fd: KVM never sees it unmapped.
+    drop(vm);
+    drop(mem);
+    Ok(RunOutcome {
+        reason,
+        first_instruction,
+    })
+}
 
-    let reason = loop {
+fn vcpu_loop(
+    vcpu: &mut kvm_ioctls::VcpuFd,
+    pio: &mut PioBus,
+    virtio: Option<&Arc<Mutex<MmioTransport>>>,
+    control: &Control,
+) -> Result<StopReason, VmError> {
+    loop {
+        if control.pending() && control.checkpoint() {
+            return Ok(StopReason::PowerOff);
+        }
+        let input = control.take_serial_input();
+        if !input.is_empty() {
+            pio.serial_input(&input);
+        }
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if pio.write(port, data) == PioAction::Reset {
-                    break StopReason::Reset;
+                    return Ok(StopReason::Reset);
                 }
             }
             Ok(VcpuExit::IoIn(port, data)) => pio.read(port, data),
-            Ok(VcpuExit::MmioRead(addr, data)) => match mmio_offset(addr, data.len()) {
-                Some(off) if virtio.is_some() => {
-                    if let Some(t) = &virtio {
-                        lock(t)?.read(off, data);
-                    }
-                }
+            Ok(VcpuExit::MmioRead(addr, data)) => match (mmio_offset(addr, data.len()), virtio) {
+                (Some(off), Some(t)) => lock(t)?.read(off, data),
                 _ => data.fill(0xff),
             },
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                if let (Some(off), Some(t)) = (mmio_offset(addr, data.len()), &virtio) {
+                if let (Some(off), Some(t)) = (mmio_offset(addr, data.len()), virtio) {
                     let mut t = lock(t)?;
                     if let Some(q) = t.write(off, data) {
                         t.notify(q);
@@ -194,11 +282,11 @@ pub fn run(cfg: &VmConfig, serial_out: Box<dyn Write + Send>) -> Result<RunOutco
             Ok(VcpuExit::Shutdown) => {
                 let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
                 tracing::warn!(rip = format_args!("{rip:#x}"), "guest triple-faulted");
-                break StopReason::TripleFault;
+                return Ok(StopReason::TripleFault);
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 tracing::info!(kind, "guest system event");
-                break StopReason::Shutdown;
+                return Ok(StopReason::Shutdown);
             }
             Ok(VcpuExit::InternalError) => {
                 return Err(VmError::Guest(
@@ -219,12 +307,7 @@ pub fn run(cfg: &VmConfig, serial_out: Box<dyn Write + Send>) -> Result<RunOutco
                 })
             }
         }
-    };
-    tracing::info!(?reason, "guest stopped");
-    Ok(RunOutcome {
-        reason,
-        first_instruction: pio.first_instruction,
-    })
+    }
 }
 
 fn lock(

@@ -1,0 +1,209 @@
+//! The control API: JSON lines over a Unix socket, one request per line, one reply per
+//! line. Versioned (`v`); unknown fields and operations are refused. See `docs/vmm.md`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmConfig;
+use crate::control::{Control, Event, Request, RunState};
+
+/// Version of the control API.
+pub const API_VERSION: u32 = 1;
+const MAX_LINE: u64 = 64 * 1024;
+
+/// A request line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiRequest {
+    /// Protocol version.
+    pub v: u32,
+    /// The operation.
+    pub op: ApiOp,
+}
+
+/// Operations.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ApiOp {
+    /// State and configuration.
+    Describe,
+    /// Stop the vCPUs, keeping all state.
+    Pause,
+    /// Continue after a pause.
+    Resume,
+    /// Stop the VM for good.
+    PowerOff,
+    /// Console output from byte offset `since`.
+    SerialRead {
+        /// Absolute offset.
+        #[serde(default)]
+        since: u64,
+    },
+    /// Type into the console.
+    SerialWrite {
+        /// Text to send.
+        data: String,
+    },
+    /// Events from sequence number `since`.
+    Events {
+        /// First sequence number wanted.
+        #[serde(default)]
+        since: u64,
+    },
+}
+
+/// A reply line.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ApiResponse {
+    /// Protocol version.
+    pub v: u32,
+    /// The result, on success.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ok: Option<serde_json::Value>,
+    /// The error, on failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What `describe` returns.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Description {
+    /// Run state.
+    #[serde(flatten)]
+    pub state: RunState,
+    /// The VM spec.
+    pub spec: VmConfig,
+    /// Milliseconds since the VMM started.
+    pub uptime_ms: u64,
+}
+
+/// Serves the API on `path` in a background thread. `kick` forces the vCPU out of the
+/// guest so it sees a pause or power-off request.
+pub fn serve(
+    path: &Path,
+    control: Arc<Control>,
+    spec: VmConfig,
+    kick: Arc<dyn Fn() + Send + Sync>,
+) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (control, spec, kick) = (control.clone(), spec.clone(), kick.clone());
+                let _ = std::thread::Builder::new()
+                    .name("api-conn".into())
+                    .spawn(move || {
+                        if let Err(e) = connection(conn, &control, &spec, &*kick) {
+                            tracing::debug!(error = %e, "control API connection ended");
+                        }
+                    });
+            }
+        })?;
+    Ok(())
+}
+
+fn connection(
+    conn: UnixStream,
+    control: &Control,
+    spec: &VmConfig,
+    kick: &(dyn Fn() + Send + Sync),
+) -> std::io::Result<()> {
+    let mut w = conn.try_clone()?;
+    let mut r = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        let n = (&mut r).take(MAX_LINE).read_line(&mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let reply = match serde_json::from_str::<ApiRequest>(line.trim_end()) {
+            Err(e) => Err(format!("bad request: {e}")),
+            Ok(req) if req.v != API_VERSION => Err(format!(
+                "API version {} is not supported (this VMM speaks {API_VERSION})",
+                req.v
+            )),
+            Ok(req) => handle(req.op, control, spec, kick),
+        };
+        let resp = match reply {
+            Ok(v) => ApiResponse {
+                v: API_VERSION,
+                ok: Some(v),
+                error: None,
+            },
+            Err(e) => ApiResponse {
+                v: API_VERSION,
+                ok: None,
+                error: Some(e),
+            },
+        };
+        let mut out = serde_json::to_vec(&resp).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+        w.write_all(&out)?;
+        if n as u64 >= MAX_LINE && !line.ends_with('\n') {
+            return Ok(()); // cannot find the next request boundary
+        }
+    }
+}
+
+fn handle(
+    op: ApiOp,
+    control: &Control,
+    spec: &VmConfig,
+    kick: &(dyn Fn() + Send + Sync),
+) -> Result<serde_json::Value, String> {
+    let json = |v: serde_json::Result<serde_json::Value>| v.map_err(|e| e.to_string());
+    match op {
+        ApiOp::Describe => json(serde_json::to_value(Description {
+            state: control.state(),
+            spec: spec.clone(),
+            uptime_ms: control.uptime_ms(),
+        })),
+        ApiOp::Pause => {
+            control.request(Request::Pause)?;
+            // The vCPU may be deep in the guest: kick until it has parked.
+            for _ in 0..500 {
+                kick();
+                if control.wait_state(&RunState::Paused, Duration::from_millis(10)) {
+                    return Ok(serde_json::json!({}));
+                }
+                if matches!(control.state(), RunState::Stopped(_)) {
+                    return Err("the VM stopped".into());
+                }
+            }
+            Err("the vCPU did not pause within 5 s".into())
+        }
+        ApiOp::Resume => control.resume().map(|()| serde_json::json!({})),
+        ApiOp::PowerOff => {
+            control.request(Request::PowerOff)?;
+            for _ in 0..500 {
+                kick();
+                if matches!(control.state(), RunState::Stopped(_)) {
+                    return Ok(serde_json::json!({}));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err("the vCPU did not stop within 5 s".into())
+        }
+        ApiOp::SerialRead { since } => {
+            let (data, next) = control.serial_output(since);
+            Ok(serde_json::json!({ "data": String::from_utf8_lossy(&data), "next": next }))
+        }
+        ApiOp::SerialWrite { data } => {
+            control.serial_input(data.as_bytes());
+            kick();
+            Ok(serde_json::json!({ "queued": data.len() }))
+        }
+        ApiOp::Events { since } => json(serde_json::to_value(control.events(since))),
+    }
+}
+
+/// Keeps `Event` in this module's public surface for clients.
+pub type ApiEvent = Event;

@@ -1,0 +1,246 @@
+//! The VM's run state, shared by the vCPU thread and the control API: pause and resume,
+//! power-off requests, the serial console's recent output and input, and events.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+/// Where the VM is in its life.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", tag = "state", content = "reason")]
+pub enum RunState {
+    /// vCPUs are running.
+    Running,
+    /// vCPUs are stopped, state kept.
+    Paused,
+    /// The VM has stopped for good.
+    Stopped(String),
+}
+
+/// Something that happened to the VM.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Event {
+    /// Sequence number, from 0.
+    pub seq: u64,
+    /// Milliseconds since the VMM started.
+    pub at_ms: u64,
+    /// `started`, `paused`, `resumed` or `stopped`.
+    pub kind: String,
+    /// Why, for `stopped`.
+    pub reason: Option<String>,
+}
+
+/// What the API asked the vCPU to do next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Keep running.
+    None,
+    /// Stop at the next exit and wait.
+    Pause,
+    /// Stop for good.
+    PowerOff,
+}
+
+struct Inner {
+    state: RunState,
+    request: Request,
+    events: Vec<Event>,
+    serial: VecDeque<u8>,
+    serial_start: u64,
+    serial_input: VecDeque<u8>,
+}
+
+/// Shared control block of one VM.
+pub struct Control {
+    inner: Mutex<Inner>,
+    changed: Condvar,
+    started: Instant,
+}
+
+/// Bytes of console output kept for the API.
+const SERIAL_KEEP: usize = 256 * 1024;
+
+impl Control {
+    /// A control block for a VM about to start.
+    pub fn new(started: Instant) -> Arc<Control> {
+        Arc::new(Control {
+            inner: Mutex::new(Inner {
+                state: RunState::Running,
+                request: Request::None,
+                events: Vec::new(),
+                serial: VecDeque::new(),
+                serial_start: 0,
+                serial_input: VecDeque::new(),
+            }),
+            changed: Condvar::new(),
+            started,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic elsewhere must not take the control plane down with it.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records an event.
+    pub fn event(&self, kind: &str, reason: Option<String>) {
+        let mut g = self.lock();
+        let seq = g.events.len() as u64;
+        g.events.push(Event {
+            seq,
+            at_ms: self.started.elapsed().as_millis() as u64,
+            kind: kind.to_string(),
+            reason,
+        });
+        self.changed.notify_all();
+    }
+
+    /// The current state.
+    pub fn state(&self) -> RunState {
+        self.lock().state.clone()
+    }
+
+    /// Asks the vCPU to pause or power off; the caller then kicks it out of the guest.
+    pub fn request(&self, r: Request) -> Result<(), String> {
+        let mut g = self.lock();
+        match (&g.state, r) {
+            (RunState::Stopped(_), _) => Err("the VM has stopped".into()),
+            (RunState::Paused, Request::Pause) => Err("the VM is already paused".into()),
+            (_, r) => {
+                g.request = r;
+                if r == Request::PowerOff {
+                    self.changed.notify_all();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Resumes a paused VM.
+    pub fn resume(&self) -> Result<(), String> {
+        let mut g = self.lock();
+        if g.state != RunState::Paused {
+            return Err("the VM is not paused".into());
+        }
+        g.request = Request::None;
+        g.state = RunState::Running;
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Called by the vCPU thread between runs: pauses here while asked to; returns
+    /// whether to power off.
+    pub fn checkpoint(&self) -> bool {
+        let mut g = self.lock();
+        if g.request == Request::Pause {
+            g.state = RunState::Paused;
+            g.request = Request::None;
+            drop(g);
+            self.event("paused", None);
+            g = self.lock();
+            while g.state == RunState::Paused && g.request != Request::PowerOff {
+                g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            if g.request != Request::PowerOff {
+                drop(g);
+                self.event("resumed", None);
+                g = self.lock();
+            }
+        }
+        g.request == Request::PowerOff
+    }
+
+    /// Whether a pause or power-off is waiting for the vCPU.
+    pub fn pending(&self) -> bool {
+        self.lock().request != Request::None
+    }
+
+    /// Waits until the state is not `Running`-with-a-pending-pause, up to `timeout`.
+    pub fn wait_state(&self, want: &RunState, timeout: std::time::Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.lock();
+        while &g.state != want {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = self
+                .changed
+                .wait_timeout(g, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        true
+    }
+
+    /// Marks the VM stopped.
+    pub fn stopped(&self, reason: &str) {
+        self.lock().state = RunState::Stopped(reason.to_string());
+        self.event("stopped", Some(reason.to_string()));
+    }
+
+    /// Events from `since` on.
+    pub fn events(&self, since: u64) -> Vec<Event> {
+        self.lock()
+            .events
+            .iter()
+            .filter(|e| e.seq >= since)
+            .cloned()
+            .collect()
+    }
+
+    /// Console output from absolute offset `since`; returns (data, next offset).
+    pub fn serial_output(&self, since: u64) -> (Vec<u8>, u64) {
+        let g = self.lock();
+        let end = g.serial_start + g.serial.len() as u64;
+        let from = since.clamp(g.serial_start, end);
+        let skip = (from - g.serial_start) as usize;
+        (g.serial.iter().skip(skip).copied().collect(), end)
+    }
+
+    /// Queues console input for the guest.
+    pub fn serial_input(&self, data: &[u8]) {
+        self.lock().serial_input.extend(data);
+    }
+
+    /// Takes queued console input (the vCPU thread feeds it to the UART).
+    pub fn take_serial_input(&self) -> Vec<u8> {
+        self.lock().serial_input.drain(..).collect()
+    }
+
+    fn record_serial(&self, data: &[u8]) {
+        let mut g = self.lock();
+        g.serial.extend(data);
+        while g.serial.len() > SERIAL_KEEP {
+            g.serial.pop_front();
+            g.serial_start += 1;
+        }
+    }
+
+    /// Milliseconds since start.
+    pub fn uptime_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
+
+/// Console output goes to its destination and into the control block's buffer.
+pub struct SerialTee {
+    /// Where the console goes (stdout or a file).
+    pub out: Box<dyn Write + Send>,
+    /// The control block.
+    pub control: Arc<Control>,
+}
+
+impl Write for SerialTee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.control.record_serial(buf);
+        self.out.write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}

@@ -1,0 +1,172 @@
+//! The VMM's control API over its Unix socket: describe, pause (the guest's progress
+//! stops), resume (it continues), console read and write, events, power-off, and bad
+//! requests.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tessera_tests::bin;
+
+const GUEST: &str = env!("TESSERA_TEST_GUEST");
+
+struct Api {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Api {
+    fn connect(path: &std::path::Path) -> Api {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(s) = UnixStream::connect(path) {
+                return Api {
+                    w: s.try_clone().unwrap(),
+                    r: BufReader::new(s),
+                };
+            }
+            assert!(Instant::now() < deadline, "control socket never appeared");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn raw(&mut self, line: &str) -> Value {
+        self.w.write_all(line.as_bytes()).unwrap();
+        self.w.write_all(b"\n").unwrap();
+        let mut reply = String::new();
+        self.r.read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap()
+    }
+
+    fn call(&mut self, op: Value) -> Value {
+        let v = self.raw(&json!({ "v": 1, "op": op }).to_string());
+        assert!(v.get("error").is_none(), "{op}: {v}");
+        v["ok"].clone()
+    }
+
+    /// Console output since `since` (returns text and next offset).
+    fn serial(&mut self, since: u64) -> (String, u64) {
+        let v = self.call(json!({ "type": "serial_read", "since": since }));
+        (
+            v["data"].as_str().unwrap().to_string(),
+            v["next"].as_u64().unwrap(),
+        )
+    }
+
+    fn wait_for(&mut self, since: u64, needle: &str) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (text, _) = self.serial(since);
+            if let Some(pos) = text.find(needle) {
+                return since + (pos + needle.len()) as u64;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} on the console: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn pause_stops_the_guest_resume_continues_and_power_off_ends_the_vm() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        println!(
+            "SKIP: pause_stops_the_guest_resume_continues_and_power_off_ends_the_vm needs /dev/kvm"
+        );
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("vm.sock");
+    let mut child = Command::new(bin("tessera-vmm"))
+        .args([
+            "--kernel",
+            GUEST,
+            "--memory-mib",
+            "64",
+            "--cmdline",
+            "console=ttyS0 tessera.mode=count",
+        ])
+        .arg("--api-socket")
+        .arg(&sock)
+        .arg("--serial-out")
+        .arg(d.path().join("serial.log"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut api = Api::connect(&sock);
+    api.wait_for(0, "count 2\n");
+
+    let desc = api.call(json!({ "type": "describe" }));
+    assert_eq!(desc["state"], "running", "{desc}");
+    assert_eq!(desc["spec"]["memory_mib"], 64);
+
+    api.call(json!({ "type": "pause" }));
+    assert_eq!(api.call(json!({ "type": "describe" }))["state"], "paused");
+    let (_, at_pause) = api.serial(0);
+    std::thread::sleep(Duration::from_millis(500));
+    let (during, _) = api.serial(at_pause);
+    assert!(during.is_empty(), "the guest ran while paused: {during:?}");
+    let again = api.raw(r#"{"v":1,"op":{"type":"pause"}}"#);
+    assert!(
+        again["error"].as_str().unwrap().contains("already paused"),
+        "{again}"
+    );
+
+    api.call(json!({ "type": "resume" }));
+    api.wait_for(at_pause, "count ");
+    assert_eq!(
+        api.call(json!({ "type": "serial_write", "data": "hello" }))["queued"],
+        5
+    );
+
+    let events = api.call(json!({ "type": "events" }));
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["started", "paused", "resumed"]);
+
+    // Bad requests get errors and the connection carries on.
+    assert!(api.raw("not json")["error"]
+        .as_str()
+        .unwrap()
+        .contains("bad request"));
+    assert!(api.raw(r#"{"v":7,"op":{"type":"describe"}}"#)["error"]
+        .as_str()
+        .unwrap()
+        .contains("version"));
+    assert!(api.raw(r#"{"v":1,"op":{"type":"explode"}}"#)["error"]
+        .as_str()
+        .unwrap()
+        .contains("unknown variant"));
+    assert!(api.raw(r#"{"v":1,"op":{"type":"resume"}}"#)["error"]
+        .as_str()
+        .unwrap()
+        .contains("not paused"));
+
+    api.call(json!({ "type": "power_off" }));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VMM still running after power_off"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "VMM exited with {status}");
+}
