@@ -193,23 +193,44 @@ static void mode_evil(void) {
     puts("TESSERA-GUEST: PASS evil requests refused, device alive\n");
 }
 
-static void mode_count(void) {
+/* Counts forever. With a disk: first writes a marker to sector 0, then every fifth count
+ * writes "COUNT=<k>" to sector 1, so a restored VM proves its disk still works. */
+static void mode_count(int disk) {
+    if (disk) {
+        memset(buf, 0, 512);
+        memcpy(buf, "TESSERA-MARK-BEFORE-SNAPSHOT", 28);
+        if (request(T_OUT, 0, (u64)buf, 512, 0) != 0) fail("marker write");
+        if ((features & (1ull << 9)) && request(T_FLUSH, 0, 0, 0, 0) != 0) fail("flush");
+    }
     for (u64 n = 0; ; n++) {
-        if (n % 20000 == 0) { puts("count "); putdec(n / 20000); puts("\n"); }
+        if (n % 20000 == 0) {
+            u64 k = n / 20000;
+            puts("count "); putdec(k); puts("\n");
+            if (disk && k % 5 == 0) {
+                memset(buf, 0, 512);
+                memcpy(buf, "COUNT=", 6);
+                char d[21]; int m = 0; u64 v = k;
+                do { d[m++] = (char)('0' + v % 10); v /= 10; } while (v);
+                for (int i = 0; i < m; i++) buf[6 + i] = (u8)d[m - 1 - i];
+                if (request(T_OUT, 1, (u64)buf, 512, 0) != 0) fail("count write");
+            }
+        }
     }
 }
 
 void guest_main(u8 *boot_params) {
     puts("tessera test guest\n");
     const char *cmdline = (const char *)(u64)*(u32 *)(boot_params + 0x228);
-    if (find(cmdline, "tessera.mode=count")) mode_count();
+    int counting = find(cmdline, "tessera.mode=count") != 0;
     const char *dev = find(cmdline, "virtio_mmio.device=");
+    if (!dev && counting) mode_count(0);
     if (!dev) fail("no virtio_mmio.device= on the command line");
     u64 size = parse_num(&dev);
     if (*dev++ != '@') fail("bad virtio_mmio.device syntax");
     base = parse_num(&dev);
     if (size < 0x200 || !base) fail("bad virtio_mmio.device values");
     virtio_init();
+    if (counting) mode_count(1);
     if (find(cmdline, "tessera.mode=evil")) mode_evil();
     else mode_disk();
     power_off();

@@ -246,6 +246,10 @@ impl VirtioDevice for Block {
         self.acked = features;
     }
 
+    fn acked_features(&self) -> u64 {
+        self.acked
+    }
+
     fn num_queues(&self) -> usize {
         1
     }

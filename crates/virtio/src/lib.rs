@@ -22,6 +22,8 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// The features the driver accepted (a subset of [`VirtioDevice::features`]).
     fn set_acked_features(&mut self, features: u64);
+    /// The features accepted so far (for snapshots).
+    fn acked_features(&self) -> u64;
     /// Number of virtqueues.
     fn num_queues(&self) -> usize;
     /// Largest size of each queue.

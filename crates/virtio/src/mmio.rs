@@ -7,13 +7,14 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio::*;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 
 use crate::{GuestMem, Interrupt, VirtioDevice};
 
@@ -23,6 +24,35 @@ const MAGIC: u32 = 0x7472_6976;
 const VENDOR: u32 = 0x5353_4554;
 /// Size of the register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
+
+/// A queue's state in a snapshot (mirrors `virtio_queue::QueueState`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+/// The transport's and device's state in a snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct TransportSnapshot {
+    pub status: u32,
+    pub interrupt_status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub acked_features: u64,
+    pub queues: Vec<QueueSnapshot>,
+}
 
 /// One device behind a virtio-mmio register window.
 pub struct MmioTransport {
@@ -61,6 +91,78 @@ impl MmioTransport {
             status: 0,
             interrupt_status: 0,
         }
+    }
+
+    /// Captures the transport and device state.
+    pub fn save(&self) -> TransportSnapshot {
+        TransportSnapshot {
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            acked_features: self.device.acked_features(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    QueueSnapshot {
+                        max_size: s.max_size,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        event_idx_enabled: s.event_idx_enabled,
+                        size: s.size,
+                        ready: s.ready,
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Restores a captured state. The snapshot is untrusted input: queues are validated
+    /// as if the driver had just programmed them.
+    pub fn restore(&mut self, s: &TransportSnapshot) -> Result<(), String> {
+        if s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "snapshot has {} queues, device has {}",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for q in &s.queues {
+            let state = QueueState {
+                max_size: q.max_size,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: q.event_idx_enabled,
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            };
+            let queue = Queue::try_from(state).map_err(|e| format!("queue in snapshot: {e:?}"))?;
+            if queue.ready() && !queue.is_valid(&self.mem) {
+                return Err("queue in snapshot lies outside guest memory".into());
+            }
+            queues.push(queue);
+        }
+        self.queues = queues;
+        self.status = s.status;
+        self.interrupt_status = s.interrupt_status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.device
+            .set_acked_features(s.acked_features & self.device.features());
+        Ok(())
     }
 
     /// The driver status register.

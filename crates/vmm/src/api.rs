@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::VmConfig;
 use crate::control::{Control, Event, Request, RunState};
 
+/// Writes a snapshot of the paused VM into a directory.
+pub type SnapshotFn = Arc<dyn Fn(&Path) -> Result<(), String> + Send + Sync>;
+
 /// Version of the control API.
 pub const API_VERSION: u32 = 1;
 const MAX_LINE: u64 = 64 * 1024;
@@ -48,6 +51,12 @@ pub enum ApiOp {
     SerialWrite {
         /// Text to send.
         data: String,
+    },
+    /// Write a snapshot of the paused VM into directory `dir` (restore it with
+    /// `tessera-vmm --restore DIR`).
+    Snapshot {
+        /// Target directory.
+        dir: String,
     },
     /// Events from sequence number `since`.
     Events {
@@ -89,19 +98,26 @@ pub fn serve(
     control: Arc<Control>,
     spec: VmConfig,
     kick: Arc<dyn Fn() + Send + Sync>,
+    snapshot: SnapshotFn,
 ) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            let ctx = Arc::new(Ctx {
+                control,
+                spec,
+                kick,
+                snapshot,
+            });
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (control, spec, kick) = (control.clone(), spec.clone(), kick.clone());
+                let ctx = ctx.clone();
                 let _ = std::thread::Builder::new()
                     .name("api-conn".into())
                     .spawn(move || {
-                        if let Err(e) = connection(conn, &control, &spec, &*kick) {
+                        if let Err(e) = connection(conn, &ctx) {
                             tracing::debug!(error = %e, "control API connection ended");
                         }
                     });
@@ -110,12 +126,15 @@ pub fn serve(
     Ok(())
 }
 
-fn connection(
-    conn: UnixStream,
-    control: &Control,
-    spec: &VmConfig,
-    kick: &(dyn Fn() + Send + Sync),
-) -> std::io::Result<()> {
+/// What a connection needs to act on the VM.
+struct Ctx {
+    control: Arc<Control>,
+    spec: VmConfig,
+    kick: Arc<dyn Fn() + Send + Sync>,
+    snapshot: SnapshotFn,
+}
+
+fn connection(conn: UnixStream, ctx: &Ctx) -> std::io::Result<()> {
     let mut w = conn.try_clone()?;
     let mut r = BufReader::new(conn);
     loop {
@@ -124,13 +143,17 @@ fn connection(
         if n == 0 {
             return Ok(());
         }
+        let mut powering_off = false;
         let reply = match serde_json::from_str::<ApiRequest>(line.trim_end()) {
             Err(e) => Err(format!("bad request: {e}")),
             Ok(req) if req.v != API_VERSION => Err(format!(
                 "API version {} is not supported (this VMM speaks {API_VERSION})",
                 req.v
             )),
-            Ok(req) => handle(req.op, control, spec, kick),
+            Ok(req) => {
+                powering_off = matches!(req.op, ApiOp::PowerOff);
+                handle(req.op, ctx)
+            }
         };
         let resp = match reply {
             Ok(v) => ApiResponse {
@@ -147,18 +170,17 @@ fn connection(
         let mut out = serde_json::to_vec(&resp).map_err(std::io::Error::other)?;
         out.push(b'\n');
         w.write_all(&out)?;
+        if powering_off {
+            ctx.control.power_off_answered();
+        }
         if n as u64 >= MAX_LINE && !line.ends_with('\n') {
             return Ok(()); // cannot find the next request boundary
         }
     }
 }
 
-fn handle(
-    op: ApiOp,
-    control: &Control,
-    spec: &VmConfig,
-    kick: &(dyn Fn() + Send + Sync),
-) -> Result<serde_json::Value, String> {
+fn handle(op: ApiOp, ctx: &Ctx) -> Result<serde_json::Value, String> {
+    let (control, spec, kick) = (&*ctx.control, &ctx.spec, &*ctx.kick);
     let json = |v: serde_json::Result<serde_json::Value>| v.map_err(|e| e.to_string());
     match op {
         ApiOp::Describe => json(serde_json::to_value(Description {
@@ -200,6 +222,9 @@ fn handle(
             control.serial_input(data.as_bytes());
             kick();
             Ok(serde_json::json!({ "queued": data.len() }))
+        }
+        ApiOp::Snapshot { dir } => {
+            (ctx.snapshot)(Path::new(&dir)).map(|()| serde_json::json!({ "dir": dir }))
         }
         ApiOp::Events { since } => json(serde_json::to_value(control.events(since))),
     }

@@ -45,6 +45,7 @@ pub enum Request {
 }
 
 struct Inner {
+    power_off_answered: bool,
     state: RunState,
     request: Request,
     events: Vec<Event>,
@@ -68,6 +69,7 @@ impl Control {
     pub fn new(started: Instant) -> Arc<Control> {
         Arc::new(Control {
             inner: Mutex::new(Inner {
+                power_off_answered: false,
                 state: RunState::Running,
                 request: Request::None,
                 events: Vec::new(),
@@ -153,6 +155,11 @@ impl Control {
         g.request == Request::PowerOff
     }
 
+    /// Whether a pause is waiting for the vCPU.
+    pub fn pause_requested(&self) -> bool {
+        self.lock().request == Request::Pause
+    }
+
     /// Whether a pause or power-off is waiting for the vCPU.
     pub fn pending(&self) -> bool {
         self.lock().request != Request::None
@@ -217,6 +224,30 @@ impl Control {
         while g.serial.len() > SERIAL_KEEP {
             g.serial.pop_front();
             g.serial_start += 1;
+        }
+    }
+
+    /// The API has sent its reply to a power-off request.
+    pub fn power_off_answered(&self) {
+        self.lock().power_off_answered = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits (bounded) until the API answered the power-off, so the process does not
+    /// exit under the client's feet.
+    pub fn wait_power_off_answered(&self, timeout: std::time::Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.lock();
+        while !g.power_off_answered {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            g = self
+                .changed
+                .wait_timeout(g, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
         }
     }
 

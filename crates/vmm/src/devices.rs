@@ -4,7 +4,10 @@
 use std::io::Write;
 use std::time::Instant;
 
-use vm_superio::{serial::NoEvents, Serial, Trigger};
+use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::{Serial, Trigger};
+
+use crate::snapshot::SerialSnapshot;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::layout::BOOT_TIMER_PORT;
@@ -48,6 +51,51 @@ impl PioBus {
             serial: Serial::new(IrqTrigger(irq), out),
             start,
             first_instruction: None,
+        }
+    }
+
+    /// A bus restored from a snapshot.
+    pub fn restored(
+        out: Box<dyn Write + Send>,
+        irq: EventFd,
+        start: Instant,
+        s: &SerialSnapshot,
+    ) -> Result<PioBus, String> {
+        let state = SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(PioBus {
+            serial,
+            start,
+            first_instruction: None,
+        })
+    }
+
+    /// The serial port's registers, for a snapshot.
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.serial.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 

@@ -11,5 +11,6 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod layout;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use tessera_vmm::config::VmConfig;
+use tessera_vmm::vm::Launch;
 
 #[derive(Parser)]
 #[command(name = "tessera-vmm", version, about = "Run one KVM virtual machine")]
@@ -28,6 +29,9 @@ struct Cli {
     /// Disk: a raw image path or an NBD URI (nbd+unix:///VOL?socket=PATH, nbd://HOST:PORT/VOL).
     #[arg(long)]
     disk: Option<String>,
+    /// Continue the VM snapshotted in this directory instead of booting.
+    #[arg(long, conflicts_with_all = ["spec", "kernel", "initrd", "cmdline", "memory_mib", "disk"])]
+    restore: Option<std::path::PathBuf>,
     /// Serve the control API (JSON lines) on this Unix socket.
     #[arg(long)]
     api_socket: Option<std::path::PathBuf>,
@@ -53,6 +57,18 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let out: Box<dyn Write + Send> = match &cli.serial_out {
+        Some(p) => {
+            Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => Box::new(std::io::stdout()),
+    };
+    if let Some(dir) = &cli.restore {
+        let outcome =
+            tessera_vmm::vm::run(Launch::Restore(dir.clone()), out, cli.api_socket.as_deref())?;
+        tracing::info!(reason = ?outcome.reason, "VM stopped");
+        return Ok(());
+    }
     let mut cfg = match &cli.spec {
         Some(p) => {
             let text =
@@ -87,13 +103,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.disk.is_some() {
         cfg.disk = cli.disk;
     }
-    let out: Box<dyn Write + Send> = match &cli.serial_out {
-        Some(p) => {
-            Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
-        }
-        None => Box::new(std::io::stdout()),
-    };
-    let outcome = tessera_vmm::vm::run(&cfg, out, cli.api_socket.as_deref())?;
+    let outcome = tessera_vmm::vm::run(Launch::Boot(cfg), out, cli.api_socket.as_deref())?;
     tracing::info!(reason = ?outcome.reason, first_instruction_us = outcome.first_instruction.map(|d| d.as_micros() as u64), "VM stopped");
     Ok(())
 }

@@ -22,7 +22,16 @@ use crate::config::VmConfig;
 use crate::control::{Control, RunState, SerialTee};
 use crate::devices::{PioAction, PioBus};
 use crate::layout::*;
+use crate::snapshot::{self, SnapshotError, VcpuState};
 use crate::{boot, vcpu};
+
+/// How to start: boot a kernel, or continue a snapshot.
+pub enum Launch {
+    /// Boot this spec.
+    Boot(VmConfig),
+    /// Restore the snapshot in this directory.
+    Restore(std::path::PathBuf),
+}
 
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +72,9 @@ pub enum VmError {
     /// The guest did something KVM could not handle.
     #[error("guest failed: {0}")]
     Guest(String),
+    /// Snapshot or restore failed.
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
     /// Not implemented yet.
     #[error("{0} is not supported yet")]
     Unsupported(&'static str),
@@ -92,11 +104,19 @@ pub struct RunOutcome {
 /// Builds the VM described by `cfg` and runs it until the guest stops or is powered off
 /// through the control API on `api_socket`.
 pub fn run(
-    cfg: &VmConfig,
+    launch: Launch,
     serial_out: Box<dyn Write + Send>,
     api_socket: Option<&Path>,
 ) -> Result<RunOutcome, VmError> {
     let start = Instant::now();
+    let (cfg, restored) = match launch {
+        Launch::Boot(cfg) => (cfg, None),
+        Launch::Restore(dir) => {
+            let snap = snapshot::read_state(&dir)?;
+            (snap.spec.clone(), Some((dir, snap)))
+        }
+    };
+    let cfg = &cfg;
     let control = Control::new(start);
     let serial_out: Box<dyn Write + Send> = Box::new(SerialTee {
         out: serial_out,
@@ -122,6 +142,10 @@ pub fn run(
 
     let mem = guest_memory(cfg.memory_mib)?;
     register_memory(&vm, &mem)?;
+    if let Some((dir, snap)) = &restored {
+        snapshot::restore_memory(&mem, &dir.join("memory"), &snap.memory)?;
+        snapshot::restore_vm(&vm, &snap.vm)?;
+    }
 
     let mut cmdline = cfg.cmdline.clone();
     let mut virtio: Option<Arc<Mutex<MmioTransport>>> = None;
@@ -159,23 +183,45 @@ pub fn run(
         cmdline.push_str(&format!(
             " virtio_mmio.device=4K@{VIRTIO_MMIO_BASE:#x}:{VIRTIO_IRQ}"
         ));
+        if let Some(saved) = restored.as_ref().and_then(|(_, s)| s.virtio.as_ref()) {
+            lock(&t)?
+                .restore(saved)
+                .map_err(|e| VmError::Snapshot(SnapshotError::Invalid(e)))?;
+        }
         virtio = Some(t);
     }
 
-    let entry = boot::load(
-        &mem,
-        &cfg.kernel,
-        cfg.initrd.as_deref(),
-        cmdline.trim(),
-        cfg.memory_mib << 20,
-    )?;
+    let entry_rip = match &restored {
+        Some(_) => 0,
+        None => {
+            let entry = boot::load(
+                &mem,
+                &cfg.kernel,
+                cfg.initrd.as_deref(),
+                cmdline.trim(),
+                cfg.memory_mib << 20,
+            )?;
+            entry.rip
+        }
+    };
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Setup(e.to_string()))?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)
         .map_err(kvm("register serial irqfd"))?;
-    let mut pio = PioBus::new(serial_out, serial_irq, start);
+    let pio = match &restored {
+        Some((_, snap)) => PioBus::restored(serial_out, serial_irq, start, &snap.serial)
+            .map_err(|e| VmError::Snapshot(SnapshotError::Invalid(e)))?,
+        None => PioBus::new(serial_out, serial_irq, start),
+    };
+    let pio = Arc::new(Mutex::new(pio));
 
     let mut vcpu = vm.create_vcpu(0).map_err(kvm("create vCPU"))?;
-    vcpu::setup(&kvm_fd, &vcpu, 0, entry.rip).map_err(kvm("set up vCPU"))?;
+    vcpu::setup(&kvm_fd, &vcpu, 0, entry_rip).map_err(kvm("set up vCPU"))?;
+    if let Some((_, snap)) = &restored {
+        snapshot::restore_vcpu(&vcpu, &snap.vcpu)?;
+        tracing::info!("restored vCPU, VM and device state from the snapshot");
+    }
+    let vm = Arc::new(vm);
+    let saved_vcpu: Arc<Mutex<Option<VcpuState>>> = Arc::new(Mutex::new(None));
     // A no-op handler: the signal's only job is to make KVM_RUN return EINTR.
     extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
     register_signal_handler(SIGRTMIN(), kick_handler)
@@ -199,29 +245,84 @@ pub fn run(
             }
         }
     });
+    let take_snapshot: api::SnapshotFn = {
+        let (control, vm, mem, virtio, pio, saved, spec) = (
+            control.clone(),
+            vm.clone(),
+            mem.clone(),
+            virtio.clone(),
+            pio.clone(),
+            saved_vcpu.clone(),
+            cfg.clone(),
+        );
+        Arc::new(move |dir: &Path| {
+            if control.state() != RunState::Paused {
+                return Err("pause the VM before taking a snapshot".into());
+            }
+            let started = Instant::now();
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let saved = saved.lock().map_err(|_| "vCPU state lock poisoned")?;
+            let vcpu = saved
+                .as_ref()
+                .ok_or("the vCPU state was not captured at pause")?;
+            let memory =
+                snapshot::save_memory(&mem, &dir.join("memory")).map_err(|e| e.to_string())?;
+            let vm_state = snapshot::save_vm(&vm).map_err(|e| e.to_string())?;
+            let serial = pio.lock().map_err(|_| "serial lock poisoned")?.save();
+            let virtio = match &virtio {
+                Some(t) => Some(t.lock().map_err(|_| "virtio lock poisoned")?.save()),
+                None => None,
+            };
+            snapshot::write_state(
+                dir,
+                &snapshot::SnapshotOut {
+                    version: snapshot::SNAPSHOT_VERSION,
+                    spec: &spec,
+                    memory,
+                    vcpu,
+                    vm: vm_state,
+                    serial,
+                    virtio,
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            tracing::info!(dir = %dir.display(), millis = started.elapsed().as_millis() as u64, "snapshot written");
+            Ok(())
+        })
+    };
     if let Some(path) = api_socket {
-        api::serve(path, control.clone(), cfg.clone(), kick)
+        api::serve(path, control.clone(), cfg.clone(), kick, take_snapshot)
             .map_err(|e| VmError::Setup(format!("control API socket {}: {e}", path.display())))?;
     }
 
     tracing::info!(
-        entry = entry.rip,
+        entry = entry_rip,
         memory_mib = cfg.memory_mib,
         "starting guest"
     );
     let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let restored_run = restored.is_some();
+    let pio_thread = pio.clone();
     let ctl = control.clone();
     let vcpu_thread = std::thread::Builder::new()
         .name("vcpu0".into())
         .spawn(move || {
-            ctl.event("started", None);
-            let res = vcpu_loop(&mut vcpu, &mut pio, virtio.as_ref(), &ctl);
+            ctl.event(if restored_run { "restored" } else { "started" }, None);
+            let res = vcpu_loop(
+                &kvm_fd,
+                &mut vcpu,
+                &pio_thread,
+                virtio.as_ref(),
+                &ctl,
+                &saved_vcpu,
+            );
             let reason = match &res {
                 Ok(r) => format!("{r:?}"),
                 Err(e) => format!("error: {e}"),
             };
             ctl.stopped(&reason);
-            let _ = done_tx.send((res, pio.first_instruction));
+            let first = pio_thread.lock().ok().and_then(|p| p.first_instruction);
+            let _ = done_tx.send((res, first));
         })
         .map_err(|e| VmError::Setup(e.to_string()))?;
     let _ = vcpu_pthread.set(vcpu_thread.as_pthread_t());
@@ -232,6 +333,9 @@ pub fn run(
         .recv()
         .map_err(|_| VmError::Setup("the vCPU thread died".into()))?;
     let reason = res?;
+    if reason == StopReason::PowerOff {
+        control.wait_power_off_answered(Duration::from_secs(2));
+    }
     tracing::info!(?reason, "guest stopped");
     // Guest memory (`mem`) is dropped after the VM fd: KVM never sees it unmapped.
     drop(vm);
@@ -243,26 +347,42 @@ pub fn run(
 }
 
 fn vcpu_loop(
+    kvm_fd: &Kvm,
     vcpu: &mut kvm_ioctls::VcpuFd,
-    pio: &mut PioBus,
+    pio: &Mutex<PioBus>,
     virtio: Option<&Arc<Mutex<MmioTransport>>>,
     control: &Control,
+    saved: &Mutex<Option<VcpuState>>,
 ) -> Result<StopReason, VmError> {
+    let pio_lock = || {
+        pio.lock()
+            .map_err(|_| VmError::Setup("serial lock poisoned".into()))
+    };
     loop {
-        if control.pending() && control.checkpoint() {
-            return Ok(StopReason::PowerOff);
+        if control.pending() {
+            if control.pause_requested() {
+                // Capture the vCPU now: only this thread may touch it, and a snapshot of a
+                // paused VM needs it.
+                let state = snapshot::save_vcpu(kvm_fd, vcpu)?;
+                *saved
+                    .lock()
+                    .map_err(|_| VmError::Setup("vCPU state lock poisoned".into()))? = Some(state);
+            }
+            if control.checkpoint() {
+                return Ok(StopReason::PowerOff);
+            }
         }
         let input = control.take_serial_input();
         if !input.is_empty() {
-            pio.serial_input(&input);
+            pio_lock()?.serial_input(&input);
         }
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
-                if pio.write(port, data) == PioAction::Reset {
+                if pio_lock()?.write(port, data) == PioAction::Reset {
                     return Ok(StopReason::Reset);
                 }
             }
-            Ok(VcpuExit::IoIn(port, data)) => pio.read(port, data),
+            Ok(VcpuExit::IoIn(port, data)) => pio_lock()?.read(port, data),
             Ok(VcpuExit::MmioRead(addr, data)) => match (mmio_offset(addr, data.len()), virtio) {
                 (Some(off), Some(t)) => lock(t)?.read(off, data),
                 _ => data.fill(0xff),

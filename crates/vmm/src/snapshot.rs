@@ -1,0 +1,303 @@
+//! Snapshot and restore: vCPU, VM (irqchip, PIT, clock) and device state as plain serde
+//! structs in `state.json`, guest memory in a separate sparse file `memory` (pages of
+//! zeroes are holes).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use tessera_virtio::mmio::TransportSnapshot;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+
+use crate::config::VmConfig;
+
+/// Version of the snapshot format.
+pub const SNAPSHOT_VERSION: u32 = 1;
+
+/// One vCPU.
+#[derive(Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct VcpuState {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub lapic: kvm_lapic_state,
+    pub msrs: Vec<(u32, u64)>,
+    pub events: kvm_vcpu_events,
+    pub mp_state: kvm_mp_state,
+    pub debugregs: kvm_debugregs,
+}
+
+/// VM-wide KVM state.
+#[derive(Clone, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+/// The 16550's registers (mirrors `vm_superio::SerialState`).
+#[derive(Clone, Serialize, Deserialize, Default)]
+#[allow(missing_docs)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+/// Everything but guest memory.
+#[derive(Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Format version.
+    pub version: u32,
+    /// The VM spec it was started with.
+    pub spec: VmConfig,
+    /// Guest memory regions (guest-physical start, length), in file order.
+    pub memory: Vec<(u64, u64)>,
+    /// The vCPU.
+    pub vcpu: VcpuState,
+    /// KVM VM state.
+    pub vm: VmState,
+    /// The serial port.
+    pub serial: SerialSnapshot,
+    /// The virtio-blk transport and device, if there is a disk.
+    pub virtio: Option<TransportSnapshot>,
+}
+
+/// Why a snapshot could not be taken or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// KVM refused.
+    #[error("KVM {0}: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    /// Files.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    /// The snapshot does not fit this VMM.
+    #[error("invalid snapshot: {0}")]
+    Invalid(String),
+}
+
+fn k(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotError {
+    move |e| SnapshotError::Kvm(what, e)
+}
+
+/// Captures a (stopped) vCPU.
+pub fn save_vcpu(kvm: &Kvm, vcpu: &VcpuFd) -> Result<VcpuState, SnapshotError> {
+    let mut msrs = Vec::new();
+    for index in kvm.get_msr_index_list().map_err(k("list MSRs"))?.as_slice() {
+        let Ok(mut one) = Msrs::from_entries(&[kvm_msr_entry {
+            index: *index,
+            ..Default::default()
+        }]) else {
+            continue;
+        };
+        // Some listed MSRs are not readable on every host; those are not state we need.
+        if vcpu.get_msrs(&mut one).unwrap_or(0) == 1 {
+            msrs.push((*index, one.as_slice()[0].data));
+        }
+    }
+    Ok(VcpuState {
+        regs: vcpu.get_regs().map_err(k("get regs"))?,
+        sregs: vcpu.get_sregs().map_err(k("get sregs"))?,
+        xsave: vcpu.get_xsave().map_err(k("get xsave"))?,
+        xcrs: vcpu.get_xcrs().map_err(k("get xcrs"))?,
+        lapic: vcpu.get_lapic().map_err(k("get lapic"))?,
+        msrs,
+        events: vcpu.get_vcpu_events().map_err(k("get vcpu events"))?,
+        mp_state: vcpu.get_mp_state().map_err(k("get mp state"))?,
+        debugregs: vcpu.get_debug_regs().map_err(k("get debug regs"))?,
+    })
+}
+
+/// Loads a saved vCPU state (CPUID must already be set).
+pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), SnapshotError> {
+    vcpu.set_sregs(&s.sregs).map_err(k("set sregs"))?;
+    vcpu.set_regs(&s.regs).map_err(k("set regs"))?;
+    // SAFETY: the buffer came from KVM_GET_XSAVE on a vCPU with the same CPUID, so its
+    // size and layout are what KVM_SET_XSAVE expects.
+    unsafe { vcpu.set_xsave(&s.xsave) }.map_err(k("set xsave"))?;
+    vcpu.set_xcrs(&s.xcrs).map_err(k("set xcrs"))?;
+    vcpu.set_debug_regs(&s.debugregs)
+        .map_err(k("set debug regs"))?;
+    vcpu.set_lapic(&s.lapic).map_err(k("set lapic"))?;
+    let entries: Vec<kvm_msr_entry> = s
+        .msrs
+        .iter()
+        .map(|(index, data)| kvm_msr_entry {
+            index: *index,
+            data: *data,
+            ..Default::default()
+        })
+        .collect();
+    for chunk in entries.chunks(64) {
+        let msrs = Msrs::from_entries(chunk)
+            .map_err(|e| SnapshotError::Invalid(format!("MSRs: {e:?}")))?;
+        let n = vcpu.set_msrs(&msrs).map_err(k("set MSRs"))?;
+        if n != chunk.len() {
+            return Err(SnapshotError::Invalid(format!(
+                "KVM refused MSR {:#x}",
+                chunk[n].index
+            )));
+        }
+    }
+    vcpu.set_mp_state(s.mp_state).map_err(k("set mp state"))?;
+    vcpu.set_vcpu_events(&s.events)
+        .map_err(k("set vcpu events"))?;
+    Ok(())
+}
+
+fn chip(vm: &VmFd, id: u32) -> Result<kvm_irqchip, SnapshotError> {
+    let mut c = kvm_irqchip {
+        chip_id: id,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut c).map_err(k("get irqchip"))?;
+    Ok(c)
+}
+
+/// Captures the in-kernel irqchip, PIT and clock.
+pub fn save_vm(vm: &VmFd) -> Result<VmState, SnapshotError> {
+    let mut clock = vm.get_clock().map_err(k("get clock"))?;
+    clock.flags = 0; // KVM_SET_CLOCK rejects the flags GET_CLOCK reports.
+    Ok(VmState {
+        pic_master: chip(vm, KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: chip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: chip(vm, KVM_IRQCHIP_IOAPIC)?,
+        pit: vm.get_pit2().map_err(k("get PIT"))?,
+        clock,
+    })
+}
+
+/// Loads saved irqchip, PIT and clock state (after creating irqchip and PIT).
+pub fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), SnapshotError> {
+    for c in [&s.pic_master, &s.pic_slave, &s.ioapic] {
+        vm.set_irqchip(c).map_err(k("set irqchip"))?;
+    }
+    vm.set_pit2(&s.pit).map_err(k("set PIT"))?;
+    vm.set_clock(&s.clock).map_err(k("set clock"))?;
+    Ok(())
+}
+
+const PAGE: usize = 4096;
+
+/// Writes guest memory to `path`, skipping all-zero pages (they stay holes).
+pub fn save_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<(u64, u64)>, SnapshotError> {
+    let io = |e| SnapshotError::Io(path.display().to_string(), e);
+    let f = File::create(path).map_err(io)?;
+    let mut layout = Vec::new();
+    let mut file_off = 0u64;
+    let mut page = vec![0u8; PAGE];
+    for region in mem.iter() {
+        let start = region.start_addr().raw_value();
+        let len = region.len();
+        let mut off = 0;
+        while off < len {
+            mem.read_slice(&mut page, GuestAddress(start + off))
+                .map_err(|e| SnapshotError::Invalid(format!("reading guest memory: {e}")))?;
+            if page.iter().any(|b| *b != 0) {
+                f.write_all_at(&page, file_off + off).map_err(io)?;
+            }
+            off += PAGE as u64;
+        }
+        layout.push((start, len));
+        file_off += len;
+    }
+    f.set_len(file_off).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    Ok(layout)
+}
+
+/// Fills guest memory from a memory file written by [`save_memory`].
+pub fn restore_memory(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    layout: &[(u64, u64)],
+) -> Result<(), SnapshotError> {
+    let io = |e| SnapshotError::Io(path.display().to_string(), e);
+    let f = File::open(path).map_err(io)?;
+    let total: u64 = layout.iter().map(|(_, l)| l).sum();
+    if f.metadata().map_err(io)?.len() != total {
+        return Err(SnapshotError::Invalid(
+            "memory file size does not match its layout".into(),
+        ));
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut file_off = 0;
+    for (start, len) in layout {
+        let mut off = 0;
+        while off < *len {
+            let n = (*len - off).min(buf.len() as u64) as usize;
+            f.read_exact_at(&mut buf[..n], file_off + off).map_err(io)?;
+            if buf[..n].iter().any(|b| *b != 0) {
+                mem.write_slice(&buf[..n], GuestAddress(start + off))
+                    .map_err(|e| {
+                        SnapshotError::Invalid(format!(
+                            "snapshot memory does not fit the guest: {e}"
+                        ))
+                    })?;
+            }
+            off += n as u64;
+        }
+        file_off += len;
+    }
+    Ok(())
+}
+
+/// The same document as [`Snapshot`], borrowing what cannot be copied, for writing.
+#[derive(Serialize)]
+#[allow(missing_docs)]
+pub struct SnapshotOut<'a> {
+    pub version: u32,
+    pub spec: &'a VmConfig,
+    pub memory: Vec<(u64, u64)>,
+    pub vcpu: &'a VcpuState,
+    pub vm: VmState,
+    pub serial: SerialSnapshot,
+    pub virtio: Option<TransportSnapshot>,
+}
+
+/// Writes `state.json` atomically.
+pub fn write_state(dir: &Path, s: &SnapshotOut<'_>) -> Result<(), SnapshotError> {
+    let path = dir.join("state.json");
+    let tmp = dir.join("state.json.tmp");
+    let text = serde_json::to_vec(s).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+    std::fs::write(&tmp, text).map_err(|e| SnapshotError::Io(tmp.display().to_string(), e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| SnapshotError::Io(path.display().to_string(), e))
+}
+
+/// Reads `state.json`.
+pub fn read_state(dir: &Path) -> Result<Snapshot, SnapshotError> {
+    let path = dir.join("state.json");
+    let text =
+        std::fs::read(&path).map_err(|e| SnapshotError::Io(path.display().to_string(), e))?;
+    let s: Snapshot =
+        serde_json::from_slice(&text).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+    if s.version != SNAPSHOT_VERSION {
+        return Err(SnapshotError::Invalid(format!(
+            "snapshot version {} (this VMM reads {SNAPSHOT_VERSION})",
+            s.version
+        )));
+    }
+    Ok(s)
+}

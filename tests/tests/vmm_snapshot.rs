@@ -1,0 +1,168 @@
+//! Snapshot and restore: the counting test guest is paused and snapshotted mid-run, the
+//! VMM is killed, and a new VMM process restored from the snapshot continues the count
+//! where it was, with the disk writes made before the snapshot in place and the disk
+//! still working after the restore.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tessera_tests::bin;
+
+const GUEST: &str = env!("TESSERA_TEST_GUEST");
+
+fn api(sock: &Path, op: Value) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let s = loop {
+        if let Ok(s) = UnixStream::connect(sock) {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "control socket {} never appeared",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut w = s.try_clone().unwrap();
+    w.write_all(format!("{}\n", json!({ "v": 1, "op": op })).as_bytes())
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{op}: no reply ({e})"));
+    assert!(v.get("error").is_none(), "{op}: {v}");
+    v["ok"].clone()
+}
+
+fn counts(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("count "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+fn wait_console(path: &Path, what: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if ok(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; console:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn spawn(args: &[&std::ffi::OsStr]) -> Child {
+    Command::new(bin("tessera-vmm"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_restored_vm_continues_counting_and_keeps_its_disk() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        println!("SKIP: a_restored_vm_continues_counting_and_keeps_its_disk needs /dev/kvm");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let (sock1, con1) = (d.path().join("a.sock"), d.path().join("a.log"));
+    let snap = d.path().join("snap");
+    let mut first = spawn(&[
+        "--kernel".as_ref(),
+        GUEST.as_ref(),
+        "--memory-mib".as_ref(),
+        "64".as_ref(),
+        "--cmdline".as_ref(),
+        "console=ttyS0 tessera.mode=count".as_ref(),
+        "--disk".as_ref(),
+        disk.as_os_str(),
+        "--api-socket".as_ref(),
+        sock1.as_os_str(),
+        "--serial-out".as_ref(),
+        con1.as_os_str(),
+    ]);
+    wait_console(&con1, "count 6", |t| {
+        counts(t).last().is_some_and(|n| *n >= 6)
+    });
+    api(&sock1, json!({ "type": "pause" }));
+    let before = counts(&std::fs::read_to_string(&con1).unwrap());
+    let last = *before.last().unwrap();
+    api(
+        &sock1,
+        json!({ "type": "snapshot", "dir": snap.to_str().unwrap() }),
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    let bytes = std::fs::read(&disk).unwrap();
+    assert!(
+        bytes.starts_with(b"TESSERA-MARK-BEFORE-SNAPSHOT"),
+        "marker write missing"
+    );
+    assert!(std::fs::metadata(snap.join("memory")).unwrap().len() == 64 << 20);
+
+    let (sock2, con2) = (d.path().join("b.sock"), d.path().join("b.log"));
+    let mut second = spawn(&[
+        "--restore".as_ref(),
+        snap.as_os_str(),
+        "--api-socket".as_ref(),
+        sock2.as_os_str(),
+        "--serial-out".as_ref(),
+        con2.as_os_str(),
+    ]);
+    let target = last + 11;
+    let text = wait_console(&con2, "the count to go on", |t| {
+        counts(t).last().is_some_and(|n| *n >= target)
+    });
+    assert!(
+        !text.contains("tessera test guest"),
+        "the guest booted again instead of continuing:\n{text}"
+    );
+    let after = counts(&text);
+    assert_eq!(
+        after[0],
+        last + 1,
+        "count did not continue from {last}: {after:?}"
+    );
+    assert!(
+        after.windows(2).all(|w| w[1] == w[0] + 1),
+        "count skipped: {after:?}"
+    );
+    // The disk kept the pre-snapshot write and took new ones after the restore.
+    let bytes = std::fs::read(&disk).unwrap();
+    assert!(bytes.starts_with(b"TESSERA-MARK-BEFORE-SNAPSHOT"));
+    let count_text = String::from_utf8_lossy(&bytes[512..540])
+        .trim_end_matches('\0')
+        .to_string();
+    let written: u64 = count_text
+        .strip_prefix("COUNT=")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("sector 1: {count_text:?}"));
+    assert!(
+        written > last,
+        "no disk write after restore (sector 1 says {written}, snapshot at {last})"
+    );
+
+    let events = api(&sock2, json!({ "type": "events" }));
+    assert_eq!(events[0]["kind"], "restored");
+    api(&sock2, json!({ "type": "power_off" }));
+    assert!(second.wait().unwrap().success());
+}
