@@ -74,7 +74,10 @@ struct used { u16 flags; u16 idx; struct used_elem ring[QSIZE]; u16 avail_event;
 
 static struct desc descs[QSIZE] __attribute__((aligned(16)));
 static struct avail avail __attribute__((aligned(2)));
-static struct used used __attribute__((aligned(4)));
+/* The used ring alone on its page: only the device writes there, so the page is dirtied
+ * by the VMM and never by the guest (what the dirty-page test relies on). */
+static union { struct used u; u8 page[4096]; } used_page __attribute__((aligned(4096)));
+#define used (used_page.u)
 static struct { u32 type; u32 reserved; u64 sector; } hdr;
 static volatile u8 status;
 static u8 buf[4096] __attribute__((aligned(4096)));
@@ -196,6 +199,7 @@ static void mode_evil(void) {
 /* Counts forever. With a disk: first writes a marker to sector 0, then every fifth count
  * writes "COUNT=<k>" to sector 1, so a restored VM proves its disk still works. */
 static void mode_count(int disk) {
+    puts("used ring page "); puthex((u64)&used_page); puts(", buffer page "); puthex((u64)buf); puts("\n");
     if (disk) {
         memset(buf, 0, 512);
         memcpy(buf, "TESSERA-MARK-BEFORE-SNAPSHOT", 28);

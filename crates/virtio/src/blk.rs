@@ -15,6 +15,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::bitmap::BitmapSlice;
 
 use crate::{GuestMem, QueueBroken, VirtioDevice};
 
@@ -112,10 +113,10 @@ impl Block {
         (data_written + 1) as u32
     }
 
-    fn handle(
+    fn handle<B: BitmapSlice>(
         &mut self,
-        r: &mut virtio_queue::Reader<'_, ()>,
-        w: &mut virtio_queue::Writer<'_, ()>,
+        r: &mut virtio_queue::Reader<'_, B>,
+        w: &mut virtio_queue::Writer<'_, B>,
     ) -> Result<usize, Status> {
         let hdr: [u8; 16] = r.read_obj().map_err(|_| Status::IoErr)?;
         let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
@@ -179,9 +180,9 @@ impl Block {
     }
 
     /// Discard or write-zeroes: a list of (sector, count, flags) segments.
-    fn ranges(
+    fn ranges<B: BitmapSlice>(
         &mut self,
-        r: &mut virtio_queue::Reader<'_, ()>,
+        r: &mut virtio_queue::Reader<'_, B>,
         zero: bool,
     ) -> Result<usize, Status> {
         let bytes = r.available_bytes();

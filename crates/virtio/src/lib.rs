@@ -9,10 +9,13 @@ pub mod blk;
 pub mod mmio;
 
 use virtio_queue::Queue;
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::GuestMemoryMmap;
 
-/// Guest memory as the devices see it.
-pub type GuestMem = GuestMemoryMmap;
+/// Guest memory as the devices see it. The bitmap records every page the VMM writes
+/// (descriptor data, used rings), which KVM's dirty log cannot see; live migration
+/// needs both.
+pub type GuestMem = GuestMemoryMmap<AtomicBitmap>;
 
 /// A virtio device behind some transport.
 pub trait VirtioDevice: Send {

@@ -4,6 +4,7 @@
 use proptest::prelude::*;
 use tessera_disk::RawFile;
 use tessera_virtio::blk::Block;
+use tessera_virtio::GuestMem;
 use tessera_virtio::VirtioDevice;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -11,19 +12,19 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const MEM: u64 = 1 << 20;
 
 struct Rig {
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     _file: tempfile::NamedTempFile,
     path: std::path::PathBuf,
     dev: Block,
 }
 
 fn rig() -> Rig {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
     let file = tempfile::NamedTempFile::new().unwrap();
     file.as_file().set_len(1 << 20).unwrap();
     let path = file.path().to_path_buf();
@@ -44,7 +45,7 @@ fn desc(addr: u64, len: u32, write: bool) -> RawDescriptor {
     RawDescriptor::from(Descriptor::new(addr, len, flags, 0))
 }
 
-fn header(mem: &GuestMemoryMmap, at: u64, kind: u32, sector: u64) {
+fn header(mem: &GuestMem, at: u64, kind: u32, sector: u64) {
     let mut h = [0u8; 16];
     h[0..4].copy_from_slice(&kind.to_le_bytes());
     h[8..16].copy_from_slice(&sector.to_le_bytes());
@@ -65,7 +66,7 @@ fn submit(r: &mut Rig, descs: &[RawDescriptor], status_at: u64) -> (u32, u8) {
     )
 }
 
-fn mem_status(mem: &GuestMemoryMmap, at: u64, v: u8) {
+fn mem_status(mem: &GuestMem, at: u64, v: u8) {
     mem.write_obj(v, GuestAddress(at)).unwrap();
 }
 

@@ -8,8 +8,9 @@ use proptest::prelude::*;
 use tessera_disk::RawFile;
 use tessera_virtio::blk::Block;
 use tessera_virtio::mmio::MmioTransport;
+use tessera_virtio::GuestMem;
 use tessera_virtio::Interrupt;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 struct Count(AtomicUsize);
 impl Interrupt for Count {
@@ -20,7 +21,7 @@ impl Interrupt for Count {
 }
 
 fn transport() -> (MmioTransport, tempfile::NamedTempFile) {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let f = tempfile::NamedTempFile::new().unwrap();
     f.as_file().set_len(1 << 20).unwrap();
     let dev = Block::new(Box::new(RawFile::open(f.path()).unwrap()));

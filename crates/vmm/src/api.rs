@@ -14,6 +14,18 @@ use crate::control::{Control, Event, Request, RunState};
 
 /// Writes a snapshot of the paused VM into a directory.
 pub type SnapshotFn = Arc<dyn Fn(&Path) -> Result<(), String> + Send + Sync>;
+/// Reports (and clears) the guest pages written since the last call.
+pub type DirtyFn = Arc<dyn Fn() -> Result<serde_json::Value, String> + Send + Sync>;
+
+/// What the API can do to the VM besides reading its control block.
+pub struct VmOps {
+    /// Forces the vCPU out of the guest.
+    pub kick: Arc<dyn Fn() + Send + Sync>,
+    /// Takes a snapshot.
+    pub snapshot: SnapshotFn,
+    /// Dirty-page report.
+    pub dirty: DirtyFn,
+}
 
 /// Version of the control API.
 pub const API_VERSION: u32 = 1;
@@ -58,6 +70,9 @@ pub enum ApiOp {
         /// Target directory.
         dir: String,
     },
+    /// Guest pages written (by the guest or the VMM) since the last call, as
+    /// guest-physical ranges; clears the record. Needs `track_dirty_pages`.
+    DirtyPages,
     /// Events from sequence number `since`.
     Events {
         /// First sequence number wanted.
@@ -97,20 +112,14 @@ pub fn serve(
     path: &Path,
     control: Arc<Control>,
     spec: VmConfig,
-    kick: Arc<dyn Fn() + Send + Sync>,
-    snapshot: SnapshotFn,
+    ops: VmOps,
 ) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
-            let ctx = Arc::new(Ctx {
-                control,
-                spec,
-                kick,
-                snapshot,
-            });
+            let ctx = Arc::new(Ctx { control, spec, ops });
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let ctx = ctx.clone();
@@ -130,8 +139,7 @@ pub fn serve(
 struct Ctx {
     control: Arc<Control>,
     spec: VmConfig,
-    kick: Arc<dyn Fn() + Send + Sync>,
-    snapshot: SnapshotFn,
+    ops: VmOps,
 }
 
 fn connection(conn: UnixStream, ctx: &Ctx) -> std::io::Result<()> {
@@ -180,7 +188,7 @@ fn connection(conn: UnixStream, ctx: &Ctx) -> std::io::Result<()> {
 }
 
 fn handle(op: ApiOp, ctx: &Ctx) -> Result<serde_json::Value, String> {
-    let (control, spec, kick) = (&*ctx.control, &ctx.spec, &*ctx.kick);
+    let (control, spec, kick) = (&*ctx.control, &ctx.spec, &*ctx.ops.kick);
     let json = |v: serde_json::Result<serde_json::Value>| v.map_err(|e| e.to_string());
     match op {
         ApiOp::Describe => json(serde_json::to_value(Description {
@@ -224,8 +232,9 @@ fn handle(op: ApiOp, ctx: &Ctx) -> Result<serde_json::Value, String> {
             Ok(serde_json::json!({ "queued": data.len() }))
         }
         ApiOp::Snapshot { dir } => {
-            (ctx.snapshot)(Path::new(&dir)).map(|()| serde_json::json!({ "dir": dir }))
+            (ctx.ops.snapshot)(Path::new(&dir)).map(|()| serde_json::json!({ "dir": dir }))
         }
+        ApiOp::DirtyPages => (ctx.ops.dirty)(),
         ApiOp::Events { since } => json(serde_json::to_value(control.events(since))),
     }
 }

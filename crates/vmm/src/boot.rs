@@ -6,7 +6,8 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{load_cmdline, BzImage, Cmdline, Elf, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use tessera_virtio::GuestMem;
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::layout::*;
 
@@ -40,7 +41,7 @@ pub struct Entry {
 
 /// Loads `kernel` (an ELF like vmlinux, or a bzImage) and writes the zero page.
 pub fn load(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     kernel: &str,
     initrd: Option<&str>,
     cmdline: &str,
@@ -115,7 +116,7 @@ pub fn load(
 
 /// Places the initramfs at the top of low RAM, page-aligned, above the kernel.
 fn load_initrd(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     path: &str,
     kernel_end: u64,
     ram_top: u64,
@@ -139,7 +140,7 @@ fn load_initrd(
 /// Identity-maps the first 4 GiB with 2 MiB pages (the MMIO hole uncached), and writes
 /// the GDT and an empty IDT. Linux builds its own tables; these carry it (or a small
 /// guest) until it does.
-fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+fn write_page_tables(mem: &GuestMem) -> Result<(), BootError> {
     let w = |v: u64, at: u64| {
         mem.write_obj(v, GuestAddress(at))
             .map_err(|e| BootError::Memory(e.to_string()))

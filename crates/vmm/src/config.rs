@@ -20,6 +20,10 @@ pub struct VmConfig {
     /// Number of vCPUs.
     #[serde(default = "default_vcpus")]
     pub vcpus: u8,
+    /// Record which guest pages are written (for live migration); costs a write fault
+    /// per page per round.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
     /// The disk: a raw file path or an NBD URI (`nbd+unix:///vol?socket=...`).
     #[serde(default)]
     pub disk: Option<String>,

@@ -32,6 +32,9 @@ struct Cli {
     /// Continue the VM snapshotted in this directory instead of booting.
     #[arg(long, conflicts_with_all = ["spec", "kernel", "initrd", "cmdline", "memory_mib", "disk"])]
     restore: Option<std::path::PathBuf>,
+    /// Track written guest pages (see the `dirty_pages` API call).
+    #[arg(long)]
+    track_dirty_pages: bool,
     /// Serve the control API (JSON lines) on this Unix socket.
     #[arg(long)]
     api_socket: Option<std::path::PathBuf>,
@@ -86,6 +89,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             memory_mib: 128,
             vcpus: 1,
             disk: None,
+            track_dirty_pages: false,
         },
     };
     if let Some(k) = cli.kernel {
@@ -103,6 +107,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.disk.is_some() {
         cfg.disk = cli.disk;
     }
+    cfg.track_dirty_pages |= cli.track_dirty_pages;
     let outcome = tessera_vmm::vm::run(Launch::Boot(cfg), out, cli.api_socket.as_deref())?;
     tracing::info!(reason = ?outcome.reason, first_instruction_us = outcome.first_instruction.map(|d| d.as_micros() as u64), "VM stopped");
     Ok(())

@@ -14,9 +14,8 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use tessera_virtio::mmio::TransportSnapshot;
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use tessera_virtio::GuestMem;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::VmConfig;
 
@@ -202,7 +201,7 @@ pub fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), SnapshotError> {
 const PAGE: usize = 4096;
 
 /// Writes guest memory to `path`, skipping all-zero pages (they stay holes).
-pub fn save_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<(u64, u64)>, SnapshotError> {
+pub fn save_memory(mem: &GuestMem, path: &Path) -> Result<Vec<(u64, u64)>, SnapshotError> {
     let io = |e| SnapshotError::Io(path.display().to_string(), e);
     let f = File::create(path).map_err(io)?;
     let mut layout = Vec::new();
@@ -230,7 +229,7 @@ pub fn save_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<(u64, u64)>
 
 /// Fills guest memory from a memory file written by [`save_memory`].
 pub fn restore_memory(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     path: &Path,
     layout: &[(u64, u64)],
 ) -> Result<(), SnapshotError> {

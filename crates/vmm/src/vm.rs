@@ -4,12 +4,15 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit, VmFd};
 use tessera_virtio::blk::Block;
 use tessera_virtio::mmio::{MmioTransport, MMIO_WINDOW};
+use tessera_virtio::GuestMem;
 use tessera_virtio::Interrupt;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use std::os::unix::thread::JoinHandleExt;
@@ -141,7 +144,7 @@ pub fn run(
     .map_err(kvm("create PIT"))?;
 
     let mem = guest_memory(cfg.memory_mib)?;
-    register_memory(&vm, &mem)?;
+    register_memory(&vm, &mem, cfg.track_dirty_pages)?;
     if let Some((dir, snap)) = &restored {
         snapshot::restore_memory(&mem, &dir.join("memory"), &snap.memory)?;
         snapshot::restore_vm(&vm, &snap.vm)?;
@@ -291,7 +294,23 @@ pub fn run(
         })
     };
     if let Some(path) = api_socket {
-        api::serve(path, control.clone(), cfg.clone(), kick, take_snapshot)
+        let dirty: api::DirtyFn = {
+            let (vm, mem, tracking) = (vm.clone(), mem.clone(), cfg.track_dirty_pages);
+            Arc::new(move || {
+                if !tracking {
+                    return Err(
+                        "dirty-page tracking is off (start with --track-dirty-pages)".into(),
+                    );
+                }
+                dirty_pages(&vm, &mem).map_err(|e| e.to_string())
+            })
+        };
+        let ops = api::VmOps {
+            kick,
+            snapshot: take_snapshot,
+            dirty,
+        };
+        api::serve(path, control.clone(), cfg.clone(), ops)
             .map_err(|e| VmError::Setup(format!("control API socket {}: {e}", path.display())))?;
     }
 
@@ -430,6 +449,37 @@ fn vcpu_loop(
     }
 }
 
+/// Pages written since the last call, from KVM's dirty log (guest writes) merged with
+/// the memory bitmap (the VMM's own writes); both are cleared.
+fn dirty_pages(vm: &VmFd, mem: &GuestMem) -> Result<serde_json::Value, VmError> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut pages = 0u64;
+    for (slot, region) in mem.iter().enumerate() {
+        let len = region.len() as usize;
+        let kvm_bits = vm
+            .get_dirty_log(slot as u32, len)
+            .map_err(kvm("get dirty log"))?;
+        let vmm_bits: &vm_memory::bitmap::AtomicBitmap = vm_memory::MmapRegion::bitmap(region);
+        let base = region.start_addr().raw_value();
+        for page in 0..len / 4096 {
+            let by_guest = kvm_bits
+                .get(page / 64)
+                .is_some_and(|w| w & (1 << (page % 64)) != 0);
+            let by_vmm = vmm_bits.is_addr_set(page * 4096);
+            if by_guest || by_vmm {
+                pages += 1;
+                let gpa = base + page as u64 * 4096;
+                match ranges.last_mut() {
+                    Some((start, l)) if *start + *l == gpa => *l += 4096,
+                    _ => ranges.push((gpa, 4096)),
+                }
+            }
+        }
+        vmm_bits.reset();
+    }
+    Ok(serde_json::json!({ "pages": pages, "ranges": ranges }))
+}
+
 fn lock(
     t: &Arc<Mutex<MmioTransport>>,
 ) -> Result<std::sync::MutexGuard<'_, MmioTransport>, VmError> {
@@ -444,7 +494,7 @@ fn mmio_offset(addr: u64, len: usize) -> Option<u64> {
 }
 
 /// RAM below the MMIO hole, and the rest above 4 GiB.
-fn guest_memory(mib: u64) -> Result<GuestMemoryMmap, VmError> {
+fn guest_memory(mib: u64) -> Result<GuestMem, VmError> {
     let size = mib
         .checked_mul(1 << 20)
         .ok_or_else(|| VmError::Memory("size overflows".into()))?;
@@ -457,14 +507,18 @@ fn guest_memory(mib: u64) -> Result<GuestMemoryMmap, VmError> {
     if size > MMIO_HOLE {
         ranges.push((GuestAddress(1 << 32), (size - MMIO_HOLE) as usize));
     }
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(e.to_string()))
+    GuestMem::from_ranges(&ranges).map_err(|e| VmError::Memory(e.to_string()))
 }
 
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+fn register_memory(vm: &VmFd, mem: &GuestMem, log_dirty: bool) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().raw_value(),
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,

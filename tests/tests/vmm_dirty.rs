@@ -1,0 +1,142 @@
+//! Dirty-page tracking for live migration: pages the guest writes (KVM's dirty log) and
+//! pages only the VMM writes (the virtio used ring) both show up, and the record clears.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tessera_tests::bin;
+
+const GUEST: &str = env!("TESSERA_TEST_GUEST");
+
+fn api(sock: &Path, op: Value) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let s = loop {
+        if let Ok(s) = UnixStream::connect(sock) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut w = s.try_clone().unwrap();
+    w.write_all(format!("{}\n", json!({ "v": 1, "op": op })).as_bytes())
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+fn last_count(console: &str) -> Option<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("count "))
+        .filter_map(|n| n.trim().parse().ok())
+        .last()
+}
+
+fn wait_count(path: &Path, at_least: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let t = std::fs::read_to_string(path).unwrap_or_default();
+        if last_count(&t).is_some_and(|n| n >= at_least) {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "count stalled:\n{t}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn hex_after(text: &str, key: &str) -> u64 {
+    let rest = &text[text
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key:?} in {text}"))
+        + key.len()..];
+    let hex: String = rest
+        .trim_start_matches("0x")
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit())
+        .collect();
+    u64::from_str_radix(&hex, 16).unwrap()
+}
+
+fn contains(report: &Value, page: u64) -> bool {
+    report["ranges"].as_array().unwrap().iter().any(|r| {
+        let (start, len) = (r[0].as_u64().unwrap(), r[1].as_u64().unwrap());
+        (start..start + len).contains(&page)
+    })
+}
+
+#[test]
+fn guest_and_vmm_writes_are_both_tracked() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        println!("SKIP: guest_and_vmm_writes_are_both_tracked needs /dev/kvm");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let (sock, con) = (d.path().join("vm.sock"), d.path().join("console.log"));
+    let mut child = Command::new(bin("tessera-vmm"))
+        .args([
+            "--kernel",
+            GUEST,
+            "--memory-mib",
+            "64",
+            "--track-dirty-pages",
+        ])
+        .args(["--cmdline", "console=ttyS0 tessera.mode=count"])
+        .arg("--disk")
+        .arg(&disk)
+        .arg("--api-socket")
+        .arg(&sock)
+        .arg("--serial-out")
+        .arg(&con)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let text = wait_count(&con, 1);
+    let used_page = hex_after(&text, "used ring page ");
+    let buf_page = hex_after(&text, "buffer page ");
+
+    // The first report covers everything since boot, then the record is clear.
+    assert!(
+        api(&sock, json!({ "type": "dirty_pages" }))["ok"]["pages"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    let n = last_count(&std::fs::read_to_string(&con).unwrap()).unwrap();
+    // Counting goes on; every fifth count writes the disk (guest fills the buffer, the
+    // device writes the used ring).
+    wait_count(&con, n + 11);
+    api(&sock, json!({ "type": "pause" }));
+    let report = api(&sock, json!({ "type": "dirty_pages" }))["ok"].clone();
+    assert!(
+        contains(&report, buf_page),
+        "guest-written buffer page {buf_page:#x} missing: {report}"
+    );
+    assert!(
+        contains(&report, used_page),
+        "VMM-written used-ring page {used_page:#x} missing: {report}"
+    );
+    let pages = report["pages"].as_u64().unwrap();
+    assert!(
+        pages < (64 << 20) / 4096 / 2,
+        "everything reported dirty ({pages} pages): the record does not clear"
+    );
+
+    // Paused: nothing runs, so nothing new is dirty.
+    let quiet = api(&sock, json!({ "type": "dirty_pages" }))["ok"].clone();
+    assert_eq!(quiet["pages"], 0, "pages dirtied while paused: {quiet}");
+    api(&sock, json!({ "type": "power_off" }));
+    assert!(child.wait().unwrap().success());
+}
