@@ -34,7 +34,7 @@ fn last_count(console: &str) -> Option<u64> {
         .lines()
         .filter_map(|l| l.strip_prefix("count "))
         .filter_map(|n| n.trim().parse().ok())
-        .last()
+        .next_back()
 }
 
 fn wait_count(path: &Path, at_least: u64) -> String {
