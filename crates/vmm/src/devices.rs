@@ -10,7 +10,7 @@ use vm_superio::{Serial, Trigger};
 use crate::snapshot::SerialSnapshot;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::layout::BOOT_TIMER_PORT;
+use crate::layout::{BENCH_MARKER_PORT, BOOT_TIMER_PORT};
 
 /// Raises the serial interrupt through an irqfd.
 pub struct IrqTrigger(pub EventFd);
@@ -127,6 +127,14 @@ impl PioBus {
                 }
             }
             I8042_CMD if data.first() == Some(&I8042_RESET) => return PioAction::Reset,
+            BENCH_MARKER_PORT => {
+                let micros = self.start.elapsed().as_micros() as u64;
+                tracing::info!(
+                    marker = data.first().copied().unwrap_or(0),
+                    micros,
+                    "bench marker"
+                );
+            }
             BOOT_TIMER_PORT if self.first_instruction.is_none() => {
                 let t = self.start.elapsed();
                 self.first_instruction = Some(t);

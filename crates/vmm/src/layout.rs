@@ -36,3 +36,6 @@ pub const KVM_TSS: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP: u64 = 0xfffb_c000;
 /// The boot-timer port: the guest's first write marks "first guest instruction reached".
 pub const BOOT_TIMER_PORT: u16 = 0x440;
+/// Benchmark marker port: each write is logged with the time since start (for
+/// measuring guest work from outside without a guest clock).
+pub const BENCH_MARKER_PORT: u16 = 0x441;

@@ -227,12 +227,15 @@ pub fn save_memory(mem: &GuestMem, path: &Path) -> Result<Vec<(u64, u64)>, Snaps
     Ok(layout)
 }
 
-/// Fills guest memory from a memory file written by [`save_memory`].
+/// Fills guest memory from a memory file written by [`save_memory`], reading only the
+/// file's data extents (holes are pages of zeroes, which fresh guest memory already is).
 pub fn restore_memory(
     mem: &GuestMem,
     path: &Path,
     layout: &[(u64, u64)],
 ) -> Result<(), SnapshotError> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
     let io = |e| SnapshotError::Io(path.display().to_string(), e);
     let f = File::open(path).map_err(io)?;
     let total: u64 = layout.iter().map(|(_, l)| l).sum();
@@ -241,24 +244,37 @@ pub fn restore_memory(
             "memory file size does not match its layout".into(),
         ));
     }
-    let mut buf = vec![0u8; 1 << 20];
-    let mut file_off = 0;
-    for (start, len) in layout {
-        let mut off = 0;
-        while off < *len {
-            let n = (*len - off).min(buf.len() as u64) as usize;
-            f.read_exact_at(&mut buf[..n], file_off + off).map_err(io)?;
-            if buf[..n].iter().any(|b| *b != 0) {
-                mem.write_slice(&buf[..n], GuestAddress(start + off))
-                    .map_err(|e| {
-                        SnapshotError::Invalid(format!(
-                            "snapshot memory does not fit the guest: {e}"
-                        ))
-                    })?;
+    // File offset -> guest-physical address.
+    let to_gpa = |off: u64| -> Option<(u64, u64)> {
+        let mut base = 0;
+        for (start, len) in layout {
+            if off < base + len {
+                return Some((start + (off - base), base + len - off));
             }
-            off += n as u64;
+            base += len;
         }
-        file_off += len;
+        None
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < total {
+        let Ok(data) = lseek(f.as_raw_fd(), off as i64, Whence::SeekData) else {
+            break; // ENXIO: no data past `off`
+        };
+        let hole = lseek(f.as_raw_fd(), data, Whence::SeekHole).map_err(|e| io(e.into()))? as u64;
+        let mut at = data as u64;
+        while at < hole {
+            let Some((gpa, left_in_region)) = to_gpa(at) else {
+                break;
+            };
+            let n = (hole - at).min(buf.len() as u64).min(left_in_region) as usize;
+            f.read_exact_at(&mut buf[..n], at).map_err(io)?;
+            mem.write_slice(&buf[..n], GuestAddress(gpa)).map_err(|e| {
+                SnapshotError::Invalid(format!("snapshot memory does not fit the guest: {e}"))
+            })?;
+            at += n as u64;
+        }
+        off = hole;
     }
     Ok(())
 }
