@@ -222,6 +222,44 @@ static void mode_count(int disk) {
     }
 }
 
+/* ---- ACPI: find and check the tables a multi-vCPU VM gets, count the processors ---- */
+static u64 rd64(const u8 *p) { u64 v; memcpy(&v, p, 8); return v; }
+static u32 rd32p(const u8 *p) { u32 v; memcpy(&v, p, 4); return v; }
+static u8 sum(const u8 *p, u32 n) { u8 s = 0; while (n--) s = (u8)(s + *p++); return s; }
+static int sig(const u8 *p, const char *s) { for (int i = 0; s[i]; i++) if (p[i] != (u8)s[i]) return 0; return 1; }
+
+static void mode_acpi(void) {
+    const u8 *rsdp = 0;
+    for (u64 a = 0xe0000; a < 0x100000; a += 16)
+        if (sig((const u8 *)a, "RSD PTR ")) { rsdp = (const u8 *)a; break; }
+    if (!rsdp) fail("no RSDP in 0xE0000-0xFFFFF");
+    if (sum(rsdp, 20) || sum(rsdp, 36)) fail("RSDP checksum");
+    const u8 *xsdt = (const u8 *)rd64(rsdp + 24);
+    u32 xlen = rd32p(xsdt + 4);
+    if (!sig(xsdt, "XSDT") || sum(xsdt, xlen)) fail("XSDT");
+    int cpus = 0, hw_reduced = 0, dsdt = 0;
+    for (u32 off = 36; off + 8 <= xlen; off += 8) {
+        const u8 *t = (const u8 *)rd64(xsdt + off);
+        u32 len = rd32p(t + 4);
+        if (sum(t, len)) fail("table checksum");
+        if (sig(t, "APIC")) {
+            for (u32 o = 44; o + 2 <= len; o += t[o + 1]) {
+                if (t[o + 1] < 2) fail("bad MADT entry length");
+                if (t[o] == 0 && (rd32p(t + o + 4) & 1)) cpus++;
+            }
+        }
+        if (sig(t, "FACP")) {
+            if (rd32p(t + 112) & (1u << 20)) hw_reduced = 1;
+            const u8 *d = (const u8 *)rd64(t + 140);
+            if (sig(d, "DSDT") && !sum(d, rd32p(d + 4))) dsdt = 1;
+        }
+    }
+    puts("TESSERA-GUEST: ACPI cpus="); putdec((u64)cpus);
+    puts(" hw_reduced="); putdec((u64)hw_reduced);
+    puts(" dsdt="); putdec((u64)dsdt); puts("\n");
+    power_off();
+}
+
 /* Benchmarks, timed from outside through the marker port 0x441. */
 static void mode_bench(void) {
     outb(0x441, 1);
@@ -237,6 +275,7 @@ static void mode_bench(void) {
 void guest_main(u8 *boot_params) {
     puts("tessera test guest\n");
     const char *cmdline = (const char *)(u64)*(u32 *)(boot_params + 0x228);
+    if (find(cmdline, "tessera.mode=acpi")) mode_acpi();
     int counting = find(cmdline, "tessera.mode=count") != 0;
     const char *dev = find(cmdline, "virtio_mmio.device=");
     if (!dev && counting) mode_count(0);

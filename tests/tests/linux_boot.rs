@@ -108,7 +108,7 @@ fn stock_linux_boots_to_init_and_uses_its_virtio_disk() {
          echo tessera-linux-was-here | /bin/busybox dd of=/dev/vda bs=512 conv=sync 2>/dev/null\n\
          /bin/busybox sync\n\
          if /bin/busybox dd if=/dev/vda bs=512 count=1 2>/dev/null | /bin/busybox grep -q tessera-linux-was-here; then echo TESSERA-LINUX: vda ok; fi\n\
-         /bin/busybox poweroff -f\n"
+         /bin/busybox reboot -f\n"
     );
     std::fs::write(root.join("init"), init).unwrap();
     run(Command::new("chmod").arg("+x").arg(root.join("init")));

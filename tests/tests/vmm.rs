@@ -170,3 +170,46 @@ fn bad_vm_specs_are_refused_clearly() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn a_multi_vcpu_vm_gets_acpi_tables_listing_every_cpu() {
+    if !kvm_available() {
+        println!("SKIP: a_multi_vcpu_vm_gets_acpi_tables_listing_every_cpu needs /dev/kvm");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    for n in [2u8, 4] {
+        let serial = d.path().join(format!("serial{n}.log"));
+        let out = output(
+            Command::new(bin("tessera-vmm"))
+                .args([
+                    "--kernel",
+                    GUEST,
+                    "--memory-mib",
+                    "64",
+                    "--cmdline",
+                    "console=ttyS0 tessera.mode=acpi",
+                ])
+                .args(["--vcpus", &n.to_string()])
+                .arg("--disk")
+                .arg(&disk)
+                .arg("--serial-out")
+                .arg(&serial),
+        );
+        let console = std::fs::read_to_string(&serial).unwrap_or_default();
+        assert!(
+            out.status.success(),
+            "{}\n{console}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            console.contains(&format!("TESSERA-GUEST: ACPI cpus={n} hw_reduced=1 dsdt=1")),
+            "{console}"
+        );
+    }
+    let out = output(Command::new(bin("tessera-vmm")).args(["--kernel", GUEST, "--vcpus", "0"]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vcpus must be 1 to 32"));
+}

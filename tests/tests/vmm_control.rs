@@ -170,3 +170,56 @@ fn pause_stops_the_guest_resume_continues_and_power_off_ends_the_vm() {
     };
     assert!(status.success(), "VMM exited with {status}");
 }
+
+#[test]
+fn pause_and_resume_reach_every_vcpu_of_a_multi_vcpu_vm() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        println!("SKIP: pause_and_resume_reach_every_vcpu_of_a_multi_vcpu_vm needs /dev/kvm");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("vm.sock");
+    let mut child = Command::new(bin("tessera-vmm"))
+        .args(["--kernel", GUEST, "--memory-mib", "64", "--vcpus", "3"])
+        .args(["--cmdline", "console=ttyS0 tessera.mode=count"])
+        .arg("--api-socket")
+        .arg(&sock)
+        .arg("--serial-out")
+        .arg(d.path().join("serial.log"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut api = Api::connect(&sock);
+    api.wait_for(0, "count 1\n");
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .map(|s| s.trim().to_string())
+        .collect();
+    for v in ["vcpu0", "vcpu1", "vcpu2"] {
+        assert!(names.iter().any(|n| n == v), "no {v} thread: {names:?}");
+    }
+    api.call(json!({ "type": "pause" }));
+    assert_eq!(api.call(json!({ "type": "describe" }))["state"], "paused");
+    let (_, at) = api.serial(0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(api.serial(at).0.is_empty(), "the guest ran while paused");
+    let snap = api.raw(&json!({ "v": 1, "op": { "type": "snapshot", "dir": d.path().join("s").to_str().unwrap() } }).to_string());
+    assert!(
+        snap["error"]
+            .as_str()
+            .unwrap()
+            .contains("not supported yet"),
+        "{snap}"
+    );
+    api.call(json!({ "type": "resume" }));
+    api.wait_for(at, "count ");
+    api.call(json!({ "type": "power_off" }));
+    assert!(child.wait().unwrap().success());
+}

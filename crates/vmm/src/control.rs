@@ -45,6 +45,9 @@ pub enum Request {
 }
 
 struct Inner {
+    vcpus: usize,
+    parked: usize,
+    epoch: u64,
     power_off_answered: bool,
     state: RunState,
     request: Request,
@@ -69,6 +72,9 @@ impl Control {
     pub fn new(started: Instant) -> Arc<Control> {
         Arc::new(Control {
             inner: Mutex::new(Inner {
+                vcpus: 1,
+                parked: 0,
+                epoch: 0,
                 power_off_answered: false,
                 state: RunState::Running,
                 request: Request::None,
@@ -121,6 +127,11 @@ impl Control {
         }
     }
 
+    /// Sets how many vCPU threads take part in pausing.
+    pub fn set_vcpus(&self, n: usize) {
+        self.lock().vcpus = n.max(1);
+    }
+
     /// Resumes a paused VM.
     pub fn resume(&self) -> Result<(), String> {
         let mut g = self.lock();
@@ -129,27 +140,31 @@ impl Control {
         }
         g.request = Request::None;
         g.state = RunState::Running;
+        g.parked = 0;
+        g.epoch += 1;
         self.changed.notify_all();
+        drop(g);
+        self.event("resumed", None);
         Ok(())
     }
 
-    /// Called by the vCPU thread between runs: pauses here while asked to; returns
-    /// whether to power off.
+    /// Called by each vCPU thread between runs: while a pause is requested the thread
+    /// parks here (the VM counts as paused once every vCPU has); returns whether to
+    /// power off.
     pub fn checkpoint(&self) -> bool {
         let mut g = self.lock();
         if g.request == Request::Pause {
-            g.state = RunState::Paused;
-            g.request = Request::None;
-            drop(g);
-            self.event("paused", None);
-            g = self.lock();
-            while g.state == RunState::Paused && g.request != Request::PowerOff {
-                g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
-            }
-            if g.request != Request::PowerOff {
+            let epoch = g.epoch;
+            g.parked += 1;
+            if g.parked >= g.vcpus {
+                g.state = RunState::Paused;
+                g.request = Request::None;
                 drop(g);
-                self.event("resumed", None);
+                self.event("paused", None);
                 g = self.lock();
+            }
+            while g.epoch == epoch && g.request != Request::PowerOff {
+                g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
             }
         }
         g.request == Request::PowerOff

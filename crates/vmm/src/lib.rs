@@ -5,6 +5,7 @@
 //! told what to run. Not yet here (see the open issue): SMP and ACPI tables, the control
 //! API socket, snapshot/restore and live migration.
 
+pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod config;

@@ -26,11 +26,14 @@ struct Cli {
     /// Guest RAM in MiB.
     #[arg(long)]
     memory_mib: Option<u64>,
+    /// Number of vCPUs (more than one adds ACPI tables).
+    #[arg(long)]
+    vcpus: Option<u8>,
     /// Disk: a raw image path or an NBD URI (nbd+unix:///VOL?socket=PATH, nbd://HOST:PORT/VOL).
     #[arg(long)]
     disk: Option<String>,
     /// Continue the VM snapshotted in this directory instead of booting.
-    #[arg(long, conflicts_with_all = ["spec", "kernel", "initrd", "cmdline", "memory_mib", "disk"])]
+    #[arg(long, conflicts_with_all = ["spec", "kernel", "initrd", "cmdline", "memory_mib", "disk", "vcpus"])]
     restore: Option<std::path::PathBuf>,
     /// Track written guest pages (see the `dirty_pages` API call).
     #[arg(long)]
@@ -108,6 +111,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         cfg.disk = cli.disk;
     }
     cfg.track_dirty_pages |= cli.track_dirty_pages;
+    if let Some(n) = cli.vcpus {
+        cfg.vcpus = n;
+    }
     let outcome = tessera_vmm::vm::run(Launch::Boot(cfg), out, cli.api_socket.as_deref())?;
     tracing::info!(reason = ?outcome.reason, first_instruction_us = outcome.first_instruction.map(|d| d.as_micros() as u64), "VM stopped");
     Ok(())

@@ -7,8 +7,15 @@ use kvm_ioctls::{Kvm, VcpuFd};
 use crate::boot::GDT_ENTRIES;
 use crate::layout::*;
 
-/// Configures CPUID, registers, segments, paging, FPU and the local APIC of `vcpu`.
-pub fn setup(kvm: &Kvm, vcpu: &VcpuFd, index: u8, rip: u64) -> Result<(), kvm_ioctls::Error> {
+/// Configures CPUID and the local APIC of `vcpu`; for the boot processor (`rip` given)
+/// also registers, segments, paging and FPU. Application processors wait in KVM for the
+/// INIT/SIPI the guest sends them.
+pub fn setup(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    index: u8,
+    rip: Option<u64>,
+) -> Result<(), kvm_ioctls::Error> {
     let mut cpuid: CpuId = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
     for e in cpuid.as_mut_slice() {
         match e.function {
@@ -19,6 +26,10 @@ pub fn setup(kvm: &Kvm, vcpu: &VcpuFd, index: u8, rip: u64) -> Result<(), kvm_io
         }
     }
     vcpu.set_cpuid2(&cpuid)?;
+    set_lint(vcpu)?;
+    let Some(rip) = rip else {
+        return Ok(());
+    };
 
     let regs = kvm_regs {
         rflags: 0x2,
@@ -69,8 +80,10 @@ pub fn setup(kvm: &Kvm, vcpu: &VcpuFd, index: u8, rip: u64) -> Result<(), kvm_io
         mxcsr: 0x1f80,
         ..Default::default()
     };
-    vcpu.set_fpu(&fpu)?;
+    vcpu.set_fpu(&fpu)
+}
 
+fn set_lint(vcpu: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
     // LINT0 as ExtINT (the PIC), LINT1 as NMI, as firmware would leave them.
     let mut lapic = vcpu.get_lapic()?;
     let set = |regs: &mut [std::os::raw::c_char; 1024], off: usize, mode: u32| {

@@ -28,6 +28,9 @@ use crate::layout::*;
 use crate::snapshot::{self, SnapshotError, VcpuState};
 use crate::{boot, vcpu};
 
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: u8 = 32;
+
 /// How to start: boot a kernel, or continue a snapshot.
 pub enum Launch {
     /// Boot this spec.
@@ -125,11 +128,13 @@ pub fn run(
         out: serial_out,
         control: control.clone(),
     });
-    if cfg.vcpus != 1 {
-        return Err(VmError::Unsupported(
-            "more than one vCPU (needs the ACPI MADT)",
-        ));
+    if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+        return Err(VmError::Setup(format!(
+            "vcpus must be 1 to {MAX_VCPUS}, not {}",
+            cfg.vcpus
+        )));
     }
+    control.set_vcpus(cfg.vcpus as usize);
     let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
     let vm = kvm_fd.create_vm().map_err(kvm("create VM"))?;
     vm.set_tss_address(KVM_TSS as usize)
@@ -183,9 +188,13 @@ pub fn run(
                 }
             })
             .map_err(|e| VmError::Setup(e.to_string()))?;
-        cmdline.push_str(&format!(
-            " virtio_mmio.device=4K@{VIRTIO_MMIO_BASE:#x}:{VIRTIO_IRQ}"
-        ));
+        // With one vCPU the guest gets no ACPI tables and finds the disk the way Linux
+        // parses it from the command line; with more, the DSDT describes it.
+        if cfg.vcpus == 1 {
+            cmdline.push_str(&format!(
+                " virtio_mmio.device=4K@{VIRTIO_MMIO_BASE:#x}:{VIRTIO_IRQ}"
+            ));
+        }
         if let Some(saved) = restored.as_ref().and_then(|(_, s)| s.virtio.as_ref()) {
             lock(&t)?
                 .restore(saved)
@@ -194,6 +203,9 @@ pub fn run(
         virtio = Some(t);
     }
 
+    if cfg.vcpus > 1 && restored.is_none() {
+        crate::acpi::write_tables(&mem, cfg.vcpus, cfg.disk.is_some())?;
+    }
     let entry_rip = match &restored {
         Some(_) => 0,
         None => {
@@ -217,12 +229,18 @@ pub fn run(
     };
     let pio = Arc::new(Mutex::new(pio));
 
-    let mut vcpu = vm.create_vcpu(0).map_err(kvm("create vCPU"))?;
-    vcpu::setup(&kvm_fd, &vcpu, 0, entry_rip).map_err(kvm("set up vCPU"))?;
+    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+    for i in 0..cfg.vcpus {
+        let vcpu = vm.create_vcpu(u64::from(i)).map_err(kvm("create vCPU"))?;
+        let rip = (i == 0).then_some(entry_rip);
+        vcpu::setup(&kvm_fd, &vcpu, i, rip).map_err(kvm("set up vCPU"))?;
+        vcpus.push(vcpu);
+    }
     if let Some((_, snap)) = &restored {
-        snapshot::restore_vcpu(&vcpu, &snap.vcpu)?;
+        snapshot::restore_vcpu(&vcpus[0], &snap.vcpu)?;
         tracing::info!("restored vCPU, VM and device state from the snapshot");
     }
+    let kvm_fd = Arc::new(kvm_fd);
     let vm = Arc::new(vm);
     let saved_vcpu: Arc<Mutex<Option<VcpuState>>> = Arc::new(Mutex::new(None));
     // A no-op handler: the signal's only job is to make KVM_RUN return EINTR.
@@ -231,20 +249,22 @@ pub fn run(
         .map_err(|e| VmError::Setup(format!("signal handler: {e}")))?;
 
     // The API comes up before the vCPU so a failure to bind it stops nothing half-started.
-    let vcpu_pthread: Arc<std::sync::OnceLock<libc::pthread_t>> =
+    let vcpu_pthreads: Arc<std::sync::OnceLock<Vec<libc::pthread_t>>> =
         Arc::new(std::sync::OnceLock::new());
     let kick_ctl = control.clone();
-    let kick_target = vcpu_pthread.clone();
+    let kick_target = vcpu_pthreads.clone();
     let kick: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
-        if let (Some(t), false) = (
+        if let (Some(threads), false) = (
             kick_target.get(),
             matches!(kick_ctl.state(), RunState::Stopped(_)),
         ) {
-            // SAFETY: `t` names the vCPU thread, which is never joined or detached, so the
-            // id stays valid for the life of the process; the signal has a registered
-            // no-op handler, so delivery only interrupts KVM_RUN.
-            unsafe {
-                libc::pthread_kill(*t, SIGRTMIN());
+            for t in threads {
+                // SAFETY: `t` names a vCPU thread, which is never joined or detached, so
+                // the id stays valid for the life of the process; the signal has a
+                // registered no-op handler, so delivery only interrupts KVM_RUN.
+                unsafe {
+                    libc::pthread_kill(*t, SIGRTMIN());
+                }
             }
         }
     });
@@ -258,7 +278,13 @@ pub fn run(
             saved_vcpu.clone(),
             cfg.clone(),
         );
+        let vcpu_count = cfg.vcpus;
         Arc::new(move |dir: &Path| {
+            if vcpu_count > 1 {
+                return Err(
+                    "snapshots of VMs with more than one vCPU are not supported yet".into(),
+                );
+            }
             if control.state() != RunState::Paused {
                 return Err("pause the VM before taking a snapshot".into());
             }
@@ -321,33 +347,37 @@ pub fn run(
     );
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let restored_run = restored.is_some();
-    let pio_thread = pio.clone();
-    let ctl = control.clone();
-    let vcpu_thread = std::thread::Builder::new()
-        .name("vcpu0".into())
-        .spawn(move || {
-            ctl.event(if restored_run { "restored" } else { "started" }, None);
-            let res = vcpu_loop(
-                &kvm_fd,
-                &mut vcpu,
-                &pio_thread,
-                virtio.as_ref(),
-                &ctl,
-                &saved_vcpu,
-            );
-            let reason = match &res {
-                Ok(r) => format!("{r:?}"),
-                Err(e) => format!("error: {e}"),
-            };
-            ctl.stopped(&reason);
-            let first = pio_thread.lock().ok().and_then(|p| p.first_instruction);
-            let _ = done_tx.send((res, first));
-        })
-        .map_err(|e| VmError::Setup(e.to_string()))?;
-    let _ = vcpu_pthread.set(vcpu_thread.as_pthread_t());
-    // Never join or detach the vCPU thread: its pthread id must stay valid for kicks that
-    // race with its exit. The handle is deliberately leaked (one per VMM process).
-    std::mem::forget(vcpu_thread);
+    control.event(if restored_run { "restored" } else { "started" }, None);
+    let mut pthreads = Vec::with_capacity(vcpus.len());
+    for (index, mut vcpu) in vcpus.into_iter().enumerate() {
+        let (pio, virtio, ctl, saved, kvm_fd, done_tx) = (
+            pio.clone(),
+            virtio.clone(),
+            control.clone(),
+            saved_vcpu.clone(),
+            kvm_fd.clone(),
+            done_tx.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                let saved = (index == 0).then_some(&*saved);
+                let res = vcpu_loop(&kvm_fd, &mut vcpu, &pio, virtio.as_ref(), &ctl, saved);
+                let reason = match &res {
+                    Ok(r) => format!("{r:?}"),
+                    Err(e) => format!("error: {e}"),
+                };
+                ctl.stopped(&reason);
+                let first = pio.lock().ok().and_then(|p| p.first_instruction);
+                let _ = done_tx.send((res, first));
+            })
+            .map_err(|e| VmError::Setup(e.to_string()))?;
+        pthreads.push(thread.as_pthread_t());
+        // Never join or detach a vCPU thread: its pthread id must stay valid for kicks
+        // that race with its exit. The handles are deliberately leaked (one per vCPU).
+        std::mem::forget(thread);
+    }
+    let _ = vcpu_pthreads.set(pthreads);
     let (res, first_instruction) = done_rx
         .recv()
         .map_err(|_| VmError::Setup("the vCPU thread died".into()))?;
@@ -371,7 +401,7 @@ fn vcpu_loop(
     pio: &Mutex<PioBus>,
     virtio: Option<&Arc<Mutex<MmioTransport>>>,
     control: &Control,
-    saved: &Mutex<Option<VcpuState>>,
+    saved: Option<&Mutex<Option<VcpuState>>>,
 ) -> Result<StopReason, VmError> {
     let pio_lock = || {
         pio.lock()
@@ -379,7 +409,7 @@ fn vcpu_loop(
     };
     loop {
         if control.pending() {
-            if control.pause_requested() {
+            if let (true, Some(saved)) = (control.pause_requested(), saved) {
                 // Capture the vCPU now: only this thread may touch it, and a snapshot of a
                 // paused VM needs it.
                 let state = snapshot::save_vcpu(kvm_fd, vcpu)?;
