@@ -2,8 +2,9 @@
 //!
 //! It boots a kernel with a serial console and a virtio-blk disk (a file or an NBD
 //! volume) and reports why the guest stopped. The VMM never talks to the cluster: it is
-//! told what to run. Not yet here (see the open issue): SMP and ACPI tables, the control
-//! API socket, snapshot/restore and live migration.
+//! told what to run. It also pauses, snapshots, restores and tracks dirty pages on
+//! request through its control socket. Not yet here (see docs/vmm.md): live migration
+//! and snapshots of multi-vCPU VMs.
 
 pub mod acpi;
 pub mod api;
