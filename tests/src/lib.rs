@@ -271,3 +271,23 @@ pub fn file_hash(path: &Path) -> blake3::Hash {
     std::io::copy(&mut f, &mut h).expect("hash file");
     h.finalize()
 }
+
+/// Reports a skipped test on the real standard error (the test harness captures `print!`
+/// and `eprint!`, which would hide the line in CI logs).
+pub fn skip(test: &str, reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIP: {test}: {reason}");
+}
+
+/// Whether `/dev/kvm` can be opened; prints the SKIP line when it cannot.
+pub fn kvm_or_skip(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        skip(test, "needs /dev/kvm");
+    }
+    ok
+}

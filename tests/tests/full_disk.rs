@@ -26,7 +26,10 @@ fn chunk(i: usize) -> Vec<u8> {
 fn full_disk_fails_writes_cleanly_and_loses_nothing() {
     require("nbdinfo");
     if !nix::unistd::Uid::effective().is_root() {
-        println!("SKIP: full_disk_fails_writes_cleanly_and_loses_nothing needs root to mount a small tmpfs");
+        tessera_tests::skip(
+            "full_disk_fails_writes_cleanly_and_loses_nothing",
+            "needs root to mount a small tmpfs",
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();

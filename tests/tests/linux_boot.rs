@@ -71,9 +71,9 @@ fn add_module(root: &Path, modules: &Path, rel: &str) -> Option<String> {
 #[test]
 fn stock_linux_boots_to_init_and_uses_its_virtio_disk() {
     if !hardware_virtualization() {
-        println!(
-            "SKIP: stock_linux_boots_to_init_and_uses_its_virtio_disk: no hardware virtualization \
-             (/proc/cpuinfo has no vmx or svm flag), so a stock Linux guest cannot boot under this KVM"
+        tessera_tests::skip(
+            "stock_linux_boots_to_init_and_uses_its_virtio_disk",
+            "no hardware virtualization (/proc/cpuinfo has no vmx or svm flag), so a stock Linux guest cannot boot under this KVM",
         );
         return;
     }

@@ -10,14 +10,6 @@ use tessera_tests::{bin, output, require, run, StoreProcess};
 
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
 
-fn kvm_available() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
 /// Runs the VMM and returns its serial output; asserts a clean exit.
 fn boot(disk: &str, cmdline: &str, serial: &Path) -> String {
     let out = output(
@@ -71,8 +63,7 @@ fn check_disk(bytes: &[u8]) {
 
 #[test]
 fn test_guest_drives_virtio_blk_on_a_raw_file() {
-    if !kvm_available() {
-        println!("SKIP: test_guest_drives_virtio_blk_on_a_raw_file needs /dev/kvm");
+    if !tessera_tests::kvm_or_skip("test_guest_drives_virtio_blk_on_a_raw_file") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -93,8 +84,7 @@ fn test_guest_drives_virtio_blk_on_a_raw_file() {
 
 #[test]
 fn test_guest_drives_virtio_blk_on_a_tessera_volume_over_nbd() {
-    if !kvm_available() {
-        println!("SKIP: test_guest_drives_virtio_blk_on_a_tessera_volume_over_nbd needs /dev/kvm");
+    if !tessera_tests::kvm_or_skip("test_guest_drives_virtio_blk_on_a_tessera_volume_over_nbd") {
         return;
     }
     require("nbdcopy");
@@ -120,10 +110,7 @@ fn test_guest_drives_virtio_blk_on_a_tessera_volume_over_nbd() {
 
 #[test]
 fn a_lying_guest_gets_its_requests_failed_and_the_vmm_survives() {
-    if !kvm_available() {
-        println!(
-            "SKIP: a_lying_guest_gets_its_requests_failed_and_the_vmm_survives needs /dev/kvm"
-        );
+    if !tessera_tests::kvm_or_skip("a_lying_guest_gets_its_requests_failed_and_the_vmm_survives") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -173,8 +160,7 @@ fn bad_vm_specs_are_refused_clearly() {
 
 #[test]
 fn a_multi_vcpu_vm_gets_acpi_tables_listing_every_cpu() {
-    if !kvm_available() {
-        println!("SKIP: a_multi_vcpu_vm_gets_acpi_tables_listing_every_cpu needs /dev/kvm");
+    if !tessera_tests::kvm_or_skip("a_multi_vcpu_vm_gets_acpi_tables_listing_every_cpu") {
         return;
     }
     let d = tempfile::tempdir().unwrap();

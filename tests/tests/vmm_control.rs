@@ -73,15 +73,9 @@ impl Api {
 
 #[test]
 fn pause_stops_the_guest_resume_continues_and_power_off_ends_the_vm() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        println!(
-            "SKIP: pause_stops_the_guest_resume_continues_and_power_off_ends_the_vm needs /dev/kvm"
-        );
+    if !tessera_tests::kvm_or_skip(
+        "pause_stops_the_guest_resume_continues_and_power_off_ends_the_vm",
+    ) {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -173,13 +167,7 @@ fn pause_stops_the_guest_resume_continues_and_power_off_ends_the_vm() {
 
 #[test]
 fn pause_and_resume_reach_every_vcpu_of_a_multi_vcpu_vm() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        println!("SKIP: pause_and_resume_reach_every_vcpu_of_a_multi_vcpu_vm needs /dev/kvm");
+    if !tessera_tests::kvm_or_skip("pause_and_resume_reach_every_vcpu_of_a_multi_vcpu_vm") {
         return;
     }
     let d = tempfile::tempdir().unwrap();

@@ -71,13 +71,7 @@ fn contains(report: &Value, page: u64) -> bool {
 
 #[test]
 fn guest_and_vmm_writes_are_both_tracked() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        println!("SKIP: guest_and_vmm_writes_are_both_tracked needs /dev/kvm");
+    if !tessera_tests::kvm_or_skip("guest_and_vmm_writes_are_both_tracked") {
         return;
     }
     let d = tempfile::tempdir().unwrap();

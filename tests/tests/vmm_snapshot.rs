@@ -71,13 +71,7 @@ fn spawn(args: &[&std::ffi::OsStr]) -> Child {
 
 #[test]
 fn a_restored_vm_continues_counting_and_keeps_its_disk() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        println!("SKIP: a_restored_vm_continues_counting_and_keeps_its_disk needs /dev/kvm");
+    if !tessera_tests::kvm_or_skip("a_restored_vm_continues_counting_and_keeps_its_disk") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
