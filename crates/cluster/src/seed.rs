@@ -1,0 +1,214 @@
+//! The seed configuration a node boots with (`/etc/tessera/seed.toml` or the image's
+//! config partition): which cluster to form or join, with which secret, how many nodes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A field that is missing or wrong, named.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SeedError {
+    /// The file could not be read.
+    #[error("reading {path}: {reason}")]
+    Read {
+        /// File.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// TOML syntax, unknown field or wrong type (the message names the field).
+    #[error("{path}: {reason}")]
+    Parse {
+        /// File.
+        path: String,
+        /// Why (from the TOML parser, naming the field).
+        reason: String,
+    },
+    /// A value out of range.
+    #[error("{path}: field `{field}`: {reason}")]
+    Invalid {
+        /// File.
+        path: String,
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The management network settings.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Management {
+    /// The address this node's cluster traffic and API bind to.
+    pub address: SocketAddr,
+    /// Interface for multicast discovery (optional; the kernel picks one otherwise).
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// Multicast group and port for discovery announcements.
+    #[serde(default = "default_multicast")]
+    pub multicast: SocketAddr,
+}
+
+fn default_multicast() -> SocketAddr {
+    SocketAddr::from(([239, 77, 0, 1], 7946))
+}
+
+/// The seed configuration.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Seed {
+    /// Cluster name: nodes only talk to announcements with the same name.
+    pub cluster_name: String,
+    /// Shared join secret (at least 16 characters): authenticates every discovery message.
+    pub join_secret: String,
+    /// How many nodes must see each other before the cluster forms.
+    pub expected_nodes: usize,
+    /// Management network.
+    pub management: Management,
+    /// Where this node keeps its state.
+    pub data_dir: PathBuf,
+    /// Peers to announce to directly, for networks without multicast.
+    #[serde(default)]
+    pub static_peers: Vec<SocketAddr>,
+}
+
+impl Seed {
+    /// Reads and validates a seed file.
+    pub fn load(path: &Path) -> Result<Seed, SeedError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| SeedError::Read {
+            path: p.clone(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(&text, &p)
+    }
+
+    /// Parses and validates seed text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Seed, SeedError> {
+        let seed: Seed = toml::from_str(text).map_err(|e| SeedError::Parse {
+            path: origin.to_string(),
+            reason: match e.span().and_then(|s| field_at(text, s.start)) {
+                Some(field) => format!("field `{field}`: {}", e.message()),
+                None => e.message().to_string(),
+            },
+        })?;
+        let invalid = |field, reason: &str| SeedError::Invalid {
+            path: origin.to_string(),
+            field,
+            reason: reason.to_string(),
+        };
+        let name_ok = !seed.cluster_name.is_empty()
+            && seed.cluster_name.len() <= 63
+            && seed
+                .cluster_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !name_ok {
+            return Err(invalid("cluster_name", "1-63 letters, digits or '-'"));
+        }
+        if seed.join_secret.len() < 16 {
+            return Err(invalid("join_secret", "must be at least 16 characters"));
+        }
+        if !(1..=64).contains(&seed.expected_nodes) {
+            return Err(invalid("expected_nodes", "must be 1 to 64"));
+        }
+        if !seed.management.multicast.ip().is_multicast() {
+            return Err(invalid(
+                "management.multicast",
+                "must be a multicast address",
+            ));
+        }
+        if seed.management.address.ip().is_unspecified() {
+            return Err(invalid(
+                "management.address",
+                "must be a concrete address peers can reach",
+            ));
+        }
+        if !seed.data_dir.is_absolute() {
+            return Err(invalid("data_dir", "must be an absolute path"));
+        }
+        Ok(seed)
+    }
+}
+
+/// The dotted name of the key on the line holding byte `at` (for error messages).
+fn field_at(text: &str, at: usize) -> Option<String> {
+    let mut table = String::new();
+    let mut start = 0;
+    for line in text.split_inclusive('\n') {
+        let end = start + line.len();
+        let t = line.trim();
+        if t.starts_with('[') && t.ends_with(']') {
+            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        }
+        if (start..end).contains(&at) {
+            let key = t.split_once('=')?.0.trim();
+            return Some(if table.is_empty() {
+                key.to_string()
+            } else {
+                format!("{table}.{key}")
+            });
+        }
+        start = end;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+cluster_name = "lab"
+join_secret = "correct horse battery staple"
+expected_nodes = 3
+data_dir = "/var/lib/tessera"
+static_peers = ["10.77.0.2:7946"]
+
+[management]
+address = "10.77.0.1:7946"
+"#;
+
+    #[test]
+    fn a_good_seed_parses_with_defaults() {
+        let s = Seed::parse(GOOD, "seed.toml").unwrap();
+        assert_eq!(s.expected_nodes, 3);
+        assert_eq!(s.management.multicast, "239.77.0.1:7946".parse().unwrap());
+        assert_eq!(s.static_peers.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (
+                GOOD.replace("expected_nodes = 3", "expected_nodes = 0"),
+                "expected_nodes",
+            ),
+            (
+                GOOD.replace("correct horse battery staple", "short"),
+                "join_secret",
+            ),
+            (GOOD.replace("\"lab\"", "\"bad name!\""), "cluster_name"),
+            (
+                GOOD.replace("expected_nodes = 3", "expected_nodes = \"three\""),
+                "expected_nodes",
+            ),
+            (
+                GOOD.replace("expected_nodes = 3", "expected_nodes = 3\nexpectd = 1"),
+                "expectd",
+            ),
+            (GOOD.replace("/var/lib/tessera", "relative/dir"), "data_dir"),
+            (
+                GOOD.replace("10.77.0.1:7946", "0.0.0.0:7946"),
+                "management.address",
+            ),
+            (GOOD.replace("cluster_name = \"lab\"\n", ""), "cluster_name"),
+        ];
+        for (text, field) in cases {
+            let e = Seed::parse(&text, "seed.toml").unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+    }
+}
