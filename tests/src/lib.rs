@@ -291,3 +291,107 @@ pub fn kvm_or_skip(test: &str) -> bool {
     }
     ok
 }
+
+/// A private LAN for multi-node tests: one network namespace per node, each with `eth0`
+/// at 10.77.0.(i+1)/24, all on a bridge inside a separate "switch" namespace. Traffic
+/// stays inside namespaces the test created. Removed on drop.
+pub struct Lan {
+    switch: String,
+    nodes: Vec<String>,
+}
+
+fn ip(args: &[&str]) {
+    run(Command::new("ip").args(args));
+}
+
+impl Lan {
+    /// Builds a LAN of `n` nodes, or `None` (after printing a SKIP line for `test`) when
+    /// not root.
+    pub fn new(test: &str, n: usize) -> Option<Lan> {
+        if !nix::unistd::Uid::effective().is_root() {
+            skip(test, "needs root to create network namespaces");
+            return None;
+        }
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        );
+        let switch = format!("tsw-{id}");
+        ip(&["netns", "add", &switch]);
+        let lan = Lan {
+            switch: switch.clone(),
+            nodes: Vec::new(),
+        };
+        ip(&[
+            "-n",
+            &switch,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ]);
+        ip(&["-n", &switch, "link", "set", "br0", "up"]);
+        let mut lan = lan;
+        for i in 0..n {
+            let ns = format!("tsn-{id}-{i}");
+            ip(&["netns", "add", &ns]);
+            lan.nodes.push(ns.clone());
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            let port = format!("p{i}");
+            ip(&[
+                "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port,
+                "netns", &switch,
+            ]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", Self::addr(i)),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", &switch, "link", "set", &port, "master", "br0"]);
+            ip(&["-n", &switch, "link", "set", &port, "up"]);
+        }
+        Some(lan)
+    }
+
+    /// Node `i`'s address.
+    pub fn addr(i: usize) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::new(10, 77, 0, i as u8 + 1)
+    }
+
+    /// A command that runs `program` inside node `i`'s namespace.
+    pub fn command(&self, i: usize, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.nodes[i]]).arg(program);
+        c
+    }
+
+    /// Cuts node `i` off the LAN (link down) or reconnects it.
+    pub fn set_link(&self, i: usize, up: bool) {
+        ip(&[
+            "-n",
+            &self.nodes[i],
+            "link",
+            "set",
+            "eth0",
+            if up { "up" } else { "down" },
+        ]);
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for ns in self.nodes.iter().chain(std::iter::once(&self.switch)) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}

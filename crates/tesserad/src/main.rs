@@ -1,0 +1,221 @@
+//! `tesserad`: the node's management daemon.
+//!
+//! Today it does the first part of its job: it reads the seed configuration, keeps the
+//! node's identity, announces itself on the management network (UDP multicast and static
+//! peers, authenticated with the join secret), and forms the cluster with the other
+//! expected nodes, persisting the outcome in `<data_dir>/formed.json`. The Raft-replicated
+//! cluster state, the REST API and the CLI come next (see the open issue); joining an
+//! already formed cluster needs that Raft layer and is reported as not supported yet.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::Parser;
+use socket2::{Domain, Protocol, Socket, Type};
+use tessera_cluster::discovery::{self, Announce, DiscoveryError, Key, Receiver};
+use tessera_cluster::formation::{Action, Formation, Formed};
+use tessera_cluster::identity::Identity;
+use tessera_cluster::seed::Seed;
+use tokio::net::UdpSocket;
+
+#[derive(Parser)]
+#[command(name = "tesserad", version, about = "Tessera's management daemon")]
+struct Cli {
+    /// The seed configuration.
+    #[arg(long, default_value = "/etc/tessera/seed.toml")]
+    seed: PathBuf,
+}
+
+/// How often a node announces itself.
+const ANNOUNCE_EVERY: Duration = Duration::from_millis(200);
+/// A peer unheard for this long no longer counts.
+const LIVENESS_MS: u64 = 1_000;
+
+fn main() -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn load_formed(path: &Path) -> anyhow::Result<Option<Formed>> {
+    match std::fs::read(path) {
+        Ok(b) => {
+            Ok(Some(serde_json::from_slice(&b).with_context(|| {
+                format!("{} is damaged", path.display())
+            })?))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn save_formed(path: &Path, f: &Formed) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(f)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+/// A UDP socket for discovery: bound to the group's port, member of the group on the
+/// management interface, sending from it.
+fn discovery_socket(seed: &Seed) -> anyhow::Result<UdpSocket> {
+    let group = match seed.management.multicast.ip() {
+        IpAddr::V4(g) => g,
+        IpAddr::V6(_) => anyhow::bail!("IPv6 multicast discovery is not supported yet"),
+    };
+    let iface = match seed.management.address.ip() {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(_) => anyhow::bail!("an IPv6 management address is not supported yet"),
+    };
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, seed.management.multicast.port())).into())
+        .context("binding the discovery port")?;
+    s.join_multicast_v4(&group, &iface)
+        .with_context(|| format!("joining {group} on {iface}"))?;
+    s.set_multicast_if_v4(&iface)?;
+    s.set_multicast_loop_v4(false)?;
+    Ok(UdpSocket::from_std(s.into())?)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let seed = Seed::load(&cli.seed)?;
+    let identity = Identity::load_or_create(&seed.data_dir)?;
+    let formed_path = seed.data_dir.join("formed.json");
+    let persisted = load_formed(&formed_path)?;
+    let me = identity.node_id.clone();
+    tracing::info!(node = %me, cluster = %seed.cluster_name, expected = seed.expected_nodes, address = %seed.management.address, "tesserad starting");
+    if let Some(f) = &persisted {
+        tracing::info!(cluster_id = %f.cluster_id, members = f.members.len(), "already a member of a formed cluster");
+    }
+    let key = Key::from_secret(&seed.join_secret);
+    let sock = discovery_socket(&seed)?;
+    let incarnation = now_ms();
+    let mut formation = Formation::new(
+        &seed.cluster_name,
+        me.clone(),
+        seed.expected_nodes,
+        LIVENESS_MS,
+        now_ms(),
+        persisted,
+    );
+    let mut receiver = Receiver::default();
+    let mut seq = 0u64;
+    let mut ticker = tokio::time::interval(ANNOUNCE_EVERY);
+    let mut buf = vec![0u8; discovery::MAX_DATAGRAM + 1];
+    // Rate limits, per sender: our refusals, and their refusals of us.
+    let mut refused: HashMap<SocketAddr, Instant> = HashMap::new();
+    let mut refused_by: HashMap<SocketAddr, Instant> = HashMap::new();
+    let mut join_reported = false;
+    let mut targets = vec![seed.management.multicast];
+    targets.extend(seed.static_peers.iter().copied());
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                seq += 1;
+                let now = now_ms();
+                let a = Announce {
+                    cluster: seed.cluster_name.clone(),
+                    node_id: me.clone(),
+                    addr: seed.management.address,
+                    incarnation,
+                    seq,
+                    sent_ms: now,
+                    proposal: formation.proposal(now),
+                    formed: formation.formed().cloned(),
+                };
+                let wire = discovery::encode(&a, &key);
+                for t in &targets {
+                    if let Err(e) = sock.send_to(&wire, t).await {
+                        tracing::debug!(target = %t, error = %e, "announcement not sent");
+                    }
+                }
+                match formation.decide(now) {
+                    Action::Wait => {}
+                    Action::Bootstrap(f) => {
+                        save_formed(&formed_path, &f)?;
+                        tracing::info!(cluster_id = %f.cluster_id, members = ?f.members, "cluster formed: this node bootstraps it");
+                    }
+                    Action::Adopt(f) => {
+                        save_formed(&formed_path, &f)?;
+                        tracing::info!(cluster_id = %f.cluster_id, members = ?f.members, "cluster formed: this node is a founding member");
+                    }
+                    Action::Join { cluster_id, via } => {
+                        if !join_reported {
+                            join_reported = true;
+                            tracing::warn!(%cluster_id, ?via, "a cluster already exists; joining it needs the Raft layer, which is not supported yet");
+                        }
+                    }
+                }
+            }
+            r = sock.recv_from(&mut buf) => {
+                let (n, src) = match r {
+                    Ok(x) => x,
+                    Err(e) => { tracing::debug!(error = %e, "discovery receive failed"); continue; }
+                };
+                match discovery::decode(&buf[..n], &key) {
+                    Ok(a) => match receiver.accept(&seed.cluster_name, &a, now_ms()) {
+                        Ok(()) => formation.heard(&a, now_ms()),
+                        Err(e) => tracing::debug!(%src, error = %e, "announcement ignored"),
+                    },
+                    Err(DiscoveryError::BadMac) => {
+                        // Rate-limit both the log line and the rejection per sender.
+                        let recent = refused.get(&src).is_some_and(|t| t.elapsed() < Duration::from_secs(5));
+                        if !recent {
+                            refused.insert(src, Instant::now());
+                            tracing::warn!(%src, "refused an announcement: authentication failed (the sender has a different join secret)");
+                            let _ = sock.send_to(&discovery::encode_reject("authentication failed: different join secret"), src).await;
+                        }
+                    }
+                    Err(DiscoveryError::RejectedByPeer(reason)) => {
+                        let recent = refused_by.get(&src).is_some_and(|t| t.elapsed() < Duration::from_secs(5));
+                        if !recent {
+                            refused_by.insert(src, Instant::now());
+                            tracing::error!(%src, %reason, "a peer rejected our announcement: check join_secret in the seed configuration");
+                        }
+                    }
+                    Err(e) => tracing::debug!(%src, error = %e, "datagram ignored"),
+                }
+            }
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("stopping");
+                return Ok(());
+            }
+        }
+    }
+}

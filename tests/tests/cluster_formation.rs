@@ -1,0 +1,216 @@
+//! tesserad nodes on a private LAN (network namespaces on a bridge) find each other by
+//! authenticated UDP multicast and form one cluster with no human step; a node with the
+//! wrong join secret is never admitted, and both sides log why.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+use rand::Rng;
+use tessera_tests::{bin, Lan};
+
+struct Node {
+    child: Child,
+    dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_seed(dir: &Path, i: usize, expected: usize, secret: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let seed = dir.join("seed.toml");
+    std::fs::write(
+        &seed,
+        format!(
+            "cluster_name = \"lab\"\njoin_secret = \"{secret}\"\nexpected_nodes = {expected}\n\
+             data_dir = \"{}\"\n\n[management]\naddress = \"{}:7946\"\n",
+            dir.join("data").display(),
+            Lan::addr(i)
+        ),
+    )
+    .unwrap();
+    seed
+}
+
+fn start(lan: &Lan, i: usize, dir: &Path) -> Node {
+    let log = dir.join("tesserad.log");
+    let child = lan
+        .command(i, &bin("tesserad"))
+        .arg("--seed")
+        .arg(dir.join("seed.toml"))
+        .env("TESSERA_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Node {
+        child,
+        dir: dir.to_path_buf(),
+        log,
+    }
+}
+
+fn formed(n: &Node) -> Option<serde_json::Value> {
+    let text = std::fs::read(n.dir.join("data/formed.json")).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+fn node_id(n: &Node) -> String {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(n.dir.join("data/identity.json")).unwrap()).unwrap();
+    v["node_id"].as_str().unwrap().to_string()
+}
+
+fn wait_all_formed(nodes: &[&Node]) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let f: Vec<_> = nodes.iter().map(|n| formed(n)).collect();
+        if f.iter().all(Option::is_some) {
+            return f.into_iter().flatten().collect();
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = nodes
+                .iter()
+                .map(|n| std::fs::read_to_string(&n.log).unwrap_or_default())
+                .collect();
+            panic!(
+                "cluster did not form in 30 s; logs:\n{}",
+                logs.join("\n----\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn three_nodes_started_in_random_order_form_one_cluster_without_a_human() {
+    let Some(lan) = Lan::new(
+        "three_nodes_started_in_random_order_form_one_cluster_without_a_human",
+        3,
+    ) else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let mut order: Vec<usize> = (0..3).collect();
+    order.shuffle(&mut rand::thread_rng());
+    let mut nodes: Vec<Option<Node>> = (0..3).map(|_| None).collect();
+    for i in order {
+        let dir = d.path().join(format!("node{i}"));
+        write_seed(&dir, i, 3, "correct horse battery staple");
+        nodes[i] = Some(start(&lan, i, &dir));
+        std::thread::sleep(Duration::from_millis(rand::thread_rng().gen_range(0..700)));
+    }
+    let nodes: Vec<Node> = nodes.into_iter().flatten().collect();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let f = wait_all_formed(&refs);
+    assert!(f.iter().all(|x| x == &f[0]), "nodes disagree: {f:?}");
+    let mut ids: Vec<String> = nodes.iter().map(node_id).collect();
+    ids.sort();
+    let members: Vec<String> = f[0]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(members, ids);
+    let bootstraps = nodes
+        .iter()
+        .filter(|n| {
+            std::fs::read_to_string(&n.log)
+                .unwrap()
+                .contains("this node bootstraps it")
+        })
+        .count();
+    assert_eq!(bootstraps, 1, "exactly one node bootstraps");
+
+    // Restart everyone: the cluster is remembered, nobody bootstraps again.
+    let before = f[0].clone();
+    let dirs: Vec<PathBuf> = nodes.iter().map(|n| n.dir.clone()).collect();
+    drop(nodes);
+    let nodes: Vec<Node> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| {
+            std::fs::remove_file(dir.join("tesserad.log")).unwrap();
+            start(&lan, i, dir)
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !nodes.iter().all(|n| {
+        std::fs::read_to_string(&n.log)
+            .unwrap_or_default()
+            .contains("already a member")
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "restarted nodes did not report their cluster"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    for n in &nodes {
+        assert_eq!(formed(n).unwrap(), before);
+        assert!(
+            !std::fs::read_to_string(&n.log)
+                .unwrap()
+                .contains("bootstraps"),
+            "a restart bootstrapped again"
+        );
+    }
+}
+
+#[test]
+fn a_node_with_the_wrong_secret_is_never_admitted_and_both_sides_say_why() {
+    let Some(lan) = Lan::new(
+        "a_node_with_the_wrong_secret_is_never_admitted_and_both_sides_say_why",
+        3,
+    ) else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let dir = d.path().join(format!("node{i}"));
+        let secret = if i == 2 {
+            "an entirely different secret"
+        } else {
+            "correct horse battery staple"
+        };
+        write_seed(&dir, i, 2, secret);
+        nodes.push(start(&lan, i, &dir));
+    }
+    let f = wait_all_formed(&[&nodes[0], &nodes[1]]);
+    assert_eq!(f[0], f[1]);
+    let intruder = node_id(&nodes[2]);
+    assert!(
+        !f[0]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m == intruder.as_str()),
+        "the wrong-secret node was admitted"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        formed(&nodes[2]).is_none(),
+        "the wrong-secret node formed something"
+    );
+    let good_log = std::fs::read_to_string(&nodes[0].log).unwrap();
+    assert!(
+        good_log.contains("authentication failed"),
+        "no log line on the refusing side:\n{good_log}"
+    );
+    let bad_log = std::fs::read_to_string(&nodes[2].log).unwrap();
+    assert!(
+        bad_log.contains("rejected our announcement"),
+        "no log line on the refused side:\n{bad_log}"
+    );
+}
