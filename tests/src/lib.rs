@@ -395,3 +395,73 @@ impl Drop for Lan {
         }
     }
 }
+
+/// A client of a `tessera-vmm` control socket (JSON lines).
+pub struct VmApi {
+    r: std::io::BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl VmApi {
+    /// Connects, waiting up to 20 s for the socket to appear.
+    pub fn connect(path: &Path) -> VmApi {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(s) = UnixStream::connect(path) {
+                let w = s.try_clone().expect("clone control socket");
+                return VmApi {
+                    r: std::io::BufReader::new(s),
+                    w,
+                };
+            }
+            assert!(
+                Instant::now() < deadline,
+                "control socket {} never appeared",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a raw line, returns the parsed reply.
+    pub fn raw(&mut self, line: &str) -> serde_json::Value {
+        use std::io::{BufRead, Write};
+        self.w.write_all(line.as_bytes()).expect("send request");
+        self.w.write_all(b"\n").expect("send request");
+        let mut reply = String::new();
+        self.r.read_line(&mut reply).expect("read reply");
+        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{line}: no reply ({e})"))
+    }
+
+    /// Runs an operation that must succeed; returns its `ok` value.
+    pub fn call(&mut self, op: serde_json::Value) -> serde_json::Value {
+        let v = self.raw(&serde_json::json!({ "v": 1, "op": op }).to_string());
+        assert!(v.get("error").is_none(), "{op}: {v}");
+        v["ok"].clone()
+    }
+}
+
+/// The numbers of the test guest's `count N` console lines.
+pub fn counts(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("count "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// Waits (up to 90 s) until the console file satisfies `ok`; returns its text.
+pub fn wait_console(path: &Path, what: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if ok(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; console:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -2,48 +2,27 @@
 //! stops), resume (it continues), console read and write, events, power-off, and bad
 //! requests.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tessera_tests::bin;
+use tessera_tests::{bin, VmApi};
 
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
 
-struct Api {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
+struct Api(VmApi);
 
 impl Api {
     fn connect(path: &std::path::Path) -> Api {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(s) = UnixStream::connect(path) {
-                return Api {
-                    w: s.try_clone().unwrap(),
-                    r: BufReader::new(s),
-                };
-            }
-            assert!(Instant::now() < deadline, "control socket never appeared");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        Api(VmApi::connect(path))
     }
 
     fn raw(&mut self, line: &str) -> Value {
-        self.w.write_all(line.as_bytes()).unwrap();
-        self.w.write_all(b"\n").unwrap();
-        let mut reply = String::new();
-        self.r.read_line(&mut reply).unwrap();
-        serde_json::from_str(&reply).unwrap()
+        self.0.raw(line)
     }
 
     fn call(&mut self, op: Value) -> Value {
-        let v = self.raw(&json!({ "v": 1, "op": op }).to_string());
-        assert!(v.get("error").is_none(), "{op}: {v}");
-        v["ok"].clone()
+        self.0.call(op)
     }
 
     /// Console output since `since` (returns text and next offset).

@@ -1,52 +1,22 @@
 //! Dirty-page tracking for live migration: pages the guest writes (KVM's dirty log) and
 //! pages only the VMM writes (the virtio used ring) both show up, and the record clears.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tessera_tests::bin;
+use tessera_tests::{bin, counts, wait_console, VmApi};
 
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
 
 fn api(sock: &Path, op: Value) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let s = loop {
-        if let Ok(s) = UnixStream::connect(sock) {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "no control socket");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut w = s.try_clone().unwrap();
-    w.write_all(format!("{}\n", json!({ "v": 1, "op": op })).as_bytes())
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    serde_json::from_str(&line).unwrap()
-}
-
-fn last_count(console: &str) -> Option<u64> {
-    console
-        .lines()
-        .filter_map(|l| l.strip_prefix("count "))
-        .filter_map(|n| n.trim().parse().ok())
-        .next_back()
+    VmApi::connect(sock).raw(&json!({ "v": 1, "op": op }).to_string())
 }
 
 fn wait_count(path: &Path, at_least: u64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let t = std::fs::read_to_string(path).unwrap_or_default();
-        if last_count(&t).is_some_and(|n| n >= at_least) {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "count stalled:\n{t}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_console(path, "the count", |t| {
+        counts(t).last().is_some_and(|n| *n >= at_least)
+    })
 }
 
 fn hex_after(text: &str, key: &str) -> u64 {
@@ -108,7 +78,9 @@ fn guest_and_vmm_writes_are_both_tracked() {
             .unwrap()
             > 0
     );
-    let n = last_count(&std::fs::read_to_string(&con).unwrap()).unwrap();
+    let n = *counts(&std::fs::read_to_string(&con).unwrap())
+        .last()
+        .unwrap();
     // Counting goes on; every fifth count writes the disk (guest fills the buffer, the
     // device writes the used ring).
     wait_count(&con, n + 11);

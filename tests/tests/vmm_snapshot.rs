@@ -3,61 +3,16 @@
 //! where it was, with the disk writes made before the snapshot in place and the disk
 //! still working after the restore.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tessera_tests::bin;
+use tessera_tests::{bin, counts, wait_console, VmApi};
 
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
 
 fn api(sock: &Path, op: Value) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let s = loop {
-        if let Ok(s) = UnixStream::connect(sock) {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "control socket {} never appeared",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut w = s.try_clone().unwrap();
-    w.write_all(format!("{}\n", json!({ "v": 1, "op": op })).as_bytes())
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{op}: no reply ({e})"));
-    assert!(v.get("error").is_none(), "{op}: {v}");
-    v["ok"].clone()
-}
-
-fn counts(console: &str) -> Vec<u64> {
-    console
-        .lines()
-        .filter_map(|l| l.strip_prefix("count "))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
-
-fn wait_console(path: &Path, what: &str, ok: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if ok(&text) {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; console:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    VmApi::connect(sock).call(op)
 }
 
 fn spawn(args: &[&std::ffi::OsStr]) -> Child {
