@@ -1,0 +1,178 @@
+//! The cluster's certificate authority: minting it at formation, issuing node
+//! certificates from certificate requests (a node's private key never leaves it), and the
+//! mutual-TLS configurations node-to-node traffic uses: a server accepts only clients with
+//! a certificate from the cluster CA, and a client accepts only a server whose certificate
+//! the cluster CA issued for the node it meant to reach.
+//!
+//! It holds no state of its own: where the CA key lives (the Raft state, sealed) is the
+//! caller's decision.
+
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::crypto::ring::default_provider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Why a PKI operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// Key or certificate generation or parsing.
+    #[error("certificate: {0}")]
+    Cert(#[from] rcgen::Error),
+    /// A TLS configuration could not be built.
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    /// PEM text that does not hold what it should.
+    #[error("PEM: {0}")]
+    Pem(String),
+    /// A node name that cannot be a DNS name.
+    #[error("invalid node id {0:?}")]
+    BadNodeId(String),
+}
+
+/// The DNS name a node's certificate is issued for (and clients verify).
+pub fn node_dns_name(node_id: &str) -> Result<String, PkiError> {
+    if node_id.is_empty()
+        || node_id.len() > 63
+        || !node_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(PkiError::BadNodeId(node_id.to_string()));
+    }
+    Ok(format!("{node_id}.node.tessera"))
+}
+
+/// The cluster CA: certificate and private key, as PEM.
+#[derive(Clone)]
+pub struct ClusterCa {
+    /// CA certificate (distributed to every node).
+    pub cert_pem: String,
+    /// CA private key (kept secret by the cluster).
+    pub key_pem: String,
+}
+
+impl ClusterCa {
+    /// Mints a new CA for the cluster `cluster_id` (valid 20 years).
+    pub fn mint(cluster_id: &str) -> Result<ClusterCa, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Tessera");
+        dn.push(
+            DnType::CommonName,
+            format!("Tessera cluster {cluster_id} CA"),
+        );
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2045, 1, 1);
+        let cert = p.self_signed(&key)?;
+        Ok(ClusterCa {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Issues a node certificate from the node's request. Only the public key is taken
+    /// from the request: the name, usages and validity are the CA's.
+    pub fn issue(&self, csr_pem: &str, node_id: &str) -> Result<String, PkiError> {
+        let dns = node_dns_name(node_id)?;
+        let ca_key = KeyPair::from_pem(&self.key_pem)?;
+        let ca = CertificateParams::from_ca_cert_pem(&self.cert_pem)?.self_signed(&ca_key)?;
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Tessera");
+        dn.push(DnType::CommonName, node_id);
+        p.distinguished_name = dn;
+        p.subject_alt_names = vec![SanType::DnsName(dns.try_into()?)];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2045, 1, 1);
+        csr.params = p;
+        Ok(csr.signed_by(&ca, &ca_key)?.pem())
+    }
+}
+
+/// A node's key pair and (once issued) certificate.
+pub struct NodeCredentials {
+    /// Private key, PEM (never leaves the node).
+    pub key_pem: String,
+    /// Certificate from the cluster CA, PEM.
+    pub cert_pem: String,
+}
+
+/// Makes a node key and the certificate request to send to the CA.
+pub fn node_key_and_request(node_id: &str) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(vec![node_dns_name(node_id)?])?;
+    p.distinguished_name.push(DnType::CommonName, node_id);
+    let csr = p.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let v: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
+    let v = v.map_err(|e| PkiError::Pem(e.to_string()))?;
+    if v.is_empty() {
+        return Err(PkiError::Pem("no certificate".into()));
+    }
+    Ok(v)
+}
+
+fn key(pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| PkiError::Pem(e.to_string()))
+}
+
+fn roots(ca_pem: &str) -> Result<RootCertStore, PkiError> {
+    let mut roots = RootCertStore::empty();
+    for c in certs(ca_pem)? {
+        roots.add(c).map_err(PkiError::Tls)?;
+    }
+    Ok(roots)
+}
+
+/// TLS server side of node-to-node traffic: presents this node's certificate and requires
+/// a client certificate issued by the cluster CA.
+pub fn server_config(node: &NodeCredentials, ca_pem: &str) -> Result<ServerConfig, PkiError> {
+    let provider = Arc::new(default_provider());
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider.clone())
+            .build()
+            .map_err(|e| PkiError::Pem(format!("client verifier: {e}")))?;
+    Ok(ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(&node.cert_pem)?, key(&node.key_pem)?)?)
+}
+
+/// TLS client side: trusts only the cluster CA and presents this node's certificate.
+/// Connect with the server name [`node_dns_name`] of the node meant.
+pub fn client_config(node: &NodeCredentials, ca_pem: &str) -> Result<ClientConfig, PkiError> {
+    Ok(
+        ClientConfig::builder_with_provider(Arc::new(default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots(ca_pem)?)
+            .with_client_auth_cert(certs(&node.cert_pem)?, key(&node.key_pem)?)?,
+    )
+}
