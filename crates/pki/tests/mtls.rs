@@ -158,8 +158,7 @@ fn the_ca_decides_the_name_not_the_request() {
         )
         .next()
         .unwrap()
-        .unwrap()
-        .to_vec(),
+        .unwrap(),
     )
     .into_owned();
     assert!(text.contains("node-a.node.tessera"));
