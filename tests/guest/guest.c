@@ -260,6 +260,27 @@ static void mode_acpi(void) {
     power_off();
 }
 
+/* Echo mode: reads the serial port (polling the line status register) and echoes each
+ * line back in upper case, so tests can type through the control API. */
+static void mode_echo(void) {
+    puts("echo ready\n");
+    char line[80]; int n = 0;
+    for (;;) {
+        if (!(inb(0x3f8 + 5) & 1)) continue;
+        char c = (char)inb(0x3f8);
+        if (c == '\r' || c == '\n') {
+            line[n] = 0;
+            puts("echo: ");
+            for (int i = 0; i < n; i++) putc(line[i] >= 'a' && line[i] <= 'z' ? (char)(line[i] - 32) : line[i]);
+            puts("\n");
+            if (n == 3 && line[0] == 'b' && line[1] == 'y' && line[2] == 'e') power_off();
+            n = 0;
+        } else if (n < 79) {
+            line[n++] = c;
+        }
+    }
+}
+
 /* Benchmarks, timed from outside through the marker port 0x441. */
 static void mode_bench(void) {
     outb(0x441, 1);
@@ -276,6 +297,7 @@ void guest_main(u8 *boot_params) {
     puts("tessera test guest\n");
     const char *cmdline = (const char *)(u64)*(u32 *)(boot_params + 0x228);
     if (find(cmdline, "tessera.mode=acpi")) mode_acpi();
+    if (find(cmdline, "tessera.mode=echo")) mode_echo();
     int counting = find(cmdline, "tessera.mode=count") != 0;
     const char *dev = find(cmdline, "virtio_mmio.device=");
     if (!dev && counting) mode_count(0);

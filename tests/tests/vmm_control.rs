@@ -190,3 +190,38 @@ fn pause_and_resume_reach_every_vcpu_of_a_multi_vcpu_vm() {
     api.call(json!({ "type": "power_off" }));
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn typing_on_the_console_through_the_api_reaches_the_guest() {
+    if !tessera_tests::kvm_or_skip("typing_on_the_console_through_the_api_reaches_the_guest") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("vm.sock");
+    let mut child = Command::new(bin("tessera-vmm"))
+        .args([
+            "--kernel",
+            GUEST,
+            "--memory-mib",
+            "64",
+            "--cmdline",
+            "console=ttyS0 tessera.mode=echo",
+        ])
+        .arg("--api-socket")
+        .arg(&sock)
+        .arg("--serial-out")
+        .arg(d.path().join("serial.log"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut api = Api::connect(&sock);
+    let at = api.wait_for(0, "echo ready\n");
+    api.call(json!({ "type": "serial_write", "data": "hello tessera\n" }));
+    api.wait_for(at, "echo: HELLO TESSERA\n");
+    api.call(json!({ "type": "serial_write", "data": "bye\n" }));
+    assert!(
+        child.wait().unwrap().success(),
+        "the guest's power-off did not end the VMM"
+    );
+}

@@ -283,3 +283,39 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn several_requests_in_flight_are_all_served_in_one_notification() {
+    let mut r = rig();
+    let q = MockSplitQueue::new(&r.mem, 16);
+    let next = VRING_DESC_F_NEXT as u16;
+    let write = VRING_DESC_F_WRITE as u16;
+    let mut table = Vec::new();
+    for k in 0..3u64 {
+        let (h, d, st) = (HDR + k * 0x100, DATA + k * 0x1000, STATUS + k);
+        header(&r.mem, h, VIRTIO_BLK_T_OUT, k * 8);
+        r.mem
+            .write_slice(&[k as u8 + 1; 512], GuestAddress(d))
+            .unwrap();
+        let base = (k * 3) as u16;
+        table.push(RawDescriptor::from(Descriptor::new(h, 16, next, base + 1)));
+        table.push(RawDescriptor::from(Descriptor::new(d, 512, next, base + 2)));
+        table.push(RawDescriptor::from(Descriptor::new(st, 1, write, 0)));
+    }
+    q.add_desc_chains(&table, 0).unwrap();
+    let mut queue: Queue = q.create_queue().unwrap();
+    r.dev.process_queue(0, &mut queue, &r.mem).unwrap();
+    let disk = std::fs::read(&r.path).unwrap();
+    for k in 0..3u64 {
+        assert_eq!(
+            r.mem.read_obj::<u8>(GuestAddress(STATUS + k)).unwrap(),
+            VIRTIO_BLK_S_OK as u8
+        );
+        let at = (k * 8 * 512) as usize;
+        assert!(
+            disk[at..at + 512].iter().all(|b| *b == k as u8 + 1),
+            "request {k} not on disk"
+        );
+        assert_eq!(q.used().ring().ref_at(k as usize).unwrap().load().len(), 1);
+    }
+}
