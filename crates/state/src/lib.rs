@@ -1,0 +1,116 @@
+//! The cluster state, replicated by Raft (openraft 0.9): the durable log and vote in redb,
+//! the state machine (tables of records) with snapshots, and the node-to-node transport.
+//!
+//! It stores and replicates; it does not decide what the records mean (the domain lives
+//! in `tesserad`) nor who the members are (formation decides, then Raft membership
+//! changes go through [`Node::raft`]).
+
+// openraft's storage traits fix the error type (`StorageError`, ~224 bytes); our helpers
+// return the same type so `?` flows through them unchanged.
+#![allow(clippy::result_large_err)]
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+pub mod types;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::{BasicNode, Config, Raft};
+
+pub use types::{Applied, Command, Tables, TypeConfig};
+
+/// Errors starting a node.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The database could not be opened.
+    #[error("state database {0}: {1}")]
+    Db(String, String),
+    /// Raft refused to start.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// The RPC listener could not bind.
+    #[error("binding {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+}
+
+/// A running Raft member.
+pub struct Node {
+    /// This node's Raft id.
+    pub id: u64,
+    /// The Raft handle (writes, membership, metrics).
+    pub raft: Raft<TypeConfig>,
+    /// The local state machine (reads).
+    pub state: state_machine::StateMachine,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    /// Opens the state in `dir/state.redb` and serves Raft RPCs on `addr`.
+    pub async fn start(id: u64, addr: SocketAddr, dir: &Path) -> Result<Node, StateError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StateError::Db(dir.display().to_string(), e.to_string()))?;
+        let path = dir.join("state.redb");
+        let db = Arc::new(
+            redb::Database::create(&path)
+                .map_err(|e| StateError::Db(path.display().to_string(), e.to_string()))?,
+        );
+        let log = log_store::LogStore::new(db.clone())
+            .map_err(|e| StateError::Db(path.display().to_string(), e.to_string()))?;
+        let sm = state_machine::StateMachine::new(db)
+            .map_err(|e| StateError::Db(path.display().to_string(), e.to_string()))?;
+        let config = Config {
+            cluster_name: "tessera".into(),
+            heartbeat_interval: 150,
+            election_timeout_min: 500,
+            election_timeout_max: 1000,
+            ..Default::default()
+        };
+        let config = Arc::new(
+            config
+                .validate()
+                .map_err(|e| StateError::Raft(e.to_string()))?,
+        );
+        let raft = Raft::new(id, config, network::Network, log, sm.clone())
+            .await
+            .map_err(|e| StateError::Raft(e.to_string()))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| StateError::Bind(addr, e))?;
+        let server = tokio::spawn(network::serve(listener, raft.clone()));
+        Ok(Node {
+            id,
+            raft,
+            state: sm,
+            server,
+        })
+    }
+
+    /// Founds the cluster with these members (only the bootstrapping node calls this, once).
+    pub async fn initialize(&self, members: BTreeMap<u64, SocketAddr>) -> Result<(), StateError> {
+        let nodes: BTreeMap<u64, BasicNode> = members
+            .into_iter()
+            .map(|(id, a)| {
+                (
+                    id,
+                    BasicNode {
+                        addr: a.to_string(),
+                    },
+                )
+            })
+            .collect();
+        self.raft
+            .initialize(nodes)
+            .await
+            .map_err(|e| StateError::Raft(e.to_string()))
+    }
+
+    /// Stops Raft and the RPC server.
+    pub async fn shutdown(self) {
+        self.server.abort();
+        let _ = self.raft.shutdown().await;
+    }
+}

@@ -1,0 +1,200 @@
+//! The state machine: the cluster's tables in memory, snapshots persisted in redb. After a
+//! restart it resumes from the last snapshot and Raft re-applies the committed log after it.
+
+use std::io::Cursor;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership,
+};
+use redb::{Database, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Applied, Command, Tables, TypeConfig};
+
+type NodeId = u64;
+const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+
+fn io_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
+    StorageIOError::<NodeId>::write(&std::io::Error::other(e.to_string())).into()
+}
+
+/// Everything the state machine holds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Data {
+    /// Last log entry applied.
+    pub last_applied: Option<LogId<NodeId>>,
+    /// The membership in effect.
+    pub membership: StoredMembership<NodeId, BasicNode>,
+    /// The tables.
+    pub tables: Tables,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    data: Vec<u8>,
+}
+
+/// The state machine; clones share the data.
+#[derive(Clone)]
+pub struct StateMachine {
+    db: Arc<Database>,
+    data: Arc<RwLock<Data>>,
+}
+
+impl StateMachine {
+    /// Opens the state machine, resuming from the persisted snapshot.
+    pub fn new(db: Arc<Database>) -> Result<StateMachine, StorageError<NodeId>> {
+        let tx = db.begin_write().map_err(io_err)?;
+        tx.open_table(SNAPSHOT).map_err(io_err)?;
+        tx.commit().map_err(io_err)?;
+        let sm = StateMachine {
+            db,
+            data: Arc::new(RwLock::new(Data::default())),
+        };
+        if let Some(s) = sm.load_snapshot()? {
+            let d: Data = serde_json::from_slice(&s.data).map_err(io_err)?;
+            *sm.data.write().map_err(io_err)? = d;
+        }
+        Ok(sm)
+    }
+
+    /// Runs `f` on the current tables (a local read: the caller decides how fresh it
+    /// must be, e.g. after `Raft::ensure_linearizable`).
+    pub fn read<T>(&self, f: impl FnOnce(&Tables) -> T) -> T {
+        let d = self.data.read().unwrap_or_else(|p| p.into_inner());
+        f(&d.tables)
+    }
+
+    fn load_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError<NodeId>> {
+        let tx = self.db.begin_read().map_err(io_err)?;
+        let t = tx.open_table(SNAPSHOT).map_err(io_err)?;
+        match t.get("current").map_err(io_err)? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(io_err)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn save_snapshot(&self, s: &StoredSnapshot) -> Result<(), StorageError<NodeId>> {
+        let bytes = serde_json::to_vec(s).map_err(io_err)?;
+        let tx = self.db.begin_write().map_err(io_err)?;
+        {
+            let mut t = tx.open_table(SNAPSHOT).map_err(io_err)?;
+            t.insert("current", bytes.as_slice()).map_err(io_err)?;
+        }
+        tx.commit().map_err(io_err)
+    }
+}
+
+fn apply_command(tables: &mut Tables, cmd: &Command) -> bool {
+    match cmd {
+        Command::Put { table, key, value } => tables
+            .entry(table.clone())
+            .or_default()
+            .insert(key.clone(), value.clone())
+            .is_some(),
+        Command::Delete { table, key } => {
+            tables.get_mut(table).and_then(|t| t.remove(key)).is_some()
+        }
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let (data, last, membership) = {
+            let d = self.data.read().map_err(io_err)?;
+            (
+                serde_json::to_vec(&*d).map_err(io_err)?,
+                d.last_applied,
+                d.membership.clone(),
+            )
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: membership,
+            snapshot_id: format!("{}", last.map(|l| l.index).unwrap_or(0)),
+        };
+        self.save_snapshot(&StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        })?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>>
+    {
+        let d = self.data.read().map_err(io_err)?;
+        Ok((d.last_applied, d.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut d = self.data.write().map_err(io_err)?;
+        let mut out = Vec::new();
+        for e in entries {
+            d.last_applied = Some(e.log_id);
+            let existed = match &e.payload {
+                EntryPayload::Blank => false,
+                EntryPayload::Normal(cmd) => apply_command(&mut d.tables, cmd),
+                EntryPayload::Membership(m) => {
+                    d.membership = StoredMembership::new(Some(e.log_id), m.clone());
+                    false
+                }
+            };
+            out.push(Applied {
+                index: e.log_id.index,
+                existed,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let bytes = snapshot.into_inner();
+        let d: Data = serde_json::from_slice(&bytes).map_err(io_err)?;
+        self.save_snapshot(&StoredSnapshot {
+            meta: meta.clone(),
+            data: bytes,
+        })?;
+        *self.data.write().map_err(io_err)? = d;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        Ok(self.load_snapshot()?.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
