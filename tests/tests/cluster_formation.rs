@@ -214,3 +214,83 @@ fn a_node_with_the_wrong_secret_is_never_admitted_and_both_sides_say_why() {
         "no log line on the refused side:\n{bad_log}"
     );
 }
+
+fn status(n: &Node) -> Option<serde_json::Value> {
+    use std::io::{BufRead, Write};
+    let s = std::os::unix::net::UnixStream::connect(n.dir.join("data/tesserad.sock")).ok()?;
+    let mut w = s.try_clone().ok()?;
+    w.write_all(b"{\"op\":\"status\"}\n").ok()?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+    Some(v["ok"].clone())
+}
+
+/// Waits until every listed node reports the same leader (one of them), `voters` voters
+/// and `registered` nodes in the replicated table; returns the leader's Raft id.
+fn wait_agreement(nodes: &[&Node], voters: usize, registered: usize) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let st: Vec<Option<serde_json::Value>> = nodes.iter().map(|n| status(n)).collect();
+        let leaders: Vec<Option<u64>> = st
+            .iter()
+            .map(|s| s.as_ref().and_then(|s| s["leader"].as_u64()))
+            .collect();
+        let ok = leaders[0].is_some()
+            && leaders.iter().all(|l| *l == leaders[0])
+            && st
+                .iter()
+                .flatten()
+                .any(|s| s["raft_id"].as_u64() == leaders[0])
+            && st.iter().all(|s| {
+                s.as_ref().is_some_and(|s| {
+                    s["voters"].as_array().map(|v| v.len()) == Some(voters)
+                        && s["nodes"].as_object().map(|o| o.len()) == Some(registered)
+                })
+            });
+        if ok {
+            return leaders[0].unwrap_or(0);
+        }
+        assert!(Instant::now() < deadline, "no agreement; statuses: {st:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_formed_cluster_runs_raft_survives_losing_its_leader_and_takes_it_back() {
+    let Some(lan) = Lan::new(
+        "the_formed_cluster_runs_raft_survives_losing_its_leader_and_takes_it_back",
+        3,
+    ) else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            let dir = d.path().join(format!("node{i}"));
+            write_seed(&dir, i, 3, "correct horse battery staple");
+            start(&lan, i, &dir)
+        })
+        .collect();
+    let leader = wait_agreement(&nodes.iter().collect::<Vec<_>>(), 3, 3);
+
+    // Kill the leader's process: the other two elect a new leader.
+    let pos = nodes
+        .iter()
+        .position(|n| status(n).and_then(|s| s["raft_id"].as_u64()) == Some(leader))
+        .unwrap();
+    let dead = nodes.remove(pos);
+    let dead_dir = dead.dir.clone();
+    drop(dead);
+    let survivors: Vec<&Node> = nodes.iter().collect();
+    let new_leader = wait_agreement(&survivors, 3, 3);
+    assert_ne!(
+        new_leader, leader,
+        "the dead leader is still reported as leader"
+    );
+
+    // It comes back from its own state, rejoins, and everyone agrees again.
+    let back = start(&lan, pos, &dead_dir);
+    nodes.push(back);
+    wait_agreement(&nodes.iter().collect::<Vec<_>>(), 3, 3);
+}

@@ -97,6 +97,11 @@ impl Formation {
         self.formed.as_ref()
     }
 
+    /// The address a peer announced, if heard.
+    pub fn peer_addr(&self, id: &NodeId) -> Option<SocketAddr> {
+        self.peers.get(id).map(|p| p.addr)
+    }
+
     /// Records an authenticated, fresh announcement.
     pub fn heard(&mut self, a: &Announce, now_ms: u64) {
         if a.node_id == self.me {

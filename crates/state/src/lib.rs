@@ -108,6 +108,24 @@ impl Node {
             .map_err(|e| StateError::Raft(e.to_string()))
     }
 
+    /// Applies a command through Raft: directly on the leader, forwarded to it from a
+    /// follower. Fails when there is no leader (no quorum) or it does not answer.
+    pub async fn write(&self, cmd: Command) -> Result<Applied, StateError> {
+        use openraft::error::{ClientWriteError, RaftError};
+        match self.raft.client_write(cmd.clone()).await {
+            Ok(r) => Ok(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.leader_node {
+                Some(node) => {
+                    network::forward_write(&node.addr, cmd, std::time::Duration::from_secs(5))
+                        .await
+                        .map_err(StateError::Raft)
+                }
+                None => Err(StateError::Raft("no leader elected (no quorum?)".into())),
+            },
+            Err(e) => Err(StateError::Raft(e.to_string())),
+        }
+    }
+
     /// Stops Raft and the RPC server.
     pub async fn shutdown(self) {
         self.server.abort();

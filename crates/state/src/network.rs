@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::types::TypeConfig;
+use crate::types::{Applied, Command, TypeConfig};
 
 type NodeId = u64;
 /// Largest RPC accepted (snapshots are sent in chunks well below this).
@@ -30,6 +30,8 @@ enum Rpc {
     Append(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     Snapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A client write forwarded by a follower to the leader.
+    Write(Command),
 }
 
 /// Serves Raft RPCs for `raft` until the listener fails.
@@ -56,6 +58,14 @@ async fn handle(sock: TcpStream, raft: Raft<TypeConfig>) -> std::io::Result<()> 
         Rpc::Append(req) => serde_json::to_vec(&raft.append_entries(req).await),
         Rpc::Vote(req) => serde_json::to_vec(&raft.vote(req).await),
         Rpc::Snapshot(req) => serde_json::to_vec(&raft.install_snapshot(req).await),
+        Rpc::Write(cmd) => {
+            let res: Result<Applied, String> = raft
+                .client_write(cmd)
+                .await
+                .map(|r| r.data)
+                .map_err(|e| e.to_string());
+            serde_json::to_vec(&res)
+        }
     }
     .map_err(std::io::Error::other)?;
     w.write_all(&reply).await?;
@@ -153,4 +163,27 @@ impl RaftNetwork<TypeConfig> for Peer {
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.call(Rpc::Vote(rpc), option.hard_ttl()).await
     }
+}
+
+/// Sends a write to the leader at `addr` (a follower forwarding a client's write).
+pub async fn forward_write(addr: &str, cmd: Command, ttl: Duration) -> Result<Applied, String> {
+    let go = async {
+        let sock = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connecting to the leader {addr}: {e}"))?;
+        let (r, mut w) = sock.into_split();
+        let mut body = serde_json::to_vec(&Rpc::Write(cmd)).map_err(|e| e.to_string())?;
+        body.push(b'\n');
+        w.write_all(&body).await.map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(r)
+            .take(MAX_RPC)
+            .read_line(&mut line)
+            .await
+            .map_err(|e| e.to_string())?;
+        serde_json::from_str::<Result<Applied, String>>(&line).map_err(|e| e.to_string())?
+    };
+    tokio::time::timeout(ttl, go)
+        .await
+        .map_err(|_| format!("the leader {addr} did not answer in time"))?
 }

@@ -92,8 +92,9 @@ async fn three_members_replicate_survive_the_leader_and_catch_up_after_restart()
     old.shutdown().await;
     let new_leader = wait_leader(&nodes.iter().collect::<Vec<_>>()).await;
     assert_ne!(new_leader, leader);
-    let nl = nodes.iter().find(|n| n.id == new_leader).unwrap();
-    nl.raft.client_write(put("b", json!(2))).await.unwrap();
+    // A follower's write is forwarded to the new leader.
+    let follower = nodes.iter().find(|n| n.id != new_leader).unwrap();
+    follower.write(put("b", json!(2))).await.unwrap();
     for n in &nodes {
         wait_value(n, "b", json!(2)).await;
     }

@@ -2,14 +2,20 @@
 //!
 //! Today it does the first part of its job: it reads the seed configuration, keeps the
 //! node's identity, announces itself on the management network (UDP multicast and static
-//! peers, authenticated with the join secret), and forms the cluster with the other
-//! expected nodes, persisting the outcome in `<data_dir>/formed.json`. The Raft-replicated
-//! cluster state, the REST API and the CLI come next (see the open issue); joining an
-//! already formed cluster needs that Raft layer and is reported as not supported yet.
+//! peers, authenticated with the join secret), forms the cluster with the other expected
+//! nodes (persisting the outcome in `<data_dir>/formed.json`), then runs its member of
+//! the Raft-replicated cluster state and registers itself there. A local status socket
+//! (`<data_dir>/tesserad.sock`, root only) reports what it knows. The REST API and the
+//! CLI come next (see the open issue); adding a node to an already formed cluster is
+//! reported as not supported yet.
 
-use std::collections::HashMap;
+mod replicated;
+
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -19,7 +25,8 @@ use tessera_cluster::discovery::{self, Announce, DiscoveryError, Key, Receiver};
 use tessera_cluster::formation::{Action, Formation, Formed};
 use tessera_cluster::identity::Identity;
 use tessera_cluster::seed::Seed;
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UdpSocket, UnixListener};
 
 #[derive(Parser)]
 #[command(name = "tesserad", version, about = "Tessera's management daemon")]
@@ -113,6 +120,50 @@ fn discovery_socket(seed: &Seed) -> anyhow::Result<UdpSocket> {
     Ok(UdpSocket::from_std(s.into())?)
 }
 
+type SharedNode = Arc<Mutex<Option<Arc<tessera_state::Node>>>>;
+
+/// Serves `{"op":"status"}` on `<data_dir>/tesserad.sock` (mode 0600).
+fn serve_status(
+    dir: &Path,
+    me: tessera_cluster::identity::NodeId,
+    cluster_id: Arc<Mutex<Option<String>>>,
+    node: SharedNode,
+) -> anyhow::Result<()> {
+    let path = dir.join("tesserad.sock");
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let (me, cluster_id, node) = (me.clone(), cluster_id.clone(), node.clone());
+            tokio::spawn(async move {
+                let (r, mut w) = sock.into_split();
+                let mut r = BufReader::new(r.take(64 * 1024));
+                let mut line = String::new();
+                while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    let reply = match serde_json::from_str::<serde_json::Value>(&line) {
+                        Ok(v) if v["op"] == "status" => {
+                            let cid = cluster_id.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                            let n = node.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                            serde_json::json!({ "ok": replicated::status(&me, cid.as_deref(), n.as_deref()) })
+                        }
+                        Ok(v) => serde_json::json!({ "error": format!("unknown op {}", v["op"]) }),
+                        Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
+                    };
+                    let mut out = reply.to_string().into_bytes();
+                    out.push(b'\n');
+                    if w.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let seed = Seed::load(&cli.seed)?;
     let identity = Identity::load_or_create(&seed.data_dir)?;
@@ -122,6 +173,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(node = %me, cluster = %seed.cluster_name, expected = seed.expected_nodes, address = %seed.management.address, "tesserad starting");
     if let Some(f) = &persisted {
         tracing::info!(cluster_id = %f.cluster_id, members = f.members.len(), "already a member of a formed cluster");
+    }
+    // What the status socket reports; filled in as the node forms and starts Raft.
+    let shared: Arc<Mutex<Option<Arc<tessera_state::Node>>>> = Arc::new(Mutex::new(None));
+    let cluster_id: Arc<Mutex<Option<String>>> =
+        Arc::new(Mutex::new(persisted.as_ref().map(|f| f.cluster_id.clone())));
+    serve_status(
+        &seed.data_dir,
+        me.clone(),
+        cluster_id.clone(),
+        shared.clone(),
+    )?;
+    if persisted.is_some() {
+        let node = replicated::start(&me, seed.management.address, &seed.data_dir, None).await?;
+        replicated::register(node.clone(), me.clone(), seed.management.address);
+        *shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(node);
     }
     let key = Key::from_secret(&seed.join_secret);
     let sock = discovery_socket(&seed)?;
@@ -170,10 +236,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Action::Bootstrap(f) => {
                         save_formed(&formed_path, &f)?;
                         tracing::info!(cluster_id = %f.cluster_id, members = ?f.members, "cluster formed: this node bootstraps it");
+                        let mut founders = BTreeMap::new();
+                        for m in &f.members {
+                            let addr = if *m == me { Some(seed.management.address) } else { formation.peer_addr(m) };
+                            let addr = addr.with_context(|| format!("no address heard for founding member {m}"))?;
+                            founders.insert(replicated::raft_id(m), replicated::raft_addr(addr));
+                        }
+                        let node = replicated::start(&me, seed.management.address, &seed.data_dir, Some(founders)).await?;
+                        replicated::register(node.clone(), me.clone(), seed.management.address);
+                        *shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(node);
+                        *cluster_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.cluster_id.clone());
                     }
                     Action::Adopt(f) => {
                         save_formed(&formed_path, &f)?;
                         tracing::info!(cluster_id = %f.cluster_id, members = ?f.members, "cluster formed: this node is a founding member");
+                        let node = replicated::start(&me, seed.management.address, &seed.data_dir, None).await?;
+                        replicated::register(node.clone(), me.clone(), seed.management.address);
+                        *shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(node);
+                        *cluster_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.cluster_id.clone());
                     }
                     Action::Join { cluster_id, via } => {
                         if !join_reported {

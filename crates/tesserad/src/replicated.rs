@@ -1,0 +1,83 @@
+//! After formation: this node's Raft member of the cluster state, its registration in the
+//! `nodes` table, and what the status socket reports about it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tessera_cluster::identity::NodeId;
+use tessera_state::{Command, Node};
+
+/// The Raft id of a node: the first 64 bits of its node id.
+pub fn raft_id(id: &NodeId) -> u64 {
+    id.0.get(..16)
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .unwrap_or(0)
+}
+
+/// Raft traffic uses the port after the management port.
+pub fn raft_addr(management: SocketAddr) -> SocketAddr {
+    SocketAddr::new(management.ip(), management.port().wrapping_add(1))
+}
+
+/// Starts this node's Raft member; the bootstrapping node also founds the cluster with
+/// `founders` (Raft id -> Raft address).
+pub async fn start(
+    me: &NodeId,
+    management: SocketAddr,
+    data_dir: &Path,
+    founders: Option<BTreeMap<u64, SocketAddr>>,
+) -> anyhow::Result<Arc<Node>> {
+    let node = Node::start(raft_id(me), raft_addr(management), &data_dir.join("state")).await?;
+    if let Some(members) = founders {
+        node.initialize(members).await?;
+        tracing::info!("Raft cluster initialized");
+    }
+    Ok(Arc::new(node))
+}
+
+/// Records this node in the replicated `nodes` table, retrying until a leader takes it.
+pub fn register(node: Arc<Node>, me: NodeId, management: SocketAddr) {
+    tokio::spawn(async move {
+        let cmd = Command::Put {
+            table: "nodes".into(),
+            key: me.0.clone(),
+            value: json!({ "address": management.to_string(), "raft_id": raft_id(&me) }),
+        };
+        loop {
+            match node.write(cmd.clone()).await {
+                Ok(a) => {
+                    tracing::info!(index = a.index, "registered in the cluster state");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "registration not accepted yet");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+    });
+}
+
+/// The status document of this node.
+pub fn status(me: &NodeId, cluster_id: Option<&str>, node: Option<&Node>) -> serde_json::Value {
+    let mut v = json!({
+        "node_id": me.0,
+        "raft_id": raft_id(me),
+        "cluster_id": cluster_id,
+    });
+    if let Some(n) = node {
+        let m = n.raft.metrics().borrow().clone();
+        let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+        v["leader"] = json!(m.current_leader);
+        v["term"] = json!(m.current_term);
+        v["voters"] = json!(voters);
+        v["nodes"] = n
+            .state
+            .read(|t| json!(t.get("nodes").cloned().unwrap_or_default()));
+    }
+    v
+}
