@@ -294,3 +294,58 @@ fn the_formed_cluster_runs_raft_survives_losing_its_leader_and_takes_it_back() {
     nodes.push(back);
     wait_agreement(&nodes.iter().collect::<Vec<_>>(), 3, 3);
 }
+
+fn health_of(observer: &Node, id: &str) -> Option<String> {
+    status(observer).and_then(|s| s["health"][id]["state"].as_str().map(str::to_string))
+}
+
+#[test]
+fn a_cut_off_node_is_reported_down_within_the_bound_and_up_after_heal() {
+    let Some(lan) = Lan::new(
+        "a_cut_off_node_is_reported_down_within_the_bound_and_up_after_heal",
+        3,
+    ) else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            let dir = d.path().join(format!("node{i}"));
+            write_seed(&dir, i, 3, "correct horse battery staple");
+            start(&lan, i, &dir)
+        })
+        .collect();
+    wait_agreement(&nodes.iter().collect::<Vec<_>>(), 3, 3);
+    let victim = node_id(&nodes[2]);
+    assert_eq!(health_of(&nodes[0], &victim).as_deref(), Some("up"));
+
+    lan.set_link(2, false);
+    let cut = Instant::now();
+    while !(health_of(&nodes[0], &victim).as_deref() == Some("down")
+        && health_of(&nodes[1], &victim).as_deref() == Some("down"))
+    {
+        assert!(
+            cut.elapsed() < Duration::from_secs(10),
+            "never reported down"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let detected = cut.elapsed();
+    assert!(
+        detected <= Duration::from_millis(3_500),
+        "reported down after {detected:?}, bound is 3 s"
+    );
+    // The two others still form a majority and keep a leader.
+    wait_agreement(&nodes[..2].iter().collect::<Vec<_>>(), 3, 3);
+
+    lan.set_link(2, true);
+    let healed = Instant::now();
+    while health_of(&nodes[0], &victim).as_deref() != Some("up") {
+        assert!(
+            healed.elapsed() < Duration::from_secs(5),
+            "not back up after heal"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_agreement(&nodes.iter().collect::<Vec<_>>(), 3, 3);
+}

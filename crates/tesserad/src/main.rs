@@ -9,6 +9,7 @@
 //! CLI come next (see the open issue); adding a node to an already formed cluster is
 //! reported as not supported yet.
 
+mod health;
 mod replicated;
 
 use std::collections::{BTreeMap, HashMap};
@@ -121,6 +122,8 @@ fn discovery_socket(seed: &Seed) -> anyhow::Result<UdpSocket> {
 }
 
 type SharedNode = Arc<Mutex<Option<Arc<tessera_state::Node>>>>;
+/// When each peer was last heard on the management network.
+type Heard = Arc<Mutex<HashMap<String, Instant>>>;
 
 /// Serves `{"op":"status"}` on `<data_dir>/tesserad.sock` (mode 0600).
 fn serve_status(
@@ -128,6 +131,7 @@ fn serve_status(
     me: tessera_cluster::identity::NodeId,
     cluster_id: Arc<Mutex<Option<String>>>,
     node: SharedNode,
+    heard: Heard,
 ) -> anyhow::Result<()> {
     let path = dir.join("tesserad.sock");
     let _ = std::fs::remove_file(&path);
@@ -136,7 +140,8 @@ fn serve_status(
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     tokio::spawn(async move {
         while let Ok((sock, _)) = listener.accept().await {
-            let (me, cluster_id, node) = (me.clone(), cluster_id.clone(), node.clone());
+            let (me, cluster_id, node, heard) =
+                (me.clone(), cluster_id.clone(), node.clone(), heard.clone());
             tokio::spawn(async move {
                 let (r, mut w) = sock.into_split();
                 let mut r = BufReader::new(r.take(64 * 1024));
@@ -146,7 +151,10 @@ fn serve_status(
                         Ok(v) if v["op"] == "status" => {
                             let cid = cluster_id.lock().unwrap_or_else(|p| p.into_inner()).clone();
                             let n = node.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                            serde_json::json!({ "ok": replicated::status(&me, cid.as_deref(), n.as_deref()) })
+                            let mut st = replicated::status(&me, cid.as_deref(), n.as_deref());
+                            let heard = heard.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                            st["health"] = health::report(&me.0, &st["nodes"], &heard);
+                            serde_json::json!({ "ok": st })
                         }
                         Ok(v) => serde_json::json!({ "error": format!("unknown op {}", v["op"]) }),
                         Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
@@ -178,11 +186,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let shared: Arc<Mutex<Option<Arc<tessera_state::Node>>>> = Arc::new(Mutex::new(None));
     let cluster_id: Arc<Mutex<Option<String>>> =
         Arc::new(Mutex::new(persisted.as_ref().map(|f| f.cluster_id.clone())));
+    let heard: Heard = Arc::new(Mutex::new(HashMap::new()));
     serve_status(
         &seed.data_dir,
         me.clone(),
         cluster_id.clone(),
         shared.clone(),
+        heard.clone(),
     )?;
     if persisted.is_some() {
         let node = replicated::start(&me, seed.management.address, &seed.data_dir, None).await?;
@@ -270,7 +280,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 match discovery::decode(&buf[..n], &key) {
                     Ok(a) => match receiver.accept(&seed.cluster_name, &a, now_ms()) {
-                        Ok(()) => formation.heard(&a, now_ms()),
+                        Ok(()) => {
+                            formation.heard(&a, now_ms());
+                            heard.lock().unwrap_or_else(|p| p.into_inner()).insert(a.node_id.0.clone(), Instant::now());
+                        }
                         Err(e) => tracing::debug!(%src, error = %e, "announcement ignored"),
                     },
                     Err(DiscoveryError::BadMac) => {
