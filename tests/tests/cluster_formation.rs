@@ -349,3 +349,29 @@ fn a_cut_off_node_is_reported_down_within_the_bound_and_up_after_heal() {
     }
     wait_agreement(&nodes.iter().collect::<Vec<_>>(), 3, 3);
 }
+
+#[test]
+fn a_fourth_node_with_the_right_secret_joins_by_itself() {
+    let Some(lan) = Lan::new("a_fourth_node_with_the_right_secret_joins_by_itself", 4) else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            let dir = d.path().join(format!("node{i}"));
+            write_seed(&dir, i, 3, "correct horse battery staple");
+            start(&lan, i, &dir)
+        })
+        .collect();
+    wait_agreement(&nodes.iter().collect::<Vec<_>>(), 3, 3);
+    let dir = d.path().join("node3");
+    write_seed(&dir, 3, 3, "correct horse battery staple");
+    nodes.push(start(&lan, 3, &dir));
+    wait_agreement(&nodes.iter().collect::<Vec<_>>(), 4, 4);
+    let log = std::fs::read_to_string(&nodes[3].log).unwrap();
+    assert!(log.contains("joined the cluster"), "{log}");
+    assert!(
+        !log.contains("bootstraps"),
+        "the late node founded its own cluster"
+    );
+}

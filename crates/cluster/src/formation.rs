@@ -47,6 +47,8 @@ pub enum Action {
         cluster_id: String,
         /// Addresses of members we heard.
         via: Vec<SocketAddr>,
+        /// The cluster as its members announce it (to persist once joined).
+        formed: Formed,
     },
 }
 
@@ -95,6 +97,11 @@ impl Formation {
     /// The cluster this node belongs to, once formed.
     pub fn formed(&self) -> Option<&Formed> {
         self.formed.as_ref()
+    }
+
+    /// Records that this node was added to an existing cluster.
+    pub fn joined(&mut self, f: Formed) {
+        self.formed = Some(f);
     }
 
     /// The address a peer announced, if heard.
@@ -164,8 +171,9 @@ impl Formation {
                 .map(|(_, p)| p.addr)
                 .collect();
             return Action::Join {
-                cluster_id: f.cluster_id,
+                cluster_id: f.cluster_id.clone(),
                 via,
+                formed: f,
             };
         }
         if now_ms < self.listen_until_ms {

@@ -49,8 +49,14 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens the state in `dir/state.redb` and serves Raft RPCs on `addr`.
-    pub async fn start(id: u64, addr: SocketAddr, dir: &Path) -> Result<Node, StateError> {
+    /// Opens the state in `dir/state.redb` and serves Raft RPCs on `addr`; join requests
+    /// signed with `join_key` are accepted.
+    pub async fn start(
+        id: u64,
+        addr: SocketAddr,
+        dir: &Path,
+        join_key: Option<[u8; 32]>,
+    ) -> Result<Node, StateError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StateError::Db(dir.display().to_string(), e.to_string()))?;
         let path = dir.join("state.redb");
@@ -80,7 +86,7 @@ impl Node {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| StateError::Bind(addr, e))?;
-        let server = tokio::spawn(network::serve(listener, raft.clone()));
+        let server = tokio::spawn(network::serve(listener, raft.clone(), join_key));
         Ok(Node {
             id,
             raft,
@@ -129,6 +135,7 @@ impl Node {
     /// Stops Raft and the RPC server.
     pub async fn shutdown(self) {
         self.server.abort();
+        let _ = self.server.await;
         let _ = self.raft.shutdown().await;
     }
 }

@@ -66,7 +66,7 @@ async fn three_members_replicate_survive_the_leader_and_catch_up_after_restart()
     let mut nodes = Vec::new();
     for (id, addr) in &addrs {
         nodes.push(
-            Node::start(*id, *addr, &dir.path().join(format!("n{id}")))
+            Node::start(*id, *addr, &dir.path().join(format!("n{id}")), None)
                 .await
                 .unwrap(),
         );
@@ -100,7 +100,9 @@ async fn three_members_replicate_survive_the_leader_and_catch_up_after_restart()
     }
 
     // The old leader restarts from its own files and catches up.
-    let back = Node::start(leader, addrs[&leader], &old_dir).await.unwrap();
+    let back = Node::start(leader, addrs[&leader], &old_dir, None)
+        .await
+        .unwrap();
     wait_value(&back, "a", json!({"state": "up"})).await;
     wait_value(&back, "b", json!(2)).await;
     nodes.push(back);
@@ -127,7 +129,7 @@ async fn a_full_restart_keeps_every_committed_write() {
     let mut nodes = Vec::new();
     for (id, addr) in &addrs {
         nodes.push(
-            Node::start(*id, *addr, &dir.path().join(format!("n{id}")))
+            Node::start(*id, *addr, &dir.path().join(format!("n{id}")), None)
                 .await
                 .unwrap(),
         );
@@ -147,7 +149,7 @@ async fn a_full_restart_keeps_every_committed_write() {
     let mut nodes = Vec::new();
     for (id, addr) in &addrs {
         nodes.push(
-            Node::start(*id, *addr, &dir.path().join(format!("n{id}")))
+            Node::start(*id, *addr, &dir.path().join(format!("n{id}")), None)
                 .await
                 .unwrap(),
         );
@@ -160,4 +162,66 @@ async fn a_full_restart_keeps_every_committed_write() {
     for n in nodes {
         n.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_join_request_adds_a_voter_and_a_forged_one_is_refused() {
+    let key = [7u8; 32];
+    let dir = tempfile::tempdir().unwrap();
+    let addrs: BTreeMap<u64, SocketAddr> = (1..=3).map(|i| (i, free_addr())).collect();
+    let mut nodes = Vec::new();
+    for (id, addr) in &addrs {
+        nodes.push(
+            Node::start(*id, *addr, &dir.path().join(format!("n{id}")), Some(key))
+                .await
+                .unwrap(),
+        );
+    }
+    nodes[0].initialize(addrs.clone()).await.unwrap();
+    let leader = wait_leader(&nodes.iter().collect::<Vec<_>>()).await;
+    nodes
+        .iter()
+        .find(|n| n.id == leader)
+        .unwrap()
+        .raft
+        .client_write(put("x", json!(1)))
+        .await
+        .unwrap();
+
+    let addr4 = free_addr();
+    let n4 = Node::start(4, addr4, &dir.path().join("n4"), Some(key))
+        .await
+        .unwrap();
+    let follower = addrs
+        .iter()
+        .find(|(id, _)| **id != leader)
+        .map(|(_, a)| a.to_string())
+        .unwrap();
+    let forged =
+        tessera_state::network::request_join(&follower, &[9u8; 32], 4, &addr4.to_string()).await;
+    assert!(
+        forged.unwrap_err().contains("authentication"),
+        "a join with the wrong key was accepted"
+    );
+    tessera_state::network::request_join(&follower, &key, 4, &addr4.to_string())
+        .await
+        .unwrap();
+    wait_value(&n4, "x", json!(1)).await;
+    let voters: Vec<u64> = nodes[0]
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect();
+    assert_eq!(voters, vec![1, 2, 3, 4]);
+    n4.write(put("from-4", json!(4))).await.unwrap();
+    for n in &nodes {
+        wait_value(n, "from-4", json!(4)).await;
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+    n4.shutdown().await;
 }

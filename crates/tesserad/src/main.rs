@@ -5,9 +5,9 @@
 //! peers, authenticated with the join secret), forms the cluster with the other expected
 //! nodes (persisting the outcome in `<data_dir>/formed.json`), then runs its member of
 //! the Raft-replicated cluster state and registers itself there. A local status socket
-//! (`<data_dir>/tesserad.sock`, root only) reports what it knows. The REST API and the
-//! CLI come next (see the open issue); adding a node to an already formed cluster is
-//! reported as not supported yet.
+//! (`<data_dir>/tesserad.sock`, root only) reports what it knows. A node arriving after
+//! formation asks a member to add it (a join request signed with a key derived from the
+//! join secret). The REST API and the CLI come next (see the open issue).
 
 mod health;
 mod replicated;
@@ -187,6 +187,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let cluster_id: Arc<Mutex<Option<String>>> =
         Arc::new(Mutex::new(persisted.as_ref().map(|f| f.cluster_id.clone())));
     let heard: Heard = Arc::new(Mutex::new(HashMap::new()));
+    let join_key = replicated::join_key(&seed.join_secret);
+    let (joined_tx, mut joined_rx) =
+        tokio::sync::mpsc::channel::<(Formed, Arc<tessera_state::Node>)>(1);
     serve_status(
         &seed.data_dir,
         me.clone(),
@@ -195,7 +198,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         heard.clone(),
     )?;
     if persisted.is_some() {
-        let node = replicated::start(&me, seed.management.address, &seed.data_dir, None).await?;
+        let node =
+            replicated::start(&me, seed.management.address, &seed.data_dir, join_key, None).await?;
         replicated::register(node.clone(), me.clone(), seed.management.address);
         *shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(node);
     }
@@ -217,7 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Rate limits, per sender: our refusals, and their refusals of us.
     let mut refused: HashMap<SocketAddr, Instant> = HashMap::new();
     let mut refused_by: HashMap<SocketAddr, Instant> = HashMap::new();
-    let mut join_reported = false;
+    let mut joining = false;
     let mut targets = vec![seed.management.multicast];
     targets.extend(seed.static_peers.iter().copied());
     loop {
@@ -252,7 +256,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             let addr = addr.with_context(|| format!("no address heard for founding member {m}"))?;
                             founders.insert(replicated::raft_id(m), replicated::raft_addr(addr));
                         }
-                        let node = replicated::start(&me, seed.management.address, &seed.data_dir, Some(founders)).await?;
+                        let node = replicated::start(&me, seed.management.address, &seed.data_dir, join_key, Some(founders)).await?;
                         replicated::register(node.clone(), me.clone(), seed.management.address);
                         *shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(node);
                         *cluster_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.cluster_id.clone());
@@ -260,18 +264,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Action::Adopt(f) => {
                         save_formed(&formed_path, &f)?;
                         tracing::info!(cluster_id = %f.cluster_id, members = ?f.members, "cluster formed: this node is a founding member");
-                        let node = replicated::start(&me, seed.management.address, &seed.data_dir, None).await?;
+                        let node = replicated::start(&me, seed.management.address, &seed.data_dir, join_key, None).await?;
                         replicated::register(node.clone(), me.clone(), seed.management.address);
                         *shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(node);
                         *cluster_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.cluster_id.clone());
                     }
-                    Action::Join { cluster_id, via } => {
-                        if !join_reported {
-                            join_reported = true;
-                            tracing::warn!(%cluster_id, ?via, "a cluster already exists; joining it needs the Raft layer, which is not supported yet");
+                    Action::Join { cluster_id, via, formed } => {
+                        if !joining {
+                            joining = true;
+                            tracing::info!(%cluster_id, ?via, "a cluster exists: asking to join it");
+                            let (me, mgmt, dir, tx) = (me.clone(), seed.management.address, seed.data_dir.clone(), joined_tx.clone());
+                            tokio::spawn(async move {
+                                let res = async {
+                                    let node = replicated::start(&me, mgmt, &dir, join_key, None).await?;
+                                    replicated::join(&me, mgmt, &via, join_key).await?;
+                                    anyhow::Ok(node)
+                                }
+                                .await;
+                                match res {
+                                    Ok(node) => {
+                                        let _ = tx.send((formed, node)).await;
+                                    }
+                                    Err(e) => tracing::error!("{e:#}"),
+                                }
+                            });
                         }
                     }
                 }
+            }
+            Some((f, node)) = joined_rx.recv() => {
+                save_formed(&formed_path, &f)?;
+                tracing::info!(cluster_id = %f.cluster_id, "joined the cluster");
+                formation.joined(f.clone());
+                replicated::register(node.clone(), me.clone(), seed.management.address);
+                *shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(node);
+                *cluster_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.cluster_id.clone());
             }
             r = sock.recv_from(&mut buf) => {
                 let (n, src) = match r {

@@ -23,15 +23,27 @@ pub fn raft_addr(management: SocketAddr) -> SocketAddr {
     SocketAddr::new(management.ip(), management.port().wrapping_add(1))
 }
 
+/// The key join requests are signed with, derived from the join secret.
+pub fn join_key(secret: &str) -> [u8; 32] {
+    blake3::derive_key("tessera raft join v1", secret.as_bytes())
+}
+
 /// Starts this node's Raft member; the bootstrapping node also founds the cluster with
 /// `founders` (Raft id -> Raft address).
 pub async fn start(
     me: &NodeId,
     management: SocketAddr,
     data_dir: &Path,
+    key: [u8; 32],
     founders: Option<BTreeMap<u64, SocketAddr>>,
 ) -> anyhow::Result<Arc<Node>> {
-    let node = Node::start(raft_id(me), raft_addr(management), &data_dir.join("state")).await?;
+    let node = Node::start(
+        raft_id(me),
+        raft_addr(management),
+        &data_dir.join("state"),
+        Some(key),
+    )
+    .await?;
     if let Some(members) = founders {
         node.initialize(members).await?;
         tracing::info!("Raft cluster initialized");
@@ -80,4 +92,33 @@ pub fn status(me: &NodeId, cluster_id: Option<&str>, node: Option<&Node>) -> ser
             .read(|t| json!(t.get("nodes").cloned().unwrap_or_default()));
     }
     v
+}
+
+/// Asks the members at `via` (management addresses) to add this node, until one does.
+pub async fn join(
+    me: &NodeId,
+    management: SocketAddr,
+    via: &[SocketAddr],
+    key: [u8; 32],
+) -> anyhow::Result<()> {
+    let my_addr = raft_addr(management).to_string();
+    let mut last = String::from("no member address heard");
+    for attempt in 0..20 {
+        for v in via {
+            match tessera_state::network::request_join(
+                &raft_addr(*v).to_string(),
+                &key,
+                raft_id(me),
+                &my_addr,
+            )
+            .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+        }
+        tracing::debug!(attempt, error = %last, "join not accepted yet");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::bail!("could not join the cluster: {last}")
 }
