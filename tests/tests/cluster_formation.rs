@@ -155,7 +155,8 @@ fn three_nodes_started_in_random_order_form_one_cluster_without_a_human() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    std::thread::sleep(Duration::from_secs(2));
+    // The replicated state is all there: one leader, three voters, three registrations.
+    wait_agreement(&nodes.iter().collect::<Vec<_>>(), 3, 3);
     for n in &nodes {
         assert_eq!(formed(n).unwrap(), before);
         assert!(
@@ -251,7 +252,16 @@ fn wait_agreement(nodes: &[&Node], voters: usize, registered: usize) -> u64 {
         if ok {
             return leaders[0].unwrap_or(0);
         }
-        assert!(Instant::now() < deadline, "no agreement; statuses: {st:#?}");
+        if Instant::now() > deadline {
+            let logs: Vec<String> = nodes
+                .iter()
+                .map(|n| std::fs::read_to_string(&n.log).unwrap_or_default())
+                .collect();
+            panic!(
+                "no agreement; statuses: {st:#?}\nlogs:\n{}",
+                logs.join("\n----\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -273,6 +283,16 @@ fn the_formed_cluster_runs_raft_survives_losing_its_leader_and_takes_it_back() {
         })
         .collect();
     let leader = wait_agreement(&nodes.iter().collect::<Vec<_>>(), 3, 3);
+    // Every node reports its own resource metrics.
+    let m = status(&nodes[0]).unwrap()["metrics"].clone();
+    assert!(
+        m["memory_total"].as_u64().unwrap_or(0) > 0,
+        "no metrics: {m}"
+    );
+    assert!(
+        m["cpus"].as_u64().unwrap_or(0) > 0 && m["load"].as_array().is_some(),
+        "{m}"
+    );
 
     // Kill the leader's process: the other two elect a new leader.
     let pos = nodes

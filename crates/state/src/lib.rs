@@ -37,6 +37,26 @@ pub enum StateError {
     Bind(SocketAddr, std::io::Error),
 }
 
+/// Creates the database under a temporary name and renames it into place, so a crash
+/// during creation never leaves a half-written database where a restart would find it.
+fn create_atomically(dir: &Path, path: &Path) -> Result<(), StateError> {
+    let err = |e: &dyn std::fmt::Display| StateError::Db(path.display().to_string(), e.to_string());
+    let tmp = dir.join("state.redb.new");
+    let _ = std::fs::remove_file(&tmp);
+    {
+        let db = Arc::new(redb::Database::create(&tmp).map_err(|e| err(&e))?);
+        log_store::LogStore::new(db.clone()).map_err(|e| err(&e))?;
+        state_machine::StateMachine::new(db).map_err(|e| err(&e))?;
+    }
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| err(&e))?;
+    std::fs::rename(&tmp, path).map_err(|e| err(&e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| err(&e))
+}
+
 /// A running Raft member.
 pub struct Node {
     /// This node's Raft id.
@@ -60,6 +80,9 @@ impl Node {
         std::fs::create_dir_all(dir)
             .map_err(|e| StateError::Db(dir.display().to_string(), e.to_string()))?;
         let path = dir.join("state.redb");
+        if !path.exists() {
+            create_atomically(dir, &path)?;
+        }
         let db = Arc::new(
             redb::Database::create(&path)
                 .map_err(|e| StateError::Db(path.display().to_string(), e.to_string()))?,

@@ -10,6 +10,7 @@
 //! join secret). The REST API and the CLI come next (see the open issue).
 
 mod health;
+mod metrics;
 mod replicated;
 
 use std::collections::{BTreeMap, HashMap};
@@ -132,6 +133,7 @@ fn serve_status(
     cluster_id: Arc<Mutex<Option<String>>>,
     node: SharedNode,
     heard: Heard,
+    metrics: metrics::Metrics,
 ) -> anyhow::Result<()> {
     let path = dir.join("tesserad.sock");
     let _ = std::fs::remove_file(&path);
@@ -140,8 +142,13 @@ fn serve_status(
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     tokio::spawn(async move {
         while let Ok((sock, _)) = listener.accept().await {
-            let (me, cluster_id, node, heard) =
-                (me.clone(), cluster_id.clone(), node.clone(), heard.clone());
+            let (me, cluster_id, node, heard, metrics) = (
+                me.clone(),
+                cluster_id.clone(),
+                node.clone(),
+                heard.clone(),
+                metrics.clone(),
+            );
             tokio::spawn(async move {
                 let (r, mut w) = sock.into_split();
                 let mut r = BufReader::new(r.take(64 * 1024));
@@ -154,6 +161,8 @@ fn serve_status(
                             let mut st = replicated::status(&me, cid.as_deref(), n.as_deref());
                             let heard = heard.lock().unwrap_or_else(|p| p.into_inner()).clone();
                             st["health"] = health::report(&me.0, &st["nodes"], &heard);
+                            st["metrics"] =
+                                metrics.lock().unwrap_or_else(|p| p.into_inner()).clone();
                             serde_json::json!({ "ok": st })
                         }
                         Ok(v) => serde_json::json!({ "error": format!("unknown op {}", v["op"]) }),
@@ -196,6 +205,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cluster_id.clone(),
         shared.clone(),
         heard.clone(),
+        metrics::start(),
     )?;
     if persisted.is_some() {
         let node =
