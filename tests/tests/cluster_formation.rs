@@ -58,6 +58,22 @@ fn start(lan: &Lan, i: usize, dir: &Path) -> Node {
     }
 }
 
+/// Starts nodes `range` (all with the right secret, expecting `expected` nodes).
+fn start_nodes(
+    lan: &Lan,
+    root: &Path,
+    range: std::ops::Range<usize>,
+    expected: usize,
+) -> Vec<Node> {
+    range
+        .map(|i| {
+            let dir = root.join(format!("node{i}"));
+            write_seed(&dir, i, expected, "correct horse battery staple");
+            start(lan, i, &dir)
+        })
+        .collect()
+}
+
 fn formed(n: &Node) -> Option<serde_json::Value> {
     let text = std::fs::read(n.dir.join("data/formed.json")).ok()?;
     serde_json::from_slice(&text).ok()
@@ -275,13 +291,7 @@ fn the_formed_cluster_runs_raft_survives_losing_its_leader_and_takes_it_back() {
         return;
     };
     let d = tempfile::tempdir().unwrap();
-    let mut nodes: Vec<Node> = (0..3)
-        .map(|i| {
-            let dir = d.path().join(format!("node{i}"));
-            write_seed(&dir, i, 3, "correct horse battery staple");
-            start(&lan, i, &dir)
-        })
-        .collect();
+    let mut nodes = start_nodes(&lan, d.path(), 0..3, 3);
     let leader = wait_agreement(&nodes.iter().collect::<Vec<_>>(), 3, 3);
     // Every node reports its own resource metrics.
     let m = status(&nodes[0]).unwrap()["metrics"].clone();
@@ -328,13 +338,7 @@ fn a_cut_off_node_is_reported_down_within_the_bound_and_up_after_heal() {
         return;
     };
     let d = tempfile::tempdir().unwrap();
-    let nodes: Vec<Node> = (0..3)
-        .map(|i| {
-            let dir = d.path().join(format!("node{i}"));
-            write_seed(&dir, i, 3, "correct horse battery staple");
-            start(&lan, i, &dir)
-        })
-        .collect();
+    let nodes = start_nodes(&lan, d.path(), 0..3, 3);
     wait_agreement(&nodes.iter().collect::<Vec<_>>(), 3, 3);
     let victim = node_id(&nodes[2]);
     assert_eq!(health_of(&nodes[0], &victim).as_deref(), Some("up"));
@@ -376,17 +380,9 @@ fn a_fourth_node_with_the_right_secret_joins_by_itself() {
         return;
     };
     let d = tempfile::tempdir().unwrap();
-    let mut nodes: Vec<Node> = (0..3)
-        .map(|i| {
-            let dir = d.path().join(format!("node{i}"));
-            write_seed(&dir, i, 3, "correct horse battery staple");
-            start(&lan, i, &dir)
-        })
-        .collect();
+    let mut nodes = start_nodes(&lan, d.path(), 0..3, 3);
     wait_agreement(&nodes.iter().collect::<Vec<_>>(), 3, 3);
-    let dir = d.path().join("node3");
-    write_seed(&dir, 3, 3, "correct horse battery staple");
-    nodes.push(start(&lan, 3, &dir));
+    nodes.extend(start_nodes(&lan, d.path(), 3..4, 3));
     wait_agreement(&nodes.iter().collect::<Vec<_>>(), 4, 4);
     let log = std::fs::read_to_string(&nodes[3].log).unwrap();
     assert!(log.contains("joined the cluster"), "{log}");

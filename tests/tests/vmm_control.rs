@@ -10,6 +10,22 @@ use tessera_tests::{bin, VmApi};
 
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
 
+/// Starts tessera-vmm with the test guest, a control socket and a console file in `dir`.
+fn spawn_vm(dir: &std::path::Path, args: &[&str]) -> (std::process::Child, std::path::PathBuf) {
+    let sock = dir.join("vm.sock");
+    let child = Command::new(bin("tessera-vmm"))
+        .args(args)
+        .arg("--api-socket")
+        .arg(&sock)
+        .arg("--serial-out")
+        .arg(dir.join("serial.log"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (child, sock)
+}
+
 struct Api(VmApi);
 
 impl Api {
@@ -58,24 +74,17 @@ fn pause_stops_the_guest_resume_continues_and_power_off_ends_the_vm() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    let sock = d.path().join("vm.sock");
-    let mut child = Command::new(bin("tessera-vmm"))
-        .args([
+    let (mut child, sock) = spawn_vm(
+        d.path(),
+        &[
             "--kernel",
             GUEST,
             "--memory-mib",
             "64",
             "--cmdline",
             "console=ttyS0 tessera.mode=count",
-        ])
-        .arg("--api-socket")
-        .arg(&sock)
-        .arg("--serial-out")
-        .arg(d.path().join("serial.log"))
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        ],
+    );
     let mut api = Api::connect(&sock);
     api.wait_for(0, "count 2\n");
 
@@ -150,18 +159,19 @@ fn pause_and_resume_reach_every_vcpu_of_a_multi_vcpu_vm() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    let sock = d.path().join("vm.sock");
-    let mut child = Command::new(bin("tessera-vmm"))
-        .args(["--kernel", GUEST, "--memory-mib", "64", "--vcpus", "3"])
-        .args(["--cmdline", "console=ttyS0 tessera.mode=count"])
-        .arg("--api-socket")
-        .arg(&sock)
-        .arg("--serial-out")
-        .arg(d.path().join("serial.log"))
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut child, sock) = spawn_vm(
+        d.path(),
+        &[
+            "--kernel",
+            GUEST,
+            "--memory-mib",
+            "64",
+            "--vcpus",
+            "3",
+            "--cmdline",
+            "console=ttyS0 tessera.mode=count",
+        ],
+    );
     let mut api = Api::connect(&sock);
     api.wait_for(0, "count 1\n");
     let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", child.id()))
@@ -197,24 +207,17 @@ fn typing_on_the_console_through_the_api_reaches_the_guest() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    let sock = d.path().join("vm.sock");
-    let mut child = Command::new(bin("tessera-vmm"))
-        .args([
+    let (mut child, sock) = spawn_vm(
+        d.path(),
+        &[
             "--kernel",
             GUEST,
             "--memory-mib",
             "64",
             "--cmdline",
             "console=ttyS0 tessera.mode=echo",
-        ])
-        .arg("--api-socket")
-        .arg(&sock)
-        .arg("--serial-out")
-        .arg(d.path().join("serial.log"))
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        ],
+    );
     let mut api = Api::connect(&sock);
     let at = api.wait_for(0, "echo ready\n");
     api.call(json!({ "type": "serial_write", "data": "hello tessera\n" }));
