@@ -49,6 +49,17 @@ pub struct Management {
     /// Multicast group and port for discovery announcements.
     #[serde(default = "default_multicast")]
     pub multicast: SocketAddr,
+    /// Where the REST API listens (default: the management address, port 8006).
+    #[serde(default)]
+    pub api: Option<SocketAddr>,
+}
+
+impl Management {
+    /// The REST API's address.
+    pub fn api_address(&self) -> SocketAddr {
+        self.api
+            .unwrap_or_else(|| SocketAddr::new(self.address.ip(), 8006))
+    }
 }
 
 fn default_multicast() -> SocketAddr {

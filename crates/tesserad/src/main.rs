@@ -9,6 +9,7 @@
 //! formation asks a member to add it (a join request signed with a key derived from the
 //! join secret). The REST API and the CLI come next (see the open issue).
 
+mod api;
 mod health;
 mod metrics;
 mod replicated;
@@ -196,6 +197,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let cluster_id: Arc<Mutex<Option<String>>> =
         Arc::new(Mutex::new(persisted.as_ref().map(|f| f.cluster_id.clone())));
     let heard: Heard = Arc::new(Mutex::new(HashMap::new()));
+    let metrics = metrics::start();
+    let api_state = Arc::new(api::ApiState {
+        me: me.clone(),
+        node: shared.clone(),
+        cluster_id: cluster_id.clone(),
+        heard: heard.clone(),
+        metrics: metrics.clone(),
+    });
+    let api_addr = seed.management.api_address();
+    tokio::spawn(async move {
+        if let Err(e) = api::serve(api_addr, api_state).await {
+            tracing::error!(%api_addr, "REST API failed: {e:#}");
+        }
+    });
     let join_key = replicated::join_key(&seed.join_secret);
     let (joined_tx, mut joined_rx) =
         tokio::sync::mpsc::channel::<(Formed, Arc<tessera_state::Node>)>(1);
@@ -205,7 +220,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cluster_id.clone(),
         shared.clone(),
         heard.clone(),
-        metrics::start(),
+        metrics.clone(),
     )?;
     if persisted.is_some() {
         let node =
@@ -267,6 +282,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             founders.insert(replicated::raft_id(m), replicated::raft_addr(addr));
                         }
                         let node = replicated::start(&me, seed.management.address, &seed.data_dir, join_key, Some(founders)).await?;
+                        tokio::spawn(api::create_first_admin(node.clone(), seed.data_dir.join("initial-admin-password")));
                         replicated::register(node.clone(), me.clone(), seed.management.address);
                         *shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(node);
                         *cluster_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.cluster_id.clone());

@@ -1,0 +1,321 @@
+//! The REST API on a formed three-node cluster, driven with curl from inside the nodes'
+//! network namespaces: credentials are required everywhere, the first administrator must
+//! change the initial password, roles are enforced, tokens can be revoked, bad bodies get
+//! 400 naming the field, and every node answers the same.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tessera_tests::{bin, output, Lan};
+
+struct Node {
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(lan: &Lan, i: usize, root: &Path) -> Node {
+    let dir = root.join(format!("node{i}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("seed.toml"),
+        format!(
+            "cluster_name = \"lab\"\njoin_secret = \"correct horse battery staple\"\nexpected_nodes = 3\n\
+             data_dir = \"{}\"\n\n[management]\naddress = \"{}:7946\"\n",
+            dir.join("data").display(),
+            Lan::addr(i)
+        ),
+    )
+    .unwrap();
+    let child = lan
+        .command(i, &bin("tesserad"))
+        .arg("--seed")
+        .arg(dir.join("seed.toml"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("tesserad.log")).unwrap())
+        .spawn()
+        .unwrap();
+    Node { child, dir }
+}
+
+/// One request with curl inside node `i`'s namespace: (status, JSON body).
+fn call(
+    lan: &Lan,
+    i: usize,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let mut c = lan.command(i, Path::new("curl"));
+    c.args([
+        "-s",
+        "-m",
+        "20",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        "-X",
+        method,
+    ]);
+    c.arg(format!("http://{}:8006/api/v1/{path}", Lan::addr(i)));
+    if let Some(t) = token {
+        c.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    if let Some(b) = body {
+        c.args(["-H", "content-type: application/json", "--data", b]);
+    }
+    let out = output(&mut c);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (
+        code.trim().parse().unwrap_or(0),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_api_requires_credentials_enforces_roles_and_answers_on_every_node() {
+    let Some(lan) = Lan::new(
+        "the_api_requires_credentials_enforces_roles_and_answers_on_every_node",
+        3,
+    ) else {
+        return;
+    };
+    tessera_tests::require("curl");
+    let d = tempfile::tempdir().unwrap();
+    let nodes: Vec<Node> = (0..3).map(|i| start(&lan, i, d.path())).collect();
+    let password = wait_for("the initial admin password file", 40, || {
+        nodes
+            .iter()
+            .find_map(|n| std::fs::read_to_string(n.dir.join("data/initial-admin-password")).ok())
+            .map(|p| p.trim().to_string())
+    });
+    let pw_file = nodes
+        .iter()
+        .map(|n| n.dir.join("data/initial-admin-password"))
+        .find(|p| p.exists())
+        .unwrap();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&pw_file).unwrap().permissions(),
+    );
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the password file must be readable by root only"
+    );
+
+    // No credentials, bad credentials.
+    assert_eq!(call(&lan, 0, "GET", "cluster", None, None).0, 401);
+    assert_eq!(call(&lan, 0, "GET", "nodes", Some("deadbeef"), None).0, 401);
+    assert_eq!(
+        call(
+            &lan,
+            0,
+            "POST",
+            "tokens",
+            None,
+            Some(r#"{"role":"auditor","expires_in_s":3600}"#)
+        )
+        .0,
+        401
+    );
+    assert_eq!(call(&lan, 0, "DELETE", "tokens/abc", None, None).0, 401);
+    assert_eq!(
+        call(
+            &lan,
+            0,
+            "POST",
+            "password",
+            None,
+            Some(r#"{"old_password":"a","new_password":"b"}"#)
+        )
+        .0,
+        401
+    );
+
+    // Bad login bodies name the field; a wrong password is 401.
+    let (code, v) = call(
+        &lan,
+        1,
+        "POST",
+        "login",
+        None,
+        Some(r#"{"username":"admin","pasword":"x"}"#),
+    );
+    assert_eq!(code, 400);
+    assert!(v["error"].as_str().unwrap().contains("pasword"), "{v}");
+    let (code, v) = call(
+        &lan,
+        1,
+        "POST",
+        "login",
+        None,
+        Some(r#"{"username":"admin"}"#),
+    );
+    assert_eq!(code, 400);
+    assert!(v["error"].as_str().unwrap().contains("password"), "{v}");
+    assert_eq!(
+        call(
+            &lan,
+            1,
+            "POST",
+            "login",
+            None,
+            Some(r#"{"username":"admin","password":"wrong"}"#)
+        )
+        .0,
+        401
+    );
+
+    // The first login must change the password before anything else.
+    let login = json!({ "username": "admin", "password": password }).to_string();
+    let (code, v) = wait_for("a successful login", 30, || {
+        let r = call(&lan, 1, "POST", "login", None, Some(&login));
+        (r.0 == 200).then_some(r)
+    });
+    assert_eq!(code, 200);
+    assert_eq!(v["must_change_password"], true);
+    let admin = v["token"].as_str().unwrap().to_string();
+    let (code, v) = call(&lan, 1, "GET", "cluster", Some(&admin), None);
+    assert_eq!(code, 403, "{v}");
+    assert!(v["error"]
+        .as_str()
+        .unwrap()
+        .contains("password change required"));
+    let short = json!({ "old_password": password, "new_password": "short" }).to_string();
+    assert_eq!(
+        call(&lan, 1, "POST", "password", Some(&admin), Some(&short)).0,
+        400
+    );
+    let wrong_old =
+        json!({ "old_password": "nope", "new_password": "a much better password" }).to_string();
+    assert_eq!(
+        call(&lan, 1, "POST", "password", Some(&admin), Some(&wrong_old)).0,
+        403
+    );
+    let change =
+        json!({ "old_password": password, "new_password": "a much better password" }).to_string();
+    assert_eq!(
+        call(&lan, 1, "POST", "password", Some(&admin), Some(&change)).0,
+        200
+    );
+
+    // Every node answers the same, with the session made on node 1.
+    for i in 0..3 {
+        let (code, v) = call(&lan, i, "GET", "cluster", Some(&admin), None);
+        assert_eq!(code, 200, "node {i}: {v}");
+        assert_eq!(v["voters"].as_array().unwrap().len(), 3);
+        assert!(v["leader"].as_u64().is_some());
+        let (code, v) = call(&lan, i, "GET", "nodes", Some(&admin), None);
+        assert_eq!(code, 200);
+        let list = v.as_array().unwrap();
+        assert_eq!(list.len(), 3, "{v}");
+        assert!(list.iter().all(|n| n["state"] == "up"), "{v}");
+    }
+
+    // An auditor token reads but cannot administer; revoked, it stops working.
+    let (code, v) = call(
+        &lan,
+        2,
+        "POST",
+        "tokens",
+        Some(&admin),
+        Some(r#"{"role":"auditor","expires_in_s":3600}"#),
+    );
+    assert_eq!(code, 201, "{v}");
+    let (auditor, id) = (
+        v["token"].as_str().unwrap().to_string(),
+        v["id"].as_str().unwrap().to_string(),
+    );
+    assert_eq!(call(&lan, 0, "GET", "nodes", Some(&auditor), None).0, 200);
+    assert_eq!(
+        call(
+            &lan,
+            0,
+            "POST",
+            "tokens",
+            Some(&auditor),
+            Some(r#"{"role":"auditor","expires_in_s":3600}"#)
+        )
+        .0,
+        403
+    );
+    assert_eq!(
+        call(
+            &lan,
+            0,
+            "DELETE",
+            &format!("tokens/{id}"),
+            Some(&auditor),
+            None
+        )
+        .0,
+        403
+    );
+    let (code, v) = call(
+        &lan,
+        2,
+        "POST",
+        "tokens",
+        Some(&admin),
+        Some(r#"{"role":"auditor","expires_in_s":1}"#),
+    );
+    assert_eq!(code, 400);
+    assert!(v["error"].as_str().unwrap().contains("expires_in_s"));
+    assert_eq!(
+        call(
+            &lan,
+            2,
+            "POST",
+            "tokens",
+            Some(&admin),
+            Some(r#"{"role":"root","expires_in_s":3600}"#)
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        call(
+            &lan,
+            0,
+            "DELETE",
+            &format!("tokens/{id}"),
+            Some(&admin),
+            None
+        )
+        .0,
+        200
+    );
+    assert_eq!(call(&lan, 1, "GET", "nodes", Some(&auditor), None).0, 401);
+    assert_eq!(
+        call(&lan, 0, "DELETE", "tokens/nosuch", Some(&admin), None).0,
+        404
+    );
+    assert_eq!(
+        call(&lan, 0, "GET", "no/such/thing", Some(&admin), None).0,
+        404
+    );
+    drop(nodes);
+}
