@@ -52,6 +52,15 @@ pub struct Management {
     /// Where the REST API listens (default: the management address, port 8006).
     #[serde(default)]
     pub api: Option<SocketAddr>,
+    /// Announce by multicast (default). Off, nodes only announce to `static_peers` and
+    /// listen on the management address itself (several nodes can then share a host,
+    /// e.g. on 127.0.0.x).
+    #[serde(default = "yes")]
+    pub use_multicast: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Management {
@@ -135,6 +144,13 @@ impl Seed {
             return Err(invalid(
                 "management.address",
                 "must be a concrete address peers can reach",
+            ));
+        }
+        if !seed.management.use_multicast && seed.static_peers.is_empty() && seed.expected_nodes > 1
+        {
+            return Err(invalid(
+                "static_peers",
+                "needed when management.use_multicast is false",
             ));
         }
         if !seed.data_dir.is_absolute() {

@@ -109,7 +109,7 @@ impl Node {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| StateError::Bind(addr, e))?;
-        let server = tokio::spawn(network::serve(listener, raft.clone(), join_key));
+        let server = tokio::spawn(network::serve(listener, raft.clone(), sm.clone(), join_key));
         Ok(Node {
             id,
             raft,
@@ -153,6 +153,34 @@ impl Node {
             },
             Err(e) => Err(StateError::Raft(e.to_string())),
         }
+    }
+
+    /// Reads one record as of now (linearizable): the leader confirms its leadership first;
+    /// a follower asks the leader. Use it when a miss in the local copy may just be lag.
+    pub async fn read_linearizable(
+        &self,
+        table: &str,
+        key: &str,
+    ) -> Result<Option<serde_json::Value>, StateError> {
+        let m = self.raft.metrics().borrow().clone();
+        let local = || {
+            self.state
+                .read(|t| t.get(table).and_then(|t| t.get(key)).cloned())
+        };
+        if m.current_leader == Some(self.id) {
+            self.raft
+                .ensure_linearizable()
+                .await
+                .map_err(|e| StateError::Raft(e.to_string()))?;
+            return Ok(local());
+        }
+        let leader = m
+            .current_leader
+            .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
+            .ok_or_else(|| StateError::Raft("no leader elected (no quorum?)".into()))?;
+        network::remote_read(&leader.addr, table, key, std::time::Duration::from_secs(5))
+            .await
+            .map_err(StateError::Raft)
     }
 
     /// Stops Raft and the RPC server.

@@ -112,8 +112,14 @@ fn discovery_socket(seed: &Seed) -> anyhow::Result<UdpSocket> {
         IpAddr::V6(_) => anyhow::bail!("an IPv6 management address is not supported yet"),
     };
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
+    if !seed.management.use_multicast {
+        s.bind(&seed.management.address.into()).with_context(|| {
+            format!("binding the discovery address {}", seed.management.address)
+        })?;
+        return Ok(UdpSocket::from_std(s.into())?);
+    }
+    s.set_reuse_address(true)?;
     s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, seed.management.multicast.port())).into())
         .context("binding the discovery port")?;
     s.join_multicast_v4(&group, &iface)
@@ -247,7 +253,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut refused: HashMap<SocketAddr, Instant> = HashMap::new();
     let mut refused_by: HashMap<SocketAddr, Instant> = HashMap::new();
     let mut joining = false;
-    let mut targets = vec![seed.management.multicast];
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut targets = Vec::new();
+    if seed.management.use_multicast {
+        targets.push(seed.management.multicast);
+    }
     targets.extend(seed.static_peers.iter().copied());
     loop {
         tokio::select! {
@@ -359,6 +369,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             _ = tokio::signal::ctrl_c() => {
+                tracing::info!("stopping");
+                return Ok(());
+            }
+            _ = term.recv() => {
                 tracing::info!("stopping");
                 return Ok(());
             }

@@ -94,6 +94,18 @@ fn record<T: serde::de::DeserializeOwned>(
         .and_then(|v| serde_json::from_value(v).ok()))
 }
 
+async fn linearizable<T: serde::de::DeserializeOwned>(
+    st: &ApiState,
+    table: &str,
+    key: &str,
+) -> Result<Option<T>, ApiError> {
+    let v = node(st)?
+        .read_linearizable(table, key)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(v.and_then(|v| serde_json::from_value(v).ok()))
+}
+
 async fn write(st: &ApiState, cmd: Command) -> Result<(), ApiError> {
     node(st)?
         .write(cmd)
@@ -119,10 +131,8 @@ pub async fn authorize(
     let key = key_of(secret.trim());
     let mut session: Option<Session> = record(st, "sessions", &key)?;
     if session.is_none() {
-        // Logged in on another node a moment ago? Catch up with the leader, then look again.
-        let n = node(st)?;
-        let _ = n.raft.ensure_linearizable().await;
-        session = record(st, "sessions", &key)?;
+        // Logged in on another node a moment ago? Ask the leader.
+        session = linearizable(st, "sessions", &key).await?;
     }
     let s = session.ok_or_else(|| unauthorized("invalid, expired or revoked credentials"))?;
     if s.expires_ms <= now_ms() {
@@ -158,7 +168,11 @@ pub async fn login(
     b: Result<Json<Login>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let req = body(b)?;
-    let user: Option<User> = record(&st, "users", &req.username)?;
+    let mut user: Option<User> = record(&st, "users", &req.username)?;
+    if user.is_none() {
+        // Created through another node a moment ago? Ask the leader.
+        user = linearizable(&st, "users", &req.username).await?;
+    }
     let hash = user
         .as_ref()
         .map(|u| u.password_hash.clone())

@@ -1,0 +1,279 @@
+//! `tessera-devcluster`: starts a local Tessera cluster on loopback — for every node a
+//! `tesserad` and a `tessera-store`, on 127.0.0.N — waits until the nodes have formed their
+//! cluster by themselves, prints where everything is, and stops it all on Ctrl-C. Running
+//! it again reuses the same cluster (data stays in `--dir`).
+//!
+//! It is a launcher for development and demos; it never configures anything the nodes
+//! would not find on their own (each gets a seed file, like a flashed node).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use rand::Rng;
+
+#[derive(Parser)]
+#[command(
+    name = "tessera-devcluster",
+    version,
+    about = "A local Tessera cluster on loopback"
+)]
+struct Cli {
+    /// Where the nodes keep their data.
+    #[arg(long, default_value = "/var/tmp/tessera-dev")]
+    dir: PathBuf,
+    /// How many nodes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=9))]
+    nodes: u8,
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+fn addr(i: u8) -> String {
+    format!("127.0.0.{i}")
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let p = exe
+        .parent()
+        .context("no directory for the executable")?
+        .join(name);
+    if !p.exists() {
+        bail!("{} not found next to tessera-devcluster: build the workspace (cargo build --release --bins)", p.display());
+    }
+    Ok(p)
+}
+
+fn join_secret(dir: &Path) -> anyhow::Result<String> {
+    let p = dir.join("join-secret");
+    if let Ok(s) = std::fs::read_to_string(&p) {
+        return Ok(s.trim().to_string());
+    }
+    let s: String = (0..32)
+        .map(|_| rand::thread_rng().sample(rand::distributions::Alphanumeric) as char)
+        .collect();
+    std::fs::write(&p, &s)?;
+    Ok(s)
+}
+
+fn write_seed(node_dir: &Path, i: u8, n: u8, secret: &str) -> anyhow::Result<PathBuf> {
+    let seed = node_dir.join("seed.toml");
+    let peers: Vec<String> = (1..=n)
+        .filter(|j| *j != i)
+        .map(|j| format!("\"{}:7946\"", addr(j)))
+        .collect();
+    std::fs::write(
+        &seed,
+        format!(
+            "cluster_name = \"dev\"\njoin_secret = \"{secret}\"\nexpected_nodes = {n}\ndata_dir = \"{}\"\n\
+             static_peers = [{}]\n\n[management]\naddress = \"{}:7946\"\nuse_multicast = false\n",
+            node_dir.join("data").display(),
+            peers.join(", "),
+            addr(i)
+        ),
+    )?;
+    Ok(seed)
+}
+
+fn spawn(name: String, cmd: &mut Command, log: PathBuf) -> anyhow::Result<Proc> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(f)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    Ok(Proc { name, child, log })
+}
+
+fn status(sock: &Path) -> Option<serde_json::Value> {
+    let s = UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut w = s.try_clone().ok()?;
+    w.write_all(b"{\"op\":\"status\"}\n").ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    serde_json::from_str::<serde_json::Value>(&line)
+        .ok()
+        .map(|v| v["ok"].clone())
+}
+
+fn tail(p: &Path) -> String {
+    let t = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = t.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+fn stop(procs: &mut [Proc]) {
+    for p in procs.iter() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for p in procs.iter_mut() {
+        while matches!(p.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    // Catch Ctrl-C and SIGTERM from the very start, so an early one still stops the
+    // children we are about to start instead of orphaning them.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut int, mut term) = {
+        let _g = rt.enter();
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        )
+    };
+    let n = cli.nodes;
+    std::fs::create_dir_all(&cli.dir).with_context(|| format!("creating {}", cli.dir.display()))?;
+    let secret = join_secret(&cli.dir)?;
+    let (tesserad, store) = (sibling("tesserad")?, sibling("tessera-store")?);
+    let mut procs = Vec::new();
+    for i in 1..=n {
+        let node_dir = cli.dir.join(format!("node{i}"));
+        std::fs::create_dir_all(node_dir.join("data"))?;
+        let seed = write_seed(&node_dir, i, n, &secret)?;
+        procs.push(spawn(
+            format!("tessera-store on {}", addr(i)),
+            Command::new(&store)
+                .arg("serve")
+                .arg("--data-dir")
+                .arg(node_dir.join("store"))
+                .args(["--nbd-tcp", &format!("{}:10809", addr(i))]),
+            node_dir.join("store.log"),
+        )?);
+        procs.push(spawn(
+            format!("tesserad on {}", addr(i)),
+            Command::new(&tesserad).arg("--seed").arg(&seed),
+            node_dir.join("tesserad.log"),
+        )?);
+    }
+    println!(
+        "Starting {n} nodes on 127.0.0.1-{n} (data in {}) ...",
+        cli.dir.display()
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        for p in procs.iter_mut() {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                let msg = format!("{} exited with {st}:\n{}", p.name, tail(&p.log));
+                stop(&mut procs);
+                bail!(msg);
+            }
+        }
+        let st: Vec<Option<serde_json::Value>> = (1..=n)
+            .map(|i| status(&cli.dir.join(format!("node{i}/data/tesserad.sock"))))
+            .collect();
+        let leaders: Vec<Option<u64>> = st
+            .iter()
+            .map(|s| s.as_ref().and_then(|s| s["leader"].as_u64()))
+            .collect();
+        let formed = leaders[0].is_some()
+            && leaders.iter().all(|l| *l == leaders[0])
+            && st.iter().all(|s| {
+                s.as_ref()
+                    .is_some_and(|s| s["voters"].as_array().map(|v| v.len()) == Some(n as usize))
+            });
+        if formed {
+            break;
+        }
+        if Instant::now() > deadline {
+            stop(&mut procs);
+            bail!(
+                "the nodes did not form a cluster within 90 s; see the logs in {}",
+                cli.dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The bootstrapping node creates the first administrator right after formation.
+    let read_password = || {
+        (1..=n)
+            .find_map(|i| {
+                std::fs::read_to_string(
+                    cli.dir.join(format!("node{i}/data/initial-admin-password")),
+                )
+                .ok()
+            })
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+    };
+    let waited = Instant::now();
+    let mut password = read_password();
+    while password.is_none() && waited.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+        password = read_password();
+    }
+    println!();
+    println!("Tessera local cluster is up: {n} nodes formed one cluster by themselves.");
+    for i in 1..=n {
+        println!(
+            "  node {i}: REST API http://{}:8006/api/v1   NBD nbd://{}:10809/<volume>",
+            addr(i),
+            addr(i)
+        );
+    }
+    println!("  Web console: not built yet (it comes with the web-console issue).");
+    match &password {
+        Some(p) => println!("  Admin: user admin, initial password {p} (valid until changed; the first login must change it)"),
+        None => println!("  Admin: no first-administrator password file found; use the password you set."),
+    }
+    println!();
+    println!("Try:");
+    println!(
+        "  curl -s -X POST http://127.0.0.1:8006/api/v1/login -H 'content-type: application/json' -d '{{\"username\":\"admin\",\"password\":\"{}\"}}'",
+        password.as_deref().unwrap_or("...")
+    );
+    println!(
+        "  tessera-store --admin-socket {} volume create demo --size 1G",
+        cli.dir.join("node1/store/admin.sock").display()
+    );
+    println!();
+    println!("Ctrl-C stops everything; running this again reuses the same cluster.");
+    let _ = std::io::stdout().flush();
+
+    rt.block_on(async {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    });
+    // The reader of our output may be gone by now: never die on a print before stopping.
+    let _ = writeln!(std::io::stdout(), "Stopping ...");
+    stop(&mut procs);
+    let _ = writeln!(std::io::stdout(), "Stopped.");
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! The README's first command: a local three-node cluster on loopback that forms by
+//! itself, prints its API addresses and admin credentials, answers the API, stops cleanly
+//! on Ctrl-C and comes back as the same cluster when started again.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tessera_tests::{bin, output, require};
+
+/// Interrupts the launcher if the test fails half-way, so no node outlives the test.
+struct Guard(Option<std::process::Child>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            interrupt(c);
+        }
+    }
+}
+
+fn start(dir: &std::path::Path) -> (std::process::Child, Vec<String>) {
+    let mut child = Command::new(bin("tessera-devcluster"))
+        .arg("--dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for line in BufReader::new(out).lines() {
+        let line = line.unwrap();
+        let done = line.starts_with("Ctrl-C stops everything");
+        lines.push(line);
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "devcluster did not come up: {lines:?}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("Tessera local cluster is up")),
+        "{lines:?}"
+    );
+    (child, lines)
+}
+
+fn interrupt(mut child: std::process::Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "devcluster did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "devcluster exited with {status}");
+}
+
+#[test]
+fn the_local_cluster_forms_answers_stops_and_comes_back() {
+    require("curl");
+    let d = tempfile::tempdir().unwrap();
+    let (child, lines) = start(d.path());
+    let mut guard = Guard(Some(child));
+    for i in 1..=3 {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("http://127.0.0.{i}:8006/api/v1"))),
+            "{lines:?}"
+        );
+    }
+    let password = lines
+        .iter()
+        .find_map(|l| l.split("initial password ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the admin password is printed")
+        .to_string();
+    let body = format!("{{\"username\":\"admin\",\"password\":\"{password}\"}}");
+    let out = output(Command::new("curl").args([
+        "-s",
+        "-m",
+        "20",
+        "-X",
+        "POST",
+        "http://127.0.0.2:8006/api/v1/login",
+        "-H",
+        "content-type: application/json",
+        "--data",
+        &body,
+    ]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(
+        v["token"].as_str().is_some(),
+        "login with the printed password failed: {v}"
+    );
+    interrupt(guard.0.take().unwrap());
+    // No node process is left behind.
+    let left = output(Command::new("pgrep").args(["-f", &d.path().display().to_string()]));
+    assert!(
+        left.stdout.is_empty(),
+        "processes left running: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+
+    // Again: the same cluster comes back, nobody bootstraps a new one.
+    let (child, _) = start(d.path());
+    let mut guard = Guard(Some(child));
+    interrupt(guard.0.take().unwrap());
+    for i in 1..=3 {
+        let log = std::fs::read_to_string(d.path().join(format!("node{i}/tesserad.log"))).unwrap();
+        assert_eq!(
+            log.matches("this node bootstraps it").count(),
+            if log.contains("bootstraps it") { 1 } else { 0 }
+        );
+        assert!(
+            log.contains("already a member of a formed cluster"),
+            "node {i} did not come back as a member"
+        );
+    }
+}
