@@ -66,6 +66,99 @@ fn interrupt(mut child: std::process::Child) {
     assert!(status.success(), "devcluster exited with {status}");
 }
 
+/// Runs the `tessera` CLI with its own HOME, `stdin` as input; returns (success, stdout, stderr).
+fn cli(home: &std::path::Path, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(bin("tessera"))
+        .args(args)
+        .env("HOME", home)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("TESSERA_API")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The CLI against the local cluster: login, forced password change, status, nodes, tokens.
+fn check_cli(password: &str) {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let (ok, _, err) = cli(
+        h,
+        &["--api", "http://127.0.0.1:8006", "cluster", "status"],
+        "",
+    );
+    assert!(
+        !ok && err.contains("401") && err.contains("tessera login"),
+        "{err}"
+    );
+    let (ok, out, err) = cli(
+        h,
+        &["--api", "http://127.0.0.3:8006", "login", "--user", "admin"],
+        &format!("{password}\n"),
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("must be changed"), "{out}");
+    let cred = h.join(".config/tessera/credentials.json");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&cred).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let (ok, _, err) = cli(h, &["cluster", "status"], "");
+    assert!(!ok && err.contains("password change required"), "{err}");
+    let (ok, _, err) = cli(
+        h,
+        &["password"],
+        &format!("{password}\nthe new admin password\n"),
+    );
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(h, &["--output", "json", "cluster", "status"], "");
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["voters"].as_array().unwrap().len(), 3);
+    let (ok, out, _) = cli(h, &["node", "ls"], "");
+    assert!(
+        ok && out.lines().filter(|l| l.ends_with(" up")).count() == 3,
+        "{out}"
+    );
+    let (ok, out, err) = cli(
+        h,
+        &[
+            "--output",
+            "json",
+            "token",
+            "create",
+            "--role",
+            "auditor",
+            "--expires",
+            "1h",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (ok, out, _) = cli(h, &["token", "rm", &id], "");
+    assert!(ok && out.contains(&id), "{out}");
+    let (ok, _, err) = cli(h, &["token", "create", "--expires", "soon"], "");
+    assert!(!ok && err.contains("not a duration"), "{err}");
+}
+
 #[test]
 fn the_local_cluster_forms_answers_stops_and_comes_back() {
     require("curl");
@@ -104,6 +197,7 @@ fn the_local_cluster_forms_answers_stops_and_comes_back() {
         v["token"].as_str().is_some(),
         "login with the printed password failed: {v}"
     );
+    check_cli(&password);
     interrupt(guard.0.take().unwrap());
     // No node process is left behind.
     let left = output(Command::new("pgrep").args(["-f", &d.path().display().to_string()]));
