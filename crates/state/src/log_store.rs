@@ -62,6 +62,26 @@ impl LogStore {
     }
 }
 
+impl LogStore {
+    /// Deletes the log entries whose indexes fall in `range`, in one transaction.
+    fn remove_entries(&self, range: impl RangeBounds<u64>) -> Result<(), StorageError<NodeId>> {
+        let tx = self.db.begin_write().map_err(io_err)?;
+        {
+            let mut t = tx.open_table(LOG).map_err(io_err)?;
+            let keys = t
+                .range(range)
+                .map_err(io_err)?
+                .map(|r| r.map(|(k, _)| k.value()))
+                .collect::<Result<Vec<u64>, _>>()
+                .map_err(io_err)?;
+            for k in keys {
+                t.remove(k).map_err(io_err)?;
+            }
+        }
+        tx.commit().map_err(io_err)
+    }
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
@@ -162,35 +182,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let tx = self.db.begin_write().map_err(io_err)?;
-        {
-            let mut t = tx.open_table(LOG).map_err(io_err)?;
-            let keys: Vec<u64> = t
-                .range(log_id.index..)
-                .map_err(io_err)?
-                .filter_map(|r| r.ok().map(|(k, _)| k.value()))
-                .collect();
-            for k in keys {
-                t.remove(k).map_err(io_err)?;
-            }
-        }
-        tx.commit().map_err(io_err)
+        self.remove_entries(log_id.index..)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         self.put_meta("last_purged", &log_id)?;
-        let tx = self.db.begin_write().map_err(io_err)?;
-        {
-            let mut t = tx.open_table(LOG).map_err(io_err)?;
-            let keys: Vec<u64> = t
-                .range(..=log_id.index)
-                .map_err(io_err)?
-                .filter_map(|r| r.ok().map(|(k, _)| k.value()))
-                .collect();
-            for k in keys {
-                t.remove(k).map_err(io_err)?;
-            }
-        }
-        tx.commit().map_err(io_err)
+        self.remove_entries(..=log_id.index)
     }
 }
