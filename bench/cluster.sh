@@ -61,6 +61,19 @@ for run in $(seq "$RUNS"); do
     done
     t1=$(date +%s%N)
     times+=("$(( (t1 - t0) / 1000000 ))")
+    if [ "$run" = "$RUNS" ]; then
+        # Idle footprint once formed: let it settle, then read each tesserad's RSS.
+        sleep 5
+        rss=()
+        for i in 0 1 2; do
+            pid=$(pgrep -f -- "--seed $W/n$i/seed.toml" | head -1)
+            rss+=("$(awk '/^VmRSS:/ {print $2}' /proc/$pid/status)")
+        done
+        sleep 5 & ref=$!
+        sleep 0.2
+        ref_rss=$(awk '/^VmRSS:/ {print $2}' /proc/$ref/status)
+        kill $ref 2>/dev/null || true
+    fi
     pkill -f "$ID-work/$run" || true
     wait 2>/dev/null || true
 done
@@ -71,3 +84,8 @@ echo "| cluster formation, 3 nodes in netns ($RUNS runs) | min | median | max |"
 echo "|---|---:|---:|---:|"
 printf '| third node start to one leader agreed by all, ms | %d | %d | %d |\n' "$min" "$median" "$max"
 printf '| reference: ICMP round trip on the same bridge, ms | | %s | |\n' "$rtt"
+echo
+echo "| idle tesserad (formed, 3 nodes) | RSS KiB |"
+echo "|---|---:|"
+for i in 0 1 2; do echo "| node $i | ${rss[$i]} |"; done
+echo "| reference: \`sleep\` | $ref_rss |"

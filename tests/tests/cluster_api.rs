@@ -228,11 +228,15 @@ fn the_api_requires_credentials_enforces_roles_and_answers_on_every_node() {
         assert_eq!(code, 200, "node {i}: {v}");
         assert_eq!(v["voters"].as_array().unwrap().len(), 3);
         assert!(v["leader"].as_u64().is_some());
-        let (code, v) = call(&lan, i, "GET", "nodes", Some(&admin), None);
-        assert_eq!(code, 200);
-        let list = v.as_array().unwrap();
-        assert_eq!(list.len(), 3, "{v}");
-        assert!(list.iter().all(|n| n["state"] == "up"), "{v}");
+        // Registrations are replicated asynchronously; each node must show all three.
+        let v = wait_for("three registered nodes", 30, || {
+            let (code, v) = call(&lan, i, "GET", "nodes", Some(&admin), None);
+            (code == 200
+                && v.as_array()
+                    .is_some_and(|l| l.len() == 3 && l.iter().all(|n| n["state"] == "up")))
+            .then_some(v)
+        });
+        assert_eq!(v.as_array().unwrap().len(), 3);
     }
 
     // An auditor token reads but cannot administer; revoked, it stops working.
