@@ -201,11 +201,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .iter()
             .map(|s| s.as_ref().and_then(|s| s["leader"].as_u64()))
             .collect();
+        // Up means: one leader agreed by all, every node a voter and registered.
         let formed = leaders[0].is_some()
             && leaders.iter().all(|l| *l == leaders[0])
             && st.iter().all(|s| {
-                s.as_ref()
-                    .is_some_and(|s| s["voters"].as_array().map(|v| v.len()) == Some(n as usize))
+                s.as_ref().is_some_and(|s| {
+                    s["voters"].as_array().map(|v| v.len()) == Some(n as usize)
+                        && s["nodes"].as_object().map(|o| o.len()) == Some(n as usize)
+                })
             });
         if formed {
             break;
