@@ -386,9 +386,11 @@ pub fn run(
         control.wait_power_off_answered(Duration::from_secs(2));
     }
     tracing::info!(?reason, "guest stopped");
-    // Guest memory (`mem`) is dropped after the VM fd: KVM never sees it unmapped.
+    // Other vCPU threads (never joined, see above) may still be in KVM_RUN until the
+    // process exits: keep guest memory mapped for the life of the process so KVM never
+    // finds it unmapped. One mapping per VMM process, released at exit.
     drop(vm);
-    drop(mem);
+    std::mem::forget(mem);
     Ok(RunOutcome {
         reason,
         first_instruction,
@@ -553,9 +555,9 @@ fn register_memory(vm: &VmFd, mem: &GuestMem, log_dirty: bool) -> Result<(), VmE
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
         };
-        // SAFETY: the region is a live mmap owned by `mem`, which outlives the VM: the VM
-        // fd is dropped at the end of `run`, before `mem`'s last clone (held by `run`'s
-        // caller-independent locals and the virtio transport, also dropped there).
+        // SAFETY: the region is a live mmap owned by `mem`, and `run` never unmaps it: at its
+        // end `mem` is deliberately leaked, so the mapping lives as long as the process and
+        // therefore as long as any vCPU of this VM can run.
         unsafe { vm.set_user_memory_region(r) }.map_err(kvm("register guest memory"))?;
     }
     Ok(())
