@@ -85,6 +85,15 @@ fn node_id(n: &Node) -> String {
     v["node_id"].as_str().unwrap().to_string()
 }
 
+/// Every node's log, separated, for failure messages.
+fn all_logs(nodes: &[&Node]) -> String {
+    let logs: Vec<String> = nodes
+        .iter()
+        .map(|n| std::fs::read_to_string(&n.log).unwrap_or_default())
+        .collect();
+    logs.join("\n----\n")
+}
+
 fn wait_all_formed(nodes: &[&Node]) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -93,14 +102,7 @@ fn wait_all_formed(nodes: &[&Node]) -> Vec<serde_json::Value> {
             return f.into_iter().flatten().collect();
         }
         if Instant::now() > deadline {
-            let logs: Vec<String> = nodes
-                .iter()
-                .map(|n| std::fs::read_to_string(&n.log).unwrap_or_default())
-                .collect();
-            panic!(
-                "cluster did not form in 30 s; logs:\n{}",
-                logs.join("\n----\n")
-            );
+            panic!("cluster did not form in 30 s; logs:\n{}", all_logs(nodes));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -269,13 +271,9 @@ fn wait_agreement(nodes: &[&Node], voters: usize, registered: usize) -> u64 {
             return leaders[0].unwrap_or(0);
         }
         if Instant::now() > deadline {
-            let logs: Vec<String> = nodes
-                .iter()
-                .map(|n| std::fs::read_to_string(&n.log).unwrap_or_default())
-                .collect();
             panic!(
                 "no agreement; statuses: {st:#?}\nlogs:\n{}",
-                logs.join("\n----\n")
+                all_logs(nodes)
             );
         }
         std::thread::sleep(Duration::from_millis(100));
