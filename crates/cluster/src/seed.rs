@@ -92,6 +92,34 @@ pub struct Seed {
     /// Peers to announce to directly, for networks without multicast.
     #[serde(default)]
     pub static_peers: Vec<SocketAddr>,
+    /// This node's block store.
+    #[serde(default)]
+    pub storage: Storage,
+}
+
+/// Where this node's `tessera-store` takes orders and serves volumes.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Storage {
+    /// The store's admin socket.
+    #[serde(default = "default_admin_socket")]
+    pub admin_socket: PathBuf,
+    /// The store's NBD TCP address, as clients reach it (shown in volume records).
+    #[serde(default)]
+    pub nbd: Option<SocketAddr>,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            admin_socket: default_admin_socket(),
+            nbd: None,
+        }
+    }
+}
+
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from("/var/lib/tessera/store/admin.sock")
 }
 
 impl Seed {
@@ -152,6 +180,9 @@ impl Seed {
                 "static_peers",
                 "needed when management.use_multicast is false",
             ));
+        }
+        if !seed.storage.admin_socket.is_absolute() {
+            return Err(invalid("storage.admin_socket", "must be an absolute path"));
         }
         if !seed.data_dir.is_absolute() {
             return Err(invalid("data_dir", "must be an absolute path"));

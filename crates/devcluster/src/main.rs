@@ -75,9 +75,12 @@ fn write_seed(node_dir: &Path, i: u8, n: u8, secret: &str) -> anyhow::Result<Pat
         &seed,
         format!(
             "cluster_name = \"dev\"\njoin_secret = \"{secret}\"\nexpected_nodes = {n}\ndata_dir = \"{}\"\n\
-             static_peers = [{}]\n\n[management]\naddress = \"{}:7946\"\nuse_multicast = false\n",
+             static_peers = [{}]\n\n[management]\naddress = \"{}:7946\"\nuse_multicast = false\n\n\
+             [storage]\nadmin_socket = \"{}\"\nnbd = \"{}:10809\"\n",
             node_dir.join("data").display(),
             peers.join(", "),
+            addr(i),
+            node_dir.join("store/admin.sock").display(),
             addr(i)
         ),
     )?;

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use openraft::{BasicNode, Config, Raft};
 
-pub use types::{Applied, Command, Tables, TypeConfig};
+pub use types::{Applied, Command, Require, Tables, TypeConfig};
 
 /// Errors starting a node.
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +109,7 @@ impl Node {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| StateError::Bind(addr, e))?;
-        let server = tokio::spawn(network::serve(listener, raft.clone(), sm.clone(), join_key));
+        let server = tokio::spawn(network::serve(listener, raft.clone(), join_key));
         Ok(Node {
             id,
             raft,
@@ -138,49 +138,70 @@ impl Node {
     }
 
     /// Applies a command through Raft: directly on the leader, forwarded to it from a
-    /// follower. Fails when there is no leader (no quorum) or it does not answer.
+    /// follower. Fails when there is no leader (no quorum) or it does not answer. When it
+    /// returns, the local state machine has applied the command too (read-your-writes on
+    /// this node).
     pub async fn write(&self, cmd: Command) -> Result<Applied, StateError> {
         use openraft::error::{ClientWriteError, RaftError};
-        match self.raft.client_write(cmd.clone()).await {
-            Ok(r) => Ok(r.data),
+        let applied = match self.raft.client_write(cmd.clone()).await {
+            Ok(r) => r.data,
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.leader_node {
                 Some(node) => {
                     network::forward_write(&node.addr, cmd, std::time::Duration::from_secs(5))
                         .await
-                        .map_err(StateError::Raft)
+                        .map_err(StateError::Raft)?
                 }
-                None => Err(StateError::Raft("no leader elected (no quorum?)".into())),
+                None => return Err(StateError::Raft("no leader elected (no quorum?)".into())),
             },
-            Err(e) => Err(StateError::Raft(e.to_string())),
-        }
+            Err(e) => return Err(StateError::Raft(e.to_string())),
+        };
+        self.wait_local(applied.index).await?;
+        Ok(applied)
     }
 
-    /// Reads one record as of now (linearizable): the leader confirms its leadership first;
-    /// a follower asks the leader. Use it when a miss in the local copy may just be lag.
-    pub async fn read_linearizable(
-        &self,
-        table: &str,
-        key: &str,
-    ) -> Result<Option<serde_json::Value>, StateError> {
+    async fn wait_local(&self, index: u64) -> Result<(), StateError> {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            self.state.wait_applied(index),
+        )
+        .await
+        .map_err(|_| StateError::Raft("this node is lagging behind the leader".into()))
+    }
+
+    /// A read barrier: when it returns, the local state machine holds every write
+    /// committed before the call (the leader confirms its leadership and names its
+    /// applied index; a follower asks the leader and waits to apply up to it).
+    pub async fn sync(&self) -> Result<(), StateError> {
         let m = self.raft.metrics().borrow().clone();
-        let local = || {
-            self.state
-                .read(|t| t.get(table).and_then(|t| t.get(key)).cloned())
-        };
         if m.current_leader == Some(self.id) {
-            self.raft
+            let read = self
+                .raft
                 .ensure_linearizable()
                 .await
                 .map_err(|e| StateError::Raft(e.to_string()))?;
-            return Ok(local());
+            return self.wait_local(read.map(|l| l.index).unwrap_or(0)).await;
         }
         let leader = m
             .current_leader
             .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
             .ok_or_else(|| StateError::Raft("no leader elected (no quorum?)".into()))?;
-        network::remote_read(&leader.addr, table, key, std::time::Duration::from_secs(5))
+        let index = network::read_index(&leader.addr, std::time::Duration::from_secs(5))
             .await
-            .map_err(StateError::Raft)
+            .map_err(StateError::Raft)?;
+        self.wait_local(index).await
+    }
+
+    /// Reads one record as of now (linearizable). Use it when a miss in the local copy
+    /// may just be lag.
+    pub async fn read_linearizable(
+        &self,
+        table: &str,
+        key: &str,
+    ) -> Result<Option<serde_json::Value>, StateError> {
+        self.sync().await?;
+        Ok(self
+            .state
+            .read(|t| t.get(table).and_then(|t| t.get(key)).cloned()))
     }
 
     /// Stops Raft and the RPC server.

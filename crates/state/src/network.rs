@@ -34,13 +34,9 @@ enum Rpc {
     Write(Command),
     /// A new node asking to become a voter, authenticated with the join key.
     Join(JoinRequest),
-    /// A follower's linearizable read of one record, answered by the leader.
-    Read {
-        /// Table.
-        table: String,
-        /// Key.
-        key: String,
-    },
+    /// A follower's read barrier: the leader confirms its leadership and answers the log
+    /// index a read must see.
+    ReadIndex,
 }
 
 /// A node's request to join the cluster.
@@ -95,19 +91,14 @@ impl JoinRequest {
 
 /// Serves Raft RPCs for `raft` until the listener fails. Join requests are accepted only
 /// when signed with `join_key`.
-pub async fn serve(
-    listener: TcpListener,
-    raft: Raft<TypeConfig>,
-    sm: crate::state_machine::StateMachine,
-    join_key: Option<[u8; 32]>,
-) {
+pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, join_key: Option<[u8; 32]>) {
     loop {
         let Ok((sock, peer)) = listener.accept().await else {
             return;
         };
-        let (raft, sm) = (raft.clone(), sm.clone());
+        let raft = raft.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(sock, raft, sm, join_key).await {
+            if let Err(e) = handle(sock, raft, join_key).await {
                 tracing::debug!(%peer, error = %e, "Raft RPC failed");
             }
         });
@@ -117,7 +108,6 @@ pub async fn serve(
 async fn handle(
     sock: TcpStream,
     raft: Raft<TypeConfig>,
-    sm: crate::state_machine::StateMachine,
     join_key: Option<[u8; 32]>,
 ) -> std::io::Result<()> {
     let (r, mut w) = sock.into_split();
@@ -129,12 +119,11 @@ async fn handle(
         Rpc::Vote(req) => serde_json::to_vec(&raft.vote(req).await),
         Rpc::Snapshot(req) => serde_json::to_vec(&raft.install_snapshot(req).await),
         Rpc::Join(req) => serde_json::to_vec(&join(&raft, join_key, req).await),
-        Rpc::Read { table, key } => {
-            let res: Result<Option<serde_json::Value>, String> =
-                match raft.ensure_linearizable().await {
-                    Ok(_) => Ok(sm.read(|t| t.get(&table).and_then(|t| t.get(&key)).cloned())),
-                    Err(e) => Err(e.to_string()),
-                };
+        Rpc::ReadIndex => {
+            let res: Result<u64, String> = match raft.ensure_linearizable().await {
+                Ok(l) => Ok(l.map(|l| l.index).unwrap_or(0)),
+                Err(e) => Err(e.to_string()),
+            };
             serde_json::to_vec(&res)
         }
         Rpc::Write(cmd) => {
@@ -329,20 +318,7 @@ pub async fn request_join(
     send::<Result<(), String>>(addr, &Rpc::Join(req), Duration::from_secs(30)).await?
 }
 
-/// Reads one record linearizably through the leader at `addr`.
-pub async fn remote_read(
-    addr: &str,
-    table: &str,
-    key: &str,
-    ttl: Duration,
-) -> Result<Option<serde_json::Value>, String> {
-    send::<Result<Option<serde_json::Value>, String>>(
-        addr,
-        &Rpc::Read {
-            table: table.to_string(),
-            key: key.to_string(),
-        },
-        ttl,
-    )
-    .await?
+/// Asks the leader at `addr` for the log index a linearizable read must see.
+pub async fn read_index(addr: &str, ttl: Duration) -> Result<u64, String> {
+    send::<Result<u64, String>>(addr, &Rpc::ReadIndex, ttl).await?
 }

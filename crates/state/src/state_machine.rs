@@ -12,7 +12,7 @@ use openraft::{
 use redb::{Database, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Applied, Command, Tables, TypeConfig};
+use crate::types::{Applied, Command, Require, Tables, TypeConfig};
 
 type NodeId = u64;
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
@@ -43,6 +43,7 @@ struct StoredSnapshot {
 pub struct StateMachine {
     db: Arc<Database>,
     data: Arc<RwLock<Data>>,
+    applied: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl StateMachine {
@@ -54,12 +55,27 @@ impl StateMachine {
         let sm = StateMachine {
             db,
             data: Arc::new(RwLock::new(Data::default())),
+            applied: Arc::new(tokio::sync::watch::channel(0).0),
         };
         if let Some(s) = sm.load_snapshot()? {
             let d: Data = serde_json::from_slice(&s.data).map_err(io_err)?;
+            sm.applied
+                .send_replace(d.last_applied.map(|l| l.index).unwrap_or(0));
             *sm.data.write().map_err(io_err)? = d;
         }
         Ok(sm)
+    }
+
+    /// The index of the last applied log entry, updated after every apply: lets readers
+    /// wait for their own writes and watchers (tasks, event streams) wake on changes.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    /// Waits until the entry at `index` has been applied here.
+    pub async fn wait_applied(&self, index: u64) {
+        let mut rx = self.subscribe();
+        let _ = rx.wait_for(|a| *a >= index).await;
     }
 
     /// Runs `f` on the current tables (a local read: the caller decides how fresh it
@@ -89,7 +105,25 @@ impl StateMachine {
     }
 }
 
-fn apply_command(tables: &mut Tables, cmd: &Command) -> bool {
+/// Applies one command; returns whether the record existed, and the failed requirement
+/// of a transaction (which then changed nothing).
+fn apply_command(tables: &mut Tables, cmd: &Command) -> (bool, Option<Require>) {
+    if let Command::Txn { require, ops } = cmd {
+        if let Some(r) = require.iter().find(|r| !r.holds(tables)) {
+            return (false, Some(r.clone()));
+        }
+        for op in ops {
+            // Nested transactions are not part of the protocol; they are ignored.
+            if !matches!(op, Command::Txn { .. }) {
+                apply_one(tables, op);
+            }
+        }
+        return (false, None);
+    }
+    (apply_one(tables, cmd), None)
+}
+
+fn apply_one(tables: &mut Tables, cmd: &Command) -> bool {
     match cmd {
         Command::Put { table, key, value } => tables
             .entry(table.clone())
@@ -99,6 +133,7 @@ fn apply_command(tables: &mut Tables, cmd: &Command) -> bool {
         Command::Delete { table, key } => {
             tables.get_mut(table).and_then(|t| t.remove(key)).is_some()
         }
+        Command::Txn { .. } => false,
     }
 }
 
@@ -148,19 +183,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut out = Vec::new();
         for e in entries {
             d.last_applied = Some(e.log_id);
-            let existed = match &e.payload {
-                EntryPayload::Blank => false,
+            let (existed, conflict) = match &e.payload {
+                EntryPayload::Blank => (false, None),
                 EntryPayload::Normal(cmd) => apply_command(&mut d.tables, cmd),
                 EntryPayload::Membership(m) => {
                     d.membership = StoredMembership::new(Some(e.log_id), m.clone());
-                    false
+                    (false, None)
                 }
             };
             out.push(Applied {
                 index: e.log_id.index,
                 existed,
+                conflict,
             });
         }
+        let last = d.last_applied.map(|l| l.index).unwrap_or(0);
+        drop(d);
+        self.applied.send_replace(last);
         Ok(out)
     }
 
@@ -185,7 +224,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             data: bytes,
         })?;
+        let last = d.last_applied.map(|l| l.index).unwrap_or(0);
         *self.data.write().map_err(io_err)? = d;
+        self.applied.send_replace(last);
         Ok(())
     }
 

@@ -7,12 +7,15 @@
 //! the Raft-replicated cluster state and registers itself there. A local status socket
 //! (`<data_dir>/tesserad.sock`, root only) reports what it knows. A node arriving after
 //! formation asks a member to add it (a join request signed with a key derived from the
-//! join secret). The REST API and the CLI come next (see the open issue).
+//! join secret). Every node serves the REST API (`api`) and runs the tasks assigned to it
+//! against its local `tessera-store` (`tasks`).
 
 mod api;
 mod health;
 mod metrics;
+mod records;
 mod replicated;
+mod tasks;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -188,6 +191,29 @@ fn serve_status(
     Ok(())
 }
 
+/// Once this node is a member: publish it in the cluster state, run its tasks, serve.
+fn member(
+    seed: &Seed,
+    me: &tessera_cluster::identity::NodeId,
+    shared: &SharedNode,
+    metrics: &metrics::Metrics,
+    node: Arc<tessera_state::Node>,
+) {
+    replicated::register(
+        node.clone(),
+        me.clone(),
+        seed.management.address,
+        seed.storage.nbd,
+        metrics.clone(),
+    );
+    tasks::start(
+        node.clone(),
+        me.0.clone(),
+        seed.storage.admin_socket.clone(),
+    );
+    *shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(node);
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let seed = Seed::load(&cli.seed)?;
     let identity = Identity::load_or_create(&seed.data_dir)?;
@@ -231,8 +257,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if persisted.is_some() {
         let node =
             replicated::start(&me, seed.management.address, &seed.data_dir, join_key, None).await?;
-        replicated::register(node.clone(), me.clone(), seed.management.address);
-        *shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(node);
+        member(&seed, &me, &shared, &metrics, node);
     }
     let key = Key::from_secret(&seed.join_secret);
     let sock = discovery_socket(&seed)?;
@@ -293,16 +318,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         }
                         let node = replicated::start(&me, seed.management.address, &seed.data_dir, join_key, Some(founders)).await?;
                         tokio::spawn(api::create_first_admin(node.clone(), seed.data_dir.join("initial-admin-password")));
-                        replicated::register(node.clone(), me.clone(), seed.management.address);
-                        *shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(node);
+                        member(&seed, &me, &shared, &metrics, node);
                         *cluster_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.cluster_id.clone());
                     }
                     Action::Adopt(f) => {
                         save_formed(&formed_path, &f)?;
                         tracing::info!(cluster_id = %f.cluster_id, members = ?f.members, "cluster formed: this node is a founding member");
                         let node = replicated::start(&me, seed.management.address, &seed.data_dir, join_key, None).await?;
-                        replicated::register(node.clone(), me.clone(), seed.management.address);
-                        *shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(node);
+                        member(&seed, &me, &shared, &metrics, node);
                         *cluster_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.cluster_id.clone());
                     }
                     Action::Join { cluster_id, via, formed } => {
@@ -332,8 +355,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 save_formed(&formed_path, &f)?;
                 tracing::info!(cluster_id = %f.cluster_id, "joined the cluster");
                 formation.joined(f.clone());
-                replicated::register(node.clone(), me.clone(), seed.management.address);
-                *shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(node);
+                member(&seed, &me, &shared, &metrics, node);
                 *cluster_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.cluster_id.clone());
             }
             r = sock.recv_from(&mut buf) => {

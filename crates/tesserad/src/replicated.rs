@@ -51,19 +51,36 @@ pub async fn start(
     Ok(Arc::new(node))
 }
 
-/// Records this node in the replicated `nodes` table, retrying until a leader takes it.
-pub fn register(node: Arc<Node>, me: NodeId, management: SocketAddr) {
+/// Records this node in the replicated `nodes` table (address, NBD address, latest
+/// metrics), retrying until a leader takes it, then refreshes the metrics every 10 s.
+pub fn register(
+    node: Arc<Node>,
+    me: NodeId,
+    management: SocketAddr,
+    nbd: Option<SocketAddr>,
+    metrics: crate::metrics::Metrics,
+) {
     tokio::spawn(async move {
-        let cmd = Command::Put {
-            table: "nodes".into(),
-            key: me.0.clone(),
-            value: json!({ "address": management.to_string(), "raft_id": raft_id(&me) }),
-        };
+        let mut registered = false;
         loop {
-            match node.write(cmd.clone()).await {
+            let m = metrics.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let cmd = Command::Put {
+                table: "nodes".into(),
+                key: me.0.clone(),
+                value: json!({
+                    "address": management.to_string(),
+                    "raft_id": raft_id(&me),
+                    "nbd": nbd.map(|a| a.to_string()),
+                    "metrics": m,
+                }),
+            };
+            match node.write(cmd).await {
                 Ok(a) => {
-                    tracing::info!(index = a.index, "registered in the cluster state");
-                    return;
+                    if !registered {
+                        tracing::info!(index = a.index, "registered in the cluster state");
+                        registered = true;
+                    }
+                    tokio::time::sleep(Duration::from_secs(10)).await;
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "registration not accepted yet");

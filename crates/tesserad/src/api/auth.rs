@@ -1,30 +1,35 @@
-//! Users, sessions and API tokens, all in the replicated state.
+//! Users' credentials, sessions and API tokens, all in the replicated state.
 //!
 //! - `users/<name>`: argon2id password hash, role, whether the password must change.
 //! - `sessions/<blake3 of the secret>`: a login session or an API token: user, role,
 //!   expiry, kind and id. Secrets are never stored.
-//! - `tokens/<id>`: the session key of an API token, for revocation.
+//! - `tokens/<id>`: the session key of an API token, for listing and revocation.
 //!
 //! Roles are ordered Auditor < Operator < Administrator; an endpoint names the least role
-//! it needs. A session whose user must change the password may only change it.
-
-use std::time::{SystemTime, UNIX_EPOCH};
+//! it needs. A principal acts with the smaller of its session's role and its user's
+//! current role, so demoting or deleting a user takes effect on its sessions and tokens at
+//! once. A session whose user must change the password may only change it.
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
-use axum::extract::rejection::JsonRejection;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{AppendHeaders, IntoResponse};
 use axum::Json;
 use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
-use tessera_state::Command;
+use serde_json::json;
+use tessera_state::{Command, Require};
+use utoipa::ToSchema;
 
-use super::{body, node, ApiError, ApiState, IdPath, St};
+use super::{all, body, commit, del, get, node, now_ms, put, ApiError, ApiState, ErrorBody, St};
+
+/// The session cookie's name.
+pub const COOKIE: &str = "tessera_session";
 
 /// What a principal may do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Read everything.
@@ -36,16 +41,19 @@ pub enum Role {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
-struct User {
-    password_hash: String,
-    role: Role,
-    must_change_password: bool,
+pub(super) struct User {
+    pub password_hash: String,
+    pub role: Role,
+    pub must_change_password: bool,
 }
 
+/// A login session or an API token, as stored.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Session {
-    user: String,
-    role: Role,
+    /// Whose.
+    pub user: String,
+    /// The role it was created with (the user's current role may be smaller).
+    pub role: Role,
     expires_ms: u64,
     kind: String,
     id: String,
@@ -53,24 +61,22 @@ pub struct Session {
 
 const SESSION_MS: u64 = 8 * 3600 * 1000;
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn secret_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
     rand::rngs::OsRng.fill_bytes(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// A short random id (tasks, events, tokens).
+pub(super) fn random_id() -> String {
+    secret_hex(8)
+}
+
 fn key_of(secret: &str) -> String {
     blake3::hash(secret.as_bytes()).to_hex().to_string()
 }
 
-fn hash_password(pw: &str) -> Result<String, ApiError> {
+pub(super) fn hash_password(pw: &str) -> Result<String, ApiError> {
     let salt = SaltString::generate(&mut rand::rngs::OsRng);
     Argon2::default()
         .hash_password(pw.as_bytes(), &salt)
@@ -78,110 +84,163 @@ fn hash_password(pw: &str) -> Result<String, ApiError> {
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("hashing: {e}")))
 }
 
+/// Hashes off the async threads (argon2 takes tens of milliseconds on purpose).
+pub(super) async fn hash_password_async(pw: String) -> Result<String, ApiError> {
+    tokio::task::spawn_blocking(move || hash_password(&pw))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
 fn password_ok(pw: &str, hash: &str) -> bool {
     PasswordHash::new(hash)
         .is_ok_and(|h| Argon2::default().verify_password(pw.as_bytes(), &h).is_ok())
 }
 
-fn record<T: serde::de::DeserializeOwned>(
-    st: &ApiState,
-    table: &str,
-    key: &str,
-) -> Result<Option<T>, ApiError> {
-    let n = node(st)?;
-    Ok(n.state
-        .read(|t| t.get(table).and_then(|t| t.get(key)).cloned())
-        .and_then(|v| serde_json::from_value(v).ok()))
-}
-
-async fn linearizable<T: serde::de::DeserializeOwned>(
-    st: &ApiState,
-    table: &str,
-    key: &str,
-) -> Result<Option<T>, ApiError> {
-    let v = node(st)?
-        .read_linearizable(table, key)
+async fn password_ok_async(pw: String, hash: String) -> bool {
+    tokio::task::spawn_blocking(move || password_ok(&pw, &hash))
         .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    Ok(v.and_then(|v| serde_json::from_value(v).ok()))
+        .unwrap_or(false)
 }
 
-async fn write(st: &ApiState, cmd: Command) -> Result<(), ApiError> {
-    node(st)?
-        .write(cmd)
-        .await
-        .map(|_| ())
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
+/// The rules for new passwords.
+pub(super) fn check_password(field: &str, pw: &str) -> Result<(), ApiError> {
+    let n = pw.chars().count();
+    if !(12..=1024).contains(&n) {
+        return Err(ApiError::bad(format!("{field}: 12 to 1024 characters")));
+    }
+    Ok(())
 }
 
-/// Checks the bearer credentials of a request: 401 without valid ones, 403 when the role
-/// is too small or the password must change first.
+/// The session secret in the `tessera_session` cookie, if any.
+pub fn cookie_secret(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_string())
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|v| v.trim().to_string())
+}
+
+/// Who is calling, and with which role.
+pub struct Principal {
+    /// The user.
+    pub user: String,
+    /// The role in effect.
+    pub role: Role,
+    /// The stored session's key (logout deletes it).
+    key: String,
+}
+
+/// Checks the credentials of a request (bearer token, else session cookie): 401 without
+/// valid ones, 403 when the role is too small or the password must change first.
 pub async fn authorize(
     st: &ApiState,
     headers: &HeaderMap,
     least: Role,
     allow_must_change: bool,
-) -> Result<Session, ApiError> {
+) -> Result<Principal, ApiError> {
     let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, m);
-    let secret = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| unauthorized("missing credentials (Authorization: Bearer <token>)"))?;
-    let key = key_of(secret.trim());
-    let mut session: Option<Session> = record(st, "sessions", &key)?;
+    let secret = bearer(headers)
+        .or_else(|| cookie_secret(headers))
+        .ok_or_else(|| {
+            unauthorized("missing credentials (Authorization: Bearer <token>, or log in)")
+        })?;
+    let key = key_of(&secret);
+    let n = node(st)?;
+    let mut session: Option<Session> = get(&n, "sessions", &key);
     if session.is_none() {
-        // Logged in on another node a moment ago? Ask the leader.
-        session = linearizable(st, "sessions", &key).await?;
+        // Logged in on another node a moment ago? Catch up with the leader.
+        n.sync()
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        session = get(&n, "sessions", &key);
     }
-    let s = session.ok_or_else(|| unauthorized("invalid, expired or revoked credentials"))?;
-    if s.expires_ms <= now_ms() {
-        return Err(unauthorized("invalid, expired or revoked credentials"));
+    let s = session
+        .filter(|s| s.expires_ms > now_ms())
+        .ok_or_else(|| unauthorized("invalid, expired or revoked credentials"))?;
+    let user: User =
+        get(&n, "users", &s.user).ok_or_else(|| unauthorized("the user no longer exists"))?;
+    if !allow_must_change && user.must_change_password {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "password change required (POST /api/v1/password)",
+        ));
     }
-    if !allow_must_change {
-        let user: Option<User> = record(st, "users", &s.user)?;
-        if user.is_some_and(|u| u.must_change_password) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "password change required (POST /api/v1/password)",
-            ));
-        }
-    }
-    if s.role < least {
+    let role = s.role.min(user.role);
+    if role < least {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             format!("requires the {least:?} role"),
         ));
     }
-    Ok(s)
+    Ok(Principal {
+        user: s.user,
+        role,
+        key,
+    })
 }
 
-#[derive(Deserialize)]
+/// Credentials to log in with.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Login {
     username: String,
     password: String,
 }
 
+/// A new session.
+#[derive(Serialize, ToSchema)]
+pub struct LoginReply {
+    /// The session secret: send it as `Authorization: Bearer <token>`.
+    token: String,
+    /// When it expires (ms since the epoch).
+    expires_ms: u64,
+    /// Whether the password must be changed before anything else.
+    must_change_password: bool,
+}
+
+fn session_cookie(secret: &str, max_age_s: u64) -> Result<HeaderValue, ApiError> {
+    HeaderValue::from_str(&format!(
+        "{COOKIE}={secret}; Path=/api; HttpOnly; Secure; SameSite=Strict; Max-Age={max_age_s}"
+    ))
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// Log in with a username and password: returns a session token and sets the session
+/// cookie.
+#[utoipa::path(post, path = "/api/v1/login", tag = "auth", request_body = Login,
+    responses((status = 200, body = LoginReply), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody)))]
 pub async fn login(
     State(st): St,
     b: Result<Json<Login>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let req = body(b)?;
-    let mut user: Option<User> = record(&st, "users", &req.username)?;
+    let n = node(&st)?;
+    let mut user: Option<User> = get(&n, "users", &req.username);
     if user.is_none() {
-        // Created through another node a moment ago? Ask the leader.
-        user = linearizable(&st, "users", &req.username).await?;
+        // Created through another node a moment ago? Catch up with the leader.
+        n.sync()
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        user = get(&n, "users", &req.username);
     }
     let hash = user
         .as_ref()
         .map(|u| u.password_hash.clone())
         .unwrap_or_default();
-    let pw = req.password.clone();
     // Verify even for unknown users so timing does not tell which names exist.
-    let ok = tokio::task::spawn_blocking(move || password_ok(&pw, &hash))
-        .await
-        .unwrap_or(false);
+    let ok = password_ok_async(req.password.clone(), hash).await;
     let Some(user) = user.filter(|_| ok) else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -194,150 +253,211 @@ pub async fn login(
         role: user.role,
         expires_ms: now_ms() + SESSION_MS,
         kind: "session".into(),
-        id: secret_hex(8),
+        id: random_id(),
     };
-    write(
-        &st,
-        Command::Put {
-            table: "sessions".into(),
-            key: key_of(&secret),
-            value: json!(s),
-        },
-    )
-    .await?;
-    Ok(Json(
-        json!({ "token": secret, "expires_ms": s.expires_ms, "must_change_password": user.must_change_password }),
+    let ops = vec![
+        put("sessions", &key_of(&secret), &s),
+        super::events::event("login", &req.username, &req.username, "logged in"),
+    ];
+    commit(&st, vec![], ops, |_| String::new()).await?;
+    let cookie = session_cookie(&secret, SESSION_MS / 1000)?;
+    Ok((
+        AppendHeaders([(header::SET_COOKIE, cookie)]),
+        Json(LoginReply {
+            token: secret,
+            expires_ms: s.expires_ms,
+            must_change_password: user.must_change_password,
+        }),
     ))
 }
 
-#[derive(Deserialize)]
+/// End the calling session (or revoke the calling token) and clear the cookie.
+#[utoipa::path(post, path = "/api/v1/logout", tag = "auth",
+    security(("token" = []), ("cookie" = [])),
+    responses((status = 200, description = "Logged out"), (status = 401, body = ErrorBody)))]
+pub async fn logout(State(st): St, headers: HeaderMap) -> Result<impl IntoResponse, ApiError> {
+    let p = authorize(&st, &headers, Role::Auditor, true).await?;
+    commit(&st, vec![], vec![del("sessions", &p.key)], |_| {
+        String::new()
+    })
+    .await?;
+    Ok((
+        AppendHeaders([(header::SET_COOKIE, session_cookie("", 0)?)]),
+        Json(json!({ "logged_out": p.user })),
+    ))
+}
+
+/// A password change.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordChange {
     old_password: String,
+    /// At least 12 characters.
     new_password: String,
 }
 
+/// Change the caller's own password (the only call allowed while a change is required).
+#[utoipa::path(post, path = "/api/v1/password", tag = "auth", request_body = PasswordChange,
+    security(("token" = []), ("cookie" = [])),
+    responses((status = 200, description = "Changed"), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn change_password(
     State(st): St,
     headers: HeaderMap,
     b: Result<Json<PasswordChange>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let s = authorize(&st, &headers, Role::Auditor, true).await?;
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let p = authorize(&st, &headers, Role::Auditor, true).await?;
     let req = body(b)?;
-    if req.new_password.chars().count() < 12 {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "new_password: at least 12 characters",
-        ));
-    }
-    let mut user: User = record(&st, "users", &s.user)?
+    check_password("new_password", &req.new_password)?;
+    let n = node(&st)?;
+    let old_user: User = get(&n, "users", &p.user)
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "the user no longer exists"))?;
-    let (old, hash) = (req.old_password.clone(), user.password_hash.clone());
-    if !tokio::task::spawn_blocking(move || password_ok(&old, &hash))
-        .await
-        .unwrap_or(false)
-    {
+    if !password_ok_async(req.old_password.clone(), old_user.password_hash.clone()).await {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "old_password is wrong",
         ));
     }
-    let new = req.new_password.clone();
-    user.password_hash = tokio::task::spawn_blocking(move || hash_password(&new))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let mut user = old_user.clone();
+    user.password_hash = hash_password_async(req.new_password.clone()).await?;
     user.must_change_password = false;
-    write(
+    commit(
         &st,
-        Command::Put {
-            table: "users".into(),
-            key: s.user.clone(),
-            value: json!(user),
-        },
+        vec![Require::equals("users", &p.user, json!(old_user))],
+        vec![
+            put("users", &p.user, &user),
+            super::events::event("user.password", &p.user, &p.user, "password changed"),
+        ],
+        |_| "the user changed meanwhile; try again".into(),
     )
     .await?;
     Ok(Json(json!({ "changed": true })))
 }
 
-#[derive(Deserialize)]
+/// A new API token.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
+    /// Its role (at most the caller's).
     role: Role,
+    /// Lifetime in seconds, 60 to 31622400 (366 days).
     expires_in_s: u64,
 }
 
+/// An API token; the secret is only shown when it is created.
+#[derive(Serialize, ToSchema)]
+pub struct TokenInfo {
+    id: String,
+    user: String,
+    role: Role,
+    expires_ms: u64,
+    /// Only in the reply to its creation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+}
+
+/// Create an API token for the caller.
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "auth", request_body = NewToken,
+    security(("token" = []), ("cookie" = [])),
+    responses((status = 201, body = TokenInfo), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn create_token(
     State(st): St,
     headers: HeaderMap,
     b: Result<Json<NewToken>, JsonRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let s = authorize(&st, &headers, Role::Administrator, false).await?;
+) -> Result<(StatusCode, Json<TokenInfo>), ApiError> {
+    let p = authorize(&st, &headers, Role::Administrator, false).await?;
     let req = body(b)?;
     if !(60..=366 * 24 * 3600).contains(&req.expires_in_s) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "expires_in_s: must be 60 to 31622400",
-        ));
+        return Err(ApiError::bad("expires_in_s: must be 60 to 31622400"));
     }
     let secret = secret_hex(32);
-    let id = secret_hex(8);
+    let id = random_id();
     let t = Session {
-        user: s.user,
-        role: req.role.min(s.role),
+        user: p.user.clone(),
+        role: req.role.min(p.role),
         expires_ms: now_ms() + req.expires_in_s * 1000,
         kind: "token".into(),
         id: id.clone(),
     };
     let key = key_of(&secret);
-    write(
+    commit(
         &st,
-        Command::Put {
-            table: "sessions".into(),
-            key: key.clone(),
-            value: json!(t),
-        },
-    )
-    .await?;
-    write(
-        &st,
-        Command::Put {
-            table: "tokens".into(),
-            key: id.clone(),
-            value: json!(key),
-        },
+        vec![Require::absent("tokens", &id)],
+        vec![
+            put("sessions", &key, &t),
+            put("tokens", &id, &key),
+            super::events::event("token.create", &id, &p.user, "API token created"),
+        ],
+        |_| "token id collision; try again".into(),
     )
     .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "id": id, "token": secret, "role": t.role, "expires_ms": t.expires_ms })),
+        Json(TokenInfo {
+            id,
+            user: t.user,
+            role: t.role,
+            expires_ms: t.expires_ms,
+            token: Some(secret),
+        }),
     ))
 }
 
+/// List API tokens (without their secrets).
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "auth",
+    security(("token" = []), ("cookie" = [])),
+    responses((status = 200, body = [TokenInfo]), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
+pub async fn list_tokens(
+    State(st): St,
+    headers: HeaderMap,
+) -> Result<Json<Vec<TokenInfo>>, ApiError> {
+    authorize(&st, &headers, Role::Administrator, false).await?;
+    let n = super::synced(&st).await?;
+    let out = all::<String>(&n, "tokens")
+        .into_iter()
+        .filter_map(|(id, key)| {
+            get::<Session>(&n, "sessions", &key).map(|s| TokenInfo {
+                id,
+                user: s.user,
+                role: s.role,
+                expires_ms: s.expires_ms,
+                token: None,
+            })
+        })
+        .collect();
+    Ok(Json(out))
+}
+
+/// Revoke an API token.
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "auth",
+    params(("id" = String, Path, description = "Token id")),
+    security(("token" = []), ("cookie" = [])),
+    responses((status = 200, description = "Revoked"), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn revoke_token(
     State(st): St,
     headers: HeaderMap,
-    id: IdPath,
-) -> Result<Json<Value>, ApiError> {
-    authorize(&st, &headers, Role::Administrator, false).await?;
-    let key: String = record(&st, "tokens", &id.0)?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no token {}", id.0)))?;
-    write(
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let p = authorize(&st, &headers, Role::Administrator, false).await?;
+    let id = super::path(id)?;
+    let n = super::synced(&st).await?;
+    let key: String =
+        get(&n, "tokens", &id).ok_or_else(|| ApiError::not_found(format!("no token {id}")))?;
+    commit(
         &st,
-        Command::Delete {
-            table: "sessions".into(),
-            key,
-        },
+        vec![Require::exists("tokens", &id)],
+        vec![
+            del("sessions", &key),
+            del("tokens", &id),
+            super::events::event("token.revoke", &id, &p.user, "API token revoked"),
+        ],
+        |_| format!("token {id} was revoked meanwhile"),
     )
     .await?;
-    write(
-        &st,
-        Command::Delete {
-            table: "tokens".into(),
-            key: id.0.clone(),
-        },
-    )
-    .await?;
-    Ok(Json(json!({ "revoked": id.0 })))
+    Ok(Json(json!({ "revoked": id })))
 }
 
 /// Creates the first administrator (user `admin`) with a random password, once, and
@@ -348,22 +468,13 @@ pub async fn create_first_admin(
     file: std::path::PathBuf,
 ) {
     use std::os::unix::fs::OpenOptionsExt;
-    let exists = |n: &tessera_state::Node| {
-        n.state
-            .read(|t| t.get("users").is_some_and(|u| u.contains_key("admin")))
-    };
     let alphabet: Vec<char> = "abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"
         .chars()
         .collect();
     let password: String = (0..20)
         .map(|_| alphabet[rand::rngs::OsRng.gen_range(0..alphabet.len())])
         .collect();
-    let Ok(Ok(hash)) = tokio::task::spawn_blocking({
-        let pw = password.clone();
-        move || hash_password(&pw).map_err(|e| e.1)
-    })
-    .await
-    else {
+    let Ok(hash) = hash_password_async(password.clone()).await else {
         tracing::error!("could not hash the initial admin password");
         return;
     };
@@ -372,18 +483,21 @@ pub async fn create_first_admin(
         role: Role::Administrator,
         must_change_password: true,
     };
+    let txn = Command::Txn {
+        require: vec![Require::absent("users", "admin")],
+        ops: vec![
+            put("users", "admin", &user),
+            super::events::event(
+                "user.create",
+                "admin",
+                "tesserad",
+                "first administrator created",
+            ),
+        ],
+    };
     loop {
-        if exists(&node) {
-            return;
-        }
-        match node
-            .write(Command::Put {
-                table: "users".into(),
-                key: "admin".into(),
-                value: json!(user),
-            })
-            .await
-        {
+        match node.write(txn.clone()).await {
+            Ok(a) if a.conflict.is_some() => return,
             Ok(_) => break,
             Err(e) => {
                 tracing::debug!(error = %e, "initial admin not written yet");

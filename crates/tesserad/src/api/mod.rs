@@ -1,26 +1,39 @@
 //! The REST API, the same on every node, under `/api/v1`: JSON in and out, errors as
-//! `{"error": "..."}`. Handlers are thin: parse, authorize, call the replicated state, map.
+//! `{"error": "..."}`, the OpenAPI document at `/api/v1/openapi.json` generated from the
+//! handlers' annotations (so the document and the router cannot drift apart).
 //!
-//! Implemented so far: login, password change, API tokens (create, revoke), cluster status
-//! and the node list. Everything but login requires credentials; see `auth.rs`.
+//! Handlers are thin: parse, authorize, read or commit through the replicated state.
+//! Writes go through the Raft leader from whichever node received them; reads first pass
+//! a read barrier ([`tessera_state::Node::sync`]) so a client reads its own writes on any
+//! node. A change and its event are one transaction: nothing is half-written.
 
 mod auth;
+mod cluster;
+mod events;
+mod tasks;
+mod users;
+mod vms;
+mod volumes;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde_json::json;
 use tessera_cluster::identity::NodeId;
+use tessera_state::{Command, Require};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-pub use auth::{create_first_admin, Role};
+pub use auth::create_first_admin;
+pub(crate) use events::{event, trim as trim_events};
 
-use crate::{health, metrics, Heard, SharedNode};
+use crate::{metrics, Heard, SharedNode};
 
 /// What handlers need.
 pub struct ApiState {
@@ -36,14 +49,27 @@ pub struct ApiState {
     pub metrics: metrics::Metrics,
 }
 
-type St = State<Arc<ApiState>>;
+type St = axum::extract::State<Arc<ApiState>>;
 
 /// An error answer.
+#[derive(Debug)]
 pub struct ApiError(StatusCode, String);
 
 impl ApiError {
     fn new(code: StatusCode, msg: impl Into<String>) -> ApiError {
         ApiError(code, msg.into())
+    }
+    fn bad(msg: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, msg)
+    }
+    fn not_found(msg: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, msg)
+    }
+    fn conflict(msg: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, msg)
+    }
+    fn unavailable(msg: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, msg)
     }
 }
 
@@ -53,11 +79,23 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The error body of every failed request.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, naming the field when a field is wrong.
+    pub error: String,
+}
+
 /// Bad JSON, unknown fields and wrong types become 400 with serde's message (which names
 /// the field).
 fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    b.map(|Json(v)| v)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))
+    b.map(|Json(v)| v).map_err(|e| ApiError::bad(e.body_text()))
+}
+
+/// A path parameter, or 400.
+fn path<T>(p: Result<axum::extract::Path<T>, PathRejection>) -> Result<T, ApiError> {
+    p.map(|axum::extract::Path(v)| v)
+        .map_err(|e| ApiError::bad(e.body_text()))
 }
 
 fn node(st: &ApiState) -> Result<Arc<tessera_state::Node>, ApiError> {
@@ -65,74 +103,209 @@ fn node(st: &ApiState) -> Result<Arc<tessera_state::Node>, ApiError> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone()
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "this node has not joined a cluster yet",
-            )
-        })
+        .ok_or_else(|| ApiError::unavailable("this node has not joined a cluster yet"))
+}
+
+/// This node's state, after a read barrier: every write committed before the request
+/// is visible.
+async fn synced(st: &ApiState) -> Result<Arc<tessera_state::Node>, ApiError> {
+    let n = node(st)?;
+    n.sync()
+        .await
+        .map_err(|e| ApiError::unavailable(format!("cluster state not available: {e}")))?;
+    Ok(n)
+}
+
+/// One record, typed.
+fn get<T: DeserializeOwned>(n: &tessera_state::Node, table: &str, key: &str) -> Option<T> {
+    n.state
+        .read(|t| t.get(table).and_then(|t| t.get(key)).cloned())
+        .and_then(|v| serde_json::from_value(v).ok())
+}
+
+/// Every record of a table, typed, in key order.
+fn all<T: DeserializeOwned>(n: &tessera_state::Node, table: &str) -> Vec<(String, T)> {
+    n.state.read(|t| {
+        t.get(table)
+            .map(|t| {
+                t.iter()
+                    .filter_map(|(k, v)| {
+                        serde_json::from_value(v.clone())
+                            .ok()
+                            .map(|v| (k.clone(), v))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+pub(crate) fn put(table: &str, key: &str, value: impl serde::Serialize) -> Command {
+    Command::Put {
+        table: table.into(),
+        key: key.into(),
+        value: json!(value),
+    }
+}
+
+pub(crate) fn del(table: &str, key: &str) -> Command {
+    Command::Delete {
+        table: table.into(),
+        key: key.into(),
+    }
+}
+
+/// Commits `ops` if every requirement holds; `conflict` words the refusal (409) when one
+/// does not.
+async fn commit(
+    st: &ApiState,
+    require: Vec<Require>,
+    ops: Vec<Command>,
+    conflict: impl FnOnce(&Require) -> String,
+) -> Result<(), ApiError> {
+    let applied = node(st)?
+        .write(Command::Txn { require, ops })
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    match applied.conflict {
+        None => Ok(()),
+        Some(r) => Err(ApiError::conflict(conflict(&r))),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Names of volumes, snapshots, VMs and users: 1-63 of `[a-z0-9-]` (users also `._`),
+/// starting with a letter or digit. Store names allow more; we keep to what is safe in
+/// URLs, file names and NBD export names everywhere.
+fn check_name(field: &str, v: &str, extra: &[u8]) -> Result<(), ApiError> {
+    let ok = !v.is_empty()
+        && v.len() <= 63
+        && v.as_bytes()[0].is_ascii_alphanumeric()
+        && v.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || extra.contains(&b)
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad(format!(
+            "{field}: 1-63 characters of a-z, 0-9, '-'{}, starting with a letter or digit",
+            if extra.is_empty() { "" } else { ", '.', '_'" }
+        )))
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Tessera API",
+        description = "The REST API of a Tessera cluster, the same on every node. \
+            Authenticate with `Authorization: Bearer <token>` (from POST /api/v1/login or \
+            an API token) or the `tessera_session` cookie set by login; cookie-authenticated \
+            changes also need the header `X-Tessera-CSRF: 1`."
+    ),
+    modifiers(&SecurityAddon)
+)]
+struct ApiDoc;
+
+struct SecurityAddon;
+
+impl utoipa::Modify for SecurityAddon {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::SecurityScheme;
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder};
+        let c = openapi.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        c.add_security_scheme(
+            "cookie",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(auth::COOKIE))),
+        );
+    }
+}
+
+/// The router and its OpenAPI document.
+pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
+    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(auth::login))
+        .routes(routes!(auth::logout))
+        .routes(routes!(auth::change_password))
+        .routes(routes!(auth::create_token, auth::list_tokens))
+        .routes(routes!(auth::revoke_token))
+        .routes(routes!(users::list, users::create))
+        .routes(routes!(users::update, users::remove))
+        .routes(routes!(cluster::cluster))
+        .routes(routes!(cluster::nodes))
+        .routes(routes!(volumes::list, volumes::create))
+        .routes(routes!(volumes::show, volumes::remove))
+        .routes(routes!(volumes::snapshot))
+        .routes(routes!(volumes::remove_snapshot))
+        .routes(routes!(volumes::clone))
+        .routes(routes!(vms::list, vms::create))
+        .routes(routes!(vms::show, vms::update, vms::remove))
+        .routes(routes!(tasks::list))
+        .routes(routes!(tasks::show))
+        .routes(routes!(events::list))
+        .routes(routes!(events::stream))
+        .with_state(st)
+        .split_for_parts();
+    (router, doc)
 }
 
 /// Serves the API on `addr` until the task is dropped.
 pub async fn serve(addr: SocketAddr, st: Arc<ApiState>) -> anyhow::Result<()> {
-    let app = Router::new()
-        .route("/api/v1/login", post(auth::login))
-        .route("/api/v1/password", post(auth::change_password))
-        .route("/api/v1/tokens", post(auth::create_token))
-        .route("/api/v1/tokens/{id}", delete(auth::revoke_token))
-        .route("/api/v1/cluster", get(cluster))
-        .route("/api/v1/nodes", get(nodes))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
-        .with_state(st);
+    let (router, doc) = router(st);
+    let doc = Arc::new(doc);
+    let app = router
+        .route(
+            "/api/v1/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move { Json(doc.as_ref().clone()) }
+            }),
+        )
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(axum::middleware::from_fn(csrf))
+        .layer(axum::extract::DefaultBodyLimit::max(256 * 1024));
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "REST API listening");
     axum::serve(listener, app).await?;
     Ok(())
 }
 
-async fn cluster(State(st): St, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    auth::authorize(&st, &headers, Role::Auditor, false).await?;
-    let n = node(&st)?;
-    let m = n.raft.metrics().borrow().clone();
-    let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
-    let cluster_id = st
-        .cluster_id
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    Ok(Json(json!({
-        "cluster_id": cluster_id,
-        "leader": m.current_leader,
-        "term": m.current_term,
-        "voters": voters,
-    })))
-}
-
-async fn nodes(State(st): St, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    auth::authorize(&st, &headers, Role::Auditor, false).await?;
-    let n = node(&st)?;
-    let registered = n
-        .state
-        .read(|t| json!(t.get("nodes").cloned().unwrap_or_default()));
-    let heard = st.heard.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let health = health::report(&st.me.0, &registered, &heard);
-    let mut out = Vec::new();
-    if let Some(obj) = registered.as_object() {
-        for (id, rec) in obj {
-            let state = if *id == st.me.0 {
-                json!("up")
-            } else {
-                health[id]["state"].clone()
-            };
-            let mut v = json!({ "id": id, "address": rec["address"], "state": state });
-            if *id == st.me.0 {
-                v["metrics"] = st.metrics.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            }
-            out.push(v);
-        }
+/// A browser sends cookies with cross-site requests; a cross-site page cannot add a
+/// custom header without a CORS preflight we never grant. So a change authenticated only
+/// by the session cookie must carry `X-Tessera-CSRF`.
+async fn csrf(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let h = req.headers();
+    let by_cookie = !h.contains_key("authorization") && auth::cookie_secret(h).is_some();
+    if !safe && by_cookie && !h.contains_key("x-tessera-csrf") {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "a change authenticated by the session cookie needs the X-Tessera-CSRF header",
+        )
+        .into_response();
     }
-    Ok(Json(Value::Array(out)))
+    next.run(req).await
 }
 
-/// Revoking needs the path parameter; kept here so the router reads in one place.
-pub(crate) type IdPath = Path<String>;
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_are_checked() {
+        assert!(super::check_name("name", "vm-100", &[]).is_ok());
+        for bad in ["", "-a", "A", "a/b", "a b", &"x".repeat(64), "a.b"] {
+            let e = super::check_name("name", bad, &[]).unwrap_err();
+            assert!(e.1.starts_with("name:"), "{bad}: {}", e.1);
+        }
+        assert!(super::check_name("username", "j.doe_2", b"._").is_ok());
+    }
+}
