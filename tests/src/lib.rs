@@ -4,6 +4,8 @@
 //! The binaries come from the same cargo target directory as the test executable; the
 //! suite's entry point (`tests/run`) builds them first.
 
+pub mod cluster;
+
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

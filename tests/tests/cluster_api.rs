@@ -3,97 +3,9 @@
 //! change the initial password, roles are enforced, tokens can be revoked, bad bodies get
 //! 400 naming the field, and every node answers the same.
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
-
-use serde_json::{json, Value};
-use tessera_tests::{bin, output, Lan};
-
-struct Node {
-    child: std::process::Child,
-    dir: PathBuf,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(lan: &Lan, i: usize, root: &Path) -> Node {
-    let dir = root.join(format!("node{i}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("seed.toml"),
-        format!(
-            "cluster_name = \"lab\"\njoin_secret = \"correct horse battery staple\"\nexpected_nodes = 3\n\
-             data_dir = \"{}\"\n\n[management]\naddress = \"{}:7946\"\n",
-            dir.join("data").display(),
-            Lan::addr(i)
-        ),
-    )
-    .unwrap();
-    let child = lan
-        .command(i, &bin("tesserad"))
-        .arg("--seed")
-        .arg(dir.join("seed.toml"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("tesserad.log")).unwrap())
-        .spawn()
-        .unwrap();
-    Node { child, dir }
-}
-
-/// One request with curl inside node `i`'s namespace: (status, JSON body).
-fn call(
-    lan: &Lan,
-    i: usize,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> (u16, Value) {
-    let mut c = lan.command(i, Path::new("curl"));
-    c.args([
-        "-s",
-        "-m",
-        "20",
-        "-o",
-        "-",
-        "-w",
-        "\n%{http_code}",
-        "-X",
-        method,
-    ]);
-    c.arg(format!("http://{}:8006/api/v1/{path}", Lan::addr(i)));
-    if let Some(t) = token {
-        c.args(["-H", &format!("Authorization: Bearer {t}")]);
-    }
-    if let Some(b) = body {
-        c.args(["-H", "content-type: application/json", "--data", b]);
-    }
-    let out = output(&mut c);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (
-        code.trim().parse().unwrap_or(0),
-        serde_json::from_str(body).unwrap_or(Value::Null),
-    )
-}
-
-fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
+use serde_json::json;
+use tessera_tests::cluster::{api as call, wait_for, ClusterNode};
+use tessera_tests::Lan;
 
 #[test]
 fn the_api_requires_credentials_enforces_roles_and_answers_on_every_node() {
@@ -105,7 +17,9 @@ fn the_api_requires_credentials_enforces_roles_and_answers_on_every_node() {
     };
     tessera_tests::require("curl");
     let d = tempfile::tempdir().unwrap();
-    let nodes: Vec<Node> = (0..3).map(|i| start(&lan, i, d.path())).collect();
+    let nodes: Vec<ClusterNode> = (0..3)
+        .map(|i| ClusterNode::start(&lan, i, d.path(), 3, false))
+        .collect();
     let password = wait_for("the initial admin password file", 40, || {
         nodes
             .iter()

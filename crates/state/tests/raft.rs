@@ -225,3 +225,88 @@ async fn a_signed_join_request_adds_a_voter_and_a_forged_one_is_refused() {
     }
     n4.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_apply_all_or_nothing_and_followers_read_their_writes() {
+    use tessera_state::Require;
+    let dir = tempfile::tempdir().unwrap();
+    let addrs: BTreeMap<u64, SocketAddr> = (1..=3).map(|i| (i, free_addr())).collect();
+    let mut nodes = Vec::new();
+    for (id, addr) in &addrs {
+        nodes.push(
+            Node::start(*id, *addr, &dir.path().join(format!("n{id}")), None)
+                .await
+                .unwrap(),
+        );
+    }
+    nodes[0].initialize(addrs.clone()).await.unwrap();
+    let leader = wait_leader(&nodes.iter().collect::<Vec<_>>()).await;
+    let follower = nodes.iter().find(|n| n.id != leader).unwrap();
+    let other = nodes
+        .iter()
+        .find(|n| n.id != leader && n.id != follower.id)
+        .unwrap();
+    let txn = |require: Vec<Require>, ops: Vec<Command>| Command::Txn { require, ops };
+
+    // Create-if-absent, through a follower: applied, and visible on that follower as
+    // soon as the write returns.
+    let a = follower
+        .write(txn(
+            vec![Require::absent("nodes", "a")],
+            vec![put("a", json!(1)), put("b", json!(2))],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(a.conflict, None);
+    let local = |n: &Node, k: &str| {
+        n.state
+            .read(|t| t.get("nodes").and_then(|t| t.get(k)).cloned())
+    };
+    assert_eq!(local(follower, "a"), Some(json!(1)));
+    assert_eq!(local(follower, "b"), Some(json!(2)));
+
+    // A failed requirement changes nothing and names itself.
+    let a = other
+        .write(txn(
+            vec![Require::absent("nodes", "a")],
+            vec![put("a", json!(9)), put("c", json!(3))],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(a.conflict, Some(Require::absent("nodes", "a")));
+    other.sync().await.unwrap();
+    assert_eq!(local(other, "a"), Some(json!(1)));
+    assert_eq!(local(other, "c"), None);
+
+    // Compare-and-swap: only the writer that saw the current value wins.
+    let cas = |seen: serde_json::Value, new: serde_json::Value| {
+        txn(
+            vec![Require::equals("nodes", "a", seen)],
+            vec![put("a", new)],
+        )
+    };
+    assert_eq!(
+        follower
+            .write(cas(json!(1), json!(10)))
+            .await
+            .unwrap()
+            .conflict,
+        None
+    );
+    assert!(other
+        .write(cas(json!(1), json!(11)))
+        .await
+        .unwrap()
+        .conflict
+        .is_some());
+    // The barrier makes a read on a third member see the winner at once.
+    other.sync().await.unwrap();
+    assert_eq!(local(other, "a"), Some(json!(10)));
+    assert_eq!(
+        other.read_linearizable("nodes", "a").await.unwrap(),
+        Some(json!(10))
+    );
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
