@@ -157,11 +157,98 @@ fn check_cli(password: &str) {
     assert!(ok && out.contains(&id), "{out}");
     let (ok, _, err) = cli(h, &["token", "create", "--expires", "soon"], "");
     assert!(!ok && err.contains("not a duration"), "{err}");
+    check_cli_resources(h);
+}
+
+fn json_of(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+/// Volumes, VMs and tasks through the CLI, against the stores of the local cluster
+/// (logged in on node 3, so volumes land on node 3's store by default).
+fn check_cli_resources(h: &std::path::Path) {
+    let ok = |args: &[&str]| {
+        let (ok, out, err) = cli(h, args, "");
+        assert!(ok, "tessera {args:?}: {err}");
+        out
+    };
+    let out = ok(&["volume", "create", "vol1", "--size", "64M"]);
+    assert!(out.contains("succeeded"), "{out}");
+    ok(&["volume", "snapshot", "vol1", "s1"]);
+    ok(&["volume", "clone", "vol1", "s1", "vol2"]);
+    let vols = json_of(&ok(&["--output", "json", "volume", "ls"]));
+    let vol2 = vols
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "vol2")
+        .cloned()
+        .unwrap();
+    assert_eq!(vol2["origin"], "vol1@s1");
+    assert_eq!(vol2["nbd"], "nbd://127.0.0.3:10809/vol2");
+    let size = output(Command::new("nbdinfo").args(["--size", "nbd://127.0.0.3:10809/vol2"]));
+    assert_eq!(String::from_utf8_lossy(&size.stdout).trim(), "67108864");
+    let shown = ok(&["volume", "show", "vol1"]);
+    assert!(shown.contains("snapshot     s1 (ready)"), "{shown}");
+
+    let (fail, _, err) = cli(h, &["volume", "create", "odd", "--size", "1000"], "");
+    assert!(
+        !fail && err.contains("400") && err.contains("size_bytes"),
+        "{err}"
+    );
+    let (fail, _, err) = cli(h, &["volume", "create", "odd", "--size", "lots"], "");
+    assert!(!fail && err.contains("not a size"), "{err}");
+
+    ok(&[
+        "vm", "create", "web", "--vcpus", "2", "--memory", "256M", "--disk", "vol2",
+    ]);
+    let vm = json_of(&ok(&[
+        "--output", "json", "vm", "set", "web", "--vcpus", "3",
+    ]));
+    assert_eq!(
+        (vm["vcpus"].as_u64(), vm["generation"].as_u64()),
+        (Some(3), Some(2))
+    );
+    let vm = json_of(&ok(&["--output", "json", "vm", "show", "web"]));
+    assert_eq!(vm["memory_mib"], 256);
+    assert_eq!(vm["disks"], serde_json::json!(["vol2"]));
+    assert!(ok(&["vm", "ls"]).lines().any(|l| l.starts_with("web ")));
+    let (fail, _, err) = cli(h, &["volume", "rm", "vol2"], "");
+    assert!(
+        !fail && err.contains("409") && err.contains("attached"),
+        "{err}"
+    );
+    ok(&["vm", "rm", "web"]);
+    ok(&["volume", "rm", "vol2"]);
+
+    // A task followed separately; the task list has them all.
+    let t = json_of(&ok(&[
+        "--output",
+        "json",
+        "volume",
+        "create",
+        "vol3",
+        "--size",
+        "1M",
+        "--no-wait",
+    ]));
+    let id = t["id"].as_str().unwrap().to_string();
+    let watched = json_of(&ok(&["--output", "json", "task", "watch", &id]));
+    assert_eq!(watched["state"], "succeeded");
+    assert_eq!(watched["progress"], 100);
+    let tasks = json_of(&ok(&["--output", "json", "task", "ls"]));
+    assert!(tasks.as_array().unwrap().len() >= 5, "{tasks}");
+    let events = ok(&["event", "ls", "--limit", "200"]);
+    assert!(
+        events.contains("vm.delete") && events.contains("volume.clone"),
+        "{events}"
+    );
 }
 
 #[test]
 fn the_local_cluster_forms_answers_stops_and_comes_back() {
     require("curl");
+    require("nbdinfo");
     let d = tempfile::tempdir().unwrap();
     let (child, lines) = start(d.path());
     let mut guard = Guard(Some(child));
