@@ -385,7 +385,92 @@ fn a_fourth_node_with_the_right_secret_joins_by_itself() {
     let log = std::fs::read_to_string(&nodes[3].log).unwrap();
     assert!(log.contains("joined the cluster"), "{log}");
     assert!(
+        log.contains("received this node's cluster certificate"),
+        "{log}"
+    );
+    assert!(
         !log.contains("bootstraps"),
         "the late node founded its own cluster"
     );
+    check_mutual_tls(&lan, &nodes);
+}
+
+/// One JSON RPC line to node `to`'s Raft port with openssl, from node `from`'s namespace,
+/// presenting `from`'s certificate when `with_cert`; returns what came back.
+fn openssl_rpc(lan: &Lan, nodes: &[Node], from: usize, to: usize, with_cert: bool) -> String {
+    use std::io::Write;
+    let tls = nodes[from].dir.join("data/tls");
+    let mut c = lan.command(from, Path::new("openssl"));
+    c.args(["s_client", "-quiet", "-ign_eof", "-verify_return_error"])
+        .arg("-connect")
+        .arg(format!("{}:7947", Lan::addr(to)))
+        .arg("-CAfile")
+        .arg(tls.join("ca.crt"));
+    if with_cert {
+        c.arg("-cert")
+            .arg(tls.join("node.crt"))
+            .arg("-key")
+            .arg(tls.join("node.key"));
+    }
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"rpc\":\"read_index\",\"body\":null}\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Node-to-node traffic is mutual TLS with the cluster CA: every node holds a certificate
+/// from the same CA (key readable by root only); a client with one is answered, a client
+/// without one is not, and plain TCP gets nothing.
+fn check_mutual_tls(lan: &Lan, nodes: &[Node]) {
+    let ca = std::fs::read(nodes[0].dir.join("data/tls/ca.crt")).unwrap();
+    for n in nodes {
+        let tls = n.dir.join("data/tls");
+        assert_eq!(
+            std::fs::read(tls.join("ca.crt")).unwrap(),
+            ca,
+            "one CA for all"
+        );
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(tls.join("node.key"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        let v = tessera_tests::output(
+            std::process::Command::new("openssl")
+                .arg("verify")
+                .arg("-CAfile")
+                .arg(tls.join("ca.crt"))
+                .arg(tls.join("node.crt")),
+        );
+        assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    }
+    // A read-index RPC is answered by any member (Ok from the leader, Err naming the
+    // leader from a follower): either way, an answer.
+    let answered = openssl_rpc(lan, nodes, 3, 0, true);
+    assert!(
+        answered.starts_with("{\"Ok\"") || answered.starts_with("{\"Err\""),
+        "a member's RPC was not answered: {answered:?}"
+    );
+    let anonymous = openssl_rpc(lan, nodes, 3, 0, false);
+    assert!(
+        anonymous.is_empty(),
+        "answered without a client certificate: {anonymous:?}"
+    );
+    let plain = tessera_tests::output(
+        lan.command(3, Path::new("curl"))
+            .args(["-s", "-m", "5", "--data", "{}"])
+            .arg(format!("http://{}:7947/", Lan::addr(0))),
+    );
+    assert!(plain.stdout.is_empty(), "plain TCP got an answer");
 }

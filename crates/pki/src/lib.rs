@@ -166,6 +166,88 @@ pub fn server_config(node: &NodeCredentials, ca_pem: &str) -> Result<ServerConfi
         .with_single_cert(certs(&node.cert_pem)?, key(&node.key_pem)?)?)
 }
 
+/// Like [`server_config`], but a client without a certificate may also connect: such a
+/// connection may only enroll (ask for a certificate with a request authenticated by the
+/// join secret). The caller checks the peer's certificates before serving anything else.
+pub fn server_config_allowing_enrollment(
+    node: &NodeCredentials,
+    ca_pem: &str,
+) -> Result<ServerConfig, PkiError> {
+    let provider = Arc::new(default_provider());
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| PkiError::Pem(format!("client verifier: {e}")))?;
+    Ok(ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(&node.cert_pem)?, key(&node.key_pem)?)?)
+}
+
+/// The client side of enrollment: a node without a certificate does not know the cluster
+/// CA yet, so it cannot check the server's certificate. TLS here only hides the exchange;
+/// its authenticity comes from the join-secret MAC on the reply, which the caller must
+/// verify before trusting anything in it.
+pub fn enrollment_client_config() -> Result<ClientConfig, PkiError> {
+    let provider = Arc::new(default_provider());
+    Ok(ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(UncheckedServer(provider)))
+        .with_no_client_auth())
+}
+
+/// Accepts any server certificate but still checks the handshake signatures (so the
+/// server holds the key of the certificate it shows).
+#[derive(Debug)]
+struct UncheckedServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for UncheckedServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// TLS client side: trusts only the cluster CA and presents this node's certificate.
 /// Connect with the server name [`node_dns_name`] of the node meant.
 pub fn client_config(node: &NodeCredentials, ca_pem: &str) -> Result<ClientConfig, PkiError> {

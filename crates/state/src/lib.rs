@@ -65,17 +65,22 @@ pub struct Node {
     pub raft: Raft<TypeConfig>,
     /// The local state machine (reads).
     pub state: state_machine::StateMachine,
+    /// How it reaches other members.
+    pub transport: network::Transport,
+    ca: network::CaSlot,
     server: tokio::task::JoinHandle<()>,
 }
 
 impl Node {
-    /// Opens the state in `dir/state.redb` and serves Raft RPCs on `addr`; join requests
-    /// signed with `join_key` are accepted.
+    /// Opens the state in `dir/state.redb` and serves Raft RPCs on `addr`; join and
+    /// enrollment requests signed with `join_key` are accepted. With `tls`, all traffic to
+    /// and from other members is mutual TLS.
     pub async fn start(
         id: u64,
         addr: SocketAddr,
         dir: &Path,
         join_key: Option<[u8; 32]>,
+        tls: Option<network::Tls>,
     ) -> Result<Node, StateError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StateError::Db(dir.display().to_string(), e.to_string()))?;
@@ -103,19 +108,40 @@ impl Node {
                 .validate()
                 .map_err(|e| StateError::Raft(e.to_string()))?,
         );
-        let raft = Raft::new(id, config, network::Network, log, sm.clone())
+        let transport = network::Transport::new(tls.clone());
+        let net = network::Network {
+            transport: transport.clone(),
+        };
+        let raft = Raft::new(id, config, net, log, sm.clone())
             .await
             .map_err(|e| StateError::Raft(e.to_string()))?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| StateError::Bind(addr, e))?;
-        let server = tokio::spawn(network::serve(listener, raft.clone(), join_key));
+        let ca = network::CaSlot::default();
+        let ctx = Arc::new(network::ServeCtx {
+            raft: raft.clone(),
+            join_key,
+            tls: tls.map(|t| t.server),
+            transport: transport.clone(),
+            ca: ca.clone(),
+            sm: sm.reader(),
+        });
+        let server = tokio::spawn(network::serve(listener, ctx));
         Ok(Node {
             id,
             raft,
             state: sm,
+            transport,
+            ca,
             server,
         })
+    }
+
+    /// Gives this node the cluster CA directly (the node that minted it, before the CA
+    /// record is in the replicated state), so it can enroll the other founders.
+    pub fn set_ca(&self, ca: tessera_pki::ClusterCa) {
+        *self.ca.lock().unwrap_or_else(|p| p.into_inner()) = Some(ca);
     }
 
     /// Founds the cluster with these members (only the bootstrapping node calls this, once).
@@ -146,11 +172,16 @@ impl Node {
         let applied = match self.raft.client_write(cmd.clone()).await {
             Ok(r) => r.data,
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.leader_node {
-                Some(node) => {
-                    network::forward_write(&node.addr, cmd, std::time::Duration::from_secs(5))
-                        .await
-                        .map_err(StateError::Raft)?
-                }
+                Some(node) => self
+                    .transport
+                    .forward_write(
+                        f.leader_id.unwrap_or_default(),
+                        &node.addr,
+                        cmd,
+                        std::time::Duration::from_secs(5),
+                    )
+                    .await
+                    .map_err(StateError::Raft)?,
                 None => return Err(StateError::Raft("no leader elected (no quorum?)".into())),
             },
             Err(e) => return Err(StateError::Raft(e.to_string())),
@@ -181,11 +212,18 @@ impl Node {
                 .map_err(|e| StateError::Raft(e.to_string()))?;
             return self.wait_local(read.map(|l| l.index).unwrap_or(0)).await;
         }
-        let leader = m
+        let leader_id = m
             .current_leader
-            .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
             .ok_or_else(|| StateError::Raft("no leader elected (no quorum?)".into()))?;
-        let index = network::read_index(&leader.addr, std::time::Duration::from_secs(5))
+        let leader = m
+            .membership_config
+            .membership()
+            .get_node(&leader_id)
+            .cloned()
+            .ok_or_else(|| StateError::Raft("the leader is not a member?".into()))?;
+        let index = self
+            .transport
+            .read_index(leader_id, &leader.addr, std::time::Duration::from_secs(5))
             .await
             .map_err(StateError::Raft)?;
         self.wait_local(index).await

@@ -1,8 +1,15 @@
-//! The Raft transport between nodes: one JSON request and one JSON reply per TCP
-//! connection. (Mutual TLS with the cluster CA wraps this once `tesserad` holds node
-//! certificates; see `tessera-pki`.)
+//! The Raft transport between nodes: one JSON request and one JSON reply per connection,
+//! inside mutual TLS with the cluster CA once the node holds a certificate.
+//!
+//! A node without a certificate may connect without one only to *enroll*: it sends a
+//! certificate request authenticated with the join key and gets back its certificate and
+//! the CA certificate, authenticated with the same key (it cannot check the server's
+//! certificate yet, having no CA). Every other RPC on a TLS listener needs a client
+//! certificate from the cluster CA. Without TLS configured (tests of this crate), the
+//! transport is plain TCP.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{
@@ -14,8 +21,10 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, Raft};
+use rustls_pki_types::ServerName;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tessera_pki::{ClusterCa, NodeCredentials};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::types::{Applied, Command, TypeConfig};
@@ -23,6 +32,8 @@ use crate::types::{Applied, Command, TypeConfig};
 type NodeId = u64;
 /// Largest RPC accepted (snapshots are sent in chunks well below this).
 const MAX_RPC: u64 = 64 << 20;
+/// Join and enrollment requests older (or newer) than this are refused.
+const FRESH_MS: u64 = 30_000;
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "rpc", content = "body", rename_all = "snake_case")]
@@ -37,6 +48,93 @@ enum Rpc {
     /// A follower's read barrier: the leader confirms its leadership and answers the log
     /// index a read must see.
     ReadIndex,
+    /// A node without a certificate asking for one (the only RPC allowed without one).
+    Enroll(EnrollRequest),
+}
+
+/// The name a node's certificate is issued for: its Raft id in hex.
+pub fn cert_name(id: NodeId) -> String {
+    format!("{id:016x}")
+}
+
+fn keyed(key: &[u8; 32], parts: &[&[u8]]) -> String {
+    let mut h = blake3::Hasher::new_keyed(key);
+    for p in parts {
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    h.finalize().to_hex().to_string()
+}
+
+fn same_mac(a: &str, b: &str) -> bool {
+    // Compared as blake3 hashes: constant time.
+    matches!((blake3::Hash::from_hex(a), blake3::Hash::from_hex(b)), (Ok(x), Ok(y)) if x == y)
+}
+
+/// A node's request for a certificate.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// Its Raft id (the certificate's name).
+    pub id: NodeId,
+    /// PKCS#10 request, PEM.
+    pub csr_pem: String,
+    /// Its clock, ms since the epoch.
+    pub sent_ms: u64,
+    /// Keyed hash of the above under the join key, hex.
+    pub mac: String,
+}
+
+impl EnrollRequest {
+    fn tag(key: &[u8; 32], id: NodeId, csr: &str, sent_ms: u64) -> String {
+        keyed(
+            key,
+            &[
+                b"tessera enroll v1",
+                &id.to_le_bytes(),
+                csr.as_bytes(),
+                &sent_ms.to_le_bytes(),
+            ],
+        )
+    }
+
+    fn verify(&self, key: &[u8; 32], now_ms: u64) -> Result<(), String> {
+        if !same_mac(
+            &Self::tag(key, self.id, &self.csr_pem, self.sent_ms),
+            &self.mac,
+        ) {
+            return Err("enrollment request failed authentication (different join secret?)".into());
+        }
+        if now_ms.abs_diff(self.sent_ms) > FRESH_MS {
+            return Err("enrollment request is stale (clocks more than 30 s apart?)".into());
+        }
+        Ok(())
+    }
+}
+
+/// The answer to an enrollment.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EnrollReply {
+    /// The node's certificate, PEM.
+    pub cert_pem: String,
+    /// The cluster CA certificate, PEM.
+    pub ca_pem: String,
+    /// Keyed hash under the join key of the request's MAC and both certificates: binds
+    /// the answer to this request and to a holder of the secret.
+    pub mac: String,
+}
+
+impl EnrollReply {
+    fn tag(key: &[u8; 32], request_mac: &str, cert: &str, ca: &str) -> String {
+        keyed(
+            key,
+            &[
+                b"tessera enrolled v1",
+                request_mac.as_bytes(),
+                cert.as_bytes(),
+                ca.as_bytes(),
+            ],
+        )
+    }
 }
 
 /// A node's request to join the cluster.
@@ -89,36 +187,287 @@ impl JoinRequest {
     }
 }
 
-/// Serves Raft RPCs for `raft` until the listener fails. Join requests are accepted only
-/// when signed with `join_key`.
-pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, join_key: Option<[u8; 32]>) {
+/// TLS for node-to-node traffic.
+#[derive(Clone)]
+pub struct Tls {
+    /// Server side (accepts enrollment without a client certificate).
+    pub server: Arc<rustls::ServerConfig>,
+    /// Client side (presents this node's certificate, trusts only the cluster CA).
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+impl Tls {
+    /// The configurations for a node holding `creds` issued by the CA `ca_pem`.
+    pub fn new(creds: &NodeCredentials, ca_pem: &str) -> Result<Tls, tessera_pki::PkiError> {
+        Ok(Tls {
+            server: Arc::new(tessera_pki::server_config_allowing_enrollment(
+                creds, ca_pem,
+            )?),
+            client: Arc::new(tessera_pki::client_config(creds, ca_pem)?),
+        })
+    }
+}
+
+/// How this node reaches others: plain TCP, or mutual TLS.
+#[derive(Clone, Default)]
+pub struct Transport {
+    tls: Option<Tls>,
+}
+
+async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(
+    s: S,
+    body: &[u8],
+) -> std::io::Result<String> {
+    let (r, mut w) = tokio::io::split(s);
+    w.write_all(body).await?;
+    w.flush().await?;
+    let mut line = String::new();
+    BufReader::new(r).take(MAX_RPC).read_line(&mut line).await?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the peer closed the connection without answering",
+        ));
+    }
+    Ok(line)
+}
+
+impl Transport {
+    /// A transport using `tls` (or plain TCP with `None`).
+    pub fn new(tls: Option<Tls>) -> Transport {
+        Transport { tls }
+    }
+
+    /// One request to node `target` at `addr`; the reply line.
+    async fn line(&self, target: NodeId, addr: &str, rpc: &Rpc) -> std::io::Result<String> {
+        let mut body = serde_json::to_vec(rpc).map_err(std::io::Error::other)?;
+        body.push(b'\n');
+        let sock = TcpStream::connect(addr).await?;
+        sock.set_nodelay(true)?;
+        match &self.tls {
+            None => roundtrip(sock, &body).await,
+            Some(tls) => {
+                let name = ServerName::try_from(
+                    tessera_pki::node_dns_name(&cert_name(target))
+                        .map_err(std::io::Error::other)?,
+                )
+                .map_err(std::io::Error::other)?;
+                let s = tokio_rustls::TlsConnector::from(tls.client.clone())
+                    .connect(name, sock)
+                    .await?;
+                roundtrip(s, &body).await
+            }
+        }
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        target: NodeId,
+        addr: &str,
+        rpc: &Rpc,
+        ttl: Duration,
+    ) -> Result<T, String> {
+        let line = tokio::time::timeout(ttl, self.line(target, addr, rpc))
+            .await
+            .map_err(|_| format!("{addr} did not answer in time"))?
+            .map_err(|e| format!("{addr}: {e}"))?;
+        serde_json::from_str::<T>(&line).map_err(|e| format!("{addr}: bad answer: {e}"))
+    }
+
+    /// Sends a write to the leader `leader` at `addr` (a follower forwarding a write).
+    pub async fn forward_write(
+        &self,
+        leader: NodeId,
+        addr: &str,
+        cmd: Command,
+        ttl: Duration,
+    ) -> Result<Applied, String> {
+        self.send::<Result<Applied, String>>(leader, addr, &Rpc::Write(cmd), ttl)
+            .await?
+    }
+
+    /// Asks the leader for the log index a linearizable read must see.
+    pub async fn read_index(
+        &self,
+        leader: NodeId,
+        addr: &str,
+        ttl: Duration,
+    ) -> Result<u64, String> {
+        self.send::<Result<u64, String>>(leader, addr, &Rpc::ReadIndex, ttl)
+            .await?
+    }
+
+    /// Asks member `target` at `addr` to add this node (Raft id `id`, address `my_addr`).
+    pub async fn request_join(
+        &self,
+        target: NodeId,
+        addr: &str,
+        key: &[u8; 32],
+        id: NodeId,
+        my_addr: &str,
+    ) -> Result<(), String> {
+        let req = JoinRequest::new(key, id, my_addr, now_ms());
+        self.send::<Result<(), String>>(target, addr, &Rpc::Join(req), Duration::from_secs(30))
+            .await?
+    }
+}
+
+/// Asks the member at `addr` (Raft address) for a certificate for node `id`: makes a key
+/// (which never leaves this node) and a request, and checks that the answer comes from a
+/// holder of the join key. Returns the credentials and the CA certificate.
+pub async fn enroll(
+    addr: &str,
+    key: &[u8; 32],
+    id: NodeId,
+) -> Result<(NodeCredentials, String), String> {
+    let (key_pem, csr_pem) =
+        tessera_pki::node_key_and_request(&cert_name(id)).map_err(|e| e.to_string())?;
+    let sent_ms = now_ms();
+    let req = EnrollRequest {
+        id,
+        mac: EnrollRequest::tag(key, id, &csr_pem, sent_ms),
+        csr_pem,
+        sent_ms,
+    };
+    let config = Arc::new(tessera_pki::enrollment_client_config().map_err(|e| e.to_string())?);
+    let mut body = serde_json::to_vec(&Rpc::Enroll(req.clone())).map_err(|e| e.to_string())?;
+    body.push(b'\n');
+    let go = async {
+        let sock = TcpStream::connect(addr).await?;
+        let name = ServerName::try_from("enroll.tessera").map_err(std::io::Error::other)?;
+        let s = tokio_rustls::TlsConnector::from(config)
+            .connect(name, sock)
+            .await?;
+        roundtrip(s, &body).await
+    };
+    let line = tokio::time::timeout(Duration::from_secs(10), go)
+        .await
+        .map_err(|_| format!("{addr} did not answer in time"))?
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let reply: EnrollReply = serde_json::from_str::<Result<EnrollReply, String>>(&line)
+        .map_err(|e| format!("{addr}: bad answer: {e}"))??;
+    let want = EnrollReply::tag(key, &req.mac, &reply.cert_pem, &reply.ca_pem);
+    if !same_mac(&want, &reply.mac) {
+        return Err(format!(
+            "{addr}: the enrollment answer failed authentication (not a member of our cluster)"
+        ));
+    }
+    Ok((
+        NodeCredentials {
+            key_pem,
+            cert_pem: reply.cert_pem,
+        },
+        reply.ca_pem,
+    ))
+}
+
+/// Where this node finds the cluster CA to enroll others: set directly by the node that
+/// minted it, else read from the replicated state (`pki/ca`).
+pub type CaSlot = Arc<Mutex<Option<ClusterCa>>>;
+
+/// What the RPC server needs.
+pub struct ServeCtx {
+    /// This node's Raft.
+    pub raft: Raft<TypeConfig>,
+    /// Join and enrollment requests must be signed with this key.
+    pub join_key: Option<[u8; 32]>,
+    /// Server TLS (None: plain TCP).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// To forward joins to the leader.
+    pub transport: Transport,
+    /// The cluster CA, once known.
+    pub ca: CaSlot,
+    /// The state (the CA record).
+    pub sm: crate::state_machine::StateReader,
+}
+
+impl ServeCtx {
+    fn ca(&self) -> Option<ClusterCa> {
+        let mut slot = self.ca.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = self.sm.read(|t| {
+                let rec = t.get("pki")?.get("ca")?;
+                Some(ClusterCa {
+                    cert_pem: rec["cert_pem"].as_str()?.to_string(),
+                    key_pem: rec["key_pem"].as_str()?.to_string(),
+                })
+            });
+        }
+        slot.clone()
+    }
+
+    fn enroll(&self, req: EnrollRequest) -> Result<EnrollReply, String> {
+        let key = self.join_key.ok_or("this node does not enroll nodes")?;
+        req.verify(&key, now_ms())?;
+        let ca = self
+            .ca()
+            .ok_or("this node does not hold the cluster CA yet")?;
+        let cert_pem = ca
+            .issue(&req.csr_pem, &cert_name(req.id))
+            .map_err(|e| format!("cannot issue the certificate: {e}"))?;
+        tracing::info!(id = req.id, "issued a node certificate");
+        Ok(EnrollReply {
+            mac: EnrollReply::tag(&key, &req.mac, &cert_pem, &ca.cert_pem),
+            cert_pem,
+            ca_pem: ca.cert_pem,
+        })
+    }
+}
+
+/// Serves Raft RPCs until the listener fails.
+pub async fn serve(listener: TcpListener, ctx: Arc<ServeCtx>) {
     loop {
         let Ok((sock, peer)) = listener.accept().await else {
             return;
         };
-        let raft = raft.clone();
+        let _ = sock.set_nodelay(true);
+        let ctx = ctx.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(sock, raft, join_key).await {
+            let res = match ctx.tls.clone() {
+                None => handle(sock, &ctx, true).await,
+                Some(cfg) => {
+                    let accepted = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        tokio_rustls::TlsAcceptor::from(cfg).accept(sock),
+                    )
+                    .await;
+                    match accepted {
+                        Ok(Ok(s)) => {
+                            let authenticated = s.get_ref().1.peer_certificates().is_some();
+                            handle(s, &ctx, authenticated).await
+                        }
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(std::io::Error::other("TLS handshake timed out")),
+                    }
+                }
+            };
+            if let Err(e) = res {
                 tracing::debug!(%peer, error = %e, "Raft RPC failed");
             }
         });
     }
 }
 
-async fn handle(
-    sock: TcpStream,
-    raft: Raft<TypeConfig>,
-    join_key: Option<[u8; 32]>,
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    s: S,
+    ctx: &ServeCtx,
+    authenticated: bool,
 ) -> std::io::Result<()> {
-    let (r, mut w) = sock.into_split();
+    let (r, mut w) = tokio::io::split(s);
     let mut line = String::new();
     BufReader::new(r).take(MAX_RPC).read_line(&mut line).await?;
     let rpc: Rpc = serde_json::from_str(&line).map_err(std::io::Error::other)?;
+    if !authenticated && !matches!(rpc, Rpc::Enroll(_)) {
+        tracing::warn!("refused an RPC from a peer without a cluster certificate");
+        return Err(std::io::Error::other("no client certificate"));
+    }
+    let raft = &ctx.raft;
     let reply = match rpc {
         Rpc::Append(req) => serde_json::to_vec(&raft.append_entries(req).await),
         Rpc::Vote(req) => serde_json::to_vec(&raft.vote(req).await),
         Rpc::Snapshot(req) => serde_json::to_vec(&raft.install_snapshot(req).await),
-        Rpc::Join(req) => serde_json::to_vec(&join(&raft, join_key, req).await),
+        Rpc::Join(req) => serde_json::to_vec(&join(ctx, req).await),
+        Rpc::Enroll(req) => serde_json::to_vec(&ctx.enroll(req)),
         Rpc::ReadIndex => {
             let res: Result<u64, String> = match raft.ensure_linearizable().await {
                 Ok(l) => Ok(l.map(|l| l.index).unwrap_or(0)),
@@ -143,12 +492,16 @@ async fn handle(
 
 /// Makes clients for peers by their advertised address.
 #[derive(Clone, Default)]
-pub struct Network;
+pub struct Network {
+    /// How to reach them.
+    pub transport: Transport,
+}
 
 /// A client for one peer.
 pub struct Peer {
     target: NodeId,
     addr: String,
+    transport: Transport,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -158,6 +511,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Peer {
             target,
             addr: node.addr.clone(),
+            transport: self.transport.clone(),
         }
     }
 }
@@ -169,24 +523,15 @@ impl Peer {
         E: serde::de::DeserializeOwned + std::error::Error,
     {
         let go = async {
-            let addr: SocketAddr = self
+            let _: SocketAddr = self
                 .addr
                 .parse()
                 .map_err(|e: std::net::AddrParseError| RPCError::Network(NetworkError::new(&e)))?;
-            let sock = TcpStream::connect(addr)
+            let line = self
+                .transport
+                .line(self.target, &self.addr, &rpc)
                 .await
                 .map_err(|e| unreachable(&e))?;
-            let (r, mut w) = sock.into_split();
-            let mut body =
-                serde_json::to_vec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-            body.push(b'\n');
-            w.write_all(&body).await.map_err(|e| unreachable(&e))?;
-            let mut line = String::new();
-            BufReader::new(r)
-                .take(MAX_RPC)
-                .read_line(&mut line)
-                .await
-                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
             let res: Result<T, E> = serde_json::from_str(&line)
                 .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
             res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -233,11 +578,6 @@ impl RaftNetwork<TypeConfig> for Peer {
     }
 }
 
-/// Sends a write to the leader at `addr` (a follower forwarding a client's write).
-pub async fn forward_write(addr: &str, cmd: Command, ttl: Duration) -> Result<Applied, String> {
-    send::<Result<Applied, String>>(addr, &Rpc::Write(cmd), ttl).await?
-}
-
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -247,12 +587,11 @@ fn now_ms() -> u64 {
 
 /// Adds an authenticated node as a learner, then as a voter; a follower forwards the
 /// request to the leader.
-async fn join(
-    raft: &Raft<TypeConfig>,
-    key: Option<[u8; 32]>,
-    req: JoinRequest,
-) -> Result<(), String> {
-    let key = key.ok_or("this node does not accept join requests")?;
+async fn join(ctx: &ServeCtx, req: JoinRequest) -> Result<(), String> {
+    let raft = &ctx.raft;
+    let key = ctx
+        .join_key
+        .ok_or("this node does not accept join requests")?;
     req.verify(&key, now_ms())?;
     let m = raft.metrics().borrow().clone();
     if m.current_leader != Some(m.id) {
@@ -260,7 +599,16 @@ async fn join(
             .current_leader
             .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
             .ok_or("no leader to forward the join to")?;
-        return send(&leader.addr, &Rpc::Join(req), Duration::from_secs(20)).await?;
+        let leader_id = m.current_leader.unwrap_or_default();
+        return ctx
+            .transport
+            .send(
+                leader_id,
+                &leader.addr,
+                &Rpc::Join(req),
+                Duration::from_secs(20),
+            )
+            .await?;
     }
     raft.add_learner(
         req.id,
@@ -279,46 +627,4 @@ async fn join(
         .map_err(|e| e.to_string())?;
     tracing::info!(id = req.id, addr = %req.addr, "added a voter");
     Ok(())
-}
-
-async fn send<T: serde::de::DeserializeOwned>(
-    addr: &str,
-    rpc: &Rpc,
-    ttl: Duration,
-) -> Result<T, String> {
-    let go = async {
-        let sock = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connecting to {addr}: {e}"))?;
-        let (r, mut w) = sock.into_split();
-        let mut body = serde_json::to_vec(rpc).map_err(|e| e.to_string())?;
-        body.push(b'\n');
-        w.write_all(&body).await.map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        BufReader::new(r)
-            .take(MAX_RPC)
-            .read_line(&mut line)
-            .await
-            .map_err(|e| e.to_string())?;
-        serde_json::from_str::<T>(&line).map_err(|e| e.to_string())
-    };
-    tokio::time::timeout(ttl, go)
-        .await
-        .map_err(|_| format!("{addr} did not answer in time"))?
-}
-
-/// Asks the member at `addr` to add this node (Raft id `id`, address `my_addr`).
-pub async fn request_join(
-    addr: &str,
-    key: &[u8; 32],
-    id: NodeId,
-    my_addr: &str,
-) -> Result<(), String> {
-    let req = JoinRequest::new(key, id, my_addr, now_ms());
-    send::<Result<(), String>>(addr, &Rpc::Join(req), Duration::from_secs(30)).await?
-}
-
-/// Asks the leader at `addr` for the log index a linearizable read must see.
-pub async fn read_index(addr: &str, ttl: Duration) -> Result<u64, String> {
-    send::<Result<u64, String>>(addr, &Rpc::ReadIndex, ttl).await?
 }

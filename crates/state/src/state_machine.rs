@@ -32,6 +32,20 @@ pub struct Data {
     pub tables: Tables,
 }
 
+/// Read access to the tables without the database; see [`StateMachine::reader`].
+#[derive(Clone)]
+pub struct StateReader {
+    data: Arc<RwLock<Data>>,
+}
+
+impl StateReader {
+    /// Runs `f` on the current tables.
+    pub fn read<T>(&self, f: impl FnOnce(&Tables) -> T) -> T {
+        let d = self.data.read().unwrap_or_else(|p| p.into_inner());
+        f(&d.tables)
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, BasicNode>,
@@ -76,6 +90,14 @@ impl StateMachine {
     pub async fn wait_applied(&self, index: u64) {
         let mut rx = self.subscribe();
         let _ = rx.wait_for(|a| *a >= index).await;
+    }
+
+    /// A read-only view that does not keep the database open (for long-lived holders,
+    /// like connection handlers, that must not stop a restart from reopening it).
+    pub fn reader(&self) -> StateReader {
+        StateReader {
+            data: self.data.clone(),
+        }
     }
 
     /// Runs `f` on the current tables (a local read: the caller decides how fresh it

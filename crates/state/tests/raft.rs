@@ -7,13 +7,22 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tessera_state::network::{self, Tls};
 use tessera_state::{Command, Node};
 
+/// A free port below the kernel's ephemeral range (32768+): a port from that range, once
+/// released for a node's restart, can be taken meanwhile as the source port of some
+/// other test's outgoing connection.
 fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 500) as u16 * 20;
+    loop {
+        let port = base + NEXT.fetch_add(1, Ordering::SeqCst) % 10_000;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().unwrap();
+        }
+    }
 }
 
 async fn wait_leader(nodes: &[&Node]) -> u64 {
@@ -66,7 +75,7 @@ async fn three_members_replicate_survive_the_leader_and_catch_up_after_restart()
     let mut nodes = Vec::new();
     for (id, addr) in &addrs {
         nodes.push(
-            Node::start(*id, *addr, &dir.path().join(format!("n{id}")), None)
+            Node::start(*id, *addr, &dir.path().join(format!("n{id}")), None, None)
                 .await
                 .unwrap(),
         );
@@ -100,7 +109,7 @@ async fn three_members_replicate_survive_the_leader_and_catch_up_after_restart()
     }
 
     // The old leader restarts from its own files and catches up.
-    let back = Node::start(leader, addrs[&leader], &old_dir, None)
+    let back = Node::start(leader, addrs[&leader], &old_dir, None, None)
         .await
         .unwrap();
     wait_value(&back, "a", json!({"state": "up"})).await;
@@ -129,7 +138,7 @@ async fn a_full_restart_keeps_every_committed_write() {
     let mut nodes = Vec::new();
     for (id, addr) in &addrs {
         nodes.push(
-            Node::start(*id, *addr, &dir.path().join(format!("n{id}")), None)
+            Node::start(*id, *addr, &dir.path().join(format!("n{id}")), None, None)
                 .await
                 .unwrap(),
         );
@@ -149,7 +158,7 @@ async fn a_full_restart_keeps_every_committed_write() {
     let mut nodes = Vec::new();
     for (id, addr) in &addrs {
         nodes.push(
-            Node::start(*id, *addr, &dir.path().join(format!("n{id}")), None)
+            Node::start(*id, *addr, &dir.path().join(format!("n{id}")), None, None)
                 .await
                 .unwrap(),
         );
@@ -164,46 +173,132 @@ async fn a_full_restart_keeps_every_committed_write() {
     }
 }
 
+/// Credentials for node `id` issued directly by `ca` (what the minting node does).
+fn own_tls(ca: &tessera_pki::ClusterCa, id: u64) -> Tls {
+    let (key_pem, csr) = tessera_pki::node_key_and_request(&network::cert_name(id)).unwrap();
+    let creds = tessera_pki::NodeCredentials {
+        key_pem,
+        cert_pem: ca.issue(&csr, &network::cert_name(id)).unwrap(),
+    };
+    Tls::new(&creds, &ca.cert_pem).unwrap()
+}
+
+async fn enrolled_tls(addr: SocketAddr, key: &[u8; 32], id: u64) -> Tls {
+    let (creds, ca_pem) = network::enroll(&addr.to_string(), key, id).await.unwrap();
+    Tls::new(&creds, &ca_pem).unwrap()
+}
+
+/// Sends one raw line over TLS without a client certificate; returns the answer line.
+async fn anonymous(addr: SocketAddr, line: &str) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let cfg = std::sync::Arc::new(tessera_pki::enrollment_client_config().unwrap());
+    let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("x.tessera").unwrap();
+    let Ok(mut s) = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, sock)
+        .await
+    else {
+        return String::new();
+    };
+    s.write_all(line.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    let mut out = String::new();
+    let _ = tokio::io::BufReader::new(s).read_line(&mut out).await;
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_signed_join_request_adds_a_voter_and_a_forged_one_is_refused() {
+async fn mutual_tls_enrollment_and_signed_joins() {
     let key = [7u8; 32];
     let dir = tempfile::tempdir().unwrap();
     let addrs: BTreeMap<u64, SocketAddr> = (1..=3).map(|i| (i, free_addr())).collect();
-    let mut nodes = Vec::new();
-    for (id, addr) in &addrs {
+    // Node 1 mints the CA and certifies itself; 2 and 3 enroll with it.
+    let ca = tessera_pki::ClusterCa::mint("test").unwrap();
+    let n1 = Node::start(
+        1,
+        addrs[&1],
+        &dir.path().join("n1"),
+        Some(key),
+        Some(own_tls(&ca, 1)),
+    )
+    .await
+    .unwrap();
+    n1.set_ca(ca.clone());
+    let wrong = network::enroll(&addrs[&1].to_string(), &[9u8; 32], 2).await;
+    match wrong {
+        Err(e) => assert!(e.contains("authentication"), "{e}"),
+        Ok(_) => panic!("enrollment with the wrong key was accepted"),
+    }
+    let mut nodes = vec![n1];
+    for id in [2u64, 3] {
+        let tls = enrolled_tls(addrs[&1], &key, id).await;
         nodes.push(
-            Node::start(*id, *addr, &dir.path().join(format!("n{id}")), Some(key))
-                .await
-                .unwrap(),
+            Node::start(
+                id,
+                addrs[&id],
+                &dir.path().join(format!("n{id}")),
+                Some(key),
+                Some(tls),
+            )
+            .await
+            .unwrap(),
         );
     }
     nodes[0].initialize(addrs.clone()).await.unwrap();
     let leader = wait_leader(&nodes.iter().collect::<Vec<_>>()).await;
-    nodes
-        .iter()
-        .find(|n| n.id == leader)
-        .unwrap()
-        .raft
-        .client_write(put("x", json!(1)))
-        .await
-        .unwrap();
+    let l = nodes.iter().find(|n| n.id == leader).unwrap();
+    // The CA record first: once a member has "x", it has the CA too.
+    l.write(Command::Put {
+        table: "pki".into(),
+        key: "ca".into(),
+        value: json!({ "cert_pem": ca.cert_pem, "key_pem": ca.key_pem }),
+    })
+    .await
+    .unwrap();
+    l.write(put("x", json!(1))).await.unwrap();
+    for n in &nodes {
+        wait_value(n, "x", json!(1)).await;
+    }
 
-    let addr4 = free_addr();
-    let n4 = Node::start(4, addr4, &dir.path().join("n4"), Some(key))
-        .await
-        .unwrap();
-    let follower = addrs
+    // Without a cluster certificate nothing but enrollment is answered.
+    let (fid, faddr) = addrs
         .iter()
         .find(|(id, _)| **id != leader)
-        .map(|(_, a)| a.to_string())
+        .map(|(i, a)| (*i, *a))
         .unwrap();
-    let forged =
-        tessera_state::network::request_join(&follower, &[9u8; 32], 4, &addr4.to_string()).await;
+    assert_eq!(
+        anonymous(faddr, "{\"rpc\":\"read_index\",\"body\":null}\n").await,
+        ""
+    );
+    // Plain TCP is not TLS: no answer either.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(faddr).await.unwrap();
+        s.write_all(b"{\"rpc\":\"read_index\",\"body\":null}\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(!String::from_utf8_lossy(&buf).contains("Ok"), "{buf:?}");
+    }
+
+    // A fourth node enrolls through a follower (which has the CA from the state), and
+    // joins with a signed request; a forged one is refused.
+    let addr4 = free_addr();
+    let tls4 = enrolled_tls(faddr, &key, 4).await;
+    let n4 = Node::start(4, addr4, &dir.path().join("n4"), Some(key), Some(tls4))
+        .await
+        .unwrap();
+    let forged = n4
+        .transport
+        .request_join(fid, &faddr.to_string(), &[9u8; 32], 4, &addr4.to_string())
+        .await;
     assert!(
         forged.unwrap_err().contains("authentication"),
         "a join with the wrong key was accepted"
     );
-    tessera_state::network::request_join(&follower, &key, 4, &addr4.to_string())
+    n4.transport
+        .request_join(fid, &faddr.to_string(), &key, 4, &addr4.to_string())
         .await
         .unwrap();
     wait_value(&n4, "x", json!(1)).await;
@@ -234,7 +329,7 @@ async fn transactions_apply_all_or_nothing_and_followers_read_their_writes() {
     let mut nodes = Vec::new();
     for (id, addr) in &addrs {
         nodes.push(
-            Node::start(*id, *addr, &dir.path().join(format!("n{id}")), None)
+            Node::start(*id, *addr, &dir.path().join(format!("n{id}")), None, None)
                 .await
                 .unwrap(),
         );

@@ -246,6 +246,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let join_key = replicated::join_key(&seed.join_secret);
     let (joined_tx, mut joined_rx) =
         tokio::sync::mpsc::channel::<(Formed, Arc<tessera_state::Node>)>(1);
+    let peers: replicated::Peers = Arc::default();
+    let spawn_start = |formed: Formed, via: Option<Vec<SocketAddr>>| {
+        let (me, mgmt, dir, tx, peers) = (
+            me.clone(),
+            seed.management.address,
+            seed.data_dir.clone(),
+            joined_tx.clone(),
+            peers.clone(),
+        );
+        tokio::spawn(async move {
+            let res = async {
+                let tls = match replicated::load_tls(&dir)? {
+                    Some(t) => t,
+                    None => replicated::enroll(&me, &dir, join_key, &peers).await?,
+                };
+                let node = replicated::start(&me, mgmt, &dir, join_key, tls, None).await?;
+                if let Some(via) = via {
+                    let known = peers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let via: Vec<_> = known
+                        .into_iter()
+                        .filter(|(_, a)| via.contains(a))
+                        .map(|(id, a)| (tessera_cluster::identity::NodeId(id), a))
+                        .collect();
+                    replicated::join(&node, &me, mgmt, &via, join_key).await?;
+                    tracing::info!("joined the cluster");
+                }
+                anyhow::Ok(node)
+            }
+            .await;
+            match res {
+                Ok(node) => {
+                    let _ = tx.send((formed, node)).await;
+                }
+                Err(e) => tracing::error!("{e:#}"),
+            }
+        });
+    };
     serve_status(
         &seed.data_dir,
         me.clone(),
@@ -254,10 +291,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         heard.clone(),
         metrics.clone(),
     )?;
-    if persisted.is_some() {
-        let node =
-            replicated::start(&me, seed.management.address, &seed.data_dir, join_key, None).await?;
-        member(&seed, &me, &shared, &metrics, node);
+    if let Some(f) = &persisted {
+        match replicated::load_tls(&seed.data_dir)? {
+            Some(tls) => {
+                let node = replicated::start(
+                    &me,
+                    seed.management.address,
+                    &seed.data_dir,
+                    join_key,
+                    tls,
+                    None,
+                )
+                .await?;
+                if let Some(ca) = replicated::minted_ca(&seed.data_dir) {
+                    node.set_ca(ca.clone());
+                    replicated::publish_ca(node.clone(), ca);
+                }
+                member(&seed, &me, &shared, &metrics, node);
+            }
+            None => {
+                tracing::warn!(
+                    "a member without its cluster certificate: asking the others for one"
+                );
+                spawn_start(f.clone(), None);
+            }
+        }
     }
     let key = Key::from_secret(&seed.join_secret);
     let sock = discovery_socket(&seed)?;
@@ -316,7 +374,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             let addr = addr.with_context(|| format!("no address heard for founding member {m}"))?;
                             founders.insert(replicated::raft_id(m), replicated::raft_addr(addr));
                         }
-                        let node = replicated::start(&me, seed.management.address, &seed.data_dir, join_key, Some(founders)).await?;
+                        let (ca, tls) = replicated::mint(&seed.data_dir, &f.cluster_id, &me)?;
+                        let node = replicated::start(&me, seed.management.address, &seed.data_dir, join_key, tls, Some(founders)).await?;
+                        node.set_ca(ca.clone());
+                        replicated::publish_ca(node.clone(), ca);
                         tokio::spawn(api::create_first_admin(node.clone(), seed.data_dir.join("initial-admin-password")));
                         member(&seed, &me, &shared, &metrics, node);
                         *cluster_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.cluster_id.clone());
@@ -324,36 +385,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Action::Adopt(f) => {
                         save_formed(&formed_path, &f)?;
                         tracing::info!(cluster_id = %f.cluster_id, members = ?f.members, "cluster formed: this node is a founding member");
-                        let node = replicated::start(&me, seed.management.address, &seed.data_dir, join_key, None).await?;
-                        member(&seed, &me, &shared, &metrics, node);
-                        *cluster_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.cluster_id.clone());
+                        spawn_start(f, None);
                     }
                     Action::Join { cluster_id, via, formed } => {
                         if !joining {
                             joining = true;
                             tracing::info!(%cluster_id, ?via, "a cluster exists: asking to join it");
-                            let (me, mgmt, dir, tx) = (me.clone(), seed.management.address, seed.data_dir.clone(), joined_tx.clone());
-                            tokio::spawn(async move {
-                                let res = async {
-                                    let node = replicated::start(&me, mgmt, &dir, join_key, None).await?;
-                                    replicated::join(&me, mgmt, &via, join_key).await?;
-                                    anyhow::Ok(node)
-                                }
-                                .await;
-                                match res {
-                                    Ok(node) => {
-                                        let _ = tx.send((formed, node)).await;
-                                    }
-                                    Err(e) => tracing::error!("{e:#}"),
-                                }
-                            });
+                            spawn_start(formed, Some(via));
                         }
                     }
                 }
             }
             Some((f, node)) = joined_rx.recv() => {
                 save_formed(&formed_path, &f)?;
-                tracing::info!(cluster_id = %f.cluster_id, "joined the cluster");
+                tracing::info!(cluster_id = %f.cluster_id, "this node's member of the cluster state is running");
                 formation.joined(f.clone());
                 member(&seed, &me, &shared, &metrics, node);
                 *cluster_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.cluster_id.clone());
@@ -367,6 +412,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Ok(a) => match receiver.accept(&seed.cluster_name, &a, now_ms()) {
                         Ok(()) => {
                             formation.heard(&a, now_ms());
+                            peers.lock().unwrap_or_else(|p| p.into_inner()).insert(a.node_id.0.clone(), a.addr);
                             heard.lock().unwrap_or_else(|p| p.into_inner()).insert(a.node_id.0.clone(), Instant::now());
                         }
                         Err(e) => tracing::debug!(%src, error = %e, "announcement ignored"),

@@ -7,8 +7,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use serde_json::json;
 use tessera_cluster::identity::NodeId;
+use tessera_pki::{ClusterCa, NodeCredentials};
+use tessera_state::network::Tls;
 use tessera_state::{Command, Node};
 
 /// The Raft id of a node: the first 64 bits of its node id.
@@ -28,13 +31,125 @@ pub fn join_key(secret: &str) -> [u8; 32] {
     blake3::derive_key("tessera raft join v1", secret.as_bytes())
 }
 
-/// Starts this node's Raft member; the bootstrapping node also founds the cluster with
-/// `founders` (Raft id -> Raft address).
+/// This node's TLS credentials: `<data_dir>/tls/{node.key,node.crt,ca.crt}`.
+fn tls_dir(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("tls")
+}
+
+/// Loads this node's certificate, key and the cluster CA certificate, if it has them.
+pub fn load_tls(data_dir: &Path) -> anyhow::Result<Option<Tls>> {
+    let d = tls_dir(data_dir);
+    let read = |f: &str| std::fs::read_to_string(d.join(f));
+    match (read("node.key"), read("node.crt"), read("ca.crt")) {
+        (Ok(key_pem), Ok(cert_pem), Ok(ca)) => {
+            let creds = NodeCredentials { key_pem, cert_pem };
+            Ok(Some(Tls::new(&creds, &ca).with_context(|| {
+                format!("the TLS credentials in {} are unusable", d.display())
+            })?))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Stores credentials, each file written whole.
+fn save_tls(data_dir: &Path, creds: &NodeCredentials, ca_pem: &str) -> anyhow::Result<Tls> {
+    let d = tls_dir(data_dir);
+    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    // Certificates are public; the key is not. All are written 0600: nothing else needs
+    // to read them.
+    write_private(&d.join("node.key"), &creds.key_pem)?;
+    write_private(&d.join("node.crt"), &creds.cert_pem)?;
+    write_private(&d.join("ca.crt"), ca_pem)?;
+    Ok(Tls::new(creds, ca_pem)?)
+}
+
+/// The founding node's part: mints the cluster CA and certifies itself with it.
+pub fn mint(data_dir: &Path, cluster_id: &str, me: &NodeId) -> anyhow::Result<(ClusterCa, Tls)> {
+    let ca = ClusterCa::mint(cluster_id)?;
+    let name = tessera_state::network::cert_name(raft_id(me));
+    let (key_pem, csr) = tessera_pki::node_key_and_request(&name)?;
+    let creds = NodeCredentials {
+        cert_pem: ca.issue(&csr, &name)?,
+        key_pem,
+    };
+    let tls = save_tls(data_dir, &creds, &ca.cert_pem)?;
+    // Kept until the CA is in the replicated state, so a crash right after formation
+    // does not lose it (see `minted_ca`).
+    write_private(&tls_dir(data_dir).join("ca.key"), &ca.key_pem)?;
+    Ok((ca, tls))
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The CA this node minted, if it did (the founding node, after a restart).
+pub fn minted_ca(data_dir: &Path) -> Option<ClusterCa> {
+    let d = tls_dir(data_dir);
+    Some(ClusterCa {
+        cert_pem: std::fs::read_to_string(d.join("ca.crt")).ok()?,
+        key_pem: std::fs::read_to_string(d.join("ca.key")).ok()?,
+    })
+}
+
+/// Gets a certificate from a member of the cluster (any of `peers`, management
+/// addresses, as they become known), retrying until one issues it.
+pub async fn enroll(
+    me: &NodeId,
+    data_dir: &Path,
+    key: [u8; 32],
+    peers: &Peers,
+) -> anyhow::Result<Tls> {
+    let mut last = String::from("no member heard yet");
+    for attempt in 0u32.. {
+        let candidates: Vec<SocketAddr> = peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .copied()
+            .collect();
+        for a in candidates {
+            let addr = raft_addr(a).to_string();
+            match tessera_state::network::enroll(&addr, &key, raft_id(me)).await {
+                Ok((creds, ca_pem)) => {
+                    tracing::info!(%addr, "received this node's cluster certificate");
+                    return save_tls(data_dir, &creds, &ca_pem);
+                }
+                Err(e) => last = e,
+            }
+        }
+        if attempt % 20 == 19 {
+            tracing::warn!(error = %last, "still waiting for a member to issue this node's certificate");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    anyhow::bail!("could not enroll: {last}")
+}
+
+/// Management addresses of the peers heard, by node id.
+pub type Peers = Arc<std::sync::Mutex<BTreeMap<String, SocketAddr>>>;
+
+/// Starts this node's Raft member (mutual TLS with `tls`); the bootstrapping node also
+/// founds the cluster with `founders` (Raft id -> Raft address).
 pub async fn start(
     me: &NodeId,
     management: SocketAddr,
     data_dir: &Path,
     key: [u8; 32],
+    tls: Tls,
     founders: Option<BTreeMap<u64, SocketAddr>>,
 ) -> anyhow::Result<Arc<Node>> {
     let node = Node::start(
@@ -42,6 +157,7 @@ pub async fn start(
         raft_addr(management),
         &data_dir.join("state"),
         Some(key),
+        Some(tls),
     )
     .await?;
     if let Some(members) = founders {
@@ -49,6 +165,30 @@ pub async fn start(
         tracing::info!("Raft cluster initialized");
     }
     Ok(Arc::new(node))
+}
+
+/// Records the cluster CA in the replicated state (so every member can enroll nodes),
+/// retrying until a leader takes it.
+pub fn publish_ca(node: Arc<Node>, ca: ClusterCa) {
+    tokio::spawn(async move {
+        let cmd = Command::Txn {
+            require: vec![tessera_state::Require::absent("pki", "ca")],
+            ops: vec![Command::Put {
+                table: "pki".into(),
+                key: "ca".into(),
+                value: json!({ "cert_pem": ca.cert_pem, "key_pem": ca.key_pem }),
+            }],
+        };
+        loop {
+            match node.write(cmd.clone()).await {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "CA not recorded yet");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+    });
 }
 
 /// Records this node in the replicated `nodes` table (address, NBD address, latest
@@ -111,24 +251,29 @@ pub fn status(me: &NodeId, cluster_id: Option<&str>, node: Option<&Node>) -> ser
     v
 }
 
-/// Asks the members at `via` (management addresses) to add this node, until one does.
+/// Asks the members at `via` (management addresses, with their node ids) to add this
+/// node, until one does.
 pub async fn join(
+    node: &Node,
     me: &NodeId,
     management: SocketAddr,
-    via: &[SocketAddr],
+    via: &[(NodeId, SocketAddr)],
     key: [u8; 32],
 ) -> anyhow::Result<()> {
     let my_addr = raft_addr(management).to_string();
     let mut last = String::from("no member address heard");
     for attempt in 0..20 {
-        for v in via {
-            match tessera_state::network::request_join(
-                &raft_addr(*v).to_string(),
-                &key,
-                raft_id(me),
-                &my_addr,
-            )
-            .await
+        for (id, v) in via {
+            match node
+                .transport
+                .request_join(
+                    raft_id(id),
+                    &raft_addr(*v).to_string(),
+                    &key,
+                    raft_id(me),
+                    &my_addr,
+                )
+                .await
             {
                 Ok(()) => return Ok(()),
                 Err(e) => last = e,
