@@ -31,6 +31,7 @@ const ROLES: &[(&str, &str, &str)] = &[
     ("DELETE", "/api/v1/users/{username}", "administrator"),
     ("GET", "/api/v1/cluster", "auditor"),
     ("GET", "/api/v1/nodes", "auditor"),
+    ("DELETE", "/api/v1/nodes/{id}", "administrator"),
     ("GET", "/api/v1/volumes", "auditor"),
     ("POST", "/api/v1/volumes", "operator"),
     ("GET", "/api/v1/volumes/{name}", "auditor"),
@@ -174,6 +175,46 @@ fn every_endpoint_refuses_missing_and_underprivileged_credentials() {
         );
         assert!(v["error"].as_str().is_some(), "{method} {path}: {v}");
     }
+
+    // Removing a node: refused while it is up; once it is down, it leaves the Raft
+    // membership and the node list, and the cluster goes on writing.
+    let mut nodes = nodes;
+    let ids = ids_by_index(&lan, &admin);
+    let a = Some(admin.as_str());
+    let (code, v) = api(&lan, 0, "DELETE", &format!("nodes/{}", ids[2]), a, None);
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("only a down node"),
+        "{v}"
+    );
+    nodes[2].kill_tesserad();
+    wait_for("node 3 reported down", 10, || {
+        let (_, v) = api(&lan, 0, "GET", "nodes", a, None);
+        v.as_array()?
+            .iter()
+            .any(|n| n["id"] == ids[2].as_str() && n["state"] == "down")
+            .then_some(())
+    });
+    let (code, v) = api(&lan, 1, "DELETE", &format!("nodes/{}", ids[2]), a, None);
+    assert_eq!(code, 200, "{v}");
+    let (_, v) = api(&lan, 0, "GET", "cluster", a, None);
+    assert_eq!(v["voters"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v["members"].as_array().unwrap().len(), 2, "{v}");
+    let (_, v) = api(&lan, 0, "GET", "nodes", a, None);
+    assert_eq!(v.as_array().unwrap().len(), 2, "{v}");
+    let (code, v) = api(
+        &lan,
+        1,
+        "POST",
+        "vms",
+        a,
+        Some(r#"{"name":"after-removal","vcpus":1,"memory_mib":64}"#),
+    );
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(
+        api(&lan, 0, "DELETE", &format!("nodes/{}", ids[2]), a, None).0,
+        404
+    );
     drop(nodes);
 }
 

@@ -261,6 +261,7 @@ const LOGOUT: Ep = Ep("POST", "/api/v1/logout");
 const PASSWORD: Ep = Ep("POST", "/api/v1/password");
 const CLUSTER: Ep = Ep("GET", "/api/v1/cluster");
 const NODES: Ep = Ep("GET", "/api/v1/nodes");
+const NODE_RM: Ep = Ep("DELETE", "/api/v1/nodes/{id}");
 const TOKEN_CREATE: Ep = Ep("POST", "/api/v1/tokens");
 const TOKEN_RM: Ep = Ep("DELETE", "/api/v1/tokens/{id}");
 const VOLUMES: Ep = Ep("GET", "/api/v1/volumes");
@@ -291,6 +292,7 @@ const ENDPOINTS: &[Ep] = &[
     PASSWORD,
     CLUSTER,
     NODES,
+    NODE_RM,
     TOKEN_CREATE,
     TOKEN_RM,
     VOLUMES,
@@ -350,6 +352,14 @@ enum ClusterCmd {
 enum NodeCmd {
     /// List the nodes and their health.
     Ls,
+    /// Remove a dead node from the cluster (wipe it before starting it again).
+    Rm {
+        /// Node id.
+        id: String,
+        /// Even if it looks up or still holds volumes.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -588,6 +598,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     &[("ID", "id"), ("ADDRESS", "address"), ("STATE", "state")],
                 )
             });
+        }
+        Cmd::Node(NodeCmd::Rm { id, force }) => {
+            let q = if force { "?force=true" } else { "" };
+            let v = client.call_q(NODE_RM, &[&id], q, None)?;
+            out(&v, &|_| println!("removed node {id}"));
         }
         Cmd::Token(TokenCmd::Create { role, expires }) => {
             let v = client.call(

@@ -144,6 +144,30 @@ impl Node {
         *self.ca.lock().unwrap_or_else(|p| p.into_inner()) = Some(ca);
     }
 
+    /// Removes member `id` from the cluster (voter or learner), through the leader. The
+    /// removed node must not come back with its old state: wipe it, then let it join anew.
+    pub async fn remove_member(&self, id: u64) -> Result<(), StateError> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader == Some(self.id) {
+            return network::remove_on_leader(&self.raft, id)
+                .await
+                .map_err(StateError::Raft);
+        }
+        let leader_id = m
+            .current_leader
+            .ok_or_else(|| StateError::Raft("no leader elected (no quorum?)".into()))?;
+        let leader = m
+            .membership_config
+            .membership()
+            .get_node(&leader_id)
+            .cloned()
+            .ok_or_else(|| StateError::Raft("the leader is not a member?".into()))?;
+        self.transport
+            .request_remove(leader_id, &leader.addr, id)
+            .await
+            .map_err(StateError::Raft)
+    }
+
     /// Founds the cluster with these members (only the bootstrapping node calls this, once).
     pub async fn initialize(&self, members: BTreeMap<u64, SocketAddr>) -> Result<(), StateError> {
         let nodes: BTreeMap<u64, BasicNode> = members

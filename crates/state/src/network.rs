@@ -50,6 +50,8 @@ enum Rpc {
     ReadIndex,
     /// A node without a certificate asking for one (the only RPC allowed without one).
     Enroll(EnrollRequest),
+    /// Remove a member (forwarded by a follower to the leader).
+    Remove(NodeId),
 }
 
 /// The name a node's certificate is issued for: its Raft id in hex.
@@ -297,6 +299,17 @@ impl Transport {
             .await?
     }
 
+    /// Asks the leader `leader` at `addr` to remove member `id`.
+    pub async fn request_remove(
+        &self,
+        leader: NodeId,
+        addr: &str,
+        id: NodeId,
+    ) -> Result<(), String> {
+        self.send::<Result<(), String>>(leader, addr, &Rpc::Remove(id), Duration::from_secs(20))
+            .await?
+    }
+
     /// Asks member `target` at `addr` to add this node (Raft id `id`, address `my_addr`).
     pub async fn request_join(
         &self,
@@ -424,7 +437,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ServeCtx>) {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let res = match ctx.tls.clone() {
-                None => handle(sock, &ctx, true).await,
+                None => handle(sock, &ctx, Caller::Plain).await,
                 Some(cfg) => {
                     let accepted = tokio::time::timeout(
                         Duration::from_secs(10),
@@ -433,8 +446,18 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ServeCtx>) {
                     .await;
                     match accepted {
                         Ok(Ok(s)) => {
-                            let authenticated = s.get_ref().1.peer_certificates().is_some();
-                            handle(s, &ctx, authenticated).await
+                            let cert = s
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .map(|c| c.clone().into_owned());
+                            handle(
+                                s,
+                                &ctx,
+                                cert.map(Caller::Certified).unwrap_or(Caller::Anonymous),
+                            )
+                            .await
                         }
                         Ok(Err(e)) => Err(e),
                         Err(_) => Err(std::io::Error::other("TLS handshake timed out")),
@@ -448,18 +471,63 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ServeCtx>) {
     }
 }
 
+/// Who is calling.
+enum Caller {
+    /// Plain TCP (no TLS configured): trusted, as in tests of this crate.
+    Plain,
+    /// TLS without a client certificate: may only enroll.
+    Anonymous,
+    /// TLS with a certificate from the cluster CA (DER).
+    Certified(rustls_pki_types::CertificateDer<'static>),
+}
+
+/// Whether `cert` was issued to a current member. A node that has no membership yet (a
+/// founder before the first entries arrive, a joining learner) cannot tell, and accepts
+/// any certified caller; from then on, a removed node's certificate no longer works.
+fn is_member(raft: &Raft<TypeConfig>, cert: &rustls_pki_types::CertificateDer<'_>) -> bool {
+    let m = raft.metrics().borrow().clone();
+    let members: Vec<NodeId> = m
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(id, _)| *id)
+        .collect();
+    if members.is_empty() {
+        return true;
+    }
+    let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
+    };
+    members.iter().any(|id| {
+        tessera_pki::node_dns_name(&cert_name(*id))
+            .ok()
+            .and_then(|n| ServerName::try_from(n).ok())
+            .is_some_and(|n| ee.verify_is_valid_for_subject_name(&n).is_ok())
+    })
+}
+
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     s: S,
     ctx: &ServeCtx,
-    authenticated: bool,
+    caller: Caller,
 ) -> std::io::Result<()> {
     let (r, mut w) = tokio::io::split(s);
     let mut line = String::new();
     BufReader::new(r).take(MAX_RPC).read_line(&mut line).await?;
     let rpc: Rpc = serde_json::from_str(&line).map_err(std::io::Error::other)?;
-    if !authenticated && !matches!(rpc, Rpc::Enroll(_)) {
-        tracing::warn!("refused an RPC from a peer without a cluster certificate");
-        return Err(std::io::Error::other("no client certificate"));
+    let allowed = match (&caller, &rpc) {
+        (Caller::Plain, _) | (_, Rpc::Enroll(_)) => true,
+        (Caller::Anonymous, _) => false,
+        // A joining node has a certificate but is not a member yet.
+        (Caller::Certified(_), Rpc::Join(_)) => true,
+        (Caller::Certified(cert), _) => is_member(&ctx.raft, cert),
+    };
+    if !allowed {
+        tracing::warn!(
+            anonymous = matches!(caller, Caller::Anonymous),
+            "refused an RPC from a peer that is not a member (no cluster certificate, or removed)"
+        );
+        return Err(std::io::Error::other("caller not allowed"));
     }
     let raft = &ctx.raft;
     let reply = match rpc {
@@ -468,6 +536,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         Rpc::Snapshot(req) => serde_json::to_vec(&raft.install_snapshot(req).await),
         Rpc::Join(req) => serde_json::to_vec(&join(ctx, req).await),
         Rpc::Enroll(req) => serde_json::to_vec(&ctx.enroll(req)),
+        Rpc::Remove(id) => serde_json::to_vec(&remove(ctx, id).await),
         Rpc::ReadIndex => {
             let res: Result<u64, String> = match raft.ensure_linearizable().await {
                 Ok(l) => Ok(l.map(|l| l.index).unwrap_or(0)),
@@ -626,5 +695,47 @@ async fn join(ctx: &ServeCtx, req: JoinRequest) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!(id = req.id, addr = %req.addr, "added a voter");
+    Ok(())
+}
+
+/// Removes a member from the voters and the cluster (on the leader; a follower forwards).
+pub(crate) async fn remove(ctx: &ServeCtx, id: NodeId) -> Result<(), String> {
+    let raft = &ctx.raft;
+    let m = raft.metrics().borrow().clone();
+    if m.current_leader != Some(m.id) {
+        let leader_id = m.current_leader.ok_or("no leader elected (no quorum?)")?;
+        let leader = m
+            .membership_config
+            .membership()
+            .get_node(&leader_id)
+            .cloned()
+            .ok_or("the leader is not a member?")?;
+        return ctx
+            .transport
+            .request_remove(leader_id, &leader.addr, id)
+            .await;
+    }
+    remove_on_leader(raft, id).await
+}
+
+/// The leader's part of [`remove`].
+pub(crate) async fn remove_on_leader(raft: &Raft<TypeConfig>, id: NodeId) -> Result<(), String> {
+    let m = raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    if membership.get_node(&id).is_none() {
+        return Err(format!("{id} is not a member"));
+    }
+    if id == m.id {
+        return Err("the leader cannot remove itself; ask again once another node leads".into());
+    }
+    let voters: std::collections::BTreeSet<NodeId> =
+        membership.voter_ids().filter(|v| *v != id).collect();
+    if voters.is_empty() {
+        return Err("cannot remove the last voter".into());
+    }
+    raft.change_membership(voters, false)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(id, "removed a member");
     Ok(())
 }

@@ -315,6 +315,39 @@ async fn mutual_tls_enrollment_and_signed_joins() {
     for n in &nodes {
         wait_value(n, "from-4", json!(4)).await;
     }
+
+    // Removed (through a follower), its certificate no longer opens any door.
+    let follower = nodes.iter().find(|n| n.id == fid).unwrap();
+    follower.remove_member(4).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nodes[0]
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .get_node(&4)
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "node 4 is still a member");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = n4
+        .transport
+        .forward_write(
+            leader,
+            &addrs[&leader].to_string(),
+            put("late", json!(1)),
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(refused.is_err(), "a removed node's write was accepted");
+    assert!(follower
+        .remove_member(4)
+        .await
+        .unwrap_err()
+        .to_string()
+        .contains("not a member"));
     for n in nodes {
         n.shutdown().await;
     }

@@ -122,3 +122,75 @@ pub async fn nodes(State(st): St, headers: HeaderMap) -> Result<Json<Vec<NodeInf
     }
     Ok(Json(out))
 }
+
+/// How to remove a node.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveQuery {
+    /// Remove even if the node looks up or still holds volumes.
+    force: Option<bool>,
+}
+
+/// Remove a dead node from the cluster (Raft membership and the node list). Refused while
+/// it is up or holds volumes, unless forced. A removed node must be wiped before it is
+/// started again; it then joins as a new node.
+#[utoipa::path(delete, path = "/api/v1/nodes/{id}", tag = "cluster",
+    params(("id" = String, Path), RemoveQuery),
+    security(("token" = []), ("cookie" = [])),
+    responses((status = 200, description = "Removed"), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn remove(
+    State(st): St,
+    headers: HeaderMap,
+    id: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+    q: Result<axum::extract::Query<RemoveQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let p = authorize(&st, &headers, Role::Administrator, false).await?;
+    let id = super::path(id)?;
+    let axum::extract::Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
+    let force = q.force.unwrap_or(false);
+    let n = synced(&st).await?;
+    if super::get::<Value>(&n, "nodes", &id).is_none() {
+        return Err(ApiError::not_found(format!("no node {id}")));
+    }
+    if id == st.me.0 {
+        return Err(ApiError::conflict(
+            "a node cannot remove itself; ask another node",
+        ));
+    }
+    let heard = st.heard.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let state = health::state(heard.get(&id).map(|t| t.elapsed()));
+    if state != "down" && !force {
+        return Err(ApiError::conflict(format!(
+            "node {id} is {state}; only a down node can be removed (force=true overrides)"
+        )));
+    }
+    let volumes: Vec<String> = super::all::<crate::records::Volume>(&n, "volumes")
+        .into_iter()
+        .filter(|(_, v)| v.node == id)
+        .map(|(k, _)| k)
+        .collect();
+    if !volumes.is_empty() && !force {
+        return Err(ApiError::conflict(format!(
+            "node {id} holds volumes {}; they would be lost (force=true overrides)",
+            volumes.join(", ")
+        )));
+    }
+    n.remove_member(crate::replicated::raft_id(
+        &tessera_cluster::identity::NodeId(id.clone()),
+    ))
+    .await
+    .map_err(|e| ApiError::conflict(format!("Raft refused: {e}")))?;
+    super::commit(
+        &st,
+        vec![],
+        vec![
+            super::del("nodes", &id),
+            super::events::event("node.remove", &id, &p.user, "node removed from the cluster"),
+        ],
+        |_| String::new(),
+    )
+    .await?;
+    Ok(Json(json!({ "removed": id })))
+}

@@ -243,6 +243,7 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(users::update, users::remove))
         .routes(routes!(cluster::cluster))
         .routes(routes!(cluster::nodes))
+        .routes(routes!(cluster::remove))
         .routes(routes!(volumes::list, volumes::create))
         .routes(routes!(volumes::show, volumes::remove))
         .routes(routes!(volumes::snapshot))
