@@ -9,6 +9,7 @@
 // return the same type so `?` flows through them unchanged.
 #![allow(clippy::result_large_err)]
 
+pub mod barrier;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
@@ -57,6 +58,10 @@ fn create_atomically(dir: &Path, path: &Path) -> Result<(), StateError> {
         .map_err(|e| err(&e))
 }
 
+/// redb's page cache (its default, 1 GiB, would let a node's memory grow with the
+/// snapshots and log it writes; the state machine itself lives in memory anyway).
+const CACHE_BYTES: usize = 32 << 20;
+
 /// A running Raft member.
 pub struct Node {
     /// This node's Raft id.
@@ -68,7 +73,8 @@ pub struct Node {
     /// How it reaches other members.
     pub transport: network::Transport,
     ca: network::CaSlot,
-    server: tokio::task::JoinHandle<()>,
+    read_index: barrier::ReadIndex,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Node {
@@ -89,7 +95,9 @@ impl Node {
             create_atomically(dir, &path)?;
         }
         let db = Arc::new(
-            redb::Database::create(&path)
+            redb::Builder::new()
+                .set_cache_size(CACHE_BYTES)
+                .create(&path)
                 .map_err(|e| StateError::Db(path.display().to_string(), e.to_string()))?,
         );
         let log = log_store::LogStore::new(db.clone())
@@ -101,6 +109,11 @@ impl Node {
             heartbeat_interval: 150,
             election_timeout_min: 500,
             election_timeout_max: 1000,
+            // Snapshots encode the whole state; take them less often, and keep enough log
+            // after one that a follower lagging under load catches up from the log rather
+            // than by a snapshot transfer.
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
+            max_in_snapshot_log_to_keep: 10_000,
             ..Default::default()
         };
         let config = Arc::new(
@@ -119,7 +132,9 @@ impl Node {
             .await
             .map_err(|e| StateError::Bind(addr, e))?;
         let ca = network::CaSlot::default();
+        let (read_index, batcher) = barrier::ReadIndex::start(id, raft.clone(), transport.clone());
         let ctx = Arc::new(network::ServeCtx {
+            read_index: read_index.clone(),
             raft: raft.clone(),
             join_key,
             tls: tls.map(|t| t.server),
@@ -134,7 +149,8 @@ impl Node {
             state: sm,
             transport,
             ca,
-            server,
+            read_index,
+            tasks: vec![server, batcher],
         })
     }
 
@@ -227,29 +243,7 @@ impl Node {
     /// committed before the call (the leader confirms its leadership and names its
     /// applied index; a follower asks the leader and waits to apply up to it).
     pub async fn sync(&self) -> Result<(), StateError> {
-        let m = self.raft.metrics().borrow().clone();
-        if m.current_leader == Some(self.id) {
-            let read = self
-                .raft
-                .ensure_linearizable()
-                .await
-                .map_err(|e| StateError::Raft(e.to_string()))?;
-            return self.wait_local(read.map(|l| l.index).unwrap_or(0)).await;
-        }
-        let leader_id = m
-            .current_leader
-            .ok_or_else(|| StateError::Raft("no leader elected (no quorum?)".into()))?;
-        let leader = m
-            .membership_config
-            .membership()
-            .get_node(&leader_id)
-            .cloned()
-            .ok_or_else(|| StateError::Raft("the leader is not a member?".into()))?;
-        let index = self
-            .transport
-            .read_index(leader_id, &leader.addr, std::time::Duration::from_secs(5))
-            .await
-            .map_err(StateError::Raft)?;
+        let index = self.read_index.get().await.map_err(StateError::Raft)?;
         self.wait_local(index).await
     }
 
@@ -268,8 +262,12 @@ impl Node {
 
     /// Stops Raft and the RPC server.
     pub async fn shutdown(self) {
-        self.server.abort();
-        let _ = self.server.await;
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
         let _ = self.raft.shutdown().await;
     }
 }

@@ -210,56 +210,117 @@ impl Tls {
     }
 }
 
-/// How this node reaches others: plain TCP, or mutual TLS.
+/// How this node reaches others: plain TCP, or mutual TLS. Connections are kept and
+/// reused (one request at a time each): a TLS handshake per heartbeat would cost more
+/// than the heartbeat.
 #[derive(Clone, Default)]
 pub struct Transport {
     tls: Option<Tls>,
+    idle: Arc<Mutex<std::collections::HashMap<(NodeId, String), Vec<Conn>>>>,
 }
 
-async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(
-    s: S,
-    body: &[u8],
-) -> std::io::Result<String> {
-    let (r, mut w) = tokio::io::split(s);
-    w.write_all(body).await?;
-    w.flush().await?;
+/// Any connection the transport speaks over.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A connection with its read buffer, and when it was last used.
+struct Conn {
+    io: BufReader<Box<dyn Io>>,
+    used: std::time::Instant,
+}
+
+/// Idle connections older than this are not reused (the server drops them after
+/// [`SERVER_IDLE`]).
+const CLIENT_IDLE: Duration = Duration::from_secs(20);
+/// The server closes a connection idle this long.
+const SERVER_IDLE: Duration = Duration::from_secs(60);
+/// Idle connections kept per peer.
+const POOL: usize = 32;
+
+async fn exchange(conn: &mut Conn, body: &[u8]) -> std::io::Result<String> {
+    conn.io.write_all(body).await?;
+    conn.io.flush().await?;
     let mut line = String::new();
-    BufReader::new(r).take(MAX_RPC).read_line(&mut line).await?;
-    if line.is_empty() {
+    (&mut conn.io).take(MAX_RPC).read_line(&mut line).await?;
+    if !line.ends_with('\n') {
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
-            "the peer closed the connection without answering",
+            "the peer closed the connection without a whole answer",
         ));
     }
+    conn.used = std::time::Instant::now();
     Ok(line)
 }
 
 impl Transport {
     /// A transport using `tls` (or plain TCP with `None`).
     pub fn new(tls: Option<Tls>) -> Transport {
-        Transport { tls }
+        Transport {
+            tls,
+            idle: Arc::default(),
+        }
     }
 
-    /// One request to node `target` at `addr`; the reply line.
-    async fn line(&self, target: NodeId, addr: &str, rpc: &Rpc) -> std::io::Result<String> {
-        let mut body = serde_json::to_vec(rpc).map_err(std::io::Error::other)?;
-        body.push(b'\n');
+    async fn dial(&self, target: NodeId, addr: &str) -> std::io::Result<Conn> {
         let sock = TcpStream::connect(addr).await?;
         sock.set_nodelay(true)?;
-        match &self.tls {
-            None => roundtrip(sock, &body).await,
+        let io: Box<dyn Io> = match &self.tls {
+            None => Box::new(sock),
             Some(tls) => {
                 let name = ServerName::try_from(
                     tessera_pki::node_dns_name(&cert_name(target))
                         .map_err(std::io::Error::other)?,
                 )
                 .map_err(std::io::Error::other)?;
-                let s = tokio_rustls::TlsConnector::from(tls.client.clone())
-                    .connect(name, sock)
-                    .await?;
-                roundtrip(s, &body).await
+                Box::new(
+                    tokio_rustls::TlsConnector::from(tls.client.clone())
+                        .connect(name, sock)
+                        .await?,
+                )
+            }
+        };
+        Ok(Conn {
+            io: BufReader::new(io),
+            used: std::time::Instant::now(),
+        })
+    }
+
+    fn take_idle(&self, key: &(NodeId, String)) -> Option<Conn> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(key)?;
+        while let Some(c) = list.pop() {
+            if c.used.elapsed() < CLIENT_IDLE {
+                return Some(c);
             }
         }
+        None
+    }
+
+    fn put_idle(&self, key: (NodeId, String), conn: Conn) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(key).or_default();
+        if list.len() < POOL {
+            list.push(conn);
+        }
+    }
+
+    /// One request to node `target` at `addr`; the reply line. A kept connection that
+    /// turns out closed is replaced once by a new one (the server closes only idle
+    /// connections, between requests, so the request was not seen).
+    async fn line(&self, target: NodeId, addr: &str, rpc: &Rpc) -> std::io::Result<String> {
+        let mut body = serde_json::to_vec(rpc).map_err(std::io::Error::other)?;
+        body.push(b'\n');
+        let key = (target, addr.to_string());
+        if let Some(mut c) = self.take_idle(&key) {
+            if let Ok(line) = exchange(&mut c, &body).await {
+                self.put_idle(key, c);
+                return Ok(line);
+            }
+        }
+        let mut c = self.dial(target, addr).await?;
+        let line = exchange(&mut c, &body).await?;
+        self.put_idle(key, c);
+        Ok(line)
     }
 
     async fn send<T: serde::de::DeserializeOwned>(
@@ -351,7 +412,12 @@ pub async fn enroll(
         let s = tokio_rustls::TlsConnector::from(config)
             .connect(name, sock)
             .await?;
-        roundtrip(s, &body).await
+        let io: Box<dyn Io> = Box::new(s);
+        let mut c = Conn {
+            io: BufReader::new(io),
+            used: std::time::Instant::now(),
+        };
+        exchange(&mut c, &body).await
     };
     let line = tokio::time::timeout(Duration::from_secs(10), go)
         .await
@@ -392,6 +458,8 @@ pub struct ServeCtx {
     pub ca: CaSlot,
     /// The state (the CA record).
     pub sm: crate::state_machine::StateReader,
+    /// Batched read barriers (answers followers' read-index requests).
+    pub read_index: crate::barrier::ReadIndex,
 }
 
 impl ServeCtx {
@@ -512,10 +580,26 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     caller: Caller,
 ) -> std::io::Result<()> {
     let (r, mut w) = tokio::io::split(s);
-    let mut line = String::new();
-    BufReader::new(r).take(MAX_RPC).read_line(&mut line).await?;
-    let rpc: Rpc = serde_json::from_str(&line).map_err(std::io::Error::other)?;
-    let allowed = match (&caller, &rpc) {
+    let mut r = BufReader::new(r);
+    loop {
+        let mut line = String::new();
+        let n = tokio::time::timeout(SERVER_IDLE, (&mut r).take(MAX_RPC).read_line(&mut line))
+            .await
+            .map_err(|_| std::io::Error::other("idle connection closed"))??;
+        if n == 0 {
+            return Ok(());
+        }
+        let reply = answer(&line, ctx, &caller).await?;
+        w.write_all(&reply).await?;
+        w.write_all(b"\n").await?;
+        w.flush().await?;
+    }
+}
+
+/// The reply to one request line.
+async fn answer(line: &str, ctx: &ServeCtx, caller: &Caller) -> std::io::Result<Vec<u8>> {
+    let rpc: Rpc = serde_json::from_str(line).map_err(std::io::Error::other)?;
+    let allowed = match (caller, &rpc) {
         (Caller::Plain, _) | (_, Rpc::Enroll(_)) => true,
         (Caller::Anonymous, _) => false,
         // A joining node has a certificate but is not a member yet.
@@ -530,7 +614,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(std::io::Error::other("caller not allowed"));
     }
     let raft = &ctx.raft;
-    let reply = match rpc {
+    match rpc {
         Rpc::Append(req) => serde_json::to_vec(&raft.append_entries(req).await),
         Rpc::Vote(req) => serde_json::to_vec(&raft.vote(req).await),
         Rpc::Snapshot(req) => serde_json::to_vec(&raft.install_snapshot(req).await),
@@ -538,9 +622,16 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         Rpc::Enroll(req) => serde_json::to_vec(&ctx.enroll(req)),
         Rpc::Remove(id) => serde_json::to_vec(&remove(ctx, id).await),
         Rpc::ReadIndex => {
-            let res: Result<u64, String> = match raft.ensure_linearizable().await {
-                Ok(l) => Ok(l.map(|l| l.index).unwrap_or(0)),
-                Err(e) => Err(e.to_string()),
+            // Only the leader answers: a follower relaying would need its own barrier.
+            let leading = {
+                let m = raft.metrics();
+                let m = m.borrow();
+                m.current_leader == Some(m.id)
+            };
+            let res: Result<u64, String> = if leading {
+                ctx.read_index.get().await
+            } else {
+                Err("not the leader".into())
             };
             serde_json::to_vec(&res)
         }
@@ -553,10 +644,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             serde_json::to_vec(&res)
         }
     }
-    .map_err(std::io::Error::other)?;
-    w.write_all(&reply).await?;
-    w.write_all(b"\n").await?;
-    w.flush().await
+    .map_err(std::io::Error::other)
 }
 
 /// Makes clients for peers by their advertised address.

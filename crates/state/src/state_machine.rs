@@ -161,23 +161,28 @@ fn apply_one(tables: &mut Tables, cmd: &Command) -> bool {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let (data, last, membership) = {
-            let d = self.data.read().map_err(io_err)?;
-            (
-                serde_json::to_vec(&*d).map_err(io_err)?,
-                d.last_applied,
-                d.membership.clone(),
-            )
-        };
-        let meta = SnapshotMeta {
-            last_log_id: last,
-            last_membership: membership,
-            snapshot_id: format!("{}", last.map(|l| l.index).unwrap_or(0)),
-        };
-        self.save_snapshot(&StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        })?;
+        // Copy under the lock; encode and store on a blocking thread: neither applying
+        // entries (the write lock) nor the async workers wait for the whole state to be
+        // encoded and written.
+        let copy = self.data.read().map_err(io_err)?.clone();
+        let this = self.clone();
+        let (meta, data) = tokio::task::spawn_blocking(move || {
+            let (last, membership) = (copy.last_applied, copy.membership.clone());
+            let data = serde_json::to_vec(&copy).map_err(io_err)?;
+            drop(copy);
+            let meta = SnapshotMeta {
+                last_log_id: last,
+                last_membership: membership,
+                snapshot_id: format!("{}", last.map(|l| l.index).unwrap_or(0)),
+            };
+            this.save_snapshot(&StoredSnapshot {
+                meta: meta.clone(),
+                data: data.clone(),
+            })?;
+            Ok::<_, StorageError<NodeId>>((meta, data))
+        })
+        .await
+        .map_err(io_err)??;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),

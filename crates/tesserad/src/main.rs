@@ -55,7 +55,17 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    // Password hashing allocates ~19 MiB per hash. glibc would serve such blocks from a
+    // heap it never gives back once its dynamic mmap threshold has grown; a fixed
+    // threshold keeps large blocks in mmap, returned to the system when freed, so an idle
+    // daemon stays small.
+    // SAFETY: mallopt only changes allocator tunables; it is called before any other
+    // thread exists, with a documented parameter and a positive value.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().min(4)))
         .enable_all()
         .build()
     {

@@ -80,7 +80,7 @@ pub fn start(node: Arc<Node>, me: String, admin_socket: PathBuf) {
                 });
             }
             let leader = node.raft.metrics().borrow().current_leader == Some(node.id);
-            if leader && last_trim.elapsed() > Duration::from_secs(10) {
+            if leader && last_trim.elapsed() > Duration::from_secs(1) {
                 last_trim = std::time::Instant::now();
                 crate::api::trim_events(&node).await;
             }

@@ -19,6 +19,8 @@ use super::{all, now_ms, put, synced, ApiError, ErrorBody, St};
 
 /// How many events the cluster keeps.
 pub const KEEP: usize = 10_000;
+/// At most this many are deleted per trim.
+const TRIM_STEP: usize = 500;
 
 /// Something that happened.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -153,7 +155,8 @@ pub async fn trim(n: &tessera_state::Node) {
     if keys.len() <= KEEP {
         return;
     }
-    let ops = keys[..keys.len() - KEEP]
+    // In bounded steps: one huge transaction would stall every other write behind it.
+    let ops = keys[..(keys.len() - KEEP).min(TRIM_STEP)]
         .iter()
         .map(|k| super::del("events", k))
         .collect();
