@@ -216,8 +216,11 @@ impl Tls {
 #[derive(Clone, Default)]
 pub struct Transport {
     tls: Option<Tls>,
-    idle: Arc<Mutex<std::collections::HashMap<(NodeId, String), Vec<Conn>>>>,
+    idle: Arc<Mutex<IdlePool>>,
 }
+
+/// Kept connections by (node, address).
+type IdlePool = std::collections::HashMap<(NodeId, String), Vec<Conn>>;
 
 /// Any connection the transport speaks over.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
