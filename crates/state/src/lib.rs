@@ -106,7 +106,10 @@ impl Node {
             .map_err(|e| StateError::Db(path.display().to_string(), e.to_string()))?;
         let config = Config {
             cluster_name: "tessera".into(),
-            heartbeat_interval: 150,
+            // openraft also uses the heartbeat interval as the timeout of an append: under
+            // load a larger batch must fit in it, or replication backs off for 0.5 s.
+            heartbeat_interval: 200,
+            max_payload_entries: 128,
             election_timeout_min: 500,
             election_timeout_max: 1000,
             // Snapshots encode the whole state; take them less often, and keep enough log

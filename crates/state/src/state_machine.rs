@@ -161,9 +161,9 @@ fn apply_one(tables: &mut Tables, cmd: &Command) -> bool {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        // Copy under the lock; encode and store on a blocking thread: neither applying
-        // entries (the write lock) nor the async workers wait for the whole state to be
-        // encoded and written.
+        // Copy under the lock (the tables are persistent maps: the copy is O(1)); encode
+        // and store on a blocking thread: neither applying entries (the write lock) nor
+        // the async workers wait for the whole state to be encoded and written.
         let copy = self.data.read().map_err(io_err)?.clone();
         let this = self.clone();
         let (meta, data) = tokio::task::spawn_blocking(move || {

@@ -75,6 +75,9 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if self.0.is_server_error() {
+            tracing::warn!(status = %self.0, error = %self.1, "request failed");
+        }
         (self.0, Json(json!({ "error": self.1 }))).into_response()
     }
 }
