@@ -48,6 +48,10 @@ const ROLES: &[(&str, &str, &str)] = &[
     ("GET", "/api/v1/vms/{name}", "auditor"),
     ("PATCH", "/api/v1/vms/{name}", "operator"),
     ("DELETE", "/api/v1/vms/{name}", "operator"),
+    ("GET", "/api/v1/networks", "auditor"),
+    ("POST", "/api/v1/networks", "administrator"),
+    ("GET", "/api/v1/networks/{name}", "auditor"),
+    ("DELETE", "/api/v1/networks/{name}", "administrator"),
     ("GET", "/api/v1/tasks", "auditor"),
     ("GET", "/api/v1/tasks/{id}", "auditor"),
     ("GET", "/api/v1/events", "auditor"),
@@ -381,11 +385,43 @@ fn volumes_vms_tasks_and_events_through_the_api() {
     assert!(t["log"].to_string().contains("failed"), "{t}");
     assert_eq!(api(&lan, 2, "GET", "volumes/rogue", a, None).0, 404);
 
+    // Networks: validated; a bridge is one network.
+    for (body, field) in [
+        (
+            json!({ "name": "lan", "bridge": "a-bridge-name-too-long" }),
+            "bridge",
+        ),
+        (
+            json!({ "name": "lan", "bridge": "br1", "vlan": 5000, "uplink": "eth0" }),
+            "vlan",
+        ),
+        (
+            json!({ "name": "lan", "bridge": "br1", "vlan": 10 }),
+            "vlan",
+        ),
+        (
+            json!({ "name": "lan", "bridge": "br1", "uplink": "eth 0" }),
+            "uplink",
+        ),
+    ] {
+        let (code, v) = post(0, "networks", body.clone());
+        assert_eq!(code, 400, "{body}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(field), "{body}: {v}");
+    }
+    let (code, v) = post(
+        0,
+        "networks",
+        json!({ "name": "lan", "bridge": "br-lan", "vlan": 10, "uplink": "eth0" }),
+    );
+    assert_eq!(code, 201, "{v}");
+    let (code, v) = post(1, "networks", json!({ "name": "lan2", "bridge": "br-lan" }));
+    assert_eq!(code, 409, "{v}");
+
     // VMs: defined on node 1, read at once on node 3 (read-your-writes across nodes).
     let (code, v) = post(
         0,
         "vms",
-        json!({ "name": "vm1", "vcpus": 2, "memory_mib": 512, "disks": ["copy"] }),
+        json!({ "name": "vm1", "vcpus": 2, "memory_mib": 512, "disks": ["copy"], "networks": ["lan"] }),
     );
     assert_eq!(code, 201, "{v}");
     let (code, v) = api(&lan, 2, "GET", "vms/vm1", a, None);
@@ -450,6 +486,19 @@ fn volumes_vms_tasks_and_events_through_the_api() {
         (v["vcpus"].as_u64(), v["generation"].as_u64()),
         (Some(4), Some(2))
     );
+    // A network in use cannot go (and stays usable after the refusal).
+    let (code, v) = api(&lan, 2, "DELETE", "networks/lan", a, None);
+    assert_eq!(code, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("vm1"), "{v}");
+    let (_, v) = api(&lan, 0, "GET", "networks/lan", a, None);
+    assert_eq!(v["deleting"], false, "{v}");
+    let (code, v) = post(
+        1,
+        "vms",
+        json!({ "name": "vm9", "vcpus": 1, "memory_mib": 64, "networks": ["nope"] }),
+    );
+    assert_eq!(code, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("networks"), "{v}");
     // An attached volume cannot go; after the VM is deleted it can.
     let (code, v) = api(&lan, 2, "DELETE", "volumes/copy", a, None);
     assert_eq!(code, 409, "{v}");
@@ -457,6 +506,8 @@ fn volumes_vms_tasks_and_events_through_the_api() {
     let id = accepted_task(api(&lan, 2, "DELETE", "volumes/copy", a, None));
     assert_eq!(wait_task(&lan, 0, &admin, &id)["state"], "succeeded");
     assert!(!exports(&lan, 1, 2).contains("export=\"copy\""));
+    assert_eq!(api(&lan, 2, "DELETE", "networks/lan", a, None).0, 200);
+    assert_eq!(api(&lan, 0, "GET", "networks/lan", a, None).0, 404);
     assert_eq!(api(&lan, 0, "GET", "vms", a, None).1, json!([]));
 
     // Events: recorded with the change, and streamed (SSE) from a given point.

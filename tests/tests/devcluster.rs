@@ -200,7 +200,23 @@ fn check_cli_resources(h: &std::path::Path) {
     assert!(!fail && err.contains("not a size"), "{err}");
 
     ok(&[
-        "vm", "create", "web", "--vcpus", "2", "--memory", "256M", "--disk", "vol2",
+        "network", "create", "lan", "--bridge", "br-lan", "--vlan", "7", "--uplink", "eth0",
+    ]);
+    assert!(ok(&["network", "ls"])
+        .lines()
+        .any(|l| l.starts_with("lan ") && l.contains(" 7 ")));
+    ok(&[
+        "vm",
+        "create",
+        "web",
+        "--vcpus",
+        "2",
+        "--memory",
+        "256M",
+        "--disk",
+        "vol2",
+        "--network",
+        "lan",
     ]);
     let vm = json_of(&ok(&[
         "--output", "json", "vm", "set", "web", "--vcpus", "3",
@@ -212,13 +228,17 @@ fn check_cli_resources(h: &std::path::Path) {
     let vm = json_of(&ok(&["--output", "json", "vm", "show", "web"]));
     assert_eq!(vm["memory_mib"], 256);
     assert_eq!(vm["disks"], serde_json::json!(["vol2"]));
+    assert_eq!(vm["networks"], serde_json::json!(["lan"]));
     assert!(ok(&["vm", "ls"]).lines().any(|l| l.starts_with("web ")));
     let (fail, _, err) = cli(h, &["volume", "rm", "vol2"], "");
     assert!(
         !fail && err.contains("409") && err.contains("attached"),
         "{err}"
     );
+    let (fail, _, err) = cli(h, &["network", "rm", "lan"], "");
+    assert!(!fail && err.contains("used by VMs web"), "{err}");
     ok(&["vm", "rm", "web"]);
+    ok(&["network", "rm", "lan"]);
     ok(&["volume", "rm", "vol2"]);
 
     // A task followed separately; the task list has them all.

@@ -63,6 +63,9 @@ enum Cmd {
     /// VM definitions.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Virtual networks.
+    #[command(subcommand)]
+    Network(NetworkCmd),
     /// Long operations.
     #[command(subcommand)]
     Task(TaskCmd),
@@ -157,6 +160,9 @@ enum VmCmd {
         /// A volume to attach (repeat for more; the first boots).
         #[arg(long = "disk")]
         disks: Vec<String>,
+        /// A network to attach a NIC to (repeat for more).
+        #[arg(long = "network")]
+        networks: Vec<String>,
         /// Kernel image path on the node.
         #[arg(long)]
         kernel: Option<String>,
@@ -192,6 +198,31 @@ enum VmCmd {
         desired_state: Option<String>,
     },
     /// Delete a VM definition (its volumes stay).
+    Rm {
+        /// Name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NetworkCmd {
+    /// Define a network.
+    Create {
+        /// Name.
+        name: String,
+        /// Linux bridge name.
+        #[arg(long)]
+        bridge: String,
+        /// VLAN id on the uplink.
+        #[arg(long)]
+        vlan: Option<u16>,
+        /// Uplink interface.
+        #[arg(long)]
+        uplink: Option<String>,
+    },
+    /// List networks.
+    Ls,
+    /// Delete a network no VM uses.
     Rm {
         /// Name.
         name: String,
@@ -276,6 +307,9 @@ const VM_CREATE: Ep = Ep("POST", "/api/v1/vms");
 const VM: Ep = Ep("GET", "/api/v1/vms/{name}");
 const VM_SET: Ep = Ep("PATCH", "/api/v1/vms/{name}");
 const VM_RM: Ep = Ep("DELETE", "/api/v1/vms/{name}");
+const NETWORKS: Ep = Ep("GET", "/api/v1/networks");
+const NETWORK_CREATE: Ep = Ep("POST", "/api/v1/networks");
+const NETWORK_RM: Ep = Ep("DELETE", "/api/v1/networks/{name}");
 const TASKS: Ep = Ep("GET", "/api/v1/tasks");
 const TASK: Ep = Ep("GET", "/api/v1/tasks/{id}");
 const USERS: Ep = Ep("GET", "/api/v1/users");
@@ -307,6 +341,9 @@ const ENDPOINTS: &[Ep] = &[
     VM,
     VM_SET,
     VM_RM,
+    NETWORKS,
+    NETWORK_CREATE,
+    NETWORK_RM,
     TASKS,
     TASK,
     USERS,
@@ -622,6 +659,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Volume(cmd) => volume(&client, cmd, &out)?,
         Cmd::Vm(cmd) => vm(&client, cmd, &out)?,
+        Cmd::Network(NetworkCmd::Create {
+            name,
+            bridge,
+            vlan,
+            uplink,
+        }) => {
+            let v = client.call(
+                NETWORK_CREATE,
+                &[],
+                Some(json!({ "name": name, "bridge": bridge, "vlan": vlan, "uplink": uplink })),
+            )?;
+            out(&v, &|_| println!("defined network {name}"));
+        }
+        Cmd::Network(NetworkCmd::Ls) => {
+            let v = client.call(NETWORKS, &[], None)?;
+            out(&v, &|v| {
+                table(
+                    v,
+                    &[
+                        ("NAME", "name"),
+                        ("BRIDGE", "bridge"),
+                        ("VLAN", "vlan"),
+                        ("UPLINK", "uplink"),
+                    ],
+                )
+            });
+        }
+        Cmd::Network(NetworkCmd::Rm { name }) => {
+            let v = client.call(NETWORK_RM, &[&name], None)?;
+            out(&v, &|_| println!("deleted network {name}"));
+        }
         Cmd::Task(TaskCmd::Ls) => {
             let v = client.call(TASKS, &[], None)?;
             out(&v, &|v| {
@@ -972,6 +1040,7 @@ fn vm(client: &Client, cmd: VmCmd, out: &Out) -> anyhow::Result<()> {
             "vcpus",
             "memory_mib",
             "disks",
+            "networks",
             "kernel",
             "cmdline",
             "node",
@@ -988,6 +1057,7 @@ fn vm(client: &Client, cmd: VmCmd, out: &Out) -> anyhow::Result<()> {
             vcpus,
             memory,
             disks,
+            networks,
             kernel,
             cmdline,
             node,
@@ -997,7 +1067,7 @@ fn vm(client: &Client, cmd: VmCmd, out: &Out) -> anyhow::Result<()> {
                 &[],
                 Some(json!({
                     "name": name, "vcpus": vcpus, "memory_mib": mib(memory)?, "disks": disks,
-                    "kernel": kernel, "cmdline": cmdline, "node": node,
+                    "networks": networks, "kernel": kernel, "cmdline": cmdline, "node": node,
                 })),
             )?;
             out(&v, &show);

@@ -3,7 +3,8 @@
 //!
 //! - `volumes/<name>`: [`Volume`]; `snapshots/<volume>@<snapshot>`: [`Snapshot`];
 //! - `disk_claims/<volume>`: the VM a volume is attached to (one VM per volume);
-//! - `vms/<name>`: [`Vm`]; `tasks/<id>`: [`Task`]; `events/<time>-<id>`: events.
+//! - `vms/<name>`: [`Vm`]; `networks/<name>`: [`Network`];
+//! - `tasks/<id>`: [`Task`]; `events/<time>-<id>`: events.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -73,6 +74,9 @@ pub struct Vm {
     pub memory_mib: u64,
     /// Volumes, in order (the first is the boot disk).
     pub disks: Vec<String>,
+    /// Networks, one NIC each, in order.
+    #[serde(default)]
+    pub networks: Vec<String>,
     /// Kernel image path on the node (direct boot).
     pub kernel: Option<String>,
     /// Kernel command line.
@@ -89,6 +93,24 @@ pub struct Vm {
     pub created_ms: u64,
     /// Last changed (ms since the epoch).
     pub updated_ms: u64,
+}
+
+/// A virtual network: a bridge on every node, optionally on a VLAN of an uplink.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Network {
+    /// Name.
+    pub name: String,
+    /// The Linux bridge VMs' taps join (1-15 characters).
+    pub bridge: String,
+    /// 802.1Q VLAN id on the uplink (1-4094), if tagged.
+    pub vlan: Option<u16>,
+    /// The nodes' uplink interface, if the bridge has one.
+    pub uplink: Option<String>,
+    /// Set while a delete is checking that no VM uses it; VMs cannot attach meanwhile.
+    #[serde(default)]
+    pub deleting: bool,
+    /// Created (ms since the epoch).
+    pub created_ms: u64,
 }
 
 /// A task's life cycle.

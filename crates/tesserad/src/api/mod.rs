@@ -10,6 +10,7 @@
 mod auth;
 mod cluster;
 mod events;
+mod networks;
 mod tasks;
 mod users;
 mod vms;
@@ -254,6 +255,8 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(volumes::clone))
         .routes(routes!(vms::list, vms::create))
         .routes(routes!(vms::show, vms::update, vms::remove))
+        .routes(routes!(networks::list, networks::create))
+        .routes(routes!(networks::show, networks::remove))
         .routes(routes!(tasks::list))
         .routes(routes!(tasks::show))
         .routes(routes!(events::list))

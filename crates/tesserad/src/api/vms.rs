@@ -40,6 +40,9 @@ pub struct NewVm {
     /// Volume names (at most 16), each attached to no other VM.
     #[serde(default)]
     disks: Vec<String>,
+    /// Network names (at most 8), one NIC each.
+    #[serde(default)]
+    networks: Vec<String>,
     /// Kernel image path on the node.
     kernel: Option<String>,
     /// Kernel command line (at most 4096 bytes).
@@ -57,6 +60,7 @@ pub struct VmUpdate {
     vcpus: Option<u32>,
     memory_mib: Option<u64>,
     disks: Option<Vec<String>>,
+    networks: Option<Vec<String>>,
     kernel: Option<String>,
     cmdline: Option<String>,
     node: Option<String>,
@@ -94,6 +98,18 @@ fn validate(n: &tessera_state::Node, vm: &Vm) -> Result<(), ApiError> {
                     "disks: volume {d} is attached to VM {owner}"
                 )));
             }
+        }
+    }
+    if vm.networks.len() > 8 {
+        return Err(ApiError::bad("networks: at most 8"));
+    }
+    for net in &vm.networks {
+        let rec: crate::records::Network = get(n, "networks", net)
+            .ok_or_else(|| ApiError::bad(format!("networks: no network {net}")))?;
+        if rec.deleting {
+            return Err(ApiError::conflict(format!(
+                "networks: network {net} is being deleted"
+            )));
         }
     }
     if let Some(k) = &vm.kernel {
@@ -152,6 +168,19 @@ fn claims(vm: &Vm) -> impl Iterator<Item = &String> {
     vm.disks.iter()
 }
 
+/// Each network must be unchanged when the VM commits: a network marked for deletion
+/// meanwhile makes the commit fail (see `networks.rs`).
+fn network_requirements(n: &tessera_state::Node, vm: &Vm) -> Vec<Require> {
+    vm.networks
+        .iter()
+        .filter_map(|net| {
+            n.state
+                .read(|t| t.get("networks").and_then(|t| t.get(net)).cloned())
+                .map(|rec| Require::equals("networks", net, rec))
+        })
+        .collect()
+}
+
 /// Define a VM.
 #[utoipa::path(post, path = "/api/v1/vms", tag = "vms", request_body = NewVm,
     security(("token" = []), ("cookie" = [])),
@@ -172,6 +201,7 @@ pub async fn create(
         vcpus: req.vcpus,
         memory_mib: req.memory_mib,
         disks: req.disks,
+        networks: req.networks,
         kernel: req.kernel,
         cmdline: req.cmdline,
         node: req.node,
@@ -190,10 +220,13 @@ pub async fn create(
         require.push(Require::absent("disk_claims", d));
         ops.push(put("disk_claims", d, &vm.name));
     }
+    require.extend(network_requirements(&n, &vm));
     ops.push(event("vm.create", &vm.name, &p.user, "VM defined"));
     commit(&st, require, ops, |r| {
         if r.table == "vms" {
             format!("name: VM {} already exists", vm.name)
+        } else if r.table == "networks" {
+            format!("networks: network {} changed or is being deleted", r.key)
         } else {
             format!("disks: volume {} was deleted or attached meanwhile", r.key)
         }
@@ -234,6 +267,9 @@ pub async fn update(
     if let Some(d) = req.disks {
         vm.disks = d;
     }
+    if let Some(nets) = req.networks {
+        vm.networks = nets;
+    }
     if req.kernel.is_some() {
         vm.kernel = req.kernel;
     }
@@ -257,6 +293,7 @@ pub async fn update(
     for d in old.disks.iter().filter(|d| !vm.disks.contains(d)) {
         ops.push(del("disk_claims", d));
     }
+    require.extend(network_requirements(&n, &vm));
     ops.push(event(
         "vm.update",
         &name,
@@ -266,6 +303,8 @@ pub async fn update(
     commit(&st, require, ops, |r| {
         if r.table == "vms" {
             format!("VM {name} changed meanwhile; fetch it and try again")
+        } else if r.table == "networks" {
+            format!("networks: network {} changed or is being deleted", r.key)
         } else {
             format!("disks: volume {} was deleted or attached meanwhile", r.key)
         }
