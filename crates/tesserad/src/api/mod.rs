@@ -120,6 +120,35 @@ async fn synced(st: &ApiState) -> Result<Arc<tessera_state::Node>, ApiError> {
     Ok(n)
 }
 
+/// `GET` of one record by name: Auditor, read barrier, 404 naming it.
+async fn show_one<T: DeserializeOwned>(
+    st: &ApiState,
+    headers: &axum::http::HeaderMap,
+    name: Result<axum::extract::Path<String>, PathRejection>,
+    table: &str,
+    what: &str,
+) -> Result<Json<T>, ApiError> {
+    auth::authorize(st, headers, auth::Role::Auditor, false).await?;
+    let name = path(name)?;
+    let n = synced(st).await?;
+    get(&n, table, &name)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no {what} {name}")))
+}
+
+/// `GET` of every record of a table, in key order: Auditor, read barrier.
+async fn list_all<T: DeserializeOwned>(
+    st: &ApiState,
+    headers: &axum::http::HeaderMap,
+    table: &str,
+) -> Result<Json<Vec<T>>, ApiError> {
+    auth::authorize(st, headers, auth::Role::Auditor, false).await?;
+    let n = synced(st).await?;
+    Ok(Json(
+        all::<T>(&n, table).into_iter().map(|(_, v)| v).collect(),
+    ))
+}
+
 /// One record, typed.
 fn get<T: DeserializeOwned>(n: &tessera_state::Node, table: &str, key: &str) -> Option<T> {
     n.state

@@ -58,14 +58,7 @@ fn check_ifname(field: &str, v: &str) -> Result<(), ApiError> {
     responses((status = 200, body = [Network]), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody)))]
 pub async fn list(State(st): St, headers: HeaderMap) -> Result<Json<Vec<Network>>, ApiError> {
-    authorize(&st, &headers, Role::Auditor, false).await?;
-    let n = synced(&st).await?;
-    Ok(Json(
-        all::<Network>(&n, "networks")
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect(),
-    ))
+    super::list_all(&st, &headers, "networks").await
 }
 
 /// One network.
@@ -79,12 +72,7 @@ pub async fn show(
     headers: HeaderMap,
     name: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Network>, ApiError> {
-    authorize(&st, &headers, Role::Auditor, false).await?;
-    let name = path(name)?;
-    let n = synced(&st).await?;
-    get(&n, "networks", &name)
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("no network {name}")))
+    super::show_one(&st, &headers, name, "networks", "network").await
 }
 
 /// Define a network (administrators: networks are shared by every VM).

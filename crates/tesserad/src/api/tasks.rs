@@ -9,7 +9,7 @@ use tessera_state::Require;
 use utoipa::IntoParams;
 
 use super::auth::{authorize, random_id, Principal, Role};
-use super::{all, get, now_ms, path, put, synced, ApiError, ApiState, ErrorBody, St};
+use super::{all, now_ms, put, synced, ApiError, ApiState, ErrorBody, St};
 use crate::records::{Task, TaskLog, TaskOp, TaskState};
 
 /// Which tasks.
@@ -53,12 +53,7 @@ pub async fn show(
     headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Task>, ApiError> {
-    authorize(&st, &headers, Role::Auditor, false).await?;
-    let id = path(id)?;
-    let n = synced(&st).await?;
-    get(&n, "tasks", &id)
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("no task {id}")))
+    super::show_one(&st, &headers, id, "tasks", "task").await
 }
 
 /// A new queued task for `node` (not yet committed: the caller commits it together with

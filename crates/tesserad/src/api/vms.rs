@@ -21,7 +21,7 @@ use utoipa::ToSchema;
 use super::auth::{authorize, Role};
 use super::events::event;
 use super::{
-    all, body, check_name, commit, del, get, now_ms, path, put, synced, ApiError, ErrorBody, St,
+    body, check_name, commit, del, get, now_ms, path, put, synced, ApiError, ErrorBody, St,
 };
 use crate::records::{DesiredState, Vm, Volume, VolumeState};
 
@@ -138,11 +138,7 @@ fn validate(n: &tessera_state::Node, vm: &Vm) -> Result<(), ApiError> {
     responses((status = 200, body = [Vm]), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody)))]
 pub async fn list(State(st): St, headers: HeaderMap) -> Result<Json<Vec<Vm>>, ApiError> {
-    authorize(&st, &headers, Role::Auditor, false).await?;
-    let n = synced(&st).await?;
-    Ok(Json(
-        all::<Vm>(&n, "vms").into_iter().map(|(_, v)| v).collect(),
-    ))
+    super::list_all(&st, &headers, "vms").await
 }
 
 /// One VM.
@@ -156,12 +152,7 @@ pub async fn show(
     headers: HeaderMap,
     name: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Vm>, ApiError> {
-    authorize(&st, &headers, Role::Auditor, false).await?;
-    let name = path(name)?;
-    let n = synced(&st).await?;
-    get(&n, "vms", &name)
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("no VM {name}")))
+    super::show_one(&st, &headers, name, "vms", "VM").await
 }
 
 fn claims(vm: &Vm) -> impl Iterator<Item = &String> {
