@@ -172,10 +172,15 @@ pub fn api(
 /// Waits for the first administrator's password, logs in on node `i`, changes the
 /// password to `new_password` and returns a session token.
 pub fn admin_session(lan: &Lan, nodes: &[ClusterNode], i: usize, new_password: &str) -> String {
+    let dirs: Vec<PathBuf> = nodes.iter().map(|n| n.dir.clone()).collect();
+    admin_session_in(lan, &dirs, i, new_password)
+}
+
+/// [`admin_session`] for nodes given by their directories (`<dir>/data/...`).
+pub fn admin_session_in(lan: &Lan, dirs: &[PathBuf], i: usize, new_password: &str) -> String {
     let password = wait_for("the initial admin password file", 40, || {
-        nodes
-            .iter()
-            .find_map(|n| std::fs::read_to_string(n.dir.join("data/initial-admin-password")).ok())
+        dirs.iter()
+            .find_map(|d| std::fs::read_to_string(d.join("data/initial-admin-password")).ok())
             .map(|p| p.trim().to_string())
     });
     let login = json!({ "username": "admin", "password": password }).to_string();

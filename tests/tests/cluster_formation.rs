@@ -1,6 +1,9 @@
 //! tesserad nodes on a private LAN (network namespaces on a bridge) find each other by
 //! authenticated UDP multicast and form one cluster with no human step; a node with the
-//! wrong join secret is never admitted, and both sides log why.
+//! wrong join secret is never admitted, and both sides log why. Once formed, the nodes are
+//! observed and driven through the REST API (curl inside their namespaces): members,
+//! leader, health, writes across a leader's death and a full restart, a late fourth node,
+//! and mutual TLS between nodes (openssl).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -8,9 +11,11 @@ use std::time::{Duration, Instant};
 
 use rand::seq::SliceRandom;
 use rand::Rng;
+use tessera_tests::cluster::{admin_session_in, api};
 use tessera_tests::{bin, Lan};
 
 struct Node {
+    i: usize,
     child: Child,
     dir: PathBuf,
     log: PathBuf,
@@ -52,6 +57,7 @@ fn start(lan: &Lan, i: usize, dir: &Path) -> Node {
         .spawn()
         .unwrap();
     Node {
+        i,
         child,
         dir: dir.to_path_buf(),
         log,
@@ -148,6 +154,18 @@ fn three_nodes_started_in_random_order_form_one_cluster_without_a_human() {
         })
         .count();
     assert_eq!(bootstraps, 1, "exactly one node bootstraps");
+    // All three report the same members through the API; a write made now must survive.
+    let t = session(&lan, &refs);
+    wait_agreement(&lan, &t, &refs, 3, 3);
+    let (code, v) = api(
+        &lan,
+        2,
+        "POST",
+        "vms",
+        Some(&t),
+        Some(r#"{"name":"before-restart","vcpus":1,"memory_mib":64}"#),
+    );
+    assert_eq!(code, 201, "{v}");
 
     // Restart everyone: the cluster is remembered, nobody bootstraps again.
     let before = f[0].clone();
@@ -173,8 +191,13 @@ fn three_nodes_started_in_random_order_form_one_cluster_without_a_human() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // The replicated state is all there: one leader, three voters, three registrations.
-    wait_agreement(&nodes.iter().collect::<Vec<_>>(), 3, 3);
+    // The replicated state is all there: one leader, three voters, three registrations,
+    // the session and the VM made before the restart.
+    wait_agreement(&lan, &t, &nodes.iter().collect::<Vec<_>>(), 3, 3);
+    for i in 0..3 {
+        let (code, v) = api(&lan, i, "GET", "vms/before-restart", Some(&t), None);
+        assert_eq!(code, 200, "node {i}: {v}");
+    }
     for n in &nodes {
         assert_eq!(formed(n).unwrap(), before);
         assert!(
@@ -234,37 +257,60 @@ fn a_node_with_the_wrong_secret_is_never_admitted_and_both_sides_say_why() {
     );
 }
 
-fn status(n: &Node) -> Option<serde_json::Value> {
-    use std::io::{BufRead, Write};
-    let s = std::os::unix::net::UnixStream::connect(n.dir.join("data/tesserad.sock")).ok()?;
-    let mut w = s.try_clone().ok()?;
-    w.write_all(b"{\"op\":\"status\"}\n").ok()?;
-    let mut line = String::new();
-    std::io::BufReader::new(s).read_line(&mut line).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-    Some(v["ok"].clone())
+/// Logs in as the first administrator (after formation) through node 0's API.
+fn session(lan: &Lan, nodes: &[&Node]) -> String {
+    let dirs: Vec<PathBuf> = nodes.iter().map(|n| n.dir.clone()).collect();
+    admin_session_in(lan, &dirs, nodes[0].i, "a much better password")
 }
 
-/// Waits until every listed node reports the same leader (one of them), `voters` voters
-/// and `registered` nodes in the replicated table; returns the leader's Raft id.
-fn wait_agreement(nodes: &[&Node], voters: usize, registered: usize) -> u64 {
+/// What node `n` says through the REST API: its `GET /cluster`, with `GET /nodes` as
+/// `nodes`.
+fn status(lan: &Lan, n: &Node, token: &str) -> Option<serde_json::Value> {
+    let (code, mut c) = api(lan, n.i, "GET", "cluster", Some(token), None);
+    let (code2, nodes) = api(lan, n.i, "GET", "nodes", Some(token), None);
+    if code != 200 || code2 != 200 {
+        return None;
+    }
+    c["nodes"] = nodes;
+    Some(c)
+}
+
+/// The LAN index of the node whose Raft id is `raft_id`, from a cluster status.
+fn index_of(st: &serde_json::Value, raft_id: u64) -> Option<usize> {
+    let m = st["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["raft_id"].as_u64() == Some(raft_id))?;
+    let ip: std::net::Ipv4Addr = m["address"].as_str()?.split(':').next()?.parse().ok()?;
+    Some(ip.octets()[3] as usize - 1)
+}
+
+/// Waits until every listed node reports, through the API, the same leader (one of them),
+/// `voters` voters and `registered` nodes; returns the leader's Raft id.
+fn wait_agreement(
+    lan: &Lan,
+    token: &str,
+    nodes: &[&Node],
+    voters: usize,
+    registered: usize,
+) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
-        let st: Vec<Option<serde_json::Value>> = nodes.iter().map(|n| status(n)).collect();
+        let st: Vec<Option<serde_json::Value>> =
+            nodes.iter().map(|n| status(lan, n, token)).collect();
         let leaders: Vec<Option<u64>> = st
             .iter()
             .map(|s| s.as_ref().and_then(|s| s["leader"].as_u64()))
             .collect();
         let ok = leaders[0].is_some()
             && leaders.iter().all(|l| *l == leaders[0])
-            && st
-                .iter()
-                .flatten()
-                .any(|s| s["raft_id"].as_u64() == leaders[0])
+            && st.iter().flatten().all(|s| {
+                index_of(s, leaders[0].unwrap_or(0)).is_some_and(|i| nodes.iter().any(|n| n.i == i))
+            })
             && st.iter().all(|s| {
                 s.as_ref().is_some_and(|s| {
                     s["voters"].as_array().map(|v| v.len()) == Some(voters)
-                        && s["nodes"].as_object().map(|o| o.len()) == Some(registered)
+                        && s["nodes"].as_array().map(|o| o.len()) == Some(registered)
                 })
             });
         if ok {
@@ -290,9 +336,18 @@ fn the_formed_cluster_runs_raft_survives_losing_its_leader_and_takes_it_back() {
     };
     let d = tempfile::tempdir().unwrap();
     let mut nodes = start_nodes(&lan, d.path(), 0..3, 3);
-    let leader = wait_agreement(&nodes.iter().collect::<Vec<_>>(), 3, 3);
-    // Every node reports its own resource metrics.
-    let m = status(&nodes[0]).unwrap()["metrics"].clone();
+    let t = session(&lan, &nodes.iter().collect::<Vec<_>>());
+    let leader = wait_agreement(&lan, &t, &nodes.iter().collect::<Vec<_>>(), 3, 3);
+    // Every node publishes its resource metrics; any node shows them.
+    let st = status(&lan, &nodes[1], &t).unwrap();
+    let mine = node_id(&nodes[0]);
+    let m = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == mine.as_str())
+        .unwrap()["metrics"]
+        .clone();
     assert!(
         m["memory_total"].as_u64().unwrap_or(0) > 0,
         "no metrics: {m}"
@@ -303,28 +358,44 @@ fn the_formed_cluster_runs_raft_survives_losing_its_leader_and_takes_it_back() {
     );
 
     // Kill the leader's process: the other two elect a new leader.
-    let pos = nodes
-        .iter()
-        .position(|n| status(n).and_then(|s| s["raft_id"].as_u64()) == Some(leader))
-        .unwrap();
+    let leader_i = index_of(&st, leader).unwrap();
+    let pos = nodes.iter().position(|n| n.i == leader_i).unwrap();
     let dead = nodes.remove(pos);
     let dead_dir = dead.dir.clone();
     drop(dead);
     let survivors: Vec<&Node> = nodes.iter().collect();
-    let new_leader = wait_agreement(&survivors, 3, 3);
+    let new_leader = wait_agreement(&lan, &t, &survivors, 3, 3);
     assert_ne!(
         new_leader, leader,
         "the dead leader is still reported as leader"
     );
 
-    // It comes back from its own state, rejoins, and everyone agrees again.
-    let back = start(&lan, pos, &dead_dir);
+    // Writes continue under the new leader (through any node).
+    let (code, v) = api(
+        &lan,
+        nodes[0].i,
+        "POST",
+        "vms",
+        Some(&t),
+        Some(r#"{"name":"after-failover","vcpus":1,"memory_mib":64}"#),
+    );
+    assert_eq!(code, 201, "{v}");
+
+    // It comes back from its own state, rejoins, and everyone agrees again; it has the
+    // write made while it was down.
+    let back = start(&lan, leader_i, &dead_dir);
     nodes.push(back);
-    wait_agreement(&nodes.iter().collect::<Vec<_>>(), 3, 3);
+    wait_agreement(&lan, &t, &nodes.iter().collect::<Vec<_>>(), 3, 3);
+    let (code, v) = api(&lan, leader_i, "GET", "vms/after-failover", Some(&t), None);
+    assert_eq!(code, 200, "{v}");
 }
 
-fn health_of(observer: &Node, id: &str) -> Option<String> {
-    status(observer).and_then(|s| s["health"][id]["state"].as_str().map(str::to_string))
+fn health_of(lan: &Lan, token: &str, observer: &Node, id: &str) -> Option<String> {
+    let (_, v) = api(lan, observer.i, "GET", "nodes", Some(token), None);
+    v.as_array()?
+        .iter()
+        .find(|n| n["id"] == id)
+        .and_then(|n| n["state"].as_str().map(str::to_string))
 }
 
 #[test]
@@ -337,14 +408,18 @@ fn a_cut_off_node_is_reported_down_within_the_bound_and_up_after_heal() {
     };
     let d = tempfile::tempdir().unwrap();
     let nodes = start_nodes(&lan, d.path(), 0..3, 3);
-    wait_agreement(&nodes.iter().collect::<Vec<_>>(), 3, 3);
+    let t = session(&lan, &nodes.iter().collect::<Vec<_>>());
+    wait_agreement(&lan, &t, &nodes.iter().collect::<Vec<_>>(), 3, 3);
     let victim = node_id(&nodes[2]);
-    assert_eq!(health_of(&nodes[0], &victim).as_deref(), Some("up"));
+    assert_eq!(
+        health_of(&lan, &t, &nodes[0], &victim).as_deref(),
+        Some("up")
+    );
 
     lan.set_link(2, false);
     let cut = Instant::now();
-    while !(health_of(&nodes[0], &victim).as_deref() == Some("down")
-        && health_of(&nodes[1], &victim).as_deref() == Some("down"))
+    while !(health_of(&lan, &t, &nodes[0], &victim).as_deref() == Some("down")
+        && health_of(&lan, &t, &nodes[1], &victim).as_deref() == Some("down"))
     {
         assert!(
             cut.elapsed() < Duration::from_secs(10),
@@ -358,18 +433,18 @@ fn a_cut_off_node_is_reported_down_within_the_bound_and_up_after_heal() {
         "reported down after {detected:?}, bound is 3 s"
     );
     // The two others still form a majority and keep a leader.
-    wait_agreement(&nodes[..2].iter().collect::<Vec<_>>(), 3, 3);
+    wait_agreement(&lan, &t, &nodes[..2].iter().collect::<Vec<_>>(), 3, 3);
 
     lan.set_link(2, true);
     let healed = Instant::now();
-    while health_of(&nodes[0], &victim).as_deref() != Some("up") {
+    while health_of(&lan, &t, &nodes[0], &victim).as_deref() != Some("up") {
         assert!(
             healed.elapsed() < Duration::from_secs(5),
             "not back up after heal"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    wait_agreement(&nodes.iter().collect::<Vec<_>>(), 3, 3);
+    wait_agreement(&lan, &t, &nodes.iter().collect::<Vec<_>>(), 3, 3);
 }
 
 #[test]
@@ -379,9 +454,10 @@ fn a_fourth_node_with_the_right_secret_joins_by_itself() {
     };
     let d = tempfile::tempdir().unwrap();
     let mut nodes = start_nodes(&lan, d.path(), 0..3, 3);
-    wait_agreement(&nodes.iter().collect::<Vec<_>>(), 3, 3);
+    let t = session(&lan, &nodes.iter().collect::<Vec<_>>());
+    wait_agreement(&lan, &t, &nodes.iter().collect::<Vec<_>>(), 3, 3);
     nodes.extend(start_nodes(&lan, d.path(), 3..4, 3));
-    wait_agreement(&nodes.iter().collect::<Vec<_>>(), 4, 4);
+    wait_agreement(&lan, &t, &nodes.iter().collect::<Vec<_>>(), 4, 4);
     let log = std::fs::read_to_string(&nodes[3].log).unwrap();
     assert!(log.contains("joined the cluster"), "{log}");
     assert!(
@@ -401,7 +477,7 @@ fn openssl_rpc(lan: &Lan, nodes: &[Node], from: usize, to: usize, with_cert: boo
     use std::io::Write;
     let tls = nodes[from].dir.join("data/tls");
     let mut c = lan.command(from, Path::new("openssl"));
-    c.args(["s_client", "-quiet", "-ign_eof", "-verify_return_error"])
+    c.args(["s_client", "-quiet", "-verify_return_error"])
         .arg("-connect")
         .arg(format!("{}:7947", Lan::addr(to)))
         .arg("-CAfile")
@@ -418,14 +494,23 @@ fn openssl_rpc(lan: &Lan, nodes: &[Node], from: usize, to: usize, with_cert: boo
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
+    // Keep standard input open (the server keeps a member's connection for more
+    // requests): read the one answer line, or end of file when the server hangs up.
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
         .write_all(b"{\"rpc\":\"read_index\",\"body\":null}\n")
         .unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    stdin.flush().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+    line
 }
 
 /// Node-to-node traffic is mutual TLS with the cluster CA: every node holds a certificate

@@ -87,14 +87,16 @@ pub struct NodeInfo {
     metrics: Value,
 }
 
-/// Nodes with their health and metrics.
+/// Nodes with their health and metrics, as this node sees them (answers without quorum).
 #[utoipa::path(get, path = "/api/v1/nodes", tag = "cluster",
     security(("token" = []), ("cookie" = [])),
     responses((status = 200, body = [NodeInfo]), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody)))]
 pub async fn nodes(State(st): St, headers: HeaderMap) -> Result<Json<Vec<NodeInfo>>, ApiError> {
     authorize(&st, &headers, Role::Auditor, false).await?;
-    let n = synced(&st).await?;
+    // This node's own view, without a read barrier: health must be readable while the
+    // cluster has no leader (a partition, an election), which is when it matters most.
+    let n = node(&st)?;
     let registered = n
         .state
         .read(|t| json!(t.get("nodes").cloned().unwrap_or_default()));
