@@ -4,7 +4,8 @@
 #   - GET /api/v1/vms (the whole list, ~330 KB of JSON) on the leader and on a follower;
 #   - POST /api/v1/vms (a create: a Raft commit on a quorum) on the leader and a follower.
 # References measured in the same run:
-#   - nginx serving the very same JSON bytes as a static file (the HTTP + copy floor);
+#   - nginx serving the very same JSON bytes as a static file over HTTPS (the HTTP + TLS
+#     floor);
 #   - the disk's fdatasync latency for 4 KiB writes in the cluster's data directory
 #     (fio), since every create waits for the log to be synced.
 # Also reports tesserad's RSS before and after. Run as root from the repository root.
@@ -31,19 +32,21 @@ DC=$!
 for _ in $(seq 300); do grep -q "is up" "$W/dc.out" && break; sleep 0.2; done
 grep -q "is up" "$W/dc.out" || { cat "$W/dc.out"; exit 1; }
 PW=$(cat "$W"/cluster/node*/data/initial-admin-password)
+CA=$W/cluster/node1/data/tls/ca.crt
+curl() { command curl --cacert "$CA" "$@"; }
 login() {
-    curl -s -X POST "http://$1:8006/api/v1/login" -H 'content-type: application/json' \
+    curl -s -X POST "https://$1:8006/api/v1/login" -H 'content-type: application/json' \
         -d "{\"username\":\"admin\",\"password\":\"$2\"}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])'
 }
 T=$(login 127.0.0.1 "$PW")
-curl -sf -X POST http://127.0.0.1:8006/api/v1/password -H "authorization: Bearer $T" \
+curl -sf -X POST https://127.0.0.1:8006/api/v1/password -H "authorization: Bearer $T" \
     -H 'content-type: application/json' -d "{\"old_password\":\"$PW\",\"new_password\":\"benchmark password\"}" >/dev/null
-T=$(curl -sf -X POST http://127.0.0.1:8006/api/v1/tokens -H "authorization: Bearer $T" \
+T=$(curl -sf -X POST https://127.0.0.1:8006/api/v1/tokens -H "authorization: Bearer $T" \
     -H 'content-type: application/json' -d '{"role":"administrator","expires_in_s":3600}' |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-LEADER_ID=$(curl -sf http://127.0.0.1:8006/api/v1/cluster -H "authorization: Bearer $T" | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader"])')
+LEADER_ID=$(curl -sf https://127.0.0.1:8006/api/v1/cluster -H "authorization: Bearer $T" | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader"])')
 # Management address of the leader and of one follower.
-read -r LEADER FOLLOWER < <(curl -sf http://127.0.0.1:8006/api/v1/cluster -H "authorization: Bearer $T" | python3 -c '
+read -r LEADER FOLLOWER < <(curl -sf https://127.0.0.1:8006/api/v1/cluster -H "authorization: Bearer $T" | python3 -c '
 import json, sys
 c = json.load(sys.stdin)
 lead = [m["address"].split(":")[0] for m in c["members"] if m["raft_id"] == c["leader"]][0]
@@ -54,10 +57,10 @@ RSS0=$(rss)
 
 # 1,000 VMs, created one after another through the API (also a create rate at QD1).
 t0=$(date +%s%N)
-python3 - "$LEADER" "$T" <<'EOF'
-import http.client, json, sys
-host, token = sys.argv[1], sys.argv[2]
-c = http.client.HTTPConnection(host, 8006)
+python3 - "$LEADER" "$T" "$CA" <<'EOF'
+import http.client, json, ssl, sys
+host, token, ca = sys.argv[1], sys.argv[2], sys.argv[3]
+c = http.client.HTTPSConnection(host, 8006, context=ssl.create_default_context(cafile=ca))
 for i in range(1000):
     body = json.dumps({"name": f"vm-{i:04}", "vcpus": 2, "memory_mib": 2048})
     c.request("POST", "/api/v1/vms", body, {"authorization": f"Bearer {token}", "content-type": "application/json"})
@@ -67,15 +70,19 @@ EOF
 t1=$(date +%s%N)
 QD1_MS=$(python3 -c "print(round(($t1-$t0)/1e6/1000, 2))")
 
-curl -sf "http://$LEADER:8006/api/v1/vms" -H "authorization: Bearer $T" -o "$W/vms.json"
+curl -sf "https://$LEADER:8006/api/v1/vms" -H "authorization: Bearer $T" -o "$W/vms.json"
 BYTES=$(stat -c %s "$W/vms.json")
 mkdir -p "$W/www/api/v1"
 cp "$W/vms.json" "$W/www/api/v1/vms"
+# The reference speaks HTTPS too (TLS 1.3, an ECDSA P-256 certificate, as tesserad).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=bench \
+    -keyout "$W/ngx.key" -out "$W/ngx.crt" 2>/dev/null
 cat >"$W/nginx.conf" <<EOF
 daemon off; worker_processes 1; pid $W/nginx.pid; error_log $W/nginx.err;
 events { worker_connections 1024; }
 http { access_log off; sendfile on; tcp_nopush on; default_type application/json;
-  server { listen 127.0.0.9:8080; root $W/www; } }
+  server { listen 127.0.0.9:8443 ssl; ssl_certificate $W/ngx.crt; ssl_certificate_key $W/ngx.key;
+    ssl_protocols TLSv1.3; root $W/www; } }
 EOF
 nginx -c "$W/nginx.conf" &
 NGX=$!
@@ -93,9 +100,9 @@ bad = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
 print("%.0f %.2f %.2f %s" % (rps, p["50"], p["99"], bad.group(1) if bad else 0))'
 }
 AUTH="authorization: Bearer $T"
-read -r N_RPS N_P50 N_P99 N_BAD < <(measure http://127.0.0.9:8080/api/v1/vms)
-read -r L_RPS L_P50 L_P99 L_BAD < <(measure -H "$AUTH" "http://$LEADER:8006/api/v1/vms")
-read -r F_RPS F_P50 F_P99 F_BAD < <(measure -H "$AUTH" "http://$FOLLOWER:8006/api/v1/vms")
+read -r N_RPS N_P50 N_P99 N_BAD < <(measure https://127.0.0.9:8443/api/v1/vms)
+read -r L_RPS L_P50 L_P99 L_BAD < <(measure -H "$AUTH" "https://$LEADER:8006/api/v1/vms")
+read -r F_RPS F_P50 F_P99 F_BAD < <(measure -H "$AUTH" "https://$FOLLOWER:8006/api/v1/vms")
 
 RSS1=$(rss)
 cat >"$W/create.lua" <<'EOF'
@@ -110,9 +117,9 @@ request = function()
 end
 EOF
 sed -i "1i auth = \"Bearer $T\"" "$W/create.lua"
-read -r CL_RPS CL_P50 CL_P99 CL_BAD < <(measure -s "$W/create.lua" "http://$LEADER:8006" -- leader)
-read -r CF_RPS CF_P50 CF_P99 CF_BAD < <(measure -s "$W/create.lua" "http://$FOLLOWER:8006" -- follower)
-VMS=$(curl -sf "http://$LEADER:8006/api/v1/vms" -H "$AUTH" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
+read -r CL_RPS CL_P50 CL_P99 CL_BAD < <(measure -s "$W/create.lua" "https://$LEADER:8006" -- leader)
+read -r CF_RPS CF_P50 CF_P99 CF_BAD < <(measure -s "$W/create.lua" "https://$FOLLOWER:8006" -- follower)
+VMS=$(curl -sf "https://$LEADER:8006/api/v1/vms" -H "$AUTH" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
 RSS2=$(rss)
 
 FSYNC=$(fio --name=fsync --directory="$W" --rw=write --bs=4k --size=8m --fdatasync=1 \
@@ -125,7 +132,7 @@ read -r FS_P50 FS_P99 <<<"$FSYNC"
 ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
 echo "API benchmark $(date -u +%F) on $(hostname), $(nproc) CPUs; wrk -t2 -c$CONC -d${DUR}s"
 echo "GET /api/v1/vms with 1000 VMs ($BYTES bytes of JSON):"
-echo "  nginx static file (reference): $N_RPS req/s  p50 $N_P50 ms  p99 $N_P99 ms  (non-2xx $N_BAD)"
+echo "  nginx static file over HTTPS (reference): $N_RPS req/s  p50 $N_P50 ms  p99 $N_P99 ms  (non-2xx $N_BAD)"
 echo "  tesserad leader:   $L_RPS req/s  p50 $L_P50 ms  p99 $L_P99 ms  ($(ratio "$L_RPS" "$N_RPS")x nginx; non-2xx $L_BAD)"
 echo "  tesserad follower: $F_RPS req/s  p50 $F_P50 ms  p99 $F_P99 ms  ($(ratio "$F_RPS" "$N_RPS")x nginx; non-2xx $F_BAD)"
 echo "POST /api/v1/vms (create, Raft commit):"

@@ -37,6 +37,7 @@ impl ClusterNode {
             ),
         )
         .unwrap();
+        lan.trust_ca_in(&dir.join("data"));
         let mut n = ClusterNode {
             i,
             dir,
@@ -135,13 +136,17 @@ pub fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T
     }
 }
 
-/// curl inside node `i`'s namespace with extra arguments; `path` is under `/api/v1/`.
+/// curl inside node `i`'s namespace with extra arguments, over HTTPS checked against the
+/// cluster CA; `path` is under `/api/v1/`.
 /// Returns (HTTP status, body text).
 pub fn curl(lan: &Lan, i: usize, path: &str, args: &[&str]) -> (u16, String) {
     let mut c = lan.command(i, Path::new("curl"));
     c.args(["-s", "-m", "20", "-o", "-", "-w", "\n%{http_code}"]);
+    if let Some(ca) = lan.ca_file() {
+        c.arg("--cacert").arg(ca);
+    }
     c.args(args);
-    c.arg(format!("http://{}:8006/api/v1/{path}", Lan::addr(i)));
+    c.arg(format!("https://{}:8006/api/v1/{path}", Lan::addr(i)));
     let out = output(&mut c);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));

@@ -300,6 +300,7 @@ pub fn kvm_or_skip(test: &str) -> bool {
 pub struct Lan {
     switch: String,
     nodes: Vec<String>,
+    cas: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 fn ip(args: &[&str]) {
@@ -325,6 +326,7 @@ impl Lan {
         let lan = Lan {
             switch: switch.clone(),
             nodes: Vec::new(),
+            cas: std::sync::Mutex::new(Vec::new()),
         };
         ip(&[
             "-n",
@@ -375,6 +377,19 @@ impl Lan {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.nodes[i]]).arg(program);
         c
+    }
+
+    /// Remembers where a node keeps the cluster CA certificate (`<data_dir>/tls/ca.crt`),
+    /// for clients checking the nodes' HTTPS certificates.
+    pub fn trust_ca_in(&self, data_dir: &Path) {
+        self.cas.lock().unwrap().push(data_dir.join("tls/ca.crt"));
+    }
+
+    /// The cluster CA certificate to check the nodes' HTTPS with (the first that exists
+    /// of those remembered; before formation, none does).
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        let cas = self.cas.lock().unwrap();
+        cas.iter().find(|p| p.exists()).or(cas.first()).cloned()
     }
 
     /// Cuts node `i` off the LAN (link down) or reconnects it.

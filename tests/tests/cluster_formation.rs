@@ -45,6 +45,7 @@ fn write_seed(dir: &Path, i: usize, expected: usize, secret: &str) -> PathBuf {
 }
 
 fn start(lan: &Lan, i: usize, dir: &Path) -> Node {
+    lan.trust_ca_in(&dir.join("data"));
     let log = dir.join("tesserad.log");
     let child = lan
         .command(i, &bin("tesserad"))

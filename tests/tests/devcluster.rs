@@ -94,12 +94,19 @@ fn cli(home: &std::path::Path, args: &[&str], stdin: &str) -> (bool, String, Str
 }
 
 /// The CLI against the local cluster: login, forced password change, status, nodes, tokens.
-fn check_cli(password: &str) {
+fn check_cli(password: &str, ca: &str) {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
     let (ok, _, err) = cli(
         h,
-        &["--api", "http://127.0.0.1:8006", "cluster", "status"],
+        &[
+            "--api",
+            "https://127.0.0.1:8006",
+            "--ca-file",
+            &ca,
+            "cluster",
+            "status",
+        ],
         "",
     );
     assert!(
@@ -108,7 +115,15 @@ fn check_cli(password: &str) {
     );
     let (ok, out, err) = cli(
         h,
-        &["--api", "http://127.0.0.3:8006", "login", "--user", "admin"],
+        &[
+            "--api",
+            "https://127.0.0.3:8006",
+            "--ca-file",
+            &ca,
+            "login",
+            "--user",
+            "admin",
+        ],
         &format!("{password}\n"),
     );
     assert!(ok, "{err}");
@@ -276,7 +291,7 @@ fn the_local_cluster_forms_answers_stops_and_comes_back() {
         assert!(
             lines
                 .iter()
-                .any(|l| l.contains(&format!("http://127.0.0.{i}:8006/api/v1"))),
+                .any(|l| l.contains(&format!("https://127.0.0.{i}:8006/api/v1"))),
             "{lines:?}"
         );
     }
@@ -286,6 +301,13 @@ fn the_local_cluster_forms_answers_stops_and_comes_back() {
         .and_then(|rest| rest.split_whitespace().next())
         .expect("the admin password is printed")
         .to_string();
+    // The CA file is printed; curl checks the API's certificate with it.
+    let ca = lines
+        .iter()
+        .find_map(|l| l.split("issued by it): ").nth(1))
+        .expect("the CA file is printed")
+        .trim()
+        .to_string();
     let body = format!("{{\"username\":\"admin\",\"password\":\"{password}\"}}");
     let out = output(Command::new("curl").args([
         "-s",
@@ -293,7 +315,9 @@ fn the_local_cluster_forms_answers_stops_and_comes_back() {
         "20",
         "-X",
         "POST",
-        "http://127.0.0.2:8006/api/v1/login",
+        "--cacert",
+        &ca,
+        "https://127.0.0.2:8006/api/v1/login",
         "-H",
         "content-type: application/json",
         "--data",
@@ -304,7 +328,7 @@ fn the_local_cluster_forms_answers_stops_and_comes_back() {
         v["token"].as_str().is_some(),
         "login with the printed password failed: {v}"
     );
-    check_cli(&password);
+    check_cli(&password, &ca);
     interrupt(guard.0.take().unwrap());
     // No node process is left behind.
     let left = output(Command::new("pgrep").args(["-f", &d.path().display().to_string()]));

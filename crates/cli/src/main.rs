@@ -20,12 +20,16 @@ use serde_json::{json, Value};
     about = "Command-line client of the Tessera REST API"
 )]
 struct Cli {
-    /// API base address, e.g. http://10.0.0.11:8006 (default: the one used at login).
+    /// API base address, e.g. https://10.0.0.11:8006 (default: the one used at login).
     #[arg(long, global = true, env = "TESSERA_API")]
     api: Option<String>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// The cluster CA certificate to check the API's HTTPS with (a node's
+    /// `<data_dir>/tls/ca.crt`); remembered at login.
+    #[arg(long, global = true, env = "TESSERA_CA_FILE")]
+    ca_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -459,7 +463,7 @@ fn load_credentials() -> Option<Value> {
     serde_json::from_slice(&std::fs::read(credentials_path().ok()?).ok()?).ok()
 }
 
-fn save_credentials(api: &str, token: &str) -> anyhow::Result<()> {
+fn save_credentials(api: &str, token: &str, ca_pem: Option<&str>) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = credentials_path()?;
     if let Some(dir) = path.parent() {
@@ -471,20 +475,52 @@ fn save_credentials(api: &str, token: &str) -> anyhow::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&path)?;
-    f.write_all(json!({ "api": api, "token": token }).to_string().as_bytes())?;
+    f.write_all(
+        json!({ "api": api, "token": token, "ca_pem": ca_pem })
+            .to_string()
+            .as_bytes(),
+    )?;
     Ok(())
 }
 
 struct Client {
     api: String,
     token: Option<String>,
+    agent: ureq::Agent,
+}
+
+/// An HTTP agent that trusts only the cluster CA `ca_pem` when given (else the system's
+/// usual roots, which will not know a cluster's own CA).
+fn agent(ca_pem: Option<&str>) -> anyhow::Result<ureq::Agent> {
+    let Some(pem) = ca_pem else {
+        return Ok(ureq::AgentBuilder::new().build());
+    };
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots
+            .add(c.context("reading the CA certificate")?)
+            .context("using the CA certificate")?;
+    }
+    if roots.is_empty() {
+        bail!("no certificate in the CA file");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(ureq::AgentBuilder::new()
+        .tls_config(std::sync::Arc::new(config))
+        .build())
 }
 
 impl Client {
     fn request(&self, ep: Ep, params: &[&str], query: &str) -> (String, ureq::Request) {
         let path = fill(ep.1, params);
         let url = format!("{}{path}{query}", self.api.trim_end_matches('/'));
-        let mut req = ureq::request(ep.0, &url);
+        let mut req = self.agent.request(ep.0, &url);
         if let Some(t) = &self.token {
             req = req.set("Authorization", &format!("Bearer {t}"));
         }
@@ -521,7 +557,14 @@ impl Client {
                 };
                 bail!("{method} {path}: HTTP {code}: {msg}{hint}")
             }
-            Err(e) => bail!("{method} {url}: {e}"),
+            Err(e) => {
+                let hint = if e.to_string().contains("certificate") {
+                    " (is --ca-file the cluster's CA, a node's <data_dir>/tls/ca.crt?)"
+                } else {
+                    ""
+                };
+                bail!("{method} {url}: {e}{hint}")
+            }
         }
     }
 }
@@ -559,13 +602,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .as_ref()
                 .and_then(|c| c["api"].as_str().map(String::from))
         })
-        .unwrap_or_else(|| "http://127.0.0.1:8006".to_string());
+        .unwrap_or_else(|| "https://127.0.0.1:8006".to_string());
     let token = saved
         .as_ref()
         .and_then(|c| c["token"].as_str().map(String::from));
+    let ca_pem = match &cli.ca_file {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        None => saved
+            .as_ref()
+            .and_then(|c| c["ca_pem"].as_str().map(String::from)),
+    };
     let client = Client {
         api: api.clone(),
         token,
+        agent: agent(ca_pem.as_deref())?,
     };
     let out = |v: &Value, table: &dyn Fn(&Value)| match cli.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
@@ -582,6 +634,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let v = Client {
                 api: api.clone(),
                 token: None,
+                agent: client.agent.clone(),
             }
             .call(
                 LOGIN,
@@ -591,7 +644,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let token = v["token"]
                 .as_str()
                 .context("no token in the login answer")?;
-            save_credentials(&api, token)?;
+            save_credentials(&api, token, ca_pem.as_deref())?;
             out(&v, &|v| {
                 println!("logged in to {api}");
                 if v["must_change_password"] == true {

@@ -247,11 +247,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     println!("Tessera local cluster is up: {n} nodes formed one cluster by themselves.");
     for i in 1..=n {
         println!(
-            "  node {i}: REST API http://{}:8006/api/v1   NBD nbd://{}:10809/<volume>",
+            "  node {i}: REST API https://{}:8006/api/v1   NBD nbd://{}:10809/<volume>",
             addr(i),
             addr(i)
         );
     }
+    let ca = cli.dir.join("node1/data/tls/ca.crt");
+    println!(
+        "  Cluster CA (the API's HTTPS certificates are issued by it): {}",
+        ca.display()
+    );
     println!("  Web console: not built yet (it comes with the web-console issue).");
     match &password {
         Some(p) => println!("  Admin: user admin, initial password {p} (valid until changed; the first login must change it)"),
@@ -260,12 +265,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     println!();
     println!("Try:");
     println!(
-        "  curl -s -X POST http://127.0.0.1:8006/api/v1/login -H 'content-type: application/json' -d '{{\"username\":\"admin\",\"password\":\"{}\"}}'",
+        "  curl -s --cacert {} -X POST https://127.0.0.1:8006/api/v1/login -H 'content-type: application/json' -d '{{\"username\":\"admin\",\"password\":\"{}\"}}'",
+        ca.display(),
         password.as_deref().unwrap_or("...")
     );
     println!(
-        "  tessera-store --admin-socket {} volume create demo --size 1G",
-        cli.dir.join("node1/store/admin.sock").display()
+        "  target/release/tessera --api https://127.0.0.1:8006 --ca-file {} login   # then: tessera password, tessera volume create demo --size 1G",
+        ca.display()
     );
     println!();
     println!("Ctrl-C stops everything; running this again reuses the same cluster.");

@@ -88,6 +88,17 @@ impl ClusterCa {
     /// Issues a node certificate from the node's request. Only the public key is taken
     /// from the request: the name, usages and validity are the CA's.
     pub fn issue(&self, csr_pem: &str, node_id: &str) -> Result<String, PkiError> {
+        self.issue_with_ips(csr_pem, node_id, &[])
+    }
+
+    /// Like [`ClusterCa::issue`], also valid for these IP addresses (the node's
+    /// management address, so clients of its HTTPS API can check it).
+    pub fn issue_with_ips(
+        &self,
+        csr_pem: &str,
+        node_id: &str,
+        ips: &[std::net::IpAddr],
+    ) -> Result<String, PkiError> {
         let dns = node_dns_name(node_id)?;
         let ca_key = KeyPair::from_pem(&self.key_pem)?;
         let ca = CertificateParams::from_ca_cert_pem(&self.cert_pem)?.self_signed(&ca_key)?;
@@ -98,6 +109,8 @@ impl ClusterCa {
         dn.push(DnType::CommonName, node_id);
         p.distinguished_name = dn;
         p.subject_alt_names = vec![SanType::DnsName(dns.try_into()?)];
+        p.subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -246,6 +259,17 @@ impl rustls::client::danger::ServerCertVerifier for UncheckedServer {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
+}
+
+/// The HTTPS side of a node's REST API: its cluster certificate, no client certificates
+/// (API clients authenticate with tokens), HTTP/1.1.
+pub fn api_server_config(node: &NodeCredentials) -> Result<ServerConfig, PkiError> {
+    let mut c = ServerConfig::builder_with_provider(Arc::new(default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(certs(&node.cert_pem)?, key(&node.key_pem)?)?;
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(c)
 }
 
 /// TLS client side: trusts only the cluster CA and presents this node's certificate.

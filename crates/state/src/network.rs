@@ -80,6 +80,9 @@ pub struct EnrollRequest {
     pub id: NodeId,
     /// PKCS#10 request, PEM.
     pub csr_pem: String,
+    /// IP addresses the certificate must also be valid for (its API's address).
+    #[serde(default)]
+    pub ips: Vec<std::net::IpAddr>,
     /// Its clock, ms since the epoch.
     pub sent_ms: u64,
     /// Keyed hash of the above under the join key, hex.
@@ -87,13 +90,21 @@ pub struct EnrollRequest {
 }
 
 impl EnrollRequest {
-    fn tag(key: &[u8; 32], id: NodeId, csr: &str, sent_ms: u64) -> String {
+    fn tag(
+        key: &[u8; 32],
+        id: NodeId,
+        csr: &str,
+        ips: &[std::net::IpAddr],
+        sent_ms: u64,
+    ) -> String {
+        let ips: Vec<String> = ips.iter().map(|i| i.to_string()).collect();
         keyed(
             key,
             &[
                 b"tessera enroll v1",
                 &id.to_le_bytes(),
                 csr.as_bytes(),
+                ips.join(",").as_bytes(),
                 &sent_ms.to_le_bytes(),
             ],
         )
@@ -101,7 +112,7 @@ impl EnrollRequest {
 
     fn verify(&self, key: &[u8; 32], now_ms: u64) -> Result<(), String> {
         if !same_mac(
-            &Self::tag(key, self.id, &self.csr_pem, self.sent_ms),
+            &Self::tag(key, self.id, &self.csr_pem, &self.ips, self.sent_ms),
             &self.mac,
         ) {
             return Err("enrollment request failed authentication (different join secret?)".into());
@@ -396,14 +407,16 @@ pub async fn enroll(
     addr: &str,
     key: &[u8; 32],
     id: NodeId,
+    ips: &[std::net::IpAddr],
 ) -> Result<(NodeCredentials, String), String> {
     let (key_pem, csr_pem) =
         tessera_pki::node_key_and_request(&cert_name(id)).map_err(|e| e.to_string())?;
     let sent_ms = now_ms();
     let req = EnrollRequest {
         id,
-        mac: EnrollRequest::tag(key, id, &csr_pem, sent_ms),
+        mac: EnrollRequest::tag(key, id, &csr_pem, ips, sent_ms),
         csr_pem,
+        ips: ips.to_vec(),
         sent_ms,
     };
     let config = Arc::new(tessera_pki::enrollment_client_config().map_err(|e| e.to_string())?);
@@ -487,7 +500,7 @@ impl ServeCtx {
             .ca()
             .ok_or("this node does not hold the cluster CA yet")?;
         let cert_pem = ca
-            .issue(&req.csr_pem, &cert_name(req.id))
+            .issue_with_ips(&req.csr_pem, &cert_name(req.id), &req.ips)
             .map_err(|e| format!("cannot issue the certificate: {e}"))?;
         tracing::info!(id = req.id, "issued a node certificate");
         Ok(EnrollReply {

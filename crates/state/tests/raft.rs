@@ -184,7 +184,9 @@ fn own_tls(ca: &tessera_pki::ClusterCa, id: u64) -> Tls {
 }
 
 async fn enrolled_tls(addr: SocketAddr, key: &[u8; 32], id: u64) -> Tls {
-    let (creds, ca_pem) = network::enroll(&addr.to_string(), key, id).await.unwrap();
+    let (creds, ca_pem) = network::enroll(&addr.to_string(), key, id, &[])
+        .await
+        .unwrap();
     Tls::new(&creds, &ca_pem).unwrap()
 }
 
@@ -224,7 +226,7 @@ async fn mutual_tls_enrollment_and_signed_joins() {
     .await
     .unwrap();
     n1.set_ca(ca.clone());
-    let wrong = network::enroll(&addrs[&1].to_string(), &[9u8; 32], 2).await;
+    let wrong = network::enroll(&addrs[&1].to_string(), &[9u8; 32], 2, &[]).await;
     match wrong {
         Err(e) => assert!(e.contains("authentication"), "{e}"),
         Ok(_) => panic!("enrollment with the wrong key was accepted"),

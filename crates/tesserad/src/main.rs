@@ -201,14 +201,28 @@ fn serve_status(
     Ok(())
 }
 
-/// Once this node is a member: publish it in the cluster state, run its tasks, serve.
+/// Once this node is a member: publish it in the cluster state, run its tasks, serve
+/// the API (HTTPS, with the node's cluster certificate).
 fn member(
     seed: &Seed,
     me: &tessera_cluster::identity::NodeId,
     shared: &SharedNode,
     metrics: &metrics::Metrics,
+    api_state: &Arc<api::ApiState>,
     node: Arc<tessera_state::Node>,
 ) {
+    let api_addr = seed.management.api_address();
+    match replicated::api_tls(&seed.data_dir) {
+        Ok(tls) => {
+            let st = api_state.clone();
+            tokio::spawn(async move {
+                if let Err(e) = api::serve(api_addr, st, Arc::new(tls)).await {
+                    tracing::error!(%api_addr, "REST API failed: {e:#}");
+                }
+            });
+        }
+        Err(e) => tracing::error!("REST API not started: {e:#}"),
+    }
     replicated::register(
         node.clone(),
         me.clone(),
@@ -247,29 +261,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         heard: heard.clone(),
         metrics: metrics.clone(),
     });
-    let api_addr = seed.management.api_address();
-    tokio::spawn(async move {
-        if let Err(e) = api::serve(api_addr, api_state).await {
-            tracing::error!(%api_addr, "REST API failed: {e:#}");
-        }
-    });
+    // The API's certificate must be valid for the addresses clients use.
+    let mut api_ips = vec![seed.management.api_address().ip()];
+    if !api_ips.contains(&seed.management.address.ip()) {
+        api_ips.push(seed.management.address.ip());
+    }
     let join_key = replicated::join_key(&seed.join_secret);
     let (joined_tx, mut joined_rx) =
         tokio::sync::mpsc::channel::<(Formed, Arc<tessera_state::Node>)>(1);
     let peers: replicated::Peers = Arc::default();
     let spawn_start = |formed: Formed, via: Option<Vec<SocketAddr>>| {
-        let (me, mgmt, dir, tx, peers) = (
+        let (me, mgmt, dir, tx, peers, ips) = (
             me.clone(),
             seed.management.address,
             seed.data_dir.clone(),
             joined_tx.clone(),
             peers.clone(),
+            api_ips.clone(),
         );
         tokio::spawn(async move {
             let res = async {
                 let tls = match replicated::load_tls(&dir)? {
                     Some(t) => t,
-                    None => replicated::enroll(&me, &dir, join_key, &peers).await?,
+                    None => replicated::enroll(&me, &dir, join_key, &peers, &ips).await?,
                 };
                 let node = replicated::start(&me, mgmt, &dir, join_key, tls, None).await?;
                 if let Some(via) = via {
@@ -317,7 +331,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     node.set_ca(ca.clone());
                     replicated::publish_ca(node.clone(), ca);
                 }
-                member(&seed, &me, &shared, &metrics, node);
+                member(&seed, &me, &shared, &metrics, &api_state, node);
             }
             None => {
                 tracing::warn!(
@@ -384,12 +398,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             let addr = addr.with_context(|| format!("no address heard for founding member {m}"))?;
                             founders.insert(replicated::raft_id(m), replicated::raft_addr(addr));
                         }
-                        let (ca, tls) = replicated::mint(&seed.data_dir, &f.cluster_id, &me)?;
+                        let (ca, tls) = replicated::mint(&seed.data_dir, &f.cluster_id, &me, &api_ips)?;
                         let node = replicated::start(&me, seed.management.address, &seed.data_dir, join_key, tls, Some(founders)).await?;
                         node.set_ca(ca.clone());
                         replicated::publish_ca(node.clone(), ca);
                         tokio::spawn(api::create_first_admin(node.clone(), seed.data_dir.join("initial-admin-password")));
-                        member(&seed, &me, &shared, &metrics, node);
+                        member(&seed, &me, &shared, &metrics, &api_state, node);
                         *cluster_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.cluster_id.clone());
                     }
                     Action::Adopt(f) => {
@@ -410,7 +424,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 save_formed(&formed_path, &f)?;
                 tracing::info!(cluster_id = %f.cluster_id, "this node's member of the cluster state is running");
                 formation.joined(f.clone());
-                member(&seed, &me, &shared, &metrics, node);
+                member(&seed, &me, &shared, &metrics, &api_state, node);
                 *cluster_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.cluster_id.clone());
             }
             r = sock.recv_from(&mut buf) => {

@@ -51,6 +51,19 @@ pub fn load_tls(data_dir: &Path) -> anyhow::Result<Option<Tls>> {
     }
 }
 
+/// The HTTPS configuration of this node's API, from its stored credentials.
+pub fn api_tls(data_dir: &Path) -> anyhow::Result<rustls::ServerConfig> {
+    let d = tls_dir(data_dir);
+    let read = |f: &str| {
+        std::fs::read_to_string(d.join(f)).with_context(|| format!("reading {}/{f}", d.display()))
+    };
+    let creds = NodeCredentials {
+        key_pem: read("node.key")?,
+        cert_pem: read("node.crt")?,
+    };
+    Ok(tessera_pki::api_server_config(&creds)?)
+}
+
 /// Stores credentials, each file written whole.
 fn save_tls(data_dir: &Path, creds: &NodeCredentials, ca_pem: &str) -> anyhow::Result<Tls> {
     let d = tls_dir(data_dir);
@@ -64,12 +77,17 @@ fn save_tls(data_dir: &Path, creds: &NodeCredentials, ca_pem: &str) -> anyhow::R
 }
 
 /// The founding node's part: mints the cluster CA and certifies itself with it.
-pub fn mint(data_dir: &Path, cluster_id: &str, me: &NodeId) -> anyhow::Result<(ClusterCa, Tls)> {
+pub fn mint(
+    data_dir: &Path,
+    cluster_id: &str,
+    me: &NodeId,
+    ips: &[std::net::IpAddr],
+) -> anyhow::Result<(ClusterCa, Tls)> {
     let ca = ClusterCa::mint(cluster_id)?;
     let name = tessera_state::network::cert_name(raft_id(me));
     let (key_pem, csr) = tessera_pki::node_key_and_request(&name)?;
     let creds = NodeCredentials {
-        cert_pem: ca.issue(&csr, &name)?,
+        cert_pem: ca.issue_with_ips(&csr, &name, ips)?,
         key_pem,
     };
     let tls = save_tls(data_dir, &creds, &ca.cert_pem)?;
@@ -112,6 +130,7 @@ pub async fn enroll(
     data_dir: &Path,
     key: [u8; 32],
     peers: &Peers,
+    ips: &[std::net::IpAddr],
 ) -> anyhow::Result<Tls> {
     let mut last = String::from("no member heard yet");
     for attempt in 0u32.. {
@@ -123,7 +142,7 @@ pub async fn enroll(
             .collect();
         for a in candidates {
             let addr = raft_addr(a).to_string();
-            match tessera_state::network::enroll(&addr, &key, raft_id(me)).await {
+            match tessera_state::network::enroll(&addr, &key, raft_id(me), ips).await {
                 Ok((creds, ca_pem)) => {
                     tracing::info!(%addr, "received this node's cluster certificate");
                     return save_tls(data_dir, &creds, &ca_pem);
