@@ -83,6 +83,7 @@ pub fn start(node: Arc<Node>, me: String, admin_socket: PathBuf) {
             if leader && last_trim.elapsed() > Duration::from_secs(1) {
                 last_trim = std::time::Instant::now();
                 crate::api::trim_events(&node).await;
+                crate::api::purge_expired(&node).await;
             }
             // Wake on any change of the state, or every 2 s for the periodic work.
             if tokio::time::timeout(Duration::from_secs(2), rx.changed())

@@ -521,3 +521,82 @@ pub async fn create_first_admin(
         }
     }
 }
+
+/// The deletions that drop expired sessions and tokens (at most `max`): expired
+/// credentials are refused anyway; this keeps the tables from growing with every login.
+pub(crate) fn expired(tables: &tessera_state::Tables, now_ms: u64, max: usize) -> Vec<Command> {
+    let Some(sessions) = tables.get("sessions") else {
+        return Vec::new();
+    };
+    let mut ops = Vec::new();
+    for (key, v) in sessions.iter() {
+        if ops.len() >= max {
+            break;
+        }
+        let Ok(s) = serde_json::from_value::<Session>(v.clone()) else {
+            continue;
+        };
+        if s.expires_ms > now_ms {
+            continue;
+        }
+        ops.push(del("sessions", key));
+        if s.kind == "token" {
+            ops.push(del("tokens", &s.id));
+        }
+    }
+    ops
+}
+
+/// The leader drops expired sessions and tokens.
+pub async fn purge_expired(n: &tessera_state::Node) {
+    let ops = n.state.read(|t| expired(t, now_ms(), 500));
+    if ops.is_empty() {
+        return;
+    }
+    if let Err(e) = n
+        .write(Command::Txn {
+            require: vec![],
+            ops,
+        })
+        .await
+    {
+        tracing::debug!(error = %e, "purging expired sessions failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(kind: &str, id: &str, expires_ms: u64) -> serde_json::Value {
+        json!(Session {
+            user: "u".into(),
+            role: Role::Auditor,
+            expires_ms,
+            kind: kind.into(),
+            id: id.into(),
+        })
+    }
+
+    #[test]
+    fn only_expired_sessions_and_their_tokens_are_dropped() {
+        let mut sessions = imbl::OrdMap::new();
+        sessions.insert("k1".to_string(), session("session", "a", 100));
+        sessions.insert("k2".to_string(), session("token", "t2", 100));
+        sessions.insert("k3".to_string(), session("token", "t3", 10_000));
+        sessions.insert("k4".to_string(), json!("not a session"));
+        let mut tables = tessera_state::Tables::new();
+        tables.insert("sessions".to_string(), sessions);
+        let ops = expired(&tables, 1_000, 100);
+        assert_eq!(
+            ops,
+            vec![
+                del("sessions", "k1"),
+                del("sessions", "k2"),
+                del("tokens", "t2")
+            ]
+        );
+        assert_eq!(expired(&tables, 1_000, 1).len(), 1);
+        assert!(expired(&tables, 50, 100).is_empty());
+    }
+}

@@ -31,7 +31,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub use auth::create_first_admin;
+pub use auth::{create_first_admin, purge_expired};
 pub(crate) use events::{event, trim as trim_events};
 
 use crate::{metrics, Heard, SharedNode};
