@@ -8,7 +8,7 @@ use std::time::Duration;
 use openraft::Raft;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::network::Transport;
+use crate::network::{leader, Leader, Transport};
 use crate::types::TypeConfig;
 
 type Waiter = oneshot::Sender<Result<u64, String>>;
@@ -20,9 +20,8 @@ pub struct ReadIndex {
 }
 
 impl ReadIndex {
-    /// Starts the batching task for node `id`.
+    /// Starts the batching task of the node running `raft`.
     pub fn start(
-        id: u64,
         raft: Raft<TypeConfig>,
         transport: Transport,
     ) -> (ReadIndex, tokio::task::JoinHandle<()>) {
@@ -33,7 +32,7 @@ impl ReadIndex {
                 while let Ok(w) = rx.try_recv() {
                     batch.push(w);
                 }
-                let r = round(id, &raft, &transport).await;
+                let r = round(&raft, &transport).await;
                 for w in batch {
                     let _ = w.send(r.clone());
                 }
@@ -53,23 +52,19 @@ impl ReadIndex {
     }
 }
 
-async fn round(id: u64, raft: &Raft<TypeConfig>, transport: &Transport) -> Result<u64, String> {
-    let m = raft.metrics().borrow().clone();
-    if m.current_leader == Some(id) {
-        let read = raft
-            .ensure_linearizable()
-            .await
-            .map_err(|e| e.to_string())?;
-        return Ok(read.map(|l| l.index).unwrap_or(0));
+async fn round(raft: &Raft<TypeConfig>, transport: &Transport) -> Result<u64, String> {
+    match leader(raft)? {
+        Leader::Me => {
+            let read = raft
+                .ensure_linearizable()
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(read.map(|l| l.index).unwrap_or(0))
+        }
+        Leader::Other(id, addr) => {
+            transport
+                .read_index(id, &addr, Duration::from_secs(5))
+                .await
+        }
     }
-    let leader_id = m.current_leader.ok_or("no leader elected (no quorum?)")?;
-    let leader = m
-        .membership_config
-        .membership()
-        .get_node(&leader_id)
-        .cloned()
-        .ok_or("the leader is not a member?")?;
-    transport
-        .read_index(leader_id, &leader.addr, Duration::from_secs(5))
-        .await
 }

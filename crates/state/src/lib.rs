@@ -135,7 +135,7 @@ impl Node {
             .await
             .map_err(|e| StateError::Bind(addr, e))?;
         let ca = network::CaSlot::default();
-        let (read_index, batcher) = barrier::ReadIndex::start(id, raft.clone(), transport.clone());
+        let (read_index, batcher) = barrier::ReadIndex::start(raft.clone(), transport.clone());
         let ctx = Arc::new(network::ServeCtx {
             read_index: read_index.clone(),
             raft: raft.clone(),
@@ -166,23 +166,7 @@ impl Node {
     /// Removes member `id` from the cluster (voter or learner), through the leader. The
     /// removed node must not come back with its old state: wipe it, then let it join anew.
     pub async fn remove_member(&self, id: u64) -> Result<(), StateError> {
-        let m = self.raft.metrics().borrow().clone();
-        if m.current_leader == Some(self.id) {
-            return network::remove_on_leader(&self.raft, id)
-                .await
-                .map_err(StateError::Raft);
-        }
-        let leader_id = m
-            .current_leader
-            .ok_or_else(|| StateError::Raft("no leader elected (no quorum?)".into()))?;
-        let leader = m
-            .membership_config
-            .membership()
-            .get_node(&leader_id)
-            .cloned()
-            .ok_or_else(|| StateError::Raft("the leader is not a member?".into()))?;
-        self.transport
-            .request_remove(leader_id, &leader.addr, id)
+        network::remove(&self.raft, &self.transport, id)
             .await
             .map_err(StateError::Raft)
     }

@@ -636,15 +636,10 @@ async fn answer(line: &str, ctx: &ServeCtx, caller: &Caller) -> std::io::Result<
         Rpc::Snapshot(req) => serde_json::to_vec(&raft.install_snapshot(req).await),
         Rpc::Join(req) => serde_json::to_vec(&join(ctx, req).await),
         Rpc::Enroll(req) => serde_json::to_vec(&ctx.enroll(req)),
-        Rpc::Remove(id) => serde_json::to_vec(&remove(ctx, id).await),
+        Rpc::Remove(id) => serde_json::to_vec(&remove(raft, &ctx.transport, id).await),
         Rpc::ReadIndex => {
             // Only the leader answers: a follower relaying would need its own barrier.
-            let leading = {
-                let m = raft.metrics();
-                let m = m.borrow();
-                m.current_leader == Some(m.id)
-            };
-            let res: Result<u64, String> = if leading {
+            let res: Result<u64, String> = if matches!(leader(raft), Ok(Leader::Me)) {
                 ctx.read_index.get().await
             } else {
                 Err("not the leader".into())
@@ -766,23 +761,13 @@ async fn join(ctx: &ServeCtx, req: JoinRequest) -> Result<(), String> {
         .join_key
         .ok_or("this node does not accept join requests")?;
     req.verify(&key, now_ms())?;
-    let m = raft.metrics().borrow().clone();
-    if m.current_leader != Some(m.id) {
-        let leader = m
-            .current_leader
-            .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
-            .ok_or("no leader to forward the join to")?;
-        let leader_id = m.current_leader.unwrap_or_default();
+    if let Leader::Other(leader_id, addr) = leader(raft)? {
         return ctx
             .transport
-            .send(
-                leader_id,
-                &leader.addr,
-                &Rpc::Join(req),
-                Duration::from_secs(20),
-            )
+            .send(leader_id, &addr, &Rpc::Join(req), Duration::from_secs(20))
             .await?;
     }
+    let m = raft.metrics().borrow().clone();
     raft.add_learner(
         req.id,
         BasicNode {
@@ -802,28 +787,44 @@ async fn join(ctx: &ServeCtx, req: JoinRequest) -> Result<(), String> {
     Ok(())
 }
 
-/// Removes a member from the voters and the cluster (on the leader; a follower forwards).
-pub(crate) async fn remove(ctx: &ServeCtx, id: NodeId) -> Result<(), String> {
-    let raft = &ctx.raft;
+/// Who leads, as this node knows.
+pub(crate) enum Leader {
+    /// This node.
+    Me,
+    /// Another node: its id and address.
+    Other(NodeId, String),
+}
+
+/// The current leader, or an error when none is known.
+pub(crate) fn leader(raft: &Raft<TypeConfig>) -> Result<Leader, String> {
     let m = raft.metrics().borrow().clone();
-    if m.current_leader != Some(m.id) {
-        let leader_id = m.current_leader.ok_or("no leader elected (no quorum?)")?;
-        let leader = m
-            .membership_config
-            .membership()
-            .get_node(&leader_id)
-            .cloned()
-            .ok_or("the leader is not a member?")?;
-        return ctx
-            .transport
-            .request_remove(leader_id, &leader.addr, id)
-            .await;
+    let id = m.current_leader.ok_or("no leader elected (no quorum?)")?;
+    if id == m.id {
+        return Ok(Leader::Me);
     }
-    remove_on_leader(raft, id).await
+    let node = m
+        .membership_config
+        .membership()
+        .get_node(&id)
+        .cloned()
+        .ok_or("the leader is not a member?")?;
+    Ok(Leader::Other(id, node.addr))
+}
+
+/// Removes a member from the voters and the cluster: on the leader, or asked of it.
+pub(crate) async fn remove(
+    raft: &Raft<TypeConfig>,
+    transport: &Transport,
+    id: NodeId,
+) -> Result<(), String> {
+    match leader(raft)? {
+        Leader::Me => remove_on_leader(raft, id).await,
+        Leader::Other(leader_id, addr) => transport.request_remove(leader_id, &addr, id).await,
+    }
 }
 
 /// The leader's part of [`remove`].
-pub(crate) async fn remove_on_leader(raft: &Raft<TypeConfig>, id: NodeId) -> Result<(), String> {
+async fn remove_on_leader(raft: &Raft<TypeConfig>, id: NodeId) -> Result<(), String> {
     let m = raft.metrics().borrow().clone();
     let membership = m.membership_config.membership();
     if membership.get_node(&id).is_none() {

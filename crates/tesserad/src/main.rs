@@ -84,7 +84,8 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the epoch (0 if the clock is before it).
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -18,17 +18,11 @@ use tessera_state::{Command, Node, Require};
 use tessera_store::admin::{AdminOp, ErrorKind};
 use tessera_store::admin_client::{AdminClient, AdminClientError};
 
-use crate::api::{del, event, put};
+use crate::api::{del, event, get, put};
+use crate::now_ms;
 use crate::records::{
     snapshot_key, Snapshot, Task, TaskLog, TaskOp, TaskState, Volume, VolumeState,
 };
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 fn log(t: &mut Task, message: impl Into<String>) {
     t.log.push(TaskLog {
@@ -166,12 +160,6 @@ fn store_op(op: &TaskOp) -> AdminOp {
     }
 }
 
-fn record<T: serde::de::DeserializeOwned>(node: &Node, table: &str, key: &str) -> Option<T> {
-    node.state
-        .read(|t| t.get(table).and_then(|t| t.get(key)).cloned())
-        .and_then(|v| serde_json::from_value(v).ok())
-}
-
 async fn run(node: &Node, me: &str, socket: &std::path::Path, queued: Task) {
     let mut t = queued.clone();
     t.state = TaskState::Running;
@@ -213,7 +201,7 @@ async fn run(node: &Node, me: &str, socket: &std::path::Path, queued: Task) {
     let now = now_ms();
     match (&t.op, ok) {
         (TaskOp::CreateVolume { name, .. } | TaskOp::CloneSnapshot { name, .. }, true) => {
-            if let Some(mut v) = record::<Volume>(node, "volumes", name) {
+            if let Some(mut v) = get::<Volume>(node, "volumes", name) {
                 v.state = VolumeState::Ready;
                 ops.push(put("volumes", name, &v));
             }
@@ -237,7 +225,7 @@ async fn run(node: &Node, me: &str, socket: &std::path::Path, queued: Task) {
             ops.extend(snaps.iter().map(|k| del("snapshots", k)));
         }
         (TaskOp::DeleteVolume { name }, false) => {
-            if let Some(mut v) = record::<Volume>(node, "volumes", name) {
+            if let Some(mut v) = get::<Volume>(node, "volumes", name) {
                 v.state = VolumeState::Ready;
                 ops.push(put("volumes", name, &v));
             }
@@ -245,7 +233,7 @@ async fn run(node: &Node, me: &str, socket: &std::path::Path, queued: Task) {
         (TaskOp::CreateSnapshot { volume, snapshot }, true)
         | (TaskOp::DeleteSnapshot { volume, snapshot }, false) => {
             let key = snapshot_key(volume, snapshot);
-            if let Some(mut s) = record::<Snapshot>(node, "snapshots", &key) {
+            if let Some(mut s) = get::<Snapshot>(node, "snapshots", &key) {
                 s.state = VolumeState::Ready;
                 ops.push(put("snapshots", &key, &s));
             }

@@ -34,7 +34,7 @@ use utoipa_axum::routes;
 pub use auth::{create_first_admin, purge_expired};
 pub(crate) use events::{event, trim as trim_events};
 
-use crate::{metrics, Heard, SharedNode};
+use crate::{metrics, now_ms, Heard, SharedNode};
 
 /// What handlers need.
 pub struct ApiState {
@@ -150,7 +150,11 @@ async fn list_all<T: DeserializeOwned>(
 }
 
 /// One record, typed.
-fn get<T: DeserializeOwned>(n: &tessera_state::Node, table: &str, key: &str) -> Option<T> {
+pub(crate) fn get<T: DeserializeOwned>(
+    n: &tessera_state::Node,
+    table: &str,
+    key: &str,
+) -> Option<T> {
     n.state
         .read(|t| t.get(table).and_then(|t| t.get(key)).cloned())
         .and_then(|v| serde_json::from_value(v).ok())
@@ -204,13 +208,6 @@ async fn commit(
         None => Ok(()),
         Some(r) => Err(ApiError::conflict(conflict(&r))),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Names of volumes, snapshots, VMs and users: 1-63 of `[a-z0-9-]` (users also `._`),
