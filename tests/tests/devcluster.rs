@@ -354,3 +354,22 @@ fn the_local_cluster_forms_answers_stops_and_comes_back() {
         );
     }
 }
+
+#[test]
+fn a_local_cluster_from_before_tls_is_refused_with_a_clear_message() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("node1/data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("formed.json"), "{}").unwrap();
+    let out = output(
+        Command::new(bin("tessera-devcluster"))
+            .arg("--dir")
+            .arg(d.path()),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("older Tessera") && err.contains("remove that directory"),
+        "{err}"
+    );
+}

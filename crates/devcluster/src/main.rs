@@ -163,6 +163,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let n = cli.nodes;
     std::fs::create_dir_all(&cli.dir).with_context(|| format!("creating {}", cli.dir.display()))?;
     let secret = join_secret(&cli.dir)?;
+    // A cluster formed by a Tessera from before mutual TLS has no node certificates and
+    // no CA anyone could issue them from: it cannot come back. Say so instead of waiting.
+    // (A new cluster stopped mid-formation has at least its founder's certificate.)
+    let data = |i: u8| cli.dir.join(format!("node{i}/data"));
+    let formed = (1..=n).any(|i| data(i).join("formed.json").exists());
+    let certified = (1..=n).any(|i| data(i).join("tls/node.crt").exists());
+    if formed && !certified {
+        bail!(
+            "{} holds a cluster made by an older Tessera (no TLS certificates); \
+             remove that directory (or pick another with --dir) and run again",
+            cli.dir.display()
+        );
+    }
     let (tesserad, store) = (sibling("tesserad")?, sibling("tessera-store")?);
     let mut procs = Vec::new();
     for i in 1..=n {
