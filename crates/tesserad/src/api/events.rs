@@ -15,7 +15,7 @@ use tessera_state::Command;
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{authorize, random_id, Role};
-use super::{all, now_ms, put, synced, ApiError, ErrorBody, St};
+use super::{now_ms, put, synced, ApiError, ErrorBody, St};
 
 /// How many events the cluster keeps.
 pub const KEEP: usize = 10_000;
@@ -67,12 +67,23 @@ pub struct EventQuery {
     limit: Option<usize>,
 }
 
+/// Events after `since` (all without it), oldest first: a range of the ordered table, so
+/// a stream woken by every change reads only what is new.
 fn after(n: &tessera_state::Node, since: Option<&str>) -> Vec<Event> {
-    all::<Event>(n, "events")
-        .into_iter()
-        .filter(|(k, _)| since.is_none_or(|s| k.as_str() > s))
-        .map(|(_, e)| e)
-        .collect()
+    use std::ops::Bound;
+    let from = match since {
+        Some(s) => Bound::Excluded(s.to_string()),
+        None => Bound::Unbounded,
+    };
+    n.state.read(|t| {
+        t.get("events")
+            .map(|ev| {
+                ev.range((from, Bound::Unbounded))
+                    .filter_map(|(_, v)| serde_json::from_value(v.clone()).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
 }
 
 /// The latest events, oldest first.
@@ -113,9 +124,8 @@ pub async fn stream(
     let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
     let n = synced(&st).await?;
     let start = q.since.unwrap_or_else(|| {
-        after(&n, None)
-            .last()
-            .map(|e| e.id.clone())
+        n.state
+            .read(|t| t.get("events").and_then(|e| e.keys().next_back().cloned()))
             .unwrap_or_default()
     });
     let rx = n.state.subscribe();
@@ -147,19 +157,22 @@ pub async fn stream(
 
 /// The leader keeps the events table at [`KEEP`] entries.
 pub async fn trim(n: &tessera_state::Node) {
-    let keys: Vec<String> = n.state.read(|t| {
+    // The oldest keys beyond KEEP, in bounded steps: one huge transaction would stall
+    // every other write behind it.
+    let ops: Vec<Command> = n.state.read(|t| {
         t.get("events")
-            .map(|e| e.keys().cloned().collect())
+            .map(|e| {
+                let excess = e.len().saturating_sub(KEEP).min(TRIM_STEP);
+                e.keys()
+                    .take(excess)
+                    .map(|k| super::del("events", k))
+                    .collect()
+            })
             .unwrap_or_default()
     });
-    if keys.len() <= KEEP {
+    if ops.is_empty() {
         return;
     }
-    // In bounded steps: one huge transaction would stall every other write behind it.
-    let ops = keys[..(keys.len() - KEEP).min(TRIM_STEP)]
-        .iter()
-        .map(|k| super::del("events", k))
-        .collect();
     if let Err(e) = n
         .write(Command::Txn {
             require: vec![],
