@@ -472,6 +472,9 @@ fn volumes_vms_tasks_and_events_through_the_api() {
         Some(r#"{"vcpus":4,"generation":7}"#),
     );
     assert_eq!(code, 409, "{v}");
+    // A listing made before the change (and kept by the node) must not hide it.
+    let (_, before) = api(&lan, 1, "GET", "vms", a, None);
+    assert_eq!(before[0]["vcpus"], 2, "{before}");
     let (code, v) = api(
         &lan,
         1,
@@ -480,6 +483,8 @@ fn volumes_vms_tasks_and_events_through_the_api() {
         a,
         Some(r#"{"vcpus":4,"generation":1}"#),
     );
+    let (_, listed) = api(&lan, 1, "GET", "vms", a, None);
+    assert_eq!(listed[0]["vcpus"], 4, "{listed}");
     assert_eq!(code, 200, "{v}");
     let (_, v) = api(&lan, 0, "GET", "vms/vm1", a, None);
     assert_eq!(

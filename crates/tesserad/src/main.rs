@@ -261,6 +261,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cluster_id: cluster_id.clone(),
         heard: heard.clone(),
         metrics: metrics.clone(),
+        lists: Mutex::default(),
     });
     // The API's certificate must be valid for the addresses clients use.
     let mut api_ips = vec![seed.management.api_address().ip()];

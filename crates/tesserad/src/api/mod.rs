@@ -48,7 +48,12 @@ pub struct ApiState {
     pub heard: Heard,
     /// Local metrics.
     pub metrics: metrics::Metrics,
+    /// Encoded listings by table, with the table they were made from.
+    pub lists: Mutex<std::collections::HashMap<&'static str, (Table, axum::body::Bytes)>>,
 }
+
+/// One table of the cluster state.
+pub type Table = imbl::OrdMap<String, serde_json::Value>;
 
 type St = axum::extract::State<Arc<ApiState>>;
 
@@ -136,17 +141,45 @@ async fn show_one<T: DeserializeOwned>(
         .ok_or_else(|| ApiError::not_found(format!("no {what} {name}")))
 }
 
-/// `GET` of every record of a table, in key order: Auditor, read barrier.
-async fn list_all<T: DeserializeOwned>(
+/// `GET` of every record of a table, in key order: Auditor, read barrier. The encoded
+/// list is kept per table and reused while the table is unchanged (the tables are
+/// persistent maps: "unchanged" is a pointer comparison), so repeated listings of a big
+/// table cost a copy, not a decode and encode of every record.
+async fn list_all(
     st: &ApiState,
     headers: &axum::http::HeaderMap,
-    table: &str,
-) -> Result<Json<Vec<T>>, ApiError> {
+    table: &'static str,
+) -> Result<Response, ApiError> {
     auth::authorize(st, headers, auth::Role::Auditor, false).await?;
     let n = synced(st).await?;
-    Ok(Json(
-        all::<T>(&n, table).into_iter().map(|(_, v)| v).collect(),
-    ))
+    let current = n.state.read(|t| t.get(table).cloned()).unwrap_or_default();
+    let hit = {
+        let cache = st.lists.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .get(table)
+            .filter(|(t, _)| t.ptr_eq(&current))
+            .map(|(_, b)| b.clone())
+    };
+    let bytes = match hit {
+        Some(b) => b,
+        None => {
+            let values: Vec<&serde_json::Value> = current.values().collect();
+            let b =
+                axum::body::Bytes::from(serde_json::to_vec(&values).map_err(|e| {
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+                })?);
+            st.lists
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(table, (current, b.clone()));
+            b
+        }
+    };
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        bytes,
+    )
+        .into_response())
 }
 
 /// One record, typed.

@@ -57,7 +57,7 @@ fn check_ifname(field: &str, v: &str) -> Result<(), ApiError> {
     security(("token" = []), ("cookie" = [])),
     responses((status = 200, body = [Network]), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody)))]
-pub async fn list(State(st): St, headers: HeaderMap) -> Result<Json<Vec<Network>>, ApiError> {
+pub async fn list(State(st): St, headers: HeaderMap) -> Result<axum::response::Response, ApiError> {
     super::list_all(&st, &headers, "networks").await
 }
 

@@ -137,7 +137,7 @@ fn validate(n: &tessera_state::Node, vm: &Vm) -> Result<(), ApiError> {
     security(("token" = []), ("cookie" = [])),
     responses((status = 200, body = [Vm]), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody)))]
-pub async fn list(State(st): St, headers: HeaderMap) -> Result<Json<Vec<Vm>>, ApiError> {
+pub async fn list(State(st): St, headers: HeaderMap) -> Result<axum::response::Response, ApiError> {
     super::list_all(&st, &headers, "vms").await
 }
 
