@@ -1,14 +1,15 @@
 //! `tesserad`: the node's management daemon.
 //!
-//! Today it does the first part of its job: it reads the seed configuration, keeps the
-//! node's identity, announces itself on the management network (UDP multicast and static
-//! peers, authenticated with the join secret), forms the cluster with the other expected
-//! nodes (persisting the outcome in `<data_dir>/formed.json`), then runs its member of
-//! the Raft-replicated cluster state and registers itself there. A local status socket
-//! (`<data_dir>/tesserad.sock`, root only) reports what it knows. A node arriving after
-//! formation asks a member to add it (a join request signed with a key derived from the
-//! join secret). Every node serves the REST API (`api`) and runs the tasks assigned to it
-//! against its local `tessera-store` (`tasks`).
+//! It reads the seed configuration, keeps the node's identity, announces itself on the
+//! management network (UDP multicast and static peers, authenticated with the join
+//! secret), forms the cluster with the other expected nodes (persisting the outcome in
+//! `<data_dir>/formed.json`), gets its cluster certificate (the founding node mints the
+//! CA; the others enroll), then runs its member of the Raft-replicated cluster state over
+//! mutual TLS and registers itself there. A node arriving after formation enrolls and
+//! asks a member to add it (a join request signed with a key derived from the join
+//! secret). Every member serves the REST API over HTTPS (`api`) and runs the tasks
+//! assigned to it against its local `tessera-store` (`tasks`). A local status socket
+//! (`<data_dir>/tesserad.sock`, root only) reports what it knows.
 
 mod api;
 mod health;
