@@ -112,10 +112,12 @@ impl Node {
             max_payload_entries: 128,
             election_timeout_min: 500,
             election_timeout_max: 1000,
-            // Snapshots encode the whole state; take them less often, and keep enough log
-            // after one that a follower lagging under load catches up from the log rather
-            // than by a snapshot transfer.
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
+            // Snapshots encode the whole state; take them less often, at a different log
+            // count on each node (all nodes at the same index would stall the whole
+            // cluster at once: appends time out and replication backs off), and keep
+            // enough log after one that a follower lagging under load catches up from the
+            // log rather than by a snapshot transfer.
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(8_000 + id % 4_000),
             max_in_snapshot_log_to_keep: 10_000,
             ..Default::default()
         };
