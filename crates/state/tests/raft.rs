@@ -25,6 +25,20 @@ fn free_addr() -> SocketAddr {
     }
 }
 
+/// Starts plain-TCP members (no TLS, no join key) with ids and addresses `addrs`, each in
+/// `dir/n<id>`.
+async fn start_plain(dir: &std::path::Path, addrs: &BTreeMap<u64, SocketAddr>) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for (id, addr) in addrs {
+        nodes.push(
+            Node::start(*id, *addr, &dir.join(format!("n{id}")), None, None)
+                .await
+                .unwrap(),
+        );
+    }
+    nodes
+}
+
 async fn wait_leader(nodes: &[&Node]) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -72,14 +86,7 @@ fn put(key: &str, v: serde_json::Value) -> Command {
 async fn three_members_replicate_survive_the_leader_and_catch_up_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     let addrs: BTreeMap<u64, SocketAddr> = (1..=3).map(|i| (i, free_addr())).collect();
-    let mut nodes = Vec::new();
-    for (id, addr) in &addrs {
-        nodes.push(
-            Node::start(*id, *addr, &dir.path().join(format!("n{id}")), None, None)
-                .await
-                .unwrap(),
-        );
-    }
+    let mut nodes = start_plain(dir.path(), &addrs).await;
     nodes[0].initialize(addrs.clone()).await.unwrap();
     let leader = wait_leader(&nodes.iter().collect::<Vec<_>>()).await;
 
@@ -135,14 +142,7 @@ async fn three_members_replicate_survive_the_leader_and_catch_up_after_restart()
 async fn a_full_restart_keeps_every_committed_write() {
     let dir = tempfile::tempdir().unwrap();
     let addrs: BTreeMap<u64, SocketAddr> = (1..=3).map(|i| (i, free_addr())).collect();
-    let mut nodes = Vec::new();
-    for (id, addr) in &addrs {
-        nodes.push(
-            Node::start(*id, *addr, &dir.path().join(format!("n{id}")), None, None)
-                .await
-                .unwrap(),
-        );
-    }
+    let nodes = start_plain(dir.path(), &addrs).await;
     nodes[0].initialize(addrs.clone()).await.unwrap();
     let leader = wait_leader(&nodes.iter().collect::<Vec<_>>()).await;
     let l = nodes.iter().find(|n| n.id == leader).unwrap();
@@ -155,14 +155,7 @@ async fn a_full_restart_keeps_every_committed_write() {
     for n in nodes {
         n.shutdown().await;
     }
-    let mut nodes = Vec::new();
-    for (id, addr) in &addrs {
-        nodes.push(
-            Node::start(*id, *addr, &dir.path().join(format!("n{id}")), None, None)
-                .await
-                .unwrap(),
-        );
-    }
+    let nodes = start_plain(dir.path(), &addrs).await;
     wait_leader(&nodes.iter().collect::<Vec<_>>()).await;
     for n in &nodes {
         wait_value(n, "k19", json!(19)).await;
@@ -361,14 +354,7 @@ async fn transactions_apply_all_or_nothing_and_followers_read_their_writes() {
     use tessera_state::Require;
     let dir = tempfile::tempdir().unwrap();
     let addrs: BTreeMap<u64, SocketAddr> = (1..=3).map(|i| (i, free_addr())).collect();
-    let mut nodes = Vec::new();
-    for (id, addr) in &addrs {
-        nodes.push(
-            Node::start(*id, *addr, &dir.path().join(format!("n{id}")), None, None)
-                .await
-                .unwrap(),
-        );
-    }
+    let nodes = start_plain(dir.path(), &addrs).await;
     nodes[0].initialize(addrs.clone()).await.unwrap();
     let leader = wait_leader(&nodes.iter().collect::<Vec<_>>()).await;
     let follower = nodes.iter().find(|n| n.id != leader).unwrap();

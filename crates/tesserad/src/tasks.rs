@@ -38,18 +38,25 @@ pub fn start(node: Arc<Node>, me: String, admin_socket: PathBuf) {
         let mut rx = node.state.subscribe();
         fail_interrupted(&node, &me).await;
         let mut last_trim = std::time::Instant::now();
+        // The tasks table as last scanned: most changes of the state are elsewhere, and a
+        // persistent map that did not change is the same pointer.
+        let mut seen: Option<crate::api::Table> = None;
         loop {
-            let queued: Vec<Task> = node.state.read(|t| {
-                t.get("tasks")
-                    .map(|tasks| {
-                        tasks
-                            .values()
-                            .filter_map(|v| serde_json::from_value::<Task>(v.clone()).ok())
-                            .filter(|t| t.node == me && t.state == TaskState::Queued)
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            });
+            let tasks = node
+                .state
+                .read(|t| t.get("tasks").cloned())
+                .unwrap_or_default();
+            let changed = !seen.as_ref().is_some_and(|s| s.ptr_eq(&tasks));
+            let queued: Vec<Task> = if changed {
+                tasks
+                    .values()
+                    .filter(|v| v["node"] == me.as_str() && v["state"] == "queued")
+                    .filter_map(|v| serde_json::from_value::<Task>(v.clone()).ok())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            seen = Some(tasks);
             for t in queued {
                 if !inflight
                     .lock()
@@ -78,6 +85,7 @@ pub fn start(node: Arc<Node>, me: String, admin_socket: PathBuf) {
                 last_trim = std::time::Instant::now();
                 crate::api::trim_events(&node).await;
                 crate::api::purge_expired(&node).await;
+                purge_finished(&node).await;
             }
             // Wake on any change of the state, or every 2 s for the periodic work.
             if tokio::time::timeout(Duration::from_secs(2), rx.changed())
@@ -269,4 +277,70 @@ async fn run(node: &Node, me: &str, socket: &std::path::Path, queued: Task) {
     ops.push(event(kind, &t.id, &t.user, &message));
     commit_until_applied(node, vec![Require::exists("tasks", &t.id)], ops).await;
     tracing::info!(task = %t.id, state = ?t.state, "task finished");
+}
+
+/// How long finished tasks are kept.
+const KEEP_FINISHED_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// The deletions of tasks that finished more than `keep_ms` before `now_ms` (at most `max`).
+fn finished_to_drop(
+    tables: &tessera_state::Tables,
+    now_ms: u64,
+    keep_ms: u64,
+    max: usize,
+) -> Vec<Command> {
+    tables
+        .get("tasks")
+        .map(|tasks| {
+            tasks
+                .iter()
+                .filter(|(_, v)| {
+                    v["finished_ms"]
+                        .as_u64()
+                        .is_some_and(|f| now_ms.saturating_sub(f) > keep_ms)
+                })
+                .take(max)
+                .map(|(k, _)| del("tasks", k))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The leader drops tasks finished more than a week ago.
+async fn purge_finished(node: &Node) {
+    let ops = node
+        .state
+        .read(|t| finished_to_drop(t, now_ms(), KEEP_FINISHED_MS, 500));
+    if ops.is_empty() {
+        return;
+    }
+    if let Err(e) = node
+        .write(Command::Txn {
+            require: vec![],
+            ops,
+        })
+        .await
+    {
+        tracing::debug!(error = %e, "purging finished tasks failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_tasks_finished_long_ago_are_dropped() {
+        let mut tasks = imbl::OrdMap::new();
+        tasks.insert("old".to_string(), json!({ "finished_ms": 1_000 }));
+        tasks.insert("recent".to_string(), json!({ "finished_ms": 9_500 }));
+        tasks.insert("running".to_string(), json!({ "finished_ms": null }));
+        let mut tables = tessera_state::Tables::new();
+        tables.insert("tasks".to_string(), tasks);
+        assert_eq!(
+            finished_to_drop(&tables, 10_000, 1_000, 100),
+            vec![del("tasks", "old")]
+        );
+        assert!(finished_to_drop(&tables, 10_000, 1_000, 0).is_empty());
+    }
 }
