@@ -165,6 +165,8 @@ fn fio_verify(uri: &str, iodepth: u32, name: &str) {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // fio would otherwise leave a verify state file in the working directory.
+            "--verify_state_save=0",
             "--output-format=json",
         ]));
     let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
@@ -280,6 +282,7 @@ fn many_clients_on_many_exports_at_once() {
                 ])
                 .arg(format!("--offset={}", i * (32 << 20)))
                 .args(["--verify=crc32c", "--do_verify=1", "--verify_fatal=1"])
+                .arg("--verify_state_save=0")
                 .arg(format!("--uri={uri}"))
                 .stdout(std::process::Stdio::null())
                 .spawn()
