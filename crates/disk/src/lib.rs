@@ -4,6 +4,8 @@
 //! it. Backends do blocking I/O; the device calls them from its own I/O thread, never
 //! from a vCPU.
 
+#![forbid(unsafe_code)]
+
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;

@@ -4,6 +4,8 @@
 //! knows nothing about volumes, replication or the cluster. Why we wrote the protocol
 //! ourselves instead of using the `nbd` crate is in `docs/nbd.md`.
 
+#![forbid(unsafe_code)]
+
 pub mod client;
 pub mod device;
 pub mod proto;
