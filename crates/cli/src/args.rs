@@ -1,0 +1,349 @@
+//! The command line: every subcommand and option (clap), and the parsers of its values.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::output::Output;
+use tessera_units::parse_size;
+
+#[derive(Parser)]
+#[command(
+    name = "tessera",
+    version,
+    about = "Command-line client of the Tessera REST API"
+)]
+pub struct Cli {
+    /// API base address, e.g. https://10.0.0.11:8006 (default: the one used at login).
+    #[arg(long, global = true, env = "TESSERA_API")]
+    pub api: Option<String>,
+    /// Output format: tables for people (`wide` adds ids), JSON as the API answers it.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// The cluster CA certificate to check the API's HTTPS with (a node's
+    /// `<data_dir>/tls/ca.crt`); remembered at login.
+    #[arg(long, global = true, env = "TESSERA_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Log in and store the session token (password prompted on a terminal, else read
+    /// from standard input).
+    Login {
+        /// User name.
+        #[arg(long, default_value = "admin")]
+        user: String,
+    },
+    /// Change the password (prompted on a terminal; else old and new password on two
+    /// lines of standard input).
+    Password,
+    /// The cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// The nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// API tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// End this session.
+    Logout,
+    /// Volumes, snapshots and clones.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// VM definitions.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Virtual networks.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Long operations.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// Users (administrators only).
+    #[command(subcommand)]
+    User(UserCmd),
+    /// What happened in the cluster.
+    #[command(subcommand)]
+    Event(EventCmd),
+    /// Print the API operations this client uses (method and OpenAPI path), one per line.
+    #[command(hide = true)]
+    ApiEndpoints,
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Leader, term and members.
+    Status,
+}
+
+#[derive(Subcommand)]
+pub enum NodeCmd {
+    /// List the nodes and their health.
+    Ls,
+    /// Remove a dead node from the cluster (wipe it before starting it again).
+    Rm {
+        /// Node name or id.
+        id: String,
+        /// Even if it looks up or still holds volumes.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Create an API token.
+    Create {
+        /// auditor, operator or administrator (capped at your own role).
+        #[arg(long, default_value = "auditor")]
+        role: String,
+        /// Lifetime, e.g. 3600, 90m, 12h, 30d.
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        expires: u64,
+    },
+    /// Revoke an API token.
+    Rm {
+        /// Token id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum VolumeCmd {
+    /// Create a volume (waits for its task unless --no-wait).
+    Create {
+        /// Name.
+        name: String,
+        /// Size, e.g. 10G, 512M, 1T (binary units) or bytes.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Node (name or id) whose store holds it (default: the node you talk to).
+        #[arg(long)]
+        node: Option<String>,
+        /// Return once the task is queued.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List volumes.
+    Ls,
+    /// Show one volume with its snapshots.
+    Show {
+        /// Name.
+        name: String,
+    },
+    /// Snapshot a volume.
+    Snapshot {
+        /// Volume.
+        volume: String,
+        /// Snapshot name.
+        snapshot: String,
+        /// Return once the task is queued.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Delete a snapshot.
+    SnapshotRm {
+        /// Volume.
+        volume: String,
+        /// Snapshot name.
+        snapshot: String,
+        /// Return once the task is queued.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Clone a snapshot into a new volume.
+    Clone {
+        /// Volume.
+        volume: String,
+        /// Snapshot.
+        snapshot: String,
+        /// New volume's name.
+        name: String,
+        /// Return once the task is queued.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Delete a volume and its snapshots.
+    Rm {
+        /// Name.
+        name: String,
+        /// Return once the task is queued.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum VmCmd {
+    /// Define a VM.
+    Create {
+        /// Name.
+        name: String,
+        /// Virtual CPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Memory, e.g. 512M, 2G.
+        #[arg(long, default_value = "512M", value_parser = parse_size)]
+        memory: u64,
+        /// A volume to attach (repeat for more; the first boots).
+        #[arg(long = "disk")]
+        disks: Vec<String>,
+        /// A network to attach a NIC to (repeat for more).
+        #[arg(long = "network")]
+        networks: Vec<String>,
+        /// Kernel image path on the node.
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Kernel command line.
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// Pin to a node (name or id).
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// List VMs.
+    Ls,
+    /// Show one VM.
+    Show {
+        /// Name.
+        name: String,
+    },
+    /// Change a VM's definition or desired state.
+    Set {
+        /// Name.
+        name: String,
+        /// Virtual CPUs.
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Memory, e.g. 1G.
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<u64>,
+        /// Replace the disks (repeat).
+        #[arg(long = "disk")]
+        disks: Option<Vec<String>>,
+        /// stopped or running.
+        #[arg(long)]
+        desired_state: Option<String>,
+    },
+    /// Delete a VM definition (its volumes stay).
+    Rm {
+        /// Name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum NetworkCmd {
+    /// Define a network.
+    Create {
+        /// Name.
+        name: String,
+        /// Linux bridge name.
+        #[arg(long)]
+        bridge: String,
+        /// VLAN id on the uplink.
+        #[arg(long)]
+        vlan: Option<u16>,
+        /// Uplink interface.
+        #[arg(long)]
+        uplink: Option<String>,
+    },
+    /// List networks.
+    Ls,
+    /// Delete a network no VM uses.
+    Rm {
+        /// Name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TaskCmd {
+    /// List tasks.
+    Ls,
+    /// Show a task with its log.
+    Show {
+        /// Task id.
+        id: String,
+    },
+    /// Follow a task to its end with a progress bar; fails if the task fails.
+    Watch {
+        /// Task id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum UserCmd {
+    /// List users.
+    Ls,
+    /// Create a user (initial password prompted on a terminal, else read from standard
+    /// input; it must be changed at first login).
+    Create {
+        /// User name.
+        name: String,
+        /// auditor, operator or administrator.
+        #[arg(long)]
+        role: String,
+    },
+    /// Change a user's role.
+    SetRole {
+        /// User name.
+        name: String,
+        /// auditor, operator or administrator.
+        role: String,
+    },
+    /// Delete a user.
+    Rm {
+        /// User name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum EventCmd {
+    /// The latest events.
+    Ls {
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Follow events as they happen (Ctrl-C stops).
+    Watch,
+}
+
+/// Durations: seconds, or a number with s, m, h, d.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        Some('d') => (&s[..s.len() - 1], 86400),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a duration (try 3600, 90m, 12h, 30d)"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations_parse() {
+        assert_eq!(super::parse_duration("90m"), Ok(5400));
+        assert_eq!(super::parse_duration("3600"), Ok(3600));
+        assert_eq!(super::parse_duration("30d"), Ok(2_592_000));
+        assert!(super::parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,116 @@
+//! The HTTPS client of the API: one agent that trusts the cluster CA, the bearer token,
+//! and errors that say what to do next.
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::endpoints::{fill, Ep};
+
+pub struct Client {
+    api: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// A client of the API at `api`, checking its certificate against `ca_pem` when given
+    /// (else against the system's usual roots, which will not know a cluster's own CA).
+    pub fn new(api: String, token: Option<String>, ca_pem: Option<&str>) -> anyhow::Result<Self> {
+        Ok(Client {
+            api,
+            token,
+            agent: agent(ca_pem)?,
+        })
+    }
+
+    /// The same API and CA, without the token (logging in must not send an old one).
+    pub fn anonymous(&self) -> Client {
+        Client {
+            api: self.api.clone(),
+            token: None,
+            agent: self.agent.clone(),
+        }
+    }
+
+    pub fn api(&self) -> &str {
+        &self.api
+    }
+
+    /// A request to `ep` with its path parameters and `query` (`""` or `?a=b`).
+    pub fn request(&self, ep: Ep, params: &[&str], query: &str) -> (String, ureq::Request) {
+        let path = fill(ep.1, params);
+        let url = format!("{}{path}{query}", self.api.trim_end_matches('/'));
+        let mut req = self.agent.request(ep.0, &url);
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        (path, req)
+    }
+
+    pub fn call(&self, ep: Ep, params: &[&str], body: Option<Value>) -> anyhow::Result<Value> {
+        self.call_q(ep, params, "", body)
+    }
+
+    pub fn call_q(
+        &self,
+        ep: Ep,
+        params: &[&str],
+        query: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let (path, req) = self.request(ep, params, query);
+        let (method, url) = (ep.0, format!("{}{path}", self.api));
+        let req = req.timeout(std::time::Duration::from_secs(30));
+        let res = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        match res {
+            Ok(r) => Ok(r.into_json().unwrap_or(Value::Null)),
+            Err(ureq::Error::Status(code, r)) => {
+                let v: Value = r.into_json().unwrap_or(Value::Null);
+                let msg = v["error"].as_str().unwrap_or("no details").to_string();
+                let hint = if code == 401 {
+                    " (log in with `tessera login`)"
+                } else {
+                    ""
+                };
+                bail!("{method} {path}: HTTP {code}: {msg}{hint}")
+            }
+            Err(e) => {
+                let hint = if e.to_string().contains("certificate") {
+                    " (is --ca-file the cluster's CA, a node's <data_dir>/tls/ca.crt?)"
+                } else {
+                    ""
+                };
+                bail!("{method} {url}: {e}{hint}")
+            }
+        }
+    }
+}
+
+/// An HTTP agent that trusts only the cluster CA `ca_pem` when given.
+fn agent(ca_pem: Option<&str>) -> anyhow::Result<ureq::Agent> {
+    let Some(pem) = ca_pem else {
+        return Ok(ureq::AgentBuilder::new().build());
+    };
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots
+            .add(c.context("reading the CA certificate")?)
+            .context("using the CA certificate")?;
+    }
+    if roots.is_empty() {
+        bail!("no certificate in the CA file");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(ureq::AgentBuilder::new()
+        .tls_config(std::sync::Arc::new(config))
+        .build())
+}

@@ -1,0 +1,12 @@
+//! One module per resource of the API: each runs its subcommands and shows the answers.
+
+pub mod cluster;
+pub mod events;
+pub mod networks;
+pub mod nodes;
+pub mod session;
+pub mod tasks;
+pub mod tokens;
+pub mod users;
+pub mod vms;
+pub mod volumes;

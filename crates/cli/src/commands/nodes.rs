@@ -1,0 +1,46 @@
+//! The nodes: listed by name with their health; removed by name or id.
+
+use serde_json::Value;
+
+use crate::args::NodeCmd;
+use crate::client::Client;
+use crate::endpoints::{NODES, NODE_RM};
+use crate::node_names::NodeNames;
+use crate::output::{col, field, table, wide_col, Output};
+
+pub fn run(client: &Client, cmd: NodeCmd, out: Output) -> anyhow::Result<()> {
+    match cmd {
+        NodeCmd::Ls => {
+            let v = client.call(NODES, &[], None)?;
+            let names = NodeNames::from_listing(&v);
+            out.print(&v, |v| {
+                let rows = v.as_array().cloned().unwrap_or_default();
+                table(
+                    &rows,
+                    &[
+                        col("NAME", |n: &Value| names.name_of(&n["id"])),
+                        wide_col("ID", |n: &Value| field(n, "id")),
+                        col("ADDRESS", |n: &Value| field(n, "address")),
+                        col("STATE", |n: &Value| field(n, "state")),
+                    ],
+                    out.wide(),
+                )
+            });
+        }
+        NodeCmd::Rm { id: given, force } => {
+            let id = resolve(client, &given)?;
+            let q = if force { "?force=true" } else { "" };
+            let v = client.call_q(NODE_RM, &[&id], q, None)?;
+            out.print(&v, |_| println!("removed node {given}"));
+        }
+    }
+    Ok(())
+}
+
+/// The id of the node `given` by name or id (an id is taken as it is, without a lookup).
+pub fn resolve(client: &Client, given: &str) -> anyhow::Result<String> {
+    if given.len() == 32 && given.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(given.to_string());
+    }
+    Ok(NodeNames::fetch(client)?.resolve(given))
+}
