@@ -1,7 +1,7 @@
 //! A layer's two files: sparse data at logical offsets, and the checksum table.
 //!
 //! Only the checkpoint and recovery write data here, after the WAL holding it is durable;
-//! fills write their markers directly (see `store.rs` for why that is safe).
+//! fills write their markers directly (see `store/write.rs` for why that is safe).
 
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;

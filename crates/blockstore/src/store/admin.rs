@@ -1,0 +1,324 @@
+//! Admin operations: creating, growing and deleting volumes, taking and deleting
+//! snapshots, cloning. Each builds the next catalog, persists it, and only then changes
+//! the live state, so a failure leaves both as they were.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{now, runtime_for, Store};
+use crate::catalog::{self, Catalog, LayerId, SnapshotMeta, VolumeMeta};
+use crate::error::{Result, StoreError};
+use crate::layer::LayerFiles;
+
+/// What a volume looks like from outside.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// Volume name (also its export name).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Bytes of data the volume's own top layer occupies on disk.
+    pub allocated: u64,
+    /// The writer generation.
+    pub generation: u64,
+    /// Seconds since the epoch.
+    pub created: u64,
+    /// `volume@snapshot` it was cloned from.
+    pub origin: Option<String>,
+    /// Its snapshots, oldest first.
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// What a snapshot looks like from outside.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Snapshot name.
+    pub name: String,
+    /// Export name (`volume@snapshot`).
+    pub export: String,
+    /// Size of the volume when taken.
+    pub size: u64,
+    /// Seconds since the epoch.
+    pub created: u64,
+}
+
+impl Store {
+    /// Creates an empty, thin volume.
+    pub fn create_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
+        catalog::validate_name("name", name)?;
+        catalog::validate_size(size)?;
+        let inner = &self.inner;
+        let mut cat = inner.catalog.lock();
+        if cat.volumes.contains_key(name) {
+            return Err(StoreError::AlreadyExists(format!("volume {name}")));
+        }
+        let mut next = cat.clone();
+        let top = next.new_layer(None);
+        let meta = VolumeMeta {
+            size,
+            top,
+            generation: 1,
+            created: now(),
+            origin: None,
+            snapshots: BTreeMap::new(),
+        };
+        next.volumes.insert(name.to_string(), meta);
+        self.commit_with_new_layer(&mut cat, next, top)?;
+        self.add_runtime(&cat, name)?;
+        drop(cat);
+        self.volume_info(name)
+    }
+
+    /// Lists volumes by name.
+    pub fn list_volumes(&self) -> Vec<VolumeInfo> {
+        let names: Vec<String> = self.inner.catalog.lock().volumes.keys().cloned().collect();
+        names
+            .iter()
+            .filter_map(|n| self.volume_info(n).ok())
+            .collect()
+    }
+
+    /// Describes one volume.
+    pub fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
+        let cat = self.inner.catalog.lock();
+        let v = cat
+            .volumes
+            .get(name)
+            .ok_or_else(|| StoreError::NotFound(format!("volume {name}")))?;
+        let allocated = self
+            .inner
+            .layers
+            .read()
+            .get(&v.top)
+            .map(|l| l.allocated_bytes())
+            .unwrap_or(0);
+        Ok(VolumeInfo {
+            name: name.to_string(),
+            size: v.size,
+            allocated,
+            generation: v.generation,
+            created: v.created,
+            origin: v.origin.clone(),
+            snapshots: v
+                .snapshots
+                .iter()
+                .map(|(s, m)| SnapshotInfo {
+                    name: s.clone(),
+                    export: format!("{name}@{s}"),
+                    size: m.size,
+                    created: m.created,
+                })
+                .collect(),
+        })
+    }
+
+    /// Grows a volume. Shrinking is refused: it would silently drop data.
+    pub fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
+        catalog::validate_size(size)?;
+        let mut cat = self.inner.catalog.lock();
+        let old = cat
+            .volumes
+            .get(name)
+            .ok_or_else(|| StoreError::NotFound(format!("volume {name}")))?
+            .size;
+        if size < old {
+            return Err(StoreError::Invalid {
+                field: "size",
+                reason: format!("{size} is smaller than the current {old}; volumes only grow"),
+            });
+        }
+        let state = self.runtime(name)?;
+        let mut rt = state.rt.write();
+        let mut next = cat.clone();
+        if let Some(v) = next.volumes.get_mut(name) {
+            v.size = size;
+        }
+        next.save(&self.cat_path())?;
+        *cat = next;
+        rt.size = size;
+        drop(rt);
+        drop(cat);
+        self.volume_info(name)
+    }
+
+    /// Deletes a volume and its snapshots. Refused while any of them is exported.
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        let mut cat = self.inner.catalog.lock();
+        if !cat.volumes.contains_key(name) {
+            return Err(StoreError::NotFound(format!("volume {name}")));
+        }
+        self.refuse_if_open(name, true)?;
+        let mut next = cat.clone();
+        next.volumes.remove(name);
+        let dead = next.collect_garbage();
+        next.save(&self.cat_path())?;
+        *cat = next;
+        if let Some(state) = self.inner.volumes.write().remove(name) {
+            state.rt.write().deleted = true;
+        }
+        self.drop_layers(&dead);
+        Ok(())
+    }
+
+    /// Takes a point-in-time snapshot: the volume's top layer is frozen and a new, empty
+    /// layer on top of it takes the writes. No data is copied.
+    pub fn create_snapshot(&self, volume: &str, snapshot: &str) -> Result<SnapshotInfo> {
+        catalog::validate_name("snapshot", snapshot)?;
+        let mut cat = self.inner.catalog.lock();
+        let v = cat
+            .volumes
+            .get(volume)
+            .ok_or_else(|| StoreError::NotFound(format!("volume {volume}")))?;
+        if v.snapshots.contains_key(snapshot) {
+            return Err(StoreError::AlreadyExists(format!(
+                "snapshot {volume}@{snapshot}"
+            )));
+        }
+        let state = self.runtime(volume)?;
+        // Writes wait while the top layer changes, so the snapshot holds exactly the
+        // writes acknowledged before this point.
+        let mut rt = state.rt.write();
+        let mut next = cat.clone();
+        let old_top = v.top;
+        let new_top = next.new_layer(Some(old_top));
+        let created = now();
+        if let Some(v) = next.volumes.get_mut(volume) {
+            v.snapshots.insert(
+                snapshot.to_string(),
+                SnapshotMeta {
+                    layer: old_top,
+                    size: rt.size,
+                    created,
+                },
+            );
+            v.top = new_top;
+        }
+        let size = rt.size;
+        self.commit_with_new_layer(&mut cat, next, new_top)?;
+        let files = self.layer(new_top)?;
+        rt.chain.insert(0, files);
+        Ok(SnapshotInfo {
+            name: snapshot.to_string(),
+            export: format!("{volume}@{snapshot}"),
+            size,
+            created,
+        })
+    }
+
+    /// Deletes a snapshot. Its layer stays while newer layers build on it.
+    pub fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
+        let mut cat = self.inner.catalog.lock();
+        let exists = cat
+            .volumes
+            .get(volume)
+            .is_some_and(|v| v.snapshots.contains_key(snapshot));
+        if !exists {
+            return Err(StoreError::NotFound(format!(
+                "snapshot {volume}@{snapshot}"
+            )));
+        }
+        self.refuse_if_open(&format!("{volume}@{snapshot}"), false)?;
+        let mut next = cat.clone();
+        if let Some(v) = next.volumes.get_mut(volume) {
+            v.snapshots.remove(snapshot);
+        }
+        let dead = next.collect_garbage();
+        next.save(&self.cat_path())?;
+        *cat = next;
+        self.drop_layers(&dead);
+        Ok(())
+    }
+
+    /// Makes a new writable volume from a snapshot; it shares the snapshot's blocks.
+    pub fn clone_snapshot(&self, volume: &str, snapshot: &str, name: &str) -> Result<VolumeInfo> {
+        catalog::validate_name("name", name)?;
+        let mut cat = self.inner.catalog.lock();
+        let snap = cat
+            .volumes
+            .get(volume)
+            .and_then(|v| v.snapshots.get(snapshot))
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(format!("snapshot {volume}@{snapshot}")))?;
+        if cat.volumes.contains_key(name) {
+            return Err(StoreError::AlreadyExists(format!("volume {name}")));
+        }
+        let mut next = cat.clone();
+        let top = next.new_layer(Some(snap.layer));
+        next.volumes.insert(
+            name.to_string(),
+            VolumeMeta {
+                size: snap.size,
+                top,
+                generation: 1,
+                created: now(),
+                origin: Some(format!("{volume}@{snapshot}")),
+                snapshots: BTreeMap::new(),
+            },
+        );
+        self.commit_with_new_layer(&mut cat, next, top)?;
+        self.add_runtime(&cat, name)?;
+        drop(cat);
+        self.volume_info(name)
+    }
+
+    /// Creates the files of `layer`, then persists `next`; on failure nothing changes.
+    fn commit_with_new_layer(
+        &self,
+        cat: &mut Catalog,
+        next: Catalog,
+        layer: LayerId,
+    ) -> Result<()> {
+        let files = Arc::new(LayerFiles::open(&self.inner.layer_dir, layer, true)?);
+        catalog::sync_dir(&self.inner.layer_dir)?;
+        if let Err(e) = next.save(&self.cat_path()) {
+            let _ = LayerFiles::remove(&self.inner.layer_dir, layer);
+            return Err(e);
+        }
+        self.inner.layers.write().insert(layer, files);
+        *cat = next;
+        Ok(())
+    }
+
+    fn add_runtime(&self, cat: &Catalog, name: &str) -> Result<()> {
+        let Some(v) = cat.volumes.get(name) else {
+            return Err(StoreError::NotFound(format!("volume {name}")));
+        };
+        let layers = self.inner.layers.read();
+        let state = runtime_for(cat, &layers, name, v)?;
+        drop(layers);
+        self.inner
+            .volumes
+            .write()
+            .insert(name.to_string(), Arc::new(state));
+        Ok(())
+    }
+
+    fn refuse_if_open(&self, name: &str, with_snapshots: bool) -> Result<()> {
+        let open = self.inner.open_exports.lock();
+        let prefix = format!("{name}@");
+        let users: usize = open
+            .iter()
+            .filter(|(k, _)| *k == name || (with_snapshots && k.starts_with(&prefix)))
+            .map(|(_, n)| *n)
+            .sum();
+        if users > 0 {
+            return Err(StoreError::Busy(
+                name.to_string(),
+                format!("{users} open export connection(s)"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn drop_layers(&self, dead: &[LayerId]) {
+        let mut layers = self.inner.layers.write();
+        for id in dead {
+            layers.remove(id);
+            if let Err(e) = LayerFiles::remove(&self.inner.layer_dir, *id) {
+                tracing::warn!(layer = id, error = %e, "could not remove files of a deleted layer; removed at next start");
+            }
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The read path: where each block's current content comes from (the pending-write map,
+//! then each layer of the chain, newest first), and reading it with its checksum checked.
+
+use std::sync::Arc;
+
+use super::pending::Pending;
+use super::{block_range, Store};
+use crate::error::{Result, StoreError};
+use crate::format::{block_hash, BlockEntry, BLOCK, BLOCK_SIZE, SUM_LEN};
+use crate::layer::LayerFiles;
+
+/// Where one block's current content comes from.
+pub(super) enum Source {
+    /// The pending-write map (logged, not yet in its layer file).
+    Pending(Pending),
+    /// The layer at this depth of the chain, with the checksum its table holds.
+    Layer(usize, [u8; SUM_LEN]),
+    /// Nothing stored, or a fill marker: reads as zeroes.
+    Zero,
+}
+
+impl Store {
+    /// Finds the source of blocks `first..first+n` through `chain`.
+    pub(super) fn resolve(
+        &self,
+        chain: &[Arc<LayerFiles>],
+        first: u64,
+        n: usize,
+    ) -> Result<Vec<Source>> {
+        let mut out: Vec<Option<Source>> = (0..n).map(|_| None).collect();
+        let mut left = n;
+        for (depth, layer) in chain.iter().enumerate() {
+            left -= self
+                .inner
+                .pending
+                .fill_slots(layer.id, first, &mut out, Source::Pending);
+            if left == 0 {
+                break;
+            }
+            let lo = out.iter().position(Option::is_none).unwrap_or(0);
+            let hi = out.iter().rposition(Option::is_none).map_or(0, |p| p + 1);
+            let entries = layer.read_entries(first + lo as u64, hi - lo)?;
+            for (k, e) in entries.into_iter().enumerate() {
+                let slot = &mut out[lo + k];
+                if slot.is_some() {
+                    continue;
+                }
+                match e {
+                    BlockEntry::Absent => {}
+                    BlockEntry::Zero => {
+                        *slot = Some(Source::Zero);
+                        left -= 1;
+                    }
+                    BlockEntry::Data(h) => {
+                        *slot = Some(Source::Layer(depth, h));
+                        left -= 1;
+                    }
+                }
+            }
+            if left == 0 {
+                break;
+            }
+        }
+        Ok(out.into_iter().map(|s| s.unwrap_or(Source::Zero)).collect())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` through `chain`.
+    pub(super) fn read_chain(
+        &self,
+        chain: &[Arc<LayerFiles>],
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let (b0, b1) = block_range(offset, buf.len() as u64);
+        let sources = self.resolve(chain, b0, (b1 - b0) as usize)?;
+        let aligned = offset % BLOCK == 0 && buf.len() % BLOCK_SIZE == 0;
+        if aligned {
+            return Self::copy_sources(chain, b0, &sources, buf);
+        }
+        let mut blocks = vec![0u8; sources.len() * BLOCK_SIZE];
+        Self::copy_sources(chain, b0, &sources, &mut blocks)?;
+        let skip = (offset - b0 * BLOCK) as usize;
+        let len = buf.len();
+        buf.copy_from_slice(&blocks[skip..skip + len]);
+        Ok(())
+    }
+
+    /// Fills `blocks` (whole blocks from `b0`) from their resolved sources, verifying
+    /// every block read from a layer file against its checksum.
+    fn copy_sources(
+        chain: &[Arc<LayerFiles>],
+        b0: u64,
+        sources: &[Source],
+        blocks: &mut [u8],
+    ) -> Result<()> {
+        let mut i = 0;
+        while i < sources.len() {
+            match &sources[i] {
+                Source::Zero => {
+                    blocks[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].fill(0);
+                    i += 1;
+                }
+                Source::Pending(p) => {
+                    blocks[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].copy_from_slice(p.block());
+                    i += 1;
+                }
+                Source::Layer(depth, _) => {
+                    let mut j = i + 1;
+                    while j < sources.len()
+                        && matches!(&sources[j], Source::Layer(d, _) if d == depth)
+                    {
+                        j += 1;
+                    }
+                    let layer = &chain[*depth];
+                    let out = &mut blocks[i * BLOCK_SIZE..j * BLOCK_SIZE];
+                    layer.read_blocks(b0 + i as u64, out)?;
+                    for (k, block) in out.chunks_exact(BLOCK_SIZE).enumerate() {
+                        if let Source::Layer(_, h) = &sources[i + k] {
+                            if block_hash(block) != *h {
+                                let b = b0 + (i + k) as u64;
+                                tracing::error!(
+                                    layer = layer.id,
+                                    block = b,
+                                    "checksum mismatch on read"
+                                );
+                                return Err(StoreError::Corrupt {
+                                    layer: layer.id,
+                                    block: b,
+                                });
+                            }
+                        }
+                    }
+                    i = j;
+                }
+            }
+        }
+        Ok(())
+    }
+}
