@@ -1,0 +1,64 @@
+//! The cluster (id, leader, members) and its nodes.
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+/// A Raft member.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Member {
+    /// Raft id (an unsigned 64-bit integer: it may exceed the signed range).
+    pub raft_id: u64,
+    /// Raft address.
+    pub address: String,
+    /// Voter (true) or learner.
+    pub voter: bool,
+}
+
+/// The cluster as this node sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterStatus {
+    /// Set at formation.
+    pub cluster_id: Option<String>,
+    /// The Raft leader's id (unsigned 64-bit), if one is elected.
+    pub leader: Option<u64>,
+    /// The Raft term.
+    pub term: u64,
+    /// Voters' Raft ids (unsigned 64-bit).
+    pub voters: Vec<u64>,
+    /// Every member.
+    pub members: Vec<Member>,
+    /// The node that answered.
+    pub answered_by: String,
+}
+
+/// A node of the cluster.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeInfo {
+    /// Node id.
+    pub id: String,
+    /// Management address (`host:port`), if the node registered one.
+    #[schema(value_type = Option<String>)]
+    pub address: serde_json::Value,
+    /// `up`, `suspect` or `down`, as seen by the node that answered.
+    pub state: String,
+    /// The node's latest published metrics (CPU, memory, load, disks), if any.
+    #[schema(value_type = Option<Object>)]
+    pub metrics: serde_json::Value,
+}
+
+/// How to remove a node.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RemoveQuery {
+    /// Remove even if the node looks up or still holds volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force: Option<bool>,
+}
+
+/// The answer to a node removal.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Removed {
+    /// The node id.
+    pub removed: String,
+}

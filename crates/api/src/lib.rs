@@ -1,0 +1,50 @@
+//! The REST API's request and response types, shared by `tesserad` (which serves them and
+//! generates the OpenAPI document from them), the `tessera` CLI and the console tests.
+//!
+//! Incus keeps its API types in one package used by server and client alike; this crate
+//! is that package for Tessera. It holds data and the limits the schema states (ranges,
+//! patterns, lengths as schema keywords), not behaviour: it never talks to the cluster.
+//!
+//! Request bodies are JSON objects only: every request type refuses a JSON array (serde's
+//! derive would otherwise read a struct from a sequence of its fields in order), and
+//! integer fields accept an integral number written as `1.0`, as JSON Schema's `integer`
+//! does.
+
+#![forbid(unsafe_code)]
+
+mod auth;
+mod cluster;
+mod events;
+pub mod limits;
+mod networks;
+pub mod strict;
+mod tasks;
+mod users;
+mod vms;
+mod volumes;
+
+pub use auth::{
+    LoggedOut, Login, LoginReply, NewToken, PasswordChange, PasswordChanged, Revoked, Role,
+    TokenInfo,
+};
+pub use cluster::{ClusterStatus, Member, NodeInfo, RemoveQuery, Removed};
+pub use events::{Event, EventQuery};
+pub use networks::{Network, NewNetwork};
+pub use tasks::{Task, TaskLog, TaskOp, TaskQuery, TaskState};
+pub use users::{NewUser, UserInfo, UserUpdate};
+pub use vms::{DesiredState, NewVm, Vm, VmUpdate};
+pub use volumes::{NewClone, NewSnapshot, NewVolume, Snapshot, Volume, VolumeState, VolumeView};
+
+/// The error body of every failed request.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, naming the field when a field is wrong.
+    pub error: String,
+}
+
+/// The answer to a delete of a user, VM or network.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Deleted {
+    /// The name of what was deleted.
+    pub deleted: String,
+}

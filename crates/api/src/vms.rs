@@ -1,0 +1,162 @@
+//! VM definitions.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// What a VM should be doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DesiredState {
+    /// Powered off.
+    Stopped,
+    /// Running (acted on once VM orchestration lands).
+    Running,
+}
+
+/// A VM definition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    /// Name.
+    pub name: String,
+    /// Virtual CPUs (1-32).
+    pub vcpus: u32,
+    /// Memory in MiB (16-1048576).
+    pub memory_mib: u64,
+    /// Volumes, in order (the first is the boot disk).
+    pub disks: Vec<String>,
+    /// Networks, one NIC each, in order.
+    #[serde(default)]
+    pub networks: Vec<String>,
+    /// Kernel image path on the node (direct boot).
+    pub kernel: Option<String>,
+    /// Kernel command line.
+    pub cmdline: Option<String>,
+    /// Preferred node id (placement), if pinned.
+    pub node: Option<String>,
+    /// What it should be doing.
+    pub desired_state: DesiredState,
+    /// What it is doing: always `stopped` until VM orchestration exists.
+    pub actual_state: DesiredState,
+    /// Bumped by every update.
+    pub generation: u64,
+    /// Created (ms since the epoch).
+    pub created_ms: u64,
+    /// Last changed (ms since the epoch).
+    pub updated_ms: u64,
+}
+
+/// The schema of a list of distinct resource names, at most `max`.
+fn names(max: usize) -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(63))
+                .pattern(Some(crate::limits::NAME_PATTERN)),
+        )
+        .max_items(Some(max))
+        .unique_items(true)
+        .build()
+}
+
+fn disks() -> utoipa::openapi::schema::Array {
+    names(crate::limits::MAX_DISKS)
+}
+
+fn networks() -> utoipa::openapi::schema::Array {
+    names(crate::limits::MAX_NETWORKS)
+}
+
+/// A new VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub struct NewVm {
+    /// 1-63 of a-z, 0-9, '-', starting with a letter or digit.
+    #[schema(min_length = 1, max_length = 63, pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
+    pub name: String,
+    /// Virtual CPUs, 1-32.
+    #[serde(deserialize_with = "crate::strict::int")]
+    #[schema(minimum = 1, maximum = 32)]
+    pub vcpus: u32,
+    /// Memory in MiB, 16-1048576.
+    #[serde(deserialize_with = "crate::strict::int")]
+    #[schema(minimum = 16, maximum = 1048576)]
+    pub memory_mib: u64,
+    /// Volume names (at most 16, distinct), each attached to no other VM.
+    #[serde(default)]
+    #[schema(schema_with = disks)]
+    pub disks: Vec<String>,
+    /// Network names (at most 8, distinct), one NIC each.
+    #[serde(default)]
+    #[schema(schema_with = networks)]
+    pub networks: Vec<String>,
+    /// Kernel image path on the node: absolute, at most 4096 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 4096, pattern = "^/")]
+    pub kernel: Option<String>,
+    /// Kernel command line, at most 4096 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 4096)]
+    pub cmdline: Option<String>,
+    /// Pin to this node (a node id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Default `stopped`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_state: Option<DesiredState>,
+}
+
+/// Changes to a VM; absent fields stay as they are.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub struct VmUpdate {
+    /// Virtual CPUs, 1-32.
+    #[serde(
+        default,
+        deserialize_with = "crate::strict::opt_int",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(minimum = 1, maximum = 32)]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB, 16-1048576.
+    #[serde(
+        default,
+        deserialize_with = "crate::strict::opt_int",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(minimum = 16, maximum = 1048576)]
+    pub memory_mib: Option<u64>,
+    /// Volume names (at most 16, distinct), replacing the current list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = disks, nullable)]
+    pub disks: Option<Vec<String>>,
+    /// Network names (at most 8, distinct), replacing the current list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = networks, nullable)]
+    pub networks: Option<Vec<String>>,
+    /// Kernel image path on the node: absolute, at most 4096 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 4096, pattern = "^/")]
+    pub kernel: Option<String>,
+    /// Kernel command line, at most 4096 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 4096)]
+    pub cmdline: Option<String>,
+    /// Pin to this node (a node id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// What it should be doing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_state: Option<DesiredState>,
+    /// If given, the update applies only to this generation (optimistic locking).
+    #[serde(
+        default,
+        deserialize_with = "crate::strict::opt_int",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub generation: Option<u64>,
+}
+
+crate::object_only!(NewVm, VmUpdate);
