@@ -1,5 +1,6 @@
 //! A small blocking NBD client: fixed newstyle, `NBD_OPT_GO`, simple replies, one request
 //! at a time. Used by the VMM's NBD disk backend and by tests that need exact control.
+//! Every message goes through [`crate::proto`], the codec the server uses.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -8,7 +9,10 @@ use std::path::Path;
 
 use thiserror::Error;
 
-use crate::proto::{self, Request};
+use crate::proto::{
+    self, DecodeError, GoRequest, Greeting, Info, OptionHeader, OptionReplyHeader, Request,
+    SimpleReply, GREETING_LEN, OPTION_REPLY_LEN, SIMPLE_REPLY_LEN,
+};
 
 /// What can go wrong talking to a server.
 #[derive(Debug, Error)]
@@ -19,6 +23,9 @@ pub enum ClientError {
     /// The server broke the protocol.
     #[error("NBD protocol violation: {0}")]
     Protocol(String),
+    /// The server sent bytes that are not the message expected.
+    #[error("NBD protocol violation: {0}")]
+    Malformed(#[from] DecodeError),
     /// The server refused an option (e.g. unknown export).
     #[error("NBD server refused option {option}: reply {reply:#x}: {message}")]
     Refused {
@@ -59,61 +66,47 @@ impl Client {
     }
 
     fn handshake(mut s: Box<dyn Stream>, export: &str) -> Result<Client, ClientError> {
-        let mut head = [0u8; 18];
+        let mut head = [0u8; GREETING_LEN];
         s.read_exact(&mut head)?;
-        if u64::from_be_bytes(arr(&head[0..8])) != proto::NBD_MAGIC
-            || u64::from_be_bytes(arr(&head[8..16])) != proto::IHAVEOPT
-        {
-            return Err(ClientError::Protocol("not a newstyle NBD server".into()));
-        }
-        let sflags = u16::from_be_bytes([head[16], head[17]]);
-        if sflags & proto::FLAG_FIXED_NEWSTYLE == 0 {
+        let greeting = Greeting::decode(&head)?;
+        if greeting.flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
             return Err(ClientError::Protocol("server is not fixed-newstyle".into()));
         }
         let mut cflags = proto::CLIENT_FIXED_NEWSTYLE;
-        if sflags & proto::FLAG_NO_ZEROES != 0 {
+        if greeting.flags & proto::FLAG_NO_ZEROES != 0 {
             cflags |= proto::CLIENT_NO_ZEROES;
         }
         s.write_all(&cflags.to_be_bytes())?;
-        let mut data = Vec::new();
-        data.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        data.extend_from_slice(export.as_bytes());
-        data.extend_from_slice(&0u16.to_be_bytes());
-        let mut opt = Vec::new();
-        opt.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
-        opt.extend_from_slice(&proto::OPT_GO.to_be_bytes());
-        opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        opt.extend_from_slice(&data);
-        s.write_all(&opt)?;
+        let go = GoRequest {
+            name: export.to_string(),
+            info: Vec::new(),
+        };
+        s.write_all(&OptionHeader::with_payload(proto::OPT_GO, &go.encode()))?;
         let (mut size, mut flags) = (None, 0u16);
         loop {
-            let mut rh = [0u8; 20];
+            let mut rh = [0u8; OPTION_REPLY_LEN];
             s.read_exact(&mut rh)?;
-            if u64::from_be_bytes(arr(&rh[0..8])) != proto::OPT_REPLY_MAGIC {
-                return Err(ClientError::Protocol("bad option reply magic".into()));
-            }
-            let kind = u32::from_be_bytes(arr4(&rh[12..16]));
-            let len = u32::from_be_bytes(arr4(&rh[16..20]));
-            if len > proto::MAX_OPTION_LEN {
+            let reply = OptionReplyHeader::decode(&rh)?;
+            if reply.length > proto::MAX_OPTION_LEN {
                 return Err(ClientError::Protocol("option reply too large".into()));
             }
-            let mut body = vec![0u8; len as usize];
+            let mut body = vec![0u8; reply.length as usize];
             s.read_exact(&mut body)?;
-            match kind {
+            if reply.is_error() {
+                return Err(ClientError::Refused {
+                    option: proto::OPT_GO,
+                    reply: reply.kind,
+                    message: String::from_utf8_lossy(&body).into_owned(),
+                });
+            }
+            match reply.kind {
                 proto::REP_ACK => break,
-                proto::REP_INFO
-                    if body.len() >= 12 && body[0..2] == proto::INFO_EXPORT.to_be_bytes() =>
-                {
-                    size = Some(u64::from_be_bytes(arr(&body[2..10])));
-                    flags = u16::from_be_bytes([body[10], body[11]]);
-                }
-                proto::REP_INFO => {}
-                k if k & (1 << 31) != 0 => {
-                    return Err(ClientError::Refused {
-                        option: proto::OPT_GO,
-                        reply: k,
-                        message: String::from_utf8_lossy(&body).into_owned(),
-                    })
+                proto::REP_INFO => {
+                    // Other information (block sizes, name) is not needed here.
+                    if let Info::Export { size: s, flags: f } = Info::decode(&body)? {
+                        size = Some(s);
+                        flags = f;
+                    }
                 }
                 k => {
                     return Err(ClientError::Protocol(format!(
@@ -165,15 +158,13 @@ impl Client {
     }
 
     fn reply(&mut self) -> Result<(), ClientError> {
-        let mut h = [0u8; 16];
+        let mut h = [0u8; SIMPLE_REPLY_LEN];
         self.stream.read_exact(&mut h)?;
-        if u32::from_be_bytes(arr4(&h[0..4])) != proto::SIMPLE_REPLY_MAGIC {
-            return Err(ClientError::Protocol("bad reply magic".into()));
-        }
-        if u64::from_be_bytes(arr(&h[8..16])) != self.cookie {
+        let reply = SimpleReply::decode(&h)?;
+        if reply.cookie != self.cookie {
             return Err(ClientError::Protocol("reply for an unknown cookie".into()));
         }
-        match u32::from_be_bytes(arr4(&h[4..8])) {
+        match reply.error {
             0 => Ok(()),
             e => Err(ClientError::Errno(e)),
         }
@@ -226,16 +217,4 @@ impl Client {
 
 fn len32(n: usize) -> Result<u32, ClientError> {
     u32::try_from(n).map_err(|_| ClientError::Protocol("request longer than 4 GiB".into()))
-}
-
-fn arr(s: &[u8]) -> [u8; 8] {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(s);
-    a
-}
-
-fn arr4(s: &[u8]) -> [u8; 4] {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(s);
-    a
 }

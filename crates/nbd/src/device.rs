@@ -64,14 +64,8 @@ pub trait Device: Send + Sync + 'static {
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError>;
 }
 
-/// A listed export.
-#[derive(Clone, Debug)]
-pub struct ExportEntry {
-    /// Name clients ask for.
-    pub name: String,
-    /// Free text shown by `nbdinfo --list`.
-    pub description: String,
-}
+/// A listed export: the `NBD_REP_SERVER` payload, shared with the codec.
+pub use crate::proto::ExportEntry;
 
 /// The set of exports a server offers.
 pub trait Exports: Send + Sync + 'static {

@@ -1,15 +1,38 @@
-//! Feeds arbitrary bytes to everything that parses client input: request headers, the
-//! request policy under every session shape, and the option payload parsers.
+//! Feeds arbitrary bytes to every decoder of the codec: what the server parses from
+//! clients (request headers, the request policy under every session shape, option
+//! payloads) and what the client parses from servers (option replies, reply chunks).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tessera_nbd::proto::{self, Request, Session, REQUEST_LEN};
 
 fuzz_target!(|data: &[u8]| {
-    let _ = proto::parse_go(data);
-    let _ = proto::parse_meta(data);
+    let _ = proto::GoRequest::decode(data);
+    let _ = proto::MetaRequest::decode(data);
+    let _ = proto::Info::decode(data);
+    let _ = proto::ExportEntry::decode(data);
+    let _ = proto::MetaContext::decode(data);
+    let _ = proto::ErrorChunk::decode(data);
+    let _ = proto::BlockStatus::decode(data);
+    let _ = proto::decode_offset_data(data);
     if data.len() < REQUEST_LEN + 1 {
         return;
+    }
+    // Fixed-size headers, from the start of the input.
+    if let Ok(h) = data[..proto::GREETING_LEN].try_into() {
+        let _ = proto::Greeting::decode(h);
+    }
+    if let Ok(h) = data[..proto::OPTION_HEADER_LEN].try_into() {
+        let _ = proto::OptionHeader::decode(h);
+    }
+    if let Ok(h) = data[..proto::OPTION_REPLY_LEN].try_into() {
+        let _ = proto::OptionReplyHeader::decode(h);
+    }
+    if let Ok(h) = data[..proto::SIMPLE_REPLY_LEN].try_into() {
+        let _ = proto::SimpleReply::decode(h);
+    }
+    if let Ok(h) = data[..proto::CHUNK_HEADER_LEN].try_into() {
+        let _ = proto::ChunkHeader::decode(h);
     }
     let mut head = [0u8; REQUEST_LEN];
     head.copy_from_slice(&data[..REQUEST_LEN]);
@@ -17,7 +40,9 @@ fuzz_target!(|data: &[u8]| {
     let mut forced = head;
     forced[0..4].copy_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
     for raw in [head, forced] {
-        let Ok(req) = Request::decode(&raw) else { continue };
+        let Ok(req) = Request::decode(&raw) else {
+            continue;
+        };
         assert_eq!(Request::decode(&req.encode()), Ok(req));
         let session = Session {
             size: u64::from_le_bytes([shape, 0, 0, 0, 0, 0, 1, 0]),

@@ -1,10 +1,32 @@
-//! NBD wire format: constants and pure encode/decode of handshake options, requests and
-//! replies. No I/O here, so every byte layout is tested on its own and fuzzed.
+//! NBD wire format, defined once for both ends: constants, pure encode/decode of every
+//! message, and the server's request policy. No I/O here, so every byte layout is tested
+//! on its own (round trip and malformed input) and fuzzed.
 //!
+//! The server decodes what clients send and encodes its replies; the client
+//! ([`crate::client`]) does the opposite with the same functions, so the two cannot drift.
 //! Follows the NBD protocol document (fixed newstyle negotiation, simple and structured
 //! replies, `base:allocation` metadata context). Extended headers are not offered.
+//!
+//! - [`handshake`]: the greeting, options and option replies of the negotiation phase;
+//! - [`transmission`]: requests, simple replies and structured reply chunks;
+//! - [`policy`]: which requests a negotiated session accepts.
 
 use thiserror::Error;
+
+mod handshake;
+mod policy;
+mod transmission;
+
+pub use handshake::{
+    query_matches, ExportEntry, ExportNameReply, GoRequest, Greeting, Info, MetaContext,
+    MetaRequest, OptionHeader, OptionReplyHeader, EXPORT_NAME_REPLY_LEN, GREETING_LEN,
+    OPTION_HEADER_LEN, OPTION_REPLY_LEN,
+};
+pub use policy::{check, Command, Session};
+pub use transmission::{
+    decode_offset_data, done_chunk, offset_data_head, BlockDescriptor, BlockStatus, ChunkHeader,
+    ErrorChunk, Request, SimpleReply, CHUNK_HEADER_LEN, MAX_ERROR_MESSAGE, SIMPLE_REPLY_LEN,
+};
 
 /// `NBDMAGIC`, first 8 bytes the server sends.
 pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -55,6 +77,8 @@ pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
 /// A metadata context.
 pub const REP_META_CONTEXT: u32 = 4;
+/// Bit set in every error reply type.
+pub const REP_FLAG_ERROR: u32 = 1 << 31;
 /// Unsupported option.
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 /// Forbidden by policy.
@@ -168,516 +192,202 @@ pub enum Errno {
     Shutdown = 108,
 }
 
-/// A request header.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Request {
-    /// Command flags.
-    pub flags: u16,
-    /// Command type.
-    pub kind: u16,
-    /// Opaque cookie echoed in the reply.
-    pub cookie: u64,
-    /// Byte offset.
-    pub offset: u64,
-    /// Byte length.
-    pub length: u32,
-}
-
-/// A header that cannot be a request: the stream is out of sync and must be closed.
+/// Bytes that are not the message they should be. The server hangs up or answers
+/// `NBD_REP_ERR_INVALID`; the client reports a protocol violation.
 #[derive(Debug, Error, PartialEq, Eq)]
-#[error("bad request magic {0:#010x}")]
-pub struct BadMagic(pub u32);
-
-impl Request {
-    /// Decodes a request header.
-    pub fn decode(b: &[u8; REQUEST_LEN]) -> Result<Request, BadMagic> {
-        let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-        if magic != REQUEST_MAGIC {
-            return Err(BadMagic(magic));
-        }
-        Ok(Request {
-            flags: u16::from_be_bytes([b[4], b[5]]),
-            kind: u16::from_be_bytes([b[6], b[7]]),
-            cookie: u64::from_be_bytes(arr8(&b[8..16])),
-            offset: u64::from_be_bytes(arr8(&b[16..24])),
-            length: u32::from_be_bytes([b[24], b[25], b[26], b[27]]),
-        })
-    }
-
-    /// Encodes a request header (used by the client).
-    pub fn encode(&self) -> [u8; REQUEST_LEN] {
-        let mut b = [0u8; REQUEST_LEN];
-        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
-        b[6..8].copy_from_slice(&self.kind.to_be_bytes());
-        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
-        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        b[24..28].copy_from_slice(&self.length.to_be_bytes());
-        b
-    }
-
-    /// Bytes of payload that follow this header on the wire, whatever we think of it:
-    /// they must be consumed to stay in sync even when the request is refused.
-    pub fn payload_len(&self) -> u32 {
-        if self.kind == CMD_WRITE {
-            self.length
-        } else {
-            0
-        }
-    }
-}
-
-fn arr8(s: &[u8]) -> [u8; 8] {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(s);
-    a
-}
-
-/// What the connection negotiated, as far as request checking needs to know.
-#[derive(Clone, Copy, Debug)]
-pub struct Session {
-    /// Export size in bytes.
-    pub size: u64,
-    /// Writes are refused.
-    pub read_only: bool,
-    /// Structured replies were negotiated.
-    pub structured: bool,
-    /// `base:allocation` was selected.
-    pub allocation_context: bool,
-    /// Largest READ/WRITE payload accepted.
-    pub max_payload: u32,
-}
-
-/// A request that passed every check.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Command {
-    /// Read `len` bytes at `offset`.
-    Read {
-        /// Offset.
-        offset: u64,
-        /// Length.
-        len: u32,
+pub enum DecodeError {
+    /// A header that does not start with its magic: the stream is out of sync.
+    #[error("bad {what} magic {found:#010x}")]
+    BadMagic {
+        /// Which message was expected.
+        what: &'static str,
+        /// The magic found instead.
+        found: u64,
     },
-    /// Write the payload at `offset`.
-    Write {
-        /// Offset.
-        offset: u64,
-        /// Length.
-        len: u32,
-        /// Durable before the reply.
-        fua: bool,
+    /// Lengths inside a payload do not add up.
+    #[error("malformed {what}: {why}")]
+    Malformed {
+        /// Which payload.
+        what: &'static str,
+        /// What is wrong with it.
+        why: &'static str,
     },
-    /// Flush.
-    Flush,
-    /// Discard a range.
-    Trim {
-        /// Offset.
-        offset: u64,
-        /// Length.
-        len: u32,
-        /// Durable before the reply.
-        fua: bool,
-    },
-    /// Zero a range.
-    WriteZeroes {
-        /// Offset.
-        offset: u64,
-        /// Length.
-        len: u32,
-        /// Store zeroes as data instead of holes.
-        no_hole: bool,
-        /// Durable before the reply.
-        fua: bool,
-    },
-    /// Report allocation.
-    BlockStatus {
-        /// Offset.
-        offset: u64,
-        /// Length.
-        len: u32,
-        /// Only one extent.
-        req_one: bool,
-    },
-    /// Disconnect.
-    Disconnect,
-}
-
-/// Checks a request against the session: the policy half of command handling.
-pub fn check(req: &Request, s: &Session) -> Result<Command, Errno> {
-    let flags = req.flags;
-    let allowed = |extra: u16| -> Result<(), Errno> {
-        // FUA is valid on every command once advertised.
-        if flags & !(CMD_FLAG_FUA | extra) != 0 {
-            Err(Errno::Inval)
-        } else {
-            Ok(())
-        }
-    };
-    let fua = flags & CMD_FLAG_FUA != 0;
-    let end = req.offset.checked_add(u64::from(req.length));
-    let in_range = end.is_some_and(|e| e <= s.size);
-    let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
-    if writes && s.read_only {
-        // Still check flags first? The export's nature wins: nothing writes here.
-        return Err(Errno::Perm);
-    }
-    match req.kind {
-        CMD_READ => {
-            allowed(if s.structured { CMD_FLAG_DF } else { 0 })?;
-            if req.length == 0 || req.length > s.max_payload {
-                return Err(Errno::Inval);
-            }
-            if !in_range {
-                return Err(Errno::Inval);
-            }
-            Ok(Command::Read {
-                offset: req.offset,
-                len: req.length,
-            })
-        }
-        CMD_WRITE => {
-            allowed(0)?;
-            if req.length == 0 || req.length > s.max_payload {
-                return Err(Errno::Inval);
-            }
-            if !in_range {
-                return Err(Errno::NoSpc);
-            }
-            Ok(Command::Write {
-                offset: req.offset,
-                len: req.length,
-                fua,
-            })
-        }
-        CMD_FLUSH => {
-            allowed(0)?;
-            if req.offset != 0 || req.length != 0 {
-                return Err(Errno::Inval);
-            }
-            Ok(Command::Flush)
-        }
-        CMD_TRIM => {
-            allowed(0)?;
-            if req.length == 0 || !in_range {
-                return Err(Errno::Inval);
-            }
-            Ok(Command::Trim {
-                offset: req.offset,
-                len: req.length,
-                fua,
-            })
-        }
-        CMD_WRITE_ZEROES => {
-            allowed(CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO)?;
-            if req.length == 0 {
-                return Err(Errno::Inval);
-            }
-            if !in_range {
-                return Err(Errno::NoSpc);
-            }
-            // Zeroes stored as data are no faster than a write: FAST_ZERO asks us to say so.
-            if flags & CMD_FLAG_FAST_ZERO != 0 && flags & CMD_FLAG_NO_HOLE != 0 {
-                return Err(Errno::NotSup);
-            }
-            Ok(Command::WriteZeroes {
-                offset: req.offset,
-                len: req.length,
-                no_hole: flags & CMD_FLAG_NO_HOLE != 0,
-                fua,
-            })
-        }
-        CMD_BLOCK_STATUS => {
-            allowed(CMD_FLAG_REQ_ONE)?;
-            if !s.structured || !s.allocation_context || req.length == 0 || !in_range {
-                return Err(Errno::Inval);
-            }
-            Ok(Command::BlockStatus {
-                offset: req.offset,
-                len: req.length,
-                req_one: flags & CMD_FLAG_REQ_ONE != 0,
-            })
-        }
-        CMD_DISC => Ok(Command::Disconnect),
-        _ => Err(Errno::Inval),
-    }
-}
-
-/// Encodes a simple reply header.
-pub fn simple_reply(cookie: u64, error: u32) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    b[4..8].copy_from_slice(&error.to_be_bytes());
-    b[8..16].copy_from_slice(&cookie.to_be_bytes());
-    b
-}
-
-/// Encodes a structured reply chunk header.
-pub fn chunk_header(cookie: u64, flags: u16, kind: u16, len: u32) -> [u8; 20] {
-    let mut b = [0u8; 20];
-    b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-    b[4..6].copy_from_slice(&flags.to_be_bytes());
-    b[6..8].copy_from_slice(&kind.to_be_bytes());
-    b[8..16].copy_from_slice(&cookie.to_be_bytes());
-    b[16..20].copy_from_slice(&len.to_be_bytes());
-    b
-}
-
-/// A complete structured error chunk (with the DONE flag) carrying a message.
-pub fn structured_error(cookie: u64, errno: u32, msg: &str) -> Vec<u8> {
-    let msg = &msg.as_bytes()[..msg.len().min(1024)];
-    let mut out = Vec::with_capacity(20 + 6 + msg.len());
-    out.extend_from_slice(&chunk_header(
-        cookie,
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_ERROR,
-        6 + msg.len() as u32,
-    ));
-    out.extend_from_slice(&errno.to_be_bytes());
-    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-    out.extend_from_slice(msg);
-    out
-}
-
-/// Encodes an option reply header.
-pub fn option_reply(option: u32, kind: u32, len: u32) -> [u8; 20] {
-    let mut b = [0u8; 20];
-    b[0..8].copy_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
-    b[8..12].copy_from_slice(&option.to_be_bytes());
-    b[12..16].copy_from_slice(&kind.to_be_bytes());
-    b[16..20].copy_from_slice(&len.to_be_bytes());
-    b
-}
-
-/// A malformed option payload.
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum OptionError {
-    /// Lengths inside the payload do not add up.
-    #[error("malformed option payload: {0}")]
-    Malformed(&'static str),
     /// A string longer than [`MAX_STRING`].
     #[error("string longer than {MAX_STRING} bytes")]
     TooLong,
-    /// A name that is not UTF-8.
-    #[error("name is not valid UTF-8")]
-    NotUtf8,
+    /// Text that is not UTF-8.
+    #[error("{0} is not valid UTF-8")]
+    NotUtf8(&'static str),
 }
 
-/// A little cursor over an option payload that never reads out of bounds.
-struct Cursor<'a>(&'a [u8]);
+/// Checks a magic number read from the wire.
+fn expect_magic(what: &'static str, found: u64, want: u64) -> Result<(), DecodeError> {
+    if found == want {
+        Ok(())
+    } else {
+        Err(DecodeError::BadMagic { what, found })
+    }
+}
+
+/// A cursor over a payload that never reads out of bounds; `what` names the payload in
+/// its errors.
+struct Cursor<'a> {
+    rest: &'a [u8],
+    what: &'static str,
+}
 
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], OptionError> {
-        if self.0.len() < n {
-            return Err(OptionError::Malformed("length runs past the payload"));
+    fn new(data: &'a [u8], what: &'static str) -> Cursor<'a> {
+        Cursor { rest: data, what }
+    }
+    fn malformed(&self, why: &'static str) -> DecodeError {
+        DecodeError::Malformed {
+            what: self.what,
+            why,
         }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.rest.len() < n {
+            return Err(self.malformed("length runs past the payload"));
+        }
+        let (a, b) = self.rest.split_at(n);
+        self.rest = b;
         Ok(a)
     }
-    fn u32(&mut self) -> Result<u32, OptionError> {
-        let b = self.take(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
     }
-    fn u16(&mut self) -> Result<u16, OptionError> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        self.array().map(u16::from_be_bytes)
     }
-    fn string(&mut self) -> Result<String, OptionError> {
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        self.array().map(u32::from_be_bytes)
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        self.array().map(u64::from_be_bytes)
+    }
+    /// A string with a 32-bit length prefix, as names and queries are sent.
+    fn string(&mut self) -> Result<String, DecodeError> {
         let n = self.u32()? as usize;
         if n > MAX_STRING {
-            return Err(OptionError::TooLong);
+            return Err(DecodeError::TooLong);
         }
-        let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| OptionError::NotUtf8)
+        utf8(self.take(n)?, "name")
+    }
+    /// Everything left, as text (strings that end a payload carry no length).
+    fn rest_utf8(&mut self, what: &'static str) -> Result<String, DecodeError> {
+        utf8(std::mem::take(&mut self.rest), what)
+    }
+    /// The payload must be used up.
+    fn finish(&self) -> Result<(), DecodeError> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(self.malformed("trailing bytes"))
+        }
     }
 }
 
-/// Payload of `NBD_OPT_INFO` / `NBD_OPT_GO`.
-#[derive(Debug, PartialEq, Eq)]
-pub struct GoRequest {
-    /// Export name.
-    pub name: String,
-    /// Info types the client asked for.
-    pub info: Vec<u16>,
+fn utf8(b: &[u8], what: &'static str) -> Result<String, DecodeError> {
+    String::from_utf8(b.to_vec()).map_err(|_| DecodeError::NotUtf8(what))
 }
 
-/// Decodes an `NBD_OPT_INFO`/`NBD_OPT_GO` payload.
-pub fn parse_go(data: &[u8]) -> Result<GoRequest, OptionError> {
-    let mut c = Cursor(data);
-    let name = c.string()?;
-    let n = c.u16()? as usize;
-    let mut info = Vec::with_capacity(n.min(16));
-    for _ in 0..n {
-        info.push(c.u16()?);
-    }
-    if !c.0.is_empty() {
-        return Err(OptionError::Malformed("trailing bytes"));
-    }
-    Ok(GoRequest { name, info })
+/// Fills a fixed-size header field by field; the sizes are constants, checked by the
+/// round-trip tests.
+struct Put<const N: usize> {
+    buf: [u8; N],
+    at: usize,
 }
 
-/// Payload of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`.
-#[derive(Debug, PartialEq, Eq)]
-pub struct MetaRequest {
-    /// Export the contexts are for.
-    pub export: String,
-    /// Query strings.
-    pub queries: Vec<String>,
+impl<const N: usize> Put<N> {
+    fn new() -> Self {
+        Put {
+            buf: [0u8; N],
+            at: 0,
+        }
+    }
+    fn bytes(mut self, b: &[u8]) -> Self {
+        self.buf[self.at..self.at + b.len()].copy_from_slice(b);
+        self.at += b.len();
+        self
+    }
+    fn u16(self, v: u16) -> Self {
+        self.bytes(&v.to_be_bytes())
+    }
+    fn u32(self, v: u32) -> Self {
+        self.bytes(&v.to_be_bytes())
+    }
+    fn u64(self, v: u64) -> Self {
+        self.bytes(&v.to_be_bytes())
+    }
+    fn done(self) -> [u8; N] {
+        debug_assert_eq!(self.at, N, "header not filled");
+        self.buf
+    }
 }
 
-/// Decodes a metadata context option payload.
-pub fn parse_meta(data: &[u8]) -> Result<MetaRequest, OptionError> {
-    let mut c = Cursor(data);
-    let export = c.string()?;
-    let n = c.u32()? as usize;
-    let mut queries = Vec::with_capacity(n.min(16));
-    for _ in 0..n {
-        queries.push(c.string()?);
-    }
-    if !c.0.is_empty() {
-        return Err(OptionError::Malformed("trailing bytes"));
-    }
-    Ok(MetaRequest { export, queries })
-}
-
-/// Which of our contexts a query selects: `base:allocation` by its name, and for LIST
-/// also by the namespace `base:`.
-pub fn query_matches(query: &str, list: bool) -> bool {
-    query == BASE_ALLOCATION || (list && query == "base:")
+/// Appends a string with its 32-bit length prefix.
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn session() -> Session {
-        Session {
-            size: 1 << 20,
-            read_only: false,
-            structured: true,
-            allocation_context: true,
-            max_payload: 32 << 20,
-        }
-    }
-
-    fn req(kind: u16, flags: u16, offset: u64, length: u32) -> Request {
-        Request {
-            flags,
-            kind,
-            cookie: 7,
-            offset,
-            length,
-        }
+    #[test]
+    fn cursor_stops_at_the_end_and_names_the_payload() {
+        let mut c = Cursor::new(&[0, 1, 2], "test payload");
+        assert_eq!(c.u16(), Ok(1));
+        assert_eq!(
+            c.u32(),
+            Err(DecodeError::Malformed {
+                what: "test payload",
+                why: "length runs past the payload"
+            })
+        );
+        assert!(c.finish().is_err());
+        assert_eq!(
+            c.rest_utf8("x").unwrap(),
+            "\u{2}",
+            "a failed read consumes nothing"
+        );
+        assert!(c.finish().is_ok());
     }
 
     #[test]
-    fn request_round_trip() {
-        let r = req(CMD_WRITE, CMD_FLAG_FUA, 1 << 33, 4096);
-        assert_eq!(Request::decode(&r.encode()).unwrap(), r);
-        let mut raw = r.encode();
-        raw[0] ^= 1;
-        assert!(Request::decode(&raw).is_err());
+    fn strings_are_bounded_and_utf8() {
+        let mut long = Vec::new();
+        put_string(&mut long, &"x".repeat(MAX_STRING + 1));
+        assert_eq!(Cursor::new(&long, "p").string(), Err(DecodeError::TooLong));
+        let bad = [0, 0, 0, 1, 0xff];
+        assert_eq!(
+            Cursor::new(&bad, "p").string(),
+            Err(DecodeError::NotUtf8("name"))
+        );
+        let mut ok = Vec::new();
+        put_string(&mut ok, "vol");
+        assert_eq!(Cursor::new(&ok, "p").string().unwrap(), "vol");
     }
 
     #[test]
-    fn range_errors_follow_the_issue() {
-        let s = session();
-        assert_eq!(
-            check(&req(CMD_READ, 0, (1 << 20) - 1, 2), &s),
-            Err(Errno::Inval)
-        );
-        assert_eq!(check(&req(CMD_TRIM, 0, 1 << 20, 1), &s), Err(Errno::Inval));
-        assert_eq!(
-            check(&req(CMD_BLOCK_STATUS, 0, 1 << 20, 1), &s),
-            Err(Errno::Inval)
-        );
-        assert_eq!(check(&req(CMD_WRITE, 0, 1 << 20, 1), &s), Err(Errno::NoSpc));
-        assert_eq!(
-            check(&req(CMD_WRITE_ZEROES, 0, 1 << 20, 1), &s),
-            Err(Errno::NoSpc)
-        );
-        assert_eq!(
-            check(&req(CMD_READ, 0, u64::MAX, 4096), &s),
-            Err(Errno::Inval)
-        );
-        assert_eq!(
-            check(&req(CMD_WRITE, 0, u64::MAX - 1, 4096), &s),
-            Err(Errno::NoSpc)
-        );
-    }
-
-    #[test]
-    fn flags_and_commands_are_checked() {
-        let s = session();
-        assert_eq!(check(&req(CMD_READ, 1 << 9, 0, 512), &s), Err(Errno::Inval));
-        assert_eq!(
-            check(&req(CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 512), &s),
-            Err(Errno::Inval)
-        );
-        assert_eq!(check(&req(99, 0, 0, 512), &s), Err(Errno::Inval));
-        assert_eq!(
-            check(&req(CMD_FLUSH, CMD_FLAG_FUA, 0, 0), &s),
-            Ok(Command::Flush)
-        );
-        assert_eq!(
-            check(&req(CMD_READ, 0, 0, (32 << 20) + 1), &s),
-            Err(Errno::Inval)
-        );
-        let ro = Session {
-            read_only: true,
-            ..s
+    fn messages_name_what_was_wrong() {
+        let e = DecodeError::BadMagic {
+            what: "request",
+            found: 0xdede_dede,
         };
-        assert_eq!(check(&req(CMD_WRITE, 0, 0, 512), &ro), Err(Errno::Perm));
-        let plain = Session {
-            structured: false,
-            ..s
+        assert_eq!(e.to_string(), "bad request magic 0xdededede");
+        let e = DecodeError::Malformed {
+            what: "option payload",
+            why: "trailing bytes",
         };
+        assert_eq!(e.to_string(), "malformed option payload: trailing bytes");
         assert_eq!(
-            check(&req(CMD_BLOCK_STATUS, 0, 0, 512), &plain),
-            Err(Errno::Inval)
+            DecodeError::NotUtf8("name").to_string(),
+            "name is not valid UTF-8"
         );
-        assert_eq!(
-            check(&req(CMD_READ, CMD_FLAG_DF, 0, 512), &plain),
-            Err(Errno::Inval)
-        );
-    }
-
-    #[test]
-    fn option_payloads_are_bounded() {
-        let mut go = Vec::new();
-        go.extend_from_slice(&3u32.to_be_bytes());
-        go.extend_from_slice(b"vol");
-        go.extend_from_slice(&1u16.to_be_bytes());
-        go.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        assert_eq!(
-            parse_go(&go).unwrap(),
-            GoRequest {
-                name: "vol".into(),
-                info: vec![INFO_BLOCK_SIZE]
-            }
-        );
-        assert!(parse_go(&go[..go.len() - 1]).is_err());
-        let mut lying = go.clone();
-        lying[0..4].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(parse_go(&lying).is_err());
-        let mut meta = Vec::new();
-        meta.extend_from_slice(&0u32.to_be_bytes());
-        meta.extend_from_slice(&u32::MAX.to_be_bytes()); // claims 4 billion queries
-        assert!(parse_meta(&meta).is_err());
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn parsers_never_panic(data in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
-            let _ = parse_go(&data);
-            let _ = parse_meta(&data);
-            if data.len() >= REQUEST_LEN {
-                let mut h = [0u8; REQUEST_LEN];
-                h.copy_from_slice(&data[..REQUEST_LEN]);
-                if let Ok(r) = Request::decode(&h) {
-                    let _ = check(&r, &session());
-                }
-            }
-        }
     }
 }

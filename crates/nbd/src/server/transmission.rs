@@ -1,0 +1,306 @@
+//! The transmission phase: reads requests, checks them against the session
+//! ([`proto::check`]), runs them on the device and sends the replies.
+//!
+//! Reads and plain writes run inline on the connection's task (they hit the page cache);
+//! anything that syncs to disk or may touch a large range runs on the blocking pool so a
+//! FLUSH never stalls other connections. Replies share one buffered writer, flushed when
+//! no further request is already waiting in the read buffer (batching at high queue depth).
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::Mutex;
+use tokio::task::JoinSet;
+
+use super::negotiation::Negotiated;
+use super::{drain, ServerConfig, ALLOCATION_CONTEXT_ID};
+use crate::device::{Device, DeviceError, Extent};
+use crate::proto::{
+    self, BlockDescriptor, BlockStatus, ChunkHeader, Command, Errno, ErrorChunk, Request, Session,
+    SimpleReply,
+};
+
+/// Requests at least this large run on their own task when others are queued behind them.
+const PARALLEL_MIN: u32 = 64 * 1024;
+
+/// The connection's write half, shared by the replies of concurrent requests.
+pub(super) type Writer<S> = Arc<Mutex<BufWriter<tokio::io::WriteHalf<S>>>>;
+
+pub(super) async fn transmit<R, S, D>(
+    mut r: BufReader<R>,
+    w: Writer<S>,
+    n: Negotiated<D>,
+    cfg: &ServerConfig,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    S: AsyncWrite + Send + 'static,
+    D: Device,
+{
+    let device = n.device;
+    let session = Session {
+        size: device.size(),
+        read_only: device.read_only(),
+        structured: n.structured,
+        allocation_context: n.allocation_context,
+        max_payload: cfg.max_payload,
+    };
+    let mut background: JoinSet<io::Result<()>> = JoinSet::new();
+    let result = loop {
+        let mut head = [0u8; proto::REQUEST_LEN];
+        match r.read_exact(&mut head).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
+            Err(e) => break Err(e),
+        }
+        let req = match Request::decode(&head) {
+            Ok(req) => req,
+            Err(e) => {
+                tracing::info!(error = %e, "NBD client out of sync; closing its connection");
+                break Ok(());
+            }
+        };
+        // The size can grow under us (volume resize); checks use the current one.
+        let session = Session {
+            size: device.size(),
+            ..session
+        };
+        let cmd = proto::check(&req, &session);
+        let payload = req.payload_len();
+        let mut data = Vec::new();
+        if payload > 0 {
+            if cmd.is_ok() {
+                data.reserve_exact(payload as usize);
+                let got = (&mut r)
+                    .take(u64::from(payload))
+                    .read_to_end(&mut data)
+                    .await?;
+                if got < payload as usize {
+                    break Ok(()); // the client left mid-payload: nothing to apply
+                }
+            } else {
+                // Refused: consume the payload without holding it in memory.
+                drain(&mut r, u64::from(payload)).await?;
+            }
+        }
+        let cmd = match cmd {
+            Ok(c) => c,
+            Err(errno) => {
+                let msg = format!("request refused: {errno:?}");
+                send_error(&w, &session, req.cookie, errno, &msg).await?;
+                if r.buffer().is_empty() {
+                    w.lock().await.flush().await?;
+                }
+                continue;
+            }
+        };
+        match cmd {
+            Command::Disconnect => break Ok(()),
+            Command::Read { .. }
+            | Command::Write { fua: false, .. }
+            | Command::BlockStatus { .. } => {
+                let big = matches!(cmd, Command::Read { len, .. } | Command::Write { len, .. } if len >= PARALLEL_MIN);
+                if !big || r.buffer().is_empty() {
+                    // Small requests are answered right here; replies are flushed once no
+                    // further request is already buffered, so a burst shares one send.
+                    fast(&*device, &w, &session, req.cookie, cmd, data).await?;
+                    if r.buffer().is_empty() {
+                        w.lock().await.flush().await?;
+                    }
+                } else {
+                    // Large pipelined requests (checksumming a MiB takes a while): let them
+                    // run on all cores.
+                    let (device, w) = (device.clone(), w.clone());
+                    let cookie = req.cookie;
+                    background.spawn(async move {
+                        fast(&*device, &w, &session, cookie, cmd, data).await?;
+                        w.lock().await.flush().await
+                    });
+                }
+            }
+            slow => {
+                // Anything that syncs or may cover a huge range goes to the blocking pool.
+                let (device, w) = (device.clone(), w.clone());
+                let cookie = req.cookie;
+                background.spawn(async move {
+                    let dev = device.clone();
+                    let res = tokio::task::spawn_blocking(move || run_slow(&*dev, slow, data))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(DeviceError::new(Errno::Io, format!("I/O task failed: {e}")))
+                        });
+                    send_done(&w, &session, cookie, res).await?;
+                    w.lock().await.flush().await
+                });
+            }
+        }
+        // Reap finished background tasks so their errors surface and memory is freed.
+        while let Some(done) = background.try_join_next() {
+            if let Ok(Err(e)) = done {
+                tracing::debug!(error = %e, "reply failed");
+            }
+        }
+    };
+    while let Some(done) = background.join_next().await {
+        if let Ok(Err(e)) = done {
+            tracing::debug!(error = %e, "reply failed");
+        }
+    }
+    w.lock().await.flush().await?;
+    result
+}
+
+/// Reads, plain writes and block status: quick page-cache work, run on the async worker.
+async fn fast<D: Device, S: AsyncWrite>(
+    device: &D,
+    w: &Writer<S>,
+    session: &Session,
+    cookie: u64,
+    cmd: Command,
+    data: Vec<u8>,
+) -> io::Result<()> {
+    match cmd {
+        Command::Read { offset, len } => {
+            let mut buf = vec![0u8; len as usize];
+            match device.read(offset, &mut buf) {
+                Ok(()) => send_read(w, session, cookie, offset, &buf).await,
+                Err(e) => send_device_error(w, session, cookie, e).await,
+            }
+        }
+        Command::BlockStatus {
+            offset,
+            len,
+            req_one,
+        } => match device.extents(offset, u64::from(len)) {
+            Ok(ext) => send_extents(w, cookie, &ext, req_one).await,
+            Err(e) => send_device_error(w, session, cookie, e).await,
+        },
+        Command::Write { offset, fua, .. } => {
+            let res = device.write_owned(offset, data, fua);
+            send_done(w, session, cookie, res).await
+        }
+        _ => send_error(w, session, cookie, Errno::Inval, "not a fast command").await,
+    }
+}
+
+fn run_slow<D: Device>(d: &D, cmd: Command, data: Vec<u8>) -> Result<(), DeviceError> {
+    match cmd {
+        Command::Write { offset, fua, .. } => d.write_owned(offset, data, fua),
+        Command::Flush => d.flush(),
+        Command::Trim { offset, len, fua } => d.trim(offset, u64::from(len), fua),
+        Command::WriteZeroes {
+            offset,
+            len,
+            no_hole,
+            fua,
+        } => d.write_zeroes(offset, u64::from(len), no_hole, fua),
+        Command::Read { .. } | Command::BlockStatus { .. } | Command::Disconnect => {
+            Err(DeviceError::new(Errno::Inval, "not a slow command"))
+        }
+    }
+}
+
+async fn send_read<S: AsyncWrite>(
+    w: &Writer<S>,
+    s: &Session,
+    cookie: u64,
+    offset: u64,
+    buf: &[u8],
+) -> io::Result<()> {
+    let mut w = w.lock().await;
+    if s.structured {
+        w.write_all(&proto::offset_data_head(cookie, offset, buf.len() as u32))
+            .await?;
+    } else {
+        w.write_all(&SimpleReply { cookie, error: 0 }.encode())
+            .await?;
+    }
+    w.write_all(buf).await
+}
+
+async fn send_done<S: AsyncWrite>(
+    w: &Writer<S>,
+    s: &Session,
+    cookie: u64,
+    res: Result<(), DeviceError>,
+) -> io::Result<()> {
+    match res {
+        Ok(()) => {
+            let mut w = w.lock().await;
+            if s.structured {
+                let done = ChunkHeader {
+                    flags: proto::REPLY_FLAG_DONE,
+                    kind: proto::REPLY_TYPE_NONE,
+                    cookie,
+                    length: 0,
+                };
+                w.write_all(&done.encode()).await
+            } else {
+                w.write_all(&SimpleReply { cookie, error: 0 }.encode())
+                    .await
+            }
+        }
+        Err(e) => send_device_error(w, s, cookie, e).await,
+    }
+}
+
+async fn send_device_error<S: AsyncWrite>(
+    w: &Writer<S>,
+    s: &Session,
+    cookie: u64,
+    e: DeviceError,
+) -> io::Result<()> {
+    tracing::debug!(errno = ?e.errno, message = %e.message, "NBD request failed");
+    send_error(w, s, cookie, e.errno, &e.message).await
+}
+
+async fn send_error<S: AsyncWrite>(
+    w: &Writer<S>,
+    s: &Session,
+    cookie: u64,
+    errno: Errno,
+    msg: &str,
+) -> io::Result<()> {
+    let mut w = w.lock().await;
+    if s.structured {
+        let e = ErrorChunk {
+            errno: errno as u32,
+            message: msg.to_string(),
+        };
+        w.write_all(&proto::done_chunk(
+            cookie,
+            proto::REPLY_TYPE_ERROR,
+            &e.encode(),
+        ))
+        .await
+    } else {
+        let e = SimpleReply {
+            cookie,
+            error: errno as u32,
+        };
+        w.write_all(&e.encode()).await
+    }
+}
+
+async fn send_extents<S: AsyncWrite>(
+    w: &Writer<S>,
+    cookie: u64,
+    ext: &[Extent],
+    req_one: bool,
+) -> io::Result<()> {
+    let runs = ext
+        .iter()
+        .filter(|e| e.length > 0)
+        .map(|e| BlockDescriptor {
+            // Requests are at most 4 GiB - 1, so each run fits; clamp defensively anyway.
+            length: u32::try_from(e.length).unwrap_or(!4095),
+            flags: e.flags,
+        });
+    let status = BlockStatus {
+        context: ALLOCATION_CONTEXT_ID,
+        extents: runs.take(if req_one { 1 } else { usize::MAX }).collect(),
+    };
+    let chunk = proto::done_chunk(cookie, proto::REPLY_TYPE_BLOCK_STATUS, &status.encode());
+    w.lock().await.write_all(&chunk).await
+}
