@@ -7,6 +7,8 @@
 //!
 //! See `docs/storage.md` for the format and the reasoning behind it.
 
+#![forbid(unsafe_code)]
+
 pub mod catalog;
 pub mod error;
 pub mod format;

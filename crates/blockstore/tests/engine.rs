@@ -10,7 +10,7 @@ use tessera_blockstore::{Allocation, Store, StoreError, StoreOptions, BLOCK_SIZE
 const MIB: u64 = 1 << 20;
 
 fn open(dir: &Path) -> Store {
-    Store::open(dir, StoreOptions::default()).unwrap()
+    Store::open(dir, StoreOptions::default()).expect("opening the store")
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -20,9 +20,9 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 }
 
 fn read(store: &Store, export: &str, off: u64, len: usize) -> Vec<u8> {
-    let e = store.open_export(export).unwrap();
+    let e = store.open_export(export).expect("opening the export");
     let mut buf = vec![0u8; len];
-    e.read_at(off, &mut buf).unwrap();
+    e.read_at(off, &mut buf).expect("reading back");
     buf
 }
 
