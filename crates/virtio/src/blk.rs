@@ -280,32 +280,25 @@ impl VirtioDevice for Block {
         let mut used = false;
         loop {
             let next = {
-                let mut it = queue.iter(mem).map_err(|e| QueueBroken(e.to_string()))?;
+                let mut it = queue.iter(mem).map_err(QueueBroken)?;
                 it.next()
             };
             let Some(chain) = next else {
                 // Re-check after enabling notifications so a request that raced in is seen.
-                if queue
-                    .enable_notification(mem)
-                    .map_err(|e| QueueBroken(e.to_string()))?
-                {
+                if queue.enable_notification(mem).map_err(QueueBroken)? {
                     continue;
                 }
                 break;
             };
             let head = chain.head_index();
             let len = self.execute(chain, mem);
-            queue
-                .add_used(mem, head, len)
-                .map_err(|e| QueueBroken(e.to_string()))?;
+            queue.add_used(mem, head, len).map_err(QueueBroken)?;
             used = true;
         }
         if !used {
             return Ok(false);
         }
-        queue
-            .needs_notification(mem)
-            .map_err(|e| QueueBroken(e.to_string()))
+        queue.needs_notification(mem).map_err(QueueBroken)
     }
 
     fn reset(&mut self) {

@@ -5,6 +5,8 @@
 //! broken, and never panics. Devices do not know the transport (the [`VirtioDevice`]
 //! trait sits between them) nor what is behind a disk (`tessera-disk`).
 
+#![forbid(unsafe_code)]
+
 pub mod blk;
 pub mod mmio;
 
@@ -49,7 +51,7 @@ pub trait VirtioDevice: Send {
 /// available index more than a queue size ahead). The device stops using it.
 #[derive(Debug, thiserror::Error)]
 #[error("virtqueue is corrupt: {0}")]
-pub struct QueueBroken(pub String);
+pub struct QueueBroken(pub virtio_queue::Error);
 
 /// Raises the device's interrupt in the guest.
 pub trait Interrupt: Send + Sync {

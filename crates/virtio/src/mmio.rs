@@ -54,6 +54,25 @@ pub struct TransportSnapshot {
     pub queues: Vec<QueueSnapshot>,
 }
 
+/// Why a saved transport state was refused. The snapshot is untrusted input.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The snapshot was taken of a device with a different number of queues.
+    #[error("snapshot has {snapshot} queues, device has {device}")]
+    QueueCount {
+        /// Queues in the snapshot.
+        snapshot: usize,
+        /// Queues of this device.
+        device: usize,
+    },
+    /// A queue's sizes or addresses are not a queue `virtio-queue` accepts.
+    #[error("queue in snapshot: {0:?}")]
+    Queue(virtio_queue::Error),
+    /// A ready queue whose rings are not inside guest memory.
+    #[error("queue in snapshot lies outside guest memory")]
+    OutsideGuestMemory,
+}
+
 /// One device behind a virtio-mmio register window.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -126,13 +145,12 @@ impl MmioTransport {
 
     /// Restores a captured state. The snapshot is untrusted input: queues are validated
     /// as if the driver had just programmed them.
-    pub fn restore(&mut self, s: &TransportSnapshot) -> Result<(), String> {
+    pub fn restore(&mut self, s: &TransportSnapshot) -> Result<(), RestoreError> {
         if s.queues.len() != self.queues.len() {
-            return Err(format!(
-                "snapshot has {} queues, device has {}",
-                s.queues.len(),
-                self.queues.len()
-            ));
+            return Err(RestoreError::QueueCount {
+                snapshot: s.queues.len(),
+                device: self.queues.len(),
+            });
         }
         let mut queues = Vec::with_capacity(s.queues.len());
         for q in &s.queues {
@@ -147,9 +165,9 @@ impl MmioTransport {
                 avail_ring: q.avail_ring,
                 used_ring: q.used_ring,
             };
-            let queue = Queue::try_from(state).map_err(|e| format!("queue in snapshot: {e:?}"))?;
+            let queue = Queue::try_from(state).map_err(RestoreError::Queue)?;
             if queue.ready() && !queue.is_valid(&self.mem) {
-                return Err("queue in snapshot lies outside guest memory".into());
+                return Err(RestoreError::OutsideGuestMemory);
             }
             queues.push(queue);
         }

@@ -13,8 +13,20 @@ use acpi_tables::Aml;
 use tessera_virtio::GuestMem;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::boot::BootError;
 use crate::layout::*;
+
+/// Why the tables could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    /// The tables do not fit in guest memory.
+    #[error("writing boot structures: ACPI {what}: {error}")]
+    Write {
+        /// Which table.
+        what: &'static str,
+        /// The guest memory error.
+        error: vm_memory::GuestMemoryError,
+    },
+}
 
 const OEM: [u8; 6] = *b"TESSRA";
 const TABLE: [u8; 8] = *b"TESSERA ";
@@ -79,12 +91,15 @@ fn rsdp(xsdt: u64) -> [u8; 36] {
 }
 
 /// Writes the tables into guest memory for `vcpus` processors.
-pub fn write_tables(mem: &GuestMem, vcpus: u8, with_disk: bool) -> Result<(), BootError> {
+pub fn write_tables(mem: &GuestMem, vcpus: u8, with_disk: bool) -> Result<(), AcpiError> {
     let mut at = RSDP_ADDR + 0x40;
-    let mut place = |data: &[u8]| -> Result<u64, BootError> {
+    let mut place = |data: &[u8]| -> Result<u64, AcpiError> {
         let addr = at;
         mem.write_slice(data, GuestAddress(addr))
-            .map_err(|e| BootError::Memory(format!("ACPI tables: {e}")))?;
+            .map_err(|error| AcpiError::Write {
+                what: "tables",
+                error,
+            })?;
         at = (at + data.len() as u64 + 15) & !15;
         Ok(addr)
     };
@@ -105,7 +120,10 @@ pub fn write_tables(mem: &GuestMem, vcpus: u8, with_disk: bool) -> Result<(), Bo
     xsdt.add_entry(madt_addr);
     let xsdt_addr = place(&bytes(&xsdt))?;
     mem.write_slice(&rsdp(xsdt_addr), GuestAddress(RSDP_ADDR))
-        .map_err(|e| BootError::Memory(format!("ACPI RSDP: {e}")))
+        .map_err(|error| AcpiError::Write {
+            what: "RSDP",
+            error,
+        })
 }
 
 #[cfg(test)]

@@ -10,12 +10,47 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
-use crate::control::{Control, Event, Request, RunState};
+use crate::control::{Control, ControlError, Event, Request, RunState};
+use crate::memory::{DirtyPages, MemoryError};
+use crate::snapshot::SnapshotError;
 
 /// Writes a snapshot of the paused VM into a directory.
-pub type SnapshotFn = Arc<dyn Fn(&Path) -> Result<(), String> + Send + Sync>;
+pub type SnapshotFn = Arc<dyn Fn(&Path) -> Result<(), SnapshotError> + Send + Sync>;
 /// Reports (and clears) the guest pages written since the last call.
-pub type DirtyFn = Arc<dyn Fn() -> Result<serde_json::Value, String> + Send + Sync>;
+pub type DirtyFn = Arc<dyn Fn() -> Result<DirtyPages, MemoryError> + Send + Sync>;
+
+/// Why a request failed. The text is the `error` of the reply line, so each variant
+/// says what went wrong in words a client can show as they are.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The line is not a request (bad JSON, unknown operation or field).
+    #[error("bad request: {0}")]
+    BadRequest(serde_json::Error),
+    /// A protocol version this VMM does not speak.
+    #[error("API version {0} is not supported (this VMM speaks {API_VERSION})")]
+    Version(u32),
+    /// The VM's state does not allow the operation.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// The VM stopped while the API waited for it to pause.
+    #[error("the VM stopped")]
+    StoppedWhilePausing,
+    /// The vCPUs did not park in time.
+    #[error("the vCPU did not pause within 5 s")]
+    PauseTimeout,
+    /// The vCPUs did not stop in time.
+    #[error("the vCPU did not stop within 5 s")]
+    PowerOffTimeout,
+    /// The snapshot could not be taken.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The dirty-page record could not be read.
+    #[error(transparent)]
+    DirtyPages(#[from] MemoryError),
+    /// The result could not be encoded.
+    #[error("encoding the reply: {0}")]
+    Encode(serde_json::Error),
+}
 
 /// What the API can do to the VM besides reading its control block.
 pub struct VmOps {
@@ -153,11 +188,8 @@ fn connection(conn: UnixStream, ctx: &Ctx) -> std::io::Result<()> {
         }
         let mut powering_off = false;
         let reply = match serde_json::from_str::<ApiRequest>(line.trim_end()) {
-            Err(e) => Err(format!("bad request: {e}")),
-            Ok(req) if req.v != API_VERSION => Err(format!(
-                "API version {} is not supported (this VMM speaks {API_VERSION})",
-                req.v
-            )),
+            Err(e) => Err(ApiError::BadRequest(e)),
+            Ok(req) if req.v != API_VERSION => Err(ApiError::Version(req.v)),
             Ok(req) => {
                 powering_off = matches!(req.op, ApiOp::PowerOff);
                 handle(req.op, ctx)
@@ -172,7 +204,7 @@ fn connection(conn: UnixStream, ctx: &Ctx) -> std::io::Result<()> {
             Err(e) => ApiResponse {
                 v: API_VERSION,
                 ok: None,
-                error: Some(e),
+                error: Some(e.to_string()),
             },
         };
         let mut out = serde_json::to_vec(&resp).map_err(std::io::Error::other)?;
@@ -187,9 +219,9 @@ fn connection(conn: UnixStream, ctx: &Ctx) -> std::io::Result<()> {
     }
 }
 
-fn handle(op: ApiOp, ctx: &Ctx) -> Result<serde_json::Value, String> {
+fn handle(op: ApiOp, ctx: &Ctx) -> Result<serde_json::Value, ApiError> {
     let (control, spec, kick) = (&*ctx.control, &ctx.spec, &*ctx.ops.kick);
-    let json = |v: serde_json::Result<serde_json::Value>| v.map_err(|e| e.to_string());
+    let json = |v: serde_json::Result<serde_json::Value>| v.map_err(ApiError::Encode);
     match op {
         ApiOp::Describe => json(serde_json::to_value(Description {
             state: control.state(),
@@ -205,12 +237,12 @@ fn handle(op: ApiOp, ctx: &Ctx) -> Result<serde_json::Value, String> {
                     return Ok(serde_json::json!({}));
                 }
                 if matches!(control.state(), RunState::Stopped(_)) {
-                    return Err("the VM stopped".into());
+                    return Err(ApiError::StoppedWhilePausing);
                 }
             }
-            Err("the vCPU did not pause within 5 s".into())
+            Err(ApiError::PauseTimeout)
         }
-        ApiOp::Resume => control.resume().map(|()| serde_json::json!({})),
+        ApiOp::Resume => Ok(control.resume().map(|()| serde_json::json!({}))?),
         ApiOp::PowerOff => {
             control.request(Request::PowerOff)?;
             for _ in 0..500 {
@@ -220,7 +252,7 @@ fn handle(op: ApiOp, ctx: &Ctx) -> Result<serde_json::Value, String> {
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
-            Err("the vCPU did not stop within 5 s".into())
+            Err(ApiError::PowerOffTimeout)
         }
         ApiOp::SerialRead { since } => {
             let (data, next) = control.serial_output(since);
@@ -232,9 +264,10 @@ fn handle(op: ApiOp, ctx: &Ctx) -> Result<serde_json::Value, String> {
             Ok(serde_json::json!({ "queued": data.len() }))
         }
         ApiOp::Snapshot { dir } => {
-            (ctx.ops.snapshot)(Path::new(&dir)).map(|()| serde_json::json!({ "dir": dir }))
+            (ctx.ops.snapshot)(Path::new(&dir))?;
+            Ok(serde_json::json!({ "dir": dir }))
         }
-        ApiOp::DirtyPages => (ctx.ops.dirty)(),
+        ApiOp::DirtyPages => json(serde_json::to_value((ctx.ops.dirty)()?)),
         ApiOp::Events { since } => json(serde_json::to_value(control.events(since))),
     }
 }

@@ -15,22 +15,44 @@ use crate::layout::*;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// The kernel file could not be opened.
-    #[error("opening kernel {0}: {1}")]
-    Open(String, std::io::Error),
+    #[error("opening kernel {path}: {error}")]
+    OpenKernel {
+        /// The kernel path.
+        path: String,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The initramfs could not be read.
+    #[error("reading initramfs {path}: {error}")]
+    ReadInitrd {
+        /// The initramfs path.
+        path: String,
+        /// Why.
+        error: std::io::Error,
+    },
     /// Neither an ELF nor a bzImage, or it does not fit.
     #[error("loading kernel: ELF: {elf}; bzImage: {bz}")]
     Load {
         /// Why it is not an ELF.
-        elf: String,
+        elf: linux_loader::loader::Error,
         /// Why it is not a bzImage.
-        bz: String,
+        bz: linux_loader::loader::Error,
     },
     /// The command line is too long or has bad characters.
     #[error("kernel command line: {0}")]
-    Cmdline(String),
-    /// Writing boot structures into guest memory failed.
+    Cmdline(linux_loader::cmdline::Error),
+    /// The command line could not be placed in guest memory.
+    #[error("kernel command line: {0}")]
+    PlaceCmdline(linux_loader::loader::Error),
+    /// The initramfs does not fit between the kernel and the top of low RAM.
+    #[error("writing boot structures: initramfs of {0} bytes does not fit in guest RAM")]
+    InitrdTooLarge(u64),
+    /// Writing the initramfs, page tables or GDT into guest memory failed.
     #[error("writing boot structures: {0}")]
-    Memory(String),
+    Memory(vm_memory::GuestMemoryError),
+    /// Writing the zero page failed.
+    #[error("writing boot structures: {0}")]
+    BootParams(linux_loader::configurator::Error),
 }
 
 /// Where to start the vCPU.
@@ -47,7 +69,10 @@ pub fn load(
     cmdline: &str,
     mem_size: u64,
 ) -> Result<Entry, BootError> {
-    let mut f = File::open(kernel).map_err(|e| BootError::Open(kernel.into(), e))?;
+    let mut f = File::open(kernel).map_err(|error| BootError::OpenKernel {
+        path: kernel.into(),
+        error,
+    })?;
     let mut params = boot_params::default();
     let kernel_end;
     let rip = match Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))) {
@@ -64,18 +89,12 @@ pub fn load(
                 // The 64-bit entry point is 0x200 past the protected-mode code.
                 r.kernel_load.raw_value() + 0x200
             }
-            Err(bz) => {
-                return Err(BootError::Load {
-                    elf: elf.to_string(),
-                    bz: bz.to_string(),
-                })
-            }
+            Err(bz) => return Err(BootError::Load { elf, bz }),
         },
     };
-    let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
-    cl.insert_str(cmdline)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
-    load_cmdline(mem, GuestAddress(CMDLINE), &cl).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut cl = Cmdline::new(CMDLINE_MAX).map_err(BootError::Cmdline)?;
+    cl.insert_str(cmdline).map_err(BootError::Cmdline)?;
+    load_cmdline(mem, GuestAddress(CMDLINE), &cl).map_err(BootError::PlaceCmdline)?;
 
     params.hdr.type_of_loader = 0xff;
     params.hdr.boot_flag = 0xaa55;
@@ -109,7 +128,7 @@ pub fn load(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE)),
         mem,
     )
-    .map_err(|e| BootError::Memory(e.to_string()))?;
+    .map_err(BootError::BootParams)?;
     write_page_tables(mem)?;
     Ok(Entry { rip })
 }
@@ -121,19 +140,18 @@ fn load_initrd(
     kernel_end: u64,
     ram_top: u64,
 ) -> Result<(u64, u64), BootError> {
-    let data = std::fs::read(path).map_err(|e| BootError::Open(path.into(), e))?;
+    let data = std::fs::read(path).map_err(|error| BootError::ReadInitrd {
+        path: path.into(),
+        error,
+    })?;
     let size = data.len() as u64;
     let addr = ram_top
         .checked_sub(size)
         .map(|a| a & !0xfff)
         .filter(|a| *a > kernel_end && *a + size <= u64::from(u32::MAX))
-        .ok_or_else(|| {
-            BootError::Memory(format!(
-                "initramfs of {size} bytes does not fit in guest RAM"
-            ))
-        })?;
+        .ok_or(BootError::InitrdTooLarge(size))?;
     mem.write_slice(&data, GuestAddress(addr))
-        .map_err(|e| BootError::Memory(e.to_string()))?;
+        .map_err(BootError::Memory)?;
     Ok((addr, size))
 }
 
@@ -143,7 +161,7 @@ fn load_initrd(
 fn write_page_tables(mem: &GuestMem) -> Result<(), BootError> {
     let w = |v: u64, at: u64| {
         mem.write_obj(v, GuestAddress(at))
-            .map_err(|e| BootError::Memory(e.to_string()))
+            .map_err(BootError::Memory)
     };
     w(PDPT | 0x3, PML4)?;
     for gib in 0..4u64 {

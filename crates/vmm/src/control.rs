@@ -33,6 +33,20 @@ pub struct Event {
     pub reason: Option<String>,
 }
 
+/// A request the VM's current state does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// The VM has stopped for good.
+    #[error("the VM has stopped")]
+    Stopped,
+    /// A pause of a paused VM.
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    /// A resume of a VM that is not paused.
+    #[error("the VM is not paused")]
+    NotPaused,
+}
+
 /// What the API asked the vCPU to do next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Request {
@@ -112,11 +126,11 @@ impl Control {
     }
 
     /// Asks the vCPU to pause or power off; the caller then kicks it out of the guest.
-    pub fn request(&self, r: Request) -> Result<(), String> {
+    pub fn request(&self, r: Request) -> Result<(), ControlError> {
         let mut g = self.lock();
         match (&g.state, r) {
-            (RunState::Stopped(_), _) => Err("the VM has stopped".into()),
-            (RunState::Paused, Request::Pause) => Err("the VM is already paused".into()),
+            (RunState::Stopped(_), _) => Err(ControlError::Stopped),
+            (RunState::Paused, Request::Pause) => Err(ControlError::AlreadyPaused),
             (_, r) => {
                 g.request = r;
                 if r == Request::PowerOff {
@@ -133,10 +147,10 @@ impl Control {
     }
 
     /// Resumes a paused VM.
-    pub fn resume(&self) -> Result<(), String> {
+    pub fn resume(&self) -> Result<(), ControlError> {
         let mut g = self.lock();
         if g.state != RunState::Paused {
-            return Err("the VM is not paused".into());
+            return Err(ControlError::NotPaused);
         }
         g.request = Request::None;
         g.state = RunState::Running;

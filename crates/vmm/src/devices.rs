@@ -12,6 +12,14 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::layout::{BENCH_MARKER_PORT, BOOT_TIMER_PORT};
 
+/// Why a legacy device could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// Saved UART registers the 16550 model does not accept (e.g. an overfull FIFO).
+    #[error("serial state: {0}")]
+    SerialState(vm_superio::serial::Error<std::io::Error>),
+}
+
 /// Raises the serial interrupt through an irqfd.
 pub struct IrqTrigger(pub EventFd);
 
@@ -60,7 +68,7 @@ impl PioBus {
         irq: EventFd,
         start: Instant,
         s: &SerialSnapshot,
-    ) -> Result<PioBus, String> {
+    ) -> Result<PioBus, DeviceError> {
         let state = SerialState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -74,7 +82,7 @@ impl PioBus {
             in_buffer: s.in_buffer.clone(),
         };
         let serial = Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)
-            .map_err(|e| format!("serial state: {e:?}"))?;
+            .map_err(DeviceError::SerialState)?;
         Ok(PioBus {
             serial,
             start,

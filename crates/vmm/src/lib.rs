@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod layout;
+pub mod memory;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
@@ -13,11 +13,12 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
-use tessera_virtio::mmio::TransportSnapshot;
+use tessera_virtio::mmio::{RestoreError, TransportSnapshot};
 use tessera_virtio::GuestMem;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::VmConfig;
+use crate::devices::DeviceError;
 
 /// Version of the snapshot format.
 pub const SNAPSHOT_VERSION: u32 = 1;
@@ -83,22 +84,74 @@ pub struct Snapshot {
     pub virtio: Option<TransportSnapshot>,
 }
 
-/// Why a snapshot could not be taken or restored.
+/// Why a snapshot could not be taken or restored. A snapshot directory is untrusted
+/// input: everything read from it is checked, and a mismatch is `invalid snapshot`.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     /// KVM refused.
     #[error("KVM {0}: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),
-    /// Files.
-    #[error("{0}: {1}")]
-    Io(String, std::io::Error),
-    /// The snapshot does not fit this VMM.
+    /// A file or directory of the snapshot.
+    #[error("{}: {error}", .path.display())]
+    Io {
+        /// Which file.
+        path: PathBuf,
+        /// What went wrong.
+        error: std::io::Error,
+    },
+    /// The saved MSRs do not fit KVM's MSR list.
+    #[error("invalid snapshot: MSRs: {0:?}")]
+    MsrList(vmm_sys_util::fam::Error),
+    /// KVM did not take a saved MSR.
+    #[error("invalid snapshot: KVM refused MSR {0:#x}")]
+    MsrRefused(u32),
+    /// Guest memory could not be read while saving it.
+    #[error("reading guest memory: {0}")]
+    ReadGuestMemory(vm_memory::GuestMemoryError),
+    /// The memory file is not as long as its layout says.
+    #[error("invalid snapshot: memory file size does not match its layout")]
+    MemoryFileSize,
+    /// The memory layout names addresses this VM's memory does not have.
+    #[error("invalid snapshot: snapshot memory does not fit the guest: {0}")]
+    MemoryDoesNotFit(vm_memory::GuestMemoryError),
+    /// `state.json` could not be encoded.
+    #[error("encoding the snapshot state: {0}")]
+    Encode(serde_json::Error),
+    /// `state.json` is not a snapshot state.
     #[error("invalid snapshot: {0}")]
-    Invalid(String),
+    Decode(serde_json::Error),
+    /// A format version this VMM does not read.
+    #[error("invalid snapshot: snapshot version {0} (this VMM reads {SNAPSHOT_VERSION})")]
+    Version(u32),
+    /// The saved virtio transport does not fit the device.
+    #[error("invalid snapshot: {0}")]
+    Transport(RestoreError),
+    /// The saved serial port state is not one the UART accepts.
+    #[error("invalid snapshot: {0}")]
+    Device(DeviceError),
+    /// Only single-vCPU VMs can be snapshotted for now.
+    #[error("snapshots of VMs with more than one vCPU are not supported yet")]
+    MultiVcpu,
+    /// A running VM has no consistent state to save.
+    #[error("pause the VM before taking a snapshot")]
+    NotPaused,
+    /// The vCPU parked without leaving its registers behind.
+    #[error("the vCPU state was not captured at pause")]
+    VcpuNotCaptured,
+    /// A thread panicked while holding a device's lock.
+    #[error("{0} lock poisoned")]
+    Poisoned(&'static str),
 }
 
 fn k(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotError {
     move |e| SnapshotError::Kvm(what, e)
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    move |error| SnapshotError::Io {
+        path: path.to_path_buf(),
+        error,
+    }
 }
 
 /// Captures a (stopped) vCPU.
@@ -150,14 +203,12 @@ pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), SnapshotError> {
         })
         .collect();
     for chunk in entries.chunks(64) {
-        let msrs = Msrs::from_entries(chunk)
-            .map_err(|e| SnapshotError::Invalid(format!("MSRs: {e:?}")))?;
+        let msrs = Msrs::from_entries(chunk).map_err(SnapshotError::MsrList)?;
+        // KVM_SET_MSRS stops at the first MSR it refuses and returns how many it took.
         let n = vcpu.set_msrs(&msrs).map_err(k("set MSRs"))?;
         if n != chunk.len() {
-            return Err(SnapshotError::Invalid(format!(
-                "KVM refused MSR {:#x}",
-                chunk[n].index
-            )));
+            let index = chunk.get(n).map_or(0, |e| e.index);
+            return Err(SnapshotError::MsrRefused(index));
         }
     }
     vcpu.set_mp_state(s.mp_state).map_err(k("set mp state"))?;
@@ -202,8 +253,7 @@ const PAGE: usize = 4096;
 
 /// Writes guest memory to `path`, skipping all-zero pages (they stay holes).
 pub fn save_memory(mem: &GuestMem, path: &Path) -> Result<Vec<(u64, u64)>, SnapshotError> {
-    let io = |e| SnapshotError::Io(path.display().to_string(), e);
-    let f = File::create(path).map_err(io)?;
+    let f = File::create(path).map_err(io(path))?;
     let mut layout = Vec::new();
     let mut file_off = 0u64;
     let mut page = vec![0u8; PAGE];
@@ -213,17 +263,17 @@ pub fn save_memory(mem: &GuestMem, path: &Path) -> Result<Vec<(u64, u64)>, Snaps
         let mut off = 0;
         while off < len {
             mem.read_slice(&mut page, GuestAddress(start + off))
-                .map_err(|e| SnapshotError::Invalid(format!("reading guest memory: {e}")))?;
+                .map_err(SnapshotError::ReadGuestMemory)?;
             if page.iter().any(|b| *b != 0) {
-                f.write_all_at(&page, file_off + off).map_err(io)?;
+                f.write_all_at(&page, file_off + off).map_err(io(path))?;
             }
             off += PAGE as u64;
         }
         layout.push((start, len));
         file_off += len;
     }
-    f.set_len(file_off).map_err(io)?;
-    f.sync_all().map_err(io)?;
+    f.set_len(file_off).map_err(io(path))?;
+    f.sync_all().map_err(io(path))?;
     Ok(layout)
 }
 
@@ -236,13 +286,10 @@ pub fn restore_memory(
 ) -> Result<(), SnapshotError> {
     use nix::unistd::{lseek, Whence};
     use std::os::fd::AsRawFd;
-    let io = |e| SnapshotError::Io(path.display().to_string(), e);
-    let f = File::open(path).map_err(io)?;
+    let f = File::open(path).map_err(io(path))?;
     let total: u64 = layout.iter().map(|(_, l)| l).sum();
-    if f.metadata().map_err(io)?.len() != total {
-        return Err(SnapshotError::Invalid(
-            "memory file size does not match its layout".into(),
-        ));
+    if f.metadata().map_err(io(path))?.len() != total {
+        return Err(SnapshotError::MemoryFileSize);
     }
     // File offset -> guest-physical address.
     let to_gpa = |off: u64| -> Option<(u64, u64)> {
@@ -261,17 +308,17 @@ pub fn restore_memory(
         let Ok(data) = lseek(f.as_raw_fd(), off as i64, Whence::SeekData) else {
             break; // ENXIO: no data past `off`
         };
-        let hole = lseek(f.as_raw_fd(), data, Whence::SeekHole).map_err(|e| io(e.into()))? as u64;
+        let hole =
+            lseek(f.as_raw_fd(), data, Whence::SeekHole).map_err(|e| io(path)(e.into()))? as u64;
         let mut at = data as u64;
         while at < hole {
             let Some((gpa, left_in_region)) = to_gpa(at) else {
                 break;
             };
             let n = (hole - at).min(buf.len() as u64).min(left_in_region) as usize;
-            f.read_exact_at(&mut buf[..n], at).map_err(io)?;
-            mem.write_slice(&buf[..n], GuestAddress(gpa)).map_err(|e| {
-                SnapshotError::Invalid(format!("snapshot memory does not fit the guest: {e}"))
-            })?;
+            f.read_exact_at(&mut buf[..n], at).map_err(io(path))?;
+            mem.write_slice(&buf[..n], GuestAddress(gpa))
+                .map_err(SnapshotError::MemoryDoesNotFit)?;
             at += n as u64;
         }
         off = hole;
@@ -296,23 +343,18 @@ pub struct SnapshotOut<'a> {
 pub fn write_state(dir: &Path, s: &SnapshotOut<'_>) -> Result<(), SnapshotError> {
     let path = dir.join("state.json");
     let tmp = dir.join("state.json.tmp");
-    let text = serde_json::to_vec(s).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
-    std::fs::write(&tmp, text).map_err(|e| SnapshotError::Io(tmp.display().to_string(), e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| SnapshotError::Io(path.display().to_string(), e))
+    let text = serde_json::to_vec(s).map_err(SnapshotError::Encode)?;
+    std::fs::write(&tmp, text).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))
 }
 
 /// Reads `state.json`.
 pub fn read_state(dir: &Path) -> Result<Snapshot, SnapshotError> {
     let path = dir.join("state.json");
-    let text =
-        std::fs::read(&path).map_err(|e| SnapshotError::Io(path.display().to_string(), e))?;
-    let s: Snapshot =
-        serde_json::from_slice(&text).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+    let text = std::fs::read(&path).map_err(io(&path))?;
+    let s: Snapshot = serde_json::from_slice(&text).map_err(SnapshotError::Decode)?;
     if s.version != SNAPSHOT_VERSION {
-        return Err(SnapshotError::Invalid(format!(
-            "snapshot version {} (this VMM reads {SNAPSHOT_VERSION})",
-            s.version
-        )));
+        return Err(SnapshotError::Version(s.version));
     }
     Ok(s)
 }

@@ -4,15 +4,11 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
-};
-use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit, VmFd};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit};
 use tessera_virtio::blk::Block;
 use tessera_virtio::mmio::{MmioTransport, MMIO_WINDOW};
-use tessera_virtio::GuestMem;
 use tessera_virtio::Interrupt;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use std::os::unix::thread::JoinHandleExt;
@@ -20,11 +16,13 @@ use std::path::Path;
 
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::acpi::AcpiError;
 use crate::api;
 use crate::config::VmConfig;
 use crate::control::{Control, RunState, SerialTee};
 use crate::devices::{PioAction, PioBus};
 use crate::layout::*;
+use crate::memory::{self, MemoryError};
 use crate::snapshot::{self, SnapshotError, VcpuState};
 use crate::{boot, vcpu};
 
@@ -56,38 +54,90 @@ pub enum StopReason {
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     /// A KVM call failed.
-    #[error("KVM {what}: {source}")]
+    #[error("KVM {what}: {error}")]
     Kvm {
         /// Which call.
         what: &'static str,
         /// The error.
-        source: kvm_ioctls::Error,
+        error: kvm_ioctls::Error,
     },
+    /// The spec asks for a vCPU count we do not run.
+    #[error("vcpus must be 1 to {MAX_VCPUS}, not {0}")]
+    VcpuCount(u8),
     /// Guest memory could not be set up.
-    #[error("guest memory: {0}")]
-    Memory(String),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
     /// Booting failed.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    /// The ACPI tables could not be written.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
     /// The disk could not be opened.
     #[error("disk: {0}")]
-    Disk(#[from] tessera_disk::DiskError),
-    /// Something else the VMM needs failed.
-    #[error("{0}")]
-    Setup(String),
-    /// The guest did something KVM could not handle.
-    #[error("guest failed: {0}")]
-    Guest(String),
+    Disk(tessera_disk::DiskError),
+    /// An eventfd for an interrupt or queue notification could not be made.
+    #[error("eventfd: {0}")]
+    EventFd(std::io::Error),
+    /// The vCPU kick signal's handler could not be installed.
+    #[error("signal handler: {0}")]
+    SignalHandler(vmm_sys_util::errno::Error),
+    /// The control API socket could not be bound.
+    #[error("control API socket {}: {error}", .path.display())]
+    ApiSocket {
+        /// The socket path.
+        path: std::path::PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// A vCPU or I/O thread could not be started.
+    #[error("starting thread {name}: {error}")]
+    Thread {
+        /// The thread's name.
+        name: String,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The vCPU threads ended without reporting why.
+    #[error("the vCPU thread died")]
+    VcpuThreadDied,
+    /// A thread panicked while holding a device's lock.
+    #[error("{0} lock poisoned")]
+    Poisoned(&'static str),
+    /// The guest halted with interrupts off: nothing can ever wake it.
+    #[error("guest failed: halted with no way to wake up")]
+    Halted,
+    /// KVM could not emulate an instruction of the guest.
+    #[error("guest failed: KVM internal error (emulation failure)")]
+    EmulationFailure,
+    /// The hardware refused to enter the guest (bad vCPU state).
+    #[error("guest failed: VM entry failed: reason {reason:#x} on cpu {cpu}")]
+    EntryFailed {
+        /// The hardware's entry failure reason.
+        reason: u64,
+        /// The physical CPU.
+        cpu: u32,
+    },
     /// Snapshot or restore failed.
     #[error("snapshot: {0}")]
-    Snapshot(#[from] SnapshotError),
-    /// Not implemented yet.
-    #[error("{0} is not supported yet")]
-    Unsupported(&'static str),
+    Snapshot(SnapshotError),
+}
+
+impl From<SnapshotError> for VmError {
+    fn from(e: SnapshotError) -> VmError {
+        VmError::Snapshot(e)
+    }
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
-    move |source| VmError::Kvm { what, source }
+    move |error| VmError::Kvm { what, error }
+}
+
+fn thread(name: &str) -> impl FnOnce(std::io::Error) -> VmError + '_ {
+    move |error| VmError::Thread {
+        name: name.to_string(),
+        error,
+    }
 }
 
 struct IrqFd(EventFd);
@@ -129,10 +179,7 @@ pub fn run(
         control: control.clone(),
     });
     if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
-        return Err(VmError::Setup(format!(
-            "vcpus must be 1 to {MAX_VCPUS}, not {}",
-            cfg.vcpus
-        )));
+        return Err(VmError::VcpuCount(cfg.vcpus));
     }
     control.set_vcpus(cfg.vcpus as usize);
     let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
@@ -148,8 +195,8 @@ pub fn run(
     })
     .map_err(kvm("create PIT"))?;
 
-    let mem = guest_memory(cfg.memory_mib)?;
-    register_memory(&vm, &mem, cfg.track_dirty_pages)?;
+    let mem = memory::guest_memory(cfg.memory_mib)?;
+    memory::register_memory(&vm, &mem, cfg.track_dirty_pages)?;
     if let Some((dir, snap)) = &restored {
         snapshot::restore_memory(&mem, &dir.join("memory"), &snap.memory)?;
         snapshot::restore_vm(&vm, &snap.vm)?;
@@ -158,8 +205,8 @@ pub fn run(
     let mut cmdline = cfg.cmdline.clone();
     let mut virtio: Option<Arc<Mutex<MmioTransport>>> = None;
     if let Some(disk) = &cfg.disk {
-        let disk = tessera_disk::open(disk)?;
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Setup(e.to_string()))?;
+        let disk = tessera_disk::open(disk).map_err(VmError::Disk)?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         vm.register_irqfd(&irq, VIRTIO_IRQ)
             .map_err(kvm("register virtio irqfd"))?;
         let t = Arc::new(Mutex::new(MmioTransport::new(
@@ -168,7 +215,7 @@ pub fn run(
             Arc::new(IrqFd(irq)),
         )));
         // Queue notifications land in an eventfd (no exit to us); an I/O thread serves them.
-        let notify = EventFd::new(0).map_err(|e| VmError::Setup(e.to_string()))?;
+        let notify = EventFd::new(0).map_err(VmError::EventFd)?;
         vm.register_ioevent(
             &notify,
             &IoEventAddress::Mmio(VIRTIO_MMIO_BASE + 0x50),
@@ -187,7 +234,7 @@ pub fn run(
                     Err(_) => return,
                 }
             })
-            .map_err(|e| VmError::Setup(e.to_string()))?;
+            .map_err(thread("virtio-blk"))?;
         // With one vCPU the guest gets no ACPI tables and finds the disk the way Linux
         // parses it from the command line; with more, the DSDT describes it.
         if cfg.vcpus == 1 {
@@ -196,9 +243,7 @@ pub fn run(
             ));
         }
         if let Some(saved) = restored.as_ref().and_then(|(_, s)| s.virtio.as_ref()) {
-            lock(&t)?
-                .restore(saved)
-                .map_err(|e| VmError::Snapshot(SnapshotError::Invalid(e)))?;
+            lock(&t)?.restore(saved).map_err(SnapshotError::Transport)?;
         }
         virtio = Some(t);
     }
@@ -219,12 +264,12 @@ pub fn run(
             entry.rip
         }
     };
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Setup(e.to_string()))?;
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)
         .map_err(kvm("register serial irqfd"))?;
     let pio = match &restored {
         Some((_, snap)) => PioBus::restored(serial_out, serial_irq, start, &snap.serial)
-            .map_err(|e| VmError::Snapshot(SnapshotError::Invalid(e)))?,
+            .map_err(SnapshotError::Device)?,
         None => PioBus::new(serial_out, serial_irq, start),
     };
     let pio = Arc::new(Mutex::new(pio));
@@ -245,8 +290,7 @@ pub fn run(
     let saved_vcpu: Arc<Mutex<Option<VcpuState>>> = Arc::new(Mutex::new(None));
     // A no-op handler: the signal's only job is to make KVM_RUN return EINTR.
     extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-    register_signal_handler(SIGRTMIN(), kick_handler)
-        .map_err(|e| VmError::Setup(format!("signal handler: {e}")))?;
+    register_signal_handler(SIGRTMIN(), kick_handler).map_err(VmError::SignalHandler)?;
 
     // The API comes up before the vCPU so a failure to bind it stops nothing half-started.
     let vcpu_pthreads: Arc<std::sync::OnceLock<Vec<libc::pthread_t>>> =
@@ -281,25 +325,32 @@ pub fn run(
         let vcpu_count = cfg.vcpus;
         Arc::new(move |dir: &Path| {
             if vcpu_count > 1 {
-                return Err(
-                    "snapshots of VMs with more than one vCPU are not supported yet".into(),
-                );
+                return Err(SnapshotError::MultiVcpu);
             }
             if control.state() != RunState::Paused {
-                return Err("pause the VM before taking a snapshot".into());
+                return Err(SnapshotError::NotPaused);
             }
             let started = Instant::now();
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let saved = saved.lock().map_err(|_| "vCPU state lock poisoned")?;
-            let vcpu = saved
-                .as_ref()
-                .ok_or("the vCPU state was not captured at pause")?;
-            let memory =
-                snapshot::save_memory(&mem, &dir.join("memory")).map_err(|e| e.to_string())?;
-            let vm_state = snapshot::save_vm(&vm).map_err(|e| e.to_string())?;
-            let serial = pio.lock().map_err(|_| "serial lock poisoned")?.save();
+            std::fs::create_dir_all(dir).map_err(|error| SnapshotError::Io {
+                path: dir.to_path_buf(),
+                error,
+            })?;
+            let saved = saved
+                .lock()
+                .map_err(|_| SnapshotError::Poisoned("vCPU state"))?;
+            let vcpu = saved.as_ref().ok_or(SnapshotError::VcpuNotCaptured)?;
+            let memory = snapshot::save_memory(&mem, &dir.join("memory"))?;
+            let vm_state = snapshot::save_vm(&vm)?;
+            let serial = pio
+                .lock()
+                .map_err(|_| SnapshotError::Poisoned("serial"))?
+                .save();
             let virtio = match &virtio {
-                Some(t) => Some(t.lock().map_err(|_| "virtio lock poisoned")?.save()),
+                Some(t) => Some(
+                    t.lock()
+                        .map_err(|_| SnapshotError::Poisoned("virtio"))?
+                        .save(),
+                ),
                 None => None,
             };
             snapshot::write_state(
@@ -313,8 +364,7 @@ pub fn run(
                     serial,
                     virtio,
                 },
-            )
-            .map_err(|e| e.to_string())?;
+            )?;
             tracing::info!(dir = %dir.display(), millis = started.elapsed().as_millis() as u64, "snapshot written");
             Ok(())
         })
@@ -324,11 +374,9 @@ pub fn run(
             let (vm, mem, tracking) = (vm.clone(), mem.clone(), cfg.track_dirty_pages);
             Arc::new(move || {
                 if !tracking {
-                    return Err(
-                        "dirty-page tracking is off (start with --track-dirty-pages)".into(),
-                    );
+                    return Err(MemoryError::TrackingOff);
                 }
-                dirty_pages(&vm, &mem).map_err(|e| e.to_string())
+                memory::dirty_pages(&vm, &mem)
             })
         };
         let ops = api::VmOps {
@@ -336,8 +384,12 @@ pub fn run(
             snapshot: take_snapshot,
             dirty,
         };
-        api::serve(path, control.clone(), cfg.clone(), ops)
-            .map_err(|e| VmError::Setup(format!("control API socket {}: {e}", path.display())))?;
+        api::serve(path, control.clone(), cfg.clone(), ops).map_err(|error| {
+            VmError::ApiSocket {
+                path: path.to_path_buf(),
+                error,
+            }
+        })?;
     }
 
     tracing::info!(
@@ -358,8 +410,9 @@ pub fn run(
             kvm_fd.clone(),
             done_tx.clone(),
         );
+        let name = format!("vcpu{index}");
         let thread = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
+            .name(name.clone())
             .spawn(move || {
                 let saved = (index == 0).then_some(&*saved);
                 let res = vcpu_loop(&kvm_fd, &mut vcpu, &pio, virtio.as_ref(), &ctl, saved);
@@ -371,16 +424,14 @@ pub fn run(
                 let first = pio.lock().ok().and_then(|p| p.first_instruction);
                 let _ = done_tx.send((res, first));
             })
-            .map_err(|e| VmError::Setup(e.to_string()))?;
+            .map_err(thread(&name))?;
         pthreads.push(thread.as_pthread_t());
         // Never join or detach a vCPU thread: its pthread id must stay valid for kicks
         // that race with its exit. The handles are deliberately leaked (one per vCPU).
         std::mem::forget(thread);
     }
     let _ = vcpu_pthreads.set(pthreads);
-    let (res, first_instruction) = done_rx
-        .recv()
-        .map_err(|_| VmError::Setup("the vCPU thread died".into()))?;
+    let (res, first_instruction) = done_rx.recv().map_err(|_| VmError::VcpuThreadDied)?;
     let reason = res?;
     if reason == StopReason::PowerOff {
         control.wait_power_off_answered(Duration::from_secs(2));
@@ -405,19 +456,14 @@ fn vcpu_loop(
     control: &Control,
     saved: Option<&Mutex<Option<VcpuState>>>,
 ) -> Result<StopReason, VmError> {
-    let pio_lock = || {
-        pio.lock()
-            .map_err(|_| VmError::Setup("serial lock poisoned".into()))
-    };
+    let pio_lock = || pio.lock().map_err(|_| VmError::Poisoned("serial"));
     loop {
         if control.pending() {
             if let (true, Some(saved)) = (control.pause_requested(), saved) {
                 // Capture the vCPU now: only this thread may touch it, and a snapshot of a
                 // paused VM needs it.
                 let state = snapshot::save_vcpu(kvm_fd, vcpu)?;
-                *saved
-                    .lock()
-                    .map_err(|_| VmError::Setup("vCPU state lock poisoned".into()))? = Some(state);
+                *saved.lock().map_err(|_| VmError::Poisoned("vCPU state"))? = Some(state);
             }
             if control.checkpoint() {
                 return Ok(StopReason::PowerOff);
@@ -448,7 +494,7 @@ fn vcpu_loop(
             }
             Ok(VcpuExit::Hlt) => {
                 // With an in-kernel irqchip HLT stays in KVM; an exit means nothing can wake it.
-                return Err(VmError::Guest("halted with no way to wake up".into()));
+                return Err(VmError::Halted);
             }
             Ok(VcpuExit::Shutdown) => {
                 let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
@@ -459,106 +505,30 @@ fn vcpu_loop(
                 tracing::info!(kind, "guest system event");
                 return Ok(StopReason::Shutdown);
             }
-            Ok(VcpuExit::InternalError) => {
-                return Err(VmError::Guest(
-                    "KVM internal error (emulation failure)".into(),
-                ))
-            }
+            Ok(VcpuExit::InternalError) => return Err(VmError::EmulationFailure),
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                return Err(VmError::Guest(format!(
-                    "VM entry failed: reason {reason:#x} on cpu {cpu}"
-                )))
+                return Err(VmError::EntryFailed { reason, cpu })
             }
             Ok(other) => tracing::debug!(exit = ?other, "unhandled vCPU exit"),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(e) => {
+            Err(error) => {
                 return Err(VmError::Kvm {
                     what: "run vCPU",
-                    source: e,
+                    error,
                 })
             }
         }
     }
 }
 
-/// Pages written since the last call, from KVM's dirty log (guest writes) merged with
-/// the memory bitmap (the VMM's own writes); both are cleared.
-fn dirty_pages(vm: &VmFd, mem: &GuestMem) -> Result<serde_json::Value, VmError> {
-    let mut ranges: Vec<(u64, u64)> = Vec::new();
-    let mut pages = 0u64;
-    for (slot, region) in mem.iter().enumerate() {
-        let len = region.len() as usize;
-        let kvm_bits = vm
-            .get_dirty_log(slot as u32, len)
-            .map_err(kvm("get dirty log"))?;
-        let vmm_bits: &vm_memory::bitmap::AtomicBitmap = vm_memory::MmapRegion::bitmap(region);
-        let base = region.start_addr().raw_value();
-        for page in 0..len / 4096 {
-            let by_guest = kvm_bits
-                .get(page / 64)
-                .is_some_and(|w| w & (1 << (page % 64)) != 0);
-            let by_vmm = vmm_bits.is_addr_set(page * 4096);
-            if by_guest || by_vmm {
-                pages += 1;
-                let gpa = base + page as u64 * 4096;
-                match ranges.last_mut() {
-                    Some((start, l)) if *start + *l == gpa => *l += 4096,
-                    _ => ranges.push((gpa, 4096)),
-                }
-            }
-        }
-        vmm_bits.reset();
-    }
-    Ok(serde_json::json!({ "pages": pages, "ranges": ranges }))
-}
-
 fn lock(
     t: &Arc<Mutex<MmioTransport>>,
 ) -> Result<std::sync::MutexGuard<'_, MmioTransport>, VmError> {
-    t.lock()
-        .map_err(|_| VmError::Setup("virtio device lock poisoned".into()))
+    t.lock().map_err(|_| VmError::Poisoned("virtio device"))
 }
 
 fn mmio_offset(addr: u64, len: usize) -> Option<u64> {
     let end = addr.checked_add(len as u64)?;
     (addr >= VIRTIO_MMIO_BASE && end <= VIRTIO_MMIO_BASE + MMIO_WINDOW)
         .then(|| addr - VIRTIO_MMIO_BASE)
-}
-
-/// RAM below the MMIO hole, and the rest above 4 GiB.
-fn guest_memory(mib: u64) -> Result<GuestMem, VmError> {
-    let size = mib
-        .checked_mul(1 << 20)
-        .ok_or_else(|| VmError::Memory("size overflows".into()))?;
-    if size < (16 << 20) {
-        return Err(VmError::Memory(format!(
-            "{mib} MiB is too little (16 MiB at least)"
-        )));
-    }
-    let mut ranges = vec![(GuestAddress(0), size.min(MMIO_HOLE) as usize)];
-    if size > MMIO_HOLE {
-        ranges.push((GuestAddress(1 << 32), (size - MMIO_HOLE) as usize));
-    }
-    GuestMem::from_ranges(&ranges).map_err(|e| VmError::Memory(e.to_string()))
-}
-
-fn register_memory(vm: &VmFd, mem: &GuestMem, log_dirty: bool) -> Result<(), VmError> {
-    for (slot, region) in mem.iter().enumerate() {
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: if log_dirty {
-                KVM_MEM_LOG_DIRTY_PAGES
-            } else {
-                0
-            },
-            guest_phys_addr: region.start_addr().raw_value(),
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
-        };
-        // SAFETY: the region is a live mmap owned by `mem`, and `run` never unmaps it: at its
-        // end `mem` is deliberately leaked, so the mapping lives as long as the process and
-        // therefore as long as any vCPU of this VM can run.
-        unsafe { vm.set_user_memory_region(r) }.map_err(kvm("register guest memory"))?;
-    }
-    Ok(())
 }
