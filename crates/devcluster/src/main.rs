@@ -6,6 +6,8 @@
 //! It is a launcher for development and demos; it never configures anything the nodes
 //! would not find on their own (each gets a seed file, like a flashed node).
 
+#![forbid(unsafe_code)]
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
