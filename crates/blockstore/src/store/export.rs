@@ -4,8 +4,10 @@
 
 use std::sync::Arc;
 
+use parking_lot::RwLockReadGuard;
+
 use super::read::Source;
-use super::{block_range, Store, VolumeState};
+use super::{block_range, Store, VolumeRuntime, VolumeState};
 use crate::error::{Result, StoreError};
 use crate::format::{BLOCK, BLOCK_SIZE};
 use crate::layer::LayerFiles;
@@ -159,6 +161,20 @@ impl Export {
         }
     }
 
+    /// The volume's runtime, held for reading for the whole write, once the export is
+    /// writable, the volume still exists and `offset..offset+len` lies inside it.
+    fn writable(&self, offset: u64, len: u64) -> Result<RwLockReadGuard<'_, VolumeRuntime>> {
+        let Target::Volume(v) = &self.target else {
+            return Err(StoreError::ReadOnly);
+        };
+        let rt = v.rt.read();
+        if rt.deleted {
+            return Err(StoreError::Gone(v.name.clone()));
+        }
+        Self::check_range(offset, len, rt.size)?;
+        Ok(rt)
+    }
+
     /// Reads `buf.len()` bytes at `offset`. A block failing its checksum fails the read.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.with_chain(|chain, size| {
@@ -175,15 +191,8 @@ impl Export {
     /// Like [`Export::write_at`], taking the buffer: block-aligned writes are logged and
     /// published from it without another copy.
     pub fn write_owned(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<()> {
-        let Target::Volume(v) = &self.target else {
-            return Err(StoreError::ReadOnly);
-        };
         {
-            let rt = v.rt.read();
-            if rt.deleted {
-                return Err(StoreError::Gone(v.name.clone()));
-            }
-            Self::check_range(offset, data.len() as u64, rt.size)?;
+            let rt = self.writable(offset, data.len() as u64)?;
             if offset % BLOCK == 0 && data.len() % BLOCK_SIZE == 0 && !data.is_empty() {
                 self.store.append_blocks(&rt, offset / BLOCK, data)?;
             } else {
@@ -208,15 +217,8 @@ impl Export {
     }
 
     fn zero_range(&self, offset: u64, len: u64, allocate: bool, fua: bool) -> Result<()> {
-        let Target::Volume(v) = &self.target else {
-            return Err(StoreError::ReadOnly);
-        };
         {
-            let rt = v.rt.read();
-            if rt.deleted {
-                return Err(StoreError::Gone(v.name.clone()));
-            }
-            Self::check_range(offset, len, rt.size)?;
+            let rt = self.writable(offset, len)?;
             let end = offset + len;
             let first_full = offset.div_ceil(BLOCK);
             let end_full = end / BLOCK;
