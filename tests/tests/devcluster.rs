@@ -134,21 +134,12 @@ fn check_cli(password: &str, ca: &str) {
     assert_eq!(mode & 0o777, 0o600);
     let (ok, _, err) = cli(h, &["cluster", "status"], "");
     assert!(!ok && err.contains("password change required"), "{err}");
-    let (ok, _, err) = cli(
-        h,
-        &["password"],
-        &format!("{password}\nthe new admin password\n"),
-    );
-    assert!(ok, "{err}");
+    check_password_from_stdin(h, password, ca);
     let (ok, out, err) = cli(h, &["--output", "json", "cluster", "status"], "");
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["voters"].as_array().unwrap().len(), 3);
-    let (ok, out, _) = cli(h, &["node", "ls"], "");
-    assert!(
-        ok && out.lines().filter(|l| l.ends_with(" up")).count() == 3,
-        "{out}"
-    );
+    check_node_names(h);
     let (ok, out, err) = cli(
         h,
         &[
@@ -173,6 +164,101 @@ fn check_cli(password: &str, ca: &str) {
     let (ok, _, err) = cli(h, &["token", "create", "--expires", "soon"], "");
     assert!(!ok && err.contains("not a duration"), "{err}");
     check_cli_resources(h);
+}
+
+/// Scripts change a password with two lines on standard input (old, new); one line is
+/// refused before anything is sent, and the new password is the one that logs in.
+fn check_password_from_stdin(h: &std::path::Path, password: &str, ca: &str) {
+    let (ok, _, err) = cli(h, &["password"], &format!("{password}\n"));
+    assert!(
+        !ok && err.contains("no new password on standard input"),
+        "{err}"
+    );
+    let (ok, out, err) = cli(
+        h,
+        &["password"],
+        &format!("{password}\nthe new admin password\n"),
+    );
+    assert!(ok && out.contains("password changed"), "{err}");
+    let other = tempfile::tempdir().unwrap();
+    let login = |pw: &str| {
+        cli(
+            other.path(),
+            &["--api", "https://127.0.0.1:8006", "--ca-file", ca, "login"],
+            &format!("{pw}\n"),
+        )
+    };
+    let (ok, _, err) = login(password);
+    assert!(
+        !ok && err.contains("401"),
+        "the old password still works: {err}"
+    );
+    let (ok, out, err) = login("the new admin password");
+    assert!(ok && !out.contains("must be changed"), "{out}{err}");
+}
+
+/// The name every node of the local cluster goes by: they share this machine's host
+/// name, so each is told apart by its address.
+fn node_name(i: u32) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    format!("{}/127.0.0.{i}", host.trim())
+}
+
+/// A 32-hex node id anywhere in `text`.
+fn has_node_id(text: &str) -> bool {
+    text.split(|c: char| !c.is_ascii_hexdigit())
+        .any(|w| w.len() == 32)
+}
+
+/// People see nodes by name, the leader included; ids only in JSON and the wide view.
+fn check_node_names(h: &std::path::Path) {
+    let (ok, out, err) = cli(h, &["node", "ls"], "");
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.ends_with(" up")).count(),
+        3,
+        "{out}"
+    );
+    assert!(out.starts_with("NAME "), "{out}");
+    for i in 1..=3 {
+        let name = node_name(i);
+        assert!(
+            out.lines().any(|l| l.starts_with(&format!("{name} "))),
+            "{name} missing: {out}"
+        );
+    }
+    assert!(!has_node_id(&out), "ids in the table: {out}");
+    let (ok, json, _) = cli(h, &["--output", "json", "node", "ls"], "");
+    assert!(ok);
+    let ids: Vec<String> = json_of(&json)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    let (ok, wide, _) = cli(h, &["--output", "wide", "node", "ls"], "");
+    assert!(
+        ok && ids.iter().all(|id| wide.contains(id.as_str())),
+        "{wide}"
+    );
+
+    let (ok, out, err) = cli(h, &["cluster", "status"], "");
+    assert!(ok, "{err}");
+    let leader = out
+        .lines()
+        .find_map(|l| l.strip_prefix("leader:"))
+        .unwrap_or_else(|| panic!("no leader line: {out}"))
+        .trim()
+        .to_string();
+    assert!(
+        (1..=3).any(|i| leader == node_name(i)),
+        "the leader is not named as a node: {out}"
+    );
+    assert!(
+        ids.iter().all(|id| !out.contains(id.as_str())),
+        "node ids in the status: {out}"
+    );
 }
 
 fn json_of(out: &str) -> serde_json::Value {
@@ -205,6 +291,25 @@ fn check_cli_resources(h: &std::path::Path) {
     assert_eq!(String::from_utf8_lossy(&size.stdout).trim(), "67108864");
     let shown = ok(&["volume", "show", "vol1"]);
     assert!(shown.contains("snapshot     s1 (ready)"), "{shown}");
+    assert!(shown.contains("64.0 MiB"), "{shown}");
+    // Tables: human sizes and the node's name; JSON keeps bytes.
+    let listed = ok(&["volume", "ls"]);
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with("vol1 "))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(
+        line.contains(" 64.0 MiB ") && line.contains(&node_name(3)),
+        "{listed}"
+    );
+    assert!(!has_node_id(&listed), "{listed}");
+    let vol1 = vols
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "vol1")
+        .unwrap();
+    assert_eq!(vol1["size_bytes"], 64 << 20);
 
     let (fail, _, err) = cli(h, &["volume", "create", "odd", "--size", "1000"], "");
     assert!(
@@ -244,7 +349,12 @@ fn check_cli_resources(h: &std::path::Path) {
     assert_eq!(vm["memory_mib"], 256);
     assert_eq!(vm["disks"], serde_json::json!(["vol2"]));
     assert_eq!(vm["networks"], serde_json::json!(["lan"]));
-    assert!(ok(&["vm", "ls"]).lines().any(|l| l.starts_with("web ")));
+    let vms = ok(&["vm", "ls"]);
+    assert!(
+        vms.lines()
+            .any(|l| l.starts_with("web ") && l.contains(" 256.0 MiB ")),
+        "{vms}"
+    );
     let (fail, _, err) = cli(h, &["volume", "rm", "vol2"], "");
     assert!(
         !fail && err.contains("409") && err.contains("attached"),
