@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use crate::admin::{
+use tessera_store_admin::{
     AdminError, AdminOp, AdminReply, AdminRequest, AdminResponse, Outcome, ADMIN_VERSION,
 };
 

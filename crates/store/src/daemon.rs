@@ -11,10 +11,11 @@ use tessera_nbd::ServerConfig;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::admin::{
-    self, AdminError, AdminOp, AdminReply, AdminResponse, ErrorKind, Outcome, ADMIN_VERSION,
-};
 use crate::exports::StoreExports;
+use tessera_store_admin::{
+    self as admin, AdminError, AdminOp, AdminReply, AdminResponse, ErrorKind, Outcome,
+    ADMIN_VERSION,
+};
 
 /// Everything the daemon needs to run, validated before anything starts.
 #[derive(Clone, Debug)]

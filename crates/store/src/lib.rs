@@ -2,11 +2,12 @@
 //!
 //! It owns one block store (`tessera-blockstore`), serves its volumes and snapshots over
 //! NBD (`tessera-nbd`) on TCP and a Unix socket, and takes volume administration on a
-//! local admin socket. It does not decide anything about the cluster: `tesserad` tells it
-//! what to create, and later which generation and replicas a volume has.
+//! local admin socket (the protocol is `tessera-store-admin`). It does not decide anything
+//! about the cluster: `tesserad` tells it what to create, and later which generation and
+//! replicas a volume has.
 
-pub mod admin;
+#![forbid(unsafe_code)]
+
 pub mod admin_client;
 pub mod daemon;
 pub mod exports;
-pub mod size;

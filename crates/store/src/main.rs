@@ -1,5 +1,7 @@
 //! `tessera-store`: run the block-storage service, or administer a running one.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,10 +10,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tessera_blockstore::StoreOptions;
-use tessera_store::admin::{AdminOp, AdminReply};
 use tessera_store::admin_client::AdminClient;
 use tessera_store::daemon::{self, DaemonConfig};
-use tessera_store::size::{format_size, parse_size};
+use tessera_store_admin::{AdminOp, AdminReply};
+use tessera_units::{format_size, parse_size};
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/tessera/store";
 

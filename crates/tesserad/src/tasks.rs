@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tessera_state::{Command, Node, Require};
-use tessera_store::admin::{AdminOp, ErrorKind};
+use tessera_store_admin::{AdminOp, ErrorKind};
 use tessera_store::admin_client::{AdminClient, AdminClientError};
 
 use crate::api::{del, event, get, put};

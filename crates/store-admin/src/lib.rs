@@ -1,0 +1,243 @@
+//! tessera-store-admin: the admin protocol of `tessera-store`, defined once.
+//!
+//! Typed JSON lines over a Unix socket: one request per line, one reply per line, in
+//! order. Every message carries the protocol version `v`; unknown fields and unknown
+//! operations are refused with a clear error, so `tesserad` and the store can be upgraded
+//! apart and notice a mismatch. The store (server side), its CLI and `tesserad`'s task
+//! runner (client side) all use these types; `docs/admin-protocol.md` describes the wire.
+//!
+//! This crate holds data and the codec only: no sockets, no store. Replies carry the
+//! block store's own descriptions of volumes and snapshots (`tessera-blockstore`).
+
+#![forbid(unsafe_code)]
+
+use serde::{Deserialize, Serialize};
+use tessera_blockstore::{ScrubReport, SnapshotInfo, StoreError, VolumeInfo};
+
+/// Version of the admin protocol spoken by this build.
+pub const ADMIN_VERSION: u32 = 1;
+/// Longest request line accepted.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// A request line.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminRequest {
+    /// Protocol version.
+    pub v: u32,
+    /// What to do.
+    pub op: AdminOp,
+}
+
+/// The operations. `tesserad` records the ones it asks a store to do as its tasks' `op`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdminOp {
+    /// Create a thin volume.
+    CreateVolume {
+        /// Name.
+        name: String,
+        /// Size in bytes.
+        // Tasks recorded before the task runner shared these types spelled it so.
+        #[serde(alias = "size_bytes")]
+        size: u64,
+    },
+    /// List volumes.
+    ListVolumes,
+    /// Describe one volume.
+    VolumeInfo {
+        /// Name.
+        name: String,
+    },
+    /// Grow a volume.
+    ResizeVolume {
+        /// Name.
+        name: String,
+        /// New size in bytes.
+        size: u64,
+    },
+    /// Delete a volume and its snapshots.
+    DeleteVolume {
+        /// Name.
+        name: String,
+    },
+    /// Snapshot a volume.
+    CreateSnapshot {
+        /// Volume.
+        volume: String,
+        /// Snapshot name.
+        snapshot: String,
+    },
+    /// Delete a snapshot.
+    DeleteSnapshot {
+        /// Volume.
+        volume: String,
+        /// Snapshot name.
+        snapshot: String,
+    },
+    /// Clone a snapshot into a new volume.
+    CloneSnapshot {
+        /// Volume.
+        volume: String,
+        /// Snapshot name.
+        snapshot: String,
+        /// New volume name.
+        name: String,
+    },
+    /// Verify every stored block.
+    Scrub,
+}
+
+impl AdminOp {
+    /// In words, for logs and events.
+    pub fn describe(&self) -> String {
+        match self {
+            AdminOp::CreateVolume { name, size } => {
+                format!("create volume {name} ({size} bytes)")
+            }
+            AdminOp::ListVolumes => "list volumes".into(),
+            AdminOp::VolumeInfo { name } => format!("describe volume {name}"),
+            AdminOp::ResizeVolume { name, size } => {
+                format!("resize volume {name} to {size} bytes")
+            }
+            AdminOp::DeleteVolume { name } => format!("delete volume {name}"),
+            AdminOp::CreateSnapshot { volume, snapshot } => {
+                format!("snapshot {volume}@{snapshot}")
+            }
+            AdminOp::DeleteSnapshot { volume, snapshot } => {
+                format!("delete snapshot {volume}@{snapshot}")
+            }
+            AdminOp::CloneSnapshot {
+                volume,
+                snapshot,
+                name,
+            } => format!("clone {volume}@{snapshot} to {name}"),
+            AdminOp::Scrub => "scrub the store".into(),
+        }
+    }
+}
+
+/// A reply line.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminResponse {
+    /// Protocol version.
+    pub v: u32,
+    /// The outcome.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// Success or failure.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// It worked.
+    Ok(AdminReply),
+    /// It did not.
+    Error(AdminError),
+}
+
+/// What a successful operation returns.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum AdminReply {
+    /// A volume.
+    Volume(VolumeInfo),
+    /// Volumes.
+    Volumes(Vec<VolumeInfo>),
+    /// A snapshot.
+    Snapshot(SnapshotInfo),
+    /// A scrub report.
+    Scrub(ScrubReport),
+    /// Nothing to return.
+    Done,
+}
+
+/// Why an operation failed, in a form a program can branch on.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AdminError {
+    /// Machine-readable class.
+    pub kind: ErrorKind,
+    /// Human-readable reason.
+    pub message: String,
+}
+
+/// Classes of admin errors.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request line could not be understood.
+    BadRequest,
+    /// The client speaks another protocol version.
+    UnsupportedVersion,
+    /// A field has an unacceptable value.
+    Invalid,
+    /// No such volume or snapshot.
+    NotFound,
+    /// The name is taken.
+    AlreadyExists,
+    /// In use.
+    Busy,
+    /// The store's filesystem is full.
+    NoSpace,
+    /// An I/O or internal error.
+    Io,
+}
+
+impl From<&StoreError> for AdminError {
+    fn from(e: &StoreError) -> Self {
+        let kind = match e {
+            StoreError::Invalid { .. } | StoreError::OutOfRange { .. } | StoreError::ReadOnly => {
+                ErrorKind::Invalid
+            }
+            StoreError::NotFound(_) | StoreError::Gone(_) => ErrorKind::NotFound,
+            StoreError::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            StoreError::Busy(..) | StoreError::Locked(_) => ErrorKind::Busy,
+            StoreError::NoSpace { .. } => ErrorKind::NoSpace,
+            StoreError::Io { .. } | StoreError::Corrupt { .. } | StoreError::BadCatalog { .. } => {
+                ErrorKind::Io
+            }
+        };
+        AdminError {
+            kind,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for AdminError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.message)
+    }
+}
+
+impl std::error::Error for AdminError {}
+
+/// Parses one request line into a request or the error reply to send back.
+pub fn parse_request(line: &str) -> Result<AdminOp, AdminError> {
+    #[derive(Deserialize)]
+    struct Peek {
+        v: Option<u32>,
+    }
+    // Look at the version first so a newer client gets "unsupported version", not a
+    // confusing complaint about a field it added.
+    if let Ok(Peek { v: Some(v) }) = serde_json::from_str::<Peek>(line) {
+        if v != ADMIN_VERSION {
+            return Err(AdminError {
+                kind: ErrorKind::UnsupportedVersion,
+                message: format!("admin protocol version {v} is not supported (this store speaks {ADMIN_VERSION})"),
+            });
+        }
+    }
+    serde_json::from_str::<AdminRequest>(line)
+        .map(|r| r.op)
+        .map_err(|e| AdminError {
+            kind: ErrorKind::BadRequest,
+            message: e.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests;
