@@ -83,10 +83,7 @@ impl Store {
     /// Describes one volume.
     pub fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
         let cat = self.inner.catalog.lock();
-        let v = cat
-            .volumes
-            .get(name)
-            .ok_or_else(|| StoreError::NotFound(format!("volume {name}")))?;
+        let v = volume_meta(&cat, name)?;
         let allocated = self
             .inner
             .layers
@@ -118,11 +115,7 @@ impl Store {
     pub fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
         catalog::validate_size(size)?;
         let mut cat = self.inner.catalog.lock();
-        let old = cat
-            .volumes
-            .get(name)
-            .ok_or_else(|| StoreError::NotFound(format!("volume {name}")))?
-            .size;
+        let old = volume_meta(&cat, name)?.size;
         if size < old {
             return Err(StoreError::Invalid {
                 field: "size",
@@ -167,10 +160,7 @@ impl Store {
     pub fn create_snapshot(&self, volume: &str, snapshot: &str) -> Result<SnapshotInfo> {
         catalog::validate_name("snapshot", snapshot)?;
         let mut cat = self.inner.catalog.lock();
-        let v = cat
-            .volumes
-            .get(volume)
-            .ok_or_else(|| StoreError::NotFound(format!("volume {volume}")))?;
+        let v = volume_meta(&cat, volume)?;
         if v.snapshots.contains_key(snapshot) {
             return Err(StoreError::AlreadyExists(format!(
                 "snapshot {volume}@{snapshot}"
@@ -321,4 +311,11 @@ impl Store {
             }
         }
     }
+}
+
+/// The catalog entry of volume `name`.
+fn volume_meta<'a>(cat: &'a Catalog, name: &str) -> Result<&'a VolumeMeta> {
+    cat.volumes
+        .get(name)
+        .ok_or_else(|| StoreError::NotFound(format!("volume {name}")))
 }
