@@ -147,7 +147,7 @@ pub async fn enroll(
                     tracing::info!(%addr, "received this node's cluster certificate");
                     return save_tls(data_dir, &creds, &ca_pem);
                 }
-                Err(e) => last = e,
+                Err(e) => last = e.to_string(),
             }
         }
         if attempt % 20 == 19 {
@@ -295,7 +295,7 @@ pub async fn join(
                 .await
             {
                 Ok(()) => return Ok(()),
-                Err(e) => last = e,
+                Err(e) => last = e.to_string(),
             }
         }
         tracing::debug!(attempt, error = %last, "join not accepted yet");

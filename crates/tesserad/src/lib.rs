@@ -1,0 +1,108 @@
+//! `tesserad`: the node's management daemon.
+//!
+//! It reads the seed configuration, keeps the node's identity, announces itself on the
+//! management network (UDP multicast and static peers, authenticated with the join
+//! secret), forms the cluster with the other expected nodes (persisting the outcome in
+//! `<data_dir>/formed.json`), gets its cluster certificate (the founding node mints the
+//! CA; the others enroll), then runs its member of the Raft-replicated cluster state over
+//! mutual TLS and registers itself there. A node arriving after formation enrolls and
+//! asks a member to add it (a join request signed with a key derived from the join
+//! secret). Every member serves the REST API over HTTPS (`api`) and runs the tasks
+//! assigned to it against its local `tessera-store` (`tasks`). A local status socket
+//! (`<data_dir>/tesserad.sock`, root only) reports what it knows.
+//!
+//! Where things live: [`run`] wires the parts together; `discovery` is the announce and
+//! formation loop; `bootstrap` turns a formation decision into a running member
+//! (founding, enrolling, joining, restarting); `status` serves the status socket;
+//! `replicated` is this node's Raft member and its TLS credentials. The binary
+//! (`main.rs`) only parses arguments, sets up the process and calls [`run`].
+
+#![forbid(unsafe_code)]
+
+mod api;
+mod bootstrap;
+mod discovery;
+mod health;
+mod housekeeping;
+mod metrics;
+mod records;
+mod replicated;
+mod status;
+mod tables;
+mod tasks;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tessera_cluster::identity::Identity;
+use tessera_cluster::seed::Seed;
+
+/// This node's Raft member, once it has one.
+type SharedNode = Arc<Mutex<Option<Arc<tessera_state::Node>>>>;
+/// When each peer was last heard on the management network.
+type Heard = Arc<Mutex<HashMap<String, Instant>>>;
+
+/// Milliseconds since the epoch (0 if the clock is before it).
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs the daemon with the seed configuration at `seed_path` until SIGINT or SIGTERM.
+pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
+    let seed = Seed::load(seed_path)?;
+    let identity = Identity::load_or_create(&seed.data_dir)?;
+    let me = identity.node_id.clone();
+    let formed_path = seed.data_dir.join("formed.json");
+    let persisted = bootstrap::load_formed(&formed_path)?;
+    tracing::info!(node = %me, cluster = %seed.cluster_name, expected = seed.expected_nodes, address = %seed.management.address, "tesserad starting");
+    if let Some(f) = &persisted {
+        tracing::info!(cluster_id = %f.cluster_id, members = f.members.len(), "already a member of a formed cluster");
+    }
+    // What the status socket and the API report; filled in as the node forms and starts
+    // Raft.
+    let shared: SharedNode = Arc::new(Mutex::new(None));
+    let cluster_id: Arc<Mutex<Option<String>>> =
+        Arc::new(Mutex::new(persisted.as_ref().map(|f| f.cluster_id.clone())));
+    let heard: Heard = Arc::new(Mutex::new(HashMap::new()));
+    let metrics = metrics::start();
+    let api_state = Arc::new(api::ApiState {
+        me: me.clone(),
+        node: shared.clone(),
+        cluster_id: cluster_id.clone(),
+        heard: heard.clone(),
+        metrics: metrics.clone(),
+        lists: Mutex::default(),
+    });
+    status::serve(
+        &seed.data_dir,
+        status::Sources {
+            me: me.clone(),
+            cluster_id: cluster_id.clone(),
+            node: shared.clone(),
+            heard: heard.clone(),
+            metrics: metrics.clone(),
+        },
+    )?;
+    let (joined_tx, joined_rx) = tokio::sync::mpsc::channel(1);
+    let boot = bootstrap::Bootstrap::new(
+        seed,
+        me,
+        formed_path,
+        bootstrap::Published {
+            node: shared,
+            cluster_id,
+            metrics,
+            api: api_state,
+        },
+        joined_tx,
+    );
+    if let Some(f) = &persisted {
+        boot.restart(f).await?;
+    }
+    discovery::run(&boot, persisted, heard, joined_rx).await
+}

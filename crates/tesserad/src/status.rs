@@ -1,0 +1,78 @@
+//! The local status socket, `<data_dir>/tesserad.sock` (mode 0600, so root only): one
+//! JSON request per line, `{"op":"status"}`, answered with what this node knows about
+//! itself, the cluster, its peers' health and its metrics.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use tessera_cluster::identity::NodeId;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::{health, metrics, replicated, Heard, SharedNode};
+
+/// A request line longer than this ends the connection.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+/// What the status document is made of.
+#[derive(Clone)]
+pub(crate) struct Sources {
+    pub me: NodeId,
+    pub cluster_id: Arc<Mutex<Option<String>>>,
+    pub node: SharedNode,
+    pub heard: Heard,
+    pub metrics: metrics::Metrics,
+}
+
+/// Binds the socket and serves it in the background.
+pub(crate) fn serve(dir: &Path, sources: Sources) -> anyhow::Result<()> {
+    let path = dir.join("tesserad.sock");
+    // A socket left by an earlier run would make the bind fail.
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(answer(sock, sources.clone()));
+        }
+    });
+    Ok(())
+}
+
+/// Answers the requests of one connection, one line each.
+async fn answer(sock: UnixStream, sources: Sources) {
+    let (r, mut w) = sock.into_split();
+    let mut r = BufReader::new(r.take(MAX_REQUEST));
+    let mut line = String::new();
+    while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+        let reply = match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(v) if v["op"] == "status" => serde_json::json!({ "ok": document(&sources) }),
+            Ok(v) => serde_json::json!({ "error": format!("unknown op {}", v["op"]) }),
+            Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
+        };
+        let mut out = reply.to_string().into_bytes();
+        out.push(b'\n');
+        if w.write_all(&out).await.is_err() {
+            return;
+        }
+        line.clear();
+    }
+}
+
+/// The status document: identity and Raft view, peers' health, metrics.
+fn document(s: &Sources) -> serde_json::Value {
+    let cid = s
+        .cluster_id
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let n = s.node.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut st = replicated::status(&s.me, cid.as_deref(), n.as_deref());
+    let heard = s.heard.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    st["health"] = health::report(&s.me.0, &st["nodes"], &heard);
+    st["metrics"] = s.metrics.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    st
+}
