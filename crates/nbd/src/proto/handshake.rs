@@ -109,11 +109,8 @@ impl GoRequest {
     pub fn decode(data: &[u8]) -> Result<GoRequest, DecodeError> {
         let mut c = Cursor::new(data, "option payload");
         let name = c.string()?;
-        let n = c.u16()? as usize;
-        let mut info = Vec::with_capacity(n.min(16));
-        for _ in 0..n {
-            info.push(c.u16()?);
-        }
+        let n = c.u16()?;
+        let info = c.repeat(n.into(), Cursor::u16)?;
         c.finish()?;
         Ok(GoRequest { name, info })
     }
@@ -144,11 +141,8 @@ impl MetaRequest {
     pub fn decode(data: &[u8]) -> Result<MetaRequest, DecodeError> {
         let mut c = Cursor::new(data, "option payload");
         let export = c.string()?;
-        let n = c.u32()? as usize;
-        let mut queries = Vec::with_capacity(n.min(16));
-        for _ in 0..n {
-            queries.push(c.string()?);
-        }
+        let n = c.u32()?;
+        let queries = c.repeat(n as usize, Cursor::string)?;
         c.finish()?;
         Ok(MetaRequest { export, queries })
     }

@@ -276,6 +276,19 @@ impl<'a> Cursor<'a> {
         }
         utf8(self.take(n)?, "name")
     }
+    /// `n` items read by `item`. The count comes from the peer, so it reserves little
+    /// up front: a lying count fails when the payload runs out, not in the allocator.
+    fn repeat<T>(
+        &mut self,
+        n: usize,
+        mut item: impl FnMut(&mut Self) -> Result<T, DecodeError>,
+    ) -> Result<Vec<T>, DecodeError> {
+        let mut out = Vec::with_capacity(n.min(16));
+        for _ in 0..n {
+            out.push(item(self)?);
+        }
+        Ok(out)
+    }
     /// Everything left, as text (strings that end a payload carry no length).
     fn rest_utf8(&mut self, what: &'static str) -> Result<String, DecodeError> {
         utf8(std::mem::take(&mut self.rest), what)
