@@ -15,14 +15,15 @@ use std::time::Duration;
 
 use serde_json::json;
 use tessera_state::{Command, Node, Require};
-use tessera_store_admin::{AdminOp, ErrorKind};
 use tessera_store::admin_client::{AdminClient, AdminClientError};
+use tessera_store_admin::{AdminOp, ErrorKind};
 
-use crate::api::{del, event, get, put};
 use crate::now_ms;
+use crate::records::table::{SNAPSHOTS, TASKS, VOLUMES};
 use crate::records::{
     snapshot_key, Snapshot, Task, TaskLog, TaskOp, TaskState, Volume, VolumeState,
 };
+use crate::tables::{del, event, get, put, Table};
 
 fn log(t: &mut Task, message: impl Into<String>) {
     t.log.push(TaskLog {
@@ -40,11 +41,11 @@ pub fn start(node: Arc<Node>, me: String, admin_socket: PathBuf) {
         let mut last_trim = std::time::Instant::now();
         // The tasks table as last scanned: most changes of the state are elsewhere, and a
         // persistent map that did not change is the same pointer.
-        let mut seen: Option<crate::api::Table> = None;
+        let mut seen: Option<Table> = None;
         loop {
             let tasks = node
                 .state
-                .read(|t| t.get("tasks").cloned())
+                .read(|t| t.get(TASKS).cloned())
                 .unwrap_or_default();
             let changed = !seen.as_ref().is_some_and(|s| s.ptr_eq(&tasks));
             let queued: Vec<Task> = if changed {
@@ -83,9 +84,7 @@ pub fn start(node: Arc<Node>, me: String, admin_socket: PathBuf) {
             let leader = node.raft.metrics().borrow().current_leader == Some(node.id);
             if leader && last_trim.elapsed() > Duration::from_secs(1) {
                 last_trim = std::time::Instant::now();
-                crate::api::trim_events(&node).await;
-                crate::api::purge_expired(&node).await;
-                purge_finished(&node).await;
+                crate::housekeeping::sweep(&node).await;
             }
             // Wake on any change of the state, or every 2 s for the periodic work.
             if tokio::time::timeout(Duration::from_secs(2), rx.changed())
@@ -119,7 +118,7 @@ async fn fail_interrupted(node: &Node, me: &str) {
     // The local copy may lag right after a restart; catch up first (best effort).
     let _ = node.sync().await;
     let running: Vec<Task> = node.state.read(|t| {
-        t.get("tasks")
+        t.get(TASKS)
             .map(|tasks| {
                 tasks
                     .values()
@@ -137,9 +136,9 @@ async fn fail_interrupted(node: &Node, me: &str) {
         log(&mut t, "interrupted by a restart of tesserad on this node");
         commit_until_applied(
             node,
-            vec![Require::equals("tasks", &t.id, json!(old))],
+            vec![Require::equals(TASKS, &t.id, json!(old))],
             vec![
-                put("tasks", &t.id, &t),
+                put(TASKS, &t.id, &t),
                 event("task.failed", &t.id, "tesserad", "interrupted by a restart"),
             ],
         )
@@ -175,8 +174,8 @@ async fn run(node: &Node, me: &str, socket: &std::path::Path, queued: Task) {
     log(&mut t, format!("started on node {me}"));
     let claimed = commit_until_applied(
         node,
-        vec![Require::equals("tasks", &t.id, json!(queued))],
-        vec![put("tasks", &t.id, &t)],
+        vec![Require::equals(TASKS, &t.id, json!(queued))],
+        vec![put(TASKS, &t.id, &t)],
     )
     .await;
     if !claimed {
@@ -209,19 +208,19 @@ async fn run(node: &Node, me: &str, socket: &std::path::Path, queued: Task) {
     let now = now_ms();
     match (&t.op, ok) {
         (TaskOp::CreateVolume { name, .. } | TaskOp::CloneSnapshot { name, .. }, true) => {
-            if let Some(mut v) = get::<Volume>(node, "volumes", name) {
+            if let Some(mut v) = get::<Volume>(node, VOLUMES, name) {
                 v.state = VolumeState::Ready;
-                ops.push(put("volumes", name, &v));
+                ops.push(put(VOLUMES, name, &v));
             }
         }
         (TaskOp::CreateVolume { name, .. } | TaskOp::CloneSnapshot { name, .. }, false) => {
-            ops.push(del("volumes", name));
+            ops.push(del(VOLUMES, name));
         }
         (TaskOp::DeleteVolume { name }, true) => {
-            ops.push(del("volumes", name));
+            ops.push(del(VOLUMES, name));
             let prefix = format!("{name}@");
             let snaps: Vec<String> = node.state.read(|tb| {
-                tb.get("snapshots")
+                tb.get(SNAPSHOTS)
                     .map(|s| {
                         s.keys()
                             .filter(|k| k.starts_with(&prefix))
@@ -230,25 +229,25 @@ async fn run(node: &Node, me: &str, socket: &std::path::Path, queued: Task) {
                     })
                     .unwrap_or_default()
             });
-            ops.extend(snaps.iter().map(|k| del("snapshots", k)));
+            ops.extend(snaps.iter().map(|k| del(SNAPSHOTS, k)));
         }
         (TaskOp::DeleteVolume { name }, false) => {
-            if let Some(mut v) = get::<Volume>(node, "volumes", name) {
+            if let Some(mut v) = get::<Volume>(node, VOLUMES, name) {
                 v.state = VolumeState::Ready;
-                ops.push(put("volumes", name, &v));
+                ops.push(put(VOLUMES, name, &v));
             }
         }
         (TaskOp::CreateSnapshot { volume, snapshot }, true)
         | (TaskOp::DeleteSnapshot { volume, snapshot }, false) => {
             let key = snapshot_key(volume, snapshot);
-            if let Some(mut s) = get::<Snapshot>(node, "snapshots", &key) {
+            if let Some(mut s) = get::<Snapshot>(node, SNAPSHOTS, &key) {
                 s.state = VolumeState::Ready;
-                ops.push(put("snapshots", &key, &s));
+                ops.push(put(SNAPSHOTS, &key, &s));
             }
         }
         (TaskOp::CreateSnapshot { volume, snapshot }, false)
         | (TaskOp::DeleteSnapshot { volume, snapshot }, true) => {
-            ops.push(del("snapshots", &snapshot_key(volume, snapshot)));
+            ops.push(del(SNAPSHOTS, &snapshot_key(volume, snapshot)));
         }
     }
     t.progress = 100;
@@ -273,74 +272,8 @@ async fn run(node: &Node, me: &str, socket: &std::path::Path, queued: Task) {
         None => format!("{what} done"),
         Some(e) => format!("{what} failed: {e}"),
     };
-    ops.push(put("tasks", &t.id, &t));
+    ops.push(put(TASKS, &t.id, &t));
     ops.push(event(kind, &t.id, &t.user, &message));
-    commit_until_applied(node, vec![Require::exists("tasks", &t.id)], ops).await;
+    commit_until_applied(node, vec![Require::exists(TASKS, &t.id)], ops).await;
     tracing::info!(task = %t.id, state = ?t.state, "task finished");
-}
-
-/// How long finished tasks are kept.
-const KEEP_FINISHED_MS: u64 = 7 * 24 * 3600 * 1000;
-
-/// The deletions of tasks that finished more than `keep_ms` before `now_ms` (at most `max`).
-fn finished_to_drop(
-    tables: &tessera_state::Tables,
-    now_ms: u64,
-    keep_ms: u64,
-    max: usize,
-) -> Vec<Command> {
-    tables
-        .get("tasks")
-        .map(|tasks| {
-            tasks
-                .iter()
-                .filter(|(_, v)| {
-                    v["finished_ms"]
-                        .as_u64()
-                        .is_some_and(|f| now_ms.saturating_sub(f) > keep_ms)
-                })
-                .take(max)
-                .map(|(k, _)| del("tasks", k))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The leader drops tasks finished more than a week ago.
-async fn purge_finished(node: &Node) {
-    let ops = node
-        .state
-        .read(|t| finished_to_drop(t, now_ms(), KEEP_FINISHED_MS, 500));
-    if ops.is_empty() {
-        return;
-    }
-    if let Err(e) = node
-        .write(Command::Txn {
-            require: vec![],
-            ops,
-        })
-        .await
-    {
-        tracing::debug!(error = %e, "purging finished tasks failed");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_tasks_finished_long_ago_are_dropped() {
-        let mut tasks = imbl::OrdMap::new();
-        tasks.insert("old".to_string(), json!({ "finished_ms": 1_000 }));
-        tasks.insert("recent".to_string(), json!({ "finished_ms": 9_500 }));
-        tasks.insert("running".to_string(), json!({ "finished_ms": null }));
-        let mut tables = tessera_state::Tables::new();
-        tables.insert("tasks".to_string(), tasks);
-        assert_eq!(
-            finished_to_drop(&tables, 10_000, 1_000, 100),
-            vec![del("tasks", "old")]
-        );
-        assert!(finished_to_drop(&tables, 10_000, 1_000, 0).is_empty());
-    }
 }
