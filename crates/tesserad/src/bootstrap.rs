@@ -128,7 +128,7 @@ impl Bootstrap {
                     node.set_ca(ca.clone());
                     replicated::publish_ca(node.clone(), ca);
                 }
-                self.member(node);
+                self.member(node)?;
             }
             None => {
                 tracing::warn!(
@@ -158,7 +158,7 @@ impl Bootstrap {
                 addr_of(m)
             };
             let addr = addr.with_context(|| format!("no address heard for founding member {m}"))?;
-            founders.insert(replicated::raft_id(m), replicated::raft_addr(addr));
+            founders.insert(replicated::raft_id(m)?, replicated::raft_addr(addr));
         }
         let (ca, tls) = replicated::mint(&s.data_dir, &f.cluster_id, &self.me, &self.api_ips)?;
         let node = replicated::start(
@@ -176,7 +176,7 @@ impl Bootstrap {
             node.clone(),
             s.data_dir.join("initial-admin-password"),
         ));
-        self.member(node);
+        self.member(node)?;
         self.set_cluster_id(&f.cluster_id);
         Ok(())
     }
@@ -200,7 +200,7 @@ impl Bootstrap {
     pub(crate) fn joined(&self, f: &Formed, node: Arc<Node>) -> anyhow::Result<()> {
         save_formed(&self.formed_path, f)?;
         tracing::info!(cluster_id = %f.cluster_id, "this node's member of the cluster state is running");
-        self.member(node);
+        self.member(node)?;
         self.set_cluster_id(&f.cluster_id);
         Ok(())
     }
@@ -256,7 +256,7 @@ impl Bootstrap {
 
     /// Once this node is a member: publish it in the cluster state, run its tasks, serve
     /// the API (HTTPS, with the node's cluster certificate).
-    fn member(&self, node: Arc<Node>) {
+    fn member(&self, node: Arc<Node>) -> anyhow::Result<()> {
         let s = &self.seed;
         let api_addr = s.management.api_address();
         match replicated::api_tls(&s.data_dir) {
@@ -276,7 +276,7 @@ impl Bootstrap {
             s.management.address,
             s.storage.nbd,
             self.published.metrics.clone(),
-        );
+        )?;
         tasks::start(
             node.clone(),
             self.me.0.clone(),
@@ -287,5 +287,6 @@ impl Bootstrap {
             .node
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(node);
+        Ok(())
     }
 }

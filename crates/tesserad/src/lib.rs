@@ -36,6 +36,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context;
 use tessera_cluster::identity::Identity;
 use tessera_cluster::seed::Seed;
 
@@ -57,6 +58,9 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
     let seed = Seed::load(seed_path)?;
     let identity = Identity::load_or_create(&seed.data_dir)?;
     let me = identity.node_id.clone();
+    // Checked once here so a damaged identity stops the daemon before it announces
+    // itself, rather than part-way through forming or joining.
+    replicated::raft_id(&me).context("this node's identity")?;
     let formed_path = seed.data_dir.join("formed.json");
     let persisted = bootstrap::load_formed(&formed_path)?;
     tracing::info!(node = %me, cluster = %seed.cluster_name, expected = seed.expected_nodes, address = %seed.management.address, "tesserad starting");

@@ -14,11 +14,25 @@ use tessera_pki::{ClusterCa, NodeCredentials};
 use tessera_state::network::Tls;
 use tessera_state::{Command, Node};
 
-/// The Raft id of a node: the first 64 bits of its node id.
-pub fn raft_id(id: &NodeId) -> u64 {
-    id.0.get(..16)
+/// A node id that is not what an identity is made of (32 lowercase hex digits), so it
+/// has no Raft id.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("node id {0:?} is not 32 lowercase hexadecimal digits")]
+pub struct BadNodeId(String);
+
+/// The Raft id of a node: the first 64 bits of its node id. An id that does not parse is
+/// an error rather than some fixed Raft id, which two such nodes would share.
+pub fn raft_id(id: &NodeId) -> Result<u64, BadNodeId> {
+    let hex = id.0.as_bytes();
+    let well_formed = hex.len() == 32
+        && hex
+            .iter()
+            .all(|&c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
+    well_formed
+        .then(|| id.0.get(..16))
+        .flatten()
         .and_then(|h| u64::from_str_radix(h, 16).ok())
-        .unwrap_or(0)
+        .ok_or_else(|| BadNodeId(id.0.clone()))
 }
 
 /// Raft traffic uses the port after the management port.
@@ -84,7 +98,7 @@ pub fn mint(
     ips: &[std::net::IpAddr],
 ) -> anyhow::Result<(ClusterCa, Tls)> {
     let ca = ClusterCa::mint(cluster_id)?;
-    let name = tessera_state::network::cert_name(raft_id(me));
+    let name = tessera_state::network::cert_name(raft_id(me)?);
     let (key_pem, csr) = tessera_pki::node_key_and_request(&name)?;
     let creds = NodeCredentials {
         cert_pem: ca.issue_with_ips(&csr, &name, ips)?,
@@ -132,6 +146,7 @@ pub async fn enroll(
     peers: &Peers,
     ips: &[std::net::IpAddr],
 ) -> anyhow::Result<Tls> {
+    let my_raft_id = raft_id(me)?;
     let mut last = String::from("no member heard yet");
     for attempt in 0u32.. {
         let candidates: Vec<SocketAddr> = peers
@@ -142,7 +157,7 @@ pub async fn enroll(
             .collect();
         for a in candidates {
             let addr = raft_addr(a).to_string();
-            match tessera_state::network::enroll(&addr, &key, raft_id(me), ips).await {
+            match tessera_state::network::enroll(&addr, &key, my_raft_id, ips).await {
                 Ok((creds, ca_pem)) => {
                     tracing::info!(%addr, "received this node's cluster certificate");
                     return save_tls(data_dir, &creds, &ca_pem);
@@ -172,7 +187,7 @@ pub async fn start(
     founders: Option<BTreeMap<u64, SocketAddr>>,
 ) -> anyhow::Result<Arc<Node>> {
     let node = Node::start(
-        raft_id(me),
+        raft_id(me)?,
         raft_addr(management),
         &data_dir.join("state"),
         Some(key),
@@ -218,7 +233,8 @@ pub fn register(
     management: SocketAddr,
     nbd: Option<SocketAddr>,
     metrics: crate::metrics::Metrics,
-) {
+) -> Result<(), BadNodeId> {
+    let my_raft_id = raft_id(&me)?;
     tokio::spawn(async move {
         let mut registered = false;
         loop {
@@ -228,7 +244,7 @@ pub fn register(
                 key: me.0.clone(),
                 value: json!({
                     "address": management.to_string(),
-                    "raft_id": raft_id(&me),
+                    "raft_id": my_raft_id,
                     "nbd": nbd.map(|a| a.to_string()),
                     "metrics": m,
                 }),
@@ -248,13 +264,14 @@ pub fn register(
             }
         }
     });
+    Ok(())
 }
 
-/// The status document of this node.
+/// The status document of this node (its Raft id null if its node id does not parse).
 pub fn status(me: &NodeId, cluster_id: Option<&str>, node: Option<&Node>) -> serde_json::Value {
     let mut v = json!({
         "node_id": me.0,
-        "raft_id": raft_id(me),
+        "raft_id": raft_id(me).ok(),
         "cluster_id": cluster_id,
     });
     if let Some(n) = node {
@@ -280,18 +297,17 @@ pub async fn join(
     key: [u8; 32],
 ) -> anyhow::Result<()> {
     let my_addr = raft_addr(management).to_string();
+    let my_raft_id = raft_id(me)?;
+    let via = via
+        .iter()
+        .map(|(id, a)| Ok((raft_id(id)?, raft_addr(*a).to_string())))
+        .collect::<Result<Vec<_>, BadNodeId>>()?;
     let mut last = String::from("no member address heard");
     for attempt in 0..20 {
-        for (id, v) in via {
+        for (id, addr) in &via {
             match node
                 .transport
-                .request_join(
-                    raft_id(id),
-                    &raft_addr(*v).to_string(),
-                    &key,
-                    raft_id(me),
-                    &my_addr,
-                )
+                .request_join(*id, addr, &key, my_raft_id, &my_addr)
                 .await
             {
                 Ok(()) => return Ok(()),
@@ -302,4 +318,31 @@ pub async fn join(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     anyhow::bail!("could not join the cluster: {last}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_id_gives_the_raft_id_of_its_first_64_bits() {
+        let id = NodeId("0123456789abcdef00112233445566ff".into());
+        assert_eq!(raft_id(&id), Ok(0x0123_4567_89ab_cdef));
+    }
+
+    #[test]
+    fn a_node_id_that_does_not_parse_has_no_raft_id() {
+        for bad in [
+            "",
+            "0123456789abcdef",                    // too short
+            "0123456789abcdef00112233445566ff00",  // too long
+            "0123456789abcdeg00112233445566ff",    // not hex
+            "+123456789abcdef00112233445566ff",    // a sign from_str_radix would take
+            "0123456789ABCDEF00112233445566FF",    // not as identities write it
+            "0123456789abcdef0011223344556\u{e9}", // not ASCII
+        ] {
+            let id = NodeId(bad.into());
+            assert_eq!(raft_id(&id), Err(BadNodeId(bad.into())), "{bad:?}");
+        }
+    }
 }

@@ -179,11 +179,11 @@ pub async fn remove(
             volumes.join(", ")
         )));
     }
-    n.remove_member(crate::replicated::raft_id(
-        &tessera_cluster::identity::NodeId(id.clone()),
-    ))
-    .await
-    .map_err(|e| ApiError::conflict(format!("Raft refused: {e}")))?;
+    let raft_id = crate::replicated::raft_id(&tessera_cluster::identity::NodeId(id.clone()))
+        .map_err(|e| ApiError::bad(e.to_string()))?;
+    n.remove_member(raft_id)
+        .await
+        .map_err(|e| ApiError::conflict(format!("Raft refused: {e}")))?;
     super::commit(
         &st,
         vec![],
