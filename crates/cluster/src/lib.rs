@@ -5,6 +5,8 @@
 //! network; `tesserad` wires it to UDP sockets and Raft. It must not decide anything a
 //! Raft majority should (membership changes after formation go through Raft).
 
+#![forbid(unsafe_code)]
+
 pub mod discovery;
 pub mod formation;
 pub mod identity;

@@ -110,7 +110,7 @@ fn simulate(s: &Scenario) -> (Vec<Formed>, Vec<Option<Formed>>, Vec<Action>) {
                     Announce {
                         cluster: "lab".into(),
                         node_id: n.id.clone(),
-                        addr: format!("10.77.0.{}:7946", i + 1).parse().unwrap(),
+                        addr: std::net::SocketAddr::from(([10, 77, 0, (i + 1) as u8], 7946)),
                         incarnation: 1,
                         seq: n.seq,
                         sent_ms: now,

@@ -7,6 +7,8 @@
 //! It holds no state of its own: where the CA key lives (the Raft state, sealed) is the
 //! caller's decision.
 
+#![forbid(unsafe_code)]
+
 use std::sync::Arc;
 
 use rcgen::{

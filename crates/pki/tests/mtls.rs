@@ -1,6 +1,9 @@
 //! Real TLS handshakes over loopback between nodes holding certificates from the cluster
 //! CA, and with impostors: a certificate from another CA, no certificate, the wrong node.
 
+// Helpers of these tests unwrap too: a failure there is the test failing.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 
 use rustls_pki_types::ServerName;
