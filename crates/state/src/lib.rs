@@ -5,62 +5,91 @@
 //! in `tesserad`) nor who the members are (formation decides, then Raft membership
 //! changes go through [`Node::raft`]).
 
-// openraft's storage traits fix the error type (`StorageError`, ~224 bytes); our helpers
-// return the same type so `?` flows through them unchanged.
-#![allow(clippy::result_large_err)]
+#![forbid(unsafe_code)]
 
 pub mod barrier;
+pub mod db;
 pub mod log_store;
+pub mod membership;
 pub mod network;
+mod server;
 pub mod state_machine;
 pub mod types;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
+use openraft::error::{ClientWriteError, Fatal, InitializeError, RaftError};
 use openraft::{BasicNode, Config, Raft};
 
+pub use barrier::BarrierError;
+pub use db::DbError;
+pub use membership::{LeaderError, MembershipError};
+pub use network::TransportError;
 pub use types::{Applied, Command, Require, Tables, TypeConfig};
 
-/// Errors starting a node.
+type NodeId = u64;
+
+/// Why a node could not start, or could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    /// The database could not be opened.
-    #[error("state database {0}: {1}")]
-    Db(String, String),
+    /// The database could not be opened or created.
+    #[error("state database {}: {source}", path.display())]
+    Db {
+        /// The state directory.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: DbError,
+    },
+    /// The Raft configuration is invalid.
+    #[error("raft: {0}")]
+    Config(#[from] openraft::ConfigError),
     /// Raft refused to start.
     #[error("raft: {0}")]
-    Raft(String),
+    Start(Box<Fatal<NodeId>>),
     /// The RPC listener could not bind.
     #[error("binding {0}: {1}")]
-    Bind(SocketAddr, std::io::Error),
+    Bind(SocketAddr, #[source] std::io::Error),
+    /// Founding the cluster failed.
+    #[error("raft: {0}")]
+    Initialize(Box<RaftError<NodeId, InitializeError<NodeId, BasicNode>>>),
+    /// The leader did not apply the write.
+    #[error("raft: {0}")]
+    Write(Box<RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>>),
+    /// No leader to take the write.
+    #[error("raft: {0}")]
+    NoLeader(LeaderError),
+    /// Forwarding the write to the leader failed, or the leader refused it.
+    #[error("raft: {0}")]
+    Forward(#[source] TransportError),
+    /// The leader applied the write (or named the index to read at) but this node did not
+    /// catch up in time.
+    #[error("raft: this node is lagging behind the leader")]
+    Lagging,
+    /// The read barrier failed.
+    #[error("raft: {0}")]
+    Barrier(#[from] BarrierError),
+    /// A membership change was refused or failed.
+    #[error("raft: {0}")]
+    Membership(#[from] MembershipError),
 }
 
-/// Creates the database under a temporary name and renames it into place, so a crash
-/// during creation never leaves a half-written database where a restart would find it.
-fn create_atomically(dir: &Path, path: &Path) -> Result<(), StateError> {
-    let err = |e: &dyn std::fmt::Display| StateError::Db(path.display().to_string(), e.to_string());
-    let tmp = dir.join("state.redb.new");
-    let _ = std::fs::remove_file(&tmp);
-    {
-        let db = Arc::new(redb::Database::create(&tmp).map_err(|e| err(&e))?);
-        log_store::LogStore::new(db.clone()).map_err(|e| err(&e))?;
-        state_machine::StateMachine::new(db).map_err(|e| err(&e))?;
+impl StateError {
+    fn db(path: &Path, source: impl Into<DbError>) -> StateError {
+        StateError::Db {
+            path: path.to_path_buf(),
+            source: source.into(),
+        }
     }
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| err(&e))?;
-    std::fs::rename(&tmp, path).map_err(|e| err(&e))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| err(&e))
 }
 
-/// redb's page cache (its default, 1 GiB, would let a node's memory grow with the
-/// snapshots and log it writes; the state machine itself lives in memory anyway).
-const CACHE_BYTES: usize = 32 << 20;
+/// How long [`Node::shutdown`] waits for Raft's background tasks to let go of the
+/// database.
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
 
 /// A running Raft member.
 pub struct Node {
@@ -72,9 +101,11 @@ pub struct Node {
     pub state: state_machine::StateMachine,
     /// How it reaches other members.
     pub transport: network::Transport,
-    ca: network::CaSlot,
+    ca: server::CaSlot,
     read_index: barrier::ReadIndex,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The database, to know when everything holding it has let go.
+    db: Weak<redb::Database>,
 }
 
 impl Node {
@@ -88,22 +119,10 @@ impl Node {
         join_key: Option<[u8; 32]>,
         tls: Option<network::Tls>,
     ) -> Result<Node, StateError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StateError::Db(dir.display().to_string(), e.to_string()))?;
-        let path = dir.join("state.redb");
-        if !path.exists() {
-            create_atomically(dir, &path)?;
-        }
-        let db = Arc::new(
-            redb::Builder::new()
-                .set_cache_size(CACHE_BYTES)
-                .create(&path)
-                .map_err(|e| StateError::Db(path.display().to_string(), e.to_string()))?,
-        );
-        let log = log_store::LogStore::new(db.clone())
-            .map_err(|e| StateError::Db(path.display().to_string(), e.to_string()))?;
-        let sm = state_machine::StateMachine::new(db)
-            .map_err(|e| StateError::Db(path.display().to_string(), e.to_string()))?;
+        let db = db::open(dir).map_err(|e| StateError::db(dir, e))?;
+        let weak_db = Arc::downgrade(&db);
+        let log = log_store::LogStore::new(db.clone()).map_err(|e| StateError::db(dir, e))?;
+        let sm = state_machine::StateMachine::new(db).map_err(|e| StateError::db(dir, e))?;
         let config = Config {
             cluster_name: "tessera".into(),
             // openraft also uses the heartbeat interval as the timeout of an append: under
@@ -121,24 +140,20 @@ impl Node {
             max_in_snapshot_log_to_keep: 10_000,
             ..Default::default()
         };
-        let config = Arc::new(
-            config
-                .validate()
-                .map_err(|e| StateError::Raft(e.to_string()))?,
-        );
+        let config = Arc::new(config.validate()?);
         let transport = network::Transport::new(tls.clone());
         let net = network::Network {
             transport: transport.clone(),
         };
         let raft = Raft::new(id, config, net, log, sm.clone())
             .await
-            .map_err(|e| StateError::Raft(e.to_string()))?;
+            .map_err(|e| StateError::Start(Box::new(e)))?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| StateError::Bind(addr, e))?;
-        let ca = network::CaSlot::default();
+        let ca = server::CaSlot::default();
         let (read_index, batcher) = barrier::ReadIndex::start(raft.clone(), transport.clone());
-        let ctx = Arc::new(network::ServeCtx {
+        let ctx = Arc::new(server::ServeCtx {
             read_index: read_index.clone(),
             raft: raft.clone(),
             join_key,
@@ -147,7 +162,7 @@ impl Node {
             ca: ca.clone(),
             sm: sm.reader(),
         });
-        let server = tokio::spawn(network::serve(listener, ctx));
+        let server = tokio::spawn(server::serve(listener, ctx));
         Ok(Node {
             id,
             raft,
@@ -156,6 +171,7 @@ impl Node {
             ca,
             read_index,
             tasks: vec![server, batcher],
+            db: weak_db,
         })
     }
 
@@ -168,9 +184,7 @@ impl Node {
     /// Removes member `id` from the cluster (voter or learner), through the leader. The
     /// removed node must not come back with its old state: wipe it, then let it join anew.
     pub async fn remove_member(&self, id: u64) -> Result<(), StateError> {
-        network::remove(&self.raft, &self.transport, id)
-            .await
-            .map_err(StateError::Raft)
+        Ok(membership::remove(&self.raft, &self.transport, id).await?)
     }
 
     /// Founds the cluster with these members (only the bootstrapping node calls this, once).
@@ -189,7 +203,7 @@ impl Node {
         self.raft
             .initialize(nodes)
             .await
-            .map_err(|e| StateError::Raft(e.to_string()))
+            .map_err(|e| StateError::Initialize(Box::new(e)))
     }
 
     /// Applies a command through Raft: directly on the leader, forwarded to it from a
@@ -197,7 +211,6 @@ impl Node {
     /// returns, the local state machine has applied the command too (read-your-writes on
     /// this node).
     pub async fn write(&self, cmd: Command) -> Result<Applied, StateError> {
-        use openraft::error::{ClientWriteError, RaftError};
         let applied = match self.raft.client_write(cmd.clone()).await {
             Ok(r) => r.data,
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.leader_node {
@@ -207,32 +220,29 @@ impl Node {
                         f.leader_id.unwrap_or_default(),
                         &node.addr,
                         cmd,
-                        std::time::Duration::from_secs(5),
+                        Duration::from_secs(5),
                     )
                     .await
-                    .map_err(StateError::Raft)?,
-                None => return Err(StateError::Raft("no leader elected (no quorum?)".into())),
+                    .map_err(StateError::Forward)?,
+                None => return Err(StateError::NoLeader(LeaderError::NoLeader)),
             },
-            Err(e) => return Err(StateError::Raft(e.to_string())),
+            Err(e) => return Err(StateError::Write(Box::new(e))),
         };
         self.wait_local(applied.index).await?;
         Ok(applied)
     }
 
     async fn wait_local(&self, index: u64) -> Result<(), StateError> {
-        tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            self.state.wait_applied(index),
-        )
-        .await
-        .map_err(|_| StateError::Raft("this node is lagging behind the leader".into()))
+        tokio::time::timeout(Duration::from_secs(5), self.state.wait_applied(index))
+            .await
+            .map_err(|_| StateError::Lagging)
     }
 
     /// A read barrier: when it returns, the local state machine holds every write
     /// committed before the call (the leader confirms its leadership and names its
     /// applied index; a follower asks the leader and waits to apply up to it).
     pub async fn sync(&self) -> Result<(), StateError> {
-        let index = self.read_index.get().await.map_err(StateError::Raft)?;
+        let index = self.read_index.get().await?;
         self.wait_local(index).await
     }
 
@@ -249,14 +259,34 @@ impl Node {
             .read(|t| t.get(table).and_then(|t| t.get(key)).cloned()))
     }
 
-    /// Stops Raft and the RPC server.
+    /// Stops Raft and the RPC server. When it returns, the database is closed, so the
+    /// node can be started again from the same directory.
     pub async fn shutdown(self) {
-        for t in &self.tasks {
+        let Node {
+            raft,
+            state,
+            tasks,
+            db,
+            ..
+        } = self;
+        for t in &tasks {
             t.abort();
         }
-        for t in self.tasks {
+        for t in tasks {
             let _ = t.await;
         }
-        let _ = self.raft.shutdown().await;
+        let _ = raft.shutdown().await;
+        drop(state);
+        // openraft's shutdown waits for its core task only: the state machine worker,
+        // replication streams and a snapshot being built still hold the database until
+        // they notice, and a restart opening it before then would find it locked.
+        let deadline = Instant::now() + RELEASE_WAIT;
+        while db.strong_count() > 0 {
+            if Instant::now() > deadline {
+                tracing::warn!("Raft's tasks still hold the state database after shutdown");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }

@@ -8,6 +8,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, RaftLogReader, StorageError, StorageIOError, Vote};
 use redb::{Database, ReadableTable, TableDefinition};
 
+use crate::db::DbError;
 use crate::types::TypeConfig;
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -27,7 +28,7 @@ pub struct LogStore {
 
 impl LogStore {
     /// Opens (or creates) the log in `db`.
-    pub fn new(db: Arc<Database>) -> Result<LogStore, redb::Error> {
+    pub fn new(db: Arc<Database>) -> Result<LogStore, DbError> {
         let tx = db.begin_write()?;
         tx.open_table(LOG)?;
         tx.open_table(META)?;
@@ -35,50 +36,41 @@ impl LogStore {
         Ok(LogStore { db })
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &str,
-    ) -> Result<Option<T>, StorageError<NodeId>> {
-        let tx = self.db.begin_read().map_err(io_err)?;
-        let t = tx.open_table(META).map_err(io_err)?;
-        match t.get(key).map_err(io_err)? {
-            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(io_err)?)),
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, DbError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(META)?;
+        match t.get(key)? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
             None => Ok(None),
         }
     }
 
-    fn put_meta<T: serde::Serialize>(
-        &self,
-        key: &str,
-        value: &T,
-    ) -> Result<(), StorageError<NodeId>> {
-        let bytes = serde_json::to_vec(value).map_err(io_err)?;
-        let tx = self.db.begin_write().map_err(io_err)?;
+    fn put_meta<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<(), DbError> {
+        let bytes = serde_json::to_vec(value)?;
+        let tx = self.db.begin_write()?;
         {
-            let mut t = tx.open_table(META).map_err(io_err)?;
-            t.insert(key, bytes.as_slice()).map_err(io_err)?;
+            let mut t = tx.open_table(META)?;
+            t.insert(key, bytes.as_slice())?;
         }
-        tx.commit().map_err(io_err)
+        Ok(tx.commit()?)
     }
 }
 
 impl LogStore {
     /// Deletes the log entries whose indexes fall in `range`, in one transaction.
-    fn remove_entries(&self, range: impl RangeBounds<u64>) -> Result<(), StorageError<NodeId>> {
-        let tx = self.db.begin_write().map_err(io_err)?;
+    fn remove_entries(&self, range: impl RangeBounds<u64>) -> Result<(), DbError> {
+        let tx = self.db.begin_write()?;
         {
-            let mut t = tx.open_table(LOG).map_err(io_err)?;
+            let mut t = tx.open_table(LOG)?;
             let keys = t
-                .range(range)
-                .map_err(io_err)?
+                .range(range)?
                 .map(|r| r.map(|(k, _)| k.value()))
-                .collect::<Result<Vec<u64>, _>>()
-                .map_err(io_err)?;
+                .collect::<Result<Vec<u64>, _>>()?;
             for k in keys {
-                t.remove(k).map_err(io_err)?;
+                t.remove(k)?;
             }
         }
-        tx.commit().map_err(io_err)
+        Ok(tx.commit()?)
     }
 }
 
@@ -131,18 +123,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.put_meta("vote", vote)
+        Ok(self.put_meta("vote", vote)?)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
-        self.get_meta("vote")
+        Ok(self.get_meta("vote")?)
     }
 
     async fn save_committed(
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError<NodeId>> {
-        self.put_meta("committed", &committed)
+        Ok(self.put_meta("committed", &committed)?)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
@@ -182,11 +174,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.remove_entries(log_id.index..)
+        Ok(self.remove_entries(log_id.index..)?)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         self.put_meta("last_purged", &log_id)?;
-        self.remove_entries(..=log_id.index)
+        Ok(self.remove_entries(..=log_id.index)?)
     }
 }

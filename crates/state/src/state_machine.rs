@@ -12,6 +12,7 @@ use openraft::{
 use redb::{Database, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::db::DbError;
 use crate::types::{Applied, Command, Require, Tables, TypeConfig};
 
 type NodeId = u64;
@@ -62,20 +63,20 @@ pub struct StateMachine {
 
 impl StateMachine {
     /// Opens the state machine, resuming from the persisted snapshot.
-    pub fn new(db: Arc<Database>) -> Result<StateMachine, StorageError<NodeId>> {
-        let tx = db.begin_write().map_err(io_err)?;
-        tx.open_table(SNAPSHOT).map_err(io_err)?;
-        tx.commit().map_err(io_err)?;
+    pub fn new(db: Arc<Database>) -> Result<StateMachine, DbError> {
+        let tx = db.begin_write()?;
+        tx.open_table(SNAPSHOT)?;
+        tx.commit()?;
         let sm = StateMachine {
             db,
             data: Arc::new(RwLock::new(Data::default())),
             applied: Arc::new(tokio::sync::watch::channel(0).0),
         };
         if let Some(s) = sm.load_snapshot()? {
-            let d: Data = serde_json::from_slice(&s.data).map_err(io_err)?;
+            let d: Data = serde_json::from_slice(&s.data)?;
             sm.applied
                 .send_replace(d.last_applied.map(|l| l.index).unwrap_or(0));
-            *sm.data.write().map_err(io_err)? = d;
+            *sm.data.write().unwrap_or_else(|p| p.into_inner()) = d;
         }
         Ok(sm)
     }
@@ -107,23 +108,23 @@ impl StateMachine {
         f(&d.tables)
     }
 
-    fn load_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError<NodeId>> {
-        let tx = self.db.begin_read().map_err(io_err)?;
-        let t = tx.open_table(SNAPSHOT).map_err(io_err)?;
-        match t.get("current").map_err(io_err)? {
-            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(io_err)?)),
+    fn load_snapshot(&self) -> Result<Option<StoredSnapshot>, DbError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SNAPSHOT)?;
+        match t.get("current")? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
             None => Ok(None),
         }
     }
 
-    fn save_snapshot(&self, s: &StoredSnapshot) -> Result<(), StorageError<NodeId>> {
-        let bytes = serde_json::to_vec(s).map_err(io_err)?;
-        let tx = self.db.begin_write().map_err(io_err)?;
+    fn save_snapshot(&self, s: &StoredSnapshot) -> Result<(), DbError> {
+        let bytes = serde_json::to_vec(s)?;
+        let tx = self.db.begin_write()?;
         {
-            let mut t = tx.open_table(SNAPSHOT).map_err(io_err)?;
-            t.insert("current", bytes.as_slice()).map_err(io_err)?;
+            let mut t = tx.open_table(SNAPSHOT)?;
+            t.insert("current", bytes.as_slice())?;
         }
-        tx.commit().map_err(io_err)
+        Ok(tx.commit()?)
     }
 }
 
@@ -168,7 +169,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let this = self.clone();
         let (meta, data) = tokio::task::spawn_blocking(move || {
             let (last, membership) = (copy.last_applied, copy.membership.clone());
-            let data = serde_json::to_vec(&copy).map_err(io_err)?;
+            let data = serde_json::to_vec(&copy)?;
             drop(copy);
             let meta = SnapshotMeta {
                 last_log_id: last,
@@ -179,7 +180,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 meta: meta.clone(),
                 data: data.clone(),
             })?;
-            Ok::<_, StorageError<NodeId>>((meta, data))
+            Ok::<_, DbError>((meta, data))
         })
         .await
         .map_err(io_err)??;

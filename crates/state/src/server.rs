@@ -1,0 +1,237 @@
+//! The RPC server: accepts connections (mutual TLS, or plain TCP in tests), decides who
+//! may ask what, and answers: Raft's RPCs, forwarded writes, read indexes, joins,
+//! removals, and enrollment (issuing certificates with the cluster CA).
+
+use std::fmt::Display;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::Raft;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tessera_pki::{ClusterCa, PkiError};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+use crate::barrier::ReadIndex;
+use crate::membership::{self, leader, Leader};
+use crate::network::rpc::{Reply, Rpc, MAX_RPC};
+use crate::network::{cert_name, now_ms, AuthError, EnrollReply, EnrollRequest, Transport};
+use crate::state_machine::StateReader;
+use crate::types::TypeConfig;
+
+type NodeId = u64;
+
+/// The server closes a connection idle this long (clients stop reusing theirs sooner).
+const SERVER_IDLE: Duration = Duration::from_secs(60);
+
+/// Where this node finds the cluster CA to enroll others: set directly by the node that
+/// minted it, else read from the replicated state (`pki/ca`).
+pub(crate) type CaSlot = Arc<Mutex<Option<ClusterCa>>>;
+
+/// Why this node does not issue a certificate.
+#[derive(Debug, thiserror::Error)]
+enum EnrollError {
+    #[error("this node does not enroll nodes")]
+    NoJoinKey,
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("this node does not hold the cluster CA yet")]
+    NoCa,
+    #[error("cannot issue the certificate: {0}")]
+    Issue(#[source] PkiError),
+}
+
+/// What the RPC server needs.
+pub(crate) struct ServeCtx {
+    /// This node's Raft.
+    pub raft: Raft<TypeConfig>,
+    /// Join and enrollment requests must be signed with this key.
+    pub join_key: Option<[u8; 32]>,
+    /// Server TLS (None: plain TCP).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// To forward joins to the leader.
+    pub transport: Transport,
+    /// The cluster CA, once known.
+    pub ca: CaSlot,
+    /// The state (the CA record).
+    pub sm: StateReader,
+    /// Batched read barriers (answers followers' read-index requests).
+    pub read_index: ReadIndex,
+}
+
+impl ServeCtx {
+    fn ca(&self) -> Option<ClusterCa> {
+        let mut slot = self.ca.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = self.sm.read(|t| {
+                let rec = t.get("pki")?.get("ca")?;
+                Some(ClusterCa {
+                    cert_pem: rec["cert_pem"].as_str()?.to_string(),
+                    key_pem: rec["key_pem"].as_str()?.to_string(),
+                })
+            });
+        }
+        slot.clone()
+    }
+
+    fn enroll(&self, req: EnrollRequest) -> Result<EnrollReply, EnrollError> {
+        let key = self.join_key.ok_or(EnrollError::NoJoinKey)?;
+        req.verify(&key, now_ms())?;
+        let ca = self.ca().ok_or(EnrollError::NoCa)?;
+        let cert_pem = ca
+            .issue_with_ips(&req.csr_pem, &cert_name(req.id), &req.ips)
+            .map_err(EnrollError::Issue)?;
+        tracing::info!(id = req.id, "issued a node certificate");
+        Ok(EnrollReply::new(&key, &req.mac, cert_pem, ca.cert_pem))
+    }
+}
+
+/// Serves Raft RPCs until the listener fails.
+pub(crate) async fn serve(listener: TcpListener, ctx: Arc<ServeCtx>) {
+    loop {
+        let Ok((sock, peer)) = listener.accept().await else {
+            return;
+        };
+        let _ = sock.set_nodelay(true);
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let res = match ctx.tls.clone() {
+                None => handle(sock, &ctx, Caller::Plain).await,
+                Some(cfg) => {
+                    let accepted = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        tokio_rustls::TlsAcceptor::from(cfg).accept(sock),
+                    )
+                    .await;
+                    match accepted {
+                        Ok(Ok(s)) => {
+                            let cert = s
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .map(|c| c.clone().into_owned());
+                            handle(
+                                s,
+                                &ctx,
+                                cert.map(Caller::Certified).unwrap_or(Caller::Anonymous),
+                            )
+                            .await
+                        }
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(std::io::Error::other("TLS handshake timed out")),
+                    }
+                }
+            };
+            if let Err(e) = res {
+                tracing::debug!(%peer, error = %e, "Raft RPC failed");
+            }
+        });
+    }
+}
+
+/// Who is calling.
+enum Caller {
+    /// Plain TCP (no TLS configured): trusted, as in tests of this crate.
+    Plain,
+    /// TLS without a client certificate: may only enroll.
+    Anonymous,
+    /// TLS with a certificate from the cluster CA (DER).
+    Certified(CertificateDer<'static>),
+}
+
+/// Whether `cert` was issued to a current member. A node that has no membership yet (a
+/// founder before the first entries arrive, a joining learner) cannot tell, and accepts
+/// any certified caller; from then on, a removed node's certificate no longer works.
+fn is_member(raft: &Raft<TypeConfig>, cert: &CertificateDer<'_>) -> bool {
+    let m = raft.metrics().borrow().clone();
+    let members: Vec<NodeId> = m
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(id, _)| *id)
+        .collect();
+    if members.is_empty() {
+        return true;
+    }
+    let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
+    };
+    members.iter().any(|id| {
+        tessera_pki::node_dns_name(&cert_name(*id))
+            .ok()
+            .and_then(|n| ServerName::try_from(n).ok())
+            .is_some_and(|n| ee.verify_is_valid_for_subject_name(&n).is_ok())
+    })
+}
+
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    s: S,
+    ctx: &ServeCtx,
+    caller: Caller,
+) -> std::io::Result<()> {
+    let (r, mut w) = tokio::io::split(s);
+    let mut r = BufReader::new(r);
+    loop {
+        let mut line = String::new();
+        let n = tokio::time::timeout(SERVER_IDLE, (&mut r).take(MAX_RPC).read_line(&mut line))
+            .await
+            .map_err(|_| std::io::Error::other("idle connection closed"))??;
+        if n == 0 {
+            return Ok(());
+        }
+        let reply = answer(&line, ctx, &caller).await?;
+        w.write_all(&reply).await?;
+        w.write_all(b"\n").await?;
+        w.flush().await?;
+    }
+}
+
+/// The wire form of the outcome of one of our RPCs.
+fn wire<T, E: Display>(r: Result<T, E>) -> Reply<T> {
+    r.map_err(|e| e.to_string())
+}
+
+/// The reply to one request line. A caller that may not ask gets no answer: the
+/// connection is closed.
+async fn answer(line: &str, ctx: &ServeCtx, caller: &Caller) -> std::io::Result<Vec<u8>> {
+    let rpc: Rpc = serde_json::from_str(line).map_err(std::io::Error::other)?;
+    let allowed = match (caller, &rpc) {
+        (Caller::Plain, _) | (_, Rpc::Enroll(_)) => true,
+        (Caller::Anonymous, _) => false,
+        // A joining node has a certificate but is not a member yet.
+        (Caller::Certified(_), Rpc::Join(_)) => true,
+        (Caller::Certified(cert), _) => is_member(&ctx.raft, cert),
+    };
+    if !allowed {
+        tracing::warn!(
+            anonymous = matches!(caller, Caller::Anonymous),
+            "refused an RPC from a peer that is not a member (no cluster certificate, or removed)"
+        );
+        return Err(std::io::Error::other("caller not allowed"));
+    }
+    let raft = &ctx.raft;
+    match rpc {
+        Rpc::Append(req) => serde_json::to_vec(&raft.append_entries(req).await),
+        Rpc::Vote(req) => serde_json::to_vec(&raft.vote(req).await),
+        Rpc::Snapshot(req) => serde_json::to_vec(&raft.install_snapshot(req).await),
+        Rpc::Join(req) => serde_json::to_vec(&wire(
+            membership::join(raft, &ctx.transport, ctx.join_key, req).await,
+        )),
+        Rpc::Enroll(req) => serde_json::to_vec(&wire(ctx.enroll(req))),
+        Rpc::Remove(id) => {
+            serde_json::to_vec(&wire(membership::remove(raft, &ctx.transport, id).await))
+        }
+        Rpc::ReadIndex => {
+            // Only the leader answers: a follower relaying would need its own barrier.
+            let res: Reply<u64> = if matches!(leader(raft), Ok(Leader::Me)) {
+                wire(ctx.read_index.get().await)
+            } else {
+                Err("not the leader".into())
+            };
+            serde_json::to_vec(&res)
+        }
+        Rpc::Write(cmd) => serde_json::to_vec(&wire(raft.client_write(cmd).await.map(|r| r.data))),
+    }
+    .map_err(std::io::Error::other)
+}
