@@ -27,6 +27,8 @@ const PARALLEL_MIN: u32 = 64 * 1024;
 /// The connection's write half, shared by the replies of concurrent requests.
 pub(super) type Writer<S> = Arc<Mutex<BufWriter<tokio::io::WriteHalf<S>>>>;
 
+/// Serves requests until the client disconnects, leaves or falls out of sync; waits for
+/// the replies still running before it returns.
 pub(super) async fn transmit<R, S, D>(
     mut r: BufReader<R>,
     w: Writer<S>,
