@@ -45,8 +45,8 @@ pub struct Vm {
     pub updated_ms: u64,
 }
 
-/// The schema of a list of distinct resource names, at most `max`.
-fn names(max: usize) -> utoipa::openapi::schema::Array {
+/// The schema of a list of resource names, at most `max`, each at most once if `unique`.
+fn names(max: usize, unique: bool) -> utoipa::openapi::schema::Array {
     use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
     ArrayBuilder::new()
         .items(
@@ -57,16 +57,16 @@ fn names(max: usize) -> utoipa::openapi::schema::Array {
                 .pattern(Some(crate::limits::NAME_PATTERN)),
         )
         .max_items(Some(max))
-        .unique_items(true)
+        .unique_items(unique)
         .build()
 }
 
 fn disks() -> utoipa::openapi::schema::Array {
-    names(crate::limits::MAX_DISKS)
+    names(crate::limits::MAX_DISKS, true)
 }
 
 fn networks() -> utoipa::openapi::schema::Array {
-    names(crate::limits::MAX_NETWORKS)
+    names(crate::limits::MAX_NETWORKS, false)
 }
 
 /// A new VM.
@@ -88,7 +88,7 @@ pub struct NewVm {
     #[serde(default)]
     #[schema(schema_with = disks)]
     pub disks: Vec<String>,
-    /// Network names (at most 8, distinct), one NIC each.
+    /// Network names (at most 8), one NIC each.
     #[serde(default)]
     #[schema(schema_with = networks)]
     pub networks: Vec<String>,
@@ -132,7 +132,7 @@ pub struct VmUpdate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = disks, nullable)]
     pub disks: Option<Vec<String>>,
-    /// Network names (at most 8, distinct), replacing the current list.
+    /// Network names (at most 8), replacing the current list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = networks, nullable)]
     pub networks: Option<Vec<String>>,

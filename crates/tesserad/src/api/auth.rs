@@ -12,33 +12,26 @@
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
-use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{AppendHeaders, IntoResponse};
 use axum::Json;
 use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tessera_api::{
+    LoggedOut, Login, LoginReply, NewToken, PasswordChange, PasswordChanged, Revoked, TokenInfo,
+};
 use tessera_state::{Command, Require};
-use utoipa::ToSchema;
 
-use super::{all, body, commit, del, get, node, now_ms, put, ApiError, ApiState, ErrorBody, St};
+pub use tessera_api::Role;
+
+use super::extract::{Administrator, Anyone, Auth, Body, Param, Synced};
+use super::{commit, del, node, now_ms, put, read, read_all, ApiError, ApiState, ErrorBody, St};
+use crate::records::table::{SESSIONS, TOKENS, USERS};
 
 /// The session cookie's name.
 pub const COOKIE: &str = "tessera_session";
-
-/// What a principal may do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Read everything.
-    Auditor,
-    /// Read, and operate resources.
-    Operator,
-    /// Everything, including users and tokens.
-    Administrator,
-}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(super) struct User {
@@ -47,17 +40,7 @@ pub(super) struct User {
     pub must_change_password: bool,
 }
 
-/// A login session or an API token, as stored.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Session {
-    /// Whose.
-    pub user: String,
-    /// The role it was created with (the user's current role may be smaller).
-    pub role: Role,
-    expires_ms: u64,
-    kind: String,
-    id: String,
-}
+pub use crate::records::Session;
 
 const SESSION_MS: u64 = 8 * 3600 * 1000;
 
@@ -67,10 +50,7 @@ fn secret_hex(bytes: usize) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// A short random id (tasks, events, tokens).
-pub(super) fn random_id() -> String {
-    secret_hex(8)
-}
+pub(super) use crate::tables::random_id;
 
 fn key_of(secret: &str) -> String {
     blake3::hash(secret.as_bytes()).to_hex().to_string()
@@ -81,14 +61,14 @@ pub(super) fn hash_password(pw: &str) -> Result<String, ApiError> {
     Argon2::default()
         .hash_password(pw.as_bytes(), &salt)
         .map(|h| h.to_string())
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("hashing: {e}")))
+        .map_err(|e| ApiError::internal(format!("hashing: {e}")))
 }
 
 /// Hashes off the async threads (argon2 takes tens of milliseconds on purpose).
 pub(super) async fn hash_password_async(pw: String) -> Result<String, ApiError> {
     tokio::task::spawn_blocking(move || hash_password(&pw))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::internal(e.to_string()))?
 }
 
 fn password_ok(pw: &str, hash: &str) -> bool {
@@ -102,13 +82,17 @@ async fn password_ok_async(pw: String, hash: String) -> bool {
         .unwrap_or(false)
 }
 
-/// The rules for new passwords.
+/// The rules for new passwords: 12 to 1024 characters, none a control character (a
+/// newline or an escape cannot be typed back at a prompt: an administrator locked itself
+/// out that way).
 pub(super) fn check_password(field: &str, pw: &str) -> Result<(), ApiError> {
-    let n = pw.chars().count();
-    if !(12..=1024).contains(&n) {
-        return Err(ApiError::bad(format!("{field}: 12 to 1024 characters")));
+    if tessera_api::limits::is_password(pw) {
+        Ok(())
+    } else {
+        Err(ApiError::bad(format!(
+            "{field}: 12 to 1024 characters, no control characters"
+        )))
     }
-    Ok(())
 }
 
 /// The session secret in the `tessera_session` cookie, if any.
@@ -143,7 +127,7 @@ pub struct Principal {
 
 /// Checks the credentials of a request (bearer token, else session cookie): 401 without
 /// valid ones, 403 when the role is too small or the password must change first.
-pub async fn authorize(
+pub(super) async fn authorize(
     st: &ApiState,
     headers: &HeaderMap,
     least: Role,
@@ -157,19 +141,19 @@ pub async fn authorize(
         })?;
     let key = key_of(&secret);
     let n = node(st)?;
-    let mut session: Option<Session> = get(&n, "sessions", &key);
+    let mut session: Option<Session> = read(&n, SESSIONS, &key)?;
     if session.is_none() {
         // Logged in on another node a moment ago? Catch up with the leader.
         n.sync()
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
-        session = get(&n, "sessions", &key);
+        session = read(&n, SESSIONS, &key)?;
     }
     let s = session
         .filter(|s| s.expires_ms > now_ms())
         .ok_or_else(|| unauthorized("invalid, expired or revoked credentials"))?;
     let user: User =
-        get(&n, "users", &s.user).ok_or_else(|| unauthorized("the user no longer exists"))?;
+        read(&n, USERS, &s.user)?.ok_or_else(|| unauthorized("the user no longer exists"))?;
     if !allow_must_change && user.must_change_password {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -190,50 +174,28 @@ pub async fn authorize(
     })
 }
 
-/// Credentials to log in with.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Login {
-    username: String,
-    password: String,
-}
-
-/// A new session.
-#[derive(Serialize, ToSchema)]
-pub struct LoginReply {
-    /// The session secret: send it as `Authorization: Bearer <token>`.
-    token: String,
-    /// When it expires (ms since the epoch).
-    expires_ms: u64,
-    /// Whether the password must be changed before anything else.
-    must_change_password: bool,
-}
-
 fn session_cookie(secret: &str, max_age_s: u64) -> Result<HeaderValue, ApiError> {
     HeaderValue::from_str(&format!(
         "{COOKIE}={secret}; Path=/api; HttpOnly; Secure; SameSite=Strict; Max-Age={max_age_s}"
     ))
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 /// Log in with a username and password: returns a session token and sets the session
 /// cookie.
-#[utoipa::path(post, path = "/api/v1/login", tag = "auth", request_body = Login,
+#[utoipa::path(post, path = "/api/v1/login", tag = "auth", operation_id = "login",
+    request_body = Login,
     responses((status = 200, body = LoginReply), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody)))]
-pub async fn login(
-    State(st): St,
-    b: Result<Json<Login>, JsonRejection>,
-) -> Result<impl IntoResponse, ApiError> {
-    let req = body(b)?;
+        (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn login(State(st): St, Body(req): Body<Login>) -> Result<impl IntoResponse, ApiError> {
     let n = node(&st)?;
-    let mut user: Option<User> = get(&n, "users", &req.username);
+    let mut user: Option<User> = read(&n, USERS, &req.username)?;
     if user.is_none() {
         // Created through another node a moment ago? Catch up with the leader.
         n.sync()
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
-        user = get(&n, "users", &req.username);
+        user = read(&n, USERS, &req.username)?;
     }
     let hash = user
         .as_ref()
@@ -256,7 +218,7 @@ pub async fn login(
         id: random_id(),
     };
     let ops = vec![
-        put("sessions", &key_of(&secret), &s),
+        put(SESSIONS, &key_of(&secret), &s),
         super::events::event("login", &req.username, &req.username, "logged in"),
     ];
     commit(&st, vec![], ops, |_| String::new()).await?;
@@ -272,45 +234,35 @@ pub async fn login(
 }
 
 /// End the calling session (or revoke the calling token) and clear the cookie.
-#[utoipa::path(post, path = "/api/v1/logout", tag = "auth",
+#[utoipa::path(post, path = "/api/v1/logout", tag = "auth", operation_id = "logout",
     security(("token" = []), ("cookie" = [])),
-    responses((status = 200, description = "Logged out"), (status = 401, body = ErrorBody)))]
-pub async fn logout(State(st): St, headers: HeaderMap) -> Result<impl IntoResponse, ApiError> {
-    let p = authorize(&st, &headers, Role::Auditor, true).await?;
-    commit(&st, vec![], vec![del("sessions", &p.key)], |_| {
-        String::new()
-    })
-    .await?;
+    responses((status = 200, body = LoggedOut), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn logout(State(st): St, p: Auth<Anyone>) -> Result<impl IntoResponse, ApiError> {
+    commit(&st, vec![], vec![del(SESSIONS, &p.key)], |_| String::new()).await?;
     Ok((
         AppendHeaders([(header::SET_COOKIE, session_cookie("", 0)?)]),
-        Json(json!({ "logged_out": p.user })),
+        Json(LoggedOut {
+            logged_out: p.0.user,
+        }),
     ))
 }
 
-/// A password change.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PasswordChange {
-    old_password: String,
-    /// At least 12 characters.
-    new_password: String,
-}
-
 /// Change the caller's own password (the only call allowed while a change is required).
-#[utoipa::path(post, path = "/api/v1/password", tag = "auth", request_body = PasswordChange,
+#[utoipa::path(post, path = "/api/v1/password", tag = "auth", operation_id = "change_password",
+    request_body = PasswordChange,
     security(("token" = []), ("cookie" = [])),
-    responses((status = 200, description = "Changed"), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200, body = PasswordChanged), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn change_password(
     State(st): St,
-    headers: HeaderMap,
-    b: Result<Json<PasswordChange>, JsonRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let p = authorize(&st, &headers, Role::Auditor, true).await?;
-    let req = body(b)?;
+    p: Auth<Anyone>,
+    Body(req): Body<PasswordChange>,
+) -> Result<Json<PasswordChanged>, ApiError> {
     check_password("new_password", &req.new_password)?;
     let n = node(&st)?;
-    let old_user: User = get(&n, "users", &p.user)
+    let old_user: User = read(&n, USERS, &p.user)?
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "the user no longer exists"))?;
     if !password_ok_async(req.old_password.clone(), old_user.password_hash.clone()).await {
         return Err(ApiError::new(
@@ -323,52 +275,30 @@ pub async fn change_password(
     user.must_change_password = false;
     commit(
         &st,
-        vec![Require::equals("users", &p.user, json!(old_user))],
+        vec![Require::equals(USERS, &p.user, json!(old_user))],
         vec![
-            put("users", &p.user, &user),
+            put(USERS, &p.user, &user),
             super::events::event("user.password", &p.user, &p.user, "password changed"),
         ],
         |_| "the user changed meanwhile; try again".into(),
     )
     .await?;
-    Ok(Json(json!({ "changed": true })))
-}
-
-/// A new API token.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewToken {
-    /// Its role (at most the caller's).
-    role: Role,
-    /// Lifetime in seconds, 60 to 31622400 (366 days).
-    expires_in_s: u64,
-}
-
-/// An API token; the secret is only shown when it is created.
-#[derive(Serialize, ToSchema)]
-pub struct TokenInfo {
-    id: String,
-    user: String,
-    role: Role,
-    expires_ms: u64,
-    /// Only in the reply to its creation.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    token: Option<String>,
+    Ok(Json(PasswordChanged { changed: true }))
 }
 
 /// Create an API token for the caller.
-#[utoipa::path(post, path = "/api/v1/tokens", tag = "auth", request_body = NewToken,
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "auth", operation_id = "create_token",
+    request_body = NewToken,
     security(("token" = []), ("cookie" = [])),
     responses((status = 201, body = TokenInfo), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn create_token(
     State(st): St,
-    headers: HeaderMap,
-    b: Result<Json<NewToken>, JsonRejection>,
+    p: Auth<Administrator>,
+    Body(req): Body<NewToken>,
 ) -> Result<(StatusCode, Json<TokenInfo>), ApiError> {
-    let p = authorize(&st, &headers, Role::Administrator, false).await?;
-    let req = body(b)?;
-    if !(60..=366 * 24 * 3600).contains(&req.expires_in_s) {
+    if !tessera_api::limits::TOKEN_LIFETIME_S.contains(&req.expires_in_s) {
         return Err(ApiError::bad("expires_in_s: must be 60 to 31622400"));
     }
     let secret = secret_hex(32);
@@ -383,10 +313,10 @@ pub async fn create_token(
     let key = key_of(&secret);
     commit(
         &st,
-        vec![Require::absent("tokens", &id)],
+        vec![Require::absent(TOKENS, &id)],
         vec![
-            put("sessions", &key, &t),
-            put("tokens", &id, &key),
+            put(SESSIONS, &key, &t),
+            put(TOKENS, &id, &key),
             super::events::event("token.create", &id, &p.user, "API token created"),
         ],
         |_| "token id collision; try again".into(),
@@ -405,59 +335,57 @@ pub async fn create_token(
 }
 
 /// List API tokens (without their secrets).
-#[utoipa::path(get, path = "/api/v1/tokens", tag = "auth",
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "auth", operation_id = "list_tokens",
     security(("token" = []), ("cookie" = [])),
     responses((status = 200, body = [TokenInfo]), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)))]
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn list_tokens(
-    State(st): St,
-    headers: HeaderMap,
+    _: Auth<Administrator>,
+    n: Synced,
 ) -> Result<Json<Vec<TokenInfo>>, ApiError> {
-    authorize(&st, &headers, Role::Administrator, false).await?;
-    let n = super::synced(&st).await?;
-    let out = all::<String>(&n, "tokens")
-        .into_iter()
-        .filter_map(|(id, key)| {
-            get::<Session>(&n, "sessions", &key).map(|s| TokenInfo {
+    let mut out = Vec::new();
+    for (id, key) in read_all::<String>(&n, TOKENS)? {
+        if let Some(s) = read::<Session>(&n, SESSIONS, &key)? {
+            out.push(TokenInfo {
                 id,
                 user: s.user,
                 role: s.role,
                 expires_ms: s.expires_ms,
                 token: None,
-            })
-        })
-        .collect();
+            });
+        }
+    }
     Ok(Json(out))
 }
 
 /// Revoke an API token.
-#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "auth",
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "auth", operation_id = "revoke_token",
     params(("id" = String, Path, description = "Token id")),
     security(("token" = []), ("cookie" = [])),
-    responses((status = 200, description = "Revoked"), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Revoked), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn revoke_token(
     State(st): St,
-    headers: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let p = authorize(&st, &headers, Role::Administrator, false).await?;
-    let id = super::path(id)?;
-    let n = super::synced(&st).await?;
+    p: Auth<Administrator>,
+    Param(id): Param<String>,
+    n: Synced,
+) -> Result<Json<Revoked>, ApiError> {
     let key: String =
-        get(&n, "tokens", &id).ok_or_else(|| ApiError::not_found(format!("no token {id}")))?;
+        read(&n, TOKENS, &id)?.ok_or_else(|| ApiError::not_found(format!("no token {id}")))?;
     commit(
         &st,
-        vec![Require::exists("tokens", &id)],
+        vec![Require::exists(TOKENS, &id)],
         vec![
-            del("sessions", &key),
-            del("tokens", &id),
+            del(SESSIONS, &key),
+            del(TOKENS, &id),
             super::events::event("token.revoke", &id, &p.user, "API token revoked"),
         ],
         |_| format!("token {id} was revoked meanwhile"),
     )
     .await?;
-    Ok(Json(json!({ "revoked": id })))
+    Ok(Json(Revoked { revoked: id }))
 }
 
 /// Creates the first administrator (user `admin`) with a random password, once, and
@@ -519,84 +447,5 @@ pub async fn create_first_admin(
         Err(e) => {
             tracing::error!(error = %e, %password, "initial administrator created, but its password file could not be written")
         }
-    }
-}
-
-/// The deletions that drop expired sessions and tokens (at most `max`): expired
-/// credentials are refused anyway; this keeps the tables from growing with every login.
-pub(crate) fn expired(tables: &tessera_state::Tables, now_ms: u64, max: usize) -> Vec<Command> {
-    let Some(sessions) = tables.get("sessions") else {
-        return Vec::new();
-    };
-    let mut ops = Vec::new();
-    for (key, v) in sessions.iter() {
-        if ops.len() >= max {
-            break;
-        }
-        let Ok(s) = serde_json::from_value::<Session>(v.clone()) else {
-            continue;
-        };
-        if s.expires_ms > now_ms {
-            continue;
-        }
-        ops.push(del("sessions", key));
-        if s.kind == "token" {
-            ops.push(del("tokens", &s.id));
-        }
-    }
-    ops
-}
-
-/// The leader drops expired sessions and tokens.
-pub async fn purge_expired(n: &tessera_state::Node) {
-    let ops = n.state.read(|t| expired(t, now_ms(), 500));
-    if ops.is_empty() {
-        return;
-    }
-    if let Err(e) = n
-        .write(Command::Txn {
-            require: vec![],
-            ops,
-        })
-        .await
-    {
-        tracing::debug!(error = %e, "purging expired sessions failed");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn session(kind: &str, id: &str, expires_ms: u64) -> serde_json::Value {
-        json!(Session {
-            user: "u".into(),
-            role: Role::Auditor,
-            expires_ms,
-            kind: kind.into(),
-            id: id.into(),
-        })
-    }
-
-    #[test]
-    fn only_expired_sessions_and_their_tokens_are_dropped() {
-        let mut sessions = imbl::OrdMap::new();
-        sessions.insert("k1".to_string(), session("session", "a", 100));
-        sessions.insert("k2".to_string(), session("token", "t2", 100));
-        sessions.insert("k3".to_string(), session("token", "t3", 10_000));
-        sessions.insert("k4".to_string(), json!("not a session"));
-        let mut tables = tessera_state::Tables::new();
-        tables.insert("sessions".to_string(), sessions);
-        let ops = expired(&tables, 1_000, 100);
-        assert_eq!(
-            ops,
-            vec![
-                del("sessions", "k1"),
-                del("sessions", "k2"),
-                del("tokens", "t2")
-            ]
-        );
-        assert_eq!(expired(&tables, 1_000, 1).len(), 1);
-        assert!(expired(&tables, 50, 100).is_empty());
     }
 }

@@ -10,6 +10,7 @@
 mod auth;
 mod cluster;
 mod events;
+mod extract;
 mod networks;
 mod tasks;
 mod users;
@@ -19,20 +20,20 @@ mod volumes;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::json;
+pub use tessera_api::ErrorBody;
 use tessera_cluster::identity::NodeId;
 use tessera_state::{Command, Require};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub use auth::{create_first_admin, purge_expired};
-pub(crate) use events::{event, trim as trim_events};
+pub(crate) use crate::tables::{del, put, Table};
+pub use auth::create_first_admin;
 
 use crate::{metrics, now_ms, Heard, SharedNode};
 
@@ -51,9 +52,6 @@ pub struct ApiState {
     /// Encoded listings by table, with the table they were made from.
     pub lists: Mutex<std::collections::HashMap<&'static str, (Table, axum::body::Bytes)>>,
 }
-
-/// One table of the cluster state.
-pub type Table = imbl::OrdMap<String, serde_json::Value>;
 
 type St = axum::extract::State<Arc<ApiState>>;
 
@@ -77,6 +75,9 @@ impl ApiError {
     fn unavailable(msg: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, msg)
     }
+    fn internal(msg: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg)
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -86,25 +87,6 @@ impl IntoResponse for ApiError {
         }
         (self.0, Json(json!({ "error": self.1 }))).into_response()
     }
-}
-
-/// The error body of every failed request.
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    /// What went wrong, naming the field when a field is wrong.
-    pub error: String,
-}
-
-/// Bad JSON, unknown fields and wrong types become 400 with serde's message (which names
-/// the field).
-fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    b.map(|Json(v)| v).map_err(|e| ApiError::bad(e.body_text()))
-}
-
-/// A path parameter, or 400.
-fn path<T>(p: Result<axum::extract::Path<T>, PathRejection>) -> Result<T, ApiError> {
-    p.map(|axum::extract::Path(v)| v)
-        .map_err(|e| ApiError::bad(e.body_text()))
 }
 
 fn node(st: &ApiState) -> Result<Arc<tessera_state::Node>, ApiError> {
@@ -125,33 +107,27 @@ async fn synced(st: &ApiState) -> Result<Arc<tessera_state::Node>, ApiError> {
     Ok(n)
 }
 
-/// `GET` of one record by name: Auditor, read barrier, 404 naming it.
-async fn show_one<T: DeserializeOwned>(
-    st: &ApiState,
-    headers: &axum::http::HeaderMap,
-    name: Result<axum::extract::Path<String>, PathRejection>,
+/// `GET` of one record by name, 404 naming it.
+fn show_one<T: DeserializeOwned>(
+    n: &tessera_state::Node,
     table: &str,
+    name: &str,
     what: &str,
 ) -> Result<Json<T>, ApiError> {
-    auth::authorize(st, headers, auth::Role::Auditor, false).await?;
-    let name = path(name)?;
-    let n = synced(st).await?;
-    get(&n, table, &name)
+    read(n, table, name)?
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no {what} {name}")))
 }
 
-/// `GET` of every record of a table, in key order: Auditor, read barrier. The encoded
-/// list is kept per table and reused while the table is unchanged (the tables are
-/// persistent maps: "unchanged" is a pointer comparison), so repeated listings of a big
-/// table cost a copy, not a decode and encode of every record.
-async fn list_all(
+/// `GET` of every record of a table, in key order. The encoded list is kept per table
+/// and reused while the table is unchanged (the tables are persistent maps: "unchanged"
+/// is a pointer comparison), so repeated listings of a big table cost a copy, not a
+/// decode and encode of every record.
+fn list_all(
     st: &ApiState,
-    headers: &axum::http::HeaderMap,
+    n: &tessera_state::Node,
     table: &'static str,
 ) -> Result<Response, ApiError> {
-    auth::authorize(st, headers, auth::Role::Auditor, false).await?;
-    let n = synced(st).await?;
     let current = n.state.read(|t| t.get(table).cloned()).unwrap_or_default();
     let hit = {
         let cache = st.lists.lock().unwrap_or_else(|p| p.into_inner());
@@ -164,10 +140,9 @@ async fn list_all(
         Some(b) => b,
         None => {
             let values: Vec<&serde_json::Value> = current.values().collect();
-            let b =
-                axum::body::Bytes::from(serde_json::to_vec(&values).map_err(|e| {
-                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-                })?);
+            let b = axum::body::Bytes::from(
+                serde_json::to_vec(&values).map_err(|e| ApiError::internal(e.to_string()))?,
+            );
             st.lists
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -182,47 +157,43 @@ async fn list_all(
         .into_response())
 }
 
-/// One record, typed.
-pub(crate) fn get<T: DeserializeOwned>(
+/// A stored record that does not decode: a bug or a damaged state, never "not found".
+fn unreadable(table: &str, key: &str, source: serde_json::Error) -> ApiError {
+    let e = crate::tables::Unreadable {
+        table: table.into(),
+        key: key.into(),
+        source,
+    };
+    ApiError::internal(e.to_string())
+}
+
+/// One record, typed; `None` if absent, 500 if it does not decode.
+fn read<T: DeserializeOwned>(
     n: &tessera_state::Node,
     table: &str,
     key: &str,
-) -> Option<T> {
-    n.state
-        .read(|t| t.get(table).and_then(|t| t.get(key)).cloned())
-        .and_then(|v| serde_json::from_value(v).ok())
+) -> Result<Option<T>, ApiError> {
+    crate::tables::read(n, table, key).map_err(|e| ApiError::internal(e.to_string()))
 }
 
-/// Every record of a table, typed, in key order.
-fn all<T: DeserializeOwned>(n: &tessera_state::Node, table: &str) -> Vec<(String, T)> {
+/// Every record of a table, typed, in key order; 500 if one does not decode.
+fn read_all<T: DeserializeOwned>(
+    n: &tessera_state::Node,
+    table: &str,
+) -> Result<Vec<(String, T)>, ApiError> {
     n.state.read(|t| {
         t.get(table)
             .map(|t| {
                 t.iter()
-                    .filter_map(|(k, v)| {
+                    .map(|(k, v)| {
                         serde_json::from_value(v.clone())
-                            .ok()
                             .map(|v| (k.clone(), v))
+                            .map_err(|e| unreadable(table, k, e))
                     })
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or(Ok(Vec::new()))
     })
-}
-
-pub(crate) fn put(table: &str, key: &str, value: impl serde::Serialize) -> Command {
-    Command::Put {
-        table: table.into(),
-        key: key.into(),
-        value: json!(value),
-    }
-}
-
-pub(crate) fn del(table: &str, key: &str) -> Command {
-    Command::Delete {
-        table: table.into(),
-        key: key.into(),
-    }
 }
 
 /// Commits `ops` if every requirement holds; `conflict` words the refusal (409) when one
@@ -247,13 +218,7 @@ async fn commit(
 /// starting with a letter or digit. Store names allow more; we keep to what is safe in
 /// URLs, file names and NBD export names everywhere.
 fn check_name(field: &str, v: &str, extra: &[u8]) -> Result<(), ApiError> {
-    let ok = !v.is_empty()
-        && v.len() <= 63
-        && v.as_bytes()[0].is_ascii_alphanumeric()
-        && v.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || extra.contains(&b)
-        });
-    if ok {
+    if tessera_api::limits::is_name(v, extra) {
         Ok(())
     } else {
         Err(ApiError::bad(format!(
@@ -343,6 +308,12 @@ pub async fn serve(
             }),
         )
         .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this path (see the Allow header)",
+            )
+        })
         .layer(axum::middleware::from_fn(csrf))
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024));
     let listener = TlsListener::bind(addr, tls).await?;

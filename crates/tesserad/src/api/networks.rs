@@ -7,43 +7,21 @@
 //! more), then, after a read barrier that shows every VM that attached before, deletes it
 //! if none uses it or takes the mark back. No VM is left pointing at a deleted network.
 
-use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::Json;
-use serde::Deserialize;
 use serde_json::json;
+use tessera_api::{Deleted, NewNetwork};
 use tessera_state::Require;
-use utoipa::ToSchema;
 
-use super::auth::{authorize, Role};
 use super::events::event;
-use super::{
-    all, body, check_name, commit, del, get, now_ms, path, put, synced, ApiError, ErrorBody, St,
-};
+use super::extract::{Administrator, Auditor, Auth, Body, Param, Synced};
+use super::{check_name, commit, del, now_ms, put, read, read_all, ApiError, ErrorBody, St};
+use crate::records::table::{NETWORKS, VMS};
 use crate::records::{Network, Vm};
 
-/// A new network.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewNetwork {
-    /// 1-63 of a-z, 0-9, '-'.
-    name: String,
-    /// Linux bridge name, 1-15 of a-z, 0-9, '-', '.', '_'.
-    bridge: String,
-    /// VLAN id 1-4094 (needs `uplink`).
-    vlan: Option<u16>,
-    /// Uplink interface name, 1-15 of a-z, 0-9, '-', '.', '_'.
-    uplink: Option<String>,
-}
-
 fn check_ifname(field: &str, v: &str) -> Result<(), ApiError> {
-    let ok = !v.is_empty()
-        && v.len() <= 15
-        && v.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_')
-        });
-    if ok {
+    if tessera_api::limits::is_ifname(v) {
         Ok(())
     } else {
         Err(ApiError::bad(format!(
@@ -53,52 +31,58 @@ fn check_ifname(field: &str, v: &str) -> Result<(), ApiError> {
 }
 
 /// List networks.
-#[utoipa::path(get, path = "/api/v1/networks", tag = "networks",
+#[utoipa::path(get, path = "/api/v1/networks", tag = "networks", operation_id = "list_networks",
     security(("token" = []), ("cookie" = [])),
     responses((status = 200, body = [Network]), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)))]
-pub async fn list(State(st): St, headers: HeaderMap) -> Result<axum::response::Response, ApiError> {
-    super::list_all(&st, &headers, "networks").await
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn list(
+    State(st): St,
+    _: Auth<Auditor>,
+    n: Synced,
+) -> Result<axum::response::Response, ApiError> {
+    super::list_all(&st, &n, NETWORKS)
 }
 
 /// One network.
 #[utoipa::path(get, path = "/api/v1/networks/{name}", tag = "networks",
+    operation_id = "get_network",
     params(("name" = String, Path)),
     security(("token" = []), ("cookie" = [])),
-    responses((status = 200, body = Network), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Network), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn show(
-    State(st): St,
-    headers: HeaderMap,
-    name: Result<Path<String>, PathRejection>,
+    _: Auth<Auditor>,
+    Param(name): Param<String>,
+    n: Synced,
 ) -> Result<Json<Network>, ApiError> {
-    super::show_one(&st, &headers, name, "networks", "network").await
+    super::show_one(&n, NETWORKS, &name, "network")
 }
 
-/// Define a network (administrators: networks are shared by every VM).
-#[utoipa::path(post, path = "/api/v1/networks", tag = "networks", request_body = NewNetwork,
+/// Define a network (administrators: networks are shared by every VM). A `vlan` needs an
+/// `uplink` (409 without one: the VLAN has nothing to tag).
+#[utoipa::path(post, path = "/api/v1/networks", tag = "networks", operation_id = "create_network",
+    request_body = NewNetwork,
     security(("token" = []), ("cookie" = [])),
     responses((status = 201, body = Network), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 409, body = ErrorBody)))]
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn create(
     State(st): St,
-    headers: HeaderMap,
-    b: Result<Json<NewNetwork>, JsonRejection>,
+    p: Auth<Administrator>,
+    Body(req): Body<NewNetwork>,
 ) -> Result<(StatusCode, Json<Network>), ApiError> {
-    let p = authorize(&st, &headers, Role::Administrator, false).await?;
-    let req = body(b)?;
     check_name("name", &req.name, &[])?;
     check_ifname("bridge", &req.bridge)?;
     if let Some(u) = &req.uplink {
         check_ifname("uplink", u)?;
     }
     if let Some(v) = req.vlan {
-        if !(1..=4094).contains(&v) {
+        if !tessera_api::limits::VLAN.contains(&v) {
             return Err(ApiError::bad("vlan: must be 1 to 4094"));
         }
         if req.uplink.is_none() {
-            return Err(ApiError::bad("vlan: needs an uplink"));
+            return Err(ApiError::conflict("vlan: needs an uplink"));
         }
     }
     let net = Network {
@@ -109,8 +93,8 @@ pub async fn create(
         deleting: false,
         created_ms: now_ms(),
     };
-    let n = synced(&st).await?;
-    if let Some((_, other)) = all::<Network>(&n, "networks")
+    let n = super::synced(&st).await?;
+    if let Some((_, other)) = read_all::<Network>(&n, NETWORKS)?
         .into_iter()
         .find(|(_, o)| o.bridge == net.bridge)
     {
@@ -121,9 +105,9 @@ pub async fn create(
     }
     commit(
         &st,
-        vec![Require::absent("networks", &net.name)],
+        vec![Require::absent(NETWORKS, &net.name)],
         vec![
-            put("networks", &net.name, &net),
+            put(NETWORKS, &net.name, &net),
             event("network.create", &net.name, &p.user, "network defined"),
         ],
         |_| format!("name: network {} already exists", req.name),
@@ -134,20 +118,20 @@ pub async fn create(
 
 /// Delete a network no VM uses.
 #[utoipa::path(delete, path = "/api/v1/networks/{name}", tag = "networks",
+    operation_id = "delete_network",
     params(("name" = String, Path)),
     security(("token" = []), ("cookie" = [])),
-    responses((status = 200, description = "Deleted"), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = Deleted), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn remove(
     State(st): St,
-    headers: HeaderMap,
-    name: Result<Path<String>, PathRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let p = authorize(&st, &headers, Role::Administrator, false).await?;
-    let name = path(name)?;
-    let n = synced(&st).await?;
-    let old: Network = get(&n, "networks", &name)
+    p: Auth<Administrator>,
+    Param(name): Param<String>,
+    n: Synced,
+) -> Result<Json<Deleted>, ApiError> {
+    let old: Network = read(&n, NETWORKS, &name)?
         .ok_or_else(|| ApiError::not_found(format!("no network {name}")))?;
     if old.deleting {
         return Err(ApiError::conflict(format!(
@@ -158,14 +142,14 @@ pub async fn remove(
     marked.deleting = true;
     commit(
         &st,
-        vec![Require::equals("networks", &name, json!(old))],
-        vec![put("networks", &name, &marked)],
+        vec![Require::equals(NETWORKS, &name, json!(old))],
+        vec![put(NETWORKS, &name, &marked)],
         |_| format!("network {name} changed meanwhile; try again"),
     )
     .await?;
     // Every VM that attached before the mark is visible after this barrier.
-    let n = synced(&st).await?;
-    let users: Vec<String> = all::<Vm>(&n, "vms")
+    let n = super::synced(&st).await?;
+    let users: Vec<String> = read_all::<Vm>(&n, VMS)?
         .into_iter()
         .filter(|(_, v)| v.networks.contains(&name))
         .map(|(k, _)| k)
@@ -173,8 +157,8 @@ pub async fn remove(
     if !users.is_empty() {
         commit(
             &st,
-            vec![Require::equals("networks", &name, json!(marked))],
-            vec![put("networks", &name, &old)],
+            vec![Require::equals(NETWORKS, &name, json!(marked))],
+            vec![put(NETWORKS, &name, &old)],
             |_| String::new(),
         )
         .await?;
@@ -185,13 +169,13 @@ pub async fn remove(
     }
     commit(
         &st,
-        vec![Require::equals("networks", &name, json!(marked))],
+        vec![Require::equals(NETWORKS, &name, json!(marked))],
         vec![
-            del("networks", &name),
+            del(NETWORKS, &name),
             event("network.delete", &name, &p.user, "network deleted"),
         ],
         |_| format!("network {name} changed meanwhile"),
     )
     .await?;
-    Ok(Json(json!({ "deleted": name })))
+    Ok(Json(Deleted { deleted: name }))
 }

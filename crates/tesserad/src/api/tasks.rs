@@ -1,39 +1,28 @@
 //! Tasks: every long operation is one, with state, progress and a log.
 
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::Json;
-use serde::Deserialize;
+use tessera_api::TaskQuery;
 use tessera_state::Require;
-use utoipa::IntoParams;
 
-use super::auth::{authorize, random_id, Principal, Role};
-use super::{all, now_ms, put, synced, ApiError, ApiState, ErrorBody, St};
+use super::auth::{random_id, Principal};
+use super::extract::{Auditor, Auth, Param, Synced, Q};
+use super::{now_ms, put, read_all, ApiError, ApiState, ErrorBody};
+use crate::records::table::TASKS;
 use crate::records::{Task, TaskLog, TaskOp, TaskState};
 
-/// Which tasks.
-#[derive(Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct TaskQuery {
-    /// Only tasks in this state.
-    state: Option<TaskState>,
-}
-
 /// Tasks, oldest first.
-#[utoipa::path(get, path = "/api/v1/tasks", tag = "tasks", params(TaskQuery),
+#[utoipa::path(get, path = "/api/v1/tasks", tag = "tasks", operation_id = "list_tasks",
+    params(TaskQuery),
     security(("token" = []), ("cookie" = [])),
     responses((status = 200, body = [Task]), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn list(
-    State(st): St,
-    headers: HeaderMap,
-    q: Result<Query<TaskQuery>, QueryRejection>,
+    _: Auth<Auditor>,
+    Q(q): Q<TaskQuery>,
+    n: Synced,
 ) -> Result<Json<Vec<Task>>, ApiError> {
-    authorize(&st, &headers, Role::Auditor, false).await?;
-    let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
-    let n = synced(&st).await?;
-    let mut out: Vec<Task> = all::<Task>(&n, "tasks")
+    let mut out: Vec<Task> = read_all::<Task>(&n, TASKS)?
         .into_iter()
         .map(|(_, t)| t)
         .filter(|t| q.state.is_none_or(|s| t.state == s))
@@ -43,17 +32,18 @@ pub async fn list(
 }
 
 /// One task.
-#[utoipa::path(get, path = "/api/v1/tasks/{id}", tag = "tasks",
+#[utoipa::path(get, path = "/api/v1/tasks/{id}", tag = "tasks", operation_id = "get_task",
     params(("id" = String, Path)),
     security(("token" = []), ("cookie" = [])),
-    responses((status = 200, body = Task), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Task), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn show(
-    State(st): St,
-    headers: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
+    _: Auth<Auditor>,
+    Param(id): Param<String>,
+    n: Synced,
 ) -> Result<Json<Task>, ApiError> {
-    super::show_one(&st, &headers, id, "tasks", "task").await
+    super::show_one(&n, TASKS, &id, "task")
 }
 
 /// A new queued task for `node` (not yet committed: the caller commits it together with
@@ -85,7 +75,7 @@ pub async fn submit(
     mut ops: Vec<tessera_state::Command>,
     conflict: impl FnOnce(&Require) -> String,
 ) -> Result<(), ApiError> {
-    require.push(Require::absent("tasks", &task.id));
-    ops.push(put("tasks", &task.id, task));
+    require.push(Require::absent(TASKS, &task.id));
+    ops.push(put(TASKS, &task.id, task));
     super::commit(st, require, ops, conflict).await
 }

@@ -2,46 +2,18 @@
 //! password, delete. The last administrator cannot be deleted or demoted, and nobody can
 //! delete themselves.
 
-use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::Json;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tessera_api::{Deleted, NewUser, UserInfo, UserUpdate};
 use tessera_state::Require;
-use utoipa::ToSchema;
 
-use super::auth::{authorize, check_password, hash_password_async, Role, User};
+use super::auth::{check_password, hash_password_async, Role, User};
 use super::events::event;
-use super::{all, body, check_name, commit, del, get, path, put, synced, ApiError, ErrorBody, St};
-
-/// A user, without secrets.
-#[derive(Serialize, ToSchema)]
-pub struct UserInfo {
-    username: String,
-    role: Role,
-    must_change_password: bool,
-}
-
-/// A new user.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewUser {
-    /// 1-63 of a-z, 0-9, '-', '.', '_'.
-    username: String,
-    /// Initial password (12+ characters); the user must change it at first login.
-    password: String,
-    role: Role,
-}
-
-/// Changes to a user.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct UserUpdate {
-    role: Option<Role>,
-    /// A new password, which the user must change at next login.
-    password: Option<String>,
-}
+use super::extract::{Administrator, Auth, Body, Param, Synced};
+use super::{check_name, commit, del, put, read, read_all, ApiError, ErrorBody, St};
+use crate::records::table::USERS;
 
 fn info(username: String, u: &User) -> UserInfo {
     UserInfo {
@@ -51,16 +23,18 @@ fn info(username: String, u: &User) -> UserInfo {
     }
 }
 
+fn no_user(name: &str) -> ApiError {
+    ApiError::not_found(format!("no user {name}"))
+}
+
 /// List users.
-#[utoipa::path(get, path = "/api/v1/users", tag = "users",
+#[utoipa::path(get, path = "/api/v1/users", tag = "users", operation_id = "list_users",
     security(("token" = []), ("cookie" = [])),
     responses((status = 200, body = [UserInfo]), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)))]
-pub async fn list(State(st): St, headers: HeaderMap) -> Result<Json<Vec<UserInfo>>, ApiError> {
-    authorize(&st, &headers, Role::Administrator, false).await?;
-    let n = synced(&st).await?;
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn list(_: Auth<Administrator>, n: Synced) -> Result<Json<Vec<UserInfo>>, ApiError> {
     Ok(Json(
-        all::<User>(&n, "users")
+        read_all::<User>(&n, USERS)?
             .into_iter()
             .map(|(k, u)| info(k, &u))
             .collect(),
@@ -68,18 +42,17 @@ pub async fn list(State(st): St, headers: HeaderMap) -> Result<Json<Vec<UserInfo
 }
 
 /// Create a user.
-#[utoipa::path(post, path = "/api/v1/users", tag = "users", request_body = NewUser,
+#[utoipa::path(post, path = "/api/v1/users", tag = "users", operation_id = "create_user",
+    request_body = NewUser,
     security(("token" = []), ("cookie" = [])),
     responses((status = 201, body = UserInfo), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 409, body = ErrorBody)))]
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn create(
     State(st): St,
-    headers: HeaderMap,
-    b: Result<Json<NewUser>, JsonRejection>,
+    p: Auth<Administrator>,
+    Body(req): Body<NewUser>,
 ) -> Result<(StatusCode, Json<UserInfo>), ApiError> {
-    let p = authorize(&st, &headers, Role::Administrator, false).await?;
-    let req = body(b)?;
     check_name("username", &req.username, b"._")?;
     check_password("password", &req.password)?;
     let user = User {
@@ -89,9 +62,9 @@ pub async fn create(
     };
     commit(
         &st,
-        vec![Require::absent("users", &req.username)],
+        vec![Require::absent(USERS, &req.username)],
         vec![
-            put("users", &req.username, &user),
+            put(USERS, &req.username, &user),
             event(
                 "user.create",
                 &req.username,
@@ -105,38 +78,36 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(info(req.username, &user))))
 }
 
-fn administrators(n: &tessera_state::Node) -> Vec<String> {
-    all::<User>(n, "users")
+fn administrators(n: &tessera_state::Node) -> Result<Vec<String>, ApiError> {
+    Ok(read_all::<User>(n, USERS)?
         .into_iter()
         .filter(|(_, u)| u.role == Role::Administrator)
         .map(|(k, _)| k)
-        .collect()
+        .collect())
 }
 
 /// Change a user's role, or reset its password.
 #[utoipa::path(patch, path = "/api/v1/users/{username}", tag = "users",
+    operation_id = "update_user",
     params(("username" = String, Path)), request_body = UserUpdate,
     security(("token" = []), ("cookie" = [])),
     responses((status = 200, body = UserInfo), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn update(
     State(st): St,
-    headers: HeaderMap,
-    name: Result<Path<String>, PathRejection>,
-    b: Result<Json<UserUpdate>, JsonRejection>,
+    p: Auth<Administrator>,
+    Param(name): Param<String>,
+    n: Synced,
+    Body(req): Body<UserUpdate>,
 ) -> Result<Json<UserInfo>, ApiError> {
-    let p = authorize(&st, &headers, Role::Administrator, false).await?;
-    let name = path(name)?;
-    let req = body(b)?;
-    let n = synced(&st).await?;
-    let old: User =
-        get(&n, "users", &name).ok_or_else(|| ApiError::not_found(format!("no user {name}")))?;
+    let old: User = read(&n, USERS, &name)?.ok_or_else(|| no_user(&name))?;
     let mut user = old.clone();
-    let mut require = vec![Require::equals("users", &name, json!(old))];
+    let mut require = vec![Require::equals(USERS, &name, json!(old))];
     if let Some(role) = req.role {
         if old.role == Role::Administrator && role != Role::Administrator {
-            let admins = administrators(&n);
+            let admins = administrators(&n)?;
             if admins.len() <= 1 {
                 return Err(ApiError::conflict(
                     "role: cannot demote the last administrator",
@@ -144,7 +115,7 @@ pub async fn update(
             }
             // Another administrator must still be there when this applies.
             if let Some(other) = admins.iter().find(|a| **a != name) {
-                require.push(Require::exists("users", other));
+                require.push(Require::exists(USERS, other));
             }
         }
         user.role = role;
@@ -158,7 +129,7 @@ pub async fn update(
         &st,
         require,
         vec![
-            put("users", &name, &user),
+            put(USERS, &name, &user),
             event("user.update", &name, &p.user, "user changed"),
         ],
         |_| format!("user {name} changed meanwhile; try again"),
@@ -169,38 +140,37 @@ pub async fn update(
 
 /// Delete a user (its sessions and tokens stop working at once).
 #[utoipa::path(delete, path = "/api/v1/users/{username}", tag = "users",
+    operation_id = "delete_user",
     params(("username" = String, Path)),
     security(("token" = []), ("cookie" = [])),
-    responses((status = 200, description = "Deleted"), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = Deleted), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn remove(
     State(st): St,
-    headers: HeaderMap,
-    name: Result<Path<String>, PathRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let p = authorize(&st, &headers, Role::Administrator, false).await?;
-    let name = path(name)?;
+    p: Auth<Administrator>,
+    Param(name): Param<String>,
+) -> Result<Json<Deleted>, ApiError> {
     if name == p.user {
         return Err(ApiError::conflict("you cannot delete yourself"));
     }
-    let n = synced(&st).await?;
-    let old: User =
-        get(&n, "users", &name).ok_or_else(|| ApiError::not_found(format!("no user {name}")))?;
-    let mut require = vec![Require::exists("users", &name)];
+    let n = super::synced(&st).await?;
+    let old: User = read(&n, USERS, &name)?.ok_or_else(|| no_user(&name))?;
+    let mut require = vec![Require::exists(USERS, &name)];
     if old.role == Role::Administrator {
         // The caller is an administrator too; it must still be one when this applies.
-        require.push(Require::exists("users", &p.user));
+        require.push(Require::exists(USERS, &p.user));
     }
     commit(
         &st,
         require,
         vec![
-            del("users", &name),
+            del(USERS, &name),
             event("user.delete", &name, &p.user, "user deleted"),
         ],
         |_| format!("user {name} changed meanwhile; try again"),
     )
     .await?;
-    Ok(Json(json!({ "deleted": name })))
+    Ok(Json(Deleted { deleted: name }))
 }

@@ -9,72 +9,27 @@
 
 use std::collections::BTreeSet;
 
-use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::Json;
-use serde::Deserialize;
 use serde_json::json;
+use tessera_api::limits::{MAX_DISKS, MAX_KERNEL_CHARS, MAX_NETWORKS, MEMORY_MIB, VCPUS};
+use tessera_api::{Deleted, NewVm, VmUpdate};
 use tessera_state::Require;
-use utoipa::ToSchema;
 
-use super::auth::{authorize, Role};
 use super::events::event;
-use super::{
-    body, check_name, commit, del, get, now_ms, path, put, synced, ApiError, ErrorBody, St,
-};
-use crate::records::{DesiredState, Vm, Volume, VolumeState};
+use super::extract::{Auditor, Auth, Body, Operator, Param, Synced};
+use super::{check_name, commit, del, now_ms, put, read, ApiError, ErrorBody, St};
+use crate::records::table::{DISK_CLAIMS, NETWORKS, NODES, VMS, VOLUMES};
+use crate::records::{DesiredState, Network, Vm, Volume, VolumeState};
 
-const MAX_DISKS: usize = 16;
-
-/// A new VM.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewVm {
-    /// 1-63 of a-z, 0-9, '-'.
-    name: String,
-    /// 1-32.
-    vcpus: u32,
-    /// 16-1048576.
-    memory_mib: u64,
-    /// Volume names (at most 16), each attached to no other VM.
-    #[serde(default)]
-    disks: Vec<String>,
-    /// Network names (at most 8), one NIC each.
-    #[serde(default)]
-    networks: Vec<String>,
-    /// Kernel image path on the node.
-    kernel: Option<String>,
-    /// Kernel command line (at most 4096 bytes).
-    cmdline: Option<String>,
-    /// Pin to this node.
-    node: Option<String>,
-    /// Default `stopped`.
-    desired_state: Option<DesiredState>,
-}
-
-/// Changes to a VM; absent fields stay as they are.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct VmUpdate {
-    vcpus: Option<u32>,
-    memory_mib: Option<u64>,
-    disks: Option<Vec<String>>,
-    networks: Option<Vec<String>>,
-    kernel: Option<String>,
-    cmdline: Option<String>,
-    node: Option<String>,
-    desired_state: Option<DesiredState>,
-    /// If given, the update applies only to this generation (optimistic locking).
-    generation: Option<u64>,
-}
-
-/// Checks the fields of a VM against the rules and the cluster state.
+/// Checks the fields of a VM against the rules and the cluster state. What the request
+/// names but the cluster lacks (a volume, a network, a node) is 404.
 fn validate(n: &tessera_state::Node, vm: &Vm) -> Result<(), ApiError> {
-    if !(1..=32).contains(&vm.vcpus) {
+    if !VCPUS.contains(&vm.vcpus) {
         return Err(ApiError::bad("vcpus: must be 1 to 32"));
     }
-    if !(16..=1 << 20).contains(&vm.memory_mib) {
+    if !MEMORY_MIB.contains(&vm.memory_mib) {
         return Err(ApiError::bad("memory_mib: must be 16 to 1048576"));
     }
     if vm.disks.len() > MAX_DISKS {
@@ -84,15 +39,32 @@ fn validate(n: &tessera_state::Node, vm: &Vm) -> Result<(), ApiError> {
     if unique.len() != vm.disks.len() {
         return Err(ApiError::bad("disks: a volume is listed twice"));
     }
+    if vm.networks.len() > MAX_NETWORKS {
+        return Err(ApiError::bad("networks: at most 8"));
+    }
+    if let Some(k) = &vm.kernel {
+        if k.is_empty() || k.chars().count() > MAX_KERNEL_CHARS || !k.starts_with('/') {
+            return Err(ApiError::bad(
+                "kernel: an absolute path of at most 4096 characters",
+            ));
+        }
+    }
+    if vm
+        .cmdline
+        .as_ref()
+        .is_some_and(|c| c.chars().count() > MAX_KERNEL_CHARS)
+    {
+        return Err(ApiError::bad("cmdline: at most 4096 characters"));
+    }
     for d in &vm.disks {
-        let v: Volume =
-            get(n, "volumes", d).ok_or_else(|| ApiError::bad(format!("disks: no volume {d}")))?;
+        let v: Volume = read(n, VOLUMES, d)?
+            .ok_or_else(|| ApiError::not_found(format!("disks: no volume {d}")))?;
         if v.state != VolumeState::Ready {
             return Err(ApiError::conflict(format!(
                 "disks: volume {d} is not ready"
             )));
         }
-        if let Some(owner) = get::<String>(n, "disk_claims", d) {
+        if let Some(owner) = read::<String>(n, DISK_CLAIMS, d)? {
             if owner != vm.name {
                 return Err(ApiError::conflict(format!(
                     "disks: volume {d} is attached to VM {owner}"
@@ -100,31 +72,18 @@ fn validate(n: &tessera_state::Node, vm: &Vm) -> Result<(), ApiError> {
             }
         }
     }
-    if vm.networks.len() > 8 {
-        return Err(ApiError::bad("networks: at most 8"));
-    }
     for net in &vm.networks {
-        let rec: crate::records::Network = get(n, "networks", net)
-            .ok_or_else(|| ApiError::bad(format!("networks: no network {net}")))?;
+        let rec: Network = read(n, NETWORKS, net)?
+            .ok_or_else(|| ApiError::not_found(format!("networks: no network {net}")))?;
         if rec.deleting {
             return Err(ApiError::conflict(format!(
                 "networks: network {net} is being deleted"
             )));
         }
     }
-    if let Some(k) = &vm.kernel {
-        if k.is_empty() || k.len() > 4096 || !k.starts_with('/') {
-            return Err(ApiError::bad(
-                "kernel: an absolute path of at most 4096 bytes",
-            ));
-        }
-    }
-    if vm.cmdline.as_ref().is_some_and(|c| c.len() > 4096) {
-        return Err(ApiError::bad("cmdline: at most 4096 bytes"));
-    }
     if let Some(node) = &vm.node {
-        if get::<serde_json::Value>(n, "nodes", node).is_none() {
-            return Err(ApiError::bad(format!(
+        if read::<serde_json::Value>(n, NODES, node)?.is_none() {
+            return Err(ApiError::not_found(format!(
                 "node: no node {node} in the cluster"
             )));
         }
@@ -133,30 +92,31 @@ fn validate(n: &tessera_state::Node, vm: &Vm) -> Result<(), ApiError> {
 }
 
 /// List VMs.
-#[utoipa::path(get, path = "/api/v1/vms", tag = "vms",
+#[utoipa::path(get, path = "/api/v1/vms", tag = "vms", operation_id = "list_vms",
     security(("token" = []), ("cookie" = [])),
     responses((status = 200, body = [Vm]), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)))]
-pub async fn list(State(st): St, headers: HeaderMap) -> Result<axum::response::Response, ApiError> {
-    super::list_all(&st, &headers, "vms").await
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn list(
+    State(st): St,
+    _: Auth<Auditor>,
+    n: Synced,
+) -> Result<axum::response::Response, ApiError> {
+    super::list_all(&st, &n, VMS)
 }
 
 /// One VM.
-#[utoipa::path(get, path = "/api/v1/vms/{name}", tag = "vms",
+#[utoipa::path(get, path = "/api/v1/vms/{name}", tag = "vms", operation_id = "get_vm",
     params(("name" = String, Path)),
     security(("token" = []), ("cookie" = [])),
-    responses((status = 200, body = Vm), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Vm), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn show(
-    State(st): St,
-    headers: HeaderMap,
-    name: Result<Path<String>, PathRejection>,
+    _: Auth<Auditor>,
+    Param(name): Param<String>,
+    n: Synced,
 ) -> Result<Json<Vm>, ApiError> {
-    super::show_one(&st, &headers, name, "vms", "VM").await
-}
-
-fn claims(vm: &Vm) -> impl Iterator<Item = &String> {
-    vm.disks.iter()
+    super::show_one(&n, VMS, &name, "VM")
 }
 
 /// Each network must be unchanged when the VM commits: a network marked for deletion
@@ -166,25 +126,36 @@ fn network_requirements(n: &tessera_state::Node, vm: &Vm) -> Vec<Require> {
         .iter()
         .filter_map(|net| {
             n.state
-                .read(|t| t.get("networks").and_then(|t| t.get(net)).cloned())
-                .map(|rec| Require::equals("networks", net, rec))
+                .read(|t| t.get(NETWORKS).and_then(|t| t.get(net)).cloned())
+                .map(|rec| Require::equals(NETWORKS, net, rec))
         })
         .collect()
 }
 
+/// Words a refused VM commit by the requirement that failed.
+fn refusal(r: &Require, vm_changed: String) -> String {
+    if r.table == VMS {
+        vm_changed
+    } else if r.table == NETWORKS {
+        format!("networks: network {} changed or is being deleted", r.key)
+    } else {
+        format!("disks: volume {} was deleted or attached meanwhile", r.key)
+    }
+}
+
 /// Define a VM.
-#[utoipa::path(post, path = "/api/v1/vms", tag = "vms", request_body = NewVm,
+#[utoipa::path(post, path = "/api/v1/vms", tag = "vms", operation_id = "create_vm",
+    request_body = NewVm,
     security(("token" = []), ("cookie" = [])),
     responses((status = 201, body = Vm), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 409, body = ErrorBody)))]
+        (status = 404, body = ErrorBody, description = "A named volume, network or node does not exist"),
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn create(
     State(st): St,
-    headers: HeaderMap,
-    b: Result<Json<NewVm>, JsonRejection>,
+    p: Auth<Operator>,
+    Body(req): Body<NewVm>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
-    let p = authorize(&st, &headers, Role::Operator, false).await?;
-    let req = body(b)?;
     check_name("name", &req.name, &[])?;
     let now = now_ms();
     let vm = Vm {
@@ -202,54 +173,45 @@ pub async fn create(
         created_ms: now,
         updated_ms: now,
     };
-    let n = synced(&st).await?;
+    let n = super::synced(&st).await?;
     validate(&n, &vm)?;
-    let mut require = vec![Require::absent("vms", &vm.name)];
-    let mut ops = vec![put("vms", &vm.name, &vm)];
-    for d in claims(&vm) {
-        require.push(Require::exists("volumes", d));
-        require.push(Require::absent("disk_claims", d));
-        ops.push(put("disk_claims", d, &vm.name));
+    let mut require = vec![Require::absent(VMS, &vm.name)];
+    let mut ops = vec![put(VMS, &vm.name, &vm)];
+    for d in &vm.disks {
+        require.push(Require::exists(VOLUMES, d));
+        require.push(Require::absent(DISK_CLAIMS, d));
+        ops.push(put(DISK_CLAIMS, d, &vm.name));
     }
     require.extend(network_requirements(&n, &vm));
     ops.push(event("vm.create", &vm.name, &p.user, "VM defined"));
     commit(&st, require, ops, |r| {
-        if r.table == "vms" {
-            format!("name: VM {} already exists", vm.name)
-        } else if r.table == "networks" {
-            format!("networks: network {} changed or is being deleted", r.key)
-        } else {
-            format!("disks: volume {} was deleted or attached meanwhile", r.key)
-        }
+        refusal(r, format!("name: VM {} already exists", vm.name))
     })
     .await?;
     Ok((StatusCode::CREATED, Json(vm)))
 }
 
 /// Change a VM's definition or desired state.
-#[utoipa::path(patch, path = "/api/v1/vms/{name}", tag = "vms",
+#[utoipa::path(patch, path = "/api/v1/vms/{name}", tag = "vms", operation_id = "update_vm",
     params(("name" = String, Path)), request_body = VmUpdate,
     security(("token" = []), ("cookie" = [])),
     responses((status = 200, body = Vm), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn update(
     State(st): St,
-    headers: HeaderMap,
-    name: Result<Path<String>, PathRejection>,
-    b: Result<Json<VmUpdate>, JsonRejection>,
+    p: Auth<Operator>,
+    Param(name): Param<String>,
+    n: Synced,
+    Body(req): Body<VmUpdate>,
 ) -> Result<Json<Vm>, ApiError> {
-    let p = authorize(&st, &headers, Role::Operator, false).await?;
-    let name = path(name)?;
-    let req = body(b)?;
-    let n = synced(&st).await?;
     let old: Vm =
-        get(&n, "vms", &name).ok_or_else(|| ApiError::not_found(format!("no VM {name}")))?;
-    if req.generation.is_some_and(|g| g != old.generation) {
+        read(&n, VMS, &name)?.ok_or_else(|| ApiError::not_found(format!("no VM {name}")))?;
+    if let Some(g) = req.generation.filter(|g| *g != old.generation) {
         return Err(ApiError::conflict(format!(
-            "generation: the VM is at generation {}, not {}",
-            old.generation,
-            req.generation.unwrap_or_default()
+            "generation: the VM is at generation {}, not {g}",
+            old.generation
         )));
     }
     let mut vm = old.clone();
@@ -274,15 +236,15 @@ pub async fn update(
     vm.generation += 1;
     vm.updated_ms = now_ms();
     validate(&n, &vm)?;
-    let mut require = vec![Require::equals("vms", &name, json!(old))];
-    let mut ops = vec![put("vms", &name, &vm)];
+    let mut require = vec![Require::equals(VMS, &name, json!(old))];
+    let mut ops = vec![put(VMS, &name, &vm)];
     for d in vm.disks.iter().filter(|d| !old.disks.contains(d)) {
-        require.push(Require::exists("volumes", d));
-        require.push(Require::absent("disk_claims", d));
-        ops.push(put("disk_claims", d, &name));
+        require.push(Require::exists(VOLUMES, d));
+        require.push(Require::absent(DISK_CLAIMS, d));
+        ops.push(put(DISK_CLAIMS, d, &name));
     }
     for d in old.disks.iter().filter(|d| !vm.disks.contains(d)) {
-        ops.push(del("disk_claims", d));
+        ops.push(del(DISK_CLAIMS, d));
     }
     require.extend(network_requirements(&n, &vm));
     ops.push(event(
@@ -292,49 +254,45 @@ pub async fn update(
         &format!("VM changed (generation {})", vm.generation),
     ));
     commit(&st, require, ops, |r| {
-        if r.table == "vms" {
-            format!("VM {name} changed meanwhile; fetch it and try again")
-        } else if r.table == "networks" {
-            format!("networks: network {} changed or is being deleted", r.key)
-        } else {
-            format!("disks: volume {} was deleted or attached meanwhile", r.key)
-        }
+        refusal(
+            r,
+            format!("VM {name} changed meanwhile; fetch it and try again"),
+        )
     })
     .await?;
     Ok(Json(vm))
 }
 
 /// Delete a VM definition (its volumes are detached, not deleted).
-#[utoipa::path(delete, path = "/api/v1/vms/{name}", tag = "vms",
+#[utoipa::path(delete, path = "/api/v1/vms/{name}", tag = "vms", operation_id = "delete_vm",
     params(("name" = String, Path)),
     security(("token" = []), ("cookie" = [])),
-    responses((status = 200, description = "Deleted"), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = Deleted), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn remove(
     State(st): St,
-    headers: HeaderMap,
-    name: Result<Path<String>, PathRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let p = authorize(&st, &headers, Role::Operator, false).await?;
-    let name = path(name)?;
-    let n = synced(&st).await?;
+    p: Auth<Operator>,
+    Param(name): Param<String>,
+    n: Synced,
+) -> Result<Json<Deleted>, ApiError> {
     let old: Vm =
-        get(&n, "vms", &name).ok_or_else(|| ApiError::not_found(format!("no VM {name}")))?;
+        read(&n, VMS, &name)?.ok_or_else(|| ApiError::not_found(format!("no VM {name}")))?;
     if old.desired_state == DesiredState::Running {
         return Err(ApiError::conflict(format!(
             "VM {name} should be running; set desired_state to stopped first"
         )));
     }
-    let mut ops = vec![del("vms", &name)];
-    ops.extend(old.disks.iter().map(|d| del("disk_claims", d)));
+    let mut ops = vec![del(VMS, &name)];
+    ops.extend(old.disks.iter().map(|d| del(DISK_CLAIMS, d)));
     ops.push(event("vm.delete", &name, &p.user, "VM deleted"));
     commit(
         &st,
-        vec![Require::equals("vms", &name, json!(old))],
+        vec![Require::equals(VMS, &name, json!(old))],
         ops,
         |_| format!("VM {name} changed meanwhile; try again"),
     )
     .await?;
-    Ok(Json(json!({ "deleted": name })))
+    Ok(Json(Deleted { deleted: name }))
 }

@@ -2,98 +2,69 @@
 //! in one transaction (so two creates of one name cannot both pass); the node whose store
 //! holds the volume runs the task against its `tessera-store` (see `crate::tasks`).
 
-use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::Json;
-use serde::{Deserialize, Serialize};
+use tessera_api::{NewClone, NewSnapshot, NewVolume, VolumeView};
 use tessera_state::Require;
-use utoipa::ToSchema;
 
-use super::auth::{authorize, Role};
 use super::events::event;
+use super::extract::{Auditor, Auth, Body, Operator, Param, Synced};
 use super::tasks::{queued, submit};
-use super::{all, body, check_name, get, now_ms, path, put, synced, ApiError, ErrorBody, St};
+use super::{check_name, now_ms, put, read, read_all, ApiError, ErrorBody, St};
+use crate::records::table::{DISK_CLAIMS, NODES, SNAPSHOTS, VOLUMES};
 use crate::records::{snapshot_key, Snapshot, Task, TaskOp, Volume, VolumeState};
 
-/// Largest volume: 64 TiB (the store's limit).
-const MAX_SIZE: u64 = 64 << 40;
-
-/// A volume with its snapshots and the VM it is attached to.
-#[derive(Serialize, ToSchema)]
-pub struct VolumeView {
-    #[serde(flatten)]
-    volume: Volume,
-    snapshots: Vec<Snapshot>,
-    /// The VM using it, if any.
-    attached_to: Option<String>,
-}
-
-fn view(n: &tessera_state::Node, v: Volume) -> VolumeView {
+fn view(n: &tessera_state::Node, v: Volume) -> Result<VolumeView, ApiError> {
     let prefix = format!("{}@", v.name);
-    let snapshots = all::<Snapshot>(n, "snapshots")
+    let snapshots = read_all::<Snapshot>(n, SNAPSHOTS)?
         .into_iter()
         .filter(|(k, _)| k.starts_with(&prefix))
         .map(|(_, s)| s)
         .collect();
-    let attached_to = get(n, "disk_claims", &v.name);
-    VolumeView {
+    let attached_to = read(n, DISK_CLAIMS, &v.name)?;
+    Ok(VolumeView {
         volume: v,
         snapshots,
         attached_to,
-    }
+    })
+}
+
+fn no_volume(name: &str) -> ApiError {
+    ApiError::not_found(format!("no volume {name}"))
 }
 
 /// List volumes.
-#[utoipa::path(get, path = "/api/v1/volumes", tag = "volumes",
+#[utoipa::path(get, path = "/api/v1/volumes", tag = "volumes", operation_id = "list_volumes",
     security(("token" = []), ("cookie" = [])),
     responses((status = 200, body = [VolumeView]), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)))]
-pub async fn list(State(st): St, headers: HeaderMap) -> Result<Json<Vec<VolumeView>>, ApiError> {
-    authorize(&st, &headers, Role::Auditor, false).await?;
-    let n = synced(&st).await?;
-    Ok(Json(
-        all::<Volume>(&n, "volumes")
-            .into_iter()
-            .map(|(_, v)| view(&n, v))
-            .collect(),
-    ))
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn list(_: Auth<Auditor>, n: Synced) -> Result<Json<Vec<VolumeView>>, ApiError> {
+    let mut out = Vec::new();
+    for (_, v) in read_all::<Volume>(&n, VOLUMES)? {
+        out.push(view(&n, v)?);
+    }
+    Ok(Json(out))
 }
 
 /// One volume.
-#[utoipa::path(get, path = "/api/v1/volumes/{name}", tag = "volumes",
+#[utoipa::path(get, path = "/api/v1/volumes/{name}", tag = "volumes", operation_id = "get_volume",
     params(("name" = String, Path)),
     security(("token" = []), ("cookie" = [])),
-    responses((status = 200, body = VolumeView), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = VolumeView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn show(
-    State(st): St,
-    headers: HeaderMap,
-    name: Result<Path<String>, PathRejection>,
+    _: Auth<Auditor>,
+    Param(name): Param<String>,
+    n: Synced,
 ) -> Result<Json<VolumeView>, ApiError> {
-    authorize(&st, &headers, Role::Auditor, false).await?;
-    let name = path(name)?;
-    let n = synced(&st).await?;
-    let v: Volume = get(&n, "volumes", &name)
-        .ok_or_else(|| ApiError::not_found(format!("no volume {name}")))?;
-    Ok(Json(view(&n, v)))
-}
-
-/// A new volume.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewVolume {
-    /// 1-63 of a-z, 0-9, '-'.
-    name: String,
-    /// Bytes: a multiple of 4096, at most 64 TiB.
-    size_bytes: u64,
-    /// The node whose store holds it (default: the node receiving the request).
-    node: Option<String>,
+    let v: Volume = read(&n, VOLUMES, &name)?.ok_or_else(|| no_volume(&name))?;
+    Ok(Json(view(&n, v)?))
 }
 
 fn ready_volume(n: &tessera_state::Node, name: &str) -> Result<Volume, ApiError> {
-    let v: Volume =
-        get(n, "volumes", name).ok_or_else(|| ApiError::not_found(format!("no volume {name}")))?;
+    let v: Volume = read(n, VOLUMES, name)?.ok_or_else(|| no_volume(name))?;
     if v.state != VolumeState::Ready {
         return Err(ApiError::conflict(format!(
             "volume {name} is {:?}; wait for its task",
@@ -103,34 +74,38 @@ fn ready_volume(n: &tessera_state::Node, name: &str) -> Result<Volume, ApiError>
     Ok(v)
 }
 
-fn nbd_uri(n: &tessera_state::Node, node: &str, export: &str) -> Option<String> {
-    let rec: serde_json::Value = get(n, "nodes", node)?;
-    rec["nbd"].as_str().map(|a| format!("nbd://{a}/{export}"))
+fn nbd_uri(n: &tessera_state::Node, node: &str, export: &str) -> Result<Option<String>, ApiError> {
+    let rec: Option<serde_json::Value> = read(n, NODES, node)?;
+    Ok(rec.and_then(|r| r["nbd"].as_str().map(|a| format!("nbd://{a}/{export}"))))
 }
 
 /// Create a volume (a task on the volume's node).
-#[utoipa::path(post, path = "/api/v1/volumes", tag = "volumes", request_body = NewVolume,
+#[utoipa::path(post, path = "/api/v1/volumes", tag = "volumes", operation_id = "create_volume",
+    request_body = NewVolume,
     security(("token" = []), ("cookie" = [])),
     responses((status = 202, body = Task), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 409, body = ErrorBody)))]
+        (status = 404, body = ErrorBody, description = "No such node"),
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn create(
     State(st): St,
-    headers: HeaderMap,
-    b: Result<Json<NewVolume>, JsonRejection>,
+    p: Auth<Operator>,
+    Body(req): Body<NewVolume>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
-    let p = authorize(&st, &headers, Role::Operator, false).await?;
-    let req = body(b)?;
+    use tessera_api::limits::{MAX_VOLUME_BYTES, VOLUME_BLOCK};
     check_name("name", &req.name, &[])?;
-    if req.size_bytes == 0 || req.size_bytes % 4096 != 0 || req.size_bytes > MAX_SIZE {
+    if req.size_bytes == 0
+        || req.size_bytes % VOLUME_BLOCK != 0
+        || req.size_bytes > MAX_VOLUME_BYTES
+    {
         return Err(ApiError::bad(
             "size_bytes: must be a positive multiple of 4096, at most 64 TiB",
         ));
     }
-    let n = synced(&st).await?;
+    let n = super::synced(&st).await?;
     let node = req.node.unwrap_or_else(|| st.me.0.clone());
-    if get::<serde_json::Value>(&n, "nodes", &node).is_none() {
-        return Err(ApiError::bad(format!(
+    if read::<serde_json::Value>(&n, NODES, &node)?.is_none() {
+        return Err(ApiError::not_found(format!(
             "node: no node {node} in the cluster"
         )));
     }
@@ -140,7 +115,7 @@ pub async fn create(
         size_bytes: req.size_bytes,
         state: VolumeState::Creating,
         origin: None,
-        nbd: nbd_uri(&n, &node, &req.name),
+        nbd: nbd_uri(&n, &node, &req.name)?,
         created_ms: now_ms(),
     };
     let task = queued(
@@ -154,9 +129,9 @@ pub async fn create(
     submit(
         &st,
         &task,
-        vec![Require::absent("volumes", &req.name)],
+        vec![Require::absent(VOLUMES, &req.name)],
         vec![
-            put("volumes", &req.name, &vol),
+            put(VOLUMES, &req.name, &vol),
             event("volume.create", &req.name, &p.user, "volume requested"),
         ],
         |_| format!("name: volume {} already exists", req.name),
@@ -167,21 +142,21 @@ pub async fn create(
 
 /// Delete a volume and its snapshots (a task; refused while a VM uses it).
 #[utoipa::path(delete, path = "/api/v1/volumes/{name}", tag = "volumes",
+    operation_id = "delete_volume",
     params(("name" = String, Path)),
     security(("token" = []), ("cookie" = [])),
-    responses((status = 202, body = Task), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody)))]
+    responses((status = 202, body = Task), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn remove(
     State(st): St,
-    headers: HeaderMap,
-    name: Result<Path<String>, PathRejection>,
+    p: Auth<Operator>,
+    Param(name): Param<String>,
+    n: Synced,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
-    let p = authorize(&st, &headers, Role::Operator, false).await?;
-    let name = path(name)?;
-    let n = synced(&st).await?;
     let old = ready_volume(&n, &name)?;
-    if let Some(vm) = get::<String>(&n, "disk_claims", &name) {
+    if let Some(vm) = read::<String>(&n, DISK_CLAIMS, &name)? {
         return Err(ApiError::conflict(format!(
             "volume {name} is attached to VM {vm}"
         )));
@@ -193,11 +168,11 @@ pub async fn remove(
         &st,
         &task,
         vec![
-            Require::equals("volumes", &name, serde_json::json!(old)),
-            Require::absent("disk_claims", &name),
+            Require::equals(VOLUMES, &name, serde_json::json!(old)),
+            Require::absent(DISK_CLAIMS, &name),
         ],
         vec![
-            put("volumes", &name, &v),
+            put(VOLUMES, &name, &v),
             event("volume.delete", &name, &p.user, "volume deletion requested"),
         ],
         |_| format!("volume {name} changed or was attached meanwhile; try again"),
@@ -206,32 +181,23 @@ pub async fn remove(
     Ok((StatusCode::ACCEPTED, Json(task)))
 }
 
-/// A new snapshot.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewSnapshot {
-    /// 1-63 of a-z, 0-9, '-'.
-    name: String,
-}
-
 /// Snapshot a volume (a task).
 #[utoipa::path(post, path = "/api/v1/volumes/{name}/snapshots", tag = "volumes",
+    operation_id = "create_snapshot",
     params(("name" = String, Path)), request_body = NewSnapshot,
     security(("token" = []), ("cookie" = [])),
     responses((status = 202, body = Task), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn snapshot(
     State(st): St,
-    headers: HeaderMap,
-    name: Result<Path<String>, PathRejection>,
-    b: Result<Json<NewSnapshot>, JsonRejection>,
+    p: Auth<Operator>,
+    Param(name): Param<String>,
+    Body(req): Body<NewSnapshot>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
-    let p = authorize(&st, &headers, Role::Operator, false).await?;
-    let name = path(name)?;
-    let req = body(b)?;
     check_name("name", &req.name, &[])?;
-    let n = synced(&st).await?;
+    let n = super::synced(&st).await?;
     let v = ready_volume(&n, &name)?;
     let key = snapshot_key(&name, &req.name);
     let snap = Snapshot {
@@ -252,15 +218,15 @@ pub async fn snapshot(
         &st,
         &task,
         vec![
-            Require::exists("volumes", &name),
-            Require::absent("snapshots", &key),
+            Require::exists(VOLUMES, &name),
+            Require::absent(SNAPSHOTS, &key),
         ],
         vec![
-            put("snapshots", &key, &snap),
+            put(SNAPSHOTS, &key, &snap),
             event("snapshot.create", &key, &p.user, "snapshot requested"),
         ],
         |r| {
-            if r.table == "snapshots" {
+            if r.table == SNAPSHOTS {
                 format!("name: snapshot {key} already exists")
             } else {
                 format!("volume {name} was deleted meanwhile")
@@ -273,22 +239,22 @@ pub async fn snapshot(
 
 /// Delete a snapshot (a task).
 #[utoipa::path(delete, path = "/api/v1/volumes/{name}/snapshots/{snapshot}", tag = "volumes",
+    operation_id = "delete_snapshot",
     params(("name" = String, Path), ("snapshot" = String, Path)),
     security(("token" = []), ("cookie" = [])),
-    responses((status = 202, body = Task), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody)))]
+    responses((status = 202, body = Task), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn remove_snapshot(
     State(st): St,
-    headers: HeaderMap,
-    names: Result<Path<(String, String)>, PathRejection>,
+    p: Auth<Operator>,
+    Param((name, snapshot)): Param<(String, String)>,
+    n: Synced,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
-    let p = authorize(&st, &headers, Role::Operator, false).await?;
-    let (name, snapshot) = path(names)?;
-    let n = synced(&st).await?;
     let v = ready_volume(&n, &name)?;
     let key = snapshot_key(&name, &snapshot);
-    let old: Snapshot = get(&n, "snapshots", &key)
+    let old: Snapshot = read(&n, SNAPSHOTS, &key)?
         .ok_or_else(|| ApiError::not_found(format!("no snapshot {key}")))?;
     if old.state != VolumeState::Ready {
         return Err(ApiError::conflict(format!(
@@ -309,9 +275,9 @@ pub async fn remove_snapshot(
     submit(
         &st,
         &task,
-        vec![Require::equals("snapshots", &key, serde_json::json!(old))],
+        vec![Require::equals(SNAPSHOTS, &key, serde_json::json!(old))],
         vec![
-            put("snapshots", &key, &s),
+            put(SNAPSHOTS, &key, &s),
             event(
                 "snapshot.delete",
                 &key,
@@ -325,37 +291,26 @@ pub async fn remove_snapshot(
     Ok((StatusCode::ACCEPTED, Json(task)))
 }
 
-/// A clone of a snapshot.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewClone {
-    /// The snapshot of this volume to clone.
-    snapshot: String,
-    /// The new volume's name.
-    name: String,
-}
-
 /// Clone a snapshot into a new writable volume on the same node (copy-on-write; a task).
 #[utoipa::path(post, path = "/api/v1/volumes/{name}/clone", tag = "volumes",
+    operation_id = "clone_snapshot",
     params(("name" = String, Path)), request_body = NewClone,
     security(("token" = []), ("cookie" = [])),
     responses((status = 202, body = Task), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn clone(
     State(st): St,
-    headers: HeaderMap,
-    name: Result<Path<String>, PathRejection>,
-    b: Result<Json<NewClone>, JsonRejection>,
+    p: Auth<Operator>,
+    Param(name): Param<String>,
+    Body(req): Body<NewClone>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
-    let p = authorize(&st, &headers, Role::Operator, false).await?;
-    let name = path(name)?;
-    let req = body(b)?;
     check_name("name", &req.name, &[])?;
-    let n = synced(&st).await?;
+    let n = super::synced(&st).await?;
     let v = ready_volume(&n, &name)?;
     let key = snapshot_key(&name, &req.snapshot);
-    let snap: Snapshot = get(&n, "snapshots", &key)
+    let snap: Snapshot = read(&n, SNAPSHOTS, &key)?
         .ok_or_else(|| ApiError::not_found(format!("snapshot: no snapshot {key}")))?;
     if snap.state != VolumeState::Ready {
         return Err(ApiError::conflict(format!("snapshot {key} is not ready")));
@@ -366,7 +321,7 @@ pub async fn clone(
         size_bytes: v.size_bytes,
         state: VolumeState::Creating,
         origin: Some(key.clone()),
-        nbd: nbd_uri(&n, &v.node, &req.name),
+        nbd: nbd_uri(&n, &v.node, &req.name)?,
         created_ms: now_ms(),
     };
     let task = queued(
@@ -382,11 +337,11 @@ pub async fn clone(
         &st,
         &task,
         vec![
-            Require::absent("volumes", &req.name),
-            Require::exists("snapshots", &key),
+            Require::absent(VOLUMES, &req.name),
+            Require::exists(SNAPSHOTS, &key),
         ],
         vec![
-            put("volumes", &req.name, &new),
+            put(VOLUMES, &req.name, &new),
             event(
                 "volume.clone",
                 &req.name,
@@ -395,7 +350,7 @@ pub async fn clone(
             ),
         ],
         |r| {
-            if r.table == "volumes" {
+            if r.table == VOLUMES {
                 format!("name: volume {} already exists", req.name)
             } else {
                 format!("snapshot {key} was deleted meanwhile")
