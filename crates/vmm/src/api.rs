@@ -274,3 +274,63 @@ fn handle(op: ApiOp, ctx: &Ctx) -> Result<serde_json::Value, ApiError> {
 
 /// Keeps `Event` in this module's public surface for clients.
 pub type ApiEvent = Event;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> Result<ApiRequest, String> {
+        serde_json::from_str::<ApiRequest>(line).map_err(|e| ApiError::BadRequest(e).to_string())
+    }
+
+    #[test]
+    fn requests_with_unknown_operations_or_fields_are_refused() {
+        assert!(matches!(
+            parse(r#"{"v":1,"op":{"type":"serial_read","since":3}}"#),
+            Ok(ApiRequest {
+                v: 1,
+                op: ApiOp::SerialRead { since: 3 }
+            })
+        ));
+        for (line, want) in [
+            ("not json", "bad request: "),
+            (
+                r#"{"v":1,"op":{"type":"explode"}}"#,
+                "unknown variant `explode`",
+            ),
+            (
+                r#"{"v":1,"op":{"type":"pause"},"x":1}"#,
+                "unknown field `x`",
+            ),
+            (
+                r#"{"v":1,"op":{"type":"serial_read","x":1}}"#,
+                "unknown field `x`",
+            ),
+            (r#"{"op":{"type":"describe"}}"#, "missing field `v`"),
+        ] {
+            let err = parse(line).err().unwrap_or_default();
+            assert!(err.starts_with("bad request: "), "{line}: {err}");
+            assert!(err.contains(want), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn error_replies_say_why_in_words() {
+        assert_eq!(
+            ApiError::Version(7).to_string(),
+            "API version 7 is not supported (this VMM speaks 1)"
+        );
+        assert_eq!(
+            ApiError::from(ControlError::AlreadyPaused).to_string(),
+            "the VM is already paused"
+        );
+        assert_eq!(
+            ApiError::from(SnapshotError::NotPaused).to_string(),
+            "pause the VM before taking a snapshot"
+        );
+        assert_eq!(
+            ApiError::from(MemoryError::TrackingOff).to_string(),
+            "dirty-page tracking is off (start with --track-dirty-pages)"
+        );
+    }
+}
