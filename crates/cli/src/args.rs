@@ -4,8 +4,10 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::output::Output;
+use tessera_api::{DesiredState, Role};
 use tessera_units::parse_size;
+
+use crate::output::Output;
 
 #[derive(Parser)]
 #[command(
@@ -99,8 +101,8 @@ pub enum TokenCmd {
     /// Create an API token.
     Create {
         /// auditor, operator or administrator (capped at your own role).
-        #[arg(long, default_value = "auditor")]
-        role: String,
+        #[arg(long, default_value = "auditor", value_parser = parse_role)]
+        role: Role,
         /// Lifetime, e.g. 3600, 90m, 12h, 30d.
         #[arg(long, default_value = "30d", value_parser = parse_duration)]
         expires: u64,
@@ -226,8 +228,8 @@ pub enum VmCmd {
         #[arg(long = "disk")]
         disks: Option<Vec<String>>,
         /// stopped or running.
-        #[arg(long)]
-        desired_state: Option<String>,
+        #[arg(long, value_parser = parse_desired_state)]
+        desired_state: Option<DesiredState>,
     },
     /// Delete a VM definition (its volumes stay).
     Rm {
@@ -287,15 +289,16 @@ pub enum UserCmd {
         /// User name.
         name: String,
         /// auditor, operator or administrator.
-        #[arg(long)]
-        role: String,
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
     },
     /// Change a user's role.
     SetRole {
         /// User name.
         name: String,
         /// auditor, operator or administrator.
-        role: String,
+        #[arg(value_parser = parse_role)]
+        role: Role,
     },
     /// Delete a user.
     Rm {
@@ -331,6 +334,19 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is not a duration (try 3600, 90m, 12h, 30d)"))
 }
 
+pub fn parse_role(s: &str) -> Result<Role, String> {
+    api_word(s).ok_or_else(|| format!("{s:?} is not a role (auditor, operator or administrator)"))
+}
+
+pub fn parse_desired_state(s: &str) -> Result<DesiredState, String> {
+    api_word(s).ok_or_else(|| format!("{s:?} is not a state (stopped or running)"))
+}
+
+/// An API enum from the word the API spells it with.
+fn api_word<T: serde::de::DeserializeOwned>(s: &str) -> Option<T> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -339,6 +355,20 @@ mod tests {
         assert_eq!(super::parse_duration("3600"), Ok(3600));
         assert_eq!(super::parse_duration("30d"), Ok(2_592_000));
         assert!(super::parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn roles_and_states_are_the_api_words() {
+        use tessera_api::{DesiredState, Role};
+        assert_eq!(super::parse_role("operator"), Ok(Role::Operator));
+        assert!(super::parse_role("root")
+            .unwrap_err()
+            .contains("not a role"));
+        assert_eq!(
+            super::parse_desired_state("running"),
+            Ok(DesiredState::Running)
+        );
+        assert!(super::parse_desired_state("paused").is_err());
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! and errors that say what to do next.
 
 use anyhow::{bail, Context};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::endpoints::{fill, Ep};
@@ -51,6 +53,18 @@ impl Client {
         self.call_q(ep, params, "", body)
     }
 
+    /// Calls `ep` with `body` (an API request type) as its JSON body.
+    pub fn send(&self, ep: Ep, params: &[&str], body: &impl Serialize) -> anyhow::Result<Value> {
+        let body = serde_json::to_value(body).context("encoding the request")?;
+        self.call(ep, params, Some(body))
+    }
+
+    /// Calls `ep` and reads the answer as `T` (for code that needs the answer itself,
+    /// not only to show it).
+    pub fn get<T: DeserializeOwned>(&self, ep: Ep, params: &[&str]) -> anyhow::Result<T> {
+        decode(ep, &self.call(ep, params, None)?)
+    }
+
     pub fn call_q(
         &self,
         ep: Ep,
@@ -87,6 +101,11 @@ impl Client {
             }
         }
     }
+}
+
+/// Reads an answer of `ep` as its API type.
+pub fn decode<T: DeserializeOwned>(ep: Ep, v: &Value) -> anyhow::Result<T> {
+    T::deserialize(v).with_context(|| format!("{} {}: unexpected answer", ep.0, ep.1))
 }
 
 /// An HTTP agent that trusts only the cluster CA `ca_pem` when given.

@@ -1,10 +1,10 @@
 //! Nodes as people know them: by name, not by their 32-hex id or their Raft id.
 //!
-//! A node's name is the `name` the API gives it when it gives one, else the host name it
-//! publishes with its metrics; nodes that share a host name (a local cluster on one
-//! machine) are told apart by their address. Ids remain accepted wherever a node is given.
+//! The API gives nodes no name yet, so a node is named by the host name it publishes
+//! with its metrics; nodes that share a host name (a local cluster on one machine) are
+//! told apart by their address. Ids remain accepted wherever a node is given.
 
-use serde_json::Value;
+use tessera_api::NodeInfo;
 
 use crate::client::Client;
 use crate::endpoints::NODES;
@@ -23,34 +23,31 @@ pub struct NodeNames {
 
 impl NodeNames {
     pub fn fetch(client: &Client) -> anyhow::Result<NodeNames> {
-        Ok(NodeNames::from_listing(&client.call(NODES, &[], None)?))
+        Ok(NodeNames::new(&client.get::<Vec<NodeInfo>>(NODES, &[])?))
     }
 
     /// Names the nodes of a `GET /nodes` answer, each name unique.
-    pub fn from_listing(listing: &Value) -> NodeNames {
-        let list = listing.as_array().map(Vec::as_slice).unwrap_or_default();
-        let base: Vec<(String, String, String)> = list
+    pub fn new(list: &[NodeInfo]) -> NodeNames {
+        let base: Vec<(&str, String, String)> = list
             .iter()
-            .filter_map(|n| {
-                let id = n["id"].as_str()?.to_string();
-                let host = address_host(&n["address"]);
-                let name = [&n["name"], &n["metrics"]["host"]]
-                    .into_iter()
-                    .find_map(|v| v.as_str().filter(|s| !s.is_empty()))
+            .map(|n| {
+                let host = address_host(&n.address);
+                let name = n.metrics["host"]
+                    .as_str()
+                    .filter(|s| !s.is_empty())
                     .map(String::from)
                     .or_else(|| host.clone())
-                    .unwrap_or_else(|| id.clone());
-                Some((id, name, host.unwrap_or_default()))
+                    .unwrap_or_else(|| n.id.clone());
+                (n.id.as_str(), name, host.unwrap_or_default())
             })
             .collect();
-        let count = |name: &str, of: &[Named]| of.iter().filter(|n| n.name == name).count();
-        // Shared host names first get the address, then (same address, too) the id.
+        // A shared host name gets the address; should that repeat too, the id.
         let first: Vec<Named> = base
             .iter()
             .map(|(id, name, host)| {
                 let shared = base.iter().filter(|(_, n, _)| n == name).count() > 1;
                 Named {
-                    id: id.clone(),
+                    id: id.to_string(),
                     name: if shared && !host.is_empty() && host != name {
                         format!("{name}/{host}")
                     } else {
@@ -63,7 +60,7 @@ impl NodeNames {
             .iter()
             .map(|n| Named {
                 id: n.id.clone(),
-                name: if count(&n.name, &first) > 1 {
+                name: if first.iter().filter(|o| o.name == n.name).count() > 1 {
                     format!("{}/{}", n.name, n.id)
                 } else {
                     n.name.clone()
@@ -79,11 +76,6 @@ impl NodeNames {
             .iter()
             .find(|n| n.id == id)
             .map_or_else(|| id.to_string(), |n| n.name.clone())
-    }
-
-    /// The name of a node id held in a JSON field (`-` when there is none).
-    pub fn name_of(&self, id: &Value) -> String {
-        id.as_str().map_or_else(|| "-".into(), |id| self.name(id))
     }
 
     /// The node whose Raft id is `raft_id` (a node's Raft id is the first 64 bits of its id).
@@ -109,7 +101,7 @@ impl NodeNames {
 }
 
 /// The host part of a node's `ip:port` address.
-fn address_host(address: &Value) -> Option<String> {
+fn address_host(address: &serde_json::Value) -> Option<String> {
     let a = address.as_str()?;
     let host = a.rsplit_once(':').map_or(a, |(h, _)| h);
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -119,19 +111,28 @@ fn address_host(address: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     const A: &str = "0123456789abcdef0123456789abcdef";
     const B: &str = "fedcba9876543210fedcba9876543210";
     const C: &str = "00000000000000010000000000000001";
 
+    fn node(id: &str, address: Value, host: Option<&str>) -> NodeInfo {
+        NodeInfo {
+            id: id.into(),
+            address,
+            state: "up".into(),
+            metrics: host.map_or(Value::Null, |h| json!({ "host": h, "cpus": 4 })),
+        }
+    }
+
     #[test]
     fn nodes_are_named_by_their_host() {
-        let names = NodeNames::from_listing(&json!([
-            {"id": A, "address": "10.0.0.1:7946", "metrics": {"host": "alpha"}},
-            {"id": B, "address": "10.0.0.2:7946", "metrics": {"host": "beta"}},
-            {"id": C, "address": "10.0.0.3:7946", "metrics": null},
-        ]));
+        let names = NodeNames::new(&[
+            node(A, json!("10.0.0.1:7946"), Some("alpha")),
+            node(B, json!("10.0.0.2:7946"), Some("beta")),
+            node(C, json!("10.0.0.3:7946"), None),
+        ]);
         assert_eq!(names.name(A), "alpha");
         assert_eq!(names.name(B), "beta");
         // No metrics published yet: the address names it.
@@ -143,20 +144,12 @@ mod tests {
     }
 
     #[test]
-    fn a_name_from_the_api_wins() {
-        let names = NodeNames::from_listing(&json!([
-            {"id": A, "name": "rack1-a", "address": "10.0.0.1:7946", "metrics": {"host": "h"}},
-        ]));
-        assert_eq!(names.name(A), "rack1-a");
-    }
-
-    #[test]
     fn nodes_on_one_host_are_told_apart_by_address() {
-        let names = NodeNames::from_listing(&json!([
-            {"id": A, "address": "127.0.0.1:7946", "metrics": {"host": "laptop"}},
-            {"id": B, "address": "127.0.0.2:7946", "metrics": {"host": "laptop"}},
-            {"id": C, "address": "[::1]:7946", "metrics": {"host": "laptop"}},
-        ]));
+        let names = NodeNames::new(&[
+            node(A, json!("127.0.0.1:7946"), Some("laptop")),
+            node(B, json!("127.0.0.2:7946"), Some("laptop")),
+            node(C, json!("[::1]:7946"), Some("laptop")),
+        ]);
         assert_eq!(names.name(A), "laptop/127.0.0.1");
         assert_eq!(names.name(B), "laptop/127.0.0.2");
         assert_eq!(names.name(C), "laptop/::1");
@@ -165,19 +158,21 @@ mod tests {
 
     #[test]
     fn names_stay_unique_when_addresses_repeat() {
-        let names = NodeNames::from_listing(&json!([
-            {"id": A, "address": "10.0.0.1:7946", "metrics": {"host": "h"}},
-            {"id": B, "address": "10.0.0.1:7946", "metrics": {"host": "h"}},
-        ]));
+        let names = NodeNames::new(&[
+            node(A, json!("10.0.0.1:7946"), Some("h")),
+            node(B, json!("10.0.0.1:7946"), Some("h")),
+            node(C, Value::Null, None),
+        ]);
         assert_ne!(names.name(A), names.name(B));
+        assert_eq!(names.name(C), C);
     }
 
     #[test]
     fn the_raft_id_finds_its_node() {
-        let names = NodeNames::from_listing(&json!([
-            {"id": A, "metrics": {"host": "alpha"}},
-            {"id": C, "metrics": {"host": "gamma"}},
-        ]));
+        let names = NodeNames::new(&[
+            node(A, Value::Null, Some("alpha")),
+            node(C, Value::Null, Some("gamma")),
+        ]);
         assert_eq!(
             names
                 .by_raft_id(0x0123_4567_89ab_cdef)

@@ -2,8 +2,12 @@
 //! JSON unchanged for scripts.
 
 use clap::ValueEnum;
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
+
+use crate::client::decode;
+use crate::endpoints::Ep;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -22,6 +26,21 @@ impl Output {
             Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
             Output::Table | Output::Wide => human(v),
         }
+    }
+
+    /// Prints an answer of `ep`: as the API sent it for JSON, else read as its API type
+    /// `T` and shown by `human`.
+    pub fn show<T: DeserializeOwned>(
+        self,
+        ep: Ep,
+        v: &Value,
+        human: impl FnOnce(T),
+    ) -> anyhow::Result<()> {
+        match self {
+            Output::Json => self.print(v, |_| {}),
+            Output::Table | Output::Wide => human(decode(ep, v)?),
+        }
+        Ok(())
     }
 
     /// Whether tables show ids as well.
@@ -120,16 +139,27 @@ pub fn field(v: &Value, path: &str) -> String {
     }
 }
 
+/// An API enum (a state, a role) as the API spells it.
+pub fn word(v: &impl Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(Value::String(s)) => s,
+        Ok(other) => field(&other, "type"),
+        Err(_) => "?".into(),
+    }
+}
+
+/// An optional text, `-` when absent.
+pub fn opt(v: &Option<String>) -> String {
+    v.clone().unwrap_or_else(|| "-".into())
+}
+
 /// Bytes as a human size (`1.0 GiB`), `-` when absent.
 pub fn size(bytes: Option<u64>) -> String {
     bytes.map_or_else(|| "-".into(), tessera_units::format_size)
 }
 
 /// Milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS` UTC.
-pub fn utc(ms: &Value) -> String {
-    let Some(ms) = ms.as_u64() else {
-        return "-".into();
-    };
+pub fn utc(ms: u64) -> String {
     let (days, secs) = ((ms / 1000) / 86400, (ms / 1000) % 86400);
     // Howard Hinnant's civil-from-days.
     let z = days as i64 + 719_468;
@@ -155,9 +185,8 @@ mod tests {
 
     #[test]
     fn times_are_utc() {
-        let t = serde_json::json!(1_764_028_800_123u64);
-        assert_eq!(utc(&t), "2025-11-25 00:00:00");
-        assert_eq!(utc(&serde_json::json!(0)), "1970-01-01 00:00:00");
+        assert_eq!(utc(1_764_028_800_123), "2025-11-25 00:00:00");
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The cluster: its leader (by node name), term and members.
 
-use serde_json::Value;
+use tessera_api::{ClusterStatus, Member};
 
 use crate::client::Client;
 use crate::endpoints::CLUSTER;
@@ -14,40 +14,38 @@ pub fn status(client: &Client, out: Output) -> anyhow::Result<()> {
         return Ok(());
     }
     let names = NodeNames::fetch(client)?;
-    // The API names the leader by its Raft id; people know it by the node's name.
-    let raft_name = |raft: &Value| match raft.as_u64() {
-        None => "none elected".to_string(),
-        Some(r) => names
-            .by_raft_id(r)
-            .map_or_else(|| format!("raft id {r}"), |n| n.name.clone()),
+    // The API names the leader and members by Raft id; people know nodes by name.
+    let raft_name = |raft: u64| {
+        names
+            .by_raft_id(raft)
+            .map_or_else(|| format!("raft id {raft}"), |n| n.name.clone())
     };
-    let voters = v["voters"].as_array().map_or(0, Vec::len);
-    println!("cluster:  {}", v["cluster_id"].as_str().unwrap_or("-"));
-    println!("leader:   {}", raft_name(&v["leader"]));
-    println!("term:     {}", v["term"]);
-    println!("voters:   {voters}");
-    println!("answered: {}", names.name_of(&v["answered_by"]));
-    if out.wide() {
-        let members = v["members"].as_array().cloned().unwrap_or_default();
-        println!();
-        table(
-            &members,
-            &[
-                col("NAME", |m: &Value| raft_name(&m["raft_id"])),
-                col("RAFT ADDRESS", |m: &Value| {
-                    m["address"].as_str().unwrap_or("-").to_string()
-                }),
-                col("VOTER", |m: &Value| m["voter"].to_string()),
-                wide_col("RAFT ID", |m: &Value| m["raft_id"].to_string()),
-                wide_col("ID", |m: &Value| {
-                    m["raft_id"]
-                        .as_u64()
-                        .and_then(|r| names.by_raft_id(r))
-                        .map_or_else(|| "-".to_string(), |n| n.id.clone())
-                }),
-            ],
-            true,
+    out.show(CLUSTER, &v, |c: ClusterStatus| {
+        println!("cluster:  {}", c.cluster_id.as_deref().unwrap_or("-"));
+        println!(
+            "leader:   {}",
+            c.leader.map_or_else(|| "none elected".into(), raft_name)
         );
-    }
-    Ok(())
+        println!("term:     {}", c.term);
+        println!("voters:   {}", c.voters.len());
+        println!("answered: {}", names.name(&c.answered_by));
+        if out.wide() {
+            println!();
+            table(
+                &c.members,
+                &[
+                    col("NAME", |m: &Member| raft_name(m.raft_id)),
+                    col("RAFT ADDRESS", |m: &Member| m.address.clone()),
+                    col("VOTER", |m: &Member| m.voter.to_string()),
+                    wide_col("RAFT ID", |m: &Member| m.raft_id.to_string()),
+                    wide_col("ID", |m: &Member| {
+                        names
+                            .by_raft_id(m.raft_id)
+                            .map_or_else(|| "-".to_string(), |n| n.id.clone())
+                    }),
+                ],
+                true,
+            );
+        }
+    })
 }

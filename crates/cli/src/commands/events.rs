@@ -3,22 +3,22 @@
 use std::io::{BufRead, Write};
 
 use anyhow::Context;
+use serde::Deserialize;
 use serde_json::Value;
+use tessera_api::Event;
 
 use crate::args::EventCmd;
 use crate::client::Client;
 use crate::endpoints::{EVENTS, EVENT_STREAM};
-use crate::output::{field, utc, Output};
+use crate::output::{utc, Output};
 
 pub fn run(client: &Client, cmd: EventCmd, out: Output) -> anyhow::Result<()> {
     match cmd {
         EventCmd::Ls { limit } => {
             let v = client.call_q(EVENTS, &[], &format!("?limit={limit}"), None)?;
-            out.print(&v, |v| {
-                for e in v.as_array().into_iter().flatten() {
-                    print_event(e);
-                }
-            });
+            out.show(EVENTS, &v, |events: Vec<Event>| {
+                events.iter().for_each(print_event)
+            })?;
         }
         EventCmd::Watch => {
             let (_, req) = client.request(EVENT_STREAM, &[], "");
@@ -36,7 +36,10 @@ pub fn run(client: &Client, cmd: EventCmd, out: Output) -> anyhow::Result<()> {
                 if out.is_json() {
                     println!("{e}");
                 } else {
-                    print_event(&e);
+                    match Event::deserialize(&e) {
+                        Ok(e) => print_event(&e),
+                        Err(err) => eprintln!("an event this client cannot read ({err}): {e}"),
+                    }
                 }
                 let _ = std::io::stdout().flush();
             }
@@ -45,13 +48,13 @@ pub fn run(client: &Client, cmd: EventCmd, out: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_event(e: &Value) {
+fn print_event(e: &Event) {
     println!(
         "{}  {:<18} {:<24} {:<10} {}",
-        utc(&e["time_ms"]),
-        field(e, "kind"),
-        field(e, "target"),
-        field(e, "user"),
-        field(e, "message")
+        utc(e.time_ms),
+        e.kind,
+        e.target,
+        e.user,
+        e.message
     );
 }

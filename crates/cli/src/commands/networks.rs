@@ -1,11 +1,11 @@
 //! Virtual networks: a bridge, an optional VLAN and uplink.
 
-use serde_json::{json, Value};
+use tessera_api::{Network, NewNetwork};
 
 use crate::args::NetworkCmd;
 use crate::client::Client;
 use crate::endpoints::{NETWORKS, NETWORK_CREATE, NETWORK_RM};
-use crate::output::{col, field, table, Output};
+use crate::output::{col, opt, table, Output};
 
 pub fn run(client: &Client, cmd: NetworkCmd, out: Output) -> anyhow::Result<()> {
     match cmd {
@@ -15,28 +15,34 @@ pub fn run(client: &Client, cmd: NetworkCmd, out: Output) -> anyhow::Result<()> 
             vlan,
             uplink,
         } => {
-            let v = client.call(
+            let v = client.send(
                 NETWORK_CREATE,
                 &[],
-                Some(json!({ "name": name, "bridge": bridge, "vlan": vlan, "uplink": uplink })),
+                &NewNetwork {
+                    name: name.clone(),
+                    bridge,
+                    vlan,
+                    uplink,
+                },
             )?;
             out.print(&v, |_| println!("defined network {name}"));
         }
         NetworkCmd::Ls => {
             let v = client.call(NETWORKS, &[], None)?;
-            out.print(&v, |v| {
-                let rows = v.as_array().cloned().unwrap_or_default();
+            out.show(NETWORKS, &v, |nets: Vec<Network>| {
                 table(
-                    &rows,
+                    &nets,
                     &[
-                        col("NAME", |n: &Value| field(n, "name")),
-                        col("BRIDGE", |n: &Value| field(n, "bridge")),
-                        col("VLAN", |n: &Value| field(n, "vlan")),
-                        col("UPLINK", |n: &Value| field(n, "uplink")),
+                        col("NAME", |n: &Network| n.name.clone()),
+                        col("BRIDGE", |n: &Network| n.bridge.clone()),
+                        col("VLAN", |n: &Network| {
+                            n.vlan.map_or_else(|| "-".into(), |v| v.to_string())
+                        }),
+                        col("UPLINK", |n: &Network| opt(&n.uplink)),
                     ],
                     out.wide(),
                 )
-            });
+            })?;
         }
         NetworkCmd::Rm { name } => {
             let v = client.call(NETWORK_RM, &[&name], None)?;

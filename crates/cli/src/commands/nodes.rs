@@ -1,31 +1,32 @@
 //! The nodes: listed by name with their health; removed by name or id.
 
-use serde_json::Value;
+use tessera_api::NodeInfo;
 
 use crate::args::NodeCmd;
 use crate::client::Client;
 use crate::endpoints::{NODES, NODE_RM};
 use crate::node_names::NodeNames;
-use crate::output::{col, field, table, wide_col, Output};
+use crate::output::{col, table, wide_col, Output};
 
 pub fn run(client: &Client, cmd: NodeCmd, out: Output) -> anyhow::Result<()> {
     match cmd {
         NodeCmd::Ls => {
             let v = client.call(NODES, &[], None)?;
-            let names = NodeNames::from_listing(&v);
-            out.print(&v, |v| {
-                let rows = v.as_array().cloned().unwrap_or_default();
+            out.show(NODES, &v, |nodes: Vec<NodeInfo>| {
+                let names = NodeNames::new(&nodes);
                 table(
-                    &rows,
+                    &nodes,
                     &[
-                        col("NAME", |n: &Value| names.name_of(&n["id"])),
-                        wide_col("ID", |n: &Value| field(n, "id")),
-                        col("ADDRESS", |n: &Value| field(n, "address")),
-                        col("STATE", |n: &Value| field(n, "state")),
+                        col("NAME", |n: &NodeInfo| names.name(&n.id)),
+                        wide_col("ID", |n: &NodeInfo| n.id.clone()),
+                        col("ADDRESS", |n: &NodeInfo| {
+                            n.address.as_str().unwrap_or("-").to_string()
+                        }),
+                        col("STATE", |n: &NodeInfo| n.state.clone()),
                     ],
                     out.wide(),
-                )
-            });
+                );
+            })?;
         }
         NodeCmd::Rm { id: given, force } => {
             let id = resolve(client, &given)?;

@@ -1,9 +1,8 @@
 //! Logging in and out, and changing one's own password.
 
-use anyhow::Context;
-use serde_json::json;
+use tessera_api::{Login, LoginReply, PasswordChange};
 
-use crate::client::Client;
+use crate::client::{decode, Client};
 use crate::credentials::{Credentials, Settings};
 use crate::endpoints::{LOGIN, LOGOUT, PASSWORD};
 use crate::output::Output;
@@ -12,23 +11,24 @@ use crate::prompt::Secrets;
 /// Logs in as `user` and remembers the token, the API address and the CA.
 pub fn login(client: &Client, settings: &Settings, user: &str, out: Output) -> anyhow::Result<()> {
     let password = Secrets::detect().read("password")?;
-    let v = client.anonymous().call(
+    let v = client.anonymous().send(
         LOGIN,
         &[],
-        Some(json!({ "username": user, "password": password })),
+        &Login {
+            username: user.to_string(),
+            password,
+        },
     )?;
-    let token = v["token"]
-        .as_str()
-        .context("no token in the login answer")?;
+    let reply: LoginReply = decode(LOGIN, &v)?;
     Credentials {
         api: Some(client.api().to_string()),
-        token: Some(token.to_string()),
+        token: Some(reply.token.clone()),
         ca_pem: settings.ca_pem.clone(),
     }
     .save()?;
-    out.print(&v, |v| {
+    out.print(&v, |_| {
         println!("logged in to {}", client.api());
-        if v["must_change_password"] == true {
+        if reply.must_change_password {
             println!("the password must be changed first: tessera password");
         }
     });
@@ -47,12 +47,15 @@ pub fn logout(client: &Client, out: Output) -> anyhow::Result<()> {
 /// standard input (old, new).
 pub fn password(client: &Client, out: Output) -> anyhow::Result<()> {
     let secrets = Secrets::detect();
-    let old = secrets.read("old password")?;
-    let new = secrets.read_new("new password")?;
-    let v = client.call(
+    let old_password = secrets.read("old password")?;
+    let new_password = secrets.read_new("new password")?;
+    let v = client.send(
         PASSWORD,
         &[],
-        Some(json!({ "old_password": old, "new_password": new })),
+        &PasswordChange {
+            old_password,
+            new_password,
+        },
     )?;
     out.print(&v, |_| println!("password changed"));
     Ok(())

@@ -2,14 +2,15 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use serde_json::Value;
+use tessera_api::{Task, TaskState};
 
 use crate::args::TaskCmd;
-use crate::client::Client;
+use crate::client::{decode, Client};
 use crate::endpoints::{TASK, TASKS};
 use crate::node_names::NodeNames;
-use crate::output::{col, field, table, utc, Output};
+use crate::output::{col, table, utc, word, Output};
 
 /// How long `watch` follows a task before it gives up (the task goes on).
 const PATIENCE: Duration = Duration::from_secs(3600);
@@ -18,64 +19,66 @@ pub fn run(client: &Client, cmd: TaskCmd, out: Output) -> anyhow::Result<()> {
     match cmd {
         TaskCmd::Ls => {
             let v = client.call(TASKS, &[], None)?;
-            out.print(&v, |v| {
-                let rows = v.as_array().cloned().unwrap_or_default();
+            out.show(TASKS, &v, |tasks: Vec<Task>| {
                 table(
-                    &rows,
+                    &tasks,
                     &[
-                        col("ID", |t: &Value| field(t, "id")),
-                        col("STATE", |t: &Value| field(t, "state")),
-                        col("PROGRESS", |t: &Value| field(t, "progress")),
-                        col("USER", |t: &Value| field(t, "user")),
-                        col("OPERATION", |t: &Value| field(t, "op.type")),
+                        col("ID", |t: &Task| t.id.clone()),
+                        col("STATE", |t: &Task| word(&t.state)),
+                        col("PROGRESS", |t: &Task| t.progress.to_string()),
+                        col("USER", |t: &Task| t.user.clone()),
+                        col("OPERATION", |t: &Task| word(&t.op)),
                     ],
                     out.wide(),
                 )
-            });
+            })?;
         }
         TaskCmd::Show { id } => {
             let v = client.call(TASK, &[&id], None)?;
             show(client, &v, out)?;
         }
         TaskCmd::Watch { id } => {
-            let v = watch(client, &id, !out.is_json())?;
+            let (v, t) = watch(client, &id, !out.is_json())?;
             show(client, &v, out)?;
-            succeeded(&id, &v)?;
+            succeeded(&t)?;
         }
     }
     Ok(())
 }
 
-/// Prints a task with its log, its node by name.
+/// Prints a task (as the API sent it) with its log, its node by name.
 pub fn show(client: &Client, v: &Value, out: Output) -> anyhow::Result<()> {
     if out.is_json() {
         out.print(v, |_| {});
         return Ok(());
     }
-    let node = NodeNames::fetch(client)?.name_of(&v["node"]);
-    println!("task:     {}", field(v, "id"));
-    println!("state:    {}", field(v, "state"));
-    println!("progress: {}%", field(v, "progress"));
+    let t: Task = decode(TASK, v)?;
+    let node = NodeNames::fetch(client)?.name(&t.node);
+    println!("task:     {}", t.id);
+    println!("state:    {}", word(&t.state));
+    println!("progress: {}%", t.progress);
     println!("node:     {node}");
     if out.wide() {
-        println!("node id:  {}", field(v, "node"));
+        println!("node id:  {}", t.node);
     }
-    if let Some(e) = v["error"].as_str() {
+    if let Some(e) = &t.error {
         println!("error:    {e}");
     }
-    for l in v["log"].as_array().into_iter().flatten() {
-        println!("  {}  {}", utc(&l["time_ms"]), field(l, "message"));
+    for l in &t.log {
+        println!("  {}  {}", utc(l.time_ms), l.message);
     }
     Ok(())
 }
 
 /// Polls a task until it ends; with `bar`, draws its progress on standard error.
-pub fn watch(client: &Client, id: &str, bar: bool) -> anyhow::Result<Value> {
+/// Returns the last answer as sent and as read.
+pub fn watch(client: &Client, id: &str, bar: bool) -> anyhow::Result<(Value, Task)> {
     let started = Instant::now();
     loop {
         let v = client.call(TASK, &[id], None)?;
-        let state = v["state"].as_str().unwrap_or("?").to_string();
-        let pct = v["progress"].as_u64().unwrap_or(0).min(100) as usize;
+        let t: Task = decode(TASK, &v)?;
+        let state = word(&t.state);
+        let pct = usize::from(t.progress.min(100));
         if bar {
             let filled = pct * 30 / 100;
             eprint!(
@@ -84,11 +87,11 @@ pub fn watch(client: &Client, id: &str, bar: bool) -> anyhow::Result<Value> {
                 " ".repeat(30 - filled)
             );
         }
-        if state == "succeeded" || state == "failed" {
+        if matches!(t.state, TaskState::Succeeded | TaskState::Failed) {
             if bar {
                 eprintln!();
             }
-            return Ok(v);
+            return Ok((v, t));
         }
         if started.elapsed() > PATIENCE {
             bail!("task {id} is still {state} after an hour; it goes on (tessera task watch {id})");
@@ -98,24 +101,31 @@ pub fn watch(client: &Client, id: &str, bar: bool) -> anyhow::Result<Value> {
 }
 
 /// Waits for the task in `v` (a task record) unless `no_wait`; fails if it fails.
+/// Returns the task as the API last sent it.
 pub fn follow(client: &Client, v: Value, no_wait: bool, bar: bool) -> anyhow::Result<Value> {
-    let id = v["id"]
-        .as_str()
-        .context("no task id in the answer")?
-        .to_string();
+    let queued: Task = decode(TASK, &v)?;
     if no_wait {
         return Ok(v);
     }
-    let t = watch(client, &id, bar)?;
-    succeeded(&id, &t)?;
-    Ok(t)
+    let (v, t) = watch(client, &queued.id, bar)?;
+    succeeded(&t)?;
+    Ok(v)
 }
 
-fn succeeded(id: &str, t: &Value) -> anyhow::Result<()> {
-    if t["state"] != "succeeded" {
+/// Shows the task's id and state.
+pub fn done(v: &Value) {
+    match decode::<Task>(TASK, v) {
+        Ok(t) => println!("task {} {}", t.id, word(&t.state)),
+        Err(e) => eprintln!("{e:#}"),
+    }
+}
+
+fn succeeded(t: &Task) -> anyhow::Result<()> {
+    if t.state != TaskState::Succeeded {
         bail!(
-            "task {id} failed: {}",
-            t["error"].as_str().unwrap_or("no reason given")
+            "task {} failed: {}",
+            t.id,
+            t.error.as_deref().unwrap_or("no reason given")
         );
     }
     Ok(())

@@ -1,44 +1,51 @@
 //! Users and their roles (administrators only).
 
-use serde_json::{json, Value};
+use tessera_api::{NewUser, UserInfo, UserUpdate};
 
 use crate::args::UserCmd;
 use crate::client::Client;
 use crate::endpoints::{USERS, USER_CREATE, USER_RM, USER_SET};
-use crate::output::{col, field, table, Output};
+use crate::output::{col, table, word, Output};
 use crate::prompt::Secrets;
 
 pub fn run(client: &Client, cmd: UserCmd, out: Output) -> anyhow::Result<()> {
     match cmd {
         UserCmd::Ls => {
             let v = client.call(USERS, &[], None)?;
-            out.print(&v, |v| {
-                let rows = v.as_array().cloned().unwrap_or_default();
+            out.show(USERS, &v, |users: Vec<UserInfo>| {
                 table(
-                    &rows,
+                    &users,
                     &[
-                        col("USER", |u: &Value| field(u, "username")),
-                        col("ROLE", |u: &Value| field(u, "role")),
-                        col("MUST CHANGE PASSWORD", |u: &Value| {
-                            field(u, "must_change_password")
+                        col("USER", |u: &UserInfo| u.username.clone()),
+                        col("ROLE", |u: &UserInfo| word(&u.role)),
+                        col("MUST CHANGE PASSWORD", |u: &UserInfo| {
+                            u.must_change_password.to_string()
                         }),
                     ],
                     out.wide(),
                 )
-            });
+            })?;
         }
         UserCmd::Create { name, role } => {
             let password = Secrets::detect().read_new("initial password")?;
-            let v = client.call(
+            let v = client.send(
                 USER_CREATE,
                 &[],
-                Some(json!({ "username": name, "password": password, "role": role })),
+                &NewUser {
+                    username: name.clone(),
+                    password,
+                    role,
+                },
             )?;
-            out.print(&v, |_| println!("created user {name} ({role})"));
+            out.print(&v, |_| println!("created user {name} ({})", word(&role)));
         }
         UserCmd::SetRole { name, role } => {
-            let v = client.call(USER_SET, &[&name], Some(json!({ "role": role })))?;
-            out.print(&v, |_| println!("{name} is now {role}"));
+            let update = UserUpdate {
+                role: Some(role),
+                ..UserUpdate::default()
+            };
+            let v = client.send(USER_SET, &[&name], &update)?;
+            out.print(&v, |_| println!("{name} is now {}", word(&role)));
         }
         UserCmd::Rm { name } => {
             let v = client.call(USER_RM, &[&name], None)?;

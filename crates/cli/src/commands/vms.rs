@@ -1,13 +1,14 @@
 //! VM definitions: memory shown in human units, the node by name.
 
 use anyhow::bail;
-use serde_json::{json, Value};
+use serde_json::Value;
+use tessera_api::{NewVm, Vm, VmUpdate};
 
 use crate::args::VmCmd;
-use crate::client::Client;
-use crate::endpoints::{VM, VMS, VM_CREATE, VM_RM, VM_SET};
+use crate::client::{decode, Client};
+use crate::endpoints::{Ep, VM, VMS, VM_CREATE, VM_RM, VM_SET};
 use crate::node_names::NodeNames;
-use crate::output::{col, field, size, table, Output};
+use crate::output::{col, opt, size, table, word, Output};
 
 use super::nodes::resolve;
 
@@ -24,37 +25,40 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
             node,
         } => {
             let node = node.map(|n| resolve(client, &n)).transpose()?;
-            let v = client.call(
-                VM_CREATE,
-                &[],
-                Some(json!({
-                    "name": name, "vcpus": vcpus, "memory_mib": mib(memory)?, "disks": disks,
-                    "networks": networks, "kernel": kernel, "cmdline": cmdline, "node": node,
-                })),
-            )?;
-            show(client, &v, out)?;
+            let body = NewVm {
+                name,
+                vcpus,
+                memory_mib: mib(memory)?,
+                disks,
+                networks,
+                kernel,
+                cmdline,
+                node,
+                desired_state: None,
+            };
+            let v = client.send(VM_CREATE, &[], &body)?;
+            show(client, VM_CREATE, &v, out)?;
         }
         VmCmd::Ls => {
             let v = client.call(VMS, &[], None)?;
-            out.print(&v, |v| {
-                let rows = v.as_array().cloned().unwrap_or_default();
+            out.show(VMS, &v, |vms: Vec<Vm>| {
                 table(
-                    &rows,
+                    &vms,
                     &[
-                        col("NAME", |v: &Value| field(v, "name")),
-                        col("VCPUS", |v: &Value| field(v, "vcpus")),
+                        col("NAME", |v: &Vm| v.name.clone()),
+                        col("VCPUS", |v: &Vm| v.vcpus.to_string()),
                         col("MEMORY", memory),
-                        col("DISKS", |v: &Value| field(v, "disks")),
-                        col("DESIRED", |v: &Value| field(v, "desired_state")),
-                        col("ACTUAL", |v: &Value| field(v, "actual_state")),
+                        col("DISKS", |v: &Vm| v.disks.join(",")),
+                        col("DESIRED", |v: &Vm| word(&v.desired_state)),
+                        col("ACTUAL", |v: &Vm| word(&v.actual_state)),
                     ],
                     out.wide(),
                 )
-            });
+            })?;
         }
         VmCmd::Show { name } => {
             let v = client.call(VM, &[&name], None)?;
-            show(client, &v, out)?;
+            show(client, VM, &v, out)?;
         }
         VmCmd::Set {
             name,
@@ -63,21 +67,15 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
             disks,
             desired_state,
         } => {
-            let mut body = serde_json::Map::new();
-            if let Some(c) = vcpus {
-                body.insert("vcpus".into(), json!(c));
-            }
-            if let Some(m) = memory {
-                body.insert("memory_mib".into(), json!(mib(m)?));
-            }
-            if let Some(d) = disks {
-                body.insert("disks".into(), json!(d));
-            }
-            if let Some(s) = desired_state {
-                body.insert("desired_state".into(), json!(s));
-            }
-            let v = client.call(VM_SET, &[&name], Some(Value::Object(body)))?;
-            show(client, &v, out)?;
+            let update = VmUpdate {
+                vcpus,
+                memory_mib: memory.map(mib).transpose()?,
+                disks,
+                desired_state,
+                ..VmUpdate::default()
+            };
+            let v = client.send(VM_SET, &[&name], &update)?;
+            show(client, VM_SET, &v, out)?;
         }
         VmCmd::Rm { name } => {
             let v = client.call(VM_RM, &[&name], None)?;
@@ -96,38 +94,36 @@ fn mib(bytes: u64) -> anyhow::Result<u64> {
 }
 
 /// A VM's memory in human units.
-fn memory(v: &Value) -> String {
-    size(
-        v["memory_mib"]
-            .as_u64()
-            .and_then(|m| m.checked_mul(1 << 20)),
-    )
+fn memory(v: &Vm) -> String {
+    size(v.memory_mib.checked_mul(1 << 20))
 }
 
-fn show(client: &Client, v: &Value, out: Output) -> anyhow::Result<()> {
+/// Prints a VM (the answer of `ep`), its node by name.
+fn show(client: &Client, ep: Ep, v: &Value, out: Output) -> anyhow::Result<()> {
     if out.is_json() {
         out.print(v, |_| {});
         return Ok(());
     }
+    let vm: Vm = decode(ep, v)?;
     // A VM that is not pinned has no node to look up.
-    let node = if v["node"].is_string() {
-        NodeNames::fetch(client)?.name_of(&v["node"])
-    } else {
-        "-".to_string()
+    let node = match &vm.node {
+        Some(id) => NodeNames::fetch(client)?.name(id),
+        None => "-".to_string(),
     };
     let line = |label: &str, value: String| println!("{label:<14} {value}");
-    line("name", field(v, "name"));
-    line("vcpus", field(v, "vcpus"));
-    line("memory", memory(v));
-    for f in ["disks", "networks", "kernel", "cmdline"] {
-        line(f, field(v, f));
-    }
+    line("name", vm.name.clone());
+    line("vcpus", vm.vcpus.to_string());
+    line("memory", memory(&vm));
+    line("disks", vm.disks.join(","));
+    line("networks", vm.networks.join(","));
+    line("kernel", opt(&vm.kernel));
+    line("cmdline", opt(&vm.cmdline));
     line("node", node);
     if out.wide() {
-        line("node id", field(v, "node"));
+        line("node id", opt(&vm.node));
     }
-    for f in ["desired_state", "actual_state", "generation"] {
-        line(f, field(v, f));
-    }
+    line("desired_state", word(&vm.desired_state));
+    line("actual_state", word(&vm.actual_state));
+    line("generation", vm.generation.to_string());
     Ok(())
 }

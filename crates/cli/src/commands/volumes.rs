@@ -3,7 +3,7 @@
 
 use std::io::IsTerminal;
 
-use serde_json::{json, Value};
+use tessera_api::{NewClone, NewSnapshot, NewVolume, VolumeView};
 
 use crate::args::VolumeCmd;
 use crate::client::Client;
@@ -11,14 +11,13 @@ use crate::endpoints::{
     CLONE, SNAPSHOT_CREATE, SNAPSHOT_RM, VOLUME, VOLUMES, VOLUME_CREATE, VOLUME_RM,
 };
 use crate::node_names::NodeNames;
-use crate::output::{col, field, size, table, wide_col, Output};
+use crate::output::{col, opt, size, table, wide_col, word, Output};
 
 use super::nodes::resolve;
-use super::tasks::follow;
+use super::tasks::{done, follow};
 
 pub fn run(client: &Client, cmd: VolumeCmd, out: Output) -> anyhow::Result<()> {
     let bar = std::io::stderr().is_terminal();
-    let done = |v: &Value| println!("task {} {}", field(v, "id"), field(v, "state"));
     match cmd {
         VolumeCmd::Create {
             name,
@@ -27,10 +26,14 @@ pub fn run(client: &Client, cmd: VolumeCmd, out: Output) -> anyhow::Result<()> {
             no_wait,
         } => {
             let node = node.map(|n| resolve(client, &n)).transpose()?;
-            let v = client.call(
+            let v = client.send(
                 VOLUME_CREATE,
                 &[],
-                Some(json!({ "name": name, "size_bytes": size, "node": node })),
+                &NewVolume {
+                    name,
+                    size_bytes: size,
+                    node,
+                },
             )?;
             out.print(&follow(client, v, no_wait, bar)?, done);
         }
@@ -41,21 +44,22 @@ pub fn run(client: &Client, cmd: VolumeCmd, out: Output) -> anyhow::Result<()> {
                 return Ok(());
             }
             let names = NodeNames::fetch(client)?;
-            let rows = v.as_array().cloned().unwrap_or_default();
-            table(
-                &rows,
-                &[
-                    col("NAME", |v: &Value| field(v, "name")),
-                    col("SIZE", |v: &Value| size(v["size_bytes"].as_u64())),
-                    col("STATE", |v: &Value| field(v, "state")),
-                    col("NODE", |v: &Value| names.name_of(&v["node"])),
-                    wide_col("NODE ID", |v: &Value| field(v, "node")),
-                    col("ORIGIN", |v: &Value| field(v, "origin")),
-                    col("VM", |v: &Value| field(v, "attached_to")),
-                    col("NBD", |v: &Value| field(v, "nbd")),
-                ],
-                out.wide(),
-            );
+            out.show(VOLUMES, &v, |vols: Vec<VolumeView>| {
+                table(
+                    &vols,
+                    &[
+                        col("NAME", |v: &VolumeView| v.volume.name.clone()),
+                        col("SIZE", |v: &VolumeView| size(Some(v.volume.size_bytes))),
+                        col("STATE", |v: &VolumeView| word(&v.volume.state)),
+                        col("NODE", |v: &VolumeView| names.name(&v.volume.node)),
+                        wide_col("NODE ID", |v: &VolumeView| v.volume.node.clone()),
+                        col("ORIGIN", |v: &VolumeView| opt(&v.volume.origin)),
+                        col("VM", |v: &VolumeView| opt(&v.attached_to)),
+                        col("NBD", |v: &VolumeView| opt(&v.volume.nbd)),
+                    ],
+                    out.wide(),
+                )
+            })?;
         }
         VolumeCmd::Show { name } => {
             let v = client.call(VOLUME, &[&name], None)?;
@@ -64,30 +68,29 @@ pub fn run(client: &Client, cmd: VolumeCmd, out: Output) -> anyhow::Result<()> {
                 return Ok(());
             }
             let names = NodeNames::fetch(client)?;
-            println!("{:<12} {}", "name", field(&v, "name"));
-            println!("{:<12} {}", "size", size(v["size_bytes"].as_u64()));
-            println!("{:<12} {}", "state", field(&v, "state"));
-            println!("{:<12} {}", "node", names.name_of(&v["node"]));
-            if out.wide() {
-                println!("{:<12} {}", "node id", field(&v, "node"));
-            }
-            for f in ["origin", "attached_to", "nbd"] {
-                println!("{f:<12} {}", field(&v, f));
-            }
-            for s in v["snapshots"].as_array().into_iter().flatten() {
-                println!("snapshot     {} ({})", field(s, "name"), field(s, "state"));
-            }
+            out.show(VOLUME, &v, |v: VolumeView| {
+                let line = |label: &str, value: String| println!("{label:<12} {value}");
+                line("name", v.volume.name.clone());
+                line("size", size(Some(v.volume.size_bytes)));
+                line("state", word(&v.volume.state));
+                line("node", names.name(&v.volume.node));
+                if out.wide() {
+                    line("node id", v.volume.node.clone());
+                }
+                line("origin", opt(&v.volume.origin));
+                line("attached_to", opt(&v.attached_to));
+                line("nbd", opt(&v.volume.nbd));
+                for s in &v.snapshots {
+                    line("snapshot", format!("{} ({})", s.name, word(&s.state)));
+                }
+            })?;
         }
         VolumeCmd::Snapshot {
             volume,
             snapshot,
             no_wait,
         } => {
-            let v = client.call(
-                SNAPSHOT_CREATE,
-                &[&volume],
-                Some(json!({ "name": snapshot })),
-            )?;
+            let v = client.send(SNAPSHOT_CREATE, &[&volume], &NewSnapshot { name: snapshot })?;
             out.print(&follow(client, v, no_wait, bar)?, done);
         }
         VolumeCmd::SnapshotRm {
@@ -104,11 +107,7 @@ pub fn run(client: &Client, cmd: VolumeCmd, out: Output) -> anyhow::Result<()> {
             name,
             no_wait,
         } => {
-            let v = client.call(
-                CLONE,
-                &[&volume],
-                Some(json!({ "snapshot": snapshot, "name": name })),
-            )?;
+            let v = client.send(CLONE, &[&volume], &NewClone { snapshot, name })?;
             out.print(&follow(client, v, no_wait, bar)?, done);
         }
         VolumeCmd::Rm { name, no_wait } => {
