@@ -135,6 +135,7 @@ fn check_cli(password: &str, ca: &str) {
     let (ok, _, err) = cli(h, &["cluster", "status"], "");
     assert!(!ok && err.contains("password change required"), "{err}");
     check_password_from_stdin(h, password, ca);
+    check_password_on_a_terminal(h);
     let (ok, out, err) = cli(h, &["--output", "json", "cluster", "status"], "");
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -195,6 +196,101 @@ fn check_password_from_stdin(h: &std::path::Path, password: &str, ca: &str) {
     );
     let (ok, out, err) = login("the new admin password");
     assert!(ok && !out.contains("must be changed"), "{out}{err}");
+}
+
+/// Runs `tessera args` on a terminal (a pseudo-terminal from script(1)), typing each
+/// answer once its prompt shows; returns (success, everything the terminal showed).
+fn on_terminal(home: &std::path::Path, args: &[&str], answers: &[(&str, &str)]) -> (bool, String) {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+    let quoted: Vec<String> = std::iter::once(bin("tessera").display().to_string())
+        .chain(args.iter().map(|a| a.to_string()))
+        .map(|a| format!("'{a}'"))
+        .collect();
+    let mut child = Command::new("script")
+        .args(["-qefc", &quoted.join(" "), "/dev/null"])
+        .env("HOME", home)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("TESSERA_API")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let shown = Arc::new(Mutex::new(String::new()));
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = {
+        let shown = shown.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                shown
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let mut stdin = child.stdin.take().unwrap();
+    let mut seen = 0;
+    for (prompt, answer) in answers {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = shown.lock().unwrap().clone();
+            if let Some(at) = text[seen..].find(prompt) {
+                seen += at + prompt.len();
+                break;
+            }
+            assert!(Instant::now() < deadline, "no prompt {prompt:?}: {text:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Give the client a moment to turn echo off after printing its prompt.
+        std::thread::sleep(Duration::from_millis(200));
+        stdin.write_all(format!("{answer}\n").as_bytes()).unwrap();
+    }
+    let status = child.wait().unwrap();
+    drop(stdin);
+    reader.join().unwrap();
+    let text = shown.lock().unwrap().clone();
+    (status.success(), text)
+}
+
+/// A person at a terminal is prompted, types nothing that shows, and types the new
+/// password twice; two different new passwords change nothing.
+fn check_password_on_a_terminal(h: &std::path::Path) {
+    require("script");
+    let old = "the new admin password";
+    let new = "typed at a terminal";
+    let (ok, shown) = on_terminal(
+        h,
+        &["password"],
+        &[
+            ("old password: ", old),
+            ("new password: ", new),
+            ("new password again: ", "something else"),
+        ],
+    );
+    assert!(!ok && shown.contains("differ"), "{shown}");
+    let (ok, shown) = on_terminal(
+        h,
+        &["password"],
+        &[
+            ("old password: ", old),
+            ("new password: ", new),
+            ("new password again: ", new),
+        ],
+    );
+    assert!(ok && shown.contains("password changed"), "{shown}");
+    assert!(
+        !shown.contains(old) && !shown.contains(new),
+        "a password was echoed: {shown}"
+    );
+    // Back to the password the rest of the test knows, through standard input.
+    let (ok, _, err) = cli(h, &["password"], &format!("{new}\n{old}\n"));
+    assert!(ok, "{err}");
 }
 
 /// The name every node of the local cluster goes by: they share this machine's host
