@@ -6,6 +6,7 @@
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
@@ -13,6 +14,7 @@ use tokio::sync::{Mutex, Semaphore};
 
 use crate::device::Exports;
 
+mod budget;
 mod negotiation;
 mod transmission;
 
@@ -20,13 +22,23 @@ mod transmission;
 /// and in block status replies.
 const ALLOCATION_CONTEXT_ID: u32 = 1;
 
-/// Server limits.
+/// Server limits. The defaults and why they are what they are: `docs/nbd.md`.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     /// Largest READ/WRITE payload (advertised as the maximum block size).
     pub max_payload: u32,
     /// Connections served at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// Requests one connection may have in flight (header read, reply not yet handed to
+    /// the socket); at this many the server stops reading that connection.
+    pub max_requests_in_flight: u32,
+    /// Bytes of WRITE payload and READ reply data one connection may hold in memory; at
+    /// this many the server stops reading that connection. A single request larger than
+    /// this still runs, alone.
+    pub max_bytes_in_flight: u32,
+    /// How long a client may take from connecting to choosing an export; then it is
+    /// disconnected.
+    pub negotiation_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -34,11 +46,21 @@ impl Default for ServerConfig {
         ServerConfig {
             max_payload: 32 << 20,
             max_connections: 1024,
+            max_requests_in_flight: 128,
+            max_bytes_in_flight: 64 << 20,
+            negotiation_timeout: Duration::from_secs(10),
         }
     }
 }
 
-/// Serves `exports` on a TCP listener until the task is dropped.
+/// The first pause after a failed accept; it doubles up to [`ACCEPT_BACKOFF_MAX`] while
+/// accepts keep failing. A listener with a connection waiting stays readable, so without
+/// a pause an `EMFILE` would spin the loop.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Serves `exports` on a TCP listener until the task is dropped. Failed accepts (such
+/// as `EMFILE`) are logged and retried, never returned.
 pub async fn serve_tcp<E: Exports>(
     listener: TcpListener,
     exports: Arc<E>,
@@ -46,13 +68,17 @@ pub async fn serve_tcp<E: Exports>(
 ) -> io::Result<()> {
     accept_loop(exports, cfg, || async {
         let (sock, peer) = listener.accept().await?;
-        sock.set_nodelay(true)?;
+        if let Err(e) = sock.set_nodelay(true) {
+            // Only latency suffers; the connection itself may be fine (or already gone).
+            tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
+        }
         Ok((sock, peer.to_string()))
     })
     .await
 }
 
-/// Serves `exports` on a Unix socket listener until the task is dropped.
+/// Serves `exports` on a Unix socket listener until the task is dropped. Failed accepts
+/// are logged and retried, never returned.
 pub async fn serve_unix<E: Exports>(
     listener: UnixListener,
     exports: Arc<E>,
@@ -66,6 +92,8 @@ pub async fn serve_unix<E: Exports>(
 }
 
 /// Accepts connections and serves each on its own task, at most `max_connections` at once.
+/// A failed accept is logged and retried after a pause that grows while failures last:
+/// most (`EMFILE`, `ENFILE`, `ENOBUFS`, `ECONNABORTED`) pass once connections close.
 async fn accept_loop<E, S, F, Fut>(
     exports: Arc<E>,
     cfg: ServerConfig,
@@ -78,13 +106,23 @@ where
     Fut: std::future::Future<Output = io::Result<(S, String)>>,
 {
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let permit = limit
             .clone()
             .acquire_owned()
             .await
             .map_err(io::Error::other)?;
-        let (sock, peer) = accept().await?;
+        let (sock, peer) = match accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "NBD accept failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = ACCEPT_BACKOFF_MIN;
         let (exports, cfg) = (exports.clone(), cfg.clone());
         tokio::spawn(async move {
             if let Err(e) = serve_connection(sock, exports, cfg, &peer).await {
@@ -105,7 +143,8 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
-/// Serves one connection from handshake to disconnect.
+/// Serves one connection from handshake to disconnect; a client still negotiating after
+/// `cfg.negotiation_timeout` is disconnected.
 pub async fn serve_connection<S, E>(
     stream: S,
     exports: Arc<E>,
@@ -119,7 +158,16 @@ where
     let (r, w) = tokio::io::split(stream);
     let mut reader = BufReader::with_capacity(256 * 1024, r);
     let mut writer = BufWriter::with_capacity(256 * 1024, w);
-    let Some(n) = negotiation::negotiate(&mut reader, &mut writer, &*exports, &cfg).await? else {
+    let negotiated = tokio::time::timeout(
+        cfg.negotiation_timeout,
+        negotiation::negotiate(&mut reader, &mut writer, &*exports, &cfg),
+    )
+    .await;
+    let Ok(negotiated) = negotiated else {
+        tracing::info!(%peer, timeout = ?cfg.negotiation_timeout, "NBD client did not finish negotiating in time; closing");
+        return Ok(());
+    };
+    let Some(n) = negotiated? else {
         return Ok(());
     };
     tracing::debug!(%peer, structured = n.structured, "NBD client entered transmission");
@@ -133,4 +181,92 @@ async fn drain<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> io::Result<()> {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    use super::*;
+    use crate::device::{Device, DeviceError, ExportEntry, Extent};
+
+    /// No exports at all: enough to greet a client.
+    struct Nothing;
+
+    impl Device for Nothing {
+        fn size(&self) -> u64 {
+            0
+        }
+        fn read_only(&self) -> bool {
+            true
+        }
+        fn read(&self, _: u64, _: &mut [u8]) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn write(&self, _: u64, _: &[u8], _: bool) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn trim(&self, _: u64, _: u64, _: bool) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn extents(&self, _: u64, _: u64) -> Result<Vec<Extent>, DeviceError> {
+            Ok(Vec::new())
+        }
+    }
+
+    impl Exports for Nothing {
+        type Device = Nothing;
+        fn list(&self) -> Vec<ExportEntry> {
+            Vec::new()
+        }
+        fn open(&self, _: &str) -> Result<Option<Arc<Nothing>>, DeviceError> {
+            Ok(None)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_listener_keeps_accepting_after_accept_errors() {
+        let (client, server) = tokio::io::duplex(4096);
+        let mut server = Some(server);
+        let calls = Arc::new(AtomicU32::new(0));
+        let seen = calls.clone();
+        let accept = move || {
+            let call = seen.fetch_add(1, Ordering::SeqCst);
+            let next = server.take_if(|_| call >= 3);
+            async move {
+                match next {
+                    Some(s) => Ok((s, "test".to_string())),
+                    // The first three accepts fail as with too many open files.
+                    None if call < 3 => Err(io::Error::from_raw_os_error(24)),
+                    None => std::future::pending::<io::Result<(DuplexStream, String)>>().await,
+                }
+            }
+        };
+        let listener = tokio::spawn(accept_loop(
+            Arc::new(Nothing),
+            ServerConfig::default(),
+            accept,
+        ));
+        let mut client = client;
+        let mut greeting = [0u8; 18];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut greeting))
+            .await
+            .expect("greeted after the failed accepts")
+            .expect("read the greeting");
+        assert_eq!(&greeting[..8], b"NBDMAGIC");
+        assert!(
+            calls.load(Ordering::SeqCst) >= 4,
+            "three failed accepts, then the one that served"
+        );
+        assert!(!listener.is_finished(), "the accept loop is still running");
+        listener.abort();
+    }
 }

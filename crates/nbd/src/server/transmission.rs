@@ -5,6 +5,8 @@
 //! anything that syncs to disk or may touch a large range runs on the blocking pool so a
 //! FLUSH never stalls other connections. Replies share one buffered writer, flushed when
 //! no further request is already waiting in the read buffer (batching at high queue depth).
+//! Each request is admitted into the connection's [`Budget`] before its payload is read,
+//! and holds its share until its reply is in the socket.
 
 use std::io;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 
+use super::budget::{self, Budget};
 use super::negotiation::Negotiated;
 use super::{drain, ServerConfig, ALLOCATION_CONTEXT_ID};
 use crate::device::{Device, DeviceError, Extent};
@@ -48,6 +51,7 @@ where
         allocation_context: n.allocation_context,
         max_payload: cfg.max_payload,
     };
+    let budget = Budget::new(cfg.max_requests_in_flight, cfg.max_bytes_in_flight);
     let mut background: JoinSet<io::Result<()>> = JoinSet::new();
     let result = loop {
         let mut head = [0u8; proto::REQUEST_LEN];
@@ -69,6 +73,11 @@ where
             ..session
         };
         let cmd = proto::check(&req, &session);
+        // Admitted before its payload is read: at the budget we stop reading the socket
+        // until replies drain, so the client's own sends block (TCP backpressure).
+        let admitted = budget
+            .admit(cmd.as_ref().map_or(0, budget::held_bytes))
+            .await;
         let payload = req.payload_len();
         let mut data = Vec::new();
         if payload > 0 {
@@ -110,6 +119,7 @@ where
                     if r.buffer().is_empty() {
                         w.lock().await.flush().await?;
                     }
+                    drop(admitted);
                 } else {
                     // Large pipelined requests (checksumming a MiB takes a while): let them
                     // run on all cores.
@@ -117,7 +127,9 @@ where
                     let cookie = req.cookie;
                     background.spawn(async move {
                         fast(&*device, &w, &session, cookie, cmd, data).await?;
-                        w.lock().await.flush().await
+                        let flushed = w.lock().await.flush().await;
+                        drop(admitted);
+                        flushed
                     });
                 }
             }
@@ -133,7 +145,9 @@ where
                             Err(DeviceError::new(Errno::Io, format!("I/O task failed: {e}")))
                         });
                     send_done(&w, &session, cookie, res).await?;
-                    w.lock().await.flush().await
+                    let flushed = w.lock().await.flush().await;
+                    drop(admitted);
+                    flushed
                 });
             }
         }
