@@ -17,69 +17,9 @@ pub enum TaskState {
     Failed,
 }
 
-/// What a task does.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum TaskOp {
-    /// Create a volume.
-    CreateVolume {
-        /// Name.
-        name: String,
-        /// Size in bytes.
-        size_bytes: u64,
-    },
-    /// Delete a volume and its snapshots.
-    DeleteVolume {
-        /// Name.
-        name: String,
-    },
-    /// Snapshot a volume.
-    CreateSnapshot {
-        /// Volume.
-        volume: String,
-        /// Snapshot.
-        snapshot: String,
-    },
-    /// Delete a snapshot.
-    DeleteSnapshot {
-        /// Volume.
-        volume: String,
-        /// Snapshot.
-        snapshot: String,
-    },
-    /// Clone a snapshot into a new volume.
-    CloneSnapshot {
-        /// Volume.
-        volume: String,
-        /// Snapshot.
-        snapshot: String,
-        /// New volume.
-        name: String,
-    },
-}
-
-impl TaskOp {
-    /// In words, for logs and events.
-    pub fn describe(&self) -> String {
-        match self {
-            TaskOp::CreateVolume { name, size_bytes } => {
-                format!("create volume {name} ({size_bytes} bytes)")
-            }
-            TaskOp::DeleteVolume { name } => format!("delete volume {name}"),
-            TaskOp::CreateSnapshot { volume, snapshot } => {
-                format!("snapshot {volume}@{snapshot}")
-            }
-            TaskOp::DeleteSnapshot { volume, snapshot } => {
-                format!("delete snapshot {volume}@{snapshot}")
-            }
-            TaskOp::CloneSnapshot {
-                volume,
-                snapshot,
-                name,
-            } => format!("clone {volume}@{snapshot} to {name}"),
-        }
-    }
-}
+/// What a task does: the operation it asks its node's `tessera-store` for. One definition
+/// with the store's admin protocol, so a task shows exactly what the store was asked.
+pub use tessera_store_admin::AdminOp as TaskOp;
 
 /// A line of a task's log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]

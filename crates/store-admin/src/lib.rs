@@ -7,12 +7,12 @@
 //! runner (client side) all use these types; `docs/admin-protocol.md` describes the wire.
 //!
 //! This crate holds data and the codec only: no sockets, no store. Replies carry the
-//! block store's own descriptions of volumes and snapshots (`tessera-blockstore`).
+//! block store's own descriptions of volumes and snapshots (`tessera-blockstore`), behind
+//! the default feature `replies`; feature `schema` gives [`AdminOp`] an OpenAPI schema.
 
 #![forbid(unsafe_code)]
 
 use serde::{Deserialize, Serialize};
-use tessera_blockstore::{ScrubReport, SnapshotInfo, StoreError, VolumeInfo};
 
 /// Version of the admin protocol spoken by this build.
 pub const ADMIN_VERSION: u32 = 1;
@@ -118,43 +118,6 @@ impl AdminOp {
     }
 }
 
-/// A reply line.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct AdminResponse {
-    /// Protocol version.
-    pub v: u32,
-    /// The outcome.
-    #[serde(flatten)]
-    pub outcome: Outcome,
-}
-
-/// Success or failure.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// It worked.
-    Ok(AdminReply),
-    /// It did not.
-    Error(AdminError),
-}
-
-/// What a successful operation returns.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
-pub enum AdminReply {
-    /// A volume.
-    Volume(VolumeInfo),
-    /// Volumes.
-    Volumes(Vec<VolumeInfo>),
-    /// A snapshot.
-    Snapshot(SnapshotInfo),
-    /// A scrub report.
-    Scrub(ScrubReport),
-    /// Nothing to return.
-    Done,
-}
-
 /// Why an operation failed, in a form a program can branch on.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AdminError {
@@ -184,27 +147,6 @@ pub enum ErrorKind {
     NoSpace,
     /// An I/O or internal error.
     Io,
-}
-
-impl From<&StoreError> for AdminError {
-    fn from(e: &StoreError) -> Self {
-        let kind = match e {
-            StoreError::Invalid { .. } | StoreError::OutOfRange { .. } | StoreError::ReadOnly => {
-                ErrorKind::Invalid
-            }
-            StoreError::NotFound(_) | StoreError::Gone(_) => ErrorKind::NotFound,
-            StoreError::AlreadyExists(_) => ErrorKind::AlreadyExists,
-            StoreError::Busy(..) | StoreError::Locked(_) => ErrorKind::Busy,
-            StoreError::NoSpace { .. } => ErrorKind::NoSpace,
-            StoreError::Io { .. } | StoreError::Corrupt { .. } | StoreError::BadCatalog { .. } => {
-                ErrorKind::Io
-            }
-        };
-        AdminError {
-            kind,
-            message: e.to_string(),
-        }
-    }
 }
 
 impl std::fmt::Display for AdminError {
@@ -239,5 +181,10 @@ pub fn parse_request(line: &str) -> Result<AdminOp, AdminError> {
         })
 }
 
-#[cfg(test)]
+#[cfg(feature = "replies")]
+mod replies;
+#[cfg(feature = "replies")]
+pub use replies::{AdminReply, AdminResponse, Outcome};
+
+#[cfg(all(test, feature = "replies"))]
 mod tests;

@@ -1,7 +1,7 @@
 //! Round trips of every message, and what malformed lines get back.
 
 use super::*;
-use tessera_blockstore::{ScrubReport, SnapshotInfo, VolumeInfo};
+use tessera_blockstore::{ScrubReport, SnapshotInfo, StoreError, VolumeInfo};
 
 fn every_op() -> Vec<AdminOp> {
     vec![

@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde_json::json;
 use tessera_state::{Command, Node, Require};
 use tessera_store::admin_client::{AdminClient, AdminClientError};
-use tessera_store_admin::{AdminOp, ErrorKind};
+use tessera_store_admin::ErrorKind;
 
 use crate::now_ms;
 use crate::records::table::{SNAPSHOTS, TASKS, VOLUMES};
@@ -146,27 +146,6 @@ async fn fail_interrupted(node: &Node, me: &str) {
     }
 }
 
-fn store_op(op: &TaskOp) -> AdminOp {
-    match op.clone() {
-        TaskOp::CreateVolume { name, size_bytes } => AdminOp::CreateVolume {
-            name,
-            size: size_bytes,
-        },
-        TaskOp::DeleteVolume { name } => AdminOp::DeleteVolume { name },
-        TaskOp::CreateSnapshot { volume, snapshot } => AdminOp::CreateSnapshot { volume, snapshot },
-        TaskOp::DeleteSnapshot { volume, snapshot } => AdminOp::DeleteSnapshot { volume, snapshot },
-        TaskOp::CloneSnapshot {
-            volume,
-            snapshot,
-            name,
-        } => AdminOp::CloneSnapshot {
-            volume,
-            snapshot,
-            name,
-        },
-    }
-}
-
 async fn run(node: &Node, me: &str, socket: &std::path::Path, queued: Task) {
     let mut t = queued.clone();
     t.state = TaskState::Running;
@@ -181,7 +160,7 @@ async fn run(node: &Node, me: &str, socket: &std::path::Path, queued: Task) {
     if !claimed {
         return;
     }
-    let op = store_op(&t.op);
+    let op = t.op.clone();
     log(
         &mut t,
         format!("asking tessera-store ({})", socket.display()),
@@ -249,6 +228,20 @@ async fn run(node: &Node, me: &str, socket: &std::path::Path, queued: Task) {
         | (TaskOp::DeleteSnapshot { volume, snapshot }, true) => {
             ops.push(del(SNAPSHOTS, &snapshot_key(volume, snapshot)));
         }
+        (TaskOp::ResizeVolume { name, size }, true) => {
+            if let Some(mut v) = get::<Volume>(node, VOLUMES, name) {
+                v.size_bytes = *size;
+                ops.push(put(VOLUMES, name, &v));
+            }
+        }
+        // Queries, a refused resize and a scrub change no record.
+        (
+            TaskOp::ResizeVolume { .. }
+            | TaskOp::ListVolumes
+            | TaskOp::VolumeInfo { .. }
+            | TaskOp::Scrub,
+            _,
+        ) => {}
     }
     t.progress = 100;
     t.finished_ms = Some(now);

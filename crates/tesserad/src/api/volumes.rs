@@ -123,7 +123,7 @@ pub async fn create(
         &node,
         TaskOp::CreateVolume {
             name: req.name.clone(),
-            size_bytes: req.size_bytes,
+            size: req.size_bytes,
         },
     );
     submit(

@@ -1,0 +1,64 @@
+//! The replies of the admin protocol, with the block store's descriptions of what it holds.
+
+use serde::{Deserialize, Serialize};
+use tessera_blockstore::{ScrubReport, SnapshotInfo, StoreError, VolumeInfo};
+
+use crate::{AdminError, ErrorKind};
+
+/// A reply line.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminResponse {
+    /// Protocol version.
+    pub v: u32,
+    /// The outcome.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// Success or failure.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// It worked.
+    Ok(AdminReply),
+    /// It did not.
+    Error(AdminError),
+}
+
+/// What a successful operation returns.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum AdminReply {
+    /// A volume.
+    Volume(VolumeInfo),
+    /// Volumes.
+    Volumes(Vec<VolumeInfo>),
+    /// A snapshot.
+    Snapshot(SnapshotInfo),
+    /// A scrub report.
+    Scrub(ScrubReport),
+    /// Nothing to return.
+    Done,
+}
+
+impl From<&StoreError> for AdminError {
+    fn from(e: &StoreError) -> Self {
+        let kind = match e {
+            StoreError::Invalid { .. } | StoreError::OutOfRange { .. } | StoreError::ReadOnly => {
+                ErrorKind::Invalid
+            }
+            StoreError::NotFound(_) | StoreError::Gone(_) => ErrorKind::NotFound,
+            StoreError::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            StoreError::Busy(..) | StoreError::Locked(_) => ErrorKind::Busy,
+            StoreError::NoSpace { .. } => ErrorKind::NoSpace,
+            StoreError::Io { .. } | StoreError::Corrupt { .. } | StoreError::BadCatalog { .. } => {
+                ErrorKind::Io
+            }
+        };
+        AdminError {
+            kind,
+            message: e.to_string(),
+        }
+    }
+}
