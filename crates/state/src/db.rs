@@ -1,10 +1,12 @@
 //! The local database (redb) holding the Raft log, vote and snapshots: opening it,
 //! creating it atomically, and its error type.
 
+use std::ops::Deref;
 use std::path::Path;
 use std::sync::Arc;
 
 use redb::Database;
+use tokio::sync::oneshot;
 
 use crate::log_store::LogStore;
 use crate::state_machine::StateMachine;
@@ -54,14 +56,45 @@ impl From<DbError> for openraft::StorageError<u64> {
     }
 }
 
+/// The open database, shared by the log store and the state machine, telling when it is
+/// closed: its holders include openraft's background tasks, which outlive
+/// `Raft::shutdown`, and redb writes its allocator state when the database is dropped,
+/// with the file still locked. A restart must wait for the end of that drop, not for the
+/// last reference to go.
+pub struct Db {
+    db: Database,
+    /// Declared after `db`, so dropped after it: its receiver hears only once the
+    /// database is closed and its lock released.
+    _closed: oneshot::Sender<()>,
+}
+
+/// Fires (with an error: the sender is gone) once the database is closed.
+pub type Closed = oneshot::Receiver<()>;
+
+impl Db {
+    /// Wraps an open database.
+    pub fn new(db: Database) -> (Arc<Db>, Closed) {
+        let (tx, rx) = oneshot::channel();
+        (Arc::new(Db { db, _closed: tx }), rx)
+    }
+}
+
+impl Deref for Db {
+    type Target = Database;
+
+    fn deref(&self) -> &Database {
+        &self.db
+    }
+}
+
 /// Opens `dir/state.redb`, creating it (atomically) on first use.
-pub(crate) fn open(dir: &Path) -> Result<Arc<Database>, DbError> {
+pub(crate) fn open(dir: &Path) -> Result<(Arc<Db>, Closed), DbError> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join("state.redb");
     if !path.exists() {
         create_atomically(dir, &path)?;
     }
-    Ok(Arc::new(
+    Ok(Db::new(
         redb::Builder::new()
             .set_cache_size(CACHE_BYTES)
             .create(&path)?,
@@ -74,7 +107,7 @@ fn create_atomically(dir: &Path, path: &Path) -> Result<(), DbError> {
     let tmp = dir.join("state.redb.new");
     let _ = std::fs::remove_file(&tmp);
     {
-        let db = Arc::new(Database::create(&tmp)?);
+        let (db, _) = Db::new(Database::create(&tmp)?);
         LogStore::new(db.clone())?;
         StateMachine::new(db)?;
     }

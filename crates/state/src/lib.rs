@@ -19,8 +19,8 @@ pub mod types;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::error::{ClientWriteError, Fatal, InitializeError, RaftError};
 use openraft::{BasicNode, Config, Raft};
@@ -104,8 +104,8 @@ pub struct Node {
     ca: server::CaSlot,
     read_index: barrier::ReadIndex,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// The database, to know when everything holding it has let go.
-    db: Weak<redb::Database>,
+    /// Fires once the database is closed.
+    db_closed: db::Closed,
 }
 
 impl Node {
@@ -119,8 +119,7 @@ impl Node {
         join_key: Option<[u8; 32]>,
         tls: Option<network::Tls>,
     ) -> Result<Node, StateError> {
-        let db = db::open(dir).map_err(|e| StateError::db(dir, e))?;
-        let weak_db = Arc::downgrade(&db);
+        let (db, db_closed) = db::open(dir).map_err(|e| StateError::db(dir, e))?;
         let log = log_store::LogStore::new(db.clone()).map_err(|e| StateError::db(dir, e))?;
         let sm = state_machine::StateMachine::new(db).map_err(|e| StateError::db(dir, e))?;
         let config = Config {
@@ -171,7 +170,7 @@ impl Node {
             ca,
             read_index,
             tasks: vec![server, batcher],
-            db: weak_db,
+            db_closed,
         })
     }
 
@@ -266,7 +265,7 @@ impl Node {
             raft,
             state,
             tasks,
-            db,
+            db_closed,
             ..
         } = self;
         for t in &tasks {
@@ -279,14 +278,9 @@ impl Node {
         drop(state);
         // openraft's shutdown waits for its core task only: the state machine worker,
         // replication streams and a snapshot being built still hold the database until
-        // they notice, and a restart opening it before then would find it locked.
-        let deadline = Instant::now() + RELEASE_WAIT;
-        while db.strong_count() > 0 {
-            if Instant::now() > deadline {
-                tracing::warn!("Raft's tasks still hold the state database after shutdown");
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        // they notice, and a restart opening it before it is closed would find it locked.
+        if tokio::time::timeout(RELEASE_WAIT, db_closed).await.is_err() {
+            tracing::warn!("Raft's tasks still hold the state database after shutdown");
         }
     }
 }

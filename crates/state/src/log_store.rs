@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, RaftLogReader, StorageError, StorageIOError, Vote};
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 
-use crate::db::DbError;
+use crate::db::{Db, DbError};
 use crate::types::TypeConfig;
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -23,12 +23,12 @@ fn io_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
 /// The log store; cheap to clone (readers share the database).
 #[derive(Clone)]
 pub struct LogStore {
-    db: Arc<Database>,
+    db: Arc<Db>,
 }
 
 impl LogStore {
     /// Opens (or creates) the log in `db`.
-    pub fn new(db: Arc<Database>) -> Result<LogStore, DbError> {
+    pub fn new(db: Arc<Db>) -> Result<LogStore, DbError> {
         let tx = db.begin_write()?;
         tx.open_table(LOG)?;
         tx.open_table(META)?;

@@ -9,10 +9,10 @@ use openraft::{
     BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError,
     StorageIOError, StoredMembership,
 };
-use redb::{Database, TableDefinition};
+use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 
-use crate::db::DbError;
+use crate::db::{Db, DbError};
 use crate::types::{Applied, Command, Require, Tables, TypeConfig};
 
 type NodeId = u64;
@@ -56,14 +56,14 @@ struct StoredSnapshot {
 /// The state machine; clones share the data.
 #[derive(Clone)]
 pub struct StateMachine {
-    db: Arc<Database>,
+    db: Arc<Db>,
     data: Arc<RwLock<Data>>,
     applied: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl StateMachine {
     /// Opens the state machine, resuming from the persisted snapshot.
-    pub fn new(db: Arc<Database>) -> Result<StateMachine, DbError> {
+    pub fn new(db: Arc<Db>) -> Result<StateMachine, DbError> {
         let tx = db.begin_write()?;
         tx.open_table(SNAPSHOT)?;
         tx.commit()?;
