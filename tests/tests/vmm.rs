@@ -3,6 +3,10 @@
 //! on the serial console and powers off. Checked from outside: the serial log and the
 //! bytes on the disk (a raw file, or a Tessera volume read back with nbdcopy).
 
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 use std::process::Command;
 
@@ -139,11 +143,25 @@ fn a_lying_guest_gets_its_requests_failed_and_the_vmm_survives() {
 #[test]
 fn bad_vm_specs_are_refused_clearly() {
     let d = tempfile::tempdir().unwrap();
-    let cases: [(&[&str], &str); 4] = [
-        (&["--kernel", "/nonexistent/vmlinux"], "opening kernel"),
-        (&["--kernel", GUEST, "--memory-mib", "1"], "too little"),
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--kernel", "/nonexistent/vmlinux"],
+            "opening kernel /nonexistent/vmlinux",
+        ),
+        (
+            &["--kernel", GUEST, "--memory-mib", "1"],
+            "1 MiB is too little",
+        ),
         (&["--kernel", GUEST, "--disk", "nbd+unix:///x"], "socket"),
         (&["--kernel", "/etc/hostname"], "loading kernel"),
+        (
+            &["--kernel", GUEST, "--initrd", "/nonexistent/initrd"],
+            "reading initramfs /nonexistent/initrd",
+        ),
+        (
+            &["--kernel", GUEST, "--vcpus", "33"],
+            "vcpus must be 1 to 32, not 33",
+        ),
     ];
     for (args, needle) in cases {
         let out = output(

@@ -2,6 +2,10 @@
 //! stops), resume (it continues), console read and write, events, power-off, and bad
 //! requests.
 
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -120,23 +124,46 @@ fn pause_stops_the_guest_resume_continues_and_power_off_ends_the_vm() {
         .collect();
     assert_eq!(kinds, ["started", "paused", "resumed"]);
 
-    // Bad requests get errors and the connection carries on.
-    assert!(api.raw("not json")["error"]
-        .as_str()
-        .unwrap()
-        .contains("bad request"));
-    assert!(api.raw(r#"{"v":7,"op":{"type":"describe"}}"#)["error"]
-        .as_str()
-        .unwrap()
-        .contains("version"));
-    assert!(api.raw(r#"{"v":1,"op":{"type":"explode"}}"#)["error"]
-        .as_str()
-        .unwrap()
-        .contains("unknown variant"));
-    assert!(api.raw(r#"{"v":1,"op":{"type":"resume"}}"#)["error"]
-        .as_str()
-        .unwrap()
-        .contains("not paused"));
+    // Bad requests and requests the state does not allow get an error that says why,
+    // no result, and the connection carries on.
+    let snapshot_dir = d.path().join("snap");
+    let snapshot_running = json!({ "v": 1, "op": { "type": "snapshot", "dir": snapshot_dir } });
+    let cases: [(&str, &str); 7] = [
+        ("not json", "bad request: "),
+        (
+            r#"{"v":7,"op":{"type":"describe"}}"#,
+            "API version 7 is not supported (this VMM speaks 1)",
+        ),
+        (
+            r#"{"v":1,"op":{"type":"explode"}}"#,
+            "bad request: unknown variant `explode`",
+        ),
+        (
+            r#"{"v":1,"op":{"type":"serial_read","extra":1}}"#,
+            "bad request: unknown field `extra`",
+        ),
+        (r#"{"v":1,"op":{"type":"resume"}}"#, "the VM is not paused"),
+        (
+            &snapshot_running.to_string(),
+            "pause the VM before taking a snapshot",
+        ),
+        (
+            r#"{"v":1,"op":{"type":"dirty_pages"}}"#,
+            "dirty-page tracking is off (start with --track-dirty-pages)",
+        ),
+    ];
+    for (line, want) in cases {
+        let reply = api.raw(line);
+        assert_eq!(reply["v"], 1, "{line}: {reply}");
+        assert!(reply.get("ok").is_none(), "{line}: {reply}");
+        let error = reply["error"].as_str().unwrap_or_default();
+        assert!(error.contains(want), "{line}: {reply}");
+    }
+    assert!(
+        !snapshot_dir.exists(),
+        "a refused snapshot created its directory"
+    );
+    assert_eq!(api.call(json!({ "type": "describe" }))["state"], "running");
 
     api.call(json!({ "type": "power_off" }));
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -1,6 +1,10 @@
 //! Dirty-page tracking for live migration: pages the guest writes (KVM's dirty log) and
 //! pages only the VMM writes (the virtio used ring) both show up, and the record clears.
 
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -9,8 +13,9 @@ use tessera_tests::{bin, counts, wait_console, VmApi};
 
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
 
+/// Runs an operation that must succeed; returns its result.
 fn api(sock: &Path, op: Value) -> Value {
-    VmApi::connect(sock).raw(&json!({ "v": 1, "op": op }).to_string())
+    VmApi::connect(sock).call(op)
 }
 
 fn wait_count(path: &Path, at_least: u64) -> String {
@@ -73,7 +78,7 @@ fn guest_and_vmm_writes_are_both_tracked() {
 
     // The first report covers everything since boot, then the record is clear.
     assert!(
-        api(&sock, json!({ "type": "dirty_pages" }))["ok"]["pages"]
+        api(&sock, json!({ "type": "dirty_pages" }))["pages"]
             .as_u64()
             .unwrap()
             > 0
@@ -85,7 +90,7 @@ fn guest_and_vmm_writes_are_both_tracked() {
     // device writes the used ring).
     wait_count(&con, n + 11);
     api(&sock, json!({ "type": "pause" }));
-    let report = api(&sock, json!({ "type": "dirty_pages" }))["ok"].clone();
+    let report = api(&sock, json!({ "type": "dirty_pages" })).clone();
     assert!(
         contains(&report, buf_page),
         "guest-written buffer page {buf_page:#x} missing: {report}"
@@ -101,7 +106,7 @@ fn guest_and_vmm_writes_are_both_tracked() {
     );
 
     // Paused: nothing runs, so nothing new is dirty.
-    let quiet = api(&sock, json!({ "type": "dirty_pages" }))["ok"].clone();
+    let quiet = api(&sock, json!({ "type": "dirty_pages" })).clone();
     assert_eq!(quiet["pages"], 0, "pages dirtied while paused: {quiet}");
     api(&sock, json!({ "type": "power_off" }));
     assert!(child.wait().unwrap().success());

@@ -3,11 +3,15 @@
 //! where it was, with the disk writes made before the snapshot in place and the disk
 //! still working after the restore.
 
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use serde_json::{json, Value};
-use tessera_tests::{bin, counts, wait_console, VmApi};
+use tessera_tests::{bin, counts, output, wait_console, VmApi};
 
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
 
@@ -54,10 +58,11 @@ fn a_restored_vm_continues_counting_and_keeps_its_disk() {
     api(&sock1, json!({ "type": "pause" }));
     let before = counts(&std::fs::read_to_string(&con1).unwrap());
     let last = *before.last().unwrap();
-    api(
+    let taken = api(
         &sock1,
         json!({ "type": "snapshot", "dir": snap.to_str().unwrap() }),
     );
+    assert_eq!(taken, json!({ "dir": snap.to_str().unwrap() }));
     first.kill().unwrap();
     first.wait().unwrap();
 
@@ -67,6 +72,8 @@ fn a_restored_vm_continues_counting_and_keeps_its_disk() {
         "marker write missing"
     );
     assert!(std::fs::metadata(snap.join("memory")).unwrap().len() == 64 << 20);
+
+    refuses_snapshots_it_cannot_read(d.path(), &snap);
 
     let (sock2, con2) = (d.path().join("b.sock"), d.path().join("b.log"));
     let mut second = spawn(&[
@@ -114,4 +121,44 @@ fn a_restored_vm_continues_counting_and_keeps_its_disk() {
     assert_eq!(events[0]["kind"], "restored");
     api(&sock2, json!({ "type": "power_off" }));
     assert!(second.wait().unwrap().success());
+}
+
+/// Restoring from a snapshot this VMM cannot read fails, saying why, before the guest runs.
+fn refuses_snapshots_it_cannot_read(dir: &Path, good: &Path) {
+    let restore_fails = |snapshot: &Path, want: &str| {
+        let out = output(
+            Command::new(bin("tessera-vmm"))
+                .arg("--restore")
+                .arg(snapshot)
+                .arg("--serial-out")
+                .arg(dir.join("refused.log")),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "restored {want:?}: {err}");
+        assert!(err.contains(want), "wanted {want:?}: {err}");
+    };
+    let missing = dir.join("missing");
+    restore_fails(
+        &missing,
+        &format!("{}", missing.join("state.json").display()),
+    );
+
+    let bad = dir.join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(good.join("state.json")).unwrap()).unwrap();
+    let mut newer = state.clone();
+    newer["version"] = json!(99);
+    std::fs::write(bad.join("state.json"), newer.to_string()).unwrap();
+    restore_fails(
+        &bad,
+        "invalid snapshot: snapshot version 99 (this VMM reads 1)",
+    );
+
+    std::fs::write(bad.join("state.json"), state.to_string()).unwrap();
+    std::fs::write(bad.join("memory"), b"too short").unwrap();
+    restore_fails(
+        &bad,
+        "invalid snapshot: memory file size does not match its layout",
+    );
 }
