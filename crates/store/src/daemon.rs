@@ -30,6 +30,8 @@ pub struct DaemonConfig {
     pub admin_socket: PathBuf,
     /// Tunables of the block store.
     pub store: StoreOptions,
+    /// Limits of the NBD server (both listeners).
+    pub nbd: ServerConfig,
 }
 
 /// A started daemon; dropping it does not stop it, call [`Running::shutdown`].
@@ -71,18 +73,18 @@ pub async fn start(cfg: &DaemonConfig) -> anyhow::Result<Running> {
             .await
             .with_context(|| format!("binding NBD TCP listener on {addr}"))?;
         nbd_tcp = Some(l.local_addr()?);
-        let ex = exports.clone();
+        let (ex, nbd) = (exports.clone(), cfg.nbd.clone());
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = tessera_nbd::serve_tcp(l, ex, ServerConfig::default()).await {
+            if let Err(e) = tessera_nbd::serve_tcp(l, ex, nbd).await {
                 tracing::error!(error = %e, "NBD TCP listener failed");
             }
         }));
     }
     let l = tessera_nbd::bind_unix(&cfg.nbd_unix)
         .with_context(|| format!("binding NBD socket {}", cfg.nbd_unix.display()))?;
-    let ex = exports.clone();
+    let (ex, nbd) = (exports.clone(), cfg.nbd.clone());
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = tessera_nbd::serve_unix(l, ex, ServerConfig::default()).await {
+        if let Err(e) = tessera_nbd::serve_unix(l, ex, nbd).await {
             tracing::error!(error = %e, "NBD Unix listener failed");
         }
     }));

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tessera_blockstore::StoreOptions;
+use tessera_nbd::ServerConfig;
 use tessera_store::admin_client::AdminClient;
 use tessera_store::daemon::{self, DaemonConfig};
 use tessera_store_admin::{AdminOp, AdminReply};
@@ -91,6 +92,10 @@ struct ServeArgs {
     /// Checkpoint a non-empty write-ahead log at least this often (milliseconds).
     #[arg(long, default_value_t = 10_000)]
     checkpoint_interval_ms: u64,
+    /// Disconnect an NBD client that has not chosen an export this long after
+    /// connecting (milliseconds).
+    #[arg(long, default_value_t = 10_000)]
+    nbd_negotiation_timeout_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -175,6 +180,10 @@ fn daemon_config(args: &ServeArgs, admin: Option<PathBuf>) -> DaemonConfig {
         store: StoreOptions {
             wal_segment_bytes: args.wal_segment_size,
             checkpoint_interval: Duration::from_millis(args.checkpoint_interval_ms.max(1)),
+        },
+        nbd: ServerConfig {
+            negotiation_timeout: Duration::from_millis(args.nbd_negotiation_timeout_ms.max(1)),
+            ..ServerConfig::default()
         },
     }
 }
