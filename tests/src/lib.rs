@@ -4,6 +4,12 @@
 //! The binaries come from the same cargo target directory as the test executable; the
 //! suite's entry point (`tests/run`) builds them first.
 
+#![forbid(unsafe_code)]
+// This is test code: anything unexpected (a process that will not start, a reply that is
+// not JSON) should fail the test loudly where it happens, so unwrap is the right tool.
+// The integration tests' own functions are `#[test]`s, where clippy.toml already allows it.
+#![allow(clippy::unwrap_used)]
+
 pub mod cluster;
 
 use std::net::TcpListener;

@@ -3,6 +3,10 @@
 //! change the initial password, roles are enforced, tokens can be revoked, bad bodies get
 //! 400 naming the field, and every node answers the same.
 
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
 use serde_json::json;
 use tessera_tests::cluster::{api as call, wait_for, ClusterNode};
 use tessera_tests::Lan;

@@ -5,6 +5,10 @@
 //! leader, health, writes across a leader's death and a full restart, a late fourth node,
 //! and mutual TLS between nodes (openssl).
 
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};

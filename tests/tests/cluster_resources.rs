@@ -7,6 +7,10 @@
 //! the SSE stream; session cookies need the CSRF header for changes; the state survives a
 //! restart of every node.
 
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeSet;
 use std::path::Path;
 

@@ -3,6 +3,10 @@
 //! nothing else but a later write (or the zeroes of a later trim) took its place, and
 //! that the store's metadata is consistent (scrub is clean).
 
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};

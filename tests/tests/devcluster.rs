@@ -2,6 +2,10 @@
 //! itself, prints its API addresses and admin credentials, answers the API, stops cleanly
 //! on Ctrl-C and comes back as the same cluster when started again.
 
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -1,6 +1,10 @@
 //! A full filesystem: writes fail with ENOSPC, nothing acknowledged is lost, the server
 //! keeps serving, restarts, and takes writes again once space is freed.
 
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 

@@ -5,6 +5,10 @@
 //! kernel dies in emulation (see shared/guide/test-environment.md), so the test prints a
 //! SKIP line there. It is written to pass on the machines our users run.
 
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -1,6 +1,10 @@
 //! Hostile and broken NBD clients, byte by byte. Every case checks the answer the protocol
 //! prescribes, then that the server still serves other clients.
 
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;

@@ -1,6 +1,10 @@
 //! Real NBD clients we did not write (libnbd's nbdinfo/nbdcopy, QEMU's qemu-img/qemu-io,
 //! fio) against a real `tessera-store` process.
 
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::process::Command;
 

@@ -1,6 +1,10 @@
 //! Volume administration through the `tessera-store` CLI and admin socket, checked with
 //! independent NBD clients.
 
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Command;
