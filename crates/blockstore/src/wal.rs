@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 use crate::catalog::sync_dir;
 use crate::error::{FormatError, Result, StoreError};
 use crate::format::{RecordHeader, RecordKind, BLOCK_SIZE, SUM_LEN, WAL_HEADER_LEN};
+use crate::hooks::{Hooks, Point};
 
 /// The segment being appended to.
 struct Active {
@@ -38,6 +39,7 @@ pub struct Wal {
     synced: Mutex<Synced>,
     /// Sealed segments not yet removed, with their lengths.
     sealed: Mutex<Vec<(u64, u64)>>,
+    hooks: Hooks,
 }
 
 /// A record read back from a segment.
@@ -86,6 +88,7 @@ impl Wal {
             }),
             synced: Mutex::new(Synced { seg, pos: 0 }),
             sealed: Mutex::new(Vec::new()),
+            hooks: Hooks::default(),
         })
     }
 
@@ -172,6 +175,9 @@ impl Wal {
         if a.pos == 0 {
             return Ok(a.seg.checked_sub(1));
         }
+        self.hooks
+            .at(Point::SealSync(a.seg))
+            .map_err(|e| StoreError::io("test point", e))?;
         a.file
             .sync_data()
             .map_err(|e| StoreError::io(format!("syncing WAL segment {}", a.seg), e))?;
@@ -319,3 +325,4 @@ pub(crate) fn write_all_vectored_at(
     }
     Ok(())
 }
+

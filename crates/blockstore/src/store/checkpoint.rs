@@ -1,6 +1,7 @@
 //! The checkpoint: seals the active WAL segment, copies the pending blocks of sealed
 //! segments into their layer files, syncs them, punches the data space under durable fill
-//! markers and deletes the sealed segments. A background thread runs it when the log grows
+//! markers and deletes the sealed segments. Its locks (`apply`, `layer_writes`) and what
+//! they exclude are described in `docs/storage.md`, "Concurrency". A background thread runs it when the log grows
 //! past a segment, when space runs short, at an interval, and once more when the store is
 //! dropped.
 
@@ -16,9 +17,11 @@ use super::Inner;
 use crate::catalog::LayerId;
 use crate::error::{Result, StoreError};
 use crate::format::{BlockEntry, SUM_LEN};
+use crate::hooks::Point;
 use crate::layer::LayerFiles;
 
 /// A fill whose data space is to be punched at the next checkpoint.
+#[derive(Clone, Copy)]
 pub(super) struct PunchLater {
     pub(super) seg: u64,
     pub(super) layer: LayerId,
@@ -93,33 +96,47 @@ fn checkpoint_loop(weak: Weak<Inner>) {
 impl Inner {
     pub(super) fn checkpoint(&self) -> Result<()> {
         let _one = self.checkpointing.lock();
-        let _apply = self.apply.write();
+        // Sealing syncs the WAL segment; that happens before `apply` is taken, so trims do
+        // not wait for it. Fills logged meanwhile land in the next segment.
         let Some(sealed) = self.wal.rotate()? else {
             return Ok(());
         };
+        let _apply = self.apply.write();
         let todo = self.pending.logged_upto(sealed);
         let layers = self.layers.read().clone();
-        let mut touched = copy_into_layers(&todo, &layers)?;
-        let punches: Vec<PunchLater> = {
-            let mut all = self.punches.lock();
-            let (now, later): (Vec<_>, Vec<_>) = all.drain(..).partition(|p| p.seg <= sealed);
-            *all = later;
-            now
+        let mut touched = {
+            let _changing = self.layer_writes.write();
+            copy_into_layers(&todo, &layers)?
         };
+        // Punches leave the queue only once done (fills cannot add any while `apply` is
+        // held). A checkpoint that fails keeps them, so the next one still syncs their
+        // markers before it deletes the segment holding their fill records, and frees the
+        // space.
+        let punches: Vec<PunchLater> = self
+            .punches
+            .lock()
+            .iter()
+            .filter(|p| p.seg <= sealed)
+            .copied()
+            .collect();
         for p in &punches {
             if let Some(files) = layers.get(&p.layer) {
                 touched.insert(p.layer, files.clone());
             }
         }
         for files in touched.values() {
+            self.at(Point::SyncLayer(files.id))?;
             files.sync()?;
         }
         for p in &punches {
             if let Some(files) = layers.get(&p.layer) {
+                let _changing = self.layer_writes.write();
                 punch_markers(files, p.first, p.count)?;
             }
         }
+        self.punches.lock().retain(|p| p.seg > sealed);
         self.pending.retire(&todo);
+        self.at(Point::RemoveWal(sealed))?;
         self.wal.remove_upto(sealed)?;
         tracing::debug!(sealed, blocks = todo.len(), "checkpoint done");
         Ok(())

@@ -24,6 +24,8 @@ mod admin;
 mod checkpoint;
 mod export;
 mod pending;
+#[cfg(test)]
+mod race_tests;
 mod read;
 mod recovery;
 mod scrub;
@@ -47,6 +49,7 @@ pub use scrub::{BadBlock, ScrubReport};
 use crate::catalog::{Catalog, LayerId, VolumeMeta};
 use crate::error::{Result, StoreError};
 use crate::format::BLOCK;
+use crate::hooks::{Hooks, Point};
 use crate::layer::LayerFiles;
 use crate::wal::Wal;
 use checkpoint::{Background, PunchLater};
@@ -97,14 +100,21 @@ struct Inner {
     wal: Wal,
     pending: PendingWrites,
     punches: Mutex<Vec<PunchLater>>,
-    /// Held for writing by the checkpoint; fills and the scrub hold it for reading.
+    /// Held for writing by the checkpoint from choosing the blocks to copy until the
+    /// punches are done (syncs included); fills and the scrub hold it for reading.
     apply: RwLock<()>,
+    /// Held for writing by the checkpoint only while it changes layer files (block data
+    /// and checksums, punches), never across a sync. Reads do not take it; a read whose
+    /// checksum check fails reads again holding it for reading, so a race with the
+    /// checkpoint is never reported as corruption. See docs/storage.md, "Concurrency".
+    layer_writes: RwLock<()>,
     checkpointing: Mutex<()>,
     /// Per-block locks (by block number modulo their count) for read-modify-write.
     rmw: Vec<Mutex<()>>,
     wake: (Mutex<bool>, Condvar),
     stop: AtomicBool,
     space: Mutex<SpaceGuard>,
+    hooks: Hooks,
 }
 
 /// A block store in one data directory. Cheap to clone; all clones share the state.
@@ -113,6 +123,16 @@ pub struct Store {
     // Declared first so it drops first: the final checkpoint needs `inner` alive.
     _bg: Arc<Background>,
     inner: Arc<Inner>,
+}
+
+impl Inner {
+    /// Runs the test hook at `point` (nothing outside unit tests).
+    #[inline(always)]
+    fn at(&self, point: Point) -> Result<()> {
+        self.hooks
+            .at(point)
+            .map_err(|e| StoreError::io(format!("at {point:?}"), e))
+    }
 }
 
 fn now() -> u64 {
@@ -175,11 +195,13 @@ impl Store {
             pending: PendingWrites::default(),
             punches: Mutex::new(Vec::new()),
             apply: RwLock::new(()),
+            layer_writes: RwLock::new(()),
             checkpointing: Mutex::new(()),
             rmw: (0..256).map(|_| Mutex::new(())).collect(),
             wake: (Mutex::new(false), Condvar::new()),
             stop: AtomicBool::new(false),
             space: Mutex::new(SpaceGuard::default()),
+            hooks: Hooks::default(),
         });
         let bg = Background::start(&inner)?;
         Ok(Store {

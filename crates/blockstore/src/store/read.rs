@@ -7,6 +7,7 @@ use super::pending::Pending;
 use super::{block_range, Store};
 use crate::error::{Result, StoreError};
 use crate::format::{block_hash, BlockEntry, BLOCK, BLOCK_SIZE, SUM_LEN};
+use crate::hooks::Point;
 use crate::layer::LayerFiles;
 
 /// Where one block's current content comes from.
@@ -65,6 +66,12 @@ impl Store {
     }
 
     /// Reads `buf.len()` bytes at `offset` through `chain`.
+    ///
+    /// Reads take no lock the checkpoint excludes: between looking up a block's checksum
+    /// and reading its data, the checkpoint may copy a newer version in (data first, then
+    /// checksum) or punch it out under a durable trim marker. So a mismatch is first taken
+    /// for that race: the whole read is done again while the checkpoint is kept from
+    /// changing layer files, and only a mismatch then is corruption.
     pub(super) fn read_chain(
         &self,
         chain: &[Arc<LayerFiles>],
@@ -74,8 +81,29 @@ impl Store {
         if buf.is_empty() {
             return Ok(());
         }
+        match self.read_chain_once(chain, offset, buf) {
+            Err(StoreError::Corrupt { .. }) => {
+                let _stable = self.inner.layer_writes.read();
+                let again = self.read_chain_once(chain, offset, buf);
+                if let Err(StoreError::Corrupt { layer, block }) = &again {
+                    tracing::error!(layer, block, "checksum mismatch on read");
+                }
+                again
+            }
+            done => done,
+        }
+    }
+
+    /// One attempt of [`Store::read_chain`]: resolve, then read and verify.
+    fn read_chain_once(
+        &self,
+        chain: &[Arc<LayerFiles>],
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
         let (b0, b1) = block_range(offset, buf.len() as u64);
         let sources = self.resolve(chain, b0, (b1 - b0) as usize)?;
+        self.inner.at(Point::ReadResolved)?;
         let aligned = offset % BLOCK == 0 && buf.len() % BLOCK_SIZE == 0;
         if aligned {
             return Self::copy_sources(chain, b0, &sources, buf);
@@ -121,11 +149,6 @@ impl Store {
                         if let Source::Layer(_, h) = &sources[i + k] {
                             if block_hash(block) != *h {
                                 let b = b0 + (i + k) as u64;
-                                tracing::error!(
-                                    layer = layer.id,
-                                    block = b,
-                                    "checksum mismatch on read"
-                                );
                                 return Err(StoreError::Corrupt {
                                     layer: layer.id,
                                     block: b,

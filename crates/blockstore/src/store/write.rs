@@ -1,11 +1,12 @@
 //! The write path: writes and fills are logged in the WAL and published (in the
 //! pending-write map, or as markers in the checksum table) before they are acknowledged.
 //!
-//! Fills (trim, write-zeroes) write their markers into the checksum table at once; a lost
-//! marker leaves the old data with its old checksum, and a marker that reached the disk
-//! before its WAL record reads as zeroes; both are outcomes an unflushed trim may have.
-//! Data space under a marker is only punched out during the checkpoint, after the marker
-//! itself is durable.
+//! Fills (trim, write-zeroes) write their markers into the checksum table just before
+//! their WAL record; a lost marker leaves the old data with its old checksum, and a marker
+//! that reached the disk without its WAL record reads as zeroes; both are outcomes an
+//! unflushed trim may have. Data space under a marker is only punched out during the
+//! checkpoint, after the marker itself is durable. See `docs/storage.md` (concurrency) for
+//! why the markers go in before the pending blocks are forgotten.
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use crate::error::Result;
 use crate::format::{
     block_hash, FillKind, RecordHeader, RecordKind, BLOCK, BLOCK_SIZE, SUM_LEN, WAL_MAX_BLOCKS,
 };
+use crate::hooks::Point;
 
 impl Store {
     /// Writes `data` at `offset`, merging partial blocks at either end with their content.
@@ -128,11 +130,16 @@ impl Store {
             };
             self.inner
                 .admit(n.div_ceil(BLOCK_SIZE as u64 / SUM_LEN as u64) * BLOCK)?;
+            // Markers first, pending blocks forgotten second: a read in between finds the
+            // pending block (the trim is not acknowledged yet), a read after finds the
+            // marker. The other order let a read see neither and return the layer file's
+            // older data.
+            top.fill_entries(at, n, kind)?;
             let (seg, wal_len) = self.inner.wal.append(&header, &[], &[], |seg| {
                 self.inner.pending.forget(top.id, at, n);
                 seg
             })?;
-            top.fill_entries(at, n, kind)?;
+            self.inner.at(Point::FillLogged)?;
             self.inner.punches.lock().push(PunchLater {
                 seg,
                 layer: top.id,

@@ -1,0 +1,115 @@
+//! Test points: named places in the engine where a unit test can pause a thread or make
+//! the step fail, to replay a race or a failed system call deterministically.
+//!
+//! Without `cfg(test)` a [`Hooks`] is empty and [`Hooks::at`] compiles to nothing, so the
+//! points cost nothing in the read and write paths of a real build.
+
+use crate::catalog::LayerId;
+
+/// A place in the engine a test can stop at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Point {
+    /// A read found where each block comes from and is about to read layer data.
+    ReadResolved,
+    /// A fill's record is in the WAL; its pending blocks are forgotten.
+    FillLogged,
+    /// The checkpoint is about to sync the files of this layer.
+    SyncLayer(LayerId),
+    /// The checkpoint is about to delete the WAL segments up to this one.
+    RemoveWal(u64),
+    /// The WAL is about to sync the segment a rotation sealed.
+    SealSync(u64),
+}
+
+#[cfg(test)]
+type Hook = std::sync::Arc<dyn Fn(Point) -> std::io::Result<()> + Send + Sync>;
+
+/// The hook of one store or log, if a test set one.
+#[derive(Default)]
+pub(crate) struct Hooks {
+    #[cfg(test)]
+    hook: parking_lot::Mutex<Option<Hook>>,
+}
+
+impl Hooks {
+    /// Runs the test's hook at `point`; an error it returns is the step's error.
+    #[inline(always)]
+    pub(crate) fn at(&self, point: Point) -> std::io::Result<()> {
+        #[cfg(test)]
+        {
+            // Cloned out so a hook that blocks does not hold the lock.
+            let hook = self.hook.lock().clone();
+            if let Some(hook) = hook {
+                return hook(point);
+            }
+        }
+        let _ = point;
+        Ok(())
+    }
+
+    /// Runs `hook` at every point from now on.
+    #[cfg(test)]
+    pub(crate) fn set(&self, hook: impl Fn(Point) -> std::io::Result<()> + Send + Sync + 'static) {
+        *self.hook.lock() = Some(std::sync::Arc::new(hook));
+    }
+}
+
+/// Pausing a thread at a point until the test lets it go.
+#[cfg(test)]
+pub(crate) mod pause {
+    use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use super::{Hooks, Point};
+
+    /// A thread stopped at a point: it waits until [`Paused::release`] (or the drop).
+    pub(crate) struct Paused {
+        reached: Receiver<Point>,
+        go: Sender<()>,
+    }
+
+    /// Stops the first thread that reaches a point `which` accepts; later ones pass.
+    pub(crate) fn first(
+        hooks: &Hooks,
+        which: impl Fn(Point) -> bool + Send + Sync + 'static,
+    ) -> Paused {
+        let (reached_tx, reached) = channel();
+        let (go, go_rx) = channel::<()>();
+        let armed = Mutex::new(Some((reached_tx, go_rx)));
+        let armed = Arc::new(armed);
+        hooks.set(move |p| {
+            if which(p) {
+                let taken = armed.lock().map(|mut a| a.take()).unwrap_or(None);
+                if let Some((reached_tx, go_rx)) = taken {
+                    let _ = reached_tx.send(p);
+                    let _ = go_rx.recv();
+                }
+            }
+            Ok(())
+        });
+        Paused { reached, go }
+    }
+
+    impl Paused {
+        /// Waits until a thread stopped at the point.
+        pub(crate) fn reached(&self) -> Point {
+            match self.reached.recv_timeout(Duration::from_secs(30)) {
+                Ok(p) => p,
+                Err(RecvTimeoutError::Timeout) => panic!("no thread reached the point"),
+                Err(RecvTimeoutError::Disconnected) => panic!("the hook is gone"),
+            }
+        }
+
+        /// Lets the stopped thread go on.
+        pub(crate) fn release(&self) {
+            let _ = self.go.send(());
+        }
+    }
+
+    impl Drop for Paused {
+        fn drop(&mut self) {
+            self.release();
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The races of issue #9, replayed deterministically: a test point stops one thread at the
+//! racy step while the test drives the other side.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::{Store, StoreOptions};
+use crate::error::StoreError;
+use crate::format::{BLOCK, BLOCK_SIZE};
+use crate::hooks::{pause, Point};
+
+const MIB: u64 = 1 << 20;
+
+/// A store whose background checkpoint stays out of the way.
+fn quiet(dir: &std::path::Path) -> Store {
+    let opts = StoreOptions {
+        checkpoint_interval: Duration::from_secs(3600),
+        ..StoreOptions::default()
+    };
+    Store::open(dir, opts).unwrap()
+}
+
+fn block_of(b: u8) -> Vec<u8> {
+    vec![b; BLOCK_SIZE]
+}
+
+#[test]
+fn a_read_during_a_trim_never_returns_data_older_than_an_acknowledged_write() {
+    // Without a snapshot the trim removes blocks; over one it writes zero markers.
+    for over_snapshot in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = quiet(dir.path());
+        s.create_volume("v", 16 * BLOCK).unwrap();
+        if over_snapshot {
+            s.create_snapshot("v", "s").unwrap();
+        }
+        let e = s.open_export("v").unwrap();
+        e.write_at(3 * BLOCK, &block_of(1), false).unwrap();
+        s.checkpoint().unwrap();
+        e.write_at(3 * BLOCK, &block_of(2), false).unwrap();
+
+        let paused = pause::first(&s.inner.hooks, |p| p == Point::FillLogged);
+        let trim = {
+            let e = s.open_export("v").unwrap();
+            std::thread::spawn(move || e.trim(0, 16 * BLOCK, false))
+        };
+        paused.reached();
+        let mut during = block_of(7);
+        e.read_at(3 * BLOCK, &mut during).unwrap();
+        paused.release();
+        trim.join().unwrap().unwrap();
+
+        assert!(
+            during == block_of(2) || during == block_of(0),
+            "a read during the trim returned {} (over a snapshot: {over_snapshot}), \
+             older than the acknowledged write",
+            during[0]
+        );
+        let mut after = block_of(7);
+        e.read_at(3 * BLOCK, &mut after).unwrap();
+        assert_eq!(after, block_of(0));
+    }
+}
+
+/// Reads block 3 on another thread, stopped after it resolved its sources while `meddle`
+/// changes the layer file under it.
+fn read_while(s: &Store, meddle: impl FnOnce()) -> Result<Vec<u8>, StoreError> {
+    let paused = pause::first(&s.inner.hooks, |p| p == Point::ReadResolved);
+    let reader = {
+        let e = s.open_export("v").unwrap();
+        std::thread::spawn(move || {
+            let mut buf = block_of(7);
+            e.read_at(3 * BLOCK, &mut buf).map(|()| buf)
+        })
+    };
+    paused.reached();
+    meddle();
+    paused.release();
+    reader.join().unwrap()
+}
+
+fn volume_with_old_block(dir: &std::path::Path) -> (Store, crate::Export) {
+    let s = quiet(dir);
+    s.create_volume("v", 16 * BLOCK).unwrap();
+    let e = s.open_export("v").unwrap();
+    e.write_at(3 * BLOCK, &block_of(1), false).unwrap();
+    s.checkpoint().unwrap();
+    (s, e)
+}
+
+#[test]
+fn a_read_racing_a_checkpoint_copy_gets_data_not_a_checksum_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, e) = volume_with_old_block(dir.path());
+    let got = read_while(&s, || {
+        e.write_at(3 * BLOCK, &block_of(2), false).unwrap();
+        s.checkpoint().unwrap();
+    });
+    match got {
+        Ok(b) => assert!(b == block_of(1) || b == block_of(2), "read {}", b[0]),
+        Err(e) => panic!("a read racing a checkpoint failed: {e}"),
+    }
+}
+
+#[test]
+fn a_read_racing_the_punch_of_a_trim_gets_data_not_a_checksum_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, e) = volume_with_old_block(dir.path());
+    let got = read_while(&s, || {
+        e.trim(3 * BLOCK, BLOCK, false).unwrap();
+        s.checkpoint().unwrap();
+    });
+    match got {
+        Ok(b) => assert!(b == block_of(1) || b == block_of(0), "read {}", b[0]),
+        Err(e) => panic!("a read racing a trim's punch failed: {e}"),
+    }
+}
+
+#[test]
+fn an_unaligned_write_racing_a_checkpoint_merges_instead_of_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, e) = volume_with_old_block(dir.path());
+    let paused = pause::first(&s.inner.hooks, |p| p == Point::ReadResolved);
+    let writer = {
+        let e = s.open_export("v").unwrap();
+        std::thread::spawn(move || e.write_at(3 * BLOCK + 100, &[9; 10], false))
+    };
+    paused.reached();
+    e.write_at(3 * BLOCK, &block_of(2), false).unwrap();
+    s.checkpoint().unwrap();
+    paused.release();
+    if let Err(err) = writer.join().unwrap() {
+        panic!("an unaligned write racing a checkpoint failed: {err}");
+    }
+    let mut expect = block_of(2);
+    expect[100..110].fill(9);
+    let mut got = block_of(7);
+    e.read_at(3 * BLOCK, &mut got).unwrap();
+    assert_eq!(got, expect);
+}
+
+#[test]
+fn a_failed_checkpoint_keeps_its_punches_for_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = quiet(dir.path());
+    s.create_volume("v", 16 * MIB).unwrap();
+    let e = s.open_export("v").unwrap();
+    e.write_at(0, &vec![5; 8 * MIB as usize], false).unwrap();
+    s.checkpoint().unwrap();
+    let before = s.volume_info("v").unwrap().allocated;
+    e.trim(MIB, 4 * MIB, false).unwrap();
+    e.flush().unwrap();
+
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let fail_sync = Arc::new(AtomicBool::new(true));
+    {
+        let (events, fail_sync) = (events.clone(), fail_sync.clone());
+        s.inner.hooks.set(move |p| {
+            events.lock().push(p);
+            match p {
+                Point::SyncLayer(_) if fail_sync.swap(false, Ordering::SeqCst) => {
+                    Err(std::io::Error::from_raw_os_error(nix::libc::EIO))
+                }
+                _ => Ok(()),
+            }
+        });
+    }
+    assert!(s.checkpoint().is_err(), "the injected sync failure");
+    events.lock().clear();
+    s.checkpoint().unwrap();
+
+    // The segment holding the trim's record may only go once its markers are durable.
+    let events = events.lock().clone();
+    let synced = events.iter().position(|p| matches!(p, Point::SyncLayer(_)));
+    let removed = events.iter().position(|p| matches!(p, Point::RemoveWal(_)));
+    assert!(
+        matches!((synced, removed), (Some(a), Some(b)) if a < b),
+        "the WAL segment with the flushed trim was deleted without syncing its markers: {events:?}"
+    );
+    let after = s.volume_info("v").unwrap().allocated;
+    assert!(
+        after + 4 * MIB <= before,
+        "the trim's space was never freed: {before} -> {after}"
+    );
+}
