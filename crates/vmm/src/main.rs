@@ -1,5 +1,7 @@
 //! `tessera-vmm`: run one VM in the foreground.
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::process::ExitCode;
 

@@ -186,8 +186,11 @@ pub fn save_vcpu(kvm: &Kvm, vcpu: &VcpuFd) -> Result<VcpuState, SnapshotError> {
 pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), SnapshotError> {
     vcpu.set_sregs(&s.sregs).map_err(k("set sregs"))?;
     vcpu.set_regs(&s.regs).map_err(k("set regs"))?;
-    // SAFETY: the buffer came from KVM_GET_XSAVE on a vCPU with the same CPUID, so its
-    // size and layout are what KVM_SET_XSAVE expects.
+    // SAFETY: KVM_SET_XSAVE copies the vCPU's XSAVE size from the pointer, which exceeds the
+    // 4096 bytes of `kvm_xsave` only when XSTATE features were enabled dynamically
+    // (`arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM)`, e.g. AMX); this process never asks for
+    // them, so the kernel reads only inside `s.xsave`. Its contents come from an untrusted
+    // file, but they are plain bytes that KVM validates (EINVAL), not pointers.
     unsafe { vcpu.set_xsave(&s.xsave) }.map_err(k("set xsave"))?;
     vcpu.set_xcrs(&s.xcrs).map_err(k("set xcrs"))?;
     vcpu.set_debug_regs(&s.debugregs)
@@ -287,7 +290,11 @@ pub fn restore_memory(
     use nix::unistd::{lseek, Whence};
     use std::os::fd::AsRawFd;
     let f = File::open(path).map_err(io(path))?;
-    let total: u64 = layout.iter().map(|(_, l)| l).sum();
+    // The layout comes from the snapshot file: a sum that overflows cannot match any file.
+    let total = layout
+        .iter()
+        .try_fold(0u64, |sum, (_, len)| sum.checked_add(*len))
+        .ok_or(SnapshotError::MemoryFileSize)?;
     if f.metadata().map_err(io(path))?.len() != total {
         return Err(SnapshotError::MemoryFileSize);
     }
@@ -296,7 +303,7 @@ pub fn restore_memory(
         let mut base = 0;
         for (start, len) in layout {
             if off < base + len {
-                return Some((start + (off - base), base + len - off));
+                return Some((start.checked_add(off - base)?, base + len - off));
             }
             base += len;
         }
