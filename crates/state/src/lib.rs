@@ -4,6 +4,12 @@
 //! It stores and replicates; it does not decide what the records mean (the domain lives
 //! in `tesserad`) nor who the members are (formation decides, then Raft membership
 //! changes go through [`Node::raft`]).
+//!
+//! Modules, bottom up (each uses only those before it): [`types`] (commands, tables);
+//! [`db`], [`log_store`], [`state_machine`] (storage); [`network`] (wire messages, join
+//! authentication, the TLS transport and openraft's adapter over it); [`membership`]
+//! (leader, join, removal); [`barrier`] (read index); `server` (answers peers); and
+//! [`Node`] here, which starts them all.
 
 #![forbid(unsafe_code)]
 

@@ -10,7 +10,7 @@
 //!
 //! This module is the bottom layer of the crate: it knows the wire and how to reach a
 //! peer, nothing of membership, read barriers or the server (those build on it, see
-//! [`crate::membership`], [`crate::barrier`] and [`crate::server`]).
+//! [`crate::membership`], [`crate::barrier`] and the crate's RPC server).
 
 mod auth;
 mod raft_network;
