@@ -92,6 +92,7 @@ pub const WAL_MAX_BLOCKS: u32 = 8192;
 
 const KIND_DATA: u8 = 1;
 const KIND_FILL: u8 = 2;
+const KIND_SEAL: u8 = 3;
 
 /// What a WAL record does, without its payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +101,9 @@ pub enum RecordKind {
     Data,
     /// The range is set to this marker; no payload.
     Fill(FillKind),
+    /// The segment numbered `first_block` was synced whole before this record was
+    /// written (the WAL's proof for recovery); no payload, `nblocks` is 0.
+    Seal,
 }
 
 /// The fixed part of a WAL record.
@@ -129,7 +133,19 @@ impl RecordHeader {
     pub fn payload_len(&self) -> usize {
         match self.kind {
             RecordKind::Data => self.nblocks as usize * (SUM_LEN + BLOCK_SIZE),
-            RecordKind::Fill(_) => 0,
+            RecordKind::Fill(_) | RecordKind::Seal => 0,
+        }
+    }
+
+    /// The seal record of segment `sealed` (its `segment` is set when it is appended).
+    pub fn seal(sealed: u64) -> RecordHeader {
+        RecordHeader {
+            kind: RecordKind::Seal,
+            nblocks: 0,
+            segment: 0,
+            layer: 0,
+            first_block: sealed,
+            generation: 0,
         }
     }
 
@@ -142,6 +158,7 @@ impl RecordHeader {
             RecordKind::Data => (KIND_DATA, 0),
             RecordKind::Fill(FillKind::Absent) => (KIND_FILL, 0),
             RecordKind::Fill(FillKind::Zero) => (KIND_FILL, 1),
+            RecordKind::Seal => (KIND_SEAL, 0),
         };
         h[5] = kind;
         h[6] = fill;
@@ -170,10 +187,16 @@ impl RecordHeader {
             (KIND_DATA, 0) => RecordKind::Data,
             (KIND_FILL, 0) => RecordKind::Fill(FillKind::Absent),
             (KIND_FILL, 1) => RecordKind::Fill(FillKind::Zero),
+            (KIND_SEAL, 0) => RecordKind::Seal,
             (k, f) => return Err(FormatError::BadKind(k, f)),
         };
         let nblocks = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-        if nblocks == 0 || (kind == RecordKind::Data && nblocks > WAL_MAX_BLOCKS) {
+        let length_ok = match kind {
+            RecordKind::Data => (1..=WAL_MAX_BLOCKS).contains(&nblocks),
+            RecordKind::Fill(_) => nblocks != 0,
+            RecordKind::Seal => nblocks == 0,
+        };
+        if !length_ok {
             return Err(FormatError::BadLength(nblocks));
         }
         let u64_at = |o: usize| {
@@ -262,6 +285,23 @@ mod tests {
         let back = RecordHeader::decode_unchecked(&raw).unwrap();
         assert_eq!(back.payload_len(), 0);
         assert_eq!(back, hdr);
+    }
+
+    #[test]
+    fn seal_header_round_trips_and_carries_no_blocks() {
+        let mut hdr = RecordHeader::seal(41);
+        hdr.segment = 42;
+        let raw = hdr.encode(&[]);
+        let back = RecordHeader::decode_unchecked(&raw).unwrap();
+        assert_eq!(back, hdr);
+        assert_eq!(back.payload_len(), 0);
+        RecordHeader::verify(&raw, &[]).unwrap();
+        let mut with_blocks = hdr;
+        with_blocks.nblocks = 1;
+        assert!(matches!(
+            RecordHeader::decode_unchecked(&with_blocks.encode(&[])),
+            Err(FormatError::BadLength(1))
+        ));
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The write-ahead log: numbered segment files of checksummed records.
 //!
 //! Every write is appended here before it is acknowledged; a FLUSH is one `fdatasync` of
-//! the active segment (older segments were synced when they were sealed). The checkpoint
-//! copies sealed segments into the layer files and deletes them.
+//! the active segment, after any segment sealed before it is synced. A rotation seals the
+//! active segment and starts the next; writers go on into the next one while the sealed
+//! one is synced, and a seal record in the next segment says the sync completed. The
+//! checkpoint copies sealed segments into the layer files and deletes them.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::IoSlice;
@@ -22,21 +24,40 @@ use crate::hooks::{Hooks, Point};
 struct Active {
     seg: u64,
     file: Arc<File>,
+    /// Where the next record goes.
     pos: u64,
+    /// Bytes of records other than seals: a segment holding only a seal needs no
+    /// checkpoint.
+    logged: u64,
+}
+
+/// A segment a rotation took out of service whose sync has not completed.
+struct Unsealed {
+    seg: u64,
+    file: Arc<File>,
 }
 
 /// How far the log is known durable.
-#[derive(Default)]
-struct Synced {
+struct Durable {
+    /// Every record before `pos` in segment `seg`, and in earlier segments, is durable.
     seg: u64,
     pos: u64,
+    /// Set by a rotation for the segment it took out of service; cleared once that
+    /// segment is synced and its seal record written. While set, no flush succeeds.
+    unsealed: Option<Unsealed>,
 }
 
 /// The write-ahead log of one store.
+///
+/// Writers take only `active`, and only to write their record: no sync ever happens under
+/// it. Flushes and the end of a rotation hold `durable` across their syncs (lock order:
+/// `durable`, then `active`), so a flush waits for a sealed segment's sync, a writer never.
 pub struct Wal {
     dir: PathBuf,
     active: Mutex<Active>,
-    synced: Mutex<Synced>,
+    durable: Mutex<Durable>,
+    /// One rotation at a time.
+    rotating: Mutex<()>,
     /// Sealed segments not yet removed, with their lengths.
     sealed: Mutex<Vec<(u64, u64)>>,
     hooks: Hooks,
@@ -85,8 +106,14 @@ impl Wal {
                 seg,
                 file: Arc::new(file),
                 pos: 0,
+                logged: 0,
             }),
-            synced: Mutex::new(Synced { seg, pos: 0 }),
+            durable: Mutex::new(Durable {
+                seg,
+                pos: 0,
+                unsealed: None,
+            }),
+            rotating: Mutex::new(()),
             sealed: Mutex::new(Vec::new()),
             hooks: Hooks::default(),
         })
@@ -100,7 +127,11 @@ impl Wal {
             .create_new(true)
             .open(&p)
             .map_err(|e| StoreError::io(format!("creating {}", p.display()), e))?;
-        sync_dir(dir)?;
+        if let Err(e) = sync_dir(dir) {
+            // Not in use yet: remove it so a retry can create it again.
+            let _ = fs::remove_file(&p);
+            return Err(e);
+        }
         Ok(f)
     }
 
@@ -118,6 +149,19 @@ impl Wal {
         then: impl FnOnce(u64) -> T,
     ) -> Result<(T, u64)> {
         let mut a = self.active.lock();
+        let len = Self::write_record(&mut a, header, hashes, data)?;
+        a.logged += len;
+        let out = then(a.seg);
+        Ok((out, a.pos))
+    }
+
+    /// Writes one record at the end of the active segment. Returns its length.
+    fn write_record(
+        a: &mut Active,
+        header: &RecordHeader,
+        hashes: &[u8],
+        data: &[u8],
+    ) -> Result<u64> {
         let mut hdr = *header;
         hdr.segment = a.seg;
         let head = hdr.encode(hashes);
@@ -137,13 +181,12 @@ impl Wal {
             ));
         }
         a.pos += len;
-        let out = then(a.seg);
-        Ok((out, a.pos))
+        Ok(len)
     }
 
-    /// Bytes in the active segment.
+    /// Bytes of records (other than seals) in the active segment.
     pub fn active_len(&self) -> u64 {
-        self.active.lock().pos
+        self.active.lock().logged
     }
 
     /// Bytes in all segments not yet checkpointed and removed.
@@ -158,39 +201,89 @@ impl Wal {
             let a = self.active.lock();
             (a.seg, a.pos, a.file.clone())
         };
-        let mut s = self.synced.lock();
-        if (s.seg, s.pos) >= (seg, pos) {
+        let mut d = self.durable.lock();
+        // Records in the active segment count only once every earlier one is durable.
+        self.seal(&mut d)?;
+        if (d.seg, d.pos) >= (seg, pos) {
             return Ok(());
         }
         file.sync_data()
             .map_err(|e| StoreError::io(format!("syncing WAL segment {seg}"), e))?;
-        *s = Synced { seg, pos };
+        d.seg = seg;
+        d.pos = pos;
         Ok(())
     }
 
     /// Seals the active segment (making it durable) and starts the next one. Returns the
-    /// number of the newest sealed segment, or `None` when the active one is empty.
+    /// number of the newest sealed segment, or `None` when none was ever sealed.
+    ///
+    /// Writers go on into the next segment while the sealed one is synced: no sync
+    /// happens under the lock they take. Flushes wait until the sealed segment is durable.
     pub fn rotate(&self) -> Result<Option<u64>> {
-        let mut a = self.active.lock();
-        if a.pos == 0 {
-            return Ok(a.seg.checked_sub(1));
-        }
-        self.hooks
-            .at(Point::SealSync(a.seg))
-            .map_err(|e| StoreError::io("test point", e))?;
-        a.file
-            .sync_data()
-            .map_err(|e| StoreError::io(format!("syncing WAL segment {}", a.seg), e))?;
-        let next = a.seg + 1;
-        let file = Self::new_segment(&self.dir, next)?;
-        let sealed = a.seg;
-        self.sealed.lock().push((sealed, a.pos));
-        *a = Active {
-            seg: next,
-            file: Arc::new(file),
-            pos: 0,
+        let _one = self.rotating.lock();
+        // A seal an earlier rotation could not finish comes first.
+        self.seal(&mut self.durable.lock())?;
+        let seg = {
+            let a = self.active.lock();
+            if a.logged == 0 {
+                return Ok(a.seg.checked_sub(1));
+            }
+            a.seg
         };
-        Ok(Some(sealed))
+        // Creating the next segment syncs the directory: done before taking any lock.
+        let file = Arc::new(Self::new_segment(&self.dir, seg + 1)?);
+        let mut d = self.durable.lock();
+        {
+            let mut a = self.active.lock();
+            let next = Active {
+                seg: seg + 1,
+                file,
+                pos: 0,
+                logged: 0,
+            };
+            let old = std::mem::replace(&mut *a, next);
+            self.sealed.lock().push((old.seg, old.pos));
+            d.unsealed = Some(Unsealed {
+                seg: old.seg,
+                file: old.file,
+            });
+        }
+        self.seal(&mut d)?;
+        Ok(Some(seg))
+    }
+
+    /// Finishes a rotation: syncs the segment it took out of service, then writes that
+    /// segment's seal record into the active one and syncs that too.
+    ///
+    /// The seal record tells recovery the segment was synced whole, so a bad record in it
+    /// is damage, not a crash. It is durable before the rotation returns (so before the
+    /// checkpoint copies anything of the sealed segment) and before any flush that
+    /// waited for it: a segment without its seal was never copied into layer files, and
+    /// nothing logged after it was flushed.
+    fn seal(&self, d: &mut Durable) -> Result<()> {
+        let Some(u) = &d.unsealed else {
+            return Ok(());
+        };
+        self.hooks
+            .at(Point::SealSync(u.seg))
+            .map_err(|e| StoreError::io("test point", e))?;
+        u.file
+            .sync_data()
+            .map_err(|e| StoreError::io(format!("syncing WAL segment {}", u.seg), e))?;
+        let (seg, pos, file) = {
+            let mut a = self.active.lock();
+            debug_assert_eq!(a.seg, u.seg + 1, "a seal goes into the next segment");
+            Self::write_record(&mut a, &RecordHeader::seal(u.seg), &[], &[])?;
+            (a.seg, a.pos, a.file.clone())
+        };
+        file.sync_data()
+            .map_err(|e| StoreError::io(format!("syncing WAL segment {seg}"), e))?;
+        if (d.seg, d.pos) < (seg, pos) {
+            d.seg = seg;
+            d.pos = pos;
+        }
+        d.unsealed = None;
+        Ok(())
     }
 
     /// Deletes sealed segments up to and including `upto`.
@@ -282,6 +375,17 @@ pub fn replay_segment(
     Ok(SegmentEnd::Clean)
 }
 
+/// Whether segment `seg` holds (before any bad record) the seal record of segment `sealed`:
+/// proof that `sealed` was synced whole.
+pub fn holds_seal_of(dir: &Path, seg: u64, sealed: u64) -> Result<bool> {
+    let mut found = false;
+    replay_segment(dir, seg, |rec| {
+        found |= rec.header.kind == RecordKind::Seal && rec.header.first_block == sealed;
+        Ok(())
+    })?;
+    Ok(found)
+}
+
 /// Deletes segment files, used after recovery applied them.
 pub fn remove_segments(dir: &Path, segs: &[u64]) -> Result<()> {
     for seg in segs {
@@ -326,3 +430,5 @@ pub(crate) fn write_all_vectored_at(
     Ok(())
 }
 
+#[cfg(test)]
+mod tests;

@@ -186,3 +186,83 @@ fn a_failed_checkpoint_keeps_its_punches_for_the_next_one() {
         "the trim's space was never freed: {before} -> {after}"
     );
 }
+
+/// Appends one data record writing `fill` into block `block` of layer 1.
+fn log_block(wal: &crate::wal::Wal, block: u64, fill: u8) {
+    use crate::format::{block_hash, RecordHeader, RecordKind};
+    let data = block_of(fill);
+    let header = RecordHeader {
+        kind: RecordKind::Data,
+        nblocks: 1,
+        segment: 0,
+        layer: 1,
+        first_block: block,
+        generation: 1,
+    };
+    wal.append(&header, &block_hash(&data), &data, |_| ())
+        .unwrap();
+}
+
+/// Cuts the last 100 bytes off WAL segment `seg`, tearing its last record.
+fn tear(wal_dir: &std::path::Path, seg: u64) {
+    let p = wal_dir.join(format!("{seg:016x}.wal"));
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - 100).unwrap();
+}
+
+/// Replays `wal_dir` into a fresh layer 1 and tells which of blocks 0..3 it holds.
+fn recover_blocks(dir: &std::path::Path) -> crate::error::Result<Vec<bool>> {
+    use crate::format::BlockEntry;
+    let layer_dir = dir.join("layers");
+    std::fs::create_dir_all(&layer_dir).unwrap();
+    let layer = Arc::new(crate::layer::LayerFiles::open(&layer_dir, 1, true).unwrap());
+    let layers = std::collections::HashMap::from([(1, layer.clone())]);
+    super::recovery::recover(&dir.join("wal"), &layers)?;
+    let entries = layer.read_entries(0, 3).unwrap();
+    Ok(entries
+        .iter()
+        .map(|e| matches!(e, BlockEntry::Data(_)))
+        .collect())
+}
+
+#[test]
+fn a_crash_while_a_rotation_syncs_drops_the_unsealed_tail_and_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal_dir = dir.path().join("wal");
+    std::fs::create_dir_all(&wal_dir).unwrap();
+    {
+        let wal = crate::wal::Wal::create(&wal_dir, 1).unwrap();
+        log_block(&wal, 0, 1);
+        log_block(&wal, 1, 2);
+    }
+    // What a power cut leaves when segment 2 was in use before segment 1's sync ended.
+    tear(&wal_dir, 1);
+    {
+        let wal = crate::wal::Wal::create(&wal_dir, 2).unwrap();
+        log_block(&wal, 2, 3);
+    }
+    let held = recover_blocks(dir.path()).unwrap();
+    assert_eq!(held, [true, false, false], "replayed up to the tear only");
+    assert!(crate::wal::list_segments(&wal_dir).unwrap().is_empty());
+}
+
+#[test]
+fn a_damaged_segment_whose_seal_follows_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal_dir = dir.path().join("wal");
+    std::fs::create_dir_all(&wal_dir).unwrap();
+    {
+        let wal = crate::wal::Wal::create(&wal_dir, 1).unwrap();
+        log_block(&wal, 0, 1);
+        log_block(&wal, 1, 2);
+        assert_eq!(wal.rotate().unwrap(), Some(1));
+        log_block(&wal, 2, 3);
+    }
+    tear(&wal_dir, 1);
+    let err = recover_blocks(dir.path()).unwrap_err();
+    assert!(
+        err.to_string().contains("segment 1 (sealed) is damaged"),
+        "{err}"
+    );
+}

@@ -49,10 +49,13 @@ pub(super) fn recover(wal_dir: &Path, layers: &HashMap<LayerId, Arc<LayerFiles>>
     };
     let mut punches = Vec::new();
     let mut records = 0u64;
-    for &seg in &segs {
+    for (i, &seg) in segs.iter().enumerate() {
         let end = wal::replay_segment(wal_dir, seg, |rec| {
-            records += 1;
             let h = rec.header;
+            if h.kind == RecordKind::Seal {
+                return Ok(());
+            }
+            records += 1;
             let Some(files) = layers.get(&h.layer) else {
                 return Ok(()); // the layer was deleted after this write
             };
@@ -66,12 +69,16 @@ pub(super) fn recover(wal_dir: &Path, layers: &HashMap<LayerId, Arc<LayerFiles>>
                     punches.push((h.layer, h.first_block, u64::from(h.nblocks)));
                     Ok(())
                 }
+                RecordKind::Seal => Ok(()),
             }
         })?;
-        if let SegmentEnd::Torn { offset, reason } = end {
-            if seg != last {
-                // Sealed segments were synced whole before the next began: this is damage,
-                // not a crash. Refuse to guess which writes to drop.
+        let SegmentEnd::Torn { offset, reason } = end else {
+            continue;
+        };
+        if let Some(&next) = segs.get(i + 1) {
+            if wal::holds_seal_of(wal_dir, next, seg)? {
+                // The segment was synced whole before its seal was written: this is
+                // damage, not a crash. Refuse to guess which writes to drop.
                 return Err(StoreError::Io {
                     context: format!(
                         "WAL segment {seg} (sealed) is damaged at offset {offset}: {reason}; \
@@ -80,8 +87,13 @@ pub(super) fn recover(wal_dir: &Path, layers: &HashMap<LayerId, Arc<LayerFiles>>
                     source: std::io::Error::from_raw_os_error(nix::libc::EIO),
                 });
             }
-            tracing::warn!(segment = seg, offset, %reason, "WAL ends in an incomplete record (crash before flush); it is dropped");
+            // A crash while a rotation synced this segment: no flush completed after
+            // the rotation (a flush waits for the seal), so nothing from here on was
+            // flushed, and no checkpoint copied any of it (it waits for the seal too).
+            tracing::warn!(segment = seg, offset, %reason, later = segs.len() - i - 1, "WAL segment ends in an incomplete record and was never sealed (crash during a rotation); it and later segments are dropped from there");
+            break;
         }
+        tracing::warn!(segment = seg, offset, %reason, "WAL ends in an incomplete record (crash before flush); it is dropped");
     }
     for files in layers.values() {
         files.sync()?;

@@ -1,0 +1,116 @@
+//! The log's rotation against its writers and flushers (issue #9: no fsync under the lock
+//! writers need, and no flush that counts a sealed segment durable before its sync).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::channel;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::format::block_hash;
+use crate::hooks::pause;
+
+fn append_block(wal: &Wal, fill: u8) -> Result<u64> {
+    let data = vec![fill; BLOCK_SIZE];
+    let header = RecordHeader {
+        kind: RecordKind::Data,
+        nblocks: 1,
+        segment: 0,
+        layer: 1,
+        first_block: u64::from(fill),
+        generation: 1,
+    };
+    wal.append(&header, &block_hash(&data), &data, |seg| seg)
+        .map(|(seg, _)| seg)
+}
+
+#[test]
+fn an_append_does_not_wait_for_a_rotation_to_sync_the_sealed_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Arc::new(Wal::create(dir.path(), 1).unwrap());
+    append_block(&wal, 1).unwrap();
+    let paused = pause::first(&wal.hooks, |p| matches!(p, Point::SealSync(_)));
+    let rotation = {
+        let wal = wal.clone();
+        std::thread::spawn(move || wal.rotate())
+    };
+    assert_eq!(paused.reached(), Point::SealSync(1));
+    let (done_tx, done) = channel();
+    let writer = {
+        let wal = wal.clone();
+        std::thread::spawn(move || {
+            let seg = append_block(&wal, 2);
+            let _ = done_tx.send(());
+            seg
+        })
+    };
+    let in_time = done.recv_timeout(Duration::from_secs(2));
+    paused.release();
+    assert_eq!(rotation.join().unwrap().unwrap(), Some(1));
+    let seg = writer.join().unwrap().unwrap();
+    assert!(
+        in_time.is_ok(),
+        "an append waited while a rotation synced the sealed segment"
+    );
+    assert_eq!(seg, 2, "the append went to the new segment");
+}
+
+#[test]
+fn a_flush_does_not_return_before_the_sealed_segment_is_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Arc::new(Wal::create(dir.path(), 1).unwrap());
+    append_block(&wal, 1).unwrap();
+    let paused = pause::first(&wal.hooks, |p| matches!(p, Point::SealSync(_)));
+    let rotation = {
+        let wal = wal.clone();
+        std::thread::spawn(move || wal.rotate())
+    };
+    paused.reached();
+    let (done_tx, done) = channel();
+    let flusher = {
+        let wal = wal.clone();
+        std::thread::spawn(move || {
+            let r = append_block(&wal, 2).and_then(|_| wal.sync());
+            let _ = done_tx.send(());
+            r
+        })
+    };
+    let early = done.recv_timeout(Duration::from_millis(500));
+    paused.release();
+    rotation.join().unwrap().unwrap();
+    flusher.join().unwrap().unwrap();
+    assert!(
+        early.is_err(),
+        "a flush returned while the sealed segment was not yet synced"
+    );
+}
+
+#[test]
+fn after_a_failed_seal_every_flush_fails_until_the_segment_is_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::create(dir.path(), 1).unwrap();
+    append_block(&wal, 1).unwrap();
+    let failing = Arc::new(AtomicBool::new(true));
+    {
+        let failing = failing.clone();
+        wal.hooks.set(move |p| match p {
+            Point::SealSync(_) if failing.load(Ordering::SeqCst) => {
+                Err(std::io::Error::from_raw_os_error(nix::libc::EIO))
+            }
+            _ => Ok(()),
+        });
+    }
+    assert!(wal.rotate().is_err());
+    append_block(&wal, 2).unwrap();
+    assert!(
+        wal.sync().is_err(),
+        "a flush succeeded over an unsynced sealed segment"
+    );
+    assert!(
+        wal.rotate().is_err(),
+        "a rotation went past an unsynced sealed segment"
+    );
+    failing.store(false, Ordering::SeqCst);
+    wal.sync().unwrap();
+    assert_eq!(wal.rotate().unwrap(), Some(2));
+}
