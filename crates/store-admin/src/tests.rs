@@ -242,3 +242,59 @@ fn store_errors_map_to_the_kinds_a_client_branches_on() {
         assert_eq!(a.message, e.to_string());
     }
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn op() -> impl Strategy<Value = AdminOp> {
+        let name = "\\PC{0,40}";
+        prop_oneof![
+            (name, any::<u64>()).prop_map(|(name, size)| AdminOp::CreateVolume { name, size }),
+            Just(AdminOp::ListVolumes),
+            name.prop_map(|name| AdminOp::VolumeInfo { name }),
+            (name, any::<u64>()).prop_map(|(name, size)| AdminOp::ResizeVolume { name, size }),
+            name.prop_map(|name| AdminOp::DeleteVolume { name }),
+            (name, name)
+                .prop_map(|(volume, snapshot)| AdminOp::CreateSnapshot { volume, snapshot }),
+            (name, name)
+                .prop_map(|(volume, snapshot)| AdminOp::DeleteSnapshot { volume, snapshot }),
+            (name, name, name).prop_map(|(volume, snapshot, name)| AdminOp::CloneSnapshot {
+                volume,
+                snapshot,
+                name
+            }),
+            Just(AdminOp::Scrub),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_request_is_one_line_and_reads_back(op in op()) {
+            let line = serde_json::to_string(&AdminRequest { v: ADMIN_VERSION, op: op.clone() }).unwrap();
+            prop_assert!(!line.contains('\n'));
+            prop_assert_eq!(parse_request(&line), Ok(op));
+        }
+
+        #[test]
+        fn any_line_gets_an_answer_not_a_panic(line in "\\PC{0,200}") {
+            let _ = parse_request(&line);
+        }
+
+        #[test]
+        fn a_cut_request_is_refused_as_bad(
+            op in op(),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let line = serde_json::to_string(&AdminRequest { v: ADMIN_VERSION, op }).unwrap();
+            let mut end = cut.index(line.len());
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            match parse_request(&line[..end]) {
+                Ok(_) => prop_assert_eq!(end, line.len(), "a cut line was read"),
+                Err(e) => prop_assert_eq!(e.kind, ErrorKind::BadRequest),
+            }
+        }
+    }
+}

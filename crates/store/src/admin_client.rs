@@ -1,4 +1,5 @@
-//! A blocking client of the admin socket (used by the CLI, later by `tesserad`).
+//! A blocking client of the admin socket, used by the `tessera-store` CLI and by `tesserad`'s
+//! task runner.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
