@@ -14,7 +14,9 @@
 //! Where things live: [`run`] wires the parts together; `discovery` is the announce and
 //! formation loop; `bootstrap` turns a formation decision into a running member
 //! (founding, enrolling, joining, restarting); `status` serves the status socket;
-//! `replicated` is this node's Raft member and its TLS credentials. The binary
+//! `replicated` is this node's Raft member and its TLS credentials; `tables` reads and
+//! changes the cluster state's tables for the API and the task runner alike, and
+//! `housekeeping` is what the leader drops from them. The binary
 //! (`main.rs`) only parses arguments, sets up the process and calls [`run`].
 
 #![forbid(unsafe_code)]
