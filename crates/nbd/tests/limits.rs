@@ -212,6 +212,22 @@ fn a_client_not_reading_replies_gets_only_the_request_budget_read_ahead() {
 }
 
 #[test]
+fn requests_left_behind_by_a_client_that_hung_up_are_not_served() {
+    let (path, device) = serve(ServerConfig {
+        max_bytes_in_flight: 4 * MIB,
+        ..ServerConfig::default()
+    });
+    let mut s = connect(&path);
+    send_reads(&mut s, 200, MIB);
+    read_replies(&mut s, 2, MIB);
+    drop(s);
+    // The headers are already in the server's buffer; once a reply cannot be written it
+    // must stop instead of reading the device for each of them.
+    let served = settled_reads(&device);
+    assert!(served < 20, "{served} reads served after the client left");
+}
+
+#[test]
 fn a_read_larger_than_the_byte_budget_is_still_served() {
     let (path, _device) = serve(ServerConfig {
         max_bytes_in_flight: MIB,

@@ -151,11 +151,17 @@ where
                 });
             }
         }
-        // Reap finished background tasks so their errors surface and memory is freed.
+        // Reap finished background tasks so memory is freed. Their only errors are
+        // replies that could not be written: the stream is broken, so stop reading
+        // requests rather than run the ones still buffered for no one.
+        let mut broken = None;
         while let Some(done) = background.try_join_next() {
             if let Ok(Err(e)) = done {
-                tracing::debug!(error = %e, "reply failed");
+                broken.get_or_insert(e);
             }
+        }
+        if let Some(e) = broken {
+            break Err(e);
         }
     };
     while let Some(done) = background.join_next().await {
