@@ -356,15 +356,19 @@ fn volumes_vms_tasks_and_events_through_the_api() {
             json!({ "name": "odd", "size_bytes": 4096, "colour": 1 }),
             "colour",
         ),
-        (
-            json!({ "name": "odd", "size_bytes": 4096, "node": "nope" }),
-            "node",
-        ),
     ] {
         let (code, v) = post(0, "volumes", body.clone());
         assert_eq!(code, 400, "{body}: {v}");
         assert!(v["error"].as_str().unwrap().contains(field), "{body}: {v}");
     }
+    // A well-formed request naming a node the cluster lacks: 404 naming the field.
+    let (code, v) = post(
+        0,
+        "volumes",
+        json!({ "name": "odd", "size_bytes": 4096, "node": "nope" }),
+    );
+    assert_eq!(code, 404, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("node"), "{v}");
     let (code, v) = post(1, "volumes", json!({ "name": "data", "size_bytes": 4096 }));
     assert_eq!(code, 409, "{v}");
     assert_eq!(api(&lan, 0, "GET", "volumes/odd", a, None).0, 404);
@@ -400,10 +404,6 @@ fn volumes_vms_tasks_and_events_through_the_api() {
             "vlan",
         ),
         (
-            json!({ "name": "lan", "bridge": "br1", "vlan": 10 }),
-            "vlan",
-        ),
-        (
             json!({ "name": "lan", "bridge": "br1", "uplink": "eth 0" }),
             "uplink",
         ),
@@ -412,6 +412,14 @@ fn volumes_vms_tasks_and_events_through_the_api() {
         assert_eq!(code, 400, "{body}: {v}");
         assert!(v["error"].as_str().unwrap().contains(field), "{body}: {v}");
     }
+    // Well-formed, but a VLAN without an uplink has nothing to tag: 409.
+    let (code, v) = post(
+        0,
+        "networks",
+        json!({ "name": "lan", "bridge": "br1", "vlan": 10 }),
+    );
+    assert_eq!(code, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("vlan"), "{v}");
     let (code, v) = post(
         0,
         "networks",
@@ -442,10 +450,6 @@ fn volumes_vms_tasks_and_events_through_the_api() {
             "memory_mib",
         ),
         (
-            json!({ "name": "vm2", "vcpus": 1, "memory_mib": 64, "disks": ["nope"] }),
-            "disks",
-        ),
-        (
             json!({ "name": "vm2", "vcpus": 1, "memory_mib": 64, "desired_state": "flying" }),
             "desired_state",
         ),
@@ -455,6 +459,14 @@ fn volumes_vms_tasks_and_events_through_the_api() {
         assert_eq!(code, 400, "{body}: {v}");
         assert!(v["error"].as_str().unwrap().contains(field), "{body}: {v}");
     }
+    // Well-formed, naming a volume the cluster lacks: 404 naming the field.
+    let (code, v) = post(
+        1,
+        "vms",
+        json!({ "name": "vm2", "vcpus": 1, "memory_mib": 64, "disks": ["nope"] }),
+    );
+    assert_eq!(code, 404, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("disks"), "{v}");
     // The disk is taken: refused, and vm2 does not exist half-made.
     let (code, v) = post(
         1,
@@ -506,7 +518,7 @@ fn volumes_vms_tasks_and_events_through_the_api() {
         "vms",
         json!({ "name": "vm9", "vcpus": 1, "memory_mib": 64, "networks": ["nope"] }),
     );
-    assert_eq!(code, 400, "{v}");
+    assert_eq!(code, 404, "{v}");
     assert!(v["error"].as_str().unwrap().contains("networks"), "{v}");
     // An attached volume cannot go; after the VM is deleted it can.
     let (code, v) = api(&lan, 2, "DELETE", "volumes/copy", a, None);

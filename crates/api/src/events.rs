@@ -33,3 +33,37 @@ pub struct EventQuery {
     #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<usize>,
 }
+
+/// Where an event stream starts.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct StreamQuery {
+    /// Start after this event id (default: now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+}
+
+/// One Server-Sent Event of `GET /api/v1/events/stream`: `event: event`, `id:` the
+/// event's id, `data:` the [`Event`] as JSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StreamedEvent {
+    /// Always `event`.
+    #[schema(pattern = "^event$")]
+    pub event: String,
+    /// The event's id (resume with `since=<id>`).
+    pub id: String,
+    /// The [`Event`], as JSON.
+    #[schema(schema_with = event_json)]
+    pub data: String,
+}
+
+fn event_json() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    use utoipa::openapi::Ref;
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .content_media_type("application/json")
+        .content_schema(Some(Ref::from_schema_name("Event")))
+        .build()
+}

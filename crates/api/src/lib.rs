@@ -28,7 +28,7 @@ pub use auth::{
     TokenInfo,
 };
 pub use cluster::{ClusterStatus, Member, NodeInfo, RemoveQuery, Removed};
-pub use events::{Event, EventQuery};
+pub use events::{Event, EventQuery, StreamQuery, StreamedEvent};
 pub use networks::{Network, NewNetwork};
 pub use tasks::{Task, TaskLog, TaskOp, TaskQuery, TaskState};
 pub use users::{NewUser, UserInfo, UserUpdate};

@@ -45,10 +45,17 @@ pub struct Vm {
     pub updated_ms: u64,
 }
 
-/// The schema of a list of resource names, at most `max`, each at most once if `unique`.
-fn names(max: usize, unique: bool) -> utoipa::openapi::schema::Array {
-    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+/// The schema of a list of resource names, at most `max`, each at most once if `unique`,
+/// or `null` if `nullable` (an update leaving the list as it is).
+fn names(max: usize, unique: bool, nullable: bool) -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, SchemaType, Type};
+    let ty = if nullable {
+        SchemaType::from_iter([Type::Array, Type::Null])
+    } else {
+        SchemaType::from(Type::Array)
+    };
     ArrayBuilder::new()
+        .schema_type(ty)
         .items(
             ObjectBuilder::new()
                 .schema_type(Type::String)
@@ -62,11 +69,19 @@ fn names(max: usize, unique: bool) -> utoipa::openapi::schema::Array {
 }
 
 fn disks() -> utoipa::openapi::schema::Array {
-    names(crate::limits::MAX_DISKS, true)
+    names(crate::limits::MAX_DISKS, true, false)
 }
 
 fn networks() -> utoipa::openapi::schema::Array {
-    names(crate::limits::MAX_NETWORKS, false)
+    names(crate::limits::MAX_NETWORKS, false, false)
+}
+
+fn disks_or_null() -> utoipa::openapi::schema::Array {
+    names(crate::limits::MAX_DISKS, true, true)
+}
+
+fn networks_or_null() -> utoipa::openapi::schema::Array {
+    names(crate::limits::MAX_NETWORKS, false, true)
 }
 
 /// A new VM.
@@ -130,11 +145,11 @@ pub struct VmUpdate {
     pub memory_mib: Option<u64>,
     /// Volume names (at most 16, distinct), replacing the current list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(schema_with = disks, nullable)]
+    #[schema(schema_with = disks_or_null)]
     pub disks: Option<Vec<String>>,
     /// Network names (at most 8), replacing the current list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(schema_with = networks, nullable)]
+    #[schema(schema_with = networks_or_null)]
     pub networks: Option<Vec<String>>,
     /// Kernel image path on the node: absolute, at most 4096 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -11,6 +11,7 @@ use axum::Json;
 use futures_util::Stream;
 
 pub use tessera_api::{Event, EventQuery};
+use tessera_api::{StreamQuery, StreamedEvent};
 
 pub(crate) use crate::tables::event;
 
@@ -68,16 +69,16 @@ pub async fn list(
 /// A live stream of events (Server-Sent Events, one `event` per cluster event, its data
 /// the event as JSON), starting after `since` or now.
 #[utoipa::path(get, path = "/api/v1/events/stream", tag = "events",
-    operation_id = "stream_events", params(EventQuery),
+    operation_id = "stream_events", params(StreamQuery),
     security(("token" = []), ("cookie" = [])),
     responses((status = 200, description = "Server-Sent Events, each one's data an Event",
-            content_type = "text/event-stream", body = String),
+            content_type = "text/event-stream", body = StreamedEvent),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 503, body = ErrorBody)))]
 pub async fn stream(
     _: Auth<Auditor>,
-    Q(q): Q<EventQuery>,
+    Q(q): Q<StreamQuery>,
     Synced(n): Synced,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let start = q.since.unwrap_or_else(|| {

@@ -1,0 +1,194 @@
+//! The OpenAPI document tells the truth: schemathesis (installed by `tests/setup`)
+//! generates requests from the document a local three-node cluster serves, valid and
+//! invalid, with an administrator's credentials so they reach the handlers, and runs every
+//! check it has: no 5xx, answers as documented (status, content type, schema), invalid
+//! data refused, valid data accepted, unsupported methods answered 405, credentials not
+//! ignored. The run is bounded in time; the test fails if schemathesis reports anything.
+
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tessera_tests::{bin, output, require, skip};
+
+const TEST: &str = "openapi_schemathesis";
+/// Seconds of generated requests (fuzzing and stateful phases repeat until spent).
+const BUDGET_S: &str = "90";
+
+/// schemathesis: `$SCHEMATHESIS`, else where `tests/setup` installs it.
+fn schemathesis() -> Option<PathBuf> {
+    let p = std::env::var_os("SCHEMATHESIS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/tessera/schemathesis/bin/schemathesis"));
+    p.is_file().then_some(p)
+}
+
+/// Interrupts the local cluster however the test ends, so no node outlives it.
+struct Cluster(std::process::Child);
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `tessera-devcluster` in `dir`; returns it with the admin's initial password and
+/// the CA file.
+fn start(dir: &Path) -> (Cluster, String, String) {
+    let mut child = Command::new(bin("tessera-devcluster"))
+        .arg("--dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let cluster = Cluster(child);
+    let mut lines = Vec::new();
+    for line in BufReader::new(out).lines() {
+        let line = line.unwrap();
+        let done = line.starts_with("Ctrl-C stops everything");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let password = lines
+        .iter()
+        .find_map(|l| l.split("initial password ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no admin password printed: {lines:?}"))
+        .to_string();
+    let ca = lines
+        .iter()
+        .find_map(|l| l.split("issued by it): ").nth(1))
+        .unwrap_or_else(|| panic!("no CA file printed: {lines:?}"))
+        .trim()
+        .to_string();
+    (cluster, password, ca)
+}
+
+/// `POST /api/v1/<path>` with a JSON body; returns the answer as JSON.
+fn post(ca: &str, path: &str, token: Option<&str>, body: &serde_json::Value) -> serde_json::Value {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-m", "20", "--cacert", ca, "-X", "POST"])
+        .arg(format!("https://127.0.0.1:8006/api/v1/{path}"))
+        .args(["-H", "content-type: application/json", "--data"])
+        .arg(body.to_string());
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("authorization: Bearer {t}")]);
+    }
+    let out = output(&mut cmd);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "POST {path}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[test]
+fn schemathesis_finds_nothing_in_the_openapi_document() {
+    let Some(st) = schemathesis() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "schemathesis is not installed: run tests/setup"
+        );
+        skip(
+            TEST,
+            "schemathesis is not installed (tests/setup installs it)",
+        );
+        return;
+    };
+    require("curl");
+    let d = tempfile::tempdir().unwrap();
+    let (_cluster, password, ca) = start(d.path());
+
+    // The administrator changes its initial password, then its session reaches every
+    // handler.
+    let login = |pw: &str| {
+        post(
+            &ca,
+            "login",
+            None,
+            &serde_json::json!({"username": "admin", "password": pw}),
+        )["token"]
+            .as_str()
+            .map(str::to_string)
+    };
+    let first = login(&password).expect("login with the printed password");
+    let new_password = "schemathesis admin password";
+    let v = post(
+        &ca,
+        "password",
+        Some(&first),
+        &serde_json::json!({"old_password": password, "new_password": new_password}),
+    );
+    assert_eq!(v["changed"], true, "{v}");
+    let token = login(new_password).expect("login with the new password");
+
+    let report = d.path().join("report");
+    let out = output(
+        Command::new(st)
+            .arg("run")
+            .arg("https://127.0.0.1:8006/api/v1/openapi.json")
+            .args(["--checks", "all", "--mode", "all"])
+            .args(["--max-time", BUDGET_S, "--max-examples", "50"])
+            // One worker: Python 3.11's `ast.parse` (hypothesis calls it) is not safe to
+            // run in several threads at once ("AST constructor recursion depth mismatch").
+            .args(["--seed", "16", "--workers", "1", "--request-timeout", "30"])
+            // A server may close an idle keep-alive connection; a request that raced it
+            // goes again on a new one.
+            .args(["--request-retries", "2"])
+            .args(["--tls-verify", &ca])
+            .args(["-H", &format!("Authorization: Bearer {token}")])
+            // Logging out would end the session every later request uses.
+            .args(["--exclude-operation-id", "logout"])
+            .args(["--report", "junit", "--report-dir"])
+            .arg(&report)
+            // It keeps a cache (`.schemathesis/`) in its working directory.
+            .current_dir(d.path())
+            .env("NO_COLOR", "1")
+            .env("SCHEMATHESIS_HOOKS", ""),
+    );
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let logs: String = (1..=3)
+        .map(|i| {
+            let log = std::fs::read_to_string(d.path().join(format!("node{i}/tesserad.log")))
+                .unwrap_or_default();
+            let bad: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            format!(
+                "--- node {i}: warnings and errors ---\n{}\n",
+                bad.join("\n")
+            )
+        })
+        .collect();
+    assert!(
+        out.status.success(),
+        "schemathesis reported problems (exit {}):\n{text}\n{logs}",
+        out.status
+    );
+}
