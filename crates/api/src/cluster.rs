@@ -3,10 +3,40 @@
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+/// A Raft id: an unsigned 64-bit integer (it may exceed the signed range), `uint64`.
+fn raft_id_schema(nullable: bool) -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaFormat, SchemaType, Type};
+    let ty = if nullable {
+        SchemaType::from_iter([Type::Integer, Type::Null])
+    } else {
+        SchemaType::from(Type::Integer)
+    };
+    ObjectBuilder::new()
+        .schema_type(ty)
+        .format(Some(SchemaFormat::Custom("uint64".into())))
+        .minimum(Some(0))
+        .build()
+}
+
+fn raft_id() -> utoipa::openapi::schema::Object {
+    raft_id_schema(false)
+}
+
+fn raft_id_or_null() -> utoipa::openapi::schema::Object {
+    raft_id_schema(true)
+}
+
+fn raft_ids() -> utoipa::openapi::schema::Array {
+    utoipa::openapi::schema::ArrayBuilder::new()
+        .items(raft_id_schema(false))
+        .build()
+}
+
 /// A Raft member.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Member {
     /// Raft id (an unsigned 64-bit integer: it may exceed the signed range).
+    #[schema(schema_with = raft_id)]
     pub raft_id: u64,
     /// Raft address.
     pub address: String,
@@ -20,10 +50,12 @@ pub struct ClusterStatus {
     /// Set at formation.
     pub cluster_id: Option<String>,
     /// The Raft leader's id (unsigned 64-bit), if one is elected.
+    #[schema(schema_with = raft_id_or_null)]
     pub leader: Option<u64>,
     /// The Raft term.
     pub term: u64,
     /// Voters' Raft ids (unsigned 64-bit).
+    #[schema(schema_with = raft_ids)]
     pub voters: Vec<u64>,
     /// Every member.
     pub members: Vec<Member>,

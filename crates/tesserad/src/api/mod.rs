@@ -414,4 +414,60 @@ mod tests {
         }
         assert!(super::check_name("username", "j.doe_2", b"._").is_ok());
     }
+
+    /// The served document, as JSON.
+    fn document() -> serde_json::Value {
+        let st = std::sync::Arc::new(super::ApiState {
+            me: tessera_cluster::identity::NodeId("n1".into()),
+            node: Default::default(),
+            cluster_id: Default::default(),
+            heard: Default::default(),
+            metrics: Default::default(),
+            lists: Default::default(),
+        });
+        serde_json::to_value(super::router(st).1).unwrap()
+    }
+
+    #[test]
+    fn the_document_names_each_operation_once_and_its_parameters_where_they_are() {
+        let doc = document();
+        let mut ids = std::collections::BTreeSet::new();
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                let id = op["operationId"].as_str().unwrap();
+                assert!(ids.insert(id.to_string()), "{method} {path}: {id} repeats");
+                let responses = op["responses"].as_object().unwrap();
+                assert!(responses.contains_key("503"), "{method} {path}: no 503");
+                for p in op["parameters"].as_array().into_iter().flatten() {
+                    let name = p["name"].as_str().unwrap();
+                    let in_path = path.contains(&format!("{{{name}}}"));
+                    assert_eq!(p["in"] == "path", in_path, "{method} {path}: {p}");
+                }
+            }
+        }
+        assert!(ids.len() >= 30, "{ids:?}");
+    }
+
+    #[test]
+    fn the_document_states_the_limits() {
+        let doc = document();
+        let s = &doc["components"]["schemas"];
+        let vcpus = &s["NewVm"]["properties"]["vcpus"];
+        assert_eq!(
+            (vcpus["minimum"].as_f64(), vcpus["maximum"].as_f64()),
+            (Some(1.0), Some(32.0))
+        );
+        assert_eq!(
+            s["NewVm"]["properties"]["memory_mib"]["maximum"].as_f64(),
+            Some(1048576.0)
+        );
+        assert_eq!(
+            s["NewToken"]["properties"]["expires_in_s"]["minimum"].as_f64(),
+            Some(60.0)
+        );
+        assert!(s["NewUser"]["properties"]["username"]["pattern"].is_string());
+        assert_eq!(s["NewUser"]["properties"]["password"]["maxLength"], 1024);
+        // Raft ids are unsigned 64-bit: they exceed int64.
+        assert_eq!(s["Member"]["properties"]["raft_id"]["format"], "uint64");
+    }
 }
