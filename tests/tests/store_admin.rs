@@ -210,6 +210,13 @@ fn malformed_admin_requests_get_errors_and_the_connection_survives() {
         .as_str()
         .unwrap()
         .contains("invalid type"));
+    // Fields by position (a JSON array) are not the protocol: refused, nothing created.
+    let v = ask(r#"[1,{"type":"create_volume","name":"arr","size":4096}]"#);
+    assert_eq!(v["error"]["kind"], "bad_request");
+    let v = ask(r#"{"v":1,"op":["create_volume","arr",4096]}"#);
+    assert_eq!(v["error"]["kind"], "bad_request");
+    let v = ask(r#"{"v":1,"op":{"type":"volume_info","name":"arr"}}"#);
+    assert_eq!(v["error"]["kind"], "not_found", "{v}");
     let v = ask(r#"{"v":9,"op":{"type":"list_volumes"}}"#);
     assert_eq!(v["error"]["kind"], "unsupported_version");
     let v = ask(r#"{"v":1,"op":{"type":"create_volume","name":"x","size":4096}}"#);

@@ -159,26 +159,36 @@ impl std::error::Error for AdminError {}
 
 /// Parses one request line into a request or the error reply to send back.
 pub fn parse_request(line: &str) -> Result<AdminOp, AdminError> {
-    #[derive(Deserialize)]
-    struct Peek {
-        v: Option<u32>,
+    let bad = |message: String| AdminError {
+        kind: ErrorKind::BadRequest,
+        message,
+    };
+    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+    // serde reads structs from JSON arrays (fields by position) and tagged enums from
+    // arrays whose first element is the tag; the protocol is objects only, so
+    // `[1,{"type":"scrub"}]` or `{"v":1,"op":["scrub"]}` must not run a scrub.
+    let objects = value.is_object() && value.get("op").is_none_or(|op| op.is_object());
+    if !objects {
+        return Err(bad(
+            "a request is a JSON object whose op is an object: {\"v\":1,\"op\":{\"type\":...}}"
+                .into(),
+        ));
     }
     // Look at the version first so a newer client gets "unsupported version", not a
     // confusing complaint about a field it added.
-    if let Ok(Peek { v: Some(v) }) = serde_json::from_str::<Peek>(line) {
-        if v != ADMIN_VERSION {
+    if let Some(v) = value.get("v").and_then(serde_json::Value::as_u64) {
+        if v != u64::from(ADMIN_VERSION) {
             return Err(AdminError {
                 kind: ErrorKind::UnsupportedVersion,
-                message: format!("admin protocol version {v} is not supported (this store speaks {ADMIN_VERSION})"),
+                message: format!(
+                    "admin protocol version {v} is not supported (this store speaks {ADMIN_VERSION})"
+                ),
             });
         }
     }
-    serde_json::from_str::<AdminRequest>(line)
+    serde_json::from_value::<AdminRequest>(value)
         .map(|r| r.op)
-        .map_err(|e| AdminError {
-            kind: ErrorKind::BadRequest,
-            message: e.to_string(),
-        })
+        .map_err(|e| bad(e.to_string()))
 }
 
 #[cfg(feature = "replies")]

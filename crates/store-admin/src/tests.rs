@@ -124,6 +124,9 @@ fn malformed_requests_name_the_problem() {
         (r#"{"v":1}"#, "missing field `op`"),
         (r#"{"v":1,"op":{"type":"scrub"}"#, "EOF"),
         (r#"not json"#, "expected"),
+        (r#"[1,{"type":"scrub"}]"#, "JSON object"),
+        (r#"{"v":1,"op":["scrub"]}"#, "JSON object"),
+        (r#"{"v":1,"op":"scrub"}"#, "JSON object"),
         ("", "EOF"),
     ];
     for (line, needle) in cases {
