@@ -20,14 +20,16 @@ pub struct ClusterNode {
 }
 
 impl ClusterNode {
-    /// Writes the seed of node `i` (cluster "lab", `expected` nodes) and starts it.
+    /// Writes the seed of node `i` (cluster "lab", `expected` nodes, named `node<i>`) and
+    /// starts it.
     pub fn start(lan: &Lan, i: usize, root: &Path, expected: usize, with_store: bool) -> Self {
         let dir = root.join(format!("node{i}"));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
             dir.join("seed.toml"),
             format!(
-                "cluster_name = \"lab\"\njoin_secret = \"correct horse battery staple\"\n\
+                "cluster_name = \"lab\"\nnode_name = \"node{i}\"\n\
+                 join_secret = \"correct horse battery staple\"\n\
                  expected_nodes = {expected}\ndata_dir = \"{}\"\n\n[management]\naddress = \"{}:7946\"\n\n\
                  [storage]\nadmin_socket = \"{}\"\nnbd = \"{}:10809\"\n",
                 dir.join("data").display(),

@@ -155,6 +155,24 @@ fn the_api_requires_credentials_enforces_roles_and_answers_on_every_node() {
             .then_some(v)
         });
         assert_eq!(v.as_array().unwrap().len(), 3);
+        // Each node by the name its seed gives it, with its Raft id; the leader is one of them.
+        let mut names: Vec<&str> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["name"].as_str().unwrap())
+            .collect();
+        names.sort_unstable();
+        assert_eq!(names, ["node0", "node1", "node2"], "{v}");
+        let (_, c) = call(&lan, i, "GET", "cluster", Some(&admin), None);
+        let leader = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["raft_id"] == c["leader"])
+            .unwrap_or_else(|| panic!("no node has the leader's Raft id: {c} {v}"));
+        assert_eq!(c["leader_node"], leader["id"], "{c}");
+        assert_eq!(c["leader_name"], leader["name"], "{c}");
     }
 
     // An auditor token reads but cannot administer; revoked, it stops working.

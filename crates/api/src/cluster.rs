@@ -52,6 +52,14 @@ pub struct ClusterStatus {
     /// The Raft leader's id (unsigned 64-bit), if one is elected.
     #[schema(schema_with = raft_id_or_null)]
     pub leader: Option<u64>,
+    /// The leader as a node: its node id (null while none is elected or the leader has
+    /// not registered yet).
+    #[serde(default)]
+    pub leader_node: Option<String>,
+    /// The leader's node name (see [`NodeInfo::name`]); null like `leader_node`, or when
+    /// the leader registered without a name.
+    #[serde(default)]
+    pub leader_name: Option<String>,
     /// The Raft term.
     pub term: u64,
     /// Voters' Raft ids (unsigned 64-bit).
@@ -68,6 +76,15 @@ pub struct ClusterStatus {
 pub struct NodeInfo {
     /// Node id.
     pub id: String,
+    /// The node's name: its seed's `node_name`, else its host name. Null only for a node
+    /// that registered before nodes had names (until it registers again).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The node's Raft id (unsigned 64-bit), as the cluster status's `leader`, `voters`
+    /// and `members` give it; null for a node id that has none.
+    #[serde(default)]
+    #[schema(schema_with = raft_id_or_null)]
+    pub raft_id: Option<u64>,
     /// Management address (`host:port`), if the node registered one.
     #[schema(value_type = Option<String>)]
     pub address: serde_json::Value,

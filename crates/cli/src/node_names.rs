@@ -1,18 +1,17 @@
-//! Nodes as people know them: by name, not by their 32-hex id or their Raft id.
-//!
-//! The API gives nodes no name yet, so a node is named by the host name it publishes
-//! with its metrics; nodes that share a host name (a local cluster on one machine) are
-//! told apart by their address. Ids remain accepted wherever a node is given.
+//! Nodes as people know them: by the name the API gives each (its seed's `node_name` or
+//! its host name), not by their 32-hex id or their Raft id. Ids remain accepted wherever a
+//! node is given.
 
 use tessera_api::NodeInfo;
 
 use crate::client::Client;
 use crate::endpoints::NODES;
 
-/// One node: its id and the name shown for it.
+/// One node: its id, Raft id and the name shown for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Named {
     pub id: String,
+    pub raft_id: Option<u64>,
     pub name: String,
 }
 
@@ -26,45 +25,18 @@ impl NodeNames {
         Ok(NodeNames::new(&client.get::<Vec<NodeInfo>>(NODES, &[])?))
     }
 
-    /// Names the nodes of a `GET /nodes` answer, each name unique.
+    /// The nodes of a `GET /nodes` answer; a node registered without a name goes by its id.
     pub fn new(list: &[NodeInfo]) -> NodeNames {
-        let base: Vec<(&str, String, String)> = list
-            .iter()
-            .map(|n| {
-                let host = address_host(&n.address);
-                let name = n.metrics["host"]
-                    .as_str()
-                    .filter(|s| !s.is_empty())
-                    .map(String::from)
-                    .or_else(|| host.clone())
-                    .unwrap_or_else(|| n.id.clone());
-                (n.id.as_str(), name, host.unwrap_or_default())
-            })
-            .collect();
-        // A shared host name gets the address; should that repeat too, the id.
-        let first: Vec<Named> = base
-            .iter()
-            .map(|(id, name, host)| {
-                let shared = base.iter().filter(|(_, n, _)| n == name).count() > 1;
-                Named {
-                    id: id.to_string(),
-                    name: if shared && !host.is_empty() && host != name {
-                        format!("{name}/{host}")
-                    } else {
-                        name.clone()
-                    },
-                }
-            })
-            .collect();
-        let nodes = first
+        let nodes = list
             .iter()
             .map(|n| Named {
                 id: n.id.clone(),
-                name: if first.iter().filter(|o| o.name == n.name).count() > 1 {
-                    format!("{}/{}", n.name, n.id)
-                } else {
-                    n.name.clone()
-                },
+                raft_id: n.raft_id,
+                name: n
+                    .name
+                    .clone()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| n.id.clone()),
             })
             .collect();
         NodeNames { nodes }
@@ -78,65 +50,53 @@ impl NodeNames {
             .map_or_else(|| id.to_string(), |n| n.name.clone())
     }
 
-    /// The node whose Raft id is `raft_id` (a node's Raft id is the first 64 bits of its id).
+    /// The node whose Raft id (as `GET /nodes` gives it) is `raft_id`.
     pub fn by_raft_id(&self, raft_id: u64) -> Option<&Named> {
-        let prefix = format!("{raft_id:016x}");
-        self.nodes.iter().find(|n| {
-            n.id.get(..16)
-                .is_some_and(|p| p.eq_ignore_ascii_case(&prefix))
-        })
+        self.nodes.iter().find(|n| n.raft_id == Some(raft_id))
     }
 
-    /// The id of the node `given` names (by id or by name); anything else is passed on
-    /// as it is, for the API to refuse with its own message.
+    /// The id of the node `given` names (by id, or by a name no other node has); anything
+    /// else is passed on as it is, for the API to refuse with its own message.
     pub fn resolve(&self, given: &str) -> String {
         if self.nodes.iter().any(|n| n.id == given) {
             return given.to_string();
         }
-        match self.nodes.iter().find(|n| n.name == given) {
-            Some(n) => n.id.clone(),
-            None => given.to_string(),
+        let mut named = self.nodes.iter().filter(|n| n.name == given);
+        match (named.next(), named.next()) {
+            (Some(n), None) => n.id.clone(),
+            _ => given.to_string(),
         }
     }
-}
-
-/// The host part of a node's `ip:port` address.
-fn address_host(address: &serde_json::Value) -> Option<String> {
-    let a = address.as_str()?;
-    let host = a.rsplit_once(':').map_or(a, |(h, _)| h);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    (!host.is_empty()).then(|| host.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::{json, Value};
+    use serde_json::Value;
 
     const A: &str = "0123456789abcdef0123456789abcdef";
     const B: &str = "fedcba9876543210fedcba9876543210";
     const C: &str = "00000000000000010000000000000001";
 
-    fn node(id: &str, address: Value, host: Option<&str>) -> NodeInfo {
+    fn node(id: &str, name: Option<&str>, raft_id: Option<u64>) -> NodeInfo {
         NodeInfo {
             id: id.into(),
-            address,
+            name: name.map(String::from),
+            raft_id,
+            address: Value::Null,
             state: "up".into(),
-            metrics: host.map_or(Value::Null, |h| json!({ "host": h, "cpus": 4 })),
+            metrics: Value::Null,
         }
     }
 
     #[test]
-    fn nodes_are_named_by_their_host() {
+    fn nodes_go_by_the_name_the_api_gives() {
         let names = NodeNames::new(&[
-            node(A, json!("10.0.0.1:7946"), Some("alpha")),
-            node(B, json!("10.0.0.2:7946"), Some("beta")),
-            node(C, json!("10.0.0.3:7946"), None),
+            node(A, Some("alpha"), Some(1)),
+            node(B, Some("beta"), Some(2)),
         ]);
         assert_eq!(names.name(A), "alpha");
         assert_eq!(names.name(B), "beta");
-        // No metrics published yet: the address names it.
-        assert_eq!(names.name(C), "10.0.0.3");
         assert_eq!(names.name("gone"), "gone");
         assert_eq!(names.resolve("beta"), B);
         assert_eq!(names.resolve(A), A);
@@ -144,42 +104,28 @@ mod tests {
     }
 
     #[test]
-    fn nodes_on_one_host_are_told_apart_by_address() {
-        let names = NodeNames::new(&[
-            node(A, json!("127.0.0.1:7946"), Some("laptop")),
-            node(B, json!("127.0.0.2:7946"), Some("laptop")),
-            node(C, json!("[::1]:7946"), Some("laptop")),
-        ]);
-        assert_eq!(names.name(A), "laptop/127.0.0.1");
-        assert_eq!(names.name(B), "laptop/127.0.0.2");
-        assert_eq!(names.name(C), "laptop/::1");
-        assert_eq!(names.resolve("laptop/127.0.0.2"), B);
+    fn a_node_without_a_name_goes_by_its_id() {
+        let names = NodeNames::new(&[node(A, None, None), node(B, Some(""), None)]);
+        assert_eq!(names.name(A), A);
+        assert_eq!(names.name(B), B);
+        assert_eq!(names.resolve(A), A);
     }
 
     #[test]
-    fn names_stay_unique_when_addresses_repeat() {
-        let names = NodeNames::new(&[
-            node(A, json!("10.0.0.1:7946"), Some("h")),
-            node(B, json!("10.0.0.1:7946"), Some("h")),
-            node(C, Value::Null, None),
-        ]);
-        assert_ne!(names.name(A), names.name(B));
-        assert_eq!(names.name(C), C);
+    fn a_name_two_nodes_share_is_not_resolved() {
+        let names = NodeNames::new(&[node(A, Some("h"), None), node(B, Some("h"), None)]);
+        assert_eq!(names.resolve("h"), "h");
+        assert_eq!(names.resolve(B), B);
     }
 
     #[test]
-    fn the_raft_id_finds_its_node() {
+    fn the_raft_id_finds_its_node_as_the_api_gives_it() {
         let names = NodeNames::new(&[
-            node(A, Value::Null, Some("alpha")),
-            node(C, Value::Null, Some("gamma")),
+            node(A, Some("alpha"), Some(7)),
+            node(C, Some("gamma"), None),
         ]);
-        assert_eq!(
-            names
-                .by_raft_id(0x0123_4567_89ab_cdef)
-                .map(|n| n.name.as_str()),
-            Some("alpha")
-        );
-        assert_eq!(names.by_raft_id(1).map(|n| n.id.as_str()), Some(C));
-        assert!(names.by_raft_id(2).is_none());
+        assert_eq!(names.by_raft_id(7).map(|n| n.id.as_str()), Some(A));
+        // No guessing from the id: a node the API gives no Raft id is not found by one.
+        assert!(names.by_raft_id(1).is_none());
     }
 }

@@ -81,6 +81,10 @@ fn default_multicast() -> SocketAddr {
 pub struct Seed {
     /// Cluster name: nodes only talk to announcements with the same name.
     pub cluster_name: String,
+    /// The name this node goes by in the API and the CLI (default: the machine's host
+    /// name). Nodes that share a host need one each to be told apart.
+    #[serde(default)]
+    pub node_name: Option<String>,
     /// Shared join secret (at least 16 characters): authenticates every discovery message.
     pub join_secret: String,
     /// How many nodes must see each other before the cluster forms.
@@ -155,6 +159,18 @@ impl Seed {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-');
         if !name_ok {
             return Err(invalid("cluster_name", "1-63 letters, digits or '-'"));
+        }
+        let node_name_ok = seed.node_name.as_ref().is_none_or(|n| {
+            !n.is_empty()
+                && n.len() <= 63
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        });
+        if !node_name_ok {
+            return Err(invalid(
+                "node_name",
+                "1-63 letters, digits, '-', '.' or '_'",
+            ));
         }
         if seed.join_secret.len() < 16 {
             return Err(invalid("join_secret", "must be at least 16 characters"));
@@ -235,6 +251,18 @@ address = "10.77.0.1:7946"
         assert_eq!(s.expected_nodes, 3);
         assert_eq!(s.management.multicast, "239.77.0.1:7946".parse().unwrap());
         assert_eq!(s.static_peers.len(), 1);
+        assert_eq!(s.node_name, None);
+        let named = GOOD.replace(
+            "expected_nodes = 3",
+            "expected_nodes = 3\nnode_name = \"node1\"",
+        );
+        assert_eq!(
+            Seed::parse(&named, "seed.toml")
+                .unwrap()
+                .node_name
+                .as_deref(),
+            Some("node1")
+        );
     }
 
     #[test]
@@ -263,6 +291,17 @@ address = "10.77.0.1:7946"
                 "management.address",
             ),
             (GOOD.replace("cluster_name = \"lab\"\n", ""), "cluster_name"),
+            (
+                GOOD.replace(
+                    "expected_nodes = 3",
+                    "expected_nodes = 3\nnode_name = \"a b\"",
+                ),
+                "node_name",
+            ),
+            (
+                GOOD.replace("expected_nodes = 3", "expected_nodes = 3\nnode_name = \"\""),
+                "node_name",
+            ),
         ];
         for (text, field) in cases {
             let e = Seed::parse(&text, "seed.toml").unwrap_err().to_string();

@@ -76,7 +76,7 @@ fn write_seed(node_dir: &Path, i: u8, n: u8, secret: &str) -> anyhow::Result<Pat
     std::fs::write(
         &seed,
         format!(
-            "cluster_name = \"dev\"\njoin_secret = \"{secret}\"\nexpected_nodes = {n}\ndata_dir = \"{}\"\n\
+            "cluster_name = \"dev\"\nnode_name = \"node{i}\"\njoin_secret = \"{secret}\"\nexpected_nodes = {n}\ndata_dir = \"{}\"\n\
              static_peers = [{}]\n\n[management]\naddress = \"{}:7946\"\nuse_multicast = false\n\n\
              [storage]\nadmin_socket = \"{}\"\nnbd = \"{}:10809\"\n",
             node_dir.join("data").display(),

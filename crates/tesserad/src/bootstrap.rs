@@ -273,6 +273,7 @@ impl Bootstrap {
         replicated::register(
             node.clone(),
             self.me.clone(),
+            replicated::node_name(s.node_name.as_deref(), &self.me),
             s.management.address,
             s.storage.nbd,
             self.published.metrics.clone(),

@@ -225,11 +225,22 @@ pub fn publish_ca(node: Arc<Node>, ca: ClusterCa) {
     });
 }
 
-/// Records this node in the replicated `nodes` table (address, NBD address, latest
+/// The name this node goes by: its seed's `node_name`, else the machine's host name, else
+/// (no host name to be had) its id.
+pub fn node_name(seed_name: Option<&str>, me: &NodeId) -> String {
+    seed_name
+        .map(String::from)
+        .or_else(sysinfo::System::host_name)
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| me.0.clone())
+}
+
+/// Records this node in the replicated `nodes` table (name, address, NBD address, latest
 /// metrics), retrying until a leader takes it, then refreshes the metrics every 10 s.
 pub fn register(
     node: Arc<Node>,
     me: NodeId,
+    name: String,
     management: SocketAddr,
     nbd: Option<SocketAddr>,
     metrics: crate::metrics::Metrics,
@@ -243,6 +254,7 @@ pub fn register(
                 table: "nodes".into(),
                 key: me.0.clone(),
                 value: json!({
+                    "name": name,
                     "address": management.to_string(),
                     "raft_id": my_raft_id,
                     "nbd": nbd.map(|a| a.to_string()),
@@ -323,6 +335,13 @@ pub async fn join(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_seed_names_the_node_before_the_host_does() {
+        let me = NodeId("0123456789abcdef00112233445566ff".into());
+        assert_eq!(node_name(Some("node2"), &me), "node2");
+        assert!(!node_name(None, &me).is_empty());
+    }
 
     #[test]
     fn a_node_id_gives_the_raft_id_of_its_first_64_bits() {

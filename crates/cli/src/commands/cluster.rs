@@ -14,7 +14,7 @@ pub fn status(client: &Client, out: Output) -> anyhow::Result<()> {
         return Ok(());
     }
     let names = NodeNames::fetch(client)?;
-    // The API names the leader and members by Raft id; people know nodes by name.
+    // Members are given by Raft id; `GET /nodes` says which node has which.
     let raft_name = |raft: u64| {
         names
             .by_raft_id(raft)
@@ -22,10 +22,7 @@ pub fn status(client: &Client, out: Output) -> anyhow::Result<()> {
     };
     out.show(CLUSTER, &v, |c: ClusterStatus| {
         println!("cluster:  {}", c.cluster_id.as_deref().unwrap_or("-"));
-        println!(
-            "leader:   {}",
-            c.leader.map_or_else(|| "none elected".into(), raft_name)
-        );
+        println!("leader:   {}", leader(&c));
         println!("term:     {}", c.term);
         println!("voters:   {}", c.voters.len());
         println!("answered: {}", names.name(&c.answered_by));
@@ -48,4 +45,42 @@ pub fn status(client: &Client, out: Output) -> anyhow::Result<()> {
             );
         }
     })
+}
+
+/// The leader by its node name; by its id when it registered without a name, by its Raft
+/// id while it has not registered yet.
+fn leader(c: &ClusterStatus) -> String {
+    match (&c.leader_name, &c.leader_node, c.leader) {
+        (Some(name), _, _) => name.clone(),
+        (None, Some(id), _) => id.clone(),
+        (None, None, Some(raft)) => format!("raft id {raft}"),
+        (None, None, None) => "none elected".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(leader: Option<u64>, node: Option<&str>, name: Option<&str>) -> ClusterStatus {
+        ClusterStatus {
+            cluster_id: None,
+            leader,
+            leader_node: node.map(String::from),
+            leader_name: name.map(String::from),
+            term: 1,
+            voters: vec![],
+            members: vec![],
+            answered_by: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_leader_goes_by_its_name_else_its_id() {
+        let id = "0123456789abcdef0123456789abcdef";
+        assert_eq!(leader(&status(Some(1), Some(id), Some("node1"))), "node1");
+        assert_eq!(leader(&status(Some(1), Some(id), None)), id);
+        assert_eq!(leader(&status(Some(1), None, None)), "raft id 1");
+        assert_eq!(leader(&status(None, None, None)), "none elected");
+    }
 }

@@ -19,6 +19,9 @@ pub fn run(client: &Client, cmd: NodeCmd, out: Output) -> anyhow::Result<()> {
                     &[
                         col("NAME", |n: &NodeInfo| names.name(&n.id)),
                         wide_col("ID", |n: &NodeInfo| n.id.clone()),
+                        wide_col("RAFT ID", |n: &NodeInfo| {
+                            n.raft_id.map_or_else(|| "-".to_string(), |r| r.to_string())
+                        }),
                         col("ADDRESS", |n: &NodeInfo| {
                             n.address.as_str().unwrap_or("-").to_string()
                         }),

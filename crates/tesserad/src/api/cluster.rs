@@ -4,13 +4,15 @@ use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Value};
 use tessera_api::{ClusterStatus, Member, NodeInfo, RemoveQuery, Removed};
+use tessera_cluster::identity::NodeId;
 
 use super::extract::{Administrator, Auditor, Auth, Param, Synced, Q};
 use super::{node, read, read_all, ApiError, ErrorBody, St};
 use crate::health;
 use crate::records::table::{NODES, VOLUMES};
 
-/// Cluster status: id, leader, term and members. Raft ids are unsigned 64-bit integers.
+/// Cluster status: id, leader (by Raft id and as a node, with its name), term and members.
+/// Raft ids are unsigned 64-bit integers.
 #[utoipa::path(get, path = "/api/v1/cluster", tag = "cluster", operation_id = "get_cluster",
     security(("token" = []), ("cookie" = [])),
     responses((status = 200, body = ClusterStatus), (status = 401, body = ErrorBody),
@@ -33,9 +35,18 @@ pub async fn cluster(State(st): St, _: Auth<Auditor>) -> Result<Json<ClusterStat
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
+    let registered = n
+        .state
+        .read(|t| json!(t.get(NODES).cloned().unwrap_or_default()));
+    let (leader_node, leader_name) = m
+        .current_leader
+        .and_then(|l| node_of_raft_id(&registered, l))
+        .map_or((None, None), |(id, name)| (Some(id), name));
     Ok(Json(ClusterStatus {
         cluster_id,
         leader: m.current_leader,
+        leader_node,
+        leader_name,
         term: m.current_term,
         voters,
         members,
@@ -71,6 +82,8 @@ pub async fn nodes(State(st): St, _: Auth<Auditor>) -> Result<Json<Vec<NodeInfo>
             };
             out.push(NodeInfo {
                 id: id.clone(),
+                name: rec["name"].as_str().map(String::from),
+                raft_id: raft_id(id),
                 address: rec["address"].clone(),
                 state,
                 metrics,
@@ -78,6 +91,20 @@ pub async fn nodes(State(st): St, _: Auth<Auditor>) -> Result<Json<Vec<NodeInfo>
         }
     }
     Ok(Json(out))
+}
+
+/// The Raft id of the node registered as `id`, if the id has one.
+fn raft_id(id: &str) -> Option<u64> {
+    crate::replicated::raft_id(&NodeId(id.to_string())).ok()
+}
+
+/// The registered node (id and name) whose Raft id is `raft`.
+fn node_of_raft_id(registered: &Value, raft: u64) -> Option<(String, Option<String>)> {
+    registered
+        .as_object()?
+        .iter()
+        .find(|(id, _)| raft_id(id) == Some(raft))
+        .map(|(id, rec)| (id.clone(), rec["name"].as_str().map(String::from)))
 }
 
 /// Remove a dead node from the cluster (Raft membership and the node list). Refused while
@@ -124,7 +151,7 @@ pub async fn remove(
             volumes.join(", ")
         )));
     }
-    let raft_id = crate::replicated::raft_id(&tessera_cluster::identity::NodeId(id.clone()))
+    let raft_id = crate::replicated::raft_id(&NodeId(id.clone()))
         .map_err(|e| ApiError::bad(e.to_string()))?;
     n.remove_member(raft_id)
         .await

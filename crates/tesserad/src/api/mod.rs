@@ -469,5 +469,13 @@ mod tests {
         assert_eq!(s["NewUser"]["properties"]["password"]["maxLength"], 1024);
         // Raft ids are unsigned 64-bit: they exceed int64.
         assert_eq!(s["Member"]["properties"]["raft_id"]["format"], "uint64");
+        assert_eq!(s["NodeInfo"]["properties"]["raft_id"]["format"], "uint64");
+        // Nodes go by name, the leader too.
+        for (schema, field) in [("NodeInfo", "name"), ("ClusterStatus", "leader_name")] {
+            assert!(
+                s[schema]["properties"][field].is_object(),
+                "{schema}.{field}"
+            );
+        }
     }
 }
