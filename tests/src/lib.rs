@@ -11,6 +11,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod cluster;
+pub mod powerfs;
 
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;

@@ -1,0 +1,161 @@
+//! powerfs: a FUSE filesystem in memory that can lose power. It remembers, for every file
+//! and directory, what is durable and what no sync covered yet, and on a power cut keeps
+//! only the durable state (or a random torn part of the rest). See `docs/power-loss.md`.
+//!
+//! A cut unmounts, drops what was not durable, and mounts again: the kernel's page cache
+//! and dentry cache die with the mount, so nothing read afterwards comes from before the
+//! cut. Whoever cuts must first have stopped every process using the mount (the store is
+//! killed with SIGKILL: a real power loss gives it no say either).
+
+pub mod model;
+
+mod fuse;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use fuser::{BackgroundSession, Config, MountOption};
+use rand::SeedableRng;
+
+pub use model::{CutMode, CutReport, SyncCounts};
+
+use fuse::PowerFuse;
+use model::Model;
+
+/// Why powerfs cannot run here, if it cannot: it needs root (to mount without
+/// `fusermount`) and `/dev/fuse`.
+pub fn unavailable() -> Option<String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("needs root to mount a FUSE filesystem".into());
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .is_err()
+    {
+        return Some("needs /dev/fuse".into());
+    }
+    None
+}
+
+/// A mounted powerfs.
+pub struct PowerFs {
+    mountpoint: PathBuf,
+    model: Arc<Mutex<Model>>,
+    session: Option<BackgroundSession>,
+    epoch: SystemTime,
+}
+
+impl PowerFs {
+    /// Mounts an empty powerfs on `mountpoint` (an existing directory).
+    pub fn mount(mountpoint: &Path) -> io::Result<PowerFs> {
+        let mut fs = PowerFs {
+            mountpoint: mountpoint.to_path_buf(),
+            model: Arc::new(Mutex::new(Model::default())),
+            session: None,
+            epoch: SystemTime::now(),
+        };
+        fs.mount_session()?;
+        Ok(fs)
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    fn model(&self) -> MutexGuard<'_, Model> {
+        self.model.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mount_session(&mut self) -> io::Result<()> {
+        let fs = PowerFuse {
+            model: self.model.clone(),
+            epoch: self.epoch,
+        };
+        let mut cfg = Config::default();
+        cfg.mount_options = vec![
+            MountOption::FSName("powerfs".into()),
+            MountOption::Subtype("powerfs".into()),
+            MountOption::NoAtime,
+        ];
+        // Two request loops: the store's writers and its checkpoint overlap.
+        cfg.n_threads = Some(2);
+        self.session = Some(fuser::spawn_mount(fs, &self.mountpoint, &cfg)?);
+        Ok(())
+    }
+
+    /// Unmounts (the model stays). Fails if something still uses the mount.
+    pub fn unmount(&mut self) -> io::Result<()> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        // The last close of a killed process's files may still be settling.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Err(e) = umount(&self.mountpoint) {
+            if Instant::now() >= deadline {
+                self.session = Some(session);
+                return Err(io::Error::other(format!(
+                    "unmounting {}: {e} (is a process still using it?)",
+                    self.mountpoint.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The kernel has let go: the request loops end and the session thread returns.
+        session.join()
+    }
+
+    /// Syncs stop (`true`) or start again (`false`) making anything durable, while still
+    /// answering success: "sync made a no-op".
+    pub fn set_lying_sync(&self, lying: bool) {
+        self.model().lying_sync = lying;
+    }
+
+    /// How many syncs were honoured and ignored so far.
+    pub fn sync_counts(&self) -> SyncCounts {
+        self.model().syncs
+    }
+
+    /// Loses power: unmounts, keeps only what `mode` lets survive (random choices drawn
+    /// from `seed`), and mounts the result again. Every process using the mount must be
+    /// gone.
+    pub fn power_cut(&mut self, mode: CutMode, seed: u64) -> io::Result<CutReport> {
+        self.unmount()?;
+        let report = {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            self.model().cut(mode, &mut rng)
+        };
+        self.mount_session()?;
+        Ok(report)
+    }
+}
+
+/// `umount(2)` through the `umount` program: the harness's `nix` has no mount feature,
+/// and an unmount per cycle costs little next to a store restart.
+fn umount(path: &Path) -> io::Result<()> {
+    let out = Command::new("umount").arg(path).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
+impl Drop for PowerFs {
+    fn drop(&mut self) {
+        if self.unmount().is_err() {
+            // Leave no mount behind a failed test; the session thread ends with it.
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .status();
+        }
+    }
+}
