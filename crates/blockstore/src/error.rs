@@ -84,6 +84,9 @@ pub enum StoreError {
     /// The data directory is held by another process.
     #[error("data directory {0} is locked by another tessera-store")]
     Locked(String),
+    /// A sync failed earlier: nothing can be made durable until the store restarts.
+    #[error("the store is degraded: a sync failed ({0}); every flush fails until restart")]
+    Degraded(String),
     /// The on-disk catalog could not be understood.
     #[error("catalog {path}: {reason}")]
     BadCatalog {

@@ -93,6 +93,7 @@ pub const WAL_MAX_BLOCKS: u32 = 8192;
 const KIND_DATA: u8 = 1;
 const KIND_FILL: u8 = 2;
 const KIND_SEAL: u8 = 3;
+const KIND_PLACED: u8 = 4;
 
 /// What a WAL record does, without its payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +105,10 @@ pub enum RecordKind {
     /// The segment numbered `first_block` was synced whole before this record was
     /// written (the WAL's proof for recovery); no payload, `nblocks` is 0.
     Seal,
+    /// `nblocks` hashes follow, no data: the blocks were written straight to their place
+    /// in the layer's data file (a large write). Recovery keeps a block's new version only
+    /// if the data in place matches; see `docs/storage.md`, "Large writes".
+    Placed,
 }
 
 /// The fixed part of a WAL record.
@@ -133,6 +138,7 @@ impl RecordHeader {
     pub fn payload_len(&self) -> usize {
         match self.kind {
             RecordKind::Data => self.nblocks as usize * (SUM_LEN + BLOCK_SIZE),
+            RecordKind::Placed => self.nblocks as usize * SUM_LEN,
             RecordKind::Fill(_) | RecordKind::Seal => 0,
         }
     }
@@ -149,6 +155,14 @@ impl RecordHeader {
         }
     }
 
+    /// Number of block hashes following the header.
+    pub fn hash_count(&self) -> usize {
+        match self.kind {
+            RecordKind::Data | RecordKind::Placed => self.nblocks as usize,
+            RecordKind::Fill(_) | RecordKind::Seal => 0,
+        }
+    }
+
     /// Encodes the header; `hashes` are the block hashes that follow it (empty for fills).
     pub fn encode(&self, hashes: &[u8]) -> [u8; WAL_HEADER_LEN] {
         let mut h = [0u8; WAL_HEADER_LEN];
@@ -159,6 +173,7 @@ impl RecordHeader {
             RecordKind::Fill(FillKind::Absent) => (KIND_FILL, 0),
             RecordKind::Fill(FillKind::Zero) => (KIND_FILL, 1),
             RecordKind::Seal => (KIND_SEAL, 0),
+            RecordKind::Placed => (KIND_PLACED, 0),
         };
         h[5] = kind;
         h[6] = fill;
@@ -188,11 +203,12 @@ impl RecordHeader {
             (KIND_FILL, 0) => RecordKind::Fill(FillKind::Absent),
             (KIND_FILL, 1) => RecordKind::Fill(FillKind::Zero),
             (KIND_SEAL, 0) => RecordKind::Seal,
+            (KIND_PLACED, 0) => RecordKind::Placed,
             (k, f) => return Err(FormatError::BadKind(k, f)),
         };
         let nblocks = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
         let length_ok = match kind {
-            RecordKind::Data => (1..=WAL_MAX_BLOCKS).contains(&nblocks),
+            RecordKind::Data | RecordKind::Placed => (1..=WAL_MAX_BLOCKS).contains(&nblocks),
             RecordKind::Fill(_) => nblocks != 0,
             RecordKind::Seal => nblocks == 0,
         };
@@ -302,6 +318,28 @@ mod tests {
             RecordHeader::decode_unchecked(&with_blocks.encode(&[])),
             Err(FormatError::BadLength(1))
         ));
+    }
+
+    #[test]
+    fn placed_header_carries_hashes_but_no_data() {
+        let hdr = RecordHeader {
+            kind: RecordKind::Placed,
+            nblocks: 3,
+            segment: 2,
+            layer: 7,
+            first_block: 100,
+            generation: 1,
+        };
+        let hashes = [9u8; 3 * SUM_LEN];
+        let raw = hdr.encode(&hashes);
+        let back = RecordHeader::decode_unchecked(&raw).unwrap();
+        assert_eq!(back, hdr);
+        assert_eq!(back.payload_len(), 3 * SUM_LEN);
+        assert_eq!(back.hash_count(), 3);
+        RecordHeader::verify(&raw, &hashes).unwrap();
+        let mut empty = hdr;
+        empty.nblocks = 0;
+        assert!(RecordHeader::decode_unchecked(&empty.encode(&[])).is_err());
     }
 
     #[test]

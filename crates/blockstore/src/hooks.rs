@@ -19,6 +19,13 @@ pub(crate) enum Point {
     RemoveWal(u64),
     /// The WAL is about to sync the segment a rotation sealed.
     SealSync(u64),
+    /// A placed write's record is in the WAL and its blocks are published; its data is
+    /// not in place yet.
+    PlacedLogged,
+    /// The WAL is about to sync its active segment for a flush (or a placed overwrite).
+    WalSync,
+    /// The checkpoint chose the versions to copy and is about to change layer files.
+    CheckpointChose,
 }
 
 #[cfg(test)]

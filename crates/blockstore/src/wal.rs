@@ -45,6 +45,33 @@ struct Durable {
     /// Set by a rotation for the segment it took out of service; cleared once that
     /// segment is synced and its seal record written. While set, no flush succeeds.
     unsealed: Option<Unsealed>,
+    /// The first sync that failed. A later sync succeeding proves nothing (the kernel
+    /// may have dropped the dirty pages along with the error), so every flush and
+    /// rotation fails from then on; the next start replays what the files hold.
+    failed: Option<String>,
+}
+
+impl Durable {
+    /// Fails if a sync failed before.
+    fn check(&self) -> Result<()> {
+        match &self.failed {
+            Some(why) => Err(StoreError::Io {
+                context: format!(
+                    "an earlier WAL sync failed ({why}); nothing is durable until restart"
+                ),
+                source: std::io::Error::from_raw_os_error(nix::libc::EIO),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Remembers a failed sync for good.
+    fn fail<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            self.failed.get_or_insert_with(|| e.to_string());
+        }
+        r
+    }
 }
 
 /// The write-ahead log of one store.
@@ -67,7 +94,7 @@ pub struct Wal {
 pub struct ReadRecord {
     /// The record's header.
     pub header: RecordHeader,
-    /// For data records: `nblocks` hashes then `nblocks` blocks.
+    /// For data and placed records: `nblocks` hashes.
     pub hashes: Vec<u8>,
     /// For data records: the block contents.
     pub data: Vec<u8>,
@@ -112,6 +139,7 @@ impl Wal {
                 seg,
                 pos: 0,
                 unsealed: None,
+                failed: None,
             }),
             rotating: Mutex::new(()),
             sealed: Mutex::new(Vec::new()),
@@ -202,13 +230,16 @@ impl Wal {
             (a.seg, a.pos, a.file.clone())
         };
         let mut d = self.durable.lock();
+        d.check()?;
         // Records in the active segment count only once every earlier one is durable.
         self.seal(&mut d)?;
         if (d.seg, d.pos) >= (seg, pos) {
             return Ok(());
         }
-        file.sync_data()
-            .map_err(|e| StoreError::io(format!("syncing WAL segment {seg}"), e))?;
+        let synced = file
+            .sync_data()
+            .map_err(|e| StoreError::io(format!("syncing WAL segment {seg}"), e));
+        d.fail(synced)?;
         d.seg = seg;
         d.pos = pos;
         Ok(())
@@ -261,23 +292,31 @@ impl Wal {
     /// waited for it: a segment without its seal was never copied into layer files, and
     /// nothing logged after it was flushed.
     fn seal(&self, d: &mut Durable) -> Result<()> {
+        d.check()?;
         let Some(u) = &d.unsealed else {
             return Ok(());
         };
-        self.hooks
+        let synced = self
+            .hooks
             .at(Point::SealSync(u.seg))
-            .map_err(|e| StoreError::io("test point", e))?;
-        u.file
-            .sync_data()
-            .map_err(|e| StoreError::io(format!("syncing WAL segment {}", u.seg), e))?;
+            .map_err(|e| StoreError::io("test point", e))
+            .and_then(|()| {
+                u.file
+                    .sync_data()
+                    .map_err(|e| StoreError::io(format!("syncing WAL segment {}", u.seg), e))
+            });
+        let sealed_seg = u.seg;
+        d.fail(synced)?;
         let (seg, pos, file) = {
             let mut a = self.active.lock();
-            debug_assert_eq!(a.seg, u.seg + 1, "a seal goes into the next segment");
-            Self::write_record(&mut a, &RecordHeader::seal(u.seg), &[], &[])?;
+            debug_assert_eq!(a.seg, sealed_seg + 1, "a seal goes into the next segment");
+            Self::write_record(&mut a, &RecordHeader::seal(sealed_seg), &[], &[])?;
             (a.seg, a.pos, a.file.clone())
         };
-        file.sync_data()
-            .map_err(|e| StoreError::io(format!("syncing WAL segment {seg}"), e))?;
+        let synced = file
+            .sync_data()
+            .map_err(|e| StoreError::io(format!("syncing WAL segment {seg}"), e));
+        d.fail(synced)?;
         if (d.seg, d.pos) < (seg, pos) {
             d.seg = seg;
             d.pos = pos;
@@ -348,13 +387,14 @@ pub fn replay_segment(
             return torn(off, "truncated payload".into());
         }
         let n = header.nblocks as usize;
-        let (mut hashes, mut data) = (Vec::new(), Vec::new());
+        let mut hashes = vec![0u8; header.hash_count() * SUM_LEN];
+        let mut data = Vec::new();
+        let base = off + WAL_HEADER_LEN as u64;
+        f.read_exact_at(&mut hashes, base)
+            .map_err(|e| StoreError::io(format!("reading {}", p.display()), e))?;
         if header.kind == RecordKind::Data {
-            hashes = vec![0u8; n * SUM_LEN];
             data = vec![0u8; n * BLOCK_SIZE];
-            let base = off + WAL_HEADER_LEN as u64;
-            f.read_exact_at(&mut hashes, base)
-                .and_then(|()| f.read_exact_at(&mut data, base + hashes.len() as u64))
+            f.read_exact_at(&mut data, base + hashes.len() as u64)
                 .map_err(|e| StoreError::io(format!("reading {}", p.display()), e))?;
         }
         if let Err(e) = RecordHeader::verify(&head, &hashes) {

@@ -280,7 +280,7 @@ enum Op {
     Write {
         block: u64,
         off: u16,
-        len: u16,
+        len: u32,
         seed: u8,
     },
     Trim {
@@ -299,7 +299,9 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0..60u64, 0..4096u16, 1..9000u16, any::<u8>()).prop_map(|(block, off, len, seed)| Op::Write { block, off, len, seed }),
+        6 => (0..60u64, 0..4096u16, 1..9000u32, any::<u8>()).prop_map(|(block, off, len, seed)| Op::Write { block, off, len, seed }),
+        // Large enough to be written in place (64 KiB and more), aligned or not.
+        3 => (0..60u64, prop_oneof![Just(0u16), 0..4096u16], 65536..120_000u32, any::<u8>()).prop_map(|(block, off, len, seed)| Op::Write { block, off, len, seed }),
         2 => (0..60u64, 1..8u8).prop_map(|(block, blocks)| Op::Trim { block, blocks }),
         2 => (0..200_000u32, 1..20_000u16, any::<bool>()).prop_map(|(off, len, allocate)| Op::Zero { off, len, allocate }),
         1 => Just(Op::Snapshot),

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
 
-use super::pending::{BlockKey, Pending};
+use super::pending::{BlockKey, Content, Fate, Pending, PendingWrites};
 use super::Inner;
 use crate::catalog::LayerId;
 use crate::error::{Result, StoreError};
@@ -101,12 +101,27 @@ impl Inner {
         let Some(sealed) = self.wal.rotate()? else {
             return Ok(());
         };
+        // A sync that failed may have lost dirty pages; a later one succeeding proves
+        // nothing about them, so the log stays until the next start replays it.
+        self.check_synced()?;
         let _apply = self.apply.write();
         let todo = self.pending.logged_upto(sealed);
+        // A placed version's checksum goes into the table only once its data is in place.
+        // Waited for before `layer_writes`: the writer takes that lock for its write.
+        let mut last: Option<&Arc<parking_lot::RwLock<()>>> = None;
+        for (_, p) in &todo {
+            if let Content::Placed { gate } = &p.content {
+                if !last.is_some_and(|l| Arc::ptr_eq(l, gate)) {
+                    drop(gate.read());
+                    last = Some(gate);
+                }
+            }
+        }
+        self.at(Point::CheckpointChose)?;
         let layers = self.layers.read().clone();
         let mut touched = {
             let _changing = self.layer_writes.write();
-            copy_into_layers(&todo, &layers)?
+            copy_into_layers(&todo, &layers, &self.pending)?
         };
         // Punches leave the queue only once done (fills cannot add any while `apply` is
         // held). A checkpoint that fails keeps them, so the next one still syncs their
@@ -125,13 +140,18 @@ impl Inner {
             }
         }
         for files in touched.values() {
-            self.at(Point::SyncLayer(files.id))?;
-            files.sync()?;
+            self.synced(|| {
+                self.at(Point::SyncLayer(files.id))?;
+                files.sync()
+            })?;
         }
         for p in &punches {
             if let Some(files) = layers.get(&p.layer) {
                 let _changing = self.layer_writes.write();
-                punch_markers(files, p.first, p.count)?;
+                // A placed write after the trim has its data in place while the table
+                // still holds the marker: its blocks are not punched.
+                let placed = self.pending.placed_among(p.layer, p.first, p.count);
+                punch_markers(files, p.first, p.count, |b| placed.contains(&b))?;
             }
         }
         self.punches.lock().retain(|p| p.seg > sealed);
@@ -160,50 +180,92 @@ impl Inner {
 }
 
 /// Writes the blocks of `todo` (sorted) and their checksums into their layer files, not
-/// yet synced. Returns the layers it wrote to.
+/// yet synced. Returns the layers it wrote to (or must sync).
+///
+/// A logged version is copied even when a newer logged one replaced it (the newer one's
+/// record may be torn at a crash, and this one's segment is about to go), except when a
+/// placed write replaced it and its data is in place: copying would overwrite that, so
+/// the layer is only synced (making the placed data durable before the older record
+/// goes). A placed version's checksum is written only while it is the newest version.
 fn copy_into_layers(
     todo: &[(BlockKey, Pending)],
     layers: &HashMap<LayerId, Arc<LayerFiles>>,
+    pending: &PendingWrites,
 ) -> Result<HashMap<LayerId, Arc<LayerFiles>>> {
     let mut touched: HashMap<LayerId, Arc<LayerFiles>> = HashMap::new();
+    // What to do with each version: write data and checksum, checksum only, or nothing.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Act {
+        Copy,
+        SumOnly,
+        Skip,
+    }
+    let acts: Vec<Act> = todo
+        .iter()
+        .map(|(k, p)| match (&p.content, pending.fate(k, p)) {
+            (Content::Logged { .. }, Fate::PlacedOver) => Act::Skip,
+            (Content::Logged { .. }, _) => Act::Copy,
+            (Content::Placed { .. }, Fate::Current) => Act::SumOnly,
+            (Content::Placed { .. }, _) => Act::Skip,
+        })
+        .collect();
     let mut i = 0;
     while i < todo.len() {
-        // Coalesce consecutive blocks of one layer into one write each for data and sums.
         let (layer, first) = todo[i].0;
+        let Some(files) = layers.get(&layer) else {
+            i += 1;
+            continue;
+        };
+        touched.insert(layer, files.clone());
+        if acts[i] == Act::Skip {
+            i += 1;
+            continue;
+        }
+        // Coalesce consecutive blocks of one layer that get the same treatment.
         let mut j = i + 1;
-        while j < todo.len() && todo[j].0 == (layer, first + (j - i) as u64) && j - i < 1024 {
+        while j < todo.len()
+            && todo[j].0 == (layer, first + (j - i) as u64)
+            && acts[j] == acts[i]
+            && j - i < 1024
+        {
             j += 1;
         }
-        if let Some(files) = layers.get(&layer) {
-            let data: Vec<&[u8]> = todo[i..j].iter().map(|(_, p)| p.block()).collect();
-            let mut sums = Vec::with_capacity((j - i) * SUM_LEN);
-            for (_, p) in &todo[i..j] {
-                sums.extend_from_slice(&p.hash);
-            }
+        if acts[i] == Act::Copy {
+            let data: Vec<&[u8]> = todo[i..j].iter().filter_map(|(_, p)| p.block()).collect();
             files.write_blocks_vectored(first, &data)?;
-            files.write_entries(first, &sums)?;
-            touched.insert(layer, files.clone());
         }
+        let mut sums = Vec::with_capacity((j - i) * SUM_LEN);
+        for (_, p) in &todo[i..j] {
+            sums.extend_from_slice(&p.hash);
+        }
+        files.write_entries(first, &sums)?;
         i = j;
     }
     Ok(touched)
 }
 
-/// Punches the data of blocks in the range whose durable checksum entry is a marker.
-pub(super) fn punch_markers(files: &LayerFiles, first: u64, count: u64) -> Result<()> {
+/// Punches the data of blocks in the range whose durable checksum entry is a marker,
+/// except those for which `keep(block)` says their data is needed.
+pub(super) fn punch_markers(
+    files: &LayerFiles,
+    first: u64,
+    count: u64,
+    keep: impl Fn(u64) -> bool,
+) -> Result<()> {
     let mut b = first;
     let end = first + count;
     while b < end {
         let n = (end - b).min(65536);
         let entries = files.read_entries(b, n as usize)?;
         let mut i = 0;
+        let holds = |i: usize| matches!(entries[i], BlockEntry::Data(_)) || keep(b + i as u64);
         while i < entries.len() {
-            if matches!(entries[i], BlockEntry::Data(_)) {
+            if holds(i) {
                 i += 1;
                 continue;
             }
             let start = i;
-            while i < entries.len() && !matches!(entries[i], BlockEntry::Data(_)) {
+            while i < entries.len() && !holds(i) {
                 i += 1;
             }
             files.punch_blocks(b + start as u64, (i - start) as u64)?;

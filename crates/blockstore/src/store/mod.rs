@@ -25,6 +25,8 @@ mod checkpoint;
 mod export;
 mod pending;
 #[cfg(test)]
+mod placed_tests;
+#[cfg(test)]
 mod race_tests;
 mod read;
 mod recovery;
@@ -114,6 +116,14 @@ struct Inner {
     wake: (Mutex<bool>, Condvar),
     stop: AtomicBool,
     space: Mutex<SpaceGuard>,
+    /// Layers whose data files took placed writes since the last flush: a flush syncs
+    /// them before the log.
+    placed_dirty: Mutex<HashMap<LayerId, Arc<LayerFiles>>>,
+    /// Set by the first failed sync, never cleared: the kernel may have dropped the dirty
+    /// pages the sync was about, so no later sync can prove them durable (PostgreSQL's
+    /// fsync lesson). Every later flush fails and the checkpoint stops, keeping the WAL
+    /// for the replay at the next start.
+    failed_sync: Mutex<Option<String>>,
     hooks: Hooks,
 }
 
@@ -126,6 +136,51 @@ pub struct Store {
 }
 
 impl Inner {
+    /// Fails with the first sync failure, if there was one.
+    fn check_synced(&self) -> Result<()> {
+        match &*self.failed_sync.lock() {
+            Some(why) => Err(StoreError::Degraded(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs a sync, remembering its failure for good (see `failed_sync`).
+    fn synced(&self, sync: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.check_synced()?;
+        if let Err(e) = sync() {
+            tracing::error!(error = %e, "a sync failed: every flush fails from now until restart");
+            self.failed_sync.lock().get_or_insert_with(|| e.to_string());
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Makes the WAL durable up to its end.
+    fn sync_wal(&self) -> Result<()> {
+        self.synced(|| {
+            self.at(Point::WalSync)?;
+            self.wal.sync()
+        })
+    }
+
+    /// Makes every acknowledged write durable: the data files that took placed writes,
+    /// then the log (whose records name their hashes).
+    fn flush(&self) -> Result<()> {
+        self.check_synced()?;
+        let dirty: Vec<Arc<LayerFiles>> =
+            self.placed_dirty.lock().drain().map(|(_, f)| f).collect();
+        for files in &dirty {
+            if let Err(e) = self.synced(|| files.sync()) {
+                let mut back = self.placed_dirty.lock();
+                for f in &dirty {
+                    back.insert(f.id, f.clone());
+                }
+                return Err(e);
+            }
+        }
+        self.sync_wal()
+    }
+
     /// Runs the test hook at `point` (nothing outside unit tests).
     #[inline(always)]
     fn at(&self, point: Point) -> Result<()> {
@@ -148,7 +203,12 @@ fn block_range(offset: u64, len: u64) -> (u64, u64) {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `dir`, replaying any WAL left by a crash.
+    /// Opens the store in `dir`, replaying any WAL left by a crash. A new (empty or
+    /// absent) directory becomes an empty store.
+    ///
+    /// Refuses to start, naming the file, when `catalog.json` is missing from a directory
+    /// that holds store data, when it cannot be read or parsed, or when a layer it lists
+    /// has lost its data file or checksum table: nothing is recreated empty.
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store> {
         let io = |what: &str, p: &Path, e| StoreError::io(format!("{what} {}", p.display()), e);
         let layer_dir = dir.join("layers");
@@ -166,11 +226,11 @@ impl Store {
         let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
             .map_err(|_| StoreError::Locked(dir.display().to_string()))?;
 
-        let cat_path = dir.join("catalog.json");
-        let catalog = Catalog::load(&cat_path)?;
+        let catalog = load_catalog(&dir.join("catalog.json"), &layer_dir, &wal_dir)?;
         let mut layers = HashMap::new();
         for id in catalog.layers.keys() {
-            layers.insert(*id, Arc::new(LayerFiles::open(&layer_dir, *id, true)?));
+            // Never created here: a listed layer whose file is gone stops the start.
+            layers.insert(*id, Arc::new(LayerFiles::open(&layer_dir, *id, false)?));
         }
         let next_seg = recovery::recover(&wal_dir, &layers)?;
         recovery::remove_stray_layers(&layer_dir, &catalog)?;
@@ -201,6 +261,8 @@ impl Store {
             wake: (Mutex::new(false), Condvar::new()),
             stop: AtomicBool::new(false),
             space: Mutex::new(SpaceGuard::default()),
+            placed_dirty: Mutex::new(HashMap::new()),
+            failed_sync: Mutex::new(None),
             hooks: Hooks::default(),
         });
         let bg = Background::start(&inner)?;
@@ -217,7 +279,12 @@ impl Store {
 
     /// Makes every acknowledged write durable.
     pub fn flush(&self) -> Result<()> {
-        self.inner.wal.sync()
+        self.inner.flush()
+    }
+
+    /// Why the store is degraded (a sync failed since it started), if it is.
+    pub fn degraded(&self) -> Option<String> {
+        self.inner.failed_sync.lock().clone()
     }
 
     /// Copies the WAL into the layer files now (normally done in the background).
@@ -246,6 +313,74 @@ impl Store {
             .cloned()
             .ok_or_else(|| StoreError::NotFound(format!("layer {id}")))
     }
+}
+
+/// Loads the catalog at `path`, or writes an empty one in a new data directory.
+///
+/// A missing catalog means a new store only when the directory holds no store data: no
+/// layer file (even an empty one: a volume that was never written is still a volume) and
+/// no WAL segment holding records. Anything else means the catalog was lost, and starting
+/// with an empty one would serve every volume as gone, then delete its layer files as
+/// strays. The lock file tells nothing: a store that never had a volume leaves one too.
+/// From now on a new store writes its catalog at once, so every used directory has one.
+///
+/// A temporary file left by a save cut short before its rename is never read (the rename
+/// is what makes a catalog); it is removed once the catalog is settled, and left in place
+/// when the start is refused, for whoever repairs the directory.
+fn load_catalog(path: &Path, layer_dir: &Path, wal_dir: &Path) -> Result<Catalog> {
+    let catalog = match Catalog::load(path)? {
+        Some(cat) => cat,
+        None => {
+            if let Some(found) = store_data(layer_dir, wal_dir)? {
+                return Err(StoreError::BadCatalog {
+                    path: path.display().to_string(),
+                    reason: format!(
+                        "missing, but the data directory holds store data ({}); refusing to \
+                         start with an empty catalog. Restore the catalog, or move the \
+                         directory's contents away to start a new store",
+                        found.display()
+                    ),
+                });
+            }
+            let cat = Catalog::default();
+            cat.save(path)?;
+            tracing::info!(path = %path.display(), "new store: wrote an empty catalog");
+            cat
+        }
+    };
+    Catalog::discard_temp(path)?;
+    Ok(catalog)
+}
+
+/// The first piece of store data found: a layer file, or a WAL segment that is not
+/// empty (a store that never had a volume leaves empty segments behind).
+fn store_data(layer_dir: &Path, wal_dir: &Path) -> Result<Option<PathBuf>> {
+    let kinds: [(&Path, &[&str], bool); 2] = [
+        (layer_dir, &[".data", ".sums"], false),
+        (wal_dir, &[".wal"], true),
+    ];
+    for (dir, suffixes, only_if_not_empty) in kinds {
+        let listing = |e| StoreError::io(format!("listing {}", dir.display()), e);
+        for ent in fs::read_dir(dir).map_err(listing)? {
+            let ent = ent.map_err(listing)?;
+            let name = ent.file_name();
+            let name = name.to_string_lossy();
+            if !suffixes.iter().any(|s| name.ends_with(s)) {
+                continue;
+            }
+            let path = ent.path();
+            let empty = || -> Result<bool> {
+                let meta = ent
+                    .metadata()
+                    .map_err(|e| StoreError::io(format!("inspecting {}", path.display()), e))?;
+                Ok(meta.is_file() && meta.len() == 0)
+            };
+            if !only_if_not_empty || !empty()? {
+                return Ok(Some(path));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// The live state of volume `name` (described by `v`) over the open `layers`.

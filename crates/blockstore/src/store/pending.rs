@@ -1,12 +1,15 @@
-//! The pending-write map: the newest version of each block that is in the WAL but not yet
-//! in its layer file.
+//! The pending-write map: the newest version of each block whose checksum is in the WAL but
+//! not yet in its layer's checksum table.
 //!
-//! Writers publish here from inside the WAL append (under the log's lock), so the order
-//! of versions in the map is the order of records in the log. Reads look here before the
-//! layer files; the checkpoint takes the blocks of sealed segments, copies them into the
-//! layer files and then retires them; fills forget the blocks they cover.
+//! A version is either *logged* (its data is in the WAL record and held here in memory)
+//! or *placed* (a large write put its data straight into the layer's data file; only the
+//! hash was logged). Writers publish here from inside the WAL append (under the log's
+//! lock), so the order of versions in the map is the order of records in the log. Reads
+//! look here before the layer files; the checkpoint takes the blocks of sealed segments,
+//! copies logged data and every hash into the layer files and then retires them; fills
+//! forget the blocks they cover.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -14,23 +17,64 @@ use parking_lot::RwLock;
 use crate::catalog::LayerId;
 use crate::format::{BLOCK_SIZE, SUM_LEN};
 
-/// The newest version of a block that is in the WAL but not yet in its layer file.
+/// Held for writing by a placed write from before it is published until its data is in
+/// place; readers and the checkpoint take it for reading before they touch that data.
+pub(super) type Gate = Arc<RwLock<()>>;
+
+/// Where a pending version's data is.
+#[derive(Clone)]
+pub(super) enum Content {
+    /// In the WAL record, and here: block `index` of `buf`.
+    Logged { buf: Arc<Vec<u8>>, index: u32 },
+    /// In place in the layer's data file, once `gate` can be taken for reading.
+    Placed { gate: Gate },
+}
+
+/// The newest version of a block whose checksum is not yet in its layer's table.
 #[derive(Clone)]
 pub(super) struct Pending {
     /// The WAL segment holding the block's record.
     pub(super) seg: u64,
-    buf: Arc<Vec<u8>>,
-    index: u32,
     /// The block's checksum, as logged.
     pub(super) hash: [u8; SUM_LEN],
+    pub(super) content: Content,
 }
 
 impl Pending {
-    /// The block's content.
-    pub(super) fn block(&self) -> &[u8] {
-        let start = self.index as usize * BLOCK_SIZE;
-        &self.buf[start..start + BLOCK_SIZE]
+    /// The block's content, when it is held in memory (logged versions).
+    pub(super) fn block(&self) -> Option<&[u8]> {
+        match &self.content {
+            Content::Logged { buf, index } => {
+                let start = *index as usize * BLOCK_SIZE;
+                Some(&buf[start..start + BLOCK_SIZE])
+            }
+            Content::Placed { .. } => None,
+        }
     }
+
+    /// Whether `other` is this very version (not just an equal one).
+    fn same(&self, other: &Pending) -> bool {
+        self.seg == other.seg
+            && match (&self.content, &other.content) {
+                (Content::Logged { buf: a, index: i }, Content::Logged { buf: b, index: j }) => {
+                    Arc::ptr_eq(a, b) && i == j
+                }
+                (Content::Placed { gate: a }, Content::Placed { gate: b }) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+}
+
+/// What became of a version the checkpoint is about to copy.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Fate {
+    /// Still the newest version.
+    Current,
+    /// A placed version replaced it and its data is in place: copying the old version
+    /// would overwrite it.
+    PlacedOver,
+    /// Something else replaced it (or it is gone).
+    Replaced,
 }
 
 /// A block of a layer: the map's key.
@@ -61,12 +105,110 @@ impl PendingWrites {
                 (layer, start + i as u64),
                 Pending {
                     seg,
-                    buf: buf.clone(),
-                    index: i as u32,
                     hash: h,
+                    content: Content::Logged {
+                        buf: buf.clone(),
+                        index: i as u32,
+                    },
                 },
             );
         }
+    }
+
+    /// Publishes the blocks of one placed record (data going to its place under `gate`).
+    /// Returns the versions it replaced, block by block.
+    pub(super) fn publish_placed(
+        &self,
+        layer: LayerId,
+        start: u64,
+        seg: u64,
+        hashes: &[u8],
+        gate: &Gate,
+    ) -> Vec<Option<Pending>> {
+        let mut pending = self.map.write();
+        hashes
+            .chunks_exact(SUM_LEN)
+            .enumerate()
+            .map(|(i, hash)| {
+                let mut h = [0u8; SUM_LEN];
+                h.copy_from_slice(hash);
+                pending.insert(
+                    (layer, start + i as u64),
+                    Pending {
+                        seg,
+                        hash: h,
+                        content: Content::Placed { gate: gate.clone() },
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Undoes [`PendingWrites::publish_placed`] for a write that failed: each block still
+    /// holding that write's version gets back the version it replaced.
+    pub(super) fn unpublish_placed(
+        &self,
+        layer: LayerId,
+        start: u64,
+        gate: &Gate,
+        replaced: Vec<Option<Pending>>,
+    ) {
+        let mut pending = self.map.write();
+        for (i, old) in replaced.into_iter().enumerate() {
+            let k = (layer, start + i as u64);
+            let ours = pending.get(&k).is_some_and(
+                |p| matches!(&p.content, Content::Placed { gate: g } if Arc::ptr_eq(g, gate)),
+            );
+            if !ours {
+                continue;
+            }
+            match old {
+                Some(p) => {
+                    pending.insert(k, p);
+                }
+                None => {
+                    pending.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// Whether `p` is still the newest version of block `k`, and if not, whether the
+    /// newest is a placed version whose data is in place (its gate is free). Callers
+    /// hold `layer_writes` for writing, so no placed write is between taking that lock
+    /// and releasing its gate.
+    pub(super) fn fate(&self, k: &BlockKey, p: &Pending) -> Fate {
+        match self.map.read().get(k) {
+            Some(cur) if cur.same(p) => Fate::Current,
+            Some(Pending {
+                content: Content::Placed { gate },
+                ..
+            }) if gate.try_read().is_some() => Fate::PlacedOver,
+            _ => Fate::Replaced,
+        }
+    }
+
+    /// The blocks of `first..first+n` in `layer` whose newest version is placed (their
+    /// data is in the layer's data file while the table may still say otherwise).
+    pub(super) fn placed_among(&self, layer: LayerId, first: u64, n: u64) -> HashSet<u64> {
+        let pending = self.map.read();
+        let placed = |p: &Pending| matches!(p.content, Content::Placed { .. });
+        if n < pending.len() as u64 {
+            (first..first + n)
+                .filter(|b| pending.get(&(layer, *b)).is_some_and(placed))
+                .collect()
+        } else {
+            pending
+                .iter()
+                .filter(|((l, b), p)| *l == layer && (first..first + n).contains(b) && placed(p))
+                .map(|((_, b), _)| *b)
+                .collect()
+        }
+    }
+
+    /// Whether block `b` of `layer` has a pending version.
+    pub(super) fn contains(&self, layer: LayerId, b: u64) -> bool {
+        self.map.read().contains_key(&(layer, b))
     }
 
     /// Forgets blocks `first..first+n` of `layer` (a fill replaced them).
@@ -123,7 +265,7 @@ impl PendingWrites {
     pub(super) fn retire(&self, done: &[(BlockKey, Pending)]) {
         let mut pending = self.map.write();
         for (k, p) in done {
-            if pending.get(k).is_some_and(|cur| cur.seg == p.seg) {
+            if pending.get(k).is_some_and(|cur| cur.same(p)) {
                 pending.remove(k);
             }
         }

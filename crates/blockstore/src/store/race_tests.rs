@@ -170,21 +170,29 @@ fn a_failed_checkpoint_keeps_its_punches_for_the_next_one() {
     }
     assert!(s.checkpoint().is_err(), "the injected sync failure");
     events.lock().clear();
-    s.checkpoint().unwrap();
-
-    // The segment holding the trim's record may only go once its markers are durable.
-    let events = events.lock().clone();
-    let synced = events.iter().position(|p| matches!(p, Point::SyncLayer(_)));
-    let removed = events.iter().position(|p| matches!(p, Point::RemoveWal(_)));
+    // A failed sync is sticky: the kernel may have dropped the pages it was about, so no
+    // later checkpoint may count the trim's markers durable and delete its record.
+    assert!(matches!(s.checkpoint(), Err(StoreError::Degraded(_))));
     assert!(
-        matches!((synced, removed), (Some(a), Some(b)) if a < b),
-        "the WAL segment with the flushed trim was deleted without syncing its markers: {events:?}"
+        !events
+            .lock()
+            .iter()
+            .any(|p| matches!(p, Point::RemoveWal(_))),
+        "a checkpoint after a failed sync deleted WAL segments"
     );
+    drop(e);
+    drop(s);
+    // The restart replays the trim from the log it kept, and frees its space.
+    let s = quiet(dir.path());
     let after = s.volume_info("v").unwrap().allocated;
     assert!(
         after + 4 * MIB <= before,
         "the trim's space was never freed: {before} -> {after}"
     );
+    let e = s.open_export("v").unwrap();
+    let mut got = vec![1u8; BLOCK_SIZE];
+    e.read_at(2 * MIB, &mut got).unwrap();
+    assert_eq!(got, vec![0u8; BLOCK_SIZE]);
 }
 
 /// Appends one data record writing `fill` into block `block` of layer 1.

@@ -3,17 +3,25 @@
 
 use std::sync::Arc;
 
-use super::pending::Pending;
+use super::pending::{Content, Gate, Pending};
 use super::{block_range, Store};
 use crate::error::{Result, StoreError};
 use crate::format::{block_hash, BlockEntry, BLOCK, BLOCK_SIZE, SUM_LEN};
 use crate::hooks::Point;
 use crate::layer::LayerFiles;
 
+/// How often a read is tried before a checksum mismatch counts as corruption: each retry
+/// follows a write or checkpoint that changed the block under the read, which needs
+/// overlapping writes to the same block to keep coming.
+const READ_ATTEMPTS: usize = 4;
+
 /// Where one block's current content comes from.
 pub(super) enum Source {
     /// The pending-write map (logged, not yet in its layer file).
     Pending(Pending),
+    /// A placed write's data, in place in the layer at this depth, with its checksum;
+    /// readable once the gate can be taken for reading.
+    Placed(usize, [u8; SUM_LEN], Gate),
     /// The layer at this depth of the chain, with the checksum its table holds.
     Layer(usize, [u8; SUM_LEN]),
     /// Nothing stored, or a fill marker: reads as zeroes.
@@ -34,7 +42,10 @@ impl Store {
             left -= self
                 .inner
                 .pending
-                .fill_slots(layer.id, first, &mut out, Source::Pending);
+                .fill_slots(layer.id, first, &mut out, |p| match &p.content {
+                    Content::Placed { gate } => Source::Placed(depth, p.hash, gate.clone()),
+                    Content::Logged { .. } => Source::Pending(p),
+                });
             if left == 0 {
                 break;
             }
@@ -67,11 +78,13 @@ impl Store {
 
     /// Reads `buf.len()` bytes at `offset` through `chain`.
     ///
-    /// Reads take no lock the checkpoint excludes: between looking up a block's checksum
-    /// and reading its data, the checkpoint may copy a newer version in (data first, then
-    /// checksum) or punch it out under a durable trim marker. So a mismatch is first taken
-    /// for that race: the whole read is done again while the checkpoint is kept from
-    /// changing layer files, and only a mismatch then is corruption.
+    /// Reads take no lock the checkpoint or a placed write excludes: between looking up a
+    /// block's checksum and reading its data, the checkpoint may copy a newer version in
+    /// (data first, then checksum) or punch it out under a durable trim marker, and a
+    /// placed write may overwrite it in place (after publishing its new checksum). So a
+    /// mismatch is first taken for such a race: the read is done again, looking the
+    /// sources up afresh, while the checkpoint is kept from changing layer files. A
+    /// mismatch that persists through [`READ_ATTEMPTS`] tries is corruption.
     pub(super) fn read_chain(
         &self,
         chain: &[Arc<LayerFiles>],
@@ -81,17 +94,18 @@ impl Store {
         if buf.is_empty() {
             return Ok(());
         }
-        match self.read_chain_once(chain, offset, buf) {
-            Err(StoreError::Corrupt { .. }) => {
-                let _stable = self.inner.layer_writes.read();
-                let again = self.read_chain_once(chain, offset, buf);
-                if let Err(StoreError::Corrupt { layer, block }) = &again {
-                    tracing::error!(layer, block, "checksum mismatch on read");
-                }
-                again
+        let mut result = self.read_chain_once(chain, offset, buf);
+        for _ in 1..READ_ATTEMPTS {
+            if !matches!(result, Err(StoreError::Corrupt { .. })) {
+                return result;
             }
-            done => done,
+            let _stable = self.inner.layer_writes.read();
+            result = self.read_chain_once(chain, offset, buf);
         }
+        if let Err(StoreError::Corrupt { layer, block }) = &result {
+            tracing::error!(layer, block, "checksum mismatch on read");
+        }
+        result
     }
 
     /// One attempt of [`Store::read_chain`]: resolve, then read and verify.
@@ -132,28 +146,43 @@ impl Store {
                     i += 1;
                 }
                 Source::Pending(p) => {
-                    blocks[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].copy_from_slice(p.block());
+                    let out = &mut blocks[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+                    match p.block() {
+                        Some(b) => out.copy_from_slice(b),
+                        None => out.fill(0),
+                    }
                     i += 1;
                 }
-                Source::Layer(depth, _) => {
+                Source::Layer(depth, _) | Source::Placed(depth, _, _) => {
+                    let depth = *depth;
                     let mut j = i + 1;
-                    while j < sources.len()
-                        && matches!(&sources[j], Source::Layer(d, _) if d == depth)
-                    {
+                    while j < sources.len() && sources[j].depth() == Some(depth) {
                         j += 1;
                     }
-                    let layer = &chain[*depth];
+                    // A placed write's data is readable once its writer let go of the gate.
+                    let mut gates: Vec<&Gate> = Vec::new();
+                    for s in &sources[i..j] {
+                        if let Source::Placed(_, _, g) = s {
+                            if !gates.last().is_some_and(|l| Arc::ptr_eq(l, g)) {
+                                gates.push(g);
+                            }
+                        }
+                    }
+                    let _open: Vec<_> = gates.iter().map(|g| g.read()).collect();
+                    let layer = &chain[depth];
                     let out = &mut blocks[i * BLOCK_SIZE..j * BLOCK_SIZE];
                     layer.read_blocks(b0 + i as u64, out)?;
                     for (k, block) in out.chunks_exact(BLOCK_SIZE).enumerate() {
-                        if let Source::Layer(_, h) = &sources[i + k] {
-                            if block_hash(block) != *h {
-                                let b = b0 + (i + k) as u64;
-                                return Err(StoreError::Corrupt {
-                                    layer: layer.id,
-                                    block: b,
-                                });
-                            }
+                        let want = match &sources[i + k] {
+                            Source::Layer(_, h) | Source::Placed(_, h, _) => h,
+                            _ => continue,
+                        };
+                        if block_hash(block) != *want {
+                            let b = b0 + (i + k) as u64;
+                            return Err(StoreError::Corrupt {
+                                layer: layer.id,
+                                block: b,
+                            });
                         }
                     }
                     i = j;
@@ -161,5 +190,15 @@ impl Store {
             }
         }
         Ok(())
+    }
+}
+
+impl Source {
+    /// The depth of the layer whose data file holds the block, for sources read from one.
+    fn depth(&self) -> Option<usize> {
+        match self {
+            Source::Layer(d, _) | Source::Placed(d, _, _) => Some(*d),
+            Source::Pending(_) | Source::Zero => None,
+        }
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use super::checkpoint::punch_markers;
 use crate::catalog::{Catalog, LayerId};
 use crate::error::{Result, StoreError};
-use crate::format::RecordKind;
+use crate::format::{block_hash, BlockEntry, FillKind, RecordKind, BLOCK_SIZE, SUM_LEN};
 use crate::layer::LayerFiles;
 use crate::wal::{self, SegmentEnd};
 
@@ -40,38 +40,202 @@ pub(super) fn remove_stray_layers(layer_dir: &Path, cat: &Catalog) -> Result<()>
     Ok(())
 }
 
+/// One version of a block that a placed record touched, in log order.
+enum Version {
+    /// A placed write's checksum: current if the data in place matches it.
+    Placed([u8; SUM_LEN]),
+    /// A logged write, with its data.
+    Logged([u8; SUM_LEN], Vec<u8>),
+    /// A fill.
+    Fill(FillKind),
+}
+
 /// Replays every WAL segment into the layer files, makes them durable and deletes the
 /// segments. Returns the number for the next segment.
+///
+/// Logged writes and fills are replayed in log order (idempotent). Blocks that a placed
+/// write touched are settled after, newest version first: a placed version counts only if
+/// the data in place matches its checksum (a flush syncs placed data before the log, so
+/// every flushed placed write matches); otherwise the write was never flushed and the
+/// version before it stands. See `docs/storage.md`, "Large writes".
 pub(super) fn recover(wal_dir: &Path, layers: &HashMap<LayerId, Arc<LayerFiles>>) -> Result<u64> {
     let segs = wal::list_segments(wal_dir)?;
     let Some(last) = segs.last().copied() else {
         return Ok(1);
     };
+    // Pass 1: which blocks did placed writes touch, and what did the table say of them?
+    let mut touched: HashMap<(LayerId, u64), Vec<Version>> = HashMap::new();
+    scan(wal_dir, &segs, false, |rec| {
+        if rec.header.kind == RecordKind::Placed {
+            for b in 0..u64::from(rec.header.nblocks) {
+                touched
+                    .entry((rec.header.layer, rec.header.first_block + b))
+                    .or_default();
+            }
+        }
+        Ok(())
+    })?;
+    let mut before: HashMap<(LayerId, u64), BlockEntry> = HashMap::new();
+    for &(layer, b) in touched.keys() {
+        if let Some(files) = layers.get(&layer) {
+            let e = files
+                .read_entries(b, 1)?
+                .first()
+                .copied()
+                .unwrap_or(BlockEntry::Absent);
+            before.insert((layer, b), e);
+        }
+    }
+    // Pass 2: replay, keeping the versions of touched blocks aside.
     let mut punches = Vec::new();
     let mut records = 0u64;
+    scan(wal_dir, &segs, true, |rec| {
+        let h = rec.header;
+        if h.kind == RecordKind::Seal {
+            return Ok(());
+        }
+        records += 1;
+        let Some(files) = layers.get(&h.layer) else {
+            return Ok(()); // the layer was deleted after this write
+        };
+        let n = u64::from(h.nblocks);
+        match h.kind {
+            RecordKind::Data => {
+                let mut i = 0u64;
+                while i < n {
+                    let key = (h.layer, h.first_block + i);
+                    if let Some(versions) = touched.get_mut(&key) {
+                        let (lo, hi) = (i as usize * BLOCK_SIZE, (i as usize + 1) * BLOCK_SIZE);
+                        let sum = &rec.hashes[i as usize * SUM_LEN..(i as usize + 1) * SUM_LEN];
+                        versions.push(Version::Logged(to_sum(sum), rec.data[lo..hi].to_vec()));
+                        i += 1;
+                        continue;
+                    }
+                    let mut j = i + 1;
+                    while j < n && !touched.contains_key(&(h.layer, h.first_block + j)) {
+                        j += 1;
+                    }
+                    let (lo, hi) = (i as usize, j as usize);
+                    files.write_blocks(
+                        h.first_block + i,
+                        &rec.data[lo * BLOCK_SIZE..hi * BLOCK_SIZE],
+                    )?;
+                    files.write_entries(
+                        h.first_block + i,
+                        &rec.hashes[lo * SUM_LEN..hi * SUM_LEN],
+                    )?;
+                    i = j;
+                }
+                Ok(())
+            }
+            RecordKind::Fill(kind) => {
+                files.fill_entries(h.first_block, n, kind)?;
+                punches.push((h.layer, h.first_block, n));
+                let range = h.first_block..h.first_block + n;
+                for ((l, b), versions) in touched.iter_mut() {
+                    if *l == h.layer && range.contains(b) {
+                        versions.push(Version::Fill(kind));
+                    }
+                }
+                Ok(())
+            }
+            RecordKind::Placed => {
+                for (i, sum) in rec.hashes.chunks_exact(SUM_LEN).enumerate() {
+                    if let Some(versions) = touched.get_mut(&(h.layer, h.first_block + i as u64)) {
+                        versions.push(Version::Placed(to_sum(sum)));
+                    }
+                }
+                Ok(())
+            }
+            RecordKind::Seal => Ok(()),
+        }
+    })?;
+    settle(layers, touched, &before)?;
+    for files in layers.values() {
+        files.sync()?;
+    }
+    for (layer, first, count) in punches {
+        if let Some(files) = layers.get(&layer) {
+            punch_markers(files, first, count, |_| false)?;
+        }
+    }
+    wal::remove_segments(wal_dir, &segs)?;
+    if records > 0 {
+        tracing::info!(
+            records,
+            segments = segs.len(),
+            "replayed the write-ahead log"
+        );
+    }
+    Ok(last + 1)
+}
+
+fn to_sum(raw: &[u8]) -> [u8; SUM_LEN] {
+    let mut s = [0u8; SUM_LEN];
+    s.copy_from_slice(raw);
+    s
+}
+
+/// Decides the content of every block a placed write touched: the newest version whose
+/// data is there (placed) or can be put there (logged, fill); failing all, what the
+/// table said before the replay.
+fn settle(
+    layers: &HashMap<LayerId, Arc<LayerFiles>>,
+    touched: HashMap<(LayerId, u64), Vec<Version>>,
+    before: &HashMap<(LayerId, u64), BlockEntry>,
+) -> Result<()> {
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    for ((layer, b), versions) in touched {
+        let Some(files) = layers.get(&layer) else {
+            continue;
+        };
+        files.read_blocks(b, &mut buf)?;
+        let in_place = block_hash(&buf);
+        let mut entry = None;
+        for v in versions.iter().rev() {
+            match v {
+                Version::Placed(h) if *h == in_place => {
+                    entry = Some(BlockEntry::Data(*h));
+                }
+                Version::Placed(_) => continue,
+                Version::Logged(h, data) => {
+                    files.write_blocks(b, data)?;
+                    entry = Some(BlockEntry::Data(*h));
+                }
+                Version::Fill(kind) => entry = Some(kind.entry()),
+            }
+            break;
+        }
+        let entry = match (entry, before.get(&(layer, b))) {
+            (Some(e), _) => e,
+            (None, Some(BlockEntry::Data(h))) if *h != in_place => {
+                // A placed write that was never flushed overwrote the block and was cut
+                // short: what is there is part old, part new, like a disk's torn write.
+                tracing::warn!(
+                    layer,
+                    block = b,
+                    "a write cut short by the crash left the block torn; keeping what is on disk"
+                );
+                BlockEntry::Data(in_place)
+            }
+            (None, Some(e)) => *e,
+            (None, None) => BlockEntry::Absent,
+        };
+        files.write_entries(b, &entry.encode())?;
+    }
+    Ok(())
+}
+
+/// Reads the records of `segs` in order, calling `apply` for each valid one, and stops
+/// where a crash cut the log (see docs/storage.md, "Sealing a segment").
+fn scan(
+    wal_dir: &Path,
+    segs: &[u64],
+    report: bool,
+    mut apply: impl FnMut(wal::ReadRecord) -> Result<()>,
+) -> Result<()> {
     for (i, &seg) in segs.iter().enumerate() {
-        let end = wal::replay_segment(wal_dir, seg, |rec| {
-            let h = rec.header;
-            if h.kind == RecordKind::Seal {
-                return Ok(());
-            }
-            records += 1;
-            let Some(files) = layers.get(&h.layer) else {
-                return Ok(()); // the layer was deleted after this write
-            };
-            match h.kind {
-                RecordKind::Data => {
-                    files.write_blocks(h.first_block, &rec.data)?;
-                    files.write_entries(h.first_block, &rec.hashes)
-                }
-                RecordKind::Fill(kind) => {
-                    files.fill_entries(h.first_block, u64::from(h.nblocks), kind)?;
-                    punches.push((h.layer, h.first_block, u64::from(h.nblocks)));
-                    Ok(())
-                }
-                RecordKind::Seal => Ok(()),
-            }
-        })?;
+        let end = wal::replay_segment(wal_dir, seg, &mut apply)?;
         let SegmentEnd::Torn { offset, reason } = end else {
             continue;
         };
@@ -90,26 +254,14 @@ pub(super) fn recover(wal_dir: &Path, layers: &HashMap<LayerId, Arc<LayerFiles>>
             // A crash while a rotation synced this segment: no flush completed after
             // the rotation (a flush waits for the seal), so nothing from here on was
             // flushed, and no checkpoint copied any of it (it waits for the seal too).
-            tracing::warn!(segment = seg, offset, %reason, later = segs.len() - i - 1, "WAL segment ends in an incomplete record and was never sealed (crash during a rotation); it and later segments are dropped from there");
+            if report {
+                tracing::warn!(segment = seg, offset, %reason, later = segs.len() - i - 1, "WAL segment ends in an incomplete record and was never sealed (crash during a rotation); it and later segments are dropped from there");
+            }
             break;
         }
-        tracing::warn!(segment = seg, offset, %reason, "WAL ends in an incomplete record (crash before flush); it is dropped");
-    }
-    for files in layers.values() {
-        files.sync()?;
-    }
-    for (layer, first, count) in punches {
-        if let Some(files) = layers.get(&layer) {
-            punch_markers(files, first, count)?;
+        if report {
+            tracing::warn!(segment = seg, offset, %reason, "WAL ends in an incomplete record (crash before flush); it is dropped");
         }
     }
-    wal::remove_segments(wal_dir, &segs)?;
-    if records > 0 {
-        tracing::info!(
-            records,
-            segments = segs.len(),
-            "replayed the write-ahead log"
-        );
-    }
-    Ok(last + 1)
+    Ok(())
 }

@@ -26,6 +26,10 @@ use crate::proto::{
 
 /// Requests at least this large run on their own task when others are queued behind them.
 const PARALLEL_MIN: u32 = 64 * 1024;
+/// Writes at least this large may wait for a sync (a block store writing large requests
+/// in place first makes their record durable when they overwrite data), so they run on
+/// the blocking pool like FLUSH, not on an async worker.
+const PLACED_WRITE_MIN: u32 = 64 * 1024;
 
 /// The connection's write half, shared by the replies of concurrent requests.
 pub(super) type Writer<S> = Arc<Mutex<BufWriter<tokio::io::WriteHalf<S>>>>;
@@ -109,7 +113,11 @@ where
         match cmd {
             Command::Disconnect => break Ok(()),
             Command::Read { .. }
-            | Command::Write { fua: false, .. }
+            | Command::Write {
+                fua: false,
+                len: 0..PLACED_WRITE_MIN,
+                ..
+            }
             | Command::BlockStatus { .. } => {
                 let big = matches!(cmd, Command::Read { len, .. } | Command::Write { len, .. } if len >= PARALLEL_MIN);
                 if !big || r.buffer().is_empty() {

@@ -1,0 +1,365 @@
+//! Large writes that go straight to their place (issue #9, "write once"): what recovery
+//! keeps after a crash, the sync that must come before overwriting data in place, the
+//! checkpoint racing a placed write, and sticky sync failures.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::write::PLACED_MIN;
+use super::{Store, StoreOptions};
+use crate::error::StoreError;
+use crate::format::{
+    block_hash, BlockEntry, FillKind, RecordHeader, RecordKind, BLOCK, BLOCK_SIZE,
+};
+use crate::hooks::{pause, Point};
+use crate::layer::LayerFiles;
+use crate::wal::Wal;
+
+const MIB: u64 = 1 << 20;
+/// Blocks in one placed write of the tests.
+const N: usize = PLACED_MIN / BLOCK_SIZE;
+
+fn quiet(dir: &std::path::Path) -> Store {
+    let opts = StoreOptions {
+        checkpoint_interval: Duration::from_secs(3600),
+        ..StoreOptions::default()
+    };
+    Store::open(dir, opts).unwrap()
+}
+
+fn filled(b: u8, blocks: usize) -> Vec<u8> {
+    vec![b; blocks * BLOCK_SIZE]
+}
+
+fn read(e: &crate::Export, off: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0xEE; len];
+    e.read_at(off, &mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn placed_writes_read_back_across_checkpoint_snapshot_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = quiet(dir.path());
+        s.create_volume("v", 4 * MIB).unwrap();
+        let e = s.open_export("v").unwrap();
+        e.write_at(0, &filled(1, N), false).unwrap();
+        assert_eq!(read(&e, 0, N * BLOCK_SIZE), filled(1, N));
+        s.checkpoint().unwrap();
+        assert_eq!(read(&e, 0, N * BLOCK_SIZE), filled(1, N));
+        s.create_snapshot("v", "s").unwrap();
+        // Over the snapshot: the new top layer holds nothing yet (a hole).
+        e.write_at(BLOCK, &filled(2, N), false).unwrap();
+        // A small logged write over placed data, then placed over logged.
+        e.write_at(2 * BLOCK, &filled(3, 1), false).unwrap();
+        e.write_at(4 * BLOCK, &filled(4, 1), false).unwrap();
+        e.write_at(3 * BLOCK, &filled(5, N), false).unwrap();
+        e.flush().unwrap();
+    }
+    let s = quiet(dir.path());
+    let e = s.open_export("v").unwrap();
+    let mut expect = filled(1, N);
+    expect.resize((N + 4) * BLOCK_SIZE, 0);
+    expect[BLOCK_SIZE..(N + 1) * BLOCK_SIZE].fill(2);
+    expect[2 * BLOCK_SIZE..3 * BLOCK_SIZE].fill(3);
+    expect[3 * BLOCK_SIZE..(N + 3) * BLOCK_SIZE].fill(5);
+    assert!(
+        read(&e, 0, expect.len()) == expect,
+        "volume content after reopen"
+    );
+    let snap = s.open_export("v@s").unwrap();
+    let mut old = filled(1, N);
+    old.resize((N + 4) * BLOCK_SIZE, 0);
+    assert!(read(&snap, 0, old.len()) == old, "snapshot content");
+    assert!(s.scrub().unwrap().bad.is_empty());
+}
+
+#[test]
+fn overwriting_data_in_place_waits_for_its_record_to_be_durable_but_a_hole_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = quiet(dir.path());
+    s.create_volume("v", 4 * MIB).unwrap();
+    let e = s.open_export("v").unwrap();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    {
+        let events = events.clone();
+        s.inner.hooks.set(move |p| {
+            events.lock().push(p);
+            Ok(())
+        });
+    }
+    e.write_at(0, &filled(1, N), false).unwrap();
+    assert!(
+        !events.lock().contains(&Point::WalSync),
+        "a write into a hole synced the log: {:?}",
+        events.lock()
+    );
+    s.checkpoint().unwrap();
+    events.lock().clear();
+    e.write_at(0, &filled(2, N), false).unwrap();
+    let ev = events.lock().clone();
+    let logged = ev.iter().position(|p| *p == Point::PlacedLogged);
+    let synced = ev.iter().position(|p| *p == Point::WalSync);
+    assert!(
+        matches!((logged, synced), (Some(a), Some(b)) if a < b),
+        "overwriting checksummed data in place did not sync its record first: {ev:?}"
+    );
+    // And overwriting a placed write's data that is not checkpointed yet.
+    events.lock().clear();
+    e.write_at(0, &filled(3, N), false).unwrap();
+    assert!(events.lock().contains(&Point::WalSync));
+    assert_eq!(read(&e, 0, N * BLOCK_SIZE), filled(3, N));
+}
+
+#[test]
+fn a_read_during_a_placed_write_waits_for_the_data_instead_of_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = quiet(dir.path());
+    s.create_volume("v", 4 * MIB).unwrap();
+    let e = s.open_export("v").unwrap();
+    e.write_at(0, &filled(1, N), false).unwrap();
+    s.checkpoint().unwrap();
+
+    let paused = pause::first(&s.inner.hooks, |p| p == Point::PlacedLogged);
+    let writer = {
+        let e = s.open_export("v").unwrap();
+        std::thread::spawn(move || e.write_at(0, &filled(2, N), false))
+    };
+    paused.reached();
+    // The new checksums are published, the data is not in place: the read must wait for
+    // it (the gate), not compare the new checksum with the old data.
+    let reader = {
+        let e = s.open_export("v").unwrap();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; BLOCK_SIZE];
+            e.read_at(5 * BLOCK, &mut buf).map(|()| buf)
+        })
+    };
+    paused.release();
+    writer.join().unwrap().unwrap();
+    let got = reader.join().unwrap().expect("the read failed");
+    assert_eq!(got, filled(2, 1));
+}
+
+#[test]
+fn a_checkpoint_never_copies_an_older_logged_block_over_placed_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = quiet(dir.path());
+    s.create_volume("v", 4 * MIB).unwrap();
+    let e = s.open_export("v").unwrap();
+    // A small (logged) write, chosen by the checkpoint ...
+    e.write_at(0, &filled(1, 1), false).unwrap();
+    let paused = pause::first(&s.inner.hooks, |p| p == Point::CheckpointChose);
+    let cp = {
+        let s = s.clone();
+        std::thread::spawn(move || s.checkpoint())
+    };
+    paused.reached();
+    // ... then replaced by a placed write whose data lands before the copy.
+    e.write_at(0, &filled(2, N), false).unwrap();
+    paused.release();
+    cp.join().unwrap().unwrap();
+    assert_eq!(read(&e, 0, BLOCK_SIZE), filled(2, 1), "live read");
+    s.checkpoint().unwrap();
+    assert_eq!(
+        read(&e, 0, BLOCK_SIZE),
+        filled(2, 1),
+        "after the next checkpoint"
+    );
+    drop(e);
+    drop(s);
+    let s = quiet(dir.path());
+    let e = s.open_export("v").unwrap();
+    assert_eq!(read(&e, 0, N * BLOCK_SIZE), filled(2, N), "after reopen");
+}
+
+#[test]
+fn a_failed_sync_fails_every_later_flush_and_stops_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = quiet(dir.path());
+        s.create_volume("v", 4 * MIB).unwrap();
+        let e = s.open_export("v").unwrap();
+        e.write_at(0, &filled(1, 2), false).unwrap();
+        let fail_once = Arc::new(AtomicBool::new(true));
+        {
+            let fail_once = fail_once.clone();
+            s.inner.hooks.set(move |p| match p {
+                Point::WalSync if fail_once.swap(false, Ordering::SeqCst) => {
+                    Err(std::io::Error::from_raw_os_error(nix::libc::EIO))
+                }
+                _ => Ok(()),
+            });
+        }
+        assert!(e.flush().is_err(), "the injected failure");
+        assert!(s.degraded().is_some());
+        // The next sync would succeed, but the pages the failed one was about may be
+        // gone: the store must not say they are durable.
+        assert!(matches!(e.flush(), Err(StoreError::Degraded(_))));
+        assert!(matches!(
+            e.write_at(0, &filled(2, 1), true),
+            Err(StoreError::Degraded(_))
+        ));
+        assert!(matches!(s.checkpoint(), Err(StoreError::Degraded(_))));
+        assert_eq!(read(&e, 0, BLOCK_SIZE), filled(2, 1), "reads go on");
+    }
+    // A restart replays the log the checkpoint kept.
+    let s = quiet(dir.path());
+    assert!(s.degraded().is_none());
+    let e = s.open_export("v").unwrap();
+    assert_eq!(read(&e, BLOCK, BLOCK_SIZE), filled(1, 1));
+    e.flush().unwrap();
+}
+
+/// A data directory with layer 1 whose block `b` holds `old` (checksummed), and a log
+/// whose records the test appends; `recover` then settles them.
+struct Crash {
+    dir: tempfile::TempDir,
+    layer: Arc<LayerFiles>,
+    wal: Wal,
+}
+
+impl Crash {
+    fn new() -> Crash {
+        let dir = tempfile::tempdir().unwrap();
+        let layer_dir = dir.path().join("layers");
+        let wal_dir = dir.path().join("wal");
+        std::fs::create_dir_all(&layer_dir).unwrap();
+        std::fs::create_dir_all(&wal_dir).unwrap();
+        let layer = Arc::new(LayerFiles::open(&layer_dir, 1, true).unwrap());
+        let wal = Wal::create(&wal_dir, 1).unwrap();
+        Crash { dir, layer, wal }
+    }
+
+    /// Block 0 as checkpointed data.
+    fn stored(&self, b: u8) {
+        let d = filled(b, 1);
+        self.layer.write_blocks(0, &d).unwrap();
+        self.layer.write_entries(0, &block_hash(&d)).unwrap();
+    }
+
+    fn record(&self, kind: RecordKind, data: &[u8], hashes: &[u8]) {
+        let header = RecordHeader {
+            kind,
+            nblocks: 1,
+            segment: 0,
+            layer: 1,
+            first_block: 0,
+            generation: 1,
+        };
+        self.wal.append(&header, hashes, data, |_| ()).unwrap();
+    }
+
+    fn logged(&self, b: u8) {
+        let d = filled(b, 1);
+        self.record(RecordKind::Data, &d, &block_hash(&d));
+    }
+
+    /// A placed record for content `b`; `lands` says whether its data reached its place.
+    fn placed(&self, b: u8, lands: bool) {
+        let d = filled(b, 1);
+        self.record(RecordKind::Placed, &[], &block_hash(&d));
+        if lands {
+            self.layer.write_blocks(0, &d).unwrap();
+        }
+    }
+
+    /// Recovers and returns block 0's entry and data.
+    fn recover(self) -> (BlockEntry, Vec<u8>) {
+        self.wal.sync().unwrap();
+        let layers = HashMap::from([(1, self.layer.clone())]);
+        super::recovery::recover(&self.dir.path().join("wal"), &layers).unwrap();
+        let entry = self.layer.read_entries(0, 1).unwrap()[0];
+        let mut data = vec![0u8; BLOCK_SIZE];
+        self.layer.read_blocks(0, &mut data).unwrap();
+        (entry, data)
+    }
+}
+
+fn data_of(b: u8) -> (BlockEntry, Vec<u8>) {
+    let d = filled(b, 1);
+    (BlockEntry::Data(block_hash(&d)), d)
+}
+
+#[test]
+fn recovery_keeps_a_placed_write_whose_data_landed() {
+    let c = Crash::new();
+    c.stored(1);
+    c.placed(2, true);
+    assert_eq!(c.recover(), data_of(2));
+}
+
+#[test]
+fn recovery_keeps_the_old_block_when_a_placed_write_did_not_land() {
+    let c = Crash::new();
+    c.stored(1);
+    c.placed(2, false);
+    assert_eq!(c.recover(), data_of(1));
+}
+
+#[test]
+fn recovery_falls_back_to_the_logged_version_a_lost_placed_write_replaced() {
+    let c = Crash::new();
+    c.stored(1);
+    c.logged(2);
+    c.placed(3, false);
+    assert_eq!(c.recover(), data_of(2), "the flushed logged write survives");
+}
+
+#[test]
+fn recovery_takes_the_newest_of_several_placed_versions_that_matches() {
+    let c = Crash::new();
+    c.placed(1, true);
+    c.placed(2, false);
+    assert_eq!(c.recover(), data_of(1));
+}
+
+#[test]
+fn recovery_lets_a_later_logged_write_or_fill_win_over_placed_data() {
+    let c = Crash::new();
+    c.placed(1, true);
+    c.logged(2);
+    assert_eq!(c.recover(), data_of(2));
+
+    let c = Crash::new();
+    c.placed(1, true);
+    let header = RecordHeader {
+        kind: RecordKind::Fill(FillKind::Zero),
+        nblocks: 4,
+        segment: 0,
+        layer: 1,
+        first_block: 0,
+        generation: 1,
+    };
+    c.wal.append(&header, &[], &[], |_| ()).unwrap();
+    assert_eq!(c.recover().0, BlockEntry::Zero);
+}
+
+#[test]
+fn recovery_keeps_a_torn_unflushed_overwrite_as_on_disk_instead_of_failing_reads() {
+    let c = Crash::new();
+    c.stored(1);
+    c.placed(2, false);
+    // Half the block reached the disk.
+    c.layer.write_blocks(0, &filled(2, 1)[..]).unwrap();
+    let mut torn = filled(1, 1);
+    torn[..BLOCK_SIZE / 2].fill(2);
+    c.layer.write_blocks(0, &torn).unwrap();
+    let (entry, data) = c.recover();
+    assert_eq!(data, torn);
+    assert_eq!(entry, BlockEntry::Data(block_hash(&torn)));
+}
+
+#[test]
+fn a_placed_write_into_a_hole_that_did_not_land_leaves_the_block_absent() {
+    let c = Crash::new();
+    c.placed(2, false);
+    let (entry, _) = c.recover();
+    assert_eq!(entry, BlockEntry::Absent);
+    let _ = BLOCK;
+}
