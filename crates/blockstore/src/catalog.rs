@@ -1,10 +1,11 @@
 //! The catalog: which volumes, snapshots and layers exist. Small, changed rarely, and
-//! replaced atomically (write, fsync, rename, fsync the directory) on every change.
+//! replaced atomically (write a temporary file, fsync it, rename it over the catalog, fsync
+//! the directory) on every change.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -83,11 +84,12 @@ impl Default for Catalog {
 }
 
 impl Catalog {
-    /// Loads the catalog, or an empty one when the file does not exist yet.
-    pub fn load(path: &Path) -> Result<Catalog> {
+    /// Loads the catalog; `None` when the file does not exist. Whether that means a new
+    /// store or a lost catalog is the caller's decision (see `Store::open`).
+    pub fn load(path: &Path) -> Result<Option<Catalog>> {
         let text = match fs::read(path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Catalog::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StoreError::io(format!("reading {}", path.display()), e)),
         };
         let bad = |reason: String| StoreError::BadCatalog {
@@ -99,12 +101,37 @@ impl Catalog {
             return Err(bad(format!("unsupported version {}", cat.version)));
         }
         cat.check().map_err(bad)?;
-        Ok(cat)
+        Ok(Some(cat))
+    }
+
+    /// The temporary file [`Catalog::save`] writes before renaming it over `path`.
+    pub fn temp_path(path: &Path) -> PathBuf {
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(".tmp");
+        path.with_file_name(name)
+    }
+
+    /// Removes a temporary file left by a save that a crash interrupted before its rename.
+    /// It is never read: the rename is what makes a new catalog, and it did not happen.
+    pub fn discard_temp(path: &Path) -> Result<()> {
+        let tmp = Self::temp_path(path);
+        match fs::remove_file(&tmp) {
+            Ok(()) => {
+                tracing::info!(path = %tmp.display(), "removed the temporary catalog of an interrupted save");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::io(format!("removing {}", tmp.display()), e)),
+        }
     }
 
     /// Writes the catalog so that after a crash either the old or the new one is found.
+    ///
+    /// The new text goes to a temporary file which is synced before it is renamed over the
+    /// catalog (so the name never points at a partly written file), and the directory is
+    /// synced after (so the rename itself survives a power cut).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("json.tmp");
+        let tmp = Self::temp_path(path);
         let text = serde_json::to_vec_pretty(self).map_err(|e| StoreError::BadCatalog {
             path: path.display().to_string(),
             reason: e.to_string(),
@@ -305,11 +332,71 @@ mod tests {
     fn save_and_load_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog.json");
-        assert_eq!(Catalog::load(&path).unwrap(), Catalog::default());
+        assert_eq!(
+            Catalog::load(&path).unwrap(),
+            None,
+            "no file is not an empty catalog"
+        );
         let mut c = Catalog::default();
         c.new_layer(None);
         c.save(&path).unwrap();
-        assert_eq!(Catalog::load(&path).unwrap(), c);
+        assert_eq!(Catalog::load(&path).unwrap(), Some(c));
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            ["catalog.json"],
+            "the temporary file was renamed away"
+        );
+    }
+
+    #[test]
+    fn a_temporary_file_left_by_a_crash_is_never_read_and_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.json");
+        let tmp = Catalog::temp_path(&path);
+        assert_eq!(tmp, dir.path().join("catalog.json.tmp"));
+        let mut c = Catalog::default();
+        c.new_layer(None);
+        c.save(&path).unwrap();
+        // A save cut short before its rename: half a file under the temporary name.
+        fs::write(&tmp, b"{\"version\": 1, \"next_la").unwrap();
+        assert_eq!(Catalog::load(&path).unwrap(), Some(c.clone()));
+        Catalog::discard_temp(&path).unwrap();
+        assert!(!tmp.exists());
+        Catalog::discard_temp(&path).unwrap();
+        // The next save overwrites any leftover all the same.
+        fs::write(&tmp, b"garbage").unwrap();
+        c.new_layer(None);
+        c.save(&path).unwrap();
+        assert_eq!(Catalog::load(&path).unwrap(), Some(c));
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn unreadable_or_malformed_catalogs_are_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.json");
+        fs::create_dir(&path).unwrap();
+        let err = Catalog::load(&path).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        fs::remove_dir(&path).unwrap();
+        for text in [
+            &b""[..],
+            b"{",
+            b"[]",
+            b"{\"version\": 2, \"next_layer\": 1, \"layers\": {}, \"volumes\": {}}",
+        ] {
+            fs::write(&path, text).unwrap();
+            let err = Catalog::load(&path).unwrap_err();
+            assert!(matches!(err, StoreError::BadCatalog { .. }), "{err}");
+            assert!(
+                err.to_string().contains(&path.display().to_string()),
+                "{err}"
+            );
+        }
     }
 
     #[test]

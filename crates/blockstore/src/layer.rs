@@ -32,21 +32,36 @@ fn paths(dir: &Path, id: LayerId) -> (PathBuf, PathBuf) {
 }
 
 impl LayerFiles {
-    /// Opens (or with `create`, creates) the files of layer `id` under `dir`.
+    /// Opens the files of layer `id` under `dir`.
+    ///
+    /// With `create`, missing files are created (a new layer). Without it, a missing file
+    /// is an error naming it: a layer the catalog lists must never come back empty, which
+    /// would serve its blocks as zeroes or as those of the layer below.
     pub fn open(dir: &Path, id: LayerId, create: bool) -> Result<LayerFiles> {
         let (data_path, sums_path) = paths(dir, id);
-        let open = |p: &Path| {
+        let open = |p: &Path, what: &str| {
             OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(create)
                 .open(p)
-                .map_err(|e| StoreError::io(format!("opening {}", p.display()), e))
+                .map_err(|e| {
+                    let context = if e.kind() == std::io::ErrorKind::NotFound {
+                        format!(
+                            "opening {} ({what} of layer {id}, which the catalog lists; \
+                             it is not recreated empty)",
+                            p.display()
+                        )
+                    } else {
+                        format!("opening {}", p.display())
+                    };
+                    StoreError::io(context, e)
+                })
         };
         Ok(LayerFiles {
             id,
-            data: open(&data_path)?,
-            sums: open(&sums_path)?,
+            data: open(&data_path, "data file")?,
+            sums: open(&sums_path, "checksum table")?,
             data_path,
         })
     }
