@@ -52,7 +52,10 @@ impl From<&StoreError> for AdminError {
             StoreError::AlreadyExists(_) => ErrorKind::AlreadyExists,
             StoreError::Busy(..) | StoreError::Locked(_) => ErrorKind::Busy,
             StoreError::NoSpace { .. } => ErrorKind::NoSpace,
-            StoreError::Io { .. } | StoreError::Corrupt { .. } | StoreError::BadCatalog { .. } => {
+            StoreError::Io { .. }
+            | StoreError::Corrupt { .. }
+            | StoreError::BadCatalog { .. }
+            | StoreError::Degraded(_) => {
                 ErrorKind::Io
             }
         };
