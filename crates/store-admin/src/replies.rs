@@ -55,9 +55,7 @@ impl From<&StoreError> for AdminError {
             StoreError::Io { .. }
             | StoreError::Corrupt { .. }
             | StoreError::BadCatalog { .. }
-            | StoreError::Degraded(_) => {
-                ErrorKind::Io
-            }
+            | StoreError::Degraded(_) => ErrorKind::Io,
         };
         AdminError {
             kind,
