@@ -4,6 +4,8 @@
 # Unix socket. Prints a Markdown table with IOPS, bandwidth, p50/p99 latency and ratios.
 #
 # Usage (as root, from the repository root): bench/nbd.sh [seconds-per-run]
+# A subset for a quick look: BACKINGS="disk" SERVERS="tessera nbdkit" TRANSPORTS="tcp"
+# WORKLOADS="1m-seqwrite-qd8 1m-seqread-qd8" bench/nbd.sh 5 (default: everything).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${1:-8}
@@ -92,8 +94,9 @@ print(json.dumps({"label": label, "iops": side["iops"], "bw_mib": side["bw"] / 1
 }
 
 port=20000
-for backing in tmpfs disk; do
-    for server in tessera nbdkit qemu-nbd; do
+want() { [ -z "${WORKLOADS:-}" ] || [[ " $WORKLOADS " == *" $1 "* ]]; }
+for backing in ${BACKINGS:-tmpfs disk}; do
+    for server in ${SERVERS:-tessera nbdkit qemu-nbd}; do
         dir=$WORK/$backing/$server
         [ "$backing" = tmpfs ] && dir=$TMPFS/$server
         mkdir -p "$dir"
@@ -102,14 +105,14 @@ for backing in tmpfs disk; do
         # Fill the target once so reads hit stored data, not holes.
         fio --name=fill --ioengine=nbd --uri="$(uri $server "$dir" $port tcp)" --rw=write --bs=1M \
             --iodepth=8 --size=$SIZE --output-format=terse >/dev/null 2>&1
-        for transport in tcp unix; do
+        for transport in ${TRANSPORTS:-tcp unix}; do
             u=$(uri $server "$dir" $port $transport)
-            run_fio "$backing|$transport|4k-randread-qd1|$server" "$u" randread 4k 1
-            run_fio "$backing|$transport|4k-randread-qd16|$server" "$u" randread 4k 16
-            run_fio "$backing|$transport|4k-randwrite-qd1|$server" "$u" randwrite 4k 1
-            run_fio "$backing|$transport|4k-randwrite-qd16|$server" "$u" randwrite 4k 16
-            run_fio "$backing|$transport|1m-seqread-qd8|$server" "$u" read 1M 8
-            run_fio "$backing|$transport|1m-seqwrite-qd8|$server" "$u" write 1M 8
+            for w in "4k-randread-qd1 randread 4k 1" "4k-randread-qd16 randread 4k 16" \
+                "4k-randwrite-qd1 randwrite 4k 1" "4k-randwrite-qd16 randwrite 4k 16" \
+                "1m-seqread-qd8 read 1M 8" "1m-seqwrite-qd8 write 1M 8"; do
+                set -- $w
+                want "$1" && run_fio "$backing|$transport|$1|$server" "$u" "$2" "$3" "$4"
+            done
         done
         for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
         wait 2>/dev/null || true
