@@ -84,6 +84,9 @@ pub enum StoreError {
     /// The data directory is held by another process.
     #[error("data directory {0} is locked by another tessera-store")]
     Locked(String),
+    /// The write-ahead log holds a bad record that a completed flush covered.
+    #[error("{0}")]
+    DamagedLog(String),
     /// A sync failed earlier: nothing can be made durable until the store restarts.
     #[error("the store is degraded: a sync failed ({0}); every flush fails until restart")]
     Degraded(String),

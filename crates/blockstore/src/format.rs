@@ -94,6 +94,7 @@ const KIND_DATA: u8 = 1;
 const KIND_FILL: u8 = 2;
 const KIND_SEAL: u8 = 3;
 const KIND_PLACED: u8 = 4;
+const KIND_FLUSHED: u8 = 5;
 
 /// What a WAL record does, without its payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +110,11 @@ pub enum RecordKind {
     /// in the layer's data file (a large write). Recovery keeps a block's new version only
     /// if the data in place matches; see `docs/storage.md`, "Large writes".
     Placed,
+    /// A flush completed: every record before offset `first_block` of segment `layer`
+    /// (and every earlier segment) was durable. Appended after the sync, unsynced; it
+    /// becomes durable with the next one. Recovery uses it to tell damage (a bad record a
+    /// flush covered) from a crash's torn tail. No payload, `nblocks` is 0.
+    Flushed,
 }
 
 /// The fixed part of a WAL record.
@@ -139,7 +145,20 @@ impl RecordHeader {
         match self.kind {
             RecordKind::Data => self.nblocks as usize * (SUM_LEN + BLOCK_SIZE),
             RecordKind::Placed => self.nblocks as usize * SUM_LEN,
-            RecordKind::Fill(_) | RecordKind::Seal => 0,
+            RecordKind::Fill(_) | RecordKind::Seal | RecordKind::Flushed => 0,
+        }
+    }
+
+    /// The marker of a flush that made everything before `offset` of segment `seg`
+    /// durable.
+    pub fn flushed(seg: u64, offset: u64) -> RecordHeader {
+        RecordHeader {
+            kind: RecordKind::Flushed,
+            nblocks: 0,
+            segment: 0,
+            layer: seg,
+            first_block: offset,
+            generation: 0,
         }
     }
 
@@ -159,7 +178,7 @@ impl RecordHeader {
     pub fn hash_count(&self) -> usize {
         match self.kind {
             RecordKind::Data | RecordKind::Placed => self.nblocks as usize,
-            RecordKind::Fill(_) | RecordKind::Seal => 0,
+            RecordKind::Fill(_) | RecordKind::Seal | RecordKind::Flushed => 0,
         }
     }
 
@@ -174,6 +193,7 @@ impl RecordHeader {
             RecordKind::Fill(FillKind::Zero) => (KIND_FILL, 1),
             RecordKind::Seal => (KIND_SEAL, 0),
             RecordKind::Placed => (KIND_PLACED, 0),
+            RecordKind::Flushed => (KIND_FLUSHED, 0),
         };
         h[5] = kind;
         h[6] = fill;
@@ -204,13 +224,14 @@ impl RecordHeader {
             (KIND_FILL, 1) => RecordKind::Fill(FillKind::Zero),
             (KIND_SEAL, 0) => RecordKind::Seal,
             (KIND_PLACED, 0) => RecordKind::Placed,
+            (KIND_FLUSHED, 0) => RecordKind::Flushed,
             (k, f) => return Err(FormatError::BadKind(k, f)),
         };
         let nblocks = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
         let length_ok = match kind {
             RecordKind::Data | RecordKind::Placed => (1..=WAL_MAX_BLOCKS).contains(&nblocks),
             RecordKind::Fill(_) => nblocks != 0,
-            RecordKind::Seal => nblocks == 0,
+            RecordKind::Seal | RecordKind::Flushed => nblocks == 0,
         };
         if !length_ok {
             return Err(FormatError::BadLength(nblocks));

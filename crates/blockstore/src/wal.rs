@@ -26,9 +26,11 @@ struct Active {
     file: Arc<File>,
     /// Where the next record goes.
     pos: u64,
-    /// Bytes of records other than seals: a segment holding only a seal needs no
-    /// checkpoint.
+    /// Bytes of records other than seals and flush markers: a segment holding only
+    /// those needs no checkpoint.
     logged: u64,
+    /// Whether the last record is a flush marker (a flush then has nothing new to sync).
+    tail_marker: bool,
 }
 
 /// A segment a rotation took out of service whose sync has not completed.
@@ -134,6 +136,7 @@ impl Wal {
                 file: Arc::new(file),
                 pos: 0,
                 logged: 0,
+                tail_marker: false,
             }),
             durable: Mutex::new(Durable {
                 seg,
@@ -179,6 +182,7 @@ impl Wal {
         let mut a = self.active.lock();
         let len = Self::write_record(&mut a, header, hashes, data)?;
         a.logged += len;
+        a.tail_marker = false;
         let out = then(a.seg);
         Ok((out, a.pos))
     }
@@ -225,15 +229,16 @@ impl Wal {
 
     /// Makes every record appended so far durable. Concurrent callers share one sync.
     pub fn sync(&self) -> Result<()> {
-        let (seg, pos, file) = {
+        let (seg, pos, file, tail_marker) = {
             let a = self.active.lock();
-            (a.seg, a.pos, a.file.clone())
+            (a.seg, a.pos, a.file.clone(), a.tail_marker)
         };
         let mut d = self.durable.lock();
         d.check()?;
         // Records in the active segment count only once every earlier one is durable.
         self.seal(&mut d)?;
-        if (d.seg, d.pos) >= (seg, pos) {
+        let only_marker = tail_marker && d.seg == seg && d.pos + WAL_HEADER_LEN as u64 == pos;
+        if (d.seg, d.pos) >= (seg, pos) || only_marker {
             return Ok(());
         }
         let synced = file
@@ -242,6 +247,14 @@ impl Wal {
         d.fail(synced)?;
         d.seg = seg;
         d.pos = pos;
+        // Say so in the log: recovery then knows a bad record before this point is
+        // damage, not a crash's torn tail. Unsynced: the next sync makes it durable. The
+        // flush has succeeded either way, so a failure to append is only logged.
+        let mut a = self.active.lock();
+        match Self::write_record(&mut a, &RecordHeader::flushed(seg, pos), &[], &[]) {
+            Ok(_) => a.tail_marker = true,
+            Err(e) => tracing::debug!(error = %e, "could not log a flush marker"),
+        }
         Ok(())
     }
 
@@ -271,6 +284,7 @@ impl Wal {
                 file,
                 pos: 0,
                 logged: 0,
+                tail_marker: false,
             };
             let old = std::mem::replace(&mut *a, next);
             self.sealed.lock().push((old.seg, old.pos));
@@ -413,6 +427,72 @@ pub fn replay_segment(
         off += WAL_HEADER_LEN as u64 + payload;
     }
     Ok(SegmentEnd::Clean)
+}
+
+/// Looks past a bad record at `offset` of segment `seg` (and through the segments in
+/// `later`) for a valid flush marker covering a position beyond it: proof that the bad
+/// record had been durable when a flush completed, so it is damage, not a torn tail.
+/// Returns the position the marker covers.
+pub fn flushed_beyond(
+    dir: &Path,
+    seg: u64,
+    offset: u64,
+    later: &[u64],
+) -> Result<Option<(u64, u64)>> {
+    let covers = |h: &RecordHeader| {
+        (h.kind == RecordKind::Flushed && (h.layer, h.first_block) > (seg, offset))
+            .then_some((h.layer, h.first_block))
+    };
+    let p = seg_path(dir, seg);
+    let buf = fs::read(&p).map_err(|e| StoreError::io(format!("reading {}", p.display()), e))?;
+    // Records are not aligned to anything a torn write respects, so look at every offset
+    // after the bad one: a marker is a bare header with its own checksum.
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .saturating_add(1);
+    let magic = crate::format::WAL_MAGIC.to_le_bytes();
+    let mut o = start;
+    while o + WAL_HEADER_LEN <= buf.len() {
+        if buf[o..o + 4] == magic {
+            let mut head = [0u8; WAL_HEADER_LEN];
+            head.copy_from_slice(&buf[o..o + WAL_HEADER_LEN]);
+            if let Ok(h) = RecordHeader::decode_unchecked(&head) {
+                if h.segment == seg && RecordHeader::verify(&head, &[]).is_ok() {
+                    if let Some(at) = covers(&h) {
+                        return Ok(Some(at));
+                    }
+                }
+            }
+        }
+        o += 1;
+    }
+    for &next in later {
+        let mut found = None;
+        replay_segment(dir, next, |rec| {
+            if found.is_none() {
+                found = covers(&rec.header);
+            }
+            Ok(())
+        })?;
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    Ok(None)
+}
+
+/// The layer a (possibly damaged) record at `offset` of segment `seg` names, if its
+/// header decodes.
+pub fn layer_at(dir: &Path, seg: u64, offset: u64) -> Option<u64> {
+    let f = File::open(seg_path(dir, seg)).ok()?;
+    let mut head = [0u8; WAL_HEADER_LEN];
+    f.read_exact_at(&mut head, offset).ok()?;
+    let h = RecordHeader::decode_unchecked(&head).ok()?;
+    matches!(
+        h.kind,
+        RecordKind::Data | RecordKind::Placed | RecordKind::Fill(_)
+    )
+    .then_some(h.layer)
 }
 
 /// Whether segment `seg` holds (before any bad record) the seal record of segment `sealed`:

@@ -55,7 +55,8 @@ impl From<&StoreError> for AdminError {
             StoreError::Io { .. }
             | StoreError::Corrupt { .. }
             | StoreError::BadCatalog { .. }
-            | StoreError::Degraded(_) => ErrorKind::Io,
+            | StoreError::Degraded(_)
+            | StoreError::DamagedLog(_) => ErrorKind::Io,
         };
         AdminError {
             kind,

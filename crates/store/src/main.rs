@@ -96,6 +96,11 @@ struct ServeArgs {
     /// connecting (milliseconds).
     #[arg(long, default_value_t = 10_000)]
     nbd_negotiation_timeout_ms: u64,
+    /// Start even if the write-ahead log holds a damaged record that a completed flush
+    /// covered: drop it and everything logged after it (acknowledged writes are lost;
+    /// the store refuses to start without this, naming the record).
+    #[arg(long)]
+    accept_wal_damage: bool,
 }
 
 #[derive(Subcommand)]
@@ -180,6 +185,7 @@ fn daemon_config(args: &ServeArgs, admin: Option<PathBuf>) -> DaemonConfig {
         store: StoreOptions {
             wal_segment_bytes: args.wal_segment_size,
             checkpoint_interval: Duration::from_millis(args.checkpoint_interval_ms.max(1)),
+            accept_wal_damage: args.accept_wal_damage,
         },
         nbd: ServerConfig {
             negotiation_timeout: Duration::from_millis(args.nbd_negotiation_timeout_ms.max(1)),

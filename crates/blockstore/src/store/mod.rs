@@ -65,6 +65,9 @@ pub struct StoreOptions {
     pub wal_segment_bytes: u64,
     /// A non-empty WAL is checkpointed at least this often, bounding replay time.
     pub checkpoint_interval: Duration,
+    /// Start even if the WAL holds a bad record that a completed flush covered, dropping
+    /// it and what follows (the operator's explicit choice; logged as an error).
+    pub accept_wal_damage: bool,
 }
 
 impl Default for StoreOptions {
@@ -72,6 +75,7 @@ impl Default for StoreOptions {
         StoreOptions {
             wal_segment_bytes: 64 << 20,
             checkpoint_interval: Duration::from_secs(10),
+            accept_wal_damage: false,
         }
     }
 }
@@ -232,7 +236,7 @@ impl Store {
             // Never created here: a listed layer whose file is gone stops the start.
             layers.insert(*id, Arc::new(LayerFiles::open(&layer_dir, *id, false)?));
         }
-        let next_seg = recovery::recover(&wal_dir, &layers)?;
+        let next_seg = recovery::recover(&wal_dir, &layers, opts.accept_wal_damage)?;
         recovery::remove_stray_layers(&layer_dir, &catalog)?;
 
         let mut volumes = HashMap::new();

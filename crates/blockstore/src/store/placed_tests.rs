@@ -273,7 +273,7 @@ impl Crash {
     fn recover(self) -> (BlockEntry, Vec<u8>) {
         self.wal.sync().unwrap();
         let layers = HashMap::from([(1, self.layer.clone())]);
-        super::recovery::recover(&self.dir.path().join("wal"), &layers).unwrap();
+        super::recovery::recover(&self.dir.path().join("wal"), &layers, false).unwrap();
         let entry = self.layer.read_entries(0, 1).unwrap()[0];
         let mut data = vec![0u8; BLOCK_SIZE];
         self.layer.read_blocks(0, &mut data).unwrap();

@@ -226,7 +226,7 @@ fn recover_blocks(dir: &std::path::Path) -> crate::error::Result<Vec<bool>> {
     std::fs::create_dir_all(&layer_dir).unwrap();
     let layer = Arc::new(crate::layer::LayerFiles::open(&layer_dir, 1, true).unwrap());
     let layers = std::collections::HashMap::from([(1, layer.clone())]);
-    super::recovery::recover(&dir.join("wal"), &layers)?;
+    super::recovery::recover(&dir.join("wal"), &layers, false)?;
     let entries = layer.read_entries(0, 3).unwrap();
     Ok(entries
         .iter()
@@ -270,7 +270,131 @@ fn a_damaged_segment_whose_seal_follows_refuses_to_start() {
     tear(&wal_dir, 1);
     let err = recover_blocks(dir.path()).unwrap_err();
     assert!(
-        err.to_string().contains("segment 1 (sealed) is damaged"),
+        err.to_string().contains("segment 1 is damaged") && err.to_string().contains("seal"),
         "{err}"
+    );
+}
+
+/// Flips one byte of block data in the record at `offset` of segment `seg`.
+fn damage(wal_dir: &std::path::Path, seg: u64, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let p = wal_dir.join(format!("{seg:016x}.wal"));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    let at = offset + 64 + 32 + 100;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+}
+
+/// One logged block's record: header, one hash, the block.
+const RECORD: u64 = 64 + 32 + BLOCK;
+/// A flush marker: a bare header.
+const MARKER: u64 = 64;
+
+#[test]
+fn a_bad_record_that_a_later_flush_covered_refuses_to_start_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal_dir = dir.path().join("wal");
+    std::fs::create_dir_all(&wal_dir).unwrap();
+    {
+        let wal = crate::wal::Wal::create(&wal_dir, 1).unwrap();
+        log_block(&wal, 0, 1);
+        wal.sync().unwrap(); // marker 1
+        log_block(&wal, 1, 2);
+        wal.sync().unwrap(); // marker 2: record 2 was durable
+        log_block(&wal, 2, 3);
+        wal.sync().unwrap(); // makes marker 2 durable
+    }
+    // The middle record rots on disk after the flushes.
+    damage(&wal_dir, 1, RECORD + MARKER);
+    let err = recover_blocks(dir.path()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!(
+            "segment 1 is damaged at offset {}",
+            RECORD + MARKER
+        )) && msg.contains("layer 1")
+            && msg.contains("flush completed"),
+        "{msg}"
+    );
+    assert!(
+        !crate::wal::list_segments(&wal_dir).unwrap().is_empty(),
+        "the log must be kept for whoever repairs it"
+    );
+}
+
+#[test]
+fn the_operator_can_start_past_a_damaged_record_dropping_what_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal_dir = dir.path().join("wal");
+    std::fs::create_dir_all(&wal_dir).unwrap();
+    {
+        let wal = crate::wal::Wal::create(&wal_dir, 1).unwrap();
+        log_block(&wal, 0, 1);
+        wal.sync().unwrap();
+        log_block(&wal, 1, 2);
+        wal.sync().unwrap();
+        log_block(&wal, 2, 3);
+        wal.sync().unwrap();
+    }
+    damage(&wal_dir, 1, RECORD + MARKER);
+    let layer_dir = dir.path().join("layers");
+    std::fs::create_dir_all(&layer_dir).unwrap();
+    let layer = Arc::new(crate::layer::LayerFiles::open(&layer_dir, 1, true).unwrap());
+    let layers = std::collections::HashMap::from([(1, layer.clone())]);
+    super::recovery::recover(&wal_dir, &layers, true).unwrap();
+    let held: Vec<bool> = layer
+        .read_entries(0, 3)
+        .unwrap()
+        .iter()
+        .map(|e| matches!(e, crate::format::BlockEntry::Data(_)))
+        .collect();
+    assert_eq!(held, [true, false, false]);
+}
+
+#[test]
+fn a_bad_record_no_flush_covered_is_a_torn_tail_and_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal_dir = dir.path().join("wal");
+    std::fs::create_dir_all(&wal_dir).unwrap();
+    {
+        let wal = crate::wal::Wal::create(&wal_dir, 1).unwrap();
+        log_block(&wal, 0, 1);
+        wal.sync().unwrap(); // marker covers record 1 only
+        log_block(&wal, 1, 2);
+        log_block(&wal, 2, 3);
+    }
+    // A power cut: the page of record 2 never reached the disk, record 3's did.
+    damage(&wal_dir, 1, RECORD + MARKER);
+    let held = recover_blocks(dir.path()).unwrap();
+    assert_eq!(
+        held,
+        [true, false, false],
+        "unflushed records after the tear dropped"
+    );
+}
+
+#[test]
+fn a_flush_with_nothing_new_does_not_sync_again_for_its_own_marker() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = crate::wal::Wal::create(dir.path(), 1).unwrap();
+    log_block(&wal, 0, 1);
+    wal.sync().unwrap();
+    let len = |d: &std::path::Path| {
+        std::fs::metadata(d.join(format!("{:016x}.wal", 1)))
+            .unwrap()
+            .len()
+    };
+    let after_first = len(dir.path());
+    wal.sync().unwrap();
+    wal.sync().unwrap();
+    assert_eq!(
+        len(dir.path()),
+        after_first,
+        "idle flushes kept appending markers"
     );
 }

@@ -58,14 +58,22 @@ enum Version {
 /// the data in place matches its checksum (a flush syncs placed data before the log, so
 /// every flushed placed write matches); otherwise the write was never flushed and the
 /// version before it stands. See `docs/storage.md`, "Large writes".
-pub(super) fn recover(wal_dir: &Path, layers: &HashMap<LayerId, Arc<LayerFiles>>) -> Result<u64> {
+///
+/// A bad record that a completed flush covered (its segment was sealed, or a durable flush
+/// marker lies beyond it) is damage, not a crash: recovery refuses, naming it, unless
+/// `accept_damage` (the operator's explicit override) says to drop it and what follows.
+pub(super) fn recover(
+    wal_dir: &Path,
+    layers: &HashMap<LayerId, Arc<LayerFiles>>,
+    accept_damage: bool,
+) -> Result<u64> {
     let segs = wal::list_segments(wal_dir)?;
     let Some(last) = segs.last().copied() else {
         return Ok(1);
     };
     // Pass 1: which blocks did placed writes touch, and what did the table say of them?
     let mut touched: HashMap<(LayerId, u64), Vec<Version>> = HashMap::new();
-    scan(wal_dir, &segs, false, |rec| {
+    scan(wal_dir, &segs, accept_damage, false, |rec| {
         if rec.header.kind == RecordKind::Placed {
             for b in 0..u64::from(rec.header.nblocks) {
                 touched
@@ -89,9 +97,9 @@ pub(super) fn recover(wal_dir: &Path, layers: &HashMap<LayerId, Arc<LayerFiles>>
     // Pass 2: replay, keeping the versions of touched blocks aside.
     let mut punches = Vec::new();
     let mut records = 0u64;
-    scan(wal_dir, &segs, true, |rec| {
+    scan(wal_dir, &segs, accept_damage, true, |rec| {
         let h = rec.header;
-        if h.kind == RecordKind::Seal {
+        if matches!(h.kind, RecordKind::Seal | RecordKind::Flushed) {
             return Ok(());
         }
         records += 1;
@@ -147,7 +155,7 @@ pub(super) fn recover(wal_dir: &Path, layers: &HashMap<LayerId, Arc<LayerFiles>>
                 }
                 Ok(())
             }
-            RecordKind::Seal => Ok(()),
+            RecordKind::Seal | RecordKind::Flushed => Ok(()),
         }
     })?;
     settle(layers, touched, &before)?;
@@ -227,10 +235,12 @@ fn settle(
 }
 
 /// Reads the records of `segs` in order, calling `apply` for each valid one, and stops
-/// where a crash cut the log (see docs/storage.md, "Sealing a segment").
+/// where a crash cut the log (see docs/storage.md, "Sealing a segment" and "A bad record
+/// in the log").
 fn scan(
     wal_dir: &Path,
     segs: &[u64],
+    accept_damage: bool,
     report: bool,
     mut apply: impl FnMut(wal::ReadRecord) -> Result<()>,
 ) -> Result<()> {
@@ -239,18 +249,42 @@ fn scan(
         let SegmentEnd::Torn { offset, reason } = end else {
             continue;
         };
-        if let Some(&next) = segs.get(i + 1) {
-            if wal::holds_seal_of(wal_dir, next, seg)? {
-                // The segment was synced whole before its seal was written: this is
-                // damage, not a crash. Refuse to guess which writes to drop.
-                return Err(StoreError::Io {
-                    context: format!(
-                        "WAL segment {seg} (sealed) is damaged at offset {offset}: {reason}; \
-                         refusing to start without it"
-                    ),
-                    source: std::io::Error::from_raw_os_error(nix::libc::EIO),
-                });
+        let sealed = match segs.get(i + 1) {
+            Some(&next) => wal::holds_seal_of(wal_dir, next, seg)?,
+            None => false,
+        };
+        // The segment was synced whole before its seal was written, or a flush that
+        // completed later says the record was durable: damage, not a crash.
+        let flushed = if sealed {
+            None
+        } else {
+            wal::flushed_beyond(wal_dir, seg, offset, &segs[i + 1..])?
+        };
+        if sealed || flushed.is_some() {
+            let layer = wal::layer_at(wal_dir, seg, offset).map_or_else(
+                || "unknown (header unreadable)".to_string(),
+                |l| l.to_string(),
+            );
+            let why = if sealed {
+                "the segment was synced whole (its seal record follows)".to_string()
+            } else {
+                let (fs, fo) = flushed.unwrap_or_default();
+                format!("a flush completed after it (up to segment {fs} offset {fo})")
+            };
+            let what = format!(
+                "WAL segment {seg} is damaged at offset {offset} ({reason}; layer {layer}), and {why}: \
+                 acknowledged, flushed writes from there on would be lost"
+            );
+            if !accept_damage {
+                return Err(StoreError::DamagedLog(format!(
+                    "{what}; refusing to start. Restore the data directory from a replica or \
+                     backup, or start with --accept-wal-damage to drop them"
+                )));
             }
+            tracing::error!(segment = seg, offset, layer = %layer, "{what}; dropping them as the operator asked (--accept-wal-damage)");
+            break;
+        }
+        if segs.get(i + 1).is_some() {
             // A crash while a rotation synced this segment: no flush completed after
             // the rotation (a flush waits for the seal), so nothing from here on was
             // flushed, and no checkpoint copied any of it (it waits for the seal too).
