@@ -163,12 +163,16 @@ impl RecordHeader {
     }
 
     /// The seal record of segment `sealed` (its `segment` is set when it is appended).
-    pub fn seal(sealed: u64) -> RecordHeader {
+    ///
+    /// `len` is the sealed segment's length: its file may be longer (segment files are
+    /// reused, and hold an earlier life's records past it). 0 means "the whole file" (seal
+    /// records written before segments were reused).
+    pub fn seal(sealed: u64, len: u64) -> RecordHeader {
         RecordHeader {
             kind: RecordKind::Seal,
             nblocks: 0,
             segment: 0,
-            layer: 0,
+            layer: len,
             first_block: sealed,
             generation: 0,
         }
@@ -326,7 +330,7 @@ mod tests {
 
     #[test]
     fn seal_header_round_trips_and_carries_no_blocks() {
-        let mut hdr = RecordHeader::seal(41);
+        let mut hdr = RecordHeader::seal(41, 4096);
         hdr.segment = 42;
         let raw = hdr.encode(&[]);
         let back = RecordHeader::decode_unchecked(&raw).unwrap();

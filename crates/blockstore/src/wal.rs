@@ -37,6 +37,8 @@ struct Active {
 struct Unsealed {
     seg: u64,
     file: Arc<File>,
+    /// Where its records end.
+    len: u64,
 }
 
 /// How far the log is known durable.
@@ -89,6 +91,8 @@ pub struct Wal {
     rotating: Mutex<()>,
     /// Sealed segments not yet removed, with their lengths.
     sealed: Mutex<Vec<(u64, u64)>>,
+    /// Files of checkpointed segments kept for reuse as the next segments.
+    spares: Mutex<Vec<PathBuf>>,
     hooks: Hooks,
 }
 
@@ -104,6 +108,37 @@ pub struct ReadRecord {
 
 fn seg_path(dir: &Path, seg: u64) -> PathBuf {
     dir.join(format!("{seg:016x}.wal"))
+}
+
+/// How many checkpointed segment files are kept for reuse.
+///
+/// Appending to a new file changes its size and allocates blocks, so every `fdatasync` of
+/// it commits the filesystem's journal, which on ext4 (data=ordered) also waits for
+/// other files' newly allocated data, such as a checkpoint's copy or a large placed
+/// write. Overwriting an old segment's blocks changes no metadata, so the sync writes
+/// just the log's pages. PostgreSQL recycles its WAL segments for the same reason.
+const SPARES: usize = 2;
+
+fn spare_path(dir: &Path, seg: u64) -> PathBuf {
+    dir.join(format!("spare-{seg:016x}.wal"))
+}
+
+/// Removes the spare segment files a previous run kept. Reuse stays within one run, so
+/// a reused file only ever holds records of lower segment numbers than its new one.
+fn remove_spares(dir: &Path) -> Result<()> {
+    let rd =
+        fs::read_dir(dir).map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
+    for ent in rd.flatten() {
+        let name = ent.file_name();
+        if name
+            .to_str()
+            .is_some_and(|n| n.starts_with("spare-") && n.ends_with(".wal"))
+        {
+            fs::remove_file(ent.path())
+                .map_err(|e| StoreError::io(format!("removing {}", ent.path().display()), e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Segment numbers present in `dir`, ascending.
@@ -128,7 +163,8 @@ pub fn list_segments(dir: &Path) -> Result<Vec<u64>> {
 impl Wal {
     /// Starts a new, empty segment numbered `seg` in `dir`.
     pub fn create(dir: &Path, seg: u64) -> Result<Wal> {
-        let file = Self::new_segment(dir, seg)?;
+        remove_spares(dir)?;
+        let file = Self::new_segment(dir, seg, &Mutex::new(Vec::new()))?;
         Ok(Wal {
             dir: dir.to_path_buf(),
             active: Mutex::new(Active {
@@ -146,16 +182,29 @@ impl Wal {
             }),
             rotating: Mutex::new(()),
             sealed: Mutex::new(Vec::new()),
+            spares: Mutex::new(Vec::new()),
             hooks: Hooks::default(),
         })
     }
 
-    fn new_segment(dir: &Path, seg: u64) -> Result<File> {
+    /// Makes the file of segment `seg`: a spare renamed, or a new file.
+    ///
+    /// A spare still holds its earlier records past where the new ones end; they carry
+    /// lower segment numbers, so replay stops at the first of them (`SegmentEnd::Stale`).
+    fn new_segment(dir: &Path, seg: u64, spares: &Mutex<Vec<PathBuf>>) -> Result<File> {
         let p = seg_path(dir, seg);
+        let spare = spares.lock().pop();
+        let reused = spare.and_then(|sp| match fs::rename(&sp, &p) {
+            Ok(()) => Some(()),
+            Err(e) => {
+                tracing::debug!(error = %e, spare = %sp.display(), "could not reuse a WAL segment file");
+                None
+            }
+        });
         let f = OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(true)
+            .create_new(reused.is_none())
             .open(&p)
             .map_err(|e| StoreError::io(format!("creating {}", p.display()), e))?;
         if let Err(e) = sync_dir(dir) {
@@ -275,7 +324,7 @@ impl Wal {
             a.seg
         };
         // Creating the next segment syncs the directory: done before taking any lock.
-        let file = Arc::new(Self::new_segment(&self.dir, seg + 1)?);
+        let file = Arc::new(Self::new_segment(&self.dir, seg + 1, &self.spares)?);
         let mut d = self.durable.lock();
         {
             let mut a = self.active.lock();
@@ -291,6 +340,7 @@ impl Wal {
             d.unsealed = Some(Unsealed {
                 seg: old.seg,
                 file: old.file,
+                len: old.pos,
             });
         }
         self.seal(&mut d)?;
@@ -319,12 +369,17 @@ impl Wal {
                     .sync_data()
                     .map_err(|e| StoreError::io(format!("syncing WAL segment {}", u.seg), e))
             });
-        let sealed_seg = u.seg;
+        let (sealed_seg, sealed_len) = (u.seg, u.len);
         d.fail(synced)?;
         let (seg, pos, file) = {
             let mut a = self.active.lock();
             debug_assert_eq!(a.seg, sealed_seg + 1, "a seal goes into the next segment");
-            Self::write_record(&mut a, &RecordHeader::seal(sealed_seg), &[], &[])?;
+            Self::write_record(
+                &mut a,
+                &RecordHeader::seal(sealed_seg, sealed_len),
+                &[],
+                &[],
+            )?;
             (a.seg, a.pos, a.file.clone())
         };
         let synced = file
@@ -345,8 +400,17 @@ impl Wal {
         for seg in list_segments(&self.dir)? {
             if seg <= upto && seg < active {
                 let p = seg_path(&self.dir, seg);
-                fs::remove_file(&p)
-                    .map_err(|e| StoreError::io(format!("removing {}", p.display()), e))?;
+                let mut spares = self.spares.lock();
+                if spares.len() < SPARES {
+                    let sp = spare_path(&self.dir, seg);
+                    fs::rename(&p, &sp).map_err(|e| {
+                        StoreError::io(format!("keeping {} for reuse", p.display()), e)
+                    })?;
+                    spares.push(sp);
+                } else {
+                    fs::remove_file(&p)
+                        .map_err(|e| StoreError::io(format!("removing {}", p.display()), e))?;
+                }
             }
         }
         self.sealed.lock().retain(|(seg, _)| *seg > upto);
@@ -359,6 +423,11 @@ impl Wal {
 pub enum SegmentEnd {
     /// Every byte was a complete, valid record.
     Clean,
+    /// An earlier use of the segment's file starts at this offset: the records end here.
+    Stale {
+        /// Where this segment's records end.
+        offset: u64,
+    },
     /// A record at this offset is incomplete or fails its checksum.
     Torn {
         /// Offset of the first bad record.
@@ -394,6 +463,17 @@ pub fn replay_segment(
             Err(e) => return torn(off, e.to_string()),
         };
         if header.segment != seg {
+            // A whole record of an earlier use of this file (segment files are reused)
+            // marks the end of this segment's records.
+            let stale = header.segment < seg && {
+                let mut hashes = vec![0u8; header.hash_count() * SUM_LEN];
+                f.read_exact_at(&mut hashes, off + WAL_HEADER_LEN as u64)
+                    .is_ok()
+                    && RecordHeader::verify(&head, &hashes).is_ok()
+            };
+            if stale {
+                return Ok(SegmentEnd::Stale { offset: off });
+            }
             return torn(off, format!("record names segment {}", header.segment));
         }
         let payload = header.payload_len() as u64;
@@ -496,11 +576,14 @@ pub fn layer_at(dir: &Path, seg: u64, offset: u64) -> Option<u64> {
 }
 
 /// Whether segment `seg` holds (before any bad record) the seal record of segment `sealed`:
-/// proof that `sealed` was synced whole.
-pub fn holds_seal_of(dir: &Path, seg: u64, sealed: u64) -> Result<bool> {
-    let mut found = false;
+/// proof that `sealed` was synced whole. Returns the sealed length the record gives (0:
+/// the whole file).
+pub fn seal_of(dir: &Path, seg: u64, sealed: u64) -> Result<Option<u64>> {
+    let mut found = None;
     replay_segment(dir, seg, |rec| {
-        found |= rec.header.kind == RecordKind::Seal && rec.header.first_block == sealed;
+        if rec.header.kind == RecordKind::Seal && rec.header.first_block == sealed {
+            found = Some(rec.header.layer);
+        }
         Ok(())
     })?;
     Ok(found)

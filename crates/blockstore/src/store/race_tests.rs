@@ -398,3 +398,38 @@ fn a_flush_with_nothing_new_does_not_sync_again_for_its_own_marker() {
         "idle flushes kept appending markers"
     );
 }
+
+#[test]
+fn a_reused_segment_file_replays_only_its_own_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal_dir = dir.path().join("wal");
+    std::fs::create_dir_all(&wal_dir).unwrap();
+    {
+        let wal = crate::wal::Wal::create(&wal_dir, 1).unwrap();
+        log_block(&wal, 0, 1);
+        log_block(&wal, 1, 2);
+        log_block(&wal, 2, 3);
+        assert_eq!(wal.rotate().unwrap(), Some(1));
+        // As after a checkpoint: segment 1's file is kept for reuse ...
+        wal.remove_upto(1).unwrap();
+        log_block(&wal, 5, 4);
+        assert_eq!(wal.rotate().unwrap(), Some(2));
+        // ... and becomes segment 3, still holding segment 1's records past its own.
+        log_block(&wal, 2, 9);
+        wal.sync().unwrap();
+    }
+    let names: Vec<String> = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with("spare-")) && names.len() == 2,
+        "segment 1's file was not reused: {names:?}"
+    );
+    let held = recover_blocks(dir.path()).unwrap();
+    assert_eq!(
+        held,
+        [false, false, true],
+        "records of the file's earlier use were replayed"
+    );
+}

@@ -246,11 +246,19 @@ fn scan(
 ) -> Result<()> {
     for (i, &seg) in segs.iter().enumerate() {
         let end = wal::replay_segment(wal_dir, seg, &mut apply)?;
-        let SegmentEnd::Torn { offset, reason } = end else {
-            continue;
+        let seal = match segs.get(i + 1) {
+            Some(&next) => wal::seal_of(wal_dir, next, seg)?,
+            None => None,
         };
-        let sealed = match segs.get(i + 1) {
-            Some(&next) => wal::holds_seal_of(wal_dir, next, seg)?,
+        let (offset, reason, stale) = match end {
+            SegmentEnd::Clean => continue,
+            SegmentEnd::Stale { offset } => (offset, "end of records".to_string(), true),
+            SegmentEnd::Torn { offset, reason } => (offset, reason, false),
+        };
+        // A sealed segment's records end where its seal record says (0: the file's end).
+        let sealed = match seal {
+            Some(len) if len != 0 && offset >= len => continue,
+            Some(_) => true,
             None => false,
         };
         // The segment was synced whole before its seal was written, or a flush that
@@ -260,6 +268,16 @@ fn scan(
         } else {
             wal::flushed_beyond(wal_dir, seg, offset, &segs[i + 1..])?
         };
+        if stale && flushed.is_none() && !sealed {
+            // The segment's records end where a reused file's earlier ones begin.
+            if segs.get(i + 1).is_some() {
+                if report {
+                    tracing::warn!(segment = seg, offset, later = segs.len() - i - 1, "WAL segment ends unsealed (crash during a rotation); later segments are dropped");
+                }
+                break;
+            }
+            continue;
+        }
         if sealed || flushed.is_some() {
             let layer = wal::layer_at(wal_dir, seg, offset).map_or_else(
                 || "unknown (header unreadable)".to_string(),
