@@ -1,7 +1,10 @@
 //! The FUSE side of powerfs: kernel requests translated into [`Model`] operations.
 //!
-//! Every open file is direct I/O and every entry and attribute has a zero TTL, so the
-//! kernel caches nothing that could outlive a cut: each read and write reaches the model.
+//! Writes go through to the model as they are made (no FUSE writeback cache), so the model
+//! sees every write before the system call returns. The kernel may cache what was read
+//! (readahead keeps scrub and reads fast), which is safe because every change goes through
+//! the kernel and a cut unmounts: the page cache dies with the mount. Entries and
+//! attributes have a zero TTL all the same.
 //! `flock` is left to the kernel (no `FUSE_FLOCK_LOCKS`), which then locks locally.
 
 use std::ffi::OsStr;
@@ -19,6 +22,8 @@ use super::model::{FsError, Ino, Model, Node, PAGE};
 
 /// Nothing is cached by the kernel: a cut must be visible to the next access.
 const TTL: Duration = Duration::ZERO;
+/// Page cache on, kept across opens (nothing changes a file behind the kernel's back).
+const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
 /// What `statvfs` reports: 4 TiB, all free (the store checks free space before writes).
 const FS_PAGES: u64 = 1 << 30;
 
@@ -89,6 +94,11 @@ impl PowerFuse {
     }
 
     fn sync(&self, ino: INodeNo, reply: ReplyEmpty) {
+        let latency = self.model().sync_latency;
+        if !latency.is_zero() {
+            // Outside the lock: other requests go on while this sync "reaches the disk".
+            std::thread::sleep(latency);
+        }
         match self.model().sync(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -204,7 +214,7 @@ impl Filesystem for PowerFuse {
         } else if let Err(e) = m.node(ino.0) {
             return reply.error(errno(e));
         }
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+        reply.opened(FileHandle(0), OPEN_FLAGS);
     }
 
     fn create(
@@ -235,13 +245,7 @@ impl Filesystem for PowerFuse {
             Err(e) => return reply.error(errno(e)),
         };
         match self.attr(&m, ino) {
-            Ok(a) => reply.created(
-                &TTL,
-                &a,
-                Generation(0),
-                FileHandle(0),
-                FopenFlags::FOPEN_DIRECT_IO,
-            ),
+            Ok(a) => reply.created(&TTL, &a, Generation(0), FileHandle(0), OPEN_FLAGS),
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -83,8 +83,9 @@ impl PowerFs {
             MountOption::Subtype("powerfs".into()),
             MountOption::NoAtime,
         ];
-        // Two request loops: the store's writers and its checkpoint overlap.
-        cfg.n_threads = Some(2);
+        // Several request loops: the store's writers, flushes and checkpoint overlap, and
+        // a sync with latency must not hold up the others.
+        cfg.n_threads = Some(4);
         self.session = Some(fuser::spawn_mount(fs, &self.mountpoint, &cfg)?);
         Ok(())
     }
@@ -114,6 +115,11 @@ impl PowerFs {
     /// answering success: "sync made a no-op".
     pub fn set_lying_sync(&self, lying: bool) {
         self.model().lying_sync = lying;
+    }
+
+    /// Makes every sync take `latency` before it makes anything durable.
+    pub fn set_sync_latency(&self, latency: Duration) {
+        self.model().sync_latency = latency;
     }
 
     /// How many syncs were honoured and ignored so far.

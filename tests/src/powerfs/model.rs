@@ -377,6 +377,9 @@ pub struct Model {
     next_ino: Ino,
     /// When set, syncs succeed without making anything durable.
     pub lying_sync: bool,
+    /// How long a sync takes before it makes anything durable (a disk's flush latency:
+    /// it widens every window in which a caller could rely on a sync still under way).
+    pub sync_latency: std::time::Duration,
     /// Sync statistics.
     pub syncs: SyncCounts,
 }
@@ -387,6 +390,7 @@ impl Default for Model {
             nodes: HashMap::from([(ROOT, Node::Dir(Dir::default()))]),
             next_ino: ROOT + 1,
             lying_sync: false,
+            sync_latency: std::time::Duration::ZERO,
             syncs: SyncCounts::default(),
         }
     }
