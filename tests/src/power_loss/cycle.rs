@@ -245,7 +245,7 @@ impl Harness {
             history.clone(),
             rng.gen(),
             self.opts.workers,
-            (k + 1) << 32,
+            (k << 32) + 1,
             self.opts.concurrent_flushes,
         )
         .map_err(|e| fail(Finding::Workload(e), &cut_report, self.setup.log_tail(20)))?;

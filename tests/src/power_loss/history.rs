@@ -116,12 +116,15 @@ pub struct History {
 }
 
 fn describe(v: &Version, idx: usize, durable: usize) -> String {
+    // Request numbers print as <high half>.<low half>: the workload puts the cycle in
+    // the high half.
+    let n = |seq: u64| format!("#{}.{}", seq >> 32, seq & 0xffff_ffff);
     let what = match v.origin {
         Origin::Start => "content at the start of the cycle".to_string(),
-        Origin::Request(seq, Request::Write { fua: false }) => format!("write #{seq}"),
-        Origin::Request(seq, Request::Write { fua: true }) => format!("FUA write #{seq}"),
-        Origin::Request(seq, Request::Trim) => format!("trim #{seq}"),
-        Origin::Request(seq, Request::WriteZeroes) => format!("write-zeroes #{seq}"),
+        Origin::Request(seq, Request::Write { fua: false }) => format!("write {}", n(seq)),
+        Origin::Request(seq, Request::Write { fua: true }) => format!("FUA write {}", n(seq)),
+        Origin::Request(seq, Request::Trim) => format!("trim {}", n(seq)),
+        Origin::Request(seq, Request::WriteZeroes) => format!("write-zeroes {}", n(seq)),
     };
     let state = match (v.acked, idx.cmp(&durable)) {
         (_, std::cmp::Ordering::Equal) => "durable",

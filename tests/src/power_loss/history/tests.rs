@@ -47,7 +47,11 @@ fn a_flushed_write_must_survive_and_a_later_one_may() {
         "{}",
         v[0]
     );
-    assert!(v[0].detail.contains("v1 = write #1 (durable)"), "{}", v[0]);
+    assert!(
+        v[0].detail.contains("v1 = write #0.1 (durable)"),
+        "{}",
+        v[0]
+    );
 }
 
 #[test]
