@@ -123,6 +123,10 @@ struct Inner {
     /// Layers whose data files took placed writes since the last flush: a flush syncs
     /// them before the log.
     placed_dirty: Mutex<HashMap<LayerId, Arc<LayerFiles>>>,
+    /// Held by a flush while it syncs the files it took from `placed_dirty`: a flush that
+    /// finds the set emptied by another must wait for that one's syncs, which cover
+    /// writes acknowledged before it began.
+    flushing: Mutex<()>,
     /// Set by the first failed sync, never cleared: the kernel may have dropped the dirty
     /// pages the sync was about, so no later sync can prove them durable (PostgreSQL's
     /// fsync lesson). Every later flush fails and the checkpoint stops, keeping the WAL
@@ -171,6 +175,7 @@ impl Inner {
     /// then the log (whose records name their hashes).
     fn flush(&self) -> Result<()> {
         self.check_synced()?;
+        let _one = self.flushing.lock();
         let dirty: Vec<Arc<LayerFiles>> =
             self.placed_dirty.lock().drain().map(|(_, f)| f).collect();
         for files in &dirty {
@@ -266,6 +271,7 @@ impl Store {
             stop: AtomicBool::new(false),
             space: Mutex::new(SpaceGuard::default()),
             placed_dirty: Mutex::new(HashMap::new()),
+            flushing: Mutex::new(()),
             failed_sync: Mutex::new(None),
             hooks: Hooks::default(),
         });
