@@ -26,6 +26,12 @@ pub(crate) enum Point {
     WalSync,
     /// The checkpoint chose the versions to copy and is about to change layer files.
     CheckpointChose,
+    /// A merge of a layer into its child is about to copy its batch of this number (the
+    /// first is 0); it holds no lock here.
+    MergeBatch(u64),
+    /// A merge copied everything and synced the child; holding the catalog and the
+    /// volumes' runtimes, it is about to save the catalog that stops naming the layer.
+    MergeCommit,
 }
 
 #[cfg(test)]

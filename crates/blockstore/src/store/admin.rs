@@ -1,15 +1,18 @@
 //! Admin operations: creating, growing and deleting volumes, taking and deleting
 //! snapshots, cloning. Each builds the next catalog, persists it, and only then changes
-//! the live state, so a failure leaves both as they were.
+//! the live state, so a failure leaves both as they were. Deleting a snapshot may first
+//! merge its layer into its child (`merge.rs`), without the catalog's lock.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{now, runtime_for, Store};
+use super::merge::{self, MergePlan};
+use super::{now, runtime_for, Store, VolumeState};
 use crate::catalog::{self, Catalog, LayerId, SnapshotMeta, VolumeMeta};
 use crate::error::{Result, StoreError};
+use crate::hooks::Point;
 use crate::layer::LayerFiles;
 
 /// What a volume looks like from outside.
@@ -197,28 +200,121 @@ impl Store {
         })
     }
 
-    /// Deletes a snapshot. Its layer stays while newer layers build on it.
+    /// Deletes a snapshot, giving its space back.
+    ///
+    /// When its layer is then left as the backing of exactly one layer (always so for the
+    /// newest snapshot of a volume without clones of it), the layer is merged into that
+    /// child while I/O goes on (see `merge.rs`), and the snapshot is removed together with
+    /// the layer in one catalog write: a failed or interrupted merge leaves the snapshot
+    /// and every image as they were. A layer that other snapshots' or clones' layers build
+    /// on stays, hidden, until they go.
     pub fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
+        let what = format!("{volume}@{snapshot}");
+        let mut plan = {
+            let mut cat = self.inner.catalog.lock();
+            let layer = snapshot_layer(&cat, volume, snapshot)?;
+            self.refuse_if_open(&what, false)?;
+            let (next, dead) = without_snapshot(&cat, volume, snapshot);
+            match merge::plan(&next, layer) {
+                Some(p) => p,
+                None => {
+                    next.save(&self.cat_path())?;
+                    *cat = next;
+                    drop(cat);
+                    self.drop_layers(&dead);
+                    return Ok(());
+                }
+            }
+        };
+        // None: the whole layer is to copy; Some: only these blocks.
+        let mut only: Option<Vec<u64>> = None;
+        for _ in 0..MERGE_ATTEMPTS {
+            let watch = match &only {
+                None => self.merge_copy_layer(&plan, &what)?,
+                Some(blocks) => self.merge_copy_blocks(&plan, blocks, &what)?,
+            };
+            match self.finish_snapshot_delete(volume, snapshot, Some((&plan, &watch)))? {
+                Finish::Done => return Ok(()),
+                Finish::Unfinished(blocks) => only = Some(blocks),
+                Finish::Replan(Some(p)) => {
+                    plan = p;
+                    only = None;
+                }
+                Finish::Replan(None) => break,
+            }
+        }
+        tracing::warn!(
+            snapshot = %what,
+            layer = plan.layer,
+            "the snapshot's layer could not be merged (the chain kept changing); it is \
+             deleted without, and its layer stays until the layers built on it go"
+        );
+        self.finish_snapshot_delete(volume, snapshot, None)
+            .map(|_| ())
+    }
+
+    /// Removes the snapshot from the catalog: with `merge`, together with its layer, once
+    /// the copy (`watch`: the blocks it left to pending writes) is complete; without,
+    /// keeping the layer for the layers built on it.
+    ///
+    /// The volumes reading through the layer stop their I/O while this runs (their
+    /// runtimes are held for writing), so no write to the child is in flight when the
+    /// copy is checked, the log is flushed and the chains change.
+    fn finish_snapshot_delete(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        merge: Option<(&MergePlan, &[u64])>,
+    ) -> Result<Finish> {
+        let what = format!("{volume}@{snapshot}");
         let mut cat = self.inner.catalog.lock();
-        let exists = cat
+        let layer = snapshot_layer(&cat, volume, snapshot)?;
+        self.refuse_if_open(&what, false)?;
+        let (mut next, mut dead) = without_snapshot(&cat, volume, snapshot);
+        let Some((plan, watch)) = merge else {
+            next.save(&self.cat_path())?;
+            *cat = next;
+            drop(cat);
+            self.drop_layers(&dead);
+            return Ok(Finish::Done);
+        };
+        let now = merge::plan(&next, layer);
+        if now.as_ref() != Some(plan) {
+            // A merge into the layer, or of its child, or a clone of a snapshot finished
+            // meanwhile: the copy may have missed blocks or gone to the wrong layer.
+            return Ok(Finish::Replan(now));
+        }
+        let users: Vec<Arc<VolumeState>> = cat
             .volumes
-            .get(volume)
-            .is_some_and(|v| v.snapshots.contains_key(snapshot));
-        if !exists {
-            return Err(StoreError::NotFound(format!(
-                "snapshot {volume}@{snapshot}"
-            )));
+            .iter()
+            .filter(|(_, v)| cat.chain(v.top).is_ok_and(|c| c.contains(&plan.layer)))
+            .map(|(name, _)| self.runtime(name))
+            .collect::<Result<_>>()?;
+        let mut held: Vec<_> = users.iter().map(|u| u.rt.write()).collect();
+        let missing = self.merge_unfinished(plan, watch)?;
+        if !missing.is_empty() {
+            return Ok(Finish::Unfinished(missing));
         }
-        self.refuse_if_open(&format!("{volume}@{snapshot}"), false)?;
-        let mut next = cat.clone();
-        if let Some(v) = next.volumes.get_mut(volume) {
-            v.snapshots.remove(snapshot);
+        // Blocks the copy left to the child's pending writes and markers of trims not yet
+        // checkpointed are only in the log: made durable before the layer under them goes,
+        // so a crash cannot bring back a hole where the layer's data was.
+        self.inner.flush()?;
+        self.inner.at(Point::MergeCommit)?;
+        if let Some(child) = next.layers.get_mut(&plan.child) {
+            child.backing = plan.backing;
         }
-        let dead = next.collect_garbage();
+        next.layers.remove(&plan.layer);
+        dead.push(plan.layer);
         next.save(&self.cat_path())?;
         *cat = next;
+        for rt in &mut held {
+            rt.chain.retain(|l| l.id != plan.layer);
+        }
+        drop(held);
+        drop(cat);
         self.drop_layers(&dead);
-        Ok(())
+        tracing::info!(snapshot = %what, layer = plan.layer, into = plan.child, "snapshot deleted; its layer was merged and removed");
+        Ok(Finish::Done)
     }
 
     /// Makes a new writable volume from a snapshot; it shares the snapshot's blocks.
@@ -311,6 +407,39 @@ impl Store {
             }
         }
     }
+}
+
+/// Times a snapshot delete copies and tries to commit a merge before it gives up merging.
+const MERGE_ATTEMPTS: usize = 4;
+
+/// How an attempt to finish a snapshot delete ended.
+enum Finish {
+    /// The snapshot is gone (with its layer, when merged).
+    Done,
+    /// The chain changed during the copy: merge as this says now (`None`: not at all).
+    Replan(Option<MergePlan>),
+    /// These blocks still lack a copy: a write the copy left them to failed.
+    Unfinished(Vec<u64>),
+}
+
+/// The layer of snapshot `volume@snapshot`.
+fn snapshot_layer(cat: &Catalog, volume: &str, snapshot: &str) -> Result<LayerId> {
+    cat.volumes
+        .get(volume)
+        .and_then(|v| v.snapshots.get(snapshot))
+        .map(|s| s.layer)
+        .ok_or_else(|| StoreError::NotFound(format!("snapshot {volume}@{snapshot}")))
+}
+
+/// `cat` without snapshot `volume@snapshot`, garbage-collected, and the layers that
+/// collection dropped.
+fn without_snapshot(cat: &Catalog, volume: &str, snapshot: &str) -> (Catalog, Vec<LayerId>) {
+    let mut next = cat.clone();
+    if let Some(v) = next.volumes.get_mut(volume) {
+        v.snapshots.remove(snapshot);
+    }
+    let dead = next.collect_garbage();
+    (next, dead)
 }
 
 /// The catalog entry of volume `name`.

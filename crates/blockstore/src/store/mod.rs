@@ -23,6 +23,9 @@
 mod admin;
 mod checkpoint;
 mod export;
+mod merge;
+#[cfg(test)]
+mod merge_tests;
 mod pending;
 #[cfg(test)]
 mod placed_tests;

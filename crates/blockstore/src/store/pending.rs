@@ -270,4 +270,33 @@ impl PendingWrites {
             }
         }
     }
+
+    /// Whether any block of `layer` has a pending version.
+    pub(super) fn holds_layer(&self, layer: LayerId) -> bool {
+        self.map.read().keys().any(|(l, _)| *l == layer)
+    }
+
+    /// Calls `f` with those of `blocks` (of `layer`) that have no pending version, holding
+    /// the map's read lock until `f` returns, so that no version of them is published
+    /// meanwhile.
+    ///
+    /// For a merge writing checksum entries into a layer that takes writes: a placed
+    /// writer publishes first and then reads the table to tell whether it overwrites data
+    /// in place, so with this lock held across the check and the entries' write, it either
+    /// published before (the block is left to it) or finds the entry and makes its record
+    /// durable before writing over that data.
+    pub(super) fn while_unwritten<R>(
+        &self,
+        layer: LayerId,
+        blocks: &[u64],
+        f: impl FnOnce(&[u64]) -> R,
+    ) -> R {
+        let pending = self.map.read();
+        let free: Vec<u64> = blocks
+            .iter()
+            .copied()
+            .filter(|b| !pending.contains_key(&(layer, *b)))
+            .collect();
+        f(&free)
+    }
 }
