@@ -30,6 +30,10 @@ pub struct AdminRequest {
 }
 
 /// The operations. `tesserad` records the ones it asks a store to do as its tasks' `op`.
+///
+/// Operations without fields are written `Op {}`, not `Op`: serde applies
+/// `deny_unknown_fields` to the fields of struct variants only, so a unit variant would
+/// take `{"type":"scrub","force":true}` as a scrub.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -44,7 +48,7 @@ pub enum AdminOp {
         size: u64,
     },
     /// List volumes.
-    ListVolumes,
+    ListVolumes {},
     /// Describe one volume.
     VolumeInfo {
         /// Name.
@@ -86,7 +90,10 @@ pub enum AdminOp {
         name: String,
     },
     /// Verify every stored block.
-    Scrub,
+    Scrub {},
+    /// Report the store's health (degraded or not) and what it holds. Cheap: it reads
+    /// memory and the catalog, never the volumes' data.
+    Status {},
 }
 
 impl AdminOp {
@@ -96,7 +103,7 @@ impl AdminOp {
             AdminOp::CreateVolume { name, size } => {
                 format!("create volume {name} ({size} bytes)")
             }
-            AdminOp::ListVolumes => "list volumes".into(),
+            AdminOp::ListVolumes {} => "list volumes".into(),
             AdminOp::VolumeInfo { name } => format!("describe volume {name}"),
             AdminOp::ResizeVolume { name, size } => {
                 format!("resize volume {name} to {size} bytes")
@@ -113,7 +120,8 @@ impl AdminOp {
                 snapshot,
                 name,
             } => format!("clone {volume}@{snapshot} to {name}"),
-            AdminOp::Scrub => "scrub the store".into(),
+            AdminOp::Scrub {} => "scrub the store".into(),
+            AdminOp::Status {} => "report the store's status".into(),
         }
     }
 }
@@ -194,7 +202,7 @@ pub fn parse_request(line: &str) -> Result<AdminOp, AdminError> {
 #[cfg(feature = "replies")]
 mod replies;
 #[cfg(feature = "replies")]
-pub use replies::{AdminReply, AdminResponse, Outcome};
+pub use replies::{AdminReply, AdminResponse, Outcome, StoreStatus};
 
 #[cfg(all(test, feature = "replies"))]
 mod tests;

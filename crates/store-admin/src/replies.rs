@@ -38,8 +38,28 @@ pub enum AdminReply {
     Snapshot(SnapshotInfo),
     /// A scrub report.
     Scrub(ScrubReport),
+    /// The store's health and what it holds.
+    Status(StoreStatus),
     /// Nothing to return.
     Done,
+}
+
+/// The answer to `status`. Clients ignore fields they do not know, so a store can say
+/// more without breaking a `tesserad` that polls it (unlike requests, which refuse them).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// Why the store is degraded, or null. Degraded: a sync failed since the store
+    /// started, so every flush and FUA write fails and the checkpoint has stopped until
+    /// `tessera-store` restarts (docs/storage.md, "Sync failures are sticky").
+    pub degraded: Option<String>,
+    /// The data directory.
+    pub data_dir: String,
+    /// The `tessera-store` version answering.
+    pub version: String,
+    /// How many volumes it holds.
+    pub volumes: u64,
+    /// How many snapshots, of all volumes.
+    pub snapshots: u64,
 }
 
 impl From<&StoreError> for AdminError {

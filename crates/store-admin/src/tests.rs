@@ -9,7 +9,7 @@ fn every_op() -> Vec<AdminOp> {
             name: "v".into(),
             size: 1 << 30,
         },
-        AdminOp::ListVolumes,
+        AdminOp::ListVolumes {},
         AdminOp::VolumeInfo { name: "v".into() },
         AdminOp::ResizeVolume {
             name: "v".into(),
@@ -29,7 +29,8 @@ fn every_op() -> Vec<AdminOp> {
             snapshot: "s".into(),
             name: "b".into(),
         },
-        AdminOp::Scrub,
+        AdminOp::Scrub {},
+        AdminOp::Status {},
     ]
 }
 
@@ -80,6 +81,88 @@ fn the_wire_format_is_the_documented_one() {
         serde_json::to_string(&done).unwrap(),
         r#"{"v":1,"ok":{"kind":"done"}}"#
     );
+    let status = AdminRequest {
+        v: 1,
+        op: AdminOp::Status {},
+    };
+    assert_eq!(
+        serde_json::to_string(&status).unwrap(),
+        r#"{"v":1,"op":{"type":"status"}}"#
+    );
+    let degraded = AdminResponse {
+        v: 1,
+        outcome: Outcome::Ok(AdminReply::Status(StoreStatus {
+            degraded: Some("syncing WAL segment 3: Input/output error (os error 5)".into()),
+            data_dir: "/var/lib/tessera/store".into(),
+            version: "0.1.0".into(),
+            volumes: 2,
+            snapshots: 1,
+        })),
+    };
+    assert_eq!(
+        serde_json::to_string(&degraded).unwrap(),
+        r#"{"v":1,"ok":{"kind":"status","value":{"degraded":"syncing WAL segment 3: Input/output error (os error 5)","data_dir":"/var/lib/tessera/store","version":"0.1.0","volumes":2,"snapshots":1}}}"#
+    );
+}
+
+#[test]
+fn the_documented_lines_are_in_the_document() {
+    // The test above pins the lines; this keeps docs/admin-protocol.md showing them.
+    let doc = include_str!("../../../docs/admin-protocol.md");
+    for line in [
+        r#"{"v":1,"op":{"type":"create_volume","name":"vm-100-disk-0","size":34359738368}}"#,
+        r#"{"v":1,"error":{"kind":"not_found","message":"volume vm-9 not found"}}"#,
+        r#"{"v":1,"op":{"type":"status"}}"#,
+        r#"{"v":1,"ok":{"kind":"status","value":{"degraded":"syncing WAL segment 3: Input/output error (os error 5)","data_dir":"/var/lib/tessera/store","version":"0.1.0","volumes":2,"snapshots":1}}}"#,
+    ] {
+        assert!(
+            doc.lines().any(|l| l == line),
+            "docs/admin-protocol.md lacks {line}"
+        );
+    }
+    for kind in ["status", "done", "scrub"] {
+        assert!(doc.contains(&format!("`{kind}`")), "{kind} undocumented");
+    }
+}
+
+#[test]
+fn status_takes_no_fields() {
+    assert_eq!(
+        parse_request(r#"{"v":1,"op":{"type":"status"}}"#),
+        Ok(AdminOp::Status {})
+    );
+    for line in [
+        r#"{"v":1,"op":{"type":"status","verbose":true}}"#,
+        r#"{"v":1,"op":{"type":"status","name":"x"}}"#,
+        r#"{"v":1,"op":{"type":"status"},"extra":1}"#,
+        // The other operations without fields refuse them alike.
+        r#"{"v":1,"op":{"type":"scrub","force":true}}"#,
+        r#"{"v":1,"op":{"type":"list_volumes","name":"x"}}"#,
+    ] {
+        let e = parse_request(line).expect_err(line);
+        assert_eq!(e.kind, ErrorKind::BadRequest, "{line}");
+        assert!(e.message.contains("unknown field"), "{line}: {}", e.message);
+    }
+}
+
+#[test]
+fn a_status_reply_with_fields_this_client_does_not_know_still_reads() {
+    // A newer store may say more; a polling tesserad must not call it unreachable.
+    let line = r#"{"v":1,"ok":{"kind":"status","value":{"degraded":null,"data_dir":"/d","version":"9.0.0","volumes":0,"snapshots":0,"wal_bytes":4096}}}"#;
+    let r: AdminResponse = serde_json::from_str(line).unwrap();
+    assert_eq!(
+        r.outcome,
+        Outcome::Ok(AdminReply::Status(StoreStatus {
+            degraded: None,
+            data_dir: "/d".into(),
+            version: "9.0.0".into(),
+            volumes: 0,
+            snapshots: 0,
+        }))
+    );
+    // What it must say is still required.
+    let missing = r#"{"v":1,"ok":{"kind":"status","value":{"degraded":null}}}"#;
+    assert!(serde_json::from_str::<AdminResponse>(missing).is_err());
 }
 
 #[test]
@@ -176,6 +259,20 @@ fn every_reply_round_trips() {
             created: 1,
         }),
         AdminReply::Scrub(ScrubReport::default()),
+        AdminReply::Status(StoreStatus {
+            degraded: Some("syncing WAL segment 1: Input/output error".into()),
+            data_dir: "/var/lib/tessera/store".into(),
+            version: "0.1.0".into(),
+            volumes: 1,
+            snapshots: 0,
+        }),
+        AdminReply::Status(StoreStatus {
+            degraded: None,
+            data_dir: "/d".into(),
+            version: "0.1.0".into(),
+            volumes: 0,
+            snapshots: 0,
+        }),
         AdminReply::Done,
     ];
     let kinds = [
@@ -254,7 +351,7 @@ mod properties {
         let name = "\\PC{0,40}";
         prop_oneof![
             (name, any::<u64>()).prop_map(|(name, size)| AdminOp::CreateVolume { name, size }),
-            Just(AdminOp::ListVolumes),
+            Just(AdminOp::ListVolumes {}),
             name.prop_map(|name| AdminOp::VolumeInfo { name }),
             (name, any::<u64>()).prop_map(|(name, size)| AdminOp::ResizeVolume { name, size }),
             name.prop_map(|name| AdminOp::DeleteVolume { name }),
@@ -267,7 +364,8 @@ mod properties {
                 snapshot,
                 name
             }),
-            Just(AdminOp::Scrub),
+            Just(AdminOp::Scrub {}),
+            Just(AdminOp::Status {}),
         ]
     }
 

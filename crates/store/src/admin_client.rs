@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::Duration;
 
 use tessera_store_admin::{
     AdminError, AdminOp, AdminReply, AdminRequest, AdminResponse, Outcome, ADMIN_VERSION,
@@ -51,6 +52,18 @@ impl AdminClient {
             reader: BufReader::new(s),
             writer,
         })
+    }
+
+    /// Gives up on a send or a reply that takes longer than `timeout` (`None`: waits as
+    /// long as it takes, the default). A poller sets one so a hung store cannot hang it.
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), AdminClientError> {
+        let s = self.reader.get_ref();
+        s.set_read_timeout(timeout)
+            .and_then(|()| s.set_write_timeout(timeout))
+            .map_err(|source| AdminClientError::Io {
+                path: self.path.clone(),
+                source,
+            })
     }
 
     /// Sends one operation and waits for its reply.

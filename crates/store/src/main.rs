@@ -13,7 +13,7 @@ use tessera_blockstore::StoreOptions;
 use tessera_nbd::ServerConfig;
 use tessera_store::admin_client::AdminClient;
 use tessera_store::daemon::{self, DaemonConfig};
-use tessera_store_admin::{AdminOp, AdminReply};
+use tessera_store_admin::{AdminOp, AdminReply, StoreStatus};
 use tessera_units::{format_size, parse_size};
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/tessera/store";
@@ -70,6 +70,9 @@ enum Cmd {
     },
     /// Verify the checksum of every stored block and list the bad ones.
     Scrub,
+    /// Say whether the store is degraded (a sync failed: flushes fail until a restart)
+    /// and what it holds; exits non-zero when degraded.
+    Status,
 }
 
 #[derive(clap::Args, Clone)]
@@ -211,7 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             return serve(cfg, Some(size));
         }
         Cmd::Volume(VolumeCmd::Create { name, size }) => AdminOp::CreateVolume { name, size },
-        Cmd::Volume(VolumeCmd::Ls) => AdminOp::ListVolumes,
+        Cmd::Volume(VolumeCmd::Ls) => AdminOp::ListVolumes {},
         Cmd::Volume(VolumeCmd::Info { name }) => AdminOp::VolumeInfo { name },
         Cmd::Volume(VolumeCmd::Resize { name, size }) => AdminOp::ResizeVolume { name, size },
         Cmd::Volume(VolumeCmd::Rm { name }) => AdminOp::DeleteVolume { name },
@@ -230,17 +233,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             snapshot,
             name,
         },
-        Cmd::Scrub => AdminOp::Scrub,
+        Cmd::Scrub => AdminOp::Scrub {},
+        Cmd::Status => AdminOp::Status {},
     };
     let mut client = AdminClient::connect(&admin_path)?;
     let reply = client.call(op)?;
     print_reply(&reply, cli.output)?;
-    if let AdminReply::Scrub(r) = &reply {
-        if !r.bad.is_empty() {
+    match &reply {
+        AdminReply::Scrub(r) if !r.bad.is_empty() => {
             anyhow::bail!("scrub found {} corrupt block(s)", r.bad.len());
         }
+        AdminReply::Status(StoreStatus {
+            degraded: Some(why),
+            ..
+        }) => anyhow::bail!(
+            "the store is degraded ({why}): every flush fails until tessera-store restarts"
+        ),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 fn serve(cfg: DaemonConfig, demo_size: Option<u64>) -> anyhow::Result<()> {
@@ -310,6 +320,7 @@ fn print_reply(reply: &AdminReply, output: Output) -> anyhow::Result<()> {
             AdminReply::Volumes(v) => serde_json::to_string_pretty(v),
             AdminReply::Snapshot(s) => serde_json::to_string_pretty(s),
             AdminReply::Scrub(r) => serde_json::to_string_pretty(r),
+            AdminReply::Status(s) => serde_json::to_string_pretty(s),
             AdminReply::Done => Ok("{}".to_string()),
         }?;
         println!("{v}");
@@ -358,6 +369,16 @@ fn print_reply(reply: &AdminReply, output: Output) -> anyhow::Result<()> {
                     b.affects.join(", ")
                 );
             }
+        }
+        AdminReply::Status(s) => {
+            match &s.degraded {
+                None => println!("state:      ok"),
+                Some(why) => println!("state:      DEGRADED: {why}"),
+            }
+            println!("data dir:   {}", s.data_dir);
+            println!("version:    {}", s.version);
+            println!("volumes:    {}", s.volumes);
+            println!("snapshots:  {}", s.snapshots);
         }
         AdminReply::Done => println!("done"),
     }

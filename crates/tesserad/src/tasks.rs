@@ -237,9 +237,10 @@ async fn run(node: &Node, me: &str, socket: &std::path::Path, queued: Task) {
         // Queries, a refused resize and a scrub change no record.
         (
             TaskOp::ResizeVolume { .. }
-            | TaskOp::ListVolumes
+            | TaskOp::ListVolumes {}
             | TaskOp::VolumeInfo { .. }
-            | TaskOp::Scrub,
+            | TaskOp::Scrub {}
+            | TaskOp::Status {},
             _,
         ) => {}
     }
