@@ -10,8 +10,8 @@ use rand::{Rng, SeedableRng};
 
 use super::admin_ops::CatalogModel;
 use super::history::{History, Violation, BLOCK};
-use super::store::{RunningStore, StoreSetup};
-use super::workload::{payload, Workload};
+use super::store::{Rig, RunningStore, StoreSetup};
+use super::workload::{payload, Mix, Workload};
 use crate::powerfs::{CutMode, CutReport, PowerFs};
 
 /// The volume every cycle writes.
@@ -78,8 +78,8 @@ pub struct Options {
     pub blocks: u64,
     /// NBD connections of the workload.
     pub workers: usize,
-    /// Whether FLUSH and FUA writes may overlap across connections (else one at a time).
-    pub concurrent_flushes: bool,
+    /// Which requests the workload draws.
+    pub mix: Mix,
     /// Whether syncs may take up to a millisecond (drawn per cycle).
     pub sync_latency: bool,
 }
@@ -111,20 +111,7 @@ impl Harness {
     /// Mounts powerfs, starts a store with a volume of `blocks` 4 KiB blocks, fills it,
     /// stops it cleanly and checks the fill survives a cut. Panics if any of that fails.
     pub fn new(seed: u64, opts: Options) -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let mnt = dir.path().join("mnt");
-        let run = dir.path().join("run");
-        std::fs::create_dir(&mnt).unwrap();
-        std::fs::create_dir(&run).unwrap();
-        let pfs = PowerFs::mount(&mnt).unwrap();
-        // The data directory exists durably before the store is installed into it.
-        let data_dir = mnt.join("store");
-        std::fs::create_dir(&data_dir).unwrap();
-        std::fs::File::open(&mnt).unwrap().sync_all().unwrap();
-        let setup = StoreSetup {
-            data_dir,
-            run_dir: run,
-        };
+        let Rig { pfs, setup, dir } = Rig::mount();
         let mut rng = StdRng::seed_from_u64(seed);
         let store = setup.start(&store_args(&mut rng)).unwrap();
         let size = opts.blocks * BLOCK as u64;
@@ -149,13 +136,25 @@ impl Harness {
             opts,
             _dir: dir,
         };
-        h.pfs.power_cut(CutMode::DropAll, seed).unwrap();
-        let store = h.setup.start(&store_args(&mut rng)).unwrap();
-        let back = store.read_all(EXPORT).unwrap();
-        assert!(
-            back == h.baseline,
-            "the volume's first content did not survive a clean stop and a power cut"
-        );
+        // A volume created, filled, flushed and cleanly stopped must survive a cut.
+        let cut = h.pfs.power_cut(CutMode::DropAll, seed).unwrap();
+        let lost = |what: String| -> ! {
+            let lost: String = cut.lost.iter().map(|l| format!("  {l}\n")).collect();
+            panic!(
+                "setup (seed {seed:#x}): {what} after a clean stop and a power cut; the cut \
+                 dropped:\n{lost}store log (tail):\n{}",
+                h.setup.log_tail(20)
+            )
+        };
+        let store = h
+            .setup
+            .start(&store_args(&mut rng))
+            .unwrap_or_else(|e| lost(e));
+        match store.read_all(EXPORT) {
+            Ok(back) if back == h.baseline => {}
+            Ok(_) => lost(format!("volume {EXPORT} lost its flushed content")),
+            Err(e) => lost(format!("volume {EXPORT} cannot be read ({e})")),
+        }
         h.store = Some(store);
         h
     }
@@ -246,7 +245,7 @@ impl Harness {
             rng.gen(),
             self.opts.workers,
             (k << 32) + 1,
-            self.opts.concurrent_flushes,
+            self.opts.mix,
         )
         .map_err(|e| fail(Finding::Workload(e), &cut_report, self.setup.log_tail(20)))?;
         let admin = admin.map(|(op, at)| {

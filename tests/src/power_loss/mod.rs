@@ -9,3 +9,4 @@ pub mod store;
 pub mod workload;
 
 pub use cycle::{CycleFailure, CycleStats, Finding, Harness, Options};
+pub use workload::Mix;

@@ -10,6 +10,41 @@ use std::time::{Duration, Instant};
 
 use tessera_nbd::Client;
 
+use crate::powerfs::PowerFs;
+
+/// A fresh powerfs holding an empty data directory (durably: it exists before the store
+/// is installed into it), and a directory off powerfs for sockets and the log.
+pub struct Rig {
+    /// The filesystem.
+    pub pfs: PowerFs,
+    /// Where a store on it lives.
+    pub setup: StoreSetup,
+    /// The temporary directory holding both (removed on drop, after the unmount).
+    pub dir: tempfile::TempDir,
+}
+
+impl Rig {
+    /// Mounts powerfs in a new temporary directory.
+    pub fn mount() -> Rig {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mnt = dir.path().join("mnt");
+        let run_dir = dir.path().join("run");
+        std::fs::create_dir(&mnt).expect("mount point");
+        std::fs::create_dir(&run_dir).expect("run directory");
+        let pfs = PowerFs::mount(&mnt).expect("mount powerfs");
+        let data_dir = mnt.join("store");
+        std::fs::create_dir(&data_dir).expect("data directory");
+        std::fs::File::open(&mnt)
+            .and_then(|d| d.sync_all())
+            .expect("sync the mount's root");
+        Rig {
+            pfs,
+            setup: StoreSetup { data_dir, run_dir },
+            dir,
+        }
+    }
+}
+
 /// The `tessera-store` binary: `POWER_LOSS_STORE_BIN` if set (to run the harness against
 /// another build, e.g. while bisecting), else the one built next to the test.
 pub fn store_bin() -> PathBuf {
@@ -87,6 +122,7 @@ impl StoreSetup {
             .arg(self.nbd_sock())
             .args(extra)
             .env("TESSERA_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

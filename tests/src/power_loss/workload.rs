@@ -52,6 +52,7 @@ struct Shared {
     flushes: (Mutex<u64>, Condvar),
     /// When set, one FLUSH or FUA write at a time across all connections.
     one_flush: Option<Mutex<()>>,
+    mix: Mix,
 }
 
 /// A running workload.
@@ -60,21 +61,64 @@ pub struct Workload {
     workers: Vec<JoinHandle<Result<u64, String>>>,
 }
 
+/// Which requests the workload draws.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mix {
+    /// FLUSH and FUA writes may overlap across connections (else one at a time).
+    pub concurrent_flushes: bool,
+    /// Writes of 64 KiB and more (the store's placed writes) go to the last quarter of
+    /// the volume and nothing else does; zero writes never ask for allocation (NO_HOLE
+    /// zeroes of 64 KiB would be placed writes too).
+    pub large_writes_apart: bool,
+}
+
+impl Mix {
+    /// Everything, mixed.
+    pub const FULL: Mix = Mix {
+        concurrent_flushes: true,
+        large_writes_apart: false,
+    };
+    /// Without the patterns of the store bugs open today (docs/power-loss.md,
+    /// "Findings"): flushes one at a time, and no placed write over a block that a small
+    /// write or a trim touched.
+    pub const AVOID_OPEN_BUGS: Mix = Mix {
+        concurrent_flushes: false,
+        large_writes_apart: true,
+    };
+}
+
+/// Writes from this size on take the store's placed-write path.
+const PLACED: u64 = 16;
+
 /// A byte range and what to do with it.
-fn pick(rng: &mut StdRng, blocks: u64) -> (Request, u64, u64) {
-    let size = blocks * B;
-    let aligned = |rng: &mut StdRng, n: u64| (rng.gen_range(0..=blocks - n) * B, n * B);
-    let unaligned = |rng: &mut StdRng, max: u64| {
-        let off = rng.gen_range(0..size - 1);
-        (off, rng.gen_range(1..=max).min(size - off))
+fn pick(rng: &mut StdRng, blocks: u64, mix: Mix) -> (Request, u64, u64) {
+    // Blocks lo..hi for small requests, and for large ones.
+    let split = if mix.large_writes_apart {
+        blocks * 3 / 4
+    } else {
+        blocks
+    };
+    let small = (0, split);
+    let large = (if mix.large_writes_apart { split } else { 0 }, blocks);
+    let aligned =
+        |rng: &mut StdRng, (lo, hi): (u64, u64), n: u64| (rng.gen_range(lo..=hi - n) * B, n * B);
+    let unaligned = |rng: &mut StdRng, (lo, hi): (u64, u64), max: u64| {
+        let off = rng.gen_range(lo * B..hi * B - 1);
+        (off, rng.gen_range(1..=max).min(hi * B - off))
+    };
+    // Small enough to be logged, unless placed writes mix with the rest anyway.
+    let most = if mix.large_writes_apart {
+        PLACED - 1
+    } else {
+        PLACED
     };
     let roll = rng.gen_range(0..100);
     if roll < 12 {
         let (off, len) = if rng.gen_bool(0.7) {
-            let n = rng.gen_range(1..=32);
-            aligned(rng, n)
+            let n = rng.gen_range(1..=2 * most);
+            aligned(rng, small, n)
         } else {
-            unaligned(rng, 2 * B)
+            unaligned(rng, small, 2 * B)
         };
         let req = if roll < 6 {
             Request::Trim
@@ -86,14 +130,14 @@ fn pick(rng: &mut StdRng, blocks: u64) -> (Request, u64, u64) {
     let fua = rng.gen_bool(0.1);
     let class = rng.gen_range(0..100);
     let (off, len) = if class < 45 {
-        aligned(rng, 1)
+        aligned(rng, small, 1)
     } else if class < 65 {
-        let n = rng.gen_range(2..=16);
-        aligned(rng, n)
+        let n = rng.gen_range(2..=most);
+        aligned(rng, small, n)
     } else if class < 75 {
         // 256-512 KiB, sometimes shifted off block boundaries.
         let n = rng.gen_range(64..=128);
-        let (off, len) = aligned(rng, n + 1);
+        let (off, len) = aligned(rng, large, n + 1);
         let shift = if rng.gen_bool(0.3) {
             rng.gen_range(1..B)
         } else {
@@ -101,7 +145,7 @@ fn pick(rng: &mut StdRng, blocks: u64) -> (Request, u64, u64) {
         };
         (off + shift, len - B)
     } else {
-        unaligned(rng, 3 * B)
+        unaligned(rng, small, 3 * B)
     };
     (Request::Write { fua }, off, len)
 }
@@ -129,7 +173,7 @@ fn worker(mut c: Client, shared: Arc<Shared>, mut rng: StdRng) -> Result<u64, St
             shared.flushes.1.notify_all();
             continue;
         }
-        let (req, off, len) = pick(&mut rng, blocks);
+        let (req, off, len) = pick(&mut rng, blocks, shared.mix);
         let seq = shared.next_seq.fetch_add(1, Ordering::SeqCst);
         let data =
             matches!(req, Request::Write { .. }).then(|| payload(shared.seed, seq, off, len));
@@ -148,7 +192,10 @@ fn worker(mut c: Client, shared: Arc<Shared>, mut rng: StdRng) -> Result<u64, St
                 c.write(off, d, fua)
             }
             (Request::Trim, _) => c.trim(off, len as u32),
-            _ => c.write_zeroes(off, len as u32, rng.gen_bool(0.5)),
+            _ => {
+                let no_hole = !shared.mix.large_writes_apart && rng.gen_bool(0.5);
+                c.write_zeroes(off, len as u32, no_hole)
+            }
         };
         let mut h = shared.history.lock().unwrap();
         match res {
@@ -168,8 +215,7 @@ fn worker(mut c: Client, shared: Arc<Shared>, mut rng: StdRng) -> Result<u64, St
 
 impl Workload {
     /// Connects `workers` clients to `export` and starts them. Request numbers start at
-    /// `first_seq`; random choices come from `seed`. Unless `concurrent_flushes`, FLUSH
-    /// and FUA writes are sent one at a time across connections.
+    /// `first_seq`; random choices come from `seed`; `mix` says which requests.
     pub fn start(
         store: &RunningStore,
         export: &str,
@@ -177,7 +223,7 @@ impl Workload {
         seed: u64,
         workers: usize,
         first_seq: u64,
-        concurrent_flushes: bool,
+        mix: Mix,
     ) -> Result<Workload, String> {
         let shared = Arc::new(Shared {
             history,
@@ -186,7 +232,8 @@ impl Workload {
             stop: AtomicBool::new(false),
             cutting: AtomicBool::new(false),
             flushes: (Mutex::new(0), Condvar::new()),
-            one_flush: (!concurrent_flushes).then(|| Mutex::new(())),
+            one_flush: (!mix.concurrent_flushes).then(|| Mutex::new(())),
+            mix,
         });
         let clients = (0..workers)
             .map(|_| store.connect(export))
