@@ -93,10 +93,10 @@ fn a_flush_racing_other_flushes_keeps_a_placed_write() {
 }
 
 /// A 4 KiB write into a hole of the table, flushed (its record is durable), then a 64 KiB
-/// write over it, "placed into a hole" (its record appended unsynced), while checkpoints
-/// run every millisecond; power is cut a few milliseconds later. A checkpoint that seals
-/// the segment of the first write after the second one replaced it in the pending map
-/// deletes the first write's record although the second's is not durable.
+/// write over it, "placed into a hole" (record and data unsynced), while checkpoints run
+/// every millisecond; power is cut a few milliseconds later. A checkpoint that seals the
+/// first write's segment after the second write (logged in the next segment) replaced it
+/// in the pending map deletes the first write's record, though the second is not durable.
 #[test]
 #[ignore = "store bug (issue #9): a checkpoint deletes the WAL record of a flushed write that a newer placed write (into a table hole, record not yet synced) replaced; a power cut then loses both; run with --ignored"]
 fn a_checkpoint_keeps_a_flushed_write_an_unsynced_placed_write_replaced() {
