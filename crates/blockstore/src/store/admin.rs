@@ -202,12 +202,12 @@ impl Store {
 
     /// Deletes a snapshot, giving its space back.
     ///
-    /// When its layer is then left as the backing of exactly one layer (always so for the
-    /// newest snapshot of a volume without clones of it), the layer is merged into that
-    /// child while I/O goes on (see `merge.rs`), and the snapshot is removed together with
-    /// the layer in one catalog write: a failed or interrupted merge leaves the snapshot
-    /// and every image as they were. A layer that other snapshots' or clones' layers build
-    /// on stays, hidden, until they go.
+    /// When its layer is then left as the backing of exactly one layer (the next
+    /// snapshot's or the volume's top: so unless a clone was made from the snapshot), the
+    /// layer is merged into that child while I/O goes on (see `merge.rs`), and the
+    /// snapshot is removed together with the layer in one catalog write: a failed or
+    /// interrupted merge leaves the snapshot and every image as they were. A layer more
+    /// layers build on stays, hidden, until they go.
     pub fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
         let what = format!("{volume}@{snapshot}");
         let mut plan = {
@@ -240,14 +240,20 @@ impl Store {
                     plan = p;
                     only = None;
                 }
-                Finish::Replan(None) => break,
+                Finish::Replan(None) => {
+                    // A clone of the snapshot was made meanwhile: its layer stays for it.
+                    return self
+                        .finish_snapshot_delete(volume, snapshot, None)
+                        .map(|_| ());
+                }
             }
         }
         tracing::warn!(
             snapshot = %what,
             layer = plan.layer,
-            "the snapshot's layer could not be merged (the chain kept changing); it is \
-             deleted without, and its layer stays until the layers built on it go"
+            "the snapshot's layer could not be merged (writes or the chain kept changing \
+             under the merge); the snapshot is deleted and its layer stays until the \
+             layers built on it go"
         );
         self.finish_snapshot_delete(volume, snapshot, None)
             .map(|_| ())
