@@ -1,8 +1,10 @@
-//! A layer's two files: sparse data at logical offsets, and the checksum table, of which
-//! an in-memory copy answers every lookup so a 4 KiB read costs one data read.
+//! A layer's files: sparse data at logical offsets, the checksum table, and the zero
+//! ranges; an in-memory copy of table and ranges answers every lookup, so a 4 KiB read
+//! costs one data read.
 //!
 //! Only the checkpoint and recovery write data here, after the WAL holding it is durable;
-//! fills write their markers directly (see `store/write.rs` for why that is safe).
+//! fills write their table entries and ranges directly (see `store/write.rs` for why that
+//! is safe).
 //!
 //! ## The in-memory table
 //!
@@ -23,268 +25,76 @@
 //! so a thin volume costs what it stores, not its size. Fine for the volumes of one node
 //! today; a store holding many TiB would want a bounded cache instead.
 //!
-//! Concurrency: readers run on many threads without store locks; the chunk map sits
+//! ## Zero ranges
+//!
+//! A trim over a backing layer makes blocks read as zeroes. Instead of a 32-byte zero
+//! marker per block (8 GiB of table for a 1 TiB trim) the range is recorded once in the
+//! layer's `<id>.zeros` log (`zero_log`), held in memory as a set of ranges. A block reads
+//! as: its table entry when the table holds one (data or zero marker), else *zero* inside
+//! a zero range, else *absent*. So a later write of the block wins over the range without
+//! touching it, and the fill itself must replace the table entries inside its range:
+//!
+//! - *zero fill*: the range is appended to the log, then the entries the table holds in
+//!   it are overwritten with zero markers. They are not punched out at once: a hole that
+//!   reached the disk before its range did would read, after a crash, as the backing
+//!   layer's data. A later [`LayerFiles::sync`] (which makes the range durable) punches
+//!   out table pages left holding only markers covered by ranges. A fill over many stored
+//!   entries syncs the log instead and punches them out directly.
+//! - *absent fill*: the range is removed from the zero ranges (a `Clear` record, synced
+//!   before the table is punched when the table holds entries there), then the table is
+//!   punched as before.
+//! - *absent entries written* inside a zero range: those blocks are cleared the same way.
+//!
+//! Every outcome of a crash reads each block as before or after the unsynced change. A
+//! layer older than zero-range files has none; the directory marker (`zero_log`) tells
+//! such a layer from one whose file was lost.
+//!
+//! Concurrency: readers run on many threads without store locks; chunks and ranges sit
 //! behind one `RwLock`, so an entry is always read whole (never half of a concurrent
 //! write) and a write of several entries is seen all at once. Writers to one layer are
-//! serialised by a mutex held across the file write and the memory update, so the file
-//! and memory receive the changes in the same order.
+//! serialised by a mutex (which also owns the zero-range log) held across the file write
+//! and the memory update, so the files and memory receive the changes in the same order.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{fallocate, FallocateFlags};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 
 use crate::catalog::LayerId;
 use crate::error::{Result, StoreError};
 use crate::format::{BlockEntry, FillKind, BLOCK, BLOCK_SIZE, SUM_LEN};
 
-/// Entries per chunk of the in-memory table: one 4 KiB page of the table file, the
-/// granularity of its holes.
-const CHUNK_BLOCKS: u64 = 128;
-const CHUNK_BYTES: usize = CHUNK_BLOCKS as usize * SUM_LEN;
+mod ranges;
+mod table;
+mod zero_log;
+
+use ranges::RangeSet;
+use table::{Table, CHUNK_BLOCKS, CHUNK_BYTES};
+use zero_log::{DirState, Op, ZeroLog};
+
 /// Blocks one step of a large fill covers: memory is updated step by step, so readers of
 /// the layer are never held off for a whole-volume fill.
 const FILL_STEP_BLOCKS: u64 = 2048;
 
-/// One chunk of the in-memory table. A chunk of only absent entries is not stored.
-enum Chunk {
-    /// Every entry is the zero marker.
-    Zero,
-    /// The entries, as stored in the file.
-    Entries(Box<[u8; CHUNK_BYTES]>),
+/// Stored entries a zero fill may replace with markers; past this many held chunks it
+/// syncs the zero-range log once and punches the entries out instead.
+const MARK_AT_MOST_CHUNKS: usize = 64;
+
+/// What writers of one layer's table hold, under its writer lock.
+#[derive(Debug)]
+struct Writer {
+    /// The layer's zero-range log.
+    log: ZeroLog,
+    /// Chunks in which a zero fill wrote markers: once a sync made the ranges durable,
+    /// those still reading as a hole are punched out of the table.
+    marked: BTreeSet<u64>,
 }
 
-impl Chunk {
-    /// The chunk for these entries, or `None` when they are all absent.
-    fn from_entries(e: Box<[u8; CHUNK_BYTES]>) -> Option<Chunk> {
-        let absent = BlockEntry::Absent.encode();
-        let zero = BlockEntry::Zero.encode();
-        let all = |mark: &[u8; SUM_LEN]| e.chunks_exact(SUM_LEN).all(|c| c == mark);
-        if all(&absent) {
-            None
-        } else if all(&zero) {
-            Some(Chunk::Zero)
-        } else {
-            Some(Chunk::Entries(e))
-        }
-    }
-
-    /// The entries of this chunk, materialised.
-    fn into_entries(self) -> Box<[u8; CHUNK_BYTES]> {
-        match self {
-            Chunk::Zero => Box::new([0xff; CHUNK_BYTES]),
-            Chunk::Entries(e) => e,
-        }
-    }
-
-    fn entry(&self, i: usize) -> BlockEntry {
-        match self {
-            Chunk::Zero => BlockEntry::Zero,
-            Chunk::Entries(e) => {
-                let mut raw = [0u8; SUM_LEN];
-                raw.copy_from_slice(&e[i * SUM_LEN..(i + 1) * SUM_LEN]);
-                BlockEntry::decode(&raw)
-            }
-        }
-    }
-}
-
-/// The in-memory copy of a checksum table: chunk number → chunk.
-///
-/// A `BTreeMap` rather than a vector so that memory follows what is stored, not the
-/// highest block written (a 64 TiB thin volume written at its end costs one chunk).
-#[derive(Default)]
-struct Table {
-    chunks: RwLock<BTreeMap<u64, Chunk>>,
-}
-
-/// The chunks that blocks `first..end` touch, each with the part of it they cover, as
-/// (chunk, first block, end block).
-fn chunk_spans(first: u64, end: u64) -> impl Iterator<Item = (u64, u64, u64)> {
-    let c0 = first / CHUNK_BLOCKS;
-    let c1 = end.div_ceil(CHUNK_BLOCKS);
-    (c0..c1).map(move |c| {
-        let base = c * CHUNK_BLOCKS;
-        (c, first.max(base), end.min(base + CHUNK_BLOCKS))
-    })
-}
-
-impl Table {
-    /// Entries of blocks `first..first+n`.
-    fn get(&self, first: u64, n: usize) -> Vec<BlockEntry> {
-        let mut out = vec![BlockEntry::Absent; n];
-        if n == 0 {
-            return out;
-        }
-        let end = first.saturating_add(n as u64);
-        let c0 = first / CHUNK_BLOCKS;
-        let c1 = (end - 1) / CHUNK_BLOCKS;
-        let chunks = self.chunks.read();
-        for (&c, chunk) in chunks.range(c0..=c1) {
-            let base = c * CHUNK_BLOCKS;
-            for b in first.max(base)..end.min(base + CHUNK_BLOCKS) {
-                out[(b - first) as usize] = chunk.entry((b - base) as usize);
-            }
-        }
-        out
-    }
-
-    /// Applies `edit(entries, lo, hi)` to the chunks that blocks `first..end` touch,
-    /// where `lo..hi` are the blocks of the range inside the chunk.
-    fn edit(
-        map: &mut BTreeMap<u64, Chunk>,
-        first: u64,
-        end: u64,
-        mut edit: impl FnMut(&mut [u8; CHUNK_BYTES], u64, u64),
-    ) {
-        for (c, lo, hi) in chunk_spans(first, end) {
-            let mut e = map
-                .remove(&c)
-                .map_or_else(|| Box::new([0u8; CHUNK_BYTES]), Chunk::into_entries);
-            edit(&mut e, lo, hi);
-            if let Some(chunk) = Chunk::from_entries(e) {
-                map.insert(c, chunk);
-            }
-        }
-    }
-
-    /// Stores raw entries (a whole number of them) from block `first`.
-    fn set(&self, first: u64, raw: &[u8]) {
-        let end = first + (raw.len() / SUM_LEN) as u64;
-        let mut map = self.chunks.write();
-        Self::edit(&mut map, first, end, |e, lo, hi| {
-            let base = lo - lo % CHUNK_BLOCKS;
-            let src = &raw[((lo - first) as usize) * SUM_LEN..((hi - first) as usize) * SUM_LEN];
-            e[((lo - base) as usize) * SUM_LEN..((hi - base) as usize) * SUM_LEN]
-                .copy_from_slice(src);
-        });
-    }
-
-    /// Sets blocks `first..end` to the marker of `kind`.
-    fn fill(&self, first: u64, end: u64, kind: FillKind) {
-        let mark = kind.entry().encode();
-        let whole = |lo: u64, hi: u64| lo % CHUNK_BLOCKS == 0 && hi - lo == CHUNK_BLOCKS;
-        if kind == FillKind::Absent {
-            // Only chunks already held change: visit those rather than the whole range (a
-            // trim of a whole volume), a batch per lock so readers get in between.
-            let (mut from, stop) = (first / CHUNK_BLOCKS, end.div_ceil(CHUNK_BLOCKS));
-            while from < stop {
-                let mut map = self.chunks.write();
-                let held: Vec<u64> = map.range(from..stop).map(|(c, _)| *c).take(1024).collect();
-                let Some(&last) = held.last() else {
-                    return;
-                };
-                for c in held {
-                    let base = c * CHUNK_BLOCKS;
-                    let (lo, hi) = (first.max(base), end.min(base + CHUNK_BLOCKS));
-                    if whole(lo, hi) {
-                        map.remove(&c);
-                    } else {
-                        Self::edit(&mut map, lo, hi, |e, lo, hi| mark_entries(e, lo, hi, &mark));
-                    }
-                }
-                from = last + 1;
-            }
-            return;
-        }
-        let mut map = self.chunks.write();
-        for (c, lo, hi) in chunk_spans(first, end) {
-            if whole(lo, hi) {
-                map.insert(c, Chunk::Zero);
-            } else {
-                Self::edit(&mut map, lo, hi, |e, lo, hi| mark_entries(e, lo, hi, &mark));
-            }
-        }
-    }
-
-    /// Bytes of entry memory held (zero-marker chunks and the map itself not counted).
-    fn entry_bytes(&self) -> usize {
-        self.chunks
-            .read()
-            .values()
-            .filter(|c| matches!(c, Chunk::Entries(_)))
-            .count()
-            * CHUNK_BYTES
-    }
-
-    /// Reads the table file into memory, skipping its holes.
-    fn load(sums: &File) -> std::io::Result<Table> {
-        let len = sums.metadata()?.len();
-        let mut map = BTreeMap::new();
-        let mut buf = vec![0u8; 256 * CHUNK_BYTES];
-        let mut pos = 0;
-        while let Some((start, stop)) = next_data(sums, pos, len)? {
-            // Holes are page-aligned; rounding out to whole chunks reads a little more
-            // on a filesystem with smaller pages, never less.
-            let mut off = start - start % CHUNK_BYTES as u64;
-            while off < stop {
-                let n = (stop - off).div_ceil(CHUNK_BYTES as u64).min(256) as usize;
-                let part = &mut buf[..n * CHUNK_BYTES];
-                read_at_or_zero(sums, part, off)?;
-                for (i, raw) in part.chunks_exact(CHUNK_BYTES).enumerate() {
-                    let mut e = Box::new([0u8; CHUNK_BYTES]);
-                    e.copy_from_slice(raw);
-                    if let Some(chunk) = Chunk::from_entries(e) {
-                        map.insert(off / CHUNK_BYTES as u64 + i as u64, chunk);
-                    }
-                }
-                off += (n * CHUNK_BYTES) as u64;
-            }
-            pos = off;
-        }
-        Ok(Table {
-            chunks: RwLock::new(map),
-        })
-    }
-}
-
-fn mark_entries(e: &mut [u8; CHUNK_BYTES], lo: u64, hi: u64, mark: &[u8; SUM_LEN]) {
-    let base = lo - lo % CHUNK_BLOCKS;
-    for b in lo..hi {
-        let i = ((b - base) as usize) * SUM_LEN;
-        e[i..i + SUM_LEN].copy_from_slice(mark);
-    }
-}
-
-/// The next region of `f` at or after `pos` (below `len`) that may hold data, as
-/// (start, end). Filesystems that cannot tell holes apart report the rest of the file.
-fn next_data(f: &File, pos: u64, len: u64) -> std::io::Result<Option<(u64, u64)>> {
-    use nix::errno::Errno;
-    use nix::unistd::{lseek, Whence};
-    if pos >= len {
-        return Ok(None);
-    }
-    let Ok(at) = i64::try_from(pos) else {
-        return Ok(None);
-    };
-    let start = match lseek(f.as_raw_fd(), at, Whence::SeekData) {
-        Ok(s) => s,
-        Err(Errno::ENXIO) => return Ok(None),
-        Err(Errno::EINVAL) => return Ok(Some((pos, len))),
-        Err(e) => return Err(e.into()),
-    };
-    let stop = match lseek(f.as_raw_fd(), start, Whence::SeekHole) {
-        Ok(h) => h,
-        Err(Errno::ENXIO) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    let (start, stop) = (start as u64, (stop as u64).min(len));
-    Ok((start < stop).then_some((start, stop)))
-}
-
-impl std::fmt::Debug for Table {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Table")
-            .field("chunks", &self.chunks.read().len())
-            .finish()
-    }
-}
-
-/// The open files of one layer, with its checksum table in memory.
+/// The open files of one layer, with its checksum table and zero ranges in memory.
 #[derive(Debug)]
 pub struct LayerFiles {
     /// The layer's id.
@@ -292,10 +102,10 @@ pub struct LayerFiles {
     data: File,
     sums: File,
     data_path: PathBuf,
-    /// The checksum table: what `read_entries` answers from.
+    /// The checksum table and zero ranges: what `read_entries` answers from.
     table: Table,
-    /// Held by writers of the table across the file write and the memory update.
-    table_writes: Mutex<()>,
+    /// Held by writers of the table across the file writes and the memory update.
+    writer: Mutex<Writer>,
 }
 
 fn paths(dir: &Path, id: LayerId) -> (PathBuf, PathBuf) {
@@ -305,12 +115,56 @@ fn paths(dir: &Path, id: LayerId) -> (PathBuf, PathBuf) {
     )
 }
 
+/// Why opening a file of a layer failed, naming it.
+fn open_error(p: &Path, what: &str, id: LayerId, e: std::io::Error) -> StoreError {
+    let context = if e.kind() == std::io::ErrorKind::NotFound {
+        format!(
+            "opening {} ({what} of layer {id}, which the catalog lists; \
+             it is not recreated empty)",
+            p.display()
+        )
+    } else {
+        format!("opening {}", p.display())
+    };
+    StoreError::io(context, e)
+}
+
+/// Opens (with `create`, first creates) the zero-range log of layer `id`, after giving
+/// the layers of a directory that predates such logs theirs.
+fn open_zero_log(dir: &Path, id: LayerId, create: bool) -> Result<(ZeroLog, RangeSet)> {
+    let marker = zero_log::marker_path(dir);
+    let state = zero_log::dir_state(dir)
+        .map_err(|e| StoreError::io(format!("reading {}", marker.display()), e))?;
+    if state == DirState::Upgrade {
+        zero_log::upgrade_dir(dir).map_err(|e| {
+            StoreError::io(
+                format!("adding zero-range files to the layers in {}", dir.display()),
+                e,
+            )
+        })?;
+    }
+    let p = zero_log::path(dir, id);
+    if create {
+        let exists = p
+            .try_exists()
+            .map_err(|e| StoreError::io(format!("inspecting {}", p.display()), e))?;
+        if !exists {
+            zero_log::create(dir, id)
+                .map_err(|e| StoreError::io(format!("creating {}", p.display()), e))?;
+        }
+    }
+    ZeroLog::open(dir, id).map_err(|e| open_error(&p, "zero ranges", id, e))
+}
+
 impl LayerFiles {
-    /// Opens the files of layer `id` under `dir` and loads its checksum table.
+    /// Opens the files of layer `id` under `dir` and loads its checksum table and zero
+    /// ranges.
     ///
     /// With `create`, missing files are created (a new layer). Without it, a missing file
     /// is an error naming it: a layer the catalog lists must never come back empty, which
-    /// would serve its blocks as zeroes or as those of the layer below.
+    /// would serve its blocks as zeroes or as those of the layer below. The one exception
+    /// is the zero-range file of a layer created before such files existed: the first
+    /// open in such a directory gives every layer there an empty one.
     pub fn open(dir: &Path, id: LayerId, create: bool) -> Result<LayerFiles> {
         let (data_path, sums_path) = paths(dir, id);
         let open = |p: &Path, what: &str| {
@@ -319,22 +173,12 @@ impl LayerFiles {
                 .write(true)
                 .create(create)
                 .open(p)
-                .map_err(|e| {
-                    let context = if e.kind() == std::io::ErrorKind::NotFound {
-                        format!(
-                            "opening {} ({what} of layer {id}, which the catalog lists; \
-                             it is not recreated empty)",
-                            p.display()
-                        )
-                    } else {
-                        format!("opening {}", p.display())
-                    };
-                    StoreError::io(context, e)
-                })
+                .map_err(|e| open_error(p, what, id, e))
         };
         let data = open(&data_path, "data file")?;
         let sums = open(&sums_path, "checksum table")?;
-        let table = Table::load(&sums)
+        let (log, zeros) = open_zero_log(dir, id, create)?;
+        let table = Table::load(&sums, zeros)
             .map_err(|e| StoreError::io(format!("loading {}", sums_path.display()), e))?;
         Ok(LayerFiles {
             id,
@@ -342,12 +186,22 @@ impl LayerFiles {
             sums,
             data_path,
             table,
-            table_writes: Mutex::new(()),
+            writer: Mutex::new(Writer {
+                log,
+                marked: BTreeSet::new(),
+            }),
         })
     }
 
     /// Removes the files of layer `id`. Missing files are not an error.
+    ///
+    /// The zero-range file goes first: a crash part way leaves the data or table file,
+    /// by which the next start finds and removes the rest.
     pub fn remove(dir: &Path, id: LayerId) -> Result<()> {
+        zero_log::remove(dir, id).map_err(|e| {
+            let p = zero_log::path(dir, id);
+            StoreError::io(format!("removing {}", p.display()), e)
+        })?;
         let (d, s) = paths(dir, id);
         for p in [d, s] {
             match fs::remove_file(&p) {
@@ -359,7 +213,9 @@ impl LayerFiles {
         Ok(())
     }
 
-    /// Reads the checksum entries of blocks `first..first+n` (from memory: no I/O).
+    /// Reads the checksum entries of blocks `first..first+n` (from memory: no I/O). A
+    /// block the table holds no entry for reads as [`BlockEntry::Zero`] inside a zero
+    /// range.
     pub fn read_entries(&self, first: u64, n: usize) -> Result<Vec<BlockEntry>> {
         Ok(self.table.get(first, n))
     }
@@ -372,8 +228,9 @@ impl LayerFiles {
                 reason: format!("{} bytes is not a whole number of entries", raw.len()),
             });
         }
-        let _writing = self.table_writes.lock();
+        let mut w = self.writer.lock();
         let n = (raw.len() / SUM_LEN) as u64;
+        self.clear_absent_in_ranges(&mut w, first, raw)?;
         if let Err(e) = self.sums.write_all_at(raw, first * SUM_LEN as u64) {
             self.reload(first, n);
             return Err(self.err("writing checksums of", e));
@@ -382,16 +239,176 @@ impl LayerFiles {
         Ok(())
     }
 
-    /// Sets blocks `first..first+n` to a fill marker.
-    pub fn fill_entries(&self, first: u64, n: u64, kind: FillKind) -> Result<()> {
-        let _writing = self.table_writes.lock();
-        let start = first * SUM_LEN as u64;
-        let len = n * SUM_LEN as u64;
-        if kind == FillKind::Absent && punch(&self.sums, start, len).is_ok() {
-            self.table.fill(first, first + n, kind);
+    /// Removes the blocks that `raw` (entries from block `first`) makes absent from the
+    /// zero ranges, so they read as absent and not as zero.
+    fn clear_absent_in_ranges(&self, w: &mut Writer, first: u64, raw: &[u8]) -> Result<()> {
+        let end = first + (raw.len() / SUM_LEN) as u64;
+        let absent = |b: u64| {
+            let i = ((b - first) as usize) * SUM_LEN;
+            raw[i..i + SUM_LEN].iter().all(|x| *x == 0)
+        };
+        let mut runs = Vec::new();
+        for (lo, hi) in self.table.state.read().zeros.overlaps(first, end) {
+            let mut b = lo;
+            while b < hi {
+                if !absent(b) {
+                    b += 1;
+                    continue;
+                }
+                let start = b;
+                while b < hi && absent(b) {
+                    b += 1;
+                }
+                runs.push((start, b));
+            }
+        }
+        for &(lo, hi) in &runs {
+            self.record(w, lo, hi, Op::Clear)?;
+        }
+        if runs.iter().any(|&(lo, hi)| self.table.holds_any(lo, hi)) {
+            // A held entry replaced by a hole before its block left the ranges durably
+            // would read as zero after a crash: neither what it was nor absent.
+            w.log
+                .sync_now()
+                .map_err(|e| self.zeros_err("syncing zero ranges of", e))?;
+        }
+        Ok(())
+    }
+
+    /// Appends a zero-range record, then applies it to memory.
+    fn record(&self, w: &mut Writer, first: u64, end: u64, op: Op) -> Result<()> {
+        w.log
+            .append(first, end - first, op)
+            .map_err(|e| self.zeros_err("recording zero ranges of", e))?;
+        zero_log::apply(&mut self.table.state.write().zeros, first, end - first, op);
+        Ok(())
+    }
+
+    /// The parts of blocks `first..first+n` that read as zero through a zero range (the
+    /// table holds no entry for them), as (first, end) in order: what a merge can copy as
+    /// ranges with [`LayerFiles::zero_where_absent`] instead of block by block.
+    pub fn zero_ranges(&self, first: u64, n: u64) -> Vec<(u64, u64)> {
+        let end = first.saturating_add(n);
+        let state = self.table.state.read();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut push = |lo: u64, hi: u64| match out.last_mut() {
+            Some(last) if last.1 == lo => last.1 = hi,
+            _ if lo < hi => out.push((lo, hi)),
+            _ => {}
+        };
+        for (lo, hi) in state.zeros.overlaps(first, end) {
+            let mut at = lo;
+            let chunks = state
+                .chunks
+                .range(lo / CHUNK_BLOCKS..hi.div_ceil(CHUNK_BLOCKS));
+            for (&c, chunk) in chunks {
+                let base = c * CHUNK_BLOCKS;
+                for b in lo.max(base)..hi.min(base + CHUNK_BLOCKS) {
+                    if chunk.entry((b - base) as usize) != BlockEntry::Absent {
+                        push(at, b);
+                        at = b + 1;
+                    }
+                }
+            }
+            push(at, hi);
+        }
+        out
+    }
+
+    /// Makes the blocks of `first..first+n` that the table holds no entry for read as
+    /// zero (a zero range); blocks it holds keep their entries. One record, whatever the
+    /// length. Durable with the next [`LayerFiles::sync`].
+    pub fn zero_where_absent(&self, first: u64, n: u64) -> Result<()> {
+        let end = first.saturating_add(n);
+        let mut w = self.writer.lock();
+        if self.table.state.read().zeros.covers(first, end) {
             return Ok(());
         }
-        let mark = kind.entry().encode();
+        self.record(&mut w, first, end, Op::Zero)
+    }
+
+    /// Makes blocks `first..first+n` read as the entry of `kind`.
+    pub fn fill_entries(&self, first: u64, n: u64, kind: FillKind) -> Result<()> {
+        let end = first.checked_add(n).ok_or_else(|| StoreError::Invalid {
+            field: "fill range",
+            reason: format!("{first}+{n} overflows"),
+        })?;
+        let mut w = self.writer.lock();
+        if n == 0 {
+            return Ok(());
+        }
+        match kind {
+            FillKind::Zero => self.fill_zero(&mut w, first, end),
+            FillKind::Absent => self.fill_absent(&mut w, first, end),
+        }
+    }
+
+    /// A zero fill: the range, then markers over (or a punch of) the entries the table
+    /// holds in it, which would otherwise win over the range.
+    fn fill_zero(&self, w: &mut Writer, first: u64, end: u64) -> Result<()> {
+        if !self.table.state.read().zeros.covers(first, end) {
+            self.record(w, first, end, Op::Zero)?;
+        }
+        let held = self.table.held(0, first, end, MARK_AT_MOST_CHUNKS + 1);
+        if held.is_empty() {
+            return Ok(());
+        }
+        if held.len() > MARK_AT_MOST_CHUNKS {
+            // Markers would rewrite the table here; one sync of the small log lets the
+            // entries go at once, their space with them.
+            w.log
+                .sync_now()
+                .map_err(|e| self.zeros_err("syncing zero ranges of", e))?;
+            let (start, len) = (first * SUM_LEN as u64, (end - first) * SUM_LEN as u64);
+            if punch(&self.sums, start, len).is_ok() {
+                self.table.fill(first, end, FillKind::Absent);
+                return Ok(());
+            }
+        }
+        let mark = BlockEntry::Zero.encode();
+        let whole: Vec<u8> = mark.iter().copied().cycle().take(CHUNK_BYTES).collect();
+        let mut from = 0;
+        loop {
+            let held = self.table.held(from, first, end, 1024);
+            let Some(&(last, _)) = held.last() else {
+                return Ok(());
+            };
+            for (c, only_markers) in held {
+                let base = c * CHUNK_BLOCKS;
+                let (lo, hi) = (first.max(base), end.min(base + CHUNK_BLOCKS));
+                if !only_markers {
+                    let bytes = &whole[..((hi - lo) as usize) * SUM_LEN];
+                    if let Err(e) = self.sums.write_all_at(bytes, lo * SUM_LEN as u64) {
+                        self.reload(lo, hi - lo);
+                        return Err(self.err("writing checksums of", e));
+                    }
+                    self.table.fill(lo, hi, FillKind::Zero);
+                }
+                w.marked.insert(c);
+            }
+            from = last + 1;
+        }
+    }
+
+    /// An absent fill: the blocks leave the zero ranges, then the table entries are
+    /// punched out (or, where the filesystem cannot punch, overwritten as absent).
+    fn fill_absent(&self, w: &mut Writer, first: u64, end: u64) -> Result<()> {
+        if self.table.state.read().zeros.intersects(first, end) {
+            self.record(w, first, end, Op::Clear)?;
+            if self.table.holds_any(first, end) {
+                // See `clear_absent_in_ranges`.
+                w.log
+                    .sync_now()
+                    .map_err(|e| self.zeros_err("syncing zero ranges of", e))?;
+            }
+        }
+        let start = first * SUM_LEN as u64;
+        let len = (end - first) * SUM_LEN as u64;
+        if punch(&self.sums, start, len).is_ok() {
+            self.table.fill(first, end, FillKind::Absent);
+            return Ok(());
+        }
+        let mark = FillKind::Absent.entry().encode();
         let step_bytes = (FILL_STEP_BLOCKS as usize) * SUM_LEN;
         let chunk: Vec<u8> = mark.iter().copied().cycle().take(step_bytes).collect();
         let mut done = 0;
@@ -403,7 +420,7 @@ impl LayerFiles {
                 self.reload(b, blocks);
                 return Err(self.err("writing checksums of", e));
             }
-            self.table.fill(b, b + blocks, kind);
+            self.table.fill(b, b + blocks, FillKind::Absent);
             done += step as u64;
         }
         Ok(())
@@ -457,12 +474,74 @@ impl LayerFiles {
         }
     }
 
-    /// Makes everything written to both files durable.
+    /// Makes everything written to the layer's files durable: data, zero ranges, table.
+    ///
+    /// Then, if no zero range was recorded meanwhile (so every range is durable), punches
+    /// out the table pages that zero fills left holding only markers covered by ranges.
+    /// A zero-range log grown well past the ranges it holds is rewritten first.
     pub fn sync(&self) -> Result<()> {
         self.data
             .sync_data()
-            .and_then(|()| self.sums.sync_data())
-            .map_err(|e| self.err("syncing", e))
+            .map_err(|e| self.err("syncing data of", e))?;
+        let (zeros, appended) = {
+            let mut w = self.writer.lock();
+            if let Some(why) = w.log.failed() {
+                let e = std::io::Error::other(why.to_string());
+                return Err(self.zeros_err("syncing zero ranges of", e));
+            }
+            let grown = {
+                let state = self.table.state.read();
+                w.log
+                    .wants_rewrite(&state.zeros)
+                    .then(|| state.zeros.clone())
+            };
+            if let Some(ranges) = grown {
+                w.log
+                    .rewrite(&ranges)
+                    .map_err(|e| self.zeros_err("rewriting zero ranges of", e))?;
+            }
+            (w.log.file(), w.log.appended())
+        };
+        if let Err(e) = zeros.sync_data() {
+            let e = self.writer.lock().log.fail(e);
+            return Err(self.zeros_err("syncing zero ranges of", e));
+        }
+        self.sums
+            .sync_data()
+            .map_err(|e| self.err("syncing checksums of", e))?;
+        self.punch_marked(appended);
+        Ok(())
+    }
+
+    /// Punches out of the table the chunks marked by zero fills that now read as a hole
+    /// would, provided no zero-range record came in since `appended` (so the ranges in
+    /// memory are the durable ones). Only space is at stake: failures are logged.
+    fn punch_marked(&self, appended: u64) {
+        let mut w = self.writer.lock();
+        if w.marked.is_empty() || w.log.appended() != appended {
+            return;
+        }
+        for c in std::mem::take(&mut w.marked) {
+            if !self.table.reads_as_hole(c) {
+                continue;
+            }
+            let off = c * CHUNK_BYTES as u64;
+            match punch(&self.sums, off, CHUNK_BYTES as u64) {
+                Ok(()) => {
+                    self.table.state.write().chunks.remove(&c);
+                }
+                Err(nix::errno::Errno::EOPNOTSUPP) => return,
+                Err(e) => {
+                    tracing::warn!(
+                        layer = self.id,
+                        chunk = c,
+                        error = %e,
+                        "could not punch zero markers out of the checksum table; they stay"
+                    );
+                    return;
+                }
+            }
+        }
     }
 
     /// Bytes of data actually allocated on disk (thin provisioning at work).
@@ -477,18 +556,27 @@ impl LayerFiles {
         self.table.entry_bytes()
     }
 
-    /// Number of blocks the checksum table covers (entries past it are absent).
+    /// Number of blocks the checksum table and zero ranges cover (entries past it are
+    /// absent).
     pub fn table_blocks(&self) -> Result<u64> {
         let len = self
             .sums
             .metadata()
             .map_err(|e| self.err("inspecting", e))?
             .len();
-        Ok(len.div_ceil(SUM_LEN as u64))
+        let ranges_end = self.table.state.read().zeros.end();
+        Ok(len.div_ceil(SUM_LEN as u64).max(ranges_end))
     }
 
     fn err(&self, what: &str, e: std::io::Error) -> StoreError {
         StoreError::io(format!("{what} layer {}", self.id), e)
+    }
+
+    fn zeros_err(&self, what: &str, e: std::io::Error) -> StoreError {
+        StoreError::io(
+            format!("{what} layer {} ({:016x}.zeros)", self.id, self.id),
+            e,
+        )
     }
 }
 
@@ -526,3 +614,5 @@ fn read_at_or_zero(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod zero_tests;

@@ -1,4 +1,4 @@
-//! The in-memory checksum table agrees with the table file through writes, fills and
+//! The in-memory checksum table agrees with the layer's files through writes, fills and
 //! punches and across reopening, costs memory only for what a layer holds, and is seen
 //! whole by concurrent readers.
 
@@ -26,6 +26,29 @@ fn file_entries(dir: &Path, id: LayerId, n: usize) -> Vec<BlockEntry> {
             BlockEntry::decode(&e)
         })
         .collect()
+}
+
+/// Entries of blocks `0..n` as the layer's files say: the table file, and where it holds
+/// no entry, the zero ranges its log records (read here without the layer's code).
+pub(super) fn disk_entries(dir: &Path, id: LayerId, n: usize) -> Vec<BlockEntry> {
+    let mut out = file_entries(dir, id, n);
+    let log = fs::read(zero_log::path(dir, id)).unwrap();
+    let mut zero = vec![false; n];
+    for r in log[zero_log::RECORD_LEN..].chunks(zero_log::RECORD_LEN) {
+        let Some((first, count, op)) = zero_log::decode(id, r) else {
+            break;
+        };
+        let end = first.saturating_add(count).min(n as u64);
+        for b in first.min(end)..end {
+            zero[b as usize] = op == zero_log::Op::Zero;
+        }
+    }
+    for (e, z) in out.iter_mut().zip(zero) {
+        if z && *e == BlockEntry::Absent {
+            *e = BlockEntry::Zero;
+        }
+    }
+    out
 }
 
 fn hash(block: u64, version: u32) -> [u8; SUM_LEN] {
@@ -80,9 +103,9 @@ fn cached_entries_agree_with_the_file_after_writes_fills_and_punches_and_across_
             "memory after step {step}"
         );
         assert_eq!(
-            file_entries(dir.path(), 7, N as usize),
+            disk_entries(dir.path(), 7, N as usize),
             model,
-            "file after step {step}"
+            "files after step {step}"
         );
     }
     // Ranges that end inside a chunk and reach past the table read as absent there.
@@ -129,13 +152,30 @@ fn memory_follows_what_the_layer_holds_not_its_size() {
     layer.write_entries(far, &hash(far, 1)).unwrap();
     assert_eq!(layer.table_memory_bytes(), CHUNK_BYTES);
     assert_eq!(layer.table_blocks().unwrap(), far + 1, "the table grew");
-    // A fill of whole chunks with zero markers costs no entry memory; ragged edges do
-    // until they are completed.
+    // A zero fill where nothing is stored is a range: no entry memory. Over stored
+    // entries it writes markers: a chunk of only markers costs no entry memory, ragged
+    // edges do until they are completed.
+    layer.fill_entries(5, 1000, FillKind::Zero).unwrap();
+    assert_eq!(layer.table_memory_bytes(), CHUNK_BYTES);
+    let data: Vec<u8> = (0..1024).flat_map(|b| hash(b, 2)).collect();
+    layer.write_entries(0, &data).unwrap();
+    assert_eq!(layer.table_memory_bytes(), 9 * CHUNK_BYTES);
     layer.fill_entries(5, 1000, FillKind::Zero).unwrap();
     assert_eq!(layer.table_memory_bytes(), 3 * CHUNK_BYTES);
     layer.fill_entries(0, 5, FillKind::Zero).unwrap();
     layer.fill_entries(1005, 19, FillKind::Zero).unwrap();
     assert_eq!(layer.table_memory_bytes(), CHUNK_BYTES);
+    assert_eq!(
+        layer.read_entries(1020, 8).unwrap(),
+        [[BlockEntry::Zero; 4], [BlockEntry::Absent; 4]].concat()
+    );
+    // Once a sync made the ranges durable, the marker pages go.
+    layer.sync().unwrap();
+    assert_eq!(
+        layer.table.state.read().chunks.len(),
+        1,
+        "only the far chunk"
+    );
     assert_eq!(
         layer.read_entries(1020, 8).unwrap(),
         [[BlockEntry::Zero; 4], [BlockEntry::Absent; 4]].concat()
@@ -160,7 +200,8 @@ fn memory_follows_what_the_layer_holds_not_its_size() {
     // Trimming everything gives the memory back.
     layer.fill_entries(0, far + 1, FillKind::Absent).unwrap();
     assert_eq!(layer.table_memory_bytes(), 0);
-    assert!(layer.table.chunks.read().is_empty());
+    assert!(layer.table.state.read().chunks.is_empty());
+    assert_eq!(layer.table.state.read().zeros.len(), 0);
     assert!(layer.read_entries(far, 1).unwrap()[0] == BlockEntry::Absent);
     assert_eq!(
         file_entries(dir.path(), 1, 2000),
@@ -171,24 +212,59 @@ fn memory_follows_what_the_layer_holds_not_its_size() {
 #[test]
 fn a_missing_layer_file_is_an_error_naming_it_and_is_not_created() {
     let dir = tempfile::tempdir().unwrap();
-    drop(LayerFiles::open(dir.path(), 3, true).unwrap());
+    let layer = LayerFiles::open(dir.path(), 3, true).unwrap();
+    layer.fill_entries(10, 5, FillKind::Zero).unwrap();
+    drop(layer);
     let (data, sums) = paths(dir.path(), 3);
-    for gone in [&sums, &data] {
+    let zeros = zero_log::path(dir.path(), 3);
+    let marker = zero_log::marker_path(dir.path());
+    for gone in [&sums, &data, &zeros, &marker] {
         let kept = fs::read(gone).unwrap();
         fs::remove_file(gone).unwrap();
         let err = LayerFiles::open(dir.path(), 3, false)
             .unwrap_err()
             .to_string();
         assert!(err.contains(&gone.display().to_string()), "{err}");
-        assert!(err.contains("layer 3"), "{err}");
+        if gone != &marker {
+            assert!(err.contains("layer 3"), "{err}");
+        }
         assert!(
             !gone.exists(),
             "open without create made {}",
             gone.display()
         );
         fs::write(gone, kept).unwrap();
-        LayerFiles::open(dir.path(), 3, false).unwrap();
+        let layer = LayerFiles::open(dir.path(), 3, false).unwrap();
+        assert_eq!(layer.read_entries(10, 1).unwrap(), [BlockEntry::Zero]);
     }
+}
+
+#[test]
+fn remove_takes_every_file_of_the_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let layer = LayerFiles::open(dir.path(), 4, true).unwrap();
+    layer.fill_entries(0, 8, FillKind::Zero).unwrap();
+    drop(layer);
+    drop(LayerFiles::open(dir.path(), 5, true).unwrap());
+    // What a rewrite cut short leaves.
+    fs::write(dir.path().join(format!("{:016x}.zeros.tmp", 4)), b"x").unwrap();
+    LayerFiles::remove(dir.path(), 4).unwrap();
+    LayerFiles::remove(dir.path(), 4).unwrap();
+    let mut left: Vec<String> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let five = |ext: &str| format!("{:016x}.{ext}", 5);
+    assert_eq!(
+        left,
+        [
+            five("data"),
+            five("sums"),
+            five("zeros"),
+            "zero-ranges".into()
+        ]
+    );
 }
 
 #[test]
