@@ -162,13 +162,13 @@ fn flushed_writes_survive_power_cuts_at_random_points() {
     if !powerfs_or_skip("flushed_writes_survive_power_cuts_at_random_points") {
         return;
     }
-    say(
-        "power_loss: NOTE: FLUSH and FUA writes go one at a time across connections, and \
-         writes of 64 KiB and more keep to their own quarter of the volume, while the two \
-         store bugs of docs/power-loss.md are open; \
-         flushed_writes_survive_power_cuts_with_every_pattern (ignored) mixes everything",
+    run_cycles(
+        Mix::AVOID_OPEN_BUGS,
+        "FLUSH and FUA writes go one at a time across connections, and writes of 64 KiB and \
+         more keep to their own quarter of the volume, while the two store bugs of \
+         docs/power-loss.md are open; flushed_writes_survive_power_cuts_with_every_pattern \
+         (ignored) mixes everything",
     );
-    run_cycles(Mix::AVOID_OPEN_BUGS);
 }
 
 /// The same with everything mixed, which today finds the open store bugs within a few
@@ -179,17 +179,18 @@ fn flushed_writes_survive_power_cuts_with_every_pattern() {
     if !powerfs_or_skip("flushed_writes_survive_power_cuts_with_every_pattern") {
         return;
     }
-    run_cycles(Mix::FULL);
+    run_cycles(Mix::FULL, "every request pattern, mixed");
 }
 
 /// Runs `POWER_LOSS_CYCLES` cycles (200) from `POWER_LOSS_SEED`, alternating drop-all and
-/// tear cuts, and prints what they did.
-fn run_cycles(mix: Mix) {
+/// tear cuts, and prints what they did; `mix` (described by `what`) picks the requests.
+fn run_cycles(mix: Mix, what: &str) {
     let seed = env_number("POWER_LOSS_SEED").unwrap_or(DEFAULT_SEED);
     let cycles = env_number("POWER_LOSS_CYCLES").unwrap_or(DEFAULT_CYCLES);
     say(&format!(
         "power_loss: seed {seed:#x}, {cycles} cycles (set POWER_LOSS_SEED / POWER_LOSS_CYCLES to change)"
     ));
+    say(&format!("power_loss: workload: {what}"));
     let started = std::time::Instant::now();
     let opts = Options {
         blocks: BLOCKS,
