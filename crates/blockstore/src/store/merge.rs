@@ -3,32 +3,53 @@
 //! snapshot delete do).
 //!
 //! When a deleted snapshot's layer L is left as the backing of exactly one layer C (no
-//! other snapshot or clone builds on it), every block L holds that C does not (data, or a
-//! zero marker hiding a layer below L) is copied into C; then the catalog makes L's
-//! backing C's and L's files go. Blocks C holds win: its data, its markers, and writes to
-//! it still pending in the WAL are all newer than L.
+//! other snapshot or clone builds on it), everything L holds that C does not is carried
+//! into C; then the catalog makes L's backing C's and L's files go. Blocks C holds win:
+//! its data, its markers and ranges, and writes to it still pending in the WAL are all
+//! newer than L. L holds two kinds of things:
+//! - *data* blocks, copied block by block (below);
+//! - *zero* blocks (its zero ranges, and zero markers in its table), which hide a layer
+//!   below L: carried as ranges with [`LayerFiles::zero_where_absent`], so a trimmed TiB
+//!   costs C a few 32-byte records, not a marker per block. Only where L has a backing:
+//!   without one, zero and absent read alike.
 //!
-//! The copy runs in batches under the checkpoint's locks, released between batches so I/O
+//! The work goes in batches, under the checkpoint's locks, released between batches so I/O
 //! goes on (see `docs/storage.md`, "Concurrency"):
-//! - `apply` for writing, the whole batch: no fill writes a marker and no checkpoint copies
-//!   or retires a pending version while the batch decides and writes;
-//! - `layer_writes` for writing, first while the batch writes C's data into C's holes, then
-//!   again while it writes C's checksum entries, never across the sync between the two: a
-//!   placed write's data waits for it, and a read retrying after a mismatch never sees half
-//!   a copy.
+//! - `apply` for writing, the whole batch: no fill writes a marker or range and no
+//!   checkpoint copies or retires a pending version while the batch decides and writes;
+//! - for data, `layer_writes` for writing, first while the batch writes C's data into C's
+//!   holes, then again while it writes C's checksum entries, never across the sync
+//!   between the two: a placed write's data waits for it, and a read retrying after a
+//!   mismatch never sees half a copy.
 //!
-//! A block is copied only where C's table says *absent* and no version of it is pending,
-//! checked under those locks. The entries are written holding the pending map's read lock
-//! ([`PendingWrites::while_unwritten`]): a placed writer publishes its version before it
-//! reads the table, so it either published first (the block is left to it) or sees the
-//! copied entry and makes its record durable before overwriting that data, as for any
-//! overwrite in place.
+//! A data block is copied only where C's table says *absent* and no version of it is
+//! pending, checked under those locks. The entries are written holding the pending map's
+//! read lock ([`PendingWrites::while_unwritten`]): a placed writer publishes its version
+//! before it reads the table, so it either published first (the block is left to it) or
+//! sees the copied entry and makes its record durable before overwriting that data, as
+//! for any overwrite in place.
+//!
+//! A zero range needs neither check: it only changes blocks C's table does not hold (a
+//! table entry wins over a range, whenever it is written), changes no data, and covers
+//! only blocks that read as zero in L, so the old chain (C over L) reads every block the
+//! same with or without it. A version of a block pending in C when the range goes in
+//! still wins: reads look in the pending map before C's table; the version leaves the map
+//! only once the checkpoint wrote its table entry (which beats the range) or a fill wrote
+//! its own markers; a placed write that fails is unpublished and the block reads the
+//! range, i.e. L's zeroes, which is what it read before; after a crash, replay writes the
+//! entry of every record that survived, and a write that did not survive was never
+//! flushed. Nor does the range make a placed write into C an overwrite in place: there
+//! is still no data entry under it.
 //!
 //! Crash safety: C's data is synced before the entries naming it are written, so every
-//! entry that reaches the disk has its data there, and the old chain (C over L) reads what
-//! it read before. C is synced again, and the WAL flushed, before the catalog stops naming
-//! L: the new chain then finds in C, or in the WAL replayed into C, everything the old one
-//! found in C or L.
+//! entry that reaches the disk has its data there. C is synced again (which makes its
+//! ranges durable), and the WAL flushed, before the catalog stops naming L: the new chain
+//! then finds in C, or in the WAL replayed into C, everything the old one found in C or L.
+//!
+//! Finding L's work: its zero ranges come as ranges ([`LayerFiles::zero_ranges`]); only
+//! the blocks between them are looked up entry by entry. `LayerFiles` offers no list of
+//! the table chunks it holds, so a layer with few ranges is still scanned block by block
+//! up to the end of its table (an in-memory scan, no I/O).
 //!
 //! [`PendingWrites::while_unwritten`]: super::pending::PendingWrites::while_unwritten
 
@@ -43,10 +64,12 @@ use crate::format::{block_hash, BlockEntry, BLOCK, BLOCK_SIZE, SUM_LEN};
 use crate::hooks::Point;
 use crate::layer::LayerFiles;
 
-/// Blocks of the layer one batch copies at most: 4 MiB of data, one sync of the child.
+mod scan;
+
+use scan::{Scan, Work};
+
+/// Data blocks of the layer one batch copies at most: 4 MiB of data, one sync of the child.
 pub(super) const MERGE_BATCH: usize = 1024;
-/// Table entries the scan for the next batch reads at a time (no lock held).
-const SCAN_STEP: u64 = 8192;
 /// How often a long merge logs its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -93,32 +116,22 @@ pub(super) fn plan(cat: &Catalog, layer: LayerId) -> Option<MergePlan> {
 #[derive(Default)]
 struct Tally {
     data: u64,
-    zeroes: u64,
+    zero_ranges: u64,
+    zero_blocks: u64,
 }
 
 /// The two layers of a merge, open.
 struct Pair {
     from: Arc<LayerFiles>,
     into: Arc<LayerFiles>,
-    /// Whether the layer's zero markers are copied: they hide a layer below it, which
-    /// the child would otherwise see through once the layer is gone.
+    /// Whether the layer's zero blocks are carried: they hide a layer below it, which the
+    /// child would otherwise see through once the layer is gone.
     zeroes: bool,
 }
 
-impl Pair {
-    /// Whether the layer's entry `e` is something the child must receive.
-    fn holds(&self, e: &BlockEntry) -> bool {
-        match e {
-            BlockEntry::Data(_) => true,
-            BlockEntry::Zero => self.zeroes,
-            BlockEntry::Absent => false,
-        }
-    }
-}
-
 impl Store {
-    /// Copies into `plan.child` every block `plan.layer` holds that the child does not.
-    /// Returns the blocks the copy left to writes pending in the child (see
+    /// Carries into `plan.child` everything `plan.layer` holds that the child does not.
+    /// Returns the data blocks the copy left to writes pending in the child (see
     /// [`Store::merge_unfinished`]). `what` names the deleted snapshot, for the log.
     pub(super) fn merge_copy_layer(&self, plan: &MergePlan, what: &str) -> Result<Vec<u64>> {
         // The layer is frozen (no volume writes to it), but versions logged before it was
@@ -147,23 +160,23 @@ impl Store {
         let mut logged = started;
         let mut tally = Tally::default();
         let mut watch = Vec::new();
-        let mut cursor = 0;
+        let mut scan = Scan::new(&pair, end);
         let mut batch = 0;
-        while cursor < end {
-            let (blocks, next) = held_blocks(&pair, cursor, end)?;
-            cursor = next;
-            if blocks.is_empty() {
-                break;
-            }
+        while let Some(work) = scan.next_batch()? {
             self.inner.at(Point::MergeBatch(batch))?;
-            watch.extend(self.merge_batch(&pair, &blocks, &mut tally, what)?);
+            match work {
+                Work::Zeros(runs) => self.merge_zeros(&pair, &runs, &mut tally)?,
+                Work::Data(blocks) => {
+                    watch.extend(self.merge_batch(&pair, &blocks, &mut tally, what)?);
+                }
+            }
             batch += 1;
             if logged.elapsed() >= PROGRESS_EVERY {
                 logged = Instant::now();
                 tracing::info!(
                     snapshot = what,
                     layer = plan.layer,
-                    scanned = cursor,
+                    scanned = scan.scanned(),
                     of = end,
                     copied = tally.data,
                     "merging: progress"
@@ -176,7 +189,8 @@ impl Store {
             layer = plan.layer,
             into = plan.child,
             data_blocks = tally.data,
-            zero_markers = tally.zeroes,
+            zero_ranges = tally.zero_ranges,
+            zero_blocks = tally.zero_blocks,
             left_to_pending_writes = watch.len(),
             secs = started.elapsed().as_secs_f64(),
             "copied the layer into its child"
@@ -184,8 +198,9 @@ impl Store {
         Ok(watch)
     }
 
-    /// Copies `blocks` (ascending) of `plan.layer` into the child, where it lacks them;
-    /// for blocks an earlier pass left to a write that did not happen after all.
+    /// Copies data blocks `blocks` (ascending) of `plan.layer` into the child, where it
+    /// lacks them; for blocks an earlier pass left to a write that did not happen after
+    /// all.
     pub(super) fn merge_copy_blocks(
         &self,
         plan: &MergePlan,
@@ -233,7 +248,20 @@ impl Store {
         })
     }
 
-    /// Copies one batch of blocks the layer holds (ascending) into the child where it
+    /// Makes the runs of `runs` read as zero in the child where its table holds nothing
+    /// (see the module's comment for why pending versions need no check). Holds `apply`
+    /// like every batch, so no fill or checkpoint changes the child meanwhile.
+    fn merge_zeros(&self, pair: &Pair, runs: &[(u64, u64)], tally: &mut Tally) -> Result<()> {
+        let _apply = self.inner.apply.write();
+        for &(first, end) in runs {
+            pair.into.zero_where_absent(first, end - first)?;
+            tally.zero_ranges += 1;
+            tally.zero_blocks += end - first;
+        }
+        Ok(())
+    }
+
+    /// Copies one batch of data blocks of the layer (ascending) into the child where it
     /// lacks them. Returns the blocks left to the child's pending writes.
     fn merge_batch(
         &self,
@@ -248,7 +276,7 @@ impl Store {
         let mut watch = Vec::new();
         // 1. Choose, and put the data in the child's holes. Its table does not point
         //    there yet, so a crash from here to the entries leaves nothing to read.
-        let chosen: Vec<(u64, BlockEntry)> = {
+        let chosen: Vec<(u64, [u8; SUM_LEN])> = {
             let _changing = inner.layer_writes.write();
             let mut wanted = Vec::new();
             for r in runs(blocks) {
@@ -256,8 +284,8 @@ impl Store {
                 let held = from.read_entries(first, r.len())?;
                 let have = into.read_entries(first, r.len())?;
                 for (i, (e, c)) in held.iter().zip(&have).enumerate() {
-                    if pair.holds(e) && *c == BlockEntry::Absent {
-                        wanted.push((first + i as u64, *e));
+                    if let (BlockEntry::Data(h), BlockEntry::Absent) = (e, c) {
+                        wanted.push((first + i as u64, *h));
                     }
                 }
             }
@@ -273,9 +301,7 @@ impl Store {
             return Ok(watch);
         }
         // 2. Data before the entries that name it.
-        if chosen.iter().any(|(_, e)| matches!(e, BlockEntry::Data(_))) {
-            inner.synced(|| into.sync())?;
-        }
+        inner.synced(|| into.sync())?;
         // 3. The entries, where the data is still what was copied: a placed write may have
         //    come in since (it is pending, and wins) or failed after writing part of its
         //    data (it left no trace but that: the block is left for another pass).
@@ -289,13 +315,11 @@ impl Store {
                     let todo = subsequence(&intact, free);
                     write_absent_entries(into, &todo)
                 })?;
-        for (b, e) in &intact {
+        for (b, _) in &intact {
             if written.binary_search(b).is_err() {
                 watch.push(*b);
-            } else if matches!(e, BlockEntry::Data(_)) {
-                tally.data += 1;
             } else {
-                tally.zeroes += 1;
+                tally.data += 1;
             }
         }
         watch.sort_unstable();
@@ -303,38 +327,16 @@ impl Store {
     }
 }
 
-/// The next blocks from `cursor` (below `end`) the layer holds, at most [`MERGE_BATCH`],
-/// and where the scan stopped. Reads only the layer's in-memory table, without locks: the
-/// batch reads the entries again under its locks.
-fn held_blocks(pair: &Pair, cursor: u64, end: u64) -> Result<(Vec<u64>, u64)> {
-    let mut out = Vec::new();
-    let mut at = cursor;
-    while at < end {
-        let n = (end - at).min(SCAN_STEP);
-        let entries = pair.from.read_entries(at, n as usize)?;
-        for (i, e) in entries.iter().enumerate() {
-            if pair.holds(e) {
-                out.push(at + i as u64);
-                if out.len() == MERGE_BATCH {
-                    return Ok((out, at + i as u64 + 1));
-                }
-            }
-        }
-        at += n;
-    }
-    Ok((out, at))
-}
-
 /// Of `wanted`, those in `free` (both ascending); the others go to `watch`.
 fn keep_only(
-    wanted: Vec<(u64, BlockEntry)>,
+    wanted: Vec<(u64, [u8; SUM_LEN])>,
     free: &[u64],
     watch: &mut Vec<u64>,
-) -> Vec<(u64, BlockEntry)> {
+) -> Vec<(u64, [u8; SUM_LEN])> {
     let mut kept = Vec::with_capacity(free.len());
-    for (b, e) in wanted {
+    for (b, h) in wanted {
         if free.binary_search(&b).is_ok() {
-            kept.push((b, e));
+            kept.push((b, h));
         } else {
             watch.push(b);
         }
@@ -342,28 +344,21 @@ fn keep_only(
     kept
 }
 
-/// Reads the data blocks of `chosen` from the layer, verifying each against its checksum,
+/// Reads the data blocks `chosen` from the layer, verifying each against its checksum,
 /// and writes them at the same place in the child's data file.
 fn copy_data(
     from: &LayerFiles,
     into: &LayerFiles,
-    chosen: &[(u64, BlockEntry)],
+    chosen: &[(u64, [u8; SUM_LEN])],
     what: &str,
 ) -> Result<()> {
-    let data: Vec<(u64, [u8; SUM_LEN])> = chosen
-        .iter()
-        .filter_map(|(b, e)| match e {
-            BlockEntry::Data(h) => Some((*b, *h)),
-            _ => None,
-        })
-        .collect();
-    let blocks: Vec<u64> = data.iter().map(|(b, _)| *b).collect();
+    let blocks: Vec<u64> = chosen.iter().map(|(b, _)| *b).collect();
     for r in runs(&blocks) {
         let first = blocks[r.start];
         let mut buf = vec![0u8; r.len() * BLOCK_SIZE];
         from.read_blocks(first, &mut buf)?;
         for (i, block) in buf.chunks_exact(BLOCK_SIZE).enumerate() {
-            if block_hash(block) != data[r.start + i].1 {
+            if block_hash(block) != chosen[r.start + i].1 {
                 let b = first + i as u64;
                 tracing::error!(
                     snapshot = what,
@@ -388,35 +383,27 @@ fn copy_data(
     Ok(())
 }
 
-/// Of `chosen`, the blocks whose data in the child is still the copy (zero markers have
-/// none to check); the others go to `watch`.
+/// Of `chosen`, the blocks whose data in the child is still the copy; the others go to
+/// `watch`.
 fn still_copied(
     into: &LayerFiles,
-    chosen: Vec<(u64, BlockEntry)>,
+    chosen: Vec<(u64, [u8; SUM_LEN])>,
     watch: &mut Vec<u64>,
-) -> Result<Vec<(u64, BlockEntry)>> {
+) -> Result<Vec<(u64, [u8; SUM_LEN])>> {
     let blocks: Vec<u64> = chosen.iter().map(|(b, _)| *b).collect();
-    let mut ok = vec![true; chosen.len()];
+    let mut ok = vec![false; chosen.len()];
     for r in runs(&blocks) {
-        if !chosen[r.clone()]
-            .iter()
-            .any(|(_, e)| matches!(e, BlockEntry::Data(_)))
-        {
-            continue;
-        }
         let first = blocks[r.start];
         let mut buf = vec![0u8; r.len() * BLOCK_SIZE];
         into.read_blocks(first, &mut buf)?;
         for (i, block) in buf.chunks_exact(BLOCK_SIZE).enumerate() {
-            if let BlockEntry::Data(h) = chosen[r.start + i].1 {
-                ok[r.start + i] = block_hash(block) == h;
-            }
+            ok[r.start + i] = block_hash(block) == chosen[r.start + i].1;
         }
     }
     let mut intact = Vec::with_capacity(chosen.len());
-    for ((b, e), ok) in chosen.into_iter().zip(ok) {
+    for ((b, h), ok) in chosen.into_iter().zip(ok) {
         if ok {
-            intact.push((b, e));
+            intact.push((b, h));
         } else {
             watch.push(b);
         }
@@ -425,7 +412,7 @@ fn still_copied(
 }
 
 /// The entries of `all` (ascending) whose blocks are in `some`, a subsequence of them.
-fn subsequence(all: &[(u64, BlockEntry)], some: &[u64]) -> Vec<(u64, BlockEntry)> {
+fn subsequence(all: &[(u64, [u8; SUM_LEN])], some: &[u64]) -> Vec<(u64, [u8; SUM_LEN])> {
     let mut out = Vec::with_capacity(some.len());
     let mut it = all.iter();
     for b in some {
@@ -436,11 +423,11 @@ fn subsequence(all: &[(u64, BlockEntry)], some: &[u64]) -> Vec<(u64, BlockEntry)
     out
 }
 
-/// Writes the entries of `todo` (ascending) into the child's table where it still says
-/// absent, a stretch of neighbours per write; returns the blocks written. Nothing else
-/// writes the child's table while the merge holds `apply`, so all are, unless a bug says
-/// otherwise: then the block is left alone rather than overwritten.
-fn write_absent_entries(into: &LayerFiles, todo: &[(u64, BlockEntry)]) -> Result<Vec<u64>> {
+/// Writes the data entries of `todo` (ascending) into the child's table where it still
+/// says absent, a stretch of neighbours per write; returns the blocks written. Nothing
+/// else writes the child's table while the merge holds `apply`, so all are, unless a bug
+/// says otherwise: then the block is left alone rather than overwritten.
+fn write_absent_entries(into: &LayerFiles, todo: &[(u64, [u8; SUM_LEN])]) -> Result<Vec<u64>> {
     let blocks: Vec<u64> = todo.iter().map(|(b, _)| *b).collect();
     let mut written = Vec::with_capacity(todo.len());
     for r in runs(&blocks) {
@@ -455,7 +442,7 @@ fn write_absent_entries(into: &LayerFiles, todo: &[(u64, BlockEntry)]) -> Result
             let start = i;
             let mut raw = Vec::new();
             while i < have.len() && have[i] == BlockEntry::Absent {
-                raw.extend_from_slice(&todo[r.start + i].1.encode());
+                raw.extend_from_slice(&BlockEntry::Data(todo[r.start + i].1).encode());
                 written.push(first + i as u64);
                 i += 1;
             }
