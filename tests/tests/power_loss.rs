@@ -154,9 +154,9 @@ fn env_number(name: &str) -> Option<u64> {
     Some(parsed.unwrap_or_else(|_| panic!("{name}={v} is not a number")))
 }
 
-/// The cycle test CI runs: every request kind, but not the patterns of the store bugs
-/// open today (flushes overlapping across connections, placed writes over blocks small
-/// writes or trims touched); `power_loss_known_bugs.rs` reproduces those.
+/// The cycle test CI runs: every request kind, but not the pattern of the store bug open
+/// today (placed writes over blocks small writes or trims touched);
+/// `power_loss_findings.rs` reproduces it.
 #[test]
 fn flushed_writes_survive_power_cuts_at_random_points() {
     if !powerfs_or_skip("flushed_writes_survive_power_cuts_at_random_points") {
@@ -164,17 +164,16 @@ fn flushed_writes_survive_power_cuts_at_random_points() {
     }
     run_cycles(
         Mix::AVOID_OPEN_BUGS,
-        "FLUSH and FUA writes go one at a time across connections, and writes of 64 KiB and \
-         more keep to their own quarter of the volume, while the two store bugs of \
-         docs/power-loss.md are open; flushed_writes_survive_power_cuts_with_every_pattern \
-         (ignored) mixes everything",
+        "writes of 64 KiB and more keep to their own quarter of the volume, and zero writes \
+         do not allocate, while the store bug of docs/power-loss.md (finding 2) is open; \
+         flushed_writes_survive_power_cuts_with_every_pattern (ignored) mixes everything",
     );
 }
 
-/// The same with everything mixed, which today finds the open store bugs within a few
+/// The same with everything mixed, which today finds the open store bug within a few
 /// hundred cycles.
 #[test]
-#[ignore = "store bugs (issue #9, docs/power-loss.md \"Findings\"): concurrent FLUSHes, and placed writes replacing flushed small writes, can lose flushed data on power loss; run with --ignored"]
+#[ignore = "store bug (issue #9, docs/power-loss.md, finding 2): a checkpoint deletes the WAL record of a flushed write that an unsynced placed write replaced, so a power cut can lose it; run with --ignored"]
 fn flushed_writes_survive_power_cuts_with_every_pattern() {
     if !powerfs_or_skip("flushed_writes_survive_power_cuts_with_every_pattern") {
         return;

@@ -78,11 +78,10 @@ impl Mix {
         concurrent_flushes: true,
         large_writes_apart: false,
     };
-    /// Without the patterns of the store bugs open today (docs/power-loss.md,
-    /// "Findings"): flushes one at a time, and no placed write over a block that a small
-    /// write or a trim touched.
+    /// Without the pattern of the store bug open today (docs/power-loss.md, "Findings"):
+    /// no placed write over a block that a small write or a trim touched.
     pub const AVOID_OPEN_BUGS: Mix = Mix {
-        concurrent_flushes: false,
+        concurrent_flushes: true,
         large_writes_apart: true,
     };
 }

@@ -1,8 +1,7 @@
 //! Store bugs the power-loss harness found (issue #9), each reproduced by a focused test on
-//! powerfs. They are `#[ignore]`d while the bug is open, with the bug in the reason, so
-//! every test run lists them; `--ignored` runs them, and each must pass once its bug is
-//! fixed (then drop the `ignore`). Details and the seeds that found them:
-//! `docs/power-loss.md`, "Findings".
+//! powerfs: a regression test once fixed, `#[ignore]`d while open with the bug in the
+//! reason (so every test run lists it; `--ignored` runs it; drop the `ignore` with the
+//! fix). Details and the seeds that found them: `docs/power-loss.md`, "Findings".
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -39,9 +38,10 @@ fn read(store: &RunningStore, off: u64, len: u64) -> Vec<u8> {
 
 /// A 64 KiB overwrite (placed in the data file), then a FLUSH on the same connection
 /// while three other connections flush in a loop; power is cut the moment the FLUSH
-/// returns. Syncs take 2 ms, as a disk's would.
+/// returns. Syncs take 2 ms, as a disk's would. Finding 1: a FLUSH that found the set of
+/// data files to sync drained by a concurrent FLUSH returned before that one's sync
+/// (fixed by 0a17bd6).
 #[test]
-#[ignore = "store bug (issue #9): a FLUSH that finds the placed-write dirty set drained by a concurrent FLUSH returns before that flush has synced the data file, so a flushed placed write can be lost; run with --ignored"]
 fn a_flush_racing_other_flushes_keeps_a_placed_write() {
     if !powerfs_or_skip("a_flush_racing_other_flushes_keeps_a_placed_write") {
         return;
