@@ -93,6 +93,37 @@ pub struct NodeInfo {
     /// The node's latest published metrics (CPU, memory, load, disks), if any.
     #[schema(value_type = Option<Object>)]
     pub metrics: serde_json::Value,
+    /// The health of the node's block store, as the node last reported it; null until it
+    /// has (or for a node whose `tesserad` predates the report).
+    #[serde(default)]
+    pub storage: Option<NodeStorage>,
+}
+
+/// The health of a node's block store (its `tessera-store`), as the node sees it: it asks
+/// its store every few seconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeStorage {
+    /// `ok`, `degraded` or `unreachable`.
+    pub state: StorageState,
+    /// Why it is degraded or unreachable; null when ok.
+    pub reason: Option<String>,
+    /// When the node last asked its store (ms since the epoch).
+    pub checked_ms: u64,
+}
+
+/// States of a node's block store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageState {
+    /// The store answers and every sync so far succeeded.
+    Ok,
+    /// A sync of the store's files failed: every flush and FUA write fails with EIO and
+    /// the checkpoint has stopped until `tessera-store` restarts (reads and unflushed
+    /// writes go on). The disk under it needs attention.
+    Degraded,
+    /// The node could not get its store's status (not running, not answering in time, or
+    /// answering something else); `reason` says which.
+    Unreachable,
 }
 
 /// How to remove a node.

@@ -27,7 +27,9 @@ pub use auth::{
     LoggedOut, Login, LoginReply, NewToken, PasswordChange, PasswordChanged, Revoked, Role,
     TokenInfo,
 };
-pub use cluster::{ClusterStatus, Member, NodeInfo, RemoveQuery, Removed};
+pub use cluster::{
+    ClusterStatus, Member, NodeInfo, NodeStorage, RemoveQuery, Removed, StorageState,
+};
 pub use events::{Event, EventQuery, StreamQuery, StreamedEvent};
 pub use networks::{Network, NewNetwork};
 pub use tasks::{Task, TaskLog, TaskOp, TaskQuery, TaskState};

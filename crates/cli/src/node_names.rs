@@ -86,6 +86,7 @@ mod tests {
             address: Value::Null,
             state: "up".into(),
             metrics: Value::Null,
+            storage: None,
         }
     }
 

@@ -18,7 +18,7 @@ use tessera_cluster::seed::Seed;
 use tessera_state::Node;
 use tokio::sync::mpsc;
 
-use crate::{api, metrics, replicated, tasks, SharedNode};
+use crate::{api, metrics, replicated, storage, tasks, SharedNode};
 
 /// A formation outcome and the member started for it, reported by a background start.
 pub(crate) type Joined = (Formed, Arc<Node>);
@@ -52,6 +52,7 @@ pub(crate) struct Published {
     pub node: SharedNode,
     pub cluster_id: Arc<Mutex<Option<String>>>,
     pub metrics: metrics::Metrics,
+    pub storage: Arc<storage::Health>,
     pub api: Arc<api::ApiState>,
 }
 
@@ -277,6 +278,7 @@ impl Bootstrap {
             s.management.address,
             s.storage.nbd,
             self.published.metrics.clone(),
+            self.published.storage.clone(),
         )?;
         tasks::start(
             node.clone(),

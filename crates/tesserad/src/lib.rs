@@ -14,6 +14,7 @@
 //! Where things live: [`run`] wires the parts together; `discovery` is the announce and
 //! formation loop; `bootstrap` turns a formation decision into a running member
 //! (founding, enrolling, joining, restarting); `status` serves the status socket;
+//! `storage` watches the health of the node's `tessera-store`;
 //! `replicated` is this node's Raft member and its TLS credentials; `tables` reads and
 //! changes the cluster state's tables for the API and the task runner alike, and
 //! `housekeeping` is what the leader drops from them. The binary
@@ -30,6 +31,7 @@ mod metrics;
 mod records;
 mod replicated;
 mod status;
+mod storage;
 mod tables;
 mod tasks;
 
@@ -76,12 +78,20 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
         Arc::new(Mutex::new(persisted.as_ref().map(|f| f.cluster_id.clone())));
     let heard: Heard = Arc::new(Mutex::new(HashMap::new()));
     let metrics = metrics::start();
+    let storage = Arc::new(storage::Health::default());
+    storage::start(
+        seed.storage.admin_socket.clone(),
+        me.0.clone(),
+        shared.clone(),
+        storage.clone(),
+    );
     let api_state = Arc::new(api::ApiState {
         me: me.clone(),
         node: shared.clone(),
         cluster_id: cluster_id.clone(),
         heard: heard.clone(),
         metrics: metrics.clone(),
+        storage: storage.clone(),
         lists: Mutex::default(),
     });
     status::serve(
@@ -92,6 +102,7 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
             node: shared.clone(),
             heard: heard.clone(),
             metrics: metrics.clone(),
+            storage: storage.clone(),
         },
     )?;
     let (joined_tx, joined_rx) = tokio::sync::mpsc::channel(1);
@@ -103,6 +114,7 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
             node: shared,
             cluster_id,
             metrics,
+            storage,
             api: api_state,
         },
         joined_tx,

@@ -244,6 +244,7 @@ pub fn register(
     management: SocketAddr,
     nbd: Option<SocketAddr>,
     metrics: crate::metrics::Metrics,
+    storage: Arc<crate::storage::Health>,
 ) -> Result<(), BadNodeId> {
     let my_raft_id = raft_id(&me)?;
     tokio::spawn(async move {
@@ -259,6 +260,7 @@ pub fn register(
                     "raft_id": my_raft_id,
                     "nbd": nbd.map(|a| a.to_string()),
                     "metrics": m,
+                    "storage": storage.latest(),
                 }),
             };
             match node.write(cmd).await {
@@ -267,7 +269,11 @@ pub fn register(
                         tracing::info!(index = a.index, "registered in the cluster state");
                         registered = true;
                     }
-                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    // A change of the store's health is published at once.
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                        _ = storage.changed.notified() => {}
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "registration not accepted yet");

@@ -1,6 +1,6 @@
 //! The local status socket, `<data_dir>/tesserad.sock` (mode 0600, so root only): one
 //! JSON request per line, `{"op":"status"}`, answered with what this node knows about
-//! itself, the cluster, its peers' health and its metrics.
+//! itself, the cluster, its peers' health, its metrics and its store's health.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -11,7 +11,7 @@ use tessera_cluster::identity::NodeId;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::{health, metrics, replicated, Heard, SharedNode};
+use crate::{health, metrics, replicated, storage, Heard, SharedNode};
 
 /// A request line longer than this ends the connection.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -24,6 +24,7 @@ pub(crate) struct Sources {
     pub node: SharedNode,
     pub heard: Heard,
     pub metrics: metrics::Metrics,
+    pub storage: Arc<storage::Health>,
 }
 
 /// Binds the socket and serves it in the background.
@@ -74,5 +75,6 @@ fn document(s: &Sources) -> serde_json::Value {
     let heard = s.heard.lock().unwrap_or_else(|p| p.into_inner()).clone();
     st["health"] = health::report(&s.me.0, &st["nodes"], &heard);
     st["metrics"] = s.metrics.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    st["storage"] = serde_json::json!(s.storage.latest());
     st
 }

@@ -1,6 +1,7 @@
-//! The nodes: listed by name with their health; removed by name or id.
+//! The nodes: listed by name with their health and their storage's; removed by name or
+//! id.
 
-use tessera_api::NodeInfo;
+use tessera_api::{NodeInfo, NodeStorage, StorageState};
 
 use crate::args::NodeCmd;
 use crate::client::Client;
@@ -25,10 +26,16 @@ pub fn run(client: &Client, cmd: NodeCmd, out: Output) -> anyhow::Result<()> {
                         col("ADDRESS", |n: &NodeInfo| {
                             n.address.as_str().unwrap_or("-").to_string()
                         }),
+                        col("STORAGE", |n: &NodeInfo| storage_cell(n.storage.as_ref())),
                         col("STATE", |n: &NodeInfo| n.state.clone()),
                     ],
                     out.wide(),
                 );
+                for n in &nodes {
+                    if let Some(line) = storage_note(&names.name(&n.id), n.storage.as_ref()) {
+                        println!("{line}");
+                    }
+                }
             })?;
         }
         NodeCmd::Rm { id: given, force } => {
@@ -47,4 +54,63 @@ pub fn resolve(client: &Client, given: &str) -> anyhow::Result<String> {
         return Ok(given.to_string());
     }
     Ok(NodeNames::fetch(client)?.resolve(given))
+}
+
+/// The STORAGE cell: a degraded store in capitals, to stand out in a long list; `-` for
+/// a node that has not reported.
+fn storage_cell(s: Option<&NodeStorage>) -> String {
+    match s.map(|s| s.state) {
+        None => "-".into(),
+        Some(StorageState::Ok) => "ok".into(),
+        Some(StorageState::Degraded) => "DEGRADED".into(),
+        Some(StorageState::Unreachable) => "unreachable".into(),
+    }
+}
+
+/// The line under the table that says why a node's storage is not ok.
+fn storage_note(name: &str, s: Option<&NodeStorage>) -> Option<String> {
+    let s = s?;
+    let why = s.reason.as_deref().unwrap_or("no reason given");
+    match s.state {
+        StorageState::Ok => None,
+        StorageState::Degraded => Some(format!(
+            "{name}: storage DEGRADED: {why} (flushes fail until its tessera-store restarts)"
+        )),
+        StorageState::Unreachable => Some(format!("{name}: storage unreachable: {why}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn storage(state: StorageState, reason: Option<&str>) -> NodeStorage {
+        NodeStorage {
+            state,
+            reason: reason.map(String::from),
+            checked_ms: 1,
+        }
+    }
+
+    #[test]
+    fn a_degraded_store_stands_out_and_says_why() {
+        let ok = storage(StorageState::Ok, None);
+        let bad = storage(StorageState::Degraded, Some("syncing WAL segment 3: EIO"));
+        let gone = storage(StorageState::Unreachable, Some("admin socket: refused"));
+        assert_eq!(storage_cell(Some(&ok)), "ok");
+        assert_eq!(storage_cell(Some(&bad)), "DEGRADED");
+        assert_eq!(storage_cell(Some(&gone)), "unreachable");
+        assert_eq!(storage_cell(None), "-");
+        assert_eq!(storage_note("node1", Some(&ok)), None);
+        assert_eq!(storage_note("node1", None), None);
+        assert_eq!(
+            storage_note("node2", Some(&bad)).unwrap(),
+            "node2: storage DEGRADED: syncing WAL segment 3: EIO \
+             (flushes fail until its tessera-store restarts)"
+        );
+        assert_eq!(
+            storage_note("node3", Some(&gone)).unwrap(),
+            "node3: storage unreachable: admin socket: refused"
+        );
+    }
 }

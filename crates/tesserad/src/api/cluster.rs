@@ -54,7 +54,9 @@ pub async fn cluster(State(st): St, _: Auth<Auditor>) -> Result<Json<ClusterStat
     }))
 }
 
-/// Nodes with their health and metrics, as this node sees them (answers without quorum).
+/// Nodes with their health, metrics and storage health, as this node sees them (answers
+/// without quorum). A node's `storage` is as it last published it (every 10 s, at once
+/// when it changes); this node's is its latest poll.
 #[utoipa::path(get, path = "/api/v1/nodes", tag = "cluster", operation_id = "list_nodes",
     security(("token" = []), ("cookie" = [])),
     responses((status = 200, body = [NodeInfo]), (status = 401, body = ErrorBody),
@@ -71,13 +73,18 @@ pub async fn nodes(State(st): St, _: Auth<Auditor>) -> Result<Json<Vec<NodeInfo>
     let mut out = Vec::new();
     if let Some(obj) = registered.as_object() {
         for (id, rec) in obj {
-            let (state, metrics) = if *id == st.me.0 {
+            let (state, metrics, storage) = if *id == st.me.0 {
                 let m = st.metrics.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                ("up".to_string(), m)
+                ("up".to_string(), m, st.storage.latest())
             } else {
                 (
                     health[id]["state"].as_str().unwrap_or("down").to_string(),
                     rec["metrics"].clone(),
+                    // As the node last published it; a record that does not read (a
+                    // newer node's) shows as not reported rather than failing the list.
+                    serde_json::from_value(rec["storage"].clone())
+                        .ok()
+                        .flatten(),
                 )
             };
             out.push(NodeInfo {
@@ -87,6 +94,7 @@ pub async fn nodes(State(st): St, _: Auth<Auditor>) -> Result<Json<Vec<NodeInfo>
                 address: rec["address"].clone(),
                 state,
                 metrics,
+                storage,
             });
         }
     }

@@ -49,6 +49,8 @@ pub struct ApiState {
     pub heard: Heard,
     /// Local metrics.
     pub metrics: metrics::Metrics,
+    /// The health of the local store.
+    pub storage: Arc<crate::storage::Health>,
     /// Encoded listings by table, with the table they were made from.
     pub lists: Mutex<std::collections::HashMap<&'static str, (Table, axum::body::Bytes)>>,
 }
@@ -423,6 +425,7 @@ mod tests {
             cluster_id: Default::default(),
             heard: Default::default(),
             metrics: Default::default(),
+            storage: Default::default(),
             lists: Default::default(),
         });
         serde_json::to_value(super::router(st).1).unwrap()
@@ -471,6 +474,12 @@ mod tests {
         assert_eq!(s["Member"]["properties"]["raft_id"]["format"], "uint64");
         assert_eq!(s["NodeInfo"]["properties"]["raft_id"]["format"], "uint64");
         // Nodes go by name, the leader too.
+        // A node's storage health, in the words docs/api.md uses.
+        assert!(s["NodeInfo"]["properties"]["storage"].is_object());
+        assert_eq!(
+            s["StorageState"]["enum"],
+            serde_json::json!(["ok", "degraded", "unreachable"])
+        );
         for (schema, field) in [("NodeInfo", "name"), ("ClusterStatus", "leader_name")] {
             assert!(
                 s[schema]["properties"][field].is_object(),
