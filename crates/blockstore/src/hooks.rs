@@ -24,6 +24,10 @@ pub(crate) enum Point {
     PlacedLogged,
     /// The WAL is about to sync its active segment for a flush (or a placed overwrite).
     WalSync,
+    /// A placed write decided whether it overwrites data in place (and synced if so).
+    PlacedDecided,
+    /// A flush took the data files of placed writes and is about to sync them.
+    FlushData,
     /// The checkpoint chose the versions to copy and is about to change layer files.
     CheckpointChose,
     /// A merge of a layer into its child is about to copy its batch of this number (the

@@ -119,7 +119,7 @@ impl Inner {
         }
         self.at(Point::CheckpointChose)?;
         let layers = self.layers.read().clone();
-        let mut touched = {
+        let (mut touched, placed_over) = {
             let _changing = self.layer_writes.write();
             copy_into_layers(&todo, &layers, &self.pending)?
         };
@@ -154,6 +154,12 @@ impl Inner {
                 punch_markers(files, p.first, p.count, |b| placed.contains(&b))?;
             }
         }
+        // A logged version skipped because a placed write replaced it goes with its
+        // segment: the placed data is durable now (synced above), and so must be the
+        // placed record naming it, which may sit unsynced in the active segment.
+        if placed_over {
+            self.sync_wal()?;
+        }
         self.punches.lock().retain(|p| p.seg > sealed);
         self.pending.retire(&todo);
         self.at(Point::RemoveWal(sealed))?;
@@ -180,7 +186,8 @@ impl Inner {
 }
 
 /// Writes the blocks of `todo` (sorted) and their checksums into their layer files, not
-/// yet synced. Returns the layers it wrote to (or must sync).
+/// yet synced. Returns the layers it wrote to (or must sync), and whether it skipped a
+/// logged version for a placed one (then the log must be synced before its segment goes).
 ///
 /// A logged version is copied even when a newer logged one replaced it (the newer one's
 /// record may be torn at a crash, and this one's segment is about to go), except when a
@@ -191,7 +198,7 @@ fn copy_into_layers(
     todo: &[(BlockKey, Pending)],
     layers: &HashMap<LayerId, Arc<LayerFiles>>,
     pending: &PendingWrites,
-) -> Result<HashMap<LayerId, Arc<LayerFiles>>> {
+) -> Result<(HashMap<LayerId, Arc<LayerFiles>>, bool)> {
     let mut touched: HashMap<LayerId, Arc<LayerFiles>> = HashMap::new();
     // What to do with each version: write data and checksum, checksum only, or nothing.
     #[derive(Clone, Copy, PartialEq)]
@@ -209,6 +216,10 @@ fn copy_into_layers(
             (Content::Placed { .. }, _) => Act::Skip,
         })
         .collect();
+    let placed_over = todo
+        .iter()
+        .zip(&acts)
+        .any(|((_, p), a)| *a == Act::Skip && p.block().is_some());
     let mut i = 0;
     while i < todo.len() {
         let (layer, first) = todo[i].0;
@@ -241,7 +252,7 @@ fn copy_into_layers(
         files.write_entries(first, &sums)?;
         i = j;
     }
-    Ok(touched)
+    Ok((touched, placed_over))
 }
 
 /// Punches the data of blocks in the range whose durable checksum entry is a marker,

@@ -181,6 +181,7 @@ impl Inner {
         let _one = self.flushing.lock();
         let dirty: Vec<Arc<LayerFiles>> =
             self.placed_dirty.lock().drain().map(|(_, f)| f).collect();
+        self.at(Point::FlushData)?;
         for files in &dirty {
             if let Err(e) = self.synced(|| files.sync()) {
                 let mut back = self.placed_dirty.lock();

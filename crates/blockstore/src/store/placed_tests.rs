@@ -363,3 +363,133 @@ fn a_placed_write_into_a_hole_that_did_not_land_leaves_the_block_absent() {
     assert_eq!(entry, BlockEntry::Absent);
     let _ = BLOCK;
 }
+
+#[test]
+fn a_flush_waits_for_the_data_sync_of_a_concurrent_flush() {
+    use std::sync::mpsc::channel;
+    let dir = tempfile::tempdir().unwrap();
+    let s = quiet(dir.path());
+    s.create_volume("v", 4 * MIB).unwrap();
+    let e = s.open_export("v").unwrap();
+    e.write_at(0, &filled(1, N), false).unwrap();
+    let paused = pause::first(&s.inner.hooks, |p| p == Point::FlushData);
+    let first = {
+        let s = s.clone();
+        std::thread::spawn(move || s.flush())
+    };
+    paused.reached();
+    // The first flush took the placed write's data file and has not synced it yet.
+    let (done_tx, done) = channel();
+    let second = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            let r = s.flush();
+            let _ = done_tx.send(());
+            r
+        })
+    };
+    let early = done.recv_timeout(Duration::from_millis(500));
+    paused.release();
+    first.join().unwrap().unwrap();
+    second.join().unwrap().unwrap();
+    assert!(
+        early.is_err(),
+        "a flush returned while another flush had not yet synced the placed data"
+    );
+}
+
+#[test]
+fn a_checkpoint_that_skips_a_logged_block_for_placed_data_syncs_the_placed_record_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = quiet(dir.path());
+    s.create_volume("v", 4 * MIB).unwrap();
+    let e = s.open_export("v").unwrap();
+    e.write_at(0, &filled(1, 1), false).unwrap();
+    e.flush().unwrap();
+    let paused = pause::first(&s.inner.hooks, |p| p == Point::CheckpointChose);
+    let cp = {
+        let s = s.clone();
+        std::thread::spawn(move || s.checkpoint())
+    };
+    paused.reached();
+    // Into a hole: the placed write's record is not synced.
+    let events = Arc::new(Mutex::new(Vec::new()));
+    e.write_at(0, &filled(2, N), false).unwrap();
+    {
+        let events = events.clone();
+        s.inner.hooks.set(move |p| {
+            events.lock().push(p);
+            Ok(())
+        });
+    }
+    paused.release();
+    cp.join().unwrap().unwrap();
+    let ev = events.lock().clone();
+    let synced = ev.iter().position(|p| *p == Point::WalSync);
+    let removed = ev.iter().position(|p| matches!(p, Point::RemoveWal(_)));
+    assert!(
+        matches!((synced, removed), (Some(a), Some(b)) if a < b),
+        "the flushed logged block's record went before the placed record replacing it was durable: {ev:?}"
+    );
+}
+
+#[test]
+fn a_placed_write_over_a_block_the_checkpoint_just_copied_syncs_its_record_first() {
+    use std::sync::mpsc::{channel, Receiver, Sender};
+    let dir = tempfile::tempdir().unwrap();
+    let s = quiet(dir.path());
+    s.create_volume("v", 4 * MIB).unwrap();
+    let e = s.open_export("v").unwrap();
+    e.write_at(0, &filled(1, 1), false).unwrap();
+    e.flush().unwrap();
+    // Two threads stop once each: the checkpoint after choosing what to copy, the placed
+    // write after deciding it writes into a hole.
+    type Stop = Mutex<Option<(Sender<()>, Receiver<()>)>>;
+    let stop = |tx: Sender<()>, rx: Receiver<()>| Arc::new(Mutex::new(Some((tx, rx))));
+    let (cp_reached_tx, cp_reached) = channel();
+    let (cp_go, cp_go_rx) = channel();
+    let (w_reached_tx, w_reached) = channel();
+    let (w_go, w_go_rx) = channel();
+    let cp_stop: Arc<Stop> = stop(cp_reached_tx, cp_go_rx);
+    let w_stop: Arc<Stop> = stop(w_reached_tx, w_go_rx);
+    let events = Arc::new(Mutex::new(Vec::new()));
+    {
+        let events = events.clone();
+        s.inner.hooks.set(move |p| {
+            events.lock().push(p);
+            let which = match p {
+                Point::CheckpointChose => Some(&cp_stop),
+                Point::PlacedDecided => Some(&w_stop),
+                _ => None,
+            };
+            if let Some((reached, go)) = which.and_then(|w| w.lock().take()) {
+                let _ = reached.send(());
+                let _ = go.recv();
+            }
+            Ok(())
+        });
+    }
+    let cp = {
+        let s = s.clone();
+        std::thread::spawn(move || s.checkpoint())
+    };
+    cp_reached.recv_timeout(Duration::from_secs(30)).unwrap();
+    let writer = {
+        let e = s.open_export("v").unwrap();
+        std::thread::spawn(move || e.write_at(0, &filled(2, N), false))
+    };
+    w_reached.recv_timeout(Duration::from_secs(30)).unwrap();
+    // The checkpoint copies the logged block into place while the placed write's gate is
+    // closed; then the placed write goes on.
+    cp_go.send(()).unwrap();
+    cp.join().unwrap().unwrap();
+    w_go.send(()).unwrap();
+    writer.join().unwrap().unwrap();
+    let ev = events.lock().clone();
+    let decided = ev.iter().position(|p| *p == Point::PlacedDecided).unwrap();
+    assert!(
+        ev[decided..].contains(&Point::WalSync),
+        "the placed write overwrote checkpointed data without making its record durable: {ev:?}"
+    );
+    assert_eq!(read(&e, 0, N * BLOCK_SIZE), filled(2, N));
+}

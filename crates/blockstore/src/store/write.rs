@@ -153,23 +153,41 @@ impl Store {
         })?;
         let placed = || -> Result<()> {
             self.inner.at(Point::PlacedLogged)?;
-            let overwrites = replaced
-                .iter()
-                .any(|r| r.as_ref().is_some_and(|p| p.block().is_none()))
-                || top
+            let holds_data = || -> Result<bool> {
+                Ok(top
                     .read_entries(start, n)?
                     .iter()
-                    .any(|e| matches!(e, BlockEntry::Data(_)));
-            if overwrites {
+                    .any(|e| matches!(e, BlockEntry::Data(_))))
+            };
+            let mut synced = false;
+            if replaced
+                .iter()
+                .any(|r| r.as_ref().is_some_and(|p| p.block().is_none()))
+                || holds_data()?
+            {
                 self.inner.sync_wal()?;
+                synced = true;
             }
-            // The checkpoint changes layer files only under `layer_writes` held for
-            // writing; the gate is released before this lock, so a checkpoint that finds
-            // the gate closed knows the data is not in place yet.
-            let _stable = self.inner.layer_writes.read();
-            top.write_blocks(start, data)?;
-            drop(closed);
-            Ok(())
+            self.inner.at(Point::PlacedDecided)?;
+            loop {
+                // The checkpoint changes layer files only under `layer_writes` held for
+                // writing; the gate is released before this lock, so a checkpoint that
+                // finds the gate closed knows the data is not in place yet.
+                let stable = self.inner.layer_writes.read();
+                // A checkpoint may have copied an older logged version of these blocks in
+                // since the check above (it does while the gate is closed): then this is
+                // an overwrite after all, and its record must be durable first.
+                if !synced && holds_data()? {
+                    drop(stable);
+                    self.inner.sync_wal()?;
+                    synced = true;
+                    continue;
+                }
+                top.write_blocks(start, data)?;
+                drop(closed);
+                drop(stable);
+                return Ok(());
+            }
         };
         if let Err(e) = placed() {
             // Nothing acknowledged it: put back the versions it replaced, so reads do not
