@@ -664,3 +664,8 @@ fn a_placed_write_that_fails_during_the_merge_leaves_the_old_block() {
     m.check(&s.open_export("v").unwrap(), "after reopening");
     assert_scrub_clean(&s);
 }
+
+// The tests of zero ranges carried as ranges, in their own file (`store/mod.rs` declares
+// only this one).
+#[path = "merge_range_tests.rs"]
+mod range_tests;

@@ -126,7 +126,7 @@ impl<'a> Scan<'a> {
         self.window = end;
     }
 
-    /// Adds blocks `first..end` (after every block added so) to the zero runs.
+    /// Adds blocks `first..end` (after every block added so far) to the zero runs.
     fn push_zero(&mut self, first: u64, end: u64) {
         match self.zeros.last_mut() {
             Some(last) if last.1 == first => last.1 = end,
