@@ -1,6 +1,8 @@
 //! A disk that fails under the store: the first failed sync leaves it degraded until a
 //! restart. `tessera-store status` says so and why, every later flush fails with EIO,
-//! and after a restart on the repaired filesystem it is healthy again.
+//! and after a restart on the repaired filesystem it is healthy again. Its node says so
+//! too: `GET /nodes` gives the node's storage as degraded with the reason, an event
+//! records it once, and `tessera node ls` shows it.
 //!
 //! The fault is real: the data directory is on a small ext4 filesystem in a loop file,
 //! shut down (`xfs_io -x -c shutdown`, FS_IOC_SHUTDOWN) so that the next fsync fails
@@ -17,7 +19,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tessera_nbd::{Client, ClientError};
-use tessera_tests::{bin, output, require, run};
+use tessera_tests::cluster::{admin_session, api, wait_for, ClusterNode};
+use tessera_tests::{bin, output, require, run, Lan};
 
 const EIO: u32 = 5;
 
@@ -53,6 +56,23 @@ impl LoopFs {
         run(Command::new("umount").arg(&self.mnt));
     }
 
+    /// The filesystem as its disk holds it now, copied to a new image and mounted at
+    /// `<dir>/<name>`. Mounting the old image again could find its shut-down superblock
+    /// still alive: the mount namespace of any process started meanwhile with
+    /// `ip netns exec` (the cluster tests) holds a copy of this mount.
+    fn copy(&self, dir: &Path, name: &str) -> LoopFs {
+        let image = dir.join(format!("{name}.img"));
+        let mnt = dir.join(name);
+        std::fs::create_dir(&mnt).unwrap();
+        run(Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&self.image)
+            .arg(&image));
+        let fs = LoopFs { image, mnt };
+        fs.mount();
+        fs
+    }
+
     /// Shuts the filesystem down without flushing its log: from now on every write and
     /// sync of a file on it fails with EIO, as on a failed disk.
     fn shut_down(&self) {
@@ -64,7 +84,12 @@ impl LoopFs {
 
 impl Drop for LoopFs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        // Already unmounted when the test went through: nothing to say then.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -227,6 +252,21 @@ impl QemuIo {
     }
 }
 
+/// Writes through qemu-io without flushing, fails the filesystem, then flushes: the
+/// flush fails and the store is degraded from then on.
+fn fail_a_flush(fs: &LoopFs, store: &Store) {
+    let mut q = QemuIo::open(&store.uri("vol"));
+    q.expect("write -P 0xab 64k 4k", "wrote 4096/4096");
+    q.expect("write -P 0xcd 1M 1M", "wrote 1048576/1048576");
+    fs.shut_down();
+    // The flush is the first sync since the failure: it fails, and qemu-io with it.
+    assert!(
+        !q.finish(&["flush"]),
+        "a flush on a shut-down filesystem succeeded:\n{}",
+        store.log_text()
+    );
+}
+
 #[test]
 fn a_failed_sync_leaves_the_store_degraded_and_every_flush_failing_until_restart() {
     let test = "a_failed_sync_leaves_the_store_degraded_and_every_flush_failing_until_restart";
@@ -258,17 +298,8 @@ fn a_failed_sync_leaves_the_store_degraded_and_every_flush_failing_until_restart
         .arg(store.uri("vol")));
 
     // Writes acknowledged but not flushed (a small one, logged; a large one, placed),
-    // then the disk fails.
-    let mut q = QemuIo::open(&store.uri("vol"));
-    q.expect("write -P 0xab 64k 4k", "wrote 4096/4096");
-    q.expect("write -P 0xcd 1M 1M", "wrote 1048576/1048576");
-    fs.shut_down();
-    // The flush is the first sync since the failure: it fails, and qemu-io with it.
-    assert!(
-        !q.finish(&["flush"]),
-        "a flush on a shut-down filesystem succeeded:\n{}",
-        store.log_text()
-    );
+    // then the disk fails under the flush.
+    fail_a_flush(&fs, &store);
 
     let (ok, st, err) = store.status();
     assert!(!ok, "status must fail when degraded: {st}");
@@ -304,17 +335,132 @@ fn a_failed_sync_leaves_the_store_degraded_and_every_flush_failing_until_restart
         store.log_text()
     );
 
-    // Only a restart clears it: on the filesystem mounted again (its journal replayed),
-    // the store is healthy, what was flushed before the failure is there, and flushes
-    // work.
+    // Only a restart clears it: on the filesystem as the failed disk holds it (its
+    // journal replayed), the store is healthy, what was flushed before the failure is
+    // there, and flushes work.
     store.stop();
     fs.umount();
-    fs.mount();
-    let store = Store::start(&data, dir.path());
+    let repaired = fs.copy(dir.path(), "repaired");
+    let store = Store::start(&repaired.mnt.join("store"), dir.path());
     let (ok, st, _) = store.status();
     assert!(ok && st["degraded"].is_null(), "{st}");
     run(Command::new("qemu-io")
         .args(["-f", "raw", "-c", "read -P 0x11 0 64k"])
         .args(["-c", "write -P 0x33 64k 4k", "-c", "flush"])
         .arg(store.uri("vol")));
+}
+
+#[test]
+fn a_degraded_store_shows_on_its_node_in_the_api_the_events_and_the_cli() {
+    let test = "a_degraded_store_shows_on_its_node_in_the_api_the_events_and_the_cli";
+    let Some(lan) = Lan::new(test, 1) else {
+        return;
+    };
+    for tool in ["qemu-io", "xfs_io", "mkfs.ext4", "curl"] {
+        require(tool);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fs = LoopFs::create(dir.path());
+    // The node's seed names `<node dir>/store/admin.sock` as its store's admin socket:
+    // the store's sockets go there, its data on the loop filesystem.
+    let sockets = dir.path().join("node0/store");
+    std::fs::create_dir_all(&sockets).unwrap();
+    let store = Store::start(&fs.mnt.join("store"), &sockets);
+    let out = store.cli(&["volume", "create", "vol", "--size", "16M"]);
+    assert!(out.status.success(), "{out:?}");
+    let node = ClusterNode::start(&lan, 0, dir.path(), 1, false);
+    let token = admin_session(&lan, std::slice::from_ref(&node), 0, "a-longer-password-1");
+    let nodes = || {
+        let (code, v) = api(&lan, 0, "GET", "nodes", Some(&token), None);
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+        v[0].clone()
+    };
+    let storage_events = || {
+        let (code, v) = api(&lan, 0, "GET", "events?limit=1000", Some(&token), None);
+        assert_eq!(code, 200, "{v}");
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"].as_str().unwrap().starts_with("storage."))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+
+    let healthy = wait_for("the node to report its storage ok", 40, || {
+        let n = nodes();
+        (n["storage"]["state"] == "ok").then_some(n)
+    });
+    assert!(healthy["storage"]["reason"].is_null(), "{healthy}");
+    let id = healthy["id"].as_str().unwrap().to_string();
+    // A healthy store at start is not news.
+    assert_eq!(storage_events(), Vec::<serde_json::Value>::new());
+
+    fail_a_flush(&fs, &store);
+    let why = store.status().1["degraded"].as_str().unwrap().to_string();
+    let degraded = wait_for("the node to report its storage degraded", 30, || {
+        let n = nodes();
+        (n["storage"]["state"] == "degraded").then_some(n)
+    });
+    assert_eq!(degraded["storage"]["reason"], why.as_str(), "{degraded}");
+    assert_eq!(
+        degraded["state"], "up",
+        "the node itself is fine: {degraded}"
+    );
+    // Polled again, still degraded: one event for the change, not one per poll.
+    let checked = degraded["storage"]["checked_ms"].as_u64().unwrap();
+    wait_for("another poll of the store", 30, || {
+        let n = nodes();
+        (n["storage"]["checked_ms"].as_u64().unwrap() > checked).then_some(())
+    });
+    let events = wait_for("the storage.degraded event", 30, || {
+        let e = storage_events();
+        (!e.is_empty()).then_some(e)
+    });
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["kind"], "storage.degraded");
+    assert_eq!(events[0]["target"], id.as_str());
+    assert_eq!(events[0]["user"], "tesserad");
+    assert!(
+        events[0]["message"].as_str().unwrap().contains(&why),
+        "{events:?}"
+    );
+
+    // The CLI, as an administrator sees it: the node's STORAGE column and why.
+    let config = dir.path().join("config");
+    std::fs::create_dir_all(config.join("tessera")).unwrap();
+    let ca = std::fs::read_to_string(lan.ca_file().unwrap()).unwrap();
+    std::fs::write(
+        config.join("tessera/credentials.json"),
+        serde_json::json!({
+            "api": format!("https://{}:8006", Lan::addr(0)),
+            "token": token,
+            "ca_pem": ca,
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let out = output(
+        lan.command(0, &bin("tessera"))
+            .args(["node", "ls"])
+            .env("XDG_CONFIG_HOME", &config),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines = text.lines();
+    let head = lines.next().unwrap();
+    assert!(head.contains("STORAGE"), "{text}");
+    let row = lines.next().unwrap();
+    assert!(
+        row.starts_with("node0 ") && row.contains(" DEGRADED ") && row.ends_with(" up"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("node0: storage DEGRADED: {why}")),
+        "{text}"
+    );
 }
