@@ -110,7 +110,7 @@ impl Inner {
         // Waited for before `layer_writes`: the writer takes that lock for its write.
         let mut last: Option<&Arc<parking_lot::RwLock<()>>> = None;
         for (_, p) in &todo {
-            if let Content::Placed { gate } = &p.content {
+            if let Content::Placed { gate, .. } = &p.content {
                 if !last.is_some_and(|l| Arc::ptr_eq(l, gate)) {
                     drop(gate.read());
                     last = Some(gate);
@@ -119,7 +119,7 @@ impl Inner {
         }
         self.at(Point::CheckpointChose)?;
         let layers = self.layers.read().clone();
-        let (mut touched, placed_over) = {
+        let (mut touched, _placed_over) = {
             let _changing = self.layer_writes.write();
             copy_into_layers(&todo, &layers, &self.pending)?
         };
@@ -154,16 +154,16 @@ impl Inner {
                 punch_markers(files, p.first, p.count, |b| placed.contains(&b))?;
             }
         }
-        // A logged version skipped because a placed write replaced it goes with its
-        // segment: the placed data is durable now (synced above), and so must be the
-        // placed record naming it, which may sit unsynced in the active segment.
-        if placed_over {
-            self.sync_wal()?;
-        }
+        // The versions in the segments about to go may have been replaced by newer ones
+        // logged after them, unsynced: the newer records must be durable before the older
+        // ones go, or a crash loses both (a logged version skipped because a placed write
+        // replaced it: that placed data was synced above, its record is made durable here).
+        self.sync_wal()?;
         self.punches.lock().retain(|p| p.seg > sealed);
         self.pending.retire(&todo);
         self.at(Point::RemoveWal(sealed))?;
         self.wal.remove_upto(sealed)?;
+        self.pending.drop_shadows_upto(sealed);
         tracing::debug!(sealed, blocks = todo.len(), "checkpoint done");
         Ok(())
     }

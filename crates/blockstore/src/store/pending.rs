@@ -27,7 +27,16 @@ pub(super) enum Content {
     /// In the WAL record, and here: block `index` of `buf`.
     Logged { buf: Arc<Vec<u8>>, index: u32 },
     /// In place in the layer's data file, once `gate` can be taken for reading.
-    Placed { gate: Gate },
+    ///
+    /// `shadow` is the logged version this one replaced (or that the placed version it
+    /// replaced still carried): its data exists only in its WAL record and here. The
+    /// checkpoint that retires that record's segment must copy it into place unless this
+    /// version's data is already there, or a crash before this version is durable would
+    /// lose both.
+    Placed {
+        gate: Gate,
+        shadow: Option<Arc<Pending>>,
+    },
 }
 
 /// The newest version of a block whose checksum is not yet in its layer's table.
@@ -59,7 +68,9 @@ impl Pending {
                 (Content::Logged { buf: a, index: i }, Content::Logged { buf: b, index: j }) => {
                     Arc::ptr_eq(a, b) && i == j
                 }
-                (Content::Placed { gate: a }, Content::Placed { gate: b }) => Arc::ptr_eq(a, b),
+                (Content::Placed { gate: a, .. }, Content::Placed { gate: b, .. }) => {
+                    Arc::ptr_eq(a, b)
+                }
                 _ => false,
             }
     }
@@ -132,12 +143,29 @@ impl PendingWrites {
             .map(|(i, hash)| {
                 let mut h = [0u8; SUM_LEN];
                 h.copy_from_slice(hash);
+                let key = (layer, start + i as u64);
+                let shadow = match pending.get(&key) {
+                    Some(
+                        old @ Pending {
+                            content: Content::Logged { .. },
+                            ..
+                        },
+                    ) => Some(Arc::new(old.clone())),
+                    Some(Pending {
+                        content: Content::Placed { shadow, .. },
+                        ..
+                    }) => shadow.clone(),
+                    None => None,
+                };
                 pending.insert(
-                    (layer, start + i as u64),
+                    key,
                     Pending {
                         seg,
                         hash: h,
-                        content: Content::Placed { gate: gate.clone() },
+                        content: Content::Placed {
+                            gate: gate.clone(),
+                            shadow,
+                        },
                     },
                 )
             })
@@ -157,7 +185,7 @@ impl PendingWrites {
         for (i, old) in replaced.into_iter().enumerate() {
             let k = (layer, start + i as u64);
             let ours = pending.get(&k).is_some_and(
-                |p| matches!(&p.content, Content::Placed { gate: g } if Arc::ptr_eq(g, gate)),
+                |p| matches!(&p.content, Content::Placed { gate: g, .. } if Arc::ptr_eq(g, gate)),
             );
             if !ours {
                 continue;
@@ -181,7 +209,7 @@ impl PendingWrites {
         match self.map.read().get(k) {
             Some(cur) if cur.same(p) => Fate::Current,
             Some(Pending {
-                content: Content::Placed { gate },
+                content: Content::Placed { gate, .. },
                 ..
             }) if gate.try_read().is_some() => Fate::PlacedOver,
             _ => Fate::Replaced,
@@ -254,11 +282,31 @@ impl PendingWrites {
             .map
             .read()
             .iter()
-            .filter(|(_, p)| p.seg <= sealed)
-            .map(|(k, p)| (*k, p.clone()))
+            .flat_map(|(k, p)| {
+                let own = (p.seg <= sealed).then(|| (*k, p.clone()));
+                let shadow = match &p.content {
+                    Content::Placed {
+                        shadow: Some(sh), ..
+                    } if sh.seg <= sealed => Some((*k, (**sh).clone())),
+                    _ => None,
+                };
+                own.into_iter().chain(shadow)
+            })
             .collect();
-        todo.sort_unstable_by_key(|(k, _)| *k);
+        todo.sort_by_key(|(k, _)| *k);
         todo
+    }
+
+    /// Forgets the shadows (see [`Content::Placed`]) logged in segments up to `sealed`:
+    /// the checkpoint has copied them or made the versions over them durable.
+    pub(super) fn drop_shadows_upto(&self, sealed: u64) {
+        for p in self.map.write().values_mut() {
+            if let Content::Placed { shadow, .. } = &mut p.content {
+                if shadow.as_ref().is_some_and(|sh| sh.seg <= sealed) {
+                    *shadow = None;
+                }
+            }
+        }
     }
 
     /// Removes blocks now in their layer files, unless a newer record replaced them.

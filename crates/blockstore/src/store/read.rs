@@ -43,7 +43,7 @@ impl Store {
                 .inner
                 .pending
                 .fill_slots(layer.id, first, &mut out, |p| match &p.content {
-                    Content::Placed { gate } => Source::Placed(depth, p.hash, gate.clone()),
+                    Content::Placed { gate, .. } => Source::Placed(depth, p.hash, gate.clone()),
                     Content::Logged { .. } => Source::Pending(p),
                 });
             if left == 0 {
