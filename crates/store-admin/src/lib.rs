@@ -30,10 +30,9 @@ pub struct AdminRequest {
 }
 
 /// The operations. `tesserad` records the ones it asks a store to do as its tasks' `op`.
-///
-/// Operations without fields are written `Op {}`, not `Op`: serde applies
-/// `deny_unknown_fields` to the fields of struct variants only, so a unit variant would
-/// take `{"type":"scrub","force":true}` as a scrub.
+// Operations without fields are written `Op {}`, not `Op`: serde applies
+// `deny_unknown_fields` to the fields of struct variants only, so a unit variant would
+// take `{"type":"scrub","force":true}` as a scrub.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
