@@ -154,28 +154,11 @@ fn env_number(name: &str) -> Option<u64> {
     Some(parsed.unwrap_or_else(|_| panic!("{name}={v} is not a number")))
 }
 
-/// The cycle test CI runs: every request kind, but not the pattern of the store bug open
-/// today (placed writes over blocks small writes or trims touched);
-/// `power_loss_findings.rs` reproduces it.
+/// The cycle test CI runs: every request kind, mixed (both store bugs the harness found
+/// are fixed; `power_loss_findings.rs` keeps their focused reproductions).
 #[test]
 fn flushed_writes_survive_power_cuts_at_random_points() {
     if !powerfs_or_skip("flushed_writes_survive_power_cuts_at_random_points") {
-        return;
-    }
-    run_cycles(
-        Mix::AVOID_OPEN_BUGS,
-        "writes of 64 KiB and more keep to their own quarter of the volume, and zero writes \
-         do not allocate, while the store bug of docs/power-loss.md (finding 2) is open; \
-         flushed_writes_survive_power_cuts_with_every_pattern (ignored) mixes everything",
-    );
-}
-
-/// The same with everything mixed, which today finds the open store bug within a few
-/// hundred cycles.
-#[test]
-#[ignore = "store bug (issue #9, docs/power-loss.md, finding 2): a checkpoint deletes the WAL record of a flushed write that an unsynced placed write replaced, so a power cut can lose it; run with --ignored"]
-fn flushed_writes_survive_power_cuts_with_every_pattern() {
-    if !powerfs_or_skip("flushed_writes_survive_power_cuts_with_every_pattern") {
         return;
     }
     run_cycles(Mix::FULL, "every request pattern, mixed");
@@ -274,7 +257,7 @@ fn lying_sync_is_caught_as_lost_flushed_writes() {
     let opts = Options {
         blocks: BLOCKS,
         workers: WORKERS,
-        mix: Mix::AVOID_OPEN_BUGS,
+        mix: Mix::FULL,
         sync_latency: false,
     };
     let mut h = Harness::new(seed, opts);

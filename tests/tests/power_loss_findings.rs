@@ -98,7 +98,6 @@ fn a_flush_racing_other_flushes_keeps_a_placed_write() {
 /// first write's segment after the second write (logged in the next segment) replaced it
 /// in the pending map deletes the first write's record, though the second is not durable.
 #[test]
-#[ignore = "store bug (issue #9): a checkpoint deletes the WAL record of a flushed write that a newer placed write (into a table hole, record not yet synced) replaced; a power cut then loses both; run with --ignored"]
 fn a_checkpoint_keeps_a_flushed_write_an_unsynced_placed_write_replaced() {
     if !powerfs_or_skip("a_checkpoint_keeps_a_flushed_write_an_unsynced_placed_write_replaced") {
         return;

@@ -78,9 +78,9 @@ impl Mix {
         concurrent_flushes: true,
         large_writes_apart: false,
     };
-    /// Without the pattern of the store bug open today (docs/power-loss.md, "Findings"):
-    /// no placed write over a block that a small write or a trim touched.
-    pub const AVOID_OPEN_BUGS: Mix = Mix {
+    /// Large writes kept apart from everything else: for narrowing down a finding
+    /// (docs/power-loss.md).
+    pub const LARGE_APART: Mix = Mix {
         concurrent_flushes: true,
         large_writes_apart: true,
     };
