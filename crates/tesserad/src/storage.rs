@@ -130,22 +130,27 @@ pub fn start(admin_socket: PathBuf, me: String, node: SharedNode, health: Arc<He
                     StorageState::Unreachable => tracing::warn!(%reason, "storage unreachable"),
                 }
             }
-            if let Some((kind, message)) = news(announced, &now) {
+            let state = now.state;
+            let news = news(announced, &now);
+            // Published before the event is tried: the API shows the state even while
+            // the cluster cannot record anything.
+            health.set(now);
+            if let Some((kind, message)) = news {
                 let member = node.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 if let Some(n) = member {
                     let txn = Command::Txn {
                         require: vec![],
                         ops: vec![event(kind, &me, "tesserad", &message)],
                     };
-                    match n.write(txn).await {
-                        Ok(_) => announced = Some(now.state),
-                        Err(e) => tracing::debug!(error = %e, "storage event not recorded yet"),
+                    match tokio::time::timeout(POLL, n.write(txn)).await {
+                        Ok(Ok(_)) => announced = Some(state),
+                        Ok(Err(e)) => tracing::debug!(error = %e, "storage event not recorded yet"),
+                        Err(_) => tracing::debug!("storage event not recorded yet: timed out"),
                     }
                 }
-            } else if announced.is_none() && now.state == StorageState::Ok {
+            } else if announced.is_none() && state == StorageState::Ok {
                 announced = Some(StorageState::Ok);
             }
-            health.set(now);
             tokio::time::sleep(POLL).await;
         }
     });
