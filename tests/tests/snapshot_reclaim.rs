@@ -92,7 +92,7 @@ fn deleting_a_snapshot_gives_its_space_back_and_keeps_the_data() {
     // discarded move into the volume's own layer: 9 MiB come back.
     let back = before.saturating_sub(after);
     assert!(
-        back >= 9 * MIB - MIB / 4 && back <= 9 * MIB + MIB / 4,
+        (9 * MIB - MIB / 4..=9 * MIB + MIB / 4).contains(&back),
         "layer files used {before} bytes before the delete, {after} after: expected 9 MiB back"
     );
     let layers_after = layers(&data);
