@@ -136,7 +136,7 @@ fn open_zero_log(dir: &Path, id: LayerId, create: bool) -> Result<(ZeroLog, Rang
     let state = zero_log::dir_state(dir)
         .map_err(|e| StoreError::io(format!("reading {}", marker.display()), e))?;
     if state == DirState::Upgrade {
-        zero_log::upgrade_dir(dir).map_err(|e| {
+        zero_log::upgrade_dir(dir, create.then_some(id)).map_err(|e| {
             StoreError::io(
                 format!("adding zero-range files to the layers in {}", dir.display()),
                 e,

@@ -368,8 +368,9 @@ pub(super) fn dir_state(dir: &Path) -> io::Result<DirState> {
 /// Gives every layer in `dir` (every id with a `.data` or `.sums` file) that has no
 /// zero-range file an empty one, then marks the directory complete. Layers created
 /// before zero-range files had no zero ranges (their trims wrote markers), so an empty
-/// file says exactly what they hold. Safe to repeat after a crash.
-pub(super) fn upgrade_dir(dir: &Path) -> io::Result<()> {
+/// file says exactly what they hold. Safe to repeat after a crash. `new` is a layer being
+/// created right now (its caller makes its file): not an old one, so not counted here.
+pub(super) fn upgrade_dir(dir: &Path, new: Option<u64>) -> io::Result<()> {
     write_marker(dir, MARKER_ADDING)?;
     let mut ids = layer_files(dir, ".data")?;
     ids.extend(layer_files(dir, ".sums")?);
@@ -377,7 +378,7 @@ pub(super) fn upgrade_dir(dir: &Path) -> io::Result<()> {
     ids.dedup();
     let mut added = 0;
     for id in ids {
-        if !path(dir, id).exists() {
+        if Some(id) != new && !path(dir, id).exists() {
             create(dir, id)?;
             added += 1;
         }
