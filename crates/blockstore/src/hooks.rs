@@ -28,6 +28,9 @@ pub(crate) enum Point {
     PlacedDecided,
     /// A flush took the data files of placed writes and is about to sync them.
     FlushData,
+    /// The checkpoint sealed the WAL segments up to this one and has not yet looked at
+    /// the pending versions.
+    CheckpointSealed(u64),
     /// The checkpoint chose the versions to copy and is about to change layer files.
     CheckpointChose,
     /// A merge of a layer into its child is about to copy its batch of this number (the

@@ -101,6 +101,7 @@ impl Inner {
         let Some(sealed) = self.wal.rotate()? else {
             return Ok(());
         };
+        self.at(Point::CheckpointSealed(sealed))?;
         // A sync that failed may have lost dirty pages; a later one succeeding proves
         // nothing about them, so the log stays until the next start replays it.
         self.check_synced()?;
@@ -193,7 +194,10 @@ impl Inner {
 /// record may be torn at a crash, and this one's segment is about to go), except when a
 /// placed write replaced it and its data is in place: copying would overwrite that, so
 /// the layer is only synced (making the placed data durable before the older record
-/// goes). A placed version's checksum is written only while it is the newest version.
+/// goes). A placed version's checksum is written even when a newer version replaced it:
+/// its record is about to go, and the newer one's data may never become durable; while
+/// the newer one is pending, reads do not look at the table, and recovery compares what
+/// is in place with the newer record (made durable before the segment goes).
 fn copy_into_layers(
     todo: &[(BlockKey, Pending)],
     layers: &HashMap<LayerId, Arc<LayerFiles>>,
@@ -212,8 +216,9 @@ fn copy_into_layers(
         .map(|(k, p)| match (&p.content, pending.fate(k, p)) {
             (Content::Logged { .. }, Fate::PlacedOver) => Act::Skip,
             (Content::Logged { .. }, _) => Act::Copy,
-            (Content::Placed { .. }, Fate::Current) => Act::SumOnly,
-            (Content::Placed { .. }, _) => Act::Skip,
+            // Also when a newer placed version replaced it: its record is about to go,
+            // and the newer one's data may never become durable (see `Content::Placed`).
+            (Content::Placed { .. }, _) => Act::SumOnly,
         })
         .collect();
     let placed_over = todo

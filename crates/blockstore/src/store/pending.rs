@@ -28,14 +28,15 @@ pub(super) enum Content {
     Logged { buf: Arc<Vec<u8>>, index: u32 },
     /// In place in the layer's data file, once `gate` can be taken for reading.
     ///
-    /// `shadow` is the logged version this one replaced (or that the placed version it
-    /// replaced still carried): its data exists only in its WAL record and here. The
-    /// checkpoint that retires that record's segment must copy it into place unless this
-    /// version's data is already there, or a crash before this version is durable would
-    /// lose both.
+    /// `shadows` are the older versions of the block this one replaced whose records are
+    /// still in the log (oldest first, each without shadows of its own). A checkpoint that
+    /// deletes the segment of the newest of them must put that version into the table
+    /// (a logged one's data and checksum, a placed one's checksum) unless a newer placed
+    /// version's data is in place and made durable, or a crash before this version is
+    /// durable would lose both: recovery only sees the records left in the log.
     Placed {
         gate: Gate,
-        shadow: Option<Arc<Pending>>,
+        shadows: Vec<Arc<Pending>>,
     },
 }
 
@@ -61,6 +62,20 @@ impl Pending {
         }
     }
 
+    /// This version without the older ones it carries.
+    fn alone(&self) -> Pending {
+        match &self.content {
+            Content::Placed { gate, .. } => Pending {
+                content: Content::Placed {
+                    gate: gate.clone(),
+                    shadows: Vec::new(),
+                },
+                ..self.clone()
+            },
+            Content::Logged { .. } => self.clone(),
+        }
+    }
+
     /// Whether `other` is this very version (not just an equal one).
     fn same(&self, other: &Pending) -> bool {
         self.seg == other.seg
@@ -81,8 +96,8 @@ impl Pending {
 pub(super) enum Fate {
     /// Still the newest version.
     Current,
-    /// A placed version replaced it and its data is in place: copying the old version
-    /// would overwrite it.
+    /// A newer placed version's data is (or was) in place: copying the old version would
+    /// overwrite it.
     PlacedOver,
     /// Something else replaced it (or it is gone).
     Replaced,
@@ -144,18 +159,16 @@ impl PendingWrites {
                 let mut h = [0u8; SUM_LEN];
                 h.copy_from_slice(hash);
                 let key = (layer, start + i as u64);
-                let shadow = match pending.get(&key) {
-                    Some(
-                        old @ Pending {
-                            content: Content::Logged { .. },
-                            ..
-                        },
-                    ) => Some(Arc::new(old.clone())),
-                    Some(Pending {
-                        content: Content::Placed { shadow, .. },
-                        ..
-                    }) => shadow.clone(),
-                    None => None,
+                let shadows = match pending.get(&key) {
+                    Some(old) => {
+                        let mut older = match &old.content {
+                            Content::Placed { shadows, .. } => shadows.clone(),
+                            Content::Logged { .. } => Vec::new(),
+                        };
+                        older.push(Arc::new(old.alone()));
+                        older
+                    }
+                    None => Vec::new(),
                 };
                 pending.insert(
                     key,
@@ -164,7 +177,7 @@ impl PendingWrites {
                         hash: h,
                         content: Content::Placed {
                             gate: gate.clone(),
-                            shadow,
+                            shadows,
                         },
                     },
                 )
@@ -201,18 +214,35 @@ impl PendingWrites {
         }
     }
 
-    /// Whether `p` is still the newest version of block `k`, and if not, whether the
-    /// newest is a placed version whose data is in place (its gate is free). Callers
-    /// hold `layer_writes` for writing, so no placed write is between taking that lock
-    /// and releasing its gate.
+    /// Whether `p` is still the newest version of block `k`, and if not, whether a placed
+    /// version newer than `p` has put its data in place (its gate is free). Callers hold
+    /// `layer_writes` for writing, so no placed write is between taking that lock and
+    /// releasing its gate.
     pub(super) fn fate(&self, k: &BlockKey, p: &Pending) -> Fate {
-        match self.map.read().get(k) {
-            Some(cur) if cur.same(p) => Fate::Current,
-            Some(Pending {
-                content: Content::Placed { gate, .. },
-                ..
-            }) if gate.try_read().is_some() => Fate::PlacedOver,
-            _ => Fate::Replaced,
+        let map = self.map.read();
+        let Some(cur) = map.get(k) else {
+            return Fate::Replaced;
+        };
+        if cur.same(p) {
+            return Fate::Current;
+        }
+        let Content::Placed { gate, shadows } = &cur.content else {
+            return Fate::Replaced;
+        };
+        let in_place = |v: &Pending| match &v.content {
+            Content::Placed { gate, .. } => gate.try_read().is_some(),
+            Content::Logged { .. } => false,
+        };
+        let newer_in_place = gate.try_read().is_some()
+            || shadows
+                .iter()
+                .skip_while(|sh| !sh.same(p))
+                .skip(1)
+                .any(|sh| in_place(sh));
+        if newer_in_place {
+            Fate::PlacedOver
+        } else {
+            Fate::Replaced
         }
     }
 
@@ -276,21 +306,25 @@ impl PendingWrites {
         filled
     }
 
-    /// The blocks logged in segments up to `sealed`, sorted by layer and block.
+    /// For each block with a version logged in a segment up to `sealed`, the newest such
+    /// version (the current one, or a shadow of it), sorted by layer and block.
     pub(super) fn logged_upto(&self, sealed: u64) -> Vec<(BlockKey, Pending)> {
         let mut todo: Vec<(BlockKey, Pending)> = self
             .map
             .read()
             .iter()
-            .flat_map(|(k, p)| {
-                let own = (p.seg <= sealed).then(|| (*k, p.clone()));
-                let shadow = match &p.content {
-                    Content::Placed {
-                        shadow: Some(sh), ..
-                    } if sh.seg <= sealed => Some((*k, (**sh).clone())),
-                    _ => None,
-                };
-                own.into_iter().chain(shadow)
+            .filter_map(|(k, p)| {
+                if p.seg <= sealed {
+                    return Some((*k, p.clone()));
+                }
+                match &p.content {
+                    Content::Placed { shadows, .. } => shadows
+                        .iter()
+                        .rev()
+                        .find(|sh| sh.seg <= sealed)
+                        .map(|sh| (*k, (**sh).clone())),
+                    Content::Logged { .. } => None,
+                }
             })
             .collect();
         todo.sort_by_key(|(k, _)| *k);
@@ -301,10 +335,8 @@ impl PendingWrites {
     /// the checkpoint has copied them or made the versions over them durable.
     pub(super) fn drop_shadows_upto(&self, sealed: u64) {
         for p in self.map.write().values_mut() {
-            if let Content::Placed { shadow, .. } = &mut p.content {
-                if shadow.as_ref().is_some_and(|sh| sh.seg <= sealed) {
-                    *shadow = None;
-                }
+            if let Content::Placed { shadows, .. } = &mut p.content {
+                shadows.retain(|sh| sh.seg > sealed);
             }
         }
     }
