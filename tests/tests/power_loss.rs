@@ -154,27 +154,10 @@ fn env_number(name: &str) -> Option<u64> {
     Some(parsed.unwrap_or_else(|_| panic!("{name}={v} is not a number")))
 }
 
-/// The cycle test CI runs: every request kind, with writes of 64 KiB and more kept to their
-/// own quarter of the volume (`Mix::LARGE_APART`), while the failure the full mix found
-/// last (docs/power-loss.md, finding 3) is open.
+/// The cycle test CI runs: every request kind, mixed (`Mix::FULL`).
 #[test]
 fn flushed_writes_survive_power_cuts_at_random_points() {
     if !powerfs_or_skip("flushed_writes_survive_power_cuts_at_random_points") {
-        return;
-    }
-    run_cycles(
-        Mix::LARGE_APART,
-        "writes of 64 KiB and more keep to their own quarter of the volume, and zero writes \
-         do not allocate, while finding 3 of docs/power-loss.md is open; \
-         flushed_writes_survive_power_cuts_with_every_pattern (ignored) mixes everything",
-    );
-}
-
-/// The same with everything mixed.
-#[test]
-#[ignore = "finding 3 (docs/power-loss.md): with every pattern mixed, seed 0x9d15c0009 cycle 21 (tear) once left a block holding a FUA write older than a later acknowledged FUA write; not yet reproduced or explained; run with --ignored"]
-fn flushed_writes_survive_power_cuts_with_every_pattern() {
-    if !powerfs_or_skip("flushed_writes_survive_power_cuts_with_every_pattern") {
         return;
     }
     run_cycles(Mix::FULL, "every request pattern, mixed");

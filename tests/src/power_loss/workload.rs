@@ -152,6 +152,7 @@ fn pick(rng: &mut StdRng, blocks: u64, mix: Mix) -> (Request, u64, u64) {
 fn worker(mut c: Client, shared: Arc<Shared>, mut rng: StdRng) -> Result<u64, String> {
     let blocks = shared.history.lock().unwrap().blocks();
     let mut answered = 0u64;
+    let trace = std::env::var_os("POWER_LOSS_TRACE").is_some();
     let failed = |e: tessera_nbd::ClientError, what: &str, answered: u64| {
         if shared.cutting.load(Ordering::SeqCst) {
             Ok(answered)
@@ -183,6 +184,7 @@ fn worker(mut c: Client, shared: Arc<Shared>, mut rng: StdRng) -> Result<u64, St
             }
             h.begin(seq, off, len, req, data.as_deref())
         };
+        let mut no_hole = false;
         let res = match (req, &data) {
             (Request::Write { fua }, Some(d)) => {
                 let _one = fua
@@ -192,10 +194,23 @@ fn worker(mut c: Client, shared: Arc<Shared>, mut rng: StdRng) -> Result<u64, St
             }
             (Request::Trim, _) => c.trim(off, len as u32),
             _ => {
-                let no_hole = !shared.mix.large_writes_apart && rng.gen_bool(0.5);
+                no_hole = !shared.mix.large_writes_apart && rng.gen_bool(0.5);
                 c.write_zeroes(off, len as u32, no_hole)
             }
         };
+        if trace {
+            // One line per answer, in the workload's own numbering, for reading a
+            // failure's history side by side with the store's log.
+            eprintln!(
+                "trace #{}.{} {req:?}{} bytes {off}+{len} blocks {}..{}: {}",
+                seq >> 32,
+                seq & 0xffff_ffff,
+                if no_hole { " NO_HOLE" } else { "" },
+                off / 4096,
+                (off + len).div_ceil(4096),
+                if res.is_ok() { "acked" } else { "failed" }
+            );
+        }
         let mut h = shared.history.lock().unwrap();
         match res {
             Ok(()) => {
