@@ -160,6 +160,16 @@ impl PendingWrites {
                 h.copy_from_slice(hash);
                 let key = (layer, start + i as u64);
                 let shadows = match pending.get(&key) {
+                    // A logged version of the same segment is never needed: the
+                    // checkpoint that deletes it handles this newer one too. (A placed one
+                    // is: its data in place keeps an older shadow from being copied over
+                    // it.)
+                    Some(
+                        old @ Pending {
+                            content: Content::Logged { .. },
+                            ..
+                        },
+                    ) if old.seg == seg => Vec::new(),
                     Some(old) => {
                         let mut older = match &old.content {
                             Content::Placed { shadows, .. } => shadows.clone(),
@@ -262,6 +272,11 @@ impl PendingWrites {
                 .map(|((_, b), _)| *b)
                 .collect()
         }
+    }
+
+    /// How many blocks have a pending version.
+    pub(super) fn len(&self) -> usize {
+        self.map.read().len()
     }
 
     /// Whether block `b` of `layer` has a pending version.

@@ -28,33 +28,34 @@ use crate::hooks::Point;
 /// scattered writes into the data file; above it, writing the data twice dominates.
 pub(super) const PLACED_MIN: usize = 64 * 1024;
 
-/// Requests at least this large are hashed on two threads.
-const PARALLEL_HASH_MIN: usize = 256 * 1024;
+/// Pending placed blocks (256 MiB of data) that wake the checkpoint before the log's
+/// segment is full: placed records are small, so the log alone would let the pending map
+/// (and the checkpoint's pause over it) grow with everything written for seconds.
+const PLACED_PENDING_WAKE: usize = 65536;
 
-/// The checksums of whole blocks, hashed on both cores for large requests (a 4 KiB
-/// block costs ~1.6 µs here, so a MiB is ~400 µs on one core).
+/// Requests at least this large are hashed on every core.
+const PARALLEL_HASH_MIN: usize = 256 * 1024;
+/// Blocks one task of a parallel hash takes at least (128 KiB): smaller tasks cost more
+/// to hand out than to hash.
+const PARALLEL_HASH_TASK: usize = 32;
+
+/// The checksums of whole blocks, hashed on every core (rayon's pool) for large requests
+/// (a 4 KiB block costs ~0.5-1.6 µs on one core, depending on its SIMD).
 pub(super) fn hash_blocks(data: &[u8]) -> Vec<u8> {
+    use rayon::prelude::*;
     let n = data.len() / BLOCK_SIZE;
     let mut hashes = vec![0u8; n * SUM_LEN];
-    let hash_into = |data: &[u8], out: &mut [u8]| {
-        for (block, h) in data
-            .chunks_exact(BLOCK_SIZE)
-            .zip(out.chunks_exact_mut(SUM_LEN))
-        {
+    let blocks = data.chunks_exact(BLOCK_SIZE);
+    if data.len() < PARALLEL_HASH_MIN {
+        for (block, h) in blocks.zip(hashes.chunks_exact_mut(SUM_LEN)) {
             h.copy_from_slice(&block_hash(block));
         }
-    };
-    if data.len() < PARALLEL_HASH_MIN {
-        hash_into(data, &mut hashes);
         return hashes;
     }
-    let half = n / 2;
-    let (d0, d1) = data.split_at(half * BLOCK_SIZE);
-    let (h0, h1) = hashes.split_at_mut(half * SUM_LEN);
-    std::thread::scope(|s| {
-        s.spawn(|| hash_into(d1, h1));
-        hash_into(d0, h0);
-    });
+    data.par_chunks_exact(BLOCK_SIZE)
+        .zip(hashes.par_chunks_exact_mut(SUM_LEN))
+        .with_min_len(PARALLEL_HASH_TASK)
+        .for_each(|(block, h)| h.copy_from_slice(&block_hash(block)));
     hashes
 }
 
@@ -199,6 +200,9 @@ impl Store {
             return Err(e);
         }
         self.inner.placed_dirty.lock().insert(layer, top.clone());
+        if self.inner.pending.len() >= PLACED_PENDING_WAKE {
+            self.inner.wake_checkpoint();
+        }
         self.inner.maybe_wake_checkpoint(wal_len);
         Ok(())
     }
