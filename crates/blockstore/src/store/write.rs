@@ -28,10 +28,12 @@ use crate::hooks::Point;
 /// scattered writes into the data file; above it, writing the data twice dominates.
 pub(super) const PLACED_MIN: usize = 64 * 1024;
 
-/// Pending placed blocks (256 MiB of data) that wake the checkpoint before the log's
-/// segment is full: placed records are small, so the log alone would let the pending map
-/// (and the checkpoint's pause over it) grow with everything written for seconds.
-const PLACED_PENDING_WAKE: usize = 65536;
+/// Pending placed blocks (1 GiB of data, ~30 MB of map) that wake the checkpoint before
+/// the log's segment is full: placed records are small, so the log alone would let the
+/// pending map (and the checkpoint's pause over it) grow with everything written for
+/// seconds. Not lower: each checkpoint syncs the data files, and on a disk that sync's
+/// writeback stalls the writes behind it (1M sequential writes lost a third at 256 MiB).
+const PLACED_PENDING_WAKE: usize = 1 << 18;
 
 /// Requests at least this large are hashed on every core.
 const PARALLEL_HASH_MIN: usize = 256 * 1024;
