@@ -111,6 +111,48 @@ pub(crate) mod pause {
         Paused { reached, go }
     }
 
+    /// Points every hook call saw, in order, for tests that check what happened when.
+    pub(crate) type Seen = Arc<Mutex<Vec<Point>>>;
+
+    /// Like [`first`] for several points at once (the `i`-th [`Paused`] stops the first
+    /// thread reaching a point `which[i]` accepts), also recording every point reached.
+    pub(crate) fn first_of_each<const N: usize>(
+        hooks: &Hooks,
+        which: [fn(Point) -> bool; N],
+    ) -> ([Paused; N], Seen) {
+        type Slot = Mutex<Option<(Sender<Point>, Receiver<()>)>>;
+        let mut armed: Vec<(fn(Point) -> bool, Slot)> = Vec::new();
+        let mut paused = Vec::new();
+        for w in which {
+            let (reached_tx, reached) = channel();
+            let (go, go_rx) = channel::<()>();
+            armed.push((w, Mutex::new(Some((reached_tx, go_rx)))));
+            paused.push(Paused { reached, go });
+        }
+        let seen: Seen = Arc::default();
+        let log = seen.clone();
+        hooks.set(move |p| {
+            if let Ok(mut l) = log.lock() {
+                l.push(p);
+            }
+            for (w, slot) in &armed {
+                if w(p) {
+                    let taken = slot.lock().map(|mut a| a.take()).unwrap_or(None);
+                    if let Some((reached_tx, go_rx)) = taken {
+                        let _ = reached_tx.send(p);
+                        let _ = go_rx.recv();
+                    }
+                    break;
+                }
+            }
+            Ok(())
+        });
+        match paused.try_into() {
+            Ok(all) => (all, seen),
+            Err(_) => unreachable!("one Paused per point"),
+        }
+    }
+
     impl Paused {
         /// Waits until a thread stopped at the point.
         pub(crate) fn reached(&self) -> Point {

@@ -435,7 +435,6 @@ fn a_checkpoint_that_skips_a_logged_block_for_placed_data_syncs_the_placed_recor
 
 #[test]
 fn a_placed_write_over_a_block_the_checkpoint_just_copied_syncs_its_record_first() {
-    use std::sync::mpsc::{channel, Receiver, Sender};
     let dir = tempfile::tempdir().unwrap();
     let s = quiet(dir.path());
     s.create_volume("v", 4 * MIB).unwrap();
@@ -444,54 +443,79 @@ fn a_placed_write_over_a_block_the_checkpoint_just_copied_syncs_its_record_first
     e.flush().unwrap();
     // Two threads stop once each: the checkpoint after choosing what to copy, the placed
     // write after deciding it writes into a hole.
-    type Stop = Mutex<Option<(Sender<()>, Receiver<()>)>>;
-    let stop = |tx: Sender<()>, rx: Receiver<()>| Arc::new(Mutex::new(Some((tx, rx))));
-    let (cp_reached_tx, cp_reached) = channel();
-    let (cp_go, cp_go_rx) = channel();
-    let (w_reached_tx, w_reached) = channel();
-    let (w_go, w_go_rx) = channel();
-    let cp_stop: Arc<Stop> = stop(cp_reached_tx, cp_go_rx);
-    let w_stop: Arc<Stop> = stop(w_reached_tx, w_go_rx);
-    let events = Arc::new(Mutex::new(Vec::new()));
-    {
-        let events = events.clone();
-        s.inner.hooks.set(move |p| {
-            events.lock().push(p);
-            let which = match p {
-                Point::CheckpointChose => Some(&cp_stop),
-                Point::PlacedDecided => Some(&w_stop),
-                _ => None,
-            };
-            if let Some((reached, go)) = which.and_then(|w| w.lock().take()) {
-                let _ = reached.send(());
-                let _ = go.recv();
-            }
-            Ok(())
-        });
-    }
+    let ([cp_stop, w_stop], seen) = pause::first_of_each(
+        &s.inner.hooks,
+        [
+            |p| p == Point::CheckpointChose,
+            |p| p == Point::PlacedDecided,
+        ],
+    );
     let cp = {
         let s = s.clone();
         std::thread::spawn(move || s.checkpoint())
     };
-    cp_reached.recv_timeout(Duration::from_secs(30)).unwrap();
+    cp_stop.reached();
     let writer = {
         let e = s.open_export("v").unwrap();
         std::thread::spawn(move || e.write_at(0, &filled(2, N), false))
     };
-    w_reached.recv_timeout(Duration::from_secs(30)).unwrap();
+    w_stop.reached();
     // The checkpoint copies the logged block into place while the placed write's gate is
     // closed; then the placed write goes on.
-    cp_go.send(()).unwrap();
+    cp_stop.release();
     cp.join().unwrap().unwrap();
-    w_go.send(()).unwrap();
+    w_stop.release();
     writer.join().unwrap().unwrap();
-    let ev = events.lock().clone();
+    let ev = seen.lock().unwrap().clone();
     let decided = ev.iter().position(|p| *p == Point::PlacedDecided).unwrap();
     assert!(
         ev[decided..].contains(&Point::WalSync),
         "the placed write overwrote checkpointed data without making its record durable: {ev:?}"
     );
     assert_eq!(read(&e, 0, N * BLOCK_SIZE), filled(2, N));
+}
+
+/// A checkpoint deleting the segment of a logged block must not copy it over the data of
+/// a newer placed write (P1, same segment as an even newer one, P2, still writing): a
+/// power cut before P2's data lands would then find neither P1 nor anything newer.
+#[test]
+fn a_checkpoint_never_copies_a_logged_block_over_a_newer_placed_write_that_another_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = quiet(dir.path());
+    s.create_volume("v", 4 * MIB).unwrap();
+    let e = s.open_export("v").unwrap();
+    e.write_at(0, &filled(1, 1), false).unwrap();
+    let ([sealed], _) = pause::first_of_each(
+        &s.inner.hooks,
+        [|p| matches!(p, Point::CheckpointSealed(_))],
+    );
+    let cp = {
+        let s = s.clone();
+        std::thread::spawn(move || s.checkpoint())
+    };
+    sealed.reached();
+    // P1 lands while the checkpoint has sealed the logged block's segment; P2 replaces
+    // it in the same (next) segment and stops before writing its data.
+    e.write_at(0, &filled(2, N), false).unwrap();
+    let ([p2_stop], _) = pause::first_of_each(&s.inner.hooks, [|p| p == Point::PlacedLogged]);
+    let p2 = {
+        let e = s.open_export("v").unwrap();
+        std::thread::spawn(move || e.write_at(0, &filled(3, N), false))
+    };
+    p2_stop.reached();
+    sealed.release();
+    cp.join().unwrap().unwrap();
+    let layer = s.inner.layers.read().values().next().cloned().unwrap();
+    let mut in_place = vec![0u8; BLOCK_SIZE];
+    layer.read_blocks(0, &mut in_place).unwrap();
+    assert!(
+        in_place == filled(2, 1),
+        "the checkpoint copied the older logged block over P1's data in place (block 0 starts {:?})",
+        &in_place[..4]
+    );
+    p2_stop.release();
+    p2.join().unwrap().unwrap();
+    assert_eq!(read(&e, 0, N * BLOCK_SIZE), filled(3, N));
 }
 
 /// Power-loss finding 3 (docs/power-loss.md): a flushed placed write replaced by a newer
