@@ -121,7 +121,8 @@ pub(crate) mod pause {
         which: [fn(Point) -> bool; N],
     ) -> ([Paused; N], Seen) {
         type Slot = Mutex<Option<(Sender<Point>, Receiver<()>)>>;
-        let mut armed: Vec<(fn(Point) -> bool, Slot)> = Vec::new();
+        type Armed = (fn(Point) -> bool, Slot);
+        let mut armed: Vec<Armed> = Vec::new();
         let mut paused = Vec::new();
         for w in which {
             let (reached_tx, reached) = channel();
