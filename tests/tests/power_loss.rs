@@ -17,17 +17,6 @@ use tessera_tests::power_loss::history::Problem;
 use tessera_tests::power_loss::{CycleStats, Finding, Harness, Mix, Options};
 use tessera_tests::powerfs::{self, CutMode, PowerFs};
 
-/// Prints the SKIP line and returns false when powerfs cannot run here.
-fn powerfs_or_skip(test: &str) -> bool {
-    match powerfs::unavailable() {
-        Some(reason) => {
-            tessera_tests::skip(test, &reason);
-            false
-        }
-        None => true,
-    }
-}
-
 fn sync_dir(p: &Path) {
     File::open(p).unwrap().sync_all().unwrap();
 }
@@ -39,7 +28,7 @@ fn read(p: &Path) -> Option<Vec<u8>> {
 /// The filesystem itself, through real system calls: what a cut keeps and drops.
 #[test]
 fn powerfs_keeps_exactly_what_was_synced() {
-    if !powerfs_or_skip("powerfs_keeps_exactly_what_was_synced") {
+    if !powerfs::available_or_skip("powerfs_keeps_exactly_what_was_synced") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -157,7 +146,7 @@ fn env_number(name: &str) -> Option<u64> {
 /// The cycle test CI runs: every request kind, mixed (`Mix::FULL`).
 #[test]
 fn flushed_writes_survive_power_cuts_at_random_points() {
-    if !powerfs_or_skip("flushed_writes_survive_power_cuts_at_random_points") {
+    if !powerfs::available_or_skip("flushed_writes_survive_power_cuts_at_random_points") {
         return;
     }
     run_cycles(Mix::FULL, "every request pattern, mixed");
@@ -249,7 +238,7 @@ fn run_cycles(mix: Mix, what: &str) {
 /// must say so within a few cycles.
 #[test]
 fn lying_sync_is_caught_as_lost_flushed_writes() {
-    if !powerfs_or_skip("lying_sync_is_caught_as_lost_flushed_writes") {
+    if !powerfs::available_or_skip("lying_sync_is_caught_as_lost_flushed_writes") {
         return;
     }
     let seed = env_number("POWER_LOSS_SEED").unwrap_or(DEFAULT_SEED) ^ 0x11e;

@@ -19,16 +19,6 @@ use tessera_tests::powerfs::{self, CutMode};
 const KIB: u64 = 1024;
 const BLOCK: u64 = 4 * KIB;
 
-fn powerfs_or_skip(test: &str) -> bool {
-    match powerfs::unavailable() {
-        Some(reason) => {
-            tessera_tests::skip(test, &reason);
-            false
-        }
-        None => true,
-    }
-}
-
 /// Reads `len` bytes at `off` of volume `v`.
 fn read(store: &RunningStore, off: u64, len: u64) -> Vec<u8> {
     let mut buf = vec![0u8; len as usize];
@@ -43,7 +33,7 @@ fn read(store: &RunningStore, off: u64, len: u64) -> Vec<u8> {
 /// (fixed by 0a17bd6).
 #[test]
 fn a_flush_racing_other_flushes_keeps_a_placed_write() {
-    if !powerfs_or_skip("a_flush_racing_other_flushes_keeps_a_placed_write") {
+    if !powerfs::available_or_skip("a_flush_racing_other_flushes_keeps_a_placed_write") {
         return;
     }
     const ROUNDS: u64 = 100;
@@ -99,7 +89,9 @@ fn a_flush_racing_other_flushes_keeps_a_placed_write() {
 /// in the pending map deletes the first write's record, though the second is not durable.
 #[test]
 fn a_checkpoint_keeps_a_flushed_write_an_unsynced_placed_write_replaced() {
-    if !powerfs_or_skip("a_checkpoint_keeps_a_flushed_write_an_unsynced_placed_write_replaced") {
+    if !powerfs::available_or_skip(
+        "a_checkpoint_keeps_a_flushed_write_an_unsynced_placed_write_replaced",
+    ) {
         return;
     }
     const ROUNDS: u64 = 150;

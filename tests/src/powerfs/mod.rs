@@ -25,6 +25,18 @@ pub use model::{CutMode, CutReport, SyncCounts};
 use fuse::PowerFuse;
 use model::Model;
 
+/// Whether powerfs can run here; when not, prints `test`'s SKIP line (with the reason)
+/// and returns false.
+pub fn available_or_skip(test: &str) -> bool {
+    match unavailable() {
+        Some(reason) => {
+            crate::skip(test, &reason);
+            false
+        }
+        None => true,
+    }
+}
+
 /// Why powerfs cannot run here, if it cannot: it needs root (to mount without
 /// `fusermount`) and `/dev/fuse`.
 pub fn unavailable() -> Option<String> {
