@@ -26,13 +26,15 @@ pub enum FormatError {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// An I/O error from the filesystem, with what we were doing.
-    #[error("{context}: {source}")]
+    ///
+    /// The cause is part of the message and not also offered as `source()`: error
+    /// reporters that print the chain (anyhow's `{:#}`) would print it twice.
+    #[error("{context}: {cause}")]
     Io {
         /// What the store was doing.
         context: String,
         /// The underlying error.
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     /// The filesystem holding the store is full.
     #[error("no space left on the store's filesystem ({context})")]
@@ -110,7 +112,10 @@ impl StoreError {
             {
                 StoreError::NoSpace { context }
             }
-            _ => StoreError::Io { context, source },
+            _ => StoreError::Io {
+                context,
+                cause: source,
+            },
         }
     }
 }

@@ -63,7 +63,7 @@ impl Durable {
                 context: format!(
                     "an earlier WAL sync failed ({why}); nothing is durable until restart"
                 ),
-                source: std::io::Error::from_raw_os_error(nix::libc::EIO),
+                cause: std::io::Error::from_raw_os_error(nix::libc::EIO),
             }),
             None => Ok(()),
         }

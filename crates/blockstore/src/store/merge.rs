@@ -374,7 +374,7 @@ fn copy_data(
                         b * BLOCK,
                         from.id
                     ),
-                    source: std::io::Error::from_raw_os_error(nix::libc::EIO),
+                    cause: std::io::Error::from_raw_os_error(nix::libc::EIO),
                 });
             }
         }
