@@ -55,15 +55,49 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
+/// Takes group and other access away from `path` (made by an older version, or by hand
+/// with a wider umask), saying so: everything the cluster keeps is for root only.
+fn make_private(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_symlink() => m.permissions().mode(),
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    if mode & 0o077 != 0 {
+        let private = mode & 0o7700;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(private))
+            .with_context(|| format!("making {} private", path.display()))?;
+        eprintln!(
+            "note: {} was readable by others (mode {:o}); now {:o}",
+            path.display(),
+            mode & 0o7777,
+            private & 0o7777
+        );
+    }
+    Ok(())
+}
+
+/// Writes `text` to `path` whole: a new file (private through the umask) renamed over the
+/// old one, so an old file's wider mode does not survive.
+fn write_new(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
 fn join_secret(dir: &Path) -> anyhow::Result<String> {
     let p = dir.join("join-secret");
+    make_private(&p)?;
     if let Ok(s) = std::fs::read_to_string(&p) {
         return Ok(s.trim().to_string());
     }
     let s: String = (0..32)
         .map(|_| rand::thread_rng().sample(rand::distributions::Alphanumeric) as char)
         .collect();
-    std::fs::write(&p, &s)?;
+    write_new(&p, &s)?;
     Ok(s)
 }
 
@@ -73,9 +107,9 @@ fn write_seed(node_dir: &Path, i: u8, n: u8, secret: &str) -> anyhow::Result<Pat
         .filter(|j| *j != i)
         .map(|j| format!("\"{}:7946\"", addr(j)))
         .collect();
-    std::fs::write(
+    write_new(
         &seed,
-        format!(
+        &format!(
             "cluster_name = \"dev\"\nnode_name = \"node{i}\"\njoin_secret = \"{secret}\"\nexpected_nodes = {n}\ndata_dir = \"{}\"\n\
              static_peers = [{}]\n\n[management]\naddress = \"{}:7946\"\nuse_multicast = false\n\n\
              [storage]\nadmin_socket = \"{}\"\nnbd = \"{}:10809\"\n",
@@ -94,6 +128,8 @@ fn spawn(name: String, cmd: &mut Command, log: PathBuf) -> anyhow::Result<Proc> 
         .create(true)
         .append(true)
         .open(&log)?;
+    // An old log kept its mode; what the daemons log is the cluster's business only.
+    make_private(&log)?;
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -149,6 +185,9 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    // The join secret, the seeds, the logs and (through the daemons, which set their own)
+    // the nodes' state are root's only, from the first file on.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     // Catch Ctrl-C and SIGTERM from the very start, so an early one still stops the
     // children we are about to start instead of orphaning them.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -164,6 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let n = cli.nodes;
     std::fs::create_dir_all(&cli.dir).with_context(|| format!("creating {}", cli.dir.display()))?;
+    make_private(&cli.dir)?;
     let secret = join_secret(&cli.dir)?;
     // A cluster formed by a Tessera from before mutual TLS has no node certificates and
     // no CA anyone could issue them from: it cannot come back. Say so instead of waiting.
@@ -183,6 +223,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     for i in 1..=n {
         let node_dir = cli.dir.join(format!("node{i}"));
         std::fs::create_dir_all(node_dir.join("data"))?;
+        make_private(&node_dir)?;
         let seed = write_seed(&node_dir, i, n, &secret)?;
         procs.push(spawn(
             format!("tessera-store on {}", addr(i)),

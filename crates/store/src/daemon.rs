@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -58,8 +58,57 @@ impl Running {
     }
 }
 
+/// Takes group and other access away from `dir` and everything under it (symlinks are
+/// not followed), logging what it changed. The store's files hold the disks' contents;
+/// new ones are private through the umask, this catches a directory made by an older
+/// version or by hand with a wider umask. A missing `dir` is nothing to do.
+pub fn make_private(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut changed = Vec::new();
+    tighten(dir, &mut changed)?;
+    const SHOWN: usize = 10;
+    if !changed.is_empty() {
+        let shown: Vec<String> = changed
+            .iter()
+            .take(SHOWN)
+            .map(|p| p.display().to_string())
+            .collect();
+        tracing::warn!(
+            dir = %dir.display(),
+            count = changed.len(),
+            paths = ?shown,
+            more = changed.len().saturating_sub(SHOWN),
+            "removed group and other access from files others could read"
+        );
+    }
+    Ok(changed)
+}
+
+fn tighten(path: &Path, changed: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7700))?;
+        changed.push(path.to_path_buf());
+    }
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            tighten(&entry?.path(), changed)?;
+        }
+    }
+    Ok(())
+}
+
 /// Opens the store and starts every listener.
 pub async fn start(cfg: &DaemonConfig) -> anyhow::Result<Running> {
+    make_private(&cfg.data_dir)
+        .with_context(|| format!("making {} private", cfg.data_dir.display()))?;
     let dir = cfg.data_dir.clone();
     let opts = cfg.store.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))

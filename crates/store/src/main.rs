@@ -167,6 +167,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// The store's files (WAL, layers, catalog) hold the disks' contents: whatever the
+/// daemon creates is for its owner only.
+fn private_umask() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -204,11 +210,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR).join("admin.sock"));
     let op = match cli.cmd {
         Cmd::Serve(args) => {
+            private_umask();
             init_logging();
             let cfg = daemon_config(&args, cli.admin_socket);
             return serve(cfg, None);
         }
         Cmd::Demo { serve: args, size } => {
+            private_umask();
             init_logging();
             let cfg = daemon_config(&args, cli.admin_socket);
             return serve(cfg, Some(size));

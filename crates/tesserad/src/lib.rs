@@ -60,6 +60,13 @@ pub(crate) fn now_ms() -> u64 {
 /// Runs the daemon with the seed configuration at `seed_path` until SIGINT or SIGTERM.
 pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
     let seed = Seed::load(seed_path)?;
+    // The seed holds the join secret and the data directory everything else: a data
+    // directory made by an older version, or by hand with a wider umask, is made private
+    // before anything is read from it.
+    for private in [seed_path, seed.data_dir.as_path()] {
+        tessera_store::daemon::make_private(private)
+            .with_context(|| format!("making {} private", private.display()))?;
+    }
     let identity = Identity::load_or_create(&seed.data_dir)?;
     let me = identity.node_id.clone();
     // Checked once here so a damaged identity stops the daemon before it announces

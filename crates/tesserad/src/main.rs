@@ -17,6 +17,10 @@ struct Cli {
 }
 
 fn main() -> std::process::ExitCode {
+    // The node's files hold the cluster's secrets and state (the Raft log with the CA and
+    // password hashes, keys, the first administrator's password): owner only, from the
+    // first file on.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let filter = tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()

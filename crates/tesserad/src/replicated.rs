@@ -202,8 +202,9 @@ pub async fn start(
 }
 
 /// Records the cluster CA in the replicated state (so every member can enroll nodes),
-/// retrying until a leader takes it.
-pub fn publish_ca(node: Arc<Node>, ca: ClusterCa) {
+/// retrying until a leader takes it, then removes the key's file in `data_dir`, which
+/// only bridged a crash before that record.
+pub fn publish_ca(node: Arc<Node>, ca: ClusterCa, data_dir: std::path::PathBuf) {
     tokio::spawn(async move {
         let cmd = Command::Txn {
             require: vec![tessera_state::Require::absent("pki", "ca")],
@@ -215,14 +216,44 @@ pub fn publish_ca(node: Arc<Node>, ca: ClusterCa) {
         };
         loop {
             match node.write(cmd.clone()).await {
-                Ok(_) => return,
+                Ok(_) => break,
                 Err(e) => {
                     tracing::debug!(error = %e, "CA not recorded yet");
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
             }
         }
+        forget_minted_ca(&node, &ca, &data_dir);
     });
+}
+
+/// Removes `<data_dir>/tls/ca.key` once the replicated state holds that same CA (a write
+/// that returned is applied, so committed). A different CA on record keeps the file, so
+/// no key is lost to a surprise.
+fn forget_minted_ca(node: &Node, ca: &ClusterCa, data_dir: &Path) {
+    let recorded = node.state.read(|t| {
+        t.get("pki")
+            .and_then(|p| p.get("ca"))
+            .and_then(|r| r["cert_pem"].as_str().map(|c| c == ca.cert_pem))
+    });
+    let path = tls_dir(data_dir).join("ca.key");
+    if recorded != Some(true) {
+        tracing::warn!(path = %path.display(), "the replicated state holds another CA than the one this node minted; keeping its key file");
+        return;
+    }
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            // The removal is durable before anyone relies on the file being gone.
+            if let Err(e) = std::fs::File::open(tls_dir(data_dir)).and_then(|d| d.sync_all()) {
+                tracing::warn!(error = %e, "syncing the TLS directory after removing the CA key");
+            }
+            tracing::info!(path = %path.display(), "the cluster CA is in the replicated state: removed its key file");
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "could not remove the CA key file")
+        }
+    }
 }
 
 /// The name this node goes by: its seed's `node_name`, else the machine's host name, else

@@ -49,6 +49,8 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // Snapshots hold guest memory, the serial log what the guest printed: owner only.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let filter = tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()

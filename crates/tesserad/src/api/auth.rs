@@ -389,13 +389,14 @@ pub async fn revoke_token(
 }
 
 /// Creates the first administrator (user `admin`) with a random password, once, and
-/// writes the password to `file` (mode 0600) and the log. The password must be changed
-/// at first use.
+/// writes the password to `file` (mode 0600) and nowhere else: the log names the file,
+/// never the password. The file is written (as a temporary) before the user is committed
+/// and renamed into place after, so a committed administrator always has its password on
+/// disk. The password must be changed at first use.
 pub async fn create_first_admin(
     node: std::sync::Arc<tessera_state::Node>,
     file: std::path::PathBuf,
 ) {
-    use std::os::unix::fs::OpenOptionsExt;
     let alphabet: Vec<char> = "abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"
         .chars()
         .collect();
@@ -406,6 +407,11 @@ pub async fn create_first_admin(
         tracing::error!("could not hash the initial admin password");
         return;
     };
+    let tmp = file.with_extension("tmp");
+    while let Err(e) = write_private_synced(&tmp, &format!("{password}\n")) {
+        tracing::error!(error = %e, file = %tmp.display(), "cannot write the initial admin password; retrying in 10 s");
+        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+    }
     let user = User {
         password_hash: hash,
         role: Role::Administrator,
@@ -425,7 +431,10 @@ pub async fn create_first_admin(
     };
     loop {
         match node.write(txn.clone()).await {
-            Ok(a) if a.conflict.is_some() => return,
+            Ok(a) if a.conflict.is_some() => {
+                let _ = std::fs::remove_file(&tmp);
+                return;
+            }
             Ok(_) => break,
             Err(e) => {
                 tracing::debug!(error = %e, "initial admin not written yet");
@@ -433,19 +442,30 @@ pub async fn create_first_admin(
             }
         }
     }
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&file)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{password}\n").as_bytes()));
-    match written {
+    match std::fs::rename(&tmp, &file) {
         Ok(()) => {
-            tracing::warn!(user = "admin", %password, file = %file.display(), "initial administrator created; change the password at first login")
+            tracing::warn!(user = "admin", file = %file.display(), "initial administrator created; its password is in the file (root only); change it at first login")
         }
         Err(e) => {
-            tracing::error!(error = %e, %password, "initial administrator created, but its password file could not be written")
+            tracing::error!(error = %e, file = %tmp.display(), "initial administrator created, its password is in this file (root only), which could not be renamed")
         }
     }
+}
+
+/// Writes `text` to a new file at `path` readable by its owner only, synced.
+fn write_private_synced(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    // A leftover from an earlier attempt may have another mode; start from nothing.
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
 }
