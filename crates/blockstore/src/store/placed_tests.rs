@@ -31,6 +31,15 @@ fn quiet(dir: &std::path::Path) -> Store {
     Store::open(dir, opts).unwrap()
 }
 
+/// A quiet store in a new directory, with a 4 MiB volume "v" and its export.
+fn fresh() -> (tempfile::TempDir, Store, crate::Export) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = quiet(dir.path());
+    s.create_volume("v", 4 * MIB).unwrap();
+    let e = s.open_export("v").unwrap();
+    (dir, s, e)
+}
+
 fn filled(b: u8, blocks: usize) -> Vec<u8> {
     vec![b; blocks * BLOCK_SIZE]
 }
@@ -81,10 +90,7 @@ fn placed_writes_read_back_across_checkpoint_snapshot_and_reopen() {
 
 #[test]
 fn overwriting_data_in_place_waits_for_its_record_to_be_durable_but_a_hole_does_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = quiet(dir.path());
-    s.create_volume("v", 4 * MIB).unwrap();
-    let e = s.open_export("v").unwrap();
+    let (_dir, s, e) = fresh();
     let events = Arc::new(Mutex::new(Vec::new()));
     {
         let events = events.clone();
@@ -118,10 +124,7 @@ fn overwriting_data_in_place_waits_for_its_record_to_be_durable_but_a_hole_does_
 
 #[test]
 fn a_read_during_a_placed_write_waits_for_the_data_instead_of_failing() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = quiet(dir.path());
-    s.create_volume("v", 4 * MIB).unwrap();
-    let e = s.open_export("v").unwrap();
+    let (_dir, s, e) = fresh();
     e.write_at(0, &filled(1, N), false).unwrap();
     s.checkpoint().unwrap();
 
@@ -148,10 +151,7 @@ fn a_read_during_a_placed_write_waits_for_the_data_instead_of_failing() {
 
 #[test]
 fn a_checkpoint_never_copies_an_older_logged_block_over_placed_data() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = quiet(dir.path());
-    s.create_volume("v", 4 * MIB).unwrap();
-    let e = s.open_export("v").unwrap();
+    let (dir, s, e) = fresh();
     // A small (logged) write, chosen by the checkpoint ...
     e.write_at(0, &filled(1, 1), false).unwrap();
     let paused = pause::first(&s.inner.hooks, |p| p == Point::CheckpointChose);
@@ -367,10 +367,7 @@ fn a_placed_write_into_a_hole_that_did_not_land_leaves_the_block_absent() {
 #[test]
 fn a_flush_waits_for_the_data_sync_of_a_concurrent_flush() {
     use std::sync::mpsc::channel;
-    let dir = tempfile::tempdir().unwrap();
-    let s = quiet(dir.path());
-    s.create_volume("v", 4 * MIB).unwrap();
-    let e = s.open_export("v").unwrap();
+    let (_dir, s, e) = fresh();
     e.write_at(0, &filled(1, N), false).unwrap();
     let paused = pause::first(&s.inner.hooks, |p| p == Point::FlushData);
     let first = {
@@ -400,10 +397,7 @@ fn a_flush_waits_for_the_data_sync_of_a_concurrent_flush() {
 
 #[test]
 fn a_checkpoint_that_skips_a_logged_block_for_placed_data_syncs_the_placed_record_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = quiet(dir.path());
-    s.create_volume("v", 4 * MIB).unwrap();
-    let e = s.open_export("v").unwrap();
+    let (_dir, s, e) = fresh();
     e.write_at(0, &filled(1, 1), false).unwrap();
     e.flush().unwrap();
     let paused = pause::first(&s.inner.hooks, |p| p == Point::CheckpointChose);
@@ -435,10 +429,7 @@ fn a_checkpoint_that_skips_a_logged_block_for_placed_data_syncs_the_placed_recor
 
 #[test]
 fn a_placed_write_over_a_block_the_checkpoint_just_copied_syncs_its_record_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = quiet(dir.path());
-    s.create_volume("v", 4 * MIB).unwrap();
-    let e = s.open_export("v").unwrap();
+    let (_dir, s, e) = fresh();
     e.write_at(0, &filled(1, 1), false).unwrap();
     e.flush().unwrap();
     // Two threads stop once each: the checkpoint after choosing what to copy, the placed
@@ -480,10 +471,7 @@ fn a_placed_write_over_a_block_the_checkpoint_just_copied_syncs_its_record_first
 /// power cut before P2's data lands would then find neither P1 nor anything newer.
 #[test]
 fn a_checkpoint_never_copies_a_logged_block_over_a_newer_placed_write_that_another_replaced() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = quiet(dir.path());
-    s.create_volume("v", 4 * MIB).unwrap();
-    let e = s.open_export("v").unwrap();
+    let (_dir, s, e) = fresh();
     e.write_at(0, &filled(1, 1), false).unwrap();
     let ([sealed], _) = pause::first_of_each(
         &s.inner.hooks,
