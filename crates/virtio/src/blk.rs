@@ -7,17 +7,18 @@
 //! gets `VIRTIO_BLK_S_IOERR` (or `UNSUPP`), and a chain with nowhere to put a status is
 //! returned with length 0.
 
-use std::io::{Read, Write};
+use std::io::Read;
+use std::sync::Arc;
 
 use tessera_disk::Disk;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::BitmapSlice;
 
-use crate::{GuestMem, QueueBroken, VirtioDevice};
+use crate::{Completion, GuestMem, RequestHandler, VirtioDevice};
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR: u64 = 512;
@@ -30,11 +31,19 @@ const MAX_RANGE_SECTORS: u32 = 1 << 22; // 2 GiB
 /// Segments per discard / write-zeroes request.
 const MAX_RANGE_SEGS: u32 = 1;
 
-/// A virtio-blk device.
+/// A virtio-blk device: its registers' side (features, configuration space). Requests are
+/// served by its [`BlockRequests`], which the transport runs without its register lock.
 pub struct Block {
-    disk: Box<dyn Disk>,
+    disk: Arc<dyn Disk>,
     acked: u64,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+}
+
+/// Serves virtio-blk requests against the disk; may block on it for as long as it takes.
+pub struct BlockRequests {
+    disk: Arc<dyn Disk>,
+    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    acked: u64,
 }
 
 /// Status of a request, as the device reports it.
@@ -62,11 +71,11 @@ impl Block {
         let s = disk.id();
         let n = s.len().min(id.len());
         id[..n].copy_from_slice(&s.as_bytes()[..n]);
-        Block { disk, acked: 0, id }
-    }
-
-    fn acked(&self, bit: u32) -> bool {
-        self.acked & (1 << bit) != 0
+        Block {
+            disk: Arc::from(disk),
+            acked: 0,
+            id,
+        }
     }
 
     fn config(&self) -> [u8; 60] {
@@ -83,41 +92,50 @@ impl Block {
         c[56] = 1; // write_zeroes_may_unmap
         c
     }
+}
 
-    /// Runs one request; returns the number of bytes written into the guest's buffers.
-    fn execute(&mut self, chain: DescriptorChain<&GuestMem>, mem: &GuestMem) -> u32 {
+impl RequestHandler for BlockRequests {
+    fn run<'m>(
+        &mut self,
+        chain: DescriptorChain<&'m GuestMem>,
+        mem: &'m GuestMem,
+        acked_features: u64,
+    ) -> Completion<'m> {
+        self.acked = acked_features;
         let Ok(mut reader) = chain.clone().reader(mem) else {
             tracing::debug!("virtio-blk: readable descriptors outside guest memory");
-            return 0;
+            return Completion::nothing(chain);
         };
-        let Ok(mut writer) = chain.writer(mem) else {
+        let Ok(writer) = chain.clone().writer(mem) else {
             tracing::debug!("virtio-blk: writable descriptors outside guest memory");
-            return 0;
+            return Completion::nothing(chain);
         };
         // The status byte is the last writable byte; without one the request cannot even fail.
-        let avail = writer.available_bytes();
-        if avail == 0 {
+        let writable = writer.available_bytes();
+        if writable == 0 {
             tracing::debug!("virtio-blk: request without a status byte");
-            return 0;
+            return Completion::nothing(chain);
         }
-        let Ok(mut status_w) = writer.split_at(avail - 1) else {
-            return 0;
+        let (status, data) = match self.handle(&mut reader, writable - 1) {
+            Ok(data) => (Status::Ok, data),
+            Err(s) => (s, Vec::new()),
         };
-        let (status, data_written) = match self.handle(&mut reader, &mut writer) {
-            Ok(n) => (Status::Ok, n),
-            Err(s) => (s, writer.bytes_written()),
-        };
-        if status_w.write_all(&[status.byte()]).is_err() {
-            return 0;
-        }
-        (data_written + 1) as u32
+        Completion::new(chain, data, Some(status.byte()))
+    }
+}
+
+impl BlockRequests {
+    fn acked(&self, bit: u32) -> bool {
+        self.acked & (1 << bit) != 0
     }
 
+    /// Runs one request whose writable buffers hold `writable` bytes before the status;
+    /// returns what goes into them.
     fn handle<B: BitmapSlice>(
         &mut self,
         r: &mut virtio_queue::Reader<'_, B>,
-        w: &mut virtio_queue::Writer<'_, B>,
-    ) -> Result<usize, Status> {
+        writable: usize,
+    ) -> Result<Vec<u8>, Status> {
         let hdr: [u8; 16] = r.read_obj().map_err(|_| Status::IoErr)?;
         let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         let mut s = [0u8; 8];
@@ -125,14 +143,13 @@ impl Block {
         let sector = u64::from_le_bytes(s);
         match kind {
             VIRTIO_BLK_T_IN => {
-                let len = w.available_bytes();
+                let len = writable;
                 let off = self.range(sector, len)?;
                 let mut buf = vec![0u8; len];
                 self.disk
                     .read_at(off, &mut buf)
                     .map_err(|e| self.fail("read", e))?;
-                w.write_all(&buf).map_err(|_| Status::IoErr)?;
-                Ok(len)
+                Ok(buf)
             }
             VIRTIO_BLK_T_OUT => {
                 if self.disk.read_only() {
@@ -145,20 +162,21 @@ impl Block {
                 self.disk
                     .write_at(off, &buf)
                     .map_err(|e| self.fail("write", e))?;
-                Ok(0)
+                Ok(Vec::new())
             }
             VIRTIO_BLK_T_FLUSH if self.acked(VIRTIO_BLK_F_FLUSH) => {
                 self.disk.flush().map_err(|e| self.fail("flush", e))?;
-                Ok(0)
+                Ok(Vec::new())
             }
             VIRTIO_BLK_T_GET_ID => {
-                let n = w.available_bytes().min(self.id.len());
-                w.write_all(&self.id[..n]).map_err(|_| Status::IoErr)?;
-                Ok(n)
+                let n = writable.min(self.id.len());
+                Ok(self.id[..n].to_vec())
             }
-            VIRTIO_BLK_T_DISCARD if self.acked(VIRTIO_BLK_F_DISCARD) => self.ranges(r, false),
+            VIRTIO_BLK_T_DISCARD if self.acked(VIRTIO_BLK_F_DISCARD) => {
+                self.ranges(r, false).map(|()| Vec::new())
+            }
             VIRTIO_BLK_T_WRITE_ZEROES if self.acked(VIRTIO_BLK_F_WRITE_ZEROES) => {
-                self.ranges(r, true)
+                self.ranges(r, true).map(|()| Vec::new())
             }
             other => {
                 tracing::debug!(kind = other, "virtio-blk: unsupported request type");
@@ -184,7 +202,7 @@ impl Block {
         &mut self,
         r: &mut virtio_queue::Reader<'_, B>,
         zero: bool,
-    ) -> Result<usize, Status> {
+    ) -> Result<(), Status> {
         let bytes = r.available_bytes();
         if bytes == 0 || bytes % 16 != 0 || bytes / 16 > MAX_RANGE_SEGS as usize {
             return Err(Status::IoErr);
@@ -215,7 +233,7 @@ impl Block {
             };
             res.map_err(|e| self.fail(if zero { "write-zeroes" } else { "discard" }, e))?;
         }
-        Ok(0)
+        Ok(())
     }
 
     fn fail(&self, what: &str, e: tessera_disk::DiskError) -> Status {
@@ -270,35 +288,12 @@ impl VirtioDevice for Block {
         }
     }
 
-    fn process_queue(
-        &mut self,
-        _index: usize,
-        queue: &mut Queue,
-        mem: &GuestMem,
-    ) -> Result<bool, QueueBroken> {
-        queue.set_event_idx(self.acked(VIRTIO_RING_F_EVENT_IDX));
-        let mut used = false;
-        loop {
-            let next = {
-                let mut it = queue.iter(mem).map_err(QueueBroken)?;
-                it.next()
-            };
-            let Some(chain) = next else {
-                // Re-check after enabling notifications so a request that raced in is seen.
-                if queue.enable_notification(mem).map_err(QueueBroken)? {
-                    continue;
-                }
-                break;
-            };
-            let head = chain.head_index();
-            let len = self.execute(chain, mem);
-            queue.add_used(mem, head, len).map_err(QueueBroken)?;
-            used = true;
-        }
-        if !used {
-            return Ok(false);
-        }
-        queue.needs_notification(mem).map_err(QueueBroken)
+    fn request_handler(&self) -> Box<dyn RequestHandler> {
+        Box::new(BlockRequests {
+            disk: self.disk.clone(),
+            id: self.id,
+            acked: self.acked,
+        })
     }
 
     fn reset(&mut self) {

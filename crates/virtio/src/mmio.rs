@@ -5,7 +5,7 @@
 //! configurations that do not fit guest memory are ignored (and logged) or fail feature
 //! negotiation; they never reach the device.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
@@ -14,9 +14,10 @@ use virtio_bindings::virtio_config::{
     VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio::*;
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 
-use crate::{GuestMem, Interrupt, VirtioDevice};
+use crate::{Completion, GuestMem, Interrupt, RequestHandler, VirtioDevice};
 
 /// "virt" in little endian.
 const MAGIC: u32 = 0x7472_6976;
@@ -73,9 +74,23 @@ pub enum RestoreError {
     OutsideGuestMemory,
 }
 
+/// A thread panicked while holding the transport's or its request handler's lock.
+#[derive(Debug, thiserror::Error)]
+#[error("virtio device lock poisoned")]
+pub struct Poisoned;
+
 /// One device behind a virtio-mmio register window.
+///
+/// Register accesses (vCPU exits) and queue serving share this state under one lock, but
+/// serving holds it only to take requests off a queue and to complete them, never while a
+/// request waits on the device's backend: see [`serve`].
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
+    /// The device's request half; its lock is held for a whole batch of requests, so
+    /// holding it keeps the device from touching guest memory (see [`quiesced`]).
+    requests: Arc<Mutex<Box<dyn RequestHandler>>>,
+    /// Changes on every reset and restore: a batch taken before one is dropped unwritten.
+    generation: u64,
     mem: GuestMem,
     interrupt: Arc<dyn Interrupt>,
     queues: Vec<Queue>,
@@ -99,6 +114,8 @@ impl MmioTransport {
             .filter_map(|_| Queue::new(max).ok())
             .collect();
         MmioTransport {
+            requests: Arc::new(Mutex::new(device.request_handler())),
+            generation: 0,
             device,
             mem,
             interrupt,
@@ -172,6 +189,7 @@ impl MmioTransport {
             queues.push(queue);
         }
         self.queues = queues;
+        self.generation = self.generation.wrapping_add(1);
         self.status = s.status;
         self.interrupt_status = s.interrupt_status;
         self.device_features_sel = s.device_features_sel;
@@ -356,6 +374,8 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
+        // A batch still waiting on the backend now completes into nothing.
+        self.generation = self.generation.wrapping_add(1);
         self.device.reset();
         for q in &mut self.queues {
             q.reset();
@@ -368,37 +388,177 @@ impl MmioTransport {
         self.queue_sel = 0;
     }
 
-    /// Processes a notification of queue `index`.
+    /// Serves a notification of queue `index` on the calling thread, under the caller's
+    /// `&mut` (for a transport no other thread shares; shared ones use [`serve`]).
     pub fn notify(&mut self, index: u32) {
-        if !self.has(VIRTIO_CONFIG_S_DRIVER_OK) || self.has(VIRTIO_CONFIG_S_NEEDS_RESET) {
-            return;
+        let (requests, mem) = (self.requests.clone(), self.mem.clone());
+        let mut requests = requests.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(batch) = self.take_requests(index, &mem) {
+            let done = batch.run(&mut **requests, &mem);
+            if !self.complete(done, &mem) {
+                break;
+            }
         }
-        let i = index as usize;
-        let mem = self.mem.clone();
-        let Some(q) = self.queues.get_mut(i) else {
+    }
+
+    /// Takes every available request off queue `index`, or `None` when there is nothing
+    /// to serve (not running, broken, no such queue, or the queue is empty).
+    fn take_requests<'m>(&mut self, index: u32, mem: &'m GuestMem) -> Option<Batch<'m>> {
+        if !self.has(VIRTIO_CONFIG_S_DRIVER_OK) || self.has(VIRTIO_CONFIG_S_NEEDS_RESET) {
+            return None;
+        }
+        let acked = self.device.acked_features();
+        let Some(q) = self.queues.get_mut(index as usize) else {
             tracing::debug!(
                 index,
                 "virtio-mmio: notification for a queue that does not exist"
             );
-            return;
+            return None;
         };
         if !q.ready() {
-            return;
+            return None;
         }
-        match self.device.process_queue(i, q, &mem) {
+        q.set_event_idx(acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+        loop {
+            let taken: Result<Vec<_>, _> = q.iter(mem).map(|it| it.collect());
+            match taken {
+                Ok(chains) if !chains.is_empty() => {
+                    return Some(Batch {
+                        index: index as usize,
+                        generation: self.generation,
+                        acked,
+                        chains,
+                    })
+                }
+                // Re-check after enabling notifications so a request that raced in is seen.
+                Ok(_) => match q.enable_notification(mem) {
+                    Ok(true) => continue,
+                    Ok(false) => return None,
+                    Err(e) => {
+                        self.broken(e);
+                        return None;
+                    }
+                },
+                Err(e) => {
+                    self.broken(e);
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Puts a batch's results into guest memory and the used ring, and signals the driver.
+    /// Returns whether the queue may be served again (false after a reset or a breakage).
+    fn complete(&mut self, done: Done<'_>, mem: &GuestMem) -> bool {
+        if done.generation != self.generation {
+            tracing::debug!(
+                requests = done.completions.len(),
+                "virtio-mmio: device reset while requests were in flight; results dropped"
+            );
+            return false;
+        }
+        let Some(q) = self.queues.get_mut(done.index) else {
+            return false;
+        };
+        let mut used = false;
+        let mut failed = None;
+        for c in done.completions {
+            let head = c.head();
+            let len = c.finish(mem);
+            if let Err(e) = q.add_used(mem, head, len) {
+                failed = Some(e);
+                break;
+            }
+            used = true;
+        }
+        let notify = match failed {
+            Some(e) => Err(e),
+            None if used => q.needs_notification(mem),
+            None => Ok(false),
+        };
+        match notify {
             Ok(true) => {
                 self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
                 if let Err(e) = self.interrupt.trigger() {
                     tracing::error!(error = %e, "could not signal the guest");
                 }
+                true
             }
-            Ok(false) => {}
+            Ok(false) => true,
             Err(e) => {
-                tracing::warn!(error = %e, "virtio device marked broken");
-                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
-                self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
-                let _ = self.interrupt.trigger();
+                self.broken(e);
+                false
             }
         }
     }
+
+    fn broken(&mut self, e: virtio_queue::Error) {
+        tracing::warn!(error = ?e, "virtio device marked broken: virtqueue is corrupt");
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
+        let _ = self.interrupt.trigger();
+    }
+}
+
+/// Requests taken off a queue, to be run without the transport's lock.
+struct Batch<'m> {
+    index: usize,
+    generation: u64,
+    acked: u64,
+    chains: Vec<DescriptorChain<&'m GuestMem>>,
+}
+
+impl<'m> Batch<'m> {
+    fn run(self, requests: &mut dyn RequestHandler, mem: &'m GuestMem) -> Done<'m> {
+        let completions = self
+            .chains
+            .into_iter()
+            .map(|chain| requests.run(chain, mem, self.acked))
+            .collect();
+        Done {
+            index: self.index,
+            generation: self.generation,
+            completions,
+        }
+    }
+}
+
+/// A batch's results, not yet in guest memory.
+struct Done<'m> {
+    index: usize,
+    generation: u64,
+    completions: Vec<Completion<'m>>,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, Poisoned> {
+    m.lock().map_err(|_| Poisoned)
+}
+
+/// Serves a notification of queue `index` of a transport that vCPUs share: the lock is
+/// taken to take requests off the queue and to complete them, and released while the
+/// device's backend works on them, so register accesses never wait for a disk. Returns
+/// once the queue is empty.
+pub fn serve(t: &Mutex<MmioTransport>, index: u32) -> Result<(), Poisoned> {
+    let (requests, mem) = {
+        let t = lock(t)?;
+        (t.requests.clone(), t.mem.clone())
+    };
+    let mut requests = lock(&requests)?;
+    loop {
+        let Some(batch) = lock(t)?.take_requests(index, &mem) else {
+            return Ok(());
+        };
+        let done = batch.run(&mut **requests, &mem);
+        if !lock(t)?.complete(done, &mem) {
+            return Ok(());
+        }
+    }
+}
+
+/// Runs `f` while the device has no request in flight and takes no new one (a snapshot
+/// needs guest memory and the queues to agree). Waits for a batch in flight to complete.
+pub fn quiesced<R>(t: &Mutex<MmioTransport>, f: impl FnOnce() -> R) -> Result<R, Poisoned> {
+    let requests = lock(t)?.requests.clone();
+    let _held = lock(&requests)?;
+    Ok(f())
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit};
 use tessera_virtio::blk::Block;
-use tessera_virtio::mmio::{MmioTransport, MMIO_WINDOW};
+use tessera_virtio::mmio::{self, MmioTransport, MMIO_WINDOW};
 use tessera_virtio::Interrupt;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -148,6 +148,14 @@ impl Interrupt for IrqFd {
     }
 }
 
+/// The virtio-blk device as the vCPU sees it: its registers, and the eventfd that wakes
+/// its I/O worker.
+#[derive(Clone)]
+struct Virtio {
+    transport: Arc<Mutex<MmioTransport>>,
+    kick: Arc<EventFd>,
+}
+
 /// What a finished run reports.
 #[derive(Debug)]
 pub struct RunOutcome {
@@ -203,7 +211,7 @@ pub fn run(
     }
 
     let mut cmdline = cfg.cmdline.clone();
-    let mut virtio: Option<Arc<Mutex<MmioTransport>>> = None;
+    let mut virtio: Option<Virtio> = None;
     if let Some(disk) = &cfg.disk {
         let disk = tessera_disk::open(disk).map_err(VmError::Disk)?;
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
@@ -222,16 +230,19 @@ pub fn run(
             NoDatamatch,
         )
         .map_err(kvm("register ioeventfd"))?;
+        let kick = Arc::new(notify.try_clone().map_err(VmError::EventFd)?);
         let worker = t.clone();
+        // The worker takes the transport's lock only around taking requests off the queue
+        // and completing them, never across disk I/O: the vCPU's MMIO exits need that lock.
         std::thread::Builder::new()
             .name("virtio-blk".into())
             .spawn(move || loop {
                 if notify.read().is_err() {
                     return;
                 }
-                match worker.lock() {
-                    Ok(mut t) => t.notify(0),
-                    Err(_) => return,
+                if let Err(e) = mmio::serve(&worker, 0) {
+                    tracing::error!(error = %e, "virtio-blk worker stops");
+                    return;
                 }
             })
             .map_err(thread("virtio-blk"))?;
@@ -244,8 +255,11 @@ pub fn run(
         }
         if let Some(saved) = restored.as_ref().and_then(|(_, s)| s.virtio.as_ref()) {
             lock(&t)?.restore(saved).map_err(SnapshotError::Transport)?;
+            // A notification the worker had not seen when the snapshot was taken is not in
+            // it: look at the queue once, as if the driver had notified.
+            kick.write(1).map_err(VmError::EventFd)?;
         }
-        virtio = Some(t);
+        virtio = Some(Virtio { transport: t, kick });
     }
 
     if cfg.vcpus > 1 && restored.is_none() {
@@ -339,32 +353,42 @@ pub fn run(
                 .lock()
                 .map_err(|_| SnapshotError::Poisoned("vCPU state"))?;
             let vcpu = saved.as_ref().ok_or(SnapshotError::VcpuNotCaptured)?;
-            let memory = snapshot::save_memory(&mem, &dir.join("memory"))?;
-            let vm_state = snapshot::save_vm(&vm)?;
-            let serial = pio
-                .lock()
-                .map_err(|_| SnapshotError::Poisoned("serial"))?
-                .save();
-            let virtio = match &virtio {
-                Some(t) => Some(
-                    t.lock()
-                        .map_err(|_| SnapshotError::Poisoned("virtio"))?
-                        .save(),
-                ),
-                None => None,
+            let write = || -> Result<(), SnapshotError> {
+                let memory = snapshot::save_memory(&mem, &dir.join("memory"))?;
+                let vm_state = snapshot::save_vm(&vm)?;
+                let serial = pio
+                    .lock()
+                    .map_err(|_| SnapshotError::Poisoned("serial"))?
+                    .save();
+                let virtio = match &virtio {
+                    Some(v) => Some(
+                        v.transport
+                            .lock()
+                            .map_err(|_| SnapshotError::Poisoned("virtio"))?
+                            .save(),
+                    ),
+                    None => None,
+                };
+                snapshot::write_state(
+                    dir,
+                    &snapshot::SnapshotOut {
+                        version: snapshot::SNAPSHOT_VERSION,
+                        spec: &spec,
+                        memory,
+                        vcpu,
+                        vm: vm_state,
+                        serial,
+                        virtio,
+                    },
+                )
             };
-            snapshot::write_state(
-                dir,
-                &snapshot::SnapshotOut {
-                    version: snapshot::SNAPSHOT_VERSION,
-                    spec: &spec,
-                    memory,
-                    vcpu,
-                    vm: vm_state,
-                    serial,
-                    virtio,
-                },
-            )?;
+            // The disk's worker may still be completing requests of the paused guest: hold it
+            // off (after its batch in flight) so memory and the queues are saved as one state.
+            match &virtio {
+                Some(v) => mmio::quiesced(&v.transport, write)
+                    .map_err(|_| SnapshotError::Poisoned("virtio"))??,
+                None => write()?,
+            }
             tracing::info!(dir = %dir.display(), millis = started.elapsed().as_millis() as u64, "snapshot written");
             Ok(())
         })
@@ -452,7 +476,7 @@ fn vcpu_loop(
     kvm_fd: &Kvm,
     vcpu: &mut kvm_ioctls::VcpuFd,
     pio: &Mutex<PioBus>,
-    virtio: Option<&Arc<Mutex<MmioTransport>>>,
+    virtio: Option<&Virtio>,
     control: &Control,
     saved: Option<&Mutex<Option<VcpuState>>>,
 ) -> Result<StopReason, VmError> {
@@ -481,14 +505,17 @@ fn vcpu_loop(
             }
             Ok(VcpuExit::IoIn(port, data)) => pio_lock()?.read(port, data),
             Ok(VcpuExit::MmioRead(addr, data)) => match (mmio_offset(addr, data.len()), virtio) {
-                (Some(off), Some(t)) => lock(t)?.read(off, data),
+                (Some(off), Some(v)) => lock(&v.transport)?.read(off, data),
                 _ => data.fill(0xff),
             },
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                if let (Some(off), Some(t)) = (mmio_offset(addr, data.len()), virtio) {
-                    let mut t = lock(t)?;
-                    if let Some(q) = t.write(off, data) {
-                        t.notify(q);
+                if let (Some(off), Some(v)) = (mmio_offset(addr, data.len()), virtio) {
+                    // A notification that exited to us (the ioeventfd normally takes it)
+                    // goes to the worker too: the vCPU never waits for the disk.
+                    if lock(&v.transport)?.write(off, data).is_some() {
+                        if let Err(e) = v.kick.write(1) {
+                            tracing::error!(error = %e, "could not wake the virtio-blk worker");
+                        }
                     }
                 }
             }
