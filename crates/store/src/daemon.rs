@@ -293,3 +293,46 @@ fn status(store: &Store) -> StoreStatus {
         snapshots: snapshots as u64,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_data_dir_left_readable_is_made_private_without_following_links() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let (dir, wal, seg) = (
+            d.path().join("store"),
+            d.path().join("store/wal"),
+            d.path().join("store/wal/1.wal"),
+        );
+        std::fs::create_dir_all(&wal).unwrap();
+        std::fs::write(&seg, b"disk contents").unwrap();
+        let shared = outside.path().join("shared");
+        std::fs::write(&shared, b"not ours").unwrap();
+        std::os::unix::fs::symlink(&shared, dir.join("link")).unwrap();
+        for (p, m) in [
+            (&dir, 0o755),
+            (&wal, 0o750),
+            (&seg, 0o644),
+            (&shared, 0o644),
+        ] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        }
+        let changed = make_private(&dir).unwrap();
+        assert_eq!(changed.len(), 3, "{changed:?}");
+        assert_eq!((mode(&dir), mode(&wal), mode(&seg)), (0o700, 0o700, 0o600));
+        assert_eq!(
+            mode(&shared),
+            0o644,
+            "a link's target is not ours to change"
+        );
+        assert!(make_private(&dir).unwrap().is_empty());
+        assert!(make_private(&d.path().join("missing")).unwrap().is_empty());
+    }
+}
