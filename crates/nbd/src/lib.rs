@@ -13,4 +13,4 @@ pub mod server;
 
 pub use client::{Client, ClientError};
 pub use device::{Device, DeviceError, ExportEntry, Exports, Extent};
-pub use server::{bind_unix, serve_connection, serve_tcp, serve_unix, ServerConfig};
+pub use server::{bind_unix, serve_connection, serve_tcp, serve_unix, ServerConfig, TlsRequired};

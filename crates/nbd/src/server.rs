@@ -36,10 +36,42 @@ pub struct ServerConfig {
     /// this many the server stops reading that connection. A single request larger than
     /// this still runs, alone.
     pub max_bytes_in_flight: u32,
-    /// How long a client may take from connecting to choosing an export; then it is
-    /// disconnected.
+    /// How long a client may take from connecting to choosing an export (TLS handshake
+    /// included); then it is disconnected.
     pub negotiation_timeout: Duration,
+    /// TLS every client must start (`NBD_OPT_STARTTLS`) before it may do anything else;
+    /// `None` serves plain NBD.
+    pub tls: Option<TlsRequired>,
 }
+
+/// TLS that a server requires of every client before anything else (the NBD spec's
+/// "forced TLS"): until the client's `NBD_OPT_STARTTLS`, every option but `NBD_OPT_ABORT`
+/// is refused with `NBD_REP_ERR_TLS_REQD` and `NBD_OPT_EXPORT_NAME` ends the connection,
+/// so a client without TLS learns nothing, not even the export names. Whom the handshake
+/// admits (client certificates, and from which CA) is the rustls configuration's policy.
+#[derive(Clone)]
+pub struct TlsRequired {
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl TlsRequired {
+    /// TLS with this server configuration.
+    pub fn new(config: Arc<tokio_rustls::rustls::ServerConfig>) -> TlsRequired {
+        TlsRequired {
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+        }
+    }
+}
+
+impl std::fmt::Debug for TlsRequired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsRequired")
+    }
+}
+
+/// A connection's byte stream, plain or TLS.
+trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -49,6 +81,7 @@ impl Default for ServerConfig {
             max_requests_in_flight: 128,
             max_bytes_in_flight: 64 << 20,
             negotiation_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -101,7 +134,7 @@ async fn accept_loop<E, S, F, Fut>(
 ) -> io::Result<()>
 where
     E: Exports,
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = io::Result<(S, String)>>,
 {
@@ -152,26 +185,68 @@ pub async fn serve_connection<S, E>(
     peer: &str,
 ) -> io::Result<()>
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     E: Exports,
 {
+    let deadline = tokio::time::Instant::now() + cfg.negotiation_timeout;
+    let late = || {
+        tracing::info!(%peer, timeout = ?cfg.negotiation_timeout, "NBD client did not finish negotiating in time; closing");
+    };
+    let (stream, greeted): (Box<dyn Stream>, Option<bool>) = match &cfg.tls {
+        None => (Box::new(stream), None),
+        Some(tls) => match tokio::time::timeout_at(deadline, start_tls(stream, tls, peer)).await {
+            Err(_) => {
+                late();
+                return Ok(());
+            }
+            Ok(Ok(Some((stream, no_zeroes)))) => (Box::new(stream), Some(no_zeroes)),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+        },
+    };
     let (r, w) = tokio::io::split(stream);
     let mut reader = BufReader::with_capacity(256 * 1024, r);
     let mut writer = BufWriter::with_capacity(256 * 1024, w);
-    let negotiated = tokio::time::timeout(
-        cfg.negotiation_timeout,
-        negotiation::negotiate(&mut reader, &mut writer, &*exports, &cfg),
+    let negotiated = tokio::time::timeout_at(
+        deadline,
+        negotiation::negotiate(&mut reader, &mut writer, &*exports, &cfg, greeted),
     )
     .await;
     let Ok(negotiated) = negotiated else {
-        tracing::info!(%peer, timeout = ?cfg.negotiation_timeout, "NBD client did not finish negotiating in time; closing");
+        late();
         return Ok(());
     };
     let Some(n) = negotiated? else {
         return Ok(());
     };
-    tracing::debug!(%peer, structured = n.structured, "NBD client entered transmission");
+    tracing::debug!(%peer, structured = n.structured, tls = greeted.is_some(), "NBD client entered transmission");
     transmission::transmit(reader, Arc::new(Mutex::new(writer)), n, &cfg).await
+}
+
+/// The plain part of a connection that must start TLS: greeting and options up to the
+/// client's `NBD_OPT_STARTTLS`, then the handshake. Returns the TLS stream and whether the
+/// client asked for no zeroes in the greeting, or `None` when the client left, was
+/// refused or failed the handshake (logged).
+async fn start_tls<S>(
+    stream: S,
+    tls: &TlsRequired,
+    peer: &str,
+) -> io::Result<Option<(tokio_rustls::server::TlsStream<S>, bool)>>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    // Unbuffered: nothing of the client's TLS handshake may be read before it starts.
+    let (mut r, mut w) = tokio::io::split(stream);
+    let Some(no_zeroes) = negotiation::before_tls(&mut r, &mut w, peer).await? else {
+        return Ok(None);
+    };
+    match tls.acceptor.accept(r.unsplit(w)).await {
+        Ok(s) => Ok(Some((s, no_zeroes))),
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "NBD client failed the TLS handshake (no client certificate, or not one of ours?); closing");
+            Ok(None)
+        }
+    }
 }
 
 /// Reads and discards `n` bytes: payloads we refuse must still leave the stream in sync.

@@ -85,6 +85,8 @@ pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 /// Malformed option.
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+/// The server requires TLS first (`NBD_OPT_STARTTLS`).
+pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 /// Unknown export.
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 /// Option too large.

@@ -27,17 +27,12 @@ pub(super) struct Negotiated<D> {
     pub(super) allocation_context: bool,
 }
 
-/// Runs the negotiation; `None` when the client left or must be hung up on.
-pub(super) async fn negotiate<R, W, E>(
-    r: &mut R,
-    w: &mut W,
-    exports: &E,
-    cfg: &ServerConfig,
-) -> io::Result<Option<Negotiated<E::Device>>>
+/// Sends our greeting and reads the client's flags; returns whether the client asked for
+/// no zeroes, or `None` when it must be hung up on.
+async fn greet<R, W>(r: &mut R, w: &mut W) -> io::Result<Option<bool>>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
-    E: Exports,
 {
     let greeting = Greeting {
         flags: proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES,
@@ -52,7 +47,91 @@ where
         );
         return Ok(None);
     }
-    let no_zeroes = client_flags & proto::CLIENT_NO_ZEROES != 0;
+    Ok(Some(client_flags & proto::CLIENT_NO_ZEROES != 0))
+}
+
+/// The options of a server that requires TLS, up to the client's `NBD_OPT_STARTTLS`
+/// (acknowledged here; the handshake follows): greeting, then every other option refused
+/// with `NBD_REP_ERR_TLS_REQD`, `NBD_OPT_EXPORT_NAME` (which cannot be refused) and
+/// `NBD_OPT_ABORT` ending the connection. Returns whether the client asked for no
+/// zeroes, or `None` when the connection ends.
+pub(super) async fn before_tls<R, W>(r: &mut R, w: &mut W, peer: &str) -> io::Result<Option<bool>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Some(no_zeroes) = greet(r, w).await? else {
+        return Ok(None);
+    };
+    loop {
+        let mut head = [0u8; OPTION_HEADER_LEN];
+        r.read_exact(&mut head).await?;
+        let Ok(OptionHeader {
+            option: opt,
+            length: len,
+        }) = OptionHeader::decode(&head)
+        else {
+            tracing::info!(%peer, "NBD client out of sync before TLS; closing");
+            return Ok(None);
+        };
+        match opt {
+            proto::OPT_STARTTLS if len == 0 => {
+                reply(w, opt, proto::REP_ACK, &[]).await?;
+                return Ok(Some(no_zeroes));
+            }
+            proto::OPT_ABORT => {
+                if len == 0 {
+                    reply(w, opt, proto::REP_ACK, &[]).await?;
+                }
+                return Ok(None);
+            }
+            proto::OPT_EXPORT_NAME => {
+                tracing::info!(%peer, "NBD client asked for an export without TLS, which this server requires; closing");
+                return Ok(None);
+            }
+            _ if len > proto::MAX_OPTION_LEN => {
+                tracing::info!(%peer, len, "oversized NBD option before TLS; closing");
+                return Ok(None);
+            }
+            _ => {
+                drain(r, u64::from(len)).await?;
+                let (kind, msg) = if opt == proto::OPT_STARTTLS {
+                    (proto::REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+                } else {
+                    (
+                        proto::REP_ERR_TLS_REQD,
+                        "this server requires TLS (NBD_OPT_STARTTLS) first",
+                    )
+                };
+                tracing::debug!(%peer, option = opt, "NBD option before TLS refused");
+                reply_err(w, opt, kind, msg).await?;
+            }
+        }
+    }
+}
+
+/// Runs the negotiation; `None` when the client left or must be hung up on. `greeted`
+/// is `Some(no_zeroes)` when the greeting and TLS were done already ([`before_tls`]).
+pub(super) async fn negotiate<R, W, E>(
+    r: &mut R,
+    w: &mut W,
+    exports: &E,
+    cfg: &ServerConfig,
+    greeted: Option<bool>,
+) -> io::Result<Option<Negotiated<E::Device>>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    E: Exports,
+{
+    let tls = greeted.is_some();
+    let no_zeroes = match greeted {
+        Some(no_zeroes) => no_zeroes,
+        None => match greet(r, w).await? {
+            Some(no_zeroes) => no_zeroes,
+            None => return Ok(None),
+        },
+    };
     let mut structured = false;
     let mut context: Option<String> = None; // export the allocation context was set for
 
@@ -115,6 +194,9 @@ where
                     reply(w, opt, proto::REP_SERVER, &e.encode()).await?;
                 }
                 reply(w, opt, proto::REP_ACK, &[]).await?;
+            }
+            proto::OPT_STARTTLS if tls => {
+                reply_err(w, opt, proto::REP_ERR_INVALID, "TLS is already on").await?;
             }
             proto::OPT_STARTTLS => {
                 reply_err(
