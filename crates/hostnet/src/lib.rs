@@ -1,0 +1,104 @@
+//! Setting up a node's VM networks through netlink: one Linux bridge per network and,
+//! for a tagged network, the uplink's VLAN sub-interface as a port of it.
+//!
+//! [`policy`] decides what should exist and the steps to get there (pure); [`netlink`]
+//! reads the interfaces and carries the steps out (rtnetlink, in the caller's network
+//! namespace). The crate knows nothing about the cluster: `tesserad` maps its network
+//! records to [`NetworkDef`]s and calls [`reconcile`]. It only ever changes or deletes
+//! interfaces it marked as its own (alias `tessera:<network>`), never anyone else's.
+#![forbid(unsafe_code)]
+
+pub mod netlink;
+pub mod policy;
+
+pub use netlink::reconcile;
+
+/// One network as this node should have it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkDef {
+    /// 1-63 of a-z, 0-9, '-'; the bridge's name is derived from it.
+    pub name: String,
+    /// 802.1Q VLAN id (1-4094) to tag on `uplink`.
+    pub vlan: Option<u16>,
+    /// This node's interface carrying the network's VLAN.
+    pub uplink: Option<String>,
+}
+
+/// Why one network could not be set up; the others go on regardless.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NetworkError {
+    #[error("network name {name:?}: must be 1-63 of a-z, 0-9, '-', not starting with '-'")]
+    InvalidName { name: String },
+    #[error("network {name} is defined twice")]
+    Duplicate { name: String },
+    #[error("vlan {vlan}: must be 1 to 4094")]
+    VlanOutOfRange { vlan: u16 },
+    #[error("vlan: needs an uplink to tag on")]
+    VlanWithoutUplink,
+    #[error("uplink {uplink:?}: not a valid interface name")]
+    InvalidUplink { uplink: String },
+    #[error("uplink {uplink}: an untagged uplink is not supported yet (give a vlan)")]
+    UntaggedUplink { uplink: String },
+    #[error("uplink {uplink}: no such interface on this node")]
+    UplinkMissing { uplink: String },
+    #[error("vlan {vlan} on {uplink} is already network {network}'s")]
+    VlanInUse {
+        uplink: String,
+        vlan: u16,
+        network: String,
+    },
+    #[error("interface {interface} exists and is not Tessera's ({}); left alone",
+        owner.as_deref().map_or("no mark".to_string(), |o| format!("marked for {o}")))]
+    Conflict {
+        interface: String,
+        owner: Option<String>,
+    },
+    #[error("vlan: this node's kernel has no 802.1Q VLAN support (module 8021q)")]
+    VlanUnsupported,
+    #[error("{step}: {message}")]
+    Netlink { step: String, message: String },
+}
+
+/// What happened to one network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkReport {
+    pub network: String,
+    /// Its bridge (when it got as far as a name).
+    pub bridge: Option<String>,
+    pub vlan_interface: Option<String>,
+    /// The changes made, in order, as people read them ("create bridge tsb-lan").
+    pub changes: Vec<String>,
+    pub result: Result<(), NetworkError>,
+}
+
+/// The outcome of one [`reconcile`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// One entry per desired network, sorted by name.
+    pub networks: Vec<NetworkReport>,
+    /// Interfaces of networks no longer desired: deleted, or why not.
+    pub removed: Vec<(String, Result<(), NetworkError>)>,
+    /// Interfaces named like Tessera's but not marked as such: left alone.
+    pub foreign: Vec<String>,
+}
+
+impl Report {
+    /// Whether this pass changed nothing (a settled node).
+    pub fn unchanged(&self) -> bool {
+        self.removed.is_empty() && self.networks.iter().all(|n| n.changes.is_empty())
+    }
+
+    /// The report of one network.
+    pub fn network(&self, name: &str) -> Option<&NetworkReport> {
+        self.networks.iter().find(|n| n.network == name)
+    }
+}
+
+/// Failures of the netlink connection itself (not of one network).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("opening a netlink socket: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("listing interfaces: {0}")]
+    List(String),
+}

@@ -1,0 +1,636 @@
+//! What should exist: network definitions checked and turned into interfaces, and the
+//! steps from what exists to that. Pure: no netlink here, so every rule is unit-tested.
+//!
+//! Ownership is the interface alias [`MARK_PREFIX`]`<network>`: it survives a daemon
+//! restart, and an interface without it is never changed, even if its name looks like ours.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use crate::{NetworkDef, NetworkError};
+
+/// Alias prefix marking an interface as Tessera's; the network's name follows it.
+pub const MARK_PREFIX: &str = "tessera:";
+/// Name prefix of the bridges Tessera derives from network names.
+pub const BRIDGE_PREFIX: &str = "tsb-";
+/// Name prefix of VLAN interfaces whose `<uplink>.<vid>` name would be too long.
+pub const VLAN_PREFIX: &str = "tsv";
+/// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+pub const IFNAME_MAX: usize = 15;
+/// Network names: 1-63 of a-z, 0-9, '-' (as the cluster's API accepts them).
+pub const NETWORK_NAME_MAX: usize = 63;
+
+/// What a link is, as far as reconciliation cares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    Bridge,
+    /// An 802.1Q sub-interface: its VLAN id and the index of the interface it tags on.
+    Vlan {
+        id: u16,
+        parent: u32,
+    },
+    Other,
+}
+
+/// One interface as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub kind: LinkKind,
+    /// Administratively up (IFF_UP), not carrier.
+    pub up: bool,
+    /// Index of the bridge this interface is a port of.
+    pub master: Option<u32>,
+    pub alias: Option<String>,
+}
+
+impl Link {
+    /// The network whose mark this interface carries, if any.
+    pub fn owner(&self) -> Option<&str> {
+        self.alias.as_deref()?.strip_prefix(MARK_PREFIX)
+    }
+}
+
+/// One change to make, in order. Names, not indexes: the I/O layer resolves them when
+/// it gets there, after the earlier steps have run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Delete an interface Tessera marked (and only such).
+    Delete {
+        name: String,
+    },
+    /// Create a bridge, then mark it.
+    CreateBridge {
+        name: String,
+        mark: String,
+    },
+    /// Create a VLAN sub-interface of `uplink`, then mark it.
+    CreateVlan {
+        name: String,
+        uplink: String,
+        id: u16,
+        mark: String,
+    },
+    /// Make `name` a port of bridge `master`.
+    SetMaster {
+        name: String,
+        master: String,
+    },
+    SetUp {
+        name: String,
+    },
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Delete { name } => write!(f, "delete {name}"),
+            Step::CreateBridge { name, .. } => write!(f, "create bridge {name}"),
+            Step::CreateVlan {
+                name, uplink, id, ..
+            } => write!(f, "create VLAN {id} interface {name} on {uplink}"),
+            Step::SetMaster { name, master } => write!(f, "attach {name} to {master}"),
+            Step::SetUp { name } => write!(f, "set {name} up"),
+        }
+    }
+}
+
+/// The plan for one desired network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkPlan {
+    pub network: String,
+    pub bridge: String,
+    pub vlan_interface: Option<String>,
+    pub steps: Vec<Step>,
+}
+
+/// Everything reconciliation will do, and what it refuses to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Marked interfaces of networks no longer desired (or no longer needed by their
+    /// network): deleted first, so their names are free for what comes next.
+    pub removals: Vec<(String, Step)>,
+    pub networks: Vec<NetworkPlan>,
+    /// Networks that cannot be set up, with why. Their existing interfaces stay as they are.
+    pub failed: Vec<(String, NetworkError)>,
+    /// Interfaces with a Tessera name prefix but no mark: left alone, reported.
+    pub foreign: Vec<String>,
+}
+
+/// Checks one definition on its own (what no node's state can change).
+pub fn validate(def: &NetworkDef) -> Result<(), NetworkError> {
+    let n = &def.name;
+    if n.is_empty()
+        || n.len() > NETWORK_NAME_MAX
+        || n.starts_with('-')
+        || !n
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(NetworkError::InvalidName { name: n.clone() });
+    }
+    if let Some(u) = &def.uplink {
+        if !valid_ifname(u) {
+            return Err(NetworkError::InvalidUplink { uplink: u.clone() });
+        }
+    }
+    match (def.vlan, &def.uplink) {
+        (Some(v), _) if !(1..=4094).contains(&v) => Err(NetworkError::VlanOutOfRange { vlan: v }),
+        (Some(_), None) => Err(NetworkError::VlanWithoutUplink),
+        (None, Some(u)) => Err(NetworkError::UntaggedUplink { uplink: u.clone() }),
+        _ => Ok(()),
+    }
+}
+
+/// Whether the kernel would take `name` as an interface name.
+pub fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= IFNAME_MAX
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
+}
+
+/// FNV-1a: a stable hash for short name suffixes (same on every node and every release).
+fn fnv1a(parts: &[&[u8]]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for p in parts {
+        for &b in *p {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// The `attempt`-th candidate bridge name of a network: `tsb-<name>` when that fits,
+/// else a cut name with a hash of the whole name (and of `attempt`, after a collision).
+pub fn bridge_name(network: &str, attempt: u32) -> String {
+    let room = IFNAME_MAX - BRIDGE_PREFIX.len();
+    if attempt == 0 && network.len() <= room {
+        return format!("{BRIDGE_PREFIX}{network}");
+    }
+    let h = fnv1a(&[network.as_bytes(), &attempt.to_le_bytes()]) & 0xffff;
+    // 4 hex digits and a '-' after the cut; network names are ASCII, so any cut is a
+    // character boundary.
+    let cut = &network[..network.len().min(room - 5)];
+    format!("{BRIDGE_PREFIX}{cut}-{h:04x}")
+}
+
+/// The VLAN sub-interface's name: `<uplink>.<vid>` as people expect, or `tsv<vid>-<hash>`
+/// when that would pass 15 bytes.
+pub fn vlan_name(uplink: &str, vid: u16) -> String {
+    let plain = format!("{uplink}.{vid}");
+    if plain.len() <= IFNAME_MAX {
+        return plain;
+    }
+    let h = fnv1a(&[uplink.as_bytes()]);
+    let mut s = format!("{VLAN_PREFIX}{vid}-{h:08x}");
+    s.truncate(IFNAME_MAX);
+    s
+}
+
+fn mark(network: &str) -> String {
+    format!("{MARK_PREFIX}{network}")
+}
+
+/// Whether a name looks like one Tessera would make (for reporting unmarked look-alikes).
+fn has_tessera_prefix(name: &str) -> bool {
+    name.starts_with(BRIDGE_PREFIX) || name.starts_with(VLAN_PREFIX)
+}
+
+/// The plan from `links` (what exists) to `defs` (what should).
+pub fn plan(defs: &[NetworkDef], links: &[Link]) -> Plan {
+    let mut out = Plan::default();
+    let by_name: BTreeMap<&str, &Link> = links.iter().map(|l| (l.name.as_str(), l)).collect();
+    let by_index: BTreeMap<u32, &Link> = links.iter().map(|l| (l.index, l)).collect();
+
+    // Sorted by name, so names are handed out the same way on every node.
+    let mut sorted: Vec<&NetworkDef> = defs.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let mut valid: Vec<&NetworkDef> = Vec::new();
+    let mut seen = BTreeSet::new();
+    // (uplink, vid) -> network: the kernel allows one VLAN interface per pair.
+    let mut vlans: BTreeMap<(&str, u16), &str> = BTreeMap::new();
+    for d in sorted {
+        if !seen.insert(d.name.as_str()) {
+            out.failed.push((
+                d.name.clone(),
+                NetworkError::Duplicate {
+                    name: d.name.clone(),
+                },
+            ));
+            continue;
+        }
+        if let Err(e) = validate(d) {
+            out.failed.push((d.name.clone(), e));
+            continue;
+        }
+        if let (Some(v), Some(u)) = (d.vlan, d.uplink.as_deref()) {
+            if !by_name.contains_key(u) {
+                out.failed.push((
+                    d.name.clone(),
+                    NetworkError::UplinkMissing { uplink: u.into() },
+                ));
+                continue;
+            }
+            if let Some(other) = vlans.get(&(u, v)) {
+                out.failed.push((
+                    d.name.clone(),
+                    NetworkError::VlanInUse {
+                        uplink: u.into(),
+                        vlan: v,
+                        network: (*other).into(),
+                    },
+                ));
+                continue;
+            }
+            vlans.insert((u, v), &d.name);
+        }
+        valid.push(d);
+    }
+
+    // Bridge names: a network keeps the bridge it already has (its mark says which), so
+    // adding a network never renames another's; new ones take the first free candidate.
+    let desired: BTreeSet<&str> = defs.iter().map(|d| d.name.as_str()).collect();
+    let mut taken: BTreeSet<String> = BTreeSet::new();
+    let mut bridges: BTreeMap<&str, String> = BTreeMap::new();
+    for d in &valid {
+        if let Some(l) = links.iter().find(|l| {
+            l.owner() == Some(d.name.as_str())
+                && l.kind == LinkKind::Bridge
+                && !taken.contains(&l.name)
+        }) {
+            taken.insert(l.name.clone());
+            bridges.insert(&d.name, l.name.clone());
+        }
+    }
+    for d in &valid {
+        if bridges.contains_key(d.name.as_str()) {
+            continue;
+        }
+        let free = |n: &String| {
+            // A name is free unless another desired network has it (marked or planned).
+            !taken.contains(n)
+                && by_name
+                    .get(n.as_str())
+                    .and_then(|l| l.owner())
+                    .is_none_or(|o| o == d.name || !desired.contains(o))
+        };
+        let name = (0..)
+            .map(|a| bridge_name(&d.name, a))
+            .find(free)
+            .unwrap_or_default();
+        taken.insert(name.clone());
+        bridges.insert(&d.name, name);
+    }
+
+    let mut keep: BTreeSet<String> = BTreeSet::new();
+    for d in valid {
+        let bridge = bridges.get(d.name.as_str()).cloned().unwrap_or_default();
+        match plan_network(d, &bridge, &by_name, &by_index) {
+            Ok(p) => {
+                keep.insert(p.bridge.clone());
+                keep.extend(p.vlan_interface.clone());
+                out.networks.push(p);
+            }
+            Err(e) => out.failed.push((d.name.clone(), e)),
+        }
+    }
+
+    // A failed network keeps what it has: a typo in its uplink must not cut its VMs off.
+    let failed: BTreeSet<&str> = out.failed.iter().map(|(n, _)| n.as_str()).collect();
+    for l in links {
+        match l.owner() {
+            Some(o) if !keep.contains(&l.name) && !failed.contains(o) => out.removals.push((
+                o.to_string(),
+                Step::Delete {
+                    name: l.name.clone(),
+                },
+            )),
+            None if has_tessera_prefix(&l.name) => out.foreign.push(l.name.clone()),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn plan_network(
+    d: &NetworkDef,
+    bridge: &str,
+    by_name: &BTreeMap<&str, &Link>,
+    by_index: &BTreeMap<u32, &Link>,
+) -> Result<NetworkPlan, NetworkError> {
+    let mut steps = Vec::new();
+    let m = mark(&d.name);
+    let conflict = |l: &Link| NetworkError::Conflict {
+        interface: l.name.clone(),
+        owner: l.owner().map(str::to_string),
+    };
+    match by_name.get(bridge) {
+        None => {
+            steps.push(Step::CreateBridge {
+                name: bridge.into(),
+                mark: m.clone(),
+            });
+            steps.push(Step::SetUp {
+                name: bridge.into(),
+            });
+        }
+        Some(l) if l.owner() == Some(d.name.as_str()) && l.kind == LinkKind::Bridge => {
+            if !l.up {
+                steps.push(Step::SetUp {
+                    name: bridge.into(),
+                });
+            }
+        }
+        // Marked by a network no longer desired (deleted first), or ours but not a bridge.
+        Some(l) if l.owner().is_some() && l.owner() != Some(d.name.as_str()) => {
+            steps.push(Step::CreateBridge {
+                name: bridge.into(),
+                mark: m.clone(),
+            });
+            steps.push(Step::SetUp {
+                name: bridge.into(),
+            });
+        }
+        Some(l) if l.owner().is_some() => {
+            steps.push(Step::Delete {
+                name: bridge.into(),
+            });
+            steps.push(Step::CreateBridge {
+                name: bridge.into(),
+                mark: m.clone(),
+            });
+            steps.push(Step::SetUp {
+                name: bridge.into(),
+            });
+        }
+        Some(l) => return Err(conflict(l)),
+    }
+
+    let mut vlan_interface = None;
+    if let (Some(vid), Some(uplink)) = (d.vlan, d.uplink.as_deref()) {
+        let name = vlan_name(uplink, vid);
+        let uplink_index = by_name.get(uplink).map(|l| l.index);
+        let create = |steps: &mut Vec<Step>| {
+            steps.push(Step::CreateVlan {
+                name: name.clone(),
+                uplink: uplink.into(),
+                id: vid,
+                mark: m.clone(),
+            });
+            steps.push(Step::SetMaster {
+                name: name.clone(),
+                master: bridge.into(),
+            });
+            steps.push(Step::SetUp { name: name.clone() });
+        };
+        match by_name.get(name.as_str()) {
+            None => create(&mut steps),
+            Some(l) if l.owner() == Some(d.name.as_str()) => {
+                let right_vlan = l.kind
+                    == LinkKind::Vlan {
+                        id: vid,
+                        parent: uplink_index.unwrap_or(0),
+                    };
+                if !right_vlan {
+                    steps.push(Step::Delete { name: name.clone() });
+                    create(&mut steps);
+                } else {
+                    let master = l
+                        .master
+                        .and_then(|i| by_index.get(&i))
+                        .map(|b| b.name.as_str());
+                    if master != Some(bridge) {
+                        steps.push(Step::SetMaster {
+                            name: name.clone(),
+                            master: bridge.into(),
+                        });
+                    }
+                    if !l.up {
+                        steps.push(Step::SetUp { name: name.clone() });
+                    }
+                }
+            }
+            Some(l) if l.owner().is_some() => {
+                // Another (undesired) network's: it is deleted before this runs.
+                create(&mut steps);
+            }
+            Some(l) => return Err(conflict(l)),
+        }
+        vlan_interface = Some(name);
+    }
+    Ok(NetworkPlan {
+        network: d.name.clone(),
+        bridge: bridge.into(),
+        vlan_interface,
+        steps,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(name: &str, vlan: Option<u16>, uplink: Option<&str>) -> NetworkDef {
+        NetworkDef {
+            name: name.into(),
+            vlan,
+            uplink: uplink.map(str::to_string),
+        }
+    }
+
+    fn link(index: u32, name: &str, kind: LinkKind, alias: Option<&str>) -> Link {
+        Link {
+            index,
+            name: name.into(),
+            kind,
+            up: true,
+            master: None,
+            alias: alias.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn names_fit_in_fifteen_bytes_and_are_stable() {
+        for n in ["a", "lan", "abcdefghijk", "abcdefghijkl", &"x".repeat(63)] {
+            for a in 0..4 {
+                let b = bridge_name(n, a);
+                assert!(b.len() <= IFNAME_MAX && b.starts_with(BRIDGE_PREFIX), "{b}");
+                assert!(valid_ifname(&b));
+                assert_eq!(b, bridge_name(n, a));
+            }
+        }
+        assert_eq!(bridge_name("lan", 0), "tsb-lan");
+        assert_ne!(
+            bridge_name("abcdefghijkl", 0),
+            bridge_name("abcdefghijkm", 0)
+        );
+        assert_eq!(vlan_name("eth0", 7), "eth0.7");
+        let long = vlan_name("enx001122334455", 4094);
+        assert!(
+            long.len() <= IFNAME_MAX && long.starts_with("tsv4094-"),
+            "{long}"
+        );
+    }
+
+    #[test]
+    fn bad_definitions_fail_alone() {
+        let links = [link(1, "eth0", LinkKind::Other, None)];
+        let defs = [
+            def("good", Some(7), Some("eth0")),
+            def("zero", Some(0), Some("eth0")),
+            def("high", Some(4095), Some("eth0")),
+            def("nouplink", Some(5), None),
+            def("gone", Some(5), Some("eth9")),
+            def("again", Some(7), Some("eth0")),
+            def("Bad_Name", None, None),
+            def("untagged", None, Some("eth0")),
+        ];
+        let p = plan(&defs, &links);
+        let failed: BTreeMap<&str, &NetworkError> =
+            p.failed.iter().map(|(n, e)| (n.as_str(), e)).collect();
+        assert!(matches!(
+            failed["zero"],
+            NetworkError::VlanOutOfRange { vlan: 0 }
+        ));
+        assert!(matches!(
+            failed["high"],
+            NetworkError::VlanOutOfRange { vlan: 4095 }
+        ));
+        assert!(matches!(
+            failed["nouplink"],
+            NetworkError::VlanWithoutUplink
+        ));
+        assert!(matches!(failed["gone"], NetworkError::UplinkMissing { .. }));
+        assert!(matches!(
+            failed["Bad_Name"],
+            NetworkError::InvalidName { .. }
+        ));
+        assert!(matches!(
+            failed["untagged"],
+            NetworkError::UntaggedUplink { .. }
+        ));
+        // "again" sorts first, so it gets eth0.7 and "good" is the one refused.
+        assert!(matches!(failed["good"], NetworkError::VlanInUse { .. }));
+        assert_eq!(p.networks.len(), 1);
+        assert_eq!(p.networks[0].network, "again");
+        assert_eq!(p.networks[0].vlan_interface.as_deref(), Some("eth0.7"));
+    }
+
+    #[test]
+    fn unmarked_interface_is_a_conflict_and_never_a_step() {
+        let links = [
+            link(1, "tsb-lan", LinkKind::Bridge, None),
+            link(2, "tsb-other", LinkKind::Bridge, Some("admin's")),
+        ];
+        let p = plan(&[def("lan", None, None)], &links);
+        assert!(p.networks.is_empty());
+        assert!(p.removals.is_empty());
+        assert!(matches!(
+            &p.failed[0].1,
+            NetworkError::Conflict { interface, owner: None } if interface == "tsb-lan"
+        ));
+        assert_eq!(p.foreign, ["tsb-lan", "tsb-other"]);
+    }
+
+    #[test]
+    fn a_settled_network_needs_no_steps_and_a_deleted_one_is_removed() {
+        let mut vlan = link(
+            3,
+            "eth0.7",
+            LinkKind::Vlan { id: 7, parent: 1 },
+            Some("tessera:lan"),
+        );
+        vlan.master = Some(2);
+        let links = vec![
+            link(1, "eth0", LinkKind::Other, None),
+            link(2, "tsb-lan", LinkKind::Bridge, Some("tessera:lan")),
+            vlan,
+            link(4, "tsb-old", LinkKind::Bridge, Some("tessera:old")),
+        ];
+        let p = plan(&[def("lan", Some(7), Some("eth0"))], &links);
+        assert_eq!(p.networks[0].steps, []);
+        assert_eq!(
+            p.removals,
+            [(
+                "old".to_string(),
+                Step::Delete {
+                    name: "tsb-old".into()
+                }
+            )]
+        );
+        assert!(p.failed.is_empty() && p.foreign.is_empty());
+    }
+
+    #[test]
+    fn drift_is_corrected() {
+        let mut vlan = link(
+            3,
+            "eth0.7",
+            LinkKind::Vlan { id: 7, parent: 1 },
+            Some("tessera:lan"),
+        );
+        vlan.master = Some(9);
+        vlan.up = false;
+        let mut bridge = link(2, "tsb-lan", LinkKind::Bridge, Some("tessera:lan"));
+        bridge.up = false;
+        let links = vec![
+            link(1, "eth0", LinkKind::Other, None),
+            bridge,
+            vlan,
+            link(9, "br-admin", LinkKind::Bridge, None),
+        ];
+        let p = plan(&[def("lan", Some(7), Some("eth0"))], &links);
+        assert_eq!(
+            p.networks[0].steps,
+            [
+                Step::SetUp {
+                    name: "tsb-lan".into()
+                },
+                Step::SetMaster {
+                    name: "eth0.7".into(),
+                    master: "tsb-lan".into()
+                },
+                Step::SetUp {
+                    name: "eth0.7".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn colliding_names_get_distinct_bridges_and_keep_them() {
+        // A short name equal to another's hashed form.
+        let long = "abcdefghijklmnop";
+        let clash = bridge_name(long, 0)[BRIDGE_PREFIX.len()..].to_string();
+        let defs = [def(long, None, None), def(&clash, None, None)];
+        let p = plan(&defs, &[]);
+        let names: BTreeSet<&str> = p.networks.iter().map(|n| n.bridge.as_str()).collect();
+        assert_eq!(names.len(), 2);
+        // Whatever a network got, it keeps when the other one comes and goes.
+        let existing: Vec<Link> = p
+            .networks
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                link(
+                    i as u32 + 1,
+                    &n.bridge,
+                    LinkKind::Bridge,
+                    Some(&format!("tessera:{}", n.network)),
+                )
+            })
+            .collect();
+        let again = plan(&defs, &existing);
+        assert!(again.networks.iter().all(|n| n.steps.is_empty()));
+        assert!(again.removals.is_empty());
+    }
+}
