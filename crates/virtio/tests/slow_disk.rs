@@ -280,3 +280,39 @@ fn a_reset_while_a_request_waits_keeps_its_completion_out_of_the_queue() {
     );
     assert_eq!(r32(&r.t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
 }
+
+#[test]
+fn a_snapshot_waits_for_the_request_in_flight_and_sees_it_completed() {
+    let r = rig();
+    let q = MockSplitQueue::new(&r.mem, 16);
+    start(&r.t, &q);
+    read_request(&r.mem, &q);
+    let worker = serve_in_background(&r.t);
+    r.entered
+        .recv_timeout(WAIT)
+        .expect("the request never reached the disk");
+
+    // What a snapshot would save: the used index in guest memory and the queue's state.
+    let (t, mem) = (r.t.clone(), r.mem.clone());
+    let used_addr = q.used_addr();
+    let (saved_tx, saved) = mpsc::channel();
+    let snapshot = std::thread::spawn(move || {
+        tessera_virtio::mmio::quiesced(&t, || {
+            let used: u16 = mem
+                .read_obj(GuestAddress(used_addr.0 + 2))
+                .expect("used idx");
+            let next_used = t.lock().expect("transport").save().queues[0].next_used;
+            let _ = saved_tx.send((used, next_used));
+        })
+        .expect("quiesced");
+    });
+    r.release.send(()).unwrap();
+    let (used, next_used) = saved.recv_timeout(WAIT).expect("the snapshot never ran");
+    assert_eq!(
+        (used, next_used),
+        (1, 1),
+        "the snapshot ran while the request was in flight"
+    );
+    snapshot.join().unwrap();
+    worker.join().unwrap();
+}
