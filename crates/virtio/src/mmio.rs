@@ -394,8 +394,15 @@ impl MmioTransport {
         let (requests, mem) = (self.requests.clone(), self.mem.clone());
         let mut requests = requests.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(batch) = self.take_requests(index, &mem) {
-            let done = batch.run(&mut **requests, &mem);
-            if !self.complete(done, &mem) {
+            let mut served = true;
+            for chain in batch.chains {
+                let done = requests.run(chain, &mem, batch.acked);
+                if !self.complete(&batch.at, done, &mem) {
+                    served = false;
+                    break;
+                }
+            }
+            if !served || !self.signal_used(&batch.at, &mem) {
                 break;
             }
         }
@@ -424,8 +431,10 @@ impl MmioTransport {
             match taken {
                 Ok(chains) if !chains.is_empty() => {
                     return Some(Batch {
-                        index: index as usize,
-                        generation: self.generation,
+                        at: QueueAt {
+                            index: index as usize,
+                            generation: self.generation,
+                        },
                         acked,
                         chains,
                     })
@@ -447,36 +456,37 @@ impl MmioTransport {
         }
     }
 
-    /// Puts a batch's results into guest memory and the used ring, and signals the driver.
-    /// Returns whether the queue may be served again (false after a reset or a breakage).
-    fn complete(&mut self, done: Done<'_>, mem: &GuestMem) -> bool {
-        if done.generation != self.generation {
+    /// Puts one request's results into guest memory and the used ring. Returns whether the
+    /// queue may be served further (false after a reset or a breakage: then nothing of the
+    /// request reaches guest memory, or the queue is marked broken).
+    fn complete(&mut self, at: &QueueAt, done: Completion<'_>, mem: &GuestMem) -> bool {
+        if at.generation != self.generation {
             tracing::debug!(
-                requests = done.completions.len(),
-                "virtio-mmio: device reset while requests were in flight; results dropped"
+                "virtio-mmio: device reset while a request was in flight; its results dropped"
             );
             return false;
         }
-        let Some(q) = self.queues.get_mut(done.index) else {
+        let Some(q) = self.queues.get_mut(at.index) else {
             return false;
         };
-        let mut used = false;
-        let mut failed = None;
-        for c in done.completions {
-            let head = c.head();
-            let len = c.finish(mem);
-            if let Err(e) = q.add_used(mem, head, len) {
-                failed = Some(e);
-                break;
-            }
-            used = true;
+        let head = done.head();
+        let len = done.finish(mem);
+        if let Err(e) = q.add_used(mem, head, len) {
+            self.broken(e);
+            return false;
         }
-        let notify = match failed {
-            Some(e) => Err(e),
-            None if used => q.needs_notification(mem),
-            None => Ok(false),
+        true
+    }
+
+    /// Signals the driver, if it wants to be, that a batch's requests are in the used ring.
+    fn signal_used(&mut self, at: &QueueAt, mem: &GuestMem) -> bool {
+        if at.generation != self.generation {
+            return false;
+        }
+        let Some(q) = self.queues.get_mut(at.index) else {
+            return false;
         };
-        match notify {
+        match q.needs_notification(mem) {
             Ok(true) => {
                 self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
                 if let Err(e) = self.interrupt.trigger() {
@@ -500,34 +510,18 @@ impl MmioTransport {
     }
 }
 
-/// Requests taken off a queue, to be run without the transport's lock.
-struct Batch<'m> {
+/// Which queue, before which reset, a request was taken from.
+struct QueueAt {
     index: usize,
     generation: u64,
+}
+
+/// Requests taken off a queue, to be run without the transport's lock. Each is completed
+/// as soon as it has run, so a batch never holds more than one request's data.
+struct Batch<'m> {
+    at: QueueAt,
     acked: u64,
     chains: Vec<DescriptorChain<&'m GuestMem>>,
-}
-
-impl<'m> Batch<'m> {
-    fn run(self, requests: &mut dyn RequestHandler, mem: &'m GuestMem) -> Done<'m> {
-        let completions = self
-            .chains
-            .into_iter()
-            .map(|chain| requests.run(chain, mem, self.acked))
-            .collect();
-        Done {
-            index: self.index,
-            generation: self.generation,
-            completions,
-        }
-    }
-}
-
-/// A batch's results, not yet in guest memory.
-struct Done<'m> {
-    index: usize,
-    generation: u64,
-    completions: Vec<Completion<'m>>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, Poisoned> {
@@ -548,8 +542,13 @@ pub fn serve(t: &Mutex<MmioTransport>, index: u32) -> Result<(), Poisoned> {
         let Some(batch) = lock(t)?.take_requests(index, &mem) else {
             return Ok(());
         };
-        let done = batch.run(&mut **requests, &mem);
-        if !lock(t)?.complete(done, &mem) {
+        for chain in batch.chains {
+            let done = requests.run(chain, &mem, batch.acked);
+            if !lock(t)?.complete(&batch.at, done, &mem) {
+                return Ok(());
+            }
+        }
+        if !lock(t)?.signal_used(&batch.at, &mem) {
             return Ok(());
         }
     }
