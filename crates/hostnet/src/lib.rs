@@ -6,12 +6,17 @@
 //! namespace). The crate knows nothing about the cluster: `tesserad` maps its network
 //! records to [`NetworkDef`]s and calls [`reconcile`]. It only ever changes or deletes
 //! interfaces it marked as its own (alias `tessera:<network>`), never anyone else's.
-#![forbid(unsafe_code)]
+//! [`tap`] makes a VM NIC's tap on a network's bridge; the tap lives as long as its fd.
+// Only `tap` needs unsafe (the TUNSETIFF ioctl); the rest forbids it module by module.
+#![deny(unsafe_code)]
 
 pub mod netlink;
 pub mod policy;
+#[allow(unsafe_code)]
+pub mod tap;
 
 pub use netlink::reconcile;
+pub use tap::{create_tap, Tap, TapError, TapSpec};
 
 /// One network as this node should have it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -15,6 +15,11 @@ pub const MARK_PREFIX: &str = "tessera:";
 pub const BRIDGE_PREFIX: &str = "tsb-";
 /// Name prefix of VLAN interfaces whose `<uplink>.<vid>` name would be too long.
 pub const VLAN_PREFIX: &str = "tsv";
+/// Name prefix of VM NIC taps.
+pub const TAP_PREFIX: &str = "tsn-";
+/// Alias prefix of taps: `tessera-tap:<vm>/<nic>`. Not [`MARK_PREFIX`], so network
+/// reconciliation never counts a VM's tap as a stale network interface.
+pub const TAP_MARK_PREFIX: &str = "tessera-tap:";
 /// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
 pub const IFNAME_MAX: usize = 15;
 /// Network names: 1-63 of a-z, 0-9, '-' (as the cluster's API accepts them).
@@ -193,6 +198,24 @@ pub fn vlan_name(uplink: &str, vid: u16) -> String {
     let mut s = format!("{VLAN_PREFIX}{vid}-{h:08x}");
     s.truncate(IFNAME_MAX);
     s
+}
+
+/// The tap of NIC `nic` of VM `vm`: `tsn-<vm>-<nic>` when that fits in 15 bytes, else the
+/// VM name cut, with 4 hex digits of a hash of the whole name before the NIC index.
+pub fn tap_name(vm: &str, nic: u16) -> String {
+    let plain = format!("{TAP_PREFIX}{vm}-{nic}");
+    if plain.len() <= IFNAME_MAX && vm.is_ascii() {
+        return plain;
+    }
+    let h = fnv1a(&[vm.as_bytes()]) & 0xffff;
+    let tail = format!("{h:04x}-{nic}");
+    let room = IFNAME_MAX - TAP_PREFIX.len() - tail.len();
+    let cut: String = vm
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(room)
+        .collect();
+    format!("{TAP_PREFIX}{cut}{tail}")
 }
 
 fn mark(network: &str) -> String {
@@ -474,6 +497,18 @@ mod tests {
             bridge_name("abcdefghijkm", 0)
         );
         assert_eq!(vlan_name("eth0", 7), "eth0.7");
+        assert_eq!(tap_name("web", 0), "tsn-web-0");
+        for vm in ["web", "a-very-long-vm-name", "ünïcode-vm"] {
+            for nic in [0, 7, 65535] {
+                let t = tap_name(vm, nic);
+                assert!(t.len() <= IFNAME_MAX && valid_ifname(&t), "{t}");
+                assert!(t.ends_with(&format!("-{nic}")), "{t}");
+            }
+        }
+        assert_ne!(
+            tap_name("a-very-long-vm-name", 0),
+            tap_name("a-very-long-vm-namf", 0)
+        );
         let long = vlan_name("enx001122334455", 4094);
         assert!(
             long.len() <= IFNAME_MAX && long.starts_with("tsv4094-"),

@@ -1,0 +1,172 @@
+//! Tap devices for VM NICs: opened with the flags virtio-net needs (`IFF_TAP | IFF_NO_PI |
+//! IFF_VNET_HDR`), then given the VM's MAC, Tessera's mark and the network's bridge, and
+//! brought up, through rtnetlink. The tap is not persistent: it lives as long as its fd,
+//! so it goes away with the VMM that holds it.
+
+use std::fs::OpenOptions;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use rtnetlink::LinkUnspec;
+
+use crate::policy::{tap_name, TAP_MARK_PREFIX};
+
+nix::ioctl_write_ptr_bad!(tunsetiff, libc::TUNSETIFF, libc::ifreq);
+
+/// A NIC of a VM on a network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TapSpec {
+    pub vm: String,
+    /// The NIC's index in the VM (names the tap).
+    pub nic: u16,
+    /// The VM's MAC for this NIC (unicast, not all zero).
+    pub mac: [u8; 6],
+    /// The bridge of the network the NIC is on.
+    pub bridge: String,
+}
+
+/// An open tap: the interface exists while this (or its fd) is alive.
+#[derive(Debug)]
+pub struct Tap {
+    name: String,
+    fd: OwnedFd,
+}
+
+impl Tap {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The fd the VMM reads and writes frames (with a virtio-net header) on.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+}
+
+impl AsFd for Tap {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error("MAC {0}: must be a unicast, non-zero address")]
+    BadMac(String),
+    #[error("bridge {0}: no such interface")]
+    NoBridge(String),
+    #[error("tap {0}: an interface of that name exists already; left alone")]
+    Exists(String),
+    #[error("opening /dev/net/tun: {0}")]
+    Open(#[source] std::io::Error),
+    #[error("creating tap {name}: {source}")]
+    Create {
+        name: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("tap {name}: {message}")]
+    Netlink { name: String, message: String },
+}
+
+fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Creates the tap of `spec` on its bridge, up, with the VM's MAC and the mark
+/// `tessera-tap:<vm>/<nic>`. Refuses a name that exists (it may be someone else's).
+pub async fn create_tap(spec: &TapSpec) -> Result<Tap, TapError> {
+    if spec.mac[0] & 1 != 0 || spec.mac == [0; 6] {
+        return Err(TapError::BadMac(format_mac(&spec.mac)));
+    }
+    let name = tap_name(&spec.vm, spec.nic);
+    let nl = |e: rtnetlink::Error| TapError::Netlink {
+        name: name.clone(),
+        message: e.to_string(),
+    };
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| TapError::Netlink {
+        name: name.clone(),
+        message: e.to_string(),
+    })?;
+    let conn = tokio::spawn(conn);
+    let result = async {
+        let links = crate::netlink::list(&handle)
+            .await
+            .map_err(|e| TapError::Netlink {
+                name: name.clone(),
+                message: e.to_string(),
+            })?;
+        if links.iter().any(|l| l.name == name) {
+            return Err(TapError::Exists(name.clone()));
+        }
+        let bridge = links
+            .iter()
+            .find(|l| l.name == spec.bridge)
+            .ok_or_else(|| TapError::NoBridge(spec.bridge.clone()))?
+            .index;
+
+        let fd = open_tap(&name)?;
+        let index = crate::netlink::list(&handle)
+            .await
+            .map_err(|e| TapError::Netlink {
+                name: name.clone(),
+                message: e.to_string(),
+            })?
+            .into_iter()
+            .find(|l| l.name == name)
+            .map(|l| l.index)
+            .ok_or_else(|| TapError::Netlink {
+                name: name.clone(),
+                message: "not listed after creation".into(),
+            })?;
+        // One request: the kernel applies address, bridge, alias and up together, and
+        // on failure the fd is dropped here, which deletes the tap again.
+        let msg = LinkUnspec::new_with_index(index)
+            .address(spec.mac.to_vec())
+            .controller(bridge)
+            .alias(format!("{TAP_MARK_PREFIX}{}/{}", spec.vm, spec.nic))
+            .up()
+            .build();
+        handle.link().set(msg).execute().await.map_err(nl)?;
+        tracing::info!(tap = %name, bridge = %spec.bridge, mac = %format_mac(&spec.mac), "tap up");
+        Ok(Tap {
+            name: name.clone(),
+            fd,
+        })
+    }
+    .await;
+    conn.abort();
+    result
+}
+
+fn open_tap(name: &str) -> Result<OwnedFd, TapError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(TapError::Open)?;
+    // SAFETY: ifreq is plain data (byte arrays, integers, a raw pointer); all zeroes is
+    // a valid value of it.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // `name` comes from `tap_name`: ASCII, at most 15 bytes, so the terminating NUL of
+    // the 16-byte field stays.
+    for (dst, src) in req
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *dst = src as libc::c_char;
+    }
+    // The flags fit a c_short (IFF_VNET_HDR is 0x4000).
+    req.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // SAFETY: the fd is an open /dev/net/tun; TUNSETIFF reads one ifreq through the
+    // pointer, which points at `req`, alive for the call.
+    unsafe { tunsetiff(file.as_raw_fd(), &req) }.map_err(|source| TapError::Create {
+        name: name.into(),
+        source,
+    })?;
+    Ok(OwnedFd::from(file))
+}
