@@ -1,7 +1,7 @@
 //! Setting up a node's VM networks through netlink: one Linux bridge per network and,
 //! for a tagged network, the uplink's VLAN sub-interface as a port of it.
 //!
-//! [`policy`] decides what should exist and the steps to get there (pure); [`netlink`]
+//! [`names`] says what the interfaces are called, [`policy`] decides what should exist and the steps to get there (pure); [`netlink`]
 //! reads the interfaces and carries the steps out (rtnetlink, in the caller's network
 //! namespace). The crate knows nothing about the cluster: `tesserad` maps its network
 //! records to [`NetworkDef`]s and calls [`reconcile`]. It only ever changes or deletes
@@ -10,6 +10,7 @@
 // Only `tap` needs unsafe (the TUNSETIFF ioctl); the rest forbids it module by module.
 #![deny(unsafe_code)]
 
+pub mod names;
 pub mod netlink;
 pub mod policy;
 #[allow(unsafe_code)]

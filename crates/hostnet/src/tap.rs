@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use rtnetlink::LinkUnspec;
 
-use crate::policy::{tap_name, TAP_MARK_PREFIX};
+use crate::names::{tap_name, TAP_MARK_PREFIX};
 
 nix::ioctl_write_ptr_bad!(tunsetiff, libc::TUNSETIFF, libc::ifreq);
 
