@@ -234,10 +234,12 @@ pub fn plan(defs: &[NetworkDef], links: &[Link]) -> Plan {
         bridges.insert(&d.name, name);
     }
 
+    // Networks that failed their checks keep their interfaces; no other network takes them.
+    let invalid: BTreeSet<String> = out.failed.iter().map(|(n, _)| n.clone()).collect();
     let mut keep: BTreeSet<String> = BTreeSet::new();
     for d in valid {
         let bridge = bridges.get(d.name.as_str()).cloned().unwrap_or_default();
-        match plan_network(d, &bridge, &by_name, &by_index) {
+        match plan_network(d, &bridge, &by_name, &by_index, &invalid) {
             Ok(p) => {
                 keep.insert(p.bridge.clone());
                 keep.extend(p.vlan_interface.clone());
@@ -269,6 +271,7 @@ fn plan_network(
     bridge: &str,
     by_name: &BTreeMap<&str, &Link>,
     by_index: &BTreeMap<u32, &Link>,
+    protected: &BTreeSet<String>,
 ) -> Result<NetworkPlan, NetworkError> {
     let mut steps = Vec::new();
     let m = mark(&d.name);
@@ -293,16 +296,9 @@ fn plan_network(
                 });
             }
         }
-        // Marked by a network no longer desired (deleted first), or ours but not a bridge.
-        Some(l) if l.owner().is_some() && l.owner() != Some(d.name.as_str()) => {
-            steps.push(Step::CreateBridge {
-                name: bridge.into(),
-                mark: m.clone(),
-            });
-            steps.push(Step::SetUp {
-                name: bridge.into(),
-            });
-        }
+        // Marked by a network that failed its checks: that one keeps what it has.
+        Some(l) if l.owner().is_some_and(|o| protected.contains(o)) => return Err(conflict(l)),
+        // Ours but not a bridge, or another network's that is going away: replaced.
         Some(l) if l.owner().is_some() => {
             steps.push(Step::Delete {
                 name: bridge.into(),
@@ -362,8 +358,10 @@ fn plan_network(
                     }
                 }
             }
+            Some(l) if l.owner().is_some_and(|o| protected.contains(o)) => return Err(conflict(l)),
+            // Another network's that it no longer needs: replaced.
             Some(l) if l.owner().is_some() => {
-                // Another (undesired) network's: it is deleted before this runs.
+                steps.push(Step::Delete { name: name.clone() });
                 create(&mut steps);
             }
             Some(l) => return Err(conflict(l)),
@@ -379,178 +377,4 @@ fn plan_network(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn def(name: &str, vlan: Option<u16>, uplink: Option<&str>) -> NetworkDef {
-        NetworkDef {
-            name: name.into(),
-            vlan,
-            uplink: uplink.map(str::to_string),
-        }
-    }
-
-    fn link(index: u32, name: &str, kind: LinkKind, alias: Option<&str>) -> Link {
-        Link {
-            index,
-            name: name.into(),
-            kind,
-            up: true,
-            master: None,
-            alias: alias.map(str::to_string),
-        }
-    }
-
-    #[test]
-    fn bad_definitions_fail_alone() {
-        let links = [link(1, "eth0", LinkKind::Other, None)];
-        let defs = [
-            def("good", Some(7), Some("eth0")),
-            def("zero", Some(0), Some("eth0")),
-            def("high", Some(4095), Some("eth0")),
-            def("nouplink", Some(5), None),
-            def("gone", Some(5), Some("eth9")),
-            def("again", Some(7), Some("eth0")),
-            def("Bad_Name", None, None),
-            def("untagged", None, Some("eth0")),
-        ];
-        let p = plan(&defs, &links);
-        let failed: BTreeMap<&str, &NetworkError> =
-            p.failed.iter().map(|(n, e)| (n.as_str(), e)).collect();
-        assert!(matches!(
-            failed["zero"],
-            NetworkError::VlanOutOfRange { vlan: 0 }
-        ));
-        assert!(matches!(
-            failed["high"],
-            NetworkError::VlanOutOfRange { vlan: 4095 }
-        ));
-        assert!(matches!(
-            failed["nouplink"],
-            NetworkError::VlanWithoutUplink
-        ));
-        assert!(matches!(failed["gone"], NetworkError::UplinkMissing { .. }));
-        assert!(matches!(
-            failed["Bad_Name"],
-            NetworkError::InvalidName { .. }
-        ));
-        assert!(matches!(
-            failed["untagged"],
-            NetworkError::UntaggedUplink { .. }
-        ));
-        // "again" sorts first, so it gets eth0.7 and "good" is the one refused.
-        assert!(matches!(failed["good"], NetworkError::VlanInUse { .. }));
-        assert_eq!(p.networks.len(), 1);
-        assert_eq!(p.networks[0].network, "again");
-        assert_eq!(p.networks[0].vlan_interface.as_deref(), Some("eth0.7"));
-    }
-
-    #[test]
-    fn unmarked_interface_is_a_conflict_and_never_a_step() {
-        let links = [
-            link(1, "tsb-lan", LinkKind::Bridge, None),
-            link(2, "tsb-other", LinkKind::Bridge, Some("admin's")),
-        ];
-        let p = plan(&[def("lan", None, None)], &links);
-        assert!(p.networks.is_empty());
-        assert!(p.removals.is_empty());
-        assert!(matches!(
-            &p.failed[0].1,
-            NetworkError::Conflict { interface, owner: None } if interface == "tsb-lan"
-        ));
-        assert_eq!(p.foreign, ["tsb-lan", "tsb-other"]);
-    }
-
-    #[test]
-    fn a_settled_network_needs_no_steps_and_a_deleted_one_is_removed() {
-        let mut vlan = link(
-            3,
-            "eth0.7",
-            LinkKind::Vlan { id: 7, parent: 1 },
-            Some("tessera:lan"),
-        );
-        vlan.master = Some(2);
-        let links = vec![
-            link(1, "eth0", LinkKind::Other, None),
-            link(2, "tsb-lan", LinkKind::Bridge, Some("tessera:lan")),
-            vlan,
-            link(4, "tsb-old", LinkKind::Bridge, Some("tessera:old")),
-        ];
-        let p = plan(&[def("lan", Some(7), Some("eth0"))], &links);
-        assert_eq!(p.networks[0].steps, []);
-        assert_eq!(
-            p.removals,
-            [(
-                "old".to_string(),
-                Step::Delete {
-                    name: "tsb-old".into()
-                }
-            )]
-        );
-        assert!(p.failed.is_empty() && p.foreign.is_empty());
-    }
-
-    #[test]
-    fn drift_is_corrected() {
-        let mut vlan = link(
-            3,
-            "eth0.7",
-            LinkKind::Vlan { id: 7, parent: 1 },
-            Some("tessera:lan"),
-        );
-        vlan.master = Some(9);
-        vlan.up = false;
-        let mut bridge = link(2, "tsb-lan", LinkKind::Bridge, Some("tessera:lan"));
-        bridge.up = false;
-        let links = vec![
-            link(1, "eth0", LinkKind::Other, None),
-            bridge,
-            vlan,
-            link(9, "br-admin", LinkKind::Bridge, None),
-        ];
-        let p = plan(&[def("lan", Some(7), Some("eth0"))], &links);
-        assert_eq!(
-            p.networks[0].steps,
-            [
-                Step::SetUp {
-                    name: "tsb-lan".into()
-                },
-                Step::SetMaster {
-                    name: "eth0.7".into(),
-                    master: "tsb-lan".into()
-                },
-                Step::SetUp {
-                    name: "eth0.7".into()
-                },
-            ]
-        );
-    }
-
-    #[test]
-    fn colliding_names_get_distinct_bridges_and_keep_them() {
-        // A short name equal to another's hashed form.
-        let long = "abcdefghijklmnop";
-        let clash = bridge_name(long, 0)[BRIDGE_PREFIX.len()..].to_string();
-        let defs = [def(long, None, None), def(&clash, None, None)];
-        let p = plan(&defs, &[]);
-        let names: BTreeSet<&str> = p.networks.iter().map(|n| n.bridge.as_str()).collect();
-        assert_eq!(names.len(), 2);
-        // Whatever a network got, it keeps when the other one comes and goes.
-        let existing: Vec<Link> = p
-            .networks
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                link(
-                    i as u32 + 1,
-                    &n.bridge,
-                    LinkKind::Bridge,
-                    Some(&format!("tessera:{}", n.network)),
-                )
-            })
-            .collect();
-        let again = plan(&defs, &existing);
-        assert!(again.networks.iter().all(|n| n.steps.is_empty()));
-        assert!(again.removals.is_empty());
-    }
-}
+mod tests;
