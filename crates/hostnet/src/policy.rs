@@ -331,6 +331,15 @@ fn plan_network(
             });
             steps.push(Step::SetUp { name: name.clone() });
         };
+        // The kernel allows one interface per (uplink, VLAN id), whatever its name: one
+        // under another name (say an administrator's `vlan7`) would make ours fail.
+        if let Some(l) = by_name.values().find(|l| {
+            l.name != name
+                && uplink_index.is_some_and(|u| l.kind == LinkKind::Vlan { id: vid, parent: u })
+                && l.owner().is_none_or(|o| protected.contains(o))
+        }) {
+            return Err(conflict(l));
+        }
         match by_name.get(name.as_str()) {
             None => create(&mut steps),
             Some(l) if l.owner() == Some(d.name.as_str()) => {

@@ -317,3 +317,28 @@ fn a_foreign_vlan_interface_of_that_name_is_a_conflict() {
         )]
     );
 }
+
+#[test]
+fn the_uplinks_vlan_under_another_name_is_a_conflict() {
+    let links = vec![
+        link(1, "eth0", LinkKind::Other, None),
+        link(3, "vlan7", LinkKind::Vlan { id: 7, parent: 1 }, None),
+    ];
+    let p = plan(&[def("lan", Some(7), Some("eth0"))], &links);
+    assert!(p.networks.is_empty());
+    assert_eq!(
+        p.failed,
+        [(
+            "lan".to_string(),
+            NetworkError::Conflict {
+                interface: "vlan7".into(),
+                owner: None
+            }
+        )]
+    );
+    // VLAN 7 on another uplink is no obstacle.
+    let mut other = links.clone();
+    other.push(link(4, "eth1", LinkKind::Other, None));
+    let p = plan(&[def("lan", Some(7), Some("eth1"))], &other);
+    assert!(p.failed.is_empty(), "{:?}", p.failed);
+}
