@@ -1,5 +1,5 @@
 //! The netlink side: reads this network namespace's interfaces and carries out a
-//! [`policy::Plan`](crate::policy::Plan) through rtnetlink. Decides nothing itself.
+//! [`policy::Plan`] through rtnetlink. Decides nothing itself.
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::link::{
