@@ -28,12 +28,9 @@ fn vlans_supported(uplink: &str) -> bool {
     ok
 }
 
-/// Without 8021q, checks what can be checked (a VLAN network fails with a clear error,
-/// alone) and prints SKIP for the rest; returns whether the VLAN checks can go on.
-fn vlans_or_skip(test: &str, rt: &tokio::runtime::Runtime) -> bool {
-    if vlans_supported("up0") {
-        return true;
-    }
+/// On a kernel without 802.1Q: a VLAN network beside a plain one fails alone, with an
+/// error naming `8021q`, and nothing of it is created.
+fn check_vlan_refusal(rt: &tokio::runtime::Runtime) {
     let r = run(
         rt,
         &[
@@ -47,12 +44,53 @@ fn vlans_or_skip(test: &str, rt: &tokio::runtime::Runtime) -> bool {
     assert!(tagged.unwrap_err().to_string().contains("8021q"));
     assert!(is_up(&ip_link("tsb-plain").unwrap()));
     assert!(ip_link("up0.7").is_none());
+}
+
+/// Without 8021q, checks the refusal and prints SKIP for the rest; returns whether the
+/// VLAN checks can go on.
+fn vlans_or_skip(test: &str, rt: &tokio::runtime::Runtime) -> bool {
+    if vlans_supported("up0") {
+        return true;
+    }
+    check_vlan_refusal(rt);
     skip(
         test,
         "this kernel has no 802.1Q VLAN support (8021q); checked only that a VLAN network \
          fails clearly and alone",
     );
     false
+}
+
+/// Runs on every kernel: with 802.1Q, a VLAN network beside a plain one is set up; without
+/// it (as on the dev/CI kernel), it fails alone with an error naming `8021q` while the plain
+/// one is still set up. The full VLAN behaviour is in the ignored tests below.
+#[test]
+fn a_vlan_network_is_set_up_or_refused_clearly() {
+    let test = "a_vlan_network_is_set_up_or_refused_clearly";
+    in_fresh_netns(test, |rt| {
+        uplink("up0");
+        if !vlans_supported("up0") {
+            check_vlan_refusal(rt);
+            // Not a SKIP: this test's point on such a kernel, the refusal, did run.
+            eprintln!(
+                "note: {test}: this kernel has no 802.1Q VLAN support (8021q): a VLAN network \
+                 was refused clearly and alone; the VLAN set-up tests are ignored here"
+            );
+            return;
+        }
+        let r = run(
+            rt,
+            &[
+                net("plain", None, None),
+                net("tagged", Some(7), Some("up0")),
+            ],
+        );
+        assert_eq!(r.network("plain").unwrap().result, Ok(()));
+        assert_eq!(r.network("tagged").unwrap().result, Ok(()));
+        let v = ip_link("up0.7").expect("VLAN interface exists");
+        assert_eq!(v["linkinfo"]["info_kind"], "vlan");
+        assert_eq!(v["master"], "tsb-tagged");
+    });
 }
 
 #[test]
@@ -78,6 +116,7 @@ fn plain_network_gets_a_marked_bridge_that_is_up() {
 }
 
 #[test]
+#[ignore = "needs 802.1Q VLANs (the 8021q module), which the dev/CI kernel lacks; run with --ignored on a kernel that has them (a_vlan_network_is_set_up_or_refused_clearly runs everywhere)"]
 fn vlan_network_tags_on_its_uplink_into_the_bridge_and_settles() {
     let test = "vlan_network_tags_on_its_uplink_into_the_bridge_and_settles";
     in_fresh_netns(test, |rt| {
@@ -145,6 +184,7 @@ fn a_downed_bridge_comes_back_and_a_deleted_network_disappears() {
 }
 
 #[test]
+#[ignore = "needs 802.1Q VLANs (the 8021q module), which the dev/CI kernel lacks; run with --ignored on a kernel that has them (a_vlan_network_is_set_up_or_refused_clearly runs everywhere)"]
 fn vlan_drift_is_corrected_and_a_deleted_network_disappears() {
     let test = "vlan_drift_is_corrected_and_a_deleted_network_disappears";
     in_fresh_netns(test, |rt| {
@@ -267,6 +307,7 @@ fn bad_networks_fail_alone_while_the_good_one_is_created() {
 }
 
 #[test]
+#[ignore = "needs 802.1Q VLANs (the 8021q module), which the dev/CI kernel lacks; run with --ignored on a kernel that has them (a_vlan_network_is_set_up_or_refused_clearly runs everywhere)"]
 fn a_network_whose_uplink_vanishes_keeps_what_it_has() {
     let test = "a_network_whose_uplink_vanishes_keeps_what_it_has";
     in_fresh_netns(test, |rt| {
