@@ -11,6 +11,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod cluster;
+pub mod devcluster;
 pub mod power_loss;
 pub mod powerfs;
 

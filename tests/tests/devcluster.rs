@@ -6,69 +6,11 @@
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tessera_tests::devcluster::DevCluster;
 use tessera_tests::{bin, output, require};
-
-/// Interrupts the launcher if the test fails half-way, so no node outlives the test.
-struct Guard(Option<std::process::Child>);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.take() {
-            interrupt(c);
-        }
-    }
-}
-
-fn start(dir: &std::path::Path) -> (std::process::Child, Vec<String>) {
-    let mut child = Command::new(bin("tessera-devcluster"))
-        .arg("--dir")
-        .arg(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let mut lines = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    for line in BufReader::new(out).lines() {
-        let line = line.unwrap();
-        let done = line.starts_with("Ctrl-C stops everything");
-        lines.push(line);
-        if done {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "devcluster did not come up: {lines:?}"
-        );
-    }
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("Tessera local cluster is up")),
-        "{lines:?}"
-    );
-    (child, lines)
-}
-
-fn interrupt(mut child: std::process::Child) {
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "devcluster did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "devcluster exited with {status}");
-}
 
 /// Runs the `tessera` CLI with its own HOME, `stdin` as input; returns (success, stdout, stderr).
 fn cli(home: &std::path::Path, args: &[&str], stdin: &str) -> (bool, String, String) {
@@ -494,8 +436,8 @@ fn the_local_cluster_forms_answers_stops_and_comes_back() {
     require("curl");
     require("nbdinfo");
     let d = tempfile::tempdir().unwrap();
-    let (child, lines) = start(d.path());
-    let mut guard = Guard(Some(child));
+    let cluster = DevCluster::start(d.path());
+    let lines = &cluster.lines;
     for i in 1..=3 {
         assert!(
             lines
@@ -504,19 +446,9 @@ fn the_local_cluster_forms_answers_stops_and_comes_back() {
             "{lines:?}"
         );
     }
-    let password = lines
-        .iter()
-        .find_map(|l| l.split("initial password ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the admin password is printed")
-        .to_string();
+    let password = cluster.admin_password();
     // The CA file is printed; curl checks the API's certificate with it.
-    let ca = lines
-        .iter()
-        .find_map(|l| l.split("issued by it): ").nth(1))
-        .expect("the CA file is printed")
-        .trim()
-        .to_string();
+    let ca = cluster.ca_file();
     let body = format!("{{\"username\":\"admin\",\"password\":\"{password}\"}}");
     let out = output(Command::new("curl").args([
         "-s",
@@ -538,7 +470,7 @@ fn the_local_cluster_forms_answers_stops_and_comes_back() {
         "login with the printed password failed: {v}"
     );
     check_cli(&password, &ca);
-    interrupt(guard.0.take().unwrap());
+    cluster.stop();
     // No node process is left behind.
     let left = output(Command::new("pgrep").args(["-f", &d.path().display().to_string()]));
     assert!(
@@ -548,9 +480,7 @@ fn the_local_cluster_forms_answers_stops_and_comes_back() {
     );
 
     // Again: the same cluster comes back, nobody bootstraps a new one.
-    let (child, _) = start(d.path());
-    let mut guard = Guard(Some(child));
-    interrupt(guard.0.take().unwrap());
+    DevCluster::start(d.path()).stop();
     for i in 1..=3 {
         let log = std::fs::read_to_string(d.path().join(format!("node{i}/tesserad.log"))).unwrap();
         assert_eq!(

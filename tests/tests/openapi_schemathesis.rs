@@ -9,12 +9,11 @@
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
 
-use tessera_tests::{bin, output, require, skip};
+use tessera_tests::devcluster::DevCluster;
+use tessera_tests::{output, require, skip};
 
 const TEST: &str = "openapi_schemathesis";
 /// Seconds of generated requests (fuzzing and stateful phases repeat until spent).
@@ -26,62 +25,6 @@ fn schemathesis() -> Option<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/tessera/schemathesis/bin/schemathesis"));
     p.is_file().then_some(p)
-}
-
-/// Interrupts the local cluster however the test ends, so no node outlives it.
-struct Cluster(std::process::Child);
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `tessera-devcluster` in `dir`; returns it with the admin's initial password and
-/// the CA file.
-fn start(dir: &Path) -> (Cluster, String, String) {
-    let mut child = Command::new(bin("tessera-devcluster"))
-        .arg("--dir")
-        .arg(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let cluster = Cluster(child);
-    let mut lines = Vec::new();
-    for line in BufReader::new(out).lines() {
-        let line = line.unwrap();
-        let done = line.starts_with("Ctrl-C stops everything");
-        lines.push(line);
-        if done {
-            break;
-        }
-    }
-    let password = lines
-        .iter()
-        .find_map(|l| l.split("initial password ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no admin password printed: {lines:?}"))
-        .to_string();
-    let ca = lines
-        .iter()
-        .find_map(|l| l.split("issued by it): ").nth(1))
-        .unwrap_or_else(|| panic!("no CA file printed: {lines:?}"))
-        .trim()
-        .to_string();
-    (cluster, password, ca)
 }
 
 /// `POST /api/v1/<path>` with a JSON body; returns the answer as JSON.
@@ -118,7 +61,8 @@ fn schemathesis_finds_nothing_in_the_openapi_document() {
     };
     require("curl");
     let d = tempfile::tempdir().unwrap();
-    let (_cluster, password, ca) = start(d.path());
+    let cluster = DevCluster::start(d.path());
+    let (password, ca) = (cluster.admin_password(), cluster.ca_file());
 
     // The administrator changes its initial password, then its session reaches every
     // handler.

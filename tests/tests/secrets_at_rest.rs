@@ -9,90 +9,16 @@
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tessera_tests::cluster::wait_for;
+use tessera_tests::devcluster::DevCluster;
 use tessera_tests::{bin, require, run, skip};
 
 const TEST: &str = "a_local_user_reads_no_secret_of_the_local_cluster";
-
-/// Interrupts the launcher if the test fails half-way, so no node outlives the test.
-struct Launcher(Option<Child>);
-
-impl Launcher {
-    /// Starts `tessera-devcluster --dir dir` and waits for its "up" report.
-    fn start(dir: &Path) -> Self {
-        let mut child = Command::new(bin("tessera-devcluster"))
-            .arg("--dir")
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let launcher = Launcher(Some(child));
-        let mut lines = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        for line in BufReader::new(out).lines() {
-            let line = line.unwrap();
-            let done = line.starts_with("Ctrl-C stops everything");
-            lines.push(line);
-            if done {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "devcluster did not come up: {lines:?}"
-            );
-        }
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.contains("Tessera local cluster is up")),
-            "{lines:?}"
-        );
-        launcher
-    }
-
-    fn stop(mut self) {
-        stop(self.0.take().unwrap());
-    }
-}
-
-impl Drop for Launcher {
-    fn drop(&mut self) {
-        // Only after a failure: stop the nodes without panicking again.
-        if let Some(mut c) = self.0.take() {
-            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-            let deadline = Instant::now() + Duration::from_secs(90);
-            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn stop(mut child: Child) {
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "devcluster did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "devcluster exited with {status}");
-}
 
 /// Every path at or under `root` (symlinks not followed) whose mode lets group or others
 /// in at all, with that mode. Nothing the cluster keeps is meant to be public: the CA
@@ -202,7 +128,7 @@ fn a_local_user_reads_no_secret_of_the_local_cluster() {
     // is: whatever keeps others out must be what Tessera creates.
     std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let dir = root.path().join("cluster");
-    let launcher = Launcher::start(&dir);
+    let launcher = DevCluster::start(&dir);
     write_a_disk(&dir);
     // The founding node (whichever formed the cluster) has the password file.
     let (founder, password) = wait_for("the initial admin password file", 40, || {
@@ -290,7 +216,7 @@ fn a_local_user_reads_no_secret_of_the_local_cluster() {
     launcher.stop();
     widen(&dir);
     assert!(!open_to_others(&dir).is_empty());
-    let launcher = Launcher::start(&dir);
+    let launcher = DevCluster::start(&dir);
     // The launcher tightened its files before starting the daemons, and each tesserad
     // before serving the status the launcher waits for; a store does it when it starts,
     // which is not what "up" waits for, hence the bounded wait.

@@ -1,0 +1,117 @@
+//! The README's local cluster (`tessera-devcluster`) started from a test: the launcher, the
+//! lines of its report, and the Ctrl-C that stops it.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::bin;
+
+/// The last line of the launcher's report.
+const REPORT_END: &str = "Ctrl-C stops everything";
+
+/// A running `tessera-devcluster`. Dropped without [`DevCluster::stop`] (a test failed
+/// half-way), it is interrupted quietly, so no node outlives the test.
+pub struct DevCluster {
+    child: Option<Child>,
+    /// The launcher's report, up to its "Ctrl-C stops everything" line.
+    pub lines: Vec<String>,
+}
+
+impl DevCluster {
+    /// Starts `tessera-devcluster --dir dir` and waits (at most 120 s) for its report to
+    /// say the cluster is up.
+    pub fn start(dir: &Path) -> DevCluster {
+        let mut child = Command::new(bin("tessera-devcluster"))
+            .arg("--dir")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let mut cluster = DevCluster {
+            child: Some(child),
+            lines: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for line in BufReader::new(out).lines() {
+            let line = line.unwrap();
+            let done = line.starts_with(REPORT_END);
+            cluster.lines.push(line);
+            if done {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "devcluster did not come up: {:?}",
+                cluster.lines
+            );
+        }
+        assert!(
+            cluster
+                .lines
+                .iter()
+                .any(|l| l.contains("Tessera local cluster is up")),
+            "{:?}",
+            cluster.lines
+        );
+        cluster
+    }
+
+    /// The first administrator's password, as the report prints it.
+    pub fn admin_password(&self) -> String {
+        self.lines
+            .iter()
+            .find_map(|l| l.split("initial password ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no admin password printed: {:?}", self.lines))
+            .to_string()
+    }
+
+    /// The cluster CA's file, as the report prints it (clients check the API with it).
+    pub fn ca_file(&self) -> String {
+        self.lines
+            .iter()
+            .find_map(|l| l.split("issued by it): ").nth(1))
+            .unwrap_or_else(|| panic!("no CA file printed: {:?}", self.lines))
+            .trim()
+            .to_string()
+    }
+
+    /// Stops it with Ctrl-C; it must exit successfully within 90 s.
+    pub fn stop(mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "devcluster did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "devcluster exited with {status}");
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        // Only after a failure: stop the nodes without panicking again.
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
