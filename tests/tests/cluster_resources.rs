@@ -727,6 +727,44 @@ fn volumes_vms_tasks_and_events_through_the_api() {
     assert_eq!(api(&lan, 0, "DELETE", "users/admin", a, None).0, 409);
     assert_eq!(api(&lan, 0, "DELETE", "users/olga", a, None).0, 200);
     assert_eq!(api(&lan, 1, "GET", "vms", Some(&olga), None).0, 401);
+    // Re-created under the same name, the user does not get the old session back.
+    let (code, v) = post(
+        0,
+        "users",
+        json!({ "username": "olga", "password": "initial password 3", "role": "operator" }),
+    );
+    assert_eq!(code, 201, "{v}");
+    let (code, v) = api(&lan, 1, "GET", "vms", Some(&olga), None);
+    assert_eq!(
+        code, 401,
+        "a deleted user's session works again once re-created: {v}"
+    );
+    // An administrator's password reset revokes the user's sessions and tokens.
+    let (_, v) = api(
+        &lan,
+        2,
+        "POST",
+        "login",
+        None,
+        Some(r#"{"username":"olga","password":"initial password 3"}"#),
+    );
+    let olga3 = v["token"].as_str().unwrap().to_string();
+    // Before the reset it authenticates (403 only because the password must change).
+    assert_eq!(api(&lan, 1, "GET", "vms", Some(&olga3), None).0, 403);
+    let (code, v) = api(
+        &lan,
+        0,
+        "PATCH",
+        "users/olga",
+        a,
+        Some(r#"{"password":"reset password 4"}"#),
+    );
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = api(&lan, 1, "GET", "vms", Some(&olga3), None);
+    assert_eq!(
+        code, 401,
+        "a session survived its user's password reset: {v}"
+    );
 
     // Restart every node: the state is all there.
     let (_, before_vms) = api(&lan, 0, "GET", "vms", a, None);

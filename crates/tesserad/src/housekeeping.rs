@@ -90,6 +90,7 @@ mod tests {
             expires_ms,
             kind: kind.into(),
             id: id.into(),
+            credentials: String::new(),
         })
     }
 

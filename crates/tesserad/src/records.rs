@@ -55,4 +55,8 @@ pub struct Session {
     pub(crate) kind: String,
     /// A token's id (its `tokens/<id>` record); unused for logins.
     pub(crate) id: String,
+    /// The user's credentials id when it was issued; it works only while the user still
+    /// has that id (not once the user is re-created or its password reset).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) credentials: String,
 }

@@ -38,6 +38,13 @@ pub(super) struct User {
     pub password_hash: String,
     pub role: Role,
     pub must_change_password: bool,
+    /// Which credentials of this user are valid: a random id given when the user is
+    /// created and replaced when an administrator resets its password. Sessions and tokens
+    /// carry the id they were made under and stop working when it changes, so a deleted
+    /// user re-created under the same name does not get its old sessions back. (Empty in
+    /// records from before it existed, and in their sessions: those still match.)
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub credentials: String,
 }
 
 pub use crate::records::Session;
@@ -123,6 +130,8 @@ pub struct Principal {
     pub role: Role,
     /// The stored session's key (logout deletes it).
     key: String,
+    /// The user's credentials id (see [`User::credentials`]), for tokens it creates.
+    credentials: String,
 }
 
 /// Checks the credentials of a request (bearer token, else session cookie): 401 without
@@ -154,6 +163,12 @@ pub(super) async fn authorize(
         .ok_or_else(|| unauthorized("invalid, expired or revoked credentials"))?;
     let user: User =
         read(&n, USERS, &s.user)?.ok_or_else(|| unauthorized("the user no longer exists"))?;
+    if s.credentials != user.credentials {
+        return Err(unauthorized(
+            "revoked credentials: the user was deleted and created again, or its password \
+             was reset, since they were issued",
+        ));
+    }
     if !allow_must_change && user.must_change_password {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -171,6 +186,7 @@ pub(super) async fn authorize(
         user: s.user,
         role,
         key,
+        credentials: user.credentials,
     })
 }
 
@@ -216,6 +232,7 @@ pub async fn login(State(st): St, Body(req): Body<Login>) -> Result<impl IntoRes
         expires_ms: now_ms() + SESSION_MS,
         kind: "session".into(),
         id: random_id(),
+        credentials: user.credentials.clone(),
     };
     let ops = vec![
         put(SESSIONS, &key_of(&secret), &s),
@@ -309,6 +326,7 @@ pub async fn create_token(
         expires_ms: now_ms() + req.expires_in_s * 1000,
         kind: "token".into(),
         id: id.clone(),
+        credentials: p.credentials.clone(),
     };
     let key = key_of(&secret);
     commit(
@@ -416,6 +434,7 @@ pub async fn create_first_admin(
         password_hash: hash,
         role: Role::Administrator,
         must_change_password: true,
+        credentials: random_id(),
     };
     let txn = Command::Txn {
         require: vec![Require::absent("users", "admin")],

@@ -59,6 +59,7 @@ pub async fn create(
         password_hash: hash_password_async(req.password).await?,
         role: req.role,
         must_change_password: true,
+        credentials: super::auth::random_id(),
     };
     commit(
         &st,
@@ -113,9 +114,14 @@ pub async fn update(
                     "role: cannot demote the last administrator",
                 ));
             }
-            // Another administrator must still be there when this applies.
+            // Another administrator must still be one when this applies: two demoting
+            // each other at once must not both succeed, so its record must be unchanged.
             if let Some(other) = admins.iter().find(|a| **a != name) {
-                require.push(Require::exists(USERS, other));
+                let record: Option<User> = read(&n, USERS, other)?;
+                match record {
+                    Some(r) => require.push(Require::equals(USERS, other, json!(r))),
+                    None => require.push(Require::exists(USERS, other)),
+                }
             }
         }
         user.role = role;
@@ -124,6 +130,8 @@ pub async fn update(
         check_password("password", &pw)?;
         user.password_hash = hash_password_async(pw).await?;
         user.must_change_password = true;
+        // A reset revokes every session and token the user had.
+        user.credentials = super::auth::random_id();
     }
     commit(
         &st,
@@ -159,8 +167,14 @@ pub async fn remove(
     let old: User = read(&n, USERS, &name)?.ok_or_else(|| no_user(&name))?;
     let mut require = vec![Require::exists(USERS, &name)];
     if old.role == Role::Administrator {
-        // The caller is an administrator too; it must still be one when this applies.
-        require.push(Require::exists(USERS, &p.user));
+        // The caller is an administrator too; it must still be one when this applies (its
+        // record unchanged: demoted meanwhile by the administrator deleted here, it would
+        // leave the cluster without one).
+        let caller: Option<User> = read(&n, USERS, &p.user)?;
+        match caller {
+            Some(r) => require.push(Require::equals(USERS, &p.user, json!(r))),
+            None => require.push(Require::exists(USERS, &p.user)),
+        }
     }
     commit(
         &st,
