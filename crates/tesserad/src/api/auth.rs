@@ -78,6 +78,14 @@ pub(super) async fn hash_password_async(pw: String) -> Result<String, ApiError> 
         .map_err(|e| ApiError::internal(e.to_string()))?
 }
 
+/// A hash of a random password nobody knows, made once: logins of unknown users are
+/// checked against it, so they cost the same argon2 work as a wrong password of a real
+/// user and the answer's timing does not tell which usernames exist.
+fn unknown_user_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| hash_password(&secret_hex(32)).unwrap_or_default())
+}
+
 fn password_ok(pw: &str, hash: &str) -> bool {
     PasswordHash::new(hash)
         .is_ok_and(|h| Argon2::default().verify_password(pw.as_bytes(), &h).is_ok())
@@ -213,11 +221,12 @@ pub async fn login(State(st): St, Body(req): Body<Login>) -> Result<impl IntoRes
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         user = read(&n, USERS, &req.username)?;
     }
+    // Verify even for unknown users (against a hash nobody's password matches), so timing
+    // does not tell which names exist.
     let hash = user
         .as_ref()
         .map(|u| u.password_hash.clone())
-        .unwrap_or_default();
-    // Verify even for unknown users so timing does not tell which names exist.
+        .unwrap_or_else(|| unknown_user_hash().to_string());
     let ok = password_ok_async(req.password.clone(), hash).await;
     let Some(user) = user.filter(|_| ok) else {
         return Err(ApiError::new(
@@ -487,4 +496,24 @@ fn write_private_synced(path: &std::path::Path, text: &str) -> std::io::Result<(
         .open(path)?;
     f.write_all(text.as_bytes())?;
     f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_user_costs_a_full_argon2_check_that_never_succeeds() {
+        let h = unknown_user_hash();
+        // A real argon2id hash with the same parameters as users' (so the same work),
+        // not an empty string that fails to parse at once (the timing oracle of #15).
+        let parsed = PasswordHash::new(h).expect("a parsable hash");
+        let real = hash_password("some user's password").unwrap();
+        let real = PasswordHash::new(&real).unwrap();
+        assert_eq!(parsed.algorithm, real.algorithm);
+        assert_eq!(parsed.params, real.params);
+        assert!(!password_ok("", h));
+        assert!(!password_ok("some user's password", h));
+        assert_eq!(unknown_user_hash(), h, "made once");
+    }
 }
