@@ -4,8 +4,8 @@
 //! a certificate from the cluster CA, and a client accepts only a server whose certificate
 //! the cluster CA issued for the node it meant to reach.
 //!
-//! It holds no state of its own: where the CA key lives (the Raft state, sealed) is the
-//! caller's decision.
+//! It holds no state of its own: where the CA key lives is the caller's decision (tesserad
+//! keeps it in the replicated state; docs/security.md says how it is protected there).
 
 #![forbid(unsafe_code)]
 
@@ -127,9 +127,47 @@ impl ClusterCa {
         csr.params = p;
         Ok(csr.signed_by(&ca, &ca_key)?.pem())
     }
+    /// Makes a key and a client-only certificate for user `user` (NBD over TLS: the
+    /// store accepts any certificate of the cluster CA). The key is generated here, by the
+    /// node holding the CA, and handed to the user over the authenticated HTTPS API.
+    /// Returns `(cert_pem, key_pem)`.
+    pub fn issue_client(&self, user: &str) -> Result<(String, String), PkiError> {
+        if user.is_empty() || user.len() > 64 || user.chars().any(|c| c.is_control()) {
+            return Err(PkiError::BadNodeId(user.to_string()));
+        }
+        let ca_key = KeyPair::from_pem(&self.key_pem)?;
+        let ca = CertificateParams::from_ca_cert_pem(&self.cert_pem)?.self_signed(&ca_key)?;
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Tessera");
+        dn.push(DnType::OrganizationalUnitName, "user");
+        dn.push(DnType::CommonName, user);
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        // Short-lived compared with node certificates: there is no revocation list, so
+        // an exported credential stops working by expiring.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        p.not_after = time_from_unix(now + CLIENT_CERT_DAYS * 86_400);
+        let cert = p.signed_by(&key, &ca, &ca_key)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
 }
 
-/// A node's key pair and (once issued) certificate.
+/// How long a user's client certificate ([`ClusterCa::issue_client`]) is valid.
+pub const CLIENT_CERT_DAYS: i64 = 30;
+
+fn time_from_unix(secs: i64) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+// A node's key pair and (once issued) certificate.
 pub struct NodeCredentials {
     /// Private key, PEM (never leaves the node).
     pub key_pem: String,

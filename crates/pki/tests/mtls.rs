@@ -263,3 +263,38 @@ fn the_ca_decides_the_name_not_the_request() {
         Err(PkiError::Cert(_))
     ));
 }
+
+#[tokio::test]
+async fn a_user_client_certificate_is_accepted_as_a_client_of_its_cluster_only() {
+    let ca = ClusterCa::mint("c1").unwrap();
+    let (cert_pem, key_pem) = ca.issue_client("alice").unwrap();
+    let user = NodeCredentials { key_pem, cert_pem };
+    let talked = exchange(
+        (node(&ca, "node-a"), ca.cert_pem.clone()),
+        (user, ca.cert_pem.clone()),
+        "node-a",
+    )
+    .await;
+    assert!(
+        talked.talked(),
+        "a user certificate of the cluster CA must be accepted as a TLS client: client {:?}, server {:?}",
+        talked.client,
+        talked.server
+    );
+    let other = ClusterCa::mint("c2").unwrap();
+    let (cert_pem, key_pem) = other.issue_client("mallory").unwrap();
+    let refused = exchange(
+        (node(&ca, "node-a"), ca.cert_pem.clone()),
+        (NodeCredentials { key_pem, cert_pem }, ca.cert_pem.clone()),
+        "node-a",
+    )
+    .await;
+    assert!(
+        !refused.talked(),
+        "a user certificate of another CA was accepted"
+    );
+    assert!(
+        ca.issue_client("").is_err(),
+        "an empty user name was certified"
+    );
+}
