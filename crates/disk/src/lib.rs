@@ -10,10 +10,11 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::time::Duration;
 
 use nix::fcntl::{fallocate, FallocateFlags};
-use tessera_nbd::{Client, ClientError};
+use tessera_nbd::client_pipelined::{Endpoint, Target, Timeouts, Tls};
+use tessera_nbd::{ClientError, PipelinedClient};
 
 /// Why a disk operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -154,91 +155,220 @@ impl Disk for RawFile {
     }
 }
 
-/// An NBD export (for example a Tessera volume served by the local `tessera-store`).
+/// How an NBD disk connects: TLS credentials and the per-request timeout. The URI says
+/// where; these say what the URI cannot (or should not: keys do not belong in a spec
+/// that is logged).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdOptions {
+    /// CA certificate (PEM) the server's certificate must chain to (`nbds://` only).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// The name the server's certificate must hold; default the URI's host.
+    #[serde(default)]
+    pub tls_hostname: Option<String>,
+    /// Milliseconds a request may take, reconnections included; default 30000.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Default per-request timeout of an NBD disk.
+pub const DEFAULT_NBD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An NBD export (for example a Tessera volume served by the local `tessera-store`),
+/// with requests pipelined on one connection that is re-established when it breaks.
 pub struct NbdDisk {
-    client: Mutex<Client>,
-    size: u64,
+    client: PipelinedClient,
     export: String,
 }
 
-impl NbdDisk {
-    /// Connects to `nbd+unix:///EXPORT?socket=PATH` or `nbd://HOST:PORT/EXPORT`.
-    pub fn connect(uri: &str) -> Result<NbdDisk, DiskError> {
-        let bad = |why: &str| DiskError::BadSpec(uri.to_string(), why.to_string());
-        let (client, export) = if let Some(rest) = uri.strip_prefix("nbd+unix:///") {
-            let (export, query) = rest
-                .split_once('?')
-                .ok_or_else(|| bad("missing ?socket="))?;
-            let socket = query
-                .strip_prefix("socket=")
-                .ok_or_else(|| bad("missing socket="))?;
-            (
-                Client::connect_unix(Path::new(socket), export)?,
-                export.to_string(),
-            )
-        } else if let Some(rest) = uri.strip_prefix("nbd://") {
-            let (addr, export) = rest.split_once('/').ok_or_else(|| bad("missing /EXPORT"))?;
-            (Client::connect_tcp(addr, export)?, export.to_string())
-        } else {
-            return Err(bad(
-                "expected nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH",
-            ));
+/// A parsed NBD URI.
+#[derive(Debug, PartialEq, Eq)]
+struct NbdUri {
+    endpoint: Endpoint,
+    export: String,
+    tls: bool,
+    /// `HOST` of `HOST:PORT` (for the certificate check).
+    host: Option<String>,
+    certificates: Option<PathBuf>,
+    hostname: Option<String>,
+}
+
+fn parse_uri(uri: &str) -> Result<NbdUri, DiskError> {
+    let bad = |why: &str| DiskError::BadSpec(uri.to_string(), why.to_string());
+    let (scheme, rest) = uri.split_once("://").ok_or_else(|| {
+        bad("expected nbd[s]://HOST:PORT/EXPORT or nbd[s]+unix:///EXPORT?socket=PATH")
+    })?;
+    let (tls, unix) = match scheme {
+        "nbd" => (false, false),
+        "nbds" => (true, false),
+        "nbd+unix" => (false, true),
+        "nbds+unix" => (true, true),
+        _ => return Err(bad("unknown scheme (nbd, nbds, nbd+unix, nbds+unix)")),
+    };
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
+    };
+    let (mut socket, mut certificates, mut hostname) = (None, None, None);
+    for pair in query.into_iter().flat_map(|q| q.split('&')) {
+        match pair.split_once('=') {
+            Some(("socket", v)) if unix && !v.is_empty() => socket = Some(PathBuf::from(v)),
+            Some(("tls-certificates", v)) if tls && !v.is_empty() => {
+                certificates = Some(PathBuf::from(v))
+            }
+            Some(("tls-hostname", v)) if tls && !v.is_empty() => hostname = Some(v.to_string()),
+            _ => return Err(bad(&format!("unexpected query parameter {pair:?}"))),
+        }
+    }
+    let (endpoint, export, host) = if unix {
+        let export = rest
+            .strip_prefix('/')
+            .ok_or_else(|| bad("expected nbd+unix:///EXPORT?socket=PATH"))?;
+        let socket = socket.ok_or_else(|| bad("missing ?socket="))?;
+        (Endpoint::Unix(socket), export.to_string(), None)
+    } else {
+        let (addr, export) = rest.split_once('/').ok_or_else(|| bad("missing /EXPORT"))?;
+        if addr.is_empty() {
+            return Err(bad("missing HOST:PORT"));
+        }
+        let host = match addr.rsplit_once(':') {
+            Some((h, _)) => h,
+            None => addr,
         };
-        Ok(NbdDisk {
-            size: client.size(),
-            client: Mutex::new(client),
-            export,
-        })
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        (
+            Endpoint::Tcp(addr.to_string()),
+            export.to_string(),
+            Some(host),
+        )
+    };
+    Ok(NbdUri {
+        endpoint,
+        export,
+        tls,
+        host,
+        certificates,
+        hostname,
+    })
+}
+
+impl NbdDisk {
+    /// Connects to `nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH` in plain
+    /// text, with the default timeout.
+    pub fn connect(uri: &str) -> Result<NbdDisk, DiskError> {
+        Self::connect_with(uri, &NbdOptions::default())
     }
 
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Client) -> Result<T, ClientError>,
-    ) -> Result<T, DiskError> {
-        let mut c = self.client.lock().map_err(|_| {
-            DiskError::Io(std::io::Error::other(
-                "NBD client poisoned by an earlier panic",
-            ))
-        })?;
-        Ok(f(&mut c)?)
+    /// Connects to an NBD URI: `nbd://`, `nbd+unix://`, or with TLS `nbds://HOST:PORT/EXPORT`
+    /// and `nbds+unix:///EXPORT?socket=PATH`. TLS credentials come from `opts` or, as
+    /// libnbd does it, `?tls-certificates=DIR` (holding `ca-cert.pem`, `client-cert.pem`
+    /// and `client-key.pem`); `?tls-hostname=NAME` names the server's certificate.
+    pub fn connect_with(uri: &str, opts: &NbdOptions) -> Result<NbdDisk, DiskError> {
+        let bad = |why: &str| DiskError::BadSpec(uri.to_string(), why.to_string());
+        let u = parse_uri(uri)?;
+        let files = match (&opts.tls_ca, &opts.tls_cert, &opts.tls_key, &u.certificates) {
+            (None, None, None, None) => None,
+            (Some(ca), Some(cert), Some(key), None) => {
+                Some((ca.clone(), cert.clone(), key.clone()))
+            }
+            (None, None, None, Some(dir)) => Some((
+                dir.join("ca-cert.pem"),
+                dir.join("client-cert.pem"),
+                dir.join("client-key.pem"),
+            )),
+            (_, _, _, Some(_)) => {
+                return Err(bad("TLS credentials both in the URI and as options"))
+            }
+            _ => {
+                return Err(bad(
+                    "TLS needs all of a CA certificate, a client certificate and its key",
+                ))
+            }
+        };
+        let tls = match (u.tls, files) {
+            (false, None) => None,
+            (false, Some(_)) => {
+                return Err(bad("TLS credentials given for a plain nbd:// URI (use nbds://)"))
+            }
+            (true, None) => return Err(bad(
+                "nbds:// needs TLS credentials (a CA, client certificate and key, or ?tls-certificates=DIR)",
+            )),
+            (true, Some((ca, cert, key))) => {
+                let name = opts
+                    .tls_hostname
+                    .clone()
+                    .or(u.hostname.clone())
+                    .or(u.host.clone())
+                    .ok_or_else(|| bad("nbds+unix:// needs a TLS hostname (?tls-hostname=NAME)"))?;
+                Some(Tls::from_pem_files(&ca, &cert, &key, &name)?)
+            }
+        };
+        let request = opts
+            .timeout_ms
+            .map_or(DEFAULT_NBD_TIMEOUT, Duration::from_millis);
+        let timeouts = Timeouts {
+            request,
+            connect: request.min(Timeouts::default().connect),
+        };
+        let target = Target {
+            endpoint: u.endpoint,
+            export: u.export.clone(),
+            tls,
+        };
+        Ok(NbdDisk {
+            client: PipelinedClient::connect(target, timeouts)?,
+            export: u.export,
+        })
     }
 }
 
 /// Largest single NBD request we send (the server's advertised maximum is larger).
-const NBD_CHUNK: u64 = 16 << 20;
+const NBD_CHUNK: usize = 16 << 20;
 
 impl Disk for NbdDisk {
     fn size(&self) -> u64 {
-        self.size
+        self.client.size()
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        check(offset, buf.len() as u64, self.size)?;
-        self.with(|c| {
-            for (i, chunk) in buf.chunks_mut(NBD_CHUNK as usize).enumerate() {
-                c.read(offset + i as u64 * NBD_CHUNK, chunk)?;
-            }
-            Ok(())
-        })
+        check(offset, buf.len() as u64, self.size())?;
+        for (i, chunk) in buf.chunks_mut(NBD_CHUNK).enumerate() {
+            let data = self
+                .client
+                .read(offset + (i * NBD_CHUNK) as u64, chunk.len() as u32)?;
+            chunk.copy_from_slice(&data);
+        }
+        Ok(())
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
-        check(offset, data.len() as u64, self.size)?;
-        self.with(|c| {
-            for (i, chunk) in data.chunks(NBD_CHUNK as usize).enumerate() {
-                c.write(offset + i as u64 * NBD_CHUNK, chunk, false)?;
-            }
-            Ok(())
-        })
+        check(offset, data.len() as u64, self.size())?;
+        for (i, chunk) in data.chunks(NBD_CHUNK).enumerate() {
+            self.client
+                .write(offset + (i * NBD_CHUNK) as u64, chunk.to_vec(), false)?;
+        }
+        Ok(())
     }
     fn flush(&self) -> Result<(), DiskError> {
-        self.with(|c| c.flush())
+        Ok(self.client.flush()?)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        check(offset, len, self.size)?;
-        self.with(|c| chunked(offset, len, |o, l| c.trim(o, l)))
+        check(offset, len, self.size())?;
+        Ok(chunked(offset, len, |o, l| self.client.trim(o, l))?)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        check(offset, len, self.size)?;
-        self.with(|c| chunked(offset, len, |o, l| c.write_zeroes(o, l, false)))
+        check(offset, len, self.size())?;
+        Ok(chunked(offset, len, |o, l| {
+            self.client.write_zeroes(o, l, false)
+        })?)
     }
     fn id(&self) -> String {
         self.export.chars().take(20).collect()
@@ -259,10 +389,22 @@ fn chunked(
     Ok(())
 }
 
-/// Opens a disk from a path or an NBD URI.
+/// Opens a disk from a path or an NBD URI (plain NBD, default timeout).
 pub fn open(spec: &str) -> Result<Box<dyn Disk>, DiskError> {
-    if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") {
-        Ok(Box::new(NbdDisk::connect(spec)?))
+    open_with(spec, &NbdOptions::default())
+}
+
+/// Whether `spec` is an NBD URI rather than a file path.
+pub fn is_nbd(spec: &str) -> bool {
+    ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://"]
+        .iter()
+        .any(|p| spec.starts_with(p))
+}
+
+/// Opens a disk from a path or an NBD URI, NBD connections set up with `opts`.
+pub fn open_with(spec: &str, opts: &NbdOptions) -> Result<Box<dyn Disk>, DiskError> {
+    if is_nbd(spec) {
+        Ok(Box::new(NbdDisk::connect_with(spec, opts)?))
     } else {
         Ok(Box::new(RawFile::open(Path::new(spec))?))
     }
@@ -271,6 +413,31 @@ pub fn open(spec: &str) -> Result<Box<dyn Disk>, DiskError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nbd_uris_parse_like_libnbd() {
+        let u = parse_uri(
+            "nbds://[::1]:10809/vol-1?tls-certificates=/etc/pki&tls-hostname=n1.node.tessera",
+        )
+        .unwrap();
+        assert_eq!(u.endpoint, Endpoint::Tcp("[::1]:10809".into()));
+        assert_eq!(u.export, "vol-1");
+        assert!(u.tls);
+        assert_eq!(u.host.as_deref(), Some("::1"));
+        assert_eq!(u.certificates.as_deref(), Some(Path::new("/etc/pki")));
+        assert_eq!(u.hostname.as_deref(), Some("n1.node.tessera"));
+        let u = parse_uri("nbd+unix:///v?socket=/run/s.sock").unwrap();
+        assert_eq!(u.endpoint, Endpoint::Unix("/run/s.sock".into()));
+        assert!(!u.tls);
+        let opts = NbdOptions {
+            tls_ca: Some("/nonexistent/ca.pem".into()),
+            ..NbdOptions::default()
+        };
+        assert!(matches!(
+            open_with("nbds://127.0.0.1:1/v", &opts),
+            Err(DiskError::BadSpec(..))
+        ));
+    }
 
     #[test]
     fn raw_file_reads_writes_discards_and_refuses_out_of_range() {
@@ -305,6 +472,10 @@ mod tests {
             "nbd+unix:///vol",
             "nbd://host-without-export",
             "nbd+unix:///v?sock=x",
+            "nbds://127.0.0.1:1/v",
+            "nbds+unix:///v?socket=/x&tls-certificates=/d",
+            "nbd://127.0.0.1:1/v?tls-certificates=/d",
+            "nbd+unix:///v?socket=/x&bogus=1",
         ] {
             assert!(matches!(open(spec), Err(DiskError::BadSpec(..))), "{spec}");
         }

@@ -39,6 +39,15 @@ pub enum ClientError {
     /// A request failed with this errno.
     #[error("NBD request failed with errno {0}")]
     Errno(u32),
+    /// No reply within the request's deadline (reconnections included).
+    #[error("NBD request timed out")]
+    Timeout,
+    /// TLS could not be set up (credentials, handshake, or a server that requires it).
+    #[error("NBD TLS: {0}")]
+    Tls(String),
+    /// The client is shutting down.
+    #[error("NBD client closed")]
+    Closed,
 }
 
 trait Stream: Read + Write + Send {}

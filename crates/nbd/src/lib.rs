@@ -7,10 +7,12 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod client_pipelined;
 pub mod device;
 pub mod proto;
 pub mod server;
 
 pub use client::{Client, ClientError};
+pub use client_pipelined::PipelinedClient;
 pub use device::{Device, DeviceError, ExportEntry, Exports, Extent};
 pub use server::{bind_unix, serve_connection, serve_tcp, serve_unix, ServerConfig, TlsRequired};
