@@ -34,7 +34,7 @@ pub use events::{Event, EventQuery, StreamQuery, StreamedEvent};
 pub use networks::{Network, NewNetwork};
 pub use tasks::{Task, TaskLog, TaskOp, TaskQuery, TaskState};
 pub use users::{NewUser, UserInfo, UserUpdate};
-pub use vms::{DesiredState, NewVm, Vm, VmUpdate};
+pub use vms::{DesiredState, NewVm, RestartPolicy, Vm, VmState, VmStatus, VmUpdate};
 pub use volumes::{NewClone, NewSnapshot, NewVolume, Snapshot, Volume, VolumeState, VolumeView};
 
 /// The error body of every failed request.

@@ -1,4 +1,4 @@
-//! VM definitions.
+//! VM definitions, their lifecycle requests and the state the node running them reports.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -9,8 +9,67 @@ use utoipa::ToSchema;
 pub enum DesiredState {
     /// Powered off.
     Stopped,
-    /// Running (acted on once VM orchestration lands).
+    /// Running on the node it was placed on.
     Running,
+    /// Placed and started, its vCPUs stopped (state kept).
+    Paused,
+}
+
+/// What a VM is doing, as the node running it reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Its VMM is being started.
+    Starting,
+    /// Its vCPUs run.
+    Running,
+    /// Its vCPUs are stopped, state kept.
+    Paused,
+    /// It is being powered off.
+    Stopping,
+    /// Not running.
+    #[default]
+    Stopped,
+    /// It stopped without being asked to (see `state_reason`), and its restart policy
+    /// does not (or no longer does) restart it.
+    Crashed,
+}
+
+/// What the node does when a VM's VMM ends without being asked to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Leave it `crashed`.
+    Never,
+    /// Restart it after a crash (not after the guest powered itself off), with backoff;
+    /// a crash loop (5 crashes within 10 minutes) ends `crashed`.
+    #[default]
+    OnCrash,
+    /// Restart it whenever it ends, also after the guest powered itself off.
+    Always,
+}
+
+/// The runtime state of a VM as the node running it last reported it
+/// (`vm_status/<name>` in the cluster state).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmStatus {
+    /// The node that reported it (where the VM runs or last ran).
+    pub node: String,
+    /// What the VM is doing.
+    pub state: VmState,
+    /// Why it is in that state (a crash's reason and exit detail), if there is more to
+    /// say than the state.
+    pub reason: Option<String>,
+    /// The VMM's process id on that node, while it runs.
+    pub pid: Option<u32>,
+    /// Restarts by the restart policy since the last start request.
+    pub restarts: u32,
+    /// The start request this state belongs to (the VM's `start_seq`).
+    pub start_seq: u64,
+    /// The reboot request last carried out (the VM's `reboot_seq`).
+    pub reboot_seq: u64,
+    /// When the state last changed (ms since the epoch).
+    pub since_ms: u64,
 }
 
 /// A VM definition.
@@ -35,8 +94,31 @@ pub struct Vm {
     pub node: Option<String>,
     /// What it should be doing.
     pub desired_state: DesiredState,
-    /// What it is doing: always `stopped` until VM orchestration exists.
-    pub actual_state: DesiredState,
+    /// What it is doing, as the node running it reports (`stopped` when no node has).
+    #[serde(default)]
+    pub actual_state: VmState,
+    /// Why it is in that state (a crash's reason and exit detail), if reported.
+    #[serde(default)]
+    pub state_reason: Option<String>,
+    /// The node the scheduler placed it on at its last start (kept while stopped, so a
+    /// stopped VM shows where it last ran).
+    #[serde(default)]
+    pub placed_on: Option<String>,
+    /// The node that last reported its state, if any.
+    #[serde(default)]
+    pub running_on: Option<String>,
+    /// What its node does when its VMM ends unasked.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// Bumped by every start request (a new start also clears a crash loop).
+    #[serde(default)]
+    pub start_seq: u64,
+    /// Bumped by every reboot request.
+    #[serde(default)]
+    pub reboot_seq: u64,
+    /// The next stop is forced at once (a kill), not a power-off request first.
+    #[serde(default)]
+    pub force_stop: bool,
     /// Bumped by every update.
     pub generation: u64,
     /// Created (ms since the epoch).
@@ -118,9 +200,12 @@ pub struct NewVm {
     /// Pin to this node (a node id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    /// Default `stopped`.
+    /// Default `stopped`. A VM created `running` is placed and started at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_state: Option<DesiredState>,
+    /// Default `on-crash`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_policy: Option<RestartPolicy>,
 }
 
 /// Changes to a VM; absent fields stay as they are.
@@ -162,9 +247,13 @@ pub struct VmUpdate {
     /// Pin to this node (a node id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    /// What it should be doing.
+    /// What it should be doing (`running` from `stopped` places and starts it, as
+    /// `POST /vms/{name}/start` does).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_state: Option<DesiredState>,
+    /// What its node does when its VMM ends unasked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_policy: Option<RestartPolicy>,
     /// If given, the update applies only to this generation (optimistic locking).
     #[serde(
         default,

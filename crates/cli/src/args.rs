@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use tessera_api::{DesiredState, Role};
+use tessera_api::{DesiredState, RestartPolicy, Role};
 use tessera_units::parse_size;
 
 use crate::output::Output;
@@ -206,6 +206,9 @@ pub enum VmCmd {
         /// Pin to a node (name or id).
         #[arg(long)]
         node: Option<String>,
+        /// never, on-crash (default) or always.
+        #[arg(long, value_parser = parse_restart_policy)]
+        restart_policy: Option<RestartPolicy>,
     },
     /// List VMs.
     Ls,
@@ -227,15 +230,39 @@ pub enum VmCmd {
         /// Replace the disks (repeat).
         #[arg(long = "disk")]
         disks: Option<Vec<String>>,
-        /// stopped or running.
+        /// stopped, running or paused.
         #[arg(long, value_parser = parse_desired_state)]
         desired_state: Option<DesiredState>,
+        /// never, on-crash or always.
+        #[arg(long, value_parser = parse_restart_policy)]
+        restart_policy: Option<RestartPolicy>,
     },
     /// Delete a VM definition (its volumes stay).
     Rm {
         /// Name.
         name: String,
     },
+    /// Start a VM (placed on a node with room) and wait until it runs.
+    Start(VmAction),
+    /// Stop a VM (power-off, forced after 10 s) and wait until it is stopped.
+    Stop(VmAction),
+    /// Kill a VM's VMM at once.
+    Kill(VmAction),
+    /// Reboot a VM on its node.
+    Reboot(VmAction),
+    /// Pause a running VM.
+    Pause(VmAction),
+    /// Resume a paused VM.
+    Resume(VmAction),
+}
+
+#[derive(clap::Args)]
+pub struct VmAction {
+    /// Name.
+    pub name: String,
+    /// Return once the request is accepted.
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 #[derive(Subcommand)]
@@ -339,7 +366,11 @@ pub fn parse_role(s: &str) -> Result<Role, String> {
 }
 
 pub fn parse_desired_state(s: &str) -> Result<DesiredState, String> {
-    api_word(s).ok_or_else(|| format!("{s:?} is not a state (stopped or running)"))
+    api_word(s).ok_or_else(|| format!("{s:?} is not a state (stopped, running or paused)"))
+}
+
+pub fn parse_restart_policy(s: &str) -> Result<RestartPolicy, String> {
+    api_word(s).ok_or_else(|| format!("{s:?} is not a restart policy (never, on-crash or always)"))
 }
 
 /// An API enum from the word the API spells it with.
@@ -368,7 +399,7 @@ mod tests {
             super::parse_desired_state("running"),
             Ok(DesiredState::Running)
         );
-        assert!(super::parse_desired_state("paused").is_err());
+        assert!(super::parse_desired_state("halted").is_err());
     }
 
     #[test]

@@ -25,6 +25,12 @@ pub const VM_CREATE: Ep = Ep("POST", "/api/v1/vms");
 pub const VM: Ep = Ep("GET", "/api/v1/vms/{name}");
 pub const VM_SET: Ep = Ep("PATCH", "/api/v1/vms/{name}");
 pub const VM_RM: Ep = Ep("DELETE", "/api/v1/vms/{name}");
+pub const VM_START: Ep = Ep("POST", "/api/v1/vms/{name}/start");
+pub const VM_STOP: Ep = Ep("POST", "/api/v1/vms/{name}/stop");
+pub const VM_KILL: Ep = Ep("POST", "/api/v1/vms/{name}/kill");
+pub const VM_REBOOT: Ep = Ep("POST", "/api/v1/vms/{name}/reboot");
+pub const VM_PAUSE: Ep = Ep("POST", "/api/v1/vms/{name}/pause");
+pub const VM_RESUME: Ep = Ep("POST", "/api/v1/vms/{name}/resume");
 pub const NETWORKS: Ep = Ep("GET", "/api/v1/networks");
 pub const NETWORK_CREATE: Ep = Ep("POST", "/api/v1/networks");
 pub const NETWORK_RM: Ep = Ep("DELETE", "/api/v1/networks/{name}");
@@ -59,6 +65,12 @@ pub const ENDPOINTS: &[Ep] = &[
     VM,
     VM_SET,
     VM_RM,
+    VM_START,
+    VM_STOP,
+    VM_KILL,
+    VM_REBOOT,
+    VM_PAUSE,
+    VM_RESUME,
     NETWORKS,
     NETWORK_CREATE,
     NETWORK_RM,

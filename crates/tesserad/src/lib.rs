@@ -34,6 +34,7 @@ mod status;
 mod storage;
 mod tables;
 mod tasks;
+mod vmrun;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -112,6 +113,15 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
             storage: storage.clone(),
         },
     )?;
+    vmrun::start(
+        shared.clone(),
+        vmrun::Local {
+            me: me.0.clone(),
+            data_dir: seed.data_dir.clone(),
+            // tessera-store's default: its NBD socket next to its admin socket.
+            nbd_socket: seed.storage.admin_socket.with_file_name("nbd.sock"),
+        },
+    );
     let (joined_tx, joined_rx) = tokio::sync::mpsc::channel(1);
     let boot = bootstrap::Bootstrap::new(
         seed,

@@ -1,12 +1,19 @@
-//! VM definitions: memory shown in human units, the node by name.
+//! VMs: definitions (memory shown in human units, the node by name) and their lifecycle
+//! (start, stop, kill, reboot, pause, resume), waiting until the VM's node reports the
+//! state asked for.
+
+use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use serde_json::Value;
-use tessera_api::{NewVm, Vm, VmUpdate};
+use tessera_api::{NewVm, Vm, VmState, VmUpdate};
 
-use crate::args::VmCmd;
+use crate::args::{VmAction, VmCmd};
 use crate::client::{decode, Client};
-use crate::endpoints::{Ep, VM, VMS, VM_CREATE, VM_RM, VM_SET};
+use crate::endpoints::{
+    Ep, VM, VMS, VM_CREATE, VM_KILL, VM_PAUSE, VM_REBOOT, VM_RESUME, VM_RM, VM_SET, VM_START,
+    VM_STOP,
+};
 use crate::node_names::NodeNames;
 use crate::output::{col, opt, size, table, word, Output};
 
@@ -23,6 +30,7 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
             kernel,
             cmdline,
             node,
+            restart_policy,
         } => {
             let node = node.map(|n| resolve(client, &n)).transpose()?;
             let body = NewVm {
@@ -35,6 +43,7 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
                 cmdline,
                 node,
                 desired_state: None,
+                restart_policy,
             };
             let v = client.send(VM_CREATE, &[], &body)?;
             show(client, VM_CREATE, &v, out)?;
@@ -51,6 +60,7 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
                         col("DISKS", |v: &Vm| v.disks.join(",")),
                         col("DESIRED", |v: &Vm| word(&v.desired_state)),
                         col("ACTUAL", |v: &Vm| word(&v.actual_state)),
+                        col("ON", |v: &Vm| opt(&v.running_on)),
                     ],
                     out.wide(),
                 )
@@ -66,12 +76,14 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
             memory,
             disks,
             desired_state,
+            restart_policy,
         } => {
             let update = VmUpdate {
                 vcpus,
                 memory_mib: memory.map(mib).transpose()?,
                 disks,
                 desired_state,
+                restart_policy,
                 ..VmUpdate::default()
             };
             let v = client.send(VM_SET, &[&name], &update)?;
@@ -81,8 +93,52 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
             let v = client.call(VM_RM, &[&name], None)?;
             out.print(&v, |_| println!("deleted VM {name}"));
         }
+        VmCmd::Start(a) => act(client, VM_START, a, &[VmState::Running], out)?,
+        VmCmd::Stop(a) => act(client, VM_STOP, a, &[VmState::Stopped], out)?,
+        VmCmd::Kill(a) => act(client, VM_KILL, a, &[VmState::Stopped], out)?,
+        VmCmd::Reboot(a) => act(client, VM_REBOOT, a, &[VmState::Running], out)?,
+        VmCmd::Pause(a) => act(client, VM_PAUSE, a, &[VmState::Paused], out)?,
+        VmCmd::Resume(a) => act(client, VM_RESUME, a, &[VmState::Running], out)?,
     }
     Ok(())
+}
+
+/// Sends a lifecycle request and, unless `--no-wait`, waits (at most 2 minutes) until
+/// the VM's node reports one of `goal`; a crash ends the wait with its reason.
+fn act(client: &Client, ep: Ep, a: VmAction, goal: &[VmState], out: Output) -> anyhow::Result<()> {
+    let accepted = client.call(ep, &[&a.name], None)?;
+    let before: Vm = decode(ep, &accepted)?;
+    if a.no_wait {
+        return show(client, ep, &accepted, out);
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // A reboot first goes through another state: wait for the node to take it up.
+    let mut seen_other = ep.1 != VM_REBOOT.1;
+    loop {
+        let v = client.call(VM, &[&a.name], None)?;
+        let vm: Vm = decode(VM, &v)?;
+        seen_other |=
+            vm.actual_state != before.actual_state || vm.state_reason != before.state_reason;
+        if seen_other && goal.contains(&vm.actual_state) {
+            return show(client, VM, &v, out);
+        }
+        if vm.actual_state == VmState::Crashed {
+            bail!(
+                "VM {} crashed: {}",
+                a.name,
+                vm.state_reason.as_deref().unwrap_or("no reason reported")
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "VM {} is still {} after 2 minutes (asked for {})",
+                a.name,
+                word(&vm.actual_state),
+                word(&goal[0])
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// The API counts memory in MiB.
@@ -124,6 +180,17 @@ fn show(client: &Client, ep: Ep, v: &Value, out: Output) -> anyhow::Result<()> {
     }
     line("desired_state", word(&vm.desired_state));
     line("actual_state", word(&vm.actual_state));
+    if let Some(r) = &vm.state_reason {
+        line("state_reason", r.clone());
+    }
+    line(
+        "running_on",
+        match &vm.running_on {
+            Some(id) => NodeNames::fetch(client)?.name(id),
+            None => "-".to_string(),
+        },
+    );
+    line("restart_policy", word(&vm.restart_policy));
     line("generation", vm.generation.to_string());
     Ok(())
 }

@@ -1,6 +1,8 @@
-//! VM definitions: create, list, show, update, delete, with a desired state. Running them
-//! on a node comes with VM orchestration; until then `actual_state` stays `stopped` and
-//! the API says so instead of pretending.
+//! VMs: definitions (create, list, show, update, delete) and their lifecycle (start,
+//! stop, kill, reboot, pause, resume). A lifecycle request changes the VM's desired state
+//! in the replicated state (a start also places it: `vmrun::scheduler`); the node it is
+//! placed on carries it out (`vmrun`) and reports `vm_status/<name>`, which `GET` merges
+//! in as `actual_state`, `state_reason` and `running_on`.
 //!
 //! A VM claims its volumes (`disk_claims/<volume>` = VM) in the same transaction that
 //! creates or changes it, so a volume is attached to at most one VM and cannot be deleted
@@ -14,14 +16,16 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde_json::json;
 use tessera_api::limits::{MAX_DISKS, MAX_KERNEL_CHARS, MAX_NETWORKS, MEMORY_MIB, VCPUS};
-use tessera_api::{Deleted, NewVm, VmUpdate};
+use tessera_api::{Deleted, NewVm, VmState, VmStatus, VmUpdate};
 use tessera_state::Require;
 
 use super::events::event;
 use super::extract::{Auditor, Auth, Body, Operator, Param, Synced};
-use super::{check_name, commit, del, now_ms, put, read, ApiError, ErrorBody, St};
+use super::{check_name, commit, del, now_ms, put, read, ApiError, ApiState, ErrorBody, St};
 use crate::records::table::{DISK_CLAIMS, NETWORKS, NODES, VMS, VOLUMES};
 use crate::records::{DesiredState, Network, Vm, Volume, VolumeState};
+use crate::vmrun::scheduler::{self, NodeRoom};
+use crate::vmrun::VM_STATUS;
 
 /// Checks the fields of a VM against the rules and the cluster state. What the request
 /// names but the cluster lacks (a volume, a network, a node) is 404.
@@ -96,12 +100,43 @@ fn validate(n: &tessera_state::Node, vm: &Vm) -> Result<(), ApiError> {
     security(("token" = []), ("cookie" = [])),
     responses((status = 200, body = [Vm]), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn list(
-    State(st): St,
-    _: Auth<Auditor>,
-    n: Synced,
-) -> Result<axum::response::Response, ApiError> {
-    super::list_all(&st, &n, VMS)
+pub async fn list(_: Auth<Auditor>, n: Synced) -> Result<Json<Vec<Vm>>, ApiError> {
+    let vms = super::read_all::<Vm>(&n, VMS)?;
+    vms.into_iter()
+        .map(|(_, vm)| with_status(&n, vm))
+        .collect::<Result<_, _>>()
+        .map(Json)
+}
+
+/// The VM as a client sees it: its record with the state its node reports.
+fn with_status(n: &tessera_state::Node, mut vm: Vm) -> Result<Vm, ApiError> {
+    let status: Option<VmStatus> = read(n, VM_STATUS, &vm.name)?;
+    let meant_to_run = vm.desired_state != DesiredState::Stopped;
+    match status {
+        // The node has not taken up the latest start yet.
+        Some(s) if meant_to_run && (s.start_seq < vm.start_seq) => {
+            vm.actual_state = VmState::Starting;
+            vm.running_on = None;
+        }
+        Some(s) => {
+            vm.actual_state = s.state;
+            vm.state_reason = s.reason;
+            vm.running_on = Some(s.node);
+        }
+        None if meant_to_run => vm.actual_state = VmState::Starting,
+        None => vm.actual_state = VmState::Stopped,
+    }
+    Ok(vm)
+}
+
+/// Whether a VMM may still run for the VM (its node has not reported it ended).
+fn may_run(n: &tessera_state::Node, name: &str) -> Result<bool, ApiError> {
+    Ok(read::<VmStatus>(n, VM_STATUS, name)?.is_some_and(|s| {
+        matches!(
+            s.state,
+            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+        )
+    }))
 }
 
 /// One VM.
@@ -116,7 +151,9 @@ pub async fn show(
     Param(name): Param<String>,
     n: Synced,
 ) -> Result<Json<Vm>, ApiError> {
-    super::show_one(&n, VMS, &name, "VM")
+    let vm: Vm =
+        read(&n, VMS, &name)?.ok_or_else(|| ApiError::not_found(format!("no VM {name}")))?;
+    with_status(&n, vm).map(Json)
 }
 
 /// Each network must be unchanged when the VM commits: a network marked for deletion
@@ -167,14 +204,25 @@ pub async fn create(
         kernel: req.kernel,
         cmdline: req.cmdline,
         node: req.node,
-        desired_state: req.desired_state.unwrap_or(DesiredState::Stopped),
-        actual_state: DesiredState::Stopped,
+        desired_state: DesiredState::Stopped,
+        actual_state: VmState::Stopped,
+        state_reason: None,
+        placed_on: None,
+        running_on: None,
+        restart_policy: req.restart_policy.unwrap_or_default(),
+        start_seq: 0,
+        reboot_seq: 0,
+        force_stop: false,
         generation: 1,
         created_ms: now,
         updated_ms: now,
     };
     let n = super::synced(&st).await?;
     validate(&n, &vm)?;
+    let mut vm = vm;
+    if let Some(d) = req.desired_state.filter(|d| *d != DesiredState::Stopped) {
+        start_fields(&st, &n, &mut vm, d)?;
+    }
     let mut require = vec![Require::absent(VMS, &vm.name)];
     let mut ops = vec![put(VMS, &vm.name, &vm)];
     for d in &vm.disks {
@@ -184,6 +232,14 @@ pub async fn create(
     }
     require.extend(network_requirements(&n, &vm));
     ops.push(event("vm.create", &vm.name, &p.user, "VM defined"));
+    if let Some(node) = &vm.placed_on {
+        ops.push(event(
+            "vm.start",
+            &vm.name,
+            &p.user,
+            &format!("start requested on node {node}"),
+        ));
+    }
     commit(&st, require, ops, |r| {
         refusal(r, format!("name: VM {} already exists", vm.name))
     })
@@ -232,10 +288,22 @@ pub async fn update(
     if req.node.is_some() {
         vm.node = req.node;
     }
-    vm.desired_state = req.desired_state.unwrap_or(vm.desired_state);
+    if let Some(r) = req.restart_policy {
+        vm.restart_policy = r;
+    }
     vm.generation += 1;
     vm.updated_ms = now_ms();
     validate(&n, &vm)?;
+    match (old.desired_state, req.desired_state) {
+        (DesiredState::Stopped, Some(d)) if d != DesiredState::Stopped => {
+            start_fields(&st, &n, &mut vm, d)?
+        }
+        (_, Some(d)) => {
+            vm.desired_state = d;
+            vm.force_stop = false;
+        }
+        (_, None) => {}
+    }
     let mut require = vec![Require::equals(VMS, &name, json!(old))];
     let mut ops = vec![put(VMS, &name, &vm)];
     for d in vm.disks.iter().filter(|d| !old.disks.contains(d)) {
@@ -279,12 +347,12 @@ pub async fn remove(
 ) -> Result<Json<Deleted>, ApiError> {
     let old: Vm =
         read(&n, VMS, &name)?.ok_or_else(|| ApiError::not_found(format!("no VM {name}")))?;
-    if old.desired_state == DesiredState::Running {
+    if old.desired_state != DesiredState::Stopped || may_run(&n, &name)? {
         return Err(ApiError::conflict(format!(
-            "VM {name} should be running; set desired_state to stopped first"
+            "VM {name} is running (or not yet reported stopped); stop it first"
         )));
     }
-    let mut ops = vec![del(VMS, &name)];
+    let mut ops = vec![del(VMS, &name), del(VM_STATUS, &name)];
     ops.extend(old.disks.iter().map(|d| del(DISK_CLAIMS, d)));
     ops.push(event("vm.delete", &name, &p.user, "VM deleted"));
     commit(
@@ -296,3 +364,237 @@ pub async fn remove(
     .await?;
     Ok(Json(Deleted { deleted: name }))
 }
+
+/// What each node has and what the VMs placed on it take, for the scheduler. The VM
+/// `except` (the one being placed) is not counted.
+fn rooms(st: &ApiState, n: &tessera_state::Node, except: &str) -> Result<Vec<NodeRoom>, ApiError> {
+    let nodes = super::read_all::<serde_json::Value>(n, NODES)?;
+    let vms = super::read_all::<Vm>(n, VMS)?;
+    let heard = st.heard.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let own_metrics = st.metrics.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Ok(nodes
+        .into_iter()
+        .map(|(id, rec)| {
+            let me = id == st.me.0;
+            let metrics = if me { &own_metrics } else { &rec["metrics"] };
+            let up = me || crate::health::state(heard.get(&id).map(|t| t.elapsed())) == "up";
+            let placed = vms.iter().map(|(_, v)| v).filter(|v| {
+                v.name != except
+                    && v.placed_on.as_deref() == Some(id.as_str())
+                    && v.desired_state != DesiredState::Stopped
+            });
+            let (allocated_mib, allocated_vcpus) = placed.fold((0, 0), |(m, c), v| {
+                (m + v.memory_mib, c + u64::from(v.vcpus))
+            });
+            NodeRoom {
+                name: rec["name"].as_str().unwrap_or(&id).to_string(),
+                up,
+                memory_mib: metrics["memory_total"].as_u64().unwrap_or(0) / (1024 * 1024),
+                cpus: metrics["cpus"].as_u64().unwrap_or(0),
+                allocated_mib,
+                allocated_vcpus,
+                id,
+            }
+        })
+        .collect())
+}
+
+/// Sets the fields of a start: desired state `d`, the node the scheduler picks, a new
+/// start sequence. Refuses (409) a VM that cannot run: no kernel, more disks than the
+/// VMM serves, a disk that is not ready, no node with room.
+fn start_fields(
+    st: &ApiState,
+    n: &tessera_state::Node,
+    vm: &mut Vm,
+    d: DesiredState,
+) -> Result<(), ApiError> {
+    if vm.kernel.is_none() {
+        return Err(ApiError::conflict(format!(
+            "VM {} has no kernel to boot; set kernel first",
+            vm.name
+        )));
+    }
+    if vm.disks.len() > 1 {
+        return Err(ApiError::conflict(
+            "disks: tessera-vmm serves one disk today; a VM with more cannot start yet",
+        ));
+    }
+    if !vm.networks.is_empty() {
+        return Err(ApiError::conflict(
+            "networks: tessera-vmm has no network device yet; a VM with networks cannot start yet",
+        ));
+    }
+    let disk_node = match vm.disks.first() {
+        None => None,
+        Some(d) => {
+            let v: Volume = read(n, VOLUMES, d)?
+                .ok_or_else(|| ApiError::not_found(format!("disks: no volume {d}")))?;
+            if v.state != VolumeState::Ready {
+                return Err(ApiError::conflict(format!(
+                    "disks: volume {d} is not ready"
+                )));
+            }
+            Some(v.node)
+        }
+    };
+    let rooms = rooms(st, n, &vm.name)?;
+    let req = scheduler::Request {
+        memory_mib: vm.memory_mib,
+        vcpus: u64::from(vm.vcpus),
+        pinned: vm.node.clone(),
+        disk_node,
+    };
+    let node = scheduler::place(&rooms, &req).map_err(|e| match e {
+        scheduler::Refusal::NoSuchNode(_) => ApiError::not_found(e.to_string()),
+        _ => ApiError::conflict(e.to_string()),
+    })?;
+    vm.placed_on = Some(node);
+    vm.desired_state = d;
+    vm.start_seq += 1;
+    vm.force_stop = false;
+    Ok(())
+}
+
+/// The lifecycle operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Start,
+    Stop,
+    Kill,
+    Reboot,
+    Pause,
+    Resume,
+}
+
+/// Applies `action` to VM `name`: one compare-and-swap of its record with the event; the
+/// node it is placed on carries it out. 202 with the VM as it is now.
+async fn act(
+    st: &ApiState,
+    user: &str,
+    name: &str,
+    action: Action,
+) -> Result<(StatusCode, Json<Vm>), ApiError> {
+    let n = super::synced(st).await?;
+    let old: Vm =
+        read(&n, VMS, name)?.ok_or_else(|| ApiError::not_found(format!("no VM {name}")))?;
+    let mut vm = old.clone();
+    let not = |what: &str| {
+        Err(ApiError::conflict(format!(
+            "VM {name} is {what} (desired state {})",
+            match old.desired_state {
+                DesiredState::Stopped => "stopped",
+                DesiredState::Running => "running",
+                DesiredState::Paused => "paused",
+            }
+        )))
+    };
+    let message = match (action, old.desired_state) {
+        (Action::Start, DesiredState::Stopped) => {
+            if may_run(&n, name)? {
+                return Err(ApiError::conflict(format!(
+                    "VM {name} is still stopping; try again once it is stopped"
+                )));
+            }
+            start_fields(st, &n, &mut vm, DesiredState::Running)?;
+            format!(
+                "start requested on node {}",
+                vm.placed_on.as_deref().unwrap_or("?")
+            )
+        }
+        (Action::Start, _) => return not("already started"),
+        (Action::Stop | Action::Kill, DesiredState::Stopped) if !may_run(&n, name)? => {
+            return not("not running")
+        }
+        (Action::Stop, _) => {
+            vm.desired_state = DesiredState::Stopped;
+            vm.force_stop = false;
+            "stop requested (power-off)".to_string()
+        }
+        (Action::Kill, _) => {
+            vm.desired_state = DesiredState::Stopped;
+            vm.force_stop = true;
+            "kill requested".to_string()
+        }
+        (Action::Reboot, DesiredState::Running | DesiredState::Paused) => {
+            vm.reboot_seq += 1;
+            vm.desired_state = DesiredState::Running;
+            "reboot requested".to_string()
+        }
+        (Action::Reboot, _) => return not("not running"),
+        (Action::Pause, DesiredState::Running) => {
+            vm.desired_state = DesiredState::Paused;
+            "pause requested".to_string()
+        }
+        (Action::Pause, _) => return not("not running"),
+        (Action::Resume, DesiredState::Paused) => {
+            vm.desired_state = DesiredState::Running;
+            "resume requested".to_string()
+        }
+        (Action::Resume, _) => return not("not paused"),
+    };
+    vm.generation += 1;
+    vm.updated_ms = now_ms();
+    let kind = format!("vm.{}", format!("{action:?}").to_lowercase());
+    commit(
+        st,
+        vec![Require::equals(VMS, name, json!(old))],
+        vec![put(VMS, name, &vm), event(&kind, name, user, &message)],
+        |_| format!("VM {name} changed meanwhile; try again"),
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(with_status(&n, vm)?)))
+}
+
+macro_rules! lifecycle {
+    ($fn:ident, $action:expr, $path:literal, $id:literal, $doc:literal) => {
+        #[doc = $doc]
+        #[utoipa::path(post, path = $path, tag = "vms", operation_id = $id,
+            params(("name" = String, Path)),
+            security(("token" = []), ("cookie" = [])),
+            responses((status = 202, body = Vm, description = "Accepted: the VM's node carries it out; follow actual_state"),
+                (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+                (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+                (status = 409, body = ErrorBody, description = "The VM's state does not allow it, or no node can run it (the message says why)"),
+                (status = 503, body = ErrorBody)))]
+        pub async fn $fn(
+            State(st): St,
+            p: Auth<Operator>,
+            Param(name): Param<String>,
+        ) -> Result<(StatusCode, Json<Vm>), ApiError> {
+            act(&st, &p.user, &name, $action).await
+        }
+    };
+}
+
+lifecycle!(start, Action::Start, "/api/v1/vms/{name}/start", "start_vm",
+    "Start a VM: the scheduler places it on an up node with room (its disk's node, or the pinned one) and that node starts its VMM.");
+lifecycle!(stop, Action::Stop, "/api/v1/vms/{name}/stop", "stop_vm",
+    "Stop a VM: a power-off through its VMM (there is no guest-visible ACPI request yet), killed if that does not end it within 10 s.");
+lifecycle!(
+    kill,
+    Action::Kill,
+    "/api/v1/vms/{name}/kill",
+    "kill_vm",
+    "Kill a VM's VMM at once (SIGKILL)."
+);
+lifecycle!(
+    reboot,
+    Action::Reboot,
+    "/api/v1/vms/{name}/reboot",
+    "reboot_vm",
+    "Reboot a VM: its VMM is powered off and started again on the same node."
+);
+lifecycle!(
+    pause,
+    Action::Pause,
+    "/api/v1/vms/{name}/pause",
+    "pause_vm",
+    "Pause a running VM (its vCPUs stop; memory and devices are kept)."
+);
+lifecycle!(
+    resume,
+    Action::Resume,
+    "/api/v1/vms/{name}/resume",
+    "resume_vm",
+    "Resume a paused VM."
+);

@@ -1,0 +1,509 @@
+//! Running VMs on this node: the scheduler (pure placement, used by the API), the
+//! supervisor (the VMM processes, detached from `tesserad`) and the reconciler, which
+//! makes this node's VMMs match the VMs placed on it and reports their state in
+//! `vm_status/<name>`.
+//!
+//! The reconciler wakes on every change of the cluster state and every second. For each
+//! VM placed on this node and meant to run (or be paused) it adopts a VMM left by an
+//! earlier `tesserad` (its runtime directory's `run.json`, a live `tessera-vmm` process),
+//! or starts one; it pauses, resumes and reboots as asked; it stops VMMs of VMs no longer
+//! meant to run here (power-off through the control socket, SIGKILL if that fails or
+//! for a kill). A VMM that ends unasked is restarted or left `crashed` by the VM's
+//! restart policy.
+
+pub mod scheduler;
+pub mod supervisor;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tessera_api::{DesiredState, RestartPolicy, Vm, VmState, VmStatus, Volume};
+use tessera_state::{Command, Node, Require};
+
+use crate::now_ms;
+use crate::records::table::{VMS, VOLUMES};
+use crate::tables::{event, get, put};
+use supervisor::{Ending, Exits, RunDir, RunInfo};
+
+/// `vm_status/<name>`: [`VmStatus`], written by the node running the VM.
+pub const VM_STATUS: &str = "vm_status";
+
+/// Crashes within this window that make a crash loop.
+const CRASH_WINDOW: Duration = Duration::from_secs(600);
+/// Crashes within [`CRASH_WINDOW`] after which the VM is left `crashed`.
+const CRASH_LIMIT: usize = 5;
+/// How long a power-off may take before the VMM is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What this node's reconciler needs to know about itself.
+#[derive(Clone, Debug)]
+pub struct Local {
+    /// This node's id.
+    pub me: String,
+    /// Where runtime directories live (`<data_dir>/vms`).
+    pub data_dir: PathBuf,
+    /// The local store's NBD Unix socket.
+    pub nbd_socket: PathBuf,
+}
+
+/// A VMM this node runs.
+struct Running {
+    info: RunInfo,
+    state: VmState,
+    /// When a stop was asked (power-off sent), to force it after [`STOP_TIMEOUT`].
+    stopping_since: Option<Instant>,
+}
+
+/// Restart bookkeeping of one VM.
+#[derive(Default)]
+struct Crashes {
+    start_seq: u64,
+    times: Vec<Instant>,
+    not_before: Option<Instant>,
+}
+
+struct Reconciler {
+    node: Arc<Node>,
+    local: Local,
+    exits: Exits,
+    running: HashMap<String, Running>,
+    crashes: HashMap<String, Crashes>,
+    /// Reason of the last ending per VM, for the status.
+    reasons: HashMap<String, String>,
+}
+
+/// Starts the reconciler once `node` has a Raft member.
+pub fn start(shared: crate::SharedNode, local: Local) {
+    tokio::spawn(async move {
+        let node = loop {
+            if let Some(n) = shared.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                break n;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        // The local copy may lag right after a restart; catch up first (best effort).
+        let _ = node.sync().await;
+        let mut r = Reconciler {
+            node: node.clone(),
+            local,
+            exits: Exits::default(),
+            running: HashMap::new(),
+            crashes: HashMap::new(),
+            reasons: HashMap::new(),
+        };
+        r.adopt_all();
+        let mut rx = node.state.subscribe();
+        loop {
+            r.tick().await;
+            if tokio::time::timeout(Duration::from_secs(1), rx.changed())
+                .await
+                .is_ok_and(|res| res.is_err())
+            {
+                return;
+            }
+        }
+    });
+}
+
+fn desired_here(vm: &Vm, me: &str) -> bool {
+    vm.placed_on.as_deref() == Some(me)
+        && matches!(
+            vm.desired_state,
+            DesiredState::Running | DesiredState::Paused
+        )
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::task::spawn_blocking(f).await.ok()
+}
+
+impl Reconciler {
+    fn dir(&self, name: &str) -> RunDir {
+        RunDir::new(&self.local.data_dir, name)
+    }
+
+    /// Takes over every VMM an earlier `tesserad` left running on this node.
+    fn adopt_all(&mut self) {
+        for name in supervisor::run_dirs(&self.local.data_dir) {
+            if let Some(info) = supervisor::find_running(&self.dir(&name), &self.exits) {
+                tracing::info!(vm = %name, pid = info.pid, "re-adopting a running VMM");
+                self.running.insert(
+                    name,
+                    Running {
+                        info,
+                        state: VmState::Running,
+                        stopping_since: None,
+                    },
+                );
+            }
+        }
+    }
+
+    async fn tick(&mut self) {
+        let vms: Vec<Vm> = self.node.state.read(|t| {
+            t.get(VMS)
+                .map(|t| {
+                    t.values()
+                        .filter_map(|v| serde_json::from_value::<Vm>(v.clone()).ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        let me = self.local.me.clone();
+        let wanted: HashMap<String, Vm> = vms
+            .into_iter()
+            .filter(|v| desired_here(v, &me))
+            .map(|v| (v.name.clone(), v))
+            .collect();
+        // Stop what should not run here (deleted, stopped, placed elsewhere).
+        let unwanted: Vec<String> = self
+            .running
+            .keys()
+            .filter(|n| !wanted.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in unwanted {
+            let vm: Option<Vm> = get(&self.node, VMS, &name);
+            self.stop(&name, vm.as_ref().is_some_and(|v| v.force_stop))
+                .await;
+        }
+        for vm in wanted.values() {
+            self.keep(vm).await;
+        }
+    }
+
+    /// Stops the VMM of `name`: a power-off request, then SIGKILL after the timeout (at
+    /// once when `force`).
+    async fn stop(&mut self, name: &str, force: bool) {
+        let Some(r) = self.running.get_mut(name) else {
+            return;
+        };
+        let pid = r.info.pid;
+        if supervisor::alive(pid, &self.exits) {
+            let since = *r.stopping_since.get_or_insert_with(Instant::now);
+            r.state = VmState::Stopping;
+            if force || since.elapsed() > STOP_TIMEOUT {
+                supervisor::kill(pid);
+            } else {
+                let sock = self.dir(name).api_socket();
+                let res =
+                    blocking(move || supervisor::call(&sock, json!({"type": "power_off"}))).await;
+                if let Some(Err(e)) = res {
+                    tracing::warn!(vm = %name, error = %e, "power-off refused; killing the VMM");
+                    supervisor::kill(pid);
+                }
+            }
+            // Wait briefly for the process to go, so the status says stopped at once.
+            for _ in 0..50 {
+                if !supervisor::alive(pid, &self.exits) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if supervisor::alive(pid, &self.exits) {
+                self.report(name, VmState::Stopping, None, Some(pid)).await;
+                return;
+            }
+        }
+        let _ = self.exits.take(pid);
+        self.running.remove(name);
+        supervisor::forget(&self.dir(name));
+        self.reasons.remove(name);
+        let reason = if force {
+            "killed on request"
+        } else {
+            "stopped on request (power-off)"
+        };
+        self.report(name, VmState::Stopped, Some(reason.into()), None)
+            .await;
+    }
+
+    /// Keeps VM `vm` (meant to run here) running, paused, or rebooted as asked.
+    async fn keep(&mut self, vm: &Vm) {
+        let name = vm.name.clone();
+        let dir = self.dir(&name);
+        let crashes = self.crashes.entry(name.clone()).or_default();
+        if crashes.start_seq != vm.start_seq {
+            *crashes = Crashes {
+                start_seq: vm.start_seq,
+                ..Crashes::default()
+            };
+        }
+        let Some(r) = self.running.get(&name) else {
+            return self.launch_or_hold(vm).await;
+        };
+        let pid = r.info.pid;
+        if !supervisor::alive(pid, &self.exits) {
+            let status = self.exits.take(pid);
+            let tail = supervisor::log_tail(&dir);
+            self.running.remove(&name);
+            supervisor::forget(&dir);
+            return self.ended(vm, supervisor::ending(status, &tail)).await;
+        }
+        if vm.reboot_seq > r.info.reboot_seq {
+            // A reboot: power off (killed if need be) and start again at once.
+            let sock = dir.api_socket();
+            let _ = blocking(move || supervisor::call(&sock, json!({"type": "power_off"}))).await;
+            for _ in 0..100 {
+                if !supervisor::alive(pid, &self.exits) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            supervisor::kill(pid);
+            let _ = self.exits.take(pid);
+            self.running.remove(&name);
+            supervisor::forget(&dir);
+            self.reasons.insert(
+                name.clone(),
+                format!("rebooted on request (reboot {})", vm.reboot_seq),
+            );
+            return self.launch_or_hold(vm).await;
+        }
+        let sock = dir.api_socket();
+        let described = blocking(move || supervisor::call(&sock, json!({"type": "describe"})))
+            .await
+            .and_then(|r| r.ok());
+        let Some(d) = described else {
+            // Alive but not answering (yet: a VMM that just started binds its socket
+            // after loading the kernel).
+            return;
+        };
+        let mut state = match d["state"].as_str() {
+            Some("running") => VmState::Running,
+            Some("paused") => VmState::Paused,
+            _ => return, // stopped: the process exits at once; seen next tick
+        };
+        let op = match (vm.desired_state, state) {
+            (DesiredState::Paused, VmState::Running) => Some(("pause", VmState::Paused)),
+            (DesiredState::Running, VmState::Paused) => Some(("resume", VmState::Running)),
+            _ => None,
+        };
+        if let Some((op, after)) = op {
+            let sock = dir.api_socket();
+            match blocking(move || supervisor::call(&sock, json!({ "type": op }))).await {
+                Some(Ok(_)) => state = after,
+                Some(Err(e)) => tracing::warn!(vm = %name, error = %e, "{op} failed"),
+                None => {}
+            }
+        }
+        if let Some(r) = self.running.get_mut(&name) {
+            r.state = state;
+        }
+        let reason = self.reasons.get(&name).cloned();
+        self.report(&name, state, reason, Some(pid)).await;
+    }
+
+    /// A VM meant to run here has no VMM: start one, unless its restart policy or its
+    /// backoff says to wait, or it already crashed for this start.
+    async fn launch_or_hold(&mut self, vm: &Vm) {
+        let name = vm.name.clone();
+        let status: Option<VmStatus> = get(&self.node, VM_STATUS, &name);
+        if let Some(s) = status.as_ref().filter(|s| {
+            s.node == self.local.me && s.start_seq == vm.start_seq && s.reboot_seq == vm.reboot_seq
+        }) {
+            match s.state {
+                VmState::Crashed => return,
+                // It ran for this start, and no VMM is left: it ended while no
+                // tesserad watched.
+                VmState::Running | VmState::Paused | VmState::Stopping
+                    if self
+                        .crashes
+                        .get(&name)
+                        .is_none_or(|c| c.not_before.is_none()) =>
+                {
+                    let tail = supervisor::log_tail(&self.dir(&name));
+                    return self.ended(vm, supervisor::ending(None, &tail)).await;
+                }
+                _ => {}
+            }
+        }
+        if self
+            .crashes
+            .get(&name)
+            .and_then(|c| c.not_before)
+            .is_some_and(|t| Instant::now() < t)
+        {
+            return;
+        }
+        let spec = match self.launch_spec(vm) {
+            Ok(s) => s,
+            Err(why) => return self.report(&name, VmState::Crashed, Some(why), None).await,
+        };
+        let dir = self.dir(&name);
+        let exits = self.exits.clone();
+        let seqs = (vm.start_seq, vm.reboot_seq);
+        let n = name.clone();
+        let res = blocking(move || supervisor::launch(&dir, &n, &spec, seqs, &exits)).await;
+        match res {
+            Some(Ok(info)) => {
+                tracing::info!(vm = %name, pid = info.pid, "VMM started");
+                let pid = info.pid;
+                self.running.insert(
+                    name.clone(),
+                    Running {
+                        info,
+                        state: VmState::Starting,
+                        stopping_since: None,
+                    },
+                );
+                let reason = self.reasons.get(&name).cloned();
+                self.report(&name, VmState::Starting, reason, Some(pid))
+                    .await;
+            }
+            Some(Err(e)) => {
+                self.report(&name, VmState::Crashed, Some(e.to_string()), None)
+                    .await
+            }
+            None => {}
+        }
+    }
+
+    fn launch_spec(&self, vm: &Vm) -> Result<supervisor::Launch, String> {
+        let kernel = vm.kernel.clone().ok_or("the VM has no kernel to boot")?;
+        let disk = match vm.disks.first() {
+            None => None,
+            Some(d) => {
+                let v: Volume = get(&self.node, VOLUMES, d)
+                    .ok_or_else(|| format!("its disk, volume {d}, does not exist"))?;
+                if v.node != self.local.me {
+                    return Err(format!(
+                        "its disk, volume {d}, is on node {}, not here",
+                        v.node
+                    ));
+                }
+                Some(format!(
+                    "nbd+unix:///{d}?socket={}",
+                    self.local.nbd_socket.display()
+                ))
+            }
+        };
+        Ok(supervisor::Launch {
+            kernel,
+            cmdline: vm.cmdline.clone(),
+            memory_mib: vm.memory_mib,
+            vcpus: vm.vcpus,
+            disk,
+        })
+    }
+
+    /// A VMM ended unasked: restart it, leave it crashed, or (the guest powered off)
+    /// record the VM as stopped, by its restart policy.
+    async fn ended(&mut self, vm: &Vm, how: Ending) {
+        let name = vm.name.clone();
+        let (crash, reason) = match how {
+            Ending::GuestOff(r) => (false, r),
+            Ending::Requested => (false, "powered off through its control socket".into()),
+            Ending::Crash(r) => (true, r),
+        };
+        tracing::info!(vm = %name, crash, %reason, "VMM ended");
+        if !crash && vm.restart_policy != RestartPolicy::Always {
+            // The guest is off for good: so is the VM's desired state.
+            let mut stopped = vm.clone();
+            stopped.desired_state = DesiredState::Stopped;
+            stopped.force_stop = false;
+            let _ = self
+                .node
+                .write(Command::Txn {
+                    require: vec![Require::equals(VMS, &name, json!(vm))],
+                    ops: vec![
+                        put(VMS, &name, &stopped),
+                        event("vm.stopped", &name, "tesserad", &reason),
+                    ],
+                })
+                .await;
+            self.reasons.remove(&name);
+            return self
+                .report(&name, VmState::Stopped, Some(reason), None)
+                .await;
+        }
+        let c = self.crashes.entry(name.clone()).or_default();
+        let now = Instant::now();
+        c.times.retain(|t| now.duration_since(*t) < CRASH_WINDOW);
+        c.times.push(now);
+        let n = c.times.len();
+        let give_up = vm.restart_policy == RestartPolicy::Never || n >= CRASH_LIMIT;
+        if give_up {
+            c.not_before = None;
+            let why = if vm.restart_policy == RestartPolicy::Never {
+                format!("{reason} (restart policy never)")
+            } else {
+                format!("{reason} (crash loop: {n} crashes within 10 minutes; not restarted)")
+            };
+            let _ = self
+                .node
+                .write(Command::Txn {
+                    require: vec![Require::exists(VMS, &name)],
+                    ops: vec![event("vm.crashed", &name, "tesserad", &why)],
+                })
+                .await;
+            self.reasons.remove(&name);
+            return self.report(&name, VmState::Crashed, Some(why), None).await;
+        }
+        let backoff = Duration::from_secs(1 << (n - 1).min(5));
+        c.not_before = Some(now + backoff);
+        let why = format!(
+            "restarting in {} s after: {reason} (restart {n})",
+            backoff.as_secs()
+        );
+        let _ = self
+            .node
+            .write(Command::Txn {
+                require: vec![Require::exists(VMS, &name)],
+                ops: vec![event("vm.restart", &name, "tesserad", &why)],
+            })
+            .await;
+        self.reasons
+            .insert(name.clone(), format!("restarted after: {reason}"));
+        self.report(&name, VmState::Starting, Some(why), None).await;
+    }
+
+    /// Records the VM's state in `vm_status/<name>` if it changed (while the VM exists).
+    async fn report(&self, name: &str, state: VmState, reason: Option<String>, pid: Option<u32>) {
+        let Some(vm) = get::<Vm>(&self.node, VMS, name) else {
+            return;
+        };
+        let old: Option<VmStatus> = get(&self.node, VM_STATUS, name);
+        let restarts = self
+            .crashes
+            .get(name)
+            .filter(|c| c.start_seq == vm.start_seq)
+            .map_or(0, |c| c.times.len() as u32);
+        let (start_seq, reboot_seq) = match self.running.get(name) {
+            Some(r) => (r.info.start_seq, r.info.reboot_seq),
+            None => (vm.start_seq, vm.reboot_seq),
+        };
+        let new = VmStatus {
+            node: self.local.me.clone(),
+            state,
+            reason,
+            pid,
+            restarts,
+            start_seq,
+            reboot_seq,
+            since_ms: now_ms(),
+        };
+        if let Some(o) = &old {
+            let same = VmStatus {
+                since_ms: o.since_ms,
+                ..new.clone()
+            };
+            if &same == o {
+                return;
+            }
+        }
+        let res = self
+            .node
+            .write(Command::Txn {
+                require: vec![Require::exists(VMS, name)],
+                ops: vec![put(VM_STATUS, name, &new)],
+            })
+            .await;
+        if let Err(e) = res {
+            tracing::warn!(vm = %name, error = %e, "VM state not recorded yet");
+        }
+    }
+}
