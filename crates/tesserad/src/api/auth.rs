@@ -26,7 +26,8 @@ use tessera_state::{Command, Require};
 
 pub use tessera_api::Role;
 
-use super::extract::{Administrator, Anyone, Auth, Body, Param, Synced};
+use super::extract::{Administrator, Anyone, Auth, Body, Param, Peer, Synced};
+use super::login_limit;
 use super::{commit, del, node, now_ms, put, read, read_all, ApiError, ApiState, ErrorBody, St};
 use crate::records::table::{SESSIONS, TOKENS, USERS};
 
@@ -71,8 +72,15 @@ pub(super) fn hash_password(pw: &str) -> Result<String, ApiError> {
         .map_err(|e| ApiError::internal(format!("hashing: {e}")))
 }
 
-/// Hashes off the async threads (argon2 takes tens of milliseconds on purpose).
+/// The answer when argon2's turns stay taken (see [`login_limit::argon2_turn`]).
+fn argon2_busy() -> ApiError {
+    ApiError::unavailable("too many password checks in progress; try again in a second")
+}
+
+/// Hashes off the async threads (argon2 takes tens of milliseconds on purpose), when a
+/// turn is free.
 pub(super) async fn hash_password_async(pw: String) -> Result<String, ApiError> {
+    let _turn = login_limit::argon2_turn().await.ok_or_else(argon2_busy)?;
     tokio::task::spawn_blocking(move || hash_password(&pw))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
@@ -91,10 +99,12 @@ fn password_ok(pw: &str, hash: &str) -> bool {
         .is_ok_and(|h| Argon2::default().verify_password(pw.as_bytes(), &h).is_ok())
 }
 
-async fn password_ok_async(pw: String, hash: String) -> bool {
-    tokio::task::spawn_blocking(move || password_ok(&pw, &hash))
+/// Checks off the async threads, when a turn is free (503 after waiting too long).
+async fn password_ok_async(pw: String, hash: String) -> Result<bool, ApiError> {
+    let _turn = login_limit::argon2_turn().await.ok_or_else(argon2_busy)?;
+    Ok(tokio::task::spawn_blocking(move || password_ok(&pw, &hash))
         .await
-        .unwrap_or(false)
+        .unwrap_or(false))
 }
 
 /// The rules for new passwords: 12 to 1024 characters, none a control character (a
@@ -205,14 +215,61 @@ fn session_cookie(secret: &str, max_age_s: u64) -> Result<HeaderValue, ApiError>
     .map_err(|e| ApiError::internal(e.to_string()))
 }
 
+/// An answer with `Retry-After` (whole seconds, at least 1).
+fn retry_after(e: ApiError, wait: std::time::Duration) -> axum::response::Response {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    (
+        AppendHeaders([(header::RETRY_AFTER, secs.max(1).to_string())]),
+        e,
+    )
+        .into_response()
+}
+
 /// Log in with a username and password: returns a session token and sets the session
-/// cookie.
+/// cookie. Failed logins slow down further attempts from the same address and for the
+/// same username (429 with `Retry-After`).
 #[utoipa::path(post, path = "/api/v1/login", tag = "auth", operation_id = "login",
     request_body = Login,
     responses((status = 200, body = LoginReply), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn login(State(st): St, Body(req): Body<Login>) -> Result<impl IntoResponse, ApiError> {
-    let n = node(&st)?;
+        (status = 401, body = ErrorBody),
+        (status = 429, body = ErrorBody, description = "Too many failed logins from this \
+            address or for this user: wait as long as `Retry-After` says"),
+        (status = 503, body = ErrorBody)))]
+pub async fn login(
+    State(st): St,
+    Peer(peer): Peer,
+    Body(req): Body<Login>,
+) -> Result<axum::response::Response, axum::response::Response> {
+    let throttle = login_limit::throttle();
+    if let Err(wait) = throttle.begin(peer, &req.username, std::time::Instant::now()) {
+        tracing::debug!(?peer, "login refused: back-off after failed logins");
+        return Err(retry_after(
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many failed logins from this address or for this user; wait and try again",
+            ),
+            wait,
+        ));
+    }
+    let reply = login_checked(&st, req).await;
+    if let Ok((_, ref user)) = reply {
+        throttle.succeeded(peer, user);
+    }
+    match reply {
+        Ok((r, _)) => Ok(r),
+        Err(e) if e.0 == StatusCode::SERVICE_UNAVAILABLE => {
+            Err(retry_after(e, std::time::Duration::from_secs(1)))
+        }
+        Err(e) => Err(e.into_response()),
+    }
+}
+
+/// Login once the throttle let it through: the answer and the user logged in.
+async fn login_checked(
+    st: &ApiState,
+    req: Login,
+) -> Result<(axum::response::Response, String), ApiError> {
+    let n = node(st)?;
     let mut user: Option<User> = read(&n, USERS, &req.username)?;
     if user.is_none() {
         // Created through another node a moment ago? Catch up with the leader.
@@ -227,7 +284,7 @@ pub async fn login(State(st): St, Body(req): Body<Login>) -> Result<impl IntoRes
         .as_ref()
         .map(|u| u.password_hash.clone())
         .unwrap_or_else(|| unknown_user_hash().to_string());
-    let ok = password_ok_async(req.password.clone(), hash).await;
+    let ok = password_ok_async(req.password.clone(), hash).await?;
     let Some(user) = user.filter(|_| ok) else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -247,15 +304,19 @@ pub async fn login(State(st): St, Body(req): Body<Login>) -> Result<impl IntoRes
         put(SESSIONS, &key_of(&secret), &s),
         super::events::event("login", &req.username, &req.username, "logged in"),
     ];
-    commit(&st, vec![], ops, |_| String::new()).await?;
+    commit(st, vec![], ops, |_| String::new()).await?;
     let cookie = session_cookie(&secret, SESSION_MS / 1000)?;
     Ok((
-        AppendHeaders([(header::SET_COOKIE, cookie)]),
-        Json(LoginReply {
-            token: secret,
-            expires_ms: s.expires_ms,
-            must_change_password: user.must_change_password,
-        }),
+        (
+            AppendHeaders([(header::SET_COOKIE, cookie)]),
+            Json(LoginReply {
+                token: secret,
+                expires_ms: s.expires_ms,
+                must_change_password: user.must_change_password,
+            }),
+        )
+            .into_response(),
+        req.username,
     ))
 }
 
@@ -290,7 +351,7 @@ pub async fn change_password(
     let n = node(&st)?;
     let old_user: User = read(&n, USERS, &p.user)?
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "the user no longer exists"))?;
-    if !password_ok_async(req.old_password.clone(), old_user.password_hash.clone()).await {
+    if !password_ok_async(req.old_password.clone(), old_user.password_hash.clone()).await? {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "old_password is wrong",

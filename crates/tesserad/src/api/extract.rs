@@ -3,7 +3,8 @@
 //! [`Body`], [`Param`] and [`Q`] for the JSON body, path and query with our 400 message,
 //! and [`Synced`] for the read barrier. A handler's signature is its preamble:
 //! `(Auth<Operator>, Param<String>, Synced, Body<NewVm>)` checks credentials first, then
-//! the path, then waits for the barrier, then reads the body.
+//! the path, then waits for the barrier, then reads the body. [`Peer`] is the caller's
+//! address.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -133,5 +134,27 @@ impl FromRequestParts<Arc<ApiState>> for Synced {
 
     async fn from_request_parts(_: &mut Parts, st: &Arc<ApiState>) -> Result<Self, ApiError> {
         super::synced(st).await.map(Synced)
+    }
+}
+
+/// The caller's address, as the daemon's listener reports each connection's (see
+/// [`Peer`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
+/// The caller's address, when the server was started with connection info (the daemon's
+/// listener is; a router driven directly, as in unit tests, has none).
+pub struct Peer(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<PeerAddr>>()
+                .map(|c| c.0 .0.ip()),
+        ))
     }
 }

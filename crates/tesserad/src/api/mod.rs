@@ -11,6 +11,8 @@ mod auth;
 mod cluster;
 mod events;
 mod extract;
+mod login_limit;
+mod nbd;
 mod networks;
 mod tasks;
 mod users;
@@ -279,6 +281,7 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(volumes::snapshot))
         .routes(routes!(volumes::remove_snapshot))
         .routes(routes!(volumes::clone))
+        .routes(routes!(nbd::export_creds))
         .routes(routes!(vms::list, vms::create))
         .routes(routes!(vms::show, vms::update, vms::remove))
         .routes(routes!(vms::start))
@@ -326,7 +329,12 @@ pub async fn serve(
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024));
     let listener = TlsListener::bind(addr, tls).await?;
     tracing::info!(%addr, "REST API listening (HTTPS)");
-    axum::serve(listener, app).await?;
+    // With the peer's address: login throttling counts failures per source address.
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<extract::PeerAddr>(),
+    )
+    .await?;
     Ok(())
 }
 
@@ -391,6 +399,14 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
         Ok(self.local)
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
+    for extract::PeerAddr
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        extract::PeerAddr(*s.remote_addr())
     }
 }
 
