@@ -12,7 +12,6 @@ mod cluster;
 mod events;
 mod extract;
 mod login_limit;
-mod nbd;
 mod networks;
 mod tasks;
 mod users;
@@ -281,7 +280,6 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(volumes::snapshot))
         .routes(routes!(volumes::remove_snapshot))
         .routes(routes!(volumes::clone))
-        .routes(routes!(nbd::export_creds))
         .routes(routes!(vms::list, vms::create))
         .routes(routes!(vms::show, vms::update, vms::remove))
         .routes(routes!(vms::start))
