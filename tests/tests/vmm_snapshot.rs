@@ -73,12 +73,19 @@ fn a_restored_vm_continues_counting_and_keeps_its_disk() {
     );
     assert!(std::fs::metadata(snap.join("memory")).unwrap().len() == 64 << 20);
 
-    refuses_snapshots_it_cannot_read(d.path(), &snap);
+    refuses_snapshots_it_cannot_read(d.path(), &snap, &disk);
 
+    // The restore attaches the disk it is given (a copy), not the one in state.json.
+    let original = disk.clone();
+    let original_bytes = std::fs::read(&original).unwrap();
+    let disk = d.path().join("disk-copy.raw");
+    std::fs::copy(&original, &disk).unwrap();
     let (sock2, con2) = (d.path().join("b.sock"), d.path().join("b.log"));
     let mut second = spawn(&[
         "--restore".as_ref(),
         snap.as_os_str(),
+        "--disk".as_ref(),
+        disk.as_os_str(),
         "--api-socket".as_ref(),
         sock2.as_os_str(),
         "--serial-out".as_ref(),
@@ -117,26 +124,46 @@ fn a_restored_vm_continues_counting_and_keeps_its_disk() {
         "no disk write after restore (sector 1 says {written}, snapshot at {last})"
     );
 
+    assert!(
+        std::fs::read(&original).unwrap() == original_bytes,
+        "the restored VM wrote to the disk recorded in the snapshot"
+    );
+
     let events = api(&sock2, json!({ "type": "events" }));
     assert_eq!(events[0]["kind"], "restored");
     api(&sock2, json!({ "type": "power_off" }));
     assert!(second.wait().unwrap().success());
 }
 
-/// Restoring from a snapshot this VMM cannot read fails, saying why, before the guest runs.
-fn refuses_snapshots_it_cannot_read(dir: &Path, good: &Path) {
-    let restore_fails = |snapshot: &Path, want: &str| {
-        let out = output(
-            Command::new(bin("tessera-vmm"))
-                .arg("--restore")
-                .arg(snapshot)
-                .arg("--serial-out")
-                .arg(dir.join("refused.log")),
-        );
+/// Restoring from a snapshot this VMM cannot read fails, saying why, before the guest runs;
+/// so does a restore that does not name the disk (the one recorded in the snapshot is
+/// never opened).
+fn refuses_snapshots_it_cannot_read(dir: &Path, good: &Path, disk: &Path) {
+    let restore_fails_with = |snapshot: &Path, disk: Option<&Path>, want: &str| {
+        let mut cmd = Command::new(bin("tessera-vmm"));
+        cmd.arg("--restore")
+            .arg(snapshot)
+            .arg("--serial-out")
+            .arg(dir.join("refused.log"));
+        if let Some(disk) = disk {
+            cmd.arg("--disk").arg(disk);
+        }
+        let out = output(&mut cmd);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "restored {want:?}: {err}");
         assert!(err.contains(want), "wanted {want:?}: {err}");
     };
+    let restore_fails =
+        |snapshot: &Path, want: &str| restore_fails_with(snapshot, Some(disk), want);
+    restore_fails_with(
+        good,
+        None,
+        "the snapshotted VM had a disk: name it with --disk",
+    );
+    // The disk the snapshot names is not opened even when a restore would need it.
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(good.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["spec"]["disk"], json!(disk.to_str().unwrap()));
     let missing = dir.join("missing");
     restore_fails(
         &missing,
@@ -145,8 +172,6 @@ fn refuses_snapshots_it_cannot_read(dir: &Path, good: &Path) {
 
     let bad = dir.join("bad");
     std::fs::create_dir(&bad).unwrap();
-    let state: Value =
-        serde_json::from_slice(&std::fs::read(good.join("state.json")).unwrap()).unwrap();
     let mut newer = state.clone();
     newer["version"] = json!(99);
     std::fs::write(bad.join("state.json"), newer.to_string()).unwrap();

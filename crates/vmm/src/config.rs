@@ -24,9 +24,13 @@ pub struct VmConfig {
     /// per page per round.
     #[serde(default)]
     pub track_dirty_pages: bool,
-    /// The disk: a raw file path or an NBD URI (`nbd+unix:///vol?socket=...`).
+    /// The disk: a raw file path or an NBD URI (`nbd+unix:///vol?socket=...`,
+    /// `nbds://host:port/vol` with TLS).
     #[serde(default)]
     pub disk: Option<String>,
+    /// How an NBD disk connects: TLS credential files, request timeout.
+    #[serde(default)]
+    pub nbd: tessera_disk::NbdOptions,
 }
 
 fn default_cmdline() -> String {

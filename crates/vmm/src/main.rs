@@ -31,11 +31,33 @@ struct Cli {
     /// Number of vCPUs (more than one adds ACPI tables).
     #[arg(long)]
     vcpus: Option<u8>,
-    /// Disk: a raw image path or an NBD URI (nbd+unix:///VOL?socket=PATH, nbd://HOST:PORT/VOL).
+    /// Disk: a raw image path or an NBD URI (nbd+unix:///VOL?socket=PATH, nbd://HOST:PORT/VOL,
+    /// with TLS nbds://HOST:PORT/VOL or nbds+unix:///VOL?socket=PATH; libnbd's
+    /// ?tls-certificates=DIR and ?tls-hostname=NAME are understood). With --restore: the
+    /// disk to attach, required when the snapshotted VM had one (a restore never opens the
+    /// disk named in the snapshot).
     #[arg(long)]
     disk: Option<String>,
-    /// Continue the VM snapshotted in this directory instead of booting.
-    #[arg(long, conflicts_with_all = ["spec", "kernel", "initrd", "cmdline", "memory_mib", "disk", "vcpus"])]
+    /// TLS for an nbds:// disk: the CA certificate (PEM) the server's certificate must chain to.
+    #[arg(long, requires_all = ["disk_tls_cert", "disk_tls_key"])]
+    disk_tls_ca: Option<std::path::PathBuf>,
+    /// TLS for an nbds:// disk: this client's certificate (PEM).
+    #[arg(long, requires_all = ["disk_tls_ca", "disk_tls_key"])]
+    disk_tls_cert: Option<std::path::PathBuf>,
+    /// TLS for an nbds:// disk: this client's private key (PEM).
+    #[arg(long, requires_all = ["disk_tls_ca", "disk_tls_cert"])]
+    disk_tls_key: Option<std::path::PathBuf>,
+    /// TLS for an nbds:// disk: the name the server's certificate must hold (default: the
+    /// URI's host).
+    #[arg(long)]
+    disk_tls_hostname: Option<String>,
+    /// How long an NBD disk request may take, reconnections to a restarting server
+    /// included, before the guest gets an I/O error (milliseconds; default 30000).
+    #[arg(long)]
+    disk_timeout_ms: Option<u64>,
+    /// Continue the VM snapshotted in this directory instead of booting (with --disk when
+    /// the VM had a disk).
+    #[arg(long, conflicts_with_all = ["spec", "kernel", "initrd", "cmdline", "memory_mib", "vcpus"])]
     restore: Option<std::path::PathBuf>,
     /// Track written guest pages (see the `dirty_pages` API call).
     #[arg(long)]
@@ -73,9 +95,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         None => Box::new(std::io::stdout()),
     };
+    let nbd = tessera_disk::NbdOptions {
+        tls_ca: cli.disk_tls_ca.clone(),
+        tls_cert: cli.disk_tls_cert.clone(),
+        tls_key: cli.disk_tls_key.clone(),
+        tls_hostname: cli.disk_tls_hostname.clone(),
+        timeout_ms: cli.disk_timeout_ms,
+    };
     if let Some(dir) = &cli.restore {
-        let outcome =
-            tessera_vmm::vm::run(Launch::Restore(dir.clone()), out, cli.api_socket.as_deref())?;
+        let launch = Launch::Restore {
+            dir: dir.clone(),
+            disk: cli.disk.clone(),
+            nbd,
+        };
+        let outcome = tessera_vmm::vm::run(launch, out, cli.api_socket.as_deref())?;
         tracing::info!(reason = ?outcome.reason, "VM stopped");
         return Ok(());
     }
@@ -97,6 +130,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             vcpus: 1,
             disk: None,
             track_dirty_pages: false,
+            nbd: tessera_disk::NbdOptions::default(),
         },
     };
     if let Some(k) = cli.kernel {
@@ -113,6 +147,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if cli.disk.is_some() {
         cfg.disk = cli.disk;
+    }
+    if nbd != tessera_disk::NbdOptions::default() {
+        cfg.nbd = nbd;
     }
     cfg.track_dirty_pages |= cli.track_dirty_pages;
     if let Some(n) = cli.vcpus {

@@ -33,8 +33,16 @@ pub const MAX_VCPUS: u8 = 32;
 pub enum Launch {
     /// Boot this spec.
     Boot(VmConfig),
-    /// Restore the snapshot in this directory.
-    Restore(std::path::PathBuf),
+    /// Restore the snapshot in `dir`, attaching `disk` (never the disk the snapshot
+    /// names: whoever restores says what the VM may open).
+    Restore {
+        /// The snapshot directory.
+        dir: std::path::PathBuf,
+        /// The disk, required exactly when the snapshotted VM had one.
+        disk: Option<String>,
+        /// How an NBD disk connects.
+        nbd: tessera_disk::NbdOptions,
+    },
 }
 
 /// Why the VM stopped.
@@ -73,6 +81,9 @@ pub enum VmError {
     /// The ACPI tables could not be written.
     #[error(transparent)]
     Acpi(#[from] AcpiError),
+    /// A restore was not given the disk it needs, or given one it cannot take.
+    #[error("restore: {0}")]
+    RestoreDisk(&'static str),
     /// The disk could not be opened.
     #[error("disk: {0}")]
     Disk(tessera_disk::DiskError),
@@ -175,9 +186,21 @@ pub fn run(
     let start = Instant::now();
     let (cfg, restored) = match launch {
         Launch::Boot(cfg) => (cfg, None),
-        Launch::Restore(dir) => {
+        Launch::Restore { dir, disk, nbd } => {
             let snap = snapshot::read_state(&dir)?;
-            (snap.spec.clone(), Some((dir, snap)))
+            let mut spec = snap.spec.clone();
+            spec.disk = match (&spec.disk, disk) {
+                (Some(_), Some(d)) => Some(d),
+                (None, None) => None,
+                (Some(_), None) => return Err(VmError::RestoreDisk(
+                    "the snapshotted VM had a disk: name it with --disk (a restore never opens the disk recorded in the snapshot)",
+                )),
+                (None, Some(_)) => return Err(VmError::RestoreDisk(
+                    "the snapshotted VM had no disk; --disk cannot add one at restore",
+                )),
+            };
+            spec.nbd = nbd;
+            (spec, Some((dir, snap)))
         }
     };
     let cfg = &cfg;
@@ -213,7 +236,7 @@ pub fn run(
     let mut cmdline = cfg.cmdline.clone();
     let mut virtio: Option<Virtio> = None;
     if let Some(disk) = &cfg.disk {
-        let disk = tessera_disk::open(disk).map_err(VmError::Disk)?;
+        let disk = tessera_disk::open_with(disk, &cfg.nbd).map_err(VmError::Disk)?;
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         vm.register_irqfd(&irq, VIRTIO_IRQ)
             .map_err(kvm("register virtio irqfd"))?;
