@@ -1,12 +1,15 @@
 //! The REST API's edges on the README's local three-node cluster (one start for every
 //! check): failed logins back off per address (429 with Retry-After) while the right
-//! password from another address still gets in.
+//! password from another address still gets in; hundreds of idle connections do not keep
+//! a real request out; a slow-loris client is cut off at the header deadline.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
-use std::process::Command;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tessera_tests::devcluster::DevCluster;
@@ -117,6 +120,72 @@ fn failed_logins_back_off_per_address(ca: &str, password: &str) {
     assert!(a.json()["token"].is_string());
 }
 
+/// 300 TCP connections that never start TLS, then a real request: served at once (a new
+/// handshake evicts the oldest silent one).
+fn idle_connections_do_not_keep_a_request_out(ca: &str, token: &str) {
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect("127.0.0.1:8006").unwrap())
+        .collect();
+    let start = Instant::now();
+    let a = call(ca, 1, "GET", "cluster", Some(token), None, &[]);
+    assert_eq!(a.code, 200, "{}", a.body);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "a request behind 300 idle connections took {:?}",
+        start.elapsed()
+    );
+    drop(idle);
+}
+
+/// A client that sends its header a line a second is cut off at the 10 s header deadline
+/// and never answered 200.
+fn a_slow_loris_is_cut_off(ca: &str) {
+    let mut c = Command::new("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-connect",
+            "127.0.0.1:8006",
+            "-CAfile",
+            ca,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = c.stdin.take().unwrap();
+    let start = Instant::now();
+    let _ = stdin.write_all(b"GET /api/v1/cluster HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    let ended = loop {
+        if let Some(status) = c.try_wait().unwrap() {
+            break Some(status);
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            break None;
+        }
+        // One more header line a second: never the blank line that ends the header.
+        let _ = stdin.write_all(b"X-Slow: 1\r\n");
+        let _ = stdin.flush();
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let took = start.elapsed();
+    if ended.is_none() {
+        let _ = c.kill();
+    }
+    let out = c.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        ended.is_some(),
+        "a slow-loris connection was still open after {took:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(8),
+        "cut off after {took:?}, before the header deadline: {text}"
+    );
+    assert!(!text.contains(" 200 "), "{text}");
+}
+
 #[test]
 fn the_api_holds_its_edges() {
     require("curl");
@@ -124,6 +193,30 @@ fn the_api_holds_its_edges() {
     let cluster = DevCluster::start(d.path());
     let (password, ca) = (cluster.admin_password(), cluster.ca_file());
 
+    require("openssl");
+    let a = login_from(&ca, "127.0.0.1", &password);
+    assert_eq!(a.code, 200, "{}", a.body);
+    let first = a.json()["token"].as_str().unwrap().to_string();
+    let token = {
+        let new = "api edges admin password";
+        let a = call(
+            &ca,
+            1,
+            "POST",
+            "password",
+            Some(&first),
+            Some(&json!({"old_password": password, "new_password": new})),
+            &[],
+        );
+        assert_eq!(a.code, 200, "{}", a.body);
+        let a = login_from(&ca, "127.0.0.1", new);
+        assert_eq!(a.code, 200, "{}", a.body);
+        a.json()["token"].as_str().unwrap().to_string()
+    };
+    let password = "api edges admin password".to_string();
+
+    idle_connections_do_not_keep_a_request_out(&ca, &token);
+    a_slow_loris_is_cut_off(&ca);
     failed_logins_back_off_per_address(&ca, &password);
 
     cluster.stop();

@@ -11,6 +11,7 @@ mod auth;
 mod cluster;
 mod events;
 mod extract;
+mod listener;
 mod login_limit;
 mod networks;
 mod tasks;
@@ -325,87 +326,10 @@ pub async fn serve(
         })
         .layer(axum::middleware::from_fn(csrf))
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024));
-    let listener = TlsListener::bind(addr, tls).await?;
+    let tcp = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "REST API listening (HTTPS)");
-    // With the peer's address: login throttling counts failures per source address.
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<extract::PeerAddr>(),
-    )
-    .await?;
+    listener::serve(tcp, app, tls, listener::Limits::default()).await;
     Ok(())
-}
-
-/// A listener handing out TLS connections whose handshake is done. Handshakes run in
-/// their own tasks, so a slow or silent client does not hold up the others.
-struct TlsListener {
-    rx: tokio::sync::mpsc::Receiver<(
-        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-        SocketAddr,
-    )>,
-    local: SocketAddr,
-}
-
-impl TlsListener {
-    async fn bind(addr: SocketAddr, tls: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
-        let tcp = tokio::net::TcpListener::bind(addr).await?;
-        let local = tcp.local_addr()?;
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        tokio::spawn(async move {
-            loop {
-                let (sock, peer) = match tcp.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let hs = tokio::time::timeout(
-                        std::time::Duration::from_secs(10),
-                        acceptor.accept(sock),
-                    )
-                    .await;
-                    match hs {
-                        Ok(Ok(s)) => {
-                            let _ = tx.send((s, peer)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(TlsListener { rx, local })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(x) => x,
-            // The acceptor task never ends while the listener lives.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.local)
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
-    for extract::PeerAddr
-{
-    fn connect_info(s: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        extract::PeerAddr(*s.remote_addr())
-    }
 }
 
 /// A browser sends cookies with cross-site requests; a cross-site page cannot add a
