@@ -5,7 +5,9 @@
 //! configurations that do not fit guest memory are ignored (and logged) or fail feature
 //! negotiation; they never reach the device.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
@@ -79,6 +81,21 @@ pub enum RestoreError {
 #[error("virtio device lock poisoned")]
 pub struct Poisoned;
 
+/// Why [`quiesced_within`] did not run its function.
+#[derive(Debug, thiserror::Error)]
+pub enum QuiesceError {
+    /// See [`Poisoned`].
+    #[error(transparent)]
+    Poisoned(#[from] Poisoned),
+    /// Requests were still in flight when the time was up (a backend that hangs).
+    #[error("disk requests still in flight after {0:?}")]
+    TimedOut(Duration),
+}
+
+/// Requests of one batch that run at once (each on its own handler and thread). The
+/// NBD backend pipelines them on its connection; a raw file lets the kernel overlap them.
+pub const MAX_PARALLEL_REQUESTS: usize = 8;
+
 /// One device behind a virtio-mmio register window.
 ///
 /// Register accesses (vCPU exits) and queue serving share this state under one lock, but
@@ -86,9 +103,10 @@ pub struct Poisoned;
 /// request waits on the device's backend: see [`serve`].
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
-    /// The device's request half; its lock is held for a whole batch of requests, so
-    /// holding it keeps the device from touching guest memory (see [`quiesced`]).
-    requests: Arc<Mutex<Box<dyn RequestHandler>>>,
+    /// The device's request halves (one per request run at once); their lock is held for
+    /// a whole batch of requests, so holding it keeps the device from touching guest
+    /// memory (see [`quiesced`]).
+    requests: Arc<Mutex<Vec<Box<dyn RequestHandler>>>>,
     /// Changes on every reset and restore: a batch taken before one is dropped unwritten.
     generation: u64,
     mem: GuestMem,
@@ -114,7 +132,11 @@ impl MmioTransport {
             .filter_map(|_| Queue::new(max).ok())
             .collect();
         MmioTransport {
-            requests: Arc::new(Mutex::new(device.request_handler())),
+            requests: Arc::new(Mutex::new(
+                (0..MAX_PARALLEL_REQUESTS)
+                    .map(|_| device.request_handler())
+                    .collect(),
+            )),
             generation: 0,
             device,
             mem,
@@ -393,10 +415,13 @@ impl MmioTransport {
     pub fn notify(&mut self, index: u32) {
         let (requests, mem) = (self.requests.clone(), self.mem.clone());
         let mut requests = requests.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(handler) = requests.first_mut() else {
+            return;
+        };
         while let Some(batch) = self.take_requests(index, &mem) {
             let mut served = true;
             for chain in batch.chains {
-                let done = requests.run(chain, &mem, batch.acked);
+                let done = handler.run(chain, &mem, batch.acked);
                 if !self.complete(&batch.at, done, &mem) {
                     served = false;
                     break;
@@ -530,25 +555,81 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, Poisoned> {
 
 /// Serves a notification of queue `index` of a transport that vCPUs share: the lock is
 /// taken to take requests off the queue and to complete them, and released while the
-/// device's backend works on them, so register accesses never wait for a disk. Returns
-/// once the queue is empty.
+/// device's backend works on them, so register accesses never wait for a disk. The
+/// requests of a batch run at once (up to [`MAX_PARALLEL_REQUESTS`]), each completed and
+/// signalled as soon as it is done. Returns once the queue is empty.
 pub fn serve(t: &Mutex<MmioTransport>, index: u32) -> Result<(), Poisoned> {
     let (requests, mem) = {
         let t = lock(t)?;
         (t.requests.clone(), t.mem.clone())
     };
-    let mut requests = lock(&requests)?;
+    let mut handlers = lock(&requests)?;
+    if handlers.is_empty() {
+        return Ok(());
+    }
     loop {
         let Some(batch) = lock(t)?.take_requests(index, &mem) else {
             return Ok(());
         };
-        for chain in batch.chains {
-            let done = requests.run(chain, &mem, batch.acked);
-            if !lock(t)?.complete(&batch.at, done, &mem) {
-                return Ok(());
+        let Batch { at, acked, chains } = batch;
+        let workers = chains.len().min(handlers.len());
+        let queue = Mutex::new(chains.into_iter());
+        let stop = AtomicBool::new(false);
+        let poisoned = AtomicBool::new(false);
+        // One request: run it here. Several: one scoped thread per handler, each taking the
+        // next request until none is left, so a slow request does not hold up the others.
+        let work = |handler: &mut Box<dyn RequestHandler>| loop {
+            if stop.load(Ordering::Acquire) {
+                return;
             }
+            let next = match queue.lock() {
+                Ok(mut q) => q.next(),
+                Err(_) => None,
+            };
+            let Some(chain) = next else {
+                return;
+            };
+            let done = handler.run(chain, &mem, acked);
+            let more = match t.lock() {
+                Ok(mut g) => {
+                    g.complete(&at, done, &mem) && (workers == 1 || g.signal_used(&at, &mem))
+                }
+                Err(_) => {
+                    poisoned.store(true, Ordering::Release);
+                    false
+                }
+            };
+            if !more {
+                stop.store(true, Ordering::Release);
+                return;
+            }
+        };
+        if workers <= 1 {
+            work(&mut handlers[0]);
+        } else {
+            std::thread::scope(|s| {
+                for handler in handlers.iter_mut().take(workers) {
+                    let work = &work;
+                    let spawned = std::thread::Builder::new()
+                        .name("virtio-req".into())
+                        .spawn_scoped(s, move || work(handler));
+                    if let Err(e) = spawned {
+                        // The threads already running (or this one, below) take its share.
+                        tracing::warn!(error = %e, "virtio: could not start a request thread");
+                        break;
+                    }
+                }
+            });
+            // Whatever no thread took (none could be started) runs here.
+            work(&mut handlers[0]);
         }
-        if !lock(t)?.signal_used(&batch.at, &mem) {
+        if poisoned.load(Ordering::Acquire) {
+            return Err(Poisoned);
+        }
+        if stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if !lock(t)?.signal_used(&at, &mem) {
             return Ok(());
         }
     }
@@ -560,4 +641,30 @@ pub fn quiesced<R>(t: &Mutex<MmioTransport>, f: impl FnOnce() -> R) -> Result<R,
     let requests = lock(t)?.requests.clone();
     let _held = lock(&requests)?;
     Ok(f())
+}
+
+/// Like [`quiesced`], but waits at most `limit` for the requests in flight: a backend
+/// that hangs makes this fail instead of hanging its caller (the request itself fails
+/// when the backend's own timeout passes).
+pub fn quiesced_within<R>(
+    t: &Mutex<MmioTransport>,
+    limit: Duration,
+    f: impl FnOnce() -> R,
+) -> Result<R, QuiesceError> {
+    let requests = lock(t)?.requests.clone();
+    let deadline = Instant::now() + limit;
+    loop {
+        match requests.try_lock() {
+            Ok(_held) => return Ok(f()),
+            Err(std::sync::TryLockError::Poisoned(_)) => return Err(Poisoned.into()),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() >= deadline => {
+                return Err(QuiesceError::TimedOut(limit))
+            }
+            // The I/O thread holds the lock for a batch; polling keeps it free of a condvar
+            // it would have to signal on every batch.
+            Err(std::sync::TryLockError::WouldBlock) => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+        }
+    }
 }

@@ -132,6 +132,9 @@ pub enum SnapshotError {
     /// Only single-vCPU VMs can be snapshotted for now.
     #[error("snapshots of VMs with more than one vCPU are not supported yet")]
     MultiVcpu,
+    /// Disk requests were still in flight when the snapshot gave up waiting for them.
+    #[error("disk requests still in flight after {0:?} (a hung disk?); no snapshot taken")]
+    DiskBusy(std::time::Duration),
     /// A running VM has no consistent state to save.
     #[error("pause the VM before taking a snapshot")]
     NotPaused,

@@ -26,6 +26,9 @@ use crate::memory::{self, MemoryError};
 use crate::snapshot::{self, SnapshotError, VcpuState};
 use crate::{boot, vcpu};
 
+/// How long a snapshot waits for the disk's requests in flight to finish.
+const QUIESCE_LIMIT: Duration = Duration::from_secs(10);
+
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u8 = 32;
 
@@ -408,8 +411,13 @@ pub fn run(
             // The disk's worker may still be completing requests of the paused guest: hold it
             // off (after its batch in flight) so memory and the queues are saved as one state.
             match &virtio {
-                Some(v) => mmio::quiesced(&v.transport, write)
-                    .map_err(|_| SnapshotError::Poisoned("virtio"))??,
+                Some(v) => match mmio::quiesced_within(&v.transport, QUIESCE_LIMIT, write) {
+                    Ok(r) => r?,
+                    Err(mmio::QuiesceError::TimedOut(d)) => return Err(SnapshotError::DiskBusy(d)),
+                    Err(mmio::QuiesceError::Poisoned(_)) => {
+                        return Err(SnapshotError::Poisoned("virtio"))
+                    }
+                },
                 None => write()?,
             }
             tracing::info!(dir = %dir.display(), millis = started.elapsed().as_millis() as u64, "snapshot written");
