@@ -50,6 +50,15 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
         }
         VmCmd::Ls => {
             let v = client.call(VMS, &[], None)?;
+            let names = if out.is_json() {
+                None
+            } else {
+                Some(NodeNames::fetch(client)?)
+            };
+            let on = |v: &Vm| match (&v.running_on, &names) {
+                (Some(id), Some(n)) => n.name(id),
+                _ => "-".to_string(),
+            };
             out.show(VMS, &v, |vms: Vec<Vm>| {
                 table(
                     &vms,
@@ -60,7 +69,7 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
                         col("DISKS", |v: &Vm| v.disks.join(",")),
                         col("DESIRED", |v: &Vm| word(&v.desired_state)),
                         col("ACTUAL", |v: &Vm| word(&v.actual_state)),
-                        col("ON", |v: &Vm| opt(&v.running_on)),
+                        col("ON", on),
                     ],
                     out.wide(),
                 )

@@ -129,6 +129,11 @@ fn with_status(n: &tessera_state::Node, mut vm: Vm) -> Result<Vm, ApiError> {
     Ok(vm)
 }
 
+/// Whether the VM's node reports it crashed (its restart policy gave up).
+fn crashed(n: &tessera_state::Node, name: &str) -> Result<bool, ApiError> {
+    Ok(read::<VmStatus>(n, VM_STATUS, name)?.is_some_and(|s| s.state == VmState::Crashed))
+}
+
 /// Whether a VMM may still run for the VM (its node has not reported it ended).
 fn may_run(n: &tessera_state::Node, name: &str) -> Result<bool, ApiError> {
     Ok(read::<VmStatus>(n, VM_STATUS, name)?.is_some_and(|s| {
@@ -498,6 +503,14 @@ async fn act(
             start_fields(st, &n, &mut vm, DesiredState::Running)?;
             format!(
                 "start requested on node {}",
+                vm.placed_on.as_deref().unwrap_or("?")
+            )
+        }
+        // A crashed VM (its policy gave up) starts afresh.
+        (Action::Start, _) if crashed(&n, name)? => {
+            start_fields(st, &n, &mut vm, DesiredState::Running)?;
+            format!(
+                "start requested on node {} (after a crash)",
                 vm.placed_on.as_deref().unwrap_or("?")
             )
         }

@@ -392,8 +392,11 @@ pub fn ending(status: Option<ExitStatus>, log_tail: &str) -> Ending {
         None => match (error, status.and_then(|s| s.code())) {
             (Some(e), _) => Ending::Crash(format!("the VMM failed: {e}")),
             (None, Some(c)) => Ending::Crash(format!("the VMM exited with status {c}")),
+            // Not our child (adopted after a restart of tesserad): no exit status.
             (None, None) => Ending::Crash(
-                "the VMM ended without a word (killed while tesserad was not watching?)".into(),
+                "the VMM process ended without logging why (killed? it was adopted, so its \
+                 exit status is unknown)"
+                    .into(),
             ),
         },
     }

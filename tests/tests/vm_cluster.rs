@@ -1,0 +1,375 @@
+//! VMs run on a three-node cluster (network namespaces, a `tessera-store` per node, the
+//! test guest counting on its console and writing its disk): placement on the node that
+//! holds the VM's volume, start/pause/resume/stop observed from the guest's counter, a
+//! refused oversized VM naming each node's free memory, bad input refused with nothing
+//! changed, a `tesserad` killed and restarted while its VM runs (the VM keeps running and
+//! is re-adopted), a killed VMM restarted by the `on-crash` policy and left `crashed`
+//! with the reason under `never`, the disk's content checked with nbdcopy, the CLI.
+
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tessera_tests::cluster::{admin_session, api, wait_for, wait_task, ClusterNode};
+use tessera_tests::{bin, counts, kvm_or_skip, output, require, Lan};
+
+const GUEST: &str = env!("TESSERA_TEST_GUEST");
+
+/// Kills every VMM the nodes' runtime directories name, so none outlives a failed test.
+struct VmmReaper(Vec<PathBuf>);
+
+impl VmmReaper {
+    fn pids(&self) -> Vec<i32> {
+        let mut out = Vec::new();
+        for d in &self.0 {
+            let Ok(rd) = std::fs::read_dir(d.join("data/vms")) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let run = e.path().join("run.json");
+                if let Ok(text) = std::fs::read_to_string(run) {
+                    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    if let Some(pid) = v["pid"].as_i64() {
+                        out.push(pid as i32);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for VmmReaper {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}
+
+fn vm(lan: &Lan, i: usize, token: &str, name: &str) -> Value {
+    let (code, v) = api(lan, i, "GET", &format!("vms/{name}"), Some(token), None);
+    assert_eq!(code, 200, "{v}");
+    v
+}
+
+fn wait_state(lan: &Lan, i: usize, token: &str, name: &str, state: &str) -> Value {
+    wait_for(&format!("VM {name} to be {state}"), 60, || {
+        let v = vm(lan, i, token, name);
+        (v["actual_state"] == state).then_some(v)
+    })
+}
+
+fn console(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("data/vms/{name}/console.log"))).unwrap_or_default()
+}
+
+fn last_count(dir: &Path, name: &str) -> Option<u64> {
+    counts(&console(dir, name)).last().copied()
+}
+
+/// Waits until the guest's counter passes what it showed when called.
+fn counting(dir: &Path, name: &str) {
+    let start = last_count(dir, name);
+    wait_for(&format!("VM {name}'s counter to advance"), 60, || {
+        let now = last_count(dir, name);
+        (now.is_some() && now > start).then_some(())
+    });
+}
+
+fn act(lan: &Lan, i: usize, token: &str, name: &str, action: &str) -> (u16, Value) {
+    api(
+        lan,
+        i,
+        "POST",
+        &format!("vms/{name}/{action}"),
+        Some(token),
+        None,
+    )
+}
+
+#[test]
+fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
+    let test = "vms_run_on_the_cluster_and_survive_a_tesserad_restart";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let Some(lan) = Lan::new(test, 3) else {
+        return;
+    };
+    require("nbdcopy");
+    let d = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<ClusterNode> = (0..3)
+        .map(|i| ClusterNode::start(&lan, i, d.path(), 3, true))
+        .collect();
+    let _reaper = VmmReaper(nodes.iter().map(|n| n.dir.clone()).collect());
+    let token = admin_session(&lan, &nodes, 0, "vm-cluster-password-1");
+    let t = token.as_str();
+
+    // Every node has published its memory (placement needs it).
+    let ids: Vec<String> = wait_for("every node's metrics", 40, || {
+        let (code, v) = api(&lan, 0, "GET", "nodes", Some(t), None);
+        let list = v.as_array().filter(|_| code == 200)?;
+        let ready = list.len() == 3
+            && list
+                .iter()
+                .all(|n| n["metrics"]["memory_total"].as_u64().is_some_and(|m| m > 0));
+        ready.then(|| {
+            let mut by_name: Vec<(String, String)> = list
+                .iter()
+                .map(|n| {
+                    (
+                        n["name"].as_str().unwrap().to_string(),
+                        n["id"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect();
+            by_name.sort();
+            by_name.into_iter().map(|(_, id)| id).collect()
+        })
+    });
+
+    // A volume on node1 and a VM booting the test guest from it.
+    let body = json!({ "name": "boot", "size_bytes": 16 << 20, "node": ids[1] }).to_string();
+    let (code, v) = api(&lan, 0, "POST", "volumes", Some(t), Some(&body));
+    assert_eq!(code, 202, "{v}");
+    assert_eq!(
+        wait_task(&lan, 0, t, v["id"].as_str().unwrap())["state"],
+        "succeeded"
+    );
+    let body = json!({
+        "name": "vm1", "vcpus": 1, "memory_mib": 64, "disks": ["boot"],
+        "kernel": GUEST, "cmdline": "console=ttyS0 tessera.mode=count",
+    })
+    .to_string();
+    let (code, v) = api(&lan, 0, "POST", "vms", Some(t), Some(&body));
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["actual_state"], "stopped");
+    assert_eq!(v["restart_policy"], "on-crash");
+
+    // Oversized: refused naming each node's free memory; nothing changes.
+    let body =
+        json!({ "name": "big", "vcpus": 1, "memory_mib": 1048576, "kernel": GUEST }).to_string();
+    assert_eq!(api(&lan, 0, "POST", "vms", Some(t), Some(&body)).0, 201);
+    let (code, v) = act(&lan, 2, t, "big", "start");
+    assert_eq!(code, 409, "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(msg.contains("no node can take 1024 GiB"), "{msg}");
+    for n in ["node0", "node1", "node2"] {
+        assert!(
+            msg.contains(&format!("{n} has ")) && msg.contains("free"),
+            "{msg}"
+        );
+    }
+    let big = vm(&lan, 0, t, "big");
+    assert_eq!(
+        (big["desired_state"].as_str(), big["actual_state"].as_str()),
+        (Some("stopped"), Some("stopped"))
+    );
+
+    // Start: placed on node1 (its disk's node) by a request to node0; the guest counts.
+    let (code, v) = act(&lan, 0, t, "vm1", "start");
+    assert_eq!(code, 202, "{v}");
+    assert_eq!(v["placed_on"], ids[1].as_str());
+    let v = wait_state(&lan, 2, t, "vm1", "running");
+    assert_eq!(v["running_on"], ids[1].as_str());
+    counting(&nodes[1].dir, "vm1");
+    assert_eq!(act(&lan, 0, t, "vm1", "start").0, 409, "a second start");
+
+    // Pause: the counter stands still; resume: it counts on.
+    assert_eq!(act(&lan, 1, t, "vm1", "pause").0, 202);
+    wait_state(&lan, 1, t, "vm1", "paused");
+    let frozen = last_count(&nodes[1].dir, "vm1");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        last_count(&nodes[1].dir, "vm1"),
+        frozen,
+        "a paused guest counted"
+    );
+    assert_eq!(act(&lan, 2, t, "vm1", "resume").0, 202);
+    wait_state(&lan, 2, t, "vm1", "running");
+    counting(&nodes[1].dir, "vm1");
+
+    // Bad input: delete while running; nothing changes.
+    let (code, v) = api(&lan, 0, "DELETE", "vms/vm1", Some(t), None);
+    assert_eq!(code, 409, "{v}");
+    assert_eq!(vm(&lan, 0, t, "vm1")["actual_state"], "running");
+
+    // tesserad on the VM's node is killed and started again: the VMM kept running and
+    // is re-adopted (same pid, state running, pause and resume work through it).
+    let pid = wait_for("the VMM's pid", 20, || vm_pid(&nodes[1].dir, "vm1"));
+    nodes[1].kill_tesserad();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(alive(pid), "the VMM died with tesserad");
+    counting(&nodes[1].dir, "vm1");
+    nodes[1].start_tesserad(&lan);
+    wait_for("node1's API after the restart", 60, || {
+        (api(&lan, 1, "GET", "vms/vm1", Some(t), None).0 == 200).then_some(())
+    });
+    assert_eq!(
+        vm_pid(&nodes[1].dir, "vm1"),
+        Some(pid),
+        "the VMM was replaced"
+    );
+    assert_eq!(act(&lan, 1, t, "vm1", "pause").0, 202);
+    wait_state(&lan, 1, t, "vm1", "paused");
+    assert_eq!(act(&lan, 1, t, "vm1", "resume").0, 202);
+    let v = wait_state(&lan, 1, t, "vm1", "running");
+    assert_eq!(v["running_on"], ids[1].as_str());
+    assert!(alive(pid), "{}", nodes[1].logs());
+    counting(&nodes[1].dir, "vm1");
+
+    // The VMM is killed: on-crash restarts it (a new process) and says why.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let v = wait_for("the VMM restarted by the policy", 60, || {
+        let v = vm(&lan, 0, t, "vm1");
+        let new = vm_pid(&nodes[1].dir, "vm1").is_some_and(|p| p != pid);
+        (new && v["actual_state"] == "running").then_some(v)
+    });
+    // An adopted VMM is not this tesserad's child: its exit status is unknown.
+    let reason = v["state_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("restarted after: the VMM process ended"),
+        "{v}"
+    );
+    counting(&nodes[1].dir, "vm1");
+
+    // Under `never` a killed VMM leaves the VM crashed with the reason.
+    let body = json!({ "restart_policy": "never" }).to_string();
+    assert_eq!(
+        api(&lan, 0, "PATCH", "vms/vm1", Some(t), Some(&body)).0,
+        200
+    );
+    let pid2 = vm_pid(&nodes[1].dir, "vm1").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid2 as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let v = wait_state(&lan, 2, t, "vm1", "crashed");
+    let reason = v["state_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("signal 9") && reason.contains("never"),
+        "{v}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        vm(&lan, 0, t, "vm1")["actual_state"],
+        "crashed",
+        "restarted under never"
+    );
+
+    // Started again, then stopped through the CLI (which waits until it is stopped).
+    let (code, v) = act(&lan, 0, t, "vm1", "start");
+    assert_eq!(code, 202, "{v}");
+    wait_state(&lan, 0, t, "vm1", "running");
+    counting(&nodes[1].dir, "vm1");
+    let home = d.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let cli = |args: &[&str], stdin: &str| {
+        let mut c = lan.command(0, &bin("tessera"));
+        c.env("HOME", &home)
+            .arg("--api")
+            .arg(format!("https://{}:8006", Lan::addr(0)))
+            .arg("--ca-file")
+            .arg(lan.ca_file().unwrap())
+            .args(args);
+        run_with_stdin(c, stdin)
+    };
+    let (ok, out, err) = cli(&["login", "--user", "admin"], "vm-cluster-password-1\n");
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = cli(&["vm", "ls"], "");
+    assert!(
+        ok && out.contains("vm1") && out.contains("running") && out.contains("node1"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = cli(&["vm", "stop", "vm1"], "");
+    assert!(ok && out.contains("stopped"), "{out}{err}");
+    let (ok, out, err) = cli(&["vm", "stop", "vm1"], "");
+    assert!(!ok && err.contains("409"), "a second stop: {out}{err}");
+    assert!(
+        vm_pid(&nodes[1].dir, "vm1").is_none(),
+        "the VMM is still recorded"
+    );
+
+    // The guest wrote its disk: the marker and a count, read through the store.
+    let sock = nodes[1].dir.join("store/nbd.sock");
+    let mut c = std::process::Command::new("nbdcopy");
+    c.arg(format!("nbd+unix:///boot?socket={}", sock.display()))
+        .arg("--")
+        .arg("-");
+    let o = output(&mut c);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let data = String::from_utf8_lossy(&o.stdout[..1024]).into_owned();
+    assert!(
+        data.contains("TESSERA-MARK") && data.contains("COUNT="),
+        "{data:?}"
+    );
+
+    // Pinned to another node than its volume: refused, not supported yet; unchanged.
+    let body = json!({ "node": ids[2] }).to_string();
+    assert_eq!(
+        api(&lan, 0, "PATCH", "vms/vm1", Some(t), Some(&body)).0,
+        200
+    );
+    let before = vm(&lan, 0, t, "vm1");
+    let (code, v) = act(&lan, 0, t, "vm1", "start");
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("not supported yet"),
+        "{v}"
+    );
+    assert_eq!(vm(&lan, 0, t, "vm1"), before);
+
+    // Stopped: it can be deleted.
+    let (code, v) = api(&lan, 0, "DELETE", "vms/vm1", Some(t), None);
+    assert_eq!(code, 200, "{v}");
+    drop(nodes);
+}
+
+/// The pid of VM `name`'s VMM on the node in `dir`, if it runs there.
+fn vm_pid(dir: &Path, name: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join(format!("data/vms/{name}/run.json"))).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    v["pid"].as_u64().filter(|p| alive(*p))
+}
+
+fn run_with_stdin(mut c: std::process::Command, stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = c
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
