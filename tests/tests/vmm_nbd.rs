@@ -200,3 +200,140 @@ fn a_server_that_never_answers_gives_the_guest_an_io_error_not_a_hang() {
     let log = std::fs::read_to_string(d.path().join("vmm.log")).unwrap();
     assert!(log.contains("did not answer"), "{log}");
 }
+
+/// Makes a CA, a server certificate for 127.0.0.1 and a client certificate with
+/// `openssl`, in the file names both qemu (server side) and libnbd (client side) expect.
+fn make_credentials(server_dir: &Path, client_dir: &Path) {
+    std::fs::create_dir_all(server_dir).unwrap();
+    std::fs::create_dir_all(client_dir).unwrap();
+    let script = r#"
+set -e
+cd "$1"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+  -keyout ca-key.pem -out ca-cert.pem -days 30 -subj /CN=vmm-test-ca \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+for who in server client; do
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout $who-key.pem -out $who.csr -subj /CN=$who 2>/dev/null
+done
+printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n' > server.ext
+printf 'extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n' > client.ext
+for who in server client; do
+  openssl x509 -req -in $who.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+    -out $who-cert.pem -days 30 -extfile $who.ext 2>/dev/null
+done
+cp ca-cert.pem client-cert.pem client-key.pem "$2"/
+rm ca-key.pem client-cert.pem client-key.pem
+"#;
+    run(Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("sh")
+        .arg(server_dir)
+        .arg(client_dir));
+}
+
+#[test]
+fn a_tls_only_server_is_reached_through_nbds_with_a_client_certificate() {
+    if !tessera_tests::kvm_or_skip(
+        "a_tls_only_server_is_reached_through_nbds_with_a_client_certificate",
+    ) {
+        return;
+    }
+    require("qemu-nbd");
+    require("openssl");
+    let d = tempfile::tempdir().unwrap();
+    let (server_dir, client_dir) = (d.path().join("server-pki"), d.path().join("client-pki"));
+    make_credentials(&server_dir, &client_dir);
+    let image = d.path().join("disk.raw");
+    std::fs::write(&image, vec![0u8; 4 << 20]).unwrap();
+    let port = free_port();
+    let mut server = Command::new("qemu-nbd")
+        .arg("--object")
+        .arg(format!(
+            "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=on",
+            server_dir.display()
+        ))
+        .args([
+            "--tls-creds",
+            "tls0",
+            "-f",
+            "raw",
+            "-x",
+            "disk",
+            "--persistent",
+        ])
+        // The guest checks that discarded sectors read back as zeroes.
+        .arg("--discard=unmap")
+        .args(["-b", "127.0.0.1", "-p", &port.to_string()])
+        .arg(&image)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "qemu-nbd did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Credentials as flags.
+    let run_dir = d.path().join("flags");
+    std::fs::create_dir(&run_dir).unwrap();
+    let mut child = vmm(
+        &format!("nbds://127.0.0.1:{port}/disk"),
+        "",
+        &run_dir,
+        &[
+            "--disk-tls-ca",
+            client_dir.join("ca-cert.pem").to_str().unwrap(),
+            "--disk-tls-cert",
+            client_dir.join("client-cert.pem").to_str().unwrap(),
+            "--disk-tls-key",
+            client_dir.join("client-key.pem").to_str().unwrap(),
+        ],
+    );
+    let status = exits_within(&mut child, 60, &run_dir);
+    let console = std::fs::read_to_string(run_dir.join("console.log")).unwrap();
+    assert!(status.success(), "{status}: {console}");
+    assert!(
+        console.contains("TESSERA-GUEST: PASS writes=4"),
+        "{console}"
+    );
+    // The guest's pattern for sector 0 (byte i is i * 7 + i / 512) is in the image.
+    let bytes = std::fs::read(&image).unwrap();
+    assert_eq!(&bytes[..4], &[0, 7, 14, 21]);
+
+    // Credentials the libnbd way: a directory named in the URI.
+    let run_dir = d.path().join("dir");
+    std::fs::create_dir(&run_dir).unwrap();
+    let mut child = vmm(
+        &format!(
+            "nbds://127.0.0.1:{port}/disk?tls-certificates={}",
+            client_dir.display()
+        ),
+        "",
+        &run_dir,
+        &[],
+    );
+    let status = exits_within(&mut child, 60, &run_dir);
+    let console = std::fs::read_to_string(run_dir.join("console.log")).unwrap();
+    assert!(status.success(), "{status}: {console}");
+    assert!(
+        console.contains("TESSERA-GUEST: PASS writes=4"),
+        "{console}"
+    );
+
+    // Plain NBD to the TLS-only server: refused at start, saying why.
+    let run_dir = d.path().join("plain");
+    std::fs::create_dir(&run_dir).unwrap();
+    let mut child = vmm(&format!("nbd://127.0.0.1:{port}/disk"), "", &run_dir, &[]);
+    let status = exits_within(&mut child, 30, &run_dir);
+    let log = std::fs::read_to_string(run_dir.join("vmm.log")).unwrap();
+    assert!(!status.success());
+    assert!(log.contains("requires TLS"), "{log}");
+
+    let _ = server.kill();
+    let _ = server.wait();
+}
