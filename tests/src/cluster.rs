@@ -60,6 +60,8 @@ impl ClusterNode {
             .arg("--data-dir")
             .arg(self.dir.join("store"))
             .args(["--nbd-tcp", &format!("{}:10809", Lan::addr(self.i))])
+            .arg("--nbd-tls-dir")
+            .arg(self.dir.join("data/tls"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file(&self.dir.join("store.log")))

@@ -115,7 +115,8 @@ impl StoreProcess {
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .arg("--nbd-tcp")
+            // A test's own loopback port: the trusted-address exception to TLS.
+            .arg("--nbd-tcp-plain")
             .arg(format!("127.0.0.1:{port}"))
             .args(extra)
             .env("TESSERA_LOG", "info")

@@ -52,6 +52,7 @@ const ROLES: &[(&str, &str, &str)] = &[
     ("GET", "/api/v1/vms/{name}", "auditor"),
     ("PATCH", "/api/v1/vms/{name}", "operator"),
     ("DELETE", "/api/v1/vms/{name}", "operator"),
+    ("POST", "/api/v1/nbd/credentials", "operator"),
     ("POST", "/api/v1/vms/{name}/start", "operator"),
     ("POST", "/api/v1/vms/{name}/stop", "operator"),
     ("POST", "/api/v1/vms/{name}/kill", "operator"),
@@ -256,19 +257,55 @@ fn accepted_task(r: (u16, Value)) -> String {
     r.1["id"].as_str().unwrap().to_string()
 }
 
-fn qemu_io(lan: &Lan, i: usize, cmd: &str, uri: &str) -> std::process::Output {
+/// NBD client credentials from `POST /nbd/credentials`, in the directory layout qemu and
+/// libnbd read (TCP NBD serves only TLS clients with a certificate of the cluster CA).
+fn nbd_creds(lan: &Lan, token: &str, dir: &Path) {
+    let (code, v) = api(lan, 0, "POST", "nbd/credentials", Some(token), None);
+    assert_eq!(code, 200, "{v}");
+    std::fs::create_dir_all(dir).unwrap();
+    for (file, field) in [
+        ("ca-cert.pem", "ca_cert_pem"),
+        ("client-cert.pem", "client_cert_pem"),
+        ("client-key.pem", "client_key_pem"),
+    ] {
+        std::fs::write(dir.join(file), v[field].as_str().unwrap()).unwrap();
+    }
+}
+
+/// qemu-io on `export` of `server`'s store, over TLS with the credentials in `creds`.
+fn qemu_io(
+    lan: &Lan,
+    i: usize,
+    cmd: &str,
+    creds: &Path,
+    server: usize,
+    export: &str,
+) -> std::process::Output {
     output(
         lan.command(i, Path::new("qemu-io"))
-            .args(["-f", "raw", "-c", cmd])
-            .arg(uri),
+            .arg("--object")
+            .arg(format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=client",
+                creds.display()
+            ))
+            .arg("--image-opts")
+            .arg(format!(
+                "driver=nbd,host={},port=10809,export={export},tls-creds=tls0",
+                Lan::addr(server)
+            ))
+            .args(["-c", cmd]),
     )
 }
 
-fn exports(lan: &Lan, i: usize, server: usize) -> String {
+fn exports(lan: &Lan, i: usize, server: usize, creds: &Path) -> String {
     let out = output(
         lan.command(i, Path::new("nbdinfo"))
             .arg("--list")
-            .arg(format!("nbd://{}:10809", Lan::addr(server))),
+            .arg(format!(
+                "nbds://{}:10809?tls-certificates={}",
+                Lan::addr(server),
+                creds.display()
+            )),
     );
     assert!(
         out.status.success(),
@@ -311,18 +348,30 @@ fn volumes_vms_tasks_and_events_through_the_api() {
     let (code, v) = api(&lan, 1, "GET", "volumes/data", a, None);
     assert_eq!(code, 200);
     assert_eq!(v["state"], "ready");
-    let uri = format!("nbd://{}:10809/data", Lan::addr(2));
-    assert_eq!(v["nbd"], uri.as_str());
-    let info = output(lan.command(0, Path::new("nbdinfo")).args(["--size", &uri]));
+    assert_eq!(
+        v["nbd"],
+        format!("nbds://{}:10809/data", Lan::addr(2)).as_str()
+    );
+    let creds = d.path().join("nbd-creds");
+    nbd_creds(&lan, &admin, &creds);
+    let uri = format!(
+        "nbds://{}:10809/data?tls-certificates={}",
+        Lan::addr(2),
+        creds.display()
+    );
+    let info = wait_for("node 3's store to serve NBD over TLS", 20, || {
+        let info = output(lan.command(0, Path::new("nbdinfo")).args(["--size", &uri]));
+        info.status.success().then_some(info)
+    });
     assert_eq!(String::from_utf8_lossy(&info.stdout).trim(), "67108864");
 
     // Snapshot, then overwrite, then clone the snapshot: the clone has the old data.
-    assert!(qemu_io(&lan, 0, "write -P 0xa5 0 1M", &uri)
+    assert!(qemu_io(&lan, 0, "write -P 0xa5 0 1M", &creds, 2, "data")
         .status
         .success());
     let id = accepted_task(post(1, "volumes/data/snapshots", json!({ "name": "s1" })));
     assert_eq!(wait_task(&lan, 0, &admin, &id)["state"], "succeeded");
-    assert!(qemu_io(&lan, 0, "write -P 0x5a 0 1M", &uri)
+    assert!(qemu_io(&lan, 0, "write -P 0x5a 0 1M", &creds, 2, "data")
         .status
         .success());
     let id = accepted_task(post(
@@ -331,15 +380,14 @@ fn volumes_vms_tasks_and_events_through_the_api() {
         json!({ "snapshot": "s1", "name": "copy" }),
     ));
     assert_eq!(wait_task(&lan, 2, &admin, &id)["state"], "succeeded");
-    let copy = format!("nbd://{}:10809/copy", Lan::addr(2));
-    let r = qemu_io(&lan, 1, "read -P 0xa5 0 1M", &copy);
+    let r = qemu_io(&lan, 1, "read -P 0xa5 0 1M", &creds, 2, "copy");
     assert!(
         r.status.success()
             && !String::from_utf8_lossy(&r.stdout).contains("Pattern verification failed"),
         "{}",
         String::from_utf8_lossy(&r.stdout)
     );
-    let list = exports(&lan, 0, 2);
+    let list = exports(&lan, 0, 2, &creds);
     assert!(
         list.contains("export=\"data@s1\"") && list.contains("export=\"copy\""),
         "{list}"
@@ -532,7 +580,7 @@ fn volumes_vms_tasks_and_events_through_the_api() {
     assert_eq!(api(&lan, 2, "DELETE", "vms/vm1", a, None).0, 200);
     let id = accepted_task(api(&lan, 2, "DELETE", "volumes/copy", a, None));
     assert_eq!(wait_task(&lan, 0, &admin, &id)["state"], "succeeded");
-    assert!(!exports(&lan, 1, 2).contains("export=\"copy\""));
+    assert!(!exports(&lan, 1, 2, &creds).contains("export=\"copy\""));
     assert_eq!(api(&lan, 2, "DELETE", "networks/lan", a, None).0, 200);
     assert_eq!(api(&lan, 0, "GET", "networks/lan", a, None).0, 404);
     assert_eq!(api(&lan, 0, "GET", "vms", a, None).1, json!([]));

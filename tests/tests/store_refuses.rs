@@ -20,7 +20,7 @@ fn serve_refused(data_dir: &Path) -> String {
         .arg("serve")
         .arg("--data-dir")
         .arg(data_dir)
-        .arg("--nbd-tcp")
+        .arg("--nbd-tcp-plain")
         .arg(format!("127.0.0.1:{}", free_port()))
         .env("TESSERA_LOG", "info")
         .stdin(Stdio::null())

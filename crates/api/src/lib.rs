@@ -35,7 +35,9 @@ pub use networks::{Network, NewNetwork};
 pub use tasks::{Task, TaskLog, TaskOp, TaskQuery, TaskState};
 pub use users::{NewUser, UserInfo, UserUpdate};
 pub use vms::{DesiredState, NewVm, RestartPolicy, Vm, VmState, VmStatus, VmUpdate};
-pub use volumes::{NewClone, NewSnapshot, NewVolume, Snapshot, Volume, VolumeState, VolumeView};
+pub use volumes::{
+    NbdCredentials, NewClone, NewSnapshot, NewVolume, Snapshot, Volume, VolumeState, VolumeView,
+};
 
 /// The error body of every failed request.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]

@@ -28,7 +28,8 @@ pub struct Volume {
     pub state: VolumeState,
     /// `volume@snapshot` it was cloned from.
     pub origin: Option<String>,
-    /// NBD URI, when the node's store has a TCP address.
+    /// NBD URI (`nbds://`: TLS with a client certificate from `export-creds`), when the
+    /// node's store has a TCP address.
     pub nbd: Option<String>,
     /// When it was requested (ms since the epoch).
     pub created_ms: u64,
@@ -97,3 +98,20 @@ pub struct NewClone {
 }
 
 crate::object_only!(NewVolume, NewSnapshot, NewClone);
+
+/// A client certificate for NBD over TLS (`tessera volume export-creds`): what libnbd's
+/// `tls-certificates=DIR` and qemu's `tls-creds-x509` read as `ca-cert.pem`,
+/// `client-cert.pem` and `client-key.pem`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NbdCredentials {
+    /// The user the certificate was issued to.
+    pub user: String,
+    /// The cluster CA's certificate (PEM): checks the stores' certificates.
+    pub ca_cert_pem: String,
+    /// The client certificate (PEM), issued by the cluster CA.
+    pub client_cert_pem: String,
+    /// Its private key (PEM). Keep it as secret as the volumes it opens.
+    pub client_key_pem: String,
+    /// Days the certificate is valid; a new one is exported after that.
+    pub valid_days: u32,
+}

@@ -177,6 +177,14 @@ pub enum VolumeCmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Write a client certificate and key for NBD over TLS (Operator role) into a
+    /// directory, as qemu (tls-creds-x509) and libnbd (tls-certificates=DIR) read them.
+    ExportCreds {
+        /// Directory to write ca-cert.pem, client-cert.pem and client-key.pem into
+        /// (created private if missing).
+        #[arg(long)]
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]

@@ -231,7 +231,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .arg("serve")
                 .arg("--data-dir")
                 .arg(node_dir.join("store"))
-                .args(["--nbd-tcp", &format!("{}:10809", addr(i))]),
+                .args(["--nbd-tcp", &format!("{}:10809", addr(i))])
+                // NBD over TCP needs TLS: the store serves it once tesserad has written
+                // the node's certificate here.
+                .arg("--nbd-tls-dir")
+                .arg(node_dir.join("data/tls")),
             node_dir.join("store.log"),
         )?);
         procs.push(spawn(
@@ -303,9 +307,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     println!("Tessera local cluster is up: {n} nodes formed one cluster by themselves.");
     for i in 1..=n {
         println!(
-            "  node {i}: REST API https://{}:8006/api/v1   NBD nbd://{}:10809/<volume>",
+            "  node {i}: REST API https://{}:8006/api/v1   NBD nbds://{}:10809/<volume> (TLS; nbd+unix on {})",
             addr(i),
-            addr(i)
+            addr(i),
+            cli.dir.join(format!("node{i}/store/nbd.sock")).display()
         );
     }
     let ca = cli.dir.join("node1/data/tls/ca.crt");
@@ -328,6 +333,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     println!(
         "  target/release/tessera --api https://127.0.0.1:8006 --ca-file {} login   # then: tessera password, tessera volume create demo --size 1G",
         ca.display()
+    );
+    println!(
+        "  target/release/tessera volume export-creds --dir nbd-creds   # then: nbdinfo 'nbds://127.0.0.1:10809/demo?tls-certificates=nbd-creds'"
     );
     println!();
     println!("Ctrl-C stops everything; running this again reuses the same cluster.");

@@ -145,7 +145,11 @@ impl ClusterCa {
         dn.push(DnType::CommonName, user);
         p.distinguished_name = dn;
         p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        // qemu refuses a client certificate without key encipherment, whatever the key.
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         // Short-lived compared with node certificates: there is no revocation list, so
         // an exported credential stops working by expiring.

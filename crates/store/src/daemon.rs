@@ -22,8 +22,15 @@ use tessera_store_admin::{
 pub struct DaemonConfig {
     /// The store's data directory.
     pub data_dir: PathBuf,
-    /// NBD over TCP, if any.
+    /// NBD over TCP with TLS required (client certificates of the cluster CA), if any;
+    /// served once `nbd_tls_dir` holds the node's credentials.
     pub nbd_tcp: Option<SocketAddr>,
+    /// Where the node's credentials appear (`tesserad`'s `<data_dir>/tls`); needed with
+    /// `nbd_tcp`.
+    pub nbd_tls_dir: Option<PathBuf>,
+    /// Plain NBD over TCP, without any authentication: only for an address the operator
+    /// trusts everyone who can reach (loopback on a single-user machine, tests).
+    pub nbd_tcp_plain: Option<SocketAddr>,
     /// NBD over a Unix socket.
     pub nbd_unix: PathBuf,
     /// The admin socket.
@@ -38,8 +45,9 @@ pub struct DaemonConfig {
 pub struct Running {
     /// The store (for in-process callers such as tests or the demo).
     pub store: Store,
-    /// Where NBD over TCP listens, if enabled (the real port when 0 was asked).
-    pub nbd_tcp: Option<SocketAddr>,
+    /// Where plain NBD over TCP listens, if enabled (the real port when 0 was asked).
+    /// The TLS listener binds later, when the credentials appear (see `crate::tls`).
+    pub nbd_tcp_plain: Option<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -107,6 +115,13 @@ fn tighten(path: &Path, changed: &mut Vec<PathBuf>) -> std::io::Result<()> {
 
 /// Opens the store and starts every listener.
 pub async fn start(cfg: &DaemonConfig) -> anyhow::Result<Running> {
+    if cfg.nbd_tcp.is_some() && cfg.nbd_tls_dir.is_none() {
+        anyhow::bail!(
+            "NBD over TCP is served with TLS only: give the directory of the node's credentials \
+             (--nbd-tls-dir, tesserad's <data_dir>/tls), or use --nbd-tcp-plain for an address \
+             everyone who can reach is trusted"
+        );
+    }
     make_private(&cfg.data_dir)
         .with_context(|| format!("making {} private", cfg.data_dir.display()))?;
     let dir = cfg.data_dir.clone();
@@ -116,12 +131,17 @@ pub async fn start(cfg: &DaemonConfig) -> anyhow::Result<Running> {
         .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
     let exports = Arc::new(StoreExports::new(store.clone()));
     let mut tasks = Vec::new();
-    let mut nbd_tcp = None;
-    if let Some(addr) = cfg.nbd_tcp {
+    if let (Some(addr), Some(dir)) = (cfg.nbd_tcp, cfg.nbd_tls_dir.clone()) {
+        let (ex, nbd) = (exports.clone(), cfg.nbd.clone());
+        tasks.push(tokio::spawn(crate::tls::serve(addr, dir, ex, nbd)));
+    }
+    let mut nbd_tcp_plain = None;
+    if let Some(addr) = cfg.nbd_tcp_plain {
         let l = TcpListener::bind(addr)
             .await
-            .with_context(|| format!("binding NBD TCP listener on {addr}"))?;
-        nbd_tcp = Some(l.local_addr()?);
+            .with_context(|| format!("binding plain NBD TCP listener on {addr}"))?;
+        nbd_tcp_plain = Some(l.local_addr()?);
+        tracing::warn!(%addr, "serving plain NBD over TCP: anyone who can reach this address can read and write every volume");
         let (ex, nbd) = (exports.clone(), cfg.nbd.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(e) = tessera_nbd::serve_tcp(l, ex, nbd).await {
@@ -146,14 +166,15 @@ pub async fn start(cfg: &DaemonConfig) -> anyhow::Result<Running> {
     tasks.push(tokio::spawn(serve_admin(admin, st)));
     tracing::info!(
         data_dir = %cfg.data_dir.display(),
-        nbd_tcp = ?nbd_tcp,
+        nbd_tls = ?cfg.nbd_tcp,
+        nbd_plain = ?nbd_tcp_plain,
         nbd_unix = %cfg.nbd_unix.display(),
         admin = %cfg.admin_socket.display(),
         "tessera-store is serving"
     );
     Ok(Running {
         store,
-        nbd_tcp,
+        nbd_tcp_plain,
         tasks,
     })
 }

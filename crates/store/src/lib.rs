@@ -1,7 +1,8 @@
 //! tessera-store: the node's block-storage service.
 //!
 //! It owns one block store (`tessera-blockstore`), serves its volumes and snapshots over
-//! NBD (`tessera-nbd`) on TCP and a Unix socket, and takes volume administration on a
+//! NBD (`tessera-nbd`) on TCP (TLS with client certificates of the cluster CA, or plain on
+//! an address the operator trusts) and a Unix socket, and takes volume administration on a
 //! local admin socket (the protocol is `tessera-store-admin`). It does not decide anything
 //! about the cluster: `tesserad` tells it what to create, and later which generation and
 //! replicas a volume has.
@@ -11,3 +12,4 @@
 pub mod admin_client;
 pub mod daemon;
 pub mod exports;
+pub mod tls;

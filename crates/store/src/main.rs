@@ -17,6 +17,8 @@ use tessera_store_admin::{AdminOp, AdminReply, StoreStatus};
 use tessera_units::{format_size, parse_size};
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/tessera/store";
+/// `tesserad`'s credentials directory with its default `data_dir`.
+const DEFAULT_TLS_DIR: &str = "/var/lib/tessera/tls";
 
 #[derive(Parser)]
 #[command(
@@ -80,10 +82,19 @@ struct ServeArgs {
     /// Where volumes live.
     #[arg(long, default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
-    /// NBD over TCP (no TLS yet: keep it on loopback or a trusted network).
-    #[arg(long, default_value = "127.0.0.1:10809")]
-    nbd_tcp: SocketAddr,
-    /// Do not listen on TCP at all.
+    /// NBD over TCP with TLS required (a client certificate of the cluster CA); served
+    /// once --nbd-tls-dir holds this node's credentials.
+    #[arg(long)]
+    nbd_tcp: Option<SocketAddr>,
+    /// Where tesserad writes this node's credentials (ca.crt, node.crt, node.key).
+    #[arg(long, default_value = DEFAULT_TLS_DIR)]
+    nbd_tls_dir: PathBuf,
+    /// Plain NBD over TCP, no authentication at all: only on an address where everyone
+    /// who can reach it is trusted (loopback of a single-user machine, tests).
+    #[arg(long)]
+    nbd_tcp_plain: Option<SocketAddr>,
+    /// Do not listen on TCP at all (the default unless --nbd-tcp or --nbd-tcp-plain is
+    /// given; kept for older scripts).
     #[arg(long)]
     no_tcp: bool,
     /// NBD over a Unix socket (default: <data-dir>/nbd.sock).
@@ -184,7 +195,9 @@ fn init_logging() {
 
 fn daemon_config(args: &ServeArgs, admin: Option<PathBuf>) -> DaemonConfig {
     DaemonConfig {
-        nbd_tcp: (!args.no_tcp).then_some(args.nbd_tcp),
+        nbd_tcp: args.nbd_tcp.filter(|_| !args.no_tcp),
+        nbd_tls_dir: Some(args.nbd_tls_dir.clone()),
+        nbd_tcp_plain: args.nbd_tcp_plain.filter(|_| !args.no_tcp),
         nbd_unix: args
             .nbd_unix
             .clone()
@@ -276,7 +289,7 @@ fn serve(cfg: DaemonConfig, demo_size: Option<u64>) -> anyhow::Result<()> {
                     .await?
                     .context("creating the demo volume")?;
             }
-            print_demo(&cfg, running.nbd_tcp);
+            print_demo(&cfg, running.nbd_tcp_plain);
         }
         wait_for_signal().await?;
         tracing::info!("stopping");

@@ -201,6 +201,20 @@ pub async fn start(
     Ok(Arc::new(node))
 }
 
+/// The cluster CA from its record in the replicated state (`pki/ca`).
+pub fn ca_of_record(rec: &serde_json::Value) -> anyhow::Result<ClusterCa> {
+    let field = |f: &str| {
+        rec[f]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("the CA record has no {f}"))
+    };
+    Ok(ClusterCa {
+        cert_pem: field("cert_pem")?,
+        key_pem: field("key_pem")?,
+    })
+}
+
 /// Records the cluster CA in the replicated state (so every member can enroll nodes),
 /// retrying until a leader takes it, then removes the key's file in `data_dir`, which
 /// only bridged a crash before that record.

@@ -3,12 +3,12 @@
 
 use std::io::IsTerminal;
 
-use tessera_api::{NewClone, NewSnapshot, NewVolume, VolumeView};
+use tessera_api::{NbdCredentials, NewClone, NewSnapshot, NewVolume, VolumeView};
 
 use crate::args::VolumeCmd;
 use crate::client::Client;
 use crate::endpoints::{
-    CLONE, SNAPSHOT_CREATE, SNAPSHOT_RM, VOLUME, VOLUMES, VOLUME_CREATE, VOLUME_RM,
+    CLONE, NBD_CREDS, SNAPSHOT_CREATE, SNAPSHOT_RM, VOLUME, VOLUMES, VOLUME_CREATE, VOLUME_RM,
 };
 use crate::node_names::NodeNames;
 use crate::output::{col, opt, size, table, wide_col, word, Output};
@@ -114,6 +114,65 @@ pub fn run(client: &Client, cmd: VolumeCmd, out: Output) -> anyhow::Result<()> {
             let v = client.call(VOLUME_RM, &[&name], None)?;
             out.print(&follow(client, v, no_wait, bar)?, done);
         }
+        VolumeCmd::ExportCreds { dir } => {
+            let v = client.call(NBD_CREDS, &[], None)?;
+            let creds: NbdCredentials = crate::client::decode(NBD_CREDS, &v)?;
+            write_creds(&dir, &creds)?;
+            if out.is_json() {
+                out.print(
+                    &serde_json::json!({
+                        "dir": dir.display().to_string(),
+                        "user": creds.user,
+                        "valid_days": creds.valid_days,
+                    }),
+                    |_| {},
+                );
+                return Ok(());
+            }
+            let d = dir.display();
+            println!(
+                "NBD client credentials for {} (valid {} days) written to {d}",
+                creds.user, creds.valid_days
+            );
+            println!("  nbdinfo 'nbds://HOST:10809/VOLUME?tls-certificates={d}'");
+            println!(
+                "  qemu-img info --object tls-creds-x509,id=tls0,dir={d},endpoint=client \\\n      --image-opts driver=nbd,host=HOST,port=10809,export=VOLUME,tls-creds=tls0"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Writes the credentials as libnbd and qemu expect them, the key readable by its owner
+/// only (and the directory private too: the key opens every volume).
+fn write_creds(dir: &std::path::Path, c: &NbdCredentials) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    for (name, text) in [
+        ("ca-cert.pem", &c.ca_cert_pem),
+        ("client-cert.pem", &c.client_cert_pem),
+        ("client-key.pem", &c.client_key_pem),
+    ] {
+        let path = dir.join(name);
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        // A leftover temporary file may have been created wider.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        f.write_all(text.as_bytes())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

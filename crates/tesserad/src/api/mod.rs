@@ -13,6 +13,7 @@ mod events;
 mod extract;
 mod listener;
 mod login_limit;
+mod nbd;
 mod networks;
 mod tasks;
 mod users;
@@ -281,6 +282,7 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(volumes::snapshot))
         .routes(routes!(volumes::remove_snapshot))
         .routes(routes!(volumes::clone))
+        .routes(routes!(nbd::export_creds))
         .routes(routes!(vms::list, vms::create))
         .routes(routes!(vms::show, vms::update, vms::remove))
         .routes(routes!(vms::start))

@@ -76,7 +76,7 @@ fn ready_volume(n: &tessera_state::Node, name: &str) -> Result<Volume, ApiError>
 
 fn nbd_uri(n: &tessera_state::Node, node: &str, export: &str) -> Result<Option<String>, ApiError> {
     let rec: Option<serde_json::Value> = read(n, NODES, node)?;
-    Ok(rec.and_then(|r| r["nbd"].as_str().map(|a| format!("nbd://{a}/{export}"))))
+    Ok(rec.and_then(|r| r["nbd"].as_str().map(|a| format!("nbds://{a}/{export}"))))
 }
 
 /// Create a volume (a task on the volume's node).
