@@ -8,7 +8,7 @@
 //! returned with length 0.
 
 use std::io::Read;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tessera_disk::Disk;
 use virtio_bindings::virtio_blk::*;
@@ -18,6 +18,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::BitmapSlice;
 
+use crate::ratelimit::LogLimit;
 use crate::{Completion, GuestMem, RequestHandler, VirtioDevice};
 
 /// Sector size of the virtio-blk protocol.
@@ -37,6 +38,8 @@ pub struct Block {
     disk: Arc<dyn Disk>,
     acked: u64,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    /// Shared by its request handlers: a failing disk fails every request.
+    log_limit: Arc<Mutex<LogLimit>>,
 }
 
 /// Serves virtio-blk requests against the disk; may block on it for as long as it takes.
@@ -44,6 +47,7 @@ pub struct BlockRequests {
     disk: Arc<dyn Disk>,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     acked: u64,
+    log_limit: Arc<Mutex<LogLimit>>,
 }
 
 /// Status of a request, as the device reports it.
@@ -75,6 +79,7 @@ impl Block {
             disk: Arc::from(disk),
             acked: 0,
             id,
+            log_limit: Arc::new(Mutex::new(crate::ratelimit::guest_lines())),
         }
     }
 
@@ -237,7 +242,9 @@ impl BlockRequests {
     }
 
     fn fail(&self, what: &str, e: tessera_disk::DiskError) -> Status {
-        tracing::warn!(error = %e, "virtio-blk: {what} failed");
+        if let Ok(mut limit) = self.log_limit.lock() {
+            crate::limited!(limit, warn, error = %e, "virtio-blk: {what} failed");
+        }
         Status::IoErr
     }
 }
@@ -293,6 +300,7 @@ impl VirtioDevice for Block {
             disk: self.disk.clone(),
             id: self.id,
             acked: self.acked,
+            log_limit: self.log_limit.clone(),
         })
     }
 

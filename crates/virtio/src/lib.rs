@@ -9,6 +9,7 @@
 
 pub mod blk;
 pub mod mmio;
+pub mod ratelimit;
 
 use std::io::Write;
 

@@ -118,6 +118,8 @@ pub struct MmioTransport {
     queue_sel: u32,
     status: u32,
     interrupt_status: u32,
+    /// Lines a driver's mistakes make (a guest can make them in a loop).
+    log_limit: crate::ratelimit::LogLimit,
 }
 
 impl MmioTransport {
@@ -148,6 +150,7 @@ impl MmioTransport {
             queue_sel: 0,
             status: 0,
             interrupt_status: 0,
+            log_limit: crate::ratelimit::guest_lines(),
         }
     }
 
@@ -313,13 +316,21 @@ impl MmioTransport {
             }
             VIRTIO_MMIO_QUEUE_READY if configuring => {
                 let mem = self.mem.clone();
+                let mut refused = false;
                 if let Some(q) = self.queue() {
                     // A queue whose rings do not fit guest memory is never made ready.
                     q.set_ready(v == 1);
                     if v == 1 && !q.is_valid(&mem) {
-                        tracing::info!("virtio-mmio: driver enabled an invalid queue; refused");
                         q.set_ready(false);
+                        refused = true;
                     }
+                }
+                if refused {
+                    crate::limited!(
+                        self.log_limit,
+                        info,
+                        "virtio-mmio: driver enabled an invalid queue; refused"
+                    );
                 }
             }
             VIRTIO_MMIO_QUEUE_DESC_LOW if configuring => {
@@ -365,7 +376,9 @@ impl MmioTransport {
         }
         // Bits only accumulate (spec 2.1.2); anything else is a driver bug.
         if v & self.status != self.status {
-            tracing::info!(
+            crate::limited!(
+                self.log_limit,
+                info,
                 old = self.status,
                 new = v,
                 "virtio-mmio: driver cleared status bits; ignored"
@@ -380,7 +393,9 @@ impl MmioTransport {
             if legal {
                 self.device.set_acked_features(self.driver_features);
             } else {
-                tracing::info!(
+                crate::limited!(
+                    self.log_limit,
+                    info,
                     driver = self.driver_features,
                     offered,
                     "virtio-mmio: feature negotiation failed"
@@ -528,7 +543,12 @@ impl MmioTransport {
     }
 
     fn broken(&mut self, e: virtio_queue::Error) {
-        tracing::warn!(error = ?e, "virtio device marked broken: virtqueue is corrupt");
+        crate::limited!(
+            self.log_limit,
+            warn,
+            error = ?e,
+            "virtio device marked broken: virtqueue is corrupt"
+        );
         self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
         self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
         let _ = self.interrupt.trigger();

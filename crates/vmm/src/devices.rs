@@ -11,6 +11,7 @@ use crate::snapshot::SerialSnapshot;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::layout::{BENCH_MARKER_PORT, BOOT_TIMER_PORT};
+use tessera_virtio::ratelimit::LogLimit;
 
 /// Why a legacy device could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,13 @@ pub struct PioBus {
     start: Instant,
     /// When the guest first wrote the boot-timer port.
     pub first_instruction: Option<std::time::Duration>,
+    /// Bench markers are logged; a guest writing the port in a loop must not flood the log.
+    marker_limit: LogLimit,
+}
+
+/// Benchmarks write a few markers per run; 64 at once and 16 a second after that.
+fn marker_limit() -> LogLimit {
+    LogLimit::new(64, 16)
 }
 
 impl PioBus {
@@ -59,6 +67,7 @@ impl PioBus {
             serial: Serial::new(IrqTrigger(irq), out),
             start,
             first_instruction: None,
+            marker_limit: marker_limit(),
         }
     }
 
@@ -87,6 +96,7 @@ impl PioBus {
             serial,
             start,
             first_instruction: None,
+            marker_limit: marker_limit(),
         })
     }
 
@@ -137,7 +147,9 @@ impl PioBus {
             I8042_CMD if data.first() == Some(&I8042_RESET) => return PioAction::Reset,
             BENCH_MARKER_PORT => {
                 let micros = self.start.elapsed().as_micros() as u64;
-                tracing::info!(
+                tessera_virtio::limited!(
+                    self.marker_limit,
+                    info,
                     marker = data.first().copied().unwrap_or(0),
                     micros,
                     "bench marker"
@@ -154,5 +166,57 @@ impl PioBus {
             _ => {}
         }
         PioAction::None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Collects formatted log lines.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_guest_writing_the_bench_marker_in_a_loop_does_not_flood_the_log() {
+        let lines = Lines::default();
+        let sink = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .finish();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let mut pio = PioBus::new(Box::new(std::io::sink()), irq, Instant::now());
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..10_000u32 {
+                pio.write(BENCH_MARKER_PORT, &[i as u8]);
+            }
+            // At 16 a second a token is back after 62.5 ms: the next line is logged, after
+            // one saying how many were left out.
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            pio.write(BENCH_MARKER_PORT, &[1]);
+        });
+        let text = String::from_utf8(lines.0.lock().expect("lines").clone()).expect("utf-8");
+        let logged = text.matches("bench marker").count();
+        // The burst, and what the rate refilled while the loop ran (well under a second).
+        assert!((65..=81).contains(&logged), "{logged} marker lines logged");
+        assert!(
+            text.contains("lines like the next suppressed"),
+            "no summary of the suppressed lines:\n{text}"
+        );
     }
 }
