@@ -1,7 +1,11 @@
 //! The REST API's edges on the README's local three-node cluster (one start for every
 //! check): failed logins back off per address (429 with Retry-After) while the right
 //! password from another address still gets in; hundreds of idle connections do not keep
-//! a real request out; a slow-loris client is cut off at the header deadline.
+//! a real request out; a slow-loris client is cut off at the header deadline; a create
+//! with an `Idempotency-Key` retried gets its first answer; creates in flight while the
+//! leader is killed are answered 202 or 503 with an outcome (never Raft's internals), and
+//! their retries with the same key never 409; a task for the killed (down) node fails
+//! within a bounded time naming the node, releasing the volume it reserved.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -72,10 +76,10 @@ fn call(
     }
 }
 
-fn login_from(ca: &str, from: &str, password: &str) -> Answer {
+fn login_from(ca: &str, node: u8, from: &str, password: &str) -> Answer {
     call(
         ca,
-        1,
+        node,
         "POST",
         "login",
         None,
@@ -87,11 +91,11 @@ fn login_from(ca: &str, from: &str, password: &str) -> Answer {
 /// 50 quick wrong guesses from one address are mostly refused with 429 before any
 /// password check; the right password from that address waits too, from another address
 /// it gets in.
-fn failed_logins_back_off_per_address(ca: &str, password: &str) {
+fn failed_logins_back_off_per_address(ca: &str, node: u8, password: &str) {
     let start = std::time::Instant::now();
     let (mut unauthorized, mut throttled) = (0, 0);
     for i in 0..50 {
-        let a = login_from(ca, "127.0.0.3", &format!("wrong guess number {i}"));
+        let a = login_from(ca, node, "127.0.0.3", &format!("wrong guess number {i}"));
         match a.code {
             401 => unauthorized += 1,
             429 => {
@@ -113,9 +117,9 @@ fn failed_logins_back_off_per_address(ca: &str, password: &str) {
         start.elapsed()
     );
     // The guessing address waits even with the right password...
-    assert_eq!(login_from(ca, "127.0.0.3", password).code, 429);
+    assert_eq!(login_from(ca, node, "127.0.0.3", password).code, 429);
     // ... another address does not.
-    let a = login_from(ca, "127.0.0.2", password);
+    let a = login_from(ca, node, "127.0.0.2", password);
     assert_eq!(a.code, 200, "{}", a.body);
     assert!(a.json()["token"].is_string());
 }
@@ -186,6 +190,204 @@ fn a_slow_loris_is_cut_off(ca: &str) {
     assert!(!text.contains(" 200 "), "{text}");
 }
 
+/// No answer shows Raft's internals.
+fn assert_no_internals(a: &Answer) {
+    let lower = a.body.to_lowercase();
+    assert!(
+        !lower.contains("basicnode") && !lower.contains("raft"),
+        "an answer shows Raft's internals: {} {}",
+        a.code,
+        a.body
+    );
+}
+
+fn create_volume(ca: &str, node: u8, token: &str, body: &Value, key: Option<&str>) -> Answer {
+    let h;
+    let extra: Vec<&str> = match key {
+        Some(k) => {
+            h = format!("Idempotency-Key: {k}");
+            vec!["-H", &h]
+        }
+        None => vec![],
+    };
+    let a = call(ca, node, "POST", "volumes", Some(token), Some(body), &extra);
+    assert_no_internals(&a);
+    a
+}
+
+/// A retry with the same key and body gets the first answer (the same task); the same
+/// key with another body, or a plain retry, is a conflict.
+fn an_idempotent_create_retried_gets_its_first_answer(ca: &str, node: u8, token: &str) {
+    let body = json!({"name": "idem-a", "size_bytes": 1048576});
+    let first = create_volume(ca, node, token, &body, Some("key-1"));
+    assert_eq!(first.code, 202, "{}", first.body);
+    let again = create_volume(ca, node, token, &body, Some("key-1"));
+    assert_eq!(again.code, 202, "{}", again.body);
+    assert_eq!(first.json()["id"], again.json()["id"], "{}", again.body);
+    let other = json!({"name": "idem-a", "size_bytes": 2097152});
+    assert_eq!(
+        create_volume(ca, node, token, &other, Some("key-1")).code,
+        409
+    );
+    assert_eq!(create_volume(ca, node, token, &body, None).code, 409);
+    assert_eq!(
+        create_volume(ca, node, token, &body, Some("bad key!")).code,
+        400
+    );
+}
+
+/// The devcluster node (1-3) that leads, by its name `nodeN`.
+fn leader(ca: &str, node: u8, token: &str) -> u8 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let a = call(ca, node, "GET", "cluster", Some(token), None, &[]);
+        if let Some(n) = a.json()["leader_name"]
+            .as_str()
+            .and_then(|n| n.strip_prefix("node"))
+        {
+            return n.parse().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no leader: {}", a.body);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The pid of node `i`'s tesserad under `dir` (its command line names its seed).
+fn tesserad_pid(dir: &std::path::Path, i: u8) -> i32 {
+    let seed = dir.join(format!("node{i}/seed.toml"));
+    let seed = seed.to_string_lossy();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("tesserad") && cmd.contains(seed.as_ref()) {
+            return pid;
+        }
+    }
+    panic!("no tesserad for node {i}");
+}
+
+/// Creates in flight on follower `f` while the leader `l` is killed: each is 202 or 503
+/// with an outcome; a retry with the same key is then 202, never 409; every volume exists.
+fn creates_survive_the_leader_dying(dir: &std::path::Path, ca: &str, f: u8, l: u8, token: &str) {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let answers = std::thread::scope(|s| {
+        let worker = {
+            let done = done.clone();
+            s.spawn(move || {
+                (0..30)
+                    .map(|i| {
+                        let body = json!({"name": format!("kill-{i}"), "size_bytes": 1048576});
+                        let a = create_volume(ca, f, token, &body, Some(&format!("kill-{i}")));
+                        done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        (i, a)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
+        while done.load(std::sync::atomic::Ordering::SeqCst) < 5 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let pid = nix::unistd::Pid::from_raw(tesserad_pid(dir, l));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+        worker.join().unwrap()
+    });
+    let mut retried = 0;
+    for (i, a) in answers {
+        if a.code == 202 {
+            continue;
+        }
+        assert_eq!(a.code, 503, "kill-{i}: {}", a.body);
+        let outcome = a.json()["outcome"].as_str().unwrap_or_default().to_string();
+        assert!(
+            ["unknown", "not_applied", "committed"].contains(&outcome.as_str()),
+            "kill-{i}: {}",
+            a.body
+        );
+        retried += 1;
+        let body = json!({"name": format!("kill-{i}"), "size_bytes": 1048576});
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = create_volume(ca, f, token, &body, Some(&format!("kill-{i}")));
+            if r.code == 202 {
+                break;
+            }
+            assert_eq!(r.code, 503, "retry of kill-{i} ({outcome}): {}", r.body);
+            assert!(Instant::now() < deadline, "kill-{i}: {}", r.body);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    eprintln!("creates while the leader died: {retried} of 30 answered 503 and retried");
+    for i in 0..30 {
+        let a = call(
+            ca,
+            f,
+            "GET",
+            &format!("volumes/kill-{i}"),
+            Some(token),
+            None,
+            &[],
+        );
+        assert_eq!(a.code, 200, "kill-{i}: {}", a.body);
+    }
+}
+
+/// A volume asked of the down node `l`: its task fails within a bounded time naming the
+/// node, and the name is free again.
+fn a_task_for_a_down_node_fails_naming_it(ca: &str, f: u8, l: u8, token: &str) {
+    let nodes = call(ca, f, "GET", "nodes", Some(token), None, &[]).json();
+    let id = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == format!("node{l}"))
+        .unwrap_or_else(|| panic!("no node{l}: {nodes}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let body = json!({"name": "on-a-down-node", "size_bytes": 1048576, "node": id});
+    let a = create_volume(ca, f, token, &body, None);
+    assert_eq!(a.code, 202, "{}", a.body);
+    let task = a.json()["id"].as_str().unwrap().to_string();
+    let start = Instant::now();
+    let t = loop {
+        let t = call(
+            ca,
+            f,
+            "GET",
+            &format!("tasks/{task}"),
+            Some(token),
+            None,
+            &[],
+        )
+        .json();
+        if t["state"] != "queued" && t["state"] != "running" {
+            break t;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "a task for down node{l} still waits after {:?}: {t}",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(t["state"], "failed", "{t}");
+    let err = t["error"].as_str().unwrap_or_default();
+    assert!(err.contains(&format!("node{l} is down")), "{t}");
+    let v = call(
+        ca,
+        f,
+        "GET",
+        "volumes/on-a-down-node",
+        Some(token),
+        None,
+        &[],
+    );
+    assert_eq!(v.code, 404, "the failed create left {}", v.body);
+}
+
 #[test]
 fn the_api_holds_its_edges() {
     require("curl");
@@ -194,7 +396,7 @@ fn the_api_holds_its_edges() {
     let (password, ca) = (cluster.admin_password(), cluster.ca_file());
 
     require("openssl");
-    let a = login_from(&ca, "127.0.0.1", &password);
+    let a = login_from(&ca, 1, "127.0.0.1", &password);
     assert_eq!(a.code, 200, "{}", a.body);
     let first = a.json()["token"].as_str().unwrap().to_string();
     let token = {
@@ -209,7 +411,7 @@ fn the_api_holds_its_edges() {
             &[],
         );
         assert_eq!(a.code, 200, "{}", a.body);
-        let a = login_from(&ca, "127.0.0.1", new);
+        let a = login_from(&ca, 1, "127.0.0.1", new);
         assert_eq!(a.code, 200, "{}", a.body);
         a.json()["token"].as_str().unwrap().to_string()
     };
@@ -217,7 +419,14 @@ fn the_api_holds_its_edges() {
 
     idle_connections_do_not_keep_a_request_out(&ca, &token);
     a_slow_loris_is_cut_off(&ca);
-    failed_logins_back_off_per_address(&ca, &password);
+    an_idempotent_create_retried_gets_its_first_answer(&ca, 1, &token);
+
+    let l = leader(&ca, 1, &token);
+    let f = if l == 1 { 2 } else { 1 };
+    creates_survive_the_leader_dying(d.path(), &ca, f, l, &token);
+    a_task_for_a_down_node_fails_naming_it(&ca, f, l, &token);
+
+    failed_logins_back_off_per_address(&ca, f, &password);
 
     cluster.stop();
 }

@@ -44,6 +44,11 @@ pub use volumes::{
 pub struct ErrorBody {
     /// What went wrong, naming the field when a field is wrong.
     pub error: String,
+    /// For a change the cluster state could not confirm (503): `not_applied` (nothing was
+    /// changed), `unknown` (it may have been made: read before retrying, or retry with the
+    /// same `Idempotency-Key`) or `committed` (it was made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
 }
 
 /// The answer to a delete of a user, VM or network.

@@ -85,6 +85,7 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
     let cluster_id: Arc<Mutex<Option<String>>> =
         Arc::new(Mutex::new(persisted.as_ref().map(|f| f.cluster_id.clone())));
     let heard: Heard = Arc::new(Mutex::new(HashMap::new()));
+    tasks::watch_health(heard.clone());
     let metrics = metrics::start();
     let storage = Arc::new(storage::Health::default());
     storage::start(

@@ -6,7 +6,14 @@
 //! even if the runner scans twice. A task found `running` when the runner starts was cut
 //! off by a restart of this node: it is marked failed with that reason rather than
 //! re-run blindly (the store's own state stays authoritative; the volume record keeps
-//! its transitional state so an operator sees it).
+//! its transitional state so an operator sees it, and the API lets an operator delete a
+//! volume whose task ended that way).
+//!
+//! A queued task for a node that is down (silent on the management network, see
+//! [`crate::health`]) is failed by the leader after [`DOWN_NODE_GRACE`] with a message
+//! naming the node, and what it reserved is released as for any failure: a client waiting
+//! for it gets an answer instead of waiting for the node forever. A task the node already
+//! runs is left to it (it may still be working, cut off); it ends when the node is back.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -25,6 +32,18 @@ use crate::records::{
 };
 use crate::tables::{del, event, get, put, Table};
 
+/// How long a queued task waits for its node to be up before the leader fails it.
+pub const DOWN_NODE_GRACE: Duration = Duration::from_secs(10);
+
+/// The management network's view of the peers (last heard, by node id), once the daemon
+/// has one; without it no task is failed for its node being down.
+static HEARD: std::sync::OnceLock<crate::Heard> = std::sync::OnceLock::new();
+
+/// Lets the runner see which nodes are down.
+pub fn watch_health(heard: crate::Heard) {
+    let _ = HEARD.set(heard);
+}
+
 fn log(t: &mut Task, message: impl Into<String>) {
     t.log.push(TaskLog {
         time_ms: now_ms(),
@@ -38,6 +57,7 @@ pub fn start(node: Arc<Node>, me: String, admin_socket: PathBuf) {
         let inflight: Arc<Mutex<HashSet<String>>> = Arc::default();
         let mut rx = node.state.subscribe();
         fail_interrupted(&node, &me).await;
+        let started = std::time::Instant::now();
         let mut last_trim = std::time::Instant::now();
         // The tasks table as last scanned: most changes of the state are elsewhere, and a
         // persistent map that did not change is the same pointer.
@@ -85,6 +105,10 @@ pub fn start(node: Arc<Node>, me: String, admin_socket: PathBuf) {
             if leader && last_trim.elapsed() > Duration::from_secs(1) {
                 last_trim = std::time::Instant::now();
                 crate::housekeeping::sweep(&node).await;
+                // Right after this node started it has heard nobody yet: not "down".
+                if started.elapsed() > DOWN_NODE_GRACE {
+                    fail_tasks_of_down_nodes(&node, &me).await;
+                }
             }
             // Wake on any change of the state, or every 2 s for the periodic work.
             if tokio::time::timeout(Duration::from_secs(2), rx.changed())
@@ -183,9 +207,40 @@ async fn run(node: &Node, me: &str, socket: &std::path::Path, queued: Task) {
     if gone_already {
         log(&mut t, "the store did not have it any more");
     }
-    let mut ops = Vec::new();
+    let mut ops = outcome_ops(node, &t.op, ok);
     let now = now_ms();
-    match (&t.op, ok) {
+    t.progress = 100;
+    t.finished_ms = Some(now);
+    let what = t.op.describe();
+    match &result {
+        Ok(_) => log(&mut t, "done"),
+        Err(_) if gone_already => log(&mut t, "done"),
+        Err(e) => {
+            let msg = e.to_string();
+            log(&mut t, format!("failed: {msg}"));
+            t.error = Some(msg);
+        }
+    }
+    t.state = if ok {
+        TaskState::Succeeded
+    } else {
+        TaskState::Failed
+    };
+    let kind = if ok { "task.succeeded" } else { "task.failed" };
+    let message = match &t.error {
+        None => format!("{what} done"),
+        Some(e) => format!("{what} failed: {e}"),
+    };
+    ops.push(put(TASKS, &t.id, &t));
+    ops.push(event(kind, &t.id, &t.user, &message));
+    commit_until_applied(node, vec![Require::exists(TASKS, &t.id)], ops).await;
+    tracing::info!(task = %t.id, state = ?t.state, "task finished");
+}
+
+/// The changes to the records a task reserved once it ended, successfully (`ok`) or not.
+fn outcome_ops(node: &Node, op: &TaskOp, ok: bool) -> Vec<Command> {
+    let mut ops = Vec::new();
+    match (op, ok) {
         (TaskOp::CreateVolume { name, .. } | TaskOp::CloneSnapshot { name, .. }, true) => {
             if let Some(mut v) = get::<Volume>(node, VOLUMES, name) {
                 v.state = VolumeState::Ready;
@@ -244,30 +299,88 @@ async fn run(node: &Node, me: &str, socket: &std::path::Path, queued: Task) {
             _,
         ) => {}
     }
-    t.progress = 100;
-    t.finished_ms = Some(now);
-    let what = t.op.describe();
-    match &result {
-        Ok(_) => log(&mut t, "done"),
-        Err(_) if gone_already => log(&mut t, "done"),
-        Err(e) => {
-            let msg = e.to_string();
-            log(&mut t, format!("failed: {msg}"));
-            t.error = Some(msg);
+    ops
+}
+
+/// On the leader: fails the queued tasks of nodes down for longer than
+/// [`DOWN_NODE_GRACE`] (and older than it), releasing what they reserved.
+async fn fail_tasks_of_down_nodes(node: &Node, me: &str) {
+    let Some(heard) = HEARD.get() else {
+        return;
+    };
+    let now = now_ms();
+    let grace_ms = DOWN_NODE_GRACE.as_millis() as u64;
+    let queued: Vec<Task> = node.state.read(|t| {
+        t.get(TASKS)
+            .map(|tasks| {
+                tasks
+                    .values()
+                    .filter(|v| v["state"] == "queued" && v["node"] != me)
+                    .filter_map(|v| serde_json::from_value::<Task>(v.clone()).ok())
+                    .filter(|t| now.saturating_sub(t.created_ms) > grace_ms)
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    if queued.is_empty() {
+        return;
+    }
+    let silent: std::collections::HashMap<String, Option<Duration>> = {
+        let h = heard.lock().unwrap_or_else(|p| p.into_inner());
+        queued
+            .iter()
+            .map(|t| (t.node.clone(), h.get(&t.node).map(|i| i.elapsed())))
+            .collect()
+    };
+    for old in queued {
+        let quiet = silent.get(&old.node).copied().flatten();
+        if crate::health::state(quiet) != "down" || quiet.is_some_and(|q| q < DOWN_NODE_GRACE) {
+            continue;
+        }
+        let name = node
+            .state
+            .read(|t| {
+                t.get(crate::records::table::NODES)
+                    .and_then(|n| n.get(&old.node))
+                    .and_then(|r| r["name"].as_str().map(str::to_string))
+            })
+            .unwrap_or_else(|| old.node.clone());
+        let msg = match quiet {
+            Some(q) => format!(
+                "{name} is down (not heard for {} s); the task did not start there and was \
+                 cancelled",
+                q.as_secs()
+            ),
+            None => format!(
+                "{name} is down (not heard since this leader started); the task did not start \
+                 there and was cancelled"
+            ),
+        };
+        let mut t = old.clone();
+        t.state = TaskState::Failed;
+        t.error = Some(msg.clone());
+        t.finished_ms = Some(now_ms());
+        t.progress = 100;
+        log(&mut t, format!("failed: {msg}"));
+        let mut ops = outcome_ops(node, &t.op, false);
+        ops.push(put(TASKS, &t.id, &t));
+        ops.push(event(
+            "task.failed",
+            &t.id,
+            &t.user,
+            &format!("{} failed: {msg}", t.op.describe()),
+        ));
+        // Only if the node did not claim it meanwhile (it may just have come back).
+        let txn = Command::Txn {
+            require: vec![Require::equals(TASKS, &t.id, json!(old))],
+            ops,
+        };
+        match node.write(txn).await {
+            Ok(a) if a.conflict.is_none() => {
+                tracing::warn!(task = %t.id, node = %name, "task failed: its node is down")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "failing a task of a down node: not yet"),
         }
     }
-    t.state = if ok {
-        TaskState::Succeeded
-    } else {
-        TaskState::Failed
-    };
-    let kind = if ok { "task.succeeded" } else { "task.failed" };
-    let message = match &t.error {
-        None => format!("{what} done"),
-        Some(e) => format!("{what} failed: {e}"),
-    };
-    ops.push(put(TASKS, &t.id, &t));
-    ops.push(event(kind, &t.id, &t.user, &message));
-    commit_until_applied(node, vec![Require::exists(TASKS, &t.id)], ops).await;
-    tracing::info!(task = %t.id, state = ?t.state, "task finished");
 }

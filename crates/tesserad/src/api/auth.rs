@@ -171,9 +171,7 @@ pub(super) async fn authorize(
     let mut session: Option<Session> = read(&n, SESSIONS, &key)?;
     if session.is_none() {
         // Logged in on another node a moment ago? Catch up with the leader.
-        n.sync()
-            .await
-            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        n.sync().await.map_err(|e| super::sync_error(&e))?;
         session = read(&n, SESSIONS, &key)?;
     }
     let s = session
@@ -273,9 +271,7 @@ async fn login_checked(
     let mut user: Option<User> = read(&n, USERS, &req.username)?;
     if user.is_none() {
         // Created through another node a moment ago? Catch up with the leader.
-        n.sync()
-            .await
-            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        n.sync().await.map_err(|e| super::sync_error(&e))?;
         user = read(&n, USERS, &req.username)?;
     }
     // Verify even for unknown users (against a hash nobody's password matches), so timing

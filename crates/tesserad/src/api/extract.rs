@@ -158,3 +158,27 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
         ))
     }
 }
+
+/// The `Idempotency-Key` header, if any: 1 to 64 characters of `A-Za-z0-9._:-`, else 400.
+pub struct IdempotencyKey(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let Some(v) = parts.headers.get("idempotency-key") else {
+            return Ok(IdempotencyKey(None));
+        };
+        let ok = v.to_str().ok().filter(|k| {
+            (1..=64).contains(&k.len())
+                && k.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"._:-".contains(&c))
+        });
+        match ok {
+            Some(k) => Ok(IdempotencyKey(Some(k.to_string()))),
+            None => Err(ApiError::bad(
+                "Idempotency-Key: 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', ':', '-'",
+            )),
+        }
+    }
+}

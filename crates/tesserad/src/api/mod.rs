@@ -60,13 +60,14 @@ pub struct ApiState {
 
 type St = axum::extract::State<Arc<ApiState>>;
 
-/// An error answer.
+/// An error answer: status, message, and for a failed write through the cluster state
+/// its outcome (`not_applied`, `unknown`, `committed`).
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(StatusCode, String, Option<&'static str>);
 
 impl ApiError {
     fn new(code: StatusCode, msg: impl Into<String>) -> ApiError {
-        ApiError(code, msg.into())
+        ApiError(code, msg.into(), None)
     }
     fn bad(msg: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, msg)
@@ -90,7 +91,11 @@ impl IntoResponse for ApiError {
         if self.0.is_server_error() {
             tracing::warn!(status = %self.0, error = %self.1, "request failed");
         }
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        let body = match self.2 {
+            Some(outcome) => json!({ "error": self.1, "outcome": outcome }),
+            None => json!({ "error": self.1 }),
+        };
+        (self.0, Json(body)).into_response()
     }
 }
 
@@ -108,13 +113,39 @@ async fn synced(st: &ApiState) -> Result<Arc<tessera_state::Node>, ApiError> {
     let n = node(st)?;
     n.sync()
         .await
-        .map_err(|e| ApiError::unavailable(format!("cluster state not available: {e}")))?;
+        .map_err(|e| sync_error(&e))?;
     Ok(n)
 }
 
 /// `GET` of one record by name, 404 naming it.
 fn show_one<T: DeserializeOwned>(
     n: &tessera_state::Node,
+/// A failed read barrier as an answer: 503 in words without Raft's internals (the log
+/// gets those), outcome `not_applied`.
+fn sync_error(e: &tessera_state::StateError) -> ApiError {
+    tracing::debug!(error = %e, "read barrier failed");
+    // Handlers change nothing before their barrier: whatever was asked was not done.
+    ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        crate::replicated::sync_failure(e).into(),
+        Some("not_applied"),
+    )
+}
+
+/// A failed write as an answer: 503 saying whether the change was not applied, may have
+/// been, or was (see [`crate::replicated::write_failure`]).
+fn write_error(e: &tessera_state::StateError) -> ApiError {
+    use crate::replicated::WriteFailure;
+    let f = crate::replicated::write_failure(e);
+    tracing::warn!(error = %e, outcome = ?f, "a write through the cluster state failed");
+    let outcome = match f {
+        WriteFailure::NotApplied => "not_applied",
+        WriteFailure::Unknown => "unknown",
+        WriteFailure::Committed => "committed",
+    };
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, f.message().into(), Some(outcome))
+}
+
     table: &str,
     name: &str,
     what: &str,
@@ -212,7 +243,7 @@ async fn commit(
     let applied = node(st)?
         .write(Command::Txn { require, ops })
         .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        .map_err(|e| write_error(&e))?;
     match applied.conflict {
         None => Ok(()),
         Some(r) => Err(ApiError::conflict(conflict(&r))),

@@ -1,4 +1,6 @@
-//! Tasks: every long operation is one, with state, progress and a log.
+//! Tasks: every long operation is one, with state, progress and a log. A create that
+//! submits a task may carry an `Idempotency-Key`: its answer is kept with the task, so a
+//! retry with the same key gets the same answer instead of a second task or a 409.
 
 use axum::Json;
 use tessera_api::TaskQuery;
@@ -78,4 +80,111 @@ pub async fn submit(
     require.push(Require::absent(TASKS, &task.id));
     ops.push(put(TASKS, &task.id, task));
     super::commit(st, require, ops, conflict).await
+}
+
+/// Where answers kept for an `Idempotency-Key` live: `<user>/<key>`.
+pub const IDEMPOTENCY: &str = "idempotency";
+/// How long an answer is kept for its key.
+const IDEMPOTENCY_MS: u64 = 24 * 3600 * 1000;
+/// Expired kept answers dropped along with each new one (so they do not pile up).
+const IDEMPOTENCY_PURGE: usize = 8;
+
+/// A request's `Idempotency-Key`, bound to its user and to what it asked.
+pub struct Idempotent {
+    key: String,
+    request: String,
+}
+
+/// An answer kept for an `Idempotency-Key`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Kept {
+    request: String,
+    task: Task,
+    expires_ms: u64,
+}
+
+impl Idempotent {
+    /// `key` (the header's value, checked) for `user`'s request `what` (its body, as sent
+    /// to the handler: the same key with another request is refused).
+    pub fn new(user: &str, key: &str, what: &impl serde::Serialize) -> Idempotent {
+        let request = blake3::hash(serde_json::to_string(what).unwrap_or_default().as_bytes())
+            .to_hex()
+            .to_string();
+        Idempotent {
+            key: format!("{user}/{key}"),
+            request,
+        }
+    }
+
+    /// The task answered before under this key, if it is still kept; 409 if the key was
+    /// used for another request.
+    pub fn replay(&self, n: &tessera_state::Node) -> Result<Option<Task>, ApiError> {
+        let kept: Option<Kept> = super::read(n, IDEMPOTENCY, &self.key)?;
+        match kept.filter(|k| k.expires_ms > now_ms()) {
+            None => Ok(None),
+            Some(k) if k.request == self.request => Ok(Some(k.task)),
+            Some(_) => Err(ApiError::conflict(
+                "Idempotency-Key: already used for a different request",
+            )),
+        }
+    }
+}
+
+/// [`submit`], keeping the answer (`task`) under `idem` in the same transaction; a
+/// concurrent request with the same key that won gets its task back.
+pub async fn submit_idempotent(
+    st: &ApiState,
+    task: &Task,
+    idem: Option<&Idempotent>,
+    mut require: Vec<Require>,
+    mut ops: Vec<tessera_state::Command>,
+    conflict: impl FnOnce(&Require) -> String,
+) -> Result<Task, ApiError> {
+    let Some(idem) = idem else {
+        submit(st, task, require, ops, conflict).await?;
+        return Ok(task.clone());
+    };
+    let n = super::node(st)?;
+    let now = now_ms();
+    let expired: Vec<String> = n.state.read(|t| {
+        t.get(IDEMPOTENCY)
+            .map(|t| {
+                t.iter()
+                    .filter(|(k, v)| {
+                        **k != idem.key && v["expires_ms"].as_u64().is_some_and(|e| e <= now)
+                    })
+                    .take(IDEMPOTENCY_PURGE)
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    for k in &expired {
+        ops.push(super::del(IDEMPOTENCY, k));
+    }
+    require.push(Require::absent(IDEMPOTENCY, &idem.key));
+    ops.push(put(
+        IDEMPOTENCY,
+        &idem.key,
+        Kept {
+            request: idem.request.clone(),
+            task: task.clone(),
+            expires_ms: now + IDEMPOTENCY_MS,
+        },
+    ));
+    let mut lost_race = false;
+    let r = submit(st, task, require, ops, |r| {
+        lost_race = r.table == IDEMPOTENCY;
+        conflict(r)
+    })
+    .await;
+    match r {
+        Ok(()) => Ok(task.clone()),
+        Err(_) if lost_race => {
+            let n = super::synced(st).await?;
+            idem.replay(&n)?
+                .ok_or_else(|| ApiError::conflict("Idempotency-Key: in use; try again"))
+        }
+        Err(e) => Err(e),
+    }
 }

@@ -9,11 +9,11 @@ use tessera_api::{NewClone, NewSnapshot, NewVolume, VolumeView};
 use tessera_state::Require;
 
 use super::events::event;
-use super::extract::{Auditor, Auth, Body, Operator, Param, Synced};
-use super::tasks::{queued, submit};
+use super::extract::{Auditor, Auth, Body, IdempotencyKey, Operator, Param, Synced};
+use super::tasks::{queued, submit, submit_idempotent, Idempotent};
 use super::{check_name, now_ms, put, read, read_all, ApiError, ErrorBody, St};
-use crate::records::table::{DISK_CLAIMS, NODES, SNAPSHOTS, VOLUMES};
-use crate::records::{snapshot_key, Snapshot, Task, TaskOp, Volume, VolumeState};
+use crate::records::table::{DISK_CLAIMS, NODES, SNAPSHOTS, TASKS, VOLUMES};
+use crate::records::{snapshot_key, Snapshot, Task, TaskOp, TaskState, Volume, VolumeState};
 
 fn view(n: &tessera_state::Node, v: Volume) -> Result<VolumeView, ApiError> {
     let prefix = format!("{}@", v.name);
@@ -74,14 +74,55 @@ fn ready_volume(n: &tessera_state::Node, name: &str) -> Result<Volume, ApiError>
     Ok(v)
 }
 
+/// A volume a delete may start on: ready, or stuck in `creating`/`deleting` because the
+/// task that would have finished it ended without doing so (cut off by a restart of its
+/// node, or failed while its node was down). A volume whose task is still queued or
+/// running waits for it (409).
+fn deletable_volume(n: &tessera_state::Node, name: &str) -> Result<Volume, ApiError> {
+    let v: Volume = read(n, VOLUMES, name)?.ok_or_else(|| no_volume(name))?;
+    if v.state == VolumeState::Ready {
+        return Ok(v);
+    }
+    let live = read_all::<Task>(n, TASKS)?.into_iter().any(|(_, t)| {
+        matches!(t.state, TaskState::Queued | TaskState::Running)
+            && task_volume(&t.op) == Some(name)
+    });
+    if live {
+        return Err(ApiError::conflict(format!(
+            "volume {name} is {:?}; wait for its task",
+            v.state
+        )));
+    }
+    Ok(v)
+}
+
+/// The volume a task works on, if any.
+fn task_volume(op: &TaskOp) -> Option<&str> {
+    match op {
+        TaskOp::CreateVolume { name, .. }
+        | TaskOp::VolumeInfo { name }
+        | TaskOp::ResizeVolume { name, .. }
+        | TaskOp::DeleteVolume { name }
+        | TaskOp::CloneSnapshot { name, .. } => Some(name),
+        TaskOp::CreateSnapshot { volume, .. } | TaskOp::DeleteSnapshot { volume, .. } => {
+            Some(volume)
+        }
+        TaskOp::ListVolumes {} | TaskOp::Scrub {} | TaskOp::Status {} => None,
+    }
+}
+
 fn nbd_uri(n: &tessera_state::Node, node: &str, export: &str) -> Result<Option<String>, ApiError> {
     let rec: Option<serde_json::Value> = read(n, NODES, node)?;
     Ok(rec.and_then(|r| r["nbd"].as_str().map(|a| format!("nbds://{a}/{export}"))))
 }
 
-/// Create a volume (a task on the volume's node).
+/// Create a volume (a task on the volume's node). With an `Idempotency-Key` header, a
+/// retry with the same key and body within 24 hours gets the first answer again (the same
+/// task), so a create whose outcome was unknown can be retried safely.
 #[utoipa::path(post, path = "/api/v1/volumes", tag = "volumes", operation_id = "create_volume",
     request_body = NewVolume,
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "Makes a retry safe: the same key and body get the first answer")),
     security(("token" = []), ("cookie" = [])),
     responses((status = 202, body = Task), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -90,6 +131,7 @@ fn nbd_uri(n: &tessera_state::Node, node: &str, export: &str) -> Result<Option<S
 pub async fn create(
     State(st): St,
     p: Auth<Operator>,
+    IdempotencyKey(key): IdempotencyKey,
     Body(req): Body<NewVolume>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
     use tessera_api::limits::{MAX_VOLUME_BYTES, VOLUME_BLOCK};
@@ -103,7 +145,11 @@ pub async fn create(
         ));
     }
     let n = super::synced(&st).await?;
-    let node = req.node.unwrap_or_else(|| st.me.0.clone());
+    let idem = key.map(|k| Idempotent::new(&p.user, &k, &req));
+    if let Some(task) = idem.as_ref().map(|i| i.replay(&n)).transpose()?.flatten() {
+        return Ok((StatusCode::ACCEPTED, Json(task)));
+    }
+    let node = req.node.clone().unwrap_or_else(|| st.me.0.clone());
     if read::<serde_json::Value>(&n, NODES, &node)?.is_none() {
         return Err(ApiError::not_found(format!(
             "node: no node {node} in the cluster"
@@ -126,9 +172,10 @@ pub async fn create(
             size: req.size_bytes,
         },
     );
-    submit(
+    let task = submit_idempotent(
         &st,
         &task,
+        idem.as_ref(),
         vec![Require::absent(VOLUMES, &req.name)],
         vec![
             put(VOLUMES, &req.name, &vol),
@@ -155,7 +202,7 @@ pub async fn remove(
     Param(name): Param<String>,
     n: Synced,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
-    let old = ready_volume(&n, &name)?;
+    let old = deletable_volume(&n, &name)?;
     if let Some(vm) = read::<String>(&n, DISK_CLAIMS, &name)? {
         return Err(ApiError::conflict(format!(
             "volume {name} is attached to VM {vm}"
