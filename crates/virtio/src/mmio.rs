@@ -247,7 +247,9 @@ impl MmioTransport {
             return;
         }
         if data.len() != 4 {
-            tracing::debug!(
+            crate::limited!(
+                self.log_limit,
+                debug,
                 offset,
                 len = data.len(),
                 "virtio-mmio: register read of the wrong width"
@@ -271,7 +273,12 @@ impl MmioTransport {
             VIRTIO_MMIO_STATUS => self.status,
             VIRTIO_MMIO_CONFIG_GENERATION => 0,
             _ => {
-                tracing::debug!(offset, "virtio-mmio: read of an unknown register");
+                crate::limited!(
+                    self.log_limit,
+                    debug,
+                    offset,
+                    "virtio-mmio: read of an unknown register"
+                );
                 0
             }
         };
@@ -286,7 +293,9 @@ impl MmioTransport {
             return None;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::debug!(
+            crate::limited!(
+                self.log_limit,
+                debug,
                 offset,
                 len = data.len(),
                 "virtio-mmio: register write of the wrong width"
@@ -354,7 +363,9 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_NOTIFY => return Some(v),
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !v,
             VIRTIO_MMIO_STATUS => self.set_status(v),
-            other => tracing::debug!(
+            other => crate::limited!(
+                self.log_limit,
+                debug,
                 offset = other,
                 value = v,
                 "virtio-mmio: write ignored in this state"
