@@ -187,3 +187,98 @@ fn refuses_snapshots_it_cannot_read(dir: &Path, good: &Path, disk: &Path) {
         "invalid snapshot: memory file size does not match its layout",
     );
 }
+
+#[test]
+fn a_multi_vcpu_vm_is_snapshotted_and_restored_and_counts_on() {
+    if !tessera_tests::kvm_or_skip("a_multi_vcpu_vm_is_snapshotted_and_restored_and_counts_on") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (sock1, con1) = (d.path().join("a.sock"), d.path().join("a.log"));
+    let snap = d.path().join("snap");
+    // Three vCPUs (ACPI tables, application processors waiting for their SIPI), counting.
+    let mut first = spawn(&[
+        "--kernel".as_ref(),
+        GUEST.as_ref(),
+        "--memory-mib".as_ref(),
+        "64".as_ref(),
+        "--vcpus".as_ref(),
+        "3".as_ref(),
+        "--cmdline".as_ref(),
+        "console=ttyS0 tessera.mode=count".as_ref(),
+        "--api-socket".as_ref(),
+        sock1.as_os_str(),
+        "--serial-out".as_ref(),
+        con1.as_os_str(),
+    ]);
+    wait_console(&con1, "count 3", |t| {
+        counts(t).last().is_some_and(|n| *n >= 3)
+    });
+    api(&sock1, json!({ "type": "pause" }));
+    let last = *counts(&std::fs::read_to_string(&con1).unwrap())
+        .last()
+        .unwrap();
+    let taken = api(
+        &sock1,
+        json!({ "type": "snapshot", "dir": snap.to_str().unwrap() }),
+    );
+    assert_eq!(taken, json!({ "dir": snap.to_str().unwrap() }));
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(snap.join("state.json")).unwrap()).unwrap();
+    let aps = state["aps"].as_array().unwrap();
+    assert_eq!(aps.len(), 2, "application processors saved");
+    for ap in aps {
+        // KVM_MP_STATE_UNINITIALIZED (1, little endian): still waiting for INIT/SIPI, as
+        // the test guest never starts its application processors.
+        assert_eq!(ap["mp_state"], json!([1, 0, 0, 0]), "AP MP state");
+    }
+
+    // A snapshot whose vCPU states do not match its vCPU count is refused.
+    let bad = d.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    let mut short = state.clone();
+    short["aps"] = json!([aps[0].clone()]);
+    std::fs::write(bad.join("state.json"), short.to_string()).unwrap();
+    let out = output(
+        Command::new(bin("tessera-vmm"))
+            .arg("--restore")
+            .arg(&bad)
+            .arg("--serial-out")
+            .arg(d.path().join("refused.log")),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("invalid snapshot: 2 vCPU states for 3 vCPUs"),
+        "{err}"
+    );
+
+    let (sock2, con2) = (d.path().join("b.sock"), d.path().join("b.log"));
+    let mut second = spawn(&[
+        "--restore".as_ref(),
+        snap.as_os_str(),
+        "--api-socket".as_ref(),
+        sock2.as_os_str(),
+        "--serial-out".as_ref(),
+        con2.as_os_str(),
+    ]);
+    let text = wait_console(&con2, "the count to go on", |t| {
+        counts(t).last().is_some_and(|n| *n >= last + 6)
+    });
+    assert!(
+        !text.contains("tessera test guest"),
+        "booted again:\n{text}"
+    );
+    let after = counts(&text);
+    assert_eq!(after[0], last + 1, "count did not continue: {after:?}");
+    let described = api(&sock2, json!({ "type": "describe" }));
+    assert_eq!(described["spec"]["vcpus"], json!(3));
+    // Pause and resume still reach every vCPU of the restored VM.
+    api(&sock2, json!({ "type": "pause" }));
+    api(&sock2, json!({ "type": "resume" }));
+    api(&sock2, json!({ "type": "power_off" }));
+    assert!(second.wait().unwrap().success());
+}

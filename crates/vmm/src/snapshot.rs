@@ -74,8 +74,11 @@ pub struct Snapshot {
     pub spec: VmConfig,
     /// Guest memory regions (guest-physical start, length), in file order.
     pub memory: Vec<(u64, u64)>,
-    /// The vCPU.
+    /// The boot vCPU.
     pub vcpu: VcpuState,
+    /// The application processors (vCPUs 1..N), in order; empty for one vCPU.
+    #[serde(default)]
+    pub aps: Vec<VcpuState>,
     /// KVM VM state.
     pub vm: VmState,
     /// The serial port.
@@ -129,9 +132,14 @@ pub enum SnapshotError {
     /// The saved serial port state is not one the UART accepts.
     #[error("invalid snapshot: {0}")]
     Device(DeviceError),
-    /// Only single-vCPU VMs can be snapshotted for now.
-    #[error("snapshots of VMs with more than one vCPU are not supported yet")]
-    MultiVcpu,
+    /// The snapshot's vCPU states do not match its spec's vCPU count.
+    #[error("invalid snapshot: {states} vCPU states for {vcpus} vCPUs")]
+    VcpuCount {
+        /// States saved.
+        states: usize,
+        /// vCPUs in the spec.
+        vcpus: usize,
+    },
     /// Disk requests were still in flight when the snapshot gave up waiting for them.
     #[error("disk requests still in flight after {0:?} (a hung disk?); no snapshot taken")]
     DiskBusy(std::time::Duration),
@@ -344,6 +352,7 @@ pub struct SnapshotOut<'a> {
     pub spec: &'a VmConfig,
     pub memory: Vec<(u64, u64)>,
     pub vcpu: &'a VcpuState,
+    pub aps: Vec<&'a VcpuState>,
     pub vm: VmState,
     pub serial: SerialSnapshot,
     pub virtio: Option<TransportSnapshot>,
@@ -365,6 +374,12 @@ pub fn read_state(dir: &Path) -> Result<Snapshot, SnapshotError> {
     let s: Snapshot = serde_json::from_slice(&text).map_err(SnapshotError::Decode)?;
     if s.version != SNAPSHOT_VERSION {
         return Err(SnapshotError::Version(s.version));
+    }
+    if s.aps.len() + 1 != usize::from(s.spec.vcpus) {
+        return Err(SnapshotError::VcpuCount {
+            states: s.aps.len() + 1,
+            vcpus: usize::from(s.spec.vcpus),
+        });
     }
     Ok(s)
 }

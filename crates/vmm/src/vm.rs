@@ -322,12 +322,21 @@ pub fn run(
         vcpus.push(vcpu);
     }
     if let Some((_, snap)) = &restored {
-        snapshot::restore_vcpu(&vcpus[0], &snap.vcpu)?;
+        // read_state checked there is one state per vCPU.
+        for (vcpu, state) in vcpus
+            .iter()
+            .zip(std::iter::once(&snap.vcpu).chain(&snap.aps))
+        {
+            snapshot::restore_vcpu(vcpu, state)?;
+        }
         tracing::info!("restored vCPU, VM and device state from the snapshot");
     }
     let kvm_fd = Arc::new(kvm_fd);
     let vm = Arc::new(vm);
-    let saved_vcpu: Arc<Mutex<Option<VcpuState>>> = Arc::new(Mutex::new(None));
+    // Every vCPU leaves its state here when it parks for a pause (only its own thread may
+    // read it); a snapshot of the paused VM saves them all.
+    let saved_vcpu: Arc<Mutex<Vec<Option<VcpuState>>>> =
+        Arc::new(Mutex::new((0..cfg.vcpus).map(|_| None).collect()));
     // A no-op handler: the signal's only job is to make KVM_RUN return EINTR.
     extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
     register_signal_handler(SIGRTMIN(), kick_handler).map_err(VmError::SignalHandler)?;
@@ -362,11 +371,7 @@ pub fn run(
             saved_vcpu.clone(),
             cfg.clone(),
         );
-        let vcpu_count = cfg.vcpus;
         Arc::new(move |dir: &Path| {
-            if vcpu_count > 1 {
-                return Err(SnapshotError::MultiVcpu);
-            }
             if control.state() != RunState::Paused {
                 return Err(SnapshotError::NotPaused);
             }
@@ -378,7 +383,11 @@ pub fn run(
             let saved = saved
                 .lock()
                 .map_err(|_| SnapshotError::Poisoned("vCPU state"))?;
-            let vcpu = saved.as_ref().ok_or(SnapshotError::VcpuNotCaptured)?;
+            let states = saved
+                .iter()
+                .map(|s| s.as_ref().ok_or(SnapshotError::VcpuNotCaptured))
+                .collect::<Result<Vec<_>, _>>()?;
+            let (vcpu, aps) = states.split_first().ok_or(SnapshotError::VcpuNotCaptured)?;
             let write = || -> Result<(), SnapshotError> {
                 let memory = snapshot::save_memory(&mem, &dir.join("memory"))?;
                 let vm_state = snapshot::save_vm(&vm)?;
@@ -402,6 +411,7 @@ pub fn run(
                         spec: &spec,
                         memory,
                         vcpu,
+                        aps: aps.to_vec(),
                         vm: vm_state,
                         serial,
                         virtio,
@@ -469,8 +479,14 @@ pub fn run(
         let thread = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
-                let saved = (index == 0).then_some(&*saved);
-                let res = vcpu_loop(&kvm_fd, &mut vcpu, &pio, virtio.as_ref(), &ctl, saved);
+                let res = vcpu_loop(
+                    &kvm_fd,
+                    &mut vcpu,
+                    &pio,
+                    virtio.as_ref(),
+                    &ctl,
+                    (&saved, index),
+                );
                 let reason = match &res {
                     Ok(r) => format!("{r:?}"),
                     Err(e) => format!("error: {e}"),
@@ -509,16 +525,23 @@ fn vcpu_loop(
     pio: &Mutex<PioBus>,
     virtio: Option<&Virtio>,
     control: &Control,
-    saved: Option<&Mutex<Option<VcpuState>>>,
+    (saved, index): (&Mutex<Vec<Option<VcpuState>>>, usize),
 ) -> Result<StopReason, VmError> {
     let pio_lock = || pio.lock().map_err(|_| VmError::Poisoned("serial"));
     loop {
         if control.pending() {
-            if let (true, Some(saved)) = (control.pause_requested(), saved) {
+            if control.pause_requested() {
                 // Capture the vCPU now: only this thread may touch it, and a snapshot of a
-                // paused VM needs it.
+                // paused VM needs it (an application processor still waiting for its SIPI
+                // included: its MP state says so).
                 let state = snapshot::save_vcpu(kvm_fd, vcpu)?;
-                *saved.lock().map_err(|_| VmError::Poisoned("vCPU state"))? = Some(state);
+                if let Some(slot) = saved
+                    .lock()
+                    .map_err(|_| VmError::Poisoned("vCPU state"))?
+                    .get_mut(index)
+                {
+                    *slot = Some(state);
+                }
             }
             if control.checkpoint() {
                 return Ok(StopReason::PowerOff);
