@@ -201,31 +201,30 @@ pub async fn start(
     Ok(Arc::new(node))
 }
 
-/// The cluster CA from its record in the replicated state (`pki/ca`).
-pub fn ca_of_record(rec: &serde_json::Value) -> anyhow::Result<ClusterCa> {
-    let field = |f: &str| {
-        rec[f]
-            .as_str()
-            .map(str::to_string)
-            .with_context(|| format!("the CA record has no {f}"))
-    };
-    Ok(ClusterCa {
-        cert_pem: field("cert_pem")?,
-        key_pem: field("key_pem")?,
-    })
-}
-
 /// Records the cluster CA in the replicated state (so every member can enroll nodes),
 /// retrying until a leader takes it, then removes the key's file in `data_dir`, which
 /// only bridged a crash before that record.
-pub fn publish_ca(node: Arc<Node>, ca: ClusterCa, data_dir: std::path::PathBuf) {
+pub fn publish_ca(node: Arc<Node>, ca: ClusterCa, data_dir: std::path::PathBuf, cluster: String) {
     tokio::spawn(async move {
+        // The key is sealed with the join secret (argon2id: off the async workers).
+        let (n, c) = (node.clone(), ca.clone());
+        let value = match tokio::task::spawn_blocking(move || n.ca_record(&c, &cluster)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot seal the cluster CA's key; it stays in tls/ca.key");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "sealing the cluster CA's key failed");
+                return;
+            }
+        };
         let cmd = Command::Txn {
             require: vec![tessera_state::Require::absent("pki", "ca")],
             ops: vec![Command::Put {
                 table: "pki".into(),
                 key: "ca".into(),
-                value: json!({ "cert_pem": ca.cert_pem, "key_pem": ca.key_pem }),
+                value,
             }],
         };
         loop {
