@@ -2,8 +2,10 @@
 //! nothing the nodes keep — not the replicated state (the CA and password hashes), the
 //! seeds and join secret, the keys, the first administrator's password, the disks' WAL
 //! and layers, nor the logs — and the founding node's CA key file is gone once the CA is
-//! in the replicated state. A cluster directory left readable (by an older version, or by
-//! hand) is private again after a restart.
+//! in the replicated state, where its key is sealed (no private key in the clear in any
+//! state.redb; after a restart every node opens it to issue NBD credentials). A cluster
+//! directory left readable (by an older version, or by hand) is private again after a
+//! restart.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -158,6 +160,24 @@ fn a_local_user_reads_no_secret_of_the_local_cluster() {
             ca_key.display()
         ));
     }
+    // The CA record is in every node's state with its key sealed: no private key in the
+    // clear in any state.redb (the record itself is there, as the positive control).
+    let mut sealed_seen = false;
+    for i in 1..=3 {
+        let redb = dir.join(format!("node{i}/data/state/state.redb"));
+        let bytes = std::fs::read(&redb).unwrap();
+        let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        if has(b"PRIVATE KEY") {
+            failures.push(format!(
+                "{} holds a private key in the clear",
+                redb.display()
+            ));
+        }
+        sealed_seen |= has(b"sealed_key");
+    }
+    if !sealed_seen {
+        failures.push("no state.redb holds the sealed CA record".into());
+    }
     for p in open_to_others(&dir) {
         failures.push(format!("open to group or others: {p}"));
     }
@@ -234,5 +254,77 @@ fn a_local_user_reads_no_secret_of_the_local_cluster() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(!ca_key.exists(), "tls/ca.key came back after a restart");
+    // No node holds the CA key in a file now: each opens the sealed record with its join
+    // secret to issue NBD client credentials.
+    let ca = launcher.ca_file();
+    let token = admin_token(&ca, &password);
+    for i in 1..=3 {
+        let (code, body) = curl(
+            &ca,
+            &format!("https://127.0.0.{i}:8006/api/v1/nbd/credentials"),
+            Some(&token),
+            None,
+        );
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        assert!(
+            code == 200
+                && v["client_key_pem"]
+                    .as_str()
+                    .is_some_and(|k| k.contains("PRIVATE KEY")),
+            "node {i} issued no NBD credentials from the sealed CA: {code} {body}"
+        );
+    }
     launcher.stop();
+}
+
+/// A POST with curl, checking the API's certificate with `ca`; (status, body).
+fn curl(ca: &str, url: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-s",
+        "-m",
+        "30",
+        "--cacert",
+        ca,
+        "-X",
+        "POST",
+        "-w",
+        "\n%{http_code}",
+    ]);
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "--data", b]);
+    }
+    let out = cmd.arg(url).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// Logs in as admin with the first password, changes it, and logs in again: a session
+/// that may do more than change its password.
+fn admin_token(ca: &str, first: &str) -> String {
+    let login = |password: &str| {
+        let (code, body) = curl(
+            ca,
+            "https://127.0.0.1:8006/api/v1/login",
+            None,
+            Some(&serde_json::json!({ "username": "admin", "password": password }).to_string()),
+        );
+        assert_eq!(code, 200, "login: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["token"].as_str().unwrap().to_string()
+    };
+    let t = login(first);
+    let new = "a sealed CA opens with the secret";
+    let (code, body) = curl(
+        ca,
+        "https://127.0.0.1:8006/api/v1/password",
+        Some(&t),
+        Some(&serde_json::json!({ "old_password": first, "new_password": new }).to_string()),
+    );
+    assert_eq!(code, 200, "password change: {body}");
+    login(new)
 }

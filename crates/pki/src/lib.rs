@@ -11,6 +11,8 @@
 
 use std::sync::Arc;
 
+pub mod seal;
+
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
@@ -36,6 +38,9 @@ pub enum PkiError {
     /// A node name that cannot be a DNS name.
     #[error("invalid node id {0:?}")]
     BadNodeId(String),
+    /// Sealing or opening a secret failed.
+    #[error("seal: {0}")]
+    Seal(String),
 }
 
 /// The DNS name a node's certificate is issued for (and clients verify).

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod barrier;
+pub mod ca_record;
 pub mod db;
 pub mod log_store;
 pub mod membership;
@@ -108,6 +109,7 @@ pub struct Node {
     /// How it reaches other members.
     pub transport: network::Transport,
     ca: server::CaSlot,
+    join_key: Option<[u8; 32]>,
     read_index: barrier::ReadIndex,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Fires once the database is closed.
@@ -174,6 +176,7 @@ impl Node {
             state: sm,
             transport,
             ca,
+            join_key,
             read_index,
             tasks: vec![server, batcher],
             db_closed,
@@ -184,6 +187,24 @@ impl Node {
     /// record is in the replicated state), so it can enroll the other founders.
     pub fn set_ca(&self, ca: tessera_pki::ClusterCa) {
         *self.ca.lock().unwrap_or_else(|p| p.into_inner()) = Some(ca);
+    }
+
+    /// The cluster CA with its private key: the one given by [`Node::set_ca`], else opened
+    /// from its sealed record in the replicated state (once per process: the key
+    /// derivation is slow on purpose). `None` while the state has no CA record yet.
+    pub fn cluster_ca(&self) -> Result<Option<tessera_pki::ClusterCa>, ca_record::CaRecordError> {
+        server::ca_from(&self.ca, &self.state.reader(), self.join_key.as_ref())
+    }
+
+    /// The CA's record for the replicated state, its key sealed with this node's join
+    /// secret for cluster `cluster`.
+    pub fn ca_record(
+        &self,
+        ca: &tessera_pki::ClusterCa,
+        cluster: &str,
+    ) -> Result<serde_json::Value, ca_record::CaRecordError> {
+        let key = self.join_key.ok_or(ca_record::CaRecordError::NoSecret)?;
+        Ok(ca_record::to_record(ca, &key, cluster)?)
     }
 
     /// Removes member `id` from the cluster (voter or learner), through the leader. The

@@ -13,6 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::net::TcpListener;
 
 use crate::barrier::ReadIndex;
+use crate::ca_record::{self, CaRecordError};
 use crate::membership::{self, leader, Leader};
 use crate::network::rpc::{Reply, Rpc, MAX_RPC};
 use crate::network::{cert_name, now_ms, AuthError, EnrollReply, EnrollRequest, Transport};
@@ -59,19 +60,38 @@ pub(crate) struct ServeCtx {
     pub read_index: ReadIndex,
 }
 
+/// The CA in `slot`, else opened from its record in the state (and kept in `slot`).
+pub(crate) fn ca_from(
+    slot: &CaSlot,
+    sm: &StateReader,
+    join_key: Option<&[u8; 32]>,
+) -> Result<Option<ClusterCa>, CaRecordError> {
+    if let Some(ca) = slot.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        return Ok(Some(ca));
+    }
+    let rec = sm.read(|t| {
+        t.get(ca_record::TABLE)
+            .and_then(|p| p.get(ca_record::KEY))
+            .cloned()
+    });
+    let Some(rec) = rec else {
+        return Ok(None);
+    };
+    // Outside the lock: opening derives a key with argon2id (a fraction of a second).
+    let ca = ca_record::from_record(&rec, join_key)?;
+    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(ca.clone());
+    Ok(Some(ca))
+}
+
 impl ServeCtx {
     fn ca(&self) -> Option<ClusterCa> {
-        let mut slot = self.ca.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            *slot = self.sm.read(|t| {
-                let rec = t.get("pki")?.get("ca")?;
-                Some(ClusterCa {
-                    cert_pem: rec["cert_pem"].as_str()?.to_string(),
-                    key_pem: rec["key_pem"].as_str()?.to_string(),
-                })
-            });
+        match ca_from(&self.ca, &self.sm, self.join_key.as_ref()) {
+            Ok(ca) => ca,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open the cluster CA to enroll a node");
+                None
+            }
         }
-        slot.clone()
     }
 
     fn enroll(&self, req: EnrollRequest) -> Result<EnrollReply, EnrollError> {

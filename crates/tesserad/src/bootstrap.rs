@@ -127,7 +127,12 @@ impl Bootstrap {
                 .await?;
                 if let Some(ca) = replicated::minted_ca(&s.data_dir) {
                     node.set_ca(ca.clone());
-                    replicated::publish_ca(node.clone(), ca, s.data_dir.clone());
+                    replicated::publish_ca(
+                        node.clone(),
+                        ca,
+                        s.data_dir.clone(),
+                        f.cluster_id.clone(),
+                    );
                 }
                 self.member(node)?;
             }
@@ -172,7 +177,7 @@ impl Bootstrap {
         )
         .await?;
         node.set_ca(ca.clone());
-        replicated::publish_ca(node.clone(), ca, s.data_dir.clone());
+        replicated::publish_ca(node.clone(), ca, s.data_dir.clone(), f.cluster_id.clone());
         tokio::spawn(api::create_first_admin(
             node.clone(),
             s.data_dir.join("initial-admin-password"),

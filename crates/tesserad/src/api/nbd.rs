@@ -8,7 +8,7 @@ use tessera_api::NbdCredentials;
 
 use super::events::event;
 use super::extract::{Auth, Operator, Synced};
-use super::{commit, read, ApiError, ErrorBody, St};
+use super::{commit, ApiError, ErrorBody, St};
 
 /// Issue an NBD client certificate and key for the caller (Operator role): valid for
 /// every volume's NBD export on every node, for `valid_days`. The key is made by the node
@@ -24,13 +24,25 @@ pub async fn export_creds(
     p: Auth<Operator>,
     n: Synced,
 ) -> Result<Json<NbdCredentials>, ApiError> {
-    let rec: serde_json::Value = read(&n, "pki", "ca")?
-        .ok_or_else(|| ApiError::unavailable("the cluster CA is not in the cluster state yet"))?;
-    let ca = crate::replicated::ca_of_record(&rec)
-        .map_err(|e| ApiError::internal(format!("the cluster CA record is unusable: {e}")))?;
-    let (client_cert_pem, client_key_pem) = ca
-        .issue_client(&p.user)
-        .map_err(|e| ApiError::internal(format!("cannot issue the certificate: {e}")))?;
+    let node = n.0.clone();
+    let user = p.user.clone();
+    // Opening the sealed CA key derives a key with argon2id the first time: off the async
+    // workers, like the issue itself (key generation).
+    let issued = tokio::task::spawn_blocking(move || {
+        let ca = node
+            .cluster_ca()
+            .map_err(|e| ApiError::internal(format!("cannot open the cluster CA: {e}")))?
+            .ok_or_else(|| {
+                ApiError::unavailable("the cluster CA is not in the cluster state yet")
+            })?;
+        let (cert, key) = ca
+            .issue_client(&user)
+            .map_err(|e| ApiError::internal(format!("cannot issue the certificate: {e}")))?;
+        Ok::<_, ApiError>((ca.cert_pem, cert, key))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("issuing the certificate failed: {e}")))??;
+    let (ca_cert_pem, client_cert_pem, client_key_pem) = issued;
     commit(
         &st,
         vec![],
@@ -49,7 +61,7 @@ pub async fn export_creds(
     tracing::info!(user = %p.user, "issued an NBD client certificate");
     Ok(Json(NbdCredentials {
         user: p.user.clone(),
-        ca_cert_pem: ca.cert_pem,
+        ca_cert_pem,
         client_cert_pem,
         client_key_pem,
         valid_days: tessera_pki::CLIENT_CERT_DAYS as u32,
