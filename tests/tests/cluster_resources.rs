@@ -59,6 +59,7 @@ const ROLES: &[(&str, &str, &str)] = &[
     ("POST", "/api/v1/vms/{name}/reboot", "operator"),
     ("POST", "/api/v1/vms/{name}/pause", "operator"),
     ("POST", "/api/v1/vms/{name}/resume", "operator"),
+    ("GET", "/api/v1/vms/{name}/console", "operator"),
     ("GET", "/api/v1/networks", "auditor"),
     ("POST", "/api/v1/networks", "administrator"),
     ("GET", "/api/v1/networks/{name}", "auditor"),

@@ -262,6 +262,11 @@ pub enum VmCmd {
     Pause(VmAction),
     /// Resume a paused VM.
     Resume(VmAction),
+    /// Attach to a VM's serial console (ask the node it runs on; Ctrl-] leaves).
+    Console {
+        /// Name.
+        name: String,
+    },
 }
 
 #[derive(clap::Args)]

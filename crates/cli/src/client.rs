@@ -12,17 +12,31 @@ pub struct Client {
     api: String,
     token: Option<String>,
     agent: ureq::Agent,
+    /// The TLS configuration of the agent, for connections it does not make (WebSocket).
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Client {
     /// A client of the API at `api`, checking its certificate against `ca_pem` when given
     /// (else against the system's usual roots, which will not know a cluster's own CA).
     pub fn new(api: String, token: Option<String>, ca_pem: Option<&str>) -> anyhow::Result<Self> {
+        let tls = ca_pem.map(tls_config).transpose()?.map(std::sync::Arc::new);
         Ok(Client {
             api,
             token,
-            agent: agent(ca_pem)?,
+            agent: agent(tls.clone()),
+            tls,
         })
+    }
+
+    /// The bearer token, if logged in.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// The TLS configuration trusting the cluster CA, if one was given.
+    pub fn tls(&self) -> Option<std::sync::Arc<rustls::ClientConfig>> {
+        self.tls.clone()
     }
 
     /// The same API and CA, without the token (logging in must not send an old one).
@@ -31,6 +45,7 @@ impl Client {
             api: self.api.clone(),
             token: None,
             agent: self.agent.clone(),
+            tls: self.tls.clone(),
         }
     }
 
@@ -108,11 +123,16 @@ pub fn decode<T: DeserializeOwned>(ep: Ep, v: &Value) -> anyhow::Result<T> {
     T::deserialize(v).with_context(|| format!("{} {}: unexpected answer", ep.0, ep.1))
 }
 
-/// An HTTP agent that trusts only the cluster CA `ca_pem` when given.
-fn agent(ca_pem: Option<&str>) -> anyhow::Result<ureq::Agent> {
-    let Some(pem) = ca_pem else {
-        return Ok(ureq::AgentBuilder::new().build());
-    };
+/// An HTTP agent that trusts only the cluster CA (`tls`) when given.
+fn agent(tls: Option<std::sync::Arc<rustls::ClientConfig>>) -> ureq::Agent {
+    match tls {
+        None => ureq::AgentBuilder::new().build(),
+        Some(config) => ureq::AgentBuilder::new().tls_config(config).build(),
+    }
+}
+
+/// A TLS client configuration that trusts only the CA certificate(s) in `pem`.
+fn tls_config(pem: &str) -> anyhow::Result<rustls::ClientConfig> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
@@ -123,13 +143,12 @@ fn agent(ca_pem: Option<&str>) -> anyhow::Result<ureq::Agent> {
     if roots.is_empty() {
         bail!("no certificate in the CA file");
     }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(ureq::AgentBuilder::new()
-        .tls_config(std::sync::Arc::new(config))
-        .build())
+    Ok(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
 }

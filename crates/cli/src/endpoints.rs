@@ -32,6 +32,7 @@ pub const VM_KILL: Ep = Ep("POST", "/api/v1/vms/{name}/kill");
 pub const VM_REBOOT: Ep = Ep("POST", "/api/v1/vms/{name}/reboot");
 pub const VM_PAUSE: Ep = Ep("POST", "/api/v1/vms/{name}/pause");
 pub const VM_RESUME: Ep = Ep("POST", "/api/v1/vms/{name}/resume");
+pub const VM_CONSOLE: Ep = Ep("GET", "/api/v1/vms/{name}/console");
 pub const NETWORKS: Ep = Ep("GET", "/api/v1/networks");
 pub const NETWORK_CREATE: Ep = Ep("POST", "/api/v1/networks");
 pub const NETWORK_RM: Ep = Ep("DELETE", "/api/v1/networks/{name}");
@@ -73,6 +74,7 @@ pub const ENDPOINTS: &[Ep] = &[
     VM_REBOOT,
     VM_PAUSE,
     VM_RESUME,
+    VM_CONSOLE,
     NETWORKS,
     NETWORK_CREATE,
     NETWORK_RM,

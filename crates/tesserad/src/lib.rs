@@ -101,6 +101,7 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
         heard: heard.clone(),
         metrics: metrics.clone(),
         storage: storage.clone(),
+        data_dir: seed.data_dir.clone(),
         lists: Mutex::default(),
     });
     status::serve(

@@ -8,5 +8,6 @@ pub mod session;
 pub mod tasks;
 pub mod tokens;
 pub mod users;
+pub mod vm_console;
 pub mod vms;
 pub mod volumes;

@@ -108,6 +108,7 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
         VmCmd::Reboot(a) => act(client, VM_REBOOT, a, &[VmState::Running], out)?,
         VmCmd::Pause(a) => act(client, VM_PAUSE, a, &[VmState::Paused], out)?,
         VmCmd::Resume(a) => act(client, VM_RESUME, a, &[VmState::Running], out)?,
+        VmCmd::Console { name } => super::vm_console::attach(client, &name)?,
     }
     Ok(())
 }

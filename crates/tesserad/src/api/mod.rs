@@ -9,6 +9,7 @@
 
 mod auth;
 mod cluster;
+mod console;
 mod events;
 mod extract;
 mod listener;
@@ -54,6 +55,8 @@ pub struct ApiState {
     pub metrics: metrics::Metrics,
     /// The health of the local store.
     pub storage: Arc<crate::storage::Health>,
+    /// This node's data directory (VM runtime directories live under it).
+    pub data_dir: std::path::PathBuf,
     /// Encoded listings by table, with the table they were made from.
     pub lists: Mutex<std::collections::HashMap<&'static str, (Table, axum::body::Bytes)>>,
 }
@@ -117,9 +120,6 @@ async fn synced(st: &ApiState) -> Result<Arc<tessera_state::Node>, ApiError> {
     Ok(n)
 }
 
-/// `GET` of one record by name, 404 naming it.
-fn show_one<T: DeserializeOwned>(
-    n: &tessera_state::Node,
 /// A failed read barrier as an answer: 503 in words without Raft's internals (the log
 /// gets those), outcome `not_applied`.
 fn sync_error(e: &tessera_state::StateError) -> ApiError {
@@ -146,6 +146,9 @@ fn write_error(e: &tessera_state::StateError) -> ApiError {
     ApiError(StatusCode::SERVICE_UNAVAILABLE, f.message().into(), Some(outcome))
 }
 
+/// `GET` of one record by name, 404 naming it.
+fn show_one<T: DeserializeOwned>(
+    n: &tessera_state::Node,
     table: &str,
     name: &str,
     what: &str,
@@ -322,6 +325,7 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(vms::reboot))
         .routes(routes!(vms::pause))
         .routes(routes!(vms::resume))
+        .routes(routes!(console::console))
         .routes(routes!(networks::list, networks::create))
         .routes(routes!(networks::show, networks::remove))
         .routes(routes!(tasks::list))
@@ -403,6 +407,7 @@ mod tests {
             heard: Default::default(),
             metrics: Default::default(),
             storage: Default::default(),
+            data_dir: Default::default(),
             lists: Default::default(),
         });
         serde_json::to_value(super::router(st).1).unwrap()

@@ -1,0 +1,135 @@
+//! A VM's serial console as a WebSocket (`GET /api/v1/vms/{name}/console`), bridged to
+//! the control socket of its VMM on this node: on attach the last 64 KiB of output, then
+//! output as it comes (polled every 100 ms) as text messages; what the client sends is
+//! typed into the console.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde_json::json;
+use tessera_api::{VmState, VmStatus};
+
+use super::extract::{Auth, Operator, Param, Synced};
+use super::{read, ApiError, ErrorBody, St};
+use crate::records::table::VMS;
+use crate::vmrun::supervisor::{self, RunDir};
+use crate::vmrun::VM_STATUS;
+
+/// Scrollback sent on attach.
+const SCROLLBACK: usize = 64 * 1024;
+
+/// Attach to a VM's serial console (WebSocket; Operator). Text or binary messages are
+/// typed into the console; the VM's output arrives as text messages, first the last
+/// 64 KiB. Ask the node the VM runs on (`running_on`).
+#[utoipa::path(get, path = "/api/v1/vms/{name}/console", tag = "vms", operation_id = "vm_console",
+    params(("name" = String, Path)),
+    security(("token" = []), ("cookie" = [])),
+    responses((status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "The VM is not running, or runs on another node (the message names it)"),
+        (status = 426, body = ErrorBody, description = "Not a WebSocket request"),
+        (status = 503, body = ErrorBody)))]
+pub async fn console(
+    State(st): St,
+    _: Auth<Operator>,
+    Param(name): Param<String>,
+    n: Synced,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    if read::<serde_json::Value>(&n, VMS, &name)?.is_none() {
+        return Err(ApiError::not_found(format!("no VM {name}")));
+    }
+    let status: Option<VmStatus> = read(&n, VM_STATUS, &name)?;
+    let Some(s) = status.filter(|s| matches!(s.state, VmState::Running | VmState::Paused)) else {
+        return Err(ApiError::conflict(format!("VM {name} is not running")));
+    };
+    if s.node != st.me.0 {
+        return Err(ApiError::conflict(format!(
+            "VM {name} runs on node {}; attach through that node's API (forwarding is not done yet)",
+            s.node
+        )));
+    }
+    let ws = ws.map_err(|e| {
+        ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            format!("this endpoint is a WebSocket: {e}"),
+        )
+    })?;
+    let sock = RunDir::new(&st.data_dir, &name).api_socket();
+    Ok(ws
+        .on_failed_upgrade(|e| tracing::warn!(error = %e, "console WebSocket upgrade failed"))
+        .on_upgrade(move |socket| bridge(socket, sock)))
+}
+
+async fn call(sock: &std::path::Path, op: serde_json::Value) -> Option<serde_json::Value> {
+    let sock = sock.to_path_buf();
+    tokio::task::spawn_blocking(move || supervisor::call(&sock, op))
+        .await
+        .ok()?
+        .ok()
+}
+
+/// The tail of `s` of at most `max` bytes, cut at a character boundary.
+fn tail(s: &str, max: usize) -> &str {
+    let mut from = s.len().saturating_sub(max);
+    while !s.is_char_boundary(from) {
+        from += 1;
+    }
+    &s[from..]
+}
+
+async fn bridge(mut ws: WebSocket, sock: PathBuf) {
+    let Some(first) = call(&sock, json!({"type": "serial_read", "since": 0})).await else {
+        tracing::warn!(socket = %sock.display(), "console: the VMM's control socket does not answer");
+        let _ = ws.send(Message::Close(None)).await;
+        return;
+    };
+    let mut next = first["next"].as_u64().unwrap_or(0);
+    let back = tail(first["data"].as_str().unwrap_or(""), SCROLLBACK);
+    if !back.is_empty() && ws.send(Message::Text(back.into())).await.is_err() {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            msg = ws.recv() => {
+                let data = match msg {
+                    Some(Ok(Message::Text(t))) => t.to_string(),
+                    Some(Ok(Message::Binary(b))) => String::from_utf8_lossy(&b).into_owned(),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    _ => return,
+                };
+                if call(&sock, json!({"type": "serial_write", "data": data})).await.is_none() {
+                    break;
+                }
+            }
+            _ = tick.tick() => {
+                let Some(r) = call(&sock, json!({"type": "serial_read", "since": next})).await else {
+                    break;
+                };
+                next = r["next"].as_u64().unwrap_or(next);
+                let data = r["data"].as_str().unwrap_or("");
+                if !data.is_empty() && ws.send(Message::Text(data.into())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    // The VMM is gone (the VM stopped).
+    let _ = ws.send(Message::Close(None)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_scrollback_is_cut_at_a_character() {
+        assert_eq!(super::tail("abcdef", 3), "def");
+        assert_eq!(super::tail("aé", 1), "");
+        assert_eq!(super::tail("ab", 10), "ab");
+    }
+}
