@@ -114,9 +114,7 @@ fn node(st: &ApiState) -> Result<Arc<tessera_state::Node>, ApiError> {
 /// is visible.
 async fn synced(st: &ApiState) -> Result<Arc<tessera_state::Node>, ApiError> {
     let n = node(st)?;
-    n.sync()
-        .await
-        .map_err(|e| sync_error(&e))?;
+    n.sync().await.map_err(|e| sync_error(&e))?;
     Ok(n)
 }
 
@@ -143,7 +141,11 @@ fn write_error(e: &tessera_state::StateError) -> ApiError {
         WriteFailure::Unknown => "unknown",
         WriteFailure::Committed => "committed",
     };
-    ApiError(StatusCode::SERVICE_UNAVAILABLE, f.message().into(), Some(outcome))
+    ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        f.message().into(),
+        Some(outcome),
+    )
 }
 
 /// `GET` of one record by name, 404 naming it.
