@@ -148,6 +148,8 @@ struct Job {
     deadline: Instant,
     /// Whether it was written on the connection now live.
     sent: bool,
+    /// For a flush: the writes acknowledged when it was sent (it covers those).
+    covers: u64,
     reply: oneshot::Sender<Result<Vec<u8>, ClientError>>,
 }
 
@@ -246,6 +248,7 @@ impl PipelinedClient {
             payload,
             deadline: Instant::now() + self.timeouts.request,
             sent: false,
+            covers: 0,
             reply: tx,
         };
         let jobs = self.jobs.as_ref().ok_or(ClientError::Closed)?;
@@ -466,6 +469,7 @@ async fn run(
     let mut backoff = MIN_BACKOFF;
     let mut next_attempt = Instant::now();
     let mut open_queue = true;
+    let mut durability = Durability::default();
     loop {
         if !open_queue && pending.is_empty() {
             return;
@@ -529,12 +533,14 @@ async fn run(
                     open_queue = false;
                     continue;
                 };
+                job.covers = durability.acked_writes;
                 let cookie = next_cookie;
                 next_cookie += 1;
                 if let Some(l) = live.as_mut() {
                     if let Err(why) = send(l, cookie, &mut job).await {
                         tracing::warn!(export = %target.export, %why, "NBD connection lost; requests wait for a reconnection");
                         live = None;
+                        durability.connection_lost();
                     }
                 }
                 pending.insert(cookie, job);
@@ -542,12 +548,14 @@ async fn run(
             ev = events.recv() => match ev {
                 Some(Event::Reply { epoch: e, cookie, result }) if e == epoch => {
                     if let Some(job) = pending.remove(&cookie) {
+                        let result = durability.answered(&job, result);
                         let _ = job.reply.send(result);
                     }
                 }
                 Some(Event::Broken { epoch: e, why }) if e == epoch && live.is_some() => {
                     tracing::warn!(export = %target.export, %why, "NBD connection lost; requests wait for a reconnection");
                     live = None;
+                    durability.connection_lost();
                     next_attempt = Instant::now();
                 }
                 _ => {}
@@ -569,9 +577,60 @@ async fn run(
                 if unanswered {
                     tracing::warn!(export = %target.export, "NBD server did not answer a request in time; reconnecting");
                     live = None;
+                    durability.connection_lost();
                 }
             }
             () = retry => {}
+        }
+    }
+}
+
+/// What a flush may promise after the connection was lost. A server that crashed may have
+/// lost writes it acknowledged but had not made durable; they are not re-sent (they were
+/// answered), so the next flush fails with `EIO` instead of vouching for them.
+#[derive(Default)]
+struct Durability {
+    /// Writes (and trims, zeroings) acknowledged so far.
+    acked_writes: u64,
+    /// Acknowledged writes the last successful flush did not cover.
+    unflushed: bool,
+    /// A connection was lost while `unflushed`: the next flush must fail.
+    lost: bool,
+}
+
+impl Durability {
+    fn answered(
+        &mut self,
+        job: &Job,
+        result: Result<Vec<u8>, ClientError>,
+    ) -> Result<Vec<u8>, ClientError> {
+        match job.kind {
+            proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES if result.is_ok() => {
+                self.acked_writes += 1;
+                if job.flags & proto::CMD_FLAG_FUA == 0 {
+                    self.unflushed = true;
+                }
+                result
+            }
+            proto::CMD_FLUSH if result.is_ok() => {
+                if self.lost {
+                    self.lost = false;
+                    tracing::warn!("NBD flush failed: the server was lost with acknowledged writes not yet flushed");
+                    return Err(ClientError::Errno(5));
+                }
+                if job.covers == self.acked_writes {
+                    self.unflushed = false;
+                }
+                result
+            }
+            _ => result,
+        }
+    }
+
+    fn connection_lost(&mut self) {
+        if self.unflushed {
+            self.lost = true;
+            self.unflushed = false;
         }
     }
 }

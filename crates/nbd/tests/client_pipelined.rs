@@ -284,6 +284,19 @@ fn a_server_restart_pauses_requests_which_are_resent_after_reconnecting() {
         assert_eq!(c.read(i * 4096, 4096).unwrap(), vec![i as u8; 4096]);
     }
     assert_eq!(mem.0.lock().unwrap()[4 * 4096], 4);
+    // The first write was acknowledged, not flushed, when the server went away: the next
+    // flush cannot vouch for it and fails; the one after covers what the server has.
+    assert!(
+        matches!(c.flush(), Err(ClientError::Errno(5))),
+        "a flush after losing unflushed writes succeeded"
+    );
+    c.flush().unwrap();
+    // Flushed writes survive a restart without a failed flush.
+    c.write(0, vec![8; 512], false).unwrap();
+    c.flush().unwrap();
+    drop(_rt);
+    let _rt = serve_on(&sock, &mem);
+    c.flush().unwrap();
 }
 
 fn tls_server(ca: &ClusterCa, mem: &Arc<Mem>) -> (String, tokio::runtime::Runtime) {
