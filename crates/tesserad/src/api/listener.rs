@@ -154,7 +154,12 @@ async fn serve_connection(conn: Conn, peer: SocketAddr, app: Router, limits: Lim
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(limits.header_bytes.max(8192));
-    if let Err(e) = http.serve_connection(TokioIo::new(conn), service).await {
+    // Upgrades (the VM console's WebSocket) take the connection over after the 101.
+    if let Err(e) = http
+        .serve_connection(TokioIo::new(conn), service)
+        .with_upgrades()
+        .await
+    {
         tracing::debug!(%peer, error = %e, "connection ended");
     }
 }
