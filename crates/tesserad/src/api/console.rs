@@ -126,6 +126,82 @@ async fn bridge(mut ws: WebSocket, sock: PathBuf) {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+    use std::sync::{Arc, Mutex};
+
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as Msg;
+
+    /// A stand-in for a VMM's control socket: a console that starts with 70 KiB of
+    /// output and answers what is typed with `got:<input>`.
+    fn fake_vmm(path: &std::path::Path) {
+        let out = Arc::new(Mutex::new(format!("{}TAIL\n", "x".repeat(70 * 1024))));
+        let listener = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let (out, conn) = (out.clone(), conn.unwrap());
+                std::thread::spawn(move || {
+                    let mut w = conn.try_clone().unwrap();
+                    for line in BufReader::new(conn).lines() {
+                        let req: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+                        let op = &req["op"];
+                        let mut o = out.lock().unwrap();
+                        let reply = match op["type"].as_str().unwrap() {
+                            "serial_read" => {
+                                let since = op["since"].as_u64().unwrap() as usize;
+                                serde_json::json!({"v": 1, "ok": {"data": &o[since.min(o.len())..], "next": o.len()}})
+                            }
+                            "serial_write" => {
+                                o.push_str(&format!("got:{}\n", op["data"].as_str().unwrap()));
+                                serde_json::json!({"v": 1, "ok": {}})
+                            }
+                            other => panic!("unexpected {other}"),
+                        };
+                        writeln!(w, "{reply}").unwrap();
+                    }
+                });
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn the_console_sends_64_kib_of_scrollback_then_output_and_types_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        fake_vmm(&sock);
+        let app = axum::Router::new().route(
+            "/console",
+            axum::routing::get(move |ws: super::WebSocketUpgrade| {
+                let sock = sock.clone();
+                async move { ws.on_upgrade(move |s| super::bridge(s, sock)) }
+            }),
+        );
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(tcp, app).await });
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/console"))
+            .await
+            .unwrap();
+        let first = match ws.next().await.unwrap().unwrap() {
+            Msg::Text(t) => t.to_string(),
+            m => panic!("{m:?}"),
+        };
+        assert_eq!(first.len(), super::SCROLLBACK);
+        assert!(first.ends_with("xTAIL\n"));
+        ws.send(Msg::Text("abc".into())).await.unwrap();
+        let echoed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                if let Msg::Text(t) = ws.next().await.unwrap().unwrap() {
+                    return t.to_string();
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(echoed, "got:abc\n");
+    }
+
     #[test]
     fn the_scrollback_is_cut_at_a_character() {
         assert_eq!(super::tail("abcdef", 3), "def");
