@@ -106,12 +106,29 @@ impl ServeCtx {
     }
 }
 
-/// Serves Raft RPCs until the listener fails.
+/// The first pause after a failed accept; it doubles up to [`ACCEPT_BACKOFF_MAX`] while
+/// accepts keep failing (a listener with a connection waiting stays readable, so without
+/// a pause an `EMFILE` would spin).
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Serves Raft RPCs until the task is dropped. A failed accept (`EMFILE`, `ENFILE`,
+/// `ECONNABORTED`, ...) is logged and retried after a growing pause, never the end of the
+/// listener: a node that stopped accepting would drop out of its cluster for good.
 pub(crate) async fn serve(listener: TcpListener, ctx: Arc<ServeCtx>) {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        let Ok((sock, peer)) = listener.accept().await else {
-            return;
+        let (sock, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // At most one line per pause (the pause reaches 1 s within 7 failures).
+                tracing::warn!(error = %e, retry_in = ?backoff, "Raft RPC accept failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
         };
+        backoff = ACCEPT_BACKOFF_MIN;
         let _ = sock.set_nodelay(true);
         let ctx = ctx.clone();
         tokio::spawn(async move {
