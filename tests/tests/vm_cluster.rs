@@ -282,6 +282,23 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     assert_eq!(code, 202, "{v}");
     wait_state(&lan, 0, t, "vm1", "running");
     counting(&nodes[1].dir, "vm1");
+    // Reboot: a new VMM on the same node, the guest counting again.
+    let before = vm_pid(&nodes[1].dir, "vm1").unwrap();
+    let (code, v) = act(&lan, 2, t, "vm1", "reboot");
+    assert_eq!(code, 202, "{v}");
+    let v = wait_for("the VM rebooted", 60, || {
+        let v = vm(&lan, 0, t, "vm1");
+        let new = vm_pid(&nodes[1].dir, "vm1").is_some_and(|p| p != before);
+        (new && v["actual_state"] == "running").then_some(v)
+    });
+    assert!(
+        v["state_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("rebooted on request"),
+        "{v}"
+    );
+    counting(&nodes[1].dir, "vm1");
     let home = d.path().join("home");
     std::fs::create_dir_all(&home).unwrap();
     let cli = |args: &[&str], stdin: &str| {
