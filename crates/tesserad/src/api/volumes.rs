@@ -122,6 +122,7 @@ fn nbd_uri(n: &tessera_state::Node, node: &str, export: &str) -> Result<Option<S
 #[utoipa::path(post, path = "/api/v1/volumes", tag = "volumes", operation_id = "create_volume",
     request_body = NewVolume,
     params(("Idempotency-Key" = Option<String>, Header,
+        min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9._:-]{1,64}$",
         description = "Makes a retry safe: the same key and body get the first answer")),
     security(("token" = []), ("cookie" = [])),
     responses((status = 202, body = Task), (status = 400, body = ErrorBody),
