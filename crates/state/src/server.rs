@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use crate::barrier::ReadIndex;
 use crate::ca_record::{self, CaRecordError};
 use crate::membership::{self, leader, Leader};
-use crate::network::rpc::{Reply, Rpc, MAX_RPC};
+use crate::network::rpc::{Reply, Rpc, MAX_ANONYMOUS_RPC, MAX_RPC};
 use crate::network::{cert_name, now_ms, AuthError, EnrollReply, EnrollRequest, Transport};
 use crate::state_machine::StateReader;
 use crate::types::TypeConfig;
@@ -209,13 +209,26 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     let (r, mut w) = tokio::io::split(s);
     let mut r = BufReader::new(r);
+    // Until a caller shows a cluster certificate it may only enroll: a small frame.
+    let cap = match caller {
+        Caller::Anonymous => MAX_ANONYMOUS_RPC,
+        Caller::Plain | Caller::Certified(_) => MAX_RPC,
+    };
     loop {
         let mut line = String::new();
-        let n = tokio::time::timeout(SERVER_IDLE, (&mut r).take(MAX_RPC).read_line(&mut line))
+        let n = tokio::time::timeout(SERVER_IDLE, (&mut r).take(cap).read_line(&mut line))
             .await
             .map_err(|_| std::io::Error::other("idle connection closed"))??;
         if n == 0 {
             return Ok(());
+        }
+        if !line.ends_with('\n') && n as u64 >= cap {
+            tracing::warn!(
+                anonymous = matches!(caller, Caller::Anonymous),
+                limit = cap,
+                "refused an RPC frame over the size limit"
+            );
+            return Err(std::io::Error::other("RPC frame over the size limit"));
         }
         let reply = answer(&line, ctx, &caller).await?;
         w.write_all(&reply).await?;

@@ -499,3 +499,64 @@ async fn transactions_apply_all_or_nothing_and_followers_read_their_writes() {
         n.shutdown().await;
     }
 }
+
+/// Sends `line` over TLS without a client certificate (as an enrolling node does) and
+/// returns the answer line, or `None` when the server closed the connection instead.
+async fn anonymous_exchange(addr: SocketAddr, line: &[u8]) -> Option<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let cfg = std::sync::Arc::new(tessera_pki::enrollment_client_config().unwrap());
+    let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("node-1.node.tessera").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, sock)
+        .await
+        .unwrap();
+    // The server may hang up while we are still writing: that is an answer too.
+    if tls.write_all(line).await.is_err() || tls.flush().await.is_err() {
+        return None;
+    }
+    let mut answer = String::new();
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        BufReader::new(tls).read_line(&mut answer),
+    )
+    .await
+    {
+        Ok(Ok(n)) if n > 0 => Some(answer),
+        Ok(_) => None,
+        Err(_) => panic!("the server neither answered nor hung up within 10 s"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anonymous_caller_may_send_only_a_small_frame() {
+    let ca = tessera_pki::ClusterCa::mint("test").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let n1 = Node::start(1, addr, dir.path(), Some([7u8; 32]), Some(own_tls(&ca, 1)))
+        .await
+        .unwrap();
+    let request = |csr: &str| {
+        let mut l = serde_json::to_vec(&json!({ "rpc": "enroll", "body": {
+            "id": 2, "csr_pem": csr, "ips": [], "sent_ms": 0, "mac": "00" } }))
+        .unwrap();
+        l.push(b'\n');
+        l
+    };
+    // A small enrollment (badly signed) is read and answered with the refusal.
+    let small = anonymous_exchange(addr, &request("tiny")).await;
+    assert!(
+        small.as_deref().is_some_and(|a| a.contains("enrollment")),
+        "a small anonymous request was not answered: {small:?}"
+    );
+    // The same request grown to 1 MiB is cut off unread, without an answer.
+    let big = anonymous_exchange(addr, &request(&"x".repeat(1 << 20))).await;
+    assert!(
+        big.is_none(),
+        "a 1 MiB anonymous frame was read and answered: {big:?}"
+    );
+    // And the port still serves.
+    let again = anonymous_exchange(addr, &request("tiny")).await;
+    assert!(again.is_some(), "the port stopped answering");
+    drop(n1);
+}

@@ -12,6 +12,11 @@ use crate::types::{Command, TypeConfig};
 /// Largest request or answer line accepted (snapshots are sent in chunks well below this).
 pub(crate) const MAX_RPC: u64 = 64 << 20;
 
+/// The largest request line a caller without a cluster certificate may send (it may
+/// only enroll: a certificate request of a few KiB). Anything longer ends the connection
+/// before more is read.
+pub(crate) const MAX_ANONYMOUS_RPC: u64 = 16 << 10;
+
 /// The wire form of the answer to one of our RPCs: the refusal travels as its message.
 pub(crate) type Reply<T> = Result<T, String>;
 
