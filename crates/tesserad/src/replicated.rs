@@ -381,6 +381,7 @@ pub async fn join(
     }
     anyhow::bail!("could not join the cluster: {last}")
 }
+
 /// What a failed write through the replicated state means for the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteFailure {
@@ -446,7 +447,6 @@ pub fn sync_failure(e: &tessera_state::StateError) -> &'static str {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,6 +478,7 @@ mod tests {
             let id = NodeId(bad.into());
             assert_eq!(raft_id(&id), Err(BadNodeId(bad.into())), "{bad:?}");
         }
+    }
 
     #[test]
     fn write_failures_are_told_apart_and_say_nothing_of_raft() {
@@ -527,6 +528,5 @@ mod tests {
         assert!(WriteFailure::Unknown
             .message()
             .starts_with("outcome unknown"));
-    }
     }
 }
