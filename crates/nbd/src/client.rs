@@ -1,5 +1,6 @@
 //! A small blocking NBD client: fixed newstyle, `NBD_OPT_GO`, simple replies, one request
-//! at a time. Used by the VMM's NBD disk backend and by tests that need exact control.
+//! at a time. Used by tests that need exact control; the VMM's disks use the pipelined,
+//! reconnecting [`crate::client_pipelined`].
 //! Every message goes through [`crate::proto`], the codec the server uses.
 
 use std::io::{self, Read, Write};
