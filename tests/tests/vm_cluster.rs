@@ -289,7 +289,11 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     let v = wait_for("the VM rebooted", 60, || {
         let v = vm(&lan, 0, t, "vm1");
         let new = vm_pid(&nodes[1].dir, "vm1").is_some_and(|p| p != before);
-        (new && v["actual_state"] == "running").then_some(v)
+        // The node reports the reboot after it started the new VMM.
+        let rebooted = v["state_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("rebooted"));
+        (new && rebooted && v["actual_state"] == "running").then_some(v)
     });
     assert!(
         v["state_reason"]
@@ -319,11 +323,69 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
         "{out}{err}"
     );
 
-    // The serial console: a WebSocket on the node the VM runs on. (Streaming it needs
-    // the API listener to serve upgrades; see docs/vms.md.) A plain GET is told to
-    // upgrade.
+    // The serial console through the API's WebSocket, with the CLI: the scrollback
+    // first, then the counter as it counts, on the node the VM runs on. A plain GET is
+    // told to upgrade.
     let (code, v) = api(&lan, 1, "GET", "vms/vm1/console", Some(t), None);
     assert_eq!(code, 426, "{v}");
+    let mut c = lan.command(1, &bin("tessera"));
+    c.env("HOME", &home)
+        .arg("--api")
+        .arg(format!("https://{}:8006", Lan::addr(1)))
+        .arg("--ca-file")
+        .arg(lan.ca_file().unwrap())
+        .args(["vm", "console", "vm1"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let scrollback_end = loop {
+        // The scrollback is what the console held at attach; wait for counts after it.
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                let o = child.wait_with_output().unwrap();
+                panic!(
+                    "console: {seen:?} {}\n{}",
+                    String::from_utf8_lossy(&o.stderr),
+                    nodes[1].logs()
+                );
+            }
+        }
+        if let Some(&last) = counts(&seen.join("\n")).last() {
+            break last;
+        }
+    };
+    while counts(&seen.join("\n")).last() < Some(&(scrollback_end + 3)) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the console stopped streaming: {seen:?}");
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.iter().any(|l| l.contains("tessera test guest")),
+        "no scrollback: {seen:?}"
+    );
     // Asked of another node: refused, naming the node it runs on.
     let (ok, out, err) = cli(&["vm", "console", "vm1"], "");
     assert!(
