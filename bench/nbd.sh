@@ -40,7 +40,7 @@ start_server() {
     local server=$1 dir=$2 port=$3 sock=$dir/$server.sock
     case $server in
     tessera)
-        "$BIN" serve --data-dir "$dir/tessera" --nbd-tcp 127.0.0.1:$port --nbd-unix "$sock" \
+        "$BIN" serve --data-dir "$dir/tessera" --nbd-tcp-plain 127.0.0.1:$port --nbd-unix "$sock" \
             --admin-socket "$dir/tessera-admin.sock" 2>"$dir/tessera.log" &
         PIDS+=($!)
         wait_sock "$dir/tessera-admin.sock"
