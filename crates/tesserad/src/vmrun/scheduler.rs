@@ -50,7 +50,7 @@ pub struct Request {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     /// The pinned node and the disk's node differ.
-    #[error("the VM is pinned to node {pinned}, but its disk is on node {disk}; running a VM on another node than its volume is not supported yet (the VMM has no TLS NBD client)")]
+    #[error("the VM is pinned to node {pinned}, but its disk is on node {disk}; running a VM on another node than its volume is not supported yet (tesserad does not hand tessera-vmm a remote TLS export yet)")]
     DiskElsewhere {
         /// Pinned node.
         pinned: String,
