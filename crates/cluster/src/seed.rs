@@ -230,8 +230,54 @@ fn field_at(text: &str, at: usize) -> Option<String> {
     None
 }
 
+/// Join secrets are to carry at least this much entropy (`tessera seed new` makes 190
+/// bits); below it, a captured join message or copied state may be guessed.
+pub const STRONG_SECRET_BITS: f64 = 128.0;
+
+/// A rough upper bound of a secret's entropy in bits: its length times the bits per
+/// character of the classes it uses (lower case, upper case, digits, other). Generated
+/// secrets reach it; a phrase people pick reaches it too while being guessable, so this
+/// only catches the clearly weak.
+pub fn secret_bits(secret: &str) -> f64 {
+    let has = |f: fn(char) -> bool| secret.chars().any(f);
+    let mut alphabet = 0u32;
+    if has(|c| c.is_ascii_lowercase()) {
+        alphabet += 26;
+    }
+    if has(|c| c.is_ascii_uppercase()) {
+        alphabet += 26;
+    }
+    if has(|c| c.is_ascii_digit()) {
+        alphabet += 10;
+    }
+    if has(|c| !c.is_ascii_alphanumeric()) {
+        alphabet += 33;
+    }
+    secret.chars().count() as f64 * f64::from(alphabet.max(1)).log2()
+}
+
+/// Why `secret` is weak, if it is (see [`secret_bits`]).
+pub fn weak_secret(secret: &str) -> Option<String> {
+    let bits = secret_bits(secret);
+    (bits < STRONG_SECRET_BITS).then(|| {
+        format!(
+            "the join secret has at most {bits:.0} bits of entropy (fewer than {STRONG_SECRET_BITS:.0}): \
+             anyone who captures a join or discovery message, or a copy of a node's state, may guess it; \
+             make one with `tessera seed new` and put it in every node's seed"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn weak_secrets_are_told_apart_from_generated_ones() {
+        assert!(super::weak_secret("hunter2").is_some());
+        assert!(super::weak_secret("aaaaaaaaaaaaaaaaaaaa").is_some());
+        // 32 characters of [A-Za-z0-9], as the devcluster and `tessera seed new` make.
+        assert!(super::weak_secret("Xq3vT9bLm2Pz8Rk4Wn7Yc1Hd6Js5Fg0A").is_none());
+    }
+
     use super::*;
 
     const GOOD: &str = r#"

@@ -82,6 +82,9 @@ impl Bootstrap {
         if !api_ips.contains(&seed.management.address.ip()) {
             api_ips.push(seed.management.address.ip());
         }
+        if let Some(why) = tessera_cluster::seed::weak_secret(&seed.join_secret) {
+            tracing::warn!("WEAK JOIN SECRET: {why}");
+        }
         Self {
             join_key: replicated::join_key(&seed.join_secret),
             seed,
