@@ -16,6 +16,11 @@ use tessera_nbd::{
 };
 use tessera_pki::{node_key_and_request, ClusterCa, NodeCredentials};
 
+// The workspace's one skip policy and allow-list (tests/skip-allowlist): a missing tool is
+// a failure in CI, not a silent pass.
+#[path = "../../../tests/src/skip_policy.rs"]
+mod skip_policy;
+
 const SIZE: usize = 4 << 20;
 
 /// A 4 MiB disk in memory.
@@ -139,7 +144,10 @@ fn tools_or_skip(test: &str) -> bool {
     for tool in ["nbdinfo", "nbdcopy", "qemu-img"] {
         let found = Command::new(tool).arg("--version").output().is_ok();
         if !found {
-            println!("SKIP: {test}: {tool} is not installed (tests/setup installs it)");
+            skip_policy::report(
+                test,
+                &format!("{tool} is not installed (tests/setup installs it)"),
+            );
             return false;
         }
     }
