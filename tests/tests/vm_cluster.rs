@@ -4,7 +4,8 @@
 //! refused oversized VM naming each node's free memory, bad input refused with nothing
 //! changed, a `tesserad` killed and restarted while its VM runs (the VM keeps running and
 //! is re-adopted), a killed VMM restarted by the `on-crash` policy and left `crashed`
-//! with the reason under `never`, the disk's content checked with nbdcopy, the CLI.
+//! with the reason under `never`, the disk's content checked with nbdcopy, the CLI, and a
+//! VM pinned to another node than its volume writing that volume over TLS NBD.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -188,6 +189,18 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     let v = wait_state(&lan, 2, t, "vm1", "running");
     assert_eq!(v["running_on"], ids[1].as_str());
     counting(&nodes[1].dir, "vm1");
+    // GET /nodes accounts for it on node1 only (big is stopped: not counted).
+    let (code, list) = api(&lan, 2, "GET", "nodes", Some(t), None);
+    assert_eq!(code, 200, "{list}");
+    for n in list.as_array().unwrap() {
+        let a = &n["allocation"];
+        let mine = n["id"] == ids[1].as_str();
+        assert_eq!(a["memory_mib_allocated"], if mine { 64 } else { 0 }, "{n}");
+        assert_eq!(a["vcpus_allocated"], if mine { 1 } else { 0 }, "{n}");
+        assert_eq!(a["vms"], if mine { 1 } else { 0 }, "{n}");
+        assert!(a["memory_mib"].as_u64().unwrap() > 0, "{n}");
+        assert!(a["cpus"].as_u64().unwrap() > 0, "{n}");
+    }
     assert_eq!(act(&lan, 0, t, "vm1", "start").0, 409, "a second start");
 
     // Pause: the counter stands still; resume: it counts on.
@@ -424,20 +437,44 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
         "{data:?}"
     );
 
-    // Pinned to another node than its volume: refused, not supported yet; unchanged.
+    // Pinned to another node than its volume: it runs there and its disk is the same
+    // volume, reached over TLS NBD on node1's store with node2's certificate. The disk is
+    // zeroed first, so the marker and count read back after are the remote guest's.
+    let zeros = d.path().join("zeros.img");
+    std::fs::write(&zeros, vec![0u8; 16 << 20]).unwrap();
+    let mut c = std::process::Command::new("nbdcopy");
+    c.arg(&zeros)
+        .arg(format!("nbd+unix:///boot?socket={}", sock.display()));
+    let o = output(&mut c);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let body = json!({ "node": ids[2] }).to_string();
     assert_eq!(
         api(&lan, 0, "PATCH", "vms/vm1", Some(t), Some(&body)).0,
         200
     );
-    let before = vm(&lan, 0, t, "vm1");
     let (code, v) = act(&lan, 0, t, "vm1", "start");
-    assert_eq!(code, 409, "{v}");
+    assert_eq!(code, 202, "{v}");
+    assert_eq!(v["placed_on"], ids[2].as_str());
+    let v = wait_state(&lan, 0, t, "vm1", "running");
+    assert_eq!(v["running_on"], ids[2].as_str());
+    // The guest writes COUNT= every fifth count: wait past two of those.
+    wait_for("the remote guest to count past 11", 60, || {
+        (last_count(&nodes[2].dir, "vm1") >= Some(11)).then_some(())
+    });
+    let (code, v) = act(&lan, 0, t, "vm1", "stop");
+    assert_eq!(code, 202, "{v}");
+    wait_state(&lan, 0, t, "vm1", "stopped");
+    let mut c = std::process::Command::new("nbdcopy");
+    c.arg(format!("nbd+unix:///boot?socket={}", sock.display()))
+        .arg("--")
+        .arg("-");
+    let o = output(&mut c);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let data = String::from_utf8_lossy(&o.stdout[..1024]).into_owned();
     assert!(
-        v["error"].as_str().unwrap().contains("not supported yet"),
-        "{v}"
+        data.contains("TESSERA-MARK") && data.contains("COUNT="),
+        "the guest on node2 did not write its volume on node1: {data:?}"
     );
-    assert_eq!(vm(&lan, 0, t, "vm1"), before);
 
     // Stopped: it can be deleted.
     let (code, v) = api(&lan, 0, "DELETE", "vms/vm1", Some(t), None);

@@ -122,6 +122,7 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
             data_dir: seed.data_dir.clone(),
             // tessera-store's default: its NBD socket next to its admin socket.
             nbd_socket: seed.storage.admin_socket.with_file_name("nbd.sock"),
+            tls_dir: seed.data_dir.join("tls"),
         },
     );
     let (joined_tx, joined_rx) = tokio::sync::mpsc::channel(1);

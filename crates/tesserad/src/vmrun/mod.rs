@@ -24,7 +24,7 @@ use tessera_api::{DesiredState, RestartPolicy, Vm, VmState, VmStatus, Volume};
 use tessera_state::{Command, Node, Require};
 
 use crate::now_ms;
-use crate::records::table::{VMS, VOLUMES};
+use crate::records::table::{NODES, VMS, VOLUMES};
 use crate::tables::{event, get, put};
 use supervisor::{Ending, Exits, RunDir, RunInfo};
 
@@ -47,6 +47,9 @@ pub struct Local {
     pub data_dir: PathBuf,
     /// The local store's NBD Unix socket.
     pub nbd_socket: PathBuf,
+    /// This node's TLS credentials (`<data_dir>/tls`: `ca.crt`, `node.crt`, `node.key`),
+    /// which a VMM presents to another node's store for a remote disk.
+    pub tls_dir: PathBuf,
 }
 
 /// A VMM this node runs.
@@ -364,21 +367,31 @@ impl Reconciler {
 
     fn launch_spec(&self, vm: &Vm) -> Result<supervisor::Launch, String> {
         let kernel = vm.kernel.clone().ok_or("the VM has no kernel to boot")?;
-        let disk = match vm.disks.first() {
-            None => None,
+        let (disk, disk_tls) = match vm.disks.first() {
+            None => (None, None),
             Some(d) => {
                 let v: Volume = get(&self.node, VOLUMES, d)
                     .ok_or_else(|| format!("its disk, volume {d}, does not exist"))?;
-                if v.node != self.local.me {
-                    return Err(format!(
-                        "its disk, volume {d}, is on node {}, not here",
-                        v.node
-                    ));
+                if v.node == self.local.me {
+                    let uri = format!("nbd+unix:///{d}?socket={}", self.local.nbd_socket.display());
+                    (Some(uri), None)
+                } else {
+                    // Another node's store: TCP NBD there is TLS-only, and this node's own
+                    // certificate is a client certificate of the cluster CA.
+                    let addr = self.remote_nbd(&v.node).ok_or_else(|| {
+                        format!(
+                            "its disk, volume {d}, is on node {}, whose store has published no NBD address",
+                            v.node
+                        )
+                    })?;
+                    let t = &self.local.tls_dir;
+                    let tls = supervisor::DiskTls {
+                        ca: t.join("ca.crt"),
+                        cert: t.join("node.crt"),
+                        key: t.join("node.key"),
+                    };
+                    (Some(format!("nbds://{addr}/{d}")), Some(tls))
                 }
-                Some(format!(
-                    "nbd+unix:///{d}?socket={}",
-                    self.local.nbd_socket.display()
-                ))
             }
         };
         Ok(supervisor::Launch {
@@ -387,7 +400,21 @@ impl Reconciler {
             memory_mib: vm.memory_mib,
             vcpus: vm.vcpus,
             disk,
+            disk_tls,
         })
+    }
+
+    /// The TCP NBD address of node `id`'s store as it published it; a wildcard address
+    /// (the store listens everywhere) is reached at the node's management address, which
+    /// its certificate names.
+    fn remote_nbd(&self, id: &str) -> Option<std::net::SocketAddr> {
+        let rec: serde_json::Value = get(&self.node, NODES, id)?;
+        let nbd: std::net::SocketAddr = rec["nbd"].as_str()?.parse().ok()?;
+        if !nbd.ip().is_unspecified() {
+            return Some(nbd);
+        }
+        let mgmt: std::net::SocketAddr = rec["address"].as_str()?.parse().ok()?;
+        Some(std::net::SocketAddr::new(mgmt.ip(), nbd.port()))
     }
 
     /// A VMM ended unasked: restart it, leave it crashed, or (the guest powered off)

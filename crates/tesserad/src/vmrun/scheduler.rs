@@ -41,22 +41,20 @@ pub struct Request {
     pub vcpus: u64,
     /// The node the VM is pinned to, if any.
     pub pinned: Option<String>,
-    /// The node holding its disk, if it has one: until the VMM can reach a remote
-    /// volume, the VM must run there.
+    /// The node holding its disk, if it has one: preferred (the disk is local there,
+    /// over the store's Unix socket), and it must be up wherever the VM runs (elsewhere
+    /// the VMM reaches the volume over TLS NBD on that node).
     pub disk_node: Option<String>,
 }
 
 /// Why a VM cannot be placed; the text names each candidate's free room.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    /// The pinned node and the disk's node differ.
-    #[error("the VM is pinned to node {pinned}, but its disk is on node {disk}; running a VM on another node than its volume is not supported yet (tesserad does not hand tessera-vmm a remote TLS export yet)")]
-    DiskElsewhere {
-        /// Pinned node.
-        pinned: String,
-        /// Disk's node.
-        disk: String,
-    },
+    /// The node holding the VM's disk is down: the VM could not read it anywhere.
+    #[error(
+        "the VM's disk is on node {0}, which is not up; it cannot start until that node is back"
+    )]
+    DiskNodeDown(String),
     /// A node named does not exist.
     #[error("no node {0} in the cluster")]
     NoSuchNode(String),
@@ -73,19 +71,20 @@ fn mib(v: u64) -> String {
     }
 }
 
-/// Picks a node for `req` among `nodes`: the pinned node or the disk's node if given
-/// (it must be up and have room), else the up node with the most free memory.
+/// Picks a node for `req` among `nodes`: the pinned node if given (it must be up and
+/// have room), else the disk's node if it has room, else the up node with the most free
+/// memory. The disk's node must be up in every case.
 pub fn place(nodes: &[NodeRoom], req: &Request) -> Result<String, Refusal> {
-    let required = match (&req.pinned, &req.disk_node) {
-        (Some(p), Some(d)) if p != d => {
-            return Err(Refusal::DiskElsewhere {
-                pinned: p.clone(),
-                disk: d.clone(),
-            })
+    if let Some(d) = &req.disk_node {
+        let holder = nodes
+            .iter()
+            .find(|n| &n.id == d)
+            .ok_or_else(|| Refusal::NoSuchNode(d.clone()))?;
+        if !holder.up {
+            return Err(Refusal::DiskNodeDown(holder.name.clone()));
         }
-        (Some(p), _) => Some(p),
-        (None, d) => d.as_ref(),
-    };
+    }
+    let required = req.pinned.as_ref();
     let candidates: Vec<&NodeRoom> = match required {
         Some(id) => {
             let n = nodes
@@ -98,17 +97,21 @@ pub fn place(nodes: &[NodeRoom], req: &Request) -> Result<String, Refusal> {
     };
     let fits =
         |n: &&NodeRoom| n.up && n.free_mib() >= req.memory_mib && n.free_vcpus() >= req.vcpus;
-    if let Some(best) = candidates
+    let fitting: Vec<&NodeRoom> = candidates.iter().copied().filter(fits).collect();
+    if let Some(local) = fitting
         .iter()
-        .copied()
-        .filter(fits)
+        .find(|n| req.disk_node.as_ref() == Some(&n.id))
+    {
+        return Ok(local.id.clone());
+    }
+    if let Some(best) = fitting
+        .into_iter()
         .max_by(|a, b| (a.free_mib(), &b.id).cmp(&(b.free_mib(), &a.id)))
     {
         return Ok(best.id.clone());
     }
     let mut why = match required {
-        Some(id) if req.pinned.is_some() => format!("node {id} (pinned) cannot take"),
-        Some(id) => format!("node {id} (holding the VM's disk) cannot take"),
+        Some(id) => format!("node {id} (pinned) cannot take"),
         None => "no node can take".to_string(),
     };
     let _ = write!(
@@ -211,18 +214,24 @@ mod tests {
     }
 
     #[test]
-    fn the_disk_decides_and_a_pin_elsewhere_is_refused() {
+    fn the_disks_node_is_preferred_and_a_pin_elsewhere_is_honoured() {
         let nodes = [node("a", true, 8192, 0), node("b", true, 2048, 0)];
         let mut r = req(1024);
         r.disk_node = Some("b".into());
-        assert_eq!(place(&nodes, &r).unwrap(), "b");
+        assert_eq!(
+            place(&nodes, &r).unwrap(),
+            "b",
+            "the disk's node, though a has more"
+        );
         r.pinned = Some("a".into());
-        assert!(matches!(
-            place(&nodes, &r),
-            Err(Refusal::DiskElsewhere { .. })
-        ));
-        r.pinned = Some("b".into());
-        assert_eq!(place(&nodes, &r).unwrap(), "b");
+        assert_eq!(place(&nodes, &r).unwrap(), "a", "a pin away from the disk");
+        r.pinned = None;
+        r.memory_mib = 4096;
+        assert_eq!(
+            place(&nodes, &r).unwrap(),
+            "a",
+            "the disk's node has no room"
+        );
     }
 
     #[test]
@@ -231,6 +240,11 @@ mod tests {
         let mut r = req(1024);
         r.disk_node = Some("b".into());
         let e = place(&nodes, &r).unwrap_err().to_string();
-        assert!(e.contains("name-b is not up"), "{e}");
+        assert!(e.contains("name-b, which is not up"), "{e}");
+        r.pinned = Some("a".into());
+        assert_eq!(
+            place(&nodes, &r),
+            Err(Refusal::DiskNodeDown("name-b".into()))
+        );
     }
 }

@@ -123,6 +123,21 @@ pub struct Launch {
     pub vcpus: u32,
     /// The disk as an NBD URI, if any.
     pub disk: Option<String>,
+    /// Client credentials for an `nbds://` disk on another node's store.
+    pub disk_tls: Option<DiskTls>,
+}
+
+/// The files `tessera-vmm` presents to another node's store over TLS NBD: this node's
+/// own certificate (the stores accept any certificate of the cluster CA) and the CA
+/// the store's certificate must chain to.
+#[derive(Clone, Debug)]
+pub struct DiskTls {
+    /// The cluster CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This node's certificate (PEM).
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
 }
 
 /// Exit statuses of the VMMs this `tesserad` started (its children), by pid: a reaper
@@ -218,6 +233,14 @@ pub fn launch(
     }
     if let Some(d) = &spec.disk {
         cmd.arg("--disk").arg(d);
+    }
+    if let Some(t) = &spec.disk_tls {
+        cmd.arg("--disk-tls-ca")
+            .arg(&t.ca)
+            .arg("--disk-tls-cert")
+            .arg(&t.cert)
+            .arg("--disk-tls-key")
+            .arg(&t.key);
     }
     // Its own process group: a Ctrl-C or a signal to tesserad's group does not reach it.
     cmd.process_group(0)
