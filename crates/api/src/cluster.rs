@@ -97,6 +97,26 @@ pub struct NodeInfo {
     /// has (or for a node whose `tesserad` predates the report).
     #[serde(default)]
     pub storage: Option<NodeStorage>,
+    /// What the VMs placed on the node take of it, as the scheduler counts it.
+    #[serde(default)]
+    pub allocation: NodeAllocation,
+}
+
+/// A node's memory and CPUs against what the VMs placed on it take: every VM placed
+/// there whose desired state is not `stopped` (running, paused, or about to start).
+/// vCPUs are not overcommitted; the scheduler refuses a VM that does not fit.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeAllocation {
+    /// Physical memory in MiB, as the node published it (0 until it has).
+    pub memory_mib: u64,
+    /// Memory of the VMs placed on the node, in MiB.
+    pub memory_mib_allocated: u64,
+    /// CPUs the node has, as it published them (0 until it has).
+    pub cpus: u64,
+    /// vCPUs of the VMs placed on the node.
+    pub vcpus_allocated: u64,
+    /// How many VMs are placed on the node.
+    pub vms: u64,
 }
 
 /// The health of a node's block store (its `tessera-store`), as the node sees it: it asks

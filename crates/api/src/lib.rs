@@ -28,7 +28,8 @@ pub use auth::{
     TokenInfo,
 };
 pub use cluster::{
-    ClusterStatus, Member, NodeInfo, NodeStorage, RemoveQuery, Removed, StorageState,
+    ClusterStatus, Member, NodeAllocation, NodeInfo, NodeStorage, RemoveQuery, Removed,
+    StorageState,
 };
 pub use events::{Event, EventQuery, StreamQuery, StreamedEvent};
 pub use networks::{Network, NewNetwork};

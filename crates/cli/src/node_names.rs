@@ -87,6 +87,7 @@ mod tests {
             state: "up".into(),
             metrics: Value::Null,
             storage: None,
+            allocation: Default::default(),
         }
     }
 

@@ -26,6 +26,15 @@ pub fn run(client: &Client, cmd: NodeCmd, out: Output) -> anyhow::Result<()> {
                         col("ADDRESS", |n: &NodeInfo| {
                             n.address.as_str().unwrap_or("-").to_string()
                         }),
+                        col("MEMORY", |n: &NodeInfo| {
+                            let a = &n.allocation;
+                            format!("{}/{}", mib(a.memory_mib_allocated), mib(a.memory_mib))
+                        }),
+                        col("VCPUS", |n: &NodeInfo| {
+                            let a = &n.allocation;
+                            format!("{}/{}", a.vcpus_allocated, a.cpus)
+                        }),
+                        col("VMS", |n: &NodeInfo| n.allocation.vms.to_string()),
                         col("STORAGE", |n: &NodeInfo| storage_cell(n.storage.as_ref())),
                         col("STATE", |n: &NodeInfo| n.state.clone()),
                     ],
@@ -54,6 +63,11 @@ pub fn resolve(client: &Client, given: &str) -> anyhow::Result<String> {
         return Ok(given.to_string());
     }
     Ok(NodeNames::fetch(client)?.resolve(given))
+}
+
+/// A MiB count as people read it (`64M`, `7.5G`).
+fn mib(v: u64) -> String {
+    tessera_units::format_size(v.saturating_mul(1024 * 1024))
 }
 
 /// The STORAGE cell: a degraded store in capitals, to stand out in a long list; `-` for

@@ -3,13 +3,13 @@
 use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Value};
-use tessera_api::{ClusterStatus, Member, NodeInfo, RemoveQuery, Removed};
+use tessera_api::{ClusterStatus, Member, NodeAllocation, NodeInfo, RemoveQuery, Removed};
 use tessera_cluster::identity::NodeId;
 
 use super::extract::{Administrator, Auditor, Auth, Param, Synced, Q};
 use super::{node, read, read_all, ApiError, ErrorBody, St};
 use crate::health;
-use crate::records::table::{NODES, VOLUMES};
+use crate::records::table::{NODES, VMS, VOLUMES};
 
 /// Cluster status: id, leader (by Raft id and as a node, with its name), term and members.
 /// Raft ids are unsigned 64-bit integers.
@@ -70,6 +70,11 @@ pub async fn nodes(State(st): St, _: Auth<Auditor>) -> Result<Json<Vec<NodeInfo>
         .read(|t| json!(t.get(NODES).cloned().unwrap_or_default()));
     let heard = st.heard.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let health = health::report(&st.me.0, &registered, &heard);
+    // Health must stay readable: an unreadable VM record costs the allocation, not the list.
+    let vms = read_all::<tessera_api::Vm>(&n, VMS).unwrap_or_else(|e| {
+        tracing::warn!(error = %e.1, "VM records unreadable; allocations shown as 0");
+        Vec::new()
+    });
     let mut out = Vec::new();
     if let Some(obj) = registered.as_object() {
         for (id, rec) in obj {
@@ -87,6 +92,15 @@ pub async fn nodes(State(st): St, _: Auth<Auditor>) -> Result<Json<Vec<NodeInfo>
                         .flatten(),
                 )
             };
+            let (memory_mib_allocated, vcpus_allocated, placed) =
+                super::vms::allocated(&vms, id, "");
+            let allocation = NodeAllocation {
+                memory_mib: metrics["memory_total"].as_u64().unwrap_or(0) / (1024 * 1024),
+                memory_mib_allocated,
+                cpus: metrics["cpus"].as_u64().unwrap_or(0),
+                vcpus_allocated,
+                vms: placed,
+            };
             out.push(NodeInfo {
                 id: id.clone(),
                 name: rec["name"].as_str().map(String::from),
@@ -95,6 +109,7 @@ pub async fn nodes(State(st): St, _: Auth<Auditor>) -> Result<Json<Vec<NodeInfo>
                 state,
                 metrics,
                 storage,
+                allocation,
             });
         }
     }

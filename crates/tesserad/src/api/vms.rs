@@ -383,14 +383,7 @@ fn rooms(st: &ApiState, n: &tessera_state::Node, except: &str) -> Result<Vec<Nod
             let me = id == st.me.0;
             let metrics = if me { &own_metrics } else { &rec["metrics"] };
             let up = me || crate::health::state(heard.get(&id).map(|t| t.elapsed())) == "up";
-            let placed = vms.iter().map(|(_, v)| v).filter(|v| {
-                v.name != except
-                    && v.placed_on.as_deref() == Some(id.as_str())
-                    && v.desired_state != DesiredState::Stopped
-            });
-            let (allocated_mib, allocated_vcpus) = placed.fold((0, 0), |(m, c), v| {
-                (m + v.memory_mib, c + u64::from(v.vcpus))
-            });
+            let (allocated_mib, allocated_vcpus, _) = allocated(&vms, &id, except);
             NodeRoom {
                 name: rec["name"].as_str().unwrap_or(&id).to_string(),
                 up,
@@ -402,6 +395,21 @@ fn rooms(st: &ApiState, n: &tessera_state::Node, except: &str) -> Result<Vec<Nod
             }
         })
         .collect())
+}
+
+/// Memory (MiB), vCPUs and the number of the VMs placed on node `id` that are not
+/// stopped, leaving out VM `except` (the one being placed).
+pub(crate) fn allocated(vms: &[(String, Vm)], id: &str, except: &str) -> (u64, u64, u64) {
+    vms.iter()
+        .map(|(_, v)| v)
+        .filter(|v| {
+            v.name != except
+                && v.placed_on.as_deref() == Some(id)
+                && v.desired_state != DesiredState::Stopped
+        })
+        .fold((0, 0, 0), |(m, c, k), v| {
+            (m + v.memory_mib, c + u64::from(v.vcpus), k + 1)
+        })
 }
 
 /// Sets the fields of a start: desired state `d`, the node the scheduler picks, a new
