@@ -71,9 +71,19 @@ pub enum Cmd {
     /// What happened in the cluster.
     #[command(subcommand)]
     Event(EventCmd),
+    /// Seed configuration, made here without the API.
+    #[command(subcommand)]
+    Seed(SeedCmd),
     /// Print the API operations this client uses (method and OpenAPI path), one per line.
     #[command(hide = true)]
     ApiEndpoints,
+}
+
+#[derive(Subcommand)]
+pub enum SeedCmd {
+    /// Print a new join secret (32 random letters and digits, 190 bits) for every node's
+    /// seed.toml.
+    New,
 }
 
 #[derive(Subcommand)]

@@ -20,7 +20,7 @@ mod prompt;
 
 use clap::Parser;
 
-use args::{Cli, ClusterCmd, Cmd};
+use args::{Cli, ClusterCmd, Cmd, SeedCmd};
 use client::Client;
 use commands::{cluster, events, networks, nodes, session, tasks, tokens, users, vms, volumes};
 use credentials::Settings;
@@ -43,6 +43,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    // Local: needs no API address, credentials or cluster.
+    if let Cmd::Seed(SeedCmd::New) = cli.cmd {
+        println!("{}", new_join_secret());
+        return Ok(());
+    }
     let settings = Settings::resolve(cli.api, cli.ca_file.as_deref())?;
     let client = Client::new(
         settings.api.clone(),
@@ -50,7 +55,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         settings.ca_pem.as_deref(),
     )?;
     match cli.cmd {
-        Cmd::ApiEndpoints => Ok(()),
+        Cmd::ApiEndpoints | Cmd::Seed(_) => Ok(()),
         Cmd::Login { user } => session::login(&client, &settings, &user, out),
         Cmd::Logout => session::logout(&client, out),
         Cmd::Password => session::password(&client, out),
@@ -63,5 +68,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Task(cmd) => tasks::run(&client, cmd, out),
         Cmd::User(cmd) => users::run(&client, cmd, out),
         Cmd::Event(cmd) => events::run(&client, cmd, out),
+    }
+}
+
+/// A join secret of 32 characters drawn uniformly from letters and digits by the
+/// operating system's generator: log2(62) x 32 = 190 bits, beyond any guessing.
+fn new_join_secret() -> String {
+    use rand::Rng;
+    let mut rng = rand::rngs::OsRng;
+    (0..32)
+        .map(|_| rng.sample(rand::distributions::Alphanumeric) as char)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_new_join_secret_is_32_random_letters_and_digits() {
+        let a = super::new_join_secret();
+        let b = super::new_join_secret();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_alphanumeric()), "{a}");
+        assert_ne!(a, b, "two secrets alike");
+        // Drawn from all 62 characters, not a subset (190 bits needs the whole alphabet):
+        // over 64 secrets every class shows up.
+        let many: String = (0..64).map(|_| super::new_join_secret()).collect();
+        for class in [
+            u8::is_ascii_lowercase as fn(&u8) -> bool,
+            u8::is_ascii_uppercase,
+            u8::is_ascii_digit,
+        ] {
+            assert!(many.bytes().any(|c| class(&c)), "{many}");
+        }
     }
 }
