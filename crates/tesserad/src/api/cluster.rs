@@ -93,7 +93,7 @@ pub async fn nodes(State(st): St, _: Auth<Auditor>) -> Result<Json<Vec<NodeInfo>
                 )
             };
             let (memory_mib_allocated, vcpus_allocated, placed) =
-                super::vms::allocated(&vms, id, "");
+                super::vm_actions::allocated(&vms, id, "");
             let allocation = NodeAllocation {
                 memory_mib: metrics["memory_total"].as_u64().unwrap_or(0) / (1024 * 1024),
                 memory_mib_allocated,

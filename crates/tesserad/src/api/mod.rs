@@ -18,6 +18,7 @@ mod nbd;
 mod networks;
 mod tasks;
 mod users;
+mod vm_actions;
 mod vms;
 mod volumes;
 
@@ -321,12 +322,12 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(nbd::export_creds))
         .routes(routes!(vms::list, vms::create))
         .routes(routes!(vms::show, vms::update, vms::remove))
-        .routes(routes!(vms::start))
-        .routes(routes!(vms::stop))
-        .routes(routes!(vms::kill))
-        .routes(routes!(vms::reboot))
-        .routes(routes!(vms::pause))
-        .routes(routes!(vms::resume))
+        .routes(routes!(vm_actions::start))
+        .routes(routes!(vm_actions::stop))
+        .routes(routes!(vm_actions::kill))
+        .routes(routes!(vm_actions::reboot))
+        .routes(routes!(vm_actions::pause))
+        .routes(routes!(vm_actions::resume))
         .routes(routes!(console::console))
         .routes(routes!(networks::list, networks::create))
         .routes(routes!(networks::show, networks::remove))

@@ -21,10 +21,10 @@ use tessera_state::Require;
 
 use super::events::event;
 use super::extract::{Auditor, Auth, Body, Operator, Param, Synced};
-use super::{check_name, commit, del, now_ms, put, read, ApiError, ApiState, ErrorBody, St};
+use super::vm_actions::start_fields;
+use super::{check_name, commit, del, now_ms, put, read, ApiError, ErrorBody, St};
 use crate::records::table::{DISK_CLAIMS, NETWORKS, NODES, VMS, VOLUMES};
 use crate::records::{DesiredState, Network, Vm, Volume, VolumeState};
-use crate::vmrun::scheduler::{self, NodeRoom};
 use crate::vmrun::VM_STATUS;
 
 /// Checks the fields of a VM against the rules and the cluster state. What the request
@@ -109,7 +109,7 @@ pub async fn list(_: Auth<Auditor>, n: Synced) -> Result<Json<Vec<Vm>>, ApiError
 }
 
 /// The VM as a client sees it: its record with the state its node reports.
-fn with_status(n: &tessera_state::Node, mut vm: Vm) -> Result<Vm, ApiError> {
+pub(super) fn with_status(n: &tessera_state::Node, mut vm: Vm) -> Result<Vm, ApiError> {
     let status: Option<VmStatus> = read(n, VM_STATUS, &vm.name)?;
     let meant_to_run = vm.desired_state != DesiredState::Stopped;
     match status {
@@ -130,12 +130,12 @@ fn with_status(n: &tessera_state::Node, mut vm: Vm) -> Result<Vm, ApiError> {
 }
 
 /// Whether the VM's node reports it crashed (its restart policy gave up).
-fn crashed(n: &tessera_state::Node, name: &str) -> Result<bool, ApiError> {
+pub(super) fn crashed(n: &tessera_state::Node, name: &str) -> Result<bool, ApiError> {
     Ok(read::<VmStatus>(n, VM_STATUS, name)?.is_some_and(|s| s.state == VmState::Crashed))
 }
 
 /// Whether a VMM may still run for the VM (its node has not reported it ended).
-fn may_run(n: &tessera_state::Node, name: &str) -> Result<bool, ApiError> {
+pub(super) fn may_run(n: &tessera_state::Node, name: &str) -> Result<bool, ApiError> {
     Ok(read::<VmStatus>(n, VM_STATUS, name)?.is_some_and(|s| {
         matches!(
             s.state,
@@ -369,253 +369,3 @@ pub async fn remove(
     .await?;
     Ok(Json(Deleted { deleted: name }))
 }
-
-/// What each node has and what the VMs placed on it take, for the scheduler. The VM
-/// `except` (the one being placed) is not counted.
-fn rooms(st: &ApiState, n: &tessera_state::Node, except: &str) -> Result<Vec<NodeRoom>, ApiError> {
-    let nodes = super::read_all::<serde_json::Value>(n, NODES)?;
-    let vms = super::read_all::<Vm>(n, VMS)?;
-    let heard = st.heard.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let own_metrics = st.metrics.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    Ok(nodes
-        .into_iter()
-        .map(|(id, rec)| {
-            let me = id == st.me.0;
-            let metrics = if me { &own_metrics } else { &rec["metrics"] };
-            let up = me || crate::health::state(heard.get(&id).map(|t| t.elapsed())) == "up";
-            let (allocated_mib, allocated_vcpus, _) = allocated(&vms, &id, except);
-            NodeRoom {
-                name: rec["name"].as_str().unwrap_or(&id).to_string(),
-                up,
-                memory_mib: metrics["memory_total"].as_u64().unwrap_or(0) / (1024 * 1024),
-                cpus: metrics["cpus"].as_u64().unwrap_or(0),
-                allocated_mib,
-                allocated_vcpus,
-                id,
-            }
-        })
-        .collect())
-}
-
-/// Memory (MiB), vCPUs and the number of the VMs placed on node `id` that are not
-/// stopped, leaving out VM `except` (the one being placed).
-pub(crate) fn allocated(vms: &[(String, Vm)], id: &str, except: &str) -> (u64, u64, u64) {
-    vms.iter()
-        .map(|(_, v)| v)
-        .filter(|v| {
-            v.name != except
-                && v.placed_on.as_deref() == Some(id)
-                && v.desired_state != DesiredState::Stopped
-        })
-        .fold((0, 0, 0), |(m, c, k), v| {
-            (m + v.memory_mib, c + u64::from(v.vcpus), k + 1)
-        })
-}
-
-/// Sets the fields of a start: desired state `d`, the node the scheduler picks, a new
-/// start sequence. Refuses (409) a VM that cannot run: no kernel, more disks than the
-/// VMM serves, a disk that is not ready, no node with room.
-fn start_fields(
-    st: &ApiState,
-    n: &tessera_state::Node,
-    vm: &mut Vm,
-    d: DesiredState,
-) -> Result<(), ApiError> {
-    if vm.kernel.is_none() {
-        return Err(ApiError::conflict(format!(
-            "VM {} has no kernel to boot; set kernel first",
-            vm.name
-        )));
-    }
-    if vm.disks.len() > 1 {
-        return Err(ApiError::conflict(
-            "disks: tessera-vmm serves one disk today; a VM with more cannot start yet",
-        ));
-    }
-    if !vm.networks.is_empty() {
-        return Err(ApiError::conflict(
-            "networks: tessera-vmm has no network device yet; a VM with networks cannot start yet",
-        ));
-    }
-    let disk_node = match vm.disks.first() {
-        None => None,
-        Some(d) => {
-            let v: Volume = read(n, VOLUMES, d)?
-                .ok_or_else(|| ApiError::not_found(format!("disks: no volume {d}")))?;
-            if v.state != VolumeState::Ready {
-                return Err(ApiError::conflict(format!(
-                    "disks: volume {d} is not ready"
-                )));
-            }
-            Some(v.node)
-        }
-    };
-    let rooms = rooms(st, n, &vm.name)?;
-    let req = scheduler::Request {
-        memory_mib: vm.memory_mib,
-        vcpus: u64::from(vm.vcpus),
-        pinned: vm.node.clone(),
-        disk_node,
-    };
-    let node = scheduler::place(&rooms, &req).map_err(|e| match e {
-        scheduler::Refusal::NoSuchNode(_) => ApiError::not_found(e.to_string()),
-        _ => ApiError::conflict(e.to_string()),
-    })?;
-    vm.placed_on = Some(node);
-    vm.desired_state = d;
-    vm.start_seq += 1;
-    vm.force_stop = false;
-    Ok(())
-}
-
-/// The lifecycle operations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Action {
-    Start,
-    Stop,
-    Kill,
-    Reboot,
-    Pause,
-    Resume,
-}
-
-/// Applies `action` to VM `name`: one compare-and-swap of its record with the event; the
-/// node it is placed on carries it out. 202 with the VM as it is now.
-async fn act(
-    st: &ApiState,
-    user: &str,
-    name: &str,
-    action: Action,
-) -> Result<(StatusCode, Json<Vm>), ApiError> {
-    let n = super::synced(st).await?;
-    let old: Vm =
-        read(&n, VMS, name)?.ok_or_else(|| ApiError::not_found(format!("no VM {name}")))?;
-    let mut vm = old.clone();
-    let not = |what: &str| {
-        Err(ApiError::conflict(format!(
-            "VM {name} is {what} (desired state {})",
-            match old.desired_state {
-                DesiredState::Stopped => "stopped",
-                DesiredState::Running => "running",
-                DesiredState::Paused => "paused",
-            }
-        )))
-    };
-    let message = match (action, old.desired_state) {
-        (Action::Start, DesiredState::Stopped) => {
-            if may_run(&n, name)? {
-                return Err(ApiError::conflict(format!(
-                    "VM {name} is still stopping; try again once it is stopped"
-                )));
-            }
-            start_fields(st, &n, &mut vm, DesiredState::Running)?;
-            format!(
-                "start requested on node {}",
-                vm.placed_on.as_deref().unwrap_or("?")
-            )
-        }
-        // A crashed VM (its policy gave up) starts afresh.
-        (Action::Start, _) if crashed(&n, name)? => {
-            start_fields(st, &n, &mut vm, DesiredState::Running)?;
-            format!(
-                "start requested on node {} (after a crash)",
-                vm.placed_on.as_deref().unwrap_or("?")
-            )
-        }
-        (Action::Start, _) => return not("already started"),
-        (Action::Stop | Action::Kill, DesiredState::Stopped) if !may_run(&n, name)? => {
-            return not("not running")
-        }
-        (Action::Stop, _) => {
-            vm.desired_state = DesiredState::Stopped;
-            vm.force_stop = false;
-            "stop requested (power-off)".to_string()
-        }
-        (Action::Kill, _) => {
-            vm.desired_state = DesiredState::Stopped;
-            vm.force_stop = true;
-            "kill requested".to_string()
-        }
-        (Action::Reboot, DesiredState::Running | DesiredState::Paused) => {
-            vm.reboot_seq += 1;
-            vm.desired_state = DesiredState::Running;
-            "reboot requested".to_string()
-        }
-        (Action::Reboot, _) => return not("not running"),
-        (Action::Pause, DesiredState::Running) => {
-            vm.desired_state = DesiredState::Paused;
-            "pause requested".to_string()
-        }
-        (Action::Pause, _) => return not("not running"),
-        (Action::Resume, DesiredState::Paused) => {
-            vm.desired_state = DesiredState::Running;
-            "resume requested".to_string()
-        }
-        (Action::Resume, _) => return not("not paused"),
-    };
-    vm.generation += 1;
-    vm.updated_ms = now_ms();
-    let kind = format!("vm.{}", format!("{action:?}").to_lowercase());
-    commit(
-        st,
-        vec![Require::equals(VMS, name, json!(old))],
-        vec![put(VMS, name, &vm), event(&kind, name, user, &message)],
-        |_| format!("VM {name} changed meanwhile; try again"),
-    )
-    .await?;
-    Ok((StatusCode::ACCEPTED, Json(with_status(&n, vm)?)))
-}
-
-macro_rules! lifecycle {
-    ($fn:ident, $action:expr, $path:literal, $id:literal, $doc:literal) => {
-        #[doc = $doc]
-        #[utoipa::path(post, path = $path, tag = "vms", operation_id = $id,
-            params(("name" = String, Path)),
-            security(("token" = []), ("cookie" = [])),
-            responses((status = 202, body = Vm, description = "Accepted: the VM's node carries it out; follow actual_state"),
-                (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-                (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-                (status = 409, body = ErrorBody, description = "The VM's state does not allow it, or no node can run it (the message says why)"),
-                (status = 503, body = ErrorBody)))]
-        pub async fn $fn(
-            State(st): St,
-            p: Auth<Operator>,
-            Param(name): Param<String>,
-        ) -> Result<(StatusCode, Json<Vm>), ApiError> {
-            act(&st, &p.user, &name, $action).await
-        }
-    };
-}
-
-lifecycle!(start, Action::Start, "/api/v1/vms/{name}/start", "start_vm",
-    "Start a VM: the scheduler places it on an up node with room (its disk's node, or the pinned one) and that node starts its VMM.");
-lifecycle!(stop, Action::Stop, "/api/v1/vms/{name}/stop", "stop_vm",
-    "Stop a VM: a power-off through its VMM (there is no guest-visible ACPI request yet), killed if that does not end it within 10 s.");
-lifecycle!(
-    kill,
-    Action::Kill,
-    "/api/v1/vms/{name}/kill",
-    "kill_vm",
-    "Kill a VM's VMM at once (SIGKILL)."
-);
-lifecycle!(
-    reboot,
-    Action::Reboot,
-    "/api/v1/vms/{name}/reboot",
-    "reboot_vm",
-    "Reboot a VM: its VMM is powered off and started again on the same node."
-);
-lifecycle!(
-    pause,
-    Action::Pause,
-    "/api/v1/vms/{name}/pause",
-    "pause_vm",
-    "Pause a running VM (its vCPUs stop; memory and devices are kept)."
-);
-lifecycle!(
-    resume,
-    Action::Resume,
-    "/api/v1/vms/{name}/resume",
-    "resume_vm",
-    "Resume a paused VM."
-);
