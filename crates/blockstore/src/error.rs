@@ -83,6 +83,16 @@ pub enum StoreError {
     /// The volume was deleted while this handle was open.
     #[error("volume {0} was deleted")]
     Gone(String),
+    /// A write from a writer whose generation a newer one replaced (the replication fence).
+    #[error("volume {volume}: generation {held} is stale, the volume is at generation {current}")]
+    StaleGeneration {
+        /// The volume.
+        volume: String,
+        /// The generation the writer held.
+        held: u64,
+        /// The volume's generation.
+        current: u64,
+    },
     /// The data directory is held by another process.
     #[error("data directory {0} is locked by another tessera-store")]
     Locked(String),

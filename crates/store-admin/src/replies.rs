@@ -71,6 +71,7 @@ impl From<&StoreError> for AdminError {
             StoreError::NotFound(_) | StoreError::Gone(_) => ErrorKind::NotFound,
             StoreError::AlreadyExists(_) => ErrorKind::AlreadyExists,
             StoreError::Busy(..) | StoreError::Locked(_) => ErrorKind::Busy,
+            StoreError::StaleGeneration { .. } => ErrorKind::Invalid,
             StoreError::NoSpace { .. } => ErrorKind::NoSpace,
             StoreError::Io { .. }
             | StoreError::Corrupt { .. }

@@ -2,6 +2,7 @@
 //! NBD server and the VMM read and write through. It checks ranges and the volume's state,
 //! then hands the I/O to the read and write paths.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLockReadGuard;
@@ -86,6 +87,7 @@ impl Store {
             store: self.clone(),
             name: export.to_string(),
             target,
+            fence: AtomicU64::new(0),
         })
     }
 }
@@ -104,6 +106,8 @@ pub struct Export {
     store: Store,
     name: String,
     target: Target,
+    /// The generation its writer holds (see `generation.rs`); 0: not bound.
+    pub(super) fence: AtomicU64,
 }
 
 impl Drop for Export {
@@ -129,6 +133,14 @@ impl Export {
         match &self.target {
             Target::Volume(v) => v.rt.read().size,
             Target::Snapshot { size, .. } => *size,
+        }
+    }
+
+    /// The volume's generation, `None` for a snapshot.
+    pub(super) fn volume_generation(&self) -> Option<u64> {
+        match &self.target {
+            Target::Volume(v) => Some(v.rt.read().generation),
+            Target::Snapshot { .. } => None,
         }
     }
 
@@ -170,6 +182,14 @@ impl Export {
         let rt = v.rt.read();
         if rt.deleted {
             return Err(StoreError::Gone(v.name.clone()));
+        }
+        let held = self.fence.load(Ordering::Acquire);
+        if held != 0 && rt.generation > held {
+            return Err(StoreError::StaleGeneration {
+                volume: v.name.clone(),
+                held,
+                current: rt.generation,
+            });
         }
         Self::check_range(offset, len, rt.size)?;
         Ok(rt)

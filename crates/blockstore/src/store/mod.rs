@@ -13,6 +13,7 @@
 //! own module:
 //! - `admin`: creating, growing and deleting volumes; snapshots and clones;
 //! - `export`: the handle the NBD server and the VMM read and write through;
+//! - `generation`: the replication fence (highest generation seen, persisted);
 //! - `pending`: the pending-write map;
 //! - `read` and `write`: the read path and the write path (writes and fills);
 //! - `checkpoint`: copying the WAL into the layer files, in the background;
@@ -23,6 +24,9 @@
 mod admin;
 mod checkpoint;
 mod export;
+mod generation;
+#[cfg(test)]
+mod generation_tests;
 mod merge;
 #[cfg(test)]
 mod merge_tests;
