@@ -10,9 +10,10 @@ use std::path::Path;
 
 use thiserror::Error;
 
+use crate::client_negotiation::{client_flags, reply_body_len, GoReplies, Opened};
 use crate::proto::{
-    self, DecodeError, GoRequest, Greeting, Info, OptionHeader, OptionReplyHeader, Request,
-    SimpleReply, GREETING_LEN, OPTION_REPLY_LEN, SIMPLE_REPLY_LEN,
+    self, DecodeError, GoRequest, OptionHeader, OptionReplyHeader, Request, SimpleReply,
+    GREETING_LEN, OPTION_REPLY_LEN, SIMPLE_REPLY_LEN,
 };
 
 /// What can go wrong talking to a server.
@@ -78,55 +79,23 @@ impl Client {
     fn handshake(mut s: Box<dyn Stream>, export: &str) -> Result<Client, ClientError> {
         let mut head = [0u8; GREETING_LEN];
         s.read_exact(&mut head)?;
-        let greeting = Greeting::decode(&head)?;
-        if greeting.flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(ClientError::Protocol("server is not fixed-newstyle".into()));
-        }
-        let mut cflags = proto::CLIENT_FIXED_NEWSTYLE;
-        if greeting.flags & proto::FLAG_NO_ZEROES != 0 {
-            cflags |= proto::CLIENT_NO_ZEROES;
-        }
-        s.write_all(&cflags.to_be_bytes())?;
+        s.write_all(&client_flags(&head)?.to_be_bytes())?;
         let go = GoRequest {
             name: export.to_string(),
             info: Vec::new(),
         };
         s.write_all(&OptionHeader::with_payload(proto::OPT_GO, &go.encode()))?;
-        let (mut size, mut flags) = (None, 0u16);
-        loop {
+        let mut replies = GoReplies::default();
+        let Opened { size, flags } = loop {
             let mut rh = [0u8; OPTION_REPLY_LEN];
             s.read_exact(&mut rh)?;
             let reply = OptionReplyHeader::decode(&rh)?;
-            if reply.length > proto::MAX_OPTION_LEN {
-                return Err(ClientError::Protocol("option reply too large".into()));
-            }
-            let mut body = vec![0u8; reply.length as usize];
+            let mut body = vec![0u8; reply_body_len(&reply)?];
             s.read_exact(&mut body)?;
-            if reply.is_error() {
-                return Err(ClientError::Refused {
-                    option: proto::OPT_GO,
-                    reply: reply.kind,
-                    message: String::from_utf8_lossy(&body).into_owned(),
-                });
+            if let Some(opened) = replies.on_reply(&reply, &body)? {
+                break opened;
             }
-            match reply.kind {
-                proto::REP_ACK => break,
-                proto::REP_INFO => {
-                    // Other information (block sizes, name) is not needed here.
-                    if let Info::Export { size: s, flags: f } = Info::decode(&body)? {
-                        size = Some(s);
-                        flags = f;
-                    }
-                }
-                k => {
-                    return Err(ClientError::Protocol(format!(
-                        "unexpected option reply {k}"
-                    )))
-                }
-            }
-        }
-        let size =
-            size.ok_or_else(|| ClientError::Protocol("no NBD_INFO_EXPORT before ACK".into()))?;
+        };
         Ok(Client {
             stream: s,
             size,

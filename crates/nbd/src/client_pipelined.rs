@@ -27,9 +27,10 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName}
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 use crate::client::ClientError;
+use crate::client_negotiation::{client_flags, reply_body_len, GoReplies, Opened};
 use crate::proto::{
-    self, GoRequest, Greeting, Info, OptionHeader, OptionReplyHeader, Request, SimpleReply,
-    GREETING_LEN, OPTION_REPLY_LEN, SIMPLE_REPLY_LEN,
+    self, GoRequest, OptionHeader, OptionReplyHeader, Request, SimpleReply, GREETING_LEN,
+    OPTION_REPLY_LEN, SIMPLE_REPLY_LEN,
 };
 
 /// Where the server listens.
@@ -321,10 +322,7 @@ async fn option_reply(s: &mut Stream) -> Result<(OptionReplyHeader, Vec<u8>), Cl
     let mut rh = [0u8; OPTION_REPLY_LEN];
     s.read_exact(&mut rh).await?;
     let reply = OptionReplyHeader::decode(&rh)?;
-    if reply.length > proto::MAX_OPTION_LEN {
-        return Err(ClientError::Protocol("option reply too large".into()));
-    }
-    let mut body = vec![0u8; reply.length as usize];
+    let mut body = vec![0u8; reply_body_len(&reply)?];
     s.read_exact(&mut body).await?;
     Ok((reply, body))
 }
@@ -335,15 +333,7 @@ async fn connect(target: &Target) -> Result<Connected, ClientError> {
     let mut s = open(&target.endpoint).await?;
     let mut head = [0u8; GREETING_LEN];
     s.read_exact(&mut head).await?;
-    let greeting = Greeting::decode(&head)?;
-    if greeting.flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
-        return Err(ClientError::Protocol("server is not fixed-newstyle".into()));
-    }
-    let mut cflags = proto::CLIENT_FIXED_NEWSTYLE;
-    if greeting.flags & proto::FLAG_NO_ZEROES != 0 {
-        cflags |= proto::CLIENT_NO_ZEROES;
-    }
-    s.write_all(&cflags.to_be_bytes()).await?;
+    s.write_all(&client_flags(&head)?.to_be_bytes()).await?;
     if let Some(tls) = &target.tls {
         s.write_all(&OptionHeader::with_payload(proto::OPT_STARTTLS, &[]))
             .await?;
@@ -368,37 +358,13 @@ async fn connect(target: &Target) -> Result<Connected, ClientError> {
     };
     s.write_all(&OptionHeader::with_payload(proto::OPT_GO, &go.encode()))
         .await?;
-    let (mut size, mut flags) = (None, 0u16);
-    loop {
+    let mut replies = GoReplies::default();
+    let Opened { size, flags } = loop {
         let (reply, body) = option_reply(&mut s).await?;
-        if reply.kind == proto::REP_ERR_TLS_REQD {
-            return Err(ClientError::Tls(
-                "the server requires TLS (use an nbds:// URI with credentials)".into(),
-            ));
+        if let Some(opened) = replies.on_reply(&reply, &body)? {
+            break opened;
         }
-        if reply.is_error() {
-            return Err(ClientError::Refused {
-                option: proto::OPT_GO,
-                reply: reply.kind,
-                message: String::from_utf8_lossy(&body).into_owned(),
-            });
-        }
-        match reply.kind {
-            proto::REP_ACK => break,
-            proto::REP_INFO => {
-                if let Info::Export { size: sz, flags: f } = Info::decode(&body)? {
-                    size = Some(sz);
-                    flags = f;
-                }
-            }
-            k => {
-                return Err(ClientError::Protocol(format!(
-                    "unexpected option reply {k}"
-                )))
-            }
-        }
-    }
-    let size = size.ok_or_else(|| ClientError::Protocol("no NBD_INFO_EXPORT before ACK".into()))?;
+    };
     Ok(Connected {
         stream: s,
         size,

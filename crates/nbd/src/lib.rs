@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+mod client_negotiation;
 pub mod client_pipelined;
 pub mod device;
 pub mod proto;
