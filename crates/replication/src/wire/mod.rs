@@ -1,0 +1,244 @@
+//! The replication wire format: message types, framing, and a streaming decoder.
+//!
+//! A frame is `u32 length (big endian, of what follows) | u8 version | u8 kind | body`.
+//! Integers are big endian. A volume name is `u8 length | bytes`; data and digest lists are
+//! `u32 length | bytes`. Every decode of truncated, oversize or malformed input returns a
+//! [`WireError`]; a frame longer than [`MAX_FRAME_LEN`] is refused from its 4-byte length
+//! alone, before anything is allocated for its body.
+//!
+//! Who sends what: the primary sends [`Message::Fence`], [`Message::Write`],
+//! [`Message::WriteZeroes`], [`Message::Trim`], [`Message::Flush`], [`Message::Digests`] and
+//! [`Message::Read`]; a replica answers with [`Message::Reply`] (fence, writes, flushes,
+//! matched by `seq`; a fence is answered as seq 0), [`Message::DigestsReply`] and
+//! [`Message::ReadReply`] (matched by `request`).
+
+mod codec;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+
+pub use codec::{decode_body, encode, encode_into, frame_body_len, Decoder};
+
+/// The protocol version this crate speaks (the byte after a frame's length prefix).
+pub const VERSION: u8 = 1;
+/// The ALPN protocol name of replication connections.
+pub const ALPN: &[u8] = b"tessera-repl/1";
+/// Offsets and lengths are multiples of this.
+pub const SECTOR: u64 = 512;
+/// The unit a digest covers (the block store's block).
+pub const BLOCK_SIZE: u64 = 4096;
+/// Most data bytes one `Write` or `ReadReply` carries.
+pub const MAX_DATA: usize = 4 << 20;
+/// Most blocks one `Digests` request asks for (4 MiB of digests, 512 MiB of volume).
+pub const MAX_DIGEST_BLOCKS: u32 = (MAX_DATA / 32) as u32;
+/// Longest volume name (the block store's rule: 1-64 of `[A-Za-z0-9._-]`).
+pub const MAX_VOLUME_NAME: usize = 64;
+/// Longest I/O error text in a reply; longer text is cut when encoding.
+pub const MAX_ERROR_TEXT: usize = 1024;
+/// Largest frame, counted after the 4-byte length: the largest data frame plus headers.
+pub const MAX_FRAME_LEN: usize = MAX_DATA + 4096;
+/// Bytes of the length prefix.
+pub const LENGTH_PREFIX: usize = 4;
+
+/// A volume's generation: raised through the cluster whenever the primary or the in-sync
+/// set changes. A replica refuses anything older than the highest it has seen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Generation(pub u64);
+
+impl Generation {
+    /// The generation after this one.
+    pub fn next(self) -> Generation {
+        Generation(self.0.saturating_add(1))
+    }
+}
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A volume name as the block store accepts it: 1-64 of `[A-Za-z0-9._-]`, not starting
+/// with `.` or `-`. Checked on construction and on decode.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VolumeName(String);
+
+impl VolumeName {
+    /// Checks `name` and wraps it.
+    pub fn new(name: impl Into<String>) -> Result<VolumeName, WireError> {
+        let name = name.into();
+        let ok = !name.is_empty()
+            && name.len() <= MAX_VOLUME_NAME
+            && !name.starts_with('.')
+            && !name.starts_with('-')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if ok {
+            Ok(VolumeName(name))
+        } else {
+            Err(WireError::BadVolumeName)
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for VolumeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A blake3 digest of one 4 KiB block.
+pub type Digest = [u8; 32];
+
+/// Every replication message. Offsets and lengths are bytes, multiples of [`SECTOR`]
+/// (digest requests: of [`BLOCK_SIZE`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Primary → replica: "I write this volume in `generation`". The replica persists a
+    /// higher generation before answering `Reply { seq: 0 }`, and refuses an older one.
+    Fence {
+        volume: VolumeName,
+        generation: Generation,
+    },
+    /// Primary → replica: write `data` at `offset`; `fua`: durable before the reply.
+    Write {
+        volume: VolumeName,
+        generation: Generation,
+        seq: u64,
+        offset: u64,
+        fua: bool,
+        data: Vec<u8>,
+    },
+    /// Primary → replica: make `len` bytes at `offset` read as zeroes.
+    WriteZeroes {
+        volume: VolumeName,
+        generation: Generation,
+        seq: u64,
+        offset: u64,
+        len: u64,
+    },
+    /// Primary → replica: discard `len` bytes at `offset` (they read as zeroes after).
+    Trim {
+        volume: VolumeName,
+        generation: Generation,
+        seq: u64,
+        offset: u64,
+        len: u64,
+    },
+    /// Primary → replica: make every write with a lower seq durable before the reply.
+    Flush {
+        volume: VolumeName,
+        generation: Generation,
+        seq: u64,
+    },
+    /// Primary → replica: the blake3 digests of `blocks` 4 KiB blocks from `offset`.
+    Digests {
+        volume: VolumeName,
+        generation: Generation,
+        request: u64,
+        offset: u64,
+        blocks: u32,
+    },
+    /// Replica → primary: the answer to `Digests` number `request`.
+    DigestsReply {
+        request: u64,
+        result: Result<Vec<Digest>, ReplyError>,
+    },
+    /// Primary → replica: `len` bytes from `offset` (repair and catch-up source).
+    Read {
+        volume: VolumeName,
+        generation: Generation,
+        request: u64,
+        offset: u64,
+        len: u32,
+    },
+    /// Replica → primary: the answer to `Read` number `request`.
+    ReadReply {
+        request: u64,
+        result: Result<Vec<u8>, ReplyError>,
+    },
+    /// Replica → primary: the outcome of the fence (seq 0), write or flush `seq`.
+    Reply {
+        seq: u64,
+        result: Result<(), ReplyError>,
+    },
+}
+
+/// Why a replica refused a request. Travels on the wire.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    /// The replica has seen a newer generation: the sender is fenced.
+    #[error("stale generation: the replica is at generation {current}")]
+    StaleGeneration { current: Generation },
+    /// The replica does not hold this volume.
+    #[error("unknown volume")]
+    UnknownVolume,
+    /// The range lies past the end of the volume.
+    #[error("out of range")]
+    OutOfRange,
+    /// The replica's store is full.
+    #[error("no space")]
+    NoSpace,
+    /// The replica's store failed.
+    #[error("I/O error: {0}")]
+    Io(String),
+    /// This node is not a replica of the volume.
+    #[error("not a replica of this volume")]
+    NotReplica,
+    /// A seq arrived before the one the replica expects next (a gap): nothing was applied.
+    #[error("sequence gap: expected seq {expected}")]
+    SeqGap { expected: u64 },
+    /// The replica restarted within this generation and may have lost unflushed writes:
+    /// it accepts no more writes of this generation and must be caught up.
+    #[error("lost its place in this generation (restarted); needs catch-up")]
+    NotInSync,
+}
+
+/// Why bytes could not be decoded into a message, or a message not encoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The frame length exceeds [`MAX_FRAME_LEN`] (checked before reading the body).
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    Oversize { len: usize, max: usize },
+    /// The frame is too short to hold a version and a kind.
+    #[error("frame of {len} bytes is too short")]
+    TooShort { len: usize },
+    /// The frame's version is not one this crate speaks.
+    #[error("unknown protocol version {0}")]
+    UnknownVersion(u8),
+    /// The frame's kind is not a known message.
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    /// The body ended before a field it declares.
+    #[error("truncated body: {field} needs more bytes")]
+    Truncated { field: &'static str },
+    /// The body has bytes after its last field.
+    #[error("{extra} bytes after the end of the message")]
+    TrailingBytes { extra: usize },
+    /// A volume name breaks the naming rule.
+    #[error("bad volume name")]
+    BadVolumeName,
+    /// An offset or length is not a multiple of what it must be.
+    #[error("{field} {value} is not a multiple of {unit}")]
+    Misaligned {
+        field: &'static str,
+        value: u64,
+        unit: u64,
+    },
+    /// A length is zero, too large, or offset + length overflows.
+    #[error("bad {field}: {value}")]
+    BadLength { field: &'static str, value: u64 },
+    /// A flag or code byte has a value no version-1 message uses.
+    #[error("bad {field} value {value}")]
+    BadValue { field: &'static str, value: u64 },
+    /// The decoder already failed; the stream must be closed.
+    #[error("decoder failed earlier; the stream must be closed")]
+    Poisoned,
+}

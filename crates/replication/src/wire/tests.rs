@@ -1,0 +1,496 @@
+//! Round trips and every kind of bad input for the codec.
+
+use super::*;
+
+fn vol() -> VolumeName {
+    VolumeName::new("vm-disk.0_a").unwrap()
+}
+
+fn every_message() -> Vec<Message> {
+    let g = Generation(7);
+    let errors = [
+        ReplyError::StaleGeneration {
+            current: Generation(9),
+        },
+        ReplyError::UnknownVolume,
+        ReplyError::OutOfRange,
+        ReplyError::NoSpace,
+        ReplyError::Io("disk on fire: ünïcode".into()),
+        ReplyError::NotReplica,
+        ReplyError::SeqGap { expected: 12 },
+        ReplyError::NotInSync,
+    ];
+    let mut all = vec![
+        Message::Fence {
+            volume: vol(),
+            generation: g,
+        },
+        Message::Write {
+            volume: vol(),
+            generation: g,
+            seq: 1,
+            offset: 4096,
+            fua: true,
+            data: (0..8192u32).map(|i| i as u8).collect(),
+        },
+        Message::Write {
+            volume: vol(),
+            generation: g,
+            seq: u64::MAX,
+            offset: 512,
+            fua: false,
+            data: vec![0xab; MAX_DATA],
+        },
+        Message::WriteZeroes {
+            volume: vol(),
+            generation: g,
+            seq: 2,
+            offset: 0,
+            len: 1 << 40,
+        },
+        Message::Trim {
+            volume: vol(),
+            generation: g,
+            seq: 3,
+            offset: 1024,
+            len: 512,
+        },
+        Message::Flush {
+            volume: vol(),
+            generation: g,
+            seq: 4,
+        },
+        Message::Digests {
+            volume: vol(),
+            generation: g,
+            request: 5,
+            offset: 8192,
+            blocks: MAX_DIGEST_BLOCKS,
+        },
+        Message::DigestsReply {
+            request: 5,
+            result: Ok(vec![[1; 32], [2; 32]]),
+        },
+        Message::Read {
+            volume: vol(),
+            generation: g,
+            request: 6,
+            offset: 0,
+            len: 4096,
+        },
+        Message::ReadReply {
+            request: 6,
+            result: Ok(vec![3; 4096]),
+        },
+        Message::Reply {
+            seq: 0,
+            result: Ok(()),
+        },
+    ];
+    for e in errors {
+        all.push(Message::Reply {
+            seq: 9,
+            result: Err(e.clone()),
+        });
+        all.push(Message::DigestsReply {
+            request: 1,
+            result: Err(e.clone()),
+        });
+        all.push(Message::ReadReply {
+            request: 2,
+            result: Err(e),
+        });
+    }
+    all
+}
+
+#[test]
+fn every_message_round_trips() {
+    for msg in every_message() {
+        let frame = encode(&msg).unwrap();
+        let mut prefix = [0; 4];
+        prefix.copy_from_slice(&frame[..4]);
+        assert_eq!(frame_body_len(prefix).unwrap(), frame.len() - 4);
+        assert_eq!(decode_body(&frame[4..]).unwrap(), msg);
+    }
+}
+
+#[test]
+fn the_streaming_decoder_takes_bytes_in_any_pieces() {
+    let msgs = every_message();
+    let mut stream = Vec::new();
+    for m in &msgs {
+        encode_into(m, &mut stream).unwrap();
+    }
+    // One byte at a time for small frames would be slow on the 4 MiB one; use odd chunks.
+    for chunk in [1usize, 3, 4096 + 7, stream.len()] {
+        let mut d = Decoder::new();
+        let mut got = Vec::new();
+        for piece in stream.chunks(chunk) {
+            d.push(piece).unwrap();
+            while let Some(m) = d.next_message().unwrap() {
+                got.push(m);
+            }
+        }
+        assert!(d.at_boundary());
+        assert_eq!(got, msgs, "chunk size {chunk}");
+    }
+}
+
+#[test]
+fn wants_says_how_many_bytes_complete_the_next_step() {
+    let frame = encode(&Message::Flush {
+        volume: vol(),
+        generation: Generation(1),
+        seq: 1,
+    })
+    .unwrap();
+    let mut d = Decoder::new();
+    assert_eq!(d.wants(), 4);
+    d.push(&frame[..2]).unwrap();
+    assert_eq!(d.wants(), 2);
+    d.push(&frame[2..4]).unwrap();
+    assert_eq!(d.wants(), frame.len() - 4);
+    assert_eq!(d.next_message().unwrap(), None);
+    let n = d.wants();
+    d.push(&frame[4..4 + n]).unwrap();
+    assert_eq!(d.wants(), 0);
+    assert!(d.next_message().unwrap().is_some());
+    assert_eq!(d.wants(), 4);
+}
+
+#[test]
+fn an_oversize_frame_is_refused_from_its_length_alone() {
+    let len = (MAX_FRAME_LEN + 1) as u32;
+    assert_eq!(
+        frame_body_len(len.to_be_bytes()),
+        Err(WireError::Oversize {
+            len: MAX_FRAME_LEN + 1,
+            max: MAX_FRAME_LEN
+        })
+    );
+    let mut d = Decoder::new();
+    // Only the prefix: the decoder fails before any body arrives, having buffered 4 bytes.
+    assert!(matches!(
+        d.push(&u32::MAX.to_be_bytes()),
+        Err(WireError::Oversize { .. })
+    ));
+    assert_eq!(d.buffered(), 4);
+    assert_eq!(d.push(&[0]), Err(WireError::Poisoned));
+    assert_eq!(d.next_message(), Err(WireError::Poisoned));
+}
+
+#[test]
+fn frames_too_short_for_version_and_kind_are_refused() {
+    for len in [0u32, 1] {
+        assert_eq!(
+            frame_body_len(len.to_be_bytes()),
+            Err(WireError::TooShort { len: len as usize })
+        );
+    }
+    assert!(matches!(decode_body(&[]), Err(WireError::Truncated { .. })));
+    assert!(matches!(
+        decode_body(&[1]),
+        Err(WireError::Truncated { .. })
+    ));
+}
+
+#[test]
+fn unknown_version_and_kind_are_refused() {
+    let frame = encode(&Message::Reply {
+        seq: 1,
+        result: Ok(()),
+    })
+    .unwrap();
+    let mut body = frame[4..].to_vec();
+    body[0] = 2;
+    assert_eq!(decode_body(&body), Err(WireError::UnknownVersion(2)));
+    body[0] = 0;
+    assert_eq!(decode_body(&body), Err(WireError::UnknownVersion(0)));
+    body[0] = VERSION;
+    for kind in [0u8, 11, 255] {
+        body[1] = kind;
+        assert_eq!(decode_body(&body), Err(WireError::UnknownKind(kind)));
+    }
+}
+
+#[test]
+fn every_truncation_of_every_message_is_a_typed_error() {
+    for msg in every_message() {
+        let frame = encode(&msg).unwrap();
+        let body = &frame[4..];
+        // Every cut of the small frames; a sample of the 4 MiB one.
+        let step = if body.len() > 65536 { 4093 } else { 1 };
+        for cut in (0..body.len()).step_by(step) {
+            match decode_body(&body[..cut]) {
+                Err(WireError::Truncated { .. }) => {}
+                other => panic!("{msg:?} cut at {cut}: {other:?}"),
+            }
+        }
+        // The streaming decoder just waits for the rest.
+        let mut d = Decoder::new();
+        d.push(&frame[..frame.len() - 1]).unwrap();
+        assert_eq!(d.next_message(), Ok(None));
+        assert_eq!(d.wants(), 1);
+    }
+}
+
+#[test]
+fn trailing_bytes_are_refused() {
+    let frame = encode(&Message::Fence {
+        volume: vol(),
+        generation: Generation(1),
+    })
+    .unwrap();
+    let mut body = frame[4..].to_vec();
+    body.push(0);
+    assert_eq!(
+        decode_body(&body),
+        Err(WireError::TrailingBytes { extra: 1 })
+    );
+}
+
+/// Encodes a Write without the encoder's checks, to hand the decoder what a buggy or
+/// hostile peer could send.
+fn raw_write(name: &[u8], offset: u64, fua: u8, data_len: u32, data: &[u8]) -> Vec<u8> {
+    let mut b = vec![VERSION, 2, name.len() as u8];
+    b.extend_from_slice(name);
+    b.extend_from_slice(&1u64.to_be_bytes());
+    b.extend_from_slice(&1u64.to_be_bytes());
+    b.extend_from_slice(&offset.to_be_bytes());
+    b.push(fua);
+    b.extend_from_slice(&data_len.to_be_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
+#[test]
+fn malformed_writes_are_refused() {
+    let ok = raw_write(b"v", 512, 0, 512, &[0; 512]);
+    assert!(decode_body(&ok).is_ok());
+    assert_eq!(
+        decode_body(&raw_write(b"v", 100, 0, 512, &[0; 512])),
+        Err(WireError::Misaligned {
+            field: "offset",
+            value: 100,
+            unit: 512
+        })
+    );
+    assert!(matches!(
+        decode_body(&raw_write(b"v", 0, 0, 100, &[0; 100])),
+        Err(WireError::Misaligned {
+            field: "data length",
+            ..
+        })
+    ));
+    assert!(matches!(
+        decode_body(&raw_write(b"v", 0, 0, 0, &[])),
+        Err(WireError::BadLength { .. })
+    ));
+    assert!(matches!(
+        decode_body(&raw_write(b"v", u64::MAX - 511, 0, 512, &[0; 512])),
+        Err(WireError::BadLength { .. })
+    ));
+    assert_eq!(
+        decode_body(&raw_write(b"v", 0, 2, 512, &[0; 512])),
+        Err(WireError::BadValue {
+            field: "fua",
+            value: 2
+        })
+    );
+    // A data length above MAX_DATA is refused before the bytes are looked for.
+    assert!(matches!(
+        decode_body(&raw_write(b"v", 0, 0, MAX_DATA as u32 + 512, &[])),
+        Err(WireError::BadLength { .. })
+    ));
+    // A data length larger than what follows.
+    assert!(matches!(
+        decode_body(&raw_write(b"v", 0, 0, 1024, &[0; 512])),
+        Err(WireError::Truncated { .. })
+    ));
+    for name in [
+        &b""[..],
+        b"-x",
+        b".x",
+        b"a/b",
+        b"a@b",
+        &[0xff, 0xfe],
+        &[b'a'; 65],
+    ] {
+        assert_eq!(
+            decode_body(&raw_write(name, 0, 0, 512, &[0; 512])),
+            Err(WireError::BadVolumeName),
+            "{name:?}"
+        );
+    }
+}
+
+#[test]
+fn bad_ranges_are_refused_by_the_encoder_too() {
+    let g = Generation(1);
+    let bad = [
+        Message::WriteZeroes {
+            volume: vol(),
+            generation: g,
+            seq: 1,
+            offset: 0,
+            len: 0,
+        },
+        Message::Trim {
+            volume: vol(),
+            generation: g,
+            seq: 1,
+            offset: 0,
+            len: 513,
+        },
+        Message::Trim {
+            volume: vol(),
+            generation: g,
+            seq: 1,
+            offset: u64::MAX - 511,
+            len: 1024,
+        },
+        Message::Digests {
+            volume: vol(),
+            generation: g,
+            request: 1,
+            offset: 512,
+            blocks: 1,
+        },
+        Message::Digests {
+            volume: vol(),
+            generation: g,
+            request: 1,
+            offset: 0,
+            blocks: MAX_DIGEST_BLOCKS + 1,
+        },
+        Message::Digests {
+            volume: vol(),
+            generation: g,
+            request: 1,
+            offset: 0,
+            blocks: 0,
+        },
+        Message::Read {
+            volume: vol(),
+            generation: g,
+            request: 1,
+            offset: 0,
+            len: MAX_DATA as u32 + 512,
+        },
+        Message::Read {
+            volume: vol(),
+            generation: g,
+            request: 1,
+            offset: 0,
+            len: 1000,
+        },
+        Message::Write {
+            volume: vol(),
+            generation: g,
+            seq: 1,
+            offset: 0,
+            fua: false,
+            data: vec![0; MAX_DATA + 512],
+        },
+        Message::ReadReply {
+            request: 1,
+            result: Ok(vec![0; 100]),
+        },
+    ];
+    for msg in bad {
+        let mut out = vec![9];
+        assert!(encode_into(&msg, &mut out).is_err(), "{msg:?}");
+        assert_eq!(out, vec![9], "a refused encode leaves the buffer alone");
+    }
+}
+
+#[test]
+fn malformed_replies_are_refused() {
+    // status byte 2
+    let mut body = vec![VERSION, 10];
+    body.extend_from_slice(&1u64.to_be_bytes());
+    body.push(2);
+    assert!(matches!(
+        decode_body(&body),
+        Err(WireError::BadValue {
+            field: "status",
+            ..
+        })
+    ));
+    // unknown error code
+    body.pop();
+    body.extend_from_slice(&[1, 99]);
+    assert!(matches!(
+        decode_body(&body),
+        Err(WireError::BadValue {
+            field: "error code",
+            ..
+        })
+    ));
+    // I/O error text that is not UTF-8, and one longer than allowed
+    body.truncate(body.len() - 1);
+    let mut not_utf8 = body.clone();
+    not_utf8.extend_from_slice(&[5, 0, 2, 0xff, 0xff]);
+    assert!(matches!(
+        decode_body(&not_utf8),
+        Err(WireError::BadValue { .. })
+    ));
+    let mut too_long = body.clone();
+    too_long.push(5);
+    too_long.extend_from_slice(&((MAX_ERROR_TEXT + 1) as u16).to_be_bytes());
+    too_long.extend_from_slice(&vec![b'a'; MAX_ERROR_TEXT + 1]);
+    assert!(matches!(
+        decode_body(&too_long),
+        Err(WireError::BadLength { .. })
+    ));
+    // a digest count above the cap, with nothing behind it
+    let mut digests = vec![VERSION, 7];
+    digests.extend_from_slice(&1u64.to_be_bytes());
+    digests.push(0);
+    digests.extend_from_slice(&(MAX_DIGEST_BLOCKS + 1).to_be_bytes());
+    assert!(matches!(
+        decode_body(&digests),
+        Err(WireError::BadLength { .. })
+    ));
+}
+
+#[test]
+fn long_io_error_text_is_cut_at_a_character_boundary() {
+    let text = "é".repeat(MAX_ERROR_TEXT);
+    let frame = encode(&Message::Reply {
+        seq: 1,
+        result: Err(ReplyError::Io(text)),
+    })
+    .unwrap();
+    match decode_body(&frame[4..]).unwrap() {
+        Message::Reply {
+            result: Err(ReplyError::Io(t)),
+            ..
+        } => {
+            assert!(t.len() <= MAX_ERROR_TEXT);
+            assert!(t.chars().all(|c| c == 'é'));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_decoder_error_poisons_the_stream() {
+    let mut d = Decoder::new();
+    let mut frame = encode(&Message::Reply {
+        seq: 1,
+        result: Ok(()),
+    })
+    .unwrap();
+    frame[5] = 200;
+    d.push(&frame).unwrap();
+    assert_eq!(d.next_message(), Err(WireError::UnknownKind(200)));
+    let good = encode(&Message::Reply {
+        seq: 2,
+        result: Ok(()),
+    })
+    .unwrap();
+    assert_eq!(d.push(&good), Err(WireError::Poisoned));
+    assert_eq!(d.next_message(), Err(WireError::Poisoned));
+}
