@@ -1,0 +1,763 @@
+// The Tessera web console: one page, a view per hash route, everything from the REST API.
+// Plain ES modules, no build step, no third-party code.
+
+import { h, replace, field, table, bytes, when, stateTag } from "./dom.js";
+import { api, setHandlers, probeRole, waitTask, eventStream } from "./api.js";
+
+const main = document.getElementById("main");
+const nav = document.getElementById("nav");
+const who = document.getElementById("who");
+const logoutButton = document.getElementById("logout");
+const live = document.getElementById("live");
+
+const ROLES = ["auditor", "operator", "administrator"];
+const VM_STATES = ["starting", "running", "paused", "stopping", "stopped", "crashed"];
+
+const session = {
+  role: null, // null: not known to be logged in
+  stream: null,
+  timer: null,
+  refresh: null, // the current view's reload
+  onEvent: null, // the current view's live event hook
+  pending: null,
+  generation: 0, // bumps on every navigation: a late answer for an old view is dropped
+};
+
+const can = (least) => session.role && ROLES.indexOf(session.role) >= ROLES.indexOf(least);
+
+function announce(text) {
+  live.textContent = text;
+}
+
+// ---------------------------------------------------------------- forms and errors
+
+/** Runs `fn` for a form: clears old errors, shows the API's words next to the named field. */
+async function submit(form, fn) {
+  for (const e of form.querySelectorAll(".field-error")) e.textContent = "";
+  for (const e of form.querySelectorAll("[aria-invalid]")) e.removeAttribute("aria-invalid");
+  const alert = form.querySelector(".form-error");
+  if (alert) { alert.textContent = ""; alert.hidden = true; }
+  const buttons = [...form.querySelectorAll("button")];
+  buttons.forEach((b) => (b.disabled = true));
+  form.dataset.busy = "1";
+  try {
+    await fn();
+    form.reset();
+  } catch (e) {
+    showError(form, e);
+  } finally {
+    buttons.forEach((b) => (b.disabled = false));
+    delete form.dataset.busy;
+  }
+}
+
+function showError(form, e) {
+  const input = e.field ? form.querySelector(`[name="${e.field}"]`) : null;
+  if (input) {
+    const slot = document.getElementById(`${input.id}-error`);
+    if (slot) slot.textContent = e.message;
+    input.setAttribute("aria-invalid", "true");
+    input.focus();
+    return;
+  }
+  const alert = form.querySelector(".form-error");
+  if (alert) {
+    alert.textContent = e.message;
+    alert.hidden = false;
+  }
+}
+
+/**
+ * The element already on the page under `id` if the user is working in it (focus inside,
+ * something typed, a submit under way), else `fresh`: a refresh must not wipe a half-filled
+ * form.
+ */
+function keep(id, fresh) {
+  const old = document.getElementById(id);
+  if (!old) return fresh;
+  const typed = [...old.querySelectorAll("input")].some((i) => i.value !== i.defaultValue);
+  const editing = old.contains(document.activeElement) && document.activeElement.tagName !== "BUTTON";
+  return editing || old.dataset.busy || typed ? old : fresh;
+}
+
+function formError() {
+  return h("div.alert.form-error", { role: "alert", hidden: true });
+}
+
+/** A page-level message area for row actions. */
+function messages() {
+  return document.getElementById("messages") ?? h("div#messages", { role: "alert" });
+}
+
+function pageMessage(text, ok = false) {
+  const box = document.getElementById("messages");
+  if (!box) return;
+  replace(box, h(ok ? "p.notice" : "p.alert", {}, text));
+}
+
+/** A button for a row action: runs `fn`, words the API's refusal in the message area. */
+function action(label, name, fn, cls = "secondary") {
+  return h(`button.${cls}`, {
+    type: "button",
+    "aria-label": `${label} ${name}`,
+    "data-action": label.toLowerCase(),
+    onclick: async (ev) => {
+      const b = ev.currentTarget;
+      b.disabled = true;
+      try {
+        await fn();
+      } catch (e) {
+        pageMessage(`${label} ${name}: ${e.message}`);
+      } finally {
+        b.disabled = false;
+      }
+    },
+  }, label);
+}
+
+/**
+ * A destructive button that asks once more (a second press within 5 s) instead of a
+ * dialog. The armed state is kept by name, so a refresh of the list in between keeps it.
+ */
+const armed = new Map();
+function confirmAction(label, name, fn) {
+  const key = `${label} ${name}`;
+  const isArmed = () => (armed.get(key) ?? 0) > Date.now();
+  const b = action(label, name, async () => {
+    if (!isArmed()) {
+      armed.set(key, Date.now() + 5000);
+      b.textContent = `Confirm ${label.toLowerCase()}`;
+      setTimeout(() => { b.textContent = label; }, 5000);
+      return;
+    }
+    armed.delete(key);
+    await fn();
+  }, "danger");
+  if (isArmed()) b.textContent = `Confirm ${label.toLowerCase()}`;
+  return b;
+}
+
+function sizeInput(name = "size_bytes") {
+  const n = h("input", { name, type: "number", min: "1", step: "any", value: "1", id: `f-${name}` });
+  const unit = h("select", { name: `${name}_unit`, "aria-label": "Unit" },
+    h("option", { value: String(2 ** 20) }, "MiB"),
+    h("option", { value: String(2 ** 30), selected: true }, "GiB"),
+    h("option", { value: String(2 ** 40) }, "TiB"));
+  return { n, unit, bytes: () => Math.round(Number(n.value) * Number(unit.value)) };
+}
+
+function nodeSelect(nodes, name = "node", blank = "This node") {
+  return h("select", { name, id: `f-${name}-${Math.random().toString(36).slice(2, 7)}` },
+    h("option", { value: "" }, blank),
+    nodes.map((n) => h("option", { value: n.id }, n.name ?? n.id)));
+}
+
+function nodeName(nodes, id) {
+  if (!id) return "–";
+  return nodes.find((n) => n.id === id)?.name ?? id;
+}
+
+/** A task's progress while it runs, then its outcome, in `slot`. */
+async function followTask(task, slot, what) {
+  const bar = h("progress", { max: "100", value: String(task.progress ?? 0), "aria-label": `${what} progress` });
+  const text = h("span", {}, ` ${what}: ${task.state}`);
+  replace(slot, bar, text);
+  const done = await waitTask(task.id, (t) => {
+    bar.value = t.progress;
+    text.textContent = ` ${what}: ${t.state} ${t.progress}%`;
+  });
+  replace(slot, h("span.notice", {}, `${what}: done`));
+  announce(`${what}: done`);
+  return done;
+}
+
+// ---------------------------------------------------------------- session
+
+async function startSession() {
+  session.role = await probeRole();
+  who.textContent = `${sessionStorage.getItem("tessera-user") ?? "signed in"} (${session.role})`;
+  who.hidden = false;
+  nav.hidden = false;
+  logoutButton.hidden = false;
+  document.getElementById("nav-access").hidden = !can("administrator");
+  session.stream?.close();
+  session.stream = eventStream((ev) => {
+    if (session.onEvent) session.onEvent(ev);
+    scheduleRefresh();
+  }, (up) => document.body.classList.toggle("stream-down", !up));
+}
+
+function endSession() {
+  session.role = null;
+  session.stream?.close();
+  session.stream = null;
+  nav.hidden = true;
+  who.hidden = true;
+  logoutButton.hidden = true;
+}
+
+function scheduleRefresh() {
+  // A view with its own event hook (Events) stays current without a reload.
+  if (!session.refresh || session.onEvent || session.pending) return;
+  session.pending = setTimeout(() => {
+    session.pending = null;
+    session.refresh?.().catch(() => {});
+  }, 300);
+}
+
+setHandlers(() => {
+  endSession();
+  if (!location.hash.startsWith("#/login")) location.hash = "#/login";
+}, () => {
+  if (location.hash !== "#/password") location.hash = "#/password";
+});
+
+logoutButton.addEventListener("click", async () => {
+  try {
+    await api("POST", "logout", undefined, { quiet: true });
+  } catch { /* already ended: the login page is the answer either way */ }
+  endSession();
+  sessionStorage.removeItem("tessera-user");
+  location.hash = "#/login";
+});
+
+// ---------------------------------------------------------------- views
+
+function loginView() {
+  const user = h("input", { name: "username", autocomplete: "username", required: true, value: sessionStorage.getItem("tessera-user") ?? "" });
+  const pw = h("input", { name: "password", type: "password", autocomplete: "current-password", required: true });
+  const form = h("form.card#login-form", {
+    onsubmit: (ev) => {
+      ev.preventDefault();
+      submit(form, async () => {
+        const r = await api("POST", "login", { username: user.value, password: pw.value }, { quiet: true });
+        sessionStorage.setItem("tessera-user", user.value);
+        location.hash = r.must_change_password ? "#/password" : "#/";
+      });
+    },
+  },
+  h("h1", {}, "Log in"),
+  field("User name", user),
+  field("Password", pw),
+  formError(),
+  h("p", {}, h("button", { type: "submit" }, "Log in")));
+  const help = h("section.card", {},
+    h("h2", {}, "Trusting this node's certificate"),
+    h("p", {}, "Every node's HTTPS certificate is issued by the cluster's own certificate authority. ",
+      "Until your browser trusts that CA it warns about this page; import the CA once and every node is trusted."),
+    h("ol", {},
+      h("li", {}, "Get the CA certificate from any node: ", h("code", {}, "<data_dir>/tls/ca.crt"),
+        " (the local dev cluster prints its path). Copy it over a channel you trust, e.g. ",
+        h("code", {}, "scp root@node:/var/lib/tessera/tls/ca.crt ."), " with your data directory."),
+      h("li", {}, "Check it: ", h("code", {}, "openssl x509 -in ca.crt -noout -subject -fingerprint -sha256"),
+        " on a node and on your copy must print the same fingerprint."),
+      h("li", {}, "Import it as an authority for websites: Firefox: Settings → Privacy & Security → Certificates → View Certificates → Authorities → Import. ",
+        "Chromium, Chrome, Edge: Settings → Privacy and security → Security → Manage certificates → Authorities (Linux) or the system store. ",
+        "macOS: Keychain Access → System → import, then Trust → Always Trust. Windows: certmgr.msc → Trusted Root Certification Authorities → Import.")),
+    h("p.muted", {}, "Reload this page afterwards. Installing a certificate of your own organisation for the nodes' names is not possible yet."));
+  replace(main, h("div.login", {}, form, help));
+  user.value ? pw.focus() : user.focus();
+}
+
+function passwordView() {
+  const old = h("input", { name: "old_password", type: "password", autocomplete: "current-password", required: true });
+  const neu = h("input", { name: "new_password", type: "password", autocomplete: "new-password", required: true });
+  const again = h("input", { name: "again", type: "password", autocomplete: "new-password", required: true });
+  const form = h("form.card#password-form", {
+    onsubmit: (ev) => {
+      ev.preventDefault();
+      submit(form, async () => {
+        if (neu.value !== again.value) {
+          throw Object.assign(new Error("again: the two new passwords differ"), { field: "again" });
+        }
+        await api("POST", "password", { old_password: old.value, new_password: neu.value });
+        announce("Password changed");
+        location.hash = "#/";
+      });
+    },
+  },
+  h("h1", {}, "Change your password"),
+  h("p", {}, "This account must choose a new password before it can do anything else (12 to 1024 characters)."),
+  field("Current password", old),
+  field("New password", neu),
+  field("New password again", again),
+  formError(),
+  h("p", {}, h("button", { type: "submit" }, "Change password")));
+  replace(main, h("div.login", {}, form));
+  old.focus();
+}
+
+async function dashboardView(gen) {
+  const [cluster, nodes, vms, tasks, events] = await Promise.all([
+    api("GET", "cluster"), api("GET", "nodes"), api("GET", "vms"), api("GET", "tasks"), api("GET", "events?limit=10"),
+  ]);
+  if (gen !== session.generation) return;
+  const byState = (xs, k) => xs.reduce((m, x) => ((m[x[k]] = (m[x[k]] ?? 0) + 1), m), {});
+  const nodeStates = byState(nodes, "state");
+  const voterUp = cluster.voters.filter((id) => nodes.some((n) => n.raft_id === id && n.state === "up")).length;
+  const quorum = voterUp > cluster.voters.length / 2;
+  const sum = (f) => nodes.reduce((a, n) => a + (Number(f(n)) || 0), 0);
+  const disk = (n) => {
+    const d = (n.metrics?.disks ?? []).reduce((best, x) => (!best || x.total > best.total ? x : best), null);
+    return d ?? { total: 0, available: 0 };
+  };
+  const cpuAvg = nodes.length ? sum((n) => n.metrics?.cpu_percent) / nodes.length : 0;
+  const memTotal = sum((n) => n.metrics?.memory_total);
+  const memUsed = sum((n) => n.metrics?.memory_used);
+  const diskTotal = sum((n) => disk(n).total);
+  const diskFree = sum((n) => disk(n).available);
+  const vmStates = byState(vms, "actual_state");
+  const active = tasks.filter((t) => t.state === "running" || t.state === "queued");
+  replace(main,
+    h("h1", {}, "Dashboard"),
+    h("div.grid", {},
+      h("section.card#health", { "aria-labelledby": "h-health" },
+        h("h2#h-health", {}, "Cluster"),
+        h("p.stat", {}, quorum ? h("span.state-ok", {}, "Quorum") : h("span.state-down", {}, "No quorum")),
+        h("p", {}, `Leader: ${cluster.leader_name ?? cluster.leader_node ?? "none"} · term ${cluster.term}`),
+        h("p", {}, `Voters up: ${voterUp} of ${cluster.voters.length}`),
+        h("p", {}, ["up", "suspect", "down"].map((s) => [stateTag(s), ` ${nodeStates[s] ?? 0}  `]))),
+      h("section.card#capacity", { "aria-labelledby": "h-cap" },
+        h("h2#h-cap", {}, "Capacity"),
+        h("p", {}, `CPU: ${sum((n) => n.allocation?.cpus)} cores, ${sum((n) => n.allocation?.vcpus_allocated)} vCPUs given to VMs, ${cpuAvg.toFixed(0)}% busy on average`),
+        h("p", {}, `Memory: ${bytes(memUsed)} used of ${bytes(memTotal)}; VMs placed take ${bytes(sum((n) => n.allocation?.memory_mib_allocated) * 2 ** 20)}`),
+        h("p", {}, `Storage: ${bytes(diskTotal - diskFree)} used, ${bytes(diskFree)} free of ${bytes(diskTotal)}`),
+        h("p.muted", {}, "Storage counts each node's largest filesystem.")),
+      h("section.card#vm-states", { "aria-labelledby": "h-vms" },
+        h("h2#h-vms", {}, h("a", { href: "#/vms" }, `VMs (${vms.length})`)),
+        VM_STATES.filter((s) => vmStates[s]).map((s) => h("p", {}, stateTag(s), ` ${vmStates[s]}`)),
+        vms.length ? null : h("p.muted", {}, "No VMs yet."))),
+    h("h2", {}, "Nodes"),
+    table("Nodes", ["Node", "State", "CPU", "Memory", "Storage", "VMs"], nodes.map((n) => [
+      n.name ?? n.id, stateTag(n.state),
+      `${(n.metrics?.cpu_percent ?? 0).toFixed?.(0) ?? "–"}% of ${n.metrics?.cpus ?? "?"}`,
+      `${bytes(n.metrics?.memory_used)} / ${bytes(n.metrics?.memory_total)}`,
+      h("span", {}, stateTag(n.storage?.state ?? "unknown"), n.storage?.reason ? ` ${n.storage.reason}` : "", ` · ${bytes(disk(n).available)} free`),
+      String(n.allocation?.vms ?? 0),
+    ])),
+    h("h2", {}, h("a", { href: "#/tasks" }, "Running tasks")),
+    taskTable(active, nodes, "No task is running."),
+    h("h2", {}, h("a", { href: "#/events" }, "Recent events")),
+    eventTable([...events].reverse()));
+}
+
+function opText(op) {
+  const what = op?.name ?? op?.volume ?? "";
+  return `${String(op?.type ?? "?").replace(/_/g, " ")} ${what}${op?.snapshot ? `@${op.snapshot}` : ""}`;
+}
+
+function taskTable(tasks, nodes, empty = "No tasks.") {
+  return table("Tasks", ["Task", "Node", "User", "State", "Progress", "Started", "Error / log"], tasks.map((t) => {
+    const r = [
+      h("span", { title: t.id }, opText(t.op)), nodeName(nodes, t.node), t.user, stateTag(t.state),
+      h("progress", { max: "100", value: String(t.progress), "aria-label": `${opText(t.op)} progress` }, `${t.progress}%`),
+      when(t.created_ms),
+      h("div", {}, t.error ? h("span.state-failed", {}, t.error) : null,
+        t.log?.length ? h("details", {}, h("summary", {}, `Log (${t.log.length})`),
+          h("pre", {}, t.log.map((l) => `${new Date(l.time_ms).toLocaleTimeString()} ${l.message}\n`))) : null),
+    ];
+    r.attrs = { "data-task": t.id, "data-state": t.state };
+    return r;
+  }), empty);
+}
+
+function eventTable(events) {
+  return table("Events", ["Time", "Kind", "Target", "User", "Message"], events.map((e) => {
+    const r = [when(e.time_ms), e.kind, e.target, e.user, e.message];
+    r.attrs = { "data-event": e.id };
+    return r;
+  }), "No events.");
+}
+
+async function vmsView(gen) {
+  const [vms, nodes, volumes] = await Promise.all([api("GET", "vms"), api("GET", "nodes"), api("GET", "volumes")]);
+  if (gen !== session.generation) return;
+  const filter = document.getElementById("vm-filter") ?? h("input#vm-filter", { type: "search", name: "filter", placeholder: "name, node or disk" });
+  const stateSel = document.getElementById("vm-state") ?? h("select#vm-state", { name: "state" }, h("option", { value: "" }, "Any state"),
+    VM_STATES.map((s) => h("option", { value: s }, s)));
+  const searchRow = filter.closest(".row") ?? h("div.row", { role: "search" }, field("Filter", filter), field("State", stateSel));
+  const list = h("div#vm-list");
+  const draw = () => {
+    const q = filter.value.trim().toLowerCase();
+    const shown = vms.filter((v) => (!stateSel.value || v.actual_state === stateSel.value) &&
+      (!q || [v.name, nodeName(nodes, v.running_on ?? v.placed_on ?? v.node), ...v.disks].some((x) => String(x).toLowerCase().includes(q))));
+    replace(list, table("VMs", ["Name", "State", "Node", "vCPUs", "Memory", "Disks", can("operator") ? "Actions" : null].filter(Boolean),
+      shown.map((v) => {
+        const r = [
+          v.name,
+          h("span", {}, stateTag(v.actual_state), v.desired_state !== v.actual_state ? h("span.muted", {}, ` → ${v.desired_state}`) : "",
+            v.state_reason ? h("div.muted", {}, v.state_reason) : null),
+          nodeName(nodes, v.running_on ?? v.placed_on ?? v.node),
+          String(v.vcpus), `${v.memory_mib} MiB`, v.disks.join(", ") || "–",
+        ];
+        if (can("operator")) r.push(h("td.actions", {}, vmActions(v)));
+        r.attrs = { "data-vm": v.name };
+        return r;
+      }), vms.length ? "No VM matches." : "No VMs yet."));
+  };
+  filter.oninput = draw;
+  stateSel.onchange = draw;
+  draw();
+  const parts = [h("h1", {}, "Virtual machines"), messages(), searchRow, list];
+  if (can("operator")) parts.push(keep("vm-create", vmCreateForm(nodes, volumes)));
+  const focused = document.activeElement;
+  replace(main, ...parts);
+  if (focused && main.contains(focused)) focused.focus();
+}
+
+function vmActions(v) {
+  const go = (act) => async () => {
+    await api("POST", `vms/${encodeURIComponent(v.name)}/${act}`);
+    pageMessage(`${v.name}: ${act} requested`, true);
+    announce(`${v.name}: ${act} requested`);
+    session.refresh?.();
+  };
+  const s = v.actual_state;
+  const out = [];
+  if (s === "stopped" || s === "crashed") out.push(action("Start", v.name, go("start"), "primary"));
+  if (s === "running") out.push(action("Stop", v.name, go("stop")), action("Reboot", v.name, go("reboot")), action("Pause", v.name, go("pause")));
+  if (s === "paused") out.push(action("Resume", v.name, go("resume")), action("Stop", v.name, go("stop")));
+  if (s !== "stopped") out.push(action("Kill", v.name, go("kill")));
+  if (s === "stopped" || s === "crashed") {
+    out.push(confirmAction("Delete", v.name, async () => {
+      await api("DELETE", `vms/${encodeURIComponent(v.name)}`);
+      pageMessage(`${v.name} deleted`, true);
+      session.refresh?.();
+    }));
+  }
+  return out;
+}
+
+function vmCreateForm(nodes, volumes) {
+  const name = h("input", { name: "name", required: true, autocomplete: "off" });
+  const vcpus = h("input", { name: "vcpus", type: "number", min: "1", max: "32", value: "1", required: true });
+  const mem = h("input", { name: "memory_mib", type: "number", min: "16", value: "256", required: true });
+  const diskMode = h("select", { name: "disk_mode" },
+    h("option", { value: "new" }, "A new volume"),
+    h("option", { value: "existing" }, "An existing volume"),
+    h("option", { value: "none" }, "No disk"));
+  const size = sizeInput();
+  const volNode = nodeSelect(nodes, "volume_node");
+  const free = volumes.filter((v) => !v.attached_to && v.state === "ready");
+  const existing = h("select", { name: "disks" }, free.map((v) => h("option", { value: v.name }, `${v.name} (${bytes(v.size_bytes)})`)));
+  const newBox = h("div.row", {}, field("Disk size", size.n), field("Unit", size.unit), field("Volume on node", volNode));
+  const oldBox = h("div.row", { hidden: true }, field("Volume", existing, free.length ? null : "No unattached volume is ready."));
+  diskMode.addEventListener("change", () => {
+    newBox.hidden = diskMode.value !== "new";
+    oldBox.hidden = diskMode.value !== "existing";
+  });
+  const kernel = h("input", { name: "kernel", autocomplete: "off", placeholder: "/var/lib/tessera/images/vmlinux" });
+  const cmdline = h("input", { name: "cmdline", autocomplete: "off", placeholder: "console=ttyS0" });
+  const pin = nodeSelect(nodes, "node", "Any node");
+  const status = h("div", { "aria-live": "polite" });
+  const form = h("form.card#vm-create", {
+    onsubmit: (ev) => {
+      ev.preventDefault();
+      submit(form, async () => {
+        const body = { name: name.value, vcpus: Number(vcpus.value), memory_mib: Number(mem.value), disks: [] };
+        if (kernel.value) body.kernel = kernel.value;
+        if (cmdline.value) body.cmdline = cmdline.value;
+        if (pin.value) body.node = pin.value;
+        if (diskMode.value === "existing") {
+          if (!existing.value) throw Object.assign(new Error("disks: choose a volume"), { field: "disks" });
+          body.disks = [existing.value];
+        }
+        if (diskMode.value === "new") {
+          const vol = { name: `${name.value}-disk`, size_bytes: size.bytes() };
+          if (volNode.value) vol.node = volNode.value;
+          const task = await api("POST", "volumes", vol);
+          await followTask(task, status, `volume ${vol.name}`);
+          body.disks = [vol.name];
+        }
+        await api("POST", "vms", body);
+        replace(status, h("p.notice", {}, `VM ${body.name} created`));
+        announce(`VM ${body.name} created`);
+        name.value = "";
+        session.refresh?.();
+      });
+    },
+  },
+  h("h2", {}, "Create a VM"),
+  h("div.row", {}, field("Name", name), field("vCPUs", vcpus), field("Memory (MiB)", mem)),
+  field("Disk", diskMode, "A new volume is named <vm>-disk."), newBox, oldBox,
+  h("div.row", {}, field("Kernel (path on the node)", kernel), field("Kernel command line", cmdline), field("Pin to node", pin)),
+  formError(), status,
+  h("p", {}, h("button", { type: "submit" }, "Create VM")));
+  return form;
+}
+
+async function volumesView(gen) {
+  const [volumes, nodes] = await Promise.all([api("GET", "volumes"), api("GET", "nodes")]);
+  if (gen !== session.generation) return;
+  const op = can("operator");
+  const rows = volumes.map((v) => {
+    const r = [
+      v.name, bytes(v.size_bytes), nodeName(nodes, v.node), stateTag(v.state),
+      v.snapshots.length ? h("ul", {}, v.snapshots.map((s) => h("li", {}, `${s.name} `, stateTag(s.state), " ",
+        op ? confirmAction("Delete", `snapshot ${v.name}@${s.name}`, async () => {
+          const t = await api("DELETE", `volumes/${encodeURIComponent(v.name)}/snapshots/${encodeURIComponent(s.name)}`);
+          pageMessage(`deleting snapshot ${v.name}@${s.name} (task ${t.id})`, true);
+          session.refresh?.();
+        }) : null))) : "–",
+      v.attached_to ?? "–",
+      v.origin ?? "–",
+    ];
+    if (op) {
+      r.push(h("td.actions", {}, v.attached_to ? null : confirmAction("Delete", v.name, async () => {
+        const t = await api("DELETE", `volumes/${encodeURIComponent(v.name)}`);
+        pageMessage(`deleting ${v.name} (task ${t.id})`, true);
+        session.refresh?.();
+      })));
+    }
+    r.attrs = { "data-volume": v.name };
+    return r;
+  });
+  const parts = [h("h1", {}, "Volumes"), messages(),
+    table("Volumes", ["Name", "Size", "Node", "State", "Snapshots", "Attached to", "Cloned from", op ? "Actions" : null].filter(Boolean), rows, "No volumes yet.")];
+  if (op) {
+    parts.push(h("div.grid", {}, keep("volume-create", volumeCreateForm(nodes)),
+      keep("snapshot-create", snapshotForm(volumes)), keep("clone-create", cloneForm(volumes))));
+  }
+  const focused = document.activeElement;
+  replace(main, ...parts);
+  if (focused && main.contains(focused)) focused.focus();
+}
+
+function volumeCreateForm(nodes) {
+  const name = h("input", { name: "name", required: true, autocomplete: "off" });
+  const size = sizeInput();
+  const node = nodeSelect(nodes);
+  const status = h("div", { "aria-live": "polite" });
+  const form = h("form.card#volume-create", {
+    onsubmit: (ev) => {
+      ev.preventDefault();
+      submit(form, async () => {
+        const body = { name: name.value, size_bytes: size.bytes() };
+        if (node.value) body.node = node.value;
+        const t = await api("POST", "volumes", body);
+        session.refresh?.();
+        await followTask(t, status, `volume ${body.name}`);
+      });
+    },
+  }, h("h2", {}, "Create a volume"), field("Name", name), h("div.row", {}, field("Size", size.n), field("Unit", size.unit)),
+  field("Node", node), formError(), status, h("p", {}, h("button", { type: "submit" }, "Create volume")));
+  return form;
+}
+
+function snapshotForm(volumes) {
+  const vol = h("select", { name: "volume" }, volumes.map((v) => h("option", { value: v.name }, v.name)));
+  const name = h("input", { name: "name", required: true, autocomplete: "off" });
+  const status = h("div", { "aria-live": "polite" });
+  const form = h("form.card#snapshot-create", {
+    onsubmit: (ev) => {
+      ev.preventDefault();
+      submit(form, async () => {
+        const t = await api("POST", `volumes/${encodeURIComponent(vol.value)}/snapshots`, { name: name.value });
+        session.refresh?.();
+        await followTask(t, status, `snapshot ${vol.value}@${name.value}`);
+      });
+    },
+  }, h("h2", {}, "Snapshot a volume"), field("Volume", vol), field("Snapshot name", name), formError(), status,
+  h("p", {}, h("button", { type: "submit", disabled: !volumes.length }, "Take snapshot")));
+  return form;
+}
+
+function cloneForm(volumes) {
+  const snaps = volumes.flatMap((v) => v.snapshots.filter((s) => s.state === "ready").map((s) => [v.name, s.name]));
+  const from = h("select", { name: "snapshot" }, snaps.map(([v, s]) => h("option", { value: `${v}@${s}` }, `${v}@${s}`)));
+  const name = h("input", { name: "name", required: true, autocomplete: "off" });
+  const status = h("div", { "aria-live": "polite" });
+  const form = h("form.card#clone-create", {
+    onsubmit: (ev) => {
+      ev.preventDefault();
+      submit(form, async () => {
+        const [v, s] = from.value.split("@");
+        const t = await api("POST", `volumes/${encodeURIComponent(v)}/clone`, { snapshot: s, name: name.value });
+        session.refresh?.();
+        await followTask(t, status, `clone ${name.value}`);
+      });
+    },
+  }, h("h2", {}, "Clone a snapshot"), field("Snapshot", from, snaps.length ? null : "No snapshot yet."),
+  field("New volume name", name), formError(), status,
+  h("p", {}, h("button", { type: "submit", disabled: !snaps.length }, "Clone")));
+  return form;
+}
+
+async function tasksView(gen) {
+  const prev = document.getElementById("task-state")?.value ?? "";
+  const q = prev ? `?state=${prev}` : "";
+  const [tasks, nodes] = await Promise.all([api("GET", `tasks${q}`), api("GET", "nodes")]);
+  if (gen !== session.generation) return;
+  const sel = document.getElementById("task-state") ?? h("select#task-state", { name: "state" }, h("option", { value: "" }, "Any state"),
+    ["queued", "running", "succeeded", "failed"].map((s) => h("option", { value: s }, s)));
+  sel.onchange = () => session.refresh?.();
+  tasks.sort((a, b) => b.created_ms - a.created_ms);
+  const row = sel.closest(".row") ?? h("div.row", {}, field("State", sel));
+  const focused = document.activeElement;
+  replace(main, h("h1", {}, "Tasks"), row, taskTable(tasks, nodes));
+  if (focused && main.contains(focused)) focused.focus();
+  // Progress is not an event: poll faster while something runs (bounded: 1 s).
+  return tasks.some((t) => t.state === "running" || t.state === "queued") ? 1000 : 5000;
+}
+
+async function eventsView(gen) {
+  const events = (await api("GET", "events?limit=500")).reverse();
+  if (gen !== session.generation) return;
+  const text = h("input#event-filter", { type: "search", name: "filter", placeholder: "target, user or message" });
+  const kinds = [...new Set(events.map((e) => e.kind))].sort();
+  const kind = h("select#event-kind", { name: "kind" }, h("option", { value: "" }, "Any kind"), kinds.map((k) => h("option", { value: k }, k)));
+  const list = h("div#event-list");
+  const draw = () => {
+    const q = text.value.trim().toLowerCase();
+    replace(list, eventTable(events.filter((e) => (!kind.value || e.kind === kind.value) &&
+      (!q || [e.target, e.user, e.message, e.kind].some((x) => String(x).toLowerCase().includes(q))))));
+  };
+  text.addEventListener("input", draw);
+  kind.addEventListener("change", draw);
+  draw();
+  replace(main, h("h1", {}, "Events"), h("p.muted", {}, "Live: new events appear at the top as they happen."),
+    h("div.row", { role: "search" }, field("Filter", text), field("Kind", kind)), list);
+  session.onEvent = (e) => {
+    events.unshift(e);
+    if (events.length > 2000) events.pop();
+    if (![...kind.options].some((o) => o.value === e.kind)) kind.append(h("option", { value: e.kind }, e.kind));
+    draw();
+  };
+  return "manual"; // the stream keeps it current
+}
+
+async function accessView(gen) {
+  if (!can("administrator")) {
+    replace(main, h("h1", {}, "Users and tokens"), h("p", {}, "Only administrators manage users and tokens."));
+    return "manual";
+  }
+  const [users, tokens] = await Promise.all([api("GET", "users"), api("GET", "tokens")]);
+  if (gen !== session.generation) return;
+  const userRows = users.map((u) => {
+    const role = h("select", { name: "role", "aria-label": `Role of ${u.username}` }, ROLES.map((r) => h("option", { value: r, selected: r === u.role }, r)));
+    const r = [u.username, u.role, u.must_change_password ? "yes" : "no", h("td.actions", {}, role,
+      action("Set role", u.username, async () => {
+        await api("PATCH", `users/${encodeURIComponent(u.username)}`, { role: role.value });
+        pageMessage(`${u.username} is now ${role.value}`, true);
+        session.refresh?.();
+      }),
+      confirmAction("Delete", u.username, async () => {
+        await api("DELETE", `users/${encodeURIComponent(u.username)}`);
+        pageMessage(`${u.username} deleted`, true);
+        session.refresh?.();
+      }))];
+    r.attrs = { "data-user": u.username };
+    return r;
+  });
+  const tokenRows = tokens.map((t) => {
+    const r = [t.id, t.user, t.role, when(t.expires_ms), h("td.actions", {}, confirmAction("Revoke", `token ${t.id}`, async () => {
+      await api("DELETE", `tokens/${encodeURIComponent(t.id)}`);
+      pageMessage(`token ${t.id} revoked`, true);
+      session.refresh?.();
+    }))];
+    r.attrs = { "data-token": t.id };
+    return r;
+  });
+  const secret = document.getElementById("token-secret");
+  replace(main, h("h1", {}, "Users and tokens"), messages(),
+    h("h2", {}, "Users"), table("Users", ["User", "Role", "Must change password", "Actions"], userRows),
+    keep("user-create", userForm()),
+    h("h2", {}, "API tokens"), secret ?? h("div#token-secret", { "aria-live": "polite" }),
+    table("API tokens", ["Id", "User", "Role", "Expires", "Actions"], tokenRows, "No API tokens."),
+    keep("token-create", tokenForm()));
+}
+
+function userForm() {
+  const name = h("input", { name: "username", required: true, autocomplete: "off" });
+  const pw = h("input", { name: "password", type: "password", required: true, autocomplete: "new-password" });
+  const role = h("select", { name: "role" }, ROLES.map((r) => h("option", { value: r }, r)));
+  const form = h("form.card#user-create", {
+    onsubmit: (ev) => {
+      ev.preventDefault();
+      submit(form, async () => {
+        await api("POST", "users", { username: name.value, password: pw.value, role: role.value });
+        pageMessage(`user ${name.value} created; they must change the password at their first login`, true);
+        session.refresh?.();
+      });
+    },
+  }, h("h2", {}, "Create a user"), h("div.row", {}, field("User name", name), field("Initial password", pw), field("Role", role)),
+  formError(), h("p", {}, h("button", { type: "submit" }, "Create user")));
+  return form;
+}
+
+function tokenForm() {
+  const role = h("select", { name: "role" }, ROLES.map((r) => h("option", { value: r }, r)));
+  const exp = h("select", { name: "expires_in_s" },
+    [["3600", "1 hour"], ["86400", "1 day"], ["2592000", "30 days"], ["31536000", "365 days"]].map(([v, t]) => h("option", { value: v, selected: v === "2592000" }, t)));
+  const form = h("form.card#token-create", {
+    onsubmit: (ev) => {
+      ev.preventDefault();
+      submit(form, async () => {
+        const t = await api("POST", "tokens", { role: role.value, expires_in_s: Number(exp.value) });
+        const box = document.getElementById("token-secret");
+        replace(box, h("div.notice", {}, h("p", {}, `Token ${t.id} (${t.role}). Copy its secret now: it is shown only once.`),
+          h("p.secret#new-token-secret", {}, t.token ?? "")));
+        session.refresh?.();
+      });
+    },
+  }, h("h2", {}, "Create an API token"), h("div.row", {}, field("Role", role, "At most your own."), field("Expires in", exp)),
+  formError(), h("p", {}, h("button", { type: "submit" }, "Create token")));
+  return form;
+}
+
+// ---------------------------------------------------------------- routing
+
+const VIEWS = {
+  "": dashboardView, vms: vmsView, volumes: volumesView, tasks: tasksView, events: eventsView, access: accessView,
+};
+
+async function route() {
+  const gen = ++session.generation;
+  clearTimeout(session.timer);
+  session.refresh = null;
+  session.onEvent = null;
+  const page = location.hash.replace(/^#\/?/, "").split("/")[0];
+  for (const a of nav.querySelectorAll("a")) {
+    const here = (a.dataset.page === "dashboard" ? "" : a.dataset.page) === page;
+    here ? a.setAttribute("aria-current", "page") : a.removeAttribute("aria-current");
+  }
+  document.title = `Tessera · ${page || "dashboard"}`;
+  if (page === "login") { endSession(); loginView(); return; }
+  if (!session.role) {
+    try {
+      await api("GET", "cluster", undefined, { quiet: true });
+    } catch (e) {
+      if (gen !== session.generation) return;
+      if (e.status === 403 && /password change/.test(e.message)) { passwordView(); return; }
+      if (e.status === 401) { location.hash = "#/login"; return; }
+      replace(main, h("h1", {}, "The cluster did not answer"), h("p.alert", { role: "alert" }, e.message));
+      session.timer = setTimeout(route, 5000);
+      return;
+    }
+    if (page === "password") { passwordView(); return; }
+    await startSession();
+    if (gen !== session.generation) return;
+  }
+  if (page === "password") { passwordView(); return; }
+  const view = VIEWS[page];
+  if (!view) { replace(main, h("h1", {}, "No such page"), h("p", {}, h("a", { href: "#/" }, "Dashboard"))); return; }
+  const load = async () => {
+    clearTimeout(session.timer);
+    let next = 5000;
+    try {
+      next = (await view(gen)) ?? 5000;
+    } catch (e) {
+      if (gen !== session.generation) return;
+      if (e.status !== 401) replace(main, h("h1", {}, "This page could not load"), h("p.alert", { role: "alert" }, e.message));
+    }
+    // Polling for what has no event (node metrics, task progress), bounded to one load per
+    // interval; events refresh sooner through the stream.
+    if (gen === session.generation && next !== "manual") session.timer = setTimeout(load, next);
+  };
+  session.refresh = load;
+  await load();
+  main.dataset.page = page || "dashboard";
+}
+
+window.addEventListener("hashchange", route);
+route();
