@@ -1,0 +1,517 @@
+//! The replica's side of one volume: the fence, seq order, and what the shell must do.
+//!
+//! A [`Replica`] holds the highest generation the store has persisted for the volume and
+//! the last seq it accepted in that generation. It never touches the disk: it returns
+//! [`ReplicaAction`]s that the shell performs **in order, one at a time**, reporting the
+//! outcome of each [`ReplicaAction::Apply`] through [`Replica::applied`] before handing it
+//! the next message of the volume. That order is what makes the fence hold: a generation is
+//! persisted before any reply that depends on it is sent.
+//!
+//! Rules:
+//! - A message of an older generation is refused with [`ReplyError::StaleGeneration`].
+//! - A newer generation (a `Fence`, or any request carrying one) is persisted first
+//!   ([`ReplicaAction::PersistGeneration`]); the seq count starts again at 1.
+//! - In the current generation, seq `n + 1` after the last accepted `n` is applied; a seq
+//!   already accepted is acknowledged again without re-applying (a resend after a lost
+//!   reply); a seq beyond `n + 1` is a gap, refused with [`ReplyError::SeqGap`].
+//! - A replica built after a restart ([`Replica::restarted`]) does not know which writes of
+//!   its persisted generation it lost (those not flushed), so it refuses every write and
+//!   flush of that generation with [`ReplyError::NotInSync`] until a newer generation comes.
+//!   A failed apply does the same: the copy no longer matches the write stream.
+
+use crate::wire::{Generation, Message, ReplyError, VolumeName};
+
+/// What the replica asks the shell to change on its copy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Write `data` at `offset`; with `fua`, durable before it is reported done.
+    Write {
+        offset: u64,
+        fua: bool,
+        data: Vec<u8>,
+    },
+    /// Make `len` bytes at `offset` read as zeroes.
+    WriteZeroes { offset: u64, len: u64 },
+    /// Discard `len` bytes at `offset`.
+    Trim { offset: u64, len: u64 },
+    /// Make every earlier write durable.
+    Flush,
+}
+
+/// What the shell must do, in the order given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplicaAction {
+    /// Make `generation` the volume's durable fence before performing the next action.
+    /// If this fails, the shell must drop this `Replica` and close the stream; a new one
+    /// is built with [`Replica::restarted`] from what is persisted.
+    PersistGeneration(Generation),
+    /// Perform `op` on the local copy, then call [`Replica::applied`] with `seq`.
+    Apply { seq: u64, op: Op },
+    /// Read the digests and answer with [`Message::DigestsReply`] for `request`.
+    ReadDigests {
+        request: u64,
+        offset: u64,
+        blocks: u32,
+    },
+    /// Read the bytes and answer with [`Message::ReadReply`] for `request`.
+    Read { request: u64, offset: u64, len: u32 },
+    /// Send this message to the primary.
+    Send(Message),
+    /// The peer broke the protocol (sent a message only a replica sends): close the stream.
+    Disconnect { reason: &'static str },
+}
+
+/// Where the replica stands in its current generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Position {
+    /// Every seq up to and including this one was accepted (0: none yet).
+    Accepted(u64),
+    /// It may have lost writes of this generation: refuse writes until a newer one.
+    Lost,
+}
+
+/// One volume's replica state machine. See the module documentation for the rules.
+#[derive(Debug)]
+pub struct Replica {
+    volume: VolumeName,
+    generation: Generation,
+    position: Position,
+}
+
+impl Replica {
+    /// The replica of a volume the store has just created, which has seen no generation.
+    pub fn new(volume: VolumeName) -> Replica {
+        Replica {
+            volume,
+            generation: Generation(0),
+            position: Position::Accepted(0),
+        }
+    }
+
+    /// The replica after the store (re)started with `persisted` as the volume's fence.
+    /// It refuses writes of `persisted` (it cannot know what it lost) until a newer
+    /// generation arrives; generation 0 means none was ever persisted.
+    pub fn restarted(volume: VolumeName, persisted: Generation) -> Replica {
+        Replica {
+            volume,
+            generation: persisted,
+            position: if persisted == Generation(0) {
+                Position::Accepted(0)
+            } else {
+                Position::Lost
+            },
+        }
+    }
+
+    /// The highest generation seen (persisted once the shell performed the action).
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    /// The volume.
+    pub fn volume(&self) -> &VolumeName {
+        &self.volume
+    }
+
+    /// True when the replica lost its place in the current generation.
+    pub fn is_lost(&self) -> bool {
+        self.position == Position::Lost
+    }
+
+    /// Handles one message from the primary.
+    pub fn handle(&mut self, msg: Message) -> Vec<ReplicaAction> {
+        let mut actions = Vec::new();
+        match msg {
+            Message::Fence { volume, generation } => {
+                if let Some(refusal) = self.admit(&volume, generation, &mut actions) {
+                    actions.push(reply(0, Err(refusal)));
+                } else if self.position == Position::Lost {
+                    actions.push(reply(0, Err(ReplyError::NotInSync)));
+                } else {
+                    actions.push(reply(0, Ok(())));
+                }
+            }
+            Message::Write {
+                volume,
+                generation,
+                seq,
+                offset,
+                fua,
+                data,
+            } => self.sequenced(
+                &volume,
+                generation,
+                seq,
+                Op::Write { offset, fua, data },
+                &mut actions,
+            ),
+            Message::WriteZeroes {
+                volume,
+                generation,
+                seq,
+                offset,
+                len,
+            } => self.sequenced(
+                &volume,
+                generation,
+                seq,
+                Op::WriteZeroes { offset, len },
+                &mut actions,
+            ),
+            Message::Trim {
+                volume,
+                generation,
+                seq,
+                offset,
+                len,
+            } => self.sequenced(
+                &volume,
+                generation,
+                seq,
+                Op::Trim { offset, len },
+                &mut actions,
+            ),
+            Message::Flush {
+                volume,
+                generation,
+                seq,
+            } => self.sequenced(&volume, generation, seq, Op::Flush, &mut actions),
+            Message::Digests {
+                volume,
+                generation,
+                request,
+                offset,
+                blocks,
+            } => match self.admit(&volume, generation, &mut actions) {
+                Some(e) => actions.push(ReplicaAction::Send(Message::DigestsReply {
+                    request,
+                    result: Err(e),
+                })),
+                None => actions.push(ReplicaAction::ReadDigests {
+                    request,
+                    offset,
+                    blocks,
+                }),
+            },
+            Message::Read {
+                volume,
+                generation,
+                request,
+                offset,
+                len,
+            } => match self.admit(&volume, generation, &mut actions) {
+                Some(e) => actions.push(ReplicaAction::Send(Message::ReadReply {
+                    request,
+                    result: Err(e),
+                })),
+                None => actions.push(ReplicaAction::Read {
+                    request,
+                    offset,
+                    len,
+                }),
+            },
+            Message::DigestsReply { .. } | Message::ReadReply { .. } | Message::Reply { .. } => {
+                actions.push(ReplicaAction::Disconnect {
+                    reason: "a replica received a reply; only the primary receives replies",
+                });
+            }
+        }
+        actions
+    }
+
+    /// The shell performed [`ReplicaAction::Apply`] for `seq` with this outcome.
+    pub fn applied(&mut self, seq: u64, result: Result<(), ReplyError>) -> Vec<ReplicaAction> {
+        if result.is_err() {
+            // The copy now differs from the write stream of this generation.
+            self.position = Position::Lost;
+        }
+        vec![reply(seq, result)]
+    }
+
+    /// Checks volume and generation; persists a newer generation. `Some` is a refusal.
+    fn admit(
+        &mut self,
+        volume: &VolumeName,
+        generation: Generation,
+        actions: &mut Vec<ReplicaAction>,
+    ) -> Option<ReplyError> {
+        if *volume != self.volume {
+            return Some(ReplyError::UnknownVolume);
+        }
+        if generation < self.generation {
+            return Some(ReplyError::StaleGeneration {
+                current: self.generation,
+            });
+        }
+        if generation > self.generation {
+            actions.push(ReplicaAction::PersistGeneration(generation));
+            self.generation = generation;
+            self.position = Position::Accepted(0);
+        }
+        None
+    }
+
+    fn sequenced(
+        &mut self,
+        volume: &VolumeName,
+        generation: Generation,
+        seq: u64,
+        op: Op,
+        actions: &mut Vec<ReplicaAction>,
+    ) {
+        if let Some(refusal) = self.admit(volume, generation, actions) {
+            actions.push(reply(seq, Err(refusal)));
+            return;
+        }
+        match self.position {
+            Position::Lost => actions.push(reply(seq, Err(ReplyError::NotInSync))),
+            Position::Accepted(last) if seq == 0 => {
+                // Seq 0 is the fence's; a write never carries it.
+                actions.push(reply(seq, Err(ReplyError::SeqGap { expected: last + 1 })));
+            }
+            Position::Accepted(last) if seq <= last => actions.push(reply(seq, Ok(()))),
+            Position::Accepted(last) if seq == last + 1 => {
+                self.position = Position::Accepted(seq);
+                actions.push(ReplicaAction::Apply { seq, op });
+            }
+            Position::Accepted(last) => {
+                actions.push(reply(seq, Err(ReplyError::SeqGap { expected: last + 1 })));
+            }
+        }
+    }
+}
+
+fn reply(seq: u64, result: Result<(), ReplyError>) -> ReplicaAction {
+    ReplicaAction::Send(Message::Reply { seq, result })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vol() -> VolumeName {
+        VolumeName::new("v").unwrap()
+    }
+
+    fn write(g: u64, seq: u64) -> Message {
+        Message::Write {
+            volume: vol(),
+            generation: Generation(g),
+            seq,
+            offset: 0,
+            fua: false,
+            data: vec![seq as u8; 512],
+        }
+    }
+
+    fn ok(seq: u64) -> ReplicaAction {
+        reply(seq, Ok(()))
+    }
+
+    fn apply_and_ack(r: &mut Replica, msg: Message) -> Vec<ReplicaAction> {
+        let mut out = Vec::new();
+        for a in r.handle(msg) {
+            if let ReplicaAction::Apply { seq, .. } = a {
+                out.extend(r.applied(seq, Ok(())));
+            } else {
+                out.push(a);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_fence_persists_a_newer_generation_before_replying() {
+        let mut r = Replica::new(vol());
+        let actions = r.handle(Message::Fence {
+            volume: vol(),
+            generation: Generation(3),
+        });
+        assert_eq!(
+            actions,
+            vec![ReplicaAction::PersistGeneration(Generation(3)), ok(0)]
+        );
+        // The same generation again: nothing to persist.
+        let again = r.handle(Message::Fence {
+            volume: vol(),
+            generation: Generation(3),
+        });
+        assert_eq!(again, vec![ok(0)]);
+    }
+
+    #[test]
+    fn older_generations_are_refused_with_the_current_one() {
+        let mut r = Replica::restarted(vol(), Generation(5));
+        let stale = Err(ReplyError::StaleGeneration {
+            current: Generation(5),
+        });
+        assert_eq!(
+            r.handle(Message::Fence {
+                volume: vol(),
+                generation: Generation(4)
+            }),
+            vec![reply(0, stale.clone())]
+        );
+        assert_eq!(r.handle(write(4, 1)), vec![reply(1, stale.clone())]);
+        assert_eq!(
+            r.handle(Message::Flush {
+                volume: vol(),
+                generation: Generation(1),
+                seq: 2
+            }),
+            vec![reply(2, stale)]
+        );
+        assert_eq!(r.generation(), Generation(5));
+    }
+
+    #[test]
+    fn writes_apply_in_seq_order_duplicates_are_acked_gaps_refused() {
+        let mut r = Replica::new(vol());
+        let first = r.handle(write(1, 1));
+        assert_eq!(first[0], ReplicaAction::PersistGeneration(Generation(1)));
+        assert!(matches!(first[1], ReplicaAction::Apply { seq: 1, .. }));
+        assert_eq!(r.applied(1, Ok(())), vec![ok(1)]);
+        // A duplicate: acknowledged, not applied again.
+        assert_eq!(r.handle(write(1, 1)), vec![ok(1)]);
+        // A gap: refused, nothing applied.
+        assert_eq!(
+            r.handle(write(1, 3)),
+            vec![reply(3, Err(ReplyError::SeqGap { expected: 2 }))]
+        );
+        assert_eq!(apply_and_ack(&mut r, write(1, 2)), vec![ok(2)]);
+        assert_eq!(apply_and_ack(&mut r, write(1, 3)), vec![ok(3)]);
+    }
+
+    #[test]
+    fn a_newer_generation_starts_the_seq_count_again() {
+        let mut r = Replica::new(vol());
+        apply_and_ack(&mut r, write(1, 1));
+        apply_and_ack(&mut r, write(1, 2));
+        let actions = apply_and_ack(&mut r, write(2, 1));
+        assert_eq!(
+            actions,
+            vec![ReplicaAction::PersistGeneration(Generation(2)), ok(1)]
+        );
+        assert_eq!(
+            r.handle(write(3, 2)),
+            vec![
+                ReplicaAction::PersistGeneration(Generation(3)),
+                reply(2, Err(ReplyError::SeqGap { expected: 1 }))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_restarted_replica_refuses_its_generation_until_a_newer_one() {
+        let mut r = Replica::restarted(vol(), Generation(4));
+        assert!(r.is_lost());
+        assert_eq!(
+            r.handle(Message::Fence {
+                volume: vol(),
+                generation: Generation(4)
+            }),
+            vec![reply(0, Err(ReplyError::NotInSync))]
+        );
+        assert_eq!(
+            r.handle(write(4, 9)),
+            vec![reply(9, Err(ReplyError::NotInSync))]
+        );
+        let fenced = r.handle(Message::Fence {
+            volume: vol(),
+            generation: Generation(5),
+        });
+        assert_eq!(
+            fenced,
+            vec![ReplicaAction::PersistGeneration(Generation(5)), ok(0)]
+        );
+        assert!(!r.is_lost());
+        assert_eq!(apply_and_ack(&mut r, write(5, 1)), vec![ok(1)]);
+    }
+
+    #[test]
+    fn a_failed_apply_loses_the_place_in_the_generation() {
+        let mut r = Replica::new(vol());
+        r.handle(write(1, 1));
+        assert_eq!(
+            r.applied(1, Err(ReplyError::NoSpace)),
+            vec![reply(1, Err(ReplyError::NoSpace))]
+        );
+        assert_eq!(
+            r.handle(write(1, 1)),
+            vec![reply(1, Err(ReplyError::NotInSync))]
+        );
+        assert_eq!(
+            r.handle(write(1, 2)),
+            vec![reply(2, Err(ReplyError::NotInSync))]
+        );
+    }
+
+    #[test]
+    fn other_volumes_and_replies_are_refused() {
+        let mut r = Replica::new(vol());
+        let other = VolumeName::new("w").unwrap();
+        assert_eq!(
+            r.handle(Message::Flush {
+                volume: other.clone(),
+                generation: Generation(1),
+                seq: 1
+            }),
+            vec![reply(1, Err(ReplyError::UnknownVolume))]
+        );
+        assert_eq!(
+            r.handle(Message::Digests {
+                volume: other,
+                generation: Generation(1),
+                request: 7,
+                offset: 0,
+                blocks: 1
+            }),
+            vec![ReplicaAction::Send(Message::DigestsReply {
+                request: 7,
+                result: Err(ReplyError::UnknownVolume)
+            })]
+        );
+        assert!(matches!(
+            r.handle(Message::Reply {
+                seq: 1,
+                result: Ok(())
+            })[..],
+            [ReplicaAction::Disconnect { .. }]
+        ));
+        assert_eq!(r.generation(), Generation(0));
+    }
+
+    #[test]
+    fn reads_and_digests_are_served_even_while_lost() {
+        let mut r = Replica::restarted(vol(), Generation(2));
+        assert_eq!(
+            r.handle(Message::Read {
+                volume: vol(),
+                generation: Generation(2),
+                request: 1,
+                offset: 0,
+                len: 512
+            }),
+            vec![ReplicaAction::Read {
+                request: 1,
+                offset: 0,
+                len: 512
+            }]
+        );
+        assert_eq!(
+            r.handle(Message::Digests {
+                volume: vol(),
+                generation: Generation(1),
+                request: 2,
+                offset: 0,
+                blocks: 1
+            }),
+            vec![ReplicaAction::Send(Message::DigestsReply {
+                request: 2,
+                result: Err(ReplyError::StaleGeneration {
+                    current: Generation(2)
+                })
+            })]
+        );
+    }
+}
