@@ -12,5 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod primary;
+pub mod regions;
 pub mod replica;
 pub mod wire;

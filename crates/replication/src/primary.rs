@@ -1,0 +1,705 @@
+//! The primary's side of one volume: sequencing client requests, waiting for the in-sync
+//! replicas, timeouts, removal, and being fenced.
+//!
+//! A [`Primary`] decides; the shell acts. The shell hands it inputs with the current time
+//! ([`Primary::handle`], [`Primary::reconfigure`]) and performs the returned
+//! [`PrimaryAction`]s **in order**: a [`PrimaryAction::RecordMissed`] must be durable
+//! before any later action, since the completions after it rely on it.
+//!
+//! Rules:
+//! - A client request gets the next seq of the generation, is applied locally and sent to
+//!   every in-sync replica. Requests complete in seq order, each once the local apply and
+//!   every in-sync replica acknowledged it. So a flush completes only after the local flush
+//!   and every in-sync replica's flush, which each come after every earlier write.
+//! - A replica that leaves a request unacknowledged for [`Timing::replica_timeout`] (or
+//!   answers with an error) stops all completions: the primary emits
+//!   [`PrimaryAction::RequestRemoval`] and completes nothing until the shell brings a newer
+//!   configuration ([`Primary::reconfigure`]). From that configuration on, the regions the
+//!   replica may lack (written and not covered by a flush it acknowledged) and every later
+//!   write are recorded for it ([`PrimaryAction::RecordMissed`]).
+//! - [`ReplyError::StaleGeneration`] from any replica means a newer generation exists: this
+//!   primary is fenced, every pending and later request fails.
+//! - A configuration leaving fewer than 2 copies in sync (counting the primary's; fewer
+//!   than the replica count when that is 1) is refused unless it carries the operator
+//!   override.
+//! - Replies carry no generation; they are matched on the stream's order. After each
+//!   [`Message::Fence`] the primary ignores seq replies until that fence's reply (seq 0)
+//!   came back, so a reply from before a generation change never acknowledges a request
+//!   of the new one. The shell must give each connection its own stream and report
+//!   [`PrimaryInput::Disconnected`] before [`PrimaryInput::Connected`] for a new one.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use crate::regions::{Region, RegionSet};
+use crate::replica::Op;
+use crate::wire::{Generation, Message, ReplyError, VolumeName, MAX_DATA, SECTOR};
+
+/// A store holding a copy of the volume (the cluster's node id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReplicaId(pub u64);
+
+/// The shell's handle of a client request, echoed in [`PrimaryAction::Complete`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+/// Who holds the volume in sync, as decided by the cluster for one generation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub generation: Generation,
+    /// Copies the volume should have, the primary's included (1-3).
+    pub replica_count: u8,
+    /// Replicas (not the primary) that must acknowledge every request.
+    pub in_sync: BTreeSet<ReplicaId>,
+    /// Replicas that left the in-sync set and will catch up: the primary records what they miss.
+    pub out_of_sync: BTreeSet<ReplicaId>,
+    /// The operator allowed fewer than 2 copies in sync (an audited event in the cluster).
+    pub operator_override: bool,
+}
+
+impl Config {
+    /// Copies in sync, the primary's included.
+    pub fn copies_in_sync(&self) -> usize {
+        self.in_sync.len() + 1
+    }
+
+    /// The fewest copies in sync allowed without the override.
+    pub fn minimum_in_sync(&self) -> usize {
+        usize::from(self.replica_count).clamp(1, 2)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if let Some(r) = self.in_sync.intersection(&self.out_of_sync).next() {
+            return Err(ConfigError::BothInAndOutOfSync(*r));
+        }
+        if self.copies_in_sync() < self.minimum_in_sync() && !self.operator_override {
+            return Err(ConfigError::BelowMinimum {
+                copies: self.copies_in_sync(),
+                minimum: self.minimum_in_sync(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// How long the primary waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// Resend what a connected replica has not acknowledged after this long.
+    pub retransmit_after: Duration,
+    /// A replica that leaves a request unacknowledged this long is asked out of the in-sync set.
+    pub replica_timeout: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Timing {
+        Timing {
+            retransmit_after: Duration::from_millis(500),
+            replica_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("generation {offered} is not newer than the current {current}")]
+    NotNewer {
+        current: Generation,
+        offered: Generation,
+    },
+    #[error(
+        "{copies} copies in sync is below the minimum of {minimum} without the operator override"
+    )]
+    BelowMinimum { copies: usize, minimum: usize },
+    #[error("replica {0:?} is listed both in and out of sync")]
+    BothInAndOutOfSync(ReplicaId),
+    #[error("the primary is fenced or failed; it takes no configuration")]
+    Stopped,
+}
+
+/// Why a client request failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// A newer generation exists: another primary may be writing.
+    #[error("this primary is fenced: the volume is at generation {current} elsewhere")]
+    Fenced { current: Generation },
+    /// The local copy failed; this primary stops.
+    #[error("the local copy failed: {0}")]
+    LocalFailed(String),
+    /// Offset or length not a positive multiple of 512.
+    #[error("offset and length must be positive multiples of 512")]
+    Misaligned,
+    /// Past the end of the volume.
+    #[error("past the end of the volume")]
+    OutOfRange,
+    /// A write larger than one frame carries ([`crate::wire::MAX_DATA`]): the shell splits it.
+    #[error("a write of more than 4 MiB must be split")]
+    TooLarge,
+}
+
+/// An input to [`Primary::handle`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PrimaryInput {
+    /// A client's request.
+    Request { id: RequestId, op: Op },
+    /// The shell performed [`PrimaryAction::ApplyLocal`] for `id`.
+    LocalDone {
+        id: RequestId,
+        result: Result<(), ReplyError>,
+    },
+    /// A new stream to this replica is open.
+    Connected(ReplicaId),
+    /// The stream to this replica is gone (with whatever was in flight on it).
+    Disconnected(ReplicaId),
+    /// A message from a replica.
+    Received { from: ReplicaId, msg: Message },
+    /// Time passed (timeouts and resends are checked on every input; this is just the clock).
+    Tick,
+}
+
+/// What the shell must do, in the order given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PrimaryAction {
+    /// Add `region` to the durable missed-region record of `replica` before going on.
+    RecordMissed { replica: ReplicaId, region: Region },
+    /// The replica is back in sync (the cluster said so): drop its missed-region record.
+    ForgetMissed { replica: ReplicaId },
+    /// Perform `op` on the primary's copy, then report [`PrimaryInput::LocalDone`].
+    ApplyLocal { id: RequestId, op: Op },
+    /// Send `msg` on the replica's stream (drop it if there is no stream).
+    Send { to: ReplicaId, msg: Message },
+    /// The client request is done.
+    Complete {
+        id: RequestId,
+        result: Result<(), RequestError>,
+    },
+    /// Ask the cluster for the next generation without `replica` in the in-sync set.
+    RequestRemoval {
+        replica: ReplicaId,
+        generation: Generation,
+    },
+    /// The replica broke the protocol: close its stream.
+    Disconnect {
+        replica: ReplicaId,
+        reason: &'static str,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Running,
+    /// Waiting for a configuration without the replicas asked out.
+    Stalled,
+    Fenced {
+        current: Generation,
+    },
+    Failed,
+}
+
+#[derive(Debug)]
+struct Pending {
+    id: RequestId,
+    op: Op,
+    seq: u64,
+    local_done: bool,
+    acked: BTreeSet<ReplicaId>,
+    /// When it was sent in the current generation (for the timeout).
+    sent_at: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Link {
+    connected: bool,
+    /// Fences sent on the current stream whose reply has not come back.
+    fences_outstanding: u32,
+    last_sent: Duration,
+    /// Regions written and not yet covered by a flush this replica acknowledged:
+    /// (generation, seq, region).
+    unflushed: Vec<(Generation, u64, Region)>,
+}
+
+/// One volume's primary state machine. See the module documentation for the rules.
+#[derive(Debug)]
+pub struct Primary {
+    volume: VolumeName,
+    volume_size: u64,
+    config: Config,
+    timing: Timing,
+    mode: Mode,
+    next_seq: u64,
+    pending: VecDeque<Pending>,
+    links: BTreeMap<ReplicaId, Link>,
+    removal_requested: BTreeSet<ReplicaId>,
+}
+
+impl Primary {
+    /// A primary for `volume` of `volume_size` bytes under `config`.
+    pub fn new(
+        volume: VolumeName,
+        volume_size: u64,
+        config: Config,
+        timing: Timing,
+    ) -> Result<Primary, ConfigError> {
+        config.check()?;
+        let links = config
+            .in_sync
+            .iter()
+            .map(|r| (*r, Link::default()))
+            .collect();
+        Ok(Primary {
+            volume,
+            volume_size,
+            config,
+            timing,
+            mode: Mode::Running,
+            next_seq: 1,
+            pending: VecDeque::new(),
+            links,
+            removal_requested: BTreeSet::new(),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The generation this primary writes in.
+    pub fn generation(&self) -> Generation {
+        self.config.generation
+    }
+
+    /// True once a replica reported a newer generation.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self.mode, Mode::Fenced { .. })
+    }
+
+    /// True while waiting for a configuration without a failed replica.
+    pub fn is_stalled(&self) -> bool {
+        self.mode == Mode::Stalled
+    }
+
+    /// Requests accepted and not completed.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Handles one input at time `now` (any monotonic clock, the same for every call).
+    pub fn handle(&mut self, now: Duration, input: PrimaryInput) -> Vec<PrimaryAction> {
+        let mut out = Vec::new();
+        match input {
+            PrimaryInput::Request { id, op } => self.request(now, id, op, &mut out),
+            PrimaryInput::LocalDone { id, result } => self.local_done(id, result, &mut out),
+            PrimaryInput::Connected(r) => self.connected(now, r, &mut out),
+            PrimaryInput::Disconnected(r) => {
+                if let Some(link) = self.links.get_mut(&r) {
+                    link.connected = false;
+                    link.fences_outstanding = 0;
+                }
+            }
+            PrimaryInput::Received { from, msg } => self.received(now, from, msg, &mut out),
+            PrimaryInput::Tick => {}
+        }
+        self.check_replicas(now, &mut out);
+        self.try_complete(&mut out);
+        out
+    }
+
+    /// Takes the next configuration from the cluster (after a [`PrimaryAction::RequestRemoval`],
+    /// or a replica back in sync). Refused unless newer and keeping enough copies in sync.
+    pub fn reconfigure(
+        &mut self,
+        now: Duration,
+        config: Config,
+    ) -> Result<Vec<PrimaryAction>, ConfigError> {
+        if matches!(self.mode, Mode::Fenced { .. } | Mode::Failed) {
+            return Err(ConfigError::Stopped);
+        }
+        if config.generation <= self.config.generation {
+            return Err(ConfigError::NotNewer {
+                current: self.config.generation,
+                offered: config.generation,
+            });
+        }
+        config.check()?;
+        let mut out = Vec::new();
+        // What a replica leaving the in-sync set may lack becomes durable first.
+        let leaving: Vec<ReplicaId> = self
+            .config
+            .in_sync
+            .difference(&config.in_sync)
+            .copied()
+            .collect();
+        for r in leaving {
+            if let Some(link) = self.links.remove(&r) {
+                if config.out_of_sync.contains(&r) {
+                    let mut missed = RegionSet::new();
+                    for (_, _, region) in &link.unflushed {
+                        missed.insert(*region);
+                    }
+                    for region in missed.iter() {
+                        out.push(PrimaryAction::RecordMissed { replica: r, region });
+                    }
+                }
+            }
+        }
+        let joining: Vec<ReplicaId> = config
+            .in_sync
+            .difference(&self.config.in_sync)
+            .copied()
+            .collect();
+        for r in joining {
+            out.push(PrimaryAction::ForgetMissed { replica: r });
+            self.links.insert(r, Link::default());
+        }
+        self.config = config;
+        self.removal_requested
+            .retain(|r| self.config.in_sync.contains(r));
+        self.mode = if self.removal_requested.is_empty() {
+            Mode::Running
+        } else {
+            Mode::Stalled
+        };
+        // Everything not completed goes again, in order, under the new generation.
+        self.next_seq = 1;
+        for p in &mut self.pending {
+            p.seq = self.next_seq;
+            self.next_seq += 1;
+            p.acked.clear();
+            p.sent_at = now;
+        }
+        let replicas: Vec<ReplicaId> = self.config.in_sync.iter().copied().collect();
+        for r in replicas {
+            self.fence_and_resend(now, r, &mut out);
+        }
+        self.try_complete(&mut out);
+        Ok(out)
+    }
+
+    fn request(&mut self, now: Duration, id: RequestId, op: Op, out: &mut Vec<PrimaryAction>) {
+        match self.mode {
+            Mode::Fenced { current } => {
+                out.push(complete(id, Err(RequestError::Fenced { current })));
+                return;
+            }
+            Mode::Failed => {
+                out.push(complete(
+                    id,
+                    Err(RequestError::LocalFailed(
+                        "an earlier request failed".into(),
+                    )),
+                ));
+                return;
+            }
+            Mode::Running | Mode::Stalled => {}
+        }
+        let region = op_region(&op);
+        if matches!(&op, Op::Write { data, .. } if data.len() > MAX_DATA) {
+            out.push(complete(id, Err(RequestError::TooLarge)));
+            return;
+        }
+        if let Some(region) = region {
+            if region.offset % SECTOR != 0 || region.len % SECTOR != 0 || region.len == 0 {
+                out.push(complete(id, Err(RequestError::Misaligned)));
+                return;
+            }
+            if region
+                .offset
+                .checked_add(region.len)
+                .is_none_or(|end| end > self.volume_size)
+            {
+                out.push(complete(id, Err(RequestError::OutOfRange)));
+                return;
+            }
+            for r in &self.config.out_of_sync {
+                out.push(PrimaryAction::RecordMissed {
+                    replica: *r,
+                    region,
+                });
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let generation = self.config.generation;
+        if let Some(region) = region {
+            for link in self.links.values_mut() {
+                link.unflushed.push((generation, seq, region));
+            }
+        }
+        out.push(PrimaryAction::ApplyLocal { id, op: op.clone() });
+        let pending = Pending {
+            id,
+            op,
+            seq,
+            local_done: false,
+            acked: BTreeSet::new(),
+            sent_at: now,
+        };
+        let msg = self.message(&pending);
+        for (r, link) in &mut self.links {
+            if link.connected {
+                link.last_sent = now;
+                out.push(PrimaryAction::Send {
+                    to: *r,
+                    msg: msg.clone(),
+                });
+            }
+        }
+        self.pending.push_back(pending);
+    }
+
+    fn local_done(
+        &mut self,
+        id: RequestId,
+        result: Result<(), ReplyError>,
+        out: &mut Vec<PrimaryAction>,
+    ) {
+        match result {
+            Ok(()) => {
+                if let Some(p) = self.pending.iter_mut().find(|p| p.id == id) {
+                    p.local_done = true;
+                }
+            }
+            Err(e) => {
+                // The local copy no longer matches what the replicas got: stop.
+                self.mode = Mode::Failed;
+                for p in self.pending.drain(..) {
+                    out.push(complete(
+                        p.id,
+                        Err(RequestError::LocalFailed(e.to_string())),
+                    ));
+                }
+            }
+        }
+    }
+
+    fn connected(&mut self, now: Duration, r: ReplicaId, out: &mut Vec<PrimaryAction>) {
+        if let Some(link) = self.links.get_mut(&r) {
+            link.connected = true;
+            link.fences_outstanding = 0;
+        }
+        if matches!(self.mode, Mode::Running | Mode::Stalled) {
+            self.fence_and_resend(now, r, out);
+        }
+    }
+
+    /// Sends the current generation's fence, then every request `r` has not acknowledged.
+    fn fence_and_resend(&mut self, now: Duration, r: ReplicaId, out: &mut Vec<PrimaryAction>) {
+        let Some(link) = self.links.get_mut(&r) else {
+            return;
+        };
+        if !link.connected {
+            return;
+        }
+        link.fences_outstanding += 1;
+        link.last_sent = now;
+        out.push(PrimaryAction::Send {
+            to: r,
+            msg: Message::Fence {
+                volume: self.volume.clone(),
+                generation: self.config.generation,
+            },
+        });
+        self.resend(r, 0, out);
+    }
+
+    /// Sends every pending request from seq `from` that `r` has not acknowledged.
+    fn resend(&self, r: ReplicaId, from: u64, out: &mut Vec<PrimaryAction>) {
+        for p in &self.pending {
+            if p.seq >= from && !p.acked.contains(&r) {
+                out.push(PrimaryAction::Send {
+                    to: r,
+                    msg: self.message(p),
+                });
+            }
+        }
+    }
+
+    fn received(
+        &mut self,
+        now: Duration,
+        from: ReplicaId,
+        msg: Message,
+        out: &mut Vec<PrimaryAction>,
+    ) {
+        let Message::Reply { seq, result } = msg else {
+            if !matches!(
+                msg,
+                Message::DigestsReply { .. } | Message::ReadReply { .. }
+            ) {
+                out.push(PrimaryAction::Disconnect {
+                    replica: from,
+                    reason: "a primary received a request; only replicas receive requests",
+                });
+            }
+            // Digest and read replies belong to catch-up and repair, not wired here yet.
+            return;
+        };
+        if let Err(ReplyError::StaleGeneration { current }) = result {
+            self.fenced(current, out);
+            return;
+        }
+        if !matches!(self.mode, Mode::Running | Mode::Stalled) {
+            return;
+        }
+        let Some(link) = self.links.get_mut(&from) else {
+            // Not in sync (any more): nothing of ours waits for it.
+            return;
+        };
+        if seq == 0 {
+            link.fences_outstanding = link.fences_outstanding.saturating_sub(1);
+            if result.is_err() {
+                self.replica_failed(from, out);
+            }
+            return;
+        }
+        if link.fences_outstanding > 0 {
+            // A reply from before the latest fence: another generation's seq.
+            return;
+        }
+        match result {
+            Ok(()) => {
+                let generation = self.config.generation;
+                let Some(p) = self.pending.iter_mut().find(|p| p.seq == seq) else {
+                    return;
+                };
+                p.acked.insert(from);
+                if p.op == Op::Flush {
+                    link.unflushed
+                        .retain(|(g, s, _)| *g == generation && *s > seq);
+                }
+            }
+            Err(ReplyError::SeqGap { expected }) => {
+                if self.pending.front().is_some_and(|p| p.seq <= expected) {
+                    link.last_sent = now;
+                    self.resend(from, expected, out);
+                } else {
+                    // It lacks a request we completed: it is not the copy we think it is.
+                    self.replica_failed(from, out);
+                }
+            }
+            Err(_) => self.replica_failed(from, out),
+        }
+    }
+
+    fn fenced(&mut self, current: Generation, out: &mut Vec<PrimaryAction>) {
+        if matches!(self.mode, Mode::Fenced { .. }) {
+            return;
+        }
+        self.mode = Mode::Fenced { current };
+        for p in self.pending.drain(..) {
+            out.push(complete(p.id, Err(RequestError::Fenced { current })));
+        }
+    }
+
+    fn replica_failed(&mut self, r: ReplicaId, out: &mut Vec<PrimaryAction>) {
+        if !self.config.in_sync.contains(&r) || !self.removal_requested.insert(r) {
+            return;
+        }
+        if self.mode == Mode::Running {
+            self.mode = Mode::Stalled;
+        }
+        out.push(PrimaryAction::RequestRemoval {
+            replica: r,
+            generation: self.config.generation,
+        });
+    }
+
+    /// Timeouts and resends.
+    fn check_replicas(&mut self, now: Duration, out: &mut Vec<PrimaryAction>) {
+        if !matches!(self.mode, Mode::Running | Mode::Stalled) {
+            return;
+        }
+        let replicas: Vec<ReplicaId> = self.links.keys().copied().collect();
+        for r in replicas {
+            let Some(oldest) = self.pending.iter().find(|p| !p.acked.contains(&r)) else {
+                continue;
+            };
+            if now.saturating_sub(oldest.sent_at) >= self.timing.replica_timeout {
+                self.replica_failed(r, out);
+                continue;
+            }
+            let Some(link) = self.links.get_mut(&r) else {
+                continue;
+            };
+            if link.connected && now.saturating_sub(link.last_sent) >= self.timing.retransmit_after
+            {
+                link.last_sent = now;
+                self.resend(r, 0, out);
+            }
+        }
+    }
+
+    fn try_complete(&mut self, out: &mut Vec<PrimaryAction>) {
+        if self.mode != Mode::Running {
+            return;
+        }
+        while let Some(p) = self.pending.front() {
+            let done = p.local_done && self.config.in_sync.iter().all(|r| p.acked.contains(r));
+            if !done {
+                break;
+            }
+            if let Some(p) = self.pending.pop_front() {
+                out.push(complete(p.id, Ok(())));
+            }
+        }
+    }
+
+    fn message(&self, p: &Pending) -> Message {
+        let volume = self.volume.clone();
+        let generation = self.config.generation;
+        let seq = p.seq;
+        match &p.op {
+            Op::Write { offset, fua, data } => Message::Write {
+                volume,
+                generation,
+                seq,
+                offset: *offset,
+                fua: *fua,
+                data: data.clone(),
+            },
+            Op::WriteZeroes { offset, len } => Message::WriteZeroes {
+                volume,
+                generation,
+                seq,
+                offset: *offset,
+                len: *len,
+            },
+            Op::Trim { offset, len } => Message::Trim {
+                volume,
+                generation,
+                seq,
+                offset: *offset,
+                len: *len,
+            },
+            Op::Flush => Message::Flush {
+                volume,
+                generation,
+                seq,
+            },
+        }
+    }
+}
+
+fn complete(id: RequestId, result: Result<(), RequestError>) -> PrimaryAction {
+    PrimaryAction::Complete { id, result }
+}
+
+/// The bytes an op changes (none for a flush).
+pub fn op_region(op: &Op) -> Option<Region> {
+    match op {
+        Op::Write { offset, data, .. } => Some(Region {
+            offset: *offset,
+            len: data.len() as u64,
+        }),
+        Op::WriteZeroes { offset, len } | Op::Trim { offset, len } => Some(Region {
+            offset: *offset,
+            len: *len,
+        }),
+        Op::Flush => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;
