@@ -14,10 +14,15 @@
 //! - In the current generation, seq `n + 1` after the last accepted `n` is applied; a seq
 //!   already accepted is acknowledged again without re-applying (a resend after a lost
 //!   reply); a seq beyond `n + 1` is a gap, refused with [`ReplyError::SeqGap`].
-//! - A replica built after a restart ([`Replica::restarted`]) does not know which writes of
-//!   its persisted generation it lost (those not flushed), so it refuses every write and
-//!   flush of that generation with [`ReplyError::NotInSync`] until a newer generation comes.
-//!   A failed apply does the same: the copy no longer matches the write stream.
+//! - A replica built after a restart ([`Replica::restarted`]) does not know which writes it
+//!   lost (those not flushed), so it refuses every write and flush with
+//!   [`ReplyError::NotInSync`], in its generation and in every newer one (it still learns
+//!   and persists newer generations, so the fence holds), until the shell declares its copy
+//!   caught up ([`Replica::mark_caught_up`]). A failed apply does the same: the copy no
+//!   longer matches the write stream. A newer generation alone must not clear this: the
+//!   cluster may bump the generation for another replica's sake while the primary still
+//!   counts this one in sync, and it would then take acknowledgements from a copy that
+//!   silently lost acknowledged writes (the simulation found exactly that).
 
 use crate::wire::{Generation, Message, ReplyError, VolumeName};
 
@@ -61,13 +66,15 @@ pub enum ReplicaAction {
     Disconnect { reason: &'static str },
 }
 
-/// Where the replica stands in its current generation.
+/// Where the replica stands in the write stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Position {
     /// Every seq up to and including this one was accepted (0: none yet).
     Accepted(u64),
-    /// It may have lost writes of this generation: refuse writes until a newer one.
+    /// It may have lost acknowledged writes: refuse writes until caught up.
     Lost,
+    /// Caught up: refuse writes of this generation, accept a newer one's from seq 1.
+    CaughtUp,
 }
 
 /// One volume's replica state machine. See the module documentation for the rules.
@@ -89,8 +96,8 @@ impl Replica {
     }
 
     /// The replica after the store (re)started with `persisted` as the volume's fence.
-    /// It refuses writes of `persisted` (it cannot know what it lost) until a newer
-    /// generation arrives; generation 0 means none was ever persisted.
+    /// It refuses writes (it cannot know what it lost) until [`Replica::mark_caught_up`];
+    /// generation 0 means none was ever persisted, so nothing was ever acknowledged.
     pub fn restarted(volume: VolumeName, persisted: Generation) -> Replica {
         Replica {
             volume,
@@ -113,9 +120,18 @@ impl Replica {
         &self.volume
     }
 
-    /// True when the replica lost its place in the current generation.
+    /// True when the replica may have lost acknowledged writes and refuses new ones.
     pub fn is_lost(&self) -> bool {
         self.position == Position::Lost
+    }
+
+    /// The copy holds everything again (a catch-up finished, as the cluster recorded):
+    /// accept writes from the next generation's seq 1. Catch-up itself is a later slice;
+    /// until it exists nothing calls this outside tests.
+    pub fn mark_caught_up(&mut self) {
+        if self.position == Position::Lost {
+            self.position = Position::CaughtUp;
+        }
     }
 
     /// Handles one message from the primary.
@@ -125,7 +141,7 @@ impl Replica {
             Message::Fence { volume, generation } => {
                 if let Some(refusal) = self.admit(&volume, generation, &mut actions) {
                     actions.push(reply(0, Err(refusal)));
-                } else if self.position == Position::Lost {
+                } else if matches!(self.position, Position::Lost | Position::CaughtUp) {
                     actions.push(reply(0, Err(ReplyError::NotInSync)));
                 } else {
                     actions.push(reply(0, Ok(())));
@@ -246,7 +262,9 @@ impl Replica {
         if generation > self.generation {
             actions.push(ReplicaAction::PersistGeneration(generation));
             self.generation = generation;
-            self.position = Position::Accepted(0);
+            if self.position != Position::Lost {
+                self.position = Position::Accepted(0);
+            }
         }
         None
     }
@@ -264,7 +282,9 @@ impl Replica {
             return;
         }
         match self.position {
-            Position::Lost => actions.push(reply(seq, Err(ReplyError::NotInSync))),
+            Position::Lost | Position::CaughtUp => {
+                actions.push(reply(seq, Err(ReplyError::NotInSync)))
+            }
             Position::Accepted(last) if seq == 0 => {
                 // Seq 0 is the fence's; a write never carries it.
                 actions.push(reply(seq, Err(ReplyError::SeqGap { expected: last + 1 })));
@@ -402,7 +422,7 @@ mod tests {
     }
 
     #[test]
-    fn a_restarted_replica_refuses_its_generation_until_a_newer_one() {
+    fn a_restarted_replica_refuses_writes_in_every_generation_until_caught_up() {
         let mut r = Replica::restarted(vol(), Generation(4));
         assert!(r.is_lost());
         assert_eq!(
@@ -416,16 +436,35 @@ mod tests {
             r.handle(write(4, 9)),
             vec![reply(9, Err(ReplyError::NotInSync))]
         );
+        // A newer generation is still learned and persisted (the fence holds) ...
         let fenced = r.handle(Message::Fence {
             volume: vol(),
             generation: Generation(5),
         });
         assert_eq!(
             fenced,
-            vec![ReplicaAction::PersistGeneration(Generation(5)), ok(0)]
+            vec![
+                ReplicaAction::PersistGeneration(Generation(5)),
+                reply(0, Err(ReplyError::NotInSync))
+            ]
+        );
+        // ... but does not make the copy whole: writes are still refused.
+        assert_eq!(
+            r.handle(write(5, 1)),
+            vec![reply(1, Err(ReplyError::NotInSync))]
+        );
+        assert!(r.is_lost());
+        // Once caught up, writes of the next generation are taken from seq 1.
+        r.mark_caught_up();
+        assert_eq!(
+            r.handle(write(5, 1)),
+            vec![reply(1, Err(ReplyError::NotInSync))]
+        );
+        assert_eq!(
+            apply_and_ack(&mut r, write(6, 1)),
+            vec![ReplicaAction::PersistGeneration(Generation(6)), ok(1)]
         );
         assert!(!r.is_lost());
-        assert_eq!(apply_and_ack(&mut r, write(5, 1)), vec![ok(1)]);
     }
 
     #[test]
