@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use crate::barrier::ReadIndex;
 use crate::ca_record::{self, CaRecordError};
 use crate::membership::{self, leader, Leader};
+use crate::network::admission::{self, AnonymousSlots};
 use crate::network::rpc::{Reply, Rpc, MAX_ANONYMOUS_RPC, MAX_RPC};
 use crate::network::{cert_name, now_ms, AuthError, EnrollReply, EnrollRequest, Transport};
 use crate::state_machine::StateReader;
@@ -40,6 +41,8 @@ enum EnrollError {
     NoCa,
     #[error("cannot issue the certificate: {0}")]
     Issue(#[source] PkiError),
+    #[error("{0}")]
+    Identity(String),
 }
 
 /// What the RPC server needs.
@@ -84,6 +87,14 @@ pub(crate) fn ca_from(
 }
 
 impl ServeCtx {
+    /// Why node `id` may not enroll (`enrolling`) or join, if so (see
+    /// [`admission::refused_identity`]; a member asking to join again is harmless).
+    fn refused_identity(&self, id: NodeId, enrolling: bool) -> Option<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let member = enrolling && m.membership_config.membership().get_node(&id).is_some();
+        self.sm.read(|t| admission::refused_identity(t, id, member))
+    }
+
     fn ca(&self) -> Option<ClusterCa> {
         match ca_from(&self.ca, &self.sm, self.join_key.as_ref()) {
             Ok(ca) => ca,
@@ -97,6 +108,10 @@ impl ServeCtx {
     fn enroll(&self, req: EnrollRequest) -> Result<EnrollReply, EnrollError> {
         let key = self.join_key.ok_or(EnrollError::NoJoinKey)?;
         req.verify(&key, now_ms())?;
+        if let Some(why) = self.refused_identity(req.id, true) {
+            tracing::warn!(id = req.id, "refused an enrollment: {why}");
+            return Err(EnrollError::Identity(why));
+        }
         let ca = self.ca().ok_or(EnrollError::NoCa)?;
         let cert_pem = ca
             .issue_with_ips(&req.csr_pem, &cert_name(req.id), &req.ips)
@@ -117,6 +132,7 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// listener: a node that stopped accepting would drop out of its cluster for good.
 pub(crate) async fn serve(listener: TcpListener, ctx: Arc<ServeCtx>) {
     let mut backoff = ACCEPT_BACKOFF_MIN;
+    let slots = AnonymousSlots::default();
     loop {
         let (sock, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -131,6 +147,7 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<ServeCtx>) {
         backoff = ACCEPT_BACKOFF_MIN;
         let _ = sock.set_nodelay(true);
         let ctx = ctx.clone();
+        let slots = slots.clone();
         tokio::spawn(async move {
             let res = match ctx.tls.clone() {
                 None => handle(sock, &ctx, Caller::Plain).await,
@@ -148,12 +165,16 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<ServeCtx>) {
                                 .peer_certificates()
                                 .and_then(|c| c.first())
                                 .map(|c| c.clone().into_owned());
-                            handle(
-                                s,
-                                &ctx,
-                                cert.map(Caller::Certified).unwrap_or(Caller::Anonymous),
-                            )
-                            .await
+                            match cert {
+                                Some(cert) => handle(s, &ctx, Caller::Certified(cert)).await,
+                                None => match slots.take() {
+                                    // Held until the connection ends.
+                                    Some(_slot) => handle(s, &ctx, Caller::Anonymous).await,
+                                    None => Err(std::io::Error::other(
+                                        "too many connections without a cluster certificate: closed",
+                                    )),
+                                },
+                            }
                         }
                         Ok(Err(e)) => Err(e),
                         Err(_) => Err(std::io::Error::other("TLS handshake timed out")),
@@ -249,8 +270,11 @@ async fn answer(line: &str, ctx: &ServeCtx, caller: &Caller) -> std::io::Result<
     let allowed = match (caller, &rpc) {
         (Caller::Plain, _) | (_, Rpc::Enroll(_)) => true,
         (Caller::Anonymous, _) => false,
-        // A joining node has a certificate but is not a member yet.
-        (Caller::Certified(_), Rpc::Join(_)) => true,
+        // A joining node has a certificate but is not a member yet: it may ask for its
+        // own id only; a member may forward anyone's request to the leader.
+        (Caller::Certified(cert), Rpc::Join(req)) => {
+            admission::cert_is_for(cert, req.id) || is_member(&ctx.raft, cert)
+        }
         (Caller::Certified(cert), _) => is_member(&ctx.raft, cert),
     };
     if !allowed {
@@ -265,9 +289,15 @@ async fn answer(line: &str, ctx: &ServeCtx, caller: &Caller) -> std::io::Result<
         Rpc::Append(req) => serde_json::to_vec(&raft.append_entries(req).await),
         Rpc::Vote(req) => serde_json::to_vec(&raft.vote(req).await),
         Rpc::Snapshot(req) => serde_json::to_vec(&raft.install_snapshot(req).await),
-        Rpc::Join(req) => serde_json::to_vec(&wire(
-            membership::join(raft, &ctx.transport, ctx.join_key, req).await,
-        )),
+        Rpc::Join(req) => match ctx.refused_identity(req.id, false) {
+            Some(why) => {
+                tracing::warn!(id = req.id, "refused a join: {why}");
+                serde_json::to_vec(&Reply::<()>::Err(why))
+            }
+            None => serde_json::to_vec(&wire(
+                membership::join(raft, &ctx.transport, ctx.join_key, req).await,
+            )),
+        },
         Rpc::Enroll(req) => serde_json::to_vec(&wire(ctx.enroll(req))),
         Rpc::Remove(id) => {
             serde_json::to_vec(&wire(membership::remove(raft, &ctx.transport, id).await))

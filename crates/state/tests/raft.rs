@@ -77,6 +77,24 @@ async fn wait_value(n: &Node, key: &str, want: serde_json::Value) {
     }
 }
 
+/// Waits until `n` has `want` at `table`/`key`.
+async fn wait_value_in(n: &Node, table: &str, key: &str, want: serde_json::Value) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = n
+            .state
+            .read(|t| t.get(table).and_then(|t| t.get(key)).cloned());
+        if got.as_ref() == Some(&want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{table}/{key} never became {want}: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -291,7 +309,21 @@ async fn mutual_tls_enrollment_and_signed_joins() {
         wait_value(n, "x", json!(1)).await;
     }
 
-    // Without a cluster certificate nothing but enrollment is answered.
+    // A member that registered (ran with its certificate) cannot get a second one with
+    // the join key alone: that needs an operator.
+    l.write(Command::Put {
+        table: "nodes".into(),
+        key: "node-two".into(),
+        value: json!({ "raft_id": 2 }),
+    })
+    .await
+    .unwrap();
+    for n in &nodes {
+        wait_value_in(n, "nodes", "node-two", json!({ "raft_id": 2 })).await;
+    }
+    let again = network::enroll(&addrs[&1].to_string(), &key, 2, &[]).await;
+    let why = refusal(again.map(|_| ()));
+    assert!(why.contains("running member"), "{why}");
     let (fid, faddr) = addrs
         .iter()
         .find(|(id, _)| **id != leader)
@@ -342,6 +374,16 @@ async fn mutual_tls_enrollment_and_signed_joins() {
         .request_join(fid, &faddr.to_string(), &[9u8; 32], 4, &addr4.to_string())
         .await;
     assert_eq!(refusal(forged), AuthError::Forged("join").to_string());
+    // Its certificate speaks for node 4 only: asking to add node 5, even with the right
+    // key, is turned away.
+    let other_id = n4
+        .transport
+        .request_join(fid, &faddr.to_string(), &key, 5, &addr4.to_string())
+        .await;
+    assert!(
+        matches!(other_id, Err(TransportError::Hangup { .. })),
+        "a join for another node's id was not turned away: {other_id:?}"
+    );
     n4.transport
         .request_join(fid, &faddr.to_string(), &key, 4, &addr4.to_string())
         .await
@@ -407,6 +449,34 @@ async fn mutual_tls_enrollment_and_signed_joins() {
     for n in &nodes {
         wait_value(n, "late", json!(2)).await;
     }
+    // Recorded as removed (what `DELETE /nodes/{id}` writes), node 4 can neither join
+    // again with its old certificate nor enroll for a new one.
+    follower
+        .write(Command::Put {
+            table: network::admission::REMOVED_NODES.into(),
+            key: network::cert_name(4),
+            value: json!({ "node": "node-four" }),
+        })
+        .await
+        .unwrap();
+    for n in &nodes {
+        wait_value_in(
+            n,
+            network::admission::REMOVED_NODES,
+            &network::cert_name(4),
+            json!({ "node": "node-four" }),
+        )
+        .await;
+    }
+    let rejoin = n4
+        .transport
+        .request_join(fid, &faddr.to_string(), &key, 4, &addr4.to_string())
+        .await;
+    let why = refusal(rejoin);
+    assert!(why.contains("was removed"), "{why}");
+    let reenroll = network::enroll(&faddr.to_string(), &key, 4, &[]).await;
+    let why = refusal(reenroll.map(|_| ()));
+    assert!(why.contains("was removed"), "{why}");
     // Removing it again (the same path that just removed it) names why not.
     match follower.remove_member(4).await {
         Err(StateError::Membership(MembershipError::NotMember(4))) => {}
@@ -559,4 +629,75 @@ async fn an_anonymous_caller_may_send_only_a_small_frame() {
     let again = anonymous_exchange(addr, &request("tiny")).await;
     assert!(again.is_some(), "the port stopped answering");
     drop(n1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_connections_are_capped_and_members_still_get_in() {
+    use tokio::io::AsyncReadExt;
+    let ca = tessera_pki::ClusterCa::mint("test").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let n1 = Node::start(1, addr, dir.path(), Some([7u8; 32]), Some(own_tls(&ca, 1)))
+        .await
+        .unwrap();
+    n1.initialize(BTreeMap::from([(1, addr)])).await.unwrap();
+    wait_leader(&[&n1]).await;
+    // Fill every anonymous slot with connections that finished their handshake and sit.
+    let cfg = std::sync::Arc::new(tessera_pki::enrollment_client_config().unwrap());
+    let mut held = Vec::new();
+    for _ in 0..network::admission::MAX_ANONYMOUS_CONNECTIONS {
+        let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("x.tessera").unwrap();
+        held.push(
+            tokio_rustls::TlsConnector::from(cfg.clone())
+                .connect(name, sock)
+                .await
+                .unwrap(),
+        );
+    }
+    // Let the server take its slots for them (each after its handshake).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let forged_enroll = format!(
+        "{}\n",
+        json!({
+            "rpc": "enroll",
+            "body": EnrollRequest::new(&[9u8; 32], 9, "csr".into(), &[], now_ms()),
+        })
+    );
+    // One more is closed at once, unanswered.
+    let t = Instant::now();
+    assert_eq!(anonymous(addr, &forged_enroll).await, Anonymous::Closed);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "the connection over the cap was not closed at once: {:?}",
+        t.elapsed()
+    );
+    // A member (with its certificate) is not held back by them.
+    let member = network::Transport::new(Some(own_tls(&ca, 1)));
+    member
+        .forward_write(
+            1,
+            &addr.to_string(),
+            put("member", json!(1)),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    // The held connections are still open (the server did not drop them to make room)...
+    let mut probe = [0u8; 1];
+    let still_open =
+        tokio::time::timeout(Duration::from_millis(200), held[0].read(&mut probe)).await;
+    assert!(
+        still_open.is_err(),
+        "a held anonymous connection was closed: {still_open:?}"
+    );
+    // ... and once one ends, an enrolling caller is answered again.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        matches!(anonymous(addr, &forged_enroll).await, Anonymous::Answer(a) if a.contains("enrollment")),
+        "no anonymous slot came free"
+    );
+    drop(held);
+    n1.shutdown().await;
 }

@@ -12,6 +12,7 @@
 //! peer, nothing of membership, read barriers or the server (those build on it, see
 //! [`crate::membership`], [`crate::barrier`] and the crate's RPC server).
 
+pub mod admission;
 mod auth;
 mod raft_network;
 pub(crate) mod rpc;
