@@ -93,6 +93,49 @@ pub enum AdminOp {
     /// Report the store's health (degraded or not) and what it holds. Cheap: it reads
     /// memory and the catalog, never the volumes' data.
     Status {},
+    /// Set a volume's replication role in `generation` (issue #8; `tesserad` decides it
+    /// in the cluster state). The volume's persisted generation is raised to it first; a
+    /// replica then refuses every older generation, a primary forwards its NBD writes to
+    /// `replicas` over QUIC.
+    SetReplication {
+        /// Volume.
+        volume: String,
+        /// The generation the role holds in.
+        generation: u64,
+        /// What this store is for the volume.
+        role: ReplicationRole,
+    },
+}
+
+/// A store's part in a volume's replication.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ReplicationRole {
+    /// Serves the writer and forwards every write to the replicas.
+    Primary {
+        /// The in-sync replicas (other nodes' stores).
+        replicas: Vec<ReplicaPeer>,
+        /// A replica that has not answered a request this long fails it (milliseconds;
+        /// default 5000).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    /// Takes writes from the primary of this generation (or a newer one).
+    Replica {},
+    /// Not replicated: the volume is served alone (the default).
+    Standalone {},
+}
+
+/// Where a replica is.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaPeer {
+    /// Its node id (its certificate names `<node>.node.tessera`).
+    pub node: String,
+    /// Its store's replication address (`host:port`, UDP).
+    pub addr: String,
 }
 
 impl AdminOp {
@@ -121,6 +164,21 @@ impl AdminOp {
             } => format!("clone {volume}@{snapshot} to {name}"),
             AdminOp::Scrub {} => "scrub the store".into(),
             AdminOp::Status {} => "report the store's status".into(),
+            AdminOp::SetReplication {
+                volume,
+                generation,
+                role,
+            } => {
+                let role = match role {
+                    ReplicationRole::Primary { replicas, .. } => {
+                        let nodes: Vec<&str> = replicas.iter().map(|r| r.node.as_str()).collect();
+                        format!("primary with replicas [{}]", nodes.join(", "))
+                    }
+                    ReplicationRole::Replica {} => "replica".into(),
+                    ReplicationRole::Standalone {} => "standalone".into(),
+                };
+                format!("make this store the {role} of volume {volume} in generation {generation}")
+            }
         }
     }
 }

@@ -31,6 +31,22 @@ fn every_op() -> Vec<AdminOp> {
         },
         AdminOp::Scrub {},
         AdminOp::Status {},
+        AdminOp::SetReplication {
+            volume: "v".into(),
+            generation: 2,
+            role: ReplicationRole::Primary {
+                replicas: vec![ReplicaPeer {
+                    node: "node2".into(),
+                    addr: "10.0.0.2:7410".into(),
+                }],
+                timeout_ms: Some(3000),
+            },
+        },
+        AdminOp::SetReplication {
+            volume: "v".into(),
+            generation: 3,
+            role: ReplicationRole::Replica {},
+        },
     ]
 }
 

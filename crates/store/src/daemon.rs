@@ -12,6 +12,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::exports::StoreExports;
+use crate::repl::quic::ReplEndpoint;
+use crate::repl::{Replication, RoleError};
 use tessera_store_admin::{
     self as admin, AdminError, AdminOp, AdminReply, AdminResponse, ErrorKind, Outcome, StoreStatus,
     ADMIN_VERSION,
@@ -39,6 +41,9 @@ pub struct DaemonConfig {
     pub store: StoreOptions,
     /// Limits of the NBD server (both listeners).
     pub nbd: ServerConfig,
+    /// Replication over QUIC (UDP) on this address, with the credentials in
+    /// `nbd_tls_dir`; off when `None`.
+    pub repl_quic: Option<SocketAddr>,
 }
 
 /// A started daemon; dropping it does not stop it, call [`Running::shutdown`].
@@ -48,6 +53,10 @@ pub struct Running {
     /// Where plain NBD over TCP listens, if enabled (the real port when 0 was asked).
     /// The TLS listener binds later, when the credentials appear (see `crate::tls`).
     pub nbd_tcp_plain: Option<SocketAddr>,
+    /// Where replication over QUIC listens, if enabled (the real port when 0 was asked).
+    pub repl_quic: Option<SocketAddr>,
+    /// Every volume's replication role.
+    pub replication: Arc<Replication>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -129,8 +138,30 @@ pub async fn start(cfg: &DaemonConfig) -> anyhow::Result<Running> {
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
         .await?
         .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
-    let exports = Arc::new(StoreExports::new(store.clone()));
     let mut tasks = Vec::new();
+    let mut endpoint = None;
+    if let Some(addr) = cfg.repl_quic {
+        let Some(dir) = cfg.nbd_tls_dir.clone() else {
+            anyhow::bail!("replication over QUIC needs the node's credentials (--nbd-tls-dir)");
+        };
+        let ep = ReplEndpoint::bind(addr, dir)?;
+        tasks.push(tokio::spawn(crate::repl::quic::follow_credentials(
+            ep.clone(),
+        )));
+        endpoint = Some(ep);
+    }
+    let repl_quic = match &endpoint {
+        Some(ep) => Some(ep.local_addr()?),
+        None => None,
+    };
+    let replication = Replication::new(store.clone(), endpoint.clone());
+    if let Some(ep) = endpoint {
+        tasks.push(tokio::spawn(crate::repl::replica::serve(
+            ep,
+            replication.replicas.clone(),
+        )));
+    }
+    let exports = Arc::new(StoreExports::replicated(store.clone(), replication.clone()));
     if let (Some(addr), Some(dir)) = (cfg.nbd_tcp, cfg.nbd_tls_dir.clone()) {
         let (ex, nbd) = (exports.clone(), cfg.nbd.clone());
         tasks.push(tokio::spawn(crate::tls::serve(addr, dir, ex, nbd)));
@@ -162,24 +193,27 @@ pub async fn start(cfg: &DaemonConfig) -> anyhow::Result<Running> {
     // Only root (the owner) may administer volumes.
     std::fs::set_permissions(&cfg.admin_socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", cfg.admin_socket.display()))?;
-    let st = store.clone();
-    tasks.push(tokio::spawn(serve_admin(admin, st)));
+    let (st, rp) = (store.clone(), replication.clone());
+    tasks.push(tokio::spawn(serve_admin(admin, st, rp)));
     tracing::info!(
         data_dir = %cfg.data_dir.display(),
         nbd_tls = ?cfg.nbd_tcp,
         nbd_plain = ?nbd_tcp_plain,
         nbd_unix = %cfg.nbd_unix.display(),
+        repl_quic = ?repl_quic,
         admin = %cfg.admin_socket.display(),
         "tessera-store is serving"
     );
     Ok(Running {
         store,
         nbd_tcp_plain,
+        repl_quic,
+        replication,
         tasks,
     })
 }
 
-async fn serve_admin(listener: UnixListener, store: Store) {
+async fn serve_admin(listener: UnixListener, store: Store, repl: Arc<Replication>) {
     loop {
         let sock = match listener.accept().await {
             Ok((s, _)) => s,
@@ -188,16 +222,20 @@ async fn serve_admin(listener: UnixListener, store: Store) {
                 return;
             }
         };
-        let store = store.clone();
+        let (store, repl) = (store.clone(), repl.clone());
         tokio::spawn(async move {
-            if let Err(e) = admin_connection(sock, store).await {
+            if let Err(e) = admin_connection(sock, store, repl).await {
                 tracing::debug!(error = %e, "admin connection ended with an error");
             }
         });
     }
 }
 
-async fn admin_connection(sock: tokio::net::UnixStream, store: Store) -> std::io::Result<()> {
+async fn admin_connection(
+    sock: tokio::net::UnixStream,
+    store: Store,
+    repl: Arc<Replication>,
+) -> std::io::Result<()> {
     let (r, mut w) = sock.into_split();
     let mut r = BufReader::new(r);
     loop {
@@ -237,8 +275,8 @@ async fn admin_connection(sock: tokio::net::UnixStream, store: Store) -> std::io
                 Ok(text) => match admin::parse_request(text.trim_end()) {
                     Err(e) => Outcome::Error(e),
                     Ok(op) => {
-                        let st = store.clone();
-                        tokio::task::spawn_blocking(move || execute(&st, op))
+                        let (st, rp) = (store.clone(), repl.clone());
+                        tokio::task::spawn_blocking(move || execute(&st, &rp, op))
                             .await
                             .unwrap_or_else(|e| {
                                 Outcome::Error(AdminError {
@@ -261,7 +299,7 @@ async fn admin_connection(sock: tokio::net::UnixStream, store: Store) -> std::io
 }
 
 /// Runs one admin operation against the store.
-pub fn execute(store: &Store, op: AdminOp) -> Outcome {
+pub fn execute(store: &Store, repl: &Replication, op: AdminOp) -> Outcome {
     // `tesserad` asks for the status every few seconds: not worth a log line each time.
     if !matches!(op, AdminOp::Status {}) {
         tracing::info!(?op, "admin operation");
@@ -291,6 +329,21 @@ pub fn execute(store: &Store, op: AdminOp) -> Outcome {
             .map(AdminReply::Volume),
         AdminOp::Scrub {} => store.scrub().map(AdminReply::Scrub),
         AdminOp::Status {} => Ok(AdminReply::Status(status(store))),
+        AdminOp::SetReplication {
+            volume,
+            generation,
+            role,
+        } => match repl.set_role(&volume, generation, &role) {
+            Ok(_) => store.volume_info(&volume).map(AdminReply::Volume),
+            Err(RoleError::Store(e)) => Err(e),
+            Err(RoleError::Refused(why)) => {
+                tracing::info!(error = %why, "admin operation refused");
+                return Outcome::Error(AdminError {
+                    kind: ErrorKind::Invalid,
+                    message: why,
+                });
+            }
+        },
     };
     match res {
         Ok(r) => Outcome::Ok(r),

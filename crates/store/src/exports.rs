@@ -5,21 +5,92 @@ use std::sync::Arc;
 use tessera_blockstore::{Allocation, Export, Store, StoreError};
 use tessera_nbd::proto::{Errno, STATE_HOLE, STATE_ZERO};
 use tessera_nbd::{Device, DeviceError, ExportEntry, Exports, Extent};
+use tessera_replication::replica::Op;
+use tessera_replication::wire::MAX_DATA;
+
+use crate::repl::Replication;
 
 /// Every volume and snapshot of a store, as NBD exports.
 pub struct StoreExports {
     store: Store,
+    repl: Option<Arc<Replication>>,
 }
 
 impl StoreExports {
-    /// Wraps a store.
+    /// Wraps a store whose volumes are not replicated.
     pub fn new(store: Store) -> Self {
-        StoreExports { store }
+        StoreExports { store, repl: None }
+    }
+
+    /// Wraps a store whose volumes may be replicated: writes to a volume this store is
+    /// the primary of go through its replication, writes to a replica are refused.
+    pub fn replicated(store: Store, repl: Arc<Replication>) -> Self {
+        StoreExports {
+            store,
+            repl: Some(repl),
+        }
     }
 }
 
-/// One open export.
-pub struct StoreDevice(Export);
+/// One open export. Its role is looked up at every write, so a role set while a client
+/// is connected applies to that client's next write.
+pub struct StoreDevice {
+    export: Export,
+    repl: Option<Arc<Replication>>,
+}
+
+/// Where a write goes.
+enum Route {
+    /// Straight to the local copy.
+    Local,
+    /// Through the volume's primary.
+    Replicated(Arc<crate::repl::primary::PrimaryHandle>),
+}
+
+impl StoreDevice {
+    fn route(&self) -> Result<Route, DeviceError> {
+        let Some(repl) = &self.repl else {
+            return Ok(Route::Local);
+        };
+        let name = self.export.name();
+        if let Some(p) = repl.primaries.get(name) {
+            return Ok(Route::Replicated(p));
+        }
+        if repl.replicas.is_replica(name) {
+            return Err(DeviceError::new(
+                Errno::Perm,
+                format!("volume {name} is a replica on this store: only its primary writes it"),
+            ));
+        }
+        Ok(Route::Local)
+    }
+
+    /// Runs `op` through the primary, split into frames the wire carries.
+    fn forward(p: &crate::repl::primary::PrimaryHandle, op: Op) -> Result<(), DeviceError> {
+        let fail =
+            |e: crate::repl::primary::ForwardError| DeviceError::new(Errno::Io, e.to_string());
+        match op {
+            Op::Write { offset, fua, data } if data.len() > MAX_DATA => {
+                let mut at = 0usize;
+                while at < data.len() {
+                    let end = (at + MAX_DATA).min(data.len());
+                    p.submit(Op::Write {
+                        offset: offset + at as u64,
+                        fua: false,
+                        data: data[at..end].to_vec(),
+                    })
+                    .map_err(fail)?;
+                    at = end;
+                }
+                if fua {
+                    p.submit(Op::Flush).map_err(fail)?;
+                }
+                Ok(())
+            }
+            op => p.submit(op).map_err(fail),
+        }
+    }
+}
 
 fn errno(e: &StoreError) -> Errno {
     match e {
@@ -37,25 +108,40 @@ fn dev_err(e: StoreError) -> DeviceError {
 
 impl Device for StoreDevice {
     fn size(&self) -> u64 {
-        self.0.size()
+        self.export.size()
     }
     fn read_only(&self) -> bool {
-        self.0.read_only()
+        self.export.read_only()
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
-        self.0.read_at(offset, buf).map_err(dev_err)
+        self.export.read_at(offset, buf).map_err(dev_err)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
-        self.0.write_at(offset, data, fua).map_err(dev_err)
+        self.write_owned(offset, data.to_vec(), fua)
     }
     fn write_owned(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
-        self.0.write_owned(offset, data, fua).map_err(dev_err)
+        match self.route()? {
+            Route::Local => self.export.write_owned(offset, data, fua).map_err(dev_err),
+            Route::Replicated(p) => Self::forward(&p, Op::Write { offset, fua, data }),
+        }
     }
     fn flush(&self) -> Result<(), DeviceError> {
-        self.0.flush().map_err(dev_err)
+        match self.route()? {
+            Route::Local => self.export.flush().map_err(dev_err),
+            Route::Replicated(p) => Self::forward(&p, Op::Flush),
+        }
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), DeviceError> {
-        self.0.trim(offset, len, fua).map_err(dev_err)
+        match self.route()? {
+            Route::Local => self.export.trim(offset, len, fua).map_err(dev_err),
+            Route::Replicated(p) => {
+                Self::forward(&p, Op::Trim { offset, len })?;
+                if fua {
+                    Self::forward(&p, Op::Flush)?;
+                }
+                Ok(())
+            }
+        }
     }
     fn write_zeroes(
         &self,
@@ -64,13 +150,24 @@ impl Device for StoreDevice {
         no_hole: bool,
         fua: bool,
     ) -> Result<(), DeviceError> {
-        self.0
-            .write_zeroes(offset, len, no_hole, fua)
-            .map_err(dev_err)
+        match self.route()? {
+            Route::Local => self
+                .export
+                .write_zeroes(offset, len, no_hole, fua)
+                .map_err(dev_err),
+            // Replicas store zeroes as holes: NO_HOLE is not carried on the wire.
+            Route::Replicated(p) => {
+                Self::forward(&p, Op::WriteZeroes { offset, len })?;
+                if fua {
+                    Self::forward(&p, Op::Flush)?;
+                }
+                Ok(())
+            }
+        }
     }
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError> {
         Ok(self
-            .0
+            .export
             .extents(offset, len)
             .map_err(dev_err)?
             .into_iter()
@@ -105,7 +202,10 @@ impl Exports for StoreExports {
 
     fn open(&self, name: &str) -> Result<Option<Arc<StoreDevice>>, DeviceError> {
         match self.store.open_export(name) {
-            Ok(e) => Ok(Some(Arc::new(StoreDevice(e)))),
+            Ok(export) => Ok(Some(Arc::new(StoreDevice {
+                export,
+                repl: self.repl.clone(),
+            }))),
             Err(StoreError::NotFound(_)) => Ok(None),
             Err(e) => Err(dev_err(e)),
         }

@@ -12,4 +12,5 @@
 pub mod admin_client;
 pub mod daemon;
 pub mod exports;
+pub mod repl;
 pub mod tls;

@@ -86,9 +86,15 @@ struct ServeArgs {
     /// once --nbd-tls-dir holds this node's credentials.
     #[arg(long)]
     nbd_tcp: Option<SocketAddr>,
-    /// Where tesserad writes this node's credentials (ca.crt, node.crt, node.key).
-    #[arg(long, default_value = DEFAULT_TLS_DIR)]
+    /// Where tesserad writes this node's credentials (ca.crt, node.crt, node.key), for
+    /// NBD over TLS and replication.
+    #[arg(long, visible_alias = "tls-dir", default_value = DEFAULT_TLS_DIR)]
     nbd_tls_dir: PathBuf,
+    /// Replication over QUIC on this UDP address (mutual TLS with the node's
+    /// credentials, ALPN tessera-repl/1): other stores' primaries reach this store's
+    /// replicas here, and this store's primaries reach theirs from it. Off when not given.
+    #[arg(long)]
+    repl_quic: Option<SocketAddr>,
     /// Plain NBD over TCP, no authentication at all: only on an address where everyone
     /// who can reach it is trusted (loopback of a single-user machine, tests).
     #[arg(long)]
@@ -197,6 +203,7 @@ fn daemon_config(args: &ServeArgs, admin: Option<PathBuf>) -> DaemonConfig {
     DaemonConfig {
         nbd_tcp: args.nbd_tcp.filter(|_| !args.no_tcp),
         nbd_tls_dir: Some(args.nbd_tls_dir.clone()),
+        repl_quic: args.repl_quic,
         nbd_tcp_plain: args.nbd_tcp_plain.filter(|_| !args.no_tcp),
         nbd_unix: args
             .nbd_unix

@@ -24,10 +24,13 @@ const POLL: Duration = Duration::from_secs(1);
 
 /// The credential files' text, to notice a change.
 #[derive(Clone, PartialEq, Eq)]
-struct Creds {
-    ca: String,
-    cert: String,
-    key: String,
+pub struct Creds {
+    /// The cluster CA certificate.
+    pub ca: String,
+    /// This node's certificate.
+    pub cert: String,
+    /// This node's key.
+    pub key: String,
 }
 
 /// Why the credentials in the directory cannot be used (logged, and polled again).
@@ -52,7 +55,7 @@ pub enum TlsFilesError {
 }
 
 /// The three files, or `None` while any is missing.
-fn read_creds(dir: &Path) -> Result<Option<Creds>, TlsFilesError> {
+pub fn read_creds(dir: &Path) -> Result<Option<Creds>, TlsFilesError> {
     let read = |name: &str| {
         let path = dir.join(name);
         match std::fs::read_to_string(&path) {

@@ -1,0 +1,448 @@
+//! The replica service: takes the streams primaries open to this store, decodes their
+//! frames with `tessera-replication`'s codec, runs each volume's `Replica` state machine
+//! and performs what it asks on the local copy (the block store's `Export`), in order:
+//! a newer generation is persisted before anything that depends on it is answered.
+//!
+//! A volume accepts replication only after `tesserad` made it a replica (the admin op
+//! `set_replication`); anything else is answered `NotReplica`, a volume this store does
+//! not hold `UnknownVolume`. A frame that does not decode (oversize, truncated, bad
+//! fields) ends the stream with [`code::MALFORMED`]: nothing of it was applied, and the
+//! refusal is logged at most once a second per kind.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tessera_blockstore::{Export, Store, StoreError};
+use tessera_replication::replica::{Op, Replica, ReplicaAction};
+use tessera_replication::wire::{
+    self, Decoder, Generation, Message, ReplyError, VolumeName, BLOCK_SIZE,
+};
+
+use super::quic::{peer_node, ReplEndpoint};
+
+/// QUIC application error codes this service closes streams and connections with.
+pub mod code {
+    /// A frame that does not decode.
+    pub const MALFORMED: u32 = 1;
+    /// A message the protocol does not allow here (a reply sent to a replica).
+    pub const PROTOCOL: u32 = 2;
+    /// The peer's certificate is not a node's.
+    pub const NOT_A_NODE: u32 = 3;
+    /// The local store failed to persist a generation.
+    pub const STORE_FAILED: u32 = 4;
+}
+
+/// Most bytes read from a stream at a time (a frame body is read in such pieces).
+const READ_CHUNK: usize = 256 << 10;
+/// Blocks digested per read of the local copy.
+const DIGEST_CHUNK: u64 = 256;
+
+/// One volume's replica: its state machine and the open local copy.
+struct VolumeReplica {
+    machine: Replica,
+    export: Export,
+}
+
+/// The replicas this store holds, by volume name.
+pub struct ReplicaService {
+    store: Store,
+    volumes: Mutex<HashMap<String, Arc<Mutex<VolumeReplica>>>>,
+    limiter: LogLimiter,
+}
+
+impl ReplicaService {
+    /// The service over `store`; no volume is a replica until [`ReplicaService::enable`].
+    pub fn new(store: Store) -> Arc<ReplicaService> {
+        Arc::new(ReplicaService {
+            store,
+            volumes: Mutex::new(HashMap::new()),
+            limiter: LogLimiter::default(),
+        })
+    }
+
+    /// Makes `volume` a replica that refuses every generation below `generation`
+    /// (persisted before this returns). Blocking: it may sync the catalog.
+    pub fn enable(&self, volume: &str, generation: u64) -> Result<u64, StoreError> {
+        let name = VolumeName::new(volume).map_err(|e| StoreError::Invalid {
+            field: "volume",
+            reason: e.to_string(),
+        })?;
+        let vr = self.volume(&name)?;
+        let mut vr = vr.lock();
+        // The fence as if a primary of `generation` announced itself: persisted, and the
+        // count of seqs starts again, so the primary of that generation can write.
+        let actions = vr.machine.handle(Message::Fence {
+            volume: name,
+            generation: Generation(generation),
+        });
+        for a in actions {
+            if let ReplicaAction::PersistGeneration(g) = a {
+                let now = self.store.raise_generation(volume, g.0)?;
+                vr.export.bind_generation(now);
+            }
+        }
+        Ok(vr.machine.generation().0)
+    }
+
+    /// True when `volume` is a replica here (local clients must not write it).
+    pub fn is_replica(&self, volume: &str) -> bool {
+        self.volumes.lock().contains_key(volume)
+    }
+
+    /// Stops serving `volume` as a replica (its persisted generation stays).
+    pub fn disable(&self, volume: &str) {
+        self.volumes.lock().remove(volume);
+    }
+
+    /// The replica of an existing volume, built from its persisted generation.
+    fn volume(&self, name: &VolumeName) -> Result<Arc<Mutex<VolumeReplica>>, StoreError> {
+        let mut map = self.volumes.lock();
+        if let Some(v) = map.get(name.as_str()) {
+            return Ok(v.clone());
+        }
+        let persisted = self.store.generation(name.as_str())?;
+        let export = self.store.open_export(name.as_str())?;
+        export.bind_generation(persisted);
+        // Only `enable` gets here, and the cluster makes a copy a replica only when it
+        // holds everything (a new volume, or one caught up): it starts with seq 1 of the
+        // generation `enable` fences in, which is never below the persisted one. A store
+        // that restarted forgot its roles; until it is told again it takes no writes.
+        let v = Arc::new(Mutex::new(VolumeReplica {
+            machine: Replica::new(name.clone()),
+            export,
+        }));
+        map.insert(name.as_str().to_string(), v.clone());
+        Ok(v)
+    }
+
+    fn enabled(&self, name: &str) -> Option<Arc<Mutex<VolumeReplica>>> {
+        self.volumes.lock().get(name).cloned()
+    }
+
+    /// Handles one message; returns what to send back, or why the stream must close.
+    /// Blocking (store I/O).
+    fn handle(&self, msg: Message) -> Result<Vec<Message>, (u32, String)> {
+        let volume = match target_volume(&msg) {
+            Some(v) => v.clone(),
+            None => {
+                return Err((
+                    code::PROTOCOL,
+                    "a replica received a reply; only the primary receives replies".into(),
+                ))
+            }
+        };
+        let Some(vr) = self.enabled(volume.as_str()) else {
+            let why = match self.store.generation(volume.as_str()) {
+                Err(StoreError::NotFound(_)) | Err(StoreError::Gone(_)) => {
+                    ReplyError::UnknownVolume
+                }
+                _ => ReplyError::NotReplica,
+            };
+            self.limiter.warn("refused", || {
+                format!("replication message for volume {volume} refused: {why}")
+            });
+            return Ok(refusal(&msg, why).into_iter().collect());
+        };
+        let mut vr = vr.lock();
+        let mut out = Vec::new();
+        let mut pending = std::collections::VecDeque::from(vr.machine.handle(msg));
+        while let Some(action) = pending.pop_front() {
+            match action {
+                ReplicaAction::PersistGeneration(g) => {
+                    match self.store.raise_generation(volume.as_str(), g.0) {
+                        Ok(now) => vr.export.bind_generation(now),
+                        Err(e) => {
+                            // The state machine already counts `g` as seen; forget it so
+                            // the next stream starts from what is persisted.
+                            self.volumes.lock().remove(volume.as_str());
+                            return Err((
+                                code::STORE_FAILED,
+                                format!("persisting generation {g} of {volume}: {e}"),
+                            ));
+                        }
+                    }
+                }
+                ReplicaAction::Apply { seq, op } => {
+                    let result = apply(&vr.export, op).map_err(|e| reply_error(&e));
+                    if let Err(e) = &result {
+                        self.limiter.warn("apply", || {
+                            format!("replicated write {seq} to {volume} failed: {e}")
+                        });
+                    }
+                    let more = vr.machine.applied(seq, result);
+                    for (i, a) in more.into_iter().enumerate() {
+                        pending.insert(i, a);
+                    }
+                }
+                ReplicaAction::ReadDigests {
+                    request,
+                    offset,
+                    blocks,
+                } => out.push(Message::DigestsReply {
+                    request,
+                    result: digests(&vr.export, offset, blocks).map_err(|e| reply_error(&e)),
+                }),
+                ReplicaAction::Read {
+                    request,
+                    offset,
+                    len,
+                } => {
+                    let mut buf = vec![0u8; len as usize];
+                    out.push(Message::ReadReply {
+                        request,
+                        result: vr
+                            .export
+                            .read_at(offset, &mut buf)
+                            .map(|()| buf)
+                            .map_err(|e| reply_error(&e)),
+                    });
+                }
+                ReplicaAction::Send(m) => {
+                    if let Message::Reply {
+                        result: Err(e),
+                        seq,
+                    } = &m
+                    {
+                        self.limiter.warn("refused", || {
+                            format!("replication request {seq} for {volume} refused: {e}")
+                        });
+                    }
+                    out.push(m)
+                }
+                ReplicaAction::Disconnect { reason } => {
+                    return Err((code::PROTOCOL, reason.to_string()))
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The volume a primary's request is about (`None` for replies).
+fn target_volume(msg: &Message) -> Option<&VolumeName> {
+    match msg {
+        Message::Fence { volume, .. }
+        | Message::Write { volume, .. }
+        | Message::WriteZeroes { volume, .. }
+        | Message::Trim { volume, .. }
+        | Message::Flush { volume, .. }
+        | Message::Digests { volume, .. }
+        | Message::Read { volume, .. } => Some(volume),
+        Message::DigestsReply { .. } | Message::ReadReply { .. } | Message::Reply { .. } => None,
+    }
+}
+
+/// The answer refusing request `msg` with `why`.
+fn refusal(msg: &Message, why: ReplyError) -> Option<Message> {
+    Some(match msg {
+        Message::Fence { .. } => Message::Reply {
+            seq: 0,
+            result: Err(why),
+        },
+        Message::Write { seq, .. }
+        | Message::WriteZeroes { seq, .. }
+        | Message::Trim { seq, .. }
+        | Message::Flush { seq, .. } => Message::Reply {
+            seq: *seq,
+            result: Err(why),
+        },
+        Message::Digests { request, .. } => Message::DigestsReply {
+            request: *request,
+            result: Err(why),
+        },
+        Message::Read { request, .. } => Message::ReadReply {
+            request: *request,
+            result: Err(why),
+        },
+        _ => return None,
+    })
+}
+
+fn apply(export: &Export, op: Op) -> Result<(), StoreError> {
+    match op {
+        Op::Write { offset, fua, data } => export.write_owned(offset, data, fua),
+        Op::WriteZeroes { offset, len } => export.write_zeroes(offset, len, false, false),
+        Op::Trim { offset, len } => export.trim(offset, len, false),
+        Op::Flush => export.flush(),
+    }
+}
+
+/// The blake3 digest of each 4 KiB block of `blocks` from `offset`.
+fn digests(export: &Export, offset: u64, blocks: u32) -> Result<Vec<wire::Digest>, StoreError> {
+    let mut out = Vec::with_capacity(blocks as usize);
+    let mut done = 0u64;
+    let mut buf = Vec::new();
+    while done < u64::from(blocks) {
+        let n = DIGEST_CHUNK.min(u64::from(blocks) - done);
+        buf.resize((n * BLOCK_SIZE) as usize, 0);
+        export.read_at(offset + done * BLOCK_SIZE, &mut buf)?;
+        out.extend(
+            buf.chunks(BLOCK_SIZE as usize)
+                .map(|b| *blake3::hash(b).as_bytes()),
+        );
+        done += n;
+    }
+    Ok(out)
+}
+
+/// A store error as the wire's typed refusal.
+pub fn reply_error(e: &StoreError) -> ReplyError {
+    match e {
+        StoreError::NoSpace { .. } => ReplyError::NoSpace,
+        StoreError::OutOfRange { .. } => ReplyError::OutOfRange,
+        StoreError::NotFound(_) | StoreError::Gone(_) => ReplyError::UnknownVolume,
+        StoreError::StaleGeneration { current, .. } => ReplyError::StaleGeneration {
+            current: Generation(*current),
+        },
+        other => ReplyError::Io(other.to_string()),
+    }
+}
+
+/// Accepts connections on `ep` and serves their streams. Runs until dropped.
+pub async fn serve(ep: Arc<ReplEndpoint>, service: Arc<ReplicaService>) {
+    while let Some(incoming) = ep.quinn().accept().await {
+        let service = service.clone();
+        tokio::spawn(async move {
+            let addr = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    service.limiter.warn("handshake", || {
+                        format!("replication connection from {addr} refused: {e}")
+                    });
+                    return;
+                }
+            };
+            let node = match peer_node(&conn) {
+                Ok(n) => n,
+                Err(e) => {
+                    service.limiter.warn("handshake", || e.to_string());
+                    conn.close(code::NOT_A_NODE.into(), b"not a node certificate");
+                    return;
+                }
+            };
+            tracing::debug!(%addr, %node, "replication connection");
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                let (service, node) = (service.clone(), node.clone());
+                tokio::spawn(async move { serve_stream(service, node, send, recv).await });
+            }
+        });
+    }
+}
+
+async fn serve_stream(
+    service: Arc<ReplicaService>,
+    node: String,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let mut decoder = Decoder::new();
+    let mut buf = vec![0u8; READ_CHUNK];
+    let close = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, c: u32| {
+        let _ = send.reset(c.into());
+        let _ = recv.stop(c.into());
+    };
+    loop {
+        // Whole messages first, then read exactly what the next step wants, so an
+        // oversize prefix is refused before its body is read.
+        let msg = match decoder.next_message() {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                let want = decoder.wants().clamp(1, READ_CHUNK);
+                match recv.read(&mut buf[..want]).await {
+                    Ok(Some(n)) => {
+                        if let Err(e) = decoder.push(&buf[..n]) {
+                            service.limiter.warn("malformed", || {
+                                format!("replication stream from {node}: bad frame: {e}")
+                            });
+                            close(&mut send, &mut recv, code::MALFORMED);
+                            return;
+                        }
+                        continue;
+                    }
+                    Ok(None) => {
+                        if !decoder.at_boundary() {
+                            service.limiter.warn("malformed", || {
+                                format!(
+                                    "replication stream from {node} ended inside a frame ({} bytes of it): dropped",
+                                    decoder.buffered()
+                                )
+                            });
+                        }
+                        let _ = send.finish();
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(%node, error = %e, "replication stream ended");
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                service.limiter.warn("malformed", || {
+                    format!("replication stream from {node}: bad frame: {e}")
+                });
+                close(&mut send, &mut recv, code::MALFORMED);
+                return;
+            }
+        };
+        let svc = service.clone();
+        let answered = tokio::task::spawn_blocking(move || svc.handle(msg)).await;
+        let replies = match answered {
+            Ok(Ok(r)) => r,
+            Ok(Err((c, why))) => {
+                service.limiter.warn("protocol", || {
+                    format!("replication stream from {node}: {why}")
+                });
+                close(&mut send, &mut recv, c);
+                return;
+            }
+            Err(e) => {
+                tracing::error!(%node, error = %e, "replication task failed");
+                close(&mut send, &mut recv, code::STORE_FAILED);
+                return;
+            }
+        };
+        let mut out = Vec::new();
+        for m in &replies {
+            if let Err(e) = wire::encode_into(m, &mut out) {
+                tracing::error!(%node, error = %e, "could not encode a replication reply");
+                close(&mut send, &mut recv, code::PROTOCOL);
+                return;
+            }
+        }
+        if !out.is_empty() && send.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Logs at most one warning a second per kind, counting the ones it held back: a peer
+/// sending garbage must not be able to fill the disk with log lines.
+#[derive(Default)]
+pub struct LogLimiter {
+    last: Mutex<HashMap<&'static str, Instant>>,
+    suppressed: AtomicU64,
+}
+
+impl LogLimiter {
+    /// Logs `line()` unless `kind` was logged less than a second ago.
+    pub fn warn(&self, kind: &'static str, line: impl FnOnce() -> String) {
+        let now = Instant::now();
+        let mut last = self.last.lock();
+        match last.get(kind) {
+            Some(t) if now.duration_since(*t) < Duration::from_secs(1) => {
+                self.suppressed.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                last.insert(kind, now);
+                drop(last);
+                let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+                tracing::warn!(suppressed, "{}", line());
+            }
+        }
+    }
+}

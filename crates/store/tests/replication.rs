@@ -1,0 +1,437 @@
+//! Replication between `tessera-store` processes over QUIC with mutual TLS (issue #8):
+//! three stores with node certificates of one CA, a primary and two replicas set through
+//! the admin socket, data written with `nbdcopy` and read back from every copy; fencing
+//! by a newer generation; a killed replica failing writes instead of acknowledging them;
+//! and bad peers and bad frames refused with nothing written.
+
+// Test code: the unexpected should panic where it happens.
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tessera_nbd::Client;
+use tessera_pki::{node_key_and_request, ClusterCa, NodeCredentials};
+use tessera_replication::wire::{self, Decoder, Generation, Message, ReplyError, VolumeName};
+use tessera_store::admin_client::AdminClient;
+use tessera_store_admin::{AdminOp, AdminReply, ReplicaPeer, ReplicationRole};
+
+const MIB: u64 = 1 << 20;
+
+/// A running `tessera-store serve` with replication on.
+struct Node {
+    child: Child,
+    id: String,
+    dir: PathBuf,
+    repl: SocketAddr,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.dir.with_extension("log");
+            eprintln!(
+                "--- {} log:\n{}",
+                self.id,
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+impl Node {
+    fn start(root: &Path, id: &str, ca: &ClusterCa) -> Node {
+        let tls = root.join(format!("{id}-tls"));
+        write_node_creds(&tls, ca, id);
+        let dir = root.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let repl: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let log = std::fs::File::create(root.join(format!("{id}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tessera-store"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&dir)
+            .arg("--nbd-tls-dir")
+            .arg(&tls)
+            .arg("--repl-quic")
+            .arg(repl.to_string())
+            .env("TESSERA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let n = Node {
+            child,
+            id: id.to_string(),
+            dir,
+            repl,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(n.dir.join("admin.sock")).is_err()
+            || std::os::unix::net::UnixStream::connect(n.dir.join("nbd.sock")).is_err()
+        {
+            assert!(Instant::now() < deadline, "{id} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        n
+    }
+
+    fn admin(&self, op: AdminOp) -> Result<AdminReply, String> {
+        let mut c = AdminClient::connect(&self.dir.join("admin.sock")).unwrap();
+        c.call(op).map_err(|e| e.to_string())
+    }
+
+    fn create(&self, volume: &str, size: u64) {
+        self.admin(AdminOp::CreateVolume {
+            name: volume.into(),
+            size,
+        })
+        .unwrap();
+    }
+
+    fn replica_of(&self, volume: &str, generation: u64) {
+        self.admin(AdminOp::SetReplication {
+            volume: volume.into(),
+            generation,
+            role: ReplicationRole::Replica {},
+        })
+        .unwrap();
+    }
+
+    fn primary_of(&self, volume: &str, generation: u64, replicas: &[&Node]) {
+        self.admin(AdminOp::SetReplication {
+            volume: volume.into(),
+            generation,
+            role: ReplicationRole::Primary {
+                replicas: replicas
+                    .iter()
+                    .map(|n| ReplicaPeer {
+                        node: n.id.clone(),
+                        addr: n.repl.to_string(),
+                    })
+                    .collect(),
+                timeout_ms: Some(1500),
+            },
+        })
+        .unwrap();
+    }
+
+    fn nbd(&self, volume: &str) -> Client {
+        Client::connect_unix(&self.dir.join("nbd.sock"), volume).unwrap()
+    }
+
+    fn uri(&self, volume: &str) -> String {
+        format!(
+            "nbd+unix:///{volume}?socket={}",
+            self.dir.join("nbd.sock").display()
+        )
+    }
+
+    fn read(&self, volume: &str, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.nbd(volume).read(offset, &mut buf).unwrap();
+        buf
+    }
+}
+
+/// Writes `dir/{ca.crt,node.crt,node.key}` for node `id` of the cluster of `ca`.
+fn write_node_creds(dir: &Path, ca: &ClusterCa, id: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let c = creds(ca, id);
+    std::fs::write(dir.join("ca.crt"), &ca.cert_pem).unwrap();
+    std::fs::write(dir.join("node.crt"), c.cert_pem).unwrap();
+    std::fs::write(dir.join("node.key"), c.key_pem).unwrap();
+}
+
+/// A node certificate for `id` issued by `issuer`.
+fn creds(issuer: &ClusterCa, id: &str) -> NodeCredentials {
+    let (key_pem, csr) = node_key_and_request(id).unwrap();
+    NodeCredentials {
+        cert_pem: issuer.issue(&csr, id).unwrap(),
+        key_pem,
+    }
+}
+
+fn pattern(seed: &str, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(seed.as_bytes())
+        .finalize_xof()
+        .fill(&mut out);
+    out
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {cmd:?} (tests/setup installs it): {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn three_copies_match_a_fenced_primary_and_a_dead_replica_fail_writes() {
+    let root = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::mint("repl-test").unwrap();
+    let mut nodes: Vec<Node> = ["node1", "node2", "node3"]
+        .iter()
+        .map(|id| Node::start(root.path(), id, &ca))
+        .collect();
+    let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
+
+    // A primary and two replicas, in generation 2.
+    for n in [n1, n2, n3] {
+        n.create("v", 16 * MIB);
+    }
+    n2.replica_of("v", 2);
+    n3.replica_of("v", 2);
+    n1.primary_of("v", 2, &[n2, n3]);
+
+    let data = pattern("replication", (8 * MIB) as usize);
+    let src = root.path().join("data.img");
+    std::fs::write(&src, &data).unwrap();
+    run(Command::new("nbdcopy")
+        .arg("--flush")
+        .arg(&src)
+        .arg(n1.uri("v")));
+
+    // A replica is not written by local clients.
+    let mut local = n2.nbd("v");
+    assert!(local.write(0, &[1u8; 4096], false).is_err());
+
+    let expected = blake3::hash(&[data.clone(), vec![0u8; (8 * MIB) as usize]].concat());
+    for n in [n1, n2, n3] {
+        let out = root.path().join(format!("{}-copy.img", n.id));
+        run(Command::new("nbdcopy").arg(n.uri("v")).arg(&out));
+        let copy = std::fs::read(&out).unwrap();
+        assert_eq!(copy.len() as u64, 16 * MIB);
+        assert_eq!(
+            blake3::hash(&copy),
+            expected,
+            "{}'s copy differs from what was written",
+            n.id
+        );
+    }
+
+    // Fencing: the replica of `f` is told of generation 3; the primary of 2 is refused.
+    n1.create("f", MIB);
+    n2.create("f", MIB);
+    n2.replica_of("f", 2);
+    n1.primary_of("f", 2, &[n2]);
+    let mut c = n1.nbd("f");
+    c.write(0, &[0xAA; 4096], false).unwrap();
+    c.flush().unwrap();
+    n2.replica_of("f", 3);
+    let t = Instant::now();
+    assert!(
+        c.write(4096, &[0xBB; 4096], false).is_err(),
+        "a fenced primary got a write acknowledged"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "the fence is answered at once, not by a timeout ({:?})",
+        t.elapsed()
+    );
+    assert!(
+        c.flush().is_err(),
+        "a fenced primary got a flush acknowledged"
+    );
+    let replica = n2.read("f", 0, 8192);
+    assert_eq!(&replica[..4096], &[0xAA; 4096][..]);
+    assert_eq!(
+        &replica[4096..],
+        &[0u8; 4096][..],
+        "the fenced write reached the replica"
+    );
+
+    // A replica killed: the next write fails within the bound instead of completing.
+    let dead = nodes.pop().unwrap();
+    drop(dead);
+    let mut c = nodes[0].nbd("v");
+    let t = Instant::now();
+    let r = c.write(0, &[0x55; 4096], true);
+    assert!(r.is_err(), "a write was acknowledged without a replica");
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "the write hung for {:?}",
+        t.elapsed()
+    );
+}
+
+/// A QUIC client acting as a primary, with the given TLS client configuration.
+async fn connect(
+    mut tls: rustls::ClientConfig,
+    to: SocketAddr,
+    node: &str,
+) -> Result<quinn::Connection, String> {
+    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let name = tessera_pki::node_dns_name(node).unwrap();
+    ep.connect(to, &name)
+        .unwrap()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Sends `bytes` on a new stream (finishing it when `finish`), then returns the first
+/// message answered, or why none came.
+async fn exchange(conn: &quinn::Connection, bytes: &[u8], finish: bool) -> Result<Message, String> {
+    let go = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(bytes).await.map_err(|e| e.to_string())?;
+        if finish {
+            send.finish().map_err(|e| e.to_string())?;
+        }
+        let mut d = Decoder::new();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            if let Some(m) = d.next_message().map_err(|e| e.to_string())? {
+                return Ok(m);
+            }
+            match recv.read(&mut buf).await.map_err(|e| e.to_string())? {
+                Some(n) => d.push(&buf[..n]).map_err(|e| e.to_string())?,
+                None => return Err("stream ended without a reply".to_string()),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), go)
+        .await
+        .unwrap_or_else(|_| Err("no reply within 5 s".into()))
+}
+
+fn write_msg(volume: &str, generation: u64, seq: u64, offset: u64, byte: u8) -> Vec<u8> {
+    wire::encode(&Message::Write {
+        volume: VolumeName::new(volume).unwrap(),
+        generation: Generation(generation),
+        seq,
+        offset,
+        fua: true,
+        data: vec![byte; 4096],
+    })
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_peers_and_bad_frames_are_refused_and_write_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::mint("repl-test").unwrap();
+    let other = ClusterCa::mint("another-cluster").unwrap();
+    let replica = tokio::task::spawn_blocking({
+        let (root, ca) = (root.path().to_path_buf(), ca.clone());
+        move || {
+            let n = Node::start(&root, "node2", &ca);
+            n.create("v", MIB);
+            n.create("other", MIB);
+            n.replica_of("v", 5);
+            n
+        }
+    })
+    .await
+    .unwrap();
+    let to = replica.repl;
+    let good = tessera_pki::client_config(&creds(&ca, "node1"), &ca.cert_pem).unwrap();
+
+    // A certificate of another cluster, and no certificate at all: no stream is served.
+    let foreign = tessera_pki::client_config(&creds(&other, "node1"), &ca.cert_pem).unwrap();
+    let anonymous = {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.cert_pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+    };
+    // A user's client certificate of the right CA: may read exports, never replicate.
+    let user = {
+        let (cert_pem, key_pem) = ca.issue_client("alice").unwrap();
+        tessera_pki::client_config(&NodeCredentials { cert_pem, key_pem }, &ca.cert_pem).unwrap()
+    };
+    for (what, tls, offset) in [
+        ("another cluster's certificate", foreign, 4096u64),
+        ("no client certificate", anonymous, 8192),
+        ("a user's certificate", user, 12288),
+    ] {
+        let answered = match connect(tls, to, "node2").await {
+            Err(_) => None,
+            Ok(conn) => exchange(&conn, &write_msg("v", 5, 1, offset, 0xEE), false)
+                .await
+                .ok(),
+        };
+        assert_eq!(answered, None, "{what}: the replica answered");
+    }
+
+    let conn = connect(good, to, "node2").await.unwrap();
+    let reply = |seq, result| Message::Reply { seq, result };
+    // An older generation, a volume it does not hold, one that is not a replica here.
+    assert_eq!(
+        exchange(&conn, &write_msg("v", 4, 1, 16384, 0xEE), false).await,
+        Ok(reply(
+            1,
+            Err(ReplyError::StaleGeneration {
+                current: Generation(5)
+            })
+        ))
+    );
+    assert_eq!(
+        exchange(&conn, &write_msg("nope", 5, 1, 0, 0xEE), false).await,
+        Ok(reply(1, Err(ReplyError::UnknownVolume)))
+    );
+    assert_eq!(
+        exchange(&conn, &write_msg("other", 5, 1, 0, 0xEE), false).await,
+        Ok(reply(1, Err(ReplyError::NotReplica)))
+    );
+    // An oversize frame is refused from its length; a truncated one is never applied.
+    let mut oversize = ((wire::MAX_FRAME_LEN + 1) as u32).to_be_bytes().to_vec();
+    oversize.extend_from_slice(&[1, 3]);
+    oversize.extend_from_slice(&[0xEE; 1000]);
+    let r = exchange(&conn, &oversize, false).await;
+    assert!(r.is_err(), "oversize frame answered: {r:?}");
+    let mut truncated = write_msg("v", 5, 1, 20480, 0xEE);
+    truncated.truncate(truncated.len() - 100);
+    let r = exchange(&conn, &truncated, true).await;
+    assert!(r.is_err(), "truncated frame answered: {r:?}");
+
+    // The same connection's good write still works, and is the only one applied.
+    assert_eq!(
+        exchange(&conn, &write_msg("v", 5, 1, 0, 0x11), false).await,
+        Ok(reply(1, Ok(())))
+    );
+    let (v, other_volume) = tokio::task::spawn_blocking(move || {
+        let v = replica.read("v", 0, 6 * 4096);
+        let o = replica.read("other", 0, 4096);
+        drop(replica);
+        (v, o)
+    })
+    .await
+    .unwrap();
+    assert_eq!(&v[..4096], &[0x11; 4096][..]);
+    assert!(
+        v[4096..].iter().all(|b| *b == 0),
+        "a refused write reached the volume"
+    );
+    assert!(other_volume.iter().all(|b| *b == 0));
+}
