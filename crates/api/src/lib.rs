@@ -15,6 +15,7 @@
 mod auth;
 mod cluster;
 mod events;
+mod images;
 pub mod limits;
 mod networks;
 pub mod strict;
@@ -32,6 +33,7 @@ pub use cluster::{
     StorageState,
 };
 pub use events::{Event, EventQuery, StreamQuery, StreamedEvent};
+pub use images::{Image, ImageCopy, ImageFile, ImageUpload, MAX_IMAGE_BYTES};
 pub use networks::{Network, NewNetwork};
 pub use tasks::{Task, TaskLog, TaskOp, TaskQuery, TaskState};
 pub use users::{NewUser, UserInfo, UserUpdate};

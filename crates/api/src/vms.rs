@@ -90,6 +90,17 @@ pub struct Vm {
     pub kernel: Option<String>,
     /// Kernel command line.
     pub cmdline: Option<String>,
+    /// The boot image (`/images/{name}`) it boots; wins over `kernel`. Its command line
+    /// applies unless `cmdline` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// A template: it cannot be started; its disks are the read-only bases of the VMs
+    /// created from it (`from`).
+    #[serde(default)]
+    pub template: bool,
+    /// The template it was created from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
     /// Preferred node id (placement), if pinned.
     pub node: Option<String>,
     /// What it should be doing.
@@ -197,6 +208,16 @@ pub struct NewVm {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_length = 4096)]
     pub cmdline: Option<String>,
+    /// A boot image to boot (instead of `kernel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 63, pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
+    pub image: Option<String>,
+    /// A template to copy: its spec (what this request does not set) and its disks,
+    /// cloned copy-on-write into new volumes `<name>-disk<N>` (tasks; the VM can start
+    /// once they are ready). `disks` must then be empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 63, pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
+    pub from: Option<String>,
     /// Pin to this node (a node id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
@@ -244,6 +265,10 @@ pub struct VmUpdate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_length = 4096)]
     pub cmdline: Option<String>,
+    /// A boot image to boot (instead of `kernel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 63, pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
+    pub image: Option<String>,
     /// Pin to this node (a node id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,

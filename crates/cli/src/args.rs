@@ -59,6 +59,9 @@ pub enum Cmd {
     /// VM definitions.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Boot images (kernel, initramfs, command line) kept by the cluster.
+    #[command(subcommand)]
+    Image(ImageCmd),
     /// Virtual networks.
     #[command(subcommand)]
     Network(NetworkCmd),
@@ -203,12 +206,12 @@ pub enum VmCmd {
     Create {
         /// Name.
         name: String,
-        /// Virtual CPUs.
-        #[arg(long, default_value_t = 1)]
-        vcpus: u32,
-        /// Memory, e.g. 512M, 2G.
-        #[arg(long, default_value = "512M", value_parser = parse_size)]
-        memory: u64,
+        /// Virtual CPUs (default 1, or the template's).
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Memory, e.g. 512M, 2G (default 512M, or the template's).
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<u64>,
         /// A volume to attach (repeat for more; the first boots).
         #[arg(long = "disk")]
         disks: Vec<String>,
@@ -218,6 +221,13 @@ pub enum VmCmd {
         /// Kernel image path on the node.
         #[arg(long)]
         kernel: Option<String>,
+        /// A boot image to boot (see `tessera image`), instead of --kernel.
+        #[arg(long, conflicts_with = "kernel")]
+        image: Option<String>,
+        /// A template to copy: its spec (vCPUs, memory and what else is not given) and
+        /// copy-on-write clones of its disks.
+        #[arg(long, conflicts_with = "disks")]
+        from: Option<String>,
         /// Kernel command line.
         #[arg(long)]
         cmdline: Option<String>,
@@ -227,6 +237,11 @@ pub enum VmCmd {
         /// never, on-crash (default) or always.
         #[arg(long, value_parser = parse_restart_policy)]
         restart_policy: Option<RestartPolicy>,
+    },
+    /// Make a stopped VM a template (it can no longer start; `vm create --from` copies it).
+    Template {
+        /// Name.
+        name: String,
     },
     /// List VMs.
     Ls,
@@ -274,6 +289,31 @@ pub enum VmCmd {
     Resume(VmAction),
     /// Attach to a VM's serial console (ask the node it runs on; Ctrl-] leaves).
     Console {
+        /// Name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ImageCmd {
+    /// Upload a boot image; every node then fetches and checks its own copy.
+    Upload {
+        /// Name.
+        name: String,
+        /// The kernel file (bzImage or ELF vmlinux).
+        #[arg(long)]
+        kernel: std::path::PathBuf,
+        /// The initramfs file.
+        #[arg(long)]
+        initrd: Option<std::path::PathBuf>,
+        /// The default kernel command line of VMs booting it.
+        #[arg(long)]
+        cmdline: Option<String>,
+    },
+    /// List boot images.
+    Ls,
+    /// Delete a boot image (refused while a VM names it).
+    Rm {
         /// Name.
         name: String,
     },

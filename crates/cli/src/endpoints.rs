@@ -33,6 +33,10 @@ pub const VM_REBOOT: Ep = Ep("POST", "/api/v1/vms/{name}/reboot");
 pub const VM_PAUSE: Ep = Ep("POST", "/api/v1/vms/{name}/pause");
 pub const VM_RESUME: Ep = Ep("POST", "/api/v1/vms/{name}/resume");
 pub const VM_CONSOLE: Ep = Ep("GET", "/api/v1/vms/{name}/console");
+pub const VM_TEMPLATE: Ep = Ep("POST", "/api/v1/vms/{name}/template");
+pub const IMAGES: Ep = Ep("GET", "/api/v1/images");
+pub const IMAGE_UPLOAD: Ep = Ep("POST", "/api/v1/images");
+pub const IMAGE_RM: Ep = Ep("DELETE", "/api/v1/images/{name}");
 pub const NETWORKS: Ep = Ep("GET", "/api/v1/networks");
 pub const NETWORK_CREATE: Ep = Ep("POST", "/api/v1/networks");
 pub const NETWORK_RM: Ep = Ep("DELETE", "/api/v1/networks/{name}");
@@ -75,6 +79,10 @@ pub const ENDPOINTS: &[Ep] = &[
     VM_PAUSE,
     VM_RESUME,
     VM_CONSOLE,
+    VM_TEMPLATE,
+    IMAGES,
+    IMAGE_UPLOAD,
+    IMAGE_RM,
     NETWORKS,
     NETWORK_CREATE,
     NETWORK_RM,

@@ -22,7 +22,9 @@ use clap::Parser;
 
 use args::{Cli, ClusterCmd, Cmd, SeedCmd};
 use client::Client;
-use commands::{cluster, events, networks, nodes, session, tasks, tokens, users, vms, volumes};
+use commands::{
+    cluster, events, image, networks, nodes, session, tasks, tokens, users, vms, volumes,
+};
 use credentials::Settings;
 
 fn main() -> std::process::ExitCode {
@@ -64,6 +66,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Token(cmd) => tokens::run(&client, cmd, out),
         Cmd::Volume(cmd) => volumes::run(&client, cmd, out),
         Cmd::Vm(cmd) => vms::run(&client, cmd, out),
+        Cmd::Image(cmd) => image::run(&client, cmd, out),
         Cmd::Network(cmd) => networks::run(&client, cmd, out),
         Cmd::Task(cmd) => tasks::run(&client, cmd, out),
         Cmd::User(cmd) => users::run(&client, cmd, out),

@@ -27,6 +27,7 @@ mod bootstrap;
 mod discovery;
 mod health;
 mod housekeeping;
+mod images;
 mod metrics;
 mod records;
 mod replicated;
@@ -124,6 +125,13 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
             nbd_socket: seed.storage.admin_socket.with_file_name("nbd.sock"),
             tls_dir: seed.data_dir.join("tls"),
         },
+    );
+    images::start(
+        shared.clone(),
+        me.0.clone(),
+        seed.data_dir.clone(),
+        seed.management.api_address(),
+        seed.management.address,
     );
     let (joined_tx, joined_rx) = tokio::sync::mpsc::channel(1);
     let boot = bootstrap::Bootstrap::new(

@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod events;
+pub mod image;
 pub mod networks;
 pub mod nodes;
 pub mod session;

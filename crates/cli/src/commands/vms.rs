@@ -12,7 +12,7 @@ use crate::args::{VmAction, VmCmd};
 use crate::client::{decode, Client};
 use crate::endpoints::{
     Ep, VM, VMS, VM_CREATE, VM_KILL, VM_PAUSE, VM_REBOOT, VM_RESUME, VM_RM, VM_SET, VM_START,
-    VM_STOP,
+    VM_STOP, VM_TEMPLATE,
 };
 use crate::node_names::NodeNames;
 use crate::output::{col, opt, size, table, word, Output};
@@ -28,19 +28,29 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
             disks,
             networks,
             kernel,
+            image,
+            from,
             cmdline,
             node,
             restart_policy,
         } => {
             let node = node.map(|n| resolve(client, &n)).transpose()?;
+            // From a template: its size unless given (the API copies the rest).
+            let template: Option<Vm> = from.as_ref().map(|t| client.get(VM, &[t])).transpose()?;
             let body = NewVm {
                 name,
-                vcpus,
-                memory_mib: mib(memory)?,
+                vcpus: vcpus.or(template.as_ref().map(|t| t.vcpus)).unwrap_or(1),
+                memory_mib: match (memory, &template) {
+                    (Some(m), _) => mib(m)?,
+                    (None, Some(t)) => t.memory_mib,
+                    (None, None) => 512,
+                },
                 disks,
                 networks,
                 kernel,
                 cmdline,
+                image,
+                from,
                 node,
                 desired_state: None,
                 restart_policy,
@@ -74,6 +84,10 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
                     out.wide(),
                 )
             })?;
+        }
+        VmCmd::Template { name } => {
+            let v = client.call(VM_TEMPLATE, &[&name], None)?;
+            show(client, VM_TEMPLATE, &v, out)?;
         }
         VmCmd::Show { name } => {
             let v = client.call(VM, &[&name], None)?;
@@ -183,6 +197,16 @@ fn show(client: &Client, ep: Ep, v: &Value, out: Output) -> anyhow::Result<()> {
     line("disks", vm.disks.join(","));
     line("networks", vm.networks.join(","));
     line("kernel", opt(&vm.kernel));
+    line("image", opt(&vm.image));
+    if vm.template {
+        line(
+            "template",
+            "yes (cannot start; vm create --from copies it)".into(),
+        );
+    }
+    if let Some(t) = &vm.from {
+        line("from", t.clone());
+    }
     line("cmdline", opt(&vm.cmdline));
     line("node", node);
     if out.wide() {

@@ -12,6 +12,7 @@ mod cluster;
 mod console;
 mod events;
 mod extract;
+mod images;
 mod listener;
 mod login_limit;
 mod nbd;
@@ -322,6 +323,13 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(nbd::export_creds))
         .routes(routes!(vms::list, vms::create))
         .routes(routes!(vms::show, vms::update, vms::remove))
+        .routes(routes!(vms::template))
+        .routes(routes!(images::list, images::upload))
+        .routes(routes!(images::show, images::remove))
+        .route(
+            "/api/v1/images/{name}/files/{file}",
+            axum::routing::get(images::serve_file),
+        )
         .routes(routes!(vm_actions::start))
         .routes(routes!(vm_actions::stop))
         .routes(routes!(vm_actions::kill))

@@ -67,9 +67,15 @@ pub(super) fn start_fields(
     vm: &mut Vm,
     d: DesiredState,
 ) -> Result<(), ApiError> {
-    if vm.kernel.is_none() {
+    if vm.template {
         return Err(ApiError::conflict(format!(
-            "VM {} has no kernel to boot; set kernel first",
+            "VM {} is a template: it cannot be started; create a VM from it (from)",
+            vm.name
+        )));
+    }
+    if vm.kernel.is_none() && vm.image.is_none() {
+        return Err(ApiError::conflict(format!(
+            "VM {} has no kernel or image to boot; set one first",
             vm.name
         )));
     }

@@ -332,7 +332,13 @@ impl Reconciler {
         {
             return;
         }
-        let spec = match self.launch_spec(vm) {
+        // The image's verified local copy (fetched from a peer when missing) or the
+        // kernel path: `crate::images`.
+        let boot = match crate::images::boot(&self.node, &self.local.data_dir, vm).await {
+            Ok(b) => b,
+            Err(why) => return self.report(&name, VmState::Crashed, Some(why), None).await,
+        };
+        let spec = match self.launch_spec(vm, boot) {
             Ok(s) => s,
             Err(why) => return self.report(&name, VmState::Crashed, Some(why), None).await,
         };
@@ -365,8 +371,11 @@ impl Reconciler {
         }
     }
 
-    fn launch_spec(&self, vm: &Vm) -> Result<supervisor::Launch, String> {
-        let kernel = vm.kernel.clone().ok_or("the VM has no kernel to boot")?;
+    fn launch_spec(
+        &self,
+        vm: &Vm,
+        boot: crate::images::Boot,
+    ) -> Result<supervisor::Launch, String> {
         let (disk, disk_tls) = match vm.disks.first() {
             None => (None, None),
             Some(d) => {
@@ -395,8 +404,9 @@ impl Reconciler {
             }
         };
         Ok(supervisor::Launch {
-            kernel,
-            cmdline: vm.cmdline.clone(),
+            kernel: boot.kernel,
+            initrd: boot.initrd,
+            cmdline: boot.cmdline,
             memory_mib: vm.memory_mib,
             vcpus: vm.vcpus,
             disk,

@@ -115,6 +115,8 @@ pub struct RunInfo {
 pub struct Launch {
     /// Kernel path.
     pub kernel: String,
+    /// Initramfs path, if any.
+    pub initrd: Option<String>,
     /// Kernel command line (the VMM's default if none).
     pub cmdline: Option<String>,
     /// Memory in MiB.
@@ -228,6 +230,9 @@ pub fn launch(
         .arg(dir.api_socket())
         .arg("--serial-out")
         .arg(dir.console());
+    if let Some(i) = &spec.initrd {
+        cmd.arg("--initrd").arg(i);
+    }
     if let Some(c) = &spec.cmdline {
         cmd.arg("--cmdline").arg(c);
     }
