@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod catchup;
 pub mod primary;
 pub mod regions;
 pub mod replica;
