@@ -2,7 +2,8 @@
 //! `tessera-store` per node): the test guest uploaded as a boot image to node0 is copied
 //! to every node (each copy checked by blake3), a VM booting it from a new volume runs on
 //! node1 and counts on its console, the VM becomes a template that cannot start, a VM
-//! created `--from` it gets a copy-on-write clone of its disk and counts too. Bad input is
+//! created `--from` it gets a copy-on-write clone of its disk and counts too, and on a node
+//! whose copy was damaged it boots from a fresh, checked copy. Bad input is
 //! refused with a clear 4xx and nothing changed: a body shorter than it says, an oversize
 //! body (declared and streamed), an unknown image, an image in use deleted, a template
 //! started, a volume attached to another VM, a running VM deleted.
@@ -308,6 +309,26 @@ fn a_boot_image_boots_vms_on_every_node_and_templates_clone_them() {
     assert_eq!(get(&lan, t, "vms/thief").0, 404);
     let (code, v) = api(&lan, 0, "DELETE", "vms/web", Some(t), None);
     assert_eq!(code, 409, "{v}");
+    let (code, v) = api(&lan, 0, "POST", "vms/web/kill", Some(t), None);
+    assert_eq!(code, 202, "{v}");
+    wait_state(&lan, t, "web", "stopped");
+
+    // node2's copy is damaged (same size, other bytes): a VM started there is booted
+    // from a fresh copy fetched from another node and checked, not from the damaged one.
+    let copy = nodes[2].dir.join("data/images/guest/kernel");
+    let len = std::fs::metadata(&copy).unwrap().len() as usize;
+    std::fs::write(&copy, vec![0x90u8; len]).unwrap();
+    let body = json!({ "node": ids[2] }).to_string();
+    assert_eq!(
+        api(&lan, 0, "PATCH", "vms/web", Some(t), Some(&body)).0,
+        200
+    );
+    let (code, v) = api(&lan, 0, "POST", "vms/web/start", Some(t), None);
+    assert_eq!(code, 202, "{v}");
+    let v = wait_state(&lan, t, "web", "running");
+    assert_eq!(v["running_on"], ids[2].as_str(), "{v}");
+    counting(&nodes[2].dir, "web");
+    assert_eq!(blake3_hex(&copy), want, "the damaged copy was not replaced");
     let (code, v) = api(&lan, 0, "POST", "vms/web/kill", Some(t), None);
     assert_eq!(code, 202, "{v}");
     wait_state(&lan, t, "web", "stopped");
