@@ -272,6 +272,19 @@ fn three_copies_match_a_fenced_primary_and_a_dead_replica_fail_writes() {
         "the write hung for {:?}",
         t.elapsed()
     );
+
+    // The cluster's answer (here by hand): generation 3 without the dead replica. Writes
+    // complete again, and what the dead one misses is recorded durably.
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    n1.primary_of("v", 3, &[n2]);
+    c.write(8192, &[0x66; 4096], true).unwrap();
+    c.flush().unwrap();
+    assert_eq!(n2.read("v", 8192, 4096), vec![0x66; 4096]);
+    let missed = std::fs::read_to_string(n1.dir.join("replication/v.2.missed")).unwrap();
+    assert!(
+        missed.lines().any(|l| l == "8192 4096"),
+        "the missed region is not recorded: {missed:?}"
+    );
 }
 
 /// A QUIC client acting as a primary, with the given TLS client configuration.

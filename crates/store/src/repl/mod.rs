@@ -119,7 +119,6 @@ impl Replication {
                 if let Some(p) = self.primaries.get(volume) {
                     let ids: Option<Vec<_>> = peers.iter().map(|x| p.replica_of(&x.node)).collect();
                     if let (Some(ids), true) = (ids, generation > p.generation().0) {
-                        self.store.raise_generation(volume, generation)?;
                         let in_sync = ids.into_iter().collect();
                         let known = p.replica_ids();
                         let out_of_sync = known.difference(&in_sync).copied().collect();
@@ -131,7 +130,9 @@ impl Replication {
                             operator_override: false,
                         })
                         .map_err(RoleError::Refused)?;
-                        return Ok(generation);
+                        // After the driver re-bound its copy to the new generation, so no
+                        // local apply in between is refused as stale.
+                        return Ok(self.store.raise_generation(volume, generation)?);
                     }
                     self.primaries.stop(volume);
                 }

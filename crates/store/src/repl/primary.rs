@@ -85,7 +85,7 @@ enum Input {
 
 /// A running primary of one volume: where its NBD device submits requests.
 pub struct PrimaryHandle {
-    generation: Generation,
+    generation: std::sync::atomic::AtomicU64,
     tx: mpsc::UnboundedSender<Input>,
     wait: Duration,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -103,7 +103,7 @@ impl Drop for PrimaryHandle {
 impl PrimaryHandle {
     /// The generation it writes in.
     pub fn generation(&self) -> Generation {
-        self.generation
+        Generation(self.generation.load(std::sync::atomic::Ordering::Acquire))
     }
 
     /// Submits `op` and waits (blocking) for its completion, at most the bound.
@@ -133,11 +133,15 @@ impl PrimaryHandle {
     /// set). Blocking.
     pub fn reconfigure(&self, config: Config) -> Result<(), String> {
         let (done, rx) = std::sync::mpsc::channel();
+        let generation = config.generation.0;
         self.tx
             .send(Input::Reconfigure { config, done })
             .map_err(|_| "the primary stopped".to_string())?;
         rx.recv_timeout(self.wait)
-            .map_err(|_| "the primary did not take the configuration".to_string())?
+            .map_err(|_| "the primary did not take the configuration".to_string())??;
+        self.generation
+            .store(generation, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     /// The ids of every replica it was started with.
@@ -237,7 +241,7 @@ impl Primaries {
         };
         tasks.push(tokio::spawn(driver.run(rx)));
         let handle = Arc::new(PrimaryHandle {
-            generation: Generation(generation),
+            generation: std::sync::atomic::AtomicU64::new(generation),
             tx,
             wait: timeout + WAIT_MARGIN,
             tasks,
@@ -299,16 +303,22 @@ impl Driver {
             Input::Received { from, msg } => self
                 .machine
                 .handle(now, PrimaryInput::Received { from, msg }),
-            Input::Reconfigure { config, done } => match self.machine.reconfigure(now, config) {
-                Ok(actions) => {
-                    let _ = done.send(Ok(()));
-                    actions
+            Input::Reconfigure { config, done } => {
+                // The local copy is fenced like a replica: it takes this primary's writes
+                // only while no newer generation than the primary's own was accepted.
+                let generation = config.generation.0;
+                match self.machine.reconfigure(now, config) {
+                    Ok(actions) => {
+                        self.export.bind_generation(generation);
+                        let _ = done.send(Ok(()));
+                        actions
+                    }
+                    Err(e) => {
+                        let _ = done.send(Err(e.to_string()));
+                        Vec::new()
+                    }
                 }
-                Err(e) => {
-                    let _ = done.send(Err(e.to_string()));
-                    Vec::new()
-                }
-            },
+            }
         }
     }
 
