@@ -183,10 +183,27 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     );
 
     // Start: placed on node1 (its disk's node) by a request to node0; the guest counts.
+    // The answer is the request's task, on the node it was placed on; it ends once that
+    // node reports the VM running.
     let (code, v) = act(&lan, 0, t, "vm1", "start");
     assert_eq!(code, 202, "{v}");
-    assert_eq!(v["placed_on"], ids[1].as_str());
-    let v = wait_state(&lan, 2, t, "vm1", "running");
+    assert_eq!(v["node"], ids[1].as_str(), "{v}");
+    assert_eq!(
+        (v["vm"]["vm"].as_str(), v["vm"]["action"].as_str()),
+        (Some("vm1"), Some("start"))
+    );
+    let task = wait_task(&lan, 2, t, v["id"].as_str().unwrap());
+    assert_eq!(
+        (task["state"].as_str(), task["progress"].as_u64()),
+        (Some("succeeded"), Some(100)),
+        "{task}"
+    );
+    assert!(
+        task["log"].to_string().contains("done: VM running"),
+        "{task}"
+    );
+    let v = vm(&lan, 2, t, "vm1");
+    assert_eq!(v["actual_state"], "running", "{v}");
     assert_eq!(v["running_on"], ids[1].as_str());
     counting(&nodes[1].dir, "vm1");
     // GET /nodes accounts for it on node1 only (big is stopped: not counted).
@@ -201,7 +218,17 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
         assert!(a["memory_mib"].as_u64().unwrap() > 0, "{n}");
         assert!(a["cpus"].as_u64().unwrap() > 0, "{n}");
     }
+    // A refused request creates no task.
+    let tasks_before = api(&lan, 0, "GET", "tasks", Some(t), None).1;
     assert_eq!(act(&lan, 0, t, "vm1", "start").0, 409, "a second start");
+    assert_eq!(
+        api(&lan, 0, "GET", "tasks", Some(t), None)
+            .1
+            .as_array()
+            .map(Vec::len),
+        tasks_before.as_array().map(Vec::len),
+        "a refused start left a task"
+    );
 
     // Pause: the counter stands still; resume: it counts on.
     assert_eq!(act(&lan, 1, t, "vm1", "pause").0, 202);
@@ -341,70 +368,68 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     // told to upgrade.
     let (code, v) = api(&lan, 1, "GET", "vms/vm1/console", Some(t), None);
     assert_eq!(code, 426, "{v}");
-    let mut c = lan.command(1, &bin("tessera"));
-    c.env("HOME", &home)
-        .arg("--api")
-        .arg(format!("https://{}:8006", Lan::addr(1)))
-        .arg("--ca-file")
-        .arg(lan.ca_file().unwrap())
-        .args(["vm", "console", "vm1"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines() {
-            if tx.send(line.unwrap_or_default()).is_err() {
-                return;
+    // Then through node0, which does not run it: forwarded to node1 over node-to-node
+    // HTTPS.
+    for i in [1, 0] {
+        let mut c = lan.command(i, &bin("tessera"));
+        c.env("HOME", &home)
+            .arg("--api")
+            .arg(format!("https://{}:8006", Lan::addr(i)))
+            .arg("--ca-file")
+            .arg(lan.ca_file().unwrap())
+            .args(["vm", "console", "vm1"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                if tx.send(line.unwrap_or_default()).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut seen: Vec<String> = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let scrollback_end = loop {
+            // The scrollback is what the console held at attach; wait for counts after it.
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) => seen.push(l),
+                Err(_) => {
+                    let _ = child.kill();
+                    let o = child.wait_with_output().unwrap();
+                    panic!(
+                        "console: {seen:?} {}\n{}",
+                        String::from_utf8_lossy(&o.stderr),
+                        nodes[1].logs()
+                    );
+                }
+            }
+            if let Some(&last) = counts(&seen.join("\n")).last() {
+                break last;
+            }
+        };
+        while counts(&seen.join("\n")).last() < Some(&(scrollback_end + 3)) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) => seen.push(l),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("the console stopped streaming: {seen:?}");
+                }
             }
         }
-    });
-    let mut seen: Vec<String> = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let scrollback_end = loop {
-        // The scrollback is what the console held at attach; wait for counts after it.
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) => seen.push(l),
-            Err(_) => {
-                let _ = child.kill();
-                let o = child.wait_with_output().unwrap();
-                panic!(
-                    "console: {seen:?} {}\n{}",
-                    String::from_utf8_lossy(&o.stderr),
-                    nodes[1].logs()
-                );
-            }
-        }
-        if let Some(&last) = counts(&seen.join("\n")).last() {
-            break last;
-        }
-    };
-    while counts(&seen.join("\n")).last() < Some(&(scrollback_end + 3)) {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) => seen.push(l),
-            Err(_) => {
-                let _ = child.kill();
-                panic!("the console stopped streaming: {seen:?}");
-            }
-        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            seen.iter().any(|l| l.contains("tessera test guest")),
+            "no scrollback through node{i}: {seen:?}"
+        );
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(
-        seen.iter().any(|l| l.contains("tessera test guest")),
-        "no scrollback: {seen:?}"
-    );
-    // Asked of another node: refused, naming the node it runs on.
-    let (ok, out, err) = cli(&["vm", "console", "vm1"], "");
-    assert!(
-        !ok && err.contains("409") && err.contains(&ids[1]),
-        "{out}{err}"
-    );
     // An Auditor may not attach (403); nothing changes.
     let body = json!({ "role": "auditor", "expires_in_s": 600 }).to_string();
     let (code, v) = api(&lan, 0, "POST", "tokens", Some(t), Some(&body));
@@ -416,6 +441,8 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
 
     let (ok, out, err) = cli(&["vm", "stop", "vm1"], "");
     assert!(ok && out.contains("stopped"), "{out}{err}");
+    let (ok, out, err) = cli(&["task", "ls"], "");
+    assert!(ok && out.contains("vm_stop vm1"), "{out}{err}");
     let (ok, out, err) = cli(&["vm", "stop", "vm1"], "");
     assert!(!ok && err.contains("409"), "a second stop: {out}{err}");
     assert!(
@@ -454,7 +481,7 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     );
     let (code, v) = act(&lan, 0, t, "vm1", "start");
     assert_eq!(code, 202, "{v}");
-    assert_eq!(v["placed_on"], ids[2].as_str());
+    assert_eq!(v["node"], ids[2].as_str(), "{v}");
     let v = wait_state(&lan, 0, t, "vm1", "running");
     assert_eq!(v["running_on"], ids[2].as_str());
     // The guest writes COUNT= every fifth count: wait past two of those.
@@ -463,6 +490,9 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     });
     let (code, v) = act(&lan, 0, t, "vm1", "stop");
     assert_eq!(code, 202, "{v}");
+    let task = wait_task(&lan, 0, t, v["id"].as_str().unwrap());
+    assert_eq!(task["state"], "succeeded", "{task}");
+    assert!(task["log"].to_string().contains("VM stopped"), "{task}");
     wait_state(&lan, 0, t, "vm1", "stopped");
     let mut c = std::process::Command::new("nbdcopy");
     c.arg(format!("nbd+unix:///boot?socket={}", sock.display()))

@@ -35,7 +35,7 @@ pub use cluster::{
 pub use events::{Event, EventQuery, StreamQuery, StreamedEvent};
 pub use images::{Image, ImageCopy, ImageFile, ImageUpload, MAX_IMAGE_BYTES};
 pub use networks::{Network, NewNetwork};
-pub use tasks::{Task, TaskLog, TaskOp, TaskQuery, TaskState};
+pub use tasks::{Task, TaskLog, TaskOp, TaskQuery, TaskState, VmAction, VmTask};
 pub use users::{NewUser, UserInfo, UserUpdate};
 pub use vms::{DesiredState, NewVm, RestartPolicy, Vm, VmState, VmStatus, VmUpdate};
 pub use volumes::{

@@ -21,6 +21,39 @@ pub enum TaskState {
 /// with the store's admin protocol, so a task shows exactly what the store was asked.
 pub use tessera_store_admin::AdminOp as TaskOp;
 
+/// A VM lifecycle request a task follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmAction {
+    /// Start (placed by the scheduler).
+    Start,
+    /// Stop: a guest-visible request, forced after a timeout.
+    Stop,
+    /// Kill the VMM at once.
+    Kill,
+    /// Power off and start again on the same node.
+    Reboot,
+    /// Stop the vCPUs.
+    Pause,
+    /// Continue the vCPUs.
+    Resume,
+}
+
+/// What a VM task waits for: its VM's node to report the state the request asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmTask {
+    /// The VM.
+    pub vm: String,
+    /// The request.
+    pub action: VmAction,
+    /// The VM's `start_seq` after the request (a start is done when the node reports it).
+    pub start_seq: u64,
+    /// The VM's `reboot_seq` after the request.
+    pub reboot_seq: u64,
+    /// When the task fails if the state asked for is not reached (ms since the epoch).
+    pub deadline_ms: u64,
+}
+
 /// A line of a task's log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct TaskLog {
@@ -35,8 +68,13 @@ pub struct TaskLog {
 pub struct Task {
     /// Id.
     pub id: String,
-    /// The operation.
+    /// The store operation. A VM task (`vm` set) asks no store and carries `status`
+    /// here, so records written before VM tasks existed read as they did.
     pub op: TaskOp,
+    /// For a VM lifecycle request: the VM and what it asked; its node follows the VM's
+    /// reported state instead of calling its store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmTask>,
     /// The node that runs it.
     pub node: String,
     /// Who asked.

@@ -124,6 +124,8 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
             // tessera-store's default: its NBD socket next to its admin socket.
             nbd_socket: seed.storage.admin_socket.with_file_name("nbd.sock"),
             tls_dir: seed.data_dir.join("tls"),
+            api: seed.management.api_address(),
+            management: seed.management.address,
         },
     );
     images::start(

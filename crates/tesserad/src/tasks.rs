@@ -72,6 +72,8 @@ pub fn start(node: Arc<Node>, me: String, admin_socket: PathBuf) {
                 tasks
                     .values()
                     .filter(|v| v["node"] == me.as_str() && v["state"] == "queued")
+                    // VM tasks ask no store: the reconciler follows them.
+                    .filter(|v| v["vm"].is_null())
                     .filter_map(|v| serde_json::from_value::<Task>(v.clone()).ok())
                     .collect()
             } else {
@@ -148,6 +150,8 @@ async fn fail_interrupted(node: &Node, me: &str) {
                     .values()
                     .filter_map(|v| serde_json::from_value::<Task>(v.clone()).ok())
                     .filter(|t| t.node == me && t.state == TaskState::Running)
+                    // A VM task follows the VM's reported state, which a restart keeps.
+                    .filter(|t| t.vm.is_none())
                     .collect()
             })
             .unwrap_or_default()

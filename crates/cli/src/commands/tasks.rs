@@ -27,7 +27,7 @@ pub fn run(client: &Client, cmd: TaskCmd, out: Output) -> anyhow::Result<()> {
                         col("STATE", |t: &Task| word(&t.state)),
                         col("PROGRESS", |t: &Task| t.progress.to_string()),
                         col("USER", |t: &Task| t.user.clone()),
-                        col("OPERATION", |t: &Task| word(&t.op)),
+                        col("OPERATION", operation),
                     ],
                     out.wide(),
                 )
@@ -46,6 +46,14 @@ pub fn run(client: &Client, cmd: TaskCmd, out: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a task does in a word or two: the store operation, or the VM request and its VM.
+fn operation(t: &Task) -> String {
+    match &t.vm {
+        Some(v) => format!("vm_{} {}", word(&v.action), v.vm),
+        None => word(&t.op),
+    }
+}
+
 /// Prints a task (as the API sent it) with its log, its node by name.
 pub fn show(client: &Client, v: &Value, out: Output) -> anyhow::Result<()> {
     if out.is_json() {
@@ -55,6 +63,7 @@ pub fn show(client: &Client, v: &Value, out: Output) -> anyhow::Result<()> {
     let t: Task = decode(TASK, v)?;
     let node = NodeNames::fetch(client)?.name(&t.node);
     println!("task:     {}", t.id);
+    println!("op:       {}", operation(&t));
     println!("state:    {}", word(&t.state));
     println!("progress: {}%", t.progress);
     println!("node:     {node}");

@@ -2,11 +2,9 @@
 //! (start, stop, kill, reboot, pause, resume), waiting until the VM's node reports the
 //! state asked for.
 
-use std::time::{Duration, Instant};
-
 use anyhow::bail;
 use serde_json::Value;
-use tessera_api::{NewVm, Vm, VmState, VmUpdate};
+use tessera_api::{NewVm, Task, TaskState, Vm, VmUpdate};
 
 use crate::args::{VmAction, VmCmd};
 use crate::client::{decode, Client};
@@ -116,53 +114,39 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
             let v = client.call(VM_RM, &[&name], None)?;
             out.print(&v, |_| println!("deleted VM {name}"));
         }
-        VmCmd::Start(a) => act(client, VM_START, a, &[VmState::Running], out)?,
-        VmCmd::Stop(a) => act(client, VM_STOP, a, &[VmState::Stopped], out)?,
-        VmCmd::Kill(a) => act(client, VM_KILL, a, &[VmState::Stopped], out)?,
-        VmCmd::Reboot(a) => act(client, VM_REBOOT, a, &[VmState::Running], out)?,
-        VmCmd::Pause(a) => act(client, VM_PAUSE, a, &[VmState::Paused], out)?,
-        VmCmd::Resume(a) => act(client, VM_RESUME, a, &[VmState::Running], out)?,
+        VmCmd::Start(a) => act(client, VM_START, a, out)?,
+        VmCmd::Stop(a) => act(client, VM_STOP, a, out)?,
+        VmCmd::Kill(a) => act(client, VM_KILL, a, out)?,
+        VmCmd::Reboot(a) => act(client, VM_REBOOT, a, out)?,
+        VmCmd::Pause(a) => act(client, VM_PAUSE, a, out)?,
+        VmCmd::Resume(a) => act(client, VM_RESUME, a, out)?,
         VmCmd::Console { name } => super::vm_console::attach(client, &name)?,
     }
     Ok(())
 }
 
-/// Sends a lifecycle request and, unless `--no-wait`, waits (at most 2 minutes) until
-/// the VM's node reports one of `goal`; a crash ends the wait with its reason.
-fn act(client: &Client, ep: Ep, a: VmAction, goal: &[VmState], out: Output) -> anyhow::Result<()> {
+/// Sends a lifecycle request; the answer is its task. Unless `--no-wait`, follows the task
+/// (the VM's node ends it once it reports the state asked for, or fails it with the
+/// reason: a crash, a timeout) and shows the VM.
+fn act(client: &Client, ep: Ep, a: VmAction, out: Output) -> anyhow::Result<()> {
     let accepted = client.call(ep, &[&a.name], None)?;
-    let before: Vm = decode(ep, &accepted)?;
+    let task: Task = decode(ep, &accepted)?;
     if a.no_wait {
-        return show(client, ep, &accepted, out);
+        out.print(&accepted, super::tasks::done);
+        return Ok(());
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    // A reboot first goes through another state: wait for the node to take it up.
-    let mut seen_other = ep.1 != VM_REBOOT.1;
-    loop {
-        let v = client.call(VM, &[&a.name], None)?;
-        let vm: Vm = decode(VM, &v)?;
-        seen_other |=
-            vm.actual_state != before.actual_state || vm.state_reason != before.state_reason;
-        if seen_other && goal.contains(&vm.actual_state) {
-            return show(client, VM, &v, out);
-        }
-        if vm.actual_state == VmState::Crashed {
-            bail!(
-                "VM {} crashed: {}",
-                a.name,
-                vm.state_reason.as_deref().unwrap_or("no reason reported")
-            );
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "VM {} is still {} after 2 minutes (asked for {})",
-                a.name,
-                word(&vm.actual_state),
-                word(&goal[0])
-            );
-        }
-        std::thread::sleep(Duration::from_millis(250));
+    let (_, t) = super::tasks::watch(client, &task.id, !out.is_json())?;
+    if t.state != TaskState::Succeeded {
+        bail!(
+            "{} of VM {} failed: {} (task {})",
+            ep.1.rsplit('/').next().unwrap_or("request"),
+            a.name,
+            t.error.as_deref().unwrap_or("no reason given"),
+            t.id
+        );
     }
+    let v = client.call(VM, &[&a.name], None)?;
+    show(client, VM, &v, out)
 }
 
 /// The API counts memory in MiB.

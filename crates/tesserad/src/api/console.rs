@@ -1,7 +1,10 @@
 //! A VM's serial console as a WebSocket (`GET /api/v1/vms/{name}/console`), bridged to
 //! the control socket of its VMM on this node: on attach the last 64 KiB of output, then
 //! output as it comes (polled every 100 ms) as text messages; what the client sends is
-//! typed into the console.
+//! typed into the console. Asked of another node, the request is forwarded to the node
+//! that runs the VM ([`forward`]).
+
+mod forward;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,14 +27,16 @@ const SCROLLBACK: usize = 64 * 1024;
 
 /// Attach to a VM's serial console (WebSocket; Operator). Text or binary messages are
 /// typed into the console; the VM's output arrives as text messages, first the last
-/// 64 KiB. Ask the node the VM runs on (`running_on`).
+/// 64 KiB. Any node answers: one that does not run the VM forwards the request to the one
+/// that does.
 #[utoipa::path(get, path = "/api/v1/vms/{name}/console", tag = "vms", operation_id = "vm_console",
     params(("name" = String, Path)),
     security(("token" = []), ("cookie" = [])),
     responses((status = 101, description = "Switching to the WebSocket protocol"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody, description = "The VM is not running, or runs on another node (the message names it)"),
+        (status = 409, body = ErrorBody, description = "The VM is not running"),
+        (status = 502, body = ErrorBody, description = "The node that runs the VM cannot be reached"),
         (status = 426, body = ErrorBody, description = "Not a WebSocket request"),
         (status = 503, body = ErrorBody)))]
 pub async fn console(
@@ -39,6 +44,7 @@ pub async fn console(
     _: Auth<Operator>,
     Param(name): Param<String>,
     n: Synced,
+    headers: axum::http::HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     if read::<serde_json::Value>(&n, VMS, &name)?.is_none() {
@@ -48,18 +54,37 @@ pub async fn console(
     let Some(s) = status.filter(|s| matches!(s.state, VmState::Running | VmState::Paused)) else {
         return Err(ApiError::conflict(format!("VM {name} is not running")));
     };
-    if s.node != st.me.0 {
-        return Err(ApiError::conflict(format!(
-            "VM {name} runs on node {}; attach through that node's API (forwarding is not done yet)",
-            s.node
-        )));
-    }
     let ws = ws.map_err(|e| {
         ApiError::new(
             StatusCode::UPGRADE_REQUIRED,
             format!("this endpoint is a WebSocket: {e}"),
         )
     })?;
+    if s.node != st.me.0 {
+        // Forwarded once at most: two nodes that disagree about where it runs must not
+        // pass the request back and forth.
+        if headers.contains_key(forward::FORWARDED) {
+            return Err(ApiError::conflict(format!(
+                "VM {name} runs on node {}, not here",
+                s.node
+            )));
+        }
+        let addr = read::<serde_json::Value>(&n, crate::vmrun::NODE_API, &s.node)?
+            .and_then(|v| v["api"].as_str().and_then(|a| a.parse().ok()))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "VM {name} runs on node {}, which has published no API address",
+                        s.node
+                    ),
+                )
+            })?;
+        let peer = forward::connect(&st.data_dir, &s.node, addr, &name, &headers).await?;
+        return Ok(ws
+            .on_failed_upgrade(|e| tracing::warn!(error = %e, "console WebSocket upgrade failed"))
+            .on_upgrade(move |socket| forward::pipe(socket, peer)));
+    }
     let sock = RunDir::new(&st.data_dir, &name).api_socket();
     Ok(ws
         .on_failed_upgrade(|e| tracing::warn!(error = %e, "console WebSocket upgrade failed"))

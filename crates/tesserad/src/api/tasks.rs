@@ -3,7 +3,7 @@
 //! retry with the same key gets the same answer instead of a second task or a 409.
 
 use axum::Json;
-use tessera_api::TaskQuery;
+use tessera_api::{TaskQuery, VmAction, VmTask};
 use tessera_state::Require;
 
 use super::auth::{random_id, Principal};
@@ -55,6 +55,7 @@ pub fn queued(p: &Principal, node: &str, op: TaskOp) -> Task {
     Task {
         id: format!("{now:013}-{}", random_id()),
         op,
+        vm: None,
         node: node.into(),
         user: p.user.clone(),
         state: TaskState::Queued,
@@ -66,6 +67,32 @@ pub fn queued(p: &Principal, node: &str, op: TaskOp) -> Task {
         error: None,
         created_ms: now,
         finished_ms: None,
+    }
+}
+
+/// A new queued task following VM lifecycle request `vm` on `node` (not yet committed:
+/// the caller commits it with the VM record's change).
+pub fn queued_vm(p: &Principal, node: &str, vm: VmTask) -> Task {
+    let mut t = queued(p, node, TaskOp::Status {});
+    t.log[0].message = format!(
+        "{} of VM {} queued for node {node} by {}",
+        word(vm.action),
+        vm.vm,
+        p.user
+    );
+    t.vm = Some(vm);
+    t
+}
+
+/// A VM action in one word.
+pub fn word(a: VmAction) -> &'static str {
+    match a {
+        VmAction::Start => "start",
+        VmAction::Stop => "stop",
+        VmAction::Kill => "kill",
+        VmAction::Reboot => "reboot",
+        VmAction::Pause => "pause",
+        VmAction::Resume => "resume",
     }
 }
 

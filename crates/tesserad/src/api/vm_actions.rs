@@ -1,6 +1,8 @@
 //! VM lifecycle requests (start, stop, kill, reboot, pause, resume): each changes the VM's
 //! desired state in the replicated state (a start also places it: `vmrun::scheduler`);
 //! the node it is placed on carries it out (`vmrun`) and reports `vm_status/<name>`.
+//! Each accepted request is a task, committed with the VM's change, that the node follows
+//! to the state asked for (`vmrun::tasks`); a refused one creates none.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -8,13 +10,15 @@ use axum::Json;
 use serde_json::json;
 use tessera_state::Require;
 
+use super::auth::Principal;
 use super::events::event;
 use super::extract::{Auth, Operator, Param};
 use super::vms::{crashed, may_run, with_status};
 use super::{commit, now_ms, put, read, ApiError, ApiState, ErrorBody, St};
-use crate::records::table::{NODES, VMS, VOLUMES};
-use crate::records::{DesiredState, Vm, Volume, VolumeState};
+use crate::records::table::{NODES, TASKS, VMS, VOLUMES};
+use crate::records::{DesiredState, Task, Vm, Volume, VolumeState};
 use crate::vmrun::scheduler::{self, NodeRoom};
+use tessera_api::{VmAction as Action, VmTask};
 
 /// What each node has and what the VMs placed on it take, for the scheduler. The VM
 /// `except` (the one being placed) is not counted.
@@ -120,25 +124,27 @@ pub(super) fn start_fields(
     Ok(())
 }
 
-/// The lifecycle operations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Action {
-    Start,
-    Stop,
-    Kill,
-    Reboot,
-    Pause,
-    Resume,
+/// How long the node has to reach the state a request asks for before its task fails.
+pub fn task_timeout(action: Action) -> std::time::Duration {
+    let s = match action {
+        // Placement, the VMM's start, and a disk over the network.
+        Action::Start | Action::Reboot => 120,
+        // The guest's grace period, then the forced stop.
+        Action::Stop => crate::vmrun::STOP_TIMEOUT.as_secs() + 30,
+        Action::Kill | Action::Pause | Action::Resume => 60,
+    };
+    std::time::Duration::from_secs(s)
 }
 
-/// Applies `action` to VM `name`: one compare-and-swap of its record with the event; the
-/// node it is placed on carries it out. 202 with the VM as it is now.
+/// Applies `action` to VM `name`: one compare-and-swap of its record with the event and
+/// the task that follows it; the node it is placed on carries it out. 202 with the task.
 async fn act(
     st: &ApiState,
-    user: &str,
+    p: &Principal,
     name: &str,
     action: Action,
-) -> Result<(StatusCode, Json<Vm>), ApiError> {
+) -> Result<(StatusCode, Json<Task>), ApiError> {
+    let user = p.user.as_str();
     let n = super::synced(st).await?;
     let old: Vm =
         read(&n, VMS, name)?.ok_or_else(|| ApiError::not_found(format!("no VM {name}")))?;
@@ -207,15 +213,42 @@ async fn act(
     };
     vm.generation += 1;
     vm.updated_ms = now_ms();
-    let kind = format!("vm.{}", format!("{action:?}").to_lowercase());
+    let word = super::tasks::word(action);
+    let kind = format!("vm.{word}");
+    // The node that carries it out follows the task: where the VM is placed (a stop of a
+    // VM that never ran has no node; the node that reported it last then).
+    let status = with_status(&n, vm.clone())?;
+    let task_node = vm
+        .placed_on
+        .clone()
+        .or(status.running_on.clone())
+        .unwrap_or_else(|| st.me.0.clone());
+    let task = super::tasks::queued_vm(
+        p,
+        &task_node,
+        VmTask {
+            vm: name.to_string(),
+            action,
+            start_seq: vm.start_seq,
+            reboot_seq: vm.reboot_seq,
+            deadline_ms: now_ms() + task_timeout(action).as_millis() as u64,
+        },
+    );
     commit(
         st,
-        vec![Require::equals(VMS, name, json!(old))],
-        vec![put(VMS, name, &vm), event(&kind, name, user, &message)],
+        vec![
+            Require::equals(VMS, name, json!(old)),
+            Require::absent(TASKS, &task.id),
+        ],
+        vec![
+            put(VMS, name, &vm),
+            put(TASKS, &task.id, &task),
+            event(&kind, name, user, &format!("{message} (task {})", task.id)),
+        ],
         |_| format!("VM {name} changed meanwhile; try again"),
     )
     .await?;
-    Ok((StatusCode::ACCEPTED, Json(with_status(&n, vm)?)))
+    Ok((StatusCode::ACCEPTED, Json(task)))
 }
 
 macro_rules! lifecycle {
@@ -224,7 +257,7 @@ macro_rules! lifecycle {
         #[utoipa::path(post, path = $path, tag = "vms", operation_id = $id,
             params(("name" = String, Path)),
             security(("token" = []), ("cookie" = [])),
-            responses((status = 202, body = Vm, description = "Accepted: the VM's node carries it out; follow actual_state"),
+            responses((status = 202, body = Task, description = "Accepted: the VM's node carries it out; the task follows it to the state asked for (GET /api/v1/tasks/{id})"),
                 (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
                 (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
                 (status = 409, body = ErrorBody, description = "The VM's state does not allow it, or no node can run it (the message says why)"),
@@ -233,8 +266,8 @@ macro_rules! lifecycle {
             State(st): St,
             p: Auth<Operator>,
             Param(name): Param<String>,
-        ) -> Result<(StatusCode, Json<Vm>), ApiError> {
-            act(&st, &p.user, &name, $action).await
+        ) -> Result<(StatusCode, Json<Task>), ApiError> {
+            act(&st, &p, &name, $action).await
         }
     };
 }

@@ -13,6 +13,7 @@
 
 pub mod scheduler;
 pub mod supervisor;
+pub mod tasks;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,13 +31,16 @@ use supervisor::{Ending, Exits, RunDir, RunInfo};
 
 /// `vm_status/<name>`: [`VmStatus`], written by the node running the VM.
 pub const VM_STATUS: &str = "vm_status";
+/// `node_api/<node id>`: `{"api": "<ip:port>"}`, where the node's REST API is reached
+/// (a console asked of another node is forwarded there).
+pub const NODE_API: &str = "node_api";
 
 /// Crashes within this window that make a crash loop.
 const CRASH_WINDOW: Duration = Duration::from_secs(600);
 /// Crashes within [`CRASH_WINDOW`] after which the VM is left `crashed`.
 const CRASH_LIMIT: usize = 5;
 /// How long a power-off may take before the VMM is killed.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What this node's reconciler needs to know about itself.
 #[derive(Clone, Debug)]
@@ -50,6 +54,11 @@ pub struct Local {
     /// This node's TLS credentials (`<data_dir>/tls`: `ca.crt`, `node.crt`, `node.key`),
     /// which a VMM presents to another node's store for a remote disk.
     pub tls_dir: PathBuf,
+    /// This node's REST API address (published in [`NODE_API`]; a wildcard address is
+    /// reached at `management`'s IP).
+    pub api: std::net::SocketAddr,
+    /// This node's management address.
+    pub management: std::net::SocketAddr,
 }
 
 /// A VMM this node runs.
@@ -76,6 +85,8 @@ struct Reconciler {
     crashes: HashMap<String, Crashes>,
     /// Reason of the last ending per VM, for the status.
     reasons: HashMap<String, String>,
+    /// Whether [`NODE_API`] holds this node's address.
+    api_published: bool,
 }
 
 /// Starts the reconciler once `node` has a Raft member.
@@ -96,6 +107,7 @@ pub fn start(shared: crate::SharedNode, local: Local) {
             running: HashMap::new(),
             crashes: HashMap::new(),
             reasons: HashMap::new(),
+            api_published: false,
         };
         r.adopt_all();
         let mut rx = node.state.subscribe();
@@ -175,6 +187,33 @@ impl Reconciler {
         }
         for vm in wanted.values() {
             self.keep(vm).await;
+        }
+        tasks::follow(&self.node, &me).await;
+        if !self.api_published {
+            self.publish_api().await;
+        }
+    }
+
+    /// Publishes where this node's API is reached, in [`NODE_API`].
+    async fn publish_api(&mut self) {
+        let (api, mgmt) = (self.local.api, self.local.management);
+        let api = if api.ip().is_unspecified() {
+            std::net::SocketAddr::new(mgmt.ip(), api.port())
+        } else {
+            api
+        };
+        let rec = json!({ "api": api.to_string() });
+        let res = self
+            .node
+            .write(Command::Put {
+                table: NODE_API.into(),
+                key: self.local.me.clone(),
+                value: rec,
+            })
+            .await;
+        match res {
+            Ok(_) => self.api_published = true,
+            Err(e) => tracing::debug!(error = %e, "API address not published yet"),
         }
     }
 
