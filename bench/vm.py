@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""VM start latency and 100 VM starts on the devcluster (see vm.sh); prints Markdown."""
+import glob, http.client, json, os, ssl, statistics, subprocess, sys, tempfile, time
+
+W, PW, GUEST, VMM = sys.argv[1:5]
+CA = f"{W}/cluster/node1/data/tls/ca.crt"
+CTX = ssl.create_default_context(cafile=CA)
+CTX.check_hostname = False
+
+
+def call(method, path, body=None, token=None, host="127.0.0.1"):
+    c = http.client.HTTPSConnection(host, 8006, context=CTX, timeout=30)
+    h = {"content-type": "application/json"}
+    if token:
+        h["authorization"] = f"Bearer {token}"
+    c.request(method, "/api/v1/" + path, json.dumps(body) if body is not None else None, h)
+    r = c.getresponse()
+    data = r.read()
+    return r.status, (json.loads(data) if data else None)
+
+
+_, v = call("POST", "login", {"username": "admin", "password": PW})
+T = v["token"]
+call("POST", "password", {"old_password": PW, "new_password": "benchmark password"}, T)
+_, v = call("POST", "login", {"username": "admin", "password": "benchmark password"})
+T = v["token"]
+
+
+def console_files(name):
+    return glob.glob(f"{W}/cluster/node*/data/vms/{name}/console.log")
+
+
+def first_line(paths_fn, t0, timeout=60):
+    while time.time() - t0 < timeout:
+        for p in paths_fn():
+            try:
+                if "\n" in open(p, errors="replace").read(4096):
+                    return time.time() - t0
+            except FileNotFoundError:
+                pass
+        time.sleep(0.002)
+    raise RuntimeError("no console line")
+
+
+def wait_task(tid, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        _, t = call("GET", f"tasks/{tid}", token=T)
+        if t["state"] in ("succeeded", "failed"):
+            return t
+        time.sleep(0.01)
+    raise RuntimeError(f"task {tid} did not end")
+
+
+def vm(name, mem=32):
+    s, v = call("POST", "vms", {"name": name, "vcpus": 1, "memory_mib": mem, "kernel": GUEST,
+                                "cmdline": "console=ttyS0 tessera.mode=count"}, T)
+    assert s == 201, v
+
+
+# Reference: a bare tessera-vmm to its first console line.
+bare = []
+for i in range(20):
+    d = tempfile.mkdtemp(dir=W)
+    out = f"{d}/console.log"
+    t0 = time.time()
+    p = subprocess.Popen([VMM, "--kernel", GUEST, "--cmdline", "console=ttyS0 tessera.mode=count",
+                          "--memory-mib", "32", "--vcpus", "1", "--api-socket", f"{d}/api.sock",
+                          "--serial-out", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bare.append(first_line(lambda: [out], t0))
+    p.kill()
+    p.wait()
+
+# Through the cluster: POST .../start to the first console line and to the task's end.
+vm("lat")
+to_line, to_task = [], []
+for i in range(20):
+    for f in console_files("lat"):
+        os.remove(f)
+    t0 = time.time()
+    s, task = call("POST", "vms/lat/start", token=T)
+    assert s == 202, task
+    to_line.append(first_line(lambda: console_files("lat"), t0))
+    t = wait_task(task["id"])
+    assert t["state"] == "succeeded", t
+    to_task.append(time.time() - t0)
+    s, task = call("POST", "vms/lat/kill", token=T)
+    assert wait_task(task["id"])["state"] == "succeeded"
+call("DELETE", "vms/lat", token=T)
+
+
+def rss():
+    best = 0
+    for pid in subprocess.run(["pgrep", "-f", f"tesserad --seed {W}"], capture_output=True,
+                              text=True).stdout.split():
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS"):
+                best = max(best, int(line.split()[1]))
+    return best
+
+
+# 100 VMs started at once.
+rss0 = rss()
+for i in range(100):
+    vm(f"many{i}", 16)
+t0 = time.time()
+tasks, refused = [], []
+for i in range(100):
+    s, v = call("POST", f"vms/many{i}/start", token=T)
+    (tasks if s == 202 else refused).append(v)
+ended = [wait_task(t["id"]) for t in tasks]
+total = time.time() - t0
+ok = sum(1 for t in ended if t["state"] == "succeeded")
+rss1 = rss()
+
+ms = lambda xs: f"{statistics.median(xs) * 1000:.0f} ms"
+print("| measurement | result |\n|---|---|")
+print(f"| bare tessera-vmm start -> first console line (median of 20, reference) | {ms(bare)} |")
+print(f"| POST .../start -> first console line (median of 20) | {ms(to_line)} |")
+print(f"| POST .../start -> start task succeeded (median of 20) | {ms(to_task)} |")
+print(f"| 100 starts requested: placed / refused (409) | {len(tasks)} / {len(refused)} |")
+print(f"| placed VMs running (task succeeded) | {ok} |")
+print(f"| time from the first request to every placed VM running | {total:.1f} s |")
+print(f"| largest tesserad RSS before / after | {rss0 // 1024} MiB / {rss1 // 1024} MiB |")
+if refused:
+    print(f"\nFirst refusal: {refused[0].get('error')}")
