@@ -104,9 +104,9 @@ fn task_volume(op: &TaskOp) -> Option<&str> {
         | TaskOp::ResizeVolume { name, .. }
         | TaskOp::DeleteVolume { name }
         | TaskOp::CloneSnapshot { name, .. } => Some(name),
-        TaskOp::CreateSnapshot { volume, .. } | TaskOp::DeleteSnapshot { volume, .. } => {
-            Some(volume)
-        }
+        TaskOp::CreateSnapshot { volume, .. }
+        | TaskOp::DeleteSnapshot { volume, .. }
+        | TaskOp::SetReplication { volume, .. } => Some(volume),
         TaskOp::ListVolumes {} | TaskOp::Scrub {} | TaskOp::Status {} => None,
     }
 }
