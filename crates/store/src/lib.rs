@@ -3,9 +3,10 @@
 //! It owns one block store (`tessera-blockstore`), serves its volumes and snapshots over
 //! NBD (`tessera-nbd`) on TCP (TLS with client certificates of the cluster CA, or plain on
 //! an address the operator trusts) and a Unix socket, and takes volume administration on a
-//! local admin socket (the protocol is `tessera-store-admin`). It does not decide anything
-//! about the cluster: `tesserad` tells it what to create, and later which generation and
-//! replicas a volume has.
+//! local admin socket (the protocol is `tessera-store-admin`), and replicates volumes to
+//! other nodes' stores over QUIC (`repl`, on `tessera-replication`'s codec and state
+//! machines). It does not decide anything about the cluster: `tesserad` tells it what to
+//! create and which generation and replicas a volume has.
 
 #![forbid(unsafe_code)]
 
