@@ -293,9 +293,11 @@ fn outcome_ops(node: &Node, op: &TaskOp, ok: bool) -> Vec<Command> {
                 ops.push(put(VOLUMES, name, &v));
             }
         }
-        // Queries, a refused resize and a scrub change no record.
+        // Queries, a refused resize, a scrub and a replication role (the store's own
+        // state) change no record.
         (
             TaskOp::ResizeVolume { .. }
+            | TaskOp::SetReplication { .. }
             | TaskOp::ListVolumes {}
             | TaskOp::VolumeInfo { .. }
             | TaskOp::Scrub {}
