@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::discovery::Announce;
 use crate::identity::NodeId;
+use crate::kdf::Salt;
 
 /// A formed cluster, as decided once and persisted by every member.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -30,6 +31,21 @@ pub struct Formed {
     pub cluster_id: String,
     /// The founding members, sorted.
     pub members: Vec<NodeId>,
+    /// The cluster's salt for the keys derived from the join secret (`crate::kdf`), in
+    /// hex: the founding node's own. Absent in clusters formed before it existed; they
+    /// use [`Salt::LEGACY`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub salt: Option<String>,
+}
+
+impl Formed {
+    /// The cluster's salt ([`Salt::LEGACY`] when it has none or it does not parse).
+    pub fn salt(&self) -> Salt {
+        self.salt
+            .as_deref()
+            .and_then(Salt::from_hex)
+            .unwrap_or(Salt::LEGACY)
+    }
 }
 
 /// What the node should do now.
@@ -69,6 +85,7 @@ pub struct Formation {
     listen_until_ms: u64,
     peers: BTreeMap<NodeId, Peer>,
     formed: Option<Formed>,
+    salt: Salt,
 }
 
 impl Formation {
@@ -91,7 +108,14 @@ impl Formation {
             listen_until_ms: now_ms + liveness_ms * 3 / 2,
             peers: BTreeMap::new(),
             formed: persisted,
+            salt: Salt::random(),
         }
+    }
+
+    /// The salt this node announces with: its cluster's once formed, else its own random
+    /// one (which becomes the cluster's if this node founds it).
+    pub fn salt(&self) -> Salt {
+        self.formed.as_ref().map_or(self.salt, Formed::salt)
     }
 
     /// The cluster this node belongs to, once formed.
@@ -194,6 +218,7 @@ impl Formation {
         let f = Formed {
             cluster_id: cluster_id(&self.cluster, &proposal),
             members: proposal,
+            salt: Some(self.salt.to_hex()),
         };
         self.formed = Some(f.clone());
         Action::Bootstrap(f)

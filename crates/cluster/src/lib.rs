@@ -10,4 +10,5 @@
 pub mod discovery;
 pub mod formation;
 pub mod identity;
+pub mod kdf;
 pub mod seed;

@@ -199,6 +199,7 @@ fn a_restarted_founder_never_bootstraps_twice() {
     let formed = Formed {
         cluster_id: "c".into(),
         members: vec![me.clone(), NodeId("01".into())],
+        salt: None,
     };
     let mut f = Formation::new("lab", me, 2, 1_000, 0, Some(formed));
     assert_eq!(f.decide(10_000), Action::Wait);

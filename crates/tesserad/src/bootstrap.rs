@@ -61,7 +61,6 @@ pub(crate) struct Bootstrap {
     seed: Seed,
     me: NodeId,
     formed_path: PathBuf,
-    join_key: [u8; 32],
     /// The addresses the API's certificate must be valid for.
     api_ips: Vec<IpAddr>,
     /// Peers heard on the management network: where to enroll and join.
@@ -86,7 +85,6 @@ impl Bootstrap {
             tracing::warn!("WEAK JOIN SECRET: {why}");
         }
         Self {
-            join_key: replicated::join_key(&seed.join_secret),
             seed,
             me,
             formed_path,
@@ -105,6 +103,12 @@ impl Bootstrap {
         &self.me
     }
 
+    /// The key enrollment and join requests of cluster `f` are signed with (derived from
+    /// the join secret with the cluster's salt; cached after the first time).
+    async fn join_key(&self, f: &Formed) -> anyhow::Result<[u8; 32]> {
+        replicated::join_key(&self.seed.join_secret, &self.seed.cluster_name, f).await
+    }
+
     /// Records a peer heard on the management network.
     pub(crate) fn heard_peer(&self, id: &NodeId, addr: SocketAddr) {
         self.peers
@@ -119,15 +123,16 @@ impl Bootstrap {
         let s = &self.seed;
         match replicated::load_tls(&s.data_dir)? {
             Some(tls) => {
-                let node = replicated::start(
-                    &self.me,
-                    s.management.address,
-                    &s.data_dir,
-                    self.join_key,
-                    tls,
-                    None,
-                )
-                .await?;
+                let key = self.join_key(f).await?;
+                let node =
+                    replicated::start(&self.me, s.management.address, &s.data_dir, key, tls, None)
+                        .await?;
+                replicated::reseal_ca(
+                    node.clone(),
+                    key,
+                    replicated::legacy_join_key(&s.join_secret),
+                    f.cluster_id.clone(),
+                );
                 if let Some(ca) = replicated::minted_ca(&s.data_dir) {
                     node.set_ca(ca.clone());
                     replicated::publish_ca(
@@ -174,7 +179,7 @@ impl Bootstrap {
             &self.me,
             s.management.address,
             &s.data_dir,
-            self.join_key,
+            self.join_key(f).await?,
             tls,
             Some(founders),
         )
@@ -225,17 +230,21 @@ impl Bootstrap {
     /// Enrolls if needed, starts the member, joins through `via` if given, and reports
     /// the running member on the `joined` channel.
     fn spawn_start(&self, formed: Formed, via: Option<Vec<SocketAddr>>) {
-        let (me, mgmt, dir, tx, peers, ips, join_key) = (
+        let (me, mgmt, dir, tx, peers, ips) = (
             self.me.clone(),
             self.seed.management.address,
             self.seed.data_dir.clone(),
             self.joined.clone(),
             self.peers.clone(),
             self.api_ips.clone(),
-            self.join_key,
+        );
+        let (secret, name) = (
+            self.seed.join_secret.clone(),
+            self.seed.cluster_name.clone(),
         );
         tokio::spawn(async move {
             let res = async {
+                let join_key = replicated::join_key(&secret, &name, &formed).await?;
                 let tls = match replicated::load_tls(&dir)? {
                     Some(t) => t,
                     None => replicated::enroll(&me, &dir, join_key, &peers, &ips).await?,

@@ -12,6 +12,7 @@ use anyhow::Context;
 use socket2::{Domain, Protocol, Socket, Type};
 use tessera_cluster::discovery::{self as wire, Announce, DiscoveryError, Key, Receiver};
 use tessera_cluster::formation::{Action, Formation, Formed};
+use tessera_cluster::kdf::{self, Salt};
 use tessera_cluster::seed::Seed;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -25,6 +26,87 @@ const ANNOUNCE_EVERY: Duration = Duration::from_millis(200);
 const LIVENESS_MS: u64 = 1_000;
 /// At most one log line (and one rejection sent) per sender in this time.
 const REFUSAL_QUIET: Duration = Duration::from_secs(5);
+/// At most one key derivation for a salt not seen before is started per this time, one at
+/// a time: each costs an argon2id run (tens of ms), and a flood of datagrams with made-up
+/// salts must not take more than a fraction of a core.
+const DERIVE_EVERY: Duration = Duration::from_millis(250);
+/// Discovery keys kept, by salt (this node's and its cluster's are derived again if
+/// evicted: the derivation cache in `kdf` keeps them too).
+const KEYS_MAX: usize = 64;
+
+/// The discovery keys this node knows, by salt, and the derivation under way (at most
+/// one), so no datagram ever waits for or causes more than one argon2id run.
+struct Keys {
+    secret: String,
+    cluster: String,
+    known: HashMap<Salt, Key>,
+    deriving: Option<Salt>,
+    last_start: Option<Instant>,
+    done_tx: mpsc::Sender<(Salt, Option<Key>)>,
+}
+
+impl Keys {
+    /// The key for `salt`, deriving it now (off the async workers) if needed: for this
+    /// node's own salt, which it must announce with.
+    async fn get_now(&mut self, salt: Salt) -> anyhow::Result<Key> {
+        if let Some(k) = self.known.get(&salt) {
+            return Ok(k.clone());
+        }
+        let (secret, cluster) = (self.secret.clone(), self.cluster.clone());
+        let keys =
+            tokio::task::spawn_blocking(move || kdf::derive(&secret, &cluster, &salt)).await??;
+        let k = Key::new(&keys);
+        self.insert(salt, k.clone());
+        Ok(k)
+    }
+
+    fn insert(&mut self, salt: Salt, k: Key) {
+        if self.known.len() >= KEYS_MAX {
+            if let Some(old) = self.known.keys().next().copied() {
+                self.known.remove(&old);
+            }
+        }
+        self.known.insert(salt, k);
+    }
+
+    /// The key for a peer's `salt` if known; otherwise starts deriving it in the
+    /// background when the rate limit allows (the datagram is dropped: the peer announces
+    /// again within 200 ms).
+    fn lookup(&mut self, salt: Salt) -> Option<Key> {
+        if let Some(k) = self.known.get(&salt) {
+            return Some(k.clone());
+        }
+        let allowed =
+            self.deriving.is_none() && self.last_start.is_none_or(|t| t.elapsed() >= DERIVE_EVERY);
+        if allowed {
+            self.deriving = Some(salt);
+            self.last_start = Some(Instant::now());
+            let (secret, cluster, tx) = (
+                self.secret.clone(),
+                self.cluster.clone(),
+                self.done_tx.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                let k = match kdf::derive(&secret, &cluster, &salt) {
+                    Ok(keys) => Some(Key::new(&keys)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot derive a discovery key");
+                        None
+                    }
+                };
+                let _ = tx.blocking_send((salt, k));
+            });
+        }
+        None
+    }
+
+    fn derived(&mut self, salt: Salt, k: Option<Key>) {
+        self.deriving = None;
+        if let Some(k) = k {
+            self.insert(salt, k);
+        }
+    }
+}
 
 /// A UDP socket for discovery: bound to the group's port, member of the group on the
 /// management interface, sending from it.
@@ -73,7 +155,6 @@ pub(crate) async fn run(
 ) -> anyhow::Result<()> {
     let seed = boot.seed();
     let me = boot.me();
-    let key = Key::from_secret(&seed.join_secret);
     let sock = socket(seed)?;
     let incarnation = now_ms();
     let mut formation = Formation::new(
@@ -84,6 +165,16 @@ pub(crate) async fn run(
         now_ms(),
         persisted,
     );
+    let (done_tx, mut done_rx) = mpsc::channel(4);
+    let mut keys = Keys {
+        secret: seed.join_secret.clone(),
+        cluster: seed.cluster_name.clone(),
+        known: HashMap::new(),
+        deriving: None,
+        last_start: None,
+        done_tx,
+    };
+    keys.get_now(formation.salt()).await?;
     let mut receiver = Receiver::default();
     let mut seq = 0u64;
     let mut ticker = tokio::time::interval(ANNOUNCE_EVERY);
@@ -113,7 +204,9 @@ pub(crate) async fn run(
                     proposal: formation.proposal(now),
                     formed: formation.formed().cloned(),
                 };
-                let datagram = wire::encode(&a, &key);
+                let salt = formation.salt();
+                let key = keys.get_now(salt).await?;
+                let datagram = wire::encode(&a, &salt, &key);
                 for t in &targets {
                     if let Err(e) = sock.send_to(&datagram, t).await {
                         tracing::debug!(target = %t, error = %e, "announcement not sent");
@@ -132,6 +225,7 @@ pub(crate) async fn run(
                     }
                 }
             }
+            Some((salt, k)) = done_rx.recv() => keys.derived(salt, k),
             Some((f, node)) = joined.recv() => {
                 formation.joined(f.clone());
                 boot.joined(&f, node)?;
@@ -141,7 +235,19 @@ pub(crate) async fn run(
                     Ok(x) => x,
                     Err(e) => { tracing::debug!(error = %e, "discovery receive failed"); continue; }
                 };
-                match wire::decode(&buf[..n], &key) {
+                let d = &buf[..n];
+                let decoded = match wire::peek(d) {
+                    Ok(h) if h.cluster != seed.cluster_name => {
+                        tracing::debug!(%src, cluster = %h.cluster, "announcement of another cluster ignored");
+                        continue;
+                    }
+                    Ok(h) => match keys.lookup(h.salt) {
+                        Some(k) => wire::decode(d, &k),
+                        None => continue,
+                    },
+                    Err(e) => Err(e),
+                };
+                match decoded {
                     Ok(a) => match receiver.accept(&seed.cluster_name, &a, now_ms()) {
                         Ok(()) => {
                             formation.heard(&a, now_ms());

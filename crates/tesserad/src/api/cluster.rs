@@ -189,6 +189,13 @@ pub async fn remove(
         vec![],
         vec![
             super::del(NODES, &id),
+            // Remembered so the removed node cannot enroll or join again with the join
+            // secret alone: wiped, it comes back as a new node.
+            super::put(
+                tessera_state::network::admission::REMOVED_NODES,
+                &tessera_state::network::cert_name(raft_id),
+                serde_json::json!({ "node": id, "by": p.user, "removed_ms": crate::now_ms() }),
+            ),
             super::events::event("node.remove", &id, &p.user, "node removed from the cluster"),
         ],
         |_| String::new(),
