@@ -318,7 +318,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         "  Cluster CA (the API's HTTPS certificates are issued by it): {}",
         ca.display()
     );
-    println!("  Web console: not built yet (it comes with the web-console issue).");
+    println!(
+        "  Web console: https://{}:8006/ (any node; trust the cluster CA above in the browser)",
+        addr(1)
+    );
     match &password {
         Some(p) => println!("  Admin: user admin, initial password {p} (valid until changed; the first login must change it)"),
         None => println!("  Admin: no first-administrator password file found; use the password you set."),

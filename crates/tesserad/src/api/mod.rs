@@ -358,6 +358,7 @@ pub async fn serve(
     let (router, doc) = router(st);
     let doc = Arc::new(doc);
     let app = router
+        .merge(tessera_console::router())
         .route(
             "/api/v1/openapi.json",
             axum::routing::get(move || {
