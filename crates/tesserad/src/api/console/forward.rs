@@ -59,7 +59,11 @@ pub async fn connect(
         ))
     };
     let tls = client_tls(data_dir).map_err(unreachable)?;
-    let dns = tessera_pki::node_dns_name(node).map_err(|e| unreachable(e.to_string()))?;
+    // Node certificates name the node's Raft id, as the Raft transport verifies them.
+    let raft_id = crate::replicated::raft_id(&tessera_cluster::identity::NodeId(node.into()))
+        .map_err(|e| unreachable(e.to_string()))?;
+    let dns = tessera_pki::node_dns_name(&tessera_state::network::cert_name(raft_id))
+        .map_err(|e| unreachable(e.to_string()))?;
     let server = rustls::pki_types::ServerName::try_from(dns.clone())
         .map_err(|e| unreachable(e.to_string()))?;
     let mut req = format!("wss://{dns}/api/v1/vms/{vm}/console")
