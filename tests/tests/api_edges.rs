@@ -234,6 +234,57 @@ fn an_idempotent_create_retried_gets_its_first_answer(ca: &str, node: u8, token:
         create_volume(ca, node, token, &body, Some("bad key!")).code,
         400
     );
+    // Snapshots and clones take a key too (the same mechanism): once the volume is ready.
+    wait_ready(ca, node, token, "volumes/idem-a", |v| v["state"] == "ready");
+    let post = |path: &str, body: &Value, key: Option<&str>| {
+        let h = key.map(|k| format!("Idempotency-Key: {k}"));
+        let extra: Vec<&str> = h.iter().flat_map(|h| ["-H", h.as_str()]).collect();
+        let a = call(ca, node, "POST", path, Some(token), Some(body), &extra);
+        assert_no_internals(&a);
+        a
+    };
+    let snap = json!({"name": "s1"});
+    let first = post("volumes/idem-a/snapshots", &snap, Some("snap-1"));
+    assert_eq!(first.code, 202, "{}", first.body);
+    let again = post("volumes/idem-a/snapshots", &snap, Some("snap-1"));
+    assert_eq!(again.code, 202, "{}", again.body);
+    assert_eq!(first.json()["id"], again.json()["id"], "{}", again.body);
+    assert_eq!(post("volumes/idem-a/snapshots", &snap, None).code, 409);
+    wait_ready(ca, node, token, "volumes/idem-a", |v| {
+        v["snapshots"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|s| s["name"] == "s1" && s["state"] == "ready"))
+    });
+    let clone = json!({"snapshot": "s1", "name": "idem-c"});
+    let first = post("volumes/idem-a/clone", &clone, Some("clone-1"));
+    assert_eq!(first.code, 202, "{}", first.body);
+    let again = post("volumes/idem-a/clone", &clone, Some("clone-1"));
+    assert_eq!(again.code, 202, "{}", again.body);
+    assert_eq!(first.json()["id"], again.json()["id"], "{}", again.body);
+    assert_eq!(post("volumes/idem-a/clone", &clone, None).code, 409);
+    // The same key for another request is refused.
+    let other = json!({"snapshot": "s1", "name": "idem-d"});
+    assert_eq!(
+        post("volumes/idem-a/clone", &other, Some("clone-1")).code,
+        409
+    );
+}
+
+/// Waits (up to 30 s) until `GET path` answers 200 with a body that `ready` accepts.
+fn wait_ready(ca: &str, node: u8, token: &str, path: &str, ready: impl Fn(&Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let a = call(ca, node, "GET", path, Some(token), None, &[]);
+        if a.code == 200 && ready(&a.json()) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} never got ready: {}",
+            a.body
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// The devcluster node (1-3) that leads, by its name `nodeN`.

@@ -229,10 +229,13 @@ pub async fn remove(
     Ok((StatusCode::ACCEPTED, Json(task)))
 }
 
-/// Snapshot a volume (a task).
+/// Snapshot a volume (a task). An `Idempotency-Key` makes a retry safe, as for
+/// `POST /volumes`.
 #[utoipa::path(post, path = "/api/v1/volumes/{name}/snapshots", tag = "volumes",
     operation_id = "create_snapshot",
-    params(("name" = String, Path)), request_body = NewSnapshot,
+    params(("name" = String, Path), ("Idempotency-Key" = Option<String>, Header,
+        min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9._:-]{1,64}$",
+        description = "Makes a retry safe: the same key and body get the first answer")), request_body = NewSnapshot,
     security(("token" = []), ("cookie" = [])),
     responses((status = 202, body = Task), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -242,10 +245,15 @@ pub async fn snapshot(
     State(st): St,
     p: Auth<Operator>,
     Param(name): Param<String>,
+    IdempotencyKey(idem_key): IdempotencyKey,
     Body(req): Body<NewSnapshot>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
     check_name("name", &req.name, &[])?;
     let n = super::synced(&st).await?;
+    let idem = idem_key.map(|k| Idempotent::new(&p.user, &k, &("snapshot", &name, &req)));
+    if let Some(task) = idem.as_ref().map(|i| i.replay(&n)).transpose()?.flatten() {
+        return Ok((StatusCode::ACCEPTED, Json(task)));
+    }
     let v = ready_volume(&n, &name)?;
     let key = snapshot_key(&name, &req.name);
     let snap = Snapshot {
@@ -262,9 +270,10 @@ pub async fn snapshot(
             snapshot: req.name.clone(),
         },
     );
-    submit(
+    let task = submit_idempotent(
         &st,
         &task,
+        idem.as_ref(),
         vec![
             Require::exists(VOLUMES, &name),
             Require::absent(SNAPSHOTS, &key),
@@ -340,9 +349,12 @@ pub async fn remove_snapshot(
 }
 
 /// Clone a snapshot into a new writable volume on the same node (copy-on-write; a task).
+/// An `Idempotency-Key` makes a retry safe, as for `POST /volumes`.
 #[utoipa::path(post, path = "/api/v1/volumes/{name}/clone", tag = "volumes",
     operation_id = "clone_snapshot",
-    params(("name" = String, Path)), request_body = NewClone,
+    params(("name" = String, Path), ("Idempotency-Key" = Option<String>, Header,
+        min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9._:-]{1,64}$",
+        description = "Makes a retry safe: the same key and body get the first answer")), request_body = NewClone,
     security(("token" = []), ("cookie" = [])),
     responses((status = 202, body = Task), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -352,10 +364,15 @@ pub async fn clone(
     State(st): St,
     p: Auth<Operator>,
     Param(name): Param<String>,
+    IdempotencyKey(idem_key): IdempotencyKey,
     Body(req): Body<NewClone>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
     check_name("name", &req.name, &[])?;
     let n = super::synced(&st).await?;
+    let idem = idem_key.map(|k| Idempotent::new(&p.user, &k, &("clone", &name, &req)));
+    if let Some(task) = idem.as_ref().map(|i| i.replay(&n)).transpose()?.flatten() {
+        return Ok((StatusCode::ACCEPTED, Json(task)));
+    }
     let v = ready_volume(&n, &name)?;
     let key = snapshot_key(&name, &req.snapshot);
     let snap: Snapshot = read(&n, SNAPSHOTS, &key)?
@@ -381,9 +398,10 @@ pub async fn clone(
             name: req.name.clone(),
         },
     );
-    submit(
+    let task = submit_idempotent(
         &st,
         &task,
+        idem.as_ref(),
         vec![
             Require::absent(VOLUMES, &req.name),
             Require::exists(SNAPSHOTS, &key),
