@@ -301,8 +301,7 @@ fn outcome_ops(node: &Node, op: &TaskOp, ok: bool) -> Vec<Command> {
             | TaskOp::ListVolumes {}
             | TaskOp::VolumeInfo { .. }
             | TaskOp::Scrub {}
-            | TaskOp::Status {}
-            | TaskOp::SetReplication { .. },
+            | TaskOp::Status {},
             _,
         ) => {}
     }
