@@ -82,19 +82,24 @@ async fn el(c: &Client, css: &str) -> fantoccini::elements::Element {
 }
 
 /// Runs a WebDriver action on the element `css`, found afresh and tried again when the
-/// page's refresh replaced it in between (a stale element).
+/// page's refresh replaced it in between (a stale element) or it is not yet interactable
+/// (a page still being laid out right after navigation: seen once in a CI run under
+/// load). Bounded: at most 50 tries 100 ms apart, then the error is the test's failure.
 macro_rules! on_element {
     ($c:expr, $css:expr, |$e:ident| $body:expr) => {{
+        use fantoccini::error::{CmdError, ErrorStatus};
         let mut tries = 0;
         loop {
             let $e = el($c, &$css).await;
             match $body {
                 Ok(_) => break,
-                Err(fantoccini::error::CmdError::Standard(w))
-                    if w.error == fantoccini::error::ErrorStatus::StaleElementReference
-                        && tries < 10 =>
+                Err(CmdError::Standard(w))
+                    if (w.error == ErrorStatus::StaleElementReference
+                        || w.error == ErrorStatus::ElementNotInteractable)
+                        && tries < 50 =>
                 {
                     tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => panic!("{}: {e}", $css),
             }
