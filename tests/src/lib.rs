@@ -70,6 +70,29 @@ pub fn output(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"))
 }
 
+/// Runs `cmd` with `stdin` written to its standard input; returns (success, stdout, stderr).
+pub fn run_with_stdin(mut cmd: Command, stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
 /// A free TCP port on loopback (bound then released; the daemon binds it right after).
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");

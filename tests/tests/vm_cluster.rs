@@ -353,7 +353,7 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
             .arg("--ca-file")
             .arg(lan.ca_file().unwrap())
             .args(args);
-        run_with_stdin(c, stdin)
+        tessera_tests::run_with_stdin(c, stdin)
     };
     let (ok, out, err) = cli(&["login", "--user", "admin"], "vm-cluster-password-1\n");
     assert!(ok, "{out}{err}");
@@ -517,26 +517,4 @@ fn vm_pid(dir: &Path, name: &str) -> Option<u64> {
     let text = std::fs::read_to_string(dir.join(format!("data/vms/{name}/run.json"))).ok()?;
     let v: Value = serde_json::from_str(&text).ok()?;
     v["pid"].as_u64().filter(|p| alive(*p))
-}
-
-fn run_with_stdin(mut c: std::process::Command, stdin: &str) -> (bool, String, String) {
-    use std::io::Write;
-    let mut child = c
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
 }

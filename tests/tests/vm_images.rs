@@ -175,7 +175,7 @@ fn a_boot_image_boots_vms_on_every_node_and_templates_clone_them() {
             .arg("--ca-file")
             .arg(lan.ca_file().unwrap())
             .args(args);
-        run_with_stdin(c, stdin)
+        tessera_tests::run_with_stdin(c, stdin)
     };
     let (ok, out, err) = cli(&["login", "--user", "admin"], &format!("{PASSWORD}\n"));
     assert!(ok, "{out}{err}");
@@ -333,26 +333,4 @@ fn a_boot_image_boots_vms_on_every_node_and_templates_clone_them() {
     assert_eq!(code, 202, "{v}");
     wait_state(&lan, t, "web", "stopped");
     drop(nodes);
-}
-
-fn run_with_stdin(mut c: std::process::Command, stdin: &str) -> (bool, String, String) {
-    use std::io::Write;
-    let mut child = c
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
 }
