@@ -15,8 +15,8 @@ use tokio::net::TcpListener;
 use crate::barrier::ReadIndex;
 use crate::ca_record::{self, CaRecordError};
 use crate::membership::{self, leader, Leader};
-use crate::network::admission::{self, AnonymousSlots};
-use crate::network::rpc::{Reply, Rpc, MAX_ANONYMOUS_RPC, MAX_RPC};
+use crate::network::admission::{self, AnonymousSlots, Handshakes, HANDSHAKE_TIMEOUT};
+use crate::network::rpc::{RemovedAnswer, Reply, Rpc, MAX_ANONYMOUS_RPC, MAX_RPC};
 use crate::network::{cert_name, now_ms, AuthError, EnrollReply, EnrollRequest, Transport};
 use crate::state_machine::StateReader;
 use crate::types::TypeConfig;
@@ -133,6 +133,7 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 pub(crate) async fn serve(listener: TcpListener, ctx: Arc<ServeCtx>) {
     let mut backoff = ACCEPT_BACKOFF_MIN;
     let slots = AnonymousSlots::default();
+    let handshakes = Handshakes::default();
     loop {
         let (sock, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -147,44 +148,58 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<ServeCtx>) {
         backoff = ACCEPT_BACKOFF_MIN;
         let _ = sock.set_nodelay(true);
         let ctx = ctx.clone();
+        let Some(cfg) = ctx.tls.clone() else {
+            tokio::spawn(async move {
+                if let Err(e) = handle(sock, &ctx, Caller::Plain).await {
+                    tracing::debug!(%peer, error = %e, "Raft RPC failed");
+                }
+            });
+            continue;
+        };
         let slots = slots.clone();
-        tokio::spawn(async move {
-            let res = match ctx.tls.clone() {
-                None => handle(sock, &ctx, Caller::Plain).await,
-                Some(cfg) => {
-                    let accepted = tokio::time::timeout(
-                        Duration::from_secs(10),
-                        tokio_rustls::TlsAcceptor::from(cfg).accept(sock),
-                    )
-                    .await;
-                    match accepted {
-                        Ok(Ok(s)) => {
-                            let cert = s
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(|c| c.first())
-                                .map(|c| c.clone().into_owned());
-                            match cert {
-                                Some(cert) => handle(s, &ctx, Caller::Certified(cert)).await,
-                                None => match slots.take() {
-                                    // Held until the connection ends.
-                                    Some(_slot) => handle(s, &ctx, Caller::Anonymous).await,
-                                    None => Err(std::io::Error::other(
-                                        "too many connections without a cluster certificate: closed",
-                                    )),
-                                },
-                            }
-                        }
-                        Ok(Err(e)) => Err(e),
-                        Err(_) => Err(std::io::Error::other("TLS handshake timed out")),
-                    }
+        // The handshake runs in a task of its own, counted among the handshakes in
+        // progress (and evicted when too many newer ones arrive); the connection is
+        // served by another task, which no eviction touches.
+        let handshake = tokio::spawn(async move {
+            let accepted = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                tokio_rustls::TlsAcceptor::from(cfg).accept(sock),
+            )
+            .await;
+            let s = match accepted {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
                 }
             };
-            if let Err(e) = res {
-                tracing::debug!(%peer, error = %e, "Raft RPC failed");
-            }
+            tokio::spawn(async move {
+                let cert = s
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| c.clone().into_owned());
+                let res = match cert {
+                    Some(cert) => handle(s, &ctx, Caller::Certified(cert)).await,
+                    None => match slots.take() {
+                        // Held until the connection ends.
+                        Some(_slot) => handle(s, &ctx, Caller::Anonymous).await,
+                        None => Err(std::io::Error::other(
+                            "too many connections without a cluster certificate: closed",
+                        )),
+                    },
+                };
+                if let Err(e) = res {
+                    tracing::debug!(%peer, error = %e, "Raft RPC failed");
+                }
+            });
         });
+        handshakes.admit(handshake.abort_handle());
     }
 }
 
@@ -278,6 +293,15 @@ async fn answer(line: &str, ctx: &ServeCtx, caller: &Caller) -> std::io::Result<
         (Caller::Certified(cert), _) => is_member(&ctx.raft, cert),
     };
     if !allowed {
+        // A removed node is told so (and nothing else), so it stops and tells its
+        // operator to wipe it instead of retrying for ever.
+        if let Caller::Certified(cert) = caller {
+            if let Some(why) = ctx.sm.read(|t| admission::removed_caller(t, cert)) {
+                tracing::debug!("told a removed node that it was removed");
+                return serde_json::to_vec(&RemovedAnswer { removed: why })
+                    .map_err(std::io::Error::other);
+            }
+        }
         tracing::warn!(
             anonymous = matches!(caller, Caller::Anonymous),
             "refused an RPC from a peer that is not a member (no cluster certificate, or removed)"

@@ -20,6 +20,20 @@ pub(crate) const MAX_ANONYMOUS_RPC: u64 = 16 << 10;
 /// The wire form of the answer to one of our RPCs: the refusal travels as its message.
 pub(crate) type Reply<T> = Result<T, String>;
 
+/// What a member answers a removed node (its certificate names an id in the removed
+/// nodes' table) instead of serving any RPC but enrollment: `{"Removed":"why"}`, so the
+/// node learns it was removed.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct RemovedAnswer {
+    #[serde(rename = "Removed")]
+    pub removed: String,
+}
+
+impl RemovedAnswer {
+    /// How such an answer line starts (no other answer starts so).
+    pub const PREFIX: &'static str = "{\"Removed\":";
+}
+
 /// A request.
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "rpc", content = "body", rename_all = "snake_case")]
@@ -66,5 +80,11 @@ mod tests {
             r#"{"Err":"not the leader"}"#
         );
         assert!(serde_json::from_str::<Rpc>(r#"{"rpc":"nonsense"}"#).is_err());
+        let removed = serde_json::to_string(&RemovedAnswer {
+            removed: "gone".into(),
+        })
+        .unwrap();
+        assert_eq!(removed, r#"{"Removed":"gone"}"#);
+        assert!(removed.starts_with(RemovedAnswer::PREFIX));
     }
 }

@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::net::TcpStream;
 
 use super::auth::{now_ms, EnrollReply, EnrollRequest, JoinRequest};
-use super::rpc::{Reply, Rpc, MAX_RPC};
+use super::rpc::{RemovedAnswer, Reply, Rpc, MAX_RPC};
 use super::{cert_name, NodeId};
 use crate::types::{Applied, Command};
 
@@ -117,6 +117,8 @@ impl Tls {
 pub struct Transport {
     tls: Option<Tls>,
     idle: Arc<Mutex<IdlePool>>,
+    /// Why a peer said this node was removed from the cluster, once one did.
+    removed: Arc<Mutex<Option<String>>>,
 }
 
 /// Kept connections by (node, address).
@@ -198,7 +200,37 @@ impl Transport {
         Transport {
             tls,
             idle: Arc::default(),
+            removed: Arc::default(),
         }
+    }
+
+    /// Why a member said this node was removed from the cluster, if one did (it answers
+    /// every RPC of a removed node with that instead of serving it).
+    pub fn removed(&self) -> Option<String> {
+        self.removed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// One request's answer line, or the peer's word that this node was removed (kept,
+    /// see [`Transport::removed`]) as [`TransportError::Refused`].
+    pub(crate) async fn line(
+        &self,
+        target: NodeId,
+        addr: &str,
+        rpc: &Rpc,
+    ) -> Result<String, TransportError> {
+        let line = self.exchange_line(target, addr, rpc).await?;
+        if !line.starts_with(RemovedAnswer::PREFIX) {
+            return Ok(line);
+        }
+        let why: RemovedAnswer = decode(addr, &line)?;
+        *self.removed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.removed.clone());
+        Err(TransportError::Refused {
+            addr: addr.to_string(),
+            message: why.removed,
+        })
     }
 
     async fn dial(&self, target: NodeId, addr: &str) -> std::io::Result<Conn> {
@@ -244,7 +276,7 @@ impl Transport {
     /// One request to node `target` at `addr`; the answer line. A kept connection that
     /// turns out closed is replaced once by a new one (the server closes only idle
     /// connections, between requests, so the request was not seen).
-    pub(crate) async fn line(
+    async fn exchange_line(
         &self,
         target: NodeId,
         addr: &str,
