@@ -105,6 +105,10 @@ pub enum AdminOp {
         /// What this store is for the volume.
         role: ReplicationRole,
     },
+    /// Every volume's replication state on this store: role, generation, and per
+    /// replica of a primary whether it is in sync, failed, catching up or caught up.
+    /// Cheap: memory only. Answered with [`AdminReply::Replication`] (feature `replies`).
+    ReplicationStatus {},
 }
 
 /// A store's part in a volume's replication.
@@ -120,9 +124,26 @@ pub enum ReplicationRole {
         /// default 5000).
         #[serde(default)]
         timeout_ms: Option<u64>,
+        /// Replicas out of the in-sync set that the primary catches up in the background
+        /// (only the blocks that differ in what they missed, or the whole volume when
+        /// nothing was recorded for them). `replication_status` reports `caught_up` when
+        /// done; they rejoin with a newer generation listing them in `replicas`.
+        #[serde(default)]
+        catching_up: Vec<ReplicaPeer>,
+        /// Most catch-up bytes sent per second, per replica (default: unlimited; one
+        /// write of at most 4 MiB in flight at a time either way).
+        #[serde(default)]
+        catch_up_bytes_per_sec: Option<u64>,
     },
     /// Takes writes from the primary of this generation (or a newer one).
-    Replica {},
+    Replica {
+        /// The cluster has this replica out of sync, being caught up by the primary of
+        /// this generation: a replica that must be caught up (it restarted) takes that
+        /// primary's writes, still reporting `must_catch_up`. A later `replica` with
+        /// `catching_up: false` in a newer generation (the cluster saw `caught_up`) ends it.
+        #[serde(default)]
+        catching_up: bool,
+    },
     /// Not replicated: the volume is served alone (the default).
     Standalone {},
 }
@@ -174,11 +195,13 @@ impl AdminOp {
                         let nodes: Vec<&str> = replicas.iter().map(|r| r.node.as_str()).collect();
                         format!("primary with replicas [{}]", nodes.join(", "))
                     }
-                    ReplicationRole::Replica {} => "replica".into(),
+                    ReplicationRole::Replica { catching_up: false } => "replica".into(),
+                    ReplicationRole::Replica { catching_up: true } => "catching-up replica".into(),
                     ReplicationRole::Standalone {} => "standalone".into(),
                 };
                 format!("make this store the {role} of volume {volume} in generation {generation}")
             }
+            AdminOp::ReplicationStatus {} => "report the volumes' replication state".into(),
         }
     }
 }
@@ -255,6 +278,9 @@ pub fn parse_request(line: &str) -> Result<AdminOp, AdminError> {
         .map(|r| r.op)
         .map_err(|e| bad(e.to_string()))
 }
+
+mod replication;
+pub use replication::{AppliedPosition, ReplicaState, ReplicaStatus, VolumeReplication};
 
 #[cfg(feature = "replies")]
 mod replies;

@@ -40,6 +40,8 @@ pub enum AdminReply {
     Scrub(ScrubReport),
     /// The store's health and what it holds.
     Status(StoreStatus),
+    /// Every replicated volume's state (`replication_status`).
+    Replication(Vec<crate::VolumeReplication>),
     /// Nothing to return.
     Done,
 }

@@ -40,13 +40,19 @@ fn every_op() -> Vec<AdminOp> {
                     addr: "10.0.0.2:7410".into(),
                 }],
                 timeout_ms: Some(3000),
+                catching_up: vec![ReplicaPeer {
+                    node: "node3".into(),
+                    addr: "10.0.0.3:7410".into(),
+                }],
+                catch_up_bytes_per_sec: Some(100 << 20),
             },
         },
         AdminOp::SetReplication {
             volume: "v".into(),
             generation: 3,
-            role: ReplicationRole::Replica {},
+            role: ReplicationRole::Replica { catching_up: true },
         },
+        AdminOp::ReplicationStatus {},
     ]
 }
 
@@ -289,6 +295,51 @@ fn every_reply_round_trips() {
             volumes: 0,
             snapshots: 0,
         }),
+        AdminReply::Replication(vec![
+            VolumeReplication {
+                volume: "v".into(),
+                generation: 4,
+                role: "primary".into(),
+                configured: true,
+                fenced_by: None,
+                replicas: vec![
+                    ReplicaStatus {
+                        node: "node2".into(),
+                        addr: "10.0.0.2:7410".into(),
+                        state: ReplicaState::InSync {},
+                        missed_bytes: 0,
+                        catch_up_sent_bytes: 0,
+                        catch_up_wire_bytes: 0,
+                    },
+                    ReplicaStatus {
+                        node: "node3".into(),
+                        addr: "10.0.0.3:7410".into(),
+                        state: ReplicaState::CatchingUp {
+                            done_bytes: 4096,
+                            total_bytes: 8192,
+                        },
+                        missed_bytes: 8000,
+                        catch_up_sent_bytes: 4096,
+                        catch_up_wire_bytes: 5000,
+                    },
+                ],
+                last_applied: None,
+                must_catch_up: false,
+            },
+            VolumeReplication {
+                volume: "w".into(),
+                generation: 2,
+                role: "replica".into(),
+                configured: false,
+                fenced_by: None,
+                replicas: vec![],
+                last_applied: Some(AppliedPosition {
+                    generation: 2,
+                    seq: 17,
+                }),
+                must_catch_up: true,
+            },
+        ]),
         AdminReply::Done,
     ];
     let kinds = [
@@ -382,6 +433,7 @@ mod properties {
             }),
             Just(AdminOp::Scrub {}),
             Just(AdminOp::Status {}),
+            Just(AdminOp::ReplicationStatus {}),
         ]
     }
 

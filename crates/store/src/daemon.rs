@@ -301,7 +301,7 @@ async fn admin_connection(
 /// Runs one admin operation against the store.
 pub fn execute(store: &Store, repl: &Replication, op: AdminOp) -> Outcome {
     // `tesserad` asks for the status every few seconds: not worth a log line each time.
-    if !matches!(op, AdminOp::Status {}) {
+    if !matches!(op, AdminOp::Status {} | AdminOp::ReplicationStatus {}) {
         tracing::info!(?op, "admin operation");
     }
     let res = match op {
@@ -344,6 +344,7 @@ pub fn execute(store: &Store, repl: &Replication, op: AdminOp) -> Outcome {
                 });
             }
         },
+        AdminOp::ReplicationStatus {} => Ok(AdminReply::Replication(repl.status())),
     };
     match res {
         Ok(r) => Outcome::Ok(r),

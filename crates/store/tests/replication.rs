@@ -105,7 +105,7 @@ impl Node {
         self.admin(AdminOp::SetReplication {
             volume: volume.into(),
             generation,
-            role: ReplicationRole::Replica {},
+            role: ReplicationRole::Replica { catching_up: false },
         })
         .unwrap();
     }
@@ -123,6 +123,8 @@ impl Node {
                     })
                     .collect(),
                 timeout_ms: Some(1500),
+                catching_up: vec![],
+                catch_up_bytes_per_sec: None,
             },
         })
         .unwrap();

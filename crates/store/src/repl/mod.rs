@@ -7,6 +7,7 @@
 pub mod primary;
 pub mod quic;
 pub mod replica;
+mod status;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -80,7 +81,7 @@ impl Replication {
             .into());
         }
         match role {
-            ReplicationRole::Replica {} => {
+            ReplicationRole::Replica { .. } => {
                 self.primaries.stop(volume);
                 Ok(self.replicas.enable(volume, generation)?)
             }
@@ -92,6 +93,7 @@ impl Replication {
             ReplicationRole::Primary {
                 replicas,
                 timeout_ms,
+                ..
             } => {
                 let ep = self.endpoint.clone().ok_or_else(|| {
                     RoleError::Refused(

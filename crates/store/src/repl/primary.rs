@@ -24,6 +24,7 @@ use tessera_replication::primary::{
 };
 use tessera_replication::replica::Op;
 use tessera_replication::wire::{self, Decoder, Generation, Message, ReplyError, VolumeName};
+use tessera_store_admin::ReplicaState;
 use tokio::sync::mpsc;
 
 use super::quic::ReplEndpoint;
@@ -86,6 +87,8 @@ enum Input {
 /// A running primary of one volume: where its NBD device submits requests.
 pub struct PrimaryHandle {
     generation: std::sync::atomic::AtomicU64,
+    /// Each replica's state as the driver last saw it, for `replication_status`.
+    states: Arc<parking_lot::Mutex<HashMap<ReplicaId, ReplicaState>>>,
     tx: mpsc::UnboundedSender<Input>,
     wait: Duration,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -144,6 +147,18 @@ impl PrimaryHandle {
         Ok(())
     }
 
+    /// Each replica's node, address and state, in id order.
+    pub fn replica_states(&self) -> Vec<(Peer, ReplicaState)> {
+        let states = self.states.lock();
+        self.peers
+            .iter()
+            .map(|(r, p)| {
+                let state = states.get(r).cloned().unwrap_or(ReplicaState::OutOfSync {});
+                (p.clone(), state)
+            })
+            .collect()
+    }
+
     /// The ids of every replica it was started with.
     pub fn replica_ids(&self) -> std::collections::BTreeSet<ReplicaId> {
         self.peers.iter().map(|(r, _)| *r).collect()
@@ -180,6 +195,15 @@ impl Primaries {
     /// The primary of `volume`, if this store is it.
     pub fn get(&self, volume: &str) -> Option<Arc<PrimaryHandle>> {
         self.by_volume.read().get(volume).cloned()
+    }
+
+    /// Every primary, by volume.
+    pub fn all(&self) -> Vec<(String, Arc<PrimaryHandle>)> {
+        self.by_volume
+            .read()
+            .iter()
+            .map(|(v, p)| (v.clone(), p.clone()))
+            .collect()
     }
 
     /// Stops being the primary of `volume`: its pending requests fail.
@@ -224,6 +248,12 @@ impl Primaries {
         };
         let machine =
             Primary::new(name.clone(), export.size(), config, timing).map_err(|e| e.to_string())?;
+        let states = Arc::new(parking_lot::Mutex::new(
+            peers
+                .iter()
+                .map(|(r, _)| (*r, ReplicaState::InSync {}))
+                .collect::<HashMap<_, _>>(),
+        ));
         let (tx, rx) = mpsc::unbounded_channel();
         let mut tasks = Vec::new();
         for (r, p) in &peers {
@@ -238,10 +268,12 @@ impl Primaries {
             waiting: HashMap::new(),
             links: HashMap::new(),
             missed_dir,
+            states: states.clone(),
         };
         tasks.push(tokio::spawn(driver.run(rx)));
         let handle = Arc::new(PrimaryHandle {
             generation: std::sync::atomic::AtomicU64::new(generation),
+            states,
             tx,
             wait: timeout + WAIT_MARGIN,
             tasks,
@@ -265,6 +297,7 @@ struct Driver {
     waiting: HashMap<RequestId, Done>,
     links: HashMap<ReplicaId, mpsc::UnboundedSender<Vec<u8>>>,
     missed_dir: PathBuf,
+    states: Arc<parking_lot::Mutex<HashMap<ReplicaId, ReplicaState>>>,
 }
 
 impl Driver {
@@ -307,9 +340,18 @@ impl Driver {
                 // The local copy is fenced like a replica: it takes this primary's writes
                 // only while no newer generation than the primary's own was accepted.
                 let generation = config.generation.0;
+                let (in_sync, out_of_sync) = (config.in_sync.clone(), config.out_of_sync.clone());
                 match self.machine.reconfigure(now, config) {
                     Ok(actions) => {
                         self.export.bind_generation(generation);
+                        let mut states = self.states.lock();
+                        for r in in_sync {
+                            states.insert(r, ReplicaState::InSync {});
+                        }
+                        for r in out_of_sync {
+                            states.insert(r, ReplicaState::OutOfSync {});
+                        }
+                        drop(states);
                         let _ = done.send(Ok(()));
                         actions
                     }
@@ -362,6 +404,14 @@ impl Driver {
                 } => {
                     tracing::error!(volume = %self.volume, replica = replica.0, %generation,
                         "a replica did not answer in time: the primary completes nothing until the cluster removes it from the in-sync set (set_replication with a newer generation)");
+                    self.states.lock().insert(
+                        replica,
+                        ReplicaState::Failed {
+                            reason: format!(
+                                "it did not acknowledge a request within the timeout or refused one, in generation {generation}"
+                            ),
+                        },
+                    );
                 }
                 PrimaryAction::RecordMissed { replica, region } => {
                     let missed = self.missed_dir.clone();

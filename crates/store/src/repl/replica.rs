@@ -92,6 +92,23 @@ impl ReplicaService {
         self.volumes.lock().contains_key(volume)
     }
 
+    /// Every replica's (volume, generation, must catch up), in no order.
+    pub fn states(&self) -> Vec<(String, u64, bool)> {
+        let volumes: Vec<_> = self
+            .volumes
+            .lock()
+            .iter()
+            .map(|(v, r)| (v.clone(), r.clone()))
+            .collect();
+        volumes
+            .into_iter()
+            .map(|(v, r)| {
+                let r = r.lock();
+                (v, r.machine.generation().0, r.machine.is_lost())
+            })
+            .collect()
+    }
+
     /// Stops serving `volume` as a replica (its persisted generation stays).
     pub fn disable(&self, volume: &str) {
         self.volumes.lock().remove(volume);
