@@ -75,6 +75,8 @@ enum Cmd {
     /// Say whether the store is degraded (a sync failed: flushes fail until a restart)
     /// and what it holds; exits non-zero when degraded.
     Status,
+    /// Every replicated volume's role, generation and replicas' states (JSON).
+    Replication,
 }
 
 #[derive(clap::Args, Clone)]
@@ -263,6 +265,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Cmd::Scrub => AdminOp::Scrub {},
         Cmd::Status => AdminOp::Status {},
+        Cmd::Replication => AdminOp::ReplicationStatus {},
     };
     let mut client = AdminClient::connect(&admin_path)?;
     let reply = client.call(op)?;
@@ -349,6 +352,7 @@ fn print_reply(reply: &AdminReply, output: Output) -> anyhow::Result<()> {
             AdminReply::Snapshot(s) => serde_json::to_string_pretty(s),
             AdminReply::Scrub(r) => serde_json::to_string_pretty(r),
             AdminReply::Status(s) => serde_json::to_string_pretty(s),
+            AdminReply::Replication(r) => serde_json::to_string_pretty(r),
             AdminReply::Done => Ok("{}".to_string()),
         }?;
         println!("{v}");
@@ -408,6 +412,8 @@ fn print_reply(reply: &AdminReply, output: Output) -> anyhow::Result<()> {
             println!("volumes:    {}", s.volumes);
             println!("snapshots:  {}", s.snapshots);
         }
+        // Nested per-replica states read better as JSON than as a table.
+        AdminReply::Replication(r) => println!("{}", serde_json::to_string_pretty(r)?),
         AdminReply::Done => println!("done"),
     }
     Ok(())

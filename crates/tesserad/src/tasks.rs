@@ -301,7 +301,8 @@ fn outcome_ops(node: &Node, op: &TaskOp, ok: bool) -> Vec<Command> {
             | TaskOp::ListVolumes {}
             | TaskOp::VolumeInfo { .. }
             | TaskOp::Scrub {}
-            | TaskOp::Status {},
+            | TaskOp::Status {}
+            | TaskOp::ReplicationStatus {},
             _,
         ) => {}
     }

@@ -107,7 +107,10 @@ fn task_volume(op: &TaskOp) -> Option<&str> {
         TaskOp::CreateSnapshot { volume, .. }
         | TaskOp::DeleteSnapshot { volume, .. }
         | TaskOp::SetReplication { volume, .. } => Some(volume),
-        TaskOp::ListVolumes {} | TaskOp::Scrub {} | TaskOp::Status {} => None,
+        TaskOp::ListVolumes {}
+        | TaskOp::Scrub {}
+        | TaskOp::Status {}
+        | TaskOp::ReplicationStatus {} => None,
     }
 }
 
