@@ -16,6 +16,8 @@ pub struct Screen<'a> {
     pub status: Result<&'a Value, &'a str>,
     /// How many nodes the seed expects.
     pub expected_nodes: Option<usize>,
+    /// Resident memory of each Tessera service running (name, KiB).
+    pub memory: Vec<(String, u64)>,
 }
 
 /// The cluster line: formed or not, how many nodes are up, who leads.
@@ -86,10 +88,25 @@ pub fn render(s: &Screen) -> String {
             "(once the node has an address)".to_string(),
         ),
     };
-    literal(&format!(
-        "\nTessera node {}\n\n  Address:  {address}\n  Cluster:  {cluster}\n  Open:     {open}\n\n",
+    let mut text = format!(
+        "\nTessera node {}\n\n  Address:  {address}\n  Cluster:  {cluster}\n  Open:     {open}\n",
         s.hostname
-    ))
+    );
+    if !s.memory.is_empty() {
+        let each: Vec<String> = s
+            .memory
+            .iter()
+            .map(|(name, kib)| format!("{name} {:.1} MiB", *kib as f64 / 1024.0))
+            .collect();
+        let total: u64 = s.memory.iter().map(|(_, k)| k).sum();
+        text.push_str(&format!(
+            "  Memory:   {:.1} MiB resident ({})\n",
+            total as f64 / 1024.0,
+            each.join(", ")
+        ));
+    }
+    text.push('\n');
+    literal(&text)
 }
 
 #[cfg(test)]
@@ -143,14 +160,25 @@ mod tests {
             address: Some(("enp0s3", "10.0.0.11".parse().unwrap())),
             status: Ok(&doc),
             expected_nodes: Some(3),
+            memory: vec![
+                ("tesserad".into(), 30 * 1024),
+                ("tessera-store".into(), 10 * 1024),
+            ],
         });
         assert!(text.contains("Open:     https://10.0.0.11:8006/"), "{text}");
         assert!(text.contains("Tessera node node\\\\1"), "{text}");
+        assert!(
+            text.contains(
+                "Memory:   40.0 MiB resident (tesserad 30.0 MiB, tessera-store 10.0 MiB)"
+            ),
+            "{text}"
+        );
         let text = render(&Screen {
             hostname: "n",
             address: None,
             status: Err("connection refused"),
             expected_nodes: None,
+            memory: Vec::new(),
         });
         assert!(
             text.contains("tesserad is not answering (connection refused)"),

@@ -353,6 +353,42 @@ fn write_issue(etc: &Path, data_dir: &Path, out: &Path) -> anyhow::Result<()> {
             Err(_) => Err(why.as_deref().unwrap_or_default()),
         },
         expected_nodes: seed.as_ref().map(|s| s.expected_nodes),
+        memory: services_memory(),
     });
     write_file(out, &text, 0o644)
+}
+
+/// The Tessera services' processes whose memory the screen shows.
+const SERVICES: [&str; 3] = ["tesserad", "tessera-store", "tessera-vmm"];
+
+/// Resident memory (VmRSS, KiB) of the Tessera services, summed per program name.
+fn services_memory() -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.filter_map(|e| e.ok()) {
+        let dir = p.path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        let comm = comm.trim();
+        if !SERVICES.contains(&comm) {
+            continue;
+        }
+        let rss = std::fs::read_to_string(dir.join("status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        match out.iter_mut().find(|(n, _)| n == comm) {
+            Some((_, k)) => *k += rss,
+            None => out.push((comm.to_string(), rss)),
+        }
+    }
+    out.sort();
+    out
 }
