@@ -32,6 +32,9 @@ pub struct EventQuery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<usize>,
+    /// Only events by this user (who did it, or whose login it was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// Where an event stream starts.

@@ -18,6 +18,7 @@ mod events;
 mod images;
 pub mod limits;
 mod networks;
+mod realms;
 pub mod strict;
 mod tasks;
 mod users;
@@ -35,6 +36,7 @@ pub use cluster::{
 pub use events::{Event, EventQuery, StreamQuery, StreamedEvent};
 pub use images::{Image, ImageCopy, ImageFile, ImageUpload, MAX_IMAGE_BYTES};
 pub use networks::{Network, NewNetwork};
+pub use realms::{Realm, RealmSynced, RealmTest, RealmTestReply};
 pub use tasks::{Task, TaskLog, TaskOp, TaskQuery, TaskState, VmAction, VmTask};
 pub use users::{NewUser, UserInfo, UserUpdate};
 pub use vms::{DesiredState, NewVm, RestartPolicy, Vm, VmState, VmStatus, VmUpdate};

@@ -74,6 +74,9 @@ pub enum Cmd {
     /// What happened in the cluster.
     #[command(subcommand)]
     Event(EventCmd),
+    /// Realms: LDAP directories users log in from as user@realm (administrators only).
+    #[command(subcommand)]
+    Realm(RealmCmd),
     /// Seed configuration, made here without the API.
     #[command(subcommand)]
     Seed(SeedCmd),
@@ -404,9 +407,58 @@ pub enum EventCmd {
         /// How many.
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Only events by this user (or about its logins), e.g. alice@corp.
+        #[arg(long)]
+        user: Option<String>,
     },
     /// Follow events as they happen (Ctrl-C stops).
     Watch,
+}
+
+#[derive(Subcommand)]
+pub enum RealmCmd {
+    /// List realms.
+    Ls,
+    /// Show a realm's settings (never its bind password).
+    Show {
+        /// Realm name.
+        name: String,
+    },
+    /// Create a realm from a JSON file of its settings (`-`: standard input).
+    Create {
+        /// The settings, as docs/users.md shows.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Replace a realm's settings (without bind_password the stored one is kept).
+    Set {
+        /// Realm name.
+        name: String,
+        /// The settings, as docs/users.md shows.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Delete a realm (its users' sessions end).
+    Rm {
+        /// Realm name.
+        name: String,
+    },
+    /// Bind and show what a user would get (DN, groups, role); saves nothing.
+    Test {
+        /// Realm name.
+        name: String,
+        /// The login name within the realm.
+        user: String,
+        /// Also check the user's password (prompted, else read from standard input).
+        #[arg(long)]
+        with_password: bool,
+    },
+    /// Check the realm's users against the directory now; those whose role changed or
+    /// who lost access have their sessions ended.
+    Sync {
+        /// Realm name.
+        name: String,
+    },
 }
 
 /// Durations: seconds, or a number with s, m, h, d.

@@ -47,6 +47,13 @@ pub const USER_CREATE: Ep = Ep("POST", "/api/v1/users");
 pub const USER_SET: Ep = Ep("PATCH", "/api/v1/users/{username}");
 pub const USER_RM: Ep = Ep("DELETE", "/api/v1/users/{username}");
 pub const EVENTS: Ep = Ep("GET", "/api/v1/events");
+pub const REALMS: Ep = Ep("GET", "/api/v1/realms");
+pub const REALM_CREATE: Ep = Ep("POST", "/api/v1/realms");
+pub const REALM: Ep = Ep("GET", "/api/v1/realms/{name}");
+pub const REALM_SET: Ep = Ep("PUT", "/api/v1/realms/{name}");
+pub const REALM_RM: Ep = Ep("DELETE", "/api/v1/realms/{name}");
+pub const REALM_TEST: Ep = Ep("POST", "/api/v1/realms/{name}/test");
+pub const REALM_SYNC: Ep = Ep("POST", "/api/v1/realms/{name}/sync");
 pub const EVENT_STREAM: Ep = Ep("GET", "/api/v1/events/stream");
 
 /// Every operation the CLI uses.
@@ -94,6 +101,13 @@ pub const ENDPOINTS: &[Ep] = &[
     USER_RM,
     EVENTS,
     EVENT_STREAM,
+    REALMS,
+    REALM_CREATE,
+    REALM,
+    REALM_SET,
+    REALM_RM,
+    REALM_TEST,
+    REALM_SYNC,
 ];
 
 /// Fills the `{...}` parameters of a path template in order, percent-encoding them.

@@ -23,7 +23,7 @@ use clap::Parser;
 use args::{Cli, ClusterCmd, Cmd, SeedCmd};
 use client::Client;
 use commands::{
-    cluster, events, image, networks, nodes, session, tasks, tokens, users, vms, volumes,
+    cluster, events, image, networks, nodes, realms, session, tasks, tokens, users, vms, volumes,
 };
 use credentials::Settings;
 
@@ -71,6 +71,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Task(cmd) => tasks::run(&client, cmd, out),
         Cmd::User(cmd) => users::run(&client, cmd, out),
         Cmd::Event(cmd) => events::run(&client, cmd, out),
+        Cmd::Realm(cmd) => realms::run(&client, cmd, out),
     }
 }
 

@@ -14,8 +14,15 @@ use crate::output::{utc, Output};
 
 pub fn run(client: &Client, cmd: EventCmd, out: Output) -> anyhow::Result<()> {
     match cmd {
-        EventCmd::Ls { limit } => {
-            let v = client.call_q(EVENTS, &[], &format!("?limit={limit}"), None)?;
+        EventCmd::Ls { limit, user } => {
+            let mut q = format!("?limit={limit}");
+            if let Some(u) = user {
+                q.push_str(&format!(
+                    "&user={}",
+                    crate::endpoints::fill("{user}", &[&u])
+                ));
+            }
+            let v = client.call_q(EVENTS, &[], &q, None)?;
             out.show(EVENTS, &v, |events: Vec<Event>| {
                 events.iter().for_each(print_event)
             })?;

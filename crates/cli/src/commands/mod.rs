@@ -5,6 +5,7 @@ pub mod events;
 pub mod image;
 pub mod networks;
 pub mod nodes;
+pub mod realms;
 pub mod session;
 pub mod tasks;
 pub mod tokens;

@@ -177,8 +177,18 @@ pub(super) async fn authorize(
     let s = session
         .filter(|s| s.expires_ms > now_ms())
         .ok_or_else(|| unauthorized("invalid, expired or revoked credentials"))?;
-    let user: User =
-        read(&n, USERS, &s.user)?.ok_or_else(|| unauthorized("the user no longer exists"))?;
+    // Directory users (`name@realm`) have their role from the directory's last answer.
+    let user: User = if s.user.contains('@') {
+        super::realms::account(&n, &s.user)?.map(|(role, credentials)| User {
+            password_hash: String::new(),
+            role,
+            must_change_password: false,
+            credentials,
+        })
+    } else {
+        read(&n, USERS, &s.user)?
+    }
+    .ok_or_else(|| unauthorized("the user no longer exists"))?;
     if s.credentials != user.credentials {
         return Err(unauthorized(
             "revoked credentials: the user was deleted and created again, or its password \
@@ -249,9 +259,24 @@ pub async fn login(
             wait,
         ));
     }
-    let reply = login_checked(&st, req).await;
-    if let Ok((_, ref user)) = reply {
-        throttle.succeeded(peer, user);
+    let asked = req.username.clone();
+    let reply = login_checked(&st, peer, req).await;
+    match &reply {
+        Ok((_, user)) => throttle.succeeded(peer, user),
+        // Refusals are audited (the throttle bounds how many a caller can cause).
+        Err(e) if e.0 == StatusCode::UNAUTHORIZED || e.0 == StatusCode::FORBIDDEN => {
+            let from = peer.map_or("an unknown address".to_string(), |p| p.to_string());
+            let ev = super::events::event(
+                "login.failed",
+                &asked,
+                &asked,
+                &format!("login refused from {from}: {}", e.1),
+            );
+            if let Err(e) = commit(&st, vec![], vec![ev], |_| String::new()).await {
+                tracing::warn!(error = %e.1, user = ?asked, ?peer, "login refused; its event was not written");
+            }
+        }
+        Err(_) => {}
     }
     match reply {
         Ok((r, _)) => Ok(r),
@@ -265,8 +290,20 @@ pub async fn login(
 /// Login once the throttle let it through: the answer and the user logged in.
 async fn login_checked(
     st: &ApiState,
-    req: Login,
+    peer: Option<std::net::IpAddr>,
+    mut req: Login,
 ) -> Result<(axum::response::Response, String), ApiError> {
+    let from = peer.map_or("an unknown address".to_string(), |p| p.to_string());
+    if let Some((name, realm)) = req.username.rsplit_once('@') {
+        if realm == super::realms::LOCAL {
+            req.username = name.to_string();
+        } else {
+            let (key, du) = super::realms::login(st, peer, name, realm, &req.password).await?;
+            let (role, credentials) = (du.role, du.credentials.clone());
+            let extra = vec![put(super::directory::DIRECTORY_USERS, &key, &du)];
+            return start_session(st, key, role, credentials, false, extra, &from).await;
+        }
+    }
     let n = node(st)?;
     let mut user: Option<User> = read(&n, USERS, &req.username)?;
     if user.is_none() {
@@ -287,19 +324,45 @@ async fn login_checked(
             "invalid username or password",
         ));
     };
+    start_session(
+        st,
+        req.username,
+        user.role,
+        user.credentials,
+        user.must_change_password,
+        vec![],
+        &from,
+    )
+    .await
+}
+
+/// Commits a new login session of `user` (with `extra` ops) and answers with it.
+async fn start_session(
+    st: &ApiState,
+    user: String,
+    role: Role,
+    credentials: String,
+    must_change_password: bool,
+    extra: Vec<Command>,
+    from: &str,
+) -> Result<(axum::response::Response, String), ApiError> {
     let secret = secret_hex(32);
     let s = Session {
-        user: req.username.clone(),
-        role: user.role,
+        user: user.clone(),
+        role,
         expires_ms: now_ms() + SESSION_MS,
         kind: "session".into(),
         id: random_id(),
-        credentials: user.credentials.clone(),
+        credentials,
     };
-    let ops = vec![
-        put(SESSIONS, &key_of(&secret), &s),
-        super::events::event("login", &req.username, &req.username, "logged in"),
-    ];
+    let mut ops = extra;
+    ops.push(put(SESSIONS, &key_of(&secret), &s));
+    ops.push(super::events::event(
+        "login",
+        &user,
+        &user,
+        &format!("logged in as {role:?} from {from}"),
+    ));
     commit(st, vec![], ops, |_| String::new()).await?;
     let cookie = session_cookie(&secret, SESSION_MS / 1000)?;
     Ok((
@@ -308,11 +371,11 @@ async fn login_checked(
             Json(LoginReply {
                 token: secret,
                 expires_ms: s.expires_ms,
-                must_change_password: user.must_change_password,
+                must_change_password,
             }),
         )
             .into_response(),
-        req.username,
+        user,
     ))
 }
 

@@ -61,6 +61,10 @@ pub async fn list(
         return Err(ApiError::bad("limit: must be 1 to 10000"));
     }
     let mut ev = after(&n, q.since.as_deref())?;
+    if let Some(u) = &q.user {
+        // Who did it, or (logins, refusals) who it was about.
+        ev.retain(|e| e.user == *u || (e.kind.starts_with("login") && e.target == *u));
+    }
     let skip = ev.len().saturating_sub(limit);
     ev.drain(..skip);
     Ok(Json(ev))

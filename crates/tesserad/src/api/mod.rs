@@ -10,6 +10,7 @@
 mod auth;
 mod cluster;
 mod console;
+mod directory;
 mod events;
 mod extract;
 mod images;
@@ -17,6 +18,7 @@ mod listener;
 mod login_limit;
 mod nbd;
 mod networks;
+mod realms;
 mod tasks;
 mod users;
 mod vm_actions;
@@ -312,6 +314,10 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(auth::revoke_token))
         .routes(routes!(users::list, users::create))
         .routes(routes!(users::update, users::remove))
+        .routes(routes!(realms::list, realms::create))
+        .routes(routes!(realms::show, realms::replace, realms::remove))
+        .routes(routes!(realms::test))
+        .routes(routes!(realms::sync))
         .routes(routes!(cluster::cluster))
         .routes(routes!(cluster::nodes))
         .routes(routes!(cluster::remove))
@@ -355,6 +361,7 @@ pub async fn serve(
     st: Arc<ApiState>,
     tls: Arc<rustls::ServerConfig>,
 ) -> anyhow::Result<()> {
+    realms::start_sync(st.clone());
     let (router, doc) = router(st);
     let doc = Arc::new(doc);
     let app = router
