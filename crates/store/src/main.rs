@@ -16,6 +16,8 @@ use tessera_store::daemon::{self, DaemonConfig};
 use tessera_store_admin::{AdminOp, AdminReply, StoreStatus};
 use tessera_units::{format_size, parse_size};
 
+mod systemd_notify;
+
 const DEFAULT_DATA_DIR: &str = "/var/lib/tessera/store";
 /// `tesserad`'s credentials directory with its default `data_dir`.
 const DEFAULT_TLS_DIR: &str = "/var/lib/tessera/tls";
@@ -301,6 +303,7 @@ fn serve(cfg: DaemonConfig, demo_size: Option<u64>) -> anyhow::Result<()> {
             }
             print_demo(&cfg, running.nbd_tcp_plain);
         }
+        systemd_notify::start(&cfg.admin_socket);
         wait_for_signal().await?;
         tracing::info!("stopping");
         running.shutdown().await;

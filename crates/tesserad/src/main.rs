@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+mod systemd_notify;
+
 #[derive(Parser)]
 #[command(name = "tesserad", version, about = "Tessera's management daemon")]
 struct Cli {
@@ -40,6 +42,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    systemd_notify::start(&cli.seed);
     match rt.block_on(tesserad::run(&cli.seed)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
