@@ -18,7 +18,7 @@ use tessera_cluster::seed::Seed;
 use tessera_state::Node;
 use tokio::sync::mpsc;
 
-use crate::{api, metrics, replicated, storage, tasks, SharedNode};
+use crate::{api, metrics, removed, replicated, storage, tasks, SharedNode};
 
 /// A formation outcome and the member started for it, reported by a background start.
 pub(crate) type Joined = (Formed, Arc<Node>);
@@ -267,7 +267,13 @@ impl Bootstrap {
                 Ok(node) => {
                     let _ = tx.send((formed, node)).await;
                 }
-                Err(e) => tracing::error!("{e:#}"),
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    if removed::says_removed(&e) {
+                        removed::stop_as_removed(&dir, format!("a member said: {e}"));
+                    }
+                    tracing::error!("{e}");
+                }
             }
         });
     }
@@ -301,6 +307,11 @@ impl Bootstrap {
             node.clone(),
             self.me.0.clone(),
             s.storage.admin_socket.clone(),
+        );
+        removed::watch(
+            node.clone(),
+            replicated::raft_id(&self.me)?,
+            s.data_dir.clone(),
         );
         *self
             .published

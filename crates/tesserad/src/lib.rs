@@ -30,7 +30,9 @@ mod housekeeping;
 mod images;
 mod metrics;
 mod records;
+mod removed;
 mod replicated;
+mod replication;
 mod status;
 mod storage;
 mod tables;
@@ -74,6 +76,10 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
     // Checked once here so a damaged identity stops the daemon before it announces
     // itself, rather than part-way through forming or joining.
     replicated::raft_id(&me).context("this node's identity")?;
+    // A node removed from the cluster serves nothing but the news (see `removed`).
+    if let Some(r) = removed::load(&seed.data_dir)? {
+        return removed::serve(&seed, me, r).await;
+    }
     let formed_path = seed.data_dir.join("formed.json");
     let persisted = bootstrap::load_formed(&formed_path)?;
     tracing::info!(node = %me, cluster = %seed.cluster_name, expected = seed.expected_nodes, address = %seed.management.address, "tesserad starting");
@@ -87,6 +93,7 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
         Arc::new(Mutex::new(persisted.as_ref().map(|f| f.cluster_id.clone())));
     let heard: Heard = Arc::new(Mutex::new(HashMap::new()));
     tasks::watch_health(heard.clone());
+    replication::watch_health(heard.clone());
     let metrics = metrics::start();
     let storage = Arc::new(storage::Health::default());
     storage::start(

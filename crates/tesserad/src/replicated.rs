@@ -286,6 +286,10 @@ pub async fn enroll(
                     tracing::info!(%addr, "received this node's cluster certificate");
                     return save_tls(data_dir, &creds, &ca_pem);
                 }
+                // Asking again cannot help: the caller stops as a removed node.
+                Err(e) if crate::removed::says_removed(&e.to_string()) => {
+                    anyhow::bail!("enrollment refused: {e}")
+                }
                 Err(e) => last = e.to_string(),
             }
         }
@@ -497,6 +501,9 @@ pub async fn join(
                 .await
             {
                 Ok(()) => return Ok(()),
+                Err(e) if crate::removed::says_removed(&e.to_string()) => {
+                    anyhow::bail!("join refused: {e}")
+                }
                 Err(e) => last = e.to_string(),
             }
         }

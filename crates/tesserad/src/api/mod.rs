@@ -19,7 +19,9 @@ mod login_limit;
 mod nbd;
 mod networks;
 mod realms;
+mod second_factor;
 mod tasks;
+mod totp;
 mod users;
 mod vm_actions;
 mod vms;
@@ -318,6 +320,8 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(realms::show, realms::replace, realms::remove))
         .routes(routes!(realms::test))
         .routes(routes!(realms::sync))
+        .routes(routes!(second_factor::enroll, second_factor::remove))
+        .routes(routes!(second_factor::confirm))
         .routes(routes!(cluster::cluster))
         .routes(routes!(cluster::nodes))
         .routes(routes!(cluster::remove))
@@ -384,6 +388,31 @@ pub async fn serve(
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024));
     let tcp = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "REST API listening (HTTPS)");
+    listener::serve(tcp, app, tls, listener::Limits::default()).await;
+    Ok(())
+}
+
+/// Serves the API of a node removed from the cluster (`crate::removed`) on `addr`:
+/// every request, whatever its path or method, is answered at once with 503 and
+/// `{"error": why, "removed": true}`.
+pub(crate) async fn serve_removed(
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    why: String,
+) -> anyhow::Result<()> {
+    let body = axum::body::Bytes::from(json!({ "error": why, "removed": true }).to_string());
+    let app = Router::new().fallback(move || {
+        let body = body.clone();
+        async move {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+        }
+    });
+    let tcp = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "REST API listening (HTTPS), answering 503: this node was removed");
     listener::serve(tcp, app, tls, listener::Limits::default()).await;
     Ok(())
 }
