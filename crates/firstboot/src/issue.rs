@@ -41,15 +41,16 @@ pub fn cluster_line(status: &Value, expected: Option<usize>) -> String {
         }
     }
     let up = nodes.len() - down.len();
-    let leader = status["leader"]
-        .as_u64()
-        .and_then(|l| {
-            nodes
-                .values()
-                .find(|r| r["raft_id"].as_u64() == Some(l))
-                .and_then(|r| r["name"].as_str())
-        })
-        .map_or("none".to_string(), str::to_string);
+    // A leader whose record is not in the table yet (it registers after winning) goes by
+    // its Raft id rather than as none.
+    let leader = match status["leader"].as_u64() {
+        None => "none".to_string(),
+        Some(l) => nodes
+            .values()
+            .find(|r| r["raft_id"].as_u64() == Some(l))
+            .and_then(|r| r["name"].as_str())
+            .map_or_else(|| format!("raft id {l}"), str::to_string),
+    };
     let mut line = format!(
         "formed ({short}), {up} of {} nodes up, leader {leader}",
         nodes.len()
@@ -141,6 +142,19 @@ mod tests {
             cluster_line(&all_up, Some(3)),
             "formed (c0ffee00), 3 of 3 nodes up, leader node2"
         );
+    }
+
+    #[test]
+    fn a_leader_not_registered_yet_goes_by_its_raft_id() {
+        let mut doc = formed();
+        doc["leader"] = json!(7);
+        assert!(
+            cluster_line(&doc, Some(3)).contains("leader raft id 7"),
+            "{}",
+            cluster_line(&doc, Some(3))
+        );
+        doc["leader"] = json!(null);
+        assert!(cluster_line(&doc, Some(3)).contains("leader none"));
     }
 
     #[test]
