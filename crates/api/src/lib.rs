@@ -41,7 +41,8 @@ pub use tasks::{Task, TaskLog, TaskOp, TaskQuery, TaskState, VmAction, VmTask};
 pub use users::{NewUser, UserInfo, UserUpdate};
 pub use vms::{DesiredState, NewVm, RestartPolicy, Vm, VmState, VmStatus, VmUpdate};
 pub use volumes::{
-    NbdCredentials, NewClone, NewSnapshot, NewVolume, Snapshot, Volume, VolumeState, VolumeView,
+    CatchUpProgress, CopyState, NbdCredentials, NewClone, NewSnapshot, NewVolume, Replication,
+    Snapshot, Volume, VolumeCopy, VolumeState, VolumeView,
 };
 
 /// The error body of every failed request.

@@ -15,12 +15,13 @@ pub enum VolumeState {
     Deleting,
 }
 
-/// A volume: a virtual disk in one node's block store.
+/// A volume: a virtual disk in one node's block store, or copied on up to three nodes'
+/// stores (its `replicas`), one of them the primary that serves the writer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Volume {
     /// Name (also its NBD export name).
     pub name: String,
-    /// The node whose store holds it.
+    /// The node whose store holds it; for a replicated volume, the primary's node.
     pub node: String,
     /// Size in bytes.
     pub size_bytes: u64,
@@ -33,6 +34,106 @@ pub struct Volume {
     pub nbd: Option<String>,
     /// When it was requested (ms since the epoch).
     pub created_ms: u64,
+    /// How many copies it has (1-3). Absent in records written before replication: 1.
+    // Defaults are not written, so a record written before replication reads and writes
+    // back the same (the cluster state's compare-and-swap compares the JSON).
+    #[serde(default = "one_replica", skip_serializing_if = "is_one_replica")]
+    pub replicas: u8,
+    /// Replication fence: raised through the cluster state before every change of the
+    /// primary or of the in-sync copies; the stores refuse older ones. Absent: 1.
+    #[serde(
+        default = "first_generation",
+        skip_serializing_if = "is_first_generation"
+    )]
+    pub generation: u64,
+    /// Every copy, the primary's (`node`) first. Empty for a one-copy volume: its only
+    /// copy is on `node`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copies: Vec<VolumeCopy>,
+}
+
+fn one_replica() -> u8 {
+    1
+}
+
+fn is_one_replica(n: &u8) -> bool {
+    *n == 1
+}
+
+fn first_generation() -> u64 {
+    1
+}
+
+fn is_first_generation(g: &u64) -> bool {
+    *g == 1
+}
+
+impl Volume {
+    /// Every copy with its state, also for a one-copy volume (its copy on `node`, in
+    /// sync).
+    pub fn all_copies(&self) -> Vec<VolumeCopy> {
+        if self.copies.is_empty() {
+            vec![VolumeCopy {
+                node: self.node.clone(),
+                state: CopyState::InSync,
+                catch_up: None,
+            }]
+        } else {
+            self.copies.clone()
+        }
+    }
+
+    /// Whether it has more than one copy (then its stores replicate it).
+    pub fn is_replicated(&self) -> bool {
+        self.copies.len() > 1
+    }
+}
+
+/// One copy of a volume.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VolumeCopy {
+    /// The node whose store holds it.
+    pub node: String,
+    /// Whether every acknowledged write is on it.
+    pub state: CopyState,
+    /// Catch-up progress, while `catching_up`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_up: Option<CatchUpProgress>,
+}
+
+/// Where a copy stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyState {
+    /// Every completed write needs its acknowledgement.
+    InSync,
+    /// Left the in-sync set (it stopped answering or its node went down): it may lack
+    /// writes and takes none until caught up.
+    OutOfSync,
+    /// Getting what it missed.
+    CatchingUp,
+}
+
+/// Bytes of a catch-up done and to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CatchUpProgress {
+    /// Done.
+    pub done: u64,
+    /// In all.
+    pub total: u64,
+}
+
+/// A volume's replication as `GET /volumes` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Replication {
+    /// Copies asked for (1-3).
+    pub replicas: u8,
+    /// The node serving the writer (whose NBD export is writable).
+    pub primary: String,
+    /// The replication fence (see `Volume::generation`).
+    pub generation: u64,
+    /// Every copy, the primary's first.
+    pub copies: Vec<VolumeCopy>,
 }
 
 /// A snapshot of a volume (read-only, exported as `volume@snapshot`).
@@ -58,6 +159,8 @@ pub struct VolumeView {
     pub snapshots: Vec<Snapshot>,
     /// The VM using it, if any.
     pub attached_to: Option<String>,
+    /// Its copies, primary and generation.
+    pub replication: Replication,
 }
 
 /// A new volume.
@@ -71,9 +174,14 @@ pub struct NewVolume {
     #[serde(deserialize_with = "crate::strict::int")]
     #[schema(minimum = 4096, maximum = 70368744177664_i64, multiple_of = 4096)]
     pub size_bytes: u64,
-    /// The node whose store holds it (default: the node receiving the request).
+    /// The node whose store holds it, for a replicated volume the primary's (default:
+    /// the node receiving the request for one copy; placement by free space for more).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// How many copies, on distinct nodes: 1-3 (default 1; see docs/replication.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 3)]
+    pub replicas: Option<u8>,
 }
 
 /// A new snapshot.

@@ -139,9 +139,13 @@ pub enum VolumeCmd {
         /// Size, e.g. 10G, 512M, 1T (binary units) or bytes.
         #[arg(long, value_parser = parse_size)]
         size: u64,
-        /// Node (name or id) whose store holds it (default: the node you talk to).
+        /// Node (name or id) whose store holds it, for several copies the primary's
+        /// (default: the node you talk to; several copies: the nodes with most free space).
         #[arg(long)]
         node: Option<String>,
+        /// Copies on distinct nodes, 1-3 (default 1).
+        #[arg(long)]
+        replicas: Option<u8>,
         /// Return once the task is queued.
         #[arg(long)]
         no_wait: bool,

@@ -232,6 +232,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .arg("--data-dir")
                 .arg(node_dir.join("store"))
                 .args(["--nbd-tcp", &format!("{}:10809", addr(i))])
+                // Replication between the stores (QUIC, UDP): tesserad finds it at the
+                // NBD address's host, port 7410.
+                .args(["--repl-quic", &format!("{}:7410", addr(i))])
                 // NBD over TCP needs TLS: the store serves it once tesserad has written
                 // the node's certificate here.
                 .arg("--nbd-tls-dir")

@@ -32,6 +32,7 @@ mod metrics;
 mod records;
 mod removed;
 mod replicated;
+mod replication;
 mod status;
 mod storage;
 mod tables;
@@ -92,6 +93,7 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
         Arc::new(Mutex::new(persisted.as_ref().map(|f| f.cluster_id.clone())));
     let heard: Heard = Arc::new(Mutex::new(HashMap::new()));
     tasks::watch_health(heard.clone());
+    replication::watch_health(heard.clone());
     let metrics = metrics::start();
     let storage = Arc::new(storage::Health::default());
     storage::start(

@@ -53,6 +53,7 @@ fn log(t: &mut Task, message: impl Into<String>) {
 
 /// Starts the runner for node `me`, using the store at `admin_socket`.
 pub fn start(node: Arc<Node>, me: String, admin_socket: PathBuf) {
+    crate::replication::start(node.clone(), me.clone(), admin_socket.clone());
     tokio::spawn(async move {
         let inflight: Arc<Mutex<HashSet<String>>> = Arc::default();
         let mut rx = node.state.subscribe();
@@ -194,13 +195,17 @@ async fn run(node: &Node, me: &str, socket: &std::path::Path, queued: Task) {
         format!("asking tessera-store ({})", socket.display()),
     );
     let sock = socket.to_path_buf();
-    let result = tokio::task::spawn_blocking(move || AdminClient::connect(&sock)?.call(op))
-        .await
-        .unwrap_or_else(|e| {
-            Err(AdminClientError::Protocol(format!(
-                "the store call panicked: {e}"
-            )))
-        });
+    // A replicated volume's create and delete steps are the replication module's.
+    let result = match crate::replication::roles::run_task(node, me, socket, &t).await {
+        Some(r) => r,
+        None => tokio::task::spawn_blocking(move || AdminClient::connect(&sock)?.call(op))
+            .await
+            .unwrap_or_else(|e| {
+                Err(AdminClientError::Protocol(format!(
+                    "the store call panicked: {e}"
+                )))
+            }),
+    };
     // A delete of something the store no longer has reached its goal.
     let gone_already = matches!(&result, Err(AdminClientError::Refused(e)) if e.kind == ErrorKind::NotFound)
         && matches!(

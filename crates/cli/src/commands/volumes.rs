@@ -23,6 +23,7 @@ pub fn run(client: &Client, cmd: VolumeCmd, out: Output) -> anyhow::Result<()> {
             name,
             size,
             node,
+            replicas,
             no_wait,
         } => {
             let node = node.map(|n| resolve(client, &n)).transpose()?;
@@ -33,6 +34,7 @@ pub fn run(client: &Client, cmd: VolumeCmd, out: Output) -> anyhow::Result<()> {
                     name,
                     size_bytes: size,
                     node,
+                    replicas,
                 },
             )?;
             out.print(&follow(client, v, no_wait, bar)?, done);
@@ -52,6 +54,15 @@ pub fn run(client: &Client, cmd: VolumeCmd, out: Output) -> anyhow::Result<()> {
                         col("SIZE", |v: &VolumeView| size(Some(v.volume.size_bytes))),
                         col("STATE", |v: &VolumeView| word(&v.volume.state)),
                         col("NODE", |v: &VolumeView| names.name(&v.volume.node)),
+                        col("COPIES", |v: &VolumeView| {
+                            let r = &v.replication;
+                            let in_sync = r
+                                .copies
+                                .iter()
+                                .filter(|c| c.state == tessera_api::CopyState::InSync)
+                                .count();
+                            format!("{in_sync}/{}", r.replicas)
+                        }),
                         wide_col("NODE ID", |v: &VolumeView| v.volume.node.clone()),
                         col("ORIGIN", |v: &VolumeView| opt(&v.volume.origin)),
                         col("VM", |v: &VolumeView| opt(&v.attached_to)),
@@ -80,6 +91,29 @@ pub fn run(client: &Client, cmd: VolumeCmd, out: Output) -> anyhow::Result<()> {
                 line("origin", opt(&v.volume.origin));
                 line("attached_to", opt(&v.attached_to));
                 line("nbd", opt(&v.volume.nbd));
+                let r = &v.replication;
+                line("replicas", r.replicas.to_string());
+                line("primary", names.name(&r.primary));
+                line("generation", r.generation.to_string());
+                for c in &r.copies {
+                    let progress = c
+                        .catch_up
+                        .map(|p| format!(" ({} of {})", size(Some(p.done)), size(Some(p.total))))
+                        .unwrap_or_default();
+                    let role = if c.node == r.primary {
+                        "primary"
+                    } else {
+                        "replica"
+                    };
+                    line(
+                        "copy",
+                        format!(
+                            "{} {role} {}{progress}",
+                            names.name(&c.node),
+                            word(&c.state)
+                        ),
+                    );
+                }
                 for s in &v.snapshots {
                     line("snapshot", format!("{} ({})", s.name, word(&s.state)));
                 }

@@ -408,6 +408,9 @@ fn template_clone(
         origin: Some(key),
         nbd,
         created_ms: now_ms(),
+        replicas: 1,
+        generation: 1,
+        copies: Vec::new(),
     };
     let task = queued(
         p,

@@ -5,7 +5,9 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use tessera_api::{NewClone, NewSnapshot, NewVolume, VolumeView};
+use tessera_api::{
+    CopyState, NewClone, NewSnapshot, NewVolume, Replication, VolumeCopy, VolumeView,
+};
 use tessera_state::Require;
 
 use super::events::event;
@@ -23,10 +25,17 @@ fn view(n: &tessera_state::Node, v: Volume) -> Result<VolumeView, ApiError> {
         .map(|(_, s)| s)
         .collect();
     let attached_to = read(n, DISK_CLAIMS, &v.name)?;
+    let replication = Replication {
+        replicas: v.replicas,
+        primary: v.node.clone(),
+        generation: v.generation,
+        copies: v.all_copies(),
+    };
     Ok(VolumeView {
         volume: v,
         snapshots,
         attached_to,
+        replication,
     })
 }
 
@@ -74,6 +83,18 @@ fn ready_volume(n: &tessera_state::Node, name: &str) -> Result<Volume, ApiError>
     Ok(v)
 }
 
+/// Snapshots and clones are taken on one copy today: refused for a replicated volume
+/// rather than silently made on the primary's copy only.
+fn not_replicated(v: &Volume, what: &str) -> Result<(), ApiError> {
+    if v.is_replicated() {
+        return Err(ApiError::conflict(format!(
+            "{what} of volume {} ({} copies): not supported yet for replicated volumes",
+            v.name, v.replicas
+        )));
+    }
+    Ok(())
+}
+
 /// A volume a delete may start on: ready, or stuck in `creating`/`deleting` because the
 /// task that would have finished it ended without doing so (cut off by a restart of its
 /// node, or failed while its node was down). A volume whose task is still queued or
@@ -119,7 +140,8 @@ fn nbd_uri(n: &tessera_state::Node, node: &str, export: &str) -> Result<Option<S
     Ok(rec.and_then(|r| r["nbd"].as_str().map(|a| format!("nbds://{a}/{export}"))))
 }
 
-/// Create a volume (a task on the volume's node). With an `Idempotency-Key` header, a
+/// Create a volume (a task on the volume's node; with `replicas` above 1, a task on each
+/// copy's node, and the returned one ends when every copy replicates). With an `Idempotency-Key` header, a
 /// retry with the same key and body within 24 hours gets the first answer again (the same
 /// task), so a create whose outcome was unknown can be retried safely.
 #[utoipa::path(post, path = "/api/v1/volumes", tag = "volumes", operation_id = "create_volume",
@@ -131,7 +153,9 @@ fn nbd_uri(n: &tessera_state::Node, node: &str, export: &str) -> Result<Option<S
     responses((status = 202, body = Task), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody, description = "No such node"),
-        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 409, body = ErrorBody, description = "The name is taken, or more replicas than nodes"),
+        (status = 503, body = ErrorBody),
+        (status = 507, body = ErrorBody, description = "Too few nodes able to hold a copy now")))]
 pub async fn create(
     State(st): St,
     p: Auth<Operator>,
@@ -153,6 +177,13 @@ pub async fn create(
     if let Some(task) = idem.as_ref().map(|i| i.replay(&n)).transpose()?.flatten() {
         return Ok((StatusCode::ACCEPTED, Json(task)));
     }
+    let replicas = req.replicas.unwrap_or(1);
+    if !(1..=3).contains(&replicas) {
+        return Err(ApiError::bad("replicas: 1, 2 or 3 copies"));
+    }
+    if replicas > 1 {
+        return create_replicated(&st, &p, &n, idem.as_ref(), &req, replicas).await;
+    }
     let node = req.node.clone().unwrap_or_else(|| st.me.0.clone());
     if read::<serde_json::Value>(&n, NODES, &node)?.is_none() {
         return Err(ApiError::not_found(format!(
@@ -167,6 +198,9 @@ pub async fn create(
         origin: None,
         nbd: nbd_uri(&n, &node, &req.name)?,
         created_ms: now_ms(),
+        replicas: 1,
+        generation: 1,
+        copies: Vec::new(),
     };
     let task = queued(
         &p,
@@ -187,6 +221,121 @@ pub async fn create(
         ],
         |_| format!("name: volume {} already exists", req.name),
     )
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(task)))
+}
+
+/// A volume of `replicas` copies: placed on the nodes with the most free space (`node`
+/// pins the primary), the copies made by a task on each node; the returned task is the
+/// primary's, which ends once every copy exists and replicates (see
+/// `crate::replication::roles`).
+async fn create_replicated(
+    st: &super::ApiState,
+    p: &super::auth::Principal,
+    n: &tessera_state::Node,
+    idem: Option<&Idempotent>,
+    req: &NewVolume,
+    replicas: u8,
+) -> Result<(StatusCode, Json<Task>), ApiError> {
+    use crate::replication::placement::{place, Candidate, PlacementError};
+    use crate::replication::{liveness, node_records, store_trouble, Liveness};
+    let records = node_records(n);
+    let mut candidates: Vec<Candidate> = records
+        .iter()
+        .map(|(id, r)| {
+            let available = r["metrics"]["disks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|d| d["available"].as_u64())
+                .max()
+                .unwrap_or(0);
+            let unusable = match liveness(&st.me.0, id) {
+                Liveness::Down => Some("the node is down".to_string()),
+                Liveness::Unknown => Some("the node is not heard regularly".to_string()),
+                Liveness::Up => store_trouble(r),
+            };
+            Candidate {
+                id: id.clone(),
+                available,
+                unusable,
+            }
+        })
+        .collect();
+    candidates.sort_by(|a, b| a.id.cmp(&b.id));
+    let nodes =
+        place(&candidates, usize::from(replicas), req.node.as_deref()).map_err(|e| match e {
+            PlacementError::UnknownNode(_) => ApiError::not_found(e.to_string()),
+            PlacementError::TooFewNodes { .. } => ApiError::conflict(e.to_string()),
+            PlacementError::PinnedUnusable { .. } | PlacementError::NoRoom { .. } => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+            }
+        })?;
+    let primary = nodes[0].clone();
+    let vol = Volume {
+        name: req.name.clone(),
+        node: primary.clone(),
+        size_bytes: req.size_bytes,
+        state: VolumeState::Creating,
+        origin: None,
+        nbd: nbd_uri(n, &primary, &req.name)?,
+        created_ms: now_ms(),
+        replicas,
+        generation: 1,
+        copies: nodes
+            .iter()
+            .map(|id| VolumeCopy {
+                node: id.clone(),
+                state: CopyState::InSync,
+                catch_up: None,
+            })
+            .collect(),
+    };
+    let task = queued(
+        p,
+        &primary,
+        TaskOp::CreateVolume {
+            name: req.name.clone(),
+            size: req.size_bytes,
+        },
+    );
+    let mut ops = vec![
+        put(VOLUMES, &req.name, &vol),
+        event(
+            "volume.create",
+            &req.name,
+            &p.user,
+            &format!(
+                "volume requested: {replicas} copies, primary on {primary}, replicas on {}",
+                nodes[1..].join(", ")
+            ),
+        ),
+    ];
+    let mut require = vec![Require::absent(VOLUMES, &req.name)];
+    for id in &nodes[1..] {
+        let mut t = queued(
+            p,
+            id,
+            serde_json::from_value(serde_json::json!({
+                "type": "set_replication", "volume": req.name, "generation": 1,
+                "role": {"type": "replica"},
+            }))
+            .map_err(|e| ApiError::internal(format!("building the replica task: {e}")))?,
+        );
+        t.log[0].message = format!(
+            "create the copy of {} on node {id} and make it a replica; queued by {}",
+            req.name, p.user
+        );
+        require.push(Require::absent(TASKS, &t.id));
+        ops.push(put(TASKS, &t.id, &t));
+    }
+    let task = submit_idempotent(st, &task, idem, require, ops, |r| {
+        if r.table == VOLUMES {
+            format!("name: volume {} already exists", req.name)
+        } else {
+            "a task id was taken meanwhile; try again".to_string()
+        }
+    })
     .await?;
     Ok((StatusCode::ACCEPTED, Json(task)))
 }
@@ -215,19 +364,23 @@ pub async fn remove(
     let mut v = old.clone();
     v.state = VolumeState::Deleting;
     let task = queued(&p, &v.node, TaskOp::DeleteVolume { name: name.clone() });
-    submit(
-        &st,
-        &task,
-        vec![
-            Require::equals(VOLUMES, &name, serde_json::json!(old)),
-            Require::absent(DISK_CLAIMS, &name),
-        ],
-        vec![
-            put(VOLUMES, &name, &v),
-            event("volume.delete", &name, &p.user, "volume deletion requested"),
-        ],
-        |_| format!("volume {name} changed or was attached meanwhile; try again"),
-    )
+    let mut require = vec![
+        Require::equals(VOLUMES, &name, serde_json::json!(old)),
+        Require::absent(DISK_CLAIMS, &name),
+    ];
+    let mut ops = vec![
+        put(VOLUMES, &name, &v),
+        event("volume.delete", &name, &p.user, "volume deletion requested"),
+    ];
+    // Every other copy is deleted by its own node.
+    for c in v.copies.iter().filter(|c| c.node != v.node) {
+        let t = queued(&p, &c.node, TaskOp::DeleteVolume { name: name.clone() });
+        require.push(Require::absent(TASKS, &t.id));
+        ops.push(put(TASKS, &t.id, &t));
+    }
+    submit(&st, &task, require, ops, |_| {
+        format!("volume {name} changed or was attached meanwhile; try again")
+    })
     .await?;
     Ok((StatusCode::ACCEPTED, Json(task)))
 }
@@ -258,6 +411,7 @@ pub async fn snapshot(
         return Ok((StatusCode::ACCEPTED, Json(task)));
     }
     let v = ready_volume(&n, &name)?;
+    not_replicated(&v, "a snapshot")?;
     let key = snapshot_key(&name, &req.name);
     let snap = Snapshot {
         volume: name.clone(),
@@ -377,6 +531,7 @@ pub async fn clone(
         return Ok((StatusCode::ACCEPTED, Json(task)));
     }
     let v = ready_volume(&n, &name)?;
+    not_replicated(&v, "a clone")?;
     let key = snapshot_key(&name, &req.snapshot);
     let snap: Snapshot = read(&n, SNAPSHOTS, &key)?
         .ok_or_else(|| ApiError::not_found(format!("snapshot: no snapshot {key}")))?;
@@ -391,6 +546,9 @@ pub async fn clone(
         origin: Some(key.clone()),
         nbd: nbd_uri(&n, &v.node, &req.name)?,
         created_ms: now_ms(),
+        replicas: 1,
+        generation: 1,
+        copies: Vec::new(),
     };
     let task = queued(
         &p,

@@ -1,0 +1,307 @@
+//! What the leader changes when a node holding an in-sync copy fails: the copy leaves the
+//! in-sync set, and if it was the primary's, an in-sync replica becomes the primary; each
+//! change raises the generation (the stores' fence) in the same compare-and-swap of the
+//! volume record, before any store hears of it. Never fewer than 2 copies stay in sync:
+//! a change that would leave fewer is not made (the volume's I/O stays blocked, an event
+//! says why; the operator override is not built yet).
+//!
+//! [`decide`] is pure; [`start`] is the leader's loop around it.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use serde_json::json;
+use tessera_state::{Command, Node, Require};
+
+use super::{liveness, node_records, store_trouble, volumes, Liveness, ROUND};
+use crate::records::table::VOLUMES;
+use crate::records::{Volume, VolumeState};
+use crate::tables::{event, put};
+use tessera_api::CopyState;
+
+/// The fewest copies that stay in sync without the operator override.
+pub const MIN_IN_SYNC: usize = 2;
+
+/// What to do about one volume.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// Write this record (generation raised): `failed` left the in-sync set, and
+    /// `new_primary` took over if the primary's copy was among them.
+    Change {
+        /// The new record.
+        volume: Volume,
+        /// The nodes whose copies left the in-sync set.
+        failed: Vec<String>,
+        /// The new primary, if it changed.
+        new_primary: Option<String>,
+    },
+    /// Copies failed, but removing them would leave fewer than [`MIN_IN_SYNC`] in sync.
+    Stalled {
+        /// The nodes whose copies failed.
+        failed: Vec<String>,
+    },
+}
+
+/// The change a replicated, ready volume needs when the copies on nodes for which
+/// `failed` says so cannot answer; `None` if every in-sync copy's node is fine.
+pub fn decide(v: &Volume, failed: impl Fn(&str) -> bool) -> Option<Decision> {
+    if !v.is_replicated() || v.state != VolumeState::Ready {
+        return None;
+    }
+    let in_sync: Vec<&str> = v
+        .copies
+        .iter()
+        .filter(|c| c.state == CopyState::InSync)
+        .map(|c| c.node.as_str())
+        .collect();
+    let bad: Vec<String> = in_sync
+        .iter()
+        .filter(|n| failed(n))
+        .map(|n| n.to_string())
+        .collect();
+    if bad.is_empty() {
+        return None;
+    }
+    let left: Vec<&str> = in_sync
+        .iter()
+        .copied()
+        .filter(|n| !bad.iter().any(|b| b == n))
+        .collect();
+    if left.len() < MIN_IN_SYNC {
+        return Some(Decision::Stalled { failed: bad });
+    }
+    let mut new = v.clone();
+    for c in &mut new.copies {
+        if bad.contains(&c.node) {
+            c.state = CopyState::OutOfSync;
+            c.catch_up = None;
+        }
+    }
+    let new_primary = if bad.contains(&v.node) {
+        // The first in-sync copy after the primary's, in the record's order.
+        let p = left[0].to_string();
+        new.node = p.clone();
+        if let Some(i) = new.copies.iter().position(|c| c.node == p) {
+            let c = new.copies.remove(i);
+            new.copies.insert(0, c);
+        }
+        Some(p)
+    } else {
+        None
+    };
+    new.generation = v.generation + 1;
+    Some(Decision::Change {
+        volume: new,
+        failed: bad,
+        new_primary,
+    })
+}
+
+/// On the leader, every round and on every change of the state: applies [`decide`] to
+/// every volume. A node counts as failed when the management network has not heard it
+/// for [`crate::health::DOWN_AFTER`], or its record says its store is unreachable or
+/// degraded.
+pub fn start(node: Arc<Node>, me: String) {
+    tokio::spawn(async move {
+        let mut rx = node.state.subscribe();
+        // Stalls already announced (volume, generation), so the event is written once.
+        let mut announced: HashSet<(String, u64)> = HashSet::new();
+        loop {
+            let leader = node.raft.metrics().borrow().current_leader == Some(node.id);
+            if leader {
+                round(&node, &me, &mut announced).await;
+            }
+            if tokio::time::timeout(ROUND, rx.changed())
+                .await
+                .is_ok_and(|r| r.is_err())
+            {
+                return;
+            }
+        }
+    });
+}
+
+async fn round(node: &Node, me: &str, announced: &mut HashSet<(String, u64)>) {
+    let records = node_records(node);
+    let failed = |id: &str| {
+        liveness(me, id) == Liveness::Down
+            || records.get(id).is_some_and(|r| store_trouble(r).is_some())
+    };
+    for v in volumes(node) {
+        match decide(&v, failed) {
+            None => {}
+            Some(Decision::Stalled { failed })
+                if announced.insert((v.name.clone(), v.generation)) =>
+            {
+                let msg = format!(
+                        "copies on {} failed; removing them would leave fewer than {MIN_IN_SYNC} \
+                         copies in sync, so the volume's writes stay blocked until a node comes back \
+                         (generation {})",
+                        failed.join(", "),
+                        v.generation
+                    );
+                tracing::error!(volume = %v.name, "{msg}");
+                let txn = Command::Txn {
+                    require: vec![],
+                    ops: vec![event(
+                        "volume.replication_stalled",
+                        &v.name,
+                        "tesserad",
+                        &msg,
+                    )],
+                };
+                if node.write(txn).await.is_err() {
+                    announced.remove(&(v.name.clone(), v.generation));
+                }
+            }
+            Some(Decision::Stalled { .. }) => {}
+            Some(Decision::Change {
+                mut volume,
+                failed,
+                new_primary,
+            }) => {
+                let mut ops = Vec::new();
+                if let Some(p) = &new_primary {
+                    volume.nbd = super::nbd_uri(&records, p, &volume.name);
+                    ops.push(event(
+                        "volume.primary_moved",
+                        &v.name,
+                        "tesserad",
+                        &format!(
+                            "primary moved from {} to {p} (its node failed); generation {}",
+                            v.node, volume.generation
+                        ),
+                    ));
+                }
+                ops.push(event(
+                    "volume.replica_out_of_sync",
+                    &v.name,
+                    "tesserad",
+                    &format!(
+                        "the copies on {} left the in-sync set (node down or store unreachable); \
+                         generation {}",
+                        failed.join(", "),
+                        volume.generation
+                    ),
+                ));
+                ops.insert(0, put(VOLUMES, &v.name, &volume));
+                let txn = Command::Txn {
+                    require: vec![Require::equals(VOLUMES, &v.name, json!(v))],
+                    ops,
+                };
+                match node.write(txn).await {
+                    Ok(a) if a.conflict.is_none() => tracing::warn!(
+                        volume = %v.name, failed = ?failed, new_primary = ?new_primary,
+                        generation = volume.generation, "replicated volume reconfigured"
+                    ),
+                    Ok(_) => {
+                        tracing::debug!(volume = %v.name, "volume changed meanwhile; next round")
+                    }
+                    Err(e) => tracing::debug!(error = %e, "reconfiguration not committed yet"),
+                }
+            }
+        }
+    }
+    announced.retain(|(name, _)| {
+        node.state
+            .read(|t| t.get(VOLUMES).is_some_and(|v| v.contains_key(name)))
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_api::VolumeCopy;
+
+    fn vol(copies: &[(&str, CopyState)]) -> Volume {
+        Volume {
+            name: "v".into(),
+            node: copies[0].0.into(),
+            size_bytes: 4096,
+            state: VolumeState::Ready,
+            origin: None,
+            nbd: None,
+            created_ms: 0,
+            replicas: copies.len() as u8,
+            generation: 4,
+            copies: copies
+                .iter()
+                .map(|(n, s)| VolumeCopy {
+                    node: n.to_string(),
+                    state: *s,
+                    catch_up: None,
+                })
+                .collect(),
+        }
+    }
+
+    use CopyState::{InSync, OutOfSync};
+
+    #[test]
+    fn a_failed_replica_leaves_the_in_sync_set_with_a_new_generation() {
+        let v = vol(&[("a", InSync), ("b", InSync), ("c", InSync)]);
+        assert_eq!(decide(&v, |_| false), None);
+        let Some(Decision::Change {
+            volume,
+            failed,
+            new_primary,
+        }) = decide(&v, |n| n == "c")
+        else {
+            panic!("no change");
+        };
+        assert_eq!(failed, ["c"]);
+        assert_eq!(new_primary, None);
+        assert_eq!(volume.generation, 5);
+        assert_eq!(volume.node, "a");
+        assert_eq!(volume.copies[2].state, OutOfSync);
+        // Already out of sync: nothing more to do for it.
+        assert_eq!(decide(&volume, |n| n == "c"), None);
+    }
+
+    #[test]
+    fn a_failed_primary_hands_over_to_an_in_sync_replica() {
+        let v = vol(&[("a", InSync), ("b", OutOfSync), ("c", InSync)]);
+        // b is out of sync: without a, only c would be in sync, below the minimum.
+        assert_eq!(
+            decide(&v, |n| n == "a"),
+            Some(Decision::Stalled {
+                failed: vec!["a".into()]
+            })
+        );
+        let v = vol(&[("a", InSync), ("b", InSync), ("c", InSync)]);
+        let Some(Decision::Change {
+            volume,
+            new_primary,
+            ..
+        }) = decide(&v, |n| n == "a")
+        else {
+            panic!("no change");
+        };
+        assert_eq!(new_primary.as_deref(), Some("b"));
+        assert_eq!(volume.node, "b");
+        assert_eq!(volume.copies[0].node, "b");
+        assert_eq!(volume.generation, 5);
+        let a = volume.copies.iter().find(|c| c.node == "a").unwrap();
+        assert_eq!(a.state, OutOfSync);
+    }
+
+    #[test]
+    fn never_below_two_in_sync_and_never_for_one_copy_or_unready_volumes() {
+        let v = vol(&[("a", InSync), ("b", InSync)]);
+        assert!(matches!(
+            decide(&v, |n| n == "b"),
+            Some(Decision::Stalled { .. })
+        ));
+        let v = vol(&[("a", InSync), ("b", InSync), ("c", InSync)]);
+        assert!(matches!(
+            decide(&v, |n| n != "a"),
+            Some(Decision::Stalled { .. })
+        ));
+        let mut single = vol(&[("a", InSync)]);
+        single.copies.clear();
+        assert_eq!(decide(&single, |_| true), None);
+        let mut creating = vol(&[("a", InSync), ("b", InSync), ("c", InSync)]);
+        creating.state = VolumeState::Creating;
+        assert_eq!(decide(&creating, |_| true), None);
+    }
+}

@@ -1,0 +1,519 @@
+//! Replicated volumes driven by the cluster (issue #8), on the README's local three-node
+//! cluster (one start for every check): a volume of three copies is placed on three
+//! nodes, written through its primary with nbdcopy and read back from every copy's own
+//! store, all equal. Then one node is killed (SIGKILL of its tesserad and store): for a
+//! volume whose replica was there, the copy leaves the in-sync set with a new generation
+//! and writes complete again; for a volume whose primary was there, another in-sync node
+//! becomes the primary and serves every byte written and flushed before, and takes new
+//! writes that reach the remaining replica. Bad requests (0 or 4 replicas, an unknown
+//! node, more copies than nodes able to hold one) are refused with a clear message.
+
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tessera_tests::devcluster::DevCluster;
+use tessera_tests::{bin, file_hash, output, require};
+
+const MIB: u64 = 1024 * 1024;
+const SIZE: u64 = 32 * MIB;
+
+/// A request to node `node` (1-3) with curl: (status, body as JSON).
+fn call(
+    ca: &str,
+    node: u8,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-s",
+        "-m",
+        "30",
+        "--cacert",
+        ca,
+        "-X",
+        method,
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+    ])
+    .arg(format!("https://127.0.0.{node}:8006/api/v1/{path}"));
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "--data"])
+            .arg(b.to_string());
+    }
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("authorization: Bearer {t}")]);
+    }
+    let out = output(&mut cmd);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (
+        code.trim().parse().unwrap_or(0),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+/// The `tessera` CLI with its own HOME: (success, stdout, stderr).
+fn cli(home: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(bin("tessera"))
+        .args(args)
+        .env("HOME", home)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("TESSERA_API")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Node `i`'s store's local NBD socket URI for `export`.
+fn unix_uri(dir: &Path, i: u8, export: &str) -> String {
+    format!(
+        "nbd+unix:///{export}?socket={}",
+        dir.join(format!("node{i}/store/nbd.sock")).display()
+    )
+}
+
+/// Writes `src` at the start of `export` through node `i`'s store (nbdcopy flushes at
+/// the end); true if nbdcopy succeeded.
+fn write(dir: &Path, i: u8, export: &str, src: &Path) -> bool {
+    let out = output(
+        Command::new("timeout")
+            .arg("60")
+            .arg("nbdcopy")
+            .arg("--flush")
+            .arg(src)
+            .arg(unix_uri(dir, i, export)),
+    );
+    if !out.status.success() {
+        eprintln!(
+            "nbdcopy to node{i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for f in ["store.log", "tesserad.log"] {
+            let log = std::fs::read_to_string(dir.join(format!("node{i}/{f}"))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            eprintln!(
+                "node{i}/{f} (last lines, newest first):\n{}",
+                tail.join("\n")
+            );
+        }
+    }
+    out.status.success()
+}
+
+/// The blake3 of the whole of `export` as node `i`'s store has it.
+fn read_hash(dir: &Path, i: u8, export: &str, tmp: &Path) -> blake3::Hash {
+    let f = tmp.join(format!("read-{export}-{i}"));
+    let out = output(
+        Command::new("nbdcopy")
+            .arg(unix_uri(dir, i, export))
+            .arg(&f),
+    );
+    assert!(
+        out.status.success(),
+        "reading {export} from node{i}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    file_hash(&f)
+}
+
+/// A file of `len` random bytes followed by zeros up to SIZE, and its hash; the random
+/// part alone is `path`.
+fn payload(tmp: &Path, name: &str, len: u64) -> (PathBuf, blake3::Hash) {
+    let mut data = vec![0u8; len as usize];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut data);
+    let p = tmp.join(name);
+    std::fs::write(&p, &data).unwrap();
+    data.resize(SIZE as usize, 0);
+    (p, blake3::hash(&data))
+}
+
+/// Kills node `i`'s tesserad and store (every process whose command line names its
+/// directory) with SIGKILL.
+fn kill_node(dir: &Path, i: u8) {
+    let mark = format!("{}/", dir.join(format!("node{i}")).display());
+    let mut killed = 0;
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if (cmd.contains("tesserad") || cmd.contains("tessera-store")) && cmd.contains(&mark) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            killed += 1;
+        }
+    }
+    assert_eq!(killed, 2, "node{i}: expected its tesserad and its store");
+}
+
+/// Waits (at most `secs`) until `volumes/<name>` on node `via` satisfies `ok`.
+fn wait_volume(
+    ca: &str,
+    via: u8,
+    token: &str,
+    name: &str,
+    secs: u64,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (code, v) = call(
+            ca,
+            via,
+            "GET",
+            &format!("volumes/{name}"),
+            Some(token),
+            None,
+        );
+        if code == 200 && ok(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "volume {name} never got there: {code} {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn wait_task(ca: &str, via: u8, token: &str, task: &Value) -> Value {
+    let id = task["id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, t) = call(ca, via, "GET", &format!("tasks/{id}"), Some(token), None);
+        if code == 200 && (t["state"] == "succeeded" || t["state"] == "failed") {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "task {id} did not end: {t}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn copy_state(v: &Value, node: &str) -> String {
+    v["replication"]["copies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["node"] == node)
+        .map(|c| c["state"].as_str().unwrap().to_string())
+        .unwrap_or_else(|| panic!("no copy on {node}: {v}"))
+}
+
+#[test]
+fn replicated_volumes_survive_a_replica_and_a_primary_node_killed() {
+    require("curl");
+    require("nbdcopy");
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = DevCluster::start(dir);
+    let (password, ca) = (cluster.admin_password(), cluster.ca_file());
+    let (code, a) = call(
+        &ca,
+        2,
+        "POST",
+        "login",
+        None,
+        Some(&json!({"username": "admin", "password": password})),
+    );
+    assert_eq!(code, 200, "{a}");
+    let new_password = "volume replication admin password";
+    let (code, a) = call(
+        &ca,
+        2,
+        "POST",
+        "password",
+        a["token"].as_str(),
+        Some(&json!({"old_password": password, "new_password": new_password})),
+    );
+    assert_eq!(code, 200, "{a}");
+    let (_, a) = call(
+        &ca,
+        2,
+        "POST",
+        "login",
+        None,
+        Some(&json!({"username": "admin", "password": new_password})),
+    );
+    let token = a["token"].as_str().unwrap().to_string();
+    let t = token.as_str();
+    // Placement takes only nodes whose store answers: wait until each node has published
+    // a healthy store (its first poll may have run before its store was up).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let nodes = loop {
+        let (_, nodes) = call(&ca, 2, "GET", "nodes", Some(t), None);
+        let ok = nodes
+            .as_array()
+            .is_some_and(|n| n.len() == 3 && n.iter().all(|n| n["storage"]["state"] == "ok"));
+        if ok {
+            break nodes;
+        }
+        assert!(Instant::now() < deadline, "stores not all healthy: {nodes}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let id = |i: u8| -> String {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == format!("node{i}"))
+            .unwrap_or_else(|| panic!("no node{i}: {nodes}"))["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+
+    // Bad requests first: each refused with the field named, nothing created.
+    for (body, code, word) in [
+        (
+            json!({"name": "bad", "size_bytes": SIZE, "replicas": 0}),
+            400,
+            "replicas",
+        ),
+        (
+            json!({"name": "bad", "size_bytes": SIZE, "replicas": 4}),
+            400,
+            "replicas",
+        ),
+        (
+            json!({"name": "bad", "size_bytes": SIZE, "replicas": 3, "node": "no-such-node"}),
+            404,
+            "no node",
+        ),
+    ] {
+        let (c, a) = call(&ca, 2, "POST", "volumes", Some(t), Some(&body));
+        assert_eq!(c, code, "{body}: {a}");
+        assert!(a["error"].as_str().unwrap().contains(word), "{a}");
+    }
+    assert_eq!(call(&ca, 2, "GET", "volumes/bad", Some(t), None).0, 404);
+
+    // Volume a: primary on node1 (API). Volume b: primary on node3 (CLI, --replicas).
+    let (c, task) = call(
+        &ca,
+        2,
+        "POST",
+        "volumes",
+        Some(t),
+        Some(&json!({"name": "a", "size_bytes": SIZE, "replicas": 3, "node": id(1)})),
+    );
+    assert_eq!(c, 202, "{task}");
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let (ok, _, err) = cli(
+        h,
+        &[
+            "--api",
+            "https://127.0.0.2:8006",
+            "--ca-file",
+            &ca,
+            "login",
+            "--user",
+            "admin",
+        ],
+        &format!("{new_password}\n"),
+    );
+    assert!(ok, "{err}");
+    let size = format!("{}", SIZE);
+    let (ok, out, err) = cli(
+        h,
+        &[
+            "volume",
+            "create",
+            "b",
+            "--size",
+            &size,
+            "--replicas",
+            "3",
+            "--node",
+            "node3",
+        ],
+        "",
+    );
+    assert!(ok, "volume create b: {out} {err}");
+    let done = wait_task(&ca, 2, t, &task);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    for name in ["a", "b"] {
+        let v = wait_volume(&ca, 2, t, name, 30, |v| v["state"] == "ready");
+        let r = &v["replication"];
+        assert_eq!(r["replicas"], 3, "{v}");
+        assert_eq!(r["generation"], 1, "{v}");
+        let mut on: Vec<String> = r["copies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                assert_eq!(c["state"], "in_sync", "{v}");
+                c["node"].as_str().unwrap().to_string()
+            })
+            .collect();
+        on.sort();
+        let mut all = vec![id(1), id(2), id(3)];
+        all.sort();
+        assert_eq!(on, all, "copies on three distinct nodes: {v}");
+    }
+    let a = wait_volume(&ca, 2, t, "a", 1, |_| true);
+    assert_eq!(a["replication"]["primary"], id(1).as_str());
+    assert_eq!(a["node"], id(1).as_str());
+    let b = wait_volume(&ca, 2, t, "b", 1, |_| true);
+    assert_eq!(b["replication"]["primary"], id(3).as_str());
+    // Snapshots would be taken on one copy only: refused, not silently half done.
+    let (c, e) = call(
+        &ca,
+        2,
+        "POST",
+        "volumes/a/snapshots",
+        Some(t),
+        Some(&json!({"name": "s"})),
+    );
+    assert_eq!(c, 409, "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("not supported yet for replicated volumes"),
+        "{e}"
+    );
+
+    // Written through the primary, flushed: every copy, read from its own store, equal.
+    // Replicas refuse local writes, so their copies hold only what the primary sent.
+    let (fa, ha) = payload(tmp.path(), "a1", 8 * MIB);
+    let (fb, hb) = payload(tmp.path(), "b1", 8 * MIB);
+    assert!(write(dir, 1, "a", &fa));
+    assert!(write(dir, 3, "b", &fb));
+    assert!(
+        !write(dir, 2, "a", &fb),
+        "a replica's store took a local write"
+    );
+    for i in 1..=3 {
+        assert_eq!(
+            read_hash(dir, i, "a", tmp.path()),
+            ha,
+            "copy of a on node{i}"
+        );
+        assert_eq!(
+            read_hash(dir, i, "b", tmp.path()),
+            hb,
+            "copy of b on node{i}"
+        );
+    }
+
+    // Node 3 dies: a replica of a, the primary of b.
+    let killed = Instant::now();
+    kill_node(dir, 3);
+    // a: writes complete again once node3's copy left the in-sync set.
+    let (fa2, ha2) = payload(tmp.path(), "a2", 4 * MIB);
+    assert!(
+        write(dir, 1, "a", &fa2),
+        "a write to a after its replica's node died"
+    );
+    eprintln!("write to a completed {:?} after the kill", killed.elapsed());
+    let a = wait_volume(&ca, 2, t, "a", 20, |v| {
+        copy_state(v, &id(3)) == "out_of_sync"
+    });
+    assert!(a["replication"]["generation"].as_u64().unwrap() >= 2, "{a}");
+    assert_eq!(copy_state(&a, &id(2)), "in_sync", "{a}");
+    for i in 1..=2 {
+        assert_eq!(
+            read_hash(dir, i, "a", tmp.path()),
+            ha2,
+            "copy of a on node{i} after the kill"
+        );
+    }
+    // b: an in-sync replica becomes the primary, with a newer generation, and its NBD
+    // export serves every byte written and flushed before.
+    let b = wait_volume(&ca, 2, t, "b", 20, |v| {
+        v["replication"]["primary"] != id(3).as_str()
+    });
+    eprintln!("b's primary moved {:?} after the kill", killed.elapsed());
+    let p = b["replication"]["primary"].as_str().unwrap().to_string();
+    let (np, other) = if p == id(1) { (1, 2) } else { (2, 1) };
+    assert_eq!(p, id(np));
+    assert!(b["replication"]["generation"].as_u64().unwrap() >= 2, "{b}");
+    assert_eq!(copy_state(&b, &id(3)), "out_of_sync", "{b}");
+    assert!(
+        b["nbd"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("127.0.0.{np}:")),
+        "{b}"
+    );
+    assert_eq!(
+        read_hash(dir, np, "b", tmp.path()),
+        hb,
+        "b through its new primary"
+    );
+    // The new primary takes writes (its export became writable) and replicates them.
+    let (fb2, hb2) = payload(tmp.path(), "b2", 4 * MIB);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !write(dir, np, "b", &fb2) {
+        assert!(
+            Instant::now() < deadline,
+            "the new primary of b never took a write"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(read_hash(dir, np, "b", tmp.path()), hb2);
+    assert_eq!(
+        read_hash(dir, other, "b", tmp.path()),
+        hb2,
+        "b's remaining replica"
+    );
+
+    // The CLI shows it.
+    let (ok, out, err) = cli(h, &["volume", "show", "b"], "");
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("generation") && out.contains("out_of_sync") && out.contains("in_sync"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("node{np} primary in_sync")), "{out}");
+
+    // Two nodes left: three copies cannot be placed.
+    let (c, e) = call(
+        &ca,
+        2,
+        "POST",
+        "volumes",
+        Some(t),
+        Some(&json!({"name": "c", "size_bytes": SIZE, "replicas": 3})),
+    );
+    assert_eq!(c, 507, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("replicas"), "{e}");
+    // Events say what happened.
+    let (_, ev) = call(&ca, 2, "GET", "events", Some(t), None);
+    let text = ev.to_string();
+    assert!(
+        text.contains("volume.primary_moved") && text.contains("volume.replica_out_of_sync"),
+        "{text}"
+    );
+    cluster.stop();
+}
