@@ -8,6 +8,10 @@
  * and checks the device fails them and keeps working. With "tessera.mode=count" it
  * counts forever, printing progress (used by the snapshot tests).
  *
+ * In the count and echo modes it polls the power button's event register (the ACPI
+ * Generic Event Device's port 0x600; it does not parse AML): on a press it says so on the
+ * console and powers off, or with "tessera.power_button=ignore" says it ignores it.
+ *
  * Guest instructions run emulated on our test machines (~1 M/s), so the work is small. */
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -39,6 +43,17 @@ static void putdec(u64 v) {
 }
 static void power_off(void) { outb(0x64, 0xfe); for (;;) __asm__ volatile("hlt"); }
 static void fail(const char *why) { puts("TESSERA-GUEST: FAIL "); puts(why); puts("\n"); power_off(); }
+
+/* ---- the power button (tessera-vmm's GED event register; a read clears it) ---- */
+#define GED_PORT 0x600
+#define GED_POWER_BUTTON 1
+static int ignore_power_button;
+static void poll_power_button(void) {
+    if (!(inb(GED_PORT) & GED_POWER_BUTTON)) return;
+    if (ignore_power_button) { puts("TESSERA-GUEST: power button pressed, ignored\n"); return; }
+    puts("TESSERA-GUEST: power button pressed, shutting down\n");
+    power_off();
+}
 
 /* ---- command line ---- */
 static const char *find(const char *s, const char *key) {
@@ -207,7 +222,9 @@ static void mode_count(int disk) {
         if ((features & (1ull << 9)) && request(T_FLUSH, 0, 0, 0, 0) != 0) fail("flush");
     }
     for (u64 n = 0; ; n++) {
+        /* Once per count: a port read is a VM exit, costly under emulation. */
         if (n % 20000 == 0) {
+            poll_power_button();
             u64 k = n / 20000;
             puts("count "); putdec(k); puts("\n");
             if (disk && k % 5 == 0) {
@@ -237,7 +254,7 @@ static void mode_acpi(void) {
     const u8 *xsdt = (const u8 *)rd64(rsdp + 24);
     u32 xlen = rd32p(xsdt + 4);
     if (!sig(xsdt, "XSDT") || sum(xsdt, xlen)) fail("XSDT");
-    int cpus = 0, hw_reduced = 0, dsdt = 0;
+    int cpus = 0, hw_reduced = 0, dsdt = 0, ged = 0;
     for (u32 off = 36; off + 8 <= xlen; off += 8) {
         const u8 *t = (const u8 *)rd64(xsdt + off);
         u32 len = rd32p(t + 4);
@@ -251,12 +268,16 @@ static void mode_acpi(void) {
         if (sig(t, "FACP")) {
             if (rd32p(t + 112) & (1u << 20)) hw_reduced = 1;
             const u8 *d = (const u8 *)rd64(t + 140);
-            if (sig(d, "DSDT") && !sum(d, rd32p(d + 4))) dsdt = 1;
+            if (sig(d, "DSDT") && !sum(d, rd32p(d + 4))) {
+                dsdt = 1;
+                for (u32 o = 36; o + 8 <= rd32p(d + 4); o++) if (sig(d + o, "ACPI0013")) ged = 1;
+            }
         }
     }
     puts("TESSERA-GUEST: ACPI cpus="); putdec((u64)cpus);
     puts(" hw_reduced="); putdec((u64)hw_reduced);
-    puts(" dsdt="); putdec((u64)dsdt); puts("\n");
+    puts(" dsdt="); putdec((u64)dsdt);
+    puts(" ged="); putdec((u64)ged); puts("\n");
     power_off();
 }
 
@@ -265,7 +286,8 @@ static void mode_acpi(void) {
 static void mode_echo(void) {
     puts("echo ready\n");
     char line[80]; int n = 0;
-    for (;;) {
+    for (u32 spins = 0; ; spins++) {
+        if (spins % 256 == 0) poll_power_button();
         if (!(inb(0x3f8 + 5) & 1)) continue;
         char c = (char)inb(0x3f8);
         if (c == '\r' || c == '\n') {
@@ -296,6 +318,7 @@ static void mode_bench(void) {
 void guest_main(u8 *boot_params) {
     puts("tessera test guest\n");
     const char *cmdline = (const char *)(u64)*(u32 *)(boot_params + 0x228);
+    ignore_power_button = find(cmdline, "tessera.power_button=ignore") != 0;
     if (find(cmdline, "tessera.mode=acpi")) mode_acpi();
     if (find(cmdline, "tessera.mode=echo")) mode_echo();
     int counting = find(cmdline, "tessera.mode=count") != 0;

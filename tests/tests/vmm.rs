@@ -177,14 +177,17 @@ fn bad_vm_specs_are_refused_clearly() {
 }
 
 #[test]
-fn a_multi_vcpu_vm_gets_acpi_tables_listing_every_cpu() {
-    if !tessera_tests::kvm_or_skip("a_multi_vcpu_vm_gets_acpi_tables_listing_every_cpu") {
+fn every_vm_gets_acpi_tables_listing_every_cpu_and_the_power_button() {
+    if !tessera_tests::kvm_or_skip(
+        "every_vm_gets_acpi_tables_listing_every_cpu_and_the_power_button",
+    ) {
         return;
     }
     let d = tempfile::tempdir().unwrap();
     let disk = d.path().join("disk.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-    for n in [2u8, 4] {
+    // One vCPU gets them too (the power button is described there).
+    for n in [1u8, 2, 4] {
         let serial = d.path().join(format!("serial{n}.log"));
         let out = output(
             Command::new(bin("tessera-vmm"))
@@ -209,7 +212,9 @@ fn a_multi_vcpu_vm_gets_acpi_tables_listing_every_cpu() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(
-            console.contains(&format!("TESSERA-GUEST: ACPI cpus={n} hw_reduced=1 dsdt=1")),
+            console.contains(&format!(
+                "TESSERA-GUEST: ACPI cpus={n} hw_reduced=1 dsdt=1 ged=1"
+            )),
             "{console}"
         );
     }

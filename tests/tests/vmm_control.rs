@@ -1,6 +1,6 @@
 //! The VMM's control API over its Unix socket: describe, pause (the guest's progress
-//! stops), resume (it continues), console read and write, events, power-off, and bad
-//! requests.
+//! stops), resume (it continues), console read and write, events, power-off, the
+//! guest-visible shutdown (the ACPI power button), and bad requests.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -249,4 +249,107 @@ fn typing_on_the_console_through_the_api_reaches_the_guest() {
         child.wait().unwrap().success(),
         "the guest's power-off did not end the VMM"
     );
+}
+
+/// Waits up to 20 s for the VMM to exit.
+fn exits_within_20s(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "the VMM is still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn shutdown_presses_the_power_button_and_the_guest_decides() {
+    if !tessera_tests::kvm_or_skip("shutdown_presses_the_power_button_and_the_guest_decides") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (obeys, ignores) = (d.path().join("obeys"), d.path().join("ignores"));
+    std::fs::create_dir_all(&obeys).unwrap();
+    std::fs::create_dir_all(&ignores).unwrap();
+    let guest = |cmdline: &'static str| {
+        [
+            "--kernel",
+            GUEST,
+            "--memory-mib",
+            "64",
+            "--cmdline",
+            cmdline,
+        ]
+    };
+    // The VMM's log says why the VM stopped.
+    let log = std::fs::File::create(d.path().join("obeys.log")).unwrap();
+    let sock = obeys.join("vm.sock");
+    let mut a = Command::new(bin("tessera-vmm"))
+        .args(guest("console=ttyS0 tessera.mode=count"))
+        .arg("--api-socket")
+        .arg(&sock)
+        .arg("--serial-out")
+        .arg(obeys.join("serial.log"))
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let (mut b, b_sock) = spawn_vm(
+        &ignores,
+        &guest("console=ttyS0 tessera.mode=count tessera.power_button=ignore"),
+    );
+    let mut api = Api::connect(&sock);
+    let mut b_api = Api::connect(&b_sock);
+    api.wait_for(0, "count 1\n");
+    let b_at = b_api.wait_for(0, "count 1\n");
+
+    // A paused guest could not act on a press: refused, and nothing is left pending.
+    api.call(json!({ "type": "pause" }));
+    let paused = api.raw(r#"{"v":1,"op":{"type":"shutdown"}}"#);
+    assert!(
+        paused["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("the VM is paused: its guest cannot see the power button"),
+        "{paused}"
+    );
+    api.call(json!({ "type": "resume" }));
+    let (_, at) = api.serial(0);
+    api.wait_for(at, "count ");
+    assert!(
+        !api.serial(0).0.contains("power button"),
+        "a refused press reached the guest"
+    );
+    assert_eq!(api.call(json!({ "type": "shutdown" }))["pressed"], true);
+    // The guest powers off at once, taking the control socket with it: read its file.
+    let status = exits_within_20s(&mut a);
+    assert!(status.success(), "VMM exited with {status}");
+    let console = std::fs::read_to_string(obeys.join("serial.log")).unwrap();
+    assert!(
+        console.ends_with("TESSERA-GUEST: power button pressed, shutting down\n"),
+        "{console}"
+    );
+    let text = std::fs::read_to_string(d.path().join("obeys.log")).unwrap();
+    assert!(text.contains("reason=Reset"), "{text}");
+
+    // A guest that ignores the button keeps running; a power-off still ends it.
+    b_api.call(json!({ "type": "shutdown" }));
+    let after = b_api.wait_for(b_at, "TESSERA-GUEST: power button pressed, ignored\n");
+    b_api.wait_for(after, "count ");
+    assert_eq!(
+        b_api.call(json!({ "type": "describe" }))["state"],
+        "running"
+    );
+    let kinds: Vec<String> = b_api
+        .call(json!({ "type": "events" }))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kinds, ["started", "power_button"]);
+    b_api.call(json!({ "type": "power_off" }));
+    assert!(exits_within_20s(&mut b).success());
 }

@@ -89,8 +89,17 @@ fn a_store_restart_pauses_the_guests_disk_and_it_carries_on() {
         counts(t).last().is_some_and(|n| *n >= 6)
     });
     store.kill9();
-    // The guest's next disk write (every fifth count) now waits for the store.
-    std::thread::sleep(Duration::from_millis(1500));
+    // The guest's next disk write (every fifth count, right after printing it) now waits
+    // for the store: wait for that count rather than sleeping and hoping it was reached
+    // (a loaded machine runs the emulated guest slower).
+    let at_kill = *counts(&std::fs::read_to_string(&con).unwrap())
+        .last()
+        .unwrap();
+    let write_at = (at_kill / 5 + 1) * 5;
+    wait_console(&con, "the count of the next disk write", |t| {
+        counts(t).last().is_some_and(|n| *n >= write_at)
+    });
+    std::thread::sleep(Duration::from_millis(500));
     let stalled = *counts(&std::fs::read_to_string(&con).unwrap())
         .last()
         .unwrap();

@@ -1,6 +1,8 @@
-//! ACPI tables for multi-vCPU guests: RSDP, XSDT, FADT (hardware-reduced), MADT (one local
-//! APIC per vCPU and the IOAPIC) and a DSDT describing COM1 and the virtio-mmio disk.
-//! Built with the `acpi_tables` crate; only the 36-byte RSDP is laid out here.
+//! ACPI tables: RSDP, XSDT, FADT (hardware-reduced), MADT (one local APIC per vCPU and the
+//! IOAPIC) and a DSDT describing COM1, the virtio-mmio disk (when the command line does
+//! not already announce it) and the power button behind a Generic Event Device
+//! ([`crate::power_button`]). Built with the `acpi_tables` crate; only the 36-byte RSDP is
+//! laid out here.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -73,8 +75,55 @@ fn dsdt(with_disk: bool) -> Vec<u8> {
     if with_disk {
         disk.to_aml_bytes(&mut sdt);
     }
+    power_button(&mut sdt);
     sdt.update_checksum();
     sdt.as_slice().to_vec()
+}
+
+/// The power button (`PNP0C0C`) and the Generic Event Device (`ACPI0013`) that signals
+/// it: on the GED's interrupt the OS runs `_EVT`, which reads the event register at
+/// [`GED_PORT`] (the read clears it) and, if the button's bit is set, notifies the button
+/// (0x80: "pressed"), as the ACPI spec's GED and control method power button describe.
+fn power_button(sdt: &mut Sdt) {
+    let pwrb_hid = aml::EISAName::new("PNP0C0C");
+    let (phid, puid) = (
+        aml::Name::new("_HID".into(), &pwrb_hid),
+        aml::Name::new("_UID".into(), &aml::ZERO),
+    );
+    aml::Device::new("_SB_.PWRB".into(), vec![&phid, &puid]).to_aml_bytes(sdt);
+
+    let ged_hid: aml::AmlStr = "ACPI0013";
+    let irq = aml::Interrupt::new(true, true, false, false, GED_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let (port, len) = (GED_PORT as usize, 1usize);
+    let region = aml::OpRegion::new("GDST".into(), aml::OpRegionSpace::SystemIO, &port, &len);
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let bit = crate::power_button::EVENT_POWER_BUTTON as usize;
+    let (gdat, local0, local1) = (aml::Path::new("GDAT"), aml::Local(0), aml::Local(1));
+    let read = aml::Store::new(&local0, &gdat);
+    let masked = aml::And::new(&local1, &local0, &bit);
+    let pwrb = aml::Path::new("\\_SB_.PWRB");
+    let pressed = 0x80usize;
+    let notify = aml::Notify::new(&pwrb, &pressed);
+    let is_set = aml::Equal::new(&local1, &bit);
+    let when = aml::If::new(&is_set, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &masked, &when]);
+    let (hid, uid, crs) = (
+        aml::Name::new("_HID".into(), &ged_hid),
+        aml::Name::new("_UID".into(), &aml::ZERO),
+        aml::Name::new("_CRS".into(), &crs),
+    );
+    aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![&hid, &uid, &crs, &region, &field, &evt],
+    )
+    .to_aml_bytes(sdt);
 }
 
 fn rsdp(xsdt: u64) -> [u8; 36] {
@@ -90,7 +139,8 @@ fn rsdp(xsdt: u64) -> [u8; 36] {
     r
 }
 
-/// Writes the tables into guest memory for `vcpus` processors.
+/// Writes the tables into guest memory for `vcpus` processors; `with_disk` describes the
+/// virtio-mmio disk in the DSDT (not when the command line announces it).
 pub fn write_tables(mem: &GuestMem, vcpus: u8, with_disk: bool) -> Result<(), AcpiError> {
     let mut at = RSDP_ADDR + 0x40;
     let mut place = |data: &[u8]| -> Result<u64, AcpiError> {
@@ -185,5 +235,18 @@ mod tests {
         let dsdt = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
         let d = read_table(dsdt);
         assert!(d.windows(8).any(|w| w == b"LNRO0005"));
+        assert!(d.windows(8).any(|w| w == b"ACPI0013"), "no GED in the DSDT");
+        assert!(d.windows(4).any(|w| w == b"PWRB"), "no power button");
+        assert!(d.windows(4).any(|w| w == b"_EVT"), "no GED event method");
+    }
+
+    #[test]
+    fn without_the_disk_the_dsdt_still_has_the_power_button() {
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        write_tables(&mem, 1, false).unwrap();
+        let d = dsdt(false);
+        assert!(!d.windows(8).any(|w| w == b"LNRO0005"));
+        assert!(d.windows(8).any(|w| w == b"ACPI0013"));
+        assert_eq!(sum(&d), 0);
     }
 }

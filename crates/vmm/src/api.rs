@@ -47,6 +47,9 @@ pub enum ApiError {
     /// The dirty-page record could not be read.
     #[error(transparent)]
     DirtyPages(#[from] MemoryError),
+    /// The power button's interrupt could not be raised.
+    #[error("pressing the power button: {0}")]
+    PowerButton(std::io::Error),
     /// The result could not be encoded.
     #[error("encoding the reply: {0}")]
     Encode(serde_json::Error),
@@ -60,6 +63,8 @@ pub struct VmOps {
     pub snapshot: SnapshotFn,
     /// Dirty-page report.
     pub dirty: DirtyFn,
+    /// The guest-visible power button.
+    pub power_button: Arc<crate::power_button::PowerButton>,
 }
 
 /// Version of the control API.
@@ -88,6 +93,9 @@ pub enum ApiOp {
     Resume,
     /// Stop the VM for good.
     PowerOff,
+    /// Ask the guest to shut down: press the ACPI power button. The guest decides; the
+    /// VM stops when it powers itself off (or a later `power_off` stops it).
+    Shutdown,
     /// Console output from byte offset `since`.
     SerialRead {
         /// Absolute offset.
@@ -253,6 +261,15 @@ fn handle(op: ApiOp, ctx: &Ctx) -> Result<serde_json::Value, ApiError> {
                 std::thread::sleep(Duration::from_millis(10));
             }
             Err(ApiError::PowerOffTimeout)
+        }
+        ApiOp::Shutdown => {
+            control.guest_can_act()?;
+            ctx.ops
+                .power_button
+                .press()
+                .map_err(ApiError::PowerButton)?;
+            control.event("power_button", None);
+            Ok(serde_json::json!({ "pressed": true }))
         }
         ApiOp::SerialRead { since } => {
             let (data, next) = control.serial_output(since);

@@ -27,7 +27,7 @@ pub struct Event {
     pub seq: u64,
     /// Milliseconds since the VMM started.
     pub at_ms: u64,
-    /// `started`, `paused`, `resumed` or `stopped`.
+    /// `started`, `paused`, `resumed`, `power_button` or `stopped`.
     pub kind: String,
     /// Why, for `stopped`.
     pub reason: Option<String>,
@@ -45,6 +45,11 @@ pub enum ControlError {
     /// A resume of a VM that is not paused.
     #[error("the VM is not paused")]
     NotPaused,
+    /// A power-button press for a paused VM, whose guest could not act on it.
+    #[error(
+        "the VM is paused: its guest cannot see the power button (resume it, or power it off)"
+    )]
+    PausedGuest,
 }
 
 /// What the API asked the vCPU to do next.
@@ -138,6 +143,16 @@ impl Control {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Whether a guest-visible request (the power button) can reach the guest now.
+    pub fn guest_can_act(&self) -> Result<(), ControlError> {
+        let g = self.lock();
+        match (&g.state, g.request) {
+            (RunState::Stopped(_), _) | (_, Request::PowerOff) => Err(ControlError::Stopped),
+            (RunState::Paused, _) | (_, Request::Pause) => Err(ControlError::PausedGuest),
+            (RunState::Running, Request::None) => Ok(()),
         }
     }
 

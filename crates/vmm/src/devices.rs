@@ -1,5 +1,5 @@
-//! Legacy devices on the port-I/O bus: the COM1 16550 serial port, the i8042's reset line
-//! and the boot-timer port.
+//! Legacy devices on the port-I/O bus: the COM1 16550 serial port, the i8042's reset line,
+//! the boot-timer port and the power button's event register ([`crate::power_button`]).
 
 use std::io::Write;
 use std::time::Instant;
@@ -10,7 +10,9 @@ use vm_superio::{Serial, Trigger};
 use crate::snapshot::SerialSnapshot;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::layout::{BENCH_MARKER_PORT, BOOT_TIMER_PORT};
+use crate::layout::{BENCH_MARKER_PORT, BOOT_TIMER_PORT, GED_PORT};
+use crate::power_button::PowerButton;
+use std::sync::Arc;
 use tessera_virtio::ratelimit::LogLimit;
 
 /// Why a legacy device could not be set up.
@@ -53,6 +55,8 @@ pub struct PioBus {
     pub first_instruction: Option<std::time::Duration>,
     /// Bench markers are logged; a guest writing the port in a loop must not flood the log.
     marker_limit: LogLimit,
+    /// The power button's event register, once attached.
+    power_button: Option<Arc<PowerButton>>,
 }
 
 /// Benchmarks write a few markers per run; 64 at once and 16 a second after that.
@@ -68,7 +72,13 @@ impl PioBus {
             start,
             first_instruction: None,
             marker_limit: marker_limit(),
+            power_button: None,
         }
+    }
+
+    /// Puts the power button's event register on the bus at [`GED_PORT`].
+    pub fn attach_power_button(&mut self, button: Arc<PowerButton>) {
+        self.power_button = Some(button);
     }
 
     /// A bus restored from a snapshot.
@@ -97,6 +107,7 @@ impl PioBus {
             start,
             first_instruction: None,
             marker_limit: marker_limit(),
+            power_button: None,
         })
     }
 
@@ -132,6 +143,12 @@ impl PioBus {
             }
             // i8042 status: nothing to read, input buffer empty.
             I8042_CMD | I8042_DATA => data.fill(0),
+            // Only a byte read takes (and clears) the events: a wider one reads nothing
+            // rather than losing a press to an access the register does not have.
+            GED_PORT => match (&self.power_button, data.len()) {
+                (Some(b), 1) => data[0] = b.read_events(),
+                _ => data.fill(0),
+            },
             _ => data.fill(0xff),
         }
     }
@@ -189,6 +206,37 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn the_power_button_register_is_read_as_one_byte_and_ignores_writes() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let mut pio = PioBus::new(Box::new(std::io::sink()), irq, Instant::now());
+        let mut b = [0xaau8; 1];
+        pio.read(GED_PORT, &mut b);
+        assert_eq!(b, [0], "no button attached: nothing pending");
+        let button = Arc::new(PowerButton::new(
+            EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        ));
+        pio.attach_power_button(button.clone());
+        button.press().expect("press");
+        // Odd accesses a guest may make: writes of any size and value, wider reads.
+        for w in [&[][..], &[0xff], &[1, 2], &[1, 2, 3, 4]] {
+            assert_eq!(pio.write(GED_PORT, w), PioAction::None);
+        }
+        for n in [2usize, 4] {
+            let mut wide = vec![0xaau8; n];
+            pio.read(GED_PORT, &mut wide);
+            assert!(wide.iter().all(|x| *x == 0));
+        }
+        assert!(
+            button.pending(),
+            "a wide read or a write must not take the press"
+        );
+        pio.read(GED_PORT, &mut b);
+        assert_eq!(b, [crate::power_button::EVENT_POWER_BUTTON]);
+        pio.read(GED_PORT, &mut b);
+        assert_eq!(b, [0], "the read cleared it");
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 pub const VIRTIO_IRQ: u32 = 5;
 /// COM1 interrupt.
 pub const SERIAL_IRQ: u32 = 4;
+/// Interrupt of the Generic Event Device (the power button; `crate::power_button`).
+pub const GED_IRQ: u32 = 10;
+/// The GED's one-byte event register (read to take and clear the pending events).
+pub const GED_PORT: u16 = 0x600;
 /// KVM's TSS (three pages below 4 GiB, inside the hole).
 pub const KVM_TSS: u64 = 0xfffb_d000;
 /// KVM's identity map page (VMX), just below the TSS.

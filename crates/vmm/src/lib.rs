@@ -19,6 +19,7 @@ pub mod control;
 pub mod devices;
 pub mod layout;
 pub mod memory;
+pub mod power_button;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

@@ -23,6 +23,7 @@ use crate::control::{Control, RunState, SerialTee};
 use crate::devices::{PioAction, PioBus};
 use crate::layout::*;
 use crate::memory::{self, MemoryError};
+use crate::power_button::PowerButton;
 use crate::snapshot::{self, SnapshotError, VcpuState};
 use crate::{boot, vcpu};
 
@@ -272,8 +273,8 @@ pub fn run(
                 }
             })
             .map_err(thread("virtio-blk"))?;
-        // With one vCPU the guest gets no ACPI tables and finds the disk the way Linux
-        // parses it from the command line; with more, the DSDT describes it.
+        // With one vCPU the guest finds the disk the way Linux parses it from the command
+        // line; with more, the DSDT describes it.
         if cfg.vcpus == 1 {
             cmdline.push_str(&format!(
                 " virtio_mmio.device=4K@{VIRTIO_MMIO_BASE:#x}:{VIRTIO_IRQ}"
@@ -288,8 +289,10 @@ pub fn run(
         virtio = Some(Virtio { transport: t, kick });
     }
 
-    if cfg.vcpus > 1 && restored.is_none() {
-        crate::acpi::write_tables(&mem, cfg.vcpus, cfg.disk.is_some())?;
+    // Every booted VM gets ACPI tables, if only for the power button; with one vCPU the
+    // command line announces the disk (above), so the DSDT does not describe it twice.
+    if restored.is_none() {
+        crate::acpi::write_tables(&mem, cfg.vcpus, cfg.vcpus > 1 && cfg.disk.is_some())?;
     }
     let entry_rip = match &restored {
         Some(_) => 0,
@@ -312,6 +315,12 @@ pub fn run(
             .map_err(SnapshotError::Device)?,
         None => PioBus::new(serial_out, serial_irq, start),
     };
+    let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm.register_irqfd(&ged_irq, GED_IRQ)
+        .map_err(kvm("register GED irqfd"))?;
+    let power_button = Arc::new(PowerButton::new(ged_irq));
+    let mut pio = pio;
+    pio.attach_power_button(power_button.clone());
     let pio = Arc::new(Mutex::new(pio));
 
     let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
@@ -448,6 +457,7 @@ pub fn run(
             kick,
             snapshot: take_snapshot,
             dirty,
+            power_button,
         };
         api::serve(path, control.clone(), cfg.clone(), ops).map_err(|error| {
             VmError::ApiSocket {
