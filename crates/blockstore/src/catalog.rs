@@ -56,6 +56,10 @@ pub struct VolumeMeta {
     pub origin: Option<String>,
     /// Snapshots by name.
     pub snapshots: BTreeMap<String, SnapshotMeta>,
+    /// The replication role the volume last held on this store, as its owner
+    /// (`tessera-store`'s replication) wrote it; absent when not replicated. Opaque here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<serde_json::Value>,
 }
 
 /// Everything the store knows about its volumes.
@@ -321,6 +325,7 @@ mod tests {
                 created: 0,
                 origin: None,
                 snapshots: BTreeMap::new(),
+                replication: None,
             },
         );
         assert_eq!(c.collect_garbage(), vec![orphan]);
@@ -413,6 +418,7 @@ mod tests {
                 created: 0,
                 origin: None,
                 snapshots: BTreeMap::new(),
+                replication: None,
             },
         );
         c.save(&path).unwrap();

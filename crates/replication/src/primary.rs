@@ -129,6 +129,14 @@ impl Primary {
         matches!(self.mode, Mode::Fenced { .. })
     }
 
+    /// The newer generation a replica reported, once fenced.
+    pub fn fenced_by(&self) -> Option<Generation> {
+        match self.mode {
+            Mode::Fenced { current } => Some(current),
+            _ => None,
+        }
+    }
+
     /// True while waiting for a configuration without a failed replica.
     pub fn is_stalled(&self) -> bool {
         self.mode == Mode::Stalled

@@ -75,6 +75,10 @@ enum Position {
     Lost,
     /// Caught up: refuse writes of this generation, accept a newer one's from seq 1.
     CaughtUp,
+    /// The cluster has it out of sync, being caught up by the primary of `since` (or a
+    /// newer one): it takes writes like [`Position::Accepted`] but still must not be
+    /// counted in sync, until [`Replica::end_catch_up`] in a newer generation.
+    CatchingUp { since: Generation, last: u64 },
 }
 
 /// One volume's replica state machine. See the module documentation for the rules.
@@ -123,6 +127,70 @@ impl Replica {
     /// True when the replica may have lost acknowledged writes and refuses new ones.
     pub fn is_lost(&self) -> bool {
         self.position == Position::Lost
+    }
+
+    /// True until the copy is known whole again: lost, or being caught up.
+    pub fn must_catch_up(&self) -> bool {
+        matches!(
+            self.position,
+            Position::Lost | Position::CatchingUp { .. } | Position::CaughtUp
+        )
+    }
+
+    /// The last seq applied in the current generation, if it takes writes.
+    pub fn last_applied(&self) -> Option<u64> {
+        match self.position {
+            Position::Accepted(last) | Position::CatchingUp { last, .. } => Some(last),
+            Position::Lost | Position::CaughtUp => None,
+        }
+    }
+
+    /// The cluster put this replica out of sync in `generation`, to be caught up by that
+    /// generation's primary: from now on it takes that primary's writes (a lost replica
+    /// included: the primary knows it is not in sync and compares what it missed), but
+    /// stays [`Replica::must_catch_up`]. The same generation again changes nothing.
+    /// Refused for a generation older than the current one.
+    pub fn begin_catch_up(
+        &mut self,
+        generation: Generation,
+    ) -> Result<Vec<ReplicaAction>, ReplyError> {
+        if generation < self.generation {
+            return Err(ReplyError::StaleGeneration {
+                current: self.generation,
+            });
+        }
+        let mut actions = Vec::new();
+        let same = generation == self.generation;
+        if !same {
+            actions.push(ReplicaAction::PersistGeneration(generation));
+            self.generation = generation;
+        }
+        self.position = match self.position {
+            Position::CatchingUp { since, last } if same => Position::CatchingUp { since, last },
+            Position::Accepted(last) if same => Position::CatchingUp {
+                since: generation,
+                last,
+            },
+            _ => Position::CatchingUp {
+                since: generation,
+                last: 0,
+            },
+        };
+        Ok(actions)
+    }
+
+    /// The cluster made this replica in sync again in `generation`, after its primary
+    /// reported it caught up: a catch-up begun in an older generation ends (the position
+    /// in the write stream is kept). Anything else is left as it is, so a lost replica
+    /// stays lost. Returns whether a catch-up ended.
+    pub fn end_catch_up(&mut self, generation: Generation) -> bool {
+        match self.position {
+            Position::CatchingUp { since, last } if generation > since => {
+                self.position = Position::Accepted(last);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The copy holds everything again (a catch-up finished, as the cluster recorded):
@@ -262,9 +330,12 @@ impl Replica {
         if generation > self.generation {
             actions.push(ReplicaAction::PersistGeneration(generation));
             self.generation = generation;
-            if self.position != Position::Lost {
-                self.position = Position::Accepted(0);
-            }
+            self.position = match self.position {
+                Position::Lost => Position::Lost,
+                // Still not known whole: only the cluster ends a catch-up.
+                Position::CatchingUp { since, .. } => Position::CatchingUp { since, last: 0 },
+                Position::Accepted(_) | Position::CaughtUp => Position::Accepted(0),
+            };
         }
         None
     }
@@ -281,22 +352,26 @@ impl Replica {
             actions.push(reply(seq, Err(refusal)));
             return;
         }
-        match self.position {
+        let last = match self.position {
             Position::Lost | Position::CaughtUp => {
-                actions.push(reply(seq, Err(ReplyError::NotInSync)))
+                actions.push(reply(seq, Err(ReplyError::NotInSync)));
+                return;
             }
-            Position::Accepted(last) if seq == 0 => {
-                // Seq 0 is the fence's; a write never carries it.
-                actions.push(reply(seq, Err(ReplyError::SeqGap { expected: last + 1 })));
-            }
-            Position::Accepted(last) if seq <= last => actions.push(reply(seq, Ok(()))),
-            Position::Accepted(last) if seq == last + 1 => {
-                self.position = Position::Accepted(seq);
-                actions.push(ReplicaAction::Apply { seq, op });
-            }
-            Position::Accepted(last) => {
-                actions.push(reply(seq, Err(ReplyError::SeqGap { expected: last + 1 })));
-            }
+            Position::Accepted(last) | Position::CatchingUp { last, .. } => last,
+        };
+        if seq == 0 {
+            // Seq 0 is the fence's; a write never carries it.
+            actions.push(reply(seq, Err(ReplyError::SeqGap { expected: last + 1 })));
+        } else if seq <= last {
+            actions.push(reply(seq, Ok(())));
+        } else if seq == last + 1 {
+            self.position = match self.position {
+                Position::CatchingUp { since, .. } => Position::CatchingUp { since, last: seq },
+                _ => Position::Accepted(seq),
+            };
+            actions.push(ReplicaAction::Apply { seq, op });
+        } else {
+            actions.push(reply(seq, Err(ReplyError::SeqGap { expected: last + 1 })));
         }
     }
 }
@@ -552,5 +627,45 @@ mod tests {
                 })
             })]
         );
+    }
+
+    #[test]
+    fn a_lost_replica_takes_a_catch_up_and_is_in_sync_only_when_the_cluster_says() {
+        let mut r = Replica::restarted(vol(), Generation(4));
+        assert_eq!(
+            r.handle(write(4, 1)),
+            vec![reply(1, Err(ReplyError::NotInSync))]
+        );
+        // Older than what it holds: refused.
+        assert!(r.begin_catch_up(Generation(3)).is_err());
+        assert_eq!(
+            r.begin_catch_up(Generation(5)),
+            Ok(vec![ReplicaAction::PersistGeneration(Generation(5))])
+        );
+        assert!(r.must_catch_up() && !r.is_lost());
+        assert_eq!(apply_and_ack(&mut r, write(5, 1)), vec![ok(1)]);
+        // The same instruction again (a reconciler repeating itself) keeps the position.
+        assert_eq!(r.begin_catch_up(Generation(5)), Ok(vec![]));
+        assert_eq!(r.last_applied(), Some(1));
+        // Ending it needs a newer generation than the one the catch-up began in.
+        assert!(!r.end_catch_up(Generation(5)));
+        // The primary's rejoin fence: still catching up, seq from 1 of generation 6.
+        assert_eq!(
+            apply_and_ack(&mut r, write(6, 1)),
+            vec![ReplicaAction::PersistGeneration(Generation(6)), ok(1)]
+        );
+        assert!(r.must_catch_up());
+        assert!(r.end_catch_up(Generation(6)));
+        assert!(!r.must_catch_up());
+        assert_eq!(apply_and_ack(&mut r, write(6, 2)), vec![ok(2)]);
+        // A failed apply while catching up: lost again.
+        r.begin_catch_up(Generation(7)).unwrap();
+        for a in r.handle(write(7, 1)) {
+            if let ReplicaAction::Apply { seq, .. } = a {
+                r.applied(seq, Err(ReplyError::Io("disk".into())));
+            }
+        }
+        assert!(r.is_lost());
+        assert!(!r.end_catch_up(Generation(8)));
     }
 }

@@ -155,6 +155,7 @@ pub async fn start(cfg: &DaemonConfig) -> anyhow::Result<Running> {
         None => None,
     };
     let replication = Replication::new(store.clone(), endpoint.clone());
+    replication.restore();
     if let Some(ep) = endpoint {
         tasks.push(tokio::spawn(crate::repl::replica::serve(
             ep,

@@ -56,6 +56,12 @@ impl StoreDevice {
         if let Some(p) = repl.primaries.get(name) {
             return Ok(Route::Replicated(p));
         }
+        if repl.waits_for_configuration(name) {
+            return Err(DeviceError::new(
+                Errno::Perm,
+                format!("volume {name} was this store's replicated primary before it restarted: writes are refused until tesserad configures it again"),
+            ));
+        }
         if repl.replicas.is_replica(name) {
             return Err(DeviceError::new(
                 Errno::Perm,

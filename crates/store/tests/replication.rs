@@ -8,184 +8,16 @@
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
-use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tessera_nbd::Client;
-use tessera_pki::{node_key_and_request, ClusterCa, NodeCredentials};
+use tessera_pki::{ClusterCa, NodeCredentials};
 use tessera_replication::wire::{self, Decoder, Generation, Message, ReplyError, VolumeName};
-use tessera_store::admin_client::AdminClient;
-use tessera_store_admin::{AdminOp, AdminReply, ReplicaPeer, ReplicationRole};
 
-const MIB: u64 = 1 << 20;
-
-/// A running `tessera-store serve` with replication on.
-struct Node {
-    child: Child,
-    id: String,
-    dir: PathBuf,
-    repl: SocketAddr,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = self.dir.with_extension("log");
-            eprintln!(
-                "--- {} log:\n{}",
-                self.id,
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-    }
-}
-
-impl Node {
-    fn start(root: &Path, id: &str, ca: &ClusterCa) -> Node {
-        let tls = root.join(format!("{id}-tls"));
-        write_node_creds(&tls, ca, id);
-        let dir = root.join(id);
-        std::fs::create_dir_all(&dir).unwrap();
-        let port = UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let repl: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let log = std::fs::File::create(root.join(format!("{id}.log"))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tessera-store"))
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(&dir)
-            .arg("--nbd-tls-dir")
-            .arg(&tls)
-            .arg("--repl-quic")
-            .arg(repl.to_string())
-            .env("TESSERA_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let n = Node {
-            child,
-            id: id.to_string(),
-            dir,
-            repl,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(n.dir.join("admin.sock")).is_err()
-            || std::os::unix::net::UnixStream::connect(n.dir.join("nbd.sock")).is_err()
-        {
-            assert!(Instant::now() < deadline, "{id} did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        n
-    }
-
-    fn admin(&self, op: AdminOp) -> Result<AdminReply, String> {
-        let mut c = AdminClient::connect(&self.dir.join("admin.sock")).unwrap();
-        c.call(op).map_err(|e| e.to_string())
-    }
-
-    fn create(&self, volume: &str, size: u64) {
-        self.admin(AdminOp::CreateVolume {
-            name: volume.into(),
-            size,
-        })
-        .unwrap();
-    }
-
-    fn replica_of(&self, volume: &str, generation: u64) {
-        self.admin(AdminOp::SetReplication {
-            volume: volume.into(),
-            generation,
-            role: ReplicationRole::Replica { catching_up: false },
-        })
-        .unwrap();
-    }
-
-    fn primary_of(&self, volume: &str, generation: u64, replicas: &[&Node]) {
-        self.admin(AdminOp::SetReplication {
-            volume: volume.into(),
-            generation,
-            role: ReplicationRole::Primary {
-                replicas: replicas
-                    .iter()
-                    .map(|n| ReplicaPeer {
-                        node: n.id.clone(),
-                        addr: n.repl.to_string(),
-                    })
-                    .collect(),
-                timeout_ms: Some(1500),
-                catching_up: vec![],
-                catch_up_bytes_per_sec: None,
-            },
-        })
-        .unwrap();
-    }
-
-    fn nbd(&self, volume: &str) -> Client {
-        Client::connect_unix(&self.dir.join("nbd.sock"), volume).unwrap()
-    }
-
-    fn uri(&self, volume: &str) -> String {
-        format!(
-            "nbd+unix:///{volume}?socket={}",
-            self.dir.join("nbd.sock").display()
-        )
-    }
-
-    fn read(&self, volume: &str, offset: u64, len: usize) -> Vec<u8> {
-        let mut buf = vec![0u8; len];
-        self.nbd(volume).read(offset, &mut buf).unwrap();
-        buf
-    }
-}
-
-/// Writes `dir/{ca.crt,node.crt,node.key}` for node `id` of the cluster of `ca`.
-fn write_node_creds(dir: &Path, ca: &ClusterCa, id: &str) {
-    std::fs::create_dir_all(dir).unwrap();
-    let c = creds(ca, id);
-    std::fs::write(dir.join("ca.crt"), &ca.cert_pem).unwrap();
-    std::fs::write(dir.join("node.crt"), c.cert_pem).unwrap();
-    std::fs::write(dir.join("node.key"), c.key_pem).unwrap();
-}
-
-/// A node certificate for `id` issued by `issuer`.
-fn creds(issuer: &ClusterCa, id: &str) -> NodeCredentials {
-    let (key_pem, csr) = node_key_and_request(id).unwrap();
-    NodeCredentials {
-        cert_pem: issuer.issue(&csr, id).unwrap(),
-        key_pem,
-    }
-}
-
-fn pattern(seed: &str, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    blake3::Hasher::new()
-        .update(seed.as_bytes())
-        .finalize_xof()
-        .fill(&mut out);
-    out
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("could not run {cmd:?} (tests/setup installs it): {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+mod support;
+use support::*;
 
 #[test]
 fn three_copies_match_a_fenced_primary_and_a_dead_replica_fail_writes() {
@@ -282,7 +114,7 @@ fn three_copies_match_a_fenced_primary_and_a_dead_replica_fail_writes() {
     c.write(8192, &[0x66; 4096], true).unwrap();
     c.flush().unwrap();
     assert_eq!(n2.read("v", 8192, 4096), vec![0x66; 4096]);
-    let missed = std::fs::read_to_string(n1.dir.join("replication/v.2.missed")).unwrap();
+    let missed = std::fs::read_to_string(n1.dir.join("replication/v.node3.missed")).unwrap();
     assert!(
         missed.lines().any(|l| l == "8192 4096"),
         "the missed region is not recorded: {missed:?}"

@@ -66,6 +66,7 @@ impl Store {
             created: now(),
             origin: None,
             snapshots: BTreeMap::new(),
+            replication: None,
         };
         next.volumes.insert(name.to_string(), meta);
         self.commit_with_new_layer(&mut cat, next, top)?;
@@ -347,6 +348,7 @@ impl Store {
                 created: now(),
                 origin: Some(format!("{volume}@{snapshot}")),
                 snapshots: BTreeMap::new(),
+                replication: None,
             },
         );
         self.commit_with_new_layer(&mut cat, next, top)?;

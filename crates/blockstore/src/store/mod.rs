@@ -37,6 +37,7 @@ mod placed_tests;
 mod race_tests;
 mod read;
 mod recovery;
+mod replication_role;
 mod scrub;
 mod space;
 mod write;

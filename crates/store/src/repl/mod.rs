@@ -4,13 +4,17 @@
 //! is the I/O around them. `tesserad` (later: from its Raft state) tells the store each
 //! volume's role with the admin op `set_replication`.
 
+mod catchup;
 pub mod primary;
 pub mod quic;
 pub mod replica;
 mod status;
 
+use std::collections::{BTreeSet, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tessera_blockstore::{Store, StoreError};
@@ -46,6 +50,11 @@ pub struct Replication {
     pub primaries: Arc<Primaries>,
     runtime: tokio::runtime::Handle,
     missed_dir: PathBuf,
+    /// Volumes restored from the catalog after a restart and not configured since.
+    unconfigured: Mutex<HashSet<String>>,
+    /// Volumes this store was the primary of before a restart: NBD writes are refused
+    /// until `tesserad` sends the configuration again (it may have moved the primary).
+    waiting_primaries: Mutex<HashSet<String>>,
 }
 
 impl Replication {
@@ -60,7 +69,61 @@ impl Replication {
             endpoint,
             runtime: tokio::runtime::Handle::current(),
             missed_dir,
+            unconfigured: Mutex::new(HashSet::new()),
+            waiting_primaries: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// After a start: every volume takes the role it last held, unconfigured. A replica
+    /// refuses writes until caught up; a primary refuses NBD writes until `tesserad`
+    /// configures it again. A role that does not parse is logged and left standalone
+    /// with writes refused like a waiting primary, the safe side.
+    pub fn restore(&self) {
+        for (volume, role) in self.store.replication_roles() {
+            self.unconfigured.lock().insert(volume.clone());
+            match serde_json::from_value::<ReplicationRole>(role) {
+                Ok(ReplicationRole::Replica { .. }) => match self.replicas.restore(&volume) {
+                    Ok(()) => {
+                        tracing::info!(volume, "restored as a replica that must be caught up")
+                    }
+                    Err(e) => tracing::error!(volume, error = %e, "could not restore the replica"),
+                },
+                Ok(ReplicationRole::Primary { .. }) => {
+                    tracing::info!(volume, "was the primary before the restart: NBD writes wait for tesserad's configuration");
+                    self.waiting_primaries.lock().insert(volume);
+                }
+                Ok(ReplicationRole::Standalone {}) => {
+                    self.unconfigured.lock().remove(&volume);
+                }
+                Err(e) => {
+                    tracing::error!(volume, error = %e, "unreadable replication role in the catalog: writes refused until configured");
+                    self.waiting_primaries.lock().insert(volume);
+                }
+            }
+        }
+    }
+
+    /// True while `volume` was this store's primary before a restart and nobody said
+    /// since what it is: its NBD writes are refused.
+    pub fn waits_for_configuration(&self, volume: &str) -> bool {
+        self.waiting_primaries.lock().contains(volume)
+    }
+
+    /// Persists `role` with `generation` (synced) before the role takes effect.
+    fn persist(
+        &self,
+        volume: &str,
+        generation: u64,
+        role: &ReplicationRole,
+    ) -> Result<u64, RoleError> {
+        let value = match role {
+            ReplicationRole::Standalone {} => None,
+            other => Some(
+                serde_json::to_value(other)
+                    .map_err(|e| RoleError::Refused(format!("encoding the role: {e}")))?,
+            ),
+        };
+        Ok(self.store.set_replication_role(volume, generation, value)?)
     }
 
     /// Makes this store `role` of `volume` in `generation`, persisting the generation
@@ -80,65 +143,86 @@ impl Replication {
             }
             .into());
         }
+        let done = self.take_role(volume, generation, role);
+        if done.is_ok() {
+            self.unconfigured.lock().remove(volume);
+            self.waiting_primaries.lock().remove(volume);
+        }
+        done
+    }
+
+    fn take_role(
+        &self,
+        volume: &str,
+        generation: u64,
+        role: &ReplicationRole,
+    ) -> Result<u64, RoleError> {
         match role {
-            ReplicationRole::Replica { .. } => {
+            ReplicationRole::Replica { catching_up } => {
                 self.primaries.stop(volume);
-                Ok(self.replicas.enable(volume, generation)?)
+                self.persist(volume, generation, role)?;
+                if *catching_up {
+                    Ok(self.replicas.begin_catch_up(volume, generation)?)
+                } else {
+                    if self.replicas.end_catch_up(volume, generation) {
+                        tracing::info!(volume, generation, "caught up: in sync again");
+                    }
+                    Ok(self.replicas.enable(volume, generation)?)
+                }
             }
             ReplicationRole::Standalone {} => {
                 self.primaries.stop(volume);
                 self.replicas.disable(volume);
-                Ok(self.store.raise_generation(volume, generation)?)
+                self.persist(volume, generation, role)
             }
             ReplicationRole::Primary {
                 replicas,
                 timeout_ms,
-                ..
+                catching_up,
+                catch_up_bytes_per_sec,
             } => {
                 let ep = self.endpoint.clone().ok_or_else(|| {
                     RoleError::Refused(
                         "this store has no replication endpoint (start it with --repl-quic)".into(),
                     )
                 })?;
-                let mut peers = Vec::new();
-                for r in replicas {
-                    let addr = r.addr.parse().map_err(|e| {
-                        RoleError::Refused(format!("replica {}: address {:?}: {e}", r.node, r.addr))
-                    })?;
-                    tessera_pki::node_dns_name(&r.node)
-                        .map_err(|e| RoleError::Refused(format!("replica node id: {e}")))?;
-                    peers.push(Peer {
-                        node: r.node.clone(),
-                        addr,
-                    });
-                }
+                let peers = parse_peers(replicas)?;
+                let catching = parse_peers(catching_up)?;
                 let timeout = timeout_ms
                     .map(Duration::from_millis)
                     .unwrap_or(DEFAULT_TIMEOUT);
                 self.replicas.disable(volume);
                 // The same replicas in a newer generation: the running primary takes the
                 // configuration (in-sync set shrunk: what the others miss is recorded).
+                // Replicas it knows listed for catch-up: those are caught up in the
+                // background; one joining `replicas` gets its last pass first.
                 if let Some(p) = self.primaries.get(volume) {
-                    let ids: Option<Vec<_>> = peers.iter().map(|x| p.replica_of(&x.node)).collect();
-                    if let (Some(ids), true) = (ids, generation > p.generation().0) {
-                        let in_sync = ids.into_iter().collect();
+                    let ids = |list: &[Peer]| -> Option<BTreeSet<_>> {
+                        list.iter().map(|x| p.replica_of(&x.node)).collect()
+                    };
+                    if let (Some(in_sync), Some(catching), true) =
+                        (ids(&peers), ids(&catching), generation > p.generation().0)
+                    {
                         let known = p.replica_ids();
                         let out_of_sync = known.difference(&in_sync).copied().collect();
-                        p.reconfigure(Config {
-                            generation: Generation(generation),
-                            replica_count: (known.len() + 1).min(3) as u8,
-                            in_sync,
-                            out_of_sync,
-                            operator_override: false,
-                        })
+                        p.reconfigure(
+                            Config {
+                                generation: Generation(generation),
+                                replica_count: (known.len() + 1).min(3) as u8,
+                                in_sync,
+                                out_of_sync,
+                                operator_override: false,
+                            },
+                            catching,
+                        )
                         .map_err(RoleError::Refused)?;
                         // After the driver re-bound its copy to the new generation, so no
                         // local apply in between is refused as stale.
-                        return Ok(self.store.raise_generation(volume, generation)?);
+                        return self.persist(volume, generation, role);
                     }
                     self.primaries.stop(volume);
                 }
-                let now = self.store.raise_generation(volume, generation)?;
+                let now = self.persist(volume, generation, role)?;
                 let _guard = self.runtime.enter();
                 self.primaries
                     .start(
@@ -148,6 +232,8 @@ impl Replication {
                             volume: volume.to_string(),
                             generation: now,
                             peers,
+                            catching_up: catching,
+                            rate: *catch_up_bytes_per_sec,
                             timeout,
                         },
                         self.missed_dir.clone(),
@@ -157,4 +243,21 @@ impl Replication {
             }
         }
     }
+}
+
+/// Checks and resolves the replicas' addresses and node ids.
+fn parse_peers(list: &[tessera_store_admin::ReplicaPeer]) -> Result<Vec<Peer>, RoleError> {
+    list.iter()
+        .map(|r| {
+            let addr = r.addr.parse().map_err(|e| {
+                RoleError::Refused(format!("replica {}: address {:?}: {e}", r.node, r.addr))
+            })?;
+            tessera_pki::node_dns_name(&r.node)
+                .map_err(|e| RoleError::Refused(format!("replica node id: {e}")))?;
+            Ok(Peer {
+                node: r.node.clone(),
+                addr,
+            })
+        })
+        .collect()
 }

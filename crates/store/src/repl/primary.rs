@@ -11,7 +11,7 @@
 //! set (a later slice), the primary stops completing and its clients get errors, never
 //! an acknowledgement the replicas do not back.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,11 +22,13 @@ use tessera_blockstore::{Export, Store};
 use tessera_replication::primary::{
     Config, Primary, PrimaryAction, PrimaryInput, ReplicaId, RequestError, RequestId, Timing,
 };
+use tessera_replication::regions::{Region, RegionSet};
 use tessera_replication::replica::Op;
 use tessera_replication::wire::{self, Decoder, Generation, Message, ReplyError, VolumeName};
 use tessera_store_admin::ReplicaState;
 use tokio::sync::mpsc;
 
+use super::catchup::{CatchUp, Final, Missed, Shared};
 use super::quic::ReplEndpoint;
 use super::replica::reply_error;
 
@@ -36,6 +38,8 @@ const TICK: Duration = Duration::from_millis(100);
 const RECONNECT: Duration = Duration::from_millis(300);
 /// What a client waits beyond the replica timeout before its request fails.
 const WAIT_MARGIN: Duration = Duration::from_secs(1);
+/// Longest a replica's last catch-up pass may hold requests before it rejoins.
+const FINAL_WAIT: Duration = Duration::from_secs(30);
 
 /// A replica as the primary knows it.
 #[derive(Clone, Debug)]
@@ -80,6 +84,8 @@ enum Input {
     },
     Reconfigure {
         config: Config,
+        /// The out-of-sync replicas to catch up in the background.
+        catching_up: BTreeSet<ReplicaId>,
         done: std::sync::mpsc::Sender<Result<(), String>>,
     },
 }
@@ -87,12 +93,13 @@ enum Input {
 /// A running primary of one volume: where its NBD device submits requests.
 pub struct PrimaryHandle {
     generation: std::sync::atomic::AtomicU64,
-    /// Each replica's state as the driver last saw it, for `replication_status`.
-    states: Arc<parking_lot::Mutex<HashMap<ReplicaId, ReplicaState>>>,
+    /// Replica states, missed regions and catch-up counts, for `replication_status`.
+    shared: Shared,
     tx: mpsc::UnboundedSender<Input>,
     wait: Duration,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     peers: Vec<(ReplicaId, Peer)>,
+    fenced: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for PrimaryHandle {
@@ -133,30 +140,52 @@ impl PrimaryHandle {
     }
 
     /// Gives the machine the next configuration (a newer generation, another in-sync
-    /// set). Blocking.
-    pub fn reconfigure(&self, config: Config) -> Result<(), String> {
+    /// set, replicas to catch up). A replica joining the in-sync set gets its last
+    /// catch-up pass first, while requests wait. Blocking.
+    pub fn reconfigure(
+        &self,
+        config: Config,
+        catching_up: BTreeSet<ReplicaId>,
+    ) -> Result<(), String> {
         let (done, rx) = std::sync::mpsc::channel();
         let generation = config.generation.0;
         self.tx
-            .send(Input::Reconfigure { config, done })
+            .send(Input::Reconfigure {
+                config,
+                catching_up,
+                done,
+            })
             .map_err(|_| "the primary stopped".to_string())?;
-        rx.recv_timeout(self.wait)
+        rx.recv_timeout(self.wait + FINAL_WAIT)
             .map_err(|_| "the primary did not take the configuration".to_string())??;
         self.generation
             .store(generation, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
-    /// Each replica's node, address and state, in id order.
-    pub fn replica_states(&self) -> Vec<(Peer, ReplicaState)> {
-        let states = self.states.lock();
+    /// Each replica's node, address, state, missed bytes and catch-up (data, UDP)
+    /// bytes sent, in id order.
+    pub fn replica_states(&self) -> Vec<(Peer, ReplicaState, u64, (u64, u64))> {
+        let states = self.shared.states.lock();
+        let missed = self.shared.missed.lock();
+        let counters = self.shared.counters.lock();
         self.peers
             .iter()
             .map(|(r, p)| {
                 let state = states.get(r).cloned().unwrap_or(ReplicaState::OutOfSync {});
-                (p.clone(), state)
+                let bytes = missed.get(r).map_or(0, Missed::bytes);
+                let sent = counters.get(r).copied().unwrap_or_default();
+                (p.clone(), state, bytes, sent)
             })
             .collect()
+    }
+
+    /// True once a replica answered with a newer generation: the generation it named.
+    pub fn fenced_by(&self) -> Option<u64> {
+        match self.fenced.load(std::sync::atomic::Ordering::Acquire) {
+            0 => None,
+            g => Some(g),
+        }
     }
 
     /// The ids of every replica it was started with.
@@ -181,6 +210,10 @@ pub struct PrimarySpec {
     pub generation: u64,
     /// Its in-sync replicas.
     pub peers: Vec<Peer>,
+    /// Out-of-sync replicas to catch up.
+    pub catching_up: Vec<Peer>,
+    /// Catch-up bytes per second per replica (`None`: unbounded).
+    pub rate: Option<u64>,
     /// How long a replica may leave a request unanswered.
     pub timeout: Duration,
 }
@@ -224,22 +257,30 @@ impl Primaries {
             volume,
             generation,
             peers,
+            catching_up,
+            rate,
             timeout,
         } = spec;
+        let in_sync_count = peers.len();
         let volume = volume.as_str();
         let name = VolumeName::new(volume).map_err(|e| e.to_string())?;
         let export = store.open_export(volume).map_err(|e| e.to_string())?;
         export.bind_generation(generation);
         let peers: Vec<(ReplicaId, Peer)> = peers
             .into_iter()
+            .chain(catching_up)
             .enumerate()
             .map(|(i, p)| (ReplicaId(i as u64 + 1), p))
             .collect();
+        let (in_sync, catching): (Vec<_>, Vec<_>) = peers
+            .iter()
+            .map(|(r, _)| *r)
+            .partition(|r| r.0 as usize <= in_sync_count);
         let config = Config {
             generation: Generation(generation),
-            replica_count: (peers.len() + 1).min(u8::MAX as usize) as u8,
-            in_sync: peers.iter().map(|(r, _)| *r).collect(),
-            out_of_sync: Default::default(),
+            replica_count: (peers.len() + 1).min(3) as u8,
+            in_sync: in_sync.iter().copied().collect(),
+            out_of_sync: catching.iter().copied().collect(),
             operator_override: false,
         };
         let timing = Timing {
@@ -248,18 +289,46 @@ impl Primaries {
         };
         let machine =
             Primary::new(name.clone(), export.size(), config, timing).map_err(|e| e.to_string())?;
-        let states = Arc::new(parking_lot::Mutex::new(
-            peers
-                .iter()
-                .map(|(r, _)| (*r, ReplicaState::InSync {}))
-                .collect::<HashMap<_, _>>(),
-        ));
+        let shared = Shared::default();
+        for r in &in_sync {
+            shared.states.lock().insert(*r, ReplicaState::InSync {});
+        }
+        let nodes: HashMap<ReplicaId, String> =
+            peers.iter().map(|(r, p)| (*r, p.node.clone())).collect();
+        // What the catching-up replicas missed, from the durable records; a replica
+        // without one (new, or its record lost) is compared over the whole volume.
+        for r in &catching {
+            shared.states.lock().insert(*r, ReplicaState::OutOfSync {});
+            let file = missed_path(&missed_dir, volume, &nodes[r]);
+            let recorded = match load_missed(&file) {
+                Some(set) => set,
+                None => {
+                    // Recorded as such, so a restart of this primary does not take the
+                    // later writes' record for all the replica lacks.
+                    let line = format!("0 {}\n", export.size());
+                    append_synced(&missed_dir, &file, &line)
+                        .map_err(|e| format!("recording {}: {e}", file.display()))?;
+                    whole(export.size())
+                }
+            };
+            shared.missed.lock().entry(*r).or_default().recorded = recorded;
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let mut tasks = Vec::new();
+        let mut restarts = HashMap::new();
         for (r, p) in &peers {
-            tasks.push(tokio::spawn(link(ep.clone(), *r, p.clone(), tx.clone())));
+            let restart = Arc::new(tokio::sync::Notify::new());
+            restarts.insert(*r, restart.clone());
+            tasks.push(tokio::spawn(link(
+                ep.clone(),
+                *r,
+                p.clone(),
+                tx.clone(),
+                restart,
+            )));
         }
-        let driver = Driver {
+        let fenced = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut driver = Driver {
             machine,
             export: Arc::new(export),
             volume: volume.to_string(),
@@ -268,16 +337,26 @@ impl Primaries {
             waiting: HashMap::new(),
             links: HashMap::new(),
             missed_dir,
-            states: states.clone(),
+            shared: shared.clone(),
+            nodes,
+            ep,
+            name,
+            peers: peers.iter().cloned().collect(),
+            catchups: HashMap::new(),
+            rate,
+            fenced: fenced.clone(),
+            restarts,
         };
+        driver.catch_up(&catching.into_iter().collect());
         tasks.push(tokio::spawn(driver.run(rx)));
         let handle = Arc::new(PrimaryHandle {
             generation: std::sync::atomic::AtomicU64::new(generation),
-            states,
+            shared,
             tx,
             wait: timeout + WAIT_MARGIN,
             tasks,
             peers,
+            fenced,
         });
         tracing::info!(volume, generation, replicas = ?handle.peers.iter().map(|(_, p)| &p.node).collect::<Vec<_>>(),
             "serving as the volume's primary");
@@ -297,7 +376,25 @@ struct Driver {
     waiting: HashMap<RequestId, Done>,
     links: HashMap<ReplicaId, mpsc::UnboundedSender<Vec<u8>>>,
     missed_dir: PathBuf,
-    states: Arc<parking_lot::Mutex<HashMap<ReplicaId, ReplicaState>>>,
+    shared: Shared,
+    nodes: HashMap<ReplicaId, String>,
+    ep: Arc<ReplEndpoint>,
+    name: VolumeName,
+    peers: HashMap<ReplicaId, Peer>,
+    /// Running catch-ups: the task and where to ask for its final pass.
+    catchups: HashMap<ReplicaId, (tokio::task::JoinHandle<()>, mpsc::UnboundedSender<Final>)>,
+    rate: Option<u64>,
+    fenced: Arc<std::sync::atomic::AtomicU64>,
+    /// Per replica: makes its link open a new stream.
+    restarts: HashMap<ReplicaId, Arc<tokio::sync::Notify>>,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        for (t, _) in self.catchups.values() {
+            t.abort();
+        }
+    }
 }
 
 impl Driver {
@@ -308,11 +405,18 @@ impl Driver {
             let actions = tokio::select! {
                 input = rx.recv() => match input {
                     None => return,
+                    Some(Input::Reconfigure { config, catching_up, done }) => {
+                        self.reconfigure(config, catching_up, done).await
+                    }
                     Some(i) => self.input(i),
                 },
                 _ = tick.tick() => self.machine.handle(self.start.elapsed(), PrimaryInput::Tick),
             };
             self.perform(actions).await;
+            if let Some(current) = self.fenced_generation() {
+                self.fenced
+                    .store(current, std::sync::atomic::Ordering::Release);
+            }
         }
     }
 
@@ -336,30 +440,10 @@ impl Driver {
             Input::Received { from, msg } => self
                 .machine
                 .handle(now, PrimaryInput::Received { from, msg }),
-            Input::Reconfigure { config, done } => {
-                // The local copy is fenced like a replica: it takes this primary's writes
-                // only while no newer generation than the primary's own was accepted.
-                let generation = config.generation.0;
-                let (in_sync, out_of_sync) = (config.in_sync.clone(), config.out_of_sync.clone());
-                match self.machine.reconfigure(now, config) {
-                    Ok(actions) => {
-                        self.export.bind_generation(generation);
-                        let mut states = self.states.lock();
-                        for r in in_sync {
-                            states.insert(r, ReplicaState::InSync {});
-                        }
-                        for r in out_of_sync {
-                            states.insert(r, ReplicaState::OutOfSync {});
-                        }
-                        drop(states);
-                        let _ = done.send(Ok(()));
-                        actions
-                    }
-                    Err(e) => {
-                        let _ = done.send(Err(e.to_string()));
-                        Vec::new()
-                    }
-                }
+            Input::Reconfigure { done, .. } => {
+                // Handled by `reconfigure` (it waits for catch-ups).
+                let _ = done.send(Err("internal: reconfiguration out of order".into()));
+                Vec::new()
             }
         }
     }
@@ -404,7 +488,7 @@ impl Driver {
                 } => {
                     tracing::error!(volume = %self.volume, replica = replica.0, %generation,
                         "a replica did not answer in time: the primary completes nothing until the cluster removes it from the in-sync set (set_replication with a newer generation)");
-                    self.states.lock().insert(
+                    self.shared.states.lock().insert(
                         replica,
                         ReplicaState::Failed {
                             reason: format!(
@@ -414,8 +498,15 @@ impl Driver {
                     );
                 }
                 PrimaryAction::RecordMissed { replica, region } => {
+                    self.shared
+                        .missed
+                        .lock()
+                        .entry(replica)
+                        .or_default()
+                        .recorded
+                        .insert(region);
                     let missed = self.missed_dir.clone();
-                    let file = missed.join(format!("{}.{}.missed", self.volume, replica.0));
+                    let file = self.missed_file(replica);
                     let line = format!("{} {}\n", region.offset, region.len);
                     let written =
                         tokio::task::spawn_blocking(move || append_synced(&missed, &file, &line))
@@ -430,9 +521,8 @@ impl Driver {
                     }
                 }
                 PrimaryAction::ForgetMissed { replica } => {
-                    let file = self
-                        .missed_dir
-                        .join(format!("{}.{}.missed", self.volume, replica.0));
+                    self.shared.missed.lock().remove(&replica);
+                    let file = self.missed_file(replica);
                     let _ = std::fs::remove_file(file);
                 }
                 PrimaryAction::Disconnect { replica, reason } => {
@@ -442,6 +532,172 @@ impl Driver {
             }
         }
     }
+}
+
+impl Driver {
+    fn missed_file(&self, replica: ReplicaId) -> PathBuf {
+        let node = self.nodes.get(&replica).map_or("unknown", String::as_str);
+        missed_path(&self.missed_dir, &self.volume, node)
+    }
+
+    fn fenced_generation(&self) -> Option<u64> {
+        self.machine.fenced_by().map(|g| g.0)
+    }
+
+    /// Takes the next configuration. Replicas joining the in-sync set get their last
+    /// catch-up pass first; no request is taken meanwhile, so nothing they lack remains.
+    async fn reconfigure(
+        &mut self,
+        config: Config,
+        catching_up: BTreeSet<ReplicaId>,
+        done: std::sync::mpsc::Sender<Result<(), String>>,
+    ) -> Vec<PrimaryAction> {
+        let joining: Vec<ReplicaId> = config
+            .in_sync
+            .difference(&self.machine.config().in_sync)
+            .copied()
+            .collect();
+        for r in &joining {
+            if let Err(e) = self.last_pass(*r).await {
+                let _ = done.send(Err(e));
+                return Vec::new();
+            }
+        }
+        let (in_sync, out_of_sync) = (config.in_sync.clone(), config.out_of_sync.clone());
+        let generation = config.generation.0;
+        let now = self.start.elapsed();
+        match self.machine.reconfigure(now, config) {
+            Ok(actions) => {
+                // The local copy is fenced like a replica: it takes this primary's writes
+                // only while no newer generation than the primary's own was accepted.
+                self.export.bind_generation(generation);
+                {
+                    let mut states = self.shared.states.lock();
+                    for r in &in_sync {
+                        states.insert(*r, ReplicaState::InSync {});
+                    }
+                    for r in &out_of_sync {
+                        states.insert(*r, ReplicaState::OutOfSync {});
+                    }
+                }
+                // A joining replica gets a new stream (the old one may be dead: a replica
+                // killed without closing leaves it until QUIC's idle timeout); once it is
+                // up the machine fences the replica and sends what is pending.
+                for r in &joining {
+                    self.links.remove(r);
+                    if let Some(n) = self.restarts.get(r) {
+                        n.notify_one();
+                    }
+                }
+                // Newly out of sync: an empty record now, so a later catch-up examines
+                // what it missed, not the whole volume.
+                for r in &out_of_sync {
+                    let fresh = !self.shared.missed.lock().contains_key(r);
+                    if fresh {
+                        self.shared.missed.lock().entry(*r).or_default();
+                        let (dir, file) = (self.missed_dir.clone(), self.missed_file(*r));
+                        let _ = tokio::task::spawn_blocking(move || append_synced(&dir, &file, ""))
+                            .await;
+                    }
+                }
+                self.catch_up(&catching_up);
+                let _ = done.send(Ok(()));
+                actions
+            }
+            Err(e) => {
+                let _ = done.send(Err(e.to_string()));
+                Vec::new()
+            }
+        }
+    }
+
+    /// Runs replica `r`'s final catch-up pass; a replica that missed something and has
+    /// no catch-up running cannot join.
+    async fn last_pass(&mut self, r: ReplicaId) -> Result<(), String> {
+        let node = self.nodes.get(&r).cloned().unwrap_or_default();
+        let Some((task, ctl)) = self.catchups.remove(&r) else {
+            let missed = self.shared.missed.lock().get(&r).map_or(0, Missed::bytes);
+            if missed > 0 {
+                return Err(format!(
+                    "replica {node} missed {missed} bytes and is not being caught up: list it in catching_up first"
+                ));
+            }
+            return Ok(());
+        };
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let asked = ctl.send(Final { done }).is_ok();
+        let outcome = match tokio::time::timeout(FINAL_WAIT, rx).await {
+            Ok(Ok(r)) if asked => r,
+            Ok(_) => Err(format!("the catch-up of replica {node} stopped")),
+            Err(_) => Err(format!(
+                "the last catch-up pass of replica {node} took more than {FINAL_WAIT:?}"
+            )),
+        };
+        if outcome.is_err() {
+            task.abort();
+            self.shared.missed.lock().entry(r).or_default().give_back();
+        }
+        outcome
+    }
+
+    /// Catches up exactly the replicas in `catching` (in the current generation): the
+    /// others' catch-ups stop, these start again.
+    fn catch_up(&mut self, catching: &BTreeSet<ReplicaId>) {
+        for (r, (task, _)) in self.catchups.drain() {
+            task.abort();
+            if let Some(m) = self.shared.missed.lock().get_mut(&r) {
+                m.give_back();
+            }
+        }
+        for r in catching {
+            let Some(peer) = self.peers.get(r).cloned() else {
+                continue;
+            };
+            let (ctl, rx) = mpsc::unbounded_channel();
+            let task = CatchUp {
+                ep: self.ep.clone(),
+                replica: *r,
+                peer,
+                volume: self.name.clone(),
+                generation: self.machine.generation().0,
+                export: self.export.clone(),
+                shared: self.shared.clone(),
+                rate: self.rate,
+            };
+            self.catchups.insert(*r, (tokio::spawn(task.run(rx)), ctl));
+        }
+    }
+}
+
+/// `<data-dir>/replication/<volume>.<node>.missed`: by node id, which outlives a
+/// primary (replica ids are positions in one configuration).
+fn missed_path(dir: &std::path::Path, volume: &str, node: &str) -> PathBuf {
+    dir.join(format!("{volume}.{node}.missed"))
+}
+
+/// A missed-region record (`offset len` lines); `None` when there is none. A line
+/// that does not parse (a torn append) is skipped: the region it belonged to was not
+/// acknowledged to anyone, since completions wait for the record to be synced.
+fn load_missed(file: &std::path::Path) -> Option<RegionSet> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let mut set = RegionSet::new();
+    for line in text.lines() {
+        let mut it = line.split(' ').map(str::parse::<u64>);
+        if let (Some(Ok(offset)), Some(Ok(len)), None) = (it.next(), it.next(), it.next()) {
+            set.insert(Region { offset, len });
+        }
+    }
+    Some(set)
+}
+
+/// The whole volume as one region.
+fn whole(size: u64) -> RegionSet {
+    let mut set = RegionSet::new();
+    set.insert(Region {
+        offset: 0,
+        len: size,
+    });
+    set
 }
 
 fn apply_local(export: &Export, op: Op) -> Result<(), ReplyError> {
@@ -472,6 +728,7 @@ async fn link(
     r: ReplicaId,
     peer: Peer,
     driver: mpsc::UnboundedSender<Input>,
+    restart: Arc<tokio::sync::Notify>,
 ) {
     let mut told = String::new();
     loop {
@@ -522,7 +779,11 @@ async fn link(
                 }
             }
             let want = decoder.wants().clamp(1, buf.len());
-            match recv.read(&mut buf[..want]).await {
+            let read = tokio::select! {
+                read = recv.read(&mut buf[..want]) => read,
+                _ = restart.notified() => break "a new stream for the replica's rejoin".to_string(),
+            };
+            match read {
                 Ok(Some(n)) => {
                     if let Err(e) = decoder.push(&buf[..n]) {
                         break format!("bad frame from the replica: {e}");

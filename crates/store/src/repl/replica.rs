@@ -87,13 +87,64 @@ impl ReplicaService {
         Ok(vr.machine.generation().0)
     }
 
+    /// After a restart: `volume` was a replica here. It may have lost acknowledged,
+    /// unflushed writes, so it refuses writes until caught up (`Replica::restarted`).
+    pub fn restore(&self, volume: &str) -> Result<(), StoreError> {
+        let name = VolumeName::new(volume).map_err(|e| StoreError::Invalid {
+            field: "volume",
+            reason: e.to_string(),
+        })?;
+        let persisted = self.store.generation(volume)?;
+        let export = self.store.open_export(volume)?;
+        export.bind_generation(persisted);
+        let v = Arc::new(Mutex::new(VolumeReplica {
+            machine: Replica::restarted(name, Generation(persisted)),
+            export,
+        }));
+        self.volumes.lock().insert(volume.to_string(), v);
+        Ok(())
+    }
+
+    /// The cluster has `volume` out of sync in `generation`, caught up by that
+    /// generation's primary: take its writes while still reporting `must_catch_up`.
+    pub fn begin_catch_up(&self, volume: &str, generation: u64) -> Result<u64, StoreError> {
+        let name = VolumeName::new(volume).map_err(|e| StoreError::Invalid {
+            field: "volume",
+            reason: e.to_string(),
+        })?;
+        let vr = self.volume(&name)?;
+        let mut vr = vr.lock();
+        let actions = vr
+            .machine
+            .begin_catch_up(Generation(generation))
+            .map_err(|_| StoreError::StaleGeneration {
+                volume: volume.to_string(),
+                held: generation,
+                current: vr.machine.generation().0,
+            })?;
+        for a in actions {
+            if let ReplicaAction::PersistGeneration(g) = a {
+                let now = self.store.raise_generation(volume, g.0)?;
+                vr.export.bind_generation(now);
+            }
+        }
+        Ok(vr.machine.generation().0)
+    }
+
+    /// The cluster made `volume` an in-sync replica in `generation`: a catch-up begun in
+    /// an older generation ends. Returns whether one did.
+    pub fn end_catch_up(&self, volume: &str, generation: u64) -> bool {
+        self.enabled(volume)
+            .is_some_and(|v| v.lock().machine.end_catch_up(Generation(generation)))
+    }
+
     /// True when `volume` is a replica here (local clients must not write it).
     pub fn is_replica(&self, volume: &str) -> bool {
         self.volumes.lock().contains_key(volume)
     }
 
-    /// Every replica's (volume, generation, must catch up), in no order.
-    pub fn states(&self) -> Vec<(String, u64, bool)> {
+    /// Every replica's (volume, generation, last seq applied, must catch up), in no order.
+    pub fn states(&self) -> Vec<(String, u64, Option<u64>, bool)> {
         let volumes: Vec<_> = self
             .volumes
             .lock()
@@ -104,7 +155,8 @@ impl ReplicaService {
             .into_iter()
             .map(|(v, r)| {
                 let r = r.lock();
-                (v, r.machine.generation().0, r.machine.is_lost())
+                let m = &r.machine;
+                (v, m.generation().0, m.last_applied(), m.must_catch_up())
             })
             .collect()
     }
@@ -288,7 +340,11 @@ fn apply(export: &Export, op: Op) -> Result<(), StoreError> {
 }
 
 /// The blake3 digest of each 4 KiB block of `blocks` from `offset`.
-fn digests(export: &Export, offset: u64, blocks: u32) -> Result<Vec<wire::Digest>, StoreError> {
+pub(super) fn digests(
+    export: &Export,
+    offset: u64,
+    blocks: u32,
+) -> Result<Vec<wire::Digest>, StoreError> {
     let mut out = Vec::with_capacity(blocks as usize);
     let mut done = 0u64;
     let mut buf = Vec::new();

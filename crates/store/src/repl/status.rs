@@ -1,7 +1,7 @@
 //! `replication_status`: what every replicated volume is on this store, from memory only
 //! (the admin op is polled; it must not touch the disk).
 
-use tessera_store_admin::{ReplicaStatus, VolumeReplication};
+use tessera_store_admin::{AppliedPosition, ReplicaStatus, VolumeReplication};
 
 use super::Replication;
 
@@ -13,13 +13,13 @@ impl Replication {
             let replicas = p
                 .replica_states()
                 .into_iter()
-                .map(|(peer, state)| ReplicaStatus {
+                .map(|(peer, state, missed_bytes, (sent, wire))| ReplicaStatus {
                     node: peer.node,
                     addr: peer.addr.to_string(),
                     state,
-                    missed_bytes: 0,
-                    catch_up_sent_bytes: 0,
-                    catch_up_wire_bytes: 0,
+                    missed_bytes,
+                    catch_up_sent_bytes: sent,
+                    catch_up_wire_bytes: wire,
                 })
                 .collect();
             out.push(VolumeReplication {
@@ -27,22 +27,34 @@ impl Replication {
                 generation: p.generation().0,
                 role: "primary".into(),
                 configured: true,
-                fenced_by: None,
+                fenced_by: p.fenced_by(),
                 replicas,
                 last_applied: None,
                 must_catch_up: false,
             });
         }
-        for (volume, generation, lost) in self.replicas.states() {
+        for (volume, generation, last, must_catch_up) in self.replicas.states() {
             out.push(VolumeReplication {
+                configured: !self.unconfigured.lock().contains(&volume),
                 volume,
                 generation,
                 role: "replica".into(),
-                configured: true,
+                fenced_by: None,
+                replicas: Vec::new(),
+                last_applied: last.map(|seq| AppliedPosition { generation, seq }),
+                must_catch_up,
+            });
+        }
+        for volume in self.waiting_primaries.lock().iter() {
+            out.push(VolumeReplication {
+                volume: volume.clone(),
+                generation: self.store.generation(volume).unwrap_or(0),
+                role: "primary".into(),
+                configured: false,
                 fenced_by: None,
                 replicas: Vec::new(),
                 last_applied: None,
-                must_catch_up: lost,
+                must_catch_up: false,
             });
         }
         out.sort_by(|a, b| a.volume.cmp(&b.volume));

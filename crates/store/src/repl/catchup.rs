@@ -1,0 +1,441 @@
+//! Catch-up of one out-of-sync replica by its primary, in the background (issue #8).
+//!
+//! The primary's driver records every region a replica out of the in-sync set misses
+//! (durably, and in [`Missed::recorded`]). While the cluster lists the replica in
+//! `catching_up`, this task repeatedly takes what is recorded, plans it with
+//! `tessera-replication`'s [`CatchUpPlan`] (blake3 digests of both copies compared per
+//! 4 KiB block; only differing blocks travel), writes those blocks on its own stream
+//! in the primary's generation and ends each pass with a flush. When a pass leaves
+//! nothing recorded it reports `caught_up`; new writes keep being recorded and caught up
+//! in later passes. When the cluster puts the replica back in sync (a newer generation),
+//! the driver stops taking requests and asks for a final pass ([`Final`]), so nothing
+//! written before the new configuration is missing on the replica when it rejoins.
+//!
+//! One write of at most 4 MiB is in flight at a time, and an optional rate bounds the
+//! bytes per second. A replica that restarted meanwhile answers with a seq gap or
+//! `NotInSync`: the pass starts again (what it had not flushed was lost with it).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tessera_blockstore::Export;
+use tessera_replication::catchup::CatchUpPlan;
+use tessera_replication::primary::ReplicaId;
+use tessera_replication::regions::{Region, RegionSet};
+use tessera_replication::wire::{self, Decoder, Generation, Message, ReplyError, VolumeName};
+use tessera_store_admin::ReplicaState;
+use tokio::sync::{mpsc, oneshot};
+
+use super::primary::Peer;
+use super::quic::ReplEndpoint;
+
+/// Longest wait for one reply from the replica before the stream is given up.
+const REPLY_WAIT: Duration = Duration::from_secs(10);
+/// Pause before trying a replica again.
+const RETRY: Duration = Duration::from_millis(300);
+/// How often a caught-up replica's new misses are looked for.
+const IDLE: Duration = Duration::from_millis(100);
+
+/// What a replica missed: recorded and not yet taken, and taken by the running pass.
+#[derive(Debug, Default)]
+pub struct Missed {
+    /// Recorded (mirrors the durable record, minus what passes completed).
+    pub recorded: RegionSet,
+    /// Taken by the pass in progress; back into `recorded` if it fails.
+    pub in_pass: RegionSet,
+}
+
+impl Missed {
+    /// Bytes still to examine.
+    pub fn bytes(&self) -> u64 {
+        self.recorded.total_bytes() + self.in_pass.total_bytes()
+    }
+
+    /// Puts what the pass took back (the pass failed or was stopped).
+    pub fn give_back(&mut self) {
+        for r in self.in_pass.iter() {
+            self.recorded.insert(r);
+        }
+        self.in_pass = RegionSet::new();
+    }
+}
+
+/// The state every catch-up of one primary shares with its driver and its status.
+#[derive(Clone, Default)]
+pub struct Shared {
+    /// What each replica missed.
+    pub missed: Arc<Mutex<HashMap<ReplicaId, Missed>>>,
+    /// Each replica's state.
+    pub states: Arc<Mutex<HashMap<ReplicaId, ReplicaState>>>,
+    /// Per replica: catch-up data bytes sent, and UDP bytes of the catch-up connections.
+    pub counters: Arc<Mutex<HashMap<ReplicaId, (u64, u64)>>>,
+}
+
+/// The driver's request for a last pass before the replica rejoins; answered once the
+/// replica holds everything recorded (the driver takes no requests meanwhile).
+pub struct Final {
+    /// The outcome.
+    pub done: oneshot::Sender<Result<(), String>>,
+}
+
+/// One replica's catch-up task.
+pub struct CatchUp {
+    pub ep: Arc<ReplEndpoint>,
+    pub replica: ReplicaId,
+    pub peer: Peer,
+    pub volume: VolumeName,
+    pub generation: u64,
+    pub export: Arc<Export>,
+    pub shared: Shared,
+    pub rate: Option<u64>,
+}
+
+/// Why a pass stopped.
+enum PassError {
+    /// The stream broke or the replica refused; try again after a pause.
+    Retry(String),
+    /// A newer generation exists: this catch-up is over.
+    Stale(Generation),
+}
+
+/// One stream to the replica, with its seq count.
+struct Stream {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: Decoder,
+    buf: Vec<u8>,
+    /// UDP bytes counted from this connection already.
+    counted: u64,
+}
+
+impl Stream {
+    async fn send(&mut self, msg: &Message) -> Result<(), PassError> {
+        let frame = wire::encode(msg).map_err(|e| PassError::Retry(e.to_string()))?;
+        self.send
+            .write_all(&frame)
+            .await
+            .map_err(|e| PassError::Retry(e.to_string()))
+    }
+
+    async fn recv(&mut self) -> Result<Message, PassError> {
+        let read = async {
+            loop {
+                match self.decoder.next_message() {
+                    Ok(Some(m)) => return Ok(m),
+                    Ok(None) => {}
+                    Err(e) => return Err(PassError::Retry(format!("bad frame: {e}"))),
+                }
+                let want = self.decoder.wants().clamp(1, self.buf.len());
+                match self.recv.read(&mut self.buf[..want]).await {
+                    Ok(Some(n)) => self
+                        .decoder
+                        .push(&self.buf[..n])
+                        .map_err(|e| PassError::Retry(format!("bad frame: {e}")))?,
+                    Ok(None) => {
+                        return Err(PassError::Retry("the replica ended the stream".into()))
+                    }
+                    Err(e) => return Err(PassError::Retry(e.to_string())),
+                }
+            }
+        };
+        tokio::time::timeout(REPLY_WAIT, read)
+            .await
+            .map_err(|_| PassError::Retry(format!("no reply within {REPLY_WAIT:?}")))?
+    }
+}
+
+/// A refusal from the replica as the pass's outcome.
+fn refused(e: ReplyError) -> PassError {
+    match e {
+        ReplyError::StaleGeneration { current } => PassError::Stale(current),
+        other => PassError::Retry(format!("the replica refused: {other}")),
+    }
+}
+
+impl CatchUp {
+    /// Runs until stopped (aborted), a newer generation shows up, or a [`Final`] pass
+    /// succeeded.
+    pub async fn run(self, mut ctl: mpsc::UnboundedReceiver<Final>) {
+        let mut stream: Option<Stream> = None;
+        let mut seq = 0u64;
+        let mut last_pass: Option<Final> = None;
+        let mut told = String::new();
+        loop {
+            if last_pass.is_none() {
+                last_pass = ctl.try_recv().ok();
+            }
+            let taken = {
+                let mut missed = self.shared.missed.lock();
+                let m = missed.entry(self.replica).or_default();
+                m.give_back();
+                std::mem::take(&mut m.recorded)
+            };
+            if taken.is_empty() {
+                if let Some(f) = last_pass.take() {
+                    let _ = f.done.send(Ok(()));
+                    return;
+                }
+                self.set_state(ReplicaState::CaughtUp {});
+                tokio::select! {
+                    f = ctl.recv() => last_pass = f,
+                    _ = tokio::time::sleep(IDLE) => {}
+                }
+                continue;
+            }
+            self.shared
+                .missed
+                .lock()
+                .entry(self.replica)
+                .or_default()
+                .in_pass = taken.clone();
+            let outcome = match stream.as_mut() {
+                Some(s) => self.pass(s, &mut seq, &taken).await,
+                None => match self.open(&mut seq).await {
+                    Ok(s) => {
+                        let s = stream.insert(s);
+                        self.pass(s, &mut seq, &taken).await
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            self.count_wire(stream.as_mut());
+            let failed = {
+                let mut missed = self.shared.missed.lock();
+                let m = missed.entry(self.replica).or_default();
+                match &outcome {
+                    Ok(()) => m.in_pass = RegionSet::new(),
+                    Err(_) => m.give_back(),
+                }
+                outcome.err()
+            };
+            match failed {
+                None => told.clear(),
+                Some(PassError::Stale(current)) => {
+                    tracing::warn!(volume = %self.volume, node = %self.peer.node, %current,
+                        "catch-up stopped: the replica is at a newer generation");
+                    self.set_state(ReplicaState::OutOfSync {});
+                    if let Some(f) = last_pass.take() {
+                        let _ = f.done.send(Err(format!(
+                            "replica {} is at generation {current} already (the primary must get its configuration before the replica)",
+                            self.peer.node
+                        )));
+                    }
+                    return;
+                }
+                Some(PassError::Retry(why)) => {
+                    if why != told {
+                        tracing::warn!(volume = %self.volume, node = %self.peer.node, reason = %why,
+                            "catch-up pass interrupted; trying again");
+                        told = why.clone();
+                    }
+                    if let Some(f) = last_pass.take() {
+                        let _ = f.done.send(Err(format!(
+                            "replica {} could not be brought up to date: {why}",
+                            self.peer.node
+                        )));
+                    }
+                    if let Some(s) = stream.take() {
+                        s.conn.close(0u32.into(), b"catch-up retry");
+                    }
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        }
+    }
+
+    fn set_state(&self, state: ReplicaState) {
+        self.shared.states.lock().insert(self.replica, state);
+    }
+
+    fn count_wire(&self, stream: Option<&mut Stream>) {
+        if let Some(s) = stream {
+            let now = s.conn.stats().udp_tx.bytes;
+            let delta = now.saturating_sub(s.counted);
+            s.counted = now;
+            self.shared
+                .counters
+                .lock()
+                .entry(self.replica)
+                .or_default()
+                .1 += delta;
+        }
+    }
+
+    /// Connects and fences the replica in this generation.
+    async fn open(&self, seq: &mut u64) -> Result<Stream, PassError> {
+        let conn = self
+            .ep
+            .connect(&self.peer.node, self.peer.addr)
+            .await
+            .map_err(|e| PassError::Retry(e.to_string()))?;
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| PassError::Retry(e.to_string()))?;
+        let mut s = Stream {
+            conn,
+            send,
+            recv,
+            decoder: Decoder::new(),
+            buf: vec![0u8; 256 << 10],
+            counted: 0,
+        };
+        s.send(&Message::Fence {
+            volume: self.volume.clone(),
+            generation: Generation(self.generation),
+        })
+        .await?;
+        match s.recv().await? {
+            Message::Reply { seq: 0, result } => result.map_err(refused)?,
+            other => {
+                return Err(PassError::Retry(format!(
+                    "unexpected answer to the fence: {other:?}"
+                )))
+            }
+        }
+        // Where the replica's count stands in this generation (an earlier stream or an
+        // earlier primary of the same generation may have moved it): a seq far ahead is
+        // refused with the one it expects, and nothing is applied. Starting below it
+        // would have writes acknowledged as resends without being applied.
+        s.send(&Message::Flush {
+            volume: self.volume.clone(),
+            generation: Generation(self.generation),
+            seq: u64::MAX,
+        })
+        .await?;
+        match s.recv().await? {
+            Message::Reply {
+                result: Err(ReplyError::SeqGap { expected }),
+                ..
+            } => *seq = expected.saturating_sub(1),
+            Message::Reply { result: Err(e), .. } => return Err(refused(e)),
+            other => {
+                return Err(PassError::Retry(format!(
+                    "unexpected answer to the position probe: {other:?}"
+                )))
+            }
+        }
+        Ok(s)
+    }
+
+    /// One pass over `regions`: compare, send what differs, flush.
+    async fn pass(
+        &self,
+        s: &mut Stream,
+        seq: &mut u64,
+        regions: &RegionSet,
+    ) -> Result<(), PassError> {
+        let mut plan = CatchUpPlan::new(regions, self.export.size());
+        let progress = |plan: &CatchUpPlan| {
+            let p = plan.progress();
+            self.set_state(ReplicaState::CatchingUp {
+                done_bytes: p.done_bytes,
+                total_bytes: p.total_bytes,
+            });
+        };
+        progress(&plan);
+        let mut request = 0u64;
+        for batch in plan.batches() {
+            let export = self.export.clone();
+            let local = tokio::task::spawn_blocking(move || {
+                super::replica::digests(&export, batch.offset, batch.blocks)
+            })
+            .await
+            .map_err(|e| PassError::Retry(e.to_string()))?
+            .map_err(|e| PassError::Retry(format!("reading the primary's copy: {e}")))?;
+            request += 1;
+            s.send(&Message::Digests {
+                volume: self.volume.clone(),
+                generation: Generation(self.generation),
+                request,
+                offset: batch.offset,
+                blocks: batch.blocks,
+            })
+            .await?;
+            let remote = match s.recv().await? {
+                Message::DigestsReply { request: r, result } if r == request => {
+                    result.map_err(refused)?
+                }
+                other => {
+                    return Err(PassError::Retry(format!(
+                        "unexpected answer to a digest request: {other:?}"
+                    )))
+                }
+            };
+            let runs = plan
+                .compare(batch, &local, &remote)
+                .map_err(|e| PassError::Retry(e.to_string()))?;
+            progress(&plan);
+            for run in runs {
+                self.send_run(s, seq, run).await?;
+                plan.sent(run);
+                progress(&plan);
+            }
+        }
+        *seq += 1;
+        s.send(&Message::Flush {
+            volume: self.volume.clone(),
+            generation: Generation(self.generation),
+            seq: *seq,
+        })
+        .await?;
+        self.expect_reply(s, seq).await
+    }
+
+    /// Reads `run` from the primary's copy and writes it on the replica.
+    async fn send_run(&self, s: &mut Stream, seq: &mut u64, run: Region) -> Result<(), PassError> {
+        let export = self.export.clone();
+        let data = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; run.len as usize];
+            export.read_at(run.offset, &mut buf).map(|()| buf)
+        })
+        .await
+        .map_err(|e| PassError::Retry(e.to_string()))?
+        .map_err(|e| PassError::Retry(format!("reading the primary's copy: {e}")))?;
+        *seq += 1;
+        s.send(&Message::Write {
+            volume: self.volume.clone(),
+            generation: Generation(self.generation),
+            seq: *seq,
+            offset: run.offset,
+            fua: false,
+            data,
+        })
+        .await?;
+        self.expect_reply(s, seq).await?;
+        self.shared
+            .counters
+            .lock()
+            .entry(self.replica)
+            .or_default()
+            .0 += run.len;
+        if let Some(rate) = self.rate.filter(|r| *r > 0) {
+            tokio::time::sleep(Duration::from_secs_f64(run.len as f64 / rate as f64)).await;
+        }
+        Ok(())
+    }
+
+    /// Waits for the reply to `seq`. A gap means the replica's count is elsewhere (it
+    /// restarted, or an earlier stream's writes count): continue from where it is and
+    /// start the pass again.
+    async fn expect_reply(&self, s: &mut Stream, seq: &mut u64) -> Result<(), PassError> {
+        match s.recv().await? {
+            Message::Reply { seq: r, result } if r == *seq => match result {
+                Ok(()) => Ok(()),
+                Err(ReplyError::SeqGap { expected }) => {
+                    *seq = expected.saturating_sub(1);
+                    Err(PassError::Retry(format!(
+                        "the replica expects seq {expected}: the pass starts again"
+                    )))
+                }
+                Err(e) => Err(refused(e)),
+            },
+            other => Err(PassError::Retry(format!(
+                "unexpected answer to seq {seq}: {other:?}"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! What the store's replication tests share: `tessera-store serve` processes with node
+//! certificates of one CA, driven through their admin and NBD sockets.
+
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tessera_nbd::Client;
+use tessera_pki::{node_key_and_request, ClusterCa, NodeCredentials};
+use tessera_store::admin_client::AdminClient;
+use tessera_store_admin::{AdminOp, AdminReply, ReplicaPeer, ReplicationRole};
+
+pub const MIB: u64 = 1 << 20;
+
+/// A running `tessera-store serve` with replication on.
+pub struct Node {
+    child: Child,
+    pub id: String,
+    pub dir: PathBuf,
+    pub repl: SocketAddr,
+    tls: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.dir.with_extension("log");
+            eprintln!(
+                "--- {} log:\n{}",
+                self.id,
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+impl Node {
+    pub fn start(root: &Path, id: &str, ca: &ClusterCa) -> Node {
+        let tls = root.join(format!("{id}-tls"));
+        write_node_creds(&tls, ca, id);
+        let dir = root.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let repl: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = spawn(&dir, &tls, repl);
+        let n = Node {
+            child,
+            id: id.to_string(),
+            dir,
+            repl,
+            tls,
+        };
+        n.wait_ready();
+        n
+    }
+
+    /// Kills the store with SIGKILL (no clean shutdown) and starts it again on the same
+    /// data directory and addresses.
+    pub fn kill_and_restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        for sock in ["admin.sock", "nbd.sock"] {
+            let _ = std::fs::remove_file(self.dir.join(sock));
+        }
+        self.child = spawn(&self.dir, &self.tls, self.repl);
+        self.wait_ready();
+    }
+
+    /// Kills the store with SIGKILL.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(self.dir.join("admin.sock")).is_err()
+            || std::os::unix::net::UnixStream::connect(self.dir.join("nbd.sock")).is_err()
+        {
+            assert!(Instant::now() < deadline, "{} did not start", self.id);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn admin(&self, op: AdminOp) -> Result<AdminReply, String> {
+        let mut c = AdminClient::connect(&self.dir.join("admin.sock")).unwrap();
+        c.call(op).map_err(|e| e.to_string())
+    }
+
+    pub fn create(&self, volume: &str, size: u64) {
+        self.admin(AdminOp::CreateVolume {
+            name: volume.into(),
+            size,
+        })
+        .unwrap();
+    }
+
+    pub fn replica_of(&self, volume: &str, generation: u64) {
+        self.admin(AdminOp::SetReplication {
+            volume: volume.into(),
+            generation,
+            role: ReplicationRole::Replica { catching_up: false },
+        })
+        .unwrap();
+    }
+
+    pub fn primary_of(&self, volume: &str, generation: u64, replicas: &[&Node]) {
+        self.admin(AdminOp::SetReplication {
+            volume: volume.into(),
+            generation,
+            role: ReplicationRole::Primary {
+                replicas: replicas
+                    .iter()
+                    .map(|n| ReplicaPeer {
+                        node: n.id.clone(),
+                        addr: n.repl.to_string(),
+                    })
+                    .collect(),
+                timeout_ms: Some(1500),
+                catching_up: vec![],
+                catch_up_bytes_per_sec: None,
+            },
+        })
+        .unwrap();
+    }
+
+    pub fn nbd(&self, volume: &str) -> Client {
+        Client::connect_unix(&self.dir.join("nbd.sock"), volume).unwrap()
+    }
+
+    pub fn uri(&self, volume: &str) -> String {
+        format!(
+            "nbd+unix:///{volume}?socket={}",
+            self.dir.join("nbd.sock").display()
+        )
+    }
+
+    pub fn read(&self, volume: &str, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.nbd(volume).read(offset, &mut buf).unwrap();
+        buf
+    }
+}
+
+/// Writes `dir/{ca.crt,node.crt,node.key}` for node `id` of the cluster of `ca`.
+pub fn write_node_creds(dir: &Path, ca: &ClusterCa, id: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let c = creds(ca, id);
+    std::fs::write(dir.join("ca.crt"), &ca.cert_pem).unwrap();
+    std::fs::write(dir.join("node.crt"), c.cert_pem).unwrap();
+    std::fs::write(dir.join("node.key"), c.key_pem).unwrap();
+}
+
+/// A node certificate for `id` issued by `issuer`.
+pub fn creds(issuer: &ClusterCa, id: &str) -> NodeCredentials {
+    let (key_pem, csr) = node_key_and_request(id).unwrap();
+    NodeCredentials {
+        cert_pem: issuer.issue(&csr, id).unwrap(),
+        key_pem,
+    }
+}
+
+pub fn pattern(seed: &str, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(seed.as_bytes())
+        .finalize_xof()
+        .fill(&mut out);
+    out
+}
+
+pub fn run(cmd: &mut Command) {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {cmd:?} (tests/setup installs it): {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Starts `tessera-store serve` on `dir` with replication at `repl`; its log is appended
+/// to `<dir>.log`.
+fn spawn(dir: &Path, tls: &Path, repl: SocketAddr) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.with_extension("log"))
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_tessera-store"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--nbd-tls-dir")
+        .arg(tls)
+        .arg("--repl-quic")
+        .arg(repl.to_string())
+        .env("TESSERA_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
