@@ -170,6 +170,11 @@ fn remove_member(lan: &Lan, dir: &Path, cn: &str, member: &str) {
 /// Logins come from addresses of their own (10.77.0.100 and up, added to node 0's
 /// interface), so the refusals this test provokes stay under the per-address back-off.
 fn login(lan: &Lan, user: &str, password: &str) -> (u16, Value) {
+    login_2fa(lan, user, password, None)
+}
+
+/// [`login`] with a second factor.
+fn login_2fa(lan: &Lan, user: &str, password: &str, totp: Option<&str>) -> (u16, Value) {
     static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(100);
     let from = format!(
         "10.77.0.{}",
@@ -177,7 +182,11 @@ fn login(lan: &Lan, user: &str, password: &str) -> (u16, Value) {
     );
     let mut c = lan.command(0, Path::new("ip"));
     run(c.args(["addr", "add", &format!("{from}/24"), "dev", "eth0"]));
-    let body = json!({ "username": user, "password": password }).to_string();
+    let mut body = json!({ "username": user, "password": password });
+    if let Some(t) = totp {
+        body["totp"] = json!(t);
+    }
+    let body = body.to_string();
     let (code, text) = curl(
         lan,
         0,
@@ -319,6 +328,7 @@ fn directory_users_log_in_with_mapped_roles_and_lose_them_at_the_next_sync() {
     assert_eq!(code, 201, "{v}");
     let (code, v) = login(&lan, "bob@corp-tls", "bob-password");
     assert_eq!(code, 200, "{v}\n{}", logs());
+    let bob_tls = v["token"].as_str().unwrap().to_string();
     tls["name"] = json!("wrong-ca");
     tls["ca_pem"] = json!(certificates().0);
     let (code, v) = api(&lan, 0, "POST", "realms", tok, Some(&tls.to_string()));
@@ -326,6 +336,9 @@ fn directory_users_log_in_with_mapped_roles_and_lose_them_at_the_next_sync() {
     let (code, v) = login(&lan, "bob@wrong-ca", "bob-password");
     assert_eq!(code, 503, "{v}");
     assert!(v["error"].as_str().unwrap().contains("no server"), "{v}");
+
+    // Two-factor login (TOTP) for bob@corp-tls, checked by the test's own authenticator.
+    two_factor(&lan, &bob_tls);
 
     // The audit trail: logins and refusals with the source address, by user.
     let (code, v) = api(
@@ -358,4 +371,84 @@ fn directory_users_log_in_with_mapped_roles_and_lose_them_at_the_next_sync() {
     assert_eq!(api(&lan, 0, "DELETE", "realms/corp", tok, None).0, 200);
     assert_eq!(api(&lan, 0, "GET", "volumes", Some(&alice), None).0, 401);
     assert_eq!(api(&lan, 0, "GET", "volumes", Some(&admin), None).0, 200);
+}
+
+/// RFC 6238's code (HMAC-SHA1, 30 s, 6 digits) of `secret` at step `step`.
+fn totp_code(secret: &[u8], step: u64) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret);
+    let h = ring::hmac::sign(&key, &step.to_be_bytes());
+    let h = h.as_ref();
+    let o = usize::from(h[19] & 0x0f);
+    let v = u32::from_be_bytes([h[o] & 0x7f, h[o + 1], h[o + 2], h[o + 3]]);
+    format!("{:06}", v % 1_000_000)
+}
+
+fn two_factor(lan: &Lan, token: &str) {
+    let (code, v) = api(lan, 0, "POST", "totp", Some(token), None);
+    assert_eq!(code, 201, "{v}");
+    let uri = v["otpauth_uri"].as_str().unwrap();
+    assert!(
+        uri.starts_with("otpauth://totp/Tessera:bob@corp-tls?secret="),
+        "{v}"
+    );
+    let secret = data_encoding::BASE32_NOPAD
+        .decode(v["secret"].as_str().unwrap().as_bytes())
+        .unwrap();
+    // The codes below span three steps around now; start early in a step so the server
+    // (same clock) sees the same steps. Waits at most 10 s, once.
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    if now() % 30 > 20 {
+        std::thread::sleep(std::time::Duration::from_secs(31 - now() % 30));
+    }
+    let step = now() / 30;
+    // Confirmed with the previous step's code (clock skew allowed): recovery codes, once.
+    let body = json!({ "code": totp_code(&secret, step - 1) }).to_string();
+    let (code, v) = api(lan, 0, "POST", "totp/confirm", Some(token), Some(&body));
+    assert_eq!(code, 200, "{v}");
+    let recovery: Vec<String> = serde_json::from_value(v["recovery_codes"].clone()).unwrap();
+    assert_eq!(recovery.len(), 8, "{v}");
+    let login = |t: Option<&str>| login_2fa(lan, "bob@corp-tls", "bob-password", t);
+    // The password alone, a wrong code: refused.
+    let (code, v) = login(None);
+    assert_eq!(code, 401, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("second factor"),
+        "{v}"
+    );
+    assert_eq!(login(Some("000000")).0, 401);
+    // The current step's code, once; the next step's code; the previous one is used up.
+    assert_eq!(login(Some(&totp_code(&secret, step))).0, 200);
+    assert_eq!(
+        login(Some(&totp_code(&secret, step))).0,
+        401,
+        "a reused code"
+    );
+    assert_eq!(
+        login(Some(&totp_code(&secret, step + 1))).0,
+        200,
+        "the next step's code"
+    );
+    assert_eq!(
+        login(Some(&totp_code(&secret, step - 1))).0,
+        401,
+        "older than the last used"
+    );
+    // A recovery code works once; a wrong password with a right code is still refused.
+    assert_eq!(login(Some(&recovery[0])).0, 200);
+    assert_eq!(
+        login(Some(&recovery[0])).0,
+        401,
+        "a recovery code works once"
+    );
+    assert_eq!(
+        login_2fa(lan, "bob@corp-tls", "wrong", Some(&recovery[1])).0,
+        401
+    );
+    // API tokens are unaffected: the session's token still works.
+    assert_eq!(api(lan, 0, "GET", "volumes", Some(token), None).0, 200);
 }

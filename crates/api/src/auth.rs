@@ -25,6 +25,11 @@ pub struct Login {
     /// Password.
     #[schema(min_length = 1, max_length = 1024)]
     pub password: String,
+    /// The second factor, for a user who enrolled one: the authenticator app's six
+    /// digits, or one of the recovery codes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 64)]
+    pub totp: Option<String>,
 }
 
 /// A new session.

@@ -21,6 +21,7 @@ mod networks;
 mod realms;
 pub mod strict;
 mod tasks;
+mod totp;
 mod users;
 mod vms;
 mod volumes;
@@ -38,6 +39,7 @@ pub use images::{Image, ImageCopy, ImageFile, ImageUpload, MAX_IMAGE_BYTES};
 pub use networks::{Network, NewNetwork};
 pub use realms::{Realm, RealmSynced, RealmTest, RealmTestReply};
 pub use tasks::{Task, TaskLog, TaskOp, TaskQuery, TaskState, VmAction, VmTask};
+pub use totp::{TotpConfirm, TotpConfirmed, TotpEnrollment};
 pub use users::{NewUser, UserInfo, UserUpdate};
 pub use vms::{DesiredState, NewVm, RestartPolicy, Vm, VmState, VmStatus, VmUpdate};
 pub use volumes::{

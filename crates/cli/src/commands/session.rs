@@ -17,6 +17,7 @@ pub fn login(client: &Client, settings: &Settings, user: &str, out: Output) -> a
         &Login {
             username: user.to_string(),
             password,
+            totp: None,
         },
     )?;
     let reply: LoginReply = decode(LOGIN, &v)?;

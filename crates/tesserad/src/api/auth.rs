@@ -100,7 +100,7 @@ fn password_ok(pw: &str, hash: &str) -> bool {
 }
 
 /// Checks off the async threads, when a turn is free (503 after waiting too long).
-async fn password_ok_async(pw: String, hash: String) -> Result<bool, ApiError> {
+pub(super) async fn password_ok_async(pw: String, hash: String) -> Result<bool, ApiError> {
     let _turn = login_limit::argon2_turn().await.ok_or_else(argon2_busy)?;
     Ok(tokio::task::spawn_blocking(move || password_ok(&pw, &hash))
         .await
@@ -299,9 +299,12 @@ async fn login_checked(
             req.username = name.to_string();
         } else {
             let (key, du) = super::realms::login(st, peer, name, realm, &req.password).await?;
+            let (require, mut extra) =
+                super::second_factor::check(st, &key, req.totp.as_deref()).await?;
             let (role, credentials) = (du.role, du.credentials.clone());
-            let extra = vec![put(super::directory::DIRECTORY_USERS, &key, &du)];
-            return start_session(st, key, role, credentials, false, extra, &from).await;
+            extra.push(put(super::directory::DIRECTORY_USERS, &key, &du));
+            let s = (key, role, credentials, false);
+            return start_session(st, s, require, extra, &from).await;
         }
     }
     let n = node(st)?;
@@ -324,25 +327,23 @@ async fn login_checked(
             "invalid username or password",
         ));
     };
-    start_session(
-        st,
+    let (require, extra) =
+        super::second_factor::check(st, &req.username, req.totp.as_deref()).await?;
+    let s = (
         req.username,
         user.role,
         user.credentials,
         user.must_change_password,
-        vec![],
-        &from,
-    )
-    .await
+    );
+    start_session(st, s, require, extra, &from).await
 }
 
-/// Commits a new login session of `user` (with `extra` ops) and answers with it.
+/// Commits a new login session of `user` with `role`, `credentials` and
+/// `must_change_password` (plus `extra` ops, if `require` holds) and answers with it.
 async fn start_session(
     st: &ApiState,
-    user: String,
-    role: Role,
-    credentials: String,
-    must_change_password: bool,
+    (user, role, credentials, must_change_password): (String, Role, String, bool),
+    require: Vec<Require>,
     extra: Vec<Command>,
     from: &str,
 ) -> Result<(axum::response::Response, String), ApiError> {
@@ -363,7 +364,10 @@ async fn start_session(
         &user,
         &format!("logged in as {role:?} from {from}"),
     ));
-    commit(st, vec![], ops, |_| String::new()).await?;
+    commit(st, require, ops, |_| {
+        "the second factor code was used by another login meanwhile".into()
+    })
+    .await?;
     let cookie = session_cookie(&secret, SESSION_MS / 1000)?;
     Ok((
         (

@@ -131,8 +131,12 @@ fn seal_secret(st: &ApiState) -> Result<(Vec<u8>, String), ApiError> {
 
 /// Seals `realm`'s bind password (argon2id: off the async workers).
 pub async fn seal(st: &ApiState, realm: &str, password: &str) -> Result<SealedHex, ApiError> {
+    seal_bytes(st, seal_context(realm), password.as_bytes().to_vec()).await
+}
+
+/// Seals `pw` bound to `ctx` (which opening must give again), as bind passwords are.
+pub async fn seal_bytes(st: &ApiState, ctx: Vec<u8>, pw: Vec<u8>) -> Result<SealedHex, ApiError> {
     let (secret, cluster) = seal_secret(st)?;
-    let (ctx, pw) = (seal_context(realm), password.as_bytes().to_vec());
     let s = tokio::task::spawn_blocking(move || {
         tessera_pki::seal::seal(&secret, &cluster, SEAL_SALT, &pw, &ctx)
     })
@@ -150,12 +154,15 @@ pub async fn seal(st: &ApiState, realm: &str, password: &str) -> Result<SealedHe
 
 /// Opens what [`seal`] sealed.
 async fn open(st: &ApiState, realm: &str, s: &SealedHex) -> Result<String, ApiError> {
+    let plain = open_bytes(st, seal_context(realm), s).await?;
+    String::from_utf8(plain)
+        .map_err(|_| ApiError::internal(format!("realm {realm}: the bind password is not UTF-8")))
+}
+
+/// Opens what [`seal_bytes`] sealed with the same `ctx`.
+pub async fn open_bytes(st: &ApiState, ctx: Vec<u8>, s: &SealedHex) -> Result<Vec<u8>, ApiError> {
     let (secret, _) = seal_secret(st)?;
-    let bad = || {
-        ApiError::internal(format!(
-            "realm {realm}: the sealed bind password is malformed"
-        ))
-    };
+    let bad = || ApiError::internal("a sealed secret is malformed");
     let sealed = tessera_pki::seal::Sealed {
         kdf: s.kdf.clone(),
         cluster: s.cluster.clone(),
@@ -163,13 +170,10 @@ async fn open(st: &ApiState, realm: &str, s: &SealedHex) -> Result<String, ApiEr
         nonce: unhex(&s.nonce).ok_or_else(bad)?,
         ciphertext: unhex(&s.ciphertext).ok_or_else(bad)?,
     };
-    let ctx = seal_context(realm);
-    let plain =
-        tokio::task::spawn_blocking(move || tessera_pki::seal::open(&secret, &sealed, &ctx))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
-            .map_err(|e| ApiError::internal(format!("realm {realm}: {e}")))?;
-    String::from_utf8(plain).map_err(|_| bad())
+    tokio::task::spawn_blocking(move || tessera_pki::seal::open(&secret, &sealed, &ctx))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 /// The realm's bind password, opened, if it has one.

@@ -19,7 +19,9 @@ mod login_limit;
 mod nbd;
 mod networks;
 mod realms;
+mod second_factor;
 mod tasks;
+mod totp;
 mod users;
 mod vm_actions;
 mod vms;
@@ -318,6 +320,8 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(realms::show, realms::replace, realms::remove))
         .routes(routes!(realms::test))
         .routes(routes!(realms::sync))
+        .routes(routes!(second_factor::enroll, second_factor::remove))
+        .routes(routes!(second_factor::confirm))
         .routes(routes!(cluster::cluster))
         .routes(routes!(cluster::nodes))
         .routes(routes!(cluster::remove))
