@@ -3,6 +3,9 @@
 import glob, http.client, json, os, ssl, statistics, subprocess, sys, tempfile, time
 
 W, PW, GUEST, VMM = sys.argv[1:5]
+# Small-scale runs (checking the script): REPEAT=3 VMS=5 bench/vm.sh
+REPEAT = int(os.environ.get("REPEAT", "20"))
+VMS = int(os.environ.get("VMS", "100"))
 CA = f"{W}/cluster/node1/data/tls/ca.crt"
 CTX = ssl.create_default_context(cafile=CA)
 CTX.check_hostname = False
@@ -60,7 +63,7 @@ def vm(name, mem=32):
 
 # Reference: a bare tessera-vmm to its first console line.
 bare = []
-for i in range(20):
+for i in range(REPEAT):
     d = tempfile.mkdtemp(dir=W)
     out = f"{d}/console.log"
     t0 = time.time()
@@ -74,7 +77,7 @@ for i in range(20):
 # Through the cluster: POST .../start to the first console line and to the task's end.
 vm("lat")
 to_line, to_task = [], []
-for i in range(20):
+for i in range(REPEAT):
     for f in console_files("lat"):
         os.remove(f)
     t0 = time.time()
@@ -101,11 +104,11 @@ def rss():
 
 # 100 VMs started at once.
 rss0 = rss()
-for i in range(100):
+for i in range(VMS):
     vm(f"many{i}", 16)
 t0 = time.time()
 tasks, refused = [], []
-for i in range(100):
+for i in range(VMS):
     s, v = call("POST", f"vms/many{i}/start", token=T)
     (tasks if s == 202 else refused).append(v)
 ended = [wait_task(t["id"]) for t in tasks]
@@ -115,10 +118,10 @@ rss1 = rss()
 
 ms = lambda xs: f"{statistics.median(xs) * 1000:.0f} ms"
 print("| measurement | result |\n|---|---|")
-print(f"| bare tessera-vmm start -> first console line (median of 20, reference) | {ms(bare)} |")
-print(f"| POST .../start -> first console line (median of 20) | {ms(to_line)} |")
-print(f"| POST .../start -> start task succeeded (median of 20) | {ms(to_task)} |")
-print(f"| 100 starts requested: placed / refused (409) | {len(tasks)} / {len(refused)} |")
+print(f"| bare tessera-vmm start -> first console line (median of {REPEAT}, reference) | {ms(bare)} |")
+print(f"| POST .../start -> first console line (median of {REPEAT}) | {ms(to_line)} |")
+print(f"| POST .../start -> start task succeeded (median of {REPEAT}) | {ms(to_task)} |")
+print(f"| {VMS} starts requested: placed / refused (409) | {len(tasks)} / {len(refused)} |")
 print(f"| placed VMs running (task succeeded) | {ok} |")
 print(f"| time from the first request to every placed VM running | {total:.1f} s |")
 print(f"| largest tesserad RSS before / after | {rss0 // 1024} MiB / {rss1 // 1024} MiB |")

@@ -8,7 +8,8 @@
 #     and the largest tesserad RSS before and after.
 # Placement does not overcommit vCPUs: on a machine with few CPUs only (CPUs x 3) VMs of
 # one vCPU fit; the script reports how many were placed and how many were refused.
-# Run as root from the repository root, on an otherwise idle machine.
+# Run as root from the repository root, on an otherwise idle machine. REPEAT (default 20)
+# and VMS (default 100) make a small run that checks the script: REPEAT=3 VMS=5 bench/vm.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests/setup

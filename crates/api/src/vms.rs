@@ -130,6 +130,10 @@ pub struct Vm {
     /// The next stop is forced at once (a kill), not a power-off request first.
     #[serde(default)]
     pub force_stop: bool,
+    /// Seconds a stop gives the guest to shut down after the power-button press before
+    /// it is forced (30 s if unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_timeout_s: Option<u32>,
     /// Bumped by every update.
     pub generation: u64,
     /// Created (ms since the epoch).
@@ -227,6 +231,29 @@ pub struct NewVm {
     /// Default `on-crash`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_policy: Option<RestartPolicy>,
+    /// Seconds a stop waits for the guest to shut down before forcing it, 1-3600
+    /// (default 30).
+    #[serde(
+        default,
+        deserialize_with = "stop_timeout",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub stop_timeout_s: Option<u32>,
+}
+
+/// The longest `stop_timeout_s`.
+const MAX_STOP_TIMEOUT_S: u32 = 3600;
+
+/// `stop_timeout_s`: an integer from 1 to [`MAX_STOP_TIMEOUT_S`].
+fn stop_timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let v: Option<u32> = crate::strict::opt_int(d)?;
+    match v {
+        Some(s) if !(1..=MAX_STOP_TIMEOUT_S).contains(&s) => Err(serde::de::Error::custom(
+            format!("stop_timeout_s must be 1 to {MAX_STOP_TIMEOUT_S} seconds, not {s}"),
+        )),
+        v => Ok(v),
+    }
 }
 
 /// Changes to a VM; absent fields stay as they are.
@@ -289,3 +316,28 @@ pub struct VmUpdate {
 }
 
 crate::object_only!(NewVm, VmUpdate);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_vm(extra: &str) -> Result<NewVm, String> {
+        let text = format!(r#"{{"name":"a","vcpus":1,"memory_mib":64{extra}}}"#);
+        serde_json::from_str::<NewVm>(&text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_stop_timeout_is_whole_seconds_from_1_to_3600() {
+        assert_eq!(new_vm("").map(|v| v.stop_timeout_s), Ok(None));
+        assert_eq!(
+            new_vm(r#","stop_timeout_s":5"#).map(|v| v.stop_timeout_s),
+            Ok(Some(5))
+        );
+        for bad in ["0", "3601", "-1", "1.5", "\"5\""] {
+            let res = new_vm(&format!(r#","stop_timeout_s":{bad}"#));
+            assert!(res.is_err(), "{bad} accepted");
+        }
+        let err = new_vm(r#","stop_timeout_s":0"#).unwrap_err();
+        assert!(err.contains("stop_timeout_s must be 1 to 3600"), "{err}");
+    }
+}

@@ -244,6 +244,10 @@ pub enum VmCmd {
         /// never, on-crash (default) or always.
         #[arg(long, value_parser = parse_restart_policy)]
         restart_policy: Option<RestartPolicy>,
+        /// Seconds a stop waits for the guest to shut down before forcing it (1-3600;
+        /// default 30).
+        #[arg(long)]
+        stop_timeout: Option<u32>,
     },
     /// Make a stopped VM a template (it can no longer start; `vm create --from` copies it).
     Template {

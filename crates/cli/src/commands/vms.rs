@@ -31,6 +31,7 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
             cmdline,
             node,
             restart_policy,
+            stop_timeout,
         } => {
             let node = node.map(|n| resolve(client, &n)).transpose()?;
             // From a template: its size unless given (the API copies the rest).
@@ -52,6 +53,7 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
                 node,
                 desired_state: None,
                 restart_policy,
+                stop_timeout_s: stop_timeout,
             };
             let v = client.send(VM_CREATE, &[], &body)?;
             show(client, VM_CREATE, &v, out)?;

@@ -125,12 +125,16 @@ pub(super) fn start_fields(
 }
 
 /// How long the node has to reach the state a request asks for before its task fails.
-pub fn task_timeout(action: Action) -> std::time::Duration {
+pub fn task_timeout(action: Action, vm: &Vm) -> std::time::Duration {
     let s = match action {
         // Placement, the VMM's start, and a disk over the network.
         Action::Start | Action::Reboot => 120,
-        // The guest's grace period, then the forced stop.
-        Action::Stop => crate::vmrun::STOP_TIMEOUT.as_secs() + 30,
+        // The guest's grace period, then the forced power-off (and the kill after it).
+        Action::Stop => {
+            crate::vmrun::stop_timeout(Some(vm)).as_secs()
+                + crate::vmrun::stop::KILL_AFTER.as_secs()
+                + 30
+        }
         Action::Kill | Action::Pause | Action::Resume => 60,
     };
     std::time::Duration::from_secs(s)
@@ -187,7 +191,10 @@ async fn act(
         (Action::Stop, _) => {
             vm.desired_state = DesiredState::Stopped;
             vm.force_stop = false;
-            "stop requested (power-off)".to_string()
+            format!(
+                "stop requested (the guest's power button, forced after {} s)",
+                crate::vmrun::stop_timeout(Some(&vm)).as_secs()
+            )
         }
         (Action::Kill, _) => {
             vm.desired_state = DesiredState::Stopped;
@@ -231,7 +238,7 @@ async fn act(
             action,
             start_seq: vm.start_seq,
             reboot_seq: vm.reboot_seq,
-            deadline_ms: now_ms() + task_timeout(action).as_millis() as u64,
+            deadline_ms: now_ms() + task_timeout(action, &vm).as_millis() as u64,
         },
     );
     commit(
@@ -275,7 +282,7 @@ macro_rules! lifecycle {
 lifecycle!(start, Action::Start, "/api/v1/vms/{name}/start", "start_vm",
     "Start a VM: the scheduler places it on an up node with room (its disk's node, or the pinned one) and that node starts its VMM.");
 lifecycle!(stop, Action::Stop, "/api/v1/vms/{name}/stop", "stop_vm",
-    "Stop a VM: a power-off through its VMM (there is no guest-visible ACPI request yet), killed if that does not end it within 10 s.");
+    "Stop a VM: its VMM presses the guest's ACPI power button; a guest that has not shut down within the VM's stop_timeout_s (default 30 s) is powered off (killed if that does not end it within 10 s). The task's result says which: `the guest shut down` or `forced after N s`.");
 lifecycle!(
     kill,
     Action::Kill,

@@ -303,6 +303,9 @@ pub async fn create(
         start_seq: 0,
         reboot_seq: 0,
         force_stop: false,
+        stop_timeout_s: req
+            .stop_timeout_s
+            .or_else(|| t.and_then(|t| t.stop_timeout_s)),
         generation: 1,
         created_ms: now,
         updated_ms: now,

@@ -7,11 +7,12 @@
 //! VM placed on this node and meant to run (or be paused) it adopts a VMM left by an
 //! earlier `tesserad` (its runtime directory's `run.json`, a live `tessera-vmm` process),
 //! or starts one; it pauses, resumes and reboots as asked; it stops VMMs of VMs no longer
-//! meant to run here (power-off through the control socket, SIGKILL if that fails or
-//! for a kill). A VMM that ends unasked is restarted or left `crashed` by the VM's
-//! restart policy.
+//! meant to run here (`stop`: the guest's power button, then a forced power-off after the
+//! VM's stop timeout, SIGKILL if that fails or for a kill). A VMM that ends unasked is
+//! restarted or left `crashed` by the VM's restart policy.
 
 pub mod scheduler;
+pub mod stop;
 pub mod supervisor;
 pub mod tasks;
 
@@ -39,8 +40,14 @@ pub const NODE_API: &str = "node_api";
 const CRASH_WINDOW: Duration = Duration::from_secs(600);
 /// Crashes within [`CRASH_WINDOW`] after which the VM is left `crashed`.
 const CRASH_LIMIT: usize = 5;
-/// How long a power-off may take before the VMM is killed.
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stop waits for the guest to shut down when the VM sets no `stop_timeout_s`.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a stop of `vm` waits for its guest to shut down before forcing it.
+pub fn stop_timeout(vm: Option<&Vm>) -> Duration {
+    vm.and_then(|v| v.stop_timeout_s)
+        .map_or(DEFAULT_STOP_TIMEOUT, |s| Duration::from_secs(u64::from(s)))
+}
 
 /// What this node's reconciler needs to know about itself.
 #[derive(Clone, Debug)]
@@ -65,8 +72,8 @@ pub struct Local {
 struct Running {
     info: RunInfo,
     state: VmState,
-    /// When a stop was asked (power-off sent), to force it after [`STOP_TIMEOUT`].
-    stopping_since: Option<Instant>,
+    /// The stop under way, if any.
+    stop: Option<stop::Stop>,
 }
 
 /// Restart bookkeeping of one VM.
@@ -150,7 +157,7 @@ impl Reconciler {
                     Running {
                         info,
                         state: VmState::Running,
-                        stopping_since: None,
+                        stop: None,
                     },
                 );
             }
@@ -182,9 +189,9 @@ impl Reconciler {
             .collect();
         for name in unwanted {
             let vm: Option<Vm> = get(&self.node, VMS, &name);
-            self.stop(&name, vm.as_ref().is_some_and(|v| v.force_stop))
-                .await;
+            self.stop(&name, vm.as_ref()).await;
         }
+        self.stop_held(&me).await;
         for vm in wanted.values() {
             self.keep(vm).await;
         }
@@ -217,26 +224,58 @@ impl Reconciler {
         }
     }
 
-    /// Stops the VMM of `name`: a power-off request, then SIGKILL after the timeout (at
-    /// once when `force`).
-    async fn stop(&mut self, name: &str, force: bool) {
+    /// Stops the VMM of `name`, one [`stop::Step`] per call: its guest is asked (power
+    /// button), then it is powered off after the VM's stop timeout, then killed; a kill
+    /// (`force_stop`) is SIGKILL at once. Reports `stopping` until the VMM is gone.
+    async fn stop(&mut self, name: &str, vm: Option<&Vm>) {
+        let kill = vm.is_some_and(|v| v.force_stop);
+        let grace = stop_timeout(vm);
         let Some(r) = self.running.get_mut(name) else {
             return;
         };
         let pid = r.info.pid;
+        r.state = VmState::Stopping;
+        let mut progress = r
+            .stop
+            .clone()
+            .unwrap_or_else(|| stop::Stop::new(Instant::now()));
         if supervisor::alive(pid, &self.exits) {
-            let since = *r.stopping_since.get_or_insert_with(Instant::now);
-            r.state = VmState::Stopping;
-            if force || since.elapsed() > STOP_TIMEOUT {
-                supervisor::kill(pid);
-            } else {
-                let sock = self.dir(name).api_socket();
-                let res =
-                    blocking(move || supervisor::call(&sock, json!({"type": "power_off"}))).await;
-                if let Some(Err(e)) = res {
-                    tracing::warn!(vm = %name, error = %e, "power-off refused; killing the VMM");
-                    supervisor::kill(pid);
+            let sock = self.dir(name).api_socket();
+            match progress.next(Instant::now(), grace, kill) {
+                stop::Step::Kill => supervisor::kill(pid),
+                stop::Step::Wait => {}
+                stop::Step::Ask => {
+                    let res =
+                        blocking(move || supervisor::call(&sock, json!({"type": "shutdown"})))
+                            .await;
+                    match res {
+                        Some(Ok(_)) => {
+                            tracing::info!(vm = %name, grace_s = grace.as_secs(), "asked the guest to shut down (power button)");
+                            progress.asked = true;
+                        }
+                        Some(Err(e)) => {
+                            tracing::info!(vm = %name, error = %e, "the guest cannot be asked; forcing the stop");
+                            progress.not_asked = Some(match e {
+                                supervisor::SupervisorError::Refused { message, .. } => message,
+                                other => other.to_string(),
+                            });
+                        }
+                        None => {}
+                    }
                 }
+                stop::Step::PowerOff => {
+                    progress.forced = Some(Instant::now());
+                    let res =
+                        blocking(move || supervisor::call(&sock, json!({"type": "power_off"})))
+                            .await;
+                    if let Some(Err(e)) = res {
+                        tracing::warn!(vm = %name, error = %e, "power-off refused; killing the VMM");
+                        supervisor::kill(pid);
+                    }
+                }
+            }
+            if let Some(r) = self.running.get_mut(name) {
+                r.stop = Some(progress.clone());
             }
             // Wait briefly for the process to go, so the status says stopped at once.
             for _ in 0..50 {
@@ -250,17 +289,61 @@ impl Reconciler {
                 return;
             }
         }
-        let _ = self.exits.take(pid);
+        let dir = self.dir(name);
+        let how = supervisor::ending(self.exits.take(pid), &supervisor::log_tail(&dir));
         self.running.remove(name);
-        supervisor::forget(&self.dir(name));
+        supervisor::forget(&dir);
         self.reasons.remove(name);
-        let reason = if force {
-            "killed on request"
-        } else {
-            "stopped on request (power-off)"
-        };
-        self.report(name, VmState::Stopped, Some(reason.into()), None)
+        let reason = progress.reason(kill, &how);
+        tracing::info!(vm = %name, %reason, "VM stopped");
+        self.report(name, VmState::Stopped, Some(reason), None)
             .await;
+    }
+
+    /// A VM this node reported as starting or running that is no longer meant to run and
+    /// has no VMM here (it was waiting for its restart backoff, or its VMM ended while
+    /// no `tesserad` watched) is stopped: nothing is left to stop, so say so, or its stop
+    /// task would wait for a report that never comes.
+    async fn stop_held(&mut self, me: &str) {
+        let held: Vec<(String, VmStatus)> = self.node.state.read(|t| {
+            t.get(VM_STATUS)
+                .map(|t| {
+                    t.iter()
+                        .filter_map(|(k, v)| {
+                            serde_json::from_value::<VmStatus>(v.clone())
+                                .ok()
+                                .map(|s| (k.clone(), s))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        for (name, s) in held {
+            let active = matches!(
+                s.state,
+                VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+            );
+            if s.node != me || !active || self.running.contains_key(&name) {
+                continue;
+            }
+            let Some(vm) = get::<Vm>(&self.node, VMS, &name) else {
+                continue;
+            };
+            if vm.desired_state != DesiredState::Stopped {
+                continue;
+            }
+            if let Some(c) = self.crashes.get_mut(&name) {
+                c.not_before = None;
+            }
+            self.reasons.remove(&name);
+            let reason = if s.state == VmState::Starting {
+                "stopped on request while waiting to restart"
+            } else {
+                "stopped on request: its VMM was already gone"
+            };
+            self.report(&name, VmState::Stopped, Some(reason.into()), None)
+                .await;
+        }
     }
 
     /// Keeps VM `vm` (meant to run here) running, paused, or rebooted as asked.
@@ -395,7 +478,7 @@ impl Reconciler {
                     Running {
                         info,
                         state: VmState::Starting,
-                        stopping_since: None,
+                        stop: None,
                     },
                 );
                 let reason = self.reasons.get(&name).cloned();
