@@ -259,7 +259,9 @@ pub async fn login(
             wait,
         ));
     }
-    let asked = req.username.clone();
+    // The name as the audit event records it: bounded (a refusal is an event, and the
+    // request body may be far larger than any real name).
+    let asked: String = req.username.chars().take(128).collect();
     let reply = login_checked(&st, peer, req).await;
     match &reply {
         Ok((_, user)) => throttle.succeeded(peer, user),
