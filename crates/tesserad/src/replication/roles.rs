@@ -344,10 +344,24 @@ async fn reconcile(node: &Node, me: &str, socket: &Path, complaints: &mut HashMa
         return;
     }
     // A store that does not answer may be restarting: what it was told is gone with it.
-    if let Err(e) = call(socket, AdminOp::Status {}).await {
-        tracing::debug!(error = %e, "store not answering; roles will be given again");
-        applied().lock().unwrap_or_else(|p| p.into_inner()).clear();
-        return;
+    // One that answers says which roles it holds unconfigured (restored after its
+    // restart) or in an older generation: those are given again.
+    match call(socket, AdminOp::ReplicationStatus {}).await {
+        Ok(AdminReply::Replication(held)) => {
+            let mut a = applied().lock().unwrap_or_else(|p| p.into_inner());
+            for h in held {
+                let stale = a.get(&h.volume).is_some_and(|(g, _)| h.generation < *g);
+                if !h.configured || stale {
+                    a.remove(&h.volume);
+                }
+            }
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::debug!(error = %e, "store not answering; roles will be given again");
+            applied().lock().unwrap_or_else(|p| p.into_inner()).clear();
+            return;
+        }
     }
     let records = node_records(node);
     for v in mine {
