@@ -2,10 +2,11 @@
 //! check): failed logins back off per address (429 with Retry-After) while the right
 //! password from another address still gets in; hundreds of idle connections do not keep
 //! a real request out; a slow-loris client is cut off at the header deadline; a create
-//! with an `Idempotency-Key` retried gets its first answer; creates in flight while the
-//! leader is killed are answered 202 or 503 with an outcome (never Raft's internals), and
-//! their retries with the same key never 409; a task for the killed (down) node fails
-//! within a bounded time naming the node, releasing the volume it reserved.
+//! with an `Idempotency-Key` retried gets its first answer (volumes, snapshots, clones,
+//! users, networks); creates in flight while the leader is killed are answered 202 or 503
+//! with an outcome (never Raft's internals), and their retries with the same key never
+//! 409; a task for the killed (down) node fails within a bounded time naming the node,
+//! releasing the volume it reserved.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -270,6 +271,57 @@ fn an_idempotent_create_retried_gets_its_first_answer(ca: &str, node: u8, token:
     );
 }
 
+/// Creates that are not tasks (users, networks) take an `Idempotency-Key` too: a retry
+/// with the same key and body, on another node, gets the first answer (201, the same
+/// record) as if the first answer had been lost; the same key for another request is 409;
+/// a retry without a key is the plain 409 of an existing record.
+fn idempotent_creates_of_users_and_networks(ca: &str, token: &str) {
+    let post = |node: u8, path: &str, body: &Value, key: Option<&str>| {
+        let h = key.map(|k| format!("Idempotency-Key: {k}"));
+        let extra: Vec<&str> = h.iter().flat_map(|h| ["-H", h.as_str()]).collect();
+        let a = call(ca, node, "POST", path, Some(token), Some(body), &extra);
+        assert_no_internals(&a);
+        a
+    };
+    let net = json!({"name": "idem-net", "bridge": "br-idem"});
+    let first = post(1, "networks", &net, Some("net-1"));
+    assert_eq!(first.code, 201, "{}", first.body);
+    let again = post(2, "networks", &net, Some("net-1"));
+    assert_eq!(again.code, 201, "{}", again.body);
+    assert_eq!(first.json(), again.json());
+    let other = json!({"name": "idem-net", "bridge": "br-other"});
+    let a = post(1, "networks", &other, Some("net-1"));
+    assert_eq!(a.code, 409, "{}", a.body);
+    assert!(a.body.contains("Idempotency-Key"), "{}", a.body);
+    let a = post(1, "networks", &net, None);
+    assert_eq!(a.code, 409, "{}", a.body);
+    assert!(a.body.contains("idem-net"), "{}", a.body);
+
+    let user =
+        json!({"username": "idem-user", "password": "idem user password", "role": "auditor"});
+    let first = post(1, "users", &user, Some("user-1"));
+    assert_eq!(first.code, 201, "{}", first.body);
+    let again = post(3, "users", &user, Some("user-1"));
+    assert_eq!(again.code, 201, "{}", again.body);
+    assert_eq!(first.json(), again.json());
+    let other =
+        json!({"username": "idem-other", "password": "idem user password", "role": "auditor"});
+    let a = post(1, "users", &other, Some("user-1"));
+    assert_eq!(a.code, 409, "{}", a.body);
+    assert!(a.body.contains("Idempotency-Key"), "{}", a.body);
+    let a = post(1, "users", &user, None);
+    assert_eq!(a.code, 409, "{}", a.body);
+    // One user and one network were made.
+    let users = call(ca, 1, "GET", "users", Some(token), None, &[]).json();
+    let n = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|u| u.to_string().contains("idem-"))
+        .count();
+    assert_eq!(n, 1, "{users}");
+}
+
 /// Waits (up to 30 s) until `GET path` answers 200 with a body that `ready` accepts.
 fn wait_ready(ca: &str, node: u8, token: &str, path: &str, ready: impl Fn(&Value) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -471,6 +523,7 @@ fn the_api_holds_its_edges() {
     idle_connections_do_not_keep_a_request_out(&ca, &token);
     a_slow_loris_is_cut_off(&ca);
     an_idempotent_create_retried_gets_its_first_answer(&ca, 1, &token);
+    idempotent_creates_of_users_and_networks(&ca, &token);
 
     let l = leader(&ca, 1, &token);
     let f = if l == 1 { 2 } else { 1 };

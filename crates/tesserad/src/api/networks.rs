@@ -15,7 +15,8 @@ use tessera_api::{Deleted, NewNetwork};
 use tessera_state::Require;
 
 use super::events::event;
-use super::extract::{Administrator, Auditor, Auth, Body, Param, Synced};
+use super::extract::{Administrator, Auditor, Auth, Body, IdempotencyKey, Param, Synced};
+use super::tasks::{commit_idempotent, Idempotent};
 use super::{check_name, commit, del, now_ms, put, read, read_all, ApiError, ErrorBody, St};
 use crate::records::table::{NETWORKS, VMS};
 use crate::records::{Network, Vm};
@@ -63,6 +64,9 @@ pub async fn show(
 /// `uplink` (409 without one: the VLAN has nothing to tag).
 #[utoipa::path(post, path = "/api/v1/networks", tag = "networks", operation_id = "create_network",
     request_body = NewNetwork,
+    params(("Idempotency-Key" = Option<String>, Header,
+        min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9._:-]{1,64}$",
+        description = "Makes a retry safe: the same key and body get the first answer")),
     security(("token" = []), ("cookie" = [])),
     responses((status = 201, body = Network), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -70,8 +74,13 @@ pub async fn show(
 pub async fn create(
     State(st): St,
     p: Auth<Administrator>,
+    IdempotencyKey(key): IdempotencyKey,
     Body(req): Body<NewNetwork>,
 ) -> Result<(StatusCode, Json<Network>), ApiError> {
+    let idem = key.map(|k| {
+        let what = ("network", &req.name, &req.bridge, req.vlan, &req.uplink);
+        Idempotent::new(&p.user, &k, &what)
+    });
     check_name("name", &req.name, &[])?;
     check_ifname("bridge", &req.bridge)?;
     if let Some(u) = &req.uplink {
@@ -94,6 +103,14 @@ pub async fn create(
         created_ms: now_ms(),
     };
     let n = super::synced(&st).await?;
+    if let Some(first) = idem
+        .as_ref()
+        .map(|i| i.replay_answer(&n))
+        .transpose()?
+        .flatten()
+    {
+        return Ok((StatusCode::CREATED, Json(first)));
+    }
     if let Some((_, other)) = read_all::<Network>(&n, NETWORKS)?
         .into_iter()
         .find(|(_, o)| o.bridge == net.bridge)
@@ -103,15 +120,14 @@ pub async fn create(
             net.bridge, other.name
         )));
     }
-    commit(
-        &st,
-        vec![Require::absent(NETWORKS, &net.name)],
-        vec![
-            put(NETWORKS, &net.name, &net),
-            event("network.create", &net.name, &p.user, "network defined"),
-        ],
-        |_| format!("name: network {} already exists", req.name),
-    )
+    let ops = vec![
+        put(NETWORKS, &net.name, &net),
+        event("network.create", &net.name, &p.user, "network defined"),
+    ];
+    let require = vec![Require::absent(NETWORKS, &net.name)];
+    let net = commit_idempotent(&st, net, idem.as_ref(), require, ops, |_| {
+        format!("name: network {} already exists", req.name)
+    })
     .await?;
     Ok((StatusCode::CREATED, Json(net)))
 }

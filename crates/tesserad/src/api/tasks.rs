@@ -1,6 +1,7 @@
-//! Tasks: every long operation is one, with state, progress and a log. A create that
-//! submits a task may carry an `Idempotency-Key`: its answer is kept with the task, so a
-//! retry with the same key gets the same answer instead of a second task or a 409.
+//! Tasks: every long operation is one, with state, progress and a log. A create may carry
+//! an `Idempotency-Key`: its answer (a task, or the created record for creates that are
+//! not tasks) is kept in the create's own transaction, so a retry with the same key gets
+//! the same answer instead of a second task or a 409.
 
 use axum::Json;
 use tessera_api::{TaskQuery, VmAction, VmTask};
@@ -122,11 +123,15 @@ pub struct Idempotent {
     request: String,
 }
 
-/// An answer kept for an `Idempotency-Key`.
+/// An answer kept for an `Idempotency-Key`: a task, or (creates that are not tasks) the
+/// created record's answer.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Kept {
     request: String,
-    task: Task,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    task: Option<Task>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    answer: Option<serde_json::Value>,
     expires_ms: u64,
 }
 
@@ -146,14 +151,113 @@ impl Idempotent {
     /// The task answered before under this key, if it is still kept; 409 if the key was
     /// used for another request.
     pub fn replay(&self, n: &tessera_state::Node) -> Result<Option<Task>, ApiError> {
+        self.kept(n)?
+            .map(|k| k.task.ok_or_else(used_otherwise))
+            .transpose()
+    }
+
+    /// The answer (not a task) given before under this key, if it is still kept; 409 if
+    /// the key was used for another request.
+    pub fn replay_answer<T: serde::de::DeserializeOwned>(
+        &self,
+        n: &tessera_state::Node,
+    ) -> Result<Option<T>, ApiError> {
+        let Some(k) = self.kept(n)? else {
+            return Ok(None);
+        };
+        let v = k.answer.ok_or_else(used_otherwise)?;
+        serde_json::from_value(v)
+            .map(Some)
+            .map_err(|e| super::unreadable(IDEMPOTENCY, &self.key, e))
+    }
+
+    /// The unexpired answer kept under this key for this same request; 409 for another.
+    fn kept(&self, n: &tessera_state::Node) -> Result<Option<Kept>, ApiError> {
         let kept: Option<Kept> = super::read(n, IDEMPOTENCY, &self.key)?;
         match kept.filter(|k| k.expires_ms > now_ms()) {
-            None => Ok(None),
-            Some(k) if k.request == self.request => Ok(Some(k.task)),
-            Some(_) => Err(ApiError::conflict(
-                "Idempotency-Key: already used for a different request",
-            )),
+            Some(k) if k.request != self.request => Err(used_otherwise()),
+            k => Ok(k),
         }
+    }
+
+    /// Adds to a create's transaction: the answer kept under this key (which must be
+    /// free), and a few expired kept answers dropped.
+    fn keep(
+        &self,
+        n: &tessera_state::Node,
+        task: Option<&Task>,
+        answer: Option<serde_json::Value>,
+        require: &mut Vec<Require>,
+        ops: &mut Vec<tessera_state::Command>,
+    ) {
+        let now = now_ms();
+        let expired: Vec<String> = n.state.read(|t| {
+            t.get(IDEMPOTENCY)
+                .map(|t| {
+                    t.iter()
+                        .filter(|(k, v)| {
+                            **k != self.key && v["expires_ms"].as_u64().is_some_and(|e| e <= now)
+                        })
+                        .take(IDEMPOTENCY_PURGE)
+                        .map(|(k, _)| k.clone())
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        for k in &expired {
+            ops.push(super::del(IDEMPOTENCY, k));
+        }
+        require.push(Require::absent(IDEMPOTENCY, &self.key));
+        ops.push(put(
+            IDEMPOTENCY,
+            &self.key,
+            Kept {
+                request: self.request.clone(),
+                task: task.cloned(),
+                answer,
+                expires_ms: now + IDEMPOTENCY_MS,
+            },
+        ));
+    }
+}
+
+fn used_otherwise() -> ApiError {
+    ApiError::conflict("Idempotency-Key: already used for a different request")
+}
+
+/// [`super::commit`] of a create whose answer is `answer` (not a task), keeping it under
+/// `idem` in the same transaction; a concurrent request with the same key that won gets
+/// its answer back.
+pub async fn commit_idempotent<T: serde::Serialize + serde::de::DeserializeOwned>(
+    st: &ApiState,
+    answer: T,
+    idem: Option<&Idempotent>,
+    mut require: Vec<Require>,
+    mut ops: Vec<tessera_state::Command>,
+    conflict: impl FnOnce(&Require) -> String,
+) -> Result<T, ApiError> {
+    let Some(idem) = idem else {
+        super::commit(st, require, ops, conflict).await?;
+        return Ok(answer);
+    };
+    let n = super::node(st)?;
+    let kept = serde_json::to_value(&answer)
+        .map_err(|e| ApiError::internal(format!("encoding the answer: {e}")))?;
+    idem.keep(&n, None, Some(kept), &mut require, &mut ops);
+    let mut lost_race = false;
+    let r = super::commit(st, require, ops, |r| {
+        lost_race = r.table == IDEMPOTENCY;
+        conflict(r)
+    })
+    .await;
+    match r {
+        Ok(_) => Ok(answer),
+        Err(_) if lost_race => {
+            let n = super::synced(st).await?;
+            idem.replay_answer(&n)?
+                .ok_or_else(|| ApiError::conflict("Idempotency-Key: in use; try again"))
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -172,33 +276,7 @@ pub async fn submit_idempotent(
         return Ok(task.clone());
     };
     let n = super::node(st)?;
-    let now = now_ms();
-    let expired: Vec<String> = n.state.read(|t| {
-        t.get(IDEMPOTENCY)
-            .map(|t| {
-                t.iter()
-                    .filter(|(k, v)| {
-                        **k != idem.key && v["expires_ms"].as_u64().is_some_and(|e| e <= now)
-                    })
-                    .take(IDEMPOTENCY_PURGE)
-                    .map(|(k, _)| k.clone())
-                    .collect()
-            })
-            .unwrap_or_default()
-    });
-    for k in &expired {
-        ops.push(super::del(IDEMPOTENCY, k));
-    }
-    require.push(Require::absent(IDEMPOTENCY, &idem.key));
-    ops.push(put(
-        IDEMPOTENCY,
-        &idem.key,
-        Kept {
-            request: idem.request.clone(),
-            task: task.clone(),
-            expires_ms: now + IDEMPOTENCY_MS,
-        },
-    ));
+    idem.keep(&n, Some(task), None, &mut require, &mut ops);
     let mut lost_race = false;
     let r = submit(st, task, require, ops, |r| {
         lost_race = r.table == IDEMPOTENCY;

@@ -11,7 +11,8 @@ use tessera_state::Require;
 
 use super::auth::{check_password, hash_password_async, Role, User};
 use super::events::event;
-use super::extract::{Administrator, Auth, Body, Param, Synced};
+use super::extract::{Administrator, Auth, Body, IdempotencyKey, Param, Synced};
+use super::tasks::{commit_idempotent, Idempotent};
 use super::{check_name, commit, del, put, read, read_all, ApiError, ErrorBody, St};
 use crate::records::table::USERS;
 
@@ -44,6 +45,9 @@ pub async fn list(_: Auth<Administrator>, n: Synced) -> Result<Json<Vec<UserInfo
 /// Create a user.
 #[utoipa::path(post, path = "/api/v1/users", tag = "users", operation_id = "create_user",
     request_body = NewUser,
+    params(("Idempotency-Key" = Option<String>, Header,
+        min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9._:-]{1,64}$",
+        description = "Makes a retry safe: the same key and body get the first answer")),
     security(("token" = []), ("cookie" = [])),
     responses((status = 201, body = UserInfo), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -51,18 +55,30 @@ pub async fn list(_: Auth<Administrator>, n: Synced) -> Result<Json<Vec<UserInfo
 pub async fn create(
     State(st): St,
     p: Auth<Administrator>,
+    IdempotencyKey(key): IdempotencyKey,
     Body(req): Body<NewUser>,
 ) -> Result<(StatusCode, Json<UserInfo>), ApiError> {
     check_name("username", &req.username, b"._")?;
     check_password("password", &req.password)?;
+    // The key binds the username and role, not the password: no fast hash of a password
+    // is kept in the replicated state.
+    let idem = key.map(|k| Idempotent::new(&p.user, &k, &("user", &req.username, req.role)));
+    if let Some(idem) = &idem {
+        let n = super::synced(&st).await?;
+        if let Some(first) = idem.replay_answer(&n)? {
+            return Ok((StatusCode::CREATED, Json(first)));
+        }
+    }
     let user = User {
         password_hash: hash_password_async(req.password).await?,
         role: req.role,
         must_change_password: true,
         credentials: super::auth::random_id(),
     };
-    commit(
+    let answer = commit_idempotent(
         &st,
+        info(req.username.clone(), &user),
+        idem.as_ref(),
         vec![Require::absent(USERS, &req.username)],
         vec![
             put(USERS, &req.username, &user),
@@ -76,7 +92,7 @@ pub async fn create(
         |_| format!("username: {} already exists", req.username),
     )
     .await?;
-    Ok((StatusCode::CREATED, Json(info(req.username, &user))))
+    Ok((StatusCode::CREATED, Json(answer)))
 }
 
 fn administrators(n: &tessera_state::Node) -> Result<Vec<String>, ApiError> {
