@@ -4,8 +4,10 @@
 //! refused oversized VM naming each node's free memory, bad input refused with nothing
 //! changed, a `tesserad` killed and restarted while its VM runs (the VM keeps running and
 //! is re-adopted), a killed VMM restarted by the `on-crash` policy and left `crashed`
-//! with the reason under `never`, the disk's content checked with nbdcopy, the CLI, and a
-//! VM pinned to another node than its volume writing that volume over TLS NBD.
+//! with the reason under `never`, the disk's content checked with nbdcopy, the CLI, a
+//! VM pinned to another node than its volume writing that volume over TLS NBD, a stop
+//! that the guest obeys (power button) and one forced after the VM's stop timeout, and a
+//! stop during a crash-restart backoff.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -492,7 +494,19 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     assert_eq!(code, 202, "{v}");
     let task = wait_task(&lan, 0, t, v["id"].as_str().unwrap());
     assert_eq!(task["state"], "succeeded", "{task}");
-    assert!(task["log"].to_string().contains("VM stopped"), "{task}");
+    // The stop pressed the guest's power button and the guest powered itself off.
+    assert!(
+        task["log"]
+            .to_string()
+            .contains("VM stopped: the guest shut down"),
+        "{task}"
+    );
+    assert!(
+        console(&nodes[2].dir, "vm1")
+            .contains("TESSERA-GUEST: power button pressed, shutting down"),
+        "{}",
+        console(&nodes[2].dir, "vm1")
+    );
     wait_state(&lan, 0, t, "vm1", "stopped");
     let mut c = std::process::Command::new("nbdcopy");
     c.arg(format!("nbd+unix:///boot?socket={}", sock.display()))
@@ -509,6 +523,67 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     // Stopped: it can be deleted.
     let (code, v) = api(&lan, 0, "DELETE", "vms/vm1", Some(t), None);
     assert_eq!(code, 200, "{v}");
+
+    // A guest that ignores the power button is forced after its stop timeout.
+    let body = json!({
+        "name": "stubborn", "vcpus": 1, "memory_mib": 64, "kernel": GUEST,
+        "cmdline": "console=ttyS0 tessera.mode=count tessera.power_button=ignore",
+        "stop_timeout_s": 2, "node": ids[0],
+    })
+    .to_string();
+    let (code, v) = api(&lan, 0, "POST", "vms", Some(t), Some(&body));
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["stop_timeout_s"], 2, "{v}");
+    let (code, v) = act(&lan, 0, t, "stubborn", "start");
+    assert_eq!(code, 202, "{v}");
+    wait_state(&lan, 0, t, "stubborn", "running");
+    counting(&nodes[0].dir, "stubborn");
+    let (code, v) = act(&lan, 0, t, "stubborn", "stop");
+    assert_eq!(code, 202, "{v}");
+    let task = wait_task(&lan, 0, t, v["id"].as_str().unwrap());
+    assert_eq!(task["state"], "succeeded", "{task}");
+    assert!(
+        task["log"]
+            .to_string()
+            .contains("VM stopped: forced after 2 s: the guest did not shut down"),
+        "{task}"
+    );
+    assert!(
+        console(&nodes[0].dir, "stubborn").contains("power button pressed, ignored"),
+        "{}",
+        console(&nodes[0].dir, "stubborn")
+    );
+
+    // A VM stopped while it waits for its crash-restart backoff has no VMM to stop: it is
+    // reported stopped, and its stop task ends (it waited for its deadline before).
+    let body = json!({
+        "name": "crasher", "vcpus": 1, "memory_mib": 64,
+        "kernel": "/nonexistent/tessera-kernel", "node": ids[0],
+    })
+    .to_string();
+    assert_eq!(api(&lan, 0, "POST", "vms", Some(t), Some(&body)).0, 201);
+    assert_eq!(act(&lan, 0, t, "crasher", "start").0, 202);
+    // The third restart waits 4 s: room for the stop to land in the backoff.
+    wait_for("crasher's third restart backoff", 60, || {
+        let v = vm(&lan, 0, t, "crasher");
+        let r = v["state_reason"].as_str().unwrap_or_default().to_string();
+        (v["actual_state"] == "starting"
+            && r.contains("restarting in")
+            && r.contains("(restart 3)"))
+        .then_some(())
+    });
+    let (code, v) = act(&lan, 0, t, "crasher", "stop");
+    assert_eq!(code, 202, "{v}");
+    let task = wait_task(&lan, 0, t, v["id"].as_str().unwrap());
+    assert_eq!(task["state"], "succeeded", "{task}");
+    let v = wait_state(&lan, 0, t, "crasher", "stopped");
+    assert!(
+        v["state_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("while waiting to restart"),
+        "{v}"
+    );
     drop(nodes);
 }
 
