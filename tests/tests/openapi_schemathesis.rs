@@ -105,6 +105,14 @@ fn schemathesis_finds_nothing_in_the_openapi_document() {
             .args(["-H", &format!("Authorization: Bearer {token}")])
             // Logging out would end the session every later request uses.
             .args(["--exclude-operation-id", "logout"])
+            // An upload's body must be as long as its `kernel_bytes` parameter says, which
+            // OpenAPI cannot express: generated uploads are refused (400) as they should
+            // be. tests/tests/vm_images.rs checks the upload's edges instead.
+            .args(["--exclude-operation-id", "upload_image"])
+            // Realms name LDAP servers: a generated realm's test/sync waits for servers
+            // that do not exist (answered 503) and a generated `ca_pem` is no certificate
+            // (400). tests/tests/directory_login.rs checks them against a real slapd.
+            .args(["--exclude-path-regex", "^/api/v1/realms"])
             .args(["--report", "junit", "--report-dir"])
             .arg(&report)
             // It keeps a cache (`.schemathesis/`) in its working directory.
@@ -152,7 +160,11 @@ fn schemathesis_finds_nothing_in_the_openapi_document() {
     let mut missing = Vec::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
-            if op["operationId"] == "logout" {
+            // The operations left out above, each for the reason given there.
+            if op["operationId"] == "logout"
+                || op["operationId"] == "upload_image"
+                || path.starts_with("/api/v1/realms")
+            {
                 continue;
             }
             let case = format!("{} {path}", method.to_uppercase());

@@ -9,6 +9,25 @@ use utoipa::ToSchema;
 
 use crate::Role;
 
+/// `uris`: 1 to 8 `ldap://` or `ldaps://` URIs of printable ASCII.
+fn ldap_uris() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^ldaps?://[!-~]{1,500}$"))
+                .max_length(Some(512)),
+        )
+        .min_items(Some(1))
+        .max_items(Some(8))
+        .description(Some(
+            "Server URIs tried in order until one answers: `ldaps://host:636`, or \
+             `ldap://` (upgraded with StartTLS unless `insecure`)",
+        ))
+        .build()
+}
+
 /// An LDAP realm: what an administrator gives to create or replace one, and what
 /// `GET` shows (the bind password is write-only: never shown).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -18,8 +37,8 @@ pub struct Realm {
     #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
     pub name: String,
     /// Server URIs tried in order until one answers: `ldaps://host:636`, or `ldap://`
-    /// with `starttls` (plain `ldap://` without it only with `insecure`).
-    #[schema(min_items = 1, max_items = 8)]
+    /// (upgraded with StartTLS; plain only with `insecure` and without `starttls`).
+    #[schema(schema_with = ldap_uris)]
     pub uris: Vec<String>,
     /// Upgrade `ldap://` connections with StartTLS.
     #[serde(default)]
@@ -35,27 +54,33 @@ pub struct Realm {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bind_dn: Option<String>,
     /// The bind DN's password; stored sealed, never shown. Absent in an update: kept.
+    /// Ignored without `bind_dn`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_length = 1024)]
     pub bind_password: Option<String>,
     /// Where users are searched (subtree).
+    #[schema(min_length = 1, max_length = 1024, pattern = "\\S")]
     pub user_base: String,
     /// Which entries are users (default `(objectClass=person)`, Active Directory
     /// `(objectClass=user)`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 1024, pattern = "^\\([^\\x00]*\\)$")]
     pub user_filter: Option<String>,
     /// The attribute a login name is matched against (default `uid`, Active Directory
     /// `sAMAccountName`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[A-Za-z0-9.;-]{1,64}$")]
     pub user_attr: Option<String>,
     /// Where groups are searched (default: `user_base`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_base: Option<String>,
     /// Which entries are groups (default `(|(objectClass=groupOfNames)(objectClass=group))`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 1024, pattern = "^\\([^\\x00]*\\)$")]
     pub group_filter: Option<String>,
     /// The group attribute naming members by DN (default `member`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[A-Za-z0-9.;-]{1,64}$")]
     pub group_member_attr: Option<String>,
     /// Active Directory: groups from the user's `memberOf` and nested groups through
     /// `LDAP_MATCHING_RULE_IN_CHAIN`; also the defaults above become AD's.

@@ -240,7 +240,14 @@ fn is_attr(a: &str) -> bool {
 }
 
 fn is_filter(f: &str) -> bool {
-    f.len() <= 1024 && f.starts_with('(') && f.ends_with(')') && !f.contains('\0')
+    f.chars().count() <= 1024 && f.starts_with('(') && f.ends_with(')') && !f.contains('\0')
+}
+
+/// Whether a connection to `uri` upgrades with StartTLS: an `ldap://` server always
+/// does unless the realm says `insecure` (then only with `starttls`), so a password
+/// never crosses the network in the clear by default.
+fn starttls(r: &Realm, uri: &str) -> bool {
+    uri.starts_with("ldap://") && (r.starttls || !r.insecure)
 }
 
 /// Checks a realm's settings (400 naming the field).
@@ -249,16 +256,9 @@ pub fn check(r: &Realm) -> Result<(), ApiError> {
         return Err(ApiError::bad("uris: 1 to 8 server URIs"));
     }
     for u in &r.uris {
-        let plain = u.starts_with("ldap://");
-        if !plain && !u.starts_with("ldaps://") {
+        if !u.starts_with("ldap://") && !u.starts_with("ldaps://") {
             return Err(ApiError::bad(format!(
                 "uris: {u}: must start with ldaps:// or ldap://"
-            )));
-        }
-        if plain && !r.starttls && !r.insecure {
-            return Err(ApiError::bad(format!(
-                "uris: {u}: plain LDAP sends passwords in the clear; use ldaps://, \
-                 starttls, or say insecure: true"
             )));
         }
         if u.len() > 512 || u.chars().any(char::is_control) {
@@ -286,14 +286,13 @@ pub fn check(r: &Realm) -> Result<(), ApiError> {
             )));
         }
     }
-    if r.user_base.trim().is_empty() {
-        return Err(ApiError::bad("user_base: required"));
+    if r.user_base.trim().is_empty() || r.user_base.chars().count() > 1024 {
+        return Err(ApiError::bad(
+            "user_base: required, at most 1024 characters",
+        ));
     }
     if let Some(pem) = &r.ca_pem {
         tls_config(pem).map_err(|e| ApiError::bad(format!("ca_pem: {e}")))?;
-    }
-    if r.bind_password.is_some() && r.bind_dn.is_none() {
-        return Err(ApiError::bad("bind_password: needs bind_dn"));
     }
     if let Some(i) = r.sync_interval_s {
         if !(30..=86400).contains(&i) {
@@ -348,7 +347,7 @@ pub async fn connect(r: &Realm, bind_password: Option<&str>) -> Result<Connectio
         if let Some(c) = &tls {
             settings = settings.set_config(c.clone());
         }
-        if uri.starts_with("ldap://") && r.starttls {
+        if starttls(r, uri) {
             settings = settings.set_starttls(true);
         }
         let attempt = tokio::time::timeout(
@@ -635,13 +634,19 @@ mod tests {
     fn plain_ldap_needs_insecure_and_defaults_follow_active_directory() {
         let mut r = realm();
         assert!(check(&r).is_ok());
+        assert!(!starttls(&r, "ldaps://dc1"));
         r.uris = vec!["ldap://dc1".into()];
-        assert!(check(&r).is_err());
-        r.starttls = true;
         assert!(check(&r).is_ok());
+        assert!(starttls(&r, "ldap://dc1"), "ldap:// is upgraded by default");
+        r.starttls = true;
+        assert!(starttls(&r, "ldap://dc1"));
         r.starttls = false;
         r.insecure = true;
         assert!(check(&r).is_ok());
+        assert!(!starttls(&r, "ldap://dc1"), "plain only when insecure");
+        r.starttls = true;
+        assert!(starttls(&r, "ldap://dc1"));
+        r.starttls = false;
         r.uris = vec!["http://dc1".into()];
         assert!(check(&r).is_err());
         r.uris = vec!["ldaps://dc1".into()];

@@ -44,7 +44,14 @@ async fn record(
 ) -> Result<RealmRecord, ApiError> {
     check_name("name", &r.name, &[])?;
     if r.name == LOCAL {
-        return Err(ApiError::bad("name: `local` is the cluster's own users"));
+        // The built-in realm exists already: a clash, like any other taken name.
+        return Err(ApiError::conflict(
+            "name: `local` is the cluster's own users",
+        ));
+    }
+    // A password without a DN to bind as would never be used: not kept.
+    if r.bind_dn.is_none() {
+        r.bind_password = None;
     }
     directory::check(&r)?;
     let sealed = match r.bind_password.take() {

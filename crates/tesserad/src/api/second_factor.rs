@@ -137,7 +137,8 @@ pub async fn confirm(
     }
     let secret = directory::open_bytes(&st, context(&p.user), &old.sealed).await?;
     let step = super::totp::verify(&secret, &req.code, now_s(), None)
-        .ok_or_else(|| ApiError::bad("code: not the app's current code"))?;
+        // A wrong code is a refused credential, not a malformed request.
+        .ok_or_else(|| ApiError::new(StatusCode::FORBIDDEN, "code: not the app's current code"))?;
     let codes: Vec<String> = (0..RECOVERY_CODES).map(|_| recovery_code()).collect();
     let mut hashes = Vec::new();
     for c in &codes {
