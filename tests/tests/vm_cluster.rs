@@ -542,12 +542,15 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     assert_eq!(code, 202, "{v}");
     let task = wait_task(&lan, 0, t, v["id"].as_str().unwrap());
     assert_eq!(task["state"], "succeeded", "{task}");
-    assert!(
-        task["log"]
-            .to_string()
-            .contains("VM stopped: forced after 2 s: the guest did not shut down"),
-        "{task}"
-    );
+    // The reason gives the time the stop actually waited: its timeout (2 s) or, on a
+    // loaded machine, a little more.
+    let log = task["log"].to_string();
+    let forced = log
+        .split("VM stopped: forced after ")
+        .nth(1)
+        .and_then(|rest| rest.split(" s: the guest did not shut down").next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(matches!(forced, Some(2..=10)), "{task}");
     assert!(
         console(&nodes[0].dir, "stubborn").contains("power button pressed, ignored"),
         "{}",
