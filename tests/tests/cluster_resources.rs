@@ -29,6 +29,7 @@ const ROLES: &[(&str, &str, &str)] = &[
     ("POST", "/api/v1/login", "public"),
     ("POST", "/api/v1/logout", "any"),
     ("POST", "/api/v1/password", "any"),
+    ("GET", "/api/v1/session", "any"),
     ("GET", "/api/v1/tokens", "administrator"),
     ("POST", "/api/v1/tokens", "administrator"),
     ("DELETE", "/api/v1/tokens/{id}", "administrator"),

@@ -43,6 +43,24 @@ pub struct LoginReply {
     pub must_change_password: bool,
 }
 
+/// Who is calling (`GET /api/v1/session`): the user and role of the credentials the
+/// request carried, so a client need not guess its rights by trying calls.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SessionInfo {
+    /// The user (`name`, or `name@realm` for a directory user).
+    pub user: String,
+    /// The realm the user belongs to: `local`, or the directory realm's name.
+    pub realm: String,
+    /// The role in effect: the smaller of the credentials' role and the user's role now.
+    pub role: Role,
+    /// `session` (a login) or `token` (an API token).
+    pub kind: String,
+    /// When these credentials stop working (ms since the epoch).
+    pub expires_ms: u64,
+    /// Whether the password must be changed before anything else.
+    pub must_change_password: bool,
+}
+
 /// The answer to a logout.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct LoggedOut {

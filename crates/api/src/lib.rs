@@ -28,7 +28,7 @@ mod volumes;
 
 pub use auth::{
     LoggedOut, Login, LoginReply, NewToken, PasswordChange, PasswordChanged, Revoked, Role,
-    TokenInfo,
+    SessionInfo, TokenInfo,
 };
 pub use cluster::{
     ClusterStatus, Member, NodeAllocation, NodeInfo, NodeStorage, RemoveQuery, Removed,

@@ -150,6 +150,12 @@ pub struct Principal {
     key: String,
     /// The user's credentials id (see [`User::credentials`]), for tokens it creates.
     credentials: String,
+    /// When the credentials expire (ms since the epoch).
+    pub expires_ms: u64,
+    /// `session` or `token`.
+    pub kind: String,
+    /// Whether the user must change its password first.
+    pub must_change_password: bool,
 }
 
 /// Checks the credentials of a request (bearer token, else session cookie): 401 without
@@ -213,6 +219,9 @@ pub(super) async fn authorize(
         role,
         key,
         credentials: user.credentials,
+        expires_ms: s.expires_ms,
+        kind: s.kind,
+        must_change_password: user.must_change_password,
     })
 }
 

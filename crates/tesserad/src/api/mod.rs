@@ -26,6 +26,7 @@ mod users;
 mod vm_actions;
 mod vms;
 mod volumes;
+mod whoami;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -312,6 +313,7 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(auth::login))
         .routes(routes!(auth::logout))
         .routes(routes!(auth::change_password))
+        .routes(routes!(whoami::whoami))
         .routes(routes!(auth::create_token, auth::list_tokens))
         .routes(routes!(auth::revoke_token))
         .routes(routes!(users::list, users::create))
