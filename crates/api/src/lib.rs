@@ -17,6 +17,7 @@ mod cluster;
 mod events;
 mod images;
 pub mod limits;
+mod metrics;
 mod networks;
 mod realms;
 pub mod strict;
@@ -36,6 +37,7 @@ pub use cluster::{
 };
 pub use events::{Event, EventQuery, StreamQuery, StreamedEvent};
 pub use images::{Image, ImageCopy, ImageFile, ImageUpload, MAX_IMAGE_BYTES};
+pub use metrics::{MetricsPoint, MetricsQuery, NodeMetrics};
 pub use networks::{Network, NewNetwork};
 pub use realms::{Realm, RealmSynced, RealmTest, RealmTestReply};
 pub use tasks::{Task, TaskLog, TaskOp, TaskQuery, TaskState, VmAction, VmTask};

@@ -95,6 +95,7 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
     tasks::watch_health(heard.clone());
     replication::watch_health(heard.clone());
     let metrics = metrics::start();
+    let history = metrics::history::start(metrics.clone());
     let storage = Arc::new(storage::Health::default());
     storage::start(
         seed.storage.admin_socket.clone(),
@@ -108,6 +109,7 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
         cluster_id: cluster_id.clone(),
         heard: heard.clone(),
         metrics: metrics.clone(),
+        history,
         storage: storage.clone(),
         data_dir: seed.data_dir.clone(),
         lists: Mutex::default(),

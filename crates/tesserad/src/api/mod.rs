@@ -18,6 +18,7 @@ mod listener;
 mod login_limit;
 mod nbd;
 mod networks;
+mod node_metrics;
 mod realms;
 mod second_factor;
 mod tasks;
@@ -60,6 +61,8 @@ pub struct ApiState {
     pub heard: Heard,
     /// Local metrics.
     pub metrics: metrics::Metrics,
+    /// This node's last hour of metrics.
+    pub history: metrics::history::History,
     /// The health of the local store.
     pub storage: Arc<crate::storage::Health>,
     /// This node's data directory (VM runtime directories live under it).
@@ -327,6 +330,8 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(cluster::cluster))
         .routes(routes!(cluster::nodes))
         .routes(routes!(cluster::remove))
+        .routes(routes!(node_metrics::history))
+        .route("/metrics", axum::routing::get(node_metrics::prometheus))
         .routes(routes!(volumes::list, volumes::create))
         .routes(routes!(volumes::show, volumes::remove))
         .routes(routes!(volumes::snapshot))
@@ -456,6 +461,7 @@ mod tests {
             cluster_id: Default::default(),
             heard: Default::default(),
             metrics: Default::default(),
+            history: Default::default(),
             storage: Default::default(),
             data_dir: Default::default(),
             lists: Default::default(),
