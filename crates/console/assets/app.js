@@ -3,6 +3,7 @@
 
 import { h, replace, field, table, bytes, when, stateTag } from "./dom.js";
 import { api, setHandlers, probeRole, waitTask, eventStream } from "./api.js";
+import { nodesPage } from "./nodes.js";
 
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
@@ -709,6 +710,7 @@ function tokenForm() {
 
 const VIEWS = {
   "": dashboardView, vms: vmsView, volumes: volumesView, tasks: tasksView, events: eventsView, access: accessView,
+  nodes: nodesPage({ current: (gen) => gen === session.generation, can, messages, pageMessage, confirmAction }),
 };
 
 async function route() {

@@ -49,6 +49,31 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
         include_bytes!("../assets/style.css"),
     ),
     (
+        "nodes.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/nodes.js"),
+    ),
+    (
+        "charts.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/charts.js"),
+    ),
+    (
+        "vendor/uPlot.iife.min.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/vendor/uPlot.iife.min.js"),
+    ),
+    (
+        "vendor/uPlot.min.css",
+        "text/css; charset=utf-8",
+        include_bytes!("../assets/vendor/uPlot.min.css"),
+    ),
+    (
+        "vendor/uPlot-LICENSE",
+        "text/plain; charset=utf-8",
+        include_bytes!("../assets/vendor/uPlot-LICENSE"),
+    ),
+    (
         "favicon.svg",
         "image/svg+xml",
         include_bytes!("../assets/favicon.svg"),

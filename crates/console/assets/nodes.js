@@ -1,0 +1,166 @@
+// The Nodes page: the list (health, CPU, memory, storage, VMs) and a node's detail with
+// graphs of its last hour (the node's metrics history, refreshed every 10 s with only the
+// new points), its VMs and volumes, and removing a node that is down (Administrators).
+
+import { h, replace, table, bytes, stateTag } from "./dom.js";
+import { api } from "./api.js";
+import { loadCharts, lineChart } from "./charts.js";
+
+const main = document.getElementById("main");
+const HOUR_MS = 3600 * 1000;
+/** The history's interval: a new point every 10 s. */
+const REFRESH_MS = 10000;
+
+const rate = (v) => `${bytes(v)}/s`;
+const CHARTS = [
+  { id: "cpu", title: "CPU busy", fmt: (v) => `${v.toFixed(0)}%`, range: [0, 100],
+    series: [{ label: "CPU", value: (p) => p.cpu_percent }] },
+  { id: "memory", title: "Memory", fmt: bytes,
+    series: [{ label: "Used", value: (p) => p.memory_used }, { label: "Total", value: (p) => p.memory_total }] },
+  { id: "disk", title: "Disk space (largest filesystem)", fmt: bytes,
+    series: [{ label: "Used", value: (p) => p.disk_used }, { label: "Size", value: (p) => p.disk_total }] },
+  { id: "diskio", title: "Disk I/O", fmt: rate,
+    series: [{ label: "Read", value: (p) => p.disk_read_bps }, { label: "Written", value: (p) => p.disk_write_bps }] },
+  { id: "network", title: "Network", fmt: rate,
+    series: [{ label: "Received", value: (p) => p.net_rx_bps }, { label: "Sent", value: (p) => p.net_tx_bps }] },
+];
+
+const disk = (n) => (n.metrics?.disks ?? []).reduce((best, x) => (!best || x.total > best.total ? x : best), null);
+const nodeLabel = (n) => n.name ?? n.id;
+const vmsOn = (vms, n) => vms.filter((v) => (v.running_on ?? v.placed_on ?? v.node) === n.id);
+const volumesOn = (volumes, n) => volumes.filter((v) => v.node === n.id ||
+  (v.replication?.copies ?? []).some((c) => c.node === n.id));
+
+/**
+ * The view for `#/nodes` and `#/nodes/<id or name>`. `env` is what the console shell
+ * shares: `current(gen)` (is this view still shown), `can(role)`, `messages()`,
+ * `pageMessage(text, ok)`, `confirmAction(label, name, fn)`.
+ */
+export function nodesPage(env) {
+  // The detail page shown, kept between refreshes so only new points are fetched.
+  let detail = { gen: -1, id: null, points: [], charts: null };
+
+  function removeButton(n) {
+    if (!env.can("administrator") || n.state !== "down") return null;
+    return env.confirmAction("Remove", nodeLabel(n), async () => {
+      await api("DELETE", `nodes/${encodeURIComponent(n.id)}`);
+      env.pageMessage(`${nodeLabel(n)} removed from the cluster`, true);
+      if (location.hash !== "#/nodes") location.hash = "#/nodes";
+    });
+  }
+
+  async function list(gen) {
+    const [nodes, vms] = await Promise.all([api("GET", "nodes"), api("GET", "vms")]);
+    if (!env.current(gen)) return undefined;
+    const admin = env.can("administrator");
+    const rows = nodes.map((n) => {
+      const d = disk(n);
+      const r = [
+        h("a", { href: `#/nodes/${encodeURIComponent(n.id)}` }, nodeLabel(n)),
+        stateTag(n.state),
+        `${(n.metrics?.cpu_percent ?? 0).toFixed(0)}% of ${n.metrics?.cpus ?? "?"}`,
+        `${bytes(n.metrics?.memory_used)} / ${bytes(n.metrics?.memory_total)}`,
+        h("span", {}, stateTag(n.storage?.state ?? "unknown"), d ? ` · ${bytes(d.available)} free of ${bytes(d.total)}` : ""),
+        String(vmsOn(vms, n).length),
+      ];
+      if (admin) r.push(h("td.actions", {}, removeButton(n)));
+      r.attrs = { "data-node": nodeLabel(n) };
+      return r;
+    });
+    replace(main, h("h1", {}, "Nodes"), env.messages(),
+      table("Nodes", ["Node", "State", "CPU", "Memory", "Storage", "VMs", admin ? "Actions" : null].filter(Boolean), rows, "No nodes."),
+      h("p.muted", {}, "A node's page shows its last hour: CPU, memory, disk and network. Only a node that is down can be removed."));
+    return 5000;
+  }
+
+  function skeleton(n) {
+    replace(main,
+      h("p", {}, h("a", { href: "#/nodes" }, "← Nodes")),
+      h("h1#node-title", {}, `Node ${nodeLabel(n)}`),
+      env.messages(),
+      h("section.card#node-summary", { "aria-label": "Summary" }),
+      h("h2", {}, "Last hour"),
+      h("p.muted#node-graphs-status", { role: "status" }),
+      h("div.charts#node-charts", {}, CHARTS.map((c) => h("figure.chart-card", {},
+        h("figcaption", {}, c.title, " ", h(`span.muted#chart-${c.id}-now`)),
+        h(`div.chart#chart-${c.id}`, { role: "img", "aria-label": `${c.title} over the last hour` })))),
+      h("h2", {}, "VMs on this node"),
+      h("div#node-vms"),
+      h("h2", {}, "Volumes on this node"),
+      h("div#node-volumes"));
+  }
+
+  function summary(n, vms) {
+    const d = disk(n);
+    const a = n.allocation ?? {};
+    replace(document.getElementById("node-summary"),
+      h("p", {}, stateTag(n.state), ` · id ${n.id}`, n.address ? ` · ${typeof n.address === "string" ? n.address : JSON.stringify(n.address)}` : ""),
+      h("p", {}, `CPU: ${(n.metrics?.cpu_percent ?? 0).toFixed(0)}% busy of ${n.metrics?.cpus ?? "?"} cores; ${a.vcpus_allocated ?? 0} vCPUs given to VMs`),
+      h("p", {}, `Memory: ${bytes(n.metrics?.memory_used)} used of ${bytes(n.metrics?.memory_total)}; VMs placed take ${bytes((a.memory_mib_allocated ?? 0) * 2 ** 20)}`),
+      h("p", {}, "Storage: ", stateTag(n.storage?.state ?? "unknown"), n.storage?.reason ? ` ${n.storage.reason}` : "",
+        d ? ` · ${bytes(d.total - d.available)} used, ${bytes(d.available)} free of ${bytes(d.total)}` : ""),
+      h("p", {}, `VMs: ${vms.length}`),
+      removeButton(n));
+  }
+
+  async function show(gen, id) {
+    const fresh = detail.gen !== gen || detail.id !== id || !document.getElementById("node-charts");
+    if (fresh) detail = { gen, id, points: [], charts: null };
+    const last = detail.points.at(-1)?.t_ms;
+    const [nodes, vms, volumes, hist] = await Promise.all([
+      api("GET", "nodes"), api("GET", "vms"), api("GET", "volumes"),
+      // A node that is down cannot answer for its history: the page says so and shows
+      // the rest.
+      api("GET", `nodes/${encodeURIComponent(id)}/metrics${last ? `?since=${last}` : ""}`).catch((e) => e),
+    ]);
+    if (!env.current(gen)) return undefined;
+    const n = nodes.find((x) => x.id === id || x.name === id);
+    if (!n) {
+      replace(main, h("h1", {}, "No such node"), h("p", {}, `No node ${id} in the cluster. `, h("a", { href: "#/nodes" }, "Nodes")));
+      return "manual";
+    }
+    if (fresh || !document.getElementById("node-charts")) skeleton(n);
+    document.title = `Tessera · node ${nodeLabel(n)}`;
+    const mine = vmsOn(vms, n);
+    summary(n, mine);
+    replace(document.getElementById("node-vms"), table("VMs on this node", ["Name", "State", "vCPUs", "Memory", "Disks"],
+      mine.map((v) => Object.assign([v.name, stateTag(v.actual_state), String(v.vcpus), `${v.memory_mib} MiB`, v.disks.join(", ") || "–"],
+        { attrs: { "data-vm": v.name } })), "No VM runs or is placed here."));
+    replace(document.getElementById("node-volumes"), table("Volumes on this node", ["Name", "Size", "State", "Copy", "Attached to"],
+      volumesOn(volumes, n).map((v) => Object.assign([v.name, bytes(v.size_bytes), stateTag(v.state),
+        v.node === n.id ? (v.replication?.copies?.length > 1 ? "primary" : "only copy") : "replica", v.attached_to ?? "–"],
+      { attrs: { "data-volume": v.name } })), "No volume is stored here."));
+    const status = document.getElementById("node-graphs-status");
+    if (hist instanceof Error) {
+      if (hist.status === 401) throw hist;
+      status.textContent = `The history could not be read: ${hist.message}`;
+    } else {
+      const merged = detail.points.concat(hist.points);
+      const newest = merged.at(-1)?.t_ms ?? 0;
+      detail.points = merged.filter((p) => p.t_ms > newest - HOUR_MS);
+      status.textContent = detail.points.length
+        ? `${detail.points.length} points, every ${hist.interval_s} s; refreshed every ${REFRESH_MS / 1000} s.`
+        : "No points yet: the node takes one every 10 s.";
+    }
+    if (!detail.charts) {
+      const uPlot = await loadCharts();
+      if (!env.current(gen) || !document.getElementById("node-charts")) return undefined;
+      detail.charts = CHARTS.map((c) => lineChart(uPlot, document.getElementById(`chart-${c.id}`), c));
+    }
+    const latest = detail.points.at(-1);
+    CHARTS.forEach((c, i) => {
+      detail.charts[i].set(detail.points);
+      const now = latest ? c.series.map((s) => {
+        const v = s.value(latest);
+        return `${s.label.toLowerCase()} ${v === null || v === undefined ? "–" : c.fmt(v)}`;
+      }).join(", ") : "";
+      document.getElementById(`chart-${c.id}-now`).textContent = now ? `(now: ${now})` : "";
+    });
+    return REFRESH_MS;
+  }
+
+  return async (gen) => {
+    const id = decodeURIComponent(location.hash.replace(/^#\/?/, "").split("/")[1] ?? "");
+    return id ? show(gen, id) : list(gen);
+  };
+}
