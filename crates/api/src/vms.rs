@@ -33,6 +33,9 @@ pub enum VmState {
     /// It stopped without being asked to (see `state_reason`), and its restart policy
     /// does not (or no longer does) restart it.
     Crashed,
+    /// The node that last reported it is down: what it does there is not known (a VM
+    /// without `ha` stays placed there until the node is back).
+    Unknown,
 }
 
 /// What the node does when a VM's VMM ends without being asked to.
@@ -134,6 +137,13 @@ pub struct Vm {
     /// it is forced (30 s if unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_timeout_s: Option<u32>,
+    /// High availability: when its node fails, the cluster fences its volumes (raises
+    /// their generations) and starts it on another node (docs/ha.md).
+    #[serde(default)]
+    pub ha: bool,
+    /// Among HA VMs restarted after a failure, higher is placed first when room is short.
+    #[serde(default)]
+    pub priority: u32,
     /// Bumped by every update.
     pub generation: u64,
     /// Created (ms since the epoch).
@@ -240,6 +250,17 @@ pub struct NewVm {
     )]
     #[schema(minimum = 1, maximum = 3600)]
     pub stop_timeout_s: Option<u32>,
+    /// High availability (default false): restarted on another node when its node fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<bool>,
+    /// Restart priority among HA VMs, 0-1000 (default 0; higher first).
+    #[serde(
+        default,
+        deserialize_with = "priority",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(minimum = 0, maximum = 1000)]
+    pub priority: Option<u32>,
 }
 
 /// The longest `stop_timeout_s`.
@@ -252,6 +273,20 @@ fn stop_timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D
         Some(s) if !(1..=MAX_STOP_TIMEOUT_S).contains(&s) => Err(serde::de::Error::custom(
             format!("stop_timeout_s must be 1 to {MAX_STOP_TIMEOUT_S} seconds, not {s}"),
         )),
+        v => Ok(v),
+    }
+}
+
+/// The highest `priority`.
+pub const MAX_PRIORITY: u32 = 1000;
+
+/// `priority`: an integer from 0 to [`MAX_PRIORITY`].
+fn priority<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let v: Option<u32> = crate::strict::opt_int(d)?;
+    match v {
+        Some(p) if p > MAX_PRIORITY => Err(serde::de::Error::custom(format!(
+            "priority must be 0 to {MAX_PRIORITY}, not {p}"
+        ))),
         v => Ok(v),
     }
 }
@@ -306,6 +341,17 @@ pub struct VmUpdate {
     /// What its node does when its VMM ends unasked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_policy: Option<RestartPolicy>,
+    /// High availability: restarted on another node when its node fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<bool>,
+    /// Restart priority among HA VMs, 0-1000 (higher first).
+    #[serde(
+        default,
+        deserialize_with = "priority",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(minimum = 0, maximum = 1000)]
+    pub priority: Option<u32>,
     /// If given, the update applies only to this generation (optimistic locking).
     #[serde(
         default,
@@ -339,5 +385,21 @@ mod tests {
         }
         let err = new_vm(r#","stop_timeout_s":0"#).unwrap_err();
         assert!(err.contains("stop_timeout_s must be 1 to 3600"), "{err}");
+    }
+
+    #[test]
+    fn ha_is_a_bool_and_priority_0_to_1000() {
+        let v = new_vm(r#","ha":true,"priority":7"#).unwrap();
+        assert_eq!((v.ha, v.priority), (Some(true), Some(7)));
+        let v = new_vm("").unwrap();
+        assert_eq!((v.ha, v.priority), (None, None));
+        for bad in [
+            r#","ha":"yes""#,
+            r#","ha":1"#,
+            r#","priority":1001"#,
+            r#","priority":-1"#,
+        ] {
+            assert!(new_vm(bad).is_err(), "{bad} accepted");
+        }
     }
 }

@@ -248,6 +248,12 @@ pub enum VmCmd {
         /// default 30).
         #[arg(long)]
         stop_timeout: Option<u32>,
+        /// High availability: restarted on another node when its node fails.
+        #[arg(long)]
+        ha: bool,
+        /// Restart priority among HA VMs, 0-1000 (higher first; default 0).
+        #[arg(long)]
+        priority: Option<u32>,
     },
     /// Make a stopped VM a template (it can no longer start; `vm create --from` copies it).
     Template {
@@ -280,6 +286,12 @@ pub enum VmCmd {
         /// never, on-crash or always.
         #[arg(long, value_parser = parse_restart_policy)]
         restart_policy: Option<RestartPolicy>,
+        /// High availability on (true) or off (false).
+        #[arg(long)]
+        ha: Option<bool>,
+        /// Restart priority among HA VMs, 0-1000 (higher first).
+        #[arg(long)]
+        priority: Option<u32>,
     },
     /// Delete a VM definition (its volumes stay).
     Rm {

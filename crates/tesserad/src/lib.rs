@@ -25,6 +25,7 @@
 mod api;
 mod bootstrap;
 mod discovery;
+mod ha;
 mod health;
 mod housekeeping;
 mod images;
@@ -136,6 +137,12 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
             api: seed.management.api_address(),
             management: seed.management.address,
         },
+    );
+    ha::start(
+        shared.clone(),
+        me.0.clone(),
+        heard.clone(),
+        seed.data_dir.clone(),
     );
     images::start(
         shared.clone(),

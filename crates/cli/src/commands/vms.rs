@@ -32,6 +32,8 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
             node,
             restart_policy,
             stop_timeout,
+            ha,
+            priority,
         } => {
             let node = node.map(|n| resolve(client, &n)).transpose()?;
             // From a template: its size unless given (the API copies the rest).
@@ -54,6 +56,8 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
                 desired_state: None,
                 restart_policy,
                 stop_timeout_s: stop_timeout,
+                ha: ha.then_some(true),
+                priority,
             };
             let v = client.send(VM_CREATE, &[], &body)?;
             show(client, VM_CREATE, &v, out)?;
@@ -100,6 +104,8 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
             disks,
             desired_state,
             restart_policy,
+            ha,
+            priority,
         } => {
             let update = VmUpdate {
                 vcpus,
@@ -107,6 +113,8 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
                 disks,
                 desired_state,
                 restart_policy,
+                ha,
+                priority,
                 ..VmUpdate::default()
             };
             let v = client.send(VM_SET, &[&name], &update)?;
@@ -211,6 +219,8 @@ fn show(client: &Client, ep: Ep, v: &Value, out: Output) -> anyhow::Result<()> {
         },
     );
     line("restart_policy", word(&vm.restart_policy));
+    line("ha", vm.ha.to_string());
+    line("priority", vm.priority.to_string());
     line("generation", vm.generation.to_string());
     Ok(())
 }

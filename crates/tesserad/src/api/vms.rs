@@ -142,6 +142,11 @@ pub(super) fn with_status(n: &tessera_state::Node, mut vm: Vm) -> Result<Vm, Api
         Some(s) => {
             vm.actual_state = s.state;
             vm.state_reason = s.reason;
+            // What a node that is down last said is not what its VM does now.
+            if let Some(why) = crate::ha::reporter_down(&s.node, s.state) {
+                vm.actual_state = VmState::Unknown;
+                vm.state_reason = Some(why);
+            }
             vm.running_on = Some(s.node);
         }
         None if meant_to_run => vm.actual_state = VmState::Starting,
@@ -306,6 +311,8 @@ pub async fn create(
         stop_timeout_s: req
             .stop_timeout_s
             .or_else(|| t.and_then(|t| t.stop_timeout_s)),
+        ha: req.ha.or(t.map(|t| t.ha)).unwrap_or(false),
+        priority: req.priority.or(t.map(|t| t.priority)).unwrap_or(0),
         generation: 1,
         created_ms: now,
         updated_ms: now,
@@ -557,6 +564,8 @@ pub async fn update(
     if let Some(r) = req.restart_policy {
         vm.restart_policy = r;
     }
+    vm.ha = req.ha.unwrap_or(vm.ha);
+    vm.priority = req.priority.unwrap_or(vm.priority);
     vm.generation += 1;
     vm.updated_ms = now_ms();
     validate(&n, &vm)?;

@@ -165,6 +165,10 @@ impl Reconciler {
     }
 
     async fn tick(&mut self) {
+        // Cut off from the majority: the HA guard has stopped the VMMs; start none.
+        if crate::ha::fenced() {
+            return;
+        }
         let vms: Vec<Vm> = self.node.state.read(|t| {
             t.get(VMS)
                 .map(|t| {

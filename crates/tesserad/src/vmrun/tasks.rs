@@ -33,6 +33,7 @@ fn state_word(s: VmState) -> &'static str {
         VmState::Stopping => "stopping",
         VmState::Stopped => "stopped",
         VmState::Crashed => "crashed",
+        VmState::Unknown => "unknown",
     }
 }
 
