@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use fantoccini::actions::{InputSource, KeyAction, KeyActions};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 use tessera_tests::devcluster::DevCluster;
@@ -23,6 +24,8 @@ use tessera_tests::{free_port, require};
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
 const NEW_PASSWORD: &str = "console-test-password-1";
 const AUDITOR_PASSWORD: &str = "auditor-first-password";
+/// The viewer's password after the administrator resets it in the console.
+const AUDITOR_RESET: &str = "auditor-reset-password";
 const AUDITOR_NEW: &str = "auditor-own-password-22";
 
 /// chromedriver, stopped with the test.
@@ -318,6 +321,23 @@ async fn story(c: &Client, initial: &str, ca: &str) {
     log_in(c, n1, "admin", initial).await;
     el(c, "#password-form").await;
     shot(c, "password").await;
+    // Who am I: the session's user, realm, role and expiry, even before the change.
+    let (code, me) = fetch(c, "GET", "session", None).await;
+    assert_eq!(code, 200, "{me}");
+    assert_eq!(me["user"], "admin", "{me}");
+    assert_eq!(me["realm"], "local", "{me}");
+    assert_eq!(me["role"], "administrator", "{me}");
+    assert_eq!(me["kind"], "session", "{me}");
+    assert_eq!(me["must_change_password"], true, "{me}");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let left_ms = me["expires_ms"].as_u64().unwrap().saturating_sub(now_ms);
+    assert!(
+        (7 * 3600 * 1000..=8 * 3600 * 1000 + 60_000).contains(&left_ms),
+        "{me}"
+    );
     // A bad new password: the API's words next to the field.
     fill(c, "#password-form", "old_password", initial).await;
     fill(c, "#password-form", "new_password", "short").await;
@@ -334,6 +354,17 @@ async fn story(c: &Client, initial: &str, ca: &str) {
     change_password(c, initial, NEW_PASSWORD).await;
     only_own_origin(c).await;
     shot(c, "dashboard").await;
+    assert_eq!(
+        fetch(c, "GET", "session", None).await.1["must_change_password"],
+        false
+    );
+    // The header names the user and role from GET /session.
+    wait_js(
+        c,
+        "return document.getElementById('who').textContent === 'admin (administrator)'",
+        "the header's admin (administrator)",
+    )
+    .await;
 
     // A volume, watched to the end on the page and on the Tasks page.
     go(c, n1, "volumes").await;
@@ -384,11 +415,12 @@ async fn story(c: &Client, initial: &str, ca: &str) {
     select(c, "#vm-create", "disk_mode", "existing").await;
     select(c, "#vm-create", "disks", "web-data").await;
     fill(c, "#vm-create", "kernel", GUEST).await;
+    // The echo mode answers each typed line in upper case (the console check below).
     fill(
         c,
         "#vm-create",
         "cmdline",
-        "console=ttyS0 tessera.mode=count",
+        "console=ttyS0 tessera.mode=echo",
     )
     .await;
     submit(c, "#vm-create").await;
@@ -413,6 +445,8 @@ async fn story(c: &Client, initial: &str, ca: &str) {
     )
     .await;
     shot(c, "vms").await;
+    vm_page_and_console(c, n1).await;
+    go(c, n1, "vms").await;
     click(c, "tr[data-vm=\"guest\"] button[data-action=stop]").await;
     wait_js(
         c,
@@ -428,6 +462,16 @@ async fn story(c: &Client, initial: &str, ca: &str) {
     select(c, "#user-create", "role", "auditor").await;
     submit(c, "#user-create").await;
     el(c, "tr[data-user=\"viewer\"]").await;
+    // The administrator resets the viewer's password; the viewer logs in with it below.
+    select(c, "#password-reset", "username", "viewer").await;
+    fill(c, "#password-reset", "password", AUDITOR_RESET).await;
+    submit(c, "#password-reset").await;
+    wait_js(
+        c,
+        "const m = document.querySelector('#messages .notice'); return m && m.textContent.includes(\"viewer's password was reset\")",
+        "the reset's notice",
+    )
+    .await;
     select(c, "#token-create", "role", "operator").await;
     submit(c, "#token-create").await;
     let secret = wait_js(
@@ -438,6 +482,7 @@ async fn story(c: &Client, initial: &str, ca: &str) {
     .await;
     let secret = secret.as_str().unwrap().to_string();
     shot(c, "access").await;
+    networks(c, n1).await;
 
     // Another node's console: its own login (cookies are per origin), the same data.
     log_in(c, n2, "admin", NEW_PASSWORD).await;
@@ -517,8 +562,22 @@ async fn story(c: &Client, initial: &str, ca: &str) {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
 
     // The auditor on node 3: forced password change, then no action anywhere.
+    // The first password no longer works: the reset replaced it.
     log_in(c, n3, "viewer", AUDITOR_PASSWORD).await;
-    change_password(c, AUDITOR_PASSWORD, AUDITOR_NEW).await;
+    wait_js(
+        c,
+        "const a = document.querySelector('#login-form .form-error'); return a && !a.hidden && a.textContent",
+        "the refusal of the viewer's old password",
+    )
+    .await;
+    log_in(c, n3, "viewer", AUDITOR_RESET).await;
+    change_password(c, AUDITOR_RESET, AUDITOR_NEW).await;
+    wait_js(
+        c,
+        "return document.getElementById('who').textContent === 'viewer (auditor)'",
+        "the header's viewer (auditor)",
+    )
+    .await;
     for page in ["vms", "volumes"] {
         go(c, n3, page).await;
         wait_js(
@@ -540,6 +599,22 @@ async fn story(c: &Client, initial: &str, ca: &str) {
             shot(c, "auditor-vms").await;
         }
     }
+    // The VM's page: the facts, no action, no console (it needs Operator).
+    go(c, n3, "vm/guest").await;
+    el(c, "#vm-config").await;
+    el(c, "#console-off, #vm-console .muted").await;
+    let buttons = c
+        .execute(
+            "return [...document.querySelectorAll('main button, main form')].map(e => e.outerHTML.slice(0, 80))",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        buttons,
+        json!([]),
+        "the auditor sees actions on the VM's page"
+    );
     let hidden = c
         .execute(
             "return document.getElementById('nav-access').hidden",
@@ -576,4 +651,167 @@ async fn story(c: &Client, initial: &str, ca: &str) {
     el(c, "#logout").await.click().await.unwrap();
     el(c, "#login-form").await;
     assert_eq!(fetch(c, "GET", "cluster", None).await.0, 401);
+    assert_eq!(fetch(c, "GET", "session", None).await.0, 401);
+    contact_sheet(c).await;
+}
+
+/// The guest's page (it runs, in echo mode): its configuration, disk, no NIC, its start
+/// task, and the serial console in xterm.js: the guest's output arrives, and a line typed
+/// on the keyboard reaches the guest, which answers it in upper case.
+async fn vm_page_and_console(c: &Client, origin: &str) {
+    // What the policy refuses on this page, from here on.
+    c.execute(
+        "window.refused = []; document.addEventListener('securitypolicyviolation', \
+         e => window.refused.push(e.effectiveDirective + ' ' + e.blockedURI))",
+        vec![],
+    )
+    .await
+    .unwrap();
+    // Navigating by the list's link (same page, no reload).
+    click(c, "tr[data-vm=\"guest\"] a[href=\"#/vm/guest\"]").await;
+    el(c, "#vm-config").await;
+    let text = wait_js(
+        c,
+        "const i = document.getElementById('vm-info'); return i && i.innerText.includes('web-data') && i.innerText",
+        "the guest's page with its disk",
+    )
+    .await;
+    let text = text.as_str().unwrap();
+    assert!(text.contains("console=ttyS0 tessera.mode=echo"), "{text}");
+    assert!(text.contains("No NICs"), "{text}");
+    wait_js(
+        c,
+        "return [...document.querySelectorAll('#vm-info tr[data-state=succeeded]')].some(r => r.innerText.startsWith('start'))",
+        "the start task in the VM's history",
+    )
+    .await;
+    // The console: what the guest printed since boot (the scrollback), through xterm.
+    wait_js(
+        c,
+        "const r = document.querySelector('#console-screen .xterm-rows'); return r && r.innerText.includes('echo ready')",
+        "the guest's output in the terminal",
+    )
+    .await;
+    wait_js(
+        c,
+        "return document.getElementById('console-screen').dataset.connected === '1'",
+        "the console connected",
+    )
+    .await;
+    // xterm's own rules apply although the policy refused its inline <style>: they were
+    // adopted as constructed sheets (a row's font is xterm's monospace one, not the page's).
+    let font = c
+        .execute(
+            "return getComputedStyle(document.querySelector('#console-screen .xterm-rows')).fontFamily",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(font.as_str().unwrap().contains("monospace"), "{font}");
+    // Typing: the keyboard (WebDriver key actions) into xterm's focused input; Enter
+    // ends the line.
+    c.execute(
+        "document.querySelector('#console-screen .xterm-helper-textarea').focus()",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let mut keys = KeyActions::new("keyboard".into());
+    for ch in "hello tessera\u{E007}".chars() {
+        keys = keys
+            .then(KeyAction::Down { value: ch })
+            .then(KeyAction::Up { value: ch });
+    }
+    c.perform_actions(keys).await.unwrap();
+    wait_js(
+        c,
+        "return document.querySelector('#console-screen .xterm-rows').innerText.includes('echo: HELLO TESSERA')",
+        "the guest's answer to the typed line",
+    )
+    .await;
+    shot(c, "vm-detail").await;
+    // The only things refused were xterm's inline <style> elements (their rules were
+    // adopted instead): no script, connection or stylesheet from elsewhere.
+    let refused = c.execute("return window.refused", vec![]).await.unwrap();
+    for r in refused.as_array().unwrap() {
+        assert_eq!(r, "style-src-elem inline", "{refused}");
+    }
+    only_own_origin(c).await;
+    // Leaving the page ends the console's connection (no socket left behind).
+    go(c, origin, "vms").await;
+    el(c, "#vm-list").await;
+}
+
+/// Networks: create one, see it listed, delete it (the button asks twice).
+async fn networks(c: &Client, origin: &str) {
+    go(c, origin, "networks").await;
+    fill(c, "#network-create", "name", "lan").await;
+    fill(c, "#network-create", "bridge", "br-lan").await;
+    submit(c, "#network-create").await;
+    let row = wait_js(
+        c,
+        "const r = document.querySelector('tr[data-network=\"lan\"]'); return r && r.innerText",
+        "network lan listed",
+    )
+    .await;
+    assert!(row.as_str().unwrap().contains("br-lan"), "{row}");
+    shot(c, "networks").await;
+    let del = "tr[data-network=\"lan\"] button[data-action=delete]";
+    click(c, del).await;
+    wait_js(
+        c,
+        &format!(
+            "const b = document.querySelector({}); return b && b.textContent.startsWith('Confirm')",
+            json!(del)
+        ),
+        "the delete button armed",
+    )
+    .await;
+    click(c, del).await;
+    wait_js(
+        c,
+        "return !document.querySelector('tr[data-network=\"lan\"]')",
+        "network lan gone",
+    )
+    .await;
+    assert_eq!(fetch(c, "GET", "networks/lan", None).await.0, 404);
+}
+
+/// One page of every screenshot, tiled with its name: `contact-sheet.html` next to them,
+/// and `contact-sheet.png`, that page as the browser draws it.
+async fn contact_sheet(c: &Client) {
+    let dir = screenshots_dir();
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".png") && n != "contact-sheet.png")
+        .collect();
+    names.sort();
+    let tiles: String = names
+        .iter()
+        .map(|n| {
+            format!(
+                "<figure><img src=\"{n}\" alt=\"{n}\"><figcaption>{}</figcaption></figure>\n",
+                n.trim_end_matches(".png")
+            )
+        })
+        .collect();
+    let page = format!(
+        "<!doctype html><meta charset=utf-8><title>Tessera console screenshots</title>\n\
+         <style>body{{font:13px sans-serif;margin:8px;display:grid;\
+         grid-template-columns:repeat(4,300px);gap:8px}}figure{{margin:0}}\
+         img{{width:300px;border:1px solid #999}}</style>\n{tiles}"
+    );
+    let html = dir.join("contact-sheet.html");
+    std::fs::write(&html, page).unwrap();
+    c.set_window_size(1280, 1400).await.unwrap();
+    c.goto(&format!("file://{}", html.display())).await.unwrap();
+    wait_js(
+        c,
+        "return [...document.images].every(i => i.complete && i.naturalWidth > 0)",
+        "the contact sheet's images",
+    )
+    .await;
+    shot(c, "contact-sheet").await;
+    println!("contact sheet: {}", dir.join("contact-sheet.png").display());
 }

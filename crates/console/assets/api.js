@@ -66,23 +66,12 @@ export async function waitTask(id, progress = () => {}, limitMs = 120000) {
 }
 
 /**
- * The caller's role. The API has no "who am I" endpoint yet, so the console asks what it
- * may do: listing users needs Administrator; a VM create with an empty body is refused
- * with 403 below Operator and with 400 (the body) at Operator, changing nothing.
+ * Who is calling (`GET /session`): user, realm, role in effect, kind of credentials,
+ * expiry and whether the password must change first. Quiet: a 401 is the caller's to
+ * handle (the login page).
  */
-export async function probeRole() {
-  try {
-    await api("GET", "users", undefined, { quiet: true });
-    return "administrator";
-  } catch (e) {
-    if (e.status !== 403) throw e;
-  }
-  try {
-    await api("POST", "vms", {}, { quiet: true });
-    return "operator";
-  } catch (e) {
-    return e.status === 403 ? "auditor" : "operator";
-  }
+export function whoami() {
+  return api("GET", "session", undefined, { quiet: true });
 }
 
 /** The live event stream (SSE); `onEvent(event)` for each, reconnecting from the last id. */

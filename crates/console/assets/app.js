@@ -1,8 +1,10 @@
 // The Tessera web console: one page, a view per hash route, everything from the REST API.
-// Plain ES modules, no build step, no third-party code.
+// Plain ES modules, no build step; third-party code (vendor/) only where a page needs it.
 
 import { h, replace, field, table, bytes, when, stateTag } from "./dom.js";
-import { api, setHandlers, probeRole, waitTask, eventStream } from "./api.js";
+import { api, setHandlers, whoami, waitTask, eventStream } from "./api.js";
+import { vmPage } from "./vm.js";
+import { networksPage } from "./networks.js";
 import { nodesPage } from "./nodes.js";
 
 const main = document.getElementById("main");
@@ -16,6 +18,8 @@ const VM_STATES = ["starting", "running", "paused", "stopping", "stopped", "cras
 
 const session = {
   role: null, // null: not known to be logged in
+  me: null, // GET /session: user, realm, role, expiry
+  leave: [], // the current view's clean-ups when the user navigates away
   stream: null,
   timer: null,
   refresh: null, // the current view's reload
@@ -174,9 +178,11 @@ async function followTask(task, slot, what) {
 
 // ---------------------------------------------------------------- session
 
-async function startSession() {
-  session.role = await probeRole();
-  who.textContent = `${sessionStorage.getItem("tessera-user") ?? "signed in"} (${session.role})`;
+async function startSession(me) {
+  session.me = me;
+  session.role = me.role;
+  who.textContent = `${me.user} (${me.role})`;
+  who.title = `${me.kind === "token" ? "API token" : "Session"} until ${when(me.expires_ms)}`;
   who.hidden = false;
   nav.hidden = false;
   logoutButton.hidden = false;
@@ -190,6 +196,7 @@ async function startSession() {
 
 function endSession() {
   session.role = null;
+  session.me = null;
   session.stream?.close();
   session.stream = null;
   nav.hidden = true;
@@ -227,19 +234,37 @@ logoutButton.addEventListener("click", async () => {
 function loginView() {
   const user = h("input", { name: "username", autocomplete: "username", required: true, value: sessionStorage.getItem("tessera-user") ?? "" });
   const pw = h("input", { name: "password", type: "password", autocomplete: "current-password", required: true });
+  // The second step, shown when the API answers that this user needs a code.
+  const totp = h("input", { name: "totp", autocomplete: "one-time-code", inputmode: "numeric", maxlength: "64" });
+  const totpBox = h("div", { hidden: true }, field("Code", totp, "Your authenticator app's six digits, or a recovery code."));
   const form = h("form.card#login-form", {
     onsubmit: (ev) => {
       ev.preventDefault();
+      const [u, p, code] = [user.value, pw.value, totp.value.trim()];
       submit(form, async () => {
-        const r = await api("POST", "login", { username: user.value, password: pw.value }, { quiet: true });
-        sessionStorage.setItem("tessera-user", user.value);
+        const body = { username: u, password: p };
+        if (code) body.totp = code;
+        let r;
+        try {
+          r = await api("POST", "login", body, { quiet: true });
+        } catch (e) {
+          if (e.status === 401 && /second factor/.test(e.message)) {
+            // Password right, code missing or wrong: ask for the code (a refused submit
+            // keeps what was typed).
+            totpBox.hidden = false;
+            throw Object.assign(new Error(e.message), { field: "totp" });
+          }
+          throw e;
+        }
+        sessionStorage.setItem("tessera-user", u);
         location.hash = r.must_change_password ? "#/password" : "#/";
       });
     },
   },
   h("h1", {}, "Log in"),
-  field("User name", user),
+  field("User name", user, "A directory (LDAP) user logs in as name@realm; a local user by name alone."),
   field("Password", pw),
+  totpBox,
   formError(),
   h("p", {}, h("button", { type: "submit" }, "Log in")));
   const help = h("section.card", {},
@@ -371,7 +396,8 @@ function eventTable(events) {
 }
 
 async function vmsView(gen) {
-  const [vms, nodes, volumes] = await Promise.all([api("GET", "vms"), api("GET", "nodes"), api("GET", "volumes")]);
+  const [vms, nodes, volumes, images, networks] = await Promise.all([api("GET", "vms"), api("GET", "nodes"), api("GET", "volumes"),
+    api("GET", "images"), api("GET", "networks")]);
   if (gen !== session.generation) return;
   const filter = document.getElementById("vm-filter") ?? h("input#vm-filter", { type: "search", name: "filter", placeholder: "name, node or disk" });
   const stateSel = document.getElementById("vm-state") ?? h("select#vm-state", { name: "state" }, h("option", { value: "" }, "Any state"),
@@ -385,7 +411,7 @@ async function vmsView(gen) {
     replace(list, table("VMs", ["Name", "State", "Node", "vCPUs", "Memory", "Disks", can("operator") ? "Actions" : null].filter(Boolean),
       shown.map((v) => {
         const r = [
-          v.name,
+          h("a", { href: `#/vm/${encodeURIComponent(v.name)}` }, v.name),
           h("span", {}, stateTag(v.actual_state), v.desired_state !== v.actual_state ? h("span.muted", {}, ` → ${v.desired_state}`) : "",
             v.state_reason ? h("div.muted", {}, v.state_reason) : null),
           nodeName(nodes, v.running_on ?? v.placed_on ?? v.node),
@@ -400,7 +426,7 @@ async function vmsView(gen) {
   stateSel.onchange = draw;
   draw();
   const parts = [h("h1", {}, "Virtual machines"), messages(), searchRow, list];
-  if (can("operator")) parts.push(keep("vm-create", vmCreateForm(nodes, volumes)));
+  if (can("operator")) parts.push(keep("vm-create", vmCreateForm(nodes, volumes, { vms, images, networks })));
   const focused = document.activeElement;
   replace(main, ...parts);
   if (focused && main.contains(focused)) focused.focus();
@@ -423,13 +449,15 @@ function vmActions(v) {
     out.push(confirmAction("Delete", v.name, async () => {
       await api("DELETE", `vms/${encodeURIComponent(v.name)}`);
       pageMessage(`${v.name} deleted`, true);
-      session.refresh?.();
+      // Its own page has nothing left to show.
+      if (location.hash.startsWith("#/vm/")) location.hash = "#/vms";
+      else session.refresh?.();
     }));
   }
   return out;
 }
 
-function vmCreateForm(nodes, volumes) {
+function vmCreateForm(nodes, volumes, { vms, images, networks }) {
   const name = h("input", { name: "name", required: true, autocomplete: "off" });
   const vcpus = h("input", { name: "vcpus", type: "number", min: "1", max: "32", value: "1", required: true });
   const mem = h("input", { name: "memory_mib", type: "number", min: "16", value: "256", required: true });
@@ -448,6 +476,28 @@ function vmCreateForm(nodes, volumes) {
     oldBox.hidden = diskMode.value !== "existing";
   });
   const kernel = h("input", { name: "kernel", autocomplete: "off", placeholder: "/var/lib/tessera/images/vmlinux" });
+  // Boot: an uploaded image where there is one (every node has a copy), else a kernel path.
+  const ready = images.filter((i) => !i.deleting);
+  const boot = h("select", { name: "image" },
+    ready.map((i) => h("option", { value: i.name }, `Image ${i.name}${i.cmdline ? ` (${i.cmdline})` : ""}`)),
+    h("option", { value: "" }, "A kernel path on the node"));
+  const kernelBox = h("div.row", { hidden: ready.length > 0 }, field("Kernel (path on the node)", kernel));
+  boot.addEventListener("change", () => { kernelBox.hidden = boot.value !== ""; });
+  // A template's copy: its spec and its disks cloned copy-on-write (the API's `from`).
+  const templates = vms.filter((v) => v.template);
+  const from = h("select", { name: "from" }, h("option", { value: "" }, "No template"),
+    templates.map((t) => h("option", { value: t.name }, t.name)));
+  const diskChoice = h("div#disk-choice", {}, field("Disk", diskMode, "A new volume is named <vm>-disk."), newBox, oldBox);
+  const bootBox = h("div", {}, field("Boot", boot));
+  from.addEventListener("change", () => {
+    // A copy boots what its template boots, on copies of its disks.
+    diskChoice.hidden = bootBox.hidden = from.value !== "";
+    kernelBox.hidden = from.value !== "" || boot.value !== "";
+  });
+  const nets = h("fieldset.nets", {}, h("legend", {}, "Networks (one NIC each)"),
+    networks.length ? networks.filter((n) => !n.deleting).map((n) => h("label.check", {},
+      h("input", { type: "checkbox", name: "networks", value: n.name }), ` ${n.name} (${n.bridge}${n.vlan ? `, VLAN ${n.vlan}` : ""})`))
+      : h("p.muted", {}, "No networks defined (see Networks)."));
   const cmdline = h("input", { name: "cmdline", autocomplete: "off", placeholder: "console=ttyS0" });
   const pin = nodeSelect(nodes, "node", "Any node");
   const status = h("div", { "aria-live": "polite" });
@@ -456,14 +506,18 @@ function vmCreateForm(nodes, volumes) {
       ev.preventDefault();
       submit(form, async () => {
         const body = { name: name.value, vcpus: Number(vcpus.value), memory_mib: Number(mem.value), disks: [] };
-        if (kernel.value) body.kernel = kernel.value;
+        body.networks = [...nets.querySelectorAll("input:checked")].map((c) => c.value);
+        if (from.value) { /* the template's boot */ } else if (boot.value) body.image = boot.value;
+        else if (kernel.value) body.kernel = kernel.value;
         if (cmdline.value) body.cmdline = cmdline.value;
         if (pin.value) body.node = pin.value;
-        if (diskMode.value === "existing") {
+        if (from.value) {
+          body.from = from.value;
+        } else if (diskMode.value === "existing") {
           if (!existing.value) throw Object.assign(new Error("disks: choose a volume"), { field: "disks" });
           body.disks = [existing.value];
         }
-        if (diskMode.value === "new") {
+        if (!from.value && diskMode.value === "new") {
           const vol = { name: `${name.value}-disk`, size_bytes: size.bytes() };
           if (volNode.value) vol.node = volNode.value;
           const task = await api("POST", "volumes", vol);
@@ -480,8 +534,10 @@ function vmCreateForm(nodes, volumes) {
   },
   h("h2", {}, "Create a VM"),
   h("div.row", {}, field("Name", name), field("vCPUs", vcpus), field("Memory (MiB)", mem)),
-  field("Disk", diskMode, "A new volume is named <vm>-disk."), newBox, oldBox,
-  h("div.row", {}, field("Kernel (path on the node)", kernel), field("Kernel command line", cmdline), field("Pin to node", pin)),
+  templates.length ? field("Copy of template", from, "Its settings and its disks, cloned (<vm>-disk<N>).") : null,
+  diskChoice,
+  h("div.row", {}, bootBox, field("Kernel command line", cmdline), field("Pin to node", pin)),
+  kernelBox, nets,
   formError(), status,
   h("p", {}, h("button", { type: "submit" }, "Create VM")));
   return form;
@@ -663,6 +719,7 @@ async function accessView(gen) {
   replace(main, h("h1", {}, "Users and tokens"), messages(),
     h("h2", {}, "Users"), table("Users", ["User", "Role", "Must change password", "Actions"], userRows),
     keep("user-create", userForm()),
+    keep("password-reset", resetForm(users)),
     h("h2", {}, "API tokens"), secret ?? h("div#token-secret", { "aria-live": "polite" }),
     table("API tokens", ["Id", "User", "Role", "Expires", "Actions"], tokenRows, "No API tokens."),
     keep("token-create", tokenForm()));
@@ -683,6 +740,25 @@ function userForm() {
     },
   }, h("h2", {}, "Create a user"), h("div.row", {}, field("User name", name), field("Initial password", pw), field("Role", role)),
   formError(), h("p", {}, h("button", { type: "submit" }, "Create user")));
+  return form;
+}
+
+/** An administrator sets another user's password; the user must change it at its next login. */
+function resetForm(users) {
+  const user = h("select", { name: "username" }, users.map((u) => h("option", { value: u.username }, u.username)));
+  const pw = h("input", { name: "password", type: "password", required: true, autocomplete: "new-password" });
+  const form = h("form.card#password-reset", {
+    onsubmit: (ev) => {
+      ev.preventDefault();
+      const name = user.value;
+      submit(form, async () => {
+        await api("PATCH", `users/${encodeURIComponent(name)}`, { password: pw.value });
+        pageMessage(`${name}'s password was reset: their sessions and tokens ended, and they must choose a new password at their next login`, true);
+        session.refresh?.();
+      });
+    },
+  }, h("h2", {}, "Reset a password"), h("div.row", {}, field("User", user), field("New password", pw, "12 to 1024 characters; tell the user over a channel you trust.")),
+  formError(), h("p", {}, h("button", { type: "submit" }, "Reset password")));
   return form;
 }
 
@@ -710,6 +786,10 @@ function tokenForm() {
 
 const VIEWS = {
   "": dashboardView, vms: vmsView, volumes: volumesView, tasks: tasksView, events: eventsView, access: accessView,
+  vm: vmPage({ current: (gen) => gen === session.generation, can, messages, vmActions, nodeName,
+    onLeave: (f) => session.leave.push(f) }),
+  networks: networksPage({ current: (gen) => gen === session.generation, can, messages, pageMessage, confirmAction,
+    submit, keep, formError, refresh: () => session.refresh?.() }),
   nodes: nodesPage({ current: (gen) => gen === session.generation, can, messages, pageMessage, confirmAction }),
 };
 
@@ -718,26 +798,28 @@ async function route() {
   clearTimeout(session.timer);
   session.refresh = null;
   session.onEvent = null;
+  for (const f of session.leave.splice(0)) f();
   const page = location.hash.replace(/^#\/?/, "").split("/")[0];
   for (const a of nav.querySelectorAll("a")) {
-    const here = (a.dataset.page === "dashboard" ? "" : a.dataset.page) === page;
+    const here = (a.dataset.page === "dashboard" ? "" : a.dataset.page) === (page === "vm" ? "vms" : page);
     here ? a.setAttribute("aria-current", "page") : a.removeAttribute("aria-current");
   }
   document.title = `Tessera · ${page || "dashboard"}`;
   if (page === "login") { endSession(); loginView(); return; }
   if (!session.role) {
+    let me;
     try {
-      await api("GET", "cluster", undefined, { quiet: true });
+      me = await whoami();
     } catch (e) {
       if (gen !== session.generation) return;
-      if (e.status === 403 && /password change/.test(e.message)) { passwordView(); return; }
       if (e.status === 401) { location.hash = "#/login"; return; }
       replace(main, h("h1", {}, "The cluster did not answer"), h("p.alert", { role: "alert" }, e.message));
       session.timer = setTimeout(route, 5000);
       return;
     }
-    if (page === "password") { passwordView(); return; }
-    await startSession();
+    if (gen !== session.generation) return;
+    if (me.must_change_password || page === "password") { passwordView(); return; }
+    await startSession(me);
     if (gen !== session.generation) return;
   }
   if (page === "password") { passwordView(); return; }

@@ -78,6 +78,36 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
         "image/svg+xml",
         include_bytes!("../assets/favicon.svg"),
     ),
+    (
+        "vm.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/vm.js"),
+    ),
+    (
+        "terminal.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/terminal.js"),
+    ),
+    (
+        "networks.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/networks.js"),
+    ),
+    (
+        "vendor/xterm.mjs",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/vendor/xterm.mjs"),
+    ),
+    (
+        "vendor/xterm.css",
+        "text/css; charset=utf-8",
+        include_bytes!("../assets/vendor/xterm.css"),
+    ),
+    (
+        "vendor/xterm-LICENSE",
+        "text/plain; charset=utf-8",
+        include_bytes!("../assets/vendor/xterm-LICENSE"),
+    ),
 ];
 
 /// The embedded asset at `path` (relative to `/ui/`), with its content type.
