@@ -1,4 +1,4 @@
-//! Virtio devices for the Tessera VMM: the virtio-mmio transport and virtio-blk.
+//! Virtio devices for the Tessera VMM: the virtio-mmio transport, virtio-blk and virtio-net.
 //!
 //! Everything here treats guest memory and guest register writes as hostile: a device
 //! validates every descriptor and register value, fails the request or marks itself
@@ -9,6 +9,7 @@
 
 pub mod blk;
 pub mod mmio;
+pub mod net;
 pub mod ratelimit;
 
 use std::io::Write;

@@ -438,6 +438,42 @@ impl MmioTransport {
         self.queue_sel = 0;
     }
 
+    /// Hands queue `index` to `f` under the transport's lock, with guest memory and the
+    /// features the driver accepted, when the driver has the device running and the queue
+    /// set up: for queues a device fills from the host side (virtio-net's receive queue) or
+    /// serves without waiting (its transmit queue). `f` returns its result and whether it
+    /// put buffers in the used ring (the driver is then signalled if it asked to be); an
+    /// `Err` from `f` means the queue is corrupt and marks the device broken. `None` when
+    /// the queue was not handed out.
+    pub fn with_queue<R>(
+        &mut self,
+        index: usize,
+        f: impl FnOnce(&mut Queue, &GuestMem, u64) -> Result<(R, bool), virtio_queue::Error>,
+    ) -> Option<R> {
+        if !self.has(VIRTIO_CONFIG_S_DRIVER_OK) || self.has(VIRTIO_CONFIG_S_NEEDS_RESET) {
+            return None;
+        }
+        let acked = self.device.acked_features();
+        let mem = self.mem.clone();
+        let q = self.queues.get_mut(index).filter(|q| q.ready())?;
+        match f(q, &mem, acked) {
+            Ok((r, used)) => {
+                let at = QueueAt {
+                    index,
+                    generation: self.generation,
+                };
+                if used {
+                    self.signal_used(&at, &mem);
+                }
+                Some(r)
+            }
+            Err(e) => {
+                self.broken(e);
+                None
+            }
+        }
+    }
+
     /// Serves a notification of queue `index` on the calling thread, under the caller's
     /// `&mut` (for a transport no other thread shares; shared ones use [`serve`]).
     pub fn notify(&mut self, index: u32) {
