@@ -288,6 +288,7 @@ async fn create_replicated(
                 node: id.clone(),
                 state: CopyState::InSync,
                 catch_up: None,
+                joining: false,
             })
             .collect(),
     };
