@@ -8,6 +8,12 @@
  * and checks the device fails them and keeps working. With "tessera.mode=count" it
  * counts forever, printing progress (used by the snapshot tests).
  *
+ * With "tessera.mode=net" it drives the virtio-net NIC instead (found among the
+ * virtio_mmio.device= entries by its device id): it sends a gratuitous ARP for its address
+ * ("tessera.ip=A.B.C.D", the MAC is the device's), then answers ARP requests for that
+ * address and ICMP echo requests to it, printing one line per frame kind, and ignores
+ * frames for other MACs (saying so). Polled, no interrupts, like the disk.
+ *
  * In the count and echo modes it polls the power button's event register (the ACPI
  * Generic Event Device's port 0x600; it does not parse AML): on a press it says so on the
  * console and powers off, or with "tessera.power_button=ignore" says it ignores it.
@@ -303,6 +309,187 @@ static void mode_echo(void) {
     }
 }
 
+/* ---- finding devices: every virtio_mmio.device=SIZE@ADDR:IRQ entry, by device id ---- */
+static u64 find_device(const char *cmdline, u32 id) {
+    const char *s = cmdline;
+    while ((s = find(s, "virtio_mmio.device="))) {
+        const char *p = s;
+        u64 size = parse_num(&p);
+        if (*p++ != '@') fail("bad virtio_mmio.device syntax");
+        u64 a = parse_num(&p);
+        if (size < 0x200 || !a) fail("bad virtio_mmio.device values");
+        if (rd(a + 0x00) == 0x74726976 && rd(a + 0x08) == id) return a;
+        s = p;
+    }
+    return 0;
+}
+
+/* ---- virtio-net: receive queue 0, transmit queue 1, 12-byte header ---- */
+#define VNET_HDR 12
+#define RXBUF 2048
+static struct desc rxd[QSIZE] __attribute__((aligned(16)));
+static struct avail rxa __attribute__((aligned(2)));
+/* `used` names the disk's ring (a macro), so the NIC's rings have their own type. */
+struct nused { u16 flags; u16 idx; struct used_elem ring[QSIZE]; u16 avail_event; };
+static struct nused rxu __attribute__((aligned(4)));
+static struct desc txd[QSIZE] __attribute__((aligned(16)));
+static struct avail txa __attribute__((aligned(2)));
+static struct nused txu __attribute__((aligned(4)));
+static u8 rxbuf[QSIZE][RXBUF] __attribute__((aligned(64)));
+static u8 txbuf[RXBUF] __attribute__((aligned(64)));
+static u64 nbase;
+static u16 rx_last, tx_last;
+static u8 mac[6], myip[4];
+
+static void putip(const u8 *ip) { for (int i = 0; i < 4; i++) { if (i) putc('.'); putdec(ip[i]); } }
+static void putmac(const u8 *m) {
+    for (int i = 0; i < 6; i++) { if (i) putc(':'); putc("0123456789abcdef"[m[i] >> 4]); putc("0123456789abcdef"[m[i] & 15]); }
+}
+static int same(const u8 *a, const u8 *b, int n) { while (n--) if (*a++ != *b++) return 0; return 1; }
+static u16 be16(const u8 *p) { return (u16)((p[0] << 8) | p[1]); }
+static void put16(u8 *p, u16 v) { p[0] = (u8)(v >> 8); p[1] = (u8)v; }
+static u16 csum(const u8 *p, u32 n) {
+    u32 s = 0;
+    for (u32 i = 0; i + 1 < n; i += 2) s += (u32)be16(p + i);
+    if (n & 1) s += (u32)p[n - 1] << 8;
+    while (s >> 16) s = (s & 0xffff) + (s >> 16);
+    return (u16)~s;
+}
+
+static void queue_setup(u32 q, struct desc *d, struct avail *a, struct nused *u) {
+    wr(nbase + 0x30, q);
+    if (rd(nbase + 0x34) < QSIZE) fail("net queue too small");
+    wr(nbase + 0x38, QSIZE);
+    wr(nbase + 0x80, (u32)(u64)d); wr(nbase + 0x84, (u32)((u64)d >> 32));
+    wr(nbase + 0x90, (u32)(u64)a); wr(nbase + 0x94, (u32)((u64)a >> 32));
+    wr(nbase + 0xa0, (u32)(u64)u); wr(nbase + 0xa4, (u32)((u64)u >> 32));
+    wr(nbase + 0x44, 1);
+}
+
+static void net_init(void) {
+    if (rd(nbase + 0x04) != 2) fail("net: not virtio-mmio version 2");
+    wr(nbase + 0x70, 0);
+    wr(nbase + 0x70, 1);
+    wr(nbase + 0x70, 1 | 2);
+    wr(nbase + 0x14, 0); u64 lo = rd(nbase + 0x10);
+    wr(nbase + 0x14, 1); u64 hi = rd(nbase + 0x10);
+    u64 offered = lo | (hi << 32);
+    if (!(offered & (1ull << 32))) fail("net: VERSION_1 not offered");
+    if (!(offered & (1ull << 5))) fail("net: MAC not offered");
+    u64 f = (1ull << 32) | (1ull << 5);
+    wr(nbase + 0x24, 0); wr(nbase + 0x20, (u32)f);
+    wr(nbase + 0x24, 1); wr(nbase + 0x20, (u32)(f >> 32));
+    wr(nbase + 0x70, 1 | 2 | 8);
+    if (!(rd(nbase + 0x70) & 8)) fail("net: FEATURES_OK refused");
+    queue_setup(0, rxd, &rxa, &rxu);
+    queue_setup(1, txd, &txa, &txu);
+    wr(nbase + 0x70, 1 | 2 | 4 | 8);
+    for (int i = 0; i < 6; i++) mac[i] = *(volatile u8 *)(nbase + 0x100 + (u64)i);
+    for (u16 i = 0; i < QSIZE; i++) {
+        rxd[i].addr = (u64)rxbuf[i]; rxd[i].len = RXBUF; rxd[i].flags = 2; rxd[i].next = 0;
+        rxa.ring[i] = i;
+    }
+    barrier();
+    rxa.idx = QSIZE;
+    barrier();
+    wr(nbase + 0x50, 0);
+}
+
+/* Sends the frame in txbuf + VNET_HDR (len bytes, padded to the Ethernet minimum). */
+static void net_send(u32 len) {
+    if (len < 60) { memset(txbuf + VNET_HDR + len, 0, 60 - len); len = 60; }
+    memset(txbuf, 0, VNET_HDR);
+    txd[0].addr = (u64)txbuf; txd[0].len = VNET_HDR + len; txd[0].flags = 0; txd[0].next = 0;
+    txa.ring[txa.idx % QSIZE] = 0;
+    barrier();
+    txa.idx++;
+    barrier();
+    wr(nbase + 0x50, 1);
+    for (u64 spin = 0; ; spin++) {
+        barrier();
+        if (*(volatile u16 *)&txu.idx != tx_last) break;
+        if (spin > 5000000ull) fail("net: transmit never completed");
+    }
+    tx_last++;
+}
+
+static void arp(u16 op, const u8 *dst_mac, const u8 *tha, const u8 *tpa) {
+    u8 *f = txbuf + VNET_HDR;
+    memcpy(f, dst_mac, 6); memcpy(f + 6, mac, 6); put16(f + 12, 0x0806);
+    u8 *a = f + 14;
+    put16(a, 1); put16(a + 2, 0x0800); a[4] = 6; a[5] = 4; put16(a + 6, op);
+    memcpy(a + 8, mac, 6); memcpy(a + 14, myip, 4); memcpy(a + 18, tha, 6); memcpy(a + 24, tpa, 4);
+    net_send(42);
+}
+
+static void net_frame(const u8 *f, u32 len) {
+    static const u8 bcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
+    if (len < 14) return;
+    if (!same(f, mac, 6)) {
+        if (!(f[0] & 1)) {
+            puts("TESSERA-GUEST: net: frame for another MAC ("); putmac(f); puts(") ignored\n");
+        }
+        if (!same(f, bcast, 6)) return;
+    }
+    u16 type = be16(f + 12);
+    const u8 *p = f + 14;
+    if (type == 0x0806 && len >= 42 && be16(p + 6) == 1 && same(p + 24, myip, 4)) {
+        puts("TESSERA-GUEST: net: ARP request for me from "); putip(p + 14); puts(", replied\n");
+        u8 sha[6], spa[4];
+        memcpy(sha, p + 8, 6); memcpy(spa, p + 14, 4);
+        arp(2, sha, sha, spa);
+        return;
+    }
+    if (type != 0x0800 || len < 34 || (p[0] >> 4) != 4 || p[9] != 1 || !same(p + 16, myip, 4)) return;
+    u32 ihl = (u32)(p[0] & 15) * 4, total = be16(p + 2);
+    if (ihl < 20 || total < ihl + 8 || 14 + total > len || total > RXBUF - VNET_HDR - 14) return;
+    const u8 *icmp = p + ihl;
+    if (icmp[0] != 8) return;
+    puts("TESSERA-GUEST: net: ICMP echo request from "); putip(p + 12);
+    puts(" seq="); putdec(be16(icmp + 6)); puts(", replied\n");
+    u8 *r = txbuf + VNET_HDR;
+    memcpy(r, f + 6, 6); memcpy(r + 6, mac, 6); put16(r + 12, 0x0800);
+    u8 *ip = r + 14;
+    memcpy(ip, p, total);
+    memcpy(ip + 12, myip, 4); memcpy(ip + 16, p + 12, 4);
+    ip[8] = 64; put16(ip + 10, 0); put16(ip + 10, csum(ip, ihl));
+    u8 *ic = ip + ihl;
+    ic[0] = 0; put16(ic + 2, 0); put16(ic + 2, csum(ic, total - ihl));
+    net_send(14 + total);
+}
+
+static void mode_net(const char *cmdline) {
+    nbase = find_device(cmdline, 1);
+    if (!nbase) fail("no virtio_mmio.device= of a network device on the command line");
+    const char *ip = find(cmdline, "tessera.ip=");
+    if (!ip) fail("no tessera.ip= on the command line");
+    for (int i = 0; i < 4; i++) {
+        u64 v = parse_num(&ip);
+        if (v > 255 || (i < 3 && *ip++ != '.')) fail("bad tessera.ip=");
+        myip[i] = (u8)v;
+    }
+    net_init();
+    static const u8 zero[6], bcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
+    arp(1, bcast, zero, myip);
+    puts("TESSERA-GUEST: net up mac="); putmac(mac); puts(" ip="); putip(myip);
+    puts(", sent gratuitous ARP\n");
+    for (u64 spins = 0; ; spins++) {
+        if (spins % 65536 == 0) poll_power_button();
+        barrier();
+        if (*(volatile u16 *)&rxu.idx == rx_last) continue;
+        struct used_elem e = rxu.ring[rx_last % QSIZE];
+        rx_last++;
+        if (e.id < QSIZE && e.len >= VNET_HDR && e.len <= RXBUF)
+            net_frame(rxbuf[e.id] + VNET_HDR, e.len - VNET_HDR);
+        /* The buffer goes back to the device. */
+        rxa.ring[rxa.idx % QSIZE] = (u16)(e.id % QSIZE);
+        barrier();
+        rxa.idx++;
+        barrier();
+        wr(nbase + 0x50, 0);
+    }
+}
+
 /* Benchmarks, timed from outside through the marker port 0x441. */
 static void mode_bench(void) {
     outb(0x441, 1);
@@ -322,13 +509,10 @@ void guest_main(u8 *boot_params) {
     if (find(cmdline, "tessera.mode=acpi")) mode_acpi();
     if (find(cmdline, "tessera.mode=echo")) mode_echo();
     int counting = find(cmdline, "tessera.mode=count") != 0;
-    const char *dev = find(cmdline, "virtio_mmio.device=");
-    if (!dev && counting) mode_count(0);
-    if (!dev) fail("no virtio_mmio.device= on the command line");
-    u64 size = parse_num(&dev);
-    if (*dev++ != '@') fail("bad virtio_mmio.device syntax");
-    base = parse_num(&dev);
-    if (size < 0x200 || !base) fail("bad virtio_mmio.device values");
+    if (find(cmdline, "tessera.mode=net")) mode_net(cmdline);
+    base = find_device(cmdline, 2);
+    if (!base && counting) mode_count(0);
+    if (!base) fail("no virtio_mmio.device= of a block device on the command line");
     virtio_init();
     if (counting) mode_count(1);
     if (find(cmdline, "tessera.mode=bench")) { mode_bench(); power_off(); }

@@ -686,6 +686,14 @@ async fn vm_page_and_console(c: &Client, origin: &str) {
     )
     .await;
     // The console: what the guest printed since boot (the scrollback), through xterm.
+    // xterm draws only while the terminal is on screen: it is below the VM's facts.
+    el(c, "#console-screen").await;
+    c.execute(
+        "document.getElementById('console-screen').scrollIntoView()",
+        vec![],
+    )
+    .await
+    .unwrap();
     wait_js(
         c,
         "const r = document.querySelector('#console-screen .xterm-rows'); return r && r.innerText.includes('echo ready')",

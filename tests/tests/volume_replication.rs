@@ -145,26 +145,132 @@ fn payload(tmp: &Path, name: &str, len: u64) -> (PathBuf, blake3::Hash) {
     (p, blake3::hash(&data))
 }
 
-/// Kills node `i`'s tesserad and store (every process whose command line names its
-/// directory) with SIGKILL.
-fn kill_node(dir: &Path, i: u8) {
+/// Node `i`'s processes whose program is one of `programs` (every process whose command
+/// line names the node's directory): (pid, argv).
+fn node_procs(dir: &Path, i: u8, programs: &[&str]) -> Vec<(i32, Vec<String>)> {
     let mark = format!("{}/", dir.join(format!("node{i}")).display());
-    let mut killed = 0;
+    let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if (cmd.contains("tesserad") || cmd.contains("tessera-store")) && cmd.contains(&mark) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            killed += 1;
+        let argv: Vec<String> = String::from_utf8_lossy(&cmd)
+            .split('\0')
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect();
+        let program = argv.first().map(|a| a.rsplit('/').next().unwrap_or(a));
+        if program.is_some_and(|p| programs.contains(&p)) && argv.join(" ").contains(&mark) {
+            found.push((pid, argv));
         }
     }
-    assert_eq!(killed, 2, "node{i}: expected its tesserad and its store");
+    found
+}
+
+/// Kills node `i`'s processes among `programs` with SIGKILL; returns their command
+/// lines, to start them again.
+fn kill(dir: &Path, i: u8, programs: &[&str]) -> Vec<Vec<String>> {
+    let procs = node_procs(dir, i, programs);
+    assert_eq!(procs.len(), programs.len(), "node{i}: {procs:?}");
+    for (pid, _) in &procs {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    // Gone before anything is started in their place (same sockets, same data).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node_procs(dir, i, programs).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "node{i}: {programs:?} still running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    procs.into_iter().map(|(_, argv)| argv).collect()
+}
+
+/// Kills node `i`'s tesserad and store with SIGKILL: their command lines.
+fn kill_node(dir: &Path, i: u8) -> Vec<Vec<String>> {
+    kill(dir, i, &["tesserad", "tessera-store"])
+}
+
+/// Processes this test started again (the launcher only stops the ones it started):
+/// stopped with SIGTERM, then SIGKILL, when dropped.
+#[derive(Default)]
+struct Restarted(Vec<std::process::Child>);
+
+impl Restarted {
+    /// Starts `argv` again as node `i`'s program was, its log appended to the node's.
+    fn start(&mut self, dir: &Path, i: u8, argv: &[String]) {
+        let log = if argv[0].ends_with("tessera-store") {
+            "store.log"
+        } else {
+            "tesserad.log"
+        };
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(dir.join(format!("node{i}/{log}")))
+            .unwrap();
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        self.0.push(child);
+    }
+}
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for c in &mut self.0 {
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits until node `i`'s store answers NBD on its local socket (it has restarted).
+fn wait_store(dir: &Path, i: u8, export: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = output(
+            Command::new("nbdinfo")
+                .arg("--size")
+                .arg(unix_uri(dir, i, export)),
+        );
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node{i}'s store did not come back: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether every copy of `v` is in sync and none still joining.
+fn all_in_sync(v: &Value) -> bool {
+    v["replication"]["copies"].as_array().is_some_and(|c| {
+        c.iter()
+            .all(|c| c["state"] == "in_sync" && c.get("joining").is_none())
+    })
 }
 
 /// Waits (at most `secs`) until `volumes/<name>` on node `via` satisfies `ok`.
@@ -221,7 +327,7 @@ fn copy_state(v: &Value, node: &str) -> String {
 }
 
 #[test]
-fn replicated_volumes_survive_a_replica_and_a_primary_node_killed() {
+fn replicated_volumes_survive_nodes_killed_and_their_copies_catch_up_when_back() {
     require("curl");
     require("nbdcopy");
     let d = tempfile::tempdir().unwrap();
@@ -420,7 +526,7 @@ fn replicated_volumes_survive_a_replica_and_a_primary_node_killed() {
 
     // Node 3 dies: a replica of a, the primary of b.
     let killed = Instant::now();
-    kill_node(dir, 3);
+    let node3 = kill_node(dir, 3);
     // a: writes complete again once node3's copy left the in-sync set.
     let (fa2, ha2) = payload(tmp.path(), "a2", 8 * MIB);
     assert!(
@@ -507,5 +613,99 @@ fn replicated_volumes_survive_a_replica_and_a_primary_node_killed() {
         text.contains("volume.primary_moved") && text.contains("volume.replica_out_of_sync"),
         "{text}"
     );
+    let gen = |v: &Value| v["replication"]["generation"].as_u64().unwrap();
+    let (a_before, b_before) = (
+        gen(&wait_volume(&ca, 2, t, "a", 1, |_| true)),
+        gen(&wait_volume(&ca, 2, t, "b", 1, |_| true)),
+    );
+
+    // Node 3 comes back, its store first. Its copy of b was the primary, fenced by b's
+    // failover: before its tesserad configures it, it refuses every write.
+    let mut restarted = Restarted::default();
+    let came_back = Instant::now();
+    let store3 = node3
+        .iter()
+        .find(|a| a[0].ends_with("tessera-store"))
+        .unwrap();
+    let tesserad3 = node3.iter().find(|a| a[0].ends_with("tesserad")).unwrap();
+    restarted.start(dir, 3, store3);
+    wait_store(dir, 3, "b");
+    let (fb3, _) = payload(tmp.path(), "b3", 4 * MIB);
+    assert!(
+        !write(dir, 3, "b", &fb3),
+        "b's fenced former primary took a write"
+    );
+    restarted.start(dir, 3, tesserad3);
+    // a: node3's copy (a replica that missed a2) is caught up and rejoins. b: the former
+    // primary comes back as a replica of the new one, is caught up and rejoins. Both in
+    // newer generations, every copy blake3-equal to what was written and flushed.
+    for (name, before, h) in [("a", a_before, ha2), ("b", b_before, hb2)] {
+        let v = wait_volume(&ca, 2, t, name, 60, all_in_sync);
+        eprintln!(
+            "{name}: every copy in sync {:?} after node3 came back",
+            came_back.elapsed()
+        );
+        assert!(gen(&v) >= before + 2, "catch-up and rejoin raise it: {v}");
+        for i in 1..=3 {
+            assert_eq!(
+                read_hash(dir, i, name, tmp.path()),
+                h,
+                "copy of {name} on node{i} after node3 came back"
+            );
+        }
+    }
+    let b = wait_volume(&ca, 2, t, "b", 1, |_| true);
+    assert_eq!(b["replication"]["primary"], id(np).as_str(), "{b}");
+    assert!(
+        !write(dir, 3, "b", &fb3),
+        "b's former primary, now a replica, took a local write"
+    );
+    // The rejoined copies are in sync again: new writes reach them.
+    let (fa3, ha3) = payload(tmp.path(), "a3", 4 * MIB);
+    assert!(write(dir, 1, "a", &fa3));
+    let (fb4, hb4) = payload(tmp.path(), "b4", 4 * MIB);
+    assert!(write(dir, np, "b", &fb4));
+    for i in 1..=3 {
+        assert_eq!(read_hash(dir, i, "a", tmp.path()), ha3, "a on node{i}");
+        assert_eq!(read_hash(dir, i, "b", tmp.path()), hb4, "b on node{i}");
+    }
+
+    // A store restarted under a replica while its node stays up: the restarted copy may
+    // have lost unflushed writes and refuses writes; the primary reports it failed, the
+    // cluster takes it out of the in-sync set (the write completes), catches it up and
+    // puts it back.
+    let a_before = gen(&wait_volume(&ca, 2, t, "a", 1, |_| true));
+    let store2 = kill(dir, 2, &["tessera-store"]);
+    restarted.start(dir, 2, &store2[0]);
+    wait_store(dir, 2, "a");
+    let (fa4, ha4) = payload(tmp.path(), "a4", 4 * MIB);
+    let written = Instant::now();
+    assert!(
+        write(dir, 1, "a", &fa4),
+        "a write with a replica's store restarted"
+    );
+    eprintln!(
+        "write to a completed {:?} after its replica's store restarted",
+        written.elapsed()
+    );
+    let v = wait_volume(&ca, 2, t, "a", 60, |v| {
+        all_in_sync(v) && gen(v) >= a_before + 3
+    });
+    eprintln!("a: in sync again {:?} after the write", written.elapsed());
+    assert_eq!(v["replication"]["primary"], id(1).as_str(), "{v}");
+    for i in 1..=3 {
+        assert_eq!(read_hash(dir, i, "a", tmp.path()), ha4, "a on node{i}");
+    }
+    let (_, ev) = call(&ca, 2, "GET", "events", Some(t), None);
+    let text = ev.to_string();
+    for kind in [
+        "the primary reported the copies on",
+        "volume.catch_up_started",
+        "volume.replica_in_sync",
+        "volume.replica_joined",
+    ] {
+        assert!(text.contains(kind), "no {kind}: {text}");
+    }
+    drop(restarted);
     cluster.stop();
 }

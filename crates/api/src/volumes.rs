@@ -77,6 +77,7 @@ impl Volume {
                 node: self.node.clone(),
                 state: CopyState::InSync,
                 catch_up: None,
+                joining: false,
             }]
         } else {
             self.copies.clone()
@@ -99,6 +100,12 @@ pub struct VolumeCopy {
     /// Catch-up progress, while `catching_up`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub catch_up: Option<CatchUpProgress>,
+    /// Back in the in-sync set after a catch-up, but its store has not yet confirmed
+    /// that the primary fenced it in this generation (which the primary does only after
+    /// the last catch-up pass): until then it may lack the last writes, so it is never
+    /// made the primary. Absent: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub joining: bool,
 }
 
 /// Where a copy stands.

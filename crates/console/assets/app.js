@@ -500,6 +500,7 @@ function vmCreateForm(nodes, volumes, { vms, images, networks }) {
       : h("p.muted", {}, "No networks defined (see Networks)."));
   const cmdline = h("input", { name: "cmdline", autocomplete: "off", placeholder: "console=ttyS0" });
   const pin = nodeSelect(nodes, "node", "Any node");
+  const ha = h("input", { type: "checkbox", name: "ha", value: "1" });
   const status = h("div", { "aria-live": "polite" });
   const form = h("form.card#vm-create", {
     onsubmit: (ev) => {
@@ -511,6 +512,7 @@ function vmCreateForm(nodes, volumes, { vms, images, networks }) {
         else if (kernel.value) body.kernel = kernel.value;
         if (cmdline.value) body.cmdline = cmdline.value;
         if (pin.value) body.node = pin.value;
+        if (ha.checked) body.ha = true;
         if (from.value) {
           body.from = from.value;
         } else if (diskMode.value === "existing") {
@@ -538,6 +540,7 @@ function vmCreateForm(nodes, volumes, { vms, images, networks }) {
   diskChoice,
   h("div.row", {}, bootBox, field("Kernel command line", cmdline), field("Pin to node", pin)),
   kernelBox, nets,
+  h("label.check", {}, ha, " High availability: started on another node when its node fails (docs/ha.md)"),
   formError(), status,
   h("p", {}, h("button", { type: "submit" }, "Create VM")));
   return form;

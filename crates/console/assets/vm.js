@@ -83,6 +83,7 @@ export function vmPage(env) {
       ["Boots", boot],
       ["Command line", vm.cmdline ?? "–"],
       ["Template", vm.template ? "yes: it cannot start; new VMs copy it" : vm.from ? `no; made from ${vm.from}` : "no"],
+      ["High availability", vm.ha ? `yes (priority ${vm.priority ?? 0})` : "no"],
       ["After a crash", vm.restart_policy],
       ["Stop waits", `${vm.stop_timeout_s ?? 30} s for the guest, then forces`],
       ["Created", when(vm.created_ms)],

@@ -31,6 +31,9 @@ pub struct VmConfig {
     /// How an NBD disk connects: TLS credential files, request timeout.
     #[serde(default)]
     pub nbd: tessera_disk::NbdOptions,
+    /// The NICs: virtio-net devices over taps (`crate::net`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<crate::net::NicConfig>,
 }
 
 fn default_cmdline() -> String {

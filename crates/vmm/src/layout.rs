@@ -28,6 +28,13 @@ pub const MMIO_HOLE: u64 = 0xc000_0000;
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// Legacy interrupt of the first virtio-mmio device.
 pub const VIRTIO_IRQ: u32 = 5;
+/// Interrupts of the NICs' virtio-mmio devices, in NIC order (legacy lines Linux maps
+/// one to one from a `virtio_mmio.device=` command-line entry).
+pub const NIC_IRQS: [u32; 4] = [6, 7, 9, 11];
+/// Register window of NIC `index`: the slots after the disk's.
+pub const fn nic_mmio_base(index: usize) -> u64 {
+    VIRTIO_MMIO_BASE + (index as u64 + 1) * 0x1000
+}
 /// COM1 interrupt.
 pub const SERIAL_IRQ: u32 = 4;
 /// Interrupt of the Generic Event Device (the power button; `crate::power_button`).

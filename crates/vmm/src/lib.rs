@@ -1,13 +1,14 @@
 //! tessera-vmm: one KVM virtual machine per process.
 //!
-//! It boots a kernel with a serial console and a virtio-blk disk (a file or an NBD
-//! volume) and reports why the guest stopped. The VMM never talks to the cluster: it is
+//! It boots a kernel with a serial console, a virtio-blk disk (a file or an NBD
+//! volume) and virtio-net NICs over taps, and reports why the guest stopped. The VMM never talks to the cluster: it is
 //! told what to run. It also pauses, snapshots, restores and tracks dirty pages on
 //! request through its control socket. Not yet here (see docs/vmm.md): live migration
 //! and snapshots of multi-vCPU VMs.
 //!
 //! KVM needs `unsafe` in three places (guest memory slots, the vCPU kick signal, XSAVE
-//! restore); each says why it is sound, and clippy refuses one that does not.
+//! restore) and taps a few more (the tun ioctls, taking over an inherited fd, in `net`);
+//! each says why it is sound, and clippy refuses one that does not.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -19,6 +20,7 @@ pub mod control;
 pub mod devices;
 pub mod layout;
 pub mod memory;
+pub mod net;
 pub mod power_button;
 pub mod snapshot;
 pub mod vcpu;

@@ -8,12 +8,13 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use tessera_vmm::config::VmConfig;
+use tessera_vmm::net::NicConfig;
 use tessera_vmm::vm::Launch;
 
 #[derive(Parser)]
 #[command(name = "tessera-vmm", version, about = "Run one KVM virtual machine")]
 struct Cli {
-    /// A JSON VM spec (fields: kernel, cmdline, memory_mib, vcpus, disk); flags override it.
+    /// A JSON VM spec (fields: kernel, cmdline, memory_mib, vcpus, disk, nics); flags override it.
     #[arg(long)]
     spec: Option<std::path::PathBuf>,
     /// Kernel (ELF or bzImage).
@@ -59,6 +60,12 @@ struct Cli {
     /// the VM had a disk).
     #[arg(long, conflicts_with_all = ["spec", "kernel", "initrd", "cmdline", "memory_mib", "vcpus"])]
     restore: Option<std::path::PathBuf>,
+    /// A NIC (repeat for more, at most 4): `tap=NAME,mac=MAC` opens the existing tap NAME
+    /// (on its bridge already), `fd=N,mac=MAC` uses the inherited open tap fd N (opened
+    /// with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR). With --restore: the taps replacing the
+    /// snapshot's, as many as it had (none given: the snapshot's taps by name).
+    #[arg(long = "net", value_name = "tap=NAME,mac=MAC")]
+    net: Vec<String>,
     /// Track written guest pages (see the `dirty_pages` API call).
     #[arg(long)]
     track_dirty_pages: bool,
@@ -102,11 +109,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         tls_hostname: cli.disk_tls_hostname.clone(),
         timeout_ms: cli.disk_timeout_ms,
     };
+    let nics = cli
+        .net
+        .iter()
+        .map(|s| NicConfig::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
     if let Some(dir) = &cli.restore {
         let launch = Launch::Restore {
             dir: dir.clone(),
             disk: cli.disk.clone(),
             nbd,
+            nics,
         };
         let outcome = tessera_vmm::vm::run(launch, out, cli.api_socket.as_deref())?;
         tracing::info!(reason = ?outcome.reason, "VM stopped");
@@ -131,6 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             disk: None,
             track_dirty_pages: false,
             nbd: tessera_disk::NbdOptions::default(),
+            nics: Vec::new(),
         },
     };
     if let Some(k) = cli.kernel {
@@ -147,6 +161,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if cli.disk.is_some() {
         cfg.disk = cli.disk;
+    }
+    if !nics.is_empty() {
+        cfg.nics = nics;
     }
     if nbd != tessera_disk::NbdOptions::default() {
         cfg.nbd = nbd;

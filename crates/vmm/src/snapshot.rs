@@ -85,6 +85,10 @@ pub struct Snapshot {
     pub serial: SerialSnapshot,
     /// The virtio-blk transport and device, if there is a disk.
     pub virtio: Option<TransportSnapshot>,
+    /// Each NIC's virtio-net transport (queues, features), in NIC order; the MAC is in
+    /// the spec.
+    #[serde(default)]
+    pub nics: Vec<TransportSnapshot>,
 }
 
 /// Why a snapshot could not be taken or restored. A snapshot directory is untrusted
@@ -139,6 +143,14 @@ pub enum SnapshotError {
         states: usize,
         /// vCPUs in the spec.
         vcpus: usize,
+    },
+    /// The snapshot's NIC states do not match its spec's NICs.
+    #[error("invalid snapshot: {states} NIC states for {nics} NICs")]
+    NicCount {
+        /// States saved.
+        states: usize,
+        /// NICs in the spec.
+        nics: usize,
     },
     /// Disk requests were still in flight when the snapshot gave up waiting for them.
     #[error("disk requests still in flight after {0:?} (a hung disk?); no snapshot taken")]
@@ -356,6 +368,7 @@ pub struct SnapshotOut<'a> {
     pub vm: VmState,
     pub serial: SerialSnapshot,
     pub virtio: Option<TransportSnapshot>,
+    pub nics: Vec<TransportSnapshot>,
 }
 
 /// Writes `state.json` atomically.
@@ -374,6 +387,12 @@ pub fn read_state(dir: &Path) -> Result<Snapshot, SnapshotError> {
     let s: Snapshot = serde_json::from_slice(&text).map_err(SnapshotError::Decode)?;
     if s.version != SNAPSHOT_VERSION {
         return Err(SnapshotError::Version(s.version));
+    }
+    if s.nics.len() != s.spec.nics.len() {
+        return Err(SnapshotError::NicCount {
+            states: s.nics.len(),
+            nics: s.spec.nics.len(),
+        });
     }
     if s.aps.len() + 1 != usize::from(s.spec.vcpus) {
         return Err(SnapshotError::VcpuCount {

@@ -8,6 +8,7 @@ use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit};
 use tessera_virtio::blk::Block;
 use tessera_virtio::mmio::{self, MmioTransport, MMIO_WINDOW};
+use tessera_virtio::net::Net;
 use tessera_virtio::Interrupt;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -46,6 +47,8 @@ pub enum Launch {
         disk: Option<String>,
         /// How an NBD disk connects.
         nbd: tessera_disk::NbdOptions,
+        /// The NICs' taps, replacing the snapshot's (same count); empty: the snapshot's.
+        nics: Vec<crate::net::NicConfig>,
     },
 }
 
@@ -91,6 +94,9 @@ pub enum VmError {
     /// The disk could not be opened.
     #[error("disk: {0}")]
     Disk(tessera_disk::DiskError),
+    /// A NIC could not be set up.
+    #[error("NIC: {0}")]
+    Nic(#[from] crate::net::NicError),
     /// An eventfd for an interrupt or queue notification could not be made.
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
@@ -163,10 +169,11 @@ impl Interrupt for IrqFd {
     }
 }
 
-/// The virtio-blk device as the vCPU sees it: its registers, and the eventfd that wakes
-/// its I/O worker.
+/// A virtio-mmio device as the vCPU sees it: where its registers are, the registers, and
+/// the eventfd that wakes its I/O worker.
 #[derive(Clone)]
 struct Virtio {
+    base: u64,
     transport: Arc<Mutex<MmioTransport>>,
     kick: Arc<EventFd>,
 }
@@ -190,7 +197,12 @@ pub fn run(
     let start = Instant::now();
     let (cfg, restored) = match launch {
         Launch::Boot(cfg) => (cfg, None),
-        Launch::Restore { dir, disk, nbd } => {
+        Launch::Restore {
+            dir,
+            disk,
+            nbd,
+            nics,
+        } => {
             let snap = snapshot::read_state(&dir)?;
             let mut spec = snap.spec.clone();
             spec.disk = match (&spec.disk, disk) {
@@ -204,6 +216,14 @@ pub fn run(
                 )),
             };
             spec.nbd = nbd;
+            if !nics.is_empty() {
+                if nics.len() != spec.nics.len() {
+                    return Err(VmError::RestoreDisk(
+                        "--net must name as many NICs as the snapshotted VM had",
+                    ));
+                }
+                spec.nics = nics;
+            }
             (spec, Some((dir, snap)))
         }
     };
@@ -286,8 +306,27 @@ pub fn run(
             // it: look at the queue once, as if the driver had notified.
             kick.write(1).map_err(VmError::EventFd)?;
         }
-        virtio = Some(Virtio { transport: t, kick });
+        virtio = Some(Virtio {
+            base: VIRTIO_MMIO_BASE,
+            transport: t,
+            kick,
+        });
     }
+    crate::net::check_all(&cfg.nics)?;
+    let mut nics: Vec<Virtio> = Vec::with_capacity(cfg.nics.len());
+    for (i, nic) in cfg.nics.iter().enumerate() {
+        let (base, irq) = (nic_mmio_base(i), NIC_IRQS[i]);
+        let v = start_nic(&vm, &mem, nic, base, irq)?;
+        cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+        if let Some(saved) = restored.as_ref().and_then(|(_, s)| s.nics.get(i)) {
+            lock(&v.transport)?
+                .restore(saved)
+                .map_err(SnapshotError::Transport)?;
+            v.kick.write(1).map_err(VmError::EventFd)?;
+        }
+        nics.push(v);
+    }
+    let devices: Arc<Vec<Virtio>> = Arc::new(virtio.iter().chain(&nics).cloned().collect());
 
     // Every booted VM gets ACPI tables, if only for the power button; with one vCPU the
     // command line announces the disk (above), so the DSDT does not describe it twice.
@@ -371,11 +410,12 @@ pub fn run(
         }
     });
     let take_snapshot: api::SnapshotFn = {
-        let (control, vm, mem, virtio, pio, saved, spec) = (
+        let (control, vm, mem, virtio, nics, pio, saved, spec) = (
             control.clone(),
             vm.clone(),
             mem.clone(),
             virtio.clone(),
+            nics.clone(),
             pio.clone(),
             saved_vcpu.clone(),
             cfg.clone(),
@@ -413,6 +453,16 @@ pub fn run(
                     ),
                     None => None,
                 };
+                // A NIC's frames move only under its transport's lock: holding it is quiet.
+                let nics = nics
+                    .iter()
+                    .map(|n| {
+                        n.transport
+                            .lock()
+                            .map(|t| t.save())
+                            .map_err(|_| SnapshotError::Poisoned("virtio-net"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
                 snapshot::write_state(
                     dir,
                     &snapshot::SnapshotOut {
@@ -424,6 +474,7 @@ pub fn run(
                         vm: vm_state,
                         serial,
                         virtio,
+                        nics,
                     },
                 )
             };
@@ -477,9 +528,9 @@ pub fn run(
     control.event(if restored_run { "restored" } else { "started" }, None);
     let mut pthreads = Vec::with_capacity(vcpus.len());
     for (index, mut vcpu) in vcpus.into_iter().enumerate() {
-        let (pio, virtio, ctl, saved, kvm_fd, done_tx) = (
+        let (pio, devices, ctl, saved, kvm_fd, done_tx) = (
             pio.clone(),
-            virtio.clone(),
+            devices.clone(),
             control.clone(),
             saved_vcpu.clone(),
             kvm_fd.clone(),
@@ -489,14 +540,7 @@ pub fn run(
         let thread = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
-                let res = vcpu_loop(
-                    &kvm_fd,
-                    &mut vcpu,
-                    &pio,
-                    virtio.as_ref(),
-                    &ctl,
-                    (&saved, index),
-                );
+                let res = vcpu_loop(&kvm_fd, &mut vcpu, &pio, &devices, &ctl, (&saved, index));
                 let reason = match &res {
                     Ok(r) => format!("{r:?}"),
                     Err(e) => format!("error: {e}"),
@@ -533,7 +577,7 @@ fn vcpu_loop(
     kvm_fd: &Kvm,
     vcpu: &mut kvm_ioctls::VcpuFd,
     pio: &Mutex<PioBus>,
-    virtio: Option<&Virtio>,
+    devices: &[Virtio],
     control: &Control,
     (saved, index): (&Mutex<Vec<Option<VcpuState>>>, usize),
 ) -> Result<StopReason, VmError> {
@@ -568,12 +612,12 @@ fn vcpu_loop(
                 }
             }
             Ok(VcpuExit::IoIn(port, data)) => pio_lock()?.read(port, data),
-            Ok(VcpuExit::MmioRead(addr, data)) => match (mmio_offset(addr, data.len()), virtio) {
-                (Some(off), Some(v)) => lock(&v.transport)?.read(off, data),
-                _ => data.fill(0xff),
+            Ok(VcpuExit::MmioRead(addr, data)) => match mmio_device(devices, addr, data.len()) {
+                Some((v, off)) => lock(&v.transport)?.read(off, data),
+                None => data.fill(0xff),
             },
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                if let (Some(off), Some(v)) = (mmio_offset(addr, data.len()), virtio) {
+                if let Some((v, off)) = mmio_device(devices, addr, data.len()) {
                     // A notification that exited to us (the ioeventfd normally takes it)
                     // goes to the worker too: the vCPU never waits for the disk.
                     if lock(&v.transport)?.write(off, data).is_some() {
@@ -618,8 +662,53 @@ fn lock(
     t.lock().map_err(|_| VmError::Poisoned("virtio device"))
 }
 
-fn mmio_offset(addr: u64, len: usize) -> Option<u64> {
+/// The device whose register window holds the whole access, and the offset in it.
+fn mmio_device(devices: &[Virtio], addr: u64, len: usize) -> Option<(&Virtio, u64)> {
     let end = addr.checked_add(len as u64)?;
-    (addr >= VIRTIO_MMIO_BASE && end <= VIRTIO_MMIO_BASE + MMIO_WINDOW)
-        .then(|| addr - VIRTIO_MMIO_BASE)
+    devices
+        .iter()
+        .find(|v| addr >= v.base && end <= v.base + MMIO_WINDOW)
+        .map(|v| (v, addr - v.base))
+}
+
+/// Sets up NIC `nic` at `base` with interrupt `irq`: its tap, the virtio-net device, the
+/// irqfd and ioeventfd, and the I/O thread that moves its frames.
+fn start_nic(
+    vm: &kvm_ioctls::VmFd,
+    mem: &tessera_virtio::GuestMem,
+    nic: &crate::net::NicConfig,
+    base: u64,
+    irq: u32,
+) -> Result<Virtio, VmError> {
+    let mac = nic.check()?;
+    let tap = Arc::new(crate::net::Tap::open(nic)?);
+    let (dev, worker) = Net::new(mac, tap.clone());
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm.register_irqfd(&irqfd, irq)
+        .map_err(kvm("register virtio-net irqfd"))?;
+    let t = Arc::new(Mutex::new(MmioTransport::new(
+        Box::new(dev),
+        mem.clone(),
+        Arc::new(IrqFd(irqfd)),
+    )));
+    let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm.register_ioevent(&notify, &IoEventAddress::Mmio(base + 0x50), NoDatamatch)
+        .map_err(kvm("register virtio-net ioeventfd"))?;
+    let kick = Arc::new(notify.try_clone().map_err(VmError::EventFd)?);
+    let worker_t = t.clone();
+    let name = format!("virtio-net-{}", tap.name());
+    tracing::info!(tap = %tap.name(), mac = %nic.mac, base = format_args!("{base:#x}"), irq, "NIC attached");
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            if let Err(e) = crate::net::io_loop(worker_t, worker, notify, tap) {
+                tracing::error!(error = %e, "virtio-net I/O thread stops");
+            }
+        })
+        .map_err(thread(&name))?;
+    Ok(Virtio {
+        base,
+        transport: t,
+        kick,
+    })
 }

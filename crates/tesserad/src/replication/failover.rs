@@ -62,22 +62,32 @@ pub fn decide(v: &Volume, failed: impl Fn(&str) -> bool) -> Option<Decision> {
     if bad.is_empty() {
         return None;
     }
+    let primary_fails = bad.contains(&v.node);
+    // A copy still joining may lack the last writes if the primary goes before it took
+    // the rejoin configuration: with a new primary it is out of sync again, and it is
+    // never the new primary.
+    let joining = |n: &str| v.copies.iter().any(|c| c.node == n && c.joining);
     let left: Vec<&str> = in_sync
         .iter()
         .copied()
-        .filter(|n| !bad.iter().any(|b| b == n))
+        .filter(|n| !bad.iter().any(|b| b == n) && !(primary_fails && joining(n)))
         .collect();
     if left.len() < MIN_IN_SYNC {
         return Some(Decision::Stalled { failed: bad });
     }
     let mut new = v.clone();
     for c in &mut new.copies {
-        if bad.contains(&c.node) {
+        if bad.contains(&c.node) || (primary_fails && c.joining) {
+            c.state = CopyState::OutOfSync;
+            c.catch_up = None;
+            c.joining = false;
+        } else if primary_fails && c.state == CopyState::CatchingUp {
+            // The old primary was catching it up; the new one starts again.
             c.state = CopyState::OutOfSync;
             c.catch_up = None;
         }
     }
-    let new_primary = if bad.contains(&v.node) {
+    let new_primary = if primary_fails {
         // The first in-sync copy after the primary's, in the record's order.
         let p = left[0].to_string();
         new.node = p.clone();
@@ -230,12 +240,13 @@ mod tests {
                     node: n.to_string(),
                     state: *s,
                     catch_up: None,
+                    joining: false,
                 })
                 .collect(),
         }
     }
 
-    use CopyState::{InSync, OutOfSync};
+    use CopyState::{CatchingUp, InSync, OutOfSync};
 
     #[test]
     fn a_failed_replica_leaves_the_in_sync_set_with_a_new_generation() {
@@ -283,6 +294,38 @@ mod tests {
         assert_eq!(volume.generation, 5);
         let a = volume.copies.iter().find(|c| c.node == "a").unwrap();
         assert_eq!(a.state, OutOfSync);
+    }
+
+    #[test]
+    fn a_joining_copy_is_never_made_the_primary() {
+        let mut v = vol(&[("a", InSync), ("b", InSync), ("c", InSync)]);
+        v.copies[1].joining = true;
+        // Without a, b (joining) may lack the last writes: only c is surely in sync.
+        assert_eq!(
+            decide(&v, |n| n == "a"),
+            Some(Decision::Stalled {
+                failed: vec!["a".into()]
+            })
+        );
+        // The primary stays: the joining copy is counted, its rejoin goes on.
+        let Some(Decision::Change { volume, .. }) = decide(&v, |n| n == "c") else {
+            panic!("no change");
+        };
+        assert_eq!(volume.copies[1].state, InSync);
+        assert!(volume.copies[1].joining);
+        // A copy being caught up by a failed primary is out of sync with the new one.
+        let v = vol(&[
+            ("a", InSync),
+            ("b", InSync),
+            ("c", InSync),
+            ("d", CatchingUp),
+        ]);
+        let Some(Decision::Change { volume, .. }) = decide(&v, |n| n == "a") else {
+            panic!("no change");
+        };
+        assert_eq!(volume.node, "b");
+        let d = volume.copies.iter().find(|c| c.node == "d").unwrap();
+        assert_eq!(d.state, OutOfSync);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! (`placement`), how its stores are told their roles (`roles`: the create and delete
 //! steps the task runner hands here, and the per-node reconciler that keeps each store's
 //! role equal to the cluster state), and what the leader changes when a copy's node fails
-//! (`failover`: out of the in-sync set, or a new primary, each with a generation bump).
+//! (`failover`: out of the in-sync set, or a new primary, each with a generation bump),
+//! and what it changes from the primary's store's reports (`resync`: a failed replica
+//! out, a copy that is back caught up and in again).
 //!
 //! The cluster state is the authority: a volume's primary, copies and generation are in
 //! its `volumes/<name>` record; a generation is raised only by a compare-and-swap of that
@@ -11,6 +13,7 @@
 
 pub mod failover;
 pub mod placement;
+pub mod resync;
 pub mod roles;
 
 use std::collections::HashMap;

@@ -22,9 +22,11 @@ use serde_json::json;
 use tessera_api::CopyState;
 use tessera_state::{Command, Node, Require};
 use tessera_store::admin_client::{AdminClient, AdminClientError};
-use tessera_store_admin::{AdminOp, AdminReply, ErrorKind, ReplicaPeer, ReplicationRole};
+use tessera_store_admin::{
+    AdminOp, AdminReply, ErrorKind, ReplicaPeer, ReplicationRole, VolumeReplication,
+};
 
-use super::{node_records, repl_addr, volumes, REPLICA_TIMEOUT_MS, ROUND};
+use super::{node_records, repl_addr, store_trouble, volumes, REPLICA_TIMEOUT_MS, ROUND};
 use crate::records::table::{TASKS, VOLUMES};
 use crate::records::{Task, TaskOp, TaskState, Volume, VolumeState};
 use crate::tables::{event, get, put};
@@ -57,7 +59,7 @@ fn forget(volume: &str) {
 }
 
 /// One admin call to the store at `socket`, off the async workers, bounded.
-async fn call(socket: &Path, op: AdminOp) -> Result<AdminReply, AdminClientError> {
+pub(super) async fn call(socket: &Path, op: AdminOp) -> Result<AdminReply, AdminClientError> {
     let sock = socket.to_path_buf();
     let asked = tokio::task::spawn_blocking(move || {
         let mut c = AdminClient::connect(&sock)?;
@@ -81,38 +83,49 @@ fn failed(msg: String) -> AdminClientError {
 }
 
 /// The role the cluster state gives `me`'s copy of `v` (`None`: none to give: not a copy
-/// here, or one out of sync, which takes no writes until caught up).
+/// here, or one out of sync, which takes no writes until the primary catches it up).
 pub fn desired(
     v: &Volume,
     me: &str,
     records: &HashMap<String, serde_json::Value>,
 ) -> Option<ReplicationRole> {
     let mine = v.copies.iter().find(|c| c.node == me)?;
-    if mine.state != CopyState::InSync {
-        return None;
+    match mine.state {
+        CopyState::OutOfSync => return None,
+        CopyState::CatchingUp => return role(json!({"type": "replica", "catching_up": true})),
+        CopyState::InSync if v.node != me => return role(json!({"type": "replica"})),
+        CopyState::InSync => {}
     }
-    if v.node != me {
-        return role(json!({"type": "replica"}));
-    }
-    let replicas = v
-        .copies
-        .iter()
-        .filter(|c| c.node != me && c.state == CopyState::InSync)
-        .map(|c| ReplicaPeer {
-            // The store checks the replica's certificate, which names its Raft id.
-            node: records
-                .get(&c.node)
-                .and_then(|r| r["raft_id"].as_u64())
-                .map(tessera_state::network::cert_name)
-                .unwrap_or_else(|| c.node.clone()),
-            addr: records
-                .get(&c.node)
-                .and_then(repl_addr)
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
-        })
-        .collect::<Vec<_>>();
-    role(json!({"type": "primary", "replicas": replicas, "timeout_ms": REPLICA_TIMEOUT_MS}))
+    let peers = |state: CopyState| {
+        v.copies
+            .iter()
+            .filter(|c| c.node != me && c.state == state)
+            .map(|c| ReplicaPeer {
+                node: cert_name(records, &c.node),
+                addr: records
+                    .get(&c.node)
+                    .and_then(repl_addr)
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            })
+            .collect::<Vec<_>>()
+    };
+    role(json!({
+        "type": "primary",
+        "replicas": peers(CopyState::InSync),
+        "catching_up": peers(CopyState::CatchingUp),
+        "timeout_ms": REPLICA_TIMEOUT_MS,
+    }))
+}
+
+/// The name node `id`'s certificate gives it (its Raft id's), which the stores use for
+/// their peers.
+pub fn cert_name(records: &HashMap<String, serde_json::Value>, id: &str) -> String {
+    records
+        .get(id)
+        .and_then(|r| r["raft_id"].as_u64())
+        .map(tessera_state::network::cert_name)
+        .unwrap_or_else(|| id.to_string())
 }
 
 /// A role from its JSON form: built through serde, with the optional fields at their
@@ -149,7 +162,7 @@ pub async fn run_task(
             }
             Some(create_replica(socket, &v, *generation).await)
         }
-        TaskOp::CreateVolume { name, .. } => {
+        TaskOp::CreateVolume { name, .. } | TaskOp::CloneSnapshot { name, .. } => {
             let v: Volume = get(node, VOLUMES, name)?;
             if !(v.is_replicated() && v.state == VolumeState::Creating && v.node == me) {
                 return None;
@@ -178,19 +191,29 @@ pub async fn run_task(
     }
 }
 
+/// The store call that makes this node's copy of a new replicated volume: a new volume,
+/// or for a clone (`origin` `volume@snapshot`) a clone of this node's copy of the
+/// snapshot, which every copy took at the same point of the write stream.
+fn make_copy(v: &Volume) -> AdminOp {
+    match v.origin.as_deref().and_then(|o| o.split_once('@')) {
+        Some((volume, snapshot)) => AdminOp::CloneSnapshot {
+            volume: volume.to_string(),
+            snapshot: snapshot.to_string(),
+            name: v.name.clone(),
+        },
+        None => AdminOp::CreateVolume {
+            name: v.name.clone(),
+            size: v.size_bytes,
+        },
+    }
+}
+
 async fn create_replica(
     socket: &Path,
     v: &Volume,
     generation: u64,
 ) -> Result<AdminReply, AdminClientError> {
-    call(
-        socket,
-        AdminOp::CreateVolume {
-            name: v.name.clone(),
-            size: v.size_bytes,
-        },
-    )
-    .await?;
+    call(socket, make_copy(v)).await?;
     let role = role(json!({"type": "replica"}))
         .ok_or_else(|| failed("no replica role could be built".into()))?;
     let r = call(
@@ -213,14 +236,7 @@ async fn create_primary(
     v: &Volume,
     t: &Task,
 ) -> Result<AdminReply, AdminClientError> {
-    call(
-        socket,
-        AdminOp::CreateVolume {
-            name: v.name.clone(),
-            size: v.size_bytes,
-        },
-    )
-    .await?;
+    call(socket, make_copy(v)).await?;
     let outcome = async {
         wait_for_replicas(node, me, v, t).await?;
         let role = desired(v, me, &node_records(node))
@@ -317,10 +333,9 @@ async fn wait_for_replicas(
 pub fn start_reconciler(node: Arc<Node>, me: String, socket: PathBuf) {
     tokio::spawn(async move {
         let mut rx = node.state.subscribe();
-        // The last error per volume, logged once.
-        let mut complaints: HashMap<String, String> = HashMap::new();
+        let mut round = Round::default();
         loop {
-            reconcile(&node, &me, &socket, &mut complaints).await;
+            reconcile(&node, &me, &socket, &mut round).await;
             if tokio::time::timeout(ROUND, rx.changed())
                 .await
                 .is_ok_and(|r| r.is_err())
@@ -331,7 +346,7 @@ pub fn start_reconciler(node: Arc<Node>, me: String, socket: PathBuf) {
     });
 }
 
-async fn reconcile(node: &Node, me: &str, socket: &Path, complaints: &mut HashMap<String, String>) {
+async fn reconcile(node: &Node, me: &str, socket: &Path, st: &mut Round) {
     let mine: Vec<Volume> = volumes(node)
         .into_iter()
         .filter(|v| {
@@ -340,31 +355,59 @@ async fn reconcile(node: &Node, me: &str, socket: &Path, complaints: &mut HashMa
                 && v.copies.iter().any(|c| c.node == me)
         })
         .collect();
+    st.stalled
+        .retain(|(n, g)| mine.iter().any(|v| v.name == *n && v.generation == *g));
     if mine.is_empty() {
         return;
     }
     // A store that does not answer may be restarting: what it was told is gone with it.
     // One that answers says which roles it holds unconfigured (restored after its
     // restart) or in an older generation: those are given again.
-    match call(socket, AdminOp::ReplicationStatus {}).await {
-        Ok(AdminReply::Replication(held)) => {
-            let mut a = applied().lock().unwrap_or_else(|p| p.into_inner());
-            for h in held {
-                let stale = a.get(&h.volume).is_some_and(|(g, _)| h.generation < *g);
-                if !h.configured || stale {
-                    a.remove(&h.volume);
+    let held: HashMap<String, VolumeReplication> =
+        match call(socket, AdminOp::ReplicationStatus {}).await {
+            Ok(AdminReply::Replication(held)) => {
+                let mut a = applied().lock().unwrap_or_else(|p| p.into_inner());
+                for h in &held {
+                    let stale = a.get(&h.volume).is_some_and(|(g, _)| h.generation < *g);
+                    if !h.configured || stale {
+                        a.remove(&h.volume);
+                    }
                 }
+                held.into_iter().map(|h| (h.volume.clone(), h)).collect()
             }
-        }
-        Ok(_) => {}
-        Err(e) => {
-            tracing::debug!(error = %e, "store not answering; roles will be given again");
-            applied().lock().unwrap_or_else(|p| p.into_inner()).clear();
-            return;
-        }
-    }
+            Ok(_) => HashMap::new(),
+            Err(e) => {
+                tracing::debug!(error = %e, "store not answering; roles will be given again");
+                applied().lock().unwrap_or_else(|p| p.into_inner()).clear();
+                return;
+            }
+        };
     let records = node_records(node);
     for v in mine {
+        let report = held.get(&v.name);
+        if v.node == me {
+            // What the primary's store reports may change the cluster state (a failed
+            // replica, a copy back or caught up); the stores hear of it next round.
+            if let Some(step) = report.and_then(|r| {
+                super::resync::decide(
+                    &v,
+                    r,
+                    |cert| {
+                        v.copies
+                            .iter()
+                            .find(|c| cert_name(&records, &c.node) == cert)
+                            .map(|c| c.node.clone())
+                    },
+                    |n| {
+                        super::liveness(me, n) == super::Liveness::Up
+                            && records.get(n).is_some_and(|r| store_trouble(r).is_none())
+                    },
+                )
+            }) {
+                super::resync::act(node, &v, step, &mut st.stalled).await;
+                continue;
+            }
+        }
         let Some(want) = desired(&v, me, &records) else {
             continue;
         };
@@ -374,9 +417,19 @@ async fn reconcile(node: &Node, me: &str, socket: &Path, complaints: &mut HashMa
             .get(&v.name)
             .cloned();
         if have.as_ref() == Some(&(v.generation, want.clone())) {
+            confirm_joined(node, me, &v, report).await;
             continue;
         }
         let is_primary = matches!(want, ReplicationRole::Primary { .. });
+        // A replica's store learns a newer generation from its primary, which fences it
+        // only once it took that generation itself (after a rejoin's last pass): told
+        // first, the replica would refuse that primary's last writes as stale and fence
+        // it for good. So a replica is told a generation only once its store holds it,
+        // unless it is no serving replica at all (a former primary, or no role).
+        if !is_primary && report.is_some_and(|h| h.role == "replica" && h.generation < v.generation)
+        {
+            continue;
+        }
         // A primary may have run here in this generation unless we know otherwise.
         let fresh = match &have {
             Some((g, _)) if *g < v.generation => true,
@@ -396,19 +449,54 @@ async fn reconcile(node: &Node, me: &str, socket: &Path, complaints: &mut HashMa
         match call(socket, op).await {
             Ok(_) => {
                 tracing::info!(volume = %v.name, "{what}: done");
-                complaints.remove(&v.name);
+                st.complaints.remove(&v.name);
                 remember(&v.name, v.generation, &want);
             }
             Err(AdminClientError::Refused(e)) if e.kind == ErrorKind::NotFound => {
                 note(
-                    complaints,
+                    &mut st.complaints,
                     &v.name,
                     format!("{what}: the store has no copy: {e}"),
                 );
             }
-            Err(e) => note(complaints, &v.name, format!("{what}: {e}")),
+            Err(e) => note(&mut st.complaints, &v.name, format!("{what}: {e}")),
         }
     }
+}
+
+/// A joining copy here whose store was told it is in sync (in the record's generation,
+/// which the primary fenced it in after the last pass) and no longer must catch up:
+/// the cluster state stops calling it joining, so failover may make it the primary.
+async fn confirm_joined(node: &Node, me: &str, v: &Volume, report: Option<&VolumeReplication>) {
+    let joining = v.copies.iter().any(|c| c.node == me && c.joining);
+    let done = report.is_some_and(|h| {
+        h.role == "replica" && h.configured && h.generation >= v.generation && !h.must_catch_up
+    });
+    if !(joining && done) || v.node == me {
+        return;
+    }
+    let mut new = v.clone();
+    for c in &mut new.copies {
+        if c.node == me {
+            c.joining = false;
+        }
+    }
+    let msg = format!(
+        "the copy on {me} confirmed it holds every write (generation {})",
+        v.generation
+    );
+    if super::resync::write(node, v, &new, &[("volume.replica_joined", msg)]).await {
+        tracing::info!(volume = %v.name, "copy joined the in-sync set");
+    }
+}
+
+/// What the reconciler keeps between rounds.
+#[derive(Default)]
+struct Round {
+    /// The last error per volume, logged once.
+    complaints: HashMap<String, String>,
+    /// Stalls already announced (volume, generation).
+    stalled: Vec<(String, u64)>,
 }
 
 fn note(complaints: &mut HashMap<String, String>, volume: &str, msg: String) {
