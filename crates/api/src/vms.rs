@@ -311,6 +311,15 @@ pub struct VmUpdate {
     )]
     #[schema(minimum = 16, maximum = 1048576)]
     pub memory_mib: Option<u64>,
+    /// Seconds a stop waits for the guest to shut down before forcing it, 1-3600 (the
+    /// same rule as at creation). Takes effect at the next stop.
+    #[serde(
+        default,
+        deserialize_with = "stop_timeout",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub stop_timeout_s: Option<u32>,
     /// Volume names (at most 16, distinct), replacing the current list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = disks_or_null)]

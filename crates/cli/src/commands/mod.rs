@@ -7,7 +7,6 @@ pub mod networks;
 pub mod nodes;
 pub mod realms;
 pub mod session;
-pub mod settings;
 pub mod tasks;
 pub mod tokens;
 pub mod users;

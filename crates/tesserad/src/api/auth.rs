@@ -26,8 +26,9 @@ use tessera_state::{Command, Require};
 
 pub use tessera_api::Role;
 
-use super::extract::{Administrator, Anyone, Auth, Body, Param, Peer, Synced};
+use super::extract::{Administrator, Anyone, Auth, Body, IdempotencyKey, Param, Peer, Synced};
 use super::login_limit;
+use super::tasks::{commit_idempotent, Idempotent};
 use super::{commit, del, node, now_ms, put, read, read_all, ApiError, ApiState, ErrorBody, St};
 use crate::records::table::{SESSIONS, TOKENS, USERS};
 
@@ -447,9 +448,14 @@ pub async fn change_password(
     Ok(Json(PasswordChanged { changed: true }))
 }
 
-/// Create an API token for the caller.
+/// Create an API token for the caller. With an `Idempotency-Key`, a retry of a create
+/// that made its token is 409 naming that token: its secret is shown once and kept
+/// nowhere, so it cannot be given again; revoke the token if the secret was lost.
 #[utoipa::path(post, path = "/api/v1/tokens", tag = "auth", operation_id = "create_token",
     request_body = NewToken,
+    params(("Idempotency-Key" = Option<String>, Header,
+        min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9._:-]{1,64}$",
+        description = "Makes a retry safe: a retry of a create that made its token is 409 naming it")),
     security(("token" = []), ("cookie" = [])),
     responses((status = 201, body = TokenInfo), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -457,10 +463,18 @@ pub async fn change_password(
 pub async fn create_token(
     State(st): St,
     p: Auth<Administrator>,
+    IdempotencyKey(idem_key): IdempotencyKey,
     Body(req): Body<NewToken>,
 ) -> Result<(StatusCode, Json<TokenInfo>), ApiError> {
     if !tessera_api::limits::TOKEN_LIFETIME_S.contains(&req.expires_in_s) {
         return Err(ApiError::bad("expires_in_s: must be 60 to 31622400"));
+    }
+    let idem = idem_key.map(|k| Idempotent::new(&p.user, &k, &("token", &req)));
+    if let Some(idem) = &idem {
+        let n = super::synced(&st).await?;
+        if let Some(first) = idem.replay_answer::<TokenInfo>(&n)? {
+            return Err(token_made_already(&first));
+        }
     }
     let secret = secret_hex(32);
     let id = random_id();
@@ -473,8 +487,18 @@ pub async fn create_token(
         credentials: p.credentials.clone(),
     };
     let key = key_of(&secret);
-    commit(
+    // What is kept for the key: the token without its secret.
+    let info = TokenInfo {
+        id: id.clone(),
+        user: t.user.clone(),
+        role: t.role,
+        expires_ms: t.expires_ms,
+        token: None,
+    };
+    let made = commit_idempotent(
         &st,
+        info,
+        idem.as_ref(),
         vec![Require::absent(TOKENS, &id)],
         vec![
             put(SESSIONS, &key, &t),
@@ -484,15 +508,26 @@ pub async fn create_token(
         |_| "token id collision; try again".into(),
     )
     .await?;
+    if made.id != id {
+        // A concurrent request with the same key made its token first.
+        return Err(token_made_already(&made));
+    }
     Ok((
         StatusCode::CREATED,
         Json(TokenInfo {
-            id,
-            user: t.user,
-            role: t.role,
-            expires_ms: t.expires_ms,
             token: Some(secret),
+            ..made
         }),
+    ))
+}
+
+/// The answer to a retried token create: the token exists, its secret is not kept.
+fn token_made_already(first: &TokenInfo) -> ApiError {
+    ApiError::conflict(format!(
+        "Idempotency-Key: this request already made token {id}; its secret was shown once \
+         and is kept nowhere: if it was lost, revoke the token (DELETE /api/v1/tokens/{id}) \
+         and create another",
+        id = first.id
     ))
 }
 

@@ -116,6 +116,10 @@ pub const IDEMPOTENCY: &str = "idempotency";
 const IDEMPOTENCY_MS: u64 = 24 * 3600 * 1000;
 /// Expired kept answers dropped along with each new one (so they do not pile up).
 const IDEMPOTENCY_PURGE: usize = 8;
+/// Unexpired kept answers per user at most: one more drops that user's oldest, so a
+/// client sending a new key with every request cannot grow the state without bound
+/// within the 24 h (a retry comes within minutes; a key 1,000 creates old is not retried).
+pub const IDEMPOTENCY_PER_USER: usize = 1000;
 
 /// A request's `Idempotency-Key`, bound to its user and to what it asked.
 pub struct Idempotent {
@@ -191,23 +195,22 @@ impl Idempotent {
         ops: &mut Vec<tessera_state::Command>,
     ) {
         let now = now_ms();
-        let expired: Vec<String> = n.state.read(|t| {
+        let (dropped, own) = n.state.read(|t| {
             t.get(IDEMPOTENCY)
                 .map(|t| {
-                    t.iter()
-                        .filter(|(k, v)| {
-                            **k != self.key && v["expires_ms"].as_u64().is_some_and(|e| e <= now)
-                        })
-                        .take(IDEMPOTENCY_PURGE)
-                        .map(|(k, _)| k.clone())
-                        .collect()
+                    let own = t.get(&self.key).cloned();
+                    (to_drop(t.iter(), &self.key, now), own)
                 })
                 .unwrap_or_default()
         });
-        for k in &expired {
+        for k in &dropped {
             ops.push(super::del(IDEMPOTENCY, k));
         }
-        require.push(Require::absent(IDEMPOTENCY, &self.key));
+        // An expired answer still under this key is replaced (`kept` ignored it).
+        require.push(match own {
+            Some(v) => Require::equals(IDEMPOTENCY, &self.key, v),
+            None => Require::absent(IDEMPOTENCY, &self.key),
+        });
         ops.push(put(
             IDEMPOTENCY,
             &self.key,
@@ -219,6 +222,36 @@ impl Idempotent {
             },
         ));
     }
+}
+
+/// The kept answers a new one under `key` drops (never `key` itself): up to
+/// [`IDEMPOTENCY_PURGE`] expired ones of anyone, and the same user's oldest unexpired ones
+/// beyond [`IDEMPOTENCY_PER_USER`] - 1, so that with the new one it keeps at most that many.
+fn to_drop<'a>(
+    kept: impl Iterator<Item = (&'a String, &'a serde_json::Value)>,
+    key: &str,
+    now: u64,
+) -> Vec<String> {
+    let user = key.split_once('/').map_or(key, |(u, _)| u);
+    let mut expired = Vec::new();
+    let mut mine: Vec<(u64, &String)> = Vec::new();
+    for (k, v) in kept.filter(|(k, _)| k.as_str() != key) {
+        // Unreadable ones count as expired: nothing can replay them.
+        let expires = v["expires_ms"].as_u64().unwrap_or(0);
+        if expires <= now {
+            if expired.len() < IDEMPOTENCY_PURGE {
+                expired.push(k.clone());
+            }
+        } else if k.split_once('/').is_some_and(|(u, _)| u == user) {
+            mine.push((expires, k));
+        }
+    }
+    let over = (mine.len() + 1).saturating_sub(IDEMPOTENCY_PER_USER);
+    if over > 0 {
+        mine.sort();
+        expired.extend(mine.into_iter().take(over).map(|(_, k)| k.clone()));
+    }
+    expired
 }
 
 fn used_otherwise() -> ApiError {
@@ -291,5 +324,61 @@ pub async fn submit_idempotent(
                 .ok_or_else(|| ApiError::conflict("Idempotency-Key: in use; try again"))
         }
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{to_drop, IDEMPOTENCY_PER_USER, IDEMPOTENCY_PURGE};
+    use serde_json::{json, Value};
+
+    fn kept(entries: &[(String, u64)]) -> Vec<(String, Value)> {
+        entries
+            .iter()
+            .map(|(k, e)| (k.clone(), json!({"request": "r", "expires_ms": e})))
+            .collect()
+    }
+
+    fn drop_for(entries: &[(String, Value)], key: &str, now: u64) -> Vec<String> {
+        to_drop(entries.iter().map(|(k, v)| (k, v)), key, now)
+    }
+
+    #[test]
+    fn a_user_keeps_at_most_the_cap_and_loses_its_oldest() {
+        let now = 1_000_000;
+        // A full user (oldest first by expiry, listed out of order) and another user.
+        let mut e: Vec<(String, u64)> = (0..IDEMPOTENCY_PER_USER as u64)
+            .rev()
+            .map(|i| (format!("alice/k{i}"), now + 10 + i))
+            .collect();
+        e.push(("bob/k".into(), now + 1));
+        let t = kept(&e);
+        // Alice's new key drops her oldest only, not bob's older one.
+        assert_eq!(drop_for(&t, "alice/new", now), vec!["alice/k0".to_string()]);
+        // Bob is under the cap: nothing dropped.
+        assert!(drop_for(&t, "bob/new", now).is_empty());
+        // Re-keeping an existing key does not count it against itself.
+        assert!(drop_for(&t[1..], "alice/k0", now).is_empty());
+        // Over the cap by more (the cap lowered by an upgrade): back down to it.
+        let mut e2 = e.clone();
+        e2.push(("alice/extra".into(), now + 5));
+        assert_eq!(
+            drop_for(&kept(&e2), "alice/new", now),
+            vec!["alice/extra".to_string(), "alice/k0".to_string()]
+        );
+    }
+
+    #[test]
+    fn expired_ones_go_a_few_at_a_time_whoever_kept_them() {
+        let now = 1_000_000;
+        let e: Vec<(String, u64)> = (0..20).map(|i| (format!("carol/k{i}"), now - i)).collect();
+        let t = kept(&e);
+        let d = drop_for(&t, "dave/new", now);
+        assert_eq!(d.len(), IDEMPOTENCY_PURGE);
+        // Never the key being kept, even when expired (it is replaced, not dropped).
+        assert!(!drop_for(&t, "carol/k3", now).contains(&"carol/k3".to_string()));
+        // Unreadable answers are expired.
+        let bad = vec![("x/y".to_string(), json!("garbage"))];
+        assert_eq!(drop_for(&bad, "x/z", now), vec!["x/y".to_string()]);
     }
 }

@@ -21,8 +21,8 @@ use tessera_state::Require;
 
 use super::auth::Principal;
 use super::events::event;
-use super::extract::{Auditor, Auth, Body, Operator, Param, Synced};
-use super::tasks::queued;
+use super::extract::{Auditor, Auth, Body, IdempotencyKey, Operator, Param, Synced};
+use super::tasks::{commit_idempotent, queued, Idempotent};
 use super::vm_actions::start_fields;
 use super::{check_name, commit, del, now_ms, put, read, ApiError, ErrorBody, St};
 use crate::images::IMAGES;
@@ -229,8 +229,13 @@ fn refusal(r: &Require, vm_changed: String) -> String {
 /// Define a VM. With `from`, a copy of a template: its spec fills what the request leaves
 /// out, and each of its disks is cloned copy-on-write from its `template` snapshot into
 /// a new volume `<name>-disk<N>` (a task each; the VM can start once they are ready).
+/// An `Idempotency-Key` makes a retry safe: the same key and body get the first answer
+/// (and create nothing more), the same key with another body 409.
 #[utoipa::path(post, path = "/api/v1/vms", tag = "vms", operation_id = "create_vm",
     request_body = NewVm,
+    params(("Idempotency-Key" = Option<String>, Header,
+        min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9._:-]{1,64}$",
+        description = "Makes a retry safe: the same key and body get the first answer")),
     security(("token" = []), ("cookie" = [])),
     responses((status = 201, body = Vm), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -239,10 +244,20 @@ fn refusal(r: &Require, vm_changed: String) -> String {
 pub async fn create(
     State(st): St,
     p: Auth<Operator>,
+    IdempotencyKey(key): IdempotencyKey,
     Body(req): Body<NewVm>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
     check_name("name", &req.name, &[])?;
     let n = super::synced(&st).await?;
+    let idem = key.map(|k| Idempotent::new(&p.user, &k, &("vm", &req)));
+    if let Some(first) = idem
+        .as_ref()
+        .map(|i| i.replay_answer::<Vm>(&n))
+        .transpose()?
+        .flatten()
+    {
+        return Ok((StatusCode::CREATED, Json(first)));
+    }
     let now = now_ms();
     let template = match &req.from {
         None => None,
@@ -379,14 +394,15 @@ pub async fn create(
         ));
     }
     let name = vm.name.clone();
+    let from_template = vm.from.is_some();
     let refuse = |r: &Require| {
-        if r.table == VOLUMES && vm.from.is_some() {
+        if r.table == VOLUMES && from_template {
             format!("name: volume {} already exists (the clone's name)", r.key)
         } else {
             refusal(r, format!("name: VM {name} already exists"))
         }
     };
-    commit(&st, require, ops, refuse).await?;
+    let vm = commit_idempotent(&st, vm, idem.as_ref(), require, ops, refuse).await?;
     Ok((StatusCode::CREATED, Json(vm)))
 }
 
@@ -470,31 +486,16 @@ pub async fn template(
     let mut require = vec![Require::equals(VMS, &name, json!(old))];
     let mut ops = vec![put(VMS, &name, &vm)];
     for d in &vm.disks {
-        let v: Volume = read(&n, VOLUMES, d)?
-            .ok_or_else(|| ApiError::not_found(format!("disks: no volume {d}")))?;
-        if v.state != VolumeState::Ready {
-            return Err(ApiError::conflict(format!(
-                "disks: volume {d} is not ready"
-            )));
-        }
-        let key = snapshot_key(d, TEMPLATE_SNAPSHOT);
-        let snap = Snapshot {
-            volume: d.clone(),
-            name: TEMPLATE_SNAPSHOT.into(),
-            state: VolumeState::Creating,
-            created_ms: now_ms(),
-        };
-        let task = queued(
-            &p,
-            &v.node,
-            TaskOp::CreateSnapshot {
-                volume: d.clone(),
-                snapshot: TEMPLATE_SNAPSHOT.into(),
-            },
-        );
-        require.push(Require::absent(SNAPSHOTS, &key));
+        // The same snapshot path as `POST /volumes/{d}/snapshots`: what it refuses (a
+        // replicated volume, today) a template refuses too, instead of snapshotting one
+        // copy only.
+        let (task, req, snap_ops) = super::volumes::snapshot_plan(&p, &n, d, TEMPLATE_SNAPSHOT)
+            .map_err(|ApiError(code, msg, outcome)| {
+                ApiError(code, format!("disks: {msg}"), outcome)
+            })?;
+        require.extend(req);
         require.push(Require::absent(TASKS, &task.id));
-        ops.push(put(SNAPSHOTS, &key, &snap));
+        ops.extend(snap_ops);
         ops.push(put(TASKS, &task.id, &task));
     }
     ops.push(event("vm.template", &name, &p.user, "VM made a template"));
@@ -560,6 +561,9 @@ pub async fn update(
     }
     if req.node.is_some() {
         vm.node = req.node;
+    }
+    if req.stop_timeout_s.is_some() {
+        vm.stop_timeout_s = req.stop_timeout_s;
     }
     if let Some(r) = req.restart_policy {
         vm.restart_policy = r;

@@ -411,45 +411,57 @@ pub async fn snapshot(
     if let Some(task) = idem.as_ref().map(|i| i.replay(&n)).transpose()?.flatten() {
         return Ok((StatusCode::ACCEPTED, Json(task)));
     }
-    let v = ready_volume(&n, &name)?;
-    not_replicated(&v, "a snapshot")?;
+    let (task, require, mut ops) = snapshot_plan(&p, &n, &name, &req.name)?;
     let key = snapshot_key(&name, &req.name);
+    ops.push(event(
+        "snapshot.create",
+        &key,
+        &p.user,
+        "snapshot requested",
+    ));
+    let task = submit_idempotent(&st, &task, idem.as_ref(), require, ops, |r| {
+        if r.table == SNAPSHOTS {
+            format!("name: snapshot {key} already exists")
+        } else {
+            format!("volume {name} was deleted meanwhile")
+        }
+    })
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(task)))
+}
+
+/// What a snapshot `snapshot` of volume `volume` takes, for `POST .../snapshots` and for
+/// `POST /vms/{name}/template` alike (one path, so what one refuses the other does): the
+/// queued task, and the requirements and records to commit with it (the task not
+/// included: `submit` adds it). Refused for a volume that is not ready or is replicated.
+pub(super) fn snapshot_plan(
+    p: &super::auth::Principal,
+    n: &tessera_state::Node,
+    volume: &str,
+    snapshot: &str,
+) -> Result<(Task, Vec<Require>, Vec<tessera_state::Command>), ApiError> {
+    let v = ready_volume(n, volume)?;
+    not_replicated(&v, "a snapshot")?;
+    let key = snapshot_key(volume, snapshot);
     let snap = Snapshot {
-        volume: name.clone(),
-        name: req.name.clone(),
+        volume: volume.into(),
+        name: snapshot.into(),
         state: VolumeState::Creating,
         created_ms: now_ms(),
     };
     let task = queued(
-        &p,
+        p,
         &v.node,
         TaskOp::CreateSnapshot {
-            volume: name.clone(),
-            snapshot: req.name.clone(),
+            volume: volume.into(),
+            snapshot: snapshot.into(),
         },
     );
-    let task = submit_idempotent(
-        &st,
-        &task,
-        idem.as_ref(),
-        vec![
-            Require::exists(VOLUMES, &name),
-            Require::absent(SNAPSHOTS, &key),
-        ],
-        vec![
-            put(SNAPSHOTS, &key, &snap),
-            event("snapshot.create", &key, &p.user, "snapshot requested"),
-        ],
-        |r| {
-            if r.table == SNAPSHOTS {
-                format!("name: snapshot {key} already exists")
-            } else {
-                format!("volume {name} was deleted meanwhile")
-            }
-        },
-    )
-    .await?;
-    Ok((StatusCode::ACCEPTED, Json(task)))
+    let require = vec![
+        Require::exists(VOLUMES, volume),
+        Require::absent(SNAPSHOTS, &key),
+    ];
+    Ok((task, require, vec![put(SNAPSHOTS, &key, &snap)]))
 }
 
 /// Delete a snapshot (a task).
