@@ -17,6 +17,11 @@
 //!   configuration ([`Primary::reconfigure`]). From that configuration on, the regions the
 //!   replica may lack (written and not covered by a flush it acknowledged) and every later
 //!   write are recorded for it ([`PrimaryAction::RecordMissed`]).
+//! - A snapshot ([`Op::Snapshot`]) is sequenced like a write: every copy applies it after
+//!   the same ops, so every copy's snapshot holds the same writes. It completes like a
+//!   flush (local and every in-sync replica), and is refused at once while a replica is
+//!   out of sync or asked out ([`RequestError::NotAllInSync`]). A replica failing on it
+//!   is a failed replica like any other.
 //! - [`ReplyError::StaleGeneration`] from any replica means a newer generation exists: this
 //!   primary is fenced, every pending and later request fails.
 //! - A configuration leaving fewer than 2 copies in sync (counting the primary's; fewer
@@ -255,6 +260,23 @@ impl Primary {
                 return;
             }
             Mode::Running | Mode::Stalled => {}
+        }
+        if matches!(op, Op::Snapshot { .. }) {
+            // Only a snapshot every copy takes is consistent: refused while a replica is
+            // out of sync (it would lack the snapshot) or asked out (the same, soon).
+            let missing: Vec<ReplicaId> = self
+                .config
+                .out_of_sync
+                .iter()
+                .chain(self.removal_requested.iter())
+                .copied()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if !missing.is_empty() || self.mode == Mode::Stalled {
+                out.push(complete(id, Err(RequestError::NotAllInSync(missing))));
+                return;
+            }
         }
         let region = op_region(&op);
         if matches!(&op, Op::Write { data, .. } if data.len() > MAX_DATA) {
@@ -540,6 +562,12 @@ impl Primary {
                 generation,
                 seq,
             },
+            Op::Snapshot { name } => Message::Snapshot {
+                volume,
+                generation,
+                seq,
+                name: name.clone(),
+            },
         }
     }
 }
@@ -559,7 +587,7 @@ pub fn op_region(op: &Op) -> Option<Region> {
             offset: *offset,
             len: *len,
         }),
-        Op::Flush => None,
+        Op::Flush | Op::Snapshot { .. } => None,
     }
 }
 

@@ -26,6 +26,9 @@
 
 use crate::wire::{Generation, Message, ReplyError, VolumeName};
 
+/// A snapshot's name on the wire and in [`Op::Snapshot`] (the volume naming rule).
+pub type SnapshotName = VolumeName;
+
 /// What the replica asks the shell to change on its copy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -41,6 +44,10 @@ pub enum Op {
     Trim { offset: u64, len: u64 },
     /// Make every earlier write durable.
     Flush,
+    /// Take snapshot `name` of the copy here: it holds exactly the ops sequenced before
+    /// it. The same point of the stream on every copy, since every copy applies in seq
+    /// order.
+    Snapshot { name: SnapshotName },
 }
 
 /// What the shell must do, in the order given.
@@ -260,6 +267,18 @@ impl Replica {
                 generation,
                 seq,
             } => self.sequenced(&volume, generation, seq, Op::Flush, &mut actions),
+            Message::Snapshot {
+                volume,
+                generation,
+                seq,
+                name,
+            } => self.sequenced(
+                &volume,
+                generation,
+                seq,
+                Op::Snapshot { name },
+                &mut actions,
+            ),
             Message::Digests {
                 volume,
                 generation,
@@ -475,6 +494,41 @@ mod tests {
         );
         assert_eq!(apply_and_ack(&mut r, write(1, 2)), vec![ok(2)]);
         assert_eq!(apply_and_ack(&mut r, write(1, 3)), vec![ok(3)]);
+    }
+
+    #[test]
+    fn a_snapshot_applies_in_seq_order_once_and_not_while_lost() {
+        let snap = |seq| Message::Snapshot {
+            volume: vol(),
+            generation: Generation(1),
+            seq,
+            name: VolumeName::new("s1").unwrap(),
+        };
+        let mut r = Replica::new(vol());
+        // Before write 1 arrived: a gap, not taken early.
+        assert!(r
+            .handle(snap(2))
+            .contains(&reply(2, Err(ReplyError::SeqGap { expected: 1 }))));
+        assert_eq!(apply_and_ack(&mut r, write(1, 1)), vec![ok(1)]);
+        let taken = r.handle(snap(2));
+        assert_eq!(
+            taken,
+            vec![ReplicaAction::Apply {
+                seq: 2,
+                op: Op::Snapshot {
+                    name: VolumeName::new("s1").unwrap()
+                }
+            }]
+        );
+        assert_eq!(r.applied(2, Ok(())), vec![ok(2)]);
+        // A resend is acknowledged without taking it twice.
+        assert_eq!(r.handle(snap(2)), vec![ok(2)]);
+        // A copy that restarted may lack acknowledged writes: its snapshot would too.
+        let mut lost = Replica::restarted(vol(), Generation(1));
+        assert_eq!(
+            lost.handle(snap(1)),
+            vec![reply(1, Err(ReplyError::NotInSync))]
+        );
     }
 
     #[test]

@@ -315,12 +315,28 @@ pub fn execute(store: &Store, repl: &Replication, op: AdminOp) -> Outcome {
             store.resize_volume(&name, size).map(AdminReply::Volume)
         }
         AdminOp::DeleteVolume { name } => store.delete_volume(&name).map(|()| AdminReply::Done),
-        AdminOp::CreateSnapshot { volume, snapshot } => store
-            .create_snapshot(&volume, &snapshot)
-            .map(AdminReply::Snapshot),
-        AdminOp::DeleteSnapshot { volume, snapshot } => store
-            .delete_snapshot(&volume, &snapshot)
-            .map(|()| AdminReply::Done),
+        AdminOp::CreateSnapshot { volume, snapshot } => {
+            // A replicated volume's snapshot goes through its primary's stream.
+            match repl.create_snapshot(&volume, &snapshot) {
+                None => store.create_snapshot(&volume, &snapshot),
+                Some(Ok(info)) => Ok(info),
+                Some(Err(RoleError::Store(e))) => Err(e),
+                Some(Err(RoleError::Refused(why))) => {
+                    tracing::info!(error = %why, "admin operation refused");
+                    return Outcome::Error(AdminError {
+                        kind: ErrorKind::Invalid,
+                        message: why,
+                    });
+                }
+            }
+            .map(AdminReply::Snapshot)
+        }
+        AdminOp::DeleteSnapshot { volume, snapshot } => {
+            store.delete_snapshot(&volume, &snapshot).map(|()| {
+                repl.forget_snapshot(&volume, &snapshot);
+                AdminReply::Done
+            })
+        }
         AdminOp::CloneSnapshot {
             volume,
             snapshot,

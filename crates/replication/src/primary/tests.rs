@@ -376,3 +376,99 @@ fn bad_requests_fail_without_being_sent() {
     }
     assert_eq!(p.pending(), 0);
 }
+
+fn snapshot(name: &str) -> Op {
+    Op::Snapshot {
+        name: VolumeName::new(name).unwrap(),
+    }
+}
+
+#[test]
+fn a_snapshot_is_sequenced_between_writes_and_completes_like_a_flush() {
+    let mut p = primary();
+    req(&mut p, 1, write(0));
+    let sent = req(&mut p, 2, snapshot("s1"));
+    req(&mut p, 3, write(4096));
+    // Every in-sync replica gets it as seq 2: after write 1, before write 3.
+    let marks: Vec<_> = sent
+        .iter()
+        .filter_map(|a| match a {
+            PrimaryAction::Send {
+                to,
+                msg: Message::Snapshot { seq, name, .. },
+            } => Some((*to, *seq, name.as_str().to_string())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(marks, vec![(A, 2, "s1".into()), (B, 2, "s1".into())]);
+    assert!(matches!(
+        sent[0],
+        PrimaryAction::ApplyLocal {
+            op: Op::Snapshot { .. },
+            ..
+        }
+    ));
+    for id in 1..=3 {
+        local_done(&mut p, id);
+    }
+    for seq in 1..=3 {
+        p.handle(3 * MS, reply(A, seq, Ok(())));
+    }
+    // B has not taken the snapshot yet: nothing from it on completes.
+    let done = completions(&p.handle(3 * MS, reply(B, 1, Ok(()))));
+    assert_eq!(done, vec![(RequestId(1), Ok(()))]);
+    let done = completions(&p.handle(3 * MS, reply(B, 2, Ok(()))));
+    assert_eq!(done, vec![(RequestId(2), Ok(()))]);
+}
+
+#[test]
+fn a_snapshot_is_refused_while_a_replica_is_out_of_sync_or_failing() {
+    let mut p = primary();
+    // A replica refusing a write is failing: the snapshot is refused at once.
+    req(&mut p, 1, write(0));
+    p.handle(3 * MS, reply(B, 1, Err(ReplyError::Io("disk".into()))));
+    let done = completions(&req(&mut p, 2, snapshot("s1")));
+    assert_eq!(
+        done,
+        vec![(RequestId(2), Err(RequestError::NotAllInSync(vec![B])))]
+    );
+    // In the configuration without it, B is out of sync: still refused.
+    p.reconfigure(4 * MS, config(2, &[A], &[B])).unwrap();
+    let done = completions(&req(&mut p, 3, snapshot("s1")));
+    assert_eq!(
+        done,
+        vec![(RequestId(3), Err(RequestError::NotAllInSync(vec![B])))]
+    );
+}
+
+#[test]
+fn a_replica_failing_its_snapshot_is_a_failed_replica() {
+    let mut p = primary();
+    req(&mut p, 1, snapshot("s1"));
+    local_done(&mut p, 1);
+    p.handle(3 * MS, reply(A, 1, Ok(())));
+    let asked = p.handle(
+        3 * MS,
+        reply(B, 1, Err(ReplyError::Io("snapshot s1 exists".into()))),
+    );
+    assert!(asked
+        .iter()
+        .any(|a| matches!(a, PrimaryAction::RequestRemoval { replica: B, .. })));
+    assert!(completions(&asked).is_empty());
+    // Without B, the snapshot completes on the copies that took it (reported partial
+    // by the store: B lacks it).
+    // Without B, it is sent again to A in generation 2 (after a fence; the store's
+    // replica takes a snapshot it already took from this stream as done) and completes
+    // on the copies that took it; B lacks it.
+    let again = p.reconfigure(4 * MS, config(2, &[A], &[B])).unwrap();
+    assert!(again.iter().any(|a| matches!(
+        a,
+        PrimaryAction::Send {
+            to: A,
+            msg: Message::Snapshot { seq: 1, .. }
+        }
+    )));
+    p.handle(5 * MS, reply(A, 0, Ok(())));
+    let done = completions(&p.handle(5 * MS, reply(A, 1, Ok(()))));
+    assert_eq!(done, vec![(RequestId(1), Ok(()))]);
+}

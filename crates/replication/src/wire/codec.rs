@@ -15,6 +15,7 @@ const KIND_DIGESTS_REPLY: u8 = 7;
 const KIND_READ: u8 = 8;
 const KIND_READ_REPLY: u8 = 9;
 const KIND_REPLY: u8 = 10;
+const KIND_SNAPSHOT: u8 = 11;
 
 const ERR_STALE_GENERATION: u8 = 1;
 const ERR_UNKNOWN_VOLUME: u8 = 2;
@@ -91,6 +92,17 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             out.push(KIND_FLUSH);
             put_target(out, volume, *generation);
             put_u64(out, *seq);
+        }
+        Message::Snapshot {
+            volume,
+            generation,
+            seq,
+            name,
+        } => {
+            out.push(KIND_SNAPSHOT);
+            put_target(out, volume, *generation);
+            put_u64(out, *seq);
+            put_name(out, name);
         }
         Message::Digests {
             volume,
@@ -253,6 +265,17 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                 volume,
                 generation,
                 seq,
+            }
+        }
+        KIND_SNAPSHOT => {
+            let (volume, generation) = r.target()?;
+            let seq = r.u64("seq")?;
+            let name = r.name("snapshot name length", "snapshot name")?;
+            Message::Snapshot {
+                volume,
+                generation,
+                seq,
+                name,
             }
         }
         KIND_DIGESTS => {
@@ -531,11 +554,15 @@ fn put_bytes(out: &mut Vec<u8>, data: &[u8]) {
 }
 
 fn put_target(out: &mut Vec<u8>, volume: &VolumeName, generation: Generation) {
-    let name = volume.as_str().as_bytes();
+    put_name(out, volume);
+    put_u64(out, generation.0);
+}
+
+fn put_name(out: &mut Vec<u8>, name: &VolumeName) {
+    let name = name.as_str().as_bytes();
     // VolumeName guarantees 1..=64 bytes.
     out.push(name.len() as u8);
     out.extend_from_slice(name);
-    put_u64(out, generation.0);
 }
 
 fn put_error(out: &mut Vec<u8>, e: &ReplyError) {
@@ -616,12 +643,21 @@ impl<'a> Reader<'a> {
     }
 
     fn target(&mut self) -> Result<(VolumeName, Generation), WireError> {
-        let len = self.u8("volume name length")? as usize;
-        let raw = self.take("volume name", len)?;
-        let name = std::str::from_utf8(raw).map_err(|_| WireError::BadVolumeName)?;
-        let volume = VolumeName::new(name)?;
+        let volume = self.name("volume name length", "volume name")?;
         let generation = Generation(self.u64("generation")?);
         Ok((volume, generation))
+    }
+
+    /// `u8 length | bytes`, checked by the volume naming rule.
+    fn name(
+        &mut self,
+        len_field: &'static str,
+        field: &'static str,
+    ) -> Result<VolumeName, WireError> {
+        let len = self.u8(len_field)? as usize;
+        let raw = self.take(field, len)?;
+        let name = std::str::from_utf8(raw).map_err(|_| WireError::BadVolumeName)?;
+        VolumeName::new(name)
     }
 
     /// `0` for success (payload follows), or `1 | error`.

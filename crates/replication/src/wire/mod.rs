@@ -8,7 +8,7 @@
 //!
 //! Who sends what: the primary sends [`Message::Fence`], [`Message::Write`],
 //! [`Message::WriteZeroes`], [`Message::Trim`], [`Message::Flush`], [`Message::Digests`] and
-//! [`Message::Read`]; a replica answers with [`Message::Reply`] (fence, writes, flushes,
+//! [`Message::Read`] and [`Message::Snapshot`]; a replica answers with [`Message::Reply`] (fence, writes, flushes,
 //! matched by `seq`; a fence is answered as seq 0), [`Message::DigestsReply`] and
 //! [`Message::ReadReply`] (matched by `request`).
 
@@ -164,7 +164,17 @@ pub enum Message {
         request: u64,
         result: Result<Vec<u8>, ReplyError>,
     },
-    /// Replica → primary: the outcome of the fence (seq 0), write or flush `seq`.
+    /// Primary → replica: take snapshot `name` of the volume at this point of the write
+    /// stream (after every lower seq, before every higher one). Sequenced like a write,
+    /// so every copy freezes the same writes; answered with `Reply { seq }`.
+    Snapshot {
+        volume: VolumeName,
+        generation: Generation,
+        seq: u64,
+        /// The snapshot's name (the block store's naming rule, as for volumes).
+        name: VolumeName,
+    },
+    /// Replica → primary: the outcome of the fence (seq 0), write, flush or snapshot `seq`.
     Reply {
         seq: u64,
         result: Result<(), ReplyError>,

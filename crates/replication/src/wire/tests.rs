@@ -60,6 +60,12 @@ fn every_message() -> Vec<Message> {
             generation: g,
             seq: 4,
         },
+        Message::Snapshot {
+            volume: vol(),
+            generation: g,
+            seq: 5,
+            name: VolumeName::new("before-upgrade.1").unwrap(),
+        },
         Message::Digests {
             volume: vol(),
             generation: g,
@@ -208,7 +214,7 @@ fn unknown_version_and_kind_are_refused() {
     body[0] = 0;
     assert_eq!(decode_body(&body), Err(WireError::UnknownVersion(0)));
     body[0] = VERSION;
-    for kind in [0u8, 11, 255] {
+    for kind in [0u8, 12, 255] {
         body[1] = kind;
         assert_eq!(decode_body(&body), Err(WireError::UnknownKind(kind)));
     }

@@ -38,7 +38,9 @@ impl Disk {
                     self.durable = self.volatile.clone();
                 }
             }
-            Op::WriteZeroes { .. } | Op::Trim { .. } => unreachable!("the simulation only writes"),
+            Op::WriteZeroes { .. } | Op::Trim { .. } | Op::Snapshot { .. } => {
+                unreachable!("the simulation only writes and flushes")
+            }
         }
     }
 }

@@ -8,6 +8,7 @@ mod catchup;
 pub mod primary;
 pub mod quic;
 pub mod replica;
+mod snapshot;
 mod status;
 
 use std::collections::{BTreeSet, HashSet};
@@ -55,6 +56,10 @@ pub struct Replication {
     /// Volumes this store was the primary of before a restart: NBD writes are refused
     /// until `tesserad` sends the configuration again (it may have moved the primary).
     waiting_primaries: Mutex<HashSet<String>>,
+    /// Held while a replicated snapshot goes through a primary's stream.
+    snapshot_lock: Mutex<()>,
+    /// Snapshots taken from write streams (primary's and replicas').
+    taken: snapshot::Taken,
 }
 
 impl Replication {
@@ -62,8 +67,10 @@ impl Replication {
     /// `replica` (which then cannot be reached) can be set. Must run inside the runtime.
     pub fn new(store: Store, endpoint: Option<Arc<ReplEndpoint>>) -> Arc<Replication> {
         let missed_dir = store.dir().join("replication");
+        let taken = snapshot::Taken::default();
         Arc::new(Replication {
-            replicas: ReplicaService::new(store.clone()),
+            replicas: ReplicaService::new(store.clone(), taken.clone()),
+            taken,
             primaries: Arc::new(Primaries::default()),
             store,
             endpoint,
@@ -71,6 +78,7 @@ impl Replication {
             missed_dir,
             unconfigured: Mutex::new(HashSet::new()),
             waiting_primaries: Mutex::new(HashSet::new()),
+            snapshot_lock: Mutex::new(()),
         })
     }
 
@@ -235,6 +243,7 @@ impl Replication {
                             catching_up: catching,
                             rate: *catch_up_bytes_per_sec,
                             timeout,
+                            taken: self.taken.clone(),
                         },
                         self.missed_dir.clone(),
                     )

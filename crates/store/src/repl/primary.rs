@@ -193,6 +193,14 @@ impl PrimaryHandle {
         self.peers.iter().map(|(r, _)| *r).collect()
     }
 
+    /// The node of replica `r`, if it is one of this primary's.
+    pub fn node_of(&self, r: ReplicaId) -> Option<String> {
+        self.peers
+            .iter()
+            .find(|(id, _)| *id == r)
+            .map(|(_, p)| p.node.clone())
+    }
+
     /// The replica id of node `node`, if it is one of this primary's.
     pub fn replica_of(&self, node: &str) -> Option<ReplicaId> {
         self.peers
@@ -216,6 +224,8 @@ pub struct PrimarySpec {
     pub rate: Option<u64>,
     /// How long a replica may leave a request unanswered.
     pub timeout: Duration,
+    /// Snapshots taken from write streams on this store.
+    pub taken: super::snapshot::Taken,
 }
 
 /// The primaries this store runs, by volume.
@@ -260,6 +270,7 @@ impl Primaries {
             catching_up,
             rate,
             timeout,
+            taken,
         } = spec;
         let in_sync_count = peers.len();
         let volume = volume.as_str();
@@ -331,6 +342,8 @@ impl Primaries {
         let mut driver = Driver {
             machine,
             export: Arc::new(export),
+            store: store.clone(),
+            taken,
             volume: volume.to_string(),
             start: Instant::now(),
             next_id: 1,
@@ -370,6 +383,9 @@ impl Primaries {
 struct Driver {
     machine: Primary,
     export: Arc<Export>,
+    store: Store,
+    /// Snapshots taken from write streams on this store.
+    taken: super::snapshot::Taken,
     volume: String,
     start: Instant,
     next_id: u64,
@@ -455,9 +471,13 @@ impl Driver {
             match action {
                 PrimaryAction::ApplyLocal { id, op } => {
                     let export = self.export.clone();
-                    let result = tokio::task::spawn_blocking(move || apply_local(&export, op))
-                        .await
-                        .unwrap_or_else(|e| Err(ReplyError::Io(e.to_string())));
+                    let local = (self.store.clone(), self.volume.clone());
+                    let taken = self.taken.clone();
+                    let result = tokio::task::spawn_blocking(move || {
+                        apply_local(&export, op, &local, &taken)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(ReplyError::Io(e.to_string())));
                     let more = self
                         .machine
                         .handle(self.start.elapsed(), PrimaryInput::LocalDone { id, result });
@@ -700,12 +720,21 @@ fn whole(size: u64) -> RegionSet {
     set
 }
 
-fn apply_local(export: &Export, op: Op) -> Result<(), ReplyError> {
+fn apply_local(
+    export: &Export,
+    op: Op,
+    (store, volume): &(Store, String),
+    taken: &super::snapshot::Taken,
+) -> Result<(), ReplyError> {
     let r = match op {
         Op::Write { offset, fua, data } => export.write_owned(offset, data, fua),
         Op::WriteZeroes { offset, len } => export.write_zeroes(offset, len, false, false),
         Op::Trim { offset, len } => export.trim(offset, len, false),
         Op::Flush => export.flush(),
+        // Flushed first, as on the replicas: the snapshot's content is durable.
+        Op::Snapshot { name } => export
+            .flush()
+            .and_then(|()| super::snapshot::take(store, volume, &name, taken)),
     };
     r.map_err(|e| reply_error(&e))
 }

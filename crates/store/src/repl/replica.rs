@@ -51,15 +51,17 @@ pub struct ReplicaService {
     store: Store,
     volumes: Mutex<HashMap<String, Arc<Mutex<VolumeReplica>>>>,
     limiter: LogLimiter,
+    taken: super::snapshot::Taken,
 }
 
 impl ReplicaService {
     /// The service over `store`; no volume is a replica until [`ReplicaService::enable`].
-    pub fn new(store: Store) -> Arc<ReplicaService> {
+    pub fn new(store: Store, taken: super::snapshot::Taken) -> Arc<ReplicaService> {
         Arc::new(ReplicaService {
             store,
             volumes: Mutex::new(HashMap::new()),
             limiter: LogLimiter::default(),
+            taken,
         })
     }
 
@@ -187,6 +189,11 @@ impl ReplicaService {
         Ok(v)
     }
 
+    /// True while `volume` is a replica on this store.
+    pub fn holds(&self, volume: &str) -> bool {
+        self.volumes.lock().contains_key(volume)
+    }
+
     fn enabled(&self, name: &str) -> Option<Arc<Mutex<VolumeReplica>>> {
         self.volumes.lock().get(name).cloned()
     }
@@ -235,7 +242,14 @@ impl ReplicaService {
                     }
                 }
                 ReplicaAction::Apply { seq, op } => {
-                    let result = apply(&vr.export, op).map_err(|e| reply_error(&e));
+                    let result = match op {
+                        // Flushed first: once acknowledged, the snapshot's content is durable.
+                        Op::Snapshot { name } => vr.export.flush().and_then(|()| {
+                            super::snapshot::take(&self.store, volume.as_str(), &name, &self.taken)
+                        }),
+                        op => apply(&vr.export, op),
+                    }
+                    .map_err(|e| reply_error(&e));
                     if let Err(e) = &result {
                         self.limiter.warn("apply", || {
                             format!("replicated write {seq} to {volume} failed: {e}")
@@ -298,6 +312,7 @@ fn target_volume(msg: &Message) -> Option<&VolumeName> {
         | Message::WriteZeroes { volume, .. }
         | Message::Trim { volume, .. }
         | Message::Flush { volume, .. }
+        | Message::Snapshot { volume, .. }
         | Message::Digests { volume, .. }
         | Message::Read { volume, .. } => Some(volume),
         Message::DigestsReply { .. } | Message::ReadReply { .. } | Message::Reply { .. } => None,
@@ -314,7 +329,8 @@ fn refusal(msg: &Message, why: ReplyError) -> Option<Message> {
         Message::Write { seq, .. }
         | Message::WriteZeroes { seq, .. }
         | Message::Trim { seq, .. }
-        | Message::Flush { seq, .. } => Message::Reply {
+        | Message::Flush { seq, .. }
+        | Message::Snapshot { seq, .. } => Message::Reply {
             seq: *seq,
             result: Err(why),
         },
@@ -336,6 +352,10 @@ fn apply(export: &Export, op: Op) -> Result<(), StoreError> {
         Op::WriteZeroes { offset, len } => export.write_zeroes(offset, len, false, false),
         Op::Trim { offset, len } => export.trim(offset, len, false),
         Op::Flush => export.flush(),
+        Op::Snapshot { .. } => Err(StoreError::Invalid {
+            field: "op",
+            reason: "a snapshot is taken by the replica's snapshot step".into(),
+        }),
     }
 }
 
