@@ -51,6 +51,8 @@ const ROLES: &[(&str, &str, &str)] = &[
     ("GET", "/api/v1/nodes", "auditor"),
     ("DELETE", "/api/v1/nodes/{id}", "administrator"),
     ("GET", "/api/v1/nodes/{id}/metrics", "auditor"),
+    ("GET", "/api/v1/settings", "auditor"),
+    ("PATCH", "/api/v1/settings", "administrator"),
     ("GET", "/api/v1/volumes", "auditor"),
     ("POST", "/api/v1/volumes", "operator"),
     ("GET", "/api/v1/volumes/{name}", "auditor"),

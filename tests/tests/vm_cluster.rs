@@ -6,8 +6,9 @@
 //! is re-adopted), a killed VMM restarted by the `on-crash` policy and left `crashed`
 //! with the reason under `never`, the disk's content checked with nbdcopy, the CLI, a
 //! VM pinned to another node than its volume writing that volume over TLS NBD, a stop
-//! that the guest obeys (power button) and one forced after the VM's stop timeout, and a
-//! stop during a crash-restart backoff.
+//! that the guest obeys (power button) and one forced after the VM's stop timeout, a
+//! stop during a crash-restart backoff, and vCPU overcommit (more one-vCPU VMs than CPUs
+//! on a node; the ratio as a cluster setting).
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -171,13 +172,20 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     let (code, v) = act(&lan, 2, t, "big", "start");
     assert_eq!(code, 409, "{v}");
     let msg = v["error"].as_str().unwrap();
-    assert!(msg.contains("no node can take 1024 GiB"), "{msg}");
+    assert!(
+        msg.contains("no node can take 1024 GiB and 1 vCPU:"),
+        "{msg}"
+    );
     for n in ["node0", "node1", "node2"] {
         assert!(
             msg.contains(&format!("{n} has ")) && msg.contains("free"),
             "{msg}"
         );
     }
+    assert!(
+        msg.contains("vCPUs free (") && msg.contains(" x 4 overcommit)"),
+        "{msg}"
+    );
     let big = vm(&lan, 0, t, "big");
     assert_eq!(
         (big["desired_state"].as_str(), big["actual_state"].as_str()),
@@ -220,6 +228,8 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
         assert!(a["memory_mib"].as_u64().unwrap() > 0, "{n}");
         assert!(a["cpus"].as_u64().unwrap() > 0, "{n}");
     }
+    overcommit(&lan, &nodes[0], t, &ids, &list);
+
     // A refused request creates no task.
     let tasks_before = api(&lan, 0, "GET", "tasks", Some(t), None).1;
     assert_eq!(act(&lan, 0, t, "vm1", "start").0, 409, "a second start");
@@ -251,8 +261,24 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     assert_eq!(code, 409, "{v}");
     assert_eq!(vm(&lan, 0, t, "vm1")["actual_state"], "running");
 
+    let home = d.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let cli = |args: &[&str], stdin: &str| {
+        let mut c = lan.command(0, &bin("tessera"));
+        c.env("HOME", &home)
+            .arg("--api")
+            .arg(format!("https://{}:8006", Lan::addr(0)))
+            .arg("--ca-file")
+            .arg(lan.ca_file().unwrap())
+            .args(args);
+        tessera_tests::run_with_stdin(c, stdin)
+    };
+    let (ok, out, err) = cli(&["login", "--user", "admin"], "vm-cluster-password-1\n");
+    assert!(ok, "{out}{err}");
+
     // tesserad on the VM's node is killed and started again: the VMM kept running and
-    // is re-adopted (same pid, state running, pause and resume work through it).
+    // is re-adopted (same pid, state running, pause, resume and the console work through
+    // it).
     let pid = wait_for("the VMM's pid", 20, || vm_pid(&nodes[1].dir, "vm1"));
     nodes[1].kill_tesserad();
     std::thread::sleep(Duration::from_secs(2));
@@ -274,6 +300,7 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     assert_eq!(v["running_on"], ids[1].as_str());
     assert!(alive(pid), "{}", nodes[1].logs());
     counting(&nodes[1].dir, "vm1");
+    console_streams(&lan, 1, &home, &nodes[1]);
 
     // The VMM is killed: on-crash restarts it (a new process) and says why.
     nix::sys::signal::kill(
@@ -345,20 +372,8 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
         "{v}"
     );
     counting(&nodes[1].dir, "vm1");
-    let home = d.path().join("home");
-    std::fs::create_dir_all(&home).unwrap();
-    let cli = |args: &[&str], stdin: &str| {
-        let mut c = lan.command(0, &bin("tessera"));
-        c.env("HOME", &home)
-            .arg("--api")
-            .arg(format!("https://{}:8006", Lan::addr(0)))
-            .arg("--ca-file")
-            .arg(lan.ca_file().unwrap())
-            .args(args);
-        tessera_tests::run_with_stdin(c, stdin)
-    };
-    let (ok, out, err) = cli(&["login", "--user", "admin"], "vm-cluster-password-1\n");
-    assert!(ok, "{out}{err}");
+    let (ok, out, err) = cli(&["cluster", "settings"], "");
+    assert!(ok && out.contains("vcpu_overcommit: 4"), "{out}{err}");
     let (ok, out, err) = cli(&["vm", "ls"], "");
     assert!(
         ok && out.contains("vm1") && out.contains("running") && out.contains("node1"),
@@ -373,64 +388,7 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     // Then through node0, which does not run it: forwarded to node1 over node-to-node
     // HTTPS.
     for i in [1, 0] {
-        let mut c = lan.command(i, &bin("tessera"));
-        c.env("HOME", &home)
-            .arg("--api")
-            .arg(format!("https://{}:8006", Lan::addr(i)))
-            .arg("--ca-file")
-            .arg(lan.ca_file().unwrap())
-            .args(["vm", "console", "vm1"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines() {
-                if tx.send(line.unwrap_or_default()).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut seen: Vec<String> = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let scrollback_end = loop {
-            // The scrollback is what the console held at attach; wait for counts after it.
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(l) => seen.push(l),
-                Err(_) => {
-                    let _ = child.kill();
-                    let o = child.wait_with_output().unwrap();
-                    panic!(
-                        "console: {seen:?} {}\n{}",
-                        String::from_utf8_lossy(&o.stderr),
-                        nodes[1].logs()
-                    );
-                }
-            }
-            if let Some(&last) = counts(&seen.join("\n")).last() {
-                break last;
-            }
-        };
-        while counts(&seen.join("\n")).last() < Some(&(scrollback_end + 3)) {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(l) => seen.push(l),
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!("the console stopped streaming: {seen:?}");
-                }
-            }
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        assert!(
-            seen.iter().any(|l| l.contains("tessera test guest")),
-            "no scrollback through node{i}: {seen:?}"
-        );
+        console_streams(&lan, i, &home, &nodes[1]);
     }
     // An Auditor may not attach (403); nothing changes.
     let body = json!({ "role": "auditor", "expires_in_s": 600 }).to_string();
@@ -588,6 +546,185 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
         "{v}"
     );
     drop(nodes);
+}
+
+/// vCPU overcommit (default 4 per CPU): more one-vCPU VMs than node0 has CPUs run there at
+/// once, and `GET /nodes` counts them against the limit; at ratio 1 the next one is
+/// refused naming node0's free memory and vCPUs; a ratio out of range is refused. The
+/// VMs are killed and deleted after, and the ratio put back.
+fn overcommit(lan: &Lan, node0: &ClusterNode, t: &str, ids: &[String], nodes: &Value) {
+    let (code, s) = api(lan, 0, "GET", "settings", Some(t), None);
+    assert_eq!(
+        (code, s["vcpu_overcommit"].as_f64()),
+        (200, Some(4.0)),
+        "{s}"
+    );
+    for n in nodes.as_array().unwrap() {
+        let a = &n["allocation"];
+        assert_eq!(
+            a["vcpus_limit"].as_u64(),
+            a["cpus"].as_u64().map(|c| c * 4),
+            "{n}"
+        );
+    }
+    let node = |list: &Value| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == ids[0].as_str())
+            .unwrap()["allocation"]
+            .clone()
+    };
+    let cpus = node(nodes)["cpus"].as_u64().unwrap();
+    let names: Vec<String> = (0..=cpus).map(|i| format!("oc{i}")).collect();
+    let mut tasks = Vec::new();
+    for name in &names {
+        let body = json!({
+            "name": name, "vcpus": 1, "memory_mib": 32, "kernel": GUEST,
+            "cmdline": "console=ttyS0 tessera.mode=count", "node": ids[0],
+        })
+        .to_string();
+        assert_eq!(api(lan, 0, "POST", "vms", Some(t), Some(&body)).0, 201);
+        let (code, v) = act(lan, 0, t, name, "start");
+        assert_eq!(code, 202, "{v}");
+        tasks.push(v["id"].as_str().unwrap().to_string());
+    }
+    for id in &tasks {
+        let task = wait_task(lan, 0, t, id);
+        assert_eq!(task["state"], "succeeded", "{task}");
+    }
+    for name in &names {
+        counting(&node0.dir, name);
+    }
+    let (_, list) = api(lan, 1, "GET", "nodes", Some(t), None);
+    let a = node(&list);
+    assert_eq!(a["vcpus_allocated"].as_u64(), Some(cpus + 1), "{a}");
+    assert_eq!(
+        a["memory_mib_allocated"].as_u64(),
+        Some(32 * (cpus + 1)),
+        "{a}"
+    );
+
+    // Out of range: 400, nothing changed. At 1 (no overcommit) node0 is full.
+    for bad in ["0.5", "65", "\"4\"", "null"] {
+        let body = format!("{{\"vcpu_overcommit\": {bad}}}");
+        let (code, v) = api(lan, 2, "PATCH", "settings", Some(t), Some(&body));
+        if bad == "null" {
+            // null is "unchanged", as for every optional field of a PATCH.
+            assert_eq!(
+                (code, v["vcpu_overcommit"].as_f64()),
+                (200, Some(4.0)),
+                "{v}"
+            );
+        } else {
+            assert_eq!(code, 400, "{bad}: {v}");
+        }
+    }
+    let body = json!({ "vcpu_overcommit": 1 }).to_string();
+    let (code, v) = api(lan, 2, "PATCH", "settings", Some(t), Some(&body));
+    assert_eq!(
+        (code, v["vcpu_overcommit"].as_f64()),
+        (200, Some(1.0)),
+        "{v}"
+    );
+    let body = json!({
+        "name": "oc-more", "vcpus": 1, "memory_mib": 32, "kernel": GUEST, "node": ids[0],
+    })
+    .to_string();
+    assert_eq!(api(lan, 0, "POST", "vms", Some(t), Some(&body)).0, 201);
+    let (code, v) = act(lan, 1, t, "oc-more", "start");
+    assert_eq!(code, 409, "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(
+        msg.contains("node node0 (pinned) cannot take 32 MiB and 1 vCPU: node0 has ")
+            && msg.contains(&format!(
+                "free and 0 of {cpus} vCPUs free ({cpus} CPUs x 1 overcommit)"
+            )),
+        "{msg}"
+    );
+    let body = json!({ "vcpu_overcommit": 4 }).to_string();
+    assert_eq!(
+        api(lan, 2, "PATCH", "settings", Some(t), Some(&body)).0,
+        200
+    );
+
+    let mut tasks = Vec::new();
+    for name in &names {
+        let (code, v) = act(lan, 0, t, name, "kill");
+        assert_eq!(code, 202, "{v}");
+        tasks.push(v["id"].as_str().unwrap().to_string());
+    }
+    for id in &tasks {
+        let task = wait_task(lan, 0, t, id);
+        assert_eq!(task["state"], "succeeded", "{task}");
+    }
+    for name in names.iter().chain([&"oc-more".to_string()]) {
+        let (code, v) = api(lan, 0, "DELETE", &format!("vms/{name}"), Some(t), None);
+        assert_eq!(code, 200, "{name}: {v}");
+    }
+}
+
+/// `tessera vm console vm1` through node `i`: the scrollback (the guest's banner), then
+/// the counter as it counts, three counts past the scrollback.
+fn console_streams(lan: &Lan, i: usize, home: &Path, runs_it: &ClusterNode) {
+    let mut c = lan.command(i, &bin("tessera"));
+    c.env("HOME", home)
+        .arg("--api")
+        .arg(format!("https://{}:8006", Lan::addr(i)))
+        .arg("--ca-file")
+        .arg(lan.ca_file().unwrap())
+        .args(["vm", "console", "vm1"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let scrollback_end = loop {
+        // The scrollback is what the console held at attach; wait for counts after it.
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                let o = child.wait_with_output().unwrap();
+                panic!(
+                    "console: {seen:?} {}\n{}",
+                    String::from_utf8_lossy(&o.stderr),
+                    runs_it.logs()
+                );
+            }
+        }
+        if let Some(&last) = counts(&seen.join("\n")).last() {
+            break last;
+        }
+    };
+    while counts(&seen.join("\n")).last() < Some(&(scrollback_end + 3)) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the console stopped streaming: {seen:?}");
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.iter().any(|l| l.contains("tessera test guest")),
+        "no scrollback through node{i}: {seen:?}"
+    );
 }
 
 /// The pid of VM `name`'s VMM on the node in `dir`, if it runs there.

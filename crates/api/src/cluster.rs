@@ -104,7 +104,8 @@ pub struct NodeInfo {
 
 /// A node's memory and CPUs against what the VMs placed on it take: every VM placed
 /// there whose desired state is not `stopped` (running, paused, or about to start).
-/// vCPUs are not overcommitted; the scheduler refuses a VM that does not fit.
+/// Memory is not overcommitted; vCPUs are, up to `vcpus_limit` (the CPUs times the
+/// cluster's `vcpu_overcommit`). The scheduler refuses a VM that does not fit.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct NodeAllocation {
     /// Physical memory in MiB, as the node published it (0 until it has).
@@ -115,6 +116,10 @@ pub struct NodeAllocation {
     pub cpus: u64,
     /// vCPUs of the VMs placed on the node.
     pub vcpus_allocated: u64,
+    /// vCPUs the scheduler places on the node at most: its CPUs times the cluster's
+    /// `vcpu_overcommit`, rounded down (absent from nodes that predate the setting: 0).
+    #[serde(default)]
+    pub vcpus_limit: u64,
     /// How many VMs are placed on the node.
     pub vms: u64,
 }

@@ -96,6 +96,15 @@ pub enum SeedCmd {
 pub enum ClusterCmd {
     /// Leader, term and members.
     Status,
+    /// The cluster's settings.
+    Settings,
+    /// Change the cluster's settings (administrators).
+    Set {
+        /// vCPUs placed per physical CPU of a node, 1-64 (1: no overcommit). Memory is
+        /// never overcommitted.
+        #[arg(long)]
+        vcpu_overcommit: Option<f64>,
+    },
 }
 
 #[derive(Subcommand)]

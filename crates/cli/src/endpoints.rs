@@ -11,6 +11,8 @@ pub const PASSWORD: Ep = Ep("POST", "/api/v1/password");
 pub const CLUSTER: Ep = Ep("GET", "/api/v1/cluster");
 pub const NODES: Ep = Ep("GET", "/api/v1/nodes");
 pub const NODE_RM: Ep = Ep("DELETE", "/api/v1/nodes/{id}");
+pub const SETTINGS: Ep = Ep("GET", "/api/v1/settings");
+pub const SETTINGS_SET: Ep = Ep("PATCH", "/api/v1/settings");
 pub const TOKEN_CREATE: Ep = Ep("POST", "/api/v1/tokens");
 pub const TOKEN_RM: Ep = Ep("DELETE", "/api/v1/tokens/{id}");
 pub const VOLUMES: Ep = Ep("GET", "/api/v1/volumes");
@@ -64,6 +66,8 @@ pub const ENDPOINTS: &[Ep] = &[
     CLUSTER,
     NODES,
     NODE_RM,
+    SETTINGS,
+    SETTINGS_SET,
     TOKEN_CREATE,
     TOKEN_RM,
     VOLUMES,

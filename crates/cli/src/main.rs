@@ -62,6 +62,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Logout => session::logout(&client, out),
         Cmd::Password => session::password(&client, out),
         Cmd::Cluster(ClusterCmd::Status) => cluster::status(&client, out),
+        Cmd::Cluster(ClusterCmd::Settings) => commands::settings::show(&client, out),
+        Cmd::Cluster(ClusterCmd::Set { vcpu_overcommit }) => {
+            commands::settings::set(&client, vcpu_overcommit, out)
+        }
         Cmd::Node(cmd) => nodes::run(&client, cmd, out),
         Cmd::Token(cmd) => tokens::run(&client, cmd, out),
         Cmd::Volume(cmd) => volumes::run(&client, cmd, out),

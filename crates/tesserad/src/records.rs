@@ -40,6 +40,8 @@ pub mod table {
     pub const SESSIONS: &str = "sessions";
     /// `tokens/<id>`: the session key of an API token.
     pub const TOKENS: &str = "tokens";
+    /// `settings/cluster`: the cluster's settings (`tessera_api::ClusterSettings`).
+    pub const SETTINGS: &str = "settings";
 }
 
 /// A login session or an API token, as stored in `sessions/<hash of the secret>`.

@@ -7,6 +7,7 @@ pub mod networks;
 pub mod nodes;
 pub mod realms;
 pub mod session;
+pub mod settings;
 pub mod tasks;
 pub mod tokens;
 pub mod users;

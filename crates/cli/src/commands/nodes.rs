@@ -32,7 +32,8 @@ pub fn run(client: &Client, cmd: NodeCmd, out: Output) -> anyhow::Result<()> {
                         }),
                         col("VCPUS", |n: &NodeInfo| {
                             let a = &n.allocation;
-                            format!("{}/{}", a.vcpus_allocated, a.cpus)
+                            // Placed against the overcommitted limit, then the CPUs.
+                            format!("{}/{} ({} CPUs)", a.vcpus_allocated, a.vcpus_limit, a.cpus)
                         }),
                         col("VMS", |n: &NodeInfo| n.allocation.vms.to_string()),
                         col("STORAGE", |n: &NodeInfo| storage_cell(n.storage.as_ref())),

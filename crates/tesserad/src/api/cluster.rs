@@ -75,6 +75,10 @@ pub async fn nodes(State(st): St, _: Auth<Auditor>) -> Result<Json<Vec<NodeInfo>
         tracing::warn!(error = %e.1, "VM records unreadable; allocations shown as 0");
         Vec::new()
     });
+    let ratio = super::settings::current(&n)
+        .map_or(crate::vmrun::scheduler::DEFAULT_VCPU_OVERCOMMIT, |s| {
+            s.vcpu_overcommit
+        });
     let mut out = Vec::new();
     if let Some(obj) = registered.as_object() {
         for (id, rec) in obj {
@@ -94,11 +98,13 @@ pub async fn nodes(State(st): St, _: Auth<Auditor>) -> Result<Json<Vec<NodeInfo>
             };
             let (memory_mib_allocated, vcpus_allocated, placed) =
                 super::vm_actions::allocated(&vms, id, "");
+            let cpus = metrics["cpus"].as_u64().unwrap_or(0);
             let allocation = NodeAllocation {
                 memory_mib: metrics["memory_total"].as_u64().unwrap_or(0) / (1024 * 1024),
                 memory_mib_allocated,
-                cpus: metrics["cpus"].as_u64().unwrap_or(0),
+                cpus,
                 vcpus_allocated,
+                vcpus_limit: crate::vmrun::scheduler::vcpu_limit(cpus, ratio),
                 vms: placed,
             };
             out.push(NodeInfo {

@@ -21,6 +21,7 @@ mod networks;
 mod node_metrics;
 mod realms;
 mod second_factor;
+mod settings;
 mod tasks;
 mod totp;
 mod users;
@@ -332,6 +333,7 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(cluster::remove))
         .routes(routes!(node_metrics::history))
         .route("/metrics", axum::routing::get(node_metrics::prometheus))
+        .routes(routes!(settings::show, settings::update))
         .routes(routes!(volumes::list, volumes::create))
         .routes(routes!(volumes::show, volumes::remove))
         .routes(routes!(volumes::snapshot))

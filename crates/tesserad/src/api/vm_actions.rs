@@ -93,7 +93,7 @@ pub(super) fn start_fields(
             "networks: tessera-vmm has no network device yet; a VM with networks cannot start yet",
         ));
     }
-    let disk_node = match vm.disks.first() {
+    let disk = match vm.disks.first() {
         None => None,
         Some(d) => {
             let v: Volume = read(n, VOLUMES, d)?
@@ -103,7 +103,16 @@ pub(super) fn start_fields(
                     "disks: volume {d} is not ready"
                 )));
             }
-            Some(v.node)
+            let in_sync = v
+                .all_copies()
+                .into_iter()
+                .filter(|c| c.state == tessera_api::CopyState::InSync && c.node != v.node)
+                .map(|c| c.node)
+                .collect();
+            Some(scheduler::Disk {
+                primary: v.node,
+                in_sync,
+            })
         }
     };
     let rooms = rooms(st, n, &vm.name)?;
@@ -111,7 +120,8 @@ pub(super) fn start_fields(
         memory_mib: vm.memory_mib,
         vcpus: u64::from(vm.vcpus),
         pinned: vm.node.clone(),
-        disk_node,
+        disk,
+        vcpu_overcommit: super::settings::current(n)?.vcpu_overcommit,
     };
     let node = scheduler::place(&rooms, &req).map_err(|e| match e {
         scheduler::Refusal::NoSuchNode(_) => ApiError::not_found(e.to_string()),

@@ -585,17 +585,11 @@ impl Reconciler {
         }
         let c = self.crashes.entry(name.clone()).or_default();
         let now = Instant::now();
-        c.times.retain(|t| now.duration_since(*t) < CRASH_WINDOW);
-        c.times.push(now);
+        let verdict = after_crash(&mut c.times, now, vm.restart_policy);
         let n = c.times.len();
-        let give_up = vm.restart_policy == RestartPolicy::Never || n >= CRASH_LIMIT;
-        if give_up {
+        if let Err(given_up) = verdict {
             c.not_before = None;
-            let why = if vm.restart_policy == RestartPolicy::Never {
-                format!("{reason} (restart policy never)")
-            } else {
-                format!("{reason} (crash loop: {n} crashes within 10 minutes; not restarted)")
-            };
+            let why = format!("{reason} ({given_up})");
             let _ = self
                 .node
                 .write(Command::Txn {
@@ -606,7 +600,7 @@ impl Reconciler {
             self.reasons.remove(&name);
             return self.report(&name, VmState::Crashed, Some(why), None).await;
         }
-        let backoff = Duration::from_secs(1 << (n - 1).min(5));
+        let backoff = verdict.unwrap_or_default();
         c.not_before = Some(now + backoff);
         let why = format!(
             "restarting in {} s after: {reason} (restart {n})",
@@ -668,5 +662,67 @@ impl Reconciler {
         if let Err(e) = res {
             tracing::warn!(vm = %name, error = %e, "VM state not recorded yet");
         }
+    }
+}
+
+/// The restart policy's verdict on a crash at `now`: `times` (the crashes of this start)
+/// forgets those older than [`CRASH_WINDOW`] and gains `now`. A restart after a backoff
+/// of 1, 2, 4, 8 s for the first to fourth crash in the window; the VM left crashed
+/// (`Err`: why, for its reason) under `never` or at the [`CRASH_LIMIT`]th.
+fn after_crash(
+    times: &mut Vec<Instant>,
+    now: Instant,
+    policy: RestartPolicy,
+) -> Result<Duration, String> {
+    times.retain(|t| now.duration_since(*t) < CRASH_WINDOW);
+    times.push(now);
+    let n = times.len();
+    if policy == RestartPolicy::Never {
+        return Err("restart policy never".into());
+    }
+    if n >= CRASH_LIMIT {
+        return Err(format!(
+            "crash loop: {n} crashes within 10 minutes; not restarted"
+        ));
+    }
+    Ok(Duration::from_secs(1 << (n - 1).min(5)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crashes_back_off_then_a_crash_loop_ends_crashed() {
+        let t0 = Instant::now();
+        let mut times = Vec::new();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        for (i, want) in [1, 2, 4, 8].into_iter().enumerate() {
+            let got = after_crash(&mut times, at(i as u64 * 20), RestartPolicy::OnCrash);
+            assert_eq!(got, Ok(Duration::from_secs(want)), "crash {}", i + 1);
+        }
+        assert_eq!(
+            after_crash(&mut times, at(100), RestartPolicy::Always),
+            Err("crash loop: 5 crashes within 10 minutes; not restarted".into())
+        );
+        // Crashes 10 minutes old or older are forgotten.
+        let mut times = vec![at(0), at(20), at(40)];
+        assert_eq!(
+            after_crash(&mut times, at(619), RestartPolicy::OnCrash),
+            Ok(Duration::from_secs(4)),
+            "the crash at 0 s is forgotten, those at 20 and 40 s count"
+        );
+        let mut times = vec![at(0), at(20), at(40)];
+        assert_eq!(
+            after_crash(&mut times, at(640), RestartPolicy::OnCrash),
+            Ok(Duration::from_secs(1))
+        );
+        assert_eq!(times.len(), 1);
+        // Under never, the first crash ends it.
+        let mut times = Vec::new();
+        assert_eq!(
+            after_crash(&mut times, t0, RestartPolicy::Never),
+            Err("restart policy never".into())
+        );
     }
 }

@@ -1,8 +1,14 @@
-//! Placement, pure: which up node has room for a VM (memory and vCPUs, counting the VMs
-//! already placed there), honouring a pinned node and the node its disk lives on, and
-//! why not when none has. No I/O: the API handler gathers the inputs.
+//! Placement, pure: which up node has room for a VM (memory never overcommitted, vCPUs
+//! up to the cluster's overcommit ratio, counting the VMs already placed there), honouring
+//! a pinned node and preferring the nodes holding the VM's disk, and why not when none
+//! has. No I/O: the API handler gathers the inputs.
 
 use std::fmt::Write as _;
+
+/// The vCPU overcommit ratio used when the cluster's settings name none: 4 vCPUs per
+/// physical CPU (general-purpose guests are idle most of the time; a busy guest on a
+/// node that is full of busy guests slows down rather than fails, unlike memory).
+pub const DEFAULT_VCPU_OVERCOMMIT: f64 = 4.0;
 
 /// A node as the scheduler sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,17 +29,39 @@ pub struct NodeRoom {
     pub allocated_vcpus: u64,
 }
 
+/// How many vCPUs `cpus` physical CPUs may carry at overcommit `ratio` (at least 1:1).
+pub fn vcpu_limit(cpus: u64, ratio: f64) -> u64 {
+    let ratio = if ratio.is_finite() {
+        ratio.max(1.0)
+    } else {
+        1.0
+    };
+    // Rounded down: a ratio of 1.5 on 3 CPUs gives 4 vCPUs, not 5.
+    (cpus as f64 * ratio).floor() as u64
+}
+
 impl NodeRoom {
     fn free_mib(&self) -> u64 {
         self.memory_mib.saturating_sub(self.allocated_mib)
     }
-    fn free_vcpus(&self) -> u64 {
-        self.cpus.saturating_sub(self.allocated_vcpus)
+    fn free_vcpus(&self, ratio: f64) -> u64 {
+        vcpu_limit(self.cpus, ratio).saturating_sub(self.allocated_vcpus)
     }
 }
 
+/// The VM's disk as placement cares about it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Disk {
+    /// The node of the volume's primary copy: the VMM reaches the volume there (over the
+    /// store's Unix socket on that node, over TLS NBD from any other), so it must be up.
+    pub primary: String,
+    /// The other nodes holding an in-sync copy: the next best place (the volume's primary
+    /// can move there without copying anything).
+    pub in_sync: Vec<String>,
+}
+
 /// What is to be placed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Request {
     /// Memory in MiB.
     pub memory_mib: u64,
@@ -41,10 +69,10 @@ pub struct Request {
     pub vcpus: u64,
     /// The node the VM is pinned to, if any.
     pub pinned: Option<String>,
-    /// The node holding its disk, if it has one: preferred (the disk is local there,
-    /// over the store's Unix socket), and it must be up wherever the VM runs (elsewhere
-    /// the VMM reaches the volume over TLS NBD on that node).
-    pub disk_node: Option<String>,
+    /// Its (first) disk, if it has one.
+    pub disk: Option<Disk>,
+    /// vCPUs allowed per physical CPU on each node (the cluster's `vcpu_overcommit`).
+    pub vcpu_overcommit: f64,
 }
 
 /// Why a VM cannot be placed; the text names each candidate's free room.
@@ -71,21 +99,32 @@ fn mib(v: u64) -> String {
     }
 }
 
+fn plural(n: u64) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
 /// Picks a node for `req` among `nodes`: the pinned node if given (it must be up and
-/// have room), else the disk's node if it has room, else the up node with the most free
-/// memory. The disk's node must be up in every case.
+/// have room); else, among the up nodes with room, the node of the disk's primary copy,
+/// then one holding an in-sync copy, then the one with the most free memory. A node has
+/// room when its free memory covers the VM's (memory is never overcommitted), the VM has
+/// no more vCPUs than the node has CPUs, and its vCPUs fit under the node's CPUs times
+/// the overcommit ratio. The disk's primary node must be up in every case.
 pub fn place(nodes: &[NodeRoom], req: &Request) -> Result<String, Refusal> {
-    if let Some(d) = &req.disk_node {
+    if let Some(d) = &req.disk {
         let holder = nodes
             .iter()
-            .find(|n| &n.id == d)
-            .ok_or_else(|| Refusal::NoSuchNode(d.clone()))?;
+            .find(|n| n.id == d.primary)
+            .ok_or_else(|| Refusal::NoSuchNode(d.primary.clone()))?;
         if !holder.up {
             return Err(Refusal::DiskNodeDown(holder.name.clone()));
         }
     }
-    let required = req.pinned.as_ref();
-    let candidates: Vec<&NodeRoom> = match required {
+    let ratio = req.vcpu_overcommit;
+    let candidates: Vec<&NodeRoom> = match &req.pinned {
         Some(id) => {
             let n = nodes
                 .iter()
@@ -95,44 +134,69 @@ pub fn place(nodes: &[NodeRoom], req: &Request) -> Result<String, Refusal> {
         }
         None => nodes.iter().collect(),
     };
-    let fits =
-        |n: &&NodeRoom| n.up && n.free_mib() >= req.memory_mib && n.free_vcpus() >= req.vcpus;
+    let fits = |n: &&NodeRoom| {
+        n.up && n.free_mib() >= req.memory_mib
+            && req.vcpus <= n.cpus
+            && n.free_vcpus(ratio) >= req.vcpus
+    };
     let fitting: Vec<&NodeRoom> = candidates.iter().copied().filter(fits).collect();
-    if let Some(local) = fitting
-        .iter()
-        .find(|n| req.disk_node.as_ref() == Some(&n.id))
-    {
-        return Ok(local.id.clone());
+    // Most free memory first; the id breaks ties so the choice does not depend on order.
+    let roomiest = |ns: Vec<&NodeRoom>| {
+        ns.into_iter()
+            .max_by(|a, b| (a.free_mib(), &b.id).cmp(&(b.free_mib(), &a.id)))
+            .map(|n| n.id.clone())
+    };
+    if let Some(d) = &req.disk {
+        if let Some(primary) = fitting.iter().find(|n| n.id == d.primary) {
+            return Ok(primary.id.clone());
+        }
+        let replicas: Vec<&NodeRoom> = fitting
+            .iter()
+            .copied()
+            .filter(|n| d.in_sync.contains(&n.id))
+            .collect();
+        if let Some(id) = roomiest(replicas) {
+            return Ok(id);
+        }
     }
-    if let Some(best) = fitting
-        .into_iter()
-        .max_by(|a, b| (a.free_mib(), &b.id).cmp(&(b.free_mib(), &a.id)))
-    {
-        return Ok(best.id.clone());
+    if let Some(id) = roomiest(fitting) {
+        return Ok(id);
     }
-    let mut why = match required {
-        Some(id) => format!("node {id} (pinned) cannot take"),
-        None => "no node can take".to_string(),
+    let mut why = match (&req.pinned, candidates.first()) {
+        (Some(_), Some(n)) => format!("node {} (pinned) cannot take", n.name),
+        _ => "no node can take".to_string(),
     };
     let _ = write!(
         why,
         " {} and {} vCPU{}:",
         mib(req.memory_mib),
         req.vcpus,
-        if req.vcpus == 1 { "" } else { "s" }
+        plural(req.vcpus)
     );
     for (i, n) in candidates.iter().enumerate() {
         let sep = if i == 0 { " " } else { ", " };
         if !n.up {
             let _ = write!(why, "{sep}{} is not up", n.name);
+        } else if req.vcpus > n.cpus {
+            let _ = write!(
+                why,
+                "{sep}{} has {} free but only {} CPU{} (a VM gets at most as many vCPUs as its node has CPUs)",
+                n.name,
+                mib(n.free_mib()),
+                n.cpus,
+                plural(n.cpus)
+            );
         } else {
             let _ = write!(
                 why,
-                "{sep}{} has {} free and {} of {} vCPUs free",
+                "{sep}{} has {} free and {} of {} vCPUs free ({} CPU{} x {} overcommit)",
                 n.name,
                 mib(n.free_mib()),
-                n.free_vcpus(),
-                n.cpus
+                n.free_vcpus(ratio),
+                vcpu_limit(n.cpus, ratio),
+                n.cpus,
+                plural(n.cpus),
+                ratio
             );
         }
     }
@@ -160,8 +224,16 @@ mod tests {
             memory_mib,
             vcpus: 1,
             pinned: None,
-            disk_node: None,
+            disk: None,
+            vcpu_overcommit: DEFAULT_VCPU_OVERCOMMIT,
         }
+    }
+
+    fn disk(primary: &str, in_sync: &[&str]) -> Option<Disk> {
+        Some(Disk {
+            primary: primary.into(),
+            in_sync: in_sync.iter().map(|s| s.to_string()).collect(),
+        })
     }
 
     #[test]
@@ -179,8 +251,61 @@ mod tests {
         let mut a = node("a", true, 4096, 3584);
         assert!(place(&[a.clone()], &req(1024)).is_err());
         a.allocated_mib = 0;
-        a.allocated_vcpus = 4;
-        assert!(place(&[a], &req(1024)).is_err());
+        // 4 CPUs x 4 = 16 vCPUs.
+        a.allocated_vcpus = 15;
+        assert_eq!(place(&[a.clone()], &req(1024)).unwrap(), "a");
+        a.allocated_vcpus = 16;
+        let e = place(&[a], &req(1024)).unwrap_err().to_string();
+        assert!(
+            e.contains("name-a has 4 GiB free and 0 of 16 vCPUs free (4 CPUs x 4 overcommit)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn vcpus_are_overcommitted_up_to_the_ratio_and_memory_never() {
+        // Two CPUs: at ratio 4, eight one-vCPU VMs; the ninth is refused.
+        let mut a = node("a", true, 1 << 20, 0);
+        a.cpus = 2;
+        let mut r = req(16);
+        for placed in 0..8 {
+            a.allocated_vcpus = placed;
+            assert_eq!(place(&[a.clone()], &r).unwrap(), "a", "{placed} placed");
+        }
+        a.allocated_vcpus = 8;
+        assert!(place(&[a.clone()], &r).is_err());
+        // At 1 (no overcommit) two fit; at 1.5 three (rounded down from 3.0); at 1.75 three.
+        r.vcpu_overcommit = 1.0;
+        a.allocated_vcpus = 2;
+        assert!(place(&[a.clone()], &r).is_err());
+        r.vcpu_overcommit = 1.5;
+        assert_eq!(place(&[a.clone()], &r).unwrap(), "a");
+        a.allocated_vcpus = 3;
+        r.vcpu_overcommit = 1.75;
+        assert!(place(&[a.clone()], &r).is_err());
+        // A ratio below 1 (or not a number) counts as 1.
+        assert_eq!(vcpu_limit(2, 0.5), 2);
+        assert_eq!(vcpu_limit(2, f64::NAN), 2);
+        assert_eq!(vcpu_limit(3, 1.5), 4);
+        // Memory: a node whose VMs take all but 15 MiB cannot take 16, whatever the ratio.
+        r.vcpu_overcommit = 64.0;
+        a.allocated_vcpus = 0;
+        a.allocated_mib = a.memory_mib - 15;
+        let e = place(&[a], &r).unwrap_err().to_string();
+        assert!(e.contains("name-a has 15 MiB free"), "{e}");
+    }
+
+    #[test]
+    fn a_vm_gets_no_more_vcpus_than_its_node_has_cpus() {
+        let mut a = node("a", true, 8192, 0);
+        a.cpus = 2;
+        let mut r = req(1024);
+        r.vcpus = 3;
+        let e = place(&[a], &r).unwrap_err().to_string();
+        assert!(
+            e.contains("no node can take 1 GiB and 3 vCPUs: name-a has 8 GiB free but only 2 CPUs"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -206,7 +331,7 @@ mod tests {
         r.memory_mib = 4096;
         let e = place(&nodes, &r).unwrap_err().to_string();
         assert!(
-            e.contains("node b (pinned)") && e.contains("name-b has 2 GiB free"),
+            e.contains("node name-b (pinned) cannot take 4 GiB and 1 vCPU: name-b has 2 GiB free"),
             "{e}"
         );
         r.pinned = Some("zz".into());
@@ -217,7 +342,7 @@ mod tests {
     fn the_disks_node_is_preferred_and_a_pin_elsewhere_is_honoured() {
         let nodes = [node("a", true, 8192, 0), node("b", true, 2048, 0)];
         let mut r = req(1024);
-        r.disk_node = Some("b".into());
+        r.disk = disk("b", &[]);
         assert_eq!(
             place(&nodes, &r).unwrap(),
             "b",
@@ -235,10 +360,43 @@ mod tests {
     }
 
     #[test]
+    fn primary_then_in_sync_replica_then_most_free_memory() {
+        let nodes = [
+            node("a", true, 2048, 0),
+            node("b", true, 4096, 0),
+            node("c", true, 8192, 0),
+            node("d", true, 65536, 0),
+        ];
+        let mut r = req(1024);
+        // The primary on a, in-sync copies on b and c: a, though it has least room.
+        r.disk = disk("a", &["b", "c"]);
+        assert_eq!(place(&nodes, &r).unwrap(), "a");
+        // The primary's node is full: the in-sync copy with most free memory, c, not
+        // d (more memory, no copy).
+        r.memory_mib = 3072;
+        assert_eq!(place(&nodes, &r).unwrap(), "c");
+        // Only the out-of-the-way node has room: d.
+        r.memory_mib = 16384;
+        assert_eq!(place(&nodes, &r).unwrap(), "d");
+        // A pin wins over every copy.
+        r.memory_mib = 1024;
+        r.pinned = Some("d".into());
+        assert_eq!(place(&nodes, &r).unwrap(), "d");
+        // A replica's node that is down is skipped; one without room too.
+        r.pinned = None;
+        r.memory_mib = 3072;
+        let mut down = nodes.clone();
+        down[2].up = false;
+        assert_eq!(place(&down, &r).unwrap(), "b");
+        down[1].allocated_mib = 2048;
+        assert_eq!(place(&down, &r).unwrap(), "d");
+    }
+
+    #[test]
     fn a_down_disk_node_is_refused() {
         let nodes = [node("a", true, 8192, 0), node("b", false, 8192, 0)];
         let mut r = req(1024);
-        r.disk_node = Some("b".into());
+        r.disk = disk("b", &["a"]);
         let e = place(&nodes, &r).unwrap_err().to_string();
         assert!(e.contains("name-b, which is not up"), "{e}");
         r.pinned = Some("a".into());
