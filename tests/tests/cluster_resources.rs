@@ -90,6 +90,9 @@ const ROLES: &[(&str, &str, &str)] = &[
     ("GET", "/api/v1/tasks/{id}", "auditor"),
     ("GET", "/api/v1/events", "auditor"),
     ("GET", "/api/v1/events/stream", "auditor"),
+    ("GET", "/api/v1/certificate", "auditor"),
+    ("POST", "/api/v1/certificate", "administrator"),
+    ("DELETE", "/api/v1/certificate", "administrator"),
 ];
 
 fn operations(doc: &Value) -> BTreeSet<(String, String)> {

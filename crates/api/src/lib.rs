@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+mod certificate;
 mod cluster;
 mod events;
 mod images;
@@ -32,6 +33,7 @@ pub use auth::{
     LoggedOut, Login, LoginReply, NewToken, PasswordChange, PasswordChanged, Revoked, Role,
     SessionInfo, TokenInfo,
 };
+pub use certificate::{CertificateStatus, InstalledCertificate, NewCertificate};
 pub use cluster::{
     ClusterStatus, Member, NodeAllocation, NodeInfo, NodeStorage, RemoveQuery, Removed,
     StorageState,

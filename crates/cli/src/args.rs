@@ -80,9 +80,30 @@ pub enum Cmd {
     /// Seed configuration, made here without the API.
     #[command(subcommand)]
     Seed(SeedCmd),
+    /// The API and web console's own certificate (administrators).
+    #[command(subcommand)]
+    Certificate(CertificateCmd),
     /// Print the API operations this client uses (method and OpenAPI path), one per line.
     #[command(hide = true)]
     ApiEndpoints,
+}
+
+#[derive(Subcommand)]
+pub enum CertificateCmd {
+    /// Install a certificate for the API and web console on every node (served for the
+    /// names it covers; the cluster CA's certificate for other names and addresses).
+    Install {
+        /// PEM file: the certificate, then each issuer in order.
+        #[arg(long)]
+        cert: std::path::PathBuf,
+        /// PEM file: its private key.
+        #[arg(long)]
+        key: std::path::PathBuf,
+    },
+    /// Show the installed certificate (never its key).
+    Show,
+    /// Remove it: every node serves its cluster-CA certificate again.
+    Remove,
 }
 
 #[derive(Subcommand)]

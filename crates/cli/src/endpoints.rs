@@ -15,6 +15,9 @@ pub const SETTINGS: Ep = Ep("GET", "/api/v1/settings");
 pub const SETTINGS_SET: Ep = Ep("PATCH", "/api/v1/settings");
 pub const TOKEN_CREATE: Ep = Ep("POST", "/api/v1/tokens");
 pub const TOKEN_RM: Ep = Ep("DELETE", "/api/v1/tokens/{id}");
+pub const CERTIFICATE: Ep = Ep("GET", "/api/v1/certificate");
+pub const CERTIFICATE_INSTALL: Ep = Ep("POST", "/api/v1/certificate");
+pub const CERTIFICATE_RM: Ep = Ep("DELETE", "/api/v1/certificate");
 pub const VOLUMES: Ep = Ep("GET", "/api/v1/volumes");
 pub const VOLUME_CREATE: Ep = Ep("POST", "/api/v1/volumes");
 pub const VOLUME: Ep = Ep("GET", "/api/v1/volumes/{name}");
@@ -70,6 +73,9 @@ pub const ENDPOINTS: &[Ep] = &[
     SETTINGS_SET,
     TOKEN_CREATE,
     TOKEN_RM,
+    CERTIFICATE,
+    CERTIFICATE_INSTALL,
+    CERTIFICATE_RM,
     VOLUMES,
     VOLUME_CREATE,
     VOLUME,

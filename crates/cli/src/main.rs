@@ -68,6 +68,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Node(cmd) => nodes::run(&client, cmd, out),
         Cmd::Token(cmd) => tokens::run(&client, cmd, out),
+        Cmd::Certificate(cmd) => commands::certificate::run(&client, cmd, out),
         Cmd::Volume(cmd) => volumes::run(&client, cmd, out),
         Cmd::Vm(cmd) => vms::run(&client, cmd, out),
         Cmd::Image(cmd) => image::run(&client, cmd, out),

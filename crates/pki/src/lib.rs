@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+pub mod api_cert;
 pub mod seal;
 
 use rcgen::{

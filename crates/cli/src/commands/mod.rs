@@ -1,5 +1,6 @@
 //! One module per resource of the API: each runs its subcommands and shows the answers.
 
+pub mod certificate;
 pub mod cluster;
 pub mod events;
 pub mod image;

@@ -8,6 +8,7 @@
 //! node. A change and its event are one transaction: nothing is half-written.
 
 mod auth;
+mod certificate;
 mod cluster;
 mod console;
 mod directory;
@@ -362,6 +363,11 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(tasks::show))
         .routes(routes!(events::list))
         .routes(routes!(events::stream))
+        .routes(routes!(
+            certificate::show,
+            certificate::install,
+            certificate::remove
+        ))
         .with_state(st)
         .split_for_parts();
     (router, doc)
@@ -375,6 +381,7 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
 ) -> anyhow::Result<()> {
     realms::start_sync(st.clone());
+    let tls = certificate::serving(st.clone(), tls);
     let (router, doc) = router(st);
     let doc = Arc::new(doc);
     let app = router
