@@ -3,8 +3,9 @@
 //! steps the task runner hands here, and the per-node reconciler that keeps each store's
 //! role equal to the cluster state), and what the leader changes when a copy's node fails
 //! (`failover`: out of the in-sync set, or a new primary, each with a generation bump),
-//! and what it changes from the primary's store's reports (`resync`: a failed replica
-//! out, a copy that is back caught up and in again).
+//! what it changes from the primary's store's reports (`resync`: a failed replica out,
+//! a copy that is back caught up and in again), and moving the primary to a VM's node
+//! (`moves`).
 //!
 //! The cluster state is the authority: a volume's primary, copies and generation are in
 //! its `volumes/<name>` record; a generation is raised only by a compare-and-swap of that
@@ -12,6 +13,7 @@
 //! replicate by themselves (`tessera-store`, docs/replication.md).
 
 pub mod failover;
+pub mod moves;
 pub mod placement;
 pub mod resync;
 pub mod roles;
@@ -35,6 +37,9 @@ pub const REPL_PORT: u16 = 7410;
 /// a node down (3 s of silence) and remove its copy, so writes in flight then complete
 /// under the new configuration instead of failing.
 pub const REPLICA_TIMEOUT_MS: u64 = 10_000;
+
+/// The local store's admin socket, once [`start`] ran.
+static ADMIN_SOCKET: OnceLock<std::path::PathBuf> = OnceLock::new();
 
 /// The management network's view of the peers, once the daemon has one.
 static HEARD: OnceLock<crate::Heard> = OnceLock::new();
@@ -155,6 +160,7 @@ pub fn volumes(n: &Node) -> Vec<Volume> {
 /// Starts this node's replication loops: the role reconciler, and (acting only while
 /// this node leads) the failover of copies whose nodes fail.
 pub fn start(node: std::sync::Arc<Node>, me: String, admin_socket: std::path::PathBuf) {
+    let _ = ADMIN_SOCKET.set(admin_socket.clone());
     roles::start_reconciler(node.clone(), me.clone(), admin_socket);
     failover::start(node, me);
 }

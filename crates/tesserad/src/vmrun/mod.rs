@@ -464,6 +464,11 @@ impl Reconciler {
             Ok(b) => b,
             Err(why) => return self.report(&name, VmState::Crashed, Some(why), None).await,
         };
+        // A replicated disk's primary moves here first when this node holds an in-sync
+        // copy (issue #8), so the VM's disk is this node's own store.
+        if let Some(d) = vm.disks.first() {
+            crate::replication::moves::primary_here(&self.node, &self.local.me, d).await;
+        }
         let spec = match self.launch_spec(vm, boot) {
             Ok(s) => s,
             Err(why) => return self.report(&name, VmState::Crashed, Some(why), None).await,
