@@ -83,13 +83,19 @@ fn ready_volume(n: &tessera_state::Node, name: &str) -> Result<Volume, ApiError>
     Ok(v)
 }
 
-/// Snapshots and clones are taken on one copy today: refused for a replicated volume
-/// rather than silently made on the primary's copy only.
-fn not_replicated(v: &Volume, what: &str) -> Result<(), ApiError> {
-    if v.is_replicated() {
+/// A snapshot of a replicated volume is taken by every copy at one point of the write
+/// stream (the primary's store sends it through the stream), and a clone is made from
+/// each copy's snapshot: refused (409, naming the copy) while a copy is not in sync,
+/// since it would lack the snapshot. The primary's store checks again when it takes it.
+fn copies_in_sync(v: &Volume, what: &str) -> Result<(), ApiError> {
+    if let Some(c) = v.copies.iter().find(|c| c.state != CopyState::InSync) {
+        let state = serde_json::to_value(c.state)
+            .ok()
+            .and_then(|s| s.as_str().map(str::to_string))
+            .unwrap_or_default();
         return Err(ApiError::conflict(format!(
-            "{what} of volume {} ({} copies): not supported yet for replicated volumes",
-            v.name, v.replicas
+            "{what} of volume {} needs every copy in sync: the copy on node {} is {state}",
+            v.name, c.node
         )));
     }
     Ok(())
@@ -441,7 +447,7 @@ pub(super) fn snapshot_plan(
     snapshot: &str,
 ) -> Result<(Task, Vec<Require>, Vec<tessera_state::Command>), ApiError> {
     let v = ready_volume(n, volume)?;
-    not_replicated(&v, "a snapshot")?;
+    copies_in_sync(&v, "a snapshot")?;
     let key = snapshot_key(volume, snapshot);
     let snap = Snapshot {
         volume: volume.into(),
@@ -491,29 +497,31 @@ pub async fn remove_snapshot(
     }
     let mut s = old.clone();
     s.state = VolumeState::Deleting;
-    let task = queued(
-        &p,
-        &v.node,
-        TaskOp::DeleteSnapshot {
-            volume: name.clone(),
-            snapshot: snapshot.clone(),
-        },
-    );
-    submit(
-        &st,
-        &task,
-        vec![Require::equals(SNAPSHOTS, &key, serde_json::json!(old))],
-        vec![
-            put(SNAPSHOTS, &key, &s),
-            event(
-                "snapshot.delete",
-                &key,
-                &p.user,
-                "snapshot deletion requested",
-            ),
-        ],
-        |_| format!("snapshot {key} changed meanwhile; try again"),
-    )
+    let delete = TaskOp::DeleteSnapshot {
+        volume: name.clone(),
+        snapshot: snapshot.clone(),
+    };
+    let task = queued(&p, &v.node, delete.clone());
+    let mut require = vec![Require::equals(SNAPSHOTS, &key, serde_json::json!(old))];
+    let mut ops = vec![
+        put(SNAPSHOTS, &key, &s),
+        event(
+            "snapshot.delete",
+            &key,
+            &p.user,
+            "snapshot deletion requested",
+        ),
+    ];
+    // Every other copy's snapshot is deleted by its own node (one that does not hold
+    // it, having left the in-sync set before the snapshot, succeeds at once).
+    for c in v.copies.iter().filter(|c| c.node != v.node) {
+        let t = queued(&p, &c.node, delete.clone());
+        require.push(Require::absent(TASKS, &t.id));
+        ops.push(put(TASKS, &t.id, &t));
+    }
+    submit(&st, &task, require, ops, |_| {
+        format!("snapshot {key} changed meanwhile; try again")
+    })
     .await?;
     Ok((StatusCode::ACCEPTED, Json(task)))
 }
@@ -544,7 +552,7 @@ pub async fn clone(
         return Ok((StatusCode::ACCEPTED, Json(task)));
     }
     let v = ready_volume(&n, &name)?;
-    not_replicated(&v, "a clone")?;
+    copies_in_sync(&v, "a clone")?;
     let key = snapshot_key(&name, &req.snapshot);
     let snap: Snapshot = read(&n, SNAPSHOTS, &key)?
         .ok_or_else(|| ApiError::not_found(format!("snapshot: no snapshot {key}")))?;
@@ -559,9 +567,20 @@ pub async fn clone(
         origin: Some(key.clone()),
         nbd: nbd_uri(&n, &v.node, &req.name)?,
         created_ms: now_ms(),
-        replicas: 1,
+        replicas: v.replicas,
         generation: 1,
-        copies: Vec::new(),
+        // A clone of a replicated volume has its copies where the snapshot's are, each
+        // cloned from its own copy of the snapshot, replicated from birth.
+        copies: v
+            .copies
+            .iter()
+            .map(|c| {
+                let mut c = c.clone();
+                c.state = CopyState::InSync;
+                c.catch_up = None;
+                c
+            })
+            .collect(),
     };
     let task = queued(
         &p,
@@ -572,31 +591,47 @@ pub async fn clone(
             name: req.name.clone(),
         },
     );
-    let task = submit_idempotent(
-        &st,
-        &task,
-        idem.as_ref(),
-        vec![
-            Require::absent(VOLUMES, &req.name),
-            Require::exists(SNAPSHOTS, &key),
-        ],
-        vec![
-            put(VOLUMES, &req.name, &new),
-            event(
-                "volume.clone",
-                &req.name,
-                &p.user,
-                &format!("clone of {key} requested"),
-            ),
-        ],
-        |r| {
-            if r.table == VOLUMES {
-                format!("name: volume {} already exists", req.name)
-            } else {
-                format!("snapshot {key} was deleted meanwhile")
-            }
-        },
-    )
+    let mut require = vec![
+        Require::absent(VOLUMES, &req.name),
+        Require::exists(SNAPSHOTS, &key),
+    ];
+    let mut ops = vec![
+        put(VOLUMES, &req.name, &new),
+        event(
+            "volume.clone",
+            &req.name,
+            &p.user,
+            &format!("clone of {key} requested"),
+        ),
+    ];
+    // As for a new replicated volume: each replica's node makes its copy (here a clone of
+    // its own snapshot) and makes it a replica; the primary's task waits for them.
+    for c in new.copies.iter().filter(|c| c.node != new.node) {
+        let mut t = queued(
+            &p,
+            &c.node,
+            serde_json::from_value(serde_json::json!({
+                "type": "set_replication", "volume": req.name, "generation": 1,
+                "role": {"type": "replica"},
+            }))
+            .map_err(|e| ApiError::internal(format!("building the replica task: {e}")))?,
+        );
+        t.log[0].message = format!(
+            "clone {key} into {} on node {} and make it a replica; queued by {}",
+            req.name, c.node, p.user
+        );
+        require.push(Require::absent(TASKS, &t.id));
+        ops.push(put(TASKS, &t.id, &t));
+    }
+    let task = submit_idempotent(&st, &task, idem.as_ref(), require, ops, |r| {
+        if r.table == VOLUMES {
+            format!("name: volume {} already exists", req.name)
+        } else if r.table == TASKS {
+            "a task id was taken meanwhile; try again".to_string()
+        } else {
+            format!("snapshot {key} was deleted meanwhile")
+        }
+    })
     .await?;
     Ok((StatusCode::ACCEPTED, Json(task)))
 }
