@@ -70,7 +70,7 @@ pub fn decide(v: &Volume, failed: impl Fn(&str) -> bool) -> Option<Decision> {
     let left: Vec<&str> = in_sync
         .iter()
         .copied()
-        .filter(|n| !bad.iter().any(|b| b == n) && !(primary_fails && joining(n)))
+        .filter(|n| !(bad.iter().any(|b| b == n) || primary_fails && joining(n)))
         .collect();
     if left.len() < MIN_IN_SYNC {
         return Some(Decision::Stalled { failed: bad });
