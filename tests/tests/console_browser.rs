@@ -21,6 +21,9 @@ use serde_json::{json, Value};
 use tessera_tests::devcluster::DevCluster;
 use tessera_tests::{free_port, require};
 
+#[path = "console_browser/nodes.rs"]
+mod nodes;
+
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
 const NEW_PASSWORD: &str = "console-test-password-1";
 const AUDITOR_PASSWORD: &str = "auditor-first-password";
@@ -245,6 +248,7 @@ fn the_console_works_in_a_real_browser_against_a_three_node_cluster() {
     require("chromium");
     require("chromedriver");
     require("curl");
+    require("promtool");
     let dir = tempfile::tempdir().unwrap();
     let cluster = DevCluster::start(&dir.path().join("cluster"));
     let password = cluster.admin_password();
@@ -499,6 +503,7 @@ async fn story(c: &Client, initial: &str, ca: &str) {
     el(c, "tr[data-volume=\"web-data\"]").await;
     el(c, "tr[data-volume=\"web-disk\"]").await;
     only_own_origin(c).await;
+    nodes::check(c, n1, n2, &ca, &secret).await;
 
     // An event arrives live: the token makes a volume through node 3 while node 2's
     // Events page stays open (no reload: the marker survives).

@@ -414,7 +414,8 @@ fn snapshot_and_clone_under_writes(ca: &str, t: &str, dir: &Path, tmp: &Path) {
         );
     }
     // Replicated from birth: a write through its primary reaches every copy.
-    let (fc, hc) = payload(tmp, "c0", 4 * MIB);
+    // As long as the rounds above: the clone then holds this payload and zeros only.
+    let (fc, hc) = payload(tmp, "c0", 8 * MIB);
     assert!(write(dir, 1, "a-clone", &fc));
     for i in 1..=3 {
         assert_eq!(
@@ -777,9 +778,9 @@ fn replicated_volumes_survive_nodes_killed_and_their_copies_catch_up_when_back()
         "b's former primary, now a replica, took a local write"
     );
     // The rejoined copies are in sync again: new writes reach them.
-    let (fa3, ha3) = payload(tmp.path(), "a3", 4 * MIB);
+    let (fa3, ha3) = payload(tmp.path(), "a3", 8 * MIB);
     assert!(write(dir, 1, "a", &fa3));
-    let (fb4, hb4) = payload(tmp.path(), "b4", 4 * MIB);
+    let (fb4, hb4) = payload(tmp.path(), "b4", 8 * MIB);
     assert!(write(dir, np, "b", &fb4));
     for i in 1..=3 {
         assert_eq!(read_hash(dir, i, "a", tmp.path()), ha3, "a on node{i}");
@@ -794,7 +795,7 @@ fn replicated_volumes_survive_nodes_killed_and_their_copies_catch_up_when_back()
     let store2 = kill(dir, 2, &["tessera-store"]);
     restarted.start(dir, 2, &store2[0]);
     wait_store(dir, 2, "a");
-    let (fa4, ha4) = payload(tmp.path(), "a4", 4 * MIB);
+    let (fa4, ha4) = payload(tmp.path(), "a4", 8 * MIB);
     let written = Instant::now();
     assert!(
         write(dir, 1, "a", &fa4),
