@@ -113,6 +113,10 @@ fn schemathesis_finds_nothing_in_the_openapi_document() {
             // that do not exist (answered 503) and a generated `ca_pem` is no certificate
             // (400). tests/tests/directory_login.rs checks them against a real slapd.
             .args(["--exclude-path-regex", "^/api/v1/realms"])
+            // A certificate upload must be a real PEM chain whose key matches its leaf,
+            // which OpenAPI cannot express: generated ones are refused (400) as they should
+            // be. tests/tests/api_edges.rs checks the upload's edges instead.
+            .args(["--exclude-operation-id", "install_certificate"])
             .args(["--report", "junit", "--report-dir"])
             .arg(&report)
             // It keeps a cache (`.schemathesis/`) in its working directory.
@@ -163,6 +167,7 @@ fn schemathesis_finds_nothing_in_the_openapi_document() {
             // The operations left out above, each for the reason given there.
             if op["operationId"] == "logout"
                 || op["operationId"] == "upload_image"
+                || op["operationId"] == "install_certificate"
                 || path.starts_with("/api/v1/realms")
             {
                 continue;
