@@ -503,7 +503,7 @@ async fn story(c: &Client, initial: &str, ca: &str) {
     el(c, "tr[data-volume=\"web-data\"]").await;
     el(c, "tr[data-volume=\"web-disk\"]").await;
     only_own_origin(c).await;
-    nodes::check(c, n1, n2, &ca, &secret).await;
+    nodes::check(c, n1, n2, ca, &secret).await;
 
     // An event arrives live: the token makes a volume through node 3 while node 2's
     // Events page stays open (no reload: the marker survives).
