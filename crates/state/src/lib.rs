@@ -213,6 +213,18 @@ impl Node {
         Ok(membership::remove(&self.raft, &self.transport, id).await?)
     }
 
+    /// Whether `id` is in the membership this node knows (voter or learner). After a
+    /// removal this node applied, `false`: a retried removal can go on from there.
+    pub fn is_member(&self, id: u64) -> bool {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .is_some()
+    }
+
     /// Founds the cluster with these members (only the bootstrapping node calls this, once).
     pub async fn initialize(&self, members: BTreeMap<u64, SocketAddr>) -> Result<(), StateError> {
         let nodes: BTreeMap<u64, BasicNode> = members

@@ -38,9 +38,6 @@ pub enum MembershipError {
     /// The node to remove is not a member.
     #[error("{0} is not a member")]
     NotMember(NodeId),
-    /// The leader was asked to remove itself.
-    #[error("the leader cannot remove itself; ask again once another node leads")]
-    LeaderItself,
     /// Removing it would leave no voter.
     #[error("cannot remove the last voter")]
     LastVoter,
@@ -134,14 +131,15 @@ async fn remove_on_leader(raft: &Raft<TypeConfig>, id: NodeId) -> Result<(), Mem
     if membership.get_node(&id).is_none() {
         return Err(MembershipError::NotMember(id));
     }
-    if id == m.id {
-        return Err(MembershipError::LeaderItself);
-    }
+    // The leader may remove itself: openraft keeps it leading until the membership without
+    // it is committed (so the followers learn of the commit), then it steps down and the
+    // remaining voters elect a leader among themselves. Refusing instead would leave a
+    // running leader unremovable, since nothing else makes it give up the leadership.
     let voters: BTreeSet<NodeId> = membership.voter_ids().filter(|v| *v != id).collect();
     if voters.is_empty() {
         return Err(MembershipError::LastVoter);
     }
     raft.change_membership(voters, false).await?;
-    tracing::info!(id, "removed a member");
+    tracing::info!(id, leader_itself = id == m.id, "removed a member");
     Ok(())
 }

@@ -182,14 +182,19 @@ pub async fn remove(
     }
     let raft_id = crate::replicated::raft_id(&NodeId(id.clone()))
         .map_err(|e| ApiError::bad(e.to_string()))?;
-    n.remove_member(raft_id).await.map_err(|e| {
-        // The membership change's own words name Raft internals: log them, answer plainly.
-        tracing::warn!(node = %id, error = %e, "removing a node from the membership failed");
-        ApiError::conflict(format!(
+    // A retry after the membership change went through but the record's removal did not
+    // (the leader removed itself and stepped down before the next write) finishes the job.
+    let member = n.is_member(raft_id);
+    if member {
+        n.remove_member(raft_id).await.map_err(|e| {
+            // The membership change's own words name Raft internals: log them, answer plainly.
+            tracing::warn!(node = %id, error = %e, "removing a node from the membership failed");
+            ApiError::conflict(format!(
                 "node {id} could not be removed from the cluster's membership now (another \
                  membership change may be in progress, or this node lost the leadership); try again"
             ))
-    })?;
+        })?;
+    }
     super::commit(
         &st,
         vec![],
