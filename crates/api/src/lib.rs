@@ -27,6 +27,7 @@ mod tasks;
 mod totp;
 mod users;
 mod vms;
+mod volume_override;
 mod volumes;
 
 pub use auth::{
@@ -48,6 +49,7 @@ pub use tasks::{Task, TaskLog, TaskOp, TaskQuery, TaskState, VmAction, VmTask};
 pub use totp::{TotpConfirm, TotpConfirmed, TotpEnrollment};
 pub use users::{NewUser, UserInfo, UserUpdate};
 pub use vms::{DesiredState, NewVm, RestartPolicy, Vm, VmState, VmStatus, VmUpdate};
+pub use volume_override::{NewOverride, VolumeOverride};
 pub use volumes::{
     CatchUpProgress, CopyState, NbdCredentials, NewClone, NewSnapshot, NewVolume, Replication,
     Snapshot, Volume, VolumeCopy, VolumeState, VolumeView,

@@ -50,6 +50,11 @@ pub struct Volume {
     /// copy is on `node`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub copies: Vec<VolumeCopy>,
+    /// The operator allowed the primary fewer than 2 copies in sync
+    /// (`POST /volumes/{name}/override`); cleared once two copies are in sync again.
+    /// Absent: no override.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_override: Option<crate::VolumeOverride>,
 }
 
 fn one_replica() -> u8 {
@@ -87,6 +92,16 @@ impl Volume {
     /// Whether it has more than one copy (then its stores replicate it).
     pub fn is_replicated(&self) -> bool {
         self.copies.len() > 1
+    }
+
+    /// The fewest copies (the primary's included) that must stay in sync: 2, or 1 under
+    /// the operator override.
+    pub fn min_in_sync(&self) -> usize {
+        if self.operator_override.is_some() {
+            1
+        } else {
+            2
+        }
     }
 }
 
@@ -185,7 +200,9 @@ pub struct NewVolume {
     /// the node receiving the request for one copy; placement by free space for more).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    /// How many copies, on distinct nodes: 1-3 (default 1; see docs/replication.md).
+    /// How many copies, on distinct nodes: 1-3 (default: 3 when at least three nodes are
+    /// up with a healthy store, else as many as there are, at least 1; see
+    /// docs/replication.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 3)]
     pub replicas: Option<u8>,

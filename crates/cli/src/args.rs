@@ -173,7 +173,8 @@ pub enum VolumeCmd {
         /// (default: the node you talk to; several copies: the nodes with most free space).
         #[arg(long)]
         node: Option<String>,
-        /// Copies on distinct nodes, 1-3 (default 1).
+        /// Copies on distinct nodes, 1-3 (default: 3 when at least three nodes are up
+        /// with a healthy store, else as many as there are).
         #[arg(long)]
         replicas: Option<u8>,
         /// Return once the task is queued.
@@ -206,6 +207,17 @@ pub enum VolumeCmd {
         /// Return once the task is queued.
         #[arg(long)]
         no_wait: bool,
+    },
+    /// Let a replicated volume's primary write with fewer than 2 copies in sync
+    /// (administrators; recorded with your name and reason as event volume.override).
+    /// Without it, a volume whose in-sync copies would drop below 2 stops taking writes
+    /// until a copy is back. Cleared by the cluster once 2 copies are in sync again.
+    Override {
+        /// Volume.
+        name: String,
+        /// Why (kept in the volume record and the event).
+        #[arg(long)]
+        reason: String,
     },
     /// Clone a snapshot into a new volume.
     Clone {

@@ -552,7 +552,7 @@ async function volumesView(gen) {
   const op = can("operator");
   const rows = volumes.map((v) => {
     const r = [
-      v.name, bytes(v.size_bytes), nodeName(nodes, v.node), stateTag(v.state),
+      v.name, bytes(v.size_bytes), nodeName(nodes, v.node), copiesText(v), stateTag(v.state),
       v.snapshots.length ? h("ul", {}, v.snapshots.map((s) => h("li", {}, `${s.name} `, stateTag(s.state), " ",
         op ? confirmAction("Delete", `snapshot ${v.name}@${s.name}`, async () => {
           const t = await api("DELETE", `volumes/${encodeURIComponent(v.name)}/snapshots/${encodeURIComponent(s.name)}`);
@@ -573,7 +573,7 @@ async function volumesView(gen) {
     return r;
   });
   const parts = [h("h1", {}, "Volumes"), messages(),
-    table("Volumes", ["Name", "Size", "Node", "State", "Snapshots", "Attached to", "Cloned from", op ? "Actions" : null].filter(Boolean), rows, "No volumes yet.")];
+    table("Volumes", ["Name", "Size", "Node", "Copies", "State", "Snapshots", "Attached to", "Cloned from", op ? "Actions" : null].filter(Boolean), rows, "No volumes yet.")];
   if (op) {
     parts.push(h("div.grid", {}, keep("volume-create", volumeCreateForm(nodes)),
       keep("snapshot-create", snapshotForm(volumes)), keep("clone-create", cloneForm(volumes))));
@@ -583,10 +583,23 @@ async function volumesView(gen) {
   if (focused && main.contains(focused)) focused.focus();
 }
 
+// "in sync/asked" (e.g. "2/3"), and which copies are not in sync.
+function copiesText(v) {
+  const r = v.replication;
+  const inSync = r.copies.filter((c) => c.state === "in_sync").length;
+  const behind = r.copies.filter((c) => c.state !== "in_sync").map((c) => c.state.replace(/_/g, " "));
+  return `${inSync}/${r.replicas}${behind.length ? ` (${behind.join(", ")})` : ""}`;
+}
+
 function volumeCreateForm(nodes) {
   const name = h("input", { name: "name", required: true, autocomplete: "off" });
   const size = sizeInput();
   const node = nodeSelect(nodes);
+  // Empty: the cluster's default, 3 copies when three nodes can hold one, else as many as can.
+  const replicas = h("select", { name: "replicas" }, [
+    h("option", { value: "" }, "Default (3 with 3 nodes up)"),
+    ...[1, 2, 3].map((n) => h("option", { value: String(n) }, String(n))),
+  ]);
   const status = h("div", { "aria-live": "polite" });
   const form = h("form.card#volume-create", {
     onsubmit: (ev) => {
@@ -594,13 +607,15 @@ function volumeCreateForm(nodes) {
       submit(form, async () => {
         const body = { name: name.value, size_bytes: size.bytes() };
         if (node.value) body.node = node.value;
+        if (replicas.value) body.replicas = Number(replicas.value);
         const t = await api("POST", "volumes", body);
         session.refresh?.();
         await followTask(t, status, `volume ${body.name}`);
       });
     },
   }, h("h2", {}, "Create a volume"), field("Name", name), h("div.row", {}, field("Size", size.n), field("Unit", size.unit)),
-  field("Node", node), formError(), status, h("p", {}, h("button", { type: "submit" }, "Create volume")));
+  h("div.row", {}, field("Node", node, "For several copies, the primary's."), field("Copies", replicas)), formError(), status,
+  h("p", {}, h("button", { type: "submit" }, "Create volume")));
   return form;
 }
 

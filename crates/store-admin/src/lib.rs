@@ -134,6 +134,11 @@ pub enum ReplicationRole {
         /// write of at most 4 MiB in flight at a time either way).
         #[serde(default)]
         catch_up_bytes_per_sec: Option<u64>,
+        /// The operator allowed this primary fewer than 2 copies in sync (the cluster
+        /// records who, as an event): without it, a configuration that leaves fewer is
+        /// refused and the volume's writes wait for a replica.
+        #[serde(default)]
+        operator_override: bool,
     },
     /// Takes writes from the primary of this generation (or a newer one).
     Replica {

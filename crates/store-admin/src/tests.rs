@@ -45,6 +45,7 @@ fn every_op() -> Vec<AdminOp> {
                     addr: "10.0.0.3:7410".into(),
                 }],
                 catch_up_bytes_per_sec: Some(100 << 20),
+                operator_override: true,
             },
         },
         AdminOp::SetReplication {

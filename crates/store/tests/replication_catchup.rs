@@ -76,6 +76,7 @@ fn primary(replicas: &[&Node], catching_up: &[&Node]) -> ReplicationRole {
         timeout_ms: Some(1500),
         catching_up: catching_up.iter().map(|n| peer(n)).collect(),
         catch_up_bytes_per_sec: None,
+        operator_override: false,
     }
 }
 

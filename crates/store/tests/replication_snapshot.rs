@@ -163,6 +163,7 @@ fn snapshots_under_a_write_storm_are_identical_on_every_copy() {
                 timeout_ms: Some(1500),
                 catching_up: vec![],
                 catch_up_bytes_per_sec: None,
+                operator_override: false,
             },
         })
         .unwrap();

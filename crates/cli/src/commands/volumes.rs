@@ -3,12 +3,13 @@
 
 use std::io::IsTerminal;
 
-use tessera_api::{NbdCredentials, NewClone, NewSnapshot, NewVolume, VolumeView};
+use tessera_api::{NbdCredentials, NewClone, NewOverride, NewSnapshot, NewVolume, VolumeView};
 
 use crate::args::VolumeCmd;
 use crate::client::Client;
 use crate::endpoints::{
-    CLONE, NBD_CREDS, SNAPSHOT_CREATE, SNAPSHOT_RM, VOLUME, VOLUMES, VOLUME_CREATE, VOLUME_RM,
+    CLONE, NBD_CREDS, SNAPSHOT_CREATE, SNAPSHOT_RM, VOLUME, VOLUMES, VOLUME_CREATE,
+    VOLUME_OVERRIDE, VOLUME_RM,
 };
 use crate::node_names::NodeNames;
 use crate::output::{col, opt, size, table, wide_col, word, Output};
@@ -143,6 +144,21 @@ pub fn run(client: &Client, cmd: VolumeCmd, out: Output) -> anyhow::Result<()> {
         } => {
             let v = client.send(CLONE, &[&volume], &NewClone { snapshot, name })?;
             out.print(&follow(client, v, no_wait, bar)?, done);
+        }
+        VolumeCmd::Override { name, reason } => {
+            let v = client.send(VOLUME_OVERRIDE, &[&name], &NewOverride { reason })?;
+            out.show(VOLUME_OVERRIDE, &v, |v: VolumeView| {
+                let r = &v.replication;
+                let in_sync = r
+                    .copies
+                    .iter()
+                    .filter(|c| c.state == tessera_api::CopyState::InSync)
+                    .count();
+                println!(
+                    "override recorded for volume {}: {in_sync} of {} copies in sync, generation {}",
+                    v.volume.name, r.replicas, r.generation
+                );
+            })?;
         }
         VolumeCmd::Rm { name, no_wait } => {
             let v = client.call(VOLUME_RM, &[&name], None)?;

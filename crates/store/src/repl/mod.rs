@@ -188,6 +188,7 @@ impl Replication {
                 timeout_ms,
                 catching_up,
                 catch_up_bytes_per_sec,
+                operator_override,
             } => {
                 let ep = self.endpoint.clone().ok_or_else(|| {
                     RoleError::Refused(
@@ -219,7 +220,7 @@ impl Replication {
                                 replica_count: (known.len() + 1).min(3) as u8,
                                 in_sync,
                                 out_of_sync,
-                                operator_override: false,
+                                operator_override: *operator_override,
                             },
                             catching,
                         )
@@ -244,6 +245,7 @@ impl Replication {
                             rate: *catch_up_bytes_per_sec,
                             timeout,
                             taken: self.taken.clone(),
+                            operator_override: *operator_override,
                         },
                         self.missed_dir.clone(),
                     )

@@ -226,6 +226,8 @@ pub struct PrimarySpec {
     pub timeout: Duration,
     /// Snapshots taken from write streams on this store.
     pub taken: super::snapshot::Taken,
+    /// Fewer than 2 copies in sync allowed (the cluster's audited operator override).
+    pub operator_override: bool,
 }
 
 /// The primaries this store runs, by volume.
@@ -271,6 +273,7 @@ impl Primaries {
             rate,
             timeout,
             taken,
+            operator_override,
         } = spec;
         let in_sync_count = peers.len();
         let volume = volume.as_str();
@@ -292,7 +295,7 @@ impl Primaries {
             replica_count: (peers.len() + 1).min(3) as u8,
             in_sync: in_sync.iter().copied().collect(),
             out_of_sync: catching.iter().copied().collect(),
-            operator_override: false,
+            operator_override,
         };
         let timing = Timing {
             replica_timeout: timeout,

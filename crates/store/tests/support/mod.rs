@@ -129,6 +129,7 @@ impl Node {
                 timeout_ms: Some(1500),
                 catching_up: vec![],
                 catch_up_bytes_per_sec: None,
+                operator_override: false,
             },
         })
         .unwrap();

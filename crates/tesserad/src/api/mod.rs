@@ -28,6 +28,7 @@ mod totp;
 mod users;
 mod vm_actions;
 mod vms;
+mod volume_override;
 mod volumes;
 mod whoami;
 
@@ -340,6 +341,7 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(volumes::snapshot))
         .routes(routes!(volumes::remove_snapshot))
         .routes(routes!(volumes::clone))
+        .routes(routes!(volume_override::override_volume))
         .routes(routes!(nbd::export_creds))
         .routes(routes!(vms::list, vms::create))
         .routes(routes!(vms::show, vms::update, vms::remove))

@@ -437,6 +437,7 @@ fn template_clone(
         replicas: 1,
         generation: 1,
         copies: Vec::new(),
+        operator_override: None,
     };
     let task = queued(
         p,

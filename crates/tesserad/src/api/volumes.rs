@@ -16,8 +16,9 @@ use super::tasks::{queued, submit, submit_idempotent, Idempotent};
 use super::{check_name, now_ms, put, read, read_all, ApiError, ErrorBody, St};
 use crate::records::table::{DISK_CLAIMS, NODES, SNAPSHOTS, TASKS, VOLUMES};
 use crate::records::{snapshot_key, Snapshot, Task, TaskOp, TaskState, Volume, VolumeState};
+use crate::replication::placement::Candidate;
 
-fn view(n: &tessera_state::Node, v: Volume) -> Result<VolumeView, ApiError> {
+pub(super) fn view(n: &tessera_state::Node, v: Volume) -> Result<VolumeView, ApiError> {
     let prefix = format!("{}@", v.name);
     let snapshots = read_all::<Snapshot>(n, SNAPSHOTS)?
         .into_iter()
@@ -147,7 +148,9 @@ fn nbd_uri(n: &tessera_state::Node, node: &str, export: &str) -> Result<Option<S
 }
 
 /// Create a volume (a task on the volume's node; with `replicas` above 1, a task on each
-/// copy's node, and the returned one ends when every copy replicates). With an `Idempotency-Key` header, a
+/// copy's node, and the returned one ends when every copy replicates). Without
+/// `replicas`: 3 copies when at least three nodes can hold one now, else as many as can
+/// (at least 1). With an `Idempotency-Key` header, a
 /// retry with the same key and body within 24 hours gets the first answer again (the same
 /// task), so a create whose outcome was unknown can be retried safely.
 #[utoipa::path(post, path = "/api/v1/volumes", tag = "volumes", operation_id = "create_volume",
@@ -183,12 +186,14 @@ pub async fn create(
     if let Some(task) = idem.as_ref().map(|i| i.replay(&n)).transpose()?.flatten() {
         return Ok((StatusCode::ACCEPTED, Json(task)));
     }
-    let replicas = req.replicas.unwrap_or(1);
-    if !(1..=3).contains(&replicas) {
-        return Err(ApiError::bad("replicas: 1, 2 or 3 copies"));
-    }
+    let candidates = copy_candidates(&st, &n);
+    let replicas = match req.replicas {
+        Some(r) if (1..=3).contains(&r) => r,
+        Some(_) => return Err(ApiError::bad("replicas: 1, 2 or 3 copies")),
+        None => default_replicas(&candidates),
+    };
     if replicas > 1 {
-        return create_replicated(&st, &p, &n, idem.as_ref(), &req, replicas).await;
+        return create_replicated(&st, &p, &n, idem.as_ref(), &req, replicas, &candidates).await;
     }
     let node = req.node.clone().unwrap_or_else(|| st.me.0.clone());
     if read::<serde_json::Value>(&n, NODES, &node)?.is_none() {
@@ -207,6 +212,7 @@ pub async fn create(
         replicas: 1,
         generation: 1,
         copies: Vec::new(),
+        operator_override: None,
     };
     let task = queued(
         &p,
@@ -231,22 +237,12 @@ pub async fn create(
     Ok((StatusCode::ACCEPTED, Json(task)))
 }
 
-/// A volume of `replicas` copies: placed on the nodes with the most free space (`node`
-/// pins the primary), the copies made by a task on each node; the returned task is the
-/// primary's, which ends once every copy exists and replicates (see
-/// `crate::replication::roles`).
-async fn create_replicated(
-    st: &super::ApiState,
-    p: &super::auth::Principal,
-    n: &tessera_state::Node,
-    idem: Option<&Idempotent>,
-    req: &NewVolume,
-    replicas: u8,
-) -> Result<(StatusCode, Json<Task>), ApiError> {
-    use crate::replication::placement::{place, Candidate, PlacementError};
+/// Every registered node as a place for a copy: its free space, and why it cannot hold
+/// one now (down, not heard regularly, its store unreachable or degraded, no replication
+/// address). By id, so placement is stable.
+fn copy_candidates(st: &super::ApiState, n: &tessera_state::Node) -> Vec<Candidate> {
     use crate::replication::{liveness, node_records, store_trouble, Liveness};
-    let records = node_records(n);
-    let mut candidates: Vec<Candidate> = records
+    let mut candidates: Vec<Candidate> = node_records(n)
         .iter()
         .map(|(id, r)| {
             let available = r["metrics"]["disks"]
@@ -269,8 +265,33 @@ async fn create_replicated(
         })
         .collect();
     candidates.sort_by(|a, b| a.id.cmp(&b.id));
+    candidates
+}
+
+/// The replica count of a volume created without `replicas`: 3 when at least three
+/// nodes can hold a copy now (up, healthy store, replication address), else as many as
+/// can (at least 1: a one-copy volume on the node asked, as before replication).
+fn default_replicas(candidates: &[Candidate]) -> u8 {
+    let usable = candidates.iter().filter(|c| c.unusable.is_none()).count();
+    u8::try_from(usable.clamp(1, 3)).unwrap_or(1)
+}
+
+/// A volume of `replicas` copies: placed on the nodes with the most free space (`node`
+/// pins the primary), the copies made by a task on each node; the returned task is the
+/// primary's, which ends once every copy exists and replicates (see
+/// `crate::replication::roles`).
+async fn create_replicated(
+    st: &super::ApiState,
+    p: &super::auth::Principal,
+    n: &tessera_state::Node,
+    idem: Option<&Idempotent>,
+    req: &NewVolume,
+    replicas: u8,
+    candidates: &[Candidate],
+) -> Result<(StatusCode, Json<Task>), ApiError> {
+    use crate::replication::placement::{place, PlacementError};
     let nodes =
-        place(&candidates, usize::from(replicas), req.node.as_deref()).map_err(|e| match e {
+        place(candidates, usize::from(replicas), req.node.as_deref()).map_err(|e| match e {
             PlacementError::UnknownNode(_) => ApiError::not_found(e.to_string()),
             PlacementError::TooFewNodes { .. } => ApiError::conflict(e.to_string()),
             PlacementError::PinnedUnusable { .. } | PlacementError::NoRoom { .. } => {
@@ -297,6 +318,7 @@ async fn create_replicated(
                 joining: false,
             })
             .collect(),
+        operator_override: None,
     };
     let task = queued(
         p,
@@ -581,6 +603,7 @@ pub async fn clone(
                 c
             })
             .collect(),
+        operator_override: None,
     };
     let task = queued(
         &p,

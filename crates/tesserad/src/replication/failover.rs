@@ -3,7 +3,8 @@
 //! change raises the generation (the stores' fence) in the same compare-and-swap of the
 //! volume record, before any store hears of it. Never fewer than 2 copies stay in sync:
 //! a change that would leave fewer is not made (the volume's I/O stays blocked, an event
-//! says why; the operator override is not built yet).
+//! says why) unless the record carries the operator's override
+//! (`POST /volumes/{name}/override`), which allows 1.
 //!
 //! [`decide`] is pure; [`start`] is the leader's loop around it.
 
@@ -19,9 +20,6 @@ use crate::records::{Volume, VolumeState};
 use crate::tables::{event, put};
 use tessera_api::CopyState;
 
-/// The fewest copies that stay in sync without the operator override.
-pub const MIN_IN_SYNC: usize = 2;
-
 /// What to do about one volume.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
@@ -35,7 +33,8 @@ pub enum Decision {
         /// The new primary, if it changed.
         new_primary: Option<String>,
     },
-    /// Copies failed, but removing them would leave fewer than [`MIN_IN_SYNC`] in sync.
+    /// Copies failed, but removing them would leave fewer than the volume's minimum
+    /// ([`Volume::min_in_sync`]: 2, 1 under the operator override) in sync.
     Stalled {
         /// The nodes whose copies failed.
         failed: Vec<String>,
@@ -72,7 +71,7 @@ pub fn decide(v: &Volume, failed: impl Fn(&str) -> bool) -> Option<Decision> {
         .copied()
         .filter(|n| !(bad.iter().any(|b| b == n) || primary_fails && joining(n)))
         .collect();
-    if left.len() < MIN_IN_SYNC {
+    if left.len() < v.min_in_sync() {
         return Some(Decision::Stalled { failed: bad });
     }
     let mut new = v.clone();
@@ -144,10 +143,11 @@ async fn round(node: &Node, me: &str, announced: &mut HashSet<(String, u64)>) {
                 if announced.insert((v.name.clone(), v.generation)) =>
             {
                 let msg = format!(
-                        "copies on {} failed; removing them would leave fewer than {MIN_IN_SYNC} \
+                        "copies on {} failed; removing them would leave fewer than {} \
                          copies in sync, so the volume's writes stay blocked until a node comes back \
-                         (generation {})",
+                         or an administrator overrides (tessera volume override) (generation {})",
                         failed.join(", "),
+                        v.min_in_sync(),
                         v.generation
                     );
                 tracing::error!(volume = %v.name, "{msg}");
@@ -243,6 +243,7 @@ mod tests {
                     joining: false,
                 })
                 .collect(),
+            operator_override: None,
         }
     }
 
@@ -338,6 +339,28 @@ mod tests {
         let v = vol(&[("a", InSync), ("b", InSync), ("c", InSync)]);
         assert!(matches!(
             decide(&v, |n| n != "a"),
+            Some(Decision::Stalled { .. })
+        ));
+        // Under the operator override, one copy may go on alone, even a replica whose
+        // primary failed.
+        let mut v = vol(&[("a", InSync), ("b", InSync)]);
+        v.operator_override = Some(tessera_api::VolumeOverride {
+            by: "admin".into(),
+            at_ms: 1,
+            reason: "test".into(),
+        });
+        let Some(Decision::Change {
+            volume,
+            new_primary,
+            ..
+        }) = decide(&v, |n| n == "a")
+        else {
+            panic!("no change under the override");
+        };
+        assert_eq!(new_primary.as_deref(), Some("b"));
+        assert_eq!(volume.generation, 5);
+        assert!(matches!(
+            decide(&v, |_| true),
             Some(Decision::Stalled { .. })
         ));
         let mut single = vol(&[("a", InSync)]);

@@ -140,6 +140,7 @@ mod tests {
                     joining: *j,
                 })
                 .collect(),
+            operator_override: None,
         }
     }
 

@@ -133,15 +133,35 @@ pub fn decide(
                 c.joining = true;
             }
         }
+        let mut events = vec![(
+            "volume.replica_in_sync",
+            format!(
+                "the copies on {} were caught up and rejoin the in-sync set; generation {}",
+                caught_up.join(", "),
+                new.generation
+            ),
+        )];
+        // Two copies in sync again: the operator's override has done its job, and the
+        // rule of 2 holds again for the next failure.
+        let in_sync = new
+            .copies
+            .iter()
+            .filter(|c| c.state == CopyState::InSync)
+            .count();
+        if in_sync >= 2 {
+            if let Some(o) = new.operator_override.take() {
+                events.push((
+                    "volume.override_cleared",
+                    format!(
+                        "{in_sync} copies in sync again: the override {} gave is cleared; \
+                         generation {}",
+                        o.by, new.generation
+                    ),
+                ));
+            }
+        }
         return Some(Step::Change {
-            events: vec![(
-                "volume.replica_in_sync",
-                format!(
-                    "the copies on {} were caught up and rejoin the in-sync set; generation {}",
-                    caught_up.join(", "),
-                    new.generation
-                ),
-            )],
+            events,
             volume: new,
         });
     }
@@ -231,9 +251,10 @@ pub async fn act(node: &Node, v: &Volume, step: Step, stalled: &mut Vec<(String,
             }
             let msg = format!(
                 "the primary reported the copies on {} failed; removing them would leave fewer \
-                 than {} copies in sync, so the volume's writes stay blocked (generation {})",
+                 than {} copies in sync, so the volume's writes stay blocked until the copy is \
+                 back or an administrator overrides (tessera volume override) (generation {})",
                 failed.join(", "),
-                failover::MIN_IN_SYNC,
+                v.min_in_sync(),
                 v.generation
             );
             tracing::error!(volume = %v.name, "{msg}");
@@ -279,6 +300,7 @@ mod tests {
                     joining: false,
                 })
                 .collect(),
+            operator_override: None,
         }
     }
 
@@ -340,6 +362,44 @@ mod tests {
             Some(Step::Stalled {
                 failed: vec!["c".into()]
             })
+        );
+    }
+
+    #[test]
+    fn under_the_override_a_two_copy_volume_goes_on_alone_and_the_override_ends_at_rejoin() {
+        let mut v = vol(&[("a", InSync), ("b", InSync)]);
+        let r = report(4, &[("b", failed())]);
+        assert_eq!(
+            decide(&v, &r, node_of, |_| false),
+            Some(Step::Stalled {
+                failed: vec!["b".into()]
+            })
+        );
+        v.operator_override = Some(tessera_api::VolumeOverride {
+            by: "admin".into(),
+            at_ms: 1,
+            reason: "node b is being repaired".into(),
+        });
+        let Some(Step::Change { volume, .. }) = decide(&v, &r, node_of, |_| false) else {
+            panic!("the override did not let the primary go on");
+        };
+        assert_eq!(volume.generation, 5);
+        assert_eq!(volume.copies[1].state, OutOfSync);
+        assert!(volume.operator_override.is_some(), "kept while alone");
+        // b back and caught up: two in sync again, the override is cleared with the rejoin.
+        let mut back = volume.clone();
+        back.copies[1].state = CatchingUp;
+        back.generation = 6;
+        let r = report(6, &[("b", ReplicaState::CaughtUp {})]);
+        let Some(Step::Change { volume: j, events }) = decide(&back, &r, node_of, |_| true) else {
+            panic!("no rejoin");
+        };
+        assert_eq!(j.generation, 7);
+        assert_eq!(j.copies[1].state, InSync);
+        assert_eq!(j.operator_override, None);
+        assert!(
+            events.iter().any(|(k, _)| *k == "volume.override_cleared"),
+            "{events:?}"
         );
     }
 

@@ -115,6 +115,7 @@ pub fn desired(
         "replicas": peers(CopyState::InSync),
         "catching_up": peers(CopyState::CatchingUp),
         "timeout_ms": REPLICA_TIMEOUT_MS,
+        "operator_override": v.operator_override.is_some(),
     }))
 }
 
