@@ -64,6 +64,7 @@ const ROLES: &[(&str, &str, &str)] = &[
         "operator",
     ),
     ("POST", "/api/v1/volumes/{name}/clone", "operator"),
+    ("POST", "/api/v1/volumes/{name}/resize", "operator"),
     ("POST", "/api/v1/volumes/{name}/override", "administrator"),
     ("GET", "/api/v1/vms", "auditor"),
     ("POST", "/api/v1/vms", "operator"),

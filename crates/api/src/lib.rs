@@ -52,7 +52,7 @@ pub use vms::{DesiredState, NewVm, RestartPolicy, Vm, VmState, VmStatus, VmUpdat
 pub use volume_override::{NewOverride, VolumeOverride};
 pub use volumes::{
     CatchUpProgress, CopyState, NbdCredentials, NewClone, NewSnapshot, NewVolume, Replication,
-    Snapshot, Volume, VolumeCopy, VolumeState, VolumeView,
+    Snapshot, Volume, VolumeCopy, VolumeResize, VolumeState, VolumeView,
 };
 
 /// The error body of every failed request.

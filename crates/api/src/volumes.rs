@@ -229,7 +229,18 @@ pub struct NewClone {
     pub name: String,
 }
 
-crate::object_only!(NewVolume, NewSnapshot, NewClone);
+/// A volume's new size (`POST /volumes/{name}/resize`). Volumes only grow: a smaller size
+/// is refused (409), the current size changes nothing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub struct VolumeResize {
+    /// Bytes: a positive multiple of 4096, at most 64 TiB, not below the current size.
+    #[serde(deserialize_with = "crate::strict::int")]
+    #[schema(minimum = 4096, maximum = 70368744177664_i64, multiple_of = 4096)]
+    pub size_bytes: u64,
+}
+
+crate::object_only!(NewVolume, NewSnapshot, NewClone, VolumeResize);
 
 /// A client certificate for NBD over TLS (`tessera volume export-creds`): what libnbd's
 /// `tls-certificates=DIR` and qemu's `tls-creds-x509` read as `ca-cert.pem`,

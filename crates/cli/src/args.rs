@@ -231,6 +231,18 @@ pub enum VolumeCmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Grow a volume (one copy only for now; a running VM sees the new size after its
+    /// next start).
+    Resize {
+        /// Name.
+        name: String,
+        /// New size, e.g. 20G, 512M or bytes; not below the current size.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Return once the task is queued.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Delete a volume and its snapshots.
     Rm {
         /// Name.

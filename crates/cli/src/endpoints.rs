@@ -25,6 +25,7 @@ pub const VOLUME_RM: Ep = Ep("DELETE", "/api/v1/volumes/{name}");
 pub const SNAPSHOT_CREATE: Ep = Ep("POST", "/api/v1/volumes/{name}/snapshots");
 pub const SNAPSHOT_RM: Ep = Ep("DELETE", "/api/v1/volumes/{name}/snapshots/{snapshot}");
 pub const CLONE: Ep = Ep("POST", "/api/v1/volumes/{name}/clone");
+pub const VOLUME_RESIZE: Ep = Ep("POST", "/api/v1/volumes/{name}/resize");
 pub const VOLUME_OVERRIDE: Ep = Ep("POST", "/api/v1/volumes/{name}/override");
 pub const NBD_CREDS: Ep = Ep("POST", "/api/v1/nbd/credentials");
 pub const VMS: Ep = Ep("GET", "/api/v1/vms");
@@ -84,6 +85,7 @@ pub const ENDPOINTS: &[Ep] = &[
     SNAPSHOT_CREATE,
     SNAPSHOT_RM,
     CLONE,
+    VOLUME_RESIZE,
     VOLUME_OVERRIDE,
     NBD_CREDS,
     VMS,

@@ -216,7 +216,12 @@ async fn run(node: &Node, me: &str, socket: &std::path::Path, queued: Task) {
     if gone_already {
         log(&mut t, "the store did not have it any more");
     }
-    let mut ops = outcome_ops(node, &t.op, ok);
+    // The size the store reports for a volume it grew or cloned is the one to record.
+    let size = match &result {
+        Ok(tessera_store_admin::AdminReply::Volume(info)) => Some(info.size),
+        _ => None,
+    };
+    let mut ops = outcome_ops(node, &t.op, ok, size);
     let now = now_ms();
     t.progress = 100;
     t.finished_ms = Some(now);
@@ -246,13 +251,19 @@ async fn run(node: &Node, me: &str, socket: &std::path::Path, queued: Task) {
     tracing::info!(task = %t.id, state = ?t.state, "task finished");
 }
 
-/// The changes to the records a task reserved once it ended, successfully (`ok`) or not.
-fn outcome_ops(node: &Node, op: &TaskOp, ok: bool) -> Vec<Command> {
+/// The changes to the records a task reserved once it ended, successfully (`ok`) or not;
+/// `size`: the volume's size as the store answered it, if it did.
+fn outcome_ops(node: &Node, op: &TaskOp, ok: bool, size: Option<u64>) -> Vec<Command> {
     let mut ops = Vec::new();
     match (op, ok) {
         (TaskOp::CreateVolume { name, .. } | TaskOp::CloneSnapshot { name, .. }, true) => {
             if let Some(mut v) = get::<Volume>(node, VOLUMES, name) {
                 v.state = VolumeState::Ready;
+                // A clone has its snapshot's size, smaller than the volume's when the
+                // volume grew after the snapshot.
+                if let (TaskOp::CloneSnapshot { .. }, Some(s)) = (op, size) {
+                    v.size_bytes = s;
+                }
                 ops.push(put(VOLUMES, name, &v));
             }
         }
@@ -292,9 +303,11 @@ fn outcome_ops(node: &Node, op: &TaskOp, ok: bool) -> Vec<Command> {
         | (TaskOp::DeleteSnapshot { volume, snapshot }, true) => {
             ops.push(del(SNAPSHOTS, &snapshot_key(volume, snapshot)));
         }
-        (TaskOp::ResizeVolume { name, size }, true) => {
+        (TaskOp::ResizeVolume { name, size: asked }, true) => {
+            // Two resizes may run at once: the store keeps the larger (it never
+            // shrinks), and so does the record, whichever task ends last.
             if let Some(mut v) = get::<Volume>(node, VOLUMES, name) {
-                v.size_bytes = *size;
+                v.size_bytes = v.size_bytes.max(size.unwrap_or(*asked));
                 ops.push(put(VOLUMES, name, &v));
             }
         }
@@ -374,7 +387,7 @@ async fn fail_tasks_of_down_nodes(node: &Node, me: &str) {
         t.finished_ms = Some(now_ms());
         t.progress = 100;
         log(&mut t, format!("failed: {msg}"));
-        let mut ops = outcome_ops(node, &t.op, false);
+        let mut ops = outcome_ops(node, &t.op, false, None);
         ops.push(put(TASKS, &t.id, &t));
         ops.push(event(
             "task.failed",

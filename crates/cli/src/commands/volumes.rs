@@ -3,13 +3,15 @@
 
 use std::io::IsTerminal;
 
-use tessera_api::{NbdCredentials, NewClone, NewOverride, NewSnapshot, NewVolume, VolumeView};
+use tessera_api::{
+    NbdCredentials, NewClone, NewOverride, NewSnapshot, NewVolume, VolumeResize, VolumeView,
+};
 
 use crate::args::VolumeCmd;
 use crate::client::Client;
 use crate::endpoints::{
     CLONE, NBD_CREDS, SNAPSHOT_CREATE, SNAPSHOT_RM, VOLUME, VOLUMES, VOLUME_CREATE,
-    VOLUME_OVERRIDE, VOLUME_RM,
+    VOLUME_OVERRIDE, VOLUME_RESIZE, VOLUME_RM,
 };
 use crate::node_names::NodeNames;
 use crate::output::{col, opt, size, table, wide_col, word, Output};
@@ -159,6 +161,14 @@ pub fn run(client: &Client, cmd: VolumeCmd, out: Output) -> anyhow::Result<()> {
                     v.volume.name, r.replicas, r.generation
                 );
             })?;
+        }
+        VolumeCmd::Resize {
+            name,
+            size,
+            no_wait,
+        } => {
+            let v = client.send(VOLUME_RESIZE, &[&name], &VolumeResize { size_bytes: size })?;
+            out.print(&follow(client, v, no_wait, bar)?, done);
         }
         VolumeCmd::Rm { name, no_wait } => {
             let v = client.call(VOLUME_RM, &[&name], None)?;

@@ -29,6 +29,7 @@ mod users;
 mod vm_actions;
 mod vms;
 mod volume_override;
+mod volume_resize;
 mod volumes;
 mod whoami;
 
@@ -342,6 +343,7 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(volumes::remove_snapshot))
         .routes(routes!(volumes::clone))
         .routes(routes!(volume_override::override_volume))
+        .routes(routes!(volume_resize::resize))
         .routes(routes!(nbd::export_creds))
         .routes(routes!(vms::list, vms::create))
         .routes(routes!(vms::show, vms::update, vms::remove))
