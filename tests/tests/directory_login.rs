@@ -12,6 +12,9 @@
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
+#[path = "directory_login/policy.rs"]
+mod policy;
+
 use std::path::Path;
 use std::process::{Child, Stdio};
 
@@ -336,7 +339,19 @@ fn directory_users_log_in_with_mapped_roles_and_lose_them_at_the_next_sync() {
     assert!(v["error"].as_str().unwrap().contains("no server"), "{v}");
 
     // Two-factor login (TOTP) for bob@corp-tls, checked by the test's own authenticator.
-    two_factor(&lan, &bob_tls);
+    let recovery = two_factor(&lan, &bob_tls);
+
+    // The login policy (default realm, a second factor required by realm or role), an
+    // administrator removing an authenticator, per-user roles, refused changes as events,
+    // `tessera login` asking for the code and `tessera event ls --user`.
+    policy::check(
+        &lan,
+        &d.path().join("home"),
+        &admin,
+        &bob,
+        &recovery,
+        &realm,
+    );
 
     // The audit trail: logins and refusals with the source address, by user.
     let (code, v) = api(
@@ -364,6 +379,15 @@ fn directory_users_log_in_with_mapped_roles_and_lose_them_at_the_next_sync() {
             .all(|e| e["message"].as_str().unwrap().contains("from 10.77.0.1")),
         "{v}"
     );
+    // The source address is a field of its own too: the address each login came from.
+    assert!(
+        ev.iter().all(|e| {
+            let m = e["message"].as_str().unwrap();
+            let s = e["source"].as_str().unwrap_or("(none)");
+            s.starts_with("10.77.0.1") && m.contains(&format!("from {s}"))
+        }),
+        "{v}"
+    );
 
     // Deleting a realm ends its users' sessions.
     assert_eq!(api(&lan, 0, "DELETE", "realms/corp", tok, None).0, 200);
@@ -381,7 +405,9 @@ fn totp_code(secret: &[u8], step: u64) -> String {
     format!("{:06}", v % 1_000_000)
 }
 
-fn two_factor(lan: &Lan, token: &str) {
+/// Enrolls bob@corp-tls and checks logins with codes; returns the recovery codes left
+/// unused (the first two are used here).
+fn two_factor(lan: &Lan, token: &str) -> Vec<String> {
     let (code, v) = api(lan, 0, "POST", "totp", Some(token), None);
     assert_eq!(code, 201, "{v}");
     let uri = v["otpauth_uri"].as_str().unwrap();
@@ -449,4 +475,5 @@ fn two_factor(lan: &Lan, token: &str) {
     );
     // API tokens are unaffected: the session's token still works.
     assert_eq!(api(lan, 0, "GET", "volumes", Some(token), None).0, 200);
+    recovery
 }

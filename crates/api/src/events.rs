@@ -18,6 +18,10 @@ pub struct Event {
     pub user: String,
     /// In words.
     pub message: String,
+    /// The address the request that made it came from (absent for what the cluster did
+    /// by itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// Which events.
@@ -32,7 +36,8 @@ pub struct EventQuery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<usize>,
-    /// Only events by this user (who did it, or whose login it was).
+    /// Only events by this user (who did it, or whose login it was; refused requests
+    /// name who made them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
 }

@@ -18,6 +18,7 @@ mod cluster;
 mod events;
 mod images;
 pub mod limits;
+mod login_policy;
 mod metrics;
 mod networks;
 mod realms;
@@ -41,6 +42,7 @@ pub use cluster::{
 };
 pub use events::{Event, EventQuery, StreamQuery, StreamedEvent};
 pub use images::{Image, ImageCopy, ImageFile, ImageUpload, MAX_IMAGE_BYTES};
+pub use login_policy::LoginPolicy;
 pub use metrics::{MetricsPoint, MetricsQuery, NodeMetrics};
 pub use networks::{Network, NewNetwork};
 pub use realms::{Realm, RealmSynced, RealmTest, RealmTestReply};

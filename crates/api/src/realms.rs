@@ -90,6 +90,11 @@ pub struct Realm {
     /// count), and cannot log in without one.
     #[serde(default)]
     pub group_roles: BTreeMap<String, Role>,
+    /// Login name → role, for users given a role of their own (compared without regard
+    /// to case); a user gets the greatest of this and its groups' roles. The user must
+    /// still be found in the directory.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub user_roles: BTreeMap<String, Role>,
     /// How often (seconds) the cluster checks its directory users again and ends the
     /// sessions of those who lost their role (default 300, 30 to 86400).
     #[serde(default, skip_serializing_if = "Option::is_none")]

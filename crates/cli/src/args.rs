@@ -35,7 +35,9 @@ pub enum Cmd {
     /// Log in and store the session token (password prompted on a terminal, else read
     /// from standard input).
     Login {
-        /// User name.
+        /// User name: name (of the default realm) or name@realm. When the server asks
+        /// for a second factor, its code is prompted too (or read from the next line of
+        /// standard input).
         #[arg(long, default_value = "admin")]
         user: String,
     },
@@ -472,6 +474,12 @@ pub enum UserCmd {
         /// User name.
         name: String,
     },
+    /// Remove a user's authenticator (TOTP), e.g. one who lost its phone and recovery
+    /// codes; its next login needs the password only.
+    RmTotp {
+        /// User name (name@realm for a directory user).
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -532,6 +540,20 @@ pub enum RealmCmd {
     Sync {
         /// Realm name.
         name: String,
+    },
+    /// Show the login policy: the default realm, who must use a second factor.
+    Policy,
+    /// Replace the login policy (what is not given goes back to its default).
+    SetPolicy {
+        /// The realm of login names without @realm (default local).
+        #[arg(long, default_value = "local")]
+        default_realm: String,
+        /// A realm whose users must log in with a second factor (repeat for more).
+        #[arg(long)]
+        two_factor_realm: Vec<String>,
+        /// A role whose holders must log in with a second factor (repeat for more).
+        #[arg(long, value_parser = parse_role)]
+        two_factor_role: Vec<Role>,
     },
 }
 

@@ -61,6 +61,9 @@ pub const REALM_SET: Ep = Ep("PUT", "/api/v1/realms/{name}");
 pub const REALM_RM: Ep = Ep("DELETE", "/api/v1/realms/{name}");
 pub const REALM_TEST: Ep = Ep("POST", "/api/v1/realms/{name}/test");
 pub const REALM_SYNC: Ep = Ep("POST", "/api/v1/realms/{name}/sync");
+pub const LOGIN_POLICY: Ep = Ep("GET", "/api/v1/login-policy");
+pub const LOGIN_POLICY_SET: Ep = Ep("PUT", "/api/v1/login-policy");
+pub const USER_TOTP_RM: Ep = Ep("DELETE", "/api/v1/users/{username}/totp");
 pub const EVENT_STREAM: Ep = Ep("GET", "/api/v1/events/stream");
 
 /// Every operation the CLI uses.
@@ -122,6 +125,9 @@ pub const ENDPOINTS: &[Ep] = &[
     REALM_RM,
     REALM_TEST,
     REALM_SYNC,
+    LOGIN_POLICY,
+    LOGIN_POLICY_SET,
+    USER_TOTP_RM,
 ];
 
 /// Fills the `{...}` parameters of a path template in order, percent-encoding them.

@@ -6,6 +6,7 @@ import { api, setHandlers, whoami, waitTask, eventStream } from "./api.js";
 import { vmPage } from "./vm.js";
 import { networksPage } from "./networks.js";
 import { nodesPage } from "./nodes.js";
+import { twoFactorPage } from "./twofactor.js";
 
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
@@ -809,6 +810,7 @@ const VIEWS = {
   networks: networksPage({ current: (gen) => gen === session.generation, can, messages, pageMessage, confirmAction,
     submit, keep, formError, refresh: () => session.refresh?.() }),
   nodes: nodesPage({ current: (gen) => gen === session.generation, can, messages, pageMessage, confirmAction }),
+  "two-factor": twoFactorPage({ current: (gen) => gen === session.generation, messages, pageMessage, submit, formError }),
 };
 
 async function route() {

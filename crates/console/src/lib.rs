@@ -94,6 +94,11 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
         include_bytes!("../assets/networks.js"),
     ),
     (
+        "twofactor.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/twofactor.js"),
+    ),
+    (
         "vendor/xterm.mjs",
         "text/javascript; charset=utf-8",
         include_bytes!("../assets/vendor/xterm.mjs"),

@@ -93,6 +93,8 @@ pub fn event(kind: &str, target: &str, user: &str, message: &str) -> Command {
             target: target.into(),
             user: user.into(),
             message: message.into(),
+            // The address of the API request this is written for, if any.
+            source: crate::api::audit::source(),
         },
     )
 }

@@ -57,11 +57,12 @@ pub fn run(client: &Client, cmd: EventCmd, out: Output) -> anyhow::Result<()> {
 
 fn print_event(e: &Event) {
     println!(
-        "{}  {:<18} {:<24} {:<10} {}",
+        "{}  {:<18} {:<24} {:<10} {:<15} {}",
         utc(e.time_ms),
         e.kind,
         e.target,
         e.user,
+        e.source.as_deref().unwrap_or("-"),
         e.message
     );
 }

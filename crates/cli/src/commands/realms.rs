@@ -1,10 +1,11 @@
 //! Realms (administrators only): LDAP directories users log in from as `user@realm`.
 
 use anyhow::Context;
-use tessera_api::{Realm, RealmSynced, RealmTest, RealmTestReply};
+use tessera_api::{LoginPolicy, Realm, RealmSynced, RealmTest, RealmTestReply};
 
 use crate::args::RealmCmd;
 use crate::client::Client;
+use crate::endpoints::{LOGIN_POLICY, LOGIN_POLICY_SET};
 use crate::endpoints::{REALM, REALMS, REALM_CREATE, REALM_RM, REALM_SET, REALM_SYNC, REALM_TEST};
 use crate::output::{col, table, word, Output};
 use crate::prompt::Secrets;
@@ -95,6 +96,39 @@ pub fn run(client: &Client, cmd: RealmCmd, out: Output) -> anyhow::Result<()> {
                 }
             })?;
         }
+        RealmCmd::Policy => {
+            let v = client.call(LOGIN_POLICY, &[], None)?;
+            out.show(LOGIN_POLICY, &v, print_policy)?;
+        }
+        RealmCmd::SetPolicy {
+            default_realm,
+            two_factor_realm,
+            two_factor_role,
+        } => {
+            let policy = LoginPolicy {
+                default_realm,
+                two_factor_realms: two_factor_realm,
+                two_factor_roles: two_factor_role,
+            };
+            let v = client.send(LOGIN_POLICY_SET, &[], &policy)?;
+            out.show(LOGIN_POLICY_SET, &v, print_policy)?;
+        }
     }
     Ok(())
+}
+
+fn print_policy(p: LoginPolicy) {
+    let none = |v: Vec<String>| {
+        if v.is_empty() {
+            "(none)".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    println!("default realm:              {}", p.default_realm);
+    println!("second factor for realms:   {}", none(p.two_factor_realms));
+    println!(
+        "second factor for roles:    {}",
+        none(p.two_factor_roles.iter().map(word).collect())
+    );
 }

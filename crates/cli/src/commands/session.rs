@@ -1,5 +1,6 @@
 //! Logging in and out, and changing one's own password.
 
+use anyhow::Context;
 use tessera_api::{Login, LoginReply, PasswordChange};
 
 use crate::client::{decode, Client};
@@ -8,18 +9,25 @@ use crate::endpoints::{LOGIN, LOGOUT, PASSWORD};
 use crate::output::Output;
 use crate::prompt::Secrets;
 
-/// Logs in as `user` and remembers the token, the API address and the CA.
+/// Logs in as `user` and remembers the token, the API address and the CA. When the
+/// server answers that the user needs a second factor, its code is asked for (prompted on
+/// a terminal, else the next line of standard input) and the login sent again with it.
 pub fn login(client: &Client, settings: &Settings, user: &str, out: Output) -> anyhow::Result<()> {
-    let password = Secrets::detect().read("password")?;
-    let v = client.anonymous().send(
-        LOGIN,
-        &[],
-        &Login {
-            username: user.to_string(),
-            password,
-            totp: None,
-        },
-    )?;
+    let secrets = Secrets::detect();
+    let password = secrets.read("password")?;
+    let mut login = Login {
+        username: user.to_string(),
+        password,
+        totp: None,
+    };
+    let anonymous = client.anonymous();
+    let v = match try_login(&anonymous, &login)? {
+        Ok(v) => v,
+        Err(()) => {
+            login.totp = Some(secrets.read("second factor (authenticator code or recovery code)")?);
+            anonymous.send(LOGIN, &[], &login)?
+        }
+    };
     let reply: LoginReply = decode(LOGIN, &v)?;
     Credentials {
         api: Some(client.api().to_string()),
@@ -34,6 +42,28 @@ pub fn login(client: &Client, settings: &Settings, user: &str, out: Output) -> a
         }
     });
     Ok(())
+}
+
+/// One login attempt: the answer, `Err(())` when the server asks for a second factor
+/// (401 with `"second_factor"`), or the error of any other refusal.
+fn try_login(client: &Client, login: &Login) -> anyhow::Result<Result<serde_json::Value, ()>> {
+    let (_, req) = client.request(LOGIN, &[], "");
+    let body = serde_json::to_value(login).context("encoding the request")?;
+    match req
+        .timeout(std::time::Duration::from_secs(30))
+        .send_json(body)
+    {
+        Ok(r) => Ok(Ok(r.into_json().unwrap_or(serde_json::Value::Null))),
+        Err(ureq::Error::Status(code, r)) => {
+            let v: serde_json::Value = r.into_json().unwrap_or(serde_json::Value::Null);
+            if code == 401 && v.get("second_factor").is_some() {
+                return Ok(Err(()));
+            }
+            let msg = v["error"].as_str().unwrap_or("no details");
+            anyhow::bail!("{} {}: HTTP {code}: {msg}", LOGIN.0, LOGIN.1)
+        }
+        Err(e) => anyhow::bail!("{} {}{}: {e}", LOGIN.0, client.api(), LOGIN.1),
+    }
 }
 
 /// Ends the session on the server and forgets it here.

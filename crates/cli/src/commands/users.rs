@@ -4,7 +4,7 @@ use tessera_api::{NewUser, UserInfo, UserUpdate};
 
 use crate::args::UserCmd;
 use crate::client::Client;
-use crate::endpoints::{USERS, USER_CREATE, USER_RM, USER_SET};
+use crate::endpoints::{USERS, USER_CREATE, USER_RM, USER_SET, USER_TOTP_RM};
 use crate::output::{col, table, word, Output};
 use crate::prompt::Secrets;
 
@@ -50,6 +50,14 @@ pub fn run(client: &Client, cmd: UserCmd, out: Output) -> anyhow::Result<()> {
         UserCmd::Rm { name } => {
             let v = client.call(USER_RM, &[&name], None)?;
             out.print(&v, |_| println!("deleted user {name}"));
+        }
+        UserCmd::RmTotp { name } => {
+            let v = client.call(USER_TOTP_RM, &[&name], None)?;
+            out.print(&v, |_| {
+                println!(
+                    "removed the authenticator of {name}: its next login needs the password only"
+                )
+            });
         }
     }
     Ok(())

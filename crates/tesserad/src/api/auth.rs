@@ -19,14 +19,12 @@ use axum::Json;
 use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tessera_api::{
-    LoggedOut, Login, LoginReply, NewToken, PasswordChange, PasswordChanged, Revoked, TokenInfo,
-};
+use tessera_api::{LoggedOut, NewToken, PasswordChange, PasswordChanged, Revoked, TokenInfo};
 use tessera_state::{Command, Require};
 
 pub use tessera_api::Role;
 
-use super::extract::{Administrator, Anyone, Auth, Body, IdempotencyKey, Param, Peer, Synced};
+use super::extract::{Administrator, Anyone, Auth, Body, IdempotencyKey, Param, Synced};
 use super::login_limit;
 use super::tasks::{commit_idempotent, Idempotent};
 use super::{commit, del, node, now_ms, put, read, read_all, ApiError, ApiState, ErrorBody, St};
@@ -51,9 +49,9 @@ pub(super) struct User {
 
 pub use crate::records::Session;
 
-const SESSION_MS: u64 = 8 * 3600 * 1000;
+pub(super) const SESSION_MS: u64 = 8 * 3600 * 1000;
 
-fn secret_hex(bytes: usize) -> String {
+pub(super) fn secret_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
     rand::rngs::OsRng.fill_bytes(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -61,7 +59,7 @@ fn secret_hex(bytes: usize) -> String {
 
 pub(super) use crate::tables::random_id;
 
-fn key_of(secret: &str) -> String {
+pub(super) fn key_of(secret: &str) -> String {
     blake3::hash(secret.as_bytes()).to_hex().to_string()
 }
 
@@ -90,7 +88,7 @@ pub(super) async fn hash_password_async(pw: String) -> Result<String, ApiError> 
 /// A hash of a random password nobody knows, made once: logins of unknown users are
 /// checked against it, so they cost the same argon2 work as a wrong password of a real
 /// user and the answer's timing does not tell which usernames exist.
-fn unknown_user_hash() -> &'static str {
+pub(super) fn unknown_user_hash() -> &'static str {
     static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     HASH.get_or_init(|| hash_password(&secret_hex(32)).unwrap_or_default())
 }
@@ -184,6 +182,8 @@ pub(super) async fn authorize(
     let s = session
         .filter(|s| s.expires_ms > now_ms())
         .ok_or_else(|| unauthorized("invalid, expired or revoked credentials"))?;
+    // Refusals from here on name who asked (see `audit`).
+    super::audit::caller(&s.user);
     // Directory users (`name@realm`) have their role from the directory's last answer.
     let user: User = if s.user.contains('@') {
         super::realms::account(&n, &s.user)?.map(|(role, credentials)| User {
@@ -226,173 +226,11 @@ pub(super) async fn authorize(
     })
 }
 
-fn session_cookie(secret: &str, max_age_s: u64) -> Result<HeaderValue, ApiError> {
+pub(super) fn session_cookie(secret: &str, max_age_s: u64) -> Result<HeaderValue, ApiError> {
     HeaderValue::from_str(&format!(
         "{COOKIE}={secret}; Path=/api; HttpOnly; Secure; SameSite=Strict; Max-Age={max_age_s}"
     ))
     .map_err(|e| ApiError::internal(e.to_string()))
-}
-
-/// An answer with `Retry-After` (whole seconds, at least 1).
-fn retry_after(e: ApiError, wait: std::time::Duration) -> axum::response::Response {
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    (
-        AppendHeaders([(header::RETRY_AFTER, secs.max(1).to_string())]),
-        e,
-    )
-        .into_response()
-}
-
-/// Log in with a username and password: returns a session token and sets the session
-/// cookie. Failed logins slow down further attempts from the same address and for the
-/// same username (429 with `Retry-After`).
-#[utoipa::path(post, path = "/api/v1/login", tag = "auth", operation_id = "login",
-    request_body = Login,
-    responses((status = 200, body = LoginReply), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 429, body = ErrorBody, description = "Too many failed logins from this \
-            address or for this user: wait as long as `Retry-After` says"),
-        (status = 503, body = ErrorBody)))]
-pub async fn login(
-    State(st): St,
-    Peer(peer): Peer,
-    Body(req): Body<Login>,
-) -> Result<axum::response::Response, axum::response::Response> {
-    let throttle = login_limit::throttle();
-    if let Err(wait) = throttle.begin(peer, &req.username, std::time::Instant::now()) {
-        tracing::debug!(?peer, "login refused: back-off after failed logins");
-        return Err(retry_after(
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many failed logins from this address or for this user; wait and try again",
-            ),
-            wait,
-        ));
-    }
-    // The name as the audit event records it: bounded (a refusal is an event, and the
-    // request body may be far larger than any real name).
-    let asked: String = req.username.chars().take(128).collect();
-    let reply = login_checked(&st, peer, req).await;
-    match &reply {
-        Ok((_, user)) => throttle.succeeded(peer, user),
-        // Refusals are audited (the throttle bounds how many a caller can cause).
-        Err(e) if e.0 == StatusCode::UNAUTHORIZED || e.0 == StatusCode::FORBIDDEN => {
-            let from = peer.map_or("an unknown address".to_string(), |p| p.to_string());
-            let ev = super::events::event(
-                "login.failed",
-                &asked,
-                &asked,
-                &format!("login refused from {from}: {}", e.1),
-            );
-            if let Err(e) = commit(&st, vec![], vec![ev], |_| String::new()).await {
-                tracing::warn!(error = %e.1, user = ?asked, ?peer, "login refused; its event was not written");
-            }
-        }
-        Err(_) => {}
-    }
-    match reply {
-        Ok((r, _)) => Ok(r),
-        Err(e) if e.0 == StatusCode::SERVICE_UNAVAILABLE => {
-            Err(retry_after(e, std::time::Duration::from_secs(1)))
-        }
-        Err(e) => Err(e.into_response()),
-    }
-}
-
-/// Login once the throttle let it through: the answer and the user logged in.
-async fn login_checked(
-    st: &ApiState,
-    peer: Option<std::net::IpAddr>,
-    mut req: Login,
-) -> Result<(axum::response::Response, String), ApiError> {
-    let from = peer.map_or("an unknown address".to_string(), |p| p.to_string());
-    if let Some((name, realm)) = req.username.rsplit_once('@') {
-        if realm == super::realms::LOCAL {
-            req.username = name.to_string();
-        } else {
-            let (key, du) = super::realms::login(st, peer, name, realm, &req.password).await?;
-            let (require, mut extra) =
-                super::second_factor::check(st, &key, req.totp.as_deref()).await?;
-            let (role, credentials) = (du.role, du.credentials.clone());
-            extra.push(put(super::directory::DIRECTORY_USERS, &key, &du));
-            let s = (key, role, credentials, false);
-            return start_session(st, s, require, extra, &from).await;
-        }
-    }
-    let n = node(st)?;
-    let mut user: Option<User> = read(&n, USERS, &req.username)?;
-    if user.is_none() {
-        // Created through another node a moment ago? Catch up with the leader.
-        n.sync().await.map_err(|e| super::sync_error(&e))?;
-        user = read(&n, USERS, &req.username)?;
-    }
-    // Verify even for unknown users (against a hash nobody's password matches), so timing
-    // does not tell which names exist.
-    let hash = user
-        .as_ref()
-        .map(|u| u.password_hash.clone())
-        .unwrap_or_else(|| unknown_user_hash().to_string());
-    let ok = password_ok_async(req.password.clone(), hash).await?;
-    let Some(user) = user.filter(|_| ok) else {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid username or password",
-        ));
-    };
-    let (require, extra) =
-        super::second_factor::check(st, &req.username, req.totp.as_deref()).await?;
-    let s = (
-        req.username,
-        user.role,
-        user.credentials,
-        user.must_change_password,
-    );
-    start_session(st, s, require, extra, &from).await
-}
-
-/// Commits a new login session of `user` with `role`, `credentials` and
-/// `must_change_password` (plus `extra` ops, if `require` holds) and answers with it.
-async fn start_session(
-    st: &ApiState,
-    (user, role, credentials, must_change_password): (String, Role, String, bool),
-    require: Vec<Require>,
-    extra: Vec<Command>,
-    from: &str,
-) -> Result<(axum::response::Response, String), ApiError> {
-    let secret = secret_hex(32);
-    let s = Session {
-        user: user.clone(),
-        role,
-        expires_ms: now_ms() + SESSION_MS,
-        kind: "session".into(),
-        id: random_id(),
-        credentials,
-    };
-    let mut ops = extra;
-    ops.push(put(SESSIONS, &key_of(&secret), &s));
-    ops.push(super::events::event(
-        "login",
-        &user,
-        &user,
-        &format!("logged in as {role:?} from {from}"),
-    ));
-    commit(st, require, ops, |_| {
-        "the second factor code was used by another login meanwhile".into()
-    })
-    .await?;
-    let cookie = session_cookie(&secret, SESSION_MS / 1000)?;
-    Ok((
-        (
-            AppendHeaders([(header::SET_COOKIE, cookie)]),
-            Json(LoginReply {
-                token: secret,
-                expires_ms: s.expires_ms,
-                must_change_password,
-            }),
-        )
-            .into_response(),
-        user,
-    ))
 }
 
 /// End the calling session (or revoke the calling token) and clear the cookie.

@@ -62,8 +62,15 @@ pub async fn list(
     }
     let mut ev = after(&n, q.since.as_deref())?;
     if let Some(u) = &q.user {
-        // Who did it, or (logins, refusals) who it was about.
-        ev.retain(|e| e.user == *u || (e.kind.starts_with("login") && e.target == *u));
+        // Who did it, or (logins and their refusals, changes to the user's account and
+        // authenticator, what a directory sync did to it) who it was about.
+        let about = |k: &str| {
+            k.starts_with("login")
+                || k.starts_with("user.")
+                || k.starts_with("totp.")
+                || k == "realm.sync"
+        };
+        ev.retain(|e| e.user == *u || (about(&e.kind) && e.target == *u));
     }
     let skip = ev.len().saturating_sub(limit);
     ev.drain(..skip);

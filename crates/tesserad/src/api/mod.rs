@@ -7,6 +7,7 @@
 //! a read barrier ([`tessera_state::Node::sync`]) so a client reads its own writes on any
 //! node. A change and its event are one transaction: nothing is half-written.
 
+pub(crate) mod audit;
 mod auth;
 mod certificate;
 mod cluster;
@@ -16,11 +17,14 @@ mod events;
 mod extract;
 mod images;
 mod listener;
+mod login;
 mod login_limit;
+mod login_policy;
 mod nbd;
 mod networks;
 mod node_metrics;
 mod realms;
+mod sealed;
 mod second_factor;
 mod settings;
 mod tasks;
@@ -317,7 +321,7 @@ impl utoipa::Modify for SecurityAddon {
 /// The router and its OpenAPI document.
 pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
     let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .routes(routes!(auth::login))
+        .routes(routes!(login::login))
         .routes(routes!(auth::logout))
         .routes(routes!(auth::change_password))
         .routes(routes!(whoami::whoami))
@@ -331,6 +335,8 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(realms::sync))
         .routes(routes!(second_factor::enroll, second_factor::remove))
         .routes(routes!(second_factor::confirm))
+        .routes(routes!(second_factor::remove_for))
+        .routes(routes!(login_policy::show, login_policy::replace))
         .routes(routes!(cluster::cluster))
         .routes(routes!(cluster::nodes))
         .routes(routes!(cluster::remove))
@@ -386,6 +392,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     realms::start_sync(st.clone());
     let tls = certificate::serving(st.clone(), tls);
+    let audit_state = st.clone();
     let (router, doc) = router(st);
     let doc = Arc::new(doc);
     let app = router
@@ -405,6 +412,10 @@ pub async fn serve(
             )
         })
         .layer(axum::middleware::from_fn(csrf))
+        .layer(axum::middleware::from_fn_with_state(
+            audit_state,
+            audit::record,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024));
     let tcp = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "REST API listening (HTTPS)");

@@ -171,6 +171,13 @@ pub async fn remove(
     n: Synced,
 ) -> Result<Json<Deleted>, ApiError> {
     let _: RealmRecord = read(&n, REALMS, &name)?.ok_or_else(|| no_realm(&name))?;
+    let policy = super::login_policy::current(&n)?;
+    if policy.default_realm == name || policy.two_factor_realms.contains(&name) {
+        return Err(ApiError::conflict(format!(
+            "realm {name} is named in the login policy (as the default realm or one \
+             requiring a second factor): change the policy first (PUT /api/v1/login-policy)"
+        )));
+    }
     let mut ops = vec![
         del(REALMS, &name),
         event("realm.delete", &name, &p.user, "realm deleted"),
@@ -180,8 +187,12 @@ pub async fn remove(
             ops.extend(end_user(&n, &key)?);
         }
     }
-    commit(&st, vec![Require::exists(REALMS, &name)], ops, |_| {
-        format!("realm {name} was deleted meanwhile")
+    let require = vec![
+        Require::exists(REALMS, &name),
+        super::login_policy::unchanged(&n)?,
+    ];
+    commit(&st, require, ops, |_| {
+        format!("realm {name} or the login policy changed meanwhile; try again")
     })
     .await?;
     Ok(Json(Deleted { deleted: name }))

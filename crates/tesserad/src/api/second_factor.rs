@@ -14,12 +14,12 @@ use axum::Json;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tessera_api::{Deleted, TotpConfirm, TotpConfirmed, TotpEnrollment};
+use tessera_api::{Deleted, Role, TotpConfirm, TotpConfirmed, TotpEnrollment};
 use tessera_state::{Command, Require};
 
 use super::directory::{self, SealedHex};
 use super::events::event;
-use super::extract::{Auditor, Auth, Body, Synced};
+use super::extract::{Administrator, Auditor, Auth, Body, Param, Synced};
 use super::{commit, del, now_ms, put, read, ApiError, ApiState, ErrorBody, St};
 
 /// `totp/<user>`: [`TotpRecord`].
@@ -189,28 +189,83 @@ pub async fn remove(State(st): St, p: Auth<Auditor>, n: Synced) -> Result<Json<D
     }))
 }
 
-/// After a right password: whether `user` needs a second factor and `code` is one. Gives
-/// what the login's commit must require and write (the step or recovery code used up).
+/// Remove another user's authenticator (administrators): for a user who lost its app
+/// and its recovery codes. Its next login needs the password only (unless the login
+/// policy requires a second factor: then it is refused until it enrolls again).
+#[utoipa::path(delete, path = "/api/v1/users/{username}/totp", tag = "users",
+    operation_id = "delete_user_totp",
+    params(("username" = String, Path, description = "`name`, or `name@realm` for a directory user")),
+    security(("token" = []), ("cookie" = [])),
+    responses((status = 200, body = Deleted), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+pub async fn remove_for(
+    State(st): St,
+    p: Auth<Administrator>,
+    Param(user): Param<String>,
+    n: Synced,
+) -> Result<Json<Deleted>, ApiError> {
+    let _: TotpRecord = read(&n, TOTP, &user)?
+        .ok_or_else(|| ApiError::not_found(format!("{user} has no authenticator")))?;
+    commit(
+        &st,
+        vec![Require::exists(TOTP, &user)],
+        vec![
+            del(TOTP, &user),
+            event(
+                "totp.delete",
+                &user,
+                &p.user,
+                &format!("authenticator of {user} removed by {}", p.user),
+            ),
+        ],
+        |_| "the authenticator was removed meanwhile".into(),
+    )
+    .await?;
+    tracing::info!(%user, by = %p.user, "authenticator removed by an administrator");
+    Ok(Json(Deleted { deleted: user }))
+}
+
+/// Whether `user` has a confirmed authenticator.
+pub(super) fn enrolled(n: &tessera_state::Node, user: &str) -> Result<bool, ApiError> {
+    Ok(read::<TotpRecord>(n, TOTP, user)?.is_some_and(|r| r.confirmed))
+}
+
+/// The refusal of a right password without the second factor its user enrolled. The
+/// login's answer marks it (`"second_factor": "totp"`) so clients know to ask for a code.
+pub(super) const NEEDED: &str = "a second factor is required: send `totp` (the \
+    authenticator app's code, or a recovery code)";
+
+/// After a right password: whether `user` (of `realm`, about to get `role`) needs a
+/// second factor and `code` is one. Gives what the login's commit must require and write
+/// (the step or recovery code used up; the login policy unchanged when it decided). A
+/// user the login policy requires to use one who has none is refused (403).
 pub(super) async fn check(
     st: &ApiState,
-    user: &str,
+    (user, realm, role): (&str, &str, Role),
     code: Option<&str>,
 ) -> Result<(Vec<Require>, Vec<Command>), ApiError> {
     let n = super::node(st)?;
     let rec: Option<TotpRecord> = read(&n, TOTP, user)?;
     let Some(rec) = rec.filter(|r| r.confirmed) else {
-        return Ok((Vec::new(), Vec::new()));
+        let policy = super::login_policy::current(&n)?;
+        if policy.requires_two_factor(realm, role) {
+            return Err(super::login_policy::refusal(user, realm, role, &policy));
+        }
+        // Not enrolled meanwhile, and the policy as it was when this was decided.
+        let mut require = vec![super::login_policy::unchanged(&n)?];
+        require.push(match read::<TotpRecord>(&n, TOTP, user)? {
+            Some(r) => Require::equals(TOTP, user, json!(r)),
+            None => Require::absent(TOTP, user),
+        });
+        return Ok((require, Vec::new()));
     };
     let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, m);
     let code = code
         .map(str::trim)
         .filter(|c| !c.is_empty())
-        .ok_or_else(|| {
-            unauthorized(
-                "a second factor is required: send `totp` (the authenticator app's code, \
-             or a recovery code)",
-            )
-        })?;
+        .ok_or_else(|| unauthorized(NEEDED))?;
     let require = vec![Require::equals(TOTP, user, json!(rec))];
     let secret = directory::open_bytes(st, context(user), &rec.sealed).await?;
     if let Some(step) = super::totp::verify(&secret, code, now_s(), rec.last_step) {
