@@ -42,6 +42,10 @@ pub mod table {
     pub const TOKENS: &str = "tokens";
     /// `settings/cluster`: the cluster's settings (`tessera_api::ClusterSettings`).
     pub const SETTINGS: &str = "settings";
+    /// `placements/<node id>`: `{"seq": N}`, raised by every VM placement on that node
+    /// in the placement's own transaction, so two placements counting the same free
+    /// room cannot both commit (`vmrun::reservation`).
+    pub const PLACEMENTS: &str = "placements";
 }
 
 /// A login session or an API token, as stored in `sessions/<hash of the secret>`.

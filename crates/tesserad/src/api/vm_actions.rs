@@ -17,6 +17,7 @@ use super::vms::{crashed, may_run, with_status};
 use super::{commit, now_ms, put, read, ApiError, ApiState, ErrorBody, St};
 use crate::records::table::{NODES, TASKS, VMS, VOLUMES};
 use crate::records::{DesiredState, Task, Vm, Volume, VolumeState};
+use crate::vmrun::reservation::{self, Counters, Reservation};
 use crate::vmrun::scheduler::{self, NodeRoom};
 use tessera_api::{VmAction as Action, VmTask};
 
@@ -63,14 +64,15 @@ pub(crate) fn allocated(vms: &[(String, Vm)], id: &str, except: &str) -> (u64, u
 }
 
 /// Sets the fields of a start: desired state `d`, the node the scheduler picks, a new
-/// start sequence. Refuses (409) a VM that cannot run: no kernel, more disks than the
-/// VMM serves, a disk that is not ready, no node with room.
+/// start sequence; returns the [`Reservation`] of that node's room, which the caller
+/// commits with the VM. Refuses (409) a VM that cannot run: no kernel, more disks than
+/// the VMM serves, a disk that is not ready, no node with room.
 pub(super) fn start_fields(
     st: &ApiState,
     n: &tessera_state::Node,
     vm: &mut Vm,
     d: DesiredState,
-) -> Result<(), ApiError> {
+) -> Result<Reservation, ApiError> {
     if vm.template {
         return Err(ApiError::conflict(format!(
             "VM {} is a template: it cannot be started; create a VM from it (from)",
@@ -115,6 +117,7 @@ pub(super) fn start_fields(
             })
         }
     };
+    let counters = Counters::read(n);
     let rooms = rooms(st, n, &vm.name)?;
     let req = scheduler::Request {
         memory_mib: vm.memory_mib,
@@ -127,11 +130,12 @@ pub(super) fn start_fields(
         scheduler::Refusal::NoSuchNode(_) => ApiError::not_found(e.to_string()),
         _ => ApiError::conflict(e.to_string()),
     })?;
+    let held = counters.reserve(&node);
     vm.placed_on = Some(node);
     vm.desired_state = d;
     vm.start_seq += 1;
     vm.force_stop = false;
-    Ok(())
+    Ok(held)
 }
 
 /// How long the node has to reach the state a request asks for before its task fails.
@@ -150,14 +154,40 @@ pub fn task_timeout(action: Action, vm: &Vm) -> std::time::Duration {
     std::time::Duration::from_secs(s)
 }
 
+/// How many times a start that lost a race for a node's room is placed again.
+const PLACEMENT_ATTEMPTS: usize = 5;
+
 /// Applies `action` to VM `name`: one compare-and-swap of its record with the event and
 /// the task that follows it; the node it is placed on carries it out. 202 with the task.
+/// A start whose node took another VM between reading the rooms and committing is placed
+/// again with that VM counted.
 async fn act(
     st: &ApiState,
     p: &Principal,
     name: &str,
     action: Action,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
+    let mut attempt = 1;
+    loop {
+        match act_once(st, p, name, action).await? {
+            Ok(task) => return Ok((StatusCode::ACCEPTED, Json(task))),
+            Err(raced) if attempt < PLACEMENT_ATTEMPTS => {
+                tracing::info!(vm = name, attempt, "{raced}; placing again");
+                attempt += 1;
+            }
+            Err(raced) => return Err(ApiError::conflict(raced)),
+        }
+    }
+}
+
+/// One attempt of [`act`]: `Ok(Err(why))` when a placement lost a race for its node's
+/// room (nothing was changed).
+async fn act_once(
+    st: &ApiState,
+    p: &Principal,
+    name: &str,
+    action: Action,
+) -> Result<Result<Task, String>, ApiError> {
     let user = p.user.as_str();
     let n = super::synced(st).await?;
     let old: Vm =
@@ -173,6 +203,7 @@ async fn act(
             }
         )))
     };
+    let mut held = None;
     let message = match (action, old.desired_state) {
         (Action::Start, DesiredState::Stopped) => {
             if may_run(&n, name)? {
@@ -180,7 +211,7 @@ async fn act(
                     "VM {name} is still stopping; try again once it is stopped"
                 )));
             }
-            start_fields(st, &n, &mut vm, DesiredState::Running)?;
+            held = Some(start_fields(st, &n, &mut vm, DesiredState::Running)?);
             format!(
                 "start requested on node {}",
                 vm.placed_on.as_deref().unwrap_or("?")
@@ -188,7 +219,7 @@ async fn act(
         }
         // A crashed VM (its policy gave up) starts afresh.
         (Action::Start, _) if crashed(&n, name)? => {
-            start_fields(st, &n, &mut vm, DesiredState::Running)?;
+            held = Some(start_fields(st, &n, &mut vm, DesiredState::Running)?);
             format!(
                 "start requested on node {} (after a crash)",
                 vm.placed_on.as_deref().unwrap_or("?")
@@ -251,21 +282,31 @@ async fn act(
             deadline_ms: now_ms() + task_timeout(action, &vm).as_millis() as u64,
         },
     );
-    commit(
-        st,
-        vec![
-            Require::equals(VMS, name, json!(old)),
-            Require::absent(TASKS, &task.id),
-        ],
-        vec![
-            put(VMS, name, &vm),
-            put(TASKS, &task.id, &task),
-            event(&kind, name, user, &format!("{message} (task {})", task.id)),
-        ],
-        |_| format!("VM {name} changed meanwhile; try again"),
-    )
-    .await?;
-    Ok((StatusCode::ACCEPTED, Json(task)))
+    let mut require = vec![
+        Require::equals(VMS, name, json!(old)),
+        Require::absent(TASKS, &task.id),
+    ];
+    let mut ops = vec![
+        put(VMS, name, &vm),
+        put(TASKS, &task.id, &task),
+        event(&kind, name, user, &format!("{message} (task {})", task.id)),
+    ];
+    if let Some(h) = held {
+        h.into_txn(&mut require, &mut ops);
+    }
+    let mut raced = None;
+    let res = commit(st, require, ops, |r| {
+        if reservation::raced(r) {
+            raced = Some(reservation::raced_message(r));
+        }
+        format!("VM {name} changed meanwhile; try again")
+    })
+    .await;
+    match (res, raced) {
+        (Ok(()), _) => Ok(Ok(task)),
+        (Err(_), Some(why)) => Ok(Err(why)),
+        (Err(e), None) => Err(e),
+    }
 }
 
 macro_rules! lifecycle {

@@ -212,6 +212,8 @@ fn image_requirement(n: &tessera_state::Node, vm: &Vm) -> Option<Require> {
 fn refusal(r: &Require, vm_changed: String) -> String {
     if r.table == VMS {
         vm_changed
+    } else if crate::vmrun::reservation::raced(r) {
+        crate::vmrun::reservation::raced_message(r)
     } else if r.table == IMAGES {
         format!("image: image {} changed or is being deleted", r.key)
     } else if r.table == SNAPSHOTS {
@@ -334,11 +336,11 @@ pub async fn create(
     };
     validate(&n, &vm)?;
     let mut vm = vm;
-    if let Some(d) = req.desired_state.filter(|d| *d != DesiredState::Stopped) {
-        start_fields(&st, &n, &mut vm, d)?;
-    }
     let mut require = vec![Require::absent(VMS, &vm.name)];
     let mut ops = Vec::new();
+    if let Some(d) = req.desired_state.filter(|d| *d != DesiredState::Stopped) {
+        start_fields(&st, &n, &mut vm, d)?.into_txn(&mut require, &mut ops);
+    }
     if let Some(t) = t {
         for (i, d) in t.disks.iter().enumerate() {
             let clone = format!("{}-disk{i}", vm.name);
@@ -574,18 +576,22 @@ pub async fn update(
     vm.generation += 1;
     vm.updated_ms = now_ms();
     validate(&n, &vm)?;
-    match (old.desired_state, req.desired_state) {
+    let held = match (old.desired_state, req.desired_state) {
         (DesiredState::Stopped, Some(d)) if d != DesiredState::Stopped => {
-            start_fields(&st, &n, &mut vm, d)?
+            Some(start_fields(&st, &n, &mut vm, d)?)
         }
         (_, Some(d)) => {
             vm.desired_state = d;
             vm.force_stop = false;
+            None
         }
-        (_, None) => {}
-    }
+        (_, None) => None,
+    };
     let mut require = vec![Require::equals(VMS, &name, json!(old))];
     let mut ops = vec![put(VMS, &name, &vm)];
+    if let Some(h) = held {
+        h.into_txn(&mut require, &mut ops);
+    }
     for d in vm.disks.iter().filter(|d| !old.disks.contains(d)) {
         require.push(Require::exists(VOLUMES, d));
         require.push(Require::absent(DISK_CLAIMS, d));

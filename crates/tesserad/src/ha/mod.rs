@@ -442,6 +442,9 @@ async fn raise(node: &Node, name: &str, to: u64) {
 /// Places VM `name` on `target` (its reconciler starts it there) with a new start.
 async fn place(node: &Node, name: &str, target: &str, generations: &[(VolumeId, Generation)]) {
     for _ in 0..3 {
+        // Raised with the placement, so a start counting the target's room meanwhile
+        // fails its compare-and-swap and is placed again with this VM counted.
+        let held = crate::vmrun::reservation::Counters::read(node).reserve(target);
         let Some(vm) = get::<Vm>(node, VMS, name) else {
             return;
         };
@@ -464,13 +467,13 @@ async fn place(node: &Node, name: &str, target: &str, generations: &[(VolumeId, 
                 format!(" ({})", gens.join(", "))
             }
         );
-        let cmd = Command::Txn {
-            require: vec![Require::equals(VMS, name, json!(vm))],
-            ops: vec![
-                put(VMS, name, &new),
-                event("ha.start", name, "tesserad", &msg),
-            ],
-        };
+        let mut require = vec![Require::equals(VMS, name, json!(vm))];
+        let mut ops = vec![
+            put(VMS, name, &new),
+            event("ha.start", name, "tesserad", &msg),
+        ];
+        held.into_txn(&mut require, &mut ops);
+        let cmd = Command::Txn { require, ops };
         match node.write(cmd).await {
             Ok(a) if a.conflict.is_none() => return,
             Ok(_) => continue,

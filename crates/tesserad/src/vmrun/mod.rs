@@ -11,6 +11,7 @@
 //! VM's stop timeout, SIGKILL if that fails or for a kill). A VMM that ends unasked is
 //! restarted or left `crashed` by the VM's restart policy.
 
+pub mod reservation;
 pub mod scheduler;
 pub mod stop;
 pub mod supervisor;
