@@ -217,11 +217,19 @@ static void mode_evil(void) {
     puts("TESSERA-GUEST: PASS evil requests refused, device alive\n");
 }
 
-/* Counts forever. With a disk: first writes a marker to sector 0, then every fifth count
- * writes "COUNT=<k>" to sector 1, so a restored VM proves its disk still works. */
+/* Counts forever. With a disk: first says what sector 1 holds when an earlier run left
+ * a count there ("TESSERA-GUEST: disk holds COUNT=<k>", so a VM moved to another node
+ * proves it reads what it wrote before), writes a marker to sector 0, then every fifth
+ * count writes "COUNT=<k>" to sector 1, so a restored VM proves its disk still works. */
 static void mode_count(int disk) {
     puts("used ring page "); puthex((u64)&used_page); puts(", buffer page "); puthex((u64)buf); puts("\n");
     if (disk) {
+        memset(buf, 0, 512);
+        if (request(T_IN, 1, (u64)buf, 512, 1) != 0) fail("count read");
+        if (buf[0] == 'C' && buf[1] == 'O' && buf[2] == 'U' && buf[3] == 'N' && buf[4] == 'T' && buf[5] == '=') {
+            buf[40] = 0;
+            puts("TESSERA-GUEST: disk holds "); puts((const char *)buf); puts("\n");
+        }
         memset(buf, 0, 512);
         memcpy(buf, "TESSERA-MARK-BEFORE-SNAPSHOT", 28);
         if (request(T_OUT, 0, (u64)buf, 512, 0) != 0) fail("marker write");

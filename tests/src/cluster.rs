@@ -60,6 +60,9 @@ impl ClusterNode {
             .arg("--data-dir")
             .arg(self.dir.join("store"))
             .args(["--nbd-tcp", &format!("{}:10809", Lan::addr(self.i))])
+            // Replication between the stores (QUIC): tesserad finds it at the NBD
+            // address's host, port 7410, as on the README's cluster.
+            .args(["--repl-quic", &format!("{}:7410", Lan::addr(self.i))])
             .arg("--nbd-tls-dir")
             .arg(self.dir.join("data/tls"))
             .stdin(Stdio::null())

@@ -342,6 +342,10 @@ pub enum VmCmd {
         /// never, on-crash or always.
         #[arg(long, value_parser = parse_restart_policy)]
         restart_policy: Option<RestartPolicy>,
+        /// Seconds a stop waits for the guest to shut down before forcing it (1-3600);
+        /// the next stop uses it.
+        #[arg(long)]
+        stop_timeout: Option<u32>,
         /// High availability on (true) or off (false).
         #[arg(long)]
         ha: Option<bool>,
@@ -356,7 +360,8 @@ pub enum VmCmd {
     },
     /// Start a VM (placed on a node with room) and wait until it runs.
     Start(VmAction),
-    /// Stop a VM (power-off, forced after 10 s) and wait until it is stopped.
+    /// Stop a VM (the guest's power button, forced after its stop timeout) and wait until
+    /// it is stopped.
     Stop(VmAction),
     /// Kill a VM's VMM at once.
     Kill(VmAction),

@@ -104,6 +104,7 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
             disks,
             desired_state,
             restart_policy,
+            stop_timeout,
             ha,
             priority,
         } => {
@@ -113,6 +114,7 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
                 disks,
                 desired_state,
                 restart_policy,
+                stop_timeout_s: stop_timeout,
                 ha,
                 priority,
                 ..VmUpdate::default()
@@ -219,6 +221,18 @@ fn show(client: &Client, ep: Ep, v: &Value, out: Output) -> anyhow::Result<()> {
         },
     );
     line("restart_policy", word(&vm.restart_policy));
+    line(
+        "stop_timeout",
+        format!(
+            "{} s{}",
+            vm.stop_timeout_s.unwrap_or(30),
+            if vm.stop_timeout_s.is_none() {
+                " (default)"
+            } else {
+                ""
+            }
+        ),
+    );
     line("ha", vm.ha.to_string());
     line("priority", vm.priority.to_string());
     line("generation", vm.generation.to_string());
