@@ -1,0 +1,215 @@
+//! The driver task: owns one volume's `Primary` machine, feeds it requests, replica
+//! messages and the time, and performs its actions in order (the local copy in seq
+//! order, frames to the links, completions, missed-region records).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tessera_blockstore::{Export, Store};
+use tessera_replication::primary::{Primary, PrimaryAction, PrimaryInput, ReplicaId, RequestId};
+use tessera_replication::replica::Op;
+use tessera_replication::wire::{self, ReplyError, VolumeName};
+use tessera_store_admin::ReplicaState;
+use tokio::sync::mpsc;
+
+use super::super::catchup::{Final, Shared};
+use super::super::quic::ReplEndpoint;
+use super::super::replica::reply_error;
+use super::missed::append_synced;
+use super::{Done, ForwardError, Input, Peer, TICK};
+
+pub(super) struct Driver {
+    pub(super) machine: Primary,
+    pub(super) export: Arc<Export>,
+    pub(super) store: Store,
+    /// Snapshots taken from write streams on this store.
+    pub(super) taken: super::super::snapshot::Taken,
+    pub(super) volume: String,
+    pub(super) start: Instant,
+    pub(super) next_id: u64,
+    pub(super) waiting: HashMap<RequestId, Done>,
+    pub(super) links: HashMap<ReplicaId, mpsc::UnboundedSender<Vec<u8>>>,
+    pub(super) missed_dir: PathBuf,
+    pub(super) shared: Shared,
+    pub(super) nodes: HashMap<ReplicaId, String>,
+    pub(super) ep: Arc<ReplEndpoint>,
+    pub(super) name: VolumeName,
+    pub(super) peers: HashMap<ReplicaId, Peer>,
+    /// Running catch-ups: the task and where to ask for its final pass.
+    pub(super) catchups:
+        HashMap<ReplicaId, (tokio::task::JoinHandle<()>, mpsc::UnboundedSender<Final>)>,
+    pub(super) rate: Option<u64>,
+    pub(super) fenced: Arc<std::sync::atomic::AtomicU64>,
+    /// Per replica: makes its link open a new stream.
+    pub(super) restarts: HashMap<ReplicaId, Arc<tokio::sync::Notify>>,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        for (t, _) in self.catchups.values() {
+            t.abort();
+        }
+    }
+}
+
+impl Driver {
+    pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let actions = tokio::select! {
+                input = rx.recv() => match input {
+                    None => return,
+                    Some(Input::Reconfigure { config, catching_up, done }) => {
+                        self.reconfigure(config, catching_up, done).await
+                    }
+                    Some(i) => self.input(i),
+                },
+                _ = tick.tick() => self.machine.handle(self.start.elapsed(), PrimaryInput::Tick),
+            };
+            self.perform(actions).await;
+            if let Some(current) = self.fenced_generation() {
+                self.fenced
+                    .store(current, std::sync::atomic::Ordering::Release);
+            }
+        }
+    }
+
+    fn input(&mut self, input: Input) -> Vec<PrimaryAction> {
+        let now = self.start.elapsed();
+        match input {
+            Input::Request { op, done } => {
+                let id = RequestId(self.next_id);
+                self.next_id += 1;
+                self.waiting.insert(id, done);
+                self.machine.handle(now, PrimaryInput::Request { id, op })
+            }
+            Input::Connected { from, tx } => {
+                self.links.insert(from, tx);
+                self.machine.handle(now, PrimaryInput::Connected(from))
+            }
+            Input::Disconnected { from } => {
+                self.links.remove(&from);
+                self.machine.handle(now, PrimaryInput::Disconnected(from))
+            }
+            Input::Received { from, msg } => self
+                .machine
+                .handle(now, PrimaryInput::Received { from, msg }),
+            Input::Reconfigure { done, .. } => {
+                // Handled by `reconfigure` (it waits for catch-ups).
+                let _ = done.send(Err("internal: reconfiguration out of order".into()));
+                Vec::new()
+            }
+        }
+    }
+
+    /// Performs `actions` in order; local applies and their reports may bring more.
+    async fn perform(&mut self, actions: Vec<PrimaryAction>) {
+        let mut queue = std::collections::VecDeque::from(actions);
+        while let Some(action) = queue.pop_front() {
+            match action {
+                PrimaryAction::ApplyLocal { id, op } => {
+                    let export = self.export.clone();
+                    let local = (self.store.clone(), self.volume.clone());
+                    let taken = self.taken.clone();
+                    let result = tokio::task::spawn_blocking(move || {
+                        apply_local(&export, op, &local, &taken)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(ReplyError::Io(e.to_string())));
+                    let more = self
+                        .machine
+                        .handle(self.start.elapsed(), PrimaryInput::LocalDone { id, result });
+                    for (i, a) in more.into_iter().enumerate() {
+                        queue.insert(i, a);
+                    }
+                }
+                PrimaryAction::Send { to, msg } => {
+                    if let Some(tx) = self.links.get(&to) {
+                        match wire::encode(&msg) {
+                            Ok(frame) => {
+                                let _ = tx.send(frame);
+                            }
+                            Err(e) => {
+                                tracing::error!(volume = %self.volume, error = %e, "could not encode a replication message")
+                            }
+                        }
+                    }
+                }
+                PrimaryAction::Complete { id, result } => {
+                    if let Some(done) = self.waiting.remove(&id) {
+                        let _ = done.send(result.map_err(ForwardError::Request));
+                    }
+                }
+                PrimaryAction::RequestRemoval {
+                    replica,
+                    generation,
+                } => {
+                    tracing::error!(volume = %self.volume, replica = replica.0, %generation,
+                        "a replica did not answer in time: the primary completes nothing until the cluster removes it from the in-sync set (set_replication with a newer generation)");
+                    self.shared.states.lock().insert(
+                        replica,
+                        ReplicaState::Failed {
+                            reason: format!(
+                                "it did not acknowledge a request within the timeout or refused one, in generation {generation}"
+                            ),
+                        },
+                    );
+                }
+                PrimaryAction::RecordMissed { replica, region } => {
+                    self.shared
+                        .missed
+                        .lock()
+                        .entry(replica)
+                        .or_default()
+                        .recorded
+                        .insert(region);
+                    let missed = self.missed_dir.clone();
+                    let file = self.missed_file(replica);
+                    let line = format!("{} {}\n", region.offset, region.len);
+                    let written =
+                        tokio::task::spawn_blocking(move || append_synced(&missed, &file, &line))
+                            .await;
+                    if !matches!(written, Ok(Ok(()))) {
+                        // Without the record, completing later writes could lose what the
+                        // replica missed: stop completing anything.
+                        tracing::error!(volume = %self.volume, replica = replica.0,
+                            "could not record a missed region durably; the primary stops");
+                        self.waiting.clear();
+                        return;
+                    }
+                }
+                PrimaryAction::ForgetMissed { replica } => {
+                    self.shared.missed.lock().remove(&replica);
+                    let file = self.missed_file(replica);
+                    let _ = std::fs::remove_file(file);
+                }
+                PrimaryAction::Disconnect { replica, reason } => {
+                    tracing::warn!(volume = %self.volume, replica = replica.0, reason, "closing a replica's stream");
+                    self.links.remove(&replica);
+                }
+            }
+        }
+    }
+}
+
+fn apply_local(
+    export: &Export,
+    op: Op,
+    (store, volume): &(Store, String),
+    taken: &super::super::snapshot::Taken,
+) -> Result<(), ReplyError> {
+    let r = match op {
+        Op::Write { offset, fua, data } => export.write_owned(offset, data, fua),
+        Op::WriteZeroes { offset, len } => export.write_zeroes(offset, len, false, false),
+        Op::Trim { offset, len } => export.trim(offset, len, false),
+        Op::Flush => export.flush(),
+        // Flushed first, as on the replicas: the snapshot's content is durable.
+        Op::Snapshot { name } => export
+            .flush()
+            .and_then(|()| super::super::snapshot::take(store, volume, &name, taken)),
+    };
+    r.map_err(|e| reply_error(&e))
+}
