@@ -66,10 +66,13 @@ fn is_refusal(s: StatusCode) -> bool {
     )
 }
 
+/// Per address: when its minute started, and how many refusals it had in it.
+type Windows = HashMap<Option<IpAddr>, (Instant, u32)>;
+
 /// Whether another refusal from `source` may be recorded now (a fixed one-minute window
 /// per address).
 fn admitted(source: Option<IpAddr>, now: Instant) -> bool {
-    static SEEN: OnceLock<Mutex<HashMap<Option<IpAddr>, (Instant, u32)>>> = OnceLock::new();
+    static SEEN: OnceLock<Mutex<Windows>> = OnceLock::new();
     let mut seen = SEEN
         .get_or_init(Default::default)
         .lock()
