@@ -10,7 +10,7 @@
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use serde_json::json;
@@ -126,21 +126,6 @@ pub fn verified(data_dir: &Path, img: &Image) -> bool {
     })
 }
 
-/// The HTTPS client configuration for peers: trusts the cluster CA only.
-fn tls(data_dir: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
-    let d = data_dir.join("tls");
-    let read = |f: &str| {
-        std::fs::read_to_string(d.join(f)).map_err(|e| format!("reading {}/{f}: {e}", d.display()))
-    };
-    let creds = tessera_pki::NodeCredentials {
-        key_pem: read("node.key")?,
-        cert_pem: read("node.crt")?,
-    };
-    tessera_pki::client_config(&creds, &read("ca.crt")?)
-        .map(Arc::new)
-        .map_err(|e| format!("TLS client configuration: {e}"))
-}
-
 /// Fetches every file of `img` from `from` into a fresh directory, checks each against
 /// the record, and only then puts it in place of this node's copy (blocking).
 pub fn fetch(data_dir: &Path, img: &Image, key: &str, from: &ImageCopy) -> Result<(), ImageError> {
@@ -154,7 +139,7 @@ pub fn fetch(data_dir: &Path, img: &Image, key: &str, from: &ImageCopy) -> Resul
         address: from.address.clone(),
         reason,
     };
-    let config = tls(data_dir).map_err(|r| fail("kernel", r))?;
+    let config = crate::peer_https::client_config(data_dir).map_err(|r| fail("kernel", r))?;
     let agent = ureq::AgentBuilder::new()
         .tls_config(config)
         .timeout_connect(Duration::from_secs(5))

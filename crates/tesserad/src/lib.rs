@@ -30,6 +30,7 @@ mod health;
 mod housekeeping;
 mod images;
 mod metrics;
+mod peer_https;
 mod records;
 mod removed;
 mod replicated;

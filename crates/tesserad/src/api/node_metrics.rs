@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -127,20 +126,6 @@ enum Forwarded {
     Unreachable(String),
 }
 
-/// The HTTPS client configuration for peers: this node's certificate, the cluster CA.
-fn client_tls(data_dir: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
-    let d = data_dir.join("tls");
-    let read =
-        |f: &str| std::fs::read_to_string(d.join(f)).map_err(|e| format!("reading {f}: {e}"));
-    let creds = tessera_pki::NodeCredentials {
-        key_pem: read("node.key")?,
-        cert_pem: read("node.crt")?,
-    };
-    tessera_pki::client_config(&creds, &read("ca.crt")?)
-        .map(Arc::new)
-        .map_err(|e| e.to_string())
-}
-
 /// GET `path` of the peer at `addr` with the caller's credentials (blocking). The peer's
 /// certificate names its address, as for boot image fetches.
 fn forward(
@@ -149,7 +134,7 @@ fn forward(
     path: &str,
     creds: &[(&'static str, String)],
 ) -> Result<Vec<u8>, Forwarded> {
-    let tls = client_tls(data_dir).map_err(Forwarded::Unreachable)?;
+    let tls = crate::peer_https::client_config(data_dir).map_err(Forwarded::Unreachable)?;
     let agent = ureq::AgentBuilder::new()
         .tls_config(tls)
         .timeout(FORWARD_TIMEOUT)

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket};
@@ -33,17 +32,6 @@ fn bad_gateway(msg: String) -> ApiError {
     ApiError::new(StatusCode::BAD_GATEWAY, msg)
 }
 
-fn client_tls(data_dir: &Path) -> Result<rustls::ClientConfig, String> {
-    let dir = data_dir.join("tls");
-    let read =
-        |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| format!("reading {f}: {e}"));
-    let creds = tessera_pki::NodeCredentials {
-        key_pem: read("node.key")?,
-        cert_pem: read("node.crt")?,
-    };
-    tessera_pki::client_config(&creds, &read("ca.crt")?).map_err(|e| e.to_string())
-}
-
 /// Opens VM `vm`'s console on node `node` (its API at `addr`) with the caller's
 /// credentials from `headers`. The peer's refusal comes back with its status.
 pub async fn connect(
@@ -58,7 +46,7 @@ pub async fn connect(
             "node {node} ({addr}) runs VM {vm} but its console cannot be reached: {e}"
         ))
     };
-    let tls = client_tls(data_dir).map_err(unreachable)?;
+    let tls = crate::peer_https::client_config(data_dir).map_err(unreachable)?;
     // Node certificates name the node's Raft id, as the Raft transport verifies them.
     let raft_id = crate::replicated::raft_id(&tessera_cluster::identity::NodeId(node.into()))
         .map_err(|e| unreachable(e.to_string()))?;
@@ -80,7 +68,7 @@ pub async fn connect(
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        let stream = tokio_rustls::TlsConnector::from(tls)
             .connect(server, tcp)
             .await
             .map_err(|e| unreachable(format!("TLS: {e}")))?;
