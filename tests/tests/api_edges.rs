@@ -242,13 +242,13 @@ fn create_volume(ca: &str, node: u8, token: &str, body: &Value, key: Option<&str
 /// A retry with the same key and body gets the first answer (the same task); the same
 /// key with another body, or a plain retry, is a conflict.
 fn an_idempotent_create_retried_gets_its_first_answer(ca: &str, node: u8, token: &str) {
-    let body = json!({"name": "idem-a", "size_bytes": 1048576});
+    let body = json!({"name": "idem-a", "size_bytes": 1048576, "replicas": 1});
     let first = create_volume(ca, node, token, &body, Some("key-1"));
     assert_eq!(first.code, 202, "{}", first.body);
     let again = create_volume(ca, node, token, &body, Some("key-1"));
     assert_eq!(again.code, 202, "{}", again.body);
     assert_eq!(first.json()["id"], again.json()["id"], "{}", again.body);
-    let other = json!({"name": "idem-a", "size_bytes": 2097152});
+    let other = json!({"name": "idem-a", "size_bytes": 2097152, "replicas": 1});
     assert_eq!(
         create_volume(ca, node, token, &other, Some("key-1")).code,
         409
@@ -740,7 +740,7 @@ fn creates_survive_the_leader_dying(dir: &std::path::Path, ca: &str, f: u8, l: u
             s.spawn(move || {
                 (0..30)
                     .map(|i| {
-                        let body = json!({"name": format!("kill-{i}"), "size_bytes": 1048576});
+                        let body = json!({"name": format!("kill-{i}"), "size_bytes": 1048576, "replicas": 1});
                         let a = create_volume(ca, f, token, &body, Some(&format!("kill-{i}")));
                         done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         (i, a)
@@ -768,7 +768,7 @@ fn creates_survive_the_leader_dying(dir: &std::path::Path, ca: &str, f: u8, l: u
             a.body
         );
         retried += 1;
-        let body = json!({"name": format!("kill-{i}"), "size_bytes": 1048576});
+        let body = json!({"name": format!("kill-{i}"), "size_bytes": 1048576, "replicas": 1});
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let r = create_volume(ca, f, token, &body, Some(&format!("kill-{i}")));
@@ -808,7 +808,7 @@ fn a_task_for_a_down_node_fails_naming_it(ca: &str, f: u8, l: u8, token: &str) {
         .as_str()
         .unwrap()
         .to_string();
-    let body = json!({"name": "on-a-down-node", "size_bytes": 1048576, "node": id});
+    let body = json!({"name": "on-a-down-node", "size_bytes": 1048576, "node": id, "replicas": 1});
     let a = create_volume(ca, f, token, &body, None);
     assert_eq!(a.code, 202, "{}", a.body);
     let task = a.json()["id"].as_str().unwrap().to_string();

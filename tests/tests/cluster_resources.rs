@@ -369,7 +369,7 @@ fn volumes_vms_tasks_and_events_through_the_api() {
     let id = accepted_task(post(
         0,
         "volumes",
-        json!({ "name": "data", "size_bytes": 64 << 20, "node": ids[2] }),
+        json!({ "name": "data", "size_bytes": 64 << 20, "node": ids[2], "replicas": 1 }),
     ));
     let t = wait_task(&lan, 1, &admin, &id);
     assert_eq!(t["state"], "succeeded", "{t}\n{}", nodes[2].logs());
@@ -470,7 +470,7 @@ fn volumes_vms_tasks_and_events_through_the_api() {
     let id = accepted_task(post(
         1,
         "volumes",
-        json!({ "name": "rogue", "size_bytes": 1 << 20, "node": ids[0] }),
+        json!({ "name": "rogue", "size_bytes": 1 << 20, "node": ids[0], "replicas": 1 }),
     ));
     let t = wait_task(&lan, 1, &admin, &id);
     assert_eq!(t["state"], "failed", "{t}");

@@ -319,7 +319,15 @@ fn check_cli_resources(h: &std::path::Path) {
         assert!(ok, "tessera {args:?}: {err}");
         out
     };
-    let out = ok(&["volume", "create", "vol1", "--size", "64M"]);
+    let out = ok(&[
+        "volume",
+        "create",
+        "vol1",
+        "--size",
+        "64M",
+        "--replicas",
+        "1",
+    ]);
     assert!(out.contains("succeeded"), "{out}");
     ok(&["volume", "snapshot", "vol1", "s1"]);
     ok(&["volume", "clone", "vol1", "s1", "vol2"]);

@@ -148,7 +148,8 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     });
 
     // A volume on node1 and a VM booting the test guest from it.
-    let body = json!({ "name": "boot", "size_bytes": 16 << 20, "node": ids[1] }).to_string();
+    let body = json!({ "name": "boot", "size_bytes": 16 << 20, "node": ids[1], "replicas": 1 })
+        .to_string();
     let (code, v) = api(&lan, 0, "POST", "volumes", Some(t), Some(&body));
     assert_eq!(code, 202, "{v}");
     assert_eq!(

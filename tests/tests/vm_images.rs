@@ -221,7 +221,8 @@ fn a_boot_image_boots_vms_on_every_node_and_templates_clone_them() {
 
     // A VM booting the image from a new volume on node1: it runs there (its disk's node,
     // not the node the image was uploaded to) and the guest counts.
-    let body = json!({ "name": "base", "size_bytes": 16 << 20, "node": ids[1] }).to_string();
+    let body = json!({ "name": "base", "size_bytes": 16 << 20, "node": ids[1], "replicas": 1 })
+        .to_string();
     let (code, v) = api(&lan, 0, "POST", "volumes", Some(t), Some(&body));
     assert_eq!(code, 202, "{v}");
     assert_eq!(
