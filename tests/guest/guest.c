@@ -12,7 +12,10 @@
  * virtio_mmio.device= entries by its device id): it sends a gratuitous ARP for its address
  * ("tessera.ip=A.B.C.D", the MAC is the device's), then answers ARP requests for that
  * address and ICMP echo requests to it, printing one line per frame kind, and ignores
- * frames for other MACs (saying so). Polled, no interrupts, like the disk.
+ * frames for other MACs (saying so). With "tessera.ping=A.B.C.D" it also pings that
+ * address: ARP requests until it answers, then ICMP echo requests (one every 65536
+ * polls) until 3 replies came, each reply printed ("TESSERA-GUEST: net: echo reply from ...").
+ * Polled, no interrupts, like the disk.
  *
  * In the count and echo modes it polls the power button's event register (the ACPI
  * Generic Event Device's port 0x600; it does not parse AML): on a press it says so on the
@@ -348,6 +351,10 @@ static u8 txbuf[RXBUF] __attribute__((aligned(64)));
 static u64 nbase;
 static u16 rx_last, tx_last;
 static u8 mac[6], myip[4];
+/* tessera.ping=IP: the peer this guest pings (ARP, then ICMP echo requests). */
+static u8 peer[4], peer_mac[6];
+static int pinging, peer_known;
+static u16 echo_seq, echo_replies;
 
 static void putip(const u8 *ip) { for (int i = 0; i < 4; i++) { if (i) putc('.'); putdec(ip[i]); } }
 static void putmac(const u8 *m) {
@@ -448,10 +455,23 @@ static void net_frame(const u8 *f, u32 len) {
         arp(2, sha, sha, spa);
         return;
     }
+    if (type == 0x0806 && len >= 42 && be16(p + 6) == 2 && pinging && same(p + 14, peer, 4)
+        && same(p + 24, myip, 4) && !peer_known) {
+        memcpy(peer_mac, p + 8, 6);
+        peer_known = 1;
+        puts("TESSERA-GUEST: net: ARP reply: "); putip(peer); puts(" is at "); putmac(peer_mac); puts("\n");
+        return;
+    }
     if (type != 0x0800 || len < 34 || (p[0] >> 4) != 4 || p[9] != 1 || !same(p + 16, myip, 4)) return;
     u32 ihl = (u32)(p[0] & 15) * 4, total = be16(p + 2);
     if (ihl < 20 || total < ihl + 8 || 14 + total > len || total > RXBUF - VNET_HDR - 14) return;
     const u8 *icmp = p + ihl;
+    if (icmp[0] == 0 && pinging && same(p + 12, peer, 4) && be16(icmp + 4) == 0x7e55) {
+        echo_replies++;
+        puts("TESSERA-GUEST: net: echo reply from "); putip(p + 12);
+        puts(" seq="); putdec(be16(icmp + 6)); puts(" (reply "); putdec(echo_replies); puts(")\n");
+        return;
+    }
     if (icmp[0] != 8) return;
     puts("TESSERA-GUEST: net: ICMP echo request from "); putip(p + 12);
     puts(" seq="); putdec(be16(icmp + 6)); puts(", replied\n");
@@ -466,6 +486,27 @@ static void net_frame(const u8 *f, u32 len) {
     net_send(14 + total);
 }
 
+/* Pings the peer: an ARP request until it answers, then one echo request per call. */
+static void ping_step(void) {
+    static const u8 zero[6], bcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
+    if (!peer_known) { arp(1, bcast, zero, peer); return; }
+    u8 *f = txbuf + VNET_HDR;
+    memcpy(f, peer_mac, 6); memcpy(f + 6, mac, 6); put16(f + 12, 0x0800);
+    u8 *ip = f + 14;
+    u32 total = 20 + 8 + 16;
+    memset(ip, 0, total);
+    ip[0] = 0x45; put16(ip + 2, (u16)total); put16(ip + 4, echo_seq); ip[8] = 64; ip[9] = 1;
+    memcpy(ip + 12, myip, 4); memcpy(ip + 16, peer, 4);
+    put16(ip + 10, csum(ip, 20));
+    u8 *ic = ip + 20;
+    ic[0] = 8; put16(ic + 4, 0x7e55); put16(ic + 6, echo_seq);
+    for (int i = 0; i < 16; i++) ic[8 + i] = (u8)('a' + i);
+    put16(ic + 2, csum(ic, 8 + 16));
+    puts("TESSERA-GUEST: net: echo request to "); putip(peer); puts(" seq="); putdec(echo_seq); puts("\n");
+    echo_seq++;
+    net_send(14 + total);
+}
+
 static void mode_net(const char *cmdline) {
     nbase = find_device(cmdline, 1);
     if (!nbase) fail("no virtio_mmio.device= of a network device on the command line");
@@ -476,6 +517,15 @@ static void mode_net(const char *cmdline) {
         if (v > 255 || (i < 3 && *ip++ != '.')) fail("bad tessera.ip=");
         myip[i] = (u8)v;
     }
+    const char *pp = find(cmdline, "tessera.ping=");
+    if (pp) {
+        for (int i = 0; i < 4; i++) {
+            u64 v = parse_num(&pp);
+            if (v > 255 || (i < 3 && *pp++ != '.')) fail("bad tessera.ping=");
+            peer[i] = (u8)v;
+        }
+        pinging = 1;
+    }
     net_init();
     static const u8 zero[6], bcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
     arp(1, bcast, zero, myip);
@@ -483,6 +533,9 @@ static void mode_net(const char *cmdline) {
     puts(", sent gratuitous ARP\n");
     for (u64 spins = 0; ; spins++) {
         if (spins % 65536 == 0) poll_power_button();
+        /* Until 3 replies came: one ARP or echo request every 65536 polls (a few
+         * seconds apart on the development machines' emulated CPU). */
+        if (pinging && echo_replies < 3 && spins % 65536 == 32768) ping_step();
         barrier();
         if (*(volatile u16 *)&rxu.idx == rx_last) continue;
         struct used_elem e = rxu.ring[rx_last % QSIZE];

@@ -44,13 +44,13 @@ pub use events::{Event, EventQuery, StreamQuery, StreamedEvent};
 pub use images::{Image, ImageCopy, ImageFile, ImageUpload, MAX_IMAGE_BYTES};
 pub use login_policy::LoginPolicy;
 pub use metrics::{MetricsPoint, MetricsQuery, NodeMetrics};
-pub use networks::{Network, NewNetwork};
+pub use networks::{Network, NetworkOnNode, NewNetwork};
 pub use realms::{Realm, RealmSynced, RealmTest, RealmTestReply};
 pub use settings::{ClusterSettings, SettingsUpdate, VCPU_OVERCOMMIT_RANGE};
 pub use tasks::{Task, TaskLog, TaskOp, TaskQuery, TaskState, VmAction, VmTask};
 pub use totp::{TotpConfirm, TotpConfirmed, TotpEnrollment};
 pub use users::{NewUser, UserInfo, UserUpdate};
-pub use vms::{DesiredState, NewVm, RestartPolicy, Vm, VmState, VmStatus, VmUpdate};
+pub use vms::{DesiredState, NewNic, NewVm, Nic, RestartPolicy, Vm, VmState, VmStatus, VmUpdate};
 pub use volume_override::{NewOverride, VolumeOverride};
 pub use volumes::{
     CatchUpProgress, CopyState, NbdCredentials, NewClone, NewSnapshot, NewVolume, Replication,

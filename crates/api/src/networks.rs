@@ -19,6 +19,28 @@ pub struct Network {
     pub deleting: bool,
     /// Created (ms since the epoch).
     pub created_ms: u64,
+    /// How each node last reported setting it up (by node id), filled in by `GET`;
+    /// never stored in the record.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub nodes: std::collections::BTreeMap<String, NetworkOnNode>,
+}
+
+/// A network as one node has it: the bridge it made (named by Tessera, `tsb-<network>`
+/// or a hashed form), its VLAN interface, and whether the last pass succeeded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkOnNode {
+    /// The Linux bridge VMs' taps join on that node, once named.
+    pub bridge: Option<String>,
+    /// The VLAN sub-interface, for a tagged network.
+    #[serde(default)]
+    pub vlan_interface: Option<String>,
+    /// `ok` or `error`.
+    pub state: String,
+    /// Why not, when `error`.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// When the node last reported it (ms since the epoch).
+    pub since_ms: u64,
 }
 
 /// A new network. A `vlan` needs an `uplink`.

@@ -86,9 +86,14 @@ pub struct Vm {
     pub memory_mib: u64,
     /// Volumes, in order (the first is the boot disk).
     pub disks: Vec<String>,
-    /// Networks, one NIC each, in order.
+    /// Networks, one NIC each, in order (the networks of `nics`, kept for clients that
+    /// only need the names).
     #[serde(default)]
     pub networks: Vec<String>,
+    /// Its NICs, in order: network and MAC (assigned at creation when not given, unique
+    /// in the cluster, kept across restarts and moves).
+    #[serde(default)]
+    pub nics: Vec<Nic>,
     /// Kernel image path on the node (direct boot).
     pub kernel: Option<String>,
     /// Kernel command line.
@@ -152,6 +157,50 @@ pub struct Vm {
     pub updated_ms: u64,
 }
 
+/// A NIC of a VM: the network it is on and its MAC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Nic {
+    /// The network's name.
+    pub network: String,
+    /// `xx:xx:xx:xx:xx:xx`, lower case.
+    #[schema(pattern = "^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")]
+    pub mac: String,
+}
+
+/// A NIC of a new (or changed) VM: its network and, if the caller picks it, its MAC
+/// (unicast, not all zero, used by no other NIC of the cluster); without one the cluster
+/// assigns one from its own locally administered prefix.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewNic {
+    /// The network's name.
+    #[schema(min_length = 1, max_length = 63, pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
+    pub network: String,
+    /// `xx:xx:xx:xx:xx:xx` (hex digits, either case); assigned if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")]
+    pub mac: Option<String>,
+}
+
+fn new_nics() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::ArrayBuilder;
+    use utoipa::PartialSchema;
+    ArrayBuilder::new()
+        .items(NewNic::schema())
+        .max_items(Some(crate::limits::MAX_NETWORKS))
+        .build()
+}
+
+fn new_nics_or_null() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, SchemaType, Type};
+    use utoipa::PartialSchema;
+    ArrayBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Array, Type::Null]))
+        .items(NewNic::schema())
+        .max_items(Some(crate::limits::MAX_NETWORKS))
+        .build()
+}
+
 /// The schema of a list of resource names, at most `max`, each at most once if `unique`,
 /// or `null` if `nullable` (an update leaving the list as it is).
 fn names(max: usize, unique: bool, nullable: bool) -> utoipa::openapi::schema::Array {
@@ -210,10 +259,15 @@ pub struct NewVm {
     #[serde(default)]
     #[schema(schema_with = disks)]
     pub disks: Vec<String>,
-    /// Network names (at most 8), one NIC each.
+    /// Network names (at most 8), one NIC each with an assigned MAC: shorthand for
+    /// `nics` without MACs (give one or the other).
     #[serde(default)]
     #[schema(schema_with = networks)]
     pub networks: Vec<String>,
+    /// NICs (at most 8): network and optional MAC each.
+    #[serde(default)]
+    #[schema(schema_with = new_nics)]
+    pub nics: Vec<NewNic>,
     /// Kernel image path on the node: absolute, at most 4096 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(min_length = 1, max_length = 4096, pattern = "^/")]
@@ -324,10 +378,16 @@ pub struct VmUpdate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = disks_or_null)]
     pub disks: Option<Vec<String>>,
-    /// Network names (at most 8), replacing the current list.
+    /// Network names (at most 8), replacing the current NICs (a NIC that stays on the
+    /// same network at the same place keeps its MAC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = networks_or_null)]
     pub networks: Option<Vec<String>>,
+    /// NICs (at most 8), replacing the current ones; without a MAC, a NIC that stays on
+    /// the same network at the same place keeps its MAC, a new one gets one assigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = new_nics_or_null)]
+    pub nics: Option<Vec<NewNic>>,
     /// Kernel image path on the node: absolute, at most 4096 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(min_length = 1, max_length = 4096, pattern = "^/")]

@@ -278,9 +278,13 @@ pub enum VmCmd {
         /// A volume to attach (repeat for more; the first boots).
         #[arg(long = "disk")]
         disks: Vec<String>,
-        /// A network to attach a NIC to (repeat for more).
-        #[arg(long = "network")]
+        /// A network to attach a NIC to (repeat for more), its MAC assigned.
+        #[arg(long = "network", conflicts_with = "nics")]
         networks: Vec<String>,
+        /// A NIC: `NETWORK` or `NETWORK,mac=xx:xx:xx:xx:xx:xx` (repeat for more, in
+        /// order); without a MAC the cluster assigns one.
+        #[arg(long = "nic", value_parser = parse_nic)]
+        nics: Vec<tessera_api::NewNic>,
         /// Kernel image path on the node.
         #[arg(long)]
         kernel: Option<String>,
@@ -623,4 +627,21 @@ mod tests {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
     }
+}
+
+/// `--nic NETWORK[,mac=MAC]`.
+fn parse_nic(s: &str) -> Result<tessera_api::NewNic, String> {
+    let mut parts = s.split(',');
+    let network = parts.next().unwrap_or_default().to_string();
+    if network.is_empty() || network.contains('=') {
+        return Err(format!("{s:?}: expected NETWORK[,mac=MAC]"));
+    }
+    let mut mac = None;
+    for p in parts {
+        match p.split_once('=') {
+            Some(("mac", m)) if mac.is_none() && !m.is_empty() => mac = Some(m.to_string()),
+            _ => return Err(format!("{s:?}: expected NETWORK[,mac=MAC]")),
+        }
+    }
+    Ok(tessera_api::NewNic { network, mac })
 }

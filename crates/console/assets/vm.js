@@ -107,12 +107,12 @@ export function vmPage(env) {
       table(`Disks of ${vm.name}`, ["Volume", "Use", "Size", "State", "Node", "Snapshots"], disks, "No disks."));
     const nics = vm.networks.map((n, i) => {
       const net = networks.find((x) => x.name === n);
-      return [`nic${i}`, n, net?.bridge ?? "–", net?.vlan ?? "untagged", net?.uplink ?? "–"];
+      return [`nic${i}`, n, vm.nics?.[i]?.mac ?? "–", net?.bridge ?? "–", net?.vlan ?? "untagged", net?.uplink ?? "–"];
     });
     out.push(h("h2", {}, "Network interfaces"),
-      table(`NICs of ${vm.name}`, ["NIC", "Network", "Bridge", "VLAN", "Uplink"], nics,
+      table(`NICs of ${vm.name}`, ["NIC", "Network", "MAC", "Bridge", "VLAN", "Uplink"], nics,
         "No NICs: this VM is on no network."),
-      h("p.muted", {}, "MAC addresses and link state are not reported by the API yet."));
+      h("p.muted", {}, "Link state is not reported by the API yet."));
     const mine = tasks.filter((t) => t.vm?.vm === vm.name ||
       [t.op?.name, t.op?.volume].some((x) => x && vm.disks.includes(x)))
       .sort((a, b) => b.created_ms - a.created_ms);

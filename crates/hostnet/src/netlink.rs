@@ -163,7 +163,18 @@ async fn run(handle: &Handle, step: &Step) -> Result<(), NetworkError> {
     let links = handle.link();
     match step {
         Step::Delete { name } => {
-            let l = by_name(handle, name).await.map_err(failed)?;
+            let l = match by_name(handle, name).await {
+                Ok(l) => l,
+                // Gone already: another tesserad sharing this network namespace (the dev
+                // cluster's nodes) deleted it first.
+                Err(e)
+                    if errno(&e) == Some(libc::ENODEV)
+                        || matches!(e, rtnetlink::Error::RequestFailed) =>
+                {
+                    return Ok(())
+                }
+                Err(e) => return Err(failed(e)),
+            };
             // Checked again here, not only in the plan: nothing unmarked is ever deleted.
             if l.owner().is_none() {
                 return Err(NetworkError::Conflict {
@@ -175,8 +186,18 @@ async fn run(handle: &Handle, step: &Step) -> Result<(), NetworkError> {
         }
         Step::CreateBridge { name, mark } => {
             let msg = LinkMessageBuilder::<LinkBridge>::new(name).build();
-            links.add(msg).execute().await.map_err(failed)?;
-            set_mark(handle, name, mark).await.map_err(failed)
+            match links.add(msg).execute().await {
+                Err(e) if errno(&e) == Some(libc::EEXIST) => made_by_a_peer(handle, name, mark)
+                    .await
+                    .map_err(|owner| NetworkError::Conflict {
+                        interface: name.clone(),
+                        owner,
+                    }),
+                r => {
+                    r.map_err(failed)?;
+                    set_mark(handle, name, mark).await.map_err(failed)
+                }
+            }
         }
         Step::CreateVlan {
             name,
@@ -218,4 +239,27 @@ async fn set_mark(handle: &Handle, name: &str, mark: &str) -> Result<(), rtnetli
     let l = by_name(handle, name).await?;
     let msg = LinkUnspec::new_with_index(l.index).alias(mark).build();
     handle.link().set(msg).execute().await
+}
+
+/// The errno of a failed netlink request, if the kernel gave one.
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+/// A bridge we were about to create exists: made by another `tesserad` of this network
+/// namespace a moment ago (it marks it right after creating it), or by someone else. Ok
+/// once it carries `mark` (within a second); else the mark it has, if any.
+async fn made_by_a_peer(handle: &Handle, name: &str, mark: &str) -> Result<(), Option<String>> {
+    let mut seen = None;
+    for _ in 0..10 {
+        seen = by_name(handle, name).await.ok().and_then(|l| l.alias);
+        if seen.as_deref() == Some(mark) {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Err(seen)
 }

@@ -4,7 +4,9 @@
 //! so it goes away with the VMM that holds it.
 
 use std::fs::OpenOptions;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
 
 use rtnetlink::LinkUnspec;
 
@@ -68,6 +70,16 @@ pub enum TapError {
     Netlink { name: String, message: String },
 }
 
+/// The tap's own MAC: the VM's with the first byte `fe` (as libvirt does). Never the
+/// VM's own: a bridge port's address is a local address of the bridge, so frames to the
+/// VM's MAC would be taken by the host instead of forwarded to the guest; and `fe` keeps
+/// the bridge (which takes its lowest port address) from taking the guests' MACs.
+pub fn tap_mac(vm_mac: &[u8; 6]) -> [u8; 6] {
+    let mut m = *vm_mac;
+    m[0] = 0xfe;
+    m
+}
+
 fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
@@ -75,7 +87,7 @@ fn format_mac(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
-/// Creates the tap of `spec` on its bridge, up, with the VM's MAC and the mark
+/// Creates the tap of `spec` on its bridge, up, with [`tap_mac`] of the VM's MAC and the mark
 /// `tessera-tap:<vm>/<nic>`. Refuses a name that exists (it may be someone else's).
 pub async fn create_tap(spec: &TapSpec) -> Result<Tap, TapError> {
     if spec.mac[0] & 1 != 0 || spec.mac == [0; 6] {
@@ -124,7 +136,7 @@ pub async fn create_tap(spec: &TapSpec) -> Result<Tap, TapError> {
         // One request: the kernel applies address, bridge, alias and up together, and
         // on failure the fd is dropped here, which deletes the tap again.
         let msg = LinkUnspec::new_with_index(index)
-            .address(spec.mac.to_vec())
+            .address(tap_mac(&spec.mac).to_vec())
             .controller(bridge)
             .alias(format!("{TAP_MARK_PREFIX}{}/{}", spec.vm, spec.nic))
             .up()
@@ -169,4 +181,27 @@ fn open_tap(name: &str) -> Result<OwnedFd, TapError> {
         source,
     })?;
     Ok(OwnedFd::from(file))
+}
+
+/// Makes the child `cmd` starts inherit the open fds `fds` (taps, for the VMM's
+/// `--net fd=N`) under the same numbers: their close-on-exec flag is cleared in the child,
+/// after the fork, so the parent's fds stay close-on-exec and no other child gets them.
+pub fn inherit_in_child(cmd: &mut Command, fds: Vec<RawFd>) {
+    let hook = move || -> std::io::Result<()> {
+        for &fd in &fds {
+            // SAFETY: fcntl on an fd number only reads and sets that fd's flags; an fd
+            // that is not open fails with EBADF, reported below.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+            // SAFETY: as above.
+            if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) } < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: it calls fcntl (async-signal-safe), reads the
+    // vector moved into it, and allocates nothing (an OS error is a plain code).
+    unsafe { cmd.pre_exec(hook) };
 }

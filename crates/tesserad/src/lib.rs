@@ -30,6 +30,7 @@ mod health;
 mod housekeeping;
 mod images;
 mod metrics;
+mod netrun;
 mod peer_https;
 mod records;
 mod removed;
@@ -114,7 +115,6 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
         history,
         storage: storage.clone(),
         data_dir: seed.data_dir.clone(),
-        lists: Mutex::default(),
     });
     status::serve(
         &seed.data_dir,
@@ -127,9 +127,12 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
             storage: storage.clone(),
         },
     )?;
+    let networks = netrun::Networks::default();
+    netrun::start(shared.clone(), me.0.clone(), networks.clone());
     vmrun::start(
         shared.clone(),
         vmrun::Local {
+            networks,
             me: me.0.clone(),
             data_dir: seed.data_dir.clone(),
             // tessera-store's default: its NBD socket next to its admin socket.

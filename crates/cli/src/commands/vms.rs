@@ -25,6 +25,7 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
             memory,
             disks,
             networks,
+            nics,
             kernel,
             image,
             from,
@@ -48,6 +49,7 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
                 },
                 disks,
                 networks,
+                nics,
                 kernel,
                 cmdline,
                 image,
@@ -192,6 +194,12 @@ fn show(client: &Client, ep: Ep, v: &Value, out: Output) -> anyhow::Result<()> {
     line("memory", memory(&vm));
     line("disks", vm.disks.join(","));
     line("networks", vm.networks.join(","));
+    for (i, nic) in vm.nics.iter().enumerate() {
+        line(
+            &format!("nic{i}"),
+            format!("{} mac={}", nic.network, nic.mac),
+        );
+    }
     line("kernel", opt(&vm.kernel));
     line("image", opt(&vm.image));
     if vm.template {

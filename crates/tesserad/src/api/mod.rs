@@ -22,6 +22,7 @@ mod login_limit;
 mod login_policy;
 mod nbd;
 mod networks;
+pub(crate) mod nics;
 mod node_metrics;
 mod realms;
 mod sealed;
@@ -52,7 +53,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub(crate) use crate::tables::{del, put, Table};
+pub(crate) use crate::tables::{del, put};
 pub use auth::create_first_admin;
 
 use crate::{metrics, now_ms, Heard, SharedNode};
@@ -75,8 +76,6 @@ pub struct ApiState {
     pub storage: Arc<crate::storage::Health>,
     /// This node's data directory (VM runtime directories live under it).
     pub data_dir: std::path::PathBuf,
-    /// Encoded listings by table, with the table they were made from.
-    pub lists: Mutex<std::collections::HashMap<&'static str, (Table, axum::body::Bytes)>>,
 }
 
 type St = axum::extract::State<Arc<ApiState>>;
@@ -176,44 +175,6 @@ fn show_one<T: DeserializeOwned>(
     read(n, table, name)?
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no {what} {name}")))
-}
-
-/// `GET` of every record of a table, in key order. The encoded list is kept per table
-/// and reused while the table is unchanged (the tables are persistent maps: "unchanged"
-/// is a pointer comparison), so repeated listings of a big table cost a copy, not a
-/// decode and encode of every record.
-fn list_all(
-    st: &ApiState,
-    n: &tessera_state::Node,
-    table: &'static str,
-) -> Result<Response, ApiError> {
-    let current = n.state.read(|t| t.get(table).cloned()).unwrap_or_default();
-    let hit = {
-        let cache = st.lists.lock().unwrap_or_else(|p| p.into_inner());
-        cache
-            .get(table)
-            .filter(|(t, _)| t.ptr_eq(&current))
-            .map(|(_, b)| b.clone())
-    };
-    let bytes = match hit {
-        Some(b) => b,
-        None => {
-            let values: Vec<&serde_json::Value> = current.values().collect();
-            let b = axum::body::Bytes::from(
-                serde_json::to_vec(&values).map_err(|e| ApiError::internal(e.to_string()))?,
-            );
-            st.lists
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(table, (current, b.clone()));
-            b
-        }
-    };
-    Ok((
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        bytes,
-    )
-        .into_response())
 }
 
 /// A stored record that does not decode: a bug or a damaged state, never "not found".
@@ -488,7 +449,6 @@ mod tests {
             history: Default::default(),
             storage: Default::default(),
             data_dir: Default::default(),
-            lists: Default::default(),
         });
         serde_json::to_value(super::router(st).1).unwrap()
     }

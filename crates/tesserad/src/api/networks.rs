@@ -1,6 +1,6 @@
 //! Virtual networks: definitions of the bridge (and VLAN on an uplink) that VMs' NICs
-//! join. Setting them up on the nodes (netlink) comes with the networking issue; until
-//! then they are definitions VMs refer to, and the API says so in `docs/api.md`.
+//! join. Every node sets them up (`netrun`) and reports how in `network_status/<node>`,
+//! which `GET` shows per node (`nodes`).
 //!
 //! A VM attaching a network requires, in its transaction, that the network record is
 //! unchanged; deleting a network first marks it `deleting` (so no VM can attach any
@@ -36,12 +36,19 @@ fn check_ifname(field: &str, v: &str) -> Result<(), ApiError> {
     security(("token" = []), ("cookie" = [])),
     responses((status = 200, body = [Network]), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn list(
-    State(st): St,
-    _: Auth<Auditor>,
-    n: Synced,
-) -> Result<axum::response::Response, ApiError> {
-    super::list_all(&st, &n, NETWORKS)
+pub async fn list(_: Auth<Auditor>, n: Synced) -> Result<Json<Vec<Network>>, ApiError> {
+    let nets = read_all::<Network>(&n, NETWORKS)?;
+    Ok(Json(
+        nets.into_iter()
+            .map(|(_, net)| with_nodes(&n, net))
+            .collect(),
+    ))
+}
+
+/// The network with how each node last reported setting it up.
+fn with_nodes(n: &tessera_state::Node, mut net: Network) -> Network {
+    net.nodes = crate::netrun::on_nodes(n, &net.name);
+    net
 }
 
 /// One network.
@@ -57,7 +64,8 @@ pub async fn show(
     Param(name): Param<String>,
     n: Synced,
 ) -> Result<Json<Network>, ApiError> {
-    super::show_one(&n, NETWORKS, &name, "network")
+    let net: Json<Network> = super::show_one(&n, NETWORKS, &name, "network")?;
+    Ok(Json(with_nodes(&n, net.0)))
 }
 
 /// Define a network (administrators: networks are shared by every VM). A `vlan` needs an
@@ -101,6 +109,7 @@ pub async fn create(
         uplink: req.uplink,
         deleting: false,
         created_ms: now_ms(),
+        nodes: Default::default(),
     };
     let n = super::synced(&st).await?;
     if let Some(first) = idem

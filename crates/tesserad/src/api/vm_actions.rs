@@ -90,9 +90,14 @@ pub(super) fn start_fields(
             "disks: tessera-vmm serves one disk today; a VM with more cannot start yet",
         ));
     }
-    if !vm.networks.is_empty() {
+    if vm.nics.len() != vm.networks.len() {
         return Err(ApiError::conflict(
-            "networks: tessera-vmm has no network device yet; a VM with networks cannot start yet",
+            "networks: the VM was defined before NICs had MACs; set its networks again (PATCH) to give them MACs",
+        ));
+    }
+    if vm.nics.len() > 4 {
+        return Err(ApiError::conflict(
+            "nics: tessera-vmm serves at most 4 NICs today; a VM with more cannot start yet",
         ));
     }
     let disk = match vm.disks.first() {

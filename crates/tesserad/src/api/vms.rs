@@ -116,6 +116,15 @@ fn validate(n: &tessera_state::Node, vm: &Vm) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The cluster's id (the MAC prefix is derived from it); 503 before this node knows it.
+fn cluster_id(st: &super::ApiState) -> Result<String, ApiError> {
+    st.cluster_id
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .ok_or_else(|| ApiError::unavailable("the cluster id is not known yet; try again"))
+}
+
 /// List VMs.
 #[utoipa::path(get, path = "/api/v1/vms", tag = "vms", operation_id = "list_vms",
     security(("token" = []), ("cookie" = [])),
@@ -221,6 +230,8 @@ fn refusal(r: &Require, vm_changed: String) -> String {
             "from: the template's snapshot {} was deleted meanwhile",
             r.key
         )
+    } else if r.table == super::nics::MAC_CLAIMS {
+        format!("nics: MAC {} is another NIC's (in this cluster)", r.key)
     } else if r.table == NETWORKS {
         format!("networks: network {} changed or is being deleted", r.key)
     } else {
@@ -294,10 +305,8 @@ pub async fn create(
         vcpus: req.vcpus,
         memory_mib: req.memory_mib,
         disks: req.disks.clone(),
-        networks: match t {
-            Some(t) if req.networks.is_empty() => t.networks.clone(),
-            _ => req.networks.clone(),
-        },
+        networks: Vec::new(),
+        nics: Vec::new(),
         kernel: req
             .kernel
             .clone()
@@ -334,8 +343,22 @@ pub async fn create(
         created_ms: now,
         updated_ms: now,
     };
-    validate(&n, &vm)?;
     let mut vm = vm;
+    // A copy of a template gets the template's networks with MACs of its own.
+    let wanted = match t {
+        Some(t) if req.networks.is_empty() && req.nics.is_empty() => {
+            super::nics::requested(&t.networks, &[])?
+        }
+        _ => super::nics::requested(&req.networks, &req.nics)?,
+    };
+    super::nics::set(
+        &mut vm,
+        &wanted,
+        &[],
+        &cluster_id(&st)?,
+        &super::nics::taken(&n),
+    )?;
+    validate(&n, &vm)?;
     let mut require = vec![Require::absent(VMS, &vm.name)];
     let mut ops = Vec::new();
     if let Some(d) = req.desired_state.filter(|d| *d != DesiredState::Stopped) {
@@ -376,6 +399,9 @@ pub async fn create(
     for d in &vm.disks {
         ops.push(put(DISK_CLAIMS, d, &vm.name));
     }
+    let (mac_req, mac_ops) = super::nics::claims(&vm.name, &[], &vm.nics);
+    require.extend(mac_req);
+    ops.extend(mac_ops);
     require.extend(network_requirements(&n, &vm));
     require.extend(image_requirement(&n, &vm));
     ops.push(event(
@@ -550,8 +576,13 @@ pub async fn update(
     if let Some(d) = req.disks {
         vm.disks = d;
     }
-    if let Some(nets) = req.networks {
-        vm.networks = nets;
+    if req.networks.is_some() || req.nics.is_some() {
+        let wanted = super::nics::requested(
+            req.networks.as_deref().unwrap_or_default(),
+            req.nics.as_deref().unwrap_or_default(),
+        )?;
+        let taken = super::nics::taken(&n);
+        super::nics::set(&mut vm, &wanted, &old.nics, &cluster_id(&st)?, &taken)?;
     }
     if req.kernel.is_some() {
         vm.kernel = req.kernel;
@@ -600,6 +631,11 @@ pub async fn update(
     for d in old.disks.iter().filter(|d| !vm.disks.contains(d)) {
         ops.push(del(DISK_CLAIMS, d));
     }
+    if vm.nics != old.nics {
+        let (mac_req, mac_ops) = super::nics::claims(&name, &old.nics, &vm.nics);
+        require.extend(mac_req);
+        ops.extend(mac_ops);
+    }
     require.extend(network_requirements(&n, &vm));
     require.extend(image_requirement(&n, &vm));
     ops.push(event(
@@ -641,6 +677,7 @@ pub async fn remove(
     }
     let mut ops = vec![del(VMS, &name), del(VM_STATUS, &name)];
     ops.extend(old.disks.iter().map(|d| del(DISK_CLAIMS, d)));
+    ops.extend(super::nics::claims(&name, &old.nics, &[]).1);
     ops.push(event("vm.delete", &name, &p.user, "VM deleted"));
     commit(
         &st,

@@ -11,6 +11,7 @@
 //! VM's stop timeout, SIGKILL if that fails or for a kill). A VMM that ends unasked is
 //! restarted or left `crashed` by the VM's restart policy.
 
+mod nics;
 pub mod reservation;
 pub mod scheduler;
 pub mod stop;
@@ -67,6 +68,8 @@ pub struct Local {
     pub api: std::net::SocketAddr,
     /// This node's management address.
     pub management: std::net::SocketAddr,
+    /// This node's networks as last set up (the bridges VM NICs' taps join).
+    pub networks: crate::netrun::Networks,
 }
 
 /// A VMM this node runs.
@@ -470,10 +473,16 @@ impl Reconciler {
         if let Some(d) = vm.disks.first() {
             crate::replication::moves::primary_here(&self.node, &self.local.me, d).await;
         }
-        let spec = match self.launch_spec(vm, boot) {
+        let mut spec = match self.launch_spec(vm, boot) {
             Ok(s) => s,
             Err(why) => return self.report(&name, VmState::Crashed, Some(why), None).await,
         };
+        // The NICs' taps, on their networks' bridges; a network not (yet) set up on this
+        // node holds the start, which the next tick tries again.
+        match nics::taps(vm, &self.local.networks).await {
+            Ok(t) => spec.nics = t,
+            Err(why) => return self.report(&name, VmState::Starting, Some(why), None).await,
+        }
         let dir = self.dir(&name);
         let exits = self.exits.clone();
         let seqs = (vm.start_seq, vm.reboot_seq);
@@ -543,6 +552,7 @@ impl Reconciler {
             vcpus: vm.vcpus,
             disk,
             disk_tls,
+            nics: Vec::new(),
         })
     }
 

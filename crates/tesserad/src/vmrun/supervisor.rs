@@ -127,6 +127,20 @@ pub struct Launch {
     pub disk: Option<String>,
     /// Client credentials for an `nbds://` disk on another node's store.
     pub disk_tls: Option<DiskTls>,
+    /// The NICs' open taps, in NIC order; the VMM inherits them.
+    pub nics: Vec<NicFd>,
+}
+
+/// A NIC's tap as the VMM gets it: the open fd (the tap lives as long as it is open
+/// somewhere) and the NIC's MAC.
+#[derive(Clone, Debug)]
+pub struct NicFd {
+    /// The tap's name (for logs).
+    pub tap: String,
+    /// The tap's fd, `TUNSETIFF`ed with a vnet header.
+    pub fd: Arc<std::os::fd::OwnedFd>,
+    /// `xx:xx:xx:xx:xx:xx`.
+    pub mac: String,
 }
 
 /// The files `tessera-vmm` presents to another node's store over TLS NBD: this node's
@@ -246,6 +260,19 @@ pub fn launch(
             .arg(&t.cert)
             .arg("--disk-tls-key")
             .arg(&t.key);
+    }
+    // The taps' fds keep their numbers in the VMM: close-on-exec is cleared in the child
+    // only, so no other child of tesserad ever holds a VM's tap.
+    let mut inherit = Vec::with_capacity(spec.nics.len());
+    for nic in &spec.nics {
+        use std::os::fd::AsRawFd;
+        let fd = nic.fd.as_raw_fd();
+        inherit.push(fd);
+        cmd.arg("--net").arg(format!("fd={fd},mac={}", nic.mac));
+        tracing::debug!(vm = name, tap = %nic.tap, fd, "the VMM inherits the tap");
+    }
+    if !inherit.is_empty() {
+        tessera_hostnet::tap::inherit_in_child(&mut cmd, inherit);
     }
     // Its own process group: a Ctrl-C or a signal to tesserad's group does not reach it.
     cmd.process_group(0)
