@@ -23,6 +23,10 @@ use tessera_tests::{free_port, require};
 
 #[path = "console_browser/nodes.rs"]
 mod nodes;
+#[path = "console_browser/vm_edit.rs"]
+mod vm_edit;
+#[path = "console_browser/volumes.rs"]
+mod volumes;
 
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
 const NEW_PASSWORD: &str = "console-test-password-1";
@@ -487,6 +491,8 @@ async fn story(c: &Client, initial: &str, ca: &str) {
     let secret = secret.as_str().unwrap().to_string();
     shot(c, "access").await;
     networks(c, n1).await;
+    volumes::check(c, n1, ca).await;
+    vm_edit::check(c, n1, "web").await;
 
     // Another node's console: its own login (cookies are per origin), the same data.
     log_in(c, n2, "admin", NEW_PASSWORD).await;
@@ -743,6 +749,7 @@ async fn vm_page_and_console(c: &Client, origin: &str) {
     )
     .await;
     shot(c, "vm-detail").await;
+    vm_edit::running_vm_keeps_its_size(c).await;
     // The only things refused were xterm's inline <style> elements (their rules were
     // adopted instead): no script, connection or stylesheet from elsewhere.
     let refused = c.execute("return window.refused", vec![]).await.unwrap();

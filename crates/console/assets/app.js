@@ -2,17 +2,22 @@
 // Plain ES modules, no build step; third-party code (vendor/) only where a page needs it.
 
 import { h, replace, field, table, bytes, when, stateTag } from "./dom.js";
-import { api, setHandlers, whoami, waitTask, eventStream } from "./api.js";
+import { api, setHandlers, whoami, eventStream } from "./api.js";
 import { vmPage } from "./vm.js";
 import { networksPage } from "./networks.js";
 import { nodesPage } from "./nodes.js";
 import { twoFactorPage } from "./twofactor.js";
+import {
+  announce, submit, keep, formError, messages, pageMessage, action, confirmAction, sizeInput, nodeSelect, nodeName,
+  followTask,
+} from "./forms.js";
+import { taskTable, eventTable, activityPages } from "./activity.js";
+import { resizeForm } from "./resize.js";
 
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
 const who = document.getElementById("who");
 const logoutButton = document.getElementById("logout");
-const live = document.getElementById("live");
 
 const ROLES = ["auditor", "operator", "administrator"];
 const VM_STATES = ["starting", "running", "paused", "stopping", "stopped", "crashed"];
@@ -30,152 +35,6 @@ const session = {
 };
 
 const can = (least) => session.role && ROLES.indexOf(session.role) >= ROLES.indexOf(least);
-
-function announce(text) {
-  live.textContent = text;
-}
-
-// ---------------------------------------------------------------- forms and errors
-
-/** Runs `fn` for a form: clears old errors, shows the API's words next to the named field. */
-async function submit(form, fn) {
-  for (const e of form.querySelectorAll(".field-error")) e.textContent = "";
-  for (const e of form.querySelectorAll("[aria-invalid]")) e.removeAttribute("aria-invalid");
-  const alert = form.querySelector(".form-error");
-  if (alert) { alert.textContent = ""; alert.hidden = true; }
-  const buttons = [...form.querySelectorAll("button")];
-  buttons.forEach((b) => (b.disabled = true));
-  form.dataset.busy = "1";
-  try {
-    await fn();
-    form.reset();
-  } catch (e) {
-    showError(form, e);
-  } finally {
-    buttons.forEach((b) => (b.disabled = false));
-    delete form.dataset.busy;
-  }
-}
-
-function showError(form, e) {
-  const input = e.field ? form.querySelector(`[name="${e.field}"]`) : null;
-  if (input) {
-    const slot = document.getElementById(`${input.id}-error`);
-    if (slot) slot.textContent = e.message;
-    input.setAttribute("aria-invalid", "true");
-    input.focus();
-    return;
-  }
-  const alert = form.querySelector(".form-error");
-  if (alert) {
-    alert.textContent = e.message;
-    alert.hidden = false;
-  }
-}
-
-/**
- * The element already on the page under `id` if the user is working in it (focus inside,
- * something typed, a submit under way), else `fresh`: a refresh must not wipe a half-filled
- * form.
- */
-function keep(id, fresh) {
-  const old = document.getElementById(id);
-  if (!old) return fresh;
-  const typed = [...old.querySelectorAll("input")].some((i) => i.value !== i.defaultValue);
-  const editing = old.contains(document.activeElement) && document.activeElement.tagName !== "BUTTON";
-  return editing || old.dataset.busy || typed ? old : fresh;
-}
-
-function formError() {
-  return h("div.alert.form-error", { role: "alert", hidden: true });
-}
-
-/** A page-level message area for row actions. */
-function messages() {
-  return document.getElementById("messages") ?? h("div#messages", { role: "alert" });
-}
-
-function pageMessage(text, ok = false) {
-  const box = document.getElementById("messages");
-  if (!box) return;
-  replace(box, h(ok ? "p.notice" : "p.alert", {}, text));
-}
-
-/** A button for a row action: runs `fn`, words the API's refusal in the message area. */
-function action(label, name, fn, cls = "secondary") {
-  return h(`button.${cls}`, {
-    type: "button",
-    "aria-label": `${label} ${name}`,
-    "data-action": label.toLowerCase(),
-    onclick: async (ev) => {
-      const b = ev.currentTarget;
-      b.disabled = true;
-      try {
-        await fn();
-      } catch (e) {
-        pageMessage(`${label} ${name}: ${e.message}`);
-      } finally {
-        b.disabled = false;
-      }
-    },
-  }, label);
-}
-
-/**
- * A destructive button that asks once more (a second press within 5 s) instead of a
- * dialog. The armed state is kept by name, so a refresh of the list in between keeps it.
- */
-const armed = new Map();
-function confirmAction(label, name, fn) {
-  const key = `${label} ${name}`;
-  const isArmed = () => (armed.get(key) ?? 0) > Date.now();
-  const b = action(label, name, async () => {
-    if (!isArmed()) {
-      armed.set(key, Date.now() + 5000);
-      b.textContent = `Confirm ${label.toLowerCase()}`;
-      setTimeout(() => { b.textContent = label; }, 5000);
-      return;
-    }
-    armed.delete(key);
-    await fn();
-  }, "danger");
-  if (isArmed()) b.textContent = `Confirm ${label.toLowerCase()}`;
-  return b;
-}
-
-function sizeInput(name = "size_bytes") {
-  const n = h("input", { name, type: "number", min: "1", step: "any", value: "1", id: `f-${name}` });
-  const unit = h("select", { name: `${name}_unit`, "aria-label": "Unit" },
-    h("option", { value: String(2 ** 20) }, "MiB"),
-    h("option", { value: String(2 ** 30), selected: true }, "GiB"),
-    h("option", { value: String(2 ** 40) }, "TiB"));
-  return { n, unit, bytes: () => Math.round(Number(n.value) * Number(unit.value)) };
-}
-
-function nodeSelect(nodes, name = "node", blank = "This node") {
-  return h("select", { name, id: `f-${name}-${Math.random().toString(36).slice(2, 7)}` },
-    h("option", { value: "" }, blank),
-    nodes.map((n) => h("option", { value: n.id }, n.name ?? n.id)));
-}
-
-function nodeName(nodes, id) {
-  if (!id) return "–";
-  return nodes.find((n) => n.id === id)?.name ?? id;
-}
-
-/** A task's progress while it runs, then its outcome, in `slot`. */
-async function followTask(task, slot, what) {
-  const bar = h("progress", { max: "100", value: String(task.progress ?? 0), "aria-label": `${what} progress` });
-  const text = h("span", {}, ` ${what}: ${task.state}`);
-  replace(slot, bar, text);
-  const done = await waitTask(task.id, (t) => {
-    bar.value = t.progress;
-    text.textContent = ` ${what}: ${t.state} ${t.progress}%`;
-  });
-  replace(slot, h("span.notice", {}, `${what}: done`));
-  announce(`${what}: done`);
-  return done;
-}
 
 // ---------------------------------------------------------------- session
 
@@ -368,34 +227,6 @@ async function dashboardView(gen) {
     eventTable([...events].reverse()));
 }
 
-function opText(op) {
-  const what = op?.name ?? op?.volume ?? "";
-  return `${String(op?.type ?? "?").replace(/_/g, " ")} ${what}${op?.snapshot ? `@${op.snapshot}` : ""}`;
-}
-
-function taskTable(tasks, nodes, empty = "No tasks.") {
-  return table("Tasks", ["Task", "Node", "User", "State", "Progress", "Started", "Error / log"], tasks.map((t) => {
-    const r = [
-      h("span", { title: t.id }, opText(t.op)), nodeName(nodes, t.node), t.user, stateTag(t.state),
-      h("progress", { max: "100", value: String(t.progress), "aria-label": `${opText(t.op)} progress` }, `${t.progress}%`),
-      when(t.created_ms),
-      h("div", {}, t.error ? h("span.state-failed", {}, t.error) : null,
-        t.log?.length ? h("details", {}, h("summary", {}, `Log (${t.log.length})`),
-          h("pre", {}, t.log.map((l) => `${new Date(l.time_ms).toLocaleTimeString()} ${l.message}\n`))) : null),
-    ];
-    r.attrs = { "data-task": t.id, "data-state": t.state };
-    return r;
-  }), empty);
-}
-
-function eventTable(events) {
-  return table("Events", ["Time", "Kind", "Target", "User", "Message"], events.map((e) => {
-    const r = [when(e.time_ms), e.kind, e.target, e.user, e.message];
-    r.attrs = { "data-event": e.id };
-    return r;
-  }), "No events.");
-}
-
 async function vmsView(gen) {
   const [vms, nodes, volumes, images, networks] = await Promise.all([api("GET", "vms"), api("GET", "nodes"), api("GET", "volumes"),
     api("GET", "images"), api("GET", "networks")]);
@@ -577,7 +408,8 @@ async function volumesView(gen) {
     table("Volumes", ["Name", "Size", "Node", "Copies", "State", "Snapshots", "Attached to", "Cloned from", op ? "Actions" : null].filter(Boolean), rows, "No volumes yet.")];
   if (op) {
     parts.push(h("div.grid", {}, keep("volume-create", volumeCreateForm(nodes)),
-      keep("snapshot-create", snapshotForm(volumes)), keep("clone-create", cloneForm(volumes))));
+      keep("snapshot-create", snapshotForm(volumes)), keep("clone-create", cloneForm(volumes)),
+      keep("volume-resize", resizeForm(volumes, () => session.refresh?.()))));
   }
   const focused = document.activeElement;
   replace(main, ...parts);
@@ -657,49 +489,6 @@ function cloneForm(volumes) {
   field("New volume name", name), formError(), status,
   h("p", {}, h("button", { type: "submit", disabled: !snaps.length }, "Clone")));
   return form;
-}
-
-async function tasksView(gen) {
-  const prev = document.getElementById("task-state")?.value ?? "";
-  const q = prev ? `?state=${prev}` : "";
-  const [tasks, nodes] = await Promise.all([api("GET", `tasks${q}`), api("GET", "nodes")]);
-  if (gen !== session.generation) return;
-  const sel = document.getElementById("task-state") ?? h("select#task-state", { name: "state" }, h("option", { value: "" }, "Any state"),
-    ["queued", "running", "succeeded", "failed"].map((s) => h("option", { value: s }, s)));
-  sel.onchange = () => session.refresh?.();
-  tasks.sort((a, b) => b.created_ms - a.created_ms);
-  const row = sel.closest(".row") ?? h("div.row", {}, field("State", sel));
-  const focused = document.activeElement;
-  replace(main, h("h1", {}, "Tasks"), row, taskTable(tasks, nodes));
-  if (focused && main.contains(focused)) focused.focus();
-  // Progress is not an event: poll faster while something runs (bounded: 1 s).
-  return tasks.some((t) => t.state === "running" || t.state === "queued") ? 1000 : 5000;
-}
-
-async function eventsView(gen) {
-  const events = (await api("GET", "events?limit=500")).reverse();
-  if (gen !== session.generation) return;
-  const text = h("input#event-filter", { type: "search", name: "filter", placeholder: "target, user or message" });
-  const kinds = [...new Set(events.map((e) => e.kind))].sort();
-  const kind = h("select#event-kind", { name: "kind" }, h("option", { value: "" }, "Any kind"), kinds.map((k) => h("option", { value: k }, k)));
-  const list = h("div#event-list");
-  const draw = () => {
-    const q = text.value.trim().toLowerCase();
-    replace(list, eventTable(events.filter((e) => (!kind.value || e.kind === kind.value) &&
-      (!q || [e.target, e.user, e.message, e.kind].some((x) => String(x).toLowerCase().includes(q))))));
-  };
-  text.addEventListener("input", draw);
-  kind.addEventListener("change", draw);
-  draw();
-  replace(main, h("h1", {}, "Events"), h("p.muted", {}, "Live: new events appear at the top as they happen."),
-    h("div.row", { role: "search" }, field("Filter", text), field("Kind", kind)), list);
-  session.onEvent = (e) => {
-    events.unshift(e);
-    if (events.length > 2000) events.pop();
-    if (![...kind.options].some((o) => o.value === e.kind)) kind.append(h("option", { value: e.kind }, e.kind));
-    draw();
-  };
-  return "manual"; // the stream keeps it current
 }
 
 async function accessView(gen) {
@@ -803,10 +592,13 @@ function tokenForm() {
 
 // ---------------------------------------------------------------- routing
 
+const activity = activityPages({ current: (gen) => gen === session.generation, refresh: () => session.refresh?.(),
+  onEvent: (f) => { session.onEvent = f; } });
+
 const VIEWS = {
-  "": dashboardView, vms: vmsView, volumes: volumesView, tasks: tasksView, events: eventsView, access: accessView,
+  "": dashboardView, vms: vmsView, volumes: volumesView, tasks: activity.tasks, events: activity.events, access: accessView,
   vm: vmPage({ current: (gen) => gen === session.generation, can, messages, vmActions, nodeName,
-    onLeave: (f) => session.leave.push(f) }),
+    onLeave: (f) => session.leave.push(f), refresh: () => session.refresh?.() }),
   networks: networksPage({ current: (gen) => gen === session.generation, can, messages, pageMessage, confirmAction,
     submit, keep, formError, refresh: () => session.refresh?.() }),
   nodes: nodesPage({ current: (gen) => gen === session.generation, can, messages, pageMessage, confirmAction }),

@@ -4,6 +4,8 @@
 import { h, replace, table, bytes, when, stateTag } from "./dom.js";
 import { api } from "./api.js";
 import { openConsole } from "./terminal.js";
+import { keep } from "./forms.js";
+import { vmEditForm } from "./vm_edit.js";
 
 const main = document.getElementById("main");
 
@@ -18,7 +20,7 @@ function taskLabel(t) {
 /**
  * The view for `#/vm/<name>`. `env` is what the console shell shares: `current(gen)`,
  * `can(role)`, `messages()`, `vmActions(vm)` (the buttons the list has), `onLeave(fn)`
- * (called when the user navigates away), `nodeName(nodes, id)`.
+ * (called when the user navigates away), `nodeName(nodes, id)`, `refresh()`.
  */
 export function vmPage(env) {
   // The console of the VM shown, kept across refreshes of the rest of the page.
@@ -50,7 +52,10 @@ export function vmPage(env) {
           h("h2#h-console", {}, "Serial console"), shown.box));
     }
     const info = document.getElementById("vm-info");
+    // The edit form is kept while the user types in it; so is the focus.
+    const focused = document.activeElement;
     replace(info, ...details(vm, nodes, volumes, networks, tasks));
+    if (focused && info.contains(focused)) focused.focus();
     consoleState(vm);
     // The state changes by events (the stream refreshes the view); tasks' progress polls.
     return tasks.some((t) => t.state === "running" || t.state === "queued") ? 1000 : 5000;
@@ -95,6 +100,7 @@ export function vmPage(env) {
         h("dl.pairs", {}, config.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])),
         env.can("operator") && !vm.template ? h("div.actions#vm-actions", { "data-vm": vm.name }, env.vmActions(vm)) : null),
     ];
+    if (env.can("operator")) out.push(keep("vm-edit", vmEditForm(vm, env.refresh)));
     const disks = vm.disks.map((d, i) => {
       const v = volumes.find((x) => x.name === d);
       const r = [d, i === 0 ? "boot disk" : `disk ${i + 1}`, v ? bytes(v.size_bytes) : "–",

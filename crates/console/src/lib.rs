@@ -89,6 +89,26 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
         include_bytes!("../assets/terminal.js"),
     ),
     (
+        "forms.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/forms.js"),
+    ),
+    (
+        "activity.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/activity.js"),
+    ),
+    (
+        "resize.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/resize.js"),
+    ),
+    (
+        "vm_edit.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/vm_edit.js"),
+    ),
+    (
         "networks.js",
         "text/javascript; charset=utf-8",
         include_bytes!("../assets/networks.js"),
