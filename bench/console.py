@@ -109,7 +109,8 @@ def main():
         # The static files alone (the page's own weight without data).
         wd("POST", f"{s}/url", {"url": f"{ORIGIN}/ui/favicon.svg"})
         static = js_async("""const done = arguments[0]; const t = performance.now();
-            const files = ['index.html', 'app.js', 'api.js', 'dom.js', 'style.css', 'nodes.js', 'charts.js'];
+            const files = ['index.html', 'style.css', 'app.js', 'api.js', 'dom.js', 'forms.js', 'activity.js',
+              'resize.js', 'vm.js', 'vm_edit.js', 'terminal.js', 'networks.js', 'nodes.js', 'charts.js'];
             Promise.all(files.map(f => fetch('/ui/' + f).then(r => r.arrayBuffer())))
               .then(b => done([performance.now() - t, b.reduce((a, x) => a + x.byteLength, 0)]));""")
     finally:

@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-release}
 [ -n "${NO_SETUP:-}" ] || tests/setup
-cargo build --profile "$PROFILE" -q --bins
+cargo build --profile "$PROFILE" -q --bins -p tesserad -p tessera-store -p tessera-vmm -p tessera-devcluster
 T=target/$PROFILE
 W=$(mktemp -d /var/tmp/tessera-console-bench.XXXX)
 cleanup() {
@@ -27,13 +27,16 @@ cleanup() {
 trap cleanup EXIT
 $T/tessera-devcluster --dir "$W/cluster" >"$W/dc.out" 2>&1 &
 DC=$!
-for _ in $(seq 300); do grep -q "is up" "$W/dc.out" && break; sleep 0.2; done
+# The launcher's report ends with its Ctrl-C line; the password and the CA are in it.
+for _ in $(seq 600); do grep -q "Ctrl-C stops everything" "$W/dc.out" && break; sleep 0.2; done
 grep -q "is up" "$W/dc.out" || { cat "$W/dc.out"; exit 1; }
-PW=$(cat "$W"/cluster/node*/data/initial-admin-password)
+PW=$(sed -n 's/.*initial password \([^ ]*\).*/\1/p' "$W/dc.out" | head -1)
+CA=$(sed -n 's/.*issued by it): //p' "$W/dc.out" | head -1)
+[ -n "$PW" ] && [ -n "$CA" ] || { cat "$W/dc.out"; exit 1; }
 PORT=$((20000 + RANDOM % 20000))
 chromedriver --port="$PORT" >"$W/chromedriver.log" 2>&1 &
 CD=$!
 echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
 echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {print int($2/1024/1024)}' /proc/meminfo) GiB, $(uname -r); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "chromium: $(chromium --version 2>/dev/null || echo '?'); profile: $PROFILE; rustc processes running: $(pgrep -c rustc || true) (a shared machine when > 0)"
-REPEAT=${REPEAT:-10} VMS=${VMS:-1000} python3 bench/console.py "$PORT" "$PW" "$W/cluster/node1/data/tls/ca.crt"
+REPEAT=${REPEAT:-10} VMS=${VMS:-1000} python3 bench/console.py "$PORT" "$PW" "$CA"
