@@ -14,97 +14,15 @@
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use tessera_tests::cluster::{admin_session, api, wait_for, wait_task, ClusterNode};
+use tessera_tests::vms::{
+    act, alive, console, counting, last_count, vm, vm_pid, wait_state, VmmReaper, GUEST,
+};
 use tessera_tests::{bin, counts, kvm_or_skip, output, require, Lan};
-
-const GUEST: &str = env!("TESSERA_TEST_GUEST");
-
-/// Kills every VMM the nodes' runtime directories name, so none outlives a failed test.
-struct VmmReaper(Vec<PathBuf>);
-
-impl VmmReaper {
-    fn pids(&self) -> Vec<i32> {
-        let mut out = Vec::new();
-        for d in &self.0 {
-            let Ok(rd) = std::fs::read_dir(d.join("data/vms")) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                let run = e.path().join("run.json");
-                if let Ok(text) = std::fs::read_to_string(run) {
-                    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-                    if let Some(pid) = v["pid"].as_i64() {
-                        out.push(pid as i32);
-                    }
-                }
-            }
-        }
-        out
-    }
-}
-
-impl Drop for VmmReaper {
-    fn drop(&mut self) {
-        for pid in self.pids() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
-
-fn alive(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit_once(')')
-            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-    })
-}
-
-fn vm(lan: &Lan, i: usize, token: &str, name: &str) -> Value {
-    let (code, v) = api(lan, i, "GET", &format!("vms/{name}"), Some(token), None);
-    assert_eq!(code, 200, "{v}");
-    v
-}
-
-fn wait_state(lan: &Lan, i: usize, token: &str, name: &str, state: &str) -> Value {
-    wait_for(&format!("VM {name} to be {state}"), 60, || {
-        let v = vm(lan, i, token, name);
-        (v["actual_state"] == state).then_some(v)
-    })
-}
-
-fn console(dir: &Path, name: &str) -> String {
-    std::fs::read_to_string(dir.join(format!("data/vms/{name}/console.log"))).unwrap_or_default()
-}
-
-fn last_count(dir: &Path, name: &str) -> Option<u64> {
-    counts(&console(dir, name)).last().copied()
-}
-
-/// Waits until the guest's counter passes what it showed when called.
-fn counting(dir: &Path, name: &str) {
-    let start = last_count(dir, name);
-    wait_for(&format!("VM {name}'s counter to advance"), 60, || {
-        let now = last_count(dir, name);
-        (now.is_some() && now > start).then_some(())
-    });
-}
-
-fn act(lan: &Lan, i: usize, token: &str, name: &str, action: &str) -> (u16, Value) {
-    api(
-        lan,
-        i,
-        "POST",
-        &format!("vms/{name}/{action}"),
-        Some(token),
-        None,
-    )
-}
 
 #[test]
 fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
@@ -120,7 +38,7 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     let mut nodes: Vec<ClusterNode> = (0..3)
         .map(|i| ClusterNode::start(&lan, i, d.path(), 3, true))
         .collect();
-    let _reaper = VmmReaper(nodes.iter().map(|n| n.dir.clone()).collect());
+    let _reaper = VmmReaper::of(&nodes);
     let token = admin_session(&lan, &nodes, 0, "vm-cluster-password-1");
     let t = token.as_str();
 
@@ -726,11 +644,4 @@ fn console_streams(lan: &Lan, i: usize, home: &Path, runs_it: &ClusterNode) {
         seen.iter().any(|l| l.contains("tessera test guest")),
         "no scrollback through node{i}: {seen:?}"
     );
-}
-
-/// The pid of VM `name`'s VMM on the node in `dir`, if it runs there.
-fn vm_pid(dir: &Path, name: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(dir.join(format!("data/vms/{name}/run.json"))).ok()?;
-    let v: Value = serde_json::from_str(&text).ok()?;
-    v["pid"].as_u64().filter(|p| alive(*p))
 }
