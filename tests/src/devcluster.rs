@@ -1,12 +1,15 @@
 //! The README's local cluster (`tessera-devcluster`) started from a test: the launcher, the
-//! lines of its report, and the Ctrl-C that stops it.
+//! lines of its report, and the Ctrl-C that stops it; its nodes' API called with curl at
+//! their fixed addresses, and its processes found by their command lines.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::bin;
+use serde_json::Value;
+
+use crate::{bin, output};
 
 /// The last line of the launcher's report.
 const REPORT_END: &str = "Ctrl-C stops everything";
@@ -114,4 +117,78 @@ impl Drop for DevCluster {
             let _ = c.wait();
         }
     }
+}
+
+/// One answer of a node's API: status (0: no answer within curl's time), body, and how
+/// long it took.
+pub struct Answer {
+    /// The HTTP status, 0 when there was none.
+    pub code: u16,
+    /// The body as text.
+    pub body: String,
+    /// From the request to the whole answer.
+    pub took: Duration,
+}
+
+impl Answer {
+    /// The body as JSON; panics naming the answer when it is not JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.code, self.body))
+    }
+
+    /// The body as JSON, or `Value::Null` when it is not JSON (an empty answer).
+    pub fn json_or_null(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// A request to node `node`'s API at `https://127.0.0.<node>:8006<path>` with curl,
+/// checked against the cluster CA file `ca`, taking at most `max`.
+pub fn call(
+    ca: &str,
+    node: u8,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+    max: Duration,
+) -> Answer {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "--max-time", &max.as_secs_f64().to_string()])
+        .args(["--cacert", ca, "-X", method])
+        .args(["-o", "-", "-w", "\n%{http_code}"])
+        .arg(format!("https://127.0.0.{node}:8006{path}"));
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "--data"])
+            .arg(b.to_string());
+    }
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("authorization: Bearer {t}")]);
+    }
+    let t = Instant::now();
+    let out = output(&mut cmd);
+    let took = t.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    Answer {
+        code: code.trim().parse().unwrap_or(0),
+        body: body.to_string(),
+        took,
+    }
+}
+
+/// The pids of the processes whose command line (its arguments joined by spaces) `pick`
+/// accepts, in `/proc`'s order: a dev cluster's nodes differ only by the paths they name.
+pub fn pids_where(pick: impl Fn(&str) -> bool) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            pick(&cmd).then_some(pid)
+        })
+        .collect()
 }

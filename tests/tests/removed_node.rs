@@ -14,22 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tessera_tests::devcluster::DevCluster;
-use tessera_tests::{bin, output, require, run_with_stdin};
-
-/// One HTTP answer: status (0: no answer within curl's time), body, and how long it took.
-struct Answer {
-    code: u16,
-    body: String,
-    took: Duration,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.code, self.body))
-    }
-}
+use tessera_tests::devcluster::{self, Answer, DevCluster};
+use tessera_tests::{bin, require, run_with_stdin};
 
 /// A request to `https://127.0.0.<node>:8006<path>` with curl, 5 s at most.
 fn call(
@@ -40,27 +26,7 @@ fn call(
     token: Option<&str>,
     body: Option<&Value>,
 ) -> Answer {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-s", "--max-time", "5", "--cacert", ca, "-X", method])
-        .args(["-o", "-", "-w", "\n%{http_code}"])
-        .arg(format!("https://127.0.0.{node}:8006{path}"));
-    if let Some(b) = body {
-        cmd.args(["-H", "content-type: application/json", "--data"])
-            .arg(b.to_string());
-    }
-    if let Some(t) = token {
-        cmd.args(["-H", &format!("authorization: Bearer {t}")]);
-    }
-    let t = Instant::now();
-    let out = output(&mut cmd);
-    let took = t.elapsed();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    Answer {
-        code: code.trim().parse().unwrap_or(0),
-        body: body.to_string(),
-        took,
-    }
+    devcluster::call(ca, node, method, path, token, body, Duration::from_secs(5))
 }
 
 fn login(ca: &str, node: u8, password: &str) -> Answer {
@@ -133,12 +99,9 @@ fn node3_answers_removed(ca: &str, token: &str, password: &str) {
 fn tesserad_pid(dir: &Path, i: u8) -> Option<i32> {
     let seed = dir.join(format!("node{i}/seed.toml"));
     let seed = seed.to_string_lossy();
-    std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
-        let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        (cmd.contains("tesserad") && cmd.contains(seed.as_ref())).then_some(pid)
-    })
+    devcluster::pids_where(|cmd| cmd.contains("tesserad") && cmd.contains(seed.as_ref()))
+        .into_iter()
+        .next()
 }
 
 /// Stops node 3's tesserad (SIGKILL: a crash, nothing said on the way out) and starts

@@ -20,7 +20,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tessera_tests::devcluster::DevCluster;
+use tessera_tests::cluster::wait_for;
+use tessera_tests::devcluster::{self, DevCluster};
 use tessera_tests::{counts, kvm_or_skip, output, require};
 
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
@@ -45,25 +46,19 @@ impl Drop for Reaper {
 /// SIGKILLs every process whose command line contains `mark` and one of `programs`;
 /// returns how many.
 fn kill_matching(mark: &str, programs: &[&str]) -> usize {
-    let mut killed = 0;
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if programs.iter().any(|p| cmd.contains(p)) && cmd.contains(mark) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            killed += 1;
-        }
+    let pids = devcluster::pids_where(|cmd| {
+        programs.iter().any(|p| cmd.contains(p)) && cmd.contains(mark)
+    });
+    for &pid in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
-    killed
+    pids.len()
 }
 
-/// A request to node `node` (1-3) with curl: (status, body as JSON).
+/// A request to node `node` (1-3), `path` under `/api/v1/`: (status, body as JSON).
 fn call(
     ca: &str,
     node: u8,
@@ -72,36 +67,17 @@ fn call(
     token: Option<&str>,
     body: Option<&Value>,
 ) -> (u16, Value) {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-s", "-m", "30", "--cacert", ca, "-X", method])
-        .args(["-o", "-", "-w", "\n%{http_code}"])
-        .arg(format!("https://127.0.0.{node}:8006/api/v1/{path}"));
-    if let Some(b) = body {
-        cmd.args(["-H", "content-type: application/json", "--data"])
-            .arg(b.to_string());
-    }
-    if let Some(t) = token {
-        cmd.args(["-H", &format!("authorization: Bearer {t}")]);
-    }
-    let out = output(&mut cmd);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (
-        code.trim().parse().unwrap_or(0),
-        serde_json::from_str(body).unwrap_or(Value::Null),
-    )
-}
-
-/// Polls `f` every 200 ms until it returns something, failing after `secs`.
-fn wait<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let path = format!("/api/v1/{path}");
+    let a = devcluster::call(
+        ca,
+        node,
+        method,
+        &path,
+        token,
+        body,
+        Duration::from_secs(30),
+    );
+    (a.code, a.json_or_null())
 }
 
 fn console(dir: &Path, node: u8, vm: &str) -> String {
@@ -154,7 +130,7 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
     let token = a["token"].as_str().unwrap().to_string();
     let t = token.as_str();
     // Every store healthy and every node's memory published (placement needs both).
-    let nodes = wait("healthy stores and published metrics", 40, || {
+    let nodes = wait_for("healthy stores and published metrics", 40, || {
         let (_, nodes) = call(&ca, 2, "GET", "nodes", Some(t), None);
         nodes
             .as_array()
@@ -184,7 +160,7 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
     let body = json!({"name": "ha-root", "size_bytes": SIZE, "replicas": 3, "node": id(1)});
     let (c, task) = call(&ca, 2, "POST", "volumes", Some(t), Some(&body));
     assert_eq!(c, 202, "{task}");
-    let vol = wait("ha-root ready, three copies in sync", 60, || {
+    let vol = wait_for("ha-root ready, three copies in sync", 60, || {
         let (_, v) = call(&ca, 2, "GET", "volumes/ha-root", Some(t), None);
         let copies = v["replication"]["copies"]
             .as_array()
@@ -256,13 +232,13 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
     );
     assert_eq!(c, 400, "{v}");
     for name in ["ha1", "plain"] {
-        wait(&format!("{name} running on node1"), 60, || {
+        wait_for(&format!("{name} running on node1"), 60, || {
             let (_, v) = call(&ca, 2, "GET", &format!("vms/{name}"), Some(t), None);
             (v["actual_state"] == "running" && v["running_on"] == id(1).as_str()).then_some(())
         });
     }
     // Past two COUNT= writes on the disk.
-    wait("ha1 counting past 11 on node1", 60, || {
+    wait_for("ha1 counting past 11 on node1", 60, || {
         (counts(&console(dir, 1, "ha1")).last() >= Some(&11)).then_some(())
     });
     let old_pid = vmm_pid(dir, 1, "ha1").unwrap();
@@ -274,7 +250,7 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
     let killed = kill_matching(&mark, &["tesserad", "tessera-store", "tessera-vmm"]);
     assert!(killed >= 4, "node1: {killed} processes killed");
 
-    let moved = wait(
+    let moved = wait_for(
         "ha1 running on another node",
         RESTART_BOUND.as_secs() + 20,
         || {
@@ -296,7 +272,7 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
         "node1's VMMs still run"
     );
     // The new copy boots, writes its disk (the marker, then counts) and counts on.
-    wait("ha1 counting on its new node", 60, || {
+    wait_for("ha1 counting on its new node", 60, || {
         (counts(&console(dir, new_node, "ha1")).last() >= Some(&6)).then_some(())
     });
 
@@ -351,7 +327,7 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
     // the pattern written and flushed before node1 died, and the guest's own writes.
     let (c, v) = call(&ca, 2, "POST", "vms/ha1/stop", Some(t), None);
     assert_eq!(c, 202, "{v}");
-    wait("ha1 stopped", 60, || {
+    wait_for("ha1 stopped", 60, || {
         let (_, v) = call(&ca, 2, "GET", "vms/ha1", Some(t), None);
         (v["actual_state"] == "stopped").then_some(())
     });
