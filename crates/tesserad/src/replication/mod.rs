@@ -17,6 +17,8 @@ pub mod moves;
 pub mod placement;
 pub mod resync;
 pub mod roles;
+#[cfg(test)]
+mod test_volume;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

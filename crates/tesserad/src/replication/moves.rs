@@ -118,30 +118,9 @@ pub async fn primary_here(node: &Arc<Node>, me: &str, volume: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_api::VolumeCopy;
 
     fn vol(copies: &[(&str, CopyState, bool)]) -> Volume {
-        Volume {
-            name: "v".into(),
-            node: copies[0].0.into(),
-            size_bytes: 4096,
-            state: VolumeState::Ready,
-            origin: None,
-            nbd: None,
-            created_ms: 0,
-            replicas: copies.len() as u8,
-            generation: 7,
-            copies: copies
-                .iter()
-                .map(|(n, s, j)| VolumeCopy {
-                    node: n.to_string(),
-                    state: *s,
-                    catch_up: None,
-                    joining: *j,
-                })
-                .collect(),
-            operator_override: None,
-        }
+        super::super::test_volume::volume(7, copies)
     }
 
     use CopyState::{CatchingUp, InSync, OutOfSync};

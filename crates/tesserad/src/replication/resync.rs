@@ -276,33 +276,9 @@ pub async fn act(node: &Node, v: &Volume, step: Step, stalled: &mut Vec<(String,
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_volume::vol;
     use super::*;
-    use tessera_api::VolumeCopy;
     use tessera_store_admin::ReplicaStatus;
-
-    fn vol(copies: &[(&str, CopyState)]) -> Volume {
-        Volume {
-            name: "v".into(),
-            node: copies[0].0.into(),
-            size_bytes: 4096,
-            state: VolumeState::Ready,
-            origin: None,
-            nbd: None,
-            created_ms: 0,
-            replicas: copies.len() as u8,
-            generation: 4,
-            copies: copies
-                .iter()
-                .map(|(n, s)| VolumeCopy {
-                    node: n.to_string(),
-                    state: *s,
-                    catch_up: None,
-                    joining: false,
-                })
-                .collect(),
-            operator_override: None,
-        }
-    }
 
     fn report(generation: u64, replicas: &[(&str, ReplicaState)]) -> VolumeReplication {
         VolumeReplication {
