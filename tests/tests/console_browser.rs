@@ -23,6 +23,8 @@ use tessera_tests::{free_port, require};
 
 #[path = "console_browser/nodes.rs"]
 mod nodes;
+#[path = "console_browser/two_factor.rs"]
+mod two_factor;
 #[path = "console_browser/vm_edit.rs"]
 mod vm_edit;
 #[path = "console_browser/volumes.rs"]
@@ -491,6 +493,7 @@ async fn story(c: &Client, initial: &str, ca: &str) {
     let secret = secret.as_str().unwrap().to_string();
     shot(c, "access").await;
     networks(c, n1).await;
+    two_factor::check(c, n1).await;
     volumes::check(c, n1, ca).await;
     vm_edit::check(c, n1, "web").await;
 

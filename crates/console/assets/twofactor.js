@@ -41,6 +41,9 @@ export function twoFactorPage(env) {
   }
 
   return async function view(gen) {
+    // The page refreshes on every cluster event (its own enrollment is one): drawn once,
+    // it stays, or an enrollment in progress would be wiped.
+    if (main.querySelector("#totp-enroll")) return "manual";
     const me = await api("GET", "session");
     if (!env.current(gen)) return "manual";
     const box = h("div#totp-step");
