@@ -54,7 +54,8 @@ pub struct Volume {
     /// (`POST /volumes/{name}/override`); cleared once two copies are in sync again.
     /// Absent: no override.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub operator_override: Option<crate::VolumeOverride>,
+    // Boxed: rarely present, and the record is passed around by value.
+    pub operator_override: Option<Box<crate::VolumeOverride>>,
 }
 
 fn one_replica() -> u8 {

@@ -68,11 +68,11 @@ pub async fn override_volume(
         )));
     }
     let mut new = old.clone();
-    new.operator_override = Some(VolumeOverride {
+    new.operator_override = Some(Box::new(VolumeOverride {
         by: p.user.clone(),
         at_ms: now_ms(),
         reason: reason.to_string(),
-    });
+    }));
     let records = node_records(&n);
     let failed = |id: &str| {
         liveness(&st.me.0, id) == Liveness::Down

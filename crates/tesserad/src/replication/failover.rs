@@ -320,11 +320,11 @@ mod tests {
         // Under the operator override, one copy may go on alone, even a replica whose
         // primary failed.
         let mut v = vol(&[("a", InSync), ("b", InSync)]);
-        v.operator_override = Some(tessera_api::VolumeOverride {
+        v.operator_override = Some(Box::new(tessera_api::VolumeOverride {
             by: "admin".into(),
             at_ms: 1,
             reason: "test".into(),
-        });
+        }));
         let Some(Decision::Change {
             volume,
             new_primary,

@@ -351,11 +351,11 @@ mod tests {
                 failed: vec!["b".into()]
             })
         );
-        v.operator_override = Some(tessera_api::VolumeOverride {
+        v.operator_override = Some(Box::new(tessera_api::VolumeOverride {
             by: "admin".into(),
             at_ms: 1,
             reason: "node b is being repaired".into(),
-        });
+        }));
         let Some(Step::Change { volume, .. }) = decide(&v, &r, node_of, |_| false) else {
             panic!("the override did not let the primary go on");
         };
