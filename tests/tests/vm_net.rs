@@ -7,7 +7,8 @@
 //! iputils `ping` from a namespace of the test's own, wired to the bridge by a veth pair,
 //! reaches both. Refused: a VM on a network that does not exist (404), a MAC another NIC
 //! has (409), a bad MAC (400), deleting a network VMs use (409). A stopped VM's tap goes
-//! with its VMM; the deleted network's bridge goes from every node.
+//! with its VMM; the deleted network's bridge goes from every node. `GET /nodes` lists
+//! each node's interfaces (the bridge, loopback with its address).
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -169,6 +170,36 @@ fn two_vms_on_two_nodes_ping_each_other_over_a_cluster_network() {
     assert_eq!(bridge[0]["ifalias"], "tessera:lan", "{bridge:?}");
     let detail = ip(&["-d", "-j", "link", "show", BRIDGE]);
     assert!(detail.contains("\"info_kind\":\"bridge\""), "{detail}");
+
+    // GET /nodes gives each node's interfaces (state, speed, addresses): the bridge and
+    // loopback among them (these nodes share this machine's interfaces).
+    wait_for(
+        "each node's interfaces with the bridge in GET /nodes",
+        60,
+        || {
+            let (_, nodes) = call(&ca, 1, "GET", "nodes", Some(t), None);
+            nodes
+                .as_array()
+                .is_some_and(|n| {
+                    n.len() == 3
+                        && n.iter().all(|n| {
+                            let ifs = n["metrics"]["interfaces"]
+                                .as_array()
+                                .cloned()
+                                .unwrap_or_default();
+                            let find = |name: &str| ifs.iter().find(|i| i["name"] == name).cloned();
+                            find(BRIDGE)
+                                .is_some_and(|b| b["state"].is_string() && b["mtu"].is_u64())
+                                && find("lo").is_some_and(|l| {
+                                    l["addresses"]
+                                        .as_array()
+                                        .is_some_and(|a| a.iter().any(|a| a == "127.0.0.1/8"))
+                                })
+                        })
+                })
+                .then_some(())
+        },
+    );
 
     // Refused: a network that does not exist, a bad MAC, networks and nics together.
     let vm = |name: &str, nics: Value, node: u8, cmdline: &str| {

@@ -1,10 +1,12 @@
-//! This node's resource metrics (CPU, memory, load, disks, disk and network I/O), sampled
-//! every 2 s with sysinfo; `history` keeps the last hour of them, `exposition` writes them
-//! (and the cluster's counts) as Prometheus text.
+//! This node's resource metrics (CPU, memory, load, disks, disk and network I/O, its
+//! network interfaces), sampled every 2 s with sysinfo; `history` keeps the last hour of
+//! them, `exposition` writes them (and the cluster's counts) as Prometheus text.
 
 pub mod exposition;
 pub mod history;
+pub mod interfaces;
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,6 +63,7 @@ pub fn start() -> Metrics {
                 "disk_written_bytes": io.map(|u| u.total_written_bytes),
                 "net_rx_bytes": rx,
                 "net_tx_bytes": tx,
+                "interfaces": interfaces::list(Path::new("/sys/class/net"), &networks),
             });
             *shared.lock().unwrap_or_else(|p| p.into_inner()) = sample;
             tokio::time::sleep(Duration::from_secs(2)).await;

@@ -250,6 +250,10 @@ mod tests {
         // Claims: new MACs must be free; dropped ones are released.
         let (req, ops) = claims("web", &first, &again);
         assert_eq!(req.len(), 1, "only the new MAC is required absent");
-        assert_eq!(ops.len(), 3, "two claims put, one released");
+        assert_eq!(
+            ops.len(),
+            4,
+            "two claims put, the two dropped MACs released"
+        );
     }
 }
