@@ -598,6 +598,23 @@ fn api_word<T: serde::de::DeserializeOwned>(s: &str) -> Option<T> {
     serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
 }
 
+/// `--nic NETWORK[,mac=MAC]`.
+fn parse_nic(s: &str) -> Result<tessera_api::NewNic, String> {
+    let mut parts = s.split(',');
+    let network = parts.next().unwrap_or_default().to_string();
+    if network.is_empty() || network.contains('=') {
+        return Err(format!("{s:?}: expected NETWORK[,mac=MAC]"));
+    }
+    let mut mac = None;
+    for p in parts {
+        match p.split_once('=') {
+            Some(("mac", m)) if mac.is_none() && !m.is_empty() => mac = Some(m.to_string()),
+            _ => return Err(format!("{s:?}: expected NETWORK[,mac=MAC]")),
+        }
+    }
+    Ok(tessera_api::NewNic { network, mac })
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -627,21 +644,4 @@ mod tests {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
     }
-}
-
-/// `--nic NETWORK[,mac=MAC]`.
-fn parse_nic(s: &str) -> Result<tessera_api::NewNic, String> {
-    let mut parts = s.split(',');
-    let network = parts.next().unwrap_or_default().to_string();
-    if network.is_empty() || network.contains('=') {
-        return Err(format!("{s:?}: expected NETWORK[,mac=MAC]"));
-    }
-    let mut mac = None;
-    for p in parts {
-        match p.split_once('=') {
-            Some(("mac", m)) if mac.is_none() && !m.is_empty() => mac = Some(m.to_string()),
-            _ => return Err(format!("{s:?}: expected NETWORK[,mac=MAC]")),
-        }
-    }
-    Ok(tessera_api::NewNic { network, mac })
 }
