@@ -25,6 +25,9 @@ T=target/$PROFILE
 GUEST=$(realpath "$(ls -t $T/build/tessera-tests-*/out/tessera-test-guest.elf | head -1)")
 W=$(mktemp -d /var/tmp/tessera-vm-bench.XXXX)
 cleanup() {
+    # The nodes first: a tesserad still running restarts a killed VMM (restart policy
+    # on-crash), as an earlier version of this cleanup found out (28 VMMs left spinning).
+    [ -n "${DC:-}" ] && kill -INT "$DC" 2>/dev/null && wait "$DC" 2>/dev/null || true
     # VMMs outlive tesserad by design (they are re-adopted): kill the ones started for
     # this run (their command lines name $W), by pid.
     for c in /proc/[0-9]*/cmdline; do
@@ -32,7 +35,6 @@ cleanup() {
             p=${c#/proc/}; kill -9 "${p%/cmdline}" 2>/dev/null || true
         fi
     done
-    [ -n "${DC:-}" ] && kill -INT "$DC" 2>/dev/null && wait "$DC" 2>/dev/null || true
     [ -n "${KEEP:-}" ] || rm -rf "$W"
 }
 trap cleanup EXIT
