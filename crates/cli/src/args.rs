@@ -640,6 +640,24 @@ mod tests {
     }
 
     #[test]
+    fn a_nic_is_a_network_and_maybe_a_mac() {
+        let n = super::parse_nic("lan").unwrap();
+        assert_eq!((n.network.as_str(), n.mac), ("lan", None));
+        let n = super::parse_nic("dmz,mac=02:00:5e:00:00:07").unwrap();
+        assert_eq!(n.mac.as_deref(), Some("02:00:5e:00:00:07"));
+        for bad in [
+            "",
+            ",mac=02:00:5e:00:00:07",
+            "lan,mac=",
+            "lan,ip=1",
+            "mac=x",
+            "a,mac=1,mac=2",
+        ] {
+            assert!(super::parse_nic(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn the_command_line_is_consistent() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
