@@ -47,7 +47,10 @@ pub struct NodeMetrics {
 #[into_params(parameter_in = Query)]
 pub struct MetricsQuery {
     /// Only points taken after this time (milliseconds since the epoch): a page that
-    /// already holds the history asks for what is new.
+    /// already holds the history asks for what is new. Signed with a minimum of 0 so the
+    /// schema's bounds are the server's: an unsigned field took values past int64's
+    /// maximum that the document (int64) calls invalid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub since: Option<u64>,
+    #[param(minimum = 0)]
+    pub since: Option<i64>,
 }

@@ -97,7 +97,11 @@ pub struct Realm {
     pub user_roles: BTreeMap<String, Role>,
     /// How often (seconds) the cluster checks its directory users again and ends the
     /// sessions of those who lost their role (default 300, 30 to 86400).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::strict::opt_int",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(minimum = 30, maximum = 86400)]
     pub sync_interval_s: Option<u64>,
     /// Shown: whether a bind password is stored (ignored in requests).

@@ -176,9 +176,10 @@ pub struct NewNic {
     /// The network's name.
     #[schema(min_length = 1, max_length = 63, pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
     pub network: String,
-    /// `xx:xx:xx:xx:xx:xx` (hex digits, either case); assigned if absent.
+    /// `xx:xx:xx:xx:xx:xx` (hex digits, either case), unicast (the first byte even) and
+    /// not all zeros; assigned if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(pattern = "^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")]
+    #[schema(pattern = "^[0-9A-Fa-f][02468ACEace](:[0-9A-Fa-f]{2}){5}$")]
     pub mac: Option<String>,
 }
 

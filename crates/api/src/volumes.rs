@@ -204,7 +204,11 @@ pub struct NewVolume {
     /// How many copies, on distinct nodes: 1-3 (default: 3 when at least three nodes are
     /// up with a healthy store, else as many as there are, at least 1; see
     /// docs/replication.md).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::strict::opt_int",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(minimum = 1, maximum = 3)]
     pub replicas: Option<u8>,
 }

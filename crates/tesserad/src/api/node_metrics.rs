@@ -46,6 +46,13 @@ pub async fn history(
     Q(q): Q<MetricsQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let since = match q.since {
+        Some(s) => Some(
+            u64::try_from(s)
+                .map_err(|_| ApiError::bad(format!("since must be 0 or more, not {s}")))?,
+        ),
+        None => None,
+    };
     // The local view, as GET /nodes: a node's graphs stay readable without a leader.
     let n = node(&st)?;
     let registered = n
@@ -64,7 +71,7 @@ pub async fn history(
             .history
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .since(q.since);
+            .since(since);
         return Ok(Json(NodeMetrics {
             node: target,
             interval_s: history::INTERVAL.as_secs() as u32,
@@ -86,7 +93,7 @@ pub async fn history(
             )
         })?;
     let mut path = format!("/api/v1/nodes/{target}/metrics");
-    if let Some(s) = q.since {
+    if let Some(s) = since {
         path.push_str(&format!("?since={s}"));
     }
     let creds: Vec<(&'static str, String)> = [
