@@ -431,16 +431,28 @@ async fn reconcile(node: &Node, me: &str, socket: &Path, st: &mut Round) {
         {
             continue;
         }
-        // A primary may have run here in this generation unless we know otherwise.
-        let fresh = match &have {
-            Some((g, _)) if *g < v.generation => true,
-            Some((g, r)) => *g == v.generation && !matches!(r, ReplicationRole::Primary { .. }),
-            None => false,
-        };
+        // A primary may have run here in this generation unless we know otherwise: we
+        // raised it ourselves (no store was ever given it), or we told this store an
+        // older generation or another role.
+        let raised_here = st.raised.get(&v.name) == Some(&v.generation);
+        let fresh = raised_here
+            || match &have {
+                Some((g, _)) if *g < v.generation => true,
+                Some((g, r)) => *g == v.generation && !matches!(r, ReplicationRole::Primary { .. }),
+                None => false,
+            };
         if is_primary && !fresh {
-            raise_generation(node, &v).await;
+            // Remembered, or the next round (with nothing remembered for this volume, as
+            // after a restart) would raise again, and again: the generation ran away by
+            // thousands a minute, each raise an event, until this was kept.
+            if let Some(g) = raise_generation(node, &v).await {
+                st.raised.insert(v.name.clone(), g);
+            }
             continue;
         }
+        // A raised generation is given to one attempt only: once told, the store may run
+        // in it, and a later restart must raise again.
+        st.raised.remove(&v.name);
         let op = AdminOp::SetReplication {
             volume: v.name.clone(),
             generation: v.generation,
@@ -498,6 +510,8 @@ struct Round {
     complaints: HashMap<String, String>,
     /// Stalls already announced (volume, generation).
     stalled: Vec<(String, u64)>,
+    /// Generations this node raised so its primary could start (no store ran in them).
+    raised: HashMap<String, u64>,
 }
 
 fn note(complaints: &mut HashMap<String, String>, volume: &str, msg: String) {
@@ -508,8 +522,9 @@ fn note(complaints: &mut HashMap<String, String>, volume: &str, msg: String) {
 }
 
 /// Raises `v`'s generation through the cluster state (compare-and-swap: a concurrent
-/// change wins and this is decided again next round).
-async fn raise_generation(node: &Node, v: &Volume) {
+/// change wins and this is decided again next round). The new generation when it was
+/// raised.
+async fn raise_generation(node: &Node, v: &Volume) -> Option<u64> {
     let mut new = v.clone();
     new.generation += 1;
     let txn = Command::Txn {
@@ -530,9 +545,13 @@ async fn raise_generation(node: &Node, v: &Volume) {
     };
     match node.write(txn).await {
         Ok(a) if a.conflict.is_none() => {
-            tracing::info!(volume = %v.name, generation = new.generation, "generation raised to restart the primary")
+            tracing::info!(volume = %v.name, generation = new.generation, "generation raised to restart the primary");
+            Some(new.generation)
         }
-        Ok(_) => {}
-        Err(e) => tracing::debug!(error = %e, "generation not raised yet"),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "generation not raised yet");
+            None
+        }
     }
 }
