@@ -73,10 +73,12 @@ pub enum TapError {
 /// The tap's own MAC: the VM's with the first byte `fe` (as libvirt does). Never the
 /// VM's own: a bridge port's address is a local address of the bridge, so frames to the
 /// VM's MAC would be taken by the host instead of forwarded to the guest; and `fe` keeps
-/// the bridge (which takes its lowest port address) from taking the guests' MACs.
+/// the bridge (which takes its lowest port address) from taking the guests' MACs. A VM
+/// MAC that itself starts with `fe` (a cluster prefix can: it is a hash) gets `fc`: the
+/// tap would otherwise carry the guest's own MAC and swallow every frame sent to it.
 pub fn tap_mac(vm_mac: &[u8; 6]) -> [u8; 6] {
     let mut m = *vm_mac;
-    m[0] = 0xfe;
+    m[0] = if vm_mac[0] == 0xfe { 0xfc } else { 0xfe };
     m
 }
 
@@ -204,4 +206,19 @@ pub fn inherit_in_child(cmd: &mut Command, fds: Vec<RawFd>) {
     // async-signal-safe calls are allowed: it calls fcntl (async-signal-safe), reads the
     // vector moved into it, and allocates nothing (an OS error is a plain code).
     unsafe { cmd.pre_exec(hook) };
+}
+
+#[cfg(test)]
+mod mac_tests {
+    #[test]
+    fn a_tap_never_carries_its_vms_mac() {
+        let vm = [0x02, 0xac, 0x8a, 0x59, 0x94, 0xa3];
+        assert_eq!(super::tap_mac(&vm), [0xfe, 0xac, 0x8a, 0x59, 0x94, 0xa3]);
+        let fe = [0xfe, 0xac, 0x8a, 0x59, 0x94, 0xa3];
+        assert_eq!(super::tap_mac(&fe), [0xfc, 0xac, 0x8a, 0x59, 0x94, 0xa3]);
+        for first in (0u8..=255).filter(|b| b & 1 == 0) {
+            let m = [first, 1, 2, 3, 4, 5];
+            assert_ne!(super::tap_mac(&m), m);
+        }
+    }
 }
