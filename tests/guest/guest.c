@@ -6,7 +6,9 @@
  * discards, then powers off through the i8042 reset line. With "tessera.mode=evil" it
  * sends requests that lie (buffers outside memory, unknown types, sectors past the end)
  * and checks the device fails them and keeps working. With "tessera.mode=count" it
- * counts forever, printing progress (used by the snapshot tests).
+ * counts forever, printing progress (used by the snapshot tests); "tessera.mode=idle"
+ * prints the same counts, one per LAPIC timer tick, and halts in between (no host CPU
+ * while idle: what a cluster of many test VMs needs).
  *
  * With "tessera.mode=net" it drives the virtio-net NIC instead (found among the
  * virtio_mmio.device= entries by its device id): it sends a gratuitous ARP for its address
@@ -17,7 +19,7 @@
  * polls) until 3 replies came, each reply printed ("TESSERA-GUEST: net: echo reply from ...").
  * Polled, no interrupts, like the disk.
  *
- * In the count and echo modes it polls the power button's event register (the ACPI
+ * In the count, idle and echo modes it polls the power button's event register (the ACPI
  * Generic Event Device's port 0x600; it does not parse AML): on a press it says so on the
  * console and powers off, or with "tessera.power_button=ignore" says it ignores it.
  *
@@ -224,35 +226,92 @@ static void mode_evil(void) {
  * a count there ("TESSERA-GUEST: disk holds COUNT=<k>", so a VM moved to another node
  * proves it reads what it wrote before), writes a marker to sector 0, then every fifth
  * count writes "COUNT=<k>" to sector 1, so a restored VM proves its disk still works. */
-static void mode_count(int disk) {
+static void count_begin(int disk) {
     puts("used ring page "); puthex((u64)&used_page); puts(", buffer page "); puthex((u64)buf); puts("\n");
-    if (disk) {
-        memset(buf, 0, 512);
-        if (request(T_IN, 1, (u64)buf, 512, 1) != 0) fail("count read");
-        if (buf[0] == 'C' && buf[1] == 'O' && buf[2] == 'U' && buf[3] == 'N' && buf[4] == 'T' && buf[5] == '=') {
-            buf[40] = 0;
-            puts("TESSERA-GUEST: disk holds "); puts((const char *)buf); puts("\n");
-        }
-        memset(buf, 0, 512);
-        memcpy(buf, "TESSERA-MARK-BEFORE-SNAPSHOT", 28);
-        if (request(T_OUT, 0, (u64)buf, 512, 0) != 0) fail("marker write");
-        if ((features & (1ull << 9)) && request(T_FLUSH, 0, 0, 0, 0) != 0) fail("flush");
+    if (!disk) return;
+    memset(buf, 0, 512);
+    if (request(T_IN, 1, (u64)buf, 512, 1) != 0) fail("count read");
+    if (buf[0] == 'C' && buf[1] == 'O' && buf[2] == 'U' && buf[3] == 'N' && buf[4] == 'T' && buf[5] == '=') {
+        buf[40] = 0;
+        puts("TESSERA-GUEST: disk holds "); puts((const char *)buf); puts("\n");
     }
-    for (u64 n = 0; ; n++) {
-        /* Once per count: a port read is a VM exit, costly under emulation. */
-        if (n % 20000 == 0) {
-            poll_power_button();
-            u64 k = n / 20000;
-            puts("count "); putdec(k); puts("\n");
-            if (disk && k % 5 == 0) {
-                memset(buf, 0, 512);
-                memcpy(buf, "COUNT=", 6);
-                char d[21]; int m = 0; u64 v = k;
-                do { d[m++] = (char)('0' + v % 10); v /= 10; } while (v);
-                for (int i = 0; i < m; i++) buf[6 + i] = (u8)d[m - 1 - i];
-                if (request(T_OUT, 1, (u64)buf, 512, 0) != 0) fail("count write");
-            }
-        }
+    memset(buf, 0, 512);
+    memcpy(buf, "TESSERA-MARK-BEFORE-SNAPSHOT", 28);
+    if (request(T_OUT, 0, (u64)buf, 512, 0) != 0) fail("marker write");
+    if ((features & (1ull << 9)) && request(T_FLUSH, 0, 0, 0, 0) != 0) fail("flush");
+}
+
+/* One count: the power button first (a port read is a VM exit, costly under emulation:
+ * once per count), then "count <k>", and every fifth count "COUNT=<k>" to the disk. */
+static void count_step(u64 k, int disk) {
+    poll_power_button();
+    puts("count "); putdec(k); puts("\n");
+    if (disk && k % 5 == 0) {
+        memset(buf, 0, 512);
+        memcpy(buf, "COUNT=", 6);
+        char d[21]; int m = 0; u64 v = k;
+        do { d[m++] = (char)('0' + v % 10); v /= 10; } while (v);
+        for (int i = 0; i < m; i++) buf[6 + i] = (u8)d[m - 1 - i];
+        if (request(T_OUT, 1, (u64)buf, 512, 0) != 0) fail("count write");
+    }
+}
+
+/* tessera.mode=count: a count every 20,000 turns of a busy loop. The vCPU never rests:
+ * a whole host CPU per guest on machines without VT-x. */
+static void mode_count(int disk) {
+    count_begin(disk);
+    for (u64 n = 0; ; n++)
+        if (n % 20000 == 0) count_step(n / 20000, disk);
+}
+
+/* ---- tessera.mode=idle: the same counts, but the guest halts between them ----
+ * The LAPIC timer (periodic, tessera.tick_ms=N, default 1000) wakes it; everything else
+ * is masked: LINT0 (the PIC, through which virtio's and the power button's interrupts
+ * would come) and the I/O APIC's pins (masked from reset, never unmasked). The disk is
+ * polled as in the other modes, with interrupts off; the power button is polled once
+ * per tick. An idle guest costs its host nothing between ticks: HLT stays in KVM (the
+ * in-kernel irqchip) until the timer fires. */
+#define LAPIC 0xfee00000ull
+#define TICK_VECTOR 0x20
+volatile u64 ticks; /* raised by tick_isr (entry.S) */
+void tick_isr(void);
+void other_isr(void);
+void exception_isr(void);
+void guest_exception(void) { fail("an exception in idle mode"); }
+
+struct gate { u16 off0, sel; u8 ist, type; u16 off1; u32 off2, zero; };
+static struct gate idt[256] __attribute__((aligned(16)));
+static void gate(int v, void (*h)(void)) {
+    u64 a = (u64)h;
+    /* Selector 0x08: the VMM's 64-bit code segment; 0x8e: present interrupt gate. */
+    idt[v] = (struct gate){ (u16)a, 0x08, 0, 0x8e, (u16)(a >> 16), (u32)(a >> 32), 0 };
+}
+
+static void mode_idle(int disk, const char *cmdline) {
+    u64 tick_ms = 1000;
+    const char *t = find(cmdline, "tessera.tick_ms=");
+    if (t) tick_ms = parse_num(&t);
+    if (tick_ms < 1 || tick_ms > 60000) fail("tessera.tick_ms= must be 1 to 60000");
+    for (int v = 0; v < 256; v++) gate(v, v < 32 ? exception_isr : other_isr);
+    gate(TICK_VECTOR, tick_isr);
+    struct { u16 limit; u64 base; } __attribute__((packed)) d = { sizeof idt - 1, (u64)idt };
+    __asm__ volatile("lidt %0" : : "m"(d));
+    wr(LAPIC + 0xf0, 0x100 | 0xff);                 /* enabled, spurious vector 0xff */
+    wr(LAPIC + 0x350, 1u << 16);                    /* LINT0 masked */
+    wr(LAPIC + 0x3e0, 0x3);                         /* divide by 16 */
+    wr(LAPIC + 0x320, (1u << 17) | TICK_VECTOR);    /* periodic */
+    /* KVM's LAPIC timer counts at 1 GHz (its APIC bus default): 62,500 per ms at /16. */
+    wr(LAPIC + 0x380, (u32)(tick_ms * 62500));
+    puts("TESSERA-GUEST: idle mode, a count every "); putdec(tick_ms); puts(" ms, halting in between\n");
+    count_begin(disk);
+    count_step(0, disk);
+    u64 seen = 0, k = 0;
+    for (;;) {
+        /* STI's one-instruction shadow: no tick can slip in between it and HLT. */
+        __asm__ volatile("sti; hlt; cli" : : : "memory");
+        if (ticks == seen) continue;
+        seen = ticks;
+        count_step(++k, disk);
     }
 }
 
@@ -570,12 +629,15 @@ void guest_main(u8 *boot_params) {
     if (find(cmdline, "tessera.mode=acpi")) mode_acpi();
     if (find(cmdline, "tessera.mode=echo")) mode_echo();
     int counting = find(cmdline, "tessera.mode=count") != 0;
+    int idle = find(cmdline, "tessera.mode=idle") != 0;
     if (find(cmdline, "tessera.mode=net")) mode_net(cmdline);
     base = find_device(cmdline, 2);
     if (!base && counting) mode_count(0);
+    if (!base && idle) mode_idle(0, cmdline);
     if (!base) fail("no virtio_mmio.device= of a block device on the command line");
     virtio_init();
     if (counting) mode_count(1);
+    if (idle) mode_idle(1, cmdline);
     if (find(cmdline, "tessera.mode=bench")) { mode_bench(); power_off(); }
     if (find(cmdline, "tessera.mode=evil")) mode_evil();
     else mode_disk();
