@@ -15,6 +15,7 @@ pub mod devcluster;
 pub mod power_loss;
 pub mod powerfs;
 pub mod skip_policy;
+pub mod sse;
 pub mod vms;
 
 use std::net::TcpListener;
