@@ -124,6 +124,13 @@ pub enum ReplicationRole {
         /// default 5000).
         #[serde(default)]
         timeout_ms: Option<u64>,
+        /// After a replica failed, how long beyond `timeout_ms` a request waits for the
+        /// cluster to take the replica out of the in-sync set (a newer configuration)
+        /// before it fails with an I/O error (milliseconds; default 30000). Meanwhile it
+        /// is neither acknowledged nor failed: a client never sees an error only because
+        /// the cluster took a moment to decide.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cluster_wait_ms: Option<u64>,
         /// Replicas out of the in-sync set that the primary catches up in the background
         /// (only the blocks that differ in what they missed, or the whole volume when
         /// nothing was recorded for them). `replication_status` reports `caught_up` when

@@ -40,6 +40,7 @@ fn every_op() -> Vec<AdminOp> {
                     addr: "10.0.0.2:7410".into(),
                 }],
                 timeout_ms: Some(3000),
+                cluster_wait_ms: Some(20_000),
                 catching_up: vec![ReplicaPeer {
                     node: "node3".into(),
                     addr: "10.0.0.3:7410".into(),

@@ -144,7 +144,10 @@ pub async fn start(cfg: &DaemonConfig) -> anyhow::Result<Running> {
         let Some(dir) = cfg.nbd_tls_dir.clone() else {
             anyhow::bail!("replication over QUIC needs the node's credentials (--nbd-tls-dir)");
         };
-        let ep = ReplEndpoint::bind(addr, dir)?;
+        let key = crate::repl::reset_key::ResetKey::load_or_create(
+            &cfg.data_dir.join("replication/quic-reset.key"),
+        );
+        let ep = ReplEndpoint::bind(addr, dir, key)?;
         tasks.push(tokio::spawn(crate::repl::quic::follow_credentials(
             ep.clone(),
         )));

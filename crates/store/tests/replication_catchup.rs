@@ -74,6 +74,8 @@ fn primary(replicas: &[&Node], catching_up: &[&Node]) -> ReplicationRole {
     ReplicationRole::Primary {
         replicas: replicas.iter().map(|n| peer(n)).collect(),
         timeout_ms: Some(1500),
+        // No cluster answers here unless the test does: a request fails soon after.
+        cluster_wait_ms: Some(1000),
         catching_up: catching_up.iter().map(|n| peer(n)).collect(),
         catch_up_bytes_per_sec: None,
         operator_override: false,

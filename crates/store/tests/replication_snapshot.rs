@@ -161,6 +161,7 @@ fn snapshots_under_a_write_storm_are_identical_on_every_copy() {
             role: ReplicationRole::Primary {
                 replicas: vec![peer(&nodes[1])],
                 timeout_ms: Some(1500),
+                cluster_wait_ms: None,
                 catching_up: vec![],
                 catch_up_bytes_per_sec: None,
                 operator_override: false,

@@ -8,6 +8,7 @@ mod catchup;
 pub mod primary;
 pub mod quic;
 pub mod replica;
+pub mod reset_key;
 mod snapshot;
 mod status;
 
@@ -186,6 +187,7 @@ impl Replication {
             ReplicationRole::Primary {
                 replicas,
                 timeout_ms,
+                cluster_wait_ms,
                 catching_up,
                 catch_up_bytes_per_sec,
                 operator_override,
@@ -244,6 +246,8 @@ impl Replication {
                             catching_up: catching,
                             rate: *catch_up_bytes_per_sec,
                             timeout,
+                            cluster_wait: cluster_wait_ms
+                                .map_or(primary::DEFAULT_CLUSTER_WAIT, Duration::from_millis),
                             taken: self.taken.clone(),
                             operator_override: *operator_override,
                         },

@@ -6,10 +6,10 @@
 //! One driver task per volume owns the machine and performs its actions in order. The
 //! local copy is written in seq order, like the replicas', so every copy applies the
 //! same stream. One link task per replica keeps a QUIC connection with one stream open,
-//! reconnecting after a loss. A request not completed within the replica timeout plus a
-//! margin fails with EIO: with no cluster to remove a silent replica from the in-sync
-//! set (a later slice), the primary stops completing and its clients get errors, never
-//! an acknowledgement the replicas do not back.
+//! reconnecting after a loss. A replica that does not answer within the replica timeout,
+//! or refuses a request, makes the primary stop completing until the cluster takes it out
+//! of the in-sync set; requests wait for that (the cluster wait) and only then fail with
+//! EIO, never with an acknowledgement the replicas do not back.
 
 mod driver;
 mod link;
@@ -40,8 +40,12 @@ use missed::{append_synced, load_missed, missed_path, whole};
 const TICK: Duration = Duration::from_millis(100);
 /// Pause between attempts to reach a replica.
 const RECONNECT: Duration = Duration::from_millis(300);
-/// What a client waits beyond the replica timeout before its request fails.
+/// What a snapshot's admin call, and a reconfiguration, wait beyond the replica timeout.
 const WAIT_MARGIN: Duration = Duration::from_secs(1);
+/// How long, beyond the replica timeout, a request waits by default for the cluster to
+/// take a failed replica out of the in-sync set before it fails: with tesserad's 10 s
+/// replica timeout, 30 s in all, the VMM's own NBD request timeout.
+pub const DEFAULT_CLUSTER_WAIT: Duration = Duration::from_secs(20);
 /// Longest a replica's last catch-up pass may hold requests before it rejoins.
 const FINAL_WAIT: Duration = Duration::from_secs(30);
 
@@ -61,7 +65,7 @@ pub enum ForwardError {
     #[error("{0}")]
     Request(#[from] RequestError),
     /// No completion within the bound.
-    #[error("no completion within {0:?}: a replica did not answer (it is not removed from the in-sync set automatically yet)")]
+    #[error("no completion within {0:?}: a replica failed and the cluster did not take it out of the in-sync set in that time")]
     TimedOut(Duration),
     /// The primary stopped (its role changed) before completing it.
     #[error("the volume's primary stopped")]
@@ -100,7 +104,10 @@ pub struct PrimaryHandle {
     /// Replica states, missed regions and catch-up counts, for `replication_status`.
     shared: Shared,
     tx: mpsc::UnboundedSender<Input>,
+    /// What a client's request waits at most: the replica timeout and the cluster wait.
     wait: Duration,
+    /// The replica timeout.
+    timeout: Duration,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     peers: Vec<(ReplicaId, Peer)>,
     fenced: Arc<std::sync::atomic::AtomicU64>,
@@ -120,17 +127,29 @@ impl PrimaryHandle {
         Generation(self.generation.load(std::sync::atomic::Ordering::Acquire))
     }
 
-    /// Submits `op` and waits (blocking) for its completion, at most the bound.
+    /// Submits a client's `op` and waits (blocking) for its completion: at most the
+    /// replica timeout and then the cluster wait, so a replica that failed and that the
+    /// cluster takes out of the in-sync set in that time costs the client a delay, not
+    /// an error.
     pub fn submit(&self, op: Op) -> Result<(), ForwardError> {
+        self.submit_within(op, self.wait)
+    }
+
+    /// What an admin call through the stream (a snapshot) waits: the replica timeout and
+    /// a margin, not the cluster wait (its caller has its own timeout).
+    pub fn admin_wait(&self) -> Duration {
+        self.timeout + WAIT_MARGIN
+    }
+
+    /// Submits `op` and waits (blocking) at most `bound` for its completion.
+    pub fn submit_within(&self, op: Op, bound: Duration) -> Result<(), ForwardError> {
         let (done, rx) = std::sync::mpsc::channel();
         self.tx
             .send(Input::Request { op, done })
             .map_err(|_| ForwardError::Stopped)?;
-        let wait = || match rx.recv_timeout(self.wait) {
+        let wait = || match rx.recv_timeout(bound) {
             Ok(r) => r,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                Err(ForwardError::TimedOut(self.wait))
-            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(ForwardError::TimedOut(bound)),
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(ForwardError::Stopped),
         };
         // The NBD server calls small writes on its async workers: let the runtime move
@@ -160,7 +179,7 @@ impl PrimaryHandle {
                 done,
             })
             .map_err(|_| "the primary stopped".to_string())?;
-        rx.recv_timeout(self.wait + FINAL_WAIT)
+        rx.recv_timeout(self.timeout + WAIT_MARGIN + FINAL_WAIT)
             .map_err(|_| "the primary did not take the configuration".to_string())??;
         self.generation
             .store(generation, std::sync::atomic::Ordering::Release);
@@ -228,6 +247,9 @@ pub struct PrimarySpec {
     pub rate: Option<u64>,
     /// How long a replica may leave a request unanswered.
     pub timeout: Duration,
+    /// How long beyond `timeout` a client's request waits for the cluster's answer to a
+    /// failed replica.
+    pub cluster_wait: Duration,
     /// Snapshots taken from write streams on this store.
     pub taken: super::snapshot::Taken,
     /// Fewer than 2 copies in sync allowed (the cluster's audited operator override).
@@ -276,6 +298,7 @@ impl Primaries {
             catching_up,
             rate,
             timeout,
+            cluster_wait,
             taken,
             operator_override,
         } = spec;
@@ -373,7 +396,8 @@ impl Primaries {
             generation: std::sync::atomic::AtomicU64::new(generation),
             shared,
             tx,
-            wait: timeout + WAIT_MARGIN,
+            wait: timeout + cluster_wait,
+            timeout,
             tasks,
             peers,
             fenced,

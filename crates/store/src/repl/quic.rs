@@ -168,15 +168,21 @@ pub struct ReplEndpoint {
 
 impl ReplEndpoint {
     /// Binds `addr` (UDP). Nothing is accepted until [`ReplEndpoint::load_credentials`]
-    /// found usable credentials. Must run inside the tokio runtime.
-    pub fn bind(addr: SocketAddr, tls_dir: PathBuf) -> Result<Arc<ReplEndpoint>, QuicError> {
+    /// found usable credentials. `reset_key` must be the one of this address's earlier
+    /// starts (see `reset_key`): peers of a previous process then drop their connections
+    /// at its first answer. Must run inside the tokio runtime.
+    pub fn bind(
+        addr: SocketAddr,
+        tls_dir: PathBuf,
+        reset_key: super::reset_key::ResetKey,
+    ) -> Result<Arc<ReplEndpoint>, QuicError> {
         let bind = |source| QuicError::Bind { addr, source };
         let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind(std::io::Error::other("no async runtime")))?;
-        let endpoint =
-            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
-                .map_err(bind)?;
+        let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        config.cid_generator(|| Box::new(super::reset_key::ConnectionIds::new()));
+        let endpoint = quinn::Endpoint::new(config, None, socket, runtime).map_err(bind)?;
         Ok(Arc::new(ReplEndpoint {
             endpoint,
             client: RwLock::new(None),

@@ -91,7 +91,8 @@ impl Replication {
         if info.snapshots.iter().any(|s| s.name == snapshot) {
             return Err(StoreError::AlreadyExists(format!("snapshot {volume}@{snapshot}")).into());
         }
-        primary.submit(Op::Snapshot { name }).map_err(|e| {
+        let bound = primary.admin_wait();
+        primary.submit_within(Op::Snapshot { name }, bound).map_err(|e| {
             let why = match e {
                 ForwardError::Request(RequestError::NotAllInSync(ids)) => {
                     let nodes: Vec<String> = ids

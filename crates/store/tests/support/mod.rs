@@ -118,19 +118,12 @@ impl Node {
         self.admin(AdminOp::SetReplication {
             volume: volume.into(),
             generation,
-            role: ReplicationRole::Primary {
-                replicas: replicas
-                    .iter()
-                    .map(|n| ReplicaPeer {
-                        node: n.id.clone(),
-                        addr: n.repl.to_string(),
-                    })
-                    .collect(),
-                timeout_ms: Some(1500),
-                catching_up: vec![],
-                catch_up_bytes_per_sec: None,
-                operator_override: false,
-            },
+            // No cluster answers a failed replica here: a request fails 1 s after it.
+            role: primary_role(
+                replicas,
+                &[],
+                serde_json::json!({"timeout_ms": 1500, "cluster_wait_ms": 1000}),
+            ),
         })
         .unwrap();
     }
@@ -151,6 +144,33 @@ impl Node {
         self.nbd(volume).read(offset, &mut buf).unwrap();
         buf
     }
+}
+
+/// The `primary` role with `replicas` in sync and `catching_up` to catch up, and the
+/// optional fields in `more` (a JSON object, e.g. `{"timeout_ms": 1500}`). Built through
+/// serde, as tesserad builds it, so a field added to the role does not break the tests.
+pub fn primary_role(
+    replicas: &[&Node],
+    catching_up: &[&Node],
+    more: serde_json::Value,
+) -> ReplicationRole {
+    let peers = |list: &[&Node]| -> Vec<ReplicaPeer> {
+        list.iter()
+            .map(|n| ReplicaPeer {
+                node: n.id.clone(),
+                addr: n.repl.to_string(),
+            })
+            .collect()
+    };
+    let mut role = serde_json::json!({
+        "type": "primary",
+        "replicas": peers(replicas),
+        "catching_up": peers(catching_up),
+    });
+    if let (Some(r), Some(m)) = (role.as_object_mut(), more.as_object()) {
+        r.extend(m.clone());
+    }
+    serde_json::from_value(role).unwrap()
 }
 
 /// Writes `dir/{ca.crt,node.crt,node.key}` for node `id` of the cluster of `ca`.
