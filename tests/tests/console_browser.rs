@@ -5,30 +5,40 @@
 //! event arrive live, creates and revokes an API token and logs out; an Auditor sees no
 //! action buttons and gets 403 when it calls the API anyway. Every console answer carries
 //! the Content-Security-Policy, the browser enforces it, and no page loads anything from
-//! another origin. A screenshot of each page lands in target/console-screenshots/.
+//! another origin. The VM list pages and filters 57 VMs through the API; at the end node 3
+//! is killed and removed from the Nodes page. A screenshot of each page lands in
+//! target/console-screenshots/. The story's parts live in console_browser/.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use fantoccini::actions::{InputSource, KeyAction, KeyActions};
-use fantoccini::{Client, ClientBuilder, Locator};
-use serde_json::{json, Value};
+use fantoccini::Client;
+use serde_json::json;
 use tessera_tests::devcluster::DevCluster;
-use tessera_tests::{free_port, require};
+use tessera_tests::require;
 
+#[path = "console_browser/dead_node.rs"]
+mod dead_node;
+#[path = "console_browser/driver.rs"]
+mod driver;
 #[path = "console_browser/nodes.rs"]
 mod nodes;
 #[path = "console_browser/two_factor.rs"]
 mod two_factor;
+#[path = "console_browser/vm_console.rs"]
+mod vm_console;
 #[path = "console_browser/vm_edit.rs"]
 mod vm_edit;
+#[path = "console_browser/vm_list.rs"]
+mod vm_list;
 #[path = "console_browser/volumes.rs"]
 mod volumes;
+
+pub(crate) use driver::{
+    browser, change_password, click, contact_sheet, el, fetch, fill, go, log_in, only_own_origin,
+    select, shot, start_driver, submit, wait_js,
+};
 
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
 const NEW_PASSWORD: &str = "console-test-password-1";
@@ -36,218 +46,6 @@ const AUDITOR_PASSWORD: &str = "auditor-first-password";
 /// The viewer's password after the administrator resets it in the console.
 const AUDITOR_RESET: &str = "auditor-reset-password";
 const AUDITOR_NEW: &str = "auditor-own-password-22";
-
-/// chromedriver, stopped with the test.
-struct Driver(Child);
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn screenshots_dir() -> PathBuf {
-    // target/<profile>/deps/<test> -> target/console-screenshots
-    let exe = std::env::current_exe().unwrap();
-    let target = exe.ancestors().nth(3).unwrap();
-    let d = target.join("console-screenshots");
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-async fn shot(c: &Client, name: &str) {
-    let png = c.screenshot().await.unwrap();
-    std::fs::write(screenshots_dir().join(format!("{name}.png")), png).unwrap();
-}
-
-/// Evaluates `js` (a function body returning a value) until it returns something truthy,
-/// for at most 20 s; returns that value.
-async fn wait_js(c: &Client, js: &str, what: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let v = c.execute(js, vec![]).await.unwrap();
-        let truthy = !matches!(&v, Value::Null | Value::Bool(false))
-            && v.as_str() != Some("")
-            && v.as_array().is_none_or(|a| !a.is_empty());
-        if truthy {
-            return v;
-        }
-        if Instant::now() > deadline {
-            let page = c
-                .execute("return document.getElementById('main').innerText", vec![])
-                .await
-                .unwrap_or_default();
-            panic!("timed out waiting for {what}; the page says:\n{page}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Waits for an element matching `css` and returns it.
-async fn el(c: &Client, css: &str) -> fantoccini::elements::Element {
-    c.wait()
-        .at_most(Duration::from_secs(20))
-        .for_element(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("no {css}: {e}"))
-}
-
-/// Runs a WebDriver action on the element `css`, found afresh and tried again when the
-/// page's refresh replaced it in between (a stale element) or it is not yet interactable
-/// (a page still being laid out right after navigation: seen once in a CI run under
-/// load). Bounded: at most 50 tries 100 ms apart, then the error is the test's failure.
-macro_rules! on_element {
-    ($c:expr, $css:expr, |$e:ident| $body:expr) => {{
-        use fantoccini::error::{CmdError, ErrorStatus};
-        let mut tries = 0;
-        loop {
-            let $e = el($c, &$css).await;
-            match $body {
-                Ok(_) => break,
-                Err(CmdError::Standard(w))
-                    if (w.error == ErrorStatus::StaleElementReference
-                        || w.error == ErrorStatus::ElementNotInteractable)
-                        && tries < 50 =>
-                {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("{}: {e}", $css),
-            }
-        }
-    }};
-}
-
-async fn fill(c: &Client, form: &str, name: &str, value: &str) {
-    let css = format!("{form} [name=\"{name}\"]");
-    on_element!(c, css, |e| {
-        match e.clear().await {
-            Ok(()) => e.send_keys(value).await,
-            Err(err) => Err(err),
-        }
-    });
-}
-
-async fn select(c: &Client, form: &str, name: &str, value: &str) {
-    let css = format!("{form} select[name=\"{name}\"]");
-    on_element!(c, css, |e| e.select_by_value(value).await);
-}
-
-async fn submit(c: &Client, form: &str) {
-    let css = format!("{form} button[type=submit]");
-    on_element!(c, css, |e| e.click().await);
-}
-
-/// Clicks the row button `css` (found afresh: the lists refresh themselves).
-async fn click(c: &Client, css: &str) {
-    let js = format!(
-        "const b = document.querySelector({}); if (!b || b.disabled) return false; b.click(); return true;",
-        json!(css)
-    );
-    wait_js(c, &js, css).await;
-}
-
-async fn go(c: &Client, origin: &str, page: &str) {
-    c.goto(&format!("{origin}/ui/#/{page}")).await.unwrap();
-}
-
-/// Calls the API from the page (the session cookie, the CSRF header): (status, body).
-async fn fetch(c: &Client, method: &str, path: &str, body: Option<Value>) -> (u64, Value) {
-    let js = r#"
-        const [method, path, body, done] = arguments;
-        fetch('/api/v1/' + path, {method, credentials: 'same-origin',
-            headers: {'content-type': 'application/json', 'x-tessera-csrf': '1'},
-            body: body === null ? undefined : JSON.stringify(body)})
-          .then(async r => done([r.status, await r.text()]))
-          .catch(e => done([0, String(e)]));
-    "#;
-    let v = c
-        .execute_async(js, vec![json!(method), json!(path), json!(body)])
-        .await
-        .unwrap();
-    let text = v[1].as_str().unwrap_or_default();
-    (
-        v[0].as_u64().unwrap(),
-        serde_json::from_str(text).unwrap_or(json!(text)),
-    )
-}
-
-/// Every resource the page loaded came from its own origin.
-async fn only_own_origin(c: &Client) {
-    let v = c
-        .execute(
-            "return performance.getEntriesByType('resource').map(e => e.name)\
-                .concat([location.href]).filter(u => !u.startsWith(location.origin + '/'))",
-            vec![],
-        )
-        .await
-        .unwrap();
-    assert_eq!(v, json!([]), "requests to another origin");
-}
-
-async fn log_in(c: &Client, origin: &str, user: &str, password: &str) {
-    go(c, origin, "login").await;
-    fill(c, "#login-form", "username", user).await;
-    fill(c, "#login-form", "password", password).await;
-    submit(c, "#login-form").await;
-}
-
-async fn change_password(c: &Client, old: &str, new: &str) {
-    el(c, "#password-form").await;
-    fill(c, "#password-form", "old_password", old).await;
-    fill(c, "#password-form", "new_password", new).await;
-    fill(c, "#password-form", "again", new).await;
-    submit(c, "#password-form").await;
-    wait_js(
-        c,
-        "return document.getElementById('main').dataset.page === 'dashboard' && !!document.getElementById('health')",
-        "the dashboard after the password change",
-    )
-    .await;
-}
-
-fn start_driver() -> (Driver, u16) {
-    let port = free_port();
-    let child = Command::new("chromedriver")
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let driver = Driver(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "chromedriver did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (driver, port)
-}
-
-async fn browser(port: u16, profile: &Path) -> Client {
-    let mut caps = serde_json::Map::new();
-    caps.insert(
-        "goog:chromeOptions".into(),
-        json!({
-            "binary": "/usr/bin/chromium",
-            "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--disable-gpu", "--window-size=1280,800",
-                format!("--user-data-dir={}", profile.display()),
-                // Nothing but the cluster: no component updates, no metrics, no sync.
-                "--disable-background-networking", "--disable-component-update",
-                "--no-first-run", "--disable-sync"],
-        }),
-    );
-    // The nodes' certificates come from the cluster CA, which this fresh profile does not
-    // trust (the login page tells people how to import it).
-    caps.insert("acceptInsecureCerts".into(), json!(true));
-    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    ClientBuilder::new(connector)
-        .capabilities(caps)
-        .connect(&format!("http://127.0.0.1:{port}"))
-        .await
-        .unwrap()
-}
 
 #[test]
 fn the_console_works_in_a_real_browser_against_a_three_node_cluster() {
@@ -268,7 +66,9 @@ fn the_console_works_in_a_real_browser_against_a_three_node_cluster() {
         let c = browser(port, &dir.path().join("profile")).await;
         // On a failure, still end the browser session so Chromium does not outlive the test.
         let c2 = c.clone();
-        let outcome = tokio::spawn(async move { story(&c2, &password, &ca).await }).await;
+        let cluster_dir = dir.path().join("cluster");
+        let outcome =
+            tokio::spawn(async move { story(&c2, &password, &ca, &cluster_dir).await }).await;
         let _ = c.close().await;
         if let Err(e) = outcome {
             std::panic::resume_unwind(e.into_panic());
@@ -277,7 +77,7 @@ fn the_console_works_in_a_real_browser_against_a_three_node_cluster() {
     cluster.stop();
 }
 
-async fn story(c: &Client, initial: &str, ca: &str) {
+async fn story(c: &Client, initial: &str, ca: &str, cluster_dir: &std::path::Path) {
     let n1 = "https://127.0.0.1:8006";
     let n2 = "https://127.0.0.2:8006";
     let n3 = "https://127.0.0.3:8006";
@@ -455,7 +255,7 @@ async fn story(c: &Client, initial: &str, ca: &str) {
     )
     .await;
     shot(c, "vms").await;
-    vm_page_and_console(c, n1).await;
+    vm_console::vm_page_and_console(c, n1).await;
     go(c, n1, "vms").await;
     click(c, "tr[data-vm=\"guest\"] button[data-action=stop]").await;
     wait_js(
@@ -492,10 +292,11 @@ async fn story(c: &Client, initial: &str, ca: &str) {
     .await;
     let secret = secret.as_str().unwrap().to_string();
     shot(c, "access").await;
-    networks(c, n1).await;
+    vm_console::networks(c, n1).await;
     two_factor::check(c, n1).await;
     volumes::check(c, n1, ca).await;
     vm_edit::check(c, n1, "web").await;
+    vm_list::check(c, n1).await;
 
     // Another node's console: its own login (cookies are per origin), the same data.
     log_in(c, n2, "admin", NEW_PASSWORD).await;
@@ -666,175 +467,7 @@ async fn story(c: &Client, initial: &str, ca: &str) {
     el(c, "#login-form").await;
     assert_eq!(fetch(c, "GET", "cluster", None).await.0, 401);
     assert_eq!(fetch(c, "GET", "session", None).await.0, 401);
+    // Last, as it leaves the cluster with two nodes: node 3 dies and is removed.
+    dead_node::check(c, n1, cluster_dir).await;
     contact_sheet(c).await;
-}
-
-/// The guest's page (it runs, in echo mode): its configuration, disk, no NIC, its start
-/// task, and the serial console in xterm.js: the guest's output arrives, and a line typed
-/// on the keyboard reaches the guest, which answers it in upper case.
-async fn vm_page_and_console(c: &Client, origin: &str) {
-    // What the policy refuses on this page, from here on.
-    c.execute(
-        "window.refused = []; document.addEventListener('securitypolicyviolation', \
-         e => window.refused.push(e.effectiveDirective + ' ' + e.blockedURI))",
-        vec![],
-    )
-    .await
-    .unwrap();
-    // Navigating by the list's link (same page, no reload).
-    click(c, "tr[data-vm=\"guest\"] a[href=\"#/vm/guest\"]").await;
-    el(c, "#vm-config").await;
-    let text = wait_js(
-        c,
-        "const i = document.getElementById('vm-info'); return i && i.innerText.includes('web-data') && i.innerText",
-        "the guest's page with its disk",
-    )
-    .await;
-    let text = text.as_str().unwrap();
-    assert!(text.contains("console=ttyS0 tessera.mode=echo"), "{text}");
-    assert!(text.contains("No NICs"), "{text}");
-    wait_js(
-        c,
-        "return [...document.querySelectorAll('#vm-info tr[data-state=succeeded]')].some(r => r.innerText.startsWith('start'))",
-        "the start task in the VM's history",
-    )
-    .await;
-    // The console: what the guest printed since boot (the scrollback), through xterm.
-    // xterm draws only while the terminal is on screen: it is below the VM's facts.
-    el(c, "#console-screen").await;
-    c.execute(
-        "document.getElementById('console-screen').scrollIntoView()",
-        vec![],
-    )
-    .await
-    .unwrap();
-    wait_js(
-        c,
-        "const r = document.querySelector('#console-screen .xterm-rows'); return r && r.innerText.includes('echo ready')",
-        "the guest's output in the terminal",
-    )
-    .await;
-    wait_js(
-        c,
-        "return document.getElementById('console-screen').dataset.connected === '1'",
-        "the console connected",
-    )
-    .await;
-    // xterm's own rules apply although the policy refused its inline <style>: they were
-    // adopted as constructed sheets (a row's font is xterm's monospace one, not the page's).
-    let font = c
-        .execute(
-            "return getComputedStyle(document.querySelector('#console-screen .xterm-rows')).fontFamily",
-            vec![],
-        )
-        .await
-        .unwrap();
-    assert!(font.as_str().unwrap().contains("monospace"), "{font}");
-    // Typing: the keyboard (WebDriver key actions) into xterm's focused input; Enter
-    // ends the line.
-    c.execute(
-        "document.querySelector('#console-screen .xterm-helper-textarea').focus()",
-        vec![],
-    )
-    .await
-    .unwrap();
-    let mut keys = KeyActions::new("keyboard".into());
-    for ch in "hello tessera\u{E007}".chars() {
-        keys = keys
-            .then(KeyAction::Down { value: ch })
-            .then(KeyAction::Up { value: ch });
-    }
-    c.perform_actions(keys).await.unwrap();
-    wait_js(
-        c,
-        "return document.querySelector('#console-screen .xterm-rows').innerText.includes('echo: HELLO TESSERA')",
-        "the guest's answer to the typed line",
-    )
-    .await;
-    shot(c, "vm-detail").await;
-    vm_edit::running_vm_keeps_its_size(c).await;
-    // The only things refused were xterm's inline <style> elements (their rules were
-    // adopted instead): no script, connection or stylesheet from elsewhere.
-    let refused = c.execute("return window.refused", vec![]).await.unwrap();
-    for r in refused.as_array().unwrap() {
-        assert_eq!(r, "style-src-elem inline", "{refused}");
-    }
-    only_own_origin(c).await;
-    // Leaving the page ends the console's connection (no socket left behind).
-    go(c, origin, "vms").await;
-    el(c, "#vm-list").await;
-}
-
-/// Networks: create one, see it listed, delete it (the button asks twice).
-async fn networks(c: &Client, origin: &str) {
-    go(c, origin, "networks").await;
-    fill(c, "#network-create", "name", "lan").await;
-    fill(c, "#network-create", "bridge", "br-lan").await;
-    submit(c, "#network-create").await;
-    let row = wait_js(
-        c,
-        "const r = document.querySelector('tr[data-network=\"lan\"]'); return r && r.innerText",
-        "network lan listed",
-    )
-    .await;
-    assert!(row.as_str().unwrap().contains("br-lan"), "{row}");
-    shot(c, "networks").await;
-    let del = "tr[data-network=\"lan\"] button[data-action=delete]";
-    click(c, del).await;
-    wait_js(
-        c,
-        &format!(
-            "const b = document.querySelector({}); return b && b.textContent.startsWith('Confirm')",
-            json!(del)
-        ),
-        "the delete button armed",
-    )
-    .await;
-    click(c, del).await;
-    wait_js(
-        c,
-        "return !document.querySelector('tr[data-network=\"lan\"]')",
-        "network lan gone",
-    )
-    .await;
-    assert_eq!(fetch(c, "GET", "networks/lan", None).await.0, 404);
-}
-
-/// One page of every screenshot, tiled with its name: `contact-sheet.html` next to them,
-/// and `contact-sheet.png`, that page as the browser draws it.
-async fn contact_sheet(c: &Client) {
-    let dir = screenshots_dir();
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.ends_with(".png") && n != "contact-sheet.png")
-        .collect();
-    names.sort();
-    let tiles: String = names
-        .iter()
-        .map(|n| {
-            format!(
-                "<figure><img src=\"{n}\" alt=\"{n}\"><figcaption>{}</figcaption></figure>\n",
-                n.trim_end_matches(".png")
-            )
-        })
-        .collect();
-    let page = format!(
-        "<!doctype html><meta charset=utf-8><title>Tessera console screenshots</title>\n\
-         <style>body{{font:13px sans-serif;margin:8px;display:grid;\
-         grid-template-columns:repeat(4,300px);gap:8px}}figure{{margin:0}}\
-         img{{width:300px;border:1px solid #999}}</style>\n{tiles}"
-    );
-    let html = dir.join("contact-sheet.html");
-    std::fs::write(&html, page).unwrap();
-    c.set_window_size(1280, 1400).await.unwrap();
-    c.goto(&format!("file://{}", html.display())).await.unwrap();
-    wait_js(
-        c,
-        "return [...document.images].every(i => i.complete && i.naturalWidth > 0)",
-        "the contact sheet's images",
-    )
-    .await;
-    shot(c, "contact-sheet").await;
-    println!("contact sheet: {}", dir.join("contact-sheet.png").display());
 }

@@ -69,6 +69,10 @@ pub struct ClusterStatus {
     pub members: Vec<Member>,
     /// The node that answered.
     pub answered_by: String,
+    /// The cluster's VMs by state, as this node's copy of the state has them (a dashboard
+    /// needs these counts, not every VM).
+    #[serde(default)]
+    pub vms: crate::VmCounts,
 }
 
 /// A node of the cluster.

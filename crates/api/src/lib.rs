@@ -27,6 +27,7 @@ pub mod strict;
 mod tasks;
 mod totp;
 mod users;
+mod vm_list;
 mod vms;
 mod volume_override;
 mod volumes;
@@ -50,6 +51,7 @@ pub use settings::{ClusterSettings, SettingsUpdate, VCPU_OVERCOMMIT_RANGE};
 pub use tasks::{Task, TaskLog, TaskOp, TaskQuery, TaskState, VmAction, VmTask};
 pub use totp::{TotpConfirm, TotpConfirmed, TotpEnrollment};
 pub use users::{NewUser, UserInfo, UserUpdate};
+pub use vm_list::{VmCounts, VmQuery, MAX_VM_PAGE};
 pub use vms::{DesiredState, NewNic, NewVm, Nic, RestartPolicy, Vm, VmState, VmStatus, VmUpdate};
 pub use volume_override::{NewOverride, VolumeOverride};
 pub use volumes::{

@@ -22,7 +22,21 @@ export function setHandlers(unauthorized, mustChange) {
 }
 
 /** Calls `/api/v1/<path>`; resolves with the JSON answer, rejects with an ApiError. */
-export async function api(method, path, body, { quiet = false } = {}) {
+export async function api(method, path, body, opts = {}) {
+  return (await call(method, path, body, opts)).data;
+}
+
+/**
+ * GETs one page of a list (`/api/v1/<path>` with its `limit`/`offset`/filters): resolves
+ * with `{ items, total }`, `total` from the `X-Total-Count` header (every match, all pages).
+ */
+export async function apiPage(path) {
+  const { data, response } = await call("GET", path);
+  const total = Number(response.headers.get("x-total-count"));
+  return { items: data, total: Number.isFinite(total) ? total : data.length };
+}
+
+async function call(method, path, body, { quiet = false } = {}) {
   const headers = { accept: "application/json" };
   if (body !== undefined) headers["content-type"] = "application/json";
   if (!["GET", "HEAD"].includes(method)) headers["x-tessera-csrf"] = "1";
@@ -49,7 +63,7 @@ export async function api(method, path, body, { quiet = false } = {}) {
     if (!quiet && r.status === 403 && /password change required/.test(err.message)) onMustChange(err);
     throw err;
   }
-  return data;
+  return { data, response: r };
 }
 
 /** GET /tasks/{id} until it ends (bounded); calls `progress(task)` on each answer. */

@@ -13,6 +13,7 @@ import {
 } from "./forms.js";
 import { taskTable, eventTable, activityPages } from "./activity.js";
 import { resizeForm } from "./resize.js";
+import { vmsPage, VM_STATES } from "./vms.js";
 
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
@@ -20,7 +21,6 @@ const who = document.getElementById("who");
 const logoutButton = document.getElementById("logout");
 
 const ROLES = ["auditor", "operator", "administrator"];
-const VM_STATES = ["starting", "running", "paused", "stopping", "stopped", "crashed"];
 
 const session = {
   role: null, // null: not known to be logged in
@@ -174,8 +174,9 @@ function passwordView() {
 }
 
 async function dashboardView(gen) {
-  const [cluster, nodes, vms, tasks, events] = await Promise.all([
-    api("GET", "cluster"), api("GET", "nodes"), api("GET", "vms"), api("GET", "tasks"), api("GET", "events?limit=10"),
+  // The VMs by state come counted in the cluster's status: not every VM's record.
+  const [cluster, nodes, tasks, events] = await Promise.all([
+    api("GET", "cluster"), api("GET", "nodes"), api("GET", "tasks"), api("GET", "events?limit=10"),
   ]);
   if (gen !== session.generation) return;
   const byState = (xs, k) => xs.reduce((m, x) => ((m[x[k]] = (m[x[k]] ?? 0) + 1), m), {});
@@ -192,7 +193,7 @@ async function dashboardView(gen) {
   const memUsed = sum((n) => n.metrics?.memory_used);
   const diskTotal = sum((n) => disk(n).total);
   const diskFree = sum((n) => disk(n).available);
-  const vmStates = byState(vms, "actual_state");
+  const vmStates = cluster.vms ?? { total: 0 };
   const active = tasks.filter((t) => t.state === "running" || t.state === "queued");
   replace(main,
     h("h1", {}, "Dashboard"),
@@ -210,9 +211,9 @@ async function dashboardView(gen) {
         h("p", {}, `Storage: ${bytes(diskTotal - diskFree)} used, ${bytes(diskFree)} free of ${bytes(diskTotal)}`),
         h("p.muted", {}, "Storage counts each node's largest filesystem.")),
       h("section.card#vm-states", { "aria-labelledby": "h-vms" },
-        h("h2#h-vms", {}, h("a", { href: "#/vms" }, `VMs (${vms.length})`)),
-        VM_STATES.filter((s) => vmStates[s]).map((s) => h("p", {}, stateTag(s), ` ${vmStates[s]}`)),
-        vms.length ? null : h("p.muted", {}, "No VMs yet."))),
+        h("h2#h-vms", {}, h("a", { href: "#/vms" }, `VMs (${vmStates.total})`)),
+        VM_STATES.filter((s) => vmStates[s]).map((s) => h("p", {}, h("a", { href: `#/vms?state=${s}` }, stateTag(s)), ` ${vmStates[s]}`)),
+        vmStates.total ? null : h("p.muted", {}, "No VMs yet."))),
     h("h2", {}, "Nodes"),
     table("Nodes", ["Node", "State", "CPU", "Memory", "Storage", "VMs"], nodes.map((n) => [
       n.name ?? n.id, stateTag(n.state),
@@ -225,157 +226,6 @@ async function dashboardView(gen) {
     taskTable(active, nodes, "No task is running."),
     h("h2", {}, h("a", { href: "#/events" }, "Recent events")),
     eventTable([...events].reverse()));
-}
-
-async function vmsView(gen) {
-  const [vms, nodes, volumes, images, networks] = await Promise.all([api("GET", "vms"), api("GET", "nodes"), api("GET", "volumes"),
-    api("GET", "images"), api("GET", "networks")]);
-  if (gen !== session.generation) return;
-  const filter = document.getElementById("vm-filter") ?? h("input#vm-filter", { type: "search", name: "filter", placeholder: "name, node or disk" });
-  const stateSel = document.getElementById("vm-state") ?? h("select#vm-state", { name: "state" }, h("option", { value: "" }, "Any state"),
-    VM_STATES.map((s) => h("option", { value: s }, s)));
-  const searchRow = filter.closest(".row") ?? h("div.row", { role: "search" }, field("Filter", filter), field("State", stateSel));
-  const list = h("div#vm-list");
-  const draw = () => {
-    const q = filter.value.trim().toLowerCase();
-    const shown = vms.filter((v) => (!stateSel.value || v.actual_state === stateSel.value) &&
-      (!q || [v.name, nodeName(nodes, v.running_on ?? v.placed_on ?? v.node), ...v.disks].some((x) => String(x).toLowerCase().includes(q))));
-    replace(list, table("VMs", ["Name", "State", "Node", "vCPUs", "Memory", "Disks", can("operator") ? "Actions" : null].filter(Boolean),
-      shown.map((v) => {
-        const r = [
-          h("a", { href: `#/vm/${encodeURIComponent(v.name)}` }, v.name),
-          h("span", {}, stateTag(v.actual_state), v.desired_state !== v.actual_state ? h("span.muted", {}, ` → ${v.desired_state}`) : "",
-            v.state_reason ? h("div.muted", {}, v.state_reason) : null),
-          nodeName(nodes, v.running_on ?? v.placed_on ?? v.node),
-          String(v.vcpus), `${v.memory_mib} MiB`, v.disks.join(", ") || "–",
-        ];
-        if (can("operator")) r.push(h("td.actions", {}, vmActions(v)));
-        r.attrs = { "data-vm": v.name };
-        return r;
-      }), vms.length ? "No VM matches." : "No VMs yet."));
-  };
-  filter.oninput = draw;
-  stateSel.onchange = draw;
-  draw();
-  const parts = [h("h1", {}, "Virtual machines"), messages(), searchRow, list];
-  if (can("operator")) parts.push(keep("vm-create", vmCreateForm(nodes, volumes, { vms, images, networks })));
-  const focused = document.activeElement;
-  replace(main, ...parts);
-  if (focused && main.contains(focused)) focused.focus();
-}
-
-function vmActions(v) {
-  const go = (act) => async () => {
-    await api("POST", `vms/${encodeURIComponent(v.name)}/${act}`);
-    pageMessage(`${v.name}: ${act} requested`, true);
-    announce(`${v.name}: ${act} requested`);
-    session.refresh?.();
-  };
-  const s = v.actual_state;
-  const out = [];
-  if (s === "stopped" || s === "crashed") out.push(action("Start", v.name, go("start"), "primary"));
-  if (s === "running") out.push(action("Stop", v.name, go("stop")), action("Reboot", v.name, go("reboot")), action("Pause", v.name, go("pause")));
-  if (s === "paused") out.push(action("Resume", v.name, go("resume")), action("Stop", v.name, go("stop")));
-  if (s !== "stopped") out.push(action("Kill", v.name, go("kill")));
-  if (s === "stopped" || s === "crashed") {
-    out.push(confirmAction("Delete", v.name, async () => {
-      await api("DELETE", `vms/${encodeURIComponent(v.name)}`);
-      pageMessage(`${v.name} deleted`, true);
-      // Its own page has nothing left to show.
-      if (location.hash.startsWith("#/vm/")) location.hash = "#/vms";
-      else session.refresh?.();
-    }));
-  }
-  return out;
-}
-
-function vmCreateForm(nodes, volumes, { vms, images, networks }) {
-  const name = h("input", { name: "name", required: true, autocomplete: "off" });
-  const vcpus = h("input", { name: "vcpus", type: "number", min: "1", max: "32", value: "1", required: true });
-  const mem = h("input", { name: "memory_mib", type: "number", min: "16", value: "256", required: true });
-  const diskMode = h("select", { name: "disk_mode" },
-    h("option", { value: "new" }, "A new volume"),
-    h("option", { value: "existing" }, "An existing volume"),
-    h("option", { value: "none" }, "No disk"));
-  const size = sizeInput();
-  const volNode = nodeSelect(nodes, "volume_node");
-  const free = volumes.filter((v) => !v.attached_to && v.state === "ready");
-  const existing = h("select", { name: "disks" }, free.map((v) => h("option", { value: v.name }, `${v.name} (${bytes(v.size_bytes)})`)));
-  const newBox = h("div.row", {}, field("Disk size", size.n), field("Unit", size.unit), field("Volume on node", volNode));
-  const oldBox = h("div.row", { hidden: true }, field("Volume", existing, free.length ? null : "No unattached volume is ready."));
-  diskMode.addEventListener("change", () => {
-    newBox.hidden = diskMode.value !== "new";
-    oldBox.hidden = diskMode.value !== "existing";
-  });
-  const kernel = h("input", { name: "kernel", autocomplete: "off", placeholder: "/var/lib/tessera/images/vmlinux" });
-  // Boot: an uploaded image where there is one (every node has a copy), else a kernel path.
-  const ready = images.filter((i) => !i.deleting);
-  const boot = h("select", { name: "image" },
-    ready.map((i) => h("option", { value: i.name }, `Image ${i.name}${i.cmdline ? ` (${i.cmdline})` : ""}`)),
-    h("option", { value: "" }, "A kernel path on the node"));
-  const kernelBox = h("div.row", { hidden: ready.length > 0 }, field("Kernel (path on the node)", kernel));
-  boot.addEventListener("change", () => { kernelBox.hidden = boot.value !== ""; });
-  // A template's copy: its spec and its disks cloned copy-on-write (the API's `from`).
-  const templates = vms.filter((v) => v.template);
-  const from = h("select", { name: "from" }, h("option", { value: "" }, "No template"),
-    templates.map((t) => h("option", { value: t.name }, t.name)));
-  const diskChoice = h("div#disk-choice", {}, field("Disk", diskMode, "A new volume is named <vm>-disk."), newBox, oldBox);
-  const bootBox = h("div", {}, field("Boot", boot));
-  from.addEventListener("change", () => {
-    // A copy boots what its template boots, on copies of its disks.
-    diskChoice.hidden = bootBox.hidden = from.value !== "";
-    kernelBox.hidden = from.value !== "" || boot.value !== "";
-  });
-  const nets = h("fieldset.nets", {}, h("legend", {}, "Networks (one NIC each)"),
-    networks.length ? networks.filter((n) => !n.deleting).map((n) => h("label.check", {},
-      h("input", { type: "checkbox", name: "networks", value: n.name }), ` ${n.name} (${n.bridge}${n.vlan ? `, VLAN ${n.vlan}` : ""})`))
-      : h("p.muted", {}, "No networks defined (see Networks)."));
-  const cmdline = h("input", { name: "cmdline", autocomplete: "off", placeholder: "console=ttyS0" });
-  const pin = nodeSelect(nodes, "node", "Any node");
-  const ha = h("input", { type: "checkbox", name: "ha", value: "1" });
-  const status = h("div", { "aria-live": "polite" });
-  const form = h("form.card#vm-create", {
-    onsubmit: (ev) => {
-      ev.preventDefault();
-      submit(form, async () => {
-        const body = { name: name.value, vcpus: Number(vcpus.value), memory_mib: Number(mem.value), disks: [] };
-        body.networks = [...nets.querySelectorAll("input:checked")].map((c) => c.value);
-        if (from.value) { /* the template's boot */ } else if (boot.value) body.image = boot.value;
-        else if (kernel.value) body.kernel = kernel.value;
-        if (cmdline.value) body.cmdline = cmdline.value;
-        if (pin.value) body.node = pin.value;
-        if (ha.checked) body.ha = true;
-        if (from.value) {
-          body.from = from.value;
-        } else if (diskMode.value === "existing") {
-          if (!existing.value) throw Object.assign(new Error("disks: choose a volume"), { field: "disks" });
-          body.disks = [existing.value];
-        }
-        if (!from.value && diskMode.value === "new") {
-          const vol = { name: `${name.value}-disk`, size_bytes: size.bytes() };
-          if (volNode.value) vol.node = volNode.value;
-          const task = await api("POST", "volumes", vol);
-          await followTask(task, status, `volume ${vol.name}`);
-          body.disks = [vol.name];
-        }
-        await api("POST", "vms", body);
-        replace(status, h("p.notice", {}, `VM ${body.name} created`));
-        announce(`VM ${body.name} created`);
-        name.value = "";
-        session.refresh?.();
-      });
-    },
-  },
-  h("h2", {}, "Create a VM"),
-  h("div.row", {}, field("Name", name), field("vCPUs", vcpus), field("Memory (MiB)", mem)),
-  templates.length ? field("Copy of template", from, "Its settings and its disks, cloned (<vm>-disk<N>).") : null,
-  diskChoice,
-  h("div.row", {}, bootBox, field("Kernel command line", cmdline), field("Pin to node", pin)),
-  kernelBox, nets,
-  h("label.check", {}, ha, " High availability: started on another node when its node fails (docs/ha.md)"),
-  formError(), status,
-  h("p", {}, h("button", { type: "submit" }, "Create VM")));
-  return form;
 }
 
 async function volumesView(gen) {
@@ -595,13 +445,16 @@ function tokenForm() {
 const activity = activityPages({ current: (gen) => gen === session.generation, refresh: () => session.refresh?.(),
   onEvent: (f) => { session.onEvent = f; } });
 
+const vms = vmsPage({ current: (gen) => gen === session.generation, can, refresh: () => session.refresh?.() });
+
 const VIEWS = {
-  "": dashboardView, vms: vmsView, volumes: volumesView, tasks: activity.tasks, events: activity.events, access: accessView,
-  vm: vmPage({ current: (gen) => gen === session.generation, can, messages, vmActions, nodeName,
+  "": dashboardView, vms: vms.view, volumes: volumesView, tasks: activity.tasks, events: activity.events, access: accessView,
+  vm: vmPage({ current: (gen) => gen === session.generation, can, messages, vmActions: vms.vmActions, nodeName,
     onLeave: (f) => session.leave.push(f), refresh: () => session.refresh?.() }),
   networks: networksPage({ current: (gen) => gen === session.generation, can, messages, pageMessage, confirmAction,
     submit, keep, formError, refresh: () => session.refresh?.() }),
-  nodes: nodesPage({ current: (gen) => gen === session.generation, can, messages, pageMessage, confirmAction }),
+  nodes: nodesPage({ current: (gen) => gen === session.generation, can, messages, pageMessage, confirmAction,
+    refresh: () => session.refresh?.() }),
   "two-factor": twoFactorPage({ current: (gen) => gen === session.generation, messages, pageMessage, submit, formError }),
 };
 
@@ -611,7 +464,8 @@ async function route() {
   session.refresh = null;
   session.onEvent = null;
   for (const f of session.leave.splice(0)) f();
-  const page = location.hash.replace(/^#\/?/, "").split("/")[0];
+  // `#/<page>/<item>` or `#/<page>?<query>` (the VM list's filter and page).
+  const page = location.hash.replace(/^#\/?/, "").split(/[/?]/)[0];
   for (const a of nav.querySelectorAll("a")) {
     const here = (a.dataset.page === "dashboard" ? "" : a.dataset.page) === (page === "vm" ? "vms" : page);
     here ? a.setAttribute("aria-current", "page") : a.removeAttribute("aria-current");

@@ -3,9 +3,11 @@
 // networks are shared by every VM).
 
 import { h, replace, field, table, when } from "./dom.js";
-import { api } from "./api.js";
+import { api, apiPage } from "./api.js";
 
 const main = document.getElementById("main");
+/** How many of a network's VMs the list names. */
+const SHOWN = 20;
 
 /**
  * The view for `#/networks`. `env`: `current(gen)`, `can(role)`, `messages()`,
@@ -38,15 +40,21 @@ export function networksPage(env) {
   }
 
   return async function view(gen) {
-    const [networks, vms] = await Promise.all([api("GET", "networks"), api("GET", "vms")]);
+    const networks = await api("GET", "networks");
+    // Each network's first VMs and how many there are (the API filters by network): the
+    // page never loads every VM of the cluster.
+    const users = await Promise.all(networks.map((n) =>
+      apiPage(`vms?network=${encodeURIComponent(n.name)}&limit=${SHOWN}`)));
     if (!env.current(gen)) return undefined;
     const admin = env.can("administrator");
-    const rows = networks.map((n) => {
-      const users = vms.filter((v) => v.networks.includes(n.name)).map((v) => v.name);
+    const rows = networks.map((n, i) => {
+      const { items, total } = users[i];
+      const names = items.map((v) => v.name).join(", ");
       const r = [n.name, n.bridge, n.vlan ?? "untagged", n.uplink ?? "–",
-        users.length ? users.join(", ") : "–", n.deleting ? "deleting" : when(n.created_ms)];
+        total ? `${names}${total > items.length ? ` and ${total - items.length} more` : ""}` : "–",
+        n.deleting ? "deleting" : when(n.created_ms)];
       if (admin) {
-        r.push(h("td.actions", {}, n.deleting || users.length ? null : env.confirmAction("Delete", `network ${n.name}`, async () => {
+        r.push(h("td.actions", {}, n.deleting || total ? null : env.confirmAction("Delete", `network ${n.name}`, async () => {
           await api("DELETE", `networks/${encodeURIComponent(n.name)}`);
           env.pageMessage(`network ${n.name} deleted`, true);
           env.refresh();

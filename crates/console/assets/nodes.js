@@ -27,30 +27,64 @@ const CHARTS = [
 
 const disk = (n) => (n.metrics?.disks ?? []).reduce((best, x) => (!best || x.total > best.total ? x : best), null);
 const nodeLabel = (n) => n.name ?? n.id;
-const vmsOn = (vms, n) => vms.filter((v) => (v.running_on ?? v.placed_on ?? v.node) === n.id);
 const volumesOn = (volumes, n) => volumes.filter((v) => v.node === n.id ||
   (v.replication?.copies ?? []).some((c) => c.node === n.id));
 
 /**
  * The view for `#/nodes` and `#/nodes/<id or name>`. `env` is what the console shell
  * shares: `current(gen)` (is this view still shown), `can(role)`, `messages()`,
- * `pageMessage(text, ok)`, `confirmAction(label, name, fn)`.
+ * `pageMessage(text, ok)`, `confirmAction(label, name, fn)`, `refresh()`.
  */
 export function nodesPage(env) {
   // The detail page shown, kept between refreshes so only new points are fetched.
   let detail = { gen: -1, id: null, points: [], charts: null };
 
+  // Nodes whose plain removal the API refused, with its words: they are offered a forced
+  // one (the API's `force=true`), which loses what only that node held.
+  const refused = new Map();
+
+  /**
+   * For an Administrator and a node that is down: "Remove" (asks twice), and once the API
+   * refused that (the node holds volumes), "Force remove" (asks twice too) with the API's
+   * reason beside it. A node that is up or suspect has neither: a node that is alive is
+   * not removed from here.
+   */
   function removeButton(n) {
-    if (!env.can("administrator") || n.state !== "down") return null;
-    return env.confirmAction("Remove", nodeLabel(n), async () => {
-      await api("DELETE", `nodes/${encodeURIComponent(n.id)}`);
-      env.pageMessage(`${nodeLabel(n)} removed from the cluster`, true);
+    if (!env.can("administrator") || n.state !== "down") {
+      refused.delete(n.id);
+      return null;
+    }
+    const label = nodeLabel(n);
+    const done = () => {
+      refused.delete(n.id);
+      env.pageMessage(`${label} removed from the cluster`, true);
       if (location.hash !== "#/nodes") location.hash = "#/nodes";
+      else env.refresh();
+    };
+    const plain = env.confirmAction("Remove", label, async () => {
+      try {
+        await api("DELETE", `nodes/${encodeURIComponent(n.id)}`);
+      } catch (e) {
+        if (e.status === 409) {
+          refused.set(n.id, e.message);
+          env.refresh();
+        }
+        throw e;
+      }
+      done();
     });
+    if (!refused.has(n.id)) return plain;
+    const force = env.confirmAction("Force remove", label, async () => {
+      await api("DELETE", `nodes/${encodeURIComponent(n.id)}?force=true`);
+      done();
+    });
+    // Why is in the page's message (the API's words); here, what forcing costs.
+    return h("span.remove-node", {}, force, h("span.muted", {}, `Loses what only ${label} holds.`));
   }
 
   async function list(gen) {
-    const [nodes, vms] = await Promise.all([api("GET", "nodes"), api("GET", "vms")]);
+    // The VM counts come with the nodes (their allocation): the list needs no VM records.
+    const nodes = await api("GET", "nodes");
     if (!env.current(gen)) return undefined;
     const admin = env.can("administrator");
     const rows = nodes.map((n) => {
@@ -61,15 +95,15 @@ export function nodesPage(env) {
         `${(n.metrics?.cpu_percent ?? 0).toFixed(0)}% of ${n.metrics?.cpus ?? "?"}`,
         `${bytes(n.metrics?.memory_used)} / ${bytes(n.metrics?.memory_total)}`,
         h("span", {}, stateTag(n.storage?.state ?? "unknown"), d ? ` · ${bytes(d.available)} free of ${bytes(d.total)}` : ""),
-        String(vmsOn(vms, n).length),
+        String(n.allocation?.vms ?? 0),
       ];
       if (admin) r.push(h("td.actions", {}, removeButton(n)));
       r.attrs = { "data-node": nodeLabel(n) };
       return r;
     });
     replace(main, h("h1", {}, "Nodes"), env.messages(),
-      table("Nodes", ["Node", "State", "CPU", "Memory", "Storage", "VMs", admin ? "Actions" : null].filter(Boolean), rows, "No nodes."),
-      h("p.muted", {}, "A node's page shows its last hour: CPU, memory, disk and network. Only a node that is down can be removed."));
+      table("Nodes", ["Node", "State", "CPU", "Memory", "Storage", "VMs placed", admin ? "Actions" : null].filter(Boolean), rows, "No nodes."),
+      h("p.muted", {}, "A node's page shows its last hour: CPU, memory, disk and network, and its VMs. VMs placed: those placed there and not stopped. Only a node that is down can be removed."));
     return 5000;
   }
 
@@ -107,8 +141,9 @@ export function nodesPage(env) {
     const fresh = detail.gen !== gen || detail.id !== id || !document.getElementById("node-charts");
     if (fresh) detail = { gen, id, points: [], charts: null };
     const last = detail.points.at(-1)?.t_ms;
-    const [nodes, vms, volumes, hist] = await Promise.all([
-      api("GET", "nodes"), api("GET", "vms"), api("GET", "volumes"),
+    const [nodes, mine, volumes, hist] = await Promise.all([
+      // Only this node's VMs (where they run, else where placed, else pinned).
+      api("GET", "nodes"), api("GET", `vms?node=${encodeURIComponent(id)}`), api("GET", "volumes"),
       // A node that is down cannot answer for its history: the page says so and shows
       // the rest.
       api("GET", `nodes/${encodeURIComponent(id)}/metrics${last ? `?since=${last}` : ""}`).catch((e) => e),
@@ -121,7 +156,6 @@ export function nodesPage(env) {
     }
     if (fresh || !document.getElementById("node-charts")) skeleton(n);
     document.title = `Tessera · node ${nodeLabel(n)}`;
-    const mine = vmsOn(vms, n);
     summary(n, mine);
     replace(document.getElementById("node-vms"), table("VMs on this node", ["Name", "State", "vCPUs", "Memory", "Disks"],
       mine.map((v) => Object.assign([v.name, stateTag(v.actual_state), String(v.vcpus), `${v.memory_mib} MiB`, v.disks.join(", ") || "–"],

@@ -109,6 +109,11 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
         include_bytes!("../assets/vm_edit.js"),
     ),
     (
+        "vms.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/vms.js"),
+    ),
+    (
         "networks.js",
         "text/javascript; charset=utf-8",
         include_bytes!("../assets/networks.js"),
@@ -261,6 +266,25 @@ mod tests {
                 assert!(!text.contains(" onclick="), "{p}");
                 assert!(!text.contains("<style"), "{p}");
                 assert!(!text.contains(" style="), "{p}");
+            }
+        }
+    }
+
+    /// A module the console imports but the binary does not serve breaks every page (the
+    /// browser refuses the whole module graph): each `from "./x.js"` names a served file.
+    #[test]
+    fn every_imported_module_is_served() {
+        let served: Vec<&str> = super::asset_paths().collect();
+        for p in super::asset_paths().filter(|p| p.ends_with(".js") && !p.contains('/')) {
+            let (_, body) = super::asset(p).unwrap();
+            let text = String::from_utf8_lossy(body);
+            for (i, _) in text.match_indices("from \"./") {
+                let rest = &text[i + "from \"./".len()..];
+                let name = &rest[..rest.find('"').unwrap()];
+                assert!(
+                    served.contains(&name),
+                    "{p} imports {name}, which is not served"
+                );
             }
         }
     }

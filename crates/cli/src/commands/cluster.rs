@@ -72,6 +72,7 @@ mod tests {
             voters: vec![],
             members: vec![],
             answered_by: String::new(),
+            vms: Default::default(),
         }
     }
 

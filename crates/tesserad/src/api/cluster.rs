@@ -42,6 +42,10 @@ pub async fn cluster(State(st): St, _: Auth<Auditor>) -> Result<Json<ClusterStat
         .current_leader
         .and_then(|l| node_of_raft_id(&registered, l))
         .map_or((None, None), |(id, name)| (Some(id), name));
+    let mut vms = tessera_api::VmCounts::default();
+    for (_, vm) in read_all::<tessera_api::Vm>(&n, VMS)? {
+        vms.add(super::vms::with_status(&n, vm)?.actual_state);
+    }
     Ok(Json(ClusterStatus {
         cluster_id,
         leader: m.current_leader,
@@ -51,6 +55,7 @@ pub async fn cluster(State(st): St, _: Auth<Auditor>) -> Result<Json<ClusterStat
         voters,
         members,
         answered_by: st.me.0.clone(),
+        vms,
     }))
 }
 

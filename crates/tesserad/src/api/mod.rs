@@ -32,6 +32,7 @@ mod tasks;
 mod totp;
 mod users;
 mod vm_actions;
+mod vm_list;
 mod vms;
 mod volume_override;
 mod volume_resize;
@@ -312,7 +313,7 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(volume_override::override_volume))
         .routes(routes!(volume_resize::resize))
         .routes(routes!(nbd::export_creds))
-        .routes(routes!(vms::list, vms::create))
+        .routes(routes!(vm_list::list, vms::create))
         .routes(routes!(vms::show, vms::update, vms::remove))
         .routes(routes!(vms::template))
         .routes(routes!(images::list, images::upload))

@@ -125,19 +125,6 @@ fn cluster_id(st: &super::ApiState) -> Result<String, ApiError> {
         .ok_or_else(|| ApiError::unavailable("the cluster id is not known yet; try again"))
 }
 
-/// List VMs.
-#[utoipa::path(get, path = "/api/v1/vms", tag = "vms", operation_id = "list_vms",
-    security(("token" = []), ("cookie" = [])),
-    responses((status = 200, body = [Vm]), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn list(_: Auth<Auditor>, n: Synced) -> Result<Json<Vec<Vm>>, ApiError> {
-    let vms = super::read_all::<Vm>(&n, VMS)?;
-    vms.into_iter()
-        .map(|(_, vm)| with_status(&n, vm))
-        .collect::<Result<_, _>>()
-        .map(Json)
-}
-
 /// The VM as a client sees it: its record with the state its node reports.
 pub(super) fn with_status(n: &tessera_state::Node, mut vm: Vm) -> Result<Vm, ApiError> {
     let status: Option<VmStatus> = read(n, VM_STATUS, &vm.name)?;
