@@ -4,8 +4,6 @@
 //! give up the leadership, a live leader could never be removed (`DELETE /nodes/{id}` of
 //! the leading node answered 409 for as long as it ran).
 
-#![allow(clippy::unwrap_used)]
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -13,8 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tessera_state::Node;
 
-mod common;
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_removed_through_a_follower_steps_down_and_the_rest_go_on() {

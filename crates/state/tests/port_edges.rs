@@ -3,40 +3,16 @@
 //! member's RPCs are still served, and a removed node's certificate is answered with its
 //! removal (which its transport keeps) instead of being served.
 
-// Helpers of these tests unwrap too: a failure there is the test failing.
-#![allow(clippy::unwrap_used)]
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tessera_state::network::{self, admission, Tls, Transport};
+use tessera_state::network::{self, admission, Transport};
 use tessera_state::{Command, Node, TransportError};
 use tokio::io::AsyncReadExt;
 
-/// A free port below the kernel's ephemeral range (see raft.rs).
-fn free_addr() -> SocketAddr {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 30_000 - (std::process::id() % 500) as u16 * 8;
-    loop {
-        let port = base - NEXT.fetch_add(1, Ordering::SeqCst) % 4_000;
-        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            return l.local_addr().unwrap();
-        }
-    }
-}
-
-/// Credentials for node `id` issued directly by `ca`.
-fn own_tls(ca: &tessera_pki::ClusterCa, id: u64) -> Tls {
-    let (key_pem, csr) = tessera_pki::node_key_and_request(&network::cert_name(id)).unwrap();
-    let creds = tessera_pki::NodeCredentials {
-        key_pem,
-        cert_pem: ca.issue(&csr, &network::cert_name(id)).unwrap(),
-    };
-    Tls::new(&creds, &ca.cert_pem).unwrap()
-}
+use crate::common::{free_addr, own_tls};
 
 fn put(table: &str, key: &str, v: serde_json::Value) -> Command {
     Command::Put {

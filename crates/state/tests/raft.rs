@@ -2,9 +2,6 @@
 //! machine, survive losing the leader, and a restarted member catches up from its own
 //! durable log.
 
-// Helpers of these tests unwrap too: a failure there is the test failing.
-#![allow(clippy::unwrap_used)]
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -13,8 +10,7 @@ use serde_json::json;
 use tessera_state::network::{self, AuthError, EnrollRequest, Tls};
 use tessera_state::{Command, MembershipError, Node, StateError, TransportError};
 
-mod common;
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_members_replicate_survive_the_leader_and_catch_up_after_restart() {
@@ -98,16 +94,6 @@ async fn a_full_restart_keeps_every_committed_write() {
     for n in nodes {
         n.shutdown().await;
     }
-}
-
-/// Credentials for node `id` issued directly by `ca` (what the minting node does).
-fn own_tls(ca: &tessera_pki::ClusterCa, id: u64) -> Tls {
-    let (key_pem, csr) = tessera_pki::node_key_and_request(&network::cert_name(id)).unwrap();
-    let creds = tessera_pki::NodeCredentials {
-        key_pem,
-        cert_pem: ca.issue(&csr, &network::cert_name(id)).unwrap(),
-    };
-    Tls::new(&creds, &ca.cert_pem).unwrap()
 }
 
 async fn enrolled_tls(addr: SocketAddr, key: &[u8; 32], id: u64) -> Tls {

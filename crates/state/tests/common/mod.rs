@@ -1,13 +1,13 @@
 //! Helpers shared by the Raft tests: free ports, plain members, waiting for a leader or
 //! a value.
 
-// Each test binary uses some of these, not all.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use tessera_state::network::{self, Tls};
 use tessera_state::{Command, Node};
 
 /// A free port below the kernel's ephemeral range (32768+): a port from that range, once
@@ -105,4 +105,14 @@ pub fn put(key: &str, v: serde_json::Value) -> Command {
         key: key.into(),
         value: v,
     }
+}
+
+/// Credentials for node `id` issued directly by `ca` (what the minting node does).
+pub fn own_tls(ca: &tessera_pki::ClusterCa, id: u64) -> Tls {
+    let (key_pem, csr) = tessera_pki::node_key_and_request(&network::cert_name(id)).unwrap();
+    let creds = tessera_pki::NodeCredentials {
+        key_pem,
+        cert_pem: ca.issue(&csr, &network::cert_name(id)).unwrap(),
+    };
+    Tls::new(&creds, &ca.cert_pem).unwrap()
 }
