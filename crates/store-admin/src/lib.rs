@@ -146,6 +146,18 @@ pub enum ReplicationRole {
         /// refused and the volume's writes wait for a replica.
         #[serde(default)]
         operator_override: bool,
+        /// Of `catching_up`, the nodes whose copy is new (made empty on a node that
+        /// replaces a lost copy): compared over the whole volume, whatever this store
+        /// recorded for that node before.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        rebuilding: Vec<String>,
+        /// The copies the cluster holds out of sync and is not catching up (their nodes
+        /// are away): the primary records what they miss. When given, a running primary
+        /// forgets the replicas it knows that are in none of the three lists (copies the
+        /// cluster replaced): their links, catch-ups and records go. Absent (an older
+        /// `tesserad`): every replica it knows and not listed is out of sync.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        out_of_sync: Option<Vec<ReplicaPeer>>,
     },
     /// Takes writes from the primary of this generation (or a newer one).
     Replica {

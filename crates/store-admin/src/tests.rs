@@ -47,6 +47,11 @@ fn every_op() -> Vec<AdminOp> {
                 }],
                 catch_up_bytes_per_sec: Some(100 << 20),
                 operator_override: true,
+                rebuilding: vec!["node3".into()],
+                out_of_sync: Some(vec![ReplicaPeer {
+                    node: "node4".into(),
+                    addr: "10.0.0.4:7410".into(),
+                }]),
             },
         },
         AdminOp::SetReplication {

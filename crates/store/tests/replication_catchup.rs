@@ -79,6 +79,8 @@ fn primary(replicas: &[&Node], catching_up: &[&Node]) -> ReplicationRole {
         catching_up: catching_up.iter().map(|n| peer(n)).collect(),
         catch_up_bytes_per_sec: None,
         operator_override: false,
+        rebuilding: vec![],
+        out_of_sync: None,
     }
 }
 

@@ -165,6 +165,8 @@ fn snapshots_under_a_write_storm_are_identical_on_every_copy() {
                 catching_up: vec![],
                 catch_up_bytes_per_sec: None,
                 operator_override: false,
+                rebuilding: vec![],
+                out_of_sync: None,
             },
         })
         .unwrap();

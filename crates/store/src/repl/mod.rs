@@ -12,7 +12,7 @@ pub mod reset_key;
 mod snapshot;
 mod status;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -20,8 +20,6 @@ use parking_lot::Mutex;
 use std::time::Duration;
 
 use tessera_blockstore::{Store, StoreError};
-use tessera_replication::primary::Config;
-use tessera_replication::wire::Generation;
 use tessera_store_admin::ReplicationRole;
 
 use primary::{Peer, Primaries, PrimarySpec};
@@ -191,6 +189,8 @@ impl Replication {
                 catching_up,
                 catch_up_bytes_per_sec,
                 operator_override,
+                rebuilding,
+                out_of_sync,
             } => {
                 let ep = self.endpoint.clone().ok_or_else(|| {
                     RoleError::Refused(
@@ -199,37 +199,34 @@ impl Replication {
                 })?;
                 let peers = parse_peers(replicas)?;
                 let catching = parse_peers(catching_up)?;
+                let lagging = out_of_sync.as_deref().map(parse_peers).transpose()?;
                 let timeout = timeout_ms
                     .map(Duration::from_millis)
                     .unwrap_or(DEFAULT_TIMEOUT);
                 self.replicas.disable(volume);
-                // The same replicas in a newer generation: the running primary takes the
-                // configuration (in-sync set shrunk: what the others miss is recorded).
-                // Replicas it knows listed for catch-up: those are caught up in the
-                // background; one joining `replicas` gets its last pass first.
+                // The same in-sync replicas in a newer generation: the running primary
+                // takes the configuration (in-sync set shrunk: what the others miss is
+                // recorded; replicas to catch up or out of sync that it does not know are
+                // added, those the cluster no longer lists dropped). Replicas listed for
+                // catch-up are caught up in the background; one joining `replicas` gets
+                // its last pass first.
                 if let Some(p) = self.primaries.get(volume) {
-                    let ids = |list: &[Peer]| -> Option<BTreeSet<_>> {
-                        list.iter().map(|x| p.replica_of(&x.node)).collect()
-                    };
-                    if let (Some(in_sync), Some(catching), true) =
-                        (ids(&peers), ids(&catching), generation > p.generation().0)
-                    {
-                        let known = p.replica_ids();
-                        let out_of_sync = known.difference(&in_sync).copied().collect();
-                        p.reconfigure(
-                            Config {
-                                generation: Generation(generation),
-                                replica_count: (known.len() + 1).min(3) as u8,
-                                in_sync,
-                                out_of_sync,
-                                operator_override: *operator_override,
-                            },
-                            catching,
-                        )
-                        .map_err(RoleError::Refused)?;
-                        // After the driver re-bound its copy to the new generation, so no
-                        // local apply in between is refused as stale.
-                        return self.persist(volume, generation, role);
+                    if generation > p.generation().0 {
+                        let _guard = self.runtime.enter();
+                        let changed = p.change(primary::Change {
+                            generation,
+                            in_sync: &peers,
+                            catching_up: &catching,
+                            rebuilding,
+                            out_of_sync: lagging.as_deref(),
+                            operator_override: *operator_override,
+                        });
+                        if let Some(outcome) = changed {
+                            outcome.map_err(RoleError::Refused)?;
+                            // After the driver re-bound its copy to the new generation, so
+                            // no local apply in between is refused as stale.
+                            return self.persist(volume, generation, role);
+                        }
                     }
                     self.primaries.stop(volume);
                 }
@@ -244,6 +241,8 @@ impl Replication {
                             generation: now,
                             peers,
                             catching_up: catching,
+                            rebuilding: rebuilding.clone(),
+                            out_of_sync: lagging.unwrap_or_default(),
                             rate: *catch_up_bytes_per_sec,
                             timeout,
                             cluster_wait: cluster_wait_ms

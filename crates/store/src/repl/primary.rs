@@ -13,6 +13,7 @@
 
 mod driver;
 mod link;
+mod members;
 mod missed;
 mod reconfigure;
 
@@ -34,6 +35,8 @@ use super::catchup::{Missed, Shared};
 use super::quic::ReplEndpoint;
 use driver::Driver;
 use link::link;
+pub use members::Change;
+use members::Members;
 use missed::{append_synced, load_missed, missed_path, whole};
 
 /// How often the driver gives the machine the time (timeouts, resends).
@@ -94,6 +97,8 @@ enum Input {
         config: Config,
         /// The out-of-sync replicas to catch up in the background.
         catching_up: BTreeSet<ReplicaId>,
+        /// Replicas added or dropped with this configuration.
+        members: Members,
         done: std::sync::mpsc::Sender<Result<(), String>>,
     },
 }
@@ -108,14 +113,22 @@ pub struct PrimaryHandle {
     wait: Duration,
     /// The replica timeout.
     timeout: Duration,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    peers: Vec<(ReplicaId, Peer)>,
+    /// The driver task.
+    driver: tokio::task::JoinHandle<()>,
+    /// Each replica's link task.
+    links: parking_lot::Mutex<HashMap<ReplicaId, tokio::task::JoinHandle<()>>>,
+    /// The replicas, in id order (ids are never reused: a replica added later gets the
+    /// next one).
+    peers: RwLock<Vec<(ReplicaId, Peer)>>,
+    next_replica: std::sync::atomic::AtomicU64,
+    ep: Arc<ReplEndpoint>,
     fenced: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for PrimaryHandle {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        self.driver.abort();
+        for t in self.links.lock().values() {
             t.abort();
         }
     }
@@ -165,10 +178,11 @@ impl PrimaryHandle {
     /// Gives the machine the next configuration (a newer generation, another in-sync
     /// set, replicas to catch up). A replica joining the in-sync set gets its last
     /// catch-up pass first, while requests wait. Blocking.
-    pub fn reconfigure(
+    fn reconfigure(
         &self,
         config: Config,
         catching_up: BTreeSet<ReplicaId>,
+        members: Members,
     ) -> Result<(), String> {
         let (done, rx) = std::sync::mpsc::channel();
         let generation = config.generation.0;
@@ -176,6 +190,7 @@ impl PrimaryHandle {
             .send(Input::Reconfigure {
                 config,
                 catching_up,
+                members,
                 done,
             })
             .map_err(|_| "the primary stopped".to_string())?;
@@ -193,6 +208,7 @@ impl PrimaryHandle {
         let missed = self.shared.missed.lock();
         let counters = self.shared.counters.lock();
         self.peers
+            .read()
             .iter()
             .map(|(r, p)| {
                 let state = states.get(r).cloned().unwrap_or(ReplicaState::OutOfSync {});
@@ -213,12 +229,13 @@ impl PrimaryHandle {
 
     /// The ids of every replica it was started with.
     pub fn replica_ids(&self) -> std::collections::BTreeSet<ReplicaId> {
-        self.peers.iter().map(|(r, _)| *r).collect()
+        self.peers.read().iter().map(|(r, _)| *r).collect()
     }
 
     /// The node of replica `r`, if it is one of this primary's.
     pub fn node_of(&self, r: ReplicaId) -> Option<String> {
         self.peers
+            .read()
             .iter()
             .find(|(id, _)| *id == r)
             .map(|(_, p)| p.node.clone())
@@ -227,6 +244,7 @@ impl PrimaryHandle {
     /// The replica id of node `node`, if it is one of this primary's.
     pub fn replica_of(&self, node: &str) -> Option<ReplicaId> {
         self.peers
+            .read()
             .iter()
             .find(|(_, p)| p.node == node)
             .map(|(r, _)| *r)
@@ -243,6 +261,10 @@ pub struct PrimarySpec {
     pub peers: Vec<Peer>,
     /// Out-of-sync replicas to catch up.
     pub catching_up: Vec<Peer>,
+    /// Of `catching_up`, the nodes whose copy is new: compared over the whole volume.
+    pub rebuilding: Vec<String>,
+    /// Out-of-sync replicas not caught up now: what they miss is recorded.
+    pub out_of_sync: Vec<Peer>,
     /// Catch-up bytes per second per replica (`None`: unbounded).
     pub rate: Option<u64>,
     /// How long a replica may leave a request unanswered.
@@ -296,32 +318,36 @@ impl Primaries {
             generation,
             peers,
             catching_up,
+            rebuilding,
+            out_of_sync,
             rate,
             timeout,
             cluster_wait,
             taken,
             operator_override,
         } = spec;
-        let in_sync_count = peers.len();
         let volume = volume.as_str();
         let name = VolumeName::new(volume).map_err(|e| e.to_string())?;
         let export = store.open_export(volume).map_err(|e| e.to_string())?;
         export.bind_generation(generation);
+        // Ids in order: the in-sync replicas, those to catch up, the others out of sync.
+        let counts = (peers.len(), catching_up.len());
         let peers: Vec<(ReplicaId, Peer)> = peers
             .into_iter()
             .chain(catching_up)
+            .chain(out_of_sync)
             .enumerate()
             .map(|(i, p)| (ReplicaId(i as u64 + 1), p))
             .collect();
-        let (in_sync, catching): (Vec<_>, Vec<_>) = peers
-            .iter()
-            .map(|(r, _)| *r)
-            .partition(|r| r.0 as usize <= in_sync_count);
+        let ids: Vec<ReplicaId> = peers.iter().map(|(r, _)| *r).collect();
+        let in_sync = &ids[..counts.0];
+        let catching = &ids[counts.0..counts.0 + counts.1];
+        let lagging = &ids[counts.0..];
         let config = Config {
             generation: Generation(generation),
             replica_count: (peers.len() + 1).min(3) as u8,
             in_sync: in_sync.iter().copied().collect(),
-            out_of_sync: catching.iter().copied().collect(),
+            out_of_sync: lagging.iter().copied().collect(),
             operator_override,
         };
         let timing = Timing {
@@ -331,17 +357,19 @@ impl Primaries {
         let machine =
             Primary::new(name.clone(), export.size(), config, timing).map_err(|e| e.to_string())?;
         let shared = Shared::default();
-        for r in &in_sync {
+        for r in in_sync {
             shared.states.lock().insert(*r, ReplicaState::InSync {});
         }
         let nodes: HashMap<ReplicaId, String> =
             peers.iter().map(|(r, p)| (*r, p.node.clone())).collect();
-        // What the catching-up replicas missed, from the durable records; a replica
-        // without one (new, or its record lost) is compared over the whole volume.
-        for r in &catching {
+        // What the out-of-sync replicas missed, from the durable records; a replica
+        // without one (new, or its record lost) is compared over the whole volume, and so
+        // is a new copy (`rebuilding`), whatever was recorded for its node before.
+        for r in lagging {
             shared.states.lock().insert(*r, ReplicaState::OutOfSync {});
             let file = missed_path(&missed_dir, volume, &nodes[r]);
-            let recorded = match load_missed(&file) {
+            let fresh = catching.contains(r) && rebuilding.contains(&nodes[r]);
+            let recorded = match load_missed(&file).filter(|_| !fresh) {
                 Some(set) => set,
                 None => {
                     // Recorded as such, so a restart of this primary does not take the
@@ -355,18 +383,15 @@ impl Primaries {
             shared.missed.lock().entry(*r).or_default().recorded = recorded;
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut tasks = Vec::new();
+        let mut links = HashMap::new();
         let mut restarts = HashMap::new();
         for (r, p) in &peers {
             let restart = Arc::new(tokio::sync::Notify::new());
             restarts.insert(*r, restart.clone());
-            tasks.push(tokio::spawn(link(
-                ep.clone(),
+            links.insert(
                 *r,
-                p.clone(),
-                tx.clone(),
-                restart,
-            )));
+                tokio::spawn(link(ep.clone(), *r, p.clone(), tx.clone(), restart)),
+            );
         }
         let fenced = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut driver = Driver {
@@ -382,7 +407,7 @@ impl Primaries {
             missed_dir,
             shared: shared.clone(),
             nodes,
-            ep,
+            ep: ep.clone(),
             name,
             peers: peers.iter().cloned().collect(),
             catchups: HashMap::new(),
@@ -390,19 +415,22 @@ impl Primaries {
             fenced: fenced.clone(),
             restarts,
         };
-        driver.catch_up(&catching.into_iter().collect());
-        tasks.push(tokio::spawn(driver.run(rx)));
+        driver.catch_up(&catching.iter().copied().collect());
+        let driver = tokio::spawn(driver.run(rx));
         let handle = Arc::new(PrimaryHandle {
             generation: std::sync::atomic::AtomicU64::new(generation),
             shared,
             tx,
             wait: timeout + cluster_wait,
             timeout,
-            tasks,
-            peers,
+            driver,
+            links: parking_lot::Mutex::new(links),
+            next_replica: std::sync::atomic::AtomicU64::new(peers.len() as u64 + 1),
+            peers: RwLock::new(peers),
+            ep,
             fenced,
         });
-        tracing::info!(volume, generation, replicas = ?handle.peers.iter().map(|(_, p)| &p.node).collect::<Vec<_>>(),
+        tracing::info!(volume, generation, replicas = ?handle.peers.read().iter().map(|(_, p)| p.node.clone()).collect::<Vec<_>>(),
             "serving as the volume's primary");
         self.by_volume
             .write()

@@ -62,8 +62,8 @@ impl Driver {
             let actions = tokio::select! {
                 input = rx.recv() => match input {
                     None => return,
-                    Some(Input::Reconfigure { config, catching_up, done }) => {
-                        self.reconfigure(config, catching_up, done).await
+                    Some(Input::Reconfigure { config, catching_up, members, done }) => {
+                        self.reconfigure(config, catching_up, members, done).await
                     }
                     Some(i) => self.input(i),
                 },
@@ -108,6 +108,23 @@ impl Driver {
     /// Performs `actions` in order; local applies and their reports may bring more.
     async fn perform(&mut self, actions: Vec<PrimaryAction>) {
         let mut queue = std::collections::VecDeque::from(actions);
+        // Missed regions reach the catch-ups only once the batch's local applies are
+        // done: a region taken by a catch-up pass before the write it records is on the
+        // local copy compares equal (both copies still old) and is forgotten, and the
+        // replica never gets that write (seen: a rejoined copy lacking the last writes).
+        let mut recorded = Vec::new();
+        self.perform_queue(&mut queue, &mut recorded).await;
+        let mut missed = self.shared.missed.lock();
+        for (replica, region) in recorded {
+            missed.entry(replica).or_default().recorded.insert(region);
+        }
+    }
+
+    async fn perform_queue(
+        &mut self,
+        queue: &mut std::collections::VecDeque<PrimaryAction>,
+        recorded: &mut Vec<(ReplicaId, tessera_replication::regions::Region)>,
+    ) {
         while let Some(action) = queue.pop_front() {
             match action {
                 PrimaryAction::ApplyLocal { id, op } => {
@@ -159,13 +176,7 @@ impl Driver {
                     );
                 }
                 PrimaryAction::RecordMissed { replica, region } => {
-                    self.shared
-                        .missed
-                        .lock()
-                        .entry(replica)
-                        .or_default()
-                        .recorded
-                        .insert(region);
+                    recorded.push((replica, region));
                     let missed = self.missed_dir.clone();
                     let file = self.missed_file(replica);
                     let line = format!("{} {}\n", region.offset, region.len);

@@ -29,6 +29,7 @@ impl Driver {
         &mut self,
         config: Config,
         catching_up: BTreeSet<ReplicaId>,
+        members: super::members::Members,
         done: std::sync::mpsc::Sender<Result<(), String>>,
     ) -> Vec<PrimaryAction> {
         let joining: Vec<ReplicaId> = config
@@ -50,6 +51,7 @@ impl Driver {
                 // The local copy is fenced like a replica: it takes this primary's writes
                 // only while no newer generation than the primary's own was accepted.
                 self.export.bind_generation(generation);
+                self.apply_members(members).await;
                 {
                     let mut states = self.shared.states.lock();
                     for r in &in_sync {
