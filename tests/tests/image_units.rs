@@ -54,6 +54,7 @@ fn the_units_verify_and_keep_their_hardening() {
         "tesserad.service",
         "tessera-store.service",
         "tessera-firstboot.service",
+        "tessera-network.service",
         "tessera-status.service",
         "tessera-status.timer",
     ] {
@@ -134,7 +135,8 @@ fn a_seed_becomes_the_node_configuration_with_private_modes() {
     for line in [
         "node-a",
         "Name=lo\n",
-        "Address=127.77.14.1/8\n",
+        "KeepConfiguration=static\n",
+        "address 127.77.14.1/8 on lo\n",
         "address = \"127.77.14.1:7946\"",
         "api = \"127.77.14.1:8006\"",
         "nbd = \"127.77.14.1:10809\"",
@@ -155,7 +157,13 @@ fn a_seed_becomes_the_node_configuration_with_private_modes() {
     );
     let net =
         std::fs::read_to_string(etc.join("systemd/network/10-tessera-management.network")).unwrap();
-    assert!(net.contains("Address=127.77.14.1/8"), "{net}");
+    // The static address is tessera-network.service's (below), not networkd's, which
+    // keeps it and the routes it did not make.
+    assert!(!net.contains("Address="), "{net}");
+    assert!(net.contains("KeepConfiguration=static"), "{net}");
+    let conf =
+        std::fs::read_to_string(etc.join("systemd/networkd.conf.d/10-tessera.conf")).unwrap();
+    assert!(conf.contains("ManageForeignRoutes=no"), "{conf}");
     // docs/security.md: the join secret is root's only, whatever the FAT partition said.
     assert_eq!(mode(&etc.join("tessera")), 0o700);
     assert_eq!(mode(&etc.join("tessera/node-seed.toml")), 0o600);
@@ -191,6 +199,42 @@ fn a_seed_becomes_the_node_configuration_with_private_modes() {
         "{text}"
     );
     assert!(text.contains("node_name = \"node-a\""), "{text}");
+
+    // Every boot, tessera-network.service sets the static address through netlink: here
+    // in a network namespace of its own (the seed's interface is its loopback), twice,
+    // the second run changing nothing; `ip -j addr` (iproute2's, not ours) shows it.
+    if !nix::unistd::geteuid().is_root() {
+        tessera_tests::skip(
+            "a_seed_becomes_the_node_configuration_with_private_modes",
+            "needs root for a network namespace: the netlink part did not run",
+        );
+        return;
+    }
+    let net = format!("{} --etc {} network", fb.display(), etc.display());
+    let out = run(Command::new("unshare").args([
+        "--net",
+        "sh",
+        "-ec",
+        &format!("{net}; echo ---; {net}; echo ---; ip -j addr show dev lo"),
+    ]));
+    let parts: Vec<&str> = out.split("---\n").collect();
+    assert_eq!(parts.len(), 3, "{out}");
+    assert!(parts[0].contains("lo: add address 127.77.14.1/8"), "{out}");
+    assert!(parts[0].contains("up"), "lo was down: {out}");
+    assert_eq!(parts[1].trim(), "lo: already as the seed says", "{out}");
+    let addrs: serde_json::Value = serde_json::from_str(parts[2]).unwrap();
+    let set: Vec<(String, u64)> = addrs[0]["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["local"].as_str().unwrap().to_string(),
+                a["prefixlen"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(set.contains(&("127.77.14.1".to_string(), 8)), "{set:?}");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! `tessera-firstboot`: the node image's seed on the running node. `apply` (first boot)
 //! copies the seed partition's `seed.toml` to `/etc/tessera` and sets the host name and
-//! the management network; `tesserad-seed` (before each `tesserad` start) writes
+//! the management network's networkd file; `network` (every boot) sets a static seed's
+//! address and route through netlink; `tesserad-seed` (before each `tesserad` start) writes
 //! `tesserad`'s seed with the address the management interface has; `check` shows what a
 //! seed becomes; `issue` writes the console's status screen.
 
@@ -43,6 +44,10 @@ enum Cmd {
         #[arg(long, default_value = "/run/tessera-seed/seed.toml")]
         from: PathBuf,
     },
+    /// Set a static seed's management address and default route on the management
+    /// interface through netlink (every boot, before tesserad): added when missing,
+    /// corrected when different, nothing else touched. A DHCP seed's are networkd's.
+    Network,
     /// Write tesserad's seed (<etc>/tessera/seed.toml) with the management interface's
     /// current address, waiting for one (DHCP) up to --wait-secs.
     TesseradSeed {
@@ -79,6 +84,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Apply { from } => apply(&cli.etc, &from),
+        Cmd::Network => apply_network(&cli.etc),
         Cmd::TesseradSeed {
             wait_secs,
             data_dir,
@@ -182,7 +188,43 @@ fn apply(etc: &Path, from: &Path) -> anyhow::Result<()> {
         &render::networkd(&seed, &interface),
         0o644,
     )?;
+    let conf_dir = etc.join("systemd/networkd.conf.d");
+    std::fs::create_dir_all(&conf_dir)?;
+    write_file(
+        &conf_dir.join("10-tessera.conf"),
+        render::NETWORKD_CONF,
+        0o644,
+    )?;
     println!("seed applied: host name {hostname}, management interface {interface}");
+    Ok(())
+}
+
+/// `network`: a static seed's address and route, applied through netlink
+/// (tessera_hostnet::management); fails naming what could not be set.
+fn apply_network(etc: &Path) -> anyhow::Result<()> {
+    let (_, seed) = load(&node_seed_path(etc))?;
+    let interface = interface_of(&seed)?;
+    let Some(def) = render::management(&seed, &interface) else {
+        println!("{interface}: DHCP; systemd-networkd's DHCP client sets its address");
+        return Ok(());
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the netlink runtime")?;
+    let report = rt
+        .block_on(tessera_hostnet::management::apply(&def))
+        .context("reading the network interfaces")?;
+    for c in &report.changes {
+        println!("{interface}: {c}");
+    }
+    if report.changes.is_empty() && report.complete() {
+        println!("{interface}: already as the seed says");
+    }
+    if !report.complete() {
+        let why: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
+        bail!("{interface}: {}", why.join("; "));
+    }
     Ok(())
 }
 
@@ -310,6 +352,16 @@ fn check(
     )?;
     println!("# /etc/hostname\n{hostname}\n");
     println!("# /etc/systemd/network/10-tessera-management.network\n{network}");
+    if let Some(m) = render::management(&seed, &interface) {
+        println!("# tessera-network.service (tessera-firstboot network, through netlink)");
+        for a in &m.addresses {
+            println!("address {a} on {interface}");
+        }
+        for r in &m.routes {
+            println!("route {r} on {interface}");
+        }
+        println!();
+    }
     println!("# /etc/tessera/seed.toml\n{tesserad}");
     Ok(())
 }

@@ -7,6 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use serde::Serialize;
 use tessera_cluster::seed::{Seed, SeedError};
 
+use tessera_hostnet::management::{Cidr, ManagementDef, RouteDef};
+
 use crate::node_seed::{Mode, NodeSeed};
 
 /// Discovery's port on the management address (Raft and RPCs use the next one).
@@ -18,7 +20,10 @@ pub const NBD_PORT: u16 = 10809;
 /// Where the node keeps its state: the data partition is mounted here.
 pub const DATA_DIR: &str = "/var/lib/tessera";
 
-/// The systemd-networkd file for the management interface.
+/// The systemd-networkd file for the management interface. A DHCP seed's address comes
+/// from networkd's DHCP client; a static seed's address and default route are set by
+/// `tessera-firstboot network` through netlink ([`management`]), so this file only
+/// brings the link up, names the DNS servers and tells networkd to keep that address.
 pub fn networkd(seed: &NodeSeed, interface: &str) -> String {
     let mut out = format!(
         "# Written by tessera-firstboot from the seed partition's seed.toml.\n\
@@ -27,12 +32,12 @@ pub fn networkd(seed: &NodeSeed, interface: &str) -> String {
     match seed.network.mode {
         Mode::Dhcp => out.push_str("DHCP=yes\n"),
         Mode::Static => {
-            if let Some(a) = seed.static_address() {
-                out.push_str(&format!("Address={a}\n"));
-            }
-            if let Some(g) = seed.network.gateway {
-                out.push_str(&format!("Gateway={g}\n"));
-            }
+            out.push_str(
+                "# The seed's address and gateway: tessera-network.service sets them through\n\
+                 # netlink (marked proto 116); networkd keeps them (static addresses are\n\
+                 # kept, and 10-tessera.conf stops it removing routes it did not make).\n\
+                 KeepConfiguration=static\n",
+            );
             for d in &seed.network.dns {
                 out.push_str(&format!("DNS={d}\n"));
             }
@@ -46,6 +51,40 @@ pub fn networkd(seed: &NodeSeed, interface: &str) -> String {
         out.push_str("\n[DHCPv4]\nUseHostname=no\n");
     }
     out
+}
+
+/// systemd-networkd's own settings (`networkd.conf.d/10-tessera.conf`): it must not remove
+/// routes it did not make, or it would take away the default route Tessera sets for a
+/// static seed (networkd only keeps foreign routes of its own protocol numbers).
+pub const NETWORKD_CONF: &str =
+    "# Written by tessera-firstboot: the management routes of a static seed are set by\n\
+     # tessera-network.service (marked proto 116), not by networkd, which must keep them.\n\
+     [Network]\nManageForeignRoutes=no\n";
+
+/// The management interface's addresses and routes a static seed asks for (its address,
+/// and a default route through its gateway if it names one), for `tessera-firstboot
+/// network` to apply through netlink; `None` for a DHCP seed (networkd's DHCP client sets
+/// the lease's).
+pub fn management(seed: &NodeSeed, interface: &str) -> Option<ManagementDef> {
+    let a = seed.static_address()?;
+    let address = Cidr {
+        ip: a.ip,
+        prefix: a.prefix,
+    };
+    let routes = seed
+        .network
+        .gateway
+        .map(|g| RouteDef {
+            destination: Cidr::default_for(g),
+            gateway: Some(g),
+        })
+        .into_iter()
+        .collect();
+    Some(ManagementDef {
+        interface: interface.to_string(),
+        addresses: vec![address],
+        routes,
+    })
 }
 
 #[derive(Serialize)]
@@ -179,14 +218,35 @@ mode = "dhcp"
         );
         let net = networkd(&s, "eth0");
         for line in [
-            "Address=10.0.0.11/24\n",
-            "Gateway=10.0.0.1\n",
+            "KeepConfiguration=static\n",
             "DNS=10.0.0.2\n",
             "DNS=10.0.0.3\n",
         ] {
             assert!(net.contains(line), "{line} missing in {net}");
         }
+        // The address and gateway are tessera-network.service's, not networkd's.
+        assert!(!net.contains("Address="), "{net}");
+        assert!(!net.contains("Gateway="), "{net}");
         assert!(!net.contains("DHCP"), "{net}");
+        let m = management(&s, "eth0").expect("a static seed's management");
+        assert_eq!(m.interface, "eth0");
+        assert_eq!(m.addresses, ["10.0.0.11/24".parse().unwrap()]);
+        assert_eq!(
+            m.routes,
+            [RouteDef {
+                destination: "0.0.0.0/0".parse().unwrap(),
+                gateway: Some("10.0.0.1".parse().unwrap()),
+            }]
+        );
+        tessera_hostnet::management::validate(&m).expect("valid");
+        let no_gateway = seed(&DHCP.replace(
+            "mode = \"dhcp\"",
+            "mode = \"static\"\naddress = \"fd00::11/64\"",
+        ));
+        let m = management(&no_gateway, "eth1").expect("static");
+        assert_eq!(m.addresses, ["fd00::11/64".parse().unwrap()]);
+        assert!(m.routes.is_empty());
+        assert_eq!(management(&seed(DHCP), "eth0"), None, "DHCP: networkd's");
     }
 
     #[test]

@@ -7,9 +7,12 @@
 //! records to [`NetworkDef`]s and calls [`reconcile`]. It only ever changes or deletes
 //! interfaces it marked as its own (alias `tessera:<network>`), never anyone else's.
 //! [`tap`] makes a VM NIC's tap on a network's bridge; the tap lives as long as its fd.
+//! [`management`] applies the node's own management addresses and routes (a static
+//! seed's, or a DHCP lease's) to its management interface, marked as Tessera's.
 // Only `tap` needs unsafe (the TUNSETIFF ioctl); the rest forbids it module by module.
 #![deny(unsafe_code)]
 
+pub mod management;
 pub mod names;
 pub mod netlink;
 pub mod policy;
