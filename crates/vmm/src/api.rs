@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::VmConfig;
 use crate::control::{Control, ControlError, Event, Request, RunState};
 use crate::memory::{DirtyPages, MemoryError};
+use crate::migration::outgoing::{self, MigrateError, Source};
+use crate::migration::tls::TlsFiles;
+use crate::migration::{Direction, Phase, Shared};
 use crate::snapshot::SnapshotError;
 
 /// Writes a snapshot of the paused VM into a directory.
@@ -53,6 +56,18 @@ pub enum ApiError {
     /// The result could not be encoded.
     #[error("encoding the reply: {0}")]
     Encode(serde_json::Error),
+    /// A live migration could not start or be cancelled.
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+    /// The dirty-page record belongs to the migration under way.
+    #[error("a live migration is under way: it reads the dirty-page record")]
+    MigrationReadsDirtyPages,
+    /// `migration_go` of a VMM that holds no loaded incoming VM.
+    #[error("no incoming migration is loaded here (phase {0:?})")]
+    NotLoaded(Phase),
+    /// A status wait longer than the API allows.
+    #[error("wait_ms is at most 5000")]
+    WaitTooLong,
 }
 
 /// What the API can do to the VM besides reading its control block.
@@ -65,6 +80,8 @@ pub struct VmOps {
     pub dirty: DirtyFn,
     /// The guest-visible power button.
     pub power_button: Arc<crate::power_button::PowerButton>,
+    /// What a live migration of this VM reads and drives.
+    pub source: Arc<Source>,
 }
 
 /// Version of the control API.
@@ -122,6 +139,44 @@ pub enum ApiOp {
         #[serde(default)]
         since: u64,
     },
+    /// Live-migrate the running VM to the target VMM at `to` (started with
+    /// `--incoming`), over TLS with this node's credentials; progress in
+    /// `migration_status`.
+    Migrate {
+        /// The target's `ip:port`.
+        to: String,
+        /// The name the target's certificate must hold (`<node id>.node.tessera`).
+        server_name: String,
+        /// The target's one-time token (its `migration_status`).
+        token: String,
+        /// The cluster CA certificate (PEM).
+        tls_ca: std::path::PathBuf,
+        /// This node's certificate (PEM).
+        tls_cert: std::path::PathBuf,
+        /// This node's key (PEM).
+        tls_key: std::path::PathBuf,
+        /// The downtime target in ms (default 50).
+        #[serde(default)]
+        downtime_ms: Option<u64>,
+        /// A cap on memory sent per second, in KiB.
+        #[serde(default)]
+        max_bandwidth_kib_s: Option<u64>,
+    },
+    /// The migration's progress; with `wait_ms` (at most 5000), once its phase is no
+    /// longer `phase` or after that long.
+    MigrationStatus {
+        /// How long to wait for a change.
+        #[serde(default)]
+        wait_ms: Option<u64>,
+        /// The phase the caller last saw.
+        #[serde(default)]
+        phase: Option<Phase>,
+    },
+    /// Source: stop the migration and resume the guest here (also after everything was
+    /// sent: the caller must know the target will not run it).
+    MigrationCancel,
+    /// Target: run the loaded VM (its disk is opened now).
+    MigrationGo,
 }
 
 /// A reply line.
@@ -149,20 +204,13 @@ pub struct Description {
     pub uptime_ms: u64,
 }
 
-/// Serves the API on `path` in a background thread. `kick` forces the vCPU out of the
-/// guest so it sees a pause or power-off request.
-pub fn serve(
-    path: &Path,
-    control: Arc<Control>,
-    spec: VmConfig,
-    ops: VmOps,
-) -> std::io::Result<()> {
+/// Serves the API on `path` in a background thread.
+pub fn serve(path: &Path, ctx: Arc<Ctx>) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
-            let ctx = Arc::new(Ctx { control, spec, ops });
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let ctx = ctx.clone();
@@ -178,12 +226,43 @@ pub fn serve(
     Ok(())
 }
 
-/// What a connection needs to act on the VM.
-struct Ctx {
-    control: Arc<Control>,
-    spec: VmConfig,
-    ops: VmOps,
+/// What a connection needs to act on the VM. An incoming migration's VMM serves the API
+/// before its VM exists: `ops` is set once it does.
+pub struct Ctx {
+    /// The run state.
+    pub control: Arc<Control>,
+    /// The VM spec (`describe`).
+    pub spec: Mutex<VmConfig>,
+    /// What acts on the built VM.
+    pub ops: OnceLock<VmOps>,
+    /// The live migration's status.
+    pub migration: Arc<Shared>,
 }
+
+impl Ctx {
+    /// The context of a VM about to be served.
+    pub fn new(control: Arc<Control>, spec: VmConfig, migration: Arc<Shared>) -> Arc<Ctx> {
+        Arc::new(Ctx {
+            control,
+            spec: Mutex::new(spec),
+            ops: OnceLock::new(),
+            migration,
+        })
+    }
+
+    fn kick(&self) {
+        if let Some(ops) = self.ops.get() {
+            (ops.kick)();
+        }
+    }
+
+    fn ops(&self) -> Result<&VmOps, ApiError> {
+        self.ops.get().ok_or(ApiError::Control(ControlError::Incoming))
+    }
+}
+
+/// The longest `migration_status` wait.
+const MAX_STATUS_WAIT_MS: u64 = 5000;
 
 fn connection(conn: UnixStream, ctx: &Ctx) -> std::io::Result<()> {
     let mut w = conn.try_clone()?;
@@ -228,12 +307,13 @@ fn connection(conn: UnixStream, ctx: &Ctx) -> std::io::Result<()> {
 }
 
 fn handle(op: ApiOp, ctx: &Ctx) -> Result<serde_json::Value, ApiError> {
-    let (control, spec, kick) = (&*ctx.control, &ctx.spec, &*ctx.ops.kick);
+    let control = &*ctx.control;
+    let kick = || ctx.kick();
     let json = |v: serde_json::Result<serde_json::Value>| v.map_err(ApiError::Encode);
     match op {
         ApiOp::Describe => json(serde_json::to_value(Description {
             state: control.state(),
-            spec: spec.clone(),
+            spec: ctx.spec.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             uptime_ms: control.uptime_ms(),
         })),
         ApiOp::Pause => {
@@ -252,7 +332,12 @@ fn handle(op: ApiOp, ctx: &Ctx) -> Result<serde_json::Value, ApiError> {
         }
         ApiOp::Resume => Ok(control.resume().map(|()| serde_json::json!({}))?),
         ApiOp::PowerOff => {
+            let incoming = control.state() == RunState::Incoming;
             control.request(Request::PowerOff)?;
+            if incoming {
+                // No vCPU to kick: cut the stream the target waits on.
+                ctx.migration.cancel();
+            }
             for _ in 0..500 {
                 kick();
                 if matches!(control.state(), RunState::Stopped(_)) {
@@ -264,7 +349,7 @@ fn handle(op: ApiOp, ctx: &Ctx) -> Result<serde_json::Value, ApiError> {
         }
         ApiOp::Shutdown => {
             control.guest_can_act()?;
-            ctx.ops
+            ctx.ops()?
                 .power_button
                 .press()
                 .map_err(ApiError::PowerButton)?;
@@ -281,11 +366,67 @@ fn handle(op: ApiOp, ctx: &Ctx) -> Result<serde_json::Value, ApiError> {
             Ok(serde_json::json!({ "queued": data.len() }))
         }
         ApiOp::Snapshot { dir } => {
-            (ctx.ops.snapshot)(Path::new(&dir))?;
+            (ctx.ops()?.snapshot)(Path::new(&dir))?;
             Ok(serde_json::json!({ "dir": dir }))
         }
-        ApiOp::DirtyPages => json(serde_json::to_value((ctx.ops.dirty)()?)),
+        ApiOp::DirtyPages => {
+            if ctx.migration.status().phase.busy() {
+                return Err(ApiError::MigrationReadsDirtyPages);
+            }
+            json(serde_json::to_value((ctx.ops()?.dirty)()?))
+        }
         ApiOp::Events { since } => json(serde_json::to_value(control.events(since))),
+        ApiOp::Migrate {
+            to,
+            server_name,
+            token,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            downtime_ms,
+            max_bandwidth_kib_s,
+        } => {
+            let params = outgoing::Params {
+                to,
+                server_name,
+                token,
+                tls: TlsFiles {
+                    ca: tls_ca,
+                    cert: tls_cert,
+                    key: tls_key,
+                },
+                downtime_ms: downtime_ms.unwrap_or(outgoing::DEFAULT_DOWNTIME_MS),
+                max_bandwidth_kib_s,
+            };
+            outgoing::start(ctx.ops()?.source.clone(), params)?;
+            json(serde_json::to_value(ctx.migration.status()))
+        }
+        ApiOp::MigrationStatus { wait_ms, phase } => {
+            let wait = wait_ms.unwrap_or(0);
+            if wait > MAX_STATUS_WAIT_MS {
+                return Err(ApiError::WaitTooLong);
+            }
+            json(serde_json::to_value(
+                ctx.migration
+                    .status_after(phase, Duration::from_millis(wait)),
+            ))
+        }
+        ApiOp::MigrationCancel => {
+            outgoing::cancel(&ctx.ops()?.source)?;
+            json(serde_json::to_value(ctx.migration.status()))
+        }
+        ApiOp::MigrationGo => {
+            let st = ctx.migration.status();
+            if st.direction != Some(Direction::In) || st.phase != Phase::Loaded {
+                return Err(ApiError::NotLoaded(st.phase));
+            }
+            ctx.migration.go();
+            // The disk opens and the vCPUs start now: answer once they run (or it failed).
+            json(serde_json::to_value(
+                ctx.migration
+                    .status_after(Some(Phase::Loaded), Duration::from_secs(5)),
+            ))
+        }
     }
 }
 

@@ -18,6 +18,8 @@ pub enum RunState {
     Paused,
     /// The VM has stopped for good.
     Stopped(String),
+    /// Not running yet: waiting for (or receiving) an incoming live migration.
+    Incoming,
 }
 
 /// Something that happened to the VM.
@@ -50,6 +52,13 @@ pub enum ControlError {
         "the VM is paused: its guest cannot see the power button (resume it, or power it off)"
     )]
     PausedGuest,
+    /// A live migration holds the VM paused (its stop-and-copy); only the migration
+    /// resumes it (when it fails or is cancelled).
+    #[error("a live migration holds the VM paused; cancel the migration to resume it here")]
+    MigrationHolds,
+    /// The VM is an incoming migration's, not running yet.
+    #[error("the VM is not running yet: it is waiting for an incoming live migration")]
+    Incoming,
 }
 
 /// What the API asked the vCPU to do next.
@@ -61,6 +70,8 @@ pub enum Request {
     Pause,
     /// Stop for good.
     PowerOff,
+    /// Stop for good: the VM runs on elsewhere (a live migration completed).
+    Leave,
 }
 
 struct Inner {
@@ -68,6 +79,8 @@ struct Inner {
     parked: usize,
     epoch: u64,
     power_off_answered: bool,
+    /// A live migration paused the VM and holds it so.
+    migration_hold: bool,
     state: RunState,
     request: Request,
     events: Vec<Event>,
@@ -95,6 +108,7 @@ impl Control {
                 parked: 0,
                 epoch: 0,
                 power_off_answered: false,
+                migration_hold: false,
                 state: RunState::Running,
                 request: Request::None,
                 events: Vec::new(),
@@ -136,9 +150,10 @@ impl Control {
         match (&g.state, r) {
             (RunState::Stopped(_), _) => Err(ControlError::Stopped),
             (RunState::Paused, Request::Pause) => Err(ControlError::AlreadyPaused),
+            (RunState::Incoming, Request::Pause) => Err(ControlError::Incoming),
             (_, r) => {
                 g.request = r;
-                if r == Request::PowerOff {
+                if matches!(r, Request::PowerOff | Request::Leave) {
                     self.changed.notify_all();
                 }
                 Ok(())
@@ -150,7 +165,10 @@ impl Control {
     pub fn guest_can_act(&self) -> Result<(), ControlError> {
         let g = self.lock();
         match (&g.state, g.request) {
-            (RunState::Stopped(_), _) | (_, Request::PowerOff) => Err(ControlError::Stopped),
+            (RunState::Stopped(_), _) | (_, Request::PowerOff | Request::Leave) => {
+                Err(ControlError::Stopped)
+            }
+            (RunState::Incoming, _) => Err(ControlError::Incoming),
             (RunState::Paused, _) | (_, Request::Pause) => Err(ControlError::PausedGuest),
             (RunState::Running, Request::None) => Ok(()),
         }
@@ -161,12 +179,21 @@ impl Control {
         self.lock().vcpus = n.max(1);
     }
 
-    /// Resumes a paused VM.
+    /// Resumes a paused VM (not one a live migration holds paused).
     pub fn resume(&self) -> Result<(), ControlError> {
+        self.resume_as(false)
+    }
+
+    /// Resumes a paused VM; `migration` releases a live migration's hold on it.
+    fn resume_as(&self, migration: bool) -> Result<(), ControlError> {
         let mut g = self.lock();
         if g.state != RunState::Paused {
             return Err(ControlError::NotPaused);
         }
+        if g.migration_hold && !migration {
+            return Err(ControlError::MigrationHolds);
+        }
+        g.migration_hold = false;
         g.request = Request::None;
         g.state = RunState::Running;
         g.parked = 0;
@@ -177,9 +204,69 @@ impl Control {
         Ok(())
     }
 
+    /// Marks the paused VM as held by a live migration: only [`Control::release`]
+    /// resumes it.
+    pub fn hold_for_migration(&self) -> Result<(), ControlError> {
+        let mut g = self.lock();
+        if g.state != RunState::Paused {
+            return Err(ControlError::NotPaused);
+        }
+        g.migration_hold = true;
+        Ok(())
+    }
+
+    /// A live migration that failed or was cancelled resumes the VM it paused.
+    pub fn release(&self) -> Result<(), ControlError> {
+        self.resume_as(true)
+    }
+
+    /// Whether a live migration holds the VM paused.
+    pub fn held_for_migration(&self) -> bool {
+        self.lock().migration_hold
+    }
+
+    /// Marks a VM that waits for an incoming migration (before it has vCPUs).
+    pub fn set_incoming(&self) {
+        self.lock().state = RunState::Incoming;
+        self.changed.notify_all();
+    }
+
+    /// The incoming VM's vCPUs are about to run.
+    pub fn arrived(&self) {
+        let mut g = self.lock();
+        if g.state == RunState::Incoming {
+            g.state = RunState::Running;
+        }
+        self.changed.notify_all();
+    }
+
+    /// Whether the VM was told to stop for good (powered off, or migrated away).
+    pub fn stop_requested(&self) -> Option<Request> {
+        let g = self.lock();
+        matches!(g.request, Request::PowerOff | Request::Leave).then_some(g.request)
+    }
+
+    /// Waits (bounded) until a power-off or leave is requested; returns whether one was.
+    pub fn wait_stop_requested(&self, timeout: std::time::Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.lock();
+        while !matches!(g.request, Request::PowerOff | Request::Leave) {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = self
+                .changed
+                .wait_timeout(g, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        true
+    }
+
     /// Called by each vCPU thread between runs: while a pause is requested the thread
     /// parks here (the VM counts as paused once every vCPU has); returns whether to
-    /// power off.
+    /// stop for good (power off, or leave after a migration: see [`Control::stop_requested`]).
     pub fn checkpoint(&self) -> bool {
         let mut g = self.lock();
         if g.request == Request::Pause {
@@ -192,11 +279,11 @@ impl Control {
                 self.event("paused", None);
                 g = self.lock();
             }
-            while g.epoch == epoch && g.request != Request::PowerOff {
+            while g.epoch == epoch && !matches!(g.request, Request::PowerOff | Request::Leave) {
                 g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
             }
         }
-        g.request == Request::PowerOff
+        matches!(g.request, Request::PowerOff | Request::Leave)
     }
 
     /// Whether a pause is waiting for the vCPU.
@@ -250,6 +337,18 @@ impl Control {
         let from = since.clamp(g.serial_start, end);
         let skip = (from - g.serial_start) as usize;
         (g.serial.iter().skip(skip).copied().collect(), end)
+    }
+
+    /// Takes over the console's recent output from the VM's previous VMM (a migration's
+    /// source), so offsets and the scrollback carry on; only before any output here.
+    pub fn restore_serial(&self, start: u64, data: &[u8]) {
+        let mut g = self.lock();
+        if !g.serial.is_empty() || g.serial_start != 0 {
+            return;
+        }
+        let keep = data.len().min(SERIAL_KEEP);
+        g.serial.extend(&data[data.len() - keep..]);
+        g.serial_start = start + (data.len() - keep) as u64;
     }
 
     /// Queues console input for the guest.

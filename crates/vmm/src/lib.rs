@@ -2,9 +2,9 @@
 //!
 //! It boots a kernel with a serial console, a virtio-blk disk (a file or an NBD
 //! volume) and virtio-net NICs over taps, and reports why the guest stopped. The VMM never talks to the cluster: it is
-//! told what to run. It also pauses, snapshots, restores and tracks dirty pages on
-//! request through its control socket. Not yet here (see docs/vmm.md): live migration
-//! and snapshots of multi-vCPU VMs.
+//! told what to run. It also pauses, snapshots, restores, tracks dirty pages and
+//! live-migrates (sends its VM to, or receives one from, another `tessera-vmm`) on
+//! request through its control socket (see docs/vmm.md).
 //!
 //! KVM needs `unsafe` in three places (guest memory slots, the vCPU kick signal, XSAVE
 //! restore) and taps a few more (the tun ioctls, taking over an inherited fd, in `net`);
@@ -20,6 +20,7 @@ pub mod control;
 pub mod devices;
 pub mod layout;
 pub mod memory;
+pub mod migration;
 pub mod net;
 pub mod power_button;
 pub mod snapshot;

@@ -69,6 +69,27 @@ struct Cli {
     /// Track written guest pages (see the `dirty_pages` API call).
     #[arg(long)]
     track_dirty_pages: bool,
+    /// Receive a VM by live migration instead of booting: listen on this `ip:port` (port
+    /// 0: any free port; `migration_status` says which, and the token the source must
+    /// present) for the source VMM, over TLS with the --migration-tls-* credentials. The
+    /// VM runs once the control API says `migration_go`; --memory-mib, --vcpus and --net
+    /// must match the source's VM, --disk (opened only at `migration_go`) its disk.
+    #[arg(long, requires_all = ["migration_tls_ca", "migration_tls_cert", "migration_tls_key", "api_socket"],
+          conflicts_with_all = ["spec", "kernel", "initrd", "cmdline", "restore"])]
+    incoming: Option<std::net::SocketAddr>,
+    /// With --incoming: how long to wait for the source to connect (seconds).
+    #[arg(long, default_value_t = 60, requires = "incoming")]
+    incoming_wait_s: u64,
+    /// With --incoming: the cluster CA certificate (PEM) the source's certificate must
+    /// chain to.
+    #[arg(long, requires = "incoming")]
+    migration_tls_ca: Option<std::path::PathBuf>,
+    /// With --incoming: this node's certificate (PEM).
+    #[arg(long, requires = "incoming")]
+    migration_tls_cert: Option<std::path::PathBuf>,
+    /// With --incoming: this node's private key (PEM).
+    #[arg(long, requires = "incoming")]
+    migration_tls_key: Option<std::path::PathBuf>,
     /// Serve the control API (JSON lines) on this Unix socket.
     #[arg(long)]
     api_socket: Option<std::path::PathBuf>,
@@ -114,6 +135,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .iter()
         .map(|s| NicConfig::parse(s))
         .collect::<Result<Vec<_>, _>>()?;
+    if let (Some(listen), Some(ca), Some(cert), Some(key)) = (
+        cli.incoming,
+        &cli.migration_tls_ca,
+        &cli.migration_tls_cert,
+        &cli.migration_tls_key,
+    ) {
+        let cfg = VmConfig {
+            kernel: String::new(),
+            initrd: None,
+            cmdline: String::new(),
+            memory_mib: cli.memory_mib.unwrap_or(128),
+            vcpus: cli.vcpus.unwrap_or(1),
+            disk: cli.disk.clone(),
+            track_dirty_pages: cli.track_dirty_pages,
+            nbd,
+            nics,
+        };
+        let args = tessera_vmm::migration::incoming::Args {
+            cfg,
+            listen,
+            tls: tessera_vmm::migration::tls::TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            wait: std::time::Duration::from_secs(cli.incoming_wait_s),
+        };
+        let outcome =
+            tessera_vmm::vm::run(Launch::Incoming(args), out, cli.api_socket.as_deref())?;
+        tracing::info!(reason = ?outcome.reason, "VM stopped");
+        return Ok(());
+    }
     if let Some(dir) = &cli.restore {
         let launch = Launch::Restore {
             dir: dir.clone(),

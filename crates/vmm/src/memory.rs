@@ -64,7 +64,22 @@ pub fn guest_memory(mib: u64) -> Result<GuestMem, MemoryError> {
     GuestMem::from_ranges(&ranges).map_err(MemoryError::Allocate)
 }
 
-/// Hands every region of `mem` to KVM as a memory slot (slot = region index).
+/// Guest memory's regions as (guest-physical start, length), in slot order.
+pub fn layout(mem: &GuestMem) -> Vec<(u64, u64)> {
+    mem.iter()
+        .map(|r| (r.start_addr().raw_value(), r.len()))
+        .collect()
+}
+
+/// Turns KVM's log of the pages the guest writes on or off for every slot (a live
+/// migration turns it on for its pre-copy rounds: the log costs a write fault per page
+/// per round). The slots stay what [`register_memory`] made them otherwise.
+pub fn set_dirty_logging(vm: &VmFd, mem: &GuestMem, on: bool) -> Result<(), MemoryError> {
+    register_memory(vm, mem, on)
+}
+
+/// Hands every region of `mem` to KVM as a memory slot (slot = region index); called
+/// again on the same slots, it changes only their dirty-logging flag.
 ///
 /// `mem` must stay mapped for as long as any vCPU of `vm` can run: `vm::run` leaks it.
 pub fn register_memory(vm: &VmFd, mem: &GuestMem, log_dirty: bool) -> Result<(), MemoryError> {
@@ -90,7 +105,9 @@ pub fn register_memory(vm: &VmFd, mem: &GuestMem, log_dirty: bool) -> Result<(),
 }
 
 /// Pages written since the last call, from KVM's dirty log (guest writes) merged with
-/// the memory bitmap (the VMM's own writes); both are cleared.
+/// the memory bitmap (the VMM's own writes); both are cleared as they are read (each
+/// bitmap word swapped for zero), so a write that lands meanwhile is in this report or
+/// the next, never lost — a migration's last round relies on that.
 pub fn dirty_pages(vm: &VmFd, mem: &GuestMem) -> Result<DirtyPages, MemoryError> {
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     let mut pages = 0u64;
@@ -99,13 +116,17 @@ pub fn dirty_pages(vm: &VmFd, mem: &GuestMem) -> Result<DirtyPages, MemoryError>
         let kvm_bits = vm
             .get_dirty_log(slot as u32, len)
             .map_err(kvm("get dirty log"))?;
-        let vmm_bits: &vm_memory::bitmap::AtomicBitmap = vm_memory::MmapRegion::bitmap(region);
+        let vmm_bitmap: &vm_memory::bitmap::AtomicBitmap = vm_memory::MmapRegion::bitmap(region);
+        let vmm_bits = vmm_bitmap.get_and_reset();
         let base = region.start_addr().raw_value();
-        for page in 0..len / PAGE {
-            let by_guest = kvm_bits
+        let bit = |words: &[u64], page: usize| {
+            words
                 .get(page / 64)
-                .is_some_and(|w| w & (1 << (page % 64)) != 0);
-            let by_vmm = vmm_bits.is_addr_set(page * PAGE);
+                .is_some_and(|w| w & (1 << (page % 64)) != 0)
+        };
+        for page in 0..len / PAGE {
+            let by_guest = bit(&kvm_bits, page);
+            let by_vmm = bit(&vmm_bits, page);
             if by_guest || by_vmm {
                 pages += 1;
                 let gpa = base + (page * PAGE) as u64;
@@ -115,7 +136,6 @@ pub fn dirty_pages(vm: &VmFd, mem: &GuestMem) -> Result<DirtyPages, MemoryError>
                 }
             }
         }
-        vmm_bits.reset();
     }
     Ok(DirtyPages { pages, ranges })
 }

@@ -384,7 +384,12 @@ pub fn write_state(dir: &Path, s: &SnapshotOut<'_>) -> Result<(), SnapshotError>
 pub fn read_state(dir: &Path) -> Result<Snapshot, SnapshotError> {
     let path = dir.join("state.json");
     let text = std::fs::read(&path).map_err(io(&path))?;
-    let s: Snapshot = serde_json::from_slice(&text).map_err(SnapshotError::Decode)?;
+    parse_state(&text)
+}
+
+/// Parses and checks a state document (from `state.json`, or a migration stream).
+pub fn parse_state(text: &[u8]) -> Result<Snapshot, SnapshotError> {
+    let s: Snapshot = serde_json::from_slice(text).map_err(SnapshotError::Decode)?;
     if s.version != SNAPSHOT_VERSION {
         return Err(SnapshotError::Version(s.version));
     }

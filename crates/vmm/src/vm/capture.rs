@@ -23,15 +23,19 @@ const QUIESCE_LIMIT: Duration = Duration::from_secs(10);
 
 /// What a capture reads: handles on the VM's parts, shared with the threads that run them.
 #[derive(Clone)]
-pub(crate) struct Parts {
+pub struct Parts {
+    /// The run state.
     pub control: Arc<Control>,
+    /// The KVM VM.
     pub vm: Arc<VmFd>,
+    /// Guest memory.
     pub mem: GuestMem,
-    pub disk: Option<Virtio>,
-    pub nics: Vec<Virtio>,
-    pub pio: Arc<Mutex<PioBus>>,
+    pub(crate) disk: Option<Virtio>,
+    pub(crate) nics: Vec<Virtio>,
+    pub(crate) pio: Arc<Mutex<PioBus>>,
     /// Each vCPU's state as it parked for the pause, in vCPU order.
-    pub saved: Arc<Mutex<Vec<Option<VcpuState>>>>,
+    pub(crate) saved: Arc<Mutex<Vec<Option<VcpuState>>>>,
+    /// The VM spec.
     pub spec: VmConfig,
 }
 
@@ -40,23 +44,23 @@ impl Parts {
     /// is the caller's to read, in `f`, while nothing else writes it). Refuses a VM that is
     /// not paused, and gives up (no state) when a disk request stays in flight for
     /// [`QUIESCE_LIMIT`].
-    pub fn with_state<T>(
+    pub(crate) fn with_state<T, E: From<SnapshotError>>(
         &self,
-        f: impl FnOnce(&mut SnapshotOut<'_>) -> Result<T, SnapshotError>,
-    ) -> Result<T, SnapshotError> {
+        f: impl FnOnce(&mut SnapshotOut<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
         if self.control.state() != RunState::Paused {
-            return Err(SnapshotError::NotPaused);
+            return Err(SnapshotError::NotPaused.into());
         }
         let saved = self
             .saved
             .lock()
-            .map_err(|_| SnapshotError::Poisoned("vCPU state"))?;
+            .map_err(|_| E::from(SnapshotError::Poisoned("vCPU state")))?;
         let states = saved
             .iter()
             .map(|s| s.as_ref().ok_or(SnapshotError::VcpuNotCaptured))
             .collect::<Result<Vec<_>, _>>()?;
         let (vcpu, aps) = states.split_first().ok_or(SnapshotError::VcpuNotCaptured)?;
-        let take = || -> Result<T, SnapshotError> {
+        let take = || -> Result<T, E> {
             // A NIC's frames move only under its transport's lock: holding them all keeps
             // every NIC quiet until the state and memory are read.
             let nic_locks: Vec<MutexGuard<'_, MmioTransport>> = self
@@ -73,6 +77,7 @@ impl Parts {
                 .lock()
                 .map_err(|_| SnapshotError::Poisoned("serial"))?
                 .save();
+            let vm = snapshot::save_vm(&self.vm)?;
             let virtio = match &self.disk {
                 Some(v) => Some(
                     v.transport
@@ -88,7 +93,7 @@ impl Parts {
                 memory: Vec::new(),
                 vcpu,
                 aps: aps.to_vec(),
-                vm: snapshot::save_vm(&self.vm)?,
+                vm,
                 serial,
                 virtio,
                 nics: nic_locks.iter().map(|t| t.save()).collect(),
@@ -100,8 +105,10 @@ impl Parts {
         match &self.disk {
             Some(v) => match mmio::quiesced_within(&v.transport, QUIESCE_LIMIT, take) {
                 Ok(r) => r,
-                Err(mmio::QuiesceError::TimedOut(d)) => Err(SnapshotError::DiskBusy(d)),
-                Err(mmio::QuiesceError::Poisoned(_)) => Err(SnapshotError::Poisoned("virtio")),
+                Err(mmio::QuiesceError::TimedOut(d)) => Err(SnapshotError::DiskBusy(d).into()),
+                Err(mmio::QuiesceError::Poisoned(_)) => {
+                    Err(SnapshotError::Poisoned("virtio").into())
+                }
             },
             None => take(),
         }

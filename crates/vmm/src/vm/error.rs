@@ -84,6 +84,15 @@ pub enum VmError {
     /// Snapshot or restore failed.
     #[error("snapshot: {0}")]
     Snapshot(SnapshotError),
+    /// An incoming migration failed before the VM could be built.
+    #[error("incoming migration: {0}")]
+    Incoming(crate::migration::incoming::IncomingError),
+    /// A loaded incoming VM was not told to run in time.
+    #[error("incoming migration: loaded, but not told to run within {0:?}")]
+    NotToldToRun(std::time::Duration),
+    /// The incoming VM's disk is not the one the guest had.
+    #[error("incoming migration: {0}")]
+    Attach(crate::migration::deferred_disk::AttachError),
 }
 
 impl From<SnapshotError> for VmError {

@@ -2,11 +2,13 @@
 //!
 //! [`run`] builds the VM (`build`: booted from a kernel, or restored from a snapshot),
 //! serves the control API, starts one thread per vCPU (`vcpu_loop`) and waits until the
-//! guest stops. `capture` takes the state of a paused VM as one whole (snapshots);
-//! `mmio_devices` sets up the virtio devices.
+//! guest stops. `capture` takes the state of a paused VM as one whole (snapshots,
+//! migrations); `mmio_devices` sets up the virtio devices; `arrive` runs a VM that comes
+//! by live migration (`crate::migration`).
 
+mod arrive;
 mod build;
-mod capture;
+pub mod capture;
 mod error;
 mod mmio_devices;
 mod vcpu_loop;
@@ -23,6 +25,9 @@ use crate::api;
 use crate::config::VmConfig;
 use crate::control::{Control, RunState, SerialTee};
 use crate::memory::{self, MemoryError};
+use crate::migration::outgoing::Source;
+use crate::migration::wire::DiskInfo;
+use crate::migration::Shared;
 use crate::snapshot::{self, Snapshot, VcpuState};
 
 pub use error::VmError;
@@ -47,6 +52,8 @@ pub enum Launch {
         /// The NICs' taps, replacing the snapshot's (same count); empty: the snapshot's.
         nics: Vec<crate::net::NicConfig>,
     },
+    /// Wait for a live migration's source and continue its VM here when told.
+    Incoming(crate::migration::incoming::Args),
 }
 
 /// Why the VM stopped.
@@ -60,6 +67,8 @@ pub enum StopReason {
     TripleFault,
     /// Powered off through the control API.
     PowerOff,
+    /// A live migration completed: the VM runs on in the target's VMM.
+    Migrated,
 }
 
 /// What a finished run reports.
@@ -75,6 +84,9 @@ pub struct RunOutcome {
 fn prepare(launch: Launch) -> Result<(VmConfig, Option<(std::path::PathBuf, Snapshot)>), VmError> {
     match launch {
         Launch::Boot(cfg) => Ok((cfg, None)),
+        Launch::Incoming(_) => Err(VmError::RestoreDisk(
+            "an incoming migration is not a boot or a restore",
+        )),
         Launch::Restore {
             dir,
             disk,
@@ -115,24 +127,32 @@ pub fn run(
     api_socket: Option<&Path>,
 ) -> Result<RunOutcome, VmError> {
     let start = Instant::now();
-    let (cfg, restored) = prepare(launch)?;
-    let cfg = &cfg;
     let control = Control::new(start);
     let serial_out: Box<dyn Write + Send> = Box::new(SerialTee {
         out: serial_out,
         control: control.clone(),
     });
-    if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
-        return Err(VmError::VcpuCount(cfg.vcpus));
+    let migration = Arc::new(Shared::default());
+    if let Launch::Incoming(args) = launch {
+        return arrive::run(args, control, serial_out, migration, api_socket, start);
     }
-    control.set_vcpus(cfg.vcpus as usize);
+    let (cfg, restored) = prepare(launch)?;
+    let cfg = &cfg;
+    check_vcpus(cfg, &control)?;
     let mem = memory::guest_memory(cfg.memory_mib)?;
     if let Some((dir, snap)) = &restored {
         snapshot::restore_memory(&mem, &dir.join("memory"), &snap.memory)?;
     }
-    let disk = match &cfg.disk {
-        Some(d) => Some(tessera_disk::open_with(d, &cfg.nbd).map_err(VmError::Disk)?),
-        None => None,
+    let (disk, disk_info) = match &cfg.disk {
+        Some(d) => {
+            let disk = tessera_disk::open_with(d, &cfg.nbd).map_err(VmError::Disk)?;
+            let info = DiskInfo {
+                size: disk.size(),
+                read_only: disk.read_only(),
+            };
+            (Some(disk), Some(info))
+        }
+        None => (None, None),
     };
     let built = build::build(
         cfg,
@@ -148,17 +168,46 @@ pub fn run(
     if restored.is_some() {
         tracing::info!("restored vCPU, VM and device state from the snapshot");
     }
+    let ctx = api::Ctx::new(control, cfg.clone(), migration);
+    let event = if restored.is_some() {
+        "restored"
+    } else {
+        "started"
+    };
+    // The API comes up before the vCPUs so a failure to bind it stops nothing half-started.
+    run_built(cfg, built, &ctx, disk_info, api_socket, event)
+}
+
+fn check_vcpus(cfg: &VmConfig, control: &Control) -> Result<(), VmError> {
+    if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+        return Err(VmError::VcpuCount(cfg.vcpus));
+    }
+    control.set_vcpus(cfg.vcpus as usize);
+    Ok(())
+}
+
+/// Runs a built VM: its control API's operations (and the API itself on `serve`, unless
+/// it is up already), then the vCPUs, until the guest stops.
+fn run_built(
+    cfg: &VmConfig,
+    built: build::Built,
+    ctx: &Arc<api::Ctx>,
+    disk: Option<DiskInfo>,
+    serve: Option<&Path>,
+    event: &str,
+) -> Result<RunOutcome, VmError> {
+    let control = &ctx.control;
     // A no-op handler: the signal's only job is to make KVM_RUN return EINTR.
     extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
     register_signal_handler(SIGRTMIN(), kick_handler).map_err(VmError::SignalHandler)?;
 
     // Every vCPU leaves its state here when it parks for a pause (only its own thread may
-    // read it); a snapshot of the paused VM saves them all.
+    // read it); a snapshot or a migration of the paused VM reads them all.
     let saved_vcpu: Arc<Mutex<Vec<Option<VcpuState>>>> =
         Arc::new(Mutex::new((0..cfg.vcpus).map(|_| None).collect()));
     let vcpu_pthreads: Arc<std::sync::OnceLock<Vec<libc::pthread_t>>> =
         Arc::new(std::sync::OnceLock::new());
-    let kick = vcpu_kick(&control, &vcpu_pthreads);
+    let kick = vcpu_kick(control, &vcpu_pthreads);
     let parts = capture::Parts {
         control: control.clone(),
         vm: built.vm.clone(),
@@ -169,48 +218,44 @@ pub fn run(
         saved: saved_vcpu.clone(),
         spec: cfg.clone(),
     };
-    // The API comes up before the vCPU so a failure to bind it stops nothing half-started.
-    if let Some(path) = api_socket {
-        let snapshot_parts = parts.clone();
-        let dirty: api::DirtyFn = {
-            let (vm, mem, tracking) = (built.vm.clone(), built.mem.clone(), cfg.track_dirty_pages);
-            Arc::new(move || {
-                if !tracking {
-                    return Err(MemoryError::TrackingOff);
-                }
-                memory::dirty_pages(&vm, &mem)
-            })
-        };
-        let ops = api::VmOps {
-            kick,
-            snapshot: Arc::new(move |dir: &Path| snapshot_parts.snapshot(dir)),
-            dirty,
-            power_button: built.power_button.clone(),
-        };
-        api::serve(path, control.clone(), cfg.clone(), ops).map_err(|error| {
-            VmError::ApiSocket {
-                path: path.to_path_buf(),
-                error,
+    let snapshot_parts = parts.clone();
+    let dirty: api::DirtyFn = {
+        let (vm, mem, tracking) = (built.vm.clone(), built.mem.clone(), cfg.track_dirty_pages);
+        Arc::new(move || {
+            if !tracking {
+                return Err(MemoryError::TrackingOff);
             }
+            memory::dirty_pages(&vm, &mem)
+        })
+    };
+    let source = Arc::new(Source {
+        parts,
+        kick: kick.clone(),
+        disk,
+        track_always: cfg.track_dirty_pages,
+        shared: ctx.migration.clone(),
+    });
+    let ops = api::VmOps {
+        kick,
+        snapshot: Arc::new(move |dir: &Path| snapshot_parts.snapshot(dir)),
+        dirty,
+        power_button: built.power_button.clone(),
+        source,
+    };
+    let _ = ctx.ops.set(ops);
+    if let Some(path) = serve {
+        api::serve(path, ctx.clone()).map_err(|error| VmError::ApiSocket {
+            path: path.to_path_buf(),
+            error,
         })?;
     }
-
     tracing::info!(
         entry = built.entry_rip,
         memory_mib = cfg.memory_mib,
         "starting guest"
     );
-    control.event(
-        if restored.is_some() {
-            "restored"
-        } else {
-            "started"
-        },
-        None,
-    );
-    let outcome = run_vcpus(built, &control, saved_vcpu, &vcpu_pthreads)?;
-    drop(parts);
-    Ok(outcome)
+    control.event(event, None);
+    run_vcpus(built, control, saved_vcpu, &vcpu_pthreads)
 }
 
 /// What forces every vCPU out of the guest (to see a pause or power-off request): a

@@ -8,7 +8,7 @@ use kvm_ioctls::{Kvm, VcpuExit};
 use super::error::VmError;
 use super::mmio_devices::{lock, mmio_device, Virtio};
 use super::StopReason;
-use crate::control::Control;
+use crate::control::{Control, Request};
 use crate::devices::{PioAction, PioBus};
 use crate::snapshot::{self, VcpuState};
 
@@ -37,7 +37,10 @@ pub(super) fn vcpu_loop(
                 }
             }
             if control.checkpoint() {
-                return Ok(StopReason::PowerOff);
+                return Ok(match control.stop_requested() {
+                    Some(Request::Leave) => StopReason::Migrated,
+                    _ => StopReason::PowerOff,
+                });
             }
         }
         let input = control.take_serial_input();
