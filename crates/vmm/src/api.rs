@@ -257,7 +257,9 @@ impl Ctx {
     }
 
     fn ops(&self) -> Result<&VmOps, ApiError> {
-        self.ops.get().ok_or(ApiError::Control(ControlError::Incoming))
+        self.ops
+            .get()
+            .ok_or(ApiError::Control(ControlError::Incoming))
     }
 }
 

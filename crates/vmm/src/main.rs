@@ -162,8 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
             wait: std::time::Duration::from_secs(cli.incoming_wait_s),
         };
-        let outcome =
-            tessera_vmm::vm::run(Launch::Incoming(args), out, cli.api_socket.as_deref())?;
+        let outcome = tessera_vmm::vm::run(Launch::Incoming(args), out, cli.api_socket.as_deref())?;
         tracing::info!(reason = ?outcome.reason, "VM stopped");
         return Ok(());
     }

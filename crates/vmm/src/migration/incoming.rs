@@ -275,7 +275,8 @@ fn fill(
 ) -> Result<Filled, IncomingError> {
     let zero = vec![0u8; PAGE_SIZE];
     let mut scrollback = None;
-    let outside = |gpa: u64| IncomingError::Protocol(format!("pages at {gpa:#x}, outside guest memory"));
+    let outside =
+        |gpa: u64| IncomingError::Protocol(format!("pages at {gpa:#x}, outside guest memory"));
     loop {
         match wire::read(s)? {
             Message::Pages { gpa, data } => {
@@ -315,7 +316,8 @@ pub fn loaded(s: &mut ServerStream) -> Result<(), WireError> {
 /// Tells the source the guest runs here (best effort: the source may be gone, and the
 /// guest runs here regardless).
 pub fn resumed(mut s: ServerStream) {
-    let res = wire::write(&mut s, &Message::Resumed).and_then(|()| Ok(std::io::Write::flush(&mut s)?));
+    let res =
+        wire::write(&mut s, &Message::Resumed).and_then(|()| Ok(std::io::Write::flush(&mut s)?));
     if let Err(e) = res {
         tracing::warn!(error = %e, "could not tell the source the guest runs here");
     }

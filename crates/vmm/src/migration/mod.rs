@@ -196,12 +196,7 @@ impl Shared {
     pub fn cancel(&self) {
         self.cancelled
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Some(s) = self
-            .sock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        if let Some(s) = self.sock.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
         self.changed.notify_all();

@@ -142,10 +142,9 @@ pub fn start(src: Arc<Source>, p: Params) -> Result<(), MigrateError> {
     {
         return Err(MigrateError::NotRunning);
     }
-    let addr: SocketAddr = p
-        .to
-        .parse()
-        .map_err(|_| MigrateError::Address(p.to.clone()))?;
+    let addr: SocketAddr =
+        p.to.parse()
+            .map_err(|_| MigrateError::Address(p.to.clone()))?;
     let memory_bytes = memory::layout(&src.parts.mem).iter().map(|r| r.1).sum();
     src.shared.reset();
     src.shared.update(|s| {
@@ -311,8 +310,7 @@ fn drive(
         if sh.cancelled() {
             return Err(MigrateError::Cancelled);
         }
-        if control.stop_requested().is_some() || matches!(control.state(), RunState::Stopped(_))
-        {
+        if control.stop_requested().is_some() || matches!(control.state(), RunState::Stopped(_)) {
             return Err(MigrateError::Stopped);
         }
         Ok(())
@@ -498,10 +496,16 @@ struct Sender {
 
 impl Sender {
     fn new(limit_kib_s: Option<u64>) -> Sender {
-        let limit = limit_kib_s.filter(|l| *l > 0).map(|l| l.saturating_mul(1024));
+        let limit = limit_kib_s
+            .filter(|l| *l > 0)
+            .map(|l| l.saturating_mul(1024));
         Sender {
             limit,
-            run_pages: if limit.is_some() { 4 } else { MAX_PAGES as usize },
+            run_pages: if limit.is_some() {
+                4
+            } else {
+                MAX_PAGES as usize
+            },
             bytes: 0,
             busy: Duration::ZERO,
             capped_since: Instant::now(),
@@ -666,7 +670,9 @@ mod tests {
         // A cancel ends the wait.
         let mut s = Sender::new(Some(1));
         let t = Instant::now();
-        assert!(s.throttle(1 << 20, &|| Err(MigrateError::Cancelled)).is_err());
+        assert!(s
+            .throttle(1 << 20, &|| Err(MigrateError::Cancelled))
+            .is_err());
         assert!(t.elapsed() < Duration::from_millis(500));
     }
 }

@@ -166,7 +166,11 @@ pub fn read_preamble<R: Read + ?Sized>(r: &mut R) -> Result<(), WireError> {
 
 /// Writes the header of a `Pages` message whose `pages` pages the caller writes next
 /// (straight from guest memory, without a copy into a message).
-pub fn write_pages_header<W: Write + ?Sized>(w: &mut W, gpa: u64, pages: u32) -> Result<(), WireError> {
+pub fn write_pages_header<W: Write + ?Sized>(
+    w: &mut W,
+    gpa: u64,
+    pages: u32,
+) -> Result<(), WireError> {
     if pages == 0 || pages > MAX_PAGES {
         return Err(WireError::Bounds {
             what: "page count",
@@ -181,7 +185,12 @@ pub fn write_pages_header<W: Write + ?Sized>(w: &mut W, gpa: u64, pages: u32) ->
     Ok(())
 }
 
-fn bytes_field<W: Write + ?Sized>(w: &mut W, tag: u8, data: &[u8], max: u32) -> Result<(), WireError> {
+fn bytes_field<W: Write + ?Sized>(
+    w: &mut W,
+    tag: u8,
+    data: &[u8],
+    max: u32,
+) -> Result<(), WireError> {
     let len = u32::try_from(data.len())
         .ok()
         .filter(|l| *l <= max)
@@ -269,7 +278,11 @@ fn u64_of<R: Read + ?Sized>(r: &mut R) -> Result<u64, WireError> {
     Ok(u64::from_le_bytes(b))
 }
 
-fn bounded<R: Read + ?Sized>(r: &mut R, what: &'static str, max: u32) -> Result<Vec<u8>, WireError> {
+fn bounded<R: Read + ?Sized>(
+    r: &mut R,
+    what: &'static str,
+    max: u32,
+) -> Result<Vec<u8>, WireError> {
     let len = u32_of(r)?;
     if len > max {
         return Err(WireError::Bounds {

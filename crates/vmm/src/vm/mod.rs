@@ -30,8 +30,8 @@ use crate::migration::wire::DiskInfo;
 use crate::migration::Shared;
 use crate::snapshot::{self, Snapshot, VcpuState};
 
-pub use error::VmError;
 use error::thread;
+pub use error::VmError;
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u8 = 32;
@@ -316,14 +316,8 @@ fn run_vcpus(
         let thread = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
-                let res = vcpu_loop::vcpu_loop(
-                    &kvm_fd,
-                    &mut vcpu,
-                    &pio,
-                    &devices,
-                    &ctl,
-                    (&saved, index),
-                );
+                let res =
+                    vcpu_loop::vcpu_loop(&kvm_fd, &mut vcpu, &pio, &devices, &ctl, (&saved, index));
                 let reason = match &res {
                     Ok(r) => format!("{r:?}"),
                     Err(e) => format!("error: {e}"),
