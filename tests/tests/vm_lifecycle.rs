@@ -6,7 +6,9 @@
 //!   as it has CPUs are accepted, the others refused (409 naming node2), and node2 is not
 //!   over its limit.
 //! - Restart policies when the guest powers itself off: `always` starts it again (a new
-//!   VMM, `restarted after: the guest powered off`), `on-crash` leaves it stopped.
+//!   VMM, `restarted after: the guest powered off`), five times in a row without ever
+//!   calling it a crash loop (events `vm.restart` up to `(restart 5)`, no `vm.crashed`),
+//!   `on-crash` leaves it stopped.
 //! - A stop's `stopping` state, observed while a guest that ignores its power button
 //!   waits out the stop timeout set with `tessera vm set --stop-timeout`.
 //! - `tessera vm console` on a terminal (a pty through `script`): the scrollback and the
@@ -231,6 +233,48 @@ fn guest_power_off(lan: &Lan, t: &str, ids: &[String], nodes: &[ClusterNode]) {
     wait_for("the restarted guest to answer", 60, || {
         console(dir, "always").contains("echo: AGAIN").then_some(())
     });
+    // Powered off by its guest again and again (on tessera-vmm a guest's reboot looks
+    // the same): never a crash loop under `always`. The fifth ending within 10 minutes
+    // once ended it `crashed` ("crash loop: 5 crashes"), as five crashes do.
+    for n in 2..=5 {
+        let before = vm_pid(dir, "always").unwrap();
+        type_into(dir, "always", "bye\n");
+        // Each VMM writes its console afresh: the new guest's has no "bye" in it.
+        wait_for(&format!("the always VM's restart {n}"), 60, || {
+            let v = vm(lan, 0, t, "always");
+            let new = vm_pid(dir, "always").is_some_and(|p| p != before);
+            let text = console(dir, "always");
+            let ready = text.contains("echo ready") && !text.contains("echo: BYE");
+            (new && ready && v["actual_state"] == "running").then_some(())
+        });
+    }
+    // Every ending was a restart (the node's event says which), none a crash.
+    let (code, events) = api(lan, 0, "GET", "events?limit=1000", Some(t), None);
+    assert_eq!(code, 200, "{events}");
+    let of = |kind: &str| -> Vec<String> {
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == kind && e["target"] == "always")
+            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let restarts = of("vm.restart");
+    assert!(
+        restarts.iter().any(|m| m.contains("(restart 5)")),
+        "{restarts:?}"
+    );
+    assert_eq!(of("vm.crashed"), Vec::<String>::new());
+    let v = vm(lan, 0, t, "always");
+    assert_eq!(v["actual_state"], "running", "{v}");
+    assert!(
+        v["state_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("restarted after: the guest powered off"),
+        "{v}"
+    );
 
     type_into(dir, "oncrash", "bye\n");
     let v = wait_state(lan, 0, t, "oncrash", "stopped");

@@ -7,10 +7,11 @@
 //! on a node without such a copy uses the primary on its node remotely (NBD over TLS),
 //! as for a one-copy volume elsewhere.
 //!
-//! [`plan`] is pure; [`primary_here`] is what the VM start path calls.
+//! [`plan`] is pure; [`primary_step`] is what the VM start path calls, once per round of
+//! its reconciler.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tessera_api::CopyState;
 use tessera_state::Node;
@@ -21,7 +22,9 @@ use crate::records::{Volume, VolumeState};
 use crate::tables::get;
 
 /// How long a VM start waits for its node's store to become the volume's primary.
-const TAKE_OVER_WAIT: Duration = Duration::from_secs(20);
+pub const TAKE_OVER_WAIT: Duration = Duration::from_secs(20);
+/// How long one step asks the local store whether it serves the volume.
+const STORE_ASK: Duration = Duration::from_secs(2);
 
 /// The record that makes `to` the primary of `v`, or `None` when it should not move:
 /// not replicated or not ready, already there, or `to` holds no in-sync copy that is
@@ -42,77 +45,86 @@ pub fn plan(v: &Volume, to: &str) -> Option<Volume> {
     Some(new)
 }
 
-/// Called by the VM start path on node `me` for the VM's disk `volume`: when this node
-/// holds an in-sync copy of a replicated volume whose primary is elsewhere, the primary
-/// moves here (generation raised through the cluster state first) and this waits, at
-/// most [`TAKE_OVER_WAIT`], until the local store serves it as the primary. Returns
-/// whether the primary is here (false: the VM uses the primary where it is).
-pub async fn primary_here(node: &Arc<Node>, me: &str, volume: &str) -> bool {
+/// Where the primary of a VM's disk stands for the VM starting on this node.
+#[derive(Debug, PartialEq)]
+pub enum PrimaryHere {
+    /// This node's store serves it (or it is a one-copy volume on this node).
+    Here,
+    /// It stays where it is (not replicated, or no in-sync copy here that is not joining,
+    /// or moved away meanwhile): the VM uses it on its node, remotely.
+    Elsewhere,
+    /// Moving here, not done yet: why, for the VM's state reason. Ask again shortly.
+    Moving(String),
+}
+
+/// One step of moving the VM's disk `volume` to node `me`, which never waits: the VM
+/// start path calls it on every round of its node's reconciler until it says `Here` or
+/// `Elsewhere`, giving up after [`TAKE_OVER_WAIT`] (then the VM starts with the primary
+/// where the record says), so one VM waiting for its store never holds up the others.
+/// When this node holds an in-sync copy of a replicated volume whose primary is
+/// elsewhere, the first step moves the primary here (the generation raised through the
+/// cluster state); then each step asks the local store whether it serves the volume as
+/// the configured, unfenced primary in that generation.
+pub async fn primary_step(node: &Arc<Node>, me: &str, volume: &str) -> PrimaryHere {
     let Some(v) = get::<Volume>(node, VOLUMES, volume) else {
-        return false;
+        return PrimaryHere::Elsewhere;
     };
     if !v.is_replicated() {
-        return v.node == me;
-    }
-    let deadline = Instant::now() + TAKE_OVER_WAIT;
-    let mut moved = v.node == me;
-    while !moved {
-        let Some(v) = get::<Volume>(node, VOLUMES, volume) else {
-            return false;
+        return if v.node == me {
+            PrimaryHere::Here
+        } else {
+            PrimaryHere::Elsewhere
         };
-        if v.node == me {
-            break;
-        }
+    }
+    let v = if v.node == me {
+        v
+    } else {
         let Some(mut new) = plan(&v, me) else {
-            return false;
+            return PrimaryHere::Elsewhere;
         };
         new.nbd = super::nbd_uri(&super::node_records(node), me, &v.name);
         let msg = format!(
             "primary moved from {} to {me} for the VM starting there; generation {}",
             v.node, new.generation
         );
-        moved = super::resync::write(node, &v, &new, &[("volume.primary_moved", msg)]).await;
-        if !moved {
-            if Instant::now() > deadline {
-                return false;
-            }
-            // Changed meanwhile (or not committed): look again shortly.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        if !super::resync::write(node, &v, &new, &[("volume.primary_moved", msg)]).await {
+            return PrimaryHere::Moving(format!(
+                "moving volume {volume}'s primary to this node: the volume changed meanwhile; trying again"
+            ));
         }
-    }
+        new
+    };
     // The local store takes the primary role from this node's reconciler.
     let Some(socket) = super::ADMIN_SOCKET.get() else {
-        return false;
+        return PrimaryHere::Elsewhere;
     };
-    while Instant::now() < deadline {
-        let Some(v) = get::<Volume>(node, VOLUMES, volume) else {
-            return false;
-        };
-        if v.node != me {
-            return false;
-        }
-        if let Ok(AdminReply::Replication(held)) =
-            super::roles::call(socket, AdminOp::ReplicationStatus {}).await
-        {
-            let serving = held.iter().any(|h| {
-                h.volume == volume
-                    && h.role == "primary"
-                    && h.configured
-                    && h.generation >= v.generation
-                    && h.fenced_by.is_none()
-            });
-            if serving {
-                return true;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiting = || {
+        PrimaryHere::Moving(format!(
+            "waiting for this node's store to serve volume {volume} as its primary (generation {})",
+            v.generation
+        ))
+    };
+    // Bounded well below the store calls' own limit: the reconciler waits for it.
+    let asked = tokio::time::timeout(
+        STORE_ASK,
+        super::roles::call(socket, AdminOp::ReplicationStatus {}),
+    )
+    .await;
+    let Ok(Ok(AdminReply::Replication(held))) = asked else {
+        return waiting();
+    };
+    let serving = held.iter().any(|h| {
+        h.volume == volume
+            && h.role == "primary"
+            && h.configured
+            && h.generation >= v.generation
+            && h.fenced_by.is_none()
+    });
+    if serving {
+        PrimaryHere::Here
+    } else {
+        waiting()
     }
-    tracing::warn!(
-        volume,
-        "the local store did not become the primary within {} s",
-        TAKE_OVER_WAIT.as_secs()
-    );
-    false
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use tessera_api::{Vm, VmState, VmStatus, Volume};
 
 use super::{blocking, nics, supervisor, Reconciler, Running, VM_STATUS};
 use crate::records::table::{NODES, VOLUMES};
+use crate::replication::moves::{self, PrimaryHere};
 use crate::tables::get;
 
 impl Reconciler {
@@ -30,7 +31,7 @@ impl Reconciler {
                         .is_none_or(|c| c.not_before.is_none()) =>
                 {
                     let tail = supervisor::log_tail(&self.dir(&name));
-                    return self.ended(vm, supervisor::ending(None, &tail)).await;
+                    return self.ended(vm, supervisor::ending(None, &tail), None).await;
                 }
                 _ => {}
             }
@@ -50,9 +51,29 @@ impl Reconciler {
             Err(why) => return self.report(&name, VmState::Crashed, Some(why), None).await,
         };
         // A replicated disk's primary moves here first when this node holds an in-sync
-        // copy (issue #8), so the VM's disk is this node's own store.
+        // copy (issue #8), so the VM's disk is this node's own store. One step per round:
+        // the VM stays `starting` meanwhile, and this node's other VMs are not held up.
         if let Some(d) = vm.disks.first() {
-            crate::replication::moves::primary_here(&self.node, &self.local.me, d).await;
+            match moves::primary_step(&self.node, &self.local.me, d).await {
+                PrimaryHere::Moving(why) => {
+                    let since = *self
+                        .moving_primary
+                        .entry(name.clone())
+                        .or_insert_with(Instant::now);
+                    if since.elapsed() < moves::TAKE_OVER_WAIT {
+                        self.hurry = true;
+                        return self.report(&name, VmState::Starting, Some(why), None).await;
+                    }
+                    tracing::warn!(
+                        vm = %name,
+                        volume = %d,
+                        "{why}: still not after {} s; starting the VM with the primary as recorded",
+                        moves::TAKE_OVER_WAIT.as_secs()
+                    );
+                }
+                PrimaryHere::Here | PrimaryHere::Elsewhere => {}
+            }
+            self.moving_primary.remove(&name);
         }
         let mut spec = match self.launch_spec(vm, boot) {
             Ok(s) => s,
@@ -77,6 +98,7 @@ impl Reconciler {
                     name.clone(),
                     Running {
                         info,
+                        launched: Some(Instant::now()),
                         state: VmState::Starting,
                         stop: None,
                     },

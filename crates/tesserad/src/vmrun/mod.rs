@@ -75,6 +75,8 @@ pub struct Local {
 /// A VMM this node runs.
 struct Running {
     info: RunInfo,
+    /// When this `tesserad` started it (`None`: adopted, started by an earlier one).
+    launched: Option<std::time::Instant>,
     state: VmState,
     /// The stop under way, if any.
     stop: Option<stop::Stop>,
@@ -90,6 +92,11 @@ struct Reconciler {
     reasons: HashMap<String, String>,
     /// Whether [`NODE_API`] holds this node's address.
     api_published: bool,
+    /// VMs waiting for their disk's primary to move to this node, since when.
+    moving_primary: HashMap<String, std::time::Instant>,
+    /// Something waits for a condition outside the cluster state (a store taking the
+    /// primary role): the next round comes after 200 ms, not 1 s.
+    hurry: bool,
 }
 
 /// Starts the reconciler once `node` has a Raft member.
@@ -111,12 +118,19 @@ pub fn start(shared: crate::SharedNode, local: Local) {
             crashes: HashMap::new(),
             reasons: HashMap::new(),
             api_published: false,
+            moving_primary: HashMap::new(),
+            hurry: false,
         };
         r.adopt_all();
         let mut rx = node.state.subscribe();
         loop {
             r.tick().await;
-            if tokio::time::timeout(Duration::from_secs(1), rx.changed())
+            let wait = if r.hurry {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(1)
+            };
+            if tokio::time::timeout(wait, rx.changed())
                 .await
                 .is_ok_and(|res| res.is_err())
             {
@@ -152,6 +166,7 @@ impl Reconciler {
                     name,
                     Running {
                         info,
+                        launched: None,
                         state: VmState::Running,
                         stop: None,
                     },
@@ -161,6 +176,7 @@ impl Reconciler {
     }
 
     async fn tick(&mut self) {
+        self.hurry = false;
         // Cut off from the majority: the HA guard has stopped the VMMs; start none.
         if crate::ha::fenced() {
             return;
@@ -180,6 +196,7 @@ impl Reconciler {
             .filter(|v| desired_here(v, &me))
             .map(|v| (v.name.clone(), v))
             .collect();
+        self.moving_primary.retain(|n, _| wanted.contains_key(n));
         // Stop what should not run here (deleted, stopped, placed elsewhere).
         let unwanted: Vec<String> = self
             .running
@@ -240,11 +257,12 @@ impl Reconciler {
         };
         let pid = r.info.pid;
         if !supervisor::alive(pid, &self.exits) {
+            let ran = r.launched.map(|t| t.elapsed());
             let status = self.exits.take(pid);
             let tail = supervisor::log_tail(&dir);
             self.running.remove(&name);
             supervisor::forget(&dir);
-            return self.ended(vm, supervisor::ending(status, &tail)).await;
+            return self.ended(vm, supervisor::ending(status, &tail), ran).await;
         }
         if vm.reboot_seq > r.info.reboot_seq {
             // A reboot: power off (killed if need be) and start again at once.
@@ -310,7 +328,7 @@ impl Reconciler {
             .crashes
             .get(name)
             .filter(|c| c.start_seq == vm.start_seq)
-            .map_or(0, |c| c.times.len() as u32);
+            .map_or(0, |c| c.restarts());
         let (start_seq, reboot_seq) = match self.running.get(name) {
             Some(r) => (r.info.start_seq, r.info.reboot_seq),
             None => (vm.start_seq, vm.reboot_seq),

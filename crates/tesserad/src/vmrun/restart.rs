@@ -1,5 +1,15 @@
 //! The restart policy: what happens when a VMM ends unasked (a crash, or the guest
 //! powering itself off), with its backoff and the crash loop that ends it `crashed`.
+//!
+//! Under `always`, a guest that ends by itself is started again and that is not a crash:
+//! on `tessera-vmm` a guest's reboot is such an ending too (the i8042 reset line, which
+//! is also how guests power off), and a Proxmox user expects a VM that reboots itself
+//! ten times a day to keep running, as its HA stack's `started` state restarts a VM shut
+//! down from inside without counting a failure. Only crashes count toward the crash loop.
+//! A guest that ends again and again soon after its start is slowed down as Docker's
+//! `always` does it: 0.1 s, doubling per quick ending in a row up to 60 s, and at once
+//! again after a run of at least [`QUICK_RUN`], so it never floods the cluster with
+//! restarts and events, and is never given up on.
 
 use std::time::{Duration, Instant};
 
@@ -17,18 +27,36 @@ const CRASH_WINDOW: Duration = Duration::from_secs(600);
 /// Crashes within [`CRASH_WINDOW`] after which the VM is left `crashed`.
 const CRASH_LIMIT: usize = 5;
 
+/// A run shorter than this, ended by the guest, is a quick ending (see the module doc).
+const QUICK_RUN: Duration = Duration::from_secs(10);
+/// The longest wait before a guest that keeps ending quickly is started again.
+const QUICK_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
 /// Restart bookkeeping of one VM.
 #[derive(Default)]
 pub(super) struct Crashes {
     pub(super) start_seq: u64,
+    /// Crashes of this start within [`CRASH_WINDOW`].
     pub(super) times: Vec<Instant>,
+    /// Restarts after the guest ended by itself (`always`), for this start.
+    pub(super) guest_restarts: u32,
+    /// Guest endings in a row, each after a run shorter than [`QUICK_RUN`].
+    pub(super) quick_endings: u32,
     pub(super) not_before: Option<Instant>,
 }
 
+impl Crashes {
+    /// Restarts by the restart policy for this start (as `VmStatus::restarts` says).
+    pub(super) fn restarts(&self) -> u32 {
+        self.times.len() as u32 + self.guest_restarts
+    }
+}
+
 impl Reconciler {
-    /// A VMM ended unasked: restart it, leave it crashed, or (the guest powered off)
-    /// record the VM as stopped, by its restart policy.
-    pub(super) async fn ended(&mut self, vm: &Vm, how: Ending) {
+    /// A VMM ended unasked after running for `ran` (unknown for an adopted VMM): restart
+    /// it, leave it crashed, or (the guest powered off) record the VM as stopped, by its
+    /// restart policy.
+    pub(super) async fn ended(&mut self, vm: &Vm, how: Ending, ran: Option<Duration>) {
         let name = vm.name.clone();
         let (crash, reason) = match how {
             Ending::GuestOff(r) => (false, r),
@@ -58,8 +86,13 @@ impl Reconciler {
         }
         let c = self.crashes.entry(name.clone()).or_default();
         let now = Instant::now();
-        let verdict = after_crash(&mut c.times, now, vm.restart_policy);
-        let n = c.times.len();
+        let verdict = if crash {
+            after_crash(&mut c.times, now, vm.restart_policy)
+        } else {
+            c.guest_restarts += 1;
+            Ok(after_guest_ending(&mut c.quick_endings, ran))
+        };
+        let n = c.restarts();
         if let Err(given_up) = verdict {
             c.not_before = None;
             let why = format!("{reason} ({given_up})");
@@ -77,7 +110,7 @@ impl Reconciler {
         c.not_before = Some(now + backoff);
         let why = format!(
             "restarting in {} s after: {reason} (restart {n})",
-            backoff.as_secs()
+            backoff.as_secs_f32()
         );
         let _ = self
             .node
@@ -115,9 +148,49 @@ fn after_crash(
     Ok(Duration::from_secs(1 << (n - 1).min(5)))
 }
 
+/// The wait before a VM whose guest ended by itself after running `ran` is started again
+/// under `always`: none after a run of [`QUICK_RUN`] or more (or of unknown length: an
+/// adopted VMM), else 0.1 s doubling with each quick ending in a row (`quick`), at most
+/// [`QUICK_BACKOFF_MAX`].
+fn after_guest_ending(quick: &mut u32, ran: Option<Duration>) -> Duration {
+    if ran.is_none_or(|r| r >= QUICK_RUN) {
+        *quick = 0;
+        return Duration::ZERO;
+    }
+    *quick = quick.saturating_add(1);
+    let doublings = (*quick - 1).min(20);
+    (Duration::from_millis(100) * (1u32 << doublings)).min(QUICK_BACKOFF_MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_ending_by_itself_under_always_is_never_a_crash_loop() {
+        let mut quick = 0;
+        let s = Duration::from_secs;
+        // Ending again and again right after its start: slowed down, never given up.
+        let waits: Vec<Duration> = (0..12)
+            .map(|_| after_guest_ending(&mut quick, Some(Duration::from_millis(300))))
+            .collect();
+        assert_eq!(waits[0], Duration::from_millis(100));
+        assert_eq!(waits[1], Duration::from_millis(200));
+        assert_eq!(waits[4], Duration::from_millis(1600));
+        assert_eq!(waits[9], s(51) + Duration::from_millis(200));
+        assert_eq!(waits[10], s(60), "capped");
+        assert_eq!(waits[11], s(60));
+        // A run of 10 s or more (a guest that reboots now and then) starts again at once
+        // and forgets the quick endings before it.
+        assert_eq!(after_guest_ending(&mut quick, Some(s(10))), Duration::ZERO);
+        assert_eq!(quick, 0);
+        assert_eq!(
+            after_guest_ending(&mut quick, Some(s(1))),
+            Duration::from_millis(100)
+        );
+        // An adopted VMM's run has no known length: at once.
+        assert_eq!(after_guest_ending(&mut quick, None), Duration::ZERO);
+    }
 
     #[test]
     fn crashes_back_off_then_a_crash_loop_ends_crashed() {
