@@ -29,6 +29,8 @@ mod helpers;
 mod node_down;
 #[path = "volume_replication/override_copy.rs"]
 mod override_copy;
+#[path = "volume_replication/resize.rs"]
+mod resize;
 #[path = "volume_replication/snapshots.rs"]
 mod snapshots;
 #[path = "volume_replication/store_restart.rs"]
@@ -41,6 +43,7 @@ fn replicated_volumes_survive_nodes_killed_and_their_copies_catch_up_when_back()
     require("curl");
     require("nbdcopy");
     require("nbdinfo");
+    require("qemu-img");
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let tmp = tempfile::tempdir().unwrap();
@@ -209,6 +212,7 @@ fn replicated_volumes_survive_nodes_killed_and_their_copies_catch_up_when_back()
     let mut restarted = Restarted::default();
     node_down::node3_killed_and_back(&cx, &mut restarted);
     store_restart::replica_store_restarted(&cx, &mut restarted);
+    resize::three_copies_grow_together(&cx);
     override_copy::operator_override(&ca, t, h, dir, tmp.path(), &mut restarted);
     drop(restarted);
     cluster.stop();

@@ -22,6 +22,9 @@
 //!   flush (local and every in-sync replica), and is refused at once while a replica is
 //!   out of sync or asked out ([`RequestError::NotAllInSync`]). A replica failing on it
 //!   is a failed replica like any other.
+//! - A resize ([`Op::Resize`]) is sequenced like a write: requests after it may reach
+//!   the new end, and every copy grows before it applies them. It completes like a write.
+//!   Only growth: a smaller size is refused ([`RequestError::Shrink`]).
 //! - [`ReplyError::StaleGeneration`] from any replica means a newer generation exists: this
 //!   primary is fenced, every pending and later request fails.
 //! - A configuration leaving fewer than 2 copies in sync (counting the primary's; fewer
@@ -38,7 +41,7 @@ use std::time::Duration;
 
 use crate::regions::{Region, RegionSet};
 use crate::replica::Op;
-use crate::wire::{Generation, Message, ReplyError, VolumeName, MAX_DATA, SECTOR};
+use crate::wire::{Generation, Message, ReplyError, VolumeName, BLOCK_SIZE, MAX_DATA, SECTOR};
 
 mod interface;
 pub use interface::{
@@ -117,6 +120,11 @@ impl Primary {
             links,
             removal_requested: BTreeSet::new(),
         })
+    }
+
+    /// The volume's size, as the requests sequenced so far leave it.
+    pub fn volume_size(&self) -> u64 {
+        self.volume_size
     }
 
     /// The configuration in force.
@@ -278,6 +286,33 @@ impl Primary {
                 return;
             }
         }
+        // What a resize adds counts as changed, like a write's region: a copy out of sync
+        // (or leaving the in-sync set before it took the resize) has it recorded missed,
+        // so its catch-up runs a pass, which grows it first, before it rejoins.
+        let mut grown = None;
+        if let Op::Resize { size } = op {
+            if size == 0 || size % BLOCK_SIZE != 0 {
+                out.push(complete(id, Err(RequestError::Misaligned)));
+                return;
+            }
+            if size < self.volume_size {
+                out.push(complete(
+                    id,
+                    Err(RequestError::Shrink {
+                        size,
+                        current: self.volume_size,
+                    }),
+                ));
+                return;
+            }
+            grown = (size > self.volume_size).then_some(Region {
+                offset: self.volume_size,
+                len: size - self.volume_size,
+            });
+            // Requests sequenced after it may reach the new end: every copy applies them
+            // after it, the local one included.
+            self.volume_size = size;
+        }
         let region = op_region(&op);
         if matches!(&op, Op::Write { data, .. } if data.len() > MAX_DATA) {
             out.push(complete(id, Err(RequestError::TooLarge)));
@@ -303,10 +338,18 @@ impl Primary {
                 });
             }
         }
+        if let Some(region) = grown {
+            for r in &self.config.out_of_sync {
+                out.push(PrimaryAction::RecordMissed {
+                    replica: *r,
+                    region,
+                });
+            }
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         let generation = self.config.generation;
-        if let Some(region) = region {
+        if let Some(region) = region.or(grown) {
             for link in self.links.values_mut() {
                 link.unflushed.push((generation, seq, region));
             }
@@ -568,6 +611,12 @@ impl Primary {
                 seq,
                 name: name.clone(),
             },
+            Op::Resize { size } => Message::Resize {
+                volume,
+                generation,
+                seq,
+                size: *size,
+            },
         }
     }
 }
@@ -587,7 +636,7 @@ pub fn op_region(op: &Op) -> Option<Region> {
             offset: *offset,
             len: *len,
         }),
-        Op::Flush | Op::Snapshot { .. } => None,
+        Op::Flush | Op::Snapshot { .. } | Op::Resize { .. } => None,
     }
 }
 

@@ -48,6 +48,9 @@ pub enum Op {
     /// it. The same point of the stream on every copy, since every copy applies in seq
     /// order.
     Snapshot { name: SnapshotName },
+    /// Grow the copy here to `size` bytes (nothing when it is already at least that
+    /// large): writes sequenced after it may reach past the old end.
+    Resize { size: u64 },
 }
 
 /// What the shell must do, in the order given.
@@ -279,6 +282,12 @@ impl Replica {
                 Op::Snapshot { name },
                 &mut actions,
             ),
+            Message::Resize {
+                volume,
+                generation,
+                seq,
+                size,
+            } => self.sequenced(&volume, generation, seq, Op::Resize { size }, &mut actions),
             Message::Digests {
                 volume,
                 generation,

@@ -315,7 +315,20 @@ pub fn execute(store: &Store, repl: &Replication, op: AdminOp) -> Outcome {
         AdminOp::ListVolumes {} => Ok(AdminReply::Volumes(store.list_volumes())),
         AdminOp::VolumeInfo { name } => store.volume_info(&name).map(AdminReply::Volume),
         AdminOp::ResizeVolume { name, size } => {
-            store.resize_volume(&name, size).map(AdminReply::Volume)
+            // A replicated volume's copies grow through its primary's stream.
+            match repl.resize_volume(&name, size) {
+                None => store.resize_volume(&name, size),
+                Some(Ok(info)) => Ok(info),
+                Some(Err(RoleError::Store(e))) => Err(e),
+                Some(Err(RoleError::Refused(why))) => {
+                    tracing::info!(error = %why, "admin operation refused");
+                    return Outcome::Error(AdminError {
+                        kind: ErrorKind::Invalid,
+                        message: why,
+                    });
+                }
+            }
+            .map(AdminReply::Volume)
         }
         AdminOp::DeleteVolume { name } => store.delete_volume(&name).map(|()| AdminReply::Done),
         AdminOp::CreateSnapshot { volume, snapshot } => {

@@ -145,6 +145,49 @@ pub(crate) fn read_hash(dir: &Path, i: u8, export: &str, tmp: &Path) -> blake3::
     file_hash(&f)
 }
 
+/// The size of `export` as node `i`'s store serves it (nbdinfo).
+pub(crate) fn nbd_size(dir: &Path, i: u8, export: &str) -> u64 {
+    let out = output(
+        Command::new("nbdinfo")
+            .arg("--size")
+            .arg(unix_uri(dir, i, export)),
+    );
+    assert!(
+        out.status.success(),
+        "nbdinfo {export} on node{i}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// What `export` holds on node `i` now (at its current size), with random bytes from
+/// `from` to its end: the file (to write back whole, past an old end at `from`) and its
+/// hash.
+pub(crate) fn random_past(
+    dir: &Path,
+    i: u8,
+    export: &str,
+    tmp: &Path,
+    from: u64,
+) -> (PathBuf, blake3::Hash) {
+    let f = tmp.join(format!("grown-{export}"));
+    let _ = std::fs::remove_file(&f);
+    let out = output(
+        Command::new("nbdcopy")
+            .arg(unix_uri(dir, i, export))
+            .arg(&f),
+    );
+    assert!(out.status.success(), "reading {export} from node{i}");
+    let mut data = std::fs::read(&f).unwrap();
+    assert!(
+        data.len() as u64 > from,
+        "{export} is not larger than {from}"
+    );
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut data[from as usize..]);
+    std::fs::write(&f, &data).unwrap();
+    (f, blake3::hash(&data))
+}
+
 /// A file of `len` random bytes followed by zeros up to SIZE, and its hash; the random
 /// part alone is `path`.
 pub(crate) fn payload(tmp: &Path, name: &str, len: u64) -> (PathBuf, blake3::Hash) {

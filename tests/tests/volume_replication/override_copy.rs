@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::helpers::{
-    all_in_sync, call, cli, copy_state, id_of, kill, payload, read_hash, unix_uri, wait_task,
-    wait_volume, write, Restarted, MIB, SIZE,
+    all_in_sync, call, cli, copy_state, id_of, kill, nbd_size, payload, random_past, read_hash,
+    unix_uri, wait_task, wait_volume, write, Restarted, MIB, SIZE,
 };
 
 /// A 2-copy volume whose replica's store dies: its writes stall (removing the copy would
@@ -122,14 +122,26 @@ pub(crate) fn operator_override(
     );
     assert_eq!(read_hash(dir, 1, "c", tmp), hc2);
 
-    // The store comes back: caught up, in sync, the override cleared; both copies equal.
+    // Grown while its other copy is out of sync (`tessera volume resize`): the primary
+    // grows alone, and a write past the old end completes.
+    let big = SIZE + 16 * MIB;
+    let (ok, out, err) = cli(home, &["volume", "resize", "c", "--size", "48M"], "");
+    assert!(ok, "volume resize: {out} {err}");
+    wait_volume(ca, 2, t, "c", 30, |v| v["size_bytes"] == big);
+    assert_eq!(nbd_size(dir, 1, "c"), big);
+    let (fc3, hc3) = random_past(dir, 1, "c", tmp, SIZE);
+    assert!(write(dir, 1, "c", &fc3), "a write past c's old end");
+
+    // The store comes back: caught up (grown first), in sync, the override cleared; both
+    // copies equal, at the new size.
     restarted.start(dir, r, &store[0]);
     let v = wait_volume(ca, 2, t, "c", 60, |v| {
         all_in_sync(v) && v.get("operator_override").is_none()
     });
     assert_eq!(v["replication"]["primary"], id_of(ca, t, 1).as_str(), "{v}");
     for i in [1, r] {
-        assert_eq!(read_hash(dir, i, "c", tmp), hc2, "c on node{i}");
+        assert_eq!(nbd_size(dir, i, "c"), big, "c's size on node{i}");
+        assert_eq!(read_hash(dir, i, "c", tmp), hc3, "c on node{i}");
     }
     assert_ne!(hc1, hc2);
     let (_, ev) = call(ca, 2, "GET", "events", Some(t), None);

@@ -109,6 +109,9 @@ pub enum RequestError {
     /// A write larger than one frame carries ([`crate::wire::MAX_DATA`]): the shell splits it.
     #[error("a write of more than 4 MiB must be split")]
     TooLarge,
+    /// A resize to fewer bytes than the volume has: volumes only grow.
+    #[error("volumes only grow: {size} bytes is smaller than the current {current}")]
+    Shrink { size: u64, current: u64 },
     /// A snapshot needs every copy in sync and no removal pending: these replicas are
     /// out of sync or failing, so their copies would lack it.
     #[error("a snapshot needs every copy in sync: replicas {0:?} are out of sync or failing")]

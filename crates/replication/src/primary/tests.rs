@@ -422,6 +422,87 @@ fn a_snapshot_is_sequenced_between_writes_and_completes_like_a_flush() {
 }
 
 #[test]
+fn a_resize_is_sequenced_before_the_writes_past_the_old_end() {
+    let mut p = primary();
+    // Past the end: refused until a resize is sequenced.
+    let done = completions(&req(&mut p, 1, write(1 << 20)));
+    assert_eq!(done, vec![(RequestId(1), Err(RequestError::OutOfRange))]);
+    let sent = req(&mut p, 2, Op::Resize { size: 2 << 20 });
+    assert_eq!(p.volume_size(), 2 << 20);
+    let grows: Vec<_> = sent
+        .iter()
+        .filter_map(|a| match a {
+            PrimaryAction::Send {
+                to,
+                msg: Message::Resize { seq, size, .. },
+            } => Some((*to, *seq, *size)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(grows, vec![(A, 1, 2 << 20), (B, 1, 2 << 20)]);
+    // The write past the old end is taken now, as seq 2: after the resize everywhere.
+    let sent = req(&mut p, 3, write(1 << 20));
+    assert!(sent.iter().any(|a| matches!(
+        a,
+        PrimaryAction::Send {
+            to: A,
+            msg: Message::Write { seq: 2, .. }
+        }
+    )));
+    for id in [2, 3] {
+        local_done(&mut p, id);
+    }
+    for seq in 1..=2 {
+        p.handle(3 * MS, reply(A, seq, Ok(())));
+    }
+    let done = completions(&p.handle(3 * MS, reply(B, 1, Ok(()))));
+    assert_eq!(done, vec![(RequestId(2), Ok(()))], "completes like a write");
+    // Only growth; a size not a multiple of 4 KiB is refused.
+    let done = completions(&req(&mut p, 4, Op::Resize { size: 1 << 20 }));
+    assert_eq!(
+        done,
+        vec![(
+            RequestId(4),
+            Err(RequestError::Shrink {
+                size: 1 << 20,
+                current: 2 << 20
+            })
+        )]
+    );
+    let done = completions(&req(
+        &mut p,
+        5,
+        Op::Resize {
+            size: (4 << 20) + 512,
+        },
+    ));
+    assert_eq!(done, vec![(RequestId(5), Err(RequestError::Misaligned))]);
+}
+
+#[test]
+fn a_copy_out_of_sync_has_what_a_resize_adds_recorded_missed() {
+    let mut p = primary();
+    p.reconfigure(4 * MS, config(2, &[A], &[B])).unwrap();
+    let actions = req(&mut p, 1, Op::Resize { size: 3 << 20 });
+    assert_eq!(
+        actions[0],
+        PrimaryAction::RecordMissed {
+            replica: B,
+            region: Region {
+                offset: 1 << 20,
+                len: 2 << 20
+            }
+        },
+        "recorded before it is applied anywhere: {actions:?}"
+    );
+    // The same size again adds nothing.
+    let actions = req(&mut p, 2, Op::Resize { size: 3 << 20 });
+    assert!(!actions
+        .iter()
+        .any(|a| matches!(a, PrimaryAction::RecordMissed { .. })));
+}
+
+#[test]
 fn a_snapshot_is_refused_while_a_replica_is_out_of_sync_or_failing() {
     let mut p = primary();
     // A replica refusing a write is failing: the snapshot is refused at once.

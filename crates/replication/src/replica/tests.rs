@@ -131,6 +131,42 @@ fn a_snapshot_applies_in_seq_order_once_and_not_while_lost() {
 }
 
 #[test]
+fn a_resize_applies_in_seq_order_once_and_not_while_lost() {
+    let grow = |seq| Message::Resize {
+        volume: vol(),
+        generation: Generation(1),
+        seq,
+        size: 1 << 30,
+    };
+    let mut r = Replica::new(vol());
+    // Not before the writes sequenced ahead of it.
+    assert!(r
+        .handle(grow(2))
+        .contains(&reply(2, Err(ReplyError::SeqGap { expected: 1 }))));
+    assert_eq!(apply_and_ack(&mut r, write(1, 1)), vec![ok(1)]);
+    assert_eq!(
+        r.handle(grow(2)),
+        vec![ReplicaAction::Apply {
+            seq: 2,
+            op: Op::Resize { size: 1 << 30 }
+        }]
+    );
+    assert_eq!(r.applied(2, Ok(())), vec![ok(2)]);
+    // A write past the old end comes after it.
+    assert_eq!(apply_and_ack(&mut r, write(1, 3)), vec![ok(3)]);
+    assert_eq!(
+        r.handle(grow(2)),
+        vec![ok(2)],
+        "a resend is not applied again"
+    );
+    let mut lost = Replica::restarted(vol(), Generation(1));
+    assert_eq!(
+        lost.handle(grow(1)),
+        vec![reply(1, Err(ReplyError::NotInSync))]
+    );
+}
+
+#[test]
 fn a_newer_generation_starts_the_seq_count_again() {
     let mut r = Replica::new(vol());
     apply_and_ack(&mut r, write(1, 1));

@@ -24,6 +24,7 @@ const KIND_READ: u8 = 8;
 const KIND_READ_REPLY: u8 = 9;
 const KIND_REPLY: u8 = 10;
 const KIND_SNAPSHOT: u8 = 11;
+const KIND_RESIZE: u8 = 12;
 
 const ERR_STALE_GENERATION: u8 = 1;
 const ERR_UNKNOWN_VOLUME: u8 = 2;
@@ -62,6 +63,15 @@ fn check(msg: &Message) -> Result<(), WireError> {
                 BLOCK_SIZE,
                 "blocks",
             )
+        }
+        Message::Resize { size, .. } => {
+            if *size == 0 {
+                return Err(WireError::BadLength {
+                    field: "size",
+                    value: 0,
+                });
+            }
+            check_aligned("size", *size, BLOCK_SIZE)
         }
         Message::Read { offset, len, .. } => {
             if *len as usize > MAX_DATA {

@@ -8,9 +8,10 @@
 //!
 //! Who sends what: the primary sends [`Message::Fence`], [`Message::Write`],
 //! [`Message::WriteZeroes`], [`Message::Trim`], [`Message::Flush`], [`Message::Digests`] and
-//! [`Message::Read`] and [`Message::Snapshot`]; a replica answers with [`Message::Reply`] (fence, writes, flushes,
-//! matched by `seq`; a fence is answered as seq 0), [`Message::DigestsReply`] and
-//! [`Message::ReadReply`] (matched by `request`).
+//! [`Message::Read`], [`Message::Snapshot`] and [`Message::Resize`]; a replica answers with
+//! [`Message::Reply`] (fence, writes, flushes, snapshots, resizes, matched by `seq`; a fence
+//! is answered as seq 0), [`Message::DigestsReply`] and [`Message::ReadReply`] (matched by
+//! `request`).
 
 mod codec;
 #[cfg(test)]
@@ -174,7 +175,19 @@ pub enum Message {
         /// The snapshot's name (the block store's naming rule, as for volumes).
         name: VolumeName,
     },
-    /// Replica → primary: the outcome of the fence (seq 0), write, flush or snapshot `seq`.
+    /// Primary → replica: grow the volume to `size` bytes at this point of the write
+    /// stream (after every lower seq, before every higher one, so writes past the old end
+    /// come after it on every copy). Sequenced like a write; a copy already at least that
+    /// large takes it as done. Answered with `Reply { seq }`.
+    Resize {
+        volume: VolumeName,
+        generation: Generation,
+        seq: u64,
+        /// The new size in bytes: a positive multiple of [`BLOCK_SIZE`].
+        size: u64,
+    },
+    /// Replica → primary: the outcome of the fence (seq 0), write, flush, snapshot or
+    /// resize `seq`.
     Reply {
         seq: u64,
         result: Result<(), ReplyError>,

@@ -66,6 +66,12 @@ fn every_message() -> Vec<Message> {
             seq: 5,
             name: VolumeName::new("before-upgrade.1").unwrap(),
         },
+        Message::Resize {
+            volume: vol(),
+            generation: g,
+            seq: 6,
+            size: 64 << 30,
+        },
         Message::Digests {
             volume: vol(),
             generation: g,
@@ -214,7 +220,7 @@ fn unknown_version_and_kind_are_refused() {
     body[0] = 0;
     assert_eq!(decode_body(&body), Err(WireError::UnknownVersion(0)));
     body[0] = VERSION;
-    for kind in [0u8, 12, 255] {
+    for kind in [0u8, 13, 255] {
         body[1] = kind;
         assert_eq!(decode_body(&body), Err(WireError::UnknownKind(kind)));
     }
@@ -402,6 +408,18 @@ fn bad_ranges_are_refused_by_the_encoder_too() {
         Message::ReadReply {
             request: 1,
             result: Ok(vec![0; 100]),
+        },
+        Message::Resize {
+            volume: vol(),
+            generation: g,
+            seq: 1,
+            size: 0,
+        },
+        Message::Resize {
+            volume: vol(),
+            generation: g,
+            seq: 1,
+            size: 4096 + 512,
         },
     ];
     for msg in bad {

@@ -38,7 +38,7 @@ impl Disk {
                     self.durable = self.volatile.clone();
                 }
             }
-            Op::WriteZeroes { .. } | Op::Trim { .. } | Op::Snapshot { .. } => {
+            Op::WriteZeroes { .. } | Op::Trim { .. } | Op::Snapshot { .. } | Op::Resize { .. } => {
                 unreachable!("the simulation only writes and flushes")
             }
         }

@@ -337,6 +337,18 @@ impl CatchUp {
             });
         };
         progress(&plan);
+        // First the primary's size: a copy that missed a resize grows before it is sent
+        // (or asked the digests of) anything past its old end. A copy that large already
+        // takes it as done.
+        *seq += 1;
+        s.send(&Message::Resize {
+            volume: self.volume.clone(),
+            generation: Generation(self.generation),
+            seq: *seq,
+            size: self.export.size(),
+        })
+        .await?;
+        self.expect_reply(s, seq).await?;
         let mut request = 0u64;
         for batch in plan.batches() {
             let export = self.export.clone();

@@ -9,6 +9,7 @@ pub mod primary;
 pub mod quic;
 pub mod replica;
 pub mod reset_key;
+mod resize;
 mod snapshot;
 mod status;
 

@@ -247,6 +247,9 @@ impl ReplicaService {
                         Op::Snapshot { name } => vr.export.flush().and_then(|()| {
                             super::snapshot::take(&self.store, volume.as_str(), &name, &self.taken)
                         }),
+                        Op::Resize { size } => {
+                            super::resize::grow(&self.store, volume.as_str(), size)
+                        }
                         op => apply(&vr.export, op),
                     }
                     .map_err(|e| reply_error(&e));
@@ -313,6 +316,7 @@ fn target_volume(msg: &Message) -> Option<&VolumeName> {
         | Message::Trim { volume, .. }
         | Message::Flush { volume, .. }
         | Message::Snapshot { volume, .. }
+        | Message::Resize { volume, .. }
         | Message::Digests { volume, .. }
         | Message::Read { volume, .. } => Some(volume),
         Message::DigestsReply { .. } | Message::ReadReply { .. } | Message::Reply { .. } => None,
@@ -330,7 +334,8 @@ fn refusal(msg: &Message, why: ReplyError) -> Option<Message> {
         | Message::WriteZeroes { seq, .. }
         | Message::Trim { seq, .. }
         | Message::Flush { seq, .. }
-        | Message::Snapshot { seq, .. } => Message::Reply {
+        | Message::Snapshot { seq, .. }
+        | Message::Resize { seq, .. } => Message::Reply {
             seq: *seq,
             result: Err(why),
         },
@@ -352,9 +357,9 @@ fn apply(export: &Export, op: Op) -> Result<(), StoreError> {
         Op::WriteZeroes { offset, len } => export.write_zeroes(offset, len, false, false),
         Op::Trim { offset, len } => export.trim(offset, len, false),
         Op::Flush => export.flush(),
-        Op::Snapshot { .. } => Err(StoreError::Invalid {
+        Op::Snapshot { .. } | Op::Resize { .. } => Err(StoreError::Invalid {
             field: "op",
-            reason: "a snapshot is taken by the replica's snapshot step".into(),
+            reason: "a snapshot or resize is applied by the replica's own step".into(),
         }),
     }
 }

@@ -4,11 +4,12 @@
 //! (`crate::tasks`).
 //!
 //! Volumes only grow: a shrink would silently drop what the guest wrote at the end. A
-//! replicated volume is refused for now: its copies would have to grow together, every
-//! replica before the primary (or the primary would send writes past a replica's end),
-//! and that ordering across nodes is not built yet. A VM using the volume keeps the size
-//! its VMM read at start until it is stopped and started again: nothing tells a running
-//! guest that its disk grew.
+//! replicated volume's task goes to its primary's node, whose store grows every copy
+//! through the replication stream (a `Resize` sequenced like a write: every copy grows
+//! before it applies a write past the old end; a copy out of sync grows when it is caught
+//! up; see docs/replication.md, "Resizing replicated volumes"). A VM using the volume
+//! keeps the size its VMM read at start until it is stopped and started again: nothing
+//! tells a running guest that its disk grew.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -36,13 +37,6 @@ pub(crate) fn refusal(v: &Volume, size: u64) -> Option<ApiError> {
             v.name
         )));
     }
-    if v.is_replicated() || v.replicas > 1 {
-        return Some(ApiError::conflict(format!(
-            "resize of volume {} is not supported yet for replicated volumes \
-             ({} copies): the copies would have to grow together",
-            v.name, v.replicas
-        )));
-    }
     if size < v.size_bytes {
         return Some(ApiError::conflict(format!(
             "size_bytes: {size} is smaller than the volume's {} bytes; volumes only grow \
@@ -62,8 +56,7 @@ pub(crate) fn refusal(v: &Volume, size: u64) -> Option<ApiError> {
     responses((status = 202, body = Task), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody,
-            description = "Smaller than now, not ready, or replicated (not supported yet)"),
+        (status = 409, body = ErrorBody, description = "Smaller than now, or not ready"),
         (status = 503, body = ErrorBody)))]
 pub async fn resize(
     State(st): St,
@@ -127,7 +120,7 @@ mod tests {
     }
 
     #[test]
-    fn volumes_only_grow_and_only_one_copy_ones_for_now() {
+    fn volumes_only_grow_whatever_their_copies() {
         let v = volume(1 << 20, 1, VolumeState::Ready);
         assert!(refusal(&v, 2 << 20).is_none());
         assert!(
@@ -136,11 +129,10 @@ mod tests {
         );
         let m = message(refusal(&v, 4096));
         assert!(m.contains("size_bytes: 4096 is smaller"), "{m}");
-        let m = message(refusal(&volume(1 << 20, 3, VolumeState::Ready), 2 << 20));
-        assert!(
-            m.contains("not supported yet for replicated volumes"),
-            "{m}"
-        );
+        let three = volume(1 << 20, 3, VolumeState::Ready);
+        assert!(refusal(&three, 2 << 20).is_none(), "three copies grow too");
+        let m = message(refusal(&three, 4096));
+        assert!(m.contains("size_bytes: 4096 is smaller"), "{m}");
         let m = message(refusal(&volume(1 << 20, 1, VolumeState::Creating), 2 << 20));
         assert!(m.contains("is creating; wait for its task"), "{m}");
     }

@@ -7,8 +7,8 @@ use super::super::{
 use super::{
     check, ERR_IO, ERR_NOT_IN_SYNC, ERR_NOT_REPLICA, ERR_NO_SPACE, ERR_OUT_OF_RANGE, ERR_SEQ_GAP,
     ERR_STALE_GENERATION, ERR_UNKNOWN_VOLUME, KIND_DIGESTS, KIND_DIGESTS_REPLY, KIND_FENCE,
-    KIND_FLUSH, KIND_READ, KIND_READ_REPLY, KIND_REPLY, KIND_SNAPSHOT, KIND_TRIM, KIND_WRITE,
-    KIND_WRITE_ZEROES,
+    KIND_FLUSH, KIND_READ, KIND_READ_REPLY, KIND_REPLY, KIND_RESIZE, KIND_SNAPSHOT, KIND_TRIM,
+    KIND_WRITE, KIND_WRITE_ZEROES,
 };
 
 /// The length of the frame that follows a 4-byte length prefix, refused if it is larger
@@ -111,6 +111,15 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                 generation,
                 seq,
                 name,
+            }
+        }
+        KIND_RESIZE => {
+            let (volume, generation) = r.target()?;
+            Message::Resize {
+                volume,
+                generation,
+                seq: r.u64("seq")?,
+                size: r.u64("size")?,
             }
         }
         KIND_DIGESTS => {

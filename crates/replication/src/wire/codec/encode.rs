@@ -7,8 +7,8 @@ use super::super::{
 use super::{
     check, ERR_IO, ERR_NOT_IN_SYNC, ERR_NOT_REPLICA, ERR_NO_SPACE, ERR_OUT_OF_RANGE, ERR_SEQ_GAP,
     ERR_STALE_GENERATION, ERR_UNKNOWN_VOLUME, KIND_DIGESTS, KIND_DIGESTS_REPLY, KIND_FENCE,
-    KIND_FLUSH, KIND_READ, KIND_READ_REPLY, KIND_REPLY, KIND_SNAPSHOT, KIND_TRIM, KIND_WRITE,
-    KIND_WRITE_ZEROES,
+    KIND_FLUSH, KIND_READ, KIND_READ_REPLY, KIND_REPLY, KIND_RESIZE, KIND_SNAPSHOT, KIND_TRIM,
+    KIND_WRITE, KIND_WRITE_ZEROES,
 };
 
 /// Encodes `msg` as one frame. Refuses a message that breaks the format's rules (so a bad
@@ -88,6 +88,17 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             put_target(out, volume, *generation);
             put_u64(out, *seq);
             put_name(out, name);
+        }
+        Message::Resize {
+            volume,
+            generation,
+            seq,
+            size,
+        } => {
+            out.push(KIND_RESIZE);
+            put_target(out, volume, *generation);
+            put_u64(out, *seq);
+            put_u64(out, *size);
         }
         Message::Digests {
             volume,

@@ -221,6 +221,7 @@ fn apply_local(
         Op::Snapshot { name } => export
             .flush()
             .and_then(|()| super::super::snapshot::take(store, volume, &name, taken)),
+        Op::Resize { size } => super::super::resize::grow(store, volume, size),
     };
     r.map_err(|e| reply_error(&e))
 }
