@@ -84,6 +84,24 @@ impl DevCluster {
             .to_string()
     }
 
+    /// Logs in as the first administrator through node `node` with the printed password,
+    /// changes it to `new_password` (as a first login must before anything else) and
+    /// returns a session token.
+    pub fn admin_session(&self, node: u8, new_password: &str) -> String {
+        let (ca, password) = (self.ca_file(), self.admin_password());
+        let login = |pw: &str| {
+            let body = serde_json::json!({"username": "admin", "password": pw});
+            let (code, a) = api(&ca, node, "POST", "login", None, Some(&body));
+            assert_eq!(code, 200, "{a}");
+            a["token"].as_str().unwrap().to_string()
+        };
+        let first = login(&password);
+        let body = serde_json::json!({"old_password": password, "new_password": new_password});
+        let (code, a) = api(&ca, node, "POST", "password", Some(&first), Some(&body));
+        assert_eq!(code, 200, "{a}");
+        login(new_password)
+    }
+
     /// Stops it with Ctrl-C; it must exit successfully within 90 s.
     pub fn stop(mut self) {
         let Some(mut child) = self.child.take() else {
@@ -119,11 +137,13 @@ impl Drop for DevCluster {
     }
 }
 
-/// One answer of a node's API: status (0: no answer within curl's time), body, and how
-/// long it took.
+/// One answer of a node's API: status (0: no answer within curl's time), headers, body,
+/// and how long it took.
 pub struct Answer {
     /// The HTTP status, 0 when there was none.
     pub code: u16,
+    /// The header lines as received.
+    pub headers: String,
     /// The body as text.
     pub body: String,
     /// From the request to the whole answer.
@@ -141,6 +161,16 @@ impl Answer {
     pub fn json_or_null(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or(Value::Null)
     }
+
+    /// The value of header `name` (any case), if sent.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
 }
 
 /// A request to node `node`'s API at `https://127.0.0.<node>:8006<path>` with curl,
@@ -154,11 +184,30 @@ pub fn call(
     body: Option<&Value>,
     max: Duration,
 ) -> Answer {
+    call_with(ca, node, method, path, token, body, max, &[])
+}
+
+/// [`call`] with more arguments for curl (`--interface`, a header).
+#[allow(clippy::too_many_arguments)]
+pub fn call_with(
+    ca: &str,
+    node: u8,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+    max: Duration,
+    extra: &[&str],
+) -> Answer {
+    let dir = tempfile::tempdir().unwrap();
+    let headers = dir.path().join("headers");
     let mut cmd = Command::new("curl");
     cmd.args(["-s", "--max-time", &max.as_secs_f64().to_string()])
-        .args(["--cacert", ca, "-X", method])
+        .args(["--cacert", ca, "-X", method, "-D"])
+        .arg(&headers)
         .args(["-o", "-", "-w", "\n%{http_code}"])
-        .arg(format!("https://127.0.0.{node}:8006{path}"));
+        .arg(format!("https://127.0.0.{node}:8006{path}"))
+        .args(extra);
     if let Some(b) = body {
         cmd.args(["-H", "content-type: application/json", "--data"])
             .arg(b.to_string());
@@ -173,9 +222,107 @@ pub fn call(
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
     Answer {
         code: code.trim().parse().unwrap_or(0),
+        headers: std::fs::read_to_string(&headers).unwrap_or_default(),
         body: body.to_string(),
         took,
     }
+}
+
+/// A request to node `node` (1-3), `path` under `/api/v1/`, within 30 s: (status, body
+/// as JSON or `Value::Null`).
+pub fn api(
+    ca: &str,
+    node: u8,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let path = format!("/api/v1/{path}");
+    let a = call(
+        ca,
+        node,
+        method,
+        &path,
+        token,
+        body,
+        Duration::from_secs(30),
+    );
+    (a.code, a.json_or_null())
+}
+
+/// Waits (at most `secs`) until `GET /nodes` through node `node` lists the three nodes,
+/// each one accepted by `ready`; returns the list.
+pub fn wait_nodes(
+    ca: &str,
+    node: u8,
+    token: &str,
+    secs: u64,
+    ready: impl Fn(&Value) -> bool,
+) -> Value {
+    crate::cluster::wait_for("the three nodes ready in GET /nodes", secs, || {
+        let (_, nodes) = api(ca, node, "GET", "nodes", Some(token), None);
+        nodes
+            .as_array()
+            .is_some_and(|n| n.len() == 3 && n.iter().all(&ready))
+            .then_some(nodes)
+    })
+}
+
+/// Whether a node of `GET /nodes` has published its memory (placement needs it).
+pub fn memory_published(node: &Value) -> bool {
+    node["metrics"]["memory_total"]
+        .as_u64()
+        .is_some_and(|m| m > 0)
+}
+
+/// The id of node `node<i>` in a `GET /nodes` list.
+pub fn node_id(nodes: &Value, i: u8) -> String {
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == format!("node{i}"))
+        .unwrap_or_else(|| panic!("no node{i} in {nodes}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The directory of node `node<i>` of a dev cluster started in `dir` (what the
+/// [`crate::vms`] helpers call a node's directory).
+pub fn node_dir(dir: &Path, i: u8) -> std::path::PathBuf {
+    dir.join(format!("node{i}"))
+}
+
+/// Kills, when dropped, every VMM whose command line names `.0` (the test's directory
+/// with a trailing `/`), so none outlives a failed test: VMMs outlive `tesserad` by design.
+pub struct VmmKiller(pub String);
+
+impl VmmKiller {
+    /// The killer of the VMMs of a dev cluster started in `dir`.
+    pub fn of(dir: &Path) -> VmmKiller {
+        VmmKiller(format!("{}/", dir.display()))
+    }
+}
+
+impl Drop for VmmKiller {
+    fn drop(&mut self) {
+        kill_matching(&self.0, &["tessera-vmm"]);
+    }
+}
+
+/// SIGKILLs every process whose command line contains `mark` and one of `programs`;
+/// returns how many.
+pub fn kill_matching(mark: &str, programs: &[&str]) -> usize {
+    let pids = pids_where(|cmd| programs.iter().any(|p| cmd.contains(p)) && cmd.contains(mark));
+    for &pid in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    pids.len()
 }
 
 /// The pids of the processes whose command line (its arguments joined by spaces) `pick`

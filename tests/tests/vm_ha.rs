@@ -15,13 +15,15 @@
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 use tessera_tests::cluster::wait_for;
-use tessera_tests::devcluster::{self, DevCluster};
+use tessera_tests::devcluster::{
+    api, kill_matching, memory_published, node_dir, node_id, wait_nodes, DevCluster, VmmKiller,
+};
+use tessera_tests::vms::{alive, console, vm_pid};
 use tessera_tests::{counts, kvm_or_skip, output, require};
 
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
@@ -34,71 +36,6 @@ const PATTERN_LEN: usize = 2 * MIB;
 /// plus room for a loaded two-core machine.
 const RESTART_BOUND: Duration = Duration::from_secs(25);
 
-/// Kills every process of this test's cluster that matches, so no VMM outlives it.
-struct Reaper(String);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        kill_matching(&self.0, &["tessera-vmm"]);
-    }
-}
-
-/// SIGKILLs every process whose command line contains `mark` and one of `programs`;
-/// returns how many.
-fn kill_matching(mark: &str, programs: &[&str]) -> usize {
-    let pids = devcluster::pids_where(|cmd| {
-        programs.iter().any(|p| cmd.contains(p)) && cmd.contains(mark)
-    });
-    for &pid in &pids {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    pids.len()
-}
-
-/// A request to node `node` (1-3), `path` under `/api/v1/`: (status, body as JSON).
-fn call(
-    ca: &str,
-    node: u8,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&Value>,
-) -> (u16, Value) {
-    let path = format!("/api/v1/{path}");
-    let a = devcluster::call(
-        ca,
-        node,
-        method,
-        &path,
-        token,
-        body,
-        Duration::from_secs(30),
-    );
-    (a.code, a.json_or_null())
-}
-
-fn console(dir: &Path, node: u8, vm: &str) -> String {
-    std::fs::read_to_string(dir.join(format!("node{node}/data/vms/{vm}/console.log")))
-        .unwrap_or_default()
-}
-
-fn vmm_pid(dir: &Path, node: u8, vm: &str) -> Option<i32> {
-    let text =
-        std::fs::read_to_string(dir.join(format!("node{node}/data/vms/{vm}/run.json"))).ok()?;
-    let v: Value = serde_json::from_str(&text).ok()?;
-    v["pid"].as_i64().map(|p| p as i32)
-}
-
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit_once(')')
-            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-    })
-}
-
 #[test]
 fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() {
     let test = "an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not";
@@ -109,59 +46,24 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
     require("nbdcopy");
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let _reaper = Reaper(format!("{}/", dir.display()));
+    let _reaper = VmmKiller::of(dir);
     let cluster = DevCluster::start(dir);
-    let (password, ca) = (cluster.admin_password(), cluster.ca_file());
-    let (code, a) = call(
-        &ca,
-        2,
-        "POST",
-        "login",
-        None,
-        Some(&json!({"username": "admin", "password": password})),
-    );
-    assert_eq!(code, 200, "{a}");
-    let new_password = "vm ha admin password";
-    let body = json!({"old_password": password, "new_password": new_password});
-    let (code, a) = call(&ca, 2, "POST", "password", a["token"].as_str(), Some(&body));
-    assert_eq!(code, 200, "{a}");
-    let body = json!({"username": "admin", "password": new_password});
-    let (_, a) = call(&ca, 2, "POST", "login", None, Some(&body));
-    let token = a["token"].as_str().unwrap().to_string();
+    let ca = cluster.ca_file();
+    let token = cluster.admin_session(2, "vm ha admin password");
     let t = token.as_str();
     // Every store healthy and every node's memory published (placement needs both).
-    let nodes = wait_for("healthy stores and published metrics", 40, || {
-        let (_, nodes) = call(&ca, 2, "GET", "nodes", Some(t), None);
-        nodes
-            .as_array()
-            .is_some_and(|n| {
-                n.len() == 3
-                    && n.iter().all(|n| {
-                        n["storage"]["state"] == "ok"
-                            && n["metrics"]["memory_total"].as_u64().is_some_and(|m| m > 0)
-                    })
-            })
-            .then_some(nodes)
+    let nodes = wait_nodes(&ca, 2, t, 40, |n| {
+        n["storage"]["state"] == "ok" && memory_published(n)
     });
-    let id = |i: u8| -> String {
-        nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["name"] == format!("node{i}"))
-            .unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let id = |i: u8| node_id(&nodes, i);
     let index = |node_id: &str| -> u8 { (1..=3).find(|i| id(*i) == node_id).unwrap() };
 
     // A 3-copy volume with its primary on node1, a pattern written and flushed into it.
     let body = json!({"name": "ha-root", "size_bytes": SIZE, "replicas": 3, "node": id(1)});
-    let (c, task) = call(&ca, 2, "POST", "volumes", Some(t), Some(&body));
+    let (c, task) = api(&ca, 2, "POST", "volumes", Some(t), Some(&body));
     assert_eq!(c, 202, "{task}");
     let vol = wait_for("ha-root ready, three copies in sync", 60, || {
-        let (_, v) = call(&ca, 2, "GET", "volumes/ha-root", Some(t), None);
+        let (_, v) = api(&ca, 2, "GET", "volumes/ha-root", Some(t), None);
         let copies = v["replication"]["copies"]
             .as_array()
             .cloned()
@@ -197,7 +99,7 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
         "kernel": GUEST, "cmdline": "console=ttyS0 tessera.mode=count",
         "ha": true, "priority": 10, "desired_state": "running",
     });
-    let (c, v) = call(&ca, 2, "POST", "vms", Some(t), Some(&body));
+    let (c, v) = api(&ca, 2, "POST", "vms", Some(t), Some(&body));
     assert_eq!(c, 201, "{v}");
     assert_eq!(
         (v["ha"].clone(), v["priority"].clone()),
@@ -209,11 +111,11 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
         "kernel": GUEST, "cmdline": "console=ttyS0 tessera.mode=count",
         "desired_state": "running",
     });
-    let (c, v) = call(&ca, 2, "POST", "vms", Some(t), Some(&body));
+    let (c, v) = api(&ca, 2, "POST", "vms", Some(t), Some(&body));
     assert_eq!(c, 201, "{v}");
     assert_eq!(v["ha"], false, "{v}");
     // PATCH sets and shows the fields; a priority out of range is refused.
-    let (c, v) = call(
+    let (c, v) = api(
         &ca,
         2,
         "PATCH",
@@ -222,7 +124,7 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
         Some(&json!({"priority": 3})),
     );
     assert_eq!((c, v["priority"].clone()), (200, json!(3)), "{v}");
-    let (c, v) = call(
+    let (c, v) = api(
         &ca,
         2,
         "PATCH",
@@ -233,16 +135,16 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
     assert_eq!(c, 400, "{v}");
     for name in ["ha1", "plain"] {
         wait_for(&format!("{name} running on node1"), 60, || {
-            let (_, v) = call(&ca, 2, "GET", &format!("vms/{name}"), Some(t), None);
+            let (_, v) = api(&ca, 2, "GET", &format!("vms/{name}"), Some(t), None);
             (v["actual_state"] == "running" && v["running_on"] == id(1).as_str()).then_some(())
         });
     }
     // Past two COUNT= writes on the disk.
     wait_for("ha1 counting past 11 on node1", 60, || {
-        (counts(&console(dir, 1, "ha1")).last() >= Some(&11)).then_some(())
+        (counts(&console(&node_dir(dir, 1), "ha1")).last() >= Some(&11)).then_some(())
     });
-    let old_pid = vmm_pid(dir, 1, "ha1").unwrap();
-    let plain_pid = vmm_pid(dir, 1, "plain").unwrap();
+    let old_pid = vm_pid(&node_dir(dir, 1), "ha1").unwrap();
+    let plain_pid = vm_pid(&node_dir(dir, 1), "plain").unwrap();
 
     // node1 dies: its tesserad, its store and its VMMs.
     let mark = format!("{}/", dir.join("node1").display());
@@ -254,7 +156,7 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
         "ha1 running on another node",
         RESTART_BOUND.as_secs() + 20,
         || {
-            let (_, v) = call(&ca, 2, "GET", "vms/ha1", Some(t), None);
+            let (_, v) = api(&ca, 2, "GET", "vms/ha1", Some(t), None);
             (v["actual_state"] == "running" && v["running_on"].as_str().is_some_and(|n| n != id(1)))
                 .then_some(v)
         },
@@ -273,11 +175,11 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
     );
     // The new copy boots, writes its disk (the marker, then counts) and counts on.
     wait_for("ha1 counting on its new node", 60, || {
-        (counts(&console(dir, new_node, "ha1")).last() >= Some(&6)).then_some(())
+        (counts(&console(&node_dir(dir, new_node), "ha1")).last() >= Some(&6)).then_some(())
     });
 
     // The fence: the volume's generation rose through Raft before the start.
-    let (_, vol) = call(&ca, 2, "GET", "volumes/ha-root", Some(t), None);
+    let (_, vol) = api(&ca, 2, "GET", "volumes/ha-root", Some(t), None);
     let generation_after = vol["replication"]["generation"].as_u64().unwrap();
     assert!(
         generation_after > generation_before,
@@ -286,7 +188,7 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
     assert_ne!(vol["replication"]["primary"], id(1).as_str(), "{vol}");
 
     // The plain VM: not restarted, reported unknown on its down node.
-    let (_, v) = call(&ca, 2, "GET", "vms/plain", Some(t), None);
+    let (_, v) = api(&ca, 2, "GET", "vms/plain", Some(t), None);
     assert_eq!(v["actual_state"], "unknown", "{v}");
     assert_eq!(v["placed_on"], id(1).as_str(), "{v}");
     assert!(
@@ -295,7 +197,7 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
     );
 
     // The events name the steps, the fence before the start.
-    let (_, ev) = call(&ca, 2, "GET", "events?limit=10000", Some(t), None);
+    let (_, ev) = api(&ca, 2, "GET", "events?limit=10000", Some(t), None);
     let list = ev.as_array().unwrap();
     let pos = |kind: &str, target: &str| {
         list.iter()
@@ -325,10 +227,10 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
 
     // Stopped (the guest obeys the power button), its disk read from the new primary:
     // the pattern written and flushed before node1 died, and the guest's own writes.
-    let (c, v) = call(&ca, 2, "POST", "vms/ha1/stop", Some(t), None);
+    let (c, v) = api(&ca, 2, "POST", "vms/ha1/stop", Some(t), None);
     assert_eq!(c, 202, "{v}");
     wait_for("ha1 stopped", 60, || {
-        let (_, v) = call(&ca, 2, "GET", "vms/ha1", Some(t), None);
+        let (_, v) = api(&ca, 2, "GET", "vms/ha1", Some(t), None);
         (v["actual_state"] == "stopped").then_some(())
     });
     let primary = index(vol["replication"]["primary"].as_str().unwrap());

@@ -14,13 +14,15 @@
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use tessera_tests::cluster::wait_for;
-use tessera_tests::devcluster::{self, DevCluster};
+use tessera_tests::devcluster::{
+    api, memory_published, node_dir, node_id, wait_nodes, DevCluster, VmmKiller,
+};
+use tessera_tests::vms::console;
 use tessera_tests::{kvm_or_skip, output, require};
 
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
@@ -29,44 +31,13 @@ const IP_A: &str = "10.0.99.2";
 const IP_B: &str = "10.0.99.3";
 const MAC_B: &str = "02:00:5e:00:99:03";
 
-/// Kills the test cluster's VMMs, and removes the test's namespace, whatever happens.
-struct Cleanup {
-    mark: String,
-    netns: String,
-}
+/// Removes the test's namespace, whatever happens.
+struct NetnsCleanup(String);
 
-impl Drop for Cleanup {
+impl Drop for NetnsCleanup {
     fn drop(&mut self) {
-        let pids = devcluster::pids_where(|c| c.contains("tessera-vmm") && c.contains(&self.mark));
-        for pid in pids {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let _ = output(Command::new("ip").args(["netns", "del", &self.netns]));
+        let _ = output(Command::new("ip").args(["netns", "del", &self.0]));
     }
-}
-
-fn call(
-    ca: &str,
-    node: u8,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&Value>,
-) -> (u16, Value) {
-    let path = format!("/api/v1/{path}");
-    let a = devcluster::call(
-        ca,
-        node,
-        method,
-        &path,
-        token,
-        body,
-        Duration::from_secs(30),
-    );
-    (a.code, a.json_or_null())
 }
 
 fn ip(args: &[&str]) -> String {
@@ -84,11 +55,6 @@ fn links(args: &[&str]) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-fn console(dir: &Path, node: u8, vm: &str) -> String {
-    std::fs::read_to_string(dir.join(format!("node{node}/data/vms/{vm}/console.log")))
-        .unwrap_or_default()
-}
-
 #[test]
 fn two_vms_on_two_nodes_ping_each_other_over_a_cluster_network() {
     let test = "two_vms_on_two_nodes_ping_each_other_over_a_cluster_network";
@@ -101,10 +67,8 @@ fn two_vms_on_two_nodes_ping_each_other_over_a_cluster_network() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let netns = format!("tsvmnet{}", std::process::id());
-    let _cleanup = Cleanup {
-        mark: format!("{}/", dir.display()),
-        netns: netns.clone(),
-    };
+    let _netns = NetnsCleanup(netns.clone());
+    let _vmms = VmmKiller::of(dir);
     // A bridge left by an earlier, interrupted run is Tessera's (marked): the cluster
     // adopts it. An unmarked one of that name would be someone else's: do not run then.
     if let Some(l) = links(&[BRIDGE]).first() {
@@ -114,47 +78,18 @@ fn two_vms_on_two_nodes_ping_each_other_over_a_cluster_network() {
         );
     }
     let cluster = DevCluster::start(dir);
-    let (password, ca) = (cluster.admin_password(), cluster.ca_file());
-    let body = json!({"username": "admin", "password": password});
-    let (code, a) = call(&ca, 1, "POST", "login", None, Some(&body));
-    assert_eq!(code, 200, "{a}");
-    let new_password = "vm net admin password";
-    let body = json!({"old_password": password, "new_password": new_password});
-    let (code, a) = call(&ca, 1, "POST", "password", a["token"].as_str(), Some(&body));
-    assert_eq!(code, 200, "{a}");
-    let body = json!({"username": "admin", "password": new_password});
-    let (_, a) = call(&ca, 1, "POST", "login", None, Some(&body));
-    let token = a["token"].as_str().unwrap().to_string();
+    let ca = cluster.ca_file();
+    let token = cluster.admin_session(1, "vm net admin password");
     let t = token.as_str();
-    let nodes = wait_for("every node's memory published", 60, || {
-        let (_, nodes) = call(&ca, 1, "GET", "nodes", Some(t), None);
-        nodes
-            .as_array()
-            .is_some_and(|n| {
-                n.len() == 3
-                    && n.iter()
-                        .all(|n| n["metrics"]["memory_total"].as_u64().is_some_and(|m| m > 0))
-            })
-            .then_some(nodes)
-    });
-    let id = |i: u8| -> String {
-        nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["name"] == format!("node{i}"))
-            .unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let nodes = wait_nodes(&ca, 1, t, 60, memory_published);
+    let id = |i: u8| node_id(&nodes, i);
 
     // The network: every node sets it up and says so; the bridge is there, marked.
     let body = json!({"name": "lan", "bridge": "br-lan"});
-    let (c, v) = call(&ca, 1, "POST", "networks", Some(t), Some(&body));
+    let (c, v) = api(&ca, 1, "POST", "networks", Some(t), Some(&body));
     assert_eq!(c, 201, "{v}");
     let net = wait_for("network lan ok on the three nodes", 60, || {
-        let (_, v) = call(&ca, 3, "GET", "networks/lan", Some(t), None);
+        let (_, v) = api(&ca, 3, "GET", "networks/lan", Some(t), None);
         let nodes = v["nodes"].as_object().cloned().unwrap_or_default();
         (nodes.len() == 3
             && nodes
@@ -162,7 +97,7 @@ fn two_vms_on_two_nodes_ping_each_other_over_a_cluster_network() {
                 .all(|s| s["state"] == "ok" && s["bridge"] == BRIDGE))
         .then_some(v)
     });
-    let (c, list) = call(&ca, 2, "GET", "networks", Some(t), None);
+    let (c, list) = api(&ca, 2, "GET", "networks", Some(t), None);
     assert_eq!(c, 200, "{list}");
     assert_eq!(list[0]["nodes"], net["nodes"], "{list}");
     let bridge = links(&[BRIDGE]);
@@ -177,7 +112,7 @@ fn two_vms_on_two_nodes_ping_each_other_over_a_cluster_network() {
         "each node's interfaces with the bridge in GET /nodes",
         60,
         || {
-            let (_, nodes) = call(&ca, 1, "GET", "nodes", Some(t), None);
+            let (_, nodes) = api(&ca, 1, "GET", "nodes", Some(t), None);
             nodes
                 .as_array()
                 .is_some_and(|n| {
@@ -209,7 +144,7 @@ fn two_vms_on_two_nodes_ping_each_other_over_a_cluster_network() {
         })
     };
     let body = vm("nowhere", json!([{"network": "nope"}]), 1, "console=ttyS0");
-    let (c, v) = call(&ca, 1, "POST", "vms", Some(t), Some(&body));
+    let (c, v) = api(&ca, 1, "POST", "vms", Some(t), Some(&body));
     assert_eq!(c, 404, "{v}");
     assert!(
         v["error"].as_str().unwrap().contains("no network nope"),
@@ -226,13 +161,13 @@ fn two_vms_on_two_nodes_ping_each_other_over_a_cluster_network() {
             1,
             "console=ttyS0",
         );
-        let (c, v) = call(&ca, 1, "POST", "vms", Some(t), Some(&body));
+        let (c, v) = api(&ca, 1, "POST", "vms", Some(t), Some(&body));
         assert_eq!(c, 400, "{mac}: {v}");
         assert!(v["error"].as_str().unwrap().contains(why), "{mac}: {v}");
     }
     let mut body = vm("both", json!([{"network": "lan"}]), 1, "console=ttyS0");
     body["networks"] = json!(["lan"]);
-    let (c, v) = call(&ca, 1, "POST", "vms", Some(t), Some(&body));
+    let (c, v) = api(&ca, 1, "POST", "vms", Some(t), Some(&body));
     assert_eq!(c, 400, "{v}");
 
     // Two VMs: net-a on node1 (MAC assigned), net-b on node2 (MAC given), pinging net-a.
@@ -242,7 +177,7 @@ fn two_vms_on_two_nodes_ping_each_other_over_a_cluster_network() {
         1,
         &format!("console=ttyS0 tessera.mode=net tessera.ip={IP_A}"),
     );
-    let (c, a) = call(&ca, 1, "POST", "vms", Some(t), Some(&body));
+    let (c, a) = api(&ca, 1, "POST", "vms", Some(t), Some(&body));
     assert_eq!(c, 201, "{a}");
     let mac_a = a["nics"][0]["mac"].as_str().unwrap().to_string();
     assert_eq!(a["networks"], json!(["lan"]), "{a}");
@@ -254,7 +189,7 @@ fn two_vms_on_two_nodes_ping_each_other_over_a_cluster_network() {
         2,
         &format!("console=ttyS0 tessera.mode=net tessera.ip={IP_B} tessera.ping={IP_A}"),
     );
-    let (c, b) = call(&ca, 2, "POST", "vms", Some(t), Some(&body));
+    let (c, b) = api(&ca, 2, "POST", "vms", Some(t), Some(&body));
     assert_eq!(c, 201, "{b}");
     assert_eq!(b["nics"][0]["mac"], MAC_B, "{b}");
     // Another VM cannot take a MAC in use; the same prefix draws a different MAC.
@@ -264,11 +199,11 @@ fn two_vms_on_two_nodes_ping_each_other_over_a_cluster_network() {
         3,
         "console=ttyS0",
     );
-    let (c, v) = call(&ca, 3, "POST", "vms", Some(t), Some(&body));
+    let (c, v) = api(&ca, 3, "POST", "vms", Some(t), Some(&body));
     assert_eq!(c, 409, "{v}");
     assert!(v["error"].as_str().unwrap().contains(MAC_B), "{v}");
     let body = vm("third", json!([{"network": "lan"}]), 3, "console=ttyS0");
-    let (c, v) = call(&ca, 3, "POST", "vms", Some(t), Some(&body));
+    let (c, v) = api(&ca, 3, "POST", "vms", Some(t), Some(&body));
     assert_eq!(c, 201, "{v}");
     let mac_c = v["nics"][0]["mac"].as_str().unwrap();
     assert_eq!(
@@ -277,11 +212,11 @@ fn two_vms_on_two_nodes_ping_each_other_over_a_cluster_network() {
         "one prefix per cluster: {mac_c} {mac_a}"
     );
     assert_ne!(mac_c, mac_a);
-    let (c, v) = call(&ca, 3, "DELETE", "vms/third", Some(t), None);
+    let (c, v) = api(&ca, 3, "DELETE", "vms/third", Some(t), None);
     assert_eq!(c, 200, "{v}");
 
     for (name, node) in [("net-a", 1u8), ("net-b", 2u8)] {
-        let (c, v) = call(
+        let (c, v) = api(
             &ca,
             node,
             "POST",
@@ -293,7 +228,7 @@ fn two_vms_on_two_nodes_ping_each_other_over_a_cluster_network() {
     }
     for (name, node) in [("net-a", 1u8), ("net-b", 2u8)] {
         wait_for(&format!("{name} running on node{node}"), 60, || {
-            let (_, v) = call(&ca, 1, "GET", &format!("vms/{name}"), Some(t), None);
+            let (_, v) = api(&ca, 1, "GET", &format!("vms/{name}"), Some(t), None);
             (v["actual_state"] == "running" && v["running_on"] == id(node).as_str()).then_some(())
         });
     }
@@ -314,18 +249,18 @@ fn two_vms_on_two_nodes_ping_each_other_over_a_cluster_network() {
     // The guest on node2 pings the one on node1: three echo replies.
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
-        let c = console(dir, 2, "net-b");
+        let c = console(&node_dir(dir, 2), "net-b");
         if c.contains(&format!("echo reply from {IP_A} ")) && c.contains("(reply 3)") {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
             "net-b's three echo replies from net-a did not come:\nnet-b: {c}\nnet-a: {}",
-            console(dir, 1, "net-a")
+            console(&node_dir(dir, 1), "net-a")
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let a_console = console(dir, 1, "net-a");
+    let a_console = console(&node_dir(dir, 1), "net-a");
     assert!(
         a_console.contains(&format!("ICMP echo request from {IP_B}")),
         "{a_console}"
@@ -358,13 +293,13 @@ fn two_vms_on_two_nodes_ping_each_other_over_a_cluster_network() {
     let _ = output(Command::new("ip").args(["link", "del", host]));
 
     // A network in use cannot be deleted.
-    let (c, v) = call(&ca, 3, "DELETE", "networks/lan", Some(t), None);
+    let (c, v) = api(&ca, 3, "DELETE", "networks/lan", Some(t), None);
     assert_eq!(c, 409, "{v}");
     assert!(v["error"].as_str().unwrap().contains("net-a"), "{v}");
 
     // A stopped VM's tap goes with its VMM.
     for (name, node) in [("net-a", 1u8), ("net-b", 2u8)] {
-        let (c, v) = call(
+        let (c, v) = api(
             &ca,
             node,
             "POST",
@@ -382,14 +317,14 @@ fn two_vms_on_two_nodes_ping_each_other_over_a_cluster_network() {
     });
     for name in ["net-a", "net-b"] {
         wait_for(&format!("{name} stopped"), 60, || {
-            let (_, v) = call(&ca, 1, "GET", &format!("vms/{name}"), Some(t), None);
+            let (_, v) = api(&ca, 1, "GET", &format!("vms/{name}"), Some(t), None);
             (v["actual_state"] == "stopped").then_some(())
         });
-        let (c, v) = call(&ca, 1, "DELETE", &format!("vms/{name}"), Some(t), None);
+        let (c, v) = api(&ca, 1, "DELETE", &format!("vms/{name}"), Some(t), None);
         assert_eq!(c, 200, "{v}");
     }
     // Now it can go, and its bridge goes too.
-    let (c, v) = call(&ca, 3, "DELETE", "networks/lan", Some(t), None);
+    let (c, v) = api(&ca, 3, "DELETE", "networks/lan", Some(t), None);
     assert_eq!(c, 200, "{v}");
     wait_for("bridge tsb-lan removed", 30, || {
         links(&[BRIDGE]).is_empty().then_some(())
