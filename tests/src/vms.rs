@@ -1,16 +1,54 @@
-//! VM tests' helpers on a cluster of [`ClusterNode`]s: the VMs' state through the API,
-//! their VMMs' pids and consoles in the nodes' runtime directories, the CLI, the test
-//! guest as a boot image, and a reaper that leaves no VMM behind a failed test.
+//! VM tests' helpers on a cluster of [`ClusterNode`]s: the cluster itself, the VMs' state
+//! through the API, their VMMs' pids and consoles in the nodes' runtime directories, the
+//! CLI, the test guest as a boot image, and a reaper that leaves no VMM behind a failed
+//! test.
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::cluster::{api, curl, wait_for, ClusterNode};
-use crate::{bin, counts, Lan};
+use crate::cluster::{admin_session, api, curl, wait_for, ClusterNode};
+use crate::{bin, counts, kvm_or_skip, Lan};
 
 /// The freestanding test guest (tests/guest).
 pub const GUEST: &str = env!("TESSERA_TEST_GUEST");
+
+/// A cluster for a VM test: nodes in network namespaces, each with its `tessera-store`,
+/// and an administrator's session. Dropped, it kills the VMMs first, then the nodes, then
+/// removes their directory and the namespaces (the fields' order).
+pub struct VmCluster {
+    _reaper: VmmReaper,
+    pub nodes: Vec<ClusterNode>,
+    pub dir: tempfile::TempDir,
+    pub lan: Lan,
+    /// The administrator's session token.
+    pub token: String,
+}
+
+impl VmCluster {
+    /// Starts `n` nodes for test `test`, the administrator's password changed to
+    /// `password`; `None` (after the SKIP line) when this machine cannot run VMs or
+    /// network namespaces.
+    pub fn start(test: &str, n: usize, password: &str) -> Option<VmCluster> {
+        if !kvm_or_skip(test) {
+            return None;
+        }
+        let lan = Lan::new(test, n)?;
+        let dir = tempfile::tempdir().unwrap();
+        let nodes: Vec<ClusterNode> = (0..n)
+            .map(|i| ClusterNode::start(&lan, i, dir.path(), n, true))
+            .collect();
+        let reaper = VmmReaper::of(&nodes);
+        let token = admin_session(&lan, &nodes, 0, password);
+        Some(VmCluster {
+            _reaper: reaper,
+            nodes,
+            dir,
+            lan,
+            token,
+        })
+    }
+}
 
 /// Kills every VMM the nodes' runtime directories name, so none outlives a failed test
 /// (VMMs outlive `tesserad` by design).

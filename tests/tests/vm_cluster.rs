@@ -18,60 +18,31 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tessera_tests::cluster::{admin_session, api, wait_for, wait_task, ClusterNode};
+use tessera_tests::cluster::{api, wait_for, wait_task, ClusterNode};
 use tessera_tests::vms::{
-    act, alive, console, counting, last_count, vm, vm_pid, wait_state, VmmReaper, GUEST,
+    self, act, alive, console, counting, last_count, node_ids, vm, vm_pid, wait_state, VmCluster,
+    GUEST,
 };
-use tessera_tests::{bin, counts, kvm_or_skip, output, require, Lan};
+use tessera_tests::{bin, counts, output, require, Lan};
 
 #[test]
 fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     let test = "vms_run_on_the_cluster_and_survive_a_tesserad_restart";
-    if !kvm_or_skip(test) {
-        return;
-    }
-    let Some(lan) = Lan::new(test, 3) else {
+    let Some(mut c) = VmCluster::start(test, 3, "vm-cluster-password-1") else {
         return;
     };
     require("nbdcopy");
-    let d = tempfile::tempdir().unwrap();
-    let mut nodes: Vec<ClusterNode> = (0..3)
-        .map(|i| ClusterNode::start(&lan, i, d.path(), 3, true))
-        .collect();
-    let _reaper = VmmReaper::of(&nodes);
-    let token = admin_session(&lan, &nodes, 0, "vm-cluster-password-1");
-    let t = token.as_str();
-
-    // Every node has published its memory (placement needs it).
-    let ids: Vec<String> = wait_for("every node's metrics", 40, || {
-        let (code, v) = api(&lan, 0, "GET", "nodes", Some(t), None);
-        let list = v.as_array().filter(|_| code == 200)?;
-        let ready = list.len() == 3
-            && list
-                .iter()
-                .all(|n| n["metrics"]["memory_total"].as_u64().is_some_and(|m| m > 0));
-        ready.then(|| {
-            let mut by_name: Vec<(String, String)> = list
-                .iter()
-                .map(|n| {
-                    (
-                        n["name"].as_str().unwrap().to_string(),
-                        n["id"].as_str().unwrap().to_string(),
-                    )
-                })
-                .collect();
-            by_name.sort();
-            by_name.into_iter().map(|(_, id)| id).collect()
-        })
-    });
+    let (lan, d, t) = (&c.lan, &c.dir, c.token.as_str());
+    let nodes = &mut c.nodes;
+    let ids = node_ids(lan, t, 3);
 
     // A volume on node1 and a VM booting the test guest from it.
     let body = json!({ "name": "boot", "size_bytes": 16 << 20, "node": ids[1], "replicas": 1 })
         .to_string();
-    let (code, v) = api(&lan, 0, "POST", "volumes", Some(t), Some(&body));
+    let (code, v) = api(lan, 0, "POST", "volumes", Some(t), Some(&body));
     assert_eq!(code, 202, "{v}");
     assert_eq!(
-        wait_task(&lan, 0, t, v["id"].as_str().unwrap())["state"],
+        wait_task(lan, 0, t, v["id"].as_str().unwrap())["state"],
         "succeeded"
     );
     let body = json!({
@@ -79,7 +50,7 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
         "kernel": GUEST, "cmdline": "console=ttyS0 tessera.mode=count",
     })
     .to_string();
-    let (code, v) = api(&lan, 0, "POST", "vms", Some(t), Some(&body));
+    let (code, v) = api(lan, 0, "POST", "vms", Some(t), Some(&body));
     assert_eq!(code, 201, "{v}");
     assert_eq!(v["actual_state"], "stopped");
     assert_eq!(v["restart_policy"], "on-crash");
@@ -87,8 +58,8 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     // Oversized: refused naming each node's free memory; nothing changes.
     let body =
         json!({ "name": "big", "vcpus": 1, "memory_mib": 1048576, "kernel": GUEST }).to_string();
-    assert_eq!(api(&lan, 0, "POST", "vms", Some(t), Some(&body)).0, 201);
-    let (code, v) = act(&lan, 2, t, "big", "start");
+    assert_eq!(api(lan, 0, "POST", "vms", Some(t), Some(&body)).0, 201);
+    let (code, v) = act(lan, 2, t, "big", "start");
     assert_eq!(code, 409, "{v}");
     let msg = v["error"].as_str().unwrap();
     assert!(
@@ -105,7 +76,7 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
         msg.contains("vCPUs free (") && msg.contains(" x 4 overcommit)"),
         "{msg}"
     );
-    let big = vm(&lan, 0, t, "big");
+    let big = vm(lan, 0, t, "big");
     assert_eq!(
         (big["desired_state"].as_str(), big["actual_state"].as_str()),
         (Some("stopped"), Some("stopped"))
@@ -114,14 +85,14 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     // Start: placed on node1 (its disk's node) by a request to node0; the guest counts.
     // The answer is the request's task, on the node it was placed on; it ends once that
     // node reports the VM running.
-    let (code, v) = act(&lan, 0, t, "vm1", "start");
+    let (code, v) = act(lan, 0, t, "vm1", "start");
     assert_eq!(code, 202, "{v}");
     assert_eq!(v["node"], ids[1].as_str(), "{v}");
     assert_eq!(
         (v["vm"]["vm"].as_str(), v["vm"]["action"].as_str()),
         (Some("vm1"), Some("start"))
     );
-    let task = wait_task(&lan, 2, t, v["id"].as_str().unwrap());
+    let task = wait_task(lan, 2, t, v["id"].as_str().unwrap());
     assert_eq!(
         (task["state"].as_str(), task["progress"].as_u64()),
         (Some("succeeded"), Some(100)),
@@ -131,12 +102,12 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
         task["log"].to_string().contains("done: VM running"),
         "{task}"
     );
-    let v = vm(&lan, 2, t, "vm1");
+    let v = vm(lan, 2, t, "vm1");
     assert_eq!(v["actual_state"], "running", "{v}");
     assert_eq!(v["running_on"], ids[1].as_str());
     counting(&nodes[1].dir, "vm1");
     // GET /nodes accounts for it on node1 only (big is stopped: not counted).
-    let (code, list) = api(&lan, 2, "GET", "nodes", Some(t), None);
+    let (code, list) = api(lan, 2, "GET", "nodes", Some(t), None);
     assert_eq!(code, 200, "{list}");
     for n in list.as_array().unwrap() {
         let a = &n["allocation"];
@@ -147,13 +118,13 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
         assert!(a["memory_mib"].as_u64().unwrap() > 0, "{n}");
         assert!(a["cpus"].as_u64().unwrap() > 0, "{n}");
     }
-    overcommit(&lan, &nodes[0], t, &ids, &list);
+    overcommit(lan, &nodes[0], t, &ids, &list);
 
     // A refused request creates no task.
-    let tasks_before = api(&lan, 0, "GET", "tasks", Some(t), None).1;
-    assert_eq!(act(&lan, 0, t, "vm1", "start").0, 409, "a second start");
+    let tasks_before = api(lan, 0, "GET", "tasks", Some(t), None).1;
+    assert_eq!(act(lan, 0, t, "vm1", "start").0, 409, "a second start");
     assert_eq!(
-        api(&lan, 0, "GET", "tasks", Some(t), None)
+        api(lan, 0, "GET", "tasks", Some(t), None)
             .1
             .as_array()
             .map(Vec::len),
@@ -162,8 +133,8 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     );
 
     // Pause: the counter stands still; resume: it counts on.
-    assert_eq!(act(&lan, 1, t, "vm1", "pause").0, 202);
-    wait_state(&lan, 1, t, "vm1", "paused");
+    assert_eq!(act(lan, 1, t, "vm1", "pause").0, 202);
+    wait_state(lan, 1, t, "vm1", "paused");
     let frozen = last_count(&nodes[1].dir, "vm1");
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
@@ -171,27 +142,18 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
         frozen,
         "a paused guest counted"
     );
-    assert_eq!(act(&lan, 2, t, "vm1", "resume").0, 202);
-    wait_state(&lan, 2, t, "vm1", "running");
+    assert_eq!(act(lan, 2, t, "vm1", "resume").0, 202);
+    wait_state(lan, 2, t, "vm1", "running");
     counting(&nodes[1].dir, "vm1");
 
     // Bad input: delete while running; nothing changes.
-    let (code, v) = api(&lan, 0, "DELETE", "vms/vm1", Some(t), None);
+    let (code, v) = api(lan, 0, "DELETE", "vms/vm1", Some(t), None);
     assert_eq!(code, 409, "{v}");
-    assert_eq!(vm(&lan, 0, t, "vm1")["actual_state"], "running");
+    assert_eq!(vm(lan, 0, t, "vm1")["actual_state"], "running");
 
     let home = d.path().join("home");
     std::fs::create_dir_all(&home).unwrap();
-    let cli = |args: &[&str], stdin: &str| {
-        let mut c = lan.command(0, &bin("tessera"));
-        c.env("HOME", &home)
-            .arg("--api")
-            .arg(format!("https://{}:8006", Lan::addr(0)))
-            .arg("--ca-file")
-            .arg(lan.ca_file().unwrap())
-            .args(args);
-        tessera_tests::run_with_stdin(c, stdin)
-    };
+    let cli = |args: &[&str], stdin: &str| vms::cli(lan, 0, &home, args, stdin);
     let (ok, out, err) = cli(&["login", "--user", "admin"], "vm-cluster-password-1\n");
     assert!(ok, "{out}{err}");
 
@@ -203,23 +165,23 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     std::thread::sleep(Duration::from_secs(2));
     assert!(alive(pid), "the VMM died with tesserad");
     counting(&nodes[1].dir, "vm1");
-    nodes[1].start_tesserad(&lan);
+    nodes[1].start_tesserad(lan);
     wait_for("node1's API after the restart", 60, || {
-        (api(&lan, 1, "GET", "vms/vm1", Some(t), None).0 == 200).then_some(())
+        (api(lan, 1, "GET", "vms/vm1", Some(t), None).0 == 200).then_some(())
     });
     assert_eq!(
         vm_pid(&nodes[1].dir, "vm1"),
         Some(pid),
         "the VMM was replaced"
     );
-    assert_eq!(act(&lan, 1, t, "vm1", "pause").0, 202);
-    wait_state(&lan, 1, t, "vm1", "paused");
-    assert_eq!(act(&lan, 1, t, "vm1", "resume").0, 202);
-    let v = wait_state(&lan, 1, t, "vm1", "running");
+    assert_eq!(act(lan, 1, t, "vm1", "pause").0, 202);
+    wait_state(lan, 1, t, "vm1", "paused");
+    assert_eq!(act(lan, 1, t, "vm1", "resume").0, 202);
+    let v = wait_state(lan, 1, t, "vm1", "running");
     assert_eq!(v["running_on"], ids[1].as_str());
     assert!(alive(pid), "{}", nodes[1].logs());
     counting(&nodes[1].dir, "vm1");
-    console_streams(&lan, 1, &home, &nodes[1]);
+    console_streams(lan, 1, &home, &nodes[1]);
 
     // The VMM is killed: on-crash restarts it (a new process) and says why.
     nix::sys::signal::kill(
@@ -228,7 +190,7 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     )
     .unwrap();
     let v = wait_for("the VMM restarted by the policy", 60, || {
-        let v = vm(&lan, 0, t, "vm1");
+        let v = vm(lan, 0, t, "vm1");
         let new = vm_pid(&nodes[1].dir, "vm1").is_some_and(|p| p != pid);
         (new && v["actual_state"] == "running").then_some(v)
     });
@@ -242,17 +204,14 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
 
     // Under `never` a killed VMM leaves the VM crashed with the reason.
     let body = json!({ "restart_policy": "never" }).to_string();
-    assert_eq!(
-        api(&lan, 0, "PATCH", "vms/vm1", Some(t), Some(&body)).0,
-        200
-    );
+    assert_eq!(api(lan, 0, "PATCH", "vms/vm1", Some(t), Some(&body)).0, 200);
     let pid2 = vm_pid(&nodes[1].dir, "vm1").unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid2 as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let v = wait_state(&lan, 2, t, "vm1", "crashed");
+    let v = wait_state(lan, 2, t, "vm1", "crashed");
     let reason = v["state_reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains("signal 9") && reason.contains("never"),
@@ -260,22 +219,22 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     );
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
-        vm(&lan, 0, t, "vm1")["actual_state"],
+        vm(lan, 0, t, "vm1")["actual_state"],
         "crashed",
         "restarted under never"
     );
 
     // Started again, then stopped through the CLI (which waits until it is stopped).
-    let (code, v) = act(&lan, 0, t, "vm1", "start");
+    let (code, v) = act(lan, 0, t, "vm1", "start");
     assert_eq!(code, 202, "{v}");
-    wait_state(&lan, 0, t, "vm1", "running");
+    wait_state(lan, 0, t, "vm1", "running");
     counting(&nodes[1].dir, "vm1");
     // Reboot: a new VMM on the same node, the guest counting again.
     let before = vm_pid(&nodes[1].dir, "vm1").unwrap();
-    let (code, v) = act(&lan, 2, t, "vm1", "reboot");
+    let (code, v) = act(lan, 2, t, "vm1", "reboot");
     assert_eq!(code, 202, "{v}");
     let v = wait_for("the VM rebooted", 60, || {
-        let v = vm(&lan, 0, t, "vm1");
+        let v = vm(lan, 0, t, "vm1");
         let new = vm_pid(&nodes[1].dir, "vm1").is_some_and(|p| p != before);
         // The node reports the reboot after it started the new VMM.
         let rebooted = v["state_reason"]
@@ -302,21 +261,21 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     // The serial console through the API's WebSocket, with the CLI: the scrollback
     // first, then the counter as it counts, on the node the VM runs on. A plain GET is
     // told to upgrade.
-    let (code, v) = api(&lan, 1, "GET", "vms/vm1/console", Some(t), None);
+    let (code, v) = api(lan, 1, "GET", "vms/vm1/console", Some(t), None);
     assert_eq!(code, 426, "{v}");
     // Then through node0, which does not run it: forwarded to node1 over node-to-node
     // HTTPS.
     for i in [1, 0] {
-        console_streams(&lan, i, &home, &nodes[1]);
+        console_streams(lan, i, &home, &nodes[1]);
     }
     // An Auditor may not attach (403); nothing changes.
     let body = json!({ "role": "auditor", "expires_in_s": 600 }).to_string();
-    let (code, v) = api(&lan, 0, "POST", "tokens", Some(t), Some(&body));
+    let (code, v) = api(lan, 0, "POST", "tokens", Some(t), Some(&body));
     assert_eq!(code, 201, "{v}");
     let auditor = v["token"].as_str().unwrap();
-    let (code, _) = api(&lan, 1, "GET", "vms/vm1/console", Some(auditor), None);
+    let (code, _) = api(lan, 1, "GET", "vms/vm1/console", Some(auditor), None);
     assert_eq!(code, 403);
-    assert_eq!(vm(&lan, 0, t, "vm1")["actual_state"], "running");
+    assert_eq!(vm(lan, 0, t, "vm1")["actual_state"], "running");
 
     let (ok, out, err) = cli(&["vm", "stop", "vm1"], "");
     assert!(ok && out.contains("stopped"), "{out}{err}");
@@ -354,22 +313,19 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     let o = output(&mut c);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let body = json!({ "node": ids[2] }).to_string();
-    assert_eq!(
-        api(&lan, 0, "PATCH", "vms/vm1", Some(t), Some(&body)).0,
-        200
-    );
-    let (code, v) = act(&lan, 0, t, "vm1", "start");
+    assert_eq!(api(lan, 0, "PATCH", "vms/vm1", Some(t), Some(&body)).0, 200);
+    let (code, v) = act(lan, 0, t, "vm1", "start");
     assert_eq!(code, 202, "{v}");
     assert_eq!(v["node"], ids[2].as_str(), "{v}");
-    let v = wait_state(&lan, 0, t, "vm1", "running");
+    let v = wait_state(lan, 0, t, "vm1", "running");
     assert_eq!(v["running_on"], ids[2].as_str());
     // The guest writes COUNT= every fifth count: wait past two of those.
     wait_for("the remote guest to count past 11", 60, || {
         (last_count(&nodes[2].dir, "vm1") >= Some(11)).then_some(())
     });
-    let (code, v) = act(&lan, 0, t, "vm1", "stop");
+    let (code, v) = act(lan, 0, t, "vm1", "stop");
     assert_eq!(code, 202, "{v}");
-    let task = wait_task(&lan, 0, t, v["id"].as_str().unwrap());
+    let task = wait_task(lan, 0, t, v["id"].as_str().unwrap());
     assert_eq!(task["state"], "succeeded", "{task}");
     // The stop pressed the guest's power button and the guest powered itself off.
     assert!(
@@ -384,7 +340,7 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
         "{}",
         console(&nodes[2].dir, "vm1")
     );
-    wait_state(&lan, 0, t, "vm1", "stopped");
+    wait_state(lan, 0, t, "vm1", "stopped");
     let mut c = std::process::Command::new("nbdcopy");
     c.arg(format!("nbd+unix:///boot?socket={}", sock.display()))
         .arg("--")
@@ -398,7 +354,7 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
     );
 
     // Stopped: it can be deleted.
-    let (code, v) = api(&lan, 0, "DELETE", "vms/vm1", Some(t), None);
+    let (code, v) = api(lan, 0, "DELETE", "vms/vm1", Some(t), None);
     assert_eq!(code, 200, "{v}");
 
     // A guest that ignores the power button is forced after its stop timeout.
@@ -408,16 +364,16 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
         "stop_timeout_s": 2, "node": ids[0],
     })
     .to_string();
-    let (code, v) = api(&lan, 0, "POST", "vms", Some(t), Some(&body));
+    let (code, v) = api(lan, 0, "POST", "vms", Some(t), Some(&body));
     assert_eq!(code, 201, "{v}");
     assert_eq!(v["stop_timeout_s"], 2, "{v}");
-    let (code, v) = act(&lan, 0, t, "stubborn", "start");
+    let (code, v) = act(lan, 0, t, "stubborn", "start");
     assert_eq!(code, 202, "{v}");
-    wait_state(&lan, 0, t, "stubborn", "running");
+    wait_state(lan, 0, t, "stubborn", "running");
     counting(&nodes[0].dir, "stubborn");
-    let (code, v) = act(&lan, 0, t, "stubborn", "stop");
+    let (code, v) = act(lan, 0, t, "stubborn", "stop");
     assert_eq!(code, 202, "{v}");
-    let task = wait_task(&lan, 0, t, v["id"].as_str().unwrap());
+    let task = wait_task(lan, 0, t, v["id"].as_str().unwrap());
     assert_eq!(task["state"], "succeeded", "{task}");
     // The reason gives the time the stop actually waited: its timeout (2 s) or, on a
     // loaded machine, a little more.
@@ -441,22 +397,22 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
         "kernel": "/nonexistent/tessera-kernel", "node": ids[0],
     })
     .to_string();
-    assert_eq!(api(&lan, 0, "POST", "vms", Some(t), Some(&body)).0, 201);
-    assert_eq!(act(&lan, 0, t, "crasher", "start").0, 202);
+    assert_eq!(api(lan, 0, "POST", "vms", Some(t), Some(&body)).0, 201);
+    assert_eq!(act(lan, 0, t, "crasher", "start").0, 202);
     // The third restart waits 4 s: room for the stop to land in the backoff.
     wait_for("crasher's third restart backoff", 60, || {
-        let v = vm(&lan, 0, t, "crasher");
+        let v = vm(lan, 0, t, "crasher");
         let r = v["state_reason"].as_str().unwrap_or_default().to_string();
         (v["actual_state"] == "starting"
             && r.contains("restarting in")
             && r.contains("(restart 3)"))
         .then_some(())
     });
-    let (code, v) = act(&lan, 0, t, "crasher", "stop");
+    let (code, v) = act(lan, 0, t, "crasher", "stop");
     assert_eq!(code, 202, "{v}");
-    let task = wait_task(&lan, 0, t, v["id"].as_str().unwrap());
+    let task = wait_task(lan, 0, t, v["id"].as_str().unwrap());
     assert_eq!(task["state"], "succeeded", "{task}");
-    let v = wait_state(&lan, 0, t, "crasher", "stopped");
+    let v = wait_state(lan, 0, t, "crasher", "stopped");
     assert!(
         v["state_reason"]
             .as_str()
@@ -464,7 +420,6 @@ fn vms_run_on_the_cluster_and_survive_a_tesserad_restart() {
             .contains("while waiting to restart"),
         "{v}"
     );
-    drop(nodes);
 }
 
 /// vCPU overcommit (default 4 per CPU): more one-vCPU VMs than node0 has CPUs run there at

@@ -12,47 +12,17 @@
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{json, Value};
-use tessera_tests::cluster::{admin_session, api, curl, wait_for, wait_task, ClusterNode};
-use tessera_tests::{bin, counts, kvm_or_skip, output, Lan};
+use tessera_tests::cluster::{api, curl, wait_for, wait_task};
+use tessera_tests::vms::{self, node_ids, wait_state, VmCluster, GUEST};
+use tessera_tests::{counts, output, Lan};
 
-const GUEST: &str = env!("TESSERA_TEST_GUEST");
 const PASSWORD: &str = "vm-images-password-1";
-
-/// Kills every VMM the nodes' runtime directories name, so none outlives a failed test.
-struct VmmReaper(Vec<PathBuf>);
-
-impl Drop for VmmReaper {
-    fn drop(&mut self) {
-        for d in &self.0 {
-            let Ok(rd) = std::fs::read_dir(d.join("data/vms")) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                let text = std::fs::read_to_string(e.path().join("run.json")).unwrap_or_default();
-                let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-                if let Some(pid) = v["pid"].as_i64() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        }
-    }
-}
 
 fn get(lan: &Lan, t: &str, path: &str) -> (u16, Value) {
     api(lan, 0, "GET", path, Some(t), None)
-}
-
-fn wait_state(lan: &Lan, t: &str, name: &str, state: &str) -> Value {
-    wait_for(&format!("VM {name} to be {state}"), 60, || {
-        let (_, v) = get(lan, t, &format!("vms/{name}"));
-        (v["actual_state"] == state).then_some(v)
-    })
 }
 
 /// Waits until VM `name`'s guest on the node in `dir` has counted to at least 3.
@@ -73,43 +43,14 @@ fn blake3_hex(path: &Path) -> String {
 #[test]
 fn a_boot_image_boots_vms_on_every_node_and_templates_clone_them() {
     let test = "a_boot_image_boots_vms_on_every_node_and_templates_clone_them";
-    if !kvm_or_skip(test) {
-        return;
-    }
-    let Some(lan) = Lan::new(test, 3) else {
+    let Some(c) = VmCluster::start(test, 3, PASSWORD) else {
         return;
     };
-    let d = tempfile::tempdir().unwrap();
-    let nodes: Vec<ClusterNode> = (0..3)
-        .map(|i| ClusterNode::start(&lan, i, d.path(), 3, true))
-        .collect();
-    let _reaper = VmmReaper(nodes.iter().map(|n| n.dir.clone()).collect());
-    let token = admin_session(&lan, &nodes, 0, PASSWORD);
-    let t = token.as_str();
+    let (lan, nodes, d, t) = (&c.lan, &c.nodes, &c.dir, c.token.as_str());
     let bearer = format!("Authorization: Bearer {t}");
-    let ids: Vec<String> = wait_for("every node's metrics", 40, || {
-        let (code, v) = get(&lan, t, "nodes");
-        let list = v.as_array().filter(|_| code == 200)?;
-        let ready = list.len() == 3
-            && list
-                .iter()
-                .all(|n| n["metrics"]["memory_total"].as_u64().is_some_and(|m| m > 0));
-        ready.then(|| {
-            let mut by_name: Vec<(String, String)> = list
-                .iter()
-                .map(|n| {
-                    (
-                        n["name"].as_str().unwrap().into(),
-                        n["id"].as_str().unwrap().into(),
-                    )
-                })
-                .collect();
-            by_name.sort();
-            by_name.into_iter().map(|(_, id)| id).collect()
-        })
-    });
+    let ids = node_ids(lan, t, 3);
     let nothing_uploaded = |why: &str| {
-        let (code, v) = get(&lan, t, "images");
+        let (code, v) = get(lan, t, "images");
         assert_eq!(
             (code, v.as_array().map(Vec::len)),
             (200, Some(0)),
@@ -124,7 +65,7 @@ fn a_boot_image_boots_vms_on_every_node_and_templates_clone_them() {
     // Bad uploads: a body shorter than kernel_bytes says; a body declared larger than
     // 256 MiB (refused before it is read); one streamed past 256 MiB. Nothing is kept.
     let (code, text) = curl(
-        &lan,
+        lan,
         0,
         "images?name=guest&kernel_bytes=100",
         &["-X", "POST", "-H", &bearer, "--data-binary", "short"],
@@ -135,7 +76,7 @@ fn a_boot_image_boots_vms_on_every_node_and_templates_clone_them() {
     );
     nothing_uploaded("a short body");
     let (code, text) = curl(
-        &lan,
+        lan,
         0,
         "images?name=guest&kernel_bytes=1",
         &[
@@ -167,16 +108,7 @@ fn a_boot_image_boots_vms_on_every_node_and_templates_clone_them() {
     // The CLI, logged in on node0.
     let home = d.path().join("home");
     std::fs::create_dir_all(&home).unwrap();
-    let cli = |args: &[&str], stdin: &str| {
-        let mut c = lan.command(0, &bin("tessera"));
-        c.env("HOME", &home)
-            .arg("--api")
-            .arg(format!("https://{}:8006", Lan::addr(0)))
-            .arg("--ca-file")
-            .arg(lan.ca_file().unwrap())
-            .args(args);
-        tessera_tests::run_with_stdin(c, stdin)
-    };
+    let cli = |args: &[&str], stdin: &str| vms::cli(lan, 0, &home, args, stdin);
     let (ok, out, err) = cli(&["login", "--user", "admin"], &format!("{PASSWORD}\n"));
     assert!(ok, "{out}{err}");
 
@@ -199,12 +131,12 @@ fn a_boot_image_boots_vms_on_every_node_and_templates_clone_them() {
     assert!(!ok && err.contains("409"), "a second upload: {out}{err}");
     let want = blake3_hex(Path::new(GUEST));
     let img = wait_for("a copy of the image on every node", 30, || {
-        let (_, v) = get(&lan, t, "images/guest");
+        let (_, v) = get(lan, t, "images/guest");
         (v["copies"].as_array().map(Vec::len) == Some(3)).then_some(v)
     });
     assert_eq!(img["kernel"]["blake3"], want.as_str(), "{img}");
     assert_eq!(img["cmdline"], cmdline, "{img}");
-    for n in &nodes {
+    for n in nodes {
         assert_eq!(blake3_hex(&n.dir.join("data/images/guest/kernel")), want);
     }
     let (ok, out, err) = cli(&["image", "ls"], "");
@@ -212,21 +144,21 @@ fn a_boot_image_boots_vms_on_every_node_and_templates_clone_them() {
 
     // An unknown image: 404, no VM.
     let body = json!({ "name": "lost", "vcpus": 1, "memory_mib": 64, "image": "nope" });
-    let (code, v) = api(&lan, 0, "POST", "vms", Some(t), Some(&body.to_string()));
+    let (code, v) = api(lan, 0, "POST", "vms", Some(t), Some(&body.to_string()));
     assert!(
         code == 404 && v["error"].as_str().unwrap().contains("nope"),
         "{v}"
     );
-    assert_eq!(get(&lan, t, "vms/lost").0, 404);
+    assert_eq!(get(lan, t, "vms/lost").0, 404);
 
     // A VM booting the image from a new volume on node1: it runs there (its disk's node,
     // not the node the image was uploaded to) and the guest counts.
     let body = json!({ "name": "base", "size_bytes": 16 << 20, "node": ids[1], "replicas": 1 })
         .to_string();
-    let (code, v) = api(&lan, 0, "POST", "volumes", Some(t), Some(&body));
+    let (code, v) = api(lan, 0, "POST", "volumes", Some(t), Some(&body));
     assert_eq!(code, 202, "{v}");
     assert_eq!(
-        wait_task(&lan, 0, t, v["id"].as_str().unwrap())["state"],
+        wait_task(lan, 0, t, v["id"].as_str().unwrap())["state"],
         "succeeded"
     );
     let (ok, out, err) = cli(
@@ -236,9 +168,9 @@ fn a_boot_image_boots_vms_on_every_node_and_templates_clone_them() {
         "",
     );
     assert!(ok, "{out}{err}");
-    let (code, v) = api(&lan, 0, "POST", "vms/tpl/start", Some(t), None);
+    let (code, v) = api(lan, 0, "POST", "vms/tpl/start", Some(t), None);
     assert_eq!(code, 202, "{v}");
-    let v = wait_state(&lan, t, "tpl", "running");
+    let v = wait_state(lan, 0, t, "tpl", "running");
     assert_eq!(v["running_on"], ids[1].as_str(), "{v}");
     counting(&nodes[1].dir, "tpl");
 
@@ -249,25 +181,25 @@ fn a_boot_image_boots_vms_on_every_node_and_templates_clone_them() {
         !ok && err.contains("409") && err.contains("tpl"),
         "{out}{err}"
     );
-    assert_eq!(get(&lan, t, "images/guest").1["deleting"], false);
-    let (code, v) = api(&lan, 0, "DELETE", "vms/tpl", Some(t), None);
+    assert_eq!(get(lan, t, "images/guest").1["deleting"], false);
+    let (code, v) = api(lan, 0, "DELETE", "vms/tpl", Some(t), None);
     assert_eq!(code, 409, "{v}");
-    let (code, v) = api(&lan, 0, "POST", "vms/tpl/template", Some(t), None);
+    let (code, v) = api(lan, 0, "POST", "vms/tpl/template", Some(t), None);
     assert_eq!(code, 409, "{v}");
-    assert_eq!(get(&lan, t, "vms/tpl").1["actual_state"], "running");
+    assert_eq!(get(lan, t, "vms/tpl").1["actual_state"], "running");
 
     // Stopped, it becomes a template: it cannot start.
-    let (code, v) = api(&lan, 0, "POST", "vms/tpl/stop", Some(t), None);
+    let (code, v) = api(lan, 0, "POST", "vms/tpl/stop", Some(t), None);
     assert_eq!(code, 202, "{v}");
-    wait_state(&lan, t, "tpl", "stopped");
+    wait_state(lan, 0, t, "tpl", "stopped");
     let (ok, out, err) = cli(&["vm", "template", "tpl"], "");
     assert!(ok && out.contains("template"), "{out}{err}");
-    let (code, v) = api(&lan, 0, "POST", "vms/tpl/start", Some(t), None);
+    let (code, v) = api(lan, 0, "POST", "vms/tpl/start", Some(t), None);
     assert!(
         code == 409 && v["error"].as_str().unwrap().contains("template"),
         "{v}"
     );
-    let v = get(&lan, t, "vms/tpl").1;
+    let v = get(lan, t, "vms/tpl").1;
     assert_eq!(
         (v["desired_state"].as_str(), v["template"].as_bool()),
         (Some("stopped"), Some(true))
@@ -280,39 +212,39 @@ fn a_boot_image_boots_vms_on_every_node_and_templates_clone_them() {
         (r.0 || !r.2.contains("not ready")).then_some(r)
     });
     assert!(ok, "{out}{err}");
-    let v = get(&lan, t, "vms/web").1;
+    let v = get(lan, t, "vms/web").1;
     assert_eq!(v["disks"], json!(["web-disk0"]), "{v}");
     assert_eq!(
         (v["image"].as_str(), v["memory_mib"].as_u64()),
         (Some("guest"), Some(64))
     );
     wait_for("the clone to be ready", 30, || {
-        (get(&lan, t, "volumes/web-disk0").1["state"] == "ready").then_some(())
+        (get(lan, t, "volumes/web-disk0").1["state"] == "ready").then_some(())
     });
     assert_eq!(
-        get(&lan, t, "volumes/web-disk0").1["origin"],
+        get(lan, t, "volumes/web-disk0").1["origin"],
         "base@template"
     );
-    let (code, v) = api(&lan, 2, "POST", "vms/web/start", Some(t), None);
+    let (code, v) = api(lan, 2, "POST", "vms/web/start", Some(t), None);
     assert_eq!(code, 202, "{v}");
-    let v = wait_state(&lan, t, "web", "running");
+    let v = wait_state(lan, 0, t, "web", "running");
     assert_eq!(v["running_on"], ids[1].as_str(), "{v}");
     counting(&nodes[1].dir, "web");
 
     // A volume attached to another VM cannot be attached again (so never started twice).
     let body = json!({ "name": "thief", "vcpus": 1, "memory_mib": 64, "image": "guest",
         "disks": ["web-disk0"] });
-    let (code, v) = api(&lan, 0, "POST", "vms", Some(t), Some(&body.to_string()));
+    let (code, v) = api(lan, 0, "POST", "vms", Some(t), Some(&body.to_string()));
     assert!(
         code == 409 && v["error"].as_str().unwrap().contains("web"),
         "{v}"
     );
-    assert_eq!(get(&lan, t, "vms/thief").0, 404);
-    let (code, v) = api(&lan, 0, "DELETE", "vms/web", Some(t), None);
+    assert_eq!(get(lan, t, "vms/thief").0, 404);
+    let (code, v) = api(lan, 0, "DELETE", "vms/web", Some(t), None);
     assert_eq!(code, 409, "{v}");
-    let (code, v) = api(&lan, 0, "POST", "vms/web/kill", Some(t), None);
+    let (code, v) = api(lan, 0, "POST", "vms/web/kill", Some(t), None);
     assert_eq!(code, 202, "{v}");
-    wait_state(&lan, t, "web", "stopped");
+    wait_state(lan, 0, t, "web", "stopped");
 
     // node2's copy is damaged (same size, other bytes): a VM started there is booted
     // from a fresh copy fetched from another node and checked, not from the damaged one.
@@ -320,18 +252,14 @@ fn a_boot_image_boots_vms_on_every_node_and_templates_clone_them() {
     let len = std::fs::metadata(&copy).unwrap().len() as usize;
     std::fs::write(&copy, vec![0x90u8; len]).unwrap();
     let body = json!({ "node": ids[2] }).to_string();
-    assert_eq!(
-        api(&lan, 0, "PATCH", "vms/web", Some(t), Some(&body)).0,
-        200
-    );
-    let (code, v) = api(&lan, 0, "POST", "vms/web/start", Some(t), None);
+    assert_eq!(api(lan, 0, "PATCH", "vms/web", Some(t), Some(&body)).0, 200);
+    let (code, v) = api(lan, 0, "POST", "vms/web/start", Some(t), None);
     assert_eq!(code, 202, "{v}");
-    let v = wait_state(&lan, t, "web", "running");
+    let v = wait_state(lan, 0, t, "web", "running");
     assert_eq!(v["running_on"], ids[2].as_str(), "{v}");
     counting(&nodes[2].dir, "web");
     assert_eq!(blake3_hex(&copy), want, "the damaged copy was not replaced");
-    let (code, v) = api(&lan, 0, "POST", "vms/web/kill", Some(t), None);
+    let (code, v) = api(lan, 0, "POST", "vms/web/kill", Some(t), None);
     assert_eq!(code, 202, "{v}");
-    wait_state(&lan, t, "web", "stopped");
-    drop(nodes);
+    wait_state(lan, 0, t, "web", "stopped");
 }

@@ -25,11 +25,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tessera_tests::cluster::{admin_session, api, wait_for, wait_task, ClusterNode};
+use tessera_tests::cluster::{api, wait_for, wait_task, ClusterNode};
 use tessera_tests::vms::{
-    act, cli, cli_command, console, counting, node_ids, vm, vm_pid, wait_state, VmmReaper, GUEST,
+    act, cli, cli_command, console, counting, node_ids, vm, vm_pid, wait_state, VmCluster, GUEST,
 };
-use tessera_tests::{kvm_or_skip, require, Lan, VmApi};
+use tessera_tests::{require, Lan, VmApi};
 
 const PASSWORD: &str = "vm-lifecycle-password-1";
 
@@ -54,25 +54,16 @@ fn type_into(dir: &Path, name: &str, text: &str) {
 #[test]
 fn vm_lifecycle_races_policies_stops_and_the_console_terminal() {
     let test = "vm_lifecycle_races_policies_stops_and_the_console_terminal";
-    if !kvm_or_skip(test) {
-        return;
-    }
-    let Some(lan) = Lan::new(test, 3) else {
+    let Some(c) = VmCluster::start(test, 3, PASSWORD) else {
         return;
     };
     require("script");
-    let d = tempfile::tempdir().unwrap();
-    let nodes: Vec<ClusterNode> = (0..3)
-        .map(|i| ClusterNode::start(&lan, i, d.path(), 3, true))
-        .collect();
-    let _reaper = VmmReaper::of(&nodes);
-    let token = admin_session(&lan, &nodes, 0, PASSWORD);
-    let t = token.as_str();
-    let ids = node_ids(&lan, t, 3);
+    let (lan, nodes, d, t) = (&c.lan, &c.nodes, &c.dir, c.token.as_str());
+    let ids = node_ids(lan, t, 3);
     let home = d.path().join("home");
     std::fs::create_dir_all(&home).unwrap();
     let (ok, out, err) = cli(
-        &lan,
+        lan,
         0,
         &home,
         &["login", "--user", "admin"],
@@ -80,11 +71,10 @@ fn vm_lifecycle_races_policies_stops_and_the_console_terminal() {
     );
     assert!(ok, "{out}{err}");
 
-    racing_starts(&lan, t, &ids, &nodes);
-    guest_power_off(&lan, t, &ids, &nodes);
-    stopping(&lan, t, &ids, &nodes, &home);
-    console_terminal(&lan, t, &ids, &nodes, &home);
-    drop(nodes);
+    racing_starts(lan, t, &ids, nodes);
+    guest_power_off(lan, t, &ids, nodes);
+    stopping(lan, t, &ids, nodes, &home);
+    console_terminal(lan, t, &ids, nodes, &home);
 }
 
 /// At overcommit 1 node2 takes as many one-vCPU VMs as it has CPUs. More starts than

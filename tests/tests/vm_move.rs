@@ -18,11 +18,11 @@
 use std::path::Path;
 
 use serde_json::{json, Value};
-use tessera_tests::cluster::{admin_session, api, wait_for, wait_task, ClusterNode};
+use tessera_tests::cluster::{api, wait_for, wait_task, ClusterNode};
 use tessera_tests::vms::{
-    act, console, last_count, node_ids, upload_guest, vm, vm_pid, wait_state, VmmReaper,
+    act, console, last_count, node_ids, upload_guest, vm, vm_pid, wait_state, VmCluster,
 };
-use tessera_tests::{kvm_or_skip, output, require, Lan};
+use tessera_tests::{output, require, Lan};
 
 const SIZE: u64 = 16 << 20;
 
@@ -123,22 +123,13 @@ fn stop(lan: &Lan, t: &str, nodes: &[ClusterNode], name: &str, on: usize) -> u64
 #[test]
 fn a_vm_moves_to_another_node_with_its_disk() {
     let test = "a_vm_moves_to_another_node_with_its_disk";
-    if !kvm_or_skip(test) {
-        return;
-    }
-    let Some(lan) = Lan::new(test, 3) else {
+    let Some(c) = VmCluster::start(test, 3, "vm-move-password-1") else {
         return;
     };
     require("nbdcopy");
-    let d = tempfile::tempdir().unwrap();
-    let nodes: Vec<ClusterNode> = (0..3)
-        .map(|i| ClusterNode::start(&lan, i, d.path(), 3, true))
-        .collect();
-    let _reaper = VmmReaper::of(&nodes);
-    let token = admin_session(&lan, &nodes, 0, "vm-move-password-1");
-    let t = token.as_str();
-    let ids = node_ids(&lan, t, 3);
-    upload_guest(&lan, t, "guest", 3);
+    let (lan, nodes, t) = (&c.lan, &c.nodes, c.token.as_str());
+    let ids = node_ids(lan, t, 3);
+    upload_guest(lan, t, "guest", 3);
 
     // New volumes: three copies with the primary on node0; one copy on node2.
     for (name, replicas, node) in [("disk3", 3, 0), ("disk1", 1, 2)] {
@@ -146,13 +137,13 @@ fn a_vm_moves_to_another_node_with_its_disk() {
             "name": name, "size_bytes": SIZE, "replicas": replicas, "node": ids[node],
         })
         .to_string();
-        let (code, v) = api(&lan, 0, "POST", "volumes", Some(t), Some(&body));
+        let (code, v) = api(lan, 0, "POST", "volumes", Some(t), Some(&body));
         assert_eq!(code, 202, "{v}");
-        let task = wait_task(&lan, 0, t, v["id"].as_str().unwrap());
+        let task = wait_task(lan, 0, t, v["id"].as_str().unwrap());
         assert_eq!(task["state"], "succeeded", "{task}");
     }
     let v3 = wait_for("disk3's three copies in sync", 60, || {
-        let v = volume(&lan, t, "disk3");
+        let v = volume(lan, t, "disk3");
         all_in_sync(&v).then_some(v)
     });
     assert_eq!(
@@ -162,7 +153,7 @@ fn a_vm_moves_to_another_node_with_its_disk() {
     );
     assert_eq!(v3["node"], ids[0].as_str(), "{v3}");
     let generation = v3["replication"]["generation"].as_u64().unwrap();
-    assert_eq!(volume(&lan, t, "disk1")["node"], ids[2].as_str());
+    assert_eq!(volume(lan, t, "disk1")["node"], ids[2].as_str());
 
     for (name, disk) in [("mover", "disk3"), ("remote", "disk1")] {
         let body = json!({
@@ -170,7 +161,7 @@ fn a_vm_moves_to_another_node_with_its_disk() {
             "cmdline": "console=ttyS0 tessera.mode=count",
         })
         .to_string();
-        let (code, v) = api(&lan, 0, "POST", "vms", Some(t), Some(&body));
+        let (code, v) = api(lan, 0, "POST", "vms", Some(t), Some(&body));
         assert_eq!(code, 201, "{v}");
         assert!(
             v["kernel"].is_null(),
@@ -179,13 +170,13 @@ fn a_vm_moves_to_another_node_with_its_disk() {
     }
 
     // --- Three copies: node0 (the primary's node), then node1 (the primary follows).
-    run_on(&lan, t, &ids, &nodes, "mover", 0, 10);
+    run_on(lan, t, &ids, nodes, "mover", 0, 10);
     let out = console(&nodes[0].dir, "mover");
     assert!(
         !out.contains("disk holds"),
         "a new volume held a count: {out}"
     );
-    let shown = stop(&lan, t, &nodes, "mover", 0);
+    let shown = stop(lan, t, nodes, "mover", 0);
     let (mark, count) = head(&nodes[0].dir, "disk3");
     assert!(mark.starts_with("TESSERA-MARK"), "{mark:?}");
     let written = count_in(&count);
@@ -194,12 +185,12 @@ fn a_vm_moves_to_another_node_with_its_disk() {
         "node0's guest printed up to {shown}, its disk says {count:?}"
     );
     assert_eq!(
-        volume(&lan, t, "disk3")["node"],
+        volume(lan, t, "disk3")["node"],
         ids[0].as_str(),
         "no move yet"
     );
 
-    run_on(&lan, t, &ids, &nodes, "mover", 1, 10);
+    run_on(lan, t, &ids, nodes, "mover", 1, 10);
     let out = console(&nodes[1].dir, "mover");
     assert!(
         out.contains(&format!("TESSERA-GUEST: disk holds COUNT={written}\n")),
@@ -207,7 +198,7 @@ fn a_vm_moves_to_another_node_with_its_disk() {
     );
     // The primary moved to node1 in a new generation; its copies are in sync again.
     let v = wait_for("disk3's copies in sync after the move", 60, || {
-        let v = volume(&lan, t, "disk3");
+        let v = volume(lan, t, "disk3");
         all_in_sync(&v).then_some(v)
     });
     assert_eq!(v["node"], ids[1].as_str(), "{v}");
@@ -221,7 +212,7 @@ fn a_vm_moves_to_another_node_with_its_disk() {
         ids[1].as_str(),
         "{v}"
     );
-    let (code, events) = api(&lan, 0, "GET", "events", Some(t), None);
+    let (code, events) = api(lan, 0, "GET", "events", Some(t), None);
     assert_eq!(code, 200);
     assert!(
         events.to_string().contains("volume.primary_moved"),
@@ -235,7 +226,7 @@ fn a_vm_moves_to_another_node_with_its_disk() {
         cmd.contains("--disk nbd+unix:///disk3?socket="),
         "the VMM on node1 does not use its own store: {cmd}"
     );
-    let shown = stop(&lan, t, &nodes, "mover", 1);
+    let shown = stop(lan, t, nodes, "mover", 1);
     let (mark, count) = head(&nodes[1].dir, "disk3");
     assert!(mark.starts_with("TESSERA-MARK"), "{mark:?}");
     let written = count_in(&count);
@@ -244,27 +235,26 @@ fn a_vm_moves_to_another_node_with_its_disk() {
         "node1's guest printed up to {shown}, its disk says {count:?}"
     );
     // Every copy holds node1's writes (replicated from the new primary).
-    for n in &nodes {
+    for n in nodes {
         assert_eq!(head(&n.dir, "disk3").1, count, "node{}'s copy differs", n.i);
     }
 
     // --- One copy on node2, used remotely from node0, then node1.
-    run_on(&lan, t, &ids, &nodes, "remote", 0, 5);
-    stop(&lan, t, &nodes, "remote", 0);
+    run_on(lan, t, &ids, nodes, "remote", 0, 5);
+    stop(lan, t, nodes, "remote", 0);
     let (mark, count) = head(&nodes[2].dir, "disk1");
     assert!(mark.starts_with("TESSERA-MARK"), "{mark:?}");
     let written = count_in(&count);
     assert!(written >= 5, "{count:?}");
-    run_on(&lan, t, &ids, &nodes, "remote", 1, 5);
+    run_on(lan, t, &ids, nodes, "remote", 1, 5);
     let out = console(&nodes[1].dir, "remote");
     assert!(
         out.contains(&format!("TESSERA-GUEST: disk holds COUNT={written}\n")),
         "node1's guest did not read node0's last count ({written}) from node2: {out}"
     );
-    stop(&lan, t, &nodes, "remote", 1);
-    assert_eq!(volume(&lan, t, "disk1")["node"], ids[2].as_str());
+    stop(lan, t, nodes, "remote", 1);
+    assert_eq!(volume(lan, t, "disk1")["node"], ids[2].as_str());
     assert!(count_in(&head(&nodes[2].dir, "disk1").1) >= 5);
-    let v = vm(&lan, 0, t, "remote");
+    let v = vm(lan, 0, t, "remote");
     assert_eq!(v["actual_state"], "stopped", "{v}");
-    drop(nodes);
 }
