@@ -8,7 +8,9 @@
 //! - Restart policies when the guest powers itself off: `always` starts it again (a new
 //!   VMM, `restarted after: the guest powered off`), five times in a row without ever
 //!   calling it a crash loop (events `vm.restart` up to `(restart 5)`, no `vm.crashed`),
-//!   `on-crash` leaves it stopped.
+//!   `on-crash` leaves it stopped. A VM whose VMM fails at once crashes in a loop: four
+//!   restarts, then `crashed` with `crash loop: 5 crashes ...` and no more restarts; a
+//!   stop of it then ends at once with the VM `stopped`.
 //! - A stop's `stopping` state, observed while a guest that ignores its power button
 //!   waits out the stop timeout set with `tessera vm set --stop-timeout`.
 //! - `tessera vm console` on a terminal (a pty through `script`): the scrollback and the
@@ -185,6 +187,18 @@ fn racing_starts(lan: &Lan, t: &str, ids: &[String], nodes: &[ClusterNode]) {
 /// The echo guest powers off when it reads "bye": under `always` it is started again (a
 /// new VMM), under `on-crash` (the default) it stays stopped.
 fn guest_power_off(lan: &Lan, t: &str, ids: &[String], nodes: &[ClusterNode]) {
+    // Meanwhile a VM whose VMM fails at once (no such kernel) crashes in a loop: restarted
+    // after 1, 2, 4 and 8 s, then left crashed at the fifth crash (checked at the end).
+    create(
+        lan,
+        t,
+        json!({
+            "name": "looper", "vcpus": 1, "memory_mib": 32,
+            "kernel": "/nonexistent/tessera-kernel", "node": ids[0],
+        }),
+    );
+    let (code, v) = act(lan, 0, t, "looper", "start");
+    assert_eq!(code, 202, "{v}");
     for (name, policy) in [("always", "always"), ("oncrash", "on-crash")] {
         create(
             lan,
@@ -295,6 +309,46 @@ fn guest_power_off(lan: &Lan, t: &str, ids: &[String], nodes: &[ClusterNode]) {
         );
         wait_state(lan, 0, t, name, "stopped");
     }
+
+    let v = wait_state(lan, 0, t, "looper", "crashed");
+    let reason = v["state_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("crash loop: 5 crashes within 10 minutes; not restarted"),
+        "{v}"
+    );
+    let (code, events) = api(lan, 0, "GET", "events?limit=1000", Some(t), None);
+    assert_eq!(code, 200, "{events}");
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["target"] == "looper" && e["user"] == "tesserad")
+        .map(|e| e["kind"].as_str().unwrap_or_default())
+        .collect();
+    let count = |k: &str| kinds.iter().filter(|x| **x == k).count();
+    assert_eq!(
+        (count("vm.restart"), count("vm.crashed")),
+        (4, 1),
+        "{kinds:?}"
+    );
+    // Nothing restarts it now: its node reported it crashed once and for all.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(vm(lan, 0, t, "looper")["actual_state"], "crashed");
+    // Stopped, it is stopped: nothing is left to stop, and the task ends at once (it once
+    // waited for its deadline, the VM reported crashed for good).
+    let (code, v) = act(lan, 0, t, "looper", "stop");
+    assert_eq!(code, 202, "{v}");
+    let task = wait_task(lan, 0, t, v["id"].as_str().unwrap());
+    assert_eq!(task["state"], "succeeded", "{task}");
+    let v = vm(lan, 0, t, "looper");
+    assert_eq!(v["actual_state"], "stopped", "{v}");
+    assert!(
+        v["state_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("stopped on request after it crashed: "),
+        "{v}"
+    );
 }
 
 /// `tessera vm set --stop-timeout 6` on a guest that ignores its power button: the stop

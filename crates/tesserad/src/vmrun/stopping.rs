@@ -89,10 +89,10 @@ impl Reconciler {
             .await;
     }
 
-    /// A VM this node reported as starting or running that is no longer meant to run and
-    /// has no VMM here (it was waiting for its restart backoff, or its VMM ended while
-    /// no `tesserad` watched) is stopped: nothing is left to stop, so say so, or its stop
-    /// task would wait for a report that never comes.
+    /// A VM this node reported as starting, running or crashed that is no longer meant to
+    /// run and has no VMM here (it was waiting for its restart backoff, its VMM ended
+    /// while no `tesserad` watched, or its restart policy gave up) is stopped: nothing is
+    /// left to stop, so say so, or its stop task would wait for a report that never comes.
     pub(super) async fn stop_held(&mut self, me: &str) {
         let held: Vec<(String, VmStatus)> = self.node.state.read(|t| {
             t.get(VM_STATUS)
@@ -108,9 +108,16 @@ impl Reconciler {
                 .unwrap_or_default()
         });
         for (name, s) in held {
+            // Crashed too: a crashed VM (its restart policy gave up) that is stopped or
+            // killed has nothing left to stop either; it stayed `crashed` and its task
+            // ran into its deadline before.
             let active = matches!(
                 s.state,
-                VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+                VmState::Starting
+                    | VmState::Running
+                    | VmState::Paused
+                    | VmState::Stopping
+                    | VmState::Crashed
             );
             if s.node != me || !active || self.running.contains_key(&name) {
                 continue;
@@ -125,12 +132,15 @@ impl Reconciler {
                 c.not_before = None;
             }
             self.reasons.remove(&name);
-            let reason = if s.state == VmState::Starting {
-                "stopped on request while waiting to restart"
-            } else {
-                "stopped on request: its VMM was already gone"
+            let reason = match s.state {
+                VmState::Starting => "stopped on request while waiting to restart".to_string(),
+                VmState::Crashed => format!(
+                    "stopped on request after it crashed: {}",
+                    s.reason.as_deref().unwrap_or("no reason recorded")
+                ),
+                _ => "stopped on request: its VMM was already gone".to_string(),
             };
-            self.report(&name, VmState::Stopped, Some(reason.into()), None)
+            self.report(&name, VmState::Stopped, Some(reason), None)
                 .await;
         }
     }
