@@ -1,6 +1,6 @@
-// Growing a volume from the Volumes page (`POST /volumes/{name}/resize`). Offered for what
-// the API allows today: ready volumes of one copy (a replicated volume's copies cannot
-// grow together yet), and only to a larger size.
+// Growing a volume from the Volumes page (`POST /volumes/{name}/resize`): any ready volume
+// (a replicated one grows on every copy, through the replication stream), and only to a
+// larger size.
 
 import { h, field, bytes } from "./dom.js";
 import { api } from "./api.js";
@@ -11,9 +11,11 @@ const GIB = 2 ** 30;
 
 /** The form; `refresh()` reloads the page after the resize is queued. */
 export function resizeForm(volumes, refresh) {
-  const fit = volumes.filter((v) => v.state === "ready" && (v.replication?.replicas ?? 1) === 1);
+  const fit = volumes.filter((v) => v.state === "ready");
+  const copies = (v) => v.replication?.replicas ?? 1;
   const vol = h("select", { name: "volume", id: "f-resize-volume" },
-    fit.map((v) => h("option", { value: v.name }, `${v.name} (${bytes(v.size_bytes)})`)));
+    fit.map((v) => h("option", { value: v.name },
+      `${v.name} (${bytes(v.size_bytes)}${copies(v) > 1 ? `, ${copies(v)} copies` : ""})`)));
   const size = sizeInput("size_bytes", "f-resize-size");
   // Start from the volume's size, in the unit it reads best in.
   const prefill = () => {
@@ -43,10 +45,10 @@ export function resizeForm(volumes, refresh) {
       });
     },
   }, h("h2", {}, "Resize a volume"),
-  field("Volume", vol, fit.length ? null : "No ready volume of one copy."),
+  field("Volume", vol, fit.length ? null : "No ready volume."),
   h("div.row", {}, field("New size", size.n), field("Unit", size.unit)),
-  h("p.muted", {}, "Volumes only grow. A VM using the volume sees the new size after its next start. ",
-    "Volumes with several copies cannot be resized yet."),
+  h("p.muted", {}, "Volumes only grow. Every copy of a volume grows; a copy out of sync grows when it catches up. ",
+    "A VM using the volume sees the new size after its next start."),
   formError(), status,
   h("p", {}, h("button", { type: "submit", disabled: !fit.length }, "Resize")));
   return form;

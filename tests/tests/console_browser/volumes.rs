@@ -2,9 +2,8 @@
 //! resize form grows a one-copy volume, and clients we did not write (nbdinfo, qemu-img,
 //! qemu-io over NBD with TLS) see the new size with the data kept and the new end zeroed;
 //! a smaller size is refused with the API's words next to the size field; the CLI's
-//! `tessera volume resize` grows it again; a replicated volume is not offered by the
-//! form (yet) and the API grows it; bad sizes are 400 naming the field, an unknown volume
-//! 404.
+//! `tessera volume resize` grows it again; a volume of two copies is grown from the form
+//! too; bad sizes are 400 naming the field, an unknown volume 404.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -301,8 +300,8 @@ pub async fn check(c: &Client, origin: &str, ca: &str) {
     assert!(!ok && err.contains("only grow"), "{out}{err}");
     assert!(qemu_io(&creds, &host, &port, "grow", "read -P 0x3c 31M 1M"));
 
-    // A replicated volume: not offered by the form yet, while the API grows it (its
-    // copies through the replication stream, tests/tests/volume_replication.rs).
+    // A replicated volume: offered by the form and grown from it like the other (every
+    // copy grows through the replication stream: tests/tests/volume_replication/).
     let (code, t) = fetch(
         c,
         "POST",
@@ -312,27 +311,32 @@ pub async fn check(c: &Client, origin: &str, ca: &str) {
     .await;
     assert_eq!(code, 202, "{t}");
     volume_when(c, "grow-copies", "ready", |v| v["state"] == "ready").await;
+    // A fresh page: the form the refused shrink left filled in is kept while it is.
     go(c, origin, "volumes").await;
-    el(c, "tr[data-volume=\"grow-copies\"]").await;
-    let offered = c
-        .execute(
-            "return [...document.querySelectorAll('#volume-resize select[name=volume] option')].map(o => o.value)",
-            vec![],
-        )
-        .await
-        .unwrap();
-    assert!(
-        offered.as_array().unwrap().contains(&json!("grow"))
-            && !offered.as_array().unwrap().contains(&json!("grow-copies")),
-        "{offered}"
-    );
-    let (got, v) = fetch(
+    c.refresh().await.unwrap();
+    wait_js(
         c,
-        "POST",
-        "volumes/grow-copies/resize",
-        Some(json!({"size_bytes": 8 * MIB})),
+        "const o = document.querySelector('#volume-resize select[name=volume] option[value=\"grow-copies\"]'); \
+         return o && o.textContent",
+        "grow-copies offered by the resize form",
     )
     .await;
-    assert_eq!(got, 202, "{v}");
-    volume_when(c, "grow-copies", "grown", |v| v["size_bytes"] == 8 * MIB).await;
+    select(c, "#volume-resize", "volume", "grow-copies").await;
+    fill(c, "#volume-resize", "size_bytes", "8").await;
+    select(c, "#volume-resize", "size_bytes_unit", &MIB.to_string()).await;
+    submit(c, "#volume-resize").await;
+    let v = volume_when(
+        c,
+        "grow-copies",
+        "grown to 8 MiB, both copies in sync",
+        |v| {
+            v["size_bytes"] == 8 * MIB
+                && v["replication"]["copies"]
+                    .as_array()
+                    .is_some_and(|cs| cs.len() == 2 && cs.iter().all(|c| c["state"] == "in_sync"))
+        },
+    )
+    .await;
+    let (h2, p2) = nbd_address(&v);
+    assert_eq!(export_size(&creds, &h2, &p2, "grow-copies"), 8 * MIB);
 }
