@@ -26,9 +26,16 @@ impl DevCluster {
     /// Starts `tessera-devcluster --dir dir` and waits (at most 120 s) for its report to
     /// say the cluster is up.
     pub fn start(dir: &Path) -> DevCluster {
+        DevCluster::start_nodes(dir, 3)
+    }
+
+    /// [`DevCluster::start`] with `nodes` nodes (`--nodes`) instead of three.
+    pub fn start_nodes(dir: &Path, nodes: u8) -> DevCluster {
         let mut child = Command::new(bin("tessera-devcluster"))
             .arg("--dir")
             .arg(dir)
+            .arg("--nodes")
+            .arg(nodes.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod devcluster;
 pub mod power_loss;
 pub mod powerfs;
+pub mod replicas;
 pub mod skip_policy;
 pub mod sse;
 pub mod vms;

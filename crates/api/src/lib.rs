@@ -47,8 +47,13 @@ pub use login_policy::LoginPolicy;
 pub use metrics::{MetricsPoint, MetricsQuery, NodeMetrics};
 pub use networks::{Network, NetworkOnNode, NewNetwork};
 pub use realms::{Realm, RealmSynced, RealmTest, RealmTestReply};
-pub use settings::{ClusterSettings, SettingsUpdate, VCPU_OVERCOMMIT_RANGE};
-pub use tasks::{Task, TaskLog, TaskOp, TaskQuery, TaskState, VmAction, VmTask};
+pub use settings::{
+    ClusterSettings, SettingsUpdate, DEFAULT_REPLICA_REPLACE_AFTER_S, REPLICA_REPLACE_AFTER_RANGE,
+    VCPU_OVERCOMMIT_RANGE,
+};
+pub use tasks::{
+    CopyTask, CopyWork, Task, TaskLog, TaskOp, TaskQuery, TaskState, VmAction, VmTask,
+};
 pub use totp::{TotpConfirm, TotpConfirmed, TotpEnrollment};
 pub use users::{NewUser, UserInfo, UserUpdate};
 pub use vm_list::{VmCounts, VmQuery, MAX_VM_PAGE};

@@ -54,6 +54,33 @@ pub struct VmTask {
     pub deadline_ms: u64,
 }
 
+/// What a copy task does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyWork {
+    /// A copy that was away gets what it missed.
+    CatchUp,
+    /// A new copy, on a node that replaces a lost one, gets the whole volume.
+    Rebuild,
+}
+
+/// What a catch-up or rebuild task follows: one copy of a replicated volume, from the
+/// moment its primary starts sending it data until it is back in the in-sync set. No
+/// store is asked for it: the cluster follows the copy's state in the volume's record,
+/// and the task's progress is that of the copy's catch-up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CopyTask {
+    /// The volume.
+    pub volume: String,
+    /// The node whose copy it is.
+    pub node: String,
+    /// Catch-up or rebuild.
+    pub work: CopyWork,
+    /// For a rebuild: the node whose copy this one replaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
+}
+
 /// A line of a task's log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct TaskLog {
@@ -75,6 +102,10 @@ pub struct Task {
     /// reported state instead of calling its store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<VmTask>,
+    /// For the catch-up or rebuild of a copy of a replicated volume: the copy it
+    /// follows (`op` then says what the copy's store was told).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyTask>,
     /// The node that runs it.
     pub node: String,
     /// Who asked.

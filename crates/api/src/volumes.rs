@@ -84,6 +84,7 @@ impl Volume {
                 state: CopyState::InSync,
                 catch_up: None,
                 joining: false,
+                rebuild: false,
             }]
         } else {
             self.copies.clone()
@@ -122,6 +123,11 @@ pub struct VolumeCopy {
     /// made the primary. Absent: false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub joining: bool,
+    /// A new copy, made on this node to replace a lost one: its node's store creates it
+    /// empty and the primary sends it the whole volume (only the blocks that differ from
+    /// an empty one). Cleared when it rejoins the in-sync set. Absent: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rebuild: bool,
 }
 
 /// Where a copy stands.

@@ -127,6 +127,10 @@ pub enum ClusterCmd {
         /// never overcommitted.
         #[arg(long)]
         vcpu_overcommit: Option<f64>,
+        /// Seconds a copy of a replicated volume may stay away (its node down or its
+        /// store unreachable) before it is rebuilt on another node (1-2592000).
+        #[arg(long, value_name = "SECONDS")]
+        replica_replace_after: Option<u64>,
     },
 }
 

@@ -63,9 +63,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Password => session::password(&client, out),
         Cmd::Cluster(ClusterCmd::Status) => cluster::status(&client, out),
         Cmd::Cluster(ClusterCmd::Settings) => commands::settings::show(&client, out),
-        Cmd::Cluster(ClusterCmd::Set { vcpu_overcommit }) => {
-            commands::settings::set(&client, vcpu_overcommit, out)
-        }
+        Cmd::Cluster(ClusterCmd::Set {
+            vcpu_overcommit,
+            replica_replace_after,
+        }) => commands::settings::set(&client, vcpu_overcommit, replica_replace_after, out),
         Cmd::Node(cmd) => nodes::run(&client, cmd, out),
         Cmd::Token(cmd) => tokens::run(&client, cmd, out),
         Cmd::Certificate(cmd) => commands::certificate::run(&client, cmd, out),

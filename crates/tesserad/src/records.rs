@@ -46,6 +46,10 @@ pub mod table {
     /// in the placement's own transaction, so two placements counting the same free
     /// room cannot both commit (`vmrun::reservation`).
     pub const PLACEMENTS: &str = "placements";
+    /// `copy_deletions/<volume>@<node id>`: a copy of a replicated volume the cluster no
+    /// longer counts, to be deleted by its node's store
+    /// (`crate::replication::orphans::PendingDeletion`).
+    pub const COPY_DELETIONS: &str = "copy_deletions";
 }
 
 /// A login session or an API token, as stored in `sessions/<hash of the secret>`.

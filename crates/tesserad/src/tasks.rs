@@ -151,8 +151,9 @@ async fn fail_interrupted(node: &Node, me: &str) {
                     .values()
                     .filter_map(|v| serde_json::from_value::<Task>(v.clone()).ok())
                     .filter(|t| t.node == me && t.state == TaskState::Running)
-                    // A VM task follows the VM's reported state, which a restart keeps.
-                    .filter(|t| t.vm.is_none())
+                    // A VM task follows the VM's reported state, which a restart keeps;
+                    // a copy task follows its copy's record (the leader moves it).
+                    .filter(|t| t.vm.is_none() && t.copy.is_none())
                     .collect()
             })
             .unwrap_or_default()
@@ -269,9 +270,18 @@ fn outcome_ops(node: &Node, op: &TaskOp, ok: bool, size: Option<u64>) -> Vec<Com
         }
         (TaskOp::CreateVolume { name, .. } | TaskOp::CloneSnapshot { name, .. }, false) => {
             ops.push(del(VOLUMES, name));
+            // The copies other nodes made for it are nobody's now.
+            if let Some(v) = get::<Volume>(node, VOLUMES, name) {
+                ops.extend(crate::replication::orphans::after_failed_create(node, &v));
+            }
         }
         (TaskOp::DeleteVolume { name }, true) => {
             ops.push(del(VOLUMES, name));
+            // A replicated volume's other copies are deleted by their own nodes, whenever
+            // their stores answer.
+            if let Some(v) = get::<Volume>(node, VOLUMES, name) {
+                ops.extend(crate::replication::orphans::after_delete(&v, &v.node));
+            }
             let prefix = format!("{name}@");
             let snaps: Vec<String> = node.state.read(|tb| {
                 tb.get(SNAPSHOTS)

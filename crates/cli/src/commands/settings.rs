@@ -8,6 +8,7 @@ use crate::output::Output;
 
 fn human(s: ClusterSettings) {
     println!("vcpu_overcommit: {}", s.vcpu_overcommit);
+    println!("replica_replace_after_s: {}", s.replica_replace_after_s);
 }
 
 pub fn show(client: &Client, out: Output) -> anyhow::Result<()> {
@@ -15,8 +16,16 @@ pub fn show(client: &Client, out: Output) -> anyhow::Result<()> {
     out.show(SETTINGS, &v, human)
 }
 
-pub fn set(client: &Client, vcpu_overcommit: Option<f64>, out: Output) -> anyhow::Result<()> {
-    let update = SettingsUpdate { vcpu_overcommit };
+pub fn set(
+    client: &Client,
+    vcpu_overcommit: Option<f64>,
+    replica_replace_after_s: Option<u64>,
+    out: Output,
+) -> anyhow::Result<()> {
+    let update = SettingsUpdate {
+        vcpu_overcommit,
+        replica_replace_after_s,
+    };
     let v = client.send(SETTINGS_SET, &[], &update)?;
     out.show(SETTINGS_SET, &v, human)
 }

@@ -57,6 +57,7 @@ pub fn queued(p: &Principal, node: &str, op: TaskOp) -> Task {
         id: format!("{now:013}-{}", random_id()),
         op,
         vm: None,
+        copy: None,
         node: node.into(),
         user: p.user.clone(),
         state: TaskState::Queued,

@@ -237,35 +237,9 @@ pub async fn create(
     Ok((StatusCode::ACCEPTED, Json(task)))
 }
 
-/// Every registered node as a place for a copy: its free space, and why it cannot hold
-/// one now (down, not heard regularly, its store unreachable or degraded, no replication
-/// address). By id, so placement is stable.
+/// Every registered node as a place for a copy (see `crate::replication::candidates`).
 fn copy_candidates(st: &super::ApiState, n: &tessera_state::Node) -> Vec<Candidate> {
-    use crate::replication::{liveness, node_records, store_trouble, Liveness};
-    let mut candidates: Vec<Candidate> = node_records(n)
-        .iter()
-        .map(|(id, r)| {
-            let available = r["metrics"]["disks"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|d| d["available"].as_u64())
-                .max()
-                .unwrap_or(0);
-            let unusable = match liveness(&st.me.0, id) {
-                Liveness::Down => Some("the node is down".to_string()),
-                Liveness::Unknown => Some("the node is not heard regularly".to_string()),
-                Liveness::Up => store_trouble(r),
-            };
-            Candidate {
-                id: id.clone(),
-                available,
-                unusable,
-            }
-        })
-        .collect();
-    candidates.sort_by(|a, b| a.id.cmp(&b.id));
-    candidates
+    crate::replication::candidates(n, &st.me.0)
 }
 
 /// The replica count of a volume created without `replicas`: 3 when at least three
@@ -316,6 +290,7 @@ async fn create_replicated(
                 state: CopyState::InSync,
                 catch_up: None,
                 joining: false,
+                rebuild: false,
             })
             .collect(),
         operator_override: None,
@@ -393,20 +368,18 @@ pub async fn remove(
     let mut v = old.clone();
     v.state = VolumeState::Deleting;
     let task = queued(&p, &v.node, TaskOp::DeleteVolume { name: name.clone() });
-    let mut require = vec![
+    let require = vec![
         Require::equals(VOLUMES, &name, serde_json::json!(old)),
         Require::absent(DISK_CLAIMS, &name),
     ];
-    let mut ops = vec![
+    let ops = vec![
         put(VOLUMES, &name, &v),
         event("volume.delete", &name, &p.user, "volume deletion requested"),
     ];
-    // Every other copy is deleted by its own node.
-    for c in v.copies.iter().filter(|c| c.node != v.node) {
-        let t = queued(&p, &c.node, TaskOp::DeleteVolume { name: name.clone() });
-        require.push(Require::absent(TASKS, &t.id));
-        ops.push(put(TASKS, &t.id, &t));
-    }
+    // A replicated volume's other copies are deleted by their own nodes once the
+    // primary's copy is: the task's outcome records them as pending deletions
+    // (`crate::replication::orphans`), done whenever each node's store answers, so a
+    // copy whose node is down goes when it is back.
     submit(&st, &task, require, ops, |_| {
         format!("volume {name} changed or was attached meanwhile; try again")
     })

@@ -115,10 +115,13 @@ pub fn start(node: Arc<Node>, me: String) {
         let mut rx = node.state.subscribe();
         // Stalls already announced (volume, generation), so the event is written once.
         let mut announced: HashSet<(String, u64)> = HashSet::new();
+        let mut rebuilds = super::rebuild::State::default();
         loop {
             let leader = node.raft.metrics().borrow().current_leader == Some(node.id);
             if leader {
                 round(&node, &me, &mut announced).await;
+                super::rebuild::round(&node, &me, &mut rebuilds).await;
+                super::copy_tasks::follow(&node).await;
             }
             if tokio::time::timeout(ROUND, rx.changed())
                 .await
@@ -132,9 +135,10 @@ pub fn start(node: Arc<Node>, me: String) {
 
 async fn round(node: &Node, me: &str, announced: &mut HashSet<(String, u64)>) {
     let records = node_records(node);
+    // A node removed from the cluster (no record) is gone for good.
     let failed = |id: &str| {
         liveness(me, id) == Liveness::Down
-            || records.get(id).is_some_and(|r| store_trouble(r).is_some())
+            || records.get(id).is_none_or(|r| store_trouble(r).is_some())
     };
     for v in volumes(node) {
         match decide(&v, failed) {

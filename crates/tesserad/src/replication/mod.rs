@@ -5,16 +5,21 @@
 //! (`failover`: out of the in-sync set, or a new primary, each with a generation bump),
 //! what it changes from the primary's store's reports (`resync`: a failed replica out,
 //! a copy that is back caught up and in again), and moving the primary to a VM's node
-//! (`moves`).
+//! (`moves`); a copy away too long rebuilt on another node (`rebuild`), catch-ups and
+//! rebuilds followed as tasks (`copy_tasks`), and the copies the cluster no longer counts
+//! deleted on their stores (`orphans`).
 //!
 //! The cluster state is the authority: a volume's primary, copies and generation are in
 //! its `volumes/<name>` record; a generation is raised only by a compare-and-swap of that
 //! record, always before a store hears of the configuration it fences for. The stores
 //! replicate by themselves (`tessera-store`, docs/replication.md).
 
+pub mod copy_tasks;
 pub mod failover;
 pub mod moves;
+pub mod orphans;
 pub mod placement;
+pub mod rebuild;
 pub mod resync;
 pub mod roles;
 #[cfg(test)]
@@ -82,6 +87,58 @@ pub fn liveness(me: &str, id: &str) -> Liveness {
             }
         }
     }
+}
+
+/// How long node `id` has been down as `me` hears it (`None`: not down). A node never
+/// heard since this process started listening is down for as long as it listened, once
+/// that is past [`crate::tasks::DOWN_NODE_GRACE`].
+pub fn away_for(me: &str, id: &str) -> Option<Duration> {
+    if id == me {
+        return None;
+    }
+    let heard = HEARD.get()?;
+    let quiet = heard
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(id)
+        .map(|t| t.elapsed());
+    match quiet {
+        Some(q) => (crate::health::state(Some(q)) == "down").then_some(q),
+        None => WATCHING
+            .get()
+            .map(Instant::elapsed)
+            .filter(|l| *l > crate::tasks::DOWN_NODE_GRACE),
+    }
+}
+
+/// Every registered node as a place for a copy: its free space (the largest `available`
+/// of its disks), and why it cannot hold one now (down, not heard regularly, its store
+/// unreachable or degraded, no replication address). By id, so placement is stable.
+pub fn candidates(n: &Node, me: &str) -> Vec<placement::Candidate> {
+    let mut candidates: Vec<placement::Candidate> = node_records(n)
+        .iter()
+        .map(|(id, r)| {
+            let available = r["metrics"]["disks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|d| d["available"].as_u64())
+                .max()
+                .unwrap_or(0);
+            let unusable = match liveness(me, id) {
+                Liveness::Down => Some("the node is down".to_string()),
+                Liveness::Unknown => Some("the node is not heard regularly".to_string()),
+                Liveness::Up => store_trouble(r),
+            };
+            placement::Candidate {
+                id: id.clone(),
+                available,
+                unusable,
+            }
+        })
+        .collect();
+    candidates.sort_by(|a, b| a.id.cmp(&b.id));
+    candidates
 }
 
 /// A node's state as the management network tells it.
@@ -159,11 +216,13 @@ pub fn volumes(n: &Node) -> Vec<Volume> {
     })
 }
 
-/// Starts this node's replication loops: the role reconciler, and (acting only while
-/// this node leads) the failover of copies whose nodes fail.
+/// Starts this node's replication loops: the role reconciler, the deletion of copies
+/// left here, and (acting only while this node leads) the failover of copies whose nodes
+/// fail, the rebuild of copies away too long and the copy tasks' progress.
 pub fn start(node: std::sync::Arc<Node>, me: String, admin_socket: std::path::PathBuf) {
     let _ = ADMIN_SOCKET.set(admin_socket.clone());
-    roles::start_reconciler(node.clone(), me.clone(), admin_socket);
+    roles::start_reconciler(node.clone(), me.clone(), admin_socket.clone());
+    orphans::start(node.clone(), me.clone(), admin_socket);
     failover::start(node, me);
 }
 

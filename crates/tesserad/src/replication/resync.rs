@@ -131,6 +131,7 @@ pub fn decide(
                 c.state = CopyState::InSync;
                 c.catch_up = None;
                 c.joining = true;
+                c.rebuild = false;
             }
         }
         let mut events = vec![(
@@ -210,7 +211,8 @@ pub fn decide(
     })
 }
 
-/// Writes `new` over `old` (compare-and-swap) with `events`; true if it was written.
+/// Writes `new` over `old` (compare-and-swap) with `events`, and a task for every copy
+/// that starts catching up; true if it was written.
 pub async fn write(node: &Node, old: &Volume, new: &Volume, events: &[(&str, String)]) -> bool {
     let mut ops = vec![put(VOLUMES, &old.name, new)];
     ops.extend(
@@ -218,6 +220,7 @@ pub async fn write(node: &Node, old: &Volume, new: &Volume, events: &[(&str, Str
             .iter()
             .map(|(kind, msg)| event(kind, &old.name, "tesserad", msg)),
     );
+    ops.extend(super::copy_tasks::for_change(old, new));
     let txn = Command::Txn {
         require: vec![Require::equals(VOLUMES, &old.name, json!(old))],
         ops,

@@ -51,7 +51,7 @@ fn remember(volume: &str, generation: u64, role: &ReplicationRole) {
         .insert(volume.to_string(), (generation, role.clone()));
 }
 
-fn forget(volume: &str) {
+pub(super) fn forget(volume: &str) {
     applied()
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -110,10 +110,20 @@ pub fn desired(
             })
             .collect::<Vec<_>>()
     };
+    // New copies (a rebuild) are compared over the whole volume; copies away are listed
+    // so the primary records what they miss, and forgets a copy the cluster replaced.
+    let rebuilding: Vec<String> = v
+        .copies
+        .iter()
+        .filter(|c| c.node != me && c.state == CopyState::CatchingUp && c.rebuild)
+        .map(|c| cert_name(records, &c.node))
+        .collect();
     role(json!({
         "type": "primary",
         "replicas": peers(CopyState::InSync),
         "catching_up": peers(CopyState::CatchingUp),
+        "rebuilding": rebuilding,
+        "out_of_sync": peers(CopyState::OutOfSync),
         "timeout_ms": REPLICA_TIMEOUT_MS,
         "operator_override": v.operator_override.is_some(),
     }))
@@ -153,7 +163,14 @@ pub async fn run_task(
             generation,
             role: ReplicationRole::Replica { .. },
         } => {
-            let v: Volume = get(node, VOLUMES, volume)?;
+            // Only a creation queues this task: with the record gone, the creation was
+            // given up, and no copy is to be made (a store holding that name anyway
+            // must not be made a replica of nothing).
+            let Some(v) = get::<Volume>(node, VOLUMES, volume) else {
+                return Some(Err(failed(format!(
+                    "volume {volume} is no longer being created (its creation failed)"
+                ))));
+            };
             let creating = v.state == VolumeState::Creating
                 && v.is_replicated()
                 && v.node != me
@@ -161,7 +178,7 @@ pub async fn run_task(
             if !creating {
                 return None;
             }
-            Some(create_replica(socket, &v, *generation).await)
+            Some(create_replica(node, socket, &v, *generation).await)
         }
         TaskOp::CreateVolume { name, .. } | TaskOp::CloneSnapshot { name, .. } => {
             let v: Volume = get(node, VOLUMES, name)?;
@@ -210,24 +227,58 @@ fn make_copy(v: &Volume) -> AdminOp {
 }
 
 async fn create_replica(
+    node: &Node,
     socket: &Path,
     v: &Volume,
     generation: u64,
 ) -> Result<AdminReply, AdminClientError> {
     call(socket, make_copy(v)).await?;
-    let role = role(json!({"type": "replica"}))
-        .ok_or_else(|| failed("no replica role could be built".into()))?;
-    let r = call(
-        socket,
-        AdminOp::SetReplication {
-            volume: v.name.clone(),
-            generation,
-            role: role.clone(),
-        },
-    )
-    .await?;
-    remember(&v.name, generation, &role);
-    Ok(r)
+    let outcome = async {
+        let role = role(json!({"type": "replica"}))
+            .ok_or_else(|| failed("no replica role could be built".into()))?;
+        let r = call(
+            socket,
+            AdminOp::SetReplication {
+                volume: v.name.clone(),
+                generation,
+                role: role.clone(),
+            },
+        )
+        .await?;
+        remember(&v.name, generation, &role);
+        // The creation may have failed meanwhile (the primary's task gave up): a copy
+        // made after that is nobody's.
+        match get::<Volume>(node, VOLUMES, &v.name) {
+            Some(now) if now.state == VolumeState::Creating => Ok(r),
+            _ => Err(failed(format!(
+                "volume {} is no longer being created (its creation failed)",
+                v.name
+            ))),
+        }
+    }
+    .await;
+    if outcome.is_err() {
+        // Made here and not to be kept: the failed creation records no deletion for a
+        // copy whose task failed.
+        forget(&v.name);
+        let _ = call(
+            socket,
+            AdminOp::SetReplication {
+                volume: v.name.clone(),
+                generation,
+                role: ReplicationRole::Standalone {},
+            },
+        )
+        .await;
+        let _ = call(
+            socket,
+            AdminOp::DeleteVolume {
+                name: v.name.clone(),
+            },
+        )
+        .await;
+    }
+    outcome
 }
 
 async fn create_primary(
@@ -466,6 +517,22 @@ async fn reconcile(node: &Node, me: &str, socket: &Path, st: &mut Round) {
                 remember(&v.name, v.generation, &want);
             }
             Err(AdminClientError::Refused(e)) if e.kind == ErrorKind::NotFound => {
+                // A new copy (a rebuild) is made here, empty, then given its role; the
+                // primary sends it everything. Any other copy the store lacks is lost:
+                // said, not made up.
+                if v.copies.iter().any(|c| c.node == me && c.rebuild) {
+                    match make_rebuild_copy(socket, &v).await {
+                        Ok(()) => {
+                            tracing::info!(volume = %v.name, "new copy made here for a rebuild")
+                        }
+                        Err(e) => note(
+                            &mut st.complaints,
+                            &v.name,
+                            format!("making the new copy for a rebuild: {e}"),
+                        ),
+                    }
+                    continue;
+                }
                 note(
                     &mut st.complaints,
                     &v.name,
@@ -475,6 +542,19 @@ async fn reconcile(node: &Node, me: &str, socket: &Path, st: &mut Round) {
             Err(e) => note(&mut st.complaints, &v.name, format!("{what}: {e}")),
         }
     }
+}
+
+/// Makes the empty copy of `v` a rebuild starts from (its role is given next round).
+async fn make_rebuild_copy(socket: &Path, v: &Volume) -> Result<(), AdminClientError> {
+    call(
+        socket,
+        AdminOp::CreateVolume {
+            name: v.name.clone(),
+            size: v.size_bytes,
+        },
+    )
+    .await
+    .map(|_| ())
 }
 
 /// A joining copy here whose store was told it is in sync (in the record's generation,

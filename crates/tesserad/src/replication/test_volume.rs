@@ -25,6 +25,7 @@ pub fn volume(generation: u64, copies: &[(&str, CopyState, bool)]) -> Volume {
                 state: *s,
                 catch_up: None,
                 joining: *j,
+                rebuild: false,
             })
             .collect(),
         operator_override: None,

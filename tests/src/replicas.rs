@@ -1,0 +1,247 @@
+//! A dev cluster's replicated volumes seen from outside: each node's store read and
+//! written over its local NBD socket with nbdcopy, a node's processes killed and started
+//! again, and the API waited on for a volume or a task (used by `volume_rebuild`; the
+//! replication story's own copies in `volume_replication/helpers.rs` can move here).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::devcluster::api;
+use crate::{file_hash, output};
+
+/// Node `i`'s store's local NBD socket URI for `export`.
+pub fn unix_uri(dir: &Path, i: u8, export: &str) -> String {
+    format!(
+        "nbd+unix:///{export}?socket={}",
+        dir.join(format!("node{i}/store/nbd.sock")).display()
+    )
+}
+
+/// Node `i`'s store's admin socket.
+pub fn admin_socket(dir: &Path, i: u8) -> PathBuf {
+    dir.join(format!("node{i}/store/admin.sock"))
+}
+
+/// Writes `src` at the start of `export` through node `i`'s store (nbdcopy flushes at
+/// the end, within 60 s); true if nbdcopy succeeded (its errors are printed).
+pub fn write(dir: &Path, i: u8, export: &str, src: &Path) -> bool {
+    let out = output(
+        Command::new("timeout")
+            .arg("60")
+            .arg("nbdcopy")
+            .arg("--flush")
+            .arg(src)
+            .arg(unix_uri(dir, i, export)),
+    );
+    if !out.status.success() {
+        eprintln!(
+            "nbdcopy to node{i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out.status.success()
+}
+
+/// The blake3 of the whole of `export` as node `i`'s store has it.
+pub fn read_hash(dir: &Path, i: u8, export: &str, tmp: &Path) -> blake3::Hash {
+    let f = tmp.join(format!("read-{export}-{i}"));
+    let out = output(
+        Command::new("nbdcopy")
+            .arg(unix_uri(dir, i, export))
+            .arg(&f),
+    );
+    assert!(
+        out.status.success(),
+        "reading {export} from node{i}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    file_hash(&f)
+}
+
+/// Whether node `i`'s store serves `export` (nbdinfo gets its size).
+pub fn serves(dir: &Path, i: u8, export: &str) -> bool {
+    output(
+        Command::new("nbdinfo")
+            .arg("--size")
+            .arg(unix_uri(dir, i, export)),
+    )
+    .status
+    .success()
+}
+
+/// A file of `len` random bytes, and the blake3 of a volume of `size` bytes holding it
+/// at its start and zeros after.
+pub fn payload(tmp: &Path, name: &str, len: u64, size: u64) -> (PathBuf, blake3::Hash) {
+    let mut data = vec![0u8; len as usize];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut data);
+    let p = tmp.join(name);
+    std::fs::write(&p, &data).unwrap();
+    data.resize(size as usize, 0);
+    (p, blake3::hash(&data))
+}
+
+/// Node `i`'s processes whose program is one of `programs`: (pid, argv).
+pub fn node_procs(dir: &Path, i: u8, programs: &[&str]) -> Vec<(i32, Vec<String>)> {
+    let mark = format!("{}/", dir.join(format!("node{i}")).display());
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let argv: Vec<String> = String::from_utf8_lossy(&cmd)
+            .split('\0')
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect();
+        let program = argv.first().map(|a| a.rsplit('/').next().unwrap_or(a));
+        if program.is_some_and(|p| programs.contains(&p)) && argv.join(" ").contains(&mark) {
+            found.push((pid, argv));
+        }
+    }
+    found
+}
+
+/// Kills node `i`'s processes among `programs` with SIGKILL and waits until they are
+/// gone; returns their command lines, to start them again.
+pub fn kill(dir: &Path, i: u8, programs: &[&str]) -> Vec<Vec<String>> {
+    let procs = node_procs(dir, i, programs);
+    assert_eq!(procs.len(), programs.len(), "node{i}: {procs:?}");
+    for (pid, _) in &procs {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node_procs(dir, i, programs).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "node{i}: {programs:?} still running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    procs.into_iter().map(|(_, argv)| argv).collect()
+}
+
+/// Processes a test started again (the launcher stops only its own): SIGTERM, then
+/// SIGKILL, when dropped.
+#[derive(Default)]
+pub struct Restarted(Vec<std::process::Child>);
+
+impl Restarted {
+    /// Starts `argv` again as node `i`'s program was, its log appended to the node's.
+    pub fn start(&mut self, dir: &Path, i: u8, argv: &[String]) {
+        let log = if argv[0].ends_with("tessera-store") {
+            "store.log"
+        } else {
+            "tesserad.log"
+        };
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(dir.join(format!("node{i}/{log}")))
+            .unwrap();
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        self.0.push(child);
+    }
+}
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for c in &mut self.0 {
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits (at most `secs`) until `volumes/<name>` through node `via` satisfies `ok`.
+pub fn wait_volume(
+    ca: &str,
+    via: u8,
+    token: &str,
+    name: &str,
+    secs: u64,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (code, v) = api(
+            ca,
+            via,
+            "GET",
+            &format!("volumes/{name}"),
+            Some(token),
+            None,
+        );
+        if code == 200 && ok(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "volume {name} never got there: {code} {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits (at most 60 s) until `task` (as the API returned it) ended; the task.
+pub fn wait_task(ca: &str, via: u8, token: &str, task: &Value) -> Value {
+    let id = task["id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, t) = api(ca, via, "GET", &format!("tasks/{id}"), Some(token), None);
+        if code == 200 && (t["state"] == "succeeded" || t["state"] == "failed") {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "task {id} did not end: {t}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The nodes holding a copy of `v` (as `GET /volumes/<name>` shows it), primary first.
+pub fn copy_nodes(v: &Value) -> Vec<String> {
+    v["replication"]["copies"]
+        .as_array()
+        .map(|c| {
+            c.iter()
+                .filter_map(|c| c["node"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether every copy of `v` is in sync and none still joining.
+pub fn all_in_sync(v: &Value) -> bool {
+    v["replication"]["copies"].as_array().is_some_and(|c| {
+        c.iter()
+            .all(|c| c["state"] == "in_sync" && c.get("joining").is_none())
+    })
+}
+
+/// Whether `GET /events` through node `via` lists an event of `kind` about `target`.
+pub fn has_event(ca: &str, via: u8, token: &str, kind: &str, target: &str) -> bool {
+    let (_, ev) = api(ca, via, "GET", "events", Some(token), None);
+    ev.as_array()
+        .is_some_and(|e| e.iter().any(|e| e["kind"] == kind && e["target"] == target))
+}
