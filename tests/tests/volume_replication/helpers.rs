@@ -237,8 +237,9 @@ pub(crate) fn kill(dir: &Path, i: u8, programs: &[&str]) -> Vec<Vec<String>> {
     // judged by the command line: a dying process's reads empty once its memory is
     // released, before its files (the store's data-directory lock among them) are
     // closed, and a store started in that window exited "locked by another
-    // tessera-store" (the test then failed at "did not come back"). A process whose
-    // /proc entry is gone, or a zombie, has closed every file.
+    // tessera-store" (the test then failed at "did not come back"). Nor by the main
+    // thread alone: it shows as a zombie while the other threads are still exiting and
+    // holding the files. A thread that is a zombie has closed its files.
     let deadline = Instant::now() + Duration::from_secs(10);
     for (pid, argv) in &procs {
         while !exited(*pid) {
@@ -253,17 +254,22 @@ pub(crate) fn kill(dir: &Path, i: u8, programs: &[&str]) -> Vec<Vec<String>> {
     procs.into_iter().map(|(_, argv)| argv).collect()
 }
 
-/// True once process `pid` has exited: no /proc entry, or a zombie (state `Z`), whose
-/// files are all closed.
+/// True once every thread of process `pid` has exited: no /proc entry, or only zombies
+/// (state `Z` or `X`), which have closed their files.
 fn exited(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses and may hold any
-        // byte: take it after the last ')'.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
-        Err(_) => true,
-    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|t| {
+        match std::fs::read_to_string(t.path().join("stat")) {
+            // The state follows the command name, which is in parentheses and may hold
+            // any byte: take it after the last ')'.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+            Err(_) => true,
+        }
+    })
 }
 
 /// Kills node `i`'s tesserad and store with SIGKILL: their command lines.
