@@ -281,9 +281,24 @@ async fn report_unknown(node: &Node, me: &str, socket: &Path, st: &mut Round) {
         k
     });
     for v in held {
-        if known.contains(&v.name) || !st.reported.insert(v.name.clone()) {
+        if known.contains(&v.name) || st.reported.contains(&v.name) {
             continue;
         }
+        // Deleted meanwhile (a delete task removes the copy, then the record): listed
+        // before, no record after, but gone: not a stranger.
+        let still = call(
+            socket,
+            AdminOp::VolumeInfo {
+                name: v.name.clone(),
+            },
+        )
+        .await;
+        if matches!(&still, Err(AdminClientError::Refused(e)) if e.kind == ErrorKind::NotFound)
+            || crate::tables::get::<Volume>(node, VOLUMES, &v.name).is_some()
+        {
+            continue;
+        }
+        st.reported.insert(v.name.clone());
         let msg = format!(
             "the store of node {me} holds a volume {} ({} bytes) that the cluster has no \
              record of; it is left in place (delete it on that node with tessera-store if it \
