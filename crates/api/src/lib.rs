@@ -20,6 +20,7 @@ mod images;
 pub mod limits;
 mod login_policy;
 mod metrics;
+mod migration;
 mod networks;
 mod realms;
 mod settings;
@@ -45,6 +46,9 @@ pub use events::{Event, EventQuery, StreamQuery, StreamedEvent};
 pub use images::{Image, ImageCopy, ImageFile, ImageUpload, MAX_IMAGE_BYTES};
 pub use login_policy::LoginPolicy;
 pub use metrics::{MetricsPoint, MetricsQuery, NodeMetrics};
+pub use migration::{
+    MigrateRequest, MigrationPhase, MigrationProgress, DEFAULT_DOWNTIME_MS, MAX_DOWNTIME_MS,
+};
 pub use networks::{Network, NetworkOnNode, NewNetwork};
 pub use realms::{Realm, RealmSynced, RealmTest, RealmTestReply};
 pub use settings::{

@@ -37,6 +37,8 @@ pub enum VmAction {
     Pause,
     /// Continue the vCPUs.
     Resume,
+    /// Move the running VM to another node without stopping it (live migration).
+    Migrate,
 }
 
 /// What a VM task waits for: its VM's node to report the state the request asked for.
@@ -52,6 +54,9 @@ pub struct VmTask {
     pub reboot_seq: u64,
     /// When the task fails if the state asked for is not reached (ms since the epoch).
     pub deadline_ms: u64,
+    /// For a live migration: its figures as the VM's node sends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::MigrationProgress>,
 }
 
 /// What a copy task does.

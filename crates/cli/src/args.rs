@@ -384,6 +384,27 @@ pub enum VmCmd {
         /// Name.
         name: String,
     },
+    /// Move a running VM to another node without stopping it (live migration) and wait
+    /// until it runs there; a failure leaves it running where it was.
+    Migrate {
+        /// Name.
+        name: String,
+        /// The target node (name or id); without it the scheduler picks one.
+        #[arg(long)]
+        to: Option<String>,
+        /// The longest pause of the guest for the last copy, in ms (1-60000; default 50).
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+        /// A cap on the memory sent per second, in KiB.
+        #[arg(long)]
+        max_bandwidth_kib_s: Option<u64>,
+        /// Cancel the migration under way instead (the VM keeps running where it is).
+        #[arg(long, conflicts_with_all = ["to", "downtime_ms", "max_bandwidth_kib_s"])]
+        cancel: bool,
+        /// Return once the request is accepted.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand)]

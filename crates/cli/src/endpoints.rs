@@ -40,6 +40,8 @@ pub const VM_REBOOT: Ep = Ep("POST", "/api/v1/vms/{name}/reboot");
 pub const VM_PAUSE: Ep = Ep("POST", "/api/v1/vms/{name}/pause");
 pub const VM_RESUME: Ep = Ep("POST", "/api/v1/vms/{name}/resume");
 pub const VM_CONSOLE: Ep = Ep("GET", "/api/v1/vms/{name}/console");
+pub const VM_MIGRATE: Ep = Ep("POST", "/api/v1/vms/{name}/migrate");
+pub const VM_MIGRATE_CANCEL: Ep = Ep("DELETE", "/api/v1/vms/{name}/migrate");
 pub const VM_TEMPLATE: Ep = Ep("POST", "/api/v1/vms/{name}/template");
 pub const IMAGES: Ep = Ep("GET", "/api/v1/images");
 pub const IMAGE_UPLOAD: Ep = Ep("POST", "/api/v1/images");
@@ -103,6 +105,8 @@ pub const ENDPOINTS: &[Ep] = &[
     VM_PAUSE,
     VM_RESUME,
     VM_CONSOLE,
+    VM_MIGRATE,
+    VM_MIGRATE_CANCEL,
     VM_TEMPLATE,
     IMAGES,
     IMAGE_UPLOAD,

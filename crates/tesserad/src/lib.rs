@@ -30,6 +30,7 @@ mod health;
 mod housekeeping;
 mod images;
 mod metrics;
+mod migrate;
 mod netrun;
 mod peer_https;
 mod records;
@@ -129,17 +130,24 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
     )?;
     let networks = netrun::Networks::default();
     netrun::start(shared.clone(), me.0.clone(), networks.clone());
-    vmrun::start(
+    let vm_local = vmrun::Local {
+        networks,
+        me: me.0.clone(),
+        data_dir: seed.data_dir.clone(),
+        // tessera-store's default: its NBD socket next to its admin socket.
+        nbd_socket: seed.storage.admin_socket.with_file_name("nbd.sock"),
+        tls_dir: seed.data_dir.join("tls"),
+        api: seed.management.api_address(),
+        management: seed.management.address,
+        migrations: migrate::Registry::default(),
+    };
+    vmrun::start(shared.clone(), vm_local.clone());
+    migrate::start(
         shared.clone(),
-        vmrun::Local {
-            networks,
+        migrate::Local {
             me: me.0.clone(),
-            data_dir: seed.data_dir.clone(),
-            // tessera-store's default: its NBD socket next to its admin socket.
-            nbd_socket: seed.storage.admin_socket.with_file_name("nbd.sock"),
-            tls_dir: seed.data_dir.join("tls"),
-            api: seed.management.api_address(),
-            management: seed.management.address,
+            vmrun: vm_local,
+            admin_socket: seed.storage.admin_socket.clone(),
         },
     );
     ha::start(

@@ -46,6 +46,8 @@ pub mod table {
     /// in the placement's own transaction, so two placements counting the same free
     /// room cannot both commit (`vmrun::reservation`).
     pub const PLACEMENTS: &str = "placements";
+    /// `migrations/<vm>`: a live migration under way (`crate::migrate::Migration`).
+    pub const MIGRATIONS: &str = "migrations";
     /// `copy_deletions/<volume>@<node id>`: a copy of a replicated volume the cluster no
     /// longer counts, to be deleted by its node's store
     /// (`crate::replication::orphans::PendingDeletion`).

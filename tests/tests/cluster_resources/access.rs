@@ -64,6 +64,8 @@ pub const ROLES: &[(&str, &str, &str)] = &[
     ("POST", "/api/v1/vms/{name}/reboot", "operator"),
     ("POST", "/api/v1/vms/{name}/pause", "operator"),
     ("POST", "/api/v1/vms/{name}/resume", "operator"),
+    ("POST", "/api/v1/vms/{name}/migrate", "operator"),
+    ("DELETE", "/api/v1/vms/{name}/migrate", "operator"),
     ("GET", "/api/v1/vms/{name}/console", "operator"),
     ("GET", "/api/v1/images", "auditor"),
     ("POST", "/api/v1/images", "operator"),

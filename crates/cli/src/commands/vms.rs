@@ -4,13 +4,13 @@
 
 use anyhow::bail;
 use serde_json::Value;
-use tessera_api::{NewVm, Task, TaskState, Vm, VmUpdate};
+use tessera_api::{MigrateRequest, NewVm, Task, TaskState, Vm, VmUpdate};
 
 use crate::args::{VmAction, VmCmd};
 use crate::client::{decode, Client};
 use crate::endpoints::{
-    Ep, VM, VMS, VM_CREATE, VM_KILL, VM_PAUSE, VM_REBOOT, VM_RESUME, VM_RM, VM_SET, VM_START,
-    VM_STOP, VM_TEMPLATE,
+    Ep, VM, VMS, VM_CREATE, VM_KILL, VM_MIGRATE, VM_MIGRATE_CANCEL, VM_PAUSE, VM_REBOOT, VM_RESUME,
+    VM_RM, VM_SET, VM_START, VM_STOP, VM_TEMPLATE,
 };
 use crate::node_names::NodeNames;
 use crate::output::{col, opt, size, table, word, Output};
@@ -135,6 +135,29 @@ pub fn run(client: &Client, cmd: VmCmd, out: Output) -> anyhow::Result<()> {
         VmCmd::Pause(a) => act(client, VM_PAUSE, a, out)?,
         VmCmd::Resume(a) => act(client, VM_RESUME, a, out)?,
         VmCmd::Console { name } => super::vm_console::attach(client, &name)?,
+        VmCmd::Migrate {
+            name,
+            to,
+            downtime_ms,
+            max_bandwidth_kib_s,
+            cancel,
+            no_wait,
+        } => {
+            if cancel {
+                let v = client.call(VM_MIGRATE_CANCEL, &[&name], None)?;
+                out.print(&v, |_| {
+                    println!("migration of VM {name} cancelled; it keeps running where it is")
+                });
+                return Ok(());
+            }
+            let req = MigrateRequest {
+                to,
+                downtime_ms,
+                max_bandwidth_kib_s,
+            };
+            let accepted = client.send(VM_MIGRATE, &[&name], &req)?;
+            migrated(client, &name, accepted, no_wait, out)?;
+        }
     }
     Ok(())
 }
@@ -161,6 +184,48 @@ fn act(client: &Client, ep: Ep, a: VmAction, out: Output) -> anyhow::Result<()> 
     }
     let v = client.call(VM, &[&a.name], None)?;
     show(client, VM, &v, out)
+}
+
+/// Follows a migration's task (unless `no_wait`) and says where the VM runs and what the
+/// move cost.
+fn migrated(
+    client: &Client,
+    name: &str,
+    accepted: Value,
+    no_wait: bool,
+    out: Output,
+) -> anyhow::Result<()> {
+    let task: Task = decode(VM_MIGRATE, &accepted)?;
+    if no_wait {
+        out.print(&accepted, super::tasks::done);
+        return Ok(());
+    }
+    let (v, t) = super::tasks::watch(client, &task.id, !out.is_json())?;
+    if t.state != TaskState::Succeeded {
+        bail!(
+            "migration of VM {name} failed: {} (task {})",
+            t.error.as_deref().unwrap_or("no reason given"),
+            t.id
+        );
+    }
+    out.print(&v, |_| {
+        let names = NodeNames::fetch(client).ok();
+        let node = |id: &str| names.as_ref().map_or(id.to_string(), |n| n.name(id));
+        match t.vm.as_ref().and_then(|vt| vt.migration.as_ref()) {
+            Some(m) => println!(
+                "VM {name} runs on {} (from {}): downtime {} ms (target {} ms), {} sent in {} round(s), {} ms in all",
+                node(&m.to),
+                node(&m.from),
+                m.downtime_ms.map_or("?".into(), |d| d.to_string()),
+                m.downtime_target_ms,
+                size(Some(m.bytes)),
+                m.iterations,
+                m.total_ms.map_or("?".into(), |d| d.to_string()),
+            ),
+            None => println!("VM {name} migrated"),
+        }
+    });
+    Ok(())
 }
 
 /// The API counts memory in MiB.

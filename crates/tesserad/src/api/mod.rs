@@ -33,6 +33,7 @@ mod totp;
 mod users;
 mod vm_actions;
 mod vm_list;
+mod vm_migrate;
 mod vms;
 mod volume_override;
 mod volume_resize;
@@ -328,6 +329,7 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(vm_actions::reboot))
         .routes(routes!(vm_actions::pause))
         .routes(routes!(vm_actions::resume))
+        .routes(routes!(vm_migrate::migrate, vm_migrate::cancel))
         .routes(routes!(console::console))
         .routes(routes!(networks::list, networks::create))
         .routes(routes!(networks::show, networks::remove))

@@ -95,6 +95,7 @@ pub fn word(a: VmAction) -> &'static str {
         VmAction::Reboot => "reboot",
         VmAction::Pause => "pause",
         VmAction::Resume => "resume",
+        VmAction::Migrate => "migrate",
     }
 }
 

@@ -15,17 +15,23 @@ use super::events::event;
 use super::extract::{Auth, Operator, Param};
 use super::vms::{crashed, may_run, with_status};
 use super::{commit, now_ms, put, read, ApiError, ApiState, ErrorBody, St};
-use crate::records::table::{NODES, TASKS, VMS, VOLUMES};
+use crate::records::table::{MIGRATIONS, NODES, TASKS, VMS, VOLUMES};
 use crate::records::{DesiredState, Task, Vm, Volume, VolumeState};
 use crate::vmrun::reservation::{self, Counters, Reservation};
 use crate::vmrun::scheduler::{self, NodeRoom};
 use tessera_api::{VmAction as Action, VmTask};
 
-/// What each node has and what the VMs placed on it take, for the scheduler. The VM
-/// `except` (the one being placed) is not counted.
-fn rooms(st: &ApiState, n: &tessera_state::Node, except: &str) -> Result<Vec<NodeRoom>, ApiError> {
+/// What each node has and what the VMs placed on it take, for the scheduler (a VM
+/// migrating to a node counts there too). The VM `except` (the one being placed) is not
+/// counted.
+pub(super) fn rooms(
+    st: &ApiState,
+    n: &tessera_state::Node,
+    except: &str,
+) -> Result<Vec<NodeRoom>, ApiError> {
     let nodes = super::read_all::<serde_json::Value>(n, NODES)?;
     let vms = super::read_all::<Vm>(n, VMS)?;
+    let migrating = super::read_all::<crate::migrate::Migration>(n, MIGRATIONS)?;
     let heard = st.heard.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let own_metrics = st.metrics.lock().unwrap_or_else(|p| p.into_inner()).clone();
     Ok(nodes
@@ -34,7 +40,15 @@ fn rooms(st: &ApiState, n: &tessera_state::Node, except: &str) -> Result<Vec<Nod
             let me = id == st.me.0;
             let metrics = if me { &own_metrics } else { &rec["metrics"] };
             let up = me || crate::health::state(heard.get(&id).map(|t| t.elapsed())) == "up";
-            let (allocated_mib, allocated_vcpus, _) = allocated(&vms, &id, except);
+            let (mut allocated_mib, mut allocated_vcpus, _) = allocated(&vms, &id, except);
+            for (vm, m) in &migrating {
+                if m.to == id && *vm != except {
+                    if let Some((_, v)) = vms.iter().find(|(name, _)| name == vm) {
+                        allocated_mib += v.memory_mib;
+                        allocated_vcpus += u64::from(v.vcpus);
+                    }
+                }
+            }
             NodeRoom {
                 name: rec["name"].as_str().unwrap_or(&id).to_string(),
                 up,
@@ -61,6 +75,34 @@ pub(crate) fn allocated(vms: &[(String, Vm)], id: &str, except: &str) -> (u64, u
         .fold((0, 0, 0), |(m, c, k), v| {
             (m + v.memory_mib, c + u64::from(v.vcpus), k + 1)
         })
+}
+
+/// VM `vm`'s disk as placement sees it: its primary's node and the nodes with an in-sync
+/// copy; 404 if the volume is gone, 409 if it is not ready.
+pub(super) fn placement_disk(
+    n: &tessera_state::Node,
+    vm: &Vm,
+) -> Result<Option<scheduler::Disk>, ApiError> {
+    let Some(d) = vm.disks.first() else {
+        return Ok(None);
+    };
+    let v: Volume =
+        read(n, VOLUMES, d)?.ok_or_else(|| ApiError::not_found(format!("disks: no volume {d}")))?;
+    if v.state != VolumeState::Ready {
+        return Err(ApiError::conflict(format!(
+            "disks: volume {d} is not ready"
+        )));
+    }
+    let in_sync = v
+        .all_copies()
+        .into_iter()
+        .filter(|c| c.state == tessera_api::CopyState::InSync && c.node != v.node)
+        .map(|c| c.node)
+        .collect();
+    Ok(Some(scheduler::Disk {
+        primary: v.node,
+        in_sync,
+    }))
 }
 
 /// Sets the fields of a start: desired state `d`, the node the scheduler picks, a new
@@ -100,28 +142,7 @@ pub(super) fn start_fields(
             "nics: tessera-vmm serves at most 4 NICs today; a VM with more cannot start yet",
         ));
     }
-    let disk = match vm.disks.first() {
-        None => None,
-        Some(d) => {
-            let v: Volume = read(n, VOLUMES, d)?
-                .ok_or_else(|| ApiError::not_found(format!("disks: no volume {d}")))?;
-            if v.state != VolumeState::Ready {
-                return Err(ApiError::conflict(format!(
-                    "disks: volume {d} is not ready"
-                )));
-            }
-            let in_sync = v
-                .all_copies()
-                .into_iter()
-                .filter(|c| c.state == tessera_api::CopyState::InSync && c.node != v.node)
-                .map(|c| c.node)
-                .collect();
-            Some(scheduler::Disk {
-                primary: v.node,
-                in_sync,
-            })
-        }
-    };
+    let disk = placement_disk(n, vm)?;
     let counters = Counters::read(n);
     let rooms = rooms(st, n, &vm.name)?;
     let req = scheduler::Request {
@@ -155,6 +176,8 @@ pub fn task_timeout(action: Action, vm: &Vm) -> std::time::Duration {
                 + 30
         }
         Action::Kill | Action::Pause | Action::Resume => 60,
+        // The migration follows its own phases and bounds (`crate::migrate`).
+        Action::Migrate => 600,
     };
     std::time::Duration::from_secs(s)
 }
@@ -270,6 +293,12 @@ async fn act_once(
             "resume requested".to_string()
         }
         (Action::Resume, _) => return not("not paused"),
+        // POST /vms/{name}/migrate has its own handler (`api::vm_migrate`).
+        (Action::Migrate, _) => {
+            return Err(ApiError::internal(
+                "a live migration is not a lifecycle request",
+            ))
+        }
     };
     vm.generation += 1;
     vm.updated_ms = now_ms();
@@ -292,6 +321,7 @@ async fn act_once(
             start_seq: vm.start_seq,
             reboot_seq: vm.reboot_seq,
             deadline_ms: now_ms() + task_timeout(action, &vm).as_millis() as u64,
+            migration: None,
         },
     );
     let mut require = vec![

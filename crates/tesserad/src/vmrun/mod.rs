@@ -12,7 +12,7 @@
 //! restarted or left `crashed` by the VM's restart policy.
 
 mod launch;
-mod nics;
+pub(crate) mod nics;
 pub mod reservation;
 mod restart;
 pub mod scheduler;
@@ -30,6 +30,7 @@ use serde_json::json;
 use tessera_api::{DesiredState, Vm, VmState, VmStatus};
 use tessera_state::{Command, Node, Require};
 
+use crate::migrate::Held;
 use crate::now_ms;
 use crate::records::table::VMS;
 use crate::tables::{get, put};
@@ -70,6 +71,8 @@ pub struct Local {
     pub management: std::net::SocketAddr,
     /// This node's networks as last set up (the bridges VM NICs' taps join).
     pub networks: crate::netrun::Networks,
+    /// The VMMs live migrations hold (`crate::migrate`), and every VMM child's exit.
+    pub migrations: crate::migrate::Registry,
 }
 
 /// A VMM this node runs.
@@ -112,8 +115,8 @@ pub fn start(shared: crate::SharedNode, local: Local) {
         let _ = node.sync().await;
         let mut r = Reconciler {
             node: node.clone(),
+            exits: local.migrations.exits.clone(),
             local,
-            exits: Exits::default(),
             running: HashMap::new(),
             crashes: HashMap::new(),
             reasons: HashMap::new(),
@@ -157,6 +160,25 @@ impl Reconciler {
         RunDir::new(&self.local.data_dir, name)
     }
 
+    /// Takes over the VMM in VM `name`'s runtime directory (one a live migration brought
+    /// here); false if none lives there.
+    fn adopt(&mut self, name: &str) -> bool {
+        let Some(info) = supervisor::find_running(&self.dir(name), &self.exits) else {
+            return false;
+        };
+        tracing::info!(vm = %name, pid = info.pid, "taking over the VMM a live migration brought here");
+        self.running.insert(
+            name.to_string(),
+            Running {
+                info,
+                launched: None,
+                state: VmState::Running,
+                stop: None,
+            },
+        );
+        true
+    }
+
     /// Takes over every VMM an earlier `tesserad` left running on this node.
     fn adopt_all(&mut self) {
         for name in supervisor::run_dirs(&self.local.data_dir) {
@@ -197,11 +219,25 @@ impl Reconciler {
             .map(|v| (v.name.clone(), v))
             .collect();
         self.moving_primary.retain(|n, _| wanted.contains_key(n));
-        // Stop what should not run here (deleted, stopped, placed elsewhere).
+        let held = self.local.migrations.clone();
+        // A VM that left by live migration: its VMM here ends by itself.
+        let left: Vec<String> = self
+            .running
+            .keys()
+            .filter(|n| !wanted.contains_key(*n) && held.held(n) == Some(Held::Left))
+            .cloned()
+            .collect();
+        for name in left {
+            self.running.remove(&name);
+            supervisor::forget(&self.dir(&name));
+            held.clear(&name);
+        }
+        // Stop what should not run here (deleted, stopped, placed elsewhere), but not
+        // what a live migration holds.
         let unwanted: Vec<String> = self
             .running
             .keys()
-            .filter(|n| !wanted.contains_key(*n))
+            .filter(|n| !wanted.contains_key(*n) && held.held(n).is_none())
             .cloned()
             .collect();
         for name in unwanted {
@@ -210,6 +246,16 @@ impl Reconciler {
         }
         self.stop_held(&me).await;
         for vm in wanted.values() {
+            match held.held(&vm.name) {
+                None => {}
+                Some(Held::Arrived) => {
+                    if self.adopt(&vm.name) {
+                        held.clear(&vm.name);
+                    }
+                    continue;
+                }
+                Some(Held::Leaving | Held::Left | Held::Arriving) => continue,
+            }
             self.keep(vm).await;
         }
         tasks::follow(&self.node, &me).await;

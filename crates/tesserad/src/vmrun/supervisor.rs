@@ -169,7 +169,8 @@ impl Exits {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&pid)
     }
-    fn ended(&self, pid: u32) -> bool {
+    /// Whether child `pid` has ended (been reaped).
+    pub fn ended(&self, pid: u32) -> bool {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -204,6 +205,81 @@ pub fn launch(
     seqs: (u64, u64),
     exits: &Exits,
 ) -> Result<RunInfo, SupervisorError> {
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "--kernel".into(),
+        spec.kernel.clone().into(),
+        "--memory-mib".into(),
+        spec.memory_mib.to_string().into(),
+        "--vcpus".into(),
+        spec.vcpus.to_string().into(),
+    ];
+    if let Some(i) = &spec.initrd {
+        args.extend(["--initrd".into(), i.into()]);
+    }
+    if let Some(c) = &spec.cmdline {
+        args.extend(["--cmdline".into(), c.into()]);
+    }
+    disk_args(&mut args, spec);
+    spawn(dir, name, args, &spec.nics, seqs, exits)
+}
+
+/// Starts a VMM for `name` that waits for the VM to arrive by live migration
+/// (`tessera-vmm --incoming`), listening on `listen` with this node's TLS files (`tls`:
+/// the same files a remote disk uses). `spec` gives the memory, vCPUs, NICs and disk the
+/// VM has on this node; its kernel and command line are not used (they come with the VM).
+pub fn launch_incoming(
+    dir: &RunDir,
+    name: &str,
+    spec: &Launch,
+    listen: std::net::SocketAddr,
+    tls: &DiskTls,
+    seqs: (u64, u64),
+    exits: &Exits,
+) -> Result<RunInfo, SupervisorError> {
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "--incoming".into(),
+        listen.to_string().into(),
+        "--migration-tls-ca".into(),
+        tls.ca.clone().into(),
+        "--migration-tls-cert".into(),
+        tls.cert.clone().into(),
+        "--migration-tls-key".into(),
+        tls.key.clone().into(),
+        "--memory-mib".into(),
+        spec.memory_mib.to_string().into(),
+        "--vcpus".into(),
+        spec.vcpus.to_string().into(),
+    ];
+    disk_args(&mut args, spec);
+    spawn(dir, name, args, &spec.nics, seqs, exits)
+}
+
+fn disk_args(args: &mut Vec<std::ffi::OsString>, spec: &Launch) {
+    if let Some(d) = &spec.disk {
+        args.extend(["--disk".into(), d.into()]);
+    }
+    if let Some(t) = &spec.disk_tls {
+        args.extend([
+            "--disk-tls-ca".into(),
+            t.ca.clone().into(),
+            "--disk-tls-cert".into(),
+            t.cert.clone().into(),
+            "--disk-tls-key".into(),
+            t.key.clone().into(),
+        ]);
+    }
+}
+
+/// Starts `tessera-vmm` with `args` (plus its runtime directory's socket and console and
+/// the NICs' taps) detached from `tesserad`, and records it in `run.json`.
+fn spawn(
+    dir: &RunDir,
+    name: &str,
+    args: Vec<std::ffi::OsString>,
+    nics: &[NicFd],
+    seqs: (u64, u64),
+    exits: &Exits,
+) -> Result<RunInfo, SupervisorError> {
     let file = |what, path: &Path| {
         let path = path.to_path_buf();
         move |source| SupervisorError::File { what, path, source }
@@ -234,37 +310,15 @@ pub fn launch(
     } else {
         Command::new(&vmm)
     };
-    cmd.arg("--kernel")
-        .arg(&spec.kernel)
-        .arg("--memory-mib")
-        .arg(spec.memory_mib.to_string())
-        .arg("--vcpus")
-        .arg(spec.vcpus.to_string())
+    cmd.args(args)
         .arg("--api-socket")
         .arg(dir.api_socket())
         .arg("--serial-out")
         .arg(dir.console());
-    if let Some(i) = &spec.initrd {
-        cmd.arg("--initrd").arg(i);
-    }
-    if let Some(c) = &spec.cmdline {
-        cmd.arg("--cmdline").arg(c);
-    }
-    if let Some(d) = &spec.disk {
-        cmd.arg("--disk").arg(d);
-    }
-    if let Some(t) = &spec.disk_tls {
-        cmd.arg("--disk-tls-ca")
-            .arg(&t.ca)
-            .arg("--disk-tls-cert")
-            .arg(&t.cert)
-            .arg("--disk-tls-key")
-            .arg(&t.key);
-    }
     // The taps' fds keep their numbers in the VMM: close-on-exec is cleared in the child
     // only, so no other child of tesserad ever holds a VM's tap.
-    let mut inherit = Vec::with_capacity(spec.nics.len());
-    for nic in &spec.nics {
+    let mut inherit = Vec::with_capacity(nics.len());
+    for nic in nics {
         use std::os::fd::AsRawFd;
         let fd = nic.fd.as_raw_fd();
         inherit.push(fd);

@@ -49,6 +49,10 @@ pub fn judge(t: &VmTask, vm: Option<&Vm>, s: Option<&VmStatus>, now: u64) -> Ver
     let Some(vm) = vm else {
         return Verdict::Failed(format!("VM {} was deleted", t.vm));
     };
+    if t.action == VmAction::Migrate {
+        // Its node's migration driver moves it along (`crate::migrate`), not the state.
+        return Verdict::Pending(0, "followed by the migration".into());
+    }
     // The report belongs to this request (or a later one), not to the run before it.
     let fresh = s.filter(|s| {
         s.start_seq >= t.start_seq && (t.action != VmAction::Reboot || s.reboot_seq >= t.reboot_seq)
@@ -63,7 +67,7 @@ pub fn judge(t: &VmTask, vm: Option<&Vm>, s: Option<&VmStatus>, now: u64) -> Ver
             }
             VmAction::Pause => s.state == VmState::Paused,
             // A pause asked since counts: the VM ran.
-            VmAction::Start | VmAction::Resume | VmAction::Reboot => {
+            VmAction::Start | VmAction::Resume | VmAction::Reboot | VmAction::Migrate => {
                 s.state == VmState::Running
                     || (s.state == VmState::Paused && vm.desired_state == DesiredState::Paused)
             }
@@ -81,7 +85,9 @@ pub fn judge(t: &VmTask, vm: Option<&Vm>, s: Option<&VmStatus>, now: u64) -> Ver
     let wanted = match t.action {
         VmAction::Stop | VmAction::Kill => DesiredState::Stopped,
         VmAction::Pause => DesiredState::Paused,
-        VmAction::Start | VmAction::Resume | VmAction::Reboot => DesiredState::Running,
+        VmAction::Start | VmAction::Resume | VmAction::Reboot | VmAction::Migrate => {
+            DesiredState::Running
+        }
     };
     let paused_since = wanted == DesiredState::Running && vm.desired_state == DesiredState::Paused;
     if (vm.desired_state != wanted && !paused_since) || vm.start_seq != t.start_seq {
@@ -109,6 +115,7 @@ fn action_word(a: VmAction) -> &'static str {
         VmAction::Reboot => "reboot",
         VmAction::Pause => "pause",
         VmAction::Resume => "resume",
+        VmAction::Migrate => "migration",
     }
 }
 
@@ -121,6 +128,7 @@ pub async fn follow(node: &Node, me: &str) {
                     .values()
                     .filter(|v| {
                         !v["vm"].is_null()
+                            && v["vm"]["action"] != "migrate"
                             && v["node"] == me
                             && (v["state"] == "queued" || v["state"] == "running")
                     })
@@ -212,6 +220,7 @@ mod tests {
             start_seq: 2,
             reboot_seq: 0,
             deadline_ms: 1000,
+            migration: None,
         }
     }
 
