@@ -1,7 +1,8 @@
 //! tessera-vmm's virtio-net on a real tap and bridge: the test guest, in a network
 //! namespace of the test's own, announces itself with a gratuitous ARP (seen on the bridge
 //! through a raw AF_PACKET socket), answers iputils `ping` from the bridge's address, and
-//! ignores a frame for another MAC. One VM boot serves every check.
+//! ignores a frame for another MAC. One VM boot serves those checks; a second guest then
+//! floods a tap of its own (the transmit ring kept full) and loses no frame.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -215,4 +216,60 @@ fn in_namespace(vmm: &Path, dir: &Path) {
     assert!(ping("1", "5"), "ping after the ignored frames failed");
     let log = std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
     assert!(!log.contains("panicked"), "{log}");
+
+    a_full_transmit_ring_loses_no_frame(vmm, dir);
+}
+
+/// The kernel's count of frames `dev` received (what the VMM wrote into the tap).
+fn rx_packets(dev: &str) -> u64 {
+    let out = tessera_tests::run(Command::new("ip").args(["-j", "-s", "link", "show", dev]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["stats64"]["rx"]["packets"].as_u64().unwrap()
+}
+
+/// The flood mode (bench/net.sh's) keeps the transmit ring full, refilling it as frames
+/// complete: every one of its frames reaches the tap, on a bridge of its own. A frame
+/// length the guest cannot send is refused by the guest before it sends anything.
+fn a_full_transmit_ring_loses_no_frame(vmm: &Path, dir: &Path) {
+    ip(&["link", "add", "br1", "type", "bridge"]);
+    ip(&["link", "set", "br1", "up"]);
+    ip(&["tuntap", "add", "dev", "tap1", "mode", "tap", "vnet_hdr"]);
+    ip(&["link", "set", "tap1", "master", "br1"]);
+    ip(&["link", "set", "tap1", "up"]);
+    let flood = |len: u32, name: &str| {
+        let serial = dir.join(name);
+        let vm = Vmm(Command::new(vmm)
+            .args(["--kernel", GUEST, "--memory-mib", "32", "--cmdline"])
+            .arg(format!(
+                "console=ttyS0 tessera.mode=flood tessera.frames=3000 tessera.frame_len={len}"
+            ))
+            .args(["--net", "tap=tap1,mac=52:54:00:12:34:57", "--serial-out"])
+            .arg(&serial)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap());
+        let text = wait_console(&serial, "the flood's end", |t| {
+            t.contains("flood done") || t.contains("FAIL")
+        });
+        drop(vm);
+        text
+    };
+
+    let before = rx_packets("tap1");
+    let text = flood(59, "flood-bad.log");
+    assert!(
+        text.contains("FAIL tessera.frame_len= must be 60 to 1514"),
+        "{text}"
+    );
+    assert_eq!(rx_packets("tap1"), before, "a refused flood sent frames");
+
+    let text = flood(1514, "flood.log");
+    assert!(
+        text.contains("flood of 3000 frames of 1514 bytes")
+            && text.contains("flood done, 3000 frames sent"),
+        "{text}"
+    );
+    // The VMM wrote each frame before the guest saw it used; the count is the kernel's.
+    assert_eq!(rx_packets("tap1") - before, 3000);
 }
