@@ -276,14 +276,23 @@ fn connection(conn: UnixStream, ctx: &Ctx) -> std::io::Result<()> {
             return Ok(());
         }
         let mut powering_off = false;
+        let mut asked_status = false;
         let reply = match serde_json::from_str::<ApiRequest>(line.trim_end()) {
             Err(e) => Err(ApiError::BadRequest(e)),
             Ok(req) if req.v != API_VERSION => Err(ApiError::Version(req.v)),
             Ok(req) => {
                 powering_off = matches!(req.op, ApiOp::PowerOff);
+                asked_status = matches!(req.op, ApiOp::MigrationStatus { .. });
                 handle(req.op, ctx)
             }
         };
+        // A completed source ends once its caller has the final figures: only after the
+        // reply is written (marking it when the status was read lost the reply to the
+        // process's exit).
+        let told_completed = asked_status
+            && reply
+                .as_ref()
+                .is_ok_and(|v| v.get("phase").and_then(|p| p.as_str()) == Some("completed"));
         let resp = match reply {
             Ok(v) => ApiResponse {
                 v: API_VERSION,
@@ -301,6 +310,9 @@ fn connection(conn: UnixStream, ctx: &Ctx) -> std::io::Result<()> {
         w.write_all(&out)?;
         if powering_off {
             ctx.control.power_off_answered();
+        }
+        if told_completed {
+            ctx.migration.completion_seen();
         }
         if n as u64 >= MAX_LINE && !line.ends_with('\n') {
             return Ok(()); // cannot find the next request boundary

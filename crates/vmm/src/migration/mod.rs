@@ -134,7 +134,7 @@ pub struct Shared {
     cancelled: std::sync::atomic::AtomicBool,
     /// Target: `migration_go` was asked.
     go: Mutex<bool>,
-    /// Source: a `migration_status` saw the migration completed.
+    /// Source: a `migration_status` reply told a caller the migration completed.
     seen_done: Mutex<bool>,
 }
 
@@ -179,11 +179,14 @@ impl Shared {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
-        if g.phase == Phase::Completed {
-            *self.seen_done.lock().unwrap_or_else(|p| p.into_inner()) = true;
-            self.changed.notify_all();
-        }
         g.clone()
+    }
+
+    /// Source: a caller was told the migration completed (its reply written), so this
+    /// process may end.
+    pub fn completion_seen(&self) {
+        *self.seen_done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.changed.notify_all();
     }
 
     /// Keeps the stream's socket so a cancel can cut it.
