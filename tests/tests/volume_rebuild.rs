@@ -185,8 +185,10 @@ fn a_copy_away_too_long_is_rebuilt_elsewhere_and_copies_left_behind_are_deleted(
     eprintln!(
         "r rebuilt on node{spare} {took:?} after the kill, {during} writes of 8 MiB meanwhile"
     );
+    // Away is counted from when the node was last heard (up to a heartbeat before the
+    // kill), and the rebuild then still has to copy: well past 3 s.
     assert!(
-        took >= Duration::from_secs(4),
+        took >= Duration::from_secs(3),
         "rebuilt before the setting's 4 s"
     );
     assert!(
