@@ -4,8 +4,8 @@
 //! volumes, snapshots and clones are made by tasks on the owning node and checked with
 //! nbdinfo and qemu-io; VM definitions, conflicts and bad input leave nothing
 //! half-written; a write on one node is read back at once on another; events arrive on
-//! the SSE stream; session cookies need the CSRF header for changes; the state survives a
-//! restart of every node.
+//! the SSE stream; session cookies need the CSRF header for changes; the state and a
+//! node's metrics history survive a restart of every node.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -23,6 +23,8 @@ mod access;
 mod definitions;
 #[path = "cluster_resources/events.rs"]
 mod events;
+#[path = "cluster_resources/metrics_history.rs"]
+mod metrics_history;
 #[path = "cluster_resources/sessions.rs"]
 mod sessions;
 #[path = "cluster_resources/volumes.rs"]
@@ -218,9 +220,11 @@ fn volumes_vms_tasks_and_events_through_the_api() {
     sessions::check_session_cookies(&lan, d.path());
     sessions::check_users_and_their_sessions(&lan, &admin);
 
-    // Restart every node: the state is all there.
+    // Restart every node: the state is all there, and node 1's metrics history.
     let (_, before_vms) = api(&lan, 0, "GET", "vms", a, None);
     let (_, before_vols) = api(&lan, 0, "GET", "volumes", a, None);
+    let node1_data = nodes[1].dir.join("data");
+    let history = metrics_history::before_restart(&lan, &admin, &ids[1], &node1_data);
     for n in nodes.iter_mut() {
         n.kill_tesserad();
     }
@@ -240,5 +244,6 @@ fn volumes_vms_tasks_and_events_through_the_api() {
         .map(|v| v["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["cookied", "olgas", "streamed"]);
+    metrics_history::kept_across_the_restart(&lan, &admin, &ids[1], 1, &node1_data, &history);
     drop(nodes);
 }

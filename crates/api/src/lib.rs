@@ -45,7 +45,7 @@ pub use cluster::{
 pub use events::{Event, EventQuery, StreamQuery, StreamedEvent};
 pub use images::{Image, ImageCopy, ImageFile, ImageUpload, MAX_IMAGE_BYTES};
 pub use login_policy::LoginPolicy;
-pub use metrics::{MetricsPoint, MetricsQuery, NodeMetrics};
+pub use metrics::{InterfaceRates, MetricsPoint, MetricsQuery, NodeMetrics};
 pub use migration::{
     MigrateRequest, MigrationPhase, MigrationProgress, DEFAULT_DOWNTIME_MS, MAX_DOWNTIME_MS,
 };

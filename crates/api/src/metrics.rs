@@ -28,6 +28,23 @@ pub struct MetricsPoint {
     pub net_rx_bps: Option<f64>,
     /// Bytes sent per second, every interface but loopback.
     pub net_tx_bps: Option<f64>,
+    /// Per network interface, sorted by name: every interface of the node but loopback
+    /// and VM taps (`tsn-*`), at most the 8 that have moved the most bytes. Absent in
+    /// points kept by a version without it (read as empty).
+    #[serde(default)]
+    pub interfaces: Vec<InterfaceRates>,
+}
+
+/// One network interface's traffic in a [`MetricsPoint`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct InterfaceRates {
+    /// The interface's name (`eth0`, `br-lan`).
+    pub name: String,
+    /// Bytes received per second; `null` where the interface has no earlier point (new,
+    /// or the first point after a start) or its counter went backwards.
+    pub rx_bps: Option<f64>,
+    /// Bytes sent per second; `null` as for `rx_bps`.
+    pub tx_bps: Option<f64>,
 }
 
 /// A node's metrics history, oldest point first.

@@ -30,7 +30,8 @@ const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#d97706"];
  * A line chart of time series in `box` (an element already in the page): `series` are
  * `{label, value: (point) => number|null}`, `fmt` formats a value for the axis and the
  * legend; `range` fixes the y axis. Returns `{set(points)}` to (re)draw with the given points (oldest first,
- * `t_ms` each); the box's `data-points` says how many are drawn.
+ * `t_ms` each; the box's `data-points` says how many are drawn) and `{destroy()}` to take
+ * the chart out of its box (a chart whose series change is drawn anew).
  */
 export function lineChart(uPlot, box, { series, fmt, range }) {
   const style = getComputedStyle(document.body);
@@ -60,8 +61,15 @@ export function lineChart(uPlot, box, { series, fmt, range }) {
     })),
   ];
   const plot = new uPlot(opts, data([]), box);
+  let gone = false;
+  const destroy = () => {
+    if (gone) return;
+    gone = true;
+    resize.disconnect();
+    plot.destroy();
+  };
   const resize = new ResizeObserver(() => {
-    if (!box.isConnected) { resize.disconnect(); plot.destroy(); return; }
+    if (!box.isConnected) { destroy(); return; }
     const w = Math.max(240, box.clientWidth);
     if (Math.abs(w - plot.width) > 2) plot.setSize({ width: w, height: 180 });
   });
@@ -71,5 +79,6 @@ export function lineChart(uPlot, box, { series, fmt, range }) {
       plot.setData(data(points));
       box.dataset.points = String(points.length);
     },
+    destroy,
   };
 }

@@ -1,6 +1,7 @@
 // The Nodes page: the list (health, CPU, memory, storage, VMs) and a node's detail with
 // graphs of its last hour (the node's metrics history, refreshed every 10 s with only the
-// new points), its VMs and volumes, and removing a node that is down (Administrators).
+// new points; the network per interface with a selector), its VMs and volumes, and
+// removing a node that is down (Administrators).
 
 import { h, replace, table, bytes, stateTag } from "./dom.js";
 import { api } from "./api.js";
@@ -25,6 +26,21 @@ const CHARTS = [
     series: [{ label: "Received", value: (p) => p.net_rx_bps }, { label: "Sent", value: (p) => p.net_tx_bps }] },
 ];
 
+/** The interface graph's series: what `name` received and sent. */
+const ifaceSeries = (name) => {
+  const of = (p) => (p.interfaces ?? []).find((i) => i.name === name);
+  return [{ label: `${name} received`, value: (p) => of(p)?.rx_bps }, { label: `${name} sent`, value: (p) => of(p)?.tx_bps }];
+};
+
+/** The interfaces in `points`, busiest first (most bytes over the points), then by name. */
+function interfacesByTraffic(points) {
+  const moved = new Map();
+  for (const p of points) {
+    for (const i of p.interfaces ?? []) moved.set(i.name, (moved.get(i.name) ?? 0) + (i.rx_bps ?? 0) + (i.tx_bps ?? 0));
+  }
+  return [...moved.keys()].sort((a, b) => moved.get(b) - moved.get(a) || a.localeCompare(b));
+}
+
 const disk = (n) => (n.metrics?.disks ?? []).reduce((best, x) => (!best || x.total > best.total ? x : best), null);
 const nodeLabel = (n) => n.name ?? n.id;
 const volumesOn = (volumes, n) => volumes.filter((v) => v.node === n.id ||
@@ -37,7 +53,7 @@ const volumesOn = (volumes, n) => volumes.filter((v) => v.node === n.id ||
  */
 export function nodesPage(env) {
   // The detail page shown, kept between refreshes so only new points are fetched.
-  let detail = { gen: -1, id: null, points: [], charts: null };
+  let detail = { gen: -1, id: null, points: [], charts: null, iface: null };
 
   // Nodes whose plain removal the API refused, with its words: they are offered a forced
   // one (the API's `force=true`), which loses what only that node held.
@@ -117,7 +133,13 @@ export function nodesPage(env) {
       h("p.muted#node-graphs-status", { role: "status" }),
       h("div.charts#node-charts", {}, CHARTS.map((c) => h("figure.chart-card", {},
         h("figcaption", {}, c.title, " ", h(`span.muted#chart-${c.id}-now`)),
-        h(`div.chart#chart-${c.id}`, { role: "img", "aria-label": `${c.title} over the last hour` })))),
+        h(`div.chart#chart-${c.id}`, { role: "img", "aria-label": `${c.title} over the last hour` }))),
+        h("figure.chart-card", {},
+          h("figcaption", {}, "Network by interface ",
+            h("label.inline", { for: "chart-ifnet-select" }, "Interface"), " ",
+            h("select#chart-ifnet-select", { onchange: (e) => drawInterface(e.target.value) }), " ",
+            h("span.muted#chart-ifnet-now")),
+          h("div.chart#chart-ifnet", { role: "img", "aria-label": "Network traffic of the chosen interface over the last hour" }))),
       h("h2", {}, "VMs on this node"),
       h("div#node-vms"),
       h("h2", {}, "Volumes on this node"),
@@ -139,7 +161,10 @@ export function nodesPage(env) {
 
   async function show(gen, id) {
     const fresh = detail.gen !== gen || detail.id !== id || !document.getElementById("node-charts");
-    if (fresh) detail = { gen, id, points: [], charts: null };
+    if (fresh) {
+      detail.iface?.chart.destroy();
+      detail = { gen, id, points: [], charts: null, iface: null };
+    }
     const last = detail.points.at(-1)?.t_ms;
     const [nodes, mine, volumes, hist] = await Promise.all([
       // Only this node's VMs (where they run, else where placed, else pinned).
@@ -190,7 +215,49 @@ export function nodesPage(env) {
       }).join(", ") : "";
       document.getElementById(`chart-${c.id}-now`).textContent = now ? `(now: ${now})` : "";
     });
+    interfaceChart();
     return REFRESH_MS;
+  }
+
+  /**
+   * The per-interface graph: the interfaces of the history offered in the selector
+   * (busiest first), the chosen one (at first the busiest) drawn. Says so when the node's
+   * points have none (a node of an older version).
+   */
+  function interfaceChart() {
+    const select = document.getElementById("chart-ifnet-select");
+    if (!select || !window.uPlot) return;
+    const names = interfacesByTraffic(detail.points);
+    const shown = [...select.options].map((o) => o.value);
+    const chosen = detail.iface?.name;
+    if (names.join("\n") !== shown.join("\n")) {
+      replace(select, names.map((n) => h("option", { value: n, selected: n === chosen }, n)));
+    }
+    select.disabled = names.length === 0;
+    if (names.length === 0) {
+      document.getElementById("chart-ifnet-now").textContent = "(no interface in the history)";
+      return;
+    }
+    drawInterface(chosen && names.includes(chosen) ? chosen : names[0]);
+  }
+
+  /** Draws interface `name`'s graph (a new chart when the interface changes). */
+  function drawInterface(name) {
+    const box = document.getElementById("chart-ifnet");
+    if (!box || !window.uPlot) return;
+    if (detail.iface?.name !== name) {
+      detail.iface?.chart.destroy();
+      detail.iface = { name, chart: lineChart(window.uPlot, box, { series: ifaceSeries(name), fmt: rate }) };
+      box.dataset.interface = name;
+      document.getElementById("chart-ifnet-select").value = name;
+    }
+    detail.iface.chart.set(detail.points);
+    const latest = detail.points.at(-1);
+    const now = latest ? ifaceSeries(name).map((s) => {
+      const v = s.value(latest);
+      return `${s.label.replace(`${name} `, "")} ${v === null || v === undefined ? "–" : rate(v)}`;
+    }).join(", ") : "";
+    document.getElementById("chart-ifnet-now").textContent = now ? `(now: ${now})` : "";
   }
 
   return async (gen) => {

@@ -99,7 +99,7 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
     tasks::watch_health(heard.clone());
     replication::watch_health(heard.clone());
     let metrics = metrics::start();
-    let history = metrics::history::start(metrics.clone());
+    let history = metrics::history::start(metrics.clone(), &seed.data_dir);
     let storage = Arc::new(storage::Health::default());
     storage::start(
         seed.storage.admin_socket.clone(),

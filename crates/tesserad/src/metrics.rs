@@ -1,10 +1,12 @@
 //! This node's resource metrics (CPU, memory, load, disks, disk and network I/O, its
 //! network interfaces), sampled every 2 s with sysinfo; `history` keeps the last hour of
-//! them, `exposition` writes them (and the cluster's counts) as Prometheus text.
+//! them (on disk too: `journal`), `exposition` writes them (and the cluster's counts) as
+//! Prometheus text.
 
 pub mod exposition;
 pub mod history;
 pub mod interfaces;
+pub mod journal;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};

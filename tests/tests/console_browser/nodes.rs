@@ -2,7 +2,8 @@
 //! session: the list shows the three nodes, a node's page draws its last hour (the
 //! history forwarded from the node it belongs to) and lists its VMs and volumes; `GET
 //! /metrics` is Prometheus text that `promtool` (Prometheus' own checker, not ours)
-//! accepts, for an API token only; the history of one node is read through another.
+//! accepts, for an API token only; the history of one node is read through another; the
+//! network graph per interface names the node's interfaces in its legend and its selector.
 
 use std::process::{Command, Stdio};
 
@@ -35,6 +36,65 @@ fn curl(ca: &str, url: &str, token: Option<&str>) -> (u16, String, String) {
 
 fn json_of(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// The per-interface network graph of node `node`'s page (shown): its selector offers the
+/// node's interfaces (as `GET /nodes` lists them, loopback left out), its legend names
+/// the one chosen (after uPlot's "Time"), and choosing another draws that one.
+async fn interface_graph(c: &Client, nodes: &Value, node: &str) {
+    let has: Vec<String> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == node)
+        .unwrap()["metrics"]["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .filter(|n| n != "lo")
+        .collect();
+    let state = |want: Option<&str>| {
+        format!(
+            "const s = document.getElementById('chart-ifnet-select'); \
+             const box = document.getElementById('chart-ifnet'); \
+             const legend = [...box.querySelectorAll('.u-legend .u-series .u-label')] \
+                .map(l => l.textContent).slice(1); \
+             if (!s || s.options.length === 0 || Number(box.dataset.points || 0) < 2) return false; \
+             if ({want:?} && s.value !== {want:?}) return false; \
+             return {{ options: [...s.options].map(o => o.value), chosen: s.value, legend }};",
+            want = want.unwrap_or("")
+        )
+    };
+    let first = wait_js(c, &state(None), "the per-interface graph drawn").await;
+    let options: Vec<String> = serde_json::from_value(first["options"].clone()).unwrap();
+    assert!(
+        options.iter().all(|o| has.contains(o)),
+        "{options:?} are not all among the node's interfaces {has:?}"
+    );
+    let chosen = first["chosen"].as_str().unwrap();
+    assert_eq!(
+        first["legend"],
+        json!([format!("{chosen} received"), format!("{chosen} sent")]),
+        "{first}"
+    );
+    // Another interface, chosen as a keyboard user would (the select's change event).
+    let Some(other) = options.iter().find(|o| *o != chosen) else {
+        return;
+    };
+    c.execute(
+        "const s = document.getElementById('chart-ifnet-select'); s.focus(); \
+         s.value = arguments[0]; s.dispatchEvent(new Event('change'));",
+        vec![json!(other)],
+    )
+    .await
+    .unwrap();
+    let second = wait_js(c, &state(Some(other)), "the other interface's graph").await;
+    assert_eq!(
+        second["legend"],
+        json!([format!("{other} received"), format!("{other} sent")]),
+        "{second}"
+    );
 }
 
 /// The checks; `n1`/`n2` are two nodes' console origins, the browser is logged in as an
@@ -101,8 +161,17 @@ pub async fn check(c: &Client, n1: &str, n2: &str, ca: &str, token: &str) {
         assert!(p["memory_used"].as_u64().unwrap() <= p["memory_total"].as_u64().unwrap());
         assert!(p["disk_total"].as_u64().unwrap() > 0, "{p}");
     }
-    // Every point but the first has its rates.
+    // Every point but the first has its rates, per interface too (loopback left out).
     assert!(points[1]["net_rx_bps"].is_number(), "{}", points[1]);
+    let ifaces = points[1]["interfaces"].as_array().unwrap();
+    assert!(!ifaces.is_empty(), "{}", points[1]);
+    assert!(
+        ifaces
+            .iter()
+            .all(|i| i["name"] != "lo" && i["rx_bps"].is_number() && i["tx_bps"].is_number()),
+        "{}",
+        points[1]
+    );
     let before_last = times[times.len() - 2];
     let (code, _, body) = hist(&label(&node1), &format!("?since={before_last}"));
     assert_eq!(code, 200, "{body}");
@@ -202,7 +271,7 @@ pub async fn check(c: &Client, n1: &str, n2: &str, ca: &str, token: &str) {
         let drawn = wait_js(
             c,
             "const charts = [...document.querySelectorAll('#node-charts .chart')]; \
-             if (charts.length !== 5) return false; \
+             if (charts.length !== 6) return false; \
              const counts = charts.map(ch => Number(ch.dataset.points || 0)); \
              if (counts.some(n => n < 2)) return false; \
              const cv = document.querySelector('#chart-cpu canvas'); \
@@ -210,11 +279,12 @@ pub async fn check(c: &Client, n1: &str, n2: &str, ca: &str, token: &str) {
              const px = cv.getContext('2d').getImageData(0, 0, cv.width, cv.height).data; \
              let ink = 0; for (let k = 3; k < px.length; k += 4) if (px[k]) ink++; \
              return ink > 100 ? counts : false;",
-            "the node's five graphs drawn with points",
+            "the node's six graphs drawn with points",
         )
         .await;
-        assert!(drawn.as_array().unwrap().len() == 5, "{drawn}");
+        assert!(drawn.as_array().unwrap().len() == 6, "{drawn}");
         if i == 0 {
+            interface_graph(c, &nodes, &node).await;
             shot(c, "node-detail").await;
         }
     }

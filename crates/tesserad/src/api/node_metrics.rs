@@ -28,8 +28,9 @@ const FORWARDED: &str = "x-tessera-forwarded";
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A node's metrics over the last hour, one point every 10 s, oldest first (`since`: only
-/// newer points). Any node answers: the request is forwarded to the node named, which
-/// keeps its own history (in memory: a restarted node starts a new hour).
+/// newer points), with the network per interface. Any node answers: the request is
+/// forwarded to the node named, which keeps its own history (on disk too: it survives a
+/// restart of the node's tesserad).
 #[utoipa::path(get, path = "/api/v1/nodes/{id}/metrics", tag = "cluster",
     operation_id = "node_metrics",
     params(("id" = String, Path, description = "The node's id or name"), MetricsQuery),
@@ -152,7 +153,8 @@ fn forward(
     for (h, v) in creds {
         req = req.set(h, v);
     }
-    // A history is at most 360 points of ~300 bytes; anything far larger is not one.
+    // A history is at most 360 points of ~300 bytes plus ~60 per interface (at most 8);
+    // anything far larger is not one.
     const LIMIT: u64 = 4 << 20;
     let read_body = |resp: ureq::Response| {
         use std::io::Read;

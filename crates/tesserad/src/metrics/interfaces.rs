@@ -1,6 +1,7 @@
 //! This node's network interfaces as `GET /nodes` shows them (`metrics.interfaces`): name,
-//! MAC, MTU, link state and speed from `/sys/class/net` (what the kernel reports; a
-//! virtual interface has no speed), addresses from sysinfo (getifaddrs). Taps of VMs
+//! MAC, MTU, link state, speed and byte counters from `/sys/class/net` (what the kernel
+//! reports; a virtual interface has no speed), addresses from sysinfo (getifaddrs). The
+//! counters are what the history's per-interface rates come from. Taps of VMs
 //! (`tsn-*`) are left out: they come and go with VMs and say nothing about the node.
 
 use std::path::Path;
@@ -52,6 +53,8 @@ pub fn list(sys: &Path, nets: &Networks) -> Vec<Value> {
                 "state": attr(&dir, "operstate"),
                 "speed_mbps": speed,
                 "addresses": addresses,
+                "rx_bytes": attr(&dir, "statistics/rx_bytes").and_then(|b| b.parse::<u64>().ok()),
+                "tx_bytes": attr(&dir, "statistics/tx_bytes").and_then(|b| b.parse::<u64>().ok()),
             })
         })
         .collect()
@@ -76,6 +79,9 @@ mod tests {
             std::fs::write(dir.join("address"), "52:54:00:00:00:01\n").unwrap();
             std::fs::write(dir.join("mtu"), "1500\n").unwrap();
         }
+        std::fs::create_dir(d.path().join("eth0/statistics")).unwrap();
+        std::fs::write(d.path().join("eth0/statistics/rx_bytes"), "123456\n").unwrap();
+        std::fs::write(d.path().join("eth0/statistics/tx_bytes"), "not a number\n").unwrap();
         let l = list(d.path(), &Networks::new());
         assert_eq!(l.len(), 2, "taps are left out: {l:?}");
         assert_eq!(l[0]["name"], "br0");
@@ -85,5 +91,12 @@ mod tests {
         assert_eq!(l[1]["speed_mbps"], 1000);
         assert_eq!(l[1]["mtu"], 1500);
         assert_eq!(l[1]["mac"], "52:54:00:00:00:01");
+        assert_eq!(l[1]["rx_bytes"], 123456);
+        assert_eq!(
+            l[1]["tx_bytes"],
+            Value::Null,
+            "an unreadable counter is no counter"
+        );
+        assert_eq!(l[0]["rx_bytes"], Value::Null);
     }
 }
