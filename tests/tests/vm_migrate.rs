@@ -7,10 +7,14 @@
 //! another node), and the task reached 100% with its figures. Then: a move to a node
 //! without room is refused with the reason; a target VMM killed in the middle and a
 //! cancel leave the VM running (and counting) on node1; and it moves back to node0.
+//! Last, node0 goes into maintenance and the guest leaves it the same way (`maintenance`).
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
+
+#[path = "vm_migrate/maintenance.rs"]
+mod maintenance;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -419,4 +423,8 @@ fn a_running_vm_moves_to_another_node_and_carries_on() {
         Some(generation + 2),
         "{v}"
     );
+
+    // --- node0 in maintenance: drained by live migration.
+    let runs = [first_run, console(&nodes[1].dir, "mover")];
+    maintenance::node0_drained_by_live_migration(&c, t, &home, &ids, &runs, assert_one_run);
 }

@@ -104,6 +104,36 @@ pub struct NodeInfo {
     /// What the VMs placed on the node take of it, as the scheduler counts it.
     #[serde(default)]
     pub allocation: NodeAllocation,
+    /// Maintenance mode: null when the node is not in maintenance.
+    #[serde(default)]
+    pub maintenance: Option<NodeMaintenance>,
+}
+
+/// A node in maintenance: it takes no new VMs (starts, creations, migrations to it, HA
+/// restarts), and the HA manager moves its running VMs away by live migration, one at a
+/// time. A VM that cannot move (no room elsewhere, not running, its migration failed) stays
+/// and is named in `vms_left`; the events say why.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeMaintenance {
+    /// Who turned it on.
+    pub by: String,
+    /// When (ms since the epoch).
+    pub since_ms: u64,
+    /// The VMs still placed on the node whose desired state is not `stopped`.
+    pub vms_left: Vec<String>,
+    /// Those of them migrating away now.
+    pub migrating: Vec<String>,
+    /// True once no VM that should run is placed on the node any more.
+    pub drained: bool,
+}
+
+/// Turns a node's maintenance mode on or off.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceRequest {
+    /// On (drain the node, refuse new VMs) or off (take VMs again; none moves back by
+    /// itself).
+    pub enabled: bool,
 }
 
 /// A node's memory and CPUs against what the VMs placed on it take: every VM placed

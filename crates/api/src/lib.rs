@@ -39,8 +39,8 @@ pub use auth::{
 };
 pub use certificate::{CertificateStatus, InstalledCertificate, NewCertificate};
 pub use cluster::{
-    ClusterStatus, Member, NodeAllocation, NodeInfo, NodeStorage, RemoveQuery, Removed,
-    StorageState,
+    ClusterStatus, MaintenanceRequest, Member, NodeAllocation, NodeInfo, NodeMaintenance,
+    NodeStorage, RemoveQuery, Removed, StorageState,
 };
 pub use events::{Event, EventQuery, StreamQuery, StreamedEvent};
 pub use images::{Image, ImageCopy, ImageFile, ImageUpload, MAX_IMAGE_BYTES};

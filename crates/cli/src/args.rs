@@ -146,6 +146,19 @@ pub enum NodeCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Put a node in maintenance (its running VMs move away by live migration, one at a
+    /// time; it takes no new VMs) or take it out (none moves back by itself).
+    Maintenance {
+        /// Node name or id.
+        id: String,
+        /// on or off.
+        #[arg(value_parser = parse_on_off, action = clap::ArgAction::Set, required = true)]
+        state: bool,
+        /// With on: wait until no VM is left on the node (at most 10 minutes), showing
+        /// the drain; fails naming the VMs left.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -604,6 +617,14 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("{s:?} is not a duration (try 3600, 90m, 12h, 30d)"))
+}
+
+pub fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?} is neither on nor off")),
+    }
 }
 
 pub fn parse_role(s: &str) -> Result<Role, String> {

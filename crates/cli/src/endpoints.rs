@@ -11,6 +11,7 @@ pub const PASSWORD: Ep = Ep("POST", "/api/v1/password");
 pub const CLUSTER: Ep = Ep("GET", "/api/v1/cluster");
 pub const NODES: Ep = Ep("GET", "/api/v1/nodes");
 pub const NODE_RM: Ep = Ep("DELETE", "/api/v1/nodes/{id}");
+pub const NODE_MAINTENANCE: Ep = Ep("POST", "/api/v1/nodes/{id}/maintenance");
 pub const SETTINGS: Ep = Ep("GET", "/api/v1/settings");
 pub const SETTINGS_SET: Ep = Ep("PATCH", "/api/v1/settings");
 pub const TOKEN_CREATE: Ep = Ep("POST", "/api/v1/tokens");
@@ -76,6 +77,7 @@ pub const ENDPOINTS: &[Ep] = &[
     CLUSTER,
     NODES,
     NODE_RM,
+    NODE_MAINTENANCE,
     SETTINGS,
     SETTINGS_SET,
     TOKEN_CREATE,

@@ -88,6 +88,7 @@ mod tests {
             metrics: Value::Null,
             storage: None,
             allocation: Default::default(),
+            maintenance: None,
         }
     }
 

@@ -155,6 +155,7 @@ pub async fn run(seed_path: &Path) -> anyhow::Result<()> {
         me.0.clone(),
         heard.clone(),
         seed.data_dir.clone(),
+        api_state.clone(),
     );
     images::start(
         shared.clone(),

@@ -52,6 +52,9 @@ pub mod table {
     /// longer counts, to be deleted by its node's store
     /// (`crate::replication::orphans::PendingDeletion`).
     pub const COPY_DELETIONS: &str = "copy_deletions";
+    /// `maintenance/<node id>`: the node is in maintenance mode
+    /// (`crate::api::node_maintenance::Maintenance`); absent when it is not.
+    pub const MAINTENANCE: &str = "maintenance";
 }
 
 /// A login session or an API token, as stored in `sessions/<hash of the secret>`.

@@ -36,6 +36,7 @@ pub const ROLES: &[(&str, &str, &str)] = &[
     ("GET", "/api/v1/cluster", "auditor"),
     ("GET", "/api/v1/nodes", "auditor"),
     ("DELETE", "/api/v1/nodes/{id}", "administrator"),
+    ("POST", "/api/v1/nodes/{id}/maintenance", "administrator"),
     ("GET", "/api/v1/nodes/{id}/metrics", "auditor"),
     ("GET", "/api/v1/settings", "auditor"),
     ("PATCH", "/api/v1/settings", "administrator"),

@@ -1,11 +1,14 @@
 //! The nodes: listed by name with their health and their storage's; removed by name or
-//! id.
+//! id; put in maintenance and out.
 
-use tessera_api::{NodeInfo, NodeStorage, StorageState};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use tessera_api::{MaintenanceRequest, NodeInfo, NodeStorage, StorageState};
 
 use crate::args::NodeCmd;
 use crate::client::Client;
-use crate::endpoints::{NODES, NODE_RM};
+use crate::endpoints::{NODES, NODE_MAINTENANCE, NODE_RM};
 use crate::node_names::NodeNames;
 use crate::output::{col, table, wide_col, Output};
 
@@ -37,7 +40,15 @@ pub fn run(client: &Client, cmd: NodeCmd, out: Output) -> anyhow::Result<()> {
                         }),
                         col("VMS", |n: &NodeInfo| n.allocation.vms.to_string()),
                         col("STORAGE", |n: &NodeInfo| storage_cell(n.storage.as_ref())),
-                        col("STATE", |n: &NodeInfo| n.state.clone()),
+                        col("STATE", |n: &NodeInfo| match &n.maintenance {
+                            None => n.state.clone(),
+                            Some(m) if m.drained => format!("{} (maintenance, drained)", n.state),
+                            Some(m) => format!(
+                                "{} (maintenance, draining: {})",
+                                n.state,
+                                m.vms_left.join(", ")
+                            ),
+                        }),
                     ],
                     out.wide(),
                 );
@@ -54,8 +65,67 @@ pub fn run(client: &Client, cmd: NodeCmd, out: Output) -> anyhow::Result<()> {
             let v = client.call_q(NODE_RM, &[&id], q, None)?;
             out.print(&v, |_| println!("removed node {given}"));
         }
+        NodeCmd::Maintenance {
+            id: given,
+            state,
+            wait,
+        } => {
+            let id = resolve(client, &given)?;
+            let v = client.send(
+                NODE_MAINTENANCE,
+                &[&id],
+                &MaintenanceRequest { enabled: state },
+            )?;
+            if !state {
+                out.print(&v, |_| {
+                    println!("node {given} out of maintenance: it takes VMs again")
+                });
+                return Ok(());
+            }
+            if !wait {
+                out.print(&v, |_| {
+                    println!("node {given} in maintenance: its VMs move away (tessera node ls shows the drain)")
+                });
+                return Ok(());
+            }
+            let node = drain(client, &id, &given, !out.is_json())?;
+            out.print(&node, |_| println!("node {given} drained"));
+        }
     }
     Ok(())
+}
+
+/// How long `node maintenance --wait` follows a drain.
+const DRAIN_WAIT: Duration = Duration::from_secs(600);
+
+/// Follows node `id`'s drain until no VM is left on it; shows each change when `show`.
+fn drain(client: &Client, id: &str, given: &str, show: bool) -> anyhow::Result<NodeInfo> {
+    let deadline = Instant::now() + DRAIN_WAIT;
+    let mut last = None;
+    loop {
+        let nodes: Vec<NodeInfo> = client.get(NODES, &[])?;
+        let Some(n) = nodes.into_iter().find(|n| n.id == id) else {
+            bail!("node {given} is gone from the cluster");
+        };
+        let Some(m) = n.maintenance.clone() else {
+            bail!("node {given} left maintenance while draining");
+        };
+        if m.drained {
+            return Ok(n);
+        }
+        if show && last.as_ref() != Some(&m.vms_left) {
+            println!("{given}: {} left", m.vms_left.join(", "));
+            last = Some(m.vms_left.clone());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "node {given} is not drained after {} s: {} left (the events say why)",
+                DRAIN_WAIT.as_secs(),
+                m.vms_left.join(", ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// The id of the node `given` by name or id (an id is taken as it is, without a lookup).

@@ -84,6 +84,8 @@ pub async fn nodes(State(st): St, _: Auth<Auditor>) -> Result<Json<Vec<NodeInfo>
         .map_or(crate::vmrun::scheduler::DEFAULT_VCPU_OVERCOMMIT, |s| {
             s.vcpu_overcommit
         });
+    let maintenance = super::node_maintenance::all(&n);
+    let migrating = super::node_maintenance::migrations(&n);
     let mut out = Vec::new();
     if let Some(obj) = registered.as_object() {
         for (id, rec) in obj {
@@ -121,6 +123,12 @@ pub async fn nodes(State(st): St, _: Auth<Auditor>) -> Result<Json<Vec<NodeInfo>
                 metrics,
                 storage,
                 allocation,
+                maintenance: super::node_maintenance::state_of(
+                    id,
+                    maintenance.iter().find(|(k, _)| k == id).map(|(_, m)| m),
+                    &vms,
+                    &migrating,
+                ),
             });
         }
     }

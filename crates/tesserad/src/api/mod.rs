@@ -23,6 +23,7 @@ mod login_policy;
 mod nbd;
 mod networks;
 pub(crate) mod nics;
+pub mod node_maintenance;
 mod node_metrics;
 mod realms;
 mod sealed;
@@ -33,7 +34,7 @@ mod totp;
 mod users;
 mod vm_actions;
 mod vm_list;
-mod vm_migrate;
+pub(crate) mod vm_migrate;
 mod vms;
 mod volume_override;
 mod volume_resize;
@@ -303,6 +304,7 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(cluster::cluster))
         .routes(routes!(cluster::nodes))
         .routes(routes!(cluster::remove))
+        .routes(routes!(node_maintenance::set))
         .routes(routes!(node_metrics::history))
         .route("/metrics", axum::routing::get(node_metrics::prometheus))
         .routes(routes!(settings::show, settings::update))

@@ -52,6 +52,11 @@ pub async fn show(
 /// A new queued task for `node` (not yet committed: the caller commits it together with
 /// the records it reserves).
 pub fn queued(p: &Principal, node: &str, op: TaskOp) -> Task {
+    queued_by(&p.user, node, op)
+}
+
+/// [`queued`] for `user`, which may be the cluster itself (the HA manager).
+pub fn queued_by(user: &str, node: &str, op: TaskOp) -> Task {
     let now = now_ms();
     Task {
         id: format!("{now:013}-{}", random_id()),
@@ -59,12 +64,12 @@ pub fn queued(p: &Principal, node: &str, op: TaskOp) -> Task {
         vm: None,
         copy: None,
         node: node.into(),
-        user: p.user.clone(),
+        user: user.into(),
         state: TaskState::Queued,
         progress: 0,
         log: vec![TaskLog {
             time_ms: now,
-            message: format!("queued for node {node} by {}", p.user),
+            message: format!("queued for node {node} by {user}"),
         }],
         error: None,
         created_ms: now,
@@ -75,12 +80,16 @@ pub fn queued(p: &Principal, node: &str, op: TaskOp) -> Task {
 /// A new queued task following VM lifecycle request `vm` on `node` (not yet committed:
 /// the caller commits it with the VM record's change).
 pub fn queued_vm(p: &Principal, node: &str, vm: VmTask) -> Task {
-    let mut t = queued(p, node, TaskOp::Status {});
+    queued_vm_by(&p.user, node, vm)
+}
+
+/// [`queued_vm`] for `user`, which may be the cluster itself (the HA manager).
+pub fn queued_vm_by(user: &str, node: &str, vm: VmTask) -> Task {
+    let mut t = queued_by(user, node, TaskOp::Status {});
     t.log[0].message = format!(
-        "{} of VM {} queued for node {node} by {}",
+        "{} of VM {} queued for node {node} by {user}",
         word(vm.action),
         vm.vm,
-        p.user
     );
     t.vm = Some(vm);
     t

@@ -32,6 +32,7 @@ pub(super) fn rooms(
     let nodes = super::read_all::<serde_json::Value>(n, NODES)?;
     let vms = super::read_all::<Vm>(n, VMS)?;
     let migrating = super::read_all::<crate::migrate::Migration>(n, MIGRATIONS)?;
+    let maintenance = super::node_maintenance::nodes_on(n);
     let heard = st.heard.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let own_metrics = st.metrics.lock().unwrap_or_else(|p| p.into_inner()).clone();
     Ok(nodes
@@ -56,6 +57,7 @@ pub(super) fn rooms(
                 cpus: metrics["cpus"].as_u64().unwrap_or(0),
                 allocated_mib,
                 allocated_vcpus,
+                maintenance: maintenance.contains(&id),
                 id,
             }
         })

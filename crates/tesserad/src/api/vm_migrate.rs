@@ -17,7 +17,7 @@ use tessera_state::Require;
 use super::events::event;
 use super::extract::{Auth, Body, Operator, Param};
 use super::vm_actions::{placement_disk, rooms};
-use super::{commit, now_ms, put, read, ApiError, ErrorBody, St};
+use super::{commit, now_ms, put, read, ApiError, ApiState, ErrorBody, St};
 use crate::migrate::Migration;
 use crate::records::table::{MIGRATIONS, TASKS, VMS};
 use crate::records::{DesiredState, Task, Vm};
@@ -44,7 +44,41 @@ pub async fn migrate(
     Param(name): Param<String>,
     Body(req): Body<MigrateRequest>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
-    let n = super::synced(&st).await?;
+    let task = begin(&st, &p.user, &name, &req).await?;
+    Ok((StatusCode::ACCEPTED, Json(task)))
+}
+
+/// Why a migration was not begun, for the HA manager's drain (`crate::ha`): the words
+/// the API would answer with.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotBegun(pub String);
+
+/// Begins the live migration of VM `name` for the HA manager's drain of a node in
+/// maintenance, exactly as `POST /vms/{name}/migrate` does for `user`.
+pub async fn begin_for_drain(
+    st: &ApiState,
+    user: &str,
+    name: &str,
+    to: &str,
+) -> Result<Task, NotBegun> {
+    let req = MigrateRequest {
+        to: Some(to.to_string()),
+        downtime_ms: None,
+        max_bandwidth_kib_s: None,
+    };
+    begin(st, user, name, &req).await.map_err(|e| NotBegun(e.1))
+}
+
+/// Places and commits a live migration of VM `name` asked by `user`: its task.
+async fn begin(
+    st: &ApiState,
+    user: &str,
+    name: &str,
+    req: &MigrateRequest,
+) -> Result<Task, ApiError> {
+    let name = name.to_string();
+    let n = super::synced(st).await?;
     let vm: Vm =
         read(&n, VMS, &name)?.ok_or_else(|| ApiError::not_found(format!("no VM {name}")))?;
     if let Some(m) = read::<Migration>(&n, MIGRATIONS, &name)? {
@@ -87,7 +121,7 @@ pub async fn migrate(
         )));
     }
     let counters = Counters::read(&n);
-    let mut rooms = rooms(&st, &n, &name)?;
+    let mut rooms = rooms(st, &n, &name)?;
     let to = match &req.to {
         None => None,
         Some(t) => Some(
@@ -123,8 +157,8 @@ pub async fn migrate(
     let held = counters.reserve(&target);
     let downtime_ms = req.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS);
     let now = now_ms();
-    let task = super::tasks::queued_vm(
-        &p,
+    let task = super::tasks::queued_vm_by(
+        user,
         &from,
         VmTask {
             vm: name.clone(),
@@ -154,7 +188,7 @@ pub async fn migrate(
         listen: None,
         token: None,
         error: None,
-        user: p.user.clone(),
+        user: user.to_string(),
         created_ms: now,
     };
     let mut require = vec![
@@ -169,7 +203,7 @@ pub async fn migrate(
         event(
             "vm.migrate",
             &name,
-            &p.user,
+            user,
             &format!(
                 "live migration from node {from} to node {target} requested (task {}, downtime target {downtime_ms} ms)",
                 task.id
@@ -177,7 +211,7 @@ pub async fn migrate(
         ),
     ];
     held.into_txn(&mut require, &mut ops);
-    commit(&st, require, ops, |r| {
+    commit(st, require, ops, |r| {
         if reservation::raced(r) {
             reservation::raced_message(r)
         } else {
@@ -185,7 +219,7 @@ pub async fn migrate(
         }
     })
     .await?;
-    Ok((StatusCode::ACCEPTED, Json(task)))
+    Ok(task)
 }
 
 /// Cancel a VM's live migration under way: the VM keeps running on its node.

@@ -11,6 +11,10 @@
 //! is told the quorum only after one full round of inputs, so a raise it orders is always
 //! computed from the generations actually committed.
 //!
+//! Maintenance (`maintenance/<node id>`, `api::node_maintenance`) is fed as it changes; the
+//! manager then places nothing there and orders its VMs moved (`MigrateVm`), which
+//! [`drain`] carries out one at a time as live migrations.
+//!
 //! Actions: `RaiseGeneration` is a compare-and-swap of the volume record (the generation
 //! only ever rises; `replication::failover` moves a dead primary with its own raise, and the
 //! role reconciler tells the stores). `StartVm` writes `placed_on` (and a new `start_seq`)
@@ -27,6 +31,7 @@
 //! The manager's own state is not kept in Raft: a new leader rebuilds it from the records
 //! (a VM placed on a node that is down is fenced and restarted again; raises are "at least").
 
+mod drain;
 pub mod guard;
 
 use std::collections::{BTreeMap, HashMap};
@@ -40,7 +45,7 @@ use tessera_ha::{
 };
 use tessera_state::{Command, Node, Require};
 
-use crate::records::table::{VMS, VOLUMES};
+use crate::records::table::{MAINTENANCE, VMS, VOLUMES};
 use crate::replication::{liveness, node_records, volumes, Liveness};
 use crate::tables::{event, get, put};
 use crate::vmrun::VM_STATUS;
@@ -144,6 +149,7 @@ pub fn start(
     me: String,
     heard: crate::Heard,
     data_dir: std::path::PathBuf,
+    api: std::sync::Arc<crate::api::ApiState>,
 ) {
     let _ = ME.set(me.clone());
     guard::start(shared.clone(), me.clone(), heard, data_dir);
@@ -169,7 +175,7 @@ pub fn start(
                     Shell::default()
                 });
                 let now = clock.elapsed().as_millis() as Millis;
-                shell.round(&node, &me, now).await;
+                shell.round(&node, &me, &api, now).await;
             }
             if tokio::time::timeout(ROUND, rx.changed())
                 .await
@@ -195,10 +201,13 @@ struct Shell {
     specs: HashMap<String, VmSpec>,
     facts: HashMap<String, (String, VmFact)>,
     membership: HashMap<String, NodeState>,
+    /// Which nodes the manager was told are in maintenance.
+    maintenance: HashMap<String, bool>,
+    drains: drain::Drains,
 }
 
 impl Shell {
-    async fn round(&mut self, node: &Node, me: &str, now: Millis) {
+    async fn round(&mut self, node: &Node, me: &str, api: &crate::api::ApiState, now: Millis) {
         let mut actions = Vec::new();
         let records = node_records(node);
         let vols = volumes(node);
@@ -291,25 +300,48 @@ impl Shell {
                 ));
             }
         }
+        let in_maintenance: Vec<String> = node.state.read(|t| {
+            t.get(MAINTENANCE)
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default()
+        });
+        for id in records
+            .keys()
+            .chain(self.maintenance.keys())
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            let on = in_maintenance.contains(&id);
+            if self.maintenance.get(&id).copied().unwrap_or(false) != on {
+                self.maintenance.insert(id.clone(), on);
+                actions.extend(self.manager.handle(
+                    now,
+                    Input::Maintenance {
+                        node: NodeId(id),
+                        on,
+                    },
+                ));
+            }
+        }
         if !self.quorum {
             // Everything is known now: decisions may start.
             self.quorum = true;
             actions.extend(self.manager.handle(now, Input::Quorum(true)));
         }
         actions.extend(self.manager.handle(now, Input::Tick));
-        for a in actions {
-            if let Action::StartVm {
-                vm,
-                node: target,
-                generations,
-            } = a
-            {
-                // Performed once its volumes can serve it (below).
-                self.starts.insert(vm.0, (target.0, generations));
-            } else {
-                perform(node, a).await;
-            }
+        self.dispatch(node, actions).await;
+        let drained = self.drains.step(node, api, now).await;
+        for (vm, msg) in drained.events {
+            note(node, "ha.migrate", &vm, &msg).await;
         }
+        for vm in drained.refeed {
+            self.facts.remove(&vm);
+        }
+        let mut actions = Vec::new();
+        for input in drained.inputs {
+            actions.extend(self.manager.handle(now, input));
+        }
+        self.dispatch(node, actions).await;
         let vols: HashMap<String, Volume> = vols.into_iter().map(|v| (v.name.clone(), v)).collect();
         let ready: Vec<String> = self
             .starts
@@ -329,6 +361,29 @@ impl Shell {
         for vm in ready {
             if let Some((target, gens)) = self.starts.remove(&vm) {
                 place(node, &vm, &target, &gens).await;
+            }
+        }
+    }
+}
+
+impl Shell {
+    /// Performs the manager's actions, but starts (once their volumes can serve them) and
+    /// migrations (one at a time) are held here.
+    async fn dispatch(&mut self, node: &Node, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::StartVm {
+                    vm,
+                    node: target,
+                    generations,
+                } => {
+                    self.starts.insert(vm.0, (target.0, generations));
+                }
+                Action::MigrateVm { vm, from, to } => {
+                    tracing::info!(vm = %vm, from = %from, to = %to, "HA: maintenance drain ordered");
+                    self.drains.order(&vm, &from, &to);
+                }
+                a => perform(node, a).await,
             }
         }
     }
@@ -369,12 +424,8 @@ async fn perform(node: &Node, action: Action) {
         } => place(node, &vm.0, &target.0, &generations).await,
         // The reconciler of that node stops every VMM of a VM not placed there.
         Action::StopVm { .. } => {}
-        Action::MigrateVm { vm, from, to } => {
-            let msg = format!(
-                "{vm} should move {from} -> {to} (maintenance drain), but live migration is not built yet"
-            );
-            note(node, "ha.migrate", &vm.0, &msg).await;
-        }
+        // Held by the shell and begun one at a time ([`drain`]).
+        Action::MigrateVm { .. } => {}
         Action::Task(t) => {
             let step = match &t.step {
                 TaskStep::Fence => "fence: raising the generations of its volumes".to_string(),

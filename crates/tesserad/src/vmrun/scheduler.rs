@@ -27,6 +27,8 @@ pub struct NodeRoom {
     pub allocated_mib: u64,
     /// vCPUs of the VMs placed on it.
     pub allocated_vcpus: u64,
+    /// In maintenance mode: it takes no new VMs.
+    pub maintenance: bool,
 }
 
 /// How many vCPUs `cpus` physical CPUs may carry at overcommit `ratio` (at least 1:1).
@@ -135,7 +137,8 @@ pub fn place(nodes: &[NodeRoom], req: &Request) -> Result<String, Refusal> {
         None => nodes.iter().collect(),
     };
     let fits = |n: &&NodeRoom| {
-        n.up && n.free_mib() >= req.memory_mib
+        n.up && !n.maintenance
+            && n.free_mib() >= req.memory_mib
             && req.vcpus <= n.cpus
             && n.free_vcpus(ratio) >= req.vcpus
     };
@@ -177,6 +180,12 @@ pub fn place(nodes: &[NodeRoom], req: &Request) -> Result<String, Refusal> {
         let sep = if i == 0 { " " } else { ", " };
         if !n.up {
             let _ = write!(why, "{sep}{} is not up", n.name);
+        } else if n.maintenance {
+            let _ = write!(
+                why,
+                "{sep}{} is in maintenance (it takes no new VMs)",
+                n.name
+            );
         } else if req.vcpus > n.cpus {
             let _ = write!(
                 why,
@@ -216,6 +225,7 @@ mod tests {
             cpus: 4,
             allocated_mib,
             allocated_vcpus: 0,
+            maintenance: false,
         }
     }
 
@@ -244,6 +254,22 @@ mod tests {
             node("c", false, 65536, 0),
         ];
         assert_eq!(place(&nodes, &req(1024)).unwrap(), "b");
+    }
+
+    #[test]
+    fn a_node_in_maintenance_takes_nothing_new() {
+        let mut a = node("a", true, 8192, 0);
+        a.maintenance = true;
+        let nodes = [a.clone(), node("b", true, 4096, 0)];
+        assert_eq!(place(&nodes, &req(1024)).unwrap(), "b");
+        let mut pinned = req(1024);
+        pinned.pinned = Some("a".into());
+        let e = place(&nodes, &pinned).unwrap_err().to_string();
+        assert!(
+            e.contains("node name-a (pinned) cannot take")
+                && e.contains("name-a is in maintenance (it takes no new VMs)"),
+            "{e}"
+        );
     }
 
     #[test]
