@@ -6,10 +6,15 @@
 //! name the steps (node down, fence, start, recovered). The VM without HA is not restarted
 //! and is reported `unknown` (its node is down), not `running`.
 //!
-//! Why a test binary of its own and not a check in vm_cluster.rs: replicated volumes need
-//! each store's replication endpoint (`--repl-quic`), which the README's cluster starts
-//! and vm_cluster.rs's namespaced nodes do not; and losing a node for good would break the
-//! checks that follow in that cluster run.
+//! Second test (`vm_ha/partition.rs`): the node is partitioned instead (three nodes in
+//! network namespaces, whose stores replicate): its VMM stops itself, the copies never
+//! make progress at once, its stale writes are refused, and healed it runs nothing twice.
+//! The dev cluster lives on loopback, where nothing here can cut one node off (no
+//! nftables, and this kernel's tc has no drop action), hence the namespaces.
+//!
+//! Why a test binary of its own and not checks in vm_cluster.rs: losing or cutting a node
+//! would break the checks that follow in that cluster run. The two tests take turns
+//! (`ONE_AT_A_TIME`): each keeps a counting guest busy on a host CPU of two.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -23,8 +28,15 @@ use tessera_tests::cluster::wait_for;
 use tessera_tests::devcluster::{
     api, kill_matching, memory_published, node_dir, node_id, wait_nodes, DevCluster, VmmKiller,
 };
+use tessera_tests::vms::VmCluster;
 use tessera_tests::vms::{alive, console, vm_pid};
 use tessera_tests::{counts, kvm_or_skip, output, require};
+
+#[path = "vm_ha/partition.rs"]
+mod partition;
+
+/// The tests of this binary run one after the other (see the header).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
 const MIB: usize = 1024 * 1024;
@@ -37,8 +49,22 @@ const PATTERN_LEN: usize = 2 * MIB;
 const RESTART_BOUND: Duration = Duration::from_secs(25);
 
 #[test]
+fn a_partitioned_node_stops_its_vm_before_the_vm_runs_elsewhere_and_runs_nothing_twice() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(c) = VmCluster::start(
+        "a_partitioned_node_stops_its_vm_before_the_vm_runs_elsewhere_and_runs_nothing_twice",
+        3,
+        "vm-ha-partition-password",
+    ) else {
+        return;
+    };
+    partition::run(&c);
+}
+
+#[test]
 fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() {
     let test = "an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not";
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     if !kvm_or_skip(test) {
         return;
     }

@@ -28,6 +28,10 @@ const EVERY: Duration = Duration::from_millis(100);
 /// How long a starting daemon waits for its first majority contact before the guard may
 /// fence (a restart of tesserad under running VMMs must not kill them).
 const STARTUP_GRACE: Millis = 10_000;
+/// How often a self-fence event that could not be written is tried again, and for how
+/// long.
+const RECORD_RETRY: Duration = Duration::from_secs(1);
+const RECORD_FOR: Duration = Duration::from_secs(300);
 /// The kernel watchdog device.
 const WATCHDOG: &str = "/dev/watchdog";
 
@@ -47,6 +51,32 @@ fn local_vmms(data_dir: &Path, exits: &Exits) -> Vec<(String, u32)> {
             supervisor::find_running(&RunDir::new(data_dir, &name), exits).map(|i| (name, i.pid))
         })
         .collect()
+}
+
+/// Writes the `ha.self_fence` event, on a task of its own so the guard never waits on
+/// Raft: right after the contact is back this node may not know the leader yet ("no
+/// leader elected"), so a refused write is tried again every second for a while.
+fn record_self_fence(node: std::sync::Arc<tessera_state::Node>, me: String, msg: String) {
+    tokio::spawn(async move {
+        let since = Instant::now();
+        loop {
+            let cmd = Command::Txn {
+                require: vec![],
+                ops: vec![event("ha.self_fence", &me, "tesserad", &msg)],
+            };
+            match node.write(cmd).await {
+                Ok(_) => return,
+                Err(e) if since.elapsed() >= RECORD_FOR => {
+                    tracing::warn!(error = %e, "self-fence event not recorded; giving up");
+                    return;
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "self-fence event not recorded yet; trying again")
+                }
+            }
+            tokio::time::sleep(RECORD_RETRY).await;
+        }
+    });
 }
 
 /// Starts the guard loop.
@@ -151,13 +181,7 @@ pub fn start(shared: crate::SharedNode, me: String, heard: crate::Heard, data_di
                                 silent,
                                 stopped.join(", ")
                             );
-                            let cmd = Command::Txn {
-                                require: vec![],
-                                ops: vec![event("ha.self_fence", &me, "tesserad", &msg)],
-                            };
-                            if let Err(e) = node.write(cmd).await {
-                                tracing::warn!(error = %e, "self-fence event not recorded");
-                            }
+                            record_self_fence(node.clone(), me.clone(), msg);
                             stopped.clear();
                         }
                         lost_at = None;
