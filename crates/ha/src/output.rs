@@ -123,7 +123,8 @@ pub enum Action {
         /// The node running the stale copy.
         node: NodeId,
     },
-    /// Live-migrate a VM (maintenance drain; the migration itself is a later slice).
+    /// Live-migrate a VM (maintenance drain; tesserad begins it as `POST /vms/{name}/migrate`
+    /// would, one at a time).
     MigrateVm {
         /// The VM.
         vm: VmId,
