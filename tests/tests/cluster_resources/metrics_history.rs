@@ -32,7 +32,7 @@ fn points(lan: &Lan, via: usize, admin: &str, id: &str, min: usize) -> Vec<Value
 pub fn before_restart(lan: &Lan, admin: &str, id: &str, data_dir: &Path) -> Vec<Value> {
     let p = points(lan, 2, admin, id, 2);
     let newest = format!("\"t_ms\":{},", p.last().unwrap()["t_ms"]);
-    let file = data_dir.join("metrics-history.log");
+    let file = data_dir.join("metrics-history.journal");
     wait_for("the newest point in the history file", 10, || {
         std::fs::read_to_string(&file)
             .unwrap_or_default()
@@ -52,7 +52,7 @@ pub fn kept_across_the_restart(
     data_dir: &Path,
     before: &[Value],
 ) {
-    let file = data_dir.join("metrics-history.log");
+    let file = data_dir.join("metrics-history.journal");
     let mode = std::fs::metadata(&file).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{}", file.display());
     // The first point after the restart has no rates; before it, a point may have been

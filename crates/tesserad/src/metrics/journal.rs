@@ -1,4 +1,4 @@
-//! The metrics history on disk (`<data_dir>/metrics-history.log`, mode 0600 like the
+//! The metrics history on disk (`<data_dir>/metrics-history.journal`, mode 0600 like the
 //! other state files), so a restarted node still serves the hour before (format in
 //! `format`). Each new point is appended and synced; once the file holds [`POINTS`]
 //! appended records beyond its last rewrite, or after any failed write, it is rewritten
@@ -22,7 +22,7 @@ use tessera_api::MetricsPoint;
 use super::history::{History, POINTS};
 
 /// The file's name in the data directory.
-pub const FILE: &str = "metrics-history.log";
+pub const FILE: &str = "metrics-history.journal";
 /// What is read of a file at most: twice an hour of points with their interfaces is
 /// about 1 MiB; anything far beyond is not ours to load.
 const READ_LIMIT: u64 = 16 << 20;
