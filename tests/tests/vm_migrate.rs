@@ -7,7 +7,8 @@
 //! another node), and the task reached 100% with its figures. Then: a move to a node
 //! without room is refused with the reason; a target VMM killed in the middle and a
 //! cancel leave the VM running (and counting) on node1; and it moves back to node0.
-//! Last, node0 goes into maintenance and the guest leaves it the same way (`maintenance`).
+//! Then node0 goes into maintenance and the guest leaves it the same way (`maintenance`).
+//! Last, a migration to a node that is down is refused and changes nothing.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -130,7 +131,7 @@ fn console_via(lan: &Lan, i: usize, home: &Path, name: &str, past: u64) -> Vec<u
 
 #[test]
 fn a_running_vm_moves_to_another_node_and_carries_on() {
-    let Some(c) = VmCluster::start(
+    let Some(mut c) = VmCluster::start(
         "a_running_vm_moves_to_another_node_and_carries_on",
         3,
         "vm-migrate-password-1",
@@ -426,5 +427,45 @@ fn a_running_vm_moves_to_another_node_and_carries_on() {
 
     // --- node0 in maintenance: drained by live migration.
     let runs = [first_run, console(&nodes[1].dir, "mover")];
-    maintenance::node0_drained_by_live_migration(&c, t, &home, &ids, &runs, assert_one_run);
+    let on =
+        maintenance::node0_drained_by_live_migration(&c, t, &home, &ids, &runs, assert_one_run);
+
+    // --- A node that is down is no target: 409, and the guest runs on where it is.
+    let down = 3 - on;
+    let t = c.token.clone();
+    c.nodes[down].kill_tesserad();
+    let name = format!("node{down}");
+    wait_for("the killed node reported down", 20, || {
+        let (_, v) = api(&c.lan, 0, "GET", "nodes", Some(&t), None);
+        v.as_array()?
+            .iter()
+            .any(|n| n["id"] == ids[down].as_str() && n["state"] == "down")
+            .then_some(())
+    });
+    let body = json!({ "to": name }).to_string();
+    let (code, v) = wait_for("an answer with a leader", 20, || {
+        let (code, v) = api(
+            &c.lan,
+            0,
+            "POST",
+            "vms/mover/migrate",
+            Some(&t),
+            Some(&body),
+        );
+        (code != 503).then_some((code, v))
+    });
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{name} is not up")),
+        "{v}"
+    );
+    let before = last_count(&c.nodes[on].dir, "mover").unwrap();
+    wait_for("the guest to count on where it was", 30, || {
+        (last_count(&c.nodes[on].dir, "mover") > Some(before + 3)).then_some(())
+    });
+    let v = vm(&c.lan, 0, &t, "mover");
+    assert_eq!(v["placed_on"], ids[on].as_str(), "{v}");
 }

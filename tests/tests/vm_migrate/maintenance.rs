@@ -35,7 +35,7 @@ fn set(c: &VmCluster, t: &str, id: &str, body: &str) -> (u16, Value) {
     )
 }
 
-/// `runs` are the consoles of the guest's runs before the one on node0, where it runs now
+/// Returns the index of the node the guest went to. `runs` are the consoles of the guest's runs before the one on node0, where it runs now
 /// (read before: a VMM arriving on a node starts its console anew).
 pub fn node0_drained_by_live_migration(
     c: &VmCluster,
@@ -44,7 +44,7 @@ pub fn node0_drained_by_live_migration(
     ids: &[String],
     runs: &[String],
     assert_one_run: fn(&[&str]),
-) {
+) -> usize {
     let (lan, nodes) = (&c.lan, &c.nodes);
     // An Operator may not; bad requests are refused; none changes anything.
     let body = json!({"role": "operator", "expires_in_s": 3600}).to_string();
@@ -149,4 +149,5 @@ pub fn node0_drained_by_live_migration(
     assert_eq!(vm(lan, 0, t, "hog")["running_on"], ids[0].as_str());
     let v = vm(lan, 0, t, "mover");
     assert_eq!(v["placed_on"], ids[to].as_str(), "moved back: {v}");
+    to
 }
