@@ -67,8 +67,18 @@ impl Node {
     /// Kills the store with SIGKILL (no clean shutdown) and starts it again on the same
     /// data directory and addresses.
     pub fn kill_and_restart(&mut self) {
+        self.kill();
+        self.restart();
+    }
+
+    /// Kills the store with SIGKILL.
+    pub fn kill(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+
+    /// Starts the store again on the same data directory and addresses (after [`kill`]).
+    pub fn restart(&mut self) {
         for sock in ["admin.sock", "nbd.sock"] {
             let _ = std::fs::remove_file(self.dir.join(sock));
         }
@@ -76,10 +86,13 @@ impl Node {
         self.wait_ready();
     }
 
-    /// Kills the store with SIGKILL.
-    pub fn kill(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
+    /// Sends `signal` (a name `kill -s` takes: STOP, CONT) to the store: a stopped store
+    /// answers nothing, as one cut off by a partition, and keeps its state.
+    pub fn signal(&self, signal: &str) {
+        run(Command::new("kill")
+            .arg("-s")
+            .arg(signal)
+            .arg(self.child.id().to_string()));
     }
 
     fn wait_ready(&self) {
