@@ -393,7 +393,7 @@ async fn story(c: &Client, initial: &str, ca: &str, cluster_dir: &std::path::Pat
         "the header's viewer (auditor)",
     )
     .await;
-    for page in ["vms", "volumes"] {
+    for page in ["vms", "volumes", "nodes"] {
         go(c, n3, page).await;
         wait_js(
             c,

@@ -1,7 +1,7 @@
 // The Nodes page: the list (health, CPU, memory, storage, VMs) and a node's detail with
 // graphs of its last hour (the node's metrics history, refreshed every 10 s with only the
 // new points; the network per interface with a selector), its VMs and volumes, and
-// removing a node that is down (Administrators).
+// removing a node that is down and maintenance mode on and off (Administrators).
 
 import { h, replace, table, bytes, stateTag } from "./dom.js";
 import { api } from "./api.js";
@@ -98,6 +98,26 @@ export function nodesPage(env) {
     return h("span.remove-node", {}, force, h("span.muted", {}, `Loses what only ${label} holds.`));
   }
 
+  /**
+   * For an Administrator and a node that is not down: "Maintenance" (the node takes no new
+   * VMs and its running VMs leave by live migration) or, in maintenance, "End maintenance";
+   * each asks twice.
+   */
+  function maintenanceButton(n) {
+    if (!env.can("administrator") || n.state === "down") return null;
+    const label = nodeLabel(n);
+    const on = Boolean(n.maintenance);
+    return env.confirmAction(on ? "End maintenance" : "Maintenance", label, async () => {
+      await api("POST", `nodes/${encodeURIComponent(n.id)}/maintenance`, { enabled: !on });
+      env.pageMessage(on ? `${label} takes VMs again` : `${label} in maintenance: its VMs move away`, true);
+      env.refresh();
+    });
+  }
+
+  /** A node's maintenance as the list shows it beside its state. */
+  const maintenanceNote = (m) => (!m ? "" : m.drained ? " · maintenance, drained"
+    : ` · maintenance, draining: ${m.vms_left.join(", ")}`);
+
   async function list(gen) {
     // The VM counts come with the nodes (their allocation): the list needs no VM records.
     const nodes = await api("GET", "nodes");
@@ -107,19 +127,19 @@ export function nodesPage(env) {
       const d = disk(n);
       const r = [
         h("a", { href: `#/nodes/${encodeURIComponent(n.id)}` }, nodeLabel(n)),
-        stateTag(n.state),
+        h("span", {}, stateTag(n.state), maintenanceNote(n.maintenance)),
         `${(n.metrics?.cpu_percent ?? 0).toFixed(0)}% of ${n.metrics?.cpus ?? "?"}`,
         `${bytes(n.metrics?.memory_used)} / ${bytes(n.metrics?.memory_total)}`,
         h("span", {}, stateTag(n.storage?.state ?? "unknown"), d ? ` · ${bytes(d.available)} free of ${bytes(d.total)}` : ""),
         String(n.allocation?.vms ?? 0),
       ];
-      if (admin) r.push(h("td.actions", {}, removeButton(n)));
+      if (admin) r.push(h("td.actions", {}, maintenanceButton(n), removeButton(n)));
       r.attrs = { "data-node": nodeLabel(n) };
       return r;
     });
     replace(main, h("h1", {}, "Nodes"), env.messages(),
       table("Nodes", ["Node", "State", "CPU", "Memory", "Storage", "VMs placed", admin ? "Actions" : null].filter(Boolean), rows, "No nodes."),
-      h("p.muted", {}, "A node's page shows its last hour: CPU, memory, disk and network, and its VMs. VMs placed: those placed there and not stopped. Only a node that is down can be removed."));
+      h("p.muted", {}, "A node's page shows its last hour: CPU, memory, disk and network, and its VMs. VMs placed: those placed there and not stopped. Only a node that is down can be removed. A node in maintenance takes no new VMs; its running VMs move away by live migration."));
     return 5000;
   }
 

@@ -93,7 +93,8 @@ pub async fn check(c: &Client, n1: &str, cluster_dir: &Path) {
         );
     }
 
-    // The Nodes page marks it down and offers Remove (node 1 and 2: nothing).
+    // The Nodes page marks it down and offers Remove (node 1 and 2: nothing but
+    // Maintenance, which a node that is down does not offer).
     go(c, n1, "nodes").await;
     let row = "tr[data-node=\"node3\"]";
     let remove = format!("{row} button[data-action=remove]");
@@ -109,7 +110,8 @@ pub async fn check(c: &Client, n1: &str, cluster_dir: &Path) {
     .await;
     let others = c
         .execute(
-            "return document.querySelectorAll('tr[data-node]:not([data-node=node3]) button').length",
+            "return document.querySelectorAll('tr[data-node]:not([data-node=node3]) button:not([data-action=maintenance])').length \
+             + document.querySelectorAll('tr[data-node=node3] button[data-action=maintenance]').length",
             vec![],
         )
         .await

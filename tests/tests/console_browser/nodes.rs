@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use fantoccini::Client;
 use serde_json::{json, Value};
 
-use super::{el, fetch, go, shot, wait_js};
+use super::{click, el, fetch, go, shot, wait_js};
 
 /// `curl` of `url` with the cluster CA and, if given, a bearer token: (status, content
 /// type, body).
@@ -130,6 +130,46 @@ pub async fn check(c: &Client, n1: &str, n2: &str, ca: &str, token: &str) {
         .unwrap();
     assert_eq!(removable, json!(0), "a remove button for a node that is up");
     shot(c, "nodes").await;
+
+    // Maintenance on and off from the list, for a node without VMs (asked twice each).
+    let free = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["allocation"]["vms"] == 0)
+        .unwrap_or_else(|| panic!("no node without VMs to put in maintenance: {nodes}"));
+    let (id, name) = (
+        free["id"].as_str().unwrap(),
+        label(free["id"].as_str().unwrap()),
+    );
+    for (button, on, next) in [
+        ("maintenance", true, "end maintenance"),
+        ("end maintenance", false, "maintenance"),
+    ] {
+        let sel = format!("tr[data-node=\"{name}\"] button[data-action=\"{button}\"]");
+        click(c, &sel).await;
+        let armed = format!(
+            "const b = document.querySelector({}); return b && b.textContent.startsWith('Confirm')",
+            json!(sel)
+        );
+        wait_js(c, &armed, "the maintenance button armed").await;
+        click(c, &sel).await;
+        let want = format!(
+            "const r = document.querySelector('tr[data-node=\"{name}\"]'); \
+             return r && r.querySelector('button[data-action=\"{next}\"]') \
+             && r.innerText.includes('maintenance, drained') === {on}"
+        );
+        wait_js(c, &want, "the list to show the maintenance").await;
+        let n = fetch(c, "GET", "nodes", None).await.1;
+        let n = n
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == id)
+            .cloned()
+            .unwrap();
+        assert_eq!(n["maintenance"].is_object(), on, "{n}");
+    }
 
     // Node 1's id (n1 answers for itself); node 2 forwards node 1's history.
     let (code, _, body) = curl(ca, &format!("{n1}/api/v1/cluster"), Some(token));
