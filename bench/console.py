@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The console benchmark's driver (bench/console.sh starts the cluster and chromedriver):
 defines VMS VMs through the API, then drives headless Chromium over WebDriver (plain HTTP
-JSON, no client library) and prints a Markdown table. Arguments: chromedriver port, the
-initial admin password, the cluster CA file."""
+JSON, no client library) and prints Markdown tables: the measures, and where each page's
+time to interactive goes (from the same loads' performance entries). Arguments:
+chromedriver port, the initial admin password, the cluster CA file."""
 
 import json
 import os
@@ -82,9 +83,10 @@ def main():
                  "VM list": ("vms", f"const c = document.getElementById('vm-count'); "
                              f"return document.querySelectorAll('tr[data-vm]').length >= {min(VMS, 50)} "
                              f"&& !!c && c.textContent.endsWith(' of {VMS}')")}
-        rows = []
+        rows, phases = [], []
         for label, (page, ready) in marks.items():
             tti, weight, decoded, calls, api_alone = [], [], [], [], []
+            split = []
             for _ in range(REPEAT):
                 wd("POST", f"{s}/url", {"url": "about:blank"})
                 wd("POST", f"{s}/url", {"url": f"{ORIGIN}/ui/#/{page}"})
@@ -95,13 +97,28 @@ def main():
                     tick();""")
                 entries = js("""const n = performance.getEntriesByType('navigation')[0];
                     return [n].concat(performance.getEntriesByType('resource')).map(e =>
-                      [e.name, e.initiatorType || 'navigation', e.transferSize, e.decodedBodySize, e.startTime]);""")
+                      [e.name, e.initiatorType || 'navigation', e.transferSize, e.decodedBodySize, e.startTime,
+                       e.responseEnd]);""")
                 before = [e for e in entries if e[4] <= t]
                 tti.append(t)
                 weight.append(sum(e[2] for e in before))
                 decoded.append(sum(e[3] for e in before))
                 used = [e[0] for e in before if "/api/v1/" in e[0] and e[1] == "fetch"]
                 calls.append(len(used))
+                # Where the time went: the document; the console's own files (scripts and
+                # style sheets, imported modules included); the first API call sent, the
+                # session check answered (the lists wait for it), the last answer; the
+                # rest until the content is on screen is building the page.
+                apis = [e for e in before if "/api/v1/" in e[0] and e[1] == "fetch"]
+                files = [e for e in before if e[1] not in ("navigation", "fetch")]
+                session = [e[5] for e in apis if e[0].endswith("/api/v1/session")]
+                split.append((
+                    before[0][5],
+                    max((e[5] for e in files), default=0),
+                    min((e[4] for e in apis), default=0),
+                    session[0] if session else 0,
+                    max((e[5] for e in apis), default=0),
+                    t))
                 # The reference: the same API calls alone, from a blank page of the origin.
                 wd("POST", f"{s}/url", {"url": f"{ORIGIN}/ui/favicon.svg"})
                 api_alone.append(js_async("""const [urls, done] = arguments; const t = performance.now();
@@ -109,6 +126,7 @@ def main():
                       .then(() => done(performance.now() - t));""", used))
             rows.append((label, statistics.median(tti), statistics.median(api_alone),
                          statistics.median(weight), statistics.median(decoded), max(calls)))
+            phases.append((label, [statistics.median(x) for x in zip(*split)]))
         # The static files alone (the page's own weight without data).
         wd("POST", f"{s}/url", {"url": f"{ORIGIN}/ui/favicon.svg"})
         static = js_async("""const done = arguments[0]; const t = performance.now();
@@ -125,6 +143,12 @@ def main():
     for label, t, alone, w, d, c in rows:
         print(f"| {label} | {t:.0f} ms | {alone:.0f} ms | {w / 1024:.0f} KiB / {d / 1024:.0f} KiB | {c} |")
     print(f"\nreference: the console's static files alone (no API): {static[1] / 1024:.0f} KiB in {static[0]:.0f} ms")
+    print("\nWhere the time goes (ms after the navigation's start, medians of the same loads):\n")
+    print("| page | document received | console's files received | first API call sent "
+          "| session answered | last API answer | interactive |")
+    print("|---|---|---|---|---|---|---|")
+    for label, p in phases:
+        print(f"| {label} | " + " | ".join(f"{x:.0f}" for x in p) + " |")
 
 
 if __name__ == "__main__":
