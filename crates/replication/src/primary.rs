@@ -25,8 +25,10 @@
 //! - A resize ([`Op::Resize`]) is sequenced like a write: requests after it may reach
 //!   the new end, and every copy grows before it applies them. It completes like a write.
 //!   Only growth: a smaller size is refused ([`RequestError::Shrink`]).
-//! - [`ReplyError::StaleGeneration`] from any replica means a newer generation exists: this
-//!   primary is fenced, every pending and later request fails.
+//! - [`ReplyError::StaleGeneration`] naming a generation above this primary's means a newer
+//!   generation exists: this primary is fenced, every pending and later request fails. One
+//!   naming this primary's own generation answers a request sent before its latest
+//!   configuration and is ignored.
 //! - A configuration leaving fewer than 2 copies in sync (counting the primary's; fewer
 //!   than the replica count when that is 1) is refused unless it carries the operator
 //!   override.
@@ -464,7 +466,14 @@ impl Primary {
             return;
         };
         if let Err(ReplyError::StaleGeneration { current }) = result {
-            self.fenced(current, out);
+            // Only a generation above ours means another primary. A replica at ours (it
+            // learned it from this primary's catch-up stream after a restart) refusing a
+            // request this primary sent before its last configuration says nothing of the
+            // kind; fencing on it stopped a primary for good (the fault schedule, seed
+            // 1796249916819214427).
+            if current > self.config.generation {
+                self.fenced(current, out);
+            }
             return;
         }
         if !matches!(self.mode, Mode::Running | Mode::Stalled) {

@@ -257,6 +257,21 @@ fn a_flush_acknowledged_by_a_replica_clears_what_it_may_miss() {
 }
 
 #[test]
+fn a_stale_reply_naming_the_primarys_own_generation_does_not_fence_it() {
+    // The primary is in generation 1 (`primary()`): a replica at generation 1 calling a
+    // request stale answers one this primary sent before its latest configuration (a
+    // restarted replica that learned the generation from its catch-up stream).
+    let mut p = primary();
+    req(&mut p, 1, write(0));
+    let own = Err(ReplyError::StaleGeneration {
+        current: Generation(1),
+    });
+    assert!(completions(&p.handle(3 * MS, reply(A, 1, own))).is_empty());
+    assert!(!p.is_fenced());
+    assert_eq!(p.fenced_by(), None);
+}
+
+#[test]
 fn a_stale_generation_fences_the_primary_for_good() {
     let mut p = primary();
     req(&mut p, 1, write(0));
