@@ -349,6 +349,33 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
     (router, doc)
 }
 
+/// The OpenAPI document as served: utoipa's, plus what its derive cannot say. `networks`
+/// is the shorthand of `nics`, so a VM request may give one or the other but not both
+/// non-empty (400 otherwise, see nics::requested); said with `not` so that clients and
+/// generators (schemathesis) know it, instead of a schema-valid request being refused.
+fn served_document(doc: &utoipa::openapi::OpenApi) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context as _;
+    let mut v = serde_json::to_value(doc).context("the OpenAPI document")?;
+    for name in ["NewVm", "VmUpdate"] {
+        if let Some(schema) = v
+            .pointer_mut(&format!("/components/schemas/{name}"))
+            .and_then(|s| s.as_object_mut())
+        {
+            schema.insert(
+                "not".into(),
+                serde_json::json!({
+                    "required": ["networks", "nics"],
+                    "properties": {
+                        "networks": {"type": "array", "minItems": 1},
+                        "nics": {"type": "array", "minItems": 1}
+                    }
+                }),
+            );
+        }
+    }
+    Ok(v)
+}
+
 /// Serves the API over HTTPS on `addr` (the node's cluster certificate, valid for its
 /// address) until the task is dropped.
 pub async fn serve(
@@ -360,7 +387,7 @@ pub async fn serve(
     let tls = certificate::serving(st.clone(), tls);
     let audit_state = st.clone();
     let (router, doc) = router(st);
-    let doc = Arc::new(doc);
+    let doc = Arc::new(served_document(&doc)?);
     let app = router
         .merge(tessera_console::router())
         .route(
@@ -455,7 +482,7 @@ mod tests {
             storage: Default::default(),
             data_dir: Default::default(),
         });
-        serde_json::to_value(super::router(st).1).unwrap()
+        super::served_document(&super::router(st).1).unwrap()
     }
 
     #[test]
@@ -496,6 +523,13 @@ mod tests {
             Some(60.0)
         );
         assert!(s["NewUser"]["properties"]["username"]["pattern"].is_string());
+        for vm in ["NewVm", "VmUpdate"] {
+            assert_eq!(
+                s[vm]["not"]["required"],
+                serde_json::json!(["networks", "nics"]),
+                "{vm}: networks and nics together"
+            );
+        }
         assert_eq!(s["NewUser"]["properties"]["password"]["maxLength"], 1024);
         // Raft ids are unsigned 64-bit: they exceed int64.
         assert_eq!(s["Member"]["properties"]["raft_id"]["format"], "uint64");
