@@ -59,17 +59,24 @@ impl Driver {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let actions = tokio::select! {
+            let (actions, catching_up) = tokio::select! {
                 input = rx.recv() => match input {
                     None => return,
                     Some(Input::Reconfigure { config, catching_up, members, done }) => {
                         self.reconfigure(config, catching_up, members, done).await
                     }
-                    Some(i) => self.input(i),
+                    Some(i) => (self.input(i), None),
                 },
-                _ = tick.tick() => self.machine.handle(self.start.elapsed(), PrimaryInput::Tick),
+                _ = tick.tick() => (self.machine.handle(self.start.elapsed(), PrimaryInput::Tick), None),
             };
             self.perform(actions).await;
+            // The new configuration's catch-ups start only now: what a replica leaving the
+            // in-sync set may lack is recorded by these actions, and a catch-up started
+            // before found nothing recorded and reported the replica caught up while it
+            // still lacked those writes (replication_restart saw the copy differ).
+            if let Some(catching) = catching_up {
+                self.catch_up(&catching);
+            }
             if let Some(current) = self.fenced_generation() {
                 self.fenced
                     .store(current, std::sync::atomic::Ordering::Release);

@@ -25,13 +25,16 @@ impl Driver {
 
     /// Takes the next configuration. Replicas joining the in-sync set get their last
     /// catch-up pass first; no request is taken meanwhile, so nothing they lack remains.
+    /// Returns the machine's actions and, when the configuration was taken, the replicas
+    /// to catch up: the caller starts their catch-ups once the actions are performed (the
+    /// regions a replica leaving the in-sync set may lack are among them).
     pub(super) async fn reconfigure(
         &mut self,
         config: Config,
         catching_up: BTreeSet<ReplicaId>,
         members: super::members::Members,
         done: std::sync::mpsc::Sender<Result<(), String>>,
-    ) -> Vec<PrimaryAction> {
+    ) -> (Vec<PrimaryAction>, Option<BTreeSet<ReplicaId>>) {
         let joining: Vec<ReplicaId> = config
             .in_sync
             .difference(&self.machine.config().in_sync)
@@ -40,7 +43,7 @@ impl Driver {
         for r in &joining {
             if let Err(e) = self.last_pass(*r).await {
                 let _ = done.send(Err(e));
-                return Vec::new();
+                return (Vec::new(), None);
             }
         }
         let (in_sync, out_of_sync) = (config.in_sync.clone(), config.out_of_sync.clone());
@@ -81,13 +84,12 @@ impl Driver {
                             .await;
                     }
                 }
-                self.catch_up(&catching_up);
                 let _ = done.send(Ok(()));
-                actions
+                (actions, Some(catching_up))
             }
             Err(e) => {
                 let _ = done.send(Err(e.to_string()));
-                Vec::new()
+                (Vec::new(), None)
             }
         }
     }
