@@ -28,7 +28,7 @@ mod node_metrics;
 mod realms;
 mod sealed;
 mod second_factor;
-mod settings;
+pub(crate) mod settings;
 mod tasks;
 mod totp;
 mod users;
@@ -349,28 +349,48 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
     (router, doc)
 }
 
-/// The OpenAPI document as served: utoipa's, plus what its derive cannot say. `networks`
-/// is the shorthand of `nics`, so a VM request may give one or the other but not both
-/// non-empty (400 otherwise, see nics::requested); said with `not` so that clients and
-/// generators (schemathesis) know it, instead of a schema-valid request being refused.
+/// The OpenAPI document as served: utoipa's, plus what its derive cannot say, as `not`
+/// so that clients and generators (schemathesis) know it instead of a schema-valid
+/// request being refused. `networks` is the shorthand of `nics`: a VM request gives one
+/// or the other, not both non-empty (nics::requested). A VM made `from` a template gets
+/// clones of the template's disks and starts once they are cloned: it names no `disks`
+/// and asks no `desired_state` but stopped (vms::create).
 fn served_document(doc: &utoipa::openapi::OpenApi) -> anyhow::Result<serde_json::Value> {
     use anyhow::Context as _;
     let mut v = serde_json::to_value(doc).context("the OpenAPI document")?;
-    for name in ["NewVm", "VmUpdate"] {
+    let both_nics = serde_json::json!({
+        "required": ["networks", "nics"],
+        "properties": {
+            "networks": {"type": "array", "minItems": 1},
+            "nics": {"type": "array", "minItems": 1}
+        }
+    });
+    let from_template_with = |field: &str, value: serde_json::Value| {
+        serde_json::json!({
+            "required": ["from", field],
+            "properties": {"from": {"type": "string"}, field: value}
+        })
+    };
+    let forbidden = [
+        (
+            "NewVm",
+            vec![
+                both_nics.clone(),
+                from_template_with("disks", serde_json::json!({"type": "array", "minItems": 1})),
+                from_template_with(
+                    "desired_state",
+                    serde_json::json!({"enum": ["running", "paused"]}),
+                ),
+            ],
+        ),
+        ("VmUpdate", vec![both_nics]),
+    ];
+    for (name, cases) in forbidden {
         if let Some(schema) = v
             .pointer_mut(&format!("/components/schemas/{name}"))
             .and_then(|s| s.as_object_mut())
         {
-            schema.insert(
-                "not".into(),
-                serde_json::json!({
-                    "required": ["networks", "nics"],
-                    "properties": {
-                        "networks": {"type": "array", "minItems": 1},
-                        "nics": {"type": "array", "minItems": 1}
-                    }
-                }),
-            );
+            schema.insert("not".into(), serde_json::json!({ "anyOf": cases }));
         }
     }
     Ok(v)
@@ -525,11 +545,15 @@ mod tests {
         assert!(s["NewUser"]["properties"]["username"]["pattern"].is_string());
         for vm in ["NewVm", "VmUpdate"] {
             assert_eq!(
-                s[vm]["not"]["required"],
+                s[vm]["not"]["anyOf"][0]["required"],
                 serde_json::json!(["networks", "nics"]),
                 "{vm}: networks and nics together"
             );
         }
+        assert_eq!(
+            s["NewVm"]["not"]["anyOf"][1]["required"],
+            serde_json::json!(["from", "disks"])
+        );
         assert_eq!(s["NewUser"]["properties"]["password"]["maxLength"], 1024);
         // Raft ids are unsigned 64-bit: they exceed int64.
         assert_eq!(s["Member"]["properties"]["raft_id"]["format"], "uint64");
