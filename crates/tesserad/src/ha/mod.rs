@@ -131,13 +131,14 @@ pub fn fact_of(s: &VmStatus) -> Option<VmFact> {
     }
 }
 
-/// A node's capacity for VMs from its record's published metrics (what
-/// `vmrun::scheduler::NodeRoom` counts): `None` before it published any.
-pub fn capacity_of(record: &serde_json::Value) -> Option<Resources> {
+/// A node's capacity for VMs from its record's published metrics, its vCPUs at the
+/// cluster's overcommit `ratio` (what `vmrun::scheduler::NodeRoom` counts, so an HA
+/// restart fits wherever a start would): `None` before it published any.
+pub fn capacity_of(record: &serde_json::Value, ratio: f64) -> Option<Resources> {
     let m = &record["metrics"];
     let memory = m["memory_total"].as_u64().filter(|m| *m > 0)?;
     Some(Resources {
-        vcpus: m["cpus"].as_u64().unwrap_or(0),
+        vcpus: crate::vmrun::scheduler::vcpu_limit(m["cpus"].as_u64().unwrap_or(0), ratio),
         memory_mib: memory / (1024 * 1024),
     })
 }
@@ -230,8 +231,11 @@ impl Shell {
                 ));
             }
         }
+        let ratio = crate::api::settings::current(node)
+            .map(|s| s.vcpu_overcommit)
+            .unwrap_or(crate::vmrun::scheduler::DEFAULT_VCPU_OVERCOMMIT);
         for (id, rec) in &records {
-            if let Some(c) = capacity_of(rec) {
+            if let Some(c) = capacity_of(rec, ratio) {
                 if self.capacity.get(id) != Some(&c) {
                     self.capacity.insert(id.clone(), c);
                     actions.extend(self.manager.handle(
@@ -605,12 +609,20 @@ mod tests {
     fn capacity_comes_from_published_metrics() {
         let rec = json!({"metrics": {"memory_total": 4u64 << 30, "cpus": 8}});
         assert_eq!(
-            capacity_of(&rec),
+            capacity_of(&rec, 1.0),
             Some(Resources {
                 vcpus: 8,
                 memory_mib: 4096
             })
         );
-        assert_eq!(capacity_of(&json!({})), None);
+        // vCPUs at the cluster's overcommit, as the scheduler counts them; memory never.
+        assert_eq!(
+            capacity_of(&rec, 2.5),
+            Some(Resources {
+                vcpus: 20,
+                memory_mib: 4096
+            })
+        );
+        assert_eq!(capacity_of(&json!({}), 4.0), None);
     }
 }
