@@ -1,6 +1,8 @@
 //! Setting up a node's VM networks through netlink: one Linux bridge per network and,
 //! for a tagged network, the uplink's VLAN sub-interface as a port of it.
 //!
+//! An untagged network's uplink (the operator names it) becomes a port of the bridge itself.
+//!
 //! [`names`] says what the interfaces are called, [`policy`] decides what should exist and the steps to get there (pure); [`netlink`]
 //! reads the interfaces and carries the steps out (rtnetlink, in the caller's network
 //! namespace). The crate knows nothing about the cluster: `tesserad` maps its network
@@ -29,7 +31,8 @@ pub struct NetworkDef {
     pub name: String,
     /// 802.1Q VLAN id (1-4094) to tag on `uplink`.
     pub vlan: Option<u16>,
-    /// This node's interface carrying the network's VLAN.
+    /// This node's interface carrying the network: its VLAN when `vlan` is set, else the
+    /// interface itself joins the bridge (untagged).
     pub uplink: Option<String>,
 }
 
@@ -46,8 +49,10 @@ pub enum NetworkError {
     VlanWithoutUplink,
     #[error("uplink {uplink:?}: not a valid interface name")]
     InvalidUplink { uplink: String },
-    #[error("uplink {uplink}: an untagged uplink is not supported yet (give a vlan)")]
-    UntaggedUplink { uplink: String },
+    #[error("uplink {uplink} is already network {network}'s untagged uplink")]
+    UplinkInUse { uplink: String, network: String },
+    #[error("uplink {uplink}: cannot join the bridge: {why}; left alone")]
+    UplinkUnusable { uplink: String, why: String },
     #[error("uplink {uplink}: no such interface on this node")]
     UplinkMissing { uplink: String },
     #[error("vlan {vlan} on {uplink} is already network {network}'s")]

@@ -2,6 +2,7 @@
 //! [`policy::Plan`] through rtnetlink. Decides nothing itself.
 
 use futures_util::TryStreamExt;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -90,12 +91,28 @@ fn step_target(step: &Step) -> &str {
     }
 }
 
-/// Every interface of the current network namespace.
+/// Every interface of the current network namespace, with its global addresses.
 pub async fn list(handle: &Handle) -> Result<Vec<Link>, Error> {
     let mut out = Vec::new();
     let mut s = handle.link().get().execute();
     while let Some(m) = s.try_next().await.map_err(|e| Error::List(e.to_string()))? {
         out.push(parse(&m));
+    }
+    let mut a = handle.address().get().execute();
+    while let Some(m) = a.try_next().await.map_err(|e| Error::List(e.to_string()))? {
+        // Link-local and host addresses do not count: every interface has an fe80::, and
+        // losing it on a bridge port loses nothing anyone configured.
+        if !matches!(m.header.scope, AddressScope::Universe | AddressScope::Site) {
+            continue;
+        }
+        let ip = m.attributes.iter().fold(None, |found, a| match a {
+            AddressAttribute::Local(ip) => Some(*ip),
+            AddressAttribute::Address(ip) => found.or(Some(*ip)),
+            _ => found,
+        });
+        if let (Some(ip), Some(l)) = (ip, out.iter_mut().find(|l| l.index == m.header.index)) {
+            l.addresses.push(format!("{ip}/{}", m.header.prefix_len));
+        }
     }
     Ok(out)
 }
@@ -108,6 +125,7 @@ fn parse(m: &LinkMessage) -> Link {
         up: m.header.flags.contains(LinkFlags::Up),
         master: None,
         alias: None,
+        addresses: Vec::new(),
     };
     let mut parent = None;
     let mut kind = None;

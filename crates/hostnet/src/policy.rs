@@ -3,6 +3,8 @@
 //!
 //! Ownership is the interface alias [`MARK_PREFIX`]`<network>`: it survives a daemon
 //! restart, and an interface without it is never changed, even if its name looks like ours.
+//! The one exception is an untagged network's uplink, which the operator named: it is made
+//! a port of the network's bridge (and up), nothing else ([`uplink`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -38,6 +40,9 @@ pub struct Link {
     /// Index of the bridge this interface is a port of.
     pub master: Option<u32>,
     pub alias: Option<String>,
+    /// Its addresses a bridge port would lose (`ip/prefix`, global and site scope; not
+    /// link-local ones, which every interface has).
+    pub addresses: Vec<String>,
 }
 
 impl Link {
@@ -133,7 +138,6 @@ pub fn validate(def: &NetworkDef) -> Result<(), NetworkError> {
     match (def.vlan, &def.uplink) {
         (Some(v), _) if !(1..=4094).contains(&v) => Err(NetworkError::VlanOutOfRange { vlan: v }),
         (Some(_), None) => Err(NetworkError::VlanWithoutUplink),
-        (None, Some(u)) => Err(NetworkError::UntaggedUplink { uplink: u.clone() }),
         _ => Ok(()),
     }
 }
@@ -161,6 +165,8 @@ pub fn plan(defs: &[NetworkDef], links: &[Link]) -> Plan {
     let mut seen = BTreeSet::new();
     // (uplink, vid) -> network: the kernel allows one VLAN interface per pair.
     let mut vlans: BTreeMap<(&str, u16), &str> = BTreeMap::new();
+    // uplink -> network: an interface is a port of one bridge at most.
+    let mut untagged: BTreeMap<&str, &str> = BTreeMap::new();
     for d in sorted {
         if !seen.insert(d.name.as_str()) {
             out.failed.push((
@@ -175,7 +181,7 @@ pub fn plan(defs: &[NetworkDef], links: &[Link]) -> Plan {
             out.failed.push((d.name.clone(), e));
             continue;
         }
-        if let (Some(v), Some(u)) = (d.vlan, d.uplink.as_deref()) {
+        if let Some(u) = d.uplink.as_deref() {
             if !by_name.contains_key(u) {
                 out.failed.push((
                     d.name.clone(),
@@ -183,6 +189,21 @@ pub fn plan(defs: &[NetworkDef], links: &[Link]) -> Plan {
                 ));
                 continue;
             }
+        }
+        if let (None, Some(u)) = (d.vlan, d.uplink.as_deref()) {
+            if let Some(other) = untagged.get(u) {
+                out.failed.push((
+                    d.name.clone(),
+                    NetworkError::UplinkInUse {
+                        uplink: u.into(),
+                        network: (*other).into(),
+                    },
+                ));
+                continue;
+            }
+            untagged.insert(u, &d.name);
+        }
+        if let (Some(v), Some(u)) = (d.vlan, d.uplink.as_deref()) {
             if let Some(other) = vlans.get(&(u, v)) {
                 out.failed.push((
                     d.name.clone(),
@@ -313,6 +334,13 @@ fn plan_network(
         }
         Some(l) => return Err(conflict(l)),
     }
+    if let (None, Some(u)) = (d.vlan, d.uplink.as_deref()) {
+        // A bridge made (again) in this plan has no ports yet.
+        let new_bridge = steps.iter().any(|s| matches!(s, Step::CreateBridge { .. }));
+        uplink::port_steps(&d.name, u, bridge, new_bridge, by_name, by_index, protected)?
+            .into_iter()
+            .for_each(|s| steps.push(s));
+    }
 
     let mut vlan_interface = None;
     if let (Some(vid), Some(uplink)) = (d.vlan, d.uplink.as_deref()) {
@@ -387,3 +415,4 @@ fn plan_network(
 
 #[cfg(test)]
 mod tests;
+pub mod uplink;

@@ -18,6 +18,7 @@ fn link(index: u32, name: &str, kind: LinkKind, alias: Option<&str>) -> Link {
         up: true,
         master: None,
         alias: alias.map(str::to_string),
+        addresses: Vec::new(),
     }
 }
 
@@ -32,7 +33,7 @@ fn bad_definitions_fail_alone() {
         def("gone", Some(5), Some("eth9")),
         def("again", Some(7), Some("eth0")),
         def("Bad_Name", None, None),
-        def("untagged", None, Some("eth0")),
+        def("untagged", None, Some("eth9")),
     ];
     let p = plan(&defs, &links);
     let failed: BTreeMap<&str, &NetworkError> =
@@ -56,7 +57,7 @@ fn bad_definitions_fail_alone() {
     ));
     assert!(matches!(
         failed["untagged"],
-        NetworkError::UntaggedUplink { .. }
+        NetworkError::UplinkMissing { .. }
     ));
     // "again" sorts first, so it gets eth0.7 and "good" is the one refused.
     assert!(matches!(failed["good"], NetworkError::VlanInUse { .. }));
