@@ -6,9 +6,11 @@
  * discards, then powers off through the i8042 reset line. With "tessera.mode=evil" it
  * sends requests that lie (buffers outside memory, unknown types, sectors past the end)
  * and checks the device fails them and keeps working. With "tessera.mode=count" it
- * counts forever, printing progress (used by the snapshot tests); "tessera.mode=idle"
- * prints the same counts, one per LAPIC timer tick, and halts in between (no host CPU
- * while idle: what a cluster of many test VMs needs).
+ * counts forever, printing progress (used by the snapshot tests; with
+ * "tessera.tick_ms=N" a count every N ms of its LAPIC timer while it keeps busy, the fine
+ * clock of bench/migrate.sh); "tessera.mode=idle" prints the same counts, one per LAPIC
+ * timer tick, and halts in between (no host CPU while idle: what a cluster of many test
+ * VMs needs).
  *
  * With "tessera.mode=net" it drives the virtio-net NIC instead (found among the
  * virtio_mmio.device= entries by its device id): it sends a gratuitous ARP for its address
@@ -257,14 +259,6 @@ static void count_step(u64 k, int disk) {
     }
 }
 
-/* tessera.mode=count: a count every 20,000 turns of a busy loop. The vCPU never rests:
- * a whole host CPU per guest on machines without VT-x. */
-static void mode_count(int disk) {
-    count_begin(disk);
-    for (u64 n = 0; ; n++)
-        if (n % 20000 == 0) count_step(n / 20000, disk);
-}
-
 /* ---- tessera.mode=idle: the same counts, but the guest halts between them ----
  * The LAPIC timer (periodic, tessera.tick_ms=N, default 1000) wakes it; everything else
  * is masked: LINT0 (the PIC, through which virtio's and the power button's interrupts
@@ -278,7 +272,7 @@ volatile u64 ticks; /* raised by tick_isr (entry.S) */
 void tick_isr(void);
 void other_isr(void);
 void exception_isr(void);
-void guest_exception(void) { fail("an exception in idle mode"); }
+void guest_exception(void) { fail("an exception in a ticking mode"); }
 
 struct gate { u16 off0, sel; u8 ist, type; u16 off1; u32 off2, zero; };
 static struct gate idt[256] __attribute__((aligned(16)));
@@ -288,10 +282,13 @@ static void gate(int v, void (*h)(void)) {
     idt[v] = (struct gate){ (u16)a, 0x08, 0, 0x8e, (u16)(a >> 16), (u32)(a >> 32), 0 };
 }
 
-static void mode_idle(int disk, const char *cmdline) {
-    u64 tick_ms = 1000;
+/* The periodic LAPIC timer at tessera.tick_ms (default `dflt`; 0 when neither is given),
+ * raising `ticks` through tick_isr; interrupts stay off until the caller enables them. */
+static u64 start_ticks(const char *cmdline, u64 dflt) {
+    u64 tick_ms = dflt;
     const char *t = find(cmdline, "tessera.tick_ms=");
     if (t) tick_ms = parse_num(&t);
+    if (!t && !dflt) return 0;
     if (tick_ms < 1 || tick_ms > 60000) fail("tessera.tick_ms= must be 1 to 60000");
     for (int v = 0; v < 256; v++) gate(v, v < 32 ? exception_isr : other_isr);
     gate(TICK_VECTOR, tick_isr);
@@ -303,6 +300,11 @@ static void mode_idle(int disk, const char *cmdline) {
     wr(LAPIC + 0x320, (1u << 17) | TICK_VECTOR);    /* periodic */
     /* KVM's LAPIC timer counts at 1 GHz (its APIC bus default): 62,500 per ms at /16. */
     wr(LAPIC + 0x380, (u32)(tick_ms * 62500));
+    return tick_ms;
+}
+
+static void mode_idle(int disk, const char *cmdline) {
+    u64 tick_ms = start_ticks(cmdline, 1000);
     puts("TESSERA-GUEST: idle mode, a count every "); putdec(tick_ms); puts(" ms, halting in between\n");
     count_begin(disk);
     count_step(0, disk);
@@ -310,6 +312,32 @@ static void mode_idle(int disk, const char *cmdline) {
     for (;;) {
         /* STI's one-instruction shadow: no tick can slip in between it and HLT. */
         __asm__ volatile("sti; hlt; cli" : : : "memory");
+        if (ticks == seen) continue;
+        seen = ticks;
+        count_step(++k, disk);
+    }
+}
+
+/* tessera.mode=count: a count every 20,000 turns of a busy loop. The vCPU never rests:
+ * a whole host CPU per guest on machines without VT-x. With tessera.tick_ms=N the busy
+ * loop goes on the same way, but a count is printed on every LAPIC timer tick instead
+ * (interrupts on; a tick that comes while a count is printed is folded into the next),
+ * so a gap in the counts measures the time the guest did not run to about N ms, where
+ * the turns of the loop, emulated at a varying pace, gave ~100 ms (bench/migrate.sh). */
+static void mode_count(int disk, const char *cmdline) {
+    u64 tick_ms = start_ticks(cmdline, 0);
+    if (tick_ms) {
+        puts("TESSERA-GUEST: busy mode, a count every "); putdec(tick_ms); puts(" ms\n");
+    }
+    count_begin(disk);
+    if (!tick_ms) {
+        for (u64 n = 0; ; n++)
+            if (n % 20000 == 0) count_step(n / 20000, disk);
+    }
+    count_step(0, disk);
+    __asm__ volatile("sti" : : : "memory");
+    u64 seen = 0, k = 0;
+    for (volatile u64 n = 0; ; n++) {
         if (ticks == seen) continue;
         seen = ticks;
         count_step(++k, disk);
@@ -673,11 +701,11 @@ void guest_main(u8 *boot_params) {
     if (find(cmdline, "tessera.mode=net")) mode_net(cmdline);
     if (find(cmdline, "tessera.mode=flood")) { mode_flood(cmdline); power_off(); }
     base = find_device(cmdline, 2);
-    if (!base && counting) mode_count(0);
+    if (!base && counting) mode_count(0, cmdline);
     if (!base && idle) mode_idle(0, cmdline);
     if (!base) fail("no virtio_mmio.device= of a block device on the command line");
     virtio_init();
-    if (counting) mode_count(1);
+    if (counting) mode_count(1, cmdline);
     if (idle) mode_idle(1, cmdline);
     if (find(cmdline, "tessera.mode=bench")) { mode_bench(); power_off(); }
     if (find(cmdline, "tessera.mode=evil")) mode_evil();
