@@ -430,6 +430,31 @@ impl Lan {
         cas.iter().find(|p| p.exists()).or(cas.first()).cloned()
     }
 
+    /// Node `i`'s network namespace (for `ip -n` / `ip netns exec`).
+    pub fn netns(&self, i: usize) -> &str {
+        &self.nodes[i]
+    }
+
+    /// A second cable between nodes `a` and `b`, apart from the LAN: a veth pair whose
+    /// ends are both called `name`, one in each node's namespace, down and without
+    /// addresses (what an operator would name as a network's uplink).
+    pub fn wire(&self, a: usize, b: usize, name: &str) {
+        ip(&[
+            "link",
+            "add",
+            name,
+            "netns",
+            &self.nodes[a],
+            "type",
+            "veth",
+            "peer",
+            "name",
+            name,
+            "netns",
+            &self.nodes[b],
+        ]);
+    }
+
     /// Cuts node `i` off the LAN (link down) or reconnects it.
     pub fn set_link(&self, i: usize, up: bool) {
         ip(&[
