@@ -188,6 +188,7 @@ async fn begin(
         listen: None,
         token: None,
         error: None,
+        source_released: false,
         user: user.to_string(),
         created_ms: now,
     };

@@ -15,6 +15,9 @@
 //!    volume's primary moves there with a generation raise (when it holds an in-sync
 //!    copy: `replication::moves::plan`), the record becomes `switched_over`. Then it waits
 //!    for its store to serve the volume as primary, and tells its VMM to run the guest.
+//!    The target's store starts as the primary only once the source's store is a
+//!    replica of the new generation (the source marks the record `source_released`;
+//!    [`release`] says why).
 //! 4. The source VMM hears the guest runs there and exits; the source node ends the task
 //!    and deletes the record.
 //!
@@ -29,8 +32,11 @@
 //! an arrived one adopted.
 
 mod progress;
+mod release;
 mod source;
 mod target;
+
+pub use release::primary_waits;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -76,6 +82,10 @@ pub struct Migration {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Switched over, and the source's store serves the VM's volume as a replica of the
+    /// new generation, so the target's may start as its primary ([`release`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub source_released: bool,
     /// Who asked.
     pub user: String,
     /// When (ms since the epoch).

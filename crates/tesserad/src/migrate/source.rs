@@ -49,7 +49,13 @@ pub(super) async fn run(node: &Arc<Node>, local: &Local, m: Migration) {
         Vec::new(),
     )
     .await;
+    // Beside the migration: the disk's hand-over once it switched over.
+    let released = {
+        let (node, local, m) = (node.clone(), local.clone(), m.clone());
+        tokio::spawn(async move { super::release::source(&node, &local, &m).await })
+    };
     let outcome = drive(node, local, &m, &sock).await;
+    released.abort();
     finish(node, local, &m, &dir, outcome).await;
 }
 
