@@ -12,6 +12,10 @@
 //! The dev cluster lives on loopback, where nothing here can cut one node off (no
 //! nftables, and this kernel's tc has no drop action), hence the namespaces.
 //!
+//! Third test (`vm_ha/capacity.rs`): with a node in maintenance and the others full at
+//! `vcpu_overcommit` 1, a drain waits and says why, an HA restart is pending (never onto
+//! the node in maintenance), and raising the ratio lets it run.
+//!
 //! Why a test binary of its own and not checks in vm_cluster.rs: losing or cutting a node
 //! would break the checks that follow in that cluster run. The two tests take turns
 //! (`ONE_AT_A_TIME`): each keeps a counting guest busy on a host CPU of two.
@@ -32,6 +36,8 @@ use tessera_tests::vms::VmCluster;
 use tessera_tests::vms::{alive, console, vm_pid};
 use tessera_tests::{counts, kvm_or_skip, output, require};
 
+#[path = "vm_ha/capacity.rs"]
+mod capacity;
 #[path = "vm_ha/partition.rs"]
 mod partition;
 
@@ -59,6 +65,15 @@ fn a_partitioned_node_stops_its_vm_before_the_vm_runs_elsewhere_and_runs_nothing
         return;
     };
     partition::run(&c);
+}
+
+#[test]
+fn ha_and_maintenance_respect_capacity_at_the_overcommit_ratio_and_never_use_a_node_in_maintenance()
+{
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    capacity::run(
+        "ha_and_maintenance_respect_capacity_at_the_overcommit_ratio_and_never_use_a_node_in_maintenance",
+    );
 }
 
 #[test]
