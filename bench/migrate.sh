@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Live migration (issue #12) on the local three-node cluster (tessera-devcluster on
 # 127.0.0.1-3): a 256 MiB test guest on a three-copy volume, idle (tessera.mode=idle, a
-# count every 10 ms) and busy (tessera.mode=count), moved node1 <-> node2 through the API
+# count every 10 ms) and busy (tessera.mode=count tessera.tick_ms=1: a busy loop, a count
+# every 1 ms), moved node1 <-> node2 through the API
 # REPEAT times each (default 5): the downtime as the guest sees it (the longest gap
 # between consecutive counts, less its usual interval; goal <= 50 ms), the VMM's own pause
 # figure, and the total time; against the loopback link's TCP rate measured in the same
@@ -24,7 +25,7 @@ W=$(mktemp -d /var/tmp/tessera-migrate-bench.XXXX)
 mkdir "$W/bin"
 cp $T/tessera-devcluster $T/tesserad $T/tessera-store $T/tessera-vmm "$W/bin/"
 cp "$(ls -t $T/build/tessera-tests-*/out/tessera-test-guest.elf | head -1)" "$W/guest.elf"
-grep -q "tessera.tick_ms=" "$W/guest.elf" || { echo "the test guest has no idle mode: build tessera-tests again"; exit 1; }
+grep -q "busy mode, a count every" "$W/guest.elf" || { echo "the test guest has no ticking busy mode: build tessera-tests again"; exit 1; }
 T=$W/bin
 cleanup() {
     [ -n "${DC:-}" ] && kill -INT "$DC" 2>/dev/null && wait "$DC" 2>/dev/null || true
