@@ -455,7 +455,9 @@ impl Primary {
         let Message::Reply { seq, result } = msg else {
             if !matches!(
                 msg,
-                Message::DigestsReply { .. } | Message::ReadReply { .. }
+                Message::DigestsReply { .. }
+                    | Message::ReadReply { .. }
+                    | Message::UnsettledReply { .. }
             ) {
                 out.push(PrimaryAction::Disconnect {
                     replica: from,

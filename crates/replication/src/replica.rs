@@ -70,6 +70,9 @@ pub enum ReplicaAction {
     },
     /// Read the bytes and answer with [`Message::ReadReply`] for `request`.
     Read { request: u64, offset: u64, len: u32 },
+    /// Answer with [`Message::UnsettledReply`] for `request`: the regions of the last
+    /// changes the shell applied (it keeps that window; the machine does not).
+    ReportUnsettled { request: u64 },
     /// Send this message to the primary.
     Send(Message),
     /// The peer broke the protocol (sent a message only a replica sends): close the stream.
@@ -322,7 +325,21 @@ impl Replica {
                     len,
                 }),
             },
-            Message::DigestsReply { .. } | Message::ReadReply { .. } | Message::Reply { .. } => {
+            Message::Unsettled {
+                volume,
+                generation,
+                request,
+            } => match self.admit(&volume, generation, &mut actions) {
+                Some(e) => actions.push(ReplicaAction::Send(Message::UnsettledReply {
+                    request,
+                    result: Err(e),
+                })),
+                None => actions.push(ReplicaAction::ReportUnsettled { request }),
+            },
+            Message::DigestsReply { .. }
+            | Message::ReadReply { .. }
+            | Message::UnsettledReply { .. }
+            | Message::Reply { .. } => {
                 actions.push(ReplicaAction::Disconnect {
                     reason: "a replica received a reply; only the primary receives replies",
                 });

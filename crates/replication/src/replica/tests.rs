@@ -357,3 +357,53 @@ fn a_lost_replica_takes_a_catch_up_and_is_in_sync_only_when_the_cluster_says() {
     assert!(r.is_lost());
     assert!(!r.end_catch_up(Generation(8)));
 }
+
+#[test]
+fn a_new_primary_asking_for_the_last_changes_fences_first_and_stale_ones_are_refused() {
+    let mut r = Replica::new(vol());
+    apply_and_ack(&mut r, write(2, 1));
+    // The new primary's question carries its generation: persisted before the answer,
+    // so nothing of the old primary is applied after it.
+    assert_eq!(
+        r.handle(Message::Unsettled {
+            volume: vol(),
+            generation: Generation(3),
+            request: 1,
+        }),
+        vec![
+            ReplicaAction::PersistGeneration(Generation(3)),
+            ReplicaAction::ReportUnsettled { request: 1 }
+        ]
+    );
+    assert_eq!(
+        r.handle(write(2, 2)),
+        vec![reply(
+            2,
+            Err(ReplyError::StaleGeneration {
+                current: Generation(3)
+            })
+        )]
+    );
+    // An older primary asking is refused with the current generation.
+    assert_eq!(
+        r.handle(Message::Unsettled {
+            volume: vol(),
+            generation: Generation(2),
+            request: 2,
+        }),
+        vec![ReplicaAction::Send(Message::UnsettledReply {
+            request: 2,
+            result: Err(ReplyError::StaleGeneration {
+                current: Generation(3)
+            })
+        })]
+    );
+    // A replica never receives an answer.
+    assert!(matches!(
+        r.handle(Message::UnsettledReply {
+            request: 1,
+            result: Ok(Vec::new())
+        })[..],
+        [ReplicaAction::Disconnect { .. }]
+    ));
+}

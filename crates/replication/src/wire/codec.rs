@@ -11,7 +11,9 @@ pub use decode::{decode_body, frame_body_len};
 pub use encode::{encode, encode_into};
 pub use stream::Decoder;
 
-use super::{Message, WireError, BLOCK_SIZE, MAX_DATA, MAX_DIGEST_BLOCKS, SECTOR};
+use super::{
+    Message, WireError, BLOCK_SIZE, MAX_DATA, MAX_DIGEST_BLOCKS, MAX_UNSETTLED_REGIONS, SECTOR,
+};
 
 const KIND_FENCE: u8 = 1;
 const KIND_WRITE: u8 = 2;
@@ -25,6 +27,8 @@ const KIND_READ_REPLY: u8 = 9;
 const KIND_REPLY: u8 = 10;
 const KIND_SNAPSHOT: u8 = 11;
 const KIND_RESIZE: u8 = 12;
+const KIND_UNSETTLED: u8 = 13;
+const KIND_UNSETTLED_REPLY: u8 = 14;
 
 const ERR_STALE_GENERATION: u8 = 1;
 const ERR_UNKNOWN_VOLUME: u8 = 2;
@@ -102,6 +106,21 @@ fn check(msg: &Message) -> Result<(), WireError> {
                     field: "digest count",
                     value: digests.len() as u64,
                 });
+            }
+            Ok(())
+        }
+        Message::UnsettledReply {
+            result: Ok(regions),
+            ..
+        } => {
+            if regions.len() > MAX_UNSETTLED_REGIONS as usize {
+                return Err(WireError::BadLength {
+                    field: "region count",
+                    value: regions.len() as u64,
+                });
+            }
+            for (offset, len) in regions {
+                check_range(*offset, *len, SECTOR, "region length")?;
             }
             Ok(())
         }

@@ -8,10 +8,11 @@
 //!
 //! Who sends what: the primary sends [`Message::Fence`], [`Message::Write`],
 //! [`Message::WriteZeroes`], [`Message::Trim`], [`Message::Flush`], [`Message::Digests`] and
-//! [`Message::Read`], [`Message::Snapshot`] and [`Message::Resize`]; a replica answers with
+//! [`Message::Read`], [`Message::Snapshot`], [`Message::Resize`] and
+//! [`Message::Unsettled`]; a replica answers with
 //! [`Message::Reply`] (fence, writes, flushes, snapshots, resizes, matched by `seq`; a fence
-//! is answered as seq 0), [`Message::DigestsReply`] and [`Message::ReadReply`] (matched by
-//! `request`).
+//! is answered as seq 0), [`Message::DigestsReply`], [`Message::ReadReply`] and
+//! [`Message::UnsettledReply`] (matched by `request`).
 
 mod codec;
 #[cfg(test)]
@@ -35,6 +36,8 @@ pub const MAX_DATA: usize = 4 << 20;
 pub const MAX_DIGEST_BLOCKS: u32 = (MAX_DATA / 32) as u32;
 /// Longest volume name (the block store's rule: 1-64 of `[A-Za-z0-9._-]`).
 pub const MAX_VOLUME_NAME: usize = 64;
+/// Most regions one `UnsettledReply` carries (16 bytes each: 1 MiB of regions).
+pub const MAX_UNSETTLED_REGIONS: u32 = 1 << 16;
 /// Longest I/O error text in a reply; longer text is cut when encoding.
 pub const MAX_ERROR_TEXT: usize = 1024;
 /// Largest frame, counted after the 4-byte length: the largest data frame plus headers.
@@ -185,6 +188,23 @@ pub enum Message {
         seq: u64,
         /// The new size in bytes: a positive multiple of [`BLOCK_SIZE`].
         size: u64,
+    },
+    /// Primary → replica (a new primary, before it takes client I/O): "which regions did
+    /// your latest changes touch". The replica answers with the regions of the last
+    /// writes, zeroes and trims it applied (a bounded window, see `docs/replication.md`,
+    /// "Reconciliation after a failover"): there the copies may differ on writes the old
+    /// primary sent to some copies and never completed. Carries the new generation, so it
+    /// fences the replica before it answers.
+    Unsettled {
+        volume: VolumeName,
+        generation: Generation,
+        request: u64,
+    },
+    /// Replica → primary: the answer to `Unsettled` number `request`: (offset, len)
+    /// regions, sector-aligned, at most [`MAX_UNSETTLED_REGIONS`].
+    UnsettledReply {
+        request: u64,
+        result: Result<Vec<(u64, u64)>, ReplyError>,
     },
     /// Replica → primary: the outcome of the fence (seq 0), write, flush, snapshot or
     /// resize `seq`.

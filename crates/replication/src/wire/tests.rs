@@ -98,6 +98,19 @@ fn every_message() -> Vec<Message> {
             seq: 0,
             result: Ok(()),
         },
+        Message::Unsettled {
+            volume: vol(),
+            generation: g,
+            request: 7,
+        },
+        Message::UnsettledReply {
+            request: 7,
+            result: Ok(vec![(0, 512), (4096, 4 << 20), (1 << 40, 4096)]),
+        },
+        Message::UnsettledReply {
+            request: 8,
+            result: Ok(Vec::new()),
+        },
     ];
     for e in errors {
         all.push(Message::Reply {
@@ -110,6 +123,10 @@ fn every_message() -> Vec<Message> {
         });
         all.push(Message::ReadReply {
             request: 2,
+            result: Err(e.clone()),
+        });
+        all.push(Message::UnsettledReply {
+            request: 3,
             result: Err(e),
         });
     }
@@ -147,6 +164,56 @@ fn the_streaming_decoder_takes_bytes_in_any_pieces() {
         assert!(d.at_boundary());
         assert_eq!(got, msgs, "chunk size {chunk}");
     }
+}
+
+#[test]
+fn many_small_frames_in_one_push_all_come_out_in_order() {
+    // A whole read of replies (16 bytes each) at once, the last one cut in two.
+    let mut stream = Vec::new();
+    for seq in 1..=1000 {
+        encode_into(
+            &Message::Reply {
+                seq,
+                result: Ok(()),
+            },
+            &mut stream,
+        )
+        .unwrap();
+    }
+    let cut = stream.len() - 3;
+    let mut d = Decoder::new();
+    d.push(&stream[..cut]).unwrap();
+    let mut seqs = Vec::new();
+    while let Some(m) = d.next_message().unwrap() {
+        let Message::Reply { seq, .. } = m else {
+            panic!("not a reply: {m:?}")
+        };
+        seqs.push(seq);
+    }
+    assert_eq!(seqs, (1..1000).collect::<Vec<_>>());
+    assert!(!d.at_boundary());
+    assert_eq!(d.wants(), 3);
+    d.push(&stream[cut..]).unwrap();
+    assert!(matches!(
+        d.next_message().unwrap(),
+        Some(Message::Reply { seq: 1000, .. })
+    ));
+    assert!(d.at_boundary());
+    // An oversize prefix behind whole frames is refused when its turn comes.
+    let mut bad = Vec::new();
+    encode_into(
+        &Message::Reply {
+            seq: 1,
+            result: Ok(()),
+        },
+        &mut bad,
+    )
+    .unwrap();
+    bad.extend_from_slice(&((MAX_FRAME_LEN + 1) as u32).to_be_bytes());
+    d.push(&bad).unwrap();
+    assert!(d.next_message().unwrap().is_some());
+    assert!(d.next_message().is_err());
+    assert_eq!(d.push(&[0]), Err(WireError::Poisoned));
 }
 
 #[test]
@@ -220,7 +287,7 @@ fn unknown_version_and_kind_are_refused() {
     body[0] = 0;
     assert_eq!(decode_body(&body), Err(WireError::UnknownVersion(0)));
     body[0] = VERSION;
-    for kind in [0u8, 13, 255] {
+    for kind in [0u8, 15, 255] {
         body[1] = kind;
         assert_eq!(decode_body(&body), Err(WireError::UnknownKind(kind)));
     }
@@ -421,12 +488,53 @@ fn bad_ranges_are_refused_by_the_encoder_too() {
             seq: 1,
             size: 4096 + 512,
         },
+        Message::UnsettledReply {
+            request: 1,
+            result: Ok(vec![(0, 512), (100, 512)]),
+        },
+        Message::UnsettledReply {
+            request: 1,
+            result: Ok(vec![(0, 0)]),
+        },
+        Message::UnsettledReply {
+            request: 1,
+            result: Ok(vec![(u64::MAX - 511, 1024)]),
+        },
+        Message::UnsettledReply {
+            request: 1,
+            result: Ok(vec![(0, 512); MAX_UNSETTLED_REGIONS as usize + 1]),
+        },
     ];
     for msg in bad {
         let mut out = vec![9];
         assert!(encode_into(&msg, &mut out).is_err(), "{msg:?}");
         assert_eq!(out, vec![9], "a refused encode leaves the buffer alone");
     }
+}
+
+#[test]
+fn an_unsettled_reply_claiming_too_many_regions_is_refused_before_reading_them() {
+    let mut body = vec![VERSION, 14];
+    body.extend_from_slice(&1u64.to_be_bytes());
+    body.push(0);
+    body.extend_from_slice(&(MAX_UNSETTLED_REGIONS + 1).to_be_bytes());
+    assert!(matches!(
+        decode_body(&body),
+        Err(WireError::BadLength {
+            field: "region count",
+            ..
+        })
+    ));
+    // A count the body does not hold: truncated, not a huge allocation.
+    let mut short = vec![VERSION, 14];
+    short.extend_from_slice(&1u64.to_be_bytes());
+    short.push(0);
+    short.extend_from_slice(&3u32.to_be_bytes());
+    short.extend_from_slice(&[0; 16]);
+    assert!(matches!(
+        decode_body(&short),
+        Err(WireError::Truncated { .. })
+    ));
 }
 
 #[test]

@@ -443,7 +443,9 @@ impl Sim {
                     }
                     out.push(reply);
                 }
-                ReplicaAction::ReadDigests { .. } | ReplicaAction::Read { .. } => {}
+                ReplicaAction::ReadDigests { .. }
+                | ReplicaAction::Read { .. }
+                | ReplicaAction::ReportUnsettled { .. } => {}
                 ReplicaAction::Disconnect { reason } => {
                     return Err(format!("replica disconnected: {reason}"));
                 }

@@ -7,6 +7,7 @@
 mod catchup;
 pub mod primary;
 pub mod quic;
+mod recent;
 pub mod replica;
 pub mod reset_key;
 mod resize;
@@ -60,6 +61,8 @@ pub struct Replication {
     snapshot_lock: Mutex<()>,
     /// Snapshots taken from write streams (primary's and replicas').
     taken: snapshot::Taken,
+    /// The last changes applied to each volume's copy here, in any role.
+    recent: recent::Recent,
 }
 
 impl Replication {
@@ -68,8 +71,10 @@ impl Replication {
     pub fn new(store: Store, endpoint: Option<Arc<ReplEndpoint>>) -> Arc<Replication> {
         let missed_dir = store.dir().join("replication");
         let taken = snapshot::Taken::default();
+        let recent = recent::Recent::default();
         Arc::new(Replication {
-            replicas: ReplicaService::new(store.clone(), taken.clone()),
+            replicas: ReplicaService::new(store.clone(), taken.clone(), recent.clone()),
+            recent,
             taken,
             primaries: Arc::new(Primaries::default()),
             store,
@@ -250,6 +255,7 @@ impl Replication {
                                 .map_or(primary::DEFAULT_CLUSTER_WAIT, Duration::from_millis),
                             taken: self.taken.clone(),
                             operator_override: *operator_override,
+                            recent: self.recent.clone(),
                         },
                         self.missed_dir.clone(),
                     )

@@ -15,6 +15,7 @@ mod driver;
 mod link;
 mod members;
 mod missed;
+mod reconcile;
 mod reconfigure;
 
 use std::collections::{BTreeSet, HashMap};
@@ -276,6 +277,8 @@ pub struct PrimarySpec {
     pub taken: super::snapshot::Taken,
     /// Fewer than 2 copies in sync allowed (the cluster's audited operator override).
     pub operator_override: bool,
+    /// The last changes applied to each copy on this store.
+    pub recent: super::recent::Recent,
 }
 
 /// The primaries this store runs, by volume.
@@ -325,6 +328,7 @@ impl Primaries {
             cluster_wait,
             taken,
             operator_override,
+            recent,
         } = spec;
         let volume = volume.as_str();
         let name = VolumeName::new(volume).map_err(|e| e.to_string())?;
@@ -414,6 +418,9 @@ impl Primaries {
             rate,
             fenced: fenced.clone(),
             restarts,
+            recent,
+            held: std::collections::VecDeque::new(),
+            reconcile_first: Some((peers[..counts.0].to_vec(), timeout + WAIT_MARGIN)),
         };
         driver.catch_up(&catching.iter().copied().collect());
         let driver = tokio::spawn(driver.run(rx));

@@ -52,16 +52,23 @@ pub struct ReplicaService {
     volumes: Mutex<HashMap<String, Arc<Mutex<VolumeReplica>>>>,
     limiter: LogLimiter,
     taken: super::snapshot::Taken,
+    /// The last changes applied per volume, answered to a new primary's `Unsettled`.
+    recent: super::recent::Recent,
 }
 
 impl ReplicaService {
     /// The service over `store`; no volume is a replica until [`ReplicaService::enable`].
-    pub fn new(store: Store, taken: super::snapshot::Taken) -> Arc<ReplicaService> {
+    pub fn new(
+        store: Store,
+        taken: super::snapshot::Taken,
+        recent: super::recent::Recent,
+    ) -> Arc<ReplicaService> {
         Arc::new(ReplicaService {
             store,
             volumes: Mutex::new(HashMap::new()),
             limiter: LogLimiter::default(),
             taken,
+            recent,
         })
     }
 
@@ -242,6 +249,8 @@ impl ReplicaService {
                     }
                 }
                 ReplicaAction::Apply { seq, op } => {
+                    // Noted whatever the outcome: a failed apply may have changed part.
+                    self.recent.note(volume.as_str(), &op);
                     let result = match op {
                         // Flushed first: once acknowledged, the snapshot's content is durable.
                         Op::Snapshot { name } => vr.export.flush().and_then(|()| {
@@ -286,6 +295,19 @@ impl ReplicaService {
                             .map_err(|e| reply_error(&e)),
                     });
                 }
+                ReplicaAction::ReportUnsettled { request } => {
+                    let regions: Vec<(u64, u64)> = self
+                        .recent
+                        .regions(volume.as_str())
+                        .iter()
+                        .map(|r| (r.offset, r.len))
+                        .collect();
+                    // The window holds at most `WINDOW` regions, far below the wire's cap.
+                    out.push(Message::UnsettledReply {
+                        request,
+                        result: Ok(regions),
+                    });
+                }
                 ReplicaAction::Send(m) => {
                     if let Message::Reply {
                         result: Err(e),
@@ -318,8 +340,12 @@ fn target_volume(msg: &Message) -> Option<&VolumeName> {
         | Message::Snapshot { volume, .. }
         | Message::Resize { volume, .. }
         | Message::Digests { volume, .. }
-        | Message::Read { volume, .. } => Some(volume),
-        Message::DigestsReply { .. } | Message::ReadReply { .. } | Message::Reply { .. } => None,
+        | Message::Read { volume, .. }
+        | Message::Unsettled { volume, .. } => Some(volume),
+        Message::DigestsReply { .. }
+        | Message::ReadReply { .. }
+        | Message::UnsettledReply { .. }
+        | Message::Reply { .. } => None,
     }
 }
 
@@ -344,6 +370,10 @@ fn refusal(msg: &Message, why: ReplyError) -> Option<Message> {
             result: Err(why),
         },
         Message::Read { request, .. } => Message::ReadReply {
+            request: *request,
+            result: Err(why),
+        },
+        Message::Unsettled { request, .. } => Message::UnsettledReply {
             request: *request,
             result: Err(why),
         },

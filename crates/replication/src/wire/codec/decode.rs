@@ -2,13 +2,13 @@
 
 use super::super::{
     Digest, Generation, Message, ReplyError, VolumeName, WireError, LENGTH_PREFIX, MAX_DATA,
-    MAX_DIGEST_BLOCKS, MAX_ERROR_TEXT, MAX_FRAME_LEN, VERSION,
+    MAX_DIGEST_BLOCKS, MAX_ERROR_TEXT, MAX_FRAME_LEN, MAX_UNSETTLED_REGIONS, VERSION,
 };
 use super::{
     check, ERR_IO, ERR_NOT_IN_SYNC, ERR_NOT_REPLICA, ERR_NO_SPACE, ERR_OUT_OF_RANGE, ERR_SEQ_GAP,
     ERR_STALE_GENERATION, ERR_UNKNOWN_VOLUME, KIND_DIGESTS, KIND_DIGESTS_REPLY, KIND_FENCE,
     KIND_FLUSH, KIND_READ, KIND_READ_REPLY, KIND_REPLY, KIND_RESIZE, KIND_SNAPSHOT, KIND_TRIM,
-    KIND_WRITE, KIND_WRITE_ZEROES,
+    KIND_UNSETTLED, KIND_UNSETTLED_REPLY, KIND_WRITE, KIND_WRITE_ZEROES,
 };
 
 /// The length of the frame that follows a 4-byte length prefix, refused if it is larger
@@ -174,6 +174,42 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                 Some(e) => Err(e),
             };
             Message::ReadReply { request, result }
+        }
+        KIND_UNSETTLED => {
+            let (volume, generation) = r.target()?;
+            Message::Unsettled {
+                volume,
+                generation,
+                request: r.u64("request")?,
+            }
+        }
+        KIND_UNSETTLED_REPLY => {
+            let request = r.u64("request")?;
+            let result = match r.status()? {
+                None => {
+                    let count = r.u32("region count")?;
+                    if count > MAX_UNSETTLED_REGIONS {
+                        return Err(WireError::BadLength {
+                            field: "region count",
+                            value: u64::from(count),
+                        });
+                    }
+                    // Checked against what is there before anything is allocated for it.
+                    let raw = r.take("regions", count as usize * 16)?;
+                    Ok(raw
+                        .chunks_exact(16)
+                        .map(|c| {
+                            let mut o = [0; 8];
+                            let mut l = [0; 8];
+                            o.copy_from_slice(&c[..8]);
+                            l.copy_from_slice(&c[8..]);
+                            (u64::from_be_bytes(o), u64::from_be_bytes(l))
+                        })
+                        .collect())
+                }
+                Some(e) => Err(e),
+            };
+            Message::UnsettledReply { request, result }
         }
         KIND_REPLY => {
             let seq = r.u64("seq")?;

@@ -8,7 +8,7 @@ use super::{
     check, ERR_IO, ERR_NOT_IN_SYNC, ERR_NOT_REPLICA, ERR_NO_SPACE, ERR_OUT_OF_RANGE, ERR_SEQ_GAP,
     ERR_STALE_GENERATION, ERR_UNKNOWN_VOLUME, KIND_DIGESTS, KIND_DIGESTS_REPLY, KIND_FENCE,
     KIND_FLUSH, KIND_READ, KIND_READ_REPLY, KIND_REPLY, KIND_RESIZE, KIND_SNAPSHOT, KIND_TRIM,
-    KIND_WRITE, KIND_WRITE_ZEROES,
+    KIND_UNSETTLED, KIND_UNSETTLED_REPLY, KIND_WRITE, KIND_WRITE_ZEROES,
 };
 
 /// Encodes `msg` as one frame. Refuses a message that breaks the format's rules (so a bad
@@ -147,6 +147,30 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
                 Ok(data) => {
                     out.push(0);
                     put_bytes(out, data);
+                }
+                Err(e) => put_error(out, e),
+            }
+        }
+        Message::Unsettled {
+            volume,
+            generation,
+            request,
+        } => {
+            out.push(KIND_UNSETTLED);
+            put_target(out, volume, *generation);
+            put_u64(out, *request);
+        }
+        Message::UnsettledReply { request, result } => {
+            out.push(KIND_UNSETTLED_REPLY);
+            put_u64(out, *request);
+            match result {
+                Ok(regions) => {
+                    out.push(0);
+                    put_u32(out, len_u32(regions.len()));
+                    for (offset, len) in regions {
+                        put_u64(out, *offset);
+                        put_u64(out, *len);
+                    }
                 }
                 Err(e) => put_error(out, e),
             }

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use super::super::catchup::{Final, Shared};
 use super::super::quic::ReplEndpoint;
+use super::super::recent::MAX_PENDING;
 use super::super::replica::reply_error;
 use super::missed::append_synced;
 use super::{Done, ForwardError, Input, Peer, TICK};
@@ -44,6 +45,13 @@ pub(super) struct Driver {
     pub(super) fenced: Arc<std::sync::atomic::AtomicU64>,
     /// Per replica: makes its link open a new stream.
     pub(super) restarts: HashMap<ReplicaId, Arc<tokio::sync::Notify>>,
+    /// The last changes applied to each copy on this store (`recent.rs`).
+    pub(super) recent: super::super::recent::Recent,
+    /// Client requests held while the machine has `MAX_PENDING` in flight, in order.
+    pub(super) held: std::collections::VecDeque<(Op, Done)>,
+    /// The in-sync replicas to reconcile with before the first request, and how long
+    /// to wait for each (`reconcile.rs`).
+    pub(super) reconcile_first: Option<(Vec<(ReplicaId, Peer)>, std::time::Duration)>,
 }
 
 impl Drop for Driver {
@@ -56,6 +64,9 @@ impl Drop for Driver {
 
 impl Driver {
     pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
+        if let Some((in_sync, wait)) = self.reconcile_first.take() {
+            self.reconcile(in_sync, wait).await;
+        }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -70,6 +81,7 @@ impl Driver {
                 _ = tick.tick() => (self.machine.handle(self.start.elapsed(), PrimaryInput::Tick), None),
             };
             self.perform(actions).await;
+            self.release_held().await;
             // The new configuration's catch-ups start only now: what a replica leaving the
             // in-sync set may lack is recorded by these actions, and a catch-up started
             // before found nothing recorded and reported the replica caught up while it
@@ -84,9 +96,33 @@ impl Driver {
         }
     }
 
+    /// Gives the machine the held requests it has room for (`MAX_PENDING`).
+    async fn release_held(&mut self) {
+        while self.machine.pending() < MAX_PENDING {
+            let Some((op, done)) = self.held.pop_front() else {
+                return;
+            };
+            let id = RequestId(self.next_id);
+            self.next_id += 1;
+            self.waiting.insert(id, done);
+            let actions = self
+                .machine
+                .handle(self.start.elapsed(), PrimaryInput::Request { id, op });
+            self.perform(actions).await;
+        }
+    }
+
     fn input(&mut self, input: Input) -> Vec<PrimaryAction> {
         let now = self.start.elapsed();
         match input {
+            // The bound keeps what a failover may leave unsettled within the window
+            // every copy remembers (`recent.rs`).
+            Input::Request { op, done }
+                if !self.held.is_empty() || self.machine.pending() >= MAX_PENDING =>
+            {
+                self.held.push_back((op, done));
+                Vec::new()
+            }
             Input::Request { op, done } => {
                 let id = RequestId(self.next_id);
                 self.next_id += 1;
@@ -113,7 +149,7 @@ impl Driver {
     }
 
     /// Performs `actions` in order; local applies and their reports may bring more.
-    async fn perform(&mut self, actions: Vec<PrimaryAction>) {
+    pub(super) async fn perform(&mut self, actions: Vec<PrimaryAction>) {
         let mut queue = std::collections::VecDeque::from(actions);
         // Missed regions reach the catch-ups only once the batch's local applies are
         // done: a region taken by a catch-up pass before the write it records is on the
@@ -135,6 +171,7 @@ impl Driver {
         while let Some(action) = queue.pop_front() {
             match action {
                 PrimaryAction::ApplyLocal { id, op } => {
+                    self.recent.note(&self.volume, &op);
                     let export = self.export.clone();
                     let local = (self.store.clone(), self.volume.clone());
                     let taken = self.taken.clone();
