@@ -29,7 +29,7 @@ fn units_here(dir: &Path) -> Vec<PathBuf> {
     for entry in std::fs::read_dir(units_dir()).unwrap() {
         let p = entry.unwrap().path();
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        if name.ends_with(".service") || name.ends_with(".timer") {
+        if name.ends_with(".service") || name.ends_with(".timer") || name.ends_with(".path") {
             let text = std::fs::read_to_string(&p).unwrap();
             let text = text.replace("/usr/bin/", &format!("{}/", built.display()));
             let dest = dir.join(&name);
@@ -57,6 +57,9 @@ fn the_units_verify_and_keep_their_hardening() {
         "tessera-network.service",
         "tessera-status.service",
         "tessera-status.timer",
+        "tessera-upgrade.path",
+        "tessera-upgrade.service",
+        "tessera-boot-check.service",
     ] {
         assert!(
             names.iter().any(|n| n == want),

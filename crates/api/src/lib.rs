@@ -22,6 +22,7 @@ mod login_policy;
 mod metrics;
 mod migration;
 mod networks;
+mod node_upgrade;
 mod realms;
 mod settings;
 pub mod strict;
@@ -50,6 +51,10 @@ pub use migration::{
     MigrateRequest, MigrationPhase, MigrationProgress, DEFAULT_DOWNTIME_MS, MAX_DOWNTIME_MS,
 };
 pub use networks::{Network, NetworkOnNode, NewNetwork};
+pub use node_upgrade::{
+    NodeUpgradeStatus, UpgradeQuery, UpgradeRecord, UpgradeRequest, UpgradeState,
+    DEFAULT_UPGRADE_TRIES, MAX_ROOT_IMAGE_BYTES,
+};
 pub use realms::{Realm, RealmSynced, RealmTest, RealmTestReply};
 pub use settings::{
     ClusterSettings, SettingsUpdate, DEFAULT_REPLICA_REPLACE_AFTER_S, REPLICA_REPLACE_AFTER_RANGE,

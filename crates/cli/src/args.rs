@@ -159,6 +159,26 @@ pub enum NodeCmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Upgrade nodes booted from the node image, one at a time: drain, send the new
+    /// root file system, follow the reboot until the node runs it healthy, next node.
+    /// Stops at a node that went back to its old slot (docs/image.md).
+    Upgrade {
+        /// Node names or ids, in the order to upgrade them.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+        /// The new image's root file system (tessera-root.img from image/build).
+        #[arg(long)]
+        image: std::path::PathBuf,
+        /// Boots the new slot may take to come back healthy, 1-10 (default 3).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10))]
+        tries: Option<u32>,
+        /// Seconds one node may take from the image sent to healthy on the new slot.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+        /// Do not drain first (the node's VMs stop with its reboot).
+        #[arg(long)]
+        no_drain: bool,
+    },
 }
 
 #[derive(Subcommand)]

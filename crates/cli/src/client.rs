@@ -49,6 +49,16 @@ impl Client {
         }
     }
 
+    /// The same token and CA for the API at `api` (another node's).
+    pub fn at(&self, api: String) -> Client {
+        Client {
+            api,
+            token: self.token.clone(),
+            agent: self.agent.clone(),
+            tls: self.tls.clone(),
+        }
+    }
+
     pub fn api(&self) -> &str {
         &self.api
     }

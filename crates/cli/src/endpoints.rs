@@ -12,6 +12,8 @@ pub const CLUSTER: Ep = Ep("GET", "/api/v1/cluster");
 pub const NODES: Ep = Ep("GET", "/api/v1/nodes");
 pub const NODE_RM: Ep = Ep("DELETE", "/api/v1/nodes/{id}");
 pub const NODE_MAINTENANCE: Ep = Ep("POST", "/api/v1/nodes/{id}/maintenance");
+pub const NODE_UPGRADE: Ep = Ep("PUT", "/api/v1/nodes/{id}/upgrade");
+pub const NODE_UPGRADE_STATUS: Ep = Ep("GET", "/api/v1/nodes/{id}/upgrade");
 pub const SETTINGS: Ep = Ep("GET", "/api/v1/settings");
 pub const SETTINGS_SET: Ep = Ep("PATCH", "/api/v1/settings");
 pub const TOKEN_CREATE: Ep = Ep("POST", "/api/v1/tokens");
@@ -78,6 +80,8 @@ pub const ENDPOINTS: &[Ep] = &[
     NODES,
     NODE_RM,
     NODE_MAINTENANCE,
+    NODE_UPGRADE,
+    NODE_UPGRADE_STATUS,
     SETTINGS,
     SETTINGS_SET,
     TOKEN_CREATE,

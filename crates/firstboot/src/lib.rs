@@ -1,10 +1,12 @@
 //! The node image's first boot: the seed a user edits on the image's seed partition
 //! (`seed.toml`), what it becomes on the node (host name, a systemd-networkd file for the
-//! management interface, `tesserad`'s own seed), and the console's status screen
-//! (`/etc/issue`). Pure: reading the machine and writing files is `main.rs`'s job.
+//! management interface, `tesserad`'s own seed), the console's status screen
+//! (`/etc/issue`), and the A/B root slots with their boot entries (`slots`). Pure:
+//! reading the machine and writing files is `main.rs`'s job.
 
 #![forbid(unsafe_code)]
 
 pub mod issue;
 pub mod node_seed;
 pub mod render;
+pub mod slots;

@@ -3,7 +3,8 @@
 //! the management network's networkd file; `network` (every boot) sets a static seed's
 //! address and route through netlink; `tesserad-seed` (before each `tesserad` start) writes
 //! `tesserad`'s seed with the address the management interface has; `check` shows what a
-//! seed becomes; `issue` writes the console's status screen.
+//! seed becomes; `issue` writes the console's status screen; `upgrade-apply` and
+//! `boot-check` are the node's side of an A/B upgrade (`upgrade.rs`).
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,8 @@ use clap::{Parser, Subcommand};
 use tessera_firstboot::issue::{self, Screen};
 use tessera_firstboot::node_seed::NodeSeed;
 use tessera_firstboot::render;
+
+mod upgrade;
 
 #[derive(Parser)]
 #[command(
@@ -78,6 +81,25 @@ enum Cmd {
         #[arg(long, default_value = "/etc/issue")]
         out: PathBuf,
     },
+    /// Write the root file system tesserad received (<dir>/root.img, <dir>/request.json)
+    /// to the root slot that is not running, give it a boot entry on trial and reboot into
+    /// it (tessera-upgrade.service).
+    UpgradeApply {
+        #[arg(long, default_value = "/var/lib/tessera/upgrade")]
+        dir: PathBuf,
+        /// The EFI system partition's mount point.
+        #[arg(long, default_value = "/efi")]
+        esp: PathBuf,
+    },
+    /// Wait until this node is healthy (every boot, before boot-complete.target): a slot
+    /// on trial is marked good only then; one that does not get there reboots, so that
+    /// the boot loader counts the failed boot (tessera-boot-check.service).
+    BootCheck {
+        #[arg(long, default_value = "/var/lib/tessera")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 600)]
+        within_secs: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -96,6 +118,15 @@ fn main() -> ExitCode {
             hostname,
         } => check(&seed, interface, address, &hostname),
         Cmd::Issue { data_dir, out } => write_issue(&cli.etc, &data_dir, &out),
+        Cmd::UpgradeApply { dir, esp } => upgrade::apply(&dir, &esp),
+        Cmd::BootCheck {
+            data_dir,
+            within_secs,
+        } => upgrade::boot_check(
+            &data_dir.join("upgrade"),
+            &data_dir,
+            Duration::from_secs(within_secs),
+        ),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

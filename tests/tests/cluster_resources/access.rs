@@ -37,6 +37,8 @@ pub const ROLES: &[(&str, &str, &str)] = &[
     ("GET", "/api/v1/nodes", "auditor"),
     ("DELETE", "/api/v1/nodes/{id}", "administrator"),
     ("POST", "/api/v1/nodes/{id}/maintenance", "administrator"),
+    ("GET", "/api/v1/nodes/{id}/upgrade", "auditor"),
+    ("PUT", "/api/v1/nodes/{id}/upgrade", "administrator"),
     ("GET", "/api/v1/nodes/{id}/metrics", "auditor"),
     ("GET", "/api/v1/settings", "auditor"),
     ("PATCH", "/api/v1/settings", "administrator"),

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod events;
 pub mod image;
 pub mod networks;
+pub mod node_upgrade;
 pub mod nodes;
 pub mod realms;
 pub mod session;

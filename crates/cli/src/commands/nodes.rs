@@ -1,5 +1,5 @@
 //! The nodes: listed by name with their health and their storage's; removed by name or
-//! id; put in maintenance and out.
+//! id; put in maintenance and out; upgraded (`node_upgrade`).
 
 use std::time::{Duration, Instant};
 
@@ -91,6 +91,22 @@ pub fn run(client: &Client, cmd: NodeCmd, out: Output) -> anyhow::Result<()> {
             let node = drain(client, &id, &given, !out.is_json())?;
             out.print(&node, |_| println!("node {given} drained"));
         }
+        NodeCmd::Upgrade {
+            nodes,
+            image,
+            tries,
+            timeout,
+            no_drain,
+        } => {
+            let up = super::node_upgrade::Upgrade {
+                nodes: &nodes,
+                image: &image,
+                tries,
+                timeout: Duration::from_secs(timeout),
+                no_drain,
+            };
+            super::node_upgrade::run(client, up, out)?;
+        }
     }
     Ok(())
 }
@@ -99,7 +115,12 @@ pub fn run(client: &Client, cmd: NodeCmd, out: Output) -> anyhow::Result<()> {
 const DRAIN_WAIT: Duration = Duration::from_secs(600);
 
 /// Follows node `id`'s drain until no VM is left on it; shows each change when `show`.
-fn drain(client: &Client, id: &str, given: &str, show: bool) -> anyhow::Result<NodeInfo> {
+pub(crate) fn drain(
+    client: &Client,
+    id: &str,
+    given: &str,
+    show: bool,
+) -> anyhow::Result<NodeInfo> {
     let deadline = Instant::now() + DRAIN_WAIT;
     let mut last = None;
     loop {

@@ -25,6 +25,7 @@ mod networks;
 pub(crate) mod nics;
 pub mod node_maintenance;
 mod node_metrics;
+mod node_upgrade;
 mod realms;
 mod sealed;
 mod second_factor;
@@ -305,6 +306,7 @@ pub fn router(st: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(cluster::nodes))
         .routes(routes!(cluster::remove))
         .routes(routes!(node_maintenance::set))
+        .routes(routes!(node_upgrade::show, node_upgrade::upgrade))
         .routes(routes!(node_metrics::history))
         .route("/metrics", axum::routing::get(node_metrics::prometheus))
         .routes(routes!(settings::show, settings::update))

@@ -1,0 +1,176 @@
+//! `tessera node upgrade`: nodes booted from the node image get a new image's root file
+//! system, one node at a time: drained (maintenance mode), the image sent to the node's
+//! own API, the node followed through its reboot until it runs the new slot healthy (or
+//! went back to its old slot by itself), taken out of maintenance, then the next node.
+//! It stops at the first node that does not come back on the new slot.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tessera_api::{MaintenanceRequest, NodeInfo, NodeUpgradeStatus, UpgradeState};
+
+use crate::client::Client;
+use crate::endpoints::{NODES, NODE_MAINTENANCE, NODE_UPGRADE, NODE_UPGRADE_STATUS};
+use crate::output::Output;
+
+/// What `node upgrade` was asked.
+pub struct Upgrade<'a> {
+    pub nodes: &'a [String],
+    pub image: &'a Path,
+    pub tries: Option<u32>,
+    /// How long one node may take from the image sent to healthy on the new slot.
+    pub timeout: Duration,
+    /// Skip the drain (the node's VMs stop with its reboot).
+    pub no_drain: bool,
+}
+
+pub fn run(client: &Client, up: Upgrade, out: Output) -> anyhow::Result<()> {
+    let len = std::fs::metadata(up.image)
+        .with_context(|| format!("reading {}", up.image.display()))?
+        .len();
+    let show = !out.is_json();
+    let mut done = Vec::new();
+    for given in up.nodes {
+        let id = super::nodes::resolve(client, given)?;
+        let nodes: Vec<NodeInfo> = client.get(NODES, &[])?;
+        let node = nodes
+            .iter()
+            .find(|n| n.id == id)
+            .with_context(|| format!("no node {given}"))?;
+        let own = client.at(own_api(client, node));
+        if !up.no_drain {
+            if show {
+                println!("{given}: maintenance on, draining its VMs");
+            }
+            client.send(
+                NODE_MAINTENANCE,
+                &[&id],
+                &MaintenanceRequest { enabled: true },
+            )?;
+            super::nodes::drain(client, &id, given, show)?;
+        }
+        let before: NodeUpgradeStatus = own.get(NODE_UPGRADE_STATUS, &[&id])?;
+        if show {
+            println!(
+                "{given}: sending {} ({len} bytes) to {} (running {} on slot {})",
+                up.image.display(),
+                own.api(),
+                before.release,
+                before.slot
+            );
+        }
+        send(&own, &id, up.image, len, up.tries)?;
+        let after = follow(&own, &id, given, &before, up.timeout, show)?;
+        if !up.no_drain {
+            client.send(
+                NODE_MAINTENANCE,
+                &[&id],
+                &MaintenanceRequest { enabled: false },
+            )?;
+        }
+        if show {
+            println!(
+                "{given}: running {} on slot {}; out of maintenance",
+                after.release, after.slot
+            );
+        }
+        done.push(after);
+    }
+    out.print(&serde_json::to_value(&done)?, |_| {});
+    Ok(())
+}
+
+/// The node's own API: its management address on the API's port.
+fn own_api(client: &Client, node: &NodeInfo) -> String {
+    let port = client
+        .api()
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        .unwrap_or("8006")
+        .to_string();
+    match node.address.as_str().and_then(|a| a.rsplit_once(':')) {
+        Some((host, _)) => format!("https://{host}:{port}"),
+        None => client.api().to_string(),
+    }
+}
+
+fn send(own: &Client, id: &str, image: &Path, len: u64, tries: Option<u32>) -> anyhow::Result<()> {
+    let file =
+        std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    let (path, mut req) = own.request(NODE_UPGRADE, &[id], "");
+    req = req
+        .set("Content-Type", "application/octet-stream")
+        .set("Content-Length", &len.to_string())
+        .timeout(Duration::from_secs(3600));
+    if let Some(t) = tries {
+        req = req.query("tries", &t.to_string());
+    }
+    match req.send(file) {
+        Ok(_) => Ok(()),
+        Err(ureq::Error::Status(code, r)) => {
+            let v: serde_json::Value = r.into_json().unwrap_or_default();
+            let msg = v["error"].as_str().unwrap_or("no details").to_string();
+            bail!("PUT {path}: HTTP {code}: {msg}")
+        }
+        Err(e) => bail!("PUT {path}: {e}"),
+    }
+}
+
+/// Follows the node through the upgrade until its record says good (Ok), or fell back or
+/// failed (Err, saying so); answers missing while it reboots are expected.
+fn follow(
+    own: &Client,
+    id: &str,
+    given: &str,
+    before: &NodeUpgradeStatus,
+    timeout: Duration,
+    show: bool,
+) -> anyhow::Result<NodeUpgradeStatus> {
+    let deadline = Instant::now() + timeout;
+    let mut said = String::new();
+    loop {
+        let now = own.get::<NodeUpgradeStatus>(NODE_UPGRADE_STATUS, &[id]);
+        let line = match &now {
+            Ok(s) => s
+                .last
+                .as_ref()
+                .map_or_else(String::new, |r| r.message.clone()),
+            Err(_) => "not answering (rebooting)".to_string(),
+        };
+        if show && line != said && !line.is_empty() {
+            println!("{given}: {line}");
+            said = line;
+        }
+        if let Ok(s) = now {
+            // A record older than the one we started from is not this upgrade's.
+            let fresh = s.last.as_ref().is_some_and(|r| {
+                before
+                    .last
+                    .as_ref()
+                    .is_none_or(|b| r.updated_ms > b.updated_ms)
+            });
+            if let Some(r) = s.last.as_ref().filter(|_| fresh) {
+                match r.state {
+                    UpgradeState::Good if s.slot == r.to_slot => return Ok(s),
+                    UpgradeState::FellBack => bail!(
+                        "{given} went back to slot {} ({}): {}",
+                        s.slot,
+                        s.release,
+                        r.message
+                    ),
+                    UpgradeState::Failed => bail!("{given}: {}", r.message),
+                    _ => {}
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{given} did not come back on its new slot within {} s (last: {said}); it stays in maintenance",
+                timeout.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}
