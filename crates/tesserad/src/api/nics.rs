@@ -119,6 +119,23 @@ pub fn assign(
     Ok(out)
 }
 
+/// MACs for a record saved before NICs had them (`networks` without `nics`, by an older
+/// release): a NIC per network, in order, each keeping a MAC it already has at that place
+/// on that network, the others fresh (as [`assign`]); `None` for a record that has them.
+/// The start that calls it claims them in its own commit ([`claims`]).
+pub fn migrate(
+    networks: &[String],
+    nics: &[Nic],
+    prefix: [u8; 3],
+    taken: &BTreeSet<String>,
+    rng: &mut impl Rng,
+) -> Result<Option<Vec<Nic>>, ApiError> {
+    if nics.len() == networks.len() {
+        return Ok(None);
+    }
+    assign(&requested(networks, &[])?, nics, prefix, taken, rng).map(Some)
+}
+
 /// The requirements and operations that move the MAC claims of VM `name` from `old` to
 /// `new` NICs: a MAC new to the VM must be unclaimed at commit time.
 pub fn claims(name: &str, old: &[Nic], new: &[Nic]) -> (Vec<Require>, Vec<tessera_state::Command>) {
@@ -247,6 +264,25 @@ mod tests {
             let n = assign(&[nic("lan", None)], &[], p, &taken, &mut rng).unwrap();
             assert!(!taken.contains(&n[0].mac));
         }
+        // An old record's networks get MACs (a free one each), a current record none.
+        let nets = vec!["lan".to_string(), "dmz".to_string()];
+        let given = migrate(&nets, &[], p, &taken, &mut rng).unwrap().unwrap();
+        assert_eq!(given.len(), 2);
+        assert_eq!(
+            (given[0].network.as_str(), given[1].network.as_str()),
+            ("lan", "dmz")
+        );
+        assert!(given
+            .iter()
+            .all(|n| !taken.contains(&n.mac) && parse(&n.mac).is_some()));
+        assert_ne!(given[0].mac, given[1].mac);
+        assert_eq!(migrate(&nets, &given, p, &taken, &mut rng).unwrap(), None);
+        // One NIC already there: kept in place, the missing one added.
+        let half = migrate(&nets, &given[..1], p, &taken, &mut rng)
+            .unwrap()
+            .unwrap();
+        assert_eq!(half[0], given[0]);
+        assert_eq!(half[1].network, "dmz");
         // Claims: new MACs must be free; dropped ones are released.
         let (req, ops) = claims("web", &first, &again);
         assert_eq!(req.len(), 1, "only the new MAC is required absent");

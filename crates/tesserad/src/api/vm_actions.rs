@@ -134,10 +134,20 @@ pub(super) fn start_fields(
             "disks: tessera-vmm serves one disk today; a VM with more cannot start yet",
         ));
     }
+    // A record saved before NICs had MACs gets them now; the caller's commit claims them
+    // (`nics::claims`), so two such starts cannot take one MAC.
     if vm.nics.len() != vm.networks.len() {
-        return Err(ApiError::conflict(
-            "networks: the VM was defined before NICs had MACs; set its networks again (PATCH) to give them MACs",
-        ));
+        let prefix = super::nics::prefix(&super::vms::cluster_id(st)?);
+        let taken = super::nics::taken(n);
+        if let Some(nics) = super::nics::migrate(
+            &vm.networks,
+            &vm.nics,
+            prefix,
+            &taken,
+            &mut rand::thread_rng(),
+        )? {
+            vm.nics = nics;
+        }
     }
     if vm.nics.len() > 4 {
         return Err(ApiError::conflict(
@@ -337,6 +347,12 @@ async fn act_once(
     ];
     if let Some(h) = held {
         h.into_txn(&mut require, &mut ops);
+    }
+    // MACs a start gave an old record's NICs (`start_fields`).
+    if vm.nics != old.nics {
+        let (mac_req, mac_ops) = super::nics::claims(name, &old.nics, &vm.nics);
+        require.extend(mac_req);
+        ops.extend(mac_ops);
     }
     let mut raced = None;
     let res = commit(st, require, ops, |r| {

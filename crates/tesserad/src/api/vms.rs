@@ -117,7 +117,7 @@ fn validate(n: &tessera_state::Node, vm: &Vm) -> Result<(), ApiError> {
 }
 
 /// The cluster's id (the MAC prefix is derived from it); 503 before this node knows it.
-fn cluster_id(st: &super::ApiState) -> Result<String, ApiError> {
+pub(super) fn cluster_id(st: &super::ApiState) -> Result<String, ApiError> {
     st.cluster_id
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -15,6 +15,15 @@ use crate::netrun::Networks;
 /// The taps of `vm`'s NICs, in NIC order, or why not (a network not set up here, a tap
 /// that cannot be made). On an error the taps made so far are dropped, and with them gone.
 pub async fn taps(vm: &Vm, nets: &Networks) -> Result<Vec<NicFd>, String> {
+    // A record saved before NICs had MACs, meant to run since: never started without the
+    // NICs it asks for. A start through the API gives them MACs (`api::nics::migrate`).
+    if vm.nics.len() != vm.networks.len() {
+        return Err(format!(
+            "networks {}: the VM's record predates NIC MACs; stop and start it (the start \
+             gives its NICs MACs)",
+            vm.networks.join(", ")
+        ));
+    }
     let mut out = Vec::with_capacity(vm.nics.len());
     for (i, nic) in vm.nics.iter().enumerate() {
         let bridge = nets
