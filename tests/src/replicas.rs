@@ -116,15 +116,43 @@ pub fn kill(dir: &Path, i: u8, programs: &[&str]) -> Vec<Vec<String>> {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
+    // Gone before anything is started in their place (same sockets, same data). Not
+    // judged by the command line: a dying process's reads empty once its memory is
+    // released, before its files (the store's data-directory lock among them) are
+    // closed, and a store started in that window exited "locked by another
+    // tessera-store" (the test then failed at "did not come back"). Nor by the main
+    // thread alone: it shows as a zombie while the other threads are still exiting and
+    // holding the files. A thread that is a zombie has closed its files.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !node_procs(dir, i, programs).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "node{i}: {programs:?} still running"
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    for (pid, argv) in &procs {
+        while !exited(*pid) {
+            assert!(
+                Instant::now() < deadline,
+                "node{i}: {} (pid {pid}) still running",
+                argv[0]
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     procs.into_iter().map(|(_, argv)| argv).collect()
+}
+
+/// True once every thread of process `pid` has exited: no /proc entry, or only zombies
+/// (state `Z` or `X`), which have closed their files.
+fn exited(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|t| {
+        match std::fs::read_to_string(t.path().join("stat")) {
+            // The state follows the command name, which is in parentheses and may hold
+            // any byte: take it after the last ')'.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+            Err(_) => true,
+        }
+    })
 }
 
 /// Processes a test started again (the launcher stops only its own): SIGTERM, then
@@ -200,6 +228,47 @@ pub fn wait_volume(
         assert!(
             Instant::now() < deadline,
             "volume {name} never got there: {code} {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until `volumes/<name>` through node `via` satisfies `ok`, for as long as its
+/// replication keeps moving: it fails only when nothing of `replication` (generation,
+/// copies, their states, catch-up progress, `joining`) changed for `quiet_secs`, or after
+/// `4 * quiet_secs` in all. A loaded CI machine makes a rebuild slow, not stuck; a fixed
+/// deadline took one for the other.
+pub fn wait_volume_moving(
+    ca: &str,
+    via: u8,
+    token: &str,
+    name: &str,
+    quiet_secs: u64,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    let quiet = Duration::from_secs(quiet_secs);
+    let began = Instant::now();
+    let mut last = (Value::Null, Instant::now());
+    loop {
+        let (code, v) = api(
+            ca,
+            via,
+            "GET",
+            &format!("volumes/{name}"),
+            Some(token),
+            None,
+        );
+        if code == 200 && ok(&v) {
+            return v;
+        }
+        if code == 200 && v["replication"] != last.0 {
+            last = (v["replication"].clone(), Instant::now());
+        }
+        assert!(
+            last.1.elapsed() < quiet && began.elapsed() < 4 * quiet,
+            "volume {name} never got there (its replication unchanged for {:?}, {:?} in all): {code} {v}",
+            last.1.elapsed(),
+            began.elapsed()
         );
         std::thread::sleep(Duration::from_millis(200));
     }

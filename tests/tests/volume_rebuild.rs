@@ -24,7 +24,7 @@ use tessera_tests::cluster::wait_for;
 use tessera_tests::devcluster::{api, node_id, DevCluster};
 use tessera_tests::replicas::{
     admin_socket, all_in_sync, copy_nodes, has_event, kill, payload, read_hash, serves, wait_task,
-    wait_volume, write, Restarted,
+    wait_volume, wait_volume_moving, write, Restarted,
 };
 use tessera_tests::{bin, output, require};
 
@@ -176,7 +176,7 @@ fn a_copy_away_too_long_is_rebuilt_elsewhere_and_copies_left_behind_are_deleted(
         rounds.clone(),
     );
     // Rebuilt on the spare node: the victim's copy is no longer one of r's.
-    let v = wait_volume(&ca, 1, t, "r", 90, |v| {
+    let v = wait_volume_moving(&ca, 1, t, "r", 60, |v| {
         let c = copy_nodes(v);
         c.contains(&id(spare)) && !c.contains(&id(victim)) && all_in_sync(v)
     });
@@ -272,6 +272,13 @@ fn a_copy_away_too_long_is_rebuilt_elsewhere_and_copies_left_behind_are_deleted(
     });
     assert!(serves(dir, victim, "stray"), "the stray volume was deleted");
 
+    // The store stopped above may have held a copy of r: that copy is caught up and
+    // rejoins first. (Killing `keep` while it was still joining left it `joining` for
+    // good, the rebuild below never finishing: a limit of the cluster side, see
+    // docs/replication.md, "A copy that rejoins but whose primary cannot take the rejoin
+    // configuration". CI saw it.)
+    wait_volume_moving(&ca, 1, t, "r", 60, all_in_sync);
+
     // A node removed from the cluster is gone at once: its copy of r is rebuilt on the
     // one node left without one (the victim's), well before 10 minutes.
     kill(dir, keep, &["tesserad", "tessera-store"]);
@@ -289,7 +296,7 @@ fn a_copy_away_too_long_is_rebuilt_elsewhere_and_copies_left_behind_are_deleted(
     });
     assert_eq!(c, 200, "{e}");
     let removed = Instant::now();
-    let v = wait_volume(&ca, 1, t, "r", 60, |v| {
+    let v = wait_volume_moving(&ca, 1, t, "r", 60, |v| {
         let c = copy_nodes(v);
         c.contains(&id(victim)) && !c.contains(&id(keep)) && all_in_sync(v)
     });

@@ -199,78 +199,8 @@ pub(crate) fn payload(tmp: &Path, name: &str, len: u64) -> (PathBuf, blake3::Has
     (p, blake3::hash(&data))
 }
 
-/// Node `i`'s processes whose program is one of `programs` (every process whose command
-/// line names the node's directory): (pid, argv).
-pub(crate) fn node_procs(dir: &Path, i: u8, programs: &[&str]) -> Vec<(i32, Vec<String>)> {
-    let mark = format!("{}/", dir.join(format!("node{i}")).display());
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let argv: Vec<String> = String::from_utf8_lossy(&cmd)
-            .split('\0')
-            .filter(|a| !a.is_empty())
-            .map(str::to_string)
-            .collect();
-        let program = argv.first().map(|a| a.rsplit('/').next().unwrap_or(a));
-        if program.is_some_and(|p| programs.contains(&p)) && argv.join(" ").contains(&mark) {
-            found.push((pid, argv));
-        }
-    }
-    found
-}
-
-/// Kills node `i`'s processes among `programs` with SIGKILL; returns their command
-/// lines, to start them again.
-pub(crate) fn kill(dir: &Path, i: u8, programs: &[&str]) -> Vec<Vec<String>> {
-    let procs = node_procs(dir, i, programs);
-    assert_eq!(procs.len(), programs.len(), "node{i}: {procs:?}");
-    for (pid, _) in &procs {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(*pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    // Gone before anything is started in their place (same sockets, same data). Not
-    // judged by the command line: a dying process's reads empty once its memory is
-    // released, before its files (the store's data-directory lock among them) are
-    // closed, and a store started in that window exited "locked by another
-    // tessera-store" (the test then failed at "did not come back"). Nor by the main
-    // thread alone: it shows as a zombie while the other threads are still exiting and
-    // holding the files. A thread that is a zombie has closed its files.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for (pid, argv) in &procs {
-        while !exited(*pid) {
-            assert!(
-                Instant::now() < deadline,
-                "node{i}: {} (pid {pid}) still running",
-                argv[0]
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    procs.into_iter().map(|(_, argv)| argv).collect()
-}
-
-/// True once every thread of process `pid` has exited: no /proc entry, or only zombies
-/// (state `Z` or `X`), which have closed their files.
-fn exited(pid: i32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return true;
-    };
-    tasks.flatten().all(|t| {
-        match std::fs::read_to_string(t.path().join("stat")) {
-            // The state follows the command name, which is in parentheses and may hold
-            // any byte: take it after the last ')'.
-            Ok(stat) => stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
-            Err(_) => true,
-        }
-    })
-}
+// One copy of these for every dev-cluster test (tests/src/replicas.rs).
+pub(crate) use tessera_tests::replicas::kill;
 
 /// Kills node `i`'s tesserad and store with SIGKILL: their command lines.
 pub(crate) fn kill_node(dir: &Path, i: u8) -> Vec<Vec<String>> {
