@@ -118,7 +118,7 @@ async fn store_is_replica(local: &Local, volume: &str, generation: u64) -> bool 
 /// Target side, for its roles reconciler: whether this node's store must not start yet
 /// as the primary of `volume` (generation `generation`), because a migration to this
 /// node switched over with it and the source's store has not released it. Bounded by
-/// [`RELEASE_LIMIT`] from the first time this node asked for that generation.
+/// [`RELEASE_LIMIT`] from the first time this node asked while that migration held it.
 pub fn primary_waits(node: &Node, me: &str, volume: &str, generation: u64) -> bool {
     let held = node.state.read(|t| {
         t.get(MIGRATIONS).is_some_and(|ms| {
@@ -135,18 +135,18 @@ pub fn primary_waits(node: &Node, me: &str, volume: &str, generation: u64) -> bo
                 })
         })
     });
-    static FIRST: OnceLock<Mutex<HashMap<(String, u64), Instant>>> = OnceLock::new();
+    // When this node first held the volume back, per volume: once the limit passed it
+    // is not held back again while the same migration holds it.
+    static FIRST: OnceLock<Mutex<HashMap<String, Instant>>> = OnceLock::new();
     let mut first = FIRST
         .get_or_init(Mutex::default)
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    first.retain(|(v, _), since| v != volume || (held && since.elapsed() < RELEASE_LIMIT * 2));
     if !held {
+        first.remove(volume);
         return false;
     }
-    let since = *first
-        .entry((volume.to_string(), generation))
-        .or_insert_with(Instant::now);
+    let since = *first.entry(volume.to_string()).or_insert_with(Instant::now);
     if since.elapsed() < RELEASE_LIMIT {
         return true;
     }
