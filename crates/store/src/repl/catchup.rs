@@ -37,6 +37,12 @@ const REPLY_WAIT: Duration = Duration::from_secs(10);
 const RETRY: Duration = Duration::from_millis(300);
 /// How often a caught-up replica's new misses are looked for.
 const IDLE: Duration = Duration::from_millis(100);
+/// After a pass, a replica with at most this much newly recorded is reported caught up:
+/// under a writer that never pauses, a pass almost never ends with nothing new (each
+/// pass takes several round trips, the writer one), so waiting for zero left the
+/// rejoin to chance (replication_rebuild took 2 to 30+ s). What is left goes in the
+/// rejoin's last pass, which holds requests and so always finishes.
+const NEAR: u64 = 4 << 20;
 
 /// What a replica missed: recorded and not yet taken, and taken by the running pass.
 #[derive(Debug, Default)]
@@ -163,6 +169,8 @@ impl CatchUp {
         let mut seq = 0u64;
         let mut last_pass: Option<Final> = None;
         let mut told = String::new();
+        // Reported caught up while what is recorded stays within `NEAR` of none.
+        let mut near = false;
         loop {
             if last_pass.is_none() {
                 last_pass = ctl.try_recv().ok();
@@ -178,6 +186,7 @@ impl CatchUp {
                     let _ = f.done.send(Ok(()));
                     return;
                 }
+                near = true;
                 self.set_state(ReplicaState::CaughtUp {});
                 tokio::select! {
                     f = ctl.recv() => last_pass = f,
@@ -191,12 +200,13 @@ impl CatchUp {
                 .entry(self.replica)
                 .or_default()
                 .in_pass = taken.clone();
+            near = near && taken.total_bytes() <= NEAR;
             let outcome = match stream.as_mut() {
-                Some(s) => self.pass(s, &mut seq, &taken).await,
+                Some(s) => self.pass(s, &mut seq, &taken, near).await,
                 None => match self.open(&mut seq).await {
                     Ok(s) => {
                         let s = stream.insert(s);
-                        self.pass(s, &mut seq, &taken).await
+                        self.pass(s, &mut seq, &taken, near).await
                     }
                     Err(e) => Err(e),
                 },
@@ -212,7 +222,19 @@ impl CatchUp {
                 outcome.err()
             };
             match failed {
-                None => told.clear(),
+                None => {
+                    told.clear();
+                    let left = self
+                        .shared
+                        .missed
+                        .lock()
+                        .get(&self.replica)
+                        .map_or(0, Missed::bytes);
+                    if left <= NEAR && last_pass.is_none() {
+                        near = true;
+                        self.set_state(ReplicaState::CaughtUp {});
+                    }
+                }
                 Some(PassError::Stale(current)) => {
                     tracing::warn!(volume = %self.volume, node = %self.peer.node, %current,
                         "catch-up stopped: the replica is at a newer generation");
@@ -226,6 +248,7 @@ impl CatchUp {
                     return;
                 }
                 Some(PassError::Retry(why)) => {
+                    near = false;
                     if why != told {
                         tracing::warn!(volume = %self.volume, node = %self.peer.node, reason = %why,
                             "catch-up pass interrupted; trying again");
@@ -322,14 +345,19 @@ impl CatchUp {
     }
 
     /// One pass over `regions`: compare, send what differs, flush.
+    /// `near`: the replica is reported caught up and stays so (no progress shown).
     async fn pass(
         &self,
         s: &mut Stream,
         seq: &mut u64,
         regions: &RegionSet,
+        near: bool,
     ) -> Result<(), PassError> {
         let mut plan = CatchUpPlan::new(regions, self.export.size());
         let progress = |plan: &CatchUpPlan| {
+            if near {
+                return;
+            }
             let p = plan.progress();
             self.set_state(ReplicaState::CatchingUp {
                 done_bytes: p.done_bytes,
