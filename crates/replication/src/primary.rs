@@ -7,9 +7,10 @@
 //! before any later action, since the completions after it rely on it.
 //!
 //! Rules:
-//! - A client request gets the next seq of the generation, is applied locally and sent to
-//!   every in-sync replica. Requests complete in seq order, each once the local apply and
-//!   every in-sync replica acknowledged it. So a flush completes only after the local flush
+//! - A client request gets the next seq of the generation, is sent to every in-sync
+//!   replica and applied locally (the sends come first, so both run at once). Requests
+//!   complete in seq order, each once the local apply and every in-sync replica
+//!   acknowledged it. So a flush completes only after the local flush
 //!   and every in-sync replica's flush, which each come after every earlier write.
 //! - A replica that leaves a request unacknowledged for [`Timing::replica_timeout`] (or
 //!   answers with an error) stops all completions: the primary emits
@@ -356,7 +357,6 @@ impl Primary {
                 link.unflushed.push((generation, seq, region));
             }
         }
-        out.push(PrimaryAction::ApplyLocal { id, op: op.clone() });
         let pending = Pending {
             id,
             op,
@@ -375,6 +375,12 @@ impl Primary {
                 });
             }
         }
+        // After the sends: the replicas apply it while the shell applies it locally,
+        // instead of waiting for the local copy first (a round trip later otherwise).
+        out.push(PrimaryAction::ApplyLocal {
+            id,
+            op: pending.op.clone(),
+        });
         self.pending.push_back(pending);
     }
 

@@ -9,9 +9,16 @@ use super::{decode_body, frame_body_len};
 /// bytes at a time: a length prefix above [`MAX_FRAME_LEN`] fails as soon as its four bytes
 /// are in, before the body is read. After an error the decoder refuses everything
 /// ([`WireError::Poisoned`]): the stream is out of step and must be closed.
+///
+/// A caller may also push more than it wants (whole reads, so many small frames cost one
+/// read): memory then stays bounded by one frame plus what one push adds, as long as it
+/// takes every whole message out before the next push.
 #[derive(Debug, Default)]
 pub struct Decoder {
     buf: Vec<u8>,
+    /// Where the undecoded bytes of `buf` start: decoded frames are not moved out one at
+    /// a time (many small frames in one push would make that quadratic).
+    start: usize,
     poisoned: bool,
 }
 
@@ -24,29 +31,35 @@ impl Decoder {
     /// How many more bytes the next step needs: the rest of the length prefix, or the
     /// rest of the frame. Zero when a whole message is buffered (call `next_message`).
     pub fn wants(&self) -> usize {
-        if self.buf.len() < LENGTH_PREFIX {
-            return LENGTH_PREFIX - self.buf.len();
+        let have = self.buffered();
+        if have < LENGTH_PREFIX {
+            return LENGTH_PREFIX - have;
         }
         match self.prefix_len() {
-            Ok(len) => (LENGTH_PREFIX + len).saturating_sub(self.buf.len()),
+            Ok(len) => (LENGTH_PREFIX + len).saturating_sub(have),
             Err(_) => 0,
         }
     }
 
     /// Bytes buffered and not yet decoded.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 
     /// True when no partial frame is buffered (a clean place for the stream to end).
     pub fn at_boundary(&self) -> bool {
-        self.buf.is_empty()
+        self.buffered() == 0
     }
 
     /// Adds received bytes; fails at once on an oversize or too-short length prefix.
     pub fn push(&mut self, bytes: &[u8]) -> Result<(), WireError> {
         if self.poisoned {
             return Err(WireError::Poisoned);
+        }
+        if self.start > 0 {
+            // What was decoded goes now, once per push, not once per frame.
+            self.buf.drain(..self.start);
+            self.start = 0;
         }
         self.buf.extend_from_slice(bytes);
         if self.buf.len() >= LENGTH_PREFIX {
@@ -63,7 +76,7 @@ impl Decoder {
         if self.poisoned {
             return Err(WireError::Poisoned);
         }
-        if self.buf.len() < LENGTH_PREFIX {
+        if self.buffered() < LENGTH_PREFIX {
             return Ok(None);
         }
         let len = match self.prefix_len() {
@@ -74,11 +87,15 @@ impl Decoder {
             }
         };
         let end = LENGTH_PREFIX + len;
-        if self.buf.len() < end {
+        if self.buffered() < end {
             return Ok(None);
         }
-        let result = decode_body(&self.buf[LENGTH_PREFIX..end]);
-        self.buf.drain(..end);
+        let result = decode_body(&self.buf[self.start + LENGTH_PREFIX..self.start + end]);
+        self.start += end;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
         match result {
             Ok(msg) => Ok(Some(msg)),
             Err(e) => {
@@ -90,7 +107,7 @@ impl Decoder {
 
     fn prefix_len(&self) -> Result<usize, WireError> {
         let mut prefix = [0; LENGTH_PREFIX];
-        prefix.copy_from_slice(&self.buf[..LENGTH_PREFIX]);
+        prefix.copy_from_slice(&self.buf[self.start..self.start + LENGTH_PREFIX]);
         frame_body_len(prefix)
     }
 }
