@@ -33,6 +33,10 @@ pub struct Extent {
     pub flags: u32,
 }
 
+/// The completion of a [`Device::write_remote`].
+pub type RemoteWrite =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), DeviceError>> + Send>>;
+
 /// A block device behind an export. Calls may block briefly (page-cache I/O); the server
 /// moves the ones that sync to disk (`flush`, anything with `fua`) off its async workers.
 pub trait Device: Send + Sync + 'static {
@@ -47,6 +51,18 @@ pub trait Device: Send + Sync + 'static {
     /// Writes `data` at `offset`, taking the buffer (devices that keep it avoid a copy).
     fn write_owned(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
         self.write(offset, &data, fua)
+    }
+    /// True when writes complete elsewhere, after a network round trip (a replicated
+    /// volume's primary waits for its replicas): the server then writes through
+    /// [`Device::write_remote`] and awaits it on a task of its own, reading the client's
+    /// next requests meanwhile, so writes pipeline without holding a thread each.
+    fn remote_writes(&self) -> bool {
+        false
+    }
+    /// Starts a write and returns its completion (see [`Device::remote_writes`]). The
+    /// default writes at once, as [`Device::write_owned`].
+    fn write_remote(&self, offset: u64, data: Vec<u8>, fua: bool) -> RemoteWrite {
+        Box::pin(std::future::ready(self.write_owned(offset, data, fua)))
     }
     /// Makes all completed writes durable.
     fn flush(&self) -> Result<(), DeviceError>;

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use tessera_blockstore::{Allocation, Export, Store, StoreError};
+use tessera_nbd::device::RemoteWrite;
 use tessera_nbd::proto::{Errno, STATE_HOLE, STATE_ZERO};
 use tessera_nbd::{Device, DeviceError, ExportEntry, Exports, Extent};
 use tessera_replication::replica::Op;
@@ -96,6 +97,49 @@ impl StoreDevice {
             op => p.submit(op).map_err(fail),
         }
     }
+
+    /// Runs a write through the primary without holding a thread: every frame is
+    /// submitted at once (they pipeline), then awaited; FUA is a flush after them all.
+    async fn forward_write(
+        p: Arc<crate::repl::primary::PrimaryHandle>,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> Result<(), DeviceError> {
+        let fail =
+            |e: crate::repl::primary::ForwardError| DeviceError::new(Errno::Io, e.to_string());
+        if data.len() <= MAX_DATA {
+            return p
+                .submit_async(Op::Write { offset, fua, data })
+                .await
+                .map_err(fail);
+        }
+        let pieces: Vec<_> = data
+            .chunks(MAX_DATA)
+            .enumerate()
+            .map(|(i, piece)| {
+                p.submit_async(Op::Write {
+                    offset: offset + (i * MAX_DATA) as u64,
+                    fua: false,
+                    data: piece.to_vec(),
+                })
+            })
+            .collect();
+        drop(data);
+        let mut first_error = None;
+        for piece in pieces {
+            if let Err(e) = piece.await {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(fail(e));
+        }
+        if fua {
+            p.submit_async(Op::Flush).await.map_err(fail)?;
+        }
+        Ok(())
+    }
 }
 
 fn errno(e: &StoreError) -> Errno {
@@ -129,6 +173,16 @@ impl Device for StoreDevice {
         match self.route()? {
             Route::Local => self.export.write_owned(offset, data, fua).map_err(dev_err),
             Route::Replicated(p) => Self::forward(&p, Op::Write { offset, fua, data }),
+        }
+    }
+    fn remote_writes(&self) -> bool {
+        matches!(self.route(), Ok(Route::Replicated(_)))
+    }
+    fn write_remote(&self, offset: u64, data: Vec<u8>, fua: bool) -> RemoteWrite {
+        match self.route() {
+            Ok(Route::Replicated(p)) => Box::pin(Self::forward_write(p, offset, data, fua)),
+            // The role changed since the server asked: written like any other write.
+            _ => Box::pin(std::future::ready(self.write_owned(offset, data, fua))),
         }
     }
     fn flush(&self) -> Result<(), DeviceError> {

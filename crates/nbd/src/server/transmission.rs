@@ -112,6 +112,20 @@ where
         };
         match cmd {
             Command::Disconnect => break Ok(()),
+            // Completed by peers (a replicated volume): awaited on its own task, no thread
+            // held, and the next requests are read meanwhile.
+            Command::Write { offset, fua, .. } if device.remote_writes() => {
+                let done = device.write_remote(offset, data, fua);
+                let w = w.clone();
+                let cookie = req.cookie;
+                background.spawn(async move {
+                    let res = done.await;
+                    send_done(&w, &session, cookie, res).await?;
+                    let flushed = w.lock().await.flush().await;
+                    drop(admitted);
+                    flushed
+                });
+            }
             Command::Read { .. }
             | Command::Write {
                 fua: false,

@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 use super::catchup::{Missed, Shared};
 use super::quic::ReplEndpoint;
 use driver::Driver;
+pub(super) use driver::QUICK_WRITE_MAX;
 use link::link;
 pub use members::Change;
 use members::Members;
@@ -76,7 +77,22 @@ pub enum ForwardError {
     Stopped,
 }
 
-type Done = std::sync::mpsc::Sender<Result<(), ForwardError>>;
+/// Where a request's outcome goes: a blocked caller (admin calls) or an awaiting task
+/// (NBD writes, which must not hold a thread while the replicas answer).
+enum Done {
+    Blocking(std::sync::mpsc::Sender<Result<(), ForwardError>>),
+    Async(tokio::sync::oneshot::Sender<Result<(), ForwardError>>),
+}
+
+impl Done {
+    fn send(self, result: Result<(), ForwardError>) {
+        // A caller that gave up (timed out) no longer listens: nothing to tell.
+        let _ = match self {
+            Done::Blocking(tx) => tx.send(result).map_err(|_| ()),
+            Done::Async(tx) => tx.send(result).map_err(|_| ()),
+        };
+    }
+}
 
 enum Input {
     Request {
@@ -159,7 +175,10 @@ impl PrimaryHandle {
     pub fn submit_within(&self, op: Op, bound: Duration) -> Result<(), ForwardError> {
         let (done, rx) = std::sync::mpsc::channel();
         self.tx
-            .send(Input::Request { op, done })
+            .send(Input::Request {
+                op,
+                done: Done::Blocking(done),
+            })
             .map_err(|_| ForwardError::Stopped)?;
         let wait = || match rx.recv_timeout(bound) {
             Ok(r) => r,
@@ -173,6 +192,29 @@ impl PrimaryHandle {
                 tokio::task::block_in_place(wait)
             }
             _ => wait(),
+        }
+    }
+
+    /// Submits a client's `op` and awaits its completion (at most the replica timeout and
+    /// the cluster wait, as [`PrimaryHandle::submit`]) without holding a thread: the NBD
+    /// server keeps reading the client's next requests meanwhile, so they pipeline.
+    pub fn submit_async(
+        &self,
+        op: Op,
+    ) -> impl std::future::Future<Output = Result<(), ForwardError>> + Send + 'static {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let sent = self.tx.send(Input::Request {
+            op,
+            done: Done::Async(done),
+        });
+        let bound = self.wait;
+        async move {
+            sent.map_err(|_| ForwardError::Stopped)?;
+            match tokio::time::timeout(bound, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(ForwardError::Stopped),
+                Err(_) => Err(ForwardError::TimedOut(bound)),
+            }
         }
     }
 

@@ -473,14 +473,37 @@ async fn serve_stream(
         let _ = send.reset(c.into());
         let _ = recv.stop(c.into());
     };
+    // Encoded replies not yet written: the replies to every request already received go
+    // out in one write, when the next read would wait (under load, one write for many).
+    let mut out = Vec::new();
     loop {
-        // Whole messages first, then read exactly what the next step wants, so an
-        // oversize prefix is refused before its body is read.
+        // Whole messages first, then a read of what has arrived, up to a chunk: many
+        // small frames come in one read. An oversize length prefix is refused before more
+        // than one chunk past it is read (the decoder checks it as soon as it is in).
         let msg = match decoder.next_message() {
             Ok(Some(m)) => m,
             Ok(None) => {
-                let want = decoder.wants().clamp(1, READ_CHUNK);
-                match recv.read(&mut buf[..want]).await {
+                let want = READ_CHUNK;
+                // What has arrived already is taken without waiting (`read` is
+                // cancel-safe); only before a wait do the pending replies go out.
+                let ready = tokio::select! {
+                    biased;
+                    read = recv.read(&mut buf[..want]) => Some(read),
+                    () = std::future::ready(()) => None,
+                };
+                let read = match ready {
+                    Some(read) => read,
+                    None => {
+                        if !out.is_empty() {
+                            if send.write_all(&out).await.is_err() {
+                                return;
+                            }
+                            out.clear();
+                        }
+                        recv.read(&mut buf[..want]).await
+                    }
+                };
+                match read {
                     Ok(Some(n)) => {
                         if let Err(e) = decoder.push(&buf[..n]) {
                             service.limiter.warn("malformed", || {
@@ -517,8 +540,14 @@ async fn serve_stream(
                 return;
             }
         };
-        let svc = service.clone();
-        let answered = tokio::task::spawn_blocking(move || svc.handle(msg)).await;
+        let answered = if quick_request(&msg) {
+            // A small write only reaches the page cache: a trip to the blocking pool and
+            // back would cost more than the write (4K QD1 latency).
+            Ok(service.handle(msg))
+        } else {
+            let svc = service.clone();
+            tokio::task::spawn_blocking(move || svc.handle(msg)).await
+        };
         let replies = match answered {
             Ok(Ok(r)) => r,
             Ok(Err((c, why))) => {
@@ -534,7 +563,6 @@ async fn serve_stream(
                 return;
             }
         };
-        let mut out = Vec::new();
         for m in &replies {
             if let Err(e) = wire::encode_into(m, &mut out) {
                 tracing::error!(%node, error = %e, "could not encode a replication reply");
@@ -542,10 +570,14 @@ async fn serve_stream(
                 return;
             }
         }
-        if !out.is_empty() && send.write_all(&out).await.is_err() {
-            return;
-        }
     }
+}
+
+/// True for a request cheap enough to handle on an async worker: a write without FUA of
+/// at most the primary's quick size (the page cache only, no sync).
+fn quick_request(msg: &Message) -> bool {
+    matches!(msg, Message::Write { fua: false, data, .. }
+        if data.len() <= super::primary::QUICK_WRITE_MAX)
 }
 
 /// Logs at most one warning a second per kind, counting the ones it held back: a peer

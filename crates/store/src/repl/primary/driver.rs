@@ -175,11 +175,18 @@ impl Driver {
                     let export = self.export.clone();
                     let local = (self.store.clone(), self.volume.clone());
                     let taken = self.taken.clone();
-                    let result = tokio::task::spawn_blocking(move || {
+                    let result = if quick(&op) {
+                        // Page-cache work of a few µs, as the NBD server does for a copy of
+                        // one: a trip to the blocking pool and back cost more than the
+                        // write (4K QD1 latency).
                         apply_local(&export, op, &local, &taken)
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(ReplyError::Io(e.to_string())));
+                    } else {
+                        tokio::task::spawn_blocking(move || {
+                            apply_local(&export, op, &local, &taken)
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(ReplyError::Io(e.to_string())))
+                    };
                     let more = self
                         .machine
                         .handle(self.start.elapsed(), PrimaryInput::LocalDone { id, result });
@@ -201,7 +208,7 @@ impl Driver {
                 }
                 PrimaryAction::Complete { id, result } => {
                     if let Some(done) = self.waiting.remove(&id) {
-                        let _ = done.send(result.map_err(ForwardError::Request));
+                        done.send(result.map_err(ForwardError::Request));
                     }
                 }
                 PrimaryAction::RequestRemoval {
@@ -248,6 +255,16 @@ impl Driver {
             }
         }
     }
+}
+
+/// Writes up to this size without FUA are applied on the driver's own task: they only
+/// reach the page cache. Larger ones (checksumming takes a while), flushes and anything
+/// with FUA go to the blocking pool.
+pub(in super::super) const QUICK_WRITE_MAX: usize = 64 << 10;
+
+/// True for an op cheap enough to run on an async worker (see [`QUICK_WRITE_MAX`]).
+pub(in super::super) fn quick(op: &Op) -> bool {
+    matches!(op, Op::Write { fua: false, data, .. } if data.len() <= QUICK_WRITE_MAX)
 }
 
 fn apply_local(

@@ -9,6 +9,9 @@ use tokio::sync::mpsc;
 use super::super::quic::ReplEndpoint;
 use super::{Input, Peer, RECONNECT};
 
+/// Queued frames are joined into one write up to this many bytes.
+const BATCH_MAX: usize = 256 << 10;
+
 /// Keeps one stream to replica `r` open, feeding what it reads to the driver and
 /// writing what the driver sends; reconnects after a loss.
 pub(super) async fn link(
@@ -45,7 +48,22 @@ pub(super) async fn link(
             return;
         }
         let writer = tokio::spawn(async move {
-            while let Some(f) = frames.recv().await {
+            while let Some(mut f) = frames.recv().await {
+                // Small frames queued meanwhile go in the same write (one wake-up of the
+                // connection instead of one per 4K write at queue depth).
+                while f.len() < BATCH_MAX {
+                    match frames.try_recv() {
+                        Ok(next) if f.len() + next.len() <= BATCH_MAX => f.extend_from_slice(&next),
+                        Ok(next) => {
+                            if send.write_all(&f).await.is_err() {
+                                return;
+                            }
+                            f = next;
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
                 if send.write_all(&f).await.is_err() {
                     break;
                 }
@@ -66,7 +84,8 @@ pub(super) async fn link(
                     Err(e) => break 'read format!("bad frame from the replica: {e}"),
                 }
             }
-            let want = decoder.wants().clamp(1, buf.len());
+            // Whatever has arrived, up to the buffer: replies are small, many in one read.
+            let want = buf.len();
             let read = tokio::select! {
                 read = recv.read(&mut buf[..want]) => read,
                 _ = restart.notified() => break "a new stream for the replica's rejoin".to_string(),
