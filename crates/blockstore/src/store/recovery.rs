@@ -3,7 +3,7 @@
 //! punches the space under replayed fills, and removes layer files the catalog does not
 //! know.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
@@ -72,18 +72,13 @@ pub(super) fn recover(
         return Ok(1);
     };
     // Pass 1: which blocks did placed writes touch, and what did the table say of them?
-    // Blocks under an overwrite intent may have been overwritten in place by a placed
-    // write whose record was lost: they are checked too.
     let mut touched: HashMap<(LayerId, u64), Vec<Version>> = HashMap::new();
-    let mut intended: HashSet<(LayerId, u64)> = HashSet::new();
     scan(wal_dir, &segs, accept_damage, false, |rec| {
-        let h = rec.header;
-        if matches!(h.kind, RecordKind::Placed | RecordKind::Overwrite) {
-            for b in 0..u64::from(h.nblocks) {
-                touched.entry((h.layer, h.first_block + b)).or_default();
-                if h.kind == RecordKind::Overwrite {
-                    intended.insert((h.layer, h.first_block + b));
-                }
+        if rec.header.kind == RecordKind::Placed {
+            for b in 0..u64::from(rec.header.nblocks) {
+                touched
+                    .entry((rec.header.layer, rec.header.first_block + b))
+                    .or_default();
             }
         }
         Ok(())
@@ -104,10 +99,7 @@ pub(super) fn recover(
     let mut records = 0u64;
     scan(wal_dir, &segs, accept_damage, true, |rec| {
         let h = rec.header;
-        if matches!(
-            h.kind,
-            RecordKind::Seal | RecordKind::Flushed | RecordKind::Overwrite
-        ) {
+        if matches!(h.kind, RecordKind::Seal | RecordKind::Flushed) {
             return Ok(());
         }
         records += 1;
@@ -163,10 +155,10 @@ pub(super) fn recover(
                 }
                 Ok(())
             }
-            RecordKind::Seal | RecordKind::Flushed | RecordKind::Overwrite => Ok(()),
+            RecordKind::Seal | RecordKind::Flushed => Ok(()),
         }
     })?;
-    settle(layers, touched, &before, &intended)?;
+    settle(layers, touched, &before)?;
     for files in layers.values() {
         files.sync()?;
     }
@@ -195,18 +187,10 @@ fn to_sum(raw: &[u8]) -> [u8; SUM_LEN] {
 /// Decides the content of every block a placed write touched: the newest version whose
 /// data is there (placed) or can be put there (logged, fill); failing all, what the
 /// table said before the replay.
-///
-/// Under an overwrite intent, a block whose data matches none of that was overwritten in
-/// place by a write that was never flushed (its record may be lost): what is on disk is
-/// kept, as a disk keeps a torn write. Two exceptions keep the table's word: nothing
-/// says the block was written (no record and the table held no data, as for the rest of
-/// an intent's range), or it reads as zeroes where the table held no data (a placed write
-/// into a hole whose data never landed, overwritten by another that did not either).
 fn settle(
     layers: &HashMap<LayerId, Arc<LayerFiles>>,
     touched: HashMap<(LayerId, u64), Vec<Version>>,
     before: &HashMap<(LayerId, u64), BlockEntry>,
-    intended: &HashSet<(LayerId, u64)>,
 ) -> Result<()> {
     let mut buf = vec![0u8; BLOCK_SIZE];
     for ((layer, b), versions) in touched {
@@ -230,37 +214,21 @@ fn settle(
             }
             break;
         }
-        let old = before.get(&(layer, b)).copied();
-        let torn = || {
-            tracing::warn!(
-                layer,
-                block = b,
-                "a write cut short by the crash left the block torn; keeping what is on disk"
-            );
-            BlockEntry::Data(in_place)
-        };
-        let entry = match (entry, old) {
+        let entry = match (entry, before.get(&(layer, b))) {
             (Some(e), _) => e,
-            (None, Some(BlockEntry::Data(h))) if h != in_place => {
+            (None, Some(BlockEntry::Data(h))) if *h != in_place => {
                 // A placed write that was never flushed overwrote the block and was cut
                 // short: what is there is part old, part new, like a disk's torn write.
-                torn()
+                tracing::warn!(
+                    layer,
+                    block = b,
+                    "a write cut short by the crash left the block torn; keeping what is on disk"
+                );
+                BlockEntry::Data(in_place)
             }
-            (None, _)
-                if !versions.is_empty()
-                    && intended.contains(&(layer, b))
-                    && buf.iter().any(|&x| x != 0) =>
-            {
-                // A placed version (perhaps flushed) was overwritten under the intent by
-                // one whose record is lost; neither matches: the overwrite was cut short.
-                torn()
-            }
-            (None, Some(e)) => e,
+            (None, Some(e)) => *e,
             (None, None) => BlockEntry::Absent,
         };
-        if versions.is_empty() && old == Some(entry) {
-            continue; // only an intent named it, and it holds: leave the table alone
-        }
         files.write_entries(b, &entry.encode())?;
     }
     Ok(())

@@ -128,12 +128,11 @@ impl Store {
     /// layer's data file, logging only their hashes: the data is written once.
     ///
     /// Overwriting a block whose current content is in place (its checksum is in the
-    /// table, or an earlier placed write put it there) is only safe once a durable record
-    /// tells recovery the block may have changed: without one, a torn or newer block would
-    /// match nothing and read as corruption. That record is an overwrite *intent* covering
-    /// this write and the range after it (`intent`), so a stream of overwrites syncs the
-    /// log once per intent, not once per write. Writes into a hole need no intent: until
-    /// their record is replayed, the table does not point at their data.
+    /// table, or an earlier placed write put it there) is only safe once the record naming
+    /// the new hashes is durable: after a crash, recovery compares what is in place with
+    /// both versions and keeps the one that matches. Without the record, a torn or newer
+    /// block would match nothing and read as corruption. Writes into a hole need no such
+    /// sync: until their record is replayed, the table does not point at their data.
     fn place_record(&self, rt: &VolumeRuntime, start: u64, data: &[u8]) -> Result<()> {
         let top = &rt.chain[0];
         let layer = top.id;
@@ -150,17 +149,11 @@ impl Store {
             first_block: start,
             generation: rt.generation,
         };
-        let ((replaced, seg), wal_len) = self.inner.wal.append(&header, &hashes, &[], |seg| {
-            let replaced = self
-                .inner
-                .pending
-                .publish_placed(layer, start, seg, &hashes, &gate);
-            (replaced, seg)
-        })?;
-        let intend = || {
+        let (replaced, wal_len) = self.inner.wal.append(&header, &hashes, &[], |seg| {
             self.inner
-                .intend_overwrite(layer, start, n as u64, seg, rt.generation)
-        };
+                .pending
+                .publish_placed(layer, start, seg, &hashes, &gate)
+        })?;
         let placed = || -> Result<()> {
             self.inner.at(Point::PlacedLogged)?;
             let holds_data = || -> Result<bool> {
@@ -169,14 +162,14 @@ impl Store {
                     .iter()
                     .any(|e| matches!(e, BlockEntry::Data(_))))
             };
-            let mut intended = false;
+            let mut synced = false;
             if replaced
                 .iter()
                 .any(|r| r.as_ref().is_some_and(|p| p.block().is_none()))
                 || holds_data()?
             {
-                intend()?;
-                intended = true;
+                self.inner.sync_wal()?;
+                synced = true;
             }
             self.inner.at(Point::PlacedDecided)?;
             loop {
@@ -186,11 +179,11 @@ impl Store {
                 let stable = self.inner.layer_writes.read();
                 // A checkpoint may have copied an older logged version of these blocks in
                 // since the check above (it does while the gate is closed): then this is
-                // an overwrite after all, and needs its intent first.
-                if !intended && holds_data()? {
+                // an overwrite after all, and its record must be durable first.
+                if !synced && holds_data()? {
                     drop(stable);
-                    intend()?;
-                    intended = true;
+                    self.inner.sync_wal()?;
+                    synced = true;
                     continue;
                 }
                 top.write_blocks(start, data)?;
