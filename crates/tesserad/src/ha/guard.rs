@@ -2,7 +2,9 @@
 //! management network last heard each registered peer. A node without contact to a
 //! majority (itself counted) for `SELF_FENCE_AFTER` (2 s) kills every local VMM and, while
 //! cut off, its reconciler starts none ([`fenced`]); the majority declares it down only at
-//! 3 s, so its HA VMs are restarted elsewhere after the old copies are gone. If a VMM still
+//! 3 s, so its HA VMs are restarted elsewhere after the old copies are gone; back in
+//! contact, it starts VMs again only once its copy of the cluster state caught up with the
+//! leader's (it would otherwise restart what was moved away meanwhile). If a VMM still
 //! lives at `WATCHDOG_AFTER` (2.5 s) the kill is repeated and, where `/dev/watchdog` exists,
 //! the watchdog is opened and never fed, so the kernel resets the node after the device's
 //! own timeout. Without a watchdog device only the repeated kill remains (logged).
@@ -37,6 +39,11 @@ const WATCHDOG: &str = "/dev/watchdog";
 
 /// Whether this node is cut off from the majority (its reconciler must not start VMs).
 static FENCED: AtomicBool = AtomicBool::new(false);
+/// Losses of the majority so far, under the lock that also sets and lifts [`FENCED`]: a
+/// lift that waited for the cluster state through a later loss must not take effect.
+static LOSSES: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
+/// How long one wait for the cluster state may take before it is asked again.
+const SYNC_LIMIT: Duration = Duration::from_secs(2);
 
 /// Whether this node is self-fenced: no contact to a majority for `SELF_FENCE_AFTER`.
 pub fn fenced() -> bool {
@@ -75,6 +82,36 @@ fn record_self_fence(node: std::sync::Arc<tessera_state::Node>, me: String, msg:
                 }
             }
             tokio::time::sleep(RECORD_RETRY).await;
+        }
+    });
+}
+
+/// Lifts the fence once this node's copy of the cluster state has caught up with the
+/// leader's (`Node::sync`): until then it still shows what was true before the cut (the
+/// VM placed here, running wanted), and the reconciler, seeing no VMM, would start a VM
+/// the majority restarted elsewhere meanwhile (the partition test saw node1 start it
+/// again right after the heal). Asked again every [`SYNC_LIMIT`] until it answers; a
+/// later loss of the majority cancels it.
+fn lift_when_caught_up(node: std::sync::Arc<tessera_state::Node>) {
+    let losses = *LOSSES.lock().unwrap_or_else(|p| p.into_inner());
+    tokio::spawn(async move {
+        let since = Instant::now();
+        loop {
+            if *LOSSES.lock().unwrap_or_else(|p| p.into_inner()) != losses {
+                return;
+            }
+            if let Ok(Ok(())) = tokio::time::timeout(SYNC_LIMIT, node.sync()).await {
+                let now = LOSSES.lock().unwrap_or_else(|p| p.into_inner());
+                if *now == losses {
+                    FENCED.store(false, Ordering::Relaxed);
+                    tracing::warn!(
+                        waited_ms = since.elapsed().as_millis() as u64,
+                        "contact to a majority is back and the cluster state caught up: this node runs VMs again"
+                    );
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
 }
@@ -132,7 +169,11 @@ pub fn start(shared: crate::SharedNode, me: String, heard: crate::Heard, data_di
             for action in guard.observe(now, Some(contact), vmms.len()) {
                 match action {
                     GuardAction::QuorumLost => {
-                        FENCED.store(true, Ordering::Relaxed);
+                        {
+                            let mut losses = LOSSES.lock().unwrap_or_else(|p| p.into_inner());
+                            *losses += 1;
+                            FENCED.store(true, Ordering::Relaxed);
+                        }
                         lost_at = Some(contact);
                         tracing::error!(
                             silent_ms = now.saturating_sub(contact),
@@ -171,8 +212,7 @@ pub fn start(shared: crate::SharedNode, me: String, heard: crate::Heard, data_di
                         }
                     }
                     GuardAction::QuorumRegained => {
-                        FENCED.store(false, Ordering::Relaxed);
-                        tracing::warn!("contact to a majority is back: this node runs VMs again");
+                        lift_when_caught_up(node.clone());
                         if !stopped.is_empty() {
                             let silent = now.saturating_sub(lost_at.unwrap_or(now));
                             let msg = format!(
