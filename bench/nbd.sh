@@ -12,8 +12,11 @@ RUNTIME=${1:-8}
 SIZE=1G
 tests/setup
 command -v python3 >/dev/null
-cargo build --release -q -p tessera-store
-BIN=$PWD/target/release/tessera-store
+# PROFILE=fast reuses an engineer's incremental build (release code generation, more
+# codegen units); results in BENCHMARKS.md say which profile they used.
+PROFILE=${PROFILE:-release}
+cargo build --profile "$PROFILE" -q -p tessera-store
+BIN=$PWD/target/$PROFILE/tessera-store
 OUT=bench/results
 mkdir -p "$OUT"
 WORK=$(mktemp -d /var/tmp/tessera-bench.XXXXXX)
