@@ -302,6 +302,20 @@ fn partuuid_of(dev: &Path) -> anyhow::Result<String> {
     bail!("no PARTUUID link for {}", dev.display())
 }
 
+/// Restarts of a unit since the boot after which `boot-check` calls it unhealthy.
+const MAX_RESTARTS: u32 = 5;
+
+/// How many times systemd restarted `unit` (its `NRestarts`); 0 when unknown.
+fn restarts_of(unit: &str) -> u32 {
+    Command::new("systemctl")
+        .args(["show", "--property=NRestarts", "--value", unit])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// `boot-check`: waits up to `within` for the node to be healthy. Healthy: exit 0 (and
 /// boot-complete.target is reached: a slot on trial is blessed). Not: exit 1, and a slot on
 /// trial reboots, so systemd-boot counts the failed boot.
@@ -349,6 +363,14 @@ pub fn boot_check(dir: &Path, data_dir: &Path, within: Duration) -> anyhow::Resu
             .is_ok_and(|s| s.success());
         if failed {
             break Some(format!("tesserad.service failed ({why})"));
+        }
+        // A daemon that keeps exiting is not healthy either, and on a slow machine its
+        // restarts may never come fast enough for systemd's start limit to fail it.
+        let restarts = restarts_of("tesserad.service");
+        if restarts >= MAX_RESTARTS {
+            break Some(format!(
+                "tesserad.service restarted {restarts} times ({why})"
+            ));
         }
         if Instant::now() > deadline {
             break Some(format!("not healthy within {} s: {why}", within.as_secs()));
