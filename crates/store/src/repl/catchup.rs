@@ -181,6 +181,46 @@ impl CatchUp {
                 m.give_back();
                 std::mem::take(&mut m.recorded)
             };
+            // Caught up means reached: a replica this task never reached in its
+            // generation may refuse every write (a store that restarted holds its copy
+            // lost until its node configures it, which that node does only once the
+            // store holds this generation, learned from this fence). Reported caught up
+            // unreached, with nothing recorded, it rejoined, refused the primary's first
+            // write, left the in-sync set and came back, over and over: the volume's
+            // generation ran away (issue #8, volume_rebuild).
+            if taken.is_empty() && stream.is_none() {
+                match self.open(&mut seq).await {
+                    Ok(s) => stream = Some(s),
+                    Err(PassError::Stale(current)) => {
+                        tracing::warn!(volume = %self.volume, node = %self.peer.node, %current,
+                            "catch-up stopped: the replica is at a newer generation");
+                        self.set_state(ReplicaState::OutOfSync {});
+                        if let Some(f) = last_pass.take() {
+                            let _ = f.done.send(Err(format!(
+                                "replica {} is at generation {current} already (the primary must get its configuration before the replica)",
+                                self.peer.node
+                            )));
+                        }
+                        return;
+                    }
+                    Err(PassError::Retry(why)) => {
+                        near = false;
+                        if why != told {
+                            tracing::warn!(volume = %self.volume, node = %self.peer.node, reason = %why,
+                                "catch-up could not reach the replica; trying again");
+                            told = why.clone();
+                        }
+                        if let Some(f) = last_pass.take() {
+                            let _ = f.done.send(Err(format!(
+                                "replica {} could not be brought up to date: {why}",
+                                self.peer.node
+                            )));
+                        }
+                        tokio::time::sleep(RETRY).await;
+                        continue;
+                    }
+                }
+            }
             if taken.is_empty() {
                 if let Some(f) = last_pass.take() {
                     let _ = f.done.send(Ok(()));
