@@ -272,11 +272,11 @@ fn a_copy_away_too_long_is_rebuilt_elsewhere_and_copies_left_behind_are_deleted(
     });
     assert!(serves(dir, victim, "stray"), "the stray volume was deleted");
 
-    // KNOWN BUG (docs/replication.md, "Not done yet (cluster side)"): the store stopped
-    // above may have held a copy of r; that copy is caught up and rejoins, and has been
-    // seen to stay `joining` for good while r's generation kept rising (715 after 240 s),
-    // in CI too (generation 36). Waiting here for r all in sync then fails; the removal
-    // below reconfigures r and has let it finish in most runs, so the test goes on.
+    // The store stopped above may have held a copy of r: that copy is caught up and
+    // rejoins first. (With no writes while it was away, the primary used to report it
+    // caught up without reaching it; its restarted store refused the rejoin and r's
+    // generation ran away, 715 after 240 s, the copy `joining` for good. CI saw it.)
+    wait_volume_moving(&ca, 1, t, "r", 60, all_in_sync);
 
     // A node removed from the cluster is gone at once: its copy of r is rebuilt on the
     // one node left without one (the victim's), well before 10 minutes.
