@@ -20,6 +20,6 @@ pub mod wal;
 pub use error::{Result, StoreError};
 pub use format::{BLOCK, BLOCK_SIZE};
 pub use store::{
-    Allocation, BadBlock, Export, Extent, ScrubReport, SnapshotInfo, Store, StoreOptions,
-    VolumeInfo,
+    Allocation, BadBlock, BlockRepair, Export, Extent, ScrubReport, SnapshotInfo, Store,
+    StoreOptions, VolumeInfo,
 };

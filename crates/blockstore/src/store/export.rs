@@ -8,6 +8,7 @@ use std::sync::Arc;
 use parking_lot::RwLockReadGuard;
 
 use super::read::Source;
+use super::repair::BlockRepair;
 use super::{block_range, Store, VolumeRuntime, VolumeState};
 use crate::error::{Result, StoreError};
 use crate::format::{BLOCK, BLOCK_SIZE};
@@ -264,6 +265,25 @@ impl Export {
     /// Makes every acknowledged write durable (on any export of this store).
     pub fn flush(&self) -> Result<()> {
         self.store.flush()
+    }
+
+    /// Repairs the block at `offset` (block-aligned) with `data` (one block's bytes from
+    /// another copy) if they hash to the checksum this store holds for it; see
+    /// [`BlockRepair`]. Allowed on snapshots too: the bytes are the ones already promised.
+    pub fn repair_block(&self, offset: u64, data: &[u8]) -> Result<BlockRepair> {
+        if offset % BLOCK != 0 || data.len() != BLOCK_SIZE {
+            return Err(StoreError::Invalid {
+                field: "repair",
+                reason: format!(
+                    "a repair is one whole block: offset {offset}, {} bytes",
+                    data.len()
+                ),
+            });
+        }
+        self.with_chain(|chain, size| {
+            Self::check_range(offset, BLOCK, size)?;
+            self.store.repair_chain(chain, offset / BLOCK, data)
+        })
     }
 
     /// Describes how `offset..offset+len` is allocated, as runs starting at `offset`. May

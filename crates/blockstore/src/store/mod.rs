@@ -19,7 +19,8 @@
 //! - `checkpoint`: copying the WAL into the layer files, in the background;
 //! - `recovery`: replaying the WAL at open;
 //! - `space`: refusing writes the filesystem could not checkpoint;
-//! - `scrub`: verifying every stored block.
+//! - `scrub`: verifying every stored block;
+//! - `repair`: rewriting a block that fails its checksum with another copy's bytes.
 
 mod admin;
 mod checkpoint;
@@ -37,6 +38,7 @@ mod placed_tests;
 mod race_tests;
 mod read;
 mod recovery;
+mod repair;
 mod replication_role;
 mod scrub;
 mod space;
@@ -54,6 +56,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 pub use admin::{SnapshotInfo, VolumeInfo};
 pub use export::{Allocation, Export, Extent, MAX_EXTENT_QUERY};
+pub use repair::BlockRepair;
 pub use scrub::{BadBlock, ScrubReport};
 
 use crate::catalog::{Catalog, LayerId, VolumeMeta};
