@@ -2,9 +2,11 @@
 //!
 //! A [`Replica`] holds the highest generation the store has persisted for the volume and
 //! the last seq it accepted in that generation. It never touches the disk: it returns
-//! [`ReplicaAction`]s that the shell performs **in order, one at a time**, reporting the
-//! outcome of each [`ReplicaAction::Apply`] through [`Replica::applied`] before handing it
-//! the next message of the volume. That order is what makes the fence hold: a generation is
+//! [`ReplicaAction`]s that the shell performs **in order**, reporting the outcome of each
+//! [`ReplicaAction::Apply`] through [`Replica::applied`] in seq order. The shell may start
+//! the next message's applies before earlier ones finished only when they touch other
+//! bytes (writes, zeroes and trims of one generation); anything else waits until every
+//! earlier apply was reported. That order is what makes the fence hold: a generation is
 //! persisted before any reply that depends on it is sent.
 //!
 //! Rules:
@@ -348,11 +350,16 @@ impl Replica {
         actions
     }
 
-    /// The shell performed [`ReplicaAction::Apply`] for `seq` with this outcome.
+    /// The shell performed [`ReplicaAction::Apply`] for `seq` with this outcome. A shell
+    /// may apply several non-overlapping requests at once, but reports them in seq order.
     pub fn applied(&mut self, seq: u64, result: Result<(), ReplyError>) -> Vec<ReplicaAction> {
         if result.is_err() {
             // The copy now differs from the write stream of this generation.
             self.position = Position::Lost;
+        } else if self.position == Position::Lost {
+            // A later request applied at the same time as one that failed: the copy
+            // already differs from the stream, so it acknowledges nothing more.
+            return vec![reply(seq, Err(ReplyError::NotInSync))];
         }
         vec![reply(seq, result)]
     }

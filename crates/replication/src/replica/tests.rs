@@ -250,6 +250,30 @@ fn a_failed_apply_loses_the_place_in_the_generation() {
 }
 
 #[test]
+fn a_write_applied_alongside_a_failed_one_is_not_acknowledged() {
+    // A shell applying seqs 1 and 2 at once reports them in order: once 1 failed, the
+    // copy differs from the stream, so 2 (applied meanwhile) is refused, not acked.
+    let mut r = Replica::new(vol());
+    assert!(matches!(
+        r.handle(write(1, 1))[..],
+        [.., ReplicaAction::Apply { seq: 1, .. }]
+    ));
+    assert!(matches!(
+        r.handle(write(1, 2))[..],
+        [ReplicaAction::Apply { seq: 2, .. }]
+    ));
+    assert_eq!(
+        r.applied(1, Err(ReplyError::Io("disk".into()))),
+        vec![reply(1, Err(ReplyError::Io("disk".into())))]
+    );
+    assert_eq!(
+        r.applied(2, Ok(())),
+        vec![reply(2, Err(ReplyError::NotInSync))]
+    );
+    assert!(r.is_lost());
+}
+
+#[test]
 fn other_volumes_and_replies_are_refused() {
     let mut r = Replica::new(vol());
     let other = VolumeName::new("w").unwrap();
