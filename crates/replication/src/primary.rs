@@ -464,6 +464,7 @@ impl Primary {
                 Message::DigestsReply { .. }
                     | Message::ReadReply { .. }
                     | Message::UnsettledReply { .. }
+                    | Message::SnapshotListReply { .. }
             ) {
                 out.push(PrimaryAction::Disconnect {
                     replica: from,

@@ -75,6 +75,9 @@ pub enum ReplicaAction {
     /// Answer with [`Message::UnsettledReply`] for `request`: the regions of the last
     /// changes the shell applied (it keeps that window; the machine does not).
     ReportUnsettled { request: u64 },
+    /// Answer with [`Message::SnapshotListReply`] for `request`: the names of the
+    /// snapshots the shell's copy holds.
+    ListSnapshots { request: u64 },
     /// Send this message to the primary.
     Send(Message),
     /// The peer broke the protocol (sent a message only a replica sends): close the stream.
@@ -338,9 +341,21 @@ impl Replica {
                 })),
                 None => actions.push(ReplicaAction::ReportUnsettled { request }),
             },
+            Message::SnapshotList {
+                volume,
+                generation,
+                request,
+            } => match self.admit(&volume, generation, &mut actions) {
+                Some(e) => actions.push(ReplicaAction::Send(Message::SnapshotListReply {
+                    request,
+                    result: Err(e),
+                })),
+                None => actions.push(ReplicaAction::ListSnapshots { request }),
+            },
             Message::DigestsReply { .. }
             | Message::ReadReply { .. }
             | Message::UnsettledReply { .. }
+            | Message::SnapshotListReply { .. }
             | Message::Reply { .. } => {
                 actions.push(ReplicaAction::Disconnect {
                     reason: "a replica received a reply; only the primary receives replies",

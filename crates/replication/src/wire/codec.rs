@@ -12,7 +12,8 @@ pub use encode::{encode, encode_into};
 pub use stream::Decoder;
 
 use super::{
-    Message, WireError, BLOCK_SIZE, MAX_DATA, MAX_DIGEST_BLOCKS, MAX_UNSETTLED_REGIONS, SECTOR,
+    Message, WireError, BLOCK_SIZE, MAX_DATA, MAX_DIGEST_BLOCKS, MAX_SNAPSHOT_NAMES,
+    MAX_UNSETTLED_REGIONS, SECTOR,
 };
 
 const KIND_FENCE: u8 = 1;
@@ -29,6 +30,8 @@ const KIND_SNAPSHOT: u8 = 11;
 const KIND_RESIZE: u8 = 12;
 const KIND_UNSETTLED: u8 = 13;
 const KIND_UNSETTLED_REPLY: u8 = 14;
+const KIND_SNAPSHOT_LIST: u8 = 15;
+const KIND_SNAPSHOT_LIST_REPLY: u8 = 16;
 
 const ERR_STALE_GENERATION: u8 = 1;
 const ERR_UNKNOWN_VOLUME: u8 = 2;
@@ -121,6 +124,18 @@ fn check(msg: &Message) -> Result<(), WireError> {
             }
             for (offset, len) in regions {
                 check_range(*offset, *len, SECTOR, "region length")?;
+            }
+            Ok(())
+        }
+        Message::SnapshotListReply {
+            result: Ok(names),
+            ..
+        } => {
+            if names.len() > MAX_SNAPSHOT_NAMES as usize {
+                return Err(WireError::BadLength {
+                    field: "snapshot count",
+                    value: names.len() as u64,
+                });
             }
             Ok(())
         }

@@ -8,11 +8,11 @@
 //!
 //! Who sends what: the primary sends [`Message::Fence`], [`Message::Write`],
 //! [`Message::WriteZeroes`], [`Message::Trim`], [`Message::Flush`], [`Message::Digests`] and
-//! [`Message::Read`], [`Message::Snapshot`], [`Message::Resize`] and
-//! [`Message::Unsettled`]; a replica answers with
+//! [`Message::Read`], [`Message::Snapshot`], [`Message::Resize`],
+//! [`Message::Unsettled`] and [`Message::SnapshotList`]; a replica answers with
 //! [`Message::Reply`] (fence, writes, flushes, snapshots, resizes, matched by `seq`; a fence
-//! is answered as seq 0), [`Message::DigestsReply`], [`Message::ReadReply`] and
-//! [`Message::UnsettledReply`] (matched by `request`).
+//! is answered as seq 0), [`Message::DigestsReply`], [`Message::ReadReply`],
+//! [`Message::UnsettledReply`] and [`Message::SnapshotListReply`] (matched by `request`).
 
 mod codec;
 #[cfg(test)]
@@ -38,6 +38,8 @@ pub const MAX_DIGEST_BLOCKS: u32 = (MAX_DATA / 32) as u32;
 pub const MAX_VOLUME_NAME: usize = 64;
 /// Most regions one `UnsettledReply` carries (16 bytes each: 1 MiB of regions).
 pub const MAX_UNSETTLED_REGIONS: u32 = 1 << 16;
+/// Most snapshot names one `SnapshotListReply` carries (65 bytes each at most: 266 KiB).
+pub const MAX_SNAPSHOT_NAMES: u32 = 4096;
 /// Longest I/O error text in a reply; longer text is cut when encoding.
 pub const MAX_ERROR_TEXT: usize = 1024;
 /// Largest frame, counted after the 4-byte length: the largest data frame plus headers.
@@ -205,6 +207,20 @@ pub enum Message {
     UnsettledReply {
         request: u64,
         result: Result<Vec<(u64, u64)>, ReplyError>,
+    },
+    /// Primary → replica (a catch-up): "which snapshots of this volume do you hold", so
+    /// the snapshots a copy missed while out of sync are brought to it, each at its point
+    /// (see `docs/replication.md`, "Catch-up carries snapshots").
+    SnapshotList {
+        volume: VolumeName,
+        generation: Generation,
+        request: u64,
+    },
+    /// Replica → primary: the answer to `SnapshotList` number `request`: the names of the
+    /// snapshots the copy holds, at most [`MAX_SNAPSHOT_NAMES`].
+    SnapshotListReply {
+        request: u64,
+        result: Result<Vec<VolumeName>, ReplyError>,
     },
     /// Replica → primary: the outcome of the fence (seq 0), write, flush, snapshot or
     /// resize `seq`.

@@ -111,6 +111,19 @@ fn every_message() -> Vec<Message> {
             request: 8,
             result: Ok(Vec::new()),
         },
+        Message::SnapshotList {
+            volume: vol(),
+            generation: g,
+            request: 1,
+        },
+        Message::SnapshotListReply {
+            request: 1,
+            result: Ok(vec![VolumeName::new("template").unwrap(), vol()]),
+        },
+        Message::SnapshotListReply {
+            request: 2,
+            result: Ok(Vec::new()),
+        },
     ];
     for e in errors {
         all.push(Message::Reply {
@@ -127,6 +140,10 @@ fn every_message() -> Vec<Message> {
         });
         all.push(Message::UnsettledReply {
             request: 3,
+            result: Err(e.clone()),
+        });
+        all.push(Message::SnapshotListReply {
+            request: 4,
             result: Err(e),
         });
     }
@@ -287,7 +304,7 @@ fn unknown_version_and_kind_are_refused() {
     body[0] = 0;
     assert_eq!(decode_body(&body), Err(WireError::UnknownVersion(0)));
     body[0] = VERSION;
-    for kind in [0u8, 15, 255] {
+    for kind in [0u8, 17, 255] {
         body[1] = kind;
         assert_eq!(decode_body(&body), Err(WireError::UnknownKind(kind)));
     }
@@ -535,6 +552,43 @@ fn an_unsettled_reply_claiming_too_many_regions_is_refused_before_reading_them()
         decode_body(&short),
         Err(WireError::Truncated { .. })
     ));
+}
+
+#[test]
+fn a_snapshot_list_reply_with_too_many_or_bad_names_is_refused() {
+    let too_many = Message::SnapshotListReply {
+        request: 1,
+        result: Ok(vec![vol(); MAX_SNAPSHOT_NAMES as usize + 1]),
+    };
+    assert!(encode(&too_many).is_err());
+    let mut body = vec![VERSION, 16];
+    body.extend_from_slice(&1u64.to_be_bytes());
+    body.push(0);
+    body.extend_from_slice(&(MAX_SNAPSHOT_NAMES + 1).to_be_bytes());
+    assert!(matches!(
+        decode_body(&body),
+        Err(WireError::BadLength {
+            field: "snapshot count",
+            ..
+        })
+    ));
+    // A count the body cannot hold: truncated before anything is allocated for it.
+    let mut short = vec![VERSION, 16];
+    short.extend_from_slice(&1u64.to_be_bytes());
+    short.push(0);
+    short.extend_from_slice(&MAX_SNAPSHOT_NAMES.to_be_bytes());
+    short.extend_from_slice(&[1, b'a']);
+    assert!(matches!(
+        decode_body(&short),
+        Err(WireError::Truncated { .. })
+    ));
+    // A name that breaks the naming rule.
+    let mut bad = vec![VERSION, 16];
+    bad.extend_from_slice(&1u64.to_be_bytes());
+    bad.push(0);
+    bad.extend_from_slice(&1u32.to_be_bytes());
+    bad.extend_from_slice(&[2, b'.', b'a']);
+    assert_eq!(decode_body(&bad), Err(WireError::BadVolumeName));
 }
 
 #[test]

@@ -445,7 +445,8 @@ impl Sim {
                 }
                 ReplicaAction::ReadDigests { .. }
                 | ReplicaAction::Read { .. }
-                | ReplicaAction::ReportUnsettled { .. } => {}
+                | ReplicaAction::ReportUnsettled { .. }
+                | ReplicaAction::ListSnapshots { .. } => {}
                 ReplicaAction::Disconnect { reason } => {
                     return Err(format!("replica disconnected: {reason}"));
                 }

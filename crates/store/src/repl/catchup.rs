@@ -14,13 +14,19 @@
 //! One write of at most 4 MiB is in flight at a time, and an optional rate bounds the
 //! bytes per second. A replica that restarted meanwhile answers with a seq gap or
 //! `NotInSync`: the pass starts again (what it had not flushed was lost with it).
+//!
+//! Snapshots: each new stream first asks the replica which snapshots it holds and brings
+//! it those of the primary's it lacks, each at its point ([`snapshots`]).
+
+mod snapshots;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tessera_blockstore::Export;
+use tessera_blockstore::{Export, Store};
 use tessera_replication::catchup::CatchUpPlan;
 use tessera_replication::primary::ReplicaId;
 use tessera_replication::regions::{Region, RegionSet};
@@ -96,6 +102,10 @@ pub struct CatchUp {
     pub export: Arc<Export>,
     pub shared: Shared,
     pub rate: Option<u64>,
+    /// The store, for the primary's snapshots of the volume.
+    pub store: Store,
+    /// The replica's durable missed-region record: (directory, file).
+    pub record: (PathBuf, PathBuf),
 }
 
 /// Why a pass stopped.
@@ -191,35 +201,17 @@ impl CatchUp {
             if taken.is_empty() && stream.is_none() {
                 match self.open(&mut seq).await {
                     Ok(s) => stream = Some(s),
-                    Err(PassError::Stale(current)) => {
-                        tracing::warn!(volume = %self.volume, node = %self.peer.node, %current,
-                            "catch-up stopped: the replica is at a newer generation");
-                        self.set_state(ReplicaState::OutOfSync {});
-                        if let Some(f) = last_pass.take() {
-                            let _ = f.done.send(Err(format!(
-                                "replica {} is at generation {current} already (the primary must get its configuration before the replica)",
-                                self.peer.node
-                            )));
+                    Err(e) => {
+                        if self.failed(e, "could not reach the replica", &mut last_pass, &mut told)
+                        {
+                            return;
                         }
-                        return;
-                    }
-                    Err(PassError::Retry(why)) => {
                         near = false;
-                        if why != told {
-                            tracing::warn!(volume = %self.volume, node = %self.peer.node, reason = %why,
-                                "catch-up could not reach the replica; trying again");
-                            told = why.clone();
-                        }
-                        if let Some(f) = last_pass.take() {
-                            let _ = f.done.send(Err(format!(
-                                "replica {} could not be brought up to date: {why}",
-                                self.peer.node
-                            )));
-                        }
                         tokio::time::sleep(RETRY).await;
-                        continue;
                     }
                 }
+                // Round again: bringing snapshots may have recorded the whole volume.
+                continue;
             }
             if taken.is_empty() {
                 if let Some(f) = last_pass.take() {
@@ -275,31 +267,11 @@ impl CatchUp {
                         self.set_state(ReplicaState::CaughtUp {});
                     }
                 }
-                Some(PassError::Stale(current)) => {
-                    tracing::warn!(volume = %self.volume, node = %self.peer.node, %current,
-                        "catch-up stopped: the replica is at a newer generation");
-                    self.set_state(ReplicaState::OutOfSync {});
-                    if let Some(f) = last_pass.take() {
-                        let _ = f.done.send(Err(format!(
-                            "replica {} is at generation {current} already (the primary must get its configuration before the replica)",
-                            self.peer.node
-                        )));
+                Some(e) => {
+                    if self.failed(e, "pass interrupted", &mut last_pass, &mut told) {
+                        return;
                     }
-                    return;
-                }
-                Some(PassError::Retry(why)) => {
                     near = false;
-                    if why != told {
-                        tracing::warn!(volume = %self.volume, node = %self.peer.node, reason = %why,
-                            "catch-up pass interrupted; trying again");
-                        told = why.clone();
-                    }
-                    if let Some(f) = last_pass.take() {
-                        let _ = f.done.send(Err(format!(
-                            "replica {} could not be brought up to date: {why}",
-                            self.peer.node
-                        )));
-                    }
                     if let Some(s) = stream.take() {
                         s.conn.close(0u32.into(), b"catch-up retry");
                     }
@@ -307,6 +279,48 @@ impl CatchUp {
                 }
             }
         }
+    }
+
+    /// What a failed open or pass means, the same for both: `true` when this catch-up is
+    /// over (the replica is at a newer generation); otherwise the reason is logged (once
+    /// while it stays the same) and the caller tries again after [`RETRY`]. Either way a
+    /// waiting last pass is answered with the failure.
+    fn failed(
+        &self,
+        e: PassError,
+        what: &str,
+        last_pass: &mut Option<Final>,
+        told: &mut String,
+    ) -> bool {
+        let (over, answer) = match e {
+            PassError::Stale(current) => {
+                tracing::warn!(volume = %self.volume, node = %self.peer.node, %current,
+                    "catch-up stopped: the replica is at a newer generation");
+                self.set_state(ReplicaState::OutOfSync {});
+                (true, format!(
+                    "replica {} is at generation {current} already (the primary must get its configuration before the replica)",
+                    self.peer.node
+                ))
+            }
+            PassError::Retry(why) => {
+                if why != *told {
+                    tracing::warn!(volume = %self.volume, node = %self.peer.node, reason = %why,
+                        "catch-up {what}; trying again");
+                    told.clone_from(&why);
+                }
+                (
+                    false,
+                    format!(
+                        "replica {} could not be brought up to date: {why}",
+                        self.peer.node
+                    ),
+                )
+            }
+        };
+        if let Some(f) = last_pass.take() {
+            let _ = f.done.send(Err(answer));
+        }
+        over
     }
 
     fn set_state(&self, state: ReplicaState) {
@@ -381,6 +395,7 @@ impl CatchUp {
                 )))
             }
         }
+        self.carry_snapshots(&mut s, seq).await?;
         Ok(s)
     }
 
@@ -417,9 +432,32 @@ impl CatchUp {
         })
         .await?;
         self.expect_reply(s, seq).await?;
+        let head = self.export.clone();
+        self.send_differences(s, seq, &head, &mut plan, &progress)
+            .await?;
+        *seq += 1;
+        s.send(&Message::Flush {
+            volume: self.volume.clone(),
+            generation: Generation(self.generation),
+            seq: *seq,
+        })
+        .await?;
+        self.expect_reply(s, seq).await
+    }
+
+    /// Compares the replica's copy with `source` (the primary's copy, or one of its
+    /// snapshots) over what `plan` covers and writes there what differs.
+    async fn send_differences(
+        &self,
+        s: &mut Stream,
+        seq: &mut u64,
+        source: &Arc<Export>,
+        plan: &mut CatchUpPlan,
+        progress: &(dyn Fn(&CatchUpPlan) + Sync),
+    ) -> Result<(), PassError> {
         let mut request = 0u64;
         for batch in plan.batches() {
-            let export = self.export.clone();
+            let export = source.clone();
             let local = tokio::task::spawn_blocking(move || {
                 super::replica::digests(&export, batch.offset, batch.blocks)
             })
@@ -448,26 +486,25 @@ impl CatchUp {
             let runs = plan
                 .compare(batch, &local, &remote)
                 .map_err(|e| PassError::Retry(e.to_string()))?;
-            progress(&plan);
+            progress(plan);
             for run in runs {
-                self.send_run(s, seq, run).await?;
+                self.send_run(s, seq, source, run).await?;
                 plan.sent(run);
-                progress(&plan);
+                progress(plan);
             }
         }
-        *seq += 1;
-        s.send(&Message::Flush {
-            volume: self.volume.clone(),
-            generation: Generation(self.generation),
-            seq: *seq,
-        })
-        .await?;
-        self.expect_reply(s, seq).await
+        Ok(())
     }
 
-    /// Reads `run` from the primary's copy and writes it on the replica.
-    async fn send_run(&self, s: &mut Stream, seq: &mut u64, run: Region) -> Result<(), PassError> {
-        let export = self.export.clone();
+    /// Reads `run` from `source` and writes it on the replica.
+    async fn send_run(
+        &self,
+        s: &mut Stream,
+        seq: &mut u64,
+        source: &Arc<Export>,
+        run: Region,
+    ) -> Result<(), PassError> {
+        let export = source.clone();
         let data = tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; run.len as usize];
             export.read_at(run.offset, &mut buf).map(|()| buf)

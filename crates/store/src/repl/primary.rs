@@ -40,6 +40,7 @@ use link::link;
 pub use members::Change;
 use members::Members;
 use missed::{append_synced, load_missed, missed_path, whole};
+pub(super) use missed::append_synced as append_missed;
 
 /// How often the driver gives the machine the time (timeouts, resends).
 const TICK: Duration = Duration::from_millis(100);

@@ -308,6 +308,12 @@ impl ReplicaService {
                         result: Ok(regions),
                     });
                 }
+                ReplicaAction::ListSnapshots { request } => {
+                    out.push(Message::SnapshotListReply {
+                        request,
+                        result: snapshot_names(&self.store, volume.as_str()),
+                    });
+                }
                 ReplicaAction::Send(m) => {
                     if let Message::Reply {
                         result: Err(e),
@@ -341,10 +347,12 @@ fn target_volume(msg: &Message) -> Option<&VolumeName> {
         | Message::Resize { volume, .. }
         | Message::Digests { volume, .. }
         | Message::Read { volume, .. }
-        | Message::Unsettled { volume, .. } => Some(volume),
+        | Message::Unsettled { volume, .. }
+        | Message::SnapshotList { volume, .. } => Some(volume),
         Message::DigestsReply { .. }
         | Message::ReadReply { .. }
         | Message::UnsettledReply { .. }
+        | Message::SnapshotListReply { .. }
         | Message::Reply { .. } => None,
     }
 }
@@ -370,6 +378,10 @@ fn refusal(msg: &Message, why: ReplyError) -> Option<Message> {
             result: Err(why),
         },
         Message::Read { request, .. } => Message::ReadReply {
+            request: *request,
+            result: Err(why),
+        },
+        Message::SnapshotList { request, .. } => Message::SnapshotListReply {
             request: *request,
             result: Err(why),
         },
@@ -414,6 +426,26 @@ pub(super) fn digests(
         done += n;
     }
     Ok(out)
+}
+
+/// The names of the snapshots `volume` holds on this store, for a catch-up's
+/// `SnapshotList`. More than the wire carries is refused, not cut (a list cut short would
+/// have the primary send a snapshot this copy holds already).
+fn snapshot_names(
+    store: &tessera_blockstore::Store,
+    volume: &str,
+) -> Result<Vec<VolumeName>, ReplyError> {
+    let info = store.volume_info(volume).map_err(|e| reply_error(&e))?;
+    if info.snapshots.len() > tessera_replication::wire::MAX_SNAPSHOT_NAMES as usize {
+        return Err(ReplyError::Io(format!(
+            "{} snapshots: more than a snapshot list carries",
+            info.snapshots.len()
+        )));
+    }
+    info.snapshots
+        .iter()
+        .map(|s| VolumeName::new(s.name.as_str()).map_err(|e| ReplyError::Io(e.to_string())))
+        .collect()
 }
 
 /// A store error as the wire's typed refusal.

@@ -2,13 +2,15 @@
 
 use super::super::{
     Digest, Generation, Message, ReplyError, VolumeName, WireError, LENGTH_PREFIX, MAX_DATA,
-    MAX_DIGEST_BLOCKS, MAX_ERROR_TEXT, MAX_FRAME_LEN, MAX_UNSETTLED_REGIONS, VERSION,
+    MAX_DIGEST_BLOCKS, MAX_ERROR_TEXT, MAX_FRAME_LEN, MAX_SNAPSHOT_NAMES, MAX_UNSETTLED_REGIONS,
+    VERSION,
 };
 use super::{
     check, ERR_IO, ERR_NOT_IN_SYNC, ERR_NOT_REPLICA, ERR_NO_SPACE, ERR_OUT_OF_RANGE, ERR_SEQ_GAP,
     ERR_STALE_GENERATION, ERR_UNKNOWN_VOLUME, KIND_DIGESTS, KIND_DIGESTS_REPLY, KIND_FENCE,
     KIND_FLUSH, KIND_READ, KIND_READ_REPLY, KIND_REPLY, KIND_RESIZE, KIND_SNAPSHOT, KIND_TRIM,
-    KIND_UNSETTLED, KIND_UNSETTLED_REPLY, KIND_WRITE, KIND_WRITE_ZEROES,
+    KIND_SNAPSHOT_LIST, KIND_SNAPSHOT_LIST_REPLY, KIND_UNSETTLED, KIND_UNSETTLED_REPLY,
+    KIND_WRITE, KIND_WRITE_ZEROES,
 };
 
 /// The length of the frame that follows a 4-byte length prefix, refused if it is larger
@@ -210,6 +212,42 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                 Some(e) => Err(e),
             };
             Message::UnsettledReply { request, result }
+        }
+        KIND_SNAPSHOT_LIST => {
+            let (volume, generation) = r.target()?;
+            Message::SnapshotList {
+                volume,
+                generation,
+                request: r.u64("request")?,
+            }
+        }
+        KIND_SNAPSHOT_LIST_REPLY => {
+            let request = r.u64("request")?;
+            let result = match r.status()? {
+                None => {
+                    let count = r.u32("snapshot count")?;
+                    if count > MAX_SNAPSHOT_NAMES {
+                        return Err(WireError::BadLength {
+                            field: "snapshot count",
+                            value: u64::from(count),
+                        });
+                    }
+                    // Each name is at least 2 bytes: a count the body cannot hold is
+                    // refused before anything is allocated for it.
+                    if r.rest.len() < count as usize * 2 {
+                        return Err(WireError::Truncated {
+                            field: "snapshot names",
+                        });
+                    }
+                    let mut names = Vec::with_capacity(count as usize);
+                    for _ in 0..count {
+                        names.push(r.name("snapshot name length", "snapshot name")?);
+                    }
+                    Ok(names)
+                }
+                Some(e) => Err(e),
+            };
+            Message::SnapshotListReply { request, result }
         }
         KIND_REPLY => {
             let seq = r.u64("seq")?;

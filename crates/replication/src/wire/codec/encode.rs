@@ -8,7 +8,8 @@ use super::{
     check, ERR_IO, ERR_NOT_IN_SYNC, ERR_NOT_REPLICA, ERR_NO_SPACE, ERR_OUT_OF_RANGE, ERR_SEQ_GAP,
     ERR_STALE_GENERATION, ERR_UNKNOWN_VOLUME, KIND_DIGESTS, KIND_DIGESTS_REPLY, KIND_FENCE,
     KIND_FLUSH, KIND_READ, KIND_READ_REPLY, KIND_REPLY, KIND_RESIZE, KIND_SNAPSHOT, KIND_TRIM,
-    KIND_UNSETTLED, KIND_UNSETTLED_REPLY, KIND_WRITE, KIND_WRITE_ZEROES,
+    KIND_SNAPSHOT_LIST, KIND_SNAPSHOT_LIST_REPLY, KIND_UNSETTLED, KIND_UNSETTLED_REPLY,
+    KIND_WRITE, KIND_WRITE_ZEROES,
 };
 
 /// Encodes `msg` as one frame. Refuses a message that breaks the format's rules (so a bad
@@ -170,6 +171,29 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
                     for (offset, len) in regions {
                         put_u64(out, *offset);
                         put_u64(out, *len);
+                    }
+                }
+                Err(e) => put_error(out, e),
+            }
+        }
+        Message::SnapshotList {
+            volume,
+            generation,
+            request,
+        } => {
+            out.push(KIND_SNAPSHOT_LIST);
+            put_target(out, volume, *generation);
+            put_u64(out, *request);
+        }
+        Message::SnapshotListReply { request, result } => {
+            out.push(KIND_SNAPSHOT_LIST_REPLY);
+            put_u64(out, *request);
+            match result {
+                Ok(names) => {
+                    out.push(0);
+                    put_u32(out, len_u32(names.len()));
+                    for name in names {
+                        put_name(out, name);
                     }
                 }
                 Err(e) => put_error(out, e),

@@ -36,7 +36,9 @@ pub(super) fn whole(size: u64) -> RegionSet {
     set
 }
 
-pub(super) fn append_synced(
+/// Appends `line` to the record `file` and syncs it (the catch-up too: a copy that gets
+/// a snapshot carried lacks the whole head from then on).
+pub(in crate::repl) fn append_synced(
     dir: &std::path::Path,
     file: &std::path::Path,
     line: &str,

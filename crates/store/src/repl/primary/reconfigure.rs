@@ -146,6 +146,8 @@ impl Driver {
                 export: self.export.clone(),
                 shared: self.shared.clone(),
                 rate: self.rate,
+                store: self.store.clone(),
+                record: (self.missed_dir.clone(), self.missed_file(*r)),
             };
             self.catchups.insert(*r, (tokio::spawn(task.run(rx)), ctl));
         }

@@ -1,0 +1,187 @@
+//! Catch-up carries snapshots: a copy out of the in-sync set when a snapshot was taken
+//! (it failed during it, or it is a new copy made by a rebuild) gets it when it is caught
+//! up, holding exactly what the primary's snapshot holds.
+//!
+//! On each new stream the primary asks the replica which snapshots it holds
+//! (`SnapshotList`). For each of the primary's snapshots it lacks, oldest first: the
+//! replica's copy is made equal to the primary's snapshot (digests compared over the
+//! snapshot's whole size, only differing blocks sent, as for the head), flushed, and the
+//! snapshot taken there (`Snapshot`, sequenced like a write). Its copy then differs from
+//! the primary's head anywhere, so the whole volume is recorded as missed (durably, before
+//! the first block is sent) and the passes that follow bring the head back.
+//!
+//! A snapshot taken before the volume grew cannot be carried to a copy that is larger
+//! already (the block store takes a snapshot at its volume's current size): it is left
+//! out, with a warning naming it; its clones fail on that copy's node.
+
+use std::sync::Arc;
+
+use tessera_blockstore::SnapshotInfo;
+use tessera_replication::catchup::CatchUpPlan;
+use tessera_replication::regions::{Region, RegionSet};
+use tessera_replication::wire::{Generation, Message, VolumeName};
+use tessera_store_admin::ReplicaState;
+
+use super::{refused, CatchUp, PassError, Stream};
+
+/// The request number of the snapshot list on a stream (its only one).
+const LIST_REQUEST: u64 = 1;
+
+impl CatchUp {
+    /// Brings the replica the primary's snapshots it lacks (see the module doc).
+    pub(super) async fn carry_snapshots(
+        &self,
+        s: &mut Stream,
+        seq: &mut u64,
+    ) -> Result<(), PassError> {
+        let mut mine = self
+            .store
+            .volume_info(self.volume.as_str())
+            .map_err(|e| PassError::Retry(format!("listing the primary's snapshots: {e}")))?
+            .snapshots;
+        if mine.is_empty() {
+            return Ok(());
+        }
+        s.send(&Message::SnapshotList {
+            volume: self.volume.clone(),
+            generation: Generation(self.generation),
+            request: LIST_REQUEST,
+        })
+        .await?;
+        let theirs = match s.recv().await? {
+            Message::SnapshotListReply {
+                request: LIST_REQUEST,
+                result,
+            } => result.map_err(refused)?,
+            other => {
+                return Err(PassError::Retry(format!(
+                    "unexpected answer to the snapshot list: {other:?}"
+                )))
+            }
+        };
+        mine.retain(|m| !theirs.iter().any(|t| t.as_str() == m.name));
+        if mine.is_empty() {
+            return Ok(());
+        }
+        // Taken in the order they were taken here (the names break ties within a second).
+        mine.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+        self.record_whole().await?;
+        for snap in &mine {
+            self.carry(s, seq, snap).await?;
+        }
+        Ok(())
+    }
+
+    /// Records the whole volume as missed by the replica, durably first: from the first
+    /// block of a snapshot sent, its copy differs from the head anywhere, and a restart of
+    /// this primary must compare everything.
+    async fn record_whole(&self) -> Result<(), PassError> {
+        let size = self.export.size();
+        let (dir, file) = self.record.clone();
+        let line = format!("0 {size}\n");
+        tokio::task::spawn_blocking(move || {
+            crate::repl::primary::append_missed(&dir, &file, &line)
+        })
+        .await
+        .map_err(|e| PassError::Retry(e.to_string()))?
+        .map_err(|e| PassError::Retry(format!("recording the whole volume as missed: {e}")))?;
+        let mut whole = RegionSet::new();
+        whole.insert(Region {
+            offset: 0,
+            len: size,
+        });
+        let mut missed = self.shared.missed.lock();
+        let m = missed.entry(self.replica).or_default();
+        for r in whole.iter() {
+            m.recorded.insert(r);
+        }
+        Ok(())
+    }
+
+    /// Makes the replica's copy what snapshot `snap` holds, then takes it there.
+    async fn carry(
+        &self,
+        s: &mut Stream,
+        seq: &mut u64,
+        snap: &SnapshotInfo,
+    ) -> Result<(), PassError> {
+        let name = VolumeName::new(snap.name.as_str())
+            .map_err(|e| PassError::Retry(format!("snapshot {}: {e}", snap.name)))?;
+        // A copy larger than the snapshot already cannot take it at its size: a digest
+        // request past the snapshot's end answers for such a copy only.
+        if self.larger_than(s, snap.size).await? {
+            tracing::warn!(volume = %self.volume, node = %self.peer.node, snapshot = %snap.name,
+                size = snap.size,
+                "catch-up cannot bring this snapshot: the copy is larger than the volume was when it was taken; not supported yet");
+            return Ok(());
+        }
+        *seq += 1;
+        s.send(&Message::Resize {
+            volume: self.volume.clone(),
+            generation: Generation(self.generation),
+            seq: *seq,
+            size: snap.size,
+        })
+        .await?;
+        self.expect_reply(s, seq).await?;
+        let source = Arc::new(
+            self.store
+                .open_export(&format!("{}@{}", self.volume, snap.name))
+                .map_err(|e| PassError::Retry(format!("opening snapshot {}: {e}", snap.name)))?,
+        );
+        let mut whole = RegionSet::new();
+        whole.insert(Region {
+            offset: 0,
+            len: snap.size,
+        });
+        let mut plan = CatchUpPlan::new(&whole, snap.size);
+        let progress = |plan: &CatchUpPlan| {
+            let p = plan.progress();
+            self.set_state(ReplicaState::CatchingUp {
+                done_bytes: p.done_bytes,
+                total_bytes: p.total_bytes,
+            });
+        };
+        self.send_differences(s, seq, &source, &mut plan, &progress)
+            .await?;
+        // The replica flushes before it takes a snapshot from the stream.
+        *seq += 1;
+        s.send(&Message::Snapshot {
+            volume: self.volume.clone(),
+            generation: Generation(self.generation),
+            seq: *seq,
+            name,
+        })
+        .await?;
+        self.expect_reply(s, seq).await?;
+        tracing::info!(volume = %self.volume, node = %self.peer.node, snapshot = %snap.name,
+            "catch-up brought a snapshot the copy lacked");
+        Ok(())
+    }
+
+    /// Whether the replica's copy is larger than `size` bytes.
+    async fn larger_than(&self, s: &mut Stream, size: u64) -> Result<bool, PassError> {
+        const PROBE: u64 = LIST_REQUEST + 1;
+        s.send(&Message::Digests {
+            volume: self.volume.clone(),
+            generation: Generation(self.generation),
+            request: PROBE,
+            offset: size,
+            blocks: 1,
+        })
+        .await?;
+        match s.recv().await? {
+            Message::DigestsReply {
+                request: PROBE,
+                result,
+            } => match result {
+                Ok(_) => Ok(true),
+                Err(tessera_replication::wire::ReplyError::OutOfRange) => Ok(false),
+                Err(e) => Err(refused(e)),
+            },
+            other => Err(PassError::Retry(format!(
+                "unexpected answer to the size probe: {other:?}"
+            ))),
+        }
+    }
+}
