@@ -8,7 +8,6 @@
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -121,23 +120,6 @@ fn three_copies_match_a_fenced_primary_and_a_dead_replica_fail_writes() {
     );
 }
 
-/// A QUIC client acting as a primary, with the given TLS client configuration.
-async fn connect(
-    mut tls: rustls::ClientConfig,
-    to: SocketAddr,
-    node: &str,
-) -> Result<quinn::Connection, String> {
-    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-    let name = tessera_pki::node_dns_name(node).unwrap();
-    ep.connect(to, &name)
-        .unwrap()
-        .await
-        .map_err(|e| e.to_string())
-}
-
 /// Sends `bytes` on a new stream (finishing it when `finish`), then returns the first
 /// message answered, or why none came.
 async fn exchange(conn: &quinn::Connection, bytes: &[u8], finish: bool) -> Result<Message, String> {
@@ -222,7 +204,7 @@ async fn bad_peers_and_bad_frames_are_refused_and_write_nothing() {
         ("no client certificate", anonymous, 8192),
         ("a user's certificate", user, 12288),
     ] {
-        let answered = match connect(tls, to, "node2").await {
+        let answered = match quic_connect(tls, to, "node2").await {
             Err(_) => None,
             Ok(conn) => exchange(&conn, &write_msg("v", 5, 1, offset, 0xEE), false)
                 .await
@@ -231,7 +213,7 @@ async fn bad_peers_and_bad_frames_are_refused_and_write_nothing() {
         assert_eq!(answered, None, "{what}: the replica answered");
     }
 
-    let conn = connect(good, to, "node2").await.unwrap();
+    let conn = quic_connect(good, to, "node2").await.unwrap();
     let reply = |seq, result| Message::Reply { seq, result };
     // An older generation, a volume it does not hold, one that is not a replica here.
     assert_eq!(

@@ -13,6 +13,7 @@
 
 mod driver;
 mod link;
+mod local;
 mod members;
 mod missed;
 mod reconcile;
@@ -464,6 +465,7 @@ impl Primaries {
             recent,
             held: std::collections::VecDeque::new(),
             reconcile_first: Some((peers[..counts.0].to_vec(), timeout + WAIT_MARGIN)),
+            local: local::Local::default(),
         };
         driver.catch_up(&catching.iter().copied().collect());
         let driver = tokio::spawn(driver.run(rx));

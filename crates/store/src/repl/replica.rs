@@ -17,11 +17,13 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tessera_blockstore::{Export, Store, StoreError};
 use tessera_replication::replica::{Op, Replica, ReplicaAction};
-use tessera_replication::wire::{
-    self, Decoder, Generation, Message, ReplyError, VolumeName, BLOCK_SIZE,
-};
+use tessera_replication::wire::{self, Generation, Message, ReplyError, VolumeName, BLOCK_SIZE};
 
-use super::quic::{peer_node, ReplEndpoint};
+mod inflight;
+mod stream;
+mod submit;
+use inflight::InFlight;
+pub use stream::serve;
 
 /// QUIC application error codes this service closes streams and connections with.
 pub mod code {
@@ -40,10 +42,67 @@ const READ_CHUNK: usize = 256 << 10;
 /// Blocks digested per read of the local copy.
 const DIGEST_CHUNK: u64 = 256;
 
-/// One volume's replica: its state machine and the open local copy.
+/// One volume's replica: its state machine, the open local copy and what is being
+/// applied to it.
 struct VolumeReplica {
     machine: Replica,
-    export: Export,
+    export: Arc<Export>,
+    /// The generation the export is bound to.
+    bound: u64,
+    inflight: InFlight,
+}
+
+impl VolumeReplica {
+    /// `export` already bound to `bound`.
+    fn new(machine: Replica, export: Export, bound: u64) -> VolumeReplica {
+        VolumeReplica {
+            machine,
+            export: Arc::new(export),
+            bound,
+            inflight: InFlight::default(),
+        }
+    }
+
+    /// Makes `g` the volume's durable fence. The copy's export is bound to it first, so a
+    /// write in flight on the blocking pool that starts meanwhile is not refused as stale
+    /// (the block store finishes writes in progress before it raises the generation).
+    fn persist_generation(
+        &mut self,
+        store: &Store,
+        volume: &str,
+        g: u64,
+    ) -> Result<(), StoreError> {
+        self.export.bind_generation(g.max(self.bound));
+        match store.raise_generation(volume, g) {
+            Ok(now) => {
+                self.export.bind_generation(now);
+                self.bound = now;
+                Ok(())
+            }
+            Err(e) => {
+                self.export.bind_generation(self.bound);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// What [`ReplicaService::handle`] did with a message.
+enum Handled {
+    /// The answers to send.
+    Answered(Vec<Message>),
+    /// Requests of its volume are in flight: try again once they settled.
+    Busy(Message),
+}
+
+/// What [`ReplicaService::try_start`] did with a message.
+enum Start {
+    /// Started (or answered) in order with what is in flight.
+    Started,
+    /// It must wait for requests in flight to settle.
+    Wait(Message),
+    /// Nothing is in flight: handle it alone.
+    Alone(Message),
 }
 
 /// The replicas this store holds, by volume name.
@@ -89,8 +148,7 @@ impl ReplicaService {
         });
         for a in actions {
             if let ReplicaAction::PersistGeneration(g) = a {
-                let now = self.store.raise_generation(volume, g.0)?;
-                vr.export.bind_generation(now);
+                vr.persist_generation(&self.store, volume, g.0)?;
             }
         }
         Ok(vr.machine.generation().0)
@@ -106,10 +164,11 @@ impl ReplicaService {
         let persisted = self.store.generation(volume)?;
         let export = self.store.open_export(volume)?;
         export.bind_generation(persisted);
-        let v = Arc::new(Mutex::new(VolumeReplica {
-            machine: Replica::restarted(name, Generation(persisted)),
+        let v = Arc::new(Mutex::new(VolumeReplica::new(
+            Replica::restarted(name, Generation(persisted)),
             export,
-        }));
+            persisted,
+        )));
         self.volumes.lock().insert(volume.to_string(), v);
         Ok(())
     }
@@ -133,8 +192,7 @@ impl ReplicaService {
             })?;
         for a in actions {
             if let ReplicaAction::PersistGeneration(g) = a {
-                let now = self.store.raise_generation(volume, g.0)?;
-                vr.export.bind_generation(now);
+                vr.persist_generation(&self.store, volume, g.0)?;
             }
         }
         Ok(vr.machine.generation().0)
@@ -188,10 +246,11 @@ impl ReplicaService {
         // holds everything (a new volume, or one caught up): it starts with seq 1 of the
         // generation `enable` fences in, which is never below the persisted one. A store
         // that restarted forgot its roles; until it is told again it takes no writes.
-        let v = Arc::new(Mutex::new(VolumeReplica {
-            machine: Replica::new(name.clone()),
+        let v = Arc::new(Mutex::new(VolumeReplica::new(
+            Replica::new(name.clone()),
             export,
-        }));
+            persisted,
+        )));
         map.insert(name.as_str().to_string(), v.clone());
         Ok(v)
     }
@@ -205,9 +264,10 @@ impl ReplicaService {
         self.volumes.lock().get(name).cloned()
     }
 
-    /// Handles one message; returns what to send back, or why the stream must close.
+    /// Handles one message alone (nothing of its volume in flight: else it is given back
+    /// as [`Handled::Busy`]); returns what to send back, or why the stream must close.
     /// Blocking (store I/O).
-    fn handle(&self, msg: Message) -> Result<Vec<Message>, (u32, String)> {
+    fn handle(&self, msg: Message) -> Result<Handled, (u32, String)> {
         let volume = match target_volume(&msg) {
             Some(v) => v.clone(),
             None => {
@@ -227,16 +287,19 @@ impl ReplicaService {
             self.limiter.warn("refused", || {
                 format!("replication message for volume {volume} refused: {why}")
             });
-            return Ok(refusal(&msg, why).into_iter().collect());
+            return Ok(Handled::Answered(refusal(&msg, why).into_iter().collect()));
         };
         let mut vr = vr.lock();
+        if !vr.inflight.is_empty() {
+            return Ok(Handled::Busy(msg));
+        }
         let mut out = Vec::new();
         let mut pending = std::collections::VecDeque::from(vr.machine.handle(msg));
         while let Some(action) = pending.pop_front() {
             match action {
                 ReplicaAction::PersistGeneration(g) => {
-                    match self.store.raise_generation(volume.as_str(), g.0) {
-                        Ok(now) => vr.export.bind_generation(now),
+                    match vr.persist_generation(&self.store, volume.as_str(), g.0) {
+                        Ok(()) => {}
                         Err(e) => {
                             // The state machine already counts `g` as seen; forget it so
                             // the next stream starts from what is persisted.
@@ -331,7 +394,7 @@ impl ReplicaService {
                 }
             }
         }
-        Ok(out)
+        Ok(Handled::Answered(out))
     }
 }
 
@@ -458,150 +521,6 @@ pub fn reply_error(e: &StoreError) -> ReplyError {
             current: Generation(*current),
         },
         other => ReplyError::Io(other.to_string()),
-    }
-}
-
-/// Accepts connections on `ep` and serves their streams. Runs until dropped.
-pub async fn serve(ep: Arc<ReplEndpoint>, service: Arc<ReplicaService>) {
-    while let Some(incoming) = ep.quinn().accept().await {
-        let service = service.clone();
-        tokio::spawn(async move {
-            let addr = incoming.remote_address();
-            let conn = match incoming.await {
-                Ok(c) => c,
-                Err(e) => {
-                    service.limiter.warn("handshake", || {
-                        format!("replication connection from {addr} refused: {e}")
-                    });
-                    return;
-                }
-            };
-            let node = match peer_node(&conn) {
-                Ok(n) => n,
-                Err(e) => {
-                    service.limiter.warn("handshake", || e.to_string());
-                    conn.close(code::NOT_A_NODE.into(), b"not a node certificate");
-                    return;
-                }
-            };
-            tracing::debug!(%addr, %node, "replication connection");
-            while let Ok((send, recv)) = conn.accept_bi().await {
-                let (service, node) = (service.clone(), node.clone());
-                tokio::spawn(async move { serve_stream(service, node, send, recv).await });
-            }
-        });
-    }
-}
-
-async fn serve_stream(
-    service: Arc<ReplicaService>,
-    node: String,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) {
-    let mut decoder = Decoder::new();
-    let mut buf = vec![0u8; READ_CHUNK];
-    let close = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, c: u32| {
-        let _ = send.reset(c.into());
-        let _ = recv.stop(c.into());
-    };
-    // Encoded replies not yet written: the replies to every request already received go
-    // out in one write, when the next read would wait (under load, one write for many).
-    let mut out = Vec::new();
-    loop {
-        // Whole messages first, then a read of what has arrived, up to a chunk: many
-        // small frames come in one read. An oversize length prefix is refused before more
-        // than one chunk past it is read (the decoder checks it as soon as it is in).
-        let msg = match decoder.next_message() {
-            Ok(Some(m)) => m,
-            Ok(None) => {
-                let want = READ_CHUNK;
-                // What has arrived already is taken without waiting (`read` is
-                // cancel-safe); only before a wait do the pending replies go out.
-                let ready = tokio::select! {
-                    biased;
-                    read = recv.read(&mut buf[..want]) => Some(read),
-                    () = std::future::ready(()) => None,
-                };
-                let read = match ready {
-                    Some(read) => read,
-                    None => {
-                        if !out.is_empty() {
-                            if send.write_all(&out).await.is_err() {
-                                return;
-                            }
-                            out.clear();
-                        }
-                        recv.read(&mut buf[..want]).await
-                    }
-                };
-                match read {
-                    Ok(Some(n)) => {
-                        if let Err(e) = decoder.push(&buf[..n]) {
-                            service.limiter.warn("malformed", || {
-                                format!("replication stream from {node}: bad frame: {e}")
-                            });
-                            close(&mut send, &mut recv, code::MALFORMED);
-                            return;
-                        }
-                        continue;
-                    }
-                    Ok(None) => {
-                        if !decoder.at_boundary() {
-                            service.limiter.warn("malformed", || {
-                                format!(
-                                    "replication stream from {node} ended inside a frame ({} bytes of it): dropped",
-                                    decoder.buffered()
-                                )
-                            });
-                        }
-                        let _ = send.finish();
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::debug!(%node, error = %e, "replication stream ended");
-                        return;
-                    }
-                }
-            }
-            Err(e) => {
-                service.limiter.warn("malformed", || {
-                    format!("replication stream from {node}: bad frame: {e}")
-                });
-                close(&mut send, &mut recv, code::MALFORMED);
-                return;
-            }
-        };
-        let answered = if quick_request(&msg) {
-            // A small write only reaches the page cache: a trip to the blocking pool and
-            // back would cost more than the write (4K QD1 latency).
-            Ok(service.handle(msg))
-        } else {
-            let svc = service.clone();
-            tokio::task::spawn_blocking(move || svc.handle(msg)).await
-        };
-        let replies = match answered {
-            Ok(Ok(r)) => r,
-            Ok(Err((c, why))) => {
-                service.limiter.warn("protocol", || {
-                    format!("replication stream from {node}: {why}")
-                });
-                close(&mut send, &mut recv, c);
-                return;
-            }
-            Err(e) => {
-                tracing::error!(%node, error = %e, "replication task failed");
-                close(&mut send, &mut recv, code::STORE_FAILED);
-                return;
-            }
-        };
-        for m in &replies {
-            if let Err(e) = wire::encode_into(m, &mut out) {
-                tracing::error!(%node, error = %e, "could not encode a replication reply");
-                close(&mut send, &mut recv, code::PROTOCOL);
-                return;
-            }
-        }
     }
 }
 

@@ -248,3 +248,20 @@ fn spawn(dir: &Path, tls: &Path, repl: SocketAddr) -> Child {
         .spawn()
         .unwrap()
 }
+
+/// A QUIC client acting as a primary, with the given TLS client configuration.
+pub async fn quic_connect(
+    mut tls: rustls::ClientConfig,
+    to: SocketAddr,
+    node: &str,
+) -> Result<quinn::Connection, String> {
+    tls.alpn_protocols = vec![tessera_replication::wire::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+    let name = tessera_pki::node_dns_name(node).unwrap();
+    ep.connect(to, &name)
+        .unwrap()
+        .await
+        .map_err(|e| e.to_string())
+}

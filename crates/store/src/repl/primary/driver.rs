@@ -18,6 +18,7 @@ use super::super::catchup::{Final, Shared};
 use super::super::quic::ReplEndpoint;
 use super::super::recent::MAX_PENDING;
 use super::super::replica::reply_error;
+use super::local::{Finished, Local};
 use super::missed::append_synced;
 use super::{Done, ForwardError, Input, Peer, TICK};
 
@@ -52,6 +53,8 @@ pub(super) struct Driver {
     /// The in-sync replicas to reconcile with before the first request, and how long
     /// to wait for each (`reconcile.rs`).
     pub(super) reconcile_first: Option<(Vec<(ReplicaId, Peer)>, std::time::Duration)>,
+    /// The local copy's writes running on the blocking pool (`local.rs`).
+    pub(super) local: Local,
 }
 
 impl Drop for Driver {
@@ -74,10 +77,18 @@ impl Driver {
                 input = rx.recv() => match input {
                     None => return,
                     Some(Input::Reconfigure { config, catching_up, members, done }) => {
-                        self.reconfigure(config, catching_up, members, done).await
+                        // A joining replica's last pass compares the local copy: every
+                        // write on it first, and their missed regions recorded.
+                        let mut actions = self.drain_local().await;
+                        let (more, catching) = self.reconfigure(config, catching_up, members, done).await;
+                        actions.extend(more);
+                        (actions, catching)
                     }
                     Some(i) => (self.input(i), None),
                 },
+                Some(done) = self.local.next(), if !self.local.is_empty() => {
+                    (self.local_done(done), None)
+                }
                 _ = tick.tick() => (self.machine.handle(self.start.elapsed(), PrimaryInput::Tick), None),
             };
             self.perform(actions).await;
@@ -157,10 +168,27 @@ impl Driver {
         // replica never gets that write (seen: a rejoined copy lacking the last writes).
         let mut recorded = Vec::new();
         self.perform_queue(&mut queue, &mut recorded).await;
+        let mut ready = self.local.defer(recorded);
+        ready.extend(self.local.ready());
         let mut missed = self.shared.missed.lock();
-        for (replica, region) in recorded {
+        for (replica, region) in ready {
             missed.entry(replica).or_default().recorded.insert(region);
         }
+    }
+
+    /// Gives the machine a finished local apply's outcome.
+    fn local_done(&mut self, (id, result): Finished) -> Vec<PrimaryAction> {
+        self.machine
+            .handle(self.start.elapsed(), PrimaryInput::LocalDone { id, result })
+    }
+
+    /// Waits for every local apply running; returns what the machine made of them.
+    async fn drain_local(&mut self) -> Vec<PrimaryAction> {
+        let mut actions = Vec::new();
+        while let Some(done) = self.local.next().await {
+            actions.extend(self.local_done(done));
+        }
+        actions
     }
 
     async fn perform_queue(
@@ -171,11 +199,34 @@ impl Driver {
         while let Some(action) = queue.pop_front() {
             match action {
                 PrimaryAction::ApplyLocal { id, op } => {
+                    // What must finish first: the running writes it overlaps (or room on
+                    // the pool); for a flush, snapshot or resize, every one.
+                    let region = concurrent_region(&op);
+                    let mut earlier = Vec::new();
+                    match region {
+                        Some(r) => {
+                            while self.local.must_wait(r, !quick(&op)) {
+                                match self.local.next().await {
+                                    Some(done) => earlier.extend(self.local_done(done)),
+                                    None => break,
+                                }
+                            }
+                        }
+                        None => earlier.extend(self.drain_local().await),
+                    }
                     self.recent.note(&self.volume, &op);
                     let export = self.export.clone();
                     let local = (self.store.clone(), self.volume.clone());
                     let taken = self.taken.clone();
-                    let result = if quick(&op) {
+                    let result = if let (Some(r), false) = (region, quick(&op)) {
+                        // Alongside the others; its outcome comes back through `run`.
+                        self.local
+                            .start(id, r, move || apply_local(&export, op, &local, &taken));
+                        for (i, a) in earlier.into_iter().enumerate() {
+                            queue.insert(i, a);
+                        }
+                        continue;
+                    } else if quick(&op) {
                         // Page-cache work of a few µs, as the NBD server does for a copy of
                         // one: a trip to the blocking pool and back cost more than the
                         // write (4K QD1 latency).
@@ -187,10 +238,8 @@ impl Driver {
                         .await
                         .unwrap_or_else(|e| Err(ReplyError::Io(e.to_string())))
                     };
-                    let more = self
-                        .machine
-                        .handle(self.start.elapsed(), PrimaryInput::LocalDone { id, result });
-                    for (i, a) in more.into_iter().enumerate() {
+                    earlier.extend(self.local_done((id, result)));
+                    for (i, a) in earlier.into_iter().enumerate() {
                         queue.insert(i, a);
                     }
                 }
@@ -261,6 +310,16 @@ impl Driver {
 /// reach the page cache. Larger ones (checksumming takes a while), flushes and anything
 /// with FUA go to the blocking pool.
 pub(in super::super) const QUICK_WRITE_MAX: usize = 64 << 10;
+
+/// The bytes a write, zeroes or trim changes: those may be applied alongside others.
+fn concurrent_region(op: &Op) -> Option<tessera_replication::regions::Region> {
+    match op {
+        Op::Write { .. } | Op::WriteZeroes { .. } | Op::Trim { .. } => {
+            tessera_replication::primary::op_region(op)
+        }
+        Op::Flush | Op::Snapshot { .. } | Op::Resize { .. } => None,
+    }
+}
 
 /// True for an op cheap enough to run on an async worker (see [`QUICK_WRITE_MAX`]).
 pub(in super::super) fn quick(op: &Op) -> bool {
