@@ -420,10 +420,17 @@ fn handle(op: ApiOp, ctx: &Ctx) -> Result<serde_json::Value, ApiError> {
             if wait > MAX_STATUS_WAIT_MS {
                 return Err(ApiError::WaitTooLong);
             }
-            json(serde_json::to_value(
-                ctx.migration
-                    .status_after(phase, Duration::from_millis(wait)),
-            ))
+            let mut st = ctx
+                .migration
+                .status_after(phase, Duration::from_millis(wait));
+            if let Some(at) = ctx.control.first_output_after_arrival() {
+                st.timeline.push(crate::migration::Mark {
+                    what: "first_console".into(),
+                    mono_us: at,
+                });
+                st.timeline.sort_by_key(|m| m.mono_us);
+            }
+            json(serde_json::to_value(st))
         }
         ApiOp::MigrationCancel => {
             outgoing::cancel(&ctx.ops()?.source)?;

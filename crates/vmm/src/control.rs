@@ -87,6 +87,9 @@ struct Inner {
     serial: VecDeque<u8>,
     serial_start: u64,
     serial_input: VecDeque<u8>,
+    /// An arrived VM's first console output: `Some(None)` while awaited, then when it
+    /// came (host monotonic µs), for the migration's timeline.
+    first_output: Option<Option<u64>>,
 }
 
 /// Shared control block of one VM.
@@ -115,6 +118,7 @@ impl Control {
                 serial: VecDeque::new(),
                 serial_start: 0,
                 serial_input: VecDeque::new(),
+                first_output: None,
             }),
             changed: Condvar::new(),
             started,
@@ -236,6 +240,7 @@ impl Control {
         let mut g = self.lock();
         if g.state == RunState::Incoming {
             g.state = RunState::Running;
+            g.first_output = Some(None);
         }
         self.changed.notify_all();
     }
@@ -361,8 +366,16 @@ impl Control {
         self.lock().serial_input.drain(..).collect()
     }
 
+    /// When an arrived VM first wrote to its console (host monotonic µs), if it did.
+    pub fn first_output_after_arrival(&self) -> Option<u64> {
+        self.lock().first_output.flatten()
+    }
+
     fn record_serial(&self, data: &[u8]) {
         let mut g = self.lock();
+        if g.first_output == Some(None) && !data.is_empty() {
+            g.first_output = Some(Some(crate::migration::mono_us()));
+        }
         g.serial.extend(data);
         while g.serial.len() > SERIAL_KEEP {
             g.serial.pop_front();

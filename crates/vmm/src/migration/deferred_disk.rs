@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tessera_disk::{Disk, DiskError};
 
 use super::wire::DiskInfo;
+use super::Shared;
 
 /// How long a request waits for the disk to be attached before it fails.
 const ATTACH_WAIT: Duration = Duration::from_secs(120);
@@ -19,6 +20,9 @@ pub struct DeferredDisk {
     info: DiskInfo,
     inner: Mutex<Option<Arc<dyn Disk>>>,
     attached: Condvar,
+    /// Where the first request's start and end are marked (the downtime's last part:
+    /// the guest's first disk request after it resumed, and how long the disk took).
+    watch: Mutex<Option<Arc<Shared>>>,
 }
 
 /// Why a disk could not be attached.
@@ -41,7 +45,34 @@ impl DeferredDisk {
             info,
             inner: Mutex::new(None),
             attached: Condvar::new(),
+            watch: Mutex::new(None),
         })
+    }
+
+    /// Marks the first request's start and end (`first_disk_request`, `first_disk_done`)
+    /// in `shared`'s timeline, and logs the timeline then.
+    pub fn watch_first_request(&self, shared: Arc<Shared>) {
+        *self.watch.lock().unwrap_or_else(|p| p.into_inner()) = Some(shared);
+    }
+
+    /// Runs request `f`, marking it when it is the first watched one.
+    fn request<T>(
+        &self,
+        f: impl FnOnce(&dyn Disk) -> Result<T, DiskError>,
+    ) -> Result<T, DiskError> {
+        let watch = self.watch.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(sh) = &watch {
+            sh.mark("first_disk_request");
+        }
+        let res = self.get().and_then(|d| f(&*d));
+        if let Some(sh) = watch {
+            sh.mark("first_disk_done");
+            tracing::info!(
+                timeline = %super::timeline_line(&sh.status().timeline),
+                "the migrated guest's first disk request is done"
+            );
+        }
+        res
     }
 
     /// What the virtio-blk device holds.
@@ -94,19 +125,19 @@ impl Disk for Handle {
         self.0.info.read_only
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        self.0.get()?.read_at(offset, buf)
+        self.0.request(|d| d.read_at(offset, buf))
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
-        self.0.get()?.write_at(offset, data)
+        self.0.request(|d| d.write_at(offset, data))
     }
     fn flush(&self) -> Result<(), DiskError> {
-        self.0.get()?.flush()
+        self.0.request(|d| d.flush())
     }
     fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        self.0.get()?.discard(offset, len)
+        self.0.request(|d| d.discard(offset, len))
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        self.0.get()?.write_zeroes(offset, len)
+        self.0.request(|d| d.write_zeroes(offset, len))
     }
     fn id(&self) -> String {
         let g = self.0.inner.lock().unwrap_or_else(|p| p.into_inner());

@@ -122,6 +122,36 @@ pub struct Status {
     pub listen: Option<String>,
     /// Target: the token the source must present.
     pub token: Option<String>,
+    /// The switch-over's moments, in the order they happened ([`Mark`]): where the
+    /// downtime goes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<Mark>,
+}
+
+/// One moment of a migration's switch-over, on the host's monotonic clock
+/// (`CLOCK_MONOTONIC`, one clock for every process of a host: a source's and a target's
+/// marks compare when both run on the same host, as in the dev cluster).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark {
+    /// What happened (`paused`, `sent`, `loaded`, `go`, `first_disk_done`, ...).
+    pub what: String,
+    /// When, in µs of the host's monotonic clock.
+    pub mono_us: u64,
+}
+
+/// Now on the host's monotonic clock, in µs (the clock [`Mark`]s use).
+pub fn mono_us() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid, writable timespec for the call's duration, and
+    // CLOCK_MONOTONIC is always available on Linux.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    if r != 0 {
+        return 0;
+    }
+    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1_000
 }
 
 /// A migration's state shared between its thread and the control API.
@@ -161,6 +191,17 @@ impl Shared {
     pub fn update(&self, f: impl FnOnce(&mut Status)) {
         f(&mut self.lock());
         self.changed.notify_all();
+    }
+
+    /// Notes that `what` happened now in the status's timeline.
+    pub fn mark(&self, what: &str) {
+        let at = mono_us();
+        self.update(|s| {
+            s.timeline.push(Mark {
+                what: what.to_string(),
+                mono_us: at,
+            })
+        });
     }
 
     /// The status once its phase is no longer `phase`, or after `wait` (a caller's long
@@ -254,6 +295,19 @@ impl Shared {
                 .wait_timeout(g, (deadline - now).min(Duration::from_millis(20)));
         }
     }
+}
+
+/// The marks as `t0=<host monotonic ms of the first> what=+<ms after the first> ...`, for a log.
+pub fn timeline_line(marks: &[Mark]) -> String {
+    let Some(first) = marks.first() else {
+        return String::new();
+    };
+    let mut line = format!("t0={:.3}", first.mono_us as f64 / 1000.0);
+    for m in marks {
+        let rel = m.mono_us.saturating_sub(first.mono_us) as f64 / 1000.0;
+        line.push_str(&format!(" {}=+{rel:.1}", m.what));
+    }
+    line
 }
 
 /// Compares two tokens in time independent of where they differ.

@@ -229,6 +229,7 @@ fn run(src: &Source, p: &Params, addr: SocketAddr) {
             tracing::info!(
                 downtime_ms = ms,
                 total_ms = total,
+                timeline = %super::timeline_line(&src.shared.status().timeline),
                 "live migration completed; the VM runs on the target"
             );
             control.event("migrated", Some(format!("downtime {ms} ms")));
@@ -386,9 +387,11 @@ fn drive(
     // Stop and copy.
     cut()?;
     sh.update(|st| st.phase = Phase::StopAndCopy);
+    sh.mark("pause_asked");
     pause(src)?;
     control.hold_for_migration()?;
     let paused = Instant::now();
+    sh.mark("paused");
     let (last_pages, state) = src.parts.with_state(|st| {
         let fin = memory::dirty_pages(vm, mem)?;
         let mut pages = Vec::new();
@@ -407,6 +410,7 @@ fn drive(
         let doc = serde_json::to_vec(st).map_err(MigrateError::Encode)?;
         Ok::<_, MigrateError>((pages, doc))
     })?;
+    sh.mark("state_read");
     let (scroll, next) = control.serial_output(0);
     {
         let mut w = BufWriter::with_capacity(1 << 20, &mut s);
@@ -431,9 +435,10 @@ fn drive(
             st.pages += bytes / PAGE_SIZE as u64;
         });
     }
+    sh.mark("sent");
     progress.sent_all = true;
     match wire::read(&mut s)? {
-        Message::Loaded => {}
+        Message::Loaded => sh.mark("loaded"),
         Message::Refuse(why) => {
             // The target will not run it: the guest may run here again.
             progress.sent_all = false;
@@ -446,7 +451,10 @@ fn drive(
         .set_read_timeout(Some(SWITCH_LIMIT))
         .map_err(WireError::Io)?;
     match wire::read(&mut s)? {
-        Message::Resumed => Ok(paused.elapsed()),
+        Message::Resumed => {
+            sh.mark("resumed");
+            Ok(paused.elapsed())
+        }
         Message::Refuse(why) => Err(MigrateError::Refused(why)),
         other => Err(unexpected(&other, "Resumed")),
     }

@@ -66,6 +66,7 @@ pub(super) fn run(
             return Err(VmError::Incoming(e));
         }
     };
+    shared.mark("received");
     let Received {
         snap,
         scrollback,
@@ -92,7 +93,10 @@ pub(super) fn run(
         start,
     );
     let built = match built {
-        Ok(b) => b,
+        Ok(b) => {
+            shared.mark("built");
+            b
+        }
         Err(e) => {
             let _ = wire::write(&mut stream, &Message::Refuse(e.to_string()));
             let _ = std::io::Write::flush(&mut stream);
@@ -106,6 +110,7 @@ pub(super) fn run(
         tracing::warn!(error = %e, "could not tell the source the VM is loaded");
     }
     shared.update(|s| s.phase = Phase::Loaded);
+    shared.mark("loaded");
     control.event("migration_loaded", None);
     tracing::info!("incoming VM loaded; waiting to be told to run it");
     if !shared.wait_go(&control, GO_LIMIT) {
@@ -116,6 +121,7 @@ pub(super) fn run(
         failed(&shared, &why);
         return Err(VmError::NotToldToRun(GO_LIMIT));
     }
+    shared.mark("go");
     if let (Some(d), Some(uri)) = (&deferred, &cfg.disk) {
         let attached = tessera_disk::open_with(uri, &cfg.nbd)
             .map_err(VmError::Disk)
@@ -126,10 +132,18 @@ pub(super) fn run(
             failed(&shared, &e.to_string());
             return Err(e);
         }
+        shared.mark("disk_attached");
+        d.watch_first_request(shared.clone());
     }
     built.kick_devices()?;
     control.arrived();
-    shared.update(|s| s.phase = Phase::Running);
+    shared.update(|s| {
+        s.phase = Phase::Running;
+        s.timeline.push(crate::migration::Mark {
+            what: "running".into(),
+            mono_us: crate::migration::mono_us(),
+        });
+    });
     // The source may be slow or gone: telling it must not hold the guest up.
     let _ = std::thread::Builder::new()
         .name("migrate-resumed".into())
