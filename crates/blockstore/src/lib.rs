@@ -12,6 +12,7 @@
 pub mod catalog;
 pub mod error;
 pub mod format;
+mod hash;
 mod hooks;
 pub mod layer;
 pub mod store;

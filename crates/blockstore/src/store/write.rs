@@ -17,9 +17,9 @@ use super::pending::Gate;
 use super::{block_range, Store, VolumeRuntime};
 use crate::error::Result;
 use crate::format::{
-    block_hash, BlockEntry, FillKind, RecordHeader, RecordKind, BLOCK, BLOCK_SIZE, SUM_LEN,
-    WAL_MAX_BLOCKS,
+    BlockEntry, FillKind, RecordHeader, RecordKind, BLOCK, BLOCK_SIZE, SUM_LEN, WAL_MAX_BLOCKS,
 };
+use crate::hash::hash_blocks;
 use crate::hooks::Point;
 
 /// Writes of at least this many bytes go straight to their place in the layer's data file
@@ -34,32 +34,6 @@ pub(super) const PLACED_MIN: usize = 64 * 1024;
 /// seconds. Not lower: each checkpoint syncs the data files, and on a disk that sync's
 /// writeback stalls the writes behind it (1M sequential writes lost a third at 256 MiB).
 const PLACED_PENDING_WAKE: usize = 1 << 18;
-
-/// Requests at least this large are hashed on every core.
-const PARALLEL_HASH_MIN: usize = 256 * 1024;
-/// Blocks one task of a parallel hash takes at least (128 KiB): smaller tasks cost more
-/// to hand out than to hash.
-const PARALLEL_HASH_TASK: usize = 32;
-
-/// The checksums of whole blocks, hashed on every core (rayon's pool) for large requests
-/// (a 4 KiB block costs ~0.5-1.6 µs on one core, depending on its SIMD).
-pub(super) fn hash_blocks(data: &[u8]) -> Vec<u8> {
-    use rayon::prelude::*;
-    let n = data.len() / BLOCK_SIZE;
-    let mut hashes = vec![0u8; n * SUM_LEN];
-    let blocks = data.chunks_exact(BLOCK_SIZE);
-    if data.len() < PARALLEL_HASH_MIN {
-        for (block, h) in blocks.zip(hashes.chunks_exact_mut(SUM_LEN)) {
-            h.copy_from_slice(&block_hash(block));
-        }
-        return hashes;
-    }
-    data.par_chunks_exact(BLOCK_SIZE)
-        .zip(hashes.par_chunks_exact_mut(SUM_LEN))
-        .with_min_len(PARALLEL_HASH_TASK)
-        .for_each(|(block, h)| h.copy_from_slice(&block_hash(block)));
-    hashes
-}
 
 impl Store {
     /// Writes `data` at `offset`, merging partial blocks at either end with their content.
