@@ -1,6 +1,6 @@
 # Sourced by the image tests (tests/image/*): `tessera_qemu` sets QEMU (a command array:
 # qemu-system-x86_64 and the arguments it needs to find its data) and installs what the
-# tests use besides (OVMF, mtools, curl, sfdisk, debugfs).
+# tests use besides (OVMF, mtools, curl, sfdisk, debugfs, b3sum).
 #
 # Installing Debian's qemu-system-x86 would replace this machine's newer qemu-utils
 # (qemu-img, qemu-io, qemu-nbd, which the suite's NBD tests use) with Debian 12's 7.2
@@ -15,7 +15,7 @@ tessera_qemu() {
     before=$(qemu-img --version 2>/dev/null | head -1 || true)
     export DEBIAN_FRONTEND=noninteractive
     [ -f /usr/share/ovmf/OVMF.fd ] || need+=(ovmf)
-    for pair in mcopy:mtools curl:curl sfdisk:fdisk debugfs:e2fsprogs e2fsck:e2fsprogs; do
+    for pair in mcopy:mtools curl:curl sfdisk:fdisk debugfs:e2fsprogs e2fsck:e2fsprogs b3sum:b3sum; do
         command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
     done
     if command -v qemu-system-x86_64 >/dev/null 2>&1; then

@@ -2,8 +2,9 @@
 //! `tests/image/boot-three`, docs/image.md): the units in `systemd/` pass
 //! `systemd-analyze verify` and keep their hardening score, a seed becomes the node's
 //! configuration through `tessera-firstboot` (a bad one is refused, naming the field, and
-//! the console says so), and both daemons speak the sd_notify protocol to a service
-//! manager: READY=1, WATCHDOG=1 and STATUS= on the socket systemd would give them.
+//! the console says so), the data partition's format record is kept and a newer one
+//! refused, and both daemons speak the sd_notify protocol to a service manager: READY=1,
+//! WATCHDOG=1 and STATUS= on the socket systemd would give them.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -60,6 +61,7 @@ fn the_units_verify_and_keep_their_hardening() {
         "tessera-upgrade.path",
         "tessera-upgrade.service",
         "tessera-boot-check.service",
+        "tessera-data-format.service",
     ] {
         assert!(
             names.iter().any(|n| n == want),
@@ -148,12 +150,7 @@ fn a_seed_becomes_the_node_configuration_with_private_modes() {
         assert!(shown.contains(line), "{line:?} missing in:\n{shown}");
     }
 
-    run(Command::new(&fb)
-        .arg("--etc")
-        .arg(&etc)
-        .arg("apply")
-        .arg("--from")
-        .arg(&seed));
+    run(&mut firstboot(&etc, "apply", "--from", &seed));
     assert_eq!(
         std::fs::read_to_string(etc.join("hostname")).unwrap(),
         "node-a\n"
@@ -176,12 +173,7 @@ fn a_seed_becomes_the_node_configuration_with_private_modes() {
     );
     // Applied once: a later boot leaves the node as it is.
     std::fs::write(&seed, SEED.replace("node-a", "node-b")).unwrap();
-    let again = run(Command::new(&fb)
-        .arg("--etc")
-        .arg(&etc)
-        .arg("apply")
-        .arg("--from")
-        .arg(&seed));
+    let again = run(&mut firstboot(&etc, "apply", "--from", &seed));
     assert!(again.contains("already applied"), "{again}");
     assert_eq!(
         std::fs::read_to_string(etc.join("hostname")).unwrap(),
@@ -189,11 +181,7 @@ fn a_seed_becomes_the_node_configuration_with_private_modes() {
     );
 
     let data = dir.path().join("data");
-    run(Command::new(&fb)
-        .arg("--etc")
-        .arg(&etc)
-        .args(["tesserad-seed", "--data-dir"])
-        .arg(data));
+    run(&mut firstboot(&etc, "tesserad-seed", "--data-dir", &data));
     let written = etc.join("tessera/seed.toml");
     assert_eq!(mode(&written), 0o600);
     let text = std::fs::read_to_string(&written).unwrap();
@@ -283,14 +271,7 @@ fn a_bad_seed_is_refused_naming_the_field_and_the_console_says_so() {
     let etc = dir.path().join("etc");
     std::fs::create_dir_all(&etc).unwrap();
     let bad = dir.path().join("bad0.toml");
-    let out = output(
-        Command::new(&fb)
-            .arg("--etc")
-            .arg(&etc)
-            .arg("apply")
-            .arg("--from")
-            .arg(bad),
-    );
+    let out = output(&mut firstboot(&etc, "apply", "--from", &bad));
     assert!(!out.status.success());
     assert!(
         !etc.join("tessera/node-seed.toml").exists(),
@@ -301,6 +282,98 @@ fn a_bad_seed_is_refused_naming_the_field_and_the_console_says_so() {
         issue.contains("the seed cannot be used") && issue.contains("join_secret"),
         "{issue}"
     );
+}
+
+/// `tessera-firstboot --etc ETC CMD FLAG PATH`: `etc` is the system's `/etc`.
+fn firstboot(etc: &Path, cmd: &str, flag: &str, path: &Path) -> Command {
+    let mut c = Command::new(bin("tessera-firstboot"));
+    c.arg("--etc").arg(etc).args([cmd, flag]).arg(path);
+    c
+}
+
+/// Runs `tessera-firstboot data-format` on `data` with `etc` as the system's `/etc`.
+fn data_format(etc: &Path, data: &Path) -> std::process::Output {
+    output(&mut firstboot(etc, "data-format", "--data-dir", data))
+}
+
+#[test]
+fn the_data_partition_keeps_its_format_and_a_release_refuses_a_newer_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (etc, data) = (dir.path().join("etc"), dir.path().join("data"));
+    std::fs::create_dir_all(data.join("lost+found")).unwrap();
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(etc.join("tessera-release"), "2026.12.03-old\n").unwrap();
+    let record = data.join("data-format.json");
+
+    // A new partition (mkfs's lost+found only) gets this release's format, root's only.
+    let out = data_format(&etc, &data);
+    assert!(out.status.success(), "{out:?}");
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    assert_eq!(written["format"], 1, "{written}");
+    assert_eq!(written["release"], "2026.12.03-old", "{written}");
+    assert_eq!(mode(&record), 0o600);
+    // Every later boot reads it and changes nothing.
+    let before = std::fs::read(&record).unwrap();
+    assert!(data_format(&etc, &data).status.success());
+    assert_eq!(std::fs::read(&record).unwrap(), before);
+
+    // A newer release wrote format 2 before the node fell back: this release refuses,
+    // naming both, leaves the record alone and says so on the console.
+    let newer = "{\"format\":2,\"release\":\"2027.01.10-new\"}\n";
+    std::fs::write(&record, newer).unwrap();
+    let out = data_format(&etc, &data);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a newer format was taken: {err}");
+    for part in [
+        "format 2",
+        "2027.01.10-new",
+        "2026.12.03-old",
+        "do not start",
+    ] {
+        assert!(err.contains(part), "{part:?} not in {err}");
+    }
+    assert_eq!(std::fs::read_to_string(&record).unwrap(), newer);
+    let issue = std::fs::read_to_string(etc.join("issue")).unwrap();
+    assert!(
+        issue.contains("not starting") && issue.contains("format 2"),
+        "{issue}"
+    );
+    // The status timer's screen keeps saying it (it would say "not answering" otherwise).
+    let seed = dir.path().join("seed.toml");
+    std::fs::write(&seed, SEED).unwrap();
+    run(&mut firstboot(&etc, "apply", "--from", &seed));
+    let screen = dir.path().join("screen");
+    run(firstboot(&etc, "issue", "--data-dir", &data)
+        .arg("--out")
+        .arg(&screen));
+    let text = std::fs::read_to_string(&screen).unwrap();
+    assert!(
+        text.contains("not starting") && text.contains("2027.01.10-new"),
+        "{text}"
+    );
+
+    // A damaged record is refused and kept as it is, not overwritten.
+    for bad in [
+        "",
+        "{\"format\":\"one\"}",
+        "{\"format\":0,\"release\":\"r\"}",
+    ] {
+        std::fs::write(&record, bad).unwrap();
+        let out = data_format(&etc, &data);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad:?} taken");
+        assert!(err.contains("data-format.json"), "{err}");
+        assert_eq!(std::fs::read_to_string(&record).unwrap(), bad);
+    }
+
+    // Data from a release before format records (a store, no record): format 1, recorded.
+    std::fs::remove_file(&record).unwrap();
+    std::fs::create_dir_all(data.join("store")).unwrap();
+    assert!(data_format(&etc, &data).status.success());
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    assert_eq!(written["format"], 1, "{written}");
 }
 
 /// What a service manager hears on its notification socket.
@@ -390,20 +463,10 @@ fn both_daemons_tell_the_service_manager_they_serve_and_the_console_shows_the_cl
         "127.77.14.1:7946/7947 are taken: another run of this test?"
     );
     std::fs::write(&seed, SEED).unwrap();
-    let fb = bin("tessera-firstboot");
-    run(Command::new(&fb)
-        .arg("--etc")
-        .arg(&etc)
-        .arg("apply")
-        .arg("--from")
-        .arg(&seed));
+    run(&mut firstboot(&etc, "apply", "--from", &seed));
     let data = dir.path().join("data");
     let mut seed_text = {
-        run(Command::new(&fb)
-            .arg("--etc")
-            .arg(&etc)
-            .args(["tesserad-seed", "--data-dir"])
-            .arg(&data));
+        run(&mut firstboot(&etc, "tesserad-seed", "--data-dir", &data));
         std::fs::read_to_string(etc.join("tessera/seed.toml")).unwrap()
     };
     // On loopback there is no multicast: the node announces to nobody and forms alone.
@@ -438,12 +501,7 @@ fn both_daemons_tell_the_service_manager_they_serve_and_the_console_shows_the_cl
     let issue = dir.path().join("issue");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        run(Command::new(&fb)
-            .arg("--etc")
-            .arg(&etc)
-            .arg("issue")
-            .arg("--data-dir")
-            .arg(&data)
+        run(firstboot(&etc, "issue", "--data-dir", &data)
             .arg("--out")
             .arg(&issue));
         let text = std::fs::read_to_string(&issue).unwrap();

@@ -52,7 +52,7 @@ pub use migration::{
 };
 pub use networks::{Network, NetworkOnNode, NewNetwork};
 pub use node_upgrade::{
-    NodeUpgradeStatus, UpgradeQuery, UpgradeRecord, UpgradeRequest, UpgradeState,
+    parse_blake3, NodeUpgradeStatus, UpgradeQuery, UpgradeRecord, UpgradeRequest, UpgradeState,
     DEFAULT_UPGRADE_TRIES, MAX_ROOT_IMAGE_BYTES,
 };
 pub use realms::{Realm, RealmSynced, RealmTest, RealmTestReply};

@@ -15,7 +15,8 @@ pub const DEFAULT_UPGRADE_TRIES: u32 = 3;
 pub const MAX_ROOT_IMAGE_BYTES: u64 = 16 << 30;
 
 /// The query of `PUT /nodes/{id}/upgrade`; the body is the new image's root file system
-/// (`tessera-root.img`, which `image/build` writes beside the disk image).
+/// (`tessera-root.img`, which `image/build` writes beside the disk image with its blake3
+/// in `tessera-root.img.b3`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -25,6 +26,27 @@ pub struct UpgradeQuery {
     #[serde(default)]
     #[param(minimum = 1, maximum = 10)]
     pub tries: Option<u32>,
+    /// The image's blake3 (64 hex digits, as `b3sum` prints it; `image/build` writes it
+    /// to `tessera-root.img.b3`). The node hashes the body as it arrives and keeps
+    /// nothing unless they match: a corrupt or truncated image is refused (400).
+    #[serde(default)]
+    #[param(required = true, pattern = "^[0-9a-f]{64}$")]
+    pub blake3: Option<String>,
+}
+
+/// Checks a blake3 given as text: 64 lowercase hex digits (`b3sum`'s form).
+pub fn parse_blake3(text: &str) -> Result<[u8; 32], String> {
+    let t = text.trim();
+    if t.len() != 64 || !t.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(format!(
+            "{t:?} is not a blake3: 64 lowercase hex digits (as b3sum prints it)"
+        ));
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&t[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+    }
+    Ok(out)
 }
 
 /// Where an upgrade is.
@@ -90,6 +112,9 @@ pub struct UpgradeRequest {
     pub by: String,
     /// The image's size as received.
     pub bytes: u64,
+    /// The image's blake3 (hex) as received and checked; the upgrade service checks it
+    /// again before it writes anything.
+    pub blake3: String,
 }
 
 #[cfg(test)]
@@ -121,5 +146,24 @@ mod tests {
         let q: UpgradeQuery = serde_json::from_str("{}").unwrap();
         assert_eq!(q.tries, None);
         assert!(serde_json::from_str::<UpgradeQuery>("{\"trys\": 2}").is_err());
+        let q: UpgradeQuery =
+            serde_json::from_str(&format!("{{\"blake3\": \"{}\"}}", "ab".repeat(32))).unwrap();
+        assert_eq!(q.blake3.as_deref(), Some("ab".repeat(32).as_str()));
+    }
+
+    #[test]
+    fn a_blake3_is_64_lowercase_hex_digits() {
+        let h = parse_blake3(&"0f".repeat(32)).unwrap();
+        assert_eq!(h, [0x0f; 32]);
+        for bad in [
+            "",
+            "0f",
+            &"0F".repeat(32),
+            &"0g".repeat(32),
+            &"0f".repeat(33),
+            "ä".repeat(64).as_str(),
+        ] {
+            assert!(parse_blake3(bad).is_err(), "{bad:?} taken");
+        }
     }
 }

@@ -166,7 +166,7 @@ pub enum NodeCmd {
         /// Node names or ids, in the order to upgrade them.
         #[arg(required = true)]
         nodes: Vec<String>,
-        /// The new image's root file system (tessera-root.img from image/build).
+        /// The new image's root file system (tessera-root.img from image/build), its blake3 in IMAGE.b3.
         #[arg(long)]
         image: std::path::PathBuf,
         /// Boots the new slot may take to come back healthy, 1-10 (default 3).

@@ -4,7 +4,8 @@
 //! address and route through netlink; `tesserad-seed` (before each `tesserad` start) writes
 //! `tesserad`'s seed with the address the management interface has; `check` shows what a
 //! seed becomes; `issue` writes the console's status screen; `upgrade-apply` and
-//! `boot-check` are the node's side of an A/B upgrade (`upgrade.rs`).
+//! `boot-check` are the node's side of an A/B upgrade (`upgrade.rs`); `data-format`
+//! checks the data partition's format before the daemons start (`data_format`).
 
 #![forbid(unsafe_code)]
 
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use tessera_firstboot::data_format::{self, Decision};
 use tessera_firstboot::issue::{self, Screen};
 use tessera_firstboot::node_seed::NodeSeed;
 use tessera_firstboot::render;
@@ -91,6 +93,13 @@ enum Cmd {
         #[arg(long, default_value = "/efi")]
         esp: PathBuf,
     },
+    /// Check the data partition's format before tessera-store and tesserad start (every
+    /// boot, tessera-data-format.service): record it on a new partition; fail, naming
+    /// both releases, when a newer release wrote it than this one reads.
+    DataFormat {
+        #[arg(long, default_value = "/var/lib/tessera")]
+        data_dir: PathBuf,
+    },
     /// Wait until this node is healthy (every boot, before boot-complete.target): a slot
     /// on trial is marked good only then; one that does not get there reboots, so that
     /// the boot loader counts the failed boot (tessera-boot-check.service).
@@ -119,6 +128,7 @@ fn main() -> ExitCode {
         } => check(&seed, interface, address, &hostname),
         Cmd::Issue { data_dir, out } => write_issue(&cli.etc, &data_dir, &out),
         Cmd::UpgradeApply { dir, esp } => upgrade::apply(&dir, &esp),
+        Cmd::DataFormat { data_dir } => check_data_format(&cli.etc, &data_dir),
         Cmd::BootCheck {
             data_dir,
             within_secs,
@@ -410,11 +420,100 @@ fn ask_status(data_dir: &Path) -> anyhow::Result<serde_json::Value> {
         .with_context(|| format!("status socket said {v}"))
 }
 
+/// The release of the root whose `/etc` is `etc` (`<etc>/tessera-release`), "unknown"
+/// when it has none.
+fn this_release(etc: &Path) -> String {
+    std::fs::read_to_string(etc.join("tessera-release"))
+        .map(|r| r.trim().to_string())
+        .ok()
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The data partition's format record, if any (an unreadable file is `Some` of what
+/// could be read, so that it is refused rather than overwritten).
+fn read_format_record(data_dir: &Path) -> anyhow::Result<Option<String>> {
+    let path = data_dir.join(data_format::FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Why this release must not start on the data partition, if it must not.
+fn data_format_refusal(etc: &Path, data_dir: &Path) -> Option<String> {
+    let text = read_format_record(data_dir).ok()??;
+    let file = data_dir.join(data_format::FILE).display().to_string();
+    data_format::decide(
+        Some(&text),
+        true,
+        data_format::KNOWN,
+        &this_release(etc),
+        &file,
+    )
+    .err()
+    .map(|e| e.to_string())
+}
+
+/// The console's screen of a node whose daemons must not start (getty's `\` escapes kept
+/// out of the reason).
+fn not_starting(why: &str) -> String {
+    format!("\nTessera node: not starting\n\n  {why}\n\n").replace('\\', "\\\\")
+}
+
+fn check_data_format(etc: &Path, data_dir: &Path) -> anyhow::Result<()> {
+    let path = data_dir.join(data_format::FILE);
+    let existing = read_format_record(data_dir)?;
+    // Anything besides the record (and mkfs's lost+found) is data a release wrote.
+    let has_data = std::fs::read_dir(data_dir)
+        .with_context(|| format!("listing {}", data_dir.display()))?
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            let name = e.file_name();
+            name != "lost+found" && name != data_format::FILE
+        });
+    let release = this_release(etc);
+    let decision = data_format::decide(
+        existing.as_deref(),
+        has_data,
+        data_format::KNOWN,
+        &release,
+        &path.display().to_string(),
+    );
+    match decision {
+        Ok(Decision::Keep) => {
+            println!(
+                "data partition: format {} ({release} reads it)",
+                data_format::KNOWN
+            );
+            Ok(())
+        }
+        Ok(Decision::Write(rec)) => {
+            write_file(&path, &data_format::render(&rec), 0o600)?;
+            println!(
+                "data partition: format {} recorded by {release}",
+                rec.format
+            );
+            Ok(())
+        }
+        Err(e) => {
+            // Nothing is written: the record stays for the release that can read the data.
+            let _ = write_file(&etc.join("issue"), &not_starting(&e.to_string()), 0o644);
+            Err(e.into())
+        }
+    }
+}
+
 fn write_issue(etc: &Path, data_dir: &Path, out: &Path) -> anyhow::Result<()> {
     // Until the seed is applied the screen is first boot's: its reason for refusing the
     // seed must stay where someone at the console reads it.
     if !node_seed_path(etc).exists() {
         return Ok(());
+    }
+    // A data partition this release must not use: its reason stays on the screen.
+    if let Some(why) = data_format_refusal(etc, data_dir) {
+        return write_file(out, &not_starting(&why), 0o644);
     }
     let seed = load(&node_seed_path(etc)).ok().map(|(_, s)| s);
     let interface = seed.as_ref().and_then(|s| interface_of(s).ok());

@@ -45,11 +45,7 @@ fn write_record(dir: &Path, rec: &mut UpgradeRecord) -> anyhow::Result<()> {
 
 /// The release a root holds (`etc/tessera-release`), "unknown" when it has none.
 fn release_of(root: &Path) -> String {
-    std::fs::read_to_string(root.join("etc/tessera-release"))
-        .map(|r| r.trim().to_string())
-        .ok()
-        .filter(|r| !r.is_empty())
-        .unwrap_or_else(|| "unknown".into())
+    crate::this_release(&root.join("etc"))
 }
 
 fn booted() -> anyhow::Result<Slot> {
@@ -105,7 +101,8 @@ pub fn apply(dir: &Path, esp: &Path) -> anyhow::Result<()> {
         updated_ms: 0,
     };
     write_record(dir, &mut rec)?;
-    let res = write_slot(dir, esp, to, req.tries);
+    let res = check_blake3(&dir.join("root.img"), &req.blake3)
+        .and_then(|()| write_slot(dir, esp, to, req.tries));
     let _ = std::fs::remove_file(dir.join("root.img"));
     let _ = std::fs::remove_file(&req_path);
     match res {
@@ -127,6 +124,36 @@ pub fn apply(dir: &Path, esp: &Path) -> anyhow::Result<()> {
             Err(e)
         }
     }
+}
+
+/// Checks the image against the blake3 `tesserad` checked it against on receipt, before
+/// anything is touched: an image damaged on the data partition since then (or a request
+/// that names another image) must not replace the other slot, which is the fallback.
+pub fn check_blake3(image: &Path, want: &str) -> anyhow::Result<()> {
+    let want = tessera_api::parse_blake3(want).map_err(anyhow::Error::msg)?;
+    let mut f =
+        std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", image.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let got = hasher.finalize();
+    if got != blake3::Hash::from_bytes(want) {
+        bail!(
+            "{}: its blake3 is {got}, not the {} it was received with: the image changed on \
+             the data partition; nothing written",
+            image.display(),
+            blake3::Hash::from_bytes(want)
+        );
+    }
+    Ok(())
 }
 
 /// Checks the first bytes of a root file system image: ext4 (magic 0xEF53 at 1080) with
@@ -357,12 +384,18 @@ pub fn boot_check(dir: &Path, data_dir: &Path, within: Duration) -> anyhow::Resu
             },
             Err(e) => format!("tesserad is not answering: {e:#}"),
         };
-        let failed = Command::new("systemctl")
-            .args(["is-failed", "--quiet", "tesserad.service"])
-            .status()
-            .is_ok_and(|s| s.success());
-        if failed {
-            break Some(format!("tesserad.service failed ({why})"));
+        // tessera-data-format.service fails on data this release cannot read: tesserad
+        // then never starts, and waiting for it would only delay going back.
+        let failed = ["tesserad.service", "tessera-data-format.service"]
+            .into_iter()
+            .find(|unit| {
+                Command::new("systemctl")
+                    .args(["is-failed", "--quiet", unit])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+        if let Some(unit) = failed {
+            break Some(format!("{unit} failed ({why})"));
         }
         // A daemon that keeps exiting is not healthy either, and on a slow machine its
         // restarts may never come fast enough for systemd's start limit to fail it.
@@ -399,5 +432,25 @@ pub fn boot_check(dir: &Path, data_dir: &Path, within: Duration) -> anyhow::Resu
             }
             bail!("{why}")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_image_changed_since_its_receipt_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("root.img");
+        std::fs::write(&img, vec![7u8; 3 << 20]).unwrap();
+        let good = blake3::hash(&vec![7u8; 3 << 20]).to_hex().to_string();
+        check_blake3(&img, &good).unwrap();
+        let mut bytes = std::fs::read(&img).unwrap();
+        bytes[2 << 20] ^= 1;
+        std::fs::write(&img, &bytes).unwrap();
+        let e = check_blake3(&img, &good).unwrap_err().to_string();
+        assert!(e.contains("nothing written") && e.contains(&good), "{e}");
+        assert!(check_blake3(&img, "not-a-hash").is_err());
     }
 }

@@ -2,7 +2,9 @@
 //! system, one node at a time: drained (maintenance mode), the image sent to the node's
 //! own API, the node followed through its reboot until it runs the new slot healthy (or
 //! went back to its old slot by itself), taken out of maintenance, then the next node.
-//! It stops at the first node that does not come back on the new slot.
+//! It stops at the first node that does not come back on the new slot. The image's
+//! blake3 (`IMAGE.b3` beside it, as `image/build` and `b3sum` write it) is checked here
+//! before anything is sent, and sent with the image: the node checks it again.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -29,6 +31,7 @@ pub fn run(client: &Client, up: Upgrade, out: Output) -> anyhow::Result<()> {
     let len = std::fs::metadata(up.image)
         .with_context(|| format!("reading {}", up.image.display()))?
         .len();
+    let blake3 = checked_blake3(up.image)?;
     let show = !out.is_json();
     let mut done = Vec::new();
     for given in up.nodes {
@@ -60,7 +63,7 @@ pub fn run(client: &Client, up: Upgrade, out: Output) -> anyhow::Result<()> {
                 before.slot
             );
         }
-        send(&own, &id, up.image, len, up.tries)?;
+        send(&own, &id, up.image, len, &blake3, up.tries)?;
         let after = follow(&own, &id, given, &before, up.timeout, show)?;
         if !up.no_drain {
             client.send(
@@ -96,14 +99,53 @@ fn own_api(client: &Client, node: &NodeInfo) -> String {
     }
 }
 
-fn send(own: &Client, id: &str, image: &Path, len: u64, tries: Option<u32>) -> anyhow::Result<()> {
+/// The image's blake3 from `IMAGE.b3` (b3sum's line: the hash, two spaces, the file name),
+/// checked against the image itself: a corrupt or truncated copy is not sent.
+fn checked_blake3(image: &Path) -> anyhow::Result<String> {
+    let mut sum = image.as_os_str().to_owned();
+    sum.push(".b3");
+    let sum = std::path::PathBuf::from(sum);
+    let text = std::fs::read_to_string(&sum).with_context(|| {
+        format!(
+            "reading {} (the image's blake3: image/build writes it beside tessera-root.img)",
+            sum.display()
+        )
+    })?;
+    let want = text.split_whitespace().next().unwrap_or_default();
+    tessera_api::parse_blake3(want).map_err(|e| anyhow::anyhow!("{}: {e}", sum.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    let file =
+        std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    hasher
+        .update_reader(file)
+        .with_context(|| format!("reading {}", image.display()))?;
+    let got = hasher.finalize().to_hex().to_string();
+    if got != want {
+        bail!(
+            "{}: its blake3 is {got}, not the {want} of {}: the image is corrupt or truncated; nothing sent",
+            image.display(),
+            sum.display()
+        );
+    }
+    Ok(got)
+}
+
+fn send(
+    own: &Client,
+    id: &str,
+    image: &Path,
+    len: u64,
+    blake3: &str,
+    tries: Option<u32>,
+) -> anyhow::Result<()> {
     let file =
         std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
     let (path, mut req) = own.request(NODE_UPGRADE, &[id], "");
     req = req
         .set("Content-Type", "application/octet-stream")
         .set("Content-Length", &len.to_string())
-        .timeout(Duration::from_secs(3600));
+        .timeout(Duration::from_secs(3600))
+        .query("blake3", blake3);
     if let Some(t) = tries {
         req = req.query("tries", &t.to_string());
     }

@@ -1,6 +1,7 @@
 //! Upgrading a node booted from the node image (docs/image.md, "Upgrades"):
 //! `PUT /nodes/{id}/upgrade` takes the new image's root file system (streamed to the data
-//! partition, never held in memory) and hands it to the node's upgrade service
+//! partition, never held in memory, hashed as it arrives and kept only if its blake3 is
+//! the one given with it) and hands it to the node's upgrade service
 //! (`tessera-upgrade.path` watches `<data_dir>/upgrade/request.json`), which writes it to
 //! the root slot not running and reboots into it on trial; `GET /nodes/{id}/upgrade` shows
 //! the slot running and the last upgrade. `tesserad` itself writes no disk and boots
@@ -15,7 +16,7 @@ use axum::Json;
 use futures_util::StreamExt;
 use serde_json::Value;
 use tessera_api::{
-    NodeUpgradeStatus, UpgradeQuery, UpgradeRecord, UpgradeRequest, UpgradeState,
+    parse_blake3, NodeUpgradeStatus, UpgradeQuery, UpgradeRecord, UpgradeRequest, UpgradeState,
     DEFAULT_UPGRADE_TRIES, MAX_ROOT_IMAGE_BYTES,
 };
 use tokio::io::AsyncWriteExt;
@@ -153,13 +154,39 @@ fn check_head(head: &[u8]) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Writes the body to `path`, checking its start; its size.
-async fn receive(stream: &mut BodyStream, path: &Path) -> Result<u64, ApiError> {
+/// The blake3 asked for with an upload: required, 64 hex digits.
+fn wanted_blake3(q: &UpgradeQuery) -> Result<blake3::Hash, ApiError> {
+    let text = q.blake3.as_deref().ok_or_else(|| {
+        ApiError::bad(
+            "blake3: required: the image's blake3, 64 hex digits (image/build writes it \
+             beside tessera-root.img as tessera-root.img.b3)",
+        )
+    })?;
+    parse_blake3(text)
+        .map(blake3::Hash::from_bytes)
+        .map_err(|e| ApiError::bad(format!("blake3: {e}")))
+}
+
+/// The received image's hash against the one given: a corrupt, truncated or wrong image
+/// is refused.
+fn check_hash(got: &blake3::Hash, want: &blake3::Hash, bytes: u64) -> Result<(), ApiError> {
+    if got == want {
+        return Ok(());
+    }
+    Err(ApiError::bad(format!(
+        "body: its blake3 is {got} ({bytes} bytes), not the {want} given: the image is \
+         corrupt, truncated or not the one meant; nothing was kept"
+    )))
+}
+
+/// Writes the body to `path`, checking its start and hashing it; its size and blake3.
+async fn receive(stream: &mut BodyStream, path: &Path) -> Result<(u64, blake3::Hash), ApiError> {
     let io = |what: &str, e: std::io::Error| ApiError::internal(format!("{what}: {e}"));
     let mut file = tokio::fs::File::create(path)
         .await
         .map_err(|e| io("creating the image file", e))?;
     let mut head: Vec<u8> = Vec::with_capacity(HEAD_BYTES);
+    let mut hasher = blake3::Hasher::new();
     let mut total = 0u64;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| ApiError::bad(format!("body: not received whole: {e}")))?;
@@ -177,6 +204,7 @@ async fn receive(stream: &mut BodyStream, path: &Path) -> Result<u64, ApiError> 
                 check_head(&head)?;
             }
         }
+        hasher.update(&chunk);
         file.write_all(&chunk)
             .await
             .map_err(|e| io("writing the image", e))?;
@@ -187,7 +215,7 @@ async fn receive(stream: &mut BodyStream, path: &Path) -> Result<u64, ApiError> 
     file.sync_all()
         .await
         .map_err(|e| io("syncing the image", e))?;
-    Ok(total)
+    Ok((total, hasher.finalize()))
 }
 
 /// Writes `value` as JSON to `path` through a temporary file and a rename.
@@ -209,7 +237,9 @@ async fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), Ap
 /// is not running and reboots into it on trial; if the new slot does not come back healthy
 /// within `tries` boots, the node boots the old slot again by itself. Drain the node first
 /// (`POST /nodes/{id}/maintenance`): its VMs stop with the reboot. Follow it with
-/// `GET /nodes/{id}/upgrade`.
+/// `GET /nodes/{id}/upgrade`. The body must hash to the `blake3` given (`image/build`
+/// writes it to `tessera-root.img.b3`): a corrupt or truncated image is 400 and nothing is
+/// kept.
 #[utoipa::path(put, path = "/api/v1/nodes/{id}/upgrade", tag = "cluster", operation_id = "upgrade_node",
     params(("id" = String, Path), UpgradeQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream",
@@ -234,6 +264,7 @@ pub async fn upgrade(
         if !(1..=10).contains(&tries) {
             return Err(ApiError::bad("tries: 1 to 10"));
         }
+        let want = wanted_blake3(&q)?;
         local_only(&st, &id)?;
         let slot = booted_slot()?;
         let dir = upgrade_dir(&st);
@@ -246,10 +277,10 @@ pub async fn upgrade(
                 "an upgrade of this node is under way (GET /nodes/{id}/upgrade)",
             ));
         }
-        Ok((slot, dir))
+        Ok((slot, dir, want))
     })();
     let mut stream = req.into_body().into_data_stream();
-    let (slot, dir) = match checked {
+    let (slot, dir, want) = match checked {
         Ok(v) => v,
         Err(e) => {
             drain(&mut stream).await;
@@ -260,7 +291,10 @@ pub async fn upgrade(
         .await
         .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
     let partial = dir.join("root.img.new");
-    let bytes = match receive(&mut stream, &partial).await {
+    let received = receive(&mut stream, &partial)
+        .await
+        .and_then(|(bytes, got)| check_hash(&got, &want, bytes).map(|()| bytes));
+    let bytes = match received {
         Ok(b) => b,
         Err(e) => {
             let _ = tokio::fs::remove_file(&partial).await;
@@ -289,6 +323,7 @@ pub async fn upgrade(
         tries,
         by: p.user.clone(),
         bytes,
+        blake3: want.to_hex().to_string(),
     };
     write_json(&dir.join("request.json"), &request).await?;
     tracing::info!(bytes, tries, to, user = %p.user, "upgrade image received; the upgrade service takes it");
@@ -325,5 +360,21 @@ mod tests {
         assert!(e.1.contains("labelled \"other\""), "{}", e.1);
         assert!(check_head(&head([0, 0], b"tessera-root")).is_err());
         assert!(check_head(&[0u8; 100]).is_err());
+    }
+
+    #[test]
+    fn an_image_is_kept_only_with_the_blake3_given() {
+        let want = blake3::hash(b"the image");
+        assert!(check_hash(&blake3::hash(b"the image"), &want, 9).is_ok());
+        let e = check_hash(&blake3::hash(b"the imag"), &want, 8).unwrap_err();
+        assert_eq!(e.0, StatusCode::BAD_REQUEST);
+        assert!(e.1.contains(&want.to_hex().to_string()), "{}", e.1);
+        let q = |b: Option<&str>| UpgradeQuery {
+            tries: None,
+            blake3: b.map(str::to_string),
+        };
+        assert!(wanted_blake3(&q(None)).unwrap_err().1.contains("required"));
+        assert!(wanted_blake3(&q(Some("abc"))).is_err());
+        assert_eq!(wanted_blake3(&q(Some(&want.to_hex()))).unwrap(), want);
     }
 }
