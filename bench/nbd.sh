@@ -6,17 +6,25 @@
 # Usage (as root, from the repository root): bench/nbd.sh [seconds-per-run]
 # A subset for a quick look: BACKINGS="disk" SERVERS="tessera nbdkit" TRANSPORTS="tcp"
 # WORKLOADS="1m-seqwrite-qd8 1m-seqread-qd8" bench/nbd.sh 5 (default: everything).
+# Before/after in one run: BASE_BIN=/path/to/an/older/tessera-store and the server
+# "tessera-base" in SERVERS (its column and ratio are printed beside Tessera's).
+# Writes into fresh space instead of overwrites: FILL=0 (no fill first) with a SIZE larger
+# than a run writes (e.g. SIZE=16G on the disk backing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${1:-8}
-SIZE=1G
+SIZE=${SIZE:-1G}
+FILL=${FILL:-1}
 tests/setup
 command -v python3 >/dev/null
 # PROFILE=fast reuses an engineer's incremental build (release code generation, more
 # codegen units); results in BENCHMARKS.md say which profile they used.
 PROFILE=${PROFILE:-release}
-cargo build --profile "$PROFILE" -q -p tessera-store
-BIN=$PWD/target/$PROFILE/tessera-store
+# TESSERA_BIN=path serves with an already built tessera-store instead (no build).
+if [ -z "${TESSERA_BIN:-}" ]; then
+    cargo build --profile "$PROFILE" -q -p tessera-store
+fi
+BIN=${TESSERA_BIN:-$PWD/target/$PROFILE/tessera-store}
 OUT=bench/results
 mkdir -p "$OUT"
 WORK=$(mktemp -d /var/tmp/tessera-bench.XXXXXX)
@@ -42,12 +50,14 @@ wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/n
 start_server() {
     local server=$1 dir=$2 port=$3 sock=$dir/$server.sock
     case $server in
-    tessera)
-        "$BIN" serve --data-dir "$dir/tessera" --nbd-tcp-plain 127.0.0.1:$port --nbd-unix "$sock" \
+    tessera | tessera-base)
+        local bin=$BIN
+        [ "$server" = tessera-base ] && bin=${BASE_BIN:?tessera-base needs BASE_BIN}
+        "$bin" serve --data-dir "$dir/tessera" --nbd-tcp-plain 127.0.0.1:$port --nbd-unix "$sock" \
             --admin-socket "$dir/tessera-admin.sock" 2>"$dir/tessera.log" &
         PIDS+=($!)
         wait_sock "$dir/tessera-admin.sock"
-        "$BIN" --admin-socket "$dir/tessera-admin.sock" volume create bench --size $SIZE >/dev/null
+        "$bin" --admin-socket "$dir/tessera-admin.sock" volume create bench --size $SIZE >/dev/null
         ;;
     nbdkit)
         truncate -s $SIZE "$dir/nbdkit.img"
@@ -106,7 +116,7 @@ for backing in ${BACKINGS:-tmpfs disk}; do
         port=$((port + 1))
         start_server "$server" "$dir" "$port"
         # Fill the target once so reads hit stored data, not holes.
-        fio --name=fill --ioengine=nbd --uri="$(uri $server "$dir" $port tcp)" --rw=write --bs=1M \
+        [ "$FILL" = 1 ] && fio --name=fill --ioengine=nbd --uri="$(uri $server "$dir" $port tcp)" --rw=write --bs=1M \
             --iodepth=8 --size=$SIZE --output-format=terse >/dev/null 2>&1
         for transport in ${TRANSPORTS:-tcp unix}; do
             u=$(uri $server "$dir" $port $transport)
@@ -137,18 +147,21 @@ for r in rows:
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 print(f"### NBD server benchmark, {sys.argv[3]}")
 print()
-print(f"Machine: {os.cpu_count()} cores ({cpu}), {platform.release()}; fio nbd engine, 1 job, 1 GiB target.")
+print(f"Machine: {os.cpu_count()} cores ({cpu}), {platform.release()}; fio nbd engine, 1 job, "
+      f"{os.environ.get('SIZE', '1G')} target, {'filled first' if os.environ.get('FILL', '1') == '1' else 'not filled (fresh space)'}.")
 print(f"Loopback socket alone (1 MiB writes): TCP {sock['tcp']:.0f} MiB/s, Unix {sock['unix']:.0f} MiB/s.")
 print()
-print("| backing | transport | workload | Tessera IOPS | MiB/s | p50 µs | p99 µs | nbdkit IOPS | qemu-nbd IOPS | vs nbdkit | vs qemu-nbd | vs socket |")
-print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| backing | transport | workload | Tessera IOPS | MiB/s | p50 µs | p99 µs | base IOPS | nbdkit IOPS | qemu-nbd IOPS | vs base | base vs nbdkit | vs nbdkit | vs qemu-nbd | vs socket |")
+print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for (backing, transport, workload), s in by.items():
-    t, k, q = s.get("tessera"), s.get("nbdkit"), s.get("qemu-nbd")
+    t, k, q, b = s.get("tessera"), s.get("nbdkit"), s.get("qemu-nbd"), s.get("tessera-base")
     if not t:
         continue
     rk = f"{t['iops'] / k['iops']:.2f}×" if k and k["iops"] else "-"
     rq = f"{t['iops'] / q['iops']:.2f}×" if q and q["iops"] else "-"
+    rb = f"{t['iops'] / b['iops']:.2f}×" if b and b["iops"] else "-"
+    bk = f"{b['iops'] / k['iops']:.2f}×" if b and k and k["iops"] else "-"
     vs = f"{t['bw_mib'] / sock[transport]:.0%}" if workload.startswith("1m") else ""
     print(f"| {backing} | {transport} | {workload} | {t['iops']:.0f} | {t['bw_mib']:.0f} | {t['p50_us']:.0f} | {t['p99_us']:.0f} | "
-          f"{k['iops'] if k else 0:.0f} | {q['iops'] if q else 0:.0f} | {rk} | {rq} | {vs} |")
+          f"{b['iops'] if b else 0:.0f} | {k['iops'] if k else 0:.0f} | {q['iops'] if q else 0:.0f} | {rb} | {bk} | {rk} | {rq} | {vs} |")
 PY

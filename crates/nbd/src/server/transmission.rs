@@ -206,9 +206,15 @@ async fn fast<D: Device, S: AsyncWrite>(
 ) -> io::Result<()> {
     match cmd {
         Command::Read { offset, len } => {
-            let mut buf = vec![0u8; len as usize];
-            match device.read(offset, &mut buf) {
-                Ok(()) => send_read(w, session, cookie, offset, &buf).await,
+            // The reply's header and data in one buffer, the device reading straight into
+            // it: one copy in (from the page cache), one send (a large reply bypasses the
+            // writer's buffer), instead of a header send and a data send.
+            let head = read_reply_head(session, cookie, offset, len);
+            let mut reply = Vec::with_capacity(head.len() + len as usize);
+            reply.extend_from_slice(&head);
+            reply.resize(head.len() + len as usize, 0);
+            match device.read(offset, &mut reply[head.len()..]) {
+                Ok(()) => w.lock().await.write_all(&reply).await,
                 Err(e) => send_device_error(w, session, cookie, e).await,
             }
         }
@@ -245,22 +251,14 @@ fn run_slow<D: Device>(d: &D, cmd: Command, data: Vec<u8>) -> Result<(), DeviceE
     }
 }
 
-async fn send_read<S: AsyncWrite>(
-    w: &Writer<S>,
-    s: &Session,
-    cookie: u64,
-    offset: u64,
-    buf: &[u8],
-) -> io::Result<()> {
-    let mut w = w.lock().await;
+/// The header of a successful read's reply: a simple reply, or the one structured chunk
+/// (`NBD_REPLY_TYPE_OFFSET_DATA`, flagged done) that carries all the data.
+fn read_reply_head(s: &Session, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
     if s.structured {
-        w.write_all(&proto::offset_data_head(cookie, offset, buf.len() as u32))
-            .await?;
+        proto::offset_data_head(cookie, offset, len).to_vec()
     } else {
-        w.write_all(&SimpleReply { cookie, error: 0 }.encode())
-            .await?;
+        SimpleReply { cookie, error: 0 }.encode().to_vec()
     }
-    w.write_all(buf).await
 }
 
 async fn send_done<S: AsyncWrite>(
