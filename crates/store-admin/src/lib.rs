@@ -304,7 +304,9 @@ pub fn parse_request(line: &str) -> Result<AdminOp, AdminError> {
 }
 
 mod replication;
-pub use replication::{AppliedPosition, ReplicaState, ReplicaStatus, VolumeReplication};
+pub use replication::{
+    AppliedPosition, BlockRepaired, ReplicaState, ReplicaStatus, VolumeReplication, REPAIRS_KEPT,
+};
 
 #[cfg(feature = "replies")]
 mod replies;

@@ -35,6 +35,31 @@ pub struct VolumeReplication {
     /// replica again in a newer generation.
     #[serde(default)]
     pub must_catch_up: bool,
+    /// A primary: blocks of its copy that failed their checksum on a read and were
+    /// repaired from an in-sync replica since it became the primary.
+    #[serde(default)]
+    pub repaired_blocks: u64,
+    /// A primary: its last repairs (at most [`REPAIRS_KEPT`]), oldest first.
+    #[serde(default)]
+    pub repairs: Vec<BlockRepaired>,
+}
+
+/// How many of a primary's last repairs `replication_status` lists.
+pub const REPAIRS_KEPT: usize = 32;
+
+/// Blocks of the primary's copy that failed their checksum on a read and were rewritten
+/// with an in-sync replica's bytes (which hashed to the primary's own checksums).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+pub struct BlockRepaired {
+    /// Byte offset in the volume (a multiple of 4096).
+    pub offset: u64,
+    /// Bytes repaired from there (whole 4 KiB blocks).
+    pub len: u64,
+    /// The node whose copy the bytes came from.
+    pub from: String,
+    /// When, in milliseconds since the Unix epoch.
+    pub time_ms: u64,
 }
 
 /// A replica as its primary sees it.

@@ -332,6 +332,13 @@ fn every_reply_round_trips() {
                 ],
                 last_applied: None,
                 must_catch_up: false,
+                repaired_blocks: 1,
+                repairs: vec![BlockRepaired {
+                    offset: 65536,
+                    len: 4096,
+                    from: "node2".into(),
+                    time_ms: 1_700_000_000_000,
+                }],
             },
             VolumeReplication {
                 volume: "w".into(),
@@ -345,6 +352,8 @@ fn every_reply_round_trips() {
                     seq: 17,
                 }),
                 must_catch_up: true,
+                repaired_blocks: 0,
+                repairs: vec![],
             },
         ]),
         AdminReply::Done,

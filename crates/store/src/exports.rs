@@ -72,6 +72,11 @@ impl StoreDevice {
         Ok(Route::Local)
     }
 
+    /// The volume's primary, if this store is it.
+    fn primary(&self) -> Option<Arc<crate::repl::primary::PrimaryHandle>> {
+        self.repl.as_ref()?.primaries.get(self.export.name())
+    }
+
     /// Runs `op` through the primary, split into frames the wire carries.
     fn forward(p: &crate::repl::primary::PrimaryHandle, op: Op) -> Result<(), DeviceError> {
         let fail =
@@ -164,7 +169,16 @@ impl Device for StoreDevice {
         self.export.read_only()
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
-        self.export.read_at(offset, buf).map_err(dev_err)
+        match self.export.read_at(offset, buf) {
+            // A bad block on a primary's copy is repaired from an in-sync replica.
+            Err(e @ StoreError::Corrupt { .. }) => match self.primary() {
+                Some(p) => p
+                    .read_repaired(&self.export, offset, buf)
+                    .map_err(|why| DeviceError::new(Errno::Io, format!("{e}; {why}"))),
+                None => Err(dev_err(e)),
+            },
+            r => r.map_err(dev_err),
+        }
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
         self.write_owned(offset, data.to_vec(), fua)

@@ -18,6 +18,7 @@ mod members;
 mod missed;
 mod reconcile;
 mod reconfigure;
+mod repair;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -39,6 +40,7 @@ use driver::Driver;
 pub(super) use driver::QUICK_WRITE_MAX;
 use link::link;
 pub use members::Change;
+pub use repair::RepairError;
 use members::Members;
 use missed::{append_synced, load_missed, missed_path, whole};
 pub(super) use missed::append_synced as append_missed;
@@ -142,6 +144,8 @@ pub struct PrimaryHandle {
     next_replica: std::sync::atomic::AtomicU64,
     ep: Arc<ReplEndpoint>,
     fenced: Arc<std::sync::atomic::AtomicU64>,
+    /// Blocks of the local copy repaired from a replica (`repair.rs`).
+    pub(crate) repairs: repair::Repairs,
 }
 
 impl Drop for PrimaryHandle {
@@ -481,6 +485,7 @@ impl Primaries {
             peers: RwLock::new(peers),
             ep,
             fenced,
+            repairs: repair::Repairs::default(),
         });
         tracing::info!(volume, generation, replicas = ?handle.peers.read().iter().map(|(_, p)| p.node.clone()).collect::<Vec<_>>(),
             "serving as the volume's primary");

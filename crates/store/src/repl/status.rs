@@ -31,6 +31,8 @@ impl Replication {
                 replicas,
                 last_applied: None,
                 must_catch_up: false,
+                repaired_blocks: p.repairs.count(),
+                repairs: p.repairs.last(),
             });
         }
         for (volume, generation, last, must_catch_up) in self.replicas.states() {
@@ -43,6 +45,8 @@ impl Replication {
                 replicas: Vec::new(),
                 last_applied: last.map(|seq| AppliedPosition { generation, seq }),
                 must_catch_up,
+                repaired_blocks: 0,
+                repairs: Vec::new(),
             });
         }
         for volume in self.waiting_primaries.lock().iter() {
@@ -55,6 +59,8 @@ impl Replication {
                 replicas: Vec::new(),
                 last_applied: None,
                 must_catch_up: false,
+                repaired_blocks: 0,
+                repairs: Vec::new(),
             });
         }
         out.sort_by(|a, b| a.volume.cmp(&b.volume));

@@ -303,6 +303,8 @@ mod tests {
                 .collect(),
             last_applied: None,
             must_catch_up: false,
+            repaired_blocks: 0,
+            repairs: Vec::new(),
         }
     }
 

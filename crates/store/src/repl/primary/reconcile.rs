@@ -30,8 +30,8 @@ use super::Peer;
 /// not say.
 type Answer = Result<RegionSet, String>;
 
-/// One side stream to a replica for the questions.
-struct Asker {
+/// One side stream to a replica for the questions (also the repair's, `repair.rs`).
+pub(super) struct Asker {
     conn: quinn::Connection,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
@@ -40,7 +40,7 @@ struct Asker {
 }
 
 impl Asker {
-    async fn open(ep: &ReplEndpoint, peer: &Peer) -> Result<Asker, String> {
+    pub(super) async fn open(ep: &ReplEndpoint, peer: &Peer) -> Result<Asker, String> {
         let conn = ep
             .connect(&peer.node, peer.addr)
             .await
@@ -55,7 +55,7 @@ impl Asker {
         })
     }
 
-    async fn ask(&mut self, msg: &Message) -> Result<Message, String> {
+    pub(super) async fn ask(&mut self, msg: &Message) -> Result<Message, String> {
         let frame = wire::encode(msg).map_err(|e| e.to_string())?;
         self.send
             .write_all(&frame)
