@@ -1,7 +1,8 @@
 //! Replicated volumes driven by the cluster (issue #8), on the README's local three-node
 //! cluster (one start for every check): a volume of three copies is placed on three
 //! nodes, written through its primary with nbdcopy and read back from every copy's own
-//! store, all equal; snapshots and clones are taken while a client writes. Then one node
+//! store, all equal; snapshots and clones are taken while a client writes; a VM created
+//! from a template whose disk has three copies gets a disk of three copies. Then one node
 //! is killed (SIGKILL of its tesserad and store): for a volume whose replica was there,
 //! the copy leaves the in-sync set with a new generation and writes complete again; for
 //! a volume whose primary was there, another in-sync node becomes the primary and serves
@@ -35,6 +36,8 @@ mod resize;
 mod snapshots;
 #[path = "volume_replication/store_restart.rs"]
 mod store_restart;
+#[path = "volume_replication/template.rs"]
+mod template;
 
 use helpers::{call, cli, wait_task, wait_volume, Cx, LogsOnPanic, Restarted, SIZE};
 
@@ -200,6 +203,7 @@ fn replicated_volumes_survive_nodes_killed_and_their_copies_catch_up_when_back()
     let b = wait_volume(&ca, 2, t, "b", 1, |_| true);
     assert_eq!(b["replication"]["primary"], id(3).as_str());
     snapshots::snapshot_and_clone_under_writes(&ca, t, dir, tmp.path());
+    template::vm_from_template_gets_a_replicated_disk(&ca, t, dir, tmp.path());
 
     let cx = Cx {
         ca: ca.clone(),

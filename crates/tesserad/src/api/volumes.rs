@@ -546,26 +546,60 @@ pub async fn clone(
     if let Some(task) = idem.as_ref().map(|i| i.replay(&n)).transpose()?.flatten() {
         return Ok((StatusCode::ACCEPTED, Json(task)));
     }
-    let v = ready_volume(&n, &name)?;
-    copies_in_sync(&v, "a clone")?;
+    let (task, require, mut ops) = clone_plan(&p, &n, &name, &req.snapshot, &req.name)?;
     let key = snapshot_key(&name, &req.snapshot);
-    let snap: Snapshot = read(&n, SNAPSHOTS, &key)?
+    ops.push(event(
+        "volume.clone",
+        &req.name,
+        &p.user,
+        &format!("clone of {key} requested"),
+    ));
+    let task = submit_idempotent(&st, &task, idem.as_ref(), require, ops, |r| {
+        if r.table == VOLUMES {
+            format!("name: volume {} already exists", req.name)
+        } else if r.table == TASKS {
+            "a task id was taken meanwhile; try again".to_string()
+        } else {
+            format!("snapshot {key} was deleted meanwhile")
+        }
+    })
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(task)))
+}
+
+/// What a clone of snapshot `snapshot` of volume `volume` into a new volume `name` takes,
+/// for `POST /volumes/{name}/clone` and for a VM created from a template alike (one path,
+/// so a template's replicated disk gets a replicated clone): the clone task on the
+/// primary's node (not included in the records: `submit` adds it), and the requirements
+/// and records to commit with it (the new volume; a `set_replication` task on each other
+/// copy's node). A clone of a replicated volume has its copies where the snapshot's are,
+/// each cloned from its own copy of the snapshot, replicated from birth (generation 1,
+/// the same primary). Refused (409) while a copy is out of sync: it may lack the snapshot.
+pub(super) fn clone_plan(
+    p: &super::auth::Principal,
+    n: &tessera_state::Node,
+    volume: &str,
+    snapshot: &str,
+    name: &str,
+) -> Result<(Task, Vec<Require>, Vec<tessera_state::Command>), ApiError> {
+    let v = ready_volume(n, volume)?;
+    copies_in_sync(&v, "a clone")?;
+    let key = snapshot_key(volume, snapshot);
+    let snap: Snapshot = read(n, SNAPSHOTS, &key)?
         .ok_or_else(|| ApiError::not_found(format!("snapshot: no snapshot {key}")))?;
     if snap.state != VolumeState::Ready {
         return Err(ApiError::conflict(format!("snapshot {key} is not ready")));
     }
     let new = Volume {
-        name: req.name.clone(),
+        name: name.into(),
         node: v.node.clone(),
         size_bytes: v.size_bytes,
         state: VolumeState::Creating,
         origin: Some(key.clone()),
-        nbd: nbd_uri(&n, &v.node, &req.name)?,
+        nbd: nbd_uri(n, &v.node, name)?,
         created_ms: now_ms(),
         replicas: v.replicas,
         generation: 1,
-        // A clone of a replicated volume has its copies where the snapshot's are, each
-        // cloned from its own copy of the snapshot, replicated from birth.
         copies: v
             .copies
             .iter()
@@ -579,55 +613,37 @@ pub async fn clone(
         operator_override: None,
     };
     let task = queued(
-        &p,
+        p,
         &v.node,
         TaskOp::CloneSnapshot {
-            volume: name.clone(),
-            snapshot: req.snapshot.clone(),
-            name: req.name.clone(),
+            volume: volume.into(),
+            snapshot: snapshot.into(),
+            name: name.into(),
         },
     );
     let mut require = vec![
-        Require::absent(VOLUMES, &req.name),
+        Require::absent(VOLUMES, name),
         Require::exists(SNAPSHOTS, &key),
     ];
-    let mut ops = vec![
-        put(VOLUMES, &req.name, &new),
-        event(
-            "volume.clone",
-            &req.name,
-            &p.user,
-            &format!("clone of {key} requested"),
-        ),
-    ];
+    let mut ops = vec![put(VOLUMES, name, &new)];
     // As for a new replicated volume: each replica's node makes its copy (here a clone of
     // its own snapshot) and makes it a replica; the primary's task waits for them.
     for c in new.copies.iter().filter(|c| c.node != new.node) {
         let mut t = queued(
-            &p,
+            p,
             &c.node,
             serde_json::from_value(serde_json::json!({
-                "type": "set_replication", "volume": req.name, "generation": 1,
+                "type": "set_replication", "volume": name, "generation": 1,
                 "role": {"type": "replica"},
             }))
             .map_err(|e| ApiError::internal(format!("building the replica task: {e}")))?,
         );
         t.log[0].message = format!(
-            "clone {key} into {} on node {} and make it a replica; queued by {}",
-            req.name, c.node, p.user
+            "clone {key} into {name} on node {} and make it a replica; queued by {}",
+            c.node, p.user
         );
         require.push(Require::absent(TASKS, &t.id));
         ops.push(put(TASKS, &t.id, &t));
     }
-    let task = submit_idempotent(&st, &task, idem.as_ref(), require, ops, |r| {
-        if r.table == VOLUMES {
-            format!("name: volume {} already exists", req.name)
-        } else if r.table == TASKS {
-            "a task id was taken meanwhile; try again".to_string()
-        } else {
-            format!("snapshot {key} was deleted meanwhile")
-        }
-    })
-    .await?;
-    Ok((StatusCode::ACCEPTED, Json(task)))
+    Ok((task, require, ops))
 }

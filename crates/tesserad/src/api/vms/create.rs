@@ -13,8 +13,8 @@ use crate::api::extract::{Auth, Body, IdempotencyKey, Operator};
 use crate::api::tasks::{commit_idempotent, Idempotent};
 use crate::api::vm_actions::start_fields;
 use crate::api::{check_name, now_ms, put, read, ApiError, ErrorBody, St};
-use crate::records::table::{DISK_CLAIMS, SNAPSHOTS, TASKS, VMS, VOLUMES};
-use crate::records::{snapshot_key, DesiredState, Vm};
+use crate::records::table::{DISK_CLAIMS, TASKS, VMS, VOLUMES};
+use crate::records::{DesiredState, Vm};
 
 /// Define a VM. With `from`, a copy of a template: its spec fills what the request leaves
 /// out, and each of its disks is cloned copy-on-write from its `template` snapshot into
@@ -145,15 +145,11 @@ pub async fn create(
         for (i, d) in t.disks.iter().enumerate() {
             let clone = format!("{}-disk{i}", vm.name);
             check_name("name", &clone, &[])?;
-            let (vol, task) = template_clone(&p, &n, d, &clone)?;
-            require.push(Require::absent(VOLUMES, &clone));
-            require.push(Require::exists(
-                SNAPSHOTS,
-                &snapshot_key(d, TEMPLATE_SNAPSHOT),
-            ));
+            let (task, clone_require, clone_ops) = template_clone(&p, &n, d, &clone)?;
+            require.extend(clone_require);
             require.push(Require::absent(DISK_CLAIMS, &clone));
             require.push(Require::absent(TASKS, &task.id));
-            ops.push(put(VOLUMES, &clone, &vol));
+            ops.extend(clone_ops);
             ops.push(put(TASKS, &task.id, &task));
             ops.push(event(
                 "volume.clone",

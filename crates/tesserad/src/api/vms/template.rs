@@ -4,31 +4,34 @@
 use axum::extract::State;
 use axum::Json;
 use serde_json::json;
-use tessera_state::Require;
+use tessera_state::{Command, Require};
 
 use super::{may_run, with_status};
 use crate::api::auth::Principal;
 use crate::api::events::event;
 use crate::api::extract::{Auth, Operator, Param, Synced};
-use crate::api::tasks::queued;
 use crate::api::{commit, now_ms, put, read, ApiError, ErrorBody, St};
-use crate::records::table::{NODES, SNAPSHOTS, TASKS, VMS, VOLUMES};
-use crate::records::{snapshot_key, DesiredState, Snapshot, Task, TaskOp, Vm, Volume, VolumeState};
+use crate::records::table::{SNAPSHOTS, TASKS, VMS, VOLUMES};
+use crate::records::{snapshot_key, DesiredState, Snapshot, Task, Vm, Volume, VolumeState};
 
 /// The snapshot of each of a template's disks that VMs created from it are cloned from.
 pub const TEMPLATE_SNAPSHOT: &str = "template";
 
-/// The volume record and the clone task of a template's disk `disk` cloned into `clone`
-/// (on the disk's node; not yet committed).
+/// What a template's disk `disk` cloned into `clone` takes: the clone task on the disk's
+/// primary node, and the requirements and records to commit with it (not yet committed;
+/// the task not included). The same plan as `POST /volumes/{disk}/clone`, so a replicated
+/// disk gets a clone with the same copies, replicated from birth.
 pub(super) fn template_clone(
     p: &Principal,
     n: &tessera_state::Node,
     disk: &str,
     clone: &str,
-) -> Result<(Volume, Task), ApiError> {
-    let v: Volume = read(n, VOLUMES, disk)?.ok_or_else(|| {
-        ApiError::not_found(format!("from: the template's volume {disk} is gone"))
-    })?;
+) -> Result<(Task, Vec<Require>, Vec<Command>), ApiError> {
+    if read::<Volume>(n, VOLUMES, disk)?.is_none() {
+        return Err(ApiError::not_found(format!(
+            "from: the template's volume {disk} is gone"
+        )));
+    }
     let key = snapshot_key(disk, TEMPLATE_SNAPSHOT);
     let snap: Option<Snapshot> = read(n, SNAPSHOTS, &key)?;
     if snap.is_none_or(|s| s.state != VolumeState::Ready) {
@@ -36,31 +39,8 @@ pub(super) fn template_clone(
             "from: the template's snapshot {key} is not ready yet; try again shortly"
         )));
     }
-    let nbd = read::<serde_json::Value>(n, NODES, &v.node)?
-        .and_then(|r| r["nbd"].as_str().map(|a| format!("nbds://{a}/{clone}")));
-    let vol = Volume {
-        name: clone.into(),
-        node: v.node.clone(),
-        size_bytes: v.size_bytes,
-        state: VolumeState::Creating,
-        origin: Some(key),
-        nbd,
-        created_ms: now_ms(),
-        replicas: 1,
-        generation: 1,
-        copies: Vec::new(),
-        operator_override: None,
-    };
-    let task = queued(
-        p,
-        &v.node,
-        TaskOp::CloneSnapshot {
-            volume: disk.into(),
-            snapshot: TEMPLATE_SNAPSHOT.into(),
-            name: clone.into(),
-        },
-    );
-    Ok((vol, task))
+    crate::api::volumes::clone_plan(p, n, disk, TEMPLATE_SNAPSHOT, clone)
+        .map_err(|ApiError(code, msg, outcome)| ApiError(code, format!("from: {msg}"), outcome))
 }
 
 /// Make a stopped VM a template: it can no longer be started, and each of its disks gets
