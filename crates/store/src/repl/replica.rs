@@ -264,6 +264,19 @@ impl ReplicaService {
         self.volumes.lock().get(name).cloned()
     }
 
+    /// Logs `m` if it refuses a request of `volume` (at most once a second).
+    fn log_refusal(&self, volume: &VolumeName, m: &Message) {
+        if let Message::Reply {
+            result: Err(e),
+            seq,
+        } = m
+        {
+            self.limiter.warn("refused", || {
+                format!("replication request {seq} for {volume} refused: {e}")
+            });
+        }
+    }
+
     /// Handles one message alone (nothing of its volume in flight: else it is given back
     /// as [`Handled::Busy`]); returns what to send back, or why the stream must close.
     /// Blocking (store I/O).
@@ -378,15 +391,7 @@ impl ReplicaService {
                     });
                 }
                 ReplicaAction::Send(m) => {
-                    if let Message::Reply {
-                        result: Err(e),
-                        seq,
-                    } = &m
-                    {
-                        self.limiter.warn("refused", || {
-                            format!("replication request {seq} for {volume} refused: {e}")
-                        });
-                    }
+                    self.log_refusal(&volume, &m);
                     out.push(m)
                 }
                 ReplicaAction::Disconnect { reason } => {

@@ -122,15 +122,7 @@ impl ReplicaService {
                     }
                 }
                 ReplicaAction::Send(m) => {
-                    if let Message::Reply {
-                        result: Err(e),
-                        seq,
-                    } = &m
-                    {
-                        self.limiter.warn("refused", || {
-                            format!("replication request {seq} for {volume} refused: {e}")
-                        });
-                    }
+                    self.log_refusal(v.machine.volume(), &m);
                     v.inflight.push_reply(m, out);
                 }
                 // A write of the current generation persists nothing and reads nothing.
