@@ -94,20 +94,87 @@ def fio(label, uri, rw, bs, qd, extra=()):
             "p99_us": pct.get("99.000000", 0) / 1000}
 
 
+def procs():
+    """The cluster's processes: each node's store, and every tesserad together."""
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")[:-1]
+        except OSError:
+            continue
+        if not argv or f"{W}/" not in " ".join(argv):
+            continue
+        if argv[0].endswith("tessera-store"):
+            node = next((n for n in ("node1", "node2", "node3") if f"/cluster/{n}/" in " ".join(argv)), None)
+            if node:
+                out[f"store {node}"] = [int(pid)]
+        elif argv[0].endswith("tesserad"):
+            out.setdefault("tesserads", []).append(int(pid))
+    return out
+
+
+def cpu_seconds(pids):
+    """CPU time (user + system) the processes used so far, in seconds."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])
+        except OSError:
+            pass
+    return total / tick
+
+
+def machine_busy():
+    """(busy, total) CPU seconds of the whole machine so far (/proc/stat)."""
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = f[3] + f[4]
+    return (sum(f) - idle) / tick, sum(f) / tick
+
+
 WORKLOADS = [("4k-randwrite-qd1", "randwrite", "4k", 1), ("4k-randwrite-qd16", "randwrite", "4k", 16),
              ("1m-seqwrite-qd8", "write", "1M", 8), ("4k-randread-qd16", "randread", "4k", 16)]
 res = {}
 # A counter for the 3-copy runs: the volume's generation before and after each (a raise
 # means the cluster took a copy out of the in-sync set or put one back during the run).
 gens = {}
+# Where the CPU went in each write run: CPU seconds per process group, fio's own (a child),
+# and the whole machine's busy time, over the run (ramp included).
+cpu_use = {}
+PERF = os.environ.get("PERF")
+if PERF and not any(os.access(os.path.join(d, "perf"), os.X_OK) for d in os.environ["PATH"].split(":")):
+    raise SystemExit("PERF=1 needs perf (Debian: apt-get install linux-perf)")
 for target in ["nbdkit", "r1", "r3"]:
     print(f"bench: filling {target}", file=sys.stderr)
     fio("fill", URI[target], "write", "1M", 8)
     for w, rw, bs, qd in WORKLOADS:
         print(f"bench: {target} {w}", file=sys.stderr)
         g0 = volume("r3")["replication"]["generation"]
+        groups = procs()
+        before = {g: cpu_seconds(p) for g, p in groups.items()}
+        child0 = os.times().children_user + os.times().children_system
+        m0, t0 = machine_busy(), time.monotonic()
+        perf = None
+        if PERF and target == "r3" and w == "1m-seqwrite-qd8":
+            # A profile of the three stores during the 3-copy 1M run (PERF=1).
+            pids = ",".join(str(p) for g, ps in groups.items() if g.startswith("store") for p in ps)
+            perf = subprocess.Popen(["perf", "record", "-F", "499", "-g", "-o", f"{W}/perf.data", "-p", pids],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         res[(target, w)] = fio(w, URI[target], rw, bs, qd,
                                ("--time_based", f"--runtime={RUNTIME}", "--ramp_time=1"))
+        if perf:
+            perf.send_signal(2)
+            perf.wait()
+            rep = subprocess.run(["perf", "report", "-i", f"{W}/perf.data", "--no-children", "--sort", "comm,dso,sym",
+                                  "--stdio", "-g", "none", "--percent-limit", "1.5"], capture_output=True, text=True)
+            open(f"{W}/perf-r3-1m.txt", "w").write(rep.stdout)
+        m1, elapsed = machine_busy(), time.monotonic() - t0
+        use = {g: cpu_seconds(p) - before.get(g, 0) for g, p in groups.items()}
+        use["fio"] = os.times().children_user + os.times().children_system - child0
+        use["machine busy"] = m1[0] - m0[0]
+        cpu_use[(target, w)] = (use, elapsed, (m1[1] - m0[1]) / elapsed)
         if target == "r3":
             gens[w] = (g0, volume("r3")["replication"]["generation"])
 
@@ -200,6 +267,22 @@ print(f"Goal 1, 3-copy 1M sequential write ≥ 60 % of 1-copy: {seq3:.0f} vs {se
       f"({'met' if seq3 >= 0.6 * seq1 else 'MISSED'}).")
 print(f"Goal 2, 3-copy 4K write QD1 latency ≤ 2× 1-copy: p50 {lat3:.0f} vs {lat1:.0f} µs = {lat3 / lat1:.2f}× "
       f"({'met' if lat3 <= 2 * lat1 else 'MISSED'}).")
+print()
+print("CPU seconds used during each write run (ramp included), by process; `machine busy` is every CPU's busy "
+      "time over the run, against the CPUs' time available:")
+print()
+names = ["store node1", "store node2", "store node3", "tesserads", "fio", "machine busy"]
+print("| target, workload | s | " + " | ".join(names) + " | available | store CPU ms per MiB |")
+print("|---|---:|" + "---:|" * len(names) + "---:|---:|")
+for (target, w), (use, elapsed, ncpu) in cpu_use.items():
+    if "write" not in w or target == "nbdkit":
+        continue
+    mib = res[(target, w)]["mib_s"] * elapsed
+    stores = sum(v for k, v in use.items() if k.startswith("store"))
+    print(f"| {target}, {w} | {elapsed:.1f} | " + " | ".join(f"{use.get(n, 0):.2f}" for n in names)
+          + f" | {elapsed * ncpu:.1f} | {1000 * stores / max(mib, 1e-9):.2f} |")
+if PERF:
+    print(f"\nProfile of the stores during r3 1m-seqwrite-qd8: {W}/perf-r3-1m.txt (KEEP=1 keeps it).")
 print()
 print("3-copy volume's generation before -> after each run: "
       + ", ".join(f"{w} {a} -> {b}" for w, (a, b) in gens.items()) + ".")

@@ -14,7 +14,9 @@
 # Run as root from the repository root, under flock /tmp/devcluster.lock on a shared
 # machine (fixed addresses). PROFILE (default release) picks the cargo profile, NO_BUILD=1
 # reuses target/$PROFILE, NO_SETUP=1 skips tests/setup. RUNTIME (s per fio run, default 8),
-# SIZE (MiB per volume, default 256), CATCHUP_MIB (default 128).
+# SIZE (MiB per volume, default 256), CATCHUP_MIB (default 128). Each write run's CPU use per
+# process is printed; PERF=1 also profiles the three stores (perf record) during the 3-copy
+# 1M run, its report kept with KEEP=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-release}
