@@ -11,29 +11,19 @@
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tessera_pki::ClusterCa;
-use tessera_store_admin::{AdminOp, AdminReply, ReplicaState, ReplicationRole, VolumeReplication};
+use tessera_store_admin::{AdminOp, AdminReply, ReplicaState, ReplicationRole};
 
 mod support;
 use support::*;
 
 const SIZE: u64 = 16 * MIB;
 
-fn status(n: &Node) -> VolumeReplication {
-    match n.admin(AdminOp::ReplicationStatus {}).unwrap() {
-        AdminReply::Replication(all) => all
-            .into_iter()
-            .find(|v| v.volume == "v")
-            .unwrap_or_else(|| panic!("{} reports nothing about v", n.id)),
-        other => panic!("unexpected reply {other:?}"),
-    }
-}
-
 fn caught_up(primary: &Node, node: &str) -> bool {
-    status(primary)
+    primary
+        .replication("v")
         .replicas
         .iter()
         .any(|r| r.node == node && r.state == ReplicaState::CaughtUp {} && r.missed_bytes == 0)
@@ -72,14 +62,11 @@ fn snapshots(n: &Node) -> Vec<String> {
     }
 }
 
-/// The blake3 of export `export` read through `n`'s own NBD server.
+/// The blake3 of `export` read through `n`'s own NBD server.
 fn hash(root: &std::path::Path, n: &Node, export: &str) -> blake3::Hash {
-    let out = root.join(format!("{}-{export}.img", n.id));
-    let _ = std::fs::remove_file(&out);
-    run(Command::new("nbdcopy").arg(n.uri(export)).arg(&out));
-    let copy = std::fs::read(&out).unwrap();
-    assert_eq!(copy.len() as u64, SIZE, "{export} on {}", n.id);
-    blake3::hash(&copy)
+    let (hash, len) = n.export_hash(root, export);
+    assert_eq!(len, SIZE, "{export} on {}", n.id);
+    hash
 }
 
 #[test]

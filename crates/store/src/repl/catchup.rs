@@ -423,24 +423,38 @@ impl CatchUp {
         // First the primary's size: a copy that missed a resize grows before it is sent
         // (or asked the digests of) anything past its old end. A copy that large already
         // takes it as done.
-        *seq += 1;
-        s.send(&Message::Resize {
-            volume: self.volume.clone(),
-            generation: Generation(self.generation),
-            seq: *seq,
-            size: self.export.size(),
+        let size = self.export.size();
+        self.send_sequenced(s, seq, |volume, generation, seq| Message::Resize {
+            volume,
+            generation,
+            seq,
+            size,
         })
         .await?;
-        self.expect_reply(s, seq).await?;
         let head = self.export.clone();
         self.send_differences(s, seq, &head, &mut plan, &progress)
             .await?;
-        *seq += 1;
-        s.send(&Message::Flush {
-            volume: self.volume.clone(),
-            generation: Generation(self.generation),
-            seq: *seq,
+        self.send_sequenced(s, seq, |volume, generation, seq| Message::Flush {
+            volume,
+            generation,
+            seq,
         })
+        .await
+    }
+
+    /// Sends the request `make` builds with the next seq and waits for its reply.
+    async fn send_sequenced(
+        &self,
+        s: &mut Stream,
+        seq: &mut u64,
+        make: impl FnOnce(VolumeName, Generation, u64) -> Message,
+    ) -> Result<(), PassError> {
+        *seq += 1;
+        s.send(&make(
+            self.volume.clone(),
+            Generation(self.generation),
+            *seq,
+        ))
         .await?;
         self.expect_reply(s, seq).await
     }

@@ -157,6 +157,27 @@ impl Node {
         self.nbd(volume).read(offset, &mut buf).unwrap();
         buf
     }
+
+    /// What this store reports of `volume`'s replication (`replication_status`).
+    pub fn replication(&self, volume: &str) -> tessera_store_admin::VolumeReplication {
+        match self.admin(AdminOp::ReplicationStatus {}).unwrap() {
+            AdminReply::Replication(all) => all
+                .into_iter()
+                .find(|v| v.volume == volume)
+                .unwrap_or_else(|| panic!("{} reports nothing about {volume}", self.id)),
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
+    /// The blake3 and length of `export` (a volume or `volume@snapshot`) as nbdcopy reads
+    /// it through this store's own NBD server (a copy is written under `root`).
+    pub fn export_hash(&self, root: &Path, export: &str) -> (blake3::Hash, u64) {
+        let out = root.join(format!("{}-{export}.img", self.id));
+        let _ = std::fs::remove_file(&out);
+        run(Command::new("nbdcopy").arg(self.uri(export)).arg(&out));
+        let copy = std::fs::read(&out).unwrap();
+        (blake3::hash(&copy), copy.len() as u64)
+    }
 }
 
 /// The `primary` role with `replicas` in sync and `catching_up` to catch up, and the

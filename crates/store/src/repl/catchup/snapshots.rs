@@ -115,15 +115,14 @@ impl CatchUp {
                 "catch-up cannot bring this snapshot: the copy is larger than the volume was when it was taken; not supported yet");
             return Ok(());
         }
-        *seq += 1;
-        s.send(&Message::Resize {
-            volume: self.volume.clone(),
-            generation: Generation(self.generation),
-            seq: *seq,
-            size: snap.size,
+        let size = snap.size;
+        self.send_sequenced(s, seq, |volume, generation, seq| Message::Resize {
+            volume,
+            generation,
+            seq,
+            size,
         })
         .await?;
-        self.expect_reply(s, seq).await?;
         let source = Arc::new(
             self.store
                 .open_export(&format!("{}@{}", self.volume, snap.name))
@@ -145,15 +144,13 @@ impl CatchUp {
         self.send_differences(s, seq, &source, &mut plan, &progress)
             .await?;
         // The replica flushes before it takes a snapshot from the stream.
-        *seq += 1;
-        s.send(&Message::Snapshot {
-            volume: self.volume.clone(),
-            generation: Generation(self.generation),
-            seq: *seq,
+        self.send_sequenced(s, seq, |volume, generation, seq| Message::Snapshot {
+            volume,
+            generation,
+            seq,
             name,
         })
         .await?;
-        self.expect_reply(s, seq).await?;
         tracing::info!(volume = %self.volume, node = %self.peer.node, snapshot = %snap.name,
             "catch-up brought a snapshot the copy lacked");
         Ok(())
