@@ -423,14 +423,7 @@ impl CatchUp {
         // First the primary's size: a copy that missed a resize grows before it is sent
         // (or asked the digests of) anything past its old end. A copy that large already
         // takes it as done.
-        let size = self.export.size();
-        self.send_sequenced(s, seq, |volume, generation, seq| Message::Resize {
-            volume,
-            generation,
-            seq,
-            size,
-        })
-        .await?;
+        self.send_resize(s, seq, self.export.size()).await?;
         let head = self.export.clone();
         self.send_differences(s, seq, &head, &mut plan, &progress)
             .await?;
@@ -438,6 +431,18 @@ impl CatchUp {
             volume,
             generation,
             seq,
+        })
+        .await
+    }
+
+    /// Grows the replica's copy to `size` bytes (a copy that large already takes it as
+    /// done).
+    async fn send_resize(&self, s: &mut Stream, seq: &mut u64, size: u64) -> Result<(), PassError> {
+        self.send_sequenced(s, seq, |volume, generation, seq| Message::Resize {
+            volume,
+            generation,
+            seq,
+            size,
         })
         .await
     }

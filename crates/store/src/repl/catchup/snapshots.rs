@@ -115,14 +115,7 @@ impl CatchUp {
                 "catch-up cannot bring this snapshot: the copy is larger than the volume was when it was taken; not supported yet");
             return Ok(());
         }
-        let size = snap.size;
-        self.send_sequenced(s, seq, |volume, generation, seq| Message::Resize {
-            volume,
-            generation,
-            seq,
-            size,
-        })
-        .await?;
+        self.send_resize(s, seq, snap.size).await?;
         let source = Arc::new(
             self.store
                 .open_export(&format!("{}@{}", self.volume, snap.name))
