@@ -128,8 +128,7 @@ fn check(msg: &Message) -> Result<(), WireError> {
             Ok(())
         }
         Message::SnapshotListReply {
-            result: Ok(names),
-            ..
+            result: Ok(names), ..
         } => {
             if names.len() > MAX_SNAPSHOT_NAMES as usize {
                 return Err(WireError::BadLength {

@@ -40,10 +40,10 @@ use driver::Driver;
 pub(super) use driver::QUICK_WRITE_MAX;
 use link::link;
 pub use members::Change;
-pub use repair::RepairError;
 use members::Members;
-use missed::{append_synced, load_missed, missed_path, whole};
 pub(super) use missed::append_synced as append_missed;
+use missed::{append_synced, load_missed, missed_path, whole};
+pub use repair::RepairError;
 
 /// How often the driver gives the machine the time (timeouts, resends).
 const TICK: Duration = Duration::from_millis(100);
