@@ -126,6 +126,14 @@ def cpu_seconds(pids):
     return total / tick
 
 
+def udp_datagrams():
+    """UDP datagrams the machine sent and received so far (/proc/net/snmp; every process's,
+    loopback QUIC among them)."""
+    lines = [l.split() for l in open("/proc/net/snmp") if l.startswith("Udp:")]
+    row = dict(zip(lines[0][1:], (int(x) for x in lines[1][1:])))
+    return row["OutDatagrams"] + row["InDatagrams"]
+
+
 def machine_busy():
     """(busy, total) CPU seconds of the whole machine so far (/proc/stat)."""
     f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
@@ -155,7 +163,7 @@ for target in ["nbdkit", "r1", "r3"]:
         groups = procs()
         before = {g: cpu_seconds(p) for g, p in groups.items()}
         child0 = os.times().children_user + os.times().children_system
-        m0, t0 = machine_busy(), time.monotonic()
+        m0, t0, u0 = machine_busy(), time.monotonic(), udp_datagrams()
         perf = None
         if PERF and target == "r3" and w == "1m-seqwrite-qd8":
             # A profile of the three stores during the 3-copy 1M run (PERF=1).
@@ -174,7 +182,7 @@ for target in ["nbdkit", "r1", "r3"]:
         use = {g: cpu_seconds(p) - before.get(g, 0) for g, p in groups.items()}
         use["fio"] = os.times().children_user + os.times().children_system - child0
         use["machine busy"] = m1[0] - m0[0]
-        cpu_use[(target, w)] = (use, elapsed, (m1[1] - m0[1]) / elapsed)
+        cpu_use[(target, w)] = (use, elapsed, (m1[1] - m0[1]) / elapsed, udp_datagrams() - u0)
         if target == "r3":
             gens[w] = (g0, volume("r3")["replication"]["generation"])
 
@@ -272,15 +280,16 @@ print("CPU seconds used during each write run (ramp included), by process; `mach
       "time over the run, against the CPUs' time available:")
 print()
 names = ["store node1", "store node2", "store node3", "tesserads", "fio", "machine busy"]
-print("| target, workload | s | " + " | ".join(names) + " | available | store CPU ms per MiB |")
-print("|---|---:|" + "---:|" * len(names) + "---:|---:|")
-for (target, w), (use, elapsed, ncpu) in cpu_use.items():
+print("| target, workload | s | " + " | ".join(names) + " | available | store CPU ms per MiB | UDP datagrams per request |")
+print("|---|---:|" + "---:|" * len(names) + "---:|---:|---:|")
+for (target, w), (use, elapsed, ncpu, udp) in cpu_use.items():
     if "write" not in w or target == "nbdkit":
         continue
     mib = res[(target, w)]["mib_s"] * elapsed
     stores = sum(v for k, v in use.items() if k.startswith("store"))
     print(f"| {target}, {w} | {elapsed:.1f} | " + " | ".join(f"{use.get(n, 0):.2f}" for n in names)
-          + f" | {elapsed * ncpu:.1f} | {1000 * stores / max(mib, 1e-9):.2f} |")
+          + f" | {elapsed * ncpu:.1f} | {1000 * stores / max(mib, 1e-9):.2f} "
+          f"| {udp / max(res[(target, w)]['iops'] * elapsed, 1e-9):.1f} |")
 if PERF:
     print(f"\nProfile of the stores during r3 1m-seqwrite-qd8: {W}/perf-r3-1m.txt (KEEP=1 keeps it).")
 print()
