@@ -44,6 +44,9 @@ pub struct DaemonConfig {
     /// Replication over QUIC (UDP) on this address, with the credentials in
     /// `nbd_tls_dir`; off when `None`.
     pub repl_quic: Option<SocketAddr>,
+    /// The QUIC volume export (`crate::export`) on this UDP address, with the
+    /// credentials in `nbd_tls_dir`; off when `None`.
+    pub export_quic: Option<SocketAddr>,
 }
 
 /// A started daemon; dropping it does not stop it, call [`Running::shutdown`].
@@ -55,6 +58,8 @@ pub struct Running {
     pub nbd_tcp_plain: Option<SocketAddr>,
     /// Where replication over QUIC listens, if enabled (the real port when 0 was asked).
     pub repl_quic: Option<SocketAddr>,
+    /// Where the QUIC volume export listens, if enabled (the real port when 0 was asked).
+    pub export_quic: Option<SocketAddr>,
     /// Every volume's replication role.
     pub replication: Arc<Replication>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -170,6 +175,10 @@ pub async fn start(cfg: &DaemonConfig) -> anyhow::Result<Running> {
         let (ex, nbd) = (exports.clone(), cfg.nbd.clone());
         tasks.push(tokio::spawn(crate::tls::serve(addr, dir, ex, nbd)));
     }
+    let export_quic = match cfg.export_quic {
+        Some(addr) => Some(start_export(cfg, addr, &exports, &mut tasks)?),
+        None => None,
+    };
     let mut nbd_tcp_plain = None;
     if let Some(addr) = cfg.nbd_tcp_plain {
         let l = TcpListener::bind(addr)
@@ -205,6 +214,7 @@ pub async fn start(cfg: &DaemonConfig) -> anyhow::Result<Running> {
         nbd_plain = ?nbd_tcp_plain,
         nbd_unix = %cfg.nbd_unix.display(),
         repl_quic = ?repl_quic,
+        export_quic = ?export_quic,
         admin = %cfg.admin_socket.display(),
         "tessera-store is serving"
     );
@@ -212,9 +222,34 @@ pub async fn start(cfg: &DaemonConfig) -> anyhow::Result<Running> {
         store,
         nbd_tcp_plain,
         repl_quic,
+        export_quic,
         replication,
         tasks,
     })
+}
+
+/// Binds the QUIC volume export on `addr` (its own socket, the replication endpoint's
+/// code and TLS rules with the export's ALPN) and starts serving `exports` on it once
+/// the node's credentials are there. Returns the bound address.
+fn start_export(
+    cfg: &DaemonConfig,
+    addr: SocketAddr,
+    exports: &Arc<StoreExports>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<SocketAddr> {
+    let Some(dir) = cfg.nbd_tls_dir.clone() else {
+        anyhow::bail!("the QUIC volume export needs the node's credentials (--nbd-tls-dir)");
+    };
+    let key_dir = cfg.data_dir.join("export");
+    std::fs::create_dir_all(&key_dir).with_context(|| format!("creating {}", key_dir.display()))?;
+    let key = crate::repl::reset_key::ResetKey::load_or_create(&key_dir.join("quic-reset.key"));
+    let ep = ReplEndpoint::bind_for(addr, dir, key, tessera_volume_client::proto::ALPN)?;
+    let bound = ep.local_addr()?;
+    tasks.push(tokio::spawn(crate::repl::quic::follow_credentials(
+        ep.clone(),
+    )));
+    tasks.push(tokio::spawn(crate::export::serve(ep, exports.clone())));
+    Ok(bound)
 }
 
 async fn serve_admin(listener: UnixListener, store: Store, repl: Arc<Replication>) {

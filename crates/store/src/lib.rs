@@ -5,13 +5,16 @@
 //! an address the operator trusts) and a Unix socket, and takes volume administration on a
 //! local admin socket (the protocol is `tessera-store-admin`), and replicates volumes to
 //! other nodes' stores over QUIC (`repl`, on `tessera-replication`'s codec and state
-//! machines). It does not decide anything about the cluster: `tesserad` tells it what to
-//! create and which generation and replicas a volume has.
+//! machines), and serves volumes to remote clients over QUIC too (`export`, the NBD
+//! export's semantics on the same `Exports`). It does not decide anything about the
+//! cluster: `tesserad` tells it what to create and which generation and replicas a
+//! volume has.
 
 #![forbid(unsafe_code)]
 
 pub mod admin_client;
 pub mod daemon;
+pub mod export;
 pub mod exports;
 pub mod repl;
 pub mod tls;

@@ -99,6 +99,12 @@ struct ServeArgs {
     /// replicas here, and this store's primaries reach theirs from it. Off when not given.
     #[arg(long)]
     repl_quic: Option<SocketAddr>,
+    /// The QUIC volume export on this UDP address (docs/volume-export.md: `tessera volume
+    /// cp` and tessera-volume-client), with the same credentials and the same rule as NBD
+    /// over TLS (a client certificate of the cluster CA). Off when not given; the
+    /// cluster's convention is the NBD port's number, 10809, over UDP.
+    #[arg(long)]
+    export_quic: Option<SocketAddr>,
     /// Plain NBD over TCP, no authentication at all: only on an address where everyone
     /// who can reach it is trusted (loopback of a single-user machine, tests).
     #[arg(long)]
@@ -208,6 +214,7 @@ fn daemon_config(args: &ServeArgs, admin: Option<PathBuf>) -> DaemonConfig {
         nbd_tcp: args.nbd_tcp.filter(|_| !args.no_tcp),
         nbd_tls_dir: Some(args.nbd_tls_dir.clone()),
         repl_quic: args.repl_quic,
+        export_quic: args.export_quic,
         nbd_tcp_plain: args.nbd_tcp_plain.filter(|_| !args.no_tcp),
         nbd_unix: args
             .nbd_unix

@@ -99,13 +99,23 @@ fn node_creds(c: &Creds) -> NodeCredentials {
 /// The server side: this node's certificate, a client certificate of the cluster CA
 /// required (checked by rustls before any stream opens), ALPN `tessera-repl/1` only.
 pub fn server_config(dir: &Path, c: &Creds) -> Result<quinn::ServerConfig, QuicError> {
+    server_config_for(dir, c, ALPN)
+}
+
+/// Like [`server_config`] for another protocol on the same TLS rules (the volume export,
+/// `crate::export`): only `alpn` is accepted.
+pub fn server_config_for(
+    dir: &Path,
+    c: &Creds,
+    alpn: &[u8],
+) -> Result<quinn::ServerConfig, QuicError> {
     let bad = |reason: String| QuicError::Credentials {
         dir: dir.to_path_buf(),
         reason,
     };
     let mut tls =
         tessera_pki::server_config(&node_creds(c), &c.ca).map_err(|e| bad(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(|e| bad(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(transport());
@@ -164,6 +174,8 @@ pub struct ReplEndpoint {
     endpoint: quinn::Endpoint,
     client: RwLock<Option<quinn::ClientConfig>>,
     tls_dir: PathBuf,
+    /// The protocol served: replication's, or the volume export's (`crate::export`).
+    alpn: &'static [u8],
 }
 
 impl ReplEndpoint {
@@ -176,6 +188,17 @@ impl ReplEndpoint {
         tls_dir: PathBuf,
         reset_key: super::reset_key::ResetKey,
     ) -> Result<Arc<ReplEndpoint>, QuicError> {
+        Self::bind_for(addr, tls_dir, reset_key, ALPN)
+    }
+
+    /// Like [`ReplEndpoint::bind`], serving protocol `alpn` instead of replication (the
+    /// volume export: same socket setup, same credentials, same TLS rules).
+    pub fn bind_for(
+        addr: SocketAddr,
+        tls_dir: PathBuf,
+        reset_key: super::reset_key::ResetKey,
+        alpn: &'static [u8],
+    ) -> Result<Arc<ReplEndpoint>, QuicError> {
         let bind = |source| QuicError::Bind { addr, source };
         let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
         let runtime = quinn::default_runtime()
@@ -187,6 +210,7 @@ impl ReplEndpoint {
             endpoint,
             client: RwLock::new(None),
             tls_dir,
+            alpn,
         }))
     }
 
@@ -203,7 +227,7 @@ impl ReplEndpoint {
     /// Installs credentials for serving and connecting (connections already open keep
     /// theirs).
     pub fn set_credentials(&self, c: &Creds) -> Result<(), QuicError> {
-        let server = server_config(&self.tls_dir, c)?;
+        let server = server_config_for(&self.tls_dir, c, self.alpn)?;
         let client = client_config(&self.tls_dir, c)?;
         self.endpoint.set_server_config(Some(server));
         *self.client.write() = Some(client);
@@ -260,7 +284,8 @@ pub async fn follow_credentials(ep: Arc<ReplEndpoint>) {
             Ok(Some(c)) => match ep.set_credentials(&c) {
                 Ok(()) => {
                     tracing::info!(addr = ?ep.local_addr().ok(), renewed = current.is_some(),
-                        "replication over QUIC: serving with this node's certificate");
+                        alpn = %String::from_utf8_lossy(ep.alpn),
+                        "QUIC endpoint: serving with this node's certificate");
                     current = Some(c);
                     None
                 }
@@ -270,7 +295,8 @@ pub async fn follow_credentials(ep: Arc<ReplEndpoint>) {
         };
         match problem {
             Some(p) if p != last_problem => {
-                tracing::warn!(problem = %p, "replication endpoint cannot use the node's credentials; retrying");
+                tracing::warn!(problem = %p, alpn = %String::from_utf8_lossy(ep.alpn),
+                    "QUIC endpoint cannot use the node's credentials; retrying");
                 last_problem = p;
             }
             Some(_) => {}
