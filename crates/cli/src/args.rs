@@ -9,6 +9,9 @@ use tessera_units::parse_size;
 
 use crate::output::Output;
 
+mod cp;
+pub use cp::CpArgs;
+
 #[derive(Parser)]
 #[command(
     name = "tessera",
@@ -290,6 +293,9 @@ pub enum VolumeCmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Copy between a volume and a local raw file (or two volumes) over the QUIC export,
+    /// skipping ranges that read as zeros, with a progress bar on a terminal.
+    Cp(CpArgs),
     /// Write a client certificate and key for NBD over TLS (Operator role) into a
     /// directory, as qemu (tls-creds-x509) and libnbd (tls-certificates=DIR) read them.
     ExportCreds {

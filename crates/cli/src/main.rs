@@ -20,7 +20,7 @@ mod prompt;
 
 use clap::Parser;
 
-use args::{Cli, ClusterCmd, Cmd, SeedCmd};
+use args::{Cli, ClusterCmd, Cmd, SeedCmd, VolumeCmd};
 use client::Client;
 use commands::{
     cluster, events, image, networks, nodes, realms, session, tasks, tokens, users, vms, volumes,
@@ -50,13 +50,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         println!("{}", new_join_secret());
         return Ok(());
     }
+    // A copy between a file and a quic:// export needs no API either.
+    let cmd = match cli.cmd {
+        Cmd::Volume(VolumeCmd::Cp(a)) if !a.needs_api() => {
+            return commands::volume_cp::run(None, a, out);
+        }
+        cmd => cmd,
+    };
     let settings = Settings::resolve(cli.api, cli.ca_file.as_deref())?;
     let client = Client::new(
         settings.api.clone(),
         settings.token.clone(),
         settings.ca_pem.as_deref(),
     )?;
-    match cli.cmd {
+    match cmd {
         Cmd::ApiEndpoints | Cmd::Seed(_) => Ok(()),
         Cmd::Login { user } => session::login(&client, &settings, &user, out),
         Cmd::Logout => session::logout(&client, out),

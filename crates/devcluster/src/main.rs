@@ -235,6 +235,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 // Replication between the stores (QUIC, UDP): tesserad finds it at the
                 // NBD address's host, port 7410.
                 .args(["--repl-quic", &format!("{}:7410", addr(i))])
+                // The QUIC volume export (`tessera volume cp`): the NBD port's number
+                // over UDP, where the CLI looks for it.
+                .args(["--export-quic", &format!("{}:10809", addr(i))])
                 // NBD over TCP needs TLS: the store serves it once tesserad has written
                 // the node's certificate here.
                 .arg("--nbd-tls-dir")

@@ -15,4 +15,5 @@ pub mod tokens;
 pub mod users;
 pub mod vm_console;
 pub mod vms;
+pub mod volume_cp;
 pub mod volumes;

@@ -174,6 +174,7 @@ pub fn run(client: &Client, cmd: VolumeCmd, out: Output) -> anyhow::Result<()> {
             let v = client.call(VOLUME_RM, &[&name], None)?;
             out.print(&follow(client, v, no_wait, bar)?, done);
         }
+        VolumeCmd::Cp(a) => super::volume_cp::run(Some(client), a, out)?,
         VolumeCmd::ExportCreds { dir } => {
             let v = client.call(NBD_CREDS, &[], None)?;
             let creds: NbdCredentials = crate::client::decode(NBD_CREDS, &v)?;
