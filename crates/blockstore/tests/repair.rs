@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tessera_blockstore::{BlockRepair, Store, StoreError, StoreOptions, BLOCK_SIZE};
+use tessera_blockstore::{BlockRepair, Export, Store, StoreError, StoreOptions, BLOCK_SIZE};
 
 const MIB: u64 = 1 << 20;
 const B: u64 = BLOCK_SIZE as u64;
@@ -41,15 +41,22 @@ fn block_of(file: &Path, block: u64) -> Vec<u8> {
     bytes[(block * B) as usize..((block + 1) * B) as usize].to_vec()
 }
 
-#[test]
-fn a_bad_block_is_rewritten_only_with_the_bytes_its_checksum_names() {
+/// A store with volume `v` whose first `blocks` blocks hold a pattern (`seed`), in its
+/// layer file (checkpointed): the directory, store, export and the pattern.
+fn written(seed: u8, blocks: usize) -> (tempfile::TempDir, Store, Export, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
     s.create_volume("v", MIB).unwrap();
     let e = s.open_export("v").unwrap();
-    let good = pattern(3, 4 * BLOCK_SIZE);
+    let good = pattern(seed, blocks * BLOCK_SIZE);
     e.write_at(0, &good, false).unwrap();
     s.checkpoint().unwrap();
+    (dir, s, e, good)
+}
+
+#[test]
+fn a_bad_block_is_rewritten_only_with_the_bytes_its_checksum_names() {
+    let (dir, s, e, good) = written(3, 4);
     let file = data_file(dir.path());
     rot(&file, 2);
     let rotten = block_of(&file, 2);
@@ -119,13 +126,7 @@ fn a_bad_block_is_rewritten_only_with_the_bytes_its_checksum_names() {
 
 #[test]
 fn a_bad_block_of_a_snapshot_layer_is_repaired_for_the_volume_and_the_snapshot() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
-    s.create_volume("v", MIB).unwrap();
-    let e = s.open_export("v").unwrap();
-    let good = pattern(5, 2 * BLOCK_SIZE);
-    e.write_at(0, &good, false).unwrap();
-    s.checkpoint().unwrap();
+    let (dir, s, e, good) = written(5, 2);
     s.create_snapshot("v", "s").unwrap();
     rot(&data_file(dir.path()), 1);
     let snap = s.open_export("v@s").unwrap();

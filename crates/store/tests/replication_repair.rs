@@ -97,17 +97,8 @@ fn qemu_read(root: &Path, n: &Node, offset: u64, len: u64) -> Result<Vec<u8>, St
 fn a_bad_block_on_the_primary_is_repaired_from_a_replica_and_the_read_succeeds() {
     let root = tempfile::tempdir().unwrap();
     let ca = ClusterCa::mint("repl-repair-test").unwrap();
-    let nodes: Vec<Node> = ["node1", "node2", "node3"]
-        .iter()
-        .map(|id| Node::start(root.path(), id, &ca))
-        .collect();
-    let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
-    for n in &nodes {
-        n.create("v", SIZE);
-    }
-    n2.replica_of("v", 2);
-    n3.replica_of("v", 2);
-    n1.primary_of("v", 2, &[n2, n3]);
+    let nodes = three_copies(root.path(), &ca, "v", SIZE);
+    let n1 = &nodes[0];
 
     let data = pattern("repair", (4 * MIB) as usize);
     let src = root.path().join("data.img");

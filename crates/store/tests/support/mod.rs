@@ -207,6 +207,22 @@ pub fn primary_role(
     serde_json::from_value(role).unwrap()
 }
 
+/// Stores `node1`, `node2` and `node3`, each with a copy of `volume` (`size` bytes):
+/// `node1` its primary in generation 2 with the two others in sync.
+pub fn three_copies(root: &Path, ca: &ClusterCa, volume: &str, size: u64) -> Vec<Node> {
+    let nodes: Vec<Node> = ["node1", "node2", "node3"]
+        .iter()
+        .map(|id| Node::start(root, id, ca))
+        .collect();
+    for n in &nodes {
+        n.create(volume, size);
+    }
+    nodes[1].replica_of(volume, 2);
+    nodes[2].replica_of(volume, 2);
+    nodes[0].primary_of(volume, 2, &[&nodes[1], &nodes[2]]);
+    nodes
+}
+
 /// Writes `dir/{ca.crt,node.crt,node.key}` for node `id` of the cluster of `ca`.
 pub fn write_node_creds(dir: &Path, ca: &ClusterCa, id: &str) {
     std::fs::create_dir_all(dir).unwrap();

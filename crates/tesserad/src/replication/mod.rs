@@ -20,6 +20,7 @@ pub mod moves;
 pub mod orphans;
 pub mod placement;
 pub mod rebuild;
+pub mod repairs;
 pub mod resync;
 pub mod roles;
 #[cfg(test)]

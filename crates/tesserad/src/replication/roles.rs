@@ -438,6 +438,9 @@ async fn reconcile(node: &Node, me: &str, socket: &Path, st: &mut Round) {
     for v in mine {
         let report = held.get(&v.name);
         if v.node == me {
+            if let Some(r) = report.filter(|r| r.role == "primary") {
+                super::repairs::record(node, r, &mut st.repairs).await;
+            }
             // What the primary's store reports may change the cluster state (a failed
             // replica, a copy back or caught up); the stores hear of it next round.
             if let Some(step) = report.and_then(|r| {
@@ -597,6 +600,8 @@ struct Round {
     stalled: Vec<(String, u64)>,
     /// Generations this node raised so its primary could start (no store ran in them).
     raised: HashMap<String, u64>,
+    /// Blocks the primary's store repaired that are events already (`repairs.rs`).
+    repairs: super::repairs::Recorded,
 }
 
 fn note(complaints: &mut HashMap<String, String>, volume: &str, msg: String) {
