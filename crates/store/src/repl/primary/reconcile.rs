@@ -18,13 +18,19 @@ use tessera_replication::catchup::CatchUpPlan;
 use tessera_replication::primary::{PrimaryInput, ReplicaId, RequestId};
 use tessera_replication::regions::{Region, RegionSet};
 use tessera_replication::replica::Op;
-use tessera_replication::wire::{self, Decoder, Generation, Message, VolumeName};
+use tessera_replication::wire::{self, Decoder, Generation, Message, ReplyError, VolumeName};
 
 use super::super::quic::ReplEndpoint;
 use super::super::replica::digests;
 use super::driver::Driver;
 use super::missed::append_synced;
 use super::Peer;
+
+/// How long a replica that answers "not a replica" (a previous primary not yet told its
+/// new role) is asked again before it counts as missing the whole volume.
+const NOT_REPLICA_WAIT: Duration = Duration::from_secs(2);
+/// How soon it is asked again (the guest waits for this primary's first write).
+const NOT_REPLICA_AGAIN: Duration = Duration::from_millis(2);
 
 /// What one replica said: the blocks where it differs from this copy, or why it could
 /// not say.
@@ -88,21 +94,43 @@ async fn differing(
     own: RegionSet,
 ) -> Answer {
     let mut a = Asker::open(&ep, &peer).await?;
-    let theirs = match a
-        .ask(&Message::Unsettled {
-            volume: volume.clone(),
-            generation,
-            request: 1,
-        })
-        .await?
-    {
-        Message::UnsettledReply {
-            request: 1,
-            result: Ok(regions),
-        } => regions,
-        Message::UnsettledReply { result: Err(e), .. } => return Err(format!("it refused: {e}")),
-        other => return Err(format!("unexpected answer: {other:?}")),
+    let asked = tokio::time::Instant::now();
+    let mut refused = 0u32;
+    let theirs = loop {
+        match a
+            .ask(&Message::Unsettled {
+                volume: volume.clone(),
+                generation,
+                request: 1,
+            })
+            .await?
+        {
+            Message::UnsettledReply {
+                request: 1,
+                result: Ok(regions),
+            } => break regions,
+            // The previous primary's store, still serving as primary for a moment: a live
+            // migration's switch-over tells both stores their new roles at once, and
+            // that one becomes a replica of this generation within milliseconds. Asked
+            // again until then, the copy stays in sync (failing it would cost a
+            // catch-up and more generations for one move).
+            Message::UnsettledReply {
+                result: Err(ReplyError::NotReplica),
+                ..
+            } if asked.elapsed() < NOT_REPLICA_WAIT => {
+                refused += 1;
+                tokio::time::sleep(NOT_REPLICA_AGAIN).await;
+            }
+            Message::UnsettledReply { result: Err(e), .. } => {
+                return Err(format!("it refused: {e}"))
+            }
+            other => return Err(format!("unexpected answer: {other:?}")),
+        }
     };
+    if refused > 0 {
+        tracing::info!(volume = %volume.as_str(), node = %peer.node, refused, waited_ms = asked.elapsed().as_millis() as u64,
+            "the previous primary's store became a replica of this generation");
+    }
     let mut union = own;
     for (offset, len) in theirs {
         union.insert(Region { offset, len });
