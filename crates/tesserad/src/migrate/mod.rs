@@ -15,9 +15,8 @@
 //!    volume's primary moves there with a generation raise (when it holds an in-sync
 //!    copy: `replication::moves::plan`), the record becomes `switched_over`. Then it waits
 //!    for its store to serve the volume as primary, and tells its VMM to run the guest.
-//!    The target's store starts as the primary only once the source's store is a
-//!    replica of the new generation (the source marks the record `source_released`;
-//!    [`release`] says why).
+//!    Both stores take their new roles at once; the new primary asks the source's again
+//!    until it is a replica of the new generation ([`release`] says why).
 //! 4. The source VMM hears the guest runs there and exits; the source node ends the task
 //!    and deletes the record.
 //!
@@ -35,8 +34,6 @@ mod progress;
 mod release;
 mod source;
 mod target;
-
-pub use release::primary_waits;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -83,7 +80,8 @@ pub struct Migration {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Switched over, and the source's store serves the VM's volume as a replica of the
-    /// new generation, so the target's may start as its primary ([`release`]).
+    /// new generation ([`release`]; nothing waits for it since the new primary asks
+    /// that store itself).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub source_released: bool,
     /// Who asked.

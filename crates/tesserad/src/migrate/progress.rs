@@ -65,6 +65,53 @@ pub fn words(vmm_phase: &str, st: &Value) -> Option<String> {
     })
 }
 
+/// Moments of a switch-over: what, and when on the host's monotonic clock (µs), the
+/// clock the VMMs mark their own with (their `migration_status`'s `timeline`).
+pub type Marks = Vec<(String, u64)>;
+
+/// Now on the host's monotonic clock, in µs (0 if it cannot be read).
+pub fn mono_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000
+    })
+}
+
+/// Appends `what` happening now to `marks`.
+pub fn mark(marks: &mut Marks, what: &str) {
+    marks.push((what.to_string(), mono_us()));
+}
+
+/// The marks in a VMM's `migration_status` `st`, each named `<prefix><what>`.
+pub fn vmm_marks(st: &Value, prefix: &str) -> Marks {
+    st["timeline"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| {
+                    Some((
+                        format!("{prefix}{}", m["what"].as_str()?),
+                        m["mono_us"].as_u64()?,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The task log line of a switch-over's moments, in time order:
+/// `timeline <side>: t0=<host monotonic ms of the first> <what>=+<ms after it> ...`
+/// (bench/migrate.py reads it; with both nodes on one host the sides' clocks compare).
+pub fn timeline_line(side: &str, marks: &Marks) -> Option<String> {
+    let mut m = marks.clone();
+    m.sort_by_key(|(_, at)| *at);
+    let t0 = m.first()?.1;
+    let mut line = format!("timeline {side}: t0={:.3}", t0 as f64 / 1000.0);
+    for (what, at) in &m {
+        line.push_str(&format!(" {what}=+{:.1}", (at - t0) as f64 / 1000.0));
+    }
+    Some(line)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +144,19 @@ mod tests {
         assert_eq!(percent("completed", 0), 100);
         assert!(words("completed", &st).unwrap().contains("downtime 31 ms"));
         assert_eq!(words("failed", &st), None);
+    }
+
+    #[test]
+    fn a_timeline_line_orders_the_marks_from_both_processes() {
+        let st = json!({"timeline": [{"what": "paused", "mono_us": 1_000_000u64},
+                                     {"what": "sent", "mono_us": 1_004_500u64}, {"bad": 1}]});
+        let mut marks = vmm_marks(&st, "vmm_");
+        marks.push(("released".into(), 1_002_000));
+        assert_eq!(
+            timeline_line("source", &marks).unwrap(),
+            "timeline source: t0=1000.000 vmm_paused=+0.0 released=+2.0 vmm_sent=+4.5"
+        );
+        assert_eq!(timeline_line("source", &Vec::new()), None);
+        assert!(mono_us() > 0);
     }
 }

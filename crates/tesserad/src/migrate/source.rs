@@ -10,7 +10,7 @@ use serde_json::json;
 use tessera_api::{DesiredState, MigrationPhase, MigrationProgress, Task, TaskLog, TaskState, Vm};
 use tessera_state::Node;
 
-use super::progress;
+use super::progress::{self, Marks};
 use super::{fail, record, swap, update_task, vmm_call, Held, Local, Migration};
 use crate::now_ms;
 use crate::records::table::{MIGRATIONS, VMS};
@@ -54,9 +54,14 @@ pub(super) async fn run(node: &Arc<Node>, local: &Local, m: Migration) {
         let (node, local, m) = (node.clone(), local.clone(), m.clone());
         tokio::spawn(async move { super::release::source(&node, &local, &m).await })
     };
-    let outcome = drive(node, local, &m, &sock).await;
-    released.abort();
-    finish(node, local, &m, &dir, outcome).await;
+    let mut marks = Marks::new();
+    let outcome = drive(node, local, &m, &sock, &mut marks).await;
+    if released.is_finished() {
+        marks.extend(released.await.unwrap_or_default());
+    } else {
+        released.abort();
+    }
+    finish(node, local, &m, &dir, outcome, &marks).await;
 }
 
 fn note(t: &mut Task, message: String) {
@@ -66,7 +71,13 @@ fn note(t: &mut Task, message: String) {
     });
 }
 
-async fn drive(node: &Node, local: &Local, m: &Migration, sock: &Path) -> Outcome {
+async fn drive(
+    node: &Node,
+    local: &Local,
+    m: &Migration,
+    sock: &Path,
+    marks: &mut Marks,
+) -> Outcome {
     let deadline = Instant::now() + PREPARE_LIMIT;
     let m = loop {
         match record(node, &m.vm, &m.task) {
@@ -139,7 +150,7 @@ async fn drive(node: &Node, local: &Local, m: &Migration, sock: &Path) -> Outcom
     } else {
         m
     };
-    follow(node, &m, sock).await
+    follow(node, &m, sock, marks).await
 }
 
 /// Fails the migration with `why`; the outcome is what won.
@@ -165,8 +176,9 @@ fn still_wanted(node: &Node, m: &Migration) -> bool {
     })
 }
 
-/// Follows the source VMM until the migration ends one way or the other.
-async fn follow(node: &Node, m: &Migration, sock: &Path) -> Outcome {
+/// Follows the source VMM until the migration ends one way or the other; `marks` gets
+/// its switch-over timeline.
+async fn follow(node: &Node, m: &Migration, sock: &Path, marks: &mut Marks) -> Outcome {
     let mut last: Option<String> = None;
     let mut last_written = Instant::now() - Duration::from_secs(10);
     let mut switching_since: Option<Instant> = None;
@@ -188,6 +200,10 @@ async fn follow(node: &Node, m: &Migration, sock: &Path) -> Outcome {
             }
         };
         let phase = st["phase"].as_str().unwrap_or("").to_string();
+        let vmm = progress::vmm_marks(&st, "vmm_");
+        if !vmm.is_empty() {
+            *marks = vmm;
+        }
         figures = progress::figures(&m.from, &m.to, rec_phase.unwrap_or_default(), &st);
         if last.as_deref() != Some(phase.as_str())
             || last_written.elapsed() > Duration::from_secs(1)
@@ -315,7 +331,14 @@ async fn stop_here(sock: &Path) {
     }
 }
 
-async fn finish(node: &Node, local: &Local, m: &Migration, dir: &RunDir, outcome: Outcome) {
+async fn finish(
+    node: &Node,
+    local: &Local,
+    m: &Migration,
+    dir: &RunDir,
+    outcome: Outcome,
+    marks: &Marks,
+) {
     let reg = &local.vmrun.migrations;
     let (ok, line, mut figures) = match outcome {
         Outcome::Done { figures, note } => {
@@ -395,6 +418,12 @@ async fn finish(node: &Node, local: &Local, m: &Migration, dir: &RunDir, outcome
                 } else if let Some(f) = vt.migration.as_mut() {
                     f.phase = MigrationPhase::Failed;
                 }
+            }
+            if let Some(l) = ok
+                .then(|| progress::timeline_line("source", marks))
+                .flatten()
+            {
+                note(t, l);
             }
             note(t, format!("{}: {line}", if ok { "done" } else { "failed" }));
         },

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tessera_api::{DesiredState, MigrationPhase, Vm, Volume};
+use tessera_api::{DesiredState, MigrationPhase, TaskLog, Vm, Volume};
 use tessera_state::{Command, Node, Require};
-use tessera_store_admin::{AdminOp, AdminReply};
 
-use super::{fail, record, vmm_call, Held, Local, Migration};
+use super::progress::{mark, timeline_line, vmm_marks, Marks};
+use super::{fail, record, update_task, vmm_call, Held, Local, Migration};
 use crate::records::table::{MIGRATIONS, NODES, VMS, VOLUMES};
 use crate::tables::{event, get, put};
 use crate::vmrun::supervisor::{self, DiskTls, RunDir};
@@ -45,10 +45,12 @@ pub(super) async fn run(node: &Arc<Node>, local: &Local, m: Migration) {
     let dir = RunDir::new(&local.vmrun.data_dir, &m.vm);
     reg.set(&m.vm, Held::Arriving);
     let mut pid = None;
-    match arrive(node, local, &m, &dir, &mut pid).await {
+    let mut marks = Marks::new();
+    match arrive(node, local, &m, &dir, &mut pid, &mut marks).await {
         Ok(()) => {
             reg.set(&m.vm, Held::Arrived);
             tracing::info!(vm = %m.vm, "the VM arrived by live migration and runs here");
+            report_timeline(node, &m, &dir, marks).await;
         }
         Err(Failure::Before(why)) => {
             if let Some(p) = pid {
@@ -146,6 +148,7 @@ async fn arrive(
     m: &Migration,
     dir: &RunDir,
     pid: &mut Option<u32>,
+    marks: &mut Marks,
 ) -> Result<(), Failure> {
     let before = Failure::Before;
     let vm: Vm = get(node, VMS, &m.vm).ok_or_else(|| before("the VM was deleted".into()))?;
@@ -224,7 +227,10 @@ async fn arrive(
             .map_err(|_| before(ended(dir)))?;
         let phase = st["phase"].as_str().unwrap_or("").to_string();
         match phase.as_str() {
-            "loaded" => break,
+            "loaded" => {
+                mark(marks, "loaded_seen");
+                break;
+            }
             "failed" => {
                 return Err(before(format!(
                     "the target VMM failed: {}",
@@ -243,12 +249,15 @@ async fn arrive(
     }
 
     let moved = switch_over(node, local, m).await.map_err(before)?;
+    mark(marks, "switched_over");
     if let Some(generation) = moved {
         wait_primary(local, &vm, generation).await;
+        mark(marks, "primary_ready");
     }
     let went = vmm_call(sock.clone(), json!({"type": "migration_go"}))
         .await
         .map_err(|e| Failure::After(format!("migration_go: {e}")))?;
+    mark(marks, "go_answered");
     if went["phase"] != "running" {
         return Err(Failure::After(format!(
             "the target VMM did not run the guest: {}",
@@ -256,6 +265,46 @@ async fn arrive(
         )));
     }
     Ok(())
+}
+
+/// How long the target looks for the guest's first disk request after the resume.
+const TIMELINE_LIMIT: Duration = Duration::from_secs(3);
+
+/// Writes the switch-over's moments as this node saw them, with the target VMM's (up to
+/// the guest's first disk request done, or [`TIMELINE_LIMIT`]), into the task's log.
+async fn report_timeline(node: &Node, m: &Migration, dir: &RunDir, mut marks: Marks) {
+    let deadline = Instant::now() + TIMELINE_LIMIT;
+    let mut vmm = Marks::new();
+    while Instant::now() < deadline {
+        let Ok(st) = vmm_call(dir.api_socket(), json!({"type": "migration_status"})).await else {
+            break;
+        };
+        vmm = vmm_marks(&st, "vmm_");
+        let has = |w: &str| vmm.iter().any(|(what, _)| what == w);
+        // A VM without a disk has no disk marks to wait for.
+        let disk_done = has("vmm_first_disk_done") || !has("vmm_disk_attached");
+        if disk_done && has("vmm_first_console") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    marks.extend(vmm);
+    let Some(line) = timeline_line("target", &marks) else {
+        return;
+    };
+    tracing::info!(vm = %m.vm, task = %m.task, "{line}");
+    update_task(
+        node,
+        &m.task,
+        |t| {
+            t.log.push(TaskLog {
+                time_ms: crate::now_ms(),
+                message: line.clone(),
+            })
+        },
+        Vec::new(),
+    )
+    .await;
 }
 
 /// Why the migration stopped while this side waited: the record's error.
@@ -362,28 +411,10 @@ async fn wait_primary(local: &Local, vm: &Vm, generation: u64) {
     let Some(volume) = vm.disks.first() else {
         return;
     };
-    let deadline = Instant::now() + PRIMARY_LIMIT;
-    while Instant::now() < deadline {
-        let sock = local.admin_socket.clone();
-        let held = tokio::task::spawn_blocking(move || {
-            let mut c = tessera_store::admin_client::AdminClient::connect(&sock)?;
-            c.set_timeout(Some(Duration::from_secs(2)))?;
-            c.call(AdminOp::ReplicationStatus {})
-        })
-        .await;
-        if let Ok(Ok(AdminReply::Replication(held))) = held {
-            if held.iter().any(|h| {
-                h.volume == *volume
-                    && h.role == "primary"
-                    && h.configured
-                    && h.generation >= generation
-                    && h.fenced_by.is_none()
-            }) {
-                return;
-            }
-        }
-        // The guest is paused meanwhile: every millisecond here is downtime.
-        tokio::time::sleep(Duration::from_millis(2)).await;
+    let primary = |h: &tessera_store_admin::VolumeReplication| {
+        h.role == "primary" && h.configured && h.generation >= generation && h.fenced_by.is_none()
+    };
+    if !super::release::wait_store(local, volume, PRIMARY_LIMIT, primary).await {
+        tracing::warn!(volume = %volume, "the local store did not serve as primary in time; the VM runs anyway");
     }
-    tracing::warn!(volume = %volume, "the local store did not serve as primary in time; the VM runs anyway");
 }

@@ -476,11 +476,6 @@ async fn reconcile(node: &Node, me: &str, socket: &Path, st: &mut Round) {
             continue;
         }
         let is_primary = matches!(want, ReplicationRole::Primary { .. });
-        // A live migration's switch-over moved the primary here: the source's store
-        // becomes a replica first (crate::migrate::release says why).
-        if is_primary && crate::migrate::primary_waits(node, me, &v.name, v.generation) {
-            continue;
-        }
         // A replica's store learns a newer generation from its primary, which fences it
         // only once it took that generation itself (after a rejoin's last pass): told
         // first, the replica would refuse that primary's last writes as stale and fence
