@@ -155,7 +155,8 @@ class CountWatch:
     def gaps(self, since, until):
         """(interval between consecutive counts, count) for counts first seen in
         [since, until]."""
-        seen = sorted((n, t) for n, t in self.first.items() if since <= t <= until)
+        # A copy: the polling thread adds counts meanwhile.
+        seen = sorted((n, t) for n, t in list(self.first.items()) if since <= t <= until)
         return [(b[1] - a[1], b[0]) for a, b in zip(seen, seen[1:]) if b[0] == a[0] + 1]
 
 
