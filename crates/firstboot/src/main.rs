@@ -324,12 +324,17 @@ fn address_of(interface: &str) -> anyhow::Result<Option<IpAddr>> {
     Ok(v6)
 }
 
-fn hostname_of(etc: &Path) -> String {
-    std::fs::read_to_string(etc.join("hostname"))
+/// The one line of `<etc>/<file>` (trimmed), or `default` when it is missing or empty.
+fn etc_line(etc: &Path, file: &str, default: &str) -> String {
+    std::fs::read_to_string(etc.join(file))
         .map(|h| h.trim().to_string())
         .ok()
         .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "tessera".to_string())
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn hostname_of(etc: &Path) -> String {
+    etc_line(etc, "hostname", "tessera")
 }
 
 fn write_tesserad_seed(etc: &Path, wait_secs: u64, data_dir: &str) -> anyhow::Result<()> {
@@ -423,11 +428,7 @@ fn ask_status(data_dir: &Path) -> anyhow::Result<serde_json::Value> {
 /// The release of the root whose `/etc` is `etc` (`<etc>/tessera-release`), "unknown"
 /// when it has none.
 fn this_release(etc: &Path) -> String {
-    std::fs::read_to_string(etc.join("tessera-release"))
-        .map(|r| r.trim().to_string())
-        .ok()
-        .filter(|r| !r.is_empty())
-        .unwrap_or_else(|| "unknown".into())
+    etc_line(etc, "tessera-release", "unknown")
 }
 
 /// The data partition's format record, if any (an unreadable file is `Some` of what
