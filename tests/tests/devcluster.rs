@@ -16,6 +16,8 @@ use tessera_tests::{bin, output, require};
 #[path = "devcluster/nbd_tls.rs"]
 mod nbd_tls;
 use nbd_tls::{check_nbd_tls, check_nbd_tls_refusals};
+#[path = "devcluster/volume_cp.rs"]
+mod volume_cp;
 
 fn cli(home: &std::path::Path, args: &[&str], stdin: &str) -> (bool, String, String) {
     use std::io::Write;
@@ -342,6 +344,7 @@ fn check_cli_resources(h: &std::path::Path) {
     assert_eq!(vol2["origin"], "vol1@s1");
     assert_eq!(vol2["nbd"], "nbds://127.0.0.3:10809/vol2");
     check_nbd_tls(h);
+    volume_cp::check_volume_cp(h);
     let shown = ok(&["volume", "show", "vol1"]);
     assert!(shown.contains("snapshot     s1 (ready)"), "{shown}");
     assert!(shown.contains("64.0 MiB"), "{shown}");

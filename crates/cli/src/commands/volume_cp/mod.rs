@@ -121,18 +121,45 @@ async fn open(spec: Spec, creds: Option<&Credentials>, size: Option<u64>) -> any
 async fn copy_specs(src: Spec, dst: Spec, creds: Option<Credentials>) -> anyhow::Result<Stats> {
     let source = open(src, creds.as_ref(), None).await?;
     let size = source.size()?;
-    let dest = open(dst, creds.as_ref(), Some(size)).await?;
+    let dest = match open(dst, creds.as_ref(), Some(size)).await {
+        Ok(d) => d,
+        Err(e) => {
+            hang_up(source).await;
+            return Err(e);
+        }
+    };
     if dest.read_only() {
+        hang_up(source).await;
+        hang_up(dest).await;
         bail!("the destination is a snapshot: snapshots are read-only");
     }
     let room = dest.size()?;
     if room < size {
+        hang_up(source).await;
+        hang_up(dest).await;
         bail!(
             "the source ({size} bytes) is larger than the destination volume ({room} bytes): \
              nothing copied"
         );
     }
-    copy(Arc::new(source), Arc::new(dest), size).await
+    let (source, dest) = (Arc::new(source), Arc::new(dest));
+    let done = copy(source.clone(), dest.clone(), size).await;
+    for end in [source, dest] {
+        if let Ok(end) = Arc::try_unwrap(end) {
+            hang_up(end).await;
+        }
+    }
+    done
+}
+
+/// Closes a volume's connection properly, or the store keeps the volume open until its
+/// idle timeout (and refuses to delete it meanwhile).
+async fn hang_up(end: End) {
+    if let End::Volume(v) = end {
+        if let Ok(v) = Arc::try_unwrap(v) {
+            v.close().await;
+        }
+    }
 }
 
 /// Copies `size` bytes in pieces of the protocol's largest request, [`IN_FLIGHT`] at a
