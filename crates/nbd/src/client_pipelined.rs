@@ -533,17 +533,17 @@ async fn run(
                     .filter(|(_, j)| j.deadline <= now)
                     .map(|(c, _)| *c)
                     .collect();
-                let mut unanswered = false;
-                for c in expired {
-                    if let Some(job) = pending.remove(&c) {
-                        unanswered |= job.sent && live.is_some();
-                        let _ = job.reply.send(Err(ClientError::Timeout));
-                    }
-                }
-                if unanswered {
+                let jobs: Vec<_> = expired.iter().filter_map(|c| pending.remove(c)).collect();
+                // Logged before any caller hears of the timeout: a caller may act on it at
+                // once (a guest that sees EIO and resets ends the VMM), and the log must
+                // still say why.
+                if live.is_some() && jobs.iter().any(|j| j.sent) {
                     tracing::warn!(export = %target.export, "NBD server did not answer a request in time; reconnecting");
                     live = None;
                     durability.connection_lost();
+                }
+                for job in jobs {
+                    let _ = job.reply.send(Err(ClientError::Timeout));
                 }
             }
             () = retry => {}
