@@ -73,16 +73,7 @@ fn hash(root: &std::path::Path, n: &Node, export: &str) -> blake3::Hash {
 fn a_copy_away_when_a_snapshot_was_taken_gets_it_when_caught_up() {
     let root = tempfile::tempdir().unwrap();
     let ca = ClusterCa::mint("repl-snapshot-catchup-test").unwrap();
-    let mut nodes: Vec<Node> = ["node1", "node2", "node3"]
-        .iter()
-        .map(|id| Node::start(root.path(), id, &ca))
-        .collect();
-    for n in &nodes {
-        n.create("v", SIZE);
-    }
-    nodes[1].replica_of("v", 2);
-    nodes[2].replica_of("v", 2);
-    nodes[0].primary_of("v", 2, &[&nodes[1], &nodes[2]]);
+    let mut nodes = three_copies(root.path(), &ca, "v", SIZE);
     let mut c = nodes[0].nbd("v");
     c.write(0, &pattern("base", (4 * MIB) as usize), true)
         .unwrap();
