@@ -10,7 +10,9 @@ use tessera_units::parse_size;
 use crate::output::Output;
 
 mod cp;
+mod node;
 pub use cp::CpArgs;
+pub use node::NodeCmd;
 
 #[derive(Parser)]
 #[command(
@@ -134,53 +136,6 @@ pub enum ClusterCmd {
         /// store unreachable) before it is rebuilt on another node (1-2592000).
         #[arg(long, value_name = "SECONDS")]
         replica_replace_after: Option<u64>,
-    },
-}
-
-#[derive(Subcommand)]
-pub enum NodeCmd {
-    /// List the nodes and their health.
-    Ls,
-    /// Remove a dead node from the cluster (wipe it before starting it again).
-    Rm {
-        /// Node name or id.
-        id: String,
-        /// Even if it looks up or still holds volumes.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Put a node in maintenance (its running VMs move away by live migration, one at a
-    /// time; it takes no new VMs) or take it out (none moves back by itself).
-    Maintenance {
-        /// Node name or id.
-        id: String,
-        /// on or off.
-        #[arg(value_parser = parse_on_off, action = clap::ArgAction::Set, required = true)]
-        state: bool,
-        /// With on: wait until no VM is left on the node (at most 10 minutes), showing
-        /// the drain; fails naming the VMs left.
-        #[arg(long)]
-        wait: bool,
-    },
-    /// Upgrade nodes booted from the node image, one at a time: drain, send the new
-    /// root file system, follow the reboot until the node runs it healthy, next node.
-    /// Stops at a node that went back to its old slot (docs/image.md).
-    Upgrade {
-        /// Node names or ids, in the order to upgrade them.
-        #[arg(required = true)]
-        nodes: Vec<String>,
-        /// The new image's root file system (tessera-root.img from image/build), its blake3 in IMAGE.b3.
-        #[arg(long)]
-        image: std::path::PathBuf,
-        /// Boots the new slot may take to come back healthy, 1-10 (default 3).
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10))]
-        tries: Option<u32>,
-        /// Seconds one node may take from the image sent to healthy on the new slot.
-        #[arg(long, default_value_t = 3600)]
-        timeout: u64,
-        /// Do not drain first (the node's VMs stop with its reboot).
-        #[arg(long)]
-        no_drain: bool,
     },
 }
 

@@ -97,6 +97,7 @@ pub fn run(client: &Client, cmd: NodeCmd, out: Output) -> anyhow::Result<()> {
             tries,
             timeout,
             no_drain,
+            settle,
         } => {
             let up = super::node_upgrade::Upgrade {
                 nodes: &nodes,
@@ -104,6 +105,7 @@ pub fn run(client: &Client, cmd: NodeCmd, out: Output) -> anyhow::Result<()> {
                 tries,
                 timeout: Duration::from_secs(timeout),
                 no_drain,
+                settle: Duration::from_secs(settle),
             };
             super::node_upgrade::run(client, up, out)?;
         }
