@@ -52,6 +52,18 @@ fn volume(name: &str, states: [(&str, &str, bool); 3]) -> VolumeView {
     .unwrap()
 }
 
+/// `readiness` of `target` on this view of the cluster.
+fn judge(target: &str, nodes: &[NodeInfo], c: &ClusterStatus, volumes: &[VolumeView]) -> Readiness {
+    readiness(
+        target,
+        &View {
+            nodes,
+            cluster: c,
+            volumes,
+        },
+    )
+}
+
 fn ready(r: &Readiness) -> bool {
     matches!(r, Readiness::Ready { note: None })
 }
@@ -94,16 +106,11 @@ fn a_whole_cluster_lets_the_next_node_go() {
             (C, "in_sync", false),
         ],
     )];
-    let view = View {
-        nodes: &nodes,
-        cluster: &c,
-        volumes: &vols,
-    };
     for t in [A, B, C] {
         assert!(
-            ready(&readiness(t, &view)),
+            ready(&judge(t, &nodes, &c, &vols)),
             "{t}: {:?}",
-            readiness(t, &view)
+            judge(t, &nodes, &c, &vols)
         );
     }
 }
@@ -113,12 +120,7 @@ fn never_the_last_quorum_member_while_another_node_is_down() {
     // node3 is down: node1 and node2 are the quorum; neither may go.
     let nodes = three(["up", "up", "down"]);
     let c = cluster(&[1, 2, 3], Some(1));
-    let view = View {
-        nodes: &nodes,
-        cluster: &c,
-        volumes: &[],
-    };
-    let r = readiness(A, &view);
+    let r = judge(A, &nodes, &c, &[]);
     assert_eq!(
         r,
         Readiness::Wait(
@@ -132,13 +134,8 @@ fn never_the_last_quorum_member_while_another_node_is_down() {
     five.push(node("d", "node4", 4, "up", ok_store()));
     five.push(node("e", "node5", 5, "up", ok_store()));
     let c5 = cluster(&[1, 2, 3, 4, 5], Some(1));
-    let view = View {
-        nodes: &five,
-        cluster: &c5,
-        volumes: &[],
-    };
     assert_eq!(
-        readiness(A, &view),
+        judge(A, &five, &c5, &[]),
         Readiness::Wait("node3 is suspect: node1 waits until the cluster is whole".into())
     );
 }
@@ -149,25 +146,15 @@ fn the_previous_node_must_be_back_and_caught_up_first() {
     // its copy of a volume still catching up, then joining: node2 waits through all.
     let nodes = three(["up", "up", "up"]);
     let none = cluster(&[1, 2, 3], None);
-    let view = View {
-        nodes: &nodes,
-        cluster: &none,
-        volumes: &[],
-    };
-    assert!(waits_for(&readiness(B, &view), "no Raft leader"));
+    assert!(waits_for(&judge(B, &nodes, &none, &[]), "no Raft leader"));
     let c = cluster(&[1, 2, 3], Some(2));
     let mut sick = three(["up", "up", "up"]);
     sick[0].storage = serde_json::from_value(
         json!({"state": "unreachable", "reason": "admin socket: refused", "checked_ms": 2}),
     )
     .unwrap();
-    let view = View {
-        nodes: &sick,
-        cluster: &c,
-        volumes: &[],
-    };
     assert_eq!(
-        readiness(B, &view),
+        judge(B, &sick, &c, &[]),
         Readiness::Wait("node1's store is unreachable: admin socket: refused".into())
     );
     for (state, joining, words) in [
@@ -195,43 +182,23 @@ fn the_previous_node_must_be_back_and_caught_up_first() {
                 (C, "in_sync", false),
             ],
         )];
-        let view = View {
-            nodes: &nodes,
-            cluster: &c,
-            volumes: &vols,
-        };
-        assert_eq!(readiness(B, &view), Readiness::Wait(words.into()));
+        assert_eq!(judge(B, &nodes, &c, &vols), Readiness::Wait(words.into()));
     }
     // The node itself not up (it has not re-registered yet) waits too.
     let nodes = three(["up", "suspect", "up"]);
-    let view = View {
-        nodes: &nodes,
-        cluster: &c,
-        volumes: &[],
-    };
-    assert!(waits_for(&readiness(B, &view), "node2 is suspect"));
+    assert!(waits_for(&judge(B, &nodes, &c, &[]), "node2 is suspect"));
 }
 
 #[test]
 fn an_unknown_node_stops_and_a_small_cluster_is_warned() {
     let nodes = three(["up", "up", "up"]);
     let c = cluster(&[1, 2, 3], Some(1));
-    let view = View {
-        nodes: &nodes,
-        cluster: &c,
-        volumes: &[],
-    };
-    assert!(matches!(readiness("nope", &view), Readiness::Stop(_)));
+    assert!(matches!(judge("nope", &nodes, &c, &[]), Readiness::Stop(_)));
     // One node, or two: whole, but without quorum while it reboots; allowed, with a note.
     let one = vec![node(A, "node1", 1, "up", serde_json::Value::Null)];
     let c1 = cluster(&[1], Some(1));
-    let view = View {
-        nodes: &one,
-        cluster: &c1,
-        volumes: &[],
-    };
     assert!(matches!(
-        readiness(A, &view),
+        judge(A, &one, &c1, &[]),
         Readiness::Ready { note: Some(n) } if n.contains("no quorum while node1 reboots")
     ));
 }
