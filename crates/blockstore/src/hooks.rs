@@ -15,6 +15,9 @@ pub(crate) enum Point {
     FillLogged,
     /// The checkpoint is about to sync the files of this layer.
     SyncLayer(LayerId),
+    /// The checkpoint is about to sync the data file of this layer, whose placed data it
+    /// is about to name in the checksum table.
+    SyncPlacedData(LayerId),
     /// The checkpoint is about to delete the WAL segments up to this one.
     RemoveWal(u64),
     /// The WAL is about to sync the segment a rotation sealed.

@@ -474,6 +474,14 @@ impl LayerFiles {
         }
     }
 
+    /// Makes the data file durable (not the table or the zero ranges): for data that
+    /// table entries about to be written will name.
+    pub fn sync_data(&self) -> Result<()> {
+        self.data
+            .sync_data()
+            .map_err(|e| self.err("syncing data of", e))
+    }
+
     /// Makes everything written to the layer's files durable: data, zero ranges, table.
     ///
     /// Then, if no zero range was recorded meanwhile (so every range is durable), punches

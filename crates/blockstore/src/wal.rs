@@ -265,6 +265,19 @@ impl Wal {
         Ok(len)
     }
 
+    /// The test points of the log.
+    #[cfg(test)]
+    pub(crate) fn hooks(&self) -> &Hooks {
+        &self.hooks
+    }
+
+    /// The active segment's file and where its records end.
+    #[cfg(test)]
+    pub(crate) fn active_end(&self) -> (PathBuf, u64) {
+        let a = self.active.lock();
+        (seg_path(&self.dir, a.seg), a.pos)
+    }
+
     /// Bytes of records (other than seals) in the active segment.
     pub fn active_len(&self) -> u64 {
         self.active.lock().logged

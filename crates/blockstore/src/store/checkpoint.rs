@@ -20,13 +20,20 @@ use crate::format::{BlockEntry, SUM_LEN};
 use crate::hooks::Point;
 use crate::layer::LayerFiles;
 
-/// A fill whose data space is to be punched at the next checkpoint.
-#[derive(Clone, Copy)]
+/// A fill whose data space is to be punched at the next checkpoint. Until that
+/// checkpoint has synced the fill's markers, they may not be durable.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) struct PunchLater {
+    /// The segment of the fill's record ([`PunchLater::UNLOGGED`] while it is logged).
     pub(super) seg: u64,
     pub(super) layer: LayerId,
     pub(super) first: u64,
     pub(super) count: u64,
+}
+
+impl PunchLater {
+    /// The segment of a fill whose record is being logged: no checkpoint takes it.
+    pub(super) const UNLOGGED: u64 = u64::MAX;
 }
 
 /// The background checkpoint thread; dropping it stops the thread and checkpoints once
@@ -120,6 +127,21 @@ impl Inner {
         }
         self.at(Point::CheckpointChose)?;
         let layers = self.layers.read().clone();
+        // A placed version's checksum goes into the table only once its data is durable,
+        // not just in place: the table page may reach the disk before the data page (a
+        // power cut after the entry write, before the sync below), and then the entry
+        // replaces what the table durably said before (a flushed trim's marker, say) with
+        // a checksum the data does not match. Recovery would find neither that version
+        // nor the one before it (power-loss finding 4, docs/power-loss.md). The writer
+        // put the data in place before its gate opened (waited for above).
+        for id in placed_layers(&todo) {
+            if let Some(files) = layers.get(&id) {
+                self.synced(|| {
+                    self.at(Point::SyncPlacedData(id))?;
+                    files.sync_data()
+                })?;
+            }
+        }
         let (mut touched, _placed_over) = {
             let _changing = self.layer_writes.write();
             copy_into_layers(&todo, &layers, &self.pending)?
@@ -169,6 +191,16 @@ impl Inner {
         Ok(())
     }
 
+    /// Whether a fill whose markers may not be durable yet covers any of blocks
+    /// `first..first+n` of `layer` (a queued punch: it leaves the queue only after the
+    /// checkpoint synced the markers).
+    pub(super) fn fill_not_durable(&self, layer: LayerId, first: u64, n: u64) -> bool {
+        self.punches
+            .lock()
+            .iter()
+            .any(|p| p.layer == layer && p.first < first + n && first < p.first + p.count)
+    }
+
     /// Wakes the checkpoint thread.
     pub(super) fn wake_checkpoint(&self) {
         let mut w = self.wake.0.lock();
@@ -184,6 +216,17 @@ impl Inner {
             self.wake_checkpoint();
         }
     }
+}
+
+/// The layers of the placed versions in `todo`, each once.
+fn placed_layers(todo: &[(BlockKey, Pending)]) -> Vec<LayerId> {
+    let mut ids: Vec<LayerId> = todo
+        .iter()
+        .filter(|(_, p)| matches!(p.content, Content::Placed { .. }))
+        .map(|((layer, _), _)| *layer)
+        .collect();
+    ids.dedup();
+    ids
 }
 
 /// Writes the blocks of `todo` (sorted) and their checksums into their layer files, not

@@ -35,6 +35,8 @@ mod pending;
 #[cfg(test)]
 mod placed_tests;
 #[cfg(test)]
+mod power_cut_tests;
+#[cfg(test)]
 mod race_tests;
 mod read;
 mod recovery;

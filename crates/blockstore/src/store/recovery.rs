@@ -186,7 +186,8 @@ fn to_sum(raw: &[u8]) -> [u8; SUM_LEN] {
 
 /// Decides the content of every block a placed write touched: the newest version whose
 /// data is there (placed) or can be put there (logged, fill); failing all, what the
-/// table said before the replay.
+/// table said before the replay, even when the data does not match it (then the block
+/// reads as an I/O error: see below).
 fn settle(
     layers: &HashMap<LayerId, Arc<LayerFiles>>,
     touched: HashMap<(LayerId, u64), Vec<Version>>,
@@ -217,14 +218,20 @@ fn settle(
         let entry = match (entry, before.get(&(layer, b))) {
             (Some(e), _) => e,
             (None, Some(BlockEntry::Data(h))) if *h != in_place => {
-                // A placed write that was never flushed overwrote the block and was cut
-                // short: what is there is part old, part new, like a disk's torn write.
-                tracing::warn!(
+                // The bytes in place are neither a logged version nor what the table
+                // names: an unflushed overwrite in place was torn inside the block (a
+                // disk writes 512-byte sectors), and the version before it is partly
+                // gone. They may be older than a flushed write (finding 4 in
+                // docs/power-loss.md), so they are never served as the block's content:
+                // the table keeps its entry and reads fail the checksum (EIO) until the
+                // block is written again or repaired from a replica. Scrub lists it.
+                tracing::error!(
                     layer,
                     block = b,
-                    "a write cut short by the crash left the block torn; keeping what is on disk"
+                    "after the crash the block matches none of its versions (an overwrite \
+                     cut short); it reads as an I/O error until rewritten or repaired"
                 );
-                BlockEntry::Data(in_place)
+                BlockEntry::Data(*h)
             }
             (None, Some(e)) => *e,
             (None, None) => BlockEntry::Absent,

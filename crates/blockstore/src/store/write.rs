@@ -106,7 +106,9 @@ impl Store {
     /// the new hashes is durable: after a crash, recovery compares what is in place with
     /// both versions and keeps the one that matches. Without the record, a torn or newer
     /// block would match nothing and read as corruption. Writes into a hole need no such
-    /// sync: until their record is replayed, the table does not point at their data.
+    /// sync: until their record is replayed, the table does not point at their data. A
+    /// trim's markers make a hole only once a checkpoint has synced them: until then a
+    /// power cut may bring back the entries they replaced.
     fn place_record(&self, rt: &VolumeRuntime, start: u64, data: &[u8]) -> Result<()> {
         let top = &rt.chain[0];
         let layer = top.id;
@@ -130,11 +132,17 @@ impl Store {
         })?;
         let placed = || -> Result<()> {
             self.inner.at(Point::PlacedLogged)?;
+            // What the disk may hold for these blocks: data the table names, or data under
+            // a fill's markers that no checkpoint has made durable yet. After a power cut
+            // that loses the fill (unflushed) and this write's record, the table names the
+            // old data again, so writing over it without a durable record would leave a
+            // block matching nothing (power-loss finding 4, docs/power-loss.md).
             let holds_data = || -> Result<bool> {
                 Ok(top
                     .read_entries(start, n)?
                     .iter()
-                    .any(|e| matches!(e, BlockEntry::Data(_))))
+                    .any(|e| matches!(e, BlockEntry::Data(_)))
+                    || self.inner.fill_not_durable(layer, start, n as u64))
             };
             let mut synced = false;
             if replaced
@@ -229,22 +237,35 @@ impl Store {
             };
             self.inner
                 .admit(n.div_ceil(BLOCK_SIZE as u64 / SUM_LEN as u64) * BLOCK)?;
+            // Queued before the markers go in: from then until the checkpoint has synced
+            // them, a placed write must not take a marker here for a durable hole (see
+            // `place_record`). Its segment is filled in once the record is logged (no
+            // checkpoint runs meanwhile: it waits for `apply`).
+            let slot = PunchLater {
+                seg: PunchLater::UNLOGGED,
+                layer: top.id,
+                first: at,
+                count: n,
+            };
+            self.inner.punches.lock().push(slot);
             // Markers first, pending blocks forgotten second: a read in between finds the
             // pending block (the trim is not acknowledged yet), a read after finds the
             // marker. The other order let a read see neither and return the layer file's
             // older data.
-            top.fill_entries(at, n, kind)?;
-            let (seg, wal_len) = self.inner.wal.append(&header, &[], &[], |seg| {
-                self.inner.pending.forget(top.id, at, n);
-                seg
-            })?;
-            self.inner.at(Point::FillLogged)?;
-            self.inner.punches.lock().push(PunchLater {
-                seg,
-                layer: top.id,
-                first: at,
-                count: n,
+            let logged = top.fill_entries(at, n, kind).and_then(|()| {
+                self.inner.wal.append(&header, &[], &[], |seg| {
+                    self.inner.pending.forget(top.id, at, n);
+                    seg
+                })
             });
+            // On failure the markers may be in the table without a record (an outcome an
+            // unacknowledged trim may have): the next checkpoint syncs them, then punches.
+            let seg = logged.as_ref().map_or(0, |(seg, _)| *seg);
+            if let Some(p) = self.inner.punches.lock().iter_mut().find(|p| **p == slot) {
+                p.seg = seg;
+            }
+            let (_, wal_len) = logged?;
+            self.inner.at(Point::FillLogged)?;
             self.inner.maybe_wake_checkpoint(wal_len);
             at += n;
         }
