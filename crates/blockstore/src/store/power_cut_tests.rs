@@ -10,15 +10,28 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::placed_tests::{filled, quiet, read, MIB, N};
+use super::Store;
 use crate::format::{block_hash, BLOCK_SIZE};
 use crate::hooks::Point;
 use crate::layer::LayerFiles;
+use crate::Export;
 
 /// Block 0's bytes in `layer`.
 fn block0(layer: &LayerFiles) -> Vec<u8> {
     let mut buf = vec![0u8; BLOCK_SIZE];
     layer.read_blocks(0, &mut buf).unwrap();
     buf
+}
+
+/// A quiet store in `dir` whose volume "v" holds 1s in its first `N` blocks, placed and
+/// checkpointed (durable, named in the table).
+fn stored(dir: &std::path::Path) -> (Store, Export) {
+    let s = quiet(dir);
+    s.create_volume("v", 4 * MIB).unwrap();
+    let e = s.open_export("v").unwrap();
+    e.write_at(0, &filled(1, N), false).unwrap();
+    s.checkpoint().unwrap();
+    (s, e)
 }
 
 fn power_cut() -> std::io::Error {
@@ -36,11 +49,7 @@ fn power_cut() -> std::io::Error {
 fn a_flushed_trim_survives_a_cut_that_keeps_a_placed_checksum_without_its_data() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let s = quiet(dir.path());
-        s.create_volume("v", 4 * MIB).unwrap();
-        let e = s.open_export("v").unwrap();
-        e.write_at(0, &filled(1, N), false).unwrap();
-        s.checkpoint().unwrap();
+        let (s, e) = stored(dir.path());
         e.trim(0, (N * BLOCK_SIZE) as u64, false).unwrap();
         e.flush().unwrap();
         let layer = s.inner.layers.read().values().next().cloned().unwrap();
@@ -101,11 +110,7 @@ fn a_placed_write_over_an_unflushed_trim_keeps_the_flushed_data_readable() {
     let dir = tempfile::tempdir().unwrap();
     let layer_id;
     {
-        let s = quiet(dir.path());
-        s.create_volume("v", 4 * MIB).unwrap();
-        let e = s.open_export("v").unwrap();
-        e.write_at(0, &filled(1, N), false).unwrap();
-        s.checkpoint().unwrap();
+        let (s, e) = stored(dir.path());
         layer_id = s.inner.layers.read().keys().next().copied().unwrap();
         // What a cut keeps of the log: its records up to the last sync (the checkpoint
         // above synced it).
