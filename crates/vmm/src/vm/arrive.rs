@@ -1,5 +1,6 @@
-//! A VM that arrives by live migration: listen, receive its memory and state
-//! (`migration::incoming`), build it with its disk deferred, say `Loaded`, and run it
+//! A VM that arrives by live migration: listen, make the KVM VM and its vCPUs, receive
+//! its memory and state (`migration::incoming`), load the state into that VM with its
+//! disk deferred, say `Loaded`, and run it
 //! only when the control API says `migration_go` — the caller has then moved the VM and
 //! its disk's primary to this node. Until then the guest never runs here, so a source
 //! that carries on (a cancelled or failed migration) never has a twin.
@@ -58,6 +59,20 @@ pub(super) fn run(
             error,
         })?;
     }
+    // The KVM VM, its memory slots and vCPUs now, while the source still copies memory:
+    // once it paused the guest, only the state is left to load.
+    let made = Instant::now();
+    let shell = match build::Shell::for_restore(&cfg, &mem) {
+        Ok(s) => s,
+        Err(e) => {
+            failed(&shared, &e.to_string());
+            return Err(e);
+        }
+    };
+    tracing::info!(
+        took_us = made.elapsed().as_micros() as u64,
+        "the VM's KVM objects are made; waiting for its memory and state"
+    );
     let received = match incoming::receive(listening, &args, &mem, &control, &shared) {
         Ok(r) => r,
         Err(_) if control.stop_requested().is_some() => return Ok(stopped(&control)),
@@ -85,6 +100,7 @@ pub(super) fn run(
     }
     let deferred = disk.clone().map(DeferredDisk::new);
     let built = build::build(
+        shell,
         &spec,
         Some(&snap),
         mem,

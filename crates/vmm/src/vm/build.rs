@@ -52,9 +52,67 @@ impl Built {
     }
 }
 
-/// Builds the VM of `cfg` over guest memory `mem` (for a restore, already holding the
-/// snapshot's memory) and the opened `disk`; `restored` is the snapshot it continues.
+/// The KVM objects of a VM that do not depend on its state: the VM with its irqchip and
+/// PIT, guest memory registered, and (for a VM whose state comes later) its vCPUs. An
+/// incoming migration makes them while the memory is still being copied, so that once
+/// the source paused the guest only the state is left to load ([`build`]).
+pub(crate) struct Shell {
+    kvm_fd: Kvm,
+    vm: VmFd,
+    /// Empty until the vCPUs are made (a booted VM's need the kernel's entry first).
+    vcpus: Vec<VcpuFd>,
+}
+
+impl Shell {
+    /// The VM of `cfg` over guest memory `mem`, without vCPUs.
+    pub(crate) fn new(cfg: &VmConfig, mem: &GuestMem) -> Result<Shell, VmError> {
+        let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
+        let vm = kvm_fd.create_vm().map_err(kvm("create VM"))?;
+        vm.set_tss_address(KVM_TSS as usize)
+            .map_err(kvm("set TSS address"))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP)
+            .map_err(kvm("set identity map"))?;
+        vm.create_irq_chip().map_err(kvm("create irqchip"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm("create PIT"))?;
+        memory::register_memory(&vm, mem, cfg.track_dirty_pages)?;
+        Ok(Shell {
+            kvm_fd,
+            vm,
+            vcpus: Vec::new(),
+        })
+    }
+
+    /// The VM of `cfg` over `mem` with its vCPUs, for a state to be put back later (the
+    /// saved registers replace the boot processor's start at 0).
+    pub(crate) fn for_restore(cfg: &VmConfig, mem: &GuestMem) -> Result<Shell, VmError> {
+        let mut shell = Shell::new(cfg, mem)?;
+        shell.vcpus = create_vcpus(&shell.kvm_fd, &shell.vm, cfg.vcpus, 0)?;
+        Ok(shell)
+    }
+}
+
+/// Creates `n` vCPUs, the boot processor starting at `entry_rip`.
+fn create_vcpus(kvm_fd: &Kvm, vm: &VmFd, n: u8, entry_rip: u64) -> Result<Vec<VcpuFd>, VmError> {
+    let mut vcpus = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let vcpu = vm.create_vcpu(u64::from(i)).map_err(kvm("create vCPU"))?;
+        let rip = (i == 0).then_some(entry_rip);
+        vcpu::setup(kvm_fd, &vcpu, i, rip).map_err(kvm("set up vCPU"))?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+/// Builds the VM of `cfg` in `shell` (made for it over `mem`: with its vCPUs by
+/// [`Shell::for_restore`] only when `restored` is given) over guest memory `mem` (for a
+/// restore, already holding the snapshot's memory) and the opened `disk`; `restored` is
+/// the snapshot it continues.
 pub(crate) fn build(
+    shell: Shell,
     cfg: &VmConfig,
     restored: Option<&Snapshot>,
     mem: GuestMem,
@@ -62,20 +120,14 @@ pub(crate) fn build(
     serial_out: Box<dyn Write + Send>,
     start: Instant,
 ) -> Result<Built, VmError> {
-    let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
-    let vm = kvm_fd.create_vm().map_err(kvm("create VM"))?;
-    vm.set_tss_address(KVM_TSS as usize)
-        .map_err(kvm("set TSS address"))?;
-    vm.set_identity_map_address(KVM_IDENTITY_MAP)
-        .map_err(kvm("set identity map"))?;
-    vm.create_irq_chip().map_err(kvm("create irqchip"))?;
-    vm.create_pit2(kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    })
-    .map_err(kvm("create PIT"))?;
-    memory::register_memory(&vm, &mem, cfg.track_dirty_pages)?;
+    let Shell {
+        kvm_fd,
+        vm,
+        vcpus: made,
+    } = shell;
     if let Some(snap) = restored {
+        // After the vCPUs were made, as QEMU does too: the irqchip, PIT and clock are the
+        // VM's, the vCPUs' own state (LAPIC included) is put back below.
         snapshot::restore_vm(&vm, &snap.vm)?;
     }
 
@@ -145,13 +197,16 @@ pub(crate) fn build(
     let power_button = Arc::new(PowerButton::new(ged_irq));
     pio.attach_power_button(power_button.clone());
 
-    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
-    for i in 0..cfg.vcpus {
-        let vcpu = vm.create_vcpu(u64::from(i)).map_err(kvm("create vCPU"))?;
-        let rip = (i == 0).then_some(entry_rip);
-        vcpu::setup(&kvm_fd, &vcpu, i, rip).map_err(kvm("set up vCPU"))?;
-        vcpus.push(vcpu);
-    }
+    let vcpus = if made.is_empty() {
+        create_vcpus(&kvm_fd, &vm, cfg.vcpus, entry_rip)?
+    } else if made.len() != cfg.vcpus as usize {
+        return Err(VmError::VcpusMade {
+            made: made.len(),
+            state: cfg.vcpus,
+        });
+    } else {
+        made
+    };
     if let Some(snap) = restored {
         // read_state checked there is one state per vCPU.
         for (vcpu, state) in vcpus

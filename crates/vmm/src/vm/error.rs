@@ -61,6 +61,14 @@ pub enum VmError {
         /// Why.
         error: std::io::Error,
     },
+    /// The VM made before its state came has another number of vCPUs than the state.
+    #[error("the VM was made with {made} vCPUs, its state has {state}")]
+    VcpusMade {
+        /// How many were made.
+        made: usize,
+        /// How many the state has.
+        state: u8,
+    },
     /// The vCPU threads ended without reporting why.
     #[error("the vCPU thread died")]
     VcpuThreadDied,

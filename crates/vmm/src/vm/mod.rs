@@ -155,6 +155,7 @@ pub fn run(
         None => (None, None),
     };
     let built = build::build(
+        build::Shell::new(cfg, &mem)?,
         cfg,
         restored.as_ref().map(|(_, s)| s),
         mem,
