@@ -32,7 +32,6 @@ STEPS = [
     ("switched_over", "tgt: switch-over committed"),
     ("switched_over_seen", "src tesserad: saw it"),
     ("store_replica", "src store: replica"),
-    ("released", "src: released committed"),
     ("primary_ready", "tgt store: primary"),
     ("vmm_go", "tgt VMM: go"),
     ("vmm_disk_attached", "tgt VMM: disk opened"),

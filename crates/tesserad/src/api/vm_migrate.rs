@@ -188,7 +188,6 @@ async fn begin(
         listen: None,
         token: None,
         error: None,
-        source_released: false,
         user: user.to_string(),
         created_ms: now,
     };

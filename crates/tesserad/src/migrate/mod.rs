@@ -13,10 +13,10 @@
 //! 3. When the target VMM holds the whole VM (`loaded`), the target node commits the
 //!    switch-over in one transaction: the VM's `placed_on` becomes the target, the
 //!    volume's primary moves there with a generation raise (when it holds an in-sync
-//!    copy: `replication::moves::plan`), the record becomes `switched_over`. Then it waits
-//!    for its store to serve the volume as primary, and tells its VMM to run the guest.
-//!    Both stores take their new roles at once; the new primary asks the source's again
-//!    until it is a replica of the new generation ([`release`] says why).
+//!    copy: `replication::moves::plan`), the record becomes `switched_over`. Then it tells
+//!    its store to serve the volume as primary, and its VMM to run the guest. Both
+//!    stores take their new roles at once; the new primary asks the source's again until
+//!    it is a replica of the new generation ([`release`] says why).
 //! 4. The source VMM hears the guest runs there and exits; the source node ends the task
 //!    and deletes the record.
 //!
@@ -79,11 +79,6 @@ pub struct Migration {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Switched over, and the source's store serves the VM's volume as a replica of the
-    /// new generation ([`release`]; nothing waits for it since the new primary asks
-    /// that store itself).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub source_released: bool,
     /// Who asked.
     pub user: String,
     /// When (ms since the epoch).

@@ -151,10 +151,10 @@ mod tests {
         let st = json!({"timeline": [{"what": "paused", "mono_us": 1_000_000u64},
                                      {"what": "sent", "mono_us": 1_004_500u64}, {"bad": 1}]});
         let mut marks = vmm_marks(&st, "vmm_");
-        marks.push(("released".into(), 1_002_000));
+        marks.push(("store_replica".into(), 1_002_000));
         assert_eq!(
             timeline_line("source", &marks).unwrap(),
-            "timeline source: t0=1000.000 vmm_paused=+0.0 released=+2.0 vmm_sent=+4.5"
+            "timeline source: t0=1000.000 vmm_paused=+0.0 store_replica=+2.0 vmm_sent=+4.5"
         );
         assert_eq!(timeline_line("source", &Vec::new()), None);
         assert!(mono_us() > 0);

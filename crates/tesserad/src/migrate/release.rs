@@ -2,8 +2,9 @@
 //! once, and the new primary waits for the old one.
 //!
 //! The switch-over moves the volume's primary to the target in a new generation, and
-//! each node's roles reconciler then tells its own store: the target's becomes the
-//! primary, the source's a replica. The two reconcilers race. A new primary's first
+//! each node's migration then tells its own store directly (`roles::give_now`, not
+//! waiting for the roles reconciler's round): the target's becomes the primary, the
+//! source's a replica. The two nodes race. A new primary's first
 //! message to each in-sync replica is its reconciliation's `Unsettled` question (which
 //! fences the replica in the new generation); a source store still serving as the old
 //! primary answers it "not a replica", and the new primary asks again every 2 ms (up to
@@ -14,10 +15,9 @@
 //! parallel on both nodes instead of one after the other.
 //!
 //! Until 2026-12-03 the target's store started as primary only after the source had
-//! released (its store a replica, then a Raft commit marking the record
-//! `source_released`): a second Raft commit and two reconciler rounds in a row while the
-//! guest was paused. The source still waits for its store to become a replica and marks
-//! the record so (the task's timeline shows when), but nothing waits for that mark.
+//! released (its store a replica, then a Raft commit marking the record released): a
+//! second Raft commit and two reconciler rounds in a row while the guest was paused. The
+//! source still watches its store become a replica, for the task's timeline only.
 
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ use tessera_state::Node;
 use tessera_store_admin::{AdminOp, AdminReply, ReplicationRole, VolumeReplication};
 
 use super::progress::{mark, Marks};
-use super::{record, swap, Local, Migration};
+use super::{record, Local, Migration};
 use crate::records::table::{VMS, VOLUMES};
 use crate::records::Volume;
 use crate::tables::get;
@@ -37,16 +37,16 @@ const DEMOTE_LIMIT: Duration = Duration::from_secs(10);
 /// millisecond here is downtime).
 const ASK_EVERY: Duration = Duration::from_millis(2);
 
-/// Source side: runs beside the migration; returns once the record is released, gone,
-/// failed, or the store did not become a replica in time, with the moments it saw
-/// (`switched_over_seen`, `store_replica`, `released`) for the task's timeline.
+/// Source side: runs beside the migration; returns once its store serves the volume as
+/// a replica of the new generation, or the record is gone or failed, or the store did
+/// not become a replica in time, with the moments it saw (`switched_over_seen`,
+/// `store_replica`) for the task's timeline. Nothing waits for it.
 pub(super) async fn source(node: &Node, local: &Local, m: &Migration) -> Marks {
     let mut marks = Marks::new();
     let mut rx = node.state.subscribe();
     loop {
         match record(node, &m.vm, &m.task) {
             None => return marks,
-            Some(r) if r.source_released => return marks,
             Some(r) if r.phase == MigrationPhase::SwitchedOver => break,
             Some(r) if matches!(r.phase, MigrationPhase::Failed | MigrationPhase::Done) => {
                 return marks
@@ -63,6 +63,9 @@ pub(super) async fn source(node: &Node, local: &Local, m: &Migration) -> Marks {
     mark(&mut marks, "switched_over_seen");
     let started = Instant::now();
     if let Some((volume, generation)) = demoted_role(node, &local.me, &m.vm) {
+        // Told directly, not at the reconciler's next round: the new primary asks this
+        // store again until it is a replica, and the guest's first disk request waits.
+        crate::replication::roles::give_now(node, &local.me, &local.admin_socket, &volume).await;
         let replica = |h: &VolumeReplication| {
             h.role == "replica" && h.configured && h.generation >= generation
         };
@@ -71,26 +74,14 @@ pub(super) async fn source(node: &Node, local: &Local, m: &Migration) -> Marks {
             return marks;
         }
         mark(&mut marks, "store_replica");
-    }
-    for _ in 0..20 {
-        let Some(now) = record(node, &m.vm, &m.task) else {
-            return marks;
-        };
-        let mut released = now.clone();
-        released.source_released = true;
-        if swap(node, &now, &released, Vec::new()).await {
-            mark(&mut marks, "released");
-            tracing::info!(vm = %m.vm, waited_ms = started.elapsed().as_millis() as u64, "the source's store released the VM's disk");
-            return marks;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tracing::info!(vm = %m.vm, waited_ms = started.elapsed().as_millis() as u64, "the source's store serves the VM's disk as a replica");
     }
     marks
 }
 
-/// The VM's disk and the generation this node's copy must be a replica of before the
-/// target's store may start as primary: `None` when there is nothing to wait for (no
-/// disk, not replicated, the primary did not move away, or no in-sync copy here).
+/// The VM's disk and the generation this node's copy becomes a replica of: `None` when
+/// there is nothing to watch (no disk, not replicated, the primary did not move away, or
+/// no in-sync copy here).
 fn demoted_role(node: &Node, me: &str, vm: &str) -> Option<(String, u64)> {
     let vm: Vm = get(node, VMS, vm)?;
     let d = vm.disks.first()?;

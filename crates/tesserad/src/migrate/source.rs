@@ -267,16 +267,7 @@ async fn follow(node: &Node, m: &Migration, sock: &Path, marks: &mut Marks) -> O
                 let why = format!(
                     "the stream to the target broke after everything was sent: {vmm_error}"
                 );
-                return match failed(node, m, &why).await {
-                    Outcome::Failed(w) => {
-                        resume_here(sock).await;
-                        Outcome::Failed(w)
-                    }
-                    done => {
-                        stop_here(sock).await;
-                        done
-                    }
-                };
+                return decide_after_sending(node, m, sock, &why).await;
             }
             (rp, "switching_over")
                 if switching_since.is_some_and(|s| s.elapsed() > SWITCH_LIMIT) =>
@@ -292,16 +283,7 @@ async fn follow(node: &Node, m: &Migration, sock: &Path, marks: &mut Marks) -> O
                     "the target did not take the VM over within {} s",
                     SWITCH_LIMIT.as_secs()
                 );
-                return match failed(node, m, &why).await {
-                    Outcome::Failed(w) => {
-                        resume_here(sock).await;
-                        Outcome::Failed(w)
-                    }
-                    done => {
-                        stop_here(sock).await;
-                        done
-                    }
-                };
+                return decide_after_sending(node, m, sock, &why).await;
             }
             (Some(MigrationPhase::Transferring), _) if !still_wanted(node, m) => {
                 // Fail first: the switch-over cannot commit after this.
@@ -313,6 +295,23 @@ async fn follow(node: &Node, m: &Migration, sock: &Path, marks: &mut Marks) -> O
                 }
             }
             _ => {}
+        }
+    }
+}
+
+/// After the source VMM sent everything and then lost its way (the stream broke, or the
+/// target never said it runs the guest): fails the migration with `why` if it did not
+/// switch over yet, and the guest runs on here; else the target runs it and the VMM here
+/// stops.
+async fn decide_after_sending(node: &Node, m: &Migration, sock: &Path, why: &str) -> Outcome {
+    match failed(node, m, why).await {
+        Outcome::Failed(w) => {
+            resume_here(sock).await;
+            Outcome::Failed(w)
+        }
+        done => {
+            stop_here(sock).await;
+            done
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The target node's side: start a VMM waiting for the VM (`--incoming`), say where it
 //! listens, wait until it holds the whole VM, commit the switch-over (the VM and its
-//! disk's primary move here in one transaction), wait for the local store to serve the
-//! volume as primary, and let the VMM run the guest. On any failure before the
+//! disk's primary move here in one transaction), make the local store the volume's
+//! primary, and let the VMM run the guest. On any failure before the
 //! switch-over the VMM is killed and the migration fails; the source keeps the guest.
 
 use std::net::SocketAddr;
@@ -251,7 +251,17 @@ async fn arrive(
     let moved = switch_over(node, local, m).await.map_err(before)?;
     mark(marks, "switched_over");
     if let Some(generation) = moved {
-        wait_primary(local, &vm, generation).await;
+        // Told directly: the reconciler's round, woken by the same commit, would get there
+        // too, after its look at every other volume.
+        let given = match vm.disks.first() {
+            Some(d) => {
+                crate::replication::roles::give_now(node, &local.me, &local.admin_socket, d).await
+            }
+            None => false,
+        };
+        if !given {
+            wait_primary(local, &vm, generation).await;
+        }
         mark(marks, "primary_ready");
     }
     let went = vmm_call(sock.clone(), json!({"type": "migration_go"}))
@@ -406,7 +416,8 @@ async fn switch_over(node: &Node, local: &Local, m: &Migration) -> Result<Option
 }
 
 /// Waits (bounded) until the local store serves the VM's volume as the configured
-/// primary in `generation`; the guest's disk requests wait (and retry) meanwhile anyway.
+/// primary in `generation` (when it was not told directly: the reconciler tells it);
+/// the guest's disk requests wait (and retry) meanwhile anyway.
 async fn wait_primary(local: &Local, vm: &Vm, generation: u64) {
     let Some(volume) = vm.disks.first() else {
         return;

@@ -31,6 +31,9 @@ use crate::records::table::{TASKS, VOLUMES};
 use crate::records::{Task, TaskOp, TaskState, Volume, VolumeState};
 use crate::tables::{event, get, put};
 
+mod now;
+pub use now::give_now;
+
 /// How long the primary's create step waits for the replicas' copies.
 const REPLICAS_WAIT: Duration = Duration::from_secs(90);
 /// How long one admin call may take (a primary's role may wait for its driver).
@@ -399,6 +402,7 @@ pub fn start_reconciler(node: Arc<Node>, me: String, socket: PathBuf) {
 }
 
 async fn reconcile(node: &Node, me: &str, socket: &Path, st: &mut Round) {
+    let _giving = now::giving().lock().await;
     let mine: Vec<Volume> = volumes(node)
         .into_iter()
         .filter(|v| {
@@ -507,17 +511,11 @@ async fn reconcile(node: &Node, me: &str, socket: &Path, st: &mut Round) {
         // A raised generation is given to one attempt only: once told, the store may run
         // in it, and a later restart must raise again.
         st.raised.remove(&v.name);
-        let op = AdminOp::SetReplication {
-            volume: v.name.clone(),
-            generation: v.generation,
-            role: want.clone(),
-        };
-        let what = op.describe();
-        match call(socket, op).await {
+        let (what, told) = tell(socket, &v, &want).await;
+        match told {
             Ok(_) => {
                 tracing::info!(volume = %v.name, "{what}: done");
                 st.complaints.remove(&v.name);
-                remember(&v.name, v.generation, &want);
             }
             Err(AdminClientError::Refused(e)) if e.kind == ErrorKind::NotFound => {
                 // A new copy (a rebuild) is made here, empty, then given its role; the
@@ -545,6 +543,26 @@ async fn reconcile(node: &Node, me: &str, socket: &Path, st: &mut Round) {
             Err(e) => note(&mut st.complaints, &v.name, format!("{what}: {e}")),
         }
     }
+}
+
+/// Tells the store at `socket` its role `want` for `v` in `v`'s generation, remembered
+/// as given if it took it; the operation in words, and the store's answer.
+async fn tell(
+    socket: &Path,
+    v: &Volume,
+    want: &ReplicationRole,
+) -> (String, Result<AdminReply, AdminClientError>) {
+    let op = AdminOp::SetReplication {
+        volume: v.name.clone(),
+        generation: v.generation,
+        role: want.clone(),
+    };
+    let what = op.describe();
+    let told = call(socket, op).await;
+    if told.is_ok() {
+        remember(&v.name, v.generation, want);
+    }
+    (what, told)
 }
 
 /// Makes the empty copy of `v` a rebuild starts from (its role is given next round).
