@@ -31,22 +31,17 @@ const HOLD: Duration = Duration::from_millis(300);
 /// The store's bound on asking again (`NOT_REPLICA_WAIT` in `repl/primary/reconcile.rs`).
 const NOT_REPLICA_WAIT: Duration = Duration::from_secs(2);
 
-/// `n`'s log, without the terminal colours its fields are written with.
+/// `n`'s log, without the terminal colours its fields are written with (each escape
+/// sequence runs from ESC to its final letter).
 fn log(n: &Node) -> String {
     let raw = std::fs::read_to_string(n.dir.with_extension("log")).unwrap_or_default();
-    let mut out = String::with_capacity(raw.len());
-    let mut chars = raw.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // An escape sequence: `ESC [` parameters, ending with a letter.
-            for e in chars.by_ref() {
-                if e.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
+    let mut parts = raw.split('\u{1b}');
+    let mut out = parts.next().unwrap_or_default().to_string();
+    for p in parts {
+        out.push_str(
+            p.find(|c: char| c.is_ascii_alphabetic())
+                .map_or("", |i| &p[i + 1..]),
+        );
     }
     out
 }
