@@ -89,11 +89,18 @@ fn switch_over_to_node2(nodes: &[Node]) {
         .unwrap();
 }
 
+/// Three stores of a new CA named `ca` under a fresh directory, each with a copy of `v`:
+/// node1 its primary in generation 2, node2 and node3 in sync.
+fn three_stores(ca: &str) -> (tempfile::TempDir, Vec<Node>) {
+    let root = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::mint(ca).unwrap();
+    let nodes = three_copies(root.path(), &ca, "v", SIZE);
+    (root, nodes)
+}
+
 #[test]
 fn a_new_primary_asks_the_previous_one_again_until_it_is_a_replica() {
-    let root = tempfile::tempdir().unwrap();
-    let ca = ClusterCa::mint("repl-handover-test").unwrap();
-    let nodes = three_copies(root.path(), &ca, "v", SIZE);
+    let (root, nodes) = three_stores("repl-handover-test");
     let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
     let a = pattern("a", 64 << 10);
     let mut c1 = n1.nbd("v");
@@ -189,9 +196,7 @@ fn a_new_primary_asks_the_previous_one_again_until_it_is_a_replica() {
 
 #[test]
 fn a_previous_primary_that_stays_one_counts_as_failed_after_the_bound() {
-    let root = tempfile::tempdir().unwrap();
-    let ca = ClusterCa::mint("repl-handover-bound-test").unwrap();
-    let nodes = three_copies(root.path(), &ca, "v", SIZE);
+    let (_root, nodes) = three_stores("repl-handover-bound-test");
     let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
 
     let told = Instant::now();
