@@ -164,9 +164,17 @@ where
                 let Ok(name) = String::from_utf8(data) else {
                     return Ok(None);
                 };
-                let Some(device) = open(exports, &name)? else {
-                    tracing::info!(export = %name, "NBD client asked for an unknown export; closing");
-                    return Ok(None);
+                let device = match open(exports, &name) {
+                    Ok(Some(d)) => d,
+                    Ok(None) => {
+                        tracing::info!(export = %name, "NBD client asked for an unknown export; closing");
+                        return Ok(None);
+                    }
+                    // This old option has no way to say why: the log does.
+                    Err(msg) => {
+                        tracing::info!(export = %name, reason = %msg, "NBD export refused; closing");
+                        return Ok(None);
+                    }
                 };
                 let answer = ExportNameReply {
                     size: device.size(),
@@ -229,10 +237,13 @@ where
                         continue;
                     }
                 };
-                let Some(device) = open(exports, &req.name)? else {
-                    let msg = format!("no export named {:?}", req.name);
-                    reply_err(w, opt, proto::REP_ERR_UNKNOWN, &msg).await?;
-                    continue;
+                // An unknown name, or the export's own words (a refusal with a reason).
+                let device = match open_named(exports, &req.name) {
+                    Ok(d) => d,
+                    Err(msg) => {
+                        reply_err(w, opt, proto::REP_ERR_UNKNOWN, &msg).await?;
+                        continue;
+                    }
                 };
                 send_info(w, opt, exports, &req, &*device, cfg).await?;
                 reply(w, opt, proto::REP_ACK, &[]).await?;
@@ -264,8 +275,7 @@ where
                         continue;
                     }
                 };
-                if open(exports, &req.export)?.is_none() {
-                    let msg = format!("no export named {:?}", req.export);
+                if let Err(msg) = open_named(exports, &req.export) {
                     reply_err(w, opt, proto::REP_ERR_UNKNOWN, &msg).await?;
                     continue;
                 }
@@ -331,10 +341,16 @@ where
     Ok(())
 }
 
-fn open<E: Exports>(exports: &E, name: &str) -> io::Result<Option<Arc<E::Device>>> {
+/// Opens an export; a refusal is the message the client gets.
+fn open<E: Exports>(exports: &E, name: &str) -> Result<Option<Arc<E::Device>>, String> {
     exports
         .open(name)
-        .map_err(|e| io::Error::other(format!("opening export {name}: {}", e.message)))
+        .map_err(|e| format!("opening export {name}: {}", e.message))
+}
+
+/// Opens an export that must exist; an unknown name is refused like any other failure.
+fn open_named<E: Exports>(exports: &E, name: &str) -> Result<Arc<E::Device>, String> {
+    open(exports, name)?.ok_or_else(|| format!("no export named {name:?}"))
 }
 
 fn transmission_flags<D: Device>(d: &D) -> u16 {
