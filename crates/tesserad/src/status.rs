@@ -51,6 +51,9 @@ async fn answer(sock: UnixStream, sources: Sources) {
     while r.read_line(&mut line).await.unwrap_or(0) > 0 {
         let reply = match serde_json::from_str::<serde_json::Value>(&line) {
             Ok(v) if v["op"] == "status" => serde_json::json!({ "ok": document(&sources) }),
+            Ok(v) if v["op"] == "take_primary" || v["op"] == "volume_copies" => {
+                store_question(&sources, &v).await
+            }
             Ok(v) => serde_json::json!({ "error": format!("unknown op {}", v["op"]) }),
             Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
         };
@@ -60,6 +63,30 @@ async fn answer(sock: UnixStream, sources: Sources) {
             return;
         }
         line.clear();
+    }
+}
+
+/// What this node's store asks about a volume a client opened there (`tessera-store
+/// --tesserad-socket`): `take_primary` makes this node the primary of a replicated
+/// volume (answered once the store serves it so, with the generation), `volume_copies`
+/// says where the copies of a volume the store does not hold are
+/// (`crate::replication::takeover`).
+async fn store_question(s: &Sources, v: &serde_json::Value) -> serde_json::Value {
+    use crate::replication::takeover;
+    let Some(volume) = v["volume"].as_str() else {
+        return serde_json::json!({ "error": "a volume name is needed" });
+    };
+    let n = s.node.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let Some(n) = n else {
+        return serde_json::json!({ "error": "this node is not in a cluster yet; try again" });
+    };
+    if v["op"] == "volume_copies" {
+        let message = takeover::copies_elsewhere(&n, &s.me.0, volume);
+        return serde_json::json!({ "ok": { "message": message } });
+    }
+    match takeover::take_primary(&n, &s.me.0, volume).await {
+        Ok(generation) => serde_json::json!({ "ok": { "generation": generation } }),
+        Err(why) => serde_json::json!({ "error": why }),
     }
 }
 

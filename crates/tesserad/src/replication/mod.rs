@@ -5,9 +5,10 @@
 //! (`failover`: out of the in-sync set, or a new primary, each with a generation bump),
 //! what it changes from the primary's store's reports (`resync`: a failed replica out,
 //! a copy that is back caught up and in again), and moving the primary to a VM's node
-//! (`moves`); a copy away too long rebuilt on another node (`rebuild`), catch-ups and
-//! rebuilds followed as tasks (`copy_tasks`), and the copies the cluster no longer counts
-//! deleted on their stores (`orphans`).
+//! (`moves`) or to a node whose store an export client opened it on (`takeover`); a copy
+//! away too long rebuilt on another node (`rebuild`), catch-ups and rebuilds followed as
+//! tasks (`copy_tasks`), and the copies the cluster no longer counts deleted on their
+//! stores (`orphans`).
 //!
 //! The cluster state is the authority: a volume's primary, copies and generation are in
 //! its `volumes/<name>` record; a generation is raised only by a compare-and-swap of that
@@ -23,6 +24,7 @@ pub mod rebuild;
 pub mod repairs;
 pub mod resync;
 pub mod roles;
+pub mod takeover;
 #[cfg(test)]
 mod test_volume;
 

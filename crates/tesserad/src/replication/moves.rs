@@ -113,18 +113,27 @@ pub async fn primary_step(node: &Arc<Node>, me: &str, volume: &str) -> PrimaryHe
     let Ok(Ok(AdminReply::Replication(held))) = asked else {
         return waiting();
     };
-    let serving = held.iter().any(|h| {
-        h.volume == volume
-            && h.role == "primary"
-            && h.configured
-            && h.generation >= v.generation
-            && h.fenced_by.is_none()
-    });
-    if serving {
+    if serves_as_primary(&held, volume, v.generation) {
         PrimaryHere::Here
     } else {
         waiting()
     }
+}
+
+/// Whether a store reporting `held` serves `volume` as its configured, unfenced primary
+/// in `generation` or a later one.
+pub(super) fn serves_as_primary(
+    held: &[tessera_store_admin::VolumeReplication],
+    volume: &str,
+    generation: u64,
+) -> bool {
+    held.iter().any(|h| {
+        h.volume == volume
+            && h.role == "primary"
+            && h.configured
+            && h.generation >= generation
+            && h.fenced_by.is_none()
+    })
 }
 
 #[cfg(test)]

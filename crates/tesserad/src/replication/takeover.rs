@@ -1,0 +1,241 @@
+//! Exports from any node (issue #8): this node's store asks (over the status socket) to
+//! become the primary of a replicated volume a client opened there for writing. The
+//! primary moves as for a VM starting here ([`super::moves::plan`]: only to an in-sync
+//! copy that is not joining, the generation raised in the same compare-and-swap of the
+//! volume record), so the previous primary is fenced: its store becomes a replica of the
+//! new generation, and the new primary's first question to each replica fences it before
+//! any write is served here.
+//!
+//! Refused, in words the client sees: a volume a VM uses (its primary moves only with the
+//! VM: start, migration, HA), a copy here that is not in sync, a one-copy volume. A store
+//! asked for a volume it holds no copy of is told where the copies are.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tessera_api::{DesiredState, Vm, VmState};
+use tessera_state::Node;
+use tessera_store_admin::{AdminOp, AdminReply};
+
+use crate::records::table::{VMS, VOLUMES};
+use crate::records::{Volume, VolumeState};
+use crate::tables::get;
+
+/// How long the store is given to serve the volume as its primary after the move.
+const STORE_WAIT: Duration = Duration::from_secs(20);
+/// How often it is asked meanwhile.
+const ASK_EVERY: Duration = Duration::from_millis(20);
+/// Compare-and-swap attempts when the record changes under the move.
+const ATTEMPTS: usize = 5;
+
+/// Makes node `me` the primary of `volume` for an export client there; the generation it
+/// serves in once its store does, or why not.
+pub async fn take_primary(node: &Arc<Node>, me: &str, volume: &str) -> Result<u64, String> {
+    // The decision is taken on the cluster's latest state, not a lagging copy of it.
+    node.sync()
+        .await
+        .map_err(|e| crate::replicated::sync_failure(&e).to_string())?;
+    let mut generation = None;
+    for _ in 0..ATTEMPTS {
+        let v = get::<Volume>(node, VOLUMES, volume)
+            .ok_or_else(|| format!("there is no volume {volume} in the cluster"))?;
+        refuse_if_used(node, me, &v)?;
+        if v.node == me {
+            generation = Some(v.generation);
+            break;
+        }
+        let mut new = movable(node, me, &v)?;
+        new.nbd = super::nbd_uri(&super::node_records(node), me, &v.name);
+        let msg = format!(
+            "primary moved from {} to {} for an export client (NBD or QUIC) there; generation {}",
+            name_of(node, &v.node),
+            name_of(node, me),
+            new.generation
+        );
+        if super::resync::write(node, &v, &new, &[("volume.primary_moved", msg)]).await {
+            tracing::info!(
+                volume,
+                generation = new.generation,
+                "moved the volume's primary here for an export client"
+            );
+            generation = Some(new.generation);
+            break;
+        }
+    }
+    let generation = generation.ok_or_else(|| {
+        format!("volume {volume} kept changing while its primary was being moved here; try again")
+    })?;
+    wait_for_store(volume, generation).await?;
+    Ok(generation)
+}
+
+/// Where the copies of `volume` are, for a client of node `me`, whose store holds none:
+/// `None` when the cluster has no such volume.
+pub fn copies_elsewhere(node: &Node, me: &str, volume: &str) -> Option<String> {
+    let v = get::<Volume>(node, VOLUMES, volume)?;
+    let mut on: Vec<String> = v.copies.iter().map(|c| name_of(node, &c.node)).collect();
+    if on.is_empty() {
+        on.push(name_of(node, &v.node));
+    }
+    Some(format!(
+        "not supported yet: node {} holds no copy of volume {volume}; its copies are on {} (primary: {}): connect to one of those",
+        name_of(node, me),
+        on.join(", "),
+        name_of(node, &v.node)
+    ))
+}
+
+/// A VM that uses `v` and is not stopped keeps its primary: refused with its name and
+/// node.
+fn refuse_if_used(node: &Node, me: &str, v: &Volume) -> Result<(), String> {
+    let vms: Vec<Vm> = node.state.read(|t| {
+        t.get(VMS)
+            .map(|vms| {
+                vms.values()
+                    .filter_map(|r| serde_json::from_value::<Vm>(r.clone()).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    let Some(vm) = vms
+        .iter()
+        .find(|vm| vm.disks.contains(&v.name) && in_use(vm))
+    else {
+        return Ok(());
+    };
+    let on = vm.node.as_deref().map_or_else(
+        || "no node yet".to_string(),
+        |n| format!("node {}", name_of(node, n)),
+    );
+    Err(format!(
+        "volume {} is in use by VM {} ({:?} on {on}): it is not written through node {} (a VM's disk moves only with the VM); read a snapshot of it instead (tessera volume snapshot {} NAME, then export {}@NAME)",
+        v.name,
+        vm.name,
+        vm.actual_state,
+        name_of(node, me),
+        v.name,
+        v.name
+    ))
+}
+
+/// Whether a VM holds its disk: running or about to, or in a state not known.
+fn in_use(vm: &Vm) -> bool {
+    vm.desired_state != DesiredState::Stopped
+        || !matches!(vm.actual_state, VmState::Stopped | VmState::Crashed)
+}
+
+/// The record that makes `me` the primary of `v`, or why it cannot be.
+fn movable(node: &Node, me: &str, v: &Volume) -> Result<Volume, String> {
+    super::moves::plan(v, me).ok_or_else(|| why_not(v, me, &|id| name_of(node, id)))
+}
+
+/// Why `me` cannot become `v`'s primary (when [`super::moves::plan`] says no), with the
+/// nodes' names from `name`.
+fn why_not(v: &Volume, me: &str, name: &dyn Fn(&str) -> String) -> String {
+    let (here, primary) = (name(me), name(&v.node));
+    if !v.is_replicated() {
+        return format!(
+            "volume {} has one copy, on node {primary}: connect to node {primary}",
+            v.name
+        );
+    }
+    if v.state != VolumeState::Ready {
+        return format!(
+            "volume {} is not ready ({:?}); try again later",
+            v.name, v.state
+        );
+    }
+    let why = match v.copies.iter().find(|c| c.node == me) {
+        None => "holds no copy of it".to_string(),
+        Some(c) if c.joining => "holds a copy still rejoining the in-sync set".to_string(),
+        Some(c) => format!("holds a copy that is {:?}", c.state).to_lowercase(),
+    };
+    format!(
+        "node {here} {why}, so it cannot become volume {}'s primary now; connect to its primary, node {primary}, or wait until the copy here is in sync",
+        v.name
+    )
+}
+
+/// Waits until this node's store serves `volume` as its primary in `generation`.
+async fn wait_for_store(volume: &str, generation: u64) -> Result<(), String> {
+    let Some(socket) = super::ADMIN_SOCKET.get() else {
+        return Err("this node's tesserad does not drive its store yet; try again".into());
+    };
+    let deadline = Instant::now() + STORE_WAIT;
+    loop {
+        let asked = tokio::time::timeout(
+            Duration::from_secs(2),
+            super::roles::call(socket, AdminOp::ReplicationStatus {}),
+        )
+        .await;
+        if let Ok(Ok(AdminReply::Replication(held))) = asked {
+            if super::moves::serves_as_primary(&held, volume, generation) {
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the cluster made this node volume {volume}'s primary (generation {generation}), but its store did not take the role within {} s; try again",
+                STORE_WAIT.as_secs()
+            ));
+        }
+        tokio::time::sleep(ASK_EVERY).await;
+    }
+}
+
+/// A node's name from its record, else its id.
+fn name_of(node: &Node, id: &str) -> String {
+    super::node_records(node)
+        .get(id)
+        .and_then(|r| r["name"].as_str().map(String::from))
+        .unwrap_or_else(|| id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_api::CopyState::{CatchingUp, InSync, OutOfSync};
+
+    fn name(id: &str) -> String {
+        format!("node-{id}")
+    }
+
+    #[test]
+    fn a_copy_that_cannot_take_the_primary_says_why_and_where_to_go() {
+        let v = super::super::test_volume::volume(
+            3,
+            &[
+                ("a", InSync, false),
+                ("b", CatchingUp, false),
+                ("c", InSync, true),
+            ],
+        );
+        let b = why_not(&v, "b", &name);
+        assert!(
+            b.contains("node node-b holds a copy that is catchingup"),
+            "{b}"
+        );
+        assert!(b.contains("its primary, node node-a"), "{b}");
+        let c = why_not(&v, "c", &name);
+        assert!(c.contains("still rejoining"), "{c}");
+        let d = why_not(&v, "d", &name);
+        assert!(d.contains("node node-d holds no copy of it"), "{d}");
+        let v =
+            super::super::test_volume::volume(3, &[("a", InSync, false), ("b", OutOfSync, false)]);
+        assert!(why_not(&v, "b", &name).contains("outofsync"));
+        let mut one = v.clone();
+        one.replicas = 1;
+        one.copies.clear();
+        assert!(why_not(&one, "b", &name).contains("has one copy, on node node-a"));
+        let mut creating =
+            super::super::test_volume::volume(3, &[("a", InSync, false), ("b", InSync, false)]);
+        creating.state = VolumeState::Creating;
+        assert!(why_not(&creating, "b", &name).contains("is not ready"));
+        // Where the move is possible, the plan makes it (the same rule as a VM start).
+        creating.state = VolumeState::Ready;
+        assert_eq!(
+            super::super::moves::plan(&creating, "b").map(|n| n.generation),
+            Some(4)
+        );
+    }
+}
