@@ -241,7 +241,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 // NBD over TCP needs TLS: the store serves it once tesserad has written
                 // the node's certificate here.
                 .arg("--nbd-tls-dir")
-                .arg(node_dir.join("data/tls")),
+                .arg(node_dir.join("data/tls"))
+                // A client writing a volume whose copy here is a replica makes this node
+                // its primary through tesserad (docs/volume-export.md).
+                .arg("--tesserad-socket")
+                .arg(node_dir.join("data/tesserad.sock")),
             node_dir.join("store.log"),
         )?);
         procs.push(spawn(

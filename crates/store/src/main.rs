@@ -105,6 +105,12 @@ struct ServeArgs {
     /// cluster's convention is the NBD port's number, 10809, over UDP.
     #[arg(long)]
     export_quic: Option<SocketAddr>,
+    /// The node's tesserad status socket (tesserad's <data-dir>/tesserad.sock): a client
+    /// writing a volume this store holds a replica copy of makes this node its primary
+    /// through the cluster, and one asking for a volume this store holds no copy of is
+    /// told where its copies are. Without it a replica copy's writes are refused.
+    #[arg(long)]
+    tesserad_socket: Option<PathBuf>,
     /// Plain NBD over TCP, no authentication at all: only on an address where everyone
     /// who can reach it is trusted (loopback of a single-user machine, tests).
     #[arg(long)]
@@ -215,6 +221,7 @@ fn daemon_config(args: &ServeArgs, admin: Option<PathBuf>) -> DaemonConfig {
         nbd_tls_dir: Some(args.nbd_tls_dir.clone()),
         repl_quic: args.repl_quic,
         export_quic: args.export_quic,
+        tesserad_socket: args.tesserad_socket.clone(),
         nbd_tcp_plain: args.nbd_tcp_plain.filter(|_| !args.no_tcp),
         nbd_unix: args
             .nbd_unix

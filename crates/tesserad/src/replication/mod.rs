@@ -5,7 +5,7 @@
 //! (`failover`: out of the in-sync set, or a new primary, each with a generation bump),
 //! what it changes from the primary's store's reports (`resync`: a failed replica out,
 //! a copy that is back caught up and in again), and moving the primary to a VM's node
-//! (`moves`) or to a node whose store an export client opened it on (`takeover`); a copy
+//! (`moves`) or to a node whose store an export client writes through (`takeover`); a copy
 //! away too long rebuilt on another node (`rebuild`), catch-ups and rebuilds followed as
 //! tasks (`copy_tasks`), and the copies the cluster no longer counts deleted on their
 //! stores (`orphans`).

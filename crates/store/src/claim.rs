@@ -1,0 +1,128 @@
+//! Exports from any node (issue #8): a client's first write to a replicated volume on a
+//! store that holds a replica copy of it makes this store the volume's primary, by
+//! asking the node's `tesserad` (its status socket, `<data_dir>/tesserad.sock`), which
+//! moves the primary through the cluster state with a generation bump (the fence of the
+//! previous primary) and answers once this store serves the volume as primary. A
+//! volume of which this store holds no copy is not served: `tesserad` says where its
+//! copies are, for the client's error.
+//!
+//! The store never decides: `tesserad` refuses a move when a VM uses the volume or when
+//! the copy here is not in sync, and the words of its refusal reach the client.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+/// How long a move may take, the cluster's commit and this store's new role included
+/// (`tesserad` gives up on the store after 20 s).
+const MOVE_WAIT: Duration = Duration::from_secs(30);
+/// How long the question where a volume's copies are may take.
+const ASK_WAIT: Duration = Duration::from_secs(5);
+
+/// The node's `tesserad`, as this store asks it.
+#[derive(Clone, Debug)]
+pub struct ClusterAsk {
+    socket: PathBuf,
+    /// One move asked at a time: the many connections and requests of one client (e.g.
+    /// nbdcopy's) wait for the first one's move instead of each asking.
+    moving: Arc<Mutex<()>>,
+}
+
+impl ClusterAsk {
+    /// Asks the `tesserad` listening on `socket` (its `tesserad.sock`).
+    pub fn new(socket: PathBuf) -> ClusterAsk {
+        ClusterAsk {
+            socket,
+            moving: Arc::default(),
+        }
+    }
+
+    /// Makes this node the primary of `volume` unless `serving` finds it is already:
+    /// what `serving` gives once this store serves the volume as its primary, else the
+    /// cluster's refusal in words. Blocking.
+    pub fn take_primary<T>(
+        &self,
+        volume: &str,
+        serving: impl Fn() -> Option<T>,
+    ) -> Result<T, String> {
+        let _one = self.moving.lock();
+        if let Some(p) = serving() {
+            return Ok(p);
+        }
+        let reply = self
+            .call(
+                serde_json::json!({"op": "take_primary", "volume": volume}),
+                MOVE_WAIT,
+            )
+            .map_err(|e| {
+                format!(
+                    "cannot make this node the primary of volume {volume}: asking tesserad: {e}"
+                )
+            })?;
+        let generation = match (reply["ok"]["generation"].as_u64(), reply["error"].as_str()) {
+            (Some(g), _) => g,
+            (None, Some(why)) => return Err(why.to_string()),
+            (None, None) => return Err(unexpected(volume, &reply)),
+        };
+        tracing::info!(
+            volume,
+            generation,
+            "became the volume's primary for an export client"
+        );
+        serving().ok_or_else(|| {
+            format!("volume {volume}: the cluster made this node its primary (generation {generation}) but this store no longer serves it as such; try again")
+        })
+    }
+
+    /// Where the copies of a volume that this store does not hold are, in words for the
+    /// client (`None`: the cluster has no such volume, or `tesserad` did not answer).
+    pub fn copies_elsewhere(&self, volume: &str) -> Option<String> {
+        match self.call(
+            serde_json::json!({"op": "volume_copies", "volume": volume}),
+            ASK_WAIT,
+        ) {
+            Ok(reply) => reply["ok"]["message"].as_str().map(String::from),
+            Err(e) => {
+                tracing::debug!(volume, error = %e, "tesserad not asked where the volume's copies are");
+                None
+            }
+        }
+    }
+
+    /// One request line, one reply line.
+    fn call(
+        &self,
+        request: serde_json::Value,
+        wait: Duration,
+    ) -> std::io::Result<serde_json::Value> {
+        let mut s = UnixStream::connect(&self.socket)?;
+        s.set_read_timeout(Some(wait))?;
+        s.set_write_timeout(Some(ASK_WAIT))?;
+        let mut line = request.to_string();
+        line.push('\n');
+        s.write_all(line.as_bytes())?;
+        let mut reply = String::new();
+        BufReader::new(&s).read_line(&mut reply)?;
+        serde_json::from_str(&reply)
+            .map_err(|e| std::io::Error::other(format!("an answer that does not parse: {e}")))
+    }
+}
+
+fn unexpected(volume: &str, reply: &serde_json::Value) -> String {
+    format!("cannot make this node the primary of volume {volume}: tesserad answered {reply}")
+}
+
+/// Runs `f`, which blocks, from async code without stalling the runtime's other tasks
+/// (NBD negotiation and the QUIC export open volumes on the async workers).
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}

@@ -1,0 +1,292 @@
+//! Exports from any node (issue #8), on the README's local three-node cluster: a volume
+//! of three copies with its primary on node 3 is written with nbdcopy through node 1's
+//! store, then through node 2's: each time the node becomes the primary through the
+//! cluster (the API's volume view shows the primary there and a higher generation) and
+//! the write succeeds; a client that wrote through node 1 before the move and is still
+//! connected there gets an error on its next write, and nothing of that write lands
+//! anywhere; every copy, read through its own store (reads never move the primary), is
+//! blake3-equal to what was written. A volume of two copies asked for through the node
+//! holding none is refused with where its copies are (qemu-img prints the store's words).
+
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use serde_json::json;
+use tessera_tests::cluster::wait_for;
+use tessera_tests::devcluster::{api, node_id, DevCluster, VmmKiller};
+use tessera_tests::replicas::{
+    all_in_sync, copy_nodes, has_event, read_hash, unix_uri, wait_task, wait_volume, write,
+};
+use tessera_tests::{kvm_or_skip, output, require};
+
+const MIB: u64 = 1024 * 1024;
+const SIZE: u64 = 16 * MIB;
+/// Where the client left on the old primary wrote before the move (0xAA) and tries to
+/// write after it (0xCC).
+const BEFORE_AT: u64 = 8 * MIB;
+const AFTER_AT: u64 = 12 * MIB;
+/// The test guest (built by tests/build.rs).
+const GUEST: &str = env!("TESSERA_TEST_GUEST");
+
+/// The store logs of the three nodes, for a failure's message.
+fn logs(dir: &Path) -> String {
+    let mut s = String::new();
+    for i in 1..=3 {
+        let text =
+            std::fs::read_to_string(dir.join(format!("node{i}/store.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        s += &format!("--- node{i}/store.log:\n");
+        for l in &lines[lines.len().saturating_sub(30)..] {
+            s += l;
+            s.push('\n');
+        }
+    }
+    s
+}
+
+/// A client that stays connected: qemu-io reading its commands from a pipe, its output
+/// line by line.
+struct Interactive {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Interactive {
+    fn start(uri: &str) -> Interactive {
+        let mut child = Command::new("stdbuf")
+            .args(["-oL", "qemu-io", "-f", "raw", uri])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        Interactive { child, stdin, out }
+    }
+
+    /// Runs one qemu-io command and returns the line it answered with.
+    fn run(&mut self, command: &str) -> String {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{command}").unwrap();
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                self.out.read_line(&mut line).unwrap() > 0,
+                "qemu-io ended before answering {command}"
+            );
+            // Each command's answer: a count of bytes, or a failure.
+            if line.contains("bytes") || line.contains("failed") || line.contains("error") {
+                return line.trim().to_string();
+            }
+            if command == "flush" {
+                return line.trim().to_string();
+            }
+        }
+    }
+}
+
+impl Drop for Interactive {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Creates volume `name` of `replicas` copies, the primary's on node id `on`, and waits
+/// until every copy is in sync; its view.
+fn create(ca: &str, t: &str, name: &str, replicas: u8, on: &str) -> serde_json::Value {
+    let body = json!({"name": name, "size_bytes": SIZE, "replicas": replicas, "node": on});
+    let (c, task) = api(ca, 1, "POST", "volumes", Some(t), Some(&body));
+    assert_eq!(c, 202, "{task}");
+    assert_eq!(wait_task(ca, 1, t, &task)["state"], "succeeded");
+    wait_volume(ca, 1, t, name, 30, |v| {
+        v["state"] == "ready" && all_in_sync(v)
+    })
+}
+
+#[test]
+fn any_nodes_nbd_server_writes_a_volume_by_becoming_its_primary_and_fences_the_old_one() {
+    require("curl");
+    require("nbdcopy");
+    require("qemu-io");
+    require("stdbuf");
+    require("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tmp.path();
+    let cluster = DevCluster::start(dir);
+    let ca = cluster.ca_file();
+    let token = cluster.admin_session(1, "volume any node admin password");
+    let t = token.as_str();
+    let nodes = wait_for("three nodes with healthy stores", 60, || {
+        let (_, n) = api(&ca, 1, "GET", "nodes", Some(t), None);
+        n.as_array()
+            .is_some_and(|l| l.len() == 3 && l.iter().all(|n| n["storage"]["state"] == "ok"))
+            .then_some(n)
+    });
+    let id = |i: u8| node_id(&nodes, i);
+    let v = create(&ca, t, "any", 3, &id(3));
+    assert_eq!(copy_nodes(&v)[0], id(3), "{v}");
+    let mut generation = v["replication"]["generation"].as_u64().unwrap();
+
+    // A reader of a replica's copy does not move the primary.
+    let zero = blake3::hash(&vec![0u8; SIZE as usize]);
+    assert_eq!(read_hash(dir, 1, "any", tmp), zero);
+    let (_, v) = api(&ca, 1, "GET", "volumes/any", Some(t), None);
+    assert_eq!(v["node"], id(3).as_str(), "a read moved the primary: {v}");
+
+    // Written through node 1, then node 2: each becomes the primary, fencing the last.
+    let mut expected = vec![0u8; SIZE as usize];
+    for (writer, len) in [(1u8, 6 * MIB), (2u8, 4 * MIB)] {
+        let mut data = vec![0u8; len as usize];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut data);
+        let f = tmp.join(format!("pattern{writer}"));
+        std::fs::write(&f, &data).unwrap();
+        // The client left on node 1 joins before the move to node 2.
+        let old = (writer == 2).then(|| {
+            let mut c = Interactive::start(&unix_uri(dir, 1, "any"));
+            let a = c.run(&format!("write -P 0xaa {BEFORE_AT} 4096"));
+            assert!(a.contains("wrote 4096/4096"), "{a}\n{}", logs(dir));
+            expected[BEFORE_AT as usize..][..4096].fill(0xaa);
+            c
+        });
+        let began = Instant::now();
+        assert!(write(dir, writer, "any", &f), "{}", logs(dir));
+        eprintln!(
+            "nbdcopy through node{writer}: {:?} (the primary moved on its first write)",
+            began.elapsed()
+        );
+        expected[..len as usize].copy_from_slice(&data);
+        let (_, v) = api(&ca, 1, "GET", "volumes/any", Some(t), None);
+        assert_eq!(v["node"], id(writer).as_str(), "{v}");
+        let g = v["replication"]["generation"].as_u64().unwrap();
+        assert!(g > generation, "generation {g} after {generation}: {v}");
+        generation = g;
+        assert!(has_event(&ca, 1, t, "volume.primary_moved", "any"));
+
+        if let Some(mut c) = old {
+            let a = c.run(&format!("write -P 0xcc {AFTER_AT} 4096"));
+            assert!(
+                a.contains("failed") && a.contains("not permitted"),
+                "the client left on the old primary: {a}\n{}",
+                logs(dir)
+            );
+        }
+    }
+
+    // Every copy, through its own store, holds what was written, and nothing of the
+    // fenced client's last write. Reads do not move the primary (node 2 keeps it).
+    let want = blake3::hash(&expected);
+    let v = wait_volume(&ca, 1, t, "any", 30, all_in_sync);
+    for i in [3u8, 1, 2] {
+        assert_eq!(read_hash(dir, i, "any", tmp), want, "node{i}'s copy");
+    }
+    let (_, v2) = api(&ca, 1, "GET", "volumes/any", Some(t), None);
+    assert_eq!(v2["node"], id(2).as_str(), "{v2}");
+    assert_eq!(
+        v2["replication"]["generation"],
+        v["replication"]["generation"]
+    );
+
+    // A volume whose copies are on two nodes, asked for through the third.
+    let v = create(&ca, t, "two", 2, &id(1));
+    let held = copy_nodes(&v);
+    let none = (1..=3u8).find(|i| !held.contains(&id(*i))).unwrap();
+    let out = output(Command::new("qemu-img").args(["info", &unix_uri(dir, none, "two")]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("not supported yet") && err.contains("holds no copy of volume two"),
+        "{err}"
+    );
+    // Then the store still serves what it holds.
+    assert_eq!(read_hash(dir, none, "any", tmp), want);
+
+    let test =
+        "any_nodes_nbd_server_writes_a_volume_by_becoming_its_primary_and_fences_the_old_one";
+    if kvm_or_skip(test) {
+        a_running_vms_volume_is_not_written_through_another_node(&ca, t, dir, tmp, &id);
+    }
+}
+
+/// A volume a running VM uses (primary on node 1, where the VM runs): a write through
+/// node 2 is refused, the store saying which VM uses it where; its primary stays; a
+/// snapshot of it reads through node 2, equal on every copy.
+fn a_running_vms_volume_is_not_written_through_another_node(
+    ca: &str,
+    t: &str,
+    dir: &Path,
+    tmp: &Path,
+    id: &dyn Fn(u8) -> String,
+) {
+    let _reaper = VmmKiller::of(dir);
+    create(ca, t, "vmdisk", 3, &id(1));
+    let body = json!({
+        "name": "user", "vcpus": 1, "memory_mib": 64, "disks": ["vmdisk"], "node": id(1),
+        "kernel": GUEST, "cmdline": "console=ttyS0 tessera.mode=idle",
+        "desired_state": "running",
+    });
+    let (c, v) = api(ca, 1, "POST", "vms", Some(t), Some(&body));
+    assert_eq!(c, 201, "{v}");
+    wait_for("VM user running", 90, || {
+        let (_, v) = api(ca, 1, "GET", "vms/user", Some(t), None);
+        (v["actual_state"] == "running").then_some(())
+    });
+    let (_, before) = api(ca, 1, "GET", "volumes/vmdisk", Some(t), None);
+    assert_eq!(before["node"], id(1).as_str(), "{before}");
+
+    let f = tmp.join("intruder");
+    std::fs::write(&f, vec![0x5au8; MIB as usize]).unwrap();
+    assert!(
+        !write(dir, 2, "vmdisk", &f),
+        "a write through node2 was accepted"
+    );
+    let log = std::fs::read_to_string(dir.join("node2/store.log")).unwrap();
+    assert!(
+        log.contains("volume vmdisk is in use by VM user")
+            && log.contains(&format!("on node {}", "node1")),
+        "{}",
+        logs(dir)
+    );
+    let (_, after) = api(ca, 1, "GET", "volumes/vmdisk", Some(t), None);
+    assert_eq!(after["node"], id(1).as_str(), "{after}");
+    assert_eq!(
+        after["replication"]["generation"], before["replication"]["generation"],
+        "{after}"
+    );
+
+    // Reading a snapshot of it through node 2 is fine, and equal on every copy.
+    let (c, task) = api(
+        ca,
+        1,
+        "POST",
+        "volumes/vmdisk/snapshots",
+        Some(t),
+        Some(&json!({"name": "s"})),
+    );
+    assert_eq!(c, 202, "{task}");
+    assert_eq!(wait_task(ca, 1, t, &task)["state"], "succeeded");
+    let h2 = read_hash(dir, 2, "vmdisk@s", tmp);
+    for i in [1u8, 3] {
+        assert_eq!(read_hash(dir, i, "vmdisk@s", tmp), h2, "node{i}'s snapshot");
+    }
+    // Nothing of the refused write is in it.
+    let mut zeros_then = vec![0u8; MIB as usize];
+    let snap = tmp.join("read-vmdisk@s-2");
+    let mut fh = std::fs::File::open(&snap).unwrap();
+    std::io::Read::read_exact(&mut fh, &mut zeros_then).unwrap();
+    assert!(
+        !zeros_then.iter().all(|b| *b == 0x5a),
+        "the refused write landed"
+    );
+}
