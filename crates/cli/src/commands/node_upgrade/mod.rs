@@ -125,11 +125,7 @@ fn upgrade_one(
     send(&own, id, up.image, len, blake3, up.tries)?;
     let after = follow(&own, id, given, &before, up.timeout, show)?;
     if !up.no_drain {
-        answering(client, apis)?.send(
-            NODE_MAINTENANCE,
-            &[id],
-            &MaintenanceRequest { enabled: false },
-        )?;
+        maintenance_off(client, apis, id, given, up.settle, show)?;
     }
     if show {
         println!(
@@ -144,6 +140,46 @@ fn upgrade_one(
         );
     }
     Ok(after)
+}
+
+/// Takes node `id` out of maintenance through the first API that takes it, asking again
+/// for up to `wait`: right after the node came back, its own API (the first asked when it
+/// is the one logged in to) answers 503 until it has caught up with the leader, and an
+/// election may be under way.
+fn maintenance_off(
+    client: &Client,
+    apis: &[String],
+    id: &str,
+    given: &str,
+    wait: Duration,
+    show: bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + wait;
+    let mut said = String::new();
+    loop {
+        let mut last = String::new();
+        for a in apis {
+            match client.at(a.clone()).send(
+                NODE_MAINTENANCE,
+                &[id],
+                &MaintenanceRequest { enabled: false },
+            ) {
+                Ok(_) => return Ok(()),
+                Err(e) => last = format!("{e:#}"),
+            }
+        }
+        if show && last != said {
+            println!("{given}: taking it out of maintenance: {last}; asking again");
+            said.clone_from(&last);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{given} runs its new slot but could not be taken out of maintenance within {} s: {last}",
+                wait.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
 }
 
 /// The first of `apis` that answers.
