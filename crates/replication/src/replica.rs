@@ -72,6 +72,21 @@ pub enum ReplicaAction {
     },
     /// Read the bytes and answer with [`Message::ReadReply`] for `request`.
     Read { request: u64, offset: u64, len: u32 },
+    /// Read the bytes of snapshot `snapshot` and answer with [`Message::ReadReply`].
+    ReadSnapshot {
+        request: u64,
+        snapshot: VolumeName,
+        offset: u64,
+        len: u32,
+    },
+    /// Rewrite the block at `offset` (of snapshot `snapshot`, if named) with `data` where
+    /// it fails its checksum and `data` matches it; answer with [`Message::RepairReply`].
+    Repair {
+        request: u64,
+        snapshot: Option<VolumeName>,
+        offset: u64,
+        data: Vec<u8>,
+    },
     /// Answer with [`Message::UnsettledReply`] for `request`: the regions of the last
     /// changes the shell applied (it keeps that window; the machine does not).
     ReportUnsettled { request: u64 },
@@ -352,8 +367,47 @@ impl Replica {
                 })),
                 None => actions.push(ReplicaAction::ListSnapshots { request }),
             },
+            Message::SnapshotRead {
+                volume,
+                generation,
+                request,
+                snapshot,
+                offset,
+                len,
+            } => match self.admit(&volume, generation, &mut actions) {
+                Some(e) => actions.push(ReplicaAction::Send(Message::ReadReply {
+                    request,
+                    result: Err(e),
+                })),
+                None => actions.push(ReplicaAction::ReadSnapshot {
+                    request,
+                    snapshot,
+                    offset,
+                    len,
+                }),
+            },
+            Message::Repair {
+                volume,
+                generation,
+                request,
+                snapshot,
+                offset,
+                data,
+            } => match self.admit(&volume, generation, &mut actions) {
+                Some(e) => actions.push(ReplicaAction::Send(Message::RepairReply {
+                    request,
+                    result: Err(e),
+                })),
+                None => actions.push(ReplicaAction::Repair {
+                    request,
+                    snapshot,
+                    offset,
+                    data,
+                }),
+            },
             Message::DigestsReply { .. }
             | Message::ReadReply { .. }
+            | Message::RepairReply { .. }
             | Message::UnsettledReply { .. }
             | Message::SnapshotListReply { .. }
             | Message::Reply { .. } => {

@@ -35,8 +35,8 @@ pub struct VolumeReplication {
     /// replica again in a newer generation.
     #[serde(default)]
     pub must_catch_up: bool,
-    /// A primary: blocks of its copy that failed their checksum on a read and were
-    /// repaired from an in-sync replica since it became the primary.
+    /// A primary: blocks that failed their checksum and were repaired since it became the
+    /// primary (of its copy from an in-sync replica, of a replica's copy from its own).
     #[serde(default)]
     pub repaired_blocks: u64,
     /// A primary: its last repairs (at most [`REPAIRS_KEPT`]), oldest first.
@@ -47,8 +47,9 @@ pub struct VolumeReplication {
 /// How many of a primary's last repairs `replication_status` lists.
 pub const REPAIRS_KEPT: usize = 32;
 
-/// Blocks of the primary's copy that failed their checksum on a read and were rewritten
-/// with an in-sync replica's bytes (which hashed to the primary's own checksums).
+/// Blocks that failed their checksum and were rewritten with another copy's bytes (which
+/// hashed to the repaired copy's own checksums): of the primary's copy with an in-sync
+/// replica's bytes, or of a replica's copy with the primary's (`on`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct BlockRepaired {
@@ -56,10 +57,17 @@ pub struct BlockRepaired {
     pub offset: u64,
     /// Bytes repaired from there (whole 4 KiB blocks).
     pub len: u64,
-    /// The node whose copy the bytes came from.
+    /// The node whose copy the bytes came from (`primary`: the primary's own copy, for a
+    /// repair of a replica's copy).
     pub from: String,
     /// When, in milliseconds since the Unix epoch.
     pub time_ms: u64,
+    /// The node whose copy was repaired; absent: the primary's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<String>,
+    /// The snapshot of the volume whose block was repaired; absent: the volume's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 /// A replica as its primary sees it.

@@ -338,6 +338,8 @@ fn every_reply_round_trips() {
                     len: 4096,
                     from: "node2".into(),
                     time_ms: 1_700_000_000_000,
+                    on: None,
+                    snapshot: None,
                 }],
             },
             VolumeReplication {

@@ -47,10 +47,6 @@ pub struct DaemonConfig {
     /// The QUIC volume export (`crate::export`) on this UDP address, with the
     /// credentials in `nbd_tls_dir`; off when `None`.
     pub export_quic: Option<SocketAddr>,
-    /// The node's `tesserad` status socket: a client writing a volume this store holds a
-    /// replica copy of asks it to move the primary here (`crate::claim`). Without it a
-    /// replica copy's writes are refused, as before.
-    pub tesserad_socket: Option<PathBuf>,
 }
 
 /// A started daemon; dropping it does not stop it, call [`Running::shutdown`].
@@ -174,10 +170,7 @@ pub async fn start(cfg: &DaemonConfig) -> anyhow::Result<Running> {
             replication.replicas.clone(),
         )));
     }
-    let exports = Arc::new(
-        StoreExports::replicated(store.clone(), replication.clone())
-            .with_cluster(cfg.tesserad_socket.clone().map(crate::claim::ClusterAsk::new)),
-    );
+    let exports = Arc::new(StoreExports::replicated(store.clone(), replication.clone()));
     if let (Some(addr), Some(dir)) = (cfg.nbd_tcp, cfg.nbd_tls_dir.clone()) {
         let (ex, nbd) = (exports.clone(), cfg.nbd.clone());
         tasks.push(tokio::spawn(crate::tls::serve(addr, dir, ex, nbd)));
@@ -402,7 +395,10 @@ pub fn execute(store: &Store, repl: &Replication, op: AdminOp) -> Outcome {
         } => store
             .clone_snapshot(&volume, &snapshot, &name)
             .map(AdminReply::Volume),
-        AdminOp::Scrub {} => store.scrub().map(AdminReply::Scrub),
+        // Bad blocks of volumes this store is the primary of are repaired from replicas.
+        AdminOp::Scrub {} => store
+            .scrub()
+            .map(|r| AdminReply::Scrub(repl.repair_scrubbed(r))),
         AdminOp::Status {} => Ok(AdminReply::Status(status(store))),
         AdminOp::SetReplication {
             volume,

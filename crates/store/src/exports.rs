@@ -1,6 +1,5 @@
 //! The bridge between the block store and the NBD server: store exports as NBD devices.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tessera_blockstore::{Allocation, Export, Store, StoreError};
@@ -10,25 +9,18 @@ use tessera_nbd::{Device, DeviceError, ExportEntry, Exports, Extent};
 use tessera_replication::replica::Op;
 use tessera_replication::wire::MAX_DATA;
 
-use crate::claim::{self, ClusterAsk};
 use crate::repl::Replication;
 
 /// Every volume and snapshot of a store, as NBD exports.
 pub struct StoreExports {
     store: Store,
     repl: Option<Arc<Replication>>,
-    /// The node's `tesserad`, asked to move a volume's primary here (`crate::claim`).
-    cluster: Option<ClusterAsk>,
 }
 
 impl StoreExports {
     /// Wraps a store whose volumes are not replicated.
     pub fn new(store: Store) -> Self {
-        StoreExports {
-            store,
-            repl: None,
-            cluster: None,
-        }
+        StoreExports { store, repl: None }
     }
 
     /// Wraps a store whose volumes may be replicated: writes to a volume this store is
@@ -37,16 +29,7 @@ impl StoreExports {
         StoreExports {
             store,
             repl: Some(repl),
-            cluster: None,
         }
-    }
-
-    /// A client's first write to a volume this store holds a replica copy of asks
-    /// `cluster` to make this node its primary; a volume it holds no copy of is refused at
-    /// open with where its copies are.
-    pub fn with_cluster(mut self, cluster: Option<ClusterAsk>) -> Self {
-        self.cluster = cluster;
-        self
     }
 }
 
@@ -55,11 +38,6 @@ impl StoreExports {
 pub struct StoreDevice {
     export: Export,
     repl: Option<Arc<Replication>>,
-    cluster: Option<ClusterAsk>,
-    /// This client wrote through the store as the volume's primary: if the store no
-    /// longer is, the primary moved away since, and this client's writes are fenced (it
-    /// does not take the primary back).
-    wrote_as_primary: AtomicBool,
 }
 
 /// Where a write goes.
@@ -71,16 +49,12 @@ enum Route {
 }
 
 impl StoreDevice {
-    /// Where a write (or trim, write-zeroes) goes. A replica copy here becomes the
-    /// primary through the cluster first, unless this client wrote here as the primary
-    /// before (then the primary moved away meanwhile: fenced).
     fn route(&self) -> Result<Route, DeviceError> {
         let Some(repl) = &self.repl else {
             return Ok(Route::Local);
         };
         let name = self.export.name();
         if let Some(p) = repl.primaries.get(name) {
-            self.wrote_as_primary.store(true, Ordering::Relaxed);
             return Ok(Route::Replicated(p));
         }
         if repl.waits_for_configuration(name) {
@@ -89,33 +63,26 @@ impl StoreDevice {
                 format!("volume {name} was this store's replicated primary before it restarted: writes are refused until tesserad configures it again"),
             ));
         }
-        if self.wrote_as_primary.load(Ordering::Relaxed) {
-            return Err(DeviceError::new(
-                Errno::Perm,
-                format!("volume {name}: its primary moved to another node after this client wrote here; this client's writes are refused (fenced); connect again to write through this node"),
-            ));
-        }
-        if !repl.replicas.is_replica(name) {
-            return Ok(Route::Local);
-        }
-        let Some(cluster) = &self.cluster else {
+        if repl.replicas.is_replica(name) {
             return Err(DeviceError::new(
                 Errno::Perm,
                 format!("volume {name} is a replica on this store: only its primary writes it"),
             ));
-        };
-        let p = claim::blocking(|| cluster.take_primary(name, || repl.primaries.get(name)))
-            .map_err(|why| {
-                tracing::warn!(volume = name, reason = %why, "an export client's write refused");
-                DeviceError::new(Errno::Perm, why)
-            })?;
-        self.wrote_as_primary.store(true, Ordering::Relaxed);
-        Ok(Route::Replicated(p))
+        }
+        Ok(Route::Local)
     }
 
     /// The volume's primary, if this store is it.
     fn primary(&self) -> Option<Arc<crate::repl::primary::PrimaryHandle>> {
         self.repl.as_ref()?.primaries.get(self.export.name())
+    }
+
+    /// The primary of the volume this export is or is a snapshot (`volume@snapshot`) of,
+    /// if this store is it.
+    fn volume_primary(&self) -> Option<Arc<crate::repl::primary::PrimaryHandle>> {
+        let name = self.export.name();
+        let volume = name.split_once('@').map_or(name, |(v, _)| v);
+        self.repl.as_ref()?.primaries.get(volume)
     }
 
     /// Runs `op` through the primary, split into frames the wire carries.
@@ -211,8 +178,9 @@ impl Device for StoreDevice {
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         match self.export.read_at(offset, buf) {
-            // A bad block on a primary's copy is repaired from an in-sync replica.
-            Err(e @ StoreError::Corrupt { .. }) => match self.primary() {
+            // A bad block on a primary's copy (of the volume or of one of its snapshots)
+            // is repaired from an in-sync replica.
+            Err(e @ StoreError::Corrupt { .. }) => match self.volume_primary() {
                 Some(p) => p
                     .read_repaired(&self.export, offset, buf)
                     .map_err(|why| DeviceError::new(Errno::Io, format!("{e}; {why}"))),
@@ -231,8 +199,7 @@ impl Device for StoreDevice {
         }
     }
     fn remote_writes(&self) -> bool {
-        // Asked on the async side: never a move of the primary (that waits) from here.
-        self.primary().is_some()
+        matches!(self.route(), Ok(Route::Replicated(_)))
     }
     fn write_remote(&self, offset: u64, data: Vec<u8>, fua: bool) -> RemoteWrite {
         match self.route() {
@@ -242,17 +209,6 @@ impl Device for StoreDevice {
         }
     }
     fn flush(&self) -> Result<(), DeviceError> {
-        // A client that never wrote (a reader of a replica copy) flushes nothing of its
-        // own: it does not move the primary.
-        let reader = self.primary().is_none() && !self.wrote_as_primary.load(Ordering::Relaxed);
-        if reader
-            && self
-                .repl
-                .as_ref()
-                .is_some_and(|r| r.replicas.is_replica(self.export.name()))
-        {
-            return Ok(());
-        }
         match self.route()? {
             Route::Local => self.export.flush().map_err(dev_err),
             Route::Replicated(p) => Self::forward(&p, Op::Flush),
@@ -332,19 +288,8 @@ impl Exports for StoreExports {
             Ok(export) => Ok(Some(Arc::new(StoreDevice {
                 export,
                 repl: self.repl.clone(),
-                cluster: self.cluster.clone(),
-                wrote_as_primary: AtomicBool::new(false),
             }))),
-            Err(StoreError::NotFound(_)) => {
-                let base = name.split('@').next().unwrap_or(name);
-                match self.cluster.as_ref() {
-                    Some(c) => match claim::blocking(|| c.copies_elsewhere(base)) {
-                        Some(why) => Err(DeviceError::new(Errno::Inval, why)),
-                        None => Ok(None),
-                    },
-                    None => Ok(None),
-                }
-            }
+            Err(StoreError::NotFound(_)) => Ok(None),
             Err(e) => Err(dev_err(e)),
         }
     }

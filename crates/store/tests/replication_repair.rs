@@ -12,87 +12,20 @@
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use tessera_pki::ClusterCa;
 use tessera_replication::wire::{self, Decoder, Generation, Message, ReplyError};
-use tessera_store_admin::{AdminOp, AdminReply, ReplicaPeer, ReplicationRole, VolumeReplication};
+use tessera_store_admin::{AdminOp, ReplicaPeer, ReplicationRole};
 
 mod support;
+use support::rot::*;
 use support::*;
 
 const SIZE: u64 = 16 * MIB;
-const B: u64 = 4096;
-
-/// The one layer data file of `n` holding data (each store holds one volume here).
-fn data_file(n: &Node) -> PathBuf {
-    std::fs::read_dir(n.dir.join("layers"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| {
-            p.extension().is_some_and(|x| x == "data") && std::fs::metadata(p).unwrap().len() > 0
-        })
-        .unwrap_or_else(|| panic!("{} has no layer data file with data", n.id))
-}
-
-/// Flips one bit of the block at `offset` in `file`, in place (bit rot).
-fn rot(file: &Path, offset: u64) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(file)
-        .unwrap();
-    let mut byte = [0u8; 1];
-    f.read_exact_at(&mut byte, offset + 100).unwrap();
-    byte[0] ^= 0x10;
-    f.write_all_at(&byte, offset + 100).unwrap();
-    f.sync_all().unwrap();
-}
-
-fn bytes_at(file: &Path, offset: u64, len: u64) -> Vec<u8> {
-    let f = std::fs::File::open(file).unwrap();
-    let mut buf = vec![0u8; len as usize];
-    f.read_exact_at(&mut buf, offset).unwrap();
-    buf
-}
-
-fn status(n: &Node) -> VolumeReplication {
-    match n.admin(AdminOp::ReplicationStatus {}).unwrap() {
-        AdminReply::Replication(all) => all.into_iter().find(|v| v.volume == "v").unwrap(),
-        other => panic!("unexpected reply {other:?}"),
-    }
-}
-
-/// Reads `len` bytes at `offset` of `n`'s volume with `qemu-img`: the bytes, or its error.
-fn qemu_read(root: &Path, n: &Node, offset: u64, len: u64) -> Result<Vec<u8>, String> {
-    let out = root.join(format!("{}-read.img", n.id));
-    let _ = std::fs::remove_file(&out);
-    // The raw driver's window reads only the range asked, through QEMU's NBD client.
-    let opts = format!(
-        "driver=raw,offset={offset},size={len},file.driver=nbd,file.server.type=unix,\
-         file.server.path={},file.export=v",
-        n.dir.join("nbd.sock").display()
-    );
-    let r = Command::new("qemu-img")
-        .args(["convert", "--image-opts", &opts, "-O", "raw"])
-        .arg(&out)
-        .stdin(Stdio::null())
-        .output()
-        .expect("qemu-img (tests/setup installs it)");
-    if !r.status.success() {
-        return Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&r.stdout),
-            String::from_utf8_lossy(&r.stderr)
-        ));
-    }
-    Ok(std::fs::read(&out).unwrap())
-}
-
 #[test]
 fn a_bad_block_on_the_primary_is_repaired_from_a_replica_and_the_read_succeeds() {
     let root = tempfile::tempdir().unwrap();
@@ -167,12 +100,13 @@ fn a_bad_block_on_the_primary_is_repaired_from_a_replica_and_the_read_succeeds()
         rot(&data_file(n), off);
     }
     let rotten = bytes_at(&file, off, B);
-    let err = qemu_read(root.path(), n1, off, B).expect_err("a block bad on every copy was read");
+    let err =
+        qemu_read(root.path(), n1, "v", off, B).expect_err("a block bad on every copy was read");
     assert!(err.contains("Input/output error"), "{err}");
     assert_eq!(bytes_at(&file, off, B), rotten, "a failed repair wrote");
     assert_eq!(status(n1).repaired_blocks, 4);
     // The blocks around it still read, repaired ones included.
-    let around = qemu_read(root.path(), n1, MIB, 16 * B).unwrap();
+    let around = qemu_read(root.path(), n1, "v", MIB, 16 * B).unwrap();
     assert!(around[..] == data[MIB as usize..(MIB + 16 * B) as usize]);
 }
 
@@ -341,7 +275,7 @@ async fn a_replica_answering_a_read_wrongly_is_refused_and_nothing_is_written() 
             (WRONG_BYTES, "bytes that are not the block's"),
         ] {
             mode.store(m, Ordering::SeqCst);
-            let err = qemu_read(root, &n1, off, B)
+            let err = qemu_read(root, &n1, "v", off, B)
                 .expect_err(&format!("a read was answered after {what}"));
             assert!(err.contains("Input/output error"), "{what}: {err}");
             assert_eq!(bytes_at(&file, off, B), rotten, "{what} was written");
@@ -359,7 +293,7 @@ async fn a_replica_answering_a_read_wrongly_is_refused_and_nothing_is_written() 
 
         // The same replica answering right: repaired, read, counted.
         mode.store(RIGHT, Ordering::SeqCst);
-        let got = qemu_read(root, &n1, off, B).unwrap();
+        let got = qemu_read(root, &n1, "v", off, B).unwrap();
         assert!(got[..] == data2[off as usize..(off + B) as usize]);
         assert_eq!(bytes_at(&file, off, B), got);
         let s = status(&n1);

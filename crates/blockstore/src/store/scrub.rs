@@ -28,8 +28,12 @@ pub struct ScrubReport {
     pub layers: u64,
     /// Data blocks verified.
     pub blocks_checked: u64,
-    /// Every block that failed verification.
+    /// Every block that failed verification (and was not repaired, below).
     pub bad: Vec<BadBlock>,
+    /// Bad blocks repaired from another copy after the scan (by `tessera-store`, for a
+    /// replicated volume this store is the primary of); empty from the engine itself.
+    #[serde(default)]
+    pub repaired: Vec<BadBlock>,
 }
 
 impl Store {

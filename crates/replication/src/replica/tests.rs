@@ -431,3 +431,80 @@ fn a_new_primary_asking_for_the_last_changes_fences_first_and_stale_ones_are_ref
         [ReplicaAction::Disconnect { .. }]
     ));
 }
+
+#[test]
+fn a_repair_or_snapshot_read_of_an_older_generation_is_refused_and_nothing_done() {
+    let mut r = Replica::new(vol());
+    apply_and_ack(&mut r, write(2, 1));
+    let repair = |g| Message::Repair {
+        volume: vol(),
+        generation: Generation(g),
+        request: 5,
+        snapshot: None,
+        offset: 4096,
+        data: vec![1; 4096],
+    };
+    assert_eq!(
+        r.handle(repair(1)),
+        vec![ReplicaAction::Send(Message::RepairReply {
+            request: 5,
+            result: Err(ReplyError::StaleGeneration {
+                current: Generation(2)
+            })
+        })]
+    );
+    assert_eq!(
+        r.handle(repair(2)),
+        vec![ReplicaAction::Repair {
+            request: 5,
+            snapshot: None,
+            offset: 4096,
+            data: vec![1; 4096]
+        }]
+    );
+    let snapshot = VolumeName::new("s").unwrap();
+    let read = |g| Message::SnapshotRead {
+        volume: vol(),
+        generation: Generation(g),
+        request: 6,
+        snapshot: snapshot.clone(),
+        offset: 0,
+        len: 4096,
+    };
+    assert_eq!(
+        r.handle(read(1)),
+        vec![ReplicaAction::Send(Message::ReadReply {
+            request: 6,
+            result: Err(ReplyError::StaleGeneration {
+                current: Generation(2)
+            })
+        })]
+    );
+    assert_eq!(
+        r.handle(read(2)),
+        vec![ReplicaAction::ReadSnapshot {
+            request: 6,
+            snapshot: snapshot.clone(),
+            offset: 0,
+            len: 4096
+        }]
+    );
+    // A repair for another volume is refused as unknown.
+    let other = Message::Repair {
+        volume: VolumeName::new("w").unwrap(),
+        generation: Generation(2),
+        request: 7,
+        snapshot: None,
+        offset: 0,
+        data: vec![1; 4096],
+    };
+    assert_eq!(
+        r.handle(other),
+        vec![ReplicaAction::Send(Message::RepairReply {
+            request: 7,
+            result: Err(ReplyError::UnknownVolume)
+        })]
+    );
+    // The seq position is untouched by them: the next write is seq 2.
+    assert_eq!(apply_and_ack(&mut r, write(2, 2)), vec![ok(2)]);
+}

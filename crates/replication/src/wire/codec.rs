@@ -32,6 +32,13 @@ const KIND_UNSETTLED: u8 = 13;
 const KIND_UNSETTLED_REPLY: u8 = 14;
 const KIND_SNAPSHOT_LIST: u8 = 15;
 const KIND_SNAPSHOT_LIST_REPLY: u8 = 16;
+const KIND_SNAPSHOT_READ: u8 = 17;
+const KIND_REPAIR: u8 = 18;
+const KIND_REPAIR_REPLY: u8 = 19;
+
+const REPAIR_REWRITTEN: u8 = 0;
+const REPAIR_NOT_NEEDED: u8 = 1;
+const REPAIR_MISMATCH: u8 = 2;
 
 const ERR_STALE_GENERATION: u8 = 1;
 const ERR_UNKNOWN_VOLUME: u8 = 2;
@@ -80,7 +87,7 @@ fn check(msg: &Message) -> Result<(), WireError> {
             }
             check_aligned("size", *size, BLOCK_SIZE)
         }
-        Message::Read { offset, len, .. } => {
+        Message::Read { offset, len, .. } | Message::SnapshotRead { offset, len, .. } => {
             if *len as usize > MAX_DATA {
                 return Err(WireError::BadLength {
                     field: "len",
@@ -88,6 +95,15 @@ fn check(msg: &Message) -> Result<(), WireError> {
                 });
             }
             check_range(*offset, u64::from(*len), SECTOR, "len")
+        }
+        Message::Repair { offset, data, .. } => {
+            if data.len() as u64 != BLOCK_SIZE {
+                return Err(WireError::BadLength {
+                    field: "repair data length",
+                    value: data.len() as u64,
+                });
+            }
+            check_range(*offset, BLOCK_SIZE, BLOCK_SIZE, "repair data length")
         }
         Message::ReadReply {
             result: Ok(data), ..

@@ -9,12 +9,16 @@
 //! Who sends what: the primary sends [`Message::Fence`], [`Message::Write`],
 //! [`Message::WriteZeroes`], [`Message::Trim`], [`Message::Flush`], [`Message::Digests`] and
 //! [`Message::Read`], [`Message::Snapshot`], [`Message::Resize`],
-//! [`Message::Unsettled`] and [`Message::SnapshotList`]; a replica answers with
-//! [`Message::Reply`] (fence, writes, flushes, snapshots, resizes, matched by `seq`; a fence
-//! is answered as seq 0), [`Message::DigestsReply`], [`Message::ReadReply`],
-//! [`Message::UnsettledReply`] and [`Message::SnapshotListReply`] (matched by `request`).
+//! [`Message::Unsettled`], [`Message::SnapshotList`], [`Message::SnapshotRead`] and
+//! [`Message::Repair`]; a replica answers with [`Message::Reply`] (fence, writes, flushes,
+//! snapshots, resizes, matched by `seq`; a fence is answered as seq 0),
+//! [`Message::DigestsReply`], [`Message::ReadReply`] (also for `SnapshotRead`),
+//! [`Message::UnsettledReply`], [`Message::SnapshotListReply`] and
+//! [`Message::RepairReply`] (matched by `request`).
 
 mod codec;
+#[cfg(test)]
+mod repair_tests;
 #[cfg(test)]
 mod tests;
 
@@ -222,12 +226,53 @@ pub enum Message {
         request: u64,
         result: Result<Vec<VolumeName>, ReplyError>,
     },
+    /// Primary → replica: `len` bytes from `offset` of the volume's snapshot `snapshot`
+    /// (the source of a repair of that snapshot's block), answered with `ReadReply`.
+    SnapshotRead {
+        volume: VolumeName,
+        generation: Generation,
+        request: u64,
+        snapshot: VolumeName,
+        offset: u64,
+        len: u32,
+    },
+    /// Primary → replica: the good bytes of the one block at `offset` of the volume (or of
+    /// its snapshot `snapshot`), which failed its checksum on some copy. The replica
+    /// writes them only where its own block fails its checksum and only when they hash
+    /// to the checksum its own table holds (so stale or wrong bytes change nothing);
+    /// answered with `RepairReply`.
+    Repair {
+        volume: VolumeName,
+        generation: Generation,
+        request: u64,
+        snapshot: Option<VolumeName>,
+        offset: u64,
+        /// Exactly one block ([`BLOCK_SIZE`] bytes).
+        data: Vec<u8>,
+    },
+    /// Replica → primary: what `Repair` number `request` did.
+    RepairReply {
+        request: u64,
+        result: Result<RepairOutcome, ReplyError>,
+    },
     /// Replica → primary: the outcome of the fence (seq 0), write, flush, snapshot or
     /// resize `seq`.
     Reply {
         seq: u64,
         result: Result<(), ReplyError>,
     },
+}
+
+/// What a replica did with a [`Message::Repair`]. Travels on the wire as one byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RepairOutcome {
+    /// Its block failed its checksum and the bytes matched it: rewritten, synced.
+    Rewritten,
+    /// Its block reads well (never bad, or rewritten since): nothing written.
+    NotNeeded,
+    /// The bytes do not hash to the checksum its copy holds for the block (a stale or
+    /// wrong copy, or the block changed since): nothing written.
+    Mismatch,
 }
 
 /// Why a replica refused a request. Travels on the wire.

@@ -304,7 +304,7 @@ fn unknown_version_and_kind_are_refused() {
     body[0] = 0;
     assert_eq!(decode_body(&body), Err(WireError::UnknownVersion(0)));
     body[0] = VERSION;
-    for kind in [0u8, 17, 255] {
+    for kind in [0u8, 20, 255] {
         body[1] = kind;
         assert_eq!(decode_body(&body), Err(WireError::UnknownKind(kind)));
     }

@@ -445,6 +445,8 @@ impl Sim {
                 }
                 ReplicaAction::ReadDigests { .. }
                 | ReplicaAction::Read { .. }
+                | ReplicaAction::ReadSnapshot { .. }
+                | ReplicaAction::Repair { .. }
                 | ReplicaAction::ReportUnsettled { .. }
                 | ReplicaAction::ListSnapshots { .. } => {}
                 ReplicaAction::Disconnect { reason } => {

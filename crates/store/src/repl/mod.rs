@@ -11,6 +11,7 @@ mod recent;
 pub mod replica;
 pub mod reset_key;
 mod resize;
+mod scrub;
 mod snapshot;
 mod status;
 

@@ -20,6 +20,7 @@ use tessera_replication::replica::{Op, Replica, ReplicaAction};
 use tessera_replication::wire::{self, Generation, Message, ReplyError, VolumeName, BLOCK_SIZE};
 
 mod inflight;
+mod repair;
 mod stream;
 mod submit;
 use inflight::InFlight;
@@ -354,7 +355,38 @@ impl ReplicaService {
                     blocks,
                 } => out.push(Message::DigestsReply {
                     request,
-                    result: digests(&vr.export, offset, blocks).map_err(|e| reply_error(&e)),
+                    result: repair::digests_marking_bad(&vr.export, offset, blocks)
+                        .map_err(|e| reply_error(&e)),
+                }),
+                ReplicaAction::ReadSnapshot {
+                    request,
+                    snapshot,
+                    offset,
+                    len,
+                } => out.push(Message::ReadReply {
+                    request,
+                    result: repair::read_snapshot(
+                        &self.store,
+                        volume.as_str(),
+                        &snapshot,
+                        offset,
+                        len,
+                    ),
+                }),
+                ReplicaAction::Repair {
+                    request,
+                    snapshot,
+                    offset,
+                    data,
+                } => out.push(Message::RepairReply {
+                    request,
+                    result: repair::repair(
+                        &self.store,
+                        &vr.export,
+                        snapshot.as_ref(),
+                        offset,
+                        &data,
+                    ),
                 }),
                 ReplicaAction::Read {
                     request,
@@ -415,10 +447,13 @@ fn target_volume(msg: &Message) -> Option<&VolumeName> {
         | Message::Resize { volume, .. }
         | Message::Digests { volume, .. }
         | Message::Read { volume, .. }
+        | Message::SnapshotRead { volume, .. }
+        | Message::Repair { volume, .. }
         | Message::Unsettled { volume, .. }
         | Message::SnapshotList { volume, .. } => Some(volume),
         Message::DigestsReply { .. }
         | Message::ReadReply { .. }
+        | Message::RepairReply { .. }
         | Message::UnsettledReply { .. }
         | Message::SnapshotListReply { .. }
         | Message::Reply { .. } => None,
@@ -445,7 +480,13 @@ fn refusal(msg: &Message, why: ReplyError) -> Option<Message> {
             request: *request,
             result: Err(why),
         },
-        Message::Read { request, .. } => Message::ReadReply {
+        Message::Read { request, .. } | Message::SnapshotRead { request, .. } => {
+            Message::ReadReply {
+                request: *request,
+                result: Err(why),
+            }
+        }
+        Message::Repair { request, .. } => Message::RepairReply {
             request: *request,
             result: Err(why),
         },

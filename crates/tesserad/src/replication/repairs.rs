@@ -1,8 +1,9 @@
-//! Events for blocks a volume's primary repaired from a replica (issue #8): a read on
-//! the primary's store that hits a block failing its checksum takes the block from an
-//! in-sync replica (the store's `repl/primary/repair.rs`) and lists it in
-//! `replication_status`; each one listed becomes a `volume.repaired` event naming the
-//! volume, the range and the node whose copy was good.
+//! Events for blocks a volume's primary repaired (issue #8): a read on the primary's
+//! store that hits a block failing its checksum takes the block from an in-sync replica
+//! (the store's `repl/primary/repair.rs`), and a replica's copy found bad is given the
+//! primary's bytes; the primary lists each repair in `replication_status`, and each one
+//! listed becomes a `volume.repaired` event naming the volume (and snapshot), the range,
+//! the node whose copy was good and, for a replica's, the node whose copy was repaired.
 //!
 //! The store keeps its last repairs in memory and lists them at every poll, so an event's
 //! id is made from the repair itself: written again (after this daemon restarted) it
@@ -59,10 +60,16 @@ pub async fn record(node: &Node, report: &VolumeReplication, done: &mut Recorded
 
 /// The event for repair `r` of `volume`, under an id made from the repair.
 fn event(volume: &str, r: &BlockRepaired) -> Command {
-    let id = format!(
+    let mut id = format!(
         "{:016}-repaired-{volume}-{:x}-{}",
         r.time_ms, r.offset, r.from
     );
+    if let Some(s) = &r.snapshot {
+        id.push_str(&format!("-at-{s}"));
+    }
+    if let Some(on) = &r.on {
+        id.push_str(&format!("-on-{on}"));
+    }
     crate::tables::put(
         EVENTS,
         &id.clone(),
@@ -79,11 +86,22 @@ fn event(volume: &str, r: &BlockRepaired) -> Command {
 }
 
 fn message(volume: &str, r: &BlockRepaired) -> String {
-    format!(
-        "{} bytes at offset {} of volume {volume} failed their checksum on the primary's copy \
-         and were repaired from the copy on node {}; the read succeeded",
-        r.len, r.offset, r.from
-    )
+    let what = match &r.snapshot {
+        Some(s) => format!("snapshot {s} of volume {volume}"),
+        None => format!("volume {volume}"),
+    };
+    match &r.on {
+        None => format!(
+            "{} bytes at offset {} of {what} failed their checksum on the primary's copy \
+             and were repaired from the copy on node {}; the read succeeded",
+            r.len, r.offset, r.from
+        ),
+        Some(on) => format!(
+            "{} bytes at offset {} of {what} failed their checksum on the copy on node {on} \
+             and were repaired from the primary's copy",
+            r.len, r.offset
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -97,10 +115,29 @@ mod tests {
             len: 12288,
             from: "node2".into(),
             time_ms: 1_700_000_000_000,
+            on: None,
+            snapshot: None,
         };
         let m = message("disk0", &r);
-        for part in ["disk0", "1048576", "12288", "node2"] {
+        for part in ["disk0", "1048576", "12288", "node2", "primary's copy and"] {
             assert!(m.contains(part), "{m}");
         }
+        // A replica's copy repaired, of a snapshot: named, and its own event id.
+        let on = BlockRepaired {
+            on: Some("node3".into()),
+            snapshot: Some("nightly".into()),
+            from: "primary".into(),
+            ..r.clone()
+        };
+        let m = message("disk0", &on);
+        for part in [
+            "snapshot nightly of volume disk0",
+            "on node node3",
+            "from the primary's",
+        ] {
+            assert!(m.contains(part), "{m}");
+        }
+        let ids = |r: &BlockRepaired| format!("{:?}", event("disk0", r));
+        assert_ne!(ids(&r), ids(&on));
     }
 }

@@ -1,9 +1,9 @@
 //! Reading one frame's body: every field is bounded before anything is allocated for it.
 
 use super::super::{
-    Digest, Generation, Message, ReplyError, VolumeName, WireError, LENGTH_PREFIX, MAX_DATA,
-    MAX_DIGEST_BLOCKS, MAX_ERROR_TEXT, MAX_FRAME_LEN, MAX_SNAPSHOT_NAMES, MAX_UNSETTLED_REGIONS,
-    VERSION,
+    Digest, Generation, Message, RepairOutcome, ReplyError, VolumeName, WireError, BLOCK_SIZE,
+    LENGTH_PREFIX, MAX_DATA, MAX_DIGEST_BLOCKS, MAX_ERROR_TEXT, MAX_FRAME_LEN, MAX_SNAPSHOT_NAMES,
+    MAX_UNSETTLED_REGIONS, VERSION,
 };
 use super::{
     check, ERR_IO, ERR_NOT_IN_SYNC, ERR_NOT_REPLICA, ERR_NO_SPACE, ERR_OUT_OF_RANGE, ERR_SEQ_GAP,
@@ -11,6 +11,10 @@ use super::{
     KIND_FLUSH, KIND_READ, KIND_READ_REPLY, KIND_REPLY, KIND_RESIZE, KIND_SNAPSHOT,
     KIND_SNAPSHOT_LIST, KIND_SNAPSHOT_LIST_REPLY, KIND_TRIM, KIND_UNSETTLED, KIND_UNSETTLED_REPLY,
     KIND_WRITE, KIND_WRITE_ZEROES,
+};
+use super::{
+    KIND_REPAIR, KIND_REPAIR_REPLY, KIND_SNAPSHOT_READ, REPAIR_MISMATCH, REPAIR_NOT_NEEDED,
+    REPAIR_REWRITTEN,
 };
 
 /// The length of the frame that follows a 4-byte length prefix, refused if it is larger
@@ -176,6 +180,57 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                 Some(e) => Err(e),
             };
             Message::ReadReply { request, result }
+        }
+        KIND_SNAPSHOT_READ => {
+            let (volume, generation) = r.target()?;
+            Message::SnapshotRead {
+                volume,
+                generation,
+                request: r.u64("request")?,
+                snapshot: r.name("snapshot name length", "snapshot name")?,
+                offset: r.u64("offset")?,
+                len: r.u32("len")?,
+            }
+        }
+        KIND_REPAIR => {
+            let (volume, generation) = r.target()?;
+            let request = r.u64("request")?;
+            let snapshot = match r.u8("snapshot flag")? {
+                0 => None,
+                1 => Some(r.name("snapshot name length", "snapshot name")?),
+                v => {
+                    return Err(WireError::BadValue {
+                        field: "snapshot flag",
+                        value: u64::from(v),
+                    })
+                }
+            };
+            Message::Repair {
+                volume,
+                generation,
+                request,
+                snapshot,
+                offset: r.u64("offset")?,
+                data: r.bytes("data", BLOCK_SIZE as usize)?,
+            }
+        }
+        KIND_REPAIR_REPLY => {
+            let request = r.u64("request")?;
+            let result = match r.status()? {
+                None => Ok(match r.u8("repair outcome")? {
+                    REPAIR_REWRITTEN => RepairOutcome::Rewritten,
+                    REPAIR_NOT_NEEDED => RepairOutcome::NotNeeded,
+                    REPAIR_MISMATCH => RepairOutcome::Mismatch,
+                    v => {
+                        return Err(WireError::BadValue {
+                            field: "repair outcome",
+                            value: u64::from(v),
+                        })
+                    }
+                }),
+                Some(e) => Err(e),
+            };
+            Message::RepairReply { request, result }
         }
         KIND_UNSETTLED => {
             let (volume, generation) = r.target()?;

@@ -1,8 +1,8 @@
 //! Writing frames: every message is checked by the shared rules before a byte is written.
 
 use super::super::{
-    Generation, Message, ReplyError, VolumeName, WireError, LENGTH_PREFIX, MAX_ERROR_TEXT,
-    MAX_FRAME_LEN, VERSION,
+    Generation, Message, RepairOutcome, ReplyError, VolumeName, WireError, LENGTH_PREFIX,
+    MAX_ERROR_TEXT, MAX_FRAME_LEN, VERSION,
 };
 use super::{
     check, ERR_IO, ERR_NOT_IN_SYNC, ERR_NOT_REPLICA, ERR_NO_SPACE, ERR_OUT_OF_RANGE, ERR_SEQ_GAP,
@@ -10,6 +10,10 @@ use super::{
     KIND_FLUSH, KIND_READ, KIND_READ_REPLY, KIND_REPLY, KIND_RESIZE, KIND_SNAPSHOT,
     KIND_SNAPSHOT_LIST, KIND_SNAPSHOT_LIST_REPLY, KIND_TRIM, KIND_UNSETTLED, KIND_UNSETTLED_REPLY,
     KIND_WRITE, KIND_WRITE_ZEROES,
+};
+use super::{
+    KIND_REPAIR, KIND_REPAIR_REPLY, KIND_SNAPSHOT_READ, REPAIR_MISMATCH, REPAIR_NOT_NEEDED,
+    REPAIR_REWRITTEN,
 };
 
 /// Encodes `msg` as one frame. Refuses a message that breaks the format's rules (so a bad
@@ -195,6 +199,57 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
                     for name in names {
                         put_name(out, name);
                     }
+                }
+                Err(e) => put_error(out, e),
+            }
+        }
+        Message::SnapshotRead {
+            volume,
+            generation,
+            request,
+            snapshot,
+            offset,
+            len,
+        } => {
+            out.push(KIND_SNAPSHOT_READ);
+            put_target(out, volume, *generation);
+            put_u64(out, *request);
+            put_name(out, snapshot);
+            put_u64(out, *offset);
+            put_u32(out, *len);
+        }
+        Message::Repair {
+            volume,
+            generation,
+            request,
+            snapshot,
+            offset,
+            data,
+        } => {
+            out.push(KIND_REPAIR);
+            put_target(out, volume, *generation);
+            put_u64(out, *request);
+            match snapshot {
+                None => out.push(0),
+                Some(s) => {
+                    out.push(1);
+                    put_name(out, s);
+                }
+            }
+            put_u64(out, *offset);
+            put_bytes(out, data);
+        }
+        Message::RepairReply { request, result } => {
+            out.push(KIND_REPAIR_REPLY);
+            put_u64(out, *request);
+            match result {
+                Ok(o) => {
+                    out.push(0);
+                    out.push(match o {
+                        RepairOutcome::Rewritten => REPAIR_REWRITTEN,
+                        RepairOutcome::NotNeeded => REPAIR_NOT_NEEDED,
+                        RepairOutcome::Mismatch => REPAIR_MISMATCH,
+                    });
                 }
                 Err(e) => put_error(out, e),
             }

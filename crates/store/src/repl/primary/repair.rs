@@ -20,7 +20,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use tessera_blockstore::{BlockRepair, Export, StoreError, BLOCK, BLOCK_SIZE};
-use tessera_replication::wire::{Message, VolumeName, MAX_DATA};
+use tessera_replication::wire::{Message, RepairOutcome, VolumeName, MAX_DATA};
 use tessera_store_admin::{BlockRepaired, ReplicaState, REPAIRS_KEPT};
 
 use super::reconcile::Asker;
@@ -47,7 +47,7 @@ impl Repairs {
         self.inner.lock().1.iter().cloned().collect()
     }
 
-    fn note(&self, offset: u64, blocks: u64, from: &str) {
+    fn note(&self, offset: u64, blocks: u64, from: &str, on: Option<&str>, snapshot: Option<&str>) {
         let time_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -56,7 +56,12 @@ impl Repairs {
         let log = &mut g.1;
         // One run repaired from one replica in one read is one record.
         if let Some(l) = log.back_mut() {
-            if l.from == from && l.offset + l.len == offset && l.time_ms == time_ms {
+            if l.from == from
+                && l.offset + l.len == offset
+                && l.time_ms == time_ms
+                && l.on.as_deref() == on
+                && l.snapshot.as_deref() == snapshot
+            {
                 l.len += blocks * BLOCK;
                 return;
             }
@@ -69,6 +74,8 @@ impl Repairs {
             len: blocks * BLOCK,
             from: from.to_string(),
             time_ms,
+            on: on.map(str::to_string),
+            snapshot: snapshot.map(str::to_string),
         });
     }
 }
@@ -128,19 +135,32 @@ impl PrimaryHandle {
         export: &Export,
         mut bad: Vec<u64>,
     ) -> Result<(), RepairError> {
-        let volume = export.name();
-        let name = VolumeName::new(volume).map_err(|e| StoreError::Invalid {
-            field: "volume",
-            reason: e.to_string(),
-        })?;
+        let (volume, snapshot) = match export.name().split_once('@') {
+            Some((v, s)) => (v, Some(s)),
+            None => (export.name(), None),
+        };
+        let wire_name = |n: &str| {
+            VolumeName::new(n).map_err(|e| StoreError::Invalid {
+                field: "volume",
+                reason: e.to_string(),
+            })
+        };
+        let name = wire_name(volume)?;
+        let snap = snapshot.map(wire_name).transpose()?;
+        let target = Target {
+            volume: &name,
+            snapshot: snap.as_ref(),
+        };
         let mut reasons = Vec::new();
+        // Replicas whose copy could not give blocks: given the good bytes afterwards.
+        let mut to_tell: Vec<(Peer, Vec<u64>)> = Vec::new();
         for peer in self.in_sync() {
             if bad.is_empty() {
                 break;
             }
             let runs = runs(&bad);
             let fetched = rt.block_on(async {
-                tokio::time::timeout(self.timeout, fetch(self, &peer, &name, &runs))
+                tokio::time::timeout(self.timeout, fetch(self, &peer, target, &runs))
                     .await
                     .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)))
             });
@@ -150,6 +170,7 @@ impl PrimaryHandle {
                     tracing::warn!(volume, node = %peer.node, reason = %why,
                         "a replica could not give a block that failed its checksum here");
                     reasons.push(format!("{}: {why}", peer.node));
+                    to_tell.push((peer.clone(), bad.clone()));
                     continue;
                 }
             };
@@ -179,16 +200,29 @@ impl PrimaryHandle {
                     // Runs are contiguous: a gap only where a block needed nothing.
                     if let Some((r0, n)) = repaired {
                         if r0 + n != b + 1 {
-                            self.noted(volume, &peer.node, r0, n);
+                            self.noted(export.name(), &peer.node, r0, n, snapshot);
                             repaired = None;
                         }
                     }
                 }
                 if let Some((r0, n)) = repaired {
-                    self.noted(volume, &peer.node, r0, n);
+                    self.noted(export.name(), &peer.node, r0, n, snapshot);
                 }
             }
+            if !left.is_empty() {
+                to_tell.push((peer.clone(), left.clone()));
+            }
             bad = left;
+        }
+        for (peer, blocks) in to_tell {
+            // Only blocks now good here; a block still bad here has nothing to give.
+            let good: Vec<u64> = blocks
+                .into_iter()
+                .filter(|b| bad.binary_search(b).is_err())
+                .collect();
+            if !good.is_empty() {
+                self.tell(rt, export, target, &peer, &good);
+            }
         }
         match bad.first() {
             None => Ok(()),
@@ -208,15 +242,74 @@ impl PrimaryHandle {
         }
     }
 
-    fn noted(&self, volume: &str, from: &str, first: u64, blocks: u64) {
+    fn noted(&self, export: &str, from: &str, first: u64, blocks: u64, snapshot: Option<&str>) {
         tracing::warn!(
-            volume,
+            volume = export,
             offset = first * BLOCK,
             len = blocks * BLOCK,
             from,
             "blocks of this copy failed their checksum on read: repaired from a replica's copy"
         );
-        self.repairs.note(first * BLOCK, blocks, from);
+        self.repairs
+            .note(first * BLOCK, blocks, from, None, snapshot);
+    }
+
+    /// Gives `peer` this copy's bytes of `blocks` (ascending, each reading well here),
+    /// which its copy could not give: `Repair`, in this primary's generation, one block
+    /// each; the replica writes them only where they match its own checksum.
+    fn tell(
+        &self,
+        rt: &tokio::runtime::Handle,
+        export: &Export,
+        target: Target<'_>,
+        peer: &Peer,
+        blocks: &[u64],
+    ) {
+        let mut good = Vec::with_capacity(blocks.len());
+        for &b in blocks {
+            let mut data = vec![0u8; BLOCK_SIZE];
+            match export.read_at(b * BLOCK, &mut data) {
+                Ok(()) => good.push((b, data)),
+                Err(e) => {
+                    tracing::warn!(volume = export.name(), offset = b * BLOCK, error = %e,
+                        "a block to give a replica no longer reads here: not sent");
+                }
+            }
+        }
+        let told = rt.block_on(async {
+            tokio::time::timeout(self.timeout, give(self, peer, target, &good))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)))
+        });
+        let outcomes = match told {
+            Ok(o) => o,
+            Err(why) => {
+                tracing::warn!(volume = export.name(), node = %peer.node, reason = %why,
+                    "a replica's copy that could not give a block was not repaired");
+                return;
+            }
+        };
+        for ((b, _), outcome) in good.iter().zip(outcomes) {
+            match outcome {
+                RepairOutcome::Rewritten => {
+                    tracing::warn!(volume = export.name(), offset = b * BLOCK, len = BLOCK,
+                        node = %peer.node,
+                        "a block of a replica's copy failed its checksum: repaired with this copy's bytes");
+                    self.repairs.note(
+                        b * BLOCK,
+                        1,
+                        "primary",
+                        Some(&peer.node),
+                        target.snapshot.map(VolumeName::as_str),
+                    );
+                }
+                RepairOutcome::NotNeeded => {}
+                RepairOutcome::Mismatch => {
+                    tracing::warn!(volume = export.name(), offset = b * BLOCK, node = %peer.node,
+                        "a replica's copy refused this copy's bytes for a block (they do not match its checksum)");
+                }
+            }
+        }
     }
 
     /// The replicas in sync now, in id order.
@@ -258,29 +351,90 @@ fn runs(blocks: &[u64]) -> Vec<(u64, u64)> {
     out
 }
 
+/// What is repaired: the volume, or its snapshot.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    volume: &'a VolumeName,
+    snapshot: Option<&'a VolumeName>,
+}
+
 /// Asks `peer` for each run's bytes, on a side stream, in this primary's generation.
 async fn fetch(
     p: &PrimaryHandle,
     peer: &Peer,
-    name: &VolumeName,
+    target: Target<'_>,
     runs: &[(u64, u64)],
 ) -> Result<Vec<Vec<u8>>, String> {
     let mut a = Asker::open(&p.ep, peer).await?;
     let mut out = Vec::with_capacity(runs.len());
     for (request, &(first, blocks)) in (1u64..).zip(runs) {
         let len = blocks * BLOCK;
-        let reply = a
-            .ask(&Message::Read {
-                volume: name.clone(),
-                generation: p.generation(),
+        let (volume, generation, offset) = (target.volume.clone(), p.generation(), first * BLOCK);
+        let ask = match target.snapshot {
+            None => Message::Read {
+                volume,
+                generation,
                 request,
-                offset: first * BLOCK,
+                offset,
                 len: len as u32,
-            })
-            .await?;
+            },
+            Some(s) => Message::SnapshotRead {
+                volume,
+                generation,
+                request,
+                snapshot: s.clone(),
+                offset,
+                len: len as u32,
+            },
+        };
+        let reply = a.ask(&ask).await?;
         out.push(check_reply(reply, request, len)?);
     }
     Ok(out)
+}
+
+/// Sends `peer` a `Repair` for each block, on a side stream, in this primary's
+/// generation: what each did.
+async fn give(
+    p: &PrimaryHandle,
+    peer: &Peer,
+    target: Target<'_>,
+    blocks: &[(u64, Vec<u8>)],
+) -> Result<Vec<RepairOutcome>, String> {
+    let mut a = Asker::open(&p.ep, peer).await?;
+    let mut out = Vec::with_capacity(blocks.len());
+    for (request, (b, data)) in (1u64..).zip(blocks) {
+        let reply = a
+            .ask(&Message::Repair {
+                volume: target.volume.clone(),
+                generation: p.generation(),
+                request,
+                snapshot: target.snapshot.cloned(),
+                offset: b * BLOCK,
+                data: data.clone(),
+            })
+            .await?;
+        out.push(check_repair_reply(reply, request)?);
+    }
+    Ok(out)
+}
+
+/// The outcome in a `RepairReply` to request `request`, or why it is refused.
+fn check_repair_reply(reply: Message, request: u64) -> Result<RepairOutcome, String> {
+    match reply {
+        Message::RepairReply {
+            request: r,
+            result: Ok(o),
+        } if r == request => Ok(o),
+        Message::RepairReply {
+            request: r,
+            result: Err(e),
+        } if r == request => Err(format!("it refused: {e}")),
+        Message::RepairReply { request: r, .. } => Err(format!(
+            "it answered repair {r} where {request} was asked: refused"
+        )),
+        _ => Err("it answered a repair with another kind of message: refused".into()),
+    }
 }
 
 /// The bytes of a `ReadReply` to request `request` for `len` bytes, or why it is refused.
@@ -356,15 +510,15 @@ mod tests {
     #[test]
     fn repairs_are_counted_and_runs_of_one_read_kept_as_one() {
         let r = Repairs::default();
-        r.note(0, 1, "node2");
-        r.note(BLOCK, 2, "node2");
-        r.note(8 * BLOCK, 1, "node3");
+        r.note(0, 1, "node2", None, None);
+        r.note(BLOCK, 2, "node2", None, None);
+        r.note(8 * BLOCK, 1, "node3", None, None);
         assert_eq!(r.count(), 4);
         let last = r.last();
         assert!(last.len() == 2 || last.len() == 3, "{last:?}");
         assert_eq!(last.last().unwrap().from, "node3");
         for i in 0..100 {
-            r.note(1000 * BLOCK * (i + 1), 1, "node2");
+            r.note(1000 * BLOCK * (i + 1), 1, "node2", None, None);
         }
         assert_eq!(r.last().len(), REPAIRS_KEPT);
     }
