@@ -47,6 +47,10 @@ pub struct DaemonConfig {
     /// The QUIC volume export (`crate::export`) on this UDP address, with the
     /// credentials in `nbd_tls_dir`; off when `None`.
     pub export_quic: Option<SocketAddr>,
+    /// The node's `tesserad` status socket: a client writing a volume this store holds a
+    /// replica copy of asks it to move the primary here (`crate::claim`). Without it a
+    /// replica copy's writes are refused, as before.
+    pub tesserad_socket: Option<PathBuf>,
 }
 
 /// A started daemon; dropping it does not stop it, call [`Running::shutdown`].
@@ -170,7 +174,10 @@ pub async fn start(cfg: &DaemonConfig) -> anyhow::Result<Running> {
             replication.replicas.clone(),
         )));
     }
-    let exports = Arc::new(StoreExports::replicated(store.clone(), replication.clone()));
+    let exports = Arc::new(
+        StoreExports::replicated(store.clone(), replication.clone())
+            .with_cluster(cfg.tesserad_socket.clone().map(crate::claim::ClusterAsk::new)),
+    );
     if let (Some(addr), Some(dir)) = (cfg.nbd_tcp, cfg.nbd_tls_dir.clone()) {
         let (ex, nbd) = (exports.clone(), cfg.nbd.clone());
         tasks.push(tokio::spawn(crate::tls::serve(addr, dir, ex, nbd)));

@@ -1,5 +1,6 @@
 //! The bridge between the block store and the NBD server: store exports as NBD devices.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tessera_blockstore::{Allocation, Export, Store, StoreError};
@@ -9,18 +10,25 @@ use tessera_nbd::{Device, DeviceError, ExportEntry, Exports, Extent};
 use tessera_replication::replica::Op;
 use tessera_replication::wire::MAX_DATA;
 
+use crate::claim::{self, ClusterAsk};
 use crate::repl::Replication;
 
 /// Every volume and snapshot of a store, as NBD exports.
 pub struct StoreExports {
     store: Store,
     repl: Option<Arc<Replication>>,
+    /// The node's `tesserad`, asked to move a volume's primary here (`crate::claim`).
+    cluster: Option<ClusterAsk>,
 }
 
 impl StoreExports {
     /// Wraps a store whose volumes are not replicated.
     pub fn new(store: Store) -> Self {
-        StoreExports { store, repl: None }
+        StoreExports {
+            store,
+            repl: None,
+            cluster: None,
+        }
     }
 
     /// Wraps a store whose volumes may be replicated: writes to a volume this store is
@@ -29,7 +37,16 @@ impl StoreExports {
         StoreExports {
             store,
             repl: Some(repl),
+            cluster: None,
         }
+    }
+
+    /// A client's first write to a volume this store holds a replica copy of asks
+    /// `cluster` to make this node its primary; a volume it holds no copy of is refused at
+    /// open with where its copies are.
+    pub fn with_cluster(mut self, cluster: Option<ClusterAsk>) -> Self {
+        self.cluster = cluster;
+        self
     }
 }
 
@@ -38,6 +55,11 @@ impl StoreExports {
 pub struct StoreDevice {
     export: Export,
     repl: Option<Arc<Replication>>,
+    cluster: Option<ClusterAsk>,
+    /// This client wrote through the store as the volume's primary: if the store no
+    /// longer is, the primary moved away since, and this client's writes are fenced (it
+    /// does not take the primary back).
+    wrote_as_primary: AtomicBool,
 }
 
 /// Where a write goes.
@@ -49,12 +71,16 @@ enum Route {
 }
 
 impl StoreDevice {
+    /// Where a write (or trim, write-zeroes) goes. A replica copy here becomes the
+    /// primary through the cluster first, unless this client wrote here as the primary
+    /// before (then the primary moved away meanwhile: fenced).
     fn route(&self) -> Result<Route, DeviceError> {
         let Some(repl) = &self.repl else {
             return Ok(Route::Local);
         };
         let name = self.export.name();
         if let Some(p) = repl.primaries.get(name) {
+            self.wrote_as_primary.store(true, Ordering::Relaxed);
             return Ok(Route::Replicated(p));
         }
         if repl.waits_for_configuration(name) {
@@ -63,13 +89,28 @@ impl StoreDevice {
                 format!("volume {name} was this store's replicated primary before it restarted: writes are refused until tesserad configures it again"),
             ));
         }
-        if repl.replicas.is_replica(name) {
+        if self.wrote_as_primary.load(Ordering::Relaxed) {
+            return Err(DeviceError::new(
+                Errno::Perm,
+                format!("volume {name}: its primary moved to another node after this client wrote here; this client's writes are refused (fenced); connect again to write through this node"),
+            ));
+        }
+        if !repl.replicas.is_replica(name) {
+            return Ok(Route::Local);
+        }
+        let Some(cluster) = &self.cluster else {
             return Err(DeviceError::new(
                 Errno::Perm,
                 format!("volume {name} is a replica on this store: only its primary writes it"),
             ));
-        }
-        Ok(Route::Local)
+        };
+        let p = claim::blocking(|| cluster.take_primary(name, || repl.primaries.get(name)))
+            .map_err(|why| {
+                tracing::warn!(volume = name, reason = %why, "an export client's write refused");
+                DeviceError::new(Errno::Perm, why)
+            })?;
+        self.wrote_as_primary.store(true, Ordering::Relaxed);
+        Ok(Route::Replicated(p))
     }
 
     /// The volume's primary, if this store is it.
@@ -199,7 +240,8 @@ impl Device for StoreDevice {
         }
     }
     fn remote_writes(&self) -> bool {
-        matches!(self.route(), Ok(Route::Replicated(_)))
+        // Asked on the async side: never a move of the primary (that waits) from here.
+        self.primary().is_some()
     }
     fn write_remote(&self, offset: u64, data: Vec<u8>, fua: bool) -> RemoteWrite {
         match self.route() {
@@ -209,6 +251,17 @@ impl Device for StoreDevice {
         }
     }
     fn flush(&self) -> Result<(), DeviceError> {
+        // A client that never wrote (a reader of a replica copy) flushes nothing of its
+        // own: it does not move the primary.
+        let reader = self.primary().is_none() && !self.wrote_as_primary.load(Ordering::Relaxed);
+        if reader
+            && self
+                .repl
+                .as_ref()
+                .is_some_and(|r| r.replicas.is_replica(self.export.name()))
+        {
+            return Ok(());
+        }
         match self.route()? {
             Route::Local => self.export.flush().map_err(dev_err),
             Route::Replicated(p) => Self::forward(&p, Op::Flush),
@@ -288,8 +341,19 @@ impl Exports for StoreExports {
             Ok(export) => Ok(Some(Arc::new(StoreDevice {
                 export,
                 repl: self.repl.clone(),
+                cluster: self.cluster.clone(),
+                wrote_as_primary: AtomicBool::new(false),
             }))),
-            Err(StoreError::NotFound(_)) => Ok(None),
+            Err(StoreError::NotFound(_)) => {
+                let base = name.split('@').next().unwrap_or(name);
+                match self.cluster.as_ref() {
+                    Some(c) => match claim::blocking(|| c.copies_elsewhere(base)) {
+                        Some(why) => Err(DeviceError::new(Errno::Inval, why)),
+                        None => Ok(None),
+                    },
+                    None => Ok(None),
+                }
+            }
             Err(e) => Err(dev_err(e)),
         }
     }
