@@ -189,7 +189,15 @@ fn any_nodes_nbd_server_writes_a_volume_by_becoming_its_primary_and_fences_the_o
     let want = blake3::hash(&expected);
     let v = wait_volume(&ca, 1, t, "any", 30, all_in_sync);
     for i in [3u8, 1, 2] {
-        assert_eq!(read_hash(dir, i, "any", tmp), want, "node{i}'s copy");
+        if read_hash(dir, i, "any", tmp) != want {
+            let got = std::fs::read(tmp.join(format!("read-any-{i}"))).unwrap();
+            let at = got.iter().zip(&expected).position(|(a, b)| a != b);
+            panic!(
+                "node{i}'s copy differs first at {at:?} (0xAA at {BEFORE_AT}, 0xCC at {AFTER_AT}): {:?}\n{}",
+                at.map(|a| &got[a..a + 16]),
+                logs(dir)
+            );
+        }
     }
     let (_, v2) = api(&ca, 1, "GET", "volumes/any", Some(t), None);
     assert_eq!(v2["node"], id(2).as_str(), "{v2}");
