@@ -99,7 +99,15 @@ fn upgrade_one(
     (len, blake3): (u64, &str),
     show: bool,
 ) -> anyhow::Result<NodeUpgradeStatus> {
-    let (cl, node) = settle(client, apis, id, given, up.settle, show)?;
+    let turn = Turn {
+        client,
+        apis,
+        id,
+        given,
+        wait: up.settle,
+        show,
+    };
+    let (cl, node) = settle(&turn)?;
     let own = client.at(own_api(client, &node));
     if !up.no_drain {
         if show {
@@ -125,7 +133,7 @@ fn upgrade_one(
     send(&own, id, up.image, len, blake3, up.tries)?;
     let after = follow(&own, id, given, &before, up.timeout, show)?;
     if !up.no_drain {
-        maintenance_off(client, apis, id, given, up.settle, show)?;
+        maintenance_off(&turn)?;
     }
     if show {
         println!(
@@ -146,17 +154,10 @@ fn upgrade_one(
 /// for up to `wait`: right after the node came back, its own API (the first asked when it
 /// is the one logged in to) answers 503 until it has caught up with the leader, and an
 /// election may be under way.
-fn maintenance_off(
-    client: &Client,
-    apis: &[String],
-    id: &str,
-    given: &str,
-    wait: Duration,
-    show: bool,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + wait;
-    let mut said = String::new();
-    loop {
+fn maintenance_off(t: &Turn) -> anyhow::Result<()> {
+    let (client, apis, id, given) = (t.client, t.apis, t.id, t.given);
+    let (wait, show) = (t.wait, t.show);
+    let attempt = || {
         let mut last = String::new();
         for a in apis {
             match client.at(a.clone()).send(
@@ -164,22 +165,55 @@ fn maintenance_off(
                 &[id],
                 &MaintenanceRequest { enabled: false },
             ) {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(Ok(())),
                 Err(e) => last = format!("{e:#}"),
             }
         }
-        if show && last != said {
-            println!("{given}: taking it out of maintenance: {last}; asking again");
-            said.clone_from(&last);
+        Ok(Err(last))
+    };
+    let prefix = format!("{given}: taking it out of maintenance:");
+    let secs = wait.as_secs();
+    until_ok(wait, show.then_some(prefix.as_str()), attempt, |why| {
+        format!("{given} runs its new slot but could not be taken out of maintenance within {secs} s: {why}")
+    })
+}
+
+/// Calls `attempt` every 3 s until it gives a value (`Ok(Ok)`), for at most `wait`; a
+/// reason to ask again (`Ok(Err)`) is printed after `show`'s prefix when it changes, and
+/// is what the run stops with when the time is up (`give_up`); `Err` stops at once.
+fn until_ok<T>(
+    wait: Duration,
+    show: Option<&str>,
+    mut attempt: impl FnMut() -> anyhow::Result<Result<T, String>>,
+    give_up: impl Fn(&str) -> String,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + wait;
+    let mut said = String::new();
+    loop {
+        let why = match attempt()? {
+            Ok(v) => return Ok(v),
+            Err(why) => why,
+        };
+        if let Some(prefix) = show.filter(|_| why != said) {
+            println!("{prefix} {why}");
+            said.clone_from(&why);
         }
         if Instant::now() >= deadline {
-            bail!(
-                "{given} runs its new slot but could not be taken out of maintenance within {} s: {last}",
-                wait.as_secs()
-            );
+            bail!("{}", give_up(&why));
         }
         std::thread::sleep(Duration::from_secs(3));
     }
+}
+
+/// One node's turn: the APIs to ask, the node, how long to wait and whether to say why.
+#[derive(Clone, Copy)]
+struct Turn<'a> {
+    client: &'a Client,
+    apis: &'a [String],
+    id: &'a str,
+    given: &'a str,
+    wait: Duration,
+    show: bool,
 }
 
 /// The first of `apis` that answers.
@@ -198,53 +232,38 @@ fn answering(client: &Client, apis: &[String]) -> anyhow::Result<Client> {
 /// Waits until node `id` may go down (the cluster whole: `plan::readiness`), for at most
 /// `wait`; then stops saying what is missing, before anything is done to the node.
 /// Returns a client of an API that answered and the node as it answered.
-fn settle(
-    client: &Client,
-    apis: &[String],
-    id: &str,
-    given: &str,
-    wait: Duration,
-    show: bool,
-) -> anyhow::Result<(Client, NodeInfo)> {
-    let deadline = Instant::now() + wait;
-    let mut said = String::new();
-    loop {
-        let why = match whole_view(client, apis) {
-            Ok((cl, nodes, cluster, volumes)) => {
-                let view = View {
-                    nodes: &nodes,
-                    cluster: &cluster,
-                    volumes: &volumes,
-                };
-                match plan::readiness(id, &view) {
-                    Readiness::Ready { note } => {
-                        if let (true, Some(n)) = (show, note) {
-                            println!("{given}: note: {n}");
-                        }
-                        let node = nodes
-                            .into_iter()
-                            .find(|n| n.id == id)
-                            .with_context(|| format!("no node {given}"))?;
-                        return Ok((cl, node));
+fn settle(t: &Turn) -> anyhow::Result<(Client, NodeInfo)> {
+    let (client, apis, id, given) = (t.client, t.apis, t.id, t.given);
+    let (wait, show) = (t.wait, t.show);
+    let attempt = || match whole_view(client, apis) {
+        Ok((cl, nodes, cluster, volumes)) => {
+            let view = View {
+                nodes: &nodes,
+                cluster: &cluster,
+                volumes: &volumes,
+            };
+            match plan::readiness(id, &view) {
+                Readiness::Ready { note } => {
+                    if let (true, Some(n)) = (show, note) {
+                        println!("{given}: note: {n}");
                     }
-                    Readiness::Stop(why) => bail!("{why}; nothing sent"),
-                    Readiness::Wait(why) => why,
+                    let node = nodes
+                        .into_iter()
+                        .find(|n| n.id == id)
+                        .with_context(|| format!("no node {given}"))?;
+                    Ok(Ok((cl, node)))
                 }
+                Readiness::Stop(why) => bail!("{why}; nothing sent"),
+                Readiness::Wait(why) => Ok(Err(why)),
             }
-            Err(e) => format!("{e:#}"),
-        };
-        if show && why != said {
-            println!("{given}: waiting: {why}");
-            said.clone_from(&why);
         }
-        if Instant::now() >= deadline {
-            bail!(
-                "the cluster is not whole after {} s: {why}; {given} not touched (not put in maintenance, nothing sent)",
-                wait.as_secs()
-            );
-        }
-        std::thread::sleep(Duration::from_secs(3));
-    }
+        Err(e) => Ok(Err(format!("{e:#}"))),
+    };
+    let prefix = format!("{given}: waiting:");
+    let secs = wait.as_secs();
+    until_ok(wait, show.then_some(prefix.as_str()), attempt, |why| {
+        format!("the cluster is not whole after {secs} s: {why}; {given} not touched (not put in maintenance, nothing sent)")
+    })
 }
 
 /// The nodes, the cluster and the volumes, all from the first API that answers all three.
