@@ -62,6 +62,10 @@ pub struct StoreDevice {
     wrote_as_primary: AtomicBool,
 }
 
+/// How long a write waits for a role change of its volume on this node to end (a new
+/// primary reconciles its copies first: bounded by the replicas' timeout).
+const ROLE_CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Where a write goes.
 enum Route {
     /// Straight to the local copy.
@@ -79,6 +83,7 @@ impl StoreDevice {
             return Ok(Route::Local);
         };
         let name = self.export.name();
+        let epoch = repl.role_epoch();
         if let Some(p) = repl.primaries.get(name) {
             self.wrote_as_primary.store(true, Ordering::Relaxed);
             return Ok(Route::Replicated(p));
@@ -96,7 +101,19 @@ impl StoreDevice {
             ));
         }
         if !repl.replicas.is_replica(name) {
-            return Ok(Route::Local);
+            // Neither role: a volume without replication, or one whose role is changing
+            // right now (then this copy alone must not take the write).
+            let settled = claim::blocking(|| {
+                repl.settled_epoch(std::time::Instant::now() + ROLE_CHANGE_WAIT)
+            });
+            return match settled {
+                Some(e) if e == epoch => Ok(Route::Local),
+                Some(_) => self.route(),
+                None => Err(DeviceError::new(
+                    Errno::Io,
+                    format!("volume {name}: its replication role on this node is still changing after {ROLE_CHANGE_WAIT:?}; try again"),
+                )),
+            };
         }
         let Some(cluster) = &self.cluster else {
             return Err(DeviceError::new(

@@ -19,8 +19,8 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-use std::time::Duration;
+use parking_lot::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use tessera_blockstore::{Store, StoreError};
 use tessera_store_admin::ReplicationRole;
@@ -64,6 +64,21 @@ pub struct Replication {
     taken: snapshot::Taken,
     /// The last changes applied to each volume's copy here, in any role.
     recent: recent::Recent,
+    /// Role changes under way, and how many began or ended so far (see
+    /// [`Replication::settled_epoch`]).
+    changes: Mutex<RoleChanges>,
+    changes_done: Condvar,
+}
+
+/// Between a role change's first step (a replica disabled, a primary stopped) and its
+/// new role taking effect, a volume is neither primary nor replica here. An export's
+/// write must not take that for a volume without replication and write this copy alone
+/// (seen: a second NBD connection's write landing during a move of the primary reached
+/// no replica, and the next primary's reconciliation spread its older content).
+#[derive(Default)]
+struct RoleChanges {
+    under_way: u32,
+    epoch: u64,
 }
 
 impl Replication {
@@ -85,7 +100,28 @@ impl Replication {
             unconfigured: Mutex::new(HashSet::new()),
             waiting_primaries: Mutex::new(HashSet::new()),
             snapshot_lock: Mutex::new(()),
+            changes: Mutex::new(RoleChanges::default()),
+            changes_done: Condvar::new(),
         })
+    }
+
+    /// Waits (until `deadline`) for no role change to be under way and returns the count
+    /// of changes begun or ended so far; `None` if one is still under way at `deadline`.
+    /// A decision taken from the roles between this and an equal
+    /// [`Replication::role_epoch`] saw no role change.
+    pub fn settled_epoch(&self, deadline: Instant) -> Option<u64> {
+        let mut c = self.changes.lock();
+        while c.under_way > 0 {
+            if self.changes_done.wait_until(&mut c, deadline).timed_out() && c.under_way > 0 {
+                return None;
+            }
+        }
+        Some(c.epoch)
+    }
+
+    /// The count of role changes begun or ended so far.
+    pub fn role_epoch(&self) -> u64 {
+        self.changes.lock().epoch
     }
 
     /// After a start: every volume takes the role it last held, unconfigured. A replica
@@ -157,7 +193,18 @@ impl Replication {
             }
             .into());
         }
+        {
+            let mut c = self.changes.lock();
+            c.under_way += 1;
+            c.epoch += 1;
+        }
         let done = self.take_role(volume, generation, role);
+        {
+            let mut c = self.changes.lock();
+            c.under_way -= 1;
+            c.epoch += 1;
+        }
+        self.changes_done.notify_all();
         if done.is_ok() {
             self.unconfigured.lock().remove(volume);
             self.waiting_primaries.lock().remove(volume);
