@@ -1,0 +1,172 @@
+//! A bad block on a replicated volume's primary copy, on the README's local three-node
+//! cluster (issue #8: "a checksum failure on read is repaired from another replica,
+//! logged as an event, and the read succeeds"). A volume of three copies is written
+//! through its primary's store with nbdcopy; one bit of a block is flipped in the
+//! primary's layer file behind the store's back; `qemu-img` reads the volume through the
+//! primary and gets exactly what was written; the primary's file holds the good bytes
+//! again; and the cluster's event list (`GET /events`, curl) holds a `volume.repaired`
+//! event naming the volume, the offset and the node whose copy was good.
+
+// Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{json, Value};
+use tessera_tests::cluster::wait_for;
+use tessera_tests::devcluster::{api, node_dir, node_id, wait_nodes, DevCluster};
+use tessera_tests::{require, run};
+
+const MIB: u64 = 1 << 20;
+const B: u64 = 4096;
+/// Where the rot goes: inside the data written, not on its first block.
+const BAD: u64 = MIB + 3 * B;
+
+/// The layer data file of node `i`'s store whose block at `offset` holds `block`: the
+/// primary's copy of the volume (each test cluster holds this one volume with data).
+fn layer_file_holding(dir: &Path, i: u8, offset: u64, block: &[u8]) -> Option<PathBuf> {
+    let layers = node_dir(dir, i).join("store/layers");
+    std::fs::read_dir(layers)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "data"))
+        .find(|p| {
+            let Ok(f) = std::fs::File::open(p) else {
+                return false;
+            };
+            let mut buf = vec![0u8; block.len()];
+            f.read_exact_at(&mut buf, offset).is_ok() && buf == block
+        })
+}
+
+/// Flips one bit of the block at `offset` of `file`, in place, synced (bit rot).
+fn rot(file: &Path, offset: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    f.read_exact_at(&mut byte, offset + 100).unwrap();
+    byte[0] ^= 0x10;
+    f.write_all_at(&byte, offset + 100).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn block_at(file: &Path, offset: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; B as usize];
+    std::fs::File::open(file)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    buf
+}
+
+/// Bytes that differ in every block, so a block read from the wrong place shows.
+fn pattern(len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut i = 0u64;
+    while out.len() < len {
+        out.extend_from_slice(blake3::hash(&i.to_le_bytes()).as_bytes());
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+#[test]
+fn a_bad_block_on_the_primary_is_repaired_and_the_cluster_records_a_volume_repaired_event() {
+    require("curl");
+    require("nbdcopy");
+    require("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let cluster = DevCluster::start(dir);
+    let ca = cluster.ca_file();
+    let t = cluster.admin_session(1, "volume repair event admin password");
+    let t = t.as_str();
+    let nodes = wait_nodes(&ca, 1, t, 60, |n| n["storage"]["state"] == "ok");
+
+    // Three copies, the primary on node1.
+    let body = json!({"name": "rv", "size_bytes": 16 * MIB, "replicas": 3,
+        "node": node_id(&nodes, 1)});
+    let (code, task) = api(&ca, 1, "POST", "volumes", Some(t), Some(&body));
+    assert_eq!(code, 202, "{task}");
+    let v = wait_for("volume rv with three copies in sync", 60, || {
+        let (c, v) = api(&ca, 1, "GET", "volumes/rv", Some(t), None);
+        let copies = v["replication"]["copies"].as_array().cloned()?;
+        (c == 200
+            && v["state"] == "ready"
+            && copies.len() == 3
+            && copies.iter().all(|c| c["state"] == "in_sync"))
+        .then_some(v)
+    });
+    assert_eq!(v["replication"]["primary"], node_id(&nodes, 1), "{v}");
+
+    let data = pattern((4 * MIB) as usize);
+    let src = dir.join("data.img");
+    std::fs::write(&src, &data).unwrap();
+    let uri = |i: u8| {
+        format!(
+            "nbd+unix:///rv?socket={}",
+            node_dir(dir, i).join("store/nbd.sock").display()
+        )
+    };
+    run(Command::new("nbdcopy").arg("--flush").arg(&src).arg(uri(1)));
+
+    // The written block reaches the primary's layer file (from its log if need be).
+    let good = &data[BAD as usize..(BAD + B) as usize];
+    let file = wait_for("the block in node1's layer file", 30, || {
+        layer_file_holding(dir, 1, BAD, good)
+    });
+    rot(&file, BAD);
+    assert_ne!(block_at(&file, BAD), good, "the rot did not reach the file");
+
+    // A client we did not write reads through the primary: what was written.
+    let out = dir.join("read.img");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(uri(1))
+        .arg(&out));
+    let read = std::fs::read(&out).unwrap();
+    assert!(
+        read[..data.len()] == data[..],
+        "the read returned other bytes than were written"
+    );
+    assert_eq!(block_at(&file, BAD), good, "node1's block was not repaired");
+
+    // The event, through another node's API.
+    let (n2, n3) = (node_id(&nodes, 2), node_id(&nodes, 3));
+    let ev: Value = wait_for("a volume.repaired event for rv", 60, || {
+        let (c, all) = api(&ca, 2, "GET", "events?limit=1000", Some(t), None);
+        assert_eq!(c, 200, "{all}");
+        all.as_array()?
+            .iter()
+            .find(|e| e["kind"] == "volume.repaired" && e["target"] == "rv")
+            .cloned()
+    });
+    let msg = ev["message"].as_str().unwrap();
+    assert!(msg.contains(&format!("at offset {BAD} ")), "{ev}");
+    assert!(msg.contains("volume rv"), "{ev}");
+    // The stores name a node by the first 64 bits of its id (16 hex digits), as the
+    // replication peers do.
+    let short = |id: &str| format!("node {}", &id[..16]);
+    assert!(
+        msg.contains(&short(&n2)) || msg.contains(&short(&n3)),
+        "the event names neither replica's node ({n2}, {n3}): {ev}"
+    );
+    assert_eq!(ev["user"], "tesserad", "{ev}");
+    // One block went bad: one event, however often tesserad polled since.
+    let (_, all) = api(&ca, 2, "GET", "events?limit=1000", Some(t), None);
+    let count = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "volume.repaired")
+        .count();
+    assert_eq!(count, 1, "{all}");
+    cluster.stop();
+}
