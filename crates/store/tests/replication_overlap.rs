@@ -177,20 +177,8 @@ fn batch(round: u8) -> Vec<Req> {
 async fn a_replica_applies_overlapping_writes_in_flight_in_seq_order() {
     let root = tempfile::tempdir().unwrap();
     let ca = ClusterCa::mint("repl-test").unwrap();
-    let replica = tokio::task::spawn_blocking({
-        let (root, ca) = (root.path().to_path_buf(), ca.clone());
-        move || {
-            let n = Node::start(&root, "node2", &ca);
-            n.create("v", SIZE);
-            n.replica_of("v", 5);
-            n
-        }
-    })
-    .await
-    .unwrap();
-    let tls = tessera_pki::client_config(&creds(&ca, "node1"), &ca.cert_pem).unwrap();
-    let conn = quic_connect(tls, replica.repl, "node2").await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (replica, _conn, mut send, mut recv) =
+        replica_and_fake_primary(root.path(), &ca, SIZE).await;
     let mut model = vec![0u8; SIZE as usize];
     let mut decoder = Decoder::new();
     let mut buf = vec![0u8; 1 << 16];

@@ -173,20 +173,8 @@ async fn ask(
 async fn a_replica_takes_a_repair_only_in_its_generation_and_only_with_matching_bytes() {
     let root = tempfile::tempdir().unwrap();
     let ca = ClusterCa::mint("repl-repair-replica").unwrap();
-    let replica = tokio::task::spawn_blocking({
-        let (root, ca) = (root.path().to_path_buf(), ca.clone());
-        move || {
-            let n = Node::start(&root, "node2", &ca);
-            n.create("v", SIZE);
-            n.replica_of("v", 5);
-            n
-        }
-    })
-    .await
-    .unwrap();
-    let tls = tessera_pki::client_config(&creds(&ca, "node1"), &ca.cert_pem).unwrap();
-    let conn = quic_connect(tls, replica.repl, "node2").await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (replica, _conn, mut send, mut recv) =
+        replica_and_fake_primary(root.path(), &ca, SIZE).await;
     let mut d = Decoder::new();
     let v = VolumeName::new("v").unwrap();
     let data = pattern("replica", (MIB) as usize);

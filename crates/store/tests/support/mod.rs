@@ -304,3 +304,32 @@ pub async fn quic_connect(
         .await
         .map_err(|e| e.to_string())
 }
+
+/// A store "node2" holding volume `v` of `size` bytes as a replica in generation 5, and a
+/// stream to it from a fake primary "node1" of the cluster `ca`.
+pub async fn replica_and_fake_primary(
+    root: &Path,
+    ca: &ClusterCa,
+    size: u64,
+) -> (
+    Node,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
+    let replica = tokio::task::spawn_blocking({
+        let (root, ca) = (root.to_path_buf(), ca.clone());
+        move || {
+            let n = Node::start(&root, "node2", &ca);
+            n.create("v", size);
+            n.replica_of("v", 5);
+            n
+        }
+    })
+    .await
+    .unwrap();
+    let tls = tessera_pki::client_config(&creds(ca, "node1"), &ca.cert_pem).unwrap();
+    let conn = quic_connect(tls, replica.repl, "node2").await.unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    (replica, conn, send, recv)
+}
