@@ -103,16 +103,18 @@ impl ClientError {
 }
 
 /// Idle connections are closed after this; keep-alives at a third of it.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn transport() -> Arc<quinn::TransportConfig> {
+/// A connection that hears nothing from the server (keep-alives included) for `idle`
+/// fails: the bound on how long a vanished server holds up a request.
+fn transport(idle: Duration) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     // Room for several 4 MiB read replies in flight, or reads stall on the window.
     t.stream_receive_window((8u32 << 20).into())
         .receive_window((64u32 << 20).into())
         .send_window(64 << 20)
-        .keep_alive_interval(Some(IDLE_TIMEOUT / 3));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(IDLE_TIMEOUT) {
+        .keep_alive_interval(Some(idle / 3));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(idle) {
         t.max_idle_timeout(Some(idle));
     }
     Arc::new(t)
@@ -136,6 +138,19 @@ impl Volume {
         creds: &Credentials,
         name: &str,
     ) -> Result<Volume, ClientError> {
+        Volume::open_with_idle_timeout(addr, server_name, creds, name, IDLE_TIMEOUT).await
+    }
+
+    /// [`Volume::open`], the connection failing once the server was silent for `idle`
+    /// (a store forwarding to another node's uses a short one, so a dead peer fails its
+    /// client's requests within seconds).
+    pub async fn open_with_idle_timeout(
+        addr: SocketAddr,
+        server_name: &str,
+        creds: &Credentials,
+        name: &str,
+        idle: Duration,
+    ) -> Result<Volume, ClientError> {
         let bad = |e: &dyn std::fmt::Display| ClientError::Credentials(e.to_string());
         let node = tessera_pki::NodeCredentials {
             key_pem: creds.key_pem.clone(),
@@ -145,7 +160,7 @@ impl Volume {
         tls.alpn_protocols = vec![proto::ALPN.to_vec()];
         let quic = QuicClientConfig::try_from(tls).map_err(|e| bad(&e))?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-        cfg.transport_config(transport());
+        cfg.transport_config(transport(idle));
         let failed = |reason: String| ClientError::Connect { addr, reason };
         let local: SocketAddr = if addr.is_ipv4() {
             (Ipv4Addr::UNSPECIFIED, 0).into()
