@@ -51,7 +51,11 @@ async fn answer(sock: UnixStream, sources: Sources) {
     while r.read_line(&mut line).await.unwrap_or(0) > 0 {
         let reply = match serde_json::from_str::<serde_json::Value>(&line) {
             Ok(v) if v["op"] == "status" => serde_json::json!({ "ok": document(&sources) }),
-            Ok(v) if v["op"] == "take_primary" || v["op"] == "volume_copies" => {
+            Ok(v)
+                if v["op"] == "take_primary"
+                    || v["op"] == "volume_copies"
+                    || v["op"] == "may_write" =>
+            {
                 store_question(&sources, &v).await
             }
             Ok(v) => serde_json::json!({ "error": format!("unknown op {}", v["op"]) }),
@@ -69,7 +73,8 @@ async fn answer(sock: UnixStream, sources: Sources) {
 /// What this node's store asks about a volume a client opened there (`tessera-store
 /// --tesserad-socket`): `take_primary` makes this node the primary of a replicated
 /// volume (answered once the store serves it so, with the generation), `volume_copies`
-/// says where the copies of a volume the store does not hold are
+/// says where the copies of a volume the store does not hold are and where to forward its
+/// client, `may_write` whether such a forwarded client may write it (no VM uses it)
 /// (`crate::replication::takeover`).
 async fn store_question(s: &Sources, v: &serde_json::Value) -> serde_json::Value {
     use crate::replication::takeover;
@@ -81,8 +86,13 @@ async fn store_question(s: &Sources, v: &serde_json::Value) -> serde_json::Value
         return serde_json::json!({ "error": "this node is not in a cluster yet; try again" });
     };
     if v["op"] == "volume_copies" {
-        let message = takeover::copies_elsewhere(&n, &s.me.0, volume);
-        return serde_json::json!({ "ok": { "message": message } });
+        return serde_json::json!({ "ok": takeover::copies_elsewhere(&n, &s.me.0, volume) });
+    }
+    if v["op"] == "may_write" {
+        return match takeover::may_write(&n, &s.me.0, volume) {
+            Ok(()) => serde_json::json!({ "ok": {} }),
+            Err(why) => serde_json::json!({ "error": why }),
+        };
     }
     match takeover::take_primary(&n, &s.me.0, volume).await {
         Ok(generation) => serde_json::json!({ "ok": { "generation": generation } }),

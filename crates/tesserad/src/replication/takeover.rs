@@ -8,7 +8,9 @@
 //!
 //! Refused, in words the client sees: a volume a VM uses (its primary moves only with the
 //! VM: start, migration, HA), a copy here that is not in sync, a one-copy volume. A store
-//! asked for a volume it holds no copy of is told where the copies are.
+//! asked for a volume it holds no copy of is told where the copies are and which nodes'
+//! stores to forward its client to, and asks before the client's writes whether a VM
+//! uses the volume.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,19 +72,51 @@ pub async fn take_primary(node: &Arc<Node>, me: &str, volume: &str) -> Result<u6
 }
 
 /// Where the copies of `volume` are, for a client of node `me`, whose store holds none:
-/// `None` when the cluster has no such volume.
-pub fn copies_elsewhere(node: &Node, me: &str, volume: &str) -> Option<String> {
+/// `None` when the cluster has no such volume. The store forwards the client's requests
+/// to the first of `targets` it reaches (`tessera-store`'s `forward`): the primary's
+/// node, then the other in-sync copies' (where the first write makes that node the
+/// primary, as for any client there); nodes known down go last. `message` says where
+/// the copies are, for a client the store cannot serve.
+pub fn copies_elsewhere(node: &Node, me: &str, volume: &str) -> Option<serde_json::Value> {
     let v = get::<Volume>(node, VOLUMES, volume)?;
     let mut on: Vec<String> = v.copies.iter().map(|c| name_of(node, &c.node)).collect();
     if on.is_empty() {
         on.push(name_of(node, &v.node));
     }
-    Some(format!(
-        "not supported yet: node {} holds no copy of volume {volume}; its copies are on {} (primary: {}): connect to one of those",
+    let message = format!(
+        "node {} holds no copy of volume {volume}; its copies are on {} (primary: {}): connect to one of those",
         name_of(node, me),
         on.join(", "),
         name_of(node, &v.node)
-    ))
+    );
+    let records = super::node_records(node);
+    let mut order = vec![v.node.clone()];
+    order.extend(
+        v.copies
+            .iter()
+            .filter(|c| c.node != v.node && c.state == tessera_api::CopyState::InSync && !c.joining)
+            .map(|c| c.node.clone()),
+    );
+    // A stable sort: the primary stays first among the nodes not known down.
+    order.sort_by_key(|id| super::liveness(me, id) == super::Liveness::Down);
+    let targets: Vec<serde_json::Value> = order
+        .iter()
+        .filter(|id| id.as_str() != me)
+        .filter_map(|id| {
+            let addr = records.get(id)?["nbd"].as_str()?.to_string();
+            Some(serde_json::json!({ "node": name_of(node, id), "addr": addr }))
+        })
+        .collect();
+    Some(serde_json::json!({ "message": message, "targets": targets }))
+}
+
+/// Whether a client of node `me`'s store, which holds no copy of `volume` and forwards
+/// to another node's, may write it: not when a VM uses it (the same words as on a node
+/// holding a copy).
+pub fn may_write(node: &Node, me: &str, volume: &str) -> Result<(), String> {
+    let v = get::<Volume>(node, VOLUMES, volume)
+        .ok_or_else(|| format!("there is no volume {volume} in the cluster"))?;
+    refuse_if_used(node, me, &v)
 }
 
 /// A VM that uses `v` and is not stopped keeps its primary: refused with its name and
