@@ -2,9 +2,9 @@
 //! store that holds a replica copy of it makes this store the volume's primary, by
 //! asking the node's `tesserad` (its status socket, `<data_dir>/tesserad.sock`), which
 //! moves the primary through the cluster state with a generation bump (the fence of the
-//! previous primary) and answers once this store serves the volume as primary. A
-//! volume of which this store holds no copy is not served: `tesserad` says where its
-//! copies are, for the client's error.
+//! previous primary) and answers once this store serves the volume as primary. For a
+//! volume of which this store holds no copy `tesserad` says where its copies are: the
+//! store forwards the client to one of them (`crate::forward`).
 //!
 //! The store never decides: `tesserad` refuses a move when a VM uses the volume or when
 //! the copy here is not in sync, and the words of its refusal reach the client.
@@ -78,18 +78,53 @@ impl ClusterAsk {
         })
     }
 
-    /// Where the copies of a volume that this store does not hold are, in words for the
-    /// client (`None`: the cluster has no such volume, or `tesserad` did not answer).
-    pub fn copies_elsewhere(&self, volume: &str) -> Option<String> {
+    /// Where the copies of a volume that this store does not hold are (`None`: the
+    /// cluster has no such volume, or `tesserad` did not answer).
+    pub fn copies_elsewhere(&self, volume: &str) -> Option<CopiesElsewhere> {
         match self.call(
             serde_json::json!({"op": "volume_copies", "volume": volume}),
             ASK_WAIT,
         ) {
-            Ok(reply) => reply["ok"]["message"].as_str().map(String::from),
+            Ok(reply) => {
+                let ok = &reply["ok"];
+                let message = ok["message"].as_str()?.to_string();
+                let targets = ok["targets"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|t| {
+                        Some(Target {
+                            node: t["node"].as_str()?.to_string(),
+                            addr: t["addr"].as_str()?.to_string(),
+                        })
+                    })
+                    .collect();
+                Some(CopiesElsewhere { message, targets })
+            }
             Err(e) => {
                 tracing::debug!(volume, error = %e, "tesserad not asked where the volume's copies are");
                 None
             }
+        }
+    }
+
+    /// Whether a client this store forwards to another node's may write `volume`: the
+    /// cluster's refusal in words when a VM uses it. Blocking.
+    pub fn may_write(&self, volume: &str) -> Result<(), String> {
+        let reply = self
+            .call(
+                serde_json::json!({"op": "may_write", "volume": volume}),
+                ASK_WAIT,
+            )
+            .map_err(|e| {
+                format!("volume {volume}: cannot ask tesserad whether it may be written: {e}")
+            })?;
+        match (reply["ok"].is_object(), reply["error"].as_str()) {
+            (true, _) => Ok(()),
+            (false, Some(why)) => Err(why.to_string()),
+            (false, None) => Err(format!(
+                "volume {volume}: tesserad answered {reply} when asked whether it may be written"
+            )),
         }
     }
 
@@ -110,6 +145,24 @@ impl ClusterAsk {
         serde_json::from_str(&reply)
             .map_err(|e| std::io::Error::other(format!("an answer that does not parse: {e}")))
     }
+}
+
+/// Where a volume this store holds no copy of is.
+#[derive(Clone, Debug)]
+pub struct CopiesElsewhere {
+    /// In words, for a client that cannot be forwarded.
+    pub message: String,
+    /// The stores to forward a client to, the first to try first.
+    pub targets: Vec<Target>,
+}
+
+/// A node whose store holds a copy.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Its name, for messages.
+    pub node: String,
+    /// Its store's NBD address (`HOST:PORT`); its QUIC export is the same port over UDP.
+    pub addr: String,
 }
 
 fn unexpected(volume: &str, reply: &serde_json::Value) -> String {

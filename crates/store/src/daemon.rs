@@ -175,11 +175,13 @@ pub async fn start(cfg: &DaemonConfig) -> anyhow::Result<Running> {
         )));
     }
     let exports = Arc::new(
-        StoreExports::replicated(store.clone(), replication.clone()).with_cluster(
-            cfg.tesserad_socket
-                .clone()
-                .map(crate::claim::ClusterAsk::new),
-        ),
+        StoreExports::replicated(store.clone(), replication.clone())
+            .with_cluster(
+                cfg.tesserad_socket
+                    .clone()
+                    .map(crate::claim::ClusterAsk::new),
+            )
+            .with_forwarding(cfg.nbd_tls_dir.clone()),
     );
     if let (Some(addr), Some(dir)) = (cfg.nbd_tcp, cfg.nbd_tls_dir.clone()) {
         let (ex, nbd) = (exports.clone(), cfg.nbd.clone());

@@ -11,6 +11,7 @@ use tessera_replication::replica::Op;
 use tessera_replication::wire::MAX_DATA;
 
 use crate::claim::{self, ClusterAsk};
+use crate::forward::{self, ExportDevice};
 use crate::repl::Replication;
 
 /// Every volume and snapshot of a store, as NBD exports.
@@ -19,6 +20,9 @@ pub struct StoreExports {
     repl: Option<Arc<Replication>>,
     /// The node's `tesserad`, asked to move a volume's primary here (`crate::claim`).
     cluster: Option<ClusterAsk>,
+    /// The node's credentials, to forward a client to another node's store
+    /// (`crate::forward`).
+    forward_tls: Option<std::path::PathBuf>,
 }
 
 impl StoreExports {
@@ -28,6 +32,7 @@ impl StoreExports {
             store,
             repl: None,
             cluster: None,
+            forward_tls: None,
         }
     }
 
@@ -38,14 +43,23 @@ impl StoreExports {
             store,
             repl: Some(repl),
             cluster: None,
+            forward_tls: None,
         }
     }
 
     /// A client's first write to a volume this store holds a replica copy of asks
-    /// `cluster` to make this node its primary; a volume it holds no copy of is refused at
-    /// open with where its copies are.
+    /// `cluster` to make this node its primary; a volume it holds no copy of is served by
+    /// forwarding to a node that holds one ([`StoreExports::with_forwarding`]), else
+    /// refused at open with where its copies are.
     pub fn with_cluster(mut self, cluster: Option<ClusterAsk>) -> Self {
         self.cluster = cluster;
+        self
+    }
+
+    /// Forwards a client of a volume this store holds no copy of to another node's store,
+    /// authenticated with the node's credentials in `tls_dir` (`crate::forward`).
+    pub fn with_forwarding(mut self, tls_dir: Option<std::path::PathBuf>) -> Self {
+        self.forward_tls = tls_dir;
         self
     }
 }
@@ -336,7 +350,7 @@ impl Device for StoreDevice {
 }
 
 impl Exports for StoreExports {
-    type Device = StoreDevice;
+    type Device = ExportDevice;
 
     fn list(&self) -> Vec<ExportEntry> {
         self.store
@@ -353,21 +367,24 @@ impl Exports for StoreExports {
             .collect()
     }
 
-    fn open(&self, name: &str) -> Result<Option<Arc<StoreDevice>>, DeviceError> {
+    fn open(&self, name: &str) -> Result<Option<Arc<ExportDevice>>, DeviceError> {
         match self.store.open_export(name) {
-            Ok(export) => Ok(Some(Arc::new(StoreDevice {
+            Ok(export) => Ok(Some(Arc::new(ExportDevice::Local(StoreDevice {
                 export,
                 repl: self.repl.clone(),
                 cluster: self.cluster.clone(),
                 wrote_as_primary: AtomicBool::new(false),
-            }))),
+            })))),
             Err(StoreError::NotFound(_)) => {
                 let base = name.split('@').next().unwrap_or(name);
-                match self.cluster.as_ref() {
-                    Some(c) => match claim::blocking(|| c.copies_elsewhere(base)) {
-                        Some(why) => Err(DeviceError::new(Errno::Inval, why)),
-                        None => Ok(None),
-                    },
+                let Some(c) = self.cluster.as_ref() else {
+                    return Ok(None);
+                };
+                match claim::blocking(|| c.copies_elsewhere(base)) {
+                    Some(copies) => {
+                        forward::open(self.forward_tls.as_deref(), c, name, base, copies)
+                            .map(|d| Some(Arc::new(ExportDevice::Forwarded(d))))
+                    }
                     None => Ok(None),
                 }
             }

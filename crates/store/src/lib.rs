@@ -17,5 +17,6 @@ pub mod claim;
 pub mod daemon;
 pub mod export;
 pub mod exports;
+pub mod forward;
 pub mod repl;
 pub mod tls;

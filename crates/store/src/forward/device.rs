@@ -1,0 +1,202 @@
+//! A forwarded export as the NBD server and the QUIC export see it: a
+//! [`tessera_nbd::Device`] whose every request runs on another node's store.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use tessera_nbd::device::RemoteWrite;
+use tessera_nbd::proto::{Errno, STATE_HOLE, STATE_ZERO};
+use tessera_nbd::{Device, DeviceError, Extent};
+use tessera_volume_client::proto::EXTENT_HOLE;
+use tessera_volume_client::{ClientError, Volume};
+use tokio::runtime::Handle;
+
+use super::{failed, run, REQUEST_WAIT, WRITE_CHECK_EVERY};
+use crate::claim::{self, ClusterAsk};
+use crate::exports::StoreDevice;
+
+/// An export this store serves: its own copy, or another node's store's through a
+/// forwarded connection.
+pub enum ExportDevice {
+    /// A volume or snapshot this store holds.
+    Local(StoreDevice),
+    /// One it holds no copy of.
+    Forwarded(ForwardedDevice),
+}
+
+/// An export opened on another node's store for a client of this one.
+pub struct ForwardedDevice {
+    pub(super) export: String,
+    /// The volume (of a snapshot export: its volume), for the cluster's questions.
+    pub(super) volume: String,
+    /// The node forwarded to, for messages.
+    pub(super) via: String,
+    pub(super) size: u64,
+    pub(super) read_only: bool,
+    pub(super) remote: Arc<Volume>,
+    pub(super) rt: Handle,
+    pub(super) cluster: ClusterAsk,
+    /// When the cluster last said no VM uses the volume.
+    pub(super) write_checked: Mutex<Option<Instant>>,
+}
+
+impl ForwardedDevice {
+    /// Runs `f` on the connection, bounded by [`REQUEST_WAIT`].
+    fn call<T, F>(&self, f: impl FnOnce(Arc<Volume>) -> F) -> Result<T, DeviceError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, ClientError>> + Send + 'static,
+    {
+        match run(&self.rt, REQUEST_WAIT, f(self.remote.clone())) {
+            Some(Ok(t)) => Ok(t),
+            Some(Err(e)) => Err(failed(&self.export, &self.via, Some(e))),
+            None => Err(failed(&self.export, &self.via, None)),
+        }
+    }
+
+    /// Refuses a write when a VM uses the volume (asked of the cluster at the client's
+    /// first write, then at most every [`WRITE_CHECK_EVERY`]).
+    fn may_write(&self) -> Result<(), DeviceError> {
+        let mut last = self.write_checked.lock();
+        if last.is_some_and(|t| t.elapsed() < WRITE_CHECK_EVERY) {
+            return Ok(());
+        }
+        claim::blocking(|| self.cluster.may_write(&self.volume)).map_err(|why| {
+            tracing::warn!(export = %self.export, reason = %why, "a forwarded client's write refused");
+            DeviceError::new(Errno::Perm, why)
+        })?;
+        *last = Some(Instant::now());
+        Ok(())
+    }
+
+    fn write_forwarded(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
+        self.may_write()?;
+        self.call(move |v| async move { v.write(offset, &data, fua).await })
+    }
+
+    fn trim_forwarded(&self, offset: u64, len: u64, fua: bool) -> Result<(), DeviceError> {
+        self.may_write()?;
+        self.call(move |v| async move { v.trim(offset, len, fua).await })
+    }
+}
+
+impl Device for ForwardedDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        let len = buf.len();
+        let data = self.call(move |v| async move { v.read(offset, len).await })?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
+        self.write_forwarded(offset, data.to_vec(), fua)
+    }
+    fn write_owned(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
+        self.write_forwarded(offset, data, fua)
+    }
+    fn remote_writes(&self) -> bool {
+        true
+    }
+    fn write_remote(&self, offset: u64, data: Vec<u8>, fua: bool) -> RemoteWrite {
+        if let Err(e) = self.may_write() {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        let (v, export, via) = (self.remote.clone(), self.export.clone(), self.via.clone());
+        Box::pin(async move {
+            match tokio::time::timeout(REQUEST_WAIT, v.write(offset, &data, fua)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(failed(&export, &via, Some(e))),
+                Err(_) => Err(failed(&export, &via, None)),
+            }
+        })
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.call(|v| async move { v.flush().await })
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), DeviceError> {
+        self.trim_forwarded(offset, len, fua)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        _no_hole: bool,
+        fua: bool,
+    ) -> Result<(), DeviceError> {
+        // The export's trim is its write-zeroes: a trimmed range reads as zeros, and
+        // Tessera's copies store zeros as holes whatever NO_HOLE asks.
+        self.trim_forwarded(offset, len, fua)
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError> {
+        let runs = self.call(move |v| async move { v.block_status(offset, len).await })?;
+        Ok(runs
+            .into_iter()
+            .map(|e| Extent {
+                length: e.length,
+                flags: if e.flags & EXTENT_HOLE != 0 {
+                    STATE_HOLE
+                } else {
+                    0
+                } | if e.is_zero() { STATE_ZERO } else { 0 },
+            })
+            .collect())
+    }
+}
+
+/// Every call to the device behind.
+macro_rules! either {
+    ($self:ident, $d:ident => $e:expr) => {
+        match $self {
+            ExportDevice::Local($d) => $e,
+            ExportDevice::Forwarded($d) => $e,
+        }
+    };
+}
+
+impl Device for ExportDevice {
+    fn size(&self) -> u64 {
+        either!(self, d => d.size())
+    }
+    fn read_only(&self) -> bool {
+        either!(self, d => d.read_only())
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        either!(self, d => d.read(offset, buf))
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
+        either!(self, d => d.write(offset, data, fua))
+    }
+    fn write_owned(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
+        either!(self, d => d.write_owned(offset, data, fua))
+    }
+    fn remote_writes(&self) -> bool {
+        either!(self, d => d.remote_writes())
+    }
+    fn write_remote(&self, offset: u64, data: Vec<u8>, fua: bool) -> RemoteWrite {
+        either!(self, d => d.write_remote(offset, data, fua))
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        either!(self, d => d.flush())
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), DeviceError> {
+        either!(self, d => d.trim(offset, len, fua))
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+    ) -> Result<(), DeviceError> {
+        either!(self, d => d.write_zeroes(offset, len, no_hole, fua))
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError> {
+        either!(self, d => d.extents(offset, len))
+    }
+}

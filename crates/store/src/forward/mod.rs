@@ -1,0 +1,177 @@
+//! Exports from any node (issue #8) through a node that holds no copy of the volume: the
+//! store serves the client by forwarding every request to another node's store, over
+//! that store's QUIC volume export (`crate::export`, the client of
+//! `tessera-volume-client`) with mutual TLS on this node's own certificate. No second
+//! protocol: the forwarded connection is a client of the other store like any other, so
+//! that store's rules hold unchanged — a write is acknowledged once the primary (and
+//! every in-sync copy) has it, a flush once the primary's flush completed, the first
+//! write through a replica's node makes it the primary, a client whose primary moved
+//! away after it wrote is fenced.
+//!
+//! Where to: `tesserad` names the nodes (`crate::claim::ClusterAsk::copies_elsewhere`):
+//! the primary's node first, then the other in-sync copies' (tried when the primary's
+//! store does not answer), nodes known down last. Before a client's writes (again at
+//! most every [`WRITE_CHECK_EVERY`]) the cluster is asked whether a VM uses the volume:
+//! then the write is refused with the words a node holding a copy gives (the store the
+//! client is forwarded to may be the VM's own, which cannot tell a client from the VMM).
+//!
+//! Failure is final: a forwarded connection that breaks (the other store died: silent
+//! for [`IDLE`]) or a request that takes longer than [`REQUEST_WAIT`] fails with EIO and
+//! its words in the log; the client connects again (and is forwarded anew, to wherever
+//! the volume's primary is then). A write whose reply did not come is not acknowledged.
+
+mod device;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tessera_nbd::proto::Errno;
+use tessera_nbd::DeviceError;
+use tessera_volume_client::{ClientError, Credentials, ErrorCode, Volume};
+use tokio::runtime::Handle;
+
+use crate::claim::{self, ClusterAsk, CopiesElsewhere};
+pub use device::{ExportDevice, ForwardedDevice};
+
+/// How long connecting to one node's export (and opening the volume there) may take
+/// before the next node is tried.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
+/// A forwarded connection that hears nothing from the other store (QUIC keep-alives
+/// included) for this long fails: the bound on a client's wait when that store died.
+pub const IDLE: Duration = Duration::from_secs(5);
+/// The bound on one forwarded request: above the other store's longest legitimate wait
+/// (its move of the primary, 30 s, after a role change, 15 s).
+pub const REQUEST_WAIT: Duration = Duration::from_secs(60);
+/// How often a writing client's volume is checked again for a VM using it.
+pub const WRITE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Opens export `name` (volume `volume` or one of its snapshots), which this store holds
+/// no copy of, by connecting to the first of `copies`' nodes that answers, with the node's
+/// credentials in `tls_dir`. Blocking.
+pub fn open(
+    tls_dir: Option<&Path>,
+    cluster: &ClusterAsk,
+    name: &str,
+    volume: &str,
+    copies: CopiesElsewhere,
+) -> Result<ForwardedDevice, DeviceError> {
+    let cannot = |why: String| {
+        tracing::warn!(export = name, reason = %why, "a client's volume cannot be forwarded");
+        DeviceError::new(Errno::Inval, why)
+    };
+    let Some(tls_dir) = tls_dir else {
+        return Err(cannot(format!(
+            "not supported yet: {}; this store has no TLS credentials (--nbd-tls-dir) to forward the client with",
+            copies.message
+        )));
+    };
+    let Ok(rt) = Handle::try_current() else {
+        return Err(cannot(format!(
+            "not supported yet: {}; forwarding needs the store's runtime",
+            copies.message
+        )));
+    };
+    let creds = Credentials::from_dir(tls_dir)
+        .map_err(|e| cannot(format!("{}; forwarding the client: {e}", copies.message)))?;
+    let mut tried = Vec::new();
+    for t in &copies.targets {
+        let addr: SocketAddr = match t.addr.parse() {
+            Ok(a) => a,
+            Err(e) => {
+                tried.push(format!("node {} ({}): not an address: {e}", t.node, t.addr));
+                continue;
+            }
+        };
+        let (creds, export) = (creds.clone(), name.to_string());
+        let server_name = addr.ip().to_string();
+        let opened = run(&rt, CONNECT_WAIT, async move {
+            Volume::open_with_idle_timeout(addr, &server_name, &creds, &export, IDLE).await
+        });
+        match opened {
+            Some(Ok(v)) => {
+                tracing::info!(export = name, node = %t.node, %addr,
+                    "forwarding a client's volume to another node's store (this node holds no copy)");
+                return Ok(ForwardedDevice {
+                    export: name.to_string(),
+                    volume: volume.to_string(),
+                    via: t.node.clone(),
+                    size: v.size(),
+                    read_only: v.read_only(),
+                    remote: Arc::new(v),
+                    rt,
+                    cluster: cluster.clone(),
+                    write_checked: Mutex::new(None),
+                });
+            }
+            Some(Err(e)) => tried.push(format!("node {} ({addr}): {e}", t.node)),
+            None => tried.push(format!(
+                "node {} ({addr}): no answer within {CONNECT_WAIT:?}",
+                t.node
+            )),
+        }
+    }
+    if tried.is_empty() {
+        tried.push("no node's store to forward to".into());
+    }
+    Err(cannot(format!(
+        "{}; forwarding the client failed: {}",
+        copies.message,
+        tried.join("; ")
+    )))
+}
+
+/// Runs `fut` on the store's runtime `rt` and waits for it from this thread (moved off
+/// the async workers while it waits), at most `wait`: `None` when it took longer (then
+/// it is abandoned). Safe from any thread: nothing here blocks a worker the future needs.
+fn run<T: Send + 'static>(
+    rt: &Handle,
+    wait: Duration,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let task = rt.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    let got = claim::blocking(|| rx.recv_timeout(wait)).ok();
+    if got.is_none() {
+        task.abort();
+    }
+    got
+}
+
+/// The errno of the other store's error code: the client sees what a client of that
+/// store would.
+fn errno_of(code: ErrorCode) -> Errno {
+    match code {
+        ErrorCode::NotPermitted => Errno::Perm,
+        ErrorCode::NotFound | ErrorCode::Invalid => Errno::Inval,
+        ErrorCode::NoSpace => Errno::NoSpc,
+        ErrorCode::TooLarge => Errno::Overflow,
+        ErrorCode::NotSupported => Errno::NotSup,
+        ErrorCode::Shutdown => Errno::Shutdown,
+        ErrorCode::Io => Errno::Io,
+    }
+}
+
+/// A forwarded request's failure, in words (logged: NBD carries only the errno).
+fn failed(export: &str, via: &str, e: Option<ClientError>) -> DeviceError {
+    let err = match e {
+        Some(ClientError::Refused { code, message }) => DeviceError::new(
+            errno_of(code),
+            format!("{message} (node {via}'s store, which this node forwards export {export} to)"),
+        ),
+        Some(e) => DeviceError::new(
+            Errno::Io,
+            format!("export {export}: forwarding to node {via}'s store failed: {e}; connect again"),
+        ),
+        None => DeviceError::new(
+            Errno::Io,
+            format!("export {export}: node {via}'s store did not answer within {REQUEST_WAIT:?}; connect again"),
+        ),
+    };
+    tracing::warn!(export, node = via, reason = %err.message, "a forwarded request failed");
+    err
+}
