@@ -2,7 +2,8 @@
 //! three stores with node certificates of one CA, a primary and two replicas set through
 //! the admin socket, data written with `nbdcopy` and read back from every copy; fencing
 //! by a newer generation; a killed replica failing writes instead of acknowledging them;
-//! and bad peers and bad frames refused with nothing written.
+//! bad peers and bad frames refused with nothing written; and a refused write's reason
+//! reaching nbdcopy.
 
 // Test code: the unexpected should panic where it happens.
 #![allow(clippy::unwrap_used)]
@@ -263,4 +264,105 @@ async fn bad_peers_and_bad_frames_are_refused_and_write_nothing() {
         "a refused write reached the volume"
     );
     assert!(other_volume.iter().all(|b| *b == 0));
+}
+
+/// What a client we did not write hears when the store refuses its write: libnbd (the
+/// library under nbdcopy) receives the store's words in the structured error reply and
+/// prints them in its debug output (`nbdcopy -v`); qemu's NBD client drops them (it
+/// keeps only the errno). Two refusals: a client that wrote through the primary after the
+/// primary moved away (fenced: "connect again"), and a write to a replica copy of a
+/// store with no tesserad to move the primary through.
+#[test]
+fn a_refused_write_reaches_the_nbd_client_with_its_reason() {
+    let root = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::mint("refusal-test").unwrap();
+    let n1 = Node::start(root.path(), "node1", &ca);
+    let n2 = Node::start(root.path(), "node2", &ca);
+    for n in [&n1, &n2] {
+        n.create("v", 4 * MIB);
+    }
+    n2.replica_of("v", 2);
+    n1.primary_of("v", 2, &[&n2]);
+
+    // nbdcopy streaming from a pipe holds its connection to node1 while we feed it. Its
+    // debug output goes to a file: a pipe nobody reads would fill and stall it.
+    let debug = root.path().join("nbdcopy.err");
+    let mut copy = Command::new("nbdcopy")
+        .arg("-v")
+        .arg("-")
+        .arg(n1.uri("v"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&debug).unwrap())
+        .spawn()
+        .expect("nbdcopy (tests/setup installs it)");
+    let mut feed = copy.stdin.take().unwrap();
+    let first = pattern("before the move", MIB as usize);
+    std::io::Write::write_all(&mut feed, &first).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while n1.read("v", 0, MIB as usize) != first {
+        assert!(
+            Instant::now() < deadline,
+            "nbdcopy's first MiB never landed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The primary moves away (node1 becomes a replica of generation 3): nbdcopy's next
+    // write through node1 is fenced.
+    n1.replica_of("v", 3);
+    // (nbdcopy stops at its first failed write: the rest of the pipe may be refused.)
+    let _ = std::io::Write::write_all(&mut feed, &pattern("after", MIB as usize));
+    drop(feed);
+    let status = copy.wait().unwrap();
+    let err = std::fs::read_to_string(&debug).unwrap();
+    assert!(!status.success(), "a fenced client's write succeeded");
+    let said = |words: &str| {
+        err.lines()
+            .any(|l| l.contains("structured error server message") && l.contains(words))
+    };
+    assert!(
+        said("volume v: its primary moved to another node")
+            && said("connect again to write through this node"),
+        "nbdcopy did not get the store's reason: {}",
+        tail(&err)
+    );
+    assert_eq!(
+        n1.read("v", MIB, 4096),
+        vec![0u8; 4096],
+        "the fenced write landed"
+    );
+
+    // A replica copy on a store without tesserad: only the primary writes it.
+    let src = root.path().join("one.img");
+    std::fs::write(&src, vec![0x5au8; 65536]).unwrap();
+    let out = Command::new("nbdcopy")
+        .arg("-v")
+        .arg(&src)
+        .arg(n2.uri("v"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a replica copy took a client's write"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains("structured error server message")
+                && l.contains("volume v is a replica on this store: only its primary writes it")),
+        "nbdcopy did not get the store's reason: {}",
+        tail(&err)
+    );
+    assert_eq!(
+        n2.read("v", 0, 65536),
+        first[..65536],
+        "the refused write landed"
+    );
+}
+
+/// The last lines of a verbose client's output, for a failure's message.
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(25)..].join("\n")
 }
