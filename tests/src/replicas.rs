@@ -314,3 +314,56 @@ pub fn has_event(ca: &str, via: u8, token: &str, kind: &str, target: &str) -> bo
     ev.as_array()
         .is_some_and(|e| e.iter().any(|e| e["kind"] == kind && e["target"] == target))
 }
+
+/// A client that stays connected: qemu-io reading its commands from a pipe, its output
+/// line by line.
+pub struct QemuIo {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl QemuIo {
+    /// Starts qemu-io on `uri` (a raw image).
+    pub fn start(uri: &str) -> QemuIo {
+        let mut child = Command::new("stdbuf")
+            .args(["-oL", "qemu-io", "-f", "raw", uri])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        QemuIo { child, stdin, out }
+    }
+
+    /// Runs one qemu-io command and returns the line it answered with.
+    pub fn run(&mut self, command: &str) -> String {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{command}").unwrap();
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                self.out.read_line(&mut line).unwrap() > 0,
+                "qemu-io ended before answering {command}"
+            );
+            // Each command's answer: a count of bytes, or a failure.
+            if line.contains("bytes") || line.contains("failed") || line.contains("error") {
+                return line.trim().to_string();
+            }
+            if command == "flush" {
+                return line.trim().to_string();
+            }
+        }
+    }
+}
+
+impl Drop for QemuIo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -5,24 +5,24 @@
 //! the write succeeds; a client that wrote through node 1 before the move and is still
 //! connected there gets an error on its next write, and nothing of that write lands
 //! anywhere; every copy, read through its own store (reads never move the primary), is
-//! blake3-equal to what was written. A volume of two copies asked for through the node
-//! holding none is refused with where its copies are (qemu-img prints the store's words).
+//! blake3-equal to what was written. A volume of two copies is served through the node
+//! holding none as well (forwarded: `volume_forward`).
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use serde_json::json;
 use tessera_tests::cluster::wait_for;
 use tessera_tests::devcluster::{api, node_id, DevCluster, VmmKiller};
 use tessera_tests::replicas::{
-    all_in_sync, copy_nodes, has_event, read_hash, unix_uri, wait_task, wait_volume, write,
+    all_in_sync, copy_nodes, has_event, read_hash, serves, unix_uri, wait_task, wait_volume, write,
+    QemuIo,
 };
-use tessera_tests::{kvm_or_skip, output, require};
+use tessera_tests::{kvm_or_skip, require};
 
 const MIB: u64 = 1024 * 1024;
 const SIZE: u64 = 16 * MIB;
@@ -47,58 +47,6 @@ fn logs(dir: &Path) -> String {
         }
     }
     s
-}
-
-/// A client that stays connected: qemu-io reading its commands from a pipe, its output
-/// line by line.
-struct Interactive {
-    child: std::process::Child,
-    stdin: std::process::ChildStdin,
-    out: std::io::BufReader<std::process::ChildStdout>,
-}
-
-impl Interactive {
-    fn start(uri: &str) -> Interactive {
-        let mut child = Command::new("stdbuf")
-            .args(["-oL", "qemu-io", "-f", "raw", uri])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let out = std::io::BufReader::new(child.stdout.take().unwrap());
-        Interactive { child, stdin, out }
-    }
-
-    /// Runs one qemu-io command and returns the line it answered with.
-    fn run(&mut self, command: &str) -> String {
-        use std::io::{BufRead, Write};
-        writeln!(self.stdin, "{command}").unwrap();
-        self.stdin.flush().unwrap();
-        let mut line = String::new();
-        loop {
-            line.clear();
-            assert!(
-                self.out.read_line(&mut line).unwrap() > 0,
-                "qemu-io ended before answering {command}"
-            );
-            // Each command's answer: a count of bytes, or a failure.
-            if line.contains("bytes") || line.contains("failed") || line.contains("error") {
-                return line.trim().to_string();
-            }
-            if command == "flush" {
-                return line.trim().to_string();
-            }
-        }
-    }
-}
-
-impl Drop for Interactive {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Creates volume `name` of `replicas` copies, the primary's on node id `on`, and waits
@@ -154,7 +102,7 @@ fn any_nodes_nbd_server_writes_a_volume_by_becoming_its_primary_and_fences_the_o
         std::fs::write(&f, &data).unwrap();
         // The client left on node 1 joins before the move to node 2.
         let old = (writer == 2).then(|| {
-            let mut c = Interactive::start(&unix_uri(dir, 1, "any"));
+            let mut c = QemuIo::start(&unix_uri(dir, 1, "any"));
             let a = c.run(&format!("write -P 0xaa {BEFORE_AT} 4096"));
             assert!(a.contains("wrote 4096/4096"), "{a}\n{}", logs(dir));
             expected[BEFORE_AT as usize..][..4096].fill(0xaa);
@@ -206,17 +154,12 @@ fn any_nodes_nbd_server_writes_a_volume_by_becoming_its_primary_and_fences_the_o
         v["replication"]["generation"]
     );
 
-    // A volume whose copies are on two nodes, asked for through the third.
+    // A volume whose copies are on two nodes is served through the third too (its store
+    // forwards to the primary's: tests/tests/volume_forward.rs).
     let v = create(&ca, t, "two", 2, &id(1));
     let held = copy_nodes(&v);
     let none = (1..=3u8).find(|i| !held.contains(&id(*i))).unwrap();
-    let out = output(Command::new("qemu-img").args(["info", &unix_uri(dir, none, "two")]));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("not supported yet") && err.contains("holds no copy of volume two"),
-        "{err}"
-    );
+    assert!(serves(dir, none, "two"), "{}", logs(dir));
     // Then the store still serves what it holds.
     assert_eq!(read_hash(dir, none, "any", tmp), want);
 
