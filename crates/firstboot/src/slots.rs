@@ -140,14 +140,15 @@ pub fn new_entry_file(existing: &[Entry], slot: Slot, tries: u32) -> String {
     format!("tessera-{seq}-{slot}+{tries}.conf")
 }
 
-/// The text of a slot's boot entry.
+/// The text of a slot's boot entry. The options are image/build's: `no_timer_check`
+/// because the kernel's IO-APIC timer check panics when a busy host misses its deadline.
 pub fn entry_text(slot: Slot, partuuid: &str, release: &str) -> String {
     format!(
         "title   Tessera node {release} (slot {slot})\n\
          version {release}\n\
          linux   /tessera/{slot}/vmlinuz\n\
          initrd  /tessera/{slot}/initrd.img\n\
-         options root=PARTUUID={partuuid} rw tessera.slot={slot} console=tty0 console=ttyS0,115200 quiet\n"
+         options root=PARTUUID={partuuid} rw tessera.slot={slot} console=tty0 console=ttyS0,115200 no_timer_check quiet\n"
     )
 }
 
@@ -266,6 +267,7 @@ mod tests {
             t.contains("root=PARTUUID=1234-abcd rw tessera.slot=b "),
             "{t}"
         );
+        assert!(t.contains(" no_timer_check "), "{t}");
     }
 
     #[test]
