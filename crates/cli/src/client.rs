@@ -114,7 +114,11 @@ impl Client {
                 } else {
                     ""
                 };
-                bail!("{method} {path}: HTTP {code}: {msg}{hint}")
+                Err(CallFailed::Status {
+                    code,
+                    text: format!("{method} {path}: HTTP {code}: {msg}{hint}"),
+                }
+                .into())
             }
             Err(e) => {
                 let hint = if e.to_string().contains("certificate") {
@@ -122,11 +126,40 @@ impl Client {
                 } else {
                     ""
                 };
-                bail!("{method} {url}: {e}{hint}")
+                Err(CallFailed::NoAnswer(format!("{method} {url}: {e}{hint}")).into())
             }
         }
     }
 }
+
+/// A call that got no answer to use: the API's HTTP status with its words, or no answer
+/// at all (no connection, a timeout, TLS). Typed so that a caller can tell a node that is
+/// not ready or not reachable (ask again) from a refusal; shown as its words.
+#[derive(Debug)]
+pub enum CallFailed {
+    Status { code: u16, text: String },
+    NoAnswer(String),
+}
+
+impl CallFailed {
+    /// The HTTP status, or `None` for no answer at all.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            CallFailed::Status { code, .. } => Some(*code),
+            CallFailed::NoAnswer(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for CallFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallFailed::Status { text, .. } | CallFailed::NoAnswer(text) => f.write_str(text),
+        }
+    }
+}
+
+impl std::error::Error for CallFailed {}
 
 /// Reads an answer of `ep` as its API type.
 pub fn decode<T: DeserializeOwned>(ep: Ep, v: &Value) -> anyhow::Result<T> {

@@ -88,7 +88,7 @@ pub fn run(client: &Client, cmd: NodeCmd, out: Output) -> anyhow::Result<()> {
                 });
                 return Ok(());
             }
-            let node = drain(client, &id, &given, !out.is_json())?;
+            let node = drain(|| client.get(NODES, &[]), &id, &given, !out.is_json())?;
             out.print(&node, |_| println!("node {given} drained"));
         }
         NodeCmd::Upgrade {
@@ -117,8 +117,10 @@ pub fn run(client: &Client, cmd: NodeCmd, out: Output) -> anyhow::Result<()> {
 const DRAIN_WAIT: Duration = Duration::from_secs(600);
 
 /// Follows node `id`'s drain until no VM is left on it; shows each change when `show`.
+/// `nodes` asks for the node list (`node upgrade` asks any node's API, again while they
+/// are not ready).
 pub(crate) fn drain(
-    client: &Client,
+    mut nodes: impl FnMut() -> anyhow::Result<Vec<NodeInfo>>,
     id: &str,
     given: &str,
     show: bool,
@@ -126,7 +128,7 @@ pub(crate) fn drain(
     let deadline = Instant::now() + DRAIN_WAIT;
     let mut last = None;
     loop {
-        let nodes: Vec<NodeInfo> = client.get(NODES, &[])?;
+        let nodes = nodes()?;
         let Some(n) = nodes.into_iter().find(|n| n.id == id) else {
             bail!("node {given} is gone from the cluster");
         };

@@ -17,7 +17,7 @@ use tessera_api::{
     ClusterStatus, MaintenanceRequest, NodeInfo, NodeUpgradeStatus, UpgradeState, VolumeView,
 };
 
-use crate::client::Client;
+use crate::client::{CallFailed, Client};
 use crate::endpoints::{
     CLUSTER, NODES, NODE_MAINTENANCE, NODE_UPGRADE, NODE_UPGRADE_STATUS, VOLUMES,
 };
@@ -107,18 +107,40 @@ fn upgrade_one(
         wait: up.settle,
         show,
     };
-    let (cl, node) = settle(&turn)?;
+    let node = settle(&turn)?;
     let own = client.at(own_api(client, &node));
     if !up.no_drain {
         if show {
             println!("{given}: maintenance on, draining its VMs");
         }
-        cl.send(
-            NODE_MAINTENANCE,
-            &[id],
-            &MaintenanceRequest { enabled: true },
+        let secs = up.settle.as_secs();
+        on_any_api(
+            &turn,
+            "putting it in maintenance",
+            |c| {
+                c.send(
+                    NODE_MAINTENANCE,
+                    &[id],
+                    &MaintenanceRequest { enabled: true },
+                )
+            },
+            |why| {
+                format!(
+                    "{given} could not be put in maintenance within {secs} s: {why}; nothing sent"
+                )
+            },
         )?;
-        super::nodes::drain(&cl, id, given, show)?;
+        let nodes = || {
+            on_any_api(
+                &turn,
+                "following its drain",
+                |c| c.get::<Vec<NodeInfo>>(NODES, &[]),
+                |why| {
+                    format!("no node's API told how {given}'s drain goes within {secs} s: {why}; nothing sent, it stays in maintenance")
+                },
+            )
+        };
+        super::nodes::drain(nodes, id, given, show)?;
     }
     let before: NodeUpgradeStatus = own.get(NODE_UPGRADE_STATUS, &[id])?;
     if show {
@@ -151,31 +173,58 @@ fn upgrade_one(
 }
 
 /// Takes node `id` out of maintenance through the first API that takes it, asking again
-/// for up to `wait`: right after the node came back, its own API (the first asked when it
-/// is the one logged in to) answers 503 until it has caught up with the leader, and an
-/// election may be under way.
+/// for up to the settle time: right after the node came back, its own API (the first
+/// asked when it is the one logged in to) answers 503 until it has caught up with the
+/// leader, and an election may be under way.
 fn maintenance_off(t: &Turn) -> anyhow::Result<()> {
-    let (client, apis, id, given) = (t.client, t.apis, t.id, t.given);
-    let (wait, show) = (t.wait, t.show);
-    let attempt = || {
-        let mut last = String::new();
-        for a in apis {
-            match client.at(a.clone()).send(
+    let (id, given, secs) = (t.id, t.given, t.wait.as_secs());
+    on_any_api(
+        t,
+        "taking it out of maintenance",
+        |c| {
+            c.send(
                 NODE_MAINTENANCE,
                 &[id],
                 &MaintenanceRequest { enabled: false },
-            ) {
-                Ok(_) => return Ok(Ok(())),
-                Err(e) => last = format!("{e:#}"),
+            )
+        },
+        |why| {
+            format!("{given} runs its new slot but could not be taken out of maintenance within {secs} s: {why}")
+        },
+    )?;
+    Ok(())
+}
+
+/// `call` through the first of the turn's APIs that answers it. A node not ready or not
+/// answering (`plan::ask_again`: no answer, 502-504) is passed over, and all of them are
+/// asked again every 3 s for up to the turn's settle time, saying why after "NODE: what:"
+/// when it changes; then the run stops with `give_up`. A refusal stops it at once.
+fn on_any_api<T>(
+    t: &Turn,
+    what: &str,
+    call: impl Fn(&Client) -> anyhow::Result<T>,
+    give_up: impl Fn(&str) -> String,
+) -> anyhow::Result<T> {
+    let attempt = || {
+        let mut last = String::new();
+        for a in t.apis {
+            match call(&t.client.at(a.clone())) {
+                Ok(v) => return Ok(Ok(v)),
+                Err(e) if ask_again(&e) => last = format!("{e:#}"),
+                Err(e) => return Err(e),
             }
         }
         Ok(Err(last))
     };
-    let prefix = format!("{given}: taking it out of maintenance:");
-    let secs = wait.as_secs();
-    until_ok(wait, show.then_some(prefix.as_str()), attempt, |why| {
-        format!("{given} runs its new slot but could not be taken out of maintenance within {secs} s: {why}")
-    })
+    let prefix = format!("{}: {what}:", t.given);
+    until_ok(t.wait, t.show.then_some(prefix.as_str()), attempt, give_up)
+}
+
+/// Whether the call that failed with `e` is asked again (`plan::ask_again`); an error
+/// that is not a failed call (an answer not understood) is not.
+fn ask_again(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<CallFailed>()
+        .is_some_and(|f| plan::ask_again(f.status()))
 }
 
 /// Calls `attempt` every 3 s until it gives a value (`Ok(Ok)`), for at most `wait`; a
@@ -231,12 +280,12 @@ fn answering(client: &Client, apis: &[String]) -> anyhow::Result<Client> {
 
 /// Waits until node `id` may go down (the cluster whole: `plan::readiness`), for at most
 /// `wait`; then stops saying what is missing, before anything is done to the node.
-/// Returns a client of an API that answered and the node as it answered.
-fn settle(t: &Turn) -> anyhow::Result<(Client, NodeInfo)> {
+/// Returns the node as the cluster sees it.
+fn settle(t: &Turn) -> anyhow::Result<NodeInfo> {
     let (client, apis, id, given) = (t.client, t.apis, t.id, t.given);
     let (wait, show) = (t.wait, t.show);
     let attempt = || match whole_view(client, apis) {
-        Ok((cl, nodes, cluster, volumes)) => {
+        Ok((nodes, cluster, volumes)) => {
             let view = View {
                 nodes: &nodes,
                 cluster: &cluster,
@@ -251,7 +300,7 @@ fn settle(t: &Turn) -> anyhow::Result<(Client, NodeInfo)> {
                         .into_iter()
                         .find(|n| n.id == id)
                         .with_context(|| format!("no node {given}"))?;
-                    Ok(Ok((cl, node)))
+                    Ok(Ok(node))
                 }
                 Readiness::Stop(why) => bail!("{why}; nothing sent"),
                 Readiness::Wait(why) => Ok(Err(why)),
@@ -270,12 +319,12 @@ fn settle(t: &Turn) -> anyhow::Result<(Client, NodeInfo)> {
 fn whole_view(
     client: &Client,
     apis: &[String],
-) -> anyhow::Result<(Client, Vec<NodeInfo>, ClusterStatus, Vec<VolumeView>)> {
+) -> anyhow::Result<(Vec<NodeInfo>, ClusterStatus, Vec<VolumeView>)> {
     let cl = answering(client, apis)?;
     let cluster: ClusterStatus = cl.get(CLUSTER, &[])?;
     let nodes: Vec<NodeInfo> = cl.get(NODES, &[])?;
     let volumes: Vec<VolumeView> = cl.get(VOLUMES, &[])?;
-    Ok((cl, nodes, cluster, volumes))
+    Ok((nodes, cluster, volumes))
 }
 
 /// The node's own API: its management address on the API's port.

@@ -124,6 +124,15 @@ pub fn readiness(target: &str, view: &View) -> Readiness {
     Readiness::Ready { note }
 }
 
+/// Whether a call to the cluster that failed this way is asked again (of every node's
+/// API, until the settle time runs out) rather than stopping the run: no answer at all
+/// (`None`: a node rebooting, a connection reset) or 502/503/504 (a node catching up
+/// with the leader after its reboot, an election: "no leader reachable"). A refusal
+/// (4xx) or an internal error stops the run at once, saying so.
+pub fn ask_again(status: Option<u16>) -> bool {
+    matches!(status, None | Some(502..=504))
+}
+
 #[cfg(test)]
 #[path = "plan_tests.rs"]
 mod tests;

@@ -202,3 +202,16 @@ fn an_unknown_node_stops_and_a_small_cluster_is_warned() {
         Readiness::Ready { note: Some(n) } if n.contains("no quorum while node1 reboots")
     ));
 }
+
+#[test]
+fn a_node_not_ready_or_not_answering_is_asked_again_and_a_refusal_stops() {
+    // No answer (rebooting, connection reset) and "not ready" (503 no leader reachable,
+    // a proxy's 502/504) are waited out.
+    for status in [None, Some(502), Some(503), Some(504)] {
+        assert!(ask_again(status), "{status:?}");
+    }
+    // Refusals and internal errors stop the run: asking again would not change them.
+    for status in [400, 401, 403, 404, 409, 500, 501] {
+        assert!(!ask_again(Some(status)), "{status}");
+    }
+}
