@@ -285,6 +285,21 @@ impl Volume {
         Ok(extents)
     }
 
+    /// The blake3 hash of `len` bytes at `offset` (at most [`MAX_DATA`]), computed by
+    /// the store, so only 32 bytes travel. A store older than this request answers
+    /// `NotSupported`.
+    pub async fn digest(&self, offset: u64, len: u64) -> Result<[u8; 32], ClientError> {
+        let r = Request {
+            kind: Kind::Digest,
+            fua: false,
+            offset,
+            length: len,
+        };
+        let b = self.call(&r, &[], proto::DIGEST_LEN).await?;
+        b.try_into()
+            .map_err(|_| ClientError::Protocol("a digest reply that is not 32 bytes".into()))
+    }
+
     /// Closes the connection after every request finished.
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"done");

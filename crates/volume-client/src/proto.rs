@@ -6,7 +6,8 @@
 //! followed by `length` bytes for `Open` (the volume's name) and `Write` (the data).
 //! Every reply is a 16-byte header `magic u32 | code u32 | length u64` followed by
 //! `length` bytes: the data of a `Read`, the extents of a `BlockStatus`, the size and
-//! flags of an `Open`, or an error's message when `code` is not 0.
+//! flags of an `Open`, the 32-byte blake3 hash of a `Digest`, or an error's message when
+//! `code` is not 0.
 
 use thiserror::Error;
 
@@ -39,6 +40,8 @@ pub const MAX_MESSAGE: u64 = 4096;
 pub const OPEN_REPLY_LEN: u64 = 12;
 /// Bytes of one extent in a `BlockStatus` reply: length u64, flags u32.
 pub const EXTENT_LEN: usize = 12;
+/// Bytes of a `Digest` reply: one blake3 hash.
+pub const DIGEST_LEN: u64 = 32;
 
 /// Request flag: the write (or trim) is durable before the reply.
 pub const FLAG_FUA: u8 = 1;
@@ -65,6 +68,9 @@ pub enum Kind {
     Trim = 5,
     /// Allocation of a range, as extents from `offset`.
     BlockStatus = 6,
+    /// The blake3 hash of the range's bytes (at most [`MAX_DATA`]), so a client can
+    /// find what differs without reading it (`tessera volume cp --resume`).
+    Digest = 7,
 }
 
 impl Kind {
@@ -76,6 +82,7 @@ impl Kind {
             4 => Kind::Flush,
             5 => Kind::Trim,
             6 => Kind::BlockStatus,
+            7 => Kind::Digest,
             _ => return None,
         })
     }
@@ -241,6 +248,7 @@ pub fn decode_request(b: &[u8; REQUEST_LEN]) -> Result<Request, BadFrame> {
         Kind::Open => Some(("a volume name", MAX_NAME)),
         Kind::Read => Some(("a read", MAX_DATA)),
         Kind::Write => Some(("a write", MAX_DATA)),
+        Kind::Digest => Some(("a digest's range", MAX_DATA)),
         _ => None,
     };
     if let Some((what, max)) = bound {

@@ -173,6 +173,15 @@ async fn run<D: Device>(
             blocking(&device, move |d| d.trim(r.offset, r.length, r.fua)).await?;
             Ok(Vec::new())
         }
+        Kind::Digest => {
+            in_range(&r, size)?;
+            blocking(&device, move |d| {
+                let mut buf = vec![0u8; r.length as usize];
+                d.read(r.offset, &mut buf)
+                    .map(|()| blake3::hash(&buf).as_bytes().to_vec())
+            })
+            .await
+        }
         Kind::BlockStatus => {
             in_range(&r, size)?;
             if r.length == 0 {

@@ -18,6 +18,7 @@ fn every_request_kind_round_trips() {
         req(Kind::Flush, false, 0, 0),
         req(Kind::Trim, true, 1 << 40, 1 << 41),
         req(Kind::BlockStatus, false, 0, u64::MAX),
+        req(Kind::Digest, false, 8192, MAX_DATA),
     ] {
         assert_eq!(decode_request(&encode_request(&r)), Ok(r));
     }
@@ -57,6 +58,7 @@ fn malformed_request_headers_are_refused_with_their_code() {
         (Kind::Write, MAX_DATA + 1),
         (Kind::Read, MAX_DATA + 1),
         (Kind::Open, MAX_NAME + 1),
+        (Kind::Digest, MAX_DATA + 1),
     ] {
         let e = decode_request(&encode_request(&req(kind, false, 0, over))).unwrap_err();
         assert_eq!(e.code(), ErrorCode::TooLarge, "{kind:?}");
