@@ -90,6 +90,21 @@ pub fn copies_elsewhere(node: &Node, me: &str, volume: &str) -> Option<serde_jso
         name_of(node, &v.node)
     );
     let records = super::node_records(node);
+    let down = |id: &str| super::liveness(me, id) == super::Liveness::Down;
+    let targets: Vec<serde_json::Value> = forward_order(&v, me, &down)
+        .iter()
+        .filter_map(|id| {
+            let addr = records.get(id)?["nbd"].as_str()?.to_string();
+            Some(serde_json::json!({ "node": name_of(node, id), "addr": addr }))
+        })
+        .collect();
+    Some(serde_json::json!({ "message": message, "targets": targets }))
+}
+
+/// The nodes a store of node `me` holding no copy of `v` forwards its client to, the
+/// first to try first: the primary's, then the other in-sync copies' (not joining: they
+/// could not take the primary), the nodes `down` says are down last; never `me`.
+fn forward_order(v: &Volume, me: &str, down: &dyn Fn(&str) -> bool) -> Vec<String> {
     let mut order = vec![v.node.clone()];
     order.extend(
         v.copies
@@ -97,17 +112,10 @@ pub fn copies_elsewhere(node: &Node, me: &str, volume: &str) -> Option<serde_jso
             .filter(|c| c.node != v.node && c.state == tessera_api::CopyState::InSync && !c.joining)
             .map(|c| c.node.clone()),
     );
+    order.retain(|id| id != me);
     // A stable sort: the primary stays first among the nodes not known down.
-    order.sort_by_key(|id| super::liveness(me, id) == super::Liveness::Down);
-    let targets: Vec<serde_json::Value> = order
-        .iter()
-        .filter(|id| id.as_str() != me)
-        .filter_map(|id| {
-            let addr = records.get(id)?["nbd"].as_str()?.to_string();
-            Some(serde_json::json!({ "node": name_of(node, id), "addr": addr }))
-        })
-        .collect();
-    Some(serde_json::json!({ "message": message, "targets": targets }))
+    order.sort_by_key(|id| down(id));
+    order
 }
 
 /// Whether a client of node `me`'s store, which holds no copy of `volume` and forwards
@@ -232,6 +240,28 @@ mod tests {
 
     fn name(id: &str) -> String {
         format!("node-{id}")
+    }
+
+    #[test]
+    fn a_node_without_a_copy_forwards_to_the_primary_then_to_in_sync_copies_not_down() {
+        let v = super::super::test_volume::volume(
+            3,
+            &[
+                ("a", InSync, false),
+                ("b", CatchingUp, false),
+                ("c", InSync, true),
+                ("d", InSync, false),
+            ],
+        );
+        let none = |_: &str| false;
+        assert_eq!(forward_order(&v, "e", &none), ["a", "d"]);
+        // The primary's node known down: tried last.
+        assert_eq!(forward_order(&v, "e", &|id| id == "a"), ["d", "a"]);
+        // A one-copy volume: its node only.
+        let one = super::super::test_volume::volume(3, &[("a", InSync, false)]);
+        assert_eq!(forward_order(&one, "e", &none), ["a"]);
+        // Never to itself (a stale view of the copies).
+        assert_eq!(forward_order(&v, "d", &none), ["a"]);
     }
 
     #[test]
