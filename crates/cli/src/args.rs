@@ -11,7 +11,7 @@ use crate::output::Output;
 
 mod cp;
 mod node;
-pub use cp::CpArgs;
+pub use cp::{CpArgs, FileFormat};
 pub use node::NodeCmd;
 
 #[derive(Parser)]

@@ -2,15 +2,15 @@
 
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 
-/// Copy between a volume (or snapshot) and a local raw file, or between volumes, over
-/// the stores' QUIC export.
+/// Copy between a volume (or snapshot) and a local raw or qcow2 file, or between volumes,
+/// over the stores' QUIC export.
 #[derive(Args, Debug)]
 pub struct CpArgs {
     /// Source: `vol:NAME` or `vol:NAME@SNAPSHOT` (found through the API, read from its
     /// primary's node), `quic://HOST:PORT/EXPORT` (a store's QUIC export, no API), or a
-    /// local raw file.
+    /// local raw or qcow2 file.
     pub src: String,
     /// Destination, as the source; a local file is created or replaced (sparse: ranges
     /// the source holds as zeros are not written). A volume must be at least as large as
@@ -21,6 +21,26 @@ pub struct CpArgs {
     /// the API when this is not given.
     #[arg(long)]
     pub creds: Option<PathBuf>,
+    /// The local file's format. Default: a source is read as qcow2 when it starts with
+    /// qcow2's magic, a destination is written as qcow2 when its name ends in `.qcow2`,
+    /// else raw.
+    #[arg(long, value_enum)]
+    pub format: Option<FileFormat>,
+    /// Continue an interrupted copy: pieces whose blake3 digests are equal on both ends
+    /// are not copied again (a volume's digests are computed by its store, so only what
+    /// differs travels). A raw file destination is kept, not replaced; a qcow2
+    /// destination cannot be resumed yet.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+/// A local file's format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FileFormat {
+    /// A raw image: the disk's bytes as they are (sparse where zero).
+    Raw,
+    /// A qcow2 image (read: versions 2 and 3; written: version 3, 64 KiB clusters).
+    Qcow2,
 }
 
 impl CpArgs {

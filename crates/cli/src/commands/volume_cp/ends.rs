@@ -2,12 +2,18 @@
 //! a copy does with them (size, allocation, read, write, zero, flush).
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use nix::fcntl::FallocateFlags;
+use tessera_volume_client::proto::{EXTENT_HOLE, EXTENT_ZERO};
 use tessera_volume_client::{Credentials, Extent, Volume};
+
+use super::qcow2;
+use crate::args::FileFormat;
 
 /// An end as the user wrote it.
 #[derive(Debug, PartialEq, Eq)]
@@ -71,50 +77,80 @@ pub fn resolve(host_port: &str) -> anyhow::Result<(SocketAddr, String)> {
     Ok((addr, host.to_string()))
 }
 
-/// The first 4 bytes of a qcow2 image.
-const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
-
 /// An opened end.
 pub enum End {
-    /// A local file (regular, read or created).
-    File(Arc<std::fs::File>),
+    /// A local raw file; `fresh` when this copy created it (so it reads as zeros
+    /// wherever it was not written).
+    File {
+        /// The file.
+        file: Arc<std::fs::File>,
+        /// Created empty by this copy.
+        fresh: bool,
+    },
+    /// A qcow2 image read.
+    Qcow2In(Arc<qcow2::Reader>),
+    /// A qcow2 image written (fresh).
+    Qcow2Out(Arc<qcow2::Writer>),
     /// A volume over the QUIC export.
     Volume(Arc<Volume>),
 }
 
 impl End {
-    /// Opens a local file to read, refusing what is not a raw image.
-    pub fn read_file(path: &std::path::Path) -> anyhow::Result<End> {
+    /// Opens a local file to read: qcow2 or raw as `format` says, else by its first bytes.
+    pub fn read_file(path: &std::path::Path, format: Option<FileFormat>) -> anyhow::Result<End> {
         let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let mut head = [0u8; 4];
-        if f.read_at(&mut head, 0).ok() == Some(4) && &head == QCOW2_MAGIC {
-            bail!(
-                "{} is a qcow2 image: not supported yet (raw files only); convert it first \
-                 with qemu-img convert -O raw",
-                path.display()
-            );
+        let qcow2 = match format {
+            Some(FileFormat::Raw) => false,
+            Some(FileFormat::Qcow2) => true,
+            None => qcow2::is_qcow2(&f),
+        };
+        if !qcow2 {
+            return Ok(End::File {
+                file: Arc::new(f),
+                fresh: false,
+            });
         }
-        Ok(End::File(Arc::new(f)))
+        let r = qcow2::Reader::open(f)
+            .with_context(|| format!("{}: refused, nothing copied", path.display()))?;
+        Ok(End::Qcow2In(Arc::new(r)))
     }
 
-    /// Creates (or replaces) a local file of `size` bytes, sparse until written.
-    pub fn create_file(path: &std::path::Path, size: u64) -> anyhow::Result<End> {
-        if path.extension().is_some_and(|e| e == "qcow2") {
+    /// Opens the local destination of `size` bytes: a new qcow2 image (`format`, or a
+    /// name ending in `.qcow2`), or a raw file created or replaced, sparse until
+    /// written; with `resume` a raw file is kept as it is (and sized).
+    pub fn create_file(
+        path: &std::path::Path,
+        size: u64,
+        format: Option<FileFormat>,
+        resume: bool,
+    ) -> anyhow::Result<End> {
+        let qcow2 = match format {
+            Some(f) => f == FileFormat::Qcow2,
+            None => path.extension().is_some_and(|e| e == "qcow2"),
+        };
+        if qcow2 && resume {
             bail!(
-                "{}: writing qcow2 images is not supported yet (raw files only); write a raw \
-                 file and convert it with qemu-img convert -O qcow2",
+                "{}: resuming a copy into a qcow2 image is not supported yet (copy it again \
+                 without --resume, or resume into a raw file)",
                 path.display()
             );
         }
         let f = std::fs::OpenOptions::new()
+            .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(!resume)
             .open(path)
             .with_context(|| format!("creating {}", path.display()))?;
+        if qcow2 {
+            return Ok(End::Qcow2Out(Arc::new(qcow2::Writer::create(f, size))));
+        }
         f.set_len(size)
             .with_context(|| format!("sizing {}", path.display()))?;
-        Ok(End::File(Arc::new(f)))
+        Ok(End::File {
+            file: Arc::new(f),
+            fresh: !resume,
+        })
     }
 
     /// Opens a volume.
@@ -129,7 +165,9 @@ impl End {
     /// Bytes.
     pub fn size(&self) -> anyhow::Result<u64> {
         match self {
-            End::File(f) => Ok(f.metadata()?.len()),
+            End::File { file, .. } => Ok(file.metadata()?.len()),
+            End::Qcow2In(r) => Ok(r.size()),
+            End::Qcow2Out(w) => Ok(w.size()),
             End::Volume(v) => Ok(v.size()),
         }
     }
@@ -139,14 +177,28 @@ impl End {
         matches!(self, End::Volume(v) if v.read_only())
     }
 
-    /// The allocation of `[offset, offset + len)`, covering it whole. A file is all data
-    /// (its zeros are found by content).
+    /// The allocation of `[offset, offset + len)`, covering it whole. A raw file is all
+    /// data (its zeros are found by content); a qcow2 image's unallocated and zero
+    /// clusters are zeros.
     pub async fn extents(&self, offset: u64, len: u64) -> anyhow::Result<Vec<Extent>> {
-        let End::Volume(v) = self else {
-            return Ok(vec![Extent {
-                length: len,
-                flags: 0,
-            }]);
+        let v = match self {
+            End::Volume(v) => v,
+            End::Qcow2In(r) => {
+                return Ok(r
+                    .extents(offset, len)
+                    .into_iter()
+                    .map(|(length, zero)| Extent {
+                        length,
+                        flags: if zero { EXTENT_HOLE | EXTENT_ZERO } else { 0 },
+                    })
+                    .collect())
+            }
+            _ => {
+                return Ok(vec![Extent {
+                    length: len,
+                    flags: 0,
+                }])
+            }
         };
         let mut out = Vec::new();
         let mut at = offset;
@@ -167,14 +219,34 @@ impl End {
     pub async fn read(&self, offset: u64, len: usize) -> anyhow::Result<Vec<u8>> {
         match self {
             End::Volume(v) => Ok(v.read(offset, len).await?),
-            End::File(f) => {
-                let f = f.clone();
+            End::File { file, .. } => {
+                let f = file.clone();
                 tokio::task::spawn_blocking(move || {
                     let mut buf = vec![0u8; len];
                     f.read_exact_at(&mut buf, offset).map(|()| buf)
                 })
                 .await?
-                .context("reading the source file")
+                .context("reading the file")
+            }
+            End::Qcow2In(r) => {
+                let r = r.clone();
+                Ok(tokio::task::spawn_blocking(move || r.read(offset, len)).await??)
+            }
+            End::Qcow2Out(_) => bail!("a qcow2 destination is not read"),
+        }
+    }
+
+    /// The blake3 digest of `len` bytes at `offset` (at most one piece): computed by the
+    /// store for a volume, here for a file.
+    pub async fn digest(&self, offset: u64, len: u64) -> anyhow::Result<[u8; 32]> {
+        match self {
+            End::Volume(v) => Ok(v.digest(offset, len).await.context(
+                "asking the store for a digest (a store older than --resume answers \
+                 'not supported')",
+            )?),
+            _ => {
+                let b = self.read(offset, len as usize).await?;
+                Ok(*blake3::hash(&b).as_bytes())
             }
         }
     }
@@ -183,34 +255,59 @@ impl End {
     pub async fn write(&self, offset: u64, data: Vec<u8>) -> anyhow::Result<()> {
         match self {
             End::Volume(v) => Ok(v.write(offset, &data, false).await?),
-            End::File(f) => {
-                let f = f.clone();
+            End::File { file, .. } => {
+                let f = file.clone();
                 tokio::task::spawn_blocking(move || f.write_all_at(&data, offset))
                     .await?
                     .context("writing the destination file")
             }
+            End::Qcow2Out(w) => {
+                let w = w.clone();
+                Ok(tokio::task::spawn_blocking(move || w.write(offset, &data)).await??)
+            }
+            End::Qcow2In(_) => bail!("a qcow2 source is not written"),
         }
     }
 
-    /// Makes `len` bytes at `offset` read as zeros: a trim on a volume, nothing on a file
-    /// this copy created (it is sparse and empty).
+    /// Makes `len` bytes at `offset` read as zeros: a trim on a volume; nothing on a
+    /// file or qcow2 image this copy created (it reads as zeros where not written); a
+    /// hole punched in a file kept by `--resume`.
     pub async fn zero(&self, offset: u64, len: u64) -> anyhow::Result<()> {
         match self {
             End::Volume(v) => Ok(v.trim(offset, len, false).await?),
-            End::File(_) => Ok(()),
+            End::File { file, fresh: false } => {
+                let f = file.clone();
+                tokio::task::spawn_blocking(move || {
+                    nix::fcntl::fallocate(
+                        f.as_raw_fd(),
+                        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                        offset as i64,
+                        len as i64,
+                    )
+                })
+                .await?
+                .context("punching a hole in the destination file")
+            }
+            End::File { fresh: true, .. } | End::Qcow2Out(_) => Ok(()),
+            End::Qcow2In(_) => bail!("a qcow2 source is not written"),
         }
     }
 
-    /// Makes everything written durable.
+    /// Makes everything written durable (a qcow2 image gets its tables and header).
     pub async fn flush(&self) -> anyhow::Result<()> {
         match self {
             End::Volume(v) => Ok(v.flush().await?),
-            End::File(f) => {
-                let f = f.clone();
+            End::File { file, .. } => {
+                let f = file.clone();
                 tokio::task::spawn_blocking(move || f.sync_all())
                     .await?
                     .context("syncing the destination file")
             }
+            End::Qcow2Out(w) => {
+                let w = w.clone();
+                Ok(tokio::task::spawn_blocking(move || w.finish()).await??)
+            }
+            End::Qcow2In(_) => Ok(()),
         }
     }
 }

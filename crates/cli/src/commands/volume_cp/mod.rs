@@ -1,9 +1,12 @@
 //! `tessera volume cp SRC DST`: copies between a volume (or snapshot) and a local raw
-//! file, or between two volumes, over the stores' QUIC export (docs/volume-export.md).
-//! Ranges the source reports as zeros (block status) or that read as zeros are not
-//! sent: a file destination stays sparse, a volume destination gets them trimmed.
+//! or qcow2 file, or between two volumes, over the stores' QUIC export
+//! (docs/volume-export.md). Ranges the source reports as zeros (block status, qcow2's
+//! unallocated clusters) or that read as zeros are not sent: a file destination stays
+//! sparse, a volume destination gets them trimmed. `--resume` compares the blake3
+//! digests of each piece on both ends first and copies only the pieces that differ.
 
 mod ends;
+mod qcow2;
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +19,7 @@ use tessera_units::format_size;
 use tessera_volume_client::proto::MAX_DATA;
 use tessera_volume_client::Credentials;
 
-use crate::args::CpArgs;
+use crate::args::{CpArgs, FileFormat};
 use crate::client::{decode, Client};
 use crate::endpoints::{NBD_CREDS, VOLUME};
 use crate::output::Output;
@@ -73,24 +76,35 @@ pub fn run(client: Option<&Client>, args: CpArgs, out: Output) -> anyhow::Result
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let stats = rt.block_on(copy_specs(src, dst, creds))?;
+    let how = How {
+        format: args.format,
+        resume: args.resume,
+    };
+    let stats = rt.block_on(copy_specs(src, dst, creds, how))?;
     let secs = stats.elapsed.as_secs_f64().max(1e-6);
     if out.is_json() {
         out.print(
             &serde_json::json!({
-                "bytes": stats.size, "data_bytes": stats.data, "zero_bytes": stats.size - stats.data,
-                "seconds": secs,
+                "bytes": stats.size, "data_bytes": stats.data,
+                "zero_bytes": stats.size - stats.data - stats.same,
+                "same_bytes": stats.same, "seconds": secs,
             }),
             |_| {},
         );
     } else {
+        let same = if args.resume {
+            format!(", {} already equal", format_size(stats.same))
+        } else {
+            String::new()
+        };
         println!(
-            "copied {} from {} to {}: {} of data, {} skipped as zeros, in {secs:.1} s ({}/s)",
+            "copied {} from {} to {}: {} of data, {} skipped as zeros{same}, in {secs:.1} s \
+             ({}/s)",
             format_size(stats.size),
             args.src,
             args.dst,
             format_size(stats.data),
-            format_size(stats.size - stats.data),
+            format_size(stats.size - stats.data - stats.same),
             format_size((stats.size as f64 / secs) as u64)
         );
     }
@@ -100,15 +114,30 @@ pub fn run(client: Option<&Client>, args: CpArgs, out: Output) -> anyhow::Result
 /// What a copy did.
 struct Stats {
     size: u64,
+    /// Bytes of data sent.
     data: u64,
+    /// Bytes not copied because their pieces' digests were equal (`--resume`).
+    same: u64,
     elapsed: Duration,
 }
 
-async fn open(spec: Spec, creds: Option<&Credentials>, size: Option<u64>) -> anyhow::Result<End> {
+/// How to copy: the local file's format, and whether to resume.
+#[derive(Clone, Copy)]
+struct How {
+    format: Option<FileFormat>,
+    resume: bool,
+}
+
+async fn open(
+    spec: Spec,
+    creds: Option<&Credentials>,
+    size: Option<u64>,
+    how: How,
+) -> anyhow::Result<End> {
     match spec {
         Spec::File(p) => match size {
-            None => End::read_file(&p),
-            Some(n) => End::create_file(&p, n),
+            None => End::read_file(&p, how.format),
+            Some(n) => End::create_file(&p, n, how.format, how.resume),
         },
         Spec::Direct { host_port, export } => {
             let creds = creds.context("no credentials for the QUIC export")?;
@@ -118,10 +147,15 @@ async fn open(spec: Spec, creds: Option<&Credentials>, size: Option<u64>) -> any
     }
 }
 
-async fn copy_specs(src: Spec, dst: Spec, creds: Option<Credentials>) -> anyhow::Result<Stats> {
-    let source = open(src, creds.as_ref(), None).await?;
+async fn copy_specs(
+    src: Spec,
+    dst: Spec,
+    creds: Option<Credentials>,
+    how: How,
+) -> anyhow::Result<Stats> {
+    let source = open(src, creds.as_ref(), None, how).await?;
     let size = source.size()?;
-    let dest = match open(dst, creds.as_ref(), Some(size)).await {
+    let dest = match open(dst, creds.as_ref(), Some(size), how).await {
         Ok(d) => d,
         Err(e) => {
             hang_up(source).await;
@@ -143,7 +177,7 @@ async fn copy_specs(src: Spec, dst: Spec, creds: Option<Credentials>) -> anyhow:
         );
     }
     let (source, dest) = (Arc::new(source), Arc::new(dest));
-    let done = copy(source.clone(), dest.clone(), size).await;
+    let done = copy(source.clone(), dest.clone(), size, how.resume).await;
     for end in [source, dest] {
         if let Ok(end) = Arc::try_unwrap(end) {
             hang_up(end).await;
@@ -163,11 +197,13 @@ async fn hang_up(end: End) {
 }
 
 /// Copies `size` bytes in pieces of the protocol's largest request, [`IN_FLIGHT`] at a
-/// time, then flushes the destination.
-async fn copy(src: Arc<End>, dst: Arc<End>, size: u64) -> anyhow::Result<Stats> {
+/// time (with `resume`, only the pieces whose digests differ), then flushes the
+/// destination.
+async fn copy(src: Arc<End>, dst: Arc<End>, size: u64, resume: bool) -> anyhow::Result<Stats> {
     let started = Instant::now();
     let done = Arc::new(AtomicU64::new(0));
     let data = Arc::new(AtomicU64::new(0));
+    let same = Arc::new(AtomicU64::new(0));
     let bar = std::io::stderr()
         .is_terminal()
         .then(|| tokio::spawn(draw(done.clone(), size)));
@@ -178,10 +214,15 @@ async fn copy(src: Arc<End>, dst: Arc<End>, size: u64) -> anyhow::Result<Stats> 
         while failed.is_none() && next < size && tasks.len() < IN_FLIGHT {
             let len = (size - next).min(MAX_DATA);
             let (s, d, dn, da) = (src.clone(), dst.clone(), done.clone(), data.clone());
+            let sm = same.clone();
             tasks.spawn(async move {
-                let copied = piece(&s, &d, next, len).await?;
+                if resume && equal(&s, &d, next, len).await? {
+                    sm.fetch_add(len, Ordering::Relaxed);
+                } else {
+                    let copied = piece(&s, &d, next, len).await?;
+                    da.fetch_add(copied, Ordering::Relaxed);
+                }
                 dn.fetch_add(len, Ordering::Relaxed);
-                da.fetch_add(copied, Ordering::Relaxed);
                 anyhow::Ok(())
             });
             next += len;
@@ -199,7 +240,8 @@ async fn copy(src: Arc<End>, dst: Arc<End>, size: u64) -> anyhow::Result<Stats> 
     }
     if let Some(e) = failed {
         return Err(e.context(format!(
-            "the copy failed after {} of {}",
+            "the copy failed after {} of {} (the destination is partly written; \
+             --resume continues into a volume or a raw file)",
             format_size(done.load(Ordering::Relaxed)),
             format_size(size)
         )));
@@ -208,8 +250,16 @@ async fn copy(src: Arc<End>, dst: Arc<End>, size: u64) -> anyhow::Result<Stats> 
     Ok(Stats {
         size,
         data: data.load(Ordering::Relaxed),
+        same: same.load(Ordering::Relaxed),
         elapsed: started.elapsed(),
     })
+}
+
+/// True when the piece's bytes are the same on both ends (blake3 digests; a volume's
+/// is computed by its store, so the piece itself does not travel).
+async fn equal(src: &End, dst: &End, offset: u64, len: u64) -> anyhow::Result<bool> {
+    let (a, b) = tokio::try_join!(src.digest(offset, len), dst.digest(offset, len))?;
+    Ok(a == b)
 }
 
 /// Copies one piece; returns the bytes of data sent (not zeros).
