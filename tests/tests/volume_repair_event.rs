@@ -5,7 +5,8 @@
 //! primary's layer file behind the store's back; `qemu-img` reads the volume through the
 //! primary and gets exactly what was written; the primary's file holds the good bytes
 //! again; and the cluster's event list (`GET /events`, curl) holds a `volume.repaired`
-//! event naming the volume, the offset and the node whose copy was good.
+//! event naming the volume, the offset and the node whose copy was good (by its name in
+//! the message, by its id in the event's `nodes`).
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -151,13 +152,18 @@ fn a_bad_block_on_the_primary_is_repaired_and_the_cluster_records_a_volume_repai
     let msg = ev["message"].as_str().unwrap();
     assert!(msg.contains(&format!("at offset {BAD} ")), "{ev}");
     assert!(msg.contains("volume rv"), "{ev}");
-    // The stores name a node by the first 64 bits of its id (16 hex digits), as the
-    // replication peers do.
-    let short = |id: &str| format!("node {}", &id[..16]);
+    // The message names the good copy's node by its name (the store reports it by its
+    // certificate name, 16 hex digits); the event's `nodes` holds its id.
+    let good = if msg.contains("node node2") { &n2 } else { &n3 };
     assert!(
-        msg.contains(&short(&n2)) || msg.contains(&short(&n3)),
-        "the event names neither replica's node ({n2}, {n3}): {ev}"
+        msg.contains("node node2") || msg.contains("node node3"),
+        "the event names neither replica's node by name: {ev}"
     );
+    assert!(
+        !msg.contains(&good[..16]),
+        "the message holds a node id: {ev}"
+    );
+    assert_eq!(ev["nodes"], json!([good]), "{ev}");
     assert_eq!(ev["user"], "tesserad", "{ev}");
     // One block went bad: one event, however often tesserad polled since.
     let (_, all) = api(&ca, 2, "GET", "events?limit=1000", Some(t), None);

@@ -22,6 +22,10 @@ pub struct Event {
     /// by itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// The ids of the nodes the event is about, in the order its message names them (the
+    /// message uses their names); absent for an event about no node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
 }
 
 /// Which events.

@@ -66,7 +66,7 @@ export function activityPages(env) {
     const draw = () => {
       const q = text.value.trim().toLowerCase();
       replace(list, eventTable(events.filter((e) => (!kind.value || e.kind === kind.value) &&
-        (!q || [e.target, e.user, e.message, e.kind].some((x) => String(x).toLowerCase().includes(q))))));
+        (!q || [e.target, e.user, e.message, e.kind, ...(e.nodes || [])].some((x) => String(x).toLowerCase().includes(q))))));
     };
     text.addEventListener("input", draw);
     kind.addEventListener("change", draw);

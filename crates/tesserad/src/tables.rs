@@ -81,6 +81,17 @@ pub fn random_id() -> String {
 /// The command recording an event (to put in the same transaction as the change it
 /// describes). Keys start with the time, so the table sorts oldest first.
 pub fn event(kind: &str, target: &str, user: &str, message: &str) -> Command {
+    event_about_nodes(kind, target, user, message, Vec::new())
+}
+
+/// [`event`], about the nodes with ids `nodes` (which its message names by name).
+pub fn event_about_nodes(
+    kind: &str,
+    target: &str,
+    user: &str,
+    message: &str,
+    nodes: Vec<String>,
+) -> Command {
     let time_ms = now_ms();
     let id = format!("{time_ms:016}-{}", random_id());
     put(
@@ -95,6 +106,7 @@ pub fn event(kind: &str, target: &str, user: &str, message: &str) -> Command {
             message: message.into(),
             // The address of the API request this is written for, if any.
             source: crate::api::audit::source(),
+            nodes,
         },
     )
 }

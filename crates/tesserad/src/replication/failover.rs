@@ -14,10 +14,11 @@ use std::sync::Arc;
 use serde_json::json;
 use tessera_state::{Command, Node, Require};
 
+use super::naming::NodeNames;
 use super::{liveness, node_records, store_trouble, volumes, Liveness, ROUND};
 use crate::records::table::VOLUMES;
 use crate::records::{Volume, VolumeState};
-use crate::tables::{event, put};
+use crate::tables::put;
 use tessera_api::CopyState;
 
 /// What to do about one volume.
@@ -135,6 +136,7 @@ pub fn start(node: Arc<Node>, me: String) {
 
 async fn round(node: &Node, me: &str, announced: &mut HashSet<(String, u64)>) {
     let records = node_records(node);
+    let names = NodeNames::of(&records);
     // A node removed from the cluster (no record) is gone for good.
     let failed = |id: &str| {
         liveness(me, id) == Liveness::Down
@@ -157,12 +159,7 @@ async fn round(node: &Node, me: &str, announced: &mut HashSet<(String, u64)>) {
                 tracing::error!(volume = %v.name, "{msg}");
                 let txn = Command::Txn {
                     require: vec![],
-                    ops: vec![event(
-                        "volume.replication_stalled",
-                        &v.name,
-                        "tesserad",
-                        &msg,
-                    )],
+                    ops: vec![names.event("volume.replication_stalled", &v.name, &msg)],
                 };
                 if node.write(txn).await.is_err() {
                     announced.remove(&(v.name.clone(), v.generation));
@@ -177,20 +174,18 @@ async fn round(node: &Node, me: &str, announced: &mut HashSet<(String, u64)>) {
                 let mut ops = Vec::new();
                 if let Some(p) = &new_primary {
                     volume.nbd = super::nbd_uri(&records, p, &volume.name);
-                    ops.push(event(
+                    ops.push(names.event(
                         "volume.primary_moved",
                         &v.name,
-                        "tesserad",
                         &format!(
                             "primary moved from {} to {p} (its node failed); generation {}",
                             v.node, volume.generation
                         ),
                     ));
                 }
-                ops.push(event(
+                ops.push(names.event(
                     "volume.replica_out_of_sync",
                     &v.name,
-                    "tesserad",
                     &format!(
                         "the copies on {} left the in-sync set (node down or store unreachable); \
                          generation {}",

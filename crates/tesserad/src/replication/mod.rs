@@ -18,6 +18,7 @@
 pub mod copy_tasks;
 pub mod failover;
 pub mod moves;
+pub mod naming;
 pub mod orphans;
 pub mod placement;
 pub mod rebuild;

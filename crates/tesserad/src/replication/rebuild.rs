@@ -22,11 +22,12 @@ use serde_json::json;
 use tessera_api::{CopyState, VolumeCopy, DEFAULT_REPLICA_REPLACE_AFTER_S};
 use tessera_state::{Command, Node, Require};
 
+use super::naming::NodeNames;
 use super::placement::{place, Candidate};
 use super::{node_records, store_trouble, volumes};
 use crate::records::table::{COPY_DELETIONS, SETTINGS, VOLUMES};
 use crate::records::{Volume, VolumeState};
-use crate::tables::{del, event, put};
+use crate::tables::{del, put};
 
 /// How long a node has been away, as the leader sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +151,7 @@ pub fn replace_after(n: &Node) -> Duration {
 /// again: nothing is left to delete).
 pub async fn round(node: &Node, me: &str, st: &mut State) {
     let records = node_records(node);
+    let names = NodeNames::of(&records);
     let now = Instant::now();
     st.trouble_since
         .retain(|id, _| records.get(id).is_some_and(|r| store_trouble(r).is_some()));
@@ -199,7 +201,7 @@ pub async fn round(node: &Node, me: &str, st: &mut State) {
                 tracing::warn!(volume = %v.name, "{msg}");
                 let txn = Command::Txn {
                     require: vec![],
-                    ops: vec![event("volume.rebuild_waiting", &v.name, "tesserad", &msg)],
+                    ops: vec![names.event("volume.rebuild_waiting", &v.name, &msg)],
                 };
                 if node.write(txn).await.is_ok() {
                     st.announced.push(k);
@@ -214,10 +216,9 @@ pub async fn round(node: &Node, me: &str, st: &mut State) {
                 let mut ops = vec![
                     put(VOLUMES, &v.name, &volume),
                     super::orphans::pending(&v.name, &replaced, "replaced by a rebuild elsewhere"),
-                    event(
+                    names.event(
                         "volume.rebuild_started",
                         &v.name,
-                        "tesserad",
                         &format!(
                             "the copy on {replaced} is rebuilt on {on} ({why}); the primary on {} \
                              sends it a full copy while I/O goes on; generation {}",

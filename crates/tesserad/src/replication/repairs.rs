@@ -3,7 +3,9 @@
 //! (the store's `repl/primary/repair.rs`), and a replica's copy found bad is given the
 //! primary's bytes; the primary lists each repair in `replication_status`, and each one
 //! listed becomes a `volume.repaired` event naming the volume (and snapshot), the range,
-//! the node whose copy was good and, for a replica's, the node whose copy was repaired.
+//! the node whose copy was good and, for a replica's, the node whose copy was repaired:
+//! by name in its message (the store reports them by certificate name), by id in its
+//! `nodes` (`super::naming`).
 //!
 //! The store keeps its last repairs in memory and lists them at every poll, so an event's
 //! id is made from the repair itself: written again (after this daemon restarted) it
@@ -15,6 +17,7 @@ use tessera_api::Event;
 use tessera_state::{Command, Node};
 use tessera_store_admin::{BlockRepaired, VolumeReplication};
 
+use super::naming::NodeNames;
 use crate::records::table::EVENTS;
 
 /// The repairs already made events, per volume (time, offset, node).
@@ -43,7 +46,8 @@ pub async fn record(node: &Node, report: &VolumeReplication, done: &mut Recorded
     if new.is_empty() {
         return;
     }
-    let ops = new.iter().map(|r| event(volume, r)).collect();
+    let names = NodeNames::of(&super::node_records(node));
+    let ops = new.iter().map(|r| event(volume, r, &names)).collect();
     let txn = Command::Txn {
         require: vec![],
         ops,
@@ -59,7 +63,7 @@ pub async fn record(node: &Node, report: &VolumeReplication, done: &mut Recorded
 }
 
 /// The event for repair `r` of `volume`, under an id made from the repair.
-fn event(volume: &str, r: &BlockRepaired) -> Command {
+fn event(volume: &str, r: &BlockRepaired, names: &NodeNames) -> Command {
     let mut id = format!(
         "{:016}-repaired-{volume}-{:x}-{}",
         r.time_ms, r.offset, r.from
@@ -70,6 +74,7 @@ fn event(volume: &str, r: &BlockRepaired) -> Command {
     if let Some(on) = &r.on {
         id.push_str(&format!("-on-{on}"));
     }
+    let (message, nodes) = names.render(&message(volume, r));
     crate::tables::put(
         EVENTS,
         &id.clone(),
@@ -79,8 +84,9 @@ fn event(volume: &str, r: &BlockRepaired) -> Command {
             kind: "volume.repaired".into(),
             target: volume.into(),
             user: "tesserad".into(),
-            message: message(volume, r),
+            message,
             source: None,
+            nodes,
         },
     )
 }
@@ -137,7 +143,8 @@ mod tests {
         ] {
             assert!(m.contains(part), "{m}");
         }
-        let ids = |r: &BlockRepaired| format!("{:?}", event("disk0", r));
+        let names = NodeNames::of(&std::collections::HashMap::new());
+        let ids = |r: &BlockRepaired| format!("{:?}", event("disk0", r, &names));
         assert_ne!(ids(&r), ids(&on));
     }
 }

@@ -27,7 +27,7 @@ use tessera_store_admin::{ReplicaState, VolumeReplication};
 use super::failover::{self, Decision};
 use crate::records::table::VOLUMES;
 use crate::records::{Volume, VolumeState};
-use crate::tables::{event, put};
+use crate::tables::put;
 
 /// What the primary's report asks of the cluster state.
 #[derive(Clone, Debug, PartialEq)]
@@ -214,11 +214,12 @@ pub fn decide(
 /// Writes `new` over `old` (compare-and-swap) with `events`, and a task for every copy
 /// that starts catching up; true if it was written.
 pub async fn write(node: &Node, old: &Volume, new: &Volume, events: &[(&str, String)]) -> bool {
+    let names = super::naming::NodeNames::of(&super::node_records(node));
     let mut ops = vec![put(VOLUMES, &old.name, new)];
     ops.extend(
         events
             .iter()
-            .map(|(kind, msg)| event(kind, &old.name, "tesserad", msg)),
+            .map(|(kind, msg)| names.event(kind, &old.name, msg)),
     );
     ops.extend(super::copy_tasks::for_change(old, new));
     let txn = Command::Txn {
@@ -263,12 +264,13 @@ pub async fn act(node: &Node, v: &Volume, step: Step, stalled: &mut Vec<(String,
             tracing::error!(volume = %v.name, "{msg}");
             let txn = Command::Txn {
                 require: vec![],
-                ops: vec![event(
-                    "volume.replication_stalled",
-                    &v.name,
-                    "tesserad",
-                    &msg,
-                )],
+                ops: vec![
+                    super::naming::NodeNames::of(&super::node_records(node)).event(
+                        "volume.replication_stalled",
+                        &v.name,
+                        &msg,
+                    ),
+                ],
             };
             if node.write(txn).await.is_ok() {
                 stalled.push(key);
