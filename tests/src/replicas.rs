@@ -315,6 +315,49 @@ pub fn has_event(ca: &str, via: u8, token: &str, kind: &str, target: &str) -> bo
         .is_some_and(|e| e.iter().any(|e| e["kind"] == kind && e["target"] == target))
 }
 
+/// The last `lines` lines of each of the three nodes' store logs, for a failure's message.
+pub fn store_logs(dir: &Path, lines: usize) -> String {
+    let mut s = String::new();
+    for i in 1..=3 {
+        let text =
+            std::fs::read_to_string(dir.join(format!("node{i}/store.log"))).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        s += &format!("--- node{i}/store.log:\n");
+        for l in &all[all.len().saturating_sub(lines)..] {
+            s += l;
+            s.push('\n');
+        }
+    }
+    s
+}
+
+/// Waits (at most 60 s) until node 1's API lists three nodes whose stores are healthy;
+/// that list.
+pub fn three_healthy_nodes(ca: &str, token: &str) -> Value {
+    crate::cluster::wait_for("three nodes with healthy stores", 60, || {
+        let (_, n) = api(ca, 1, "GET", "nodes", Some(token), None);
+        n.as_array()
+            .is_some_and(|l| l.len() == 3 && l.iter().all(|n| n["storage"]["state"] == "ok"))
+            .then_some(n)
+    })
+}
+
+/// Starts VM `name` (the test guest `kernel`, idle, 64 MiB) with disk `disk` on node id
+/// `node`, and waits (at most 90 s) until it runs.
+pub fn start_idle_vm(ca: &str, token: &str, name: &str, disk: &str, node: &str, kernel: &str) {
+    let body = serde_json::json!({
+        "name": name, "vcpus": 1, "memory_mib": 64, "disks": [disk], "node": node,
+        "kernel": kernel, "cmdline": "console=ttyS0 tessera.mode=idle",
+        "desired_state": "running",
+    });
+    let (c, v) = api(ca, 1, "POST", "vms", Some(token), Some(&body));
+    assert_eq!(c, 201, "{v}");
+    crate::cluster::wait_for(&format!("VM {name} running"), 90, || {
+        let (_, v) = api(ca, 1, "GET", &format!("vms/{name}"), Some(token), None);
+        (v["actual_state"] == "running").then_some(())
+    });
+}
+
 /// A client that stays connected: qemu-io reading its commands from a pipe, its output
 /// line by line.
 pub struct QemuIo {

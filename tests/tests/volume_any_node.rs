@@ -16,11 +16,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde_json::json;
-use tessera_tests::cluster::wait_for;
 use tessera_tests::devcluster::{api, node_id, DevCluster, VmmKiller};
 use tessera_tests::replicas::{
-    all_in_sync, copy_nodes, has_event, read_hash, serves, unix_uri, wait_task, wait_volume, write,
-    QemuIo,
+    all_in_sync, copy_nodes, has_event, read_hash, serves, start_idle_vm, store_logs,
+    three_healthy_nodes, unix_uri, wait_task, wait_volume, write, QemuIo,
 };
 use tessera_tests::{kvm_or_skip, require};
 
@@ -32,22 +31,6 @@ const BEFORE_AT: u64 = 8 * MIB;
 const AFTER_AT: u64 = 12 * MIB;
 /// The test guest (built by tests/build.rs).
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
-
-/// The store logs of the three nodes, for a failure's message.
-fn logs(dir: &Path) -> String {
-    let mut s = String::new();
-    for i in 1..=3 {
-        let text =
-            std::fs::read_to_string(dir.join(format!("node{i}/store.log"))).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        s += &format!("--- node{i}/store.log:\n");
-        for l in &lines[lines.len().saturating_sub(30)..] {
-            s += l;
-            s.push('\n');
-        }
-    }
-    s
-}
 
 /// Creates volume `name` of `replicas` copies, the primary's on node id `on`, and waits
 /// until every copy is in sync; its view.
@@ -76,12 +59,7 @@ fn any_nodes_nbd_server_writes_a_volume_by_becoming_its_primary_and_fences_the_o
     let ca = cluster.ca_file();
     let token = cluster.admin_session(1, "volume any node admin password");
     let t = token.as_str();
-    let nodes = wait_for("three nodes with healthy stores", 60, || {
-        let (_, n) = api(&ca, 1, "GET", "nodes", Some(t), None);
-        n.as_array()
-            .is_some_and(|l| l.len() == 3 && l.iter().all(|n| n["storage"]["state"] == "ok"))
-            .then_some(n)
-    });
+    let nodes = three_healthy_nodes(&ca, t);
     let id = |i: u8| node_id(&nodes, i);
     let v = create(&ca, t, "any", 3, &id(3));
     assert_eq!(copy_nodes(&v)[0], id(3), "{v}");
@@ -104,12 +82,16 @@ fn any_nodes_nbd_server_writes_a_volume_by_becoming_its_primary_and_fences_the_o
         let old = (writer == 2).then(|| {
             let mut c = QemuIo::start(&unix_uri(dir, 1, "any"));
             let a = c.run(&format!("write -P 0xaa {BEFORE_AT} 4096"));
-            assert!(a.contains("wrote 4096/4096"), "{a}\n{}", logs(dir));
+            assert!(
+                a.contains("wrote 4096/4096"),
+                "{a}\n{}",
+                store_logs(dir, 30)
+            );
             expected[BEFORE_AT as usize..][..4096].fill(0xaa);
             c
         });
         let began = Instant::now();
-        assert!(write(dir, writer, "any", &f), "{}", logs(dir));
+        assert!(write(dir, writer, "any", &f), "{}", store_logs(dir, 30));
         eprintln!(
             "nbdcopy through node{writer}: {:?} (the primary moved on its first write)",
             began.elapsed()
@@ -127,7 +109,7 @@ fn any_nodes_nbd_server_writes_a_volume_by_becoming_its_primary_and_fences_the_o
             assert!(
                 a.contains("failed") && a.contains("not permitted"),
                 "the client left on the old primary: {a}\n{}",
-                logs(dir)
+                store_logs(dir, 30)
             );
         }
     }
@@ -143,7 +125,7 @@ fn any_nodes_nbd_server_writes_a_volume_by_becoming_its_primary_and_fences_the_o
             panic!(
                 "node{i}'s copy differs first at {at:?} (0xAA at {BEFORE_AT}, 0xCC at {AFTER_AT}): {:?}\n{}",
                 at.map(|a| &got[a..a + 16]),
-                logs(dir)
+                store_logs(dir, 30)
             );
         }
     }
@@ -159,7 +141,7 @@ fn any_nodes_nbd_server_writes_a_volume_by_becoming_its_primary_and_fences_the_o
     let v = create(&ca, t, "two", 2, &id(1));
     let held = copy_nodes(&v);
     let none = (1..=3u8).find(|i| !held.contains(&id(*i))).unwrap();
-    assert!(serves(dir, none, "two"), "{}", logs(dir));
+    assert!(serves(dir, none, "two"), "{}", store_logs(dir, 30));
     // Then the store still serves what it holds.
     assert_eq!(read_hash(dir, none, "any", tmp), want);
 
@@ -182,17 +164,7 @@ fn a_running_vms_volume_is_not_written_through_another_node(
 ) {
     let _reaper = VmmKiller::of(dir);
     create(ca, t, "vmdisk", 3, &id(1));
-    let body = json!({
-        "name": "user", "vcpus": 1, "memory_mib": 64, "disks": ["vmdisk"], "node": id(1),
-        "kernel": GUEST, "cmdline": "console=ttyS0 tessera.mode=idle",
-        "desired_state": "running",
-    });
-    let (c, v) = api(ca, 1, "POST", "vms", Some(t), Some(&body));
-    assert_eq!(c, 201, "{v}");
-    wait_for("VM user running", 90, || {
-        let (_, v) = api(ca, 1, "GET", "vms/user", Some(t), None);
-        (v["actual_state"] == "running").then_some(())
-    });
+    start_idle_vm(ca, t, "user", "vmdisk", &id(1), GUEST);
     let (_, before) = api(ca, 1, "GET", "volumes/vmdisk", Some(t), None);
     assert_eq!(before["node"], id(1).as_str(), "{before}");
 
@@ -207,7 +179,7 @@ fn a_running_vms_volume_is_not_written_through_another_node(
         log.contains("volume vmdisk is in use by VM user")
             && log.contains(&format!("on node {}", "node1")),
         "{}",
-        logs(dir)
+        store_logs(dir, 30)
     );
     let (_, after) = api(ca, 1, "GET", "volumes/vmdisk", Some(t), None);
     assert_eq!(after["node"], id(1).as_str(), "{after}");

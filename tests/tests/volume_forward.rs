@@ -17,9 +17,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tessera_tests::cluster::wait_for;
 use tessera_tests::devcluster::{api, node_id, DevCluster, VmmKiller};
-use tessera_tests::replicas::{kill, read_hash, unix_uri, wait_task, wait_volume, write, QemuIo};
+use tessera_tests::replicas::{
+    kill, read_hash, start_idle_vm, store_logs, three_healthy_nodes, unix_uri, wait_task,
+    wait_volume, write, QemuIo,
+};
 use tessera_tests::{bin, file_hash, kvm_or_skip, output, require};
 
 const MIB: u64 = 1024 * 1024;
@@ -29,22 +31,6 @@ const SIZE: u64 = 16 * MIB;
 const DEAD_PEER_BOUND: Duration = Duration::from_secs(20);
 /// The test guest (built by tests/build.rs).
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
-
-/// The last lines of every node's store log, for a failure's message.
-fn logs(dir: &Path) -> String {
-    let mut s = String::new();
-    for i in 1..=3 {
-        let text =
-            std::fs::read_to_string(dir.join(format!("node{i}/store.log"))).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        s += &format!("--- node{i}/store.log:\n");
-        for l in &lines[lines.len().saturating_sub(20)..] {
-            s += l;
-            s.push('\n');
-        }
-    }
-    s
-}
 
 /// Creates a one-copy volume `name` on node id `on` and waits until it is ready.
 fn create_solo(ca: &str, t: &str, name: &str, on: &str) {
@@ -63,7 +49,7 @@ fn same_everywhere(dir: &Path, tmp: &Path, export: &str, want: &[u8]) {
             read_hash(dir, i, export, tmp),
             want,
             "{export} read through node{i}\n{}",
-            logs(dir)
+            store_logs(dir, 30)
         );
     }
 }
@@ -89,12 +75,7 @@ fn a_node_without_a_copy_serves_the_volume_by_forwarding_to_its_primary() {
     let ca = cluster.ca_file();
     let token = cluster.admin_session(1, "volume forward admin password");
     let t = token.as_str();
-    let nodes = wait_for("three nodes with healthy stores", 60, || {
-        let (_, n) = api(&ca, 1, "GET", "nodes", Some(t), None);
-        n.as_array()
-            .is_some_and(|l| l.len() == 3 && l.iter().all(|n| n["storage"]["state"] == "ok"))
-            .then_some(n)
-    });
+    let nodes = three_healthy_nodes(&ca, t);
     let id = |i: u8| node_id(&nodes, i);
     create_solo(&ca, t, "solo", &id(1));
 
@@ -103,7 +84,7 @@ fn a_node_without_a_copy_serves_the_volume_by_forwarding_to_its_primary() {
     let a = tmp.join("a");
     std::fs::write(&a, &expected).unwrap();
     let began = Instant::now();
-    assert!(write(dir, 2, "solo", &a), "{}", logs(dir));
+    assert!(write(dir, 2, "solo", &a), "{}", store_logs(dir, 30));
     eprintln!(
         "nbdcopy of 16 MiB through node2 (forwarded): {:?}",
         began.elapsed()
@@ -129,7 +110,7 @@ fn a_node_without_a_copy_serves_the_volume_by_forwarding_to_its_primary() {
         out.status.success(),
         "qemu-img through node3: {}\n{}",
         String::from_utf8_lossy(&out.stderr),
-        logs(dir)
+        store_logs(dir, 30)
     );
     same_everywhere(dir, tmp, "solo", &expected);
 
@@ -160,7 +141,7 @@ fn a_node_without_a_copy_serves_the_volume_by_forwarding_to_its_primary() {
     assert!(
         out.status.success() && said.contains("discard 1048576/1048576"),
         "{said}\n{}",
-        logs(dir)
+        store_logs(dir, 30)
     );
     expected[MIB as usize..2 * MIB as usize].fill(0);
     expected[5 * MIB as usize..][..512 * 1024].fill(0);
@@ -180,7 +161,7 @@ fn a_node_without_a_copy_serves_the_volume_by_forwarding_to_its_primary() {
         out.status.success(),
         "volume cp through node3's QUIC export: {}\n{}",
         String::from_utf8_lossy(&out.stderr),
-        logs(dir)
+        store_logs(dir, 30)
     );
     assert_eq!(file_hash(&got), blake3::hash(&expected));
 
@@ -193,16 +174,20 @@ fn a_node_without_a_copy_serves_the_volume_by_forwarding_to_its_primary() {
     // request fails within a bounded time.
     let mut c = QemuIo::start(&unix_uri(dir, 2, "solo"));
     let r = c.run("read 0 4096");
-    assert!(r.contains("read 4096/4096"), "{r}\n{}", logs(dir));
+    assert!(r.contains("read 4096/4096"), "{r}\n{}", store_logs(dir, 30));
     kill(dir, 1, &["tessera-store"]);
     let began = Instant::now();
     let r = c.run("write -P 0x77 0 4096");
     let waited = began.elapsed();
     eprintln!("a write through node2 after the primary's store died: {r:?} after {waited:?}");
-    assert!(r.contains("failed"), "{r}\n{}", logs(dir));
+    assert!(r.contains("failed"), "{r}\n{}", store_logs(dir, 30));
     assert!(waited < DEAD_PEER_BOUND, "the error took {waited:?}");
     let log = std::fs::read_to_string(dir.join("node2/store.log")).unwrap();
-    assert!(log.contains("a forwarded request failed"), "{}", logs(dir));
+    assert!(
+        log.contains("a forwarded request failed"),
+        "{}",
+        store_logs(dir, 30)
+    );
 }
 
 /// A volume a running VM on node 1 uses, its one copy there: a write through node 2 is
@@ -216,17 +201,7 @@ fn a_running_vms_volume_is_not_written_through_a_node_without_a_copy(
 ) {
     let _reaper = VmmKiller::of(dir);
     create_solo(ca, t, "vmdisk", &id(1));
-    let body = json!({
-        "name": "user", "vcpus": 1, "memory_mib": 64, "disks": ["vmdisk"], "node": id(1),
-        "kernel": GUEST, "cmdline": "console=ttyS0 tessera.mode=idle",
-        "desired_state": "running",
-    });
-    let (c, v) = api(ca, 1, "POST", "vms", Some(t), Some(&body));
-    assert_eq!(c, 201, "{v}");
-    wait_for("VM user running", 90, || {
-        let (_, v) = api(ca, 1, "GET", "vms/user", Some(t), None);
-        (v["actual_state"] == "running").then_some(())
-    });
+    start_idle_vm(ca, t, "user", "vmdisk", &id(1), GUEST);
     let f = tmp.join("intruder");
     std::fs::write(&f, vec![0x5au8; MIB as usize]).unwrap();
     assert!(
@@ -237,7 +212,7 @@ fn a_running_vms_volume_is_not_written_through_a_node_without_a_copy(
     assert!(
         log.contains("volume vmdisk is in use by VM user") && log.contains("on node node1"),
         "{}",
-        logs(dir)
+        store_logs(dir, 30)
     );
     // Reading it through node 2 is served, and nothing of the refused write is there.
     read_hash(dir, 2, "vmdisk", tmp);
