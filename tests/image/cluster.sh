@@ -29,16 +29,42 @@ image_admin() { # disk, dir
 }
 
 # Logs in as admin with the first password read by image_admin, changes it (the first
-# login must) and prints a session token.
+# login must) and prints a session token. Each request is asked again for up to 120 s
+# while the node answers without what was asked (a 503 during an election under TCG);
+# then it fails with the last answer.
 image_login() { # api (https://host:8006/api/v1), dir holding password and ca.crt
     local pw newpw tok
     pw=$(tr -d '\n' <"$2/password")
-    local cc=(ip netns exec "$ns" curl -sS --cacert "$2/ca.crt" -H 'content-type: application/json')
-    tok=$("${cc[@]}" -d "{\"username\":\"admin\",\"password\":\"$pw\"}" "$1/login" | image_json 'd["token"]')
     newpw=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
-    "${cc[@]}" -o /dev/null -H "authorization: Bearer $tok" \
-        -d "{\"old_password\":\"$pw\",\"new_password\":\"$newpw\"}" "$1/password"
-    "${cc[@]}" -d "{\"username\":\"admin\",\"password\":\"$newpw\"}" "$1/login" | image_json 'd["token"]'
+    tok=$(image_until_ok 120 "the first login" "$2/ca.crt" "$1/login" "d['token']" \
+        -d "{\"username\":\"admin\",\"password\":\"$pw\"}") || return 1
+    image_until_ok 120 "the first password change" "$2/ca.crt" "$1/password" "" \
+        -H "authorization: Bearer $tok" -d "{\"old_password\":\"$pw\",\"new_password\":\"$newpw\"}" \
+        >/dev/null || return 1
+    image_until_ok 120 "the login with the new password" "$2/ca.crt" "$1/login" "d['token']" \
+        -d "{\"username\":\"admin\",\"password\":\"$newpw\"}"
+}
+
+# POSTs to URL (curl arguments after the fifth) until it answers 2xx (and, unless EXPR
+# is empty, EXPR prints on its JSON answer), for up to SECONDS; prints EXPR's value, or
+# fails saying the last answer on stderr.
+image_until_ok() { # seconds, what, CA file, url, expr, curl arguments...
+    local secs=$1 what=$2 ca=$3 url=$4 expr=$5 deadline=$((SECONDS + $1)) out code
+    shift 5
+    while :; do
+        out=$(ip netns exec "$ns" curl -sS --cacert "$ca" --max-time 30 \
+            -H 'content-type: application/json' -w '\n%{http_code}' "$@" "$url" 2>&1) || true
+        code=${out##*$'\n'}
+        if [[ $code == 2?? ]] &&
+            { [ -z "$expr" ] || printf '%s' "${out%$'\n'*}" | image_json "$expr" 2>/dev/null; }; then
+            return 0
+        fi
+        if ((SECONDS >= deadline)); then
+            echo "$what: no answer to use within $secs s; last: HTTP $code ${out%$'\n'*}" >&2
+            return 1
+        fi
+        sleep 5
+    done
 }
 
 # Prints a Python expression on the JSON document read from stdin (as d).
