@@ -199,6 +199,13 @@ fn bad_qcow2_images_are_refused_in_words_and_nothing_is_written() {
         file_hash(&src),
         "a refused image wrote something"
     );
+    // --resume into a raw file that holds other bytes: the pieces differ, so they are
+    // copied, and where the volume reads as zeros the file's old bytes are punched out.
+    let stale = s.root.join("stale.raw");
+    std::fs::write(&stale, vec![0xffu8; (8 * MIB) as usize]).unwrap();
+    let n = cp_json(&s, &s.url("v"), p(&stale), &["--resume"]);
+    assert_eq!(n["same_bytes"].as_u64(), Some(0), "{n}");
+    assert_eq!(file_hash(&stale), file_hash(&src));
 }
 
 /// `size` bytes of data no run of zeros interrupts.
@@ -276,6 +283,7 @@ fn an_interrupted_copy_resumes_sending_about_what_was_left_and_ends_equal() {
     );
     // About what was left: pieces in flight when it was killed (8 of 4 MiB) may have
     // been half written and go again.
+    eprintln!("killed with {written} bytes written; the resumed copy: {n}");
     assert_eq!(data + same, size, "{n}");
     assert!(
         data <= size - written + 32 * MIB,
