@@ -41,14 +41,7 @@ fn p(path: &Path) -> &str {
 fn cp_json(s: &Setup, src: &str, dst: &str, more: &[&str]) -> serde_json::Value {
     let mut args = vec!["--output", "json"];
     args.extend_from_slice(more);
-    let out = s.cp_args(src, dst, &args);
-    assert!(
-        out.status.success(),
-        "cp {src} {dst} {more:?}: {}\nstore log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        s.store.log_text()
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&s.cp_ok_with(src, dst, &args)).unwrap()
 }
 
 #[test]

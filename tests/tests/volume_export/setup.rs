@@ -114,10 +114,15 @@ impl Setup {
     }
 
     pub fn cp_ok(&self, src: &str, dst: &str) -> String {
-        let out = self.cp(src, dst);
+        self.cp_ok_with(src, dst, &[])
+    }
+
+    /// [`Setup::cp_ok`] with more arguments; its standard output.
+    pub fn cp_ok_with(&self, src: &str, dst: &str, more: &[&str]) -> String {
+        let out = self.cp_args(src, dst, more);
         assert!(
             out.status.success(),
-            "tessera volume cp {src} {dst} failed: {}\nstore log:\n{}",
+            "tessera volume cp {src} {dst} {more:?} failed: {}\nstore log:\n{}",
             String::from_utf8_lossy(&out.stderr),
             self.store.log_text()
         );
