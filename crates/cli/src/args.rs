@@ -248,8 +248,9 @@ pub enum VolumeCmd {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Copy between a volume and a local raw file (or two volumes) over the QUIC export,
-    /// skipping ranges that read as zeros, with a progress bar on a terminal.
+    /// Copy between a volume and a local raw or qcow2 file (or two volumes) over the QUIC
+    /// export, skipping ranges that read as zeros, with a progress bar on a terminal;
+    /// `--resume` continues an interrupted copy.
     Cp(CpArgs),
     /// Write a client certificate and key for NBD over TLS (Operator role) into a
     /// directory, as qemu (tls-creds-x509) and libnbd (tls-certificates=DIR) read them.

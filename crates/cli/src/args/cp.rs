@@ -13,7 +13,7 @@ pub struct CpArgs {
     /// local raw or qcow2 file.
     pub src: String,
     /// Destination, as the source; a local file is created or replaced (sparse: ranges
-    /// the source holds as zeros are not written). A volume must be at least as large as
+    /// the source holds as zeros are not written; kept and sized with `--resume`). A volume must be at least as large as
     /// the source; its bytes past the source's end are left as they are.
     pub dst: String,
     /// Client credentials for `quic://` ends: a directory written by `tessera volume
