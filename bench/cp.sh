@@ -18,15 +18,15 @@ PROFILE=${PROFILE:-release}
 [ -n "${NO_BUILD:-}" ] || cargo build --profile "$PROFILE" -q --bins -p tesserad -p tessera-store -p tessera-devcluster -p tessera-cli
 T=target/$PROFILE
 W=$(mktemp -d /var/tmp/tessera-cp-bench.XXXX)
-# Private copies: a shared checkout's next build must not swap them mid-run.
-mkdir "$W/bin"
-cp $T/tessera-devcluster $T/tesserad $T/tessera-store $T/tessera "$W/bin/"
-T=$W/bin
 cleanup() {
     [ -n "${DC:-}" ] && kill -INT "$DC" 2>/dev/null && wait "$DC" 2>/dev/null || true
     [ -n "${KEEP:-}" ] || rm -rf "$W"
 }
 trap cleanup EXIT
+# Private copies: a shared checkout's next build must not swap them mid-run.
+mkdir "$W/bin"
+cp $T/tessera-devcluster $T/tesserad $T/tessera-store $T/tessera "$W/bin/"
+T=$W/bin
 : >"$W/dc.out"
 $T/tessera-devcluster --dir "$W/cluster" >"$W/dc.out" 2>&1 &
 DC=$!
