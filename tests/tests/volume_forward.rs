@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tessera_tests::devcluster::{api, node_id, DevCluster, VmmKiller};
 use tessera_tests::replicas::{
-    kill, read_hash, start_idle_vm, store_logs, three_healthy_nodes, unix_uri, wait_task,
-    wait_volume, write, QemuIo,
+    all_in_sync, copy_nodes, kill, read_hash, start_idle_vm, store_logs, three_healthy_nodes,
+    unix_uri, wait_task, wait_volume, write, QemuIo,
 };
 use tessera_tests::{bin, file_hash, kvm_or_skip, output, require};
 
@@ -170,6 +170,23 @@ fn a_node_without_a_copy_serves_the_volume_by_forwarding_to_its_primary() {
         a_running_vms_volume_is_not_written_through_a_node_without_a_copy(&ca, t, dir, tmp, &id);
     }
 
+    // A two-copy volume with its primary on node 1, and the node holding no copy of it.
+    let body = json!({"name": "pair", "size_bytes": SIZE, "replicas": 2, "node": id(1)});
+    let (code, task) = api(&ca, 1, "POST", "volumes", Some(t), Some(&body));
+    assert_eq!(code, 202, "{task}");
+    assert_eq!(wait_task(&ca, 1, t, &task)["state"], "succeeded");
+    let v = wait_volume(&ca, 1, t, "pair", 30, |v| {
+        v["state"] == "ready" && all_in_sync(v)
+    });
+    let held = copy_nodes(&v);
+    let none = (1..=3u8).find(|i| !held.contains(&id(*i))).unwrap();
+    let other = (2..=3u8).find(|i| *i != none).unwrap();
+    let mut pair = random(4 * MIB);
+    let f = tmp.join("pair");
+    std::fs::write(&f, &pair).unwrap();
+    assert!(write(dir, none, "pair", &f), "{}", store_logs(dir, 30));
+    pair.resize(SIZE as usize, 0);
+
     // The primary's store dies under a client connected through node 2: its next
     // request fails within a bounded time.
     let mut c = QemuIo::start(&unix_uri(dir, 2, "solo"));
@@ -188,6 +205,32 @@ fn a_node_without_a_copy_serves_the_volume_by_forwarding_to_its_primary() {
         "{}",
         store_logs(dir, 30)
     );
+
+    // With the primary's store dead, the two-copy volume is read through the node
+    // holding no copy: forwarded to the other copy's node (node 1's store does not
+    // answer), which serves its in-sync copy; the read moves nothing.
+    let began = Instant::now();
+    assert_eq!(
+        read_hash(dir, none, "pair", tmp),
+        blake3::hash(&pair),
+        "{}",
+        store_logs(dir, 30)
+    );
+    eprintln!(
+        "pair read through node{none} with the primary's store dead: {:?}",
+        began.elapsed()
+    );
+    let log = std::fs::read_to_string(dir.join(format!("node{none}/store.log"))).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("forwarding a client's volume")
+                && l.contains("pair")
+                && l.contains(&format!("127.0.0.{other}:10809"))),
+        "{}",
+        store_logs(dir, 30)
+    );
+    let (_, v) = api(&ca, 1, "GET", "volumes/pair", Some(t), None);
+    assert_eq!(v["node"], id(1).as_str(), "a read moved the primary: {v}");
 }
 
 /// A volume a running VM on node 1 uses, its one copy there: a write through node 2 is

@@ -20,9 +20,8 @@ pub struct StoreExports {
     repl: Option<Arc<Replication>>,
     /// The node's `tesserad`, asked to move a volume's primary here (`crate::claim`).
     cluster: Option<ClusterAsk>,
-    /// The node's credentials, to forward a client to another node's store
-    /// (`crate::forward`).
-    forward_tls: Option<std::path::PathBuf>,
+    /// How a client is forwarded to another node's store (`crate::forward`).
+    forwarder: Option<forward::Forwarder>,
 }
 
 impl StoreExports {
@@ -32,7 +31,7 @@ impl StoreExports {
             store,
             repl: None,
             cluster: None,
-            forward_tls: None,
+            forwarder: None,
         }
     }
 
@@ -43,7 +42,7 @@ impl StoreExports {
             store,
             repl: Some(repl),
             cluster: None,
-            forward_tls: None,
+            forwarder: None,
         }
     }
 
@@ -59,7 +58,7 @@ impl StoreExports {
     /// Forwards a client of a volume this store holds no copy of to another node's store,
     /// authenticated with the node's credentials in `tls_dir` (`crate::forward`).
     pub fn with_forwarding(mut self, tls_dir: Option<std::path::PathBuf>) -> Self {
-        self.forward_tls = tls_dir;
+        self.forwarder = tls_dir.map(forward::Forwarder::new);
         self
     }
 }
@@ -381,10 +380,8 @@ impl Exports for StoreExports {
                     return Ok(None);
                 };
                 match claim::blocking(|| c.copies_elsewhere(base)) {
-                    Some(copies) => {
-                        forward::open(self.forward_tls.as_deref(), c, name, base, copies)
-                            .map(|d| Some(Arc::new(ExportDevice::Forwarded(d))))
-                    }
+                    Some(copies) => forward::open(self.forwarder.as_ref(), c, name, base, copies)
+                        .map(|d| Some(Arc::new(ExportDevice::Forwarded(d)))),
                     None => Ok(None),
                 }
             }

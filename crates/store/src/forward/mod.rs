@@ -22,10 +22,11 @@
 
 mod device;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tessera_nbd::proto::Errno;
@@ -47,12 +48,42 @@ pub const IDLE: Duration = Duration::from_secs(5);
 pub const REQUEST_WAIT: Duration = Duration::from_secs(60);
 /// How often a writing client's volume is checked again for a VM using it.
 pub const WRITE_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// A store that did not answer is tried last for this long: a client's next
+/// connections (nbdcopy opens several, NBD negotiation may open twice) do not each wait
+/// [`CONNECT_WAIT`] for it.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(30);
+
+/// What a store forwards with: the node's credentials, and the stores that did not
+/// answer lately.
+#[derive(Clone, Debug)]
+pub struct Forwarder {
+    tls_dir: PathBuf,
+    unreachable: Arc<Mutex<HashMap<SocketAddr, Instant>>>,
+}
+
+impl Forwarder {
+    /// Forwards with the node's credentials in `tls_dir` (`ca.crt`, `node.crt`,
+    /// `node.key`, read at each open, so renewed ones are used).
+    pub fn new(tls_dir: PathBuf) -> Forwarder {
+        Forwarder {
+            tls_dir,
+            unreachable: Arc::default(),
+        }
+    }
+
+    fn lately_unreachable(&self, addr: &SocketAddr) -> bool {
+        self.unreachable
+            .lock()
+            .get(addr)
+            .is_some_and(|t| t.elapsed() < UNREACHABLE_FOR)
+    }
+}
 
 /// Opens export `name` (volume `volume` or one of its snapshots), which this store holds
-/// no copy of, by connecting to the first of `copies`' nodes that answers, with the node's
-/// credentials in `tls_dir`. Blocking.
+/// no copy of, by connecting to the first of `copies`' nodes that answers (the ones that
+/// did not answer lately last), with `forwarder`'s credentials. Blocking.
 pub fn open(
-    tls_dir: Option<&Path>,
+    forwarder: Option<&Forwarder>,
     cluster: &ClusterAsk,
     name: &str,
     volume: &str,
@@ -62,7 +93,7 @@ pub fn open(
         tracing::warn!(export = name, reason = %why, "a client's volume cannot be forwarded");
         DeviceError::new(Errno::Inval, why)
     };
-    let Some(tls_dir) = tls_dir else {
+    let Some(forwarder) = forwarder else {
         return Err(cannot(format!(
             "not supported yet: {}; this store has no TLS credentials (--nbd-tls-dir) to forward the client with",
             copies.message
@@ -74,17 +105,19 @@ pub fn open(
             copies.message
         )));
     };
-    let creds = Credentials::from_dir(tls_dir)
+    let creds = Credentials::from_dir(&forwarder.tls_dir)
         .map_err(|e| cannot(format!("{}; forwarding the client: {e}", copies.message)))?;
     let mut tried = Vec::new();
+    let mut targets = Vec::new();
     for t in &copies.targets {
-        let addr: SocketAddr = match t.addr.parse() {
-            Ok(a) => a,
-            Err(e) => {
-                tried.push(format!("node {} ({}): not an address: {e}", t.node, t.addr));
-                continue;
-            }
-        };
+        match t.addr.parse::<SocketAddr>() {
+            Ok(a) => targets.push((t, a)),
+            Err(e) => tried.push(format!("node {} ({}): not an address: {e}", t.node, t.addr)),
+        }
+    }
+    // A stable sort: the cluster's order among the stores that answered lately.
+    targets.sort_by_key(|(_, a)| forwarder.lately_unreachable(a));
+    for (t, addr) in targets {
         let (creds, export) = (creds.clone(), name.to_string());
         let server_name = addr.ip().to_string();
         let opened = run(&rt, CONNECT_WAIT, async move {
@@ -92,6 +125,7 @@ pub fn open(
         });
         match opened {
             Some(Ok(v)) => {
+                forwarder.unreachable.lock().remove(&addr);
                 tracing::info!(export = name, node = %t.node, %addr,
                     "forwarding a client's volume to another node's store (this node holds no copy)");
                 return Ok(ForwardedDevice {
@@ -106,11 +140,20 @@ pub fn open(
                     write_checked: Mutex::new(None),
                 });
             }
-            Some(Err(e)) => tried.push(format!("node {} ({addr}): {e}", t.node)),
-            None => tried.push(format!(
-                "node {} ({addr}): no answer within {CONNECT_WAIT:?}",
-                t.node
-            )),
+            Some(Err(e @ ClientError::Refused { .. })) => {
+                tried.push(format!("node {} ({addr}): {e}", t.node))
+            }
+            Some(Err(e)) => {
+                forwarder.unreachable.lock().insert(addr, Instant::now());
+                tried.push(format!("node {} ({addr}): {e}", t.node))
+            }
+            None => {
+                forwarder.unreachable.lock().insert(addr, Instant::now());
+                tried.push(format!(
+                    "node {} ({addr}): no answer within {CONNECT_WAIT:?}",
+                    t.node
+                ))
+            }
         }
     }
     if tried.is_empty() {
