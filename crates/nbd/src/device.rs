@@ -80,6 +80,39 @@ pub trait Device: Send + Sync + 'static {
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError>;
 }
 
+/// Who a client is, as far as its connection tells.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// A process of this host on a Unix socket: its process id, when the kernel told it
+    /// (`SO_PEERCRED`, taken when it connected).
+    Unix {
+        /// The connecting process's id.
+        pid: Option<u32>,
+    },
+    /// NBD over TCP (with or without TLS, as the server is configured).
+    Tcp {
+        /// The client's address.
+        addr: String,
+    },
+    /// Anything else: a test's stream, or another protocol served through the same
+    /// [`Exports`] (the store's QUIC volume export).
+    Other {
+        /// What it is, for logs.
+        name: String,
+    },
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Unix { pid: Some(pid) } => write!(f, "unix (pid {pid})"),
+            Peer::Unix { pid: None } => f.write_str("unix"),
+            Peer::Tcp { addr } => f.write_str(addr),
+            Peer::Other { name } => f.write_str(name),
+        }
+    }
+}
+
 /// A listed export: the `NBD_REP_SERVER` payload, shared with the codec.
 pub use crate::proto::ExportEntry;
 
@@ -91,6 +124,13 @@ pub trait Exports: Send + Sync + 'static {
     fn list(&self) -> Vec<ExportEntry>;
     /// Opens an export by name; `None` when there is no such export.
     fn open(&self, name: &str) -> Result<Option<Arc<Self::Device>>, DeviceError>;
+    /// Opens an export for a client connected from `peer`, for exports whose rules
+    /// depend on who the client is (the store lets only a running VM's own VMM write
+    /// its disk). By default the same as [`Exports::open`].
+    fn open_for(&self, name: &str, peer: &Peer) -> Result<Option<Arc<Self::Device>>, DeviceError> {
+        let _ = peer;
+        self.open(name)
+    }
     /// The description of an export, for `NBD_INFO_DESCRIPTION`.
     fn describe(&self, name: &str) -> Option<String> {
         self.list()

@@ -15,5 +15,5 @@ pub mod server;
 
 pub use client::{Client, ClientError};
 pub use client_pipelined::PipelinedClient;
-pub use device::{Device, DeviceError, ExportEntry, Exports, Extent};
+pub use device::{Device, DeviceError, ExportEntry, Exports, Extent, Peer};
 pub use server::{bind_unix, serve_connection, serve_tcp, serve_unix, ServerConfig, TlsRequired};

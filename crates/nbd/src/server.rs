@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::device::Exports;
+use crate::device::{Exports, Peer};
 
 mod budget;
 mod negotiation;
@@ -105,7 +105,12 @@ pub async fn serve_tcp<E: Exports>(
             // Only latency suffers; the connection itself may be fine (or already gone).
             tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
         }
-        Ok((sock, peer.to_string()))
+        Ok((
+            sock,
+            Peer::Tcp {
+                addr: peer.to_string(),
+            },
+        ))
     })
     .await
 }
@@ -119,7 +124,14 @@ pub async fn serve_unix<E: Exports>(
 ) -> io::Result<()> {
     accept_loop(exports, cfg, || async {
         let (sock, _) = listener.accept().await?;
-        Ok((sock, "unix".to_string()))
+        // Taken at connect time by the kernel: who connected, not who holds the socket
+        // later. Unknown only on a platform without SO_PEERCRED.
+        let pid = sock
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .and_then(|p| u32::try_from(p).ok());
+        Ok((sock, Peer::Unix { pid }))
     })
     .await
 }
@@ -136,7 +148,7 @@ where
     E: Exports,
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = io::Result<(S, String)>>,
+    Fut: std::future::Future<Output = io::Result<(S, Peer)>>,
 {
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let mut backoff = ACCEPT_BACKOFF_MIN;
@@ -158,7 +170,7 @@ where
         backoff = ACCEPT_BACKOFF_MIN;
         let (exports, cfg) = (exports.clone(), cfg.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_connection(sock, exports, cfg, &peer).await {
+            if let Err(e) = serve_connection_from(sock, exports, cfg, &peer).await {
                 tracing::debug!(%peer, error = %e, "NBD connection ended with an error");
             }
             drop(permit);
@@ -177,12 +189,31 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
 }
 
 /// Serves one connection from handshake to disconnect; a client still negotiating after
-/// `cfg.negotiation_timeout` is disconnected.
+/// `cfg.negotiation_timeout` is disconnected. `peer` names it in logs
+/// ([`Peer::Other`]).
 pub async fn serve_connection<S, E>(
     stream: S,
     exports: Arc<E>,
     cfg: ServerConfig,
     peer: &str,
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    E: Exports,
+{
+    let peer = Peer::Other {
+        name: peer.to_string(),
+    };
+    serve_connection_from(stream, exports, cfg, &peer).await
+}
+
+/// Serves one connection of client `peer`, which the exports are told when it opens one
+/// ([`Exports::open_for`]).
+pub async fn serve_connection_from<S, E>(
+    stream: S,
+    exports: Arc<E>,
+    cfg: ServerConfig,
+    peer: &Peer,
 ) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -209,7 +240,7 @@ where
     let mut writer = BufWriter::with_capacity(256 * 1024, w);
     let negotiated = tokio::time::timeout_at(
         deadline,
-        negotiation::negotiate(&mut reader, &mut writer, &*exports, &cfg, greeted),
+        negotiation::negotiate(&mut reader, &mut writer, &*exports, &cfg, greeted, peer),
     )
     .await;
     let Ok(negotiated) = negotiated else {
@@ -230,14 +261,14 @@ where
 async fn start_tls<S>(
     stream: S,
     tls: &TlsRequired,
-    peer: &str,
+    peer: &Peer,
 ) -> io::Result<Option<(tokio_rustls::server::TlsStream<S>, bool)>>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
     // Unbuffered: nothing of the client's TLS handshake may be read before it starts.
     let (mut r, mut w) = tokio::io::split(stream);
-    let Some(no_zeroes) = negotiation::before_tls(&mut r, &mut w, peer).await? else {
+    let Some(no_zeroes) = negotiation::before_tls(&mut r, &mut w, &peer.to_string()).await? else {
         return Ok(None);
     };
     match tls.acceptor.accept(r.unsplit(w)).await {
@@ -318,10 +349,15 @@ mod tests {
             let next = server.take_if(|_| call >= 3);
             async move {
                 match next {
-                    Some(s) => Ok((s, "test".to_string())),
+                    Some(s) => Ok((
+                        s,
+                        Peer::Other {
+                            name: "test".to_string(),
+                        },
+                    )),
                     // The first three accepts fail as with too many open files.
                     None if call < 3 => Err(io::Error::from_raw_os_error(24)),
-                    None => std::future::pending::<io::Result<(DuplexStream, String)>>().await,
+                    None => std::future::pending::<io::Result<(DuplexStream, Peer)>>().await,
                 }
             }
         };

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{drain, ServerConfig, ALLOCATION_CONTEXT_ID};
-use crate::device::{Device, Exports};
+use crate::device::{Device, Exports, Peer};
 use crate::proto::{
     self, ExportNameReply, GoRequest, Greeting, Info, MetaContext, MetaRequest, OptionHeader,
     OptionReplyHeader, OPTION_HEADER_LEN,
@@ -118,6 +118,7 @@ pub(super) async fn negotiate<R, W, E>(
     exports: &E,
     cfg: &ServerConfig,
     greeted: Option<bool>,
+    peer: &Peer,
 ) -> io::Result<Option<Negotiated<E::Device>>>
 where
     R: AsyncRead + Unpin,
@@ -164,7 +165,7 @@ where
                 let Ok(name) = String::from_utf8(data) else {
                     return Ok(None);
                 };
-                let device = match open(exports, &name) {
+                let device = match open(exports, &name, peer) {
                     Ok(Some(d)) => d,
                     Ok(None) => {
                         tracing::info!(export = %name, "NBD client asked for an unknown export; closing");
@@ -238,7 +239,7 @@ where
                     }
                 };
                 // An unknown name, or the export's own words (a refusal with a reason).
-                let device = match open_named(exports, &req.name) {
+                let device = match open_named(exports, &req.name, peer) {
                     Ok(d) => d,
                     Err(msg) => {
                         reply_err(w, opt, proto::REP_ERR_UNKNOWN, &msg).await?;
@@ -275,7 +276,7 @@ where
                         continue;
                     }
                 };
-                if let Err(msg) = open_named(exports, &req.export) {
+                if let Err(msg) = open_named(exports, &req.export, peer) {
                     reply_err(w, opt, proto::REP_ERR_UNKNOWN, &msg).await?;
                     continue;
                 }
@@ -342,15 +343,19 @@ where
 }
 
 /// Opens an export; a refusal is the message the client gets.
-fn open<E: Exports>(exports: &E, name: &str) -> Result<Option<Arc<E::Device>>, String> {
+fn open<E: Exports>(
+    exports: &E,
+    name: &str,
+    peer: &Peer,
+) -> Result<Option<Arc<E::Device>>, String> {
     exports
-        .open(name)
+        .open_for(name, peer)
         .map_err(|e| format!("opening export {name}: {}", e.message))
 }
 
 /// Opens an export that must exist; an unknown name is refused like any other failure.
-fn open_named<E: Exports>(exports: &E, name: &str) -> Result<Arc<E::Device>, String> {
-    open(exports, name)?.ok_or_else(|| format!("no export named {name:?}"))
+fn open_named<E: Exports>(exports: &E, name: &str, peer: &Peer) -> Result<Arc<E::Device>, String> {
+    open(exports, name, peer)?.ok_or_else(|| format!("no export named {name:?}"))
 }
 
 fn transmission_flags<D: Device>(d: &D) -> u16 {
