@@ -128,6 +128,32 @@ impl ClusterAsk {
         }
     }
 
+    /// Whether a client of this store's own export, process `pid` when it came on the
+    /// Unix socket, may write `volume`: while a VM uses it only that VM's VMM may
+    /// (`crate::admission`). `Err` when `tesserad` could not be asked; else its answer,
+    /// a refusal in words. Blocking.
+    pub fn may_write_here(
+        &self,
+        volume: &str,
+        pid: Option<u32>,
+    ) -> Result<Result<(), String>, String> {
+        let reply = self
+            .call(
+                serde_json::json!({"op": "may_write_here", "volume": volume, "pid": pid}),
+                ASK_WAIT,
+            )
+            .map_err(|e| {
+                format!("volume {volume}: cannot ask tesserad whether this client may write it: {e}; try again")
+            })?;
+        match (reply["ok"].is_object(), reply["error"].as_str()) {
+            (true, _) => Ok(Ok(())),
+            (false, Some(why)) => Ok(Err(why.to_string())),
+            (false, None) => Err(format!(
+                "volume {volume}: tesserad answered {reply} when asked whether this client may write it"
+            )),
+        }
+    }
+
     /// One request line, one reply line.
     fn call(
         &self,

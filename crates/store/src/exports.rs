@@ -6,10 +6,11 @@ use std::sync::Arc;
 use tessera_blockstore::{Allocation, Export, Store, StoreError};
 use tessera_nbd::device::RemoteWrite;
 use tessera_nbd::proto::{Errno, STATE_HOLE, STATE_ZERO};
-use tessera_nbd::{Device, DeviceError, ExportEntry, Exports, Extent};
+use tessera_nbd::{Device, DeviceError, ExportEntry, Exports, Extent, Peer};
 use tessera_replication::replica::Op;
 use tessera_replication::wire::MAX_DATA;
 
+use crate::admission::Writer;
 use crate::claim::{self, ClusterAsk};
 use crate::forward::{self, ExportDevice};
 use crate::repl::Replication;
@@ -73,6 +74,8 @@ pub struct StoreDevice {
     /// longer is, the primary moved away since, and this client's writes are fenced (it
     /// does not take the primary back).
     wrote_as_primary: AtomicBool,
+    /// Whether this client may write while a VM uses the volume (`crate::admission`).
+    writer: Writer,
 }
 
 /// How long a write waits for a role change of its volume on this node to end (a new
@@ -141,6 +144,15 @@ impl StoreDevice {
             })?;
         self.wrote_as_primary.store(true, Ordering::Relaxed);
         Ok(Route::Replicated(p))
+    }
+
+    /// Whether this client may write (a snapshot is refused as read-only by the store
+    /// itself, not here).
+    fn admitted(&self) -> Result<(), DeviceError> {
+        if self.export.read_only() {
+            return Ok(());
+        }
+        self.writer.check(self.export.name())
     }
 
     /// The volume's primary, if this store is it.
@@ -264,6 +276,7 @@ impl Device for StoreDevice {
         self.write_owned(offset, data.to_vec(), fua)
     }
     fn write_owned(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
+        self.admitted()?;
         match self.route()? {
             Route::Local => self.export.write_owned(offset, data, fua).map_err(dev_err),
             Route::Replicated(p) => Self::forward(&p, Op::Write { offset, fua, data }),
@@ -274,6 +287,9 @@ impl Device for StoreDevice {
         self.primary().is_some()
     }
     fn write_remote(&self, offset: u64, data: Vec<u8>, fua: bool) -> RemoteWrite {
+        if let Err(e) = self.admitted() {
+            return Box::pin(std::future::ready(Err(e)));
+        }
         match self.route() {
             Ok(Route::Replicated(p)) => Box::pin(Self::forward_write(p, offset, data, fua)),
             // The role changed since the server asked: written like any other write.
@@ -298,6 +314,7 @@ impl Device for StoreDevice {
         }
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), DeviceError> {
+        self.admitted()?;
         match self.route()? {
             Route::Local => self.export.trim(offset, len, fua).map_err(dev_err),
             Route::Replicated(p) => {
@@ -316,6 +333,7 @@ impl Device for StoreDevice {
         no_hole: bool,
         fua: bool,
     ) -> Result<(), DeviceError> {
+        self.admitted()?;
         match self.route()? {
             Route::Local => self
                 .export
@@ -367,12 +385,21 @@ impl Exports for StoreExports {
     }
 
     fn open(&self, name: &str) -> Result<Option<Arc<ExportDevice>>, DeviceError> {
+        // A client nothing is known of is asked about like the QUIC export's.
+        let peer = Peer::Other {
+            name: "unknown".into(),
+        };
+        self.open_for(name, &peer)
+    }
+
+    fn open_for(&self, name: &str, peer: &Peer) -> Result<Option<Arc<ExportDevice>>, DeviceError> {
         match self.store.open_export(name) {
             Ok(export) => Ok(Some(Arc::new(ExportDevice::Local(StoreDevice {
                 export,
                 repl: self.repl.clone(),
                 cluster: self.cluster.clone(),
                 wrote_as_primary: AtomicBool::new(false),
+                writer: Writer::for_peer(self.cluster.as_ref(), peer),
             })))),
             Err(StoreError::NotFound(_)) => {
                 let base = name.split('@').next().unwrap_or(name);

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin_client;
+pub mod admission;
 pub mod claim;
 pub mod daemon;
 pub mod export;

@@ -35,16 +35,17 @@ pub(crate) fn serve(dir: &Path, sources: Sources) -> anyhow::Result<()> {
     let listener =
         UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let dir = dir.to_path_buf();
     tokio::spawn(async move {
         while let Ok((sock, _)) = listener.accept().await {
-            tokio::spawn(answer(sock, sources.clone()));
+            tokio::spawn(answer(sock, sources.clone(), dir.clone()));
         }
     });
     Ok(())
 }
 
 /// Answers the requests of one connection, one line each.
-async fn answer(sock: UnixStream, sources: Sources) {
+async fn answer(sock: UnixStream, sources: Sources, data_dir: std::path::PathBuf) {
     let (r, mut w) = sock.into_split();
     let mut r = BufReader::new(r.take(MAX_REQUEST));
     let mut line = String::new();
@@ -58,6 +59,7 @@ async fn answer(sock: UnixStream, sources: Sources) {
             {
                 store_question(&sources, &v).await
             }
+            Ok(v) if v["op"] == "may_write_here" => writer_question(&sources, &v, &data_dir),
             Ok(v) => serde_json::json!({ "error": format!("unknown op {}", v["op"]) }),
             Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
         };
@@ -96,6 +98,36 @@ async fn store_question(s: &Sources, v: &serde_json::Value) -> serde_json::Value
     }
     match takeover::take_primary(&n, &s.me.0, volume).await {
         Ok(generation) => serde_json::json!({ "ok": { "generation": generation } }),
+        Err(why) => serde_json::json!({ "error": why }),
+    }
+}
+
+/// What this node's store asks at the first write of a client of its own exports
+/// (`may_write_here`, with the client's `pid` when it came on the Unix socket): while a
+/// VM uses the volume only the VMM this node started for it may write
+/// (`crate::replication::takeover::may_write_here`). A node not in a cluster runs no VM:
+/// nothing to guard.
+fn writer_question(s: &Sources, v: &serde_json::Value, data_dir: &Path) -> serde_json::Value {
+    use crate::vmrun::supervisor;
+    let Some(volume) = v["volume"].as_str() else {
+        return serde_json::json!({ "error": "a volume name is needed" });
+    };
+    let pid = v["pid"].as_u64().and_then(|p| u32::try_from(p).ok());
+    let n = s.node.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let Some(n) = n else {
+        return serde_json::json!({ "ok": {} });
+    };
+    // The VMM of a VM this node runs, from its run.json; only a live tessera-vmm counts
+    // (a pid left by an ended VMM may have been taken by another program).
+    let vmm_of = |vm: &str| {
+        supervisor::find_running(
+            &supervisor::RunDir::new(data_dir, vm),
+            &supervisor::Exits::default(),
+        )
+        .map(|info| info.pid)
+    };
+    match crate::replication::takeover::may_write_here(&n, &s.me.0, volume, pid, &vmm_of) {
+        Ok(()) => serde_json::json!({ "ok": {} }),
         Err(why) => serde_json::json!({ "error": why }),
     }
 }

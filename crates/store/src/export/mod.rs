@@ -89,7 +89,11 @@ async fn connection<E: Exports>(conn: &quinn::Connection, exports: Arc<E>) -> Re
         },
     };
     let (ex, n) = (exports.clone(), name.clone());
-    let opened = tokio::task::spawn_blocking(move || ex.open(&n))
+    // Never a VM's VMM (those use NBD): asked about like any other writer.
+    let peer = tessera_nbd::Peer::Other {
+        name: format!("quic {addr}"),
+    };
+    let opened = tokio::task::spawn_blocking(move || ex.open_for(&n, &peer))
         .await
         .map_err(|e| e.to_string())?;
     let device = match opened {

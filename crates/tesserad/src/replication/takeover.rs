@@ -127,10 +127,60 @@ pub fn may_write(node: &Node, me: &str, volume: &str) -> Result<(), String> {
     refuse_if_used(node, me, &v)
 }
 
-/// A VM that uses `v` and is not stopped keeps its primary: refused with its name and
-/// node.
-fn refuse_if_used(node: &Node, me: &str, v: &Volume) -> Result<(), String> {
-    let vms: Vec<Vm> = node.state.read(|t| {
+/// Whether a client of node `me`'s own store, process `pid` when it came on the store's
+/// Unix socket, may write `volume`: while a VM uses it, only the VMM that `vmm_of` says
+/// runs that VM on this node (its `run.json`) may (issue #8; a second writer would write
+/// under the guest). A volume the cluster does not know is not guarded here.
+pub fn may_write_here(
+    node: &Node,
+    me: &str,
+    volume: &str,
+    pid: Option<u32>,
+    vmm_of: &dyn Fn(&str) -> Option<u32>,
+) -> Result<(), String> {
+    let Some(v) = get::<Volume>(node, VOLUMES, volume) else {
+        return Ok(());
+    };
+    writer_of_used(&v, &vms(node), pid, vmm_of, &|id| name_of(node, id), me)
+}
+
+/// The rule of [`may_write_here`] on the VMs `vms`, nodes named by `name`.
+fn writer_of_used(
+    v: &Volume,
+    vms: &[Vm],
+    pid: Option<u32>,
+    vmm_of: &dyn Fn(&str) -> Option<u32>,
+    name: &dyn Fn(&str) -> String,
+    me: &str,
+) -> Result<(), String> {
+    let Some(vm) = vms
+        .iter()
+        .find(|vm| vm.disks.contains(&v.name) && in_use(vm))
+    else {
+        return Ok(());
+    };
+    if pid.is_some() && pid == vmm_of(&vm.name) {
+        return Ok(());
+    }
+    let on = vm.node.as_deref().map_or_else(
+        || "no node yet".to_string(),
+        |n| format!("node {}", name(n)),
+    );
+    let who = pid.map_or_else(|| "this client".to_string(), |p| format!("process {p}"));
+    Err(format!(
+        "volume {} is in use by VM {} ({:?} on {on}): while it runs only its VMM writes it, not {who} through node {}'s store (reads are allowed); to write it, stop the VM first, or read a snapshot of it (tessera volume snapshot {} NAME, then export {}@NAME)",
+        v.name,
+        vm.name,
+        vm.actual_state,
+        name(me),
+        v.name,
+        v.name
+    ))
+}
+
+/// The cluster's VM records.
+fn vms(node: &Node) -> Vec<Vm> {
+    node.state.read(|t| {
         t.get(VMS)
             .map(|vms| {
                 vms.values()
@@ -138,7 +188,13 @@ fn refuse_if_used(node: &Node, me: &str, v: &Volume) -> Result<(), String> {
                     .collect()
             })
             .unwrap_or_default()
-    });
+    })
+}
+
+/// A VM that uses `v` and is not stopped keeps its primary: refused with its name and
+/// node.
+fn refuse_if_used(node: &Node, me: &str, v: &Volume) -> Result<(), String> {
+    let vms = vms(node);
     let Some(vm) = vms
         .iter()
         .find(|vm| vm.disks.contains(&v.name) && in_use(vm))
@@ -262,6 +318,48 @@ mod tests {
         assert_eq!(forward_order(&one, "e", &none), ["a"]);
         // Never to itself (a stale view of the copies).
         assert_eq!(forward_order(&v, "d", &none), ["a"]);
+    }
+
+    #[test]
+    fn while_a_vm_uses_a_volume_only_its_vmm_writes_it_through_this_node() {
+        let v = super::super::test_volume::volume(3, &[("a", InSync, false)]);
+        let vm = |name: &str, disk: &str, desired: &str, actual: &str| -> Vm {
+            serde_json::from_value(serde_json::json!({
+                "name": name, "vcpus": 1, "memory_mib": 64, "disks": [disk],
+                "kernel": null, "cmdline": null, "node": "a",
+                "desired_state": desired, "actual_state": actual,
+                "generation": 1, "created_ms": 0, "updated_ms": 0,
+            }))
+            .unwrap()
+        };
+        let vmm = |vm: &str| (vm == "user").then_some(42);
+        let rule = |vms: &[Vm], pid| writer_of_used(&v, vms, pid, &vmm, &name, "a");
+        // No VM uses it: any client writes.
+        assert_eq!(
+            rule(&[vm("other", "w", "running", "running")], None),
+            Ok(())
+        );
+        let used = [vm("user", "v", "running", "running")];
+        // Its VMM (the pid this node's run.json names) writes; nothing else does.
+        assert_eq!(rule(&used, Some(42)), Ok(()));
+        let e = rule(&used, Some(7)).unwrap_err();
+        assert!(
+            e.contains("volume v is in use by VM user (Running on node node-a)"),
+            "{e}"
+        );
+        assert!(
+            e.contains("not process 7 through node node-a's store"),
+            "{e}"
+        );
+        assert!(rule(&used, None).unwrap_err().contains("not this client"));
+        // A VM of another node, whose VMM is not this node's: refused too.
+        let vmm_elsewhere = |_: &str| None;
+        assert!(writer_of_used(&v, &used, Some(42), &vmm_elsewhere, &name, "a").is_err());
+        // A stopped VM holds nothing.
+        assert_eq!(
+            rule(&[vm("user", "v", "stopped", "stopped")], Some(7)),
+            Ok(())
+        );
     }
 
     #[test]
