@@ -95,7 +95,6 @@ const KIND_FILL: u8 = 2;
 const KIND_SEAL: u8 = 3;
 const KIND_PLACED: u8 = 4;
 const KIND_FLUSHED: u8 = 5;
-const KIND_OVERWRITE: u8 = 6;
 
 /// What a WAL record does, without its payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,12 +115,6 @@ pub enum RecordKind {
     /// becomes durable with the next one. Recovery uses it to tell damage (a bad record a
     /// flush covered) from a crash's torn tail. No payload, `nblocks` is 0.
     Flushed,
-    /// Placed writes may overwrite data in place anywhere in this range before their own
-    /// records are durable; made durable before the first such write. Recovery checks
-    /// every block of the range against its table and keeps what is on disk where they
-    /// disagree (an unflushed overwrite, possibly torn). See `docs/storage.md`, "Large
-    /// writes". No payload.
-    Overwrite,
 }
 
 /// The fixed part of a WAL record.
@@ -152,10 +145,7 @@ impl RecordHeader {
         match self.kind {
             RecordKind::Data => self.nblocks as usize * (SUM_LEN + BLOCK_SIZE),
             RecordKind::Placed => self.nblocks as usize * SUM_LEN,
-            RecordKind::Fill(_)
-            | RecordKind::Seal
-            | RecordKind::Flushed
-            | RecordKind::Overwrite => 0,
+            RecordKind::Fill(_) | RecordKind::Seal | RecordKind::Flushed => 0,
         }
     }
 
@@ -192,10 +182,7 @@ impl RecordHeader {
     pub fn hash_count(&self) -> usize {
         match self.kind {
             RecordKind::Data | RecordKind::Placed => self.nblocks as usize,
-            RecordKind::Fill(_)
-            | RecordKind::Seal
-            | RecordKind::Flushed
-            | RecordKind::Overwrite => 0,
+            RecordKind::Fill(_) | RecordKind::Seal | RecordKind::Flushed => 0,
         }
     }
 
@@ -211,7 +198,6 @@ impl RecordHeader {
             RecordKind::Seal => (KIND_SEAL, 0),
             RecordKind::Placed => (KIND_PLACED, 0),
             RecordKind::Flushed => (KIND_FLUSHED, 0),
-            RecordKind::Overwrite => (KIND_OVERWRITE, 0),
         };
         h[5] = kind;
         h[6] = fill;
@@ -243,13 +229,12 @@ impl RecordHeader {
             (KIND_SEAL, 0) => RecordKind::Seal,
             (KIND_PLACED, 0) => RecordKind::Placed,
             (KIND_FLUSHED, 0) => RecordKind::Flushed,
-            (KIND_OVERWRITE, 0) => RecordKind::Overwrite,
             (k, f) => return Err(FormatError::BadKind(k, f)),
         };
         let nblocks = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
         let length_ok = match kind {
             RecordKind::Data | RecordKind::Placed => (1..=WAL_MAX_BLOCKS).contains(&nblocks),
-            RecordKind::Fill(_) | RecordKind::Overwrite => nblocks != 0,
+            RecordKind::Fill(_) => nblocks != 0,
             RecordKind::Seal | RecordKind::Flushed => nblocks == 0,
         };
         if !length_ok {
@@ -380,30 +365,6 @@ mod tests {
         let mut empty = hdr;
         empty.nblocks = 0;
         assert!(RecordHeader::decode_unchecked(&empty.encode(&[])).is_err());
-    }
-
-    #[test]
-    fn overwrite_header_round_trips_without_payload_and_needs_blocks() {
-        let hdr = RecordHeader {
-            kind: RecordKind::Overwrite,
-            nblocks: 4096,
-            segment: 3,
-            layer: 7,
-            first_block: 256,
-            generation: 2,
-        };
-        let raw = hdr.encode(&[]);
-        let back = RecordHeader::decode_unchecked(&raw).unwrap();
-        assert_eq!(back, hdr);
-        assert_eq!(back.payload_len(), 0);
-        assert_eq!(back.hash_count(), 0);
-        RecordHeader::verify(&raw, &[]).unwrap();
-        let mut empty = hdr;
-        empty.nblocks = 0;
-        assert!(matches!(
-            RecordHeader::decode_unchecked(&empty.encode(&[])),
-            Err(FormatError::BadLength(0))
-        ));
     }
 
     #[test]

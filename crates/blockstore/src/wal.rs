@@ -583,7 +583,7 @@ pub fn layer_at(dir: &Path, seg: u64, offset: u64) -> Option<u64> {
     let h = RecordHeader::decode_unchecked(&head).ok()?;
     matches!(
         h.kind,
-        RecordKind::Data | RecordKind::Placed | RecordKind::Fill(_) | RecordKind::Overwrite
+        RecordKind::Data | RecordKind::Placed | RecordKind::Fill(_)
     )
     .then_some(h.layer)
 }

@@ -142,14 +142,8 @@ impl Inner {
                 })?;
             }
         }
-        // Entries that a cut could undo, or leave without their data, while the log still
-        // holds the versions they name: placed writes over those blocks make their own
-        // records durable instead of relying on an intent until the segments are gone
-        // (see `intent`). Left marked if this checkpoint fails.
-        let unsettled = unsettled_ranges(&todo, &layers);
         let (mut touched, _placed_over) = {
             let _changing = self.layer_writes.write();
-            self.intents.entries_writing(&unsettled);
             copy_into_layers(&todo, &layers, &self.pending)?
         };
         // Punches leave the queue only once done (fills cannot add any while `apply` is
@@ -192,9 +186,6 @@ impl Inner {
         self.pending.retire(&todo);
         self.at(Point::RemoveWal(sealed))?;
         self.wal.remove_upto(sealed)?;
-        // Only now: until the segments are gone, recovery may find the records of the
-        // versions just named in the table and take an older one (see `intent`).
-        self.intents.entries_synced();
         self.pending.drop_shadows_upto(sealed);
         tracing::debug!(sealed, blocks = todo.len(), "checkpoint done");
         Ok(())
@@ -225,33 +216,6 @@ impl Inner {
             self.wake_checkpoint();
         }
     }
-}
-
-/// The blocks of `todo` (sorted) whose entries a cut could undo or leave without their
-/// data, as `(layer, first, end)` ranges: logged versions (data and entry are written
-/// together, synced after) and entries replacing anything but a data entry.
-fn unsettled_ranges(
-    todo: &[(BlockKey, Pending)],
-    layers: &HashMap<LayerId, Arc<LayerFiles>>,
-) -> Vec<(LayerId, u64, u64)> {
-    let mut out: Vec<(LayerId, u64, u64)> = Vec::new();
-    for ((layer, b), p) in todo {
-        let unsettled = p.block().is_some()
-            || layers.get(layer).is_some_and(|f| {
-                !matches!(
-                    f.read_entries(*b, 1).ok().and_then(|e| e.first().copied()),
-                    Some(BlockEntry::Data(_))
-                )
-            });
-        if !unsettled {
-            continue;
-        }
-        match out.last_mut() {
-            Some((l, _, end)) if *l == *layer && *end == *b => *end += 1,
-            _ => out.push((*layer, *b, *b + 1)),
-        }
-    }
-    out
 }
 
 /// The layers of the placed versions in `todo`, each once.

@@ -28,9 +28,6 @@ mod export;
 mod generation;
 #[cfg(test)]
 mod generation_tests;
-mod intent;
-#[cfg(test)]
-mod intent_tests;
 mod merge;
 #[cfg(test)]
 mod merge_tests;
@@ -143,9 +140,6 @@ struct Inner {
     /// finds the set emptied by another must wait for that one's syncs, which cover
     /// writes acknowledged before it began.
     flushing: Mutex<()>,
-    /// Durable overwrite intents: ranges where placed writes may overwrite data in place
-    /// without syncing their own records first (see `intent`).
-    intents: intent::Intents,
     /// Set by the first failed sync, never cleared: the kernel may have dropped the dirty
     /// pages the sync was about, so no later sync can prove them durable (PostgreSQL's
     /// fsync lesson). Every later flush fails and the checkpoint stops, keeping the WAL
@@ -292,7 +286,6 @@ impl Store {
             space: Mutex::new(SpaceGuard::default()),
             placed_dirty: Mutex::new(HashMap::new()),
             flushing: Mutex::new(()),
-            intents: intent::Intents::default(),
             failed_sync: Mutex::new(None),
             hooks: Hooks::default(),
         });

@@ -62,16 +62,6 @@ impl Pending {
         }
     }
 
-    /// Whether this is a placed version that replaced a logged one still in the log.
-    /// After a cut, recovery that finds this version's data overwritten walks back to the
-    /// logged one; so an overwrite of it must not rely on an overwrite intent (which lets
-    /// its own record be lost), or a flushed placed version could give way to an older
-    /// logged one (see `intent`).
-    pub(super) fn logged_history(&self) -> bool {
-        matches!(&self.content, Content::Placed { shadows, .. }
-            if shadows.iter().any(|sh| sh.block().is_some()))
-    }
-
     /// This version without the older ones it carries.
     fn alone(&self) -> Pending {
         match &self.content {
@@ -170,10 +160,16 @@ impl PendingWrites {
                 h.copy_from_slice(hash);
                 let key = (layer, start + i as u64);
                 let shadows = match pending.get(&key) {
-                    // Kept even when logged in the same segment (the checkpoint that
-                    // deletes it handles this newer one too, so it never copies it): a
-                    // later overwrite must know that a logged version is still in the log
-                    // (see `Pending::logged_history`).
+                    // A logged version of the same segment is never needed: the
+                    // checkpoint that deletes it handles this newer one too. (A placed one
+                    // is: its data in place keeps an older shadow from being copied over
+                    // it.)
+                    Some(
+                        old @ Pending {
+                            content: Content::Logged { .. },
+                            ..
+                        },
+                    ) if old.seg == seg => Vec::new(),
                     Some(old) => {
                         let mut older = match &old.content {
                             Content::Placed { shadows, .. } => shadows.clone(),

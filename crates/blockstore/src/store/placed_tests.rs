@@ -32,7 +32,7 @@ pub(super) fn quiet(dir: &std::path::Path) -> Store {
 }
 
 /// A quiet store in a new directory, with a 4 MiB volume "v" and its export.
-pub(super) fn fresh() -> (tempfile::TempDir, Store, crate::Export) {
+fn fresh() -> (tempfile::TempDir, Store, crate::Export) {
     let dir = tempfile::tempdir().unwrap();
     let s = quiet(dir.path());
     s.create_volume("v", 4 * MIB).unwrap();
@@ -115,11 +115,10 @@ fn overwriting_data_in_place_waits_for_its_record_to_be_durable_but_a_hole_does_
         matches!((logged, synced), (Some(a), Some(b)) if a < b),
         "overwriting checksummed data in place did not sync its record first: {ev:?}"
     );
-    // Overwriting a placed write's data that is not checkpointed yet, over durable data
-    // entries: the intent the first overwrite made durable covers it (intent_tests.rs).
+    // And overwriting a placed write's data that is not checkpointed yet.
     events.lock().clear();
     e.write_at(0, &filled(3, N), false).unwrap();
-    assert!(!events.lock().contains(&Point::WalSync));
+    assert!(events.lock().contains(&Point::WalSync));
     assert_eq!(read(&e, 0, N * BLOCK_SIZE), filled(3, N));
 }
 
@@ -219,14 +218,14 @@ fn a_failed_sync_fails_every_later_flush_and_stops_the_checkpoint() {
 
 /// A data directory with layer 1 whose block `b` holds `old` (checksummed), and a log
 /// whose records the test appends; `recover` then settles them.
-pub(super) struct Crash {
+struct Crash {
     dir: tempfile::TempDir,
-    pub(super) layer: Arc<LayerFiles>,
-    pub(super) wal: Wal,
+    layer: Arc<LayerFiles>,
+    wal: Wal,
 }
 
 impl Crash {
-    pub(super) fn new() -> Crash {
+    fn new() -> Crash {
         let dir = tempfile::tempdir().unwrap();
         let layer_dir = dir.path().join("layers");
         let wal_dir = dir.path().join("wal");
@@ -238,13 +237,13 @@ impl Crash {
     }
 
     /// Block 0 as checkpointed data.
-    pub(super) fn stored(&self, b: u8) {
+    fn stored(&self, b: u8) {
         let d = filled(b, 1);
         self.layer.write_blocks(0, &d).unwrap();
         self.layer.write_entries(0, &block_hash(&d)).unwrap();
     }
 
-    pub(super) fn record(&self, kind: RecordKind, data: &[u8], hashes: &[u8]) {
+    fn record(&self, kind: RecordKind, data: &[u8], hashes: &[u8]) {
         let header = RecordHeader {
             kind,
             nblocks: 1,
@@ -256,13 +255,13 @@ impl Crash {
         self.wal.append(&header, hashes, data, |_| ()).unwrap();
     }
 
-    pub(super) fn logged(&self, b: u8) {
+    fn logged(&self, b: u8) {
         let d = filled(b, 1);
         self.record(RecordKind::Data, &d, &block_hash(&d));
     }
 
     /// A placed record for content `b`; `lands` says whether its data reached its place.
-    pub(super) fn placed(&self, b: u8, lands: bool) {
+    fn placed(&self, b: u8, lands: bool) {
         let d = filled(b, 1);
         self.record(RecordKind::Placed, &[], &block_hash(&d));
         if lands {
@@ -271,7 +270,7 @@ impl Crash {
     }
 
     /// Recovers and returns block 0's entry and data.
-    pub(super) fn recover(self) -> (BlockEntry, Vec<u8>) {
+    fn recover(self) -> (BlockEntry, Vec<u8>) {
         self.wal.sync().unwrap();
         let layers = HashMap::from([(1, self.layer.clone())]);
         super::recovery::recover(&self.dir.path().join("wal"), &layers, false).unwrap();
@@ -282,7 +281,7 @@ impl Crash {
     }
 }
 
-pub(super) fn data_of(b: u8) -> (BlockEntry, Vec<u8>) {
+fn data_of(b: u8) -> (BlockEntry, Vec<u8>) {
     let d = filled(b, 1);
     (BlockEntry::Data(block_hash(&d)), d)
 }

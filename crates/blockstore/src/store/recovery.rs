@@ -3,7 +3,7 @@
 //! punches the space under replayed fills, and removes layer files the catalog does not
 //! know.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
@@ -72,18 +72,13 @@ pub(super) fn recover(
         return Ok(1);
     };
     // Pass 1: which blocks did placed writes touch, and what did the table say of them?
-    // Blocks under an overwrite intent may have been overwritten in place by a placed
-    // write whose record was lost: they are settled too.
     let mut touched: HashMap<(LayerId, u64), Vec<Version>> = HashMap::new();
-    let mut intended: HashSet<(LayerId, u64)> = HashSet::new();
     scan(wal_dir, &segs, accept_damage, false, |rec| {
-        let h = rec.header;
-        if matches!(h.kind, RecordKind::Placed | RecordKind::Overwrite) {
-            for b in 0..u64::from(h.nblocks) {
-                touched.entry((h.layer, h.first_block + b)).or_default();
-                if h.kind == RecordKind::Overwrite {
-                    intended.insert((h.layer, h.first_block + b));
-                }
+        if rec.header.kind == RecordKind::Placed {
+            for b in 0..u64::from(rec.header.nblocks) {
+                touched
+                    .entry((rec.header.layer, rec.header.first_block + b))
+                    .or_default();
             }
         }
         Ok(())
@@ -104,10 +99,7 @@ pub(super) fn recover(
     let mut records = 0u64;
     scan(wal_dir, &segs, accept_damage, true, |rec| {
         let h = rec.header;
-        if matches!(
-            h.kind,
-            RecordKind::Seal | RecordKind::Flushed | RecordKind::Overwrite
-        ) {
+        if matches!(h.kind, RecordKind::Seal | RecordKind::Flushed) {
             return Ok(());
         }
         records += 1;
@@ -163,10 +155,10 @@ pub(super) fn recover(
                 }
                 Ok(())
             }
-            RecordKind::Seal | RecordKind::Flushed | RecordKind::Overwrite => Ok(()),
+            RecordKind::Seal | RecordKind::Flushed => Ok(()),
         }
     })?;
-    settle(layers, touched, &before, &intended)?;
+    settle(layers, touched, &before)?;
     for files in layers.values() {
         files.sync()?;
     }
@@ -192,50 +184,22 @@ fn to_sum(raw: &[u8]) -> [u8; SUM_LEN] {
     s
 }
 
-/// Decides the content of every block a placed write touched or an overwrite intent
-/// names: the newest version whose data is there (placed) or can be put there (logged,
-/// fill); failing all, what the table said before the replay. Where the data does not
-/// match that entry either, the block was overwritten in place by a write that was never
-/// flushed: under an intent (which placed writes rely on only over durable data entries,
-/// see `intent`) the bytes in place are that write's and are kept; elsewhere the block
-/// reads as an I/O error (see below).
+/// Decides the content of every block a placed write touched: the newest version whose
+/// data is there (placed) or can be put there (logged, fill); failing all, what the
+/// table said before the replay, even when the data does not match it (then the block
+/// reads as an I/O error: see below).
 fn settle(
     layers: &HashMap<LayerId, Arc<LayerFiles>>,
     touched: HashMap<(LayerId, u64), Vec<Version>>,
     before: &HashMap<(LayerId, u64), BlockEntry>,
-    intended: &HashSet<(LayerId, u64)>,
 ) -> Result<()> {
     let mut buf = vec![0u8; BLOCK_SIZE];
     for ((layer, b), versions) in touched {
         let Some(files) = layers.get(&layer) else {
             continue;
         };
-        let old = before.get(&(layer, b)).copied();
-        if versions.is_empty() && !matches!(old, Some(BlockEntry::Data(_))) {
-            continue; // only an intent names it, over no data: nothing was overwritten
-        }
         files.read_blocks(b, &mut buf)?;
         let in_place = block_hash(&buf);
-        // Under an intent, over data whose bytes were durable (placed writes rely on an
-        // intent only there), bytes in place that match neither the table's entry nor any
-        // version in the log were written by an overwrite whose record a cut lost: one
-        // that was never flushed, so newer than every flushed version. Where the log still
-        // holds a logged version or a fill, that is taken (newer than those bytes, or
-        // they came from a placed write the logged one replaced and whose record a
-        // checkpoint deleted); an overwrite relies on an intent only where walking back
-        // cannot pass a placed version to reach a logged one (`Pending::logged_history`).
-        // Otherwise the bytes are kept.
-        //
-        // Not when the entry names a logged version still in the log: a checkpoint
-        // copying it was cut before its layer sync, so the entry may have reached the
-        // disk without the data under it (no write relies on an intent there meanwhile).
-        let lost_record = intended.contains(&(layer, b))
-            && matches!(old, Some(BlockEntry::Data(h)) if h != in_place
-                && !versions.iter().any(|v| matches!(v, Version::Logged(l, _) if *l == h)))
-            && !versions.iter().any(|v| match v {
-                Version::Placed(h) | Version::Logged(h, _) => *h == in_place,
-                Version::Fill(_) => false,
-            });
         let mut entry = None;
         for v in versions.iter().rev() {
             match v {
@@ -251,17 +215,9 @@ fn settle(
             }
             break;
         }
-        let entry = match (entry, old) {
+        let entry = match (entry, before.get(&(layer, b))) {
             (Some(e), _) => e,
-            (None, Some(BlockEntry::Data(_))) if lost_record => {
-                tracing::info!(
-                    layer,
-                    block = b,
-                    "an unflushed overwrite in place under an intent: keeping what is on disk"
-                );
-                BlockEntry::Data(in_place)
-            }
-            (None, Some(BlockEntry::Data(h))) if h != in_place => {
+            (None, Some(BlockEntry::Data(h))) if *h != in_place => {
                 // The bytes in place are neither a logged version nor what the table
                 // names: an unflushed overwrite in place was torn inside the block (a
                 // disk writes 512-byte sectors), and the version before it is partly
@@ -275,14 +231,11 @@ fn settle(
                     "after the crash the block matches none of its versions (an overwrite \
                      cut short); it reads as an I/O error until rewritten or repaired"
                 );
-                BlockEntry::Data(h)
+                BlockEntry::Data(*h)
             }
-            (None, Some(e)) => e,
+            (None, Some(e)) => *e,
             (None, None) => BlockEntry::Absent,
         };
-        if versions.is_empty() && old == Some(entry) {
-            continue; // only an intent names it, and its entry holds
-        }
         files.write_entries(b, &entry.encode())?;
     }
     Ok(())

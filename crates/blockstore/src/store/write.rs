@@ -102,15 +102,13 @@ impl Store {
     /// layer's data file, logging only their hashes: the data is written once.
     ///
     /// Overwriting a block whose current content is in place (its checksum is in the
-    /// table, or an earlier placed write put it there) is only safe once a durable record
-    /// tells recovery the block may have changed: without one, a newer block would match
-    /// nothing and read as corruption. Where every block is durably named as data in the
-    /// table, that record is an overwrite *intent* covering this write and the range after
-    /// it (`intent`), so a stream of overwrites syncs the log once per intent; elsewhere
-    /// (over a pending placed write into a hole, say) it is the write's own record.
-    /// Writes into a hole need neither: until their record is replayed, the table does not
-    /// point at their data. A trim's markers make a hole only once a checkpoint has synced
-    /// them: until then a power cut may bring back the entries they replaced.
+    /// table, or an earlier placed write put it there) is only safe once the record naming
+    /// the new hashes is durable: after a crash, recovery compares what is in place with
+    /// both versions and keeps the one that matches. Without the record, a torn or newer
+    /// block would match nothing and read as corruption. Writes into a hole need no such
+    /// sync: until their record is replayed, the table does not point at their data. A
+    /// trim's markers make a hole only once a checkpoint has synced them: until then a
+    /// power cut may bring back the entries they replaced.
     fn place_record(&self, rt: &VolumeRuntime, start: u64, data: &[u8]) -> Result<()> {
         let top = &rt.chain[0];
         let layer = top.id;
@@ -127,26 +125,11 @@ impl Store {
             first_block: start,
             generation: rt.generation,
         };
-        let ((replaced, seg), wal_len) = self.inner.wal.append(&header, &hashes, &[], |seg| {
-            let replaced = self
-                .inner
-                .pending
-                .publish_placed(layer, start, seg, &hashes, &gate);
-            (replaced, seg)
-        })?;
-        // Makes this write's overwrite in place safe without a sync of its own where it
-        // can (see `intent`): returns whether it did.
-        let history = replaced
-            .iter()
-            .any(|r| r.as_ref().is_some_and(|p| p.logged_history()));
-        let intend = || -> Result<bool> {
-            if history || !self.inner.may_intend(top, start, n as u64)? {
-                return Ok(false);
-            }
+        let (replaced, wal_len) = self.inner.wal.append(&header, &hashes, &[], |seg| {
             self.inner
-                .intend_overwrite(layer, start, n as u64, seg, rt.generation)?;
-            Ok(true)
-        };
+                .pending
+                .publish_placed(layer, start, seg, &hashes, &gate)
+        })?;
         let placed = || -> Result<()> {
             self.inner.at(Point::PlacedLogged)?;
             // What the disk may hold for these blocks: data the table names, or data under
@@ -162,17 +145,13 @@ impl Store {
                     || self.inner.fill_not_durable(layer, start, n as u64))
             };
             let mut synced = false;
-            let mut intended = false;
             if replaced
                 .iter()
                 .any(|r| r.as_ref().is_some_and(|p| p.block().is_none()))
                 || holds_data()?
             {
-                intended = intend()?;
-                if !intended {
-                    self.inner.sync_wal()?;
-                    synced = true;
-                }
+                self.inner.sync_wal()?;
+                synced = true;
             }
             self.inner.at(Point::PlacedDecided)?;
             loop {
@@ -182,13 +161,8 @@ impl Store {
                 let stable = self.inner.layer_writes.read();
                 // A checkpoint may have copied an older logged version of these blocks in
                 // since the check above (it does while the gate is closed): then this is
-                // an overwrite after all, and its record must be durable first. An intent
-                // taken above holds only while the table still durably names data there
-                // (a checkpoint may have written entries it has not synced yet).
-                if !synced
-                    && ((intended && !self.inner.may_intend(top, start, n as u64)?)
-                        || (!intended && holds_data()?))
-                {
+                // an overwrite after all, and its record must be durable first.
+                if !synced && holds_data()? {
                     drop(stable);
                     self.inner.sync_wal()?;
                     synced = true;
