@@ -10,11 +10,20 @@
 # "tessera-base" in SERVERS (its column and ratio are printed beside Tessera's).
 # Writes into fresh space instead of overwrites: FILL=0 (no fill first) with a SIZE larger
 # than a run writes (e.g. SIZE=16G on the disk backing).
+# Steady state: STEADY=1 measures overwrites of *durable* data. Before each workload every
+# server's files are synced (`sync`, so no server pays for another's or its own fill's
+# writeback), and a Tessera store is restarted: its shutdown checkpoint puts every pending
+# block (the fill's placed writes among them) into the layer tables, so the table names
+# the fill as durable data, as on a store that has been running a while. Sequential
+# workloads then make one pass over the target (no wrapping onto blocks the same run
+# just wrote, which are pending again) capped at the run time; use a SIZE that takes
+# longer than a second or two to write (SIZE=2G).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${1:-8}
 SIZE=${SIZE:-1G}
 FILL=${FILL:-1}
+STEADY=${STEADY:-0}
 tests/setup
 command -v python3 >/dev/null
 # PROFILE=fast reuses an engineer's incremental build (release code generation, more
@@ -32,6 +41,7 @@ TMPFS=$WORK/tmpfs
 mkdir -p "$TMPFS" "$WORK/disk"
 mount -t tmpfs -o size=6g tessera-bench "$TMPFS"
 PIDS=()
+STORE_PID=
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
@@ -46,6 +56,33 @@ RESULTS=$WORK/results.jsonl
 wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; return 1; }
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "no port $1" >&2; return 1; }
 
+start_store() { # bin dir port sock
+    rm -f "$4" "$2/tessera-admin.sock"
+    "$1" serve --data-dir "$2/tessera" --nbd-tcp-plain 127.0.0.1:$3 --nbd-unix "$4" \
+        --admin-socket "$2/tessera-admin.sock" 2>>"$2/tessera.log" &
+    STORE_PID=$!
+    PIDS+=($!)
+    wait_sock "$2/tessera-admin.sock"
+}
+
+# STEADY=1, before a workload: the store's pending blocks into its tables (a restart: the
+# shutdown checkpoint), and every server's dirty pages on disk.
+settle() { # server dir port
+    local server=$1 dir=$2 port=$3
+    if [ "$STEADY" = 1 ] && [[ $server == tessera* ]]; then
+        local bin=$BIN
+        [ "$server" = tessera-base ] && bin=$BASE_BIN
+        kill -TERM "$STORE_PID"
+        # SIGTERM: the store stops listening and runs its final checkpoint before it exits.
+        wait "$STORE_PID" || { echo "store exited with an error on SIGTERM" >&2; tail "$dir/tessera.log" >&2; exit 1; }
+        grep -q "final checkpoint failed" "$dir/tessera.log" && { echo "final checkpoint failed" >&2; exit 1; }
+        start_store "$bin" "$dir" "$port" "$dir/$server.sock"
+        wait_port "$port"
+    fi
+    [ "$STEADY" = 1 ] && sync
+    return 0
+}
+
 # server backing transport -> sets URI, starts the server in the background
 start_server() {
     local server=$1 dir=$2 port=$3 sock=$dir/$server.sock
@@ -53,10 +90,7 @@ start_server() {
     tessera | tessera-base)
         local bin=$BIN
         [ "$server" = tessera-base ] && bin=${BASE_BIN:?tessera-base needs BASE_BIN}
-        "$bin" serve --data-dir "$dir/tessera" --nbd-tcp-plain 127.0.0.1:$port --nbd-unix "$sock" \
-            --admin-socket "$dir/tessera-admin.sock" 2>"$dir/tessera.log" &
-        PIDS+=($!)
-        wait_sock "$dir/tessera-admin.sock"
+        start_store "$bin" "$dir" "$port" "$sock"
         "$bin" --admin-socket "$dir/tessera-admin.sock" volume create bench --size $SIZE >/dev/null
         ;;
     nbdkit)
@@ -85,10 +119,13 @@ uri() {
 }
 
 run_fio() { # label uri rw bs qd
-    local label=$1 uri=$2 rw=$3 bs=$4 qd=$5
+    local label=$1 uri=$2 rw=$3 bs=$4 qd=$5 timing="--ramp_time=1 --time_based"
+    # Steady state: one pass over the durable target, at most RUNTIME seconds.
+    [ "$STEADY" = 1 ] && [[ $rw != rand* ]] && timing=""
     echo "bench: $label" >&2
+    # shellcheck disable=SC2086 # $timing: zero or two options
     if ! fio --name="${label//|/-}" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
-        --size=$SIZE --runtime="$RUNTIME" --ramp_time=1 --time_based --output-format=json \
+        --size=$SIZE --runtime="$RUNTIME" $timing --output-format=json \
         --percentile_list=50:99 >"$WORK/fio.json" 2>"$WORK/fio.err"; then
         echo "fio failed for $label ($uri):" >&2
         cat "$WORK/fio.err" >&2
@@ -124,7 +161,9 @@ for backing in ${BACKINGS:-tmpfs disk}; do
                 "4k-randwrite-qd1 randwrite 4k 1" "4k-randwrite-qd16 randwrite 4k 16" \
                 "1m-seqread-qd8 read 1M 8" "1m-seqwrite-qd8 write 1M 8"; do
                 set -- $w
-                want "$1" && run_fio "$backing|$transport|$1|$server" "$u" "$2" "$3" "$4"
+                want "$1" || continue
+                settle "$server" "$dir" "$port"
+                run_fio "$backing|$transport|$1|$server" "$u" "$2" "$3" "$4"
             done
         done
         for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -148,7 +187,8 @@ cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.start
 print(f"### NBD server benchmark, {sys.argv[3]}")
 print()
 print(f"Machine: {os.cpu_count()} cores ({cpu}), {platform.release()}; fio nbd engine, 1 job, "
-      f"{os.environ.get('SIZE', '1G')} target, {'filled first' if os.environ.get('FILL', '1') == '1' else 'not filled (fresh space)'}.")
+      f"{os.environ.get('SIZE', '1G')} target, {'filled first' if os.environ.get('FILL', '1') == '1' else 'not filled (fresh space)'}"
+      f"{'; steady state (synced, store restarted so its tables hold the data, sequential runs one pass)' if os.environ.get('STEADY') == '1' else ''}.")
 print(f"Loopback socket alone (1 MiB writes): TCP {sock['tcp']:.0f} MiB/s, Unix {sock['unix']:.0f} MiB/s.")
 print()
 print("| backing | transport | workload | Tessera IOPS | MiB/s | p50 µs | p99 µs | base IOPS | nbdkit IOPS | qemu-nbd IOPS | vs base | base vs nbdkit | vs nbdkit | vs qemu-nbd | vs socket |")
