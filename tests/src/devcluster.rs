@@ -144,6 +144,76 @@ impl Drop for DevCluster {
     }
 }
 
+/// A three-node dev cluster in a fresh temporary directory, its first administrator
+/// logged in through node 1 and its three stores healthy: how the volume tests begin
+/// ([`DevCluster::admin_with_nodes`]).
+pub struct AdminCluster {
+    /// The cluster. Declared first, so it is stopped before its directory is removed.
+    pub cluster: DevCluster,
+    /// The cluster CA's file.
+    ca: String,
+    /// The administrator's session token.
+    token: String,
+    /// `GET /nodes` once the three stores were healthy.
+    pub nodes: Value,
+    /// `scratch/` in the cluster's directory.
+    scratch: std::path::PathBuf,
+    /// The cluster's directory (`node<i>/` below it), removed when this is dropped.
+    dir: tempfile::TempDir,
+}
+
+impl AdminCluster {
+    /// The directory the cluster runs in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A directory for the test's own files (what it writes and reads back), beside the
+    /// nodes' and gone with them.
+    pub fn scratch(&self) -> &Path {
+        &self.scratch
+    }
+
+    /// The cluster CA's file (clients check the API with it).
+    pub fn ca(&self) -> &str {
+        &self.ca
+    }
+
+    /// The administrator's session token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The id of node `node<i>`.
+    pub fn id(&self, i: u8) -> String {
+        node_id(&self.nodes, i)
+    }
+}
+
+impl DevCluster {
+    /// Starts a three-node cluster in a fresh temporary directory, logs in as its first
+    /// administrator through node 1 (changing the printed password to `new_password`) and
+    /// waits (at most 60 s) until node 1 lists three nodes whose stores are healthy
+    /// (placement takes only those).
+    pub fn admin_with_nodes(new_password: &str) -> AdminCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = DevCluster::start(dir.path());
+        let scratch = dir.path().join("scratch");
+        std::fs::create_dir(&scratch).unwrap();
+        let ca = cluster.ca_file();
+        let token = cluster.admin_session(1, new_password);
+        let nodes = crate::replicas::three_healthy_nodes(&ca, &token);
+        AdminCluster {
+            cluster,
+            ca,
+            token,
+            nodes,
+            scratch,
+            dir,
+        }
+    }
+}
+
 /// One answer of a node's API: status (0: no answer within curl's time), headers, body,
 /// and how long it took.
 pub struct Answer {

@@ -233,6 +233,27 @@ pub fn wait_volume(
     }
 }
 
+/// Creates volume `name` of `size` bytes and `replicas` copies, its primary's on node id
+/// `on`, through node 1, and waits until the task succeeded and the volume is ready (at
+/// most 30 s), with every copy in sync when it has more than one; its view.
+pub fn create_volume(
+    ca: &str,
+    token: &str,
+    name: &str,
+    size: u64,
+    replicas: u8,
+    on: &str,
+) -> Value {
+    let body =
+        serde_json::json!({"name": name, "size_bytes": size, "replicas": replicas, "node": on});
+    let (code, task) = api(ca, 1, "POST", "volumes", Some(token), Some(&body));
+    assert_eq!(code, 202, "{task}");
+    assert_eq!(wait_task(ca, 1, token, &task)["state"], "succeeded");
+    wait_volume(ca, 1, token, name, 30, |v| {
+        v["state"] == "ready" && (replicas < 2 || all_in_sync(v))
+    })
+}
+
 /// Waits until `volumes/<name>` through node `via` satisfies `ok`, for as long as its
 /// replication keeps moving: it fails only when nothing of `replication` (generation,
 /// copies, their states, catch-up progress, `joining`) changed for `quiet_secs`, or after

@@ -16,10 +16,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde_json::json;
-use tessera_tests::devcluster::{api, node_id, DevCluster, VmmKiller};
+use tessera_tests::devcluster::{api, DevCluster, VmmKiller};
 use tessera_tests::replicas::{
-    all_in_sync, copy_nodes, has_event, read_hash, serves, start_idle_vm, store_logs,
-    three_healthy_nodes, unix_uri, wait_task, wait_volume, write, QemuIo,
+    all_in_sync, copy_nodes, create_volume, has_event, read_hash, serves, start_idle_vm,
+    store_logs, unix_uri, wait_task, wait_volume, write, QemuIo,
 };
 use tessera_tests::{kvm_or_skip, require};
 
@@ -32,18 +32,6 @@ const AFTER_AT: u64 = 12 * MIB;
 /// The test guest (built by tests/build.rs).
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
 
-/// Creates volume `name` of `replicas` copies, the primary's on node id `on`, and waits
-/// until every copy is in sync; its view.
-fn create(ca: &str, t: &str, name: &str, replicas: u8, on: &str) -> serde_json::Value {
-    let body = json!({"name": name, "size_bytes": SIZE, "replicas": replicas, "node": on});
-    let (c, task) = api(ca, 1, "POST", "volumes", Some(t), Some(&body));
-    assert_eq!(c, 202, "{task}");
-    assert_eq!(wait_task(ca, 1, t, &task)["state"], "succeeded");
-    wait_volume(ca, 1, t, name, 30, |v| {
-        v["state"] == "ready" && all_in_sync(v)
-    })
-}
-
 #[test]
 fn any_nodes_nbd_server_writes_a_volume_by_becoming_its_primary_and_fences_the_old_one() {
     require("curl");
@@ -51,24 +39,18 @@ fn any_nodes_nbd_server_writes_a_volume_by_becoming_its_primary_and_fences_the_o
     require("qemu-io");
     require("stdbuf");
     require("qemu-img");
-    let d = tempfile::tempdir().unwrap();
-    let dir = d.path();
-    let tmp = tempfile::tempdir().unwrap();
-    let tmp = tmp.path();
-    let cluster = DevCluster::start(dir);
-    let ca = cluster.ca_file();
-    let token = cluster.admin_session(1, "volume any node admin password");
-    let t = token.as_str();
-    let nodes = three_healthy_nodes(&ca, t);
-    let id = |i: u8| node_id(&nodes, i);
-    let v = create(&ca, t, "any", 3, &id(3));
+    let cluster = DevCluster::admin_with_nodes("volume any node admin password");
+    let (dir, tmp) = (cluster.dir(), cluster.scratch());
+    let (ca, t) = (cluster.ca(), cluster.token());
+    let id = |i: u8| cluster.id(i);
+    let v = create_volume(ca, t, "any", SIZE, 3, &id(3));
     assert_eq!(copy_nodes(&v)[0], id(3), "{v}");
     let mut generation = v["replication"]["generation"].as_u64().unwrap();
 
     // A reader of a replica's copy does not move the primary.
     let zero = blake3::hash(&vec![0u8; SIZE as usize]);
     assert_eq!(read_hash(dir, 1, "any", tmp), zero);
-    let (_, v) = api(&ca, 1, "GET", "volumes/any", Some(t), None);
+    let (_, v) = api(ca, 1, "GET", "volumes/any", Some(t), None);
     assert_eq!(v["node"], id(3).as_str(), "a read moved the primary: {v}");
 
     // Written through node 1, then node 2: each becomes the primary, fencing the last.
@@ -97,12 +79,12 @@ fn any_nodes_nbd_server_writes_a_volume_by_becoming_its_primary_and_fences_the_o
             began.elapsed()
         );
         expected[..len as usize].copy_from_slice(&data);
-        let (_, v) = api(&ca, 1, "GET", "volumes/any", Some(t), None);
+        let (_, v) = api(ca, 1, "GET", "volumes/any", Some(t), None);
         assert_eq!(v["node"], id(writer).as_str(), "{v}");
         let g = v["replication"]["generation"].as_u64().unwrap();
         assert!(g > generation, "generation {g} after {generation}: {v}");
         generation = g;
-        assert!(has_event(&ca, 1, t, "volume.primary_moved", "any"));
+        assert!(has_event(ca, 1, t, "volume.primary_moved", "any"));
 
         if let Some(mut c) = old {
             let a = c.run(&format!("write -P 0xcc {AFTER_AT} 4096"));
@@ -117,7 +99,7 @@ fn any_nodes_nbd_server_writes_a_volume_by_becoming_its_primary_and_fences_the_o
     // Every copy, through its own store, holds what was written, and nothing of the
     // fenced client's last write. Reads do not move the primary (node 2 keeps it).
     let want = blake3::hash(&expected);
-    let v = wait_volume(&ca, 1, t, "any", 30, all_in_sync);
+    let v = wait_volume(ca, 1, t, "any", 30, all_in_sync);
     for i in [3u8, 1, 2] {
         if read_hash(dir, i, "any", tmp) != want {
             let got = std::fs::read(tmp.join(format!("read-any-{i}"))).unwrap();
@@ -129,7 +111,7 @@ fn any_nodes_nbd_server_writes_a_volume_by_becoming_its_primary_and_fences_the_o
             );
         }
     }
-    let (_, v2) = api(&ca, 1, "GET", "volumes/any", Some(t), None);
+    let (_, v2) = api(ca, 1, "GET", "volumes/any", Some(t), None);
     assert_eq!(v2["node"], id(2).as_str(), "{v2}");
     assert_eq!(
         v2["replication"]["generation"],
@@ -138,7 +120,7 @@ fn any_nodes_nbd_server_writes_a_volume_by_becoming_its_primary_and_fences_the_o
 
     // A volume whose copies are on two nodes is served through the third too (its store
     // forwards to the primary's: tests/tests/volume_forward.rs).
-    let v = create(&ca, t, "two", 2, &id(1));
+    let v = create_volume(ca, t, "two", SIZE, 2, &id(1));
     let held = copy_nodes(&v);
     let none = (1..=3u8).find(|i| !held.contains(&id(*i))).unwrap();
     assert!(serves(dir, none, "two"), "{}", store_logs(dir, 30));
@@ -148,7 +130,7 @@ fn any_nodes_nbd_server_writes_a_volume_by_becoming_its_primary_and_fences_the_o
     let test =
         "any_nodes_nbd_server_writes_a_volume_by_becoming_its_primary_and_fences_the_old_one";
     if kvm_or_skip(test) {
-        a_running_vms_volume_is_not_written_through_another_node(&ca, t, dir, tmp, &id);
+        a_running_vms_volume_is_not_written_through_another_node(ca, t, dir, tmp, &id);
     }
 }
 
@@ -163,7 +145,7 @@ fn a_running_vms_volume_is_not_written_through_another_node(
     id: &dyn Fn(u8) -> String,
 ) {
     let _reaper = VmmKiller::of(dir);
-    create(ca, t, "vmdisk", 3, &id(1));
+    create_volume(ca, t, "vmdisk", SIZE, 3, &id(1));
     start_idle_vm(ca, t, "user", "vmdisk", &id(1), GUEST);
     let (_, before) = api(ca, 1, "GET", "volumes/vmdisk", Some(t), None);
     assert_eq!(before["node"], id(1).as_str(), "{before}");

@@ -16,11 +16,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-use tessera_tests::devcluster::{api, node_id, DevCluster, VmmKiller};
+use tessera_tests::devcluster::{api, DevCluster, VmmKiller};
 use tessera_tests::replicas::{
-    all_in_sync, copy_nodes, kill, read_hash, start_idle_vm, store_logs, three_healthy_nodes,
-    unix_uri, wait_task, wait_volume, write, QemuIo,
+    copy_nodes, create_volume, kill, read_hash, start_idle_vm, store_logs, unix_uri, write, QemuIo,
 };
 use tessera_tests::{bin, file_hash, kvm_or_skip, output, require};
 
@@ -31,15 +29,6 @@ const SIZE: u64 = 16 * MIB;
 const DEAD_PEER_BOUND: Duration = Duration::from_secs(20);
 /// The test guest (built by tests/build.rs).
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
-
-/// Creates a one-copy volume `name` on node id `on` and waits until it is ready.
-fn create_solo(ca: &str, t: &str, name: &str, on: &str) {
-    let body = json!({"name": name, "size_bytes": SIZE, "replicas": 1, "node": on});
-    let (c, task) = api(ca, 1, "POST", "volumes", Some(t), Some(&body));
-    assert_eq!(c, 202, "{task}");
-    assert_eq!(wait_task(ca, 1, t, &task)["state"], "succeeded");
-    wait_volume(ca, 1, t, name, 30, |v| v["state"] == "ready");
-}
 
 /// Asserts that `export` reads as `want` through every node's NBD socket.
 fn same_everywhere(dir: &Path, tmp: &Path, export: &str, want: &[u8]) {
@@ -67,17 +56,11 @@ fn a_node_without_a_copy_serves_the_volume_by_forwarding_to_its_primary() {
     ] {
         require(tool);
     }
-    let d = tempfile::tempdir().unwrap();
-    let dir = d.path();
-    let tmp = tempfile::tempdir().unwrap();
-    let tmp = tmp.path();
-    let cluster = DevCluster::start(dir);
-    let ca = cluster.ca_file();
-    let token = cluster.admin_session(1, "volume forward admin password");
-    let t = token.as_str();
-    let nodes = three_healthy_nodes(&ca, t);
-    let id = |i: u8| node_id(&nodes, i);
-    create_solo(&ca, t, "solo", &id(1));
+    let cluster = DevCluster::admin_with_nodes("volume forward admin password");
+    let (dir, tmp) = (cluster.dir(), cluster.scratch());
+    let (ca, t) = (cluster.ca(), cluster.token());
+    let id = |i: u8| cluster.id(i);
+    create_volume(ca, t, "solo", SIZE, 1, &id(1));
 
     // nbdcopy through node 2, which holds no copy.
     let mut expected = random(SIZE);
@@ -167,17 +150,11 @@ fn a_node_without_a_copy_serves_the_volume_by_forwarding_to_its_primary() {
 
     let test = "a_node_without_a_copy_serves_the_volume_by_forwarding_to_its_primary";
     if kvm_or_skip(test) {
-        a_running_vms_volume_is_not_written_through_a_node_without_a_copy(&ca, t, dir, tmp, &id);
+        a_running_vms_volume_is_not_written_through_a_node_without_a_copy(ca, t, dir, tmp, &id);
     }
 
     // A two-copy volume with its primary on node 1, and the node holding no copy of it.
-    let body = json!({"name": "pair", "size_bytes": SIZE, "replicas": 2, "node": id(1)});
-    let (code, task) = api(&ca, 1, "POST", "volumes", Some(t), Some(&body));
-    assert_eq!(code, 202, "{task}");
-    assert_eq!(wait_task(&ca, 1, t, &task)["state"], "succeeded");
-    let v = wait_volume(&ca, 1, t, "pair", 30, |v| {
-        v["state"] == "ready" && all_in_sync(v)
-    });
+    let v = create_volume(ca, t, "pair", SIZE, 2, &id(1));
     let held = copy_nodes(&v);
     let none = (1..=3u8).find(|i| !held.contains(&id(*i))).unwrap();
     let other = (2..=3u8).find(|i| *i != none).unwrap();
@@ -229,7 +206,7 @@ fn a_node_without_a_copy_serves_the_volume_by_forwarding_to_its_primary() {
         "{}",
         store_logs(dir, 30)
     );
-    let (_, v) = api(&ca, 1, "GET", "volumes/pair", Some(t), None);
+    let (_, v) = api(ca, 1, "GET", "volumes/pair", Some(t), None);
     assert_eq!(v["node"], id(1).as_str(), "a read moved the primary: {v}");
 }
 
@@ -243,7 +220,7 @@ fn a_running_vms_volume_is_not_written_through_a_node_without_a_copy(
     id: &dyn Fn(u8) -> String,
 ) {
     let _reaper = VmmKiller::of(dir);
-    create_solo(ca, t, "vmdisk", &id(1));
+    create_volume(ca, t, "vmdisk", SIZE, 1, &id(1));
     start_idle_vm(ca, t, "user", "vmdisk", &id(1), GUEST);
     let f = tmp.join("intruder");
     std::fs::write(&f, vec![0x5au8; MIB as usize]).unwrap();

@@ -12,12 +12,10 @@
 
 use std::path::Path;
 
-use serde_json::json;
 use tessera_tests::cluster::wait_for;
-use tessera_tests::devcluster::{api, node_dir, node_id, DevCluster, VmmKiller};
+use tessera_tests::devcluster::{api, node_dir, DevCluster, VmmKiller};
 use tessera_tests::replicas::{
-    read_hash, start_idle_vm, store_logs, three_healthy_nodes, unix_uri, wait_task, wait_volume,
-    QemuIo,
+    create_volume, read_hash, start_idle_vm, store_logs, unix_uri, QemuIo,
 };
 use tessera_tests::vms::{counting, last_count};
 use tessera_tests::{kvm_or_skip, require};
@@ -49,25 +47,14 @@ fn a_second_writer_on_the_vms_own_node_is_refused_and_the_guest_keeps_writing() 
     for tool in ["nbdcopy", "qemu-io", "stdbuf"] {
         require(tool);
     }
-    let d = tempfile::tempdir().unwrap();
-    let dir = d.path();
-    let cluster = DevCluster::start(dir);
-    // Where the volume is read to: beside the cluster's nodes, gone with them.
-    let reads = dir.join("reads");
-    std::fs::create_dir(&reads).unwrap();
-    let tmp = reads.as_path();
+    let cluster = DevCluster::admin_with_nodes("volume vm writer admin password");
+    // The volume is read to the scratch directory: beside the cluster's nodes, gone with them.
+    let (dir, tmp) = (cluster.dir(), cluster.scratch());
+    let (ca, t) = (cluster.ca(), cluster.token());
     let _reaper = VmmKiller::of(dir);
-    let ca = cluster.ca_file();
-    let token = cluster.admin_session(1, "volume vm writer admin password");
-    let t = token.as_str();
-    let nodes = three_healthy_nodes(&ca, t);
-    let node1 = node_id(&nodes, 1);
-    let body = json!({"name": "vmdisk", "size_bytes": SIZE, "replicas": 1, "node": node1});
-    let (c, task) = api(&ca, 1, "POST", "volumes", Some(t), Some(&body));
-    assert_eq!(c, 202, "{task}");
-    assert_eq!(wait_task(&ca, 1, t, &task)["state"], "succeeded");
-    wait_volume(&ca, 1, t, "vmdisk", 30, |v| v["state"] == "ready");
-    start_idle_vm(&ca, t, "user", "vmdisk", &node1, GUEST);
+    let node1 = cluster.id(1);
+    create_volume(ca, t, "vmdisk", SIZE, 1, &node1);
+    start_idle_vm(ca, t, "user", "vmdisk", &node1, GUEST);
     // The VMM writes through the store's Unix socket: its writes are admitted.
     let written = wait_for("the guest's first count on its disk", 60, || {
         count_on_disk(dir, tmp)
@@ -113,6 +100,6 @@ fn a_second_writer_on_the_vms_own_node_is_refused_and_the_guest_keeps_writing() 
         "guest wrote COUNT={written} before the refused client, COUNT={later} after; console at {:?}",
         last_count(&node1_dir, "user")
     );
-    let (_, vm) = api(&ca, 1, "GET", "vms/user", Some(t), None);
+    let (_, vm) = api(ca, 1, "GET", "vms/user", Some(t), None);
     assert_eq!(vm["actual_state"], "running", "{vm}");
 }
