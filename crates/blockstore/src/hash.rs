@@ -26,8 +26,17 @@ const GROUP: usize = 32;
 /// Fewer blocks than this are hashed one by one (see [`hash_group`]).
 const SIDE_BY_SIDE_MIN: usize = 8;
 /// Data at least this large is hashed on every core (rayon's pool), [`GROUP`] blocks per
-/// task; below it handing out tasks costs more than it saves.
+/// task, on machines with at least [`PARALLEL_MIN_THREADS`]; below it handing out tasks
+/// costs more than it saves.
 const PARALLEL_MIN: usize = 256 * 1024;
+/// Fewer threads in rayon's pool than this (cores, by default) and large inputs are hashed
+/// on the calling thread. A caller outside the pool does not take part in the work: it
+/// hands the tasks over and sleeps until they are done, so on two cores, which the NBD
+/// client and the network stack share, the hand-over and wake-ups cost more than the
+/// second core brings. Measured on a quiet 2-core machine (BENCHMARKS.md, issue #9,
+/// session 15): 1M sequential reads 1.13-1.18x faster at QD8 and 1.23-1.28x at QD1
+/// hashed on the calling thread, writes unchanged.
+const PARALLEL_MIN_THREADS: usize = 4;
 
 const CHUNK_LEN: usize = blake3::CHUNK_LEN;
 const CHUNKS_PER_BLOCK: usize = BLOCK_SIZE / CHUNK_LEN;
@@ -63,7 +72,7 @@ pub(crate) fn hash_blocks_into(data: &[u8], out: &mut [u8]) {
     let blocks = data.len() / BLOCK_SIZE;
     let data = &data[..blocks * BLOCK_SIZE];
     let out = &mut out[..blocks * SUM_LEN];
-    if data.len() < PARALLEL_MIN {
+    if data.len() < PARALLEL_MIN || rayon::current_num_threads() < PARALLEL_MIN_THREADS {
         for (d, o) in data
             .chunks(GROUP * BLOCK_SIZE)
             .zip(out.chunks_mut(GROUP * SUM_LEN))
@@ -187,6 +196,23 @@ mod tests {
             let got = hash_blocks(&data);
             assert_eq!(got.len(), blocks * SUM_LEN);
             assert_eq!(got, one_by_one(&data), "{blocks} blocks");
+        }
+    }
+
+    #[test]
+    fn both_large_paths_hash_as_blake3_does() {
+        // Large inputs are split over the pool only where it has enough threads: run them
+        // in a pool too small and in one large enough, whatever this machine has.
+        for threads in [1, PARALLEL_MIN_THREADS] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for blocks in [64, 65, 256, 257] {
+                let data = pattern(blocks * BLOCK_SIZE, threads as u32);
+                let got = pool.install(|| hash_blocks(&data));
+                assert_eq!(got, one_by_one(&data), "{blocks} blocks, {threads} threads");
+            }
         }
     }
 
