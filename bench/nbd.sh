@@ -159,7 +159,8 @@ for backing in ${BACKINGS:-tmpfs disk}; do
             u=$(uri $server "$dir" $port $transport)
             for w in "4k-randread-qd1 randread 4k 1" "4k-randread-qd16 randread 4k 16" \
                 "4k-randwrite-qd1 randwrite 4k 1" "4k-randwrite-qd16 randwrite 4k 16" \
-                "1m-seqread-qd8 read 1M 8" "1m-seqwrite-qd8 write 1M 8"; do
+                "1m-seqread-qd8 read 1M 8" "1m-seqwrite-qd8 write 1M 8" "1m-seqread-qd1 read 1M 1" \
+                "1m-seqwrite-qd1 write 1M 1"; do
                 set -- $w
                 want "$1" || continue
                 settle "$server" "$dir" "$port"
