@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Where the store's time goes during a 1M sequential NBD workload: a 1 GiB volume on the
+# disk is filled, the store restarted (its shutdown checkpoint makes the fill durable table
+# data), fio runs 14 s (TCP, 1M, QD8) and `perf record` samples the store for 10 s of it.
+# Prints the top symbols and the split by thread; perf.data is kept for `perf report`.
+#
+# Usage (as root, from the repository root): bench/nbd-profile.sh [read|write] [store-binary]
+# (default: read, target/fast/tessera-store). Results and what they meant: BENCHMARKS.md,
+# "Issue #9, session 15".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RW=${1:-read}
+BIN=${2:-$PWD/target/fast/tessera-store}
+case $RW in read | write) ;; *) echo "usage: $0 [read|write] [store-binary]" >&2; exit 2 ;; esac
+for t in fio perf; do command -v $t >/dev/null || { echo "needs $t" >&2; exit 1; }; done
+[ -x "$BIN" ] || { echo "no store binary $BIN (cargo build --profile fast -p tessera-store)" >&2; exit 1; }
+OUT=bench/results
+mkdir -p "$OUT"
+W=$(mktemp -d /var/tmp/tessera-profile.XXXXXX)
+PORT=20991
+SP=
+cleanup() {
+    [ -n "$SP" ] && kill "$SP" 2>/dev/null
+    wait 2>/dev/null || true
+    rm -rf "$W"
+}
+trap cleanup EXIT
+start() {
+    rm -f "$W/admin.sock"
+    "$BIN" serve --data-dir "$W/store" --nbd-tcp-plain 127.0.0.1:$PORT --nbd-unix "$W/nbd.sock" \
+        --admin-socket "$W/admin.sock" 2>>"$W/store.log" &
+    SP=$!
+    for _ in $(seq 200); do [ -S "$W/admin.sock" ] && return 0; sleep 0.05; done
+    echo "store did not start:" >&2; cat "$W/store.log" >&2; exit 1
+}
+URI=nbd://127.0.0.1:$PORT/bench
+start
+"$BIN" --admin-socket "$W/admin.sock" volume create bench --size 1G >/dev/null
+fio --name=fill --ioengine=nbd --uri=$URI --rw=write --bs=1M --iodepth=8 --size=1G \
+    --output-format=terse >/dev/null 2>&1
+kill -TERM "$SP"
+wait "$SP"
+sync
+start
+fio --name=run --ioengine=nbd --uri=$URI --rw="$RW" --bs=1M --iodepth=8 --size=1G --runtime=14 \
+    --time_based --output-format=json >"$W/fio.json" 2>/dev/null &
+FP=$!
+sleep 2
+DATA=$OUT/nbd-profile-$RW-$(date -u +%Y-%m-%dT%H:%MZ).data
+perf record -q -F 999 -g -p "$SP" -o "$DATA" -- sleep 10 >/dev/null 2>&1
+wait "$FP"
+python3 -c '
+import json, sys
+t = open(sys.argv[1]).read()
+j = json.loads(t[t.index("{"):])["jobs"][0]
+s = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
+bw = s["bw"] / 1024
+print(f"fio 1M {sys.argv[2]} QD8: {bw:.0f} MiB/s")
+' "$W/fio.json" "$RW"
+echo "load: $(cut -d" " -f1-3 /proc/loadavg); perf data: $DATA"
+perf report -i "$DATA" --no-children --sort comm --stdio -g none 2>/dev/null | grep '%' | head -5
+perf report -i "$DATA" --no-children --sort sym --stdio -g none 2>/dev/null | grep '%' | head -20
