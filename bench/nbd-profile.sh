@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Where the store's time goes during a 1M sequential NBD workload: a 1 GiB volume on the
 # disk is filled, the store restarted (its shutdown checkpoint makes the fill durable table
-# data), fio runs 14 s (TCP, 1M, QD8) and `perf record` samples the store for 10 s of it.
+# data), fio runs 14 s (TCP, sequential 1M at QD8 by default) and `perf record` samples
+# the store for 10 s of it.
 # Prints the top symbols and the split by thread; perf.data is kept for `perf report`.
 #
-# Usage (as root, from the repository root): bench/nbd-profile.sh [read|write] [store-binary]
-# (default: read, target/fast/tessera-store). Results and what they meant: BENCHMARKS.md,
+# Usage (as root, from the repository root):
+#   bench/nbd-profile.sh [read|write|randread|randwrite] [store-binary]
+# (default: read, target/fast/tessera-store); BS=4k QD=1 for another request size and queue
+# depth (default 1M, 8). Results and what they meant: BENCHMARKS.md,
 # "Issue #9, session 15".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RW=${1:-read}
 BIN=${2:-$PWD/target/fast/tessera-store}
-case $RW in read | write) ;; *) echo "usage: $0 [read|write] [store-binary]" >&2; exit 2 ;; esac
+BS=${BS:-1M}
+QD=${QD:-8}
+case $RW in read | write | randread | randwrite) ;; *) echo "usage: $0 [read|write|randread|randwrite] [store-binary]" >&2; exit 2 ;; esac
 for t in fio perf; do command -v $t >/dev/null || { echo "needs $t" >&2; exit 1; }; done
 [ -x "$BIN" ] || { echo "no store binary $BIN (cargo build --profile fast -p tessera-store)" >&2; exit 1; }
 OUT=bench/results
@@ -42,7 +47,7 @@ kill -TERM "$SP"
 wait "$SP"
 sync
 start
-fio --name=run --ioengine=nbd --uri=$URI --rw="$RW" --bs=1M --iodepth=8 --size=1G --runtime=14 \
+fio --name=run --ioengine=nbd --uri=$URI --rw="$RW" --bs="$BS" --iodepth="$QD" --size=1G --runtime=14 \
     --time_based --output-format=json >"$W/fio.json" 2>/dev/null &
 FP=$!
 sleep 2
@@ -54,9 +59,9 @@ import json, sys
 t = open(sys.argv[1]).read()
 j = json.loads(t[t.index("{"):])["jobs"][0]
 s = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
-bw = s["bw"] / 1024
-print(f"fio 1M {sys.argv[2]} QD8: {bw:.0f} MiB/s")
-' "$W/fio.json" "$RW"
+bw, iops = s["bw"] / 1024, s["iops"]
+print(f"fio {sys.argv[2]}: {bw:.0f} MiB/s, {iops:.0f} IOPS")
+' "$W/fio.json" "$BS $RW QD$QD"
 echo "load: $(cut -d" " -f1-3 /proc/loadavg); perf data: $DATA"
 perf report -i "$DATA" --no-children --sort comm --stdio -g none 2>/dev/null | grep '%' | head -5
 perf report -i "$DATA" --no-children --sort sym --stdio -g none 2>/dev/null | grep '%' | head -20
