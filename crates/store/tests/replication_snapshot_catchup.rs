@@ -6,17 +6,29 @@
 //! snapshot, blake3-equal to the primary's (read through each store's own NBD server),
 //! and after the rejoin its volume is equal too. Then a store that never had the volume
 //! (a rebuild's new copy) is caught up from an empty volume: it gets the snapshot too.
+//!
+//! Across resizes and bad blocks (two more tests, their own stores):
+//!
+//! - a copy away while a snapshot was taken and the volume then grew gets the snapshot at
+//!   its own size, and a new copy (made at one block, as a rebuild makes it) gets every
+//!   snapshot at its own size, in order, even when interrupted (its store killed in the
+//!   middle) and caught up again, with no layer more than the primary's copy: each
+//!   snapshot and the volume blake3-equal on every copy, read through each store's NBD;
+//! - a block failing its checksum in a replica's snapshot layer, met by its catch-up, is
+//!   rewritten there with the primary's bytes (counted, with the node and the snapshot).
 
 // Test code: the unexpected should panic where it happens.
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tessera_pki::ClusterCa;
 use tessera_store_admin::{AdminOp, AdminReply, ReplicaState, ReplicationRole};
 
 mod support;
+use support::rot::{file_holding, rot};
 use support::*;
 
 const SIZE: u64 = 16 * MIB;
@@ -48,11 +60,47 @@ fn set_role(n: &Node, generation: u64, role: ReplicationRole) {
 
 /// The primary's role (no cluster answers here: a request fails 1 s after a replica).
 fn primary(replicas: &[&Node], catching_up: &[&Node]) -> ReplicationRole {
-    primary_role(
-        replicas,
-        catching_up,
-        serde_json::json!({"timeout_ms": 1500, "cluster_wait_ms": 1000}),
-    )
+    primary_with(replicas, catching_up, serde_json::json!({}))
+}
+
+/// [`primary`] with more settings (the catch-up rate).
+fn primary_with(
+    replicas: &[&Node],
+    catching_up: &[&Node],
+    more: serde_json::Value,
+) -> ReplicationRole {
+    let mut base = serde_json::json!({"timeout_ms": 1500, "cluster_wait_ms": 1000});
+    if let (Some(b), Some(m)) = (base.as_object_mut(), more.as_object()) {
+        b.extend(m.clone());
+    }
+    primary_role(replicas, catching_up, base)
+}
+
+/// Makes `node` (caught up by `p` in `generation`) an in-sync replica in the next one.
+fn rejoin(p: &Node, in_sync: &[&Node], node: &Node, generation: u64) {
+    set_role(p, generation, primary(in_sync, &[]));
+    set_role(
+        node,
+        generation,
+        ReplicationRole::Replica { catching_up: false },
+    );
+}
+
+/// Asks `n` for snapshot `name` of v.
+fn snapshot(n: &Node, name: &str) -> Result<AdminReply, String> {
+    n.admin(AdminOp::CreateSnapshot {
+        volume: "v".into(),
+        snapshot: name.into(),
+    })
+}
+
+/// Grows v to `size` through `n`.
+fn grow(n: &Node, size: u64) {
+    n.admin(AdminOp::ResizeVolume {
+        name: "v".into(),
+        size,
+    })
+    .unwrap();
 }
 
 fn snapshots(n: &Node) -> Vec<String> {
@@ -63,10 +111,29 @@ fn snapshots(n: &Node) -> Vec<String> {
 }
 
 /// The blake3 of `export` read through `n`'s own NBD server.
-fn hash(root: &std::path::Path, n: &Node, export: &str) -> blake3::Hash {
+fn hash(root: &Path, n: &Node, export: &str) -> blake3::Hash {
+    sized_hash(root, n, export, SIZE)
+}
+
+/// [`hash`] of an export of `size` bytes.
+fn sized_hash(root: &Path, n: &Node, export: &str, size: u64) -> blake3::Hash {
     let (hash, len) = n.export_hash(root, export);
-    assert_eq!(len, SIZE, "{export} on {}", n.id);
+    assert_eq!(len, size, "the size of {export} on {}", n.id);
     hash
+}
+
+/// The layers of `n`'s store holding a data file.
+fn layers(n: &Node) -> usize {
+    std::fs::read_dir(n.dir.join("layers"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "data")
+        })
+        .count()
 }
 
 #[test]
@@ -85,12 +152,7 @@ fn a_copy_away_when_a_snapshot_was_taken_gets_it_when_caught_up() {
     // answer), it completes on node1 and node2 once the cluster (by hand here) took node3
     // out of the in-sync set, listing it to be caught up.
     nodes[2].kill();
-    let e = nodes[0]
-        .admin(AdminOp::CreateSnapshot {
-            volume: "v".into(),
-            snapshot: "s1".into(),
-        })
-        .unwrap_err();
+    let e = snapshot(&nodes[0], "s1").unwrap_err();
     assert!(e.contains("s1"), "{e}");
     set_role(&nodes[0], 3, primary(&[&nodes[1]], &[&nodes[2]]));
     let mut c = nodes[0].nbd("v");
@@ -159,5 +221,158 @@ fn a_copy_away_when_a_snapshot_was_taken_gets_it_when_caught_up() {
         hash(root.path(), &node4, "v"),
         head,
         "node4's volume differs"
+    );
+}
+
+#[test]
+fn snapshots_older_than_a_resize_reach_every_copy_at_their_own_size() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let ca = ClusterCa::mint("repl-catchup-snapshots-test").unwrap();
+    // As `three_copies`, with catch-ups at 2 MiB/s (a primary keeps the rate it started
+    // with), so that a catch-up can be interrupted below.
+    let mut nodes: Vec<Node> = ["node1", "node2", "node3"]
+        .iter()
+        .map(|id| Node::start(r, id, &ca))
+        .collect();
+    for n in &nodes {
+        n.create("v", SIZE);
+    }
+    for n in &nodes[1..] {
+        set_role(n, 2, ReplicationRole::Replica { catching_up: false });
+    }
+    let slow = serde_json::json!({"catch_up_bytes_per_sec": 2 * MIB});
+    set_role(
+        &nodes[0],
+        2,
+        primary_with(&[&nodes[1], &nodes[2]], &[], slow),
+    );
+    let mut c = nodes[0].nbd("v");
+    c.write(0, &pattern("base", (4 * MIB) as usize), true)
+        .unwrap();
+
+    // node3 dies while s1 is in the stream: s1 completes on node1 and node2 once node3 is
+    // out of the in-sync set; then the volume grows and is written past its old end.
+    nodes[2].kill();
+    let e = snapshot(&nodes[0], "s1").unwrap_err();
+    assert!(e.contains("s1"), "{e}");
+    set_role(&nodes[0], 3, primary(&[&nodes[1]], &[&nodes[2]]));
+    wait_until("s1 completed on node1", || snapshots(&nodes[0]) == ["s1"]);
+    let big = SIZE + 8 * MIB;
+    grow(&nodes[0], big);
+    let mut c = nodes[0].nbd("v");
+    c.write(MIB, &pattern("after-s1", (2 * MIB) as usize), false)
+        .unwrap();
+    c.write(
+        SIZE + MIB,
+        &pattern("past-the-old-end", MIB as usize),
+        false,
+    )
+    .unwrap();
+    c.flush().unwrap();
+    let s1 = sized_hash(r, &nodes[0], "v@s1", SIZE);
+    assert_eq!(s1, sized_hash(r, &nodes[1], "v@s1", SIZE));
+
+    // node3 comes back: s1 at 16 MiB, the volume at 24 MiB, both the primary's.
+    nodes[2].restart();
+    set_role(&nodes[2], 3, ReplicationRole::Replica { catching_up: true });
+    wait_until("node3 caught up", || caught_up(&nodes[0], "node3"));
+    assert_eq!(snapshots(&nodes[2]), ["s1"], "node3 lacks s1");
+    assert_eq!(sized_hash(r, &nodes[2], "v@s1", SIZE), s1, "node3's s1");
+    rejoin(&nodes[0], &[&nodes[1], &nodes[2]], &nodes[2], 4);
+    let head = sized_hash(r, &nodes[0], "v", big);
+    assert_eq!(sized_hash(r, &nodes[2], "v", big), head, "node3's volume");
+
+    // Every copy in sync: s2 at 24 MiB, then the volume grows to 32 MiB.
+    snapshot(&nodes[0], "s2").unwrap();
+    let s2 = sized_hash(r, &nodes[0], "v@s2", big);
+    let bigger = big + 8 * MIB;
+    grow(&nodes[0], bigger);
+    let mut c = nodes[0].nbd("v");
+    c.write(big + MIB, &pattern("past-24", MIB as usize), true)
+        .unwrap();
+    let head = sized_hash(r, &nodes[0], "v", bigger);
+
+    // A new copy, made at one block as tesserad makes a rebuild's, caught up slowly
+    // (2 MiB/s) so that its store can be killed in the middle; back, it is caught up
+    // again: s1 at 16 MiB, s2 at 24 MiB, the volume at 32 MiB, each the primary's, in
+    // no more layers than the primary's copy.
+    let mut node4 = Node::start(r, "node4", &ca);
+    node4.create("v", 4096);
+    set_role(&nodes[0], 5, primary(&[&nodes[1], &nodes[2]], &[&node4]));
+    set_role(&node4, 5, ReplicationRole::Replica { catching_up: true });
+    wait_until("node4 got some of its first snapshot", || {
+        nodes[0]
+            .replication("v")
+            .replicas
+            .iter()
+            .any(|x| x.node == "node4" && x.catch_up_sent_bytes > 0)
+    });
+    node4.kill();
+    node4.restart();
+    eprintln!(
+        "node4 killed during its catch-up, holding {:?}",
+        snapshots(&node4)
+    );
+    assert!(
+        snapshots(&node4) != ["s1", "s2"],
+        "node4 was caught up before it was killed: the test proves nothing"
+    );
+    set_role(&node4, 5, ReplicationRole::Replica { catching_up: true });
+    wait_until("node4 caught up", || caught_up(&nodes[0], "node4"));
+    assert_eq!(snapshots(&node4), ["s1", "s2"]);
+    assert_eq!(sized_hash(r, &node4, "v@s1", SIZE), s1, "node4's s1");
+    assert_eq!(sized_hash(r, &node4, "v@s2", big), s2, "node4's s2");
+    rejoin(&nodes[0], &[&nodes[1], &nodes[2], &node4], &node4, 6);
+    assert_eq!(sized_hash(r, &node4, "v", bigger), head, "node4's volume");
+    assert_eq!(
+        layers(&node4),
+        layers(&nodes[0]),
+        "node4 holds layers the primary's copy does not"
+    );
+}
+
+#[test]
+fn a_bad_block_in_a_replicas_snapshot_layer_is_repaired_by_its_catch_up() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let ca = ClusterCa::mint("repl-catchup-layers-test").unwrap();
+    let mut nodes = three_copies(r, &ca, "v", SIZE);
+    let base = pattern("base", (4 * MIB) as usize);
+    let mut c = nodes[0].nbd("v");
+    c.write(0, &base, true).unwrap();
+    snapshot(&nodes[0], "s1").unwrap();
+    let s1 = hash(r, &nodes[0], "v@s1");
+
+    // node3 away; the block at 1 MiB is written anew meanwhile (so its catch-up compares
+    // it), and on node3 the old bytes, in s1's layer, rot.
+    nodes[2].kill();
+    set_role(&nodes[0], 3, primary(&[&nodes[1]], &[&nodes[2]]));
+    let mut c = nodes[0].nbd("v");
+    c.write(MIB, &pattern("after-s1", 64 * 1024), true).unwrap();
+    nodes[2].restart();
+    let b = support::rot::B as usize;
+    let file = file_holding(&nodes[2], MIB, &base[MIB as usize..MIB as usize + b]);
+    rot(&file, MIB);
+
+    set_role(&nodes[2], 3, ReplicationRole::Replica { catching_up: true });
+    wait_until("node3 caught up", || caught_up(&nodes[0], "node3"));
+    // Its s1 reads again (it failed with EIO at 1 MiB before), equal to the primary's.
+    assert_eq!(sized_hash(r, &nodes[2], "v@s1", SIZE), s1, "node3's s1");
+    let status = nodes[0].replication("v");
+    assert!(
+        status.repairs.iter().any(|x| x.offset == MIB
+            && x.on.as_deref() == Some("node3")
+            && x.snapshot.as_deref() == Some("s1")
+            && x.from == "primary"),
+        "the repair is not listed: {:?}",
+        status.repairs
+    );
+    assert!(status.repaired_blocks >= 1);
+    rejoin(&nodes[0], &[&nodes[1], &nodes[2]], &nodes[2], 4);
+    assert_eq!(
+        sized_hash(r, &nodes[2], "v", SIZE),
+        sized_hash(r, &nodes[0], "v", SIZE),
+        "node3's volume"
     );
 }

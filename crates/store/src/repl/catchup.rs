@@ -17,7 +17,11 @@
 //!
 //! Snapshots: each new stream first asks the replica which snapshots it holds and brings
 //! it those of the primary's it lacks, each at its point ([`snapshots`]).
+//!
+//! A block the replica reports failing its checksum is rewritten in the layer holding it
+//! (a snapshot's included) before the pass sends the volume's bytes ([`layers`]).
 
+mod layers;
 mod snapshots;
 
 use std::collections::HashMap;
@@ -83,6 +87,9 @@ pub struct Shared {
     pub states: Arc<Mutex<HashMap<ReplicaId, ReplicaState>>>,
     /// Per replica: catch-up data bytes sent, and UDP bytes of the catch-up connections.
     pub counters: Arc<Mutex<HashMap<ReplicaId, (u64, u64)>>>,
+    /// Blocks repaired, on this copy from a replica or on a replica's copy (by a read's
+    /// repair or by a catch-up), for `replication_status` and its events.
+    pub repairs: super::primary::Repairs,
 }
 
 /// The driver's request for a last pass before the replica rejoins; answered once the
@@ -125,6 +132,11 @@ struct Stream {
     buf: Vec<u8>,
     /// UDP bytes counted from this connection already.
     counted: u64,
+    /// The snapshots the replica holds that this copy holds too, oldest first (known once
+    /// [`CatchUp::carry_snapshots`] ran): where a bad block of its copy may be repaired.
+    held: Vec<String>,
+    /// The last `Repair` request number used on this stream.
+    repairs: u64,
 }
 
 impl Stream {
@@ -359,6 +371,8 @@ impl CatchUp {
             decoder: Decoder::new(),
             buf: vec![0u8; 256 << 10],
             counted: 0,
+            held: Vec::new(),
+            repairs: 0,
         };
         s.send(&Message::Fence {
             volume: self.volume.clone(),
@@ -505,6 +519,8 @@ impl CatchUp {
             let runs = plan
                 .compare(batch, &local, &remote)
                 .map_err(|e| PassError::Retry(e.to_string()))?;
+            self.repair_bad_blocks(s, source, batch.offset, &remote)
+                .await?;
             progress(plan);
             for run in runs {
                 self.send_run(s, seq, source, run).await?;

@@ -44,6 +44,7 @@ use members::Members;
 pub(super) use missed::append_synced as append_missed;
 use missed::{append_synced, load_missed, missed_path, whole};
 pub use repair::RepairError;
+pub(crate) use repair::Repairs;
 
 /// How often the driver gives the machine the time (timeouts, resends).
 const TICK: Duration = Duration::from_millis(100);
@@ -409,6 +410,7 @@ impl Primaries {
         let machine =
             Primary::new(name.clone(), export.size(), config, timing).map_err(|e| e.to_string())?;
         let shared = Shared::default();
+        let repairs = shared.repairs.clone();
         for r in in_sync {
             shared.states.lock().insert(*r, ReplicaState::InSync {});
         }
@@ -485,7 +487,7 @@ impl Primaries {
             peers: RwLock::new(peers),
             ep,
             fenced,
-            repairs: repair::Repairs::default(),
+            repairs,
         });
         tracing::info!(volume, generation, replicas = ?handle.peers.read().iter().map(|(_, p)| p.node.clone()).collect::<Vec<_>>(),
             "serving as the volume's primary");

@@ -59,15 +59,30 @@ impl CatchUp {
                 )))
             }
         };
-        mine.retain(|m| !theirs.iter().any(|t| t.as_str() == m.name));
-        if mine.is_empty() {
-            return Ok(());
-        }
         // Taken in the order they were taken here (the names break ties within a second).
         mine.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+        let mut held: Vec<bool> = mine
+            .iter()
+            .map(|m| theirs.iter().any(|t| t.as_str() == m.name))
+            .collect();
+        let keep = |s: &mut Stream, held: &[bool]| {
+            s.held = mine
+                .iter()
+                .zip(held)
+                .filter(|(_, h)| **h)
+                .map(|(m, _)| m.name.clone())
+                .collect();
+        };
+        keep(s, &held);
+        if held.iter().all(|h| *h) {
+            return Ok(());
+        }
         self.record_whole().await?;
-        for snap in &mine {
-            self.carry(s, seq, snap).await?;
+        for (i, snap) in mine.iter().enumerate() {
+            if !held[i] {
+                held[i] = self.carry(s, seq, snap).await?;
+                keep(s, &held);
+            }
         }
         Ok(())
     }
@@ -98,13 +113,14 @@ impl CatchUp {
         Ok(())
     }
 
-    /// Makes the replica's copy what snapshot `snap` holds, then takes it there.
+    /// Makes the replica's copy what snapshot `snap` holds, then takes it there: whether
+    /// it was (`false`: it cannot be, see the module doc).
     async fn carry(
         &self,
         s: &mut Stream,
         seq: &mut u64,
         snap: &SnapshotInfo,
-    ) -> Result<(), PassError> {
+    ) -> Result<bool, PassError> {
         let name = VolumeName::new(snap.name.as_str())
             .map_err(|e| PassError::Retry(format!("snapshot {}: {e}", snap.name)))?;
         // A copy larger than the snapshot already cannot take it at its size: a digest
@@ -113,7 +129,7 @@ impl CatchUp {
             tracing::warn!(volume = %self.volume, node = %self.peer.node, snapshot = %snap.name,
                 size = snap.size,
                 "catch-up cannot bring this snapshot: the copy is larger than the volume was when it was taken; not supported yet");
-            return Ok(());
+            return Ok(false);
         }
         self.send_resize(s, seq, snap.size).await?;
         let source = Arc::new(
@@ -146,7 +162,7 @@ impl CatchUp {
         .await?;
         tracing::info!(volume = %self.volume, node = %self.peer.node, snapshot = %snap.name,
             "catch-up brought a snapshot the copy lacked");
-        Ok(())
+        Ok(true)
     }
 
     /// Whether the replica's copy is larger than `size` bytes.

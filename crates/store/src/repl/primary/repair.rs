@@ -16,6 +16,7 @@
 //! to that write, and a replica's copy older than an in-flight write does not match.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
@@ -30,10 +31,11 @@ use super::{Peer, PrimaryHandle};
 /// write during the repair may be found bad again only by a real fault).
 const ROUNDS: usize = 2;
 
-/// What this primary repaired, for `replication_status`.
-#[derive(Default)]
+/// What this primary repaired, for `replication_status`; clones share it (the catch-ups
+/// note what they repair on a replica's copy here too).
+#[derive(Clone, Default)]
 pub struct Repairs {
-    inner: Mutex<(u64, VecDeque<BlockRepaired>)>,
+    inner: Arc<Mutex<(u64, VecDeque<BlockRepaired>)>>,
 }
 
 impl Repairs {
@@ -47,7 +49,14 @@ impl Repairs {
         self.inner.lock().1.iter().cloned().collect()
     }
 
-    fn note(&self, offset: u64, blocks: u64, from: &str, on: Option<&str>, snapshot: Option<&str>) {
+    pub(crate) fn note(
+        &self,
+        offset: u64,
+        blocks: u64,
+        from: &str,
+        on: Option<&str>,
+        snapshot: Option<&str>,
+    ) {
         let time_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
