@@ -37,6 +37,14 @@ pub struct Extent {
 pub type RemoteWrite =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), DeviceError>> + Send>>;
 
+/// The completion of a [`Device::read_remote`]: the bytes read.
+pub type RemoteRead =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, DeviceError>> + Send>>;
+
+/// The completion of a [`Device::extents_remote`].
+pub type RemoteExtents =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Extent>, DeviceError>> + Send>>;
+
 /// A block device behind an export. Calls may block briefly (page-cache I/O); the server
 /// moves the ones that sync to disk (`flush`, anything with `fua`) off its async workers.
 pub trait Device: Send + Sync + 'static {
@@ -63,6 +71,27 @@ pub trait Device: Send + Sync + 'static {
     /// default writes at once, as [`Device::write_owned`].
     fn write_remote(&self, offset: u64, data: Vec<u8>, fua: bool) -> RemoteWrite {
         Box::pin(std::future::ready(self.write_owned(offset, data, fua)))
+    }
+    /// True when reads and block status complete elsewhere, after a network round trip
+    /// (a store forwarding its client to another node's): the server then reads through
+    /// [`Device::read_remote`] and [`Device::extents_remote`] and awaits them on tasks of
+    /// their own, reading the client's next requests meanwhile, so a client's reads are in
+    /// flight together instead of each holding a thread for its round trip. A device whose
+    /// reads hit the page cache keeps the default: read inline, no task per read.
+    fn remote_reads(&self) -> bool {
+        false
+    }
+    /// Starts a read of `len` bytes at `offset` and returns its completion (see
+    /// [`Device::remote_reads`]). The default reads at once, as [`Device::read`].
+    fn read_remote(&self, offset: u64, len: usize) -> RemoteRead {
+        let mut buf = vec![0u8; len];
+        let res = self.read(offset, &mut buf).map(|()| buf);
+        Box::pin(std::future::ready(res))
+    }
+    /// Starts a block status query and returns its completion (see
+    /// [`Device::remote_reads`]). The default answers at once, as [`Device::extents`].
+    fn extents_remote(&self, offset: u64, len: u64) -> RemoteExtents {
+        Box::pin(std::future::ready(self.extents(offset, len)))
     }
     /// Makes all completed writes durable.
     fn flush(&self) -> Result<(), DeviceError>;

@@ -72,7 +72,7 @@ impl Exports for One {
 }
 
 /// A server's socket file, removed when the test ends.
-struct Socket(PathBuf);
+pub(crate) struct Socket(PathBuf);
 
 impl Drop for Socket {
     fn drop(&mut self) {
@@ -82,14 +82,19 @@ impl Drop for Socket {
 
 /// Starts a server with `cfg` on a fresh Unix socket, on its own runtime thread.
 fn serve(cfg: ServerConfig) -> (Socket, Arc<Counting>) {
+    let device = Arc::new(Counting::default());
+    let path = serve_exports(Arc::new(One(device.clone())), cfg);
+    (path, device)
+}
+
+/// Serves `exports` with `cfg` on a fresh Unix socket, on its own runtime thread.
+pub(crate) fn serve_exports<E: Exports>(exports: Arc<E>, cfg: ServerConfig) -> Socket {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let path = std::env::temp_dir().join(format!(
         "tessera-nbd-limits-{}-{}.sock",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     ));
-    let device = Arc::new(Counting::default());
-    let exports = Arc::new(One(device.clone()));
     let (tx, rx) = std::sync::mpsc::channel();
     let at = path.clone();
     std::thread::spawn(move || {
@@ -105,11 +110,11 @@ fn serve(cfg: ServerConfig) -> (Socket, Arc<Counting>) {
         })
     });
     rx.recv().unwrap();
-    (Socket(path), device)
+    Socket(path)
 }
 
 /// Connects and negotiates `vol` with `NBD_OPT_EXPORT_NAME` (simple replies).
-fn connect(path: &Socket) -> UnixStream {
+pub(crate) fn connect(path: &Socket) -> UnixStream {
     let mut s = UnixStream::connect(&path.0).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut greeting = [0u8; 18];
@@ -127,7 +132,7 @@ fn connect(path: &Socket) -> UnixStream {
 }
 
 /// Sends `n` READs of `len` bytes at offset 0, cookies 0..n, without reading anything.
-fn send_reads(s: &mut UnixStream, n: u64, len: u32) {
+pub(crate) fn send_reads(s: &mut UnixStream, n: u64, len: u32) {
     let mut bytes = Vec::new();
     for cookie in 0..n {
         let r = Request {

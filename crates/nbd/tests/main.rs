@@ -7,4 +7,5 @@ mod client_pipelined;
 mod client_server;
 mod fuzz_state_machine;
 mod limits;
+mod remote_reads;
 mod tls;

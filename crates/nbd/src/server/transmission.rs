@@ -1,8 +1,9 @@
 //! The transmission phase: reads requests, checks them against the session
 //! ([`proto::check`]), runs them on the device and sends the replies.
 //!
-//! Reads and plain writes run inline on the connection's task (they hit the page cache);
-//! anything that syncs to disk or may touch a large range runs on the blocking pool so a
+//! Reads and plain writes run inline on the connection's task (they hit the page cache),
+//! except on a device whose reads or writes complete elsewhere (`Device::remote_reads`,
+//! `Device::remote_writes`): those are awaited on tasks of their own; anything that syncs to disk or may touch a large range runs on the blocking pool so a
 //! FLUSH never stalls other connections. Replies share one buffered writer, flushed when
 //! no further request is already waiting in the read buffer (batching at high queue depth).
 //! Each request is admitted into the connection's [`Budget`] before its payload is read,
@@ -121,6 +122,38 @@ where
                 background.spawn(async move {
                     let res = done.await;
                     send_done(&w, &session, cookie, res).await?;
+                    let flushed = w.lock().await.flush().await;
+                    drop(admitted);
+                    flushed
+                });
+            }
+            // Completed elsewhere (a store forwarding to another node's): awaited on its
+            // own task, so the client's reads are in flight together.
+            Command::Read { offset, len } if device.remote_reads() => {
+                let done = device.read_remote(offset, len as usize);
+                let w = w.clone();
+                let cookie = req.cookie;
+                background.spawn(async move {
+                    let res = done.await;
+                    send_read(&w, &session, cookie, offset, len, res).await?;
+                    let flushed = w.lock().await.flush().await;
+                    drop(admitted);
+                    flushed
+                });
+            }
+            Command::BlockStatus {
+                offset,
+                len,
+                req_one,
+            } if device.remote_reads() => {
+                let done = device.extents_remote(offset, u64::from(len));
+                let w = w.clone();
+                let cookie = req.cookie;
+                background.spawn(async move {
+                    match done.await {
+                        Ok(ext) => send_extents(&w, cookie, &ext, req_one).await?,
+                        Err(e) => send_device_error(&w, &session, cookie, e).await?,
+                    }
                     let flushed = w.lock().await.flush().await;
                     drop(admitted);
                     flushed
@@ -248,6 +281,35 @@ fn run_slow<D: Device>(d: &D, cmd: Command, data: Vec<u8>) -> Result<(), DeviceE
         Command::Read { .. } | Command::BlockStatus { .. } | Command::Disconnect => {
             Err(DeviceError::new(Errno::Inval, "not a slow command"))
         }
+    }
+}
+
+/// Sends the reply of a read that completed elsewhere ([`Device::read_remote`]): header
+/// and data under one hold of the writer, so no other reply comes between them.
+async fn send_read<S: AsyncWrite>(
+    w: &Writer<S>,
+    session: &Session,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    res: Result<Vec<u8>, DeviceError>,
+) -> io::Result<()> {
+    match res {
+        Ok(data) if data.len() == len as usize => {
+            let head = read_reply_head(session, cookie, offset, len);
+            let mut w = w.lock().await;
+            w.write_all(&head).await?;
+            w.write_all(&data).await
+        }
+        // Never a short or long reply: the client would fall out of sync.
+        Ok(data) => {
+            let why = format!(
+                "the device answered a read of {len} bytes with {} bytes",
+                data.len()
+            );
+            send_device_error(w, session, cookie, DeviceError::new(Errno::Io, why)).await
+        }
+        Err(e) => send_device_error(w, session, cookie, e).await,
     }
 }
 

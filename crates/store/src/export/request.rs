@@ -136,6 +136,15 @@ async fn run<D: Device>(
             ErrorCode::Invalid,
             "this connection has a volume open already".into(),
         )),
+        // A forwarded export's reads complete on another node's store: awaited, no
+        // thread held meanwhile.
+        Kind::Read if device.remote_reads() => {
+            in_range(&r, size)?;
+            device
+                .read_remote(r.offset, r.length as usize)
+                .await
+                .map_err(failed)
+        }
         Kind::Read => {
             in_range(&r, size)?;
             blocking(&device, move |d| {
@@ -187,7 +196,14 @@ async fn run<D: Device>(
             if r.length == 0 {
                 return Err((ErrorCode::Invalid, "a block status of no bytes".into()));
             }
-            let runs = blocking(&device, move |d| d.extents(r.offset, r.length)).await?;
+            let runs = if device.remote_reads() {
+                device
+                    .extents_remote(r.offset, r.length)
+                    .await
+                    .map_err(failed)?
+            } else {
+                blocking(&device, move |d| d.extents(r.offset, r.length)).await?
+            };
             let extents: Vec<Extent> = runs
                 .iter()
                 .filter(|e| e.length > 0)

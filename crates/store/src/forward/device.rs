@@ -1,11 +1,13 @@
 //! A forwarded export as the NBD server and the QUIC export see it: a
 //! [`tessera_nbd::Device`] whose every request runs on another node's store.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use tessera_nbd::device::RemoteWrite;
+use tessera_nbd::device::{RemoteExtents, RemoteRead, RemoteWrite};
 use tessera_nbd::proto::{Errno, STATE_HOLE, STATE_ZERO};
 use tessera_nbd::{Device, DeviceError, Extent};
 use tessera_volume_client::proto::EXTENT_HOLE;
@@ -70,6 +72,30 @@ impl ForwardedDevice {
         Ok(())
     }
 
+    /// Starts `f` on the connection and returns its completion, bounded by
+    /// [`REQUEST_WAIT`], without holding a thread meanwhile.
+    fn call_async<T, F>(
+        &self,
+        f: impl FnOnce(Arc<Volume>) -> F,
+    ) -> Pin<Box<dyn Future<Output = Result<T, DeviceError>> + Send>>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, ClientError>> + Send + 'static,
+    {
+        let (done, export, via) = (
+            f(self.remote.clone()),
+            self.export.clone(),
+            self.via.clone(),
+        );
+        Box::pin(async move {
+            match tokio::time::timeout(REQUEST_WAIT, done).await {
+                Ok(Ok(t)) => Ok(t),
+                Ok(Err(e)) => Err(failed(&export, &via, Some(e))),
+                Err(_) => Err(failed(&export, &via, None)),
+            }
+        })
+    }
+
     fn write_forwarded(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
         self.may_write()?;
         self.call(move |v| async move { v.write(offset, &data, fua).await })
@@ -91,8 +117,29 @@ impl Device for ForwardedDevice {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         let len = buf.len();
         let data = self.call(move |v| async move { v.read(offset, len).await })?;
+        // The client checks each answer's length; never a panic on another store's word.
+        if data.len() != len {
+            return Err(failed(
+                &self.export,
+                &self.via,
+                Some(ClientError::Protocol(format!(
+                    "{} bytes read where {len} were asked",
+                    data.len()
+                ))),
+            ));
+        }
         buf.copy_from_slice(&data);
         Ok(())
+    }
+    fn remote_reads(&self) -> bool {
+        true
+    }
+    fn read_remote(&self, offset: u64, len: usize) -> RemoteRead {
+        self.call_async(move |v| async move { v.read(offset, len).await })
+    }
+    fn extents_remote(&self, offset: u64, len: u64) -> RemoteExtents {
+        let runs = self.call_async(move |v| async move { v.block_status(offset, len).await });
+        Box::pin(async move { Ok(runs.await?.into_iter().map(extent_of).collect()) })
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
         self.write_forwarded(offset, data.to_vec(), fua)
@@ -107,14 +154,7 @@ impl Device for ForwardedDevice {
         if let Err(e) = self.may_write() {
             return Box::pin(std::future::ready(Err(e)));
         }
-        let (v, export, via) = (self.remote.clone(), self.export.clone(), self.via.clone());
-        Box::pin(async move {
-            match tokio::time::timeout(REQUEST_WAIT, v.write(offset, &data, fua)).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(failed(&export, &via, Some(e))),
-                Err(_) => Err(failed(&export, &via, None)),
-            }
-        })
+        self.call_async(move |v| async move { v.write(offset, &data, fua).await })
     }
     fn flush(&self) -> Result<(), DeviceError> {
         self.call(|v| async move { v.flush().await })
@@ -135,17 +175,19 @@ impl Device for ForwardedDevice {
     }
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError> {
         let runs = self.call(move |v| async move { v.block_status(offset, len).await })?;
-        Ok(runs
-            .into_iter()
-            .map(|e| Extent {
-                length: e.length,
-                flags: if e.flags & EXTENT_HOLE != 0 {
-                    STATE_HOLE
-                } else {
-                    0
-                } | if e.is_zero() { STATE_ZERO } else { 0 },
-            })
-            .collect())
+        Ok(runs.into_iter().map(extent_of).collect())
+    }
+}
+
+/// An extent of the other store's answer as NBD's.
+fn extent_of(e: tessera_volume_client::proto::Extent) -> Extent {
+    Extent {
+        length: e.length,
+        flags: if e.flags & EXTENT_HOLE != 0 {
+            STATE_HOLE
+        } else {
+            0
+        } | if e.is_zero() { STATE_ZERO } else { 0 },
     }
 }
 
@@ -180,6 +222,15 @@ impl Device for ExportDevice {
     }
     fn write_remote(&self, offset: u64, data: Vec<u8>, fua: bool) -> RemoteWrite {
         either!(self, d => d.write_remote(offset, data, fua))
+    }
+    fn remote_reads(&self) -> bool {
+        either!(self, d => d.remote_reads())
+    }
+    fn read_remote(&self, offset: u64, len: usize) -> RemoteRead {
+        either!(self, d => d.read_remote(offset, len))
+    }
+    fn extents_remote(&self, offset: u64, len: u64) -> RemoteExtents {
+        either!(self, d => d.extents_remote(offset, len))
     }
     fn flush(&self) -> Result<(), DeviceError> {
         either!(self, d => d.flush())
