@@ -166,6 +166,7 @@ fn bad_input_is_refused_clearly_and_nothing_is_written() {
         let r = Request {
             kind,
             fua: false,
+            forwarded: false,
             offset,
             length,
         };
@@ -193,6 +194,7 @@ fn bad_input_is_refused_clearly_and_nothing_is_written() {
     let mut version = proto::encode_request(&Request {
         kind: Kind::Write,
         fua: false,
+        forwarded: false,
         offset: 0,
         length: 4096,
     });

@@ -128,6 +128,11 @@ pub enum Peer {
     Other {
         /// What it is, for logs.
         name: String,
+        /// The client is another server relaying its own client's requests (a store that
+        /// holds no copy of a volume forwarding to one that does): it is served from what
+        /// this server holds and never relayed on, so a stale idea of where a volume is
+        /// cannot send a request round in a loop.
+        relayed: bool,
     },
 }
 
@@ -137,7 +142,14 @@ impl std::fmt::Display for Peer {
             Peer::Unix { pid: Some(pid) } => write!(f, "unix (pid {pid})"),
             Peer::Unix { pid: None } => f.write_str("unix"),
             Peer::Tcp { addr } => f.write_str(addr),
-            Peer::Other { name } => f.write_str(name),
+            Peer::Other {
+                name,
+                relayed: false,
+            } => f.write_str(name),
+            Peer::Other {
+                name,
+                relayed: true,
+            } => write!(f, "{name} (relaying its own client)"),
         }
     }
 }

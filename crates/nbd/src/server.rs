@@ -203,6 +203,7 @@ where
 {
     let peer = Peer::Other {
         name: peer.to_string(),
+        relayed: false,
     };
     serve_connection_from(stream, exports, cfg, &peer).await
 }
@@ -353,6 +354,7 @@ mod tests {
                         s,
                         Peer::Other {
                             name: "test".to_string(),
+                            relayed: false,
                         },
                     )),
                     // The first three accepts fail as with too many open files.

@@ -151,6 +151,31 @@ impl Volume {
         name: &str,
         idle: Duration,
     ) -> Result<Volume, ClientError> {
+        Volume::connect_and_open(addr, server_name, creds, name, idle, false).await
+    }
+
+    /// [`Volume::open_with_idle_timeout`] for a store forwarding its own client, which
+    /// holds no copy of the volume: the other store serves it from its own copy or
+    /// refuses, never forwards it on ([`proto::FLAG_FORWARDED`]), so a stale idea of
+    /// where the copies are cannot make a loop.
+    pub async fn open_forwarding(
+        addr: SocketAddr,
+        server_name: &str,
+        creds: &Credentials,
+        name: &str,
+        idle: Duration,
+    ) -> Result<Volume, ClientError> {
+        Volume::connect_and_open(addr, server_name, creds, name, idle, true).await
+    }
+
+    async fn connect_and_open(
+        addr: SocketAddr,
+        server_name: &str,
+        creds: &Credentials,
+        name: &str,
+        idle: Duration,
+        forwarded: bool,
+    ) -> Result<Volume, ClientError> {
         let bad = |e: &dyn std::fmt::Display| ClientError::Credentials(e.to_string());
         let node = tessera_pki::NodeCredentials {
             key_pem: creds.key_pem.clone(),
@@ -182,6 +207,7 @@ impl Volume {
         let open = Request {
             kind: Kind::Open,
             fua: false,
+            forwarded,
             offset: 0,
             length: name.len() as u64,
         };
@@ -213,6 +239,7 @@ impl Volume {
             let r = Request {
                 kind: Kind::Read,
                 fua: false,
+                forwarded: false,
                 offset: offset + out.len() as u64,
                 length: piece as u64,
             };
@@ -235,6 +262,7 @@ impl Volume {
             let r = Request {
                 kind: Kind::Write,
                 fua,
+                forwarded: false,
                 offset: offset + (i as u64) * MAX_DATA,
                 length: piece.len() as u64,
             };
@@ -248,6 +276,7 @@ impl Volume {
         let r = Request {
             kind: Kind::Flush,
             fua: false,
+            forwarded: false,
             offset: 0,
             length: 0,
         };
@@ -259,6 +288,7 @@ impl Volume {
         let r = Request {
             kind: Kind::Trim,
             fua,
+            forwarded: false,
             offset,
             length: len,
         };
@@ -271,6 +301,7 @@ impl Volume {
         let r = Request {
             kind: Kind::BlockStatus,
             fua: false,
+            forwarded: false,
             offset,
             length: len,
         };
@@ -292,6 +323,7 @@ impl Volume {
         let r = Request {
             kind: Kind::Digest,
             fua: false,
+            forwarded: false,
             offset,
             length: len,
         };

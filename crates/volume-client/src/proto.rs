@@ -45,6 +45,9 @@ pub const DIGEST_LEN: u64 = 32;
 
 /// Request flag: the write (or trim) is durable before the reply.
 pub const FLAG_FUA: u8 = 1;
+/// `Open` flag: the client is a store forwarding its own client (it holds no copy of the
+/// volume): the server serves the volume from a copy it holds, never forwards it again.
+pub const FLAG_FORWARDED: u8 = 2;
 /// `Open` reply flag: the export refuses writes (a snapshot).
 pub const OPEN_READ_ONLY: u32 = 1;
 /// Extent flag: the range is a hole (not allocated).
@@ -136,6 +139,8 @@ pub struct Request {
     pub kind: Kind,
     /// Durable before the reply (`Write`, `Trim`).
     pub fua: bool,
+    /// An `Open` from a store forwarding its own client ([`FLAG_FORWARDED`]).
+    pub forwarded: bool,
     /// Where.
     pub offset: u64,
     /// How many bytes (of the range, or of the payload that follows).
@@ -170,7 +175,8 @@ pub enum BadFrame {
     /// An unknown request kind.
     #[error("unknown request kind {0}")]
     Kind(u8),
-    /// Flags this protocol does not define, or FUA on a request that has no use for it.
+    /// Flags this protocol does not define, or one on a request that has no use for it
+    /// (FUA but on `Write` and `Trim`, forwarded but on `Open`).
     #[error("flags {flags:#04x} are not valid on {kind:?}")]
     Flags {
         /// The request.
@@ -207,7 +213,7 @@ pub fn encode_request(r: &Request) -> [u8; REQUEST_LEN] {
     b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
     b[4..6].copy_from_slice(&VERSION.to_be_bytes());
     b[6] = r.kind as u8;
-    b[7] = if r.fua { FLAG_FUA } else { 0 };
+    b[7] = if r.fua { FLAG_FUA } else { 0 } | if r.forwarded { FLAG_FORWARDED } else { 0 };
     b[8..16].copy_from_slice(&r.offset.to_be_bytes());
     b[16..24].copy_from_slice(&r.length.to_be_bytes());
     b
@@ -239,8 +245,12 @@ pub fn decode_request(b: &[u8; REQUEST_LEN]) -> Result<Request, BadFrame> {
     }
     let kind = Kind::from_u8(b[6]).ok_or(BadFrame::Kind(b[6]))?;
     let flags = b[7];
-    let fua_allowed = matches!(kind, Kind::Write | Kind::Trim);
-    if flags & !FLAG_FUA != 0 || (flags & FLAG_FUA != 0 && !fua_allowed) {
+    let allowed = match kind {
+        Kind::Write | Kind::Trim => FLAG_FUA,
+        Kind::Open => FLAG_FORWARDED,
+        _ => 0,
+    };
+    if flags & !allowed != 0 {
         return Err(BadFrame::Flags { kind, flags });
     }
     let (offset, length) = (be_u64(&b[8..16]), be_u64(&b[16..24]));
@@ -259,6 +269,7 @@ pub fn decode_request(b: &[u8; REQUEST_LEN]) -> Result<Request, BadFrame> {
     Ok(Request {
         kind,
         fua: flags & FLAG_FUA != 0,
+        forwarded: flags & FLAG_FORWARDED != 0,
         offset,
         length,
     })

@@ -77,21 +77,23 @@ async fn connection<E: Exports>(conn: &quinn::Connection, exports: Arc<E>) -> Re
     recv.read_exact(&mut header)
         .await
         .map_err(|e| e.to_string())?;
-    let name = match proto::decode_request(&header) {
+    let (name, forwarded) = match proto::decode_request(&header) {
         Err(bad) => return refuse(send, &mut recv, bad.code(), &bad.to_string()).await,
         Ok(r) if r.kind != Kind::Open => {
             let why = "the first request of a connection must open a volume";
             return refuse(send, &mut recv, ErrorCode::Invalid, why).await;
         }
         Ok(r) => match read_name(&mut recv, r.length).await {
-            Ok(n) => n,
+            Ok(n) => (n, r.forwarded),
             Err(why) => return refuse(send, &mut recv, ErrorCode::Invalid, &why).await,
         },
     };
     let (ex, n) = (exports.clone(), name.clone());
-    // Never a VM's VMM (those use NBD): asked about like any other writer.
+    // Never a VM's VMM (those use NBD): asked about like any other writer. A store
+    // forwarding its own client is served from a copy here, never forwarded on.
     let peer = tessera_nbd::Peer::Other {
         name: format!("quic {addr}"),
+        relayed: forwarded,
     };
     let opened = tokio::task::spawn_blocking(move || ex.open_for(&n, &peer))
         .await

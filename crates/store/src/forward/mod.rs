@@ -15,6 +15,12 @@
 //! then the write is refused with the words a node holding a copy gives (the store the
 //! client is forwarded to may be the VM's own, which cannot tell a client from the VMM).
 //!
+//! No loops: the forwarded connection says so when it opens the volume
+//! (`FLAG_FORWARDED`), and a store never forwards such a client again ([`relayed`]): it
+//! serves it from its own copy or refuses in words, and the forwarding store tries the
+//! next node. NBD_OPT_LIST on any node lists every volume of the cluster
+//! ([`list_elsewhere`]), the ones held elsewhere too.
+//!
 //! Failure is final: a forwarded connection that breaks (the other store died: silent
 //! for [`IDLE`]) or a request that takes longer than [`REQUEST_WAIT`] fails with EIO and
 //! its words in the log; the client connects again (and is forwarded anew, to wherever
@@ -22,7 +28,7 @@
 
 mod device;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tessera_nbd::proto::Errno;
-use tessera_nbd::DeviceError;
+use tessera_nbd::{DeviceError, ExportEntry, Peer};
 use tessera_volume_client::{ClientError, Credentials, ErrorCode, Volume};
 use tokio::runtime::Handle;
 
@@ -121,7 +127,7 @@ pub fn open(
         let (creds, export) = (creds.clone(), name.to_string());
         let server_name = addr.ip().to_string();
         let opened = run(&rt, CONNECT_WAIT, async move {
-            Volume::open_with_idle_timeout(addr, &server_name, &creds, &export, IDLE).await
+            Volume::open_forwarding(addr, &server_name, &creds, &export, IDLE).await
         });
         match opened {
             Some(Ok(v)) => {
@@ -164,6 +170,50 @@ pub fn open(
         copies.message,
         tried.join("; ")
     )))
+}
+
+/// Adds to `listed` (this store's own exports) every volume and snapshot of the cluster
+/// this store holds no copy of, which it serves by forwarding: a client listing any
+/// node's exports sees every volume, named as on the nodes that hold it. When `tesserad`
+/// does not answer, only this store's own are listed. Blocking.
+pub fn list_elsewhere(cluster: &ClusterAsk, listed: &mut Vec<ExportEntry>) {
+    let Some(all) = claim::blocking(|| cluster.exports()) else {
+        return;
+    };
+    let here: HashSet<String> = listed.iter().map(|e| e.name.clone()).collect();
+    for (name, snapshot) in all {
+        if here.contains(&name) {
+            continue;
+        }
+        let description = if snapshot {
+            "Tessera snapshot (read-only), served from another node: no copy here"
+        } else {
+            "Tessera volume, served from another node: no copy here"
+        };
+        listed.push(ExportEntry {
+            name,
+            description: description.into(),
+        });
+    }
+}
+
+/// Whether `peer` is another store forwarding its own client: served from a copy here
+/// or refused ([`not_forwarded_again`]), never forwarded on.
+pub fn relayed(peer: &Peer) -> bool {
+    matches!(peer, Peer::Other { relayed: true, .. })
+}
+
+/// The refusal of a forwarded client asking for export `name`, of which this store holds
+/// no copy either. The store that forwarded it then tries the next node holding a copy.
+pub fn not_forwarded_again(name: &str) -> DeviceError {
+    let why = format!(
+        "this store holds no copy of export {name}, and the client was forwarded here by another node's store: a forwarded client is not forwarded again (that store's list of the copies was out of date)"
+    );
+    tracing::warn!(
+        export = name,
+        "a forwarded client asked for a volume this store holds no copy of; refused"
+    );
+    DeviceError::new(Errno::Inval, why)
 }
 
 /// Runs `fut` on the store's runtime `rt` and waits for it from this thread (moved off
@@ -218,3 +268,6 @@ fn failed(export: &str, via: &str, e: Option<ClientError>) -> DeviceError {
     tracing::warn!(export, node = via, reason = %err.message, "a forwarded request failed");
     err
 }
+
+#[cfg(test)]
+mod tests;

@@ -4,6 +4,7 @@ fn req(kind: Kind, fua: bool, offset: u64, length: u64) -> Request {
     Request {
         kind,
         fua,
+        forwarded: false,
         offset,
         length,
     }
@@ -19,6 +20,10 @@ fn every_request_kind_round_trips() {
         req(Kind::Trim, true, 1 << 40, 1 << 41),
         req(Kind::BlockStatus, false, 0, u64::MAX),
         req(Kind::Digest, false, 8192, MAX_DATA),
+        Request {
+            forwarded: true,
+            ..req(Kind::Open, false, 0, 7)
+        },
     ] {
         assert_eq!(decode_request(&encode_request(&r)), Ok(r));
     }
@@ -54,6 +59,15 @@ fn malformed_request_headers_are_refused_with_their_code() {
         decode_request(&fua_read),
         Err(BadFrame::Flags { .. })
     ));
+    // Only an Open says it was forwarded.
+    for kind in [Kind::Read, Kind::Write, Kind::Flush, Kind::Digest] {
+        let mut forwarded = encode_request(&req(kind, false, 0, 512));
+        forwarded[7] = FLAG_FORWARDED;
+        assert!(
+            matches!(decode_request(&forwarded), Err(BadFrame::Flags { .. })),
+            "{kind:?}"
+        );
+    }
     for (kind, over) in [
         (Kind::Write, MAX_DATA + 1),
         (Kind::Read, MAX_DATA + 1),
