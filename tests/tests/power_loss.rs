@@ -116,6 +116,99 @@ fn powerfs_keeps_exactly_what_was_synced() {
     pfs.unmount().unwrap();
 }
 
+/// Kills (and reaps) a child when dropped, so a failed test leaves none behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A mount namespace made while powerfs is mounted (an `unshare`, `ip netns exec`, an
+/// image build beside the tests) holds a copy of the mount that our unmount does not
+/// reach (private propagation), so the FUSE connection lives on and its request loops
+/// never read ENODEV: the harness hung there at high load. A cut still ends within a
+/// bound, and the filesystem is mounted and used again after it.
+#[test]
+fn a_cut_ends_while_another_mount_namespace_holds_a_copy_of_the_mount() {
+    let test = "a_cut_ends_while_another_mount_namespace_holds_a_copy_of_the_mount";
+    if !powerfs::available_or_skip(test) {
+        return;
+    }
+    tessera_tests::require("unshare");
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mut pfs = PowerFs::mount(&mnt).unwrap();
+    fs::write(mnt.join("before"), b"unsynced").unwrap();
+
+    // The copy: a process in a mount namespace of its own, made now. It lets go of the
+    // copies of the other tests' powerfs mounts at once (their cuts are theirs), says
+    // which powerfs mounts it still holds, then waits (longer than the bound below).
+    let script = r#"powerfs() { grep ' fuse.powerfs ' /proc/self/mountinfo | awk '{ print $5 }'; }
+for m in $(powerfs); do [ "$m" = "$1" ] || umount -l "$m"; done
+echo $(powerfs)
+exec sleep 300"#;
+    let mut holder = KillOnDrop(
+        std::process::Command::new("unshare")
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+                "sh",
+            ])
+            .arg(mnt.canonicalize().unwrap())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut seen = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.0.stdout.take().unwrap()),
+        &mut seen,
+    )
+    .unwrap();
+    let ours = mnt.canonicalize().unwrap().display().to_string();
+    assert_eq!(
+        seen.trim(),
+        ours,
+        "the other namespace should hold a copy of this powerfs only"
+    );
+
+    // On a thread of its own, so that a hang fails the test instead of stopping it.
+    let began = std::time::Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let cut = pfs.power_cut(CutMode::DropAll, 1);
+        let _ = tx.send((cut, pfs));
+    });
+    let bound = std::time::Duration::from_secs(30);
+    let (cut, pfs) = rx
+        .recv_timeout(bound)
+        .unwrap_or_else(|_| panic!("the cut did not end within {bound:?} (the unmount hung)"));
+    let took = began.elapsed();
+    say(&format!(
+        "cut with a copy of the mount held elsewhere: {took:?}"
+    ));
+    cut.unwrap();
+    assert!(
+        holder.0.try_wait().unwrap().is_none(),
+        "the holder died early"
+    );
+
+    // Mounted again: the unsynced file is gone, and the filesystem works.
+    assert!(!mnt.join("before").exists());
+    fs::write(mnt.join("after"), b"written after the cut").unwrap();
+    assert_eq!(read(&mnt.join("after")).unwrap(), b"written after the cut");
+    drop(holder);
+    drop(pfs);
+}
+
 /// Volume size in 4 KiB blocks (4 MiB).
 const BLOCKS: u64 = 1024;
 /// NBD connections, one request in flight on each.

@@ -59,8 +59,18 @@ pub struct PowerFs {
     mountpoint: PathBuf,
     model: Arc<Mutex<Model>>,
     session: Option<BackgroundSession>,
+    /// The mount's FUSE connection (its name under `/sys/fs/fuse/connections`), if
+    /// `/proc/self/mountinfo` showed it: to abort it when an unmount leaves it alive.
+    connection: Option<u64>,
     epoch: SystemTime,
 }
+
+/// How long the request loops may take to end by themselves once the mount is gone.
+const LOOPS_END: Duration = Duration::from_secs(2);
+/// How long they may take once their connection was aborted.
+const ABORTED_LOOPS_END: Duration = Duration::from_secs(10);
+/// Where the kernel lists FUSE connections (the `fusectl` filesystem).
+const FUSE_CONNECTIONS: &str = "/sys/fs/fuse/connections";
 
 impl PowerFs {
     /// Mounts an empty powerfs on `mountpoint` (an existing directory).
@@ -69,6 +79,7 @@ impl PowerFs {
             mountpoint: mountpoint.to_path_buf(),
             model: Arc::new(Mutex::new(Model::default())),
             session: None,
+            connection: None,
             epoch: SystemTime::now(),
         };
         fs.mount_session()?;
@@ -98,11 +109,16 @@ impl PowerFs {
         // Several request loops: the store's writers, flushes and checkpoint overlap, and
         // a sync with latency must not hold up the others.
         cfg.n_threads = Some(4);
+        // Resolved before mounting, so that no request reaches the filesystem for it.
+        let resolved = self.mountpoint.canonicalize()?;
         self.session = Some(fuser::spawn_mount(fs, &self.mountpoint, &cfg)?);
+        self.connection = connection_of(&resolved);
         Ok(())
     }
 
-    /// Unmounts (the model stays). Fails if something still uses the mount.
+    /// Unmounts (the model stays) and waits, boundedly, for the request loops to end.
+    /// Fails if something still uses the mount, or if the loops outlive even an abort of
+    /// their connection (then they are left running, detached: never a hang).
     pub fn unmount(&mut self) -> io::Result<()> {
         let Some(session) = self.session.take() else {
             return Ok(());
@@ -119,7 +135,31 @@ impl PowerFs {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        // The kernel has let go: the request loops end and the session thread returns.
+        // The kernel ends the connection when the mount's last copy goes, and the request
+        // loops then read ENODEV and return. A copy can outlive ours: a mount namespace
+        // made (unshare, ip netns exec, a container or image build) while this was mounted
+        // holds one, and with private propagation our unmount does not reach it; the
+        // loops would wait for requests as long as it lives. So they get a moment to end
+        // by themselves, then the connection is aborted (what `fusectl` is for): its reads
+        // fail with ENODEV, and the copy's users get ENOTCONN.
+        if !ended_within(&session, LOOPS_END) {
+            let aborted = self.connection.map(abort_connection);
+            if !ended_within(&session, ABORTED_LOOPS_END) {
+                return Err(io::Error::other(format!(
+                    "powerfs on {}: its FUSE request loops still run {:?} after the unmount \
+                     (abort of connection {:?}: {aborted:?}); left running",
+                    self.mountpoint.display(),
+                    LOOPS_END + ABORTED_LOOPS_END,
+                    self.connection,
+                )));
+            }
+            eprintln!(
+                "powerfs on {}: the FUSE connection outlived the unmount (another mount \
+                 namespace holds a copy?); aborted connection {:?}: {aborted:?}",
+                self.mountpoint.display(),
+                self.connection
+            );
+        }
         session.join()
     }
 
@@ -163,6 +203,60 @@ fn umount(path: &Path) -> io::Result<()> {
         Err(io::Error::other(
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ))
+    }
+}
+
+/// Whether the session thread has returned, polled until `within` has passed.
+fn ended_within(session: &BackgroundSession, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while !session.guard.is_finished() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+/// The FUSE connection of the filesystem mounted on `mountpoint` (a resolved path): the
+/// device number of the topmost mount there, as `/sys/fs/fuse/connections` names it (the
+/// kernel's `MKDEV(major, minor)`), from `/proc/self/mountinfo`.
+fn connection_of(mountpoint: &Path) -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (Path::new(f.get(4)?) == mountpoint).then_some(*f.get(2)?)
+        })
+        .next_back()
+        .and_then(|dev| {
+            let (major, minor) = dev.split_once(':')?;
+            Some((major.parse::<u64>().ok()? << 20) | minor.parse::<u64>().ok()?)
+        })
+}
+
+/// Aborts FUSE connection `id` (`fusectl`, mounted first if it is not).
+fn abort_connection(id: u64) -> io::Result<()> {
+    let dir = Path::new(FUSE_CONNECTIONS);
+    if std::fs::read_dir(dir)?.next().is_none() {
+        // Empty: fusectl is not mounted here (a container's /sys). Mounting it changes
+        // nothing for anyone else; systemd mounts it at boot on most machines.
+        let out = Command::new("mount")
+            .args(["-t", "fusectl", "fusectl"])
+            .arg(dir)
+            .output()?;
+        // Another powerfs may have mounted it just now: only still empty is a failure.
+        if !out.status.success() && std::fs::read_dir(dir)?.next().is_none() {
+            return Err(io::Error::other(format!(
+                "mounting fusectl on {FUSE_CONNECTIONS}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    match std::fs::write(dir.join(id.to_string()).join("abort"), "1") {
+        // Gone meanwhile: the connection ended by itself.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
     }
 }
 
