@@ -527,3 +527,37 @@ fn a_local_cluster_from_before_tls_is_refused_with_a_clear_message() {
         "{err}"
     );
 }
+
+/// A second local cluster would collide with the first on its fixed addresses: the
+/// launcher refuses before starting anything, naming the address and who holds it.
+/// (Node 4's REST API address: the cluster the other test of this file starts has three.)
+#[test]
+fn a_local_cluster_whose_addresses_are_taken_is_refused_naming_the_holder() {
+    let held = std::net::TcpListener::bind("127.0.0.4:8006").unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let began = Instant::now();
+    let out = output(
+        Command::new(bin("tessera-devcluster"))
+            .arg("--dir")
+            .arg(d.path())
+            .args(["--nodes", "4"]),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("127.0.0.4:8006 (TCP, node 4's REST API)")
+            && err.contains(&format!("by pid {}", std::process::id()))
+            && err.contains("nothing was started"),
+        "{err}"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        began.elapsed()
+    );
+    assert!(
+        !d.path().join("node1/store.log").exists(),
+        "a node was started"
+    );
+    drop(held);
+}

@@ -8,6 +8,8 @@
 
 #![forbid(unsafe_code)]
 
+mod ports;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -216,6 +218,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             "{} holds a cluster made by an older Tessera (no TLS certificates); \
              remove that directory (or pick another with --dir) and run again",
             cli.dir.display()
+        );
+    }
+    let taken = ports::taken(1..=n);
+    if !taken.is_empty() {
+        bail!(
+            "the addresses this cluster's nodes listen on are in use:\n  {}\n\
+             another local cluster is running (stop it: Ctrl-C where it runs), or the \
+             process named holds them; nothing was started",
+            taken.join("\n  ")
         );
     }
     let (tesserad, store) = (sibling("tesserad")?, sibling("tessera-store")?);
