@@ -176,6 +176,22 @@ pub struct NbdOptions {
     /// Milliseconds a request may take, reconnections included; default 30000.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// The key that shows the store this client is the VM's own VMM (issue #8: while a
+    /// VM runs, only its VMM writes its volume), sent after the export's name
+    /// (`tessera_nbd::export_name`). Never serialized: not into a snapshot, a migration's
+    /// stream or an API answer; each VMM gets its own from `tesserad`.
+    #[serde(skip)]
+    pub writer_key: Option<WriterKey>,
+}
+
+/// A VMM's writer key: its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WriterKey(pub String);
+
+impl std::fmt::Debug for WriterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriterKey(..)")
+    }
 }
 
 /// Default per-request timeout of an NBD disk.
@@ -320,9 +336,13 @@ impl NbdDisk {
             request,
             connect: request.min(Timeouts::default().connect),
         };
+        let export = match &opts.writer_key {
+            Some(WriterKey(key)) => tessera_nbd::export_name::with_credential(&u.export, key),
+            None => u.export.clone(),
+        };
         let target = Target {
             endpoint: u.endpoint,
-            export: u.export.clone(),
+            export,
             tls,
         };
         Ok(NbdDisk {

@@ -111,7 +111,8 @@ impl Tls {
 pub struct Target {
     /// The server.
     pub endpoint: Endpoint,
-    /// The export's name.
+    /// The export's name, possibly with a credential (`crate::export_name`), which logs
+    /// never show.
     pub export: String,
     /// TLS, required when set (the connection fails rather than continue in plain text).
     pub tls: Option<Tls>,
@@ -450,7 +451,11 @@ async fn run(
             match tokio::time::timeout(limit, connect(&target)).await {
                 Ok(Ok(c)) if c.size == size => {
                     epoch += 1;
-                    tracing::info!(export = %target.export, "NBD connection re-established; re-sending {} requests", pending.len());
+                    tracing::info!(
+                        export = crate::export_name::shown(&target.export),
+                        "NBD connection re-established; re-sending {} requests",
+                        pending.len()
+                    );
                     let mut l = go_live(c, epoch, &events_tx);
                     backoff = MIN_BACKOFF;
                     let mut ok = true;
@@ -466,12 +471,20 @@ async fn run(
                     }
                 }
                 Ok(Ok(c)) => {
-                    tracing::warn!(export = %target.export, was = size, now = c.size, "NBD export changed size; not reconnecting to it");
+                    tracing::warn!(
+                        export = crate::export_name::shown(&target.export),
+                        was = size,
+                        now = c.size,
+                        "NBD export changed size; not reconnecting to it"
+                    );
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!(export = %target.export, error = %e, "NBD reconnection failed")
+                    tracing::debug!(export = crate::export_name::shown(&target.export), error = %e, "NBD reconnection failed")
                 }
-                Err(_) => tracing::debug!(export = %target.export, "NBD reconnection timed out"),
+                Err(_) => tracing::debug!(
+                    export = crate::export_name::shown(&target.export),
+                    "NBD reconnection timed out"
+                ),
             }
             if live.is_none() {
                 next_attempt = Instant::now() + backoff;
@@ -504,7 +517,7 @@ async fn run(
                 next_cookie += 1;
                 if let Some(l) = live.as_mut() {
                     if let Err(why) = send(l, cookie, &mut job).await {
-                        tracing::warn!(export = %target.export, %why, "NBD connection lost; requests wait for a reconnection");
+                        tracing::warn!(export = crate::export_name::shown(&target.export), %why, "NBD connection lost; requests wait for a reconnection");
                         live = None;
                         durability.connection_lost();
                     }
@@ -519,7 +532,7 @@ async fn run(
                     }
                 }
                 Some(Event::Broken { epoch: e, why }) if e == epoch && live.is_some() => {
-                    tracing::warn!(export = %target.export, %why, "NBD connection lost; requests wait for a reconnection");
+                    tracing::warn!(export = crate::export_name::shown(&target.export), %why, "NBD connection lost; requests wait for a reconnection");
                     live = None;
                     durability.connection_lost();
                     next_attempt = Instant::now();
@@ -538,7 +551,7 @@ async fn run(
                 // once (a guest that sees EIO and resets ends the VMM), and the log must
                 // still say why.
                 if live.is_some() && jobs.iter().any(|j| j.sent) {
-                    tracing::warn!(export = %target.export, "NBD server did not answer a request in time; reconnecting");
+                    tracing::warn!(export = crate::export_name::shown(&target.export), "NBD server did not answer a request in time; reconnecting");
                     live = None;
                     durability.connection_lost();
                 }

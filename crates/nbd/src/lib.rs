@@ -10,6 +10,7 @@ pub mod client;
 mod client_negotiation;
 pub mod client_pipelined;
 pub mod device;
+pub mod export_name;
 pub mod proto;
 pub mod server;
 

@@ -116,6 +116,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// The environment variable holding the disk's writer key (`tessera_disk::WriterKey`).
+const WRITER_KEY_ENV: &str = "TESSERA_DISK_WRITER_KEY";
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let out: Box<dyn Write + Send> = match &cli.serial_out {
         Some(p) => {
@@ -123,12 +126,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         None => Box::new(std::io::stdout()),
     };
-    let nbd = tessera_disk::NbdOptions {
+    let mut nbd = tessera_disk::NbdOptions {
         tls_ca: cli.disk_tls_ca.clone(),
         tls_cert: cli.disk_tls_cert.clone(),
         tls_key: cli.disk_tls_key.clone(),
         tls_hostname: cli.disk_tls_hostname.clone(),
         timeout_ms: cli.disk_timeout_ms,
+        // From the environment, not the command line, which every local user can read
+        // (`ps`); `tesserad` sets it for each VMM it starts (issue #8).
+        writer_key: std::env::var(WRITER_KEY_ENV)
+            .ok()
+            .filter(|k| !k.is_empty())
+            .map(tessera_disk::WriterKey),
     };
     let nics = cli
         .net
@@ -217,8 +226,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if !nics.is_empty() {
         cfg.nics = nics;
     }
+    // The flags replace a spec's connection settings; the writer key joins them.
+    let writer_key = nbd.writer_key.take();
     if nbd != tessera_disk::NbdOptions::default() {
         cfg.nbd = nbd;
+    }
+    if writer_key.is_some() {
+        cfg.nbd.writer_key = writer_key;
     }
     cfg.track_dirty_pages |= cli.track_dirty_pages;
     if let Some(n) = cli.vcpus {

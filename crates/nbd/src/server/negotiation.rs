@@ -8,6 +8,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{drain, ServerConfig, ALLOCATION_CONTEXT_ID};
 use crate::device::{Device, Exports, Peer};
+use crate::export_name;
 use crate::proto::{
     self, ExportNameReply, GoRequest, Greeting, Info, MetaContext, MetaRequest, OptionHeader,
     OptionReplyHeader, OPTION_HEADER_LEN,
@@ -168,12 +169,14 @@ where
                 let device = match open(exports, &name, peer) {
                     Ok(Some(d)) => d,
                     Ok(None) => {
-                        tracing::info!(export = %name, "NBD client asked for an unknown export; closing");
+                        let export = export_name::shown(&name);
+                        tracing::info!(export, "NBD client asked for an unknown export; closing");
                         return Ok(None);
                     }
                     // This old option has no way to say why: the log does.
                     Err(msg) => {
-                        tracing::info!(export = %name, reason = %msg, "NBD export refused; closing");
+                        let export = export_name::shown(&name);
+                        tracing::info!(export, reason = %msg, "NBD export refused; closing");
                         return Ok(None);
                     }
                 };
@@ -350,12 +353,13 @@ fn open<E: Exports>(
 ) -> Result<Option<Arc<E::Device>>, String> {
     exports
         .open_for(name, peer)
-        .map_err(|e| format!("opening export {name}: {}", e.message))
+        .map_err(|e| format!("opening export {}: {}", export_name::shown(name), e.message))
 }
 
 /// Opens an export that must exist; an unknown name is refused like any other failure.
 fn open_named<E: Exports>(exports: &E, name: &str, peer: &Peer) -> Result<Arc<E::Device>, String> {
-    open(exports, name, peer)?.ok_or_else(|| format!("no export named {name:?}"))
+    open(exports, name, peer)?
+        .ok_or_else(|| format!("no export named {:?}", export_name::shown(name)))
 }
 
 fn transmission_flags<D: Device>(d: &D) -> u16 {
