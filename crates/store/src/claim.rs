@@ -108,27 +108,6 @@ impl ClusterAsk {
         }
     }
 
-    /// Every ready volume and snapshot of the cluster, as export names with whether each
-    /// is a snapshot (`None`: `tesserad` did not answer, or the node is in no cluster).
-    /// Blocking.
-    pub fn exports(&self) -> Option<Vec<(String, bool)>> {
-        match self.call(serde_json::json!({"op": "volume_exports"}), ASK_WAIT) {
-            Ok(reply) => Some(
-                reply["ok"]["exports"]
-                    .as_array()?
-                    .iter()
-                    .filter_map(|e| {
-                        Some((e["name"].as_str()?.to_string(), e["snapshot"].as_bool()?))
-                    })
-                    .collect(),
-            ),
-            Err(e) => {
-                tracing::debug!(error = %e, "tesserad not asked which volumes the cluster has");
-                None
-            }
-        }
-    }
-
     /// Whether a client this store forwards to another node's may write `volume`: the
     /// cluster's refusal in words when a VM uses it. Blocking.
     pub fn may_write(&self, volume: &str) -> Result<(), String> {
@@ -150,17 +129,18 @@ impl ClusterAsk {
     }
 
     /// Whether a client of this store's own export, process `pid` when it came on the
-    /// Unix socket, may write `volume`: while a VM uses it only that VM's VMM may
-    /// (`crate::admission`). `Err` when `tesserad` could not be asked; else its answer,
-    /// a refusal in words. Blocking.
+    /// Unix socket, that gave writer key `key`, may write `volume`: while a VM uses it
+    /// only that VM's VMM may (`crate::admission`). `Err` when `tesserad` could not be
+    /// asked; else its answer, a refusal in words. Blocking.
     pub fn may_write_here(
         &self,
         volume: &str,
         pid: Option<u32>,
+        key: Option<&str>,
     ) -> Result<Result<(), String>, String> {
         let reply = self
             .call(
-                serde_json::json!({"op": "may_write_here", "volume": volume, "pid": pid}),
+                serde_json::json!({"op": "may_write_here", "volume": volume, "pid": pid, "key": key}),
                 ASK_WAIT,
             )
             .map_err(|e| {

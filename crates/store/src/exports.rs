@@ -370,8 +370,7 @@ impl Exports for StoreExports {
     type Device = ExportDevice;
 
     fn list(&self) -> Vec<ExportEntry> {
-        let mut listed: Vec<ExportEntry> = self
-            .store
+        self.store
             .list_exports()
             .into_iter()
             .map(|(name, snapshot)| ExportEntry {
@@ -382,34 +381,28 @@ impl Exports for StoreExports {
                 },
                 name,
             })
-            .collect();
-        if let (Some(c), Some(_)) = (&self.cluster, &self.forwarder) {
-            forward::list_elsewhere(c, &mut listed);
-        }
-        listed
+            .collect()
     }
 
     fn open(&self, name: &str) -> Result<Option<Arc<ExportDevice>>, DeviceError> {
         // A client nothing is known of is asked about like the QUIC export's.
         let peer = Peer::Other {
             name: "unknown".into(),
-            relayed: false,
         };
         self.open_for(name, &peer)
     }
 
     fn open_for(&self, name: &str, peer: &Peer) -> Result<Option<Arc<ExportDevice>>, DeviceError> {
+        // A writer key after the name: a VMM's (`crate::admission`), never forwarded.
+        let (name, key) = tessera_nbd::export_name::split(name);
         match self.store.open_export(name) {
             Ok(export) => Ok(Some(Arc::new(ExportDevice::Local(StoreDevice {
                 export,
                 repl: self.repl.clone(),
                 cluster: self.cluster.clone(),
                 wrote_as_primary: AtomicBool::new(false),
-                writer: Writer::for_peer(self.cluster.as_ref(), peer),
+                writer: Writer::for_peer(self.cluster.as_ref(), peer, key),
             })))),
-            Err(StoreError::NotFound(_)) if forward::relayed(peer) => {
-                Err(forward::not_forwarded_again(name))
-            }
             Err(StoreError::NotFound(_)) => {
                 let base = name.split('@').next().unwrap_or(name);
                 let Some(c) = self.cluster.as_ref() else {

@@ -55,6 +55,9 @@ pub mod table {
     /// `maintenance/<node id>`: the node is in maintenance mode
     /// (`crate::api::node_maintenance::Maintenance`); absent when it is not.
     pub const MAINTENANCE: &str = "maintenance";
+    /// `vm_writers/<vm>@<node id>`: the digest of the writer key of the VMM that node
+    /// started last for the VM (`crate::vmrun::writer_key`).
+    pub const VM_WRITERS: &str = "vm_writers";
 }
 
 /// A login session or an API token, as stored in `sessions/<hash of the secret>`.

@@ -60,7 +60,6 @@ async fn answer(sock: UnixStream, sources: Sources, data_dir: std::path::PathBuf
                 store_question(&sources, &v).await
             }
             Ok(v) if v["op"] == "may_write_here" => writer_question(&sources, &v, &data_dir),
-            Ok(v) if v["op"] == "volume_exports" => exports_question(&sources),
             Ok(v) => serde_json::json!({ "error": format!("unknown op {}", v["op"]) }),
             Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
         };
@@ -103,28 +102,21 @@ async fn store_question(s: &Sources, v: &serde_json::Value) -> serde_json::Value
     }
 }
 
-/// What this node's store asks when a client lists its exports (`volume_exports`):
-/// every ready volume and snapshot of the cluster, since it serves those it holds no
-/// copy of by forwarding (`crate::replication::takeover::exports`).
-fn exports_question(s: &Sources) -> serde_json::Value {
-    let n = s.node.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    match n {
-        Some(n) => serde_json::json!({ "ok": crate::replication::takeover::exports(&n) }),
-        None => serde_json::json!({ "error": "this node is not in a cluster yet; try again" }),
-    }
-}
-
-/// What this node's store asks at the first write of a client of its own exports
-/// (`may_write_here`, with the client's `pid` when it came on the Unix socket): while a
-/// VM uses the volume only the VMM this node started for it may write
-/// (`crate::replication::takeover::may_write_here`). A node not in a cluster runs no VM:
-/// nothing to guard.
+/// What this node's store asks at the first write of a client of its own exports, and
+/// again every half second while it writes (`may_write_here`, with the client's `pid`
+/// when it came on the Unix socket and the writer `key` it gave): while a VM uses the
+/// volume only that VM's VMM may write (`crate::replication::takeover::may_write_here`).
+/// A node not in a cluster runs no VM: nothing to guard.
 fn writer_question(s: &Sources, v: &serde_json::Value, data_dir: &Path) -> serde_json::Value {
+    use crate::replication::takeover::WriterId;
     use crate::vmrun::supervisor;
     let Some(volume) = v["volume"].as_str() else {
         return serde_json::json!({ "error": "a volume name is needed" });
     };
-    let pid = v["pid"].as_u64().and_then(|p| u32::try_from(p).ok());
+    let who = WriterId {
+        pid: v["pid"].as_u64().and_then(|p| u32::try_from(p).ok()),
+        key: v["key"].as_str(),
+    };
     let n = s.node.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let Some(n) = n else {
         return serde_json::json!({ "ok": {} });
@@ -138,7 +130,23 @@ fn writer_question(s: &Sources, v: &serde_json::Value, data_dir: &Path) -> serde
         )
         .map(|info| info.pid)
     };
-    match crate::replication::takeover::may_write_here(&n, &s.me.0, volume, pid, &vmm_of) {
+    let ask = || crate::replication::takeover::may_write_here(&n, &s.me.0, volume, who, &vmm_of);
+    let mut answer = ask();
+    // A VMM's key is committed before it starts, but this node's copy of the cluster
+    // state may not hold it yet: refused with a key, asked again on the latest state.
+    if answer.is_err() && who.key.is_some() {
+        // This answer is synchronous: a worker of tesserad's multi-threaded runtime waits.
+        let synced = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| h.block_on(n.sync()).is_ok())
+            }
+            _ => false,
+        };
+        if synced {
+            answer = ask();
+        }
+    }
+    match answer {
         Ok(()) => serde_json::json!({ "ok": {} }),
         Err(why) => serde_json::json!({ "error": why }),
     }

@@ -156,6 +156,16 @@ async fn arrive(
     let nics = crate::vmrun::nics::taps(&vm, &local.vmrun.networks)
         .await
         .map_err(before)?;
+    // Its own writer key (issue #8): it writes the disk only once the switch-over places
+    // the VM here, and from then on the source VMM's key is refused.
+    let disk_key = match &disk {
+        Some(_) => Some(
+            crate::vmrun::writer_key::issue(node, &local.me, &vm)
+                .await
+                .map_err(before)?,
+        ),
+        None => None,
+    };
     let spec = supervisor::Launch {
         kernel: String::new(),
         initrd: None,
@@ -164,6 +174,7 @@ async fn arrive(
         vcpus: vm.vcpus,
         disk,
         disk_tls,
+        disk_key,
         nics,
     };
     let listen = SocketAddr::new(local.vmrun.management.ip(), 0);

@@ -19,8 +19,8 @@ use tessera_api::{DesiredState, Vm, VmState};
 use tessera_state::Node;
 use tessera_store_admin::{AdminOp, AdminReply};
 
-use crate::records::table::{SNAPSHOTS, VMS, VOLUMES};
-use crate::records::{Snapshot, Volume, VolumeState};
+use crate::records::table::{VMS, VOLUMES};
+use crate::records::{Volume, VolumeState};
 use crate::tables::get;
 
 /// How long the store is given to serve the volume as its primary after the move.
@@ -101,42 +101,6 @@ pub fn copies_elsewhere(node: &Node, me: &str, volume: &str) -> Option<serde_jso
     Some(serde_json::json!({ "message": message, "targets": targets }))
 }
 
-/// Every volume and snapshot of the cluster that is ready, as the exports a store
-/// serves (`<volume>@<snapshot>` for a snapshot): a store lists the ones it holds no copy
-/// of too (NBD_OPT_LIST), since it serves them by forwarding.
-pub fn exports(node: &Node) -> serde_json::Value {
-    let ready = |t: &crate::tables::Table, decode: fn(&serde_json::Value) -> bool| {
-        t.iter()
-            .filter(|(_, v)| decode(v))
-            .map(|(k, _)| k.clone())
-            .collect::<Vec<_>>()
-    };
-    let (volumes, snapshots) = node.state.read(|t| {
-        let volumes = t.get(VOLUMES).map(|t| {
-            ready(t, |v| {
-                serde_json::from_value::<Volume>(v.clone())
-                    .is_ok_and(|v| v.state == VolumeState::Ready)
-            })
-        });
-        let snapshots = t.get(SNAPSHOTS).map(|t| {
-            ready(t, |v| {
-                serde_json::from_value::<Snapshot>(v.clone())
-                    .is_ok_and(|s| s.state == VolumeState::Ready)
-            })
-        });
-        (volumes.unwrap_or_default(), snapshots.unwrap_or_default())
-    });
-    let listed = volumes
-        .into_iter()
-        .map(|name| serde_json::json!({ "name": name, "snapshot": false }))
-        .chain(
-            snapshots
-                .into_iter()
-                .map(|name| serde_json::json!({ "name": name, "snapshot": true })),
-        );
-    serde_json::json!({ "exports": listed.collect::<Vec<_>>() })
-}
-
 /// The nodes a store of node `me` holding no copy of `v` forwards its client to, the
 /// first to try first: the primary's, then the other in-sync copies' (not joining: they
 /// could not take the primary), the nodes `down` says are down last; never `me`.
@@ -163,29 +127,51 @@ pub fn may_write(node: &Node, me: &str, volume: &str) -> Result<(), String> {
     refuse_if_used(node, me, &v)
 }
 
-/// Whether a client of node `me`'s own store, process `pid` when it came on the store's
-/// Unix socket, may write `volume`: while a VM uses it, only the VMM that `vmm_of` says
-/// runs that VM on this node (its `run.json`) may (issue #8; a second writer would write
-/// under the guest). A volume the cluster does not know is not guarded here.
+/// Who a client of a node's own store is, as far as the store can tell.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WriterId<'a> {
+    /// Its process id, when it came on the store's Unix socket (`SO_PEERCRED`).
+    pub pid: Option<u32>,
+    /// The writer key it gave after the export's name, if any
+    /// (`crate::vmrun::writer_key`).
+    pub key: Option<&'a str>,
+}
+
+/// Whether client `who` of node `me`'s own store may write `volume`: while a VM uses
+/// it, only its VMM may (issue #8; a second writer would write under the guest): the
+/// VMM that `vmm_of` says runs that VM on this node (its `run.json`), or the one holding
+/// the writer key the cluster recorded for the VM on the node it is placed on (a VMM on
+/// another node, over NBD on TCP). A volume the cluster does not know is not guarded here.
 pub fn may_write_here(
     node: &Node,
     me: &str,
     volume: &str,
-    pid: Option<u32>,
+    who: WriterId<'_>,
     vmm_of: &dyn Fn(&str) -> Option<u32>,
 ) -> Result<(), String> {
     let Some(v) = get::<Volume>(node, VOLUMES, volume) else {
         return Ok(());
     };
-    writer_of_used(&v, &vms(node), pid, vmm_of, &|id| name_of(node, id), me)
+    let key_ok = |vm: &Vm, key: &str| crate::vmrun::writer_key::is_current(node, vm, key);
+    writer_of_used(
+        &v,
+        &vms(node),
+        who,
+        vmm_of,
+        &key_ok,
+        &|id| name_of(node, id),
+        me,
+    )
 }
 
-/// The rule of [`may_write_here`] on the VMs `vms`, nodes named by `name`.
+/// The rule of [`may_write_here`] on the VMs `vms`, keys checked by `key_ok`, nodes
+/// named by `name`.
 fn writer_of_used(
     v: &Volume,
     vms: &[Vm],
-    pid: Option<u32>,
+    who: WriterId<'_>,
     vmm_of: &dyn Fn(&str) -> Option<u32>,
+    key_ok: &dyn Fn(&Vm, &str) -> bool,
     name: &dyn Fn(&str) -> String,
     me: &str,
 ) -> Result<(), String> {
@@ -195,14 +181,24 @@ fn writer_of_used(
     else {
         return Ok(());
     };
-    if pid.is_some() && pid == vmm_of(&vm.name) {
+    // This node's VMM, while the VM is placed here: a migration's target VMM writes
+    // once the switch-over places the VM on its node, its source VMM no longer then.
+    let placed_here = vm.placed_on.as_deref().is_none_or(|n| n == me);
+    if placed_here && who.pid.is_some() && who.pid == vmm_of(&vm.name) {
         return Ok(());
     }
-    let on = vm.node.as_deref().map_or_else(
+    if who.key.is_some_and(|k| key_ok(vm, k)) {
+        return Ok(());
+    }
+    let on = vm.placed_on.as_deref().or(vm.node.as_deref()).map_or_else(
         || "no node yet".to_string(),
         |n| format!("node {}", name(n)),
     );
-    let who = pid.map_or_else(|| "this client".to_string(), |p| format!("process {p}"));
+    let who = match (who.key, who.pid) {
+        (Some(_), _) => "a client whose writer key is not that of its VMM for this start there (a VMM of an earlier start or of a node the VM left, or a wrong key)".to_string(),
+        (None, Some(p)) => format!("process {p}"),
+        (None, None) => "this client".to_string(),
+    };
     Err(format!(
         "volume {} is in use by VM {} ({:?} on {on}): while it runs only its VMM writes it, not {who} through node {}'s store (reads are allowed); to write it, stop the VM first, or read a snapshot of it (tessera volume snapshot {} NAME, then export {}@NAME)",
         v.name,
@@ -369,16 +365,18 @@ mod tests {
             .unwrap()
         };
         let vmm = |vm: &str| (vm == "user").then_some(42);
-        let rule = |vms: &[Vm], pid| writer_of_used(&v, vms, pid, &vmm, &name, "a");
+        let keys = |_: &Vm, key: &str| key == "current";
+        let pid = |pid| WriterId { pid, key: None };
+        let rule = |vms: &[Vm], pid| writer_of_used(&v, vms, pid, &vmm, &keys, &name, "a");
         // No VM uses it: any client writes.
         assert_eq!(
-            rule(&[vm("other", "w", "running", "running")], None),
+            rule(&[vm("other", "w", "running", "running")], pid(None)),
             Ok(())
         );
         let used = [vm("user", "v", "running", "running")];
         // Its VMM (the pid this node's run.json names) writes; nothing else does.
-        assert_eq!(rule(&used, Some(42)), Ok(()));
-        let e = rule(&used, Some(7)).unwrap_err();
+        assert_eq!(rule(&used, pid(Some(42))), Ok(()));
+        let e = rule(&used, pid(Some(7))).unwrap_err();
         assert!(
             e.contains("volume v is in use by VM user (Running on node node-a)"),
             "{e}"
@@ -387,13 +385,33 @@ mod tests {
             e.contains("not process 7 through node node-a's store"),
             "{e}"
         );
-        assert!(rule(&used, None).unwrap_err().contains("not this client"));
+        assert!(rule(&used, pid(None))
+            .unwrap_err()
+            .contains("not this client"));
+        // This node's VMM of a VM placed on another node (a migration's either side
+        // while the other is the VM's): refused.
+        let mut moved = vm("user", "v", "running", "running");
+        moved.placed_on = Some("b".into());
+        assert!(rule(&[moved], pid(Some(42))).is_err());
         // A VM of another node, whose VMM is not this node's: refused too.
         let vmm_elsewhere = |_: &str| None;
-        assert!(writer_of_used(&v, &used, Some(42), &vmm_elsewhere, &name, "a").is_err());
+        let who = pid(Some(42));
+        assert!(writer_of_used(&v, &used, who, &vmm_elsewhere, &keys, &name, "a").is_err());
+        // Over TCP (no pid): the VMM's current writer key writes; a missing, wrong or
+        // stale key does not, in words.
+        let key = |key| WriterId { pid: None, key };
+        assert_eq!(rule(&used, key(Some("current"))), Ok(()));
+        for bad in [Some("stale"), Some("")] {
+            let e = rule(&used, key(bad)).unwrap_err();
+            assert!(e.contains("whose writer key is not that of its VMM"), "{e}");
+            assert!(e.contains("(reads are allowed)"), "{e}");
+        }
+        assert!(rule(&used, key(None))
+            .unwrap_err()
+            .contains("not this client"));
         // A stopped VM holds nothing.
         assert_eq!(
-            rule(&[vm("user", "v", "stopped", "stopped")], Some(7)),
+            rule(&[vm("user", "v", "stopped", "stopped")], pid(Some(7))),
             Ok(())
         );
     }

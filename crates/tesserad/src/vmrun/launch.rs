@@ -85,6 +85,15 @@ impl Reconciler {
             Ok(t) => spec.nics = t,
             Err(why) => return self.report(&name, VmState::Starting, Some(why), None).await,
         }
+        // Its writer key, recorded in the cluster before the VMM can write (issue #8):
+        // from now on only this VMM writes the disk, and a VMM of an earlier start no
+        // longer does.
+        if !vm.disks.is_empty() {
+            match super::writer_key::issue(&self.node, &self.local.me, vm).await {
+                Ok(key) => spec.disk_key = Some(key),
+                Err(why) => return self.report(&name, VmState::Starting, Some(why), None).await,
+            }
+        }
         let dir = self.dir(&name);
         let exits = self.exits.clone();
         let seqs = (vm.start_seq, vm.reboot_seq);
@@ -155,6 +164,7 @@ impl Reconciler {
             vcpus: vm.vcpus,
             disk,
             disk_tls,
+            disk_key: None,
             nics: Vec::new(),
         })
     }

@@ -20,6 +20,7 @@ pub mod stop;
 mod stopping;
 pub mod supervisor;
 pub mod tasks;
+pub mod writer_key;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

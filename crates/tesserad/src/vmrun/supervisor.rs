@@ -127,6 +127,8 @@ pub struct Launch {
     pub disk: Option<String>,
     /// Client credentials for an `nbds://` disk on another node's store.
     pub disk_tls: Option<DiskTls>,
+    /// The VMM's writer key for its disk (`super::writer_key`), given in its environment.
+    pub disk_key: Option<String>,
     /// The NICs' open taps, in NIC order; the VMM inherits them.
     pub nics: Vec<NicFd>,
 }
@@ -220,7 +222,7 @@ pub fn launch(
         args.extend(["--cmdline".into(), c.into()]);
     }
     disk_args(&mut args, spec);
-    spawn(dir, name, args, &spec.nics, seqs, exits)
+    spawn(dir, name, args, spec, seqs, exits)
 }
 
 /// Starts a VMM for `name` that waits for the VM to arrive by live migration
@@ -251,8 +253,11 @@ pub fn launch_incoming(
         spec.vcpus.to_string().into(),
     ];
     disk_args(&mut args, spec);
-    spawn(dir, name, args, &spec.nics, seqs, exits)
+    spawn(dir, name, args, spec, seqs, exits)
 }
+
+/// The environment variable `tessera-vmm` takes its disk's writer key from.
+pub const WRITER_KEY_ENV: &str = "TESSERA_DISK_WRITER_KEY";
 
 fn disk_args(args: &mut Vec<std::ffi::OsString>, spec: &Launch) {
     if let Some(d) = &spec.disk {
@@ -270,16 +275,18 @@ fn disk_args(args: &mut Vec<std::ffi::OsString>, spec: &Launch) {
     }
 }
 
-/// Starts `tessera-vmm` with `args` (plus its runtime directory's socket and console and
-/// the NICs' taps) detached from `tesserad`, and records it in `run.json`.
+/// Starts `tessera-vmm` with `args` (plus its runtime directory's socket and console,
+/// `spec`'s NICs' taps and disk writer key) detached from `tesserad`, and records it in
+/// `run.json`.
 fn spawn(
     dir: &RunDir,
     name: &str,
     args: Vec<std::ffi::OsString>,
-    nics: &[NicFd],
+    spec: &Launch,
     seqs: (u64, u64),
     exits: &Exits,
 ) -> Result<RunInfo, SupervisorError> {
+    let nics = &spec.nics;
     let file = |what, path: &Path| {
         let path = path.to_path_buf();
         move |source| SupervisorError::File { what, path, source }
@@ -327,6 +334,10 @@ fn spawn(
     }
     if !inherit.is_empty() {
         tessera_hostnet::tap::inherit_in_child(&mut cmd, inherit);
+    }
+    // The environment, not the command line: /proc/PID/environ is the owner's only.
+    if let Some(key) = &spec.disk_key {
+        cmd.env(WRITER_KEY_ENV, key);
     }
     // Its own process group: a Ctrl-C or a signal to tesserad's group does not reach it.
     cmd.process_group(0)
