@@ -390,8 +390,15 @@ pub struct QemuIo {
 impl QemuIo {
     /// Starts qemu-io on `uri` (a raw image).
     pub fn start(uri: &str) -> QemuIo {
+        QemuIo::start_args(&["-f".into(), "raw".into(), uri.into()])
+    }
+
+    /// Starts qemu-io with `args` (what names the image: a URI, or `--object` and
+    /// `--image-opts` for NBD over TLS).
+    pub fn start_args(args: &[String]) -> QemuIo {
         let mut child = Command::new("stdbuf")
-            .args(["-oL", "qemu-io", "-f", "raw", uri])
+            .args(["-oL", "qemu-io"])
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -5,15 +5,23 @@
 //! write is refused (EPERM; the store's log names the VM), what it tried to write is not
 //! on the volume, a read through the same connection is served, and the guest keeps
 //! counting and its own writes keep landing.
+//!
+//! Then over NBD on TCP (TLS), where a certificate of the cluster CA does not tell the VMM
+//! from another client: a second VM on node 1 whose disk is on node 2, so its VMM writes
+//! over TCP with the writer key tesserad gave it. qemu-io over TLS with node 1's own
+//! certificate wrote before that VM started and is refused on the same connection after;
+//! new connections without a key or with a wrong one are refused; nothing they wrote is
+//! on the volume; the guest keeps writing.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
 use std::path::Path;
+use std::time::Instant;
 
 use tessera_tests::cluster::wait_for;
-use tessera_tests::devcluster::{api, node_dir, DevCluster, VmmKiller};
+use tessera_tests::devcluster::{api, node_dir, AdminCluster, DevCluster, VmmKiller};
 use tessera_tests::replicas::{
     create_volume, read_hash, start_idle_vm, store_logs, unix_uri, QemuIo,
 };
@@ -24,11 +32,11 @@ use tessera_tests::{kvm_or_skip, require};
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
 const SIZE: u64 = 16 * 1024 * 1024;
 
-/// The count the guest last wrote to its disk (`COUNT=<k>` in sector 1), read through
-/// node 1's store.
-fn count_on_disk(dir: &Path, tmp: &Path) -> Option<u64> {
-    read_hash(dir, 1, "vmdisk", tmp);
-    let data = std::fs::read(tmp.join("read-vmdisk-1")).unwrap();
+/// The count the guest last wrote to its disk `export` (`COUNT=<k>` in sector 1), read
+/// through node `i`'s store.
+fn count_on_disk(dir: &Path, tmp: &Path, i: u8, export: &str) -> Option<u64> {
+    read_hash(dir, i, export, tmp);
+    let data = std::fs::read(tmp.join(format!("read-{export}-{i}"))).unwrap();
     let sector = &data[512..1024];
     let text = sector.strip_prefix(b"COUNT=")?;
     let digits: Vec<u8> = text
@@ -57,7 +65,7 @@ fn a_second_writer_on_the_vms_own_node_is_refused_and_the_guest_keeps_writing() 
     start_idle_vm(ca, t, "user", "vmdisk", &node1, GUEST);
     // The VMM writes through the store's Unix socket: its writes are admitted.
     let written = wait_for("the guest's first count on its disk", 60, || {
-        count_on_disk(dir, tmp)
+        count_on_disk(dir, tmp, 1, "vmdisk")
     });
 
     let mut q = QemuIo::start(&unix_uri(dir, 1, "vmdisk"));
@@ -94,7 +102,7 @@ fn a_second_writer_on_the_vms_own_node_is_refused_and_the_guest_keeps_writing() 
     let node1_dir = node_dir(dir, 1);
     counting(&node1_dir, "user");
     let later = wait_for("the guest's writes to pass its count", 60, || {
-        count_on_disk(dir, tmp).filter(|k| *k > written)
+        count_on_disk(dir, tmp, 1, "vmdisk").filter(|k| *k > written)
     });
     eprintln!(
         "guest wrote COUNT={written} before the refused client, COUNT={later} after; console at {:?}",
@@ -102,4 +110,114 @@ fn a_second_writer_on_the_vms_own_node_is_refused_and_the_guest_keeps_writing() 
     );
     let (_, vm) = api(ca, 1, "GET", "vms/user", Some(t), None);
     assert_eq!(vm["actual_state"], "running", "{vm}");
+
+    tcp_writers_are_told_apart_by_the_vmms_key(&cluster);
+    for name in ["user", "remote"] {
+        let (_, vm) = api(ca, 1, "GET", &format!("vms/{name}"), Some(t), None);
+        assert_eq!(vm["actual_state"], "running", "{vm}");
+    }
+}
+
+/// Node 1's own TLS credentials (the certificate its VMMs present to other nodes'
+/// stores) in the layout qemu's `tls-creds-x509` reads.
+fn node1_credentials(ca: &str, tmp: &Path) -> std::path::PathBuf {
+    let tls = Path::new(ca).parent().unwrap();
+    let creds = tmp.join("node1-creds");
+    std::fs::create_dir_all(&creds).unwrap();
+    for (from, to) in [
+        ("ca.crt", "ca-cert.pem"),
+        ("node.crt", "client-cert.pem"),
+        ("node.key", "client-key.pem"),
+    ] {
+        std::fs::copy(tls.join(from), creds.join(to)).unwrap();
+    }
+    creds
+}
+
+/// qemu-io on node 2's store over NBD on TCP with TLS (`creds`), export name `export`.
+fn qemu_io_tls(creds: &Path, export: &str) -> QemuIo {
+    QemuIo::start_args(&[
+        "--object".into(),
+        format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            creds.display()
+        ),
+        "--image-opts".into(),
+        format!("driver=nbd,host=127.0.0.2,port=10809,export={export},tls-creds=tls0"),
+    ])
+}
+
+/// A VMM whose disk's primary is on another node writes over NBD on TCP (TLS, its node's
+/// certificate) with the writer key tesserad gave it; any other client over TCP with a
+/// certificate of the cluster CA — node 1's own here, the very one the VMM presents —
+/// is refused: a connection that wrote before the VM started, on its next write; a new
+/// one without a key; one with a wrong key. Nothing they wrote lands; the guest writes on.
+fn tcp_writers_are_told_apart_by_the_vmms_key(cluster: &AdminCluster) {
+    let (dir, tmp) = (cluster.dir(), cluster.scratch());
+    let (ca, t) = (cluster.ca(), cluster.token());
+    let (node1, node2) = (cluster.id(1), cluster.id(2));
+    create_volume(ca, t, "far", SIZE, 1, &node2);
+    let creds = node1_credentials(ca, tmp);
+    // Before the VM: a client over TCP writes.
+    let mut early = qemu_io_tls(&creds, "far");
+    let wrote = early.run("write -P 0x11 1M 64k");
+    assert!(
+        wrote.contains("wrote 65536/65536 bytes"),
+        "qemu-io over TLS before the VM started: {wrote}\n{}",
+        store_logs(dir, 30)
+    );
+    let started = Instant::now();
+    start_idle_vm(ca, t, "remote", "far", &node1, GUEST);
+    // The VMM on node 1 writes to node 2's store over TCP with its key: admitted.
+    let written = wait_for("the guest's first count on its disk over TCP", 60, || {
+        count_on_disk(dir, tmp, 2, "far")
+    });
+    // The connection opened before the VM started: its next write is refused.
+    let refused = early.run("write -P 0x5a 1M 64k");
+    assert!(
+        refused.contains("failed") && refused.contains("Operation not permitted"),
+        "the write of a connection opened before the VM started, {:?} after the start: {refused}\n{}",
+        started.elapsed(),
+        store_logs(dir, 30)
+    );
+    // A new connection with the certificate the VMM itself presents, without a key.
+    let mut late = qemu_io_tls(&creds, "far");
+    let refused = late.run("write -P 0x5a 2M 64k");
+    assert!(
+        refused.contains("Operation not permitted"),
+        "a new connection over TLS without a key: {refused}"
+    );
+    drop(late);
+    // A wrong key (the right length, 256 bits).
+    let mut wrong = qemu_io_tls(&creds, &format!("far#{}", "0".repeat(64)));
+    let refused = wrong.run("write -P 0x5a 3M 64k");
+    assert!(
+        refused.contains("Operation not permitted"),
+        "a connection with a wrong writer key: {refused}"
+    );
+    drop(wrong);
+    let log = std::fs::read_to_string(dir.join("node2/store.log")).unwrap();
+    assert!(
+        log.contains("volume far is in use by VM remote")
+            && log.contains("whose writer key is not that of its VMM"),
+        "{}",
+        store_logs(dir, 30)
+    );
+    // Nothing of the refused writes is there; the first write, before the VM, is.
+    for (check, what) in [
+        ("read -P 0x11 1M 64k", "the write from before the VM"),
+        ("read -P 0 2M 64k", "zeros where the keyless client wrote"),
+        ("read -P 0 3M 64k", "zeros where the wrong key wrote"),
+    ] {
+        let read = early.run(check);
+        assert!(read.contains("read 65536/65536 bytes"), "{what}: {read}");
+    }
+    drop(early);
+    // The guest runs on, and its own writes over TCP still land.
+    let later = wait_for("the guest's writes over TCP to pass its count", 60, || {
+        count_on_disk(dir, tmp, 2, "far").filter(|k| *k > written)
+    });
+    eprintln!(
+        "over TCP: guest wrote COUNT={written}, then COUNT={later} after the refused clients"
+    );
 }
