@@ -108,6 +108,27 @@ impl ClusterAsk {
         }
     }
 
+    /// Every ready volume and snapshot of the cluster, as export names with whether each
+    /// is a snapshot (`None`: `tesserad` did not answer, or the node is in no cluster).
+    /// Blocking.
+    pub fn exports(&self) -> Option<Vec<(String, bool)>> {
+        match self.call(serde_json::json!({"op": "volume_exports"}), ASK_WAIT) {
+            Ok(reply) => Some(
+                reply["ok"]["exports"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|e| {
+                        Some((e["name"].as_str()?.to_string(), e["snapshot"].as_bool()?))
+                    })
+                    .collect(),
+            ),
+            Err(e) => {
+                tracing::debug!(error = %e, "tesserad not asked which volumes the cluster has");
+                None
+            }
+        }
+    }
+
     /// Whether a client this store forwards to another node's may write `volume`: the
     /// cluster's refusal in words when a VM uses it. Blocking.
     pub fn may_write(&self, volume: &str) -> Result<(), String> {

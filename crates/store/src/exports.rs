@@ -370,7 +370,8 @@ impl Exports for StoreExports {
     type Device = ExportDevice;
 
     fn list(&self) -> Vec<ExportEntry> {
-        self.store
+        let mut listed: Vec<ExportEntry> = self
+            .store
             .list_exports()
             .into_iter()
             .map(|(name, snapshot)| ExportEntry {
@@ -381,13 +382,18 @@ impl Exports for StoreExports {
                 },
                 name,
             })
-            .collect()
+            .collect();
+        if let (Some(c), Some(_)) = (&self.cluster, &self.forwarder) {
+            forward::list_elsewhere(c, &mut listed);
+        }
+        listed
     }
 
     fn open(&self, name: &str) -> Result<Option<Arc<ExportDevice>>, DeviceError> {
         // A client nothing is known of is asked about like the QUIC export's.
         let peer = Peer::Other {
             name: "unknown".into(),
+            relayed: false,
         };
         self.open_for(name, &peer)
     }
@@ -403,6 +409,9 @@ impl Exports for StoreExports {
                 wrote_as_primary: AtomicBool::new(false),
                 writer: Writer::for_peer(self.cluster.as_ref(), peer, key),
             })))),
+            Err(StoreError::NotFound(_)) if forward::relayed(peer) => {
+                Err(forward::not_forwarded_again(name))
+            }
             Err(StoreError::NotFound(_)) => {
                 let base = name.split('@').next().unwrap_or(name);
                 let Some(c) = self.cluster.as_ref() else {

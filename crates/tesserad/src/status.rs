@@ -60,6 +60,7 @@ async fn answer(sock: UnixStream, sources: Sources, data_dir: std::path::PathBuf
                 store_question(&sources, &v).await
             }
             Ok(v) if v["op"] == "may_write_here" => writer_question(&sources, &v, &data_dir),
+            Ok(v) if v["op"] == "volume_exports" => exports_question(&sources),
             Ok(v) => serde_json::json!({ "error": format!("unknown op {}", v["op"]) }),
             Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
         };
@@ -99,6 +100,17 @@ async fn store_question(s: &Sources, v: &serde_json::Value) -> serde_json::Value
     match takeover::take_primary(&n, &s.me.0, volume).await {
         Ok(generation) => serde_json::json!({ "ok": { "generation": generation } }),
         Err(why) => serde_json::json!({ "error": why }),
+    }
+}
+
+/// What this node's store asks when a client lists its exports (`volume_exports`):
+/// every ready volume and snapshot of the cluster, since it serves those it holds no
+/// copy of by forwarding (`crate::replication::takeover::exports`).
+fn exports_question(s: &Sources) -> serde_json::Value {
+    let n = s.node.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    match n {
+        Some(n) => serde_json::json!({ "ok": crate::replication::takeover::exports(&n) }),
+        None => serde_json::json!({ "error": "this node is not in a cluster yet; try again" }),
     }
 }
 

@@ -19,8 +19,8 @@ use tessera_api::{DesiredState, Vm, VmState};
 use tessera_state::Node;
 use tessera_store_admin::{AdminOp, AdminReply};
 
-use crate::records::table::{VMS, VOLUMES};
-use crate::records::{Volume, VolumeState};
+use crate::records::table::{SNAPSHOTS, VMS, VOLUMES};
+use crate::records::{Snapshot, Volume, VolumeState};
 use crate::tables::get;
 
 /// How long the store is given to serve the volume as its primary after the move.
@@ -99,6 +99,42 @@ pub fn copies_elsewhere(node: &Node, me: &str, volume: &str) -> Option<serde_jso
         })
         .collect();
     Some(serde_json::json!({ "message": message, "targets": targets }))
+}
+
+/// Every volume and snapshot of the cluster that is ready, as the exports a store
+/// serves (`<volume>@<snapshot>` for a snapshot): a store lists the ones it holds no copy
+/// of too (NBD_OPT_LIST), since it serves them by forwarding.
+pub fn exports(node: &Node) -> serde_json::Value {
+    let ready = |t: &crate::tables::Table, decode: fn(&serde_json::Value) -> bool| {
+        t.iter()
+            .filter(|(_, v)| decode(v))
+            .map(|(k, _)| k.clone())
+            .collect::<Vec<_>>()
+    };
+    let (volumes, snapshots) = node.state.read(|t| {
+        let volumes = t.get(VOLUMES).map(|t| {
+            ready(t, |v| {
+                serde_json::from_value::<Volume>(v.clone())
+                    .is_ok_and(|v| v.state == VolumeState::Ready)
+            })
+        });
+        let snapshots = t.get(SNAPSHOTS).map(|t| {
+            ready(t, |v| {
+                serde_json::from_value::<Snapshot>(v.clone())
+                    .is_ok_and(|s| s.state == VolumeState::Ready)
+            })
+        });
+        (volumes.unwrap_or_default(), snapshots.unwrap_or_default())
+    });
+    let listed = volumes
+        .into_iter()
+        .map(|name| serde_json::json!({ "name": name, "snapshot": false }))
+        .chain(
+            snapshots
+                .into_iter()
+                .map(|name| serde_json::json!({ "name": name, "snapshot": true })),
+        );
+    serde_json::json!({ "exports": listed.collect::<Vec<_>>() })
 }
 
 /// The nodes a store of node `me` holding no copy of `v` forwards its client to, the
