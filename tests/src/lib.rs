@@ -10,6 +10,7 @@
 // The integration tests' own functions are `#[test]`s, where clippy.toml already allows it.
 #![allow(clippy::unwrap_used)]
 
+pub mod bitrot;
 pub mod cluster;
 pub mod devcluster;
 pub mod power_loss;

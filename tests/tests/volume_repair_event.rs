@@ -12,11 +12,10 @@
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{json, Value};
+use tessera_tests::bitrot::{bytes_at, layer_file_holding, rot};
 use tessera_tests::cluster::wait_for;
 use tessera_tests::devcluster::{api, node_dir, node_id, wait_nodes, DevCluster};
 use tessera_tests::{require, run};
@@ -25,46 +24,6 @@ const MIB: u64 = 1 << 20;
 const B: u64 = 4096;
 /// Where the rot goes: inside the data written, not on its first block.
 const BAD: u64 = MIB + 3 * B;
-
-/// The layer data file of node `i`'s store whose block at `offset` holds `block`: the
-/// primary's copy of the volume (each test cluster holds this one volume with data).
-fn layer_file_holding(dir: &Path, i: u8, offset: u64, block: &[u8]) -> Option<PathBuf> {
-    let layers = node_dir(dir, i).join("store/layers");
-    std::fs::read_dir(layers)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "data"))
-        .find(|p| {
-            let Ok(f) = std::fs::File::open(p) else {
-                return false;
-            };
-            let mut buf = vec![0u8; block.len()];
-            f.read_exact_at(&mut buf, offset).is_ok() && buf == block
-        })
-}
-
-/// Flips one bit of the block at `offset` of `file`, in place, synced (bit rot).
-fn rot(file: &Path, offset: u64) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(file)
-        .unwrap();
-    let mut byte = [0u8; 1];
-    f.read_exact_at(&mut byte, offset + 100).unwrap();
-    byte[0] ^= 0x10;
-    f.write_all_at(&byte, offset + 100).unwrap();
-    f.sync_all().unwrap();
-}
-
-fn block_at(file: &Path, offset: u64) -> Vec<u8> {
-    let mut buf = vec![0u8; B as usize];
-    std::fs::File::open(file)
-        .unwrap()
-        .read_exact_at(&mut buf, offset)
-        .unwrap();
-    buf
-}
 
 /// Bytes that differ in every block, so a block read from the wrong place shows.
 fn pattern(len: usize) -> Vec<u8> {
@@ -121,10 +80,14 @@ fn a_bad_block_on_the_primary_is_repaired_and_the_cluster_records_a_volume_repai
     // The written block reaches the primary's layer file (from its log if need be).
     let good = &data[BAD as usize..(BAD + B) as usize];
     let file = wait_for("the block in node1's layer file", 30, || {
-        layer_file_holding(dir, 1, BAD, good)
+        layer_file_holding(&node_dir(dir, 1).join("store/layers"), BAD, good)
     });
     rot(&file, BAD);
-    assert_ne!(block_at(&file, BAD), good, "the rot did not reach the file");
+    assert_ne!(
+        bytes_at(&file, BAD, B),
+        good,
+        "the rot did not reach the file"
+    );
 
     // A client we did not write reads through the primary: what was written.
     let out = dir.join("read.img");
@@ -137,7 +100,11 @@ fn a_bad_block_on_the_primary_is_repaired_and_the_cluster_records_a_volume_repai
         read[..data.len()] == data[..],
         "the read returned other bytes than were written"
     );
-    assert_eq!(block_at(&file, BAD), good, "node1's block was not repaired");
+    assert_eq!(
+        bytes_at(&file, BAD, B),
+        good,
+        "node1's block was not repaired"
+    );
 
     // The event, through another node's API.
     let (n2, n3) = (node_id(&nodes, 2), node_id(&nodes, 3));

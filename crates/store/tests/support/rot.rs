@@ -1,12 +1,16 @@
 //! Bit rot behind a store's back, for the repair tests: a layer file's block flipped in
-//! place, read back, and reads through a client we did not write (`qemu-img`).
+//! place (`tessera_tests::bitrot`, shared with the cluster's repair test), read back, and
+//! reads through a client we did not write (`qemu-img`).
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use tessera_store_admin::{AdminOp, AdminReply, VolumeReplication};
+use tessera_tests::bitrot::layer_file_holding;
+// Not every test binary that includes this module rots a block.
+#[allow(unused_imports)]
+pub use tessera_tests::bitrot::{bytes_at, rot};
+use tessera_tests::cluster::wait_for;
 
 use super::Node;
 
@@ -27,48 +31,10 @@ pub fn data_file(n: &Node) -> PathBuf {
 /// The layer data file of `n` whose block at `offset` holds `block`, waited for (at most
 /// 20 s: a write may reach its layer file from the log a little later).
 pub fn file_holding(n: &Node, offset: u64, block: &[u8]) -> PathBuf {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let found = std::fs::read_dir(n.dir.join("layers"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "data"))
-            .find(|p| {
-                let f = std::fs::File::open(p).unwrap();
-                let mut buf = vec![0u8; block.len()];
-                f.read_exact_at(&mut buf, offset).is_ok() && buf == block
-            });
-        if let Some(f) = found {
-            return f;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no layer file of {} holds the block at {offset}",
-            n.id
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Flips one bit of the block at `offset` in `file`, in place (bit rot).
-pub fn rot(file: &Path, offset: u64) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(file)
-        .unwrap();
-    let mut byte = [0u8; 1];
-    f.read_exact_at(&mut byte, offset + 100).unwrap();
-    byte[0] ^= 0x10;
-    f.write_all_at(&byte, offset + 100).unwrap();
-    f.sync_all().unwrap();
-}
-
-pub fn bytes_at(file: &Path, offset: u64, len: u64) -> Vec<u8> {
-    let f = std::fs::File::open(file).unwrap();
-    let mut buf = vec![0u8; len as usize];
-    f.read_exact_at(&mut buf, offset).unwrap();
-    buf
+    let what = format!("a layer file of {} holding the block at {offset}", n.id);
+    wait_for(&what, 20, || {
+        layer_file_holding(&n.dir.join("layers"), offset, block)
+    })
 }
 
 /// `n`'s replication status of volume `v`.
