@@ -163,9 +163,13 @@ impl StoreDevice {
     /// The primary of the volume this export is or is a snapshot (`volume@snapshot`) of,
     /// if this store is it.
     fn volume_primary(&self) -> Option<Arc<crate::repl::primary::PrimaryHandle>> {
+        self.repl.as_ref()?.primaries.get(self.volume())
+    }
+
+    /// The volume the export reads (a snapshot export's too).
+    fn volume(&self) -> &str {
         let name = self.export.name();
-        let volume = name.split_once('@').map_or(name, |(v, _)| v);
-        self.repl.as_ref()?.primaries.get(volume)
+        name.split_once('@').map_or(name, |(v, _)| v)
     }
 
     /// Runs `op` through the primary, split into frames the wire carries.
@@ -262,12 +266,17 @@ impl Device for StoreDevice {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         match self.export.read_at(offset, buf) {
             // A bad block on a primary's copy (of the volume or of one of its snapshots)
-            // is repaired from an in-sync replica.
+            // is repaired from an in-sync replica; on a replica's, from the primary.
             Err(e @ StoreError::Corrupt { .. }) => match self.volume_primary() {
                 Some(p) => p
                     .read_repaired(&self.export, offset, buf)
                     .map_err(|why| DeviceError::new(Errno::Io, format!("{e}; {why}"))),
-                None => Err(dev_err(e)),
+                None => match &self.repl {
+                    Some(r) if r.replicas.is_replica(self.volume()) => r
+                        .read_repaired_on_replica(&self.export, offset, buf)
+                        .map_err(|why| DeviceError::new(Errno::Io, format!("{e}; {why}"))),
+                    _ => Err(dev_err(e)),
+                },
             },
             r => r.map_err(dev_err),
         }

@@ -12,16 +12,15 @@
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
-use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use tessera_pki::ClusterCa;
-use tessera_replication::wire::{self, Decoder, Generation, Message, ReplyError};
-use tessera_store_admin::{AdminOp, ReplicaPeer, ReplicationRole};
+use tessera_replication::wire::{Generation, Message, ReplyError};
 
 mod support;
+use support::fake_replica::{fake_replica, primary_over_fake, Answer};
 use support::rot::*;
 use support::*;
 
@@ -117,119 +116,46 @@ const NEWER_GENERATION: u8 = 2;
 const WRONG_BYTES: u8 = 3;
 const RIGHT: u8 = 4;
 
-/// A replica of the cluster (node certificate `id`) that acknowledges everything the
-/// primary sends without storing it and answers `Read` as `mode` says, with `data` as
-/// the volume's content.
-async fn fake_replica(
-    root: &Path,
-    ca: &ClusterCa,
-    id: &str,
-    mode: Arc<AtomicU8>,
-    data: Arc<Vec<u8>>,
-) -> std::net::SocketAddr {
-    let tls = root.join(format!("{id}-tls"));
-    write_node_creds(&tls, ca, id);
-    let creds = tessera_store::tls::read_creds(&tls).unwrap().unwrap();
-    let cfg = tessera_store::repl::quic::server_config(&tls, &creds).unwrap();
-    let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = ep.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Some(incoming) = ep.accept().await {
-            let (mode, data) = (mode.clone(), data.clone());
-            tokio::spawn(async move {
-                let Ok(conn) = incoming.await else { return };
-                while let Ok((send, recv)) = conn.accept_bi().await {
-                    tokio::spawn(serve(send, recv, mode.clone(), data.clone()));
-                }
-            });
-        }
-    });
-    addr
-}
-
-async fn serve(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    mode: Arc<AtomicU8>,
-    data: Arc<Vec<u8>>,
-) {
-    let mut d = Decoder::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let msg = loop {
-            match d.next_message() {
-                Ok(Some(m)) => break m,
-                Ok(None) => {}
-                Err(_) => return,
-            }
-            match recv.read(&mut buf).await {
-                Ok(Some(n)) => {
-                    if d.push(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-                _ => return,
-            }
+/// How a fake replica (`support::fake_replica`) answers `Read` as `mode` says, with
+/// `data` as the volume's content.
+fn answer_reads(mode: Arc<AtomicU8>, data: Arc<Vec<u8>>) -> Answer {
+    Arc::new(move |msg: Message| {
+        let Message::Read {
+            request,
+            offset,
+            len,
+            generation,
+            ..
+        } = msg
+        else {
+            return None;
         };
-        let reply = match msg {
-            Message::Fence { .. } => Message::Reply {
-                seq: 0,
-                result: Ok(()),
-            },
-            Message::Write { seq, .. }
-            | Message::WriteZeroes { seq, .. }
-            | Message::Trim { seq, .. }
-            | Message::Flush { seq, .. } => Message::Reply {
-                seq,
-                result: Ok(()),
-            },
-            Message::Unsettled { request, .. } => Message::UnsettledReply {
+        let right = data[offset as usize..(offset + u64::from(len)) as usize].to_vec();
+        Some(match mode.load(Ordering::SeqCst) {
+            SHORT => Message::ReadReply {
                 request,
-                result: Ok(Vec::new()),
+                result: Ok(right[..right.len() - 512].to_vec()),
             },
-            Message::Read {
+            OTHER_REQUEST => Message::ReadReply {
+                request: request + 1,
+                result: Ok(right),
+            },
+            NEWER_GENERATION => Message::ReadReply {
                 request,
-                offset,
-                len,
-                generation,
-                ..
-            } => {
-                let right = data[offset as usize..(offset + u64::from(len)) as usize].to_vec();
-                match mode.load(Ordering::SeqCst) {
-                    SHORT => Message::ReadReply {
-                        request,
-                        result: Ok(right[..right.len() - 512].to_vec()),
-                    },
-                    OTHER_REQUEST => Message::ReadReply {
-                        request: request + 1,
-                        result: Ok(right),
-                    },
-                    NEWER_GENERATION => Message::ReadReply {
-                        request,
-                        result: Err(ReplyError::StaleGeneration {
-                            current: Generation(generation.0 + 5),
-                        }),
-                    },
-                    WRONG_BYTES => Message::ReadReply {
-                        request,
-                        result: Ok(vec![0u8; right.len()]),
-                    },
-                    _ => Message::ReadReply {
-                        request,
-                        result: Ok(right),
-                    },
-                }
-            }
-            _ => return,
-        };
-        if send
-            .write_all(&wire::encode(&reply).unwrap())
-            .await
-            .is_err()
-        {
-            return;
-        }
-    }
+                result: Err(ReplyError::StaleGeneration {
+                    current: Generation(generation.0 + 5),
+                }),
+            },
+            WRONG_BYTES => Message::ReadReply {
+                request,
+                result: Ok(vec![0u8; right.len()]),
+            },
+            _ => Message::ReadReply {
+                request,
+                result: Ok(right),
+            },
+        })
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,32 +164,17 @@ async fn a_replica_answering_a_read_wrongly_is_refused_and_nothing_is_written() 
     let ca = ClusterCa::mint("repl-repair-bad").unwrap();
     let data = Arc::new(pattern("fake", MIB as usize));
     let mode = Arc::new(AtomicU8::new(SHORT));
-    let fake = fake_replica(root.path(), &ca, "node9", mode.clone(), data.clone()).await;
+    let (fake, _fenced) = fake_replica(
+        root.path(),
+        &ca,
+        "node9",
+        answer_reads(mode.clone(), data.clone()),
+    )
+    .await;
     let (root_path, ca2, data2) = (root.path().to_path_buf(), ca.clone(), data.clone());
     tokio::task::spawn_blocking(move || {
         let root = root_path.as_path();
-        let n1 = Node::start(root, "node1", &ca2);
-        n1.create("v", SIZE);
-        let role: ReplicationRole = serde_json::from_value(serde_json::json!({
-            "type": "primary",
-            "replicas": [ReplicaPeer { node: "node9".into(), addr: fake.to_string() }],
-            "timeout_ms": 1500,
-            "cluster_wait_ms": 1000,
-        }))
-        .unwrap();
-        n1.admin(AdminOp::SetReplication {
-            volume: "v".into(),
-            generation: 2,
-            role,
-        })
-        .unwrap();
-        let src = root.join("data.img");
-        std::fs::write(&src, &*data2).unwrap();
-        run(Command::new("nbdcopy")
-            .arg("--flush")
-            .arg(&src)
-            .arg(n1.uri("v")));
-
+        let n1 = primary_over_fake(root, &ca2, "node9", fake, SIZE, &data2);
         let file = data_file(&n1);
         let off = 128 << 10;
         rot(&file, off);

@@ -3,7 +3,8 @@
 //! of a snapshot export (`v@s`) through the primary repairs the snapshot's block from a
 //! replica's snapshot; and a replica's store takes a `Repair` only in the primary's
 //! generation and only with bytes matching its own checksum, and reports a bad block to a
-//! digest comparison (a catch-up) as differing instead of failing it. Bytes of the layer
+//! digest comparison (a catch-up) as differing instead of failing it. A scrub repairs
+//! bad blocks on the primary's copy and on a replica's (from the primary). Bytes of the layer
 //! files are flipped behind the stores' backs; reads are by `qemu-img`.
 
 // Test code: the unexpected should panic where it happens.
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use tessera_pki::ClusterCa;
 use tessera_replication::wire::{
-    self, Decoder, Generation, Message, RepairOutcome, ReplyError, VolumeName,
+    Decoder, Generation, Message, RepairOutcome, ReplyError, VolumeName,
 };
 use tessera_store_admin::AdminOp;
 
@@ -144,29 +145,6 @@ fn a_bad_block_of_a_snapshot_read_through_the_primary_is_repaired_from_a_replica
     assert!(err.contains("Input/output error"), "{err}");
     assert_eq!(bytes_at(&file, off, B), rotten);
     assert_eq!(status(n1).repaired_blocks, 1);
-}
-
-/// Sends `msg` on a stream and waits (at most 20 s) for one answer.
-async fn ask(
-    send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
-    d: &mut Decoder,
-    msg: &Message,
-) -> Message {
-    send.write_all(&wire::encode(msg).unwrap()).await.unwrap();
-    let mut buf = vec![0u8; 1 << 16];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(m) = d.next_message().unwrap() {
-            return m;
-        }
-        let n = tokio::time::timeout_at(deadline, recv.read(&mut buf))
-            .await
-            .expect("the replica did not answer within 20 s")
-            .unwrap()
-            .expect("the replica ended the stream");
-        d.push(&buf[..n]).unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,14 +366,74 @@ fn a_scrub_on_the_primary_repairs_its_bad_blocks_from_a_replica() {
     assert!(s.repairs.iter().any(|r| r.offset == off && r.on.is_none()));
     assert!(scrub(n1).bad.is_empty());
 
-    // A replica's scrub reports its own bad block and repairs nothing (it cannot ask its
-    // primary; the primary repairs it when it meets it).
+    // A replica's scrub repairs its own bad block from its primary (asked on the
+    // connection the primary fenced it through, in its generation): the primary lists
+    // it, naming the replica's node, for the cluster's `volume.repaired` event.
     let off = 768 << 10;
     let f2 = file_holding(n2, off, &block(off));
     rot(&f2, off);
-    let rotten = bytes_at(&f2, off, B);
+    assert_ne!(bytes_at(&f2, off, B), block(off), "the rot did not land");
     let r = scrub(n2);
-    assert_eq!(r.bad.len(), 1, "{r:?}");
-    assert!(r.repaired.is_empty(), "{r:?}");
-    assert_eq!(bytes_at(&f2, off, B), rotten);
+    assert!(r.bad.is_empty(), "{r:?}");
+    assert_eq!(r.repaired.len(), 1, "{r:?}");
+    assert_eq!(r.repaired[0].offset, off);
+    assert_eq!(
+        bytes_at(&f2, off, B),
+        block(off),
+        "the replica's block not repaired"
+    );
+    assert!(scrub(n2).bad.is_empty());
+    // The whole copy reads as the primary's (by a client we did not write, nbdcopy).
+    assert_eq!(
+        n2.export_hash(root.path(), "v"),
+        n1.export_hash(root.path(), "v"),
+        "the replica's copy differs from the primary's"
+    );
+    let s = status(n1);
+    assert_eq!(s.repaired_blocks, 2, "{s:?}");
+    assert!(
+        s.repairs.iter().any(|r| r.offset == off
+            && r.len == B
+            && r.from == "primary"
+            && r.on.as_deref() == Some("node2")),
+        "{s:?}"
+    );
+    let log = |n: &Node| std::fs::read_to_string(n.dir.with_extension("log")).unwrap();
+    assert!(
+        log(n2)
+            .lines()
+            .any(|l| l.contains("repaired with the primary's bytes")
+                && l.contains(&off.to_string())
+                && l.contains("node1")),
+        "no log line of the replica's repair:\n{}",
+        log(n2)
+    );
+    assert!(
+        log(n1).lines().any(
+            |l| l.contains("the replica repaired it with this copy's bytes") && l.contains("node2")
+        ),
+        "no log line of the primary:\n{}",
+        log(n1)
+    );
+
+    // A client's read of a replica's copy (qemu-img on node3's own export) that meets a
+    // bad block gets the written bytes: the block is repaired from the primary first.
+    let n3 = &nodes[2];
+    let off = 1024 << 10;
+    let f3 = file_holding(n3, off, &block(off));
+    rot(&f3, off);
+    let got = qemu_read(root.path(), n3, "v", off, 4 * B).unwrap();
+    assert!(got[..] == data[off as usize..(off + 4 * B) as usize]);
+    assert_eq!(
+        bytes_at(&f3, off, B),
+        block(off),
+        "node3's block not repaired"
+    );
+    let s = status(n1);
+    assert!(
+        s.repairs
+            .iter()
+            .any(|r| r.offset == off && r.on.as_deref() == Some("node3")),
+        "{s:?}"
+    );
 }

@@ -15,6 +15,12 @@
 //! [`Message::DigestsReply`], [`Message::ReadReply`] (also for `SnapshotRead`),
 //! [`Message::UnsettledReply`], [`Message::SnapshotListReply`] and
 //! [`Message::RepairReply`] (matched by `request`).
+//!
+//! The other way, for a repair of a replica's own copy: on a stream the replica opens on
+//! its primary's connection, the replica sends [`Message::Read`] (or
+//! [`Message::SnapshotRead`]) of a block in its generation, the primary answers
+//! [`Message::ReadReply`], and the replica tells what it did with the bytes in a
+//! [`Message::RepairReply`].
 
 mod codec;
 #[cfg(test)]
@@ -161,7 +167,8 @@ pub enum Message {
         request: u64,
         result: Result<Vec<Digest>, ReplyError>,
     },
-    /// Primary → replica: `len` bytes from `offset` (repair and catch-up source).
+    /// Primary → replica: `len` bytes from `offset` (repair and catch-up source); also
+    /// replica → primary on a stream of the replica's, for a repair of its own copy.
     Read {
         volume: VolumeName,
         generation: Generation,

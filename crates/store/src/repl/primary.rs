@@ -9,7 +9,9 @@
 //! reconnecting after a loss. A replica that does not answer within the replica timeout,
 //! or refuses a request, makes the primary stop completing until the cluster takes it out
 //! of the in-sync set; requests wait for that (the cluster wait) and only then fail with
-//! EIO, never with an acknowledgement the replicas do not back.
+//! EIO, never with an acknowledgement the replicas do not back. On a link's connection
+//! the replica may open streams of its own: a repair of its copy's bad block
+//! (`serve_replica.rs`).
 
 mod driver;
 mod link;
@@ -19,6 +21,7 @@ mod missed;
 mod reconcile;
 mod reconfigure;
 mod repair;
+mod serve_replica;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -43,8 +46,11 @@ pub use members::Change;
 use members::Members;
 pub(super) use missed::append_synced as append_missed;
 use missed::{append_synced, load_missed, missed_path, whole};
+pub(in crate::repl) use reconcile::Asker;
 pub use repair::RepairError;
 pub(crate) use repair::Repairs;
+pub(in crate::repl) use repair::{bad_blocks, check_reply};
+use serve_replica::ServeReplicas;
 
 /// How often the driver gives the machine the time (timeouts, resends).
 const TICK: Duration = Duration::from_millis(100);
@@ -145,8 +151,11 @@ pub struct PrimaryHandle {
     next_replica: std::sync::atomic::AtomicU64,
     ep: Arc<ReplEndpoint>,
     fenced: Arc<std::sync::atomic::AtomicU64>,
-    /// Blocks of the local copy repaired from a replica (`repair.rs`).
+    /// Blocks of the local copy repaired from a replica (`repair.rs`), and of a
+    /// replica's copy with this copy's bytes.
     pub(crate) repairs: repair::Repairs,
+    /// What the links answer their replicas' repair streams with.
+    serving: Arc<ServeReplicas>,
 }
 
 impl Drop for PrimaryHandle {
@@ -437,6 +446,7 @@ impl Primaries {
             shared.missed.lock().entry(*r).or_default().recorded = recorded;
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        let serving = ServeReplicas::new(store.clone(), name.clone());
         let mut links = HashMap::new();
         let mut restarts = HashMap::new();
         for (r, p) in &peers {
@@ -444,7 +454,14 @@ impl Primaries {
             restarts.insert(*r, restart.clone());
             links.insert(
                 *r,
-                tokio::spawn(link(ep.clone(), *r, p.clone(), tx.clone(), restart)),
+                tokio::spawn(link(
+                    ep.clone(),
+                    *r,
+                    p.clone(),
+                    tx.clone(),
+                    restart,
+                    serving.clone(),
+                )),
             );
         }
         let fenced = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -488,7 +505,10 @@ impl Primaries {
             ep,
             fenced,
             repairs,
+            serving: serving.clone(),
         });
+        // Set once: `serving` is new here.
+        let _ = serving.handle.set(Arc::downgrade(&handle));
         tracing::info!(volume, generation, replicas = ?handle.peers.read().iter().map(|(_, p)| p.node.clone()).collect::<Vec<_>>(),
             "serving as the volume's primary");
         self.by_volume

@@ -19,10 +19,13 @@ use tessera_blockstore::{Export, Store, StoreError};
 use tessera_replication::replica::{Op, Replica, ReplicaAction};
 use tessera_replication::wire::{self, Generation, Message, ReplyError, VolumeName, BLOCK_SIZE};
 
+mod from_primary;
 mod inflight;
+mod primary_conns;
 mod repair;
 mod stream;
 mod submit;
+pub use from_primary::{FromPrimary, FromPrimaryError};
 use inflight::InFlight;
 pub use stream::serve;
 
@@ -114,6 +117,8 @@ pub struct ReplicaService {
     taken: super::snapshot::Taken,
     /// The last changes applied per volume, answered to a new primary's `Unsettled`.
     recent: super::recent::Recent,
+    /// The connections primaries fenced each volume through: the way back for a repair.
+    primary_conns: primary_conns::PrimaryConns,
 }
 
 impl ReplicaService {
@@ -129,6 +134,7 @@ impl ReplicaService {
             limiter: LogLimiter::default(),
             taken,
             recent,
+            primary_conns: primary_conns::PrimaryConns::default(),
         })
     }
 
@@ -232,6 +238,7 @@ impl ReplicaService {
     /// Stops serving `volume` as a replica (its persisted generation stays).
     pub fn disable(&self, volume: &str) {
         self.volumes.lock().remove(volume);
+        self.primary_conns.forget(volume);
     }
 
     /// The replica of an existing volume, built from its persisted generation.

@@ -4,6 +4,7 @@
 // Each test binary uses its own part of this module.
 #![allow(dead_code)]
 
+pub mod fake_replica;
 pub mod rot;
 
 use std::net::{SocketAddr, UdpSocket};
@@ -332,4 +333,37 @@ pub async fn replica_and_fake_primary(
     let conn = quic_connect(tls, replica.repl, "node2").await.unwrap();
     let (send, recv) = conn.open_bi().await.unwrap();
     (replica, conn, send, recv)
+}
+
+/// Sends `msg` on a stream and waits (at most 20 s) for one answer.
+pub async fn ask(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    d: &mut tessera_replication::wire::Decoder,
+    msg: &tessera_replication::wire::Message,
+) -> tessera_replication::wire::Message {
+    send.write_all(&tessera_replication::wire::encode(msg).unwrap())
+        .await
+        .unwrap();
+    next_message(recv, d).await
+}
+
+/// The next message on `recv`, waited for at most 20 s.
+pub async fn next_message(
+    recv: &mut quinn::RecvStream,
+    d: &mut tessera_replication::wire::Decoder,
+) -> tessera_replication::wire::Message {
+    let mut buf = vec![0u8; 1 << 16];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(m) = d.next_message().unwrap() {
+            return m;
+        }
+        let n = tokio::time::timeout_at(deadline, recv.read(&mut buf))
+            .await
+            .expect("no answer within 20 s")
+            .unwrap()
+            .expect("the other end ended the stream");
+        d.push(&buf[..n]).unwrap();
+    }
 }

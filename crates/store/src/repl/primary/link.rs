@@ -1,4 +1,6 @@
 //! One replica's link task: a QUIC stream kept open to it, reconnecting after a loss.
+//! Streams the replica opens on the link's connection ask for repairs of its copy
+//! (`serve_replica.rs`).
 
 use std::sync::Arc;
 
@@ -7,6 +9,7 @@ use tessera_replication::wire::Decoder;
 use tokio::sync::mpsc;
 
 use super::super::quic::ReplEndpoint;
+use super::serve_replica::{self, ServeReplicas};
 use super::{Input, Peer, RECONNECT};
 
 /// Queued frames are joined into one write up to this many bytes.
@@ -20,6 +23,7 @@ pub(super) async fn link(
     peer: Peer,
     driver: mpsc::UnboundedSender<Input>,
     restart: Arc<tokio::sync::Notify>,
+    serving: Arc<ServeReplicas>,
 ) {
     let mut told = String::new();
     loop {
@@ -89,6 +93,16 @@ pub(super) async fn link(
             let read = tokio::select! {
                 read = recv.read(&mut buf[..want]) => read,
                 _ = restart.notified() => break "a new stream for the replica's rejoin".to_string(),
+                // Both cancel-safe: a stream is taken only when this branch wins.
+                Ok((their_send, their_recv)) = conn.accept_bi() => {
+                    tokio::spawn(serve_replica::serve(
+                        serving.clone(),
+                        peer.node.clone(),
+                        their_send,
+                        their_recv,
+                    ));
+                    continue;
+                }
             };
             match read {
                 Ok(Some(n)) => {

@@ -70,6 +70,7 @@ impl PrimaryHandle {
                     p.clone(),
                     self.tx.clone(),
                     restart.clone(),
+                    self.serving.clone(),
                 ));
                 self.links.lock().insert(r, task);
                 self.peers.write().push((r, p.clone()));

@@ -36,8 +36,13 @@ const NOT_REPLICA_AGAIN: Duration = Duration::from_millis(2);
 /// not say.
 type Answer = Result<RegionSet, String>;
 
-/// One side stream to a replica for the questions (also the repair's, `repair.rs`).
-pub(super) struct Asker {
+/// What [`Asker`] says when the other end ended the stream.
+const ENDED: &str = "the other end ended the stream";
+
+/// One side stream to a replica for the questions (also the repair's, `repair.rs`),
+/// or, opened by a replica on its primary's connection, to the primary for a repair of
+/// the replica's copy (`replica/from_primary.rs`).
+pub(in crate::repl) struct Asker {
     conn: quinn::Connection,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
@@ -51,6 +56,11 @@ impl Asker {
             .connect(&peer.node, peer.addr)
             .await
             .map_err(|e| e.to_string())?;
+        Asker::over(conn).await
+    }
+
+    /// A new stream on `conn`, a connection already open.
+    pub(in crate::repl) async fn over(conn: quinn::Connection) -> Result<Asker, String> {
         let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         Ok(Asker {
             conn,
@@ -61,12 +71,33 @@ impl Asker {
         })
     }
 
-    pub(super) async fn ask(&mut self, msg: &Message) -> Result<Message, String> {
+    pub(in crate::repl) async fn ask(&mut self, msg: &Message) -> Result<Message, String> {
         let frame = wire::encode(msg).map_err(|e| e.to_string())?;
         self.send
             .write_all(&frame)
             .await
             .map_err(|e| e.to_string())?;
+        self.next().await
+    }
+
+    /// Sends `msg` as the stream's last message and waits for the other end to end its
+    /// side too: then `msg` was read (the other end reads to the end before it ends).
+    pub(in crate::repl) async fn tell_last(&mut self, msg: &Message) -> Result<(), String> {
+        let frame = wire::encode(msg).map_err(|e| e.to_string())?;
+        self.send
+            .write_all(&frame)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.send.finish().map_err(|e| e.to_string())?;
+        match self.next().await {
+            Err(e) if e == ENDED => Ok(()),
+            Err(e) => Err(e),
+            Ok(_) => Err("it answered a message that takes no answer".into()),
+        }
+    }
+
+    /// The next message the other end sent.
+    async fn next(&mut self) -> Result<Message, String> {
         loop {
             if let Some(m) = self.decoder.next_message().map_err(|e| e.to_string())? {
                 return Ok(m);
@@ -77,7 +108,7 @@ impl Asker {
                     .decoder
                     .push(&self.buf[..n])
                     .map_err(|e| e.to_string())?,
-                Ok(None) => return Err("the replica ended the stream".into()),
+                Ok(None) => return Err(ENDED.into()),
                 Err(e) => return Err(e.to_string()),
             }
         }

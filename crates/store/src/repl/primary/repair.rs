@@ -334,7 +334,11 @@ impl PrimaryHandle {
 }
 
 /// The blocks of `first..end` whose read fails its checksum here.
-fn bad_blocks(export: &Export, first: u64, end: u64) -> Result<Vec<u64>, StoreError> {
+pub(in crate::repl) fn bad_blocks(
+    export: &Export,
+    first: u64,
+    end: u64,
+) -> Result<Vec<u64>, StoreError> {
     let mut bad = Vec::new();
     let mut one = vec![0u8; BLOCK_SIZE];
     for b in first..end {
@@ -447,7 +451,11 @@ fn check_repair_reply(reply: Message, request: u64) -> Result<RepairOutcome, Str
 }
 
 /// The bytes of a `ReadReply` to request `request` for `len` bytes, or why it is refused.
-fn check_reply(reply: Message, request: u64, len: u64) -> Result<Vec<u8>, String> {
+pub(in crate::repl) fn check_reply(
+    reply: Message,
+    request: u64,
+    len: u64,
+) -> Result<Vec<u8>, String> {
     match reply {
         Message::ReadReply {
             request: r,

@@ -1,5 +1,6 @@
 //! The replica's side of a primary's stream: reads its frames, hands each request to the
-//! service in order, and writes the answers in order, many in one write.
+//! service in order, and writes the answers in order, many in one write. A fence's
+//! connection is noted as the way back to that volume's primary (`primary_conns.rs`).
 
 use std::sync::Arc;
 
@@ -33,8 +34,8 @@ pub async fn serve(ep: Arc<ReplEndpoint>, service: Arc<ReplicaService>) {
             };
             tracing::debug!(%addr, %node, "replication connection");
             while let Ok((send, recv)) = conn.accept_bi().await {
-                let (service, node) = (service.clone(), node.clone());
-                tokio::spawn(async move { serve_stream(service, node, send, recv).await });
+                let (service, node, conn) = (service.clone(), node.clone(), conn.clone());
+                tokio::spawn(async move { serve_stream(service, node, conn, send, recv).await });
             }
         });
     }
@@ -43,6 +44,7 @@ pub async fn serve(ep: Arc<ReplEndpoint>, service: Arc<ReplicaService>) {
 async fn serve_stream(
     service: Arc<ReplicaService>,
     node: String,
+    conn: quinn::Connection,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -144,6 +146,11 @@ async fn serve_stream(
                 return;
             }
         };
+        if let Message::Fence { volume, generation } = &msg {
+            service
+                .primary_conns
+                .note(volume.as_str(), &node, generation.0, &conn);
+        }
         if let Err((c, why)) = service.submit(msg, &outbox).await {
             service.limiter.warn("protocol", || {
                 format!("replication stream from {node}: {why}")
