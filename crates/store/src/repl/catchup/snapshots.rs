@@ -59,8 +59,11 @@ impl CatchUp {
                 )))
             }
         };
-        // Taken in the order they were taken here (the names break ties within a second).
-        mine.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+        // Taken in the order they were taken here: by size first (a volume only grows, and
+        // a copy grown past a snapshot's size can no longer take it; `created` counts
+        // seconds, so two snapshots a resize apart may tie there and were taken by name,
+        // the larger first, leaving the smaller out), then by time and name.
+        mine.sort_by(|a, b| (a.size, a.created, &a.name).cmp(&(b.size, b.created, &b.name)));
         let mut held: Vec<bool> = mine
             .iter()
             .map(|m| theirs.iter().any(|t| t.as_str() == m.name))
