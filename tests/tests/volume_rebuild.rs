@@ -33,6 +33,20 @@ const SIZE: u64 = 32 * MIB;
 
 /// The volumes node `i`'s store holds, by name (through its admin socket).
 fn store_volumes(dir: &Path, i: u8) -> Option<Vec<String>> {
+    Some(store_list(dir, i)?.into_iter().map(|(v, _)| v).collect())
+}
+
+/// The snapshots of `volume` node `i`'s own store holds, by name (a node's NBD export
+/// may forward to the primary's store, so its exports do not tell).
+fn store_snapshots(dir: &Path, i: u8, volume: &str) -> Option<Vec<String>> {
+    store_list(dir, i)?
+        .into_iter()
+        .find(|(v, _)| v == volume)
+        .map(|(_, s)| s)
+}
+
+/// The volumes node `i`'s store holds, each with its snapshots' names.
+fn store_list(dir: &Path, i: u8) -> Option<Vec<(String, Vec<String>)>> {
     let out = output(
         Command::new(bin("tessera-store"))
             .arg("--admin-socket")
@@ -46,7 +60,14 @@ fn store_volumes(dir: &Path, i: u8) -> Option<Vec<String>> {
     let list = v.as_array().or_else(|| v["value"].as_array())?;
     Some(
         list.iter()
-            .filter_map(|x| x["name"].as_str().map(str::to_string))
+            .filter_map(|x| {
+                let snapshots = x["snapshots"].as_array().map_or_else(Vec::new, |s| {
+                    s.iter()
+                        .filter_map(|s| s["name"].as_str().map(str::to_string))
+                        .collect()
+                });
+                Some((x["name"].as_str()?.to_string(), snapshots))
+            })
             .collect(),
     )
 }
@@ -135,14 +156,15 @@ fn a_copy_away_too_long_is_rebuilt_elsewhere_and_copies_left_behind_are_deleted(
         "{s}"
     );
 
-    // r: three copies of four nodes, primary on node1.
+    // r: three copies of four nodes, primary on node1, made 8 MiB smaller than SIZE and
+    // grown to SIZE after its snapshot s1.
     let (c, task) = api(
         &ca,
         1,
         "POST",
         "volumes",
         Some(t),
-        Some(&json!({"name": "r", "size_bytes": SIZE, "replicas": 3, "node": id(1)})),
+        Some(&json!({"name": "r", "size_bytes": SIZE - 8 * MIB, "replicas": 3, "node": id(1)})),
     );
     assert_eq!(c, 202, "{task}");
     assert_eq!(wait_task(&ca, 1, t, &task)["state"], "succeeded");
@@ -155,6 +177,18 @@ fn a_copy_away_too_long_is_rebuilt_elsewhere_and_copies_left_behind_are_deleted(
     let (victim, keep) = (num(&copies[1]), num(&copies[2]));
     let spare = (1..=4u8).find(|i| !copies.contains(&id(*i))).unwrap();
     eprintln!("r on node1, node{victim}, node{keep}; node{spare} spare");
+    let (f0, s1) = payload(tmp.path(), "r0", 8 * MIB, SIZE - 8 * MIB);
+    assert!(write(dir, 1, "r", &f0));
+    snapshot_then_grow(&ca, t, "r");
+    // A snapshot no record names, as a snapshot that failed on a copy leaves one (taken
+    // through the primary's store, every copy takes it): deleted on every copy once it
+    // is older than the cluster's grace, s1 kept (checked at the end).
+    run_store_cmd(dir, 1, &["snapshot", "create", "r", "left"]);
+    let holds =
+        |i: u8, s: &str| store_snapshots(dir, i, "r").is_some_and(|l| l.iter().any(|x| x == s));
+    for i in [1, victim, keep] {
+        assert!(holds(i, "left"), "r@left not on node{i}");
+    }
     let (f1, _) = payload(tmp.path(), "r1", 8 * MIB, SIZE);
     assert!(write(dir, 1, "r", &f1));
 
@@ -206,6 +240,10 @@ fn a_copy_away_too_long_is_rebuilt_elsewhere_and_copies_left_behind_are_deleted(
     let last = payloads[(rounds.load(Ordering::SeqCst) - 1) % 2].1;
     for i in [1, keep, spare] {
         assert_eq!(read_hash(dir, i, "r", tmp.path()), last, "r on node{i}");
+        // The snapshot older than the resize, at its own size, on the new copy too (it
+        // was made at the volume's size before, and could not take it).
+        assert!(holds(i, "s1"), "r@s1 not on node{i}'s store");
+        assert_eq!(read_hash(dir, i, "r@s1", tmp.path()), s1, "r@s1 on node{i}");
     }
     // A task followed the rebuild to 100 %; events say what happened.
     let (_, tasks) = api(&ca, 1, "GET", "tasks", Some(t), None);
@@ -234,6 +272,8 @@ fn a_copy_away_too_long_is_rebuilt_elsewhere_and_copies_left_behind_are_deleted(
         (Some("succeeded"), Some(100)),
         "{task}"
     );
+    // Still there within the grace.
+    assert!(holds(1, "left"), "r@left deleted within the grace");
     for kind in [
         "volume.rebuild_started",
         "volume.replica_in_sync",
@@ -306,9 +346,58 @@ fn a_copy_away_too_long_is_rebuilt_elsewhere_and_copies_left_behind_are_deleted(
     assert_eq!(copy_nodes(&v).len(), 3, "{v}");
     for i in [1, spare, victim] {
         assert_eq!(read_hash(dir, i, "r", tmp.path()), last, "r on node{i}");
+        assert!(holds(i, "s1"), "r@s1 not on node{i}'s store");
+        assert_eq!(read_hash(dir, i, "r@s1", tmp.path()), s1, "r@s1 on node{i}");
     }
+    // The snapshot without a record is gone from every copy (a rebuild's new copy got it
+    // by its catch-up and loses it a grace after), with an event; s1 stays.
+    for i in [1, spare, victim] {
+        wait_for(&format!("r@left deleted on node{i}"), 150, || {
+            store_snapshots(dir, i, "r")
+                .filter(|l| !l.iter().any(|x| x == "left"))
+                .map(|_| ())
+        });
+        assert!(holds(i, "s1"), "r@s1 gone from node{i}");
+        assert_eq!(read_hash(dir, i, "r@s1", tmp.path()), s1, "r@s1 on node{i}");
+    }
+    assert!(has_event(&ca, 1, t, "snapshot.reclaimed", "r"));
     drop(restarted);
     cluster.stop();
+}
+
+/// Takes snapshot s1 of `volume` (every copy in sync), then grows the volume to SIZE.
+fn snapshot_then_grow(ca: &str, t: &str, volume: &str) {
+    let (c, task) = api(
+        ca,
+        1,
+        "POST",
+        &format!("volumes/{volume}/snapshots"),
+        Some(t),
+        Some(&json!({"name": "s1"})),
+    );
+    assert_eq!(c, 202, "{task}");
+    assert_eq!(
+        wait_task(ca, 1, t, &task)["state"],
+        "succeeded",
+        "{volume}@s1"
+    );
+    let (c, task) = api(
+        ca,
+        1,
+        "POST",
+        &format!("volumes/{volume}/resize"),
+        Some(t),
+        Some(&json!({"size_bytes": SIZE})),
+    );
+    assert_eq!(c, 202, "{task}");
+    assert_eq!(
+        wait_task(ca, 1, t, &task)["state"],
+        "succeeded",
+        "resize {volume}"
+    );
+    wait_volume(ca, 1, t, volume, 30, |v| {
+        v["size_bytes"] == SIZE && all_in_sync(v)
+    });
 }
 
 /// Runs `tessera-store` against node `i`'s admin socket; it must succeed.

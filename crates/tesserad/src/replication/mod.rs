@@ -8,7 +8,7 @@
 //! (`moves`) or to a node whose store an export client writes through (`takeover`); a copy
 //! away too long rebuilt on another node (`rebuild`), catch-ups and rebuilds followed as
 //! tasks (`copy_tasks`), and the copies the cluster no longer counts deleted on their
-//! stores (`orphans`).
+//! stores (`orphans`), with the snapshots no record names (`leftover_snapshots`).
 //!
 //! The cluster state is the authority: a volume's primary, copies and generation are in
 //! its `volumes/<name>` record; a generation is raised only by a compare-and-swap of that
@@ -17,6 +17,7 @@
 
 pub mod copy_tasks;
 pub mod failover;
+pub mod leftover_snapshots;
 pub mod moves;
 pub mod naming;
 pub mod orphans;

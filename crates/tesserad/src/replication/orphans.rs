@@ -10,6 +10,8 @@
 //! deletion) is reported once per process (event `volume.unknown_copy`) and left alone:
 //! the cluster did not make it, so it does not delete it.
 //!
+//! Snapshots of a copy that no record names are deleted too (`leftover_snapshots`).
+//!
 //! Never deleted: a copy some volume record names on that node (a new volume of the same
 //! name placed there since). Placement of a rebuild avoids nodes with a pending deletion
 //! of the volume's name.
@@ -266,6 +268,14 @@ async fn report_unknown(node: &Node, me: &str, socket: &Path, st: &mut Round) {
     let Ok(AdminReply::Volumes(held)) = call(socket, AdminOp::ListVolumes {}).await else {
         return;
     };
+    let snapshots: Vec<super::leftover_snapshots::Held> = held
+        .iter()
+        .map(|v| {
+            let s = v.snapshots.iter().map(|s| (s.name.clone(), s.created));
+            (v.name.clone(), s.collect())
+        })
+        .collect();
+    super::leftover_snapshots::reclaim(node, me, socket, &snapshots).await;
     let known: HashSet<String> = node.state.read(|t| {
         let mut k: HashSet<String> = t
             .get(VOLUMES)

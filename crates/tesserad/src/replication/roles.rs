@@ -565,13 +565,20 @@ async fn tell(
     (what, told)
 }
 
+/// The size of the empty copy a rebuild starts from: one block. The catch-up grows it
+/// to each snapshot's size in turn as it brings them, oldest first, then to the
+/// volume's: a copy made at the volume's size could not take a snapshot taken before the
+/// volume grew (a block store takes a snapshot at its volume's size, and copies only
+/// grow), and the new copy came without it.
+const REBUILD_COPY_SIZE: u64 = 4096;
+
 /// Makes the empty copy of `v` a rebuild starts from (its role is given next round).
 async fn make_rebuild_copy(socket: &Path, v: &Volume) -> Result<(), AdminClientError> {
     call(
         socket,
         AdminOp::CreateVolume {
             name: v.name.clone(),
-            size: v.size_bytes,
+            size: REBUILD_COPY_SIZE.min(v.size_bytes),
         },
     )
     .await
