@@ -6,7 +6,9 @@
 //! primary and gets exactly what was written; the primary's file holds the good bytes
 //! again; and the cluster's event list (`GET /events`, curl) holds a `volume.repaired`
 //! event naming the volume, the offset and the node whose copy was good (by its name in
-//! the message, by its id in the event's `nodes`).
+//! the message, by its id in the event's `nodes`). Then a block flipped on a replica's
+//! copy (node2), met by a read of node2's own export, is repaired from the primary and
+//! makes a second event naming node2.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -141,5 +143,48 @@ fn a_bad_block_on_the_primary_is_repaired_and_the_cluster_records_a_volume_repai
         .filter(|e| e["kind"] == "volume.repaired")
         .count();
     assert_eq!(count, 1, "{all}");
+
+    // A bad block on a replica's copy (node2), met by a client reading node2's own
+    // export: node2's store asks the primary for the block, the read gets what was
+    // written, node2's file holds it again, and the event names node2 as the node whose
+    // copy was repaired.
+    let bad2 = 2 * MIB + 5 * B;
+    let good2 = &data[bad2 as usize..(bad2 + B) as usize];
+    let file2 = wait_for("the block in node2's layer file", 30, || {
+        layer_file_holding(&node_dir(dir, 2).join("store/layers"), bad2, good2)
+    });
+    rot(&file2, bad2);
+    let out2 = dir.join("read2.img");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(uri(2))
+        .arg(&out2));
+    let read2 = std::fs::read(&out2).unwrap();
+    assert!(
+        read2[..data.len()] == data[..],
+        "the read of node2's copy returned other bytes than were written"
+    );
+    assert_eq!(
+        bytes_at(&file2, bad2, B),
+        good2,
+        "node2's block was not repaired"
+    );
+    let ev2: Value = wait_for("a volume.repaired event for node2's copy", 60, || {
+        let (c, all) = api(&ca, 3, "GET", "events?limit=1000", Some(t), None);
+        assert_eq!(c, 200, "{all}");
+        all.as_array()?
+            .iter()
+            .find(|e| {
+                e["kind"] == "volume.repaired"
+                    && e["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains(&format!("at offset {bad2} ")))
+            })
+            .cloned()
+    });
+    let msg2 = ev2["message"].as_str().unwrap();
+    assert!(msg2.contains("on the copy on node node2"), "{ev2}");
+    assert!(msg2.contains("from the primary's copy"), "{ev2}");
+    assert_eq!(ev2["nodes"], json!([n2]), "{ev2}");
     cluster.stop();
 }
