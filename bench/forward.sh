@@ -12,24 +12,10 @@ cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-release}
 [ -n "${NO_SETUP:-}" ] || tests/setup
 [ -n "${NO_BUILD:-}" ] || cargo build --profile "$PROFILE" -q --bins
-T=target/$PROFILE
-W=$(mktemp -d /var/tmp/tessera-forward-bench.XXXX)
-# Private copies: a shared checkout's next build must not swap them mid-run.
-mkdir "$W/bin"
-cp $T/tessera-devcluster $T/tesserad $T/tessera-store "$W/bin/"
-T=$W/bin
-cleanup() {
-    [ -n "${DC:-}" ] && kill -INT "$DC" 2>/dev/null && wait "$DC" 2>/dev/null || true
-    [ -n "${KEEP:-}" ] || rm -rf "$W"
-}
-trap cleanup EXIT
-: >"$W/dc.out"
-$T/tessera-devcluster --dir "$W/cluster" >"$W/dc.out" 2>&1 &
-DC=$!
-for _ in $(seq 600); do grep -q "is up" "$W/dc.out" && break; sleep 0.2; done
-grep -q "is up" "$W/dc.out" || { cat "$W/dc.out"; exit 1; }
-PW=$(cat "$W"/cluster/node*/data/initial-admin-password)
-echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {print int($2/1024/1024)}' /proc/meminfo) GiB, $(uname -r); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "profile: $PROFILE; rustc processes running at the start: $(pgrep -c rustc || true)"
+. bench/lib/devcluster.sh
+dc_workdir forward
+dc_binaries "target/$PROFILE" tessera-devcluster tesserad tessera-store
+dc_start
+dc_machine
 python3 bench/forward.py "$W" "$PW"
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -22,25 +22,18 @@ cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-release}
 [ -n "${NO_SETUP:-}" ] || tests/setup
 [ -n "${NO_BUILD:-}" ] || cargo build --profile "$PROFILE" -q --bins
-T=target/$PROFILE
-W=$(mktemp -d /var/tmp/tessera-repl-bench.XXXX)
-# Private copies: a shared checkout's next build must not swap binaries under the run.
-mkdir "$W/bin"
-cp $T/tessera-devcluster $T/tesserad $T/tessera-store "$W/bin/"
+. bench/lib/devcluster.sh
 PIDS=()
-cleanup() {
+dc_before_stop() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    [ -n "${DC:-}" ] && kill -INT "$DC" 2>/dev/null && wait "$DC" 2>/dev/null || true
-    # A store the benchmark restarted itself is not the launcher's: stop it by pid.
-    [ -f "$W/restarted.pid" ] && kill "$(cat "$W/restarted.pid")" 2>/dev/null || true
-    [ -n "${KEEP:-}" ] || rm -rf "$W"
 }
-trap cleanup EXIT
-"$W/bin/tessera-devcluster" --dir "$W/cluster" >"$W/dc.out" 2>&1 &
-DC=$!
-for _ in $(seq 600); do grep -q "is up" "$W/dc.out" && break; sleep 0.2; done
-grep -q "is up" "$W/dc.out" || { cat "$W/dc.out"; exit 1; }
-PW=$(cat "$W"/cluster/node*/data/initial-admin-password)
+dc_after_stop() {
+    # A store the benchmark restarted itself is not the launcher's: stop it by pid.
+    if [ -f "$W/restarted.pid" ]; then kill "$(cat "$W/restarted.pid")" 2>/dev/null || true; fi
+}
+dc_workdir repl
+dc_binaries "target/$PROFILE" tessera-devcluster tesserad tessera-store
+dc_start
 SIZE_MIB=${SIZE:-256}
 truncate -s "${SIZE_MIB}M" "$W/nbdkit.img"
 nbdkit -f -U "$W/nbdkit.sock" file "$W/nbdkit.img" &

@@ -28,35 +28,15 @@ if [ -z "${NO_BUILD:-}" ]; then
     cargo build --profile "$PROFILE" -q --bins
     cargo build --profile "$PROFILE" -q -p tessera-tests
 fi
-T=target/$PROFILE
-W=$(mktemp -d /var/tmp/tessera-vm-bench.XXXX)
-# Private copies of the binaries and the guest: a shared checkout's next build must not
-# swap them under a running benchmark (tesserad starts the tessera-vmm next to itself).
-mkdir "$W/bin"
-cp $T/tessera-devcluster $T/tesserad $T/tessera-store $T/tessera-vmm "$W/bin/"
-cp "$(ls -t $T/build/tessera-tests-*/out/tessera-test-guest.elf | head -1)" "$W/guest.elf"
+. bench/lib/devcluster.sh
+# VMMs outlive tesserad by design (they are re-adopted): the ones started for this run
+# are killed by pid once the nodes are stopped (a tesserad still running restarts a
+# killed VMM: 28 VMMs were once left spinning that way).
+DC_REAP="tessera-vmm "
+dc_workdir vm
+dc_binaries "target/$PROFILE" tessera-devcluster tesserad tessera-store tessera-vmm
+dc_guest "target/$PROFILE" "tessera.tick_ms=" "idle mode"
 GUEST=$W/guest.elf
-grep -q "tessera.tick_ms=" "$GUEST" || { echo "the test guest has no idle mode: build tessera-tests again"; exit 1; }
-T=$W/bin
-cleanup() {
-    # The nodes first: a tesserad still running restarts a killed VMM (restart policy
-    # on-crash), as an earlier version of this cleanup found out (28 VMMs left spinning).
-    [ -n "${DC:-}" ] && kill -INT "$DC" 2>/dev/null && wait "$DC" 2>/dev/null || true
-    # VMMs outlive tesserad by design (they are re-adopted): kill the ones started for
-    # this run (their command lines name $W), by pid.
-    for c in /proc/[0-9]*/cmdline; do
-        if { tr '\0' ' ' <"$c"; } 2>/dev/null | grep -q "tessera-vmm .*$W/"; then
-            p=${c#/proc/}; kill -9 "${p%/cmdline}" 2>/dev/null || true
-        fi
-    done
-    [ -n "${KEEP:-}" ] || rm -rf "$W"
-}
-trap cleanup EXIT
-$T/tessera-devcluster --dir "$W/cluster" >"$W/dc.out" 2>&1 &
-DC=$!
-for _ in $(seq 300); do grep -q "is up" "$W/dc.out" && break; sleep 0.2; done
-grep -q "is up" "$W/dc.out" || { cat "$W/dc.out"; exit 1; }
-PW=$(cat "$W"/cluster/node*/data/initial-admin-password)
-echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {print int($2/1024/1024)}' /proc/meminfo) GiB, $(uname -r); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "profile: $PROFILE; rustc processes running at the start: $(pgrep -c rustc || true)"
+dc_start
+dc_machine
 python3 bench/vm.py "$W" "$PW" "$GUEST" $T/tessera-vmm
