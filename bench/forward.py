@@ -3,7 +3,8 @@
 volume on node1, written and read with nbdcopy through node1's store (its copy: the
 reference, same run) and through node2's (no copy: every request forwarded to node1's
 store over the QUIC export). REPEAT rounds, alternating; median MiB/s and the ratio
-forwarded / direct. Prints Markdown."""
+forwarded / direct: writes and reads with nbdcopy's defaults, and reads of 4 KiB
+requests, 8 in flight on one connection. Prints Markdown."""
 import os
 import subprocess
 import sys
@@ -39,16 +40,21 @@ c.wait("fwd ready", lambda: c.get("volumes/fwd")["state"] == "ready")
 src = f"{W}/random.raw"
 with open(src, "wb") as f:
     f.write(os.urandom(SIZE_MIB << 20))
-rates = {("write", 1): [], ("write", 2): [], ("read", 1): [], ("read", 2): []}
+# Small reads at queue depth 8 on one connection: each costs a round trip to node1 when
+# forwarded, so they show whether a connection's reads are in flight together.
+SMALL = ["--connections=1", "--requests=8", "--request-size=4096"]
+OPS = ("write", "read", "read 4K QD8")
+rates = {(op, node): [] for op in OPS for node in (1, 2)}
 for _ in range(REPEAT):
     for node in (1, 2):
         rates[("write", node)].append(timed(["nbdcopy", "--flush", src, uri(node)]))
         rates[("read", node)].append(timed(["nbdcopy", uri(node), "null:"]))
+        rates[("read 4K QD8", node)].append(timed(["nbdcopy", *SMALL, uri(node), "null:"]))
 assert c.get("volumes/fwd")["node"] == node1, "the primary moved"
 print(f"| nbdcopy, {SIZE_MIB} MiB, 1-copy volume on node1 | through node1 (its copy) MiB/s"
       " | through node2 (forwarded) MiB/s | forwarded / direct |")
 print("|---|---:|---:|---:|")
-for op in ("write", "read"):
+for op in OPS:
     d, f = median(rates[(op, 1)]), median(rates[(op, 2)])
     runs = ", ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(rates[(op, 1)], rates[(op, 2)]))
     print(f"| {op} (runs: {runs}) | {d:.0f} | {f:.0f} | {f / d:.2f}x |")

@@ -3,7 +3,9 @@
 //! node 2's store and with qemu-img through node 3's, each forwarding to node 1's over
 //! the QUIC export; read back through every node (NBD, and QUIC through node 3) it is
 //! blake3-equal to what was written; nbdinfo through node 3 gives its size; a trim and a
-//! write-zeroes through node 3 read as zeros everywhere. A running VM's volume is not
+//! write-zeroes through node 3 read as zeros everywhere; a snapshot of it reads back
+//! through node 2, and `nbdinfo --list` on every node lists the volume and the snapshot.
+//! A running VM's volume is not
 //! written through a node holding no copy (the words name the VM). The primary's store
 //! killed, a client still connected through node 2 gets an error within seconds, not a
 //! hang.
@@ -16,9 +18,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use tessera_tests::devcluster::{api, DevCluster, VmmKiller};
 use tessera_tests::replicas::{
-    copy_nodes, create_volume, kill, read_hash, start_idle_vm, store_logs, unix_uri, write, QemuIo,
+    copy_nodes, create_volume, kill, read_hash, start_idle_vm, store_logs, unix_uri, wait_task,
+    write, QemuIo,
 };
 use tessera_tests::{bin, file_hash, kvm_or_skip, output, require};
 
@@ -41,6 +45,27 @@ fn same_everywhere(dir: &Path, tmp: &Path, export: &str, want: &[u8]) {
             store_logs(dir, 30)
         );
     }
+}
+
+/// The export names node `i`'s store lists (`nbdinfo --list`, NBD_OPT_LIST).
+fn listed_exports(dir: &Path, i: u8) -> Vec<String> {
+    let out = output(
+        Command::new("nbdinfo")
+            .args(["--list", "--json"])
+            .arg(unix_uri(dir, i, "")),
+    );
+    assert!(
+        out.status.success(),
+        "nbdinfo --list through node{i}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    listed["exports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["export-name"].as_str().map(str::to_string))
+        .collect()
 }
 
 fn random(len: u64) -> Vec<u8> {
@@ -147,6 +172,33 @@ fn a_node_without_a_copy_serves_the_volume_by_forwarding_to_its_primary() {
         store_logs(dir, 30)
     );
     assert_eq!(file_hash(&got), blake3::hash(&expected));
+
+    // A snapshot of it reads back through a node holding no copy, and every node lists
+    // the volume and the snapshot by the names node 1 uses (NBD_OPT_LIST).
+    let (c, task) = api(
+        ca,
+        1,
+        "POST",
+        "volumes/solo/snapshots",
+        Some(t),
+        Some(&json!({"name": "s"})),
+    );
+    assert_eq!(c, 202, "{task}");
+    assert_eq!(wait_task(ca, 1, t, &task)["state"], "succeeded");
+    assert_eq!(
+        read_hash(dir, 2, "solo@s", tmp),
+        blake3::hash(&expected),
+        "{}",
+        store_logs(dir, 30)
+    );
+    for i in [1u8, 2, 3] {
+        let listed = listed_exports(dir, i);
+        assert!(
+            listed.contains(&"solo".to_string()) && listed.contains(&"solo@s".to_string()),
+            "node{i} lists {listed:?}\n{}",
+            store_logs(dir, 30)
+        );
+    }
 
     let test = "a_node_without_a_copy_serves_the_volume_by_forwarding_to_its_primary";
     if kvm_or_skip(test) {
