@@ -17,7 +17,10 @@ BIN=${2:-$PWD/target/fast/tessera-store}
 BS=${BS:-1M}
 QD=${QD:-8}
 case $RW in read | write | randread | randwrite) ;; *) echo "usage: $0 [read|write|randread|randwrite] [store-binary]" >&2; exit 2 ;; esac
-for t in fio perf; do command -v $t >/dev/null || { echo "needs $t" >&2; exit 1; }; done
+[ -n "${NO_SETUP:-}" ] || tests/setup
+# perf is only for profiling, so tests/setup does not install it.
+command -v perf >/dev/null || { apt-get install -y -qq --no-install-recommends linux-perf >/dev/null 2>&1 || true; }
+for t in fio perf; do command -v $t >/dev/null || { echo "needs $t (apt-get install linux-perf fio)" >&2; exit 1; }; done
 [ -x "$BIN" ] || { echo "no store binary $BIN (cargo build --profile fast -p tessera-store)" >&2; exit 1; }
 OUT=bench/results
 mkdir -p "$OUT"
