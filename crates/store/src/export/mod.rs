@@ -64,6 +64,50 @@ pub async fn serve<E: Exports>(ep: Arc<ReplEndpoint>, exports: Arc<E>) {
     }
 }
 
+/// Opens what the client at `addr` names in its `Open` (`forwarded`: a store forwarding
+/// its own client): the device and the name to show for it, or the refusal's code and
+/// words. The name may carry a writer key after it
+/// (`vol#KEY`, `tessera_nbd::export_name`, as over NBD): it goes to the exports, which
+/// split it off, and nowhere else; every log line and refusal names the export without
+/// it.
+async fn open<E: Exports>(
+    exports: Arc<E>,
+    name: String,
+    addr: std::net::SocketAddr,
+    forwarded: bool,
+) -> Result<(Arc<E::Device>, String), (ErrorCode, String)> {
+    let (shown, key) = tessera_nbd::export_name::split(&name);
+    let (shown, key) = (shown.to_string(), key.map(str::to_string));
+    // Never a VM's VMM (those use NBD): asked about like any other writer. A store
+    // forwarding its own client is served from a copy here, never forwarded on.
+    let peer = tessera_nbd::Peer::Other {
+        name: format!("quic {addr}"),
+        relayed: forwarded,
+    };
+    let opened = tokio::task::spawn_blocking(move || exports.open_for(&name, &peer))
+        .await
+        .map_err(|e| (ErrorCode::Io, format!("opening {shown:?} failed: {e}")))?;
+    match opened {
+        Ok(Some(d)) => {
+            tracing::info!(%addr, volume = %shown, "volume export: volume opened over QUIC");
+            Ok((d, shown))
+        }
+        Ok(None) => Err((
+            ErrorCode::NotFound,
+            format!("no volume or snapshot named {shown:?} on this store"),
+        )),
+        // The exports' words name the export without the key; should one ever echo the
+        // name it was given, the key is taken out here.
+        Err(e) => Err((
+            request::code_of(e.errno),
+            match key {
+                Some(k) => e.message.replace(&k, "(writer key)"),
+                None => e.message,
+            },
+        )),
+    }
+}
+
 /// One connection: its first stream opens a volume, every later stream is a request on
 /// it, at most [`proto::MAX_IN_FLIGHT`] served at once (the others wait, their data held
 /// back by QUIC's flow control).
@@ -88,31 +132,13 @@ async fn connection<E: Exports>(conn: &quinn::Connection, exports: Arc<E>) -> Re
             Err(why) => return refuse(send, &mut recv, ErrorCode::Invalid, &why).await,
         },
     };
-    let (ex, n) = (exports.clone(), name.clone());
-    // Never a VM's VMM (those use NBD): asked about like any other writer. A store
-    // forwarding its own client is served from a copy here, never forwarded on.
-    let peer = tessera_nbd::Peer::Other {
-        name: format!("quic {addr}"),
-        relayed: forwarded,
-    };
-    let opened = tokio::task::spawn_blocking(move || ex.open_for(&n, &peer))
-        .await
-        .map_err(|e| e.to_string())?;
-    let device = match opened {
-        Ok(Some(d)) => d,
-        Ok(None) => {
-            let why = format!("no volume or snapshot named {name:?} on this store");
-            return refuse(send, &mut recv, ErrorCode::NotFound, &why).await;
-        }
-        Err(e) => {
-            let code = request::code_of(e.errno);
-            return refuse(send, &mut recv, code, &e.message).await;
-        }
+    let (device, name) = match open(exports.clone(), name, addr, forwarded).await {
+        Ok(opened) => opened,
+        Err((code, why)) => return refuse(send, &mut recv, code, &why).await,
     };
     use tessera_nbd::Device;
     let payload = proto::encode_open_reply(device.size(), device.read_only());
     reply(&mut send, None, &payload).await?;
-    tracing::info!(%addr, volume = %name, "volume export: volume opened over QUIC");
     let slots = Arc::new(Semaphore::new(proto::MAX_IN_FLIGHT as usize));
     loop {
         let (send, recv) = match conn.accept_bi().await {
@@ -130,5 +156,150 @@ async fn connection<E: Exports>(conn: &quinn::Connection, exports: Arc<E>) -> Re
                 tracing::debug!(volume = %name, error = %e, "volume export: a request's stream failed");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tessera_nbd::{Device, DeviceError, ExportEntry, Extent};
+
+    use super::*;
+
+    const KEY: &str = "5ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e7aaaa";
+
+    /// A volume `v` of 1 MiB; `denied` is refused with words echoing the whole name it
+    /// was asked for; the names asked for are kept.
+    #[derive(Default)]
+    struct Fake {
+        asked: Mutex<Vec<String>>,
+    }
+
+    impl Device for Fake {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read(&self, _: u64, _: &mut [u8]) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn write(&self, _: u64, _: &[u8], _: bool) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn trim(&self, _: u64, _: u64, _: bool) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn extents(&self, _: u64, _: u64) -> Result<Vec<Extent>, DeviceError> {
+            Ok(Vec::new())
+        }
+    }
+
+    impl Exports for Fake {
+        type Device = Fake;
+        fn list(&self) -> Vec<ExportEntry> {
+            Vec::new()
+        }
+        fn open(&self, name: &str) -> Result<Option<Arc<Fake>>, DeviceError> {
+            self.asked.lock().unwrap().push(name.to_string());
+            match tessera_nbd::export_name::shown(name) {
+                "v" => Ok(Some(Arc::new(Fake::default()))),
+                "denied" => Err(DeviceError::new(
+                    tessera_nbd::proto::Errno::Perm,
+                    format!("{name} may not be written here"),
+                )),
+                _ => Ok(None),
+            }
+        }
+    }
+
+    const ADDR: &str = "127.0.0.1:1";
+
+    /// A client sending `vol#KEY` over QUIC: the key reaches the exports (which admit
+    /// writers by it) and appears in no refusal, no name shown, no log line.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_writer_key_after_the_name_is_never_shown() {
+        let logs = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        let _log = tracing::subscriber::set_default(subscriber);
+        let exports = Arc::new(Fake::default());
+
+        let (device, shown) = open(
+            exports.clone(),
+            format!("v#{KEY}"),
+            ADDR.parse().unwrap(),
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(shown, "v");
+        assert_eq!(device.size(), 1 << 20);
+
+        let Err((code, why)) = open(
+            exports.clone(),
+            format!("nosuch#{KEY}"),
+            ADDR.parse().unwrap(),
+            false,
+        )
+        .await
+        else {
+            panic!("nosuch opened");
+        };
+        assert_eq!(code, ErrorCode::NotFound);
+        assert!(why.contains("\"nosuch\"") && !why.contains(KEY), "{why}");
+
+        let Err((code, why)) = open(
+            exports.clone(),
+            format!("denied#{KEY}"),
+            ADDR.parse().unwrap(),
+            false,
+        )
+        .await
+        else {
+            panic!("denied opened");
+        };
+        assert_eq!(code, ErrorCode::NotPermitted);
+        assert!(why.contains("denied") && !why.contains(KEY), "{why}");
+
+        // The exports were given the key each time.
+        let asked = exports.asked.lock().unwrap().clone();
+        assert_eq!(asked.len(), 3, "{asked:?}");
+        assert!(
+            asked.iter().all(|n| n.ends_with(&format!("#{KEY}"))),
+            "{asked:?}"
+        );
+        let logged = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        assert!(
+            logged.contains("volume opened over QUIC") && logged.contains("volume=v"),
+            "{logged}"
+        );
+        assert!(!logged.contains(KEY), "{logged}");
+        assert!(!logged.contains("5ec2e7"), "{logged}");
+    }
+
+    /// A log writer into a shared buffer.
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 }
