@@ -4,7 +4,10 @@
 //! qcow2 image we write passes `qemu-img check` and compares equal; images we cannot
 //! read (truncated or corrupt header, a backing file, compressed clusters, larger than
 //! the volume) are refused in words with the volume untouched; an interrupted copy,
-//! killed midway, resumes sending about what was left and ends equal.
+//! killed midway, resumes sending about what was left and ends equal, into a raw file
+//! and into a qcow2 image (which `qemu-img check` accepts even right after the kill);
+//! a qcow2 image qemu-img made is resumed into too; images a resume cannot continue
+//! are refused in words and left unchanged.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -133,7 +136,13 @@ fn bad_qcow2_images_are_refused_in_words_and_nothing_is_written() {
     let variant = |name: &str, edit: &dyn Fn(&std::fs::File)| {
         let path = s.root.join(name);
         std::fs::copy(&good, &path).unwrap();
-        edit(&std::fs::File::options().write(true).open(&path).unwrap());
+        edit(
+            &std::fs::File::options()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap(),
+        );
         path
     };
     let truncated = variant("truncated.qcow2", &|f| f.set_len(40).unwrap());
@@ -175,16 +184,59 @@ fn bad_qcow2_images_are_refused_in_words_and_nothing_is_written() {
             assert!(err.contains(w), "{}: {err:?} lacks {w:?}", img.display());
         }
     }
-    // A qcow2 destination is written fresh: resuming into one is refused, the file
-    // not even created.
-    let dest = s.root.join("dest.qcow2");
-    let out = s.cp_args(&s.url("v"), p(&dest), &["--resume"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("not supported yet"),
-        "{err}"
-    );
-    assert!(!dest.exists());
+    // --resume into files it cannot continue: refused in words, each file unchanged.
+    let not_qcow2 = s.root.join("not.qcow2");
+    std::fs::write(&not_qcow2, vec![0x11u8; MIB as usize]).unwrap();
+    let other_size = s.root.join("other-size.qcow2");
+    qemu_img(&["create", "-f", "qcow2", p(&other_size), "16M"]);
+    let big_clusters = s.root.join("big-clusters.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=2M",
+        p(&big_clusters),
+        "8M",
+    ]);
+    let v2 = s.root.join("v2.qcow2");
+    qemu_img(&["create", "-f", "qcow2", "-o", "compat=0.10", p(&v2), "8M"]);
+    // An L2 entry of qemu-img's image pointed past the end of the file.
+    let broken = variant("broken.qcow2", &|f| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, 40).unwrap();
+        let l1 = u64::from_be_bytes(b);
+        f.read_exact_at(&mut b, l1).unwrap();
+        let l2 = u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00;
+        f.write_all_at(&((1u64 << 40) | (1 << 63)).to_be_bytes(), l2)
+            .unwrap();
+    });
+    for (img, words) in [
+        (&not_qcow2, &["no qcow2 magic"][..]),
+        (
+            &other_size,
+            &["virtual size is 16777216 bytes", "the source's 8388608"],
+        ),
+        (
+            &big_clusters,
+            &["2097152-byte clusters", "not supported yet"],
+        ),
+        (&v2, &["version 2", "not supported yet"]),
+        (&child, &["backing file", "not supported yet"]),
+        (&broken, &["not a valid qcow2 image", "outside the file"]),
+    ] {
+        let before = file_hash(img);
+        let out = s.cp_args(&s.url("v"), p(img), &["--resume"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "resumed into {}", img.display());
+        for w in words
+            .iter()
+            .chain(&["cannot resume into it, the file is left unchanged"])
+        {
+            assert!(err.contains(w), "{}: {err:?} lacks {w:?}", img.display());
+        }
+        assert_eq!(file_hash(img), before, "{} changed", img.display());
+    }
     let after = s.root.join("after.raw");
     s.cp_ok(&s.url("v"), p(&after));
     assert_eq!(
@@ -287,4 +339,157 @@ fn an_interrupted_copy_resumes_sending_about_what_was_left_and_ends_equal() {
         "{n}, {written} written before"
     );
     assert_eq!(file_hash(&out), file_hash(&src));
+}
+
+/// Starts `tessera volume cp SRC DST` and SIGKILLs it once `dst` holds `at_least`
+/// bytes; returns the bytes it held then.
+fn killed_midway(s: &Setup, src: &str, dst: &Path, at_least: u64) -> u64 {
+    let mut child = Command::new(bin("tessera"))
+        .args(["volume", "cp", src, p(dst), "--creds"])
+        .arg(&s.creds)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let written = std::fs::metadata(dst).map_or(0, |m| m.blocks() * 512);
+        if written >= at_least {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the copy ended before {at_least} bytes were written"
+        );
+        assert!(Instant::now() < deadline, "the copy never wrote {at_least}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the copy was not killed: {status}");
+    std::fs::metadata(dst).unwrap().blocks() * 512
+}
+
+/// `qemu-img check` of an image: no error (leaked clusters allowed when `leaks_ok`).
+fn checked(img: &Path, leaks_ok: bool) -> String {
+    let out = output(Command::new("qemu-img").args(["check", "-f", "qcow2", p(img)]));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // qemu-img check: 0 no problem, 3 leaked clusters only (2 and 1: errors).
+    let code = out.status.code();
+    assert!(
+        code == Some(0) || (leaks_ok && code == Some(3)),
+        "qemu-img check {}: {code:?} {text}",
+        img.display()
+    );
+    assert!(!text.contains("ERROR"), "{text}");
+    text
+}
+
+#[test]
+fn a_qcow2_export_killed_midway_resumes_into_a_valid_image_sending_what_was_left() {
+    require("qemu-img");
+    let s = setup();
+    let size = 128 * MIB;
+    s.store.create_volume("big", "128M");
+    let src = s.root.join("src.raw");
+    random_file(&src, size, 8);
+    s.cp_ok(p(&src), &s.url("big"));
+
+    let out = s.root.join("out.qcow2");
+    let written = killed_midway(&s, &s.url("big"), &out, size / 3);
+    assert!(written < size, "the copy finished before it was killed");
+    // Right after the kill the file is already a valid image: leaked clusters at most.
+    let check = checked(&out, true);
+    eprintln!("killed with {written} bytes written; qemu-img check: {check}");
+    let n = cp_json(&s, &s.url("big"), p(&out), &["--resume"]);
+    let (data, same) = (
+        n["data_bytes"].as_u64().unwrap(),
+        n["same_bytes"].as_u64().unwrap(),
+    );
+    eprintln!("the resumed copy: {n}");
+    assert_eq!(data + same, size, "{n}");
+    // About what was left: pieces in flight at the kill (8 of 4 MiB) may go again; the
+    // file also holds its tables (a few clusters).
+    assert!(
+        data <= size - written + 33 * MIB,
+        "{n}, {written} written before"
+    );
+    assert!(
+        same >= written.saturating_sub(33 * MIB),
+        "{n}, {written} written before"
+    );
+    let check = checked(&out, false);
+    assert!(check.contains("No errors were found"), "{check}");
+    qemu_img(&["compare", "-f", "raw", "-F", "qcow2", p(&src), p(&out)]);
+    let n = cp_json(&s, &s.url("big"), p(&out), &["--resume"]);
+    assert_eq!(
+        n["data_bytes"].as_u64(),
+        Some(0),
+        "nothing differs now: {n}"
+    );
+    assert_eq!(n["same_bytes"].as_u64(), Some(size), "{n}");
+
+    // The volume changes (8 MiB rewritten, 4 MiB made zeros): a resume into the
+    // complete image rewrites those clusters in place and frees the zeroed ones.
+    let f = std::fs::File::options().write(true).open(&src).unwrap();
+    let mut r = blake3::Hasher::new().update(&[9]).finalize_xof();
+    let mut fresh = vec![0u8; (8 * MIB) as usize];
+    r.fill(&mut fresh);
+    f.write_all_at(&fresh, 16 * MIB).unwrap();
+    f.write_all_at(&vec![0u8; (4 * MIB) as usize], 64 * MIB)
+        .unwrap();
+    s.cp_ok(p(&src), &s.url("big"));
+    let used = std::fs::metadata(&out).unwrap().blocks() * 512;
+    let n = cp_json(&s, &s.url("big"), p(&out), &["--resume"]);
+    assert_eq!(n["data_bytes"].as_u64(), Some(8 * MIB), "{n}");
+    assert_eq!(n["same_bytes"].as_u64(), Some(size - 12 * MIB), "{n}");
+    let check = checked(&out, false);
+    assert!(check.contains("No errors were found"), "{check}");
+    qemu_img(&["compare", "-f", "raw", "-F", "qcow2", p(&src), p(&out)]);
+    let now = std::fs::metadata(&out).unwrap().blocks() * 512;
+    assert!(
+        now <= used - 3 * MIB,
+        "the zeroed clusters still take space: {used} -> {now} bytes"
+    );
+}
+
+#[test]
+fn a_resume_into_an_image_qemu_img_made_copies_only_the_differing_pieces() {
+    require("qemu-img");
+    let s = setup();
+    let size = 64 * MIB;
+    s.store.create_volume("vm", "64M");
+    let src = s.root.join("src.raw");
+    random_file(&src, size, 11);
+    s.cp_ok(p(&src), &s.url("vm"));
+
+    // qemu-img's image of a copy of which only the first half got through.
+    let half = s.root.join("half.raw");
+    std::fs::copy(&src, &half).unwrap();
+    let f = std::fs::File::options().write(true).open(&half).unwrap();
+    f.set_len(size / 2).unwrap();
+    f.set_len(size).unwrap();
+    let img = s.root.join("qemu.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", p(&half), p(&img)]);
+    let n = cp_json(&s, &s.url("vm"), p(&img), &["--resume"]);
+    assert_eq!(n["same_bytes"].as_u64(), Some(size / 2), "{n}");
+    assert_eq!(n["data_bytes"].as_u64(), Some(size / 2), "{n}");
+    let check = checked(&img, false);
+    assert!(check.contains("No errors were found"), "{check}");
+    qemu_img(&["compare", "-f", "raw", "-F", "qcow2", p(&src), p(&img)]);
+
+    // An empty image qemu-img created gets everything.
+    let empty = s.root.join("empty.qcow2");
+    qemu_img(&["create", "-f", "qcow2", p(&empty), "64M"]);
+    let n = cp_json(&s, &s.url("vm"), p(&empty), &["--resume"]);
+    assert_eq!(n["same_bytes"].as_u64(), Some(0), "{n}");
+    assert_eq!(n["data_bytes"].as_u64(), Some(size), "{n}");
+    let check = checked(&empty, false);
+    assert!(check.contains("No errors were found"), "{check}");
+    qemu_img(&["compare", "-f", "raw", "-F", "qcow2", p(&src), p(&empty)]);
 }

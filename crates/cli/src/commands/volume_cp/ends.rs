@@ -115,9 +115,10 @@ impl End {
         Ok(End::Qcow2In(Arc::new(r)))
     }
 
-    /// Opens the local destination of `size` bytes: a new qcow2 image (`format`, or a
-    /// name ending in `.qcow2`), or a raw file created or replaced, sparse until
-    /// written; with `resume` a raw file is kept as it is (and sized).
+    /// Opens the local destination of `size` bytes: a qcow2 image (`format`, or a name
+    /// ending in `.qcow2`) or a raw file, created or replaced, sparse until written.
+    /// With `resume` an existing file is kept: a raw file as it is (and sized), a qcow2
+    /// image opened to write into (checked whole first: refused, it is left unchanged).
     pub fn create_file(
         path: &std::path::Path,
         size: u64,
@@ -129,11 +130,24 @@ impl End {
             None => path.extension().is_some_and(|e| e == "qcow2"),
         };
         if qcow2 && resume {
-            bail!(
-                "{}: resuming a copy into a qcow2 image is not supported yet (copy it again \
-                 without --resume, or resume into a raw file)",
-                path.display()
-            );
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            // An empty file (a copy killed before it wrote the header) holds nothing
+            // to continue: it gets a fresh image, as a missing one does.
+            if f.metadata()?.len() > 0 {
+                let w = qcow2::Writer::resume(f, size).with_context(|| {
+                    format!(
+                        "{}: cannot resume into it, the file is left unchanged",
+                        path.display()
+                    )
+                })?;
+                return Ok(End::Qcow2Out(Arc::new(w)));
+            }
         }
         let f = std::fs::OpenOptions::new()
             .read(true)
@@ -143,7 +157,11 @@ impl End {
             .open(path)
             .with_context(|| format!("creating {}", path.display()))?;
         if qcow2 {
-            return Ok(End::Qcow2Out(Arc::new(qcow2::Writer::create(f, size))));
+            f.set_len(0)
+                .with_context(|| format!("emptying {}", path.display()))?;
+            let w = qcow2::Writer::create(f, size)
+                .with_context(|| format!("writing a qcow2 image in {}", path.display()))?;
+            return Ok(End::Qcow2Out(Arc::new(w)));
         }
         f.set_len(size)
             .with_context(|| format!("sizing {}", path.display()))?;
@@ -232,7 +250,10 @@ impl End {
                 let r = r.clone();
                 Ok(tokio::task::spawn_blocking(move || r.read(offset, len)).await??)
             }
-            End::Qcow2Out(_) => bail!("a qcow2 destination is not read"),
+            End::Qcow2Out(w) => {
+                let w = w.clone();
+                Ok(tokio::task::spawn_blocking(move || w.read(offset, len)).await??)
+            }
         }
     }
 
@@ -270,8 +291,9 @@ impl End {
     }
 
     /// Makes `len` bytes at `offset` read as zeros: a trim on a volume; nothing on a
-    /// file or qcow2 image this copy created (it reads as zeros where not written); a
-    /// hole punched in a file kept by `--resume`.
+    /// raw file this copy created (it reads as zeros where not written); a hole punched
+    /// in a raw file kept by `--resume`; a qcow2 image's clusters there unmapped (none
+    /// in an image this copy created).
     pub async fn zero(&self, offset: u64, len: u64) -> anyhow::Result<()> {
         match self {
             End::Volume(v) => Ok(v.trim(offset, len, false).await?),
@@ -288,7 +310,11 @@ impl End {
                 .await?
                 .context("punching a hole in the destination file")
             }
-            End::File { fresh: true, .. } | End::Qcow2Out(_) => Ok(()),
+            End::File { fresh: true, .. } => Ok(()),
+            End::Qcow2Out(w) => {
+                let w = w.clone();
+                Ok(tokio::task::spawn_blocking(move || w.zero(offset, len)).await??)
+            }
             End::Qcow2In(_) => bail!("a qcow2 source is not written"),
         }
     }

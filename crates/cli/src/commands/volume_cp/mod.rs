@@ -241,7 +241,7 @@ async fn copy(src: Arc<End>, dst: Arc<End>, size: u64, resume: bool) -> anyhow::
     if let Some(e) = failed {
         return Err(e.context(format!(
             "the copy failed after {} of {} (the destination is partly written; \
-             --resume continues into a volume or a raw file)",
+             the same command with --resume continues it)",
             format_size(done.load(Ordering::Relaxed)),
             format_size(size)
         )));

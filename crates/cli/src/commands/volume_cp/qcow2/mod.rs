@@ -1,6 +1,7 @@
 //! qcow2 images as local ends of `tessera volume cp`: a reader for the images qemu-img
 //! and Proxmox/oVirt make (versions 2 and 3, any cluster size, internal snapshots
-//! ignored: the active image is read) and a writer of fresh version-3 images.
+//! ignored: the active image is read) and a writer of version-3 images that keeps the
+//! file a valid image at every step, so an interrupted copy can be resumed into it.
 //!
 //! Written here rather than taken from crates.io (docs/volume-export.md says why): the
 //! copy needs only the mapping of guest clusters to file offsets, which is a few
@@ -10,7 +11,9 @@
 //! written anywhere: a backing file, encryption, compressed clusters, an external data
 //! file, extended L2 entries, the corrupt bit, unknown incompatible features.
 
+mod meta;
 mod read;
+mod resume;
 mod write;
 
 #[cfg(test)]
@@ -54,6 +57,9 @@ pub enum Qcow2Error {
     /// The file is not a valid qcow2 image (truncated, offsets out of the file, ...).
     #[error("not a valid qcow2 image: {0}")]
     Corrupt(String),
+    /// A valid image that is not the one asked for (another size, for `--resume`).
+    #[error("{0}")]
+    Mismatch(String),
     /// The disk.
     #[error("{what}: {source}")]
     Io {

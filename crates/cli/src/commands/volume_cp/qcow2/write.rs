@@ -1,55 +1,87 @@
-//! Writing a fresh qcow2 image (version 3, 64 KiB clusters, 16-bit refcounts).
+//! Writing a qcow2 image (version 3, 64 KiB clusters, 16-bit refcounts) that is a valid
+//! image at every moment, as qemu keeps its own: a copy killed at any point leaves a
+//! file `qemu-img check` accepts (at worst with leaked clusters, "no harm to data"), and
+//! `--resume` continues it ([`Writer::resume`], `resume.rs`).
 //!
-//! Layout: the header's cluster, the L1 table, then data clusters in the order writes
-//! first touch them (pieces of a copy arrive out of order, 8 at a time), and at
-//! [`Writer::finish`] the L2 tables, the refcount table and its blocks. Guest ranges
-//! never written stay unallocated and read as zeros. The header is written last, so an
-//! interrupted copy leaves a file no tool takes for a valid image.
+//! A fresh image: the header's cluster, the L1 table, the refcount table (sized for the
+//! largest file the image can come to, with room for resumes), the first refcount
+//! block; the header is written last of these, after a sync. Then refcount blocks, L2
+//! tables and data clusters are added at the end of the file in the order writes need
+//! them (pieces of a copy arrive out of order, 8 at a time). Guest ranges never written
+//! stay unallocated and read as zeros.
+//!
+//! Why every step leaves a valid image: a new cluster's refcount is written before its
+//! content, and its content before the entry that points to it (a new L2 table whole
+//! before its L1 entry, a new refcount block whole before its refcount table entry);
+//! freeing clears the entry before the refcount. A kill between two steps leaks a
+//! cluster at worst; [`Writer::finish`] rewrites every refcount block from the map, so
+//! a finished image has no leak. The order holds for a killed process (the page cache
+//! keeps every write it made); after a power cut, a resume recomputes the refcounts
+//! from the map and checks every piece's digest, so what did not reach the disk is
+//! copied again (an image whose tables disagree with its refcounts is refused).
 
-use std::collections::BTreeMap;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
-use super::{Qcow2Error, COPIED, MAGIC, V3_HEADER_LEN};
+use nix::fcntl::FallocateFlags;
 
-/// 64 KiB clusters, qemu-img's default.
-const CLUSTER_BITS: u32 = 16;
-const CS: u64 = 1 << CLUSTER_BITS;
-/// Guest bytes one L2 table maps.
-const L2_SPAN: u64 = CS / 8 * CS;
-/// Refcounts are 2^4 = 16 bits wide, qemu's default.
-const REFCOUNT_ORDER: u32 = 4;
-
-/// Clusters allocated so far.
-struct Layout {
-    /// The next free file offset (cluster-aligned).
-    next: u64,
-    /// Per L1 index: each guest cluster's file offset (0: not allocated).
-    l2: BTreeMap<u64, Vec<u64>>,
-}
+use super::meta::{Meta, CLUSTER_BITS, CS, L2_SPAN, PENDING, PER_BLOCK, REFCOUNT_ORDER};
+use super::{Qcow2Error, MAGIC, V3_HEADER_LEN};
 
 /// An image being written.
 pub struct Writer {
     file: File,
     size: u64,
-    l1_entries: u64,
-    layout: Mutex<Layout>,
+    meta: Mutex<Meta>,
 }
 
 impl Writer {
     /// Starts an image of `size` guest bytes in `file` (created empty by the caller).
-    pub fn create(file: File, size: u64) -> Writer {
+    pub fn create(file: File, size: u64) -> Result<Writer, Qcow2Error> {
         let l1_entries = size.div_ceil(L2_SPAN);
         let l1_clusters = (l1_entries * 8).div_ceil(CS).max(1);
+        // Clusters a full image holds (header, L1, data, L2 tables), four times over:
+        // resumes add clusters at the end and never reuse freed ones. One cluster of
+        // refcount table covers 16 TiB of file, so this costs nothing below 4 TiB.
+        let full = 1 + l1_clusters + size.div_ceil(CS) + l1_entries;
+        let blocks = (4 * full).div_ceil(PER_BLOCK) + 1;
+        let rt_clusters = (blocks * 8).div_ceil(CS);
+        let rt_offset = (1 + l1_clusters) * CS;
+        let next = rt_offset + rt_clusters * CS;
+        let mut meta = Meta {
+            next,
+            l1_offset: CS,
+            l1: vec![0; l1_entries as usize],
+            l2: Default::default(),
+            rt_offset,
+            rt: vec![0; (rt_clusters * CS / 8) as usize],
+            refs: vec![1; (next / CS) as usize],
+        };
+        // The L1 table and the refcount table's free entries are the file's holes.
+        meta.cover_next(&file)?;
+        file.sync_data()
+            .map_err(Qcow2Error::io("syncing the image"))?;
+        let w = Writer {
+            file,
+            size,
+            meta: Mutex::new(meta),
+        };
+        w.put(
+            &w.header(l1_entries as u32, rt_offset, rt_clusters as u32),
+            0,
+            "the header",
+        )?;
+        Ok(w)
+    }
+
+    /// An image opened by `resume.rs`.
+    pub(super) fn from_parts(file: File, size: u64, meta: Meta) -> Writer {
         Writer {
             file,
             size,
-            l1_entries,
-            layout: Mutex::new(Layout {
-                next: (1 + l1_clusters) * CS,
-                l2: BTreeMap::new(),
-            }),
+            meta: Mutex::new(meta),
         }
     }
 
@@ -58,117 +90,153 @@ impl Writer {
         self.size
     }
 
-    /// The file offset of guest offset `at`'s cluster, allocated on first use.
-    fn cluster(&self, at: u64) -> Result<u64, Qcow2Error> {
-        let mut l = self
-            .layout
+    pub(super) fn lock(&self) -> Result<MutexGuard<'_, Meta>, Qcow2Error> {
+        self.meta
             .lock()
-            .map_err(|_| Qcow2Error::Corrupt("a writer thread panicked".into()))?;
-        let Layout { next, l2 } = &mut *l;
-        let table = l2
-            .entry(at / L2_SPAN)
-            .or_insert_with(|| vec![0; (CS / 8) as usize]);
-        let slot = &mut table[((at % L2_SPAN) / CS) as usize];
-        if *slot == 0 {
-            *slot = *next;
-            *next += CS;
-        }
-        Ok(*slot)
+            .map_err(|_| Qcow2Error::Corrupt("a writer thread panicked".into()))
     }
 
-    /// Writes guest bytes `data` at `offset` (inside the size).
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), Qcow2Error> {
-        if offset
-            .checked_add(data.len() as u64)
-            .is_none_or(|e| e > self.size)
-        {
+    fn check_range(&self, what: &str, offset: u64, len: u64) -> Result<(), Qcow2Error> {
+        if offset.checked_add(len).is_none_or(|e| e > self.size) {
             return Err(Qcow2Error::Corrupt(format!(
-                "a write of {} bytes at {offset} past the image's size",
-                data.len()
+                "{what} of {len} bytes at {offset} past the image's size"
             )));
-        }
-        let mut done = 0usize;
-        while done < data.len() {
-            let at = offset + done as u64;
-            let n = ((CS - at % CS) as usize).min(data.len() - done);
-            let host = self.cluster(at)?;
-            self.file
-                .write_all_at(&data[done..done + n], host + at % CS)
-                .map_err(Qcow2Error::io("writing the image"))?;
-            done += n;
         }
         Ok(())
     }
 
-    /// Writes the L2 tables, L1 table, refcounts and, last, the header, then makes the
-    /// file durable.
+    /// Writes guest bytes `data` at `offset` (inside the size): clusters missing are
+    /// allocated and counted, the data written, then the L2 entries pointing to it.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), Qcow2Error> {
+        self.check_range("a write", offset, data.len() as u64)?;
+        let end = offset + data.len() as u64;
+        // (guest cluster, its file offset with PENDING when this write must publish it)
+        let mut hosts = Vec::new();
+        {
+            let mut m = self.lock()?;
+            let mut c = offset / CS * CS;
+            while c < end {
+                hosts.push((c, m.data_cluster(&self.file, c)?));
+                c += CS;
+            }
+        }
+        // The data, each run of clusters contiguous in the file at once.
+        let mut i = 0;
+        while i < hosts.len() {
+            let mut j = i + 1;
+            while j < hosts.len() && hosts[j].1 & !PENDING == (hosts[j - 1].1 & !PENDING) + CS {
+                j += 1;
+            }
+            let (g0, g1) = (hosts[i].0.max(offset), (hosts[j - 1].0 + CS).min(end));
+            let at = (hosts[i].1 & !PENDING) + (g0 - hosts[i].0);
+            let part = &data[(g0 - offset) as usize..(g1 - offset) as usize];
+            self.put(part, at, "data")?;
+            i = j;
+        }
+        let mut m = self.lock()?;
+        for (c, host) in hosts {
+            if host & PENDING != 0 {
+                m.publish(&self.file, c, host & !PENDING)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros: a whole cluster is unmapped (its
+    /// refcount set to 0, its space punched out), part of one is overwritten with zeros;
+    /// unallocated clusters are left as they are.
+    pub fn zero(&self, offset: u64, len: u64) -> Result<(), Qcow2Error> {
+        self.check_range("a zero write", offset, len)?;
+        let end = offset + len;
+        let mut c = offset / CS * CS;
+        while c < end {
+            let (g0, g1) = (c.max(offset), (c + CS).min(end));
+            let whole = g0 == c && (g1 == c + CS || g1 == self.size);
+            let mut m = self.lock()?;
+            if !m.l2.contains_key(&(c / L2_SPAN)) {
+                // Nothing mapped in this table's span: skip to the next one.
+                c = (c / L2_SPAN + 1) * L2_SPAN;
+                continue;
+            }
+            let e = m.get(c);
+            if e != 0 && whole && e & PENDING == 0 {
+                if let Some(host) = m.unmap(&self.file, c)? {
+                    drop(m);
+                    // Only saves space: the cluster is free whatever it holds.
+                    let _ = nix::fcntl::fallocate(
+                        self.file.as_raw_fd(),
+                        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                        host as i64,
+                        CS as i64,
+                    );
+                }
+            } else if e != 0 {
+                drop(m);
+                let zeros = vec![0u8; (g1 - g0) as usize];
+                self.put(&zeros, (e & !PENDING) + (g0 - c), "zeros")?;
+            }
+            c += CS;
+        }
+        Ok(())
+    }
+
+    /// Reads `len` guest bytes at `offset` as the image holds them (what `--resume`
+    /// compares with the source); bytes past the file's end read as zeros.
+    pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, Qcow2Error> {
+        self.check_range("a read", offset, len as u64)?;
+        let end = offset + len as u64;
+        let hosts: Vec<(u64, u64)> = {
+            let m = self.lock()?;
+            (offset / CS..end.div_ceil(CS))
+                .map(|k| (k * CS, m.get(k * CS) & !PENDING))
+                .collect()
+        };
+        let mut buf = vec![0u8; len];
+        for (c, host) in hosts.into_iter().filter(|(_, h)| *h != 0) {
+            let (g0, g1) = (c.max(offset), (c + CS).min(end));
+            let part = &mut buf[(g0 - offset) as usize..(g1 - offset) as usize];
+            let mut got = 0;
+            while got < part.len() {
+                let n = self
+                    .file
+                    .read_at(&mut part[got..], host + (g0 - c) + got as u64)
+                    .map_err(Qcow2Error::io("reading the image"))?;
+                if n == 0 {
+                    break; // the rest stays zeros
+                }
+                got += n;
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Rewrites every refcount block from the map (a resumed image loses the leaks a
+    /// killed copy left), gives the file its last cluster whole, and makes it durable.
     pub fn finish(&self) -> Result<(), Qcow2Error> {
-        let mut l = self
-            .layout
-            .lock()
-            .map_err(|_| Qcow2Error::Corrupt("a writer thread panicked".into()))?;
-        let mut l1 = vec![0u8; (self.l1_entries * 8) as usize];
-        let tables: Vec<(u64, Vec<u64>)> = std::mem::take(&mut l.l2).into_iter().collect();
-        for (i, map) in tables {
-            let at = l.next;
-            l.next += CS;
-            let mut b = Vec::with_capacity(CS as usize);
-            for host in map {
-                let e = if host == 0 { 0 } else { host | COPIED };
-                b.extend_from_slice(&e.to_be_bytes());
-            }
-            self.put(&b, at, "an L2 table")?;
-            let i = i as usize * 8;
-            l1[i..i + 8].copy_from_slice(&(at | COPIED).to_be_bytes());
+        let m = self.lock()?;
+        for (b, at) in m.rt.iter().enumerate().filter(|(_, at)| **at != 0) {
+            self.put(&m.block_bytes(b), *at, "a refcount block")?;
         }
-        self.put(&l1, CS, "the L1 table")?;
-        // The refcount table and blocks must count themselves too: grow them until
-        // they cover every cluster of the file.
-        let used = l.next / CS;
-        let per_block = (CS * 8) >> REFCOUNT_ORDER;
-        let (mut blocks, mut table) = (1u64, 1u64);
-        loop {
-            let total = used + table + blocks;
-            let b = total.div_ceil(per_block);
-            let t = (b * 8).div_ceil(CS);
-            if (b, t) == (blocks, table) {
-                break;
-            }
-            (blocks, table) = (b, t);
+        let len = self
+            .file
+            .metadata()
+            .map_err(Qcow2Error::io("reading the image's size"))?
+            .len();
+        if len < m.next {
+            self.file
+                .set_len(m.next)
+                .map_err(Qcow2Error::io("sizing the image"))?;
         }
-        let total = used + table + blocks;
-        let table_at = l.next;
-        let blocks_at = table_at + table * CS;
-        let mut rt = vec![0u8; (table * CS) as usize];
-        for k in 0..blocks {
-            let at = blocks_at + k * CS;
-            rt[k as usize * 8..k as usize * 8 + 8].copy_from_slice(&at.to_be_bytes());
-            let mut rb = vec![0u8; CS as usize];
-            let first = k * per_block;
-            for c in first..total.min(first + per_block) {
-                let i = ((c - first) * 2) as usize;
-                rb[i..i + 2].copy_from_slice(&1u16.to_be_bytes());
-            }
-            self.put(&rb, at, "a refcount block")?;
-        }
-        self.put(&rt, table_at, "the refcount table")?;
-        l.next = total * CS;
-        self.file
-            .sync_data()
-            .map_err(Qcow2Error::io("syncing the image"))?;
-        self.put(&self.header(table_at, table as u32), 0, "the header")?;
         self.file
             .sync_all()
             .map_err(Qcow2Error::io("syncing the image"))
     }
 
     fn put(&self, b: &[u8], at: u64, what: &str) -> Result<(), Qcow2Error> {
-        self.file
-            .write_all_at(b, at)
-            .map_err(Qcow2Error::io(format!("writing {what}")))
+        super::meta::put(&self.file, b, at, what)
     }
 
-    fn header(&self, refcount_table: u64, refcount_clusters: u32) -> Vec<u8> {
+    fn header(&self, l1_entries: u32, refcount_table: u64, refcount_clusters: u32) -> Vec<u8> {
         let mut h = Vec::with_capacity(V3_HEADER_LEN as usize + 8);
         h.extend_from_slice(&MAGIC);
         h.extend_from_slice(&3u32.to_be_bytes()); // version
@@ -177,7 +245,7 @@ impl Writer {
         h.extend_from_slice(&CLUSTER_BITS.to_be_bytes());
         h.extend_from_slice(&self.size.to_be_bytes());
         h.extend_from_slice(&0u32.to_be_bytes()); // no encryption
-        h.extend_from_slice(&(self.l1_entries as u32).to_be_bytes());
+        h.extend_from_slice(&l1_entries.to_be_bytes());
         h.extend_from_slice(&CS.to_be_bytes()); // L1 table offset
         h.extend_from_slice(&refcount_table.to_be_bytes());
         h.extend_from_slice(&refcount_clusters.to_be_bytes());
