@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
 
-use super::pending::{BlockKey, Content, Fate, Pending, PendingWrites};
+use super::pending::{BlockKey, Content, Fate, Pending, PendingWrites, CHUNK};
 use super::Inner;
 use crate::catalog::LayerId;
 use crate::error::{Result, StoreError};
@@ -142,10 +142,14 @@ impl Inner {
                 })?;
             }
         }
-        let (mut touched, _placed_over) = {
+        // `layer_writes` is held a slice at a time (each block's fate and copy under one
+        // hold), so placed writers waiting to put their data in place, and reads retrying
+        // after a mismatch, wait for one slice, not for the whole checkpoint.
+        let mut touched = HashMap::new();
+        for slice in todo.chunks(CHUNK) {
             let _changing = self.layer_writes.write();
-            copy_into_layers(&todo, &layers, &self.pending)?
-        };
+            copy_into_layers(slice, &layers, &self.pending, &mut touched)?;
+        }
         // Punches leave the queue only once done (fills cannot add any while `apply` is
         // held). A checkpoint that fails keeps them, so the next one still syncs their
         // markers before it deletes the segment holding their fill records, and frees the
@@ -230,8 +234,7 @@ fn placed_layers(todo: &[(BlockKey, Pending)]) -> Vec<LayerId> {
 }
 
 /// Writes the blocks of `todo` (sorted) and their checksums into their layer files, not
-/// yet synced. Returns the layers it wrote to (or must sync), and whether it skipped a
-/// logged version for a placed one (then the log must be synced before its segment goes).
+/// yet synced, and adds the layers it wrote to (or that must be synced) to `touched`.
 ///
 /// A logged version is copied even when a newer logged one replaced it (the newer one's
 /// record may be torn at a crash, and this one's segment is about to go), except when a
@@ -245,8 +248,8 @@ fn copy_into_layers(
     todo: &[(BlockKey, Pending)],
     layers: &HashMap<LayerId, Arc<LayerFiles>>,
     pending: &PendingWrites,
-) -> Result<(HashMap<LayerId, Arc<LayerFiles>>, bool)> {
-    let mut touched: HashMap<LayerId, Arc<LayerFiles>> = HashMap::new();
+    touched: &mut HashMap<LayerId, Arc<LayerFiles>>,
+) -> Result<()> {
     // What to do with each version: write data and checksum, checksum only, or nothing.
     #[derive(Clone, Copy, PartialEq)]
     enum Act {
@@ -256,7 +259,8 @@ fn copy_into_layers(
     }
     let acts: Vec<Act> = todo
         .iter()
-        .map(|(k, p)| match (&p.content, pending.fate(k, p)) {
+        .zip(pending.fates(todo))
+        .map(|((_, p), fate)| match (&p.content, fate) {
             (Content::Logged { .. }, Fate::PlacedOver) => Act::Skip,
             (Content::Logged { .. }, _) => Act::Copy,
             // Also when a newer placed version replaced it: its record is about to go,
@@ -264,10 +268,6 @@ fn copy_into_layers(
             (Content::Placed { .. }, _) => Act::SumOnly,
         })
         .collect();
-    let placed_over = todo
-        .iter()
-        .zip(&acts)
-        .any(|((_, p), a)| *a == Act::Skip && p.block().is_some());
     let mut i = 0;
     while i < todo.len() {
         let (layer, first) = todo[i].0;
@@ -300,7 +300,7 @@ fn copy_into_layers(
         files.write_entries(first, &sums)?;
         i = j;
     }
-    Ok((touched, placed_over))
+    Ok(())
 }
 
 /// Punches the data of blocks in the range whose durable checksum entry is a marker,

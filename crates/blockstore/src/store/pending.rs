@@ -8,8 +8,17 @@
 //! look here before the layer files; the checkpoint takes the blocks of sealed segments,
 //! copies logged data and every hash into the layer files and then retires them; fills
 //! forget the blocks they cover.
+//!
+//! The map is ordered (a B-tree keyed by layer and block), so the checkpoint can walk it
+//! a slice at a time, taking the lock once per [`CHUNK`] blocks and letting writers
+//! publish in between, instead of holding it across the whole map (a 1 GiB sequential
+//! stream leaves 256 Ki placed blocks pending: one hashed walk of those under the lock
+//! stalled every writer, since they publish under the log's lock). Reads and trims look
+//! up runs of consecutive blocks, one descent each. And no client-chosen block number can
+//! make the map degrade, as a fast non-keyed hash could.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -106,10 +115,31 @@ pub(super) enum Fate {
 /// A block of a layer: the map's key.
 pub(super) type BlockKey = (LayerId, u64);
 
+/// How many blocks the checkpoint's walks handle per hold of the map's lock (and of
+/// `layer_writes`, for its copy): a few hundred microseconds at most, so a writer
+/// publishing meanwhile waits for one slice, not for the whole map.
+pub(super) const CHUNK: usize = 4096;
+
+/// The keys of blocks `first..first+n` of `layer`.
+fn span(layer: LayerId, first: u64, n: u64) -> (Bound<BlockKey>, Bound<BlockKey>) {
+    (
+        Bound::Included((layer, first)),
+        Bound::Excluded((layer, first.saturating_add(n))),
+    )
+}
+
+/// The keys after `last` (all keys when `None`).
+fn after(last: Option<BlockKey>) -> (Bound<BlockKey>, Bound<BlockKey>) {
+    match last {
+        Some(k) => (Bound::Excluded(k), Bound::Unbounded),
+        None => (Bound::Unbounded, Bound::Unbounded),
+    }
+}
+
 /// Every pending block of the store.
 #[derive(Default)]
 pub(super) struct PendingWrites {
-    map: RwLock<HashMap<BlockKey, Pending>>,
+    map: RwLock<BTreeMap<BlockKey, Pending>>,
 }
 
 impl PendingWrites {
@@ -224,54 +254,24 @@ impl PendingWrites {
         }
     }
 
-    /// Whether `p` is still the newest version of block `k`, and if not, whether a placed
-    /// version newer than `p` has put its data in place (its gate is free). Callers hold
-    /// `layer_writes` for writing, so no placed write is between taking that lock and
-    /// releasing its gate.
-    pub(super) fn fate(&self, k: &BlockKey, p: &Pending) -> Fate {
+    /// For each version `p` of block `k`: whether it is still the newest version, and if
+    /// not, whether a placed version newer than `p` has put its data in place (its gate is
+    /// free). One read lock covers the slice. Callers hold `layer_writes` for writing, so
+    /// no placed write is between taking that lock and releasing its gate.
+    pub(super) fn fates(&self, versions: &[(BlockKey, Pending)]) -> Vec<Fate> {
         let map = self.map.read();
-        let Some(cur) = map.get(k) else {
-            return Fate::Replaced;
-        };
-        if cur.same(p) {
-            return Fate::Current;
-        }
-        let Content::Placed { gate, shadows } = &cur.content else {
-            return Fate::Replaced;
-        };
-        let in_place = |v: &Pending| match &v.content {
-            Content::Placed { gate, .. } => gate.try_read().is_some(),
-            Content::Logged { .. } => false,
-        };
-        let newer_in_place = gate.try_read().is_some()
-            || shadows
-                .iter()
-                .skip_while(|sh| !sh.same(p))
-                .skip(1)
-                .any(|sh| in_place(sh));
-        if newer_in_place {
-            Fate::PlacedOver
-        } else {
-            Fate::Replaced
-        }
+        versions.iter().map(|(k, p)| fate(&map, k, p)).collect()
     }
 
     /// The blocks of `first..first+n` in `layer` whose newest version is placed (their
     /// data is in the layer's data file while the table may still say otherwise).
     pub(super) fn placed_among(&self, layer: LayerId, first: u64, n: u64) -> HashSet<u64> {
-        let pending = self.map.read();
-        let placed = |p: &Pending| matches!(p.content, Content::Placed { .. });
-        if n < pending.len() as u64 {
-            (first..first + n)
-                .filter(|b| pending.get(&(layer, *b)).is_some_and(placed))
-                .collect()
-        } else {
-            pending
-                .iter()
-                .filter(|((l, b), p)| *l == layer && (first..first + n).contains(b) && placed(p))
-                .map(|((_, b), _)| *b)
-                .collect()
-        }
+        self.map
+            .read()
+            .range(span(layer, first, n))
+            .filter(|(_, p)| matches!(p.content, Content::Placed { .. }))
+            .map(|((_, b), _)| *b)
+            .collect()
     }
 
     /// How many blocks have a pending version.
@@ -287,12 +287,12 @@ impl PendingWrites {
     /// Forgets blocks `first..first+n` of `layer` (a fill replaced them).
     pub(super) fn forget(&self, layer: LayerId, first: u64, n: u64) {
         let mut pending = self.map.write();
-        if (n as usize) < pending.len() {
-            for b in first..first + n {
-                pending.remove(&(layer, b));
-            }
-        } else {
-            pending.retain(|(l, b), _| !(*l == layer && (first..first + n).contains(b)));
+        let gone: Vec<BlockKey> = pending
+            .range(span(layer, first, n))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in gone {
+            pending.remove(&k);
         }
     }
 
@@ -306,16 +306,12 @@ impl PendingWrites {
         wrap: impl Fn(Pending) -> T,
     ) -> usize {
         let pending = self.map.read();
-        if pending.is_empty() {
-            return 0;
-        }
         let mut filled = 0;
-        for (i, slot) in slots.iter_mut().enumerate() {
+        for ((_, b), p) in pending.range(span(layer, first, slots.len() as u64)) {
+            let slot = &mut slots[(b - first) as usize];
             if slot.is_none() {
-                if let Some(p) = pending.get(&(layer, first + i as u64)) {
-                    *slot = Some(wrap(p.clone()));
-                    filled += 1;
-                }
+                *slot = Some(wrap(p.clone()));
+                filled += 1;
             }
         }
         filled
@@ -323,52 +319,77 @@ impl PendingWrites {
 
     /// For each block with a version logged in a segment up to `sealed`, the newest such
     /// version (the current one, or a shadow of it), sorted by layer and block.
+    ///
+    /// Taken a slice at a time: a block's version may change between slices, as it may
+    /// after the walk, and each block is handled on its own (the checkpoint asks every
+    /// version's fate again before it copies, and retires only versions still current).
+    /// Nothing is logged into a segment up to `sealed` any more, so no block gains such a
+    /// version meanwhile, and fills, which drop versions, wait for the checkpoint.
     pub(super) fn logged_upto(&self, sealed: u64) -> Vec<(BlockKey, Pending)> {
-        let mut todo: Vec<(BlockKey, Pending)> = self
-            .map
-            .read()
-            .iter()
-            .filter_map(|(k, p)| {
+        let mut todo: Vec<(BlockKey, Pending)> = Vec::new();
+        let mut last = None;
+        loop {
+            let pending = self.map.read();
+            let mut seen = 0;
+            for (k, p) in pending.range(after(last)).take(CHUNK) {
+                seen += 1;
+                last = Some(*k);
                 if p.seg <= sealed {
-                    return Some((*k, p.clone()));
+                    todo.push((*k, p.clone()));
+                    continue;
                 }
-                match &p.content {
-                    Content::Placed { shadows, .. } => shadows
-                        .iter()
-                        .rev()
-                        .find(|sh| sh.seg <= sealed)
-                        .map(|sh| (*k, (**sh).clone())),
-                    Content::Logged { .. } => None,
+                if let Content::Placed { shadows, .. } = &p.content {
+                    if let Some(sh) = shadows.iter().rev().find(|sh| sh.seg <= sealed) {
+                        todo.push((*k, (**sh).clone()));
+                    }
                 }
-            })
-            .collect();
-        todo.sort_by_key(|(k, _)| *k);
-        todo
+            }
+            if seen < CHUNK {
+                return todo;
+            }
+        }
     }
 
     /// Forgets the shadows (see [`Content::Placed`]) logged in segments up to `sealed`:
     /// the checkpoint has copied them or made the versions over them durable.
     pub(super) fn drop_shadows_upto(&self, sealed: u64) {
-        for p in self.map.write().values_mut() {
-            if let Content::Placed { shadows, .. } = &mut p.content {
-                shadows.retain(|sh| sh.seg > sealed);
+        let mut last = None;
+        loop {
+            let mut pending = self.map.write();
+            let mut seen = 0;
+            for (k, p) in pending.range_mut(after(last)).take(CHUNK) {
+                seen += 1;
+                last = Some(*k);
+                if let Content::Placed { shadows, .. } = &mut p.content {
+                    shadows.retain(|sh| sh.seg > sealed);
+                }
+            }
+            if seen < CHUNK {
+                return;
             }
         }
     }
 
     /// Removes blocks now in their layer files, unless a newer record replaced them.
+    /// A slice at a time, so writers publish in between.
     pub(super) fn retire(&self, done: &[(BlockKey, Pending)]) {
-        let mut pending = self.map.write();
-        for (k, p) in done {
-            if pending.get(k).is_some_and(|cur| cur.same(p)) {
-                pending.remove(k);
+        for slice in done.chunks(CHUNK) {
+            let mut pending = self.map.write();
+            for (k, p) in slice {
+                if pending.get(k).is_some_and(|cur| cur.same(p)) {
+                    pending.remove(k);
+                }
             }
         }
     }
 
     /// Whether any block of `layer` has a pending version.
     pub(super) fn holds_layer(&self, layer: LayerId) -> bool {
-        self.map.read().keys().any(|(l, _)| *l == layer)
+        self.map
+            .read()
+            .range(span(layer, 0, u64::MAX))
+            .next()
+            .is_some()
     }
 
     /// Calls `f` with those of `blocks` (of `layer`) that have no pending version, holding
@@ -393,5 +414,33 @@ impl PendingWrites {
             .filter(|b| !pending.contains_key(&(layer, *b)))
             .collect();
         f(&free)
+    }
+}
+
+/// [`PendingWrites::fates`] of one version.
+fn fate(map: &BTreeMap<BlockKey, Pending>, k: &BlockKey, p: &Pending) -> Fate {
+    let Some(cur) = map.get(k) else {
+        return Fate::Replaced;
+    };
+    if cur.same(p) {
+        return Fate::Current;
+    }
+    let Content::Placed { gate, shadows } = &cur.content else {
+        return Fate::Replaced;
+    };
+    let in_place = |v: &Pending| match &v.content {
+        Content::Placed { gate, .. } => gate.try_read().is_some(),
+        Content::Logged { .. } => false,
+    };
+    let newer_in_place = gate.try_read().is_some()
+        || shadows
+            .iter()
+            .skip_while(|sh| !sh.same(p))
+            .skip(1)
+            .any(|sh| in_place(sh));
+    if newer_in_place {
+        Fate::PlacedOver
+    } else {
+        Fate::Replaced
     }
 }
