@@ -105,8 +105,9 @@ pub async fn serve_tcp<E: Exports>(
             // Only latency suffers; the connection itself may be fine (or already gone).
             tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
         }
+        // Taken off this runtime: the connection is served on a runtime of its own.
         Ok((
-            sock,
+            sock.into_std()?,
             Peer::Tcp {
                 addr: peer.to_string(),
             },
@@ -131,14 +132,15 @@ pub async fn serve_unix<E: Exports>(
             .ok()
             .and_then(|c| c.pid())
             .and_then(|p| u32::try_from(p).ok());
-        Ok((sock, Peer::Unix { pid }))
+        Ok((sock.into_std()?, Peer::Unix { pid }))
     })
     .await
 }
 
-/// Accepts connections and serves each on its own task, at most `max_connections` at once.
-/// A failed accept is logged and retried after a pause that grows while failures last:
-/// most (`EMFILE`, `ENFILE`, `ENOBUFS`, `ECONNABORTED`) pass once connections close.
+/// Accepts connections and serves each on a runtime of its own (docs/nbd.md, "Threads"), at
+/// most `max_connections` at once. A failed accept is logged and retried after a pause
+/// that grows while failures last: most (`EMFILE`, `ENFILE`, `ENOBUFS`, `ECONNABORTED`)
+/// pass once connections close.
 async fn accept_loop<E, S, F, Fut>(
     exports: Arc<E>,
     cfg: ServerConfig,
@@ -146,7 +148,7 @@ async fn accept_loop<E, S, F, Fut>(
 ) -> io::Result<()>
 where
     E: Exports,
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    S: Movable,
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = io::Result<(S, Peer)>>,
 {
@@ -170,11 +172,116 @@ where
         backoff = ACCEPT_BACKOFF_MIN;
         let (exports, cfg) = (exports.clone(), cfg.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_connection_from(sock, exports, cfg, &peer).await {
-                tracing::debug!(%peer, error = %e, "NBD connection ended with an error");
-            }
+            serve_on_own_runtime(sock, exports, cfg, peer).await;
             drop(permit);
         });
+    }
+}
+
+/// A connection accepted on the listener's runtime that can be moved to another one: its
+/// socket is registered with the reactor of the runtime that serves it.
+trait Movable: Send + 'static {
+    type Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static;
+    /// The stream, registered with the current runtime.
+    fn attach(self) -> io::Result<Self::Stream>;
+}
+
+impl Movable for std::net::TcpStream {
+    type Stream = tokio::net::TcpStream;
+    fn attach(self) -> io::Result<tokio::net::TcpStream> {
+        tokio::net::TcpStream::from_std(self)
+    }
+}
+
+impl Movable for std::os::unix::net::UnixStream {
+    type Stream = tokio::net::UnixStream;
+    fn attach(self) -> io::Result<tokio::net::UnixStream> {
+        tokio::net::UnixStream::from_std(self)
+    }
+}
+
+/// In-memory streams (tests) belong to no reactor.
+impl Movable for tokio::io::DuplexStream {
+    type Stream = tokio::io::DuplexStream;
+    fn attach(self) -> io::Result<tokio::io::DuplexStream> {
+        Ok(self)
+    }
+}
+
+/// A connection's own runtime: one worker thread, which waits for the connection's
+/// socket itself and keeps reading its requests while the store's workers hash its large
+/// reads (1M reads at QD8 measured 1.15-1.46x faster than on the shared runtime,
+/// BENCHMARKS.md, "Issue #9, session 16"). Still a multi-thread
+/// runtime, so a device call may `block_in_place` as on the shared one. Shut down, never
+/// waited for, when dropped: also when the listener's runtime drops the task that owns
+/// it.
+struct ConnectionRuntime {
+    rt: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+impl ConnectionRuntime {
+    fn new() -> io::Result<ConnectionRuntime> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("nbd-conn")
+            .enable_all()
+            .build()?;
+        let handle = rt.handle().clone();
+        Ok(ConnectionRuntime {
+            rt: Some(rt),
+            handle,
+        })
+    }
+}
+
+impl Drop for ConnectionRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            // A runtime may not block while dropped from async code; nothing here needs
+            // waiting for: the connection's tasks are done or must stop anyway.
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Serves one accepted connection on a [`ConnectionRuntime`]; work that must not run on
+/// the connection's single worker (opening exports, large pipelined requests, syncs) goes
+/// to the listener's runtime. Without a runtime of its own (no thread to be had) the
+/// connection is served on the listener's runtime instead.
+async fn serve_on_own_runtime<E: Exports, S: Movable>(
+    sock: S,
+    exports: Arc<E>,
+    cfg: ServerConfig,
+    peer: Peer,
+) {
+    let pool = tokio::runtime::Handle::current();
+    let who = peer.to_string();
+    let served = match ConnectionRuntime::new() {
+        Ok(rt) => {
+            let task = rt.handle.spawn(async move {
+                let stream = sock.attach()?;
+                serve_connection_on(stream, exports, cfg, &peer, pool).await
+            });
+            let served = task.await;
+            drop(rt);
+            served
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no runtime of its own for an NBD connection; serving it on the shared one");
+            let task = async move {
+                let stream = sock.attach()?;
+                serve_connection_on(stream, exports, cfg, &peer, pool).await
+            };
+            Ok(task.await)
+        }
+    };
+    match served {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %who, error = %e, "NBD connection ended with an error")
+        }
+        Err(e) => tracing::warn!(peer = %who, error = %e, "NBD connection task failed"),
     }
 }
 
@@ -220,6 +327,23 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     E: Exports,
 {
+    let pool = tokio::runtime::Handle::current();
+    serve_connection_on(stream, exports, cfg, peer, pool).await
+}
+
+/// [`serve_connection_from`], with `pool` the runtime that opens exports and runs what
+/// may take a core or block (the store's; the connection may run on one of its own).
+async fn serve_connection_on<S, E>(
+    stream: S,
+    exports: Arc<E>,
+    cfg: ServerConfig,
+    peer: &Peer,
+    pool: tokio::runtime::Handle,
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    E: Exports,
+{
     let deadline = tokio::time::Instant::now() + cfg.negotiation_timeout;
     let late = || {
         tracing::info!(%peer, timeout = ?cfg.negotiation_timeout, "NBD client did not finish negotiating in time; closing");
@@ -241,7 +365,15 @@ where
     let mut writer = BufWriter::with_capacity(256 * 1024, w);
     let negotiated = tokio::time::timeout_at(
         deadline,
-        negotiation::negotiate(&mut reader, &mut writer, &*exports, &cfg, greeted, peer),
+        negotiation::negotiate(
+            &mut reader,
+            &mut writer,
+            &exports,
+            &pool,
+            &cfg,
+            greeted,
+            peer,
+        ),
     )
     .await;
     let Ok(negotiated) = negotiated else {
@@ -252,7 +384,7 @@ where
         return Ok(());
     };
     tracing::debug!(%peer, structured = n.structured, tls = greeted.is_some(), "NBD client entered transmission");
-    transmission::transmit(reader, Arc::new(Mutex::new(writer)), n, &cfg).await
+    transmission::transmit(reader, Arc::new(Mutex::new(writer)), n, &cfg, &pool).await
 }
 
 /// The plain part of a connection that must start TLS: greeting and options up to the

@@ -6,7 +6,7 @@
 //! the budget it waits, so it stops reading the socket and TCP pushes back on a client
 //! that sends requests faster than it reads replies; nothing queues without bound.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -51,6 +51,61 @@ impl Budget {
         Admitted {
             _request: request,
             _bytes: bytes,
+        }
+    }
+}
+
+/// Reply bytes a connection keeps for reuse at most, within its budget: enough for eight
+/// pipelined 1 MiB reads (what fio and QEMU send), little for a connection left idle.
+const KEEP_MAX: usize = 9 << 20;
+
+/// Read reply buffers a connection has used, kept for its next replies: a fresh one
+/// costs an allocation (for a large one, an `mmap`: the kernel zeroes its pages on first
+/// touch) and zeroing. They hold a previous reply of the same connection until the
+/// device fills them again (`Device::read` fills the whole buffer or fails, and then the
+/// buffer is not sent).
+pub(super) struct Buffers {
+    free: Mutex<Free>,
+    keep: usize,
+}
+
+#[derive(Default)]
+struct Free {
+    buffers: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl Buffers {
+    /// Buffers for a connection whose budget is `max_bytes` bytes in flight.
+    pub(super) fn new(max_bytes: u32) -> Buffers {
+        Buffers {
+            free: Mutex::new(Free::default()),
+            keep: (max_bytes as usize).min(KEEP_MAX),
+        }
+    }
+
+    /// A buffer of at least `len` initialised bytes.
+    pub(super) fn take(&self, len: usize) -> Vec<u8> {
+        let found = {
+            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+            let b = free.buffers.pop();
+            free.bytes -= b.as_ref().map_or(0, Vec::len);
+            b
+        };
+        let mut b = found.unwrap_or_default();
+        if b.len() < len {
+            // Zeroes only the growth, once per buffer.
+            b.resize(len, 0);
+        }
+        b
+    }
+
+    /// Gives a buffer back; kept while the connection keeps fewer than its share.
+    pub(super) fn give(&self, b: Vec<u8>) {
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        if free.bytes + b.len() <= self.keep {
+            free.bytes += b.len();
+            free.buffers.push(b);
         }
     }
 }
@@ -121,6 +176,29 @@ mod tests {
         let huge = admitted_now(&b, 5000).expect("runs once alone");
         assert!(admitted_now(&b, 1).is_none(), "and holds the whole budget");
         drop(huge);
+    }
+
+    #[test]
+    fn buffers_are_reused_up_to_the_share_kept() {
+        let b = Buffers::new(3000);
+        let first = b.take(1000);
+        assert_eq!(first.len(), 1000);
+        let at = first.as_ptr();
+        b.give(first);
+        let again = b.take(500);
+        assert_eq!(again.as_ptr(), at, "the same buffer comes back");
+        assert!(again.len() >= 500);
+        let bigger = b.take(2000);
+        assert_eq!(bigger.len(), 2000, "a new one when none is free");
+        b.give(again);
+        b.give(bigger);
+        // 1000 + 2000 bytes kept: a third buffer would pass the 3000-byte share.
+        b.give(vec![7; 10]);
+        assert_eq!(b.free.lock().unwrap().bytes, 3000);
+        assert_eq!(b.take(1).len(), 2000, "the last one given back first");
+        assert_eq!(b.take(1).len(), 1000);
+        assert_eq!(b.take(1).len(), 1, "the one over the share was not kept");
+        assert_eq!(b.free.lock().unwrap().bytes, 0);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::io;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::runtime::Handle;
 
 use super::{drain, ServerConfig, ALLOCATION_CONTEXT_ID};
 use crate::device::{Device, Exports, Peer};
@@ -116,7 +117,8 @@ where
 pub(super) async fn negotiate<R, W, E>(
     r: &mut R,
     w: &mut W,
-    exports: &E,
+    exports: &Arc<E>,
+    pool: &Handle,
     cfg: &ServerConfig,
     greeted: Option<bool>,
     peer: &Peer,
@@ -166,7 +168,7 @@ where
                 let Ok(name) = String::from_utf8(data) else {
                     return Ok(None);
                 };
-                let device = match open(exports, &name, peer) {
+                let device = match open(exports, pool, &name, peer).await {
                     Ok(Some(d)) => d,
                     Ok(None) => {
                         let export = export_name::shown(&name);
@@ -242,14 +244,14 @@ where
                     }
                 };
                 // An unknown name, or the export's own words (a refusal with a reason).
-                let device = match open_named(exports, &req.name, peer) {
+                let device = match open_named(exports, pool, &req.name, peer).await {
                     Ok(d) => d,
                     Err(msg) => {
                         reply_err(w, opt, proto::REP_ERR_UNKNOWN, &msg).await?;
                         continue;
                     }
                 };
-                send_info(w, opt, exports, &req, &*device, cfg).await?;
+                send_info(w, opt, &**exports, &req, &*device, cfg).await?;
                 reply(w, opt, proto::REP_ACK, &[]).await?;
                 if opt == proto::OPT_GO {
                     let allocation_context = context.as_deref() == Some(req.name.as_str());
@@ -279,7 +281,7 @@ where
                         continue;
                     }
                 };
-                if let Err(msg) = open_named(exports, &req.export, peer) {
+                if let Err(msg) = open_named(exports, pool, &req.export, peer).await {
                     reply_err(w, opt, proto::REP_ERR_UNKNOWN, &msg).await?;
                     continue;
                 }
@@ -345,20 +347,32 @@ where
     Ok(())
 }
 
-/// Opens an export; a refusal is the message the client gets.
-fn open<E: Exports>(
-    exports: &E,
+/// Opens an export; a refusal is the message the client gets. Opened on `pool`'s
+/// blocking threads: opening may wait (on the cluster), and a device that starts tasks
+/// of its own (a forwarded volume) must start them on the store's runtime, not on the
+/// connection's, which ends with the connection.
+async fn open<E: Exports>(
+    exports: &Arc<E>,
+    pool: &Handle,
     name: &str,
     peer: &Peer,
 ) -> Result<Option<Arc<E::Device>>, String> {
-    exports
-        .open_for(name, peer)
+    let (ex, n, p) = (exports.clone(), name.to_string(), peer.clone());
+    pool.spawn_blocking(move || ex.open_for(&n, &p))
+        .await
+        .map_err(|e| format!("opening export {}: {e}", export_name::shown(name)))?
         .map_err(|e| format!("opening export {}: {}", export_name::shown(name), e.message))
 }
 
 /// Opens an export that must exist; an unknown name is refused like any other failure.
-fn open_named<E: Exports>(exports: &E, name: &str, peer: &Peer) -> Result<Arc<E::Device>, String> {
-    open(exports, name, peer)?
+async fn open_named<E: Exports>(
+    exports: &Arc<E>,
+    pool: &Handle,
+    name: &str,
+    peer: &Peer,
+) -> Result<Arc<E::Device>, String> {
+    open(exports, pool, name, peer)
+        .await?
         .ok_or_else(|| format!("no export named {:?}", export_name::shown(name)))
 }
 

@@ -13,10 +13,11 @@ use std::io;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::runtime::Handle;
 use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 
-use super::budget::{self, Budget};
+use super::budget::{self, Budget, Buffers};
 use super::negotiation::Negotiated;
 use super::{drain, ServerConfig, ALLOCATION_CONTEXT_ID};
 use crate::device::{Device, DeviceError, Extent};
@@ -42,6 +43,7 @@ pub(super) async fn transmit<R, S, D>(
     w: Writer<S>,
     n: Negotiated<D>,
     cfg: &ServerConfig,
+    pool: &Handle,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -57,6 +59,7 @@ where
         max_payload: cfg.max_payload,
     };
     let budget = Budget::new(cfg.max_requests_in_flight, cfg.max_bytes_in_flight);
+    let buffers = Arc::new(Buffers::new(cfg.max_bytes_in_flight));
     let mut background: JoinSet<io::Result<()>> = JoinSet::new();
     let result = loop {
         let mut head = [0u8; proto::REQUEST_LEN];
@@ -170,31 +173,33 @@ where
                 if !big || r.buffer().is_empty() {
                     // Small requests are answered right here; replies are flushed once no
                     // further request is already buffered, so a burst shares one send.
-                    fast(&*device, &w, &session, req.cookie, cmd, data).await?;
+                    fast(&*device, &w, &buffers, &session, req.cookie, cmd, data).await?;
                     if r.buffer().is_empty() {
                         w.lock().await.flush().await?;
                     }
                     drop(admitted);
                 } else {
                     // Large pipelined requests (checksumming a MiB takes a while): let them
-                    // run on all cores.
-                    let (device, w) = (device.clone(), w.clone());
+                    // run on all cores, the store's runtime's workers.
+                    let (device, w, buffers) = (device.clone(), w.clone(), buffers.clone());
                     let cookie = req.cookie;
-                    background.spawn(async move {
-                        fast(&*device, &w, &session, cookie, cmd, data).await?;
+                    let run = async move {
+                        fast(&*device, &w, &buffers, &session, cookie, cmd, data).await?;
                         let flushed = w.lock().await.flush().await;
                         drop(admitted);
                         flushed
-                    });
+                    };
+                    background.spawn_on(run, pool);
                 }
             }
             slow => {
                 // Anything that syncs or may cover a huge range goes to the blocking pool.
-                let (device, w) = (device.clone(), w.clone());
+                let (device, w, pool) = (device.clone(), w.clone(), pool.clone());
                 let cookie = req.cookie;
                 background.spawn(async move {
                     let dev = device.clone();
-                    let res = tokio::task::spawn_blocking(move || run_slow(&*dev, slow, data))
+                    let res = pool
+                        .spawn_blocking(move || run_slow(&*dev, slow, data))
                         .await
                         .unwrap_or_else(|e| {
                             Err(DeviceError::new(Errno::Io, format!("I/O task failed: {e}")))
@@ -232,6 +237,7 @@ where
 async fn fast<D: Device, S: AsyncWrite>(
     device: &D,
     w: &Writer<S>,
+    buffers: &Buffers,
     session: &Session,
     cookie: u64,
     cmd: Command,
@@ -241,15 +247,19 @@ async fn fast<D: Device, S: AsyncWrite>(
         Command::Read { offset, len } => {
             // The reply's header and data in one buffer, the device reading straight into
             // it: one copy in (from the page cache), one send (a large reply bypasses the
-            // writer's buffer), instead of a header send and a data send.
+            // writer's buffer), instead of a header send and a data send. The buffer is
+            // one the connection used before (`Buffers`): no allocation, no zeroing.
             let head = read_reply_head(session, cookie, offset, len);
-            let mut reply = Vec::with_capacity(head.len() + len as usize);
-            reply.extend_from_slice(&head);
-            reply.resize(head.len() + len as usize, 0);
-            match device.read(offset, &mut reply[head.len()..]) {
-                Ok(()) => w.lock().await.write_all(&reply).await,
+            let total = head.len() + len as usize;
+            let mut buf = buffers.take(total);
+            let reply = &mut buf[..total];
+            reply[..head.len()].copy_from_slice(&head);
+            let sent = match device.read(offset, &mut reply[head.len()..]) {
+                Ok(()) => w.lock().await.write_all(reply).await,
                 Err(e) => send_device_error(w, session, cookie, e).await,
-            }
+            };
+            buffers.give(buf);
+            sent
         }
         Command::BlockStatus {
             offset,
