@@ -8,7 +8,8 @@
 //! event naming the volume, the offset and the node whose copy was good (by its name in
 //! the message, by its id in the event's `nodes`). Then a block flipped on a replica's
 //! copy (node2), met by a read of node2's own export, is repaired from the primary and
-//! makes a second event naming node2.
+//! makes a second event naming node2 (the repaired copy's node) and node1 (the primary's,
+//! where the bytes came from), both by name in the message and by id in `nodes`.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -147,7 +148,7 @@ fn a_bad_block_on_the_primary_is_repaired_and_the_cluster_records_a_volume_repai
     // A bad block on a replica's copy (node2), met by a client reading node2's own
     // export: node2's store asks the primary for the block, the read gets what was
     // written, node2's file holds it again, and the event names node2 as the node whose
-    // copy was repaired.
+    // copy was repaired and node1, the primary's, as the source.
     let bad2 = 2 * MIB + 5 * B;
     let good2 = &data[bad2 as usize..(bad2 + B) as usize];
     let file2 = wait_for("the block in node2's layer file", 30, || {
@@ -184,7 +185,15 @@ fn a_bad_block_on_the_primary_is_repaired_and_the_cluster_records_a_volume_repai
     });
     let msg2 = ev2["message"].as_str().unwrap();
     assert!(msg2.contains("on the copy on node node2"), "{ev2}");
-    assert!(msg2.contains("from the primary's copy"), "{ev2}");
-    assert_eq!(ev2["nodes"], json!([n2]), "{ev2}");
+    assert!(
+        msg2.contains("from the primary's copy on node node1"),
+        "{ev2}"
+    );
+    let n1 = node_id(&nodes, 1);
+    assert!(
+        !msg2.contains(&n1[..16]),
+        "the message holds a node id: {ev2}"
+    );
+    assert_eq!(ev2["nodes"], json!([n2, n1]), "{ev2}");
     cluster.stop();
 }

@@ -443,7 +443,7 @@ async fn reconcile(node: &Node, me: &str, socket: &Path, st: &mut Round) {
         let report = held.get(&v.name);
         if v.node == me {
             if let Some(r) = report.filter(|r| r.role == "primary") {
-                super::repairs::record(node, r, &mut st.repairs).await;
+                super::repairs::record(node, me, r, &mut st.repairs).await;
             }
             // What the primary's store reports may change the cluster state (a failed
             // replica, a copy back or caught up); the stores hear of it next round.
