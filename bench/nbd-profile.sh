@@ -54,7 +54,7 @@ fio --name=run --ioengine=nbd --uri=$URI --rw="$RW" --bs="$BS" --iodepth="$QD" -
     --time_based --output-format=json >"$W/fio.json" 2>/dev/null &
 FP=$!
 sleep 2
-DATA=$OUT/nbd-profile-$RW-$(date -u +%Y-%m-%dT%H:%MZ).data
+DATA=$OUT/nbd-profile-$RW-$(date -u +%Y-%m-%dT%H:%M:%SZ).data
 perf record -q -F 999 -g -p "$SP" -o "$DATA" -- sleep 10 >/dev/null 2>&1
 wait "$FP"
 python3 -c '
