@@ -12,6 +12,12 @@
 //! certificate wrote before that VM started and is refused on the same connection after;
 //! new connections without a key or with a wrong one are refused; nothing they wrote is
 //! on the volume; the guest keeps writing.
+//!
+//! Then that VM migrates live to node 3: the key its VMM on node 1 held (read, as root,
+//! from that VMM's `/proc/PID/environ`), which wrote before the switch-over, is refused
+//! after it, on the connection that used it and on a new one, with words in node 2's
+//! store log naming node 3 as where the VM now runs; nothing it wrote after lands, and
+//! the guest, now on node 3 with a key of its own, keeps writing.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -22,10 +28,11 @@ use std::time::Instant;
 
 use tessera_tests::cluster::wait_for;
 use tessera_tests::devcluster::{api, node_dir, AdminCluster, DevCluster, VmmKiller};
+use tessera_tests::replicas::wait_task;
 use tessera_tests::replicas::{
     create_volume, read_hash, start_idle_vm, store_logs, unix_uri, QemuIo,
 };
-use tessera_tests::vms::{counting, last_count};
+use tessera_tests::vms::{counting, last_count, vm_pid};
 use tessera_tests::{kvm_or_skip, require};
 
 /// The test guest (built by tests/build.rs).
@@ -112,6 +119,7 @@ fn a_second_writer_on_the_vms_own_node_is_refused_and_the_guest_keeps_writing() 
     assert_eq!(vm["actual_state"], "running", "{vm}");
 
     tcp_writers_are_told_apart_by_the_vmms_key(&cluster);
+    a_migrated_vmms_key_is_refused_after_the_switch_over(&cluster);
     for name in ["user", "remote"] {
         let (_, vm) = api(ca, 1, "GET", &format!("vms/{name}"), Some(t), None);
         assert_eq!(vm["actual_state"], "running", "{vm}");
@@ -220,4 +228,114 @@ fn tcp_writers_are_told_apart_by_the_vmms_key(cluster: &AdminCluster) {
     eprintln!(
         "over TCP: guest wrote COUNT={written}, then COUNT={later} after the refused clients"
     );
+}
+
+/// The writer key in the environment of process `pid` (as root: `/proc/PID/environ` is
+/// its owner's only).
+fn writer_key_of(pid: u64) -> String {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    env.split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(b"TESSERA_DISK_WRITER_KEY="))
+        .map(|k| String::from_utf8(k.to_vec()).unwrap())
+        .unwrap_or_else(|| panic!("VMM {pid} has no writer key in its environment"))
+}
+
+/// VM `remote` (on node 1, its disk `far` on node 2) migrates live to node 3. Before
+/// the switch-over the key of its VMM on node 1 writes (it is that VM's current key);
+/// after it, the same key is refused on the connection that wrote with it and on a new
+/// one, node 2's store log says the VM now runs on node 3, nothing written with it
+/// after lands, and the guest writes on from node 3 with a key of its own.
+fn a_migrated_vmms_key_is_refused_after_the_switch_over(cluster: &AdminCluster) {
+    let (dir, tmp) = (cluster.dir(), cluster.scratch());
+    let (ca, t) = (cluster.ca(), cluster.token());
+    let node3 = cluster.id(3);
+    let creds = tmp.join("node1-creds");
+    let old_pid = vm_pid(&node_dir(dir, 1), "remote").expect("the VMM of remote on node1");
+    let old_key = writer_key_of(old_pid);
+    assert_eq!(old_key.len(), 64, "256 bits, hex");
+    // The key is the VM's current one: it writes (where the guest does not).
+    let mut old = qemu_io_tls(&creds, &format!("far#{old_key}"));
+    let wrote = old.run("write -P 0x22 4M 64k");
+    assert!(
+        wrote.contains("wrote 65536/65536 bytes"),
+        "the old VMM's key before the migration: {wrote}\n{}",
+        store_logs(dir, 30)
+    );
+
+    let body = serde_json::json!({ "to": node3 });
+    let (code, task) = api(ca, 1, "POST", "vms/remote/migrate", Some(t), Some(&body));
+    assert_eq!(code, 202, "{task}");
+    let done = wait_task(ca, 1, t, &task);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let (_, vm) = api(ca, 1, "GET", "vms/remote", Some(t), None);
+    assert_eq!(vm["actual_state"], "running", "{vm}");
+    let new_pid = wait_for("the VMM of remote on node3", 30, || {
+        vm_pid(&node_dir(dir, 3), "remote")
+    });
+    assert_ne!(
+        writer_key_of(new_pid),
+        old_key,
+        "the target VMM got a key of its own"
+    );
+
+    // Node 2's tesserad (the one node 2's store asks) has applied the switch-over: the
+    // old key is refused from there on (before it, the documented window: the VMM left
+    // behind loses its right once the store's node learns of the move).
+    wait_for("node2 to see remote placed on node3", 10, || {
+        let (_, vm) = api(ca, 2, "GET", "vms/remote", Some(t), None);
+        (vm["placed_on"] == node3.as_str()).then_some(())
+    });
+    // The connection that wrote with the old key: its next write asks again.
+    let refused = old.run("write -P 0x33 5M 64k");
+    assert!(
+        refused.contains("failed") && refused.contains("Operation not permitted"),
+        "the old key's connection after the switch-over: {refused}\n{}",
+        store_logs(dir, 30)
+    );
+    // A new connection with the old key.
+    let mut again = qemu_io_tls(&creds, &format!("far#{old_key}"));
+    let refused = again.run("write -P 0x44 6M 64k");
+    assert!(
+        refused.contains("Operation not permitted"),
+        "a new connection with the old key after the switch-over: {refused}"
+    );
+    drop(again);
+    let log = std::fs::read_to_string(dir.join("node2/store.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("volume far is in use by VM remote")
+                && l.contains("on node node3")
+                && l.contains("whose writer key is not that of its VMM")),
+        "no refusal naming node3 in node2's store log:\n{}",
+        store_logs(dir, 30)
+    );
+    assert!(
+        !log.contains(&old_key),
+        "node2's store log holds the writer key"
+    );
+    // What the old key wrote before is there; nothing after.
+    for (check, what) in [
+        (
+            "read -P 0x22 4M 64k",
+            "the old key's write before the switch-over",
+        ),
+        (
+            "read -P 0 5M 64k",
+            "zeros where the old key's connection wrote after",
+        ),
+        (
+            "read -P 0 6M 64k",
+            "zeros where a new connection with the old key wrote",
+        ),
+    ] {
+        let read = old.run(check);
+        assert!(read.contains("read 65536/65536 bytes"), "{what}: {read}");
+    }
+    drop(old);
+    // The guest writes on from node 3, over TCP to node 2 with its new key.
+    let before = count_on_disk(dir, tmp, 2, "far").unwrap();
+    let later = wait_for("the migrated guest's writes to pass its count", 60, || {
+        count_on_disk(dir, tmp, 2, "far").filter(|k| *k > before)
+    });
+    eprintln!("after the migration: guest wrote COUNT={before}, then COUNT={later} from node3");
 }

@@ -348,6 +348,8 @@ async fn act_once(
     if let Some(h) = held {
         h.into_txn(&mut require, &mut ops);
     }
+    // A start placed on another node retires the last node's writer record.
+    ops.extend(crate::vmrun::writer_key::retire_moved(&old, &vm));
     // MACs a start gave an old record's NICs (`start_fields`).
     if vm.nics != old.nics {
         let (mac_req, mac_ops) = super::nics::claims(name, &old.nics, &vm.nics);

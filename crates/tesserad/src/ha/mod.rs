@@ -527,6 +527,8 @@ async fn place(node: &Node, name: &str, target: &str, generations: &[(VolumeId, 
             put(VMS, name, &new),
             event("ha.start", name, "tesserad", &msg),
         ];
+        // The node left keeps no record: its VMM's key is refused from this entry on.
+        ops.extend(crate::vmrun::writer_key::retire_moved(&vm, &new));
         held.into_txn(&mut require, &mut ops);
         let cmd = Command::Txn { require, ops };
         match node.write(cmd).await {

@@ -58,6 +58,8 @@ pub(super) async fn run(node: &Arc<Node>, local: &Local, m: Migration) {
             }
             supervisor::forget(&dir);
             reg.clear(&m.vm);
+            // The key made for the target VMM: never current, as the VM stays put.
+            crate::vmrun::writer_key::retire_unplaced(node, &local.me, &m.vm).await;
             fail(node, &m, &why).await;
         }
         Err(Failure::After(why)) => {
@@ -387,6 +389,8 @@ async fn switch_over(node: &Node, local: &Local, m: &Migration) -> Result<Option
                 &format!("VM {} switched over from {} to {}", m.vm, m.from, me),
             ),
         ];
+        // The source's writer record goes with the move (`crate::vmrun::writer_key`).
+        ops.extend(crate::vmrun::writer_key::retire_moved(&vm, &placed));
         let mut moved = None;
         if let Some(d) = vm.disks.first() {
             if let Some(v) = get::<Volume>(node, VOLUMES, d) {

@@ -302,6 +302,8 @@ pub async fn update(
     };
     let mut require = vec![Require::equals(VMS, &name, json!(old))];
     let mut ops = vec![put(VMS, &name, &vm)];
+    // A start placed on another node retires the last node's writer record.
+    ops.extend(crate::vmrun::writer_key::retire_moved(&old, &vm));
     if let Some(h) = held {
         h.into_txn(&mut require, &mut ops);
     }
@@ -358,6 +360,7 @@ pub async fn remove(
         )));
     }
     let mut ops = vec![del(VMS, &name), del(VM_STATUS, &name)];
+    ops.extend(crate::vmrun::writer_key::delete_all(&n, &name));
     ops.extend(old.disks.iter().map(|d| del(DISK_CLAIMS, d)));
     ops.extend(super::nics::claims(&name, &old.nics, &[]).1);
     ops.push(event("vm.delete", &name, &p.user, "VM deleted"));
