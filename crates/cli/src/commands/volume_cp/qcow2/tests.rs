@@ -226,3 +226,34 @@ fn images_a_resume_cannot_keep_valid_are_refused_unchanged() {
     let m = resumed("raw", 1 << 20, |f| f.write_all_at(b"RAW!", 0).unwrap());
     assert!(m.contains("no qcow2 magic"), "{m}");
 }
+
+/// A file past 2 GiB needs a second refcount block: it takes the first cluster of the
+/// range it counts and counts itself. (The clusters skipped to get there stay free.)
+/// Such a file, kept once, passed `qemu-img check` with no errors (2026-12-04).
+#[test]
+fn a_second_refcount_block_counts_itself_and_the_clusters_after_it() {
+    let (path, f) = temp("second-block");
+    let size = 8 << 20;
+    let w = Writer::create(f.try_clone().unwrap(), size).unwrap();
+    w.write(0, &[1u8; 65536]).unwrap();
+    // Jump the end of the file to two clusters before the second block's range.
+    w.lock().unwrap().next = (meta::PER_BLOCK - 2) * 65536;
+    w.write(1 << 20, &vec![2u8; 4 * 65536]).unwrap();
+    w.finish().unwrap();
+    let r = Reader::open(std::fs::File::open(&path).unwrap()).unwrap();
+    assert_eq!(r.read(0, 65536).unwrap(), vec![1u8; 65536]);
+    assert_eq!(r.read(1 << 20, 4 * 65536).unwrap(), vec![2u8; 4 * 65536]);
+    // The refcount table (cluster 2): blocks at cluster 3 and at 32768.
+    let mut rt = [0u8; 24];
+    f.read_exact_at(&mut rt, 2 << 16).unwrap();
+    assert_eq!(be_u64(&rt, 0), 3 << 16);
+    assert_eq!(be_u64(&rt, 8), meta::PER_BLOCK << 16);
+    assert_eq!(be_u64(&rt, 16), 0);
+    let mut b1 = vec![0u8; 65536];
+    f.read_exact_at(&mut b1, meta::PER_BLOCK << 16).unwrap();
+    // The block itself, two data clusters after it (two went before it).
+    assert_eq!(&b1[..8], &[0, 1, 0, 1, 0, 1, 0, 0]);
+    let w = Writer::resume(f, size).unwrap();
+    assert_eq!(w.read(1 << 20, 65536).unwrap(), vec![2u8; 65536]);
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+}
