@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Server CPU time and context switches per request, for read workloads, next to IOPS:
+# figures a busy machine disturbs less than throughput alone (another process's CPU use
+# slows a server down but does not add to its CPU time per request).
+#
+# Each server in turn: a 1 GiB target on the disk (a Tessera volume filled with 1M writes
+# at QD8, then the store restarted so its tables hold the data; nbdkit `file` on a 1 GiB
+# file of random data), then per workload fio's nbd engine over TCP for SECS seconds
+# (`--time_based`, wrapping over the 1 GiB), `perf stat -e context-switches -p` on the
+# server meanwhile, and the server's utime+stime (/proc/PID/stat, exited threads
+# included) before and after.
+#
+# Usage (as root, from the repository root):
+#   bench/nbd-cpu.sh SERVER...   SERVER: a tessera-store binary, or `nbdkit`
+# e.g. bench/nbd-cpu.sh /tmp/new/tessera-store /tmp/head/tessera-store nbdkit
+# Rotate the order between runs. SECS (default 5); NO_SETUP=1 skips tests/setup.
+# Results and what they meant: BENCHMARKS.md, "Issue #9, session 16: reads".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -ge 1 ] || { echo "usage: $0 SERVER... (tessera-store binaries or nbdkit)" >&2; exit 2; }
+SECS=${SECS:-5}
+[ -n "${NO_SETUP:-}" ] || tests/setup
+command -v perf >/dev/null || { apt-get install -y -qq --no-install-recommends linux-perf >/dev/null 2>&1 || true; }
+for t in fio perf nbdkit python3; do command -v $t >/dev/null || { echo "needs $t" >&2; exit 1; }; done
+W=$(mktemp -d /var/tmp/tessera-nbd-cpu.XXXXXX)
+SP=
+cleanup() {
+    [ -n "$SP" ] && kill "$SP" 2>/dev/null
+    wait 2>/dev/null || true
+    rm -rf "$W"
+}
+trap cleanup EXIT
+TCK=$(getconf CLK_TCK)
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+measure() { # label uri rw bs qd
+    local c0 c1 pp
+    c0=$(cpu_ticks "$SP")
+    perf stat -x, -e context-switches -p "$SP" -o "$W/perf.txt" -- sleep $((SECS + 1)) &
+    pp=$!
+    fio --name=x --ioengine=nbd --uri="$2" --rw="$3" --bs="$4" --iodepth="$5" --size=1G \
+        --runtime="$SECS" --time_based --output-format=json >"$W/fio.json" 2>"$W/fio.err" ||
+        { echo "fio failed for $1:" >&2; cat "$W/fio.err" >&2; exit 1; }
+    c1=$(cpu_ticks "$SP")
+    wait "$pp"
+    python3 - "$1" "$W/fio.json" "$c0" "$c1" "$TCK" "$W/perf.txt" <<'PY'
+import json, sys
+label, path, c0, c1, tck, perf = sys.argv[1:]
+t = open(path).read()
+j = json.loads(t[t.index("{"):])["jobs"][0]["read"]
+n = j["total_ios"]
+cpu = (int(c1) - int(c0)) / int(tck)
+cs = next(int(l.split(",")[0]) for l in open(perf) if "context-switches" in l)
+print(f"| {label} | {j['iops']:.0f} | {cpu * 1e6 / n:.1f} | {cpu / (j['runtime'] / 1000):.2f} | {cs / n:.2f} |")
+PY
+}
+
+start_store() { # bin dir port
+    rm -f "$2/admin.sock"
+    "$1" serve --data-dir "$2/store" --nbd-tcp-plain 127.0.0.1:"$3" --nbd-unix "$2/nbd.sock" \
+        --admin-socket "$2/admin.sock" 2>>"$2/store.log" &
+    SP=$!
+    for _ in $(seq 200); do [ -S "$2/admin.sock" ] && return 0; sleep 0.05; done
+    echo "store did not start:" >&2; cat "$2/store.log" >&2; exit 1
+}
+
+echo "load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+echo "| server, workload | IOPS | server CPU µs per request | cores | context switches per request |"
+echo "|---|---:|---:|---:|---:|"
+port=20700
+for server in "$@"; do
+    port=$((port + 1))
+    dir=$W/$port
+    mkdir -p "$dir"
+    if [ "$server" = nbdkit ]; then
+        dd if=/dev/urandom of="$dir/nbdkit.img" bs=1M count=1024 status=none
+        nbdkit -f -p $port -i 127.0.0.1 file "$dir/nbdkit.img" &
+        SP=$!
+        for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done
+        uri=nbd://127.0.0.1:$port/
+        label=nbdkit
+    else
+        [ -x "$server" ] || { echo "no store binary $server" >&2; exit 1; }
+        start_store "$server" "$dir" $port
+        "$server" --admin-socket "$dir/admin.sock" volume create bench --size 1G >/dev/null
+        uri=nbd://127.0.0.1:$port/bench
+        fio --name=fill --ioengine=nbd --uri=$uri --rw=write --bs=1M --iodepth=8 --size=1G \
+            --output-format=terse >/dev/null 2>&1
+        # SIGTERM: the final checkpoint puts the fill into the tables.
+        kill -TERM "$SP"
+        wait "$SP"
+        start_store "$server" "$dir" $port
+        label=$server
+    fi
+    sync
+    measure "$label, 4k-randread-qd1" "$uri" randread 4k 1
+    measure "$label, 1m-seqread-qd8" "$uri" read 1M 8
+    measure "$label, 1m-seqread-qd1" "$uri" read 1M 1
+    kill "$SP"
+    wait "$SP" 2>/dev/null || true
+    SP=
+    rm -rf "$dir"
+done
+echo
+echo "load at end: $(cut -d' ' -f1-3 /proc/loadavg)"
