@@ -29,7 +29,8 @@ use tessera_tests::{bin, file_hash, kvm_or_skip, output, require};
 const MIB: u64 = 1024 * 1024;
 const SIZE: u64 = 16 * MIB;
 /// How long a client through node 2 may wait for its error once the primary's store is
-/// dead: the forwarder's silence bound (5 s) plus room for a loaded machine.
+/// dead: the forwarder's silence bound (5 s), one attempt to connect again to the one
+/// copy's store (5 s), plus room for a loaded machine.
 const DEAD_PEER_BOUND: Duration = Duration::from_secs(20);
 /// The test guest (built by tests/build.rs).
 const GUEST: &str = env!("TESSERA_TEST_GUEST");

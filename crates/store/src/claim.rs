@@ -99,7 +99,18 @@ impl ClusterAsk {
                         })
                     })
                     .collect();
-                Some(CopiesElsewhere { message, targets })
+                let primary = ok["primary"].as_str().map(str::to_string);
+                let in_sync = ok["in_sync"].as_array().map(|l| {
+                    l.iter()
+                        .filter_map(|n| n.as_str().map(str::to_string))
+                        .collect()
+                });
+                Some(CopiesElsewhere {
+                    message,
+                    targets,
+                    primary,
+                    in_sync,
+                })
             }
             Err(e) => {
                 tracing::debug!(volume, error = %e, "tesserad not asked where the volume's copies are");
@@ -202,6 +213,11 @@ pub struct CopiesElsewhere {
     pub message: String,
     /// The stores to forward a client to, the first to try first.
     pub targets: Vec<Target>,
+    /// The primary's node, by name (`None` from a `tesserad` that does not say).
+    pub primary: Option<String>,
+    /// The nodes whose copies are in sync, by name (`None` from a `tesserad` that does
+    /// not say).
+    pub in_sync: Option<Vec<String>>,
 }
 
 /// A node whose store holds a copy.

@@ -105,6 +105,22 @@ impl StoreDevice {
             return Ok(Route::Replicated(p));
         }
         if repl.waits_for_configuration(name) {
+            // Just restarted: tesserad sets the role within seconds, so a client that
+            // reconnected at once (a forwarding store does, `crate::forward`) waits for
+            // it like for a role change instead of failing.
+            let deadline = std::time::Instant::now() + ROLE_CHANGE_WAIT;
+            let configured = claim::blocking(|| {
+                while repl.waits_for_configuration(name) {
+                    if std::time::Instant::now() >= deadline {
+                        return false;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                true
+            });
+            if configured {
+                return self.route();
+            }
             return Err(DeviceError::new(
                 Errno::Perm,
                 format!("volume {name} was this store's replicated primary before it restarted: writes are refused until tesserad configures it again"),

@@ -14,6 +14,7 @@ use tessera_volume_client::proto::EXTENT_HOLE;
 use tessera_volume_client::{ClientError, Volume};
 use tokio::runtime::Handle;
 
+use super::link::{refuse_fenced, Link};
 use super::{failed, run, REQUEST_WAIT, WRITE_CHECK_EVERY};
 use crate::claim::{self, ClusterAsk};
 use crate::exports::StoreDevice;
@@ -32,11 +33,9 @@ pub struct ForwardedDevice {
     pub(super) export: String,
     /// The volume (of a snapshot export: its volume), for the cluster's questions.
     pub(super) volume: String,
-    /// The node forwarded to, for messages.
-    pub(super) via: String,
-    pub(super) size: u64,
     pub(super) read_only: bool,
-    pub(super) remote: Arc<Volume>,
+    /// The connection to the other store, made again when it breaks.
+    pub(super) link: Arc<Link>,
     pub(super) rt: Handle,
     pub(super) cluster: ClusterAsk,
     /// When the cluster last said no VM uses the volume.
@@ -44,22 +43,25 @@ pub struct ForwardedDevice {
 }
 
 impl ForwardedDevice {
-    /// Runs `f` on the connection, bounded by [`REQUEST_WAIT`].
-    fn call<T, F>(&self, f: impl FnOnce(Arc<Volume>) -> F) -> Result<T, DeviceError>
+    /// Runs `f` on the connection and waits for it from this thread.
+    fn call<T, F, G>(&self, write: bool, f: G) -> Result<T, DeviceError>
     where
         T: Send + 'static,
-        F: std::future::Future<Output = Result<T, ClientError>> + Send + 'static,
+        F: Future<Output = Result<T, ClientError>> + Send + 'static,
+        G: Fn(Arc<Volume>) -> F + Send + Sync + 'static,
     {
-        match run(&self.rt, REQUEST_WAIT, f(self.remote.clone())) {
-            Some(Ok(t)) => Ok(t),
-            Some(Err(e)) => Err(failed(&self.export, &self.via, Some(e))),
-            None => Err(failed(&self.export, &self.via, None)),
+        // The request bounds itself (REQUEST_WAIT); this is only a backstop.
+        match run(&self.rt, REQUEST_WAIT * 2, self.call_async(write, f)) {
+            Some(r) => r,
+            None => Err(failed(&self.export, &self.link.via(), None)),
         }
     }
 
     /// Refuses a write when a VM uses the volume (asked of the cluster at the client's
-    /// first write, then at most every [`WRITE_CHECK_EVERY`]).
+    /// first write, then at most every [`WRITE_CHECK_EVERY`]), or when the client is
+    /// fenced.
     fn may_write(&self) -> Result<(), DeviceError> {
+        refuse_fenced(&self.link)?;
         let mut last = self.write_checked.lock();
         if last.is_some_and(|t| t.elapsed() < WRITE_CHECK_EVERY) {
             return Ok(());
@@ -73,55 +75,84 @@ impl ForwardedDevice {
     }
 
     /// Starts `f` on the connection and returns its completion, bounded by
-    /// [`REQUEST_WAIT`], without holding a thread meanwhile.
-    fn call_async<T, F>(
+    /// [`REQUEST_WAIT`], without holding a thread meanwhile. A request whose connection
+    /// broke is sent once more on a new one (`link`): a write without its reply was not
+    /// acknowledged, and sending it again is what its client would do.
+    fn call_async<T, F, G>(
         &self,
-        f: impl FnOnce(Arc<Volume>) -> F,
+        write: bool,
+        f: G,
     ) -> Pin<Box<dyn Future<Output = Result<T, DeviceError>> + Send>>
     where
         T: Send + 'static,
         F: Future<Output = Result<T, ClientError>> + Send + 'static,
+        G: Fn(Arc<Volume>) -> F + Send + Sync + 'static,
     {
-        let (done, export, via) = (
-            f(self.remote.clone()),
-            self.export.clone(),
-            self.via.clone(),
-        );
+        let (link, export) = (self.link.clone(), self.export.clone());
         Box::pin(async move {
-            match tokio::time::timeout(REQUEST_WAIT, done).await {
-                Ok(Ok(t)) => Ok(t),
-                Ok(Err(e)) => Err(failed(&export, &via, Some(e))),
-                Err(_) => Err(failed(&export, &via, None)),
+            let began = Instant::now();
+            let mut again = false;
+            loop {
+                let left = REQUEST_WAIT.saturating_sub(began.elapsed());
+                let r = match tokio::time::timeout(left, link.get()).await {
+                    Ok(r) => r?,
+                    Err(_) => return Err(failed(&export, &link.via(), None)),
+                };
+                if write {
+                    refuse_fenced(&link)?;
+                }
+                let left = REQUEST_WAIT.saturating_sub(began.elapsed());
+                let e = match tokio::time::timeout(left, f(r.volume.clone())).await {
+                    Ok(Ok(t)) => {
+                        if write {
+                            link.wrote(&r);
+                        }
+                        return Ok(t);
+                    }
+                    Ok(Err(e)) => Some(e),
+                    Err(_) => None,
+                };
+                let broke = link.failed(&r, e.as_ref()).await;
+                if !broke || again || e.is_none() {
+                    return Err(failed(&export, &r.via, e));
+                }
+                tracing::info!(export = %export, node = %r.via, error = ?e,
+                    "a forwarded request's connection broke; sending it again on a new one");
+                again = true;
             }
         })
     }
 
     fn write_forwarded(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
         self.may_write()?;
-        self.call(move |v| async move { v.write(offset, &data, fua).await })
+        let data = Arc::new(data);
+        self.call(true, move |v| {
+            let data = data.clone();
+            async move { v.write(offset, &data, fua).await }
+        })
     }
 
     fn trim_forwarded(&self, offset: u64, len: u64, fua: bool) -> Result<(), DeviceError> {
         self.may_write()?;
-        self.call(move |v| async move { v.trim(offset, len, fua).await })
+        self.call(true, move |v| async move { v.trim(offset, len, fua).await })
     }
 }
 
 impl Device for ForwardedDevice {
     fn size(&self) -> u64 {
-        self.size
+        self.link.size()
     }
     fn read_only(&self) -> bool {
         self.read_only
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         let len = buf.len();
-        let data = self.call(move |v| async move { v.read(offset, len).await })?;
+        let data = self.call(false, move |v| async move { v.read(offset, len).await })?;
         // The client checks each answer's length; never a panic on another store's word.
         if data.len() != len {
             return Err(failed(
                 &self.export,
-                &self.via,
+                &self.link.via(),
                 Some(ClientError::Protocol(format!(
                     "{} bytes read where {len} were asked",
                     data.len()
@@ -135,10 +166,13 @@ impl Device for ForwardedDevice {
         true
     }
     fn read_remote(&self, offset: u64, len: usize) -> RemoteRead {
-        self.call_async(move |v| async move { v.read(offset, len).await })
+        self.call_async(false, move |v| async move { v.read(offset, len).await })
     }
     fn extents_remote(&self, offset: u64, len: u64) -> RemoteExtents {
-        let runs = self.call_async(move |v| async move { v.block_status(offset, len).await });
+        let runs = self.call_async(
+            false,
+            move |v| async move { v.block_status(offset, len).await },
+        );
         Box::pin(async move { Ok(runs.await?.into_iter().map(extent_of).collect()) })
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
@@ -154,10 +188,14 @@ impl Device for ForwardedDevice {
         if let Err(e) = self.may_write() {
             return Box::pin(std::future::ready(Err(e)));
         }
-        self.call_async(move |v| async move { v.write(offset, &data, fua).await })
+        let data = Arc::new(data);
+        self.call_async(true, move |v| {
+            let data = data.clone();
+            async move { v.write(offset, &data, fua).await }
+        })
     }
     fn flush(&self) -> Result<(), DeviceError> {
-        self.call(|v| async move { v.flush().await })
+        self.call(false, |v| async move { v.flush().await })
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), DeviceError> {
         self.trim_forwarded(offset, len, fua)
@@ -174,7 +212,10 @@ impl Device for ForwardedDevice {
         self.trim_forwarded(offset, len, fua)
     }
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError> {
-        let runs = self.call(move |v| async move { v.block_status(offset, len).await })?;
+        let runs = self.call(
+            false,
+            move |v| async move { v.block_status(offset, len).await },
+        )?;
         Ok(runs.into_iter().map(extent_of).collect())
     }
 }

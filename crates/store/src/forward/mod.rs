@@ -21,12 +21,16 @@
 //! next node. NBD_OPT_LIST on any node lists every volume of the cluster
 //! ([`list_elsewhere`]), the ones held elsewhere too.
 //!
-//! Failure is final: a forwarded connection that breaks (the other store died: silent
-//! for [`IDLE`]) or a request that takes longer than [`REQUEST_WAIT`] fails with EIO and
-//! its words in the log; the client connects again (and is forwarded anew, to wherever
-//! the volume's primary is then). A write whose reply did not come is not acknowledged.
+//! A broken connection is made again ([`link`]): a forwarded connection that breaks
+//! (the other store restarted, or died: silent for [`IDLE`]) or a request that takes
+//! longer than [`REQUEST_WAIT`] drops that connection; the next request asks `tesserad`
+//! again where the copies are and connects anew (to the primary of the moment, or the
+//! next in-sync copy's node), and a request whose connection broke under it is
+//! sent once more. Only when that fails too does the client get EIO, with its words in
+//! the log. A write whose reply did not come is not acknowledged.
 
 mod device;
+mod link;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -113,47 +117,86 @@ pub fn open(
     };
     let creds = Credentials::from_dir(&forwarder.tls_dir)
         .map_err(|e| cannot(format!("{}; forwarding the client: {e}", copies.message)))?;
+    // Each node is given CONNECT_WAIT in `connect`; this bound is only a backstop.
+    let wait = CONNECT_WAIT * (copies.targets.len() as u32 + 1);
+    let (f, export, targets) = (forwarder.clone(), name.to_string(), copies.targets.clone());
+    let opened = run(&rt, wait, async move {
+        connect(&f, &creds, &export, &targets).await
+    });
+    match opened {
+        Some(Ok((v, via))) => {
+            let first = link::Remote {
+                volume: Arc::new(v),
+                via,
+            };
+            Ok(ForwardedDevice {
+                export: name.to_string(),
+                volume: volume.to_string(),
+                read_only: first.volume.read_only(),
+                link: Arc::new(link::Link::new(
+                    forwarder.clone(),
+                    cluster.clone(),
+                    name,
+                    volume,
+                    first,
+                )),
+                rt,
+                cluster: cluster.clone(),
+                write_checked: Mutex::new(None),
+            })
+        }
+        Some(Err(tried)) => Err(cannot(format!(
+            "{}; forwarding the client failed: {tried}",
+            copies.message
+        ))),
+        None => Err(cannot(format!(
+            "{}; forwarding the client failed: no node answered within {wait:?}",
+            copies.message
+        ))),
+    }
+}
+
+/// Connects to the first of `targets` whose store opens export `name` for this store's
+/// client (the ones that did not answer lately last, each given [`CONNECT_WAIT`]): the
+/// volume and that node's name, or what each node said.
+async fn connect(
+    forwarder: &Forwarder,
+    creds: &Credentials,
+    name: &str,
+    targets: &[claim::Target],
+) -> Result<(Volume, String), String> {
     let mut tried = Vec::new();
-    let mut targets = Vec::new();
-    for t in &copies.targets {
+    let mut addrs = Vec::new();
+    for t in targets {
         match t.addr.parse::<SocketAddr>() {
-            Ok(a) => targets.push((t, a)),
+            Ok(a) => addrs.push((t, a)),
             Err(e) => tried.push(format!("node {} ({}): not an address: {e}", t.node, t.addr)),
         }
     }
     // A stable sort: the cluster's order among the stores that answered lately.
-    targets.sort_by_key(|(_, a)| forwarder.lately_unreachable(a));
-    for (t, addr) in targets {
-        let (creds, export) = (creds.clone(), name.to_string());
+    addrs.sort_by_key(|(_, a)| forwarder.lately_unreachable(a));
+    for (t, addr) in addrs {
         let server_name = addr.ip().to_string();
-        let opened = run(&rt, CONNECT_WAIT, async move {
-            Volume::open_forwarding(addr, &server_name, &creds, &export, IDLE).await
-        });
+        let opened = tokio::time::timeout(
+            CONNECT_WAIT,
+            Volume::open_forwarding(addr, &server_name, creds, name, IDLE),
+        )
+        .await;
         match opened {
-            Some(Ok(v)) => {
+            Ok(Ok(v)) => {
                 forwarder.unreachable.lock().remove(&addr);
                 tracing::info!(export = name, node = %t.node, %addr,
                     "forwarding a client's volume to another node's store (this node holds no copy)");
-                return Ok(ForwardedDevice {
-                    export: name.to_string(),
-                    volume: volume.to_string(),
-                    via: t.node.clone(),
-                    size: v.size(),
-                    read_only: v.read_only(),
-                    remote: Arc::new(v),
-                    rt,
-                    cluster: cluster.clone(),
-                    write_checked: Mutex::new(None),
-                });
+                return Ok((v, t.node.clone()));
             }
-            Some(Err(e @ ClientError::Refused { .. })) => {
+            Ok(Err(e @ ClientError::Refused { .. })) => {
                 tried.push(format!("node {} ({addr}): {e}", t.node))
             }
-            Some(Err(e)) => {
+            Ok(Err(e)) => {
                 forwarder.unreachable.lock().insert(addr, Instant::now());
                 tried.push(format!("node {} ({addr}): {e}", t.node))
             }
-            None => {
+            Err(_) => {
                 forwarder.unreachable.lock().insert(addr, Instant::now());
                 tried.push(format!(
                     "node {} ({addr}): no answer within {CONNECT_WAIT:?}",
@@ -165,11 +208,7 @@ pub fn open(
     if tried.is_empty() {
         tried.push("no node's store to forward to".into());
     }
-    Err(cannot(format!(
-        "{}; forwarding the client failed: {}",
-        copies.message,
-        tried.join("; ")
-    )))
+    Err(tried.join("; "))
 }
 
 /// Adds to `listed` (this store's own exports) every volume and snapshot of the cluster

@@ -98,7 +98,19 @@ pub fn copies_elsewhere(node: &Node, me: &str, volume: &str) -> Option<serde_jso
             Some(serde_json::json!({ "node": name_of(node, id), "addr": addr }))
         })
         .collect();
-    Some(serde_json::json!({ "message": message, "targets": targets }))
+    // A forwarding store whose connection broke tells from these whether the primary
+    // moved away from the node its client wrote through because that copy failed (the
+    // cluster's failover) or for another writer (then its client is fenced).
+    let primary = name_of(node, &v.node);
+    let in_sync: Vec<String> = v
+        .copies
+        .iter()
+        .filter(|c| c.state == tessera_api::CopyState::InSync)
+        .map(|c| name_of(node, &c.node))
+        .collect();
+    Some(serde_json::json!({
+        "message": message, "targets": targets, "primary": primary, "in_sync": in_sync,
+    }))
 }
 
 /// Every volume and snapshot of the cluster that is ready, as the exports a store
