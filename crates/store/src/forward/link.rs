@@ -26,7 +26,7 @@ use tessera_nbd::DeviceError;
 use tessera_volume_client::{ClientError, Volume};
 
 use super::{connect, Forwarder};
-use crate::claim::ClusterAsk;
+use crate::claim::{ClusterAsk, CopiesElsewhere};
 
 /// One connection to another node's store, and which node that is.
 pub(super) struct Remote {
@@ -135,19 +135,13 @@ impl Link {
                 ))
             })?;
         let wrote_via = self.wrote_via.lock().clone();
-        if let (Some(w), Some(p)) = (wrote_via, copies.primary.as_deref()) {
-            // Moved away from a copy still in sync: another writer (or a migration) took
-            // it. Moved away from one that left the in-sync set: the cluster's failover
-            // of a failed copy, whose every acknowledged write the new primary holds.
-            let still_in_sync = copies.in_sync.as_ref().is_none_or(|l| l.contains(&w));
-            if w != p && still_in_sync {
-                let why = format!(
-                    "volume {}: its primary moved to node {p} after this client wrote through node {w} (this node forwards it); this client's writes are refused (fenced); connect again to write",
-                    self.volume
-                );
-                tracing::warn!(export = %self.export, reason = %why, "a forwarded client is fenced");
-                *self.fenced.lock() = Some(why);
-            }
+        if let Some((w, p)) = fenced_by(wrote_via.as_deref(), &copies) {
+            let why = format!(
+                "volume {}: its primary moved to node {p} after this client wrote through node {w} (this node forwards it); this client's writes are refused (fenced); connect again to write",
+                self.volume
+            );
+            tracing::warn!(export = %self.export, reason = %why, "a forwarded client is fenced");
+            *self.fenced.lock() = Some(why);
         }
         let creds = tessera_volume_client::Credentials::from_dir(&self.forwarder.tls_dir)
             .map_err(|e| self.cannot(format!("forwarding again: {e}")))?;
@@ -170,10 +164,67 @@ impl Link {
     }
 }
 
+/// Whether a client whose last write went through node `wrote_via` is fenced at a
+/// reconnect, given where the copies are now: `(W, primary)` when the primary moved away
+/// from W while W's copy is still in sync (another writer or a migration took it). Moved
+/// away from a copy that left the in-sync set, it is the cluster's failover of a failed
+/// copy, whose every acknowledged write the new primary holds: not fenced. A `tesserad`
+/// that does not say which copies are in sync counts W as in sync (fenced: the safe
+/// side).
+fn fenced_by<'a>(
+    wrote_via: Option<&'a str>,
+    copies: &'a CopiesElsewhere,
+) -> Option<(&'a str, &'a str)> {
+    let (w, p) = (wrote_via?, copies.primary.as_deref()?);
+    let still_in_sync = copies
+        .in_sync
+        .as_ref()
+        .is_none_or(|l| l.iter().any(|n| n == w));
+    (w != p && still_in_sync).then_some((w, p))
+}
+
 /// Refuses a write of a fenced client.
 pub(super) fn refuse_fenced(link: &Link) -> Result<(), DeviceError> {
     match link.fenced() {
         Some(why) => Err(DeviceError::new(Errno::Perm, why)),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copies(primary: &str, in_sync: Option<&[&str]>) -> CopiesElsewhere {
+        CopiesElsewhere {
+            message: String::new(),
+            targets: Vec::new(),
+            primary: Some(primary.into()),
+            in_sync: in_sync.map(|l| l.iter().map(|n| n.to_string()).collect()),
+        }
+    }
+
+    #[test]
+    fn a_reconnecting_client_is_fenced_only_by_a_move_away_from_a_copy_still_in_sync() {
+        let all = Some(&["node1", "node2", "node3"][..]);
+        // Never wrote, or the primary stayed: nothing to fence.
+        assert_eq!(fenced_by(None, &copies("node2", all)), None);
+        assert_eq!(fenced_by(Some("node1"), &copies("node1", all)), None);
+        // Another writer took the primary while node1's copy stayed in sync: fenced.
+        assert_eq!(
+            fenced_by(Some("node1"), &copies("node2", all)),
+            Some(("node1", "node2"))
+        );
+        // The cluster's failover: node1's copy left the in-sync set.
+        let failed_over = Some(&["node2", "node3"][..]);
+        assert_eq!(
+            fenced_by(Some("node1"), &copies("node2", failed_over)),
+            None
+        );
+        // A tesserad that does not name the in-sync copies: the safe side.
+        assert_eq!(
+            fenced_by(Some("node1"), &copies("node2", None)),
+            Some(("node1", "node2"))
+        );
     }
 }
