@@ -24,7 +24,7 @@
 #![forbid(unsafe_code)]
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tessera_tests::cluster::wait_for;
 use tessera_tests::devcluster::{api, node_dir, AdminCluster, DevCluster, VmmKiller};
@@ -38,6 +38,9 @@ use tessera_tests::{kvm_or_skip, require};
 /// The test guest (built by tests/build.rs).
 const GUEST: &str = env!("TESSERA_TEST_GUEST");
 const SIZE: u64 = 16 * 1024 * 1024;
+/// How long a store keeps tesserad's answer to a connection's write
+/// (`tessera_store::admission::RECHECK`), with a margin.
+const KEPT_ANSWER: Duration = Duration::from_millis(600);
 
 /// The count the guest last wrote to its disk `export` (`COUNT=<k>` in sector 1), read
 /// through node `i`'s store.
@@ -256,6 +259,8 @@ fn a_migrated_vmms_key_is_refused_after_the_switch_over(cluster: &AdminCluster) 
     // The key is the VM's current one: it writes (where the guest does not).
     let mut old = qemu_io_tls(&creds, &format!("far#{old_key}"));
     let wrote = old.run("write -P 0x22 4M 64k");
+    // The store asked tesserad before this reply: the answer it keeps is at least this old.
+    let admitted = Instant::now();
     assert!(
         wrote.contains("wrote 65536/65536 bytes"),
         "the old VMM's key before the migration: {wrote}\n{}",
@@ -285,7 +290,18 @@ fn a_migrated_vmms_key_is_refused_after_the_switch_over(cluster: &AdminCluster) 
         let (_, vm) = api(ca, 2, "GET", "vms/remote", Some(t), None);
         (vm["placed_on"] == node3.as_str()).then_some(())
     });
-    // The connection that wrote with the old key: its next write asks again.
+    // The connection that wrote with the old key: its next write asks again once the
+    // answer its store keeps has expired (`tessera_store::admission::RECHECK`, 0.5 s: the
+    // documented window). A quick migration switches over within it, so wait it out from
+    // the admission, which is before the store last asked.
+    eprintln!(
+        "node2 saw the switch-over {:?} after the old key's admission",
+        admitted.elapsed()
+    );
+    let expired = admitted + KEPT_ANSWER;
+    if let Some(left) = expired.checked_duration_since(Instant::now()) {
+        std::thread::sleep(left);
+    }
     let refused = old.run("write -P 0x33 5M 64k");
     assert!(
         refused.contains("failed") && refused.contains("Operation not permitted"),
