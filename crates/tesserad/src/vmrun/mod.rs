@@ -260,6 +260,17 @@ impl Reconciler {
             self.keep(vm).await;
         }
         tasks::follow(&self.node, &me).await;
+        // This node's writer records of VMs not placed here (the first round is this
+        // tesserad's start): none counts, but a migration arriving here records its
+        // target VMM's key before the switch-over (left alone while a migration holds
+        // the VM).
+        let left = self
+            .node
+            .state
+            .read(|t| writer_key::left_behind(t, &me, &|vm| held.held(vm).is_some()));
+        if !left.is_empty() {
+            writer_key::retire_left_behind(&self.node, &me, left).await;
+        }
         if !self.api_published {
             self.publish_api().await;
         }

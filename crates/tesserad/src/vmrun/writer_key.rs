@@ -19,7 +19,11 @@
 //! placed elsewhere) deletes that node's record in the same Raft entry ([`retire_moved`]),
 //! a migration's target whose VMM never took over deletes its own once the VM is not
 //! placed there ([`retire_unplaced`]), and a VM's deletion deletes all of its records
-//! ([`delete_all`]). Why this opens no window for an old VMM: admission only ever
+//! ([`delete_all`]). What these missed (a migration's target whose `tesserad` restarted
+//! during the migration, records an older version kept, a deletion that did not commit)
+//! each node deletes itself: its own records of VMs not placed on it, at its start and
+//! at every round of its reconciler ([`left_behind`], [`retire_left_behind`]). Why this
+//! opens no window for an old VMM: admission only ever
 //! looks at the record of the node the VM is placed on, so a record deleted together
 //! with (or after) the move that took `placed_on` away from its node was already
 //! unused: before that entry its VMM is the writer, as it should be; from it on its key
@@ -30,7 +34,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tessera_api::Vm;
-use tessera_state::{Command, Node, Require};
+use tessera_state::{Command, Node, Require, Tables};
 
 use crate::now_ms;
 use crate::records::table::{VMS, VM_WRITERS};
@@ -117,7 +121,7 @@ fn belongs_to(key: &str, vm: &str) -> bool {
 /// Deletes node `me`'s record for VM `name` if the VM is not placed on `me` (a
 /// migration's target whose VMM did not take over), in a transaction requiring the VM
 /// record it read, so a switch-over committed meanwhile keeps it. Best effort: a record
-/// left is replaced by this node's next key for the VM, or deleted with the VM.
+/// left is deleted by the reconciler's next round ([`retire_left_behind`]).
 pub async fn retire_unplaced(node: &Node, me: &str, name: &str) {
     for _ in 0..3 {
         let vm = get::<Vm>(node, VMS, name);
@@ -144,6 +148,86 @@ pub async fn retire_unplaced(node: &Node, me: &str, name: &str) {
             }
         }
     }
+}
+
+/// A record of node `me` that no longer counts: the VM it was made for is not placed on
+/// `me`, or is gone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeftBehind {
+    /// The VM's name.
+    pub vm: String,
+    /// The VM's record as read (`None`: the VM is deleted).
+    vm_record: Option<serde_json::Value>,
+    /// The writer record as read.
+    record: serde_json::Value,
+}
+
+/// Node `me`'s records in `tables` for VMs not placed on `me` (or deleted), except those
+/// of the VMs `arriving` names: a migration to `me` under way records its target VMM's
+/// key before the switch-over places the VM here. A VM record that does not decode keeps
+/// its records (unreadable is not "placed elsewhere").
+pub fn left_behind(tables: &Tables, me: &str, arriving: &dyn Fn(&str) -> bool) -> Vec<LeftBehind> {
+    let Some(records) = tables.get(VM_WRITERS) else {
+        return Vec::new();
+    };
+    let vms = tables.get(VMS);
+    records
+        .iter()
+        .filter_map(|(key, record)| {
+            let (vm, node) = key.rsplit_once('@')?;
+            if node != me || arriving(vm) {
+                return None;
+            }
+            let vm_record = vms.and_then(|t| t.get(vm)).cloned();
+            if let Some(v) = &vm_record {
+                let placed = serde_json::from_value::<Vm>(v.clone()).ok()?.placed_on;
+                if placed.as_deref() == Some(me) {
+                    return None;
+                }
+            }
+            Some(LeftBehind {
+                vm: vm.to_string(),
+                vm_record,
+                record: record.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The transaction deleting `l` (a record of node `me`), requiring the VM record and the
+/// writer record it read: a VM placed on `me` meanwhile, or a key issued on `me`
+/// meanwhile (a migration's target, a start), keeps its record.
+fn retire_txn(me: &str, l: &LeftBehind) -> Command {
+    let key = record_key(&l.vm, me);
+    let vm = match &l.vm_record {
+        Some(v) => Require::equals(VMS, &l.vm, v.clone()),
+        None => Require::absent(VMS, &l.vm),
+    };
+    Command::Txn {
+        require: vec![vm, Require::equals(VM_WRITERS, &key, l.record.clone())],
+        ops: vec![del(VM_WRITERS, &key)],
+    }
+}
+
+/// Deletes node `me`'s records `left` ([`left_behind`]), each in its own transaction
+/// ([`retire_txn`]); how many it deleted. One that conflicts (the state moved on) or
+/// does not commit (no quorum) stays for the next round to look at again.
+pub async fn retire_left_behind(node: &Node, me: &str, left: Vec<LeftBehind>) -> usize {
+    let mut deleted = 0;
+    for l in left {
+        match node.write(retire_txn(me, &l)).await {
+            Ok(a) if a.conflict.is_none() => {
+                deleted += 1;
+                tracing::info!(vm = %l.vm, "deleted this node's writer record of a VM not placed here (left behind)");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(vm = %l.vm, error = %e, "writer record left behind not deleted yet");
+                break;
+            }
+        }
+    }
+    deleted
 }
 
 /// Whether `key` is the key of the VMM of `vm` on the node it is placed on, as this
@@ -242,5 +326,146 @@ mod tests {
         assert!(!belongs_to(&record_key("we", "n1"), "web"));
         assert!(belongs_to(&record_key("a@b", "n1"), "a@b"));
         assert!(!belongs_to(&record_key("a@b", "n1"), "a"));
+    }
+
+    fn named(name: &str, on: Option<&str>) -> Vm {
+        let mut v = placed(on);
+        v.name = name.to_string();
+        v
+    }
+
+    fn record_of(n: u8) -> WriterRecord {
+        WriterRecord {
+            digest: format!("{n:064x}"),
+            start_seq: 1,
+            since_ms: u64::from(n),
+        }
+    }
+
+    /// Which of node "me"'s records count as left behind: those of VMs placed elsewhere,
+    /// placed nowhere or deleted; not those of VMs placed on "me", of VMs a migration to
+    /// "me" holds, of VMs whose record does not decode, nor other nodes' records.
+    #[test]
+    fn left_behind_are_this_nodes_records_of_vms_not_placed_here() {
+        let mut vms = imbl::OrdMap::new();
+        let mut records = imbl::OrdMap::new();
+        for (vm, on) in [
+            ("moved", Some("b")),
+            ("here", Some("me")),
+            ("stopped", None),
+            ("arriving", Some("b")),
+            ("a@b", Some("b")),
+        ] {
+            vms.insert(vm.to_string(), json!(named(vm, on)));
+        }
+        vms.insert("broken".to_string(), json!({"name": "broken"}));
+        let mine = [
+            "moved", "here", "stopped", "arriving", "a@b", "broken", "deleted",
+        ];
+        for (i, vm) in (0u8..).zip(mine) {
+            records.insert(record_key(vm, "me"), json!(record_of(i)));
+        }
+        // Another node's records of a VM placed elsewhere than on it: not this node's.
+        records.insert(record_key("moved", "c"), json!(record_of(9)));
+        let mut tables = Tables::new();
+        tables.insert(VMS.to_string(), vms);
+        tables.insert(VM_WRITERS.to_string(), records);
+        let left = left_behind(&tables, "me", &|vm| vm == "arriving");
+        let names: Vec<&str> = left.iter().map(|l| l.vm.as_str()).collect();
+        assert_eq!(names, ["a@b", "deleted", "moved", "stopped"]);
+        // Each carries what the deletion requires: the records as read.
+        let deleted = &left[1];
+        assert_eq!(deleted.vm_record, None);
+        assert_eq!(deleted.record, json!(record_of(6)));
+        assert_eq!(left[2].vm_record, Some(json!(named("moved", Some("b")))));
+        // Nothing to look at: nothing left behind.
+        assert!(left_behind(&Tables::new(), "me", &|_| false).is_empty());
+    }
+
+    /// A one-member Raft cluster in `dir`, its leader elected.
+    async fn one_node(dir: &std::path::Path) -> Node {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let node = Node::start(1, addr, dir, None, None).await.unwrap();
+        node.initialize(std::collections::BTreeMap::from([(1, addr)]))
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while node.raft.metrics().borrow().current_leader != Some(1) {
+            assert!(std::time::Instant::now() < deadline, "no leader");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        node
+    }
+
+    fn writer(node: &Node, vm: &str, on: &str) -> Option<WriterRecord> {
+        get(node, VM_WRITERS, &record_key(vm, on))
+    }
+
+    /// Through Raft: the records left behind are deleted, the others stay; a deletion
+    /// decided on a read the state then moved past (the VM placed here, a key issued
+    /// here meanwhile) deletes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_left_behind_are_deleted_but_not_what_changed_since_the_read() {
+        let d = tempfile::tempdir().unwrap();
+        let node = one_node(d.path()).await;
+        let n = &node;
+        let write = |cmd: Command| async move {
+            let a = n.write(cmd).await.unwrap();
+            assert!(a.conflict.is_none(), "{a:?}");
+        };
+        for (vm, on) in [
+            ("moved", Some("b")),
+            ("here", Some("me")),
+            ("target", Some("b")),
+            ("back", Some("b")),
+        ] {
+            write(put(VMS, vm, named(vm, on))).await;
+        }
+        // Keys issued on "me" (the VM record must exist), and one of a VM since deleted.
+        let mut keys = std::collections::HashMap::new();
+        for vm in ["moved", "here", "target", "back", "deleted"] {
+            let v = named(vm, Some("me"));
+            if vm == "deleted" {
+                write(put(VMS, vm, &v)).await;
+            }
+            keys.insert(vm, issue(&node, "me", &v).await.unwrap());
+        }
+        write(del(VMS, "deleted")).await;
+        write(put(VM_WRITERS, &record_key("moved", "b"), record_of(1))).await;
+
+        let read = |node: &Node| node.state.read(|t| left_behind(t, "me", &|_| false));
+        let left = read(&node);
+        let names: Vec<&str> = left.iter().map(|l| l.vm.as_str()).collect();
+        assert_eq!(names, ["back", "deleted", "moved", "target"]);
+        // Meanwhile: "target" gets a new key here (a migration's target VMM), "back" is
+        // placed here again. Their deletions, decided before, conflict.
+        let new_key = issue(&node, "me", &named("target", Some("b")))
+            .await
+            .unwrap();
+        write(put(VMS, "back", named("back", Some("me")))).await;
+        assert_eq!(retire_left_behind(&node, "me", left).await, 2);
+
+        assert_eq!(writer(&node, "moved", "me"), None);
+        assert_eq!(writer(&node, "deleted", "me"), None);
+        let current = |vm: &str, key: &str| matches(writer(&node, vm, "me").as_ref(), key);
+        assert!(
+            current("here", &keys["here"]),
+            "the record of a VM placed here"
+        );
+        assert!(current("target", &new_key), "a key issued after the read");
+        assert!(
+            current("back", &keys["back"]),
+            "a VM placed here after the read"
+        );
+        // Another node's record is its own to delete.
+        assert_eq!(writer(&node, "moved", "b"), Some(record_of(1)));
+        // The next round finds what the state now says is left behind: "target" (still
+        // placed on b, no migration holding it here).
+        let again: Vec<String> = read(&node).into_iter().map(|l| l.vm).collect();
+        assert_eq!(again, ["target"]);
+        node.shutdown().await;
     }
 }
