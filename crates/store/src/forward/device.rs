@@ -14,7 +14,7 @@ use tessera_volume_client::proto::EXTENT_HOLE;
 use tessera_volume_client::{ClientError, Volume};
 use tokio::runtime::Handle;
 
-use super::link::{refuse_fenced, Link};
+use super::link::{refuse_fenced, resend, Link};
 use super::{failed, run, REQUEST_WAIT, WRITE_CHECK_EVERY};
 use crate::claim::{self, ClusterAsk};
 use crate::exports::StoreDevice;
@@ -76,8 +76,9 @@ impl ForwardedDevice {
 
     /// Starts `f` on the connection and returns its completion, bounded by
     /// [`REQUEST_WAIT`], without holding a thread meanwhile. A request whose connection
-    /// broke is sent once more on a new one (`link`): a write without its reply was not
-    /// acknowledged, and sending it again is what its client would do.
+    /// broke is sent once more on a new one (`link::resend`): a write without its reply
+    /// was not acknowledged, and sending it again is what its client would do. One that
+    /// timed out is not (it may still land): EIO.
     fn call_async<T, F, G>(
         &self,
         write: bool,
@@ -112,8 +113,8 @@ impl ForwardedDevice {
                     Ok(Err(e)) => Some(e),
                     Err(_) => None,
                 };
-                let broke = link.failed(&r, e.as_ref()).await;
-                if !broke || again || e.is_none() {
+                link.failed(&r, e.as_ref()).await;
+                if !resend(e.as_ref(), again) {
                     return Err(failed(&export, &r.via, e));
                 }
                 tracing::info!(export = %export, node = %r.via, error = ?e,

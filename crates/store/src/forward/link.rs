@@ -99,11 +99,11 @@ impl Link {
         Ok(r)
     }
 
-    /// Notes that `r` failed with `e` (`None`: no answer in time): a broken connection
-    /// is dropped, and the next request connects again. Whether it broke.
-    pub(super) async fn failed(&self, r: &Arc<Remote>, e: Option<&ClientError>) -> bool {
+    /// Notes that `r` failed with `e` (`None`: no answer in time): a broken or stalled
+    /// connection is dropped, and the next request connects again; a refusal keeps it.
+    pub(super) async fn failed(&self, r: &Arc<Remote>, e: Option<&ClientError>) {
         if matches!(e, Some(ClientError::Refused { .. })) {
-            return false;
+            return;
         }
         let mut current = self.current.lock().await;
         if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, r)) {
@@ -111,7 +111,6 @@ impl Link {
                 "the forwarded connection broke; the next request connects again");
             *current = None;
         }
-        true
     }
 
     /// Notes an acknowledged write through `r`.
@@ -183,6 +182,21 @@ fn fenced_by<'a>(
     (w != p && still_in_sync).then_some((w, p))
 }
 
+/// Whether a forwarded request that failed with `e` on its connection (`None`: no answer
+/// within [`super::REQUEST_WAIT`]) is sent once more on a new connection, `resent`
+/// saying whether it was already. Only a request whose connection broke under it (the
+/// other store died, restarted, or went silent), and once: its reply never came, so it
+/// was not acknowledged, and sending it again is what the client would do (a store still
+/// alive behind a cut loses the primary, with a generation bump, to the copy whose node
+/// the resent write reaches instead). Never a refusal: it is the other store's answer.
+/// Never a request that timed out: the other store is still answering on that
+/// connection and may still be working on it (a write may land later), so the client
+/// gets `EIO` and decides, as with any write whose outcome is unknown; the connection is
+/// dropped and the next request connects anew.
+pub(super) fn resend(e: Option<&ClientError>, resent: bool) -> bool {
+    !resent && e.is_some_and(|e| !matches!(e, ClientError::Refused { .. }))
+}
+
 /// Refuses a write of a fenced client.
 pub(super) fn refuse_fenced(link: &Link) -> Result<(), DeviceError> {
     match link.fenced() {
@@ -202,6 +216,23 @@ mod tests {
             primary: Some(primary.into()),
             in_sync: in_sync.map(|l| l.iter().map(|n| n.to_string()).collect()),
         }
+    }
+
+    #[test]
+    fn only_a_request_whose_connection_broke_is_sent_again_and_once() {
+        let broke = ClientError::Connection("connection lost".into());
+        assert!(resend(Some(&broke), false));
+        assert!(!resend(Some(&broke), true), "sent a third time");
+        let odd = ClientError::Protocol("a reply of 9 bytes".into());
+        assert!(resend(Some(&odd), false));
+        // No answer within the bound: it may still land; EIO, not sent again.
+        assert!(!resend(None, false));
+        // The other store's answer is final.
+        let refused = ClientError::Refused {
+            code: tessera_volume_client::ErrorCode::NotPermitted,
+            message: "fenced".into(),
+        };
+        assert!(!resend(Some(&refused), false));
     }
 
     #[test]

@@ -27,7 +27,11 @@
 //! again where the copies are and connects anew (to the primary of the moment, or the
 //! next in-sync copy's node), and a request whose connection broke under it is
 //! sent once more. Only when that fails too does the client get EIO, with its words in
-//! the log. A write whose reply did not come is not acknowledged.
+//! the log. A write whose reply did not come is not acknowledged. A request that took
+//! longer than [`REQUEST_WAIT`] is not sent again ([`link::resend`]): EIO at once.
+//!
+//! A rolling upgrade: a store older than the forwarded flag refuses it in fixed words,
+//! and the volume is opened there again without it ([`refused_the_flag`]).
 
 mod device;
 mod link;
@@ -177,11 +181,24 @@ async fn connect(
     addrs.sort_by_key(|(_, a)| forwarder.lately_unreachable(a));
     for (t, addr) in addrs {
         let server_name = addr.ip().to_string();
-        let opened = tokio::time::timeout(
+        let mut opened = tokio::time::timeout(
             CONNECT_WAIT,
             Volume::open_forwarding(addr, &server_name, creds, name, IDLE),
         )
         .await;
+        if let Ok(Err(e)) = &opened {
+            if refused_the_flag(e) {
+                // A rolling upgrade: that store serves the volume as it did before the
+                // flag existed (from its copy, which tesserad says it holds).
+                tracing::info!(export = name, node = %t.node, %addr,
+                    "that node's store is older than the forwarded flag; opening the volume there without it");
+                opened = tokio::time::timeout(
+                    CONNECT_WAIT,
+                    Volume::open_with_idle_timeout(addr, &server_name, creds, name, IDLE),
+                )
+                .await;
+            }
+        }
         match opened {
             Ok(Ok(v)) => {
                 forwarder.unreachable.lock().remove(&addr);
@@ -209,6 +226,23 @@ async fn connect(
         tried.push("no node's store to forward to".into());
     }
     Err(tried.join("; "))
+}
+
+/// The words of a store older than the `forwarded` Open flag (`FLAG_FORWARDED`, bit 1):
+/// its decoder knew only FUA, so it refuses the flag as invalid (code 22) with exactly
+/// these words, fixed in the stores already deployed. A store that knows the flag never
+/// sends them for an `Open`, and its other code-22 refusals (a forwarded client it holds
+/// no copy for) are not these.
+const FLAG_UNKNOWN: &str = "flags 0x02 are not valid on Open";
+
+/// Whether `e` is an older store's refusal of the `forwarded` flag: then the volume is
+/// opened there again without it, so forwarding goes on during a rolling upgrade. Such a
+/// store either predates forwarding (it serves from its copy or refuses) or forwards
+/// without the flag (0f286cf to 94050e0): it serves from the copy `tesserad` says it
+/// holds, and forwards on only when that view was stale, as every store did before the
+/// flag; the loop the flag rules out needs two such stores and a stale view.
+fn refused_the_flag(e: &ClientError) -> bool {
+    matches!(e, ClientError::Refused { code: ErrorCode::Invalid, message } if message == FLAG_UNKNOWN)
 }
 
 /// Adds to `listed` (this store's own exports) every volume and snapshot of the cluster
@@ -297,11 +331,11 @@ fn failed(export: &str, via: &str, e: Option<ClientError>) -> DeviceError {
         ),
         Some(e) => DeviceError::new(
             Errno::Io,
-            format!("export {export}: forwarding to node {via}'s store failed: {e}; connect again"),
+            format!("export {export}: forwarding to node {via}'s store failed: {e}; the next request connects anew"),
         ),
         None => DeviceError::new(
             Errno::Io,
-            format!("export {export}: node {via}'s store did not answer within {REQUEST_WAIT:?}; connect again"),
+            format!("export {export}: node {via}'s store did not answer within {REQUEST_WAIT:?}; the request is not sent again (that store may still carry it out: a write's outcome is unknown), the next one connects anew"),
         ),
     };
     tracing::warn!(export, node = via, reason = %err.message, "a forwarded request failed");

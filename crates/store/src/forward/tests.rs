@@ -1,6 +1,7 @@
 //! A store's exports as a forwarding node serves them, against a stand-in for `tesserad`
 //! on its status socket: a forwarded client is never forwarded again, and the list of
-//! exports holds the volumes held elsewhere.
+//! exports holds the volumes held elsewhere. And the refusal of the forwarded flag by a
+//! store older than it (a rolling upgrade), told apart from every other refusal.
 // Helpers outside #[test] functions unwrap too: a failure there is a failed test.
 #![allow(clippy::unwrap_used)]
 
@@ -130,4 +131,58 @@ fn the_export_list_holds_the_volumes_held_elsewhere_once() {
             .with_cluster(Some(ClusterAsk::new(dir.path().join("nobody.sock"))))
             .with_forwarding(Some(dir.path().join("tls")));
     assert!(bare.list().is_empty());
+}
+
+#[test]
+fn an_older_stores_refusal_of_the_forwarded_flag_is_told_apart_from_other_refusals() {
+    use tessera_volume_client::proto::{self, Kind, Request, FLAG_FORWARDED};
+    use tessera_volume_client::{ClientError, ErrorCode};
+
+    use super::{refused_the_flag, FLAG_UNKNOWN};
+
+    let refusal = |code, message: &str| ClientError::Refused {
+        code,
+        message: message.into(),
+    };
+    // A store of before the flag: its decoder allowed only FUA, and answered bit 1 on
+    // an Open with code 22 and the words its error's format made (the same format the
+    // decoder uses today for the flag on a request that does not take it).
+    assert_eq!(FLAG_UNKNOWN, "flags 0x02 are not valid on Open");
+    let mut header = proto::encode_request(&Request {
+        kind: Kind::Read,
+        fua: false,
+        forwarded: false,
+        offset: 0,
+        length: 512,
+    });
+    header[7] = FLAG_FORWARDED;
+    let Err(bad) = proto::decode_request(&header) else {
+        panic!("the forwarded flag was taken on a read");
+    };
+    assert_eq!(bad.code(), ErrorCode::Invalid);
+    assert_eq!(bad.to_string().replace("Read", "Open"), FLAG_UNKNOWN);
+    assert!(refused_the_flag(&refusal(ErrorCode::Invalid, FLAG_UNKNOWN)));
+
+    // Not it: a store that knows the flag and holds no copy either, the same words
+    // under another code, another flag, another refusal, a connection that failed.
+    let again = super::not_forwarded_again("far");
+    assert!(!refused_the_flag(&refusal(
+        ErrorCode::Invalid,
+        &again.message
+    )));
+    assert!(!refused_the_flag(&refusal(
+        ErrorCode::NotSupported,
+        FLAG_UNKNOWN
+    )));
+    assert!(!refused_the_flag(&refusal(
+        ErrorCode::Invalid,
+        "flags 0x04 are not valid on Open"
+    )));
+    assert!(!refused_the_flag(&refusal(
+        ErrorCode::NotFound,
+        "no volume or snapshot named far"
+    )));
+    assert!(!refused_the_flag(&ClientError::Connection(
+        FLAG_UNKNOWN.into()
+    )));
 }
