@@ -13,6 +13,14 @@
 //!    acknowledged or failed, never acknowledged unless on the copies in sync; nbdcopy
 //!    through that node writes too. After node 1's store is back and caught up, every
 //!    acknowledged write is there and every copy is blake3-identical.
+//! 4. Fenced: a client through that node writes, then another client takes the primary
+//!    through another copy's node: the first client's next write is refused (`EPERM`,
+//!    the old primary's store's words in the forwarding store's log) and its reads go
+//!    on. The same across a reconnect: a client's forwarded connection breaks (the
+//!    primary's store restarts), another client moves the primary while the copy it
+//!    wrote through stays in sync, and its next write, connecting again, is refused by
+//!    the forwarding store itself. Nothing of either refused write lands (every copy is
+//!    blake3-equal to the acknowledged writes), and a new connection writes.
 
 // Test code: the unexpected should panic where it happens (see tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -225,4 +233,95 @@ fn a_forwarded_client_survives_its_primarys_store_restarting_dying_and_a_resize(
             logs(dir)
         );
     }
+
+    // 4. Fenced: another writer takes the primary through another copy's node, and the
+    // forwarded client that wrote before is refused, on its connection (the old
+    // primary's store refuses it) and across a reconnect (the forwarding store does).
+    let fencing = Instant::now();
+    let p = num(healed["node"].as_str().unwrap());
+    let others: Vec<u8> = held.iter().copied().filter(|i| *i != p).collect();
+    let (q, r) = (others[0], others[1]);
+    let mut f = QemuIo::start(&unix_uri(dir, none, "v"));
+    write_pattern(&mut f, &mut m, (11 * MIB, MIB, 0x99), 1, dir);
+    take_primary(&mut m, (ca, t, dir), q, &id(q), (12 * MIB, 0xaa));
+    let said = refused(&mut f, (11 * MIB, 0xbb), dir, none);
+    assert!(
+        said.contains("its primary moved to another node after this client wrote here")
+            && said.contains(&format!("node node{p}'s store")),
+        "{said}"
+    );
+    // Its reads are served, and nothing of the refused write is there.
+    read_pattern(&mut f, (11 * MIB, MIB, 0x99), dir);
+
+    // A client whose forwarded connection breaks (the primary's store restarts), and
+    // whose primary another writer moves while it is down, the copy it wrote through
+    // staying in sync: refused when its next write connects again.
+    let mut g = QemuIo::start(&unix_uri(dir, none, "v"));
+    write_pattern(&mut g, &mut m, (13 * MIB, MIB, 0xcc), 1, dir);
+    let argv_q = kill(dir, q, &["tessera-store"]);
+    restarted.start(dir, q, &argv_q[0]);
+    wait_volume_moving(ca, 2, t, "v", 60, |v| {
+        all_in_sync(v) && v["node"] == id(q).as_str()
+    });
+    take_primary(&mut m, (ca, t, dir), r, &id(r), (14 * MIB, 0xdd));
+    let said = refused(&mut g, (13 * MIB, 0xee), dir, none);
+    assert!(
+        said.contains(&format!(
+            "its primary moved to node node{r} after this client wrote through node node{q}"
+        )),
+        "{said}"
+    );
+    read_pattern(&mut g, (13 * MIB, MIB, 0xcc), dir);
+    drop((f, g));
+
+    // A new connection through that node writes, and every copy holds exactly the
+    // acknowledged writes.
+    let mut fresh = QemuIo::start(&unix_uri(dir, none, "v"));
+    write_pattern(&mut fresh, &mut m, (15 * MIB, MIB, 0x5a), 1, dir);
+    drop(fresh);
+    wait_volume_moving(ca, 2, t, "v", 60, all_in_sync);
+    let want = blake3::hash(&m.0);
+    for i in held.iter().copied().chain([none]) {
+        assert_eq!(
+            read_hash(dir, i, "v", tmp),
+            want,
+            "v read through node{i} after the fenced writes\n{}",
+            logs(dir)
+        );
+    }
+    eprintln!("the fencing phase took {:?}", fencing.elapsed());
+}
+
+/// Writes `byte` over the MiB at `at` through node `i` (id `node`), holding a copy: its
+/// first write makes that node the primary through the cluster (the API shows it).
+fn take_primary(
+    m: &mut Model,
+    (ca, t, dir): (&str, &str, &Path),
+    i: u8,
+    node: &str,
+    (at, byte): (u64, u8),
+) {
+    let mut c = QemuIo::start(&unix_uri(dir, i, "v"));
+    write_pattern(&mut c, m, (at, MIB, byte), 1, dir);
+    wait_volume(ca, 2, t, "v", 30, |v| v["node"] == node);
+}
+
+/// Writes `byte` over the MiB at `at` on `c`, a client through node `none`, and asserts
+/// it is refused as fenced (`EPERM`); the reason the forwarding store logged.
+fn refused(c: &mut QemuIo, (at, byte): (u64, u8), dir: &Path, none: u8) -> String {
+    let log = dir.join(format!("node{none}/store.log"));
+    let seen = std::fs::read_to_string(&log).unwrap().len();
+    let r = c.run(&format!("write -P {byte} {at} {MIB}"));
+    assert!(
+        r.contains("failed") && r.contains("Operation not permitted"),
+        "{r}\n{}",
+        logs(dir)
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    let said = text[seen..]
+        .lines()
+        .find(|l| l.contains("a forwarded request failed") || l.contains("is fenced"))
+        .unwrap_or_else(|| panic!("node{none}'s store logged no refusal\n{}", logs(dir)));
+    eprintln!("refused: {r}; node{none}'s store: {said}");
+    said.to_string()
 }
