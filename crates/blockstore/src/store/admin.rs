@@ -162,6 +162,27 @@ impl Store {
     /// Takes a point-in-time snapshot: the volume's top layer is frozen and a new, empty
     /// layer on top of it takes the writes. No data is copied.
     pub fn create_snapshot(&self, volume: &str, snapshot: &str) -> Result<SnapshotInfo> {
+        self.snapshot_of(volume, snapshot, None)
+    }
+
+    /// Takes a snapshot holding only the first `size` bytes of the volume (a positive
+    /// multiple of the block size, at most its size): what a snapshot taken when the
+    /// volume was `size` bytes long holds. For a replica that missed a snapshot taken
+    /// before its volume grew (`tessera-store`'s catch-up). Every byte past `size` must
+    /// read as zeroes (the caller trims them first), else it is refused: a clone of the
+    /// snapshot grown later must read zeroes there, as it would from a snapshot taken at
+    /// that size (see `sized_snapshot.rs`).
+    pub fn create_snapshot_sized(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        size: u64,
+    ) -> Result<SnapshotInfo> {
+        self.snapshot_of(volume, snapshot, Some(size))
+    }
+
+    /// [`Store::create_snapshot`], at `size` bytes when given.
+    fn snapshot_of(&self, volume: &str, snapshot: &str, size: Option<u64>) -> Result<SnapshotInfo> {
         catalog::validate_name("snapshot", snapshot)?;
         let mut cat = self.inner.catalog.lock();
         let v = volume_meta(&cat, volume)?;
@@ -174,6 +195,10 @@ impl Store {
         // Writes wait while the top layer changes, so the snapshot holds exactly the
         // writes acknowledged before this point.
         let mut rt = state.rt.write();
+        let size = match size {
+            None => rt.size,
+            Some(size) => self.check_snapshot_size(&rt.chain, size, rt.size)?,
+        };
         let mut next = cat.clone();
         let old_top = v.top;
         let new_top = next.new_layer(Some(old_top));
@@ -183,13 +208,12 @@ impl Store {
                 snapshot.to_string(),
                 SnapshotMeta {
                     layer: old_top,
-                    size: rt.size,
+                    size,
                     created,
                 },
             );
             v.top = new_top;
         }
-        let size = rt.size;
         self.commit_with_new_layer(&mut cat, next, new_top)?;
         let files = self.layer(new_top)?;
         rt.chain.insert(0, files);

@@ -20,6 +20,7 @@
 //! - `recovery`: replaying the WAL at open;
 //! - `space`: refusing writes the filesystem could not checkpoint;
 //! - `scrub`: verifying every stored block;
+//! - `sized_snapshot`: the check a snapshot smaller than its volume needs;
 //! - `repair`: rewriting a block that fails its checksum with another copy's bytes.
 
 mod admin;
@@ -43,6 +44,7 @@ mod recovery;
 mod repair;
 mod replication_role;
 mod scrub;
+mod sized_snapshot;
 mod space;
 mod write;
 
