@@ -623,11 +623,12 @@ impl Primary {
                 generation,
                 seq,
             },
-            Op::Snapshot { name } => Message::Snapshot {
+            Op::Snapshot { name, size } => Message::Snapshot {
                 volume,
                 generation,
                 seq,
                 name: name.clone(),
+                size: *size,
             },
             Op::Resize { size } => Message::Resize {
                 volume,

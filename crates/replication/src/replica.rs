@@ -48,8 +48,13 @@ pub enum Op {
     Flush,
     /// Take snapshot `name` of the copy here: it holds exactly the ops sequenced before
     /// it. The same point of the stream on every copy, since every copy applies in seq
-    /// order.
-    Snapshot { name: SnapshotName },
+    /// order. With `size`, at that size, smaller than the copy: the copy's bytes past it
+    /// are discarded first (a catch-up carrying a snapshot taken before the volume grew
+    /// to a copy larger already; its passes rewrite the head after).
+    Snapshot {
+        name: SnapshotName,
+        size: Option<u64>,
+    },
     /// Grow the copy here to `size` bytes (nothing when it is already at least that
     /// large): writes sequenced after it may reach past the old end.
     Resize { size: u64 },
@@ -298,11 +303,12 @@ impl Replica {
                 generation,
                 seq,
                 name,
+                size,
             } => self.sequenced(
                 &volume,
                 generation,
                 seq,
-                Op::Snapshot { name },
+                Op::Snapshot { name, size },
                 &mut actions,
             ),
             Message::Resize {

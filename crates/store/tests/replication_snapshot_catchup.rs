@@ -15,7 +15,13 @@
 //!   middle) and caught up again, with no layer more than the primary's copy: each
 //!   snapshot and the volume blake3-equal on every copy, read through each store's NBD;
 //! - a block failing its checksum in a replica's snapshot layer, met by its catch-up, is
-//!   rewritten there with the primary's bytes (counted, with the node and the snapshot).
+//!   rewritten there with the primary's bytes (counted, with the node and the snapshot);
+//! - a copy made larger than a snapshot it lacks (at the volume's grown size, holding
+//!   other bytes everywhere) gets it at the snapshot's own size, equal to the primary's,
+//!   and a clone of it grown past that size reads as the primary's clone (zeroes there);
+//! - a block failing its checksum in a clone's origin layer (another volume's snapshot)
+//!   on a replica, met by the clone's catch-up where the clone was written since, is
+//!   rewritten there with the primary's bytes of the origin (counted).
 
 // Test code: the unexpected should panic where it happens.
 #![allow(clippy::unwrap_used)]
@@ -28,14 +34,18 @@ use tessera_pki::ClusterCa;
 use tessera_store_admin::{AdminOp, AdminReply, ReplicaState, ReplicationRole};
 
 mod support;
-use support::rot::{file_holding, rot};
+use support::rot::{bytes_at, file_holding, rot};
 use support::*;
 
 const SIZE: u64 = 16 * MIB;
 
 fn caught_up(primary: &Node, node: &str) -> bool {
+    caught_up_on(primary, "v", node)
+}
+
+fn caught_up_on(primary: &Node, volume: &str, node: &str) -> bool {
     primary
-        .replication("v")
+        .replication(volume)
         .replicas
         .iter()
         .any(|r| r.node == node && r.state == ReplicaState::CaughtUp {} && r.missed_bytes == 0)
@@ -50,8 +60,12 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 fn set_role(n: &Node, generation: u64, role: ReplicationRole) {
+    set_role_of(n, "v", generation, role);
+}
+
+fn set_role_of(n: &Node, volume: &str, generation: u64, role: ReplicationRole) {
     n.admin(AdminOp::SetReplication {
-        volume: "v".into(),
+        volume: volume.into(),
         generation,
         role,
     })
@@ -374,5 +388,158 @@ fn a_bad_block_in_a_replicas_snapshot_layer_is_repaired_by_its_catch_up() {
         sized_hash(r, &nodes[2], "v", SIZE),
         sized_hash(r, &nodes[0], "v", SIZE),
         "node3's volume"
+    );
+}
+
+#[test]
+fn a_copy_larger_than_a_snapshot_it_lacks_gets_it_at_the_snapshots_size() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let ca = ClusterCa::mint("repl-catchup-larger-copy-test").unwrap();
+    let nodes = three_copies(r, &ca, "v", SIZE);
+    let mut c = nodes[0].nbd("v");
+    c.write(0, &pattern("base", (4 * MIB) as usize), true)
+        .unwrap();
+    snapshot(&nodes[0], "s1").unwrap();
+    let big = SIZE + 8 * MIB;
+    grow(&nodes[0], big);
+    let mut c = nodes[0].nbd("v");
+    c.write(MIB, &pattern("after-s1", (2 * MIB) as usize), false)
+        .unwrap();
+    c.write(
+        SIZE + MIB,
+        &pattern("past-the-old-end", MIB as usize),
+        false,
+    )
+    .unwrap();
+    c.flush().unwrap();
+    let s1 = sized_hash(r, &nodes[0], "v@s1", SIZE);
+    let head = sized_hash(r, &nodes[0], "v", big);
+
+    // node4: a copy made at the volume's grown size (as an earlier version made a
+    // rebuild's, or by hand), holding other bytes everywhere, past s1's size too. It
+    // lacks s1 and is larger than s1 was: before, the catch-up left s1 out (a warning).
+    let node4 = Node::start(r, "node4", &ca);
+    node4.create("v", big);
+    let mut w = node4.nbd("v");
+    for at in (0..big).step_by((4 * MIB) as usize) {
+        w.write(
+            at,
+            &pattern(&format!("stale-{at}"), (4 * MIB) as usize),
+            false,
+        )
+        .unwrap();
+    }
+    w.flush().unwrap();
+    set_role(&nodes[0], 3, primary(&[&nodes[1], &nodes[2]], &[&node4]));
+    set_role(&node4, 3, ReplicationRole::Replica { catching_up: true });
+    wait_until("node4 caught up", || caught_up(&nodes[0], "node4"));
+    assert_eq!(snapshots(&node4), ["s1"], "node4 lacks s1");
+    assert_eq!(sized_hash(r, &node4, "v@s1", SIZE), s1, "node4's s1");
+    rejoin(&nodes[0], &[&nodes[1], &nodes[2], &node4], &node4, 4);
+    assert_eq!(sized_hash(r, &node4, "v", big), head, "node4's volume");
+
+    // A clone of s1 grown to 24 MiB reads on node4 what it reads on node1 (zeroes past
+    // 16 MiB), not the bytes node4's copy held there before s1 was carried.
+    for n in [&nodes[0], &node4] {
+        n.admin(AdminOp::CloneSnapshot {
+            volume: "v".into(),
+            snapshot: "s1".into(),
+            name: "c".into(),
+        })
+        .unwrap();
+        n.admin(AdminOp::ResizeVolume {
+            name: "c".into(),
+            size: big,
+        })
+        .unwrap();
+    }
+    assert_eq!(
+        sized_hash(r, &node4, "c", big),
+        sized_hash(r, &nodes[0], "c", big),
+        "a clone of node4's s1, grown"
+    );
+}
+
+#[test]
+fn a_bad_block_in_a_clones_origin_layer_on_a_replica_is_repaired_by_its_catch_up() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let ca = ClusterCa::mint("repl-catchup-origin-test").unwrap();
+    let mut nodes = three_copies(r, &ca, "v", SIZE);
+    let base = pattern("base", (4 * MIB) as usize);
+    nodes[0].nbd("v").write(0, &base, true).unwrap();
+    snapshot(&nodes[0], "s1").unwrap();
+    // The clone, as tesserad makes one: each store clones its own copy of s1, then the
+    // clone is replicated like a new volume.
+    for n in &nodes {
+        n.admin(AdminOp::CloneSnapshot {
+            volume: "v".into(),
+            snapshot: "s1".into(),
+            name: "c".into(),
+        })
+        .unwrap();
+    }
+    for n in &nodes[1..] {
+        set_role_of(n, "c", 2, ReplicationRole::Replica { catching_up: false });
+    }
+    set_role_of(&nodes[0], "c", 2, primary(&[&nodes[1], &nodes[2]], &[]));
+
+    // node3 away; the clone is written at 1 MiB meanwhile (so its catch-up compares that
+    // block, and the primary's clone no longer holds the origin's bytes there), and on
+    // node3 the origin's bytes, in v's layer under s1, rot.
+    nodes[2].kill();
+    set_role_of(&nodes[0], "c", 3, primary(&[&nodes[1]], &[&nodes[2]]));
+    nodes[0]
+        .nbd("c")
+        .write(MIB, &pattern("clone-write", 64 * 1024), true)
+        .unwrap();
+    nodes[2].restart();
+    let b = support::rot::B;
+    let good = &base[MIB as usize..(MIB + b) as usize];
+    let file = file_holding(&nodes[2], MIB, good);
+    rot(&file, MIB);
+    assert!(bytes_at(&file, MIB, b) != good, "the block did not rot");
+
+    set_role_of(
+        &nodes[2],
+        "c",
+        3,
+        ReplicationRole::Replica { catching_up: true },
+    );
+    wait_until("node3 caught up on c", || {
+        caught_up_on(&nodes[0], "c", "node3")
+    });
+    // The origin's layer file holds its bytes again (before, the catch-up's write
+    // repaired the clone's head only and left it bad, for v@s1 and v on node3).
+    assert!(
+        bytes_at(&file, MIB, b) == good,
+        "node3's origin layer still holds the flipped block"
+    );
+    let status = nodes[0].replication("c");
+    assert!(
+        status.repairs.iter().any(|x| x.offset == MIB
+            && x.on.as_deref() == Some("node3")
+            && x.snapshot.is_none()
+            && x.from == "primary"),
+        "the repair is not listed: {:?}",
+        status.repairs
+    );
+    set_role_of(&nodes[0], "c", 4, primary(&[&nodes[1], &nodes[2]], &[]));
+    set_role_of(
+        &nodes[2],
+        "c",
+        4,
+        ReplicationRole::Replica { catching_up: false },
+    );
+    assert_eq!(
+        sized_hash(r, &nodes[2], "c", SIZE),
+        sized_hash(r, &nodes[0], "c", SIZE),
+        "node3's clone"
+    );
+    assert_eq!(
+        sized_hash(r, &nodes[2], "v@s1", SIZE),
+        sized_hash(r, &nodes[0], "v@s1", SIZE),
+        "node3's origin snapshot"
     );
 }

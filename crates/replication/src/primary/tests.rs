@@ -400,6 +400,7 @@ fn bad_requests_fail_without_being_sent() {
 fn snapshot(name: &str) -> Op {
     Op::Snapshot {
         name: VolumeName::new(name).unwrap(),
+        size: None,
     }
 }
 

@@ -102,6 +102,7 @@ fn a_snapshot_applies_in_seq_order_once_and_not_while_lost() {
         generation: Generation(1),
         seq,
         name: VolumeName::new("s1").unwrap(),
+        size: None,
     };
     let mut r = Replica::new(vol());
     // Before write 1 arrived: a gap, not taken early.
@@ -115,7 +116,8 @@ fn a_snapshot_applies_in_seq_order_once_and_not_while_lost() {
         vec![ReplicaAction::Apply {
             seq: 2,
             op: Op::Snapshot {
-                name: VolumeName::new("s1").unwrap()
+                name: VolumeName::new("s1").unwrap(),
+                size: None,
             }
         }]
     );

@@ -35,6 +35,8 @@ const KIND_SNAPSHOT_LIST_REPLY: u8 = 16;
 const KIND_SNAPSHOT_READ: u8 = 17;
 const KIND_REPAIR: u8 = 18;
 const KIND_REPAIR_REPLY: u8 = 19;
+/// A `Snapshot` with a size (`size: Some`).
+const KIND_SNAPSHOT_AT: u8 = 20;
 
 const REPAIR_REWRITTEN: u8 = 0;
 const REPAIR_NOT_NEEDED: u8 = 1;
@@ -78,7 +80,10 @@ fn check(msg: &Message) -> Result<(), WireError> {
                 "blocks",
             )
         }
-        Message::Resize { size, .. } => {
+        Message::Resize { size, .. }
+        | Message::Snapshot {
+            size: Some(size), ..
+        } => {
             if *size == 0 {
                 return Err(WireError::BadLength {
                     field: "size",

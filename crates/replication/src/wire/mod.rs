@@ -190,6 +190,12 @@ pub enum Message {
         seq: u64,
         /// The snapshot's name (the block store's naming rule, as for volumes).
         name: VolumeName,
+        /// `None`: at the copy's size (kind 11). `Some`: at this size, smaller than the
+        /// copy (kind 20, only from a catch-up carrying a snapshot taken before the
+        /// volume grew to a copy larger already): the copy's bytes past it are discarded
+        /// first (a catch-up rewrites the copy's head after it). A positive multiple of
+        /// [`BLOCK_SIZE`].
+        size: Option<u64>,
     },
     /// Primary → replica: grow the volume to `size` bytes at this point of the write
     /// stream (after every lower seq, before every higher one, so writes past the old end

@@ -65,6 +65,14 @@ fn every_message() -> Vec<Message> {
             generation: g,
             seq: 5,
             name: VolumeName::new("before-upgrade.1").unwrap(),
+            size: None,
+        },
+        Message::Snapshot {
+            volume: vol(),
+            generation: g,
+            seq: 6,
+            name: VolumeName::new("s1").unwrap(),
+            size: Some(16 << 20),
         },
         Message::Resize {
             volume: vol(),
@@ -304,7 +312,7 @@ fn unknown_version_and_kind_are_refused() {
     body[0] = 0;
     assert_eq!(decode_body(&body), Err(WireError::UnknownVersion(0)));
     body[0] = VERSION;
-    for kind in [0u8, 20, 255] {
+    for kind in [0u8, 21, 255] {
         body[1] = kind;
         assert_eq!(decode_body(&body), Err(WireError::UnknownKind(kind)));
     }
@@ -504,6 +512,20 @@ fn bad_ranges_are_refused_by_the_encoder_too() {
             generation: g,
             seq: 1,
             size: 4096 + 512,
+        },
+        Message::Snapshot {
+            volume: vol(),
+            generation: g,
+            seq: 1,
+            name: VolumeName::new("s1").unwrap(),
+            size: Some(0),
+        },
+        Message::Snapshot {
+            volume: vol(),
+            generation: g,
+            seq: 1,
+            name: VolumeName::new("s1").unwrap(),
+            size: Some(4096 + 512),
         },
         Message::UnsettledReply {
             request: 1,

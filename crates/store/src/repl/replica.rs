@@ -337,8 +337,15 @@ impl ReplicaService {
                     self.recent.note(volume.as_str(), &op);
                     let result = match op {
                         // Flushed first: once acknowledged, the snapshot's content is durable.
-                        Op::Snapshot { name } => vr.export.flush().and_then(|()| {
-                            super::snapshot::take(&self.store, volume.as_str(), &name, &self.taken)
+                        Op::Snapshot { name, size } => vr.export.flush().and_then(|()| {
+                            super::snapshot::take(
+                                &self.store,
+                                &vr.export,
+                                volume.as_str(),
+                                &name,
+                                size,
+                                &self.taken,
+                            )
                         }),
                         Op::Resize { size } => {
                             super::resize::grow(&self.store, volume.as_str(), size)

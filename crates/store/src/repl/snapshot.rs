@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tessera_blockstore::{SnapshotInfo, Store, StoreError};
+use tessera_blockstore::{Export, SnapshotInfo, Store, StoreError};
 use tessera_replication::primary::RequestError;
 use tessera_replication::replica::Op;
 use tessera_replication::wire::VolumeName;
@@ -24,21 +24,39 @@ use super::{Replication, RoleError};
 /// until the admin op deletes them.
 pub type Taken = Arc<Mutex<HashSet<String>>>;
 
-/// Takes snapshot `name` of `volume` for the write stream. A snapshot this copy already
-/// took from the stream (`taken`) is done, not taken again: after a generation change
-/// the primary sends what was not completed again, the snapshot among it, and the copy
-/// holds it at the right point already.
+/// Takes snapshot `name` of `volume` (open as `export`) for the write stream, at `size`
+/// when given. A snapshot this copy already took from the stream (`taken`) is done, not
+/// taken again: after a generation change the primary sends what was not completed
+/// again, the snapshot among it, and the copy holds it at the right point already.
+///
+/// A `size` below the copy's comes only from a catch-up carrying a snapshot taken before
+/// the volume grew to a copy larger already (`catchup/snapshots.rs`): the copy's bytes
+/// past it are trimmed and the trim made durable first, so the snapshot reads as the
+/// primary's, past its end too once a clone of it is grown (the block store refuses it
+/// otherwise). The catch-up's passes bring the trimmed head back.
 pub(super) fn take(
     store: &Store,
+    export: &Export,
     volume: &str,
     name: &VolumeName,
+    size: Option<u64>,
     taken: &Taken,
 ) -> Result<(), StoreError> {
     let key = format!("{volume}@{}", name.as_str());
     if taken.lock().contains(&key) {
         return Ok(());
     }
-    store.create_snapshot(volume, name.as_str())?;
+    match size {
+        None => store.create_snapshot(volume, name.as_str())?,
+        Some(size) => {
+            let current = export.size();
+            if size < current {
+                export.trim(size, current - size, false)?;
+                export.flush()?;
+            }
+            store.create_snapshot_sized(volume, name.as_str(), size)?
+        }
+    };
     taken.lock().insert(key);
     Ok(())
 }
@@ -92,7 +110,7 @@ impl Replication {
             return Err(StoreError::AlreadyExists(format!("snapshot {volume}@{snapshot}")).into());
         }
         let bound = primary.admin_wait();
-        primary.submit_within(Op::Snapshot { name }, bound).map_err(|e| {
+        primary.submit_within(Op::Snapshot { name, size: None }, bound).map_err(|e| {
             let why = match e {
                 ForwardError::Request(RequestError::NotAllInSync(ids)) => {
                     let nodes: Vec<String> = ids

@@ -13,8 +13,8 @@ use super::{
     KIND_WRITE, KIND_WRITE_ZEROES,
 };
 use super::{
-    KIND_REPAIR, KIND_REPAIR_REPLY, KIND_SNAPSHOT_READ, REPAIR_MISMATCH, REPAIR_NOT_NEEDED,
-    REPAIR_REWRITTEN,
+    KIND_REPAIR, KIND_REPAIR_REPLY, KIND_SNAPSHOT_AT, KIND_SNAPSHOT_READ, REPAIR_MISMATCH,
+    REPAIR_NOT_NEEDED, REPAIR_REWRITTEN,
 };
 
 /// The length of the frame that follows a 4-byte length prefix, refused if it is larger
@@ -108,15 +108,21 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                 seq,
             }
         }
-        KIND_SNAPSHOT => {
+        KIND_SNAPSHOT | KIND_SNAPSHOT_AT => {
             let (volume, generation) = r.target()?;
             let seq = r.u64("seq")?;
             let name = r.name("snapshot name length", "snapshot name")?;
+            let size = if kind == KIND_SNAPSHOT_AT {
+                Some(r.u64("size")?)
+            } else {
+                None
+            };
             Message::Snapshot {
                 volume,
                 generation,
                 seq,
                 name,
+                size,
             }
         }
         KIND_RESIZE => {

@@ -12,8 +12,8 @@ use super::{
     KIND_WRITE, KIND_WRITE_ZEROES,
 };
 use super::{
-    KIND_REPAIR, KIND_REPAIR_REPLY, KIND_SNAPSHOT_READ, REPAIR_MISMATCH, REPAIR_NOT_NEEDED,
-    REPAIR_REWRITTEN,
+    KIND_REPAIR, KIND_REPAIR_REPLY, KIND_SNAPSHOT_AT, KIND_SNAPSHOT_READ, REPAIR_MISMATCH,
+    REPAIR_NOT_NEEDED, REPAIR_REWRITTEN,
 };
 
 /// Encodes `msg` as one frame. Refuses a message that breaks the format's rules (so a bad
@@ -88,11 +88,19 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             generation,
             seq,
             name,
+            size,
         } => {
-            out.push(KIND_SNAPSHOT);
+            out.push(if size.is_some() {
+                KIND_SNAPSHOT_AT
+            } else {
+                KIND_SNAPSHOT
+            });
             put_target(out, volume, *generation);
             put_u64(out, *seq);
             put_name(out, name);
+            if let Some(size) = size {
+                put_u64(out, *size);
+            }
         }
         Message::Resize {
             volume,

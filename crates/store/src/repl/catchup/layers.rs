@@ -16,6 +16,15 @@
 //! next is tried. A rewritten block is logged on both stores and counted in the
 //! primary's `replication_status` (`repairs`, with `on` and `snapshot`), which its
 //! tesserad turns into a `volume.repaired` event.
+//!
+//! A clone reads through its origin's layers (`volume@snapshot` of another volume, and
+//! that volume's origin in turn): a bad block there, met by the clone's comparison, is
+//! read well by none of the clone's own views once the clone was written there since
+//! (the head holds the newer bytes, which the origin layer's checksum does not name).
+//! So after them the origin snapshots are tried, nearest first, each sent as a `Repair`
+//! of the clone's head (the replica's head reads the bad block through that layer, and
+//! `repair_block` finds it there): the origin layer is rewritten, for the clone, the
+//! origin volume and its snapshot on that copy at once.
 
 use std::sync::Arc;
 
@@ -56,7 +65,8 @@ impl CatchUp {
         offset: u64,
     ) -> Result<(), PassError> {
         // The views that may read the bad block, newest first: a snapshot's bytes fit the
-        // layer it froze or one below, the source's the layer the replica's head reads.
+        // layer it froze or one below, the source's the layer the replica's head reads,
+        // an origin's a layer under the clone's own (module doc).
         let mut views: Vec<(Option<&str>, Arc<Export>)> = Vec::new();
         let held = s.held.clone();
         for name in held.iter().rev() {
@@ -70,6 +80,7 @@ impl CatchUp {
             }
         }
         views.push((None, source.clone()));
+        views.extend(self.origins(offset).into_iter().map(|o| (None, o)));
         for (snapshot, view) in views {
             let Some(data) = read_block(&view, offset).await else {
                 continue;
@@ -100,7 +111,7 @@ impl CatchUp {
             match outcome {
                 Ok(RepairOutcome::Rewritten) => {
                     tracing::warn!(volume = %self.volume, node = %self.peer.node, offset,
-                        len = BLOCK, snapshot = snapshot.unwrap_or("-"),
+                        len = BLOCK, snapshot = snapshot.unwrap_or("-"), from = view.name(),
                         "catch-up met a block of the replica's copy failing its checksum: repaired in its layer with this copy's bytes");
                     self.shared.repairs.note(
                         offset,
@@ -121,11 +132,47 @@ impl CatchUp {
             }
         }
         tracing::warn!(volume = %self.volume, node = %self.peer.node, offset,
-            "a block of the replica's copy failing its checksum matched none of this copy's views: \
-             the catch-up's write repairs the volume's head only");
+            "a block of the replica's copy failing its checksum matched none of this copy's views \
+             (its volume's, its snapshots', its origins'): the catch-up's write repairs the volume's head only");
         Ok(())
     }
+
+    /// The origin snapshots the volume reads through that reach `offset`, nearest first
+    /// (its own origin, then that volume's, ...), opened on this store.
+    fn origins(&self, offset: u64) -> Vec<Arc<Export>> {
+        let mut out = Vec::new();
+        let mut volume = self.volume.as_str().to_string();
+        // A clone's chain of origins is short; the bound only guards a broken catalog.
+        for _ in 0..MAX_ORIGINS {
+            let origin = match self.store.volume_info(&volume) {
+                Ok(info) => info.origin,
+                Err(e) => {
+                    tracing::warn!(volume = %volume, error = %e,
+                        "looking up a clone's origin to repair a replica's block with it");
+                    None
+                }
+            };
+            let Some(origin) = origin else { break };
+            match self.store.open_export(&origin) {
+                Ok(e) if offset < e.size() => out.push(Arc::new(e)),
+                // Past the origin's size: no layer of it or below holds the block.
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(volume = %self.volume, origin = %origin, error = %e,
+                        "opening a clone's origin to repair a replica's block with it");
+                    break;
+                }
+            }
+            volume = origin
+                .split_once('@')
+                .map_or(origin.clone(), |(v, _)| v.to_string());
+        }
+        out
+    }
 }
+
+/// Most origins looked through (a clone of a clone of ...).
+const MAX_ORIGINS: usize = 16;
 
 /// The block at `offset` of `view`, or `None` (logged) when it does not read here.
 async fn read_block(view: &Arc<Export>, offset: u64) -> Option<Vec<u8>> {

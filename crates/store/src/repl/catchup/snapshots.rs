@@ -10,9 +10,13 @@
 //! the primary's head anywhere, so the whole volume is recorded as missed (durably, before
 //! the first block is sent) and the passes that follow bring the head back.
 //!
-//! A snapshot taken before the volume grew cannot be carried to a copy that is larger
-//! already (the block store takes a snapshot at its volume's current size): it is left
-//! out, with a warning naming it; its clones fail on that copy's node.
+//! A snapshot taken before the volume grew is carried to a copy that is larger already
+//! (made by hand, or by an earlier version) at its own size: the snapshot's bytes are
+//! sent over its size as always, and it is taken with that size (`Snapshot` with `size`,
+//! kind 20): the replica trims its copy past that size first, so the snapshot holds
+//! nothing past its end (a clone of it grown later reads zeroes there, as the primary's
+//! does), and takes it with the block store's `create_snapshot_sized`. The trimmed head
+//! comes back with the passes that follow, like the rest of the volume.
 
 use std::sync::Arc;
 
@@ -59,10 +63,11 @@ impl CatchUp {
                 )))
             }
         };
-        // Taken in the order they were taken here: by size first (a volume only grows, and
-        // a copy grown past a snapshot's size can no longer take it; `created` counts
-        // seconds, so two snapshots a resize apart may tie there and were taken by name,
-        // the larger first, leaving the smaller out), then by time and name.
+        // Taken in the order they were taken here: by size first (a volume only grows, so
+        // the copy grows through the snapshots' sizes in order and each is taken at its
+        // own size without trimming, unless the copy was larger to begin with; `created`
+        // counts seconds, so two snapshots a resize apart may tie there), then by time
+        // and name.
         mine.sort_by(|a, b| (a.size, a.created, &a.name).cmp(&(b.size, b.created, &b.name)));
         let mut held: Vec<bool> = mine
             .iter()
@@ -83,7 +88,8 @@ impl CatchUp {
         self.record_whole().await?;
         for (i, snap) in mine.iter().enumerate() {
             if !held[i] {
-                held[i] = self.carry(s, seq, snap).await?;
+                self.carry(s, seq, snap).await?;
+                held[i] = true;
                 keep(s, &held);
             }
         }
@@ -116,23 +122,24 @@ impl CatchUp {
         Ok(())
     }
 
-    /// Makes the replica's copy what snapshot `snap` holds, then takes it there: whether
-    /// it was (`false`: it cannot be, see the module doc).
+    /// Makes the replica's copy what snapshot `snap` holds, then takes it there.
     async fn carry(
         &self,
         s: &mut Stream,
         seq: &mut u64,
         snap: &SnapshotInfo,
-    ) -> Result<bool, PassError> {
+    ) -> Result<(), PassError> {
         let name = VolumeName::new(snap.name.as_str())
             .map_err(|e| PassError::Retry(format!("snapshot {}: {e}", snap.name)))?;
-        // A copy larger than the snapshot already cannot take it at its size: a digest
-        // request past the snapshot's end answers for such a copy only.
-        if self.larger_than(s, snap.size).await? {
-            tracing::warn!(volume = %self.volume, node = %self.peer.node, snapshot = %snap.name,
+        // A copy larger than the snapshot already takes it at the snapshot's size, the
+        // rest of its copy trimmed first (see the module doc); a digest request past the
+        // snapshot's end answers for such a copy only. A copy no larger takes it as
+        // always (an older replica knows only that kind).
+        let larger = self.larger_than(s, snap.size).await?;
+        if larger {
+            tracing::info!(volume = %self.volume, node = %self.peer.node, snapshot = %snap.name,
                 size = snap.size,
-                "catch-up cannot bring this snapshot: the copy is larger than the volume was when it was taken; not supported yet");
-            return Ok(false);
+                "the copy is larger than the volume was when this snapshot was taken: it takes it at that size, its bytes past it trimmed");
         }
         self.send_resize(s, seq, snap.size).await?;
         let source = Arc::new(
@@ -161,11 +168,12 @@ impl CatchUp {
             generation,
             seq,
             name,
+            size: larger.then_some(snap.size),
         })
         .await?;
         tracing::info!(volume = %self.volume, node = %self.peer.node, snapshot = %snap.name,
             "catch-up brought a snapshot the copy lacked");
-        Ok(true)
+        Ok(())
     }
 
     /// Whether the replica's copy is larger than `size` bytes.

@@ -338,9 +338,9 @@ fn apply_local(
         Op::Trim { offset, len } => export.trim(offset, len, false),
         Op::Flush => export.flush(),
         // Flushed first, as on the replicas: the snapshot's content is durable.
-        Op::Snapshot { name } => export
+        Op::Snapshot { name, size } => export
             .flush()
-            .and_then(|()| super::super::snapshot::take(store, volume, &name, taken)),
+            .and_then(|()| super::super::snapshot::take(store, export, volume, &name, size, taken)),
         Op::Resize { size } => super::super::resize::grow(store, volume, size),
     };
     r.map_err(|e| reply_error(&e))
