@@ -260,10 +260,21 @@ fn a_forwarded_client_survives_its_primarys_store_restarting_dying_and_a_resize(
     write_pattern(&mut g, &mut m, (13 * MIB, MIB, 0xcc), 1, dir);
     let argv_q = kill(dir, q, &["tessera-store"]);
     restarted.start(dir, q, &argv_q[0]);
+    wait_for(&format!("node{q}'s store serving v again"), 60, || {
+        serves(dir, q, "v").then_some(())
+    });
     wait_volume_moving(ca, 2, t, "v", 60, |v| {
         all_in_sync(v) && v["node"] == id(q).as_str()
     });
     take_primary(&mut m, (ca, t, dir), r, &id(r), (14 * MIB, 0xdd));
+    // What this part is about: the copy the client wrote through is still in sync
+    // (had it left the in-sync set, the move would be the cluster's failover, and the
+    // client would rightly go on).
+    let (_, moved) = api(ca, 2, "GET", "volumes/v", Some(t), None);
+    assert!(
+        all_in_sync(&moved),
+        "node{q}'s copy left the in-sync set: {moved}"
+    );
     let said = refused(&mut g, (13 * MIB, 0xee), dir, none);
     assert!(
         said.contains(&format!(
