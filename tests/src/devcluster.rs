@@ -372,6 +372,33 @@ pub fn node_dir(dir: &Path, i: u8) -> std::path::PathBuf {
     dir.join(format!("node{i}"))
 }
 
+/// Every log of the dev cluster in `dir`: each node's `store.log` and `tesserad.log`, and
+/// each of its VMMs' `vmm.log` and `console.log` (`data/vms/<vm>/`).
+pub fn node_logs(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut logs = Vec::new();
+    for i in 1..=3 {
+        let node = node_dir(dir, i);
+        for name in ["store.log", "tesserad.log"] {
+            let p = node.join(name);
+            if p.exists() {
+                logs.push(p);
+            }
+        }
+        let Ok(vms) = std::fs::read_dir(node.join("data/vms")) else {
+            continue;
+        };
+        for vm in vms {
+            let vm = vm.unwrap().path();
+            for name in ["vmm.log", "console.log"] {
+                if vm.join(name).exists() {
+                    logs.push(vm.join(name));
+                }
+            }
+        }
+    }
+    logs
+}
+
 /// Kills, when dropped, every VMM whose command line names `.0` (the test's directory
 /// with a trailing `/`), so none outlives a failed test: VMMs outlive `tesserad` by design.
 pub struct VmmKiller(pub String);

@@ -379,6 +379,23 @@ pub fn start_idle_vm(ca: &str, token: &str, name: &str, disk: &str, node: &str, 
     });
 }
 
+/// Node `i`'s own TLS credentials (the certificate its VMMs present to other nodes'
+/// stores), copied into `tmp/node<i>-creds` in the layout qemu's `tls-creds-x509` reads;
+/// that directory.
+pub fn node_credentials(dir: &Path, i: u8, tmp: &Path) -> PathBuf {
+    let tls = dir.join(format!("node{i}/data/tls"));
+    let creds = tmp.join(format!("node{i}-creds"));
+    std::fs::create_dir_all(&creds).unwrap();
+    for (from, to) in [
+        ("ca.crt", "ca-cert.pem"),
+        ("node.crt", "client-cert.pem"),
+        ("node.key", "client-key.pem"),
+    ] {
+        std::fs::copy(tls.join(from), creds.join(to)).unwrap();
+    }
+    creds
+}
+
 /// A client that stays connected: qemu-io reading its commands from a pipe, its output
 /// line by line.
 pub struct QemuIo {
@@ -407,6 +424,20 @@ impl QemuIo {
         let stdin = child.stdin.take().unwrap();
         let out = std::io::BufReader::new(child.stdout.take().unwrap());
         QemuIo { child, stdin, out }
+    }
+
+    /// Starts qemu-io on node `i`'s store over NBD on TCP with TLS (`creds`, from
+    /// [`node_credentials`]), export name `export` (a writer key may follow a `#`).
+    pub fn tls(creds: &Path, i: u8, export: &str) -> QemuIo {
+        QemuIo::start_args(&[
+            "--object".into(),
+            format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=client",
+                creds.display()
+            ),
+            "--image-opts".into(),
+            format!("driver=nbd,host=127.0.0.{i},port=10809,export={export},tls-creds=tls0"),
+        ])
     }
 
     /// Runs one qemu-io command and returns the line it answered with.

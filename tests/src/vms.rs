@@ -96,6 +96,16 @@ pub fn vm_pid(dir: &Path, name: &str) -> Option<u64> {
     v["pid"].as_u64().filter(|p| alive(*p))
 }
 
+/// The disk writer key `tesserad` gave VMM `pid` (`TESSERA_DISK_WRITER_KEY` in its
+/// environment; as root: `/proc/PID/environ` is its owner's only).
+pub fn writer_key_of(pid: u64) -> String {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    env.split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(b"TESSERA_DISK_WRITER_KEY="))
+        .map(|k| String::from_utf8(k.to_vec()).unwrap())
+        .unwrap_or_else(|| panic!("VMM {pid} has no writer key in its environment"))
+}
+
 /// `GET /vms/{name}` through node `i` (must be 200).
 pub fn vm(lan: &Lan, i: usize, token: &str, name: &str) -> Value {
     let (code, v) = api(lan, i, "GET", &format!("vms/{name}"), Some(token), None);

@@ -4,7 +4,10 @@
 //! node within a bound, started only after its volume's generation rose through Raft; its
 //! disk still holds what was written and flushed before; the old VMM is gone; the events
 //! name the steps (node down, fence, start, recovered). The VM without HA is not restarted
-//! and is reported `unknown` (its node is down), not `running`.
+//! and is reported `unknown` (its node is down), not `running`. The old VMM's writer key
+//! (issue #8, read from its environment before the kill) is then refused by both stores
+//! left, over NBD on TCP with node1's certificate: EPERM, the store's log naming the VM
+//! and its new node, nothing of it on the disk, the key in no log.
 //!
 //! Second test (`vm_ha/partition.rs`): the node is partitioned instead (three nodes in
 //! network namespaces, whose stores replicate): its VMM stops itself, the copies never
@@ -30,10 +33,12 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tessera_tests::cluster::wait_for;
 use tessera_tests::devcluster::{
-    api, kill_matching, memory_published, node_dir, node_id, wait_nodes, DevCluster, VmmKiller,
+    api, kill_matching, memory_published, node_dir, node_id, node_logs, wait_nodes, DevCluster,
+    VmmKiller,
 };
+use tessera_tests::replicas::{node_credentials, store_logs, QemuIo};
 use tessera_tests::vms::VmCluster;
-use tessera_tests::vms::{alive, console, vm_pid};
+use tessera_tests::vms::{alive, console, vm_pid, writer_key_of};
 use tessera_tests::{counts, kvm_or_skip, output, require};
 
 #[path = "vm_ha/capacity.rs"]
@@ -83,8 +88,9 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
     if !kvm_or_skip(test) {
         return;
     }
-    require("curl");
-    require("nbdcopy");
+    for tool in ["curl", "nbdcopy", "qemu-io", "stdbuf"] {
+        require(tool);
+    }
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let _reaper = VmmKiller::of(dir);
@@ -186,6 +192,9 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
     });
     let old_pid = vm_pid(&node_dir(dir, 1), "ha1").unwrap();
     let plain_pid = vm_pid(&node_dir(dir, 1), "plain").unwrap();
+    // The old VMM's writer key (issue #8), tried again once the VM runs elsewhere.
+    let old_key = writer_key_of(old_pid);
+    assert_eq!(old_key.len(), 64, "256 bits, hex");
 
     // node1 dies: its tesserad, its store and its VMMs.
     let mark = format!("{}/", dir.join("node1").display());
@@ -227,6 +236,8 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
         "generation {generation_before} -> {generation_after}: {vol}"
     );
     assert_ne!(vol["replication"]["primary"], id(1).as_str(), "{vol}");
+    let primary = index(vol["replication"]["primary"].as_str().unwrap());
+    the_old_vmms_key_is_refused(dir, primary, new_node, &old_key);
 
     // The plain VM: not restarted, reported unknown on its down node.
     let (_, v) = api(&ca, 2, "GET", "vms/plain", Some(t), None);
@@ -274,7 +285,6 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
         let (_, v) = api(&ca, 2, "GET", "vms/ha1", Some(t), None);
         (v["actual_state"] == "stopped").then_some(())
     });
-    let primary = index(vol["replication"]["primary"].as_str().unwrap());
     let read = dir.join("read.img");
     let o = output(
         Command::new("nbdcopy")
@@ -292,5 +302,62 @@ fn an_ha_vm_runs_again_elsewhere_after_its_node_dies_and_a_plain_one_does_not() 
     );
     assert!(data.starts_with(b"TESSERA-MARK"), "{:?}", &data[..64]);
     assert!(data[512..].starts_with(b"COUNT="), "{:?}", &data[512..576]);
+    assert!(
+        data[REFUSED_AT..REFUSED_AT + 64 * 1024]
+            .iter()
+            .all(|b| *b == 0),
+        "the old key's refused write landed"
+    );
     drop(cluster);
+}
+
+/// Where the old VMM's key tries to write (nothing else writes there).
+const REFUSED_AT: usize = 8 * MIB;
+
+/// The key of ha1's VMM on node1, which died, is refused by the stores left (the
+/// primary's, node `primary`, first) now that ha1 runs on node `new_node` with a key of
+/// its own: presented over NBD on TCP (TLS, node1's certificate, as that VMM would),
+/// the write fails with EPERM, the refusing store's log names the VM and its new node,
+/// nothing of it lands (read back through the same connection here, and from the whole
+/// disk at the end), and no log of any node holds the key. Each connection is new, so
+/// no answer a store kept from an earlier admission (`admission::RECHECK`) is in play.
+fn the_old_vmms_key_is_refused(dir: &std::path::Path, primary: u8, new_node: u8, old_key: &str) {
+    let creds = node_credentials(dir, 1, dir);
+    let others = (2..=3).filter(|i| *i != primary);
+    for i in std::iter::once(primary).chain(others) {
+        let mut q = QemuIo::tls(&creds, i, &format!("ha-root#{old_key}"));
+        let refused = q.run(&format!("write -P 0x66 {REFUSED_AT} 64k"));
+        assert!(
+            refused.contains("failed") && refused.contains("Operation not permitted"),
+            "the old VMM's key through node{i}'s store: {refused}\n{}",
+            store_logs(dir, 30)
+        );
+        let log = std::fs::read_to_string(dir.join(format!("node{i}/store.log"))).unwrap();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("volume ha-root is in use by VM ha1")
+                    && l.contains(&format!("on node node{new_node}"))
+                    && l.contains("whose writer key is not that of its VMM")),
+            "no refusal naming node{new_node} in node{i}'s store log:\n{}",
+            store_logs(dir, 30)
+        );
+        if i == primary {
+            let read = q.run(&format!("read -P 0 {REFUSED_AT} 64k"));
+            assert!(read.contains("read 65536/65536 bytes"), "{read}");
+        }
+    }
+    let logs = node_logs(dir);
+    assert!(
+        logs.iter().any(|l| l.ends_with("node1/store.log"))
+            && logs.iter().any(|l| l.ends_with("ha1/vmm.log")),
+        "{logs:?}"
+    );
+    for log in logs {
+        let text = std::fs::read(&log).unwrap();
+        assert!(
+            !text.windows(old_key.len()).any(|w| w == old_key.as_bytes()),
+            "{} holds the writer key",
+            log.display()
+        );
+    }
 }

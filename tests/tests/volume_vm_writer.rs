@@ -30,9 +30,9 @@ use tessera_tests::cluster::wait_for;
 use tessera_tests::devcluster::{api, node_dir, AdminCluster, DevCluster, VmmKiller};
 use tessera_tests::replicas::wait_task;
 use tessera_tests::replicas::{
-    create_volume, read_hash, start_idle_vm, store_logs, unix_uri, QemuIo,
+    create_volume, node_credentials, read_hash, start_idle_vm, store_logs, unix_uri, QemuIo,
 };
-use tessera_tests::vms::{counting, last_count, vm_pid};
+use tessera_tests::vms::{counting, last_count, vm_pid, writer_key_of};
 use tessera_tests::{kvm_or_skip, require};
 
 /// The test guest (built by tests/build.rs).
@@ -129,33 +129,10 @@ fn a_second_writer_on_the_vms_own_node_is_refused_and_the_guest_keeps_writing() 
     }
 }
 
-/// Node 1's own TLS credentials (the certificate its VMMs present to other nodes'
-/// stores) in the layout qemu's `tls-creds-x509` reads.
-fn node1_credentials(ca: &str, tmp: &Path) -> std::path::PathBuf {
-    let tls = Path::new(ca).parent().unwrap();
-    let creds = tmp.join("node1-creds");
-    std::fs::create_dir_all(&creds).unwrap();
-    for (from, to) in [
-        ("ca.crt", "ca-cert.pem"),
-        ("node.crt", "client-cert.pem"),
-        ("node.key", "client-key.pem"),
-    ] {
-        std::fs::copy(tls.join(from), creds.join(to)).unwrap();
-    }
-    creds
-}
-
-/// qemu-io on node 2's store over NBD on TCP with TLS (`creds`), export name `export`.
+/// qemu-io on node 2's store (the disk's) over NBD on TCP with TLS (`creds`), export
+/// name `export`.
 fn qemu_io_tls(creds: &Path, export: &str) -> QemuIo {
-    QemuIo::start_args(&[
-        "--object".into(),
-        format!(
-            "tls-creds-x509,id=tls0,dir={},endpoint=client",
-            creds.display()
-        ),
-        "--image-opts".into(),
-        format!("driver=nbd,host=127.0.0.2,port=10809,export={export},tls-creds=tls0"),
-    ])
+    QemuIo::tls(creds, 2, export)
 }
 
 /// A VMM whose disk's primary is on another node writes over NBD on TCP (TLS, its node's
@@ -168,7 +145,7 @@ fn tcp_writers_are_told_apart_by_the_vmms_key(cluster: &AdminCluster) {
     let (ca, t) = (cluster.ca(), cluster.token());
     let (node1, node2) = (cluster.id(1), cluster.id(2));
     create_volume(ca, t, "far", SIZE, 1, &node2);
-    let creds = node1_credentials(ca, tmp);
+    let creds = node_credentials(dir, 1, tmp);
     // Before the VM: a client over TCP writes.
     let mut early = qemu_io_tls(&creds, "far");
     let wrote = early.run("write -P 0x11 1M 64k");
@@ -233,16 +210,6 @@ fn tcp_writers_are_told_apart_by_the_vmms_key(cluster: &AdminCluster) {
     );
 }
 
-/// The writer key in the environment of process `pid` (as root: `/proc/PID/environ` is
-/// its owner's only).
-fn writer_key_of(pid: u64) -> String {
-    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    env.split(|b| *b == 0)
-        .find_map(|kv| kv.strip_prefix(b"TESSERA_DISK_WRITER_KEY="))
-        .map(|k| String::from_utf8(k.to_vec()).unwrap())
-        .unwrap_or_else(|| panic!("VMM {pid} has no writer key in its environment"))
-}
-
 /// VM `remote` (on node 1, its disk `far` on node 2) migrates live to node 3. Before
 /// the switch-over the key of its VMM on node 1 writes (it is that VM's current key);
 /// after it, the same key is refused on the connection that wrote with it and on a new
@@ -252,7 +219,7 @@ fn a_migrated_vmms_key_is_refused_after_the_switch_over(cluster: &AdminCluster) 
     let (dir, tmp) = (cluster.dir(), cluster.scratch());
     let (ca, t) = (cluster.ca(), cluster.token());
     let node3 = cluster.id(3);
-    let creds = tmp.join("node1-creds");
+    let creds = node_credentials(dir, 1, tmp);
     let old_pid = vm_pid(&node_dir(dir, 1), "remote").expect("the VMM of remote on node1");
     let old_key = writer_key_of(old_pid);
     assert_eq!(old_key.len(), 64, "256 bits, hex");
