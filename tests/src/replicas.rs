@@ -309,6 +309,17 @@ pub fn wait_task(ca: &str, via: u8, token: &str, task: &Value) -> Value {
     }
 }
 
+/// Takes snapshot `name` of `volume` through node 1's API and waits for its task to
+/// succeed (at most 60 s).
+pub fn take_snapshot(ca: &str, token: &str, volume: &str, name: &str) {
+    let body = serde_json::json!({ "name": name });
+    let path = format!("volumes/{volume}/snapshots");
+    let (code, task) = api(ca, 1, "POST", &path, Some(token), Some(&body));
+    assert_eq!(code, 202, "{task}");
+    let done = wait_task(ca, 1, token, &task);
+    assert_eq!(done["state"], "succeeded", "{volume}@{name}: {done}");
+}
+
 /// The nodes holding a copy of `v` (as `GET /volumes/<name>` shows it), primary first.
 pub fn copy_nodes(v: &Value) -> Vec<String> {
     v["replication"]["copies"]

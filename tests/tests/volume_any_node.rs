@@ -15,11 +15,10 @@
 use std::path::Path;
 use std::time::Instant;
 
-use serde_json::json;
 use tessera_tests::devcluster::{api, DevCluster, VmmKiller};
 use tessera_tests::replicas::{
     all_in_sync, copy_nodes, create_volume, has_event, read_hash, serves, start_idle_vm,
-    store_logs, unix_uri, wait_task, wait_volume, write, QemuIo,
+    store_logs, take_snapshot, unix_uri, wait_volume, write, QemuIo,
 };
 use tessera_tests::{kvm_or_skip, require};
 
@@ -171,16 +170,7 @@ fn a_running_vms_volume_is_not_written_through_another_node(
     );
 
     // Reading a snapshot of it through node 2 is fine, and equal on every copy.
-    let (c, task) = api(
-        ca,
-        1,
-        "POST",
-        "volumes/vmdisk/snapshots",
-        Some(t),
-        Some(&json!({"name": "s"})),
-    );
-    assert_eq!(c, 202, "{task}");
-    assert_eq!(wait_task(ca, 1, t, &task)["state"], "succeeded");
+    take_snapshot(ca, t, "vmdisk", "s");
     let h2 = read_hash(dir, 2, "vmdisk@s", tmp);
     for i in [1u8, 3] {
         assert_eq!(read_hash(dir, i, "vmdisk@s", tmp), h2, "node{i}'s snapshot");

@@ -23,8 +23,8 @@ use serde_json::{json, Value};
 use tessera_tests::cluster::wait_for;
 use tessera_tests::devcluster::{api, node_id, DevCluster};
 use tessera_tests::replicas::{
-    admin_socket, all_in_sync, copy_nodes, has_event, kill, payload, read_hash, serves, wait_task,
-    wait_volume, wait_volume_moving, write, Restarted,
+    admin_socket, all_in_sync, copy_nodes, has_event, kill, payload, read_hash, serves,
+    take_snapshot, wait_task, wait_volume, wait_volume_moving, write, Restarted,
 };
 use tessera_tests::{bin, output, require};
 
@@ -367,20 +367,7 @@ fn a_copy_away_too_long_is_rebuilt_elsewhere_and_copies_left_behind_are_deleted(
 
 /// Takes snapshot s1 of `volume` (every copy in sync), then grows the volume to SIZE.
 fn snapshot_then_grow(ca: &str, t: &str, volume: &str) {
-    let (c, task) = api(
-        ca,
-        1,
-        "POST",
-        &format!("volumes/{volume}/snapshots"),
-        Some(t),
-        Some(&json!({"name": "s1"})),
-    );
-    assert_eq!(c, 202, "{task}");
-    assert_eq!(
-        wait_task(ca, 1, t, &task)["state"],
-        "succeeded",
-        "{volume}@s1"
-    );
+    take_snapshot(ca, t, volume, "s1");
     let (c, task) = api(
         ca,
         1,
