@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Server CPU time and context switches per request, for read workloads, next to IOPS:
+# Server CPU time and context switches per request next to IOPS (reads by default):
 # figures a busy machine disturbs less than throughput alone (another process's CPU use
 # slows a server down but does not add to its CPU time per request).
 #
@@ -14,6 +14,10 @@
 #   bench/nbd-cpu.sh SERVER...   SERVER: a tessera-store binary, or `nbdkit`
 # e.g. bench/nbd-cpu.sh /tmp/new/tessera-store /tmp/head/tessera-store nbdkit
 # Rotate the order between runs. SECS (default 5); NO_SETUP=1 skips tests/setup.
+# WORKLOADS: which to run, of 4k-randread-qd1 1m-seqread-qd8 1m-seqread-qd1 (the default)
+# 1m-seqwrite-qd8 1m-seqwrite-qd1 4k-randwrite-qd1 4k-randwrite-qd16. Writes overwrite the
+# target: the first write workload meets durable table data (as after bench/nbd.sh's
+# STEADY=1 settling), later ones also blocks an earlier workload left pending.
 # Results and what they meant: BENCHMARKS.md, "Issue #9, session 16: reads".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +52,8 @@ measure() { # label uri rw bs qd
 import json, sys
 label, path, c0, c1, tck, perf = sys.argv[1:]
 t = open(path).read()
-j = json.loads(t[t.index("{"):])["jobs"][0]["read"]
+j = json.loads(t[t.index("{"):])["jobs"][0]
+j = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
 n = j["total_ios"]
 cpu = (int(c1) - int(c0)) / int(tck)
 cs = next(int(l.split(",")[0]) for l in open(perf) if "context-switches" in l)
@@ -95,9 +100,18 @@ for server in "$@"; do
         label=$server
     fi
     sync
-    measure "$label, 4k-randread-qd1" "$uri" randread 4k 1
-    measure "$label, 1m-seqread-qd8" "$uri" read 1M 8
-    measure "$label, 1m-seqread-qd1" "$uri" read 1M 1
+    for w in ${WORKLOADS:-4k-randread-qd1 1m-seqread-qd8 1m-seqread-qd1}; do
+        case $w in
+        4k-randread-qd1) measure "$label, $w" "$uri" randread 4k 1 ;;
+        1m-seqread-qd8) measure "$label, $w" "$uri" read 1M 8 ;;
+        1m-seqread-qd1) measure "$label, $w" "$uri" read 1M 1 ;;
+        1m-seqwrite-qd8) measure "$label, $w" "$uri" write 1M 8 ;;
+        1m-seqwrite-qd1) measure "$label, $w" "$uri" write 1M 1 ;;
+        4k-randwrite-qd1) measure "$label, $w" "$uri" randwrite 4k 1 ;;
+        4k-randwrite-qd16) measure "$label, $w" "$uri" randwrite 4k 16 ;;
+        *) echo "unknown workload $w" >&2; exit 2 ;;
+        esac
+    done
     kill "$SP"
     wait "$SP" 2>/dev/null || true
     SP=

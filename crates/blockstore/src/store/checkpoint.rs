@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -105,9 +106,11 @@ impl Inner {
         let _one = self.checkpointing.lock();
         // Sealing syncs the WAL segment; that happens before `apply` is taken, so trims do
         // not wait for it. Fills logged meanwhile land in the next segment.
+        let started = Instant::now();
         let Some(sealed) = self.wal.rotate()? else {
             return Ok(());
         };
+        let sealed_at = started.elapsed();
         self.at(Point::CheckpointSealed(sealed))?;
         // A sync that failed may have lost dirty pages; a later one succeeding proves
         // nothing about them, so the log stays until the next start replays it.
@@ -126,6 +129,7 @@ impl Inner {
             }
         }
         self.at(Point::CheckpointChose)?;
+        let chosen_at = started.elapsed();
         let layers = self.layers.read().clone();
         // A placed version's checksum goes into the table only once its data is durable,
         // not just in place: the table page may reach the disk before the data page (a
@@ -142,6 +146,7 @@ impl Inner {
                 })?;
             }
         }
+        let data_synced_at = started.elapsed();
         // `layer_writes` is held a slice at a time (each block's fate and copy under one
         // hold), so placed writers waiting to put their data in place, and reads retrying
         // after a mismatch, wait for one slice, not for the whole checkpoint.
@@ -166,6 +171,7 @@ impl Inner {
                 touched.insert(p.layer, files.clone());
             }
         }
+        let copied_at = started.elapsed();
         for files in touched.values() {
             self.synced(|| {
                 self.at(Point::SyncLayer(files.id))?;
@@ -185,13 +191,27 @@ impl Inner {
         // logged after them, unsynced: the newer records must be durable before the older
         // ones go, or a crash loses both (a logged version skipped because a placed write
         // replaced it: that placed data was synced above, its record is made durable here).
+        let layers_synced_at = started.elapsed();
         self.sync_wal()?;
         self.punches.lock().retain(|p| p.seg > sealed);
         self.pending.retire(&todo);
         self.at(Point::RemoveWal(sealed))?;
         self.wal.remove_upto(sealed)?;
         self.pending.drop_shadows_upto(sealed);
-        tracing::debug!(sealed, blocks = todo.len(), "checkpoint done");
+        // Where a checkpoint's time goes (milliseconds since it started, at the end of each
+        // step): what a writer stalled behind one waited for.
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        tracing::debug!(
+            sealed,
+            blocks = todo.len(),
+            sealed_ms = ms(sealed_at),
+            chosen_ms = ms(chosen_at),
+            data_synced_ms = ms(data_synced_at),
+            copied_ms = ms(copied_at),
+            layers_synced_ms = ms(layers_synced_at),
+            done_ms = ms(started.elapsed()),
+            "checkpoint done"
+        );
         Ok(())
     }
 
