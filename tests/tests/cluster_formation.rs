@@ -162,6 +162,9 @@ fn three_nodes_started_in_random_order_form_one_cluster_without_a_human() {
     // All three report the same members through the API; a write made now must survive.
     let t = session(&lan, &refs);
     wait_agreement(&lan, &t, &refs, 3, 3);
+    // The three share one host name (no seed names them): one node keeps it, the others
+    // go by it with their id's first digits, and an event says so.
+    let names = wait_unique_names(&lan, &t, &ids);
     let (code, v) = api(
         &lan,
         2,
@@ -203,6 +206,8 @@ fn three_nodes_started_in_random_order_form_one_cluster_without_a_human() {
         let (code, v) = api(&lan, i, "GET", "vms/before-restart", Some(&t), None);
         assert_eq!(code, 200, "node {i}: {v}");
     }
+    // Names are stable across restarts: nobody takes another's or changes its own.
+    assert_eq!(wait_unique_names(&lan, &t, &ids), names);
     for n in &nodes {
         assert_eq!(formed(n).unwrap(), before);
         assert!(
@@ -263,6 +268,65 @@ fn a_node_with_the_wrong_secret_is_never_admitted_and_both_sides_say_why() {
 }
 
 /// Logs in as the first administrator (after formation) through node 0's API.
+/// Waits until `GET /nodes` names the nodes `ids` (sorted) with distinct names (nodes that
+/// registered at the same moment converge on their next registration, every 10 s), then
+/// checks what they are: the machine's host name for one node, `<host>-<6 hex digits of
+/// its id>` for each other, with a `node.renamed` event for each of those. The names,
+/// in the order of `ids`.
+fn wait_unique_names(lan: &Lan, token: &str, ids: &[String]) -> Vec<String> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let names = loop {
+        let (code, v) = api(lan, 0, "GET", "nodes", Some(token), None);
+        let names: Vec<String> = ids
+            .iter()
+            .filter_map(|id| {
+                v.as_array()?
+                    .iter()
+                    .find(|n| n["id"].as_str() == Some(id))?["name"]
+                    .as_str()
+                    .map(String::from)
+            })
+            .collect();
+        let distinct: std::collections::BTreeSet<&String> = names.iter().collect();
+        if code == 200 && names.len() == ids.len() && distinct.len() == ids.len() {
+            break names;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node names not unique after 40 s: {code} {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (code, events) = api(lan, 0, "GET", "events?limit=1000", Some(token), None);
+    assert_eq!(code, 200, "{events}");
+    let renamed: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "node.renamed")
+        .filter_map(|e| e["target"].as_str())
+        .collect();
+    for (id, name) in ids.iter().zip(&names) {
+        if *name != host {
+            assert_eq!(*name, format!("{host}-{}", &id[..6]), "names {names:?}");
+            assert!(
+                renamed.contains(&name.as_str()),
+                "no node.renamed event for {name}: {events}"
+            );
+        }
+    }
+    assert_eq!(
+        names.iter().filter(|n| **n == host).count(),
+        1,
+        "one node keeps the host name {host}: {names:?}"
+    );
+    names
+}
+
 fn session(lan: &Lan, nodes: &[&Node]) -> String {
     let dirs: Vec<PathBuf> = nodes.iter().map(|n| n.dir.clone()).collect();
     admin_session_in(lan, &dirs, nodes[0].i, "a much better password")

@@ -80,8 +80,10 @@ pub struct ClusterStatus {
 pub struct NodeInfo {
     /// Node id.
     pub id: String,
-    /// The node's name: its seed's `node_name`, else its host name. Null only for a node
-    /// that registered before nodes had names (until it registers again).
+    /// The node's name, unique in the cluster: its seed's `node_name`, else its host name;
+    /// when another node holds that name already, `<name>-<first 6 hex digits of its id>`
+    /// (a `node.renamed` event says so). Null only for a node that registered before
+    /// nodes had names (until it registers again).
     #[serde(default)]
     pub name: Option<String>,
     /// The node's Raft id (unsigned 64-bit), as the cluster status's `leader`, `voters`

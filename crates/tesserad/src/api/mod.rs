@@ -181,6 +181,14 @@ fn show_one<T: DeserializeOwned>(
         .ok_or_else(|| ApiError::not_found(format!("no {what} {name}")))
 }
 
+/// A node that is not there is 404; a name several nodes share is 409 (never one of them).
+fn node_lookup(e: crate::replicated::names::Lookup) -> ApiError {
+    match e {
+        crate::replicated::names::Lookup::NotFound(_) => ApiError::not_found(e.to_string()),
+        crate::replicated::names::Lookup::Ambiguous(..) => ApiError::conflict(e.to_string()),
+    }
+}
+
 /// A stored record that does not decode: a bug or a damaged state, never "not found".
 fn unreadable(table: &str, key: &str, source: serde_json::Error) -> ApiError {
     let e = crate::tables::Unreadable {

@@ -59,14 +59,15 @@ pub async fn history(
     let registered = n
         .state
         .read(|t| serde_json::json!(t.get(NODES).cloned().unwrap_or_default()));
-    let target = registered
-        .as_object()
-        .and_then(|o| {
-            o.iter()
-                .find(|(k, rec)| **k == id || rec["name"].as_str() == Some(id.as_str()))
-        })
-        .map(|(k, _)| k.clone())
-        .ok_or_else(|| ApiError::not_found(format!("no node {id}")))?;
+    let target = crate::replicated::names::resolve(
+        &id,
+        registered
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, rec)| (k.as_str(), rec["name"].as_str().unwrap_or_default())),
+    )
+    .map_err(super::node_lookup)?;
     if target == st.me.0 {
         let points = st
             .history

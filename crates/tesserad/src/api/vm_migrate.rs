@@ -125,11 +125,11 @@ async fn begin(
     let to = match &req.to {
         None => None,
         Some(t) => Some(
-            rooms
-                .iter()
-                .find(|r| r.id == *t || r.name == *t)
-                .map(|r| r.id.clone())
-                .ok_or_else(|| ApiError::not_found(format!("no node {t} in the cluster")))?,
+            crate::replicated::names::resolve(
+                t,
+                rooms.iter().map(|r| (r.id.as_str(), r.name.as_str())),
+            )
+            .map_err(super::node_lookup)?,
         ),
     };
     if to.as_deref() == Some(from.as_str()) {
@@ -149,6 +149,7 @@ async fn begin(
         pinned: to,
         disk: placement_disk(&n, &vm)?,
         vcpu_overcommit: super::settings::current(&n)?.vcpu_overcommit,
+        networks: vm.networks.clone(),
     };
     let target = scheduler::place(&rooms, &place).map_err(|e| match e {
         Refusal::NoSuchNode(_) => ApiError::not_found(e.to_string()),

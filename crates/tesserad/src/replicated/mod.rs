@@ -5,6 +5,7 @@
 
 mod ca;
 mod credentials;
+pub mod names;
 mod write_failure;
 
 pub use ca::{join_key, legacy_join_key, publish_ca, reseal_ca};
@@ -86,8 +87,29 @@ pub fn node_name(seed_name: Option<&str>, me: &NodeId) -> String {
         .unwrap_or_else(|| me.0.clone())
 }
 
+/// The name node `me` registers under now, wanting `base` ([`names::unique_name`] over
+/// the `nodes` table as this node sees it).
+fn registered_name(node: &Node, me: &str, base: &str) -> String {
+    let (recorded, others) = node.state.read(|t| {
+        let mut recorded = None;
+        let mut others = Vec::new();
+        for (id, rec) in t.get("nodes").into_iter().flatten() {
+            let name = rec["name"].as_str().unwrap_or_default().to_string();
+            if id == me {
+                recorded = Some(name);
+            } else {
+                others.push((id.clone(), name));
+            }
+        }
+        (recorded, others)
+    });
+    names::unique_name(base, me, recorded.as_deref(), &others)
+}
+
 /// Records this node in the replicated `nodes` table (name, address, NBD address, latest
 /// metrics), retrying until a leader takes it, then refreshes the metrics every 10 s.
+/// Its name is `name` unless another node holds it ([`names::unique_name`]); then the
+/// record, an event and a warning say which it goes by.
 pub fn register(
     node: Arc<Node>,
     me: NodeId,
@@ -102,17 +124,42 @@ pub fn register(
         let mut registered = false;
         loop {
             let m = metrics.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let cmd = Command::Put {
+            let chosen = registered_name(&node, &me.0, &name);
+            let mut ops = Vec::new();
+            let previous = node.state.read(|t| {
+                t.get("nodes")
+                    .and_then(|n| n.get(&me.0))
+                    .map(|r| r["name"].clone())
+            });
+            if chosen != name && previous.as_ref().and_then(|p| p.as_str()) != Some(&chosen) {
+                let msg = format!(
+                    "node name {name} is held by another node: this node ({}) goes by {chosen}",
+                    me.0
+                );
+                tracing::warn!(wanted = %name, name = %chosen, "{msg}");
+                ops.push(crate::tables::event_about_nodes(
+                    "node.renamed",
+                    &chosen,
+                    "tesserad",
+                    &msg,
+                    vec![me.0.clone()],
+                ));
+            }
+            ops.push(Command::Put {
                 table: "nodes".into(),
                 key: me.0.clone(),
                 value: json!({
-                    "name": name,
+                    "name": chosen,
                     "address": management.to_string(),
                     "raft_id": my_raft_id,
                     "nbd": nbd.map(|a| a.to_string()),
                     "metrics": m,
                     "storage": storage.latest(),
                 }),
+            });
+            let cmd = Command::Txn {
+                require: vec![],
+                ops,
             };
             match node.write(cmd).await {
                 Ok(a) => {
