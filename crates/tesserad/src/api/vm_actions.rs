@@ -22,8 +22,8 @@ use crate::vmrun::scheduler::{self, NodeRoom};
 use tessera_api::{VmAction as Action, VmTask};
 
 /// What each node has and what the VMs placed on it take, for the scheduler (a VM
-/// migrating to a node counts there too). The VM `except` (the one being placed) is not
-/// counted.
+/// migrating to a node counts there too), and the networks it failed to set up. The VM
+/// `except` (the one being placed) is not counted.
 pub(super) fn rooms(
     st: &ApiState,
     n: &tessera_state::Node,
@@ -58,10 +58,26 @@ pub(super) fn rooms(
                 allocated_mib,
                 allocated_vcpus,
                 maintenance: maintenance.contains(&id),
+                network_errors: network_errors(n, &id),
                 id,
             }
         })
         .collect())
+}
+
+/// The networks node `id` reported it could not set up, with why.
+fn network_errors(n: &tessera_state::Node, id: &str) -> std::collections::BTreeMap<String, String> {
+    let status: Option<std::collections::BTreeMap<String, tessera_api::NetworkOnNode>> =
+        crate::tables::get(n, crate::netrun::NETWORK_STATUS, id);
+    status
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, s)| s.state != "ok" || s.error.is_some())
+        .map(|(net, s)| {
+            let why = s.error.unwrap_or_else(|| format!("state {}", s.state));
+            (net, why)
+        })
+        .collect()
 }
 
 /// Memory (MiB), vCPUs and the number of the VMs placed on node `id` that are not
@@ -163,6 +179,7 @@ pub(super) fn start_fields(
         pinned: vm.node.clone(),
         disk,
         vcpu_overcommit: super::settings::current(n)?.vcpu_overcommit,
+        networks: vm.networks.clone(),
     };
     let node = scheduler::place(&rooms, &req).map_err(|e| match e {
         scheduler::Refusal::NoSuchNode(_) => ApiError::not_found(e.to_string()),

@@ -1,8 +1,11 @@
 //! Placement, pure: which up node has room for a VM (memory never overcommitted, vCPUs
 //! up to the cluster's overcommit ratio, counting the VMs already placed there), honouring
 //! a pinned node and preferring the nodes holding the VM's disk, and why not when none
-//! has. No I/O: the API handler gathers the inputs.
+//! has. A node that failed to set up one of the VM's networks is never chosen: the VM's
+//! start would wait there for a bridge that does not come. No I/O: the API handler
+//! gathers the inputs.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 /// The vCPU overcommit ratio used when the cluster's settings name none: 4 vCPUs per
@@ -29,6 +32,9 @@ pub struct NodeRoom {
     pub allocated_vcpus: u64,
     /// In maintenance mode: it takes no new VMs.
     pub maintenance: bool,
+    /// The networks it reported it could not set up, with why (`network_status/<id>`).
+    /// A network it has not reported yet is not here: it is being set up.
+    pub network_errors: BTreeMap<String, String>,
 }
 
 /// How many vCPUs `cpus` physical CPUs may carry at overcommit `ratio` (at least 1:1).
@@ -48,6 +54,14 @@ impl NodeRoom {
     }
     fn free_vcpus(&self, ratio: f64) -> u64 {
         vcpu_limit(self.cpus, ratio).saturating_sub(self.allocated_vcpus)
+    }
+    /// The first of `networks` this node failed to set up, with why.
+    fn failed_network<'a>(&'a self, networks: &'a [String]) -> Option<(&'a str, &'a str)> {
+        networks.iter().find_map(|net| {
+            self.network_errors
+                .get(net)
+                .map(|e| (net.as_str(), e.as_str()))
+        })
     }
 }
 
@@ -75,6 +89,8 @@ pub struct Request {
     pub disk: Option<Disk>,
     /// vCPUs allowed per physical CPU on each node (the cluster's `vcpu_overcommit`).
     pub vcpu_overcommit: f64,
+    /// The networks its NICs join: only a node that has not failed to set them up fits.
+    pub networks: Vec<String>,
 }
 
 /// Why a VM cannot be placed; the text names each candidate's free room.
@@ -114,7 +130,8 @@ fn plural(n: u64) -> &'static str {
 /// then one holding an in-sync copy, then the one with the most free memory. A node has
 /// room when its free memory covers the VM's (memory is never overcommitted), the VM has
 /// no more vCPUs than the node has CPUs, and its vCPUs fit under the node's CPUs times
-/// the overcommit ratio. The disk's primary node must be up in every case.
+/// the overcommit ratio, and it has not failed to set up any of the VM's networks. The
+/// disk's primary node must be up in every case.
 pub fn place(nodes: &[NodeRoom], req: &Request) -> Result<String, Refusal> {
     if let Some(d) = &req.disk {
         let holder = nodes
@@ -141,6 +158,7 @@ pub fn place(nodes: &[NodeRoom], req: &Request) -> Result<String, Refusal> {
             && n.free_mib() >= req.memory_mib
             && req.vcpus <= n.cpus
             && n.free_vcpus(ratio) >= req.vcpus
+            && n.failed_network(&req.networks).is_none()
     };
     let fitting: Vec<&NodeRoom> = candidates.iter().copied().filter(fits).collect();
     // Most free memory first; the id breaks ties so the choice does not depend on order.
@@ -186,6 +204,8 @@ pub fn place(nodes: &[NodeRoom], req: &Request) -> Result<String, Refusal> {
                 "{sep}{} is in maintenance (it takes no new VMs)",
                 n.name
             );
+        } else if let Some((net, e)) = n.failed_network(&req.networks) {
+            let _ = write!(why, "{sep}{} could not set up network {net} ({e})", n.name);
         } else if req.vcpus > n.cpus {
             let _ = write!(
                 why,
@@ -226,6 +246,7 @@ mod tests {
             allocated_mib,
             allocated_vcpus: 0,
             maintenance: false,
+            network_errors: BTreeMap::new(),
         }
     }
 
@@ -236,6 +257,7 @@ mod tests {
             pinned: None,
             disk: None,
             vcpu_overcommit: DEFAULT_VCPU_OVERCOMMIT,
+            networks: Vec::new(),
         }
     }
 
@@ -429,6 +451,47 @@ mod tests {
         assert_eq!(
             place(&nodes, &r),
             Err(Refusal::DiskNodeDown("name-b".into()))
+        );
+    }
+
+    #[test]
+    fn a_node_that_failed_to_set_up_a_network_of_the_vm_is_not_chosen() {
+        let mut a = node("a", true, 65536, 0);
+        a.network_errors
+            .insert("lan".into(), "uplink eth9 does not exist".into());
+        let nodes = [a, node("b", true, 4096, 0), node("c", true, 2048, 0)];
+        let mut r = req(1024);
+        r.networks = vec!["lan".into()];
+        // a has most room but no lan; b next.
+        assert_eq!(place(&nodes, &r).unwrap(), "b");
+        // A network a did set up (or has not reported) does not keep it out.
+        r.networks = vec!["dmz".into()];
+        assert_eq!(place(&nodes, &r).unwrap(), "a");
+        // Even the disk's primary node is passed over for one that has the network.
+        r.networks = vec!["dmz".into(), "lan".into()];
+        r.disk = disk("a", &["c"]);
+        assert_eq!(place(&nodes, &r).unwrap(), "c");
+        // Pinned to a: refused, saying why in words.
+        r.pinned = Some("a".into());
+        let e = place(&nodes, &r).unwrap_err().to_string();
+        assert!(
+            e.contains("node name-a (pinned) cannot take 1 GiB and 1 vCPU: name-a could not set up network lan (uplink eth9 does not exist)"),
+            "{e}"
+        );
+        // No node has it: each node's reason.
+        let mut all = nodes.clone();
+        for n in &mut all {
+            n.network_errors
+                .insert("lan".into(), "VLAN 7: not supported".into());
+        }
+        r.pinned = None;
+        r.disk = None;
+        let e = place(&all, &r).unwrap_err().to_string();
+        assert!(
+            e.contains("no node can take")
+                && e.contains("name-b could not set up network lan (VLAN 7: not supported)")
+                && e.contains("name-c could not set up network lan"),
+            "{e}"
         );
     }
 }
