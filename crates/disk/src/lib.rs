@@ -232,15 +232,33 @@ fn parse_uri(uri: &str) -> Result<NbdUri, DiskError> {
         Some((r, q)) => (r, Some(q)),
         None => (rest, None),
     };
+    // The export name and query values are percent-encoded (NBD URI spec, as libnbd
+    // and qemu read them): `%20` is a space, `%2F` a slash inside an export name.
+    let decode = |what: &str, v: &str| -> Result<String, DiskError> {
+        // percent_decode passes a '%' not followed by two hex digits through; a URI
+        // with one is malformed, and guessing what it meant could name another export.
+        let escapes_ok = v
+            .split('%')
+            .skip(1)
+            .all(|h| h.len() >= 2 && h.as_bytes()[..2].iter().all(u8::is_ascii_hexdigit));
+        if !escapes_ok {
+            return Err(bad(&format!("{what} {v:?}: '%' must start a %XX escape")));
+        }
+        percent_encoding::percent_decode_str(v)
+            .decode_utf8()
+            .map(|d| d.into_owned())
+            .map_err(|_| bad(&format!("{what} {v:?} is not UTF-8 once decoded")))
+    };
     let (mut socket, mut certificates, mut hostname) = (None, None, None);
     for pair in query.into_iter().flat_map(|q| q.split('&')) {
-        match pair.split_once('=') {
-            Some(("socket", v)) if unix && !v.is_empty() => socket = Some(PathBuf::from(v)),
-            Some(("tls-certificates", v)) if tls && !v.is_empty() => {
-                certificates = Some(PathBuf::from(v))
-            }
-            Some(("tls-hostname", v)) if tls && !v.is_empty() => hostname = Some(v.to_string()),
-            _ => return Err(bad(&format!("unexpected query parameter {pair:?}"))),
+        let unexpected = || bad(&format!("unexpected query parameter {pair:?}"));
+        let (key, raw) = pair.split_once('=').ok_or_else(unexpected)?;
+        let v = decode(key, raw)?;
+        match key {
+            "socket" if unix && !v.is_empty() => socket = Some(PathBuf::from(v)),
+            "tls-certificates" if tls && !v.is_empty() => certificates = Some(PathBuf::from(v)),
+            "tls-hostname" if tls && !v.is_empty() => hostname = Some(v),
+            _ => return Err(unexpected()),
         }
     }
     let (endpoint, export, host) = if unix {
@@ -248,7 +266,7 @@ fn parse_uri(uri: &str) -> Result<NbdUri, DiskError> {
             .strip_prefix('/')
             .ok_or_else(|| bad("expected nbd+unix:///EXPORT?socket=PATH"))?;
         let socket = socket.ok_or_else(|| bad("missing ?socket="))?;
-        (Endpoint::Unix(socket), export.to_string(), None)
+        (Endpoint::Unix(socket), decode("export name", export)?, None)
     } else {
         let (addr, export) = rest.split_once('/').ok_or_else(|| bad("missing /EXPORT"))?;
         if addr.is_empty() {
@@ -264,7 +282,7 @@ fn parse_uri(uri: &str) -> Result<NbdUri, DiskError> {
             .to_string();
         (
             Endpoint::Tcp(addr.to_string()),
-            export.to_string(),
+            decode("export name", export)?,
             Some(host),
         )
     };
@@ -449,6 +467,14 @@ mod tests {
         let u = parse_uri("nbd+unix:///v?socket=/run/s.sock").unwrap();
         assert_eq!(u.endpoint, Endpoint::Unix("/run/s.sock".into()));
         assert!(!u.tls);
+        // Percent-encoded export names and query values, decoded as libnbd does.
+        let u = parse_uri("nbd+unix:///my%20disk%2Fa%40s?socket=/run/a%20b.sock").unwrap();
+        assert_eq!(u.export, "my disk/a@s");
+        assert_eq!(u.endpoint, Endpoint::Unix("/run/a b.sock".into()));
+        let u = parse_uri("nbds://h:1/%C3%A9t%C3%A9?tls-hostname=n%2D1").unwrap();
+        assert_eq!(u.export, "été");
+        assert_eq!(u.hostname.as_deref(), Some("n-1"));
+        assert_eq!(parse_uri("nbd://h:1/").unwrap().export, "");
         let opts = NbdOptions {
             tls_ca: Some("/nonexistent/ca.pem".into()),
             ..NbdOptions::default()
@@ -496,6 +522,12 @@ mod tests {
             "nbds+unix:///v?socket=/x&tls-certificates=/d",
             "nbd://127.0.0.1:1/v?tls-certificates=/d",
             "nbd+unix:///v?socket=/x&bogus=1",
+            "nbd+unix:///v?socket",
+            "nbd://h:1/100%",
+            "nbd://h:1/a%zzb",
+            "nbd://h:1/a%4",
+            "nbd://h:1/%FF%FE",
+            "nbd+unix:///v?socket=/x%2",
         ] {
             assert!(matches!(open(spec), Err(DiskError::BadSpec(..))), "{spec}");
         }
