@@ -54,6 +54,17 @@ pub(crate) enum Rpc {
     Remove(NodeId),
 }
 
+impl Rpc {
+    /// Whether the request may be sent again when a connection broke after it was sent
+    /// (the peer may have acted on it): Raft's messages are safe to repeat by the
+    /// protocol, a read index asks again, a join or removal already done is answered as
+    /// done. A forwarded write is not: applied twice, a compare-and-swap would then fail
+    /// against its own first application, and an event or counter be doubled.
+    pub(crate) fn resendable(&self) -> bool {
+        !matches!(self, Rpc::Write(_))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use rustls_pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use tessera_pki::NodeCredentials;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+};
 use tokio::net::TcpStream;
 
 use super::auth::{now_ms, EnrollReply, EnrollRequest, JoinRequest};
@@ -32,6 +34,17 @@ pub enum TransportError {
     Hangup {
         /// The peer's address.
         addr: String,
+    },
+    /// A forwarded write was sent whole on a kept connection, which then broke before
+    /// the answer: the peer may have applied it. It is not sent again (see
+    /// [`Rpc::resendable`]); the caller learns that the outcome is unknown.
+    #[error("{addr}: the connection broke after the write was sent; it may have been applied (not sent again, so it cannot apply twice): {source}")]
+    Unanswered {
+        /// The peer's address.
+        addr: String,
+        /// How the connection broke.
+        #[source]
+        source: std::io::Error,
     },
     /// Connecting, the TLS handshake or the exchange failed.
     #[error("{addr}: {source}")]
@@ -156,9 +169,38 @@ fn encode(rpc: &Rpc) -> Result<Vec<u8>, TransportError> {
     Ok(body)
 }
 
-async fn exchange(conn: &mut Conn, body: &[u8]) -> std::io::Result<String> {
-    conn.io.write_all(body).await?;
-    conn.io.flush().await?;
+/// How an exchange failed, and whether the whole request had reached the peer's side of
+/// the connection by then (if not, the peer cannot have read it whole, let alone acted).
+struct Broke {
+    sent: bool,
+    error: std::io::Error,
+}
+
+async fn exchange(conn: &mut Conn, body: &[u8]) -> Result<String, Broke> {
+    let send = async {
+        conn.io.write_all(body).await?;
+        conn.io.flush().await
+    };
+    send.await.map_err(|error| Broke { sent: false, error })?;
+    receive(conn)
+        .await
+        .map_err(|error| Broke { sent: true, error })
+}
+
+/// Whether a kept connection is still open, looked at once without waiting: a peer
+/// that closed it while idle (or sent something unasked, which no peer does) has left
+/// it readable.
+async fn still_open(conn: &mut Conn) -> bool {
+    std::future::poll_fn(|cx| {
+        let idle = std::pin::Pin::new(&mut conn.io)
+            .poll_fill_buf(cx)
+            .is_pending();
+        std::task::Poll::Ready(idle)
+    })
+    .await
+}
+
+async fn receive(conn: &mut Conn) -> std::io::Result<String> {
     let mut line = String::new();
     // Over TLS, a peer hanging up without close_notify is an UnexpectedEof error rather
     // than a short read: either way there is no answer.
@@ -284,15 +326,41 @@ impl Transport {
     ) -> Result<String, TransportError> {
         let body = encode(rpc)?;
         let key = (target, addr.to_string());
+        // A kept connection the peer closed while it was idle (it restarted) is left
+        // before sending: a write then goes on a new one. One that breaks after the
+        // request went out sends it again on a new one, unless it may have been acted on.
         if let Some(mut c) = self.take_idle(&key) {
-            if let Ok(line) = exchange(&mut c, &body).await {
-                self.put_idle(key, c);
-                return Ok(line);
+            if !still_open(&mut c).await {
+                return self.fresh_line(target, addr, key, &body).await;
+            }
+            match exchange(&mut c, &body).await {
+                Ok(line) => {
+                    self.put_idle(key, c);
+                    return Ok(line);
+                }
+                Err(Broke { sent: true, error }) if !rpc.resendable() => {
+                    return Err(TransportError::Unanswered {
+                        addr: addr.to_string(),
+                        source: error,
+                    });
+                }
+                Err(_) => {}
             }
         }
+        self.fresh_line(target, addr, key, &body).await
+    }
+
+    /// One exchange on a new connection, kept afterwards.
+    async fn fresh_line(
+        &self,
+        target: NodeId,
+        addr: &str,
+        key: (NodeId, String),
+        body: &[u8],
+    ) -> Result<String, TransportError> {
         let fresh = async {
             let mut c = self.dial(target, addr).await?;
-            let line = exchange(&mut c, &body).await?;
+            let line = exchange(&mut c, body).await.map_err(|b| b.error)?;
             Ok::<_, std::io::Error>((c, line))
         };
         let (c, line) = fresh.await.map_err(|e| TransportError::io(addr, e))?;
@@ -393,7 +461,9 @@ pub async fn enroll(
         let s = tokio_rustls::TlsConnector::from(config)
             .connect(name, sock)
             .await?;
-        exchange(&mut Conn::new(Box::new(s)), &body).await
+        exchange(&mut Conn::new(Box::new(s)), &body)
+            .await
+            .map_err(|b| b.error)
     };
     let line = tokio::time::timeout(Duration::from_secs(10), go)
         .await
@@ -414,4 +484,117 @@ pub async fn enroll(
         },
         reply.ca_pem,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::TcpListener;
+
+    /// A peer that answers its connection's first request, then reads the second and
+    /// hangs up without answering; every later connection is answered normally. Counts
+    /// the requests it read.
+    async fn flaky_peer() -> (String, Arc<AtomicUsize>) {
+        peer(false).await.0
+    }
+
+    /// With `close_first`, the first connection is closed after its first answer instead
+    /// (the peer restarted while it was idle); the `Notify` says when it is closed. The
+    /// count also has the connections accepted (second value).
+    async fn peer(
+        close_first: bool,
+    ) -> (
+        (String, Arc<AtomicUsize>),
+        Arc<AtomicUsize>,
+        Arc<tokio::sync::Notify>,
+    ) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(tokio::sync::Notify::new());
+        let (count, conns, said) = (seen.clone(), accepted.clone(), closed.clone());
+        tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((sock, _)) = l.accept().await {
+                conns.fetch_add(1, Ordering::SeqCst);
+                let (count, said) = (count.clone(), said.clone());
+                let is_first = std::mem::take(&mut first);
+                tokio::spawn(async move {
+                    let mut io = BufReader::new(sock);
+                    for n in 0.. {
+                        let mut line = String::new();
+                        if io.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        count.fetch_add(1, Ordering::SeqCst);
+                        if is_first && !close_first && n == 1 {
+                            return;
+                        }
+                        let answer = b"{\"Ok\":7}\n";
+                        if io.get_mut().write_all(answer).await.is_err() {
+                            return;
+                        }
+                        if is_first && close_first {
+                            drop(io);
+                            said.notify_one();
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        ((addr, seen), accepted, closed)
+    }
+
+    fn write() -> Rpc {
+        Rpc::Write(Command::Put {
+            table: "t".into(),
+            key: "k".into(),
+            value: serde_json::json!(1),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_kept_connection_broke_after_sending_is_not_sent_again() {
+        let (addr, seen) = flaky_peer().await;
+        let t = Transport::default();
+        // The first request leaves the connection kept; the write goes on it.
+        assert_eq!(
+            t.line(1, &addr, &Rpc::ReadIndex).await.unwrap(),
+            "{\"Ok\":7}\n"
+        );
+        let e = t.line(1, &addr, &write()).await.unwrap_err();
+        assert!(matches!(e, TransportError::Unanswered { .. }), "{e:?}");
+        assert!(e.to_string().contains("may have been applied"), "{e}");
+        assert_eq!(seen.load(Ordering::SeqCst), 2, "the write was sent once");
+    }
+
+    #[tokio::test]
+    async fn a_read_index_whose_kept_connection_broke_goes_again_on_a_new_one() {
+        let (addr, seen) = flaky_peer().await;
+        let t = Transport::default();
+        t.line(1, &addr, &Rpc::ReadIndex).await.unwrap();
+        let line = t.line(1, &addr, &Rpc::ReadIndex).await.unwrap();
+        assert_eq!(line, "{\"Ok\":7}\n");
+        assert_eq!(seen.load(Ordering::SeqCst), 3, "sent again once");
+        // A write on a fresh connection after that is answered as usual.
+        assert_eq!(t.line(1, &addr, &write()).await.unwrap(), "{\"Ok\":7}\n");
+    }
+
+    #[tokio::test]
+    async fn a_write_goes_on_a_new_connection_when_the_kept_one_was_closed_while_idle() {
+        let ((addr, seen), accepted, closed) = peer(true).await;
+        let t = Transport::default();
+        t.line(1, &addr, &Rpc::ReadIndex).await.unwrap();
+        closed.notified().await;
+        // The peer's close reaches this side's socket before the write is sent: loopback
+        // delivers it at once, and the peer closed before notifying.
+        tokio::task::yield_now().await;
+        let line = t.line(1, &addr, &write()).await.unwrap();
+        assert_eq!(line, "{\"Ok\":7}\n");
+        assert_eq!(seen.load(Ordering::SeqCst), 2, "the write was sent once");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "on a new connection");
+    }
 }

@@ -38,9 +38,10 @@ impl WriteFailure {
 
 /// Classifies a failed [`Node::write`](tessera_state::Node::write). Only refusals before anything left this node are
 /// [`WriteFailure::NotApplied`]: a write forwarded to the leader can have been committed
-/// by it whatever the error that came back (even "connection refused": the transport
-/// retries a broken kept connection on a new one, and the leader may have died after
-/// committing what the first one carried).
+/// by it for most errors that come back. (The transport never sends a write twice: when
+/// a kept connection broke after the write was sent, the answer is
+/// `TransportError::Unanswered`. An I/O error is still taken as unknown, as it may come
+/// from a new connection after sending.)
 pub fn write_failure(e: &tessera_state::StateError) -> WriteFailure {
     use tessera_state::{StateError, TransportError};
     match e {
@@ -97,6 +98,13 @@ mod tests {
                     addr: "10.0.0.1:8007".into(),
                     message: "has to forward request to: Some(2), Some(BasicNode { addr: \"x\" })"
                         .into(),
+                }),
+                WriteFailure::Unknown,
+            ),
+            (
+                StateError::Forward(TransportError::Unanswered {
+                    addr: "10.0.0.1:8007".into(),
+                    source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
                 }),
                 WriteFailure::Unknown,
             ),
