@@ -33,10 +33,12 @@ pub struct VmQuery {
     /// Only templates (true) or only VMs that are not (false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<bool>,
-    /// Skip this many of the matching VMs (sorted by name); default 0.
+    /// Skip this many of the matching VMs (sorted by name); default 0. Signed with a
+    /// minimum of 0 so the document's bounds are the server's (int64): as an unsigned
+    /// field it took no value past 2^64 that the document allowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[param(minimum = 0)]
-    pub offset: Option<usize>,
+    pub offset: Option<i64>,
     /// At most this many (1 to 10000); default: all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[param(minimum = 1, maximum = 10000)]

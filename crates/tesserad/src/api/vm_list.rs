@@ -51,6 +51,9 @@ fn check(q: &VmQuery) -> Result<(), ApiError> {
     if q.limit.is_some_and(|l| !(1..=MAX_VM_PAGE).contains(&l)) {
         return Err(ApiError::bad(format!("limit: must be 1 to {MAX_VM_PAGE}")));
     }
+    if q.offset.is_some_and(|o| o < 0) {
+        return Err(ApiError::bad("offset: must be 0 or more"));
+    }
     Ok(())
 }
 
@@ -102,7 +105,10 @@ fn matches(vm: &Vm, q: &VmQuery, names: &HashMap<String, String>) -> bool {
 fn page(mut vms: Vec<Vm>, q: &VmQuery) -> (usize, Vec<Vm>) {
     vms.sort_by(|a, b| a.name.cmp(&b.name));
     let total = vms.len();
-    let from = q.offset.unwrap_or(0).min(total);
+    // Past the end (however far) is an empty page.
+    let from = usize::try_from(q.offset.unwrap_or(0))
+        .unwrap_or(usize::MAX)
+        .min(total);
     let to = q.limit.map_or(total, |l| from.saturating_add(l).min(total));
     vms.truncate(to);
     vms.drain(..from);
@@ -198,8 +204,10 @@ mod tests {
         assert_eq!(names(p), ["vm-5", "vm-6"]);
         let (total, p) = page(vms.clone(), &q(Some(99), Some(3)));
         assert_eq!((total, p.len()), (7, 0), "past the end: empty");
-        let (_, p) = page(vms, &q(Some(usize::MAX), Some(usize::MAX)));
+        let (_, p) = page(vms, &q(Some(i64::MAX), Some(usize::MAX)));
         assert!(p.is_empty());
+        assert!(check(&q(Some(-1), None)).is_err());
+        assert!(check(&q(Some(i64::MAX), None)).is_ok());
         assert!(check(&q(None, Some(0))).is_err());
         assert!(check(&q(None, Some(MAX_VM_PAGE + 1))).is_err());
         assert!(check(&q(Some(3), Some(MAX_VM_PAGE))).is_ok());
