@@ -22,8 +22,12 @@ pub struct VolumeOverride {
 #[serde(remote = "Self", deny_unknown_fields)]
 pub struct NewOverride {
     /// Why the volume may run on fewer copies (kept in the record and the event): 1-200
-    /// characters.
-    #[schema(min_length = 1, max_length = 200)]
+    /// characters, no control characters (one line), not only spaces.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*[^\\u0000-\\u0020\\u007f-\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000][^\\u0000-\\u001f\\u007f-\\u009f]*$"
+    )]
     pub reason: String,
 }
 

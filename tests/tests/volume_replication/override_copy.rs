@@ -45,17 +45,20 @@ pub(crate) fn operator_override(
     let r = (1..=3u8).find(|i| id_of(ca, t, *i) == replica).unwrap();
     let (fc1, hc1) = payload(tmp, "c1", 8 * MIB);
     assert!(write(dir, 1, "c", &fc1));
-    // An empty reason is refused, nothing changed.
-    let (code, e) = call(
-        ca,
-        2,
-        "POST",
-        "volumes/c/override",
-        Some(t),
-        Some(&json!({"reason": " "})),
-    );
-    assert_eq!(code, 400, "{e}");
-    assert!(e["error"].as_str().unwrap().contains("reason"), "{e}");
+    // A reason of spaces only, or with a control character (a second line), is refused
+    // (as the schema's pattern says), nothing changed.
+    for reason in [" ", "\u{3000}", "two\nlines", "a\u{85}b"] {
+        let (code, e) = call(
+            ca,
+            2,
+            "POST",
+            "volumes/c/override",
+            Some(t),
+            Some(&json!({ "reason": reason })),
+        );
+        assert_eq!(code, 400, "{reason:?}: {e}");
+        assert!(e["error"].as_str().unwrap().contains("reason"), "{e}");
+    }
 
     let store = kill(dir, r, &["tessera-store"]);
     let (fc2, hc2) = payload(tmp, "c2", 8 * MIB);

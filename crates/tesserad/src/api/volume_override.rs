@@ -47,10 +47,15 @@ pub async fn override_volume(
     Param(name): Param<String>,
     Body(req): Body<NewOverride>,
 ) -> Result<Json<VolumeView>, ApiError> {
+    // As the schema's pattern says: the whole reason free of control characters, and
+    // something besides (Unicode) white space in it.
     let reason = req.reason.trim();
-    if reason.is_empty() || reason.chars().count() > MAX_REASON || reason.contains('\n') {
+    if reason.is_empty()
+        || req.reason.chars().count() > MAX_REASON
+        || req.reason.chars().any(char::is_control)
+    {
         return Err(ApiError::bad(format!(
-            "reason: 1-{MAX_REASON} characters on one line"
+            "reason: 1-{MAX_REASON} characters on one line, no control characters, not only spaces"
         )));
     }
     let n = super::synced(&st).await?;
