@@ -117,6 +117,22 @@ fn grow(n: &Node, size: u64) {
     .unwrap();
 }
 
+/// Grows volume `v` on `n` to `big` and writes, flushed, over the start (after the
+/// snapshot the tests take first) and past the old end.
+fn grow_and_write_past_the_old_end(n: &Node, big: u64) {
+    grow(n, big);
+    let mut c = n.nbd("v");
+    c.write(MIB, &pattern("after-s1", (2 * MIB) as usize), false)
+        .unwrap();
+    c.write(
+        SIZE + MIB,
+        &pattern("past-the-old-end", MIB as usize),
+        false,
+    )
+    .unwrap();
+    c.flush().unwrap();
+}
+
 fn snapshots(n: &Node) -> Vec<String> {
     match n.admin(AdminOp::VolumeInfo { name: "v".into() }).unwrap() {
         AdminReply::Volume(v) => v.snapshots.into_iter().map(|s| s.name).collect(),
@@ -273,17 +289,7 @@ fn snapshots_older_than_a_resize_reach_every_copy_at_their_own_size() {
     set_role(&nodes[0], 3, primary(&[&nodes[1]], &[&nodes[2]]));
     wait_until("s1 completed on node1", || snapshots(&nodes[0]) == ["s1"]);
     let big = SIZE + 8 * MIB;
-    grow(&nodes[0], big);
-    let mut c = nodes[0].nbd("v");
-    c.write(MIB, &pattern("after-s1", (2 * MIB) as usize), false)
-        .unwrap();
-    c.write(
-        SIZE + MIB,
-        &pattern("past-the-old-end", MIB as usize),
-        false,
-    )
-    .unwrap();
-    c.flush().unwrap();
+    grow_and_write_past_the_old_end(&nodes[0], big);
     let s1 = sized_hash(r, &nodes[0], "v@s1", SIZE);
     assert_eq!(s1, sized_hash(r, &nodes[1], "v@s1", SIZE));
 
@@ -402,17 +408,7 @@ fn a_copy_larger_than_a_snapshot_it_lacks_gets_it_at_the_snapshots_size() {
         .unwrap();
     snapshot(&nodes[0], "s1").unwrap();
     let big = SIZE + 8 * MIB;
-    grow(&nodes[0], big);
-    let mut c = nodes[0].nbd("v");
-    c.write(MIB, &pattern("after-s1", (2 * MIB) as usize), false)
-        .unwrap();
-    c.write(
-        SIZE + MIB,
-        &pattern("past-the-old-end", MIB as usize),
-        false,
-    )
-    .unwrap();
-    c.flush().unwrap();
+    grow_and_write_past_the_old_end(&nodes[0], big);
     let s1 = sized_hash(r, &nodes[0], "v@s1", SIZE);
     let head = sized_hash(r, &nodes[0], "v", big);
 
