@@ -491,7 +491,7 @@ async function route() {
   if (page === "password") { passwordView(); return; }
   const view = VIEWS[page];
   if (!view) { replace(main, h("h1", {}, "No such page"), h("p", {}, h("a", { href: "#/" }, "Dashboard"))); return; }
-  const load = async () => {
+  const loadOnce = async () => {
     clearTimeout(session.timer);
     let next = 5000;
     try {
@@ -503,6 +503,28 @@ async function route() {
     // Polling for what has no event (node metrics, task progress), bounded to one load per
     // interval; events refresh sooner through the stream.
     if (gen === session.generation && next !== "manual") session.timer = setTimeout(load, next);
+  };
+  // One load at a time: two in flight could finish out of order and the older answer
+  // would be drawn last (a user just created gone from the list, a form rebuilt from it
+  // under the person typing). A refresh asked for meanwhile runs once after it.
+  let running = null;
+  let again = false;
+  const load = () => {
+    if (running) {
+      again = true;
+      return running;
+    }
+    running = (async () => {
+      try {
+        do {
+          again = false;
+          await loadOnce();
+        } while (again && gen === session.generation);
+      } finally {
+        running = null;
+      }
+    })();
+    return running;
   };
   session.refresh = load;
   await load();

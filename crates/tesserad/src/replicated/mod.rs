@@ -88,8 +88,8 @@ pub fn node_name(seed_name: Option<&str>, me: &NodeId) -> String {
 }
 
 /// The name node `me` registers under now, wanting `base` ([`names::unique_name`] over
-/// the `nodes` table as this node sees it).
-fn registered_name(node: &Node, me: &str, base: &str) -> String {
+/// the `nodes` table as this node sees it), and the name its record holds today.
+fn registered_name(node: &Node, me: &str, base: &str) -> (String, Option<String>) {
     let (recorded, others) = node.state.read(|t| {
         let mut recorded = None;
         let mut others = Vec::new();
@@ -103,7 +103,8 @@ fn registered_name(node: &Node, me: &str, base: &str) -> String {
         }
         (recorded, others)
     });
-    names::unique_name(base, me, recorded.as_deref(), &others)
+    let chosen = names::unique_name(base, me, recorded.as_deref(), &others);
+    (chosen, recorded)
 }
 
 /// Records this node in the replicated `nodes` table (name, address, NBD address, latest
@@ -124,14 +125,9 @@ pub fn register(
         let mut registered = false;
         loop {
             let m = metrics.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let chosen = registered_name(&node, &me.0, &name);
+            let (chosen, previous) = registered_name(&node, &me.0, &name);
             let mut ops = Vec::new();
-            let previous = node.state.read(|t| {
-                t.get("nodes")
-                    .and_then(|n| n.get(&me.0))
-                    .map(|r| r["name"].clone())
-            });
-            if chosen != name && previous.as_ref().and_then(|p| p.as_str()) != Some(&chosen) {
+            if chosen != name && previous.as_deref() != Some(chosen.as_str()) {
                 let msg = format!(
                     "node name {name} is held by another node: this node ({}) goes by {chosen}",
                     me.0
