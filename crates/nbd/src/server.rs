@@ -42,6 +42,10 @@ pub struct ServerConfig {
     /// TLS every client must start (`NBD_OPT_STARTTLS`) before it may do anything else;
     /// `None` serves plain NBD.
     pub tls: Option<TlsRequired>,
+    /// How long a connection keeps polling for the next request after its replies went
+    /// out before its thread sleeps (zero: never polls); only while requests follow
+    /// their replies within about this time.
+    pub poll_for_next: Duration,
 }
 
 /// TLS that a server requires of every client before anything else (the NBD spec's
@@ -82,6 +86,7 @@ impl Default for ServerConfig {
             max_bytes_in_flight: 64 << 20,
             negotiation_timeout: Duration::from_secs(10),
             tls: None,
+            poll_for_next: Duration::from_micros(50),
         }
     }
 }

@@ -132,6 +132,10 @@ struct ServeArgs {
     /// connecting (milliseconds).
     #[arg(long, default_value_t = 10_000)]
     nbd_negotiation_timeout_ms: u64,
+    /// How long an NBD connection polls for its client's next request after replying
+    /// before its thread sleeps (microseconds; 0: never). See docs/nbd.md, "Threads".
+    #[arg(long, default_value_t = 50)]
+    nbd_poll_us: u64,
     /// Start even if the write-ahead log holds a damaged record that a completed flush
     /// covered: drop it and everything logged after it (acknowledged writes are lost;
     /// the store refuses to start without this, naming the record).
@@ -236,6 +240,7 @@ fn daemon_config(args: &ServeArgs, admin: Option<PathBuf>) -> DaemonConfig {
         },
         nbd: ServerConfig {
             negotiation_timeout: Duration::from_millis(args.nbd_negotiation_timeout_ms.max(1)),
+            poll_for_next: Duration::from_micros(args.nbd_poll_us),
             ..ServerConfig::default()
         },
     }
