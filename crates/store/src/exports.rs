@@ -135,8 +135,11 @@ impl StoreDevice {
         if !repl.replicas.is_replica(name) {
             // Neither role: a volume without replication, or one whose role is changing
             // right now (then this copy alone must not take the write).
-            let settled = claim::blocking(|| {
-                repl.settled_epoch(std::time::Instant::now() + ROLE_CHANGE_WAIT)
+            // Almost always settled: asked without leaving the async worker (a
+            // `block_in_place` hands the worker's core to another thread, a thread
+            // wake-up on every write).
+            let settled = repl.settled_epoch_now().or_else(|| {
+                claim::blocking(|| repl.settled_epoch(std::time::Instant::now() + ROLE_CHANGE_WAIT))
             });
             return match settled {
                 Some(e) if e == epoch => Ok(Route::Local),

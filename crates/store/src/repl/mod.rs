@@ -119,6 +119,12 @@ impl Replication {
         Some(c.epoch)
     }
 
+    /// [`Self::settled_epoch`] without waiting: `None` while a role change is under way.
+    pub fn settled_epoch_now(&self) -> Option<u64> {
+        let c = self.changes.lock();
+        (c.under_way == 0).then_some(c.epoch)
+    }
+
     /// The count of role changes begun or ended so far.
     pub fn role_epoch(&self) -> u64 {
         self.changes.lock().epoch
