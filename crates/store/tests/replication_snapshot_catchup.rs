@@ -21,7 +21,10 @@
 //!   and a clone of it grown past that size reads as the primary's clone (zeroes there);
 //! - a block failing its checksum in a clone's origin layer (another volume's snapshot)
 //!   on a replica, met by the clone's catch-up where the clone was written since, is
-//!   rewritten there with the primary's bytes of the origin (counted).
+//!   rewritten there with the primary's bytes of the origin (counted);
+//! - the same bad block found by a scrub on the replica, where only the clone is
+//!   replicated (its origin a standalone volume on every store, as a template copied to
+//!   each node): repaired from the clone's primary, listed as repaired, counted.
 
 // Test code: the unexpected should panic where it happens.
 #![allow(clippy::unwrap_used)]
@@ -30,6 +33,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use tessera_blockstore::ScrubReport;
 use tessera_pki::ClusterCa;
 use tessera_store_admin::{AdminOp, AdminReply, ReplicaState, ReplicationRole};
 
@@ -538,4 +542,91 @@ fn a_bad_block_in_a_clones_origin_layer_on_a_replica_is_repaired_by_its_catch_up
         sized_hash(r, &nodes[0], "v@s1", SIZE),
         "node3's origin snapshot"
     );
+}
+
+fn scrub(n: &Node) -> ScrubReport {
+    match n.admin(AdminOp::Scrub {}).unwrap() {
+        AdminReply::Scrub(r) => r,
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+#[test]
+fn a_scrub_on_a_replica_repairs_a_bad_block_in_a_clones_origin_layer() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let ca = ClusterCa::mint("repl-scrub-origin-test").unwrap();
+    let nodes: Vec<Node> = ["node1", "node2", "node3"]
+        .iter()
+        .map(|id| Node::start(r, id, &ca))
+        .collect();
+    // The origin: a standalone volume with the same bytes on every store, its snapshot
+    // cloned on each; only the clone is replicated.
+    let base = pattern("template", (4 * MIB) as usize);
+    for n in &nodes {
+        n.create("t", SIZE);
+        n.nbd("t").write(0, &base, true).unwrap();
+        n.admin(AdminOp::CreateSnapshot {
+            volume: "t".into(),
+            snapshot: "s1".into(),
+        })
+        .unwrap();
+        n.admin(AdminOp::CloneSnapshot {
+            volume: "t".into(),
+            snapshot: "s1".into(),
+            name: "c".into(),
+        })
+        .unwrap();
+    }
+    for n in &nodes[1..] {
+        set_role_of(n, "c", 2, ReplicationRole::Replica { catching_up: false });
+    }
+    set_role_of(&nodes[0], "c", 2, primary(&[&nodes[1], &nodes[2]], &[]));
+    // The origin's checksums in node3's table (its checkpoint), then its block rots.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while scrub(&nodes[2]).blocks_checked < 4 * MIB / support::rot::B {
+        assert!(
+            Instant::now() < deadline,
+            "t's blocks never reached node3's table"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let b = support::rot::B;
+    let good = &base[MIB as usize..(MIB + b) as usize];
+    let file = file_holding(&nodes[2], MIB, good);
+    rot(&file, MIB);
+    assert!(bytes_at(&file, MIB, b) != good, "the block did not rot");
+
+    let report = scrub(&nodes[2]);
+    assert!(report.bad.is_empty(), "left bad: {:?}", report.bad);
+    let fixed = report
+        .repaired
+        .iter()
+        .find(|x| x.offset == MIB)
+        .unwrap_or_else(|| panic!("not repaired: {report:?}"));
+    assert!(
+        fixed.affects.iter().any(|a| a == "c") && fixed.affects.iter().any(|a| a == "t@s1"),
+        "{fixed:?}"
+    );
+    assert!(
+        bytes_at(&file, MIB, b) == good,
+        "node3's origin layer still holds the flipped block"
+    );
+    let status = nodes[0].replication("c");
+    assert!(
+        status
+            .repairs
+            .iter()
+            .any(|x| x.offset == MIB && x.on.as_deref() == Some("node3")),
+        "the repair is not listed: {:?}",
+        status.repairs
+    );
+    // Every name reading the block on node3 reads the origin's bytes again.
+    for name in ["t@s1", "t", "c"] {
+        assert_eq!(
+            nodes[2].read(name, MIB, b as usize),
+            good,
+            "{name} on node3"
+        );
+    }
 }
