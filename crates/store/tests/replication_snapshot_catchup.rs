@@ -470,20 +470,7 @@ fn a_bad_block_in_a_clones_origin_layer_on_a_replica_is_repaired_by_its_catch_up
     let base = pattern("base", (4 * MIB) as usize);
     nodes[0].nbd("v").write(0, &base, true).unwrap();
     snapshot(&nodes[0], "s1").unwrap();
-    // The clone, as tesserad makes one: each store clones its own copy of s1, then the
-    // clone is replicated like a new volume.
-    for n in &nodes {
-        n.admin(AdminOp::CloneSnapshot {
-            volume: "v".into(),
-            snapshot: "s1".into(),
-            name: "c".into(),
-        })
-        .unwrap();
-    }
-    for n in &nodes[1..] {
-        set_role_of(n, "c", 2, ReplicationRole::Replica { catching_up: false });
-    }
-    set_role_of(&nodes[0], "c", 2, primary(&[&nodes[1], &nodes[2]], &[]));
+    replicated_clone(&nodes, "v");
 
     // node3 away; the clone is written at 1 MiB meanwhile (so its catch-up compares that
     // block, and the primary's clone no longer holds the origin's bytes there), and on
@@ -544,6 +531,23 @@ fn a_bad_block_in_a_clones_origin_layer_on_a_replica_is_repaired_by_its_catch_up
     );
 }
 
+/// Clone `c` of `origin@s1`, as tesserad makes one: each store clones its own copy of
+/// the snapshot, then the clone is replicated like a new volume (primary on the first).
+fn replicated_clone(nodes: &[Node], origin: &str) {
+    for n in nodes {
+        n.admin(AdminOp::CloneSnapshot {
+            volume: origin.into(),
+            snapshot: "s1".into(),
+            name: "c".into(),
+        })
+        .unwrap();
+    }
+    for n in &nodes[1..] {
+        set_role_of(n, "c", 2, ReplicationRole::Replica { catching_up: false });
+    }
+    set_role_of(&nodes[0], "c", 2, primary(&[&nodes[1], &nodes[2]], &[]));
+}
+
 fn scrub(n: &Node) -> ScrubReport {
     match n.admin(AdminOp::Scrub {}).unwrap() {
         AdminReply::Scrub(r) => r,
@@ -571,17 +575,8 @@ fn a_scrub_on_a_replica_repairs_a_bad_block_in_a_clones_origin_layer() {
             snapshot: "s1".into(),
         })
         .unwrap();
-        n.admin(AdminOp::CloneSnapshot {
-            volume: "t".into(),
-            snapshot: "s1".into(),
-            name: "c".into(),
-        })
-        .unwrap();
     }
-    for n in &nodes[1..] {
-        set_role_of(n, "c", 2, ReplicationRole::Replica { catching_up: false });
-    }
-    set_role_of(&nodes[0], "c", 2, primary(&[&nodes[1], &nodes[2]], &[]));
+    replicated_clone(&nodes, "t");
     // The origin's checksums in node3's table (its checkpoint), then its block rots.
     let deadline = Instant::now() + Duration::from_secs(40);
     while scrub(&nodes[2]).blocks_checked < 4 * MIB / support::rot::B {
