@@ -7,7 +7,8 @@
 //! FLUSH never stalls other connections. Replies share one buffered writer, flushed when
 //! no further request is already waiting in the read buffer (batching at high queue depth).
 //! Each request is admitted into the connection's [`Budget`] before its payload is read,
-//! and holds its share until its reply is in the socket.
+//! and holds its share until its reply is in the socket. With nothing buffered, the next
+//! request is polled for briefly before the thread sleeps ([`poll_for_request`]).
 
 use std::io;
 use std::pin::Pin;
@@ -250,7 +251,7 @@ where
 /// Polls the connection for the next request for at most `window` instead of sleeping
 /// on it at once, handing the thread back to the runtime's I/O driver between polls.
 /// On virtual CPUs waking a halted one costs tens of microseconds (an interrupt through
-/// the host), about a third of a 4K read's round trip on one host: a client that sends
+/// the host), about half a 4K read's round trip on one host: a client that sends
 /// its next request within microseconds of a reply finds the thread awake.
 async fn poll_for_request<R: AsyncRead + Unpin>(r: &mut BufReader<R>, window: Duration) {
     let until = Instant::now() + window;
