@@ -71,10 +71,44 @@ fn the_console_works_in_a_real_browser_against_a_three_node_cluster() {
             tokio::spawn(async move { story(&c2, &password, &ca, &cluster_dir).await }).await;
         let _ = c.close().await;
         if let Err(e) = outcome {
-            std::panic::resume_unwind(e.into_panic());
+            let p = e.into_panic();
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+            match msg {
+                Some(m) => panic!("{m}\n{}", log_warnings(&dir.path().join("cluster"))),
+                None => std::panic::resume_unwind(p),
+            }
         }
     });
     cluster.stop();
+}
+
+/// Each node's last warnings and errors, for a failed story's report: the page shows
+/// what the browser saw, these what the nodes did meanwhile.
+fn log_warnings(cluster: &std::path::Path) -> String {
+    let mut out = String::new();
+    for i in 1..=3 {
+        let log = tessera_tests::devcluster::node_dir(cluster, i).join("tesserad.log");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        out += &format!("node {i}'s last warnings ({}):\n", log.display());
+        for l in &lines[lines.len().saturating_sub(12)..] {
+            // Without the terminal colours the log is written with.
+            let mut rest = *l;
+            while let Some(at) = rest.find('\u{1b}') {
+                out += &rest[..at];
+                rest = rest[at..].find('m').map_or("", |m| &rest[at + m + 1..]);
+            }
+            out += rest;
+            out.push('\n');
+        }
+    }
+    out
 }
 
 async fn story(c: &Client, initial: &str, ca: &str, cluster_dir: &std::path::Path) {

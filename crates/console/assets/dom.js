@@ -32,9 +32,16 @@ export function replace(el, ...children) {
   append(el, children);
 }
 
-/** A labelled input: <div><label for>…</label><input id name><span error></div>. */
+let fields = 0;
+
+/**
+ * A labelled input: <div><label for>…</label><input id name><span error></div>. Without an
+ * id of its own the input gets one unique in the page: several forms share field names
+ * (the Users page's "password" is in two), and a shared id sent the label and the API's
+ * error message to the other form's field.
+ */
 export function field(label, input, hint) {
-  const id = input.id || `f-${input.name}`;
+  const id = input.id || `f-${input.name}-${++fields}`;
   input.id = id;
   const err = h("span.field-error", { id: `${id}-error`, role: "status" });
   input.setAttribute("aria-describedby", `${id}-error`);

@@ -124,7 +124,7 @@ export function confirmAction(label, name, fn) {
   return b;
 }
 
-export function sizeInput(name = "size_bytes", id = `f-${name}`) {
+export function sizeInput(name = "size_bytes", id) {
   const n = h("input", { name, type: "number", min: "1", step: "any", value: "1", id });
   const unit = h("select", { name: `${name}_unit`, "aria-label": "Unit" },
     h("option", { value: String(2 ** 20) }, "MiB"),

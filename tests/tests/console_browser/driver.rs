@@ -31,6 +31,19 @@ pub(crate) fn screenshots_dir() -> PathBuf {
 }
 
 pub(crate) async fn shot(c: &Client, name: &str) {
+    // Every page photographed is also checked for ids used twice: a label or an error
+    // message tied to an id then lands on the other form's field.
+    let dup = c
+        .execute(
+            "const seen = new Set(), twice = new Set(); \
+             for (const e of document.querySelectorAll('[id]')) { \
+               if (seen.has(e.id)) twice.add(e.id); seen.add(e.id); } \
+             return [...twice]",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(dup, json!([]), "ids used more than once on the {name} page");
     let png = c.screenshot().await.unwrap();
     std::fs::write(screenshots_dir().join(format!("{name}.png")), png).unwrap();
 }
@@ -52,11 +65,31 @@ pub(crate) async fn wait_js(c: &Client, js: &str, what: &str) -> Value {
                 .execute("return document.getElementById('main').innerText", vec![])
                 .await
                 .unwrap_or_default();
-            panic!("timed out waiting for {what}; the page says:\n{page}");
+            let state = match c.execute(PAGE_STATE, vec![]).await {
+                Ok(v) => v.as_str().unwrap_or_default().to_string(),
+                Err(e) => format!("(the page's state could not be read: {e})"),
+            };
+            panic!("timed out waiting for {what}; the page says:\n{page}\n{state}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// What a timed-out wait reports besides the page's text: each form's fields (passwords
+/// by length), whether it is busy submitting or invalid, and the page's last API calls
+/// that finished (one still under way is not listed).
+const PAGE_STATE: &str = r#"
+    const forms = [...document.querySelectorAll('form')].map((f) =>
+      `${f.id}${f.dataset.busy ? ' (busy)' : ''}${f.checkValidity() ? '' : ' (invalid)'}: ` +
+      [...f.elements].filter((e) => e.name).map((e) =>
+        `${e.name}=${e.type === 'password' ? `<${e.value.length} characters>` : e.value}`).join(', '));
+    const calls = performance.getEntriesByType('resource')
+      .filter((r) => r.name.includes('/api/')).slice(-10)
+      .map((r) => `at ${Math.round(r.startTime)} ms, ${Math.round(r.duration)} ms: ` +
+        `${r.responseStatus ?? '?'} ${new URL(r.name).pathname}`);
+    return [`now ${Math.round(performance.now())} ms`, 'forms:', ...forms,
+      'last API calls:', ...calls].join('\n');
+"#;
 
 /// Waits for an element matching `css` and returns it.
 pub(crate) async fn el(c: &Client, css: &str) -> fantoccini::elements::Element {
@@ -124,6 +157,11 @@ pub(crate) async fn click(c: &Client, css: &str) {
 
 pub(crate) async fn go(c: &Client, origin: &str, page: &str) {
     c.goto(&format!("{origin}/ui/#/{page}")).await.unwrap();
+    // The page's API calls stay listed for a timed-out wait's report (the default
+    // buffer, 250, is full after a minute of the console's polling).
+    c.execute("performance.setResourceTimingBufferSize(100000)", vec![])
+        .await
+        .unwrap();
 }
 
 /// Calls the API from the page (the session cookie, the CSRF header): (status, body).
