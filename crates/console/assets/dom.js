@@ -26,10 +26,28 @@ function append(el, children) {
   }
 }
 
-/** Replaces the children of `el`. */
+/**
+ * Replaces the children of `el`. A child kept from before (a form being filled in, see
+ * `keep`) is taken out and put back, and the browser moves focus out of an element taken
+ * out of the page: the field keeps its focus and cursor, or the keys typed next would go
+ * nowhere.
+ */
 export function replace(el, ...children) {
+  const focused = el.contains(document.activeElement) ? document.activeElement : null;
+  let cursor = null;
+  try {
+    if (focused && typeof focused.selectionStart === "number") {
+      cursor = [focused.selectionStart, focused.selectionEnd, focused.selectionDirection];
+    }
+  } catch { /* an input without a text cursor (a number, a checkbox) */ }
   el.replaceChildren();
   append(el, children);
+  if (focused && focused.isConnected && document.activeElement !== focused) {
+    focused.focus({ preventScroll: true });
+    try {
+      if (cursor) focused.setSelectionRange(...cursor);
+    } catch { /* as above */ }
+  }
 }
 
 let fields = 0;
