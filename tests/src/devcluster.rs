@@ -372,6 +372,28 @@ pub fn node_dir(dir: &Path, i: u8) -> std::path::PathBuf {
     dir.join(format!("node{i}"))
 }
 
+/// The last `lines` lines of `name` (`store.log`, `tesserad.log`) of each of the three
+/// nodes of the dev cluster in `dir` that `pick` keeps, without the terminal colours the
+/// daemons write: for a failure's message.
+pub fn log_tails(dir: &Path, name: &str, lines: usize, pick: impl Fn(&str) -> bool) -> String {
+    let mut s = String::new();
+    for i in 1..=3 {
+        let text = std::fs::read_to_string(node_dir(dir, i).join(name)).unwrap_or_default();
+        let kept: Vec<&str> = text.lines().filter(|l| pick(l)).collect();
+        s += &format!("--- node{i}/{name}:\n");
+        for l in &kept[kept.len().saturating_sub(lines)..] {
+            let mut rest = *l;
+            while let Some(at) = rest.find('\u{1b}') {
+                s += &rest[..at];
+                rest = rest[at..].find('m').map_or("", |m| &rest[at + m + 1..]);
+            }
+            s += rest;
+            s.push('\n');
+        }
+    }
+    s
+}
+
 /// Every log of the dev cluster in `dir`: each node's `store.log` and `tesserad.log`, and
 /// each of its VMMs' `vmm.log` and `console.log` (`data/vms/<vm>/`).
 pub fn node_logs(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -442,4 +464,27 @@ pub fn pids_where(pick: impl Fn(&str) -> bool) -> Vec<i32> {
             pick(&cmd).then_some(pid)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_tails_keeps_the_last_picked_lines_without_colours() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(node_dir(dir.path(), 1)).unwrap();
+        std::fs::write(
+            node_dir(dir.path(), 1).join("tesserad.log"),
+            "a \u{1b}[32m INFO\u{1b}[0m one\nb \u{1b}[33m WARN\u{1b}[0m two\nc \u{1b}[31mERROR\u{1b}[0m three\n",
+        )
+        .unwrap();
+        let t = log_tails(dir.path(), "tesserad.log", 1, |l| {
+            l.contains("WARN") || l.contains("ERROR")
+        });
+        assert_eq!(
+            t,
+            "--- node1/tesserad.log:\nc ERROR three\n--- node2/tesserad.log:\n--- node3/tesserad.log:\n"
+        );
+    }
 }

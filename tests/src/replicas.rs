@@ -349,18 +349,7 @@ pub fn has_event(ca: &str, via: u8, token: &str, kind: &str, target: &str) -> bo
 
 /// The last `lines` lines of each of the three nodes' store logs, for a failure's message.
 pub fn store_logs(dir: &Path, lines: usize) -> String {
-    let mut s = String::new();
-    for i in 1..=3 {
-        let text =
-            std::fs::read_to_string(dir.join(format!("node{i}/store.log"))).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        s += &format!("--- node{i}/store.log:\n");
-        for l in &all[all.len().saturating_sub(lines)..] {
-            s += l;
-            s.push('\n');
-        }
-    }
-    s
+    crate::devcluster::log_tails(dir, "store.log", lines, |_| true)
 }
 
 /// Waits (at most 60 s) until node 1's API lists three nodes whose stores are healthy;

@@ -88,27 +88,9 @@ fn the_console_works_in_a_real_browser_against_a_three_node_cluster() {
 /// Each node's last warnings and errors, for a failed story's report: the page shows
 /// what the browser saw, these what the nodes did meanwhile.
 fn log_warnings(cluster: &std::path::Path) -> String {
-    let mut out = String::new();
-    for i in 1..=3 {
-        let log = tessera_tests::devcluster::node_dir(cluster, i).join("tesserad.log");
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let lines: Vec<&str> = text
-            .lines()
-            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-            .collect();
-        out += &format!("node {i}'s last warnings ({}):\n", log.display());
-        for l in &lines[lines.len().saturating_sub(12)..] {
-            // Without the terminal colours the log is written with.
-            let mut rest = *l;
-            while let Some(at) = rest.find('\u{1b}') {
-                out += &rest[..at];
-                rest = rest[at..].find('m').map_or("", |m| &rest[at + m + 1..]);
-            }
-            out += rest;
-            out.push('\n');
-        }
-    }
-    out
+    tessera_tests::devcluster::log_tails(cluster, "tesserad.log", 12, |l| {
+        l.contains("WARN") || l.contains("ERROR")
+    })
 }
 
 /// Someone typing in the Users page's reset form while the page draws itself again (an
