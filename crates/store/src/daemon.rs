@@ -44,6 +44,10 @@ pub struct DaemonConfig {
     /// Replication over QUIC (UDP) on this address, with the credentials in
     /// `nbd_tls_dir`; off when `None`.
     pub repl_quic: Option<SocketAddr>,
+    /// The newest replication protocol version this store offers (normally
+    /// [`tessera_replication::wire::VERSION`]; lower only to hold it at an older
+    /// release's wire format).
+    pub repl_max_version: u8,
     /// The QUIC volume export (`crate::export`) on this UDP address, with the
     /// credentials in `nbd_tls_dir`; off when `None`.
     pub export_quic: Option<SocketAddr>,
@@ -156,7 +160,7 @@ pub async fn start(cfg: &DaemonConfig) -> anyhow::Result<Running> {
         let key = crate::repl::reset_key::ResetKey::load_or_create(
             &cfg.data_dir.join("replication/quic-reset.key"),
         );
-        let ep = ReplEndpoint::bind(addr, dir, key)?;
+        let ep = ReplEndpoint::bind(addr, dir, key, cfg.repl_max_version)?;
         tasks.push(tokio::spawn(crate::repl::quic::follow_credentials(
             ep.clone(),
         )));

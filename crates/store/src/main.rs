@@ -95,10 +95,19 @@ struct ServeArgs {
     #[arg(long, visible_alias = "tls-dir", default_value = DEFAULT_TLS_DIR)]
     nbd_tls_dir: PathBuf,
     /// Replication over QUIC on this UDP address (mutual TLS with the node's
-    /// credentials, ALPN tessera-repl/1): other stores' primaries reach this store's
-    /// replicas here, and this store's primaries reach theirs from it. Off when not given.
+    /// credentials, ALPN tessera-repl/<version>): other stores' primaries reach this
+    /// store's replicas here, and this store's primaries reach theirs from it. Off when
+    /// not given.
     #[arg(long)]
     repl_quic: Option<SocketAddr>,
+    /// The newest replication protocol version to offer peers (default: the newest this
+    /// store speaks). Lower only to make this store speak as an older release does on the
+    /// wire (docs/replication.md, "Protocol versions"); each connection settles on the
+    /// newest version both ends offer in any case.
+    #[arg(long, default_value_t = tessera_replication::wire::VERSION,
+        value_parser = clap::value_parser!(u8).range(
+            tessera_replication::wire::OLDEST_VERSION as i64..=tessera_replication::wire::VERSION as i64))]
+    repl_max_version: u8,
     /// The QUIC volume export on this UDP address (docs/volume-export.md: `tessera volume
     /// cp` and tessera-volume-client), with the same credentials and the same rule as NBD
     /// over TLS (a client certificate of the cluster CA). Off when not given; the
@@ -224,6 +233,7 @@ fn daemon_config(args: &ServeArgs, admin: Option<PathBuf>) -> DaemonConfig {
         nbd_tcp: args.nbd_tcp.filter(|_| !args.no_tcp),
         nbd_tls_dir: Some(args.nbd_tls_dir.clone()),
         repl_quic: args.repl_quic,
+        repl_max_version: args.repl_max_version,
         export_quic: args.export_quic,
         tesserad_socket: args.tesserad_socket.clone(),
         nbd_tcp_plain: args.nbd_tcp_plain.filter(|_| !args.no_tcp),

@@ -419,7 +419,9 @@ fn a_copy_larger_than_a_snapshot_it_lacks_gets_it_at_the_snapshots_size() {
     // node4: a copy made at the volume's grown size (as an earlier version made a
     // rebuild's, or by hand), holding other bytes everywhere, past s1's size too. It
     // lacks s1 and is larger than s1 was: before, the catch-up left s1 out (a warning).
-    let node4 = Node::start(r, "node4", &ca);
+    // First as a store of an older release speaks on the wire (protocol version 1, which
+    // has no snapshot with a size): it must not be sent one, and waits for its upgrade.
+    let mut node4 = Node::start_with(r, "node4", &ca, &["--repl-max-version", "1"]);
     node4.create("v", big);
     let mut w = node4.nbd("v");
     for at in (0..big).step_by((4 * MIB) as usize) {
@@ -432,6 +434,26 @@ fn a_copy_larger_than_a_snapshot_it_lacks_gets_it_at_the_snapshots_size() {
     }
     w.flush().unwrap();
     set_role(&nodes[0], 3, primary(&[&nodes[1], &nodes[2]], &[&node4]));
+    set_role(&node4, 3, ReplicationRole::Replica { catching_up: true });
+    let primary_log = nodes[0].dir.with_extension("log");
+    wait_until("the primary tells why node4's copy cannot take s1", || {
+        std::fs::read_to_string(&primary_log).is_ok_and(|l| {
+            l.contains("speaks replication protocol version 1")
+                && l.contains("cannot take snapshot s1")
+        })
+    });
+    assert!(!caught_up(&nodes[0], "node4"), "node4 caught up without s1");
+    assert!(snapshots(&node4).is_empty(), "node4 took a snapshot");
+    let node4_log = node4.dir.with_extension("log");
+    let refused = std::fs::read_to_string(&node4_log).unwrap();
+    assert!(
+        !refused.contains("protocol version 2"),
+        "node4 was sent a frame of version 2: {refused}"
+    );
+
+    // Upgraded (the same store, now offering version 2): the catch-up completes.
+    node4.args.clear();
+    node4.kill_and_restart();
     set_role(&node4, 3, ReplicationRole::Replica { catching_up: true });
     wait_until("node4 caught up", || caught_up(&nodes[0], "node4"));
     assert_eq!(snapshots(&node4), ["s1"], "node4 lacks s1");

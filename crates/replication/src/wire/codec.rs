@@ -8,7 +8,7 @@ mod encode;
 mod stream;
 
 pub use decode::{decode_body, frame_body_len};
-pub use encode::{encode, encode_into};
+pub use encode::{encode, encode_for, encode_into};
 pub use stream::Decoder;
 
 use super::{
@@ -37,6 +37,26 @@ const KIND_REPAIR: u8 = 18;
 const KIND_REPAIR_REPLY: u8 = 19;
 /// A `Snapshot` with a size (`size: Some`).
 const KIND_SNAPSHOT_AT: u8 = 20;
+
+/// The oldest protocol version that has message kind `kind` (`None`: no version has it).
+fn kind_version(kind: u8) -> Option<u8> {
+    match kind {
+        KIND_FENCE..=KIND_REPAIR_REPLY => Some(1),
+        KIND_SNAPSHOT_AT => Some(2),
+        _ => None,
+    }
+}
+
+impl Message {
+    /// The oldest protocol version that has this message: the version its frame carries,
+    /// and the one a connection must have negotiated for it to be sent.
+    pub fn version(&self) -> u8 {
+        match self {
+            Message::Snapshot { size: Some(_), .. } => 2,
+            _ => 1,
+        }
+    }
+}
 
 const REPAIR_REWRITTEN: u8 = 0;
 const REPAIR_NOT_NEEDED: u8 = 1;

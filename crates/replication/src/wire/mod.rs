@@ -30,12 +30,37 @@ mod tests;
 
 use std::fmt;
 
-pub use codec::{decode_body, encode, encode_into, frame_body_len, Decoder};
+pub use codec::{decode_body, encode, encode_for, encode_into, frame_body_len, Decoder};
 
-/// The protocol version this crate speaks (the byte after a frame's length prefix).
-pub const VERSION: u8 = 1;
-/// The ALPN protocol name of replication connections.
-pub const ALPN: &[u8] = b"tessera-repl/1";
+/// The newest protocol version this crate speaks. A frame carries (in the byte after its
+/// length prefix) the oldest version that has its message kind, so a peer that speaks
+/// only an older version still reads every message it knows; a sender checks the version
+/// the connection negotiated ([`ALPNS`]) before it sends a message of a newer one.
+///
+/// Version 1: kinds 1-19. Version 2 adds kind 20 (a `Snapshot` with a size).
+pub const VERSION: u8 = 2;
+/// The oldest protocol version this crate speaks.
+pub const OLDEST_VERSION: u8 = 1;
+/// The ALPN names of replication connections, newest version first: both ends offer every
+/// version they speak, and TLS settles on the newest both know ([`alpn_version`]). A store
+/// of an older release offers only `tessera-repl/1`.
+pub const ALPNS: [&[u8]; 2] = [b"tessera-repl/2", b"tessera-repl/1"];
+
+/// The protocol version an ALPN name stands for, if it is one of [`ALPNS`].
+pub fn alpn_version(alpn: &[u8]) -> Option<u8> {
+    let n = VERSION as usize;
+    ALPNS.iter().position(|a| *a == alpn).map(|i| (n - i) as u8)
+}
+
+/// The ALPN names of versions `OLDEST_VERSION..=max`, newest first (what a store offers;
+/// `max` above [`VERSION`] counts as [`VERSION`]).
+pub fn alpns_up_to(max: u8) -> Vec<Vec<u8>> {
+    ALPNS
+        .iter()
+        .filter(|a| alpn_version(a).is_some_and(|v| v <= max))
+        .map(|a| a.to_vec())
+        .collect()
+}
 /// Offsets and lengths are multiples of this.
 pub const SECTOR: u64 = 512;
 /// The unit a digest covers (the block store's block).
@@ -330,6 +355,15 @@ pub enum WireError {
     /// The frame's version is not one this crate speaks.
     #[error("unknown protocol version {0}")]
     UnknownVersion(u8),
+    /// The frame's version is newer than the one the connection negotiated.
+    #[error(
+        "frame of protocol version {version} on a connection that negotiated version {negotiated}"
+    )]
+    NotNegotiated { version: u8, negotiated: u8 },
+    /// The frame's kind does not exist in the version the frame says it is of (or the
+    /// message is not one the peer's version knows, when encoding for it).
+    #[error("message kind {kind} does not exist in protocol version {version}")]
+    KindNotInVersion { kind: u8, version: u8 },
     /// The frame's kind is not a known message.
     #[error("unknown message kind {0}")]
     UnknownKind(u8),
@@ -352,7 +386,7 @@ pub enum WireError {
     /// A length is zero, too large, or offset + length overflows.
     #[error("bad {field}: {value}")]
     BadLength { field: &'static str, value: u64 },
-    /// A flag or code byte has a value no version-1 message uses.
+    /// A flag or code byte has a value no message of the frame's version uses.
     #[error("bad {field} value {value}")]
     BadValue { field: &'static str, value: u64 },
     /// The decoder already failed; the stream must be closed.

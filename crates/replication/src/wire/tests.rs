@@ -309,8 +309,11 @@ fn unknown_version_and_kind_are_refused() {
     })
     .unwrap();
     let mut body = frame[4..].to_vec();
-    body[0] = 2;
-    assert_eq!(decode_body(&body), Err(WireError::UnknownVersion(2)));
+    body[0] = VERSION + 1;
+    assert_eq!(
+        decode_body(&body),
+        Err(WireError::UnknownVersion(VERSION + 1))
+    );
     body[0] = 0;
     assert_eq!(decode_body(&body), Err(WireError::UnknownVersion(0)));
     body[0] = VERSION;
@@ -318,6 +321,100 @@ fn unknown_version_and_kind_are_refused() {
         body[1] = kind;
         assert_eq!(decode_body(&body), Err(WireError::UnknownKind(kind)));
     }
+}
+
+fn sized_snapshot() -> Message {
+    Message::Snapshot {
+        volume: VolumeName::new("v").unwrap(),
+        generation: Generation(3),
+        seq: 9,
+        name: VolumeName::new("s1").unwrap(),
+        size: Some(16 << 20),
+    }
+}
+
+#[test]
+fn a_frame_carries_the_oldest_version_that_has_its_kind() {
+    // A store of version 1 reads every message it knows from a newer one: only kind 20
+    // (a snapshot with a size, version 2) is sent as a version-2 frame.
+    for msg in every_message() {
+        let frame = encode(&msg).unwrap();
+        let want = if frame[5] == 20 { 2 } else { 1 };
+        assert_eq!(frame[4], want, "{msg:?}");
+        assert_eq!(msg.version(), want);
+        assert_eq!(decode_body(&frame[4..]).unwrap(), msg);
+    }
+    assert_eq!(encode(&sized_snapshot()).unwrap()[4..6], [2, 20]);
+}
+
+#[test]
+fn a_kind_in_a_frame_of_a_version_without_it_is_refused() {
+    let mut body = encode(&sized_snapshot()).unwrap()[4..].to_vec();
+    body[0] = 1;
+    assert_eq!(
+        decode_body(&body),
+        Err(WireError::KindNotInVersion {
+            kind: 20,
+            version: 1
+        })
+    );
+}
+
+#[test]
+fn a_decoder_of_a_version_1_connection_refuses_a_version_2_frame() {
+    let old = encode(&Message::Reply {
+        seq: 1,
+        result: Ok(()),
+    })
+    .unwrap();
+    let new = encode(&sized_snapshot()).unwrap();
+    let mut d = Decoder::speaking(1);
+    d.push(&old).unwrap();
+    assert!(matches!(d.next_message(), Ok(Some(Message::Reply { .. }))));
+    d.push(&new).unwrap();
+    assert_eq!(
+        d.next_message(),
+        Err(WireError::NotNegotiated {
+            version: 2,
+            negotiated: 1
+        })
+    );
+    assert_eq!(d.next_message(), Err(WireError::Poisoned));
+    let mut d = Decoder::speaking(2);
+    d.push(&new).unwrap();
+    assert_eq!(d.next_message(), Ok(Some(sized_snapshot())));
+}
+
+#[test]
+fn a_message_is_not_encoded_for_a_peer_whose_version_lacks_it() {
+    assert_eq!(
+        encode_for(&sized_snapshot(), 1),
+        Err(WireError::KindNotInVersion {
+            kind: 20,
+            version: 1
+        })
+    );
+    assert_eq!(encode_for(&sized_snapshot(), 2), encode(&sized_snapshot()));
+    let plain = Message::Flush {
+        volume: VolumeName::new("v").unwrap(),
+        generation: Generation(3),
+        seq: 4,
+    };
+    assert_eq!(encode_for(&plain, 1), encode(&plain));
+}
+
+#[test]
+fn alpn_names_map_to_versions_newest_first() {
+    assert_eq!(alpn_version(b"tessera-repl/1"), Some(1));
+    assert_eq!(alpn_version(b"tessera-repl/2"), Some(2));
+    assert_eq!(alpn_version(b"tessera-repl/3"), None);
+    assert_eq!(alpn_version(b"tessera-export/1"), None);
+    assert_eq!(
+        alpns_up_to(VERSION),
+        [b"tessera-repl/2".to_vec(), b"tessera-repl/1".to_vec()]
+    );
+    assert_eq!(alpns_up_to(1), [b"tessera-repl/1".to_vec()]);
+    assert_eq!(alpns_up_to(9), alpns_up_to(VERSION));
 }
 
 #[test]

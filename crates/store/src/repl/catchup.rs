@@ -126,6 +126,8 @@ enum PassError {
 /// One stream to the replica, with its seq count.
 struct Stream {
     conn: quinn::Connection,
+    /// The protocol version the connection settled on: no message of a newer one is sent.
+    version: u8,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     decoder: Decoder,
@@ -141,7 +143,8 @@ struct Stream {
 
 impl Stream {
     async fn send(&mut self, msg: &Message) -> Result<(), PassError> {
-        let frame = wire::encode(msg).map_err(|e| PassError::Retry(e.to_string()))?;
+        let frame =
+            wire::encode_for(msg, self.version).map_err(|e| PassError::Retry(e.to_string()))?;
         self.send
             .write_all(&frame)
             .await
@@ -365,6 +368,7 @@ impl CatchUp {
             .await
             .map_err(|e| PassError::Retry(e.to_string()))?;
         let mut s = Stream {
+            version: super::quic::negotiated_version(&conn),
             conn,
             send,
             recv,

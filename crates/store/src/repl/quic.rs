@@ -1,7 +1,9 @@
 //! The QUIC endpoint stores replicate over: one UDP socket, mutual TLS with the node
 //! certificates of the cluster CA (both ends present theirs, both verify the other's
-//! chain), ALPN `tessera-repl/1`, and only *node* certificates accepted as peers (a
-//! user's client certificate from the same CA may read exports over NBD, never replicate).
+//! chain), ALPN `tessera-repl/<version>` (every version of the wire codec this store
+//! speaks, newest first: TLS settles each connection on the newest both ends know, see
+//! [`negotiated_version`]), and only *node* certificates accepted as peers (a user's
+//! client certificate from the same CA may read exports over NBD, never replicate).
 //!
 //! The credentials are the files `tesserad` keeps in its TLS directory (see `crate::tls`);
 //! the endpoint is bound at start and takes connections once they are there, following
@@ -16,11 +18,9 @@ use parking_lot::RwLock;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::CertificateDer;
 use tessera_pki::NodeCredentials;
+use tessera_replication::wire;
 
 use crate::tls::{read_creds, Creds};
-
-/// The replication protocol's ALPN name (version 1 of the wire codec).
-pub const ALPN: &[u8] = b"tessera-repl/1";
 
 /// A connection that shows no sign of life this long is closed (both ends send
 /// keep-alives at a third of it).
@@ -97,17 +97,19 @@ fn node_creds(c: &Creds) -> NodeCredentials {
 }
 
 /// The server side: this node's certificate, a client certificate of the cluster CA
-/// required (checked by rustls before any stream opens), ALPN `tessera-repl/1` only.
+/// required (checked by rustls before any stream opens), every replication protocol
+/// version this store speaks.
 pub fn server_config(dir: &Path, c: &Creds) -> Result<quinn::ServerConfig, QuicError> {
-    server_config_for(dir, c, ALPN)
+    server_config_for(dir, c, &wire::alpns_up_to(wire::VERSION))
 }
 
-/// Like [`server_config`] for another protocol on the same TLS rules (the volume export,
-/// `crate::export`): only `alpn` is accepted.
+/// Like [`server_config`] for other protocol names on the same TLS rules (replication
+/// held at an older version, or the volume export, `crate::export`): only `alpns`
+/// (preferred first) are accepted.
 pub fn server_config_for(
     dir: &Path,
     c: &Creds,
-    alpn: &[u8],
+    alpns: &[Vec<u8>],
 ) -> Result<quinn::ServerConfig, QuicError> {
     let bad = |reason: String| QuicError::Credentials {
         dir: dir.to_path_buf(),
@@ -115,26 +117,42 @@ pub fn server_config_for(
     };
     let mut tls =
         tessera_pki::server_config(&node_creds(c), &c.ca).map_err(|e| bad(e.to_string()))?;
-    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.alpn_protocols = alpns.to_vec();
     let quic = QuicServerConfig::try_from(tls).map_err(|e| bad(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(transport());
     Ok(cfg)
 }
 
-/// The client side: trusts only the cluster CA, presents this node's certificate.
-pub fn client_config(dir: &Path, c: &Creds) -> Result<quinn::ClientConfig, QuicError> {
+/// The client side of replication: trusts only the cluster CA, presents this node's
+/// certificate, offers protocol names `alpns` (preferred first).
+pub fn client_config(
+    dir: &Path,
+    c: &Creds,
+    alpns: &[Vec<u8>],
+) -> Result<quinn::ClientConfig, QuicError> {
     let bad = |reason: String| QuicError::Credentials {
         dir: dir.to_path_buf(),
         reason,
     };
     let mut tls =
         tessera_pki::client_config(&node_creds(c), &c.ca).map_err(|e| bad(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = alpns.to_vec();
     let quic = QuicClientConfig::try_from(tls).map_err(|e| bad(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(transport());
     Ok(cfg)
+}
+
+/// The replication protocol version `conn` settled on: the one its ALPN name stands for.
+/// A connection that settled on none (impossible with our configurations: rustls refuses
+/// a handshake without a common name) counts as the oldest.
+pub fn negotiated_version(conn: &quinn::Connection) -> u8 {
+    conn.handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol)
+        .and_then(|p| wire::alpn_version(&p))
+        .unwrap_or(wire::OLDEST_VERSION)
 }
 
 /// The node id a peer's verified certificate names (`<id>.node.tessera`), or why it is
@@ -174,21 +192,29 @@ pub struct ReplEndpoint {
     endpoint: quinn::Endpoint,
     client: RwLock<Option<quinn::ClientConfig>>,
     tls_dir: PathBuf,
-    /// The protocol served: replication's, or the volume export's (`crate::export`).
-    alpn: &'static [u8],
+    /// The protocol names served, preferred first: replication's, or the volume
+    /// export's (`crate::export`).
+    alpns: Vec<Vec<u8>>,
+    /// The protocol names offered when connecting to a peer store (replication's).
+    repl_alpns: Vec<Vec<u8>>,
 }
 
 impl ReplEndpoint {
     /// Binds `addr` (UDP). Nothing is accepted until [`ReplEndpoint::load_credentials`]
     /// found usable credentials. `reset_key` must be the one of this address's earlier
     /// starts (see `reset_key`): peers of a previous process then drop their connections
-    /// at its first answer. Must run inside the tokio runtime.
+    /// at its first answer. Replication protocol versions up to `max_version` are served
+    /// and offered (below [`wire::VERSION`] only to hold a store at an older release's
+    /// wire format: `tessera-store serve --repl-max-version`). Must run inside the tokio
+    /// runtime.
     pub fn bind(
         addr: SocketAddr,
         tls_dir: PathBuf,
         reset_key: super::reset_key::ResetKey,
+        max_version: u8,
     ) -> Result<Arc<ReplEndpoint>, QuicError> {
-        Self::bind_for(addr, tls_dir, reset_key, ALPN)
+        let alpns = wire::alpns_up_to(max_version);
+        Self::bind_with(addr, tls_dir, reset_key, alpns.clone(), alpns)
     }
 
     /// Like [`ReplEndpoint::bind`], serving protocol `alpn` instead of replication (the
@@ -198,6 +224,17 @@ impl ReplEndpoint {
         tls_dir: PathBuf,
         reset_key: super::reset_key::ResetKey,
         alpn: &'static [u8],
+    ) -> Result<Arc<ReplEndpoint>, QuicError> {
+        let repl = wire::alpns_up_to(wire::VERSION);
+        Self::bind_with(addr, tls_dir, reset_key, vec![alpn.to_vec()], repl)
+    }
+
+    fn bind_with(
+        addr: SocketAddr,
+        tls_dir: PathBuf,
+        reset_key: super::reset_key::ResetKey,
+        alpns: Vec<Vec<u8>>,
+        repl_alpns: Vec<Vec<u8>>,
     ) -> Result<Arc<ReplEndpoint>, QuicError> {
         let bind = |source| QuicError::Bind { addr, source };
         let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
@@ -210,8 +247,19 @@ impl ReplEndpoint {
             endpoint,
             client: RwLock::new(None),
             tls_dir,
-            alpn,
+            alpns,
+            repl_alpns,
         }))
+    }
+
+    /// The protocol names served, for logs (`tessera-repl/2,tessera-repl/1`).
+    fn served(&self) -> String {
+        let names: Vec<_> = self
+            .alpns
+            .iter()
+            .map(|a| String::from_utf8_lossy(a))
+            .collect();
+        names.join(",")
     }
 
     /// The bound address (the real port when 0 was asked).
@@ -227,8 +275,8 @@ impl ReplEndpoint {
     /// Installs credentials for serving and connecting (connections already open keep
     /// theirs).
     pub fn set_credentials(&self, c: &Creds) -> Result<(), QuicError> {
-        let server = server_config_for(&self.tls_dir, c, self.alpn)?;
-        let client = client_config(&self.tls_dir, c)?;
+        let server = server_config_for(&self.tls_dir, c, &self.alpns)?;
+        let client = client_config(&self.tls_dir, c, &self.repl_alpns)?;
         self.endpoint.set_server_config(Some(server));
         *self.client.write() = Some(client);
         Ok(())
@@ -284,7 +332,7 @@ pub async fn follow_credentials(ep: Arc<ReplEndpoint>) {
             Ok(Some(c)) => match ep.set_credentials(&c) {
                 Ok(()) => {
                     tracing::info!(addr = ?ep.local_addr().ok(), renewed = current.is_some(),
-                        alpn = %String::from_utf8_lossy(ep.alpn),
+                        alpn = %ep.served(),
                         "QUIC endpoint: serving with this node's certificate");
                     current = Some(c);
                     None
@@ -295,7 +343,7 @@ pub async fn follow_credentials(ep: Arc<ReplEndpoint>) {
         };
         match problem {
             Some(p) if p != last_problem => {
-                tracing::warn!(problem = %p, alpn = %String::from_utf8_lossy(ep.alpn),
+                tracing::warn!(problem = %p, alpn = %ep.served(),
                     "QUIC endpoint cannot use the node's credentials; retrying");
                 last_problem = p;
             }

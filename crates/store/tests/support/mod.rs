@@ -26,6 +26,8 @@ pub struct Node {
     pub dir: PathBuf,
     pub repl: SocketAddr,
     tls: PathBuf,
+    /// More arguments for `serve`, on every (re)start.
+    pub args: Vec<String>,
 }
 
 impl Drop for Node {
@@ -45,6 +47,12 @@ impl Drop for Node {
 
 impl Node {
     pub fn start(root: &Path, id: &str, ca: &ClusterCa) -> Node {
+        Node::start_with(root, id, ca, &[])
+    }
+
+    /// Like [`Node::start`], with more arguments for `serve`.
+    pub fn start_with(root: &Path, id: &str, ca: &ClusterCa, args: &[&str]) -> Node {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let tls = root.join(format!("{id}-tls"));
         write_node_creds(&tls, ca, id);
         let dir = root.join(id);
@@ -55,13 +63,14 @@ impl Node {
             .unwrap()
             .port();
         let repl: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = spawn(&dir, &tls, repl);
+        let child = spawn(&dir, &tls, repl, &args);
         let n = Node {
             child,
             id: id.to_string(),
             dir,
             repl,
             tls,
+            args,
         };
         n.wait_ready();
         n
@@ -85,7 +94,7 @@ impl Node {
         for sock in ["admin.sock", "nbd.sock"] {
             let _ = std::fs::remove_file(self.dir.join(sock));
         }
-        self.child = spawn(&self.dir, &self.tls, self.repl);
+        self.child = spawn(&self.dir, &self.tls, self.repl, &self.args);
         self.wait_ready();
     }
 
@@ -267,7 +276,7 @@ pub fn run(cmd: &mut Command) {
 
 /// Starts `tessera-store serve` on `dir` with replication at `repl`; its log is appended
 /// to `<dir>.log`.
-fn spawn(dir: &Path, tls: &Path, repl: SocketAddr) -> Child {
+fn spawn(dir: &Path, tls: &Path, repl: SocketAddr, args: &[String]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -281,6 +290,7 @@ fn spawn(dir: &Path, tls: &Path, repl: SocketAddr) -> Child {
         .arg(tls)
         .arg("--repl-quic")
         .arg(repl.to_string())
+        .args(args)
         .env("TESSERA_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -289,13 +299,26 @@ fn spawn(dir: &Path, tls: &Path, repl: SocketAddr) -> Child {
         .unwrap()
 }
 
-/// A QUIC client acting as a primary, with the given TLS client configuration.
+/// A QUIC client acting as a primary, with the given TLS client configuration, offering
+/// every replication protocol version.
 pub async fn quic_connect(
-    mut tls: rustls::ClientConfig,
+    tls: rustls::ClientConfig,
     to: SocketAddr,
     node: &str,
 ) -> Result<quinn::Connection, String> {
-    tls.alpn_protocols = vec![tessera_replication::wire::ALPN.to_vec()];
+    let all = tessera_replication::wire::alpns_up_to(tessera_replication::wire::VERSION);
+    quic_connect_offering(tls, to, node, all).await
+}
+
+/// Like [`quic_connect`], offering protocol names `alpns` (an older release offers
+/// `tessera-repl/1` only).
+pub async fn quic_connect_offering(
+    mut tls: rustls::ClientConfig,
+    to: SocketAddr,
+    node: &str,
+    alpns: Vec<Vec<u8>>,
+) -> Result<quinn::Connection, String> {
+    tls.alpn_protocols = alpns;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));

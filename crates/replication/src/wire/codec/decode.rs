@@ -3,12 +3,12 @@
 use super::super::{
     Digest, Generation, Message, RepairOutcome, ReplyError, VolumeName, WireError, BLOCK_SIZE,
     LENGTH_PREFIX, MAX_DATA, MAX_DIGEST_BLOCKS, MAX_ERROR_TEXT, MAX_FRAME_LEN, MAX_SNAPSHOT_NAMES,
-    MAX_UNSETTLED_REGIONS, VERSION,
+    MAX_UNSETTLED_REGIONS, OLDEST_VERSION, VERSION,
 };
 use super::{
-    check, ERR_IO, ERR_NOT_IN_SYNC, ERR_NOT_REPLICA, ERR_NO_SPACE, ERR_OUT_OF_RANGE, ERR_SEQ_GAP,
-    ERR_STALE_GENERATION, ERR_UNKNOWN_VOLUME, KIND_DIGESTS, KIND_DIGESTS_REPLY, KIND_FENCE,
-    KIND_FLUSH, KIND_READ, KIND_READ_REPLY, KIND_REPLY, KIND_RESIZE, KIND_SNAPSHOT,
+    check, kind_version, ERR_IO, ERR_NOT_IN_SYNC, ERR_NOT_REPLICA, ERR_NO_SPACE, ERR_OUT_OF_RANGE,
+    ERR_SEQ_GAP, ERR_STALE_GENERATION, ERR_UNKNOWN_VOLUME, KIND_DIGESTS, KIND_DIGESTS_REPLY,
+    KIND_FENCE, KIND_FLUSH, KIND_READ, KIND_READ_REPLY, KIND_REPLY, KIND_RESIZE, KIND_SNAPSHOT,
     KIND_SNAPSHOT_LIST, KIND_SNAPSHOT_LIST_REPLY, KIND_TRIM, KIND_UNSETTLED, KIND_UNSETTLED_REPLY,
     KIND_WRITE, KIND_WRITE_ZEROES,
 };
@@ -43,10 +43,17 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
     }
     let mut r = Reader { rest: body };
     let version = r.u8("version")?;
-    if version != VERSION {
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
         return Err(WireError::UnknownVersion(version));
     }
     let kind = r.u8("kind")?;
+    match kind_version(kind) {
+        None => return Err(WireError::UnknownKind(kind)),
+        Some(since) if since > version => {
+            return Err(WireError::KindNotInVersion { kind, version })
+        }
+        Some(_) => {}
+    }
     let msg = match kind {
         KIND_FENCE => {
             let (volume, generation) = r.target()?;

@@ -2,7 +2,7 @@
 
 use super::super::{
     Generation, Message, RepairOutcome, ReplyError, VolumeName, WireError, LENGTH_PREFIX,
-    MAX_ERROR_TEXT, MAX_FRAME_LEN, VERSION,
+    MAX_ERROR_TEXT, MAX_FRAME_LEN,
 };
 use super::{
     check, ERR_IO, ERR_NOT_IN_SYNC, ERR_NOT_REPLICA, ERR_NO_SPACE, ERR_OUT_OF_RANGE, ERR_SEQ_GAP,
@@ -24,12 +24,32 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, WireError> {
     Ok(out)
 }
 
+/// Like [`encode`] for a peer that negotiated protocol version `negotiated`: a message no
+/// version up to it has is refused ([`WireError::KindNotInVersion`]) instead of sent.
+pub fn encode_for(msg: &Message, negotiated: u8) -> Result<Vec<u8>, WireError> {
+    if msg.version() > negotiated {
+        return Err(WireError::KindNotInVersion {
+            kind: kind_of(msg),
+            version: negotiated,
+        });
+    }
+    encode(msg)
+}
+
+/// The kind byte of `msg`'s frame, for an error naming it (0 if it cannot be encoded).
+fn kind_of(msg: &Message) -> u8 {
+    encode(msg)
+        .ok()
+        .and_then(|f| f.get(LENGTH_PREFIX + 1).copied())
+        .unwrap_or(0)
+}
+
 /// Appends the frame of `msg` to `out`; on error `out` is left as it was.
 pub fn encode_into(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
     check(msg)?;
     let start = out.len();
     out.extend_from_slice(&[0; LENGTH_PREFIX]);
-    out.push(VERSION);
+    out.push(msg.version());
     match msg {
         Message::Fence { volume, generation } => {
             out.push(KIND_FENCE);

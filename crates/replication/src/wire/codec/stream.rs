@@ -1,6 +1,6 @@
 //! The streaming decoder: bytes in as they arrive, whole messages out.
 
-use super::super::{Message, WireError, LENGTH_PREFIX};
+use super::super::{Message, WireError, LENGTH_PREFIX, VERSION};
 use super::{decode_body, frame_body_len};
 
 /// A streaming decoder: push bytes as they arrive, take whole messages out.
@@ -13,8 +13,10 @@ use super::{decode_body, frame_body_len};
 /// A caller may also push more than it wants (whole reads, so many small frames cost one
 /// read): memory then stays bounded by one frame plus what one push adds, as long as it
 /// takes every whole message out before the next push.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Decoder {
+    /// The newest protocol version a frame may be of (the connection's, once negotiated).
+    negotiated: u8,
     buf: Vec<u8>,
     /// Where the undecoded bytes of `buf` start: decoded frames are not moved out one at
     /// a time (many small frames in one push would make that quadratic).
@@ -22,10 +24,29 @@ pub struct Decoder {
     poisoned: bool,
 }
 
+impl Default for Decoder {
+    fn default() -> Decoder {
+        Decoder::new()
+    }
+}
+
 impl Decoder {
-    /// An empty decoder at a frame boundary.
+    /// An empty decoder at a frame boundary, taking frames of every version this crate
+    /// speaks.
     pub fn new() -> Decoder {
-        Decoder::default()
+        Decoder::speaking(VERSION)
+    }
+
+    /// An empty decoder for a connection that negotiated protocol version `negotiated`:
+    /// a frame of a newer version is refused ([`WireError::NotNegotiated`]), as a peer
+    /// that speaks only that version would refuse it.
+    pub fn speaking(negotiated: u8) -> Decoder {
+        Decoder {
+            negotiated,
+            buf: Vec::new(),
+            start: 0,
+            poisoned: false,
+        }
     }
 
     /// How many more bytes the next step needs: the rest of the length prefix, or the
@@ -90,7 +111,14 @@ impl Decoder {
         if self.buffered() < end {
             return Ok(None);
         }
-        let result = decode_body(&self.buf[self.start + LENGTH_PREFIX..self.start + end]);
+        let body = &self.buf[self.start + LENGTH_PREFIX..self.start + end];
+        let result = match body.first() {
+            Some(&v) if v > self.negotiated && v <= VERSION => Err(WireError::NotNegotiated {
+                version: v,
+                negotiated: self.negotiated,
+            }),
+            _ => decode_body(body),
+        };
         self.start += end;
         if self.start == self.buf.len() {
             self.buf.clear();

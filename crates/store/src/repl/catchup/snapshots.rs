@@ -16,7 +16,10 @@
 //! kind 20): the replica trims its copy past that size first, so the snapshot holds
 //! nothing past its end (a clone of it grown later reads zeroes there, as the primary's
 //! does), and takes it with the block store's `create_snapshot_sized`. The trimmed head
-//! comes back with the passes that follow, like the rest of the volume.
+//! comes back with the passes that follow, like the rest of the volume. Kind 20 is
+//! protocol version 2: a replica whose store speaks only version 1 (an older release) is
+//! not sent it; that carry fails, saying so, and is tried again each pass until the
+//! store is upgraded (the connection then settles on version 2).
 
 use std::sync::Arc;
 
@@ -30,6 +33,8 @@ use super::{refused, CatchUp, PassError, Stream};
 
 /// The request number of the snapshot list on a stream (its only one).
 const LIST_REQUEST: u64 = 1;
+/// The protocol version that brought a `Snapshot` with a size (kind 20).
+const SNAPSHOT_AT_VERSION: u8 = 2;
 
 impl CatchUp {
     /// Brings the replica the primary's snapshots it lacks (see the module doc).
@@ -136,6 +141,14 @@ impl CatchUp {
         // snapshot's end answers for such a copy only. A copy no larger takes it as
         // always (an older replica knows only that kind).
         let larger = self.larger_than(s, snap.size).await?;
+        if larger && s.version < SNAPSHOT_AT_VERSION {
+            // Checked before anything is sent: the copy is left as it is until its store
+            // speaks a version that can take the snapshot, and each pass says why.
+            return Err(PassError::Retry(format!(
+                "the replica's store speaks replication protocol version {} (an older release): it cannot take snapshot {} at {} bytes, smaller than its copy; the copy catches up once that store is upgraded",
+                s.version, snap.name, snap.size
+            )));
+        }
         if larger {
             tracing::info!(volume = %self.volume, node = %self.peer.node, snapshot = %snap.name,
                 size = snap.size,

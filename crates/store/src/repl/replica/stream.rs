@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tessera_replication::wire::{self, Decoder, Message};
 
-use super::super::quic::{peer_node, ReplEndpoint};
+use super::super::quic::{negotiated_version, peer_node, ReplEndpoint};
 use super::{code, ReplicaService, READ_CHUNK};
 
 /// Accepts connections on `ep` and serves their streams. Runs until dropped.
@@ -48,7 +48,10 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let mut decoder = Decoder::new();
+    // A frame of a version newer than the connection settled on is refused, as a store
+    // of that version would refuse it (so a store held at an older version's wire
+    // format, `--repl-max-version`, takes only what an older release could).
+    let mut decoder = Decoder::speaking(negotiated_version(&conn));
     let mut buf = vec![0u8; READ_CHUNK];
     let close = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, c: u32| {
         let _ = send.reset(c.into());
