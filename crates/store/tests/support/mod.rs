@@ -276,13 +276,22 @@ pub fn run(cmd: &mut Command) {
 
 /// Starts `tessera-store serve` on `dir` with replication at `repl`; its log is appended
 /// to `<dir>.log`.
+/// The `tessera-store` binary node `id` runs: this build's, or the one named by
+/// `TESSERA_TEST_STORE_BIN_<id>` (a store of another release, for `tests/mixed-release`).
+pub fn store_bin(id: &str) -> PathBuf {
+    std::env::var_os(format!("TESSERA_TEST_STORE_BIN_{id}"))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tessera-store")))
+}
+
 fn spawn(dir: &Path, tls: &Path, repl: SocketAddr, args: &[String]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.with_extension("log"))
         .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_tessera-store"))
+    let id = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+    Command::new(store_bin(id.as_deref().unwrap_or_default()))
         .arg("serve")
         .arg("--data-dir")
         .arg(dir)
