@@ -19,6 +19,7 @@ pub mod db;
 pub mod log_store;
 pub mod membership;
 pub mod network;
+pub mod once;
 mod server;
 pub mod state_machine;
 pub mod types;
@@ -39,6 +40,37 @@ pub use network::TransportError;
 pub use types::{Applied, Command, Require, Tables, TypeConfig};
 
 type NodeId = u64;
+
+/// How long one sending of a forwarded write waits for the leader's answer.
+const FORWARD_TTL: Duration = Duration::from_secs(5);
+/// How long a write whose answer was lost is sent again (from its first failure): a
+/// leader's death is noticed within 1 s (the election timeout) and a new one elected in
+/// about as much again.
+pub const RESEND_FOR: Duration = Duration::from_secs(6);
+/// The pause between two sendings.
+const RESEND_PAUSE: Duration = Duration::from_millis(200);
+
+/// Whether a failed sending may have reached the leader (so that only sending it again
+/// can tell what happened). A write refused before anything left this node (no leader
+/// known) was not.
+fn may_have_been_applied(e: &StateError) -> bool {
+    !matches!(e, StateError::NoLeader(_)) && resendable(e)
+}
+
+/// Whether sending a write again can change the outcome: not when the request cannot be
+/// made (encoding, this node's TLS) or the local Raft failed (stopping, fatal).
+fn resendable(e: &StateError) -> bool {
+    match e {
+        StateError::NoLeader(_) => true,
+        StateError::Forward(t) => !matches!(
+            t,
+            TransportError::Encode(_)
+                | TransportError::Pki(_)
+                | TransportError::ForgedAnswer { .. }
+        ),
+        _ => false,
+    }
+}
 
 /// Why a node could not start, or could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +143,7 @@ pub struct Node {
     ca: server::CaSlot,
     join_key: Option<[u8; 32]>,
     read_index: barrier::ReadIndex,
+    write_ids: once::Ids,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Fires once the database is closed.
     db_closed: db::Closed,
@@ -178,6 +211,7 @@ impl Node {
             ca,
             join_key,
             read_index,
+            write_ids: once::Ids::new(id),
             tasks: vec![server, batcher],
             db_closed,
         })
@@ -244,30 +278,60 @@ impl Node {
             .map_err(|e| StateError::Initialize(Box::new(e)))
     }
 
-    /// Applies a command through Raft: directly on the leader, forwarded to it from a
-    /// follower. Fails when there is no leader (no quorum) or it does not answer. When it
-    /// returns, the local state machine has applied the command too (read-your-writes on
-    /// this node).
+    /// Applies a command through Raft, once: directly on the leader, forwarded to it from
+    /// a follower. A write whose answer was lost (the leader stopped, a connection broke,
+    /// no answer in time) is sent again, to whichever member leads by then, for up to
+    /// [`RESEND_FOR`]: it carries an id that makes a second sending change nothing
+    /// ([`once`]). Fails when there is no leader (no quorum) before anything was sent, or
+    /// when no answer came within that time. When it returns, the local state machine has
+    /// applied the command too (read-your-writes on this node).
     pub async fn write(&self, cmd: Command) -> Result<Applied, StateError> {
-        let applied = match self.raft.client_write(cmd.clone()).await {
-            Ok(r) => r.data,
+        let id = self.write_ids.next();
+        let cmd = once::wrap(&id, network::now_ms(), cmd);
+        let mut resend_until = None;
+        let applied = loop {
+            let ttl = resend_until.map_or(FORWARD_TTL, |until: tokio::time::Instant| {
+                until
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .clamp(RESEND_PAUSE, FORWARD_TTL)
+            });
+            let e = match self.send_write(&cmd, ttl).await {
+                Ok(applied) => break once::settle(&id, applied),
+                Err(e) => e,
+            };
+            let sent = resend_until.is_some() || may_have_been_applied(&e);
+            let until =
+                *resend_until.get_or_insert_with(|| tokio::time::Instant::now() + RESEND_FOR);
+            if !sent || !resendable(&e) || tokio::time::Instant::now() + RESEND_PAUSE >= until {
+                return Err(e);
+            }
+            tracing::debug!(id, error = %e, "the write's answer was lost; sending it again");
+            tokio::time::sleep(RESEND_PAUSE).await;
+        };
+        self.wait_local(applied.index).await?;
+        Ok(applied)
+    }
+
+    /// One sending of a write: to the local Raft if it leads, else forwarded to the leader
+    /// it knows.
+    async fn send_write(&self, cmd: &Command, ttl: Duration) -> Result<Applied, StateError> {
+        match self.raft.client_write(cmd.clone()).await {
+            Ok(r) => Ok(r.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.leader_node {
                 Some(node) => self
                     .transport
                     .forward_write(
                         f.leader_id.unwrap_or_default(),
                         &node.addr,
-                        cmd,
-                        Duration::from_secs(5),
+                        cmd.clone(),
+                        ttl,
                     )
                     .await
-                    .map_err(StateError::Forward)?,
-                None => return Err(StateError::NoLeader(LeaderError::NoLeader)),
+                    .map_err(StateError::Forward),
+                None => Err(StateError::NoLeader(LeaderError::NoLeader)),
             },
-            Err(e) => return Err(StateError::Write(Box::new(e))),
-        };
-        self.wait_local(applied.index).await?;
-        Ok(applied)
+            Err(e) => Err(StateError::Write(Box::new(e))),
+        }
     }
 
     async fn wait_local(&self, index: u64) -> Result<(), StateError> {

@@ -128,6 +128,17 @@ impl StateMachine {
     }
 }
 
+/// [`apply_command`] for tests elsewhere in the crate, answered as Raft answers.
+#[cfg(test)]
+pub(crate) fn apply_for_test(tables: &mut Tables, cmd: &Command) -> crate::types::Applied {
+    let (existed, conflict) = apply_command(tables, cmd);
+    crate::types::Applied {
+        index: 0,
+        existed,
+        conflict,
+    }
+}
+
 /// Applies one command; returns whether the record existed, and the failed requirement
 /// of a transaction (which then changed nothing).
 fn apply_command(tables: &mut Tables, cmd: &Command) -> (bool, Option<Require>) {

@@ -12,3 +12,4 @@ mod common;
 mod leader_removal;
 mod port_edges;
 mod raft;
+mod writes_once;

@@ -1,11 +1,14 @@
 //! What the leader drops from the cluster state so that it does not grow with every
 //! login, change and task: events beyond the newest [`tessera_api::limits::MAX_EVENTS`],
-//! expired sessions and API tokens (refused anyway), tasks finished over a week ago.
+//! expired sessions and API tokens (refused anyway), tasks finished over a week ago, the
+//! ids of writes older than [`tessera_state::once::KEEP_MS`] (kept only so that a write
+//! sent again is not applied twice).
 //! Each is one [`purge`] of bounded size per sweep, so a backlog drains over a few sweeps
 //! instead of stalling other writes.
 
 use serde_json::Value;
 use tessera_api::limits::MAX_EVENTS;
+use tessera_state::once::{self, WRITE_IDS};
 use tessera_state::{Command, Node};
 
 use crate::now_ms;
@@ -36,6 +39,14 @@ pub async fn sweep(n: &Node) {
         TASKS,
         PURGE_BATCH,
         |_, v| finished_long_ago(v, now, KEEP_FINISHED_MS),
+        nothing_along,
+    )
+    .await;
+    purge(
+        n,
+        WRITE_IDS,
+        PURGE_BATCH,
+        |_, v| once::expired(v, now),
         nothing_along,
     )
     .await;
@@ -120,6 +131,29 @@ mod tests {
         );
         assert_eq!(expired(1, 1_000), vec![del(SESSIONS, "k1")]);
         assert!(expired(100, 50).is_empty());
+    }
+
+    #[test]
+    fn only_write_ids_past_their_keep_time_are_dropped() {
+        let now = 10 * once::KEEP_MS;
+        let tables = with(
+            WRITE_IDS,
+            vec![
+                ("1-a-1", json!({ "at_ms": now - once::KEEP_MS - 1 })),
+                ("1-a-2", json!({ "at_ms": now - 5_000 })),
+                ("2-b-1", json!({ "at_ms": now - 2 * once::KEEP_MS })),
+            ],
+        );
+        assert_eq!(
+            purge_ops(
+                &tables,
+                WRITE_IDS,
+                100,
+                |_, v| once::expired(v, now),
+                nothing_along
+            ),
+            vec![del(WRITE_IDS, "1-a-1"), del(WRITE_IDS, "2-b-1")]
+        );
     }
 
     #[test]

@@ -38,10 +38,10 @@ impl WriteFailure {
 
 /// Classifies a failed [`Node::write`](tessera_state::Node::write). Only refusals before anything left this node are
 /// [`WriteFailure::NotApplied`]: a write forwarded to the leader can have been committed
-/// by it for most errors that come back. (The transport never sends a write twice: when
-/// a kept connection broke after the write was sent, the answer is
-/// `TransportError::Unanswered`. An I/O error is still taken as unknown, as it may come
-/// from a new connection after sending.)
+/// by it for most errors that come back. (`Node::write` sends a write whose answer was
+/// lost again, for up to `tessera_state::RESEND_FOR`, to whichever member leads: its id
+/// makes a second sending change nothing, `tessera_state::once`. What comes back here
+/// is the last sending's error, when no sending got an answer in that time.)
 pub fn write_failure(e: &tessera_state::StateError) -> WriteFailure {
     use tessera_state::{StateError, TransportError};
     match e {
