@@ -33,7 +33,9 @@ async fn a_follower_write_sent_as_its_leader_stops_is_applied_once_by_the_next_l
     // until the new leader takes it.
     let pos = nodes.iter().position(|n| n.id == leader).unwrap();
     let old = nodes.remove(pos);
+    let stopping = Instant::now();
     old.shutdown().await;
+    eprintln!("the leader stopped in {:?}", stopping.elapsed());
     let f = &nodes[0];
     let named = f.raft.metrics().borrow().current_leader;
     assert_eq!(
