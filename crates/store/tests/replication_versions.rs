@@ -31,17 +31,7 @@ fn name(n: &str) -> VolumeName {
 async fn an_older_primary_is_served_and_a_frame_newer_than_its_connection_is_refused() {
     let root = tempfile::tempdir().unwrap();
     let ca = ClusterCa::mint("repl-versions-test").unwrap();
-    let replica = tokio::task::spawn_blocking({
-        let (root, ca) = (root.path().to_path_buf(), ca.clone());
-        move || {
-            let n = Node::start(&root, "node2", &ca);
-            n.create("v", MIB);
-            n.replica_of("v", 5);
-            n
-        }
-    })
-    .await
-    .unwrap();
+    let replica = replica_node2(root.path(), &ca, MIB).await;
     let tls = tessera_pki::client_config(&creds(&ca, "node1"), &ca.cert_pem).unwrap();
 
     // Two stores of this release settle on the newest version.

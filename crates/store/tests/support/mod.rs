@@ -350,21 +350,25 @@ pub async fn replica_and_fake_primary(
     quinn::SendStream,
     quinn::RecvStream,
 ) {
-    let replica = tokio::task::spawn_blocking({
-        let (root, ca) = (root.to_path_buf(), ca.clone());
-        move || {
-            let n = Node::start(&root, "node2", &ca);
-            n.create("v", size);
-            n.replica_of("v", 5);
-            n
-        }
-    })
-    .await
-    .unwrap();
+    let replica = replica_node2(root, ca, size).await;
     let tls = tessera_pki::client_config(&creds(ca, "node1"), &ca.cert_pem).unwrap();
     let conn = quic_connect(tls, replica.repl, "node2").await.unwrap();
     let (send, recv) = conn.open_bi().await.unwrap();
     (replica, conn, send, recv)
+}
+
+/// A store "node2" holding volume `v` of `size` bytes as a replica in generation 5
+/// (started from async code).
+pub async fn replica_node2(root: &Path, ca: &ClusterCa, size: u64) -> Node {
+    let (root, ca) = (root.to_path_buf(), ca.clone());
+    tokio::task::spawn_blocking(move || {
+        let n = Node::start(&root, "node2", &ca);
+        n.create("v", size);
+        n.replica_of("v", 5);
+        n
+    })
+    .await
+    .unwrap()
 }
 
 /// Sends `msg` on a stream and waits (at most 20 s) for one answer.
