@@ -49,6 +49,11 @@ const FORWARD_TTL: Duration = Duration::from_secs(5);
 pub const RESEND_FOR: Duration = Duration::from_secs(6);
 /// The pause between two sendings.
 const RESEND_PAUSE: Duration = Duration::from_millis(200);
+/// How long a read barrier waits for a leader when none is known, or the one known does
+/// not answer: an election (the old leader's death noticed, a new one voted in) takes
+/// about 1-2 s, and a request that waits it out is answered instead of refused. Without
+/// a quorum the barrier fails after this long.
+pub const LEADER_WAIT: Duration = Duration::from_secs(5);
 
 /// Whether a failed sending may have reached the leader (so that only sending it again
 /// can tell what happened). A write refused before anything left this node (no leader
@@ -282,13 +287,18 @@ impl Node {
     /// a follower. A write whose answer was lost (the leader stopped, a connection broke,
     /// no answer in time) is sent again, to whichever member leads by then, for up to
     /// [`RESEND_FOR`]: it carries an id that makes a second sending change nothing
-    /// ([`once`]). Fails when there is no leader (no quorum) before anything was sent, or
-    /// when no answer came within that time. When it returns, the local state machine has
-    /// applied the command too (read-your-writes on this node).
+    /// ([`once`]). A write asked while no leader is known (an election under way) waits
+    /// for one within the same time. Fails when no leader took it within that time (no
+    /// quorum); the error then says whether it may have been applied (an earlier sending
+    /// may have reached a leader) or not (nothing left this node). When it returns, the
+    /// local state machine has applied the command too (read-your-writes on this node).
     pub async fn write(&self, cmd: Command) -> Result<Applied, StateError> {
         let id = self.write_ids.next();
         let cmd = once::wrap(&id, network::now_ms(), cmd);
         let mut resend_until = None;
+        // The first failed sending that may have reached a leader: a later "no leader"
+        // does not undo it, so the caller is told of it if nothing settles the write.
+        let mut maybe_applied: Option<StateError> = None;
         let applied = loop {
             let ttl = resend_until.map_or(FORWARD_TTL, |until: tokio::time::Instant| {
                 until
@@ -299,13 +309,23 @@ impl Node {
                 Ok(applied) => break once::settle(&id, applied),
                 Err(e) => e,
             };
-            let sent = resend_until.is_some() || may_have_been_applied(&e);
             let until =
                 *resend_until.get_or_insert_with(|| tokio::time::Instant::now() + RESEND_FOR);
-            if !sent || !resendable(&e) || tokio::time::Instant::now() + RESEND_PAUSE >= until {
-                return Err(e);
+            if !resendable(&e) || tokio::time::Instant::now() + RESEND_PAUSE >= until {
+                return Err(match maybe_applied {
+                    Some(first) if matches!(e, StateError::NoLeader(_)) => first,
+                    _ => e,
+                });
+            }
+            if let StateError::NoLeader(_) = e {
+                tracing::debug!(id, "no leader known for a write; waiting for one");
+                self.leader_known(until).await;
+                continue;
             }
             tracing::debug!(id, error = %e, "the write's answer was lost; sending it again");
+            if maybe_applied.is_none() && may_have_been_applied(&e) {
+                maybe_applied = Some(e);
+            }
             tokio::time::sleep(RESEND_PAUSE).await;
         };
         self.wait_local(applied.index).await?;
@@ -334,6 +354,20 @@ impl Node {
         }
     }
 
+    /// Waits until this node knows a leader (it may be itself), at most until `until`.
+    /// One it knows already but cannot reach by name (not yet in the membership this
+    /// node has) gets a pause instead, so the caller does not spin.
+    async fn leader_known(&self, until: tokio::time::Instant) {
+        let mut metrics = self.raft.metrics();
+        if metrics.borrow().current_leader.is_some() {
+            tokio::time::sleep_until(until.min(tokio::time::Instant::now() + RESEND_PAUSE)).await;
+            return;
+        }
+        let known = metrics.wait_for(|m| m.current_leader.is_some());
+        // Either way the caller tries again: a leader, or its time is up.
+        let _ = tokio::time::timeout_at(until, known).await;
+    }
+
     async fn wait_local(&self, index: u64) -> Result<(), StateError> {
         tokio::time::timeout(Duration::from_secs(5), self.state.wait_applied(index))
             .await
@@ -342,9 +376,27 @@ impl Node {
 
     /// A read barrier: when it returns, the local state machine holds every write
     /// committed before the call (the leader confirms its leadership and names its
-    /// applied index; a follower asks the leader and waits to apply up to it).
+    /// applied index; a follower asks the leader and waits to apply up to it). While no
+    /// leader is known, or the one known does not answer or cannot confirm its
+    /// leadership (an election under way), it tries again for up to [`LEADER_WAIT`].
     pub async fn sync(&self) -> Result<(), StateError> {
-        let index = self.read_index.get().await?;
+        let until = tokio::time::Instant::now() + LEADER_WAIT;
+        let index = loop {
+            let e = match self.read_index.get().await {
+                Ok(index) => break index,
+                Err(e) => e,
+            };
+            if matches!(e, BarrierError::ShuttingDown)
+                || tokio::time::Instant::now() + RESEND_PAUSE >= until
+            {
+                return Err(e.into());
+            }
+            tracing::debug!(error = %e, "read barrier failed; trying again");
+            match e {
+                BarrierError::Leader(LeaderError::NoLeader) => self.leader_known(until).await,
+                _ => tokio::time::sleep(RESEND_PAUSE).await,
+            }
+        };
         self.wait_local(index).await
     }
 

@@ -10,6 +10,7 @@
 mod accept_errors;
 mod common;
 mod leader_removal;
+mod no_leader;
 mod port_edges;
 mod raft;
 mod writes_once;

@@ -36,7 +36,9 @@ fn tesserad_pid(dir: &std::path::Path, i: u8) -> i32 {
 }
 
 /// Creates in flight on follower `f` while the leader `l` is killed: each is 202 or 503
-/// with an outcome; a retry with the same key is then 202, never 409; every volume exists.
+/// with an outcome, and a 503 comes only after waiting for a new leader (a create asked
+/// during the election waits it out instead of being refused at once); a retry with the
+/// same key is then 202, never 409; every volume exists.
 pub fn creates_survive_the_leader_dying(
     dir: &std::path::Path,
     ca: &str,
@@ -52,9 +54,10 @@ pub fn creates_survive_the_leader_dying(
                 (0..30)
                     .map(|i| {
                         let body = json!({"name": format!("kill-{i}"), "size_bytes": 1048576, "replicas": 1});
+                        let t = Instant::now();
                         let a = create_volume(ca, f, token, &body, Some(&format!("kill-{i}")));
                         done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        (i, a)
+                        (i, a, t.elapsed())
                     })
                     .collect::<Vec<_>>()
             })
@@ -67,11 +70,18 @@ pub fn creates_survive_the_leader_dying(
         worker.join().unwrap()
     });
     let mut retried = 0;
-    for (i, a) in answers {
+    let slowest = answers.iter().map(|(_, _, took)| *took).max();
+    for (i, a, took) in answers {
         if a.code == 202 {
             continue;
         }
         assert_eq!(a.code, 503, "kill-{i}: {}", a.body);
+        // tessera_state::LEADER_WAIT (5 s) for the barrier, RESEND_FOR (6 s) for the write.
+        assert!(
+            took >= Duration::from_secs(4),
+            "kill-{i} was refused after {took:?}, without waiting for a new leader: {}",
+            a.body
+        );
         let outcome = a.json()["outcome"].as_str().unwrap_or_default().to_string();
         assert!(
             ["unknown", "not_applied", "committed"].contains(&outcome.as_str()),
@@ -91,7 +101,10 @@ pub fn creates_survive_the_leader_dying(
             std::thread::sleep(Duration::from_millis(300));
         }
     }
-    eprintln!("creates while the leader died: {retried} of 30 answered 503 and retried");
+    eprintln!(
+        "creates while the leader died: {retried} of 30 answered 503 and retried; the \
+         slowest answer took {slowest:?}"
+    );
     for i in 0..30 {
         let a = call(
             ca,
