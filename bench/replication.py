@@ -152,6 +152,10 @@ gens = {}
 # and the whole machine's busy time, over the run (ramp included).
 cpu_use = {}
 PERF = os.environ.get("PERF")
+# PERF=1 profiles the 3-copy 1M run; PERF=<workload> that workload's 3-copy run.
+PERF_RUN = "1m-seqwrite-qd8" if PERF in (None, "1") else PERF
+if PERF and PERF_RUN not in [w for w, *_ in WORKLOADS]:
+    raise SystemExit(f"PERF={PERF}: no such workload")
 if PERF and not any(os.access(os.path.join(d, "perf"), os.X_OK) for d in os.environ["PATH"].split(":")):
     raise SystemExit("PERF=1 needs perf (Debian: apt-get install linux-perf)")
 for target in ["nbdkit", "r1", "r3"]:
@@ -165,8 +169,8 @@ for target in ["nbdkit", "r1", "r3"]:
         child0 = os.times().children_user + os.times().children_system
         m0, t0, u0 = machine_busy(), time.monotonic(), udp_datagrams()
         perf = None
-        if PERF and target == "r3" and w == "1m-seqwrite-qd8":
-            # A profile of the three stores during the 3-copy 1M run (PERF=1).
+        if PERF and target == "r3" and w == PERF_RUN:
+            # A profile of the three stores during one 3-copy run (PERF=1: the 1M one).
             pids = ",".join(str(p) for g, ps in groups.items() if g.startswith("store") for p in ps)
             perf = subprocess.Popen(["perf", "record", "-F", "499", "-g", "-o", f"{W}/perf.data", "-p", pids],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -177,7 +181,7 @@ for target in ["nbdkit", "r1", "r3"]:
             perf.wait()
             rep = subprocess.run(["perf", "report", "-i", f"{W}/perf.data", "--no-children", "--sort", "comm,dso,sym",
                                   "--stdio", "-g", "none", "--percent-limit", "1.5"], capture_output=True, text=True)
-            open(f"{W}/perf-r3-1m.txt", "w").write(rep.stdout)
+            open(f"{W}/perf-r3.txt", "w").write(rep.stdout)
         m1, elapsed = machine_busy(), time.monotonic() - t0
         use = {g: cpu_seconds(p) - before.get(g, 0) for g, p in groups.items()}
         use["fio"] = os.times().children_user + os.times().children_system - child0
@@ -291,7 +295,7 @@ for (target, w), (use, elapsed, ncpu, udp) in cpu_use.items():
           + f" | {elapsed * ncpu:.1f} | {1000 * stores / max(mib, 1e-9):.2f} "
           f"| {udp / max(res[(target, w)]['iops'] * elapsed, 1e-9):.1f} |")
 if PERF:
-    print(f"\nProfile of the stores during r3 1m-seqwrite-qd8: {W}/perf-r3-1m.txt (KEEP=1 keeps it).")
+    print(f"\nProfile of the stores during r3 {PERF_RUN}: {W}/perf-r3.txt (KEEP=1 keeps it).")
 print()
 print("3-copy volume's generation before -> after each run: "
       + ", ".join(f"{w} {a} -> {b}" for w, (a, b) in gens.items()) + ".")

@@ -16,7 +16,7 @@
 # reuses target/$PROFILE, NO_SETUP=1 skips tests/setup. RUNTIME (s per fio run, default 8),
 # SIZE (MiB per volume, default 256), CATCHUP_MIB (default 128). Each write run's CPU use per
 # process is printed; PERF=1 also profiles the three stores (perf record) during the 3-copy
-# 1M run, its report kept with KEEP=1.
+# 1M run (PERF=<workload>, e.g. 4k-randwrite-qd1: during that one), its report kept with KEEP=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-release}
