@@ -49,11 +49,12 @@ const FORWARD_TTL: Duration = Duration::from_secs(5);
 pub const RESEND_FOR: Duration = Duration::from_secs(6);
 /// The pause between two sendings.
 const RESEND_PAUSE: Duration = Duration::from_millis(200);
-/// How long a read barrier waits for a leader when none is known, or the one known does
-/// not answer: an election (the old leader's death noticed, a new one voted in) takes
-/// about 1-2 s, and a request that waits it out is answered instead of refused. Without
-/// a quorum the barrier fails after this long.
-pub const LEADER_WAIT: Duration = Duration::from_secs(5);
+/// How long a read barrier, or a write nothing of which has left the node yet, waits for
+/// a leader when none is known or the one known does not answer: an election (the old
+/// leader's death noticed, a new one voted in) takes about 1-2 s, and a request that waits
+/// it out is answered instead of refused. Without a quorum it fails after this long, well
+/// inside a client's usual timeout.
+pub const LEADER_WAIT: Duration = Duration::from_secs(3);
 
 /// Whether a failed sending may have reached the leader (so that only sending it again
 /// can tell what happened). A write refused before anything left this node (no leader
@@ -288,9 +289,9 @@ impl Node {
     /// no answer in time) is sent again, to whichever member leads by then, for up to
     /// [`RESEND_FOR`]: it carries an id that makes a second sending change nothing
     /// ([`once`]). A write asked while no leader is known (an election under way) waits
-    /// for one within the same time. Fails when no leader took it within that time (no
-    /// quorum); the error then says whether it may have been applied (an earlier sending
-    /// may have reached a leader) or not (nothing left this node). When it returns, the
+    /// for one for up to [`LEADER_WAIT`]. Fails when no leader took it within those times
+    /// (no quorum); the error then says whether it may have been applied (an earlier
+    /// sending may have reached a leader) or not (nothing left this node). When it returns, the
     /// local state machine has applied the command too (read-your-writes on this node).
     pub async fn write(&self, cmd: Command) -> Result<Applied, StateError> {
         let id = self.write_ids.next();
@@ -309,9 +310,14 @@ impl Node {
                 Ok(applied) => break once::settle(&id, applied),
                 Err(e) => e,
             };
-            let until =
-                *resend_until.get_or_insert_with(|| tokio::time::Instant::now() + RESEND_FOR);
-            if !resendable(&e) || tokio::time::Instant::now() + RESEND_PAUSE >= until {
+            let now = tokio::time::Instant::now();
+            if maybe_applied.is_none() && may_have_been_applied(&e) {
+                // From the first sending that may have reached a leader: RESEND_FOR.
+                let resend = now + RESEND_FOR;
+                resend_until = Some(resend_until.map_or(resend, |u| u.max(resend)));
+            }
+            let until = *resend_until.get_or_insert(now + LEADER_WAIT);
+            if !resendable(&e) || now + RESEND_PAUSE >= until {
                 return Err(match maybe_applied {
                     Some(first) if matches!(e, StateError::NoLeader(_)) => first,
                     _ => e,
