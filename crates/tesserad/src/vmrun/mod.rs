@@ -316,7 +316,11 @@ impl Reconciler {
         let pid = r.info.pid;
         if !supervisor::alive(pid, &self.exits) {
             let ran = r.launched.map(|t| t.elapsed());
-            let status = self.exits.take(pid);
+            let status = match r.launched {
+                // Our child: its status comes from its reaper, perhaps a moment later.
+                Some(_) => self.exits.take_ended(pid, Duration::from_secs(1)).await,
+                None => self.exits.take(pid),
+            };
             let tail = supervisor::log_tail(&dir);
             self.running.remove(&name);
             supervisor::forget(&dir);

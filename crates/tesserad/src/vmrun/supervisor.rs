@@ -171,6 +171,24 @@ impl Exits {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&pid)
     }
+    /// The exit status of child `pid`, which has ended or is ending: its reaper thread
+    /// records the status right after its `wait` returns, and that `wait` is what takes
+    /// the process out of `/proc`, so a VMM seen gone a moment before its status is
+    /// recorded is waited for (at most `within`) instead of being told apart as if
+    /// adopted, with no status.
+    pub async fn take_ended(&self, pid: u32, within: std::time::Duration) -> Option<ExitStatus> {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.take(pid) {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= until {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// Whether child `pid` has ended (been reaped).
     pub fn ended(&self, pid: u32) -> bool {
         self.0
@@ -534,6 +552,33 @@ pub fn log_tail(dir: &RunDir) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_child_seen_gone_before_its_reaper_recorded_it_still_gets_its_status() {
+        use std::os::unix::process::ExitStatusExt;
+        let exits = Exits::default();
+        let late = exits.clone();
+        // The reaper's insert comes a moment after the process left /proc.
+        let reaper = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            late.0.lock().unwrap().insert(42, ExitStatus::from_raw(9));
+        });
+        assert_eq!(exits.take(42), None, "the window this is about");
+        let status = exits
+            .take_ended(42, std::time::Duration::from_secs(2))
+            .await;
+        assert_eq!(status.and_then(|s| s.signal()), Some(9));
+        reaper.join().unwrap();
+        // Nothing comes for a pid that is not a child: None after the bound.
+        let t = std::time::Instant::now();
+        assert_eq!(
+            exits
+                .take_ended(43, std::time::Duration::from_millis(30))
+                .await,
+            None
+        );
+        assert!(t.elapsed() >= std::time::Duration::from_millis(30));
+    }
 
     #[test]
     fn endings_are_told_apart() {
