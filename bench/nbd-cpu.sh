@@ -8,7 +8,7 @@
 # file of random data), then per workload fio's nbd engine over TCP for SECS seconds
 # (`--time_based`, wrapping over the 1 GiB), `perf stat -e context-switches -p` on the
 # server meanwhile, and the server's utime+stime (/proc/PID/stat, exited threads
-# included) before and after.
+# included) before and after, and fio's own CPU per request (its usr_cpu + sys_cpu).
 #
 # Usage (as root, from the repository root):
 #   bench/nbd-cpu.sh SERVER...   SERVER: a tessera-store binary, or `nbdkit`
@@ -52,12 +52,14 @@ measure() { # label uri rw bs qd
 import json, sys
 label, path, c0, c1, tck, perf = sys.argv[1:]
 t = open(path).read()
-j = json.loads(t[t.index("{"):])["jobs"][0]
-j = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
+job = json.loads(t[t.index("{"):])["jobs"][0]
+j = job["read"] if job["read"]["io_bytes"] > 0 else job["write"]
 n = j["total_ios"]
 cpu = (int(c1) - int(c0)) / int(tck)
+# fio's own CPU (usr_cpu and sys_cpu are per cent of the job's run time).
+fio_cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100 * job["job_runtime"] / 1000
 cs = next(int(l.split(",")[0]) for l in open(perf) if "context-switches" in l)
-print(f"| {label} | {j['iops']:.0f} | {cpu * 1e6 / n:.1f} | {cpu / (j['runtime'] / 1000):.2f} | {cs / n:.2f} |")
+print(f"| {label} | {j['iops']:.0f} | {cpu * 1e6 / n:.1f} | {cpu / (j['runtime'] / 1000):.2f} | {cs / n:.2f} | {fio_cpu * 1e6 / n:.1f} |")
 PY
 }
 
@@ -72,8 +74,8 @@ start_store() { # bin dir port
 
 echo "load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-echo "| server, workload | IOPS | server CPU µs per request | cores | context switches per request |"
-echo "|---|---:|---:|---:|---:|"
+echo "| server, workload | IOPS | server CPU µs per request | cores | context switches per request | fio's CPU µs per request |"
+echo "|---|---:|---:|---:|---:|---:|"
 port=20700
 for server in "$@"; do
     port=$((port + 1))

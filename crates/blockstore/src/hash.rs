@@ -60,7 +60,7 @@ fn platform() -> Platform {
 
 /// The checksums of the whole blocks of `data` (`SUM_LEN` bytes each, in order); a
 /// trailing partial block is ignored. Large inputs are hashed on every core.
-pub(crate) fn hash_blocks(data: &[u8]) -> Vec<u8> {
+pub fn hash_blocks(data: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; data.len() / BLOCK_SIZE * SUM_LEN];
     hash_blocks_into(data, &mut out);
     out

@@ -20,6 +20,7 @@ pub mod wal;
 
 pub use error::{Result, StoreError};
 pub use format::{BLOCK, BLOCK_SIZE};
+pub use hash::hash_blocks;
 pub use store::{
     Allocation, BadBlock, BlockRepair, Export, Extent, ScrubReport, SnapshotInfo, Store,
     StoreOptions, VolumeInfo,
