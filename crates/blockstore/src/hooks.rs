@@ -27,6 +27,8 @@ pub(crate) enum Point {
     PlacedLogged,
     /// The WAL is about to sync its active segment for a flush (or a placed overwrite).
     WalSync,
+    /// A flush leading the log's sync is about to sync the active segment.
+    LogSync,
     /// A placed write decided whether it overwrites data in place (and synced if so).
     PlacedDecided,
     /// A flush took the data files of placed writes and is about to sync them.

@@ -26,6 +26,7 @@
 mod admin;
 mod checkpoint;
 mod export;
+mod flush;
 mod generation;
 #[cfg(test)]
 mod generation_tests;
@@ -138,10 +139,8 @@ struct Inner {
     /// Layers whose data files took placed writes since the last flush: a flush syncs
     /// them before the log.
     placed_dirty: Mutex<HashMap<LayerId, Arc<LayerFiles>>>,
-    /// Held by a flush while it syncs the files it took from `placed_dirty`: a flush that
-    /// finds the set emptied by another must wait for that one's syncs, which cover
-    /// writes acknowledged before it began.
-    flushing: Mutex<()>,
+    /// The flushes of the moment: one leads, the others wait for it (`flush.rs`).
+    flushes: flush::Flushes,
     /// Set by the first failed sync, never cleared: the kernel may have dropped the dirty
     /// pages the sync was about, so no later sync can prove them durable (PostgreSQL's
     /// fsync lesson). Every later flush fails and the checkpoint stops, keeping the WAL
@@ -184,26 +183,6 @@ impl Inner {
             self.at(Point::WalSync)?;
             self.wal.sync()
         })
-    }
-
-    /// Makes every acknowledged write durable: the data files that took placed writes,
-    /// then the log (whose records name their hashes).
-    fn flush(&self) -> Result<()> {
-        self.check_synced()?;
-        let _one = self.flushing.lock();
-        let dirty: Vec<Arc<LayerFiles>> =
-            self.placed_dirty.lock().drain().map(|(_, f)| f).collect();
-        self.at(Point::FlushData)?;
-        for files in &dirty {
-            if let Err(e) = self.synced(|| files.sync()) {
-                let mut back = self.placed_dirty.lock();
-                for f in &dirty {
-                    back.insert(f.id, f.clone());
-                }
-                return Err(e);
-            }
-        }
-        self.sync_wal()
     }
 
     /// Runs the test hook at `point` (nothing outside unit tests).
@@ -287,7 +266,7 @@ impl Store {
             stop: AtomicBool::new(false),
             space: Mutex::new(SpaceGuard::default()),
             placed_dirty: Mutex::new(HashMap::new()),
-            flushing: Mutex::new(()),
+            flushes: flush::Flushes::default(),
             failed_sync: Mutex::new(None),
             hooks: Hooks::default(),
         });

@@ -433,3 +433,48 @@ fn a_reused_segment_file_replays_only_its_own_records() {
         "records of the file's earlier use were replayed"
     );
 }
+
+#[test]
+fn flushes_that_come_during_a_flush_wait_for_it_and_share_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = quiet(dir.path());
+    s.create_volume("v", 16 * BLOCK).unwrap();
+    let e = s.open_export("v").unwrap();
+    e.write_at(0, &block_of(1), false).unwrap();
+    let ([paused], seen) = pause::first_of_each(&s.inner.hooks, [|p| p == Point::FlushData]);
+    let leader = {
+        let e = s.open_export("v").unwrap();
+        std::thread::spawn(move || e.flush())
+    };
+    paused.reached();
+    // Two clients write and flush while the first flush is under way.
+    let followers: Vec<_> = (1..3u8)
+        .map(|b| {
+            let e = s.open_export("v").unwrap();
+            std::thread::spawn(move || {
+                e.write_at(u64::from(b) * BLOCK, &block_of(b + 1), false)
+                    .and_then(|()| e.flush())
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.inner.flushes_waiting() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flushes did not wait for the flush under way"
+        );
+        std::thread::yield_now();
+    }
+    paused.release();
+    leader.join().unwrap().unwrap();
+    for f in followers {
+        f.join().unwrap().unwrap();
+    }
+    let log_syncs = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| **p == Point::WalSync)
+        .count();
+    assert_eq!(log_syncs, 2, "the two later flushes shared one");
+}

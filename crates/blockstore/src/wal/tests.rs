@@ -119,3 +119,51 @@ fn after_a_failed_seal_every_flush_and_rotation_fails_for_good() {
         "a rotation succeeded after a failed sync"
     );
 }
+
+#[test]
+fn flushes_that_come_during_a_sync_wait_for_it_and_share_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Arc::new(Wal::create(dir.path(), 1).unwrap());
+    append_block(&wal, 1).unwrap();
+    let ([paused], seen) = pause::first_of_each(&wal.hooks, [|p| matches!(p, Point::LogSync)]);
+    let leader = {
+        let wal = wal.clone();
+        std::thread::spawn(move || wal.sync())
+    };
+    paused.reached();
+    // Two flushes of records appended after the paused sync read how far to sync.
+    let followers: Vec<_> = (2..4u8)
+        .map(|fill| {
+            let wal = wal.clone();
+            std::thread::spawn(move || append_block(&wal, fill).and_then(|_| wal.sync()))
+        })
+        .collect();
+    // They wait for the leader (not on `durable`, where they would wake one by one).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while wal.syncing.lock().waiting < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flushes did not wait for the sync in progress"
+        );
+        std::thread::yield_now();
+    }
+    paused.release();
+    leader.join().unwrap().unwrap();
+    for f in followers {
+        f.join().unwrap().unwrap();
+    }
+    let syncs = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| matches!(p, Point::LogSync))
+        .count();
+    assert_eq!(syncs, 2, "the two later flushes shared one sync");
+    // Both records are durable: only the flush marker follows the durable point.
+    let (seg, pos) = {
+        let d = wal.durable.lock();
+        (d.seg, d.pos)
+    };
+    assert_eq!(seg, 1);
+    assert_eq!(wal.active_end().1, pos + WAL_HEADER_LEN as u64);
+}
