@@ -26,14 +26,9 @@ SECS=${SECS:-5}
 [ -n "${NO_SETUP:-}" ] || tests/setup
 command -v perf >/dev/null || { apt-get install -y -qq --no-install-recommends linux-perf >/dev/null 2>&1 || true; }
 for t in fio perf nbdkit python3; do command -v $t >/dev/null || { echo "needs $t" >&2; exit 1; }; done
-W=$(mktemp -d /var/tmp/tessera-nbd-cpu.XXXXXX)
-SP=
-cleanup() {
-    [ -n "$SP" ] && kill "$SP" 2>/dev/null
-    wait 2>/dev/null || true
-    rm -rf "$W"
-}
-trap cleanup EXIT
+# shellcheck source=bench/lib/store.sh
+. bench/lib/store.sh
+st_workdir nbd-cpu
 TCK=$(getconf CLK_TCK)
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -63,15 +58,6 @@ print(f"| {label} | {j['iops']:.0f} | {cpu * 1e6 / n:.1f} | {cpu / (j['runtime']
 PY
 }
 
-start_store() { # bin dir port
-    rm -f "$2/admin.sock"
-    "$1" serve --data-dir "$2/store" --nbd-tcp-plain 127.0.0.1:"$3" --nbd-unix "$2/nbd.sock" \
-        --admin-socket "$2/admin.sock" 2>>"$2/store.log" &
-    SP=$!
-    for _ in $(seq 200); do [ -S "$2/admin.sock" ] && return 0; sleep 0.05; done
-    echo "store did not start:" >&2; cat "$2/store.log" >&2; exit 1
-}
-
 echo "load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "| server, workload | IOPS | server CPU µs per request | cores | context switches per request | fio's CPU µs per request |"
@@ -90,15 +76,8 @@ for server in "$@"; do
         label=nbdkit
     else
         [ -x "$server" ] || { echo "no store binary $server" >&2; exit 1; }
-        start_store "$server" "$dir" $port
-        "$server" --admin-socket "$dir/admin.sock" volume create bench --size 1G >/dev/null
+        st_filled "$server" "$dir" $port --nbd-unix "$dir/nbd.sock"
         uri=nbd://127.0.0.1:$port/bench
-        fio --name=fill --ioengine=nbd --uri=$uri --rw=write --bs=1M --iodepth=8 --size=1G \
-            --output-format=terse >/dev/null 2>&1
-        # SIGTERM: the final checkpoint puts the fill into the tables.
-        kill -TERM "$SP"
-        wait "$SP"
-        start_store "$server" "$dir" $port
         label=$server
     fi
     sync

@@ -16,14 +16,9 @@ JOBS=${JOBS:-1 4 8}
 [ -n "${NO_SETUP:-}" ] || tests/setup
 for t in fio nbdkit python3; do command -v $t >/dev/null || { echo "needs $t" >&2; exit 1; }; done
 [ $# -ge 1 ] || set -- "$PWD/target/fast/tessera-store"
-W=$(mktemp -d /var/tmp/tessera-nbd-flush.XXXXXX)
-SP=
-cleanup() {
-    [ -n "$SP" ] && kill "$SP" 2>/dev/null
-    wait 2>/dev/null || true
-    rm -rf "$W"
-}
-trap cleanup EXIT
+# shellcheck source=bench/lib/store.sh
+. bench/lib/store.sh
+st_workdir nbd-flush
 PORT=20790
 
 run() { # label uri jobs
@@ -39,15 +34,6 @@ j = json.loads(t[t.index("{"):])["jobs"][0]
 w, s = j["write"], j["sync"]["lat_ns"]["percentile"]
 print(f"| {label} | {jobs} | {w['iops']:.0f} | {s['50.000000'] / 1000:.0f} | {s['99.000000'] / 1000:.0f} |")
 PY
-}
-
-start_store() { # bin dir
-    rm -f "$2/admin.sock"
-    "$1" serve --data-dir "$2/store" --nbd-tcp-plain 127.0.0.1:$PORT \
-        --admin-socket "$2/admin.sock" 2>>"$2/store.log" &
-    SP=$!
-    for _ in $(seq 200); do [ -S "$2/admin.sock" ] && return 0; sleep 0.05; done
-    echo "store did not start:" >&2; cat "$2/store.log" >&2; exit 1
 }
 
 echo "### Flushing clients, $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -66,16 +52,11 @@ kill "$SP"; wait "$SP" 2>/dev/null || true; SP=
 rm -f "$W/nbdkit.img"
 for bin in "$@"; do
     [ -x "$bin" ] || { echo "no store binary $bin" >&2; exit 1; }
-    dir=$W/store-$((PORT++))
+    dir=$W/store-$((++PORT))
     mkdir -p "$dir"
-    start_store "$bin" "$dir"
-    "$bin" --admin-socket "$dir/admin.sock" volume create bench --size 1G >/dev/null
-    fio --name=fill --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/bench" --rw=write --bs=1M \
-        --iodepth=8 --size=1G --output-format=terse >/dev/null 2>&1
-    kill -TERM "$SP"; wait "$SP"
-    start_store "$bin" "$dir"
+    st_filled "$bin" "$dir" $PORT
     sync
     for j in $JOBS; do run "$bin" "nbd://127.0.0.1:$PORT/bench" "$j"; done
-    kill -TERM "$SP"; wait "$SP" 2>/dev/null || true; SP=
+    st_stop
     rm -rf "$dir"
 done

@@ -24,32 +24,13 @@ for t in fio perf; do command -v $t >/dev/null || { echo "needs $t (apt-get inst
 [ -x "$BIN" ] || { echo "no store binary $BIN (cargo build --profile fast -p tessera-store)" >&2; exit 1; }
 OUT=bench/results
 mkdir -p "$OUT"
-W=$(mktemp -d /var/tmp/tessera-profile.XXXXXX)
+# shellcheck source=bench/lib/store.sh
+. bench/lib/store.sh
+st_workdir profile
 PORT=20991
-SP=
-cleanup() {
-    [ -n "$SP" ] && kill "$SP" 2>/dev/null
-    wait 2>/dev/null || true
-    rm -rf "$W"
-}
-trap cleanup EXIT
-start() {
-    rm -f "$W/admin.sock"
-    "$BIN" serve --data-dir "$W/store" --nbd-tcp-plain 127.0.0.1:$PORT --nbd-unix "$W/nbd.sock" \
-        --admin-socket "$W/admin.sock" 2>>"$W/store.log" &
-    SP=$!
-    for _ in $(seq 200); do [ -S "$W/admin.sock" ] && return 0; sleep 0.05; done
-    echo "store did not start:" >&2; cat "$W/store.log" >&2; exit 1
-}
 URI=nbd://127.0.0.1:$PORT/bench
-start
-"$BIN" --admin-socket "$W/admin.sock" volume create bench --size 1G >/dev/null
-fio --name=fill --ioengine=nbd --uri=$URI --rw=write --bs=1M --iodepth=8 --size=1G \
-    --output-format=terse >/dev/null 2>&1
-kill -TERM "$SP"
-wait "$SP"
+st_filled "$BIN" "$W" $PORT --nbd-unix "$W/nbd.sock"
 sync
-start
 fio --name=run --ioengine=nbd --uri=$URI --rw="$RW" --bs="$BS" --iodepth="$QD" --size=1G --runtime=14 \
     --time_based --output-format=json >"$W/fio.json" 2>/dev/null &
 FP=$!
