@@ -158,22 +158,63 @@ fn spare_path(dir: &Path, seg: u64) -> PathBuf {
     dir.join(format!("spare-{seg:016x}.wal"))
 }
 
-/// Removes the spare segment files a previous run kept. Reuse stays within one run, so
-/// a reused file only ever holds records of lower segment numbers than its new one.
-fn remove_spares(dir: &Path) -> Result<()> {
+/// The spare segment files an earlier run kept (at most [`SPARES`], the newest; others
+/// are removed), with the highest segment number any of them held. A spare is named for
+/// the last segment it was, and its records carry that number or lower ones, so a reused
+/// spare needs a segment number above it: replay then stops at its first old record.
+fn load_spares(dir: &Path) -> Result<(Vec<PathBuf>, u64)> {
     let rd =
         fs::read_dir(dir).map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
+    let mut found: Vec<(u64, PathBuf)> = Vec::new();
     for ent in rd.flatten() {
         let name = ent.file_name();
-        if name
+        let Some(stem) = name
             .to_str()
-            .is_some_and(|n| n.starts_with("spare-") && n.ends_with(".wal"))
-        {
-            fs::remove_file(ent.path())
-                .map_err(|e| StoreError::io(format!("removing {}", ent.path().display()), e))?;
+            .and_then(|n| n.strip_prefix("spare-"))
+            .and_then(|n| n.strip_suffix(".wal"))
+        else {
+            continue;
+        };
+        match u64::from_str_radix(stem, 16) {
+            Ok(seg) => found.push((seg, ent.path())),
+            Err(_) => fs::remove_file(ent.path())
+                .map_err(|e| StoreError::io(format!("removing {}", ent.path().display()), e))?,
         }
     }
-    Ok(())
+    found.sort_unstable();
+    let highest = found.last().map_or(0, |(seg, _)| *seg);
+    let keep = found.split_off(found.len().saturating_sub(SPARES));
+    for (_, p) in found {
+        fs::remove_file(&p).map_err(|e| StoreError::io(format!("removing {}", p.display()), e))?;
+    }
+    Ok((keep.into_iter().map(|(_, p)| p).collect(), highest))
+}
+
+/// The most a segment file is filled with zeros ahead of its records (see
+/// [`Wal::new_segment`]).
+const ZERO_FILL_MAX: u64 = 256 << 20;
+
+/// Extends `f` with zeros to `len` bytes (if shorter) and syncs it. On failure (a full
+/// disk) it is cut back to its length before, giving the space back.
+fn zero_fill(f: &File, len: u64) -> std::io::Result<()> {
+    let was = f.metadata()?.len();
+    if was >= len {
+        return Ok(());
+    }
+    let zeros = vec![0u8; (1 << 20).min((len - was) as usize)];
+    let mut at = was;
+    let filled = (|| {
+        while at < len {
+            let n = zeros.len().min((len - at) as usize);
+            f.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        f.sync_data()
+    })();
+    if filled.is_err() {
+        let _ = f.set_len(was);
+    }
+    filled
 }
 
 /// Segment numbers present in `dir`, ascending.
@@ -196,10 +237,13 @@ pub fn list_segments(dir: &Path) -> Result<Vec<u64>> {
 }
 
 impl Wal {
-    /// Starts a new, empty segment numbered `seg` in `dir`.
+    /// Starts a new, empty segment numbered `seg` in `dir`, or higher: above every spare
+    /// file an earlier run kept, the first of which it reuses.
     pub fn create(dir: &Path, seg: u64) -> Result<Wal> {
-        remove_spares(dir)?;
-        let file = Self::new_segment(dir, seg, &Mutex::new(Vec::new()))?;
+        let (spares, highest) = load_spares(dir)?;
+        let seg = seg.max(highest + 1);
+        let spares = Mutex::new(spares);
+        let file = Self::new_segment(dir, seg, &spares, 0)?;
         Ok(Wal {
             dir: dir.to_path_buf(),
             active: Mutex::new(Active {
@@ -225,16 +269,26 @@ impl Wal {
             failed: AtomicBool::new(false),
             rotating: Mutex::new(()),
             sealed: Mutex::new(Vec::new()),
-            spares: Mutex::new(Vec::new()),
+            spares,
             hooks: Hooks::default(),
         })
     }
 
-    /// Makes the file of segment `seg`: a spare renamed, or a new file.
+    /// Makes the file of segment `seg`: a spare renamed, or a new file, filled with
+    /// zeros up to `zero_to` bytes (at most [`ZERO_FILL_MAX`]) and synced.
     ///
     /// A spare still holds its earlier records past where the new ones end; they carry
-    /// lower segment numbers, so replay stops at the first of them (`SegmentEnd::Stale`).
-    fn new_segment(dir: &Path, seg: u64, spares: &Mutex<Vec<PathBuf>>) -> Result<File> {
+    /// lower segment numbers, so replay stops at the first of them (`SegmentEnd::Stale`),
+    /// as it does at the zeros. Appending inside a file's length changes no metadata: an
+    /// `fdatasync` after an append that grew the file also writes its inode (and on a
+    /// journaling filesystem commits the journal), one that only overwrote does not
+    /// (130 µs against 85 µs on this project's disk; BENCHMARKS.md, issue #9, session 23).
+    fn new_segment(
+        dir: &Path,
+        seg: u64,
+        spares: &Mutex<Vec<PathBuf>>,
+        zero_to: u64,
+    ) -> Result<File> {
         let p = seg_path(dir, seg);
         let spare = spares.lock().pop();
         let reused = spare.and_then(|sp| match fs::rename(&sp, &p) {
@@ -250,6 +304,10 @@ impl Wal {
             .create_new(reused.is_none())
             .open(&p)
             .map_err(|e| StoreError::io(format!("creating {}", p.display()), e))?;
+        // Only a speed-up: on a full disk the file stays as it was (appends grow it).
+        if let Err(e) = zero_fill(&f, zero_to.min(ZERO_FILL_MAX)) {
+            tracing::debug!(error = %e, segment = seg, "could not fill a WAL segment file with zeros ahead");
+        }
         if let Err(e) = sync_dir(dir) {
             // Not in use yet: remove it so a retry can create it again.
             let _ = fs::remove_file(&p);
@@ -423,15 +481,16 @@ impl Wal {
         let _one = self.rotating.lock();
         // A seal an earlier rotation could not finish comes first.
         self.seal(&mut self.durable.lock())?;
-        let seg = {
+        let (seg, len) = {
             let a = self.active.lock();
             if a.logged == 0 {
                 return Ok(a.seg.checked_sub(1));
             }
-            a.seg
+            (a.seg, a.pos)
         };
-        // Creating the next segment syncs the directory: done before taking any lock.
-        let file = Arc::new(Self::new_segment(&self.dir, seg + 1, &self.spares)?);
+        // Creating the next segment (zeros as far as this one reached, the best guess of
+        // how far the next will) syncs it and the directory: done before taking any lock.
+        let file = Arc::new(Self::new_segment(&self.dir, seg + 1, &self.spares, len)?);
         let mut d = self.durable.lock();
         {
             let mut a = self.active.lock();
@@ -530,7 +589,8 @@ impl Wal {
 pub enum SegmentEnd {
     /// Every byte was a complete, valid record.
     Clean,
-    /// An earlier use of the segment's file starts at this offset: the records end here.
+    /// An earlier use of the segment's file, or the zeros it was filled with ahead of
+    /// its records, starts at this offset: the records end here.
     Stale {
         /// Where this segment's records end.
         offset: u64,
@@ -565,6 +625,10 @@ pub fn replay_segment(
         }
         f.read_exact_at(&mut head, off)
             .map_err(|e| StoreError::io(format!("reading {}", p.display()), e))?;
+        // Zeros the file was filled with ahead of its records (`Wal::new_segment`).
+        if head.iter().all(|b| *b == 0) {
+            return Ok(SegmentEnd::Stale { offset: off });
+        }
         let header = match RecordHeader::decode_unchecked(&head) {
             Ok(h) => h,
             Err(e) => return torn(off, e.to_string()),

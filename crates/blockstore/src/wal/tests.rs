@@ -167,3 +167,81 @@ fn flushes_that_come_during_a_sync_wait_for_it_and_share_the_next() {
     assert_eq!(seg, 1);
     assert_eq!(wal.active_end().1, pos + WAL_HEADER_LEN as u64);
 }
+
+fn records_of(dir: &Path, seg: u64) -> (usize, SegmentEnd) {
+    let mut n = 0;
+    let end = replay_segment(dir, seg, |_| {
+        n += 1;
+        Ok(())
+    })
+    .unwrap();
+    (n, end)
+}
+
+#[test]
+fn zeros_ahead_of_the_records_end_them_like_a_reused_files_old_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::create(dir.path(), 1).unwrap();
+    append_block(&wal, 1).unwrap();
+    append_block(&wal, 2).unwrap();
+    wal.sync().unwrap();
+    let (path, end) = wal.active_end();
+    zero_fill(
+        &File::options().write(true).open(&path).unwrap(),
+        end + (1 << 20),
+    )
+    .unwrap();
+    let (n, how) = records_of(dir.path(), 1);
+    assert_eq!(n, 3, "two blocks and the flush marker");
+    assert!(
+        matches!(how, SegmentEnd::Stale { offset } if offset == end),
+        "{how:?}"
+    );
+}
+
+#[test]
+fn a_rotation_fills_the_next_segment_with_zeros_as_far_as_the_sealed_one_reached() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::create(dir.path(), 1).unwrap();
+    for b in 1..=3 {
+        append_block(&wal, b).unwrap();
+    }
+    let (_, reached) = wal.active_end();
+    assert_eq!(wal.rotate().unwrap(), Some(1));
+    let (next, _) = wal.active_end();
+    let len = fs::metadata(&next).unwrap().len();
+    assert!(
+        len >= reached,
+        "segment 2 is {len} bytes, segment 1 reached {reached}"
+    );
+    append_block(&wal, 4).unwrap();
+    wal.sync().unwrap();
+    // Its seal of segment 1, the block, the flush marker; then the zeros.
+    let (n, how) = records_of(dir.path(), 2);
+    assert_eq!(n, 3);
+    assert!(matches!(how, SegmentEnd::Stale { .. }), "{how:?}");
+}
+
+#[test]
+fn spares_outlive_a_restart_and_the_next_segment_is_numbered_above_them() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let wal = Wal::create(dir.path(), 1).unwrap();
+        append_block(&wal, 1).unwrap();
+        append_block(&wal, 2).unwrap();
+        assert_eq!(wal.rotate().unwrap(), Some(1));
+        wal.remove_upto(1).unwrap();
+    }
+    assert!(spare_path(dir.path(), 1).exists());
+    // As after a start whose recovery replayed and removed every segment.
+    fs::remove_file(seg_path(dir.path(), 2)).unwrap();
+    let wal = Wal::create(dir.path(), 1).unwrap();
+    append_block(&wal, 9).unwrap();
+    let (path, _) = wal.active_end();
+    assert_eq!(path, seg_path(dir.path(), 2), "numbered above the spare");
+    assert!(!spare_path(dir.path(), 1).exists(), "the spare was reused");
+    // The spare's old records (segment 1) end the new segment's.
+    let (n, how) = records_of(dir.path(), 2);
+    assert_eq!(n, 1);
+    assert!(matches!(how, SegmentEnd::Stale { .. }), "{how:?}");
+}
