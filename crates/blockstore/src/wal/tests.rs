@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::format::block_hash;
+use crate::format::{block_hash, RecordKind, BLOCK_SIZE};
 use crate::hooks::pause;
 
 fn append_block(wal: &Wal, fill: u8) -> Result<u64> {
